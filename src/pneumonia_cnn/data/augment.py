@@ -1,0 +1,179 @@
+"""Augmentation of whole batches as tensors, on the training device.
+
+Geometry follows Keras ``ImageDataGenerator.apply_transform`` exactly: for output pixel (row, col) the
+input is sampled at ``M @ (row, col, 1)`` with M = rotation · shift · shear · zoom about Keras' centre
+(size/2 + 0.5), bilinear (order 1), edges filled with the nearest pixel; the horizontal flip comes last.
+Keras draws the shear *angle in degrees* from ±shear_range, so the tutorial's ``shear_range=0.2`` is a
+shear of at most 0.2° – it barely changes an image. ``zoom_range=0.2`` draws zx and zy independently
+from [0.8, 1.2]; zx > 1 shows more of the image (zooms out), as in Keras.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AugmentConfig:
+    shear: float = 0.0          # degrees, Keras shear_range
+    zoom: float = 0.0           # Keras zoom_range: zx, zy ~ U[1 - zoom, 1 + zoom] independently
+    flip: bool = False          # horizontal flip with probability 0.5
+    rotation: float = 0.0       # degrees, U[-rotation, rotation]
+    translate: float = 0.0      # fraction of height/width, U[-t, t]
+    brightness: float = 0.0     # add U[-b, b] (images in [0, 1])
+    contrast: float = 0.0       # scale about the image mean by U[1 - c, 1 + c]
+    gamma: float = 0.0          # x ** exp(U[-g, g])
+    blur_sigma: float = 0.0     # Gaussian blur with sigma ~ U[0, blur_sigma] ...
+    blur_p: float = 0.0         # ... applied with this probability
+    noise: float = 0.0          # additive Gaussian noise, std ~ U[0, noise]
+    jpeg_quality: int = 0       # re-compress as JPEG at quality ~ U[jpeg_quality, 95] (CPU, per image) ...
+    jpeg_p: float = 0.0         # ... with this probability
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "AugmentConfig":
+        values = dict(values or {})
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown augmentation option(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def geometric(self) -> bool:
+        return bool(self.shear or self.zoom or self.flip or self.rotation or self.translate)
+
+
+def keras_transform_matrices(batch: int, height: int, width: int, config: AugmentConfig,
+                             generator: torch.Generator) -> torch.Tensor:
+    """Per-sample 3x3 matrices mapping output (row, col, 1) to input (row, col, 1), Keras' composition."""
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(batch, generator=generator, dtype=torch.float64)
+
+    zeros, ones = torch.zeros(batch, dtype=torch.float64), torch.ones(batch, dtype=torch.float64)
+    theta = torch.deg2rad(uniform(-config.rotation, config.rotation)) if config.rotation else zeros
+    tx = uniform(-config.translate, config.translate) * height if config.translate else zeros
+    ty = uniform(-config.translate, config.translate) * width if config.translate else zeros
+    shear = torch.deg2rad(uniform(-config.shear, config.shear)) if config.shear else zeros
+    zx = uniform(1 - config.zoom, 1 + config.zoom) if config.zoom else ones
+    zy = uniform(1 - config.zoom, 1 + config.zoom) if config.zoom else ones
+    flip = (torch.rand(batch, generator=generator) < 0.5) if config.flip else torch.zeros(batch, dtype=torch.bool)
+    return compose_keras_matrix(theta, tx, ty, shear, zx, zy, flip, height, width)
+
+
+def compose_keras_matrix(theta, tx, ty, shear, zx, zy, flip, height, width) -> torch.Tensor:
+    batch = theta.shape[0]
+
+    def matrix(a, b, c, d, e, f):
+        m = torch.zeros(batch, 3, 3, dtype=torch.float64)
+        m[:, 0, 0], m[:, 0, 1], m[:, 0, 2] = a, b, c
+        m[:, 1, 0], m[:, 1, 1], m[:, 1, 2] = d, e, f
+        m[:, 2, 2] = 1.0
+        return m
+
+    zero, one = torch.zeros_like(theta), torch.ones_like(theta)
+    rotation = matrix(torch.cos(theta), -torch.sin(theta), zero, torch.sin(theta), torch.cos(theta), zero)
+    shift = matrix(one, zero, tx, zero, one, ty)
+    shearing = matrix(one, -torch.sin(shear), zero, zero, torch.cos(shear), zero)
+    zooming = matrix(zx, zero, zero, zero, zy, zero)
+    transform = rotation @ shift @ shearing @ zooming
+    o_row, o_col = height / 2 + 0.5, width / 2 + 0.5
+    to_centre = matrix(one, zero, one * o_row, zero, one, one * o_col)
+    from_centre = matrix(one, zero, -one * o_row, zero, one, -one * o_col)
+    transform = to_centre @ transform @ from_centre
+    flipping = matrix(one, zero, zero, zero, torch.where(flip, -one, one),
+                      torch.where(flip, one * (width - 1), zero))
+    return transform @ flipping
+
+
+def warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """Sample ``images`` (B, C, H, W) at ``matrices`` @ (row, col, 1), bilinear, nearest-edge fill."""
+    batch, _, height, width = images.shape
+    # pixel p <-> normalised u = 2p/(n-1) - 1 (align_corners=True); grid_sample wants (x=col, y=row)
+    scale = torch.diag(torch.tensor([(height - 1) / 2, (width - 1) / 2, 1.0], dtype=torch.float64))
+    shift = torch.tensor([[1.0, 0, 1], [0, 1.0, 1], [0, 0, 1]], dtype=torch.float64)
+    to_pixels = scale @ shift  # u -> p
+    to_normalised = torch.linalg.inv(to_pixels)
+    normalised = to_normalised @ matrices @ to_pixels  # (row, col) order
+    swap = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)
+    theta = (swap @ normalised @ swap)[:, :2, :].to(images.device, torch.float32)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=True)
+    return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    batch, channels, height, width = images.shape
+    radius = max(1, int(math.ceil(3 * float(sigmas.max()))))
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    safe = sigmas.clamp(min=1e-3).to(images.device, images.dtype)[:, None]
+    kernels = torch.exp(-0.5 * (offsets[None, :] / safe) ** 2)
+    kernels = kernels / kernels.sum(dim=1, keepdim=True)
+    kernels = torch.where(sigmas.to(images.device)[:, None] > 0, kernels,
+                          (offsets == 0).to(images.dtype)[None, :].expand_as(kernels))
+    grouped = images.reshape(1, batch * channels, height, width)
+    k = kernels.repeat_interleave(channels, dim=0)
+    padded = F.pad(grouped, (radius, radius, 0, 0), mode="replicate")
+    grouped = F.conv2d(padded, k[:, None, None, :], groups=batch * channels)
+    padded = F.pad(grouped, (0, 0, radius, radius), mode="replicate")
+    grouped = F.conv2d(padded, k[:, None, :, None], groups=batch * channels)
+    return grouped.reshape(batch, channels, height, width)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    return _gaussian_blur(images, torch.full((images.shape[0],), float(sigma)))
+
+
+def jpeg_recompress(gray_uint8: np.ndarray, quality: int) -> np.ndarray:
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(gray_uint8, mode="L").save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    return np.asarray(Image.open(buffer).convert("L"), dtype=np.uint8)
+
+
+def jpeg_batch(batch_uint8: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """JPEG re-compression runs on the CPU, in the loader thread, before the batch goes to the device."""
+    if not (config.jpeg_quality and config.jpeg_p):
+        return batch_uint8
+    out = batch_uint8.copy()
+    for i in range(len(out)):
+        if rng.random() < config.jpeg_p:
+            out[i] = jpeg_recompress(out[i], rng.integers(config.jpeg_quality, 96))
+    return out
+
+
+def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """``images`` float (B, 1, H, W) in [0, 1] on any device -> augmented batch, same shape and range."""
+    batch, _, height, width = images.shape
+    if config.geometric:
+        images = warp(images, keras_transform_matrices(batch, height, width, config, generator))
+
+    def uniform(low, high):
+        return (low + (high - low) * torch.rand(batch, generator=generator)).to(images.device, images.dtype)
+
+    view = (batch, 1, 1, 1)
+    if config.gamma:
+        images = images.clamp(0, 1) ** torch.exp(uniform(-config.gamma, config.gamma)).view(view)
+    if config.contrast:
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        images = (images - mean) * uniform(1 - config.contrast, 1 + config.contrast).view(view) + mean
+    if config.brightness:
+        images = images + uniform(-config.brightness, config.brightness).view(view)
+    if config.blur_sigma and config.blur_p:
+        apply = torch.rand(batch, generator=generator) < config.blur_p
+        sigmas = torch.where(apply, config.blur_sigma * torch.rand(batch, generator=generator), torch.zeros(batch))
+        if bool(apply.any()):
+            images = _gaussian_blur(images, sigmas)
+    if config.noise:
+        std = uniform(0, config.noise).view(view)
+        noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
+        images = images + noise * std
+    if config.gamma or config.contrast or config.brightness or config.noise:
+        images = images.clamp(0, 1)
+    return images

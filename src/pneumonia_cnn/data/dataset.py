@@ -1,0 +1,217 @@
+"""Find labelled images: Kaggle folder layout (Keras ``flow_from_directory`` semantics) or a CSV.
+
+An ``ImageList`` is only paths, labels and patient ids; decoding happens in the cache.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DatasetError
+from ..fileio import display_path
+from .readers import SUPPORTED_SUFFIXES, is_candidate_file
+
+log = logging.getLogger(__name__)
+DEFAULT_CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+
+_PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
+_NORMAL2 = re.compile(r"^(NORMAL2)-IM-(\d+)", re.IGNORECASE)
+_IM = re.compile(r"^IM-(\d+)", re.IGNORECASE)
+
+
+def patient_id(path) -> str:
+    """Patient id from a Kaggle chest X-ray file name; the file stem when the name carries none."""
+    name = Path(path).name
+    for pattern, build in ((_PERSON, lambda m: m.group(1).lower()),
+                           (_NORMAL2, lambda m: f"NORMAL2-{m.group(2)}"),
+                           (_IM, lambda m: m.group(1))):
+        match = pattern.match(name)
+        if match:
+            return build(match)
+    return Path(name).stem
+
+
+def has_patient_ids(paths) -> bool:
+    return any(patient_id(p) != Path(p).stem for p in paths)
+
+
+@dataclass
+class ImageList:
+    paths: list[str]
+    labels: np.ndarray  # int64, -1 where unknown (unlabelled sets)
+    patients: list[str]
+    class_names: tuple[str, ...] = DEFAULT_CLASS_NAMES
+    source: str = ""
+    ignored: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def subset(self, indices) -> "ImageList":
+        indices = list(indices)
+        return ImageList([self.paths[i] for i in indices], self.labels[indices],
+                         [self.patients[i] for i in indices], self.class_names, self.source)
+
+    def counts(self) -> dict[str, int]:
+        return {name: int((self.labels == index).sum()) for index, name in enumerate(self.class_names)}
+
+
+def _walk_images(folder: Path) -> tuple[list[Path], int]:
+    """Image files under ``folder`` (recursively, not following directory links, as Keras does)."""
+    found, ignored = [], 0
+    for directory, subdirs, files in os.walk(folder, followlinks=False, onerror=lambda e: log.warning(
+            "%s: cannot list folder (%s)", display_path(e.filename), e.strerror)):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(directory) / name
+            if is_candidate_file(path):
+                found.append(path)
+            else:
+                ignored += 1
+    return found, ignored
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    return sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def scan_folder(split_dir, class_names=None, require_both_classes: bool = False) -> ImageList:
+    """Scan ``split_dir/<class>/...``; classes are sorted folder names unless ``class_names`` is given."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise DatasetError(f"{display_path(split_dir)}: folder not found")
+    folders = class_folders(split_dir)
+    if class_names is None:
+        class_names = tuple(folders)
+        if len(class_names) != 2:
+            raise DatasetError(f"{display_path(split_dir)}: expected 2 class folders (e.g. NORMAL, PNEUMONIA), "
+                               f"found {len(class_names)}: {', '.join(folders) or 'none'}")
+    class_names = tuple(class_names)
+    unknown = [f for f in folders if f not in class_names]
+    if unknown:
+        raise DatasetError(f"{display_path(split_dir)}: class folder(s) {', '.join(unknown)} not among the "
+                           f"model's classes {', '.join(class_names)}")
+    paths, labels, ignored, notes = [], [], 0, []
+    for index, name in enumerate(class_names):
+        folder = split_dir / name
+        if not folder.is_dir():
+            notes.append(f"{display_path(folder)}: class folder missing")
+            continue
+        files, skipped = _walk_images(folder)
+        ignored += skipped
+        if not files:
+            notes.append(f"{display_path(folder)}: class folder has no images")
+        paths += [str(p) for p in files]
+        labels += [index] * len(files)
+    if not paths:
+        raise DatasetError(f"{display_path(split_dir)}: no images found (looked for "
+                           f"{', '.join(sorted(SUPPORTED_SUFFIXES))})")
+    present = sorted(set(labels))
+    if require_both_classes and len(present) < 2:
+        only = class_names[present[0]]
+        raise DatasetError(f"{display_path(split_dir)}: only one class has images ({only}); training needs both")
+    for note in notes:
+        log.warning(note)
+    if ignored:
+        log.info("%s: ignored %d hidden or non-image file(s)", display_path(split_dir), ignored)
+    return ImageList(paths, np.asarray(labels, dtype=np.int64), [patient_id(p) for p in paths], class_names,
+                     str(split_dir), ignored, notes)
+
+
+def scan_unlabelled(folder) -> ImageList:
+    folder = Path(folder)
+    if folder.is_file():
+        files, ignored = [folder], 0
+    elif folder.is_dir():
+        files, ignored = _walk_images(folder)
+    else:
+        raise DatasetError(f"{display_path(folder)}: folder not found")
+    if not files:
+        raise DatasetError(f"{display_path(folder)}: no images found")
+    paths = [str(p) for p in files]
+    return ImageList(paths, np.full(len(paths), -1, dtype=np.int64), [patient_id(p) for p in paths],
+                     DEFAULT_CLASS_NAMES, str(folder), ignored)
+
+
+def read_csv_list(csv_path, class_names=DEFAULT_CLASS_NAMES) -> ImageList:
+    """``path,label[,patient_id]`` rows (header optional); label is 0/1 or a class name; paths relative to the CSV."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DatasetError(f"{display_path(csv_path)}: CSV file not found")
+    paths, labels, patients = [], [], []
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        for line_number, row in enumerate(csv.reader(handle), start=1):
+            if not row or not row[0].strip() or row[0].strip().startswith("#"):
+                continue
+            if line_number == 1 and row[0].strip().lower() in ("path", "file", "filename", "image"):
+                continue
+            if len(row) < 2:
+                raise DatasetError(f"{display_path(csv_path)}:{line_number}: expected path,label[,patient_id]")
+            raw_label = row[1].strip()
+            if raw_label in class_names:
+                label = class_names.index(raw_label)
+            elif raw_label in ("0", "1"):
+                label = int(raw_label)
+            else:
+                raise DatasetError(f"{display_path(csv_path)}:{line_number}: label {raw_label!r} is not 0, 1 or "
+                                   f"one of {', '.join(class_names)}")
+            path = Path(row[0].strip())
+            path = path if path.is_absolute() else csv_path.parent / path
+            paths.append(str(path))
+            labels.append(label)
+            patients.append(row[2].strip() if len(row) > 2 and row[2].strip() else patient_id(path))
+    if not paths:
+        raise DatasetError(f"{display_path(csv_path)}: CSV lists no images")
+    return ImageList(paths, np.asarray(labels, dtype=np.int64), patients, tuple(class_names), str(csv_path))
+
+
+def load_split(data, split: str | None, class_names=None, require_both_classes=False) -> ImageList:
+    """``data`` is a Kaggle-layout root (with ``split``), a split folder itself, or a CSV file."""
+    data = Path(data)
+    if data.suffix.lower() == ".csv":
+        return read_csv_list(data, class_names or DEFAULT_CLASS_NAMES)
+    if not data.exists():
+        raise DatasetError(f"{display_path(data)}: folder not found")
+    if split and (data / split).is_dir():
+        return scan_folder(data / split, class_names, require_both_classes)
+    if split and not (data / split).exists() and split in ("train", "val", "test"):
+        if any((data / name).is_dir() for name in ("train", "val", "test")):
+            raise DatasetError(f"{display_path(data / split)}: folder not found")
+    return scan_folder(data, class_names, require_both_classes)
+
+
+def patient_split(images: ImageList, fraction: float, seed: int = 0) -> tuple[ImageList, ImageList]:
+    """Split by patient, stratified by the patient's label, so that no patient is on both sides."""
+    if not 0 < fraction < 1:
+        raise DatasetError(f"--val-from-train must be between 0 and 1, got {fraction}")
+    rng = np.random.default_rng(seed)
+    patient_label: dict[str, int] = {}
+    for patient, label in zip(images.patients, images.labels):
+        patient_label[patient] = max(patient_label.get(patient, 0), int(label))
+    held_out: set[str] = set()
+    for label in sorted(set(patient_label.values())):
+        group = sorted(p for p, l in patient_label.items() if l == label)
+        rng.shuffle(group)
+        target = fraction * sum(1 for p, l in zip(images.patients, images.labels) if patient_label[p] == label)
+        taken = 0
+        counts = {}
+        for p in images.patients:
+            counts[p] = counts.get(p, 0) + 1
+        for patient in group:
+            if taken >= target:
+                break
+            held_out.add(patient)
+            taken += counts[patient]
+    train_idx = [i for i, p in enumerate(images.patients) if p not in held_out]
+    val_idx = [i for i, p in enumerate(images.patients) if p in held_out]
+    train, val = images.subset(train_idx), images.subset(val_idx)
+    train.source = images.source + f" (train part, {1 - fraction:.0%} of patients' images)"
+    val.source = images.source + f" (val part carved by patient, {fraction:.0%})"
+    return train, val

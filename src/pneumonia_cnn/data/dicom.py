@@ -1,0 +1,56 @@
+"""DICOM reading with pydicom: VOI LUT / windowing, MONOCHROME1 inversion, scaling of 12-16-bit data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ImageReadError
+
+
+def _tag(dataset, name):
+    value = getattr(dataset, name, None)
+    if value is None:
+        return None
+    return str(value).strip() or None
+
+
+def read_dicom(path: Path):
+    from .readers import ImageMeta, MAX_PIXELS, _to_uint8
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pragma: no cover - pydicom is a dependency
+        raise ImageReadError(path, "DICOM support needs pydicom (pip install pydicom)") from None
+    try:
+        dataset = pydicom.dcmread(path, force=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, TypeError, KeyError) as error:
+        raise ImageReadError(path, f"corrupt DICOM ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+    if "PixelData" not in dataset:
+        raise ImageReadError(path, "DICOM has no pixel data")
+    rows, cols = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
+    if rows * cols > MAX_PIXELS:
+        raise ImageReadError(path, f"DICOM is {cols}x{rows} pixels, above the {MAX_PIXELS:,}-pixel limit")
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:  # pydicom raises many types for missing decoders and bad data
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ImageReadError(path, f"cannot decode DICOM pixel data ({message})") from None
+    if pixels.ndim == 3 and getattr(dataset, "SamplesPerPixel", 1) == 1:
+        pixels = pixels[0]  # multi-frame: the first frame
+    photometric = _tag(dataset, "PhotometricInterpretation") or "MONOCHROME2"
+    if pixels.ndim == 3:
+        pixels = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        photometric = "MONOCHROME2"
+    try:
+        values = apply_modality_lut(pixels, dataset)
+        values = apply_voi_lut(values, dataset, index=0)
+    except Exception:
+        values = pixels
+    gray = _to_uint8(np.asarray(values))
+    if photometric == "MONOCHROME1":
+        gray = 255 - gray
+    tags = {key: _tag(dataset, key) for key in
+            ("Modality", "BodyPartExamined", "ViewPosition", "PatientAge", "PatientSex", "PatientID")}
+    return gray, ImageMeta(source_format="DICOM", original_size=gray.shape, tags={k: v for k, v in tags.items() if v})

@@ -1,0 +1,30 @@
+"""Intensity standardisation applied to each image once (in the cache) and identically at inference.
+
+X-rays from another batch or site differ in exposure and contrast; mapping every image to a standard
+intensity distribution removes much of that shift before the model sees it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+INTENSITY_METHODS = ("none", "equalize", "clahe", "window")
+
+
+def standardise_intensity(gray: np.ndarray, method: str = "none") -> np.ndarray:
+    """``gray`` uint8 (H, W) -> uint8 (H, W)."""
+    if method == "none":
+        return gray
+    if method == "window":
+        low, high = np.percentile(gray, (1.0, 99.0))
+        if high <= low:
+            return gray
+        scaled = (gray.astype(np.float32) - low) * (255.0 / (high - low))
+        return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+    from skimage import exposure
+    if method == "equalize":
+        out = exposure.equalize_hist(gray, nbins=256)
+    elif method == "clahe":
+        out = exposure.equalize_adapthist(gray, clip_limit=0.01, nbins=256)
+    else:
+        raise ValueError(f"unknown intensity method {method!r}; choose from {', '.join(INTENSITY_METHODS)}")
+    return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)

@@ -1,0 +1,155 @@
+"""Turn one file (JPEG, PNG, BMP, TIFF, DICOM) into a grayscale uint8 array of a fixed size.
+
+Every reader failure becomes an ``ImageReadError`` with a one-line reason, so callers can skip the file
+and go on. Decoding is the only place that touches file bytes; everything above works on arrays.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from ..errors import ImageReadError
+
+# Refuse decompression bombs ourselves (PIL only warns below 2x its limit); 50 MP is far above any X-ray.
+MAX_PIXELS = 50_000_000
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
+RESAMPLING = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC,
+              "area": Image.BOX, "lanczos": Image.LANCZOS}
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+Image.MAX_IMAGE_PIXELS = None  # our own check below gives the clearer message
+
+
+@dataclass
+class ImageMeta:
+    """What a file says about itself, for the intended-use checks (DICOM tags when present)."""
+    source_format: str
+    original_size: tuple[int, int]  # (height, width)
+    tags: dict = field(default_factory=dict)
+    saturation: float = 0.0  # mean colour saturation (0 for gray X-rays, high for photographs)
+
+
+def is_candidate_file(path: Path) -> bool:
+    name = path.name
+    if name.startswith(".") or name.startswith("._"):
+        return False
+    return path.suffix.lower() in SUPPORTED_SUFFIXES
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale any integer or float image to 0..255 without clipping its content."""
+    if array.dtype == np.uint8:
+        return array
+    array = array.astype(np.float64)
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        array = np.nan_to_num(array)
+    low, high = float(array.min()), float(array.max())
+    if high <= low:
+        return np.zeros(array.shape, dtype=np.uint8)
+    return np.round((array - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _pil_to_gray(image: Image.Image, path: Path) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image)
+        if mode.startswith("I;16"):
+            return np.round(array.astype(np.float64) / 257.0).astype(np.uint8)
+        return _to_uint8(array)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        # Composite transparency onto black, as an X-ray viewer's background would show it.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    if mode == "CMYK":
+        image = image.convert("RGB")
+    return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def _read_pil(path: Path) -> tuple[np.ndarray, ImageMeta]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise ImageReadError(path, f"image is {width}x{height} pixels, above the "
+                                               f"{MAX_PIXELS:,}-pixel limit (decompression-bomb guard)")
+                if width < 2 or height < 2:
+                    raise ImageReadError(path, f"image is only {width}x{height} pixels")
+                if getattr(image, "n_frames", 1) > 1:
+                    image.seek(0)  # animated GIF/TIFF: the first frame is the image
+                image.load()
+                gray = _pil_to_gray(image, path)
+                saturation = _saturation(image)
+                fmt = image.format or path.suffix.lstrip(".").upper()
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not a readable image (content does not match any image format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning,
+            EOFError, MemoryError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "truncated" in reason.lower() or isinstance(error, EOFError):
+            reason = f"truncated or corrupt image data ({reason})"
+        raise ImageReadError(path, reason) from None
+    return gray, ImageMeta(source_format=fmt, original_size=(height, width), saturation=saturation)
+
+
+def _saturation(image: Image.Image) -> float:
+    if image.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+        return 0.0
+    small = image.convert("RGB").resize((64, 64))
+    hsv = np.asarray(small.convert("HSV"), dtype=np.float32)
+    return float(hsv[..., 1].mean() / 255.0)
+
+
+def read_image(path, size: tuple[int, int] | None = None, interpolation: str = "bilinear"
+               ) -> tuple[np.ndarray, ImageMeta]:
+    """Read ``path`` as grayscale uint8 (H, W), resized to ``size`` = (height, width) when given.
+
+    Raises ``ImageReadError`` with a one-line reason for anything unreadable.
+    """
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise ImageReadError(path, error.strerror or str(error)) from None
+    if not path.is_file():
+        raise ImageReadError(path, "not a regular file")
+    if stat.st_size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise ImageReadError(path, "permission denied")
+    if _looks_like_dicom(path):
+        from .dicom import read_dicom
+        gray, meta = read_dicom(path)
+    else:
+        gray, meta = _read_pil(path)
+    if size is not None and gray.shape != tuple(size):
+        gray = resize_gray(gray, size, interpolation)
+    return gray, meta
+
+
+def resize_gray(gray: np.ndarray, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
+    height, width = size
+    image = Image.fromarray(gray, mode="L").resize((width, height), RESAMPLING[interpolation])
+    return np.asarray(image, dtype=np.uint8)

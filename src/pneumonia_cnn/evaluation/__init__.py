@@ -1,0 +1,1 @@
+"""Floor 3: metrics, thresholds, calibration, report, comparison and stress tests."""

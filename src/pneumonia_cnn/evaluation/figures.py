@@ -1,0 +1,89 @@
+"""Evaluation pictures: ROC and PR with the operating point, confusion matrix, reliability diagram,
+score histograms by class, and the most confident mistakes (false negatives first)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from ..plots import plt, save_figure
+
+
+def evaluation_figures(report: dict, cached, folder) -> dict:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.array([p["label"] for p in report["predictions"]])
+    scores = np.array([p["probability"] for p in report["predictions"]])
+    threshold = report["threshold"]
+    cm = report["metrics"]["confusion_matrix"]
+    sensitivity = cm["tp"] / max(cm["tp"] + cm["fn"], 1)
+    specificity = cm["tn"] / max(cm["tn"] + cm["fp"], 1)
+    precision = cm["tp"] / max(cm["tp"] + cm["fp"], 1)
+    paths = {}
+
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    if len(set(labels.tolist())) == 2:
+        fpr, tpr, _ = roc_curve(labels, scores)
+        axis.plot(fpr, tpr, label=f"AUC {report['metrics']['roc_auc']['value']:.3f}")
+    axis.plot([0, 1], [0, 1], "k--", lw=0.8)
+    axis.plot(1 - specificity, sensitivity, "ro", label=f"threshold {threshold:.2f}")
+    axis.set_xlabel("1 - specificity"), axis.set_ylabel("sensitivity"), axis.set_title("ROC"), axis.legend()
+    save_figure(figure, folder / "roc.png"); paths["roc"] = str(folder / "roc.png")
+
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    if len(set(labels.tolist())) == 2:
+        prec, rec, _ = precision_recall_curve(labels, scores)
+        axis.plot(rec, prec, label=f"AP {report['metrics']['pr_auc']['value']:.3f}")
+    axis.plot(sensitivity, precision, "ro", label=f"threshold {threshold:.2f}")
+    axis.set_xlabel("recall (sensitivity)"), axis.set_ylabel("precision (PPV)"), axis.set_title("Precision-recall")
+    axis.legend()
+    save_figure(figure, folder / "pr.png"); paths["pr"] = str(folder / "pr.png")
+
+    figure, axis = plt.subplots(figsize=(4, 3.6))
+    matrix = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
+    axis.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        axis.text(j, i, str(value), ha="center", va="center", color="black" if value < matrix.max() / 2 else "white")
+    names = list(report["counts"])
+    axis.set_xticks([0, 1], names), axis.set_yticks([0, 1], names)
+    axis.set_xlabel("predicted"), axis.set_ylabel("true"), axis.set_title("Confusion matrix")
+    save_figure(figure, folder / "confusion.png"); paths["confusion"] = str(folder / "confusion.png")
+
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    true_fraction, mean_predicted = calibration_curve(labels, scores, n_bins=10, strategy="uniform")
+    axis.plot([0, 1], [0, 1], "k--", lw=0.8)
+    axis.plot(mean_predicted, true_fraction, "o-", label=f"ECE {report['metrics']['ece']['value']:.3f}")
+    axis.set_xlabel("mean predicted probability"), axis.set_ylabel("fraction positive")
+    axis.set_title("Reliability"), axis.legend()
+    save_figure(figure, folder / "reliability.png"); paths["reliability"] = str(folder / "reliability.png")
+
+    figure, axis = plt.subplots(figsize=(5, 3.6))
+    bins = np.linspace(0, 1, 26)
+    for index, name in enumerate(names):
+        axis.hist(scores[labels == index], bins=bins, alpha=0.6, label=name)
+    axis.axvline(threshold, color="r", ls="--")
+    axis.set_xlabel("probability of pneumonia"), axis.set_ylabel("images"), axis.set_title("Scores by class")
+    axis.legend()
+    save_figure(figure, folder / "histogram.png"); paths["histogram"] = str(folder / "histogram.png")
+
+    predicted = scores >= threshold
+    false_negatives = np.where((labels == 1) & ~predicted)[0]
+    false_positives = np.where((labels == 0) & predicted)[0]
+    false_negatives = false_negatives[np.argsort(scores[false_negatives])][:6]
+    false_positives = false_positives[np.argsort(-scores[false_positives])][:6]
+    chosen = list(false_negatives) + list(false_positives)
+    columns = max(1, min(6, len(chosen)))
+    rows = max(1, -(-len(chosen) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, index in zip(axes.ravel(), chosen):
+        axis.imshow(np.asarray(cached.images[index]), cmap="gray", vmin=0, vmax=255)
+        kind = "FN" if labels[index] == 1 else "FP"
+        axis.set_title(f"{kind} p={scores[index]:.2f}\n{Path(cached.paths[index]).name[:22]}", fontsize=7)
+    if not chosen:
+        axes[0][0].text(0.5, 0.5, "no mistakes", ha="center")
+    save_figure(figure, folder / "mistakes.png"); paths["mistakes"] = str(folder / "mistakes.png")
+    return paths

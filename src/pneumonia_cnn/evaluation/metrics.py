@@ -1,0 +1,139 @@
+"""Clinical metrics with 95% confidence intervals, computed with scikit-learn's metric functions.
+
+Intervals come from a seeded bootstrap, stratified by class; when file names carry patient ids the
+resampling unit is the patient (images of one patient are not independent). Proportions also get a
+Wilson interval, reported beside the bootstrap one.
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, brier_score_loss,
+                             confusion_matrix, f1_score, log_loss, precision_score, recall_score, roc_auc_score)
+
+from ..calibration import expected_calibration_error
+
+PROPORTIONS = {"accuracy", "sensitivity", "specificity", "ppv", "npv"}
+
+
+def point_metrics(labels, probabilities, threshold: float = 0.5) -> dict:
+    labels = np.asarray(labels).astype(int)
+    probabilities = np.asarray(probabilities, dtype=float)
+    predicted = (probabilities >= threshold).astype(int)
+    both = len(set(labels.tolist())) == 2
+    tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    metrics = {
+        "accuracy": accuracy_score(labels, predicted),
+        "balanced_accuracy": balanced_accuracy_score(labels, predicted) if both else float("nan"),
+        "sensitivity": recall_score(labels, predicted, pos_label=1, zero_division=np.nan),
+        "specificity": recall_score(labels, predicted, pos_label=0, zero_division=np.nan),
+        "ppv": precision_score(labels, predicted, pos_label=1, zero_division=np.nan),
+        "npv": precision_score(labels, predicted, pos_label=0, zero_division=np.nan),
+        "f1": f1_score(labels, predicted, pos_label=1, zero_division=np.nan),
+        "roc_auc": roc_auc_score(labels, probabilities) if both else float("nan"),
+        "pr_auc": average_precision_score(labels, probabilities) if both else float("nan"),
+        "brier": brier_score_loss(labels, probabilities, pos_label=1),
+        "log_loss": log_loss(labels, np.clip(probabilities, 1e-7, 1 - 1e-7), labels=[0, 1]),
+        "ece": expected_calibration_error(labels, probabilities),
+    }
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics["confusion_matrix"] = {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)}
+    return metrics
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.959964) -> list[float]:
+    if total == 0:
+        return [float("nan"), float("nan")]
+    p = successes / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return [float(centre - half), float(centre + half)]
+
+
+def _wilson_for(name: str, cm: dict):
+    tn, fp, fn, tp = cm["tn"], cm["fp"], cm["fn"], cm["tp"]
+    pairs = {"accuracy": (tp + tn, tn + fp + fn + tp), "sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp),
+             "ppv": (tp, tp + fp), "npv": (tn, tn + fn)}
+    return wilson_interval(*pairs[name]) if name in pairs else None
+
+
+def bootstrap_metrics(labels, probabilities, threshold: float = 0.5, groups=None, resamples: int = 1000,
+                      seed: int = 0) -> dict:
+    """Every metric as ``{"value": v, "ci95": [lo, hi]}`` (plus ``wilson95`` for proportions)."""
+    labels = np.asarray(labels).astype(int)
+    probabilities = np.asarray(probabilities, dtype=float)
+    point = point_metrics(labels, probabilities, threshold)
+    rng = np.random.default_rng(seed)
+    names = [k for k in point if k != "confusion_matrix"]
+    samples = {k: [] for k in names}
+    if groups is None:
+        groups = np.arange(len(labels))
+    groups = np.asarray(groups)
+    unique, inverse = np.unique(groups, return_inverse=True)
+    members = [np.where(inverse == g)[0] for g in range(len(unique))]
+    group_label = np.array([labels[m].max() for m in members])
+    strata = [np.where(group_label == c)[0] for c in (0, 1) if (group_label == c).any()]
+    for _ in range(resamples if resamples else 0):
+        chosen_groups = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
+        chosen = np.concatenate([members[g] for g in chosen_groups])
+        if len(set(labels[chosen].tolist())) < 2:
+            continue
+        sample = point_metrics(labels[chosen], probabilities[chosen], threshold)
+        for k in names:
+            samples[k].append(sample[k])
+    result = {}
+    for k in names:
+        values = np.asarray(samples[k], dtype=float)
+        values = values[np.isfinite(values)]
+        ci = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else \
+            [float("nan"), float("nan")]
+        result[k] = {"value": point[k], "ci95": ci}
+        wilson = _wilson_for(k, point["confusion_matrix"])
+        if wilson:
+            result[k]["wilson95"] = wilson
+    result["confusion_matrix"] = point["confusion_matrix"]
+    result["n_images"] = int(len(labels))
+    result["n_units"] = int(len(unique))
+    return result
+
+
+def per_patient(labels, probabilities, patients) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A patient is positive if any image is; the patient's score is the maximum image probability."""
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities)
+    order = sorted(set(patients))
+    index = {p: i for i, p in enumerate(order)}
+    patient_labels = np.zeros(len(order), dtype=int)
+    patient_scores = np.zeros(len(order))
+    for label, probability, patient in zip(labels, probabilities, patients):
+        i = index[patient]
+        patient_labels[i] = max(patient_labels[i], int(label))
+        patient_scores[i] = max(patient_scores[i], float(probability))
+    return patient_labels, patient_scores, order
+
+
+def delong_test(labels, scores_a, scores_b) -> dict:
+    """DeLong, DeLong & Clarke-Pearson (1988): are two correlated ROC AUCs on the same images different?"""
+    from scipy.stats import norm
+    labels = np.asarray(labels).astype(int)
+    positives, negatives = labels == 1, labels == 0
+    aucs, v10s, v01s = [], [], []
+    for scores in (np.asarray(scores_a, float), np.asarray(scores_b, float)):
+        x, y = scores[positives], scores[negatives]
+        psi = (x[:, None] > y[None, :]).astype(float) + 0.5 * (x[:, None] == y[None, :])
+        aucs.append(psi.mean())
+        v10s.append(psi.mean(axis=1))
+        v01s.append(psi.mean(axis=0))
+    s10 = np.cov(np.vstack(v10s))
+    s01 = np.cov(np.vstack(v01s))
+    m, n = positives.sum(), negatives.sum()
+    covariance = s10 / m + s01 / n
+    variance = covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1]
+    difference = aucs[0] - aucs[1]
+    if variance <= 0:
+        z, p = 0.0, 1.0
+    else:
+        z = difference / np.sqrt(variance)
+        p = 2 * norm.sf(abs(z))
+    half = 1.959964 * np.sqrt(max(variance, 0))
+    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "difference": float(difference),
+            "ci95": [float(difference - half), float(difference + half)], "z": float(z), "p_value": float(p)}

@@ -1,0 +1,47 @@
+"""``info``: a checkpoint's model card in brief: model, input, training data, intended use, flag meaning."""
+from __future__ import annotations
+
+import json
+
+from .checkpoint import load_checkpoint
+
+
+def checkpoint_card(checkpoint) -> dict:
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    config = ckpt.get("config", {})
+    ood = ckpt.get("ood")
+    return {
+        "run_id": ckpt.get("run_id"), "model": ckpt["model"]["name"], "parameters": ckpt.get("parameters"),
+        "input": ckpt["preprocessing"], "class_names": ckpt.get("class_names"),
+        "threshold": ckpt.get("threshold"), "threshold_policy": ckpt.get("threshold_policy", "0.5"),
+        "temperature": ckpt.get("temperature", 1.0), "epoch": ckpt.get("epoch"),
+        "trained_with": {k: config.get(k) for k in ("preset", "data", "epochs", "batch_size", "lr", "optimizer",
+                                                    "schedule", "augment", "class_balance", "seed")},
+        "intended_use": ckpt.get("intended_use", {}),
+        "adapted": ckpt.get("adaptation"),
+        "ood_flag": (f"fitted: Mahalanobis distance on layers {', '.join(ood['layers'])}; an image scoring above "
+                     f"{ood['threshold']:.3f} (the {ood['quantile']:.0%} quantile of held-out training images) "
+                     f"is flagged as outside the intended use; its probability is still given"
+                     if ood else "not fitted for this checkpoint"),
+    }
+
+
+def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
+    card = checkpoint_card(checkpoint)
+    if as_json:
+        return json.dumps(card, indent=2, default=str)
+    use = card["intended_use"] or {}
+    lines = [f"run {card['run_id']}: model {card['model']} ({card['parameters'] or 0:,} parameters), epoch {card['epoch']}",
+             f"input: {card['input']['size'][0]}x{card['input']['size'][1]}, {card['input']['channels']} channel(s), "
+             f"intensity {card['input'].get('intensity', 'none')}, pixels / 255",
+             f"classes: {', '.join(card['class_names'] or [])}; threshold {card['threshold']:.3f} "
+             f"({card['threshold_policy']}); temperature {card['temperature']:.3f}",
+             f"trained with: " + ", ".join(f"{k}={v}" for k, v in card["trained_with"].items() if v not in (None, "")),
+             f"intended use: {use.get('task', 'binary pneumonia screening aid')}",
+             f"training population: {use.get('population', 'unknown')}",
+             f"trained on: {use.get('trained_on', {})}",
+             "not a medical device: for research and education; never the sole basis of a clinical decision",
+             f"out-of-distribution flag: {card['ood_flag']}"]
+    if card["adapted"]:
+        lines.append(f"adapted: {card['adapted']}")
+    return "\n".join(lines)

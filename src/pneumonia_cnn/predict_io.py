@@ -1,0 +1,59 @@
+"""Inputs and outputs of ``predict``: expand files, folders and globs; format a table, JSON or CSV."""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+from pathlib import Path
+
+from .data.dataset import _walk_images
+from .fileio import display_path
+
+
+def collect_paths(items) -> tuple[list[str], list[str]]:
+    """Files as given, folders recursively (image and DICOM files), globs expanded; missing ones listed."""
+    paths, missing = [], []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found, _ = _walk_images(path)
+            paths += [str(p) for p in found]
+        elif path.exists() or path.is_symlink():
+            paths.append(str(path))
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                missing.append(item)
+            paths += [m for m in matches if Path(m).is_file()]
+        else:
+            missing.append(item)
+    return paths, missing
+
+
+def format_predictions(predictions, fmt: str = "table") -> str:
+    rows = [p.to_dict() for p in predictions]
+    for row in rows:
+        row["path"] = display_path(row["path"])
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        fields = ["path", "probability", "label", "threshold", "in_distribution", "ood_score", "warnings", "error",
+                  "model"]
+        writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(dict(row, warnings="; ".join(row["warnings"])))
+        return buffer.getvalue().rstrip("\n")
+    width = min(max([len(r["path"]) for r in rows] + [4]), 70)
+    lines = [f"{'path':<{width}}  {'probability':>11}  {'label':<10} {'in-dist':<8} note"]
+    for row in rows:
+        path = row["path"] if len(row["path"]) <= width else "…" + row["path"][-(width - 1):]
+        if row["error"]:
+            lines.append(f"{path:<{width}}  {'-':>11}  {'-':<10} {'-':<8} unreadable: {row['error']}")
+            continue
+        flag = {True: "yes", False: "NO", None: "?"}[row["in_distribution"]]
+        lines.append(f"{path:<{width}}  {row['probability']:>11.4f}  {row['label']:<10} {flag:<8} "
+                     + "; ".join(row["warnings"]))
+    return "\n".join(lines)

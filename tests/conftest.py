@@ -1,0 +1,60 @@
+"""Shared fixtures: real X-rays from ../shared (linked, never copied into the project), tiny runs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PNEUMONIA_CNN_SHARED", PROJECT.parent / "shared"))
+SHARED_DATA = SHARED / "data" / "chest_xray_224"
+KERAS_FIXTURES = SHARED / "fixtures" / "keras"
+
+
+def require_shared():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real X-rays not available: {SHARED_DATA} is absent (../shared is provided beside the project)")
+
+
+def link_subset(root: Path, per_split: dict, seed: int = 0) -> Path:
+    """A Kaggle-layout tree of symlinks to a few real images per split and class."""
+    rng = np.random.default_rng(seed)
+    for split, count in per_split.items():
+        for name in ("NORMAL", "PNEUMONIA"):
+            source = sorted((SHARED_DATA / split / name).iterdir())
+            target = root / split / name
+            target.mkdir(parents=True, exist_ok=True)
+            for path in rng.choice(source, size=min(count, len(source)), replace=False):
+                (target / path.name).symlink_to(path)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory) -> Path:
+    require_shared()
+    return link_subset(tmp_path_factory.mktemp("xray"), {"train": 24, "val": 10, "test": 10})
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_root, cache_dir, tmp_path_factory) -> Path:
+    """One tiny real training run shared by the tests that need a checkpoint."""
+    from pneumonia_cnn.training import make_config, train
+    out = tmp_path_factory.mktemp("run")
+    config = make_config("tutorial", data=str(small_root), out=str(out), epochs=2, size=64, batch_size=16,
+                         cache_dir=str(cache_dir), progress=False, min_val_images=10)
+    train(config)
+    return out
+
+
+def write_image(path: Path, array: np.ndarray, mode: str | None = None, **save):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path, **save)
+    return path

@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+from pneumonia_cnn.data.dataset import load_split, patient_id, patient_split, read_csv_list, scan_folder
+from pneumonia_cnn.errors import DatasetError
+from tests.conftest import write_image
+
+IMAGE = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))
+
+
+@pytest.mark.parametrize("name,expected", [("person123_bacteria_456.jpeg", "person123"),
+                                           ("person7_virus_1.jpeg", "person7"),
+                                           ("IM-0115-0001.jpeg", "0115"),
+                                           ("NORMAL2-IM-0381-0001.jpeg", "NORMAL2-0381"),
+                                           ("scan.png", "scan")])
+def test_patient_id(name, expected):
+    assert patient_id(name) == expected
+
+
+def test_classes_are_sorted_folders_and_junk_is_ignored(tmp_path, caplog):
+    for cls in ("PNEUMONIA", "NORMAL"):
+        write_image(tmp_path / "train" / cls / "a.jpeg", IMAGE, format="JPEG")
+    (tmp_path / "train" / "NORMAL" / ".DS_Store").write_bytes(b"junk")
+    (tmp_path / "train" / "NORMAL" / "notes.txt").write_text("x")
+    images = load_split(tmp_path, "train")
+    assert images.class_names == ("NORMAL", "PNEUMONIA")
+    assert sorted(images.labels.tolist()) == [0, 1]
+    assert images.paths[0].endswith("NORMAL/a.jpeg") and images.labels[0] == 0
+    assert images.ignored == 2
+
+
+def test_missing_folder_and_one_class(tmp_path):
+    with pytest.raises(DatasetError, match="folder not found"):
+        load_split(tmp_path / "nope", "train")
+    write_image(tmp_path / "train" / "PNEUMONIA" / "a.jpeg", IMAGE, format="JPEG")
+    (tmp_path / "train" / "NORMAL").mkdir()
+    with pytest.raises(DatasetError, match="only one class"):
+        scan_folder(tmp_path / "train", require_both_classes=True)
+
+
+def test_patient_split_never_shares_a_patient():
+    from pneumonia_cnn.data.dataset import ImageList
+    paths = [f"/x/person{i // 3}_bacteria_{i}.jpeg" for i in range(90)] + [f"/x/IM-{i:04d}-0001.jpeg" for i in range(30)]
+    labels = np.array([1] * 90 + [0] * 30)
+    images = ImageList(paths, labels, [patient_id(p) for p in paths])
+    train, val = patient_split(images, 0.2, seed=1)
+    assert not set(train.patients) & set(val.patients)
+    assert len(train) + len(val) == 120 and 15 <= len(val) <= 35
+    assert set(val.labels.tolist()) == {0, 1}
+
+
+def test_csv_list(tmp_path):
+    write_image(tmp_path / "imgs" / "a.png", IMAGE)
+    (tmp_path / "set.csv").write_text("path,label\nimgs/a.png,PNEUMONIA\nimgs/a.png,0\n")
+    images = read_csv_list(tmp_path / "set.csv")
+    assert images.labels.tolist() == [1, 0] and images.paths[0] == str(tmp_path / "imgs" / "a.png")
+    (tmp_path / "bad.csv").write_text("imgs/a.png,maybe\n")
+    with pytest.raises(DatasetError, match="bad.csv:1"):
+        read_csv_list(tmp_path / "bad.csv")

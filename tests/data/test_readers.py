@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumonia_cnn.data.readers import read_image
+from pneumonia_cnn.errors import ImageReadError
+from tests.conftest import SHARED_DATA, require_shared, write_image
+
+GRADIENT = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))
+
+
+def test_real_jpeg_is_gray_uint8_and_resized():
+    require_shared()
+    path = next((SHARED_DATA / "test" / "NORMAL").iterdir())
+    gray, meta = read_image(path, (100, 80))
+    assert gray.shape == (100, 80) and gray.dtype == np.uint8
+    assert meta.original_size == (224, 224) and gray.std() > 10
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P"])
+def test_png_modes_load(tmp_path, mode):
+    image = Image.fromarray(GRADIENT).convert(mode)
+    path = tmp_path / f"x_{mode}.png"
+    image.save(path)
+    gray, _ = read_image(path)
+    assert gray.shape == (64, 64)
+    assert abs(int(gray[0, -1]) - 252) <= 3 and gray[0, 0] <= 3
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path):
+    array = (GRADIENT.astype(np.uint16) * 257)
+    path = tmp_path / "deep.png"
+    Image.fromarray(array).save(path)
+    with Image.open(path) as check:
+        assert check.mode.startswith("I")
+    gray, _ = read_image(path)
+    assert gray.max() >= 250 and gray.min() <= 2
+
+
+def test_palette_png_with_alpha(tmp_path):
+    image = Image.fromarray(GRADIENT).convert("P")
+    image.info["transparency"] = 0
+    path = tmp_path / "pal.png"
+    image.save(path, transparency=0)
+    gray, _ = read_image(path)
+    assert gray.shape == (64, 64)
+
+
+@pytest.mark.parametrize("content,reason", [(b"", "empty file"), (b"hello, not an image", "not a readable image")])
+def test_bad_files_give_one_line_reason(tmp_path, content, reason):
+    path = tmp_path / "bad.jpeg"
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError) as error:
+        read_image(path)
+    assert reason in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_truncated_jpeg(tmp_path):
+    path = write_image(tmp_path / "full.jpeg", GRADIENT, format="JPEG")
+    data = path.read_bytes()
+    (tmp_path / "cut.jpeg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="cut.jpeg"):
+        read_image(tmp_path / "cut.jpeg")

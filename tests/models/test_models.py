@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from pneumonia_cnn.models import count_parameters, create_model, format_summary, list_models
+
+
+def test_seed_is_the_tutorial_model_exactly():
+    model = create_model("seed", in_channels=3, image_size=(224, 224))
+    assert count_parameters(model) == (11_169_089, 0)
+    table = format_summary(model, 3, (224, 224), "seed")
+    for shape in ("222, 222, 32", "111, 111, 32", "109, 109, 64", "54, 54, 64", "52, 52, 128", "26, 26, 128",
+                  "(None, 86528)", "(None, 128)", "(None, 1)"):
+        assert shape in table
+    assert "Total params: 11,169,089" in table
+
+
+@pytest.mark.parametrize("name", sorted(list_models()))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_model_builds_for_any_channels_and_size(name, channels):
+    model = create_model(name, in_channels=channels, image_size=(72, 64)).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, channels, 72, 64))
+        gray = model(torch.rand(2, 1, 72, 64))  # gray input is accepted by RGB models
+    assert out.shape == (2,) and gray.shape == (2,)
+
+
+def test_gray_input_equals_repeated_rgb():
+    model = create_model("seed", 3, (48, 48)).eval()
+    x = torch.rand(2, 1, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model(x.expand(-1, 3, -1, -1)), atol=1e-5)
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        create_model("nope")

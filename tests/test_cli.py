@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from pneumonia_cnn.cli import main
+from tests.conftest import write_image
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pneumonia_cnn", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_python_dash_m_summary_prints_the_tutorial_total():
+    result = run_cli("summary", "--model", "seed")
+    assert result.returncode == 0 and "11,169,089" in result.stdout
+
+
+def test_evaluate_table_and_json(trained_run, small_root, cache_dir, capsys, tmp_path):
+    assert main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--data", str(small_root),
+                 "--cache-dir", str(cache_dir), "--bootstrap", "50", "--out", str(tmp_path / "m.json")]) == 0
+    table = capsys.readouterr().out
+    for word in ("accuracy", "sensitivity", "specificity", "roc_auc", "confusion matrix", "95% CI"):
+        assert word in table
+    assert main(["evaluate", "--checkpoint", str(trained_run), "--data", str(small_root), "--format", "json",
+                 "--cache-dir", str(cache_dir), "--bootstrap", "50", "--out", str(tmp_path / "n.json"),
+                 "--no-figures"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert set(payload["metrics"]["roc_auc"]) >= {"value", "ci95"}
+    assert payload["n_images"] == 20 and payload["metrics"]["confusion_matrix"]["tp"] >= 0
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    result = run_cli("train", "--data", tmp_path / "missing", "--out", tmp_path / "r")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "folder not found" in result.stderr
+    assert "Traceback" not in result.stderr
+    write_image(tmp_path / "one" / "train" / "PNEUMONIA" / "a.png", np.zeros((30, 30), np.uint8))
+    (tmp_path / "one" / "train" / "NORMAL").mkdir()
+    result = run_cli("train", "--data", tmp_path / "one", "--out", tmp_path / "r")
+    assert result.returncode == 2 and "only one class" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("evaluate", "--checkpoint", tmp_path / "nothing.pt", "--data", tmp_path)
+    assert result.returncode == 2 and "checkpoint not found" in result.stderr
+
+
+def test_training_skips_bad_files_and_goes_on(small_root, tmp_path, cache_dir):
+    import shutil
+    root = tmp_path / "mixed"
+    shutil.copytree(small_root, root, symlinks=True)
+    bad = root / "train" / "NORMAL"
+    (bad / "zero.jpeg").write_bytes(b"")
+    (bad / "text.jpeg").write_text("I am not an image")
+    good = next(p for p in (root / "train" / "PNEUMONIA").iterdir())
+    (bad / "cut.jpeg").write_bytes(good.read_bytes()[:2000])
+    result = run_cli("train", "--data", root, "--out", tmp_path / "r", "--epochs", "1", "--size", "48",
+                     "--cache-dir", tmp_path / "c", "--no-progress", "--no-ood")
+    assert result.returncode == 0, result.stderr
+    for name in ("zero.jpeg", "text.jpeg", "cut.jpeg"):
+        assert any(name in line and "skipped" in line for line in result.stderr.splitlines()), name
+    assert "test accuracy" in result.stdout
+
+
+def test_show_samples(small_root, tmp_path):
+    assert main(["show-samples", "--data", str(small_root), "--out", str(tmp_path / "grid.png"),
+                 "--per-class", "3"]) == 0
+    assert (tmp_path / "grid.png").stat().st_size > 5000
+
+
+def test_demo_learns_the_synthetic_set(tmp_path):
+    from pneumonia_cnn.demo import run_demo
+    summary = run_demo(tmp_path / "demo")
+    assert summary["test_metrics"]["accuracy"] >= 0.8 and summary["test_metrics"]["roc_auc"] >= 0.9
+    assert (tmp_path / "demo" / "run" / "curves.png").is_file()

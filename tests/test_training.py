@@ -1,0 +1,75 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pneumonia_cnn import load_model
+from pneumonia_cnn.checkpoint import load_checkpoint
+from pneumonia_cnn.training import make_config, resume, train
+
+
+def test_training_writes_every_output(trained_run):
+    for name in ("best.pt", "last.pt", "config.json", "history.csv", "history.json", "curves.png", "test_metrics.json"):
+        assert (trained_run / name).is_file(), name
+    history = json.loads((trained_run / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc"} <= set(history[0])
+    header = (trained_run / "history.csv").read_text().splitlines()[0]
+    assert header.startswith("epoch,train_loss,train_accuracy")
+    checkpoint = load_checkpoint(trained_run / "best.pt")
+    assert checkpoint["model"]["name"] == "seed" and checkpoint["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert checkpoint["preprocessing"]["size"] == [64, 64] and checkpoint["config"]["epochs"] == 2
+    model = load_model(trained_run)
+    assert isinstance(model, torch.nn.Module) and not model.training
+
+
+def test_same_seed_same_result(small_root, cache_dir, tmp_path):
+    def run(out):
+        config = make_config("tutorial", data=str(small_root), out=str(out), epochs=1, size=48, batch_size=16,
+                             cache_dir=str(cache_dir), progress=False, min_val_images=10, ood=False,
+                             evaluate_test=False, deterministic=True, seed=3)
+        return train(config)["history"][0]
+    first, second = run(tmp_path / "a"), run(tmp_path / "b")
+    assert first["train_loss"] == second["train_loss"] and first["val_loss"] == second["val_loss"]
+    a = load_checkpoint(tmp_path / "a" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "b" / "last.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical weights
+
+
+def test_val_from_train_is_patient_level(small_root, cache_dir, tmp_path):
+    config = make_config("tutorial", data=str(small_root), out=str(tmp_path / "r"), epochs=1, size=48,
+                         cache_dir=str(cache_dir), progress=False, val_from_train=0.25, ood=False,
+                         evaluate_test=False, max_steps_per_epoch=1)
+    from pneumonia_cnn.training import Distributed, prepare_data
+    train_set, val_set = prepare_data(config, Distributed())
+    assert len(val_set) > 0 and not set(train_set.patients) & set(val_set.patients)
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(small_root, cache_dir, tmp_path):
+    common = dict(data=str(small_root), size=48, batch_size=16, cache_dir=str(cache_dir), progress=False,
+                  min_val_images=10, ood=False, evaluate_test=False, seed=5)
+    full = train(make_config("tutorial", out=str(tmp_path / "full"), epochs=2, **common))
+    train(make_config("tutorial", out=str(tmp_path / "split"), epochs=1, **common))
+    resumed = resume(tmp_path / "split", epochs=2)
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+    assert np.isclose(full["history"][1]["val_loss"], resumed["history"][1]["val_loss"], rtol=1e-6)
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "split" / "last.pt")["state_dict"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_presets_and_config_file(tmp_path):
+    best = make_config("best")
+    assert best.model != "seed" and best.monitor == "val_auc" and best.class_balance != "none"
+    tutorial = make_config("tutorial")
+    assert (tutorial.model, tutorial.epochs, tutorial.batch_size, tutorial.lr) == ("seed", 10, 32, 1e-3)
+    assert tutorial.augment == {"shear": 0.2, "zoom": 0.2, "flip": True}
+    (tmp_path / "c.yaml").write_text("epochs: 3\nlr: 0.01\n")
+    (tmp_path / "c.toml").write_text("epochs = 4\n")
+    assert make_config("best", str(tmp_path / "c.yaml"), epochs=5).epochs == 5
+    assert make_config("best", str(tmp_path / "c.yaml")).lr == 0.01
+    assert make_config("tutorial", str(tmp_path / "c.toml")).epochs == 4
+    from pneumonia_cnn.errors import PneumoniaCNNError
+    with pytest.raises(PneumoniaCNNError, match="unknown config field"):
+        make_config("tutorial", epochz=3)

@@ -1,0 +1,134 @@
+"""Grad-CAM (Selvaraju et al., 2017): which regions of the X-ray raised the pneumonia score.
+
+The map is the ReLU of the feature maps of one convolutional layer (the model's last by default) weighted
+by the spatial mean of the score's gradient, upsampled to the input size and scaled to [0, 1].
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data.loader import to_model_input
+from .errors import ImageReadError, PneumoniaCNNError
+from .fileio import atomic_path
+from .models import last_conv_layer_name
+
+
+def grad_cam(model: torch.nn.Module, pixels_uint8: np.ndarray, device, layer: str | None = None) -> np.ndarray:
+    """``pixels_uint8`` (H, W) preprocessed -> map (H, W) in [0, 1]."""
+    layer = layer or last_conv_layer_name(model)
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise PneumoniaCNNError(f"--layer {layer}: no such layer; convolution layers are "
+                                f"{', '.join(n for n, m in modules.items() if isinstance(m, torch.nn.Conv2d))}")
+    captured = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        captured["activation"] = output
+    handle = modules[layer].register_forward_hook(keep)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            x = to_model_input(torch.from_numpy(np.array(pixels_uint8))[None], device)
+            score = model(x)
+            model.zero_grad(set_to_none=True)
+            score.sum().backward()
+    finally:
+        handle.remove()
+        model.train(was_training)
+    activation = captured["activation"]
+    if activation.dim() != 4:
+        raise PneumoniaCNNError(f"--layer {layer}: output is not a feature map (shape {tuple(activation.shape)})")
+    weights = activation.grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activation).sum(dim=1, keepdim=True)).detach()
+    cam = _to_input_grid(cam, _cell_centres(model, modules[layer], x), pixels_uint8.shape)[0, 0].cpu().numpy()
+    cam -= cam.min()
+    return (cam / cam.max()).astype(np.float32) if cam.max() > 0 else cam.astype(np.float32)
+
+
+def _cell_centres(model, module, x) -> tuple[float, float, float, float]:
+    """Input coordinates of the receptive-field centres of the first and last cells of ``module``'s map:
+    (row0, row_step, col0, col_step). Valid convolutions and pooling shift and shrink the area a map
+    covers, so plain upsampling would stretch it; measuring the centres by gradient works for any model."""
+    captured = {}
+    handle = module.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
+    probe = torch.rand_like(x).requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            model(probe)
+            out = captured["out"]
+            height, width = out.shape[2], out.shape[3]
+            centres = []
+            for row, col in ((0, 0), (height - 1, width - 1)):
+                grad, = torch.autograd.grad(out[0, :, row, col].abs().sum(), probe, retain_graph=True)
+                weight = grad[0].abs().sum(0)
+                total = weight.sum().clamp(min=1e-12)
+                rows = torch.arange(weight.shape[0], dtype=weight.dtype, device=weight.device)
+                cols = torch.arange(weight.shape[1], dtype=weight.dtype, device=weight.device)
+                centres.append((float((weight.sum(1) * rows).sum() / total), float((weight.sum(0) * cols).sum() / total)))
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    (r0, c0), (r1, c1) = centres
+    return r0, (r1 - r0) / max(height - 1, 1), c0, (c1 - c0) / max(width - 1, 1)
+
+
+def _to_input_grid(cam, centres, size):
+    """Bilinear interpolation of cell values placed at their true input coordinates, falling to zero one
+    cell beyond the outermost centres (pixels no cell is centred on get no credit of their own)."""
+    r0, r_step, c0, c_step = centres
+    height, width = cam.shape[2], cam.shape[3]
+    rows = torch.arange(size[0], dtype=torch.float32)
+    cols = torch.arange(size[1], dtype=torch.float32)
+    u = (rows - r0) / (r_step if r_step else 1.0)
+    v = (cols - c0) / (c_step if c_step else 1.0)
+    grid_y = (2 * u / max(height - 1, 1) - 1) if height > 1 else torch.zeros_like(u)
+    grid_x = (2 * v / max(width - 1, 1) - 1) if width > 1 else torch.zeros_like(v)
+    grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], dim=-1)[None].to(cam.device)
+    return F.grid_sample(cam, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8: the X-ray in gray with the heat map (jet) blended on top."""
+    from matplotlib import colormaps
+    heat = colormaps["jet"](cam)[..., :3]
+    base = np.repeat((gray.astype(np.float32) / 255.0)[..., None], 3, axis=2)
+    return (np.clip((1 - alpha) * base + alpha * heat, 0, 1) * 255).astype(np.uint8)
+
+
+def overlay_png(gray: np.ndarray, cam: np.ndarray) -> bytes:
+    import io
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(overlay(gray, cam)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def explain(predictor, paths, out_dir, layer: str | None = None) -> list[dict]:
+    """Write ``<name>_gradcam.png`` (overlay) and ``<name>_gradcam.npy`` (raw map) per image."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in paths:
+        try:
+            gray, _ = predictor.preprocess_path(path)
+        except ImageReadError as error:
+            results.append({"path": str(path), "error": error.reason})
+            continue
+        cam = grad_cam(predictor.models[0], gray, predictor.device, layer)
+        probability = float(predictor.probabilities_from_pixels(gray[None])[0])
+        stem = Path(path).stem
+        with atomic_path(out_dir / f"{stem}_gradcam.png") as temporary:
+            temporary.write_bytes(overlay_png(gray, cam))
+        with atomic_path(out_dir / f"{stem}_gradcam.npy") as temporary:
+            with open(temporary, "wb") as handle:
+                np.save(handle, cam)
+        results.append({"path": str(path), "probability": probability, "label": predictor.label_for(probability),
+                        "overlay": str(out_dir / f"{stem}_gradcam.png"), "map": str(out_dir / f"{stem}_gradcam.npy"),
+                        "layer": layer or last_conv_layer_name(predictor.models[0])})
+    return results

@@ -1,0 +1,39 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from pneumonia_cnn.cli import main
+from pneumonia_cnn.inference import Predictor
+
+
+def test_onnx_matches_pytorch_with_dynamic_batch(trained_run, tmp_path):
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(trained_run / "best.pt"), "--format", "onnx", "--out", str(out)]) == 0
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(metadata["input_size"]) == [64, 64] and json.loads(metadata["class_names"])[1] == "PNEUMONIA"
+    assert "threshold" in metadata and "normalisation" in metadata
+    predictor = Predictor(trained_run / "best.pt", "cpu")
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for batch in (1, 5):
+        pixels = rng.integers(0, 256, (batch, 64, 64), dtype=np.uint8)
+        expected = predictor.probabilities_from_pixels(pixels)
+        x = np.repeat(pixels[:, None].astype(np.float32) / 255.0, 3, axis=1)
+        got = session.run(["probability"], {"image": x})[0]
+        assert got.shape == (batch,) and np.abs(got - expected).max() < 1e-4
+
+
+def test_torchscript_matches_pytorch(trained_run, tmp_path):
+    out = tmp_path / "model.pt"
+    assert main(["export", str(trained_run), "--format", "torchscript", "--out", str(out)]) == 0
+    files = {"metadata.json": ""}
+    scripted = torch.jit.load(str(out), _extra_files=files)
+    assert json.loads(files["metadata.json"])["channels"] == 3
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    expected = Predictor(trained_run, "cpu").probabilities_from_pixels(pixels)
+    with torch.no_grad():
+        got = scripted(torch.from_numpy(pixels[:, None].astype(np.float32) / 255.0).expand(-1, 3, -1, -1)).numpy()
+    assert np.abs(got - expected).max() < 1e-5

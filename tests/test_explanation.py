@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+from pneumonia_cnn.cli import main
+from pneumonia_cnn.explanation import grad_cam
+from pneumonia_cnn.inference import Predictor
+from tests.conftest import write_image
+
+
+def patch_image(rng, size=64, patch=None):
+    image = (rng.normal(100, 12, (size, size))).clip(0, 255)
+    if patch is not None:
+        r, c = patch
+        image[r:r + 14, c:c + 14] = 235
+    return image.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def patch_run(tmp_path_factory):
+    """A model trained where the only class evidence is a bright patch at a random place."""
+    from pneumonia_cnn.training import make_config, train
+    root = tmp_path_factory.mktemp("patch")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 150), ("val", 20)):
+        for i in range(count):
+            write_image(root / split / "NORMAL" / f"IM-{i:04d}-0001.png", patch_image(rng))
+            spot = tuple(rng.integers(4, 46, 2))
+            write_image(root / split / "PNEUMONIA" / f"person{i}_virus_{i}.png", patch_image(rng, patch=spot))
+    config = make_config("tutorial", data=str(root), out=str(root / "run"), epochs=4, size=64, batch_size=16,
+                         augment={}, cache_dir=str(root / "cache"), progress=False, min_val_images=10, ood=False,
+                         evaluate_test=False, seed=1)
+    train(config)
+    return root
+
+
+def test_map_points_at_the_patch(patch_run):
+    predictor = Predictor(patch_run / "run" / "best.pt", "cpu")
+    rng = np.random.default_rng(42)
+    hits = 0
+    for r, c in ((8, 10), (40, 36), (20, 44), (44, 8)):
+        image = patch_image(rng, patch=(r, c))
+        cam = grad_cam(predictor.models[0], image, predictor.device)
+        assert cam.std() > 0.01  # not constant
+        peak = np.unravel_index(np.argmax(cam), cam.shape)
+        hits += (r - 3 <= peak[0] <= r + 16) and (c - 3 <= peak[1] <= c + 16)
+    assert hits >= 3
+    assert predictor.probabilities_from_pixels(patch_image(rng, patch=(20, 20))[None])[0] > 0.5
+
+
+def test_explain_cli_writes_overlay_and_map(patch_run, tmp_path):
+    image = write_image(tmp_path / "x.png", patch_image(np.random.default_rng(3), patch=(30, 30)))
+    (tmp_path / "bad.png").write_bytes(b"")
+    assert main(["explain", str(patch_run / "run"), str(image), str(tmp_path / "bad.png"), "--out",
+                 str(tmp_path / "maps")]) == 0
+    cam = np.load(tmp_path / "maps" / "x_gradcam.npy")
+    assert cam.shape == (64, 64) and 0 <= cam.min() and cam.max() <= 1
+    assert (tmp_path / "maps" / "x_gradcam.png").stat().st_size > 1000
+    assert main(["explain", str(patch_run / "run"), str(image), "--out", str(tmp_path / "m2"), "--layer",
+                 "conv2"]) == 0

@@ -86,6 +86,11 @@ class Predictor:
         gray, meta = read_image(path, self.size, self.preprocessing.get("interpolation", "bilinear"))
         return standardise_intensity(gray, self.preprocessing.get("intensity", "none")), meta
 
+    def preprocess_bytes(self, data: bytes, name: str = "upload") -> tuple[np.ndarray, object]:
+        from .data.readers import read_image_bytes
+        gray, meta = read_image_bytes(data, name, self.size, self.preprocessing.get("interpolation", "bilinear"))
+        return standardise_intensity(gray, self.preprocessing.get("intensity", "none")), meta
+
     def preprocess_array(self, gray: np.ndarray) -> np.ndarray:
         from .data.readers import resize_gray
         if gray.shape != self.size:

@@ -15,7 +15,7 @@ def _tag(dataset, name):
     return str(value).strip() or None
 
 
-def read_dicom(path: Path):
+def read_dicom(path: Path, source=None, strict: bool = False):
     from .readers import ImageMeta, MAX_PIXELS, _to_uint8
     try:
         import pydicom
@@ -24,7 +24,7 @@ def read_dicom(path: Path):
     except ImportError:  # pragma: no cover - pydicom is a dependency
         raise ImageReadError(path, "DICOM support needs pydicom (pip install pydicom)") from None
     try:
-        dataset = pydicom.dcmread(path, force=True)
+        dataset = pydicom.dcmread(source if source is not None else path, force=not strict)
     except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, TypeError, KeyError) as error:
         raise ImageReadError(path, f"corrupt DICOM ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     if "PixelData" not in dataset:

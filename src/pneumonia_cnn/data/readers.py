@@ -84,11 +84,11 @@ def _pil_to_gray(image: Image.Image, path: Path) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
-def _read_pil(path: Path) -> tuple[np.ndarray, ImageMeta]:
+def _read_pil(path: Path, source=None) -> tuple[np.ndarray, ImageMeta]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source if source is not None else path) as image:
                 width, height = image.size
                 if width * height > MAX_PIXELS:
                     raise ImageReadError(path, f"image is {width}x{height} pixels, above the "
@@ -144,6 +144,31 @@ def read_image(path, size: tuple[int, int] | None = None, interpolation: str = "
         gray, meta = read_dicom(path)
     else:
         gray, meta = _read_pil(path)
+    if size is not None and gray.shape != tuple(size):
+        gray = resize_gray(gray, size, interpolation)
+    return gray, meta
+
+
+def read_image_bytes(data: bytes, name: str = "upload", size: tuple[int, int] | None = None,
+                     interpolation: str = "bilinear") -> tuple[np.ndarray, ImageMeta]:
+    """Decode an in-memory upload (image or DICOM) by its content, never by its name."""
+    import io
+    if not data:
+        raise ImageReadError(name, "empty file (0 bytes)")
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        from .dicom import read_dicom
+        gray, meta = read_dicom(Path(name), io.BytesIO(data))
+    else:
+        try:
+            gray, meta = _read_pil(Path(name), io.BytesIO(data))
+        except ImageReadError as error:
+            if "not a readable image" not in error.reason:
+                raise
+            from .dicom import read_dicom  # DICOM without the 128-byte preamble
+            try:
+                gray, meta = read_dicom(Path(name), io.BytesIO(data), strict=True)
+            except ImageReadError:
+                raise error from None
     if size is not None and gray.shape != tuple(size):
         gray = resize_gray(gray, size, interpolation)
     return gray, meta

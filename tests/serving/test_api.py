@@ -1,0 +1,90 @@
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumonia_cnn.inference import Predictor
+from tests.conftest import SHARED_DATA
+
+
+def xray_paths(count=3):
+    paths = sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())[:count]
+    paths += sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[:count]
+    return paths
+
+
+def test_health_model_docs(server):
+    url, _ = server
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    meta = httpx.get(f"{url}/model").json()
+    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["preprocessing"]["size"] == [64, 64]
+    assert httpx.get(f"{url}/docs").status_code == 200
+    assert "/predict" in httpx.get(f"{url}/openapi.json").json()["paths"]
+
+
+def test_predict_matches_the_library_and_returns_gradcam(server, trained_run):
+    url, _ = server
+    predictor = Predictor(trained_run / "best.pt", "cpu")
+    for path in xray_paths(2):
+        response = httpx.post(f"{url}/predict?gradcam=true", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        expected = predictor.predict_files([path])[0]
+        assert abs(body["probability"] - expected.probability) < 1e-6
+        assert body["label"] == expected.label and body["threshold"] == pytest.approx(predictor.threshold)
+        assert "in_distribution" in body and "ood_score" in body
+        png = Image.open(io.BytesIO(base64.b64decode(body["gradcam_png_base64"])))
+        assert png.size == (64, 64)
+
+
+def test_dicom_upload(server, tmp_path):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    url, _ = server
+    pixels = np.asarray(Image.open(xray_paths(1)[0]).convert("L"), dtype=np.uint16) * 16  # 12-bit data
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    response = httpx.post(f"{url}/predict", files={"file": ("scan.bin", (tmp_path / "x.dcm").read_bytes())})
+    assert response.status_code == 200, response.text
+    assert 0 <= response.json()["probability"] <= 1
+
+
+def test_bad_uploads_get_clear_errors(server):
+    url, _ = server
+    response = httpx.post(f"{url}/predict", files={"file": ("fake.jpeg", b"this is text, not a JPEG")})
+    assert response.status_code == 400 and "fake.jpeg" in response.json()["detail"]
+    response = httpx.post(f"{url}/predict", files={"file": ("empty.png", b"")})
+    assert response.status_code == 400 and "empty" in response.json()["detail"]
+    big = b"\xff" * (3 * 1024 * 1024)
+    response = httpx.post(f"{url}/predict", files={"file": ("big.jpeg", big)})
+    assert response.status_code == 413
+    assert httpx.get(f"{url}/health").status_code == 200  # still serving
+
+
+def test_concurrent_requests_are_batched_and_correct(server, trained_run):
+    import asyncio
+    url, _ = server
+    paths = xray_paths(4)
+    predictor = Predictor(trained_run / "best.pt", "cpu")
+    expected = {p.name: r.probability for p, r in zip(paths, predictor.predict_files(paths))}
+
+    async def run():
+        async with httpx.AsyncClient(timeout=30) as client:
+            async def one(path):
+                r = await client.post(f"{url}/predict", files={"file": (path.name, path.read_bytes())})
+                return path.name, r.json()["probability"]
+            return await asyncio.gather(*[one(paths[i % len(paths)]) for i in range(48)])
+    for name, probability in asyncio.run(run()):
+        assert abs(probability - expected[name]) < 1e-6

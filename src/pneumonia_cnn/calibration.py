@@ -53,7 +53,7 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
         return loss
 
     optimiser.step(closure)
-    temperature = float(log_t.exp())
+    temperature = float(log_t.detach().exp())
     return float(np.clip(temperature, 0.05, 20.0))
 
 

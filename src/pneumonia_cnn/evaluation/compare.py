@@ -1,0 +1,44 @@
+"""``compare``: several runs on the same images, side by side, with DeLong tests of the AUC differences."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .evaluate import evaluate
+from .metrics import delong_test
+
+ROWS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc", "pr_auc",
+        "brier", "ece")
+
+
+def compare_runs(runs, data, split="test", device="auto", cache_dir=None, bootstrap=1000) -> dict:
+    reports = [evaluate(run, data, split, device=device, cache_dir=cache_dir, bootstrap=bootstrap, figures=False)
+               for run in runs]
+    names = [Path(run).name if Path(run).is_dir() else str(Path(run).parent.name) + "/" + Path(run).name for run in runs]
+    reference_paths = [p["path"] for p in reports[0]["predictions"]]
+    for report, name in zip(reports[1:], names[1:]):
+        if [p["path"] for p in report["predictions"]] != reference_paths:
+            raise ValueError(f"{name} was evaluated on other images (different preprocessing skipped different files)")
+    labels = [p["label"] for p in reports[0]["predictions"]]
+    tests = []
+    for index in range(1, len(reports)):
+        scores_a = [p["probability"] for p in reports[0]["predictions"]]
+        scores_b = [p["probability"] for p in reports[index]["predictions"]]
+        tests.append({"a": names[0], "b": names[index], **delong_test(labels, scores_a, scores_b)})
+    return {"runs": names, "split": split, "n_images": reports[0]["n_images"],
+            "metrics": {name: {k: report["metrics"][k] for k in ROWS} for name, report in zip(names, reports)},
+            "thresholds": {name: report["threshold"] for name, report in zip(names, reports)},
+            "delong": tests}
+
+
+def format_comparison(result: dict) -> str:
+    width = max(14, *(len(n) + 2 for n in result["runs"]))
+    lines = [f"{result['split']}: {result['n_images']} images", f"{'metric':<20}" + "".join(f"{n:>{width}}" for n in result["runs"])]
+    for metric in ROWS:
+        lines.append(f"{metric:<20}" + "".join(f"{result['metrics'][n][metric]['value']:>{width}.4f}" for n in result["runs"]))
+    lines.append(f"{'threshold':<20}" + "".join(f"{result['thresholds'][n]:>{width}.3f}" for n in result["runs"]))
+    for test in result["delong"]:
+        verdict = "significant" if test["p_value"] < 0.05 else "not significant"
+        lines.append(f"DeLong {test['a']} vs {test['b']}: AUC {test['auc_a']:.4f} vs {test['auc_b']:.4f}, difference "
+                     f"{test['difference']:+.4f} [{test['ci95'][0]:+.4f}, {test['ci95'][1]:+.4f}], p = {test['p_value']:.4g} "
+                     f"({verdict} at 0.05)")
+    return "\n".join(lines)

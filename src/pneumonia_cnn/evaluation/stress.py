@@ -1,0 +1,150 @@
+"""Robustness suite: the model's scores under a fixed, seeded panel of acquisition-like shifts.
+
+Shifts act on the raw gray image at the model's input size, *before* the checkpoint's intensity
+standardisation, as a different X-ray machine or exposure would; the standardisation then runs as usual.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+from ..data.cache import build_or_load
+from ..data.dataset import load_split
+from ..data.intensity import standardise_intensity
+from ..fileio import write_json_atomic
+from ..inference import Predictor
+
+
+def _float(gray):
+    return gray.astype(np.float32) / 255.0
+
+
+def _uint8(values):
+    return np.clip(np.round(values * 255.0), 0, 255).astype(np.uint8)
+
+
+def gamma(gray, g):
+    return _uint8(_float(gray) ** g)
+
+
+def contrast(gray, factor):
+    x = _float(gray)
+    return _uint8((x - x.mean()) * factor + x.mean())
+
+
+def blur(gray, sigma):
+    return _uint8(ndimage.gaussian_filter(_float(gray), sigma, mode="nearest"))
+
+
+def noise(gray, std, seed):
+    rng = np.random.default_rng(seed)
+    return _uint8(_float(gray) + rng.normal(0, std, gray.shape))
+
+
+def jpeg(gray, quality):
+    buffer = io.BytesIO()
+    Image.fromarray(gray, mode="L").save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("L"), dtype=np.uint8)
+
+
+def down_up(gray, factor):
+    height, width = gray.shape
+    small = Image.fromarray(gray, mode="L").resize((max(1, int(width * factor)), max(1, int(height * factor))),
+                                                   Image.BILINEAR)
+    return np.asarray(small.resize((width, height), Image.BILINEAR), dtype=np.uint8)
+
+
+def border_crop(gray, fraction):
+    """Cut ``fraction`` of the height and width from every side, then resize back (a tighter collimation)."""
+    height, width = gray.shape
+    dy, dx = int(round(height * fraction)), int(round(width * fraction))
+    crop = gray[dy:height - dy, dx:width - dx]
+    return np.asarray(Image.fromarray(crop, mode="L").resize((width, height), Image.BILINEAR), dtype=np.uint8)
+
+
+def rotate(gray, degrees):
+    return _uint8(ndimage.rotate(_float(gray), degrees, reshape=False, order=1, mode="nearest"))
+
+
+SHIFT_PANEL = {
+    "gamma 0.6": lambda g, i: gamma(g, 0.6),
+    "gamma 1.6": lambda g, i: gamma(g, 1.6),
+    "contrast x0.7": lambda g, i: contrast(g, 0.7),
+    "contrast x1.3": lambda g, i: contrast(g, 1.3),
+    "blur sigma 1": lambda g, i: blur(g, 1.0),
+    "blur sigma 2": lambda g, i: blur(g, 2.0),
+    "noise std 0.05": lambda g, i: noise(g, 0.05, 1000 + i),
+    "jpeg q30": lambda g, i: jpeg(g, 30),
+    "down-up x0.5": lambda g, i: down_up(g, 0.5),
+    "border crop 10%": lambda g, i: border_crop(g, 0.10),
+    "rotate 5deg": lambda g, i: rotate(g, 5.0),
+}
+
+
+def _scores(labels, probabilities, threshold):
+    predicted = probabilities >= threshold
+    positives, negatives = labels == 1, labels == 0
+    return {"roc_auc": float(roc_auc_score(labels, probabilities)) if positives.any() and negatives.any() else None,
+            "sensitivity": float(predicted[positives].mean()) if positives.any() else None,
+            "specificity": float((~predicted[negatives]).mean()) if negatives.any() else None,
+            "accuracy": float((predicted == positives).mean())}
+
+
+def stress_test(checkpoint, data, split="test", device="auto", cache_dir=None, out=None, shifts=None) -> dict:
+    predictor = Predictor(checkpoint, device)
+    images = load_split(data, split, class_names=predictor.class_names)
+    raw = build_or_load(images, predictor.size, predictor.preprocessing.get("interpolation", "bilinear"), "none",
+                        cache_dir=cache_dir)
+    intensity = predictor.preprocessing.get("intensity", "none")
+    labels = raw.labels
+    raw_images = np.asarray(raw.images)
+
+    def run(transform):
+        shifted = np.stack([standardise_intensity(transform(g, i) if transform else g, intensity)
+                            for i, g in enumerate(raw_images)])
+        return _scores(labels, predictor.predict_arrays(shifted), predictor.threshold)
+
+    baseline = run(None)
+    rows = []
+    for name, transform in (shifts or SHIFT_PANEL).items():
+        scores = run(transform)
+        scores["shift"] = name
+        for key in ("roc_auc", "sensitivity", "specificity"):
+            if scores[key] is not None and baseline[key] is not None:
+                scores[f"delta_{key}"] = scores[key] - baseline[key]
+        rows.append(scores)
+    valid = [r for r in rows if r["roc_auc"] is not None]
+    worst = min(valid, key=lambda r: r["roc_auc"]) if valid else None
+    result = {"checkpoint": str(predictor.checkpoints[0]["path"]), "data": str(data), "split": split,
+              "n_images": int(len(labels)), "threshold": predictor.threshold, "baseline": baseline, "shifts": rows,
+              "worst_roc_auc": worst and {"shift": worst["shift"], "roc_auc": worst["roc_auc"]},
+              "largest_sensitivity_drop": min((r.get("delta_sensitivity", 0) for r in rows), default=0),
+              "largest_specificity_drop": min((r.get("delta_specificity", 0) for r in rows), default=0)}
+    if out:
+        write_json_atomic(Path(out), result)
+    return result
+
+
+def format_stress(result: dict) -> str:
+    def cell(value, delta=None):
+        if value is None:
+            return f"{'-':>8}"
+        return f"{value:8.4f}" + (f" ({delta:+.3f})" if delta is not None else "         ")
+    lines = [f"stress test on {result['split']} ({result['n_images']} images), threshold {result['threshold']:.3f}",
+             f"{'shift':<18}{'ROC AUC':>17}{'sensitivity':>19}{'specificity':>19}"]
+    base = result["baseline"]
+    lines.append(f"{'none':<18}{cell(base['roc_auc'])}{cell(base['sensitivity'])}{cell(base['specificity'])}")
+    for row in result["shifts"]:
+        lines.append(f"{row['shift']:<18}{cell(row['roc_auc'], row.get('delta_roc_auc'))}"
+                     f"{cell(row['sensitivity'], row.get('delta_sensitivity'))}"
+                     f"{cell(row['specificity'], row.get('delta_specificity'))}")
+    if result["worst_roc_auc"]:
+        lines.append(f"worst case: {result['worst_roc_auc']['shift']} (ROC AUC {result['worst_roc_auc']['roc_auc']:.4f}); "
+                     f"largest drops: sensitivity {result['largest_sensitivity_drop']:+.3f}, "
+                     f"specificity {result['largest_specificity_drop']:+.3f}")
+    return "\n".join(lines)

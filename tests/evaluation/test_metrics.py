@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+
+from pneumonia_cnn.calibration import choose_threshold, expected_calibration_error, fit_temperature
+from pneumonia_cnn.evaluation.metrics import bootstrap_metrics, delong_test, per_patient, point_metrics, wilson_interval
+
+# 4 positives, 4 negatives; at threshold 0.5: TP 3, FN 1, TN 3, FP 1
+LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+SCORES = np.array([0.9, 0.8, 0.7, 0.3, 0.6, 0.2, 0.1, 0.4])
+
+
+def test_point_metrics_hand_checked():
+    m = point_metrics(LABELS, SCORES, 0.5)
+    assert m["confusion_matrix"] == {"tn": 3, "fp": 1, "fn": 1, "tp": 3}
+    assert m["accuracy"] == 0.75 and m["sensitivity"] == 0.75 and m["specificity"] == 0.75
+    assert m["ppv"] == 0.75 and m["npv"] == 0.75 and m["f1"] == 0.75 and m["balanced_accuracy"] == 0.75
+    # AUC: of 16 positive-negative pairs, 14 are ordered correctly (0.3 < 0.6 and 0.3 < 0.4 are not)
+    assert m["roc_auc"] == pytest.approx(14 / 16)
+    expected_brier = np.mean((SCORES - LABELS) ** 2)
+    assert m["brier"] == pytest.approx(expected_brier)
+    assert m["log_loss"] == pytest.approx(-np.mean(LABELS * np.log(SCORES) + (1 - LABELS) * np.log(1 - SCORES)))
+
+
+def test_wilson_interval_known_value():
+    low, high = wilson_interval(3, 4)
+    assert low == pytest.approx(0.3006, abs=1e-3) and high == pytest.approx(0.9544, abs=1e-3)
+
+
+def test_bootstrap_is_seeded_and_covers_the_value():
+    labels = np.r_[np.ones(60), np.zeros(40)].astype(int)
+    rng = np.random.default_rng(0)
+    scores = np.clip(labels * 0.3 + rng.random(100) * 0.7, 0, 1)
+    a = bootstrap_metrics(labels, scores, 0.5, resamples=300, seed=1)
+    b = bootstrap_metrics(labels, scores, 0.5, resamples=300, seed=1)
+    assert a == b
+    for name in ("accuracy", "roc_auc", "sensitivity", "specificity", "brier", "pr_auc", "npv", "ppv", "f1", "log_loss"):
+        low, high = a[name]["ci95"]
+        assert low <= a[name]["value"] <= high and low < high
+    assert "wilson95" in a["sensitivity"]
+
+
+def test_patient_bootstrap_resamples_patients():
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    scores = np.array([0.9, 0.8, 0.4, 0.3, 0.2, 0.6])
+    patients = ["p1", "p1", "p2", "n1", "n1", "n2"]
+    result = bootstrap_metrics(labels, scores, 0.5, groups=patients, resamples=200, seed=0)
+    assert result["n_units"] == 4 and result["n_images"] == 6
+    patient_labels, patient_scores, order = per_patient(labels, scores, patients)
+    assert order == ["n1", "n2", "p1", "p2"]
+    assert patient_labels.tolist() == [0, 0, 1, 1] and patient_scores.tolist() == [0.3, 0.6, 0.9, 0.4]
+
+
+def test_delong_matches_hand_computation():
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    a = np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1])  # AUC 1
+    b = np.array([0.9, 0.2, 0.7, 0.3, 0.8, 0.1])  # 6 of 9 pairs ordered: AUC 2/3
+    result = delong_test(labels, a, b)
+    assert result["auc_a"] == 1.0 and result["auc_b"] == pytest.approx(6 / 9)
+    assert result["difference"] == pytest.approx(3 / 9) and 0 < result["p_value"] < 1
+    same = delong_test(labels, a, a)
+    assert same["p_value"] == 1.0
+
+
+def test_threshold_policies():
+    assert choose_threshold(LABELS, SCORES, "0.3") == 0.3
+    youden = choose_threshold(LABELS, SCORES, "youden")
+    assert youden in SCORES
+    t = choose_threshold(LABELS, SCORES, "sensitivity:1.0")
+    assert t == 0.3 and (SCORES[LABELS == 1] >= t).all()  # the highest threshold reaching full sensitivity
+    t = choose_threshold(LABELS, SCORES, "sensitivity:0.75")
+    assert t == 0.7
+    with pytest.raises(ValueError):
+        choose_threshold(LABELS, SCORES, "bogus")
+
+
+def test_temperature_scaling_improves_overconfident_logits():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 2000)
+    features = (labels * 2 - 1) * 1.0 + rng.normal(0, 1, 2000)
+    true_logits = 2 * features  # the exact log-odds for class means of +-1 and unit variance
+    overconfident = true_logits * 4
+    temperature = fit_temperature(labels, overconfident)
+    assert 3.0 < temperature < 5.0
+    p_before = 1 / (1 + np.exp(-overconfident))
+    p_after = 1 / (1 + np.exp(-overconfident / temperature))
+    assert expected_calibration_error(labels, p_after) < expected_calibration_error(labels, p_before)
+
+
+def test_ece_hand_checked():
+    assert expected_calibration_error([1, 0], [0.95, 0.05], bins=10) == pytest.approx(0.05)

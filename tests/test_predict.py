@@ -1,0 +1,50 @@
+import csv
+import io
+import json
+
+import numpy as np
+
+from pneumonia_cnn.cli import main
+from tests.conftest import SHARED_DATA, write_image
+from tests.data.dicom_factory import write_dicom
+
+
+def test_predict_folder_glob_dicom_and_bad_files(trained_run, tmp_path, capsys):
+    folder = tmp_path / "scans" / "nested"
+    folder.mkdir(parents=True)
+    for path in sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[:3]:
+        (folder / path.name).symlink_to(path)
+    write_dicom(tmp_path / "scans" / "x.dcm", (np.random.default_rng(0).random((80, 80)) * 4000).astype(np.uint16),
+                photometric="MONOCHROME1")
+    (tmp_path / "scans" / "broken.png").write_bytes(b"garbage")
+    assert main(["predict", str(trained_run), str(tmp_path / "scans"), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 5
+    good = [r for r in rows if r["error"] is None]
+    assert len(good) == 4 and all(0 <= r["probability"] <= 1 and r["label"] in ("NORMAL", "PNEUMONIA") for r in good)
+    assert all(r["model"] and r["threshold"] == good[0]["threshold"] for r in good)
+    assert "in_distribution" in good[0] and "ood_score" in good[0]
+    bad = next(r for r in rows if r["path"].endswith("broken.png"))
+    assert "not a readable image" in bad["error"]
+
+    assert main(["predict", str(trained_run / "best.pt"), str(folder / "*.jpeg"), "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(table) == 3 and float(table[0]["probability"]) >= 0
+
+
+def test_predict_with_nothing_readable_fails(trained_run, tmp_path, capsys):
+    (tmp_path / "a.jpeg").write_text("text")
+    assert main(["predict", str(trained_run), str(tmp_path / "a.jpeg"), str(tmp_path / "missing.png")]) == 1
+    out = capsys.readouterr().out
+    assert "unreadable" in out and "no such file" in out
+
+
+def test_ensemble_averages_probabilities(trained_run, tmp_path, capsys):
+    image = write_image(tmp_path / "x.png", (np.random.default_rng(2).random((64, 64)) * 255).astype(np.uint8))
+    main(["predict", str(trained_run / "best.pt"), str(image), "--format", "json"])
+    single = json.loads(capsys.readouterr().out)[0]["probability"]
+    main(["predict", str(trained_run / "best.pt"), str(trained_run / "last.pt"), "--", str(image), "--format", "json"])
+    both = json.loads(capsys.readouterr().out)[0]
+    from pneumonia_cnn.inference import Predictor
+    last = Predictor(trained_run / "last.pt", "cpu").predict_files([image])[0].probability
+    assert abs(both["probability"] - (single + last) / 2) < 1e-6 and "+" in both["model"]

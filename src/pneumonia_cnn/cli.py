@@ -50,6 +50,8 @@ def cmd_train(args):
         summary = train(config)
     if summary.get("interrupted"):
         return 130
+    if not summary.get("main_process", True):
+        return 0  # in data-parallel runs only rank 0 reports
     test = summary.get("test_metrics")
     if test:
         print(f"test accuracy {test['accuracy']:.4f}  sensitivity {test['sensitivity']:.4f}  "

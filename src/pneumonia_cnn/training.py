@@ -327,7 +327,7 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     device = resolve_device(config.device)
     if device.type == "cuda" and dist_info.enabled:
         device = torch.device("cuda", dist_info.local_rank)
-    seed_everything(config.seed + dist_info.rank * 0, config.deterministic)
+    seed_everything(config.seed, config.deterministic)  # same init on every rank; DDP also broadcasts
     amp_dtype = autocast_dtype(device, config.amp)
     augment_config = AugmentConfig.from_dict(config.augment)
 
@@ -477,6 +477,11 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
                     bar.update(1)
                     if step_in_epoch % 10 == 0:
                         bar.set_postfix(loss=f"{(sums[0] + float(loss_accumulator)) / sums[2]:.4f}")
+                if dist_info.enabled:  # all ranks stop at the same step, or the others would hang
+                    import torch.distributed as dist
+                    flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stop.requested = bool(flag.item())
                 if stop.requested:
                     break
             sums[0] += float(loss_accumulator)
@@ -521,7 +526,7 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
                 break
 
     summary = {"run_dir": str(out), "run_id": run_id, "history": history, "interrupted": interrupted,
-               "parameters": trainable}
+               "parameters": trainable, "main_process": dist_info.main}
     if interrupted:
         if dist_info.main:
             log.warning("stopped early; resume with: pneumonia-cnn train --resume %s", display_path(out))
@@ -539,9 +544,10 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
 
 
 def _finish_distributed(dist_info: Distributed):
+    # no final barrier: rank 0's finalisation (calibration, OOD fit, test metrics) may outlast the
+    # collective timeout, and the other ranks have nothing left to do
     if dist_info.enabled:
         import torch.distributed as dist
-        dist.barrier()
         dist.destroy_process_group()
 
 

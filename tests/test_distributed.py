@@ -1,0 +1,91 @@
+"""Data-parallel training for real: 2 CPU processes, Gloo on loopback, launched by torchrun."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+from pneumonia_cnn.checkpoint import load_checkpoint
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_pids(launcher_pid):
+    """Descendants of the torchrun launcher that run the training (read from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = [], [launcher_pid]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent:
+                frontier.append(pid)
+                try:
+                    cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
+                except OSError:
+                    continue
+                if b"pneumonia_cnn" in cmdline and b"torch.distributed.run" not in cmdline:
+                    found.append(pid)
+    return sorted(found)
+
+
+def common_args(root, cache, epochs=2):
+    return ["--data", str(root), "--epochs", str(epochs), "--size", "48", "--augment", "{}", "--no-ood",
+            "--no-progress", "--cache-dir", str(cache), "--seed", "7", "--lr", "0.0005"]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(small_root, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PNEUMONIA_CNN_DIST_TIMEOUT="120")
+    single = subprocess.run([sys.executable, "-m", "pneumonia_cnn", "train", "--out", str(tmp_path / "one"),
+                             "--batch-size", "16", *common_args(small_root, tmp_path / "c1")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "pneumonia_cnn",
+                             "train", "--out", str(tmp_path / "two"), "--batch-size", "8",
+                             *common_args(small_root, tmp_path / "c2")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "history.json").read_text())
+    two = json.loads((tmp_path / "two" / "history.json").read_text())
+    for a, b in zip(one, two):  # tolerance: float summation order differs between 1 and 2 processes
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-4
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-4 and abs(a["val_auc"] - b["val_auc"]) < 1e-3
+    w1 = load_checkpoint(tmp_path / "one" / "last.pt")["state_dict"]
+    w2 = load_checkpoint(tmp_path / "two" / "last.pt")["state_dict"]
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+    assert double.stdout.count("run folder:") == 1  # only rank 0 reports and writes
+
+
+def test_a_dead_rank_ends_the_job_with_an_error(small_root, tmp_path):
+    """Rank 1 is killed mid-run: torchrun stops the job and exits non-zero instead of hanging."""
+    import signal
+    import time
+    env = dict(os.environ, OMP_NUM_THREADS="1", PNEUMONIA_CNN_DIST_TIMEOUT="60")
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "pneumonia_cnn",
+                                "train", "--out", str(tmp_path / "r"), "--batch-size", "4",
+                                *common_args(small_root, tmp_path / "c", epochs=50)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (tmp_path / "r" / "history.json").exists() and time.time() < deadline:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        time.sleep(0.5)
+    workers = worker_pids(process.pid)
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)
+    start = time.time()
+    process.wait(timeout=180)
+    assert process.returncode != 0 and time.time() - start < 180

@@ -7,6 +7,7 @@ object (a crafted file cannot run code on load).
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -39,9 +40,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
-        raise CheckpointError(f"{display_path(path)}: refused to load: the file holds objects other than "
-                              f"weights and plain data ({first[:160]})") from None
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{display_path(path)}: not a readable checkpoint (not a PyTorch file)") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        what = f"it references {found.group(1)}" if found else "it holds pickled objects"
+        raise CheckpointError(f"{display_path(path)}: refused to load: {what}; a checkpoint may hold only weights "
+                              f"and plain data (loading it could run code)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{display_path(path)}: not a readable checkpoint ({first[:160]})") from None

@@ -339,6 +339,8 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     train_set, val_set = prepare_data(config, dist_info)
     if dist_info.main:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # left by a process killed mid-write; the real files are intact
+            stale.unlink(missing_ok=True)
         write_json_atomic(out / "config.json", config.to_dict())
         log.info("train: %d images %s; val: %s", len(train_set), _counts(train_set),
                  f"{len(val_set)} images {_counts(val_set)}" if val_set is not None else "none")

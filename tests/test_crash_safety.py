@@ -1,0 +1,89 @@
+"""Crash-safe training and safe loading."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pneumonia_cnn.checkpoint import load_checkpoint
+from pneumonia_cnn.errors import CheckpointError
+
+
+def start_training(small_root, out, cache, epochs):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "pneumonia_cnn", "train", "--data", str(small_root), "--out",
+                             str(out), "--epochs", str(epochs), "--size", "48", "--batch-size", "4", "--no-ood",
+                             "--cache-dir", str(cache), "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_epochs(out, count, process, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        try:
+            if len(json.loads((out / "history.json").read_text())) >= count:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError("training made no progress")
+
+
+def test_sigkill_mid_epoch_then_resume_loses_no_completed_epoch(small_root, tmp_path):
+    out = tmp_path / "run"
+    process = start_training(small_root, out, tmp_path / "cache", epochs=4)
+    wait_for_epochs(out, 1, process)
+    time.sleep(1.0)  # into the second epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    completed = json.loads((out / "history.json").read_text())
+    assert len(completed) >= 1
+    state = load_checkpoint(out / "last.pt")  # loads: never half-written
+    assert state["training_state"]["epoch"] == len(completed)
+    resumed = subprocess.run([sys.executable, "-m", "pneumonia_cnn", "train", "--resume", str(out), "--no-progress"],
+                             capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    history = json.loads((out / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    assert history[: len(completed)] == completed  # the completed epochs are kept as they were
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_sigterm_finishes_the_step_saves_and_exits(small_root, tmp_path):
+    out = tmp_path / "run"
+    process = start_training(small_root, out, tmp_path / "cache", epochs=50)
+    wait_for_epochs(out, 1, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "finishing the current step" in stderr and "Traceback" not in stderr
+    state = load_checkpoint(out / "last.pt")["training_state"]
+    assert state["epoch"] >= 1
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"format": "pneumonia-cnn/1", "state_dict": {}, "payload": Exploit(marker)}, tmp_path / "evil.pt",
+               pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    (tmp_path / "garbage.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "garbage.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a pneumonia-cnn checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")

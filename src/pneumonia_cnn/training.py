@@ -72,7 +72,7 @@ class TrainConfig:
     threshold: str = "0.5"               # 0.5 | youden | sensitivity:0.95, chosen on val
     calibrate: bool = False              # temperature scaling on val
     ood: bool = True                     # fit the out-of-distribution model at the end
-    ood_quantile: float = 0.95
+    ood_quantile: float = 0.975         # flag images scoring above this quantile of held-out training images
     val_from_train: float = 0.0          # carve a patient-level val split from train
     min_val_images: int = 100            # below this (Kaggle's val has 16) the val split is carved from train
     seed: int = 0

@@ -1,0 +1,76 @@
+"""Site adaptation on a simulated site: a strong fixed shift of the shared X-rays."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pneumonia_cnn.adaptation import adabn
+from pneumonia_cnn.checkpoint import build_model, load_checkpoint
+from pneumonia_cnn.cli import main
+from pneumonia_cnn.evaluation import stress
+from tests.conftest import SHARED_DATA, require_shared
+
+
+def site_shift(gray):
+    return stress.blur(stress.contrast(stress.gamma(gray, 1.8), 0.6), 1.0)
+
+
+def write_site(folder, split, per_class, labelled, offset=0):
+    for name in ("NORMAL", "PNEUMONIA"):
+        for path in sorted((SHARED_DATA / split / name).iterdir())[offset:offset + per_class]:
+            gray = np.asarray(Image.open(path).convert("L"))
+            target = folder / name / path.name if labelled else folder / f"{name[0]}_{path.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(site_shift(gray)).save(target.with_suffix(".png"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bn_run(small_root, cache_dir, tmp_path_factory):
+    from pneumonia_cnn.training import make_config, train
+    out = tmp_path_factory.mktemp("bn")
+    train(make_config("tutorial", data=str(small_root), out=str(out), model="seed_bn", model_kwargs={"width": 8},
+                      epochs=3, size=48, batch_size=16, cache_dir=str(cache_dir), progress=False, min_val_images=10,
+                      evaluate_test=False, lr=3e-3))
+    return out
+
+
+def test_adabn_moves_statistics_to_the_new_site(bn_run, tmp_path):
+    require_shared()
+    model = build_model(load_checkpoint(bn_run / "best.pt"))
+    first_bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = first_bn.running_mean.clone()
+    rng = np.random.default_rng(0)
+    bright = (rng.random((40, 48, 48)) * 60 + 190).astype(np.uint8)
+    assert adabn(model, bright, torch.device("cpu")) > 0
+    assert not torch.allclose(before, first_bn.running_mean)
+    assert not model.training
+
+
+def test_adapt_cli_with_labels_reports_before_after_and_refits(bn_run, tmp_path, capsys):
+    require_shared()
+    unlabelled = write_site(tmp_path / "site_unlabelled", "test", 30, labelled=False)
+    labelled = write_site(tmp_path / "site_labelled", "val", 16, labelled=True)
+    out = tmp_path / "adapted.pt"
+    assert main(["adapt", str(bn_run / "best.pt"), "--data", str(unlabelled), "--labelled", str(labelled), "--out",
+                 str(out), "--recalibrate", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "AdaBN:" in text and "before on" in text and "after on" in text
+    assert ("is better" in text) or ("is NOT better" in text)
+    adapted = load_checkpoint(out)
+    assert adapted["adaptation"]["labelled"] and adapted["ood"]["threshold"] != load_checkpoint(bn_run / "best.pt")["ood"]["threshold"]
+    # the refitted OOD model treats the new site as in distribution
+    from pneumonia_cnn.inference import Predictor
+    site_files = sorted(unlabelled.iterdir())
+    original_flags = [not p.in_distribution for p in Predictor(bn_run / "best.pt", "cpu").predict_files(site_files)]
+    adapted_flags = [not p.in_distribution for p in Predictor(out, "cpu").predict_files(site_files)]
+    assert np.mean(adapted_flags) <= np.mean(original_flags)
+    assert np.mean(adapted_flags) <= 0.2
+
+
+def test_adapt_without_labels_and_without_batch_norm(trained_run, tmp_path, capsys):
+    require_shared()
+    unlabelled = write_site(tmp_path / "u", "test", 5, labelled=False)
+    assert main(["adapt", str(trained_run), "--data", str(unlabelled), "--out", str(tmp_path / "a.pt")]) == 0
+    assert "no batch-norm layers" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "a.pt")["adaptation"]["adabn_layers"] == 0

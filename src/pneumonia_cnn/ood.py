@@ -54,6 +54,19 @@ def feature_layer_names(model: nn.Module) -> list[str]:
     return convs[-3:]
 
 
+def conservative_quantile(scores: np.ndarray, quantile: float, confidence: float = 0.9) -> float:
+    """The smallest order statistic that is at least the true ``quantile`` with probability ``confidence``
+    (a distribution-free binomial bound): a new in-distribution image is then flagged with probability at
+    most 1 - quantile, with that confidence, however few held-out images there are."""
+    from scipy.stats import binom
+    ordered = np.sort(np.asarray(scores, dtype=float))
+    n = len(ordered)
+    for k in range(1, n + 1):  # P(at least k of n held-out scores fall below the true quantile) ...
+        if binom.cdf(k - 1, n, quantile) >= confidence:
+            return float(ordered[k - 1])
+    return float(ordered[-1] + (ordered[-1] - ordered[0]) * 0.05)  # too few images: just above the largest
+
+
 class OODDetector:
     def __init__(self, layers, means, precisions, centres, scales, threshold, quantile):
         self.layers, self.means, self.precisions = list(layers), means, precisions
@@ -80,15 +93,23 @@ class OODDetector:
         return np.sqrt(np.maximum(np.min(np.stack(distances), axis=0), 0))
 
     @classmethod
-    def fit(cls, model, pixels_uint8, labels, device, quantile: float = 0.95, holdout: float = 0.2,
-            seed: int = 0, max_images: int = 3000) -> "OODDetector":
+    def fit(cls, model, pixels_uint8, labels, device, quantile: float = 0.975, holdout: float = 0.2,
+            seed: int = 0, max_images: int = 3000, held_out_pixels=None) -> "OODDetector":
+        """Gaussians on ``pixels_uint8``; scale and threshold on ``held_out_pixels`` (the validation images:
+        in distribution and never trained on, so their scores are what a new in-distribution X-ray gets),
+        else on a ``holdout`` part of the training images kept out of the fit."""
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(labels))[:max_images]
-        cut = max(1, int(len(order) * holdout))
-        held, fit_part = np.sort(order[:cut]), np.sort(order[cut:])
         layers = feature_layer_names(model)
+        if held_out_pixels is not None and len(held_out_pixels) >= 20:
+            fit_part = np.sort(order)
+            held_images = np.asarray(held_out_pixels)[np.sort(rng.permutation(len(held_out_pixels))[:max_images])]
+        else:
+            cut = max(1, int(len(order) * holdout))
+            fit_part = np.sort(order[cut:])
+            held_images = pixels_uint8[np.sort(order[:cut])]
         fit_features = layer_features(model, pixels_uint8[fit_part], device, layers)
-        held_features = layer_features(model, pixels_uint8[held], device, layers)
+        held_features = layer_features(model, held_images, device, layers)
         means, precisions, centres, scales, held_scores = [], [], [], [], []
         for features, held_layer in zip(fit_features, held_features):
             m, p = cls._fit_layer(features, np.asarray(labels)[fit_part])
@@ -97,8 +118,7 @@ class OODDetector:
             centres.append(float(np.median(distance)))
             scales.append(float(np.percentile(distance, 75) - np.percentile(distance, 25)) or 1.0)
             held_scores.append((distance - centres[-1]) / scales[-1])
-        combined = np.mean(held_scores, axis=0)
-        threshold = float(np.quantile(combined, quantile))
+        threshold = conservative_quantile(np.mean(held_scores, axis=0), quantile)
         return cls(layers, means, precisions, centres, scales, threshold, quantile)
 
     def score(self, model, pixels_uint8, device) -> np.ndarray:

@@ -639,7 +639,8 @@ def finalize_run(out: Path, config: TrainConfig, val_set, train_set, device, amp
     if config.ood:
         from .ood import OODDetector
         best["ood"] = OODDetector.fit(model, train_set.images, train_set.labels, device,
-                                      quantile=config.ood_quantile, seed=config.seed).state()
+                                      quantile=config.ood_quantile, seed=config.seed,
+                                      held_out_pixels=val_set.images if val_set is not None else None).state()
     best.pop("path", None)
     save_checkpoint(best, out / "best.pt")
     log.info("best.pt: epoch %s, threshold %.3f, temperature %.3f%s", best.get("epoch"), best["threshold"],

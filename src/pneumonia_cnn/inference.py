@@ -53,7 +53,8 @@ class Predictor:
                                         f"{display_path(first['path'])}; an ensemble needs the same input")
         self.device = resolve_device(device)
         self.amp_dtype = autocast_dtype(self.device, amp)
-        self.models = [build_model(c).to(self.device).eval() for c in self.checkpoints]
+        self.models = [build_model(c).to(self.device).to(memory_format=torch.channels_last).eval()
+                       for c in self.checkpoints]
         self.class_names = tuple(first.get("class_names", ("NORMAL", "PNEUMONIA")))
         self.threshold = float(first.get("threshold", 0.5)) if len(self.checkpoints) == 1 else \
             float(np.mean([c.get("threshold", 0.5) for c in self.checkpoints]))
@@ -99,7 +100,7 @@ class Predictor:
 
     def logits(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
         """(B, H, W) uint8 -> (n_models, B) calibrated logits (TTA averaged in logit space)."""
-        x = to_model_input(pixels_uint8, self.device)
+        x = to_model_input(pixels_uint8, self.device).contiguous(memory_format=torch.channels_last)
         outputs = []
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
             for model, temperature in zip(self.models, self.temperatures):

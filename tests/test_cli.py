@@ -73,3 +73,15 @@ def test_demo_learns_the_synthetic_set(tmp_path):
     summary = run_demo(tmp_path / "demo")
     assert summary["test_metrics"]["accuracy"] >= 0.8 and summary["test_metrics"]["roc_auc"] >= 0.9
     assert (tmp_path / "demo" / "run" / "curves.png").is_file()
+
+
+def test_every_hyper_parameter_is_a_flag(small_root, tmp_path):
+    from pneumonia_cnn.checkpoint import load_checkpoint
+    result = run_cli("train", "--data", small_root, "--out", tmp_path / "r", "--model", "seed_bn", "--epochs", "1",
+                     "--batch-size", "8", "--lr", "0.002", "--size", "40", "--channels", "1", "--seed", "4",
+                     "--device", "cpu", "--cache-dir", tmp_path / "c", "--no-progress", "--no-ood",
+                     "--max-steps-per-epoch", "2")
+    assert result.returncode == 0, result.stderr
+    config = load_checkpoint(tmp_path / "r" / "best.pt")["config"]
+    assert (config["model"], config["epochs"], config["batch_size"], config["lr"], config["size"], config["channels"],
+            config["seed"], config["device"]) == ("seed_bn", 1, 8, 0.002, 40, 1, 4, "cpu")

@@ -61,3 +61,13 @@ def test_truncated_jpeg(tmp_path):
     (tmp_path / "cut.jpeg").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageReadError, match="cut.jpeg"):
         read_image(tmp_path / "cut.jpeg")
+
+
+def test_unreadable_permissions(tmp_path):
+    import os
+    if os.geteuid() == 0:
+        pytest.skip("running as root: file permissions cannot make a file unreadable")
+    path = write_image(tmp_path / "locked.png", GRADIENT)
+    path.chmod(0)
+    with pytest.raises(ImageReadError, match="permission denied"):
+        read_image(path)

@@ -282,37 +282,59 @@ if world > 1: dist.destroy_process_group()
                               "runs": rows}
 
 
-def bench_keras(args, results):
-    """The tutorial's own pipeline: ImageDataGenerator.flow_from_directory + the same Sequential model."""
+KERAS_SCRIPT = r"""
+import json, sys, time
+args = json.loads(sys.argv[1])
+try:
+    import tensorflow as tf
+    from tensorflow import keras
     try:
-        import tensorflow as tf  # noqa: F401
-        from tensorflow import keras
-    except ImportError:
-        results["keras"] = {"skipped": "TensorFlow is not installed here (pip install tensorflow to compare)"}
+        from keras.preprocessing.image import ImageDataGenerator
+    except ImportError:  # Keras 3 keeps the tutorial's generator in its legacy module
+        from keras.src.legacy.preprocessing.image import ImageDataGenerator
+except ImportError as error:
+    print(json.dumps({"skipped": f"TensorFlow is not importable ({error})"})); sys.exit(0)
+size, batch, steps, folder = args["size"], args["batch_size"], args["steps"], args["folder"]
+generator = ImageDataGenerator(rescale=1 / 255, shear_range=0.2, zoom_range=0.2, horizontal_flip=True)
+flow = generator.flow_from_directory(folder, target_size=(size, size), batch_size=batch, class_mode="binary")
+layers = keras.layers
+model = keras.Sequential([keras.Input((size, size, 3)), layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2),
+                          layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(2),
+                          layers.Conv2D(128, 3, activation="relu"), layers.MaxPooling2D(2), layers.Flatten(),
+                          layers.Dense(128, activation="relu"), layers.Dense(1, activation="sigmoid")])
+model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+model.fit(flow, steps_per_epoch=2, epochs=1, verbose=0)
+start = time.perf_counter()
+model.fit(flow, steps_per_epoch=steps, epochs=1, verbose=0)
+train_rate = steps * batch / (time.perf_counter() - start)
+plain = ImageDataGenerator(rescale=1 / 255).flow_from_directory(folder, target_size=(size, size), batch_size=batch,
+                                                                class_mode="binary", shuffle=False)
+model.predict(plain, steps=2, verbose=0)
+start = time.perf_counter()
+model.predict(plain, steps=steps, verbose=0)
+predict_rate = steps * batch / (time.perf_counter() - start)
+print(json.dumps({"training_images_per_s": train_rate, "predict_images_per_s": predict_rate,
+                  "tensorflow": tf.__version__, "keras": keras.__version__}))
+"""
+
+
+def bench_keras(args, results):
+    """The tutorial's own pipeline: ImageDataGenerator.flow_from_directory + the same Sequential model, run
+    by ``--keras-python`` (a Python with TensorFlow, e.g. a separate venv) in the same benchmark run."""
+    payload = json.dumps({"size": args.size, "batch_size": args.batch_size, "steps": args.keras_steps,
+                          "folder": str(Path(args.data) / args.split)})
+    completed = subprocess.run([args.keras_python, "-c", KERAS_SCRIPT, payload], capture_output=True, text=True,
+                               env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not lines:
+        results["keras"] = {"skipped": f"the Keras run failed: {completed.stderr.strip().splitlines()[-1:]}"}
         return
-    from keras.preprocessing.image import ImageDataGenerator  # type: ignore
-    generator = ImageDataGenerator(rescale=1 / 255, shear_range=0.2, zoom_range=0.2, horizontal_flip=True)
-    flow = generator.flow_from_directory(str(Path(args.data) / args.split), target_size=(args.size, args.size),
-                                         batch_size=args.batch_size, class_mode="binary")
-    layers = keras.layers
-    model = keras.Sequential([keras.Input((args.size, args.size, 3)), layers.Conv2D(32, 3, activation="relu"),
-                              layers.MaxPooling2D(2), layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(2),
-                              layers.Conv2D(128, 3, activation="relu"), layers.MaxPooling2D(2), layers.Flatten(),
-                              layers.Dense(128, activation="relu"), layers.Dense(1, activation="sigmoid")])
-    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
-    model.fit(flow, steps_per_epoch=2, epochs=1, verbose=0)
-    start = time.perf_counter()
-    model.fit(flow, steps_per_epoch=args.keras_steps, epochs=1, verbose=0)
-    train_rate = args.keras_steps * args.batch_size / (time.perf_counter() - start)
-    plain = ImageDataGenerator(rescale=1 / 255).flow_from_directory(
-        str(Path(args.data) / args.split), target_size=(args.size, args.size), batch_size=args.batch_size,
-        class_mode="binary", shuffle=False)
-    start = time.perf_counter()
-    model.predict(plain, steps=args.keras_steps, verbose=0)
-    predict_rate = args.keras_steps * args.batch_size / (time.perf_counter() - start)
-    results["keras"] = {"training_images_per_s": train_rate, "predict_images_per_s": predict_rate,
-                        "ratio_training_ours_to_keras": results["training"]["images_per_s"] / train_rate,
-                        "ratio_inference_ours_to_keras": results["inference"]["images_per_s"] / predict_rate}
+    keras = json.loads(lines[-1])
+    if "skipped" not in keras:
+        keras["ratio_training_ours_to_keras"] = results["training"]["images_per_s"] / keras["training_images_per_s"]
+        if "inference" in results:
+            keras["ratio_inference_ours_to_keras"] = results["inference"]["images_per_s"] / keras["predict_images_per_s"]
+    results["keras"] = keras
 
 
 def print_table(results):
@@ -357,7 +379,7 @@ def print_table(results):
         k = results["keras"]
         rows.append(("Keras tutorial pipeline", k.get("skipped") or
                      f"train {k['training_images_per_s']:.1f} img/s, predict {k['predict_images_per_s']:.1f} img/s; "
-                     f"ours/Keras x{k['ratio_training_ours_to_keras']:.2f} train, x{k['ratio_inference_ours_to_keras']:.2f} inference"))
+                     f"ours/Keras x{k['ratio_training_ours_to_keras']:.2f} train, x{k.get('ratio_inference_ours_to_keras', 0):.2f} inference"))
     width = max(len(r[0]) for r in rows) + 2
     print("\n".join(f"{name:<{width}}{value}" for name, value in rows))
 
@@ -372,6 +394,8 @@ def main():
     parser.add_argument("--latency-runs", type=int, default=50), parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--keras-steps", type=int, default=10), parser.add_argument("--ddp-size", type=int, default=128)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--keras-python", default=sys.executable,
+                        help="a Python that can import TensorFlow, for the Keras comparison")
     parser.add_argument("--only", default="cache,inference,server,memory,distributed,keras")
     parser.add_argument("--out", default=str(PROJECT / "benchmarks" / "results.json"))
     args = parser.parse_args()

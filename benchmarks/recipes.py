@@ -1,0 +1,39 @@
+"""The README's recipe table from finished run folders: python benchmarks/recipes.py runs/tutorial runs/best"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT / "src"))
+
+from pneumonia_cnn.checkpoint import load_checkpoint  # noqa: E402
+
+
+def row(run: Path) -> str:
+    checkpoint = load_checkpoint(run / "best.pt")
+    metrics = json.loads((run / "test_metrics.json").read_text())["metrics"]
+    history = json.loads((run / "history.json").read_text())
+    config = checkpoint["config"]
+    minutes = sum(r["seconds"] for r in history) / 60
+
+    def cell(name):
+        m = metrics[name]
+        return f"{m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+    return (f"| `{config['preset']}` | {config['model']} {config['size']}×{config['size']}×{config['channels']} | "
+            f"{cell('accuracy')} | {cell('sensitivity')} | {cell('specificity')} | {cell('roc_auc')} | "
+            f"{checkpoint.get('parameters', 0):,} | {len(history)} ({checkpoint.get('epoch')}) | {minutes:.0f} | "
+            f"{checkpoint.get('threshold', 0.5):.3f} |")
+
+
+def main():
+    print("| preset | model, input | accuracy | sensitivity | specificity | ROC AUC | parameters | epochs (best) "
+          "| training minutes | threshold |")
+    print("|---|---|---|---|---|---|---:|---|---:|---:|")
+    for run in sys.argv[1:]:
+        print(row(Path(run)))
+
+
+if __name__ == "__main__":
+    main()

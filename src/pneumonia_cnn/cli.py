@@ -62,8 +62,8 @@ def cmd_train(args):
 
 def cmd_evaluate(args):
     from .evaluation.evaluate import evaluate, format_table
-    out = args.out or str(Path(args.checkpoint[0]).parent / f"{args.split}_metrics.json") \
-        if Path(args.checkpoint[0]).is_file() else args.out or str(Path(args.checkpoint[0]) / f"{args.split}_metrics.json")
+    first = Path(args.checkpoint[0])
+    out = args.out or str((first if first.is_dir() else first.parent) / f"{args.split}_metrics.json")
     report = evaluate(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0], args.data, args.split,
                       device=args.device, threshold=args.threshold, bootstrap=args.bootstrap, seed=args.seed,
                       cache_dir=args.cache_dir, out=out, figures=not args.no_figures, progress=not args.no_progress)

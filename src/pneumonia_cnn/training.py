@@ -318,12 +318,8 @@ def intended_use(train, config: TrainConfig) -> dict:
 
 
 # ------------------------------------------------------------------ the loop
-def train(config: TrainConfig | None = None, **overrides) -> dict:
-    """Train a model; returns a summary dict (paths, history, final metrics). ``overrides`` are config fields."""
-    config = config or make_config(**{k: v for k, v in overrides.items() if k in ("preset", "config_file")})
-    if overrides:
-        config = dataclasses.replace(config, **{k: v for k, v in overrides.items()
-                                                if k not in ("preset", "config_file")})
+def train(config: TrainConfig) -> dict:
+    """Train a model as ``config`` says (see ``make_config``); returns paths, history and final metrics."""
     out = Path(config.out)
     dist_info = setup_distributed(config.device)
     device = resolve_device(config.device)

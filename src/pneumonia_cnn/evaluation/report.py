@@ -24,19 +24,24 @@ body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;color:#1d
 h1{font-size:1.6rem}h2{border-bottom:1px solid #d5dde6;padding-bottom:.2rem;margin-top:2rem}
 table{border-collapse:collapse;margin:.6rem 0}td,th{border:1px solid #d5dde6;padding:.25rem .6rem;text-align:right}
 th{background:#f1f5f9}td:first-child,th:first-child{text-align:left}
-.figs img{max-width:23rem;margin:.3rem}.note{color:#5a6675}.warn{background:#fff4d6;border:1px solid #e0b84c;padding:.6rem}
+.figs img{max-width:23rem;margin:.3rem}.figs img.wide{max-width:100%}.note{color:#5a6675}.warn{background:#fff4d6;border:1px solid #e0b84c;padding:.6rem}
 code{background:#f1f5f9;padding:0 .2rem}
 """
 
 
-def _image(path) -> str:
+def _image(path, wide: bool = False) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(Path(path).stem)}">'
+    css = ' class="wide"' if wide else ""
+    return f'<img{css} src="data:image/png;base64,{data}" alt="{html.escape(Path(path).stem)}">'
+
+
+def _number(value) -> str:
+    return "undefined" if value != value else f"{value:.4f}"  # NaN: e.g. NPV with no negative calls
 
 
 def _metrics_table(metrics: dict, unit: str) -> str:
-    rows = "".join(f"<tr><td>{METRIC_NAMES[k]}</td><td>{metrics[k]['value']:.4f}</td>"
-                   f"<td>[{metrics[k]['ci95'][0]:.4f}, {metrics[k]['ci95'][1]:.4f}]</td></tr>"
+    rows = "".join(f"<tr><td>{METRIC_NAMES[k]}</td><td>{_number(metrics[k]['value'])}</td>"
+                   f"<td>[{_number(metrics[k]['ci95'][0])}, {_number(metrics[k]['ci95'][1])}]</td></tr>"
                    for k in METRIC_NAMES if k in metrics)
     return f"<table><tr><th>metric</th><th>value</th><th>95% CI ({unit} bootstrap)</th></tr>{rows}</table>"
 
@@ -80,12 +85,12 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
                           for k, v in config.items())
     sections.append(f"<h2>Configuration</h2><p>model <b>{card['model']}</b>, {card['parameters'] or 0:,} parameters, "
                     f"input {card['input']['size'][0]}×{card['input']['size'][1]}, {card['input']['channels']} channel(s), "
-                    f"threshold {card['threshold']:.3f} ({html.escape(card['threshold_policy'])}), temperature "
+                    f"threshold {card['threshold']:.3f} (policy: {html.escape(card['threshold_policy'])}), temperature "
                     f"{card['temperature']:.3f}</p><details><summary>full config</summary><table>{config_rows}</table>"
                     "</details>")
     sections.append(f"<h2>Data</h2><p>{html.escape(str(data))}</p>{_data_summary(data)}")
     if (run_dir / "curves.png").exists():
-        sections.append(f"<h2>Training curves</h2><div class='figs'>{_image(run_dir / 'curves.png')}</div>")
+        sections.append(f"<h2>Training curves</h2><div class='figs'>{_image(run_dir / 'curves.png', wide=True)}</div>")
     m = report["metrics"]
     cm = m["confusion_matrix"]
     sections.append(f"<h2>Metrics on {html.escape(split)}</h2><p>{report['n_images']} images "
@@ -100,7 +105,7 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
     sections.append("<h2>Pictures</h2><div class='figs'>" + "".join(_image(figures[k]) for k in
                     ("roc", "pr", "confusion", "reliability", "histogram") if k in figures) + "</div>"
                     + ("<h3>Most confident mistakes (false negatives first)</h3><div class='figs'>"
-                       + _image(figures["mistakes"]) + "</div>" if "mistakes" in figures else ""))
+                       + _image(figures["mistakes"], wide=True) + "</div>" if "mistakes" in figures else ""))
     if stress:
         result = stress_test(checkpoint_path, data, split, device=device, cache_dir=cache_dir)
         rows = "".join(f"<tr><td>{r['shift']}</td><td>{r['roc_auc']:.4f}</td><td>{r['sensitivity']:.4f}</td>"

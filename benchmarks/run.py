@@ -4,7 +4,7 @@
     python benchmarks/run.py --only training,inference --steps 20
 
 Sections: cache (first vs later epoch), data pipeline alone, training steady state, inference (batch and
-single-image latency), ONNX Runtime vs PyTorch, HTTP server under 16 concurrent clients, cache streaming
+single-image latency) with the torch and the ONNX Runtime engines, HTTP server under 16 concurrent clients, cache streaming
 memory at 5k vs 50k images, 1 vs 2 data-parallel processes, and the tutorial's own Keras pipeline when
 TensorFlow is importable (ratios measured in the same run).
 """
@@ -123,40 +123,31 @@ def bench_cache_and_training(args, device, results):
 
 
 def bench_inference(args, device, cached, results, checkpoint):
+    """Batch throughput and single-image latency through ``Predictor``, with the torch and ONNX engines."""
     from pneumonia_cnn.inference import Predictor
-    predictor = Predictor(checkpoint, str(device))
     batch = np.array(cached.images[: args.batch_size * 8])
-    predictor.predict_arrays(batch[: args.batch_size], args.batch_size)
-    start = time.perf_counter()
-    predictor.predict_arrays(batch, args.batch_size)
-    throughput = len(batch) / (time.perf_counter() - start)
     one = batch[:1]
-    for _ in range(5):
-        predictor.probabilities_from_pixels(one)
-    latencies = []
-    for _ in range(args.latency_runs):
+    for engine in ("torch", "onnx"):
+        try:
+            predictor = Predictor(checkpoint, str(device), engine=engine)
+        except Exception as error:  # onnxruntime missing
+            results[f"inference_{engine}"] = {"skipped": str(error)}
+            continue
+        predictor.predict_arrays(batch[: args.batch_size], args.batch_size)
         start = time.perf_counter()
-        predictor.probabilities_from_pixels(one)
-        latencies.append((time.perf_counter() - start) * 1000)
-    results["inference"] = {"images_per_s": throughput, "batch_size": args.batch_size,
-                            "single_image_ms_p50": float(np.percentile(latencies, 50)),
-                            "single_image_ms_p95": float(np.percentile(latencies, 95))}
-    try:
-        import onnxruntime
-        from pneumonia_cnn.interop.export import export_model
-        onnx_path = Path(tempfile.mkdtemp()) / "m.onnx"
-        export_model(checkpoint, "onnx", onnx_path)
-        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        x = np.repeat(batch[:, None].astype(np.float32) / 255.0, 3, axis=1)
-        session.run(None, {"image": x[: args.batch_size]})
-        start = time.perf_counter()
-        for i in range(0, len(x), args.batch_size):
-            session.run(None, {"image": x[i:i + args.batch_size]})
-        onnx_rate = len(x) / (time.perf_counter() - start)
-        results["onnx"] = {"onnxruntime_images_per_s": onnx_rate, "pytorch_images_per_s": throughput,
-                           "ratio_onnx_to_pytorch": onnx_rate / throughput}
-    except ImportError:
-        results["onnx"] = {"skipped": "onnxruntime not installed"}
+        predictor.predict_arrays(batch, args.batch_size)
+        throughput = len(batch) / (time.perf_counter() - start)
+        for _ in range(5):
+            predictor.probabilities_from_pixels(one)
+        latencies = []
+        for _ in range(args.latency_runs):
+            start = time.perf_counter()
+            predictor.probabilities_from_pixels(one)
+            latencies.append((time.perf_counter() - start) * 1000)
+        results[f"inference_{engine}"] = {"images_per_s": throughput, "batch_size": args.batch_size,
+                                          "single_image_ms_p50": float(np.percentile(latencies, 50)),
+                                          "single_image_ms_p95": float(np.percentile(latencies, 95))}
+    results["inference"] = results["inference_torch"]
 
 
 def make_checkpoint(args, folder) -> Path:
@@ -332,8 +323,10 @@ def bench_keras(args, results):
     keras = json.loads(lines[-1])
     if "skipped" not in keras:
         keras["ratio_training_ours_to_keras"] = results["training"]["images_per_s"] / keras["training_images_per_s"]
-        if "inference" in results:
-            keras["ratio_inference_ours_to_keras"] = results["inference"]["images_per_s"] / keras["predict_images_per_s"]
+        for engine in ("torch", "onnx"):
+            if "images_per_s" in results.get(f"inference_{engine}", {}):
+                keras[f"ratio_inference_{engine}_to_keras"] = (results[f"inference_{engine}"]["images_per_s"]
+                                                               / keras["predict_images_per_s"])
     results["keras"] = keras
 
 
@@ -356,14 +349,12 @@ def print_table(results):
                                                   f"(x{e['ratio_first_to_later']:.2f})"))
     if "peak_rss_mb_after_training" in results:
         rows.append(("peak resident memory (training)", f"{results['peak_rss_mb_after_training']:.0f} MB"))
-    if "inference" in results:
-        i = results["inference"]
-        rows += [("inference batch 32", f"{i['images_per_s']:.1f} img/s"),
-                 ("single image latency p50 / p95", f"{i['single_image_ms_p50']:.1f} / {i['single_image_ms_p95']:.1f} ms")]
-    if "onnx" in results and "ratio_onnx_to_pytorch" in results["onnx"]:
-        o = results["onnx"]
-        rows.append(("ONNX Runtime vs PyTorch", f"{o['onnxruntime_images_per_s']:.1f} vs {o['pytorch_images_per_s']:.1f} "
-                                                f"img/s (x{o['ratio_onnx_to_pytorch']:.2f})"))
+    for engine in ("torch", "onnx"):
+        i = results.get(f"inference_{engine}")
+        if i and "images_per_s" in i:
+            rows += [(f"inference batch {i['batch_size']} ({engine} engine)", f"{i['images_per_s']:.1f} img/s"),
+                     (f"single image latency p50 / p95 ({engine})",
+                      f"{i['single_image_ms_p50']:.1f} / {i['single_image_ms_p95']:.1f} ms")]
     if "server" in results:
         s = results["server"]
         rows.append(("server /predict, 16 concurrent", f"{s['requests_per_s']:.1f} req/s, p50 {s['p50_ms']:.0f} ms, "
@@ -379,7 +370,8 @@ def print_table(results):
         k = results["keras"]
         rows.append(("Keras tutorial pipeline", k.get("skipped") or
                      f"train {k['training_images_per_s']:.1f} img/s, predict {k['predict_images_per_s']:.1f} img/s; "
-                     f"ours/Keras x{k['ratio_training_ours_to_keras']:.2f} train, x{k.get('ratio_inference_ours_to_keras', 0):.2f} inference"))
+                     f"ours/Keras x{k['ratio_training_ours_to_keras']:.2f} train, inference x{k.get('ratio_inference_torch_to_keras', 0):.2f} "
+                     f"(torch), x{k.get('ratio_inference_onnx_to_keras', 0):.2f} (onnx)"))
     width = max(len(r[0]) for r in rows) + 2
     print("\n".join(f"{name:<{width}}{value}" for name, value in rows))
 

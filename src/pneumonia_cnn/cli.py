@@ -79,7 +79,7 @@ def cmd_predict(args):
     from .inference import Predictor
     from .predict_io import collect_paths, format_predictions
     paths, missing = collect_paths(args.paths)
-    predictor = Predictor(args.checkpoint, args.device)
+    predictor = Predictor(args.checkpoint, args.device, engine=args.engine)
     predictions = predictor.predict_files(paths, args.batch_size, progress=not args.no_progress and len(paths) > 64)
     for entry in missing:
         from .inference import Prediction
@@ -130,7 +130,11 @@ def cmd_info(args):
 
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pneumonia-cnn", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="pneumonia-cnn",
+        description="Train, evaluate, explain and serve CNNs that detect pneumonia on chest X-rays. "
+                    "Research and teaching software, not a medical device.",
+        epilog="Start with: pneumonia-cnn demo. Each command has --help.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -181,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", nargs="*", default=None, help=argparse.SUPPRESS)
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--batch-size", type=int, default=32), p.add_argument("--device", default="auto")
+    p.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                   help="onnx: ONNX Runtime for the forward pass (about 2x faster on CPUs)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
 

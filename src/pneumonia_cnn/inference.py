@@ -39,7 +39,7 @@ class Prediction:
 class Predictor:
     """One checkpoint, or several averaged (an ensemble), ready to turn pixels into probabilities."""
 
-    def __init__(self, checkpoints, device: str = "auto", amp: str = "off"):
+    def __init__(self, checkpoints, device: str = "auto", amp: str = "off", engine: str = "torch"):
         if isinstance(checkpoints, (str, Path, dict)):
             checkpoints = [checkpoints]
         self.checkpoints = [c if isinstance(c, dict) else load_checkpoint(c) for c in checkpoints]
@@ -65,6 +65,30 @@ class Predictor:
             from .ood import OODDetector
             self.ood = OODDetector.from_state(first["ood"])
         self.model_id = "+".join(c.get("run_id", Path(c["path"]).stem) for c in self.checkpoints)
+        self.engine = engine
+        self.sessions = [self._onnx_session(model) for model in self.models] if engine == "onnx" else None
+        if engine not in ("torch", "onnx"):
+            raise PneumoniaCNNError(f"--engine {engine}: choose torch or onnx")
+
+    def _onnx_session(self, model):
+        """The same network as an in-memory ONNX Runtime session taking the gray (B, 1, H, W) input; the
+        torch model stays for Grad-CAM and the out-of-distribution features."""
+        import io
+        import warnings
+        try:
+            import onnxruntime
+        except ImportError:
+            raise PneumoniaCNNError("--engine onnx needs onnxruntime (pip install 'pneumonia-cnn[export]')") from None
+        buffer = io.BytesIO()
+        cpu_model = build_model(self.checkpoints[self.models.index(model)]).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(cpu_model, (torch.rand(2, 1, *self.size),), buffer, dynamo=False, opset_version=17,
+                              input_names=["image"], output_names=["logit"],
+                              dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}})
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
     # ---------- properties of the expected input
     @property
@@ -100,6 +124,15 @@ class Predictor:
 
     def logits(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
         """(B, H, W) uint8 -> (n_models, B) calibrated logits (TTA averaged in logit space)."""
+        if self.sessions is not None:
+            x = pixels_uint8.numpy()[:, None].astype(np.float32) / 255.0
+            outputs = []
+            for session, temperature in zip(self.sessions, self.temperatures):
+                out = session.run(None, {"image": x})[0]
+                if self.tta:
+                    out = (out + session.run(None, {"image": np.ascontiguousarray(x[..., ::-1])})[0]) / 2
+                outputs.append(torch.from_numpy(out.astype(np.float32)) / temperature)
+            return torch.stack(outputs)
         x = to_model_input(pixels_uint8, self.device).contiguous(memory_format=torch.channels_last)
         outputs = []
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
@@ -189,7 +222,7 @@ class Predictor:
         return out
 
 
-def predict(checkpoint, paths, device: str = "auto", batch_size: int = 32) -> list[Prediction]:
+def predict(checkpoint, paths, device: str = "auto", batch_size: int = 32, engine: str = "torch") -> list[Prediction]:
     """Library form of ``pneumonia-cnn predict``."""
-    return Predictor(checkpoint, device).predict_files(paths, batch_size)
+    return Predictor(checkpoint, device, engine=engine).predict_files(paths, batch_size)
 

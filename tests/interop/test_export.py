@@ -37,3 +37,10 @@ def test_torchscript_matches_pytorch(trained_run, tmp_path):
     with torch.no_grad():
         got = scripted(torch.from_numpy(pixels[:, None].astype(np.float32) / 255.0).expand(-1, 3, -1, -1)).numpy()
     assert np.abs(got - expected).max() < 1e-5
+
+
+def test_onnx_engine_gives_the_torch_probabilities(trained_run):
+    pixels = np.random.default_rng(5).integers(0, 256, (7, 64, 64), dtype=np.uint8)
+    torch_engine = Predictor(trained_run / "best.pt", "cpu").probabilities_from_pixels(pixels)
+    onnx_engine = Predictor(trained_run / "best.pt", "cpu", engine="onnx").probabilities_from_pixels(pixels)
+    assert np.abs(torch_engine - onnx_engine).max() < 1e-4

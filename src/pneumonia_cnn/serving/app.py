@@ -74,11 +74,12 @@ class MicroBatcher:
                         future.set_exception(error)
 
 
-def create_app(checkpoint, device: str = "auto", max_upload_mb: float = 20, max_batch: int = 16):
+def create_app(checkpoint, device: str = "auto", max_upload_mb: float = 20, max_batch: int = 16,
+               engine: str = "torch"):
     from fastapi import FastAPI, File, HTTPException, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse
 
-    predictor = Predictor(checkpoint, device)
+    predictor = Predictor(checkpoint, device, engine=engine)
     batcher = MicroBatcher(predictor, max_batch=max_batch)
     max_bytes = int(max_upload_mb * 1024 * 1024)
     gradcam_lock = threading.Lock()  # backward passes share the model's hooks and gradients
@@ -143,8 +144,8 @@ def create_app(checkpoint, device: str = "auto", max_upload_mb: float = 20, max_
 
 
 def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 20,
-               device: str = "auto", max_batch: int = 16):
+               device: str = "auto", max_batch: int = 16, engine: str = "torch"):
     import uvicorn
-    app = create_app(checkpoint, device, max_upload_mb, max_batch)
+    app = create_app(checkpoint, device, max_upload_mb, max_batch, engine)
     log.info("serving %s on http://%s:%d (docs at /docs)", app.state.predictor.model_id, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")

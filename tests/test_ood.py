@@ -77,5 +77,5 @@ def test_model_free_input_checks():
 def test_info_states_intended_use_and_flag(ood_run, capsys):
     assert main(["info", str(ood_run / "best.pt")]) == 0
     text = capsys.readouterr().out
-    assert "intended use" in text and "pediatric" in text and "not a medical device" in text
+    assert "intended use" in text and "children aged 1 to 5" in text and "not a medical device" in text
     assert "out-of-distribution flag: fitted" in text

@@ -30,7 +30,7 @@ def cmd_train(args):
                   "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "class_balance", "ema_decay",
                   "monitor", "early_stopping", "threshold", "intensity", "interpolation", "val_from_train",
                   "cache_dir", "tracker", "tracking_uri", "max_steps_per_epoch", "limit_images", "weights",
-                  "workers")}
+                  "workers", "population", "age_range_years")}
     for flag in ("deterministic", "compile", "tta", "calibrate"):
         if getattr(args, flag):
             overrides[flag] = True
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracker", help="none | mlflow | tensorboard"), p.add_argument("--tracking-uri")
     p.add_argument("--max-steps-per-epoch", type=int), p.add_argument("--limit-images", type=int)
     p.add_argument("--weights", help="local weights file to start from")
+    p.add_argument("--population", help="who the training X-rays come from (for the model card)")
+    p.add_argument("--age-range", dest="age_range_years", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="training population's age range in years (DICOM ages outside it are warned about)")
     p.add_argument("--deterministic", action="store_true"), p.add_argument("--compile", action="store_true")
     p.add_argument("--tta", action="store_true"), p.add_argument("--calibrate", action="store_true")
     p.add_argument("--no-ood", action="store_true"), p.add_argument("--no-channels-last", action="store_true")

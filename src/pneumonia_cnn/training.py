@@ -85,6 +85,8 @@ class TrainConfig:
     workers: int = 0
     max_steps_per_epoch: int = 0         # for smoke tests and benchmarks
     limit_images: int = 0                # use only the first N images per split (quick runs)
+    population: str = ""                 # who the training X-rays come from (model card, `info`)
+    age_range_years: list | None = None  # [min, max]: DICOM PatientAge outside it is warned about
     tracker: str = "none"                # none | mlflow | tensorboard
     tracking_uri: str = ""
     evaluate_test: bool = True           # evaluate the test split (if present) at the end
@@ -95,8 +97,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+KAGGLE_POPULATION = {  # Kermany et al., Cell 2018: the Kaggle set's source
+    "population": "children aged 1 to 5 years, anterior-posterior chest X-rays from routine care at Guangzhou "
+                  "Women and Children's Medical Center (Kermany et al., 2018)",
+    "age_range_years": [1, 5],
+}
+
 PRESETS = {
-    "tutorial": {},  # the dataclass defaults are the tutorial
+    "tutorial": dict(KAGGLE_POPULATION),  # otherwise the dataclass defaults are the tutorial
     "best": {
         "model": "resnet18_narrow", "size": 192, "channels": 1, "intensity": "equalize",
         "epochs": 24, "batch_size": 32, "lr": 2e-3, "optimizer": "adamw", "weight_decay": 0.05,
@@ -107,7 +115,7 @@ PRESETS = {
                     "contrast": 0.25, "gamma": 0.3, "blur_sigma": 2.0, "blur_p": 0.3, "noise": 0.03,
                     "jpeg_quality": 30, "jpeg_p": 0.2},
         "ema_decay": 0.998, "monitor": "val_auc", "early_stopping": 8, "tta": True,
-        "threshold": "youden", "calibrate": True,
+        "threshold": "youden", "calibrate": True, **KAGGLE_POPULATION,
     },
 }
 
@@ -308,9 +316,8 @@ def seed_everything(seed: int, deterministic: bool):
 
 
 def intended_use(train, config: TrainConfig) -> dict:
-    return {"population": "pediatric chest X-rays (Guangzhou Women and Children's Medical Center, patients aged "
-                          "1-5 years, anterior-posterior views) when trained on the Kaggle / Kermany 2018 set",
-            "age_range_years": [0.5, 6.0] if "chest_xray" in config.data.lower() else None,
+    return {"population": config.population or "not stated (set --population and --age-range for the model card)",
+            "age_range_years": config.age_range_years,
             "task": "binary: NORMAL vs PNEUMONIA on a frontal chest radiograph",
             "trained_on": {"images": int(len(train)), "source": str(train.source),
                            "input_size": [config.size, config.size]},

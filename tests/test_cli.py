@@ -85,3 +85,9 @@ def test_every_hyper_parameter_is_a_flag(small_root, tmp_path):
     config = load_checkpoint(tmp_path / "r" / "best.pt")["config"]
     assert (config["model"], config["epochs"], config["batch_size"], config["lr"], config["size"], config["channels"],
             config["seed"], config["device"]) == ("seed_bn", 1, 8, 0.002, 40, 1, 4, "cpu")
+
+
+def test_demo_accepts_a_real_data_set(small_root, tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--data", str(small_root), "--epochs", "1", "--size", "48"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert (tmp_path / "d" / "run" / "best.pt").is_file() and (tmp_path / "d" / "run" / "curves.png").is_file()

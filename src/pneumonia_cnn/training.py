@@ -115,7 +115,10 @@ PRESETS = {
                     "contrast": 0.25, "gamma": 0.3, "blur_sigma": 2.0, "blur_p": 0.3, "noise": 0.03,
                     "jpeg_quality": 30, "jpeg_p": 0.2},
         "ema_decay": 0.998, "monitor": "val_auc", "early_stopping": 8, "tta": True,
-        "threshold": "youden", "calibrate": True, **KAGGLE_POPULATION,
+        # the fewest false positives at 95% sensitivity on val: on this nearly separable val set Youden's J is
+        # flat from 0.04 to 0.47 and picked 0.13, the side that acquisition shifts punish (they raise NORMAL
+        # scores: the stress panel, and issue 9's trial on the official test split)
+        "threshold": "sensitivity:0.95", "calibrate": True, **KAGGLE_POPULATION,
     },
 }
 

@@ -56,3 +56,10 @@ def test_augment_batch_keeps_shape_range_and_changes_images():
     assert (out - images).abs().mean() > 0.01
     same = augment_batch(images, AugmentConfig(), torch.Generator().manual_seed(1))
     assert torch.equal(same, images)
+
+
+def test_scale_is_isotropic():
+    config = AugmentConfig(scale=0.25)
+    matrices = keras_transform_matrices(500, 32, 32, config, torch.Generator().manual_seed(0))
+    assert torch.allclose(matrices[:, 0, 0], matrices[:, 1, 1])
+    assert matrices[:, 0, 0].min() >= 0.75 - 1e-6 and matrices[:, 0, 0].max() <= 1.25 + 1e-6

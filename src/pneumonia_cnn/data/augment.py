@@ -22,6 +22,7 @@ import torch.nn.functional as F
 class AugmentConfig:
     shear: float = 0.0          # degrees, Keras shear_range
     zoom: float = 0.0           # Keras zoom_range: zx, zy ~ U[1 - zoom, 1 + zoom] independently
+    scale: float = 0.0          # random resized crop: both axes scaled by one s ~ U[1 - scale, 1 + scale]
     flip: bool = False          # horizontal flip with probability 0.5
     rotation: float = 0.0       # degrees, U[-rotation, rotation]
     translate: float = 0.0      # fraction of height/width, U[-t, t]
@@ -47,7 +48,7 @@ class AugmentConfig:
 
     @property
     def geometric(self) -> bool:
-        return bool(self.shear or self.zoom or self.flip or self.rotation or self.translate)
+        return bool(self.shear or self.zoom or self.scale or self.flip or self.rotation or self.translate)
 
 
 def keras_transform_matrices(batch: int, height: int, width: int, config: AugmentConfig,
@@ -63,6 +64,9 @@ def keras_transform_matrices(batch: int, height: int, width: int, config: Augmen
     shear = torch.deg2rad(uniform(-config.shear, config.shear)) if config.shear else zeros
     zx = uniform(1 - config.zoom, 1 + config.zoom) if config.zoom else ones
     zy = uniform(1 - config.zoom, 1 + config.zoom) if config.zoom else ones
+    if config.scale:  # isotropic: a tighter or wider collimation keeps the aspect ratio
+        s = uniform(1 - config.scale, 1 + config.scale)
+        zx, zy = zx * s, zy * s
     flip = (torch.rand(batch, generator=generator) < 0.5) if config.flip else torch.zeros(batch, dtype=torch.bool)
     return compose_keras_matrix(theta, tx, ty, shear, zx, zy, flip, height, width)
 

@@ -67,7 +67,7 @@ def train_steps(model, loader, optimizer, device, steps, warmup=3, channels_last
             pixels, labels, _ = next(iterator)
         if index == warmup:
             start = time.perf_counter()
-        x = augment_batch(to_model_input(pixels, device), TUTORIAL_AUGMENT, generator)
+        x = augment_batch(to_model_input(pixels, device), TUTORIAL_AUGMENT, generator).expand(-1, 3, -1, -1)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), labels.to(device))

@@ -101,7 +101,7 @@ def add_commands(sub):
     p.add_argument("checkpoint"), p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000), p.add_argument("--max-upload-mb", type=float, default=20)
     p.add_argument("--max-batch", type=int, default=16), p.add_argument("--device", default="auto")
-    p.add_argument("--engine", choices=("torch", "onnx"), default="torch")
+    p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="one self-contained HTML report of a run")

@@ -41,6 +41,6 @@ def test_torchscript_matches_pytorch(trained_run, tmp_path):
 
 def test_onnx_engine_gives_the_torch_probabilities(trained_run):
     pixels = np.random.default_rng(5).integers(0, 256, (7, 64, 64), dtype=np.uint8)
-    torch_engine = Predictor(trained_run / "best.pt", "cpu").probabilities_from_pixels(pixels)
+    torch_engine = Predictor(trained_run / "best.pt", "cpu", engine="torch").probabilities_from_pixels(pixels)
     onnx_engine = Predictor(trained_run / "best.pt", "cpu", engine="onnx").probabilities_from_pixels(pixels)
     assert np.abs(torch_engine - onnx_engine).max() < 1e-4

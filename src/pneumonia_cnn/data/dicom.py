@@ -16,17 +16,23 @@ def _tag(dataset, name):
 
 
 def read_dicom(path: Path, source=None, strict: bool = False):
+    try:
+        return _read_dicom(path, source, strict)
+    except ImageReadError:
+        raise
+    except Exception as error:  # pydicom parses lazily: a corrupt element can raise almost anything, later
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ImageReadError(path, f"corrupt DICOM ({type(error).__name__}: {message[:160]})") from None
+
+
+def _read_dicom(path: Path, source=None, strict: bool = False):
     from .readers import ImageMeta, MAX_PIXELS, _to_uint8
     try:
         import pydicom
-        from pydicom.errors import InvalidDicomError
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pragma: no cover - pydicom is a dependency
         raise ImageReadError(path, "DICOM support needs pydicom (pip install pydicom)") from None
-    try:
-        dataset = pydicom.dcmread(source if source is not None else path, force=not strict)
-    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, TypeError, KeyError) as error:
-        raise ImageReadError(path, f"corrupt DICOM ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+    dataset = pydicom.dcmread(source if source is not None else path, force=not strict)
     if "PixelData" not in dataset:
         raise ImageReadError(path, "DICOM has no pixel data")
     rows, cols = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
@@ -34,9 +40,9 @@ def read_dicom(path: Path, source=None, strict: bool = False):
         raise ImageReadError(path, f"DICOM is {cols}x{rows} pixels, above the {MAX_PIXELS:,}-pixel limit")
     try:
         pixels = dataset.pixel_array
-    except Exception as error:  # pydicom raises many types for missing decoders and bad data
+    except Exception as error:  # missing decoders and bad data raise many types
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ImageReadError(path, f"cannot decode DICOM pixel data ({message})") from None
+        raise ImageReadError(path, f"cannot decode DICOM pixel data ({message[:160]})") from None
     if pixels.ndim == 3 and getattr(dataset, "SamplesPerPixel", 1) == 1:
         pixels = pixels[0]  # multi-frame: the first frame
     photometric = _tag(dataset, "PhotometricInterpretation") or "MONOCHROME2"
@@ -46,7 +52,7 @@ def read_dicom(path: Path, source=None, strict: bool = False):
     try:
         values = apply_modality_lut(pixels, dataset)
         values = apply_voi_lut(values, dataset, index=0)
-    except Exception:
+    except Exception:  # a broken LUT: fall back to the stored values rather than refuse the image
         values = pixels
     gray = _to_uint8(np.asarray(values))
     if photometric == "MONOCHROME1":

@@ -105,9 +105,10 @@ def _read_pil(path: Path, source=None) -> tuple[np.ndarray, ImageMeta]:
         raise
     except UnidentifiedImageError:
         raise ImageReadError(path, "not a readable image (content does not match any image format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning,
-            EOFError, MemoryError) as error:
+    except Exception as error:  # untrusted bytes: Pillow's plugins raise many types on corrupt data
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if not isinstance(error, (OSError, SyntaxError, ValueError, EOFError)):
+            reason = f"corrupt image ({type(error).__name__}: {reason[:160]})"
         if "truncated" in reason.lower() or isinstance(error, EOFError):
             reason = f"truncated or corrupt image data ({reason})"
         raise ImageReadError(path, reason) from None

@@ -75,7 +75,7 @@ class MicroBatcher:
 
 
 def create_app(checkpoint, device: str = "auto", max_upload_mb: float = 20, max_batch: int = 16,
-               engine: str = "torch"):
+               engine: str = "auto"):
     from fastapi import FastAPI, File, HTTPException, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse
 
@@ -144,7 +144,7 @@ def create_app(checkpoint, device: str = "auto", max_upload_mb: float = 20, max_
 
 
 def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 20,
-               device: str = "auto", max_batch: int = 16, engine: str = "torch"):
+               device: str = "auto", max_batch: int = 16, engine: str = "auto"):
     import uvicorn
     app = create_app(checkpoint, device, max_upload_mb, max_batch, engine)
     log.info("serving %s on http://%s:%d (docs at /docs)", app.state.predictor.model_id, host, port)

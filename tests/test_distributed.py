@@ -65,7 +65,10 @@ def test_two_processes_match_one_with_the_same_global_batch(small_root, tmp_path
         assert abs(a["val_loss"] - b["val_loss"]) < 1e-4 and abs(a["val_auc"] - b["val_auc"]) < 1e-3
     w1 = load_checkpoint(tmp_path / "one" / "last.pt")["state_dict"]
     w2 = load_checkpoint(tmp_path / "two" / "last.pt")["state_dict"]
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+    # Adam normalises each update to about lr in size, so a near-zero gradient summed in another order on
+    # 2 processes can move a weight by up to ~lr per step: allow 4 steps' worth (lr 5e-4)
+    largest = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert largest < 4 * 5e-4, largest
     assert double.stdout.count("run folder:") == 1  # only rank 0 reports and writes
 
 

@@ -16,6 +16,8 @@ def test_point_metrics_hand_checked():
     assert m["ppv"] == 0.75 and m["npv"] == 0.75 and m["f1"] == 0.75 and m["balanced_accuracy"] == 0.75
     # AUC: of 16 positive-negative pairs, 14 are ordered correctly (0.3 < 0.6 and 0.3 < 0.4 are not)
     assert m["roc_auc"] == pytest.approx(14 / 16)
+    # average precision: positives at ranks 1, 2, 3 (precision 1) and 6 (precision 4/6)
+    assert m["pr_auc"] == pytest.approx((1 + 1 + 1 + 4 / 6) / 4)
     expected_brier = np.mean((SCORES - LABELS) ** 2)
     assert m["brier"] == pytest.approx(expected_brier)
     assert m["log_loss"] == pytest.approx(-np.mean(LABELS * np.log(SCORES) + (1 - LABELS) * np.log(1 - SCORES)))

@@ -56,7 +56,7 @@ def main():
     photos = {n: getattr(skimage_data, n)() for n in ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins",
                                                        "moon", "text", "page", "horse", "hubble_deep_field")}
     gray_photos, metas = [], []
-    for name, image in photos.items():
+    for image in photos.values():
         image = np.asarray(image)
         if image.dtype == bool:
             image = (image * 255).astype(np.uint8)

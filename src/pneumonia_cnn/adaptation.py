@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -112,7 +111,7 @@ def choose_epochs(base_model, images, labels, groups, device, max_epochs: int, f
         model = copy.deepcopy(base_model)
         oof[0, test_idx] = logits_of(model, images[test_idx], device)
 
-        def record(m, epoch):
+        def record(m, epoch, test_idx=test_idx):
             oof[epoch, test_idx] = logits_of(m, images[test_idx], device)
         fine_tune(model, images[train_idx], labels[train_idx], device, max_epochs, seed=seed, evaluate=record)
     aucs = [float(roc_auc_score(labels, oof[e])) for e in range(max_epochs + 1)]

@@ -206,7 +206,7 @@ class Predictor:
                     for (path, _), probability, check in zip(good, probabilities, checks):
                         predictions[path] = Prediction(path, float(probability), self.label_for(probability),
                                                        self.threshold, model=self.model_id, **check)
-                for path, (item, reason) in zip(chunk, decoded):
+                for path, (_, reason) in zip(chunk, decoded):
                     results.append(predictions.get(path) or Prediction(path, error=reason, model=self.model_id))
                 if bar:
                     bar.update(len(chunk))

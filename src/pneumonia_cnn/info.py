@@ -36,7 +36,7 @@ def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
              f"intensity {card['input'].get('intensity', 'none')}, pixels / 255",
              f"classes: {', '.join(card['class_names'] or [])}; threshold {card['threshold']:.3f} "
              f"({card['threshold_policy']}); temperature {card['temperature']:.3f}",
-             f"trained with: " + ", ".join(f"{k}={v}" for k, v in card["trained_with"].items() if v not in (None, "")),
+             "trained with: " + ", ".join(f"{k}={v}" for k, v in card["trained_with"].items() if v not in (None, "")),
              f"intended use: {use.get('task', 'binary pneumonia screening aid')}",
              f"training population: {use.get('population', 'unknown')}",
              f"trained on: {use.get('trained_on', {})}",

@@ -328,8 +328,9 @@ def intended_use(train, config: TrainConfig) -> dict:
 
 
 # ------------------------------------------------------------------ the loop
-def train(config: TrainConfig) -> dict:
-    """Train a model as ``config`` says (see ``make_config``); returns paths, history and final metrics."""
+def train(config: TrainConfig, resume_from_last: bool = False) -> dict:
+    """Train a model as ``config`` says (see ``make_config``); returns paths, history and final metrics.
+    ``resume_from_last`` continues from ``config.out/last.pt`` (what ``resume`` does)."""
     out = Path(config.out)
     dist_info = setup_distributed(config.device)
     device = resolve_device(config.device)
@@ -341,7 +342,7 @@ def train(config: TrainConfig) -> dict:
 
     # resume: the run folder's last.pt carries config, weights, optimiser, RNG and loop position
     resume_state = None
-    if (out / "last.pt").exists() and getattr(config, "_resume", False):
+    if resume_from_last and (out / "last.pt").exists():
         resume_state = load_checkpoint(out / "last.pt")
 
     train_set, val_set = prepare_data(config, dist_info)
@@ -688,6 +689,4 @@ def resume(run_dir, **overrides) -> dict:
     values = dict(state["config"])
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["out"] = str(run_dir)
-    config = TrainConfig(**values)
-    object.__setattr__(config, "_resume", True)
-    return train(config)
+    return train(TrainConfig(**values), resume_from_last=True)

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from pneumonia_cnn.data.readers import read_image, read_image_bytes
+from pneumonia_cnn.data.readers import read_image
 from pneumonia_cnn.errors import ImageReadError
 from tests.bad_inputs import write_corpus
 

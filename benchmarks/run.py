@@ -33,7 +33,9 @@ from pneumonia_cnn.data.augment import AugmentConfig, augment_batch  # noqa: E40
 from pneumonia_cnn.data.cache import build_or_load  # noqa: E402
 from pneumonia_cnn.data.dataset import scan_folder  # noqa: E402
 from pneumonia_cnn.data.loader import BatchLoader, to_model_input  # noqa: E402
+from pneumonia_cnn.device import autocast, autocast_dtype  # noqa: E402
 from pneumonia_cnn.models import create_model  # noqa: E402
+from pneumonia_cnn.training import make_config, make_optimizer  # noqa: E402
 
 TUTORIAL_AUGMENT = AugmentConfig(shear=0.2, zoom=0.2, flip=True)
 
@@ -52,8 +54,9 @@ def rss_breakdown_mb() -> dict:
     return values
 
 
-def train_steps(model, loader, optimizer, device, steps, warmup=3, channels_last=True):
-    """Images/s over ``steps`` batches after ``warmup``: loader -> augmentation -> forward/backward/step."""
+def train_steps(model, loader, optimizer, device, steps, amp_dtype, warmup=3, channels_last=True):
+    """Images/s over ``steps`` batches after ``warmup``: loader -> augmentation -> forward/backward/step,
+    with the optimizer and precision that ``train`` chooses."""
     generator = torch.Generator().manual_seed(0)
     model.train()
     seen, start = 0, None
@@ -70,7 +73,9 @@ def train_steps(model, loader, optimizer, device, steps, warmup=3, channels_last
         x = augment_batch(to_model_input(pixels, device), TUTORIAL_AUGMENT, generator).expand(-1, 3, -1, -1)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), labels.to(device))
+        with autocast(device, amp_dtype):
+            logits = model(x).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -106,10 +111,12 @@ def bench_cache_and_training(args, device, results):
         results["data_pipeline"] = {"images_per_s": seen / (time.perf_counter() - start)}
 
         model = create_model(args.model, 3, size).to(device).to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7)
-        rate = train_steps(model, loader, optimizer, device, args.steps)
+        optimizer = make_optimizer(make_config("tutorial"), model)
+        amp_dtype = autocast_dtype(device, args.amp)
+        rate = train_steps(model, loader, optimizer, device, args.steps, amp_dtype)
         results["training"] = {"model": args.model, "size": args.size, "batch_size": args.batch_size,
-                               "images_per_s": rate, "steps": args.steps}
+                               "images_per_s": rate, "steps": args.steps,
+                               "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"}
         epoch_seconds = len(cached) / rate
         results["epochs"] = {"first_epoch_seconds": cache_seconds + epoch_seconds, "later_epoch_seconds": epoch_seconds,
                              "ratio_first_to_later": (cache_seconds + epoch_seconds) / epoch_seconds,
@@ -342,7 +349,8 @@ def print_table(results):
                                                                   f"({d.get('ratio_to_training', 0):.0f}x training)"))
     if "training" in results:
         t = results["training"]
-        rows.append((f"training {t['model']} {t['size']}x{t['size']} batch {t['batch_size']}", f"{t['images_per_s']:.1f} img/s"))
+        rows.append((f"training {t['model']} {t['size']}x{t['size']} batch {t['batch_size']} {t.get('precision', '')}",
+                     f"{t['images_per_s']:.1f} img/s"))
     if "epochs" in results:
         e = results["epochs"]
         rows.append(("first epoch / later epoch", f"{e['first_epoch_seconds']:.0f} s / {e['later_epoch_seconds']:.0f} s "
@@ -386,6 +394,7 @@ def main():
     parser.add_argument("--latency-runs", type=int, default=50), parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--keras-steps", type=int, default=10), parser.add_argument("--ddp-size", type=int, default=128)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", default="auto", help="training precision, as train's --amp (auto|off|bf16|fp16)")
     parser.add_argument("--keras-python", default=sys.executable,
                         help="a Python that can import TensorFlow, for the Keras comparison")
     parser.add_argument("--only", default="cache,inference,server,memory,distributed,keras")

@@ -46,11 +46,12 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(small_root, cache_dir, tmp_path_factory) -> Path:
     """One tiny real training run shared by the tests that need a checkpoint."""
-    from pneumonia_cnn.training import make_config, train
+    from pneumonia_cnn.experiment import train_and_evaluate
+    from pneumonia_cnn.training import make_config
     out = tmp_path_factory.mktemp("run")
     config = make_config("tutorial", data=str(small_root), out=str(out), epochs=2, size=64, batch_size=16,
                          cache_dir=str(cache_dir), progress=False, min_val_images=10)
-    train(config)
+    train_and_evaluate(config)
     return out
 
 

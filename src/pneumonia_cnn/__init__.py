@@ -11,10 +11,12 @@ __version__ = "0.1.0"
 
 
 def train(data: str, out: str, preset: str = "tutorial", config_file: str | None = None, **overrides) -> dict:
-    """Train on a Kaggle-layout folder; ``overrides`` are any ``TrainConfig`` field (epochs=2, size=128...)."""
-    from .training import make_config, train as run_training
+    """Train on a Kaggle-layout folder, then score its ``test`` split (when present); ``overrides`` are any
+    ``TrainConfig`` field (epochs=2, size=128...)."""
+    from .experiment import train_and_evaluate
+    from .training import make_config
     config = make_config(preset, config_file, data=str(data), out=str(out), **overrides)
-    return run_training(config)
+    return train_and_evaluate(config)
 
 
 def evaluate(checkpoint, data: str, split: str = "test", **kwargs) -> dict:

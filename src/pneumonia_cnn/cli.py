@@ -24,7 +24,8 @@ def _print_json(payload):
 
 # ------------------------------------------------------------------ commands
 def cmd_train(args):
-    from .training import make_config, resume, train
+    from .experiment import resume_and_evaluate, train_and_evaluate
+    from .training import make_config
     overrides = {name: getattr(args, name) for name in
                  ("model", "epochs", "batch_size", "lr", "size", "channels", "seed", "device", "amp", "optimizer",
                   "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "class_balance", "ema_decay",
@@ -42,12 +43,12 @@ def cmd_train(args):
         overrides["augment"] = json.loads(args.augment)
     overrides["progress"] = not args.no_progress
     if args.resume:
-        summary = resume(args.resume, **{k: v for k, v in overrides.items() if k in ("epochs", "device", "progress")})
+        summary = resume_and_evaluate(args.resume, **{k: v for k, v in overrides.items() if k in ("epochs", "device", "progress")})
     else:
         if not args.data:
             raise PneumoniaCNNError("train needs --data ROOT (a folder in the Kaggle layout) or --resume RUN_DIR")
         config = make_config(args.preset, args.config, data=args.data, out=args.out, **overrides)
-        summary = train(config)
+        summary = train_and_evaluate(config)
     if summary.get("interrupted"):
         return 130
     if not summary.get("main_process", True):

@@ -5,7 +5,8 @@ import time
 from pathlib import Path
 
 from .data.synthetic import make_synthetic_dataset
-from .training import make_config, train
+from .experiment import train_and_evaluate
+from .training import make_config
 
 
 def run_demo(out="runs/demo", data=None, epochs=None, size=None, device="auto") -> dict:
@@ -18,6 +19,6 @@ def run_demo(out="runs/demo", data=None, epochs=None, size=None, device="auto") 
         defaults = {"epochs": 10, "size": 224}
     config = make_config("tutorial", data=str(data), out=str(out / "run"), epochs=epochs or defaults["epochs"],
                          size=size or defaults["size"], device=device, cache_dir=str(out / "cache"))
-    summary = train(config)
+    summary = train_and_evaluate(config)
     summary["seconds"] = time.perf_counter() - start
     return summary

@@ -1,11 +1,19 @@
-"""Atomic file writes: a killed process leaves either the old file or the new one, never half of one."""
+"""Atomic file writes (a killed process leaves either the old file or the new one, never half of one) and
+safe reads of PyTorch files (no pickled code runs)."""
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
 
 
 @contextmanager
@@ -51,3 +59,21 @@ def _json_default(value):
 def display_path(path) -> str:
     """A printable form of any path, also one whose name is not valid UTF-8."""
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def load_torch_file(path, map_location="cpu"):
+    """``torch.load(weights_only=True)`` with one-line errors: a file that holds pickled objects is refused
+    (loading it could run code), an unreadable one is named with the reason."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{display_path(path)}: not a readable checkpoint (not a PyTorch file)") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        what = f"it references {found.group(1)}" if found else "it holds pickled objects"
+        raise CheckpointError(f"{display_path(path)}: refused to load: {what}; a checkpoint may hold only weights "
+                              f"and plain data (loading it could run code)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{display_path(path)}: not a readable checkpoint ({first[:160]})") from None

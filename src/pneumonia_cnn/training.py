@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -89,7 +90,7 @@ class TrainConfig:
     age_range_years: list | None = None  # [min, max]: DICOM PatientAge outside it is warned about
     tracker: str = "none"                # none | mlflow | tensorboard
     tracking_uri: str = ""
-    evaluate_test: bool = True           # evaluate the test split (if present) at the end
+    evaluate_test: bool = True           # score the test split (if present) at the end: see experiment.py
     progress: bool = True
     preset: str = "tutorial"
 
@@ -331,9 +332,14 @@ def intended_use(train, config: TrainConfig) -> dict:
 
 
 # ------------------------------------------------------------------ the loop
-def train(config: TrainConfig, resume_from_last: bool = False) -> dict:
+AfterTraining = Callable[[Path, "TrainConfig", torch.device], dict]
+
+
+def train(config: TrainConfig, resume_from_last: bool = False, after_training: AfterTraining | None = None) -> dict:
     """Train a model as ``config`` says (see ``make_config``); returns paths, history and final metrics.
-    ``resume_from_last`` continues from ``config.out/last.pt`` (what ``resume`` does)."""
+    ``resume_from_last`` continues from ``config.out/last.pt`` (what ``resume`` does). ``after_training``
+    (run folder, config, device) -> dict runs on the main process once best.pt is final, before the tracker
+    closes; its result joins the summary (``experiment.train_and_evaluate`` scores the test split with it)."""
     out = Path(config.out)
     dist_info = setup_distributed(config.device)
     device = resolve_device(config.device)
@@ -550,6 +556,8 @@ def train(config: TrainConfig, resume_from_last: bool = False) -> dict:
         return summary
     if dist_info.main:
         summary.update(finalize_run(out, config, val_set, train_set, device, amp_dtype))
+        if after_training is not None:
+            summary.update(after_training(out, config, device))
         if tracker:
             tracker.log_metrics({f"final_{k}": v for k, v in summary.get("test_metrics", {}).items()
                                  if isinstance(v, (int, float))}, len(history))
@@ -662,16 +670,6 @@ def finalize_run(out: Path, config: TrainConfig, val_set, train_set, device, amp
     log.info("best.pt: epoch %s, threshold %.3f, temperature %.3f%s", best.get("epoch"), best["threshold"],
              best["temperature"], ", OOD model fitted" if config.ood else "")
     result["threshold"], result["temperature"] = best["threshold"], best["temperature"]
-    test_dir = Path(config.data) / "test"
-    if config.evaluate_test and test_dir.is_dir():
-        from .evaluation.evaluate import evaluate
-        report = evaluate(out / "best.pt", config.data, split="test", device=str(device), bootstrap=200,
-                          cache_dir=config.cache_dir or None, out=out / "test_metrics.json", figures=False)
-        result["test_metrics"] = {k: v["value"] if isinstance(v, dict) and "value" in v else v
-                                  for k, v in report["metrics"].items()}
-        log.info("test: accuracy %.4f  sensitivity %.4f  specificity %.4f  ROC AUC %.4f",
-                 result["test_metrics"]["accuracy"], result["test_metrics"]["sensitivity"],
-                 result["test_metrics"]["specificity"], result["test_metrics"].get("roc_auc", float("nan")))
     return result
 
 
@@ -683,7 +681,7 @@ def _is_number(text) -> bool:
         return False
 
 
-def resume(run_dir, **overrides) -> dict:
+def resume(run_dir, after_training: AfterTraining | None = None, **overrides) -> dict:
     """Continue ``run_dir`` from its last.pt with the config it was started with."""
     run_dir = Path(run_dir)
     state = load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").exists() else None
@@ -692,4 +690,4 @@ def resume(run_dir, **overrides) -> dict:
     values = dict(state["config"])
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["out"] = str(run_dir)
-    return train(TrainConfig(**values), resume_from_last=True)
+    return train(TrainConfig(**values), resume_from_last=True, after_training=after_training)

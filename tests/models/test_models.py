@@ -34,3 +34,34 @@ def test_gray_input_equals_repeated_rgb():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         create_model("nope")
+
+
+def test_seed_pools_before_relu_exactly_as_keras_relu_then_pool():
+    """The reordering that makes training faster changes neither outputs nor gradients."""
+    torch.manual_seed(0)
+    model = create_model("seed", 3, (48, 48))
+    x = torch.randn(3, 3, 48, 48)
+
+    def keras_order(m, x):
+        f = torch.nn.functional
+        x = f.max_pool2d(f.relu(m.conv1(x)), 2)
+        x = f.max_pool2d(f.relu(m.conv2(x)), 2)
+        x = f.max_pool2d(f.relu(m.conv3(x)), 2)
+        return m.fc2(f.relu(m.fc1(x.flatten(1)))).squeeze(1)
+    ours = model(x)
+    grads_ours = torch.autograd.grad(ours.sum(), list(model.parameters()))
+    theirs = keras_order(model, x)
+    grads_theirs = torch.autograd.grad(theirs.sum(), list(model.parameters()))
+    assert torch.equal(ours, theirs)
+    assert all(torch.equal(a, b) for a, b in zip(grads_ours, grads_theirs))
+
+
+def test_local_weights_file_loads_and_a_bad_one_is_named(tmp_path):
+    from pneumonia_cnn.errors import CheckpointError
+    source = create_model("resnet18_narrow", 1, (64, 64))
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    loaded = create_model("resnet18_narrow", 1, (64, 64), weights=str(tmp_path / "weights.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
+    (tmp_path / "bad.pt").write_bytes(b"not weights")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        create_model("resnet18_narrow", 1, (64, 64), weights=str(tmp_path / "bad.pt"))

@@ -7,6 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import CheckpointError
+from ..fileio import display_path, load_torch_file
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
 
@@ -34,8 +37,7 @@ def create_model(name: str, in_channels: int = 3, image_size=(224, 224), weights
     model.model_name = name
     model.model_kwargs = dict(in_channels=in_channels, image_size=list(image_size), **kwargs)
     if weights:
-        from ..checkpoint import load_state_dict_file
-        model.load_state_dict(load_state_dict_file(weights), strict=True)
+        model.load_state_dict(read_weights_file(weights), strict=True)
     return model
 
 
@@ -49,6 +51,16 @@ class InputConv2d(nn.Conv2d):
             return F.conv2d(x, self.weight.sum(dim=1, keepdim=True), self.bias, self.stride, self.padding,
                             self.dilation, self.groups)
         return super().forward(x)
+
+
+def read_weights_file(path) -> dict:
+    """Weights for ``create_model(..., weights=path)``: a pneumonia-cnn checkpoint or a bare state dict."""
+    payload = load_torch_file(path)
+    if isinstance(payload, dict) and "state_dict" in payload:
+        payload = payload["state_dict"]
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{display_path(path)}: not a state dict")
+    return payload
 
 
 def last_conv_layer_name(model: nn.Module) -> str:

@@ -9,6 +9,16 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "src"))
 
 from pneumonia_cnn.checkpoint import load_checkpoint  # noqa: E402
+from pneumonia_cnn.training import make_config  # noqa: E402
+
+FLAGS = ("model", "size", "channels", "epochs", "intensity", "lr", "batch_size")
+
+
+def preset_and_flags(config: dict) -> str:
+    """The preset and the flags that changed it, e.g. `best --model resnet18 --size 128`."""
+    preset = make_config(config["preset"]).to_dict()
+    flags = [f"--{name.replace('_', '-')} {config[name]}" for name in FLAGS if config.get(name) != preset.get(name)]
+    return " ".join([f"`{config['preset']}`"] + ([f"`{' '.join(flags)}`"] if flags else []))
 
 
 def row(run: Path) -> str:
@@ -21,7 +31,7 @@ def row(run: Path) -> str:
     def cell(name):
         m = metrics[name]
         return f"{m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
-    return (f"| `{config['preset']}` | {config['model']} {config['size']}×{config['size']}×{config['channels']} | "
+    return (f"| {preset_and_flags(config)} | {config['model']} {config['size']}×{config['size']}×{config['channels']} | "
             f"{cell('accuracy')} | {cell('sensitivity')} | {cell('specificity')} | {cell('roc_auc')} | "
             f"{checkpoint.get('parameters', 0):,} | {len(history)} ({checkpoint.get('epoch')}) | {minutes:.0f} | "
             f"{checkpoint.get('threshold', 0.5):.3f} |")

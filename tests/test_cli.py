@@ -91,3 +91,16 @@ def test_demo_accepts_a_real_data_set(small_root, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--data", str(small_root), "--epochs", "1", "--size", "48"]) == 0
     assert "test accuracy" in capsys.readouterr().out
     assert (tmp_path / "d" / "run" / "best.pt").is_file() and (tmp_path / "d" / "run" / "curves.png").is_file()
+
+
+def test_resume_from_the_cli_continues_and_scores_the_test_split(small_root, cache_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--size", "40", "--batch-size", "16", "--cache-dir", str(cache_dir), "--no-ood", "--no-progress"]
+    assert main(["train", "--data", str(small_root), "--out", str(run), "--epochs", "1", *common]) == 0
+    (run / "test_metrics.json").unlink()
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    history = json.loads((run / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    metrics = json.loads((run / "test_metrics.json").read_text())["metrics"]
+    assert 0 <= metrics["roc_auc"]["value"] <= 1
+    assert "test accuracy" in capsys.readouterr().out

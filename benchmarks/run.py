@@ -33,11 +33,13 @@ from pneumonia_cnn.data.augment import AugmentConfig, augment_batch  # noqa: E40
 from pneumonia_cnn.data.cache import build_or_load  # noqa: E402
 from pneumonia_cnn.data.dataset import scan_folder  # noqa: E402
 from pneumonia_cnn.data.loader import BatchLoader, to_model_input  # noqa: E402
-from pneumonia_cnn.device import autocast, autocast_dtype  # noqa: E402
+from pneumonia_cnn.device import autocast, autocast_dtype, keep_freed_memory_for_reuse  # noqa: E402
 from pneumonia_cnn.models import create_model  # noqa: E402
 from pneumonia_cnn.training import make_config, make_optimizer  # noqa: E402
 
 TUTORIAL_AUGMENT = AugmentConfig(shear=0.2, zoom=0.2, flip=True)
+INFERENCE_VARIANTS = (("torch", "off"), ("onnx", "off"), ("torch", "bf16"))  # predict's --engine, --amp
+INFERENCE_KEYS = ("torch", "onnx", "torch_bf16")
 
 
 def peak_rss_mb() -> float:
@@ -129,16 +131,48 @@ def bench_cache_and_training(args, device, results):
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
+def bench_training_run(args, device, results):
+    """Whole epochs through the library's ``train`` (what ``pneumonia-cnn train`` runs): the tutorial preset
+    on ``--data``'s train split, a fresh cache, validation after each epoch. First epoch = cache build (decode
+    of train and val) + epoch 1; later = mean of the other epochs (training only; validation timed apart)."""
+    from pneumonia_cnn.training import make_config, prepare_data, setup_distributed, train
+    cache_dir = tempfile.mkdtemp(prefix="pcnn-bench-run-")
+    out = tempfile.mkdtemp(prefix="pcnn-bench-out-")
+    try:
+        config = make_config("tutorial", data=args.data, out=out, model=args.model, size=args.size,
+                             batch_size=args.batch_size, epochs=args.epochs, device=str(device), amp=args.amp,
+                             compile=args.compile, cache_dir=cache_dir, limit_images=args.limit, progress=False,
+                             ood=False, evaluate_test=False, min_val_images=0)
+        start = time.perf_counter()
+        train_set, _ = prepare_data(config, setup_distributed(config.device))
+        cache_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        history = train(config)["history"]
+        wall = time.perf_counter() - start
+        epochs = [row["seconds"] for row in history]
+        later = float(np.mean(epochs[1:])) if len(epochs) > 1 else epochs[0]
+        results["training_run"] = {
+            "images": len(train_set), "epochs": len(epochs), "epoch_seconds": epochs,
+            "cache_build_seconds": cache_seconds, "first_epoch_seconds": cache_seconds + epochs[0],
+            "later_epoch_seconds": later, "images_per_s_later": len(train_set) / later,
+            "ratio_first_to_later": (cache_seconds + epochs[0]) / later, "compile": args.compile,
+            "validation_and_checkpoints_seconds": wall - sum(epochs), "val_auc_last": history[-1].get("val_auc")}
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def bench_inference(args, device, cached, results, checkpoint):
     """Batch throughput and single-image latency through ``Predictor``, with the torch and ONNX engines."""
     from pneumonia_cnn.inference import Predictor
     batch = np.array(cached.images[: args.batch_size * 8])
     one = batch[:1]
-    for engine in ("torch", "onnx"):
+    for engine, amp in INFERENCE_VARIANTS:
+        key = f"inference_{engine}" + ("" if amp == "off" else f"_{amp}")
         try:
-            predictor = Predictor(checkpoint, str(device), engine=engine)
+            predictor = Predictor(checkpoint, str(device), amp=amp, engine=engine)
         except Exception as error:  # onnxruntime missing
-            results[f"inference_{engine}"] = {"skipped": str(error)}
+            results[key] = {"skipped": str(error)}
             continue
         predictor.predict_arrays(batch[: args.batch_size], args.batch_size)
         start = time.perf_counter()
@@ -151,7 +185,7 @@ def bench_inference(args, device, cached, results, checkpoint):
             start = time.perf_counter()
             predictor.probabilities_from_pixels(one)
             latencies.append((time.perf_counter() - start) * 1000)
-        results[f"inference_{engine}"] = {"images_per_s": throughput, "batch_size": args.batch_size,
+        results[key] = {"images_per_s": throughput, "batch_size": args.batch_size,
                                           "single_image_ms_p50": float(np.percentile(latencies, 50)),
                                           "single_image_ms_p95": float(np.percentile(latencies, 95))}
     results["inference"] = results["inference_torch"]
@@ -330,7 +364,7 @@ def bench_keras(args, results):
     keras = json.loads(lines[-1])
     if "skipped" not in keras:
         keras["ratio_training_ours_to_keras"] = results["training"]["images_per_s"] / keras["training_images_per_s"]
-        for engine in ("torch", "onnx"):
+        for engine in INFERENCE_KEYS:
             if "images_per_s" in results.get(f"inference_{engine}", {}):
                 keras[f"ratio_inference_{engine}_to_keras"] = (results[f"inference_{engine}"]["images_per_s"]
                                                                / keras["predict_images_per_s"])
@@ -355,9 +389,14 @@ def print_table(results):
         e = results["epochs"]
         rows.append(("first epoch / later epoch", f"{e['first_epoch_seconds']:.0f} s / {e['later_epoch_seconds']:.0f} s "
                                                   f"(x{e['ratio_first_to_later']:.2f})"))
+    if "training_run" in results:
+        r = results["training_run"]
+        rows.append((f"train command, {r['images']} images x {r['epochs']} epochs",
+                     f"first {r['first_epoch_seconds']:.1f} s (cache {r['cache_build_seconds']:.1f} s), later "
+                     f"{r['later_epoch_seconds']:.1f} s/epoch ({r['images_per_s_later']:.0f} img/s)"))
     if "peak_rss_mb_after_training" in results:
         rows.append(("peak resident memory (training)", f"{results['peak_rss_mb_after_training']:.0f} MB"))
-    for engine in ("torch", "onnx"):
+    for engine in INFERENCE_KEYS:
         i = results.get(f"inference_{engine}")
         if i and "images_per_s" in i:
             rows += [(f"inference batch {i['batch_size']} ({engine} engine)", f"{i['images_per_s']:.1f} img/s"),
@@ -379,7 +418,8 @@ def print_table(results):
         rows.append(("Keras tutorial pipeline", k.get("skipped") or
                      f"train {k['training_images_per_s']:.1f} img/s, predict {k['predict_images_per_s']:.1f} img/s; "
                      f"ours/Keras x{k['ratio_training_ours_to_keras']:.2f} train, inference x{k.get('ratio_inference_torch_to_keras', 0):.2f} "
-                     f"(torch), x{k.get('ratio_inference_onnx_to_keras', 0):.2f} (onnx)"))
+                     f"(torch), x{k.get('ratio_inference_onnx_to_keras', 0):.2f} (onnx), "
+                     f"x{k.get('ratio_inference_torch_bf16_to_keras', 0):.2f} (torch bf16)"))
     width = max(len(r[0]) for r in rows) + 2
     print("\n".join(f"{name:<{width}}{value}" for name, value in rows))
 
@@ -397,6 +437,9 @@ def main():
     parser.add_argument("--amp", default="auto", help="training precision, as train's --amp (auto|off|bf16|fp16)")
     parser.add_argument("--keras-python", default=sys.executable,
                         help="a Python that can import TensorFlow, for the Keras comparison")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="also time this many whole epochs of the train command (0: skip)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model in the --epochs run")
     parser.add_argument("--only", default="cache,inference,server,memory,distributed,keras")
     parser.add_argument("--out", default=str(PROJECT / "benchmarks" / "results.json"))
     args = parser.parse_args()
@@ -409,9 +452,14 @@ def main():
                "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(0)
+        torch.backends.cudnn.benchmark = True  # as train does on CUDA
+    else:
+        results["malloc_keeps_freed_memory"] = keep_freed_memory_for_reuse()  # as train does on CPU
     folder = tempfile.mkdtemp()
     checkpoint = make_checkpoint(args, folder)
     cached = bench_cache_and_training(args, device, results)
+    if args.epochs:
+        bench_training_run(args, device, results)
     if "inference" in only:
         bench_inference(args, device, cached, results, checkpoint)
     if "server" in only:

@@ -48,3 +48,17 @@ def test_ensemble_averages_probabilities(trained_run, tmp_path, capsys):
     from pneumonia_cnn.inference import Predictor
     last = Predictor(trained_run / "last.pt", "cpu").predict_files([image])[0].probability
     assert abs(both["probability"] - (single + last) / 2) < 1e-6 and "+" in both["model"]
+
+
+def test_predict_in_bf16_stays_close_to_float32(trained_run, capsys):
+    images = sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())[:6] + \
+        sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[:6]
+    runs = {}
+    for amp in ("off", "bf16"):
+        assert main(["predict", str(trained_run), *map(str, images), "--format", "json", "--engine", "torch",
+                     "--amp", amp]) == 0
+        runs[amp] = [row["probability"] for row in json.loads(capsys.readouterr().out)]
+    difference = np.abs(np.array(runs["off"]) - np.array(runs["bf16"]))
+    assert 0 < difference.max() < 0.03  # bf16 really ran, and moved no probability by more than 0.03
+    assert main(["predict", str(trained_run), str(images[0]), "--engine", "onnx", "--amp", "bf16"]) == 2
+    assert "--amp bf16 runs on the torch engine" in capsys.readouterr().err

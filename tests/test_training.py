@@ -73,3 +73,17 @@ def test_presets_and_config_file(tmp_path):
     from pneumonia_cnn.errors import PneumoniaCNNError
     with pytest.raises(PneumoniaCNNError, match="unknown config field"):
         make_config("tutorial", epochz=3)
+
+
+def test_ema_update_is_the_exponential_average_and_copies_counters():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    ema = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    model[1].num_batches_tracked.fill_(7)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    from pneumonia_cnn.training import update_ema
+    update_ema(ema, model, 0.9)
+    for key, value in model.state_dict().items():
+        if value.dtype.is_floating_point:
+            torch.testing.assert_close(ema.state_dict()[key], 0.9 * before[key] + 0.1 * value)
+        else:
+            assert torch.equal(ema.state_dict()[key], value)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import sys
 
 import torch
 
@@ -50,3 +53,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Make glibc keep freed memory in the process instead of returning it to the OS.
+
+    Activations of a CPU training step are tens to hundreds of MB each; glibc serves blocks over 32 MB with
+    mmap and unmaps them on free, so every step page-faults all of them in again (zero-filled by the kernel).
+    Measured on 2 cores: the seed model trains 1.57x faster (64 -> 101 img/s) with 10% more peak memory.
+    Process-wide and lasting; ``PNEUMONIA_CNN_MALLOC=default`` opts out. Returns whether it was applied."""
+    if os.environ.get("PNEUMONIA_CNN_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...): nothing to tune
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))

@@ -176,7 +176,12 @@ def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.
             images = _gaussian_blur(images, sigmas)
     if config.noise:
         std = uniform(0, config.noise).view(view)
-        noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
+        if images.device.type == "cpu":
+            noise = torch.randn(images.shape, generator=generator, dtype=images.dtype)
+        else:  # drawn where it is used: a CPU draw plus a copy would cost more than the whole GPU step
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            device_generator = torch.Generator(device=images.device).manual_seed(seed)
+            noise = torch.randn(images.shape, generator=device_generator, device=images.device, dtype=images.dtype)
         images = images + noise * std
     if config.gamma or config.contrast or config.brightness or config.noise:
         images = images.clamp(0, 1)

@@ -1,12 +1,13 @@
 """Speed and memory of pneumonia-cnn on this machine: prints a table and writes JSON.
 
     python benchmarks/run.py                      # everything, on ../shared/data/chest_xray_224/train
-    python benchmarks/run.py --only training,inference --steps 20
+    python benchmarks/run.py --only inference --steps 20
+    python benchmarks/run.py --device cuda --epochs 4   # also whole epochs of the train command
 
 Sections: cache (first vs later epoch), data pipeline alone, training steady state, inference (batch and
-single-image latency) with the torch and the ONNX Runtime engines, HTTP server under 16 concurrent clients, cache streaming
-memory at 5k vs 50k images, 1 vs 2 data-parallel processes, and the tutorial's own Keras pipeline when
-TensorFlow is importable (ratios measured in the same run).
+single-image latency) with the torch (float32 and bf16) and the ONNX Runtime engines, HTTP server under 16
+concurrent clients, cache streaming memory at 5k vs 50k images, 1 vs 2 data-parallel processes, and the
+tutorial's own Keras pipeline when TensorFlow is importable (ratios measured in the same run).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from pneumonia_cnn.training import make_config, make_optimizer  # noqa: E402
 
 TUTORIAL_AUGMENT = AugmentConfig(shear=0.2, zoom=0.2, flip=True)
 INFERENCE_VARIANTS = (("torch", "off"), ("onnx", "off"), ("torch", "bf16"))  # predict's --engine, --amp
-INFERENCE_KEYS = ("torch", "onnx", "torch_bf16")
+INFERENCE_KEYS = tuple(engine if amp == "off" else f"{engine}_{amp}" for engine, amp in INFERENCE_VARIANTS)
 
 
 def peak_rss_mb() -> float:
@@ -135,7 +136,7 @@ def bench_training_run(args, device, results):
     """Whole epochs through the library's ``train`` (what ``pneumonia-cnn train`` runs): the tutorial preset
     on ``--data``'s train split, a fresh cache, validation after each epoch. First epoch = cache build (decode
     of train and val) + epoch 1; later = mean of the other epochs (training only; validation timed apart)."""
-    from pneumonia_cnn.training import make_config, prepare_data, setup_distributed, train
+    from pneumonia_cnn.training import prepare_data, setup_distributed, train
     cache_dir = tempfile.mkdtemp(prefix="pcnn-bench-run-")
     out = tempfile.mkdtemp(prefix="pcnn-bench-out-")
     try:
@@ -163,12 +164,12 @@ def bench_training_run(args, device, results):
 
 
 def bench_inference(args, device, cached, results, checkpoint):
-    """Batch throughput and single-image latency through ``Predictor``, with the torch and ONNX engines."""
+    """Batch throughput and single-image latency through ``Predictor``: torch and ONNX engines, torch in bf16."""
     from pneumonia_cnn.inference import Predictor
     batch = np.array(cached.images[: args.batch_size * 8])
     one = batch[:1]
-    for engine, amp in INFERENCE_VARIANTS:
-        key = f"inference_{engine}" + ("" if amp == "off" else f"_{amp}")
+    for (engine, amp), name in zip(INFERENCE_VARIANTS, INFERENCE_KEYS):
+        key = f"inference_{name}"
         try:
             predictor = Predictor(checkpoint, str(device), amp=amp, engine=engine)
         except Exception as error:  # onnxruntime missing

@@ -59,3 +59,17 @@ def write_image(path: Path, array: np.ndarray, mode: str | None = None, **save):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array, mode=mode).save(path, **save)
     return path
+
+
+@pytest.fixture(scope="session")
+def best_like_run(small_root, cache_dir, tmp_path_factory) -> Path:
+    """The `best` preset, small: equalisation, flips at test time, EMA, class weights, Platt calibration and
+    the sensitivity:0.95 operating point, so the decision path is exercised as shipped."""
+    from pneumonia_cnn.experiment import train_and_evaluate
+    from pneumonia_cnn.training import make_config
+    out = tmp_path_factory.mktemp("best_like")
+    config = make_config("best", data=str(small_root), out=str(out), epochs=3, size=64, batch_size=16,
+                         cache_dir=str(cache_dir), progress=False, min_val_images=10, early_stopping=0,
+                         warmup_epochs=0.5)
+    train_and_evaluate(config)
+    return out

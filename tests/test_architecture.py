@@ -6,11 +6,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pneumonia_cnn"
 FLOORS = [
     ["errors", "fileio", "device"],
-    ["models", "checkpoint", "data", "calibration", "plots"],
+    ["models", "checkpoint", "data", "calibration", "metrics", "plots"],
     ["ood", "tracking", "inference", "training", "explanation"],
     ["info", "evaluation", "serving", "interop", "samples", "predict_io"],
     ["experiment", "adaptation", "demo"],
-    ["cli_more", "cli", "__main__", "__init__"],
+    ["cli", "__main__", "__init__"],
 ]
 FLOOR_OF = {unit: (floor, place) for floor, units in enumerate(FLOORS) for place, unit in enumerate(units)}
 

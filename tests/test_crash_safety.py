@@ -14,12 +14,20 @@ from pneumonia_cnn.checkpoint import load_checkpoint
 from pneumonia_cnn.errors import CheckpointError
 
 
+TRAIN_ARGS = ["--size", "64", "--batch-size", "4", "--no-ood", "--no-progress", "--deterministic", "--seed", "2"]
+
+
 def start_training(small_root, out, cache, epochs):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "pneumonia_cnn", "train", "--data", str(small_root), "--out",
-                             str(out), "--epochs", str(epochs), "--size", "48", "--batch-size", "4", "--no-ood",
-                             "--cache-dir", str(cache), "--no-progress"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                             str(out), "--epochs", str(epochs), "--cache-dir", str(cache), *TRAIN_ARGS],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def resume_run(out):
+    resumed = subprocess.run([sys.executable, "-m", "pneumonia_cnn", "train", "--resume", str(out), "--no-progress"],
+                             capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 
 def wait_for_epochs(out, count, process, timeout=300):
@@ -31,7 +39,7 @@ def wait_for_epochs(out, count, process, timeout=300):
                 return
         except (OSError, ValueError):
             pass
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError("training made no progress")
 
 
@@ -39,31 +47,37 @@ def test_sigkill_mid_epoch_then_resume_loses_no_completed_epoch(small_root, tmp_
     out = tmp_path / "run"
     process = start_training(small_root, out, tmp_path / "cache", epochs=4)
     wait_for_epochs(out, 1, process)
-    time.sleep(1.0)  # into the second epoch
+    time.sleep(0.5)  # into the second epoch
     process.send_signal(signal.SIGKILL)
     process.wait()
-    completed = json.loads((out / "history.json").read_text())
-    assert len(completed) >= 1
     state = load_checkpoint(out / "last.pt")  # loads: never half-written
-    assert state["training_state"]["epoch"] == len(completed)
-    resumed = subprocess.run([sys.executable, "-m", "pneumonia_cnn", "train", "--resume", str(out), "--no-progress"],
-                             capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    completed = state["history"]
+    assert len(completed) >= 1 and state["training_state"]["epoch"] == len(completed)
+    resume_run(out)
     history = json.loads((out / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
     assert history[: len(completed)] == completed  # the completed epochs are kept as they were
     assert not list(out.glob(".*.tmp"))
 
 
-def test_sigterm_finishes_the_step_saves_and_exits(small_root, tmp_path):
+def test_sigterm_saves_the_position_inside_the_epoch_and_resumes_to_the_same_weights(small_root, tmp_path):
     out = tmp_path / "run"
-    process = start_training(small_root, out, tmp_path / "cache", epochs=50)
+    process = start_training(small_root, out, tmp_path / "cache", epochs=3)
     wait_for_epochs(out, 1, process)
+    time.sleep(0.3)  # into the second epoch: SIGTERM lets the step finish, then saves
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "finishing the current step" in stderr and "Traceback" not in stderr
     state = load_checkpoint(out / "last.pt")["training_state"]
-    assert state["epoch"] >= 1
+    assert state["epoch"] in (1, 2) and state["step_in_epoch"] >= 1  # saved inside an epoch, not at its start
+    assert state["epoch_sums"]["count"] == 4 * state["step_in_epoch"]  # the sums of the steps it did
+    resume_run(out)
+    reference = tmp_path / "reference"
+    uninterrupted = start_training(small_root, reference, tmp_path / "cache", epochs=3)
+    assert uninterrupted.wait(timeout=600) == 0
+    resumed, straight = load_checkpoint(out / "last.pt"), load_checkpoint(reference / "last.pt")
+    assert all(torch.equal(resumed["state_dict"][k], straight["state_dict"][k]) for k in straight["state_dict"])
+    assert [r["train_loss"] for r in resumed["history"]] == pytest.approx([r["train_loss"] for r in straight["history"]])
 
 
 class Exploit:

@@ -1,74 +1,268 @@
-"""Operating thresholds and temperature scaling, fitted on validation predictions (never on test)."""
+"""From a score to a decision: calibration, the operating threshold, and a site's pneumonia prevalence.
+
+Pure functions of arrays, fitted on validation outputs (never on test). Thresholds are taken from the observed
+scores, as an ROC curve does, and an image is called positive when its probability is >= the threshold.
+
+- ``choose_threshold``: a number, ``youden``, ``sensitivity:X`` (the highest threshold whose sensitivity
+  reaches X: the fewest false positives at that sensitivity) or ``specificity:X`` (the lowest threshold whose
+  specificity reaches X: the most true positives at that specificity).
+- ``Calibration``: ``logit' = scale * logit + bias`` with Platt scaling (scale and bias; Platt, 1999) or a
+  temperature (bias 0; Guo et al., 2017). Class weighting shifts every logit by about log(pos_weight), which a
+  temperature cannot undo and a bias can.
+- Prevalence shift (label shift): a site whose pneumonia rate differs from the calibration set's moves every
+  logit by ``logit(new prior) - logit(old prior)`` (Saerens, Latinne and Decaestecker, 2002); the new prior is
+  given, or estimated from the site's unlabelled batch by their EM algorithm.
+"""
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass
+
 import numpy as np
-from sklearn.metrics import roc_curve
+
+from .errors import ConfigError
+
+CALIBRATION_METHODS = ("platt", "temperature", "none")
 
 
-def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, policy: str | float = 0.5) -> float:
-    """``policy``: a number in (0, 1), ``youden`` (max sensitivity + specificity - 1), or
-    ``sensitivity:X`` (the highest threshold whose sensitivity reaches X, i.e. the fewest false positives)."""
-    if isinstance(policy, (int, float)):
-        return float(policy)
-    policy = str(policy).strip().lower()
+# ------------------------------------------------------------------ thresholds
+def parse_threshold_policy(policy, name: str = "threshold") -> tuple[str, float | None]:
+    """``("fixed", p)``, ``("youden", None)``, ``("sensitivity", x)`` or ``("specificity", x)``; a
+    ``ConfigError`` naming ``name`` otherwise."""
+    text = str(policy).strip().lower()
+    kind, _, value_text = text.partition(":")
+    if text == "youden":
+        return "youden", None
     try:
-        value = float(policy)
-        if not 0 < value < 1:
-            raise ValueError(f"threshold {value} must be between 0 and 1")
-        return value
-    except ValueError as error:
-        if "must be" in str(error):
-            raise
+        if kind in ("sensitivity", "specificity"):
+            value = float(value_text)
+        elif not value_text:
+            kind, value = "fixed", float(text)
+        else:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{name}: {policy!r} is not a threshold policy; use a probability, youden, "
+                          f"sensitivity:X or specificity:X") from None
+    if not (0 < value < 1 or (kind != "fixed" and value == 1)):
+        raise ConfigError(f"{name}: {policy!r} needs a value between 0 and 1"
+                          f"{' (exclusive)' if kind == 'fixed' else ''}")
+    return kind, value
+
+
+def is_operating_point(policy) -> bool:
+    """True for policies defined by the ROC curve (a place on it), False for a fixed probability."""
+    return parse_threshold_policy(policy)[0] != "fixed"
+
+
+def choose_threshold(labels, probabilities, policy="0.5") -> float:
+    kind, value = parse_threshold_policy(policy)
+    if kind == "fixed":
+        return float(value)
     labels = np.asarray(labels).astype(int)
-    if len(set(labels.tolist())) < 2:
-        raise ValueError("choosing a threshold needs both classes in the validation set")
-    fpr, tpr, thresholds = roc_curve(labels, probabilities)
-    thresholds = np.minimum(thresholds, 1.0)
-    if policy == "youden":
-        best = int(np.argmax(tpr - fpr))
-        return float(thresholds[best])
-    if policy.startswith("sensitivity:") or policy.startswith("specificity:"):
-        kind, _, target_text = policy.partition(":")
-        target = float(target_text)
-        if kind == "sensitivity":
-            reaching = np.where(tpr >= target)[0]
-            return float(thresholds[reaching[0]])  # roc_curve orders thresholds from high to low
-        reaching = np.where(1 - fpr >= target)[0]
-        return float(thresholds[reaching[-1]])
-    raise ValueError(f"unknown threshold policy {policy!r}: use a number, youden, sensitivity:X or specificity:X")
+    scores = np.asarray(probabilities, dtype=np.float64)
+    positives, negatives = np.sort(scores[labels == 1])[::-1], np.sort(scores[labels == 0])
+    if not len(positives) or not len(negatives):
+        raise ConfigError("threshold: choosing one needs both classes in the validation images")
+    if kind == "sensitivity":
+        # sensitivity(t) >= X  <=>  at least k positives score >= t  <=>  t <= the k-th highest positive
+        k = max(1, math.ceil(value * len(positives) - 1e-9))
+        return float(positives[k - 1])
+    if kind == "specificity":
+        # specificity(t) >= X  <=>  at least m negatives score < t  <=>  t > the m-th lowest negative;
+        # the lowest observed score above it gives the same decisions as any threshold down to it
+        m = max(1, math.ceil(value * len(negatives) - 1e-9))
+        above = scores[scores > negatives[m - 1]]
+        return float(above.min()) if len(above) else float(np.nextafter(negatives[m - 1], np.inf))
+    return _youden_threshold(labels, scores)
 
 
-def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
-    """The temperature T minimising the log loss of sigmoid(logit / T) (Guo et al., 2017)."""
-    import torch
-    labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.float64)
-    logits_t = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimiser = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimiser.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits_t / log_t.exp(), labels_t)
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
-    temperature = float(log_t.detach().exp())
-    return float(np.clip(temperature, 0.05, 20.0))
+def _youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Maximum of sensitivity + specificity - 1 over every observed score; the highest threshold on ties."""
+    candidates = np.unique(scores)[::-1]
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    sensitivity = (positives[None, :] >= candidates[:, None]).mean(axis=1)
+    specificity = (negatives[None, :] < candidates[:, None]).mean(axis=1)
+    return float(candidates[int(np.argmax(sensitivity + specificity - 1))])
 
 
-def logit(probabilities: np.ndarray) -> np.ndarray:
+# ------------------------------------------------------------------ calibration
+def logit(probabilities) -> np.ndarray:
     p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1 - 1e-12)
     return np.log(p / (1 - p))
 
 
-def expected_calibration_error(labels, probabilities, bins: int = 10) -> float:
+def sigmoid(logits) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """``logit' = scale * logit + bias``; ``prior`` is the pneumonia rate of the images it was fitted on."""
+    method: str = "none"
+    scale: float = 1.0
+    bias: float = 0.0
+    prior: float | None = None
+
+    def logits(self, raw_logits) -> np.ndarray:
+        return self.scale * np.asarray(raw_logits, dtype=np.float64) + self.bias
+
+    def probabilities(self, raw_logits) -> np.ndarray:
+        return sigmoid(self.logits(raw_logits))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "Calibration":
+        return cls(**values) if values else cls()
+
+    @classmethod
+    def from_temperature(cls, temperature: float) -> "Calibration":
+        """What checkpoints of earlier versions stored: a temperature only."""
+        temperature = float(temperature)
+        return cls("temperature" if temperature != 1.0 else "none", 1.0 / temperature, 0.0)
+
+
+def fit_calibration(labels, raw_logits, method: str = "platt") -> Calibration:
+    labels = np.asarray(labels).astype(int)
+    x = np.asarray(raw_logits, dtype=np.float64)
+    prior = float(labels.mean()) if len(labels) else None
+    if method == "none":
+        return Calibration("none", 1.0, 0.0, prior)
+    if len(set(labels.tolist())) < 2:
+        raise ConfigError("calibration: fitting it needs both classes in the validation images")
+    if method == "temperature":
+        return Calibration("temperature", 1.0 / fit_temperature(labels, x), 0.0, prior)
+    if method == "platt":
+        from sklearn.linear_model import LogisticRegression
+        model = LogisticRegression(C=1e10, solver="lbfgs", max_iter=1000).fit(x[:, None], labels)  # unpenalised
+        if model.coef_[0, 0] <= 0:  # scores that fall with pneumonia: a scale would reverse the ranking
+            return Calibration("none", 1.0, 0.0, prior)
+        return Calibration("platt", float(model.coef_[0, 0]), float(model.intercept_[0]), prior)
+    raise ConfigError(f"calibration: unknown method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+
+
+def fit_temperature(labels, raw_logits) -> float:
+    """The temperature T minimising the log loss of sigmoid(logit / T), searched on log T."""
+    from scipy.optimize import minimize_scalar
+    labels = np.asarray(labels, dtype=np.float64)
+    x = np.asarray(raw_logits, dtype=np.float64)
+
+    def loss(log_t):
+        z = x / math.exp(log_t)
+        return float(np.mean(np.logaddexp(0, z) - labels * z))
+
+    result = minimize_scalar(loss, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(math.exp(result.x))
+
+
+def compare_calibrations(labels, raw_logits, folds: int = 5, seed: int = 0) -> dict:
+    """Each method's log loss and ECE on val, fitted on the other folds (cross-validated, so that a method
+    is not judged on the images it was fitted on)."""
+    from sklearn.model_selection import StratifiedKFold
+    labels = np.asarray(labels).astype(int)
+    x = np.asarray(raw_logits, dtype=np.float64)
+    folds = max(2, min(folds, int(np.bincount(labels, minlength=2).min())))
+    out_of_fold = {method: np.zeros(len(labels)) for method in CALIBRATION_METHODS}
+    for fit_index, test_index in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, labels):
+        for method in CALIBRATION_METHODS:
+            fitted = fit_calibration(labels[fit_index], x[fit_index], method)
+            out_of_fold[method][test_index] = fitted.probabilities(x[test_index])
+    return {method: {"log_loss": log_loss(labels, p), "ece": expected_calibration_error(labels, p)}
+            for method, p in out_of_fold.items()}
+
+
+def fit_decision(labels, raw_logits, policy="0.5", method: str = "none") -> "Decision":
+    """Calibration, then the threshold on the calibrated validation probabilities (never on test)."""
+    calibration = fit_calibration(labels, raw_logits, method)
+    probabilities = calibration.probabilities(raw_logits)
+    return Decision(calibration, choose_threshold(labels, probabilities, policy), str(policy))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a score means and what is done with it: calibration, threshold, and the prevalence the
+    probabilities are stated for (``prior``; None = the calibration images' own)."""
+    calibration: Calibration = Calibration()
+    threshold: float = 0.5
+    policy: str = "0.5"
+    prior: float | None = None
+    prior_note: str = ""
+
+    @property
+    def prior_shift(self) -> float:
+        if self.prior is None or self.calibration.prior is None:
+            return 0.0
+        return float(logit(self.prior) - logit(self.calibration.prior))
+
+    def logits(self, raw_logits) -> np.ndarray:
+        return self.calibration.logits(raw_logits) + self.prior_shift
+
+    def probabilities(self, raw_logits) -> np.ndarray:
+        return sigmoid(self.logits(raw_logits))
+
+    @property
+    def effective_threshold(self) -> float:
+        """The threshold on the probabilities as stated. An operating point (sensitivity, specificity,
+        Youden) is a place on the ROC curve, which a prevalence change leaves where it is, so its threshold
+        moves with the probabilities; a fixed probability threshold stays, and its decisions change."""
+        if not self.prior_shift or not is_operating_point(self.policy):
+            return float(self.threshold)
+        return float(sigmoid(logit(self.threshold) + self.prior_shift))
+
+    def with_prior(self, prior: float, note: str) -> "Decision":
+        if self.calibration.prior is None:
+            raise ConfigError("prevalence: this checkpoint does not record the pneumonia rate its probabilities "
+                              "were calibrated at (retrain or refit it with this version)")
+        if not 0 < prior < 1:
+            raise ConfigError(f"prevalence: {prior} must be strictly between 0 and 1")
+        return Decision(self.calibration, self.threshold, self.policy, float(prior), note)
+
+    def to_dict(self) -> dict:
+        return {"calibration": self.calibration.to_dict(), "threshold": float(self.threshold),
+                "threshold_policy": self.policy, "prior": self.prior, "prior_note": self.prior_note}
+
+
+# ------------------------------------------------------------------ prevalence
+def shift_prior(calibrated_logits, old_prior: float, new_prior: float) -> np.ndarray:
+    """Bayes' rule under label shift: p(y|x) for a population whose pneumonia rate is ``new_prior``."""
+    return np.asarray(calibrated_logits, dtype=np.float64) + float(logit(new_prior) - logit(old_prior))
+
+
+def estimate_prior(calibrated_probabilities, old_prior: float, iterations: int = 1000,
+                   tolerance: float = 1e-8) -> float:
+    """Saerens et al. (2002) EM: the pneumonia rate of an unlabelled batch, from calibrated probabilities."""
+    base = logit(np.clip(calibrated_probabilities, 1e-9, 1 - 1e-9))
+    prior = float(old_prior)
+    for _ in range(iterations):
+        updated = float(np.clip(sigmoid(shift_prior(base, old_prior, prior)).mean(), 1e-4, 1 - 1e-4))
+        if abs(updated - prior) < tolerance:
+            return updated
+        prior = updated
+    return prior
+
+
+# ------------------------------------------------------------------ quality of probabilities
+def log_loss(labels, probabilities) -> float:
+    labels = np.asarray(labels, dtype=np.float64)
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+
+
+def reliability_bins(labels, probabilities, bins: int = 10) -> list[dict]:
+    """Per equal-width bin: count, mean predicted probability, observed pneumonia rate."""
     labels, probabilities = np.asarray(labels, dtype=float), np.asarray(probabilities, dtype=float)
-    edges = np.linspace(0, 1, bins + 1)
-    index = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
-    error = 0.0
+    index = np.clip(np.digitize(probabilities, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
+    rows = []
     for b in range(bins):
         chosen = index == b
         if chosen.any():
-            error += chosen.mean() * abs(probabilities[chosen].mean() - labels[chosen].mean())
-    return float(error)
+            rows.append({"bin": [b / bins, (b + 1) / bins], "count": int(chosen.sum()),
+                         "predicted": float(probabilities[chosen].mean()), "observed": float(labels[chosen].mean())})
+    return rows
+
+
+def expected_calibration_error(labels, probabilities, bins: int = 10) -> float:
+    total = len(np.asarray(labels))
+    return float(sum(row["count"] / total * abs(row["predicted"] - row["observed"])
+                     for row in reliability_bins(labels, probabilities, bins))) if total else 0.0

@@ -18,3 +18,7 @@ class DatasetError(PneumoniaCNNError):
 
 class CheckpointError(PneumoniaCNNError):
     pass
+
+
+class ConfigError(PneumoniaCNNError, ValueError):
+    """A configuration value that is not allowed; the message names the field."""

@@ -113,6 +113,7 @@ def explain(predictor, paths, out_dir, layer: str | None = None) -> list[dict]:
     """Write ``<name>_gradcam.png`` (overlay) and ``<name>_gradcam.npy`` (raw map) per image."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    model = predictor.bundle.explain_model().to(predictor.device)
     results = []
     for path in paths:
         try:
@@ -120,7 +121,7 @@ def explain(predictor, paths, out_dir, layer: str | None = None) -> list[dict]:
         except ImageReadError as error:
             results.append({"path": str(path), "error": error.reason})
             continue
-        cam = grad_cam(predictor.models[0], gray, predictor.device, layer)
+        cam = grad_cam(model, gray, predictor.device, layer)
         probability = float(predictor.probabilities_from_pixels(gray[None])[0])
         stem = Path(path).stem
         with atomic_path(out_dir / f"{stem}_gradcam.png") as temporary:
@@ -130,5 +131,5 @@ def explain(predictor, paths, out_dir, layer: str | None = None) -> list[dict]:
                 np.save(handle, cam)
         results.append({"path": str(path), "probability": probability, "label": predictor.label_for(probability),
                         "overlay": str(out_dir / f"{stem}_gradcam.png"), "map": str(out_dir / f"{stem}_gradcam.npy"),
-                        "layer": layer or last_conv_layer_name(predictor.models[0])})
+                        "layer": layer or last_conv_layer_name(model)})
     return results

@@ -121,6 +121,25 @@ class OODDetector:
         threshold = conservative_quantile(np.mean(held_scores, axis=0), quantile)
         return cls(layers, means, precisions, centres, scales, threshold, quantile)
 
+    @classmethod
+    def fit_features(cls, layers, fit_features, labels, held_features, quantile: float = 0.975) -> "OODDetector":
+        """Gaussians on ``fit_features`` (one array per layer); scale and threshold on ``held_features``."""
+        means, precisions, centres, scales, held_scores = [], [], [], [], []
+        for features, held_layer in zip(fit_features, held_features):
+            m, p = cls._fit_layer(features, np.asarray(labels))
+            distance = cls._distance(held_layer, m, p)
+            means.append(m), precisions.append(p)
+            centres.append(float(np.median(distance)))
+            scales.append(float(np.percentile(distance, 75) - np.percentile(distance, 25)) or 1.0)
+            held_scores.append((distance - centres[-1]) / scales[-1])
+        threshold = conservative_quantile(np.mean(held_scores, axis=0), quantile)
+        return cls(layers, means, precisions, centres, scales, threshold, quantile)
+
+    def score_features(self, features, logits=None, pixels=None) -> np.ndarray:
+        per_layer = [(self._distance(f, m, p) - c) / s for f, m, p, c, s in
+                     zip(features, self.means, self.precisions, self.centres, self.scales)]
+        return np.mean(per_layer, axis=0)
+
     def score(self, model, pixels_uint8, device) -> np.ndarray:
         features = layer_features(model, pixels_uint8, device, self.layers)
         per_layer = [(self._distance(f, m, p) - c) / s for f, m, p, c, s in
@@ -184,3 +203,28 @@ def input_warnings(gray: np.ndarray, meta=None, intended_use: dict | None = None
         warnings.append(f"patient age {age:g} years is outside the training population "
                         f"({age_range[0]:g}-{age_range[1]:g} years)")
     return warnings
+
+
+def _mean_std(activation: torch.Tensor) -> torch.Tensor:
+    """Channel means and spreads of a feature map (spread catches textures the mean misses); vectors as is."""
+    if activation.dim() == 4:
+        return torch.cat([activation.mean(dim=(2, 3)), activation.std(dim=(2, 3))], dim=1)
+    return activation.flatten(1)
+
+
+# reductions of a tapped layer's output to one vector per image: torch ops that export to ONNX
+REDUCTIONS = {"mean_std": _mean_std}
+
+
+def detector_taps(detector: "OODDetector") -> list[tuple[str, str]]:
+    return [(layer, "mean_std") for layer in detector.layers]
+
+
+def flag_reasons(warnings: list[str]) -> list[str]:
+    """The input-check warnings that set the out-of-distribution flag by themselves."""
+    return [w for w in warnings if w.startswith(NOT_XRAY)]
+
+
+def default_taps(model: nn.Module) -> list[tuple[str, str]]:
+    """The layers (and their reduction) a new detector is fitted on."""
+    return [(layer, "mean_std") for layer in feature_layer_names(model)]

@@ -41,3 +41,16 @@ def sample_grid(images_by_class: dict[str, list[np.ndarray]], path, titles=None)
                 axis.imshow(images[column], cmap="gray", vmin=0, vmax=255)
                 axis.set_title(titles[row][column] if titles else name, fontsize=8)
     save_figure(figure, path)
+
+
+def reliability_diagram(curves: dict[str, list[dict]], path, title: str = "Reliability on validation") -> None:
+    """One line per calibration method: mean predicted probability vs observed rate in each bin
+    (``calibration.reliability_bins`` rows), dot size by count."""
+    figure, axis = plt.subplots(figsize=(5, 4.2))
+    axis.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect")
+    for name, rows in curves.items():
+        axis.plot([r["predicted"] for r in rows], [r["observed"] for r in rows], "o-", label=name,
+                  markersize=3)
+    axis.set_xlabel("mean predicted probability"), axis.set_ylabel("observed pneumonia rate")
+    axis.set_xlim(0, 1), axis.set_ylim(0, 1), axis.set_title(title), axis.grid(alpha=0.3), axis.legend()
+    save_figure(figure, path)

@@ -10,24 +10,29 @@ from pneumonia_cnn.evaluation.evaluate import evaluate
 
 
 def test_threshold_is_chosen_on_val_never_on_test(trained_run, small_root, cache_dir, tmp_path, monkeypatch):
-    import shutil
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
     import pneumonia_cnn.evaluation.evaluate as module
-    splits_read = []
-    original = module.load_split
+    scored = []
+    original = module.Scorer.score
 
-    def spy(data, split, *args, **kwargs):
-        splits_read.append(split)
-        return original(data, split, *args, **kwargs)
-    monkeypatch.setattr(module, "load_split", spy)
-    report = evaluate(run / "best.pt", small_root, "test", threshold="sensitivity:0.9", cache_dir=cache_dir,
+    def spy(self, pixels, *args, **kwargs):
+        scored.append(len(pixels))
+        return original(self, pixels, *args, **kwargs)
+    monkeypatch.setattr(module.Scorer, "score", spy)
+    before = (trained_run / "best.pt").read_bytes()
+    report = evaluate(trained_run / "best.pt", small_root, "test", threshold="sensitivity:0.9", cache_dir=cache_dir,
                       bootstrap=20, figures=False)
-    assert splits_read == ["val", "test"]  # the threshold came from val; test was only scored
-    saved = load_checkpoint(run / "best.pt")
-    assert saved["threshold"] == report["threshold"] and "val" in saved["threshold_policy"]
-    with pytest.raises(Exception, match="never chosen on the test split"):
-        module.fit_threshold_on_validation(run / "best.pt", small_root, "youden", val_split="test")
+    assert report["decision_refit"]["split"] == "val" and report["decision_refit"]["images"] == 20
+    assert scored[0] == 20  # the refit scored the 20 val images; test was scored afterwards, only to report
+    from pneumonia_cnn.calibration import fit_decision
+    from pneumonia_cnn.inference import Predictor
+    val = sorted((small_root / "val").glob("*/*.jpeg"))
+    raw = [p.raw_score for p in Predictor(trained_run / "best.pt", "cpu").predict_files(val)]
+    expected = fit_decision([int("PNEUMONIA" in str(p)) for p in val], raw, "sensitivity:0.9", "none")
+    assert report["threshold"] == pytest.approx(expected.threshold, abs=1e-6)
+    assert (trained_run / "best.pt").read_bytes() == before  # evaluate never rewrites what it reads
+    with pytest.raises(Exception, match="are among the images the refitted decision"):
+        evaluate(trained_run / "best.pt", small_root, "test", threshold="youden", val_split="test",
+                 cache_dir=cache_dir, bootstrap=5, figures=False)
 
 
 def test_csv_external_set(trained_run, small_root, cache_dir, tmp_path):

@@ -1,4 +1,10 @@
-"""``evaluate``: predictions on a labelled split (folder or CSV) -> metrics with intervals, JSON, pictures."""
+"""``evaluate``: predictions on a labelled split (folder or CSV) -> metrics with intervals, JSON, pictures.
+
+It never writes the checkpoint it reads: a threshold or calibration refitted on validation images is used for
+this evaluation and written only to ``save_as``. It refuses to report on the images a decision was fitted on
+(the checkpoint's own validation images, or those of a refit), compared by resolved path and file content,
+whatever the split is called.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,91 +12,111 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..calibration import choose_threshold
+from ..calibration import fit_decision
+from ..checkpoint import save_checkpoint
 from ..data.cache import build_or_load
 from ..data.dataset import has_patient_ids, load_split
+from ..data.fingerprint import file_fingerprints
 from ..errors import DatasetError, PneumoniaCNNError
 from ..fileio import display_path, write_json_atomic
-from ..inference import Predictor
+from ..inference import Predictor, Scorer, load_bundle
 from .metrics import bootstrap_metrics, per_patient
 
 log = logging.getLogger(__name__)
 
 
-def cached_split(predictor: Predictor, data, split, cache_dir=None, progress=False):
-    images = load_split(data, split, class_names=predictor.class_names)
-    return build_or_load(images, predictor.size, predictor.preprocessing.get("interpolation", "bilinear"),
-                         predictor.preprocessing.get("intensity", "none"), cache_dir=cache_dir, progress=progress)
+def cached_split(bundle, data, split, cache_dir=None, progress=False):
+    pre = bundle.preprocessing
+    images = load_split(data, split, class_names=bundle.class_names)
+    return build_or_load(images, pre.size, pre.interpolation, pre.intensity, cache_dir=cache_dir, progress=progress)
 
 
-def fit_threshold_on_validation(checkpoint_path, data, policy: str, device="auto", cache_dir=None,
-                                val_split: str = "val") -> float:
-    """Choose the operating threshold on the *validation* split only and save it into the checkpoint."""
-    if val_split == "test":
-        raise PneumoniaCNNError("the threshold is never chosen on the test split")
-    predictor = Predictor(checkpoint_path, device)
+def refuse_overlap(evaluated, fitted_fingerprints, evaluated_fingerprints, fitted_paths=(), what: str = ""):
+    """One-line error when any evaluated image is among the images a decision was fitted on."""
+    resolved = {str(Path(p).resolve()) for p in fitted_paths}
+    by_path = [p for p in evaluated.paths if str(Path(p).resolve()) in resolved]
+    fitted = set(fitted_fingerprints)
+    by_content = [p for p, f in zip(evaluated.paths, evaluated_fingerprints) if f in fitted]
+    overlap = sorted(set(by_path) | set(by_content))
+    if overlap:
+        raise PneumoniaCNNError(f"{display_path(overlap[0])}: {len(overlap)} of the {len(evaluated)} evaluated images "
+                                f"are among the images {what} was fitted on; metrics there would flatter the model "
+                                f"(evaluate another split)")
+
+
+def refit_decision(bundle, data, val_split: str, policy: str | None, method: str | None, device="auto",
+                   cache_dir=None, engine: str = "auto"):
+    """Calibration and threshold fitted on ``val_split``'s served scores; returns (bundle, val cache, fit)."""
     try:
-        val = cached_split(predictor, data, val_split, cache_dir)
+        val = cached_split(bundle, data, val_split, cache_dir)
     except DatasetError as error:
-        raise PneumoniaCNNError(f"--threshold {policy} needs a validation split: {error}") from None
-    probabilities = predictor.predict_arrays(val.images)
-    threshold = choose_threshold(val.labels, probabilities, policy)
-    checkpoint = load_checkpoint(checkpoint_path)
-    checkpoint["threshold"] = threshold
-    checkpoint["threshold_policy"] = f"{policy} (chosen on {val_split}, {len(val)} images)"
-    path = checkpoint.pop("path")
-    save_checkpoint(checkpoint, path)
-    return threshold
+        raise PneumoniaCNNError(f"refitting the decision needs validation images: {error}") from None
+    if len(set(val.labels.tolist())) < 2:
+        raise PneumoniaCNNError(f"{display_path(data)}: split {val_split} needs both classes to fit a decision")
+    scorer = Scorer(bundle, device, engine)
+    raw = scorer.score(val.images).raw
+    decision = fit_decision(val.labels, raw, policy or bundle.decision.policy,
+                            method or bundle.decision.calibration.method)
+    fit = dict(scorer.description, split=val_split, images=len(val), data=str(data),
+               fingerprints=file_fingerprints(val.paths), labels=[int(v) for v in val.labels],
+               raw_scores=[float(v) for v in raw])
+    return bundle.with_decision(decision), val, fit
+
+
+def save_refitted(bundle, fit: dict, save_as, sources) -> Path:
+    """The refitted checkpoint, as a new file (never one of the checkpoints read)."""
+    if len(bundle.checkpoints) > 1:
+        raise PneumoniaCNNError("--save-as writes one checkpoint; an ensemble's decision is fitted on its members' "
+                                "stored validation scores whenever it is loaded")
+    target = Path(save_as).resolve()
+    if any(target == Path(s).resolve() or (Path(s).is_dir() and target.parent == Path(s).resolve()
+                                           and target.name in ("best.pt", "last.pt")) for s in sources):
+        raise PneumoniaCNNError(f"{display_path(save_as)}: --save-as would overwrite the checkpoint it reads; "
+                                f"choose a new path")
+    payload = {k: v for k, v in bundle.checkpoints[0].items() if k not in ("path", "training_state", "temperature")}
+    decision = bundle.decision
+    payload.update(calibration=decision.calibration.to_dict(), threshold=decision.threshold,
+                   threshold_policy=decision.policy,
+                   decision_fit={k: fit[k] for k in ("engine", "precision", "tta", "device", "split", "images", "data")})
+    payload["reference"] = dict(payload.get("reference") or {}, val={
+        "fingerprints": fit["fingerprints"], "labels": fit["labels"], "raw_scores": fit["raw_scores"],
+        "ood_scores": None})
+    return save_checkpoint(payload, save_as)
 
 
 def evaluate(checkpoint, data, split: str = "test", device: str = "auto", threshold: str | None = None,
              bootstrap: int = 1000, seed: int = 0, cache_dir=None, out=None, figures=True, batch_size: int = 64,
-             progress: bool = False) -> dict:
+             progress: bool = False, calibration: str | None = None, save_as=None, val_split: str = "val",
+             prevalence=None, adapt_batch: bool = False, engine: str = "auto") -> dict:
     """Evaluate one checkpoint or an ensemble (a list) on ``data``/``split``; returns the report dict.
 
-    ``threshold``: None uses the threshold saved in the run; a policy (``youden``, ``sensitivity:0.95``,
-    a number) is chosen on the data's ``val`` split, never on the split evaluated, and saved into the run.
+    ``threshold`` (a policy: ``youden``, ``sensitivity:0.95``, a number) or ``calibration`` refit the decision
+    on ``val_split`` for this evaluation (written to ``save_as`` when given); None uses the saved decision.
     """
-    checkpoints = checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint]
-    if threshold is not None and str(threshold) != "saved":
-        if len(checkpoints) > 1:
-            raise PneumoniaCNNError("choose thresholds per run before ensembling")
-        try:
-            value = float(threshold)
-            checkpoint_data = load_checkpoint(checkpoints[0])
-            checkpoint_data["threshold"], checkpoint_data["threshold_policy"] = value, f"{value} (given)"
-            save_checkpoint(checkpoint_data, checkpoint_data.pop("path"))
-        except ValueError:
-            fit_threshold_on_validation(checkpoints[0], data, threshold, device, cache_dir)
-    predictor = Predictor(checkpoints, device)
-    cached = cached_split(predictor, data, split, cache_dir, progress)
+    sources = checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint]
+    bundle = load_bundle(list(sources))
+    cached = cached_split(bundle, data, split, cache_dir, progress)
     if len(cached) == 0:
         raise DatasetError(f"{display_path(data)}: no readable images in split {split}")
-    probabilities = predictor.predict_arrays(cached.images, batch_size, progress)
-    labels = cached.labels
-    groups = cached.patients if has_patient_ids(cached.paths) else None
-    metrics = bootstrap_metrics(labels, probabilities, predictor.threshold, groups=groups, resamples=bootstrap,
-                                seed=seed)
-    report = {"checkpoint": [str(c.get("path")) for c in predictor.checkpoints], "model_id": predictor.model_id,
-              "data": str(data), "split": split, "n_images": int(len(labels)),
-              "counts": {name: int((labels == i).sum()) for i, name in enumerate(predictor.class_names)},
-              "n_patients": len(set(cached.patients)), "threshold": predictor.threshold,
-              "threshold_policy": predictor.checkpoints[0].get("threshold_policy", "0.5"),
-              "temperature": predictor.temperatures, "bootstrap": {"resamples": bootstrap, "seed": seed,
-                                                                    "unit": "patient" if groups else "image"},
-              "metrics": metrics, "skipped": [{"path": p, "reason": r} for p, r in cached.skipped]}
-    if groups is not None:
-        patient_labels, patient_scores, _ = per_patient(labels, probabilities, cached.patients)
-        report["patient_metrics"] = bootstrap_metrics(patient_labels, patient_scores, predictor.threshold,
-                                                      resamples=bootstrap, seed=seed)
-    checks = predictor.check_inputs(np.asarray(cached.images))
-    flagged = [not c.get("in_distribution", True) for c in checks]
-    report["ood"] = {"available": predictor.ood is not None, "flagged": int(sum(flagged)),
-                     "fraction_flagged": float(np.mean(flagged)) if flagged else 0.0}
-    report["predictions"] = [{"path": p, "label": int(l), "probability": float(q), "flagged": bool(f),
-                              "ood_score": c.get("ood_score")}
-                             for p, l, q, f, c in zip(cached.paths, labels, probabilities, flagged, checks)]
+    evaluated_fingerprints = file_fingerprints(cached.paths)
+    fit = None
+    if (threshold is not None and str(threshold) != "saved") or calibration is not None:
+        bundle, val, fit = refit_decision(bundle, data, val_split, None if threshold == "saved" else threshold,
+                                          calibration, device, cache_dir, engine)
+        refuse_overlap(cached, fit["fingerprints"], evaluated_fingerprints, val.paths, f"the refitted decision "
+                       f"(split {val_split})")
+        if save_as:
+            log.info("refitted decision written to %s", display_path(save_refitted(bundle, fit, save_as, sources)))
+    else:
+        for member in bundle.checkpoints:
+            stored = (member.get("reference") or {}).get("val") or {}
+            refuse_overlap(cached, stored.get("fingerprints", []), evaluated_fingerprints,
+                           what=f"{display_path(member.get('path', 'the checkpoint'))}'s threshold and calibration")
+    predictor = Predictor(bundle, device, prevalence=prevalence, adapt_batch=adapt_batch, engine=engine)
+    entries, notes = predictor.assess(cached.images, batch_size=batch_size, progress=progress)
+    report = build_report(predictor, cached, entries, notes, data, split, bootstrap, seed)
+    if fit is not None:
+        report["decision_refit"] = {k: fit[k] for k in ("split", "images", "engine", "precision", "tta")}
     if out:
         out = Path(out)
         write_json_atomic(out, report)
@@ -101,11 +127,41 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
     return report
 
 
+def build_report(predictor: Predictor, cached, entries, notes, data, split, bootstrap, seed) -> dict:
+    labels = cached.labels
+    probabilities = np.array([e["probability"] for e in entries])
+    threshold = entries[0]["threshold"]
+    groups = cached.patients if has_patient_ids(cached.paths) else None
+    decision = predictor.bundle.decision
+    report = {"checkpoint": [str(c.get("path")) for c in predictor.checkpoints], "model_id": predictor.model_id,
+              "data": str(data), "split": split, "n_images": int(len(labels)),
+              "counts": {name: int((labels == i).sum()) for i, name in enumerate(predictor.class_names)},
+              "n_patients": len(set(cached.patients)), "threshold": threshold,
+              "threshold_policy": decision.policy, "calibration": decision.calibration.to_dict(),
+              "scoring": predictor.scorer.description, "notes": notes,
+              "bootstrap": {"resamples": bootstrap, "seed": seed, "unit": "patient" if groups else "image"},
+              "metrics": bootstrap_metrics(labels, probabilities, threshold, groups=groups, resamples=bootstrap,
+                                           seed=seed),
+              "skipped": [{"path": p, "reason": r} for p, r in cached.skipped]}
+    if groups is not None:
+        patient_labels, patient_scores, _ = per_patient(labels, probabilities, cached.patients)
+        report["patient_metrics"] = bootstrap_metrics(patient_labels, patient_scores, threshold,
+                                                      resamples=bootstrap, seed=seed)
+    flagged = [e["in_distribution"] is False for e in entries]
+    report["ood"] = {"available": predictor.ood is not None, "flagged": int(sum(flagged)),
+                     "fraction_flagged": float(np.mean(flagged)) if flagged else 0.0}
+    report["predictions"] = [{"path": p, "label": int(l), "probability": e["probability"], "raw_score": e["raw_score"],
+                              "flagged": f, "ood_score": e["ood_score"]}
+                             for p, l, e, f in zip(cached.paths, labels, entries, flagged)]
+    return report
+
+
 def format_table(report: dict) -> str:
     metrics = report["metrics"]
     lines = [f"{report['split']}: {report['n_images']} images "
              + ", ".join(f"{k} {v}" for k, v in report["counts"].items())
-             + f"; {report['n_patients']} patients; threshold {report['threshold']:.3f}",
+             + f"; {report['n_patients']} patients; threshold {report['threshold']:.3f} "
+             f"({report['threshold_policy']}, {report['calibration']['method']} calibration)",
              f"{'metric':<20}{'value':>9}   95% CI ({report['bootstrap']['unit']} bootstrap)"]
     for name in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc",
                  "pr_auc", "brier", "log_loss", "ece"):
@@ -122,6 +178,10 @@ def format_table(report: dict) -> str:
     if ood.get("available"):
         lines.append(f"out-of-distribution flags: {ood['flagged']} of {report['n_images']} "
                      f"({ood['fraction_flagged']:.1%})")
+    lines += [f"note: {note}" for note in report.get("notes", [])]
+    if report.get("decision_refit"):
+        fit = report["decision_refit"]
+        lines.append(f"decision refitted on {fit['split']} ({fit['images']} images) for this evaluation")
     if report["skipped"]:
         lines.append(f"skipped {len(report['skipped'])} unreadable file(s)")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from ..checkpoint import load_checkpoint
 from ..data.dataset import load_split
 from ..errors import DatasetError, PneumoniaCNNError
 from ..fileio import display_path, write_text_atomic
-from ..info import checkpoint_card
+from ..info import _calibration_text, _fit_text, checkpoint_card
 from .evaluate import evaluate
 from .stress import stress_test
 
@@ -62,6 +62,21 @@ def _data_summary(data) -> str:
             + "".join(rows) + "</table>")
 
 
+def _decision_section(card: dict, run_dir: Path) -> str:
+    """How the threshold and the calibration were chosen, with each method's cross-validated figures."""
+    fit = card.get("decision_fitted_on") or {}
+    rows = "".join(f"<tr><td>{html.escape(method)}</td><td>{v['log_loss']:.4f}</td><td>{v['ece']:.4f}</td></tr>"
+                   for method, v in (fit.get("calibration_comparison") or {}).items())
+    table = ("<table><tr><th>calibration</th><th>log loss</th><th>ECE</th></tr>" + rows + "</table><p class='note'>"
+             "Each method fitted on four fifths of the validation images and scored on the fifth left out "
+             "(5-fold).</p>") if rows else ""
+    picture = (f"<div class='figs'>{_image(run_dir / 'calibration.png')}</div>"
+               if (run_dir / "calibration.png").exists() else "")
+    return (f"<h2>Decision</h2><p>Threshold {card['threshold']:.3f} ({html.escape(card['threshold_policy'])}); "
+            f"{html.escape(_calibration_text(card['calibration']))}; fitted on "
+            f"{html.escape(_fit_text(fit))}.</p>{table}{picture}")
+
+
 def write_report(run_dir, data=None, split="test", out=None, device="auto", bootstrap=1000, cache_dir=None,
                  stress: bool = True) -> Path:
     run_dir = Path(run_dir)
@@ -85,9 +100,10 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
                           for k, v in config.items())
     sections.append(f"<h2>Configuration</h2><p>model <b>{card['model']}</b>, {card['parameters'] or 0:,} parameters, "
                     f"input {card['input']['size'][0]}×{card['input']['size'][1]}, {card['input']['channels']} channel(s), "
-                    f"threshold {card['threshold']:.3f} (policy: {html.escape(card['threshold_policy'])}), temperature "
-                    f"{card['temperature']:.3f}</p><details><summary>full config</summary><table>{config_rows}</table>"
+                    f"threshold {card['threshold']:.3f} (policy: {html.escape(card['threshold_policy'])}), "
+                    f"{html.escape(_calibration_text(card['calibration']))}</p><details><summary>full config</summary><table>{config_rows}</table>"
                     "</details>")
+    sections.append(_decision_section(card, run_dir))
     sections.append(f"<h2>Data</h2><p>{html.escape(str(data))}</p>{_data_summary(data)}")
     if (run_dir / "curves.png").exists():
         sections.append(f"<h2>Training curves</h2><div class='figs'>{_image(run_dir / 'curves.png', wide=True)}</div>")

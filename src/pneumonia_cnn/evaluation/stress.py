@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from sklearn.metrics import roc_auc_score
 
 from ..data.cache import build_or_load
 from ..data.dataset import load_split
 from ..data.intensity import standardise_intensity
 from ..fileio import write_json_atomic
 from ..inference import Predictor
+from ..metrics import point_metrics
 
 
 def _float(gray):
@@ -87,20 +87,17 @@ SHIFT_PANEL = {
 
 
 def _scores(labels, probabilities, threshold):
-    predicted = probabilities >= threshold
-    positives, negatives = labels == 1, labels == 0
-    return {"roc_auc": float(roc_auc_score(labels, probabilities)) if positives.any() and negatives.any() else None,
-            "sensitivity": float(predicted[positives].mean()) if positives.any() else None,
-            "specificity": float((~predicted[negatives]).mean()) if negatives.any() else None,
-            "accuracy": float((predicted == positives).mean())}
+    metrics = point_metrics(labels, probabilities, threshold)
+    return {key: (None if not np.isfinite(metrics[key]) else metrics[key])
+            for key in ("roc_auc", "sensitivity", "specificity", "accuracy")}
 
 
 def stress_test(checkpoint, data, split="test", device="auto", cache_dir=None, out=None, shifts=None) -> dict:
     predictor = Predictor(checkpoint, device)
     images = load_split(data, split, class_names=predictor.class_names)
-    raw = build_or_load(images, predictor.size, predictor.preprocessing.get("interpolation", "bilinear"), "none",
-                        cache_dir=cache_dir)
-    intensity = predictor.preprocessing.get("intensity", "none")
+    pre = predictor.bundle.preprocessing
+    raw = build_or_load(images, pre.size, pre.interpolation, "none", cache_dir=cache_dir)
+    intensity = pre.intensity
     labels = raw.labels
     raw_images = np.asarray(raw.images)
 

@@ -2,8 +2,9 @@
 
 The exported graph takes ``image``: float32 (batch, channels, height, width) with pixels scaled to [0, 1]
 (after the checkpoint's intensity standardisation) and returns ``probability`` (batch,), calibrated with
-the run's temperature and averaged over the horizontal flip when the run uses test-time augmentation:
-exactly what ``Predictor`` computes. The batch axis is dynamic. Input size, channels, normalisation,
+the run's calibration and averaged over the horizontal flip when the run uses test-time augmentation, and
+``logit`` (batch,), the raw score before calibration: the served forward (``ServedModel``) that ``Predictor``
+runs, with the calibration folded into the graph. The batch axis is dynamic. Input size, channels, normalisation,
 threshold and class names travel in the metadata (ONNX ``metadata_props``; TorchScript ``metadata.json``).
 """
 from __future__ import annotations
@@ -15,21 +16,25 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..calibration import Calibration
 from ..checkpoint import build_model, load_checkpoint
+from ..inference.bundle import decision_of
+from ..inference.engines import ServedModel
 from ..errors import PneumoniaCNNError
 from ..fileio import atomic_path
 
 
 class ProbabilityModel(nn.Module):
-    def __init__(self, model: nn.Module, temperature: float = 1.0, tta: bool = False):
+    """The served forward, then the checkpoint's calibration: (probability, raw logit)."""
+
+    def __init__(self, model: nn.Module, calibration: Calibration, tta: bool = False):
         super().__init__()
-        self.model, self.temperature, self.tta = model, float(temperature), bool(tta)
+        self.served = ServedModel(model, tta)
+        self.scale, self.bias = float(calibration.scale), float(calibration.bias)
 
     def forward(self, image):
-        logits = self.model(image)
-        if self.tta:
-            logits = (logits + self.model(torch.flip(image, dims=[3]))) / 2
-        return torch.sigmoid(logits / self.temperature)
+        logits = self.served(image)[0]
+        return torch.sigmoid(logits * self.scale + self.bias), logits
 
 
 def export_metadata(checkpoint: dict) -> dict:
@@ -38,7 +43,8 @@ def export_metadata(checkpoint: dict) -> dict:
             "input_size": pre["size"], "channels": pre.get("channels", 3),
             "normalisation": "pixels / 255 (0..1) after intensity standardisation; gray repeated to RGB if 3 channels",
             "intensity": pre.get("intensity", "none"), "interpolation": pre.get("interpolation", "bilinear"),
-            "threshold": float(checkpoint.get("threshold", 0.5)), "temperature": float(checkpoint.get("temperature", 1.0)),
+            "threshold": float(checkpoint.get("threshold", 0.5)), "threshold_policy": decision_of(checkpoint).policy,
+            "calibration": decision_of(checkpoint).calibration.to_dict(),
             "class_names": checkpoint.get("class_names", ["NORMAL", "PNEUMONIA"]),
             "output": "probability of class_names[1] (PNEUMONIA)"}
 
@@ -46,7 +52,7 @@ def export_metadata(checkpoint: dict) -> dict:
 def export_model(checkpoint_path, fmt: str, out) -> Path:
     checkpoint = load_checkpoint(checkpoint_path)
     model = build_model(checkpoint).eval()
-    wrapper = ProbabilityModel(model, checkpoint.get("temperature", 1.0), checkpoint.get("tta", False)).eval()
+    wrapper = ProbabilityModel(model, decision_of(checkpoint).calibration, checkpoint.get("tta", False)).eval()
     metadata = export_metadata(checkpoint)
     height, width = metadata["input_size"]
     example = torch.rand(2, metadata["channels"], height, width)
@@ -56,8 +62,9 @@ def export_model(checkpoint_path, fmt: str, out) -> Path:
         with atomic_path(out) as temporary, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, (example,), str(temporary), dynamo=False, opset_version=17,
-                              input_names=["image"], output_names=["probability"],
-                              dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}})
+                              input_names=["image"], output_names=["probability", "logit"],
+                              dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"},
+                                            "logit": {0: "batch"}})
             proto = onnx.load(str(temporary))
             for key, value in metadata.items():
                 entry = proto.metadata_props.add()

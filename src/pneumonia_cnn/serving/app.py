@@ -45,10 +45,8 @@ class MicroBatcher:
         return await future
 
     def _predict(self, items):
-        pixels = np.stack([item[0] for item in items])
-        probabilities = self.predictor.probabilities_from_pixels(pixels)
-        checks = self.predictor.check_inputs(pixels, [item[1] for item in items])
-        return probabilities, checks
+        entries, _ = self.predictor.assess(np.stack([item[0] for item in items]), [item[1] for item in items])
+        return entries
 
     async def _run(self):
         loop = asyncio.get_running_loop()
@@ -64,10 +62,10 @@ class MicroBatcher:
                 except asyncio.TimeoutError:
                     break
             try:
-                probabilities, checks = await loop.run_in_executor(None, self._predict, items)
-                for (_, _, future), probability, check in zip(items, probabilities, checks):
+                entries = await loop.run_in_executor(None, self._predict, items)
+                for (_, _, future), entry in zip(items, entries):
                     if not future.done():
-                        future.set_result({"probability": float(probability), **check})
+                        future.set_result(entry)
             except Exception as error:  # never leave a request hanging
                 for _, _, future in items:
                     if not future.done():
@@ -82,7 +80,8 @@ def create_app(checkpoint, device: str = "auto", max_upload_mb: float = 20, max_
     predictor = Predictor(checkpoint, device, engine=engine)
     batcher = MicroBatcher(predictor, max_batch=max_batch)
     max_bytes = int(max_upload_mb * 1024 * 1024)
-    gradcam_lock = threading.Lock()  # backward passes share the model's hooks and gradients
+    gradcam_model = predictor.bundle.explain_model().to(predictor.device)  # private: batched forwards never see its hooks
+    gradcam_lock = threading.Lock()  # Grad-CAM calls share that copy's hooks and gradients
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -126,15 +125,14 @@ def create_app(checkpoint, device: str = "auto", max_upload_mb: float = 20, max_
         except ImageReadError as error:
             raise HTTPException(400, f"{name}: {error.reason}") from None
         result = await batcher.submit(pixels, meta)
-        probability = result["probability"]
-        response = {"filename": name, "probability": probability, "label": predictor.label_for(probability),
-                    "threshold": predictor.threshold, "in_distribution": result.get("in_distribution"),
+        response = {"filename": name, "probability": result["probability"], "label": result["label"],
+                    "threshold": result["threshold"], "in_distribution": result.get("in_distribution"),
                     "ood_score": result.get("ood_score"), "warnings": result.get("warnings", []),
                     "model": predictor.model_id}
         if gradcam:
             def heat():
                 with gradcam_lock:
-                    cam = grad_cam(predictor.models[0], pixels, predictor.device)
+                    cam = grad_cam(gradcam_model, pixels, predictor.device)
                 return base64.b64encode(overlay_png(pixels, cam)).decode("ascii")
             response["gradcam_png_base64"] = await asyncio.get_running_loop().run_in_executor(None, heat)
         return response

@@ -1,0 +1,107 @@
+"""Evaluation: ``evaluate``, ``report``, ``compare``, ``stress``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import Command, add_cache_dir, add_device, add_engine, add_format, add_site_options, print_json
+
+
+def evaluate_arguments(p):
+    p.add_argument("--checkpoint", required=True, nargs="+", help="best.pt or run folder; several = ensemble")
+    p.add_argument("--data", required=True, help="Kaggle-layout ROOT, a split folder, or a CSV of path,label")
+    p.add_argument("--split", default="test", help="split folder under ROOT to evaluate")
+    p.add_argument("--threshold", help="saved (default), or a policy refitted on --val-split for this evaluation: "
+                                       "a probability, youden, sensitivity:X, specificity:X")
+    p.add_argument("--calibration", choices=("platt", "temperature", "none"),
+                   help="refit the calibration on --val-split for this evaluation")
+    p.add_argument("--val-split", default="val", help="split the threshold/calibration are refitted on")
+    p.add_argument("--save-as", help="write the refitted checkpoint here (the checkpoint read is never changed)")
+    add_site_options(p)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    add_format(p)
+    p.add_argument("--out", help="JSON path (default: beside the checkpoint)")
+    add_device(p), add_engine(p), add_cache_dir(p)
+    p.add_argument("--no-figures", action="store_true", help="skip the ROC/PR/reliability pictures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_evaluate(args) -> int:
+    from ..evaluation.evaluate import evaluate, format_table
+    first = Path(args.checkpoint[0])
+    out = args.out or str((first if first.is_dir() else first.parent) / f"{args.split}_metrics.json")
+    report = evaluate(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0], args.data, args.split,
+                      device=args.device, threshold=args.threshold, calibration=args.calibration,
+                      save_as=args.save_as, val_split=args.val_split, prevalence=args.prevalence,
+                      adapt_batch=args.adapt_batch, engine=args.engine, bootstrap=args.bootstrap, seed=args.seed,
+                      cache_dir=args.cache_dir, out=out, figures=not args.no_figures, progress=not args.no_progress)
+    if args.format == "json":
+        print_json({k: v for k, v in report.items() if k != "predictions"})
+    else:
+        print(format_table(report))
+        print(f"written: {out}")
+    return 0
+
+
+def report_arguments(p):
+    p.add_argument("run_dir", help="run folder (or its best.pt)")
+    p.add_argument("--data", help="data root (default: the run's)")
+    p.add_argument("--split", default="test", help="split to report on")
+    p.add_argument("--out", help="HTML path (default: RUN_DIR/report.html)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    add_device(p), add_cache_dir(p)
+    p.add_argument("--no-stress", action="store_true", help="skip the robustness table")
+
+
+def run_report(args) -> int:
+    from ..evaluation.report import write_report
+    path = write_report(args.run_dir, data=args.data, split=args.split, out=args.out, device=args.device,
+                        bootstrap=args.bootstrap, cache_dir=args.cache_dir, stress=not args.no_stress)
+    print(f"written: {path}")
+    return 0
+
+
+def compare_arguments(p):
+    p.add_argument("runs", nargs="+", help="run folders or checkpoints")
+    p.add_argument("--data", required=True, help="data root"), p.add_argument("--split", default="test", help="split")
+    add_format(p), add_device(p), add_cache_dir(p)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+
+
+def run_compare(args) -> int:
+    from ..evaluation.compare import compare_runs, format_comparison
+    result = compare_runs(args.runs, data=args.data, split=args.split, device=args.device, cache_dir=args.cache_dir,
+                          bootstrap=args.bootstrap)
+    print(json.dumps(result, indent=2, default=str) if args.format == "json" else format_comparison(result))
+    return 0
+
+
+def stress_arguments(p):
+    p.add_argument("checkpoint", help="best.pt or run folder")
+    p.add_argument("--data", required=True, help="data root"), p.add_argument("--split", default="test", help="split")
+    add_format(p), add_device(p), add_cache_dir(p)
+    p.add_argument("--out", help="JSON path")
+
+
+def run_stress(args) -> int:
+    from ..evaluation.stress import format_stress, stress_test
+    result = stress_test(args.checkpoint, args.data, args.split, device=args.device, cache_dir=args.cache_dir,
+                         out=args.out)
+    print(json.dumps(result, indent=2) if args.format == "json" else format_stress(result))
+    return 0
+
+
+COMMANDS = [
+    Command("evaluate", "metrics with 95% intervals on a labelled split", evaluate_arguments, run_evaluate, (
+        "pneumonia-cnn evaluate --checkpoint runs/best --data chest_xray --split test",
+        "pneumonia-cnn evaluate --checkpoint runs/best --data chest_xray --threshold specificity:0.9 "
+        "--save-as runs/best/spec90.pt",
+        "pneumonia-cnn evaluate --checkpoint runs/a runs/b --data chest_xray --format json")),
+    Command("report", "one self-contained HTML report of a run", report_arguments, run_report,
+            ("pneumonia-cnn report runs/best",)),
+    Command("compare", "side-by-side metrics and a DeLong test of AUC differences", compare_arguments, run_compare,
+            ("pneumonia-cnn compare runs/tutorial runs/best --data chest_xray",)),
+    Command("stress", "scores under a fixed, seeded panel of image shifts", stress_arguments, run_stress,
+            ("pneumonia-cnn stress runs/best --data chest_xray",)),
+]

@@ -1,0 +1,163 @@
+"""Data and training: ``train``, ``demo``, ``models``, ``summary``, ``show-samples``. The train flags are
+generated from ``TrainConfig``'s fields, so each is defined, validated and used under one name."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from ..errors import PneumoniaCNNError
+from .common import Command, add_device
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object such as '{\"flip\": true}'")
+    return value
+
+
+def add_config_flags(parser: argparse.ArgumentParser):
+    """One flag per ``TrainConfig`` field: type, choices and help from its declaration; default None so that
+    only flags given override the preset and the config file."""
+    from ..training.config import TrainConfig
+    group = parser.add_argument_group("configuration (each overrides the preset and --config; defaults are "
+                                      "the tutorial's)")
+    for spec in dataclasses.fields(TrainConfig):
+        meta = spec.metadata
+        if not meta.get("cli", True):
+            continue
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        options = {"dest": spec.name, "default": None, "help": f"{meta['help']} (default: {default})".replace("%", "%%")}
+        kind = str(spec.type)
+        if kind == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind in ("int", "float"):
+            options["type"] = int if kind == "int" else float
+        elif kind == "dict":
+            options["type"] = _json_object
+        elif kind.startswith("list"):
+            options.update(type=float, nargs=len(meta["metavar"]))
+        if meta.get("choices"):
+            options["choices"] = meta["choices"]
+        if meta.get("metavar"):
+            options["metavar"] = meta["metavar"]
+        group.add_argument(meta.get("flag") or "--" + spec.name.replace("_", "-"), **options)
+    group.add_argument("--calibrate", dest="calibration", action="store_const", const="temperature",
+                       help="same as --calibration temperature (the flag of earlier versions)")
+
+
+def presets_epilog() -> str:
+    from ..training.config import PRESETS
+    lines = ["presets:", "  tutorial  the Keras tutorial exactly (the defaults above)"]
+    for name, values in PRESETS.items():
+        if name != "tutorial":
+            shown = ", ".join(f"{k}={v}" for k, v in values.items() if k not in ("population", "augment"))
+            lines.append(f"  {name:<9} {shown}, augment=<shift-robust set; see README>")
+    return "\n".join(lines)
+
+
+def train_arguments(p):
+    p.add_argument("--preset", default="tutorial", help="tutorial (the Keras tutorial exactly) or best")
+    p.add_argument("--config", help="YAML/TOML/JSON file of config fields (overrides the preset)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    add_config_flags(p)
+
+
+def run_train(args) -> int:
+    from ..experiment import resume_and_evaluate, train_and_evaluate
+    from ..training.config import TrainConfig, make_config
+    names = [spec.name for spec in dataclasses.fields(TrainConfig) if spec.metadata.get("cli", True)]
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if args.resume:
+        allowed = {"epochs", "device", "progress"}
+        ignored = sorted(set(overrides) - allowed)
+        if ignored:
+            raise PneumoniaCNNError(f"--resume continues a run with its own configuration; only --epochs, --device "
+                                    f"and --no-progress may change (got {', '.join(ignored)})")
+        summary = resume_and_evaluate(args.resume, **overrides)
+    else:
+        if not overrides.get("data"):
+            raise PneumoniaCNNError("train needs --data ROOT (a folder in the Kaggle layout) or --resume RUN_DIR")
+        summary = train_and_evaluate(make_config(args.preset, args.config, **overrides))
+    if summary.get("interrupted"):
+        return 130
+    if not summary.get("main_process", True):
+        return 0  # in data-parallel runs only rank 0 reports
+    test = summary.get("test_metrics")
+    if test:
+        print(f"test accuracy {test['accuracy']:.4f}  sensitivity {test['sensitivity']:.4f}  "
+              f"specificity {test['specificity']:.4f}  ROC AUC {test['roc_auc']:.4f}")
+    print(f"run folder: {summary['run_dir']}")
+    return 0
+
+
+def demo_arguments(p):
+    p.add_argument("--out", default="runs/demo", help="folder for the synthetic data, cache and run")
+    p.add_argument("--data", help="a Kaggle-layout ROOT to use instead of synthetic X-rays")
+    p.add_argument("--epochs", type=int, help="epochs (default 10)")
+    p.add_argument("--size", type=int, help="input size (default 96 on synthetic data, 224 on --data)")
+    add_device(p)
+
+
+def run_demo(args) -> int:
+    from ..demo import run_demo as demo
+    summary = demo(args.out, data=args.data, epochs=args.epochs, size=args.size, device=args.device)
+    test = summary.get("test_metrics", {})
+    print(f"demo finished in {summary['seconds']:.0f}s: test accuracy {test.get('accuracy', float('nan')):.3f}, "
+          f"ROC AUC {test.get('roc_auc', float('nan')):.3f}; run folder {summary['run_dir']}")
+    return 0
+
+
+def summary_arguments(p):
+    p.add_argument("--model", default="seed", help="registered model name")
+    p.add_argument("--size", type=int, default=224, help="input height and width")
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="input channels")
+
+
+def run_summary(args) -> int:
+    from ..models import create_model, format_summary, list_models
+    if args.model not in list_models():
+        raise PneumoniaCNNError(f"--model {args.model}: unknown model; choose from {', '.join(list_models())}")
+    model = create_model(args.model, in_channels=args.channels, image_size=(args.size, args.size))
+    print(format_summary(model, args.channels, (args.size, args.size), args.model))
+    return 0
+
+
+def run_models(_args) -> int:
+    from ..models import count_parameters, create_model, list_models
+    for name, description in list_models().items():
+        print(f"{name:<18}{count_parameters(create_model(name))[0]:>12,}  {description}")
+    return 0
+
+
+def samples_arguments(p):
+    p.add_argument("--data", required=True, help="Kaggle-layout ROOT or a split folder")
+    p.add_argument("--split", default="train", help="which split to draw from")
+    p.add_argument("--out", default="samples.png", help="PNG to write")
+    p.add_argument("--per-class", type=int, default=6, help="images per class")
+    p.add_argument("--seed", type=int, default=0, help="which images are drawn")
+
+
+def run_show_samples(args) -> int:
+    from ..samples import show_samples
+    print(f"written: {show_samples(args.data, args.split, args.out, args.per_class, args.seed)}")
+    return 0
+
+
+COMMANDS = [
+    Command("train", "train a model on a Kaggle-layout folder", train_arguments, run_train, (
+        "pneumonia-cnn train --data chest_xray --out runs/tutorial",
+        "pneumonia-cnn train --data chest_xray --out runs/best --preset best",
+        "pneumonia-cnn train --resume runs/best")),
+    Command("demo", "the whole pipeline on built-in synthetic X-rays (or --data ROOT)", demo_arguments, run_demo,
+            ("pneumonia-cnn demo --out runs/demo",)),
+    Command("models", "list the registered models", lambda p: None, run_models, ("pneumonia-cnn models",)),
+    Command("summary", "Keras-style table of a model's layers and parameters", summary_arguments, run_summary,
+            ("pneumonia-cnn summary --model seed",)),
+    Command("show-samples", "grid of NORMAL vs PNEUMONIA images", samples_arguments, run_show_samples,
+            ("pneumonia-cnn show-samples --data chest_xray --out samples.png",)),
+]

@@ -1,0 +1,52 @@
+"""AdaBN (Li et al., 2016): batch-norm statistics re-estimated on a site's images, through the served input
+path (gray to RGB, mirror images when the run flips at test time), so that what is adapted is what is served."""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..data.loader import to_model_input
+
+
+def has_batch_norm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def reestimate_batch_norm(model: torch.nn.Module, pixels_uint8, device="cpu", tta: bool = False,
+                          batch_size: int = 32) -> int:
+    """In place: every batch-norm layer's running mean and variance become the cumulative average over
+    ``pixels_uint8`` (N, H, W); returns how many layers were reset."""
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    if not layers:
+        return 0
+    momenta = [m.momentum for m in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None
+    model.eval()
+    for layer in layers:
+        layer.train()
+    channels = int(getattr(model, "model_kwargs", {}).get("in_channels", 3))
+    with torch.no_grad():
+        for start in range(0, len(pixels_uint8), batch_size):
+            x = to_model_input(torch.from_numpy(np.array(pixels_uint8[start:start + batch_size])), device)
+            x = x.expand(-1, channels, -1, -1)
+            model(torch.cat([x, torch.flip(x, dims=[3])]) if tta else x)
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+    model.eval()
+    return len(layers)
+
+
+def adapt_batch_norm(bundle, pixels_uint8):
+    """A bundle whose models' batch-norm statistics come from ``pixels_uint8``; the original is untouched."""
+    models = []
+    for model in bundle.models:
+        adapted = copy.deepcopy(model)
+        reestimate_batch_norm(adapted, pixels_uint8, tta=bundle.tta)
+        models.append(adapted)
+    return replace(bundle, models=models)

@@ -1,0 +1,159 @@
+"""The checkpoint bundle: model(s) + preprocessing + decision policy (calibration, threshold, OOD detector).
+
+One checkpoint, or several (an ensemble). An ensemble's raw score is the mean of its members' raw logits and
+gets one calibration and threshold fitted on the ensemble's own validation scores, which each member
+carries (``reference``); members of earlier versions, which carry none, are averaged in probability with the
+mean of their thresholds, and the output says so.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch.nn as nn
+
+from ..calibration import Calibration, Decision, fit_decision, logit
+from ..checkpoint import build_model, load_checkpoint
+from ..data.intensity import standardise_intensity
+from ..data.readers import read_image, read_image_bytes, resize_gray
+from ..errors import PneumoniaCNNError
+from ..fileio import display_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """File or array -> uint8 (H, W) at the model's size after its intensity standardisation."""
+    size: tuple[int, int]
+    channels: int = 3
+    interpolation: str = "bilinear"
+    intensity: str = "none"
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> "Preprocessing":
+        pre = checkpoint["preprocessing"]
+        return cls(tuple(pre["size"]), int(pre.get("channels", 3)), pre.get("interpolation", "bilinear"),
+                   pre.get("intensity", "none"))
+
+    def read_path(self, path):
+        gray, meta = read_image(path, self.size, self.interpolation)
+        return standardise_intensity(gray, self.intensity), meta
+
+    def read_bytes(self, data: bytes, name: str = "upload"):
+        gray, meta = read_image_bytes(data, name, self.size, self.interpolation)
+        return standardise_intensity(gray, self.intensity), meta
+
+    def from_gray(self, gray: np.ndarray) -> np.ndarray:
+        if gray.shape != self.size:
+            gray = resize_gray(gray, self.size, self.interpolation)
+        return standardise_intensity(gray, self.intensity)
+
+
+def decision_of(checkpoint: dict) -> Decision:
+    """The checkpoint's decision policy; checkpoints of earlier versions stored a temperature only."""
+    if checkpoint.get("calibration"):
+        calibration = Calibration.from_dict(checkpoint["calibration"])
+    else:
+        calibration = Calibration.from_temperature(checkpoint.get("temperature", 1.0))
+    policy = str(checkpoint.get("threshold_policy", "0.5")).split(" (")[0].strip() or "0.5"
+    return Decision(calibration, float(checkpoint.get("threshold", 0.5)), policy)
+
+
+@dataclass
+class Bundle:
+    checkpoints: list[dict]
+    models: list[nn.Module]
+    preprocessing: Preprocessing
+    decision: Decision
+    tta: bool = False
+    ood: object | None = None
+    member_decisions: list[Decision] | None = None  # set only for ensembles of earlier versions' members
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.checkpoints[0].get("class_names", ("NORMAL", "PNEUMONIA")))
+
+    @property
+    def intended_use(self) -> dict:
+        return self.checkpoints[0].get("intended_use", {})
+
+    @property
+    def model_id(self) -> str:
+        return "+".join(c.get("run_id", Path(c.get("path", "model")).stem) for c in self.checkpoints)
+
+    @property
+    def taps(self) -> list[tuple[str, str]]:
+        if self.ood is None:
+            return []
+        from ..ood import detector_taps
+        return [tuple(t) for t in (getattr(self.ood, "taps", None) or detector_taps(self.ood))]
+
+    def combine(self, member_logits: np.ndarray) -> np.ndarray:
+        """(members, N) raw logits -> (N,) the ensemble's raw score (the only member's for one model)."""
+        if self.member_decisions is None:
+            return np.asarray(member_logits, dtype=np.float64).mean(axis=0)
+        probabilities = np.mean([d.probabilities(m) for d, m in zip(self.member_decisions, member_logits)], axis=0)
+        return logit(probabilities)
+
+    def explain_model(self) -> nn.Module:
+        """A private copy of the first member for Grad-CAM: its hooks and gradients touch nothing shared."""
+        return copy.deepcopy(self.models[0])
+
+    def with_decision(self, decision: Decision) -> "Bundle":
+        return Bundle(self.checkpoints, self.models, self.preprocessing, decision, self.tta, self.ood,
+                      self.member_decisions, list(self.notes))
+
+
+def load_bundle(checkpoints) -> Bundle:
+    """One checkpoint path/dict/run folder, or a list of them (an ensemble)."""
+    if isinstance(checkpoints, (str, Path, dict)):
+        checkpoints = [checkpoints]
+    loaded = [c if isinstance(c, dict) else load_checkpoint(c) for c in checkpoints]
+    if not loaded:
+        raise PneumoniaCNNError("no checkpoint given")
+    preprocessing = Preprocessing.from_checkpoint(loaded[0])
+    tta = bool(loaded[0].get("tta", False))
+    for other in loaded[1:]:
+        if Preprocessing.from_checkpoint(other) != preprocessing or bool(other.get("tta", False)) != tta:
+            raise PneumoniaCNNError(f"{display_path(other.get('path', '?'))}: preprocessing or test-time flips "
+                                    f"differ from {display_path(loaded[0].get('path', '?'))}; an ensemble needs "
+                                    f"the same input")
+    models = [build_model(c) for c in loaded]
+    ood = _ood_detector(loaded[0])
+    if len(loaded) == 1:
+        return Bundle(loaded, models, preprocessing, decision_of(loaded[0]), tta, ood)
+    return _ensemble_bundle(loaded, models, preprocessing, tta, ood)
+
+
+def _ood_detector(checkpoint: dict):
+    if not checkpoint.get("ood"):
+        return None
+    from ..ood import OODDetector
+    return OODDetector.from_state(checkpoint["ood"])
+
+
+def _ensemble_bundle(loaded, models, preprocessing, tta, ood) -> Bundle:
+    """Fit the ensemble's own decision on its members' stored validation scores when they share the
+    same validation images; otherwise fall back to averaging (and say so)."""
+    references = [(c.get("reference") or {}).get("val") for c in loaded]
+    if all(references) and all(r["fingerprints"] == references[0]["fingerprints"] for r in references):
+        members = np.stack([np.asarray(r["raw_scores"], dtype=np.float64) for r in references])
+        labels = np.asarray(references[0]["labels"])
+        first = decision_of(loaded[0])
+        decision = fit_decision(labels, members.mean(axis=0), first.policy, first.calibration.method)
+        note = (f"ensemble of {len(loaded)}: calibration and threshold fitted on the ensemble's own "
+                f"validation scores ({len(labels)} images)")
+        return Bundle(loaded, models, preprocessing, decision, tta, ood, notes=[note])
+    member_decisions = [decision_of(c) for c in loaded]
+    threshold = float(np.mean([d.threshold for d in member_decisions]))
+    note = (f"ensemble of {len(loaded)}: members do not share stored validation scores (checkpoints of an "
+            f"earlier version, or different validation images); probabilities averaged, threshold "
+            f"{threshold:.3f} is the mean of the members' and was not fitted on the ensemble")
+    log.warning(note)
+    return Bundle(loaded, models, preprocessing, Decision(Calibration(), threshold, "mean of members"), tta, ood,
+                  member_decisions, [note])

@@ -1,0 +1,37 @@
+"""Reading and decoding files in a thread pool, apart from scoring: per-file errors, order kept."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import ImageReadError
+from .bundle import Preprocessing
+
+
+@dataclass
+class DecodedFile:
+    path: str
+    pixels: np.ndarray | None = None
+    meta: object = None
+    error: str | None = None
+
+
+def decode_files(paths, preprocessing: Preprocessing, chunk: int = 32, workers: int | None = None
+                 ) -> Iterator[list[DecodedFile]]:
+    """Chunks of decoded files in the given order; an unreadable file carries its one-line reason."""
+    paths = [str(p) for p in paths]
+
+    def read(path: str) -> DecodedFile:
+        try:
+            pixels, meta = preprocessing.read_path(path)
+            return DecodedFile(path, pixels, meta)
+        except ImageReadError as error:
+            return DecodedFile(path, error=error.reason)
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for start in range(0, len(paths), chunk):
+            yield list(pool.map(read, paths[start:start + chunk]))

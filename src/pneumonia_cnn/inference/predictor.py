@@ -1,0 +1,250 @@
+"""``Predictor``: files, uploads or arrays -> decisions, through the one scorer.
+
+It adds to the scorer what a caller needs around a probability: reading files, the label at the threshold,
+the out-of-distribution flag with its reasons, a site's prevalence (given, or estimated from the batch by
+EM) and, on request, batch-norm statistics re-estimated on the batch being scored (AdaBN).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..calibration import estimate_prior
+from ..errors import PneumoniaCNNError
+from .adabn import adapt_batch_norm, has_batch_norm
+from .bundle import Bundle, load_bundle
+from .files import decode_files
+from .scorer import Scorer, Scores
+
+log = logging.getLogger(__name__)
+MIN_ADAPT_BATCH = 32  # fewer images give batch-norm statistics too noisy to trust (README, "Decision")
+
+
+@dataclass
+class Prediction:
+    path: str
+    probability: float | None = None
+    label: str | None = None
+    threshold: float | None = None
+    in_distribution: bool | None = None
+    ood_score: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    model: str = ""
+    raw_score: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_prevalence(value) -> float | str | None:
+    """None, "estimate", or a pneumonia rate strictly between 0 and 1."""
+    if value is None or str(value).lower() == "estimate":
+        return None if value is None else "estimate"
+    try:
+        rate = float(value)
+    except ValueError:
+        raise PneumoniaCNNError(f"--prevalence {value}: give a rate between 0 and 1, or 'estimate'") from None
+    if not 0 < rate < 1:
+        raise PneumoniaCNNError(f"--prevalence {value}: must be strictly between 0 and 1")
+    return rate
+
+
+class Predictor:
+    """One checkpoint, or several (an ensemble), ready to turn pixels into decisions."""
+
+    def __init__(self, checkpoints, device: str = "auto", amp: str = "off", engine: str = "auto",
+                 prevalence=None, adapt_batch: bool = False):
+        bundle = checkpoints if isinstance(checkpoints, Bundle) else load_bundle(checkpoints)
+        self.prevalence = parse_prevalence(prevalence)
+        if isinstance(self.prevalence, float):
+            bundle = bundle.with_decision(bundle.decision.with_prior(self.prevalence, "given"))
+        self.adapt_batch = bool(adapt_batch)
+        if self.adapt_batch and not has_batch_norm(bundle.models[0]):
+            raise PneumoniaCNNError(f"--adapt-batch: model {bundle.checkpoints[0]['model']['name']} has no batch-norm "
+                                    f"layers to re-estimate (use a model such as seed_bn or resnet18_narrow)")
+        self.bundle = bundle
+        self.engine_name, self.amp = engine, amp
+        self.scorer = Scorer(bundle, device, engine, amp)
+        self.notes = list(bundle.notes)
+        self.last_notes: list[str] = []
+
+    # ---------- what the model expects and promises
+    @property
+    def checkpoints(self):
+        return self.bundle.checkpoints
+
+    @property
+    def models(self):
+        return self.bundle.models
+
+    @property
+    def device(self):
+        return self.scorer.device
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.bundle.checkpoints[0]["preprocessing"]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.bundle.preprocessing.size
+
+    @property
+    def channels(self) -> int:
+        return self.bundle.preprocessing.channels
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.bundle.class_names
+
+    @property
+    def threshold(self) -> float:
+        return self.bundle.decision.effective_threshold
+
+    @property
+    def model_id(self) -> str:
+        return self.bundle.model_id
+
+    @property
+    def ood(self):
+        return self.bundle.ood
+
+    def metadata(self) -> dict:
+        decision = self.bundle.decision
+        return {"model": [c["model"]["name"] for c in self.checkpoints], "run_id": self.model_id,
+                "preprocessing": {k: v for k, v in self.preprocessing.items()}, "class_names": list(self.class_names),
+                "threshold": self.threshold, "decision": decision.to_dict(), "tta": self.bundle.tta,
+                "scoring": self.scorer.description, "ood": self.ood is not None,
+                "intended_use": _public_intended_use(self.bundle.intended_use), "notes": self.notes}
+
+    # ---------- inputs
+    def preprocess_path(self, path):
+        return self.bundle.preprocessing.read_path(path)
+
+    def preprocess_bytes(self, data: bytes, name: str = "upload"):
+        return self.bundle.preprocessing.read_bytes(data, name)
+
+    def preprocess_array(self, gray: np.ndarray) -> np.ndarray:
+        return self.bundle.preprocessing.from_gray(gray)
+
+    # ---------- pixels -> decisions
+    def label_for(self, probability: float, threshold: float | None = None) -> str:
+        threshold = self.threshold if threshold is None else threshold
+        return self.class_names[1] if probability >= threshold else self.class_names[0]
+
+    def score(self, pixels_uint8, batch_size: int = 64, progress: bool = False) -> Scores:
+        return self.scorer.score(pixels_uint8, batch_size, progress)
+
+    def probabilities_from_pixels(self, pixels_uint8) -> np.ndarray:
+        return self.scorer.score(np.asarray(pixels_uint8)).probabilities
+
+    def predict_arrays(self, images, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Probabilities for preprocessed uint8 images (N, H, W) such as a cached split."""
+        return self.scorer.score(images, batch_size, progress).probabilities
+
+    def assess(self, pixels_uint8, metas=None, batch_size: int = 64, progress: bool = False
+               ) -> tuple[list[dict], list[str]]:
+        """Everything about each image from one scoring pass (and, when asked, the batch-level steps), and
+        notes on what was done to the whole batch."""
+        pixels = np.asarray(pixels_uint8)
+        scores = self.scorer.score(pixels, batch_size, progress)
+        checks = self.flags(pixels, scores, metas)
+        decision = self.bundle.decision
+        notes = []
+        if self.adapt_batch or self.prevalence == "estimate":
+            scores, decision, notes = self._batch_steps(pixels, scores, checks, batch_size)
+        threshold = decision.effective_threshold
+        entries = [{"probability": float(p), "raw_score": float(r), "label": self.label_for(p, threshold),
+                    "threshold": threshold, **check} for p, r, check in zip(scores.probabilities, scores.raw, checks)]
+        return entries, self.batch_notes() + notes
+
+    def flags(self, pixels, scores: Scores, metas=None) -> list[dict]:
+        """The out-of-distribution score and flag, and the model-free input checks, per image."""
+        from ..ood import flag_reasons, input_warnings
+        metas = metas if metas is not None else [None] * len(pixels)
+        ood_scores = self.ood.score_features(scores.features, scores.raw, pixels) if self.ood is not None else None
+        out = []
+        for index, gray in enumerate(pixels):
+            warnings = input_warnings(gray, metas[index], self.bundle.intended_use)
+            forcing = flag_reasons(warnings)
+            entry = {"warnings": warnings, "ood_score": None, "in_distribution": None if not forcing else False}
+            if ood_scores is not None:
+                entry["ood_score"] = float(ood_scores[index])
+                entry["in_distribution"] = bool(ood_scores[index] <= self.ood.threshold) and not forcing
+            if entry["in_distribution"] is False:
+                entry["warnings"] = warnings + [out_of_distribution_message(self.bundle.intended_use)]
+            out.append(entry)
+        return out
+
+    def check_inputs(self, pixels_uint8, metas=None) -> list[dict]:
+        pixels = np.asarray(pixels_uint8)
+        return self.flags(pixels, self.scorer.score(pixels), metas)
+
+    def _batch_steps(self, pixels, scores: Scores, checks, batch_size):
+        """AdaBN on the in-distribution part of the batch, then the batch's prevalence by EM."""
+        inside = np.array([c["in_distribution"] is not False for c in checks])
+        decision, notes = self.bundle.decision, []
+        if self.adapt_batch:
+            if inside.sum() >= MIN_ADAPT_BATCH:
+                adapted = Scorer(adapt_batch_norm(self.bundle, pixels[inside]), self.device, self.engine_name,
+                                 self.amp)
+                scores = adapted.score(pixels, batch_size)
+                notes.append(f"batch-norm statistics re-estimated on this batch ({int(inside.sum())} "
+                             f"in-distribution images, AdaBN)")
+            else:
+                notes.append(f"not adapted: {int(inside.sum())} in-distribution images, fewer than "
+                             f"{MIN_ADAPT_BATCH}")
+        if self.prevalence == "estimate":
+            base = decision.calibration.probabilities(scores.raw[inside]) if inside.any() else np.array([0.5])
+            rate = estimate_prior(base, decision.calibration.prior or float(np.mean(base)))
+            decision = decision.with_prior(rate, f"estimated from {int(inside.sum())} images (EM)")
+            notes.append(f"probabilities stated for a pneumonia rate of {rate:.3f}, estimated from this batch "
+                         f"({int(inside.sum())} in-distribution images, EM of Saerens et al. 2002)")
+        if decision is not self.bundle.decision or self.adapt_batch:
+            scores = Scores(scores.raw, decision.probabilities(scores.raw), scores.members, scores.features)
+        return scores, decision, notes
+
+    def predict_files(self, paths, batch_size: int = 32, progress: bool = False) -> list[Prediction]:
+        """Read, preprocess and predict files; unreadable files get ``error`` and the rest go on. Notes on
+        the whole batch (prevalence, adaptation, ensembles) are logged and kept in ``last_notes``."""
+        decoded = [item for chunk in decode_files(paths, self.bundle.preprocessing, batch_size) for item in chunk]
+        good = [item for item in decoded if item.pixels is not None]
+        results, self.last_notes = {}, self.batch_notes()
+        if good:
+            pixels = np.stack([item.pixels for item in good])
+            entries, self.last_notes = self.assess(pixels, [item.meta for item in good], batch_size, progress)
+            for item, entry in zip(good, entries):
+                results[item.path] = Prediction(item.path, model=self.model_id, **entry)
+        for note in self.last_notes:
+            log.info("%s", note)
+        return [results.get(item.path) or Prediction(item.path, error=item.error, model=self.model_id)
+                for item in decoded]
+
+    def batch_notes(self) -> list[str]:
+        notes = list(self.notes)
+        if isinstance(self.prevalence, float):
+            notes.append(f"probabilities stated for a pneumonia rate of {self.prevalence:.3f} (given)")
+        return notes
+
+
+def out_of_distribution_message(intended_use: dict) -> str:
+    population = (intended_use or {}).get("population") or "the training population"
+    return f"outside the training population ({population}): the probability is not reliable"
+
+
+def _public_intended_use(intended_use: dict) -> dict:
+    """The model card without the training data's location (a path on the training machine)."""
+    public = dict(intended_use or {})
+    if isinstance(public.get("trained_on"), dict):
+        public["trained_on"] = {k: v for k, v in public["trained_on"].items() if k != "source"}
+    return public
+
+
+def predict(checkpoint, paths, device: str = "auto", batch_size: int = 32, engine: str = "auto",
+            prevalence=None, adapt_batch: bool = False) -> list[Prediction]:
+    """Library form of ``pneumonia-cnn predict``."""
+    return Predictor(checkpoint, device, engine=engine, prevalence=prevalence,
+                     adapt_batch=adapt_batch).predict_files(paths, batch_size)

@@ -1,0 +1,241 @@
+"""The training configuration, declared once: every field's type, default, allowed values and help text.
+
+``TrainConfig`` is validated when it is built (a one-line error naming the field), the presets are partial
+configs on top of its defaults, and the ``train`` command's flags are generated from these fields
+(``cli/training.py``), so a flag is defined, validated and used under one name.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..calibration import CALIBRATION_METHODS, parse_threshold_policy
+from ..data.augment import AugmentConfig
+from ..errors import ConfigError
+from ..fileio import display_path
+
+TUTORIAL_AUGMENT = {"shear": 0.2, "zoom": 0.2, "flip": True}
+INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area")
+INTENSITIES = ("none", "equalize", "clahe", "window")
+
+
+def option(default, help: str, choices=None, minimum=None, maximum=None, flag: str | None = None,
+           metavar: str | None = None, cli: bool = True):
+    """A config field: default, help text, allowed values; ``flag``/``metavar`` name its CLI option."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "flag": flag,
+            "metavar": metavar, "cli": cli}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = option("", "ROOT with train/ (and val/, test/) of NORMAL/ and PNEUMONIA/, or a CSV of path,label")
+    out: str = option("runs/run", "run folder: checkpoints, history, curves")
+    val_from_train: float = option(0.0, "carve this fraction of train's patients as the validation split",
+                                   minimum=0.0, maximum=0.9)
+    min_val_images: int = option(100, "below this many val/ images (Kaggle's has 16) val is carved from train",
+                                 minimum=0)
+    limit_images: int = option(0, "use only the first N images per split (quick runs; 0 = all)", minimum=0)
+    cache_dir: str = option("", "where decoded arrays are cached (default: beside the data)")
+    workers: int = option(0, "decoding processes for the cache (0 = one per core)", minimum=0)
+    # model and input
+    model: str = option("seed", "registered model name (pneumonia-cnn models)")
+    model_kwargs: dict = option({}, "extra keyword arguments of the model, as JSON", metavar="JSON")
+    weights: str = option("", "local weights file to start from (nothing is downloaded)")
+    size: int = option(224, "input height and width in pixels", minimum=16)
+    channels: int = option(3, "input channels: 3 (gray repeated, as the tutorial) or 1", choices=(1, 3))
+    interpolation: str = option("bilinear", "resize filter (Keras' default is nearest)", choices=INTERPOLATIONS)
+    intensity: str = option("none", "per-image intensity standardisation", choices=INTENSITIES)
+    # optimisation
+    epochs: int = option(10, "passes over the training images", minimum=1)
+    batch_size: int = option(32, "images per step", minimum=1)
+    lr: float = option(1e-3, "peak learning rate", minimum=0.0)
+    optimizer: str = option("adam", "adam (Keras' defaults), adamw or sgd (Nesterov momentum 0.9)",
+                            choices=("adam", "adamw", "sgd"))
+    weight_decay: float = option(0.0, "weight decay (AdamW: decoupled, not on biases or norms)", minimum=0.0)
+    schedule: str = option("constant", "learning-rate schedule after warm-up",
+                           choices=("constant", "cosine", "onecycle"))
+    warmup_epochs: float = option(0.0, "linear warm-up length in epochs", minimum=0.0)
+    label_smoothing: float = option(0.0, "targets pulled toward 0.5 by this amount", minimum=0.0, maximum=0.5)
+    class_balance: str = option("none", "weights: positive class weighted by the imbalance; sampler: "
+                                        "class-balanced sampling", choices=("none", "weights", "sampler"))
+    augment: dict = option(dict(TUTORIAL_AUGMENT), "augmentation as JSON, e.g. "
+                                                   "'{\"shear\": 0.2, \"zoom\": 0.2, \"flip\": true}'",
+                           metavar="JSON")
+    ema_decay: float = option(0.0, "exponential moving average of the weights (0 = off)", minimum=0.0,
+                              maximum=0.99999)
+    # selection and decision
+    monitor: str = option("val_loss", "what picks best.pt and drives early stopping",
+                          choices=("val_loss", "val_auc"))
+    early_stopping: int = option(0, "epochs without improvement before stopping (0 = off)", minimum=0)
+    tta: bool = option(False, "average the prediction of the image and its mirror image")
+    threshold: str = option("0.5", "operating threshold: a probability, youden, sensitivity:X or "
+                                    "specificity:X (chosen on val, never on test)")
+    calibration: str = option("none", "probability calibration fitted on val: platt (scale and bias), "
+                                      "temperature, or none", choices=CALIBRATION_METHODS)
+    ood: bool = option(True, "fit the out-of-distribution detector at the end of training")
+    ood_quantile: float = option(0.975, "in-distribution quantile of val OOD scores used as the flag threshold",
+                                 minimum=0.5, maximum=0.9999)
+    # run
+    seed: int = option(0, "random seed")
+    deterministic: bool = option(False, "bit-reproducible kernels (slower)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    amp: str = option("auto", "reduced precision: auto (bf16 on CUDA and on CPUs with bf16 instructions), "
+                              "off, bf16 or fp16", choices=("auto", "off", "bf16", "fp16"))
+    channels_last: bool = option(True, "channels-last memory layout (faster convolutions)")
+    compile: bool = option(False, "torch.compile the model")
+    max_steps_per_epoch: int = option(0, "stop each epoch after N steps (smoke tests, benchmarks; 0 = all)",
+                                      minimum=0)
+    population: str = option("", "who the training X-rays come from (for the model card)")
+    age_range_years: list | None = option(None, "training population's age range in years; DICOM ages outside "
+                                                "it are flagged", flag="--age-range", metavar=("MIN", "MAX"))
+    tracker: str = option("none", "experiment tracking", choices=("none", "mlflow", "tensorboard"))
+    tracking_uri: str = option("", "tracking store (default: inside the run folder)")
+    evaluate_test: bool = option(True, "score the test split (when present) at the end")
+    progress: bool = option(True, "progress bars")
+    preset: str = option("tutorial", "the preset this config started from", cli=False)
+
+    def __post_init__(self):
+        for spec in dataclasses.fields(self):
+            setattr(self, spec.name, _coerce(spec, getattr(self, spec.name)))
+            _check_field(spec, getattr(self, spec.name))
+        self.threshold = str(self.threshold)
+        parse_threshold_policy(self.threshold, name="threshold")
+        try:
+            AugmentConfig.from_dict(self.augment)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"augment: {error}") from None
+        if self.age_range_years is not None:
+            low, high = _age_range(self.age_range_years)
+            self.age_range_years = [low, high]
+        from ..models import list_models
+        if self.model not in list_models():
+            raise ConfigError(f"model: unknown model {self.model!r}; choose from {', '.join(list_models())}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(spec: dataclasses.Field, value):
+    """Numbers written as text (YAML reads 1e-3 as a string) or floats with integer values (JSON's 10.0)."""
+    kind = str(spec.type)
+    try:
+        if kind == "float" and isinstance(value, str):
+            return float(value)
+        if kind == "int" and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if kind == "int" and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    except ValueError:
+        pass
+    return value
+
+
+def _check_field(spec: dataclasses.Field, value):
+    """Type, allowed values and bounds of one field, from its declaration."""
+    name, meta = spec.name, spec.metadata
+    expected = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}.get(str(spec.type))
+    if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+        raise ConfigError(f"{name}: expected {spec.type}, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    if meta.get("minimum") is not None and value < meta["minimum"]:
+        raise ConfigError(f"{name}: {value!r} is below the minimum {meta['minimum']}")
+    if meta.get("maximum") is not None and value > meta["maximum"]:
+        raise ConfigError(f"{name}: {value!r} is above the maximum {meta['maximum']}")
+
+
+def _age_range(value) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"age_range_years: expected two numbers [min, max], got {value!r}") from None
+    if not 0 <= low <= high:
+        raise ConfigError(f"age_range_years: need 0 <= min <= max, got {value!r}")
+    return low, high
+
+
+KAGGLE_POPULATION = {  # Kermany et al., Cell 2018: the Kaggle set's source
+    "population": "children aged 1 to 5 years, anterior-posterior chest X-rays from routine care at Guangzhou "
+                  "Women and Children's Medical Center (Kermany et al., 2018)",
+    "age_range_years": [1, 5],
+}
+
+PRESETS = {
+    "tutorial": dict(KAGGLE_POPULATION),  # otherwise the dataclass defaults are the tutorial
+    "best": {
+        "model": "resnet18_narrow", "size": 192, "channels": 1, "intensity": "equalize",
+        "epochs": 24, "batch_size": 32, "lr": 2e-3, "optimizer": "adamw", "weight_decay": 0.05,
+        "schedule": "cosine", "warmup_epochs": 1, "label_smoothing": 0.05, "class_balance": "weights",
+        # an isotropic scale of +-25% (a random resized crop) covers a 10% tighter collimation on every side
+        # (1.25x): with independent x/y zoom alone such a crop cost specificity on the stress panel (README)
+        "augment": {"zoom": 0.1, "scale": 0.25, "flip": True, "rotation": 7, "translate": 0.06, "brightness": 0.1,
+                    "contrast": 0.25, "gamma": 0.3, "blur_sigma": 2.0, "blur_p": 0.3, "noise": 0.03,
+                    "jpeg_quality": 30, "jpeg_p": 0.2},
+        "ema_decay": 0.998, "monitor": "val_auc", "early_stopping": 8, "tta": True,
+        # the fewest false positives at 95% sensitivity on val: Youden's J is flat on this nearly separable val
+        # set and lands on the side that acquisition shifts punish (README, "Models and recipes")
+        "threshold": "sensitivity:0.95", "calibration": "platt", **KAGGLE_POPULATION,
+    },
+}
+
+# fields of configs saved by earlier versions, mapped to today's (old run folders still resume)
+LEGACY_FIELDS = {"calibrate": lambda value: {"calibration": "temperature" if value else "none"}}
+
+
+def upgrade_legacy_fields(values: dict) -> dict:
+    values = dict(values)
+    for name, convert in LEGACY_FIELDS.items():
+        if name in values:
+            values.update(convert(values.pop(name)))
+    return values
+
+
+def make_config(preset: str = "tutorial", config_file: str | None = None, **overrides) -> TrainConfig:
+    """Preset, then a YAML/TOML/JSON config file, then explicit overrides (the CLI's flags); validated."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    values = TrainConfig().to_dict()
+    values.update(copy.deepcopy(PRESETS[preset]))
+    values["preset"] = preset
+    if config_file:
+        values.update(upgrade_legacy_fields(read_config_file(config_file)))
+    values.update(upgrade_legacy_fields({k: v for k, v in overrides.items() if v is not None}))
+    unknown = set(values) - {spec.name for spec in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    return TrainConfig(**values)
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """A saved config (a run's config.json or a checkpoint's ``config``), upgraded from earlier versions."""
+    values = upgrade_legacy_fields(values)
+    known = {spec.name for spec in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def read_config_file(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{display_path(path)}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            values = yaml.safe_load(text) or {}
+        elif path.suffix.lower() == ".toml":
+            import tomllib
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
+    except Exception as error:
+        raise ConfigError(f"{display_path(path)}: cannot parse config ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{display_path(path)}: config must be a mapping of field: value")
+    return values

@@ -1,0 +1,86 @@
+"""Data-parallel helpers: rank and world size from the environment ``torchrun`` sets, gathering, one stop flag."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device_name: str) -> Distributed:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    import torch.distributed as dist
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    timeout = timedelta(seconds=float(os.environ.get("PNEUMONIA_CNN_DIST_TIMEOUT", "300")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+    return Distributed(rank, world_size, local_rank)
+
+
+def barrier(dist_info: Distributed):
+    if dist_info.enabled:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def gather_by_index(dist_info: Distributed, indices: np.ndarray, values: np.ndarray, total: int) -> np.ndarray:
+    """Reassemble per-rank values so every rank sees exactly the single-process array."""
+    out = np.empty(total)
+    if not dist_info.enabled:
+        out[indices] = values
+        return out
+    import torch.distributed as dist
+    gathered = [None] * dist_info.world_size
+    dist.all_gather_object(gathered, (indices, values))
+    for rank_indices, rank_values in gathered:
+        out[rank_indices] = rank_values
+    return out
+
+
+def sum_across_ranks(dist_info: Distributed, values: list[float], device) -> list[float]:
+    if not dist_info.enabled:
+        return list(values)
+    import torch.distributed as dist
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def any_rank(dist_info: Distributed, flag: bool, device) -> bool:
+    """True on every rank when it is true on one: all ranks stop at the same step, or the others would hang."""
+    if not dist_info.enabled:
+        return flag
+    import torch.distributed as dist
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def finish_distributed(dist_info: Distributed):
+    # no final barrier: rank 0's end-of-run step (calibration, OOD fit, test metrics) may outlast the
+    # collective timeout, and the other ranks have nothing left to do
+    if dist_info.enabled:
+        import torch.distributed as dist
+        dist.destroy_process_group()

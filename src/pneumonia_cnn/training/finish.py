@@ -1,0 +1,88 @@
+"""End of a run, on best.pt's weights and the scorer's own outputs (fit on what is served): calibration and
+threshold on validation, the out-of-distribution detector, and the reference that ensembles, ``evaluate``'s
+overlap check and drift monitoring read."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..calibration import (Calibration, Decision, compare_calibrations, fit_calibration, fit_decision,
+                           parse_threshold_policy, reliability_bins)
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data.fingerprint import file_fingerprints
+from ..inference import Scorer, load_bundle
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+MAX_OOD_FIT_IMAGES = 3000
+
+
+def finish_run(out: Path, config: TrainConfig, train_set, val_set, device) -> dict:
+    best = load_checkpoint(out / "best.pt")
+    best.pop("ood", None)
+    bundle = load_bundle(best)
+    from ..ood import default_taps
+    scorer = Scorer(bundle, device, engine="auto", amp="off", taps=default_taps(bundle.models[0]) if config.ood else [])
+    usable_val = val_set is not None and len(val_set) and len(set(val_set.labels.tolist())) == 2
+    val_scores = scorer.score(val_set.images) if usable_val else None
+    decision = _fit_decision(config, val_set.labels if usable_val else None, val_scores)
+    best.update(calibration=decision.calibration.to_dict(), threshold=decision.threshold,
+                threshold_policy=decision.policy, decision_fit=dict(scorer.description, split="val",
+                                                                    images=len(val_set) if usable_val else 0))
+    best.pop("temperature", None)
+    if usable_val:
+        best["decision_fit"]["calibration_comparison"] = compare_calibrations(val_set.labels, val_scores.raw,
+                                                                              seed=config.seed)
+        _reliability_figure(val_set.labels, val_scores.raw, out / "calibration.png")
+    ood_scores = None
+    if config.ood:
+        detector, ood_scores = _fit_ood(scorer, train_set, val_set, val_scores, config)
+        best["ood"] = detector.state()
+    if usable_val:
+        best["reference"] = {"val": {"fingerprints": file_fingerprints(val_set.paths),
+                                     "labels": [int(v) for v in val_set.labels],
+                                     "raw_scores": [float(v) for v in val_scores.raw],
+                                     "ood_scores": None if ood_scores is None else [float(v) for v in ood_scores]}}
+    best.pop("path", None)
+    save_checkpoint(best, out / "best.pt")
+    log.info("best.pt: epoch %s, %s calibration, threshold %.3f (%s)%s", best.get("epoch"),
+             decision.calibration.method, decision.threshold, decision.policy,
+             ", OOD detector fitted" if config.ood else "")
+    return {"threshold": decision.threshold, "calibration": decision.calibration.to_dict()}
+
+
+def _fit_decision(config: TrainConfig, labels, val_scores) -> Decision:
+    if val_scores is not None:
+        return fit_decision(labels, val_scores.raw, config.threshold, config.calibration)
+    kind, value = parse_threshold_policy(config.threshold)
+    log.warning("no validation images with both classes: no calibration, threshold %s",
+                value if kind == "fixed" else "0.5")
+    return Decision(Calibration(), value if kind == "fixed" else 0.5, config.threshold if kind == "fixed" else "0.5")
+
+
+def _fit_ood(scorer: Scorer, train_set, val_set, val_scores, config: TrainConfig):
+    """Gaussians on (a sample of) the training images' tap features; scale and threshold on val's."""
+    from ..ood import OODDetector
+    rng = np.random.default_rng(config.seed)
+    chosen = np.sort(rng.permutation(len(train_set))[:MAX_OOD_FIT_IMAGES])
+    fit_features = scorer.score(np.asarray(train_set.images[chosen])).features
+    labels = np.asarray(train_set.labels)[chosen]
+    if val_scores is not None and len(val_scores) >= 20:
+        held_features = val_scores.features
+    else:  # no usable val: a fifth of the sample is held out of the fit instead
+        cut = max(1, len(chosen) // 5)
+        held_features = [f[:cut] for f in fit_features]
+        fit_features, labels = [f[cut:] for f in fit_features], labels[cut:]
+    layers = [layer for layer, _ in scorer.taps]
+    detector = OODDetector.fit_features(layers, fit_features, labels, held_features, quantile=config.ood_quantile)
+    ood_scores = detector.score_features(val_scores.features) if val_scores is not None else None
+    return detector, ood_scores
+
+
+def _reliability_figure(labels, raw_scores, path: Path):
+    from ..plots import reliability_diagram
+    curves = {method: reliability_bins(labels, fit_calibration(labels, raw_scores, method).probabilities(raw_scores))
+              for method in ("none", "temperature", "platt")}
+    reliability_diagram(curves, path, "Reliability on validation (fitted there)")

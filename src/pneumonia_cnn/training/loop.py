@@ -1,0 +1,241 @@
+"""The training loop, read top to bottom (in the manner of nanoGPT's train.py).
+
+``train(config)``: build the run (``setup.start_run``), then for each epoch take augmented batches from the
+cache to the device, step, validate, keep the best weights and the resumable state, and stop early when
+validation stops improving. At the end, ``finish.finish_run`` fits the decision (calibration, threshold) and
+the out-of-distribution detector on the served scores of best.pt. SIGINT/SIGTERM finish the current step,
+save last.pt (with the position inside the epoch) and return; ``resume`` continues from there.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..calibration import sigmoid
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data.augment import augment_batch
+from ..data.loader import to_model_input
+from ..device import autocast
+from ..errors import PneumoniaCNNError
+from ..fileio import display_path, write_json_atomic, write_text_atomic
+from ..inference.engines import TorchEngine
+from ..metrics import point_metrics
+from .config import TrainConfig, config_from_dict
+from .distributed import any_rank, finish_distributed, gather_by_index, sum_across_ranks
+from .finish import finish_run
+from .optim import ema_decay_at, learning_rate_factor, update_ema
+from .setup import Run, StopRequested, intended_use, start_run
+from .state import RunningSums, cpu_state
+
+log = logging.getLogger(__name__)
+AfterTraining = Callable[[Path, TrainConfig, torch.device], dict]
+
+
+def train(config: TrainConfig, resume_from_last: bool = False, after_training: AfterTraining | None = None) -> dict:
+    """Train as ``config`` says; returns the run folder, history and final figures. ``after_training``
+    (run folder, config, device) -> dict runs on the main process once best.pt is final
+    (``experiment.train_and_evaluate`` scores the test split with it)."""
+    run = start_run(config, resume_from_last)
+    interrupted = False
+    with StopRequested() as stop:
+        while run.state.epoch < config.epochs:
+            if not train_one_epoch(run, stop):
+                save_last(run)
+                interrupted = True
+                break
+            end_of_epoch(run)
+            if config.early_stopping and run.state.epochs_without_improvement >= config.early_stopping:
+                if run.dist.main:
+                    log.info("early stopping: no improvement in %s for %d epochs", config.monitor,
+                             config.early_stopping)
+                break
+    return finish(run, interrupted, after_training)
+
+
+def train_one_epoch(run: Run, stop: StopRequested) -> bool:
+    """Steps from the saved position to the end of the epoch; False when a stop was requested."""
+    state = run.state
+    run.epoch_started = time.perf_counter()
+    run.loader.set_epoch(state.epoch)
+    state.model.train()
+    skip = state.step_in_epoch  # a resumed epoch replays the loader's order up to where it stopped
+    loss_sum, correct = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
+    bar = _progress_bar(run, skip)
+    for index, (pixels, labels, _) in enumerate(run.loader):
+        if index < skip:
+            continue
+        loss, hits = train_step(run, pixels, labels)
+        loss_sum += loss * len(labels)  # summed on the device: no host sync per step
+        correct += hits
+        state.sums.count += len(labels)
+        state.step_in_epoch += 1
+        if bar is not None:
+            bar.update(1)
+            if state.step_in_epoch % 10 == 0:
+                bar.set_postfix(loss=f"{(state.sums.loss + float(loss_sum)) / state.sums.count:.4f}")
+        stop.requested = any_rank(run.dist, stop.requested, run.device)
+        if stop.requested:
+            break
+    state.sums.loss += float(loss_sum)
+    state.sums.correct += float(correct)
+    if bar is not None:
+        bar.close()
+    return not stop.requested
+
+
+def train_step(run: Run, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch of cached uint8 images; returns (mean loss, correct count)."""
+    config, state = run.config, run.state
+    for group in state.optimizer.param_groups:
+        group["lr"] = config.lr * learning_rate_factor(config, run.global_step, run.total_steps, run.steps_per_epoch)
+    x = augment_batch(to_model_input(pixels, run.device), run.augment, state.generator)
+    if config.channels == 3:  # the cache stays gray; oneDNN runs 3-channel channels-last input fastest
+        x = x.expand(-1, 3, -1, -1)
+    if config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = labels.to(run.device, non_blocking=True)
+    target = y * (1 - config.label_smoothing) + 0.5 * config.label_smoothing
+    with autocast(run.device, run.amp_dtype):
+        logits = run.forward(x).float()
+    loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=run.pos_weight)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    if state.ema_model is not None:
+        update_ema(state.ema_model, state.model, ema_decay_at(config, run.global_step))
+    return loss.detach(), ((logits.detach() > 0).float() == y).sum()
+
+
+def end_of_epoch(run: Run) -> dict:
+    """Validate, keep the best weights, save the resumable state, write history and curves."""
+    state, config = run.state, run.config
+    loss_sum, correct, count = sum_across_ranks(run.dist, [state.sums.loss, state.sums.correct, state.sums.count],
+                                                run.device)
+    row = {"epoch": state.epoch + 1, "train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
+           "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - run.epoch_started}
+    if run.val_set is not None and len(run.val_set):
+        row.update(validation_metrics(run.val_set.labels, validation_logits(run)))
+    state.history.append(row)
+    score = monitor_score(config.monitor, row)
+    improved = state.best_score is None or (score is not None and score < state.best_score)
+    state.best_score = score if improved else state.best_score
+    state.epochs_without_improvement = 0 if improved else state.epochs_without_improvement + 1
+    state.epoch, state.step_in_epoch, state.sums = state.epoch + 1, 0, RunningSums()
+    if run.dist.main:
+        if improved:
+            save_checkpoint(checkpoint_payload(run, state.eval_model), run.out / "best.pt")
+        save_last(run)
+        write_history(state.history, run.out)
+        from ..plots import training_curves
+        training_curves(state.history, run.out / "curves.png")
+        if run.tracker:
+            run.tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))}, state.epoch)
+        log.info("epoch %d/%d  %s", state.epoch, config.epochs, format_row(row))
+    return row
+
+
+def validation_logits(run: Run) -> np.ndarray:
+    """The served forward (``ServedModel``: flips, channels) of the weights being validated; with several
+    processes each scores its shard and all are gathered, so the numbers equal one process's."""
+    engine = TorchEngine([run.state.eval_model], run.device, run.config.tta, amp=run.config.amp)
+    images = run.val_set.images
+    indices = np.arange(len(images))[run.dist.rank::run.dist.world_size]
+    values = np.empty(len(indices))
+    for start in range(0, len(indices), 64):
+        chosen = indices[start:start + 64]
+        values[start:start + len(chosen)] = engine.run(np.asarray(images[chosen]))[0][0]
+    return gather_by_index(run.dist, indices, values, len(images))
+
+
+def validation_metrics(labels, logits) -> dict:
+    metrics = point_metrics(labels, sigmoid(logits), 0.5)
+    row = {"val_loss": metrics["log_loss"], "val_accuracy": metrics["accuracy"]}
+    if np.isfinite(metrics["roc_auc"]):
+        row["val_auc"] = metrics["roc_auc"]
+    return row
+
+
+def monitor_score(monitor: str, row: dict):
+    """Lower is better; AUC is negated. Without validation, the training loss."""
+    if monitor == "val_auc" and row.get("val_auc") is not None:
+        return -row["val_auc"]
+    return row.get("val_loss", row["train_loss"])
+
+
+def checkpoint_payload(run: Run, weights_model: torch.nn.Module) -> dict:
+    config = run.config
+    return {"model": {"name": config.model, "kwargs": weights_model.model_kwargs},
+            "state_dict": cpu_state(weights_model),
+            "preprocessing": {"size": [config.size, config.size], "channels": config.channels, "rescale": 1 / 255,
+                              "interpolation": config.interpolation, "intensity": config.intensity,
+                              "color": "grayscale read, repeated to RGB" if config.channels == 3 else "grayscale"},
+            "class_names": list(run.train_set.class_names), "threshold": 0.5, "threshold_policy": "0.5",
+            "tta": config.tta, "config": config.to_dict(), "history": run.state.history, "run_id": run.run_id,
+            "epoch": run.state.epoch, "parameters": run.parameters,
+            "intended_use": intended_use(run.train_set, config)}
+
+
+def save_last(run: Run):
+    if run.dist.main:
+        payload = checkpoint_payload(run, run.state.model)
+        payload["training_state"] = run.state.saved()
+        save_checkpoint(payload, run.out / "last.pt")
+
+
+def finish(run: Run, interrupted: bool, after_training: AfterTraining | None) -> dict:
+    summary = {"run_dir": str(run.out), "run_id": run.run_id, "history": run.state.history,
+               "interrupted": interrupted, "parameters": run.parameters, "main_process": run.dist.main}
+    if interrupted:
+        if run.dist.main:
+            log.warning("stopped early; resume with: pneumonia-cnn train --resume %s", display_path(run.out))
+    elif run.dist.main:
+        summary.update(finish_run(run.out, run.config, run.train_set, run.val_set, run.device))
+        if after_training is not None:
+            summary.update(after_training(run.out, run.config, run.device))
+        if run.tracker:
+            run.tracker.log_metrics({f"final_{k}": v for k, v in summary.get("test_metrics", {}).items()
+                                     if isinstance(v, (int, float))}, len(run.state.history))
+            run.tracker.log_artifacts(run.out)
+    if run.tracker:
+        run.tracker.close()
+    finish_distributed(run.dist)
+    return summary
+
+
+def resume(run_dir, after_training: AfterTraining | None = None, **overrides) -> dict:
+    """Continue ``run_dir`` from its last.pt with the config it was started with."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "last.pt").exists():
+        raise PneumoniaCNNError(f"{display_path(run_dir)}: nothing to resume (no last.pt)")
+    values = dict(load_checkpoint(run_dir / "last.pt")["config"])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["out"] = str(run_dir)
+    return train(config_from_dict(values), resume_from_last=True, after_training=after_training)
+
+
+def write_history(history: list[dict], out: Path):
+    write_json_atomic(out / "history.json", history)
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    lines = [",".join(columns)] + [",".join("" if row.get(c) is None else f"{row[c]:.6g}" if isinstance(row[c], float)
+                                            else str(row[c]) for c in columns) for row in history]
+    write_text_atomic(out / "history.csv", "\n".join(lines) + "\n")
+
+
+def format_row(row: dict) -> str:
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc")
+    return "  ".join(f"{k} {row[k]:.4f}" for k in keys if row.get(k) is not None) + f"  ({row['seconds']:.0f}s)"
+
+
+def _progress_bar(run: Run, skip: int):
+    if not (run.config.progress and run.dist.main):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=run.steps_per_epoch, initial=skip, desc=f"epoch {run.state.epoch + 1}/{run.config.epochs}",
+                unit="batch", leave=False, file=sys.stderr, disable=None)

@@ -1,0 +1,183 @@
+"""Everything the loop needs, built once: device and precision, data, model, optimiser, loader, state."""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_checkpoint
+from ..data.augment import AugmentConfig
+from ..data.loader import BatchLoader
+from ..device import autocast_dtype, keep_freed_memory_for_reuse, resolve_device
+from ..fileio import display_path, write_json_atomic
+from ..models import count_parameters, create_model
+from .config import TrainConfig
+from .data import describe_counts, prepare_data
+from .distributed import Distributed, setup_distributed
+from .optim import make_optimizer
+from .state import TrainingState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    out: Path
+    dist: Distributed
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    augment: AugmentConfig
+    train_set: object
+    val_set: object
+    state: TrainingState
+    forward: torch.nn.Module  # what the step calls: the model, wrapped for data parallelism or compiled
+    loader: BatchLoader
+    pos_weight: torch.Tensor | None
+    run_id: str
+    parameters: int
+    tracker: object = None
+    epoch_started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
+
+    @property
+    def global_step(self) -> int:
+        return self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch
+
+
+def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
+    out, dist_info = Path(config.out), setup_distributed(config.device)
+    device = resolve_device(config.device)
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    seed_everything(config.seed, config.deterministic)  # same initial weights on every rank
+    if device.type == "cuda" and not config.deterministic:
+        torch.backends.cudnn.benchmark = True  # fixed input size: cuDNN's fastest kernels, picked once
+    if device.type == "cpu":
+        keep_freed_memory_for_reuse()
+    train_set, val_set = prepare_data(config, dist_info)
+    if dist_info.main:
+        _prepare_run_folder(out, config, train_set, val_set)
+    model = create_model(config.model, in_channels=config.channels, image_size=(config.size, config.size),
+                         weights=config.weights or None, **config.model_kwargs).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    state = TrainingState(model, make_optimizer(config, model),
+                          torch.Generator().manual_seed(config.seed * 1000 + dist_info.rank),
+                          copy.deepcopy(model).eval() if config.ema_decay else None)
+    run_id = f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    if resume_from_last and (out / "last.pt").exists():
+        saved = load_checkpoint(out / "last.pt")
+        state.restore(saved)
+        run_id = saved.get("run_id", run_id)
+        if dist_info.main:
+            log.info("resuming %s at epoch %d step %d", display_path(out), state.epoch + 1, state.step_in_epoch)
+    return Run(config, out, dist_info, device, autocast_dtype(device, config.amp), AugmentConfig.from_dict(config.augment),
+               train_set, val_set, state, _forward_module(config, model, dist_info, device),
+               _make_loader(config, train_set, dist_info, device), _pos_weight(config, train_set, device), run_id,
+               count_parameters(model)[0], _make_tracker(config, out, run_id, dist_info))
+
+
+def _prepare_run_folder(out: Path, config: TrainConfig, train_set, val_set):
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # left by a process killed mid-write; the real files are intact
+        stale.unlink(missing_ok=True)
+    write_json_atomic(out / "config.json", config.to_dict())
+    log.info("train: %d images %s; val: %s", len(train_set), describe_counts(train_set),
+             f"{len(val_set)} images {describe_counts(val_set)}" if val_set is not None else "none")
+
+
+def _forward_module(config: TrainConfig, model, dist_info: Distributed, device):
+    forward = model
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(forward) if config.compile else forward
+
+
+def _make_loader(config: TrainConfig, train_set, dist_info: Distributed, device) -> BatchLoader:
+    sample_weights = None
+    if config.class_balance == "sampler":
+        positives = float(train_set.labels.mean())
+        sample_weights = np.where(train_set.labels == 1, 0.5 / positives, 0.5 / (1 - positives))
+    return BatchLoader(train_set.images, train_set.labels, config.batch_size, shuffle=True, seed=config.seed,
+                       sample_weights=sample_weights, rank=dist_info.rank, world_size=dist_info.world_size,
+                       augment=AugmentConfig.from_dict(config.augment), pin_memory=device.type == "cuda",
+                       max_batches=config.max_steps_per_epoch or None)
+
+
+def _pos_weight(config: TrainConfig, train_set, device):
+    """Class weighting: each positive counts (negatives / positives) times, so the classes weigh the same."""
+    if config.class_balance != "weights":
+        return None
+    positives = float(train_set.labels.mean())
+    return torch.tensor((1 - positives) / positives, device=device)
+
+
+def _make_tracker(config: TrainConfig, out: Path, run_id: str, dist_info: Distributed):
+    if not dist_info.main or config.tracker == "none":
+        return None
+    from ..tracking import make_tracker
+    tracker = make_tracker(config.tracker, config.tracking_uri or str(out / config.tracker), run_id)
+    tracker.log_params(config.to_dict())
+    return tracker
+
+
+def seed_everything(seed: int, deterministic: bool):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def intended_use(train_set, config: TrainConfig) -> dict:
+    return {"population": config.population or "not stated (set --population and --age-range for the model card)",
+            "age_range_years": config.age_range_years,
+            "task": "binary: NORMAL vs PNEUMONIA on a frontal chest radiograph",
+            "trained_on": {"images": int(len(train_set)), "source": str(train_set.source),
+                           "input_size": [config.size, config.size]},
+            "not_a_medical_device": True}
+
+
+class StopRequested:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves, and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("received %s: finishing the current step, saving, then exiting", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

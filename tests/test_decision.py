@@ -1,0 +1,184 @@
+"""The decision path on a `best`-like run: one scoring path, fitted on what is served, and evaluate without
+side effects."""
+import csv
+import hashlib
+import json
+import logging
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from pneumonia_cnn.calibration import fit_decision, logit
+from pneumonia_cnn.checkpoint import load_checkpoint
+from pneumonia_cnn.cli import main
+from pneumonia_cnn.inference import Predictor
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def val_files(root):
+    return sorted((root / "val").glob("*/*.jpeg"))
+
+
+def predict_json(capsys, *args):
+    assert main(["predict", *map(str, args), "--format", "json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_checkpoint_records_a_decision_fitted_on_the_served_scores(best_like_run):
+    checkpoint = load_checkpoint(best_like_run / "best.pt")
+    assert checkpoint["calibration"]["method"] in ("platt", "none")
+    assert checkpoint["threshold_policy"] == "sensitivity:0.95"
+    fit = checkpoint["decision_fit"]
+    assert fit["engine"] == "onnx" and fit["precision"] == "float32" and fit["tta"] is True
+    assert fit["images"] == 20 and set(fit["calibration_comparison"]) == {"platt", "temperature", "none"}
+    assert (best_like_run / "calibration.png").stat().st_size > 1000
+    assert len(checkpoint["reference"]["val"]["fingerprints"]) == 20
+
+
+def test_refitting_from_predicts_own_outputs_gives_what_the_checkpoint_holds(best_like_run, small_root, capsys):
+    rows = predict_json(capsys, best_like_run, *val_files(small_root))
+    labels = np.array([1 if "/PNEUMONIA/" in row["path"] else 0 for row in rows])
+    raw = np.array([row["raw_score"] for row in rows])
+    checkpoint = load_checkpoint(best_like_run / "best.pt")
+    refit = fit_decision(labels, raw, checkpoint["threshold_policy"], checkpoint["config"]["calibration"])
+    assert refit.calibration.scale == pytest.approx(checkpoint["calibration"]["scale"], abs=1e-4)
+    assert refit.calibration.bias == pytest.approx(checkpoint["calibration"]["bias"], abs=1e-4)
+    assert refit.threshold == pytest.approx(checkpoint["threshold"], abs=1e-5)
+    # and what predict printed is that calibration applied to that raw score
+    probabilities = np.array([row["probability"] for row in rows])
+    assert np.allclose(logit(probabilities), refit.calibration.logits(raw), atol=1e-4)
+    called = probabilities[labels == 1] >= checkpoint["threshold"]
+    assert called.mean() >= 0.95
+
+
+def test_evaluate_predict_serve_and_onnx_export_agree(best_like_run, small_root, tmp_path, capsys):
+    import onnxruntime
+    from tests.serving.conftest import start_server
+    import httpx
+    files = sorted((small_root / "test").glob("*/*.jpeg"))
+    assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(small_root), "--bootstrap", "20",
+                 "--out", str(tmp_path / "m.json"), "--no-figures"]) == 0
+    capsys.readouterr()
+    evaluated = {row["path"]: row["probability"] for row in json.loads((tmp_path / "m.json").read_text())["predictions"]}
+    predicted = {row["path"]: row["probability"] for row in predict_json(capsys, best_like_run, *files)}
+    assert set(evaluated) == set(predicted) == {str(f) for f in files}
+    for path in files:
+        assert evaluated[str(path)] == pytest.approx(predicted[str(path)], abs=1e-6)
+    assert main(["export", str(best_like_run / "best.pt"), "--out", str(tmp_path / "m.onnx")]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    predictor = Predictor(best_like_run, "cpu")
+    pixels = np.stack([predictor.preprocess_path(f)[0] for f in files]).astype(np.float32)[:, None] / 255
+    exported = session.run(["probability"], {"image": pixels})[0]
+    assert np.allclose(exported, [predicted[str(f)] for f in files], atol=1e-5)
+    process, url = start_server(best_like_run / "best.pt")
+    try:
+        for path in files[:4]:
+            answer = httpx.post(f"{url}/predict", files={"file": (path.name, path.read_bytes())}, timeout=60).json()
+            assert answer["probability"] == pytest.approx(predicted[str(path)], abs=1e-6)
+            assert answer["threshold"] == pytest.approx(load_checkpoint(best_like_run / "best.pt")["threshold"])
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_evaluate_never_writes_the_checkpoint_it_reads(best_like_run, small_root, tmp_path, capsys):
+    checkpoint = best_like_run / "best.pt"
+    before = sha256(checkpoint)
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(small_root), "--threshold", "youden",
+                 "--bootstrap", "20", "--out", str(tmp_path / "m.json"), "--no-figures"]) == 0
+    assert "decision refitted on val" in capsys.readouterr().out
+    assert sha256(checkpoint) == before
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(small_root), "--threshold", "0.9",
+                 "--save-as", str(tmp_path / "high.pt"), "--bootstrap", "20", "--out", str(tmp_path / "n.json"),
+                 "--no-figures"]) == 0
+    assert sha256(checkpoint) == before
+    saved = load_checkpoint(tmp_path / "high.pt")
+    assert saved["threshold"] == 0.9 and json.loads((tmp_path / "n.json").read_text())["threshold"] == 0.9
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(small_root), "--threshold", "0.8",
+                 "--save-as", str(checkpoint), "--no-figures", "--bootstrap", "5"]) == 2
+    assert "would overwrite the checkpoint it reads" in capsys.readouterr().err
+    assert sha256(checkpoint) == before
+
+
+def test_evaluate_refuses_the_images_a_decision_was_fitted_on(best_like_run, small_root, tmp_path, capsys):
+    # the run's own validation folder
+    assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(small_root), "--split", "val",
+                 "--no-figures"]) == 2
+    error = capsys.readouterr().err
+    assert "20 of the 20 evaluated images are among the images" in error and error.count("\n") == 1
+    # a test folder holding one validation X-ray under another name: caught by its content
+    copy_root = tmp_path / "copy"
+    shutil.copytree(small_root / "test", copy_root / "test", symlinks=True)
+    shutil.copy(val_files(small_root)[0], copy_root / "test" / "NORMAL" / "renamed.jpeg")
+    assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(copy_root), "--no-figures"]) == 2
+    assert "1 of the 21 evaluated images" in capsys.readouterr().err
+    # a CSV with no split: refitting "on val" would fit on the evaluated images themselves
+    listing = tmp_path / "images.csv"
+    with listing.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        for path in sorted((small_root / "test").glob("*/*.jpeg")):
+            writer.writerow([str(path), path.parent.name])
+    assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(listing), "--threshold", "youden",
+                 "--no-figures"]) == 2
+    assert "refitted decision" in capsys.readouterr().err
+
+
+def test_prevalence_given_and_estimated(best_like_run, small_root, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    files = sorted((small_root / "test").glob("*/*.jpeg"))
+    plain = predict_json(capsys, best_like_run, *files)
+    checkpoint = load_checkpoint(best_like_run / "best.pt")
+    prior = checkpoint["calibration"]["prior"]
+    assert prior == pytest.approx(10 / 20)  # small_root's val: 10 NORMAL, 10 PNEUMONIA
+    shifted = predict_json(capsys, best_like_run, *files, "--prevalence", "0.2")
+    shift = logit(0.2) - logit(prior)
+    for a, b in zip(plain, shifted):
+        assert logit(b["probability"]) == pytest.approx(logit(a["probability"]) + shift, abs=1e-6)
+        assert a["label"] == b["label"]  # sensitivity:0.95 is a place on the ROC curve: the threshold moves along
+    assert shifted[0]["threshold"] == pytest.approx(float(1 / (1 + np.exp(-(logit(checkpoint["threshold"]) + shift)))))
+    estimated = predict_json(capsys, best_like_run, *files, "--prevalence", "estimate")
+    assert re.search(r"rate of 0\.\d+, estimated from this batch \(\d+ in-distribution images", caplog.text)
+    assert estimated[0]["probability"] != plain[0]["probability"]
+    assert main(["predict", str(best_like_run), str(files[0]), "--prevalence", "1.5"]) == 2
+
+
+def test_adapt_batch_reestimates_on_a_large_enough_batch(best_like_run, small_root, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    files = sorted((small_root / "test").glob("*/*.jpeg")) + val_files(small_root)  # 40 images
+    plain = predict_json(capsys, best_like_run, *files)
+    adapted = predict_json(capsys, best_like_run, *files, "--adapt-batch")
+    adapted_count = re.search(r"re-estimated on this batch \((\d+) in-distribution images", caplog.text)
+    assert adapted_count and 32 <= int(adapted_count.group(1)) <= 40
+    differences = np.abs(np.array([a["probability"] - b["probability"] for a, b in zip(plain, adapted)]))
+    assert differences.max() > 1e-4
+    predict_json(capsys, best_like_run, *files[:10], "--adapt-batch")
+    assert "not adapted: 10 in-distribution images, fewer than 32" in caplog.text
+
+
+def test_an_ensemble_fits_its_own_threshold_and_keeps_the_ood_check(best_like_run, small_root, cache_dir, tmp_path,
+                                                                     capsys):
+    from pneumonia_cnn.training import make_config, train
+    second = tmp_path / "second"
+    train(make_config("best", data=str(small_root), out=str(second), epochs=2, size=64, batch_size=16, seed=7,
+                      cache_dir=str(cache_dir), progress=False, min_val_images=10, evaluate_test=False,
+                      early_stopping=0))
+    members = [load_checkpoint(best_like_run / "best.pt"), load_checkpoint(second / "best.pt")]
+    ensemble = Predictor([best_like_run, second], "cpu")
+    references = [m["reference"]["val"] for m in members]
+    mean_raw = (np.array(references[0]["raw_scores"]) + np.array(references[1]["raw_scores"])) / 2
+    expected = fit_decision(references[0]["labels"], mean_raw, "sensitivity:0.95", "platt")
+    assert ensemble.threshold == pytest.approx(expected.threshold)
+    assert ensemble.threshold != pytest.approx(np.mean([m["threshold"] for m in members]))
+    assert ensemble.ood is not None and "fitted on the ensemble's own validation scores" in ensemble.notes[0]
+    files = sorted((small_root / "test").glob("*/*.jpeg"))[:5]
+    rows = predict_json(capsys, best_like_run, second, "--", *files)
+    assert all(isinstance(row["ood_score"], float) and row["in_distribution"] is not None for row in rows)
+    single = [Predictor(run, "cpu").predict_files(files) for run in (best_like_run, second)]
+    for index, row in enumerate(rows):  # the ensemble's raw score is the mean of its members' raw scores
+        assert row["raw_score"] == pytest.approx((single[0][index].raw_score + single[1][index].raw_score) / 2,
+                                                 abs=1e-5)

@@ -182,3 +182,25 @@ def test_an_ensemble_fits_its_own_threshold_and_keeps_the_ood_check(best_like_ru
     for index, row in enumerate(rows):  # the ensemble's raw score is the mean of its members' raw scores
         assert row["raw_score"] == pytest.approx((single[0][index].raw_score + single[1][index].raw_score) / 2,
                                                  abs=1e-5)
+
+
+def test_batch_adaptation_uses_a_decision_fitted_the_same_way(best_like_run, small_root):
+    """--adapt-batch's threshold was fitted on val scored after AdaBN on val: re-doing that by hand gives it."""
+    from dataclasses import replace
+    from pneumonia_cnn.inference import load_bundle
+    from pneumonia_cnn.inference.adabn import adapt_batch_norm
+    checkpoint = load_checkpoint(best_like_run / "best.pt")
+    bundle = load_bundle(checkpoint)
+    predictor = Predictor(bundle, "cpu")
+    pixels = np.stack([predictor.preprocess_path(f)[0] for f in val_files(small_root)])
+    labels = [int("PNEUMONIA" in str(f)) for f in val_files(small_root)]
+    raw = Predictor(replace(adapt_batch_norm(bundle, pixels), ood=None), "cpu").score(pixels).raw
+    expected = fit_decision(labels, raw, "sensitivity:0.95", checkpoint["config"]["calibration"])
+    assert checkpoint["decision_adapted"]["threshold"] == pytest.approx(expected.threshold, abs=1e-5)
+    assert bundle.adapted_decision.threshold == pytest.approx(expected.threshold, abs=1e-5)
+    batch = np.concatenate([pixels, np.stack([predictor.preprocess_path(f)[0]
+                                              for f in sorted((small_root / "test").glob("*/*.jpeg"))])])
+    entries, notes = Predictor(bundle, "cpu", adapt_batch=True).assess(batch)  # 40 images: enough to adapt
+    assert "re-estimated on this batch" in notes[0]
+    assert entries[0]["threshold"] == pytest.approx(expected.threshold, abs=1e-5)  # not the plain one
+    assert expected.threshold != pytest.approx(checkpoint["threshold"], abs=1e-5)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,8 @@ class Preprocessing:
 
 
 def decision_of(checkpoint: dict) -> Decision:
-    """The checkpoint's decision policy; checkpoints of earlier versions stored a temperature only."""
+    """The checkpoint's decision policy (or that of its ``decision_adapted`` entry, stored the same way);
+    checkpoints of earlier versions stored a temperature only."""
     if checkpoint.get("calibration"):
         calibration = Calibration.from_dict(checkpoint["calibration"])
     else:
@@ -73,6 +74,7 @@ class Bundle:
     ood: object | None = None
     member_decisions: list[Decision] | None = None  # set only for ensembles of earlier versions' members
     notes: list[str] = field(default_factory=list)
+    adapted_decision: Decision | None = None  # fitted on val scored after AdaBN on val: for --adapt-batch
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -104,9 +106,9 @@ class Bundle:
         """A private copy of the first member for Grad-CAM: its hooks and gradients touch nothing shared."""
         return copy.deepcopy(self.models[0])
 
-    def with_decision(self, decision: Decision) -> "Bundle":
-        return Bundle(self.checkpoints, self.models, self.preprocessing, decision, self.tta, self.ood,
-                      self.member_decisions, list(self.notes))
+    def with_decision(self, decision: Decision, adapted: Decision | None = None) -> "Bundle":
+        return replace(self, decision=decision, adapted_decision=adapted or self.adapted_decision,
+                       notes=list(self.notes))
 
 
 def load_bundle(checkpoints) -> Bundle:
@@ -126,7 +128,9 @@ def load_bundle(checkpoints) -> Bundle:
     models = [build_model(c) for c in loaded]
     ood = _ood_detector(loaded[0])
     if len(loaded) == 1:
-        return Bundle(loaded, models, preprocessing, decision_of(loaded[0]), tta, ood)
+        adapted = loaded[0].get("decision_adapted")
+        return Bundle(loaded, models, preprocessing, decision_of(loaded[0]), tta, ood,
+                      adapted_decision=decision_of(adapted) if adapted else None)
     return _ensemble_bundle(loaded, models, preprocessing, tta, ood)
 
 
@@ -146,9 +150,13 @@ def _ensemble_bundle(loaded, models, preprocessing, tta, ood) -> Bundle:
         labels = np.asarray(references[0]["labels"])
         first = decision_of(loaded[0])
         decision = fit_decision(labels, members.mean(axis=0), first.policy, first.calibration.method)
+        adapted = None
+        if all(r.get("adapted_raw_scores") for r in references):
+            adapted_members = np.mean([r["adapted_raw_scores"] for r in references], axis=0)
+            adapted = fit_decision(labels, adapted_members, first.policy, first.calibration.method)
         note = (f"ensemble of {len(loaded)}: calibration and threshold fitted on the ensemble's own "
                 f"validation scores ({len(labels)} images)")
-        return Bundle(loaded, models, preprocessing, decision, tta, ood, notes=[note])
+        return Bundle(loaded, models, preprocessing, decision, tta, ood, notes=[note], adapted_decision=adapted)
     member_decisions = [decision_of(c) for c in loaded]
     threshold = float(np.mean([d.threshold for d in member_decisions]))
     note = (f"ensemble of {len(loaded)}: members do not share stored validation scores (checkpoints of an "

@@ -60,7 +60,9 @@ class Predictor:
         bundle = checkpoints if isinstance(checkpoints, Bundle) else load_bundle(checkpoints)
         self.prevalence = parse_prevalence(prevalence)
         if isinstance(self.prevalence, float):
-            bundle = bundle.with_decision(bundle.decision.with_prior(self.prevalence, "given"))
+            adapted = bundle.adapted_decision
+            bundle = bundle.with_decision(bundle.decision.with_prior(self.prevalence, "given"),
+                                          adapted.with_prior(self.prevalence, "given") if adapted else None)
         self.adapt_batch = bool(adapt_batch)
         if self.adapt_batch and not has_batch_norm(bundle.models[0]):
             raise PneumoniaCNNError(f"--adapt-batch: model {bundle.checkpoints[0]['model']['name']} has no batch-norm "
@@ -194,6 +196,11 @@ class Predictor:
                 scores = adapted.score(pixels, batch_size)
                 notes.append(f"batch-norm statistics re-estimated on this batch ({int(inside.sum())} "
                              f"in-distribution images, AdaBN)")
+                if self.bundle.adapted_decision is not None:
+                    decision = self.bundle.adapted_decision  # fitted the same way: on val, adapted to val
+                else:
+                    notes.append("the threshold and calibration were fitted without batch adaptation (a "
+                                 "checkpoint of an earlier version)")
             else:
                 notes.append(f"not adapted: {int(inside.sum())} in-distribution images, fewer than "
                              f"{MIN_ADAPT_BATCH}")

@@ -13,6 +13,7 @@ from ..calibration import (Calibration, Decision, compare_calibrations, fit_cali
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.fingerprint import file_fingerprints
 from ..inference import Scorer, load_bundle
+from ..inference.adabn import adapt_batch_norm, has_batch_norm
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ def finish_run(out: Path, config: TrainConfig, train_set, val_set, device) -> di
     from ..ood import default_taps
     scorer = Scorer(bundle, device, engine="auto", amp="off", taps=default_taps(bundle.models[0]) if config.ood else [])
     usable_val = val_set is not None and len(val_set) and len(set(val_set.labels.tolist())) == 2
+    adapted_raw = None
     val_scores = scorer.score(val_set.images) if usable_val else None
     decision = _fit_decision(config, val_set.labels if usable_val else None, val_scores)
     best.update(calibration=decision.calibration.to_dict(), threshold=decision.threshold,
@@ -36,6 +38,8 @@ def finish_run(out: Path, config: TrainConfig, train_set, val_set, device) -> di
         best["decision_fit"]["calibration_comparison"] = compare_calibrations(val_set.labels, val_scores.raw,
                                                                               seed=config.seed)
         _reliability_figure(val_set.labels, val_scores.raw, out / "calibration.png")
+    if usable_val and has_batch_norm(bundle.models[0]):
+        adapted_raw = _fit_adapted_decision(best, bundle, val_set, device, config)
     ood_scores = None
     if config.ood:
         detector, ood_scores = _fit_ood(scorer, train_set, val_set, val_scores, config)
@@ -44,13 +48,26 @@ def finish_run(out: Path, config: TrainConfig, train_set, val_set, device) -> di
         best["reference"] = {"val": {"fingerprints": file_fingerprints(val_set.paths),
                                      "labels": [int(v) for v in val_set.labels],
                                      "raw_scores": [float(v) for v in val_scores.raw],
-                                     "ood_scores": None if ood_scores is None else [float(v) for v in ood_scores]}}
+                                     "ood_scores": None if ood_scores is None else [float(v) for v in ood_scores],
+                                     "adapted_raw_scores": [float(v) for v in adapted_raw] if adapted_raw is not None
+                                     else None}}
     best.pop("path", None)
     save_checkpoint(best, out / "best.pt")
     log.info("best.pt: epoch %s, %s calibration, threshold %.3f (%s)%s", best.get("epoch"),
              decision.calibration.method, decision.threshold, decision.policy,
              ", OOD detector fitted" if config.ood else "")
     return {"threshold": decision.threshold, "calibration": decision.calibration.to_dict()}
+
+
+def _fit_adapted_decision(best: dict, bundle, val_set, device, config: TrainConfig) -> np.ndarray:
+    """The decision ``--adapt-batch`` uses, fitted as it is served: batch-norm statistics re-estimated on the
+    validation images as one batch, then calibration and threshold on their scores."""
+    adapted = Scorer(adapt_batch_norm(bundle, np.asarray(val_set.images)), device, engine="auto", amp="off")
+    raw = adapted.score(val_set.images).raw
+    decision = fit_decision(val_set.labels, raw, config.threshold, config.calibration)
+    best["decision_adapted"] = {"calibration": decision.calibration.to_dict(), "threshold": decision.threshold,
+                                "threshold_policy": decision.policy}
+    return raw
 
 
 def _fit_decision(config: TrainConfig, labels, val_scores) -> Decision:

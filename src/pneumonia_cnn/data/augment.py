@@ -129,10 +129,6 @@ def _gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return grouped.reshape(batch, channels, height, width)
 
 
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    return _gaussian_blur(images, torch.full((images.shape[0],), float(sigma)))
-
-
 def jpeg_recompress(gray_uint8: np.ndarray, quality: int) -> np.ndarray:
     from PIL import Image
     buffer = io.BytesIO()

@@ -35,7 +35,8 @@ def test_bootstrap_is_seeded_and_covers_the_value():
     a = bootstrap_metrics(labels, scores, 0.5, resamples=300, seed=1)
     b = bootstrap_metrics(labels, scores, 0.5, resamples=300, seed=1)
     assert a == b
-    for name in ("accuracy", "roc_auc", "sensitivity", "specificity", "brier", "pr_auc", "npv", "ppv", "f1", "log_loss"):
+    names = ("accuracy", "roc_auc", "sensitivity", "specificity", "brier", "pr_auc", "npv", "ppv", "f1", "log_loss")
+    for name in names:
         low, high = a[name]["ci95"]
         assert low <= a[name]["value"] <= high and low < high
     assert "wilson95" in a["sensitivity"]

@@ -36,7 +36,7 @@ class AugmentConfig:
     jpeg_p: float = 0.0         # ... with this probability
 
     @classmethod
-    def from_dict(cls, values: dict | None) -> "AugmentConfig":
+    def from_dict(cls, values: dict | None) -> AugmentConfig:
         values = dict(values or {})
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:

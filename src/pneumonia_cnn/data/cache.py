@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageReadError
-from ..fileio import display_path, write_json_atomic, atomic_path
+from ..fileio import atomic_path, display_path, write_json_atomic
 from .dataset import ImageList
 from .intensity import standardise_intensity
 from .readers import read_image

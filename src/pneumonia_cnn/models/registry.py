@@ -1,7 +1,7 @@
 """Model registry in the manner of timm: ``create_model(name, in_channels, image_size, **kwargs)``."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 import torch.nn.functional as F

@@ -57,7 +57,9 @@ def _cell_centres(model, module, x) -> tuple[float, float, float, float]:
     covers, so plain upsampling would stretch it; measuring the centres by gradient works for any model."""
     captured = {}
     handle = module.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
-    probe = torch.rand_like(x).requires_grad_(True)
+    # a fixed probe: the same image always gets the same map, and the global random state is left alone
+    probe = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)
+    probe.requires_grad_(True)
     try:
         with torch.enable_grad():
             model(probe)

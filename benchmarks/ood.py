@@ -37,7 +37,8 @@ def flags(predictor, raw_images, metas=None):
     intensity = predictor.preprocessing.get("intensity", "none")
     pixels = np.stack([standardise_intensity(resize(g, predictor.size), intensity) for g in raw_images])
     checks = predictor.check_inputs(pixels, metas)
-    return np.array([not c.get("in_distribution", True) for c in checks]), np.array([c.get("ood_score", 0) for c in checks])
+    flagged = np.array([not c.get("in_distribution", True) for c in checks])
+    return flagged, np.array([c.get("ood_score", 0) for c in checks])
 
 
 def main():
@@ -73,8 +74,8 @@ def main():
     groups["inverted X-rays"] = ([255 - g for g in sample], None)
     h, w = raw.shape[1:]
     groups["corner crops of X-rays"] = ([resize(g[: h // 3, : w // 3], (h, w)) for g in sample], None)
-    groups["small tiles of X-rays"] = ([resize(g[h // 2 - h // 8: h // 2 + h // 8, w // 3 - w // 8: w // 3 + w // 8], (h, w))
-                                        for g in sample], None)
+    tile = (slice(h // 2 - h // 8, h // 2 + h // 8), slice(w // 3 - w // 8, w // 3 + w // 8))
+    groups["small tiles of X-rays"] = ([resize(g[tile], (h, w)) for g in sample], None)
     for shift, transform in SHIFT_PANEL.items():
         groups[f"shift: {shift}"] = ([transform(g, i) for i, g in enumerate(sample)], None)
     rows = [{"group": f"in distribution: {args.split} folder", "images": int(len(raw)),
@@ -82,7 +83,8 @@ def main():
     for name, (images, metas) in groups.items():
         group_flags, scores = flags(predictor, images, metas)
         auc = roc_auc_score(np.r_[np.zeros(len(in_scores)), np.ones(len(scores))], np.r_[in_scores, scores])
-        rows.append({"group": name, "images": len(images), "flagged": float(group_flags.mean()), "auc_vs_test": float(auc)})
+        rows.append({"group": name, "images": len(images), "flagged": float(group_flags.mean()),
+                     "auc_vs_test": float(auc)})
     width = max(len(r["group"]) for r in rows) + 2
     print(f"{'group':<{width}}{'images':>7}{'flagged':>9}{'OOD-score AUC vs test':>23}")
     for r in rows:

@@ -31,7 +31,8 @@ def row(run: Path) -> str:
     def cell(name):
         m = metrics[name]
         return f"{m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
-    return (f"| {preset_and_flags(config)} | {config['model']} {config['size']}×{config['size']}×{config['channels']} | "
+    shape = f"{config['size']}×{config['size']}×{config['channels']}"
+    return (f"| {preset_and_flags(config)} | {config['model']} {shape} | "
             f"{cell('accuracy')} | {cell('sensitivity')} | {cell('specificity')} | {cell('roc_auc')} | "
             f"{checkpoint.get('parameters', 0):,} | {len(history)} ({checkpoint.get('epoch')}) | {minutes:.0f} | "
             f"{checkpoint.get('threshold', 0.5):.3f} |")

@@ -48,7 +48,7 @@ def write_corpus(folder: Path) -> dict[str, str]:
     cmyk = io.BytesIO()
     Image.fromarray(XRAY_LIKE).convert("CMYK").save(cmyk, format="JPEG")
     put("cmyk.jpeg", cmyk.getvalue(), "ok")
-    put("sixteen_bit.png", _png_bytes((XRAY_LIKE.astype(np.uint16) * 257)), "ok")
+    put("sixteen_bit.png", _png_bytes(XRAY_LIKE.astype(np.uint16) * 257), "ok")
     palette = Image.fromarray(XRAY_LIKE).convert("P")
     buffer = io.BytesIO()
     palette.save(buffer, format="PNG", transparency=0)

@@ -58,7 +58,8 @@ def test_adapt_cli_with_labels_reports_before_after_and_refits(bn_run, tmp_path,
     assert "AdaBN:" in text and "before on" in text and "after on" in text
     assert ("is better" in text) or ("is NOT better" in text)
     adapted = load_checkpoint(out)
-    assert adapted["adaptation"]["labelled"] and adapted["ood"]["threshold"] != load_checkpoint(bn_run / "best.pt")["ood"]["threshold"]
+    original = load_checkpoint(bn_run / "best.pt")
+    assert adapted["adaptation"]["labelled"] and adapted["ood"]["threshold"] != original["ood"]["threshold"]
     # the refitted OOD model treats the new site as in distribution
     from pneumonia_cnn.inference import Predictor
     site_files = sorted(unlabelled.iterdir())

@@ -3,8 +3,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
 
 from pneumonia_cnn.cli import main
+from pneumonia_cnn.inference import Predictor
 from tests.conftest import write_image
 
 
@@ -29,7 +32,14 @@ def test_evaluate_table_and_json(trained_run, small_root, cache_dir, capsys, tmp
                  "--no-figures"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert set(payload["metrics"]["roc_auc"]) >= {"value", "ci95"}
-    assert payload["n_images"] == 20 and payload["metrics"]["confusion_matrix"]["tp"] >= 0
+    assert payload["n_images"] == 20 and payload["counts"] == {"NORMAL": 10, "PNEUMONIA": 10}
+    # the printed matrix counts the saved predictions at the printed threshold
+    saved = json.loads((tmp_path / "n.json").read_text())
+    calls = [(p["label"], p["probability"] >= payload["threshold"]) for p in saved["predictions"]]
+    expected = {"tn": calls.count((0, False)), "fp": calls.count((0, True)), "fn": calls.count((1, False)),
+                "tp": calls.count((1, True))}
+    assert payload["metrics"]["confusion_matrix"] == expected
+    assert payload["metrics"]["accuracy"]["value"] == pytest.approx((expected["tp"] + expected["tn"]) / 20)
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path):
@@ -101,6 +111,13 @@ def test_resume_from_the_cli_continues_and_scores_the_test_split(small_root, cac
     assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
     history = json.loads((run / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2]
-    metrics = json.loads((run / "test_metrics.json").read_text())["metrics"]
-    assert 0 <= metrics["roc_auc"]["value"] <= 1
+    report = json.loads((run / "test_metrics.json").read_text())
+    # written again by the resumed run, from the checkpoint it left: same probabilities, AUC computed from them
+    assert report["checkpoint"] == [str(run / "best.pt")] and report["n_images"] == 20
+    paths = [p["path"] for p in report["predictions"]]
+    probabilities = [p["probability"] for p in report["predictions"]]
+    fresh = Predictor(run / "best.pt", "cpu").predict_files(paths)
+    assert [r.probability for r in fresh] == pytest.approx(probabilities, abs=1e-5)
+    labels = [p["label"] for p in report["predictions"]]
+    assert report["metrics"]["roc_auc"]["value"] == pytest.approx(roc_auc_score(labels, probabilities))
     assert "test accuracy" in capsys.readouterr().out

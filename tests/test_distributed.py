@@ -5,7 +5,6 @@ import socket
 import subprocess
 import sys
 
-
 from pneumonia_cnn.checkpoint import load_checkpoint
 
 

@@ -53,7 +53,11 @@ def test_explain_cli_writes_overlay_and_map(patch_run, tmp_path):
     assert main(["explain", str(patch_run / "run"), str(image), str(tmp_path / "bad.png"), "--out",
                  str(tmp_path / "maps")]) == 0
     cam = np.load(tmp_path / "maps" / "x_gradcam.npy")
-    assert cam.shape == (64, 64) and 0 <= cam.min() and cam.max() <= 1
+    # the saved map is Grad-CAM of the checkpoint's model on the image as preprocessed, scaled to span [0, 1]
+    predictor = Predictor(patch_run / "run" / "best.pt", "cpu")
+    direct = grad_cam(predictor.models[0], predictor.preprocess_path(image)[0], predictor.device)
+    assert cam.shape == (64, 64) and np.allclose(cam, direct, atol=1e-5)
+    assert cam.min() == 0 and cam.max() == pytest.approx(1)
     assert (tmp_path / "maps" / "x_gradcam.png").stat().st_size > 1000
     assert main(["explain", str(patch_run / "run"), str(image), "--out", str(tmp_path / "m2"), "--layer",
                  "conv2"]) == 0

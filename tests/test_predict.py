@@ -1,10 +1,13 @@
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pneumonia_cnn.cli import main
+from pneumonia_cnn.inference import Predictor
 from tests.conftest import SHARED_DATA, write_image
 from tests.data.dicom_factory import write_dicom
 
@@ -21,7 +24,12 @@ def test_predict_folder_glob_dicom_and_bad_files(trained_run, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 5
     good = [r for r in rows if r["error"] is None]
-    assert len(good) == 4 and all(0 <= r["probability"] <= 1 and r["label"] in ("NORMAL", "PNEUMONIA") for r in good)
+    assert len(good) == 4
+    # each row is the library's prediction for that file, and its label is its probability against the threshold
+    library = {r.path: r for r in Predictor(trained_run, "cpu").predict_files([row["path"] for row in good])}
+    for row in good:
+        assert row["probability"] == pytest.approx(library[row["path"]].probability, abs=1e-6)
+        assert row["label"] == ("PNEUMONIA" if row["probability"] >= row["threshold"] else "NORMAL")
     assert all(r["model"] and r["threshold"] == good[0]["threshold"] for r in good)
     assert "in_distribution" in good[0] and "ood_score" in good[0]
     bad = next(r for r in rows if r["path"].endswith("broken.png"))
@@ -29,7 +37,11 @@ def test_predict_folder_glob_dicom_and_bad_files(trained_run, tmp_path, capsys):
 
     assert main(["predict", str(trained_run / "best.pt"), str(folder / "*.jpeg"), "--format", "csv"]) == 0
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert len(table) == 3 and float(table[0]["probability"]) >= 0
+    # the three JPEGs again, with the probabilities the JSON output gave them
+    json_probability = {Path(row["path"]).name: row["probability"] for row in good}
+    assert sorted(Path(row["path"]).name for row in table) == sorted(p.name for p in folder.iterdir())
+    for row in table:
+        assert float(row["probability"]) == pytest.approx(json_probability[Path(row["path"]).name], abs=1e-6)
 
 
 def test_predict_with_nothing_readable_fails(trained_run, tmp_path, capsys):

@@ -9,6 +9,7 @@ def tiny(small_root, cache_dir, out, tracker):
 
 def test_mlflow_run_reads_back_with_mlflow_client(small_root, cache_dir, tmp_path):
     from mlflow.tracking import MlflowClient
+
     from pneumonia_cnn.tracking import local_mlflow_uri
     summary = train(tiny(small_root, cache_dir, tmp_path / "run", "mlflow"))
     client = MlflowClient(tracking_uri=local_mlflow_uri(tmp_path / "run" / "mlflow"))

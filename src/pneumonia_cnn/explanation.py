@@ -57,7 +57,9 @@ def _cell_centres(model, module, x) -> tuple[float, float, float, float]:
     covers, so plain upsampling would stretch it; measuring the centres by gradient works for any model."""
     captured = {}
     handle = module.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
-    probe = torch.rand_like(x).requires_grad_(True)
+    # a fixed probe: the same image always gets the same map, and the global random state is left alone
+    probe = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)
+    probe.requires_grad_(True)
     try:
         with torch.enable_grad():
             model(probe)
@@ -70,7 +72,8 @@ def _cell_centres(model, module, x) -> tuple[float, float, float, float]:
                 total = weight.sum().clamp(min=1e-12)
                 rows = torch.arange(weight.shape[0], dtype=weight.dtype, device=weight.device)
                 cols = torch.arange(weight.shape[1], dtype=weight.dtype, device=weight.device)
-                centres.append((float((weight.sum(1) * rows).sum() / total), float((weight.sum(0) * cols).sum() / total)))
+                centres.append((float((weight.sum(1) * rows).sum() / total),
+                                float((weight.sum(0) * cols).sum() / total)))
     finally:
         handle.remove()
         model.zero_grad(set_to_none=True)
@@ -103,6 +106,7 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarra
 
 def overlay_png(gray: np.ndarray, cam: np.ndarray) -> bytes:
     import io
+
     from PIL import Image
     buffer = io.BytesIO()
     Image.fromarray(overlay(gray, cam)).save(buffer, format="PNG")

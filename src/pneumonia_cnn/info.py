@@ -21,11 +21,15 @@ def checkpoint_card(checkpoint) -> dict:
                                                     "schedule", "augment", "class_balance", "seed")},
         "intended_use": ckpt.get("intended_use", {}),
         "adapted": ckpt.get("adaptation"),
-        "ood_flag": (f"fitted ({ood.get('description') or 'Mahalanobis distance on layers ' + ', '.join(ood['layers'])});"
-                     f" an image scoring above {ood['threshold']:.3f} (a bound on the {ood['quantile']:.1%} quantile of"
-                     f" validation images) is flagged: outside the training population, the probability is not "
-                     f"reliable; it is still given, marked" if ood else "not fitted for this checkpoint"),
+        "ood_flag": (f"fitted ({_ood_description(ood)}); an image scoring above {ood['threshold']:.3f} (a bound "
+                     f"on the {ood['quantile']:.1%} quantile of validation images) is flagged: outside the training "
+                     f"population, the probability is not reliable; it is still given, marked"
+                     if ood else "not fitted for this checkpoint"),
     }
+
+
+def _ood_description(ood: dict) -> str:
+    return ood.get("description") or "Mahalanobis distance on layers " + ", ".join(ood["layers"])
 
 
 def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
@@ -33,7 +37,8 @@ def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
     if as_json:
         return json.dumps(card, indent=2, default=str)
     use = card["intended_use"] or {}
-    lines = [f"run {card['run_id']}: model {card['model']} ({card['parameters'] or 0:,} parameters), epoch {card['epoch']}",
+    lines = [f"run {card['run_id']}: model {card['model']} ({card['parameters'] or 0:,} parameters), "
+             f"epoch {card['epoch']}",
              f"input: {card['input']['size'][0]}x{card['input']['size'][1]}, {card['input']['channels']} channel(s), "
              f"intensity {card['input'].get('intensity', 'none')}, pixels / 255",
              f"classes: {', '.join(card['class_names'] or [])}; threshold {card['threshold']:.3f} "

@@ -16,7 +16,7 @@ def show_samples(data, split: str = "train", out="samples.png", per_class: int =
     rng = np.random.default_rng(seed)
     grid, titles = {}, []
     for index, name in enumerate(images.class_names):
-        candidates = [p for p, l in zip(images.paths, images.labels) if l == index]
+        candidates = [path for path, label in zip(images.paths, images.labels) if label == index]
         chosen, row_titles = [], []
         for path in rng.permutation(candidates):
             try:

@@ -2,7 +2,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from pneumonia_cnn.data.augment import AugmentConfig, augment_batch, compose_keras_matrix, keras_transform_matrices, warp
+from pneumonia_cnn.data.augment import (
+    AugmentConfig,
+    augment_batch,
+    compose_keras_matrix,
+    keras_transform_matrices,
+    warp,
+)
 
 
 def keras_reference(image, theta_deg, tx, ty, shear_deg, zx, zy, flip):
@@ -15,7 +21,8 @@ def keras_reference(image, theta_deg, tx, ty, shear_deg, zx, zy, flip):
     matrix = rotation @ shift @ shearing @ zoom
     h, w = image.shape
     o_x, o_y = h / 2 + 0.5, w / 2 + 0.5
-    matrix = np.array([[1, 0, o_x], [0, 1, o_y], [0, 0, 1]]) @ matrix @ np.array([[1, 0, -o_x], [0, 1, -o_y], [0, 0, 1]])
+    to_centre, from_centre = (np.array([[1, 0, s * o_x], [0, 1, s * o_y], [0, 0, 1]]) for s in (1, -1))
+    matrix = to_centre @ matrix @ from_centre
     out = ndimage.affine_transform(image, matrix[:2, :2], matrix[:2, 2], order=1, mode="nearest")
     return out[:, ::-1] if flip else out
 

@@ -47,6 +47,8 @@ def test_unreadable_files_are_skipped_with_reason(tmp_path, caplog):
     reasons = dict(cached.skipped)
     assert "empty file" in reasons[str(root / "NORMAL" / "empty.png")]
     assert any("broken.jpeg" in r.getMessage() for r in caplog.records)
+    again = build_or_load(scan_folder(root), (32, 32), cache_dir=tmp_path / "c")
+    assert again.decoded == 0 and dict(again.skipped) == reasons  # unchanged bad files are not read again
 
 
 def test_killed_build_leaves_previous_cache_valid(tmp_path, monkeypatch):

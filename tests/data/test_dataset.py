@@ -40,7 +40,8 @@ def test_missing_folder_and_one_class(tmp_path):
 
 def test_patient_split_never_shares_a_patient():
     from pneumonia_cnn.data.dataset import ImageList
-    paths = [f"/x/person{i // 3}_bacteria_{i}.jpeg" for i in range(90)] + [f"/x/IM-{i:04d}-0001.jpeg" for i in range(30)]
+    paths = [f"/x/person{i // 3}_bacteria_{i}.jpeg" for i in range(90)]
+    paths += [f"/x/IM-{i:04d}-0001.jpeg" for i in range(30)]
     labels = np.array([1] * 90 + [0] * 30)
     images = ImageList(paths, labels, [patient_id(p) for p in paths])
     train, val = patient_split(images, 0.2, seed=1)

@@ -19,6 +19,7 @@ def seeds():
         out.append(buffer.getvalue())
     import tempfile
     from pathlib import Path
+
     from tests.data.dicom_factory import write_dicom
     with tempfile.TemporaryDirectory() as folder:
         out.append(write_dicom(Path(folder) / "x.dcm", XRAY_LIKE[:32, :32].astype(np.uint16)).read_bytes())

@@ -3,7 +3,6 @@ import json
 import numpy as np
 import pytest
 
-from pneumonia_cnn.checkpoint import load_checkpoint
 from pneumonia_cnn.cli import main
 from pneumonia_cnn.evaluation import stress
 from pneumonia_cnn.evaluation.evaluate import evaluate

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy.stats import norm
 
 from pneumonia_cnn.calibration import choose_threshold, expected_calibration_error, fit_temperature
 from pneumonia_cnn.evaluation.metrics import bootstrap_metrics, delong_test, per_patient, point_metrics, wilson_interval
@@ -35,18 +36,34 @@ def test_bootstrap_is_seeded_and_covers_the_value():
     a = bootstrap_metrics(labels, scores, 0.5, resamples=300, seed=1)
     b = bootstrap_metrics(labels, scores, 0.5, resamples=300, seed=1)
     assert a == b
-    for name in ("accuracy", "roc_auc", "sensitivity", "specificity", "brier", "pr_auc", "npv", "ppv", "f1", "log_loss"):
+    names = ("accuracy", "roc_auc", "sensitivity", "specificity", "brier", "pr_auc", "npv", "ppv", "f1", "log_loss")
+    for name in names:
         low, high = a[name]["ci95"]
         assert low <= a[name]["value"] <= high and low < high
     assert "wilson95" in a["sensitivity"]
 
 
 def test_patient_bootstrap_resamples_patients():
+    # Two positive patients with 10 images each: P1's all caught, P2's all missed. Negatives are all right.
+    # Per image, sensitivity is 10 of 20 images, so resampled values stay near 0.5 (sd 0.11). Per patient, a resample
+    # draws P1 twice (1.0), P2 twice (0.0) or one of each (0.5), each end a quarter of the time: the interval
+    # must reach both ends exactly, and a bootstrap that ignored the patients could not.
+    labels = np.r_[np.ones(20), np.zeros(20)].astype(int)
+    scores = np.r_[np.full(10, 0.9), np.full(10, 0.1), np.full(20, 0.1)]
+    patients = ["P1"] * 10 + ["P2"] * 10 + ["N1"] * 10 + ["N2"] * 10
+    by_patient = bootstrap_metrics(labels, scores, 0.5, groups=patients, resamples=100, seed=0)
+    by_image = bootstrap_metrics(labels, scores, 0.5, resamples=100, seed=0)
+    assert by_patient["n_units"] == 4 and by_patient["n_images"] == 40 and by_image["n_units"] == 40
+    assert by_patient["sensitivity"]["value"] == by_image["sensitivity"]["value"] == 0.5
+    assert by_patient["sensitivity"]["ci95"] == [0.0, 1.0]
+    low, high = by_image["sensitivity"]["ci95"]
+    assert 0.2 < low < 0.5 < high < 0.8
+
+
+def test_per_patient_takes_any_positive_image_and_the_highest_score():
     labels = np.array([1, 1, 1, 0, 0, 0])
     scores = np.array([0.9, 0.8, 0.4, 0.3, 0.2, 0.6])
     patients = ["p1", "p1", "p2", "n1", "n1", "n2"]
-    result = bootstrap_metrics(labels, scores, 0.5, groups=patients, resamples=200, seed=0)
-    assert result["n_units"] == 4 and result["n_images"] == 6
     patient_labels, patient_scores, order = per_patient(labels, scores, patients)
     assert order == ["n1", "n2", "p1", "p2"]
     assert patient_labels.tolist() == [0, 0, 1, 1] and patient_scores.tolist() == [0.3, 0.6, 0.9, 0.4]
@@ -58,7 +75,13 @@ def test_delong_matches_hand_computation():
     b = np.array([0.9, 0.2, 0.7, 0.3, 0.8, 0.1])  # 6 of 9 pairs ordered: AUC 2/3
     result = delong_test(labels, a, b)
     assert result["auc_a"] == 1.0 and result["auc_b"] == pytest.approx(6 / 9)
-    assert result["difference"] == pytest.approx(3 / 9) and 0 < result["p_value"] < 1
+    # by hand: a's components are constant (variance 0); b's per-positive components are 1, 1/3, 2/3 and
+    # per-negative ones 2/3, 1/3, 1, each with sample variance 1/9, so var(difference) = 1/27 + 1/27 = 2/27
+    assert result["difference"] == pytest.approx(3 / 9)
+    assert result["z"] == pytest.approx((1 / 3) / np.sqrt(2 / 27))  # = sqrt(1.5)
+    assert result["p_value"] == pytest.approx(2 * norm.sf(np.sqrt(1.5)))  # 0.2207
+    half = 1.959964 * np.sqrt(2 / 27)
+    assert result["ci95"] == pytest.approx([1 / 3 - half, 1 / 3 + half])
     same = delong_test(labels, a, a)
     assert same["p_value"] == 1.0
 

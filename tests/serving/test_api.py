@@ -73,18 +73,32 @@ def test_bad_uploads_get_clear_errors(server):
     assert httpx.get(f"{url}/health").status_code == 200  # still serving
 
 
-def test_concurrent_requests_are_batched_and_correct(server, trained_run):
+def test_concurrent_requests_are_batched_and_correct(trained_run):
+    """48 concurrent uploads to the app in this process: every answer is the library's, and the micro-batcher
+    really put several requests into one forward pass (it calls ``predictor.assess`` once per batch)."""
     import asyncio
-    url, _ = server
+
+    from pneumonia_cnn.serving.app import create_app
     paths = xray_paths(4)
     predictor = Predictor(trained_run / "best.pt", "cpu")
     expected = {p.name: r.probability for p, r in zip(paths, predictor.predict_files(paths))}
+    app = create_app(trained_run / "best.pt", device="cpu")
+    served, batch_sizes = app.state.predictor, []
+    assess = served.assess
+
+    def counting_assess(pixels, *args, **kwargs):
+        batch_sizes.append(len(pixels))
+        return assess(pixels, *args, **kwargs)
+    served.assess = counting_assess
 
     async def run():
-        async with httpx.AsyncClient(timeout=30) as client:
-            async def one(path):
-                r = await client.post(f"{url}/predict", files={"file": (path.name, path.read_bytes())})
-                return path.name, r.json()["probability"]
-            return await asyncio.gather(*[one(paths[i % len(paths)]) for i in range(48)])
+        async with app.router.lifespan_context(app):  # starts the micro-batcher, as uvicorn would
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+                async def one(path):
+                    r = await client.post("/predict", files={"file": (path.name, path.read_bytes())})
+                    return path.name, r.json()["probability"]
+                return await asyncio.gather(*[one(paths[i % len(paths)]) for i in range(48)])
     for name, probability in asyncio.run(run()):
         assert abs(probability - expected[name]) < 1e-6
+    assert sum(batch_sizes) == 48 and max(batch_sizes) > 1, batch_sizes

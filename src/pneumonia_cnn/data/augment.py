@@ -36,7 +36,7 @@ class AugmentConfig:
     jpeg_p: float = 0.0         # ... with this probability
 
     @classmethod
-    def from_dict(cls, values: dict | None) -> "AugmentConfig":
+    def from_dict(cls, values: dict | None) -> AugmentConfig:
         values = dict(values or {})
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
@@ -127,10 +127,6 @@ def _gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     padded = F.pad(grouped, (0, 0, radius, radius), mode="replicate")
     grouped = F.conv2d(padded, k[:, None, :, None], groups=batch * channels)
     return grouped.reshape(batch, channels, height, width)
-
-
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    return _gaussian_blur(images, torch.full((images.shape[0],), float(sigma)))
 
 
 def jpeg_recompress(gray_uint8: np.ndarray, quality: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageReadError
-from ..fileio import display_path, write_json_atomic, atomic_path
+from ..fileio import atomic_path, display_path, write_json_atomic
 from .dataset import ImageList
 from .intensity import standardise_intensity
 from .readers import read_image
@@ -84,6 +84,88 @@ def _decode_one(args):
         return None, f"unexpected {type(error).__name__}: {error}"
 
 
+@dataclass
+class _PreviousBuild:
+    """What an earlier build left: row and signature per path, skipped files with their reasons, the rows."""
+    rows: dict
+    skipped: dict
+    array: np.ndarray | None = None
+
+
+def _read_previous_build(folder: Path, size) -> _PreviousBuild:
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists():
+        return _PreviousBuild({}, {})
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("version") != CACHE_VERSION or tuple(manifest["size"]) != size:
+            return _PreviousBuild({}, {})
+        previous = _PreviousBuild({}, {s["path"]: (s["signature"], s["reason"]) for s in manifest.get("skipped", [])})
+        data_path = folder / manifest["data_file"]
+        count = len(manifest["entries"])
+        if count and data_path.stat().st_size == count * size[0] * size[1]:
+            previous.array = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(count, *size))
+            previous.rows = {e["path"]: (i, e["signature"]) for i, e in enumerate(manifest["entries"])}
+        return previous
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("%s: cache manifest unreadable, rebuilding", display_path(manifest_path))
+        return _PreviousBuild({}, {})
+
+
+def _plan_reuse(paths, signatures, previous: _PreviousBuild):
+    """({index: previous row} for unchanged files, [(path, reason)] still unreadable, [indices to decode])."""
+    reuse, skipped, to_decode = {}, [], []
+    for index, (path, signature) in enumerate(zip(paths, signatures)):
+        if signature is None:
+            to_decode.append(index)  # the reader produces the reason (missing, loop, permission)
+        elif path in previous.rows and previous.rows[path][1] == signature and previous.array is not None:
+            reuse[index] = previous.rows[path][0]
+        elif path in previous.skipped and previous.skipped[path][0] == signature:
+            skipped.append((path, previous.skipped[path][1]))
+        else:
+            to_decode.append(index)
+    return reuse, skipped, to_decode
+
+
+def _decode_many(paths, size, interpolation, intensity, workers, progress, description):
+    """(array or None, reason or None) per path, in order, decoded in a thread pool."""
+    workers = workers or os.cpu_count() or 1
+    jobs = [(path, size, interpolation, intensity) for path in paths]
+    results = ThreadPoolExecutor(max_workers=workers).map(_decode_one, jobs, chunksize=16) \
+        if workers > 1 else map(_decode_one, jobs)
+    if progress:
+        from tqdm import tqdm
+        results = tqdm(results, total=len(jobs), desc=f"decoding {description}", unit="img", leave=False,
+                       disable=None)
+    return results
+
+
+def _write_build(folder: Path, size, rows, images: ImageList, signatures, keep, skipped, preprocessing) -> np.ndarray:
+    """The data file (``rows`` yields each kept image) under a fresh name, then the manifest; stale data
+    files go. Returns the new data file, mapped read-only."""
+    data_name = f"images-{uuid.uuid4().hex[:12]}.u8"
+    shape = (max(len(keep), 1), *size)
+    with atomic_path(folder / data_name) as temporary:
+        array_out = np.memmap(temporary, dtype=np.uint8, mode="w+", shape=shape)
+        for row, image in enumerate(rows):
+            array_out[row] = image
+        array_out.flush()
+        del array_out
+    entries = [{"path": images.paths[i], "signature": signatures[i], "label": int(images.labels[i]),
+                "patient": images.patients[i]} for i in keep]
+    skipped_entries = [{"path": p, "signature": _file_signature(p), "reason": r} for p, r in skipped]
+    write_json_atomic(folder / "manifest.json", {
+        "version": CACHE_VERSION, "size": list(size), "source": images.source, "preprocessing": preprocessing,
+        "data_file": data_name, "entries": entries, "skipped": skipped_entries})
+    for stale in folder.glob("images-*.u8"):
+        if stale.name != data_name:
+            try:
+                stale.unlink()
+            except OSError:
+                pass
+    return np.memmap(folder / data_name, dtype=np.uint8, mode="r", shape=shape)
+
+
 def build_or_load(images: ImageList, size, interpolation: str = "bilinear", intensity: str = "none",
                   cache_dir=None, workers: int | None = None, progress: bool = False) -> CachedImages:
     size = tuple(int(s) for s in size)
@@ -91,79 +173,25 @@ def build_or_load(images: ImageList, size, interpolation: str = "bilinear", inte
     folder = Path(cache_dir or default_cache_dir()) / cache_key(images.source or "|".join(images.paths[:1]),
                                                                 size, preprocessing)
     folder.mkdir(parents=True, exist_ok=True)
-    manifest_path = folder / "manifest.json"
-    old_rows, old_skipped, old_array = {}, {}, None
-    if manifest_path.exists():
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            if manifest.get("version") == CACHE_VERSION and tuple(manifest["size"]) == size:
-                data_path = folder / manifest["data_file"]
-                count = len(manifest["entries"])
-                if count and data_path.stat().st_size == count * size[0] * size[1]:
-                    old_array = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(count, *size))
-                    old_rows = {e["path"]: (i, e["signature"]) for i, e in enumerate(manifest["entries"])}
-                old_skipped = {s["path"]: (s["signature"], s["reason"]) for s in manifest.get("skipped", [])}
-        except (OSError, ValueError, KeyError, TypeError):
-            log.warning("%s: cache manifest unreadable, rebuilding", display_path(manifest_path))
-            old_rows, old_skipped, old_array = {}, {}, None
-
+    previous = _read_previous_build(folder, size)
     signatures = [_file_signature(p) for p in images.paths]
-    plan = []  # (index, reuse_row or None)
-    skipped: list[tuple[str, str]] = []
-    to_decode = []
-    for index, (path, signature) in enumerate(zip(images.paths, signatures)):
-        if signature is None:
-            to_decode.append(index)  # the reader produces the reason (missing, loop, permission)
-            continue
-        if path in old_rows and old_rows[path][1] == signature and old_array is not None:
-            plan.append((index, old_rows[path][0]))
-        elif path in old_skipped and old_skipped[path][0] == signature:
-            skipped.append((path, old_skipped[path][1]))
-        else:
-            to_decode.append(index)
-
+    reuse, skipped, to_decode = _plan_reuse(images.paths, signatures, previous)
     decoded: dict[int, np.ndarray] = {}
-    if to_decode:
-        workers = workers or os.cpu_count() or 1
-        jobs = [(images.paths[i], size, interpolation, intensity) for i in to_decode]
-        iterator = ThreadPoolExecutor(max_workers=workers).map(_decode_one, jobs, chunksize=16) \
-            if workers > 1 else map(_decode_one, jobs)
-        if progress:
-            from tqdm import tqdm
-            iterator = tqdm(iterator, total=len(jobs), desc=f"decoding {Path(images.source).name or 'images'}",
-                            unit="img", leave=False, disable=None)
-        for index, (array, reason) in zip(to_decode, iterator):
-            if array is None:
-                skipped.append((images.paths[index], reason))
-            else:
-                decoded[index] = array
-
-    keep = sorted([i for i, _ in plan] + list(decoded))
-    reuse = dict(plan)
-    if not to_decode and old_array is not None and keep == list(range(len(keep))) and \
-            [reuse.get(i) for i in keep] == list(range(len(keep))) and len(keep) == len(old_rows):
-        array = old_array  # nothing changed: use the existing file as it is
+    results = _decode_many([images.paths[i] for i in to_decode], size, interpolation, intensity, workers,
+                           progress, Path(images.source).name or "images")
+    for index, (array, reason) in zip(to_decode, results):
+        if array is None:
+            skipped.append((images.paths[index], reason))
+        else:
+            decoded[index] = array
+    keep = sorted([*reuse, *decoded])
+    unchanged = not to_decode and previous.array is not None and len(keep) == len(previous.rows) and \
+        keep == list(range(len(keep))) and [reuse[i] for i in keep] == keep
+    if unchanged:
+        array = previous.array  # nothing changed: use the existing file as it is
     else:
-        data_name = f"images-{uuid.uuid4().hex[:12]}.u8"
-        with atomic_path(folder / data_name) as temporary:
-            array_out = np.memmap(temporary, dtype=np.uint8, mode="w+", shape=(max(len(keep), 1), *size))
-            for row, index in enumerate(keep):
-                array_out[row] = decoded[index] if index in decoded else old_array[reuse[index]]
-            array_out.flush()
-            del array_out
-        entries = [{"path": images.paths[i], "signature": signatures[i], "label": int(images.labels[i]),
-                    "patient": images.patients[i]} for i in keep]
-        skipped_entries = [{"path": p, "signature": _file_signature(p), "reason": r} for p, r in skipped]
-        write_json_atomic(manifest_path, {"version": CACHE_VERSION, "size": list(size), "source": images.source,
-                                          "preprocessing": preprocessing, "data_file": data_name,
-                                          "entries": entries, "skipped": skipped_entries})
-        for stale in folder.glob("images-*.u8"):
-            if stale.name != data_name:
-                try:
-                    stale.unlink()
-                except OSError:
-                    pass
-        array = np.memmap(folder / data_name, dtype=np.uint8, mode="r", shape=(max(len(keep), 1), *size))
+        rows = (decoded[i] if i in decoded else previous.array[reuse[i]] for i in keep)
+        array = _write_build(folder, size, rows, images, signatures, keep, skipped, preprocessing)
     for path, reason in skipped:
         log.warning("skipped %s: %s", display_path(path), reason)
     if skipped:

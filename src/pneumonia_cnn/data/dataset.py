@@ -54,7 +54,7 @@ class ImageList:
     def __len__(self):
         return len(self.paths)
 
-    def subset(self, indices) -> "ImageList":
+    def subset(self, indices) -> ImageList:
         indices = list(indices)
         return ImageList([self.paths[i] for i in indices], self.labels[indices],
                          [self.patients[i] for i in indices], self.class_names, self.source)
@@ -197,9 +197,9 @@ def patient_split(images: ImageList, fraction: float, seed: int = 0) -> tuple[Im
         patient_label[patient] = max(patient_label.get(patient, 0), int(label))
     held_out: set[str] = set()
     for label in sorted(set(patient_label.values())):
-        group = sorted(p for p, l in patient_label.items() if l == label)
+        group = sorted(p for p in patient_label if patient_label[p] == label)
         rng.shuffle(group)
-        target = fraction * sum(1 for p, l in zip(images.patients, images.labels) if patient_label[p] == label)
+        target = fraction * sum(1 for p in images.patients if patient_label[p] == label)
         taken = 0
         counts = {}
         for p in images.patients:

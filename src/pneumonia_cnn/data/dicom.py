@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageReadError
+from .image import MAX_PIXELS, ImageMeta, scale_to_uint8
 
 
 def _tag(dataset, name):
@@ -26,7 +27,6 @@ def read_dicom(path: Path, source=None, strict: bool = False):
 
 
 def _read_dicom(path: Path, source=None, strict: bool = False):
-    from .readers import ImageMeta, MAX_PIXELS, _to_uint8
     try:
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -54,7 +54,7 @@ def _read_dicom(path: Path, source=None, strict: bool = False):
         values = apply_voi_lut(values, dataset, index=0)
     except Exception:  # a broken LUT: fall back to the stored values rather than refuse the image
         values = pixels
-    gray = _to_uint8(np.asarray(values))
+    gray = scale_to_uint8(np.asarray(values))
     if photometric == "MONOCHROME1":
         gray = 255 - gray
     tags = {key: _tag(dataset, key) for key in

@@ -5,18 +5,18 @@ and go on. Decoding is the only place that touches file bytes; everything above 
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import ImageReadError
+from .dicom import read_dicom
+from .image import MAX_PIXELS, ImageMeta, scale_to_uint8
 
-# Refuse decompression bombs ourselves (PIL only warns below 2x its limit); 50 MP is far above any X-ray.
-MAX_PIXELS = 50_000_000
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
@@ -25,15 +25,6 @@ RESAMPLING = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": I
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = None  # our own check below gives the clearer message
-
-
-@dataclass
-class ImageMeta:
-    """What a file says about itself, for the intended-use checks (DICOM tags when present)."""
-    source_format: str
-    original_size: tuple[int, int]  # (height, width)
-    tags: dict = field(default_factory=dict)
-    saturation: float = 0.0  # mean colour saturation (0 for gray X-rays, high for photographs)
 
 
 def is_candidate_file(path: Path) -> bool:
@@ -54,26 +45,13 @@ def _looks_like_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """Scale any integer or float image to 0..255 without clipping its content."""
-    if array.dtype == np.uint8:
-        return array
-    array = array.astype(np.float64)
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-        array = np.nan_to_num(array)
-    low, high = float(array.min()), float(array.max())
-    if high <= low:
-        return np.zeros(array.shape, dtype=np.uint8)
-    return np.round((array - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
 def _pil_to_gray(image: Image.Image, path: Path) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image)
         if mode.startswith("I;16"):
             return np.round(array.astype(np.float64) / 257.0).astype(np.uint8)
-        return _to_uint8(array)
+        return scale_to_uint8(array)
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         # Composite transparency onto black, as an X-ray viewer's background would show it.
         rgba = image.convert("RGBA")
@@ -141,7 +119,6 @@ def read_image(path, size: tuple[int, int] | None = None, interpolation: str = "
     if not os.access(path, os.R_OK):
         raise ImageReadError(path, "permission denied")
     if _looks_like_dicom(path):
-        from .dicom import read_dicom
         gray, meta = read_dicom(path)
     else:
         gray, meta = _read_pil(path)
@@ -153,11 +130,9 @@ def read_image(path, size: tuple[int, int] | None = None, interpolation: str = "
 def read_image_bytes(data: bytes, name: str = "upload", size: tuple[int, int] | None = None,
                      interpolation: str = "bilinear") -> tuple[np.ndarray, ImageMeta]:
     """Decode an in-memory upload (image or DICOM) by its content, never by its name."""
-    import io
     if not data:
         raise ImageReadError(name, "empty file (0 bytes)")
     if len(data) >= 132 and data[128:132] == b"DICM":
-        from .dicom import read_dicom
         gray, meta = read_dicom(Path(name), io.BytesIO(data))
     else:
         try:
@@ -165,8 +140,7 @@ def read_image_bytes(data: bytes, name: str = "upload", size: tuple[int, int] | 
         except ImageReadError as error:
             if "not a readable image" not in error.reason:
                 raise
-            from .dicom import read_dicom  # DICOM without the 128-byte preamble
-            try:
+            try:  # DICOM without the 128-byte preamble
                 gray, meta = read_dicom(Path(name), io.BytesIO(data), strict=True)
             except ImageReadError:
                 raise error from None

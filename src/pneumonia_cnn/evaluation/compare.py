@@ -13,7 +13,7 @@ ROWS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "n
 def compare_runs(runs, data, split="test", device="auto", cache_dir=None, bootstrap=1000) -> dict:
     reports = [evaluate(run, data, split, device=device, cache_dir=cache_dir, bootstrap=bootstrap, figures=False)
                for run in runs]
-    names = [Path(run).name if Path(run).is_dir() else str(Path(run).parent.name) + "/" + Path(run).name for run in runs]
+    names = [Path(run).name if Path(run).is_dir() else f"{Path(run).parent.name}/{Path(run).name}" for run in runs]
     reference_paths = [p["path"] for p in reports[0]["predictions"]]
     for report, name in zip(reports[1:], names[1:]):
         if [p["path"] for p in report["predictions"]] != reference_paths:
@@ -32,13 +32,15 @@ def compare_runs(runs, data, split="test", device="auto", cache_dir=None, bootst
 
 def format_comparison(result: dict) -> str:
     width = max(14, *(len(n) + 2 for n in result["runs"]))
-    lines = [f"{result['split']}: {result['n_images']} images", f"{'metric':<20}" + "".join(f"{n:>{width}}" for n in result["runs"])]
+    lines = [f"{result['split']}: {result['n_images']} images",
+             f"{'metric':<20}" + "".join(f"{n:>{width}}" for n in result["runs"])]
     for metric in ROWS:
-        lines.append(f"{metric:<20}" + "".join(f"{result['metrics'][n][metric]['value']:>{width}.4f}" for n in result["runs"]))
+        values = "".join(f"{result['metrics'][n][metric]['value']:>{width}.4f}" for n in result["runs"])
+        lines.append(f"{metric:<20}{values}")
     lines.append(f"{'threshold':<20}" + "".join(f"{result['thresholds'][n]:>{width}.3f}" for n in result["runs"]))
     for test in result["delong"]:
         verdict = "significant" if test["p_value"] < 0.05 else "not significant"
         lines.append(f"DeLong {test['a']} vs {test['b']}: AUC {test['auc_a']:.4f} vs {test['auc_b']:.4f}, difference "
-                     f"{test['difference']:+.4f} [{test['ci95'][0]:+.4f}, {test['ci95'][1]:+.4f}], p = {test['p_value']:.4g} "
-                     f"({verdict} at 0.05)")
+                     f"{test['difference']:+.4f} [{test['ci95'][0]:+.4f}, {test['ci95'][1]:+.4f}], "
+                     f"p = {test['p_value']:.4g} ({verdict} at 0.05)")
     return "\n".join(lines)

@@ -12,35 +12,54 @@ from ..plots import plt, save_figure
 
 
 def evaluation_figures(report: dict, cached, folder) -> dict:
+    """Write every picture into ``folder``; returns {name: path}."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     labels = np.array([p["label"] for p in report["predictions"]])
     scores = np.array([p["probability"] for p in report["predictions"]])
-    threshold = report["threshold"]
-    cm = report["metrics"]["confusion_matrix"]
-    sensitivity = cm["tp"] / max(cm["tp"] + cm["fn"], 1)
-    specificity = cm["tn"] / max(cm["tn"] + cm["fp"], 1)
-    precision = cm["tp"] / max(cm["tp"] + cm["fp"], 1)
+    drawings = {"roc": _roc, "pr": _precision_recall, "confusion": _confusion, "reliability": _reliability,
+                "histogram": _histogram, "mistakes": _mistakes}
     paths = {}
+    for name, draw in drawings.items():
+        figure = draw(report, labels, scores, cached)
+        save_figure(figure, folder / f"{name}.png")
+        paths[name] = str(folder / f"{name}.png")
+    return paths
 
+
+def _operating_point(report: dict) -> dict:
+    cm = report["metrics"]["confusion_matrix"]
+    return {"sensitivity": cm["tp"] / max(cm["tp"] + cm["fn"], 1),
+            "specificity": cm["tn"] / max(cm["tn"] + cm["fp"], 1),
+            "precision": cm["tp"] / max(cm["tp"] + cm["fp"], 1)}
+
+
+def _roc(report, labels, scores, _cached):
+    point = _operating_point(report)
     figure, axis = plt.subplots(figsize=(4.5, 4.5))
     if len(set(labels.tolist())) == 2:
         fpr, tpr, _ = roc_curve(labels, scores)
         axis.plot(fpr, tpr, label=f"AUC {report['metrics']['roc_auc']['value']:.3f}")
     axis.plot([0, 1], [0, 1], "k--", lw=0.8)
-    axis.plot(1 - specificity, sensitivity, "ro", label=f"threshold {threshold:.2f}")
+    axis.plot(1 - point["specificity"], point["sensitivity"], "ro", label=f"threshold {report['threshold']:.2f}")
     axis.set_xlabel("1 - specificity"), axis.set_ylabel("sensitivity"), axis.set_title("ROC"), axis.legend()
-    save_figure(figure, folder / "roc.png"); paths["roc"] = str(folder / "roc.png")
+    return figure
 
+
+def _precision_recall(report, labels, scores, _cached):
+    point = _operating_point(report)
     figure, axis = plt.subplots(figsize=(4.5, 4.5))
     if len(set(labels.tolist())) == 2:
-        prec, rec, _ = precision_recall_curve(labels, scores)
-        axis.plot(rec, prec, label=f"AP {report['metrics']['pr_auc']['value']:.3f}")
-    axis.plot(sensitivity, precision, "ro", label=f"threshold {threshold:.2f}")
+        precision, recall, _ = precision_recall_curve(labels, scores)
+        axis.plot(recall, precision, label=f"AP {report['metrics']['pr_auc']['value']:.3f}")
+    axis.plot(point["sensitivity"], point["precision"], "ro", label=f"threshold {report['threshold']:.2f}")
     axis.set_xlabel("recall (sensitivity)"), axis.set_ylabel("precision (PPV)"), axis.set_title("Precision-recall")
     axis.legend()
-    save_figure(figure, folder / "pr.png"); paths["pr"] = str(folder / "pr.png")
+    return figure
 
+
+def _confusion(report, _labels, _scores, _cached):
+    cm = report["metrics"]["confusion_matrix"]
     figure, axis = plt.subplots(figsize=(4, 3.6))
     matrix = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
     axis.imshow(matrix, cmap="Blues")
@@ -49,26 +68,33 @@ def evaluation_figures(report: dict, cached, folder) -> dict:
     names = list(report["counts"])
     axis.set_xticks([0, 1], names), axis.set_yticks([0, 1], names)
     axis.set_xlabel("predicted"), axis.set_ylabel("true"), axis.set_title("Confusion matrix")
-    save_figure(figure, folder / "confusion.png"); paths["confusion"] = str(folder / "confusion.png")
+    return figure
 
+
+def _reliability(report, labels, scores, _cached):
     figure, axis = plt.subplots(figsize=(4.5, 4.5))
     true_fraction, mean_predicted = calibration_curve(labels, scores, n_bins=10, strategy="uniform")
     axis.plot([0, 1], [0, 1], "k--", lw=0.8)
     axis.plot(mean_predicted, true_fraction, "o-", label=f"ECE {report['metrics']['ece']['value']:.3f}")
     axis.set_xlabel("mean predicted probability"), axis.set_ylabel("fraction positive")
     axis.set_title("Reliability"), axis.legend()
-    save_figure(figure, folder / "reliability.png"); paths["reliability"] = str(folder / "reliability.png")
+    return figure
 
+
+def _histogram(report, labels, scores, _cached):
     figure, axis = plt.subplots(figsize=(5, 3.6))
     bins = np.linspace(0, 1, 26)
-    for index, name in enumerate(names):
+    for index, name in enumerate(report["counts"]):
         axis.hist(scores[labels == index], bins=bins, alpha=0.6, label=name)
-    axis.axvline(threshold, color="r", ls="--")
+    axis.axvline(report["threshold"], color="r", ls="--")
     axis.set_xlabel("probability of pneumonia"), axis.set_ylabel("images"), axis.set_title("Scores by class")
     axis.legend()
-    save_figure(figure, folder / "histogram.png"); paths["histogram"] = str(folder / "histogram.png")
+    return figure
 
-    predicted = scores >= threshold
+
+def _mistakes(report, labels, scores, cached):
+    """The six most confident false negatives, then the six most confident false positives."""
+    predicted = scores >= report["threshold"]
     false_negatives = np.where((labels == 1) & ~predicted)[0]
     false_positives = np.where((labels == 0) & predicted)[0]
     false_negatives = false_negatives[np.argsort(scores[false_negatives])][:6]
@@ -85,5 +111,4 @@ def evaluation_figures(report: dict, cached, folder) -> dict:
         axis.set_title(f"{kind} p={scores[index]:.2f}\n{Path(cached.paths[index]).name[:22]}", fontsize=7)
     if not chosen:
         axes[0][0].text(0.5, 0.5, "no mistakes", ha="center")
-    save_figure(figure, folder / "mistakes.png"); paths["mistakes"] = str(folder / "mistakes.png")
-    return paths
+    return figure

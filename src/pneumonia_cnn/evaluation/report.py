@@ -24,7 +24,8 @@ body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;color:#1d
 h1{font-size:1.6rem}h2{border-bottom:1px solid #d5dde6;padding-bottom:.2rem;margin-top:2rem}
 table{border-collapse:collapse;margin:.6rem 0}td,th{border:1px solid #d5dde6;padding:.25rem .6rem;text-align:right}
 th{background:#f1f5f9}td:first-child,th:first-child{text-align:left}
-.figs img{max-width:23rem;margin:.3rem}.figs img.wide{max-width:100%}.note{color:#5a6675}.warn{background:#fff4d6;border:1px solid #e0b84c;padding:.6rem}
+.figs img{max-width:23rem;margin:.3rem}.figs img.wide{max-width:100%}.note{color:#5a6675}
+.warn{background:#fff4d6;border:1px solid #e0b84c;padding:.6rem}
 code{background:#f1f5f9;padding:0 .2rem}
 """
 
@@ -54,8 +55,8 @@ def _data_summary(data) -> str:
         except (DatasetError, OSError):
             continue
         counts = images.counts()
-        rows.append(f"<tr><td>{split}</td>" + "".join(f"<td>{counts.get(c, 0)}</td>" for c in ("NORMAL", "PNEUMONIA"))
-                    + f"<td>{len(images)}</td><td>{len(set(images.patients))}</td></tr>")
+        cells = "".join(f"<td>{counts.get(c, 0)}</td>" for c in ("NORMAL", "PNEUMONIA"))
+        rows.append(f"<tr><td>{split}</td>{cells}<td>{len(images)}</td><td>{len(set(images.patients))}</td></tr>")
     if not rows:
         return "<p class='note'>data folder not available</p>"
     return ("<table><tr><th>split</th><th>NORMAL</th><th>PNEUMONIA</th><th>images</th><th>patients</th></tr>"
@@ -91,54 +92,82 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
     report = evaluate(checkpoint_path, data, split, device=device, bootstrap=bootstrap, cache_dir=cache_dir,
                       out=run_dir / f"{split}_metrics.json", figures=True)
     card = checkpoint_card(checkpoint)
-    sections = []
-    sections.append(f"<h1>pneumonia-cnn report: {html.escape(str(card['run_id']))}</h1>"
-                    "<p class='warn'><b>Not a medical device.</b> Research and teaching software; never the sole "
-                    "basis of a clinical decision.</p>")
-    config_rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td style='text-align:left'><code>"
-                          f"{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</code></td></tr>"
-                          for k, v in config.items())
-    sections.append(f"<h2>Configuration</h2><p>model <b>{card['model']}</b>, {card['parameters'] or 0:,} parameters, "
-                    f"input {card['input']['size'][0]}×{card['input']['size'][1]}, {card['input']['channels']} channel(s), "
-                    f"threshold {card['threshold']:.3f} (policy: {html.escape(card['threshold_policy'])}), "
-                    f"{html.escape(_calibration_text(card['calibration']))}</p><details><summary>full config</summary><table>{config_rows}</table>"
-                    "</details>")
-    sections.append(_decision_section(card, run_dir))
-    sections.append(f"<h2>Data</h2><p>{html.escape(str(data))}</p>{_data_summary(data)}")
+    sections = [f"<h1>pneumonia-cnn report: {html.escape(str(card['run_id']))}</h1>"
+                "<p class='warn'><b>Not a medical device.</b> Research and teaching software; never the sole "
+                "basis of a clinical decision.</p>",
+                _configuration_section(card, config), _decision_section(card, run_dir),
+                f"<h2>Data</h2><p>{html.escape(str(data))}</p>{_data_summary(data)}"]
     if (run_dir / "curves.png").exists():
         sections.append(f"<h2>Training curves</h2><div class='figs'>{_image(run_dir / 'curves.png', wide=True)}</div>")
-    m = report["metrics"]
-    cm = m["confusion_matrix"]
-    sections.append(f"<h2>Metrics on {html.escape(split)}</h2><p>{report['n_images']} images "
-                    f"({', '.join(f'{k} {v}' for k, v in report['counts'].items())}), {report['n_patients']} patients, "
-                    f"threshold {report['threshold']:.3f}. Confusion matrix: TN {cm['tn']}, FP {cm['fp']}, "
-                    f"FN {cm['fn']}, TP {cm['tp']}.</p>" + _metrics_table(m, report["bootstrap"]["unit"]))
-    if "patient_metrics" in report:
-        sections.append("<h3>Per patient</h3><p class='note'>A patient is positive if any image is; the patient's "
-                        "score is the highest image probability.</p>"
-                        + _metrics_table(report["patient_metrics"], "patient"))
-    figures = report.get("figures", {})
-    sections.append("<h2>Pictures</h2><div class='figs'>" + "".join(_image(figures[k]) for k in
-                    ("roc", "pr", "confusion", "reliability", "histogram") if k in figures) + "</div>"
-                    + ("<h3>Most confident mistakes (false negatives first)</h3><div class='figs'>"
-                       + _image(figures["mistakes"], wide=True) + "</div>" if "mistakes" in figures else ""))
+    sections += [_metrics_section(report, split), _pictures_section(report.get("figures", {}))]
     if stress:
-        result = stress_test(checkpoint_path, data, split, device=device, cache_dir=cache_dir)
-        rows = "".join(f"<tr><td>{r['shift']}</td><td>{r['roc_auc']:.4f}</td><td>{r['sensitivity']:.4f}</td>"
-                       f"<td>{r['specificity']:.4f}</td></tr>" for r in result["shifts"] if r["roc_auc"] is not None)
-        base = result["baseline"]
-        sections.append("<h2>Robustness to image shifts</h2><table><tr><th>shift</th><th>ROC AUC</th>"
-                        "<th>sensitivity</th><th>specificity</th></tr>"
-                        f"<tr><td>none</td><td>{base['roc_auc']:.4f}</td><td>{base['sensitivity']:.4f}</td>"
-                        f"<td>{base['specificity']:.4f}</td></tr>{rows}</table>"
-                        f"<p>Worst case: {result['worst_roc_auc']['shift']} (ROC AUC {result['worst_roc_auc']['roc_auc']:.4f}).</p>")
+        sections.append(_stress_section(stress_test(checkpoint_path, data, split, device=device, cache_dir=cache_dir)))
+    sections += [_ood_section(report, card), _model_card_section(card)]
+    document = ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pneumonia-cnn report "
+                f"{html.escape(str(card['run_id']))}</title><style>{STYLE}</style></head><body>"
+                + "\n".join(sections) + "</body></html>")
+    write_text_atomic(out, document)
+    return out
+
+
+def _configuration_section(card: dict, config: dict) -> str:
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td style='text-align:left'><code>"
+                   f"{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</code></td></tr>"
+                   for k, v in config.items())
+    size = card["input"]["size"]
+    return (f"<h2>Configuration</h2><p>model <b>{card['model']}</b>, {card['parameters'] or 0:,} parameters, "
+            f"input {size[0]}×{size[1]}, {card['input']['channels']} channel(s), "
+            f"threshold {card['threshold']:.3f} (policy: {html.escape(card['threshold_policy'])}), "
+            f"{html.escape(_calibration_text(card['calibration']))}</p>"
+            f"<details><summary>full config</summary><table>{rows}</table></details>")
+
+
+def _metrics_section(report: dict, split: str) -> str:
+    cm = report["metrics"]["confusion_matrix"]
+    counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
+    section = (f"<h2>Metrics on {html.escape(split)}</h2><p>{report['n_images']} images ({counts}), "
+               f"{report['n_patients']} patients, threshold {report['threshold']:.3f}. Confusion matrix: "
+               f"TN {cm['tn']}, FP {cm['fp']}, FN {cm['fn']}, TP {cm['tp']}.</p>"
+               + _metrics_table(report["metrics"], report["bootstrap"]["unit"]))
+    if "patient_metrics" in report:
+        section += ("\n<h3>Per patient</h3><p class='note'>A patient is positive if any image is; the patient's "
+                    "score is the highest image probability.</p>"
+                    + _metrics_table(report["patient_metrics"], "patient"))
+    return section
+
+
+def _pictures_section(figures: dict) -> str:
+    pictures = "".join(_image(figures[k]) for k in ("roc", "pr", "confusion", "reliability", "histogram")
+                       if k in figures)
+    section = f"<h2>Pictures</h2><div class='figs'>{pictures}</div>"
+    if "mistakes" in figures:
+        section += ("<h3>Most confident mistakes (false negatives first)</h3><div class='figs'>"
+                    + _image(figures["mistakes"], wide=True) + "</div>")
+    return section
+
+
+def _stress_section(result: dict) -> str:
+    def row(shift, r):
+        return (f"<tr><td>{shift}</td><td>{r['roc_auc']:.4f}</td><td>{r['sensitivity']:.4f}</td>"
+                f"<td>{r['specificity']:.4f}</td></tr>")
+    rows = "".join(row(r["shift"], r) for r in result["shifts"] if r["roc_auc"] is not None)
+    worst = result["worst_roc_auc"]
+    return ("<h2>Robustness to image shifts</h2><table><tr><th>shift</th><th>ROC AUC</th>"
+            f"<th>sensitivity</th><th>specificity</th></tr>{row('none', result['baseline'])}{rows}</table>"
+            f"<p>Worst case: {worst['shift']} (ROC AUC {worst['roc_auc']:.4f}).</p>")
+
+
+def _ood_section(report: dict, card: dict) -> str:
     ood = report.get("ood", {})
-    sections.append("<h2>Out-of-distribution flags</h2>" + (
-        f"<p>{ood['flagged']} of {report['n_images']} images ({ood['fraction_flagged']:.1%}) flagged as outside the "
-        f"intended use. {html.escape(card['ood_flag'])}</p>" if ood.get("available") else
-        "<p>No out-of-distribution model in this checkpoint.</p>"))
+    if not ood.get("available"):
+        return "<h2>Out-of-distribution flags</h2><p>No out-of-distribution model in this checkpoint.</p>"
+    return (f"<h2>Out-of-distribution flags</h2><p>{ood['flagged']} of {report['n_images']} images "
+            f"({ood['fraction_flagged']:.1%}) flagged as outside the intended use. {html.escape(card['ood_flag'])}</p>")
+
+
+def _model_card_section(card: dict) -> str:
     use = card["intended_use"] or {}
-    sections.append(
+    return (
         "<h2>Model card</h2>"
         f"<p><b>Intended use:</b> {html.escape(use.get('task', 'binary pneumonia screening aid'))}; a research and "
         "teaching aid that flags possible pneumonia for a qualified reader. <b>Not a medical device</b>; not cleared "
@@ -148,14 +177,10 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
         "<p><b>Data source and license:</b> Chest X-Ray Images (Pneumonia), Kermany, Zhang, Goldbaum, Mendeley Data v2 "
         "(2018), doi:10.17632/rscbjbr9sj.2, CC BY 4.0 (the Kaggle set by Paul Mooney), unless the config names "
         "another set.</p>"
-        "<p><b>Known limits:</b> pediatric-only training data (children aged 1–5) from one hospital; anterior-posterior "
-        "views; performance falls on X-rays collected elsewhere (other devices, exposure, adults) — adults' X-rays can "
-        "score at chance level. Bacterial and viral pneumonia are not distinguished. Labels come from the data set's "
-        "graders, not from a reference standard such as culture or CT. Run <code>pneumonia-cnn adapt</code> on a new "
-        "site's images and check the out-of-distribution flag before use.</p>"
+        "<p><b>Known limits:</b> pediatric-only training data (children aged 1–5) from one hospital; "
+        "anterior-posterior views; performance falls on X-rays collected elsewhere (other devices, exposure, "
+        "adults) — adults' X-rays can score at chance level. Bacterial and viral pneumonia are not distinguished. "
+        "Labels come from the data set's graders, not from a reference standard such as culture or CT. Run "
+        "<code>pneumonia-cnn adapt</code> on a new site's images and check the out-of-distribution flag before "
+        "use.</p>"
         f"<p><b>Out-of-distribution flag:</b> {html.escape(card['ood_flag'])}</p>")
-    document = ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pneumonia-cnn report "
-                f"{html.escape(str(card['run_id']))}</title><style>{STYLE}</style></head><body>"
-                + "\n".join(sections) + "</body></html>")
-    write_text_atomic(out, document)
-    return out

@@ -141,7 +141,8 @@ def format_stress(result: dict) -> str:
                      f"{cell(row['sensitivity'], row.get('delta_sensitivity'))}"
                      f"{cell(row['specificity'], row.get('delta_specificity'))}")
     if result["worst_roc_auc"]:
-        lines.append(f"worst case: {result['worst_roc_auc']['shift']} (ROC AUC {result['worst_roc_auc']['roc_auc']:.4f}); "
+        worst = result["worst_roc_auc"]
+        lines.append(f"worst case: {worst['shift']} (ROC AUC {worst['roc_auc']:.4f}); "
                      f"largest drops: sensitivity {result['largest_sensitivity_drop']:+.3f}, "
                      f"specificity {result['largest_specificity_drop']:+.3f}")
     return "\n".join(lines)

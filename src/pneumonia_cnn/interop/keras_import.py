@@ -94,7 +94,8 @@ def _pair_layers(arrays: list[np.ndarray], path):
                                 f"{len(convs)} Conv2D and {len(denses)} Dense kernels")
     ordered_convs = [next(c for c in convs if c.shape[3] == 32)]
     for _ in range(2):
-        ordered_convs.append(next(c for c in convs if c.shape[2] == ordered_convs[-1].shape[3] and c is not ordered_convs[-1]))
+        previous = ordered_convs[-1]
+        ordered_convs.append(next(c for c in convs if c.shape[2] == previous.shape[3] and c is not previous))
     dense1 = next(d for d in denses if d.shape[1] == 128)
     dense2 = next(d for d in denses if d is not dense1)
 

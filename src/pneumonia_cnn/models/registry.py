@@ -1,9 +1,8 @@
 """Model registry in the manner of timm: ``create_model(name, in_channels, image_size, **kwargs)``."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -78,6 +77,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return trainable, frozen
-
-
-torch  # noqa: B018 - imported for type users

@@ -44,7 +44,7 @@ class SeedCNN(nn.Module):
 
     def forward(self, x):
         # ReLU after the max-pool equals Keras' ReLU before it (both are monotone, ties resolve alike) and
-        # touches a quarter of the values: measured 1.15x faster training on CPU
+        # touches a quarter of the values, so training is faster
         x = self.relu(self.pool1(self.conv1(x)))
         x = self.relu(self.pool2(self.conv2(x)))
         x = self.relu(self.pool3(self.conv3(x)))

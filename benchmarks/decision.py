@@ -23,7 +23,7 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "src"))
 
-from pneumonia_cnn.calibration import fit_calibration, log_loss, expected_calibration_error  # noqa: E402
+from pneumonia_cnn.calibration import expected_calibration_error, fit_calibration, log_loss  # noqa: E402
 from pneumonia_cnn.checkpoint import load_checkpoint  # noqa: E402
 from pneumonia_cnn.data.cache import build_or_load  # noqa: E402
 from pneumonia_cnn.data.dataset import load_split  # noqa: E402
@@ -60,7 +60,8 @@ def calibration_table(checkpoint, test_raw, test_labels) -> dict:
     for method, cv in checkpoint["decision_fit"]["calibration_comparison"].items():
         p = fit_calibration(labels, raw, method).probabilities(test_raw)
         table[method] = {"val_cv_log_loss": cv["log_loss"], "val_cv_ece": cv["ece"],
-                         "test_log_loss": log_loss(test_labels, p), "test_ece": expected_calibration_error(test_labels, p)}
+                         "test_log_loss": log_loss(test_labels, p),
+                         "test_ece": expected_calibration_error(test_labels, p)}
     return table
 
 
@@ -130,7 +131,8 @@ def print_tables(result):
     print("| operating point on val | threshold | val sensitivity | val specificity |\n|---|---|---|---|")
     for name, row in result["operating_point"].items():
         print(f"| {name} | {row['threshold']:.4f} | {row['val_sensitivity']:.3f} | {row['val_specificity']:.3f} |")
-    print("\n| calibration | val log loss (5-fold) | val ECE (5-fold) | test log loss | test ECE |\n|---|---|---|---|---|")
+    print("\n| calibration | val log loss (5-fold) | val ECE (5-fold) | test log loss | test ECE |")
+    print("|---|---|---|---|---|")
     for method, row in result["calibration"].items():
         print(f"| {method} | {row['val_cv_log_loss']:.4f} | {row['val_cv_ece']:.4f} | {row['test_log_loss']:.4f} | "
               f"{row['test_ece']:.4f} |")
@@ -141,7 +143,8 @@ def print_tables(result):
         p, a = row["plain"], row["adapt_batch"]
         print(f"| {row['shift']} | {p['sensitivity']:.3f} / {p['specificity']:.3f} | "
               f"{a['sensitivity']:.3f} / {a['specificity']:.3f} |")
-    print("\n| site | options | accuracy | sensitivity | specificity | ROC AUC | ECE | notes |\n|---|---|---|---|---|---|---|---|")
+    print("\n| site | options | accuracy | sensitivity | specificity | ROC AUC | ECE | notes |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in result["sites"]:
         print(f"| {row['site']} ({row['rate']:.2f}) | {row['options']} | {row['accuracy']:.3f} | "
               f"{row['sensitivity']:.3f} | {row['specificity']:.3f} | {row['roc_auc']:.3f} | {row['ece']:.3f} | "

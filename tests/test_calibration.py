@@ -2,9 +2,20 @@
 import numpy as np
 import pytest
 
-from pneumonia_cnn.calibration import (Calibration, Decision, choose_threshold, compare_calibrations,
-                                       estimate_prior, fit_calibration, fit_decision, log_loss, logit,
-                                       parse_threshold_policy, shift_prior, sigmoid)
+from pneumonia_cnn.calibration import (
+    Calibration,
+    Decision,
+    choose_threshold,
+    compare_calibrations,
+    estimate_prior,
+    fit_calibration,
+    fit_decision,
+    log_loss,
+    logit,
+    parse_threshold_policy,
+    shift_prior,
+    sigmoid,
+)
 from pneumonia_cnn.errors import ConfigError
 
 # a vertical stretch of the ROC curve: no negative scores above 0.45, so thresholds 0.9 ... 0.5 all have

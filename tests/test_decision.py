@@ -57,14 +57,16 @@ def test_refitting_from_predicts_own_outputs_gives_what_the_checkpoint_holds(bes
 
 
 def test_evaluate_predict_serve_and_onnx_export_agree(best_like_run, small_root, tmp_path, capsys):
-    import onnxruntime
-    from tests.serving.conftest import start_server
     import httpx
+    import onnxruntime
+
+    from tests.serving.conftest import start_server
     files = sorted((small_root / "test").glob("*/*.jpeg"))
     assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(small_root), "--bootstrap", "20",
                  "--out", str(tmp_path / "m.json"), "--no-figures"]) == 0
     capsys.readouterr()
-    evaluated = {row["path"]: row["probability"] for row in json.loads((tmp_path / "m.json").read_text())["predictions"]}
+    report = json.loads((tmp_path / "m.json").read_text())
+    evaluated = {row["path"]: row["probability"] for row in report["predictions"]}
     predicted = {row["path"]: row["probability"] for row in predict_json(capsys, best_like_run, *files)}
     assert set(evaluated) == set(predicted) == {str(f) for f in files}
     for path in files:
@@ -187,6 +189,7 @@ def test_an_ensemble_fits_its_own_threshold_and_keeps_the_ood_check(best_like_ru
 def test_batch_adaptation_uses_a_decision_fitted_the_same_way(best_like_run, small_root):
     """--adapt-batch's threshold was fitted on val scored after AdaBN on val: re-doing that by hand gives it."""
     from dataclasses import replace
+
     from pneumonia_cnn.inference import load_bundle
     from pneumonia_cnn.inference.adabn import adapt_batch_norm
     checkpoint = load_checkpoint(best_like_run / "best.pt")

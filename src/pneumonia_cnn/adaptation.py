@@ -37,7 +37,7 @@ from .errors import PneumoniaCNNError
 from .evaluation.metrics import bootstrap_metrics
 from .fileio import display_path
 from .inference import Bundle, Scorer, load_bundle
-from .inference.adabn import has_batch_norm, reestimate_batch_norm
+from .inference.adabn import reestimate_batch_norm
 from .inference.engines import TorchEngine
 
 log = logging.getLogger(__name__)
@@ -111,10 +111,10 @@ def _held_out_split(labels, groups, fraction, seed):
     rng = np.random.default_rng(seed)
     held = np.zeros(len(labels), dtype=bool)
     for label in (0, 1):
-        patients = sorted({g for g, l in zip(groups, labels) if l == label})
+        patients = sorted({g for g, y in zip(groups, labels) if y == label})
         rng.shuffle(patients)
         chosen = set(patients[:max(2, int(round(len(patients) * fraction)))])
-        held |= np.array([g in chosen and l == label for g, l in zip(groups, labels)])
+        held |= np.array([g in chosen and y == label for g, y in zip(groups, labels)])
     return held
 
 
@@ -233,7 +233,8 @@ def format_adaptation(result: dict) -> str:
                      f"(CV ROC AUC by epoch: {', '.join(f'{a:.3f}' for a in result['cv_auc_by_epoch'])})")
         for when in ("before", "after"):
             m = result["kept_out"][when]
-            lines.append(f"{when:>6} on {result['kept_out_images']} kept-out images: ROC AUC {m['roc_auc']['value']:.3f} "
+            lines.append(f"{when:>6} on {result['kept_out_images']} kept-out images: "
+                         f"ROC AUC {m['roc_auc']['value']:.3f} "
                          f"[{m['roc_auc']['ci95'][0]:.3f}, {m['roc_auc']['ci95'][1]:.3f}]  sensitivity "
                          f"{m['sensitivity']['value']:.3f}  specificity {m['specificity']['value']:.3f}")
         lines.append(result["verdict"])

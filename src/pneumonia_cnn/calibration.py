@@ -113,11 +113,11 @@ class Calibration:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict | None) -> "Calibration":
+    def from_dict(cls, values: dict | None) -> Calibration:
         return cls(**values) if values else cls()
 
     @classmethod
-    def from_temperature(cls, temperature: float) -> "Calibration":
+    def from_temperature(cls, temperature: float) -> Calibration:
         """What checkpoints of earlier versions stored: a temperature only."""
         temperature = float(temperature)
         return cls("temperature" if temperature != 1.0 else "none", 1.0 / temperature, 0.0)
@@ -172,7 +172,7 @@ def compare_calibrations(labels, raw_logits, folds: int = 5, seed: int = 0) -> d
             for method, p in out_of_fold.items()}
 
 
-def fit_decision(labels, raw_logits, policy="0.5", method: str = "none") -> "Decision":
+def fit_decision(labels, raw_logits, policy="0.5", method: str = "none") -> Decision:
     """Calibration, then the threshold on the calibrated validation probabilities (never on test)."""
     calibration = fit_calibration(labels, raw_logits, method)
     probabilities = calibration.probabilities(raw_logits)
@@ -210,7 +210,7 @@ class Decision:
             return float(self.threshold)
         return float(sigmoid(logit(self.threshold) + self.prior_shift))
 
-    def with_prior(self, prior: float, note: str) -> "Decision":
+    def with_prior(self, prior: float, note: str) -> Decision:
         if self.calibration.prior is None:
             raise ConfigError("prevalence: this checkpoint does not record the pneumonia rate its probabilities "
                               "were calibrated at (retrain or refit it with this version)")

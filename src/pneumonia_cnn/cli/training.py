@@ -31,7 +31,8 @@ def add_config_flags(parser: argparse.ArgumentParser):
         if not meta.get("cli", True):
             continue
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
-        options = {"dest": spec.name, "default": None, "help": f"{meta['help']} (default: {default})".replace("%", "%%")}
+        help_text = f"{meta['help']} (default: {default})".replace("%", "%%")  # argparse expands %
+        options = {"dest": spec.name, "default": None, "help": help_text}
         kind = str(spec.type)
         if kind == "bool":
             options["action"] = argparse.BooleanOptionalAction

@@ -77,7 +77,8 @@ def save_refitted(bundle, fit: dict, save_as, sources) -> Path:
     decision = bundle.decision
     payload.update(calibration=decision.calibration.to_dict(), threshold=decision.threshold,
                    threshold_policy=decision.policy,
-                   decision_fit={k: fit[k] for k in ("engine", "precision", "tta", "device", "split", "images", "data")})
+                   decision_fit={k: fit[k] for k in ("engine", "precision", "tta", "device", "split", "images",
+                                                     "data")})
     payload["reference"] = dict(payload.get("reference") or {}, val={
         "fingerprints": fit["fingerprints"], "labels": fit["labels"], "raw_scores": fit["raw_scores"],
         "ood_scores": None})
@@ -150,9 +151,9 @@ def build_report(predictor: Predictor, cached, entries, notes, data, split, boot
     flagged = [e["in_distribution"] is False for e in entries]
     report["ood"] = {"available": predictor.ood is not None, "flagged": int(sum(flagged)),
                      "fraction_flagged": float(np.mean(flagged)) if flagged else 0.0}
-    report["predictions"] = [{"path": p, "label": int(l), "probability": e["probability"], "raw_score": e["raw_score"],
+    report["predictions"] = [{"path": p, "label": int(y), "probability": e["probability"], "raw_score": e["raw_score"],
                               "flagged": f, "ood_score": e["ood_score"]}
-                             for p, l, e, f in zip(cached.paths, labels, entries, flagged)]
+                             for p, y, e, f in zip(cached.paths, labels, entries, flagged)]
     return report
 
 

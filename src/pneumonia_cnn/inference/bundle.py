@@ -34,7 +34,7 @@ class Preprocessing:
     intensity: str = "none"
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict) -> "Preprocessing":
+    def from_checkpoint(cls, checkpoint: dict) -> Preprocessing:
         pre = checkpoint["preprocessing"]
         return cls(tuple(pre["size"]), int(pre.get("channels", 3)), pre.get("interpolation", "bilinear"),
                    pre.get("intensity", "none"))
@@ -106,7 +106,7 @@ class Bundle:
         """A private copy of the first member for Grad-CAM: its hooks and gradients touch nothing shared."""
         return copy.deepcopy(self.models[0])
 
-    def with_decision(self, decision: Decision, adapted: Decision | None = None) -> "Bundle":
+    def with_decision(self, decision: Decision, adapted: Decision | None = None) -> Bundle:
         return replace(self, decision=decision, adapted_decision=adapted or self.adapted_decision,
                        notes=list(self.notes))
 

@@ -129,9 +129,6 @@ class Predictor:
     def preprocess_bytes(self, data: bytes, name: str = "upload"):
         return self.bundle.preprocessing.read_bytes(data, name)
 
-    def preprocess_array(self, gray: np.ndarray) -> np.ndarray:
-        return self.bundle.preprocessing.from_gray(gray)
-
     # ---------- pixels -> decisions
     def label_for(self, probability: float, threshold: float | None = None) -> str:
         threshold = self.threshold if threshold is None else threshold

@@ -18,10 +18,10 @@ import torch.nn as nn
 
 from ..calibration import Calibration
 from ..checkpoint import build_model, load_checkpoint
-from ..inference.bundle import decision_of
-from ..inference.engines import ServedModel
 from ..errors import PneumoniaCNNError
 from ..fileio import atomic_path
+from ..inference.bundle import decision_of
+from ..inference.engines import ServedModel
 
 
 class ProbabilityModel(nn.Module):

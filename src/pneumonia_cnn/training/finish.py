@@ -8,8 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..calibration import (Calibration, Decision, compare_calibrations, fit_calibration, fit_decision,
-                           parse_threshold_policy, reliability_bins)
+from ..calibration import (
+    Calibration,
+    Decision,
+    compare_calibrations,
+    fit_calibration,
+    fit_decision,
+    parse_threshold_policy,
+    reliability_bins,
+)
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.fingerprint import file_fingerprints
 from ..inference import Scorer, load_bundle

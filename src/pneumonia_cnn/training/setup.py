@@ -89,8 +89,9 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
         run_id = saved.get("run_id", run_id)
         if dist_info.main:
             log.info("resuming %s at epoch %d step %d", display_path(out), state.epoch + 1, state.step_in_epoch)
-    return Run(config, out, dist_info, device, autocast_dtype(device, config.amp), AugmentConfig.from_dict(config.augment),
-               train_set, val_set, state, _forward_module(config, model, dist_info, device),
+    return Run(config, out, dist_info, device, autocast_dtype(device, config.amp),
+               AugmentConfig.from_dict(config.augment), train_set, val_set, state,
+               _forward_module(config, model, dist_info, device),
                _make_loader(config, train_set, dist_info, device), _pos_weight(config, train_set, device), run_id,
                count_parameters(model)[0], _make_tracker(config, out, run_id, dist_info))
 

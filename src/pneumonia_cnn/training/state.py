@@ -14,7 +14,7 @@ class RunningSums:
     count: int = 0
 
     @classmethod
-    def from_saved(cls, saved) -> "RunningSums":
+    def from_saved(cls, saved) -> RunningSums:
         if isinstance(saved, dict):
             return cls(**saved)
         if saved:  # earlier versions saved [loss, correct, count]

@@ -12,12 +12,14 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
 
 
-def xray_dicom(source_image: Path, target: Path, modality: str = "DX", photometric: str = "MONOCHROME2",
+def xray_dicom(source_image, target: Path, modality: str = "DX", photometric: str = "MONOCHROME2",
                patient_id: str = "P001", age: str | None = "003Y", sex: str = "F", view: str = "PA",
                body_part: str = "CHEST", study_date: str = "20240315", study_uid: str | None = None,
                pixel_data: bool = True, **extra) -> Path:
-    """Write one X-ray instance (its own study unless ``study_uid`` is given); returns the path."""
-    gray = np.asarray(Image.open(source_image).convert("L"), dtype=np.uint16) * 16  # 8-bit -> 12-bit
+    """Write one X-ray instance (its own study unless ``study_uid`` is given) from an image file or a uint8
+    array; returns the path."""
+    gray = source_image if isinstance(source_image, np.ndarray) else np.asarray(Image.open(source_image).convert("L"))
+    gray = gray.astype(np.uint16) * 16  # 8-bit -> 12-bit
     if photometric == "MONOCHROME1":
         gray = 4095 - gray  # MONOCHROME1: bright is low; a correct reader inverts it back
     meta = FileMetaDataset()

@@ -38,18 +38,10 @@ class PacsOptions:
 
 def connect(url: str, timeout: float = 60.0):
     from dicomweb_client.api import DICOMwebClient
-    from requests import Session
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # it logs every request at INFO
-    session = Session()
-    session.request = _with_timeout(session.request, timeout)  # requests has no session-wide timeout
-    return DICOMwebClient(url=url.rstrip("/"), session=session)
-
-
-def _with_timeout(request, timeout):
-    def bounded(method, url, **kwargs):
-        kwargs.setdefault("timeout", timeout)
-        return request(method, url, **kwargs)
-    return bounded
+    client = DICOMwebClient(url=url.rstrip("/"), timeout=timeout)
+    client.set_http_retry_params(retry=False)  # its own retries would multiply ours and hide each failure
+    return client
 
 
 class PacsJob:

@@ -3,37 +3,19 @@ back from Orthanc and checked against ``predict``'s figures for the same files; 
 a PACS that is down and transfers cut in the middle."""
 from __future__ import annotations
 
-import io
-import json
 import numpy as np
 import pydicom
 import pytest
 
 from pneumonia_cnn.cli import main
-from pneumonia_cnn.interop.dicom_sr import read_sr
 
 from .flaky_proxy import FlakyProxy
 from .orthanc import free_port
+from .reports import predict_json, reports_in
 from .studies import xray_dicom
 
 FAST = ["--device", "cpu", "--retries", "2", "--backoff", "0.05"]
 BASE = ["--study-date", "20240315"]  # the module's five studies; each test adds its own on other dates
-
-
-def predict_json(checkpoint, paths, capsys) -> dict:
-    capsys.readouterr()
-    assert main(["predict", str(checkpoint), *map(str, paths), "--format", "json", "--device", "cpu"]) == 0
-    return {row["path"]: row for row in json.loads(capsys.readouterr().out)}
-
-
-def reports_in(orthanc) -> dict:
-    """Every SR in Orthanc, read back from its stored file: {source SOP Instance UID: figures}."""
-    found = {}
-    for orthanc_id in orthanc.instances_of_modality("SR"):
-        figures = read_sr(pydicom.dcmread(io.BytesIO(orthanc.file(orthanc_id))))
-        assert figures["source_sop_instance_uid"] not in found, "two reports for one image"
-        found[figures["source_sop_instance_uid"]] = figures
-    return found
 
 
 def run_pacs(checkpoint, url, state, *extra) -> int:

@@ -182,9 +182,9 @@ class Listener:
             return
         path.unlink(missing_ok=True)
         entry = result.entry
-        log.info("instance %s: p=%.4f %s%s -> report %s sent to %s", result.sop_instance_uid, entry["probability"],
-                 entry["label"], "" if entry["in_distribution"] is not False else " (outside the training population)",
-                 result.report_uid, self.destination)
+        log.info("instance %s: p=%.4f %s -> report %s sent to %s%s", result.sop_instance_uid, entry["probability"],
+                 entry["label"], result.report_uid, self.destination,
+                 "".join(f"; warning: {w}" for w in entry["warnings"]))
         self.sent.append({"sop_instance_uid": result.sop_instance_uid, "report_uid": result.report_uid, **entry})
 
     def _set_aside(self, path: Path, reason: str):

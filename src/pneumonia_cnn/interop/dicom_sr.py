@@ -51,15 +51,22 @@ class ModelIdentity:
 
     @classmethod
     def of(cls, predictor) -> "ModelIdentity":
-        from .. import __version__
         checkpoint = predictor.bundle.checkpoints[0]
         architectures = "+".join(c["model"]["name"] for c in predictor.bundle.checkpoints)
         decision = predictor.bundle.decision
         return cls(name=f"pneumonia-cnn {architectures}", version=predictor.model_id,
-                   parameters=(f"software pneumonia-cnn {__version__}", f"threshold policy {decision.policy}",
+                   parameters=(f"software pneumonia-cnn {software_version()}", f"threshold policy {decision.policy}",
                                f"calibration {decision.calibration.method}",
                                f"run {checkpoint.get('run_id', '?')}"),
                    positive_class=predictor.class_names[1])
+
+
+def software_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("pneumonia-cnn")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def result_uid(source_sop_uid: str, model_version: str, kind: str) -> str:

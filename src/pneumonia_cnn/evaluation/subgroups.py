@@ -142,7 +142,9 @@ def subgroup_results(fields, report: dict, cached, data) -> list[dict]:
 
 def _cell(entry: dict) -> str:
     value, (low, high) = entry["value"], entry["ci95"]
-    return "-" if value != value else f"{value:.3f} [{low:.2f}, {high:.2f}]"
+    if value != value:
+        return "-"
+    return f"{value:.3f} [{low:.2f}, {high:.2f}]" if low == low else f"{value:.3f} (no CI)"
 
 
 def format_subgroups(result: dict) -> str:

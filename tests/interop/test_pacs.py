@@ -10,7 +10,7 @@ import pytest
 from pneumonia_cnn.cli import main
 
 from .flaky_proxy import FlakyProxy
-from .orthanc import free_port
+from .orthanc import Orthanc, free_port, require_orthanc
 from .reports import predict_json, reports_in
 from .studies import xray_dicom
 
@@ -156,3 +156,20 @@ def test_watch_polls_and_survives_an_outage(orthanc, studies, trained_run, xray_
         assert [s["scored"] for s in summaries] == [0, 1]  # poll 2 failed (reported), poll 3 caught up
     finally:
         proxy.close()
+
+
+def test_a_pacs_that_asks_for_a_password(trained_run, xray_sources, tmp_path, capsys, monkeypatch):
+    require_orthanc()
+    secured = Orthanc(tmp_path / "orthanc", users={"ai": "s3cret"}).start()
+    try:
+        secured.upload(xray_dicom(xray_sources["NORMAL"][0], tmp_path / "x.dcm", "DX", patient_id="P9"))
+        assert run_pacs(trained_run, secured.dicomweb, tmp_path / "state.sqlite") == 2
+        err = capsys.readouterr().err  # refused without credentials; a refusal is not retried
+        assert err.startswith("error: ") and "HTTP 401 HTTPError" in err and "attempts" not in err
+        assert main(["pacs", str(trained_run), "--dicomweb", secured.dicomweb, "--user", "ai"]) == 2
+        assert "--user ai: set the password in PNEUMONIA_CNN_DICOMWEB_PASSWORD" in capsys.readouterr().err
+        monkeypatch.setenv("PNEUMONIA_CNN_DICOMWEB_PASSWORD", "s3cret")
+        assert run_pacs(trained_run, secured.dicomweb, tmp_path / "state.sqlite", "--user", "ai") == 0
+        assert "1 new instance(s), 0 already scored: 1 scored" in capsys.readouterr().out
+    finally:
+        secured.stop()

@@ -57,6 +57,8 @@ def pacs_arguments(p):
     p.add_argument("--study-date", metavar="RANGE", help="YYYYMMDD or YYYYMMDD-YYYYMMDD (either side may be open)")
     p.add_argument("--batch-size", type=int, default=16, help="instances scored together")
     p.add_argument("--timeout", type=float, default=60, help="seconds before one HTTP request is given up")
+    p.add_argument("--user", help="HTTP user (password in PNEUMONIA_CNN_DICOMWEB_PASSWORD; or a bearer token in "
+                                  "PNEUMONIA_CNN_DICOMWEB_TOKEN)")
     p.add_argument("--watch", action="store_true", help="keep polling for new instances")
     p.add_argument("--interval", type=float, default=30, help="seconds between polls with --watch")
     p.add_argument("--polls", type=int, help=argparse.SUPPRESS)  # tests: stop after N polls
@@ -68,7 +70,7 @@ def run_pacs(args) -> int:
     from ..interop.dicomweb import PacsJob, PacsOptions, check_date_range
     options = PacsOptions(args.dicomweb, args.state, tuple(m.upper() for m in args.modality),
                           check_date_range(args.study_date), args.overlay, args.batch_size, args.retries + 1,
-                          args.backoff, timeout=args.timeout)
+                          args.backoff, timeout=args.timeout, user=args.user)
     job = PacsJob(Predictor(args.checkpoint, args.device), options)
     if args.watch:
         job.watch(args.interval, args.polls, print_pacs_summary)

@@ -9,6 +9,7 @@ and report UIDs derived from the source instance make a repeated store replace r
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -34,12 +35,25 @@ class PacsOptions:
     backoff: float = 1.0
     page_size: int = 200
     timeout: float = 60.0
+    user: str | None = None
 
 
-def connect(url: str, timeout: float = 60.0):
+def connect(url: str, timeout: float = 60.0, user: str | None = None):
+    """A DICOMweb client. Credentials never come from the command line (process lists show it): with ``user``
+    the password is read from PNEUMONIA_CNN_DICOMWEB_PASSWORD; a bearer token from PNEUMONIA_CNN_DICOMWEB_TOKEN.
+    HTTPS certificates are checked (a hospital CA: REQUESTS_CA_BUNDLE)."""
     from dicomweb_client.api import DICOMwebClient
+    from requests import Session
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # it logs every request at INFO
-    client = DICOMwebClient(url=url.rstrip("/"), timeout=timeout)
+    session = Session()
+    if user:
+        password = os.environ.get("PNEUMONIA_CNN_DICOMWEB_PASSWORD")
+        if password is None:
+            raise PneumoniaCNNError(f"--user {user}: set the password in PNEUMONIA_CNN_DICOMWEB_PASSWORD")
+        session.auth = (user, password)
+    if os.environ.get("PNEUMONIA_CNN_DICOMWEB_TOKEN"):
+        session.headers["Authorization"] = f"Bearer {os.environ['PNEUMONIA_CNN_DICOMWEB_TOKEN']}"
+    client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=timeout)
     client.set_http_retry_params(retry=False)  # its own retries would multiply ours and hide each failure
     return client
 
@@ -49,7 +63,7 @@ class PacsJob:
         self.options = options
         self.scorer = DicomScorer(predictor, overlay=options.overlay)
         self.model = predictor.model_id
-        self.client = client or connect(options.url, options.timeout)
+        self.client = client or connect(options.url, options.timeout, options.user)
         self.state = ScoredState(options.state)
 
     def _retry(self, action, what: str):

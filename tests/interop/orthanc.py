@@ -50,8 +50,8 @@ class Orthanc:
         self.http = requests.Session()
         self.http.auth = next(iter(users.items())) if users else None
 
-    def start(self) -> "Orthanc":
-        self.log = open(self.folder / "orthanc.log", "wb")
+    def start(self) -> Orthanc:
+        self.log = open(self.folder / "orthanc.log", "wb")  # noqa: SIM115 - open while Orthanc runs
         self.process = subprocess.Popen([ORTHANC, str(self.folder / "orthanc.json")], stdout=self.log,
                                         stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30

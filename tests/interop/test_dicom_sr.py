@@ -15,7 +15,8 @@ from .studies import xray_dicom
 
 MODEL = ModelIdentity("pneumonia-cnn seed", "seed-run-1", ("software pneumonia-cnn 0.1.0",), "PNEUMONIA")
 FLAGGED = {"probability": 0.8125, "label": "PNEUMONIA", "threshold": 0.43, "in_distribution": False,
-           "ood_score": 3.5, "warnings": ["outside the training population (children): the probability is not reliable"]}
+           "ood_score": 3.5,
+           "warnings": ["outside the training population (children): the probability is not reliable"]}
 
 
 def test_sr_holds_the_result_and_references_the_source(tmp_path):
@@ -44,7 +45,8 @@ def test_sr_for_a_header_with_only_the_uids():
     source.Rows, source.Columns = 8, 8  # an image: the rest (patient, study dates) may be absent
     entry = {**FLAGGED, "in_distribution": None, "ood_score": None, "warnings": []}
     figures = read_sr(build_sr(source, entry, MODEL))
-    assert figures["in_distribution"] is None and "ood_score" not in figures and figures["study_instance_uid"] == "1.2.3"
+    assert figures["in_distribution"] is None and "ood_score" not in figures
+    assert figures["study_instance_uid"] == "1.2.3"
 
 
 def test_overlay_is_a_secondary_capture_in_the_study(tmp_path):
@@ -62,7 +64,8 @@ def test_retries_back_off_then_name_the_failure():
     def flaky():
         calls.append(1)
         raise ConnectionError("connection refused")
-    with pytest.raises(TransferError, match=r"^instance 1\.2: ConnectionError: connection refused \(after 4 attempts\)$"):
+    with pytest.raises(TransferError, match=r"^instance 1\.2: ConnectionError: connection refused "
+                                            r"\(after 4 attempts\)$"):
         with_retries(flaky, "instance 1.2", attempts=4, backoff=0.5, sleep=waits.append)
     assert waits == [0.5, 1.0, 2.0] and len(calls) == 4
     calls.clear()

@@ -51,7 +51,7 @@ def node(tmp_path_factory, trained_run):
     require_orthanc()
     folder, port = tmp_path_factory.mktemp("listen"), free_port()
     orthanc = Orthanc(folder / "orthanc", {"pneumonia": ("PNEUMONIA", "127.0.0.1", port)}).start()
-    log = open(folder / "listen.log", "wb")
+    log = open(folder / "listen.log", "wb")  # noqa: SIM115 - open while the node runs
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([PROJECT_SRC, os.environ.get("PYTHONPATH", "")]))
     process = subprocess.Popen([sys.executable, "-m", "pneumonia_cnn", "listen", str(trained_run), "--port", str(port),
                                 "--ae-title", "PNEUMONIA", "--send-to", f"127.0.0.1:{orthanc.dicom_port}:ORTHANC",
@@ -81,7 +81,8 @@ def test_echo_answers(node):
 def test_orthanc_sends_images_and_the_reports_arrive(node, trained_run, xray_sources, tmp_path, capsys):
     orthanc = node["orthanc"]
     files = [xray_dicom(xray_sources["PNEUMONIA"][0], tmp_path / "a.dcm", "DX", patient_id="L1"),
-             xray_dicom(xray_sources["NORMAL"][0], tmp_path / "b.dcm", "CR", "MONOCHROME1", patient_id="L2", age="035Y"),
+             xray_dicom(xray_sources["NORMAL"][0], tmp_path / "b.dcm", "CR", "MONOCHROME1", patient_id="L2",
+                        age="035Y"),
              xray_dicom(xray_sources["NORMAL"][1], tmp_path / "c.dcm", "DX", patient_id="L3", pixel_data=False)]
     orthanc.send("pneumonia", [orthanc.upload(path)["ID"] for path in files])
     headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]

@@ -126,6 +126,6 @@ COMMANDS = [
                        "pneumonia-cnn pacs runs/best --dicomweb http://pacs:8042/dicom-web --watch --overlay")),
     Command("listen", "DICOM node: receive X-rays by C-STORE, send a DICOM SR for each to a destination",
             listen_arguments, run_listen,
-            ("pneumonia-cnn listen runs/best --port 11112 --ae-title PNEUMONIA --send-to pacs:4242:ORTHANC "
-             "--host 0.0.0.0",)),
+            ("pneumonia-cnn listen runs/best --port 11112 --ae-title PNEUMONIA --send-to pacs:4242:ORTHANC --host 0.0.0.0",
+             )),
 ]

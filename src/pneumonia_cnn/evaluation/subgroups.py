@@ -110,7 +110,7 @@ def subgroup_metrics(field: str, labels, probabilities, threshold: float, values
     for value in sorted(set(values.tolist()), key=lambda v: (v == MISSING, v)):
         chosen = np.where(values == value)[0]
         units = None if patients is None else np.asarray(patients)[chosen]
-        groups.append({"value": value, "n_images": int(len(chosen)), "n_positive": int(labels[chosen].sum()),
+        groups.append({"value": value, "n_images": len(chosen), "n_positive": int(labels[chosen].sum()),
                        "n_negative": int((labels[chosen] == 0).sum()),
                        "metrics": bootstrap_metrics(labels[chosen], probabilities[chosen], threshold, groups=units,
                                                     resamples=resamples, seed=seed)})
@@ -142,9 +142,9 @@ def subgroup_results(fields, report: dict, cached, data) -> list[dict]:
 
 def _cell(entry: dict) -> str:
     value, (low, high) = entry["value"], entry["ci95"]
-    if value != value:
+    if math.isnan(value):
         return "-"
-    return f"{value:.3f} [{low:.2f}, {high:.2f}]" if low == low else f"{value:.3f} (no CI)"
+    return f"{value:.3f} (no CI)" if math.isnan(low) else f"{value:.3f} [{low:.2f}, {high:.2f}]"
 
 
 def format_subgroups(result: dict) -> str:

@@ -50,7 +50,7 @@ class ModelIdentity:
     positive_class: str
 
     @classmethod
-    def of(cls, predictor) -> "ModelIdentity":
+    def of(cls, predictor) -> ModelIdentity:
         checkpoint = predictor.bundle.checkpoints[0]
         architectures = "+".join(c["model"]["name"] for c in predictor.bundle.checkpoints)
         decision = predictor.bundle.decision

@@ -75,7 +75,9 @@ class PacsJob:
         finished, produced = self.state.finished(self.model), self.state.produced()
         found, seen, known = [], set(), 0
         for modality in self.options.modalities:
-            filters = {"Modality": modality, **({"StudyDate": self.options.study_date} if self.options.study_date else {})}
+            filters = {"Modality": modality}
+            if self.options.study_date:
+                filters["StudyDate"] = self.options.study_date
             for record in self._search(filters):
                 uid = _value(record, SOP)
                 if not uid or uid in seen or uid in produced or _value(record, SOP_CLASS) in NOT_SCORED_CLASSES:
@@ -90,8 +92,8 @@ class PacsJob:
     def _search(self, filters: dict):
         offset = 0
         while True:
-            page = self._retry(lambda: self.client.search_for_instances(
-                search_filters=filters, limit=self.options.page_size, offset=offset,
+            page = self._retry(lambda skip=offset: self.client.search_for_instances(
+                search_filters=filters, limit=self.options.page_size, offset=skip,
                 fields=["StudyDate", "Modality", "SOPClassUID"]), f"{self.options.url}: QIDO-RS search {filters}")
             yield from page
             if len(page) < self.options.page_size:
@@ -113,7 +115,7 @@ class PacsJob:
         for record in records:
             study, series, sop = _value(record, STUDY), _value(record, SERIES), _value(record, SOP)
             try:
-                dataset = self._retry(lambda: self.client.retrieve_instance(study, series, sop),
+                dataset = self._retry(lambda uids=(study, series, sop): self.client.retrieve_instance(*uids),
                                       f"instance {sop}: WADO-RS retrieve")
             except TransferError as error:
                 self._failed(summary, sop, study, series, str(error))
@@ -137,7 +139,7 @@ class PacsJob:
     def _store(self, result: ScoredInstance, summary: dict):
         try:
             for output in result.outputs:
-                self._retry(lambda: _stow(self.client, output, result.study_instance_uid),
+                self._retry(lambda instance=output: _stow(self.client, instance, result.study_instance_uid),
                             f"instance {result.sop_instance_uid}: STOW-RS of {output.Modality} {output.SOPInstanceUID}")
         except TransferError as error:
             self._failed(summary, result.sop_instance_uid, result.study_instance_uid, result.series_instance_uid,

@@ -37,7 +37,7 @@ class Destination:
     ae_title: str
 
     @classmethod
-    def parse(cls, text: str) -> "Destination":
+    def parse(cls, text: str) -> Destination:
         parts = str(text).rsplit(":", 2)
         if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not 0 < int(parts[1]) < 65536 \
                 or not 0 < len(parts[2]) <= 16:

@@ -81,7 +81,8 @@ class DicomScorer:
             result = ScoredInstance(*uids_of(dataset))
             results.append(result)
             try:
-                gray, meta = self.predictor.preprocess_bytes(dataset_bytes(dataset), f"instance {result.sop_instance_uid}")
+                gray, meta = self.predictor.preprocess_bytes(dataset_bytes(dataset),
+                                                             f"instance {result.sop_instance_uid}")
             except ImageReadError as error:
                 result.error = error.reason
                 continue
@@ -92,8 +93,11 @@ class DicomScorer:
         if readable:
             entries, _ = self.predictor.assess(np.stack(pixels), metas)
             for (result, dataset), entry, gray in zip(readable, entries, pixels):
-                result.entry = entry
-                result.outputs = self._outputs(dataset, entry, gray)
+                try:
+                    result.outputs = self._outputs(dataset, entry, gray)
+                    result.entry = entry
+                except Exception as error:  # noqa: BLE001 - a header highdicom refuses spoils this report only
+                    result.error = f"cannot write its report ({type(error).__name__}: {str(error)[:160]})"
         return results
 
     def _outputs(self, dataset: Dataset, entry: dict, gray: np.ndarray) -> list:

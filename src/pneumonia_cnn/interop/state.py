@@ -79,8 +79,8 @@ class ScoredState:
                  datetime.now(timezone.utc).isoformat(timespec="seconds")))
 
     def rows(self, model: str | None = None) -> list[dict]:
-        cursor = self.db.execute("SELECT * FROM instances" + (" WHERE model = ?" if model else "") + " ORDER BY updated",
-                                 (model,) if model else ())
+        where = " WHERE model = ?" if model else ""
+        cursor = self.db.execute(f"SELECT * FROM instances{where} ORDER BY updated", (model,) if model else ())
         names = [column[0] for column in cursor.description]
         return [dict(zip(names, row)) for row in cursor]
 

@@ -35,7 +35,9 @@ def test_sr_holds_the_result_and_references_the_source(tmp_path):
     again = build_sr(source, {**FLAGGED, "probability": 0.1, "label": "NORMAL"}, MODEL)
     assert again.SOPInstanceUID == report.SOPInstanceUID  # scoring again replaces the report
     other = build_sr(source, FLAGGED, ModelIdentity("x", "another-run", (), "PNEUMONIA"))
-    assert other.SOPInstanceUID != report.SOPInstanceUID and read_sr(again)["finding"] == "Absent"
+    refit = build_sr(source, FLAGGED, ModelIdentity(MODEL.name, MODEL.version, (), "PNEUMONIA", key="seed-run-1@t2"))
+    assert len({report.SOPInstanceUID, other.SOPInstanceUID, refit.SOPInstanceUID}) == 3  # another model or decision
+    assert read_sr(again)["finding"] == "Absent"
 
 
 def test_sr_for_a_header_with_only_the_uids():

@@ -13,10 +13,12 @@ The SR is a Comprehensive SR holding a TID 1500 Measurement Report with one TID 
 
 Numbers, threshold and flag have no standard code, so they use the private scheme ``99PNEUMOCNN`` (declared in
 the Coding Scheme Identification Sequence). UIDs are derived from the source SOP Instance UID and the model
-id, so scoring an instance again replaces its report instead of adding a second one.
+id and its decision, so scoring an instance again replaces its report instead of adding a second one.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -43,11 +45,18 @@ DISCLAIMER = "pneumonia-cnn AI result, research use only, not for diagnosis"
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What the SR says about the model: name, version (the model id) and parameters."""
+    """What the SR says about the model: name, version (the model id) and parameters. ``key`` also tells
+    apart decisions refitted on the same weights (threshold, calibration): it names the result's UIDs and the
+    ``pacs`` state, so another decision scores again while the same one never does."""
     name: str
     version: str
     parameters: tuple[str, ...]
     positive_class: str
+    key: str = ""
+
+    def __post_init__(self):
+        if not self.key:
+            object.__setattr__(self, "key", self.version)
 
     @classmethod
     def of(cls, predictor) -> ModelIdentity:
@@ -58,7 +67,12 @@ class ModelIdentity:
                    parameters=(f"software pneumonia-cnn {software_version()}", f"threshold policy {decision.policy}",
                                f"calibration {decision.calibration.method}",
                                f"run {checkpoint.get('run_id', '?')}"),
-                   positive_class=predictor.class_names[1])
+                   positive_class=predictor.class_names[1], key=f"{predictor.model_id}@{decision_digest(decision)}")
+
+
+def decision_digest(decision) -> str:
+    text = json.dumps(decision.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def software_version() -> str:
@@ -69,9 +83,9 @@ def software_version() -> str:
         return "unknown"
 
 
-def result_uid(source_sop_uid: str, model_version: str, kind: str) -> str:
+def result_uid(source_sop_uid: str, model_key: str, kind: str) -> str:
     """The same UID every time one model scores one instance: a repeat replaces, never duplicates."""
-    return generate_uid(entropy_srcs=[source_sop_uid, model_version, kind])
+    return generate_uid(entropy_srcs=[source_sop_uid, model_key, kind])
 
 
 def build_sr(source: Dataset, entry: dict, model: ModelIdentity) -> hd.sr.ComprehensiveSR:
@@ -81,7 +95,7 @@ def build_sr(source: Dataset, entry: dict, model: ModelIdentity) -> hd.sr.Compre
     algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version,
                                               parameters=list(model.parameters))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(source.SOPInstanceUID, model.version, "group"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(source.SOPInstanceUID, model.key, "group"),
                                                      identifier="pneumonia-cnn result"),
         finding_type=PNEUMONIA, algorithm_id=algorithm, measurements=_measurements(entry),
         qualitative_evaluations=_evaluations(entry, model),
@@ -89,7 +103,7 @@ def build_sr(source: Dataset, entry: dict, model: ModelIdentity) -> hd.sr.Compre
     for warning in entry.get("warnings") or []:
         group[0].ContentSequence.append(hd.sr.TextContentItem(name=COMMENT, value=warning[:1024],
                                                               relationship_type="CONTAINS"))
-    device = hd.sr.DeviceObserverIdentifyingAttributes(uid=result_uid("device", model.version, "observer"),
+    device = hd.sr.DeviceObserverIdentifyingAttributes(uid=result_uid("device", model.key, "observer"),
                                                        name="pneumonia-cnn", model_name=model.name,
                                                        serial_number=model.version[:64])
     report = hd.sr.MeasurementReport(
@@ -98,8 +112,8 @@ def build_sr(source: Dataset, entry: dict, model: ModelIdentity) -> hd.sr.Compre
         procedure_reported=CHEST_XRAY, imaging_measurements=[group])
     return hd.sr.ComprehensiveSR(
         evidence=[source], content=report[0], series_instance_uid=result_uid(source.SeriesInstanceUID,
-                                                                             model.version, "sr-series"),
-        series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid(source.SOPInstanceUID, model.version, "sr"),
+                                                                             model.key, "sr-series"),
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sr"),
         instance_number=int(getattr(source, "InstanceNumber", 1) or 1), manufacturer="pneumonia-cnn",
         is_complete=True, is_final=False, is_verified=False, series_description=DISCLAIMER[:64],
         coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(SCHEME, name="pneumonia-cnn result codes",
@@ -139,8 +153,8 @@ def build_overlay(source: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity
     return hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=np.ascontiguousarray(overlay_rgb, dtype=np.uint8),
         photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
-        series_instance_uid=result_uid(source.SeriesInstanceUID, model.version, "sc-series"),
-        series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid(source.SOPInstanceUID, model.version, "sc"),
+        series_instance_uid=result_uid(source.SeriesInstanceUID, model.key, "sc-series"),
+        series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sc"),
         instance_number=int(getattr(source, "InstanceNumber", 1) or 1), manufacturer="pneumonia-cnn",
         patient_orientation=("L", "F"), series_description="pneumonia-cnn Grad-CAM, not for diagnosis")
 

@@ -62,7 +62,7 @@ class PacsJob:
     def __init__(self, predictor, options: PacsOptions, client=None):
         self.options = options
         self.scorer = DicomScorer(predictor, overlay=options.overlay)
-        self.model = predictor.model_id
+        self.model = self.scorer.model.key  # the model id and its decision
         self.client = client or connect(options.url, options.timeout, options.user)
         self.state = ScoredState(options.state)
 

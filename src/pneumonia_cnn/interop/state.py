@@ -1,5 +1,6 @@
-"""What the ``pacs`` job has done, in a small SQLite file: one row per (source instance, model), so that a
-rerun scores only new instances and a failed transfer is tried again on the next run, never forgotten.
+"""What the ``pacs`` job has done, in a small SQLite file: one row per (source instance, model), the model
+being its id and decision (``ModelIdentity.key``), so that a rerun scores only new instances and a failed
+transfer is tried again on the next run, never forgotten.
 
 Statuses: ``done`` (report stored in the PACS), ``unreadable`` (the image could not be decoded; not retried),
 ``skipped`` (not an X-ray to score, e.g. a report), ``failed`` (a network step failed after its retries; tried

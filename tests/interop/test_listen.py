@@ -135,11 +135,14 @@ def test_destination_down_loses_nothing(trained_run, xray_sources, tmp_path, cap
     assert [p.name for p in (spool / "incoming").iterdir()] == [f"{pydicom.dcmread(path).SOPInstanceUID}.dcm"]
     orthanc = Orthanc(tmp_path / "orthanc").start()
     try:  # restarted with a destination that answers: the spooled image is scored and delivered
-        up = Listener(predictor, Destination("127.0.0.1", orthanc.dicom_port, "ORTHANC"), port=port, spool=spool)
+        up = Listener(predictor, Destination("127.0.0.1", orthanc.dicom_port, "ORTHANC"), port=port, spool=spool,
+                      overlay=True)
         up.start(block=False)
         wait_for_reports(orthanc, [pydicom.dcmread(path).SOPInstanceUID], timeout=60)
         up.stop()
         assert not list((spool / "incoming").glob("*.dcm"))
+        (overlay,) = [orthanc.tags(i) for i in orthanc.instances_of_modality("OT")]  # --overlay: the heat map too
+        assert overlay["StudyInstanceUID"] == pydicom.dcmread(path).StudyInstanceUID
     finally:
         orthanc.stop()
 

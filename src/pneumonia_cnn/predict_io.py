@@ -1,14 +1,17 @@
-"""Inputs and outputs of ``predict``: expand files, folders and globs; format a table, JSON or CSV."""
+"""Inputs and outputs of ``predict``: expand files, folders and globs; format a table, JSON, CSV or FHIR."""
 from __future__ import annotations
 
 import csv
 import glob
 import io
 import json
+import logging
 from pathlib import Path
 
 from .data.dataset import _walk_images
 from .fileio import display_path
+
+log = logging.getLogger("pneumonia_cnn")
 
 
 def collect_paths(items) -> tuple[list[str], list[str]]:
@@ -37,6 +40,8 @@ def format_predictions(predictions, fmt: str = "table") -> str:
         row["path"] = display_path(row["path"])
     if fmt == "json":
         return json.dumps(rows, indent=2)
+    if fmt == "fhir":
+        return format_fhir(rows)
     if fmt == "csv":
         buffer = io.StringIO()
         fields = ["path", "probability", "label", "threshold", "in_distribution", "ood_score", "warnings", "error",
@@ -57,3 +62,12 @@ def format_predictions(predictions, fmt: str = "table") -> str:
         lines.append(f"{path:<{width}}  {row['probability']:>11.4f}  {row['label']:<10} {flag:<8} "
                      + "; ".join(row["warnings"]))
     return "\n".join(lines)
+
+
+def format_fhir(rows: list[dict]) -> str:
+    """A FHIR R4 DiagnosticReport with an Observation per image, checked against the FHIR models."""
+    from .interop.fhir import diagnostic_report, validate
+    document = diagnostic_report(rows)
+    if not validate(document):
+        log.info("FHIR output not validated: fhir.resources is not installed (pip install 'pneumonia-cnn[pacs]')")
+    return json.dumps(document, indent=2)

@@ -13,7 +13,7 @@ def predict_arguments(p):
     p.add_argument("checkpoint", nargs="+", help="best.pt or run folder, then PATH... (use -- before paths "
                                                   "when giving several checkpoints)")
     p.add_argument("--paths", nargs="*", default=None, help=argparse.SUPPRESS)
-    add_format(p, ("table", "json", "csv"))
+    add_format(p, ("table", "json", "csv", "fhir"))
     add_site_options(p)
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     add_device(p), add_engine(p)

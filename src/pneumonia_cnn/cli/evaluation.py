@@ -25,6 +25,13 @@ def evaluate_arguments(p):
     add_device(p), add_engine(p), add_cache_dir(p)
     p.add_argument("--no-figures", action="store_true", help="skip the ROC/PR/reliability pictures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_by(p)
+
+
+def add_by(p):
+    p.add_argument("--by", action="append", metavar="FIELD",
+                   help="metrics per subgroup (repeatable): a DICOM attribute (PatientSex, ViewPosition, Manufacturer, "
+                        "InstitutionName...), AgeBand (from PatientAge or a CSV age column), or a CSV column")
 
 
 def run_evaluate(args) -> int:
@@ -35,7 +42,8 @@ def run_evaluate(args) -> int:
                       device=args.device, threshold=args.threshold, calibration=args.calibration,
                       save_as=args.save_as, val_split=args.val_split, prevalence=args.prevalence,
                       adapt_batch=args.adapt_batch, engine=args.engine, bootstrap=args.bootstrap, seed=args.seed,
-                      cache_dir=args.cache_dir, out=out, figures=not args.no_figures, progress=not args.no_progress)
+                      cache_dir=args.cache_dir, out=out, figures=not args.no_figures, progress=not args.no_progress,
+                      by=args.by)
     if args.format == "json":
         print_json({k: v for k, v in report.items() if k != "predictions"})
     else:
@@ -52,12 +60,13 @@ def report_arguments(p):
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     add_device(p), add_cache_dir(p)
     p.add_argument("--no-stress", action="store_true", help="skip the robustness table")
+    add_by(p)
 
 
 def run_report(args) -> int:
     from ..evaluation.report import write_report
     path = write_report(args.run_dir, data=args.data, split=args.split, out=args.out, device=args.device,
-                        bootstrap=args.bootstrap, cache_dir=args.cache_dir, stress=not args.no_stress)
+                        bootstrap=args.bootstrap, cache_dir=args.cache_dir, stress=not args.no_stress, by=args.by)
     print(f"written: {path}")
     return 0
 
@@ -97,7 +106,9 @@ COMMANDS = [
         "pneumonia-cnn evaluate --checkpoint runs/best --data chest_xray --split test",
         "pneumonia-cnn evaluate --checkpoint runs/best --data chest_xray --threshold specificity:0.9 "
         "--save-as runs/best/spec90.pt",
-        "pneumonia-cnn evaluate --checkpoint runs/a runs/b --data chest_xray --format json")),
+        "pneumonia-cnn evaluate --checkpoint runs/a runs/b --data chest_xray --format json",
+        "pneumonia-cnn evaluate --checkpoint runs/best --data site.csv --by sex --by AgeBand",
+        "pneumonia-cnn evaluate --checkpoint runs/best --data dicom_root --by PatientSex --by ViewPosition")),
     Command("report", "one self-contained HTML report of a run", report_arguments, run_report,
             ("pneumonia-cnn report runs/best",)),
     Command("compare", "side-by-side metrics and a DeLong test of AUC differences", compare_arguments, run_compare,

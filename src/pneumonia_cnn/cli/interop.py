@@ -1,7 +1,13 @@
-"""Interoperability: ``export`` (ONNX, TorchScript) and ``import-keras``."""
+"""Interoperability: ``export`` (ONNX, TorchScript), ``import-keras``, and the hospital side: ``pacs``
+(DICOMweb) and ``listen`` (DICOM C-STORE node)."""
 from __future__ import annotations
 
-from .common import Command
+import argparse
+import logging
+
+from .common import Command, add_device
+
+log = logging.getLogger("pneumonia_cnn")
 
 
 def export_arguments(p):
@@ -35,10 +41,91 @@ def run_import_keras(args) -> int:
     return 0
 
 
+def add_network_options(p):
+    p.add_argument("--overlay", action="store_true", help="also store the Grad-CAM overlay as a Secondary Capture "
+                                                          "image in the same study")
+    p.add_argument("--retries", type=int, default=3, help="retries of a failed network call (exponential back-off)")
+    p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry (then doubled)")
+    add_device(p)
+
+
+def pacs_arguments(p):
+    p.add_argument("checkpoint", help="best.pt or run folder")
+    p.add_argument("--dicomweb", required=True, metavar="URL", help="DICOMweb root, e.g. http://pacs:8042/dicom-web")
+    p.add_argument("--state", default="pacs_state.sqlite", help="SQLite file remembering what was scored")
+    p.add_argument("--modality", nargs="+", default=["CR", "DX"], help="modalities to look for")
+    p.add_argument("--study-date", metavar="RANGE", help="YYYYMMDD or YYYYMMDD-YYYYMMDD (either side may be open)")
+    p.add_argument("--batch-size", type=int, default=16, help="instances scored together")
+    p.add_argument("--timeout", type=float, default=60, help="seconds before one HTTP request is given up")
+    p.add_argument("--user", help="HTTP user (password in PNEUMONIA_CNN_DICOMWEB_PASSWORD; or a bearer token in "
+                                  "PNEUMONIA_CNN_DICOMWEB_TOKEN)")
+    p.add_argument("--watch", action="store_true", help="keep polling for new instances")
+    p.add_argument("--interval", type=float, default=30, help="seconds between polls with --watch")
+    p.add_argument("--polls", type=int, help=argparse.SUPPRESS)  # tests: stop after N polls
+    add_network_options(p)
+
+
+def run_pacs(args) -> int:
+    from ..inference import Predictor
+    from ..interop.dicomweb import PacsJob, PacsOptions, check_date_range
+    options = PacsOptions(args.dicomweb, args.state, tuple(m.upper() for m in args.modality),
+                          check_date_range(args.study_date), args.overlay, args.batch_size, args.retries + 1,
+                          args.backoff, timeout=args.timeout, user=args.user)
+    job = PacsJob(Predictor(args.checkpoint, args.device), options)
+    if args.watch:
+        job.watch(args.interval, args.polls, print_pacs_summary)
+        return 0
+    summary = job.run_once()
+    print_pacs_summary(summary)
+    return 1 if summary["failed"] else 0
+
+
+def print_pacs_summary(summary: dict):
+    for result in summary["results"]:
+        entry = result.entry
+        flag = {True: "in distribution", False: "OUTSIDE the training population", None: "?"}[entry["in_distribution"]]
+        print(f"{result.sop_instance_uid}  p={entry['probability']:.4f}  {entry['label']}  {flag}  "
+              f"-> SR {result.report_uid}" + (f" + overlay {result.overlay_uid}" if result.overlay_uid else "")
+              + "".join(f"\n    warning: {w}" for w in entry["warnings"]))
+    print(f"{summary['found']} new instance(s), {summary['already_scored']} already scored: {summary['scored']} "
+          f"scored and reported, {summary['unreadable']} unreadable, {summary['skipped']} not X-rays, "
+          f"{summary['failed']} failed (tried again next run)")
+
+
+def listen_arguments(p):
+    p.add_argument("checkpoint", help="best.pt or run folder")
+    p.add_argument("--send-to", required=True, metavar="HOST:PORT:AET", help="where the reports go (C-STORE)")
+    p.add_argument("--port", type=int, default=11112, help="DICOM port to listen on")
+    p.add_argument("--ae-title", default="PNEUMONIA", help="this node's AE title")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise; "
+                                                       "0.0.0.0 for the hospital network)")
+    p.add_argument("--spool", help="folder for received instances until their report is delivered "
+                                   "(default: ~/.cache/pneumonia-cnn/listen-spool)")
+    p.add_argument("--retry-after", type=float, default=60, help="seconds before an undelivered report is retried")
+    add_network_options(p)
+
+
+def run_listen(args) -> int:
+    from ..inference import Predictor
+    from ..interop.listener import Destination, Listener
+    destination = Destination.parse(args.send_to)
+    listener = Listener(Predictor(args.checkpoint, args.device), destination, args.ae_title, args.port, args.host,
+                        args.spool, args.overlay, args.retries + 1, args.backoff, args.retry_after)
+    listener.start(block=True)
+    return 0
+
+
 COMMANDS = [
     Command("export", "export to ONNX or TorchScript with metadata", export_arguments, run_export,
             ("pneumonia-cnn export runs/best/best.pt --format onnx --out model.onnx",)),
     Command("import-keras", "import the tutorial's trained Keras model (.h5, .keras, .weights.h5)",
             import_keras_arguments, run_import_keras,
             ("pneumonia-cnn import-keras model.h5 --out keras.pt",)),
+    Command("pacs", "score new X-rays in a PACS over DICOMweb and store a DICOM SR in each study", pacs_arguments,
+            run_pacs, ("pneumonia-cnn pacs runs/best --dicomweb http://pacs:8042/dicom-web --study-date 20240101-",
+                       "pneumonia-cnn pacs runs/best --dicomweb http://pacs:8042/dicom-web --watch --overlay")),
+    Command("listen", "DICOM node: receive X-rays by C-STORE, send a DICOM SR for each to a destination",
+            listen_arguments, run_listen,
+            ("pneumonia-cnn listen runs/best --port 11112 --ae-title PNEUMONIA --send-to pacs:4242:ORTHANC "
+             "--host 0.0.0.0",)),
 ]

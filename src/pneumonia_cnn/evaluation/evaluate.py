@@ -88,11 +88,12 @@ def save_refitted(bundle, fit: dict, save_as, sources) -> Path:
 def evaluate(checkpoint, data, split: str = "test", device: str = "auto", threshold: str | None = None,
              bootstrap: int = 1000, seed: int = 0, cache_dir=None, out=None, figures=True, batch_size: int = 64,
              progress: bool = False, calibration: str | None = None, save_as=None, val_split: str = "val",
-             prevalence=None, adapt_batch: bool = False, engine: str = "auto") -> dict:
+             prevalence=None, adapt_batch: bool = False, engine: str = "auto", by=None) -> dict:
     """Evaluate one checkpoint or an ensemble (a list) on ``data``/``split``; returns the report dict.
 
     ``threshold`` (a policy: ``youden``, ``sensitivity:0.95``, a number) or ``calibration`` refit the decision
     on ``val_split`` for this evaluation (written to ``save_as`` when given); None uses the saved decision.
+    ``by`` (field names) adds the metrics per subgroup (``report["subgroups"]``, see ``subgroups.py``).
     """
     sources = checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint]
     bundle = load_bundle(list(sources))
@@ -116,6 +117,9 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
     predictor = Predictor(bundle, device, prevalence=prevalence, adapt_batch=adapt_batch, engine=engine)
     entries, notes = predictor.assess(cached.images, batch_size=batch_size, progress=progress)
     report = build_report(predictor, cached, entries, notes, data, split, bootstrap, seed)
+    if by:
+        from .subgroups import subgroup_results
+        report["subgroups"] = subgroup_results([by] if isinstance(by, str) else list(by), report, cached, data)
     if fit is not None:
         report["decision_refit"] = {k: fit[k] for k in ("split", "images", "engine", "precision", "tta")}
     if out:
@@ -185,4 +189,7 @@ def format_table(report: dict) -> str:
         lines.append(f"decision refitted on {fit['split']} ({fit['images']} images) for this evaluation")
     if report["skipped"]:
         lines.append(f"skipped {len(report['skipped'])} unreadable file(s)")
+    if report.get("subgroups"):
+        from .subgroups import format_subgroups
+        lines += [format_subgroups(result) for result in report["subgroups"]]
     return "\n".join(lines)

@@ -47,6 +47,22 @@ def _metrics_table(metrics: dict, unit: str) -> str:
     return f"<table><tr><th>metric</th><th>value</th><th>95% CI ({unit} bootstrap)</th></tr>{rows}</table>"
 
 
+def subgroup_section(result: dict) -> str:
+    """``evaluate --by``: one row per metric, one column per group (value and 95% interval), the largest gap."""
+    groups, gaps = result["groups"], result["largest_gap"]
+    head = "".join(f"<th>{html.escape(str(g['value']))}<br>n={g['n_images']} ({g['n_positive']}+/{g['n_negative']}-)"
+                   "</th>" for g in groups)
+    rows = "".join(
+        f"<tr><td>{METRIC_NAMES[k]}</td>" + "".join(
+            f"<td>{_number(g['metrics'][k]['value'])} [{_number(g['metrics'][k]['ci95'][0])}, "
+            f"{_number(g['metrics'][k]['ci95'][1])}]</td>" for g in groups)
+        + (f"<td>{gaps[k]['gap']:.4f} ({html.escape(str(gaps[k]['best']))} vs {html.escape(str(gaps[k]['worst']))})"
+           "</td>" if k in gaps else "<td>-</td>") + "</tr>" for k in METRIC_NAMES)
+    return (f"<h3>By {html.escape(result['field'])}</h3><table class='subgroups'><tr><th>metric</th>{head}"
+            f"<th>largest gap (best vs worst)</th></tr>{rows}</table><p class='note'>Value [95% CI] per group; "
+            "groups with one class have no sensitivity, specificity or AUC; (missing) is left out of the gaps.</p>")
+
+
 def _data_summary(data) -> str:
     rows = []
     for split in ("train", "val", "test"):
@@ -79,7 +95,7 @@ def _decision_section(card: dict, run_dir: Path) -> str:
 
 
 def write_report(run_dir, data=None, split="test", out=None, device="auto", bootstrap=1000, cache_dir=None,
-                 stress: bool = True) -> Path:
+                 stress: bool = True, by=None) -> Path:
     run_dir = Path(run_dir)
     checkpoint_path = run_dir / "best.pt" if run_dir.is_dir() else run_dir
     run_dir = checkpoint_path.parent
@@ -90,7 +106,7 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
         raise PneumoniaCNNError(f"{display_path(data or '?')}: data folder not found; pass --data ROOT")
     out = Path(out or run_dir / "report.html")
     report = evaluate(checkpoint_path, data, split, device=device, bootstrap=bootstrap, cache_dir=cache_dir,
-                      out=run_dir / f"{split}_metrics.json", figures=True)
+                      out=run_dir / f"{split}_metrics.json", figures=True, by=by)
     card = checkpoint_card(checkpoint)
     sections = [f"<h1>pneumonia-cnn report: {html.escape(str(card['run_id']))}</h1>"
                 "<p class='warn'><b>Not a medical device.</b> Research and teaching software; never the sole "
@@ -99,7 +115,8 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
                 f"<h2>Data</h2><p>{html.escape(str(data))}</p>{_data_summary(data)}"]
     if (run_dir / "curves.png").exists():
         sections.append(f"<h2>Training curves</h2><div class='figs'>{_image(run_dir / 'curves.png', wide=True)}</div>")
-    sections += [_metrics_section(report, split), _pictures_section(report.get("figures", {}))]
+    sections += [_metrics_section(report, split), *[subgroup_section(r) for r in report.get("subgroups", [])],
+                 _pictures_section(report.get("figures", {}))]
     if stress:
         sections.append(_stress_section(stress_test(checkpoint_path, data, split, device=device, cache_dir=cache_dir)))
     sections += [_ood_section(report, card), _model_card_section(card)]

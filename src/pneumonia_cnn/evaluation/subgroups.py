@@ -1,0 +1,161 @@
+"""Results by subgroup (``evaluate --by FIELD``): every metric with its 95% interval in each group, and the
+largest gap between groups.
+
+A field is a DICOM attribute read from each file's header (PatientSex, ViewPosition, Manufacturer,
+InstitutionName, BodyPartExamined...), ``AgeBand`` (from the DICOM PatientAge, or a CSV ``age`` column in
+years), or any column of a CSV input (matched by its header name, case-insensitively). Images without a value
+form the group ``(missing)``, which is shown but left out of the gaps. Intervals come from the same seeded,
+class-stratified bootstrap as the overall metrics (by patient when file names carry patient ids); a group
+with one class only has no ROC AUC, sensitivity or specificity to report (NaN) and is left out of those gaps.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..data.dataset import has_patient_ids
+from ..errors import PneumoniaCNNError
+from ..fileio import display_path
+from .metrics import bootstrap_metrics
+
+MISSING = "(missing)"
+AGE_FIELDS = {"ageband", "age_band", "agegroup", "age_group"}
+AGE_BANDS = ((1, "<1y"), (6, "1-5y"), (18, "6-17y"), (40, "18-39y"), (65, "40-64y"), (math.inf, "65y+"))
+AGE_UNITS = {"D": 365.25, "W": 52.1775, "M": 12.0, "Y": 1.0}
+METRICS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc", "pr_auc",
+           "brier", "log_loss", "ece")
+LOWER_IS_BETTER = {"brier", "log_loss", "ece"}
+
+
+def age_years(text) -> float | None:
+    """DICOM AS (``003Y``, ``018M``, ``006W``, ``010D``) or a plain number of years; None if neither."""
+    text = str(text or "").strip().upper()
+    if not text:
+        return None
+    unit = text[-1] if text[-1] in AGE_UNITS else "Y"
+    try:
+        return float(text.rstrip("DWMY")) / AGE_UNITS[unit]
+    except ValueError:
+        return None
+
+
+def age_band(years: float | None) -> str:
+    if years is None:
+        return MISSING
+    return next(name for upper, name in AGE_BANDS if years < upper)
+
+
+def csv_columns(data) -> dict[str, dict[str, str]] | None:
+    """A CSV input's columns by header name (lower case): {column: {resolved path: value}}; None otherwise."""
+    data = Path(data)
+    if data.suffix.lower() != ".csv" or not data.is_file():
+        return None
+    with open(data, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if not rows or rows[0][0].strip().lower() not in ("path", "file", "filename", "image"):
+        return {}
+    header = [name.strip().lower() for name in rows[0]]
+    columns = {name: {} for name in header}
+    for row in rows[1:]:
+        if not row or not row[0].strip() or row[0].strip().startswith("#"):
+            continue
+        path = Path(row[0].strip())
+        key = str((path if path.is_absolute() else data.parent / path).resolve())
+        for name, value in zip(header, row):
+            columns[name][key] = value.strip()
+    return columns
+
+
+def dicom_values(paths, keyword: str) -> list[str | None]:
+    """One attribute of each file's DICOM header (pixels are not read); None for other files."""
+    import pydicom
+    values = []
+    for path in paths:
+        try:
+            dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[keyword])
+            value = getattr(dataset, keyword, None)
+        except Exception:  # noqa: BLE001 - a JPEG or a broken header simply has no value for this field
+            value = None
+        values.append(str(value).strip() or None if value is not None else None)
+    return values
+
+
+def field_values(paths, field: str, data) -> list[str]:
+    """The group of each image for ``field`` (see the module's docstring)."""
+    from pydicom.datadict import tag_for_keyword
+    columns = csv_columns(data) or {}
+    keys = [str(Path(p).resolve()) for p in paths]
+    name = field.strip().lower()
+    if name in AGE_FIELDS:
+        ages = columns.get("age") or columns.get("patientage")
+        raw = [ages.get(k) for k in keys] if ages else dicom_values(paths, "PatientAge")
+        return [age_band(age_years(value)) for value in raw]
+    if name in columns:
+        return [columns[name].get(k) or MISSING for k in keys]
+    if tag_for_keyword(field.strip()) is None:
+        where = f"a column of {display_path(data)} nor " if columns else ""
+        raise PneumoniaCNNError(f"--by {field}: not {where}a DICOM attribute keyword (e.g. PatientSex, ViewPosition, "
+                                f"Manufacturer, InstitutionName) nor AgeBand")
+    return [value or MISSING for value in dicom_values(paths, field.strip())]
+
+
+def subgroup_metrics(field: str, labels, probabilities, threshold: float, values, patients=None,
+                     resamples: int = 1000, seed: int = 0) -> dict:
+    """Every metric with its interval per group of ``values``, and the largest gap between groups."""
+    labels, probabilities, values = np.asarray(labels).astype(int), np.asarray(probabilities, float), np.asarray(values)
+    groups = []
+    for value in sorted(set(values.tolist()), key=lambda v: (v == MISSING, v)):
+        chosen = np.where(values == value)[0]
+        units = None if patients is None else np.asarray(patients)[chosen]
+        groups.append({"value": value, "n_images": len(chosen), "n_positive": int(labels[chosen].sum()),
+                       "n_negative": int((labels[chosen] == 0).sum()),
+                       "metrics": bootstrap_metrics(labels[chosen], probabilities[chosen], threshold, groups=units,
+                                                    resamples=resamples, seed=seed)})
+    return {"field": field, "groups": groups, "largest_gap": largest_gaps(groups)}
+
+
+def largest_gaps(groups: list[dict]) -> dict:
+    """Per metric: the best and worst group (left out: (missing), and groups where it is undefined)."""
+    gaps = {}
+    for metric in METRICS:
+        scored = [(g["metrics"][metric]["value"], g["value"]) for g in groups
+                  if g["value"] != MISSING and np.isfinite(g["metrics"][metric]["value"])]
+        if len(scored) < 2:
+            continue
+        (low, low_group), (high, high_group) = min(scored), max(scored)
+        best, worst = ((low_group, high_group) if metric in LOWER_IS_BETTER else (high_group, low_group))
+        gaps[metric] = {"gap": float(high - low), "best": best, "worst": worst}
+    return gaps
+
+
+def subgroup_results(fields, report: dict, cached, data) -> list[dict]:
+    """``evaluate --by``: the subgroup tables for the images of an evaluation report."""
+    probabilities = [p["probability"] for p in report["predictions"]]
+    patients = cached.patients if has_patient_ids(cached.paths) else None
+    return [subgroup_metrics(field, cached.labels, probabilities, report["threshold"],
+                             field_values(cached.paths, field, data), patients, report["bootstrap"]["resamples"],
+                             report["bootstrap"]["seed"]) for field in fields]
+
+
+def _cell(entry: dict) -> str:
+    value, (low, high) = entry["value"], entry["ci95"]
+    if math.isnan(value):
+        return "-"
+    return f"{value:.3f} (no CI)" if math.isnan(low) else f"{value:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def format_subgroups(result: dict) -> str:
+    """A text table: one row per metric, one column per group, then the largest gap."""
+    groups = result["groups"]
+    titles = [f"{g['value']} (n={g['n_images']}: {g['n_positive']}+/{g['n_negative']}-)" for g in groups]
+    width = max([22] + [len(t) for t in titles])
+    lines = [f"by {result['field']}:", f"{'metric':<18}" + "".join(f"{t:>{width + 2}}" for t in titles)
+             + "  largest gap"]
+    for metric in METRICS:
+        gap = result["largest_gap"].get(metric)
+        lines.append(f"{metric:<18}" + "".join(f"{_cell(g['metrics'][metric]):>{width + 2}}" for g in groups)
+                     + (f"  {gap['gap']:.3f} ({gap['best']} vs {gap['worst']})" if gap else "  -"))
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""The result of one X-ray as a DICOM Structured Report (highdicom), and the Grad-CAM overlay as a Secondary
+Capture image, both in the source image's study; and the SR read back into plain figures.
+
+The SR is a Comprehensive SR holding a TID 1500 Measurement Report with one TID 1501 measurement group:
+
+- finding type Pneumonia (SCT 233604007); the source image by reference (in the group and the evidence);
+- algorithm identification (TID 4019): name ``pneumonia-cnn <architecture>``, version = the model id (run id),
+  parameters = software version, threshold policy, calibration;
+- NUM items: probability of pneumonia, the operating threshold, the out-of-distribution score (unit ``1``);
+- CODE items: the finding (Pneumonia: Present/Absent, i.e. the label at the threshold) and whether the image is
+  within the training population (Yes/No/Unknown);
+- TEXT items (Comment, DCM 121106): each warning, out-of-distribution reason included.
+
+Numbers, threshold and flag have no standard code, so they use the private scheme ``99PNEUMOCNN`` (declared in
+the Coding Scheme Identification Sequence). UIDs are derived from the source SOP Instance UID and the model
+id and its decision, so scoring an instance again replaces its report instead of adding a second one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+SCHEME = "99PNEUMOCNN"
+PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
+CHEST_XRAY = Code("399208008", "SCT", "Plain X-ray of chest")
+PRESENT, ABSENT = Code("52101004", "SCT", "Present"), Code("2667000", "SCT", "Absent")
+YES, NO, UNKNOWN = Code("373066001", "SCT", "Yes"), Code("373067005", "SCT", "No"), Code("261665006", "SCT", "Unknown")
+PROBABILITY = Code("PCNN-1", SCHEME, "Probability of pneumonia")
+THRESHOLD = Code("PCNN-2", SCHEME, "Operating threshold")
+OOD_SCORE = Code("PCNN-3", SCHEME, "Out-of-distribution score")
+IN_DISTRIBUTION = Code("PCNN-4", SCHEME, "Within the training population")
+COMMENT = Code("121106", "DCM", "Comment")
+NO_UNITS = Code("1", "UCUM", "no units")
+SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
+DISCLAIMER = "pneumonia-cnn AI result, research use only, not for diagnosis"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What the SR says about the model: name, version (the model id) and parameters. ``key`` also tells
+    apart decisions refitted on the same weights (threshold, calibration): it names the result's UIDs and the
+    ``pacs`` state, so another decision scores again while the same one never does."""
+    name: str
+    version: str
+    parameters: tuple[str, ...]
+    positive_class: str
+    key: str = ""
+
+    def __post_init__(self):
+        if not self.key:
+            object.__setattr__(self, "key", self.version)
+
+    @classmethod
+    def of(cls, predictor) -> ModelIdentity:
+        checkpoint = predictor.bundle.checkpoints[0]
+        architectures = "+".join(c["model"]["name"] for c in predictor.bundle.checkpoints)
+        decision = predictor.bundle.decision
+        return cls(name=f"pneumonia-cnn {architectures}", version=predictor.model_id,
+                   parameters=(f"software pneumonia-cnn {software_version()}", f"threshold policy {decision.policy}",
+                               f"calibration {decision.calibration.method}",
+                               f"run {checkpoint.get('run_id', '?')}"),
+                   positive_class=predictor.class_names[1], key=f"{predictor.model_id}@{decision_digest(decision)}")
+
+
+def decision_digest(decision) -> str:
+    text = json.dumps(decision.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def software_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("pneumonia-cnn")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def result_uid(source_sop_uid: str, model_key: str, kind: str) -> str:
+    """The same UID every time one model scores one instance: a repeat replaces, never duplicates."""
+    return generate_uid(entropy_srcs=[source_sop_uid, model_key, kind])
+
+
+def build_sr(source: Dataset, entry: dict, model: ModelIdentity) -> hd.sr.ComprehensiveSR:
+    """The Structured Report for one scored image (``entry``: probability, label, threshold,
+    in_distribution, ood_score, warnings), in the source image's study."""
+    source = _header_of(source)
+    algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version,
+                                              parameters=list(model.parameters))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(source.SOPInstanceUID, model.key, "group"),
+                                                     identifier="pneumonia-cnn result"),
+        finding_type=PNEUMONIA, algorithm_id=algorithm, measurements=_measurements(entry),
+        qualitative_evaluations=_evaluations(entry, model),
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
+    for warning in entry.get("warnings") or []:
+        group[0].ContentSequence.append(hd.sr.TextContentItem(name=COMMENT, value=warning[:1024],
+                                                              relationship_type="CONTAINS"))
+    device = hd.sr.DeviceObserverIdentifyingAttributes(uid=result_uid("device", model.key, "observer"),
+                                                       name="pneumonia-cnn", model_name=model.name,
+                                                       serial_number=model.version[:64])
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device, observer_identifying_attributes=device)),
+        procedure_reported=CHEST_XRAY, imaging_measurements=[group])
+    return hd.sr.ComprehensiveSR(
+        evidence=[source], content=report[0], series_instance_uid=result_uid(source.SeriesInstanceUID,
+                                                                             model.key, "sr-series"),
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sr"),
+        instance_number=int(getattr(source, "InstanceNumber", 1) or 1), manufacturer="pneumonia-cnn",
+        is_complete=True, is_final=False, is_verified=False, series_description=DISCLAIMER[:64],
+        coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(SCHEME, name="pneumonia-cnn result codes",
+                                                             responsible_organization="pneumonia-cnn")])
+
+
+def _header_of(source: Dataset) -> Dataset:
+    """The source's attributes without its pixels, with the patient and study attributes that a report must
+    carry (type 2: present, possibly empty) added empty where the modality left them out."""
+    header = Dataset()
+    for element in source:
+        if element.keyword != "PixelData":
+            header.add(element)
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                    "StudyDate", "StudyTime", "ReferringPhysicianName"):
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
+
+
+def _measurements(entry: dict) -> list:
+    values = [(PROBABILITY, entry["probability"]), (THRESHOLD, entry["threshold"])]
+    if entry.get("ood_score") is not None:
+        values.append((OOD_SCORE, entry["ood_score"]))
+    return [hd.sr.Measurement(name=name, value=float(value), unit=NO_UNITS) for name, value in values]
+
+
+def _evaluations(entry: dict, model: ModelIdentity) -> list:
+    finding = PRESENT if entry["label"] == model.positive_class else ABSENT
+    inside = {True: YES, False: NO, None: UNKNOWN}[entry.get("in_distribution")]
+    return [hd.sr.QualitativeEvaluation(PNEUMONIA, finding), hd.sr.QualitativeEvaluation(IN_DISTRIBUTION, inside)]
+
+
+def build_overlay(source: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity) -> hd.sc.SCImage:
+    """The Grad-CAM overlay (RGB uint8, H x W x 3) as a Secondary Capture image in the source's study."""
+    source = _header_of(source)
+    return hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=np.ascontiguousarray(overlay_rgb, dtype=np.uint8),
+        photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
+        series_instance_uid=result_uid(source.SeriesInstanceUID, model.key, "sc-series"),
+        series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sc"),
+        instance_number=int(getattr(source, "InstanceNumber", 1) or 1), manufacturer="pneumonia-cnn",
+        patient_orientation=("L", "F"), series_description="pneumonia-cnn Grad-CAM, not for diagnosis")
+
+
+def read_sr(dataset: Dataset) -> dict:
+    """The figures of a report written by :func:`build_sr`: probability, threshold, ood_score, finding,
+    in_distribution, warnings, model name and version, and the referenced source SOP Instance UID."""
+    result = {"warnings": [], "sop_instance_uid": str(dataset.SOPInstanceUID),
+              "study_instance_uid": str(dataset.StudyInstanceUID)}
+    numbers = {PROBABILITY.value: "probability", THRESHOLD.value: "threshold", OOD_SCORE.value: "ood_score"}
+    for item in _walk(dataset):
+        concept = item.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in item else None
+        code = concept.CodeValue if concept is not None else None
+        if item.ValueType == "NUM" and code in numbers:
+            measured = item.MeasuredValueSequence[0]
+            result[numbers[code]] = float(getattr(measured, "FloatingPointValue", measured.NumericValue))
+        elif item.ValueType == "CODE" and code == PNEUMONIA.value:
+            result["finding"] = item.ConceptCodeSequence[0].CodeMeaning
+        elif item.ValueType == "CODE" and code == IN_DISTRIBUTION.value:
+            result["in_distribution"] = {YES.value: True, NO.value: False}.get(item.ConceptCodeSequence[0].CodeValue)
+        elif item.ValueType == "TEXT" and code == COMMENT.value:
+            result["warnings"].append(str(item.TextValue))
+        elif item.ValueType == "TEXT" and code in ("111001", "111003"):
+            result["model_name" if code == "111001" else "model_version"] = str(item.TextValue)
+        elif item.ValueType == "IMAGE" and "source_sop_instance_uid" not in result:
+            result["source_sop_instance_uid"] = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    return result
+
+
+def _walk(dataset: Dataset):
+    for item in getattr(dataset, "ContentSequence", []):
+        yield item
+        yield from _walk(item)

@@ -1,0 +1,195 @@
+"""``pacs``: find new chest X-rays in a PACS with QIDO-RS, fetch them with WADO-RS, score them, and store the
+report (and the optional Grad-CAM overlay) back into each image's study with STOW-RS (dicomweb-client).
+
+Every network call is retried with exponential back-off; an instance whose transfer still fails is named on
+one line, recorded as ``failed`` and tried again on the next run, while the others go on. The SQLite state
+file remembers what each model has scored, so a rerun (or ``--watch``'s next poll) scores only new instances,
+and report UIDs derived from the source instance make a repeated store replace rather than duplicate.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from ..errors import PneumoniaCNNError
+from .network import TransferError, with_retries
+from .scoring import DicomScorer, ScoredInstance, not_an_xray
+from .state import ScoredState
+
+log = logging.getLogger("pneumonia_cnn")
+NOT_SCORED_CLASSES = {"1.2.840.10008.5.1.4.1.1.7"}  # secondary capture: overlays, screenshots
+STUDY, SERIES, SOP, SOP_CLASS, MODALITY = "0020000D", "0020000E", "00080018", "00080016", "00080060"
+
+
+@dataclass(frozen=True)
+class PacsOptions:
+    url: str
+    state: str
+    modalities: tuple[str, ...] = ("CR", "DX")
+    study_date: str | None = None  # DICOM range: 20240101-20241231, 20240101-, -20241231 or one date
+    overlay: bool = False
+    batch_size: int = 16
+    attempts: int = 4
+    backoff: float = 1.0
+    page_size: int = 200
+    timeout: float = 60.0
+    user: str | None = None
+
+
+def connect(url: str, timeout: float = 60.0, user: str | None = None):
+    """A DICOMweb client. Credentials never come from the command line (process lists show it): with ``user``
+    the password is read from PNEUMONIA_CNN_DICOMWEB_PASSWORD; a bearer token from PNEUMONIA_CNN_DICOMWEB_TOKEN.
+    HTTPS certificates are checked (a hospital CA: REQUESTS_CA_BUNDLE)."""
+    from dicomweb_client.api import DICOMwebClient
+    from requests import Session
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # it logs every request at INFO
+    session = Session()
+    if user:
+        password = os.environ.get("PNEUMONIA_CNN_DICOMWEB_PASSWORD")
+        if password is None:
+            raise PneumoniaCNNError(f"--user {user}: set the password in PNEUMONIA_CNN_DICOMWEB_PASSWORD")
+        session.auth = (user, password)
+    if os.environ.get("PNEUMONIA_CNN_DICOMWEB_TOKEN"):
+        session.headers["Authorization"] = f"Bearer {os.environ['PNEUMONIA_CNN_DICOMWEB_TOKEN']}"
+    client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=timeout)
+    client.set_http_retry_params(retry=False)  # its own retries would multiply ours and hide each failure
+    return client
+
+
+class PacsJob:
+    def __init__(self, predictor, options: PacsOptions, client=None):
+        self.options = options
+        self.scorer = DicomScorer(predictor, overlay=options.overlay)
+        self.model = self.scorer.model.key  # the model id and its decision
+        self.client = client or connect(options.url, options.timeout, options.user)
+        self.state = ScoredState(options.state)
+
+    def _retry(self, action, what: str):
+        return with_retries(action, what, self.options.attempts, self.options.backoff)
+
+    def find_new(self) -> tuple[list[dict], int]:
+        """QIDO-RS, one query per modality, page by page: (instances not yet scored by this model, how many
+        were already scored)."""
+        finished, produced = self.state.finished(self.model), self.state.produced()
+        found, seen, known = [], set(), 0
+        for modality in self.options.modalities:
+            filters = {"Modality": modality}
+            if self.options.study_date:
+                filters["StudyDate"] = self.options.study_date
+            for record in self._search(filters):
+                uid = _value(record, SOP)
+                if not uid or uid in seen or uid in produced or _value(record, SOP_CLASS) in NOT_SCORED_CLASSES:
+                    continue
+                seen.add(uid)
+                if uid in finished:
+                    known += 1
+                else:
+                    found.append(record)
+        return found, known
+
+    def _search(self, filters: dict):
+        offset = 0
+        while True:
+            page = self._retry(lambda skip=offset: self.client.search_for_instances(
+                search_filters=filters, limit=self.options.page_size, offset=skip,
+                fields=["StudyDate", "Modality", "SOPClassUID"]), f"{self.options.url}: QIDO-RS search {filters}")
+            yield from page
+            if len(page) < self.options.page_size:
+                return
+            offset += len(page)
+
+    def run_once(self) -> dict:
+        """One pass: every new instance fetched, scored and reported; returns the counts of this pass."""
+        new, known = self.find_new()
+        summary = {"found": len(new), "already_scored": known, "scored": 0, "unreadable": 0, "failed": 0,
+                   "skipped": 0, "results": []}
+        size = max(1, self.options.batch_size)
+        for start in range(0, len(new), size):
+            self._process(new[start:start + size], summary)
+        return summary
+
+    def _process(self, records: list[dict], summary: dict):
+        datasets = []
+        for record in records:
+            study, series, sop = _value(record, STUDY), _value(record, SERIES), _value(record, SOP)
+            try:
+                dataset = self._retry(lambda uids=(study, series, sop): self.client.retrieve_instance(*uids),
+                                      f"instance {sop}: WADO-RS retrieve")
+            except TransferError as error:
+                self._failed(summary, sop, study, series, str(error))
+                continue
+            reason = not_an_xray(dataset)
+            if reason:
+                log.info("instance %s: skipped (%s)", sop, reason)
+                self.state.record(sop, self.model, "skipped", study, series, error=reason)
+                summary["skipped"] += 1
+                continue
+            datasets.append(dataset)
+        for result in self.scorer.score(datasets) if datasets else []:
+            if result.error:
+                log.warning("instance %s: unreadable: %s", result.sop_instance_uid, result.error)
+                self.state.record(result.sop_instance_uid, self.model, "unreadable", result.study_instance_uid,
+                                  result.series_instance_uid, error=result.error)
+                summary["unreadable"] += 1
+            else:
+                self._store(result, summary)
+
+    def _store(self, result: ScoredInstance, summary: dict):
+        try:
+            for output in result.outputs:
+                self._retry(lambda instance=output: _stow(self.client, instance, result.study_instance_uid),
+                            f"instance {result.sop_instance_uid}: STOW-RS of {output.Modality} {output.SOPInstanceUID}")
+        except TransferError as error:
+            self._failed(summary, result.sop_instance_uid, result.study_instance_uid, result.series_instance_uid,
+                         str(error))
+            return
+        self.state.record(result.sop_instance_uid, self.model, "done", result.study_instance_uid,
+                          result.series_instance_uid, result.entry, result.report_uid, result.overlay_uid)
+        summary["scored"] += 1
+        summary["results"].append(result)
+
+    def _failed(self, summary, sop, study, series, message):
+        log.warning("%s (will be tried again on the next run)", message)
+        self.state.record(sop, self.model, "failed", study, series, error=message)
+        summary["failed"] += 1
+
+    def watch(self, interval: float, polls: int | None = None, report=lambda summary: None):
+        """Poll every ``interval`` seconds (``polls`` times, or until interrupted). A PACS that is down is
+        reported on one line and polled again; nothing found in the meantime is lost."""
+        done = 0
+        while polls is None or done < polls:
+            try:
+                report(self.run_once())
+            except TransferError as error:
+                log.warning("%s; polling again in %.0f s", error, interval)
+            done += 1
+            if polls is None or done < polls:
+                time.sleep(interval)
+
+
+def _stow(client, dataset, study_uid: str):
+    response = client.store_instances([dataset], study_instance_uid=study_uid)
+    failed = getattr(response, "FailedSOPSequence", None)
+    if failed:
+        reason = getattr(failed[0], "FailureReason", "?")
+        error = TransferError(f"the PACS refused the instance (failure reason {reason})")
+        error.transient = False
+        raise error
+
+
+def _value(record: dict, tag: str) -> str | None:
+    values = (record.get(tag) or {}).get("Value") or []
+    return str(values[0]) if values else None
+
+
+def check_date_range(value: str | None) -> str | None:
+    """A DICOM date range (YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD-, -YYYYMMDD), or a one-line error."""
+    if not value:
+        return None
+    parts = value.split("-")
+    if len(parts) > 2 or not all(p == "" or (len(p) == 8 and p.isdigit()) for p in parts) or not any(parts):
+        raise PneumoniaCNNError(f"--study-date {value}: give YYYYMMDD or a range YYYYMMDD-YYYYMMDD "
+                                f"(either side may be left open)")
+    return value

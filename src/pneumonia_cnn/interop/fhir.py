@@ -1,0 +1,104 @@
+"""``predict --format fhir``: one FHIR R4 ``DiagnosticReport`` holding an ``Observation`` per image (contained
+resources, referenced from ``result``), with the same fields as the JSON and CSV outputs.
+
+Per Observation: ``valueQuantity`` the probability of pneumonia; ``interpretation`` POS/NEG (the label at
+the threshold); components for the label, the threshold, ``in_distribution`` and the out-of-distribution
+score; each warning (the out-of-distribution reason included) as a ``note``; the model id in ``device``; an
+unreadable file as status ``cancelled`` with ``dataAbsentReason`` error and the reason as a note. The
+document is checked against the FHIR schema with ``fhir.resources`` (its R4B models: DiagnosticReport and
+Observation are unchanged from R4 4.0.1 in R4B 4.3.0).
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from ..errors import PneumoniaCNNError
+
+CODE_SYSTEM = "urn:pneumonia-cnn:result"
+UCUM = "http://unitsofmeasure.org"
+SNOMED, LOINC = "http://snomed.info/sct", "http://loinc.org"
+INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+ABSENT_REASON = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+DISCLAIMER = "Research and teaching software, not a medical device: never the sole basis of a clinical decision."
+
+
+def _concept(code: str, display: str, system: str = CODE_SYSTEM) -> dict:
+    return {"coding": [{"system": system, "code": code, "display": display}], "text": display}
+
+
+def _number(value: float | None) -> dict:
+    return {"value": float(value), "unit": "1", "system": UCUM, "code": "1"}
+
+
+def _components(row: dict) -> list[dict]:
+    components = [{"code": _concept("label", "Label at the operating threshold"),
+                   "valueCodeableConcept": {"text": row["label"]}},
+                  {"code": _concept("threshold", "Operating threshold"), "valueQuantity": _number(row["threshold"])}]
+    inside = {"code": _concept("in-distribution", "Within the training population")}
+    if row["in_distribution"] is None:
+        inside["dataAbsentReason"] = _concept("unknown", "Unknown", ABSENT_REASON)
+    else:
+        inside["valueBoolean"] = bool(row["in_distribution"])
+    components.append(inside)
+    if row.get("ood_score") is not None:
+        components.append({"code": _concept("ood-score", "Out-of-distribution score"),
+                           "valueQuantity": _number(row["ood_score"])})
+    return components
+
+
+def observation(row: dict, index: int) -> dict:
+    """One image's result (``row``: a prediction's fields) as an Observation."""
+    resource = {"resourceType": "Observation", "id": f"image-{index}",
+                "identifier": [{"system": "urn:pneumonia-cnn:image", "value": row["path"]}],
+                "category": [_concept("imaging", "Imaging",
+                                      "http://terminology.hl7.org/CodeSystem/observation-category")],
+                "code": _concept("pneumonia-probability", "Probability of pneumonia"),
+                "bodySite": _concept("51185008", "Thoracic structure", SNOMED),
+                "device": {"display": f"pneumonia-cnn model {row.get('model') or '?'}"}}
+    if row.get("error"):
+        resource.update(status="cancelled", dataAbsentReason=_concept("error", "Error", ABSENT_REASON),
+                        note=[{"text": f"unreadable: {row['error']}"}])
+        return resource
+    positive = row["probability"] >= row["threshold"]  # the label's rule, whatever the class names
+    resource.update(status="preliminary", valueQuantity=_number(row["probability"]),
+                    interpretation=[_concept("POS" if positive else "NEG", "Positive" if positive else "Negative",
+                                             INTERPRETATION)],
+                    component=_components(row))
+    if row.get("warnings"):
+        resource["note"] = [{"text": warning} for warning in row["warnings"]]
+    return resource
+
+
+def diagnostic_report(rows: list[dict], issued: datetime | None = None) -> dict:
+    """All images of one ``predict`` run as one DiagnosticReport (status preliminary: not verified)."""
+    observations = [observation(row, index) for index, row in enumerate(rows, start=1)]
+    scored = [row for row in rows if not row.get("error")]
+    labels = sorted({row["label"] for row in scored})
+    counts = ", ".join(f"{sum(r['label'] == label for r in scored)} {label}" for label in labels)
+    outside = sum(row["in_distribution"] is False for row in scored)
+    conclusion = (f"{len(rows)} image(s): {counts or 'none scored'}"
+                  + (f"; {len(rows) - len(scored)} unreadable" if len(scored) < len(rows) else "")
+                  + (f"; {outside} outside the training population (probability not reliable)" if outside else "")
+                  + f". {DISCLAIMER}")
+    return {"resourceType": "DiagnosticReport", "status": "preliminary",
+            "category": [_concept("RAD", "Radiology", "http://terminology.hl7.org/CodeSystem/v2-0074")],
+            "code": _concept("18748-4", "Diagnostic imaging study", LOINC),
+            "issued": (issued or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
+            "contained": observations, "result": [{"reference": f"#{o['id']}"} for o in observations],
+            "conclusion": conclusion}
+
+
+def validate(document: dict) -> bool:
+    """Check the document against the FHIR models of ``fhir.resources``; False when it is not installed,
+    a one-line error when the document does not conform."""
+    try:
+        from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+    except ImportError:
+        return False
+    try:
+        DiagnosticReport.model_validate(document)
+    except ValueError as error:  # pydantic's ValidationError: each error names the field and the rule
+        first = error.errors()[0] if hasattr(error, "errors") else {"loc": (), "msg": str(error)}
+        where = ".".join(str(part) for part in first["loc"]) or "document"
+        raise PneumoniaCNNError(f"FHIR DiagnosticReport does not validate: {where}: {first['msg']}") from None
+    return True

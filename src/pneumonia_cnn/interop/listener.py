@@ -1,0 +1,217 @@
+"""``listen``: a DICOM node (pynetdicom) that modalities and PACS send X-rays to with C-STORE; each X-ray is
+scored and its Structured Report (and the optional Grad-CAM overlay) sent on to a destination with C-STORE.
+Verification (C-ECHO) answers.
+
+A received instance is first written to a spool folder (atomically) and acknowledged; a worker thread scores
+what the spool holds and deletes each file only once its report has been accepted by the destination. So a
+destination that is down delays reports (retried with back-off, then again later) but loses none, a restart
+picks up what was left, and the sender is never kept waiting on scoring. Reports, overlays and other
+non-images are not scored, so a PACS that forwards everything cannot loop our reports back to us.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import PneumoniaCNNError
+from ..fileio import atomic_path, display_path
+from .network import TransferError, with_retries
+from .scoring import DicomScorer, not_an_xray
+
+log = logging.getLogger("pneumonia_cnn")
+ACCEPTED = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and the warnings that still mean "stored"
+OUT_OF_RESOURCES = 0xA700
+
+
+@dataclass(frozen=True)
+class Destination:
+    host: str
+    port: int
+    ae_title: str
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        parts = str(text).rsplit(":", 2)
+        if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not 0 < int(parts[1]) < 65536 \
+                or not 0 < len(parts[2]) <= 16:
+            raise PneumoniaCNNError(f"--send-to {text}: expected HOST:PORT:AE_TITLE (e.g. pacs.local:104:PACS; "
+                                    f"an AE title has at most 16 characters)")
+        return cls(parts[0].strip("[]"), int(parts[1]), parts[2])
+
+    def __str__(self):
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def default_spool() -> Path:
+    return Path.home() / ".cache" / "pneumonia-cnn" / "listen-spool"
+
+
+class Listener:
+    def __init__(self, predictor, destination: Destination, ae_title: str = "PNEUMONIA", port: int = 11112,
+                 host: str = "127.0.0.1", spool=None, overlay: bool = False, attempts: int = 4,
+                 backoff: float = 1.0, retry_after: float = 60.0, batch_size: int = 8):
+        if not 0 < len(ae_title) <= 16:
+            raise PneumoniaCNNError(f"--ae-title {ae_title}: an AE title has 1 to 16 characters")
+        self.scorer = DicomScorer(predictor, overlay=overlay)
+        self.destination, self.ae_title, self.address = destination, ae_title, (host, port)
+        self.spool = Path(spool or default_spool())
+        self.attempts, self.backoff, self.retry_after, self.batch_size = attempts, backoff, retry_after, batch_size
+        self.incoming, self.unreadable = self.spool / "incoming", self.spool / "unreadable"
+        for folder in (self.incoming, self.unreadable):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.queue: queue.Queue = queue.Queue()
+        self.later: list[tuple[float, Path]] = []
+        self.sent: list[dict] = []  # what was reported, for the caller (and the tests)
+        self.server = self.worker = None
+
+    # ---------- the network side
+    def start(self, block: bool = True):
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        ae = AE(ae_title=self.ae_title)
+        for context in AllStoragePresentationContexts:  # accept what comes; the reader says what it cannot read
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        for pending in sorted(self.incoming.glob("*.dcm")):  # left by an earlier run
+            self.queue.put(pending)
+        self.worker = threading.Thread(target=self._work, name="pneumonia-listen-worker", daemon=True)
+        self.worker.start()
+        log.info("listening as %s on %s:%d; reports go to %s; spool %s", self.ae_title, *self.address,
+                 self.destination, display_path(self.spool))
+        try:
+            self.server = ae.start_server(self.address, block=block,
+                                          evt_handlers=[(evt.EVT_C_STORE, self._receive)])
+        except OSError as error:
+            raise PneumoniaCNNError(f"cannot listen on {self.address[0]}:{self.address[1]}: {error.strerror}") from None
+        finally:
+            if block:
+                self.stop()
+        return self
+
+    def stop(self, timeout: float = 30.0):
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        if self.worker is not None and self.worker.is_alive():
+            self.queue.put(None)
+            self.worker.join(timeout)
+
+    def _receive(self, event) -> int:
+        """C-STORE: spool the instance as received (not decoded), acknowledge, let the worker score it."""
+        uid = str(event.request.AffectedSOPInstanceUID or "")
+        name = re.sub(r"[^0-9.]", "_", uid)[:64] or uuid.uuid4().hex
+        try:
+            with atomic_path(self.incoming / f"{name}.dcm") as temporary:
+                temporary.write_bytes(event.encoded_dataset())
+        except OSError as error:
+            log.warning("instance %s from %s: cannot spool (%s)", uid, event.assoc.requestor.ae_title, error)
+            return OUT_OF_RESOURCES
+        log.info("received instance %s from %s", uid, event.assoc.requestor.ae_title)
+        self.queue.put(self.incoming / f"{name}.dcm")
+        return 0x0000
+
+    # ---------- the worker
+    def _work(self):
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                try:
+                    self._process(batch)
+                except Exception as error:  # noqa: BLE001 - the node must keep running; the files stay spooled
+                    log.warning("scoring %d spooled instance(s) failed (%s); will retry", len(batch), error)
+                    self._retry_later(batch)
+
+    def _next_batch(self) -> list[Path] | None:
+        now = time.monotonic()
+        for due, path in [item for item in self.later if item[0] <= now]:
+            self.later.remove((due, path))
+            self.queue.put(path)
+        try:
+            first = self.queue.get(timeout=0.5)
+        except queue.Empty:
+            return []
+        batch = [first]
+        while len(batch) < self.batch_size:
+            try:
+                batch.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        if None in batch:
+            return None
+        return list(dict.fromkeys(p for p in batch if p.exists()))  # the same instance sent twice: once
+
+    def _process(self, paths: list[Path]):
+        import pydicom
+        datasets, files = [], []
+        for path in paths:
+            try:
+                dataset = pydicom.dcmread(path, force=True)
+                reason = not_an_xray(dataset)
+            except Exception as error:  # noqa: BLE001 - any decoding failure is a bad instance, named below
+                self._set_aside(path, f"not readable as DICOM ({type(error).__name__})")
+                continue
+            if reason:
+                log.info("instance %s: not scored (%s)", getattr(dataset, "SOPInstanceUID", path.stem), reason)
+                path.unlink(missing_ok=True)
+                continue
+            datasets.append(dataset), files.append(path)
+        for path, result in zip(files, self.scorer.score(datasets) if datasets else []):
+            if result.error:
+                self._set_aside(path, result.error)
+            else:
+                self._deliver(path, result)
+
+    def _deliver(self, path: Path, result):
+        try:
+            with_retries(lambda: send_c_store(self.ae_title, self.destination, result.outputs),
+                         f"instance {result.sop_instance_uid}: C-STORE of its report to {self.destination}",
+                         self.attempts, self.backoff)
+        except TransferError as error:
+            log.warning("%s; kept in the spool, tried again in %.0f s", error, self.retry_after)
+            self._retry_later([path])
+            return
+        path.unlink(missing_ok=True)
+        entry = result.entry
+        log.info("instance %s: p=%.4f %s -> report %s sent to %s%s", result.sop_instance_uid, entry["probability"],
+                 entry["label"], result.report_uid, self.destination,
+                 "".join(f"; warning: {w}" for w in entry["warnings"]))
+        self.sent.append({"sop_instance_uid": result.sop_instance_uid, "report_uid": result.report_uid, **entry})
+
+    def _set_aside(self, path: Path, reason: str):
+        log.warning("instance %s: unreadable: %s (kept in %s)", path.stem, reason, display_path(self.unreadable))
+        shutil.move(str(path), self.unreadable / path.name)
+
+    def _retry_later(self, paths):
+        self.later.extend((time.monotonic() + self.retry_after, p) for p in paths)
+
+
+def send_c_store(ae_title: str, destination: Destination, datasets) -> None:
+    """One association to ``destination``, one C-STORE per dataset; any refusal raises ConnectionError (which
+    ``with_retries`` retries)."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
+    ae = AE(ae_title=ae_title)
+    for sop_class in dict.fromkeys(str(d.SOPClassUID) for d in datasets):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not association.is_established:
+        raise ConnectionError(f"association with {destination} was rejected, aborted or never connected")
+    try:
+        for dataset in datasets:
+            status = association.send_c_store(dataset)
+            code = getattr(status, "Status", None)
+            if code not in ACCEPTED:
+                raise ConnectionError(f"{destination} answered C-STORE with status "
+                                      f"{'none (timeout or abort)' if code is None else f'0x{code:04X}'}")
+    finally:
+        association.release()

@@ -1,0 +1,113 @@
+"""DICOM instances received over the network -> the predictor's decision -> an SR (and, on request, the Grad-CAM
+overlay as a Secondary Capture), shared by ``pacs`` (DICOMweb) and ``listen`` (DIMSE).
+
+Each instance is decoded from its own bytes by the same reader as ``predict`` (so the figures are the same as
+for the file), and the batch is scored in one pass; an instance that cannot be decoded gets its one-line
+reason and the others go on.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from ..errors import ImageReadError
+from .dicom_sr import ModelIdentity, build_overlay, build_sr
+
+IMAGE_MODALITIES_NEVER_SCORED = {"SR", "KO", "PR", "SEG", "RTSTRUCT"}
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@dataclass
+class ScoredInstance:
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    entry: dict | None = None  # probability, label, threshold, in_distribution, ood_score, warnings
+    error: str | None = None
+    outputs: list = field(default_factory=list)  # the SR, then the overlay when asked
+
+    @property
+    def report_uid(self) -> str | None:
+        return str(self.outputs[0].SOPInstanceUID) if self.outputs else None
+
+    @property
+    def overlay_uid(self) -> str | None:
+        return str(self.outputs[1].SOPInstanceUID) if len(self.outputs) > 1 else None
+
+
+def uids_of(dataset: Dataset) -> tuple[str, str, str]:
+    return (str(getattr(dataset, "SOPInstanceUID", "?")), str(getattr(dataset, "StudyInstanceUID", "?")),
+            str(getattr(dataset, "SeriesInstanceUID", "?")))
+
+
+def not_an_xray(dataset: Dataset) -> str | None:
+    """Why an instance is not something to score (a report, our own output), or None. A PACS that forwards
+    every new instance would otherwise send our reports and overlays back to be scored."""
+    if str(getattr(dataset, "Modality", "")).upper() in IMAGE_MODALITIES_NEVER_SCORED:
+        return f"modality {dataset.Modality} is not an image"
+    if str(getattr(dataset, "Manufacturer", "")) == "pneumonia-cnn":
+        return "written by pneumonia-cnn itself"
+    if str(getattr(dataset, "SOPClassUID", "")) == SECONDARY_CAPTURE:
+        return "a secondary capture, not an acquired X-ray"
+    return None
+
+
+def dataset_bytes(dataset: Dataset) -> bytes:
+    """The instance as a DICOM file in memory (the reader recognises DICOM by its file header)."""
+    if not getattr(dataset, "file_meta", None) or "TransferSyntaxUID" not in dataset.file_meta:
+        dataset.file_meta = FileMetaDataset(getattr(dataset, "file_meta", None) or {})
+        dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class DicomScorer:
+    def __init__(self, predictor, overlay: bool = False):
+        self.predictor, self.overlay = predictor, overlay
+        logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every attribute copy at INFO
+        self.model = ModelIdentity.of(predictor)
+        self._explain_model = None
+
+    def score(self, datasets: list[Dataset]) -> list[ScoredInstance]:
+        results, pixels, metas, readable = [], [], [], []
+        for dataset in datasets:
+            result = ScoredInstance(*uids_of(dataset))
+            results.append(result)
+            try:
+                gray, meta = self.predictor.preprocess_bytes(dataset_bytes(dataset),
+                                                             f"instance {result.sop_instance_uid}")
+            except ImageReadError as error:
+                result.error = error.reason
+                continue
+            except Exception as error:  # noqa: BLE001 - a dataset pydicom cannot even write back is unreadable too
+                result.error = f"cannot encode the instance ({type(error).__name__}: {str(error)[:160]})"
+                continue
+            pixels.append(gray), metas.append(meta), readable.append((result, dataset))
+        if readable:
+            entries, _ = self.predictor.assess(np.stack(pixels), metas)
+            for (result, dataset), entry, gray in zip(readable, entries, pixels):
+                try:
+                    result.outputs = self._outputs(dataset, entry, gray)
+                    result.entry = entry
+                except Exception as error:  # noqa: BLE001 - a header highdicom refuses spoils this report only
+                    result.error = f"cannot write its report ({type(error).__name__}: {str(error)[:160]})"
+        return results
+
+    def _outputs(self, dataset: Dataset, entry: dict, gray: np.ndarray) -> list:
+        outputs = [build_sr(dataset, entry, self.model)]
+        if self.overlay:
+            outputs.append(build_overlay(dataset, self._overlay_pixels(gray), self.model))
+        return outputs
+
+    def _overlay_pixels(self, gray: np.ndarray) -> np.ndarray:
+        from ..explanation import grad_cam, overlay
+        if self._explain_model is None:  # a private copy: Grad-CAM's hooks never touch the scorer's models
+            self._explain_model = self.predictor.bundle.explain_model().to(self.predictor.device)
+        return overlay(gray, grad_cam(self._explain_model, gray, self.predictor.device))

@@ -1,0 +1,91 @@
+"""``evaluate --by FIELD``: metrics per subgroup with intervals and the largest gap, checked by hand on a small
+case; fields from a CSV column, from DICOM headers and as age bands; the HTML report's table."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pneumonia_cnn.cli import main
+from pneumonia_cnn.evaluation.evaluate import evaluate
+from pneumonia_cnn.evaluation.report import subgroup_section
+from pneumonia_cnn.evaluation.subgroups import MISSING, age_band, age_years, subgroup_metrics
+from pneumonia_cnn.metrics import point_metrics
+from tests.interop.studies import xray_dicom
+
+
+def test_hand_checked_small_case():
+    #            group A: TP   FN   TN   FP          group B: all right           no value
+    labels = [1, 1, 0, 0, 1, 1, 0, 0, 1]
+    scores = [0.9, 0.4, 0.2, 0.6, 0.8, 0.7, 0.1, 0.3, 0.9]
+    values = ["A", "A", "A", "A", "B", "B", "B", "B", MISSING]
+    result = subgroup_metrics("site", labels, scores, 0.5, values, resamples=50, seed=1)
+    a, b, missing = result["groups"]
+    assert (a["value"], b["value"], missing["value"]) == ("A", "B", MISSING)  # (missing) comes last
+    assert (a["n_images"], a["n_positive"], a["n_negative"], missing["n_images"]) == (4, 2, 2, 1)
+    assert a["metrics"]["sensitivity"]["value"] == 0.5 and a["metrics"]["specificity"]["value"] == 0.5
+    assert a["metrics"]["roc_auc"]["value"] == 0.75  # 3 of the 4 positive-negative pairs ranked right
+    assert b["metrics"]["accuracy"]["value"] == 1.0 and b["metrics"]["roc_auc"]["value"] == 1.0
+    assert a["metrics"]["confusion_matrix"] == {"tn": 1, "fp": 1, "fn": 1, "tp": 1}
+    low, high = a["metrics"]["accuracy"]["ci95"]
+    assert 0 <= low <= 0.5 <= high <= 1
+    assert result["largest_gap"]["sensitivity"] == {"gap": 0.5, "best": "B", "worst": "A"}
+    assert result["largest_gap"]["roc_auc"] == {"gap": 0.25, "best": "B", "worst": "A"}
+    brier_a = np.mean((np.array(scores[:4]) - labels[:4]) ** 2)
+    brier_b = np.mean((np.array(scores[4:8]) - labels[4:8]) ** 2)
+    assert result["largest_gap"]["brier"] == {"gap": pytest.approx(brier_a - brier_b), "best": "B", "worst": "A"}
+    assert np.isnan(missing["metrics"]["roc_auc"]["value"]) and "missing" not in json.dumps(result["largest_gap"])
+
+
+@pytest.mark.parametrize("text, years, band", [("003Y", 3, "1-5y"), ("018M", 1.5, "1-5y"), ("006W", 6 / 52.1775, "<1y"),
+                                               ("045Y", 45, "40-64y"), ("70", 70, "65y+"), ("", None, MISSING),
+                                               ("abc", None, MISSING)])
+def test_age_bands(text, years, band):
+    assert age_years(text) == (None if years is None else pytest.approx(years))
+    assert age_band(age_years(text)) == band
+
+
+def test_evaluate_by_a_csv_column(trained_run, small_root, cache_dir, tmp_path):
+    images = [p for name in ("NORMAL", "PNEUMONIA") for p in sorted((small_root / "test" / name).iterdir())[:6]]
+    sexes = ["F", "M", "F", "M", "F", ""] * 2
+    rows = ["path,label,patient_id,sex"] + [f"{p},{p.parent.name},,{s}" for p, s in zip(images, sexes)]
+    (tmp_path / "site.csv").write_text("\n".join(rows) + "\n")
+    report = evaluate(trained_run, tmp_path / "site.csv", "site", cache_dir=cache_dir, bootstrap=30, figures=False,
+                      by=["sex"])
+    (table,) = report["subgroups"]
+    assert [g["value"] for g in table["groups"]] == ["F", "M", MISSING]
+    assert [g["n_images"] for g in table["groups"]] == [6, 4, 2]
+    by_path = {p["path"]: p for p in report["predictions"]}
+    women = [by_path[str(p)] for p, s in zip(images, sexes) if s == "F"]
+    expected = point_metrics([p["label"] for p in women], [p["probability"] for p in women], report["threshold"])
+    for metric in ("accuracy", "sensitivity", "specificity", "roc_auc", "brier"):
+        assert table["groups"][0]["metrics"][metric]["value"] == pytest.approx(expected[metric], nan_ok=True)
+    with pytest.raises(Exception, match="--by colour: not a column of .*site.csv nor a DICOM attribute"):
+        evaluate(trained_run, tmp_path / "site.csv", "site", cache_dir=cache_dir, bootstrap=5, figures=False,
+                 by=["colour"])
+
+
+def test_evaluate_by_dicom_tags_from_the_cli(trained_run, small_root, cache_dir, tmp_path, capsys):
+    for index, source in enumerate(sorted((small_root / "test" / "NORMAL").iterdir())[:4]
+                                   + sorted((small_root / "test" / "PNEUMONIA").iterdir())[:4]):
+        xray_dicom(source, tmp_path / "dicom" / source.parent.name / f"{index}.dcm", sex="FM"[index % 2],
+                   age=["003Y", "045Y"][index // 2 % 2], patient_id=f"S{index}")
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--checkpoint", str(trained_run), "--data", str(tmp_path / "dicom"), "--split", "x",
+                 "--bootstrap", "20", "--cache-dir", str(cache_dir), "--no-figures", "--out", str(out),
+                 "--by", "PatientSex", "--by", "AgeBand", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "by PatientSex:" in printed and "by AgeBand:" in printed and "largest gap" in printed
+    sex, age = json.loads(out.read_text())["subgroups"]
+    assert [(g["value"], g["n_images"]) for g in sex["groups"]] == [("F", 4), ("M", 4)]
+    assert [(g["value"], g["n_images"]) for g in age["groups"]] == [("1-5y", 4), ("40-64y", 4)]
+
+
+def test_html_table_shows_every_group_and_the_gap():
+    result = subgroup_metrics("InstitutionName", [1, 0, 1, 0], [0.9, 0.2, 0.3, 0.6], 0.5, ["S<1>", "S<1>", "S2", "S2"],
+                              resamples=10)
+    page = subgroup_section(result)
+    assert "<h3>By InstitutionName</h3>" in page and "S&lt;1&gt;<br>n=2 (1+/1-)" in page
+    assert "<td>Sensitivity (recall)</td><td>0.0000 [" in page  # columns in sorted order: S2, then S<1>
+    assert "1.0000 (S&lt;1&gt; vs S2)" in page

@@ -1,0 +1,90 @@
+"""The SR and the overlay without a PACS: contents read back, UIDs stable, the source referenced in its study;
+the retry helper; the state file."""
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from pneumonia_cnn.interop.dicom_sr import ModelIdentity, build_overlay, build_sr, read_sr
+from pneumonia_cnn.interop.network import TransferError, with_retries
+from pneumonia_cnn.interop.state import ScoredState
+
+from .studies import xray_dicom
+
+MODEL = ModelIdentity("pneumonia-cnn seed", "seed-run-1", ("software pneumonia-cnn 0.1.0",), "PNEUMONIA")
+FLAGGED = {"probability": 0.8125, "label": "PNEUMONIA", "threshold": 0.43, "in_distribution": False,
+           "ood_score": 3.5,
+           "warnings": ["outside the training population (children): the probability is not reliable"]}
+
+
+def test_sr_holds_the_result_and_references_the_source(tmp_path):
+    source = pydicom.dcmread(xray_dicom(np.full((32, 32), 100, np.uint8), tmp_path / "s.dcm", "CR"))
+    report = build_sr(source, FLAGGED, MODEL)
+    assert report.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33" and report.Modality == "SR"  # Comprehensive SR
+    assert report.StudyInstanceUID == source.StudyInstanceUID and report.PatientID == source.PatientID
+    assert report.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    evidence = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    report.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    figures = read_sr(pydicom.dcmread(tmp_path / "sr.dcm"))
+    assert figures == {**figures, "probability": 0.8125, "threshold": 0.43, "ood_score": 3.5, "finding": "Present",
+                       "in_distribution": False, "warnings": FLAGGED["warnings"], "model_version": "seed-run-1",
+                       "model_name": "pneumonia-cnn seed", "source_sop_instance_uid": source.SOPInstanceUID}
+    again = build_sr(source, {**FLAGGED, "probability": 0.1, "label": "NORMAL"}, MODEL)
+    assert again.SOPInstanceUID == report.SOPInstanceUID  # scoring again replaces the report
+    other = build_sr(source, FLAGGED, ModelIdentity("x", "another-run", (), "PNEUMONIA"))
+    refit = build_sr(source, FLAGGED, ModelIdentity(MODEL.name, MODEL.version, (), "PNEUMONIA", key="seed-run-1@t2"))
+    assert len({report.SOPInstanceUID, other.SOPInstanceUID, refit.SOPInstanceUID}) == 3  # another model or decision
+    assert read_sr(again)["finding"] == "Absent"
+
+
+def test_sr_for_a_header_with_only_the_uids():
+    source = Dataset()
+    source.SOPClassUID, source.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1", "1.2.3.4.5"
+    source.StudyInstanceUID, source.SeriesInstanceUID, source.Modality = "1.2.3", "1.2.3.4", "CR"
+    source.Rows, source.Columns = 8, 8  # an image: the rest (patient, study dates) may be absent
+    entry = {**FLAGGED, "in_distribution": None, "ood_score": None, "warnings": []}
+    figures = read_sr(build_sr(source, entry, MODEL))
+    assert figures["in_distribution"] is None and "ood_score" not in figures
+    assert figures["study_instance_uid"] == "1.2.3"
+
+
+def test_overlay_is_a_secondary_capture_in_the_study(tmp_path):
+    source = pydicom.dcmread(xray_dicom(np.full((32, 32), 100, np.uint8), tmp_path / "s.dcm", "DX"))
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[..., 0] = 200
+    overlay = build_overlay(source, rgb, MODEL)
+    assert overlay.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and overlay.StudyInstanceUID == source.StudyInstanceUID
+    assert overlay.Manufacturer == "pneumonia-cnn" and overlay.pixel_array[0, 0].tolist() == [200, 0, 0]
+
+
+def test_retries_back_off_then_name_the_failure():
+    waits, calls = [], []
+
+    def flaky():
+        calls.append(1)
+        raise ConnectionError("connection refused")
+    with pytest.raises(TransferError, match=r"^instance 1\.2: ConnectionError: connection refused "
+                                            r"\(after 4 attempts\)$"):
+        with_retries(flaky, "instance 1.2", attempts=4, backoff=0.5, sleep=waits.append)
+    assert waits == [0.5, 1.0, 2.0] and len(calls) == 4
+    calls.clear()
+    with pytest.raises(TransferError, match="KeyError"):  # not a network error: not retried
+        with_retries(lambda: calls.append(1) or {}["x"], "instance 1.3", sleep=waits.append)
+    assert len(calls) == 1
+
+
+def test_state_remembers_per_model(tmp_path):
+    state = ScoredState(tmp_path / "s.sqlite")
+    state.record("1.1", "m1", "done", "9", "8", {"probability": 0.7, "label": "PNEUMONIA", "in_distribution": True},
+                 report_uid="5.5")
+    state.record("1.2", "m1", "failed", error="timeout")
+    state.record("1.3", "m1", "unreadable", error="no pixel data")
+    assert state.finished("m1") == {"1.1", "1.3"} and state.finished("m2") == set()
+    assert state.produced() == {"5.5"} and state.counts("m1") == {"done": 1, "failed": 1, "unreadable": 1}
+    state.record("1.2", "m1", "done", report_uid="5.6")
+    row = next(r for r in state.rows("m1") if r["sop_instance_uid"] == "1.2")
+    assert row["attempts"] == 2 and row["status"] == "done"
+    state.close()

@@ -1,0 +1,58 @@
+"""``predict --format fhir``: a FHIR R4 DiagnosticReport with one Observation per image, valid against the FHIR
+models of fhir.resources, carrying the same figures as ``predict --format json``."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pneumonia_cnn.cli import main
+from pneumonia_cnn.errors import PneumoniaCNNError
+from pneumonia_cnn.interop.fhir import validate
+from tests.conftest import write_image
+
+
+def run(argv, capsys):
+    capsys.readouterr()
+    main(argv)
+    return capsys.readouterr().out
+
+
+def component(observation: dict, code: str) -> dict:
+    return next(c for c in observation["component"] if c["code"]["coding"][0]["code"] == code)
+
+
+def test_fhir_report_validates_and_matches_json(trained_run, xray_sources, tmp_path, capsys):
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+    blank = write_image(tmp_path / "blank.png", np.full((64, 64), 128, np.uint8))
+    paths = [str(xray_sources["NORMAL"][0]), str(xray_sources["PNEUMONIA"][0]), str(blank), str(tmp_path / "gone.png")]
+    base = ["predict", str(trained_run), *paths, "--device", "cpu"]
+    expected = json.loads(run(base + ["--format", "json"], capsys))
+    document = json.loads(run(base + ["--format", "fhir"], capsys))
+    report = DiagnosticReport.model_validate(document)  # raises on any departure from the FHIR models
+    assert report.status == "preliminary" and len(document["contained"]) == 4
+    assert [r["reference"] for r in document["result"]] == [f"#{o['id']}" for o in document["contained"]]
+    by_path = {o["identifier"][0]["value"]: o for o in document["contained"]}
+    for row in expected:
+        observation = by_path[row["path"]]
+        assert row["model"] in observation["device"]["display"]
+        if row["error"]:
+            assert observation["status"] == "cancelled" and row["error"] in observation["note"][0]["text"]
+            continue
+        assert observation["valueQuantity"]["value"] == row["probability"]
+        assert component(observation, "threshold")["valueQuantity"]["value"] == row["threshold"]
+        assert component(observation, "label")["valueCodeableConcept"]["text"] == row["label"]
+        assert observation["interpretation"][0]["coding"][0]["code"] == ("POS" if row["label"] == "PNEUMONIA"
+                                                                         else "NEG")
+        assert component(observation, "in-distribution").get("valueBoolean") == row["in_distribution"]
+        assert [n["text"] for n in observation.get("note", [])] == row["warnings"]
+    flagged = by_path[str(blank)]
+    assert component(flagged, "in-distribution")["valueBoolean"] is False
+    assert any("the probability is not reliable" in n["text"] for n in flagged["note"])
+    assert "1 unreadable" in document["conclusion"] and "1 outside the training population" in document["conclusion"]
+
+
+def test_a_document_that_breaks_the_rules_is_refused():
+    with pytest.raises(PneumoniaCNNError, match="does not validate: code: Field required"):
+        validate({"resourceType": "DiagnosticReport", "status": "preliminary"})

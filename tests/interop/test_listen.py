@@ -1,0 +1,153 @@
+"""``listen`` with a real Orthanc on both sides: Orthanc sends X-rays to the node (C-STORE), the node sends each
+report back to Orthanc (C-STORE), and the reports read back from Orthanc match ``predict``; C-ECHO answers; a
+destination that is down loses nothing; reports sent to the node are not scored again."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pydicom
+import pytest
+
+from pneumonia_cnn.interop.listener import Destination, Listener
+
+from .orthanc import Orthanc, free_port, require_orthanc
+from .reports import predict_json, reports_in, wait_for_reports
+from .studies import xray_dicom
+
+PROJECT_SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
+
+
+def wait_for_port(port: int, process=None, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process is None or process.poll() is None, "the listener exited"
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def c_store(path, port: int, ae_title: str = "PNEUMONIA") -> int:
+    from pynetdicom import AE
+    dataset = pydicom.dcmread(path)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    association = ae.associate("127.0.0.1", port, ae_title=ae_title)
+    assert association.is_established
+    status = association.send_c_store(dataset)
+    association.release()
+    return status.Status
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, trained_run):
+    """Orthanc, which knows the node as modality "pneumonia", and ``pneumonia-cnn listen`` (the real command,
+    in its own process) sending its reports to Orthanc."""
+    require_orthanc()
+    folder, port = tmp_path_factory.mktemp("listen"), free_port()
+    orthanc = Orthanc(folder / "orthanc", {"pneumonia": ("PNEUMONIA", "127.0.0.1", port)}).start()
+    log = open(folder / "listen.log", "wb")  # noqa: SIM115 - open while the node runs
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PROJECT_SRC, os.environ.get("PYTHONPATH", "")]))
+    process = subprocess.Popen([sys.executable, "-m", "pneumonia_cnn", "listen", str(trained_run), "--port", str(port),
+                                "--ae-title", "PNEUMONIA", "--send-to", f"127.0.0.1:{orthanc.dicom_port}:ORTHANC",
+                                "--spool", str(folder / "spool"), "--device", "cpu", "--backoff", "0.1"],
+                               stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for_port(port, process)
+        yield {"orthanc": orthanc, "port": port, "spool": folder / "spool", "log": folder / "listen.log"}
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+        orthanc.stop()
+
+
+def test_echo_answers(node):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+    assert node["orthanc"].echo("pneumonia")
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    association = ae.associate("127.0.0.1", node["port"], ae_title="PNEUMONIA")
+    assert association.is_established and association.send_c_echo().Status == 0x0000
+    association.release()
+
+
+def test_orthanc_sends_images_and_the_reports_arrive(node, trained_run, xray_sources, tmp_path, capsys):
+    orthanc = node["orthanc"]
+    files = [xray_dicom(xray_sources["PNEUMONIA"][0], tmp_path / "a.dcm", "DX", patient_id="L1"),
+             xray_dicom(xray_sources["NORMAL"][0], tmp_path / "b.dcm", "CR", "MONOCHROME1", patient_id="L2",
+                        age="035Y"),
+             xray_dicom(xray_sources["NORMAL"][1], tmp_path / "c.dcm", "DX", patient_id="L3", pixel_data=False)]
+    orthanc.send("pneumonia", [orthanc.upload(path)["ID"] for path in files])
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    reports = wait_for_reports(orthanc, [h.SOPInstanceUID for h in headers[:2]])
+    expected = predict_json(trained_run, files[:2], capsys)
+    for path, header in zip(files[:2], headers):
+        report, figures = reports[header.SOPInstanceUID], expected[str(path)]
+        assert report["probability"] == pytest.approx(figures["probability"], abs=1e-9)
+        assert report["finding"] == ("Present" if figures["label"] == "PNEUMONIA" else "Absent")
+        assert report["warnings"] == figures["warnings"] and report["in_distribution"] == figures["in_distribution"]
+        assert report["study_instance_uid"] == header.StudyInstanceUID and report["model_version"] == figures["model"]
+    assert any("patient age 35 years" in w for w in reports[headers[1].SOPInstanceUID]["warnings"])
+    deadline = time.monotonic() + 30
+    while not (node["spool"] / "unreadable" / f"{headers[2].SOPInstanceUID}.dcm").exists():
+        assert time.monotonic() < deadline, "the unreadable instance was not set aside"
+        time.sleep(0.2)
+    assert f"instance {headers[2].SOPInstanceUID}: unreadable: DICOM has no pixel data" in node["log"].read_text()
+    assert headers[2].SOPInstanceUID not in reports and not list((node["spool"] / "incoming").glob("*.dcm"))
+
+
+def test_reports_sent_to_the_node_are_not_scored(node, xray_sources, tmp_path):
+    orthanc = node["orthanc"]
+    path = xray_dicom(xray_sources["PNEUMONIA"][1], tmp_path / "d.dcm", "DX", patient_id="L4")
+    orthanc.send("pneumonia", [orthanc.upload(path)["ID"]])
+    report_uid = wait_for_reports(orthanc, [pydicom.dcmread(path).SOPInstanceUID])  # one report...
+    sr_ids = orthanc.instances_of_modality("SR")
+    orthanc.send("pneumonia", sr_ids)  # ...sent to the node, as a PACS that forwards everything would
+    deadline = time.monotonic() + 30
+    while "not scored (modality SR is not an image)" not in node["log"].read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert len(reports_in(orthanc)) == len(report_uid)
+
+
+def test_destination_down_loses_nothing(trained_run, xray_sources, tmp_path, caplog):
+    from pneumonia_cnn.inference import Predictor
+    require_orthanc()
+    predictor, spool, port = Predictor(trained_run, "cpu"), tmp_path / "spool", free_port()
+    path = xray_dicom(xray_sources["NORMAL"][0], tmp_path / "e.dcm", "DX", patient_id="L5")
+    down = Listener(predictor, Destination("127.0.0.1", free_port(), "NOBODY"), port=port, spool=spool, attempts=2,
+                    backoff=0.05, retry_after=3600).start(block=False)
+    try:
+        assert c_store(path, port) == 0x0000
+        deadline = time.monotonic() + 60
+        while "kept in the spool" not in caplog.text:
+            assert time.monotonic() < deadline, "the failed delivery was not reported"
+            time.sleep(0.1)
+    finally:
+        down.stop()
+    assert [p.name for p in (spool / "incoming").iterdir()] == [f"{pydicom.dcmread(path).SOPInstanceUID}.dcm"]
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    try:  # restarted with a destination that answers: the spooled image is scored and delivered
+        up = Listener(predictor, Destination("127.0.0.1", orthanc.dicom_port, "ORTHANC"), port=port, spool=spool,
+                      overlay=True)
+        up.start(block=False)
+        wait_for_reports(orthanc, [pydicom.dcmread(path).SOPInstanceUID], timeout=60)
+        up.stop()
+        assert not list((spool / "incoming").glob("*.dcm"))
+        (overlay,) = [orthanc.tags(i) for i in orthanc.instances_of_modality("OT")]  # --overlay: the heat map too
+        assert overlay["StudyInstanceUID"] == pydicom.dcmread(path).StudyInstanceUID
+    finally:
+        orthanc.stop()
+
+
+def test_bad_send_to_is_one_line(trained_run, capsys):
+    from pneumonia_cnn.cli import main
+    assert main(["listen", str(trained_run), "--send-to", "pacs:notaport:AET"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --send-to pacs:notaport:AET: expected HOST:PORT:AE_TITLE")

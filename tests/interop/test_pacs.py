@@ -1,0 +1,175 @@
+"""``pacs`` against a real Orthanc: QIDO-RS -> WADO-RS -> score -> STOW-RS of a DICOM SR in the same study, read
+back from Orthanc and checked against ``predict``'s figures for the same files; reruns, filters, the overlay,
+a PACS that is down and transfers cut in the middle."""
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+from pneumonia_cnn.cli import main
+
+from .flaky_proxy import FlakyProxy
+from .orthanc import Orthanc, free_port, require_orthanc
+from .reports import predict_json, reports_in
+from .studies import xray_dicom
+
+FAST = ["--device", "cpu", "--retries", "2", "--backoff", "0.05"]
+BASE = ["--study-date", "20240315"]  # the module's five studies; each test adds its own on other dates
+
+
+def run_pacs(checkpoint, url, state, *extra) -> int:
+    return main(["pacs", str(checkpoint), "--dicomweb", url, "--state", str(state), *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def studies(orthanc, xray_sources, tmp_path_factory):
+    """A DX MONOCHROME2 child, a CR MONOCHROME1 child, an adult (age warning), a blank image (flagged out of
+    distribution) and an instance without pixel data, uploaded to Orthanc."""
+    folder = tmp_path_factory.mktemp("studies")
+    normal, pneumonia = xray_sources["NORMAL"], xray_sources["PNEUMONIA"]
+    files = {"dx": xray_dicom(pneumonia[0], folder / "dx.dcm", "DX", patient_id="P1"),
+             "cr_mono1": xray_dicom(normal[0], folder / "cr_mono1.dcm", "CR", "MONOCHROME1", patient_id="P2",
+                                    view="AP", sex="M"),
+             "adult": xray_dicom(pneumonia[1], folder / "adult.dcm", "DX", patient_id="P3", age="045Y"),
+             "blank": xray_dicom(np.full((224, 224), 90, np.uint8), folder / "blank.dcm", "CR", patient_id="P4"),
+             "no_pixels": xray_dicom(normal[1], folder / "no_pixels.dcm", "DX", patient_id="P5", pixel_data=False)}
+    for path in files.values():
+        orthanc.upload(path)
+    return {name: (path, pydicom.dcmread(path, stop_before_pixels=True)) for name, path in files.items()}
+
+
+def test_round_trip_reports_match_predict(orthanc, studies, trained_run, tmp_path, capsys, caplog):
+    checkpoint = trained_run / "best.pt"
+    assert run_pacs(checkpoint, orthanc.dicomweb, tmp_path / "state.sqlite", *BASE) == 0
+    out, err = capsys.readouterr()
+    assert "5 new instance(s), 0 already scored: 4 scored and reported, 1 unreadable" in out
+    no_pixels = studies["no_pixels"][1].SOPInstanceUID
+    assert f"instance {no_pixels}: unreadable: DICOM has no pixel data\n" in caplog.text and "Traceback" not in err
+    reports = reports_in(orthanc)
+    expected = predict_json(checkpoint, [path for path, _ in studies.values()], capsys)
+    model_id = next(iter(expected.values()))["model"]
+    for name in ("dx", "cr_mono1", "adult", "blank"):
+        path, header = studies[name]
+        report, figures = reports[header.SOPInstanceUID], expected[str(path)]
+        assert report["probability"] == pytest.approx(figures["probability"], abs=1e-9), name
+        assert report["threshold"] == pytest.approx(figures["threshold"], abs=1e-12)
+        assert report["finding"] == ("Present" if figures["label"] == "PNEUMONIA" else "Absent")
+        assert report["in_distribution"] == figures["in_distribution"]
+        assert report.get("ood_score") == (None if figures["ood_score"] is None else
+                                           pytest.approx(figures["ood_score"], abs=1e-9))
+        assert report["warnings"] == figures["warnings"]
+        assert report["model_version"] == model_id
+        assert report["study_instance_uid"] == header.StudyInstanceUID  # the report sits in the image's study
+    assert any("patient age 45 years is outside" in w for w in reports[studies["adult"][1].SOPInstanceUID]["warnings"])
+    blank = reports[studies["blank"][1].SOPInstanceUID]
+    assert blank["in_distribution"] is False and any("the probability is not reliable" in w for w in blank["warnings"])
+    assert no_pixels not in reports
+
+
+def test_rerun_scores_only_new_instances(orthanc, studies, trained_run, xray_sources, tmp_path, capsys):
+    state, dates = tmp_path / "state.sqlite", ["--study-date", "20240315-20240331"]
+    assert run_pacs(trained_run, orthanc.dicomweb, state, *dates) == 0
+    before = reports_in(orthanc)
+    capsys.readouterr()
+    assert run_pacs(trained_run, orthanc.dicomweb, state, *dates) == 0
+    assert "0 new instance(s), 5 already scored" in capsys.readouterr().out
+    new = xray_dicom(xray_sources["NORMAL"][0], tmp_path / "new.dcm", "DX", patient_id="P6", study_date="20240320")
+    orthanc.upload(new)
+    assert run_pacs(trained_run, orthanc.dicomweb, state, *dates) == 0
+    assert "1 new instance(s), 5 already scored: 1 scored" in capsys.readouterr().out
+    after = reports_in(orthanc)  # asserts one report per image: a new state file re-stored, never duplicated
+    assert set(after) - set(before) == {pydicom.dcmread(new).SOPInstanceUID}
+
+
+def test_filters_by_study_date_and_modality(orthanc, studies, trained_run, tmp_path, xray_sources, capsys):
+    old = xray_dicom(xray_sources["NORMAL"][1], tmp_path / "old.dcm", "CR", patient_id="P7", study_date="20190101")
+    orthanc.upload(old)
+    run_pacs(trained_run, orthanc.dicomweb, tmp_path / "a.sqlite", "--study-date", "20180101-20191231")
+    assert "1 new instance(s)" in capsys.readouterr().out
+    run_pacs(trained_run, orthanc.dicomweb, tmp_path / "b.sqlite", "--modality", "CR", "--study-date", "20240101-")
+    assert "2 new instance(s)" in capsys.readouterr().out  # the two CR studies of 2024: cr_mono1 and blank
+    assert main(["pacs", str(trained_run), "--dicomweb", orthanc.dicomweb, "--study-date", "2024"]) == 2
+    assert "--study-date 2024: give YYYYMMDD" in capsys.readouterr().err
+
+
+def test_overlay_is_stored_in_the_study_and_never_scored(orthanc, studies, trained_run, tmp_path, capsys):
+    state = tmp_path / "state.sqlite"
+    assert run_pacs(trained_run, orthanc.dicomweb, state, "--overlay", "--modality", "DX", *BASE) == 0
+    overlays = [orthanc.tags(i) for i in orthanc.instances_of_modality("OT")]
+    dx_studies = {header.StudyInstanceUID for path, header in studies.values() if header.Modality == "DX"}
+    assert {tags["StudyInstanceUID"] for tags in overlays} >= dx_studies - {studies["no_pixels"][1].StudyInstanceUID}
+    capsys.readouterr()
+    assert run_pacs(trained_run, orthanc.dicomweb, state, "--overlay", "--modality", "DX", "OT", *BASE) == 0
+    assert "0 new instance(s), 3 already scored" in capsys.readouterr().out  # our own overlays are not X-rays to score
+
+
+def test_pacs_down_is_one_line_after_retries(trained_run, tmp_path, capsys, caplog):
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    assert run_pacs(trained_run, url, tmp_path / "state.sqlite") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "retrying in 0.1 s (attempt 3 of 3)" in caplog.text
+    final = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(final) == 1 and url in final[0] and "ConnectionError" in final[0] and "after 3 attempts" in final[0]
+
+
+def test_transfers_cut_mid_way_are_retried_and_none_is_lost(orthanc, studies, trained_run, tmp_path, capsys,
+                                                            caplog):
+    proxy = FlakyProxy(orthanc.url)
+    try:
+        dx, adult = studies["dx"][1], studies["adult"][1]
+        proxy.cuts = {f"GET /dicom-web/studies/{dx.StudyInstanceUID}/series": 1,  # cut once: the retry succeeds
+                      f"GET /dicom-web/studies/{adult.StudyInstanceUID}/series": float("inf"),  # always cut
+                      f"POST /dicom-web/studies/{studies['cr_mono1'][1].StudyInstanceUID}": 1}  # STOW answer cut
+        state = tmp_path / "state.sqlite"
+        assert run_pacs(trained_run, proxy.url + "/dicom-web", state, *BASE) == 1
+        assert "3 scored and reported, 1 unreadable, 0 not X-rays, 1 failed" in capsys.readouterr().out
+        assert len(proxy.cut_log) == 1 + 3 + 1
+        failed = [r.message for r in caplog.records if "will be tried again" in r.message]
+        assert len(failed) == 1 and failed[0].startswith(f"instance {adult.SOPInstanceUID}: WADO-RS retrieve: ")
+        assert "ChunkedEncodingError" in failed[0] and "(after 3 attempts)" in failed[0]
+        proxy.cuts = {}
+        assert run_pacs(trained_run, proxy.url + "/dicom-web", state, *BASE) == 0
+        assert "1 new instance(s), 4 already scored: 1 scored" in capsys.readouterr().out
+        reports_in(orthanc)  # one report per image: the STOW repeated after a cut answer replaced, not added
+    finally:
+        proxy.close()
+
+
+def test_watch_polls_and_survives_an_outage(orthanc, studies, trained_run, xray_sources, tmp_path):
+    from pneumonia_cnn.inference import Predictor
+    from pneumonia_cnn.interop.dicomweb import PacsJob, PacsOptions
+    proxy = FlakyProxy(orthanc.url)
+    summaries = []
+
+    def between_polls(summary):
+        summaries.append(summary)
+        if len(summaries) == 1:  # after the first poll: the PACS fails once, and a new study arrives
+            proxy.cuts = {"GET /dicom-web/instances": 2}
+            orthanc.upload(xray_dicom(xray_sources["PNEUMONIA"][0], tmp_path / "late.dcm", "DX", patient_id="P8",
+                                      study_date="20240601"))
+    try:
+        options = PacsOptions(proxy.url + "/dicom-web", str(tmp_path / "state.sqlite"), study_date="20240601",
+                              attempts=2, backoff=0.01)
+        job = PacsJob(Predictor(trained_run, "cpu"), options)
+        job.watch(0.05, 3, between_polls)
+        assert [s["scored"] for s in summaries] == [0, 1]  # poll 2 failed (reported), poll 3 caught up
+    finally:
+        proxy.close()
+
+
+def test_a_pacs_that_asks_for_a_password(trained_run, xray_sources, tmp_path, capsys, monkeypatch):
+    require_orthanc()
+    secured = Orthanc(tmp_path / "orthanc", users={"ai": "s3cret"}).start()
+    try:
+        secured.upload(xray_dicom(xray_sources["NORMAL"][0], tmp_path / "x.dcm", "DX", patient_id="P9"))
+        assert run_pacs(trained_run, secured.dicomweb, tmp_path / "state.sqlite") == 2
+        err = capsys.readouterr().err  # refused without credentials; a refusal is not retried
+        assert err.startswith("error: ") and "HTTP 401 HTTPError" in err and "attempts" not in err
+        assert main(["pacs", str(trained_run), "--dicomweb", secured.dicomweb, "--user", "ai"]) == 2
+        assert "--user ai: set the password in PNEUMONIA_CNN_DICOMWEB_PASSWORD" in capsys.readouterr().err
+        monkeypatch.setenv("PNEUMONIA_CNN_DICOMWEB_PASSWORD", "s3cret")
+        assert run_pacs(trained_run, secured.dicomweb, tmp_path / "state.sqlite", "--user", "ai") == 0
+        assert "1 new instance(s), 0 already scored: 1 scored" in capsys.readouterr().out
+    finally:
+        secured.stop()

@@ -58,3 +58,15 @@ def test_csv_list(tmp_path):
     (tmp_path / "bad.csv").write_text("imgs/a.png,maybe\n")
     with pytest.raises(DatasetError, match="bad.csv:1"):
         read_csv_list(tmp_path / "bad.csv")
+
+
+def test_csv_patient_id_comes_from_its_named_column(tmp_path):
+    from pneumonia_cnn.data.dataset import read_csv_list
+    (tmp_path / "a.csv").write_text("path,label,sex,patient_id\nx/person1_bacteria_1.jpeg,1,F,P7\n"
+                                    "x/person2_virus_2.jpeg,0,M,\n")
+    listing = read_csv_list(tmp_path / "a.csv")
+    assert listing.patients == ["P7", "person2"]  # the named column; blank -> from the file name
+    (tmp_path / "b.csv").write_text("path,label,sex\nx/person1_bacteria_1.jpeg,1,F\n")
+    assert read_csv_list(tmp_path / "b.csv").patients == ["person1"]  # no patient_id column: not the sex
+    (tmp_path / "c.csv").write_text("x/person1_bacteria_1.jpeg,1,P9\n")
+    assert read_csv_list(tmp_path / "c.csv").patients == ["P9"]  # no header: the third column

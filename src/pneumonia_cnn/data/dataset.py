@@ -141,35 +141,45 @@ def scan_unlabelled(folder) -> ImageList:
 
 
 def read_csv_list(csv_path, class_names=DEFAULT_CLASS_NAMES) -> ImageList:
-    """``path,label[,patient_id]`` rows (header optional); label is 0/1 or a class name; paths relative to the CSV."""
+    """``path,label[,patient_id]`` rows; label is 0/1 or a class name; paths relative to the CSV. With a header
+    row, the patient id is the column named ``patient_id`` (any other columns are ignored here); without
+    one, it is the third column."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DatasetError(f"{display_path(csv_path)}: CSV file not found")
     paths, labels, patients = [], [], []
+    patient_column = 2
     with open(csv_path, newline="", encoding="utf-8") as handle:
         for line_number, row in enumerate(csv.reader(handle), start=1):
             if not row or not row[0].strip() or row[0].strip().startswith("#"):
                 continue
             if line_number == 1 and row[0].strip().lower() in ("path", "file", "filename", "image"):
+                header = [cell.strip().lower() for cell in row]
+                patient_column = header.index("patient_id") if "patient_id" in header else None
                 continue
-            if len(row) < 2:
-                raise DatasetError(f"{display_path(csv_path)}:{line_number}: expected path,label[,patient_id]")
-            raw_label = row[1].strip()
-            if raw_label in class_names:
-                label = class_names.index(raw_label)
-            elif raw_label in ("0", "1"):
-                label = int(raw_label)
-            else:
-                raise DatasetError(f"{display_path(csv_path)}:{line_number}: label {raw_label!r} is not 0, 1 or "
-                                   f"one of {', '.join(class_names)}")
-            path = Path(row[0].strip())
-            path = path if path.is_absolute() else csv_path.parent / path
+            path, label = _csv_row(csv_path, line_number, row, class_names)
             paths.append(str(path))
             labels.append(label)
-            patients.append(row[2].strip() if len(row) > 2 and row[2].strip() else patient_id(path))
+            given = row[patient_column].strip() if patient_column is not None and len(row) > patient_column else ""
+            patients.append(given or patient_id(path))
     if not paths:
         raise DatasetError(f"{display_path(csv_path)}: CSV lists no images")
     return ImageList(paths, np.asarray(labels, dtype=np.int64), patients, tuple(class_names), str(csv_path))
+
+
+def _csv_row(csv_path: Path, line_number: int, row: list[str], class_names) -> tuple[Path, int]:
+    if len(row) < 2:
+        raise DatasetError(f"{display_path(csv_path)}:{line_number}: expected path,label[,patient_id]")
+    raw_label = row[1].strip()
+    if raw_label in class_names:
+        label = class_names.index(raw_label)
+    elif raw_label in ("0", "1"):
+        label = int(raw_label)
+    else:
+        raise DatasetError(f"{display_path(csv_path)}:{line_number}: label {raw_label!r} is not 0, 1 or "
+                           f"one of {', '.join(class_names)}")
+    path = Path(row[0].strip())
+    return (path if path.is_absolute() else csv_path.parent / path), label
 
 
 def load_split(data, split: str | None, class_names=None, require_both_classes=False) -> ImageList:

@@ -8,7 +8,7 @@ FLOORS = [
     ["errors", "fileio", "device"],
     ["models", "checkpoint", "data", "calibration", "metrics", "plots"],
     ["ood", "tracking", "inference", "training", "explanation"],
-    ["info", "evaluation", "serving", "interop", "samples", "predict_io"],
+    ["info", "evaluation", "monitoring", "serving", "interop", "samples", "predict_io"],
     ["experiment", "adaptation", "demo"],
     ["cli", "__main__", "__init__"],
 ]

@@ -22,6 +22,7 @@ PSI_WARNING = 0.10
 PSI_DRIFT = 0.25
 KS_P_DRIFT = 0.001
 SCORES = ("raw_scores", "ood_scores")
+SMALL_REFERENCE = 100
 EPSILON = 1e-4  # an empty bin counts as this share, so the index stays finite
 
 
@@ -79,6 +80,9 @@ def compare(reference: dict | None, current: dict, minimum: int = 1) -> dict:
     if reference is None:
         return {**report, "status": "unavailable", "reason": "no reference in this checkpoint"}
     report["reference_images"] = len(reference["raw_scores"])
+    if len(reference["raw_scores"]) < SMALL_REFERENCE:
+        report["note"] = (f"the reference holds only {len(reference['raw_scores'])} validation images: the PSI "
+                          f"is noisy (bins of a few images); trust the KS p-value more")
     if count < minimum:
         return {**report, "status": "collecting", "reason": f"{count} of {minimum} images needed"}
     worst = "ok"
@@ -147,6 +151,8 @@ def format_drift(report: dict) -> str:
     levels = report["levels"]
     lines.append(f"levels: PSI > {levels['psi_warning']} warning, > {levels['psi_drift']} drift; "
                  f"KS p < {levels['ks_pvalue_drift']} drift")
+    if report.get("note"):
+        lines.append(f"note: {report['note']}")
     for item in report.get("skipped", []):
         lines.append(f"skipped {item['path']}: {item['error']}")
     return "\n".join(lines)

@@ -78,6 +78,13 @@ def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=No
     async def request_error(_request, error: RequestError):
         return JSONResponse({"detail": error.detail}, status_code=error.status)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request, error: Exception):
+        """One line for the client; the traceback goes to the server's log (uvicorn logs what is re-raised)."""
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(error).__name__, error)
+        return JSONResponse({"detail": f"internal error ({type(error).__name__}); the server log has the details"},
+                            status_code=500)
+
     @app.get("/health")
     async def health():
         return service.health()

@@ -1,4 +1,5 @@
 """Hostile and careless clients against a real server on loopback, deployed with keys and tight limits."""
+import io
 import os
 import socket
 import ssl
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.serving.conftest import Server, bearer, rss_mb, xray_paths
 from tests.serving.dicoms import dicom_file
@@ -248,3 +250,16 @@ def test_tls(trained_run, keys, tmp_path):
             httpx.get(f"http://127.0.0.1:{running.port}/health", timeout=5)
     finally:
         running.stop()
+
+
+def test_large_images_give_their_memory_back(secure_server, keys):
+    """A 49-megapixel JPEG just under the pixel guard: decoded, answered, and its memory returned."""
+    buffer = io.BytesIO()
+    Image.new("L", (7000, 7000), 128).save(buffer, "JPEG", quality=90)
+    post_image(secure_server, keys["ward"], "warm.jpeg", buffer.getvalue())
+    before = rss_mb(secure_server.pid)
+    for index in range(4):
+        response = post_image(secure_server, keys["ward"], f"big{index}.jpeg", buffer.getvalue())
+        assert response.status_code == 200, response.text
+    growth = rss_mb(secure_server.pid) - before
+    assert growth < 40, f"server kept {growth:.0f} MB after four 49-megapixel images"

@@ -2,16 +2,18 @@
 
 Threads, each with its own job, so that no two jobs share a model's state: the micro-batcher's one scorer
 thread runs every batched forward pass; one Grad-CAM thread runs backward passes on a private copy of the
-model; one thread scores site batches (/predict/batch); one checks new API keys (scrypt). Decoding runs in
-the default pool.
+model; one thread scores site batches (/predict/batch); one checks new API keys (scrypt). Decoding runs on
+at most four threads, which bounds the memory that large uploads take at once.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import ctypes
 import hashlib
 import json
 import logging
+import os
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +31,9 @@ from .dicom_guard import dicom_problem
 from .metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
-DRIFT_CHECK_EVERY = 25  # images between drift checks (a check costs about a millisecond)
+DRIFT_CHECK_EVERY = 25
+DECODE_THREADS = min(4, os.cpu_count() or 1)  # large decodes hold their full-size pixels: bound how many at once
+LARGE_IMAGE_PIXELS = 4_000_000  # decodes this large leave tens of MB in glibc's arenas: trim after them  # images between drift checks (a check costs about a millisecond)
 
 
 @dataclass
@@ -81,7 +85,17 @@ def read_upload(predictor, data: bytes, name: str):
     if problem:
         raise ImageReadError(name, problem)
     pixels, meta = predictor.preprocess_bytes(data, name)
+    if meta.original_size[0] * meta.original_size[1] >= LARGE_IMAGE_PIXELS:
+        release_freed_memory()
     return pixels, meta, hashlib.sha256(data).hexdigest()
+
+
+def release_freed_memory() -> None:
+    """Hand the pages a large decode freed back to the system (glibc keeps them in per-thread arenas)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 class Service:
@@ -97,6 +111,7 @@ class Service:
         self.gradcam_executor = ThreadPoolExecutor(1, thread_name_prefix="gradcam")
         self.batch_executor = ThreadPoolExecutor(1, thread_name_prefix="site-batch")
         self.auth_executor = ThreadPoolExecutor(1, thread_name_prefix="api-keys")
+        self.decode_executor = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
         self.reload_lock: asyncio.Lock | None = None
         self.metrics.set_model(self.served.model_id)
 
@@ -110,7 +125,7 @@ class Service:
 
     async def stop(self):
         await self.batcher.stop()
-        for executor in (self.gradcam_executor, self.batch_executor, self.auth_executor):
+        for executor in (self.gradcam_executor, self.batch_executor, self.auth_executor, self.decode_executor):
             executor.shutdown(wait=True)
         if self.audit:
             self.audit.close()
@@ -120,7 +135,7 @@ class Service:
         name = display_name(filename)
         try:
             pixels, meta, sha = await asyncio.get_running_loop().run_in_executor(
-                None, read_upload, served.predictor, data, name)
+                self.decode_executor, read_upload, served.predictor, data, name)
         except ImageReadError as error:
             self.metrics.errors.inc()
             raise RequestError(400, f"{name}: {error.reason}") from None

@@ -140,7 +140,8 @@ def main(argv=None) -> int:
             logged = {row[0] for row in connection.execute("SELECT request_id FROM predictions")}
     result = {
         "requests": args.requests, "concurrency": args.concurrency, "gradcam_share": args.gradcam_share,
-        "model": {"name": model["model"], "input": model["preprocessing"]["size"], "engine": model["scoring"]["engine"]},
+        "model": {"name": model["model"], "input": model["preprocessing"]["size"],
+                  "engine": model["scoring"]["engine"]},
         "failures": len(failures), "wrong_answers": len(wrong), "failure_examples": failures[:5],
         "answered_not_in_audit_log": len(set(answered) - logged),
         "p50_ms": 1000 * percentile(latencies, 0.50), "p95_ms": 1000 * percentile(latencies, 0.95),

@@ -146,8 +146,9 @@ def format_drift(report: dict) -> str:
     for name, title in (("raw_scores", "scores"), ("ood_scores", "OOD scores")):
         if name in report:
             part = report[name]
-            lines.append(f"{title:>10}: PSI {part['psi']:.3f}  KS {part['ks_statistic']:.3f} (p={part['ks_pvalue']:.2g})"
-                         f"  mean {part['mean']:.3f} vs {part['reference_mean']:.3f}  -> {part['status']}")
+            lines.append(f"{title:>10}: PSI {part['psi']:.3f}  KS {part['ks_statistic']:.3f} "
+                         f"(p={part['ks_pvalue']:.2g})  mean {part['mean']:.3f} vs {part['reference_mean']:.3f}  "
+                         f"-> {part['status']}")
     levels = report["levels"]
     lines.append(f"levels: PSI > {levels['psi_warning']} warning, > {levels['psi_drift']} drift; "
                  f"KS p < {levels['ks_pvalue_drift']} drift")

@@ -32,7 +32,8 @@ def test_every_prediction_is_logged_without_pixels_and_exported(trained_run, key
                                   headers=bearer(keys["ward"]))
             answers.append(response.json())
         batch = httpx.post(f"{running.url}/predict/batch", headers=bearer(keys["admin"]),
-                           files=[("files", (p.name, p.read_bytes())) for p in paths[:2]] + [("files", ("bad.png", b"x"))])
+                           files=[("files", (p.name, p.read_bytes())) for p in paths[:2]]
+                           + [("files", ("bad.png", b"x"))])
         assert batch.status_code == 200
     finally:
         running.stop()
@@ -115,6 +116,7 @@ def test_sigkill_mid_load_loses_no_answered_request(trained_run, tmp_path):
     assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     logged = {row[0] for row in connection.execute("SELECT request_id FROM predictions")}
     assert set(answered) <= logged, f"{len(set(answered) - logged)} answered requests missing from the log"
-    torn = connection.execute("SELECT COUNT(*) FROM predictions WHERE image_sha256 IS NULL OR length(image_sha256) != 64 "
-                              "OR probability IS NULL OR label IS NULL OR model_id IS NULL OR time IS NULL").fetchone()[0]
+    torn = connection.execute("SELECT COUNT(*) FROM predictions WHERE image_sha256 IS NULL OR "
+                              "length(image_sha256) != 64 OR probability IS NULL OR label IS NULL OR "
+                              "model_id IS NULL OR time IS NULL").fetchone()[0]
     assert torn == 0 and len(logged) >= len(answered) >= 40

@@ -11,7 +11,8 @@ from tests.serving.conftest import Server, rss_mb
 
 
 def load_paths():
-    return sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[:10] + sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())[:10]
+    folders = (SHARED_DATA / "test" / "NORMAL", SHARED_DATA / "test" / "PNEUMONIA")
+    return [path for folder in folders for path in sorted(folder.iterdir())[:10]]
 
 
 async def run_load(url, payloads, count, seed, concurrency=32, gradcam_share=0.1):
@@ -26,7 +27,8 @@ async def run_load(url, payloads, count, seed, concurrency=32, gradcam_share=0.1
                 try:
                     response = await client.post(f"{url}/predict" + ("?gradcam=true" if gradcam else ""),
                                                  files={"file": (name, data)})
-                    body = response.json() if response.headers.get("content-type") == "application/json" else response.text
+                    is_json = response.headers.get("content-type") == "application/json"
+                    body = response.json() if is_json else response.text
                     results.append((name, gradcam, response.status_code, body))
                 except httpx.HTTPError as error:
                     results.append((name, gradcam, None, repr(error)))

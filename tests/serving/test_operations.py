@@ -154,7 +154,8 @@ def test_site_batch_with_adapt_batch_equals_the_library(best_like_run, tmp_path)
     paths = site_batch(40)
     try:
         response = httpx.post(f"{running.url}/predict/batch", timeout=300,
-                              files=[("files", (p.name, p.read_bytes())) for p in paths] + [("files", ("x.png", b"no"))])
+                              files=[("files", (p.name, p.read_bytes())) for p in paths]
+                              + [("files", ("x.png", b"no"))])
         single = httpx.post(f"{running.url}/predict", files={"file": (paths[0].name, paths[0].read_bytes())}).json()
     finally:
         running.stop()

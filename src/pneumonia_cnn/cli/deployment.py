@@ -198,9 +198,11 @@ COMMANDS = [
         "pneumonia-cnn serve runs/best/best.pt --host 0.0.0.0 --api-keys keys.txt --audit-log audit.sqlite "
         "--ssl-certfile cert.pem --ssl-keyfile key.pem --allowed-hosts xray.hospital.example")),
     Command("api-key", "add (or revoke) an API key for serve; prints the new key once", api_key_arguments,
-            run_api_key, ("pneumonia-cnn api-key keys.txt --id ward3", "pneumonia-cnn api-key keys.txt --id ops --role admin")),
+            run_api_key, ("pneumonia-cnn api-key keys.txt --id ward3",
+                          "pneumonia-cnn api-key keys.txt --id ops --role admin")),
     Command("audit", "export serve's audit log (CSV or JSON)", audit_arguments, run_audit,
-            ("pneumonia-cnn audit audit.sqlite --since 2026-05-01 --format json", "pneumonia-cnn audit audit.sqlite --since 24h")),
+            ("pneumonia-cnn audit audit.sqlite --since 2026-05-01 --format json",
+             "pneumonia-cnn audit audit.sqlite --since 24h")),
     Command("drift", "compare new images' scores with the checkpoint's validation reference (PSI, KS)",
             drift_arguments, run_drift, ("pneumonia-cnn drift runs/best/best.pt --data site/2026-05/",)),
     Command("info", "what a checkpoint is, was trained on, and is for", info_arguments, run_info,

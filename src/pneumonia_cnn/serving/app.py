@@ -48,8 +48,7 @@ def allowed_host_names(host: str, extra=()) -> list[str]:
 
 
 def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=None):
-    from fastapi import FastAPI, File, Request, UploadFile
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi import FastAPI
     from starlette.formparsers import MultiPartParser
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -73,6 +72,20 @@ def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=No
     app = FastAPI(title="pneumonia-cnn", version="0.1.0", lifespan=lifespan,
                   description="Pneumonia probability for a chest X-ray (image or DICOM). Research use only: "
                               "not a medical device.")
+    add_error_handlers(app)
+    add_routes(app, service, options)
+    app.add_middleware(LimitsMiddleware, body_limit=options.body_limit, body_timeout=options.body_timeout,
+                       max_in_flight=options.max_in_flight,
+                       on_reject=lambda path, reason: service.metrics.rejected.labels(reason).inc())
+    app.add_middleware(AccessMiddleware, keyring=lambda: service.keyring, executor=service.auth_executor)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts or allowed_host_names("127.0.0.1")))
+    app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)  # added last: the outermost
+    app.state.service = service
+    return app
+
+
+def add_error_handlers(app):
+    from fastapi.responses import JSONResponse
 
     @app.exception_handler(RequestError)
     async def request_error(_request, error: RequestError):
@@ -84,6 +97,11 @@ def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=No
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(error).__name__, error)
         return JSONResponse({"detail": f"internal error ({type(error).__name__}); the server log has the details"},
                             status_code=500)
+
+
+def add_routes(app, service: Service, options: ServeOptions):
+    from fastapi import File, Request, UploadFile
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     @app.get("/health")
     async def health():
@@ -120,15 +138,6 @@ def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=No
         result = await service.reload("admin call")
         return JSONResponse(result, status_code=200 if result["status"] == "reloaded" else 500)
 
-    app.add_middleware(LimitsMiddleware, body_limit=options.body_limit, body_timeout=options.body_timeout,
-                       max_in_flight=options.max_in_flight,
-                       on_reject=lambda path, reason: service.metrics.rejected.labels(reason).inc())
-    app.add_middleware(AccessMiddleware, keyring=lambda: service.keyring, executor=service.auth_executor)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts or allowed_host_names("127.0.0.1")))
-    app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
-    app.state.service = service
-    return app
-
 
 def check_exposure(host: str, options: ServeOptions, ssl_certfile) -> None:
     """Off loopback, the server is reachable by others: refuse to start without keys and an audit log."""
@@ -156,8 +165,8 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: S
     app = create_app(checkpoint, options, allowed_host_names(host, allowed_hosts))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             http=idle_timeout_protocol(idle_timeout), timeout_keep_alive=5,
-                            timeout_graceful_shutdown=graceful_timeout, limit_concurrency=4 * options.max_in_flight + 64,
-                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+                            timeout_graceful_shutdown=graceful_timeout, ssl_certfile=ssl_certfile,
+                            ssl_keyfile=ssl_keyfile, limit_concurrency=4 * options.max_in_flight + 64)
     scheme = "https" if ssl_certfile else "http"
     service = app.state.service
     log.info("serving %s on %s://%s:%d (docs at /docs; API keys %s; audit log %s)", service.served.model_id, scheme,

@@ -31,9 +31,9 @@ from .dicom_guard import dicom_problem
 from .metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
-DRIFT_CHECK_EVERY = 25
+DRIFT_CHECK_EVERY = 25  # images between drift checks (a check is cheap, but not free)
 DECODE_THREADS = min(4, os.cpu_count() or 1)  # large decodes hold their full-size pixels: bound how many at once
-LARGE_IMAGE_PIXELS = 4_000_000  # decodes this large leave tens of MB in glibc's arenas: trim after them  # images between drift checks (a check costs about a millisecond)
+LARGE_IMAGE_PIXELS = 4_000_000  # decodes this large leave tens of MB in glibc's arenas: trim after them
 
 
 @dataclass
@@ -144,7 +144,7 @@ class Service:
     async def predict_one(self, data: bytes, filename: str | None, gradcam: bool, key_id: str | None) -> dict:
         served, request_id = self.served, uuid.uuid4().hex
         if len(data) > self.options.max_bytes:
-            raise RequestError(413, f"{display_name(filename)}: upload too large, limit {self.options.max_bytes:,} bytes")
+            raise RequestError(413, f"{display_name(filename)}: {self._too_large()}")
         name, pixels, meta, sha = await self._read(served, data, filename)
         entry = await self.batcher.submit(served, pixels, meta)
         response = {"request_id": request_id, "filename": name, **public_entry(entry), "model": served.model_id,
@@ -182,9 +182,12 @@ class Service:
                {"filename": r["name"], **public_entry(r["entry"])} for r in results]
         return {"request_id": request_id, "model": served.model_id, "notes": notes, "results": out}
 
+    def _too_large(self) -> str:
+        return f"upload too large, limit {self.options.max_bytes:,} bytes"
+
     async def _read_or_error(self, served, data, filename) -> dict:
         if len(data) > self.options.max_bytes:
-            return {"name": display_name(filename), "error": f"upload too large, limit {self.options.max_bytes:,} bytes"}
+            return {"name": display_name(filename), "error": self._too_large()}
         try:
             name, pixels, meta, sha = await self._read(served, data, filename)
         except RequestError as error:

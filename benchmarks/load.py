@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     paths = (sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[:args.images // 2]
              + sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())[:args.images - args.images // 2])
     payloads = [(p.name, p.read_bytes()) for p in paths]
+    load_at_start = os.getloadavg()[0]  # the machine may be shared: other work slows the figures down
     with tempfile.TemporaryDirectory() as folder:
         process, url, key = start_server(args.checkpoint, Path(folder))
         try:
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
         "p99_ms": 1000 * percentile(latencies, 0.99), "throughput_per_s": len(latencies) / elapsed,
         "seconds": elapsed, "server_rss_mb_after_warmup": rss_after_warmup, "server_rss_mb_end": rss_end,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(), "load_average_at_start": load_at_start},
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "failure_examples"}, indent=2))

@@ -184,3 +184,21 @@ def test_prevalence_is_passed_to_the_predictor(trained_run, tmp_path):
     assert abs(body["probability"] - expected.probability) < 1e-9
     assert abs(body["probability"] - unadjusted.probability) > 1e-3
     assert body["notes"] == ["probabilities stated for a pneumonia rate of 0.300 (given)"]
+
+
+def test_estimated_prevalence_applies_to_site_batches_only(trained_run, tmp_path):
+    running = Server(trained_run / "best.pt", "--prevalence", "estimate", workdir=tmp_path)
+    paths = site_batch(12)
+    try:
+        batch = httpx.post(f"{running.url}/predict/batch", timeout=120,
+                           files=[("files", (p.name, p.read_bytes())) for p in paths]).json()
+        single = httpx.post(f"{running.url}/predict", files={"file": (paths[0].name, paths[0].read_bytes())}).json()
+    finally:
+        running.stop()
+    library = Predictor(trained_run / "best.pt", "cpu", prevalence="estimate")
+    expected = library.predict_files([str(p) for p in paths])
+    assert batch["notes"] == library.last_notes and "estimated from this batch" in batch["notes"][0]
+    for result, prediction in zip(batch["results"], expected):
+        assert abs(result["probability"] - prediction.probability) < 1e-9
+    plain = Predictor(trained_run / "best.pt", "cpu").predict_files([str(paths[0])])[0]
+    assert abs(single["probability"] - plain.probability) < 1e-9 and single["notes"] == []

@@ -60,6 +60,13 @@ class Server:
                 self.process.wait()
 
 
+def start_server(checkpoint, *extra):
+    """(process, url) of a plain loopback server; the caller terminates it (tests/test_decision.py uses this)."""
+    import tempfile
+    running = Server(checkpoint, *extra, workdir=Path(tempfile.mkdtemp(prefix="serve-")))
+    return running.process, running.url
+
+
 def add_key(path, key_id, role="predict") -> str:
     done = subprocess.run([sys.executable, "-m", "pneumonia_cnn", "api-key", str(path), "--id", key_id, "--role", role],
                           capture_output=True, text=True, check=True)

@@ -17,7 +17,8 @@ DRIFT_LEVELS = {"ok": 0, "warning": 1, "drift": 2}
 
 class ServiceMetrics:
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+        disable_created_metrics()  # the *_created series double the output and say nothing a scraper needs
         self.registry = registry = CollectorRegistry()
         prefix = "pneumonia_cnn_"
         self.requests = Counter(prefix + "http_requests", "HTTP requests by endpoint and status code",

@@ -57,9 +57,9 @@ def _cell_centres(model, module, x) -> tuple[float, float, float, float]:
     covers, so plain upsampling would stretch it; measuring the centres by gradient works for any model."""
     captured = {}
     handle = module.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
-    # a fixed probe: the same image always gets the same map, and the global random state is left alone
-    probe = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)
-    probe.requires_grad_(True)
+    # A fixed probe: the centres depend a little on which ReLUs it opens, and the same image must always get
+    # the same map (a random probe gave a slightly different map on every call).
+    probe = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)).to(x).requires_grad_(True)
     try:
         with torch.enable_grad():
             model(probe)

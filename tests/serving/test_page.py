@@ -65,3 +65,33 @@ def test_page_warns_on_an_image_that_is_not_an_xray(server, tmp_path):
         browser.save_screenshot(str(tmp_path / "warning.png"))
     finally:
         browser.quit()
+
+
+def test_page_asks_for_the_key_and_shows_the_warning_above_the_probability(secure_server, keys, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (128, 128), dtype=np.uint8)).save(noise)
+    browser = make_browser(tmp_path)
+    try:
+        browser.get(secure_server.url + "/")
+        WebDriverWait(browser, 10).until(EC.visibility_of_element_located((By.ID, "apikey")))
+        browser.find_element(By.ID, "apikey").send_keys("ward3.not-the-key")
+        browser.find_element(By.ID, "savekey").click()
+        WebDriverWait(browser, 10).until(EC.text_to_be_present_in_element((By.ID, "keymessage"), "not accepted"))
+        browser.find_element(By.ID, "apikey").send_keys(keys["ward"])
+        browser.find_element(By.ID, "savekey").click()
+        WebDriverWait(browser, 10).until(EC.text_to_be_present_in_element((By.ID, "modelinfo"), "Model: seed"))
+        assert not browser.find_element(By.ID, "keyform").is_displayed()
+        browser.find_element(By.ID, "file").send_keys(str(noise))
+        WebDriverWait(browser, 30).until(EC.text_to_be_present_in_element((By.ID, "probability"), "%"))
+        warning, probability = browser.find_element(By.ID, "warning"), browser.find_element(By.ID, "probability")
+        assert warning.is_displayed() and "Outside the intended use" in warning.text
+        assert warning.location["y"] + warning.size["height"] <= probability.location["y"]  # read before the number
+        browser.save_screenshot(str(tmp_path / "warning_first.png"))
+    finally:
+        browser.quit()
+    assert keys["ward"].split(".")[1] not in secure_server.log()

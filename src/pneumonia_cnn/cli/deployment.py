@@ -1,10 +1,11 @@
-"""Deployment: ``predict``, ``explain``, ``serve``, ``info``, ``adapt``."""
+"""Deployment: ``predict``, ``explain``, ``serve``, ``api-key``, ``audit``, ``drift``, ``info``, ``adapt``."""
 from __future__ import annotations
 
 import argparse
 import logging
 
-from .common import Command, add_device, add_engine, add_format, add_site_options
+from ..errors import PneumoniaCNNError
+from .common import Command, add_device, add_engine, add_format, add_site_options, print_json
 
 log = logging.getLogger("pneumonia_cnn")
 
@@ -64,17 +65,95 @@ def run_explain(args) -> int:
 
 def serve_arguments(p):
     p.add_argument("checkpoint", help="best.pt or run folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default; any other address "
+                                                         "needs --api-keys and --audit-log)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload")
+    p.add_argument("--api-keys", metavar="FILE", help="hashed API keys (pneumonia-cnn api-key); requests then need "
+                                                      "'Authorization: Bearer KEY'")
+    p.add_argument("--audit-log", metavar="FILE", help="SQLite file that every prediction is appended to")
+    p.add_argument("--keep-images", metavar="DIR", help="also keep each upload's bytes here, named by SHA-256")
+    p.add_argument("--ssl-certfile", help="TLS certificate (PEM)"), p.add_argument("--ssl-keyfile", help="TLS key")
+    p.add_argument("--allowed-hosts", default="", metavar="NAME,...",
+                   help="Host header values to answer besides loopback and the bound address (others get 400)")
+    p.add_argument("--max-upload-mb", type=float, default=20, help="largest image accepted, cut while it arrives")
+    p.add_argument("--max-batch-upload-mb", type=float, default=256, help="largest /predict/batch body")
+    p.add_argument("--max-in-flight", type=int, default=64,
+                   help="uploads in progress at once; more get 503 with Retry-After (bounds memory)")
+    p.add_argument("--body-timeout", type=float, default=30, help="seconds a request body may take to arrive")
+    p.add_argument("--idle-timeout", type=float, default=15,
+                   help="seconds a connection may stay without sending a whole request head")
     p.add_argument("--max-batch", type=int, default=16, help="largest micro-batch of concurrent requests")
+    p.add_argument("--drift-window", type=int, default=500, help="recent images compared with the reference")
+    add_site_options(p)
     add_device(p), add_engine(p)
 
 
 def run_serve(args) -> int:
+    from ..inference.predictor import parse_prevalence
     from ..serving.app import run_server
-    run_server(args.checkpoint, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-               device=args.device, max_batch=args.max_batch, engine=args.engine)
+    from ..serving.service import ServeOptions
+    options = ServeOptions(device=args.device, engine=args.engine, max_upload_mb=args.max_upload_mb,
+                           max_batch_upload_mb=args.max_batch_upload_mb, max_batch=args.max_batch,
+                           max_in_flight=args.max_in_flight, body_timeout=args.body_timeout,
+                           prevalence=parse_prevalence(args.prevalence), adapt_batch=args.adapt_batch,
+                           api_keys=args.api_keys, audit_log=args.audit_log, keep_images=args.keep_images,
+                           drift_window=args.drift_window)
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise PneumoniaCNNError("TLS needs both --ssl-certfile and --ssl-keyfile")
+    run_server(args.checkpoint, host=args.host, port=args.port, options=options,
+               allowed_hosts=[h.strip() for h in args.allowed_hosts.split(",") if h.strip()],
+               ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, idle_timeout=args.idle_timeout)
+    return 0
+
+
+def api_key_arguments(p):
+    p.add_argument("file", help="the key file (created mode 0600 when absent)")
+    p.add_argument("--id", required=True, help="who holds the key (it appears in the audit log)")
+    p.add_argument("--role", choices=("predict", "admin"), default="predict", help="admin keys may also reload")
+    p.add_argument("--revoke", action="store_true", help="remove the key with this id")
+
+
+def run_api_key(args) -> int:
+    from ..serving.auth import add_key, revoke_key
+    if args.revoke:
+        revoke_key(args.file, args.id)
+        print(f"revoked {args.id}; send SIGHUP (or POST /admin/reload) to a running server")
+        return 0
+    key = add_key(args.file, args.id, args.role)
+    print(key)
+    log.info("key for %s (%s) added to %s; it is shown only this once", args.id, args.role, args.file)
+    return 0
+
+
+def audit_arguments(p):
+    p.add_argument("log", help="the server's --audit-log file")
+    p.add_argument("--since", help="from this date/time (UTC; e.g. 2026-05-01, 2026-05-01T08:00) or span (24h, 7d)")
+    p.add_argument("--until", help="before this date/time or span")
+    add_format(p, ("csv", "json"), "csv")
+
+
+def run_audit(args) -> int:
+    from ..serving.audit import format_audit, read_audit
+    print(format_audit(read_audit(args.log, args.since, args.until), args.format), end="")
+    return 0
+
+
+def drift_arguments(p):
+    p.add_argument("checkpoint", help="best.pt or run folder")
+    p.add_argument("--data", nargs="+", required=True, help="new images: files, folders or globs")
+    add_format(p, ("table", "json"))
+    add_device(p, "cpu")
+
+
+def run_drift(args) -> int:
+    from ..monitoring import drift_of_files, format_drift
+    from ..predict_io import collect_paths
+    paths, missing = collect_paths(args.data)
+    if not paths:
+        raise PneumoniaCNNError(f"--data {' '.join(args.data)}: no images found")
+    report = drift_of_files(args.checkpoint, paths, args.device)
+    report["skipped"] += [{"path": str(m), "error": "no such file or folder"} for m in missing]
+    print_json(report) if args.format == "json" else print(format_drift(report))
     return 0
 
 
@@ -114,8 +193,18 @@ COMMANDS = [
         "pneumonia-cnn predict runs/a runs/b -- scans/")),
     Command("explain", "Grad-CAM heat maps over X-rays", explain_arguments, run_explain,
             ("pneumonia-cnn explain runs/best/best.pt xray.jpeg --out maps/",)),
-    Command("serve", "HTTP API and web page (FastAPI + uvicorn)", serve_arguments, run_serve,
-            ("pneumonia-cnn serve runs/best --port 8000",)),
+    Command("serve", "HTTP API and web page (FastAPI + uvicorn)", serve_arguments, run_serve, (
+        "pneumonia-cnn serve runs/best --port 8000",
+        "pneumonia-cnn serve runs/best/best.pt --host 0.0.0.0 --api-keys keys.txt --audit-log audit.sqlite "
+        "--ssl-certfile cert.pem --ssl-keyfile key.pem --allowed-hosts xray.hospital.example")),
+    Command("api-key", "add (or revoke) an API key for serve; prints the new key once", api_key_arguments,
+            run_api_key, ("pneumonia-cnn api-key keys.txt --id ward3",
+                          "pneumonia-cnn api-key keys.txt --id ops --role admin")),
+    Command("audit", "export serve's audit log (CSV or JSON)", audit_arguments, run_audit,
+            ("pneumonia-cnn audit audit.sqlite --since 2026-05-01 --format json",
+             "pneumonia-cnn audit audit.sqlite --since 24h")),
+    Command("drift", "compare new images' scores with the checkpoint's validation reference (PSI, KS)",
+            drift_arguments, run_drift, ("pneumonia-cnn drift runs/best/best.pt --data site/2026-05/",)),
     Command("info", "what a checkpoint is, was trained on, and is for", info_arguments, run_info,
             ("pneumonia-cnn info runs/best/best.pt",)),
     Command("adapt", "adapt a model to a new site: AdaBN on unlabelled images, optional fine-tuning", adapt_arguments,

@@ -1,149 +1,173 @@
-"""FastAPI app: ``POST /predict``, ``GET /health``, ``GET /model``, the web page at ``/`` and docs at ``/docs``.
+"""FastAPI app: ``POST /predict``, ``POST /predict/batch``, ``GET /health``, ``GET /model``, ``GET /metrics``,
+``POST /admin/reload``, the web page at ``/`` and docs at ``/docs``.
 
 No ``from __future__ import annotations`` here: FastAPI must resolve the endpoint parameter types.
 
-Uploads are decoded in memory by content (never by extension, never saved under the client's name);
-bodies above the limit get 413. Concurrent requests are gathered into batches by a micro-batcher: one
-forward pass for many requests raises throughput on both CPU and GPU.
+Around the routes, outermost first: request metrics, the Host check (400), API keys (401/403), then the
+limits on uploads (413 while bytes arrive, 408 for a stalled body, 503 when too many are in progress).
+Uploads stay in memory (bounded by those limits), are decoded by content and never saved under the
+client's name. The rest is in ``service.py``.
 """
 
 import asyncio
-import base64
+import ipaddress
 import logging
-import threading
+import os
+import signal
+import socket
 from contextlib import asynccontextmanager
 from importlib import resources
 
-import numpy as np
-
-from ..errors import ImageReadError
-from ..explanation import grad_cam, overlay_png
-from ..inference import Predictor
+from ..errors import PneumoniaCNNError
+from .auth import AccessMiddleware
+from .limits import LimitsMiddleware, idle_timeout_protocol
+from .metrics import RequestMetricsMiddleware
+from .service import RequestError, ServeOptions, Service
 
 log = logging.getLogger(__name__)
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-class MicroBatcher:
-    """Collect requests for up to ``max_wait`` seconds (or ``max_batch`` of them) and predict them together."""
-
-    def __init__(self, predictor: Predictor, max_batch: int = 16, max_wait: float = 0.004):
-        self.predictor, self.max_batch, self.max_wait = predictor, max_batch, max_wait
-        self.queue: asyncio.Queue | None = None
-        self.task = None
-
-    async def start(self):
-        self.queue = asyncio.Queue()
-        self.task = asyncio.create_task(self._run())
-
-    async def stop(self):
-        if self.task:
-            self.task.cancel()
-
-    async def submit(self, pixels: np.ndarray, meta) -> dict:
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((pixels, meta, future))
-        return await future
-
-    def _predict(self, items):
-        entries, _ = self.predictor.assess(np.stack([item[0] for item in items]), [item[1] for item in items])
-        return entries
-
-    async def _run(self):
-        loop = asyncio.get_running_loop()
-        while True:
-            items = [await self.queue.get()]
-            deadline = loop.time() + self.max_wait
-            while len(items) < self.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    items.append(await asyncio.wait_for(self.queue.get(), timeout))
-                except asyncio.TimeoutError:
-                    break
-            try:
-                entries = await loop.run_in_executor(None, self._predict, items)
-                for (_, _, future), entry in zip(items, entries):
-                    if not future.done():
-                        future.set_result(entry)
-            except Exception as error:  # never leave a request hanging
-                for _, _, future in items:
-                    if not future.done():
-                        future.set_exception(error)
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
-def create_app(checkpoint, device: str = "auto", max_upload_mb: float = 20, max_batch: int = 16,
-               engine: str = "auto"):
-    from fastapi import FastAPI, File, HTTPException, Request, UploadFile
-    from fastapi.responses import HTMLResponse, JSONResponse
+def allowed_host_names(host: str, extra=()) -> list[str]:
+    """Host headers the server answers: loopback names, the bound address, the machine's names when bound to
+    every address, and ``--allowed-hosts``. Anything else (a DNS-rebinding page's name) gets 400."""
+    names = list(LOOPBACK_NAMES) + [host] + [name for name in extra if name]
+    if host in ("0.0.0.0", "::"):
+        names += [socket.gethostname(), socket.getfqdn()]
+    return sorted(set(names))
 
-    predictor = Predictor(checkpoint, device, engine=engine)
-    batcher = MicroBatcher(predictor, max_batch=max_batch)
-    max_bytes = int(max_upload_mb * 1024 * 1024)
-    gradcam_model = predictor.bundle.explain_model().to(predictor.device)  # private: batched forwards never see its hooks
-    gradcam_lock = threading.Lock()  # Grad-CAM calls share that copy's hooks and gradients
+
+def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=None):
+    from fastapi import FastAPI
+    from starlette.formparsers import MultiPartParser
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    options = options or ServeOptions()
+    service = Service(checkpoint, options)
+    # Starlette spools parts over 1 MB to a temporary file; keep them in memory, which the size limits and
+    # the admission limit bound, so that nothing an upload carries is written to disk.
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, options.body_limit("/predict/batch") + 1)
 
     @asynccontextmanager
     async def lifespan(_app):
-        await batcher.start()
+        await service.start()
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.reload("SIGHUP")))
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no SIGHUP here
+            log.debug("SIGHUP reload not available in this process")
         yield
-        await batcher.stop()
+        await service.stop()
 
     app = FastAPI(title="pneumonia-cnn", version="0.1.0", lifespan=lifespan,
                   description="Pneumonia probability for a chest X-ray (image or DICOM). Research use only: "
                               "not a medical device.")
+    add_error_handlers(app)
+    add_routes(app, service, options)
+    app.add_middleware(LimitsMiddleware, body_limit=options.body_limit, body_timeout=options.body_timeout,
+                       max_in_flight=options.max_in_flight,
+                       on_reject=lambda path, reason: service.metrics.rejected.labels(reason).inc())
+    app.add_middleware(AccessMiddleware, keyring=lambda: service.keyring, executor=service.auth_executor)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts or allowed_host_names("127.0.0.1")))
+    app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)  # added last: the outermost
+    app.state.service = service
+    return app
 
-    @app.middleware("http")
-    async def limit_upload_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if request.method == "POST" and length and length.isdigit() and int(length) > max_bytes + 4096:
-            return JSONResponse({"detail": f"upload too large: {int(length):,} bytes, limit {max_bytes:,}"},
-                                status_code=413)
-        return await call_next(request)
+
+def add_error_handlers(app):
+    from fastapi.responses import JSONResponse
+
+    @app.exception_handler(RequestError)
+    async def request_error(_request, error: RequestError):
+        return JSONResponse({"detail": error.detail}, status_code=error.status)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, error: Exception):
+        """One line for the client; the traceback goes to the server's log (uvicorn logs what is re-raised)."""
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(error).__name__, error)
+        return JSONResponse({"detail": f"internal error ({type(error).__name__}); the server log has the details"},
+                            status_code=500)
+
+
+def add_routes(app, service: Service, options: ServeOptions):
+    from fastapi import File, Request, UploadFile
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": predictor.model_id}
+        return service.health()
 
     @app.get("/model")
     async def model_metadata():
-        return predictor.metadata()
+        return service.served.predictor.metadata()
+
+    @app.get("/metrics")
+    async def metrics():
+        service.drift_report()
+        return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return resources.files("pneumonia_cnn.serving").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.post("/predict")
-    async def predict(file: UploadFile = File(...), gradcam: bool = False):
-        data = await file.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise HTTPException(413, f"upload too large: limit {max_bytes:,} bytes")
-        name = (file.filename or "upload")[:200]
-        try:
-            pixels, meta = await asyncio.get_running_loop().run_in_executor(None, predictor.preprocess_bytes,
-                                                                            data, name)
-        except ImageReadError as error:
-            raise HTTPException(400, f"{name}: {error.reason}") from None
-        result = await batcher.submit(pixels, meta)
-        response = {"filename": name, "probability": result["probability"], "label": result["label"],
-                    "threshold": result["threshold"], "in_distribution": result.get("in_distribution"),
-                    "ood_score": result.get("ood_score"), "warnings": result.get("warnings", []),
-                    "model": predictor.model_id}
-        if gradcam:
-            def heat():
-                with gradcam_lock:
-                    cam = grad_cam(gradcam_model, pixels, predictor.device)
-                return base64.b64encode(overlay_png(pixels, cam)).decode("ascii")
-            response["gradcam_png_base64"] = await asyncio.get_running_loop().run_in_executor(None, heat)
-        return response
+    async def predict(request: Request, file: UploadFile = File(...), gradcam: bool = False):
+        data = await file.read(options.max_bytes + 1)
+        return await service.predict_one(data, file.filename, gradcam, request.state.key_id)
 
-    app.state.predictor = predictor
-    return app
+    @app.post("/predict/batch")
+    async def predict_batch(request: Request, files: list[UploadFile] = File(...)):
+        """Several images of one site's batch, scored together; with ``--adapt-batch`` (and at least 32
+        in-distribution images) batch-norm statistics are re-estimated on them, and ``notes`` say so."""
+        uploads = [(await f.read(options.max_bytes + 1), f.filename) for f in files]
+        return await service.predict_batch(uploads, request.state.key_id)
+
+    @app.post("/admin/reload")
+    async def reload():
+        """Load the checkpoint (and the API keys) again; requests in progress finish on the old model."""
+        result = await service.reload("admin call")
+        return JSONResponse(result, status_code=200 if result["status"] == "reloaded" else 500)
 
 
-def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 20,
-               device: str = "auto", max_batch: int = 16, engine: str = "auto"):
+def check_exposure(host: str, options: ServeOptions, ssl_certfile) -> None:
+    """Off loopback, the server is reachable by others: refuse to start without keys and an audit log."""
+    if is_loopback(host):
+        return
+    missing = [flag for flag, value in (("--api-keys FILE", options.api_keys), ("--audit-log FILE", options.audit_log))
+               if not value]
+    if missing:
+        raise PneumoniaCNNError(f"--host {host} is reachable from other machines: give {' and '.join(missing)} "
+                                f"(see the README, 'Deploying in a hospital')")
+    if not ssl_certfile:
+        log.warning("serving on %s without TLS: keys and images cross the network in clear text unless a TLS "
+                    "proxy stands in front (--ssl-certfile/--ssl-keyfile)", host)
+
+
+def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions | None = None,
+               allowed_hosts=(), ssl_certfile=None, ssl_keyfile=None, idle_timeout: float = 15,
+               graceful_timeout: float = 30):
     import uvicorn
-    app = create_app(checkpoint, device, max_upload_mb, max_batch, engine)
-    log.info("serving %s on http://%s:%d (docs at /docs)", app.state.predictor.model_id, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    options = options or ServeOptions()
+    check_exposure(host, options, ssl_certfile)
+    # The scorer asks glibc to keep freed memory for the next batch; a server also decodes the odd 50-megapixel
+    # upload, whose memory must go back to the system rather than stay with the process for good.
+    os.environ.setdefault("PNEUMONIA_CNN_MALLOC", "default")
+    app = create_app(checkpoint, options, allowed_host_names(host, allowed_hosts))
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            http=idle_timeout_protocol(idle_timeout), timeout_keep_alive=5,
+                            timeout_graceful_shutdown=graceful_timeout, ssl_certfile=ssl_certfile,
+                            ssl_keyfile=ssl_keyfile, limit_concurrency=4 * options.max_in_flight + 64)
+    scheme = "https" if ssl_certfile else "http"
+    service = app.state.service
+    log.info("serving %s on %s://%s:%d (docs at /docs; API keys %s; audit log %s)", service.served.model_id, scheme,
+             host, port, "required" if service.keyring else "off", options.audit_log or "off")
+    uvicorn.Server(config).run()

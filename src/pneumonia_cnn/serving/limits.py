@@ -1,0 +1,118 @@
+"""Limits enforced while bytes arrive: body size, body time, requests admitted at once, idle connections.
+
+``LimitsMiddleware`` wraps the ASGI ``receive`` of every upload: it counts the bytes as they come (chunked
+bodies included, whatever ``Content-Length`` says) and answers 413 the moment the count passes the limit;
+it gives the whole body ``body_timeout`` seconds (a stalled or trickling body gets 408); and it admits at
+most ``max_in_flight`` uploads at once (503 with ``Retry-After`` beyond), which bounds the memory uploads
+can take to about ``max_in_flight`` times the size limit. Errors close the connection, since the rest of
+the body is never read.
+
+``idle_timeout_protocol`` is uvicorn's h11 protocol with one more timer: a connection that has not sent a
+whole request head within ``seconds`` (after it opened, or after its last response) is closed, so neither
+an idle nor a slowly written request head can hold a connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from .auth import refuse
+
+
+def http_error(status: int, detail: str, headers: dict | None = None):
+    """Raised inside ``receive``: FastAPI passes an HTTPException raised while it reads a body through."""
+    from fastapi import HTTPException
+    return HTTPException(status, detail, headers={"Connection": "close", **(headers or {})})
+
+
+class LimitsMiddleware:
+    def __init__(self, app, body_limit, body_timeout: float, max_in_flight: int, on_reject=None):
+        """``body_limit(path) -> bytes``; ``on_reject(path, reason)`` counts refusals for /metrics."""
+        self.app, self.body_limit, self.body_timeout = app, body_limit, float(body_timeout)
+        self.max_in_flight, self.in_flight = int(max_in_flight), 0
+        self.on_reject = on_reject or (lambda path, reason: None)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        path, limit = scope["path"], self.body_limit(scope["path"])
+        declared = content_length(scope["headers"])
+        if declared is not None and declared > limit:
+            self.on_reject(path, "too_large")
+            return await refuse(scope, receive, send, 413, f"upload too large: {declared:,} bytes, limit {limit:,}")
+        if self.in_flight >= self.max_in_flight:
+            self.on_reject(path, "busy")
+            return await refuse(scope, receive, send, 503, f"busy: {self.in_flight} uploads in progress; retry "
+                                                           f"in a second", {"Retry-After": "1"})
+        self.in_flight += 1
+        try:
+            await self.app(scope, self._guarded(receive, path, limit), send)
+        finally:
+            self.in_flight -= 1
+
+    def _guarded(self, receive, path: str, limit: int):
+        deadline = time.monotonic() + self.body_timeout
+        received, finished = 0, False
+
+        async def guarded_receive():
+            nonlocal received, finished
+            if finished:  # after the body only a disconnect can come; waiting for it is not a stall
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                self.on_reject(path, "timeout")
+                raise http_error(408, f"request body not received within {self.body_timeout:g} s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                finished = not message.get("more_body", False)
+                if received > limit:
+                    self.on_reject(path, "too_large")
+                    raise http_error(413, f"upload too large: more than {limit:,} bytes")
+            return message
+        return guarded_receive
+
+
+def content_length(headers) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def idle_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing connections that send no complete request head for ``seconds``."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class IdleTimeoutH11Protocol(H11Protocol):
+        head_timeout = float(seconds)
+        _head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm_head_timer()
+
+        def connection_lost(self, exc):
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self):
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(self.head_timeout, self._close_if_no_request)
+
+        def _close_if_no_request(self):
+            self._head_timer = None
+            in_request = self.cycle is not None and not self.cycle.response_complete
+            if not in_request and not self.transport.is_closing():
+                self.transport.close()  # bodies in progress are the middleware's to time out
+
+    return IdleTimeoutH11Protocol

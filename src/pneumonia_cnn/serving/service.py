@@ -1,0 +1,271 @@
+"""The service behind the routes: reading uploads, scoring, Grad-CAM, the audit trail, drift and reloads.
+
+Threads, each with its own job, so that no two jobs share a model's state: the micro-batcher's one scorer
+thread runs every batched forward pass; one Grad-CAM thread runs backward passes on a private copy of the
+model; one thread scores site batches (/predict/batch); one checks new API keys (scrypt). Decoding runs on
+at most four threads, which bounds the memory that large uploads take at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ImageReadError
+from ..explanation import grad_cam, overlay_png
+from ..monitoring import DriftMonitor
+from .audit import AuditLog, AuditUnavailable, utc_now
+from .auth import KeyRing
+from .batcher import MicroBatcher, load_served_model
+from .dicom_guard import dicom_problem
+from .metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+DRIFT_CHECK_EVERY = 25  # images between drift checks (a check is cheap, but not free)
+DECODE_THREADS = min(4, os.cpu_count() or 1)  # large decodes hold their full-size pixels: bound how many at once
+LARGE_IMAGE_PIXELS = 4_000_000  # decodes this large leave tens of MB in glibc's arenas: trim after them
+
+
+@dataclass
+class ServeOptions:
+    device: str = "auto"
+    engine: str = "auto"
+    max_upload_mb: float = 20
+    max_batch_upload_mb: float = 256
+    max_batch_files: int = 256
+    max_batch: int = 16
+    max_in_flight: int = 64
+    body_timeout: float = 30
+    prevalence: object = None
+    adapt_batch: bool = False
+    api_keys: str | None = None
+    audit_log: str | None = None
+    keep_images: str | None = None
+    drift_window: int = 500
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def body_limit(self, path: str) -> int:
+        """Bytes a request body may have: a batch holds many images; the multipart framing adds a little."""
+        if path == "/predict/batch":
+            return int(self.max_batch_upload_mb * 1024 * 1024)
+        return self.max_bytes + 64 * 1024
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def display_name(filename: str | None) -> str:
+    """The client's file name as a label only: its last path component, printable, at most 200 characters."""
+    name = re.split(r"[\\/]", filename or "")[-1]
+    name = "".join(c if c.isprintable() else "?" for c in name).strip()[:200]
+    return name or "upload"
+
+
+def read_upload(predictor, data: bytes, name: str):
+    """bytes -> (pixels, meta, sha256); ImageReadError with a one-line reason for anything refused."""
+    if not data:
+        raise ImageReadError(name, "empty file (0 bytes)")
+    problem = dicom_problem(data)
+    if problem:
+        raise ImageReadError(name, problem)
+    pixels, meta = predictor.preprocess_bytes(data, name)
+    if meta.original_size[0] * meta.original_size[1] >= LARGE_IMAGE_PIXELS:
+        release_freed_memory()
+    return pixels, meta, hashlib.sha256(data).hexdigest()
+
+
+def release_freed_memory() -> None:
+    """Hand the pages a large decode freed back to the system (glibc keeps them in per-thread arenas)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+class Service:
+    def __init__(self, checkpoint, options: ServeOptions):
+        self.checkpoint, self.options = str(checkpoint), options
+        self.metrics = ServiceMetrics()
+        self.served = self._load()
+        self.keyring = KeyRing.from_file(options.api_keys) if options.api_keys else None
+        self.audit = AuditLog(options.audit_log, options.keep_images) if options.audit_log else None
+        self.drift = DriftMonitor(self.served.reference, options.drift_window)
+        self.drift_status = "ok"
+        self.batcher = MicroBatcher(options.max_batch, on_batch=self.metrics.batch_size.observe)
+        self.gradcam_executor = ThreadPoolExecutor(1, thread_name_prefix="gradcam")
+        self.batch_executor = ThreadPoolExecutor(1, thread_name_prefix="site-batch")
+        self.auth_executor = ThreadPoolExecutor(1, thread_name_prefix="api-keys")
+        self.decode_executor = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+        self.reload_lock: asyncio.Lock | None = None
+        self.metrics.set_model(self.served.model_id)
+
+    def _load(self):
+        o = self.options
+        return load_served_model(self.checkpoint, o.device, o.engine, o.prevalence, o.adapt_batch)
+
+    async def start(self):
+        self.reload_lock = asyncio.Lock()
+        await self.batcher.start()
+
+    async def stop(self):
+        await self.batcher.stop()
+        for executor in (self.gradcam_executor, self.batch_executor, self.auth_executor, self.decode_executor):
+            executor.shutdown(wait=True)
+        if self.audit:
+            self.audit.close()
+
+    # ---------- predictions
+    async def _read(self, served, data: bytes, filename: str | None):
+        name = display_name(filename)
+        try:
+            pixels, meta, sha = await asyncio.get_running_loop().run_in_executor(
+                self.decode_executor, read_upload, served.predictor, data, name)
+        except ImageReadError as error:
+            self.metrics.errors.inc()
+            raise RequestError(400, f"{name}: {error.reason}") from None
+        return name, pixels, meta, sha
+
+    async def predict_one(self, data: bytes, filename: str | None, gradcam: bool, key_id: str | None) -> dict:
+        served, request_id = self.served, uuid.uuid4().hex
+        if len(data) > self.options.max_bytes:
+            raise RequestError(413, f"{display_name(filename)}: {self._too_large()}")
+        name, pixels, meta, sha = await self._read(served, data, filename)
+        entry = await self.batcher.submit(served, pixels, meta)
+        response = {"request_id": request_id, "filename": name, **public_entry(entry), "model": served.model_id,
+                    "notes": served.predictor.batch_notes()}
+        if gradcam:
+            response["gradcam_png_base64"] = await self._gradcam(served, pixels)
+        await self._account(served, request_id, "predict", key_id, [(entry, sha, data, meta)])
+        return response
+
+    async def _gradcam(self, served, pixels) -> str:
+        def heat():
+            with self.metrics.gradcam_seconds.time():
+                cam = grad_cam(served.gradcam_model, pixels, served.predictor.device)
+                return base64.b64encode(overlay_png(pixels, cam)).decode("ascii")
+        return await asyncio.get_running_loop().run_in_executor(self.gradcam_executor, heat)
+
+    async def predict_batch(self, uploads: list[tuple[bytes, str | None]], key_id: str | None) -> dict:
+        served, request_id = self.served, uuid.uuid4().hex
+        if not uploads:
+            raise RequestError(400, "no files: send one or more 'files' fields")
+        if len(uploads) > self.options.max_batch_files:
+            raise RequestError(413, f"{len(uploads)} files, limit {self.options.max_batch_files}")
+        results = await asyncio.gather(*[self._read_or_error(served, data, name) for data, name in uploads])
+        good = [r for r in results if "error" not in r]
+        notes = list(served.batch_predictor.batch_notes())
+        if good:
+            entries, notes = await asyncio.get_running_loop().run_in_executor(
+                self.batch_executor, served.batch_predictor.assess, np.stack([r["pixels"] for r in good]),
+                [r["meta"] for r in good])
+            for result, entry in zip(good, entries):
+                result["entry"] = entry
+            await self._account(served, request_id, "predict/batch", key_id,
+                                [(r["entry"], r["sha"], r["data"], r["meta"]) for r in good])
+        out = [{"filename": r["name"], "error": r["error"]} if "error" in r else
+               {"filename": r["name"], **public_entry(r["entry"])} for r in results]
+        return {"request_id": request_id, "model": served.model_id, "notes": notes, "results": out}
+
+    def _too_large(self) -> str:
+        return f"upload too large, limit {self.options.max_bytes:,} bytes"
+
+    async def _read_or_error(self, served, data, filename) -> dict:
+        if len(data) > self.options.max_bytes:
+            return {"name": display_name(filename), "error": self._too_large()}
+        try:
+            name, pixels, meta, sha = await self._read(served, data, filename)
+        except RequestError as error:
+            return {"name": display_name(filename), "error": error.detail.split(": ", 1)[-1]}
+        return {"name": name, "pixels": pixels, "meta": meta, "sha": sha, "data": data}
+
+    async def _account(self, served, request_id, endpoint, key_id, scored) -> None:
+        """Audit (before the answer goes out), then metrics and the drift window."""
+        if self.audit is not None:
+            time = utc_now()
+            rows = [audit_row(request_id, index, time, key_id, endpoint, sha, served.model_id, entry)
+                    for index, (entry, sha, _, _) in enumerate(scored)]
+            images = [(data, image_suffix(meta)) for _, _, data, meta in scored]
+            try:
+                await self.audit.record(rows, images if self.audit.keep_images else None)
+            except AuditUnavailable as error:
+                raise RequestError(503, f"audit log unavailable ({error}); prediction withheld") from None
+        for entry, _, _, _ in scored:
+            self.metrics.observe_prediction(entry)
+            self.drift.add(entry["raw_score"], entry.get("ood_score"))
+        if self.drift.seen % DRIFT_CHECK_EVERY < len(scored):
+            self.drift_report()
+
+    # ---------- health, drift, reload
+    def drift_report(self) -> dict:
+        report = self.drift.report()
+        self.metrics.set_drift(report)
+        status = report["status"]
+        if status == "drift" and self.drift_status != "drift":
+            parts = ", ".join(f"{n}: PSI {report[n]['psi']:.2f}, KS p={report[n]['ks_pvalue']:.1g}"
+                              for n in ("raw_scores", "ood_scores") if n in report)
+            log.warning("drift: the last %d images differ from the validation reference (%s)", report["images"], parts)
+        elif status == "ok" and self.drift_status == "drift":
+            log.warning("drift: back within the levels over the last %d images", report["images"])
+        if status in ("ok", "warning", "drift"):
+            self.drift_status = status
+        return report
+
+    def health(self) -> dict:
+        served = self.served
+        return {"status": "ok", "model": served.model_id, "loaded_at": served.loaded_at,
+                "drift": self.drift_report(), "audit": self.audit is not None, "api_keys": self.keyring is not None}
+
+    async def reload(self, reason: str) -> dict:
+        async with self.reload_lock:
+            previous = self.served
+            try:
+                loop = asyncio.get_running_loop()
+                served = await loop.run_in_executor(None, self._load)
+                keyring = (await loop.run_in_executor(None, KeyRing.from_file, self.options.api_keys)
+                           if self.options.api_keys else None)
+            except Exception as error:  # a half-copied or corrupt checkpoint: keep serving the old model
+                message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                self.metrics.reloads.labels("failed").inc()
+                log.error("reload (%s) failed, still serving %s: %s", reason, previous.model_id, message)
+                return {"status": "failed", "reason": message, "model": previous.model_id}
+            self.served, self.keyring = served, keyring
+            self.drift, self.drift_status = DriftMonitor(served.reference, self.options.drift_window), "ok"
+            self.metrics.set_model(served.model_id)
+            self.metrics.reloads.labels("ok").inc()
+            log.warning("reloaded (%s): now serving %s (was %s)", reason, served.model_id, previous.model_id)
+            return {"status": "reloaded", "model": served.model_id, "previous": previous.model_id}
+
+
+def public_entry(entry: dict) -> dict:
+    keys = ("probability", "label", "threshold", "in_distribution", "ood_score", "warnings")
+    return {key: entry.get(key) for key in keys}
+
+
+def audit_row(request_id, index, time, key_id, endpoint, sha, model_id, entry) -> dict:
+    inside = entry.get("in_distribution")
+    return {"request_id": request_id, "item": index, "time": time, "key_id": key_id, "endpoint": endpoint,
+            "image_sha256": sha, "model_id": model_id, "probability": entry["probability"],
+            "raw_score": entry.get("raw_score"), "label": entry["label"], "threshold": entry["threshold"],
+            "in_distribution": None if inside is None else int(inside), "ood_score": entry.get("ood_score"),
+            "warnings": json.dumps(entry.get("warnings") or [])}
+
+
+def image_suffix(meta) -> str:
+    fmt = re.sub(r"[^a-z0-9]", "", str(getattr(meta, "source_format", "") or "").lower())
+    return ".dcm" if fmt == "dicom" else f".{fmt or 'bin'}"

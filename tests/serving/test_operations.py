@@ -1,0 +1,204 @@
+"""Running it: metrics, drift in /health and /metrics, reload without dropping requests, graceful shutdown,
+site batches with --adapt-batch and --prevalence."""
+import asyncio
+import io
+import os
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from pneumonia_cnn.inference import Predictor
+from tests.conftest import SHARED_DATA
+from tests.serving.conftest import Server, bearer, xray_paths
+from tests.serving.raw_http import multipart_head, read_response, request_head, status_of
+
+
+def noise_png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (128, 128), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_metrics_and_drift_in_health_and_metrics(trained_run, keys, tmp_path):
+    running = Server(trained_run / "best.pt", "--api-keys", keys["path"], "--drift-window", "30", workdir=tmp_path)
+    auth = bearer(keys["ward"])
+    try:
+        assert httpx.get(f"{running.url}/health").json()["drift"]["status"] == "collecting"
+        flagged = 0
+        for seed in range(30):
+            response = httpx.post(f"{running.url}/predict", files={"file": (f"n{seed}.png", noise_png(seed))},
+                                  headers=auth)
+            flagged += response.json()["in_distribution"] is False
+        httpx.post(f"{running.url}/predict", files={"file": ("bad.png", b"nope")}, headers=auth)
+        drift = httpx.get(f"{running.url}/health").json()["drift"]
+        text = httpx.get(f"{running.url}/metrics", headers=auth).text
+    finally:
+        running.stop()
+    assert flagged >= 25
+    assert drift["status"] == "drift" and drift["images"] == 30 and drift["ood_scores"]["psi"] > 0.25
+    assert metric(text, "pneumonia_cnn_drift_status") == 2
+    assert metric(text, 'pneumonia_cnn_drift_psi{score="ood_scores"}') == drift["ood_scores"]["psi"]
+    assert metric(text, "pneumonia_cnn_ood_flags_total") == flagged
+    assert metric(text, "pneumonia_cnn_predictions_total") == 30
+    assert metric(text, "pneumonia_cnn_probability_count") == 30
+    assert metric(text, "pneumonia_cnn_image_errors_total") == 1
+    assert metric(text, 'pneumonia_cnn_http_requests_total{endpoint="/predict",status="200"}') == 30
+    assert metric(text, 'pneumonia_cnn_http_requests_total{endpoint="/predict",status="400"}') == 1
+    assert metric(text, 'pneumonia_cnn_http_request_seconds_count{endpoint="/predict"}') == 31
+    assert metric(text, "pneumonia_cnn_batch_size_sum") == 30
+    assert "drift: the last 30 images differ from the validation reference" in running.log()
+
+
+def variant_checkpoint(source, target, run_id, threshold):
+    checkpoint = torch.load(source, weights_only=True, map_location="cpu")
+    checkpoint["run_id"], checkpoint["threshold"] = run_id, threshold
+    torch.save(checkpoint, str(target) + ".tmp")
+    os.replace(str(target) + ".tmp", target)
+
+
+def test_reload_under_load_drops_nothing(trained_run, keys, tmp_path):
+    model = tmp_path / "model.pt"
+    variant_checkpoint(trained_run / "best.pt", model, "model-a", 0.5)
+    running = Server(model, "--api-keys", keys["path"], workdir=tmp_path)
+    auth, answers, failures = bearer(keys["ward"]), [], []
+    payloads = [(p.name, p.read_bytes()) for p in xray_paths(4)]
+
+    stop = threading.Event()
+
+    async def load():
+        async with httpx.AsyncClient(timeout=60) as http:
+            async def client(offset):
+                index = offset
+                while not stop.is_set():
+                    name, data = payloads[index % len(payloads)]
+                    index += 1
+                    try:
+                        response = await http.post(f"{running.url}/predict", files={"file": (name, data)},
+                                                    headers=auth)
+                        (answers if response.status_code == 200 else failures).append(response.json())
+                    except httpx.HTTPError as error:
+                        failures.append(repr(error))
+            await asyncio.gather(*[client(i) for i in range(16)])
+    try:
+        loader = threading.Thread(target=lambda: asyncio.run(load()))
+        loader.start()
+        while len(answers) < 40:
+            time.sleep(0.02)
+        variant_checkpoint(trained_run / "best.pt", model, "model-b", 0.3)
+        reloaded = httpx.post(f"{running.url}/admin/reload", headers=bearer(keys["admin"]), timeout=120)
+        answered_at_reload = len(answers)
+        while len(answers) < answered_at_reload + 40:
+            time.sleep(0.02)
+        stop.set()
+        loader.join(timeout=60)
+        assert reloaded.json() == {"status": "reloaded", "model": "model-b", "previous": "model-a"}
+        assert not failures, failures[:3]
+        models = [a["model"] for a in answers]
+        assert models[0] == "model-a" and set(models[answered_at_reload + 16:]) == {"model-b"}
+        for answer in answers:  # each answer is whole: its label follows its own model's threshold
+            assert answer["threshold"] == {"model-a": 0.5, "model-b": 0.3}[answer["model"]]
+            assert answer["label"] == ("PNEUMONIA" if answer["probability"] >= answer["threshold"] else "NORMAL")
+        model.write_bytes(b"half-copied checkpoint")
+        failed = httpx.post(f"{running.url}/admin/reload", headers=bearer(keys["admin"]), timeout=120)
+        assert failed.status_code == 500 and failed.json()["status"] == "failed" and failed.json()["model"] == "model-b"
+        variant_checkpoint(trained_run / "best.pt", model, "model-c", 0.5)
+        running.process.send_signal(signal.SIGHUP)
+        for _ in range(300):
+            if httpx.get(f"{running.url}/health").json()["model"] == "model-c":
+                break
+            time.sleep(0.1)
+        assert httpx.get(f"{running.url}/health").json()["model"] == "model-c"
+    finally:
+        running.stop()
+
+
+def test_graceful_shutdown_finishes_requests_in_flight(trained_run, tmp_path):
+    running = Server(trained_run / "best.pt", workdir=tmp_path)
+    image = xray_paths(1)[0].read_bytes()
+    body = multipart_head("inflight.jpeg") + image + b"\r\n--pneumoniacnnboundary--\r\n"
+    with socket.create_connection(("127.0.0.1", running.port)) as sock:
+        sock.sendall(request_head(running.port, chunked=False, length=len(body)))
+        sock.sendall(body[:len(body) // 2])
+        time.sleep(0.3)
+        running.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        try:  # no new connections once shutting down
+            socket.create_connection(("127.0.0.1", running.port), timeout=2).close()
+            refused = False
+        except OSError:
+            refused = True
+        sock.sendall(body[len(body) // 2:])
+        response = read_response(sock, timeout=20)
+    assert status_of(response) == 200 and b'"probability"' in response
+    assert refused
+    assert running.process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn exits by the signal it handled
+
+
+def site_batch(count=40):
+    paths = sorted((SHARED_DATA / "val" / "PNEUMONIA").iterdir())[:count // 2]
+    return paths + sorted((SHARED_DATA / "val" / "NORMAL").iterdir())[:count - count // 2]
+
+
+def test_site_batch_with_adapt_batch_equals_the_library(best_like_run, tmp_path):
+    running = Server(best_like_run / "best.pt", "--adapt-batch", workdir=tmp_path)
+    paths = site_batch(40)
+    try:
+        response = httpx.post(f"{running.url}/predict/batch", timeout=300,
+                              files=[("files", (p.name, p.read_bytes())) for p in paths]
+                              + [("files", ("x.png", b"no"))])
+        single = httpx.post(f"{running.url}/predict", files={"file": (paths[0].name, paths[0].read_bytes())}).json()
+    finally:
+        running.stop()
+    assert response.status_code == 200, response.text
+    body = response.json()
+    library = Predictor(best_like_run / "best.pt", "cpu", adapt_batch=True)
+    expected = library.predict_files([str(p) for p in paths])
+    assert body["notes"] == library.last_notes
+    assert any("batch-norm statistics re-estimated" in n or "not adapted" in n for n in body["notes"])
+    assert body["results"][-1] == {"filename": "x.png", "error": body["results"][-1]["error"]}
+    for result, prediction in zip(body["results"], expected):
+        assert abs(result["probability"] - prediction.probability) < 1e-6 and result["label"] == prediction.label
+    plain = Predictor(best_like_run / "best.pt", "cpu").predict_files([str(paths[0])])[0]
+    assert abs(single["probability"] - plain.probability) < 1e-6  # single images are never adapted
+
+
+def test_prevalence_is_passed_to_the_predictor(trained_run, tmp_path):
+    running = Server(trained_run / "best.pt", "--prevalence", "0.3", workdir=tmp_path)
+    path = xray_paths(1)[0]
+    try:
+        body = httpx.post(f"{running.url}/predict", files={"file": (path.name, path.read_bytes())}).json()
+    finally:
+        running.stop()
+    expected = Predictor(trained_run / "best.pt", "cpu", prevalence=0.3).predict_files([path])[0]
+    unadjusted = Predictor(trained_run / "best.pt", "cpu").predict_files([path])[0]
+    assert abs(body["probability"] - expected.probability) < 1e-9
+    assert abs(body["probability"] - unadjusted.probability) > 1e-3
+    assert body["notes"] == ["probabilities stated for a pneumonia rate of 0.300 (given)"]
+
+
+def test_estimated_prevalence_applies_to_site_batches_only(trained_run, tmp_path):
+    running = Server(trained_run / "best.pt", "--prevalence", "estimate", workdir=tmp_path)
+    paths = site_batch(12)
+    try:
+        batch = httpx.post(f"{running.url}/predict/batch", timeout=120,
+                           files=[("files", (p.name, p.read_bytes())) for p in paths]).json()
+        single = httpx.post(f"{running.url}/predict", files={"file": (paths[0].name, paths[0].read_bytes())}).json()
+    finally:
+        running.stop()
+    library = Predictor(trained_run / "best.pt", "cpu", prevalence="estimate")
+    expected = library.predict_files([str(p) for p in paths])
+    assert batch["notes"] == library.last_notes and "estimated from this batch" in batch["notes"][0]
+    for result, prediction in zip(batch["results"], expected):
+        assert abs(result["probability"] - prediction.probability) < 1e-9
+    plain = Predictor(trained_run / "best.pt", "cpu").predict_files([str(paths[0])])[0]
+    assert abs(single["probability"] - plain.probability) < 1e-9 and single["notes"] == []

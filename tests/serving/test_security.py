@@ -1,0 +1,271 @@
+"""Hostile and careless clients against a real server on loopback, deployed with keys and tight limits."""
+import io
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.serving.conftest import Server, bearer, rss_mb, xray_paths
+from tests.serving.dicoms import dicom_file
+from tests.serving.raw_http import (
+    endless_chunked_upload,
+    multipart_head,
+    read_response,
+    request_head,
+    seconds_until_closed,
+    status_of,
+)
+
+
+def post_image(server, key, name="x.jpeg", data=None, **kwargs):
+    data = xray_paths(1)[0].read_bytes() if data is None else data
+    headers = bearer(key) if key else {}
+    return httpx.post(f"{server.url}/predict", files={"file": (name, data)}, headers=headers, timeout=30, **kwargs)
+
+
+def test_no_key_wrong_key_and_roles(secure_server, keys):
+    for key in (None, "ward3.wrong-secret", "nobody.secret", keys["ward"] + "x", keys["ward"].split(".")[1]):
+        response = post_image(secure_server, key)
+        assert response.status_code == 401, (key, response.text)
+        assert response.headers["www-authenticate"] == "Bearer" and "\n" not in response.json()["detail"]
+    assert httpx.get(f"{secure_server.url}/model").status_code == 401
+    assert httpx.get(f"{secure_server.url}/metrics").status_code == 401
+    assert httpx.get(f"{secure_server.url}/health").status_code == 200  # liveness probes need no key
+    assert post_image(secure_server, keys["ward"]).status_code == 200
+    assert httpx.post(f"{secure_server.url}/admin/reload", headers=bearer(keys["ward"])).status_code == 403
+    assert httpx.get(f"{secure_server.url}/model", headers=bearer(keys["admin"])).status_code == 200
+
+
+def test_keys_are_checked_in_constant_time(monkeypatch, keys):
+    """Both a wrong secret and an unknown id end in one ``hmac.compare_digest`` over a full scrypt hash."""
+    from pneumonia_cnn.serving import auth
+    calls = []
+    real = auth.hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: calls.append((len(a), len(b))) or real(a, b))
+    ring = auth.KeyRing.from_file(keys["path"])
+    assert ring.check("ward3.not-the-secret") is None
+    assert ring.check("unknown-id.whatever") is None
+    assert ring.check(keys["ward"]).key_id == "ward3"
+    assert calls == [(32, 32)] * 3
+    assert "ward3" in keys["path"].read_text() and keys["ward"].split(".")[1] not in keys["path"].read_text()
+    assert oct(keys["path"].stat().st_mode & 0o777) == "0o600"
+
+
+def test_keys_never_reach_the_log_or_the_audit_trail(secure_server, keys):
+    post_image(secure_server, keys["ward"])
+    post_image(secure_server, "ward3.a-wrong-secret-to-log")
+    time.sleep(0.2)
+    log = secure_server.log()
+    assert "refused a request" in log  # the refusal is logged ...
+    for secret in (keys["ward"].split(".")[1], keys["admin"].split(".")[1], "a-wrong-secret-to-log"):
+        assert secret not in log  # ... without the key
+        assert secret.encode() not in secure_server.audit_path.read_bytes()
+
+
+def test_wrong_host_is_refused_unless_allowed(secure_server, keys):
+    port = secure_server.url.rsplit(":", 1)[1]
+    for host, status in (("evil.example", 400), (f"evil.example:{port}", 400), (f"localhost:{port}", 200),
+                         ("xray.hospital.example", 200)):
+        response = httpx.get(f"{secure_server.url}/health", headers={"Host": host})
+        assert response.status_code == status, host
+
+
+def test_200mb_chunked_upload_is_cut_early_with_memory_and_disk_bounded(secure_server, keys):
+    before, peak = rss_mb(secure_server.pid), [0.0]
+    temporary_files = []
+
+    def watch(sent):
+        peak[0] = max(peak[0], rss_mb(secure_server.pid))
+        temporary_files.extend(open_files_under(secure_server.pid, secure_server.tmp))
+    start = time.monotonic()
+    response, sent = endless_chunked_upload(int(secure_server.url.rsplit(":", 1)[1]), 200 * 1024 * 1024,
+                                            headers=bearer(keys["ward"]), on_chunk=watch)
+    assert status_of(response) == 413, response[:300]
+    assert b"upload too large" in response
+    assert sent < 16 * 1024 * 1024, f"the server read {sent:,} bytes before answering"  # 2 MB + socket buffers
+    assert time.monotonic() - start < 10
+    assert peak[0] - before < 40, f"server memory rose by {peak[0] - before:.0f} MB"
+    assert not temporary_files and bytes_under(secure_server.tmp) < 4096  # libraries' small session files only
+    assert httpx.get(f"{secure_server.url}/health").status_code == 200
+
+
+def bytes_under(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def open_files_under(pid, folder: Path) -> list[str]:
+    """Files the process holds open in ``folder``, deleted ones included (how temporary files hide)."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(folder)) or (target.startswith("/tmp/") and "(deleted)" in target):
+            found.append(target)
+    return found
+
+
+def test_upload_under_the_limit_is_never_spooled_to_disk(secure_server, keys):
+    port = int(secure_server.url.rsplit(":", 1)[1])
+    body = multipart_head("almost.jpeg") + b"\xff" * (1900 * 1024) + b"\r\n--pneumoniacnnboundary--\r\n"
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request_head(port, chunked=False, length=len(body), headers=bearer(keys["ward"])))
+        sock.sendall(body[:1600 * 1024])  # past Starlette's 1 MB spooling threshold
+        time.sleep(0.5)
+        assert not open_files_under(secure_server.pid, secure_server.tmp)
+        sock.sendall(body[1600 * 1024:])
+        response = read_response(sock)
+    assert status_of(response) == 400 and b"almost.jpeg" in response
+    assert bytes_under(secure_server.tmp) < 4096
+
+
+def test_declared_length_over_the_limit_is_refused_before_reading(secure_server, keys):
+    port = int(secure_server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request_head(port, chunked=False, length=50 * 1024 * 1024, headers=bearer(keys["ward"])))
+        response = read_response(sock, timeout=5)
+    assert status_of(response) == 413 and b"52,428,800 bytes" in response
+
+
+def test_stalled_body_times_out_and_the_connection_closes(secure_server, keys):
+    port = int(secure_server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request_head(port, chunked=False, length=100_000, headers=bearer(keys["ward"])))
+        sock.sendall(multipart_head() + b"x" * 1000)  # then nothing: shorter than its Content-Length
+        start = time.monotonic()
+        response = read_response(sock, timeout=10)
+        assert status_of(response) == 408, response[:200]
+        assert 1.5 < time.monotonic() - start < 5  # --body-timeout 2
+        assert seconds_until_closed(sock, 5) is not None
+
+
+def test_trickling_body_times_out(secure_server, keys):
+    """One byte every half second never stalls long, but the body as a whole must arrive in time."""
+    port = int(secure_server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request_head(port, chunked=False, length=10_000, headers=bearer(keys["ward"])))
+        sock.sendall(multipart_head())
+        start, response = time.monotonic(), b""
+        sock.setblocking(False)
+        while time.monotonic() - start < 8 and not response:
+            try:
+                sock.send(b"x")
+                response = sock.recv(65536)
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                pass
+            time.sleep(0.5)
+    assert status_of(response) == 408 and time.monotonic() - start < 5
+
+
+def test_idle_connections_are_closed(secure_server):
+    port = int(secure_server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as idle:
+        assert seconds_until_closed(idle, 8) < 4  # --idle-timeout 2
+    with socket.create_connection(("127.0.0.1", port)) as slow_head:
+        slow_head.sendall(b"GET /health HTTP/1.1\r\nHo")
+        assert seconds_until_closed(slow_head, 8) < 4
+
+
+def test_full_queue_answers_503_with_retry_after(secure_server, keys):
+    port = int(secure_server.url.rsplit(":", 1)[1])
+    holders = []
+    try:
+        for _ in range(4):  # --max-in-flight 4: four uploads that are still arriving
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(request_head(port, chunked=False, length=10_000, headers=bearer(keys["ward"])))
+            holders.append(sock)
+        time.sleep(0.3)
+        response = post_image(secure_server, keys["ward"])
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    finally:
+        for sock in holders:
+            sock.close()
+    time.sleep(0.3)
+    assert post_image(secure_server, keys["ward"]).status_code == 200
+
+
+@pytest.mark.parametrize("name, rows, columns, frames, pixel_bytes, reason", [
+    ("bomb.dcm", 7000, 7000, 10, None, "10 frame(s) of 7000x7000"),  # the issue's 953 KB bomb, deflated
+    ("frames.dcm", 3000, 3000, 6, None, "6 frame(s) of 3000x3000"),
+    ("liar.dcm", 64, 64, 1, 300_000_000, "more than its header declares"),  # small header, huge pixel data
+])
+def test_dicom_bombs_are_refused_before_decoding(secure_server, keys, name, rows, columns, frames, pixel_bytes, reason):
+    data = dicom_file(rows, columns, frames, pixel_bytes, deflate=True)
+    assert len(data) < 2 * 1024 * 1024
+    before = rss_mb(secure_server.pid)
+    start = time.monotonic()
+    response = post_image(secure_server, keys["ward"], name, data)
+    assert response.status_code == 400 and reason in response.json()["detail"], response.text
+    assert time.monotonic() - start < 2
+    assert rss_mb(secure_server.pid) - before < 30
+
+
+def test_small_multiframe_and_deflated_dicoms_still_read(secure_server, keys):
+    for data in (dicom_file(64, 64, 3, deflate=True, fill=90), dicom_file(128, 128, fill=120)):
+        assert post_image(secure_server, keys["ward"], "fine.dcm", data).status_code == 200
+
+
+def test_path_like_file_names_are_labels_only(secure_server, keys, tmp_path):
+    target = tmp_path / "victim"
+    hostile = f"../../../../..{target}/pwned.jpeg"
+    response = post_image(secure_server, keys["ward"], hostile, b"not an image")
+    detail = response.json()["detail"]
+    assert response.status_code == 400 and detail.startswith("pwned.jpeg: ") and "\n" not in detail
+    image = xray_paths(1)[0].read_bytes()
+    body = multipart_head("C:\\scans\\evil\x1b[2Jname.jpeg") + image + b"\r\n--pneumoniacnnboundary--\r\n"
+    response = httpx.post(f"{secure_server.url}/predict", content=body, headers={
+        **bearer(keys["ward"]), "Content-Type": "multipart/form-data; boundary=pneumoniacnnboundary"})
+    assert response.status_code == 200 and response.json()["filename"] == "evil?[2Jname.jpeg"  # no terminal escapes
+    assert not target.exists()
+
+
+def test_model_card_reveals_no_paths(secure_server, keys, trained_run, small_root):
+    text = httpx.get(f"{secure_server.url}/model", headers=bearer(keys["ward"])).text
+    for secret in (str(trained_run), str(small_root), str(Path.home()), "/tmp/"):
+        assert secret not in text
+
+
+def test_other_addresses_need_keys_and_an_audit_log(trained_run):
+    done = subprocess.run([sys.executable, "-m", "pneumonia_cnn", "serve", str(trained_run / "best.pt"), "--host",
+                           "0.0.0.0", "--port", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--api-keys FILE and --audit-log FILE" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_tls(trained_run, keys, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
+    running = Server(trained_run / "best.pt", "--api-keys", keys["path"], "--ssl-certfile", cert, "--ssl-keyfile",
+                     key, workdir=tmp_path, scheme="https")
+    try:
+        path = xray_paths(1)[0]
+        response = httpx.post(f"{running.url}/predict", files={"file": (path.name, path.read_bytes())},
+                              headers=bearer(keys["ward"]), verify=ssl.create_default_context(cafile=str(cert)))
+        assert response.status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{running.port}/health", timeout=5)
+    finally:
+        running.stop()
+
+
+def test_large_images_give_their_memory_back(secure_server, keys):
+    """A 49-megapixel JPEG just under the pixel guard: decoded, answered, and its memory returned."""
+    buffer = io.BytesIO()
+    Image.new("L", (7000, 7000), 128).save(buffer, "JPEG", quality=90)
+    post_image(secure_server, keys["ward"], "warm.jpeg", buffer.getvalue())
+    before = rss_mb(secure_server.pid)
+    for index in range(4):
+        response = post_image(secure_server, keys["ward"], f"big{index}.jpeg", buffer.getvalue())
+        assert response.status_code == 200, response.text
+    growth = rss_mb(secure_server.pid) - before
+    assert growth < 40, f"server kept {growth:.0f} MB after four 49-megapixel images"

@@ -89,17 +89,23 @@ def site_shift(gray, index):
 
 
 def site_rows(checkpoint_path, raw_images, labels, intensity) -> list[dict]:
-    pixels = np.stack([standardise_intensity(site_shift(g, i), intensity) for i, g in enumerate(raw_images)])
+    """Each batch scored plain, with the rate given, with it estimated (EM), with AdaBN, and with both."""
+    shifted = np.stack([standardise_intensity(site_shift(g, i), intensity) for i, g in enumerate(raw_images)])
+    unshifted = np.stack([standardise_intensity(g, intensity) for g in raw_images])
     rng = np.random.default_rng(0)
     negatives, positives = np.where(labels == 0)[0], np.where(labels == 1)[0]
     low = np.sort(np.concatenate([negatives, rng.choice(positives, int(len(negatives) * 0.3 / 0.7), replace=False)]))
+    batches = (("test folder at 30% pneumonia", unshifted, low), ("simulated site", shifted, np.arange(len(labels))),
+               ("simulated site at 30% pneumonia", shifted, low))
     rows = []
-    for site, chosen in (("site, own rate", np.arange(len(labels))), ("site, 30% pneumonia", low)):
-        for name, options in (("plain", {}), ("--prevalence estimate", {"prevalence": "estimate"}),
+    for site, pixels, chosen in batches:
+        rate = float(labels[chosen].mean())
+        for name, options in (("plain", {}), (f"--prevalence {rate:.2f} (given)", {"prevalence": rate}),
+                              ("--prevalence estimate", {"prevalence": "estimate"}),
                               ("--adapt-batch", {"adapt_batch": True}),
-                              ("both", {"prevalence": "estimate", "adapt_batch": True})):
+                              ("--adapt-batch --prevalence estimate", {"prevalence": "estimate", "adapt_batch": True})):
             row = decide(Predictor(checkpoint_path, "cpu", **options), pixels[chosen], labels[chosen])
-            rows.append({"site": site, "rate": float(labels[chosen].mean()), "options": name, **row})
+            rows.append({"site": site, "rate": rate, "options": name, **row})
     return rows
 
 

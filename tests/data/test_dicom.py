@@ -33,3 +33,24 @@ def test_dicom_without_pixels_or_corrupt(tmp_path):
     (tmp_path / "cut.dcm").write_bytes(good[:400])
     with pytest.raises(ImageReadError, match="cut.dcm"):
         read_image(tmp_path / "cut.dcm")
+
+
+def test_predict_refuses_a_dicom_bomb_from_its_header(tmp_path):
+    """The same guard as the server's, for files: a deflated 953 KB file claiming 10 frames of 7000x7000 is
+    refused before pydicom inflates it (it would take about 490 MB)."""
+    import resource
+    import time
+
+    from pneumonia_cnn.data.readers import read_image
+    from pneumonia_cnn.errors import ImageReadError
+    from tests.serving.dicoms import dicom_file
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(dicom_file(7000, 7000, 10, deflate=True))
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+    with pytest.raises(ImageReadError, match="10 frame\\(s\\) of 7000x7000.*checked before decoding"):
+        read_image(bomb, (64, 64))
+    assert time.monotonic() - start < 2
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KB: no 490 MB inflation
+    fine = tmp_path / "fine.dcm"
+    fine.write_bytes(dicom_file(64, 64, 3, deflate=True, fill=90))
+    assert read_image(fine, (32, 32))[0].shape == (32, 32)

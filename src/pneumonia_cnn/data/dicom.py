@@ -1,11 +1,13 @@
 """DICOM reading with pydicom: VOI LUT / windowing, MONOCHROME1 inversion, scaling of 12-16-bit data."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ImageReadError
+from .dicom_guard import dicom_problem
 from .image import MAX_PIXELS, ImageMeta, scale_to_uint8
 
 
@@ -32,7 +34,11 @@ def _read_dicom(path: Path, source=None, strict: bool = False):
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pragma: no cover - pydicom is a dependency
         raise ImageReadError(path, "DICOM support needs pydicom (pip install pydicom)") from None
-    dataset = pydicom.dcmread(source if source is not None else path, force=not strict)
+    data = source.getvalue() if hasattr(source, "getvalue") else Path(path).read_bytes()
+    problem = dicom_problem(data)  # frames x rows x columns from the header, before anything is inflated
+    if problem:
+        raise ImageReadError(path, problem)
+    dataset = pydicom.dcmread(io.BytesIO(data), force=not strict)
     if "PixelData" not in dataset:
         raise ImageReadError(path, "DICOM has no pixel data")
     rows, cols = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)

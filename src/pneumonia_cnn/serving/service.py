@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..data.dicom_guard import dicom_problem
 from ..errors import ImageReadError
 from ..explanation import grad_cam, overlay_png
 from ..monitoring import DriftMonitor
 from .audit import AuditLog, AuditUnavailable, utc_now
 from .auth import KeyRing
 from .batcher import MicroBatcher, load_served_model
-from .dicom_guard import dicom_problem
 from .metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)

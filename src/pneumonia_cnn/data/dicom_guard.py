@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import zlib
 
-from ..data.readers import MAX_PIXELS
+from .image import MAX_PIXELS
 
 HEAD_BYTES = 1 << 20  # elements before the pixel data: tags, a few sequences, maybe an icon
 CHUNK = 1 << 20

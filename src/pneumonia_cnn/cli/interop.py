@@ -11,7 +11,7 @@ log = logging.getLogger("pneumonia_cnn")
 
 
 def export_arguments(p):
-    p.add_argument("checkpoint", help="best.pt or run folder")
+    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format")
     p.add_argument("--out", required=True, help="file to write")
 

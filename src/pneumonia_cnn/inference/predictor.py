@@ -188,11 +188,13 @@ class Predictor:
         decision, notes = self.bundle.decision, []
         if self.adapt_batch:
             if inside.sum() >= MIN_ADAPT_BATCH:
-                adapted = Scorer(adapt_batch_norm(self.bundle, pixels[inside]), self.device, self.engine_name,
-                                 self.amp)
+                pseudo = scores.probabilities[inside] >= self.bundle.decision.effective_threshold
+                rate = (self.bundle.adapted_decision or self.bundle.decision).calibration.prior
+                adapted = Scorer(adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate), self.device,
+                                 self.engine_name, self.amp)
                 scores = adapted.score(pixels, batch_size)
                 notes.append(f"batch-norm statistics re-estimated on this batch ({int(inside.sum())} "
-                             f"in-distribution images, AdaBN)")
+                             f"in-distribution images, AdaBN at the validation images' class mix)")
                 if self.bundle.adapted_decision is not None:
                     decision = self.bundle.adapted_decision  # fitted the same way: on val, adapted to val
                 else:

@@ -46,7 +46,7 @@ def finish_run(out: Path, config: TrainConfig, train_set, val_set, device) -> di
                                                                               seed=config.seed)
         _reliability_figure(val_set.labels, val_scores.raw, out / "calibration.png")
     if usable_val and has_batch_norm(bundle.models[0]):
-        adapted_raw = _fit_adapted_decision(best, bundle, val_set, device, config)
+        adapted_raw = _fit_adapted_decision(best, bundle, decision, val_set, val_scores.raw, device, config)
     ood_scores = None
     if config.ood:
         detector, ood_scores = _fit_ood(scorer, train_set, val_set, val_scores, config)
@@ -66,10 +66,15 @@ def finish_run(out: Path, config: TrainConfig, train_set, val_set, device) -> di
     return {"threshold": decision.threshold, "calibration": decision.calibration.to_dict()}
 
 
-def _fit_adapted_decision(best: dict, bundle, val_set, device, config: TrainConfig) -> np.ndarray:
+def _fit_adapted_decision(best: dict, bundle, decision: Decision, val_set, val_raw, device,
+                          config: TrainConfig) -> np.ndarray:
     """The decision ``--adapt-batch`` uses, fitted as it is served: batch-norm statistics re-estimated on the
-    validation images as one batch, then calibration and threshold on their scores."""
-    adapted = Scorer(adapt_batch_norm(bundle, np.asarray(val_set.images)), device, engine="auto", amp="off")
+    validation images as one batch (at their class mix, by pseudo-labels), then calibration and threshold on
+    their scores."""
+    pseudo = decision.probabilities(val_raw) >= decision.threshold
+    prior = float(np.mean(val_set.labels))
+    adapted = Scorer(adapt_batch_norm(bundle, np.asarray(val_set.images), pseudo, prior), device, engine="auto",
+                     amp="off")
     raw = adapted.score(val_set.images).raw
     decision = fit_decision(val_set.labels, raw, config.threshold, config.calibration)
     best["decision_adapted"] = {"calibration": decision.calibration.to_dict(), "threshold": decision.threshold,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from .checkpoint import load_checkpoint
+from .ood import OODDetector, flag_message
 
 
 def checkpoint_card(checkpoint) -> dict:
@@ -19,10 +20,8 @@ def checkpoint_card(checkpoint) -> dict:
                                                     "schedule", "augment", "class_balance", "seed")},
         "intended_use": ckpt.get("intended_use", {}),
         "adapted": ckpt.get("adaptation"),
-        "ood_flag": (f"fitted: Mahalanobis distance on layers {', '.join(ood['layers'])}; an image scoring above "
-                     f"{ood['threshold']:.3f} (the {ood['quantile']:.0%} quantile of held-out training images) "
-                     f"is flagged as outside the intended use; its probability is still given"
-                     if ood else "not fitted for this checkpoint"),
+        "ood_flag": (f"fitted: {OODDetector.from_state(ood).describe()} as {flag_message(ckpt.get('intended_use'))}"
+                     f"; its probability is still given" if ood else "not fitted for this checkpoint"),
     }
 
 

@@ -30,9 +30,9 @@ def ood_run(tmp_path_factory):
     """A model fitted on a few hundred real X-rays, so the OOD threshold is meaningful."""
     require_shared()
     from pneumonia_cnn.training import make_config, train
-    root = link_subset(tmp_path_factory.mktemp("ood_data"), {"train": 300, "val": 420}, seed=1)  # all of val
+    root = link_subset(tmp_path_factory.mktemp("ood_data"), {"train": 5000, "val": 5000}, seed=1)  # all of train, val
     out = tmp_path_factory.mktemp("ood_run")
-    train(make_config("tutorial", data=str(root), out=str(out), epochs=2, size=64, batch_size=32,
+    train(make_config("tutorial", data=str(root), out=str(out), epochs=1, size=64, batch_size=32, ood_quantile=0.95,
                       cache_dir=str(tmp_path_factory.mktemp("ood_cache")), progress=False, min_val_images=10,
                       evaluate_test=False))
     return out
@@ -177,7 +177,7 @@ def test_tapped_model_exports_to_onnx_with_the_same_outputs(name, channels, size
     assert len(outputs) == 1 + len(tapped.taps)
     for expected, got, tap in zip([logits, *features], outputs, ["logit", *tapped.taps]):
         assert got.shape == tuple(expected.shape), tap
-        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5, err_msg=str(tap))
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-4, err_msg=str(tap))
 
 
 def test_concurrent_forwards_on_one_wrapper_never_mix():

@@ -1,17 +1,19 @@
-"""Knowing when not to answer: an out-of-distribution (OOD) score fitted on the training features, and
-input checks that need no model (not an X-ray, wrong DICOM modality/body part/view, age outside range).
+"""Knowing when not to answer: an out-of-distribution (OOD) score fitted on the training images, and input
+checks that need no model (not an X-ray, wrong DICOM modality/body part/view, age outside the range).
 
 Features come from *taps*: ``(module_name, reduction_name)`` pairs. A tap reduces the output of one named
 module of the network (or, for the module name ``"input"``, the network's input image) with a pure torch
-function of ``REDUCTIONS`` that exports to ONNX, so the served engine computes the logits and every tap in
-one forward pass (``TappedModel``). The detector then scores those features with plain numpy.
+function of ``REDUCTIONS`` that exports to ONNX, so that the served engine computes the logit and every tap
+in one forward pass (``TappedModel``). The detector then scores those features with numpy.
 
-The detector shipped in new checkpoints (``METHOD``) sums standardised scores of components that each look
-at a different thing (see the README's section "Intended use and out-of-distribution warnings" for the
-measured comparison): a Gaussian model of the network's pooled features over several layers (Lee et al.,
-2018) and of the image's coarse layout and texture (model-free anatomy statistics), and the distance to the
-nearest training images in the normalised penultimate features (Sun et al., 2022). The threshold is a
-distribution-free bound on a quantile of the validation images' scores (``conservative_quantile``).
+The detector of new checkpoints (``METHOD``, ``default_recipe``) combines k-NN distances to the training
+images in three views (Fisher's method on their p-values): what the network makes of the image (its last feature layer) and two
+views that need no network, the image's coarse layout (where lungs, heart, diaphragm and shoulders lie:
+a child's thorax is proportioned and framed differently from an adult's) and where its fine detail lies
+(ribs, vessels, borders). The README's section "Intended use and out-of-distribution warnings" has the
+measured comparison with the alternatives. The threshold is a distribution-free bound on a quantile of the
+validation images' scores (``conservative_quantile``). Checkpoints written before taps hold a multi-layer
+Mahalanobis detector (Lee et al., 2018); ``OODDetector.from_state`` still loads and scores it.
 """
 from __future__ import annotations
 
@@ -55,12 +57,15 @@ def _gram(order: int):
 
 
 def _block_means(x: torch.Tensor, cells: int) -> torch.Tensor:
-    """Mean of each of cells x cells blocks (a crop to a multiple of ``cells`` first), flattened; a map
-    smaller than that keeps its own pixels."""
+    """Mean of each block of a cells x cells grid over the whole map, flattened. A map whose sides are not a
+    multiple of ``cells`` is first resized (bilinear) up to the next multiple; a map smaller than ``cells``
+    keeps its own pixels."""
     cells = min(cells, int(x.shape[2]), int(x.shape[3]))
-    height, width = int(x.shape[2]) // cells, int(x.shape[3]) // cells
-    cropped = x.float()[:, :, : height * cells, : width * cells]
-    return torch.flatten(F.avg_pool2d(cropped, (height, width)), 1)
+    height, width = -(-int(x.shape[2]) // cells), -(-int(x.shape[3]) // cells)  # ceiling division
+    x = x.float()
+    if (height * cells, width * cells) != (int(x.shape[2]), int(x.shape[3])):
+        x = F.interpolate(x, size=(height * cells, width * cells), mode="bilinear", align_corners=False)
+    return torch.flatten(F.avg_pool2d(x, (height, width)), 1)
 
 
 def _gradient(x: torch.Tensor) -> torch.Tensor:
@@ -220,7 +225,8 @@ class NeighbourScore:
     def __init__(self, reference, k: int):
         from sklearn.neighbors import NearestNeighbors
         self.reference, self.k = _as_array(reference).astype(np.float32), int(k)
-        self.index = NearestNeighbors(n_neighbors=self.k).fit(self.reference)
+        # brute force: one matrix product, faster than trees in these dimensions (tens to hundreds)
+        self.index = NearestNeighbors(n_neighbors=self.k, algorithm="brute").fit(self.reference)
 
     @staticmethod
     def normalise(features: np.ndarray) -> np.ndarray:
@@ -248,13 +254,14 @@ SCORERS = {GaussianScore.kind: GaussianScore, NeighbourScore.kind: NeighbourScor
 def default_recipe(model: nn.Module) -> list[tuple[str, tuple[str, str], dict]]:
     """``METHOD``'s components: (scorer kind, tap, fit options), chosen on one adult source and checked on the
     other (benchmarks/ood_study.py)."""
-    return [("knn", (penultimate_layer(model), "mean"), {"k": 10}),
+    return [("knn", (penultimate_layer(model), "mean_std"), {"k": 10}),
             ("knn", (INPUT_TAP, "thumbnail8"), {"k": 10}),
             ("knn", (INPUT_TAP, "edge_map24"), {"k": 10})]
 
 
-METHOD = ("mean of standardised k-NN distances (Sun et al., 2022) to the training images in three normalised "
-          "features: the network's penultimate features, the 8 x 8 thumbnail and the 24 x 24 edge map")
+METHOD = ("k-NN distances (Sun et al., 2022) to the training images in three L2-normalised views (the last "
+          "feature layer's channel means and spreads, the 8 x 8 thumbnail, the 24 x 24 edge map), combined by "
+          "Fisher's method over their p-values among calibration images")
 
 
 def conservative_quantile(scores: np.ndarray, quantile: float, confidence: float = 0.9) -> float:
@@ -271,30 +278,33 @@ def conservative_quantile(scores: np.ndarray, quantile: float, confidence: float
 
 
 class OODDetector:
-    """The mean of standardised component scores; an image scoring above ``threshold`` is flagged.
+    """Components' evidence summed; an image scoring above ``threshold`` is flagged.
 
-    Each component is a fitted scorer (``SCORERS``) of one tap's features, with the centre and scale that
-    standardise it. ``taps`` are what the detector needs from ``TappedModel``, in the order that
-    ``score(features, ...)`` expects them.
+    Each component is a fitted scorer (``SCORERS``) of one tap's features. New detectors turn a component's
+    score into an empirical p-value among calibration images (training images kept out of the scorer's fit)
+    and sum -2 log p (Fisher's method): one view that finds the image far outside counts fully, which an
+    average would dilute. Detectors stored before taps average standardised scores (``combine="mean"``).
+    ``taps`` are what the detector needs from ``TappedModel``, in the order ``score(features, ...)`` takes.
     """
 
-    def __init__(self, taps, components: list[dict], threshold: float, quantile: float, method: str = METHOD):
+    def __init__(self, taps, components: list[dict], threshold: float, quantile: float, method: str = METHOD,
+                 combine: str = "fisher"):
         self.taps = [(str(m), str(r)) for m, r in taps]
-        self.components, self.method = components, method
+        self.components, self.method, self.combine = components, method, combine
         self.threshold, self.quantile = float(threshold), float(quantile)
 
     # ---------- fitting
     @classmethod
     def fit(cls, model: nn.Module, fit, held_out=None, *legacy_args, quantile: float = 0.95, seed: int = 0,
             recipe=None, **legacy_kwargs) -> "OODDetector":
-        """Fit on ``fit`` (dict of numpy arrays: ``features`` per tap in ``default_taps(model)`` order (the
-        ``recipe``'s taps when one is given),
-        ``logits``, ``pixels``, ``labels``); threshold on ``held_out`` (the validation images: in distribution
-        and never trained on) at ``conservative_quantile(..., quantile)``.
+        """Fit on ``fit``, a dict of numpy arrays: ``features`` (a list, one (N, D) array per tap of
+        ``default_taps(model)``, or of ``recipe``'s taps), ``logits`` (N,), ``pixels`` (N, H, W) and ``labels``
+        (N,); the threshold is ``conservative_quantile`` of the scores of ``held_out`` (the same keys but
+        labels: the validation images, in distribution and never trained on) at ``quantile``.
 
-        80% of ``fit`` fits the scorers and the other 20% sets each score's scale, so the held-out images
+        A seeded 80% of ``fit`` fits the scorers and the other 20% calibrates them, so the held-out images
         only set the threshold and its bound holds. The older call ``fit(model, pixels, labels, device, ...,
-        held_out_pixels=...)`` is still accepted (it extracts the features itself)."""
+        held_out_pixels=...)`` is still accepted: it extracts the features itself."""
         if not isinstance(fit, dict):
             return cls._fit_on_images(model, fit, held_out, *legacy_args, quantile=quantile, seed=seed,
                                       **legacy_kwargs)
@@ -313,13 +323,12 @@ class OODDetector:
                 scorer = GaussianScore.fit(values[train], labels[train] if options.get("by_class") else None)
             else:
                 scorer = SCORERS[kind].fit(values[train], **options)
-            low, centre, high = np.percentile(scorer.score(values[calib]), (25, 50, 75))
-            components.append({"kind": kind, "tap": taps.index(tap), "scorer": scorer, "centre": float(centre),
-                               "scale": float(high - low) or 1.0, "weight": 1.0})
+            components.append({"kind": kind, "tap": taps.index(tap), "scorer": scorer,
+                               "calibration": np.sort(scorer.score(values[calib]))})
         detector = cls(taps, components, np.inf, quantile)
         if held_out is not None and len(held_out["features"][0]) >= 20:
             held_scores = detector.score(held_out["features"])
-        else:  # no validation images: the calibration part stands in
+        else:  # no validation images: the calibration part stands in (its p-values are then slightly low)
             held_scores = detector.score([f[calib] for f in features])
         detector.threshold = conservative_quantile(held_scores, quantile)
         return detector
@@ -338,24 +347,46 @@ class OODDetector:
 
     # ---------- scoring
     def score(self, features, logits=None, pixels=None, device=None) -> np.ndarray:
-        """(N,) scores from the taps' features (a list in ``taps`` order); higher is further outside.
-        The older call ``score(model, pixels, device)`` is still accepted."""
+        """(N,) scores from the taps' features (a list in ``taps`` order); higher is further outside. The
+        current components need neither ``logits`` nor ``pixels``. The older call ``score(model, pixels,
+        device)`` is still accepted."""
         if isinstance(features, nn.Module):
             features, _ = extract(features, logits, self.taps, device or "cpu")
-        total = 0.0
-        for component in self.components:
-            raw = component["scorer"].score(np.asarray(features[component["tap"]], dtype=np.float64))
-            total = total + component["weight"] * (raw - component["centre"]) / component["scale"]
-        return np.asarray(total / sum(c["weight"] for c in self.components), dtype=np.float64)
+        evidence = [self._evidence(c, c["scorer"].score(np.asarray(features[c["tap"]], dtype=np.float64)))
+                    for c in self.components]
+        combined = np.sum(evidence, axis=0) if self.combine == "fisher" else np.mean(evidence, axis=0)
+        return np.asarray(combined, dtype=np.float64)
+
+    @staticmethod
+    def _evidence(component: dict, raw: np.ndarray) -> np.ndarray:
+        """-2 log of the upper-tail p-value among the calibration images. Past the largest of them the
+        p-value follows an exponential tail through the median (p = 1/2) and the largest (p = 1/(n + 1)), so
+        that an image far outside still scores higher than one just outside, however few images calibrate."""
+        if "calibration" not in component:
+            return (raw - component["centre"]) / component["scale"]
+        calibration = component["calibration"]
+        count, largest, median = len(calibration), calibration[-1], np.median(calibration)
+        above = count - np.searchsorted(calibration, raw, side="left")
+        log_p = np.log((1 + above) / (count + 1))
+        decay = max(largest - median, 1e-12) / np.log((count + 1) / 2)
+        beyond = raw > largest
+        log_p[beyond] = -np.log(count + 1) - (raw[beyond] - largest) / decay
+        return -2 * log_p
 
     def flagged(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) > self.threshold
 
     # ---------- storage in the checkpoint (tensors, numbers and strings only)
     def state(self) -> dict:
-        components = [{"kind": c["kind"], "tap": c["tap"], "centre": c["centre"], "scale": c["scale"],
-                       "weight": c["weight"], **c["scorer"].state()} for c in self.components]
-        return {"version": 2, "method": self.method, "taps": [list(t) for t in self.taps],
+        components = []
+        for c in self.components:
+            stored = {"kind": c["kind"], "tap": c["tap"], **c["scorer"].state()}
+            if "calibration" in c:
+                stored["calibration"] = _as_tensor(c["calibration"])
+            else:
+                stored.update(centre=c["centre"], scale=c["scale"])
+            components.append(stored)
+        return {"version": 2, "method": self.method, "combine": self.combine, "taps": [list(t) for t in self.taps],
                 "components": components, "threshold": self.threshold, "quantile": self.quantile}
 
     @classmethod
@@ -364,23 +395,26 @@ class OODDetector:
             return cls._from_legacy_state(state)
         components = []
         for stored in state["components"]:
-            scorer = SCORERS[stored["kind"]].from_state(stored)
-            components.append({"kind": stored["kind"], "tap": int(stored["tap"]), "scorer": scorer,
-                               "centre": float(stored["centre"]), "scale": float(stored["scale"]),
-                               "weight": float(stored["weight"])})
+            component = {"kind": stored["kind"], "tap": int(stored["tap"]),
+                         "scorer": SCORERS[stored["kind"]].from_state(stored)}
+            if "calibration" in stored:
+                component["calibration"] = _as_array(stored["calibration"])
+            else:
+                component.update(centre=float(stored["centre"]), scale=float(stored["scale"]))
+            components.append(component)
         return cls([tuple(t) for t in state["taps"]], components, state["threshold"], state["quantile"],
-                   state.get("method", METHOD))
+                   state.get("method", METHOD), state.get("combine", "fisher"))
 
     @classmethod
     def _from_legacy_state(cls, state: dict) -> "OODDetector":
         """The detector of checkpoints written before taps: per layer, a Gaussian on the channel means and
         standard deviations with its own centre and scale, the layers averaged."""
         components = [{"kind": "gaussian", "tap": index, "scorer": GaussianScore(means, precision),
-                       "centre": float(centre), "scale": float(scale), "weight": 1.0}
+                       "centre": float(centre), "scale": float(scale)}
                       for index, (means, precision, centre, scale) in
                       enumerate(zip(state["means"], state["precisions"], state["centres"], state["scales"]))]
         return cls([(layer, "mean_std") for layer in state["layers"]], components, state["threshold"],
-                   state["quantile"], "multi-layer Mahalanobis (Lee et al., 2018), as fitted before taps")
+                   state["quantile"], "multi-layer Mahalanobis (Lee et al., 2018), as fitted before taps", "mean")
 
     def describe(self) -> str:
         """One line for the model card."""

@@ -249,6 +249,13 @@ class NeighbourScore:
 
 
 SCORERS = {GaussianScore.kind: GaussianScore, NeighbourScore.kind: NeighbourScore}
+FOLDS = 5  # cross-fitting: every training image gets a calibration score from a scorer fitted without it
+
+
+def _fit_scorer(kind: str, values: np.ndarray, labels: np.ndarray, options: dict):
+    if kind == "gaussian":
+        return GaussianScore.fit(values, labels if options.get("by_class") else None)
+    return SCORERS[kind].fit(values, **options)
 
 
 def default_recipe(model: nn.Module) -> list[tuple[str, tuple[str, str], dict]]:
@@ -261,7 +268,7 @@ def default_recipe(model: nn.Module) -> list[tuple[str, tuple[str, str], dict]]:
 
 METHOD = ("k-NN distances (Sun et al., 2022) to the training images in three L2-normalised views (the last "
           "feature layer's channel means and spreads, the 8 x 8 thumbnail, the 24 x 24 edge map), combined by "
-          "Fisher's method over their p-values among calibration images")
+          "Fisher's method over their p-values among the training images' cross-fitted distances")
 
 
 def conservative_quantile(scores: np.ndarray, quantile: float, confidence: float = 0.9) -> float:
@@ -281,8 +288,7 @@ class OODDetector:
     """Components' evidence summed; an image scoring above ``threshold`` is flagged.
 
     Each component is a fitted scorer (``SCORERS``) of one tap's features. New detectors turn a component's
-    score into an empirical p-value among calibration images (training images kept out of the scorer's fit)
-    and sum -2 log p (Fisher's method): one view that finds the image far outside counts fully, which an
+    score into an empirical p-value among the training images' cross-fitted scores and sum -2 log p (Fisher's method): one view that finds the image far outside counts fully, which an
     average would dilute. Detectors stored before taps average standardised scores (``combine="mean"``).
     ``taps`` are what the detector needs from ``TappedModel``, in the order ``score(features, ...)`` takes.
     """
@@ -302,8 +308,9 @@ class OODDetector:
         (N,); the threshold is ``conservative_quantile`` of the scores of ``held_out`` (the same keys but
         labels: the validation images, in distribution and never trained on) at ``quantile``.
 
-        A seeded 80% of ``fit`` fits the scorers and the other 20% calibrates them, so the held-out images
-        only set the threshold and its bound holds. The older call ``fit(model, pixels, labels, device, ...,
+        Each scorer is fitted on all of ``fit``; its calibration scores are cross-fitted (``FOLDS`` seeded
+        folds, each scored by a scorer fitted on the others), so every training image calibrates and the
+        held-out images only set the threshold, which keeps its bound. The older call ``fit(model, pixels, labels, device, ...,
         held_out_pixels=...)`` is still accepted: it extracts the features itself."""
         if not isinstance(fit, dict):
             return cls._fit_on_images(model, fit, held_out, *legacy_args, quantile=quantile, seed=seed,
@@ -314,23 +321,22 @@ class OODDetector:
             raise ValueError(f"fit has features of {len(fit['features'])} taps; the detector needs {len(taps)}: {taps}")
         features = [np.asarray(f, dtype=np.float64) for f in fit["features"]]
         labels = np.asarray(fit["labels"])
-        order = np.random.default_rng(seed).permutation(len(labels))
-        calib, train = np.sort(order[: len(order) // 5]), np.sort(order[len(order) // 5:])
+        folds = np.random.default_rng(seed).permutation(len(labels)) % FOLDS
         components = []
         for kind, tap, options in recipe:
             values = features[taps.index(tap)]
-            if kind == "gaussian":
-                scorer = GaussianScore.fit(values[train], labels[train] if options.get("by_class") else None)
-            else:
-                scorer = SCORERS[kind].fit(values[train], **options)
-            components.append({"kind": kind, "tap": taps.index(tap), "scorer": scorer,
-                               "calibration": np.sort(scorer.score(values[calib]))})
+            calibration = np.empty(len(values))
+            for fold in range(FOLDS):  # each image scored by a scorer fitted without it
+                calibration[folds == fold] = _fit_scorer(kind, values[folds != fold], labels[folds != fold],
+                                                         options).score(values[folds == fold])
+            components.append({"kind": kind, "tap": taps.index(tap), "calibration": np.sort(calibration),
+                               "scorer": _fit_scorer(kind, values, labels, options)})
         detector = cls(taps, components, np.inf, quantile)
         if held_out is not None and len(held_out["features"][0]) >= 20:
-            held_scores = detector.score(held_out["features"])
-        else:  # no validation images: the calibration part stands in (its p-values are then slightly low)
-            held_scores = detector.score([f[calib] for f in features])
-        detector.threshold = conservative_quantile(held_scores, quantile)
+            detector.threshold = conservative_quantile(detector.score(held_out["features"]), quantile)
+        else:  # no validation images: the out-of-fold scores of the training images stand in
+            out_of_fold = np.sum([detector._evidence(c, c["calibration"]) for c in components], axis=0)
+            detector.threshold = conservative_quantile(out_of_fold, quantile)
         return detector
 
     @classmethod

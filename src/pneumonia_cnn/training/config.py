@@ -83,7 +83,7 @@ class TrainConfig:
     calibration: str = option("none", "probability calibration fitted on val: platt (scale and bias), "
                                       "temperature, or none", choices=CALIBRATION_METHODS)
     ood: bool = option(True, "fit the out-of-distribution detector at the end of training")
-    ood_quantile: float = option(0.975, "in-distribution quantile of val OOD scores used as the flag threshold",
+    ood_quantile: float = option(0.95, "in-distribution quantile of val OOD scores used as the flag threshold",
                                  minimum=0.5, maximum=0.9999)
     # run
     seed: int = option(0, "random seed")

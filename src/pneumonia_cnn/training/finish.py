@@ -92,21 +92,19 @@ def _fit_decision(config: TrainConfig, labels, val_scores) -> Decision:
 
 
 def _fit_ood(scorer: Scorer, train_set, val_set, val_scores, config: TrainConfig):
-    """Gaussians on (a sample of) the training images' tap features; scale and threshold on val's."""
+    """The detector on (a sample of) the training images' tap features; its threshold on val's scores."""
     from ..ood import OODDetector
     rng = np.random.default_rng(config.seed)
     chosen = np.sort(rng.permutation(len(train_set))[:MAX_OOD_FIT_IMAGES])
-    fit_features = scorer.score(np.asarray(train_set.images[chosen])).features
-    labels = np.asarray(train_set.labels)[chosen]
-    if val_scores is not None and len(val_scores) >= 20:
-        held_features = val_scores.features
-    else:  # no usable val: a fifth of the sample is held out of the fit instead
-        cut = max(1, len(chosen) // 5)
-        held_features = [f[:cut] for f in fit_features]
-        fit_features, labels = [f[cut:] for f in fit_features], labels[cut:]
-    layers = [layer for layer, _ in scorer.taps]
-    detector = OODDetector.fit_features(layers, fit_features, labels, held_features, quantile=config.ood_quantile)
-    ood_scores = detector.score_features(val_scores.features) if val_scores is not None else None
+    pixels = np.asarray(train_set.images[chosen])
+    train_scores = scorer.score(pixels)
+    fit = {"features": train_scores.features, "logits": train_scores.raw, "pixels": pixels,
+           "labels": np.asarray(train_set.labels)[chosen]}
+    held = None
+    if val_scores is not None:
+        held = {"features": val_scores.features, "logits": val_scores.raw, "pixels": np.asarray(val_set.images)}
+    detector = OODDetector.fit(scorer.bundle.models[0], fit, held, quantile=config.ood_quantile, seed=config.seed)
+    ood_scores = detector.score(held["features"], held["logits"], held["pixels"]) if held is not None else None
     return detector, ood_scores
 
 

@@ -15,7 +15,9 @@ def checkpoint_card(checkpoint) -> dict:
         "run_id": ckpt.get("run_id"), "model": ckpt["model"]["name"], "parameters": ckpt.get("parameters"),
         "input": ckpt["preprocessing"], "class_names": ckpt.get("class_names"),
         "threshold": ckpt.get("threshold"), "threshold_policy": ckpt.get("threshold_policy", "0.5"),
-        "temperature": ckpt.get("temperature", 1.0), "epoch": ckpt.get("epoch"),
+        "calibration": ckpt.get("calibration") or {"method": "temperature", "scale": 1 / ckpt.get("temperature", 1.0),
+                                                   "bias": 0.0, "prior": None},
+        "decision_fitted_on": ckpt.get("decision_fit"), "epoch": ckpt.get("epoch"),
         "trained_with": {k: config.get(k) for k in ("preset", "data", "epochs", "batch_size", "lr", "optimizer",
                                                     "schedule", "augment", "class_balance", "seed")},
         "intended_use": ckpt.get("intended_use", {}),
@@ -35,7 +37,8 @@ def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
              f"input: {card['input']['size'][0]}x{card['input']['size'][1]}, {card['input']['channels']} channel(s), "
              f"intensity {card['input'].get('intensity', 'none')}, pixels / 255",
              f"classes: {', '.join(card['class_names'] or [])}; threshold {card['threshold']:.3f} "
-             f"({card['threshold_policy']}); temperature {card['temperature']:.3f}",
+             f"({card['threshold_policy']}); {_calibration_text(card['calibration'])}",
+             f"threshold and calibration fitted on: {_fit_text(card['decision_fitted_on'])}",
              "trained with: " + ", ".join(f"{k}={v}" for k, v in card["trained_with"].items() if v not in (None, "")),
              f"intended use: {use.get('task', 'binary pneumonia screening aid')}",
              f"training population: {use.get('population', 'unknown')}",
@@ -45,3 +48,18 @@ def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
     if card["adapted"]:
         lines.append(f"adapted: {card['adapted']}")
     return "\n".join(lines)
+
+
+def _calibration_text(calibration: dict) -> str:
+    text = (f"{calibration['method']} calibration (logit x {calibration['scale']:.3f} {calibration['bias']:+.3f})"
+            if calibration["method"] != "none" else "no calibration")
+    if calibration.get("prior") is not None:
+        text += f", probabilities stated for a pneumonia rate of {calibration['prior']:.3f}"
+    return text
+
+
+def _fit_text(fit) -> str:
+    if not fit:
+        return "not recorded (a checkpoint of an earlier version)"
+    return (f"{fit.get('images', '?')} {fit.get('split', 'validation')} images, scored by the {fit.get('engine')} "
+            f"engine in {fit.get('precision')}{' with test-time flips' if fit.get('tta') else ''}")

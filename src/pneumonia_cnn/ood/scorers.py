@@ -52,7 +52,9 @@ class NeighbourScore:
 
     def __init__(self, reference, k: int):
         from sklearn.neighbors import NearestNeighbors
-        self.reference, self.k = _as_array(reference).astype(np.float32), int(k)
+        self.reference = np.asarray(reference.float() if isinstance(reference, torch.Tensor) else reference,
+                                    dtype=np.float32)
+        self.k = int(k)
         # brute force: one matrix product, faster than trees in these dimensions (tens to hundreds)
         self.index = NearestNeighbors(n_neighbors=self.k, algorithm="brute").fit(self.reference)
 
@@ -62,14 +64,17 @@ class NeighbourScore:
 
     @classmethod
     def fit(cls, features: np.ndarray, k: int = 10) -> NeighbourScore:
-        return cls(cls.normalise(features), k)
+        # rounded as stored (half precision), so that the scores a checkpoint gives are those it was fitted on
+        return cls(cls.normalise(features).astype(np.float16), k)
 
     def score(self, features: np.ndarray) -> np.ndarray:
         distances, _ = self.index.kneighbors(self.normalise(features).astype(np.float32))
         return distances[:, -1].astype(np.float64)
 
     def state(self) -> dict:
-        return {"reference": torch.from_numpy(self.reference), "k": self.k}
+        # half precision: unit-length features lose nothing a 10th-neighbour distance notices, and the
+        # reference set is most of a checkpoint's size
+        return {"reference": torch.from_numpy(self.reference.astype(np.float16)), "k": self.k}
 
     @classmethod
     def from_state(cls, state: dict) -> NeighbourScore:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from . import builtin
 from .checkpoint import load_checkpoint
 from .ood import OODDetector, flag_message
 
@@ -47,7 +48,25 @@ def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
              f"out-of-distribution flag: {card['ood_flag']}"]
     if card["adapted"]:
         lines.append(f"adapted: {card['adapted']}")
+    if checkpoint == builtin.NAME:
+        lines += builtin_card_lines(builtin.card())
     return "\n".join(lines)
+
+
+def builtin_card_lines(card: dict) -> list[str]:
+    """The packaged model's card: data and license, figures with intervals, flag rates, how to retrain it."""
+    if not card:
+        return []
+    test = card["figures"]["shared_test"]
+    shown = ", ".join(f"{k} {test[k]['value']:.3f} [{test[k]['ci95'][0]:.3f}, {test[k]['ci95'][1]:.3f}]"
+                      for k in ("accuracy", "sensitivity", "specificity", "roc_auc", "ece"))
+    adults = "; ".join(f"{k} {v['flagged']:.1%} of {v['images']}" for k, v in
+                       card["figures"].get("adult_xray_dev_flagged", {}).items())
+    return [f"built-in model: {card['data']['name']}; {card['data']['attribution']}; license {card['data']['license']}",
+            f"on the shared test folder ({test['images']} images, {test['patients']} patients; 95% patient-bootstrap "
+            f"intervals): {shown}; flagged out of distribution {test['flagged_out_of_distribution']:.1%}",
+            f"adult X-rays flagged as outside the training population: {adults or 'not measured'}",
+            f"file SHA-256 {card['sha256']}; retrain with: {card['reproduce']}"]
 
 
 def _calibration_text(calibration: dict) -> str:

@@ -79,11 +79,12 @@ def test_concurrent_requests_are_batched_and_correct(trained_run):
     import asyncio
 
     from pneumonia_cnn.serving.app import create_app
+    from pneumonia_cnn.serving.service import ServeOptions
     paths = xray_paths(4)
     predictor = Predictor(trained_run / "best.pt", "cpu")
     expected = {p.name: r.probability for p, r in zip(paths, predictor.predict_files(paths))}
-    app = create_app(trained_run / "best.pt", device="cpu")
-    served, batch_sizes = app.state.predictor, []
+    app = create_app(trained_run / "best.pt", ServeOptions(device="cpu"), allowed_hosts=["test"])
+    served, batch_sizes = app.state.service.served.predictor, []
     assess = served.assess
 
     def counting_assess(pixels, *args, **kwargs):

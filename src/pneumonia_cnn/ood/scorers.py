@@ -54,7 +54,7 @@ class NeighbourScore:
         from sklearn.neighbors import NearestNeighbors
         self.reference = np.asarray(reference.float() if isinstance(reference, torch.Tensor) else reference,
                                     dtype=np.float32)
-        self.k = int(k)
+        self.k = max(1, min(int(k), len(self.reference)))  # a tiny reference set (a few site images) has fewer
         # brute force: one matrix product, faster than trees in these dimensions (tens to hundreds)
         self.index = NearestNeighbors(n_neighbors=self.k, algorithm="brute").fit(self.reference)
 

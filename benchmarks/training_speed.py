@@ -52,29 +52,43 @@ def model_flops_per_image(model_name: str, channels: int, size: int) -> dict:
     return {"forward": forward_counter.get_total_flops() / 2, "training": train_counter.get_total_flops() / 2}
 
 
-def library_training_rates(data: str, device: torch.device, steps: int, repeats: int, warmup: int = 3,
-                           **overrides) -> dict:
-    """Images/s of ``repeats`` runs of ``steps`` steps of the library's epoch loop (``train_one_epoch``), the
-    tutorial preset unless ``overrides`` say otherwise; the first ``warmup`` steps are not timed."""
-    out, cache = tempfile.mkdtemp(prefix="pcnn-bench-out-"), tempfile.mkdtemp(prefix="pcnn-bench-cache-")
-    config = make_config("tutorial", data=data, out=out, cache_dir=cache, device=str(device), progress=False,
-                         ood=False, evaluate_test=False, tracker="none", **overrides)
-    run = start_run(config)
-    stop = StopRequested()
-    rates = []
-    for number, count in enumerate([warmup] + [steps] * repeats):
-        run.loader.max_batches = count
-        run.state.epoch, run.state.step_in_epoch = number, 0  # a new shuffle each time, nothing skipped
-        _sync(device)
+class LibraryLoop:
+    """The run that ``pneumonia-cnn train`` builds (``training.start_run``; the tutorial preset unless
+    ``overrides`` say otherwise), timed through the library's own epoch loop (``train_one_epoch``, which calls
+    ``train_step`` on the loader's batches)."""
+
+    def __init__(self, data: str, device: torch.device, cache_dir: str | None = None, **overrides):
+        out = tempfile.mkdtemp(prefix="pcnn-bench-out-")
+        cache = cache_dir or tempfile.mkdtemp(prefix="pcnn-bench-cache-")
+        self.config = make_config("tutorial", data=data, out=out, cache_dir=cache, device=str(device),
+                                  progress=False, ood=False, evaluate_test=False, tracker="none", **overrides)
+        self.run, self.device, self.chunks = start_run(self.config), device, 0
+        self.stop = StopRequested()
+        self.rate(3)  # warm-up: oneDNN/cuDNN kernel choice, allocator, the loader thread
+
+    def rate(self, steps: int) -> float:
+        """Images/s of ``steps`` steps, from a fresh shuffle; ends with a host read of the summed loss."""
+        self.run.loader.max_batches = steps
+        self.chunks += 1
+        self.run.state.epoch, self.run.state.step_in_epoch = self.chunks, 0  # nothing skipped
+        _sync(self.device)
         start = time.perf_counter()
-        train_one_epoch(run, stop)  # ends with a host read of the summed loss: all work is done
-        seconds = time.perf_counter() - start
-        if number:
-            rates.append(count * config.batch_size / seconds)
-    return {"images_per_s": statistics.median(rates), "runs": rates, "steps": steps, "batch_size": config.batch_size,
-            "model": config.model, "size": config.size, "amp": config.amp,
-            "precision": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "float32",
-            "spread": (max(rates) - min(rates)) / statistics.median(rates)}
+        train_one_epoch(self.run, self.stop)
+        return steps * self.config.batch_size / (time.perf_counter() - start)
+
+    def describe(self) -> dict:
+        run = self.run
+        return {"model": self.config.model, "size": self.config.size, "batch_size": self.config.batch_size,
+                "lr": self.config.lr, "amp": self.config.amp,
+                "precision": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "float32"}
+
+
+def library_training_rates(data: str, device: torch.device, steps: int, repeats: int, **overrides) -> dict:
+    """``repeats`` timings of ``steps`` steps of the library loop: median, every run and the spread."""
+    loop = LibraryLoop(data, device, **overrides)
+    rates = [loop.rate(steps) for _ in range(repeats)]
+    return {"images_per_s": statistics.median(rates), "runs": rates, "steps": steps,
+            "spread": (max(rates) - min(rates)) / statistics.median(rates), **loop.describe()}
 
 
 def utilisation(rate: float, flops_per_image: float, peak_gflops: float) -> float:

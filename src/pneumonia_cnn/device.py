@@ -49,10 +49,11 @@ def fused_optimizer_supported(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True):
+    """``cache_enabled=False`` while capturing a CUDA graph: cached casts would outlive the capture."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def keep_freed_memory_for_reuse() -> bool:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "src"))
+import pneumonia_cnn  # noqa: E402,F401  # before torch, as the CLI: it sets OpenMP's wait policy (device.py)
+
 sys.path.insert(0, str(PROJECT / "benchmarks"))
 
 import inference_speed  # noqa: E402

@@ -65,7 +65,7 @@ def graphed_steps(model, optimizer, batches, lr_values, device):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("optimizer_name", ["adam", "adamw"])
-def test_graphed_step_takes_the_eager_steps(device, optimizer_name):
+def test_graphed_step_takes_the_eager_steps(device, optimizer_name, monkeypatch):
     torch.manual_seed(0)
     model = create_model("seed", 3, (48, 48)).to(device).to(memory_format=torch.channels_last)
     twin = copy.deepcopy(model)
@@ -74,7 +74,7 @@ def test_graphed_step_takes_the_eager_steps(device, optimizer_name):
     batches = [(torch.rand(6, 3, 48, 48, generator=generator).to(device).contiguous(memory_format=torch.channels_last),
                 torch.randint(0, 2, (6,), generator=generator).float().to(device)) for _ in range(5)]
     lr_values = [2.0 ** -10, 2.0 ** -11, 2.0 ** -12, 2.0 ** -11, 2.0 ** -13]
-    torch.backends.cudnn.deterministic = True
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     eager_steps(model, make_optimizer(config, model), batches, lr_values)
     losses = graphed_steps(twin, make_optimizer(config, twin), batches, lr_values, device)
     assert len(losses) == 5 and all(torch.isfinite(v) for v in losses)

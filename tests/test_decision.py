@@ -187,7 +187,8 @@ def test_an_ensemble_fits_its_own_threshold_and_keeps_the_ood_check(best_like_ru
 
 
 def test_batch_adaptation_uses_a_decision_fitted_the_same_way(best_like_run, small_root):
-    """--adapt-batch's threshold was fitted on val scored after AdaBN on val: re-doing that by hand gives it."""
+    """--adapt-batch's threshold was fitted on val scored after AdaBN on val (resampled to val's class mix by
+    pseudo-label): re-doing that by hand gives it."""
     from dataclasses import replace
 
     from pneumonia_cnn.inference import load_bundle
@@ -197,7 +198,10 @@ def test_batch_adaptation_uses_a_decision_fitted_the_same_way(best_like_run, sma
     predictor = Predictor(bundle, "cpu")
     pixels = np.stack([predictor.preprocess_path(f)[0] for f in val_files(small_root)])
     labels = [int("PNEUMONIA" in str(f)) for f in val_files(small_root)]
-    raw = Predictor(replace(adapt_batch_norm(bundle, pixels), ood=None), "cpu").score(pixels).raw
+    plain = Predictor(bundle, "cpu").score(pixels)
+    pseudo = plain.probabilities >= checkpoint["threshold"]  # at the validation images' class mix, by pseudo-label
+    adapted = adapt_batch_norm(bundle, pixels, pseudo, float(np.mean(labels)))
+    raw = Predictor(replace(adapted, ood=None), "cpu").score(pixels).raw
     expected = fit_decision(labels, raw, "sensitivity:0.95", checkpoint["config"]["calibration"])
     assert checkpoint["decision_adapted"]["threshold"] == pytest.approx(expected.threshold, abs=1e-5)
     assert bundle.adapted_decision.threshold == pytest.approx(expected.threshold, abs=1e-5)
@@ -207,3 +211,12 @@ def test_batch_adaptation_uses_a_decision_fitted_the_same_way(best_like_run, sma
     assert "re-estimated on this batch" in notes[0]
     assert entries[0]["threshold"] == pytest.approx(expected.threshold, abs=1e-5)  # not the plain one
     assert expected.threshold != pytest.approx(checkpoint["threshold"], abs=1e-5)
+
+
+def test_balanced_sample_draws_the_reference_class_mix():
+    from pneumonia_cnn.inference.adabn import balanced_sample
+    pseudo = np.array([True] * 3 + [False] * 7)  # a batch at 30%
+    drawn = balanced_sample(pseudo, 0.75)
+    assert len(drawn) == 20 and pseudo[drawn].sum() == 15  # 75% of 2n, from the 3 positives
+    assert set(drawn[pseudo[drawn]]) <= {0, 1, 2} and set(drawn[~pseudo[drawn]]) <= set(range(3, 10))
+    assert list(balanced_sample(np.array([True, True]), 0.75)) == [0, 1]  # one class only: as it is

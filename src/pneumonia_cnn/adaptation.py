@@ -192,19 +192,19 @@ def _verdict(labels, groups, before, threshold_before, after, threshold_after, s
 
 
 def _refit_ood(adapted: Bundle, images: np.ndarray, device, source: dict, seed: int):
-    """The detector refitted on the site's images (pseudo-labelled by the adapted model where unlabelled);
-    half of them, drawn at random, set its scale and threshold."""
+    """The detector refitted on the site's images (pseudo-labelled by the adapted model); half of them,
+    drawn at random, set its threshold."""
     from .ood import OODDetector, default_taps
-    taps = default_taps(adapted.models[0])
-    scores = Scorer(adapted, device, "auto", taps=taps).score(images)
+    scores = Scorer(adapted, device, "auto", taps=default_taps(adapted.models[0])).score(images)
     labels = (scores.raw > 0).astype(int)
-    if len(set(labels.tolist())) < 2:  # the Gaussians need both classes: split the batch by score instead
-        labels = (scores.raw >= np.median(scores.raw)).astype(int)
     order = np.random.default_rng(seed).permutation(len(images))
     fit, held = np.sort(order[len(order) // 2:]), np.sort(order[:len(order) // 2])
-    quantile = float(source.get("config", {}).get("ood_quantile", 0.975))
-    return OODDetector.fit_features([layer for layer, _ in taps], [f[fit] for f in scores.features], labels[fit],
-                                    [f[held] for f in scores.features], quantile=quantile)
+
+    def part(index):
+        return {"features": [f[index] for f in scores.features], "logits": scores.raw[index],
+                "pixels": images[index], "labels": labels[index]}
+    quantile = float(source.get("config", {}).get("ood_quantile", 0.95))
+    return OODDetector.fit(adapted.models[0], part(fit), part(held), quantile=quantile, seed=seed)
 
 
 def _save_adapted(source: dict, adapted: Bundle, detector, out, data, labelled, result):

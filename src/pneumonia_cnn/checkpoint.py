@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import builtin
 from .errors import CheckpointError
 from .fileio import atomic_path, display_path, load_torch_file
 
@@ -24,6 +25,12 @@ def save_checkpoint(payload: dict, path) -> Path:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
+    """A checkpoint file, a run folder (its best.pt, else last.pt), or ``builtin`` (the packaged model)."""
+    if builtin.is_builtin(path):
+        if not builtin.available():
+            raise CheckpointError("builtin: the packaged model is missing from this installation (reinstall "
+                                  "pneumonia-cnn, or give a checkpoint)")
+        path = builtin.checkpoint_path()
     path = Path(path)
     if path.is_dir():
         for name in ("best.pt", "last.pt"):

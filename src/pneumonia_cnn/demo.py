@@ -1,4 +1,5 @@
-"""``demo``: the whole pipeline (train, evaluate, curves) on synthetic X-rays, in a couple of minutes."""
+"""``demo``: the whole pipeline (train, evaluate, curves) on synthetic X-rays, in a couple of minutes, then
+the built-in model on the real example X-rays that ship with the package."""
 from __future__ import annotations
 
 import time
@@ -20,5 +21,15 @@ def run_demo(out="runs/demo", data=None, epochs=None, size=None, device="auto") 
     config = make_config("tutorial", data=str(data), out=str(out / "run"), epochs=epochs or defaults["epochs"],
                          size=size or defaults["size"], device=device, cache_dir=str(out / "cache"))
     summary = train_and_evaluate(config)
+    summary["examples"] = score_examples(device)
     summary["seconds"] = time.perf_counter() - start
     return summary
+
+
+def score_examples(device="auto") -> list:
+    """The built-in model's predictions for the packaged example X-rays ([] when it is not installed)."""
+    from . import builtin
+    if not builtin.available() or not builtin.example_paths():
+        return []
+    from .inference import Predictor
+    return Predictor("builtin", device).predict_files(builtin.example_paths())

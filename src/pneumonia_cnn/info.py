@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from .checkpoint import load_checkpoint
+from .ood import OODDetector, flag_message
 
 
 def checkpoint_card(checkpoint) -> dict:
@@ -21,15 +22,9 @@ def checkpoint_card(checkpoint) -> dict:
                                                     "schedule", "augment", "class_balance", "seed")},
         "intended_use": ckpt.get("intended_use", {}),
         "adapted": ckpt.get("adaptation"),
-        "ood_flag": (f"fitted ({_ood_description(ood)}); an image scoring above {ood['threshold']:.3f} (a bound "
-                     f"on the {ood['quantile']:.1%} quantile of validation images) is flagged: outside the training "
-                     f"population, the probability is not reliable; it is still given, marked"
-                     if ood else "not fitted for this checkpoint"),
+        "ood_flag": (f"fitted: {OODDetector.from_state(ood).describe()} as {flag_message(ckpt.get('intended_use'))}"
+                     f"; its probability is still given" if ood else "not fitted for this checkpoint"),
     }
-
-
-def _ood_description(ood: dict) -> str:
-    return ood.get("description") or "Mahalanobis distance on layers " + ", ".join(ood["layers"])
 
 
 def describe_checkpoint(checkpoint, as_json: bool = False) -> str:

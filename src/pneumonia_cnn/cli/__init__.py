@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 from . import deployment, evaluation, interop, training
@@ -35,18 +36,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_predict_args(args):
-    """``predict CKPT PATH...``: the first is the checkpoint; ``--`` separates several checkpoints."""
-    if args.command != "predict":
+def looks_like_checkpoint(item: str) -> bool:
+    """``builtin``, a .pt file, or a run folder: what may come before the images."""
+    path = Path(item)
+    return (item == "builtin" or (path.is_file() and path.suffix in (".pt", ".pth"))
+            or (path.is_dir() and ((path / "best.pt").is_file() or (path / "last.pt").is_file())))
+
+
+def _split_checkpoint_and_images(args):
+    """``predict [CKPT] PATH...`` and ``explain [CKPT] IMAGE...``: a leading checkpoint, else the built-in
+    model; ``--`` separates several checkpoints (an ensemble) from the paths."""
+    if args.command not in ("predict", "explain"):
         return args
-    items = args.checkpoint
+    items = args.items
     if args.paths:
-        args.checkpoint, args.paths = items, args.paths
-    elif len(items) < 2:
-        raise PneumoniaCNNError("predict needs a checkpoint and at least one file, folder or glob")
+        checkpoints, paths = items, args.paths
+    elif looks_like_checkpoint(items[0]):
+        checkpoints, paths = [items[0]], items[1:]
     else:
-        args.checkpoint, args.paths = [items[0]], items[1:]
-    args.checkpoint = args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0]
+        checkpoints, paths = ["builtin"], items
+    if not paths:
+        raise PneumoniaCNNError(f"{args.command} needs at least one file, folder or glob after the checkpoint")
+    args.checkpoint = checkpoints if len(checkpoints) > 1 else checkpoints[0]
+    args.paths = paths
     return args
 
 
@@ -58,7 +70,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return int(args.func(_split_predict_args(args)) or 0)
+        return int(args.func(_split_checkpoint_and_images(args)) or 0)
     except PneumoniaCNNError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

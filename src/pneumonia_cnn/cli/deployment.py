@@ -11,8 +11,9 @@ log = logging.getLogger("pneumonia_cnn")
 
 
 def predict_arguments(p):
-    p.add_argument("checkpoint", nargs="+", help="best.pt or run folder, then PATH... (use -- before paths "
-                                                  "when giving several checkpoints)")
+    p.add_argument("items", nargs="+", metavar="[CHECKPOINT] PATH",
+                   help="a checkpoint (best.pt, a run folder or 'builtin'; the built-in model when left out), then "
+                        "files, folders or globs (use -- before the paths when giving several checkpoints)")
     p.add_argument("--paths", nargs="*", default=None, help=argparse.SUPPRESS)
     add_format(p, ("table", "json", "csv", "fhir"))
     add_site_options(p)
@@ -40,7 +41,9 @@ def run_predict(args) -> int:
 
 
 def explain_arguments(p):
-    p.add_argument("checkpoint", help="best.pt or run folder"), p.add_argument("images", nargs="+", help="files")
+    p.add_argument("items", nargs="+", metavar="[CHECKPOINT] IMAGE",
+                   help="a checkpoint (the built-in model when left out), then image files, folders or globs")
+    p.add_argument("--paths", nargs="*", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", required=True, help="folder for the overlays and maps")
     p.add_argument("--layer", help="layer name (default: the last convolution)")
     add_device(p)
@@ -50,7 +53,7 @@ def run_explain(args) -> int:
     from ..explanation import explain
     from ..inference import Predictor
     from ..predict_io import collect_paths
-    paths, missing = collect_paths(args.images)
+    paths, missing = collect_paths(args.paths)
     results = explain(Predictor(args.checkpoint, args.device), paths, args.out, args.layer)
     for item in results:
         if "error" in item:
@@ -64,7 +67,7 @@ def run_explain(args) -> int:
 
 
 def serve_arguments(p):
-    p.add_argument("checkpoint", help="best.pt or run folder")
+    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default; any other address "
                                                          "needs --api-keys and --audit-log)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
@@ -158,7 +161,7 @@ def run_drift(args) -> int:
 
 
 def info_arguments(p):
-    p.add_argument("checkpoint", help="best.pt or run folder")
+    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
     add_format(p, ("text", "json"), "text")
 
 

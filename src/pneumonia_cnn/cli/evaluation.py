@@ -8,7 +8,8 @@ from .common import Command, add_cache_dir, add_device, add_engine, add_format, 
 
 
 def evaluate_arguments(p):
-    p.add_argument("--checkpoint", required=True, nargs="+", help="best.pt or run folder; several = ensemble")
+    p.add_argument("--checkpoint", nargs="+", default=["builtin"],
+                   help="best.pt or run folder; several = ensemble (default: the built-in model)")
     p.add_argument("--data", required=True, help="Kaggle-layout ROOT, a split folder, or a CSV of path,label")
     p.add_argument("--split", default="test", help="split folder under ROOT to evaluate")
     p.add_argument("--threshold", help="saved (default), or a policy refitted on --val-split for this evaluation: "
@@ -37,7 +38,8 @@ def add_by(p):
 def run_evaluate(args) -> int:
     from ..evaluation.evaluate import evaluate, format_table
     first = Path(args.checkpoint[0])
-    out = args.out or str((first if first.is_dir() else first.parent) / f"{args.split}_metrics.json")
+    beside = Path(".") if args.checkpoint[0] == "builtin" else first if first.is_dir() else first.parent
+    out = args.out or str(beside / f"{'builtin_' if args.checkpoint[0] == 'builtin' else ''}{args.split}_metrics.json")
     report = evaluate(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0], args.data, args.split,
                       device=args.device, threshold=args.threshold, calibration=args.calibration,
                       save_as=args.save_as, val_split=args.val_split, prevalence=args.prevalence,

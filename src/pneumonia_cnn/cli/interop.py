@@ -11,7 +11,7 @@ log = logging.getLogger("pneumonia_cnn")
 
 
 def export_arguments(p):
-    p.add_argument("checkpoint", help="best.pt or run folder")
+    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
     p.add_argument("--format", choices=("onnx", "torchscript", "onnx-int8"), default="onnx",
                    help="file format; onnx-int8: the served graph quantised to int8, calibrated on --data's val "
                         "split (the checkpoint's own), also kept for --engine onnx-int8")

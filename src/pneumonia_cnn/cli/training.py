@@ -110,6 +110,11 @@ def run_demo(args) -> int:
     test = summary.get("test_metrics", {})
     print(f"demo finished in {summary['seconds']:.0f}s: test accuracy {test.get('accuracy', float('nan')):.3f}, "
           f"ROC AUC {test.get('roc_auc', float('nan')):.3f}; run folder {summary['run_dir']}")
+    if summary.get("examples"):
+        from ..predict_io import format_predictions
+        print("\nthe built-in model (trained on real pediatric X-rays) on the example X-rays that ship with the "
+              "package (file names give the truth):")
+        print(format_predictions(summary["examples"], "table"))
     return 0
 
 

@@ -90,10 +90,7 @@ class Bundle:
 
     @property
     def taps(self) -> list[tuple[str, str]]:
-        if self.ood is None:
-            return []
-        from ..ood import detector_taps
-        return [tuple(t) for t in (getattr(self.ood, "taps", None) or detector_taps(self.ood))]
+        return [tuple(t) for t in self.ood.taps] if self.ood is not None else []
 
     def combine(self, member_logits: np.ndarray) -> np.ndarray:
         """(members, N) raw logits -> (N,) the ensemble's raw score (the only member's for one model)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import io
-import threading
 import warnings
 
 import numpy as np
@@ -19,49 +18,30 @@ import torch.nn as nn
 from ..data.loader import to_model_input
 from ..device import autocast, autocast_dtype
 from ..errors import PneumoniaCNNError
-from ..ood import REDUCTIONS
+from ..ood import TappedModel
 
 
 class ServedModel(nn.Module):
-    """(B, 1 or C, H, W) in [0, 1] -> (logits (B,), *tap features (B, D)); features of the unflipped image."""
+    """(B, 1 or C, H, W) in [0, 1] -> (logits (B,), *tap features (B, D)); features of the unflipped image.
+
+    Gray input stays gray: 3-channel models take it through their first convolution's summed kernel, which
+    equals repeating the channel, and the OOD detector's input taps see the image it was fitted on."""
 
     def __init__(self, model: nn.Module, tta: bool = False, taps=()):
         super().__init__()
-        model = copy.deepcopy(model)  # the hooks below stay on this private copy, never on a shared model
-        self.model, self.tta, self.taps = model, bool(tta), [tuple(t) for t in taps]
-        self.channels = int(getattr(model, "model_kwargs", {}).get("in_channels", 3))
-        self._captured = threading.local()  # per thread: concurrent forwards never see each other's taps
-        modules = dict(model.named_modules())
-        missing = [name for name, _ in self.taps if name not in modules]
-        if missing:
-            raise PneumoniaCNNError(f"out-of-distribution taps name layers the model lacks: {', '.join(missing)}")
-        for index, (name, reduction) in enumerate(self.taps):
-            modules[name].register_forward_hook(self._keeper(index, reduction))
-
-    def _keeper(self, index: int, reduction: str):
-        def keep(_module, _inputs, output):
-            store = getattr(self._captured, "store", None)
-            if store is not None and index not in store:  # the first (unflipped) pass only
-                store[index] = REDUCTIONS[reduction](output.float())
-        return keep
+        # a private copy: the taps' hooks never touch a model that anything else runs
+        self.tapped = TappedModel(copy.deepcopy(model), taps)
+        self.tta, self.taps = bool(tta), self.tapped.taps
 
     def forward(self, x):
-        if self.channels == 3 and x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
         x = x.contiguous(memory_format=torch.channels_last)
-        self._captured.store = {}
-        try:
-            if self.tta:
-                batch = x.shape[0]
-                both = self.model(torch.cat([x, torch.flip(x, dims=[3])])).float()
-                logits = (both[:batch] + both[batch:]) / 2
-                features = [self._captured.store[i][:batch] for i in range(len(self.taps))]
-            else:
-                logits = self.model(x).float()
-                features = [self._captured.store[i] for i in range(len(self.taps))]
-        finally:
-            self._captured.store = None
-        return (logits, *features)
+        if not self.tta:
+            logits, features = self.tapped(x)
+            return (logits.float(), *features)
+        batch = x.shape[0]
+        both, features = self.tapped(torch.cat([x, torch.flip(x, dims=[3])]))
+        logits = (both[:batch].float() + both[batch:].float()) / 2
+        return (logits, *[f[:batch] for f in features])
 
 
 class TorchEngine:

@@ -162,19 +162,19 @@ class Predictor:
 
     def flags(self, pixels, scores: Scores, metas=None) -> list[dict]:
         """The out-of-distribution score and flag, and the model-free input checks, per image."""
-        from ..ood import flag_reasons, input_warnings
+        from ..ood import flag_message, flag_reasons, input_warnings
         metas = metas if metas is not None else [None] * len(pixels)
-        ood_scores = self.ood.score_features(scores.features, scores.raw, pixels) if self.ood is not None else None
+        ood_scores = self.ood.score(scores.features, scores.raw, pixels) if self.ood is not None else None
         out = []
         for index, gray in enumerate(pixels):
             warnings = input_warnings(gray, metas[index], self.bundle.intended_use)
-            forcing = flag_reasons(warnings)
+            forcing = flag_reasons(gray, metas[index], self.bundle.intended_use)
             entry = {"warnings": warnings, "ood_score": None, "in_distribution": None if not forcing else False}
             if ood_scores is not None:
                 entry["ood_score"] = float(ood_scores[index])
                 entry["in_distribution"] = bool(ood_scores[index] <= self.ood.threshold) and not forcing
             if entry["in_distribution"] is False:
-                entry["warnings"] = warnings + [out_of_distribution_message(self.bundle.intended_use)]
+                entry["warnings"] = warnings + [flag_message(self.bundle.intended_use)]
             out.append(entry)
         return out
 
@@ -188,11 +188,13 @@ class Predictor:
         decision, notes = self.bundle.decision, []
         if self.adapt_batch:
             if inside.sum() >= MIN_ADAPT_BATCH:
-                adapted = Scorer(adapt_batch_norm(self.bundle, pixels[inside]), self.device, self.engine_name,
-                                 self.amp)
+                pseudo = scores.probabilities[inside] >= self.bundle.decision.effective_threshold
+                rate = (self.bundle.adapted_decision or self.bundle.decision).calibration.prior
+                adapted = Scorer(adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate), self.device,
+                                 self.engine_name, self.amp)
                 scores = adapted.score(pixels, batch_size)
                 notes.append(f"batch-norm statistics re-estimated on this batch ({int(inside.sum())} "
-                             f"in-distribution images, AdaBN)")
+                             f"in-distribution images, AdaBN at the validation images' class mix)")
                 if self.bundle.adapted_decision is not None:
                     decision = self.bundle.adapted_decision  # fitted the same way: on val, adapted to val
                 else:
@@ -232,11 +234,6 @@ class Predictor:
         if isinstance(self.prevalence, float):
             notes.append(f"probabilities stated for a pneumonia rate of {self.prevalence:.3f} (given)")
         return notes
-
-
-def out_of_distribution_message(intended_use: dict) -> str:
-    population = (intended_use or {}).get("population") or "the training population"
-    return f"outside the training population ({population}): the probability is not reliable"
 
 
 def _public_intended_use(intended_use: dict) -> dict:

@@ -106,18 +106,20 @@ def build_sr(source: Dataset, entry: dict, model: ModelIdentity) -> hd.sr.Compre
     device = hd.sr.DeviceObserverIdentifyingAttributes(uid=result_uid("device", model.key, "observer"),
                                                        name="pneumonia-cnn", model_name=model.name,
                                                        serial_number=model.version[:64])
-    report = hd.sr.MeasurementReport(
+    measurement_report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.cid270.Device, observer_identifying_attributes=device)),
         procedure_reported=CHEST_XRAY, imaging_measurements=[group])
-    return hd.sr.ComprehensiveSR(
-        evidence=[source], content=report[0], series_instance_uid=result_uid(source.SeriesInstanceUID,
+    report = hd.sr.ComprehensiveSR(
+        evidence=[source], content=measurement_report[0], series_instance_uid=result_uid(source.SeriesInstanceUID,
                                                                              model.key, "sr-series"),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sr"),
         instance_number=int(getattr(source, "InstanceNumber", 1) or 1), manufacturer="pneumonia-cnn",
         is_complete=True, is_final=False, is_verified=False, series_description=DISCLAIMER[:64],
         coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(SCHEME, name="pneumonia-cnn result codes",
                                                              responsible_organization="pneumonia-cnn")])
+    report.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the warnings' text is not all ASCII ("1–5 years")
+    return report
 
 
 def _header_of(source: Dataset) -> Dataset:

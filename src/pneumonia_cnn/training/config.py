@@ -48,6 +48,9 @@ class TrainConfig:
     model: str = option("seed", "registered model name (pneumonia-cnn models)")
     model_kwargs: dict = option({}, "extra keyword arguments of the model, as JSON", metavar="JSON")
     weights: str = option("", "local weights file to start from (nothing is downloaded)")
+    init: str = option("", "start from a trained checkpoint's weights: 'builtin', a .pt file or a run folder; "
+                           "the model, input size, channels, interpolation and intensity come from it")
+    freeze_stem: bool = option(False, "keep the first convolution block's weights fixed (fine-tuning)")
     size: int = option(224, "input height and width in pixels", minimum=16)
     channels: int = option(3, "input channels: 3 (gray repeated, as the tutorial) or 1", choices=(1, 3))
     interpolation: str = option("bilinear", "resize filter (Keras' default is nearest)", choices=INTERPOLATIONS)
@@ -83,7 +86,7 @@ class TrainConfig:
     calibration: str = option("none", "probability calibration fitted on val: platt (scale and bias), "
                                       "temperature, or none", choices=CALIBRATION_METHODS)
     ood: bool = option(True, "fit the out-of-distribution detector at the end of training")
-    ood_quantile: float = option(0.975, "in-distribution quantile of val OOD scores used as the flag threshold",
+    ood_quantile: float = option(0.95, "in-distribution quantile of val OOD scores used as the flag threshold",
                                  minimum=0.5, maximum=0.9999)
     # run
     seed: int = option(0, "random seed")
@@ -213,6 +216,12 @@ PRESETS = {
     },
 }
 
+# fine-tuning a trained model (``--init``) on a new site's labelled images: the best recipe with a tenth of
+# its learning rate, a warm-up, and early stopping on validation AUC
+PRESETS["finetune"] = dict(PRESETS["best"], lr=2e-4, warmup_epochs=1, epochs=30, early_stopping=8,
+                           init="builtin")
+INIT_FIELDS = ("model", "size", "channels", "interpolation", "intensity")
+
 # fields of configs saved by earlier versions, mapped to today's (old run folders still resume)
 LEGACY_FIELDS = {"calibrate": lambda value: {"calibration": "temperature" if value else "none"}}
 
@@ -238,7 +247,24 @@ def make_config(preset: str = "tutorial", config_file: str | None = None, **over
     unknown = set(values) - {spec.name for spec in dataclasses.fields(TrainConfig)}
     if unknown:
         raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    if values.get("init"):
+        values.update(_fields_of_init(values["init"], {k: v for k, v in overrides.items() if v is not None}))
     return TrainConfig(**values)
+
+
+def _fields_of_init(init: str, explicit: dict) -> dict:
+    """Model and input of the checkpoint ``--init`` starts from; a flag that contradicts them is an error."""
+    from ..checkpoint import load_checkpoint
+    checkpoint = load_checkpoint(init)
+    pre = checkpoint["preprocessing"]
+    kwargs = {k: v for k, v in checkpoint["model"].get("kwargs", {}).items() if k not in ("in_channels", "image_size")}
+    fields = {"model": checkpoint["model"]["name"], "model_kwargs": kwargs, "size": int(pre["size"][0]),
+              "channels": int(pre.get("channels", 3)), "interpolation": pre.get("interpolation", "bilinear"),
+              "intensity": pre.get("intensity", "none")}
+    for name in INIT_FIELDS:
+        if name in explicit and explicit[name] != fields[name]:
+            raise ConfigError(f"{name}: {explicit[name]!r} differs from the --init checkpoint's {fields[name]!r}")
+    return fields
 
 
 def config_from_dict(values: dict) -> TrainConfig:

@@ -24,7 +24,7 @@ from ..inference.adabn import adapt_batch_norm, has_batch_norm
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
-MAX_OOD_FIT_IMAGES = 3000
+MAX_OOD_FIT_IMAGES = 1200  # the detector's k-NN reference set: size of the checkpoint and cost per image
 
 
 def finish_run(out: Path, config: TrainConfig, train_set, val_set, device) -> dict:
@@ -46,7 +46,7 @@ def finish_run(out: Path, config: TrainConfig, train_set, val_set, device) -> di
                                                                               seed=config.seed)
         _reliability_figure(val_set.labels, val_scores.raw, out / "calibration.png")
     if usable_val and has_batch_norm(bundle.models[0]):
-        adapted_raw = _fit_adapted_decision(best, bundle, val_set, device, config)
+        adapted_raw = _fit_adapted_decision(best, bundle, decision, val_set, val_scores.raw, device, config)
     ood_scores = None
     if config.ood:
         detector, ood_scores = _fit_ood(scorer, train_set, val_set, val_scores, config)
@@ -66,10 +66,15 @@ def finish_run(out: Path, config: TrainConfig, train_set, val_set, device) -> di
     return {"threshold": decision.threshold, "calibration": decision.calibration.to_dict()}
 
 
-def _fit_adapted_decision(best: dict, bundle, val_set, device, config: TrainConfig) -> np.ndarray:
+def _fit_adapted_decision(best: dict, bundle, decision: Decision, val_set, val_raw, device,
+                          config: TrainConfig) -> np.ndarray:
     """The decision ``--adapt-batch`` uses, fitted as it is served: batch-norm statistics re-estimated on the
-    validation images as one batch, then calibration and threshold on their scores."""
-    adapted = Scorer(adapt_batch_norm(bundle, np.asarray(val_set.images)), device, engine="auto", amp="off")
+    validation images as one batch (at their class mix, by pseudo-labels), then calibration and threshold on
+    their scores."""
+    pseudo = decision.probabilities(val_raw) >= decision.threshold
+    prior = float(np.mean(val_set.labels))
+    adapted = Scorer(adapt_batch_norm(bundle, np.asarray(val_set.images), pseudo, prior), device, engine="auto",
+                     amp="off")
     raw = adapted.score(val_set.images).raw
     decision = fit_decision(val_set.labels, raw, config.threshold, config.calibration)
     best["decision_adapted"] = {"calibration": decision.calibration.to_dict(), "threshold": decision.threshold,
@@ -87,21 +92,19 @@ def _fit_decision(config: TrainConfig, labels, val_scores) -> Decision:
 
 
 def _fit_ood(scorer: Scorer, train_set, val_set, val_scores, config: TrainConfig):
-    """Gaussians on (a sample of) the training images' tap features; scale and threshold on val's."""
+    """The detector on (a sample of) the training images' tap features; its threshold on val's scores."""
     from ..ood import OODDetector
     rng = np.random.default_rng(config.seed)
     chosen = np.sort(rng.permutation(len(train_set))[:MAX_OOD_FIT_IMAGES])
-    fit_features = scorer.score(np.asarray(train_set.images[chosen])).features
-    labels = np.asarray(train_set.labels)[chosen]
-    if val_scores is not None and len(val_scores) >= 20:
-        held_features = val_scores.features
-    else:  # no usable val: a fifth of the sample is held out of the fit instead
-        cut = max(1, len(chosen) // 5)
-        held_features = [f[:cut] for f in fit_features]
-        fit_features, labels = [f[cut:] for f in fit_features], labels[cut:]
-    layers = [layer for layer, _ in scorer.taps]
-    detector = OODDetector.fit_features(layers, fit_features, labels, held_features, quantile=config.ood_quantile)
-    ood_scores = detector.score_features(val_scores.features) if val_scores is not None else None
+    pixels = np.asarray(train_set.images[chosen])
+    train_scores = scorer.score(pixels)
+    fit = {"features": train_scores.features, "logits": train_scores.raw, "pixels": pixels,
+           "labels": np.asarray(train_set.labels)[chosen]}
+    held = None
+    if val_scores is not None:
+        held = {"features": val_scores.features, "logits": val_scores.raw, "pixels": np.asarray(val_set.images)}
+    detector = OODDetector.fit(scorer.bundle.models[0], fit, held, quantile=config.ood_quantile, seed=config.seed)
+    ood_scores = detector.score(held["features"], held["logits"], held["pixels"]) if held is not None else None
     return detector, ood_scores
 
 

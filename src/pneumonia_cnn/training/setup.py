@@ -79,6 +79,8 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
         _prepare_run_folder(out, config, train_set, val_set)
     model = create_model(config.model, in_channels=config.channels, image_size=(config.size, config.size),
                          weights=config.weights or None, **config.model_kwargs).to(device)
+    if config.init:
+        start_from(model, config)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     _check_schedule_sizes(model, config, device)
@@ -123,6 +125,16 @@ def _graphed_step(run: Run):
     from .graphed import GraphedStep
     return GraphedStep(run.state.model, run.forward, run.state.optimizer, run.amp_dtype, run.pos_weight,
                        (config.batch_size, config.channels, config.size, config.size), run.device)
+
+
+def start_from(model: torch.nn.Module, config: TrainConfig):
+    """Load the ``--init`` checkpoint's weights; with ``freeze_stem`` keep the first block fixed."""
+    model.load_state_dict(load_checkpoint(config.init)["state_dict"])
+    if config.freeze_stem:
+        stem = getattr(model, "stem", None) or next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        for parameter in stem.parameters():
+            parameter.requires_grad_(False)
+    log.info("starting from the weights of %s%s", config.init, " (stem frozen)" if config.freeze_stem else "")
 
 
 def _prepare_run_folder(out: Path, config: TrainConfig, train_set, val_set):

@@ -1,0 +1,81 @@
+"""What the out-of-distribution detector adds to predict's time per image (target: at most 10%).
+
+    python benchmarks/ood_cost.py runs/best/best.pt [--data ../shared/data/chest_xray_224]
+
+predict's time: ``Predictor.predict_files`` on the ``test`` folder without the detector (decoding, resizing,
+intensity, the forward pass(es) of its engine), per image. The detector's share: the taps' extra work in the
+forward pass (bare and tapped forwards alternate; the fastest of each counts) plus ``OODDetector.score`` per
+image. The checkpoint must hold a detector fitted by this version (``version`` 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT / "src"))
+sys.path.insert(0, str(PROJECT / "benchmarks"))
+
+from ood_study import forward_ms  # noqa: E402
+
+from pneumonia_cnn.checkpoint import build_model, load_checkpoint  # noqa: E402
+from pneumonia_cnn.inference import Predictor  # noqa: E402
+from pneumonia_cnn.ood import OODDetector, extract  # noqa: E402
+
+
+def predict_ms(checkpoint_path, files, repeats=3) -> float:
+    predictor = Predictor(checkpoint_path, "cpu")
+    predictor.ood = None
+    predictor.predict_files(files[:64])
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        predictor.predict_files(files)
+        times.append(time.perf_counter() - started)
+    return 1000 * min(times) / len(files)
+
+
+def score_ms(detector, model, files_pixels, repeats=5) -> float:
+    features, logits = extract(model, files_pixels, detector.taps)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        detector.score(features, logits, files_pixels)
+        times.append(time.perf_counter() - started)
+    return 1000 * min(times) / len(files_pixels)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--data", type=Path, default=PROJECT.parent / "shared" / "data" / "chest_xray_224")
+    parser.add_argument("--out", type=Path, default=PROJECT / "benchmarks" / "ood_cost.json")
+    args = parser.parse_args()
+    checkpoint = load_checkpoint(args.checkpoint)
+    detector = OODDetector.from_state(checkpoint["ood"])
+    model = build_model(checkpoint).eval()
+    files = sorted((args.data / "test").glob("*/*.jpeg"))
+    predictor = Predictor(args.checkpoint, "cpu")
+    pixels = np.stack([predictor.preprocess_path(f)[0] for f in files])
+    size = tuple(checkpoint["preprocessing"]["size"])
+    forward, taps_extra = forward_ms(model, detector.taps, size, repeats=25)
+    scoring = score_ms(detector, model, pixels)
+    predict = predict_ms(args.checkpoint, files)
+    result = {"checkpoint": str(args.checkpoint), "engine": predictor.engine, "torch_threads": torch.get_num_threads(),
+              "predict_ms_per_image": predict, "forward_ms_per_image": forward, "taps_extra_ms": taps_extra,
+              "scoring_ms": scoring, "detector_ms": taps_extra + scoring,
+              "detector_share_of_predict": (taps_extra + scoring) / predict}
+    print(f"predict {predict:.2f} ms/image ({predictor.engine} engine, {torch.get_num_threads()} threads); forward "
+          f"{forward:.2f}; detector {taps_extra + scoring:.2f} (taps {taps_extra:.2f} + scoring {scoring:.2f}) = "
+          f"{result['detector_share_of_predict']:.1%} of predict")
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Checks that need no model: blank, noise, colour; DICOM modality, body part, view, age; and what the flag
+means in words."""
+from __future__ import annotations
+
+import numpy as np
+
+NOT_XRAY = "not an X-ray"
+AGE_OUTSIDE = "patient age"
+FLAG_MEANING = "outside the training population ({population}): the probability is not reliable"
+DEFAULT_POPULATION = "children 1–5 years, one hospital"
+
+
+# ------------------------------------------------------------------ checks that need no model
+def image_statistics(gray: np.ndarray) -> dict:
+    values = gray.astype(np.float32)
+    std = float(values.std())
+    smooth = (values[1:-1, 1:-1] * 4 - values[:-2, 1:-1] - values[2:, 1:-1] - values[1:-1, :-2] - values[1:-1, 2:])
+    roughness = float(np.abs(smooth).mean() / (std + 1e-6))
+    return {"std": std, "roughness": roughness}
+
+
+def _age_years(text: str | None):
+    """DICOM Age String (``nnnD``, ``nnnW``, ``nnnM``, ``nnnY``) in years; None when absent or unreadable."""
+    if not text:
+        return None
+    text = text.strip().upper()
+    try:
+        if text[-1] in "DWMY":
+            return float(text[:-1]) / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[text[-1]]
+        return float(text)
+    except (ValueError, IndexError):
+        return None
+
+
+def _date(text: str | None):
+    from datetime import datetime
+    try:
+        return datetime.strptime((text or "").strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def patient_age_years(tags: dict):
+    """PatientAge, else the years from PatientBirthDate to StudyDate (or AcquisitionDate); None if unknown."""
+    age = _age_years(tags.get("PatientAge"))
+    if age is not None:
+        return age
+    born = _date(tags.get("PatientBirthDate"))
+    taken = _date(tags.get("StudyDate")) or _date(tags.get("AcquisitionDate"))
+    if born is None or taken is None or taken < born:
+        return None
+    return (taken - born).days / 365.25
+
+
+def input_warnings(gray: np.ndarray, meta=None, intended_use: dict | None = None) -> list[str]:
+    """Checks that need no model: blank, noise, colour photographs; DICOM modality, body part, view, age."""
+    warnings = []
+    stats = image_statistics(gray)
+    if stats["std"] < 3:
+        warnings.append(f"{NOT_XRAY}: the image is blank (almost uniform)")
+    elif stats["roughness"] > 1.2:
+        warnings.append(f"{NOT_XRAY}: the image looks like noise, not anatomy")
+    if meta is not None and getattr(meta, "saturation", 0) > 0.15:
+        warnings.append(f"{NOT_XRAY}: the image is in colour (X-rays are grayscale)")
+    tags = getattr(meta, "tags", {}) or {}
+    modality = tags.get("Modality")
+    if modality and modality.upper() not in ("CR", "DX", "DR"):
+        warnings.append(f"DICOM modality {modality} is not a radiograph (CR/DX)")
+    body = tags.get("BodyPartExamined")
+    if body and "CHEST" not in body.upper() and "THORAX" not in body.upper():
+        warnings.append(f"DICOM body part {body} is not the chest")
+    view = tags.get("ViewPosition")
+    if view and view.upper() not in ("PA", "AP"):
+        warnings.append(f"DICOM view {view} is not a frontal (PA/AP) view")
+    age = patient_age_years(tags)
+    age_range = (intended_use or {}).get("age_range_years")
+    if age is not None and age_range and not (age_range[0] <= age <= age_range[1]):
+        warnings.append(f"{AGE_OUTSIDE} {age:.3g} years is outside the training population "
+                        f"({age_range[0]:g}-{age_range[1]:g} years)")
+    return warnings
+
+
+def flag_reasons(gray: np.ndarray, meta=None, intended_use: dict | None = None) -> list[str]:
+    """The input warnings that set the out-of-distribution flag whatever the score: the image is not an
+    X-ray, or its DICOM puts the patient's age outside the training population's range."""
+    return [w for w in input_warnings(gray, meta, intended_use) if w.startswith((NOT_XRAY, AGE_OUTSIDE))]
+
+
+def training_population(intended_use: dict | None = None) -> str:
+    """The population in a few words, from the checkpoint's intended use (the Kaggle set's by default)."""
+    use = intended_use or {}
+    ages = use.get("age_range_years")
+    if not ages:
+        stated = str(use.get("population", ""))
+        return DEFAULT_POPULATION if not use else stated if stated and not stated.startswith("not stated") \
+            else "the training images' population, not stated"
+    who = "children" if float(ages[1]) < 18 else "patients"
+    import re
+    sites = re.findall(r"\b(centers?|centres?|hospitals?)\b", str(use.get("population", "")).lower())
+    one_site = len(sites) == 1 and not sites[0].endswith("s")
+    return f"{who} {float(ages[0]):g}–{float(ages[1]):g} years" + (", one hospital" if one_site else "")
+
+
+def flag_message(intended_use: dict | None = None) -> str:
+    """What the flag means, as the outputs say it."""
+    return FLAG_MEANING.format(population=training_population(intended_use))

@@ -1,0 +1,122 @@
+"""Scores of one tap's features, each fitted on the training images' features."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .taps import INPUT_TAP, penultimate_layer
+
+
+# ------------------------------------------------------------------ scores: each fitted on the training features
+def _as_tensor(array) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
+
+
+def _as_array(value) -> np.ndarray:
+    return value.numpy().astype(np.float64) if isinstance(value, torch.Tensor) else np.asarray(value, np.float64)
+
+
+class GaussianScore:
+    """Distance to the nearest class of class-conditional Gaussians with one shared covariance (Lee et al.,
+    2018), the covariance shrunk by Ledoit and Wolf's rule so that it inverts with more features than images."""
+    kind = "gaussian"
+
+    def __init__(self, means, precision):
+        self.means, self.precision = _as_array(means), _as_array(precision)
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels=None) -> GaussianScore:
+        from sklearn.covariance import LedoitWolf
+        labels = np.zeros(len(features), int) if labels is None else np.asarray(labels)
+        classes = sorted(set(labels.tolist()))
+        means = np.stack([features[labels == c].mean(0) for c in classes])
+        centred = np.concatenate([features[labels == c] - means[i] for i, c in enumerate(classes)])
+        return cls(means, LedoitWolf(assume_centered=True).fit(centred).precision_)
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        distances = [np.einsum("ij,jk,ik->i", features - mean, self.precision, features - mean) for mean in self.means]
+        return np.sqrt(np.maximum(np.min(distances, axis=0), 0))
+
+    def state(self) -> dict:
+        return {"means": _as_tensor(self.means), "precision": _as_tensor(self.precision)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> GaussianScore:
+        return cls(state["means"], state["precision"])
+
+
+class NeighbourScore:
+    """Distance to the k-th nearest training image in L2-normalised features (Sun et al., 2022)."""
+    kind = "knn"
+
+    def __init__(self, reference, k: int):
+        from sklearn.neighbors import NearestNeighbors
+        self.reference = np.asarray(reference.float() if isinstance(reference, torch.Tensor) else reference,
+                                    dtype=np.float32)
+        self.k = int(k)
+        # brute force: one matrix product, faster than trees in these dimensions (tens to hundreds)
+        self.index = NearestNeighbors(n_neighbors=self.k, algorithm="brute").fit(self.reference)
+
+    @staticmethod
+    def normalise(features: np.ndarray) -> np.ndarray:
+        return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+    @classmethod
+    def fit(cls, features: np.ndarray, k: int = 10) -> NeighbourScore:
+        # rounded as stored (half precision), so that the scores a checkpoint gives are those it was fitted on
+        return cls(cls.normalise(features).astype(np.float16), k)
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        distances, _ = self.index.kneighbors(self.normalise(features).astype(np.float32))
+        return distances[:, -1].astype(np.float64)
+
+    def state(self) -> dict:
+        # half precision: unit-length features lose nothing a 10th-neighbour distance notices, and the
+        # reference set is most of a checkpoint's size
+        return {"reference": torch.from_numpy(self.reference.astype(np.float16)), "k": self.k}
+
+    @classmethod
+    def from_state(cls, state: dict) -> NeighbourScore:
+        return cls(state["reference"], state["k"])
+
+
+SCORERS = {GaussianScore.kind: GaussianScore, NeighbourScore.kind: NeighbourScore}
+FOLDS = 5  # cross-fitting: every training image gets a calibration score from a scorer fitted without it
+
+
+def _fit_scorer(kind: str, values: np.ndarray, labels: np.ndarray, options: dict):
+    if kind == "gaussian":
+        return GaussianScore.fit(values, labels if options.get("by_class") else None)
+    return SCORERS[kind].fit(values, **options)
+
+
+def default_recipe(model: nn.Module) -> list[tuple[str, tuple[str, str], dict]]:
+    """``METHOD``'s components: (scorer kind, tap, fit options), chosen on one adult source and checked on the
+    other (benchmarks/ood_study.py)."""
+    return [("knn", (penultimate_layer(model), "mean_std"), {"k": 10}),
+            ("knn", (INPUT_TAP, "thumbnail8"), {"k": 10}),
+            ("knn", (INPUT_TAP, "edge_map24"), {"k": 10})]
+
+
+METHOD = ("k-NN distances (Sun et al., 2022) to the training images in three L2-normalised views (the last "
+          "feature layer's channel means and spreads, the 8 x 8 thumbnail, the 24 x 24 edge map), combined by "
+          "Fisher's method over their p-values among the training images' cross-fitted distances")
+
+
+def conservative_quantile(scores: np.ndarray, quantile: float, confidence: float = 0.9) -> float:
+    """The smallest order statistic that is at least the true ``quantile`` with probability ``confidence``
+    (a distribution-free binomial bound): a new in-distribution image is then flagged with probability at
+    most 1 - quantile, with that confidence, however few held-out images there are."""
+    from scipy.stats import binom
+    ordered = np.sort(np.asarray(scores, dtype=float))
+    n = len(ordered)
+    for k in range(1, n + 1):  # P(at least k of n held-out scores fall below the true quantile) ...
+        if binom.cdf(k - 1, n, quantile) >= confidence:
+            return float(ordered[k - 1])
+    return float(ordered[-1] + (ordered[-1] - ordered[0]) * 0.05)  # too few images: just above the largest
+
+
+def default_taps(model: nn.Module) -> list[tuple[str, str]]:
+    """The taps a new detector needs (``default_recipe``'s, in order), known before fitting."""
+    return list(dict.fromkeys(tap for _, tap, _ in default_recipe(model)))

@@ -1,0 +1,156 @@
+"""Features for the detector from the same forward pass: reductions of a layer's output (torch ops that
+export to ONNX) and the thread-safe ``TappedModel``."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+INPUT_TAP = "input"  # a tap on the network's input image (B, 1, H, W) in [0, 1], not on a module
+
+
+# ------------------------------------------------------------------ reductions: (B, C, H, W) or (B, F) -> (B, D)
+def _mean_std(x: torch.Tensor) -> torch.Tensor:
+    # mean and spread of each channel: the spread catches textures the mean misses (unbiased std, as the
+    # detectors stored in older checkpoints were fitted with)
+    x = x.float()
+    if x.dim() == 2:
+        return x
+    return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x if x.dim() == 2 else x.mean(dim=(2, 3))
+
+
+def _gram(order: int):
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        """Row sums of the order-p Gram matrix of the channels (Sastry and Oore, 2020), per pixel."""
+        flat = torch.flatten(x.float(), 2)
+        powered = flat.pow(order)
+        gram = torch.matmul(powered, powered.transpose(1, 2)) / flat.shape[2]
+        return (torch.sign(gram) * gram.abs().pow(1.0 / order)).sum(dim=2)
+    return reduce
+
+
+def _block_means(x: torch.Tensor, cells: int) -> torch.Tensor:
+    """Mean of each block of a cells x cells grid over the whole map, flattened. A map whose sides are not a
+    multiple of ``cells`` is first resized (bilinear) up to the next multiple; a map smaller than ``cells``
+    keeps its own pixels."""
+    cells = min(cells, int(x.shape[2]), int(x.shape[3]))
+    height, width = -(-int(x.shape[2]) // cells), -(-int(x.shape[3]) // cells)  # ceiling division
+    x = x.float()
+    if (height * cells, width * cells) != (int(x.shape[2]), int(x.shape[3])):
+        x = F.interpolate(x, size=(height * cells, width * cells), mode="bilinear", align_corners=False)
+    return torch.flatten(F.avg_pool2d(x, (height, width)), 1)
+
+
+def _gradient(x: torch.Tensor) -> torch.Tensor:
+    return (x[:, :, 1:, :-1] - x[:, :, :-1, :-1]).abs() + (x[:, :, :-1, 1:] - x[:, :, :-1, :-1]).abs()
+
+
+def _thumbnail(x: torch.Tensor) -> torch.Tensor:
+    """The image at 8 x 8: where the lungs, mediastinum, diaphragm and shoulders lie, the thorax's shape."""
+    return _block_means(x, 8)
+
+
+def _edge_map(x: torch.Tensor) -> torch.Tensor:
+    """Where the fine detail is: 24 x 24 block means of the gradient magnitude, standardised per image (the
+    pattern of ribs, vessels and borders relative to the image, whatever the exposure and sharpness)."""
+    blocks = _block_means(_gradient(x.float()), 24)
+    centred = blocks - blocks.mean(dim=1, keepdim=True)
+    return centred / (centred.pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-6)
+
+
+REDUCTIONS = {
+    "mean_std": _mean_std,
+    "mean": _mean,
+    "flatten": lambda x: torch.flatten(x.float(), 1),
+    "gram1": _gram(1), "gram2": _gram(2), "gram3": _gram(3),
+    "thumbnail8": _thumbnail,
+    "edge_map24": _edge_map,
+}
+
+
+# ------------------------------------------------------------------ taps: features in the same forward pass
+def penultimate_layer(model: nn.Module) -> str:
+    """The module whose output, pooled, is the head's input: the last declared feature layer."""
+    layers = getattr(model, "feature_layers", None)
+    if layers:
+        return layers[-1]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1]
+
+
+class TappedModel(nn.Module):
+    """``forward(x) -> (logits, [tap outputs in taps order])``.
+
+    The hooks are registered once and write into storage local to the calling thread and to the call, so
+    concurrent forwards on one wrapper (a server's threads) never see each other's activations; a forward of
+    the bare model outside the wrapper is not captured. Exports to ONNX (opset 17) with the taps as outputs.
+    """
+
+    def __init__(self, model: nn.Module, taps):
+        super().__init__()
+        self.model = model
+        self.taps = [(str(module), str(reduction)) for module, reduction in taps]
+        modules = dict(model.named_modules())
+        for module, reduction in self.taps:
+            if reduction not in REDUCTIONS:
+                raise ValueError(f"unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")
+            if module != INPUT_TAP and module not in modules:
+                raise ValueError(f"the model has no module {module!r} to tap")
+        self.train(model.training)  # the wrapper's mode is the model's (a later .train()/.eval() sets both)
+        self._local = threading.local()
+        self._handles = [modules[name].register_forward_hook(self._hook(name))
+                         for name in dict.fromkeys(m for m, _ in self.taps if m != INPUT_TAP)]
+
+    def _hook(self, name: str):
+        def capture(module, inputs, output):
+            store = getattr(self._local, "store", None)
+            if store is None:  # a forward that is not ours (another caller of the bare model)
+                return
+            if name in store:
+                raise RuntimeError(f"module {name!r} runs more than once per forward: tap another module")
+            # reduce now: a later in-place operation (ReLU(inplace=True)) may overwrite the activation
+            store[name] = {r: REDUCTIONS[r](output) for m, r in self.taps if m == name}
+        return capture
+
+    def forward(self, x: torch.Tensor):
+        store = {INPUT_TAP: {r: REDUCTIONS[r](x) for m, r in self.taps if m == INPUT_TAP}}
+        self._local.store = store
+        try:
+            logits = self.model(x)
+        finally:
+            self._local.store = None
+        return logits, [store[module][reduction] for module, reduction in self.taps]
+
+    def remove_hooks(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def extract(model: nn.Module, pixels_uint8, taps, device="cpu", batch_size: int = 64
+            ) -> tuple[list[np.ndarray], np.ndarray]:
+    """(features per tap, logits) of preprocessed uint8 images (N, H, W), in batches, in eval mode."""
+    from ..data.loader import to_model_input
+    tapped = TappedModel(model, taps)
+    outputs, logits = [[] for _ in tapped.taps], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(pixels_uint8), batch_size):
+                batch = torch.from_numpy(np.array(pixels_uint8[start:start + batch_size]))
+                batch_logits, features = tapped(to_model_input(batch, device))
+                logits.append(batch_logits.float().reshape(len(batch)).cpu().numpy())
+                for store, value in zip(outputs, features):
+                    store.append(value.cpu().numpy().astype(np.float64))
+    finally:
+        tapped.remove_hooks()
+        model.train(was_training)
+    return [np.concatenate(o) for o in outputs], np.concatenate(logits).astype(np.float64)

@@ -41,7 +41,7 @@ def test_int8_engine_gives_the_float32_decisions(best_like_run, small_root, int8
     assert np.mean((reference.probabilities >= threshold) == (quantised.probabilities >= threshold)) >= 0.95
     for ref, got in zip(reference.features, quantised.features):
         assert np.linalg.norm(ref - got) / np.linalg.norm(ref) <= 0.05
-    flags = [float32.ood.score_features(s.features) > float32.ood.threshold for s in (reference, quantised)]
+    flags = [float32.ood.flagged(float32.ood.score(s.features, s.raw, pixels)) for s in (reference, quantised)]
     assert np.mean(flags[0] == flags[1]) >= 0.9
 
 

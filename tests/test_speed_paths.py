@@ -24,6 +24,8 @@ from pneumonia_cnn.models import create_model
 from pneumonia_cnn.training import make_config, make_optimizer, train
 from pneumonia_cnn.training.graphed import GraphedStep
 
+from .conftest import link_subset
+
 
 def test_device_loader_yields_the_host_loaders_batches():
     rng = np.random.default_rng(0)
@@ -98,16 +100,20 @@ def test_warp_at_a_smaller_size_samples_the_same_field_of_view():
     assert plain.shape == (3, 1, 24, 24)
 
 
-def test_progressive_resizing_matches_a_fixed_size_run(small_root, cache_dir, tmp_path):
+def test_progressive_resizing_matches_a_fixed_size_run(cache_dir, tmp_path):
+    # enough real images that both runs learn (val AUC well above chance), so that the tolerance means something
+    root = link_subset(tmp_path / "xray", {"train": 100, "val": 40}, seed=3)
+
     def run(out, **options):
-        config = make_config("best", data=str(small_root), out=str(out), epochs=3, size=64, batch_size=16,
+        config = make_config("best", data=str(root), out=str(out), epochs=8, size=64, batch_size=32,
                              cache_dir=str(cache_dir), progress=False, min_val_images=10, ood=False,
                              evaluate_test=False, early_stopping=0, warmup_epochs=0.5, seed=5, **options)
         return train(config)
-    fixed = run(tmp_path / "fixed")["history"][-1]
-    resized = run(tmp_path / "resized", size_schedule={"48": 2})
-    assert abs(fixed["val_auc"] - resized["history"][-1]["val_auc"]) <= 0.1
+    fixed = run(tmp_path / "fixed")["history"][-1]["val_auc"]
+    resized = run(tmp_path / "resized", size_schedule={"48": 4})["history"][-1]["val_auc"]
+    # 0.06: about two standard errors of an AUC on 40 + 40 validation images (measured: 0.929 vs 0.884)
+    assert fixed >= 0.85 and resized >= 0.85 and abs(fixed - resized) <= 0.06
     checkpoint = torch.load(tmp_path / "resized" / "best.pt", weights_only=False)
-    assert checkpoint["preprocessing"]["size"] == [64, 64] and checkpoint["config"]["size_schedule"] == {"48": 2}
+    assert checkpoint["preprocessing"]["size"] == [64, 64] and checkpoint["config"]["size_schedule"] == {"48": 4}
     with pytest.raises(Exception, match="cannot take"):
         run(tmp_path / "seed", model="seed", size_schedule={"48": 1})

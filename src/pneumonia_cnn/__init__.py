@@ -4,6 +4,7 @@ Notebook API::
 
     from pneumonia_cnn import create_model, load_model, train, evaluate
 """
+from . import device  # noqa: F401  # first: its OpenMP wait setting must precede torch's loading
 from .checkpoint import load_model
 from .models import create_model, list_models
 

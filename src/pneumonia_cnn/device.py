@@ -6,7 +6,15 @@ import ctypes
 import os
 import sys
 
-import torch
+# OpenMP threads that wait for work spin for a while (GNU libgomp: 300,000 turns) before they sleep. When
+# another process shares the cores, a spinning thread takes the core its descheduled partner needs to reach
+# the same barrier, and a two-thread step runs slower than one thread (README, "Speed"). A short spin keeps
+# the wake-up fast on an idle machine and yields under load. libgomp reads this once, when torch loads it:
+# ``pneumonia_cnn/__init__.py`` imports this module first; a value already set is kept.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import torch  # noqa: E402
 
 from .errors import PneumoniaCNNError
 
@@ -49,10 +57,11 @@ def fused_optimizer_supported(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True):
+    """``cache_enabled=False`` while capturing a CUDA graph: cached casts would outlive the capture."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def keep_freed_memory_for_reuse() -> bool:

@@ -12,11 +12,23 @@ log = logging.getLogger("pneumonia_cnn")
 
 def export_arguments(p):
     p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
-    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format")
+    p.add_argument("--format", choices=("onnx", "torchscript", "onnx-int8"), default="onnx",
+                   help="file format; onnx-int8: the served graph quantised to int8, calibrated on --data's val "
+                        "split (the checkpoint's own), also kept for --engine onnx-int8")
     p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--data", help="onnx-int8: ROOT whose val/ holds the checkpoint's validation images")
 
 
 def run_export(args) -> int:
+    if args.format == "onnx-int8":
+        from ..errors import PneumoniaCNNError
+        from ..inference.quantize import export_int8
+        if not args.data:
+            raise PneumoniaCNNError("export --format onnx-int8 needs --data ROOT (the run's validation images)")
+        summary = export_int8(args.checkpoint, args.data, args.out)
+        print(f"written: {summary['out']} (int8, calibrated on {summary['calibration_images']} validation images; "
+              f"kept for --engine onnx-int8 in {summary['cached']})")
+        return 0
     from ..interop.export import export_model
     print(f"written: {export_model(args.checkpoint, args.format, args.out)}")
     return 0
@@ -117,7 +129,8 @@ def run_listen(args) -> int:
 
 COMMANDS = [
     Command("export", "export to ONNX or TorchScript with metadata", export_arguments, run_export,
-            ("pneumonia-cnn export runs/best/best.pt --format onnx --out model.onnx",)),
+            ("pneumonia-cnn export runs/best/best.pt --format onnx --out model.onnx",
+             "pneumonia-cnn export runs/best --format onnx-int8 --data chest_xray --out model.int8.onnx")),
     Command("import-keras", "import the tutorial's trained Keras model (.h5, .keras, .weights.h5)",
             import_keras_arguments, run_import_keras,
             ("pneumonia-cnn import-keras model.h5 --out keras.pt",)),

@@ -96,8 +96,9 @@ def compose_keras_matrix(theta, tx, ty, shear, zx, zy, flip, height, width) -> t
     return transform @ flipping
 
 
-def warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
-    """Sample ``images`` (B, C, H, W) at ``matrices`` @ (row, col, 1), bilinear, nearest-edge fill."""
+def warp(images: torch.Tensor, matrices: torch.Tensor, size=None) -> torch.Tensor:
+    """Sample ``images`` (B, C, H, W) at ``matrices`` @ (row, col, 1), bilinear, nearest-edge fill; with
+    ``size`` (h, w) the output covers the same field of view at that resolution (warp and resize in one pass)."""
     batch, _, height, width = images.shape
     # pixel p <-> normalised u = 2p/(n-1) - 1 (align_corners=True); grid_sample wants (x=col, y=row)
     scale = torch.diag(torch.tensor([(height - 1) / 2, (width - 1) / 2, 1.0], dtype=torch.float64))
@@ -106,19 +107,29 @@ def warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     to_normalised = torch.linalg.inv(to_pixels)
     normalised = to_normalised @ matrices @ to_pixels  # (row, col) order
     swap = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)
-    theta = (swap @ normalised @ swap)[:, :2, :].to(images.device, torch.float32)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=True)
+    theta = to_device((swap @ normalised @ swap)[:, :2, :].to(torch.float32), images.device)
+    out_shape = list(images.shape[:2]) + list(size or images.shape[2:])
+    grid = F.affine_grid(theta, out_shape, align_corners=True)
     return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def to_device(values: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    """Per-batch random parameters (drawn on the host, from the run's generator) to the device; through
+    pinned memory on CUDA, so that the copy does not wait for the device to finish the previous step."""
+    values = values.to(dtype) if dtype is not None else values
+    if torch.device(device).type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
 
 
 def _gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     batch, channels, height, width = images.shape
     radius = max(1, int(math.ceil(3 * float(sigmas.max()))))
     offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    safe = sigmas.clamp(min=1e-3).to(images.device, images.dtype)[:, None]
+    safe = to_device(sigmas.clamp(min=1e-3), images.device, images.dtype)[:, None]
     kernels = torch.exp(-0.5 * (offsets[None, :] / safe) ** 2)
     kernels = kernels / kernels.sum(dim=1, keepdim=True)
-    kernels = torch.where(sigmas.to(images.device)[:, None] > 0, kernels,
+    kernels = torch.where(to_device(sigmas, images.device)[:, None] > 0, kernels,
                           (offsets == 0).to(images.dtype)[None, :].expand_as(kernels))
     grouped = images.reshape(1, batch * channels, height, width)
     k = kernels.repeat_interleave(channels, dim=0)
@@ -148,14 +159,19 @@ def jpeg_batch(batch_uint8: np.ndarray, config: AugmentConfig, rng: np.random.Ge
     return out
 
 
-def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """``images`` float (B, 1, H, W) in [0, 1] on any device -> augmented batch, same shape and range."""
+def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator,
+                  size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``images`` float (B, 1, H, W) in [0, 1] on any device -> augmented batch in the same range, of the same
+    shape or, with ``size``, at that resolution (progressive resizing trains on smaller views of the cache)."""
     batch, _, height, width = images.shape
+    size = None if size is None or tuple(size) == (height, width) else tuple(size)
     if config.geometric:
-        images = warp(images, keras_transform_matrices(batch, height, width, config, generator))
+        images = warp(images, keras_transform_matrices(batch, height, width, config, generator), size)
+    elif size is not None:
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
 
     def uniform(low, high):
-        return (low + (high - low) * torch.rand(batch, generator=generator)).to(images.device, images.dtype)
+        return to_device(low + (high - low) * torch.rand(batch, generator=generator), images.device, images.dtype)
 
     view = (batch, 1, 1, 1)
     if config.gamma:

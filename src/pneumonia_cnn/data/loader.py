@@ -108,6 +108,42 @@ class BatchLoader:
                     thread.join(timeout=0.05)
 
 
+class DeviceBatchLoader(BatchLoader):
+    """The cached split copied to the device once; each epoch's order goes there in one copy and batches are
+    gathered on the device: no loader thread, no host-to-device copy per step (a GPU step is then bound by
+    the GPU, not by the host). The same batches, in the same order, as ``BatchLoader``; no JPEG
+    re-compression (that runs on the host)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, device, **options):
+        super().__init__(images, labels, batch_size, **options)
+        if self.augment is not None and self.augment.jpeg_quality and self.augment.jpeg_p:
+            raise ValueError("JPEG re-compression runs on the host: use BatchLoader")
+        self.device = torch.device(device)
+        self.device_images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        self.device_labels = torch.from_numpy(np.asarray(labels, dtype=np.float32)).to(self.device)
+
+    def __iter__(self):
+        order = self.indices()
+        on_device = torch.from_numpy(order.astype(np.int64)).to(self.device)
+        for number, start in enumerate(range(0, len(order), self.batch_size)):
+            if self.max_batches and number >= self.max_batches:
+                break
+            chosen = order[start:start + self.batch_size]
+            if self.drop_last and len(chosen) < self.batch_size:
+                break
+            index = on_device[start:start + self.batch_size]
+            yield self.device_images.index_select(0, index), self.device_labels.index_select(0, index), chosen
+
+
+def fits_on_device(images: np.ndarray, device, share: float = 0.25) -> bool:
+    """Whether the cached split takes at most ``share`` of the device's free memory (CUDA only)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return images.nbytes <= share * free
+
+
 def to_model_input(pixels: torch.Tensor, device, dtype=torch.float32) -> torch.Tensor:
     """uint8 (B, H, W) -> float (B, 1, H, W) in [0, 1] on ``device``; 3-channel models take it as gray RGB."""
     return pixels.to(device, non_blocking=True).unsqueeze(1).to(dtype).div_(255.0)

@@ -117,7 +117,7 @@ def onnxruntime_available() -> bool:
     return True
 
 
-ENGINES = ("auto", "torch", "onnx")
+ENGINES = ("auto", "torch", "onnx", "onnx-int8")
 
 
 def choose_engine(name: str, device: torch.device, amp: str) -> str:
@@ -125,11 +125,11 @@ def choose_engine(name: str, device: torch.device, amp: str) -> str:
     if name not in ENGINES:
         raise PneumoniaCNNError(f"--engine {name}: choose {', '.join(ENGINES)}")
     wants_amp = autocast_dtype(device, amp) is not None
-    if name == "onnx" and wants_amp:
-        raise PneumoniaCNNError(f"--amp {amp} runs on the torch engine (ONNX Runtime runs float32 here); use "
-                                f"--engine torch or auto")
-    if name == "onnx" and device.type != "cpu":
-        raise PneumoniaCNNError(f"--engine onnx runs on the CPU; use --device cpu, or --engine torch on {device}")
+    if name.startswith("onnx") and wants_amp:
+        raise PneumoniaCNNError(f"--amp {amp} runs on the torch engine (ONNX Runtime runs float32 or int8 here); "
+                                f"use --engine torch or auto")
+    if name.startswith("onnx") and device.type != "cpu":
+        raise PneumoniaCNNError(f"--engine {name} runs on the CPU; use --device cpu, or --engine torch on {device}")
     if name == "auto":
         return "onnx" if device.type == "cpu" and not wants_amp and onnxruntime_available() else "torch"
     return name
@@ -139,4 +139,7 @@ def make_engine(models, size, tta: bool, taps, device: torch.device, engine: str
     kind = choose_engine(engine, device, amp)
     if kind == "onnx":
         return OnnxEngine(models, size, tta, taps)
+    if kind == "onnx-int8":  # built beforehand by export --format onnx-int8 (quantize.py)
+        from .quantized import Int8Engine
+        return Int8Engine(models, size, tta, taps)
     return TorchEngine(models, device, tta, taps, amp)

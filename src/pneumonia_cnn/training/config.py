@@ -55,6 +55,9 @@ class TrainConfig:
     channels: int = option(3, "input channels: 3 (gray repeated, as the tutorial) or 1", choices=(1, 3))
     interpolation: str = option("bilinear", "resize filter (Keras' default is nearest)", choices=INTERPOLATIONS)
     intensity: str = option("none", "per-image intensity standardisation", choices=INTENSITIES)
+    size_schedule: dict = option({}, "progressive resizing as JSON {size: epochs}: the first epochs train on "
+                                     "smaller views of the cache, smallest first, e.g. '{\"128\": 6}'; the other "
+                                     "epochs, validation and the checkpoint use --size", metavar="JSON")
     # optimisation
     epochs: int = option(10, "passes over the training images", minimum=1)
     batch_size: int = option(32, "images per step", minimum=1)
@@ -93,6 +96,8 @@ class TrainConfig:
                               "off, bf16 or fp16", choices=("auto", "off", "bf16", "fp16"))
     channels_last: bool = option(True, "channels-last memory layout (faster convolutions)")
     compile: bool = option(False, "torch.compile the model")
+    cuda_graph: bool = option(False, "replay the training step (forward, backward, optimiser) as one CUDA graph: "
+                                     "CUDA, one process, batches of --batch-size (others step eagerly)")
     max_steps_per_epoch: int = option(0, "stop each epoch after N steps (smoke tests, benchmarks; 0 = all)",
                                       minimum=0)
     population: str = option("", "who the training X-rays come from (for the model card)")
@@ -114,6 +119,7 @@ class TrainConfig:
             AugmentConfig.from_dict(self.augment)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"augment: {error}") from None
+        self.size_schedule = _size_schedule(self.size_schedule, self.size, self.epochs)
         if self.age_range_years is not None:
             low, high = _age_range(self.age_range_years)
             self.age_range_years = [low, high]
@@ -123,6 +129,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def size_at(self, epoch: int) -> tuple[int, int]:
+        """The training input size of ``epoch`` (0-based) under ``size_schedule`` and the epoch its phase began."""
+        start = 0
+        for size, epochs in sorted((int(k), v) for k, v in self.size_schedule.items()):
+            if epoch < start + epochs:
+                return size, start
+            start += epochs
+        return self.size, start
 
 
 def _coerce(spec: dataclasses.Field, value):
@@ -152,6 +167,19 @@ def _check_field(spec: dataclasses.Field, value):
         raise ConfigError(f"{name}: {value!r} is below the minimum {meta['minimum']}")
     if meta.get("maximum") is not None and value > meta["maximum"]:
         raise ConfigError(f"{name}: {value!r} is above the maximum {meta['maximum']}")
+
+
+def _size_schedule(value: dict, size: int, epochs: int) -> dict:
+    try:
+        schedule = {str(int(k)): int(v) for k, v in value.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"size_schedule: expected {{size: epochs}} with whole numbers, got {value!r}") from None
+    if any(not 16 <= int(k) < size or v < 1 for k, v in schedule.items()):
+        raise ConfigError(f"size_schedule: sizes must lie in [16, size={size}) and epochs be >= 1, got {value!r}")
+    if sum(schedule.values()) >= epochs:
+        raise ConfigError(f"size_schedule: {sum(schedule.values())} epochs at smaller sizes leave none of the "
+                          f"{epochs} at size {size}")
+    return schedule
 
 
 def _age_range(value) -> tuple[float, float]:

@@ -95,21 +95,27 @@ def train_step(run: Run, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[to
     config, state = run.config, run.state
     for group in state.optimizer.param_groups:
         group["lr"] = config.lr * learning_rate_factor(config, run.global_step, run.total_steps, run.steps_per_epoch)
-    x = augment_batch(to_model_input(pixels, run.device), run.augment, state.generator)
+    size, phase_start = config.size_at(state.epoch)
+    x = augment_batch(to_model_input(pixels, run.device), run.augment, state.generator, (size, size))
     if config.channels == 3:  # the cache stays gray; oneDNN runs 3-channel channels-last input fastest
         x = x.expand(-1, 3, -1, -1)
     if config.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = labels.to(run.device, non_blocking=True)
     target = y * (1 - config.label_smoothing) + 0.5 * config.label_smoothing
-    with autocast(run.device, run.amp_dtype):
-        logits = run.forward(x).float()
-    loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=run.pos_weight)
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    state.optimizer.step()
+    if run.graphed is not None and x.shape == run.graphed.x.shape:  # one CUDA graph replay (graphed.py)
+        logits, loss = run.graphed.step(x, target)
+    else:
+        with autocast(run.device, run.amp_dtype):
+            logits = run.forward(x).float()
+        loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=run.pos_weight)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
     if state.ema_model is not None:
-        update_ema(state.ema_model, state.model, ema_decay_at(config, run.global_step))
+        # the average restarts when the input size changes: weights fitted to another scale would blur it
+        update_ema(state.ema_model, state.model,
+                   ema_decay_at(config, run.global_step - phase_start * run.steps_per_epoch))
     return loss.detach(), ((logits.detach() > 0).float() == y).sum()
 
 

@@ -17,8 +17,9 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..data.augment import AugmentConfig
-from ..data.loader import BatchLoader
+from ..data.loader import BatchLoader, DeviceBatchLoader, fits_on_device
 from ..device import autocast_dtype, keep_freed_memory_for_reuse, resolve_device
+from ..errors import ConfigError
 from ..fileio import display_path, write_json_atomic
 from ..models import count_parameters, create_model
 from .config import TrainConfig
@@ -48,6 +49,7 @@ class Run:
     parameters: int
     tracker: object = None
     epoch_started: float = field(default_factory=time.perf_counter)
+    graphed: object = None  # the step as one CUDA graph (graphed.py), with --cuda-graph
 
     @property
     def steps_per_epoch(self) -> int:
@@ -81,6 +83,7 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
         start_from(model, config)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    _check_schedule_sizes(model, config, device)
     state = TrainingState(model, make_optimizer(config, model),
                           torch.Generator().manual_seed(config.seed * 1000 + dist_info.rank),
                           copy.deepcopy(model).eval() if config.ema_decay else None)
@@ -91,11 +94,37 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
         run_id = saved.get("run_id", run_id)
         if dist_info.main:
             log.info("resuming %s at epoch %d step %d", display_path(out), state.epoch + 1, state.step_in_epoch)
-    return Run(config, out, dist_info, device, autocast_dtype(device, config.amp),
-               AugmentConfig.from_dict(config.augment), train_set, val_set, state,
-               _forward_module(config, model, dist_info, device),
-               _make_loader(config, train_set, dist_info, device), _pos_weight(config, train_set, device), run_id,
-               count_parameters(model)[0], _make_tracker(config, out, run_id, dist_info))
+    run = Run(config, out, dist_info, device, autocast_dtype(device, config.amp),
+              AugmentConfig.from_dict(config.augment), train_set, val_set, state,
+              _forward_module(config, model, dist_info, device),
+              _make_loader(config, train_set, dist_info, device), _pos_weight(config, train_set, device), run_id,
+              count_parameters(model)[0], _make_tracker(config, out, run_id, dist_info))
+    run.graphed = _graphed_step(run)
+    return run
+
+
+def _check_schedule_sizes(model, config: TrainConfig, device):
+    """Progressive resizing needs a model whose head does not depend on the input size (not ``seed``)."""
+    for size in sorted(int(k) for k in config.size_schedule):
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, config.channels, size, size, device=device))
+        except RuntimeError:
+            raise ConfigError(f"size_schedule: model {config.model} cannot take {size}x{size} input (its head "
+                              f"depends on the input size)") from None
+    model.train()
+
+
+def _graphed_step(run: Run):
+    config = run.config
+    if not config.cuda_graph:
+        return None
+    if run.device.type != "cuda" or run.dist.enabled:
+        log.warning("--cuda-graph needs one process on CUDA; stepping eagerly on %s", run.device)
+        return None
+    from .graphed import GraphedStep
+    return GraphedStep(run.state.model, run.forward, run.state.optimizer, run.amp_dtype, run.pos_weight,
+                       (config.batch_size, config.channels, config.size, config.size), run.device)
 
 
 def start_from(model: torch.nn.Module, config: TrainConfig):
@@ -130,10 +159,13 @@ def _make_loader(config: TrainConfig, train_set, dist_info: Distributed, device)
     if config.class_balance == "sampler":
         positives = float(train_set.labels.mean())
         sample_weights = np.where(train_set.labels == 1, 0.5 / positives, 0.5 / (1 - positives))
-    return BatchLoader(train_set.images, train_set.labels, config.batch_size, shuffle=True, seed=config.seed,
-                       sample_weights=sample_weights, rank=dist_info.rank, world_size=dist_info.world_size,
-                       augment=AugmentConfig.from_dict(config.augment), pin_memory=device.type == "cuda",
-                       max_batches=config.max_steps_per_epoch or None)
+    augment = AugmentConfig.from_dict(config.augment)
+    options = dict(shuffle=True, seed=config.seed, sample_weights=sample_weights, rank=dist_info.rank,
+                   world_size=dist_info.world_size, augment=augment, max_batches=config.max_steps_per_epoch or None)
+    if not (augment.jpeg_quality and augment.jpeg_p) and fits_on_device(train_set.images, device):
+        return DeviceBatchLoader(train_set.images, train_set.labels, config.batch_size, device, **options)
+    return BatchLoader(train_set.images, train_set.labels, config.batch_size, pin_memory=device.type == "cuda",
+                       **options)
 
 
 def _pos_weight(config: TrainConfig, train_set, device):

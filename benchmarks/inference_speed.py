@@ -1,0 +1,103 @@
+"""Inference speed through ``Predictor`` (the library's scoring path) for each engine, and the int8 engine
+against the float32 ONNX engine: throughput, single-image latency and, for a trained checkpoint, its
+agreement on the shared ``test`` split (ROC AUC, labels at the checkpoint's threshold, OOD flags)."""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ENGINES = (("torch", "off"), ("onnx", "off"), ("torch", "bf16"), ("onnx-int8", "off"))  # --engine, --amp
+
+
+def engine_key(engine: str, amp: str) -> str:
+    return (engine if amp == "off" else f"{engine}_{amp}").replace("-", "_")
+
+
+def speed(predictor, batch: np.ndarray, batch_size: int, latency_runs: int) -> dict:
+    """Images/s over the batch (after one warm-up batch) and single-image p50/p95 latency in ms."""
+    predictor.predict_arrays(batch[:batch_size], batch_size)
+    start = time.perf_counter()
+    predictor.predict_arrays(batch, batch_size)
+    throughput = len(batch) / (time.perf_counter() - start)
+    one = batch[:1]
+    for _ in range(5):
+        predictor.probabilities_from_pixels(one)
+    latencies = []
+    for _ in range(latency_runs):
+        start = time.perf_counter()
+        predictor.probabilities_from_pixels(one)
+        latencies.append((time.perf_counter() - start) * 1000)
+    return {"images_per_s": throughput, "batch_size": batch_size,
+            "single_image_ms_p50": float(np.percentile(latencies, 50)),
+            "single_image_ms_p95": float(np.percentile(latencies, 95))}
+
+
+def prepare_int8(checkpoint, data: str, calibration: np.ndarray | None = None) -> dict:
+    """Build the checkpoint's int8 graph into a private cache (``PNEUMONIA_CNN_CACHE``): from its own
+    validation split (``export --format onnx-int8``) or, for the untrained benchmark checkpoint, from
+    ``calibration`` images."""
+    os.environ["PNEUMONIA_CNN_CACHE"] = tempfile.mkdtemp(prefix="pcnn-bench-int8-")
+    start = time.perf_counter()
+    if calibration is None:
+        from pneumonia_cnn.inference.quantize import export_int8
+        export_int8(checkpoint, data, Path(os.environ["PNEUMONIA_CNN_CACHE"]) / "model.int8.onnx")
+    else:
+        from pneumonia_cnn.inference.bundle import load_bundle
+        from pneumonia_cnn.inference.quantize import quantize_served
+        from pneumonia_cnn.inference.quantized import served_key, store_path
+        bundle = load_bundle(checkpoint)
+        model, size = bundle.models[0], bundle.preprocessing.size
+        path = store_path(served_key(model, size, bundle.tta, bundle.taps))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(quantize_served(model, size, bundle.tta, bundle.taps, calibration))
+    return {"build_seconds": time.perf_counter() - start}
+
+
+def bench_engines(checkpoint, pixels: np.ndarray, batch_size: int, latency_runs: int, repeats: int = 3) -> dict:
+    """Every engine's speed, the engines interleaved and repeated (medians): the ratios compare runs made
+    under the same conditions."""
+    from pneumonia_cnn.inference import Predictor
+    predictors, results = {}, {}
+    for engine, amp in ENGINES:
+        try:
+            predictors[engine_key(engine, amp)] = Predictor(checkpoint, "cpu", amp=amp, engine=engine)
+        except Exception as error:  # onnxruntime missing, or no int8 graph built
+            results[engine_key(engine, amp)] = {"skipped": str(error)}
+    runs = {key: [] for key in predictors}
+    for _ in range(repeats):
+        for key, predictor in predictors.items():
+            runs[key].append(speed(predictor, pixels, batch_size, latency_runs))
+    for key, measured in runs.items():
+        results[key] = {name: statistics.median(run[name] for run in measured) for name in measured[0]}
+        results[key]["images_per_s_runs"] = [run["images_per_s"] for run in measured]
+    return results
+
+
+def int8_agreement(checkpoint, data: str) -> tuple[dict, np.ndarray]:
+    """The int8 engine against float32 ONNX on ``data``/test: ROC AUC of each, share of identical labels at
+    the checkpoint's threshold, share of identical OOD flags; and the test images (for timing)."""
+    from sklearn.metrics import roc_auc_score
+
+    from pneumonia_cnn.data.cache import build_or_load
+    from pneumonia_cnn.data.dataset import load_split
+    from pneumonia_cnn.inference import Predictor
+    float32 = Predictor(checkpoint, "cpu", engine="onnx")
+    int8 = Predictor(checkpoint, "cpu", engine="onnx-int8")
+    pre = float32.bundle.preprocessing
+    test = build_or_load(load_split(data, "test"), pre.size, pre.interpolation, pre.intensity)
+    pixels = np.asarray(test.images)
+    reference, quantised = float32.score(pixels), int8.score(pixels)
+    labels = [s.probabilities >= float32.threshold for s in (reference, quantised)]
+    result = {"images": len(pixels), "roc_auc_float32": float(roc_auc_score(test.labels, reference.raw)),
+              "roc_auc_int8": float(roc_auc_score(test.labels, quantised.raw)),
+              "same_label": float(np.mean(labels[0] == labels[1])),
+              "max_abs_logit_difference": float(np.abs(reference.raw - quantised.raw).max())}
+    if float32.ood is not None:
+        flags = [float32.ood.score_features(s.features) > float32.ood.threshold for s in (reference, quantised)]
+        result["same_ood_flag"] = float(np.mean(flags[0] == flags[1]))
+    return result, pixels

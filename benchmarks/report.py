@@ -1,0 +1,103 @@
+"""The table that benchmarks/run.py prints from its results (each ratio names what it was compared with)."""
+from __future__ import annotations
+
+
+def _training_rows(results) -> list[tuple[str, str]]:
+    rows = []
+    for when, peak in results.get("peak_gflops", {}).items():
+        rows.append((f"matmul peak ({when} training)", f"bf16 {peak['bfloat16']:.0f} GFLOP/s, "
+                                                       f"float32 {peak['float32']:.0f} GFLOP/s"))
+    t = results.get("training")
+    if t:
+        rows.append((f"training {t['model']} {t['size']}x{t['size']} batch {t['batch_size']} {t['precision']} "
+                     f"(library loop)", f"{t['images_per_s']:.1f} img/s median of {len(t['runs'])} "
+                                        f"(min {min(t['runs']):.1f}, max {max(t['runs']):.1f}, "
+                                        f"spread {t['spread']:.0%})"))
+        if "mfu_of_bfloat16_peak" in t:
+            flops = results["model_flops_per_image"]["training"]
+            rows.append(("model FLOP utilisation", f"{t['achieved_gflops']:.0f} GFLOP/s ({flops / 1e9:.2f} GFLOP/image)"
+                                                   f" = {t['mfu_of_bfloat16_peak']:.0%} of the bf16 peak, "
+                                                   f"{t['mfu_of_float32_peak']:.0%} of the float32 peak"))
+    e = results.get("epochs")
+    if e:
+        rows.append(("first epoch / later epoch",
+                     f"{e['first_epoch_seconds']:.0f} s / {e['later_epoch_seconds']:.0f} s"))
+    if "peak_rss_mb_after_training" in results:
+        rows.append(("peak resident memory (training)", f"{results['peak_rss_mb_after_training']:.0f} MB"))
+    return rows
+
+
+def _inference_rows(results) -> list[tuple[str, str]]:
+    rows = []
+    for key in ("torch", "onnx", "torch_bf16", "onnx_int8"):
+        i = results.get(f"inference_{key}")
+        if i and "images_per_s" in i:
+            rows.append((f"inference batch {i['batch_size']}, {key} engine",
+                         f"{i['images_per_s']:.1f} img/s; one image p50 {i['single_image_ms_p50']:.1f} ms, "
+                         f"p95 {i['single_image_ms_p95']:.1f} ms"))
+    onnx, int8 = results.get("inference_onnx", {}), results.get("inference_onnx_int8", {})
+    if "images_per_s" in onnx and "images_per_s" in int8:
+        rows.append(("int8 / float32 ONNX (same run)", f"x{int8['images_per_s'] / onnx['images_per_s']:.2f}"))
+    trained = results.get("int8_trained")
+    if trained:
+        engines = trained["engines"]
+        ratio = engines["onnx_int8"]["images_per_s"] / engines["onnx"]["images_per_s"]
+        rows.append(("int8 on the trained checkpoint's test split",
+                     f"ROC AUC {trained['roc_auc_int8']:.4f} vs float32 {trained['roc_auc_float32']:.4f}; same "
+                     f"label {trained['same_label']:.1%}, same OOD flag {trained.get('same_ood_flag', 0):.1%} of "
+                     f"{trained['images']}; x{ratio:.2f} the float32 ONNX img/s, one image p50 "
+                     f"{engines['onnx_int8']['single_image_ms_p50']:.1f} ms vs "
+                     f"{engines['onnx']['single_image_ms_p50']:.1f} ms"))
+    return rows
+
+
+def _other_rows(results) -> list[tuple[str, str]]:
+    rows = []
+    if "server" in results:
+        s = results["server"]
+        rows.append(("server /predict, 16 concurrent", f"{s['requests_per_s']:.1f} req/s, p50 {s['p50_ms']:.0f} ms, "
+                                                       f"p95 {s['p95_ms']:.0f} ms"))
+    for row in results.get("streaming_memory", []):
+        rows.append((f"streaming {row['images']:,} cached images", f"anonymous {row['anon_mb_after']:.0f} MB"))
+    if "distributed" in results:
+        runs = results["distributed"]["runs"]
+        rows.append(("data parallel 1 vs 2 processes (Gloo)", f"{runs[0]['images_per_s']:.1f} vs "
+                                                               f"{runs[1]['images_per_s']:.1f} img/s"))
+    return rows
+
+
+def _keras_rows(results) -> list[tuple[str, str]]:
+    k = results.get("keras")
+    if not k:
+        return []
+    if "skipped" in k:
+        return [("Keras peers", k["skipped"])]
+    tutorial = k["tutorial"]
+    rows = [("Keras tutorial pipeline (ImageDataGenerator)",
+             f"train {tutorial['training_images_per_s']:.1f} img/s, predict {tutorial['predict_images_per_s']:.1f} "
+             f"img/s; ours x{tutorial['ratio_training_ours_to_keras']:.2f} in training, onnx engine "
+             f"x{tutorial.get('ratio_inference_onnx_to_keras', 0):.2f} in inference")]
+    peer = k.get("tfdata_bf16")
+    if peer:
+        rows.append(("Keras tf.data + cache + mixed_bfloat16", f"train {peer['keras_images_per_s_median']:.1f} img/s "
+                     f"vs ours {peer['ours_images_per_s_median']:.1f}: ours x{peer['ratio_median']:.2f} (median of "
+                     f"{len(peer['pairs'])} interleaved pairs: "
+                     + ", ".join(f"x{p['ratio']:.2f}" for p in peer["pairs"]) + ")"))
+    return rows
+
+
+def print_table(results):
+    rows = [("device", f"{results['device']} ({results['threads']} threads, {results['cpu']}); load average "
+                       f"{results['load_average_start']:.1f} at start, "
+                       f"{results.get('load_average_end', 0):.1f} at end")]
+    if "cache" in results:
+        c = results["cache"]
+        rows.append(("cache build (decode, all cores)", f"{c['build_seconds']:.1f} s for {c['images']} images "
+                                                         f"({c['decode_images_per_s']:.0f} img/s)"))
+    if "data_pipeline" in results:
+        ratio = results["data_pipeline"]["images_per_s"] / results.get("training", {}).get("images_per_s", float("nan"))
+        rows.append(("data pipeline alone (cache + augmentation)",
+                     f"{results['data_pipeline']['images_per_s']:.0f} img/s ({ratio:.0f}x training)"))
+    rows += _training_rows(results) + _inference_rows(results) + _other_rows(results) + _keras_rows(results)
+    width = max(len(r[0]) for r in rows) + 2
+    print("\n".join(f"{name:<{width}}{value}" for name, value in rows))

@@ -1,0 +1,110 @@
+"""Building the int8 served graph (``export --format onnx-int8``): calibration on the checkpoint's own
+validation images, ONNX Runtime static quantisation (QDQ: int8 weights per channel, uint8 activations, the
+form ONNX Runtime runs with VNNI instructions on x86), written to a file and to the cache that
+``--engine onnx-int8`` (``quantized.Int8Engine``) reads."""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import PneumoniaCNNError
+from ..fileio import atomic_path, display_path
+from .bundle import load_bundle
+from .engines import ServedModel, export_onnx_bytes
+from .quantized import served_key, store_path
+
+log = logging.getLogger(__name__)
+CALIBRATION_BATCH = 32
+# the network's arithmetic only: the OOD taps' reductions (mean, spread, concatenation, the slice that keeps
+# the unflipped half) stay float32, since one uint8 scale over a concatenated feature vector would erase it
+QUANTIZED_OPS = ["Conv", "Relu", "Gemm", "MatMul", "Add", "MaxPool", "GlobalAveragePool"]
+
+
+class CalibrationImages:
+    """ONNX Runtime's ``CalibrationDataReader``: batches of gray (B, 1, H, W) float32 in [0, 1]."""
+
+    def __init__(self, pixels_uint8: np.ndarray, input_name: str = "image"):
+        self.batches = iter([np.asarray(pixels_uint8[i:i + CALIBRATION_BATCH], dtype=np.float32)[:, None] / 255.0
+                             for i in range(0, len(pixels_uint8), CALIBRATION_BATCH)])
+        self.input_name = input_name
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {self.input_name: batch}
+
+
+def image_stem(path) -> list[str]:
+    """The nodes from the image to the second convolution (the stem: first convolution, ReLU, pooling) stay
+    float32: with one or three (repeated gray) input channels an int8 convolution gains nothing, and the
+    quantise/dequantise and layout changes around it would cost more than the stem itself."""
+    import onnx
+    stem, convolutions = [], 0
+    for node in onnx.load(str(path)).graph.node:
+        convolutions += node.op_type == "Conv"
+        if convolutions > 1:
+            break
+        stem.append(node.name)
+    return stem
+
+
+def quantize_served(model: torch.nn.Module, size, tta: bool, taps, calibration_pixels: np.ndarray) -> bytes:
+    """The served graph exported to ONNX, optimised (batch norm folded) and statically quantised (QDQ)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    served = ServedModel(model, tta, taps).eval()
+    # gray goes straight into the first convolution (``InputConv2d`` sums its kernel over the RGB channels: the
+    # same function): ONNX Runtime runs a one-channel convolution faster than three repeated channels
+    served.channels = 1
+    folder = Path(tempfile.mkdtemp(prefix="pcnn-int8-"))
+    try:
+        (folder / "float.onnx").write_bytes(export_onnx_bytes(served, size))
+        quant_pre_process(str(folder / "float.onnx"), str(folder / "prepared.onnx"), skip_symbolic_shape=True)
+        quantize_static(str(folder / "prepared.onnx"), str(folder / "int8.onnx"), CalibrationImages(calibration_pixels),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=image_stem(folder / "prepared.onnx"))
+        return (folder / "int8.onnx").read_bytes()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def validation_pixels(checkpoint: dict, data_root) -> np.ndarray:
+    """The checkpoint's validation images read from ``data_root`` with its preprocessing; refused when they
+    are not the images its decision was fitted on (the stored fingerprints)."""
+    from ..data.cache import build_or_load
+    from ..data.dataset import load_split
+    from ..data.fingerprint import file_fingerprints
+    images = load_split(data_root, "val")
+    stored = ((checkpoint.get("reference") or {}).get("val") or {}).get("fingerprints")
+    if stored is not None and sorted(file_fingerprints(images.paths)) != sorted(stored):
+        raise PneumoniaCNNError(f"{display_path(Path(data_root) / 'val')}: not the validation images this "
+                                f"checkpoint's decision was fitted on (its stored fingerprints differ); "
+                                f"calibrate on the run's own validation split")
+    if stored is None:
+        log.warning("the checkpoint stores no validation fingerprints: cannot check that %s is its validation "
+                    "split", display_path(Path(data_root) / "val"))
+    pre = checkpoint["preprocessing"]
+    cached = build_or_load(images, tuple(pre["size"]), pre.get("interpolation", "bilinear"),
+                           pre.get("intensity", "none"))
+    return np.asarray(cached.images)
+
+
+def export_int8(checkpoint_path, data_root, out, cache_dir=None) -> dict:
+    """Build the int8 served graph of one checkpoint, write it to ``out`` and to the cache; returns a summary."""
+    bundle = load_bundle(checkpoint_path)
+    if len(bundle.models) != 1:
+        raise PneumoniaCNNError("export --format onnx-int8 takes one checkpoint")
+    pixels = validation_pixels(bundle.checkpoints[0], data_root)
+    size, model = bundle.preprocessing.size, bundle.models[0]
+    payload = quantize_served(model, size, bundle.tta, bundle.taps, pixels)
+    stored = store_path(served_key(model, size, bundle.tta, bundle.taps), cache_dir)
+    for target in (Path(out), stored):
+        with atomic_path(target) as temporary:
+            Path(temporary).write_bytes(payload)
+    return {"out": str(out), "cached": str(stored), "calibration_images": len(pixels), "tta": bundle.tta,
+            "taps": len(bundle.taps)}

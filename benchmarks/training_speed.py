@@ -72,9 +72,10 @@ class LibraryLoop:
         self.chunks += 1
         self.run.state.epoch, self.run.state.step_in_epoch = self.chunks, 0  # nothing skipped
         _sync(self.device)
-        start = time.perf_counter()
+        start, before = time.perf_counter(), self.run.state.sums.count
         train_one_epoch(self.run, self.stop)
-        return steps * self.config.batch_size / (time.perf_counter() - start)
+        # the images the steps took: an epoch may hold fewer than ``steps`` batches (large batches, small folder)
+        return (self.run.state.sums.count - before) / (time.perf_counter() - start)
 
     def describe(self) -> dict:
         run = self.run

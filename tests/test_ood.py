@@ -304,3 +304,15 @@ def test_detector_stored_by_older_versions_loads_and_scores_as_before():
     features, _ = extract(model, queries, detector.taps)
     np.testing.assert_allclose(detector.score(features), expected, rtol=1e-6, atol=1e-8)
     assert detector.threshold == 0.5 and "Mahalanobis" in detector.describe()
+
+
+def test_neighbour_score_is_the_kth_nearest_distance_that_scikit_learn_finds():
+    from sklearn.neighbors import NearestNeighbors
+
+    from pneumonia_cnn.ood.scorers import NeighbourScore
+    rng = np.random.default_rng(0)
+    reference, queries = rng.normal(size=(300, 16)), rng.normal(size=(50, 16))
+    scorer = NeighbourScore.fit(reference, k=7)
+    expected, _ = NearestNeighbors(n_neighbors=7).fit(scorer.reference).kneighbors(NeighbourScore.normalise(queries))
+    assert np.allclose(scorer.score(queries, chunk=16), expected[:, -1], atol=1e-6)
+    assert NeighbourScore.fit(reference[:3], k=7).k == 3  # clamped to a tiny reference set

@@ -74,3 +74,15 @@ def test_predict_in_bf16_stays_close_to_float32(trained_run, capsys):
     assert 0 < difference.max() < 0.03  # bf16 really ran, and moved no probability by more than 0.03
     assert main(["predict", str(trained_run), str(images[0]), "--engine", "onnx", "--amp", "bf16"]) == 2
     assert "--amp bf16 runs on the torch engine" in capsys.readouterr().err
+
+
+def test_auto_engine_keeps_torch_for_a_few_images_and_onnx_for_many():
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from pneumonia_cnn.inference.engines import ONNX_MIN_IMAGES, choose_engine
+    cpu = torch.device("cpu")
+    assert choose_engine("auto", cpu, "off", images=1) == "torch"  # the ONNX export would cost more than it saves
+    assert choose_engine("auto", cpu, "off", images=ONNX_MIN_IMAGES) == "onnx"
+    assert choose_engine("auto", cpu, "off") == "onnx"  # a server or a fit: the number is not known
+    assert choose_engine("onnx", cpu, "off", images=1) == "onnx"  # asked for explicitly

@@ -82,3 +82,13 @@ def main(argv=None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def entry() -> int:
+    """The ``pneumonia-cnn`` program: ``main``, then a quick exit. At interpreter exit the garbage collector
+    would walk every object torch's modules made (about 0.3 s of a 2 s one-image predict); frozen, it skips
+    them. Only for a process that ends here: ``main`` itself, called in-process, leaves the collector alone."""
+    import gc
+    status = main()
+    gc.freeze()
+    return status

@@ -120,8 +120,14 @@ def onnxruntime_available() -> bool:
 ENGINES = ("auto", "torch", "onnx", "onnx-int8")
 
 
-def choose_engine(name: str, device: torch.device, amp: str) -> str:
-    """``auto``: ONNX Runtime on CPUs in float32 (the fastest float32 path there), torch otherwise."""
+# below this many images ``auto`` keeps the torch engine: exporting the graph to ONNX costs about 0.4 s, more
+# than ONNX Runtime saves on a few images (README, "Speed": one image from a fresh process)
+ONNX_MIN_IMAGES = 16
+
+
+def choose_engine(name: str, device: torch.device, amp: str, images: int | None = None) -> str:
+    """``auto``: ONNX Runtime on CPUs in float32 (the fastest float32 path there) for ``images`` of at least
+    ``ONNX_MIN_IMAGES`` or an unknown number (a server, a fit), torch otherwise."""
     if name not in ENGINES:
         raise PneumoniaCNNError(f"--engine {name}: choose {', '.join(ENGINES)}")
     wants_amp = autocast_dtype(device, amp) is not None
@@ -131,12 +137,14 @@ def choose_engine(name: str, device: torch.device, amp: str) -> str:
     if name.startswith("onnx") and device.type != "cpu":
         raise PneumoniaCNNError(f"--engine {name} runs on the CPU; use --device cpu, or --engine torch on {device}")
     if name == "auto":
-        return "onnx" if device.type == "cpu" and not wants_amp and onnxruntime_available() else "torch"
+        few = images is not None and images < ONNX_MIN_IMAGES
+        return "onnx" if device.type == "cpu" and not wants_amp and not few and onnxruntime_available() else "torch"
     return name
 
 
-def make_engine(models, size, tta: bool, taps, device: torch.device, engine: str = "auto", amp: str = "off"):
-    kind = choose_engine(engine, device, amp)
+def make_engine(models, size, tta: bool, taps, device: torch.device, engine: str = "auto", amp: str = "off",
+                images: int | None = None):
+    kind = choose_engine(engine, device, amp, images)
     if kind == "onnx":
         return OnnxEngine(models, size, tta, taps)
     if kind == "onnx-int8":  # built beforehand by export --format onnx-int8 (quantize.py)

@@ -51,12 +51,13 @@ class NeighbourScore:
     kind = "knn"
 
     def __init__(self, reference, k: int):
-        from sklearn.neighbors import NearestNeighbors
         self.reference = np.asarray(reference.float() if isinstance(reference, torch.Tensor) else reference,
                                     dtype=np.float32)
         self.k = max(1, min(int(k), len(self.reference)))  # a tiny reference set (a few site images) has fewer
-        # brute force: one matrix product, faster than trees in these dimensions (tens to hundreds)
-        self.index = NearestNeighbors(n_neighbors=self.k, algorithm="brute").fit(self.reference)
+        # brute force, one matrix product per chunk: faster than trees in these dimensions (tens to hundreds),
+        # and scikit-learn's index would cost more to import (over a second) than a one-image predict to run
+        self._reference64 = self.reference.astype(np.float64)
+        self._reference_norms = np.einsum("ij,ij->i", self._reference64, self._reference64)
 
     @staticmethod
     def normalise(features: np.ndarray) -> np.ndarray:
@@ -67,9 +68,16 @@ class NeighbourScore:
         # rounded as stored (half precision), so that the scores a checkpoint gives are those it was fitted on
         return cls(cls.normalise(features).astype(np.float16), k)
 
-    def score(self, features: np.ndarray) -> np.ndarray:
-        distances, _ = self.index.kneighbors(self.normalise(features).astype(np.float32))
-        return distances[:, -1].astype(np.float64)
+    def score(self, features: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """Euclidean distance from each row to its k-th nearest reference row (after normalising the rows)."""
+        queries = self.normalise(np.asarray(features, dtype=np.float64))
+        kth = np.empty(len(queries))
+        for start in range(0, len(queries), chunk):
+            block = queries[start:start + chunk]
+            squared = (np.einsum("ij,ij->i", block, block)[:, None] + self._reference_norms[None, :]
+                       - 2.0 * block @ self._reference64.T)
+            kth[start:start + chunk] = np.partition(squared, self.k - 1, axis=1)[:, self.k - 1]
+        return np.sqrt(np.maximum(kth, 0.0))
 
     def state(self) -> dict:
         # half precision: unit-length features lose nothing a 10th-neighbour distance notices, and the

@@ -1,0 +1,41 @@
+"""Wall time of ``pneumonia-cnn predict IMAGE`` in a fresh process with the built-in model (issue 21's "one
+image from a fresh install <= 2 s"): the installed console script, ``--runs`` times, median and spread."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+IMAGE = PROJECT / "src" / "pneumonia_cnn" / "builtin" / "examples" / "NORMAL_IM-0128-0001.jpeg"
+
+
+def wall(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--image", default=str(IMAGE))
+    args = parser.parse_args()
+    script = shutil.which("pneumonia-cnn", path=str(Path(sys.executable).parent)) or shutil.which("pneumonia-cnn")
+    results = {}
+    for label, command in (("predict (built-in model)", [script, "predict", args.image]),
+                           ("python -c 'import torch' (floor)", [sys.executable, "-c", "import torch"])):
+        wall(command)  # file cache warm, as after an install
+        times = [wall(command) for _ in range(args.runs)]
+        results[label] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+        print(f"{label:<36} median {statistics.median(times):.2f} s  (min {min(times):.2f}, max {max(times):.2f})")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The model in the box: it loads, is the file its card says, reproduces its recorded figures, and every
+command uses it when no checkpoint is given."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pneumonia_cnn import builtin
+from pneumonia_cnn.checkpoint import load_checkpoint
+from pneumonia_cnn.cli import main
+from tests.conftest import SHARED_DATA, require_shared
+
+
+def test_the_shipped_file_is_the_one_its_card_records():
+    card = builtin.card()
+    assert builtin.sha256() == card["sha256"]
+    checkpoint = load_checkpoint("builtin")
+    assert checkpoint["run_id"] == card["run_id"] and checkpoint["config"]["preset"] == "best"
+    assert checkpoint["config"]["seed"] == card["training"]["seed"] and checkpoint.get("ood")
+    assert "CC BY 4.0" in card["data"]["license"] and "Kermany" in card["data"]["attribution"]
+    assert card["reproduce"].startswith("pneumonia-cnn train --data ../shared/data/chest_xray_224")
+    assert builtin.checkpoint_path().stat().st_size < 5 * 1024 * 1024
+
+
+def test_it_reproduces_its_recorded_figures_on_the_shared_test_folder(tmp_path):
+    require_shared()
+    from pneumonia_cnn.evaluation.evaluate import evaluate
+    report = evaluate("builtin", SHARED_DATA, "test", device="cpu", bootstrap=200, figures=False)
+    recorded = builtin.card()["figures"]["shared_test"]
+    for name in ("accuracy", "sensitivity", "specificity", "roc_auc", "ece"):
+        assert report["metrics"][name]["value"] == pytest.approx(recorded[name]["value"], abs=1e-6), name
+    assert report["threshold"] == pytest.approx(recorded["threshold"], abs=1e-9)
+
+
+def test_predict_info_and_examples_need_no_checkpoint(capsys):
+    examples = builtin.example_paths()
+    assert len(examples) >= 4 and {p.name.split("_")[0] for p in examples} == {"NORMAL", "PNEUMONIA"}
+    assert main(["predict", *map(str, examples), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == [builtin.card()["run_id"]] * len(examples)
+    truth = [p.name.split("_")[0] for p in examples]
+    assert [r["label"] for r in rows] == truth  # the examples are ones it gets right, as the card says
+    assert all(r["in_distribution"] for r in rows)
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "children aged 1 to 5" in text and builtin.card()["run_id"] in text
+
+
+def test_a_fresh_process_predicts_one_image_from_the_builtin_model():
+    result = subprocess.run([sys.executable, "-m", "pneumonia_cnn", "predict", str(builtin.example_paths()[0]),
+                             "--format", "json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)[0]
+    assert 0 < row["probability"] < 1 and row["threshold"] == pytest.approx(load_checkpoint("builtin")["threshold"])
+
+
+def test_fine_tuning_starts_from_the_builtin_weights(small_root, cache_dir, tmp_path):
+    import torch
+
+    from pneumonia_cnn.errors import ConfigError
+    from pneumonia_cnn.training import make_config, start_run
+    config = make_config("finetune", data=str(small_root), out=str(tmp_path / "ft"), epochs=1,
+                         cache_dir=str(cache_dir), progress=False, min_val_images=10, freeze_stem=True)
+    shipped = load_checkpoint("builtin")
+    assert (config.model, config.size, config.channels, config.intensity) == (
+        shipped["model"]["name"], shipped["preprocessing"]["size"][0], shipped["preprocessing"]["channels"],
+        shipped["preprocessing"]["intensity"])
+    assert config.lr < make_config("best").lr
+    run = start_run(config)
+    state = run.state.model.state_dict()
+    assert all(torch.equal(state[k].cpu(), v) for k, v in shipped["state_dict"].items())
+    assert not any(p.requires_grad for p in run.state.model.stem.parameters())
+    assert all(p.requires_grad for p in run.state.model.layer1.parameters())
+    with pytest.raises(ConfigError, match="size: 128 differs from the --init checkpoint's"):
+        make_config("finetune", data=str(small_root), size=128)
+
+
+def test_missing_builtin_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(builtin, "checkpoint_path", lambda: tmp_path / "absent.pt")
+    image = np.zeros((8, 8), np.uint8)
+    from PIL import Image
+    Image.fromarray(image).save(tmp_path / "x.png")
+    assert main(["predict", str(tmp_path / "x.png")]) == 2
+    assert "builtin: the packaged model is missing" in capsys.readouterr().err

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "src"))
@@ -70,12 +69,13 @@ def write_examples(paths: list[Path]):
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     lines = ["# Example X-rays", "", f"From {DATA['name']}: {DATA['attribution']}. License: {DATA['license']}.",
-             "Unchanged images (224x224, as in ../shared/data/chest_xray_224/test); the file name starts with the",
-             "dataset's label.", ""]
+             "The files of ../shared/data/chest_xray_224/test, copied byte for byte (224x224): images the model",
+             "never trained on, from patients of the dataset's train split (the shared data re-splits it by patient;",
+             "the dataset's own test split is kept aside). The file name starts with the dataset's label.", ""]
     for path in paths:
         target = folder / f"{path.parent.name}_{path.name}"
-        Image.open(path).save(target, quality=95)
-        lines.append(f"- `{target.name}`: `{path.parent.name}/{path.name}` of the dataset's train split")
+        shutil.copyfile(path, target)
+        lines.append(f"- `{target.name}`: `{path.parent.name}/{path.name}`")
     (folder / "ATTRIBUTION.md").write_text("\n".join(lines) + "\n")
 
 

@@ -26,7 +26,8 @@ def test_predict_folder_glob_dicom_and_bad_files(trained_run, tmp_path, capsys):
     good = [r for r in rows if r["error"] is None]
     assert len(good) == 4
     # each row is the library's prediction for that file, and its label is its probability against the threshold
-    library = {r.path: r for r in Predictor(trained_run, "cpu").predict_files([row["path"] for row in good])}
+    paths = [row["path"] for row in good]  # as many images as the CLI scored: the same engine choice
+    library = {r.path: r for r in Predictor(trained_run, "cpu", images=5).predict_files(paths)}
     for row in good:
         assert row["probability"] == pytest.approx(library[row["path"]].probability, abs=1e-6)
         assert row["label"] == ("PNEUMONIA" if row["probability"] >= row["threshold"] else "NORMAL")

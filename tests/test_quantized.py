@@ -45,7 +45,7 @@ def test_int8_engine_gives_the_float32_decisions(best_like_run, small_root, int8
     assert np.mean(flags[0] == flags[1]) >= 0.9
 
 
-def test_int8_needs_the_checkpoints_own_validation_images(best_like_run, small_root, int8_cache, tmp_path):
+def test_int8_needs_the_checkpoints_own_validation_images(best_like_run, small_root, int8_cache, tmp_path, capsys):
     with pytest.raises(PneumoniaCNNError, match="no int8 model"):
         Predictor(best_like_run, "cpu", engine="onnx-int8")
     other = tmp_path / "other"
@@ -55,5 +55,6 @@ def test_int8_needs_the_checkpoints_own_validation_images(best_like_run, small_r
         source = sorted((small_root / "test" / name).iterdir())[0]
         (other / "val" / name / source.name).symlink_to(source.resolve())
     assert main(["export", str(best_like_run), "--format", "onnx-int8", "--data", str(other),
-                 "--out", str(tmp_path / "x.onnx")]) != 0
+                 "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "not the validation images this checkpoint's decision was fitted on" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()

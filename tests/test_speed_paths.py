@@ -8,8 +8,9 @@
   graph reads the rate as a float32 tensor, and a rate such as 1e-3 rounds 5e-8 away from the double the eager
   step uses, a difference Adam's normalisation amplifies on weights whose gradients are near zero.
 - Progressive resizing (``size_schedule``): the warp at a smaller size samples the same field of view
-  (identity: bilinear resize), and a run with a schedule ends at full size within the fast-path tolerance of
-  a run without one (validation ROC AUC within 0.1 after 3 epochs of the small real split).
+  (identity: bilinear resize); a run with a schedule trains its first epochs at the smaller size (its history
+  says which) and ends at full size with a validation ROC AUC within 0.06 of a run without one (8 epochs on
+  100 + 100 real training images, 40 + 40 validation images).
 """
 import copy
 
@@ -77,14 +78,15 @@ def test_graphed_step_takes_the_eager_steps(device, optimizer_name, monkeypatch)
                 torch.randint(0, 2, (6,), generator=generator).float().to(device)) for _ in range(5)]
     lr_values = [2.0 ** -10, 2.0 ** -11, 2.0 ** -12, 2.0 ** -11, 2.0 ** -13]
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    initial = copy.deepcopy(model.state_dict())
     eager_steps(model, make_optimizer(config, model), batches, lr_values)
     losses = graphed_steps(twin, make_optimizer(config, twin), batches, lr_values, device)
     assert len(losses) == 5 and all(torch.isfinite(v) for v in losses)
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         tolerance = 0.0 if device == "cpu" else 1e-4 * float(a.abs().max())
         assert float((a - b).abs().max()) <= tolerance, name
-    changed = create_model("seed", 3, (48, 48)).state_dict()  # the steps did move the weights
-    assert not torch.allclose(changed["fc2.weight"], twin.state_dict()["fc2.weight"].cpu())
+    # the steps did move the weights (or the equality above would hold trivially)
+    assert not torch.allclose(initial["fc2.weight"].cpu(), twin.state_dict()["fc2.weight"].cpu())
 
 
 def test_warp_at_a_smaller_size_samples_the_same_field_of_view():
@@ -109,8 +111,10 @@ def test_progressive_resizing_matches_a_fixed_size_run(cache_dir, tmp_path):
                              cache_dir=str(cache_dir), progress=False, min_val_images=10, ood=False,
                              evaluate_test=False, early_stopping=0, warmup_epochs=0.5, seed=5, **options)
         return train(config)
-    fixed = run(tmp_path / "fixed")["history"][-1]["val_auc"]
-    resized = run(tmp_path / "resized", size_schedule={"48": 4})["history"][-1]["val_auc"]
+    fixed = run(tmp_path / "fixed")["history"]
+    resized = run(tmp_path / "resized", size_schedule={"48": 4})["history"]
+    assert [r["size"] for r in fixed] == [64] * 8 and [r["size"] for r in resized] == [48] * 4 + [64] * 4
+    fixed, resized = fixed[-1]["val_auc"], resized[-1]["val_auc"]
     # 0.06: about two standard errors of an AUC on 40 + 40 validation images (measured: 0.929 vs 0.884)
     assert fixed >= 0.85 and resized >= 0.85 and abs(fixed - resized) <= 0.06
     checkpoint = torch.load(tmp_path / "resized" / "best.pt", weights_only=False)

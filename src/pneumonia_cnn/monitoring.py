@@ -5,7 +5,7 @@ scores (``checkpoint["reference"]["val"]``). A batch of new images, or the serve
 ones, is compared with that reference on both scores by the population stability index (PSI, over the
 reference's quantile bins) and the two-sample Kolmogorov-Smirnov test. Neither needs labels.
 
-Levels (README, "Deploying in a hospital"): PSI below 0.1 is stable, 0.1 to 0.25 a shift worth watching
+Levels (docs/hospital.md, "Deploying in a hospital"): PSI below 0.1 is stable, 0.1 to 0.25 a shift worth watching
 ("warning"), above 0.25 a major shift ("drift"), the usual reading of the index in credit and clinical
 model monitoring. A KS p-value below 0.001 also counts as drift: with a few hundred images on each side that
 is a difference in distribution that chance does not explain.

@@ -121,7 +121,7 @@ ENGINES = ("auto", "torch", "onnx", "onnx-int8")
 
 
 # below this many images ``auto`` keeps the torch engine: exporting the graph to ONNX costs about 0.4 s, more
-# than ONNX Runtime saves on a few images (README, "Speed": one image from a fresh process)
+# than ONNX Runtime saves on a few images (README, "The built-in model": one image from a fresh process)
 ONNX_MIN_IMAGES = 16
 
 

@@ -191,7 +191,7 @@ class Predictor:
                 pseudo = scores.probabilities[inside] >= self.bundle.decision.effective_threshold
                 rate = (self.bundle.adapted_decision or self.bundle.decision).calibration.prior
                 adapted = Scorer(adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate), self.device,
-                                 self.engine_name, self.amp)
+                                 self.scorer.engine.name, self.amp)  # the engine the batch was first scored by
                 scores = adapted.score(pixels, batch_size)
                 notes.append(f"batch-norm statistics re-estimated on this batch ({int(inside.sum())} "
                              f"in-distribution images, AdaBN at the validation images' class mix)")
@@ -247,5 +247,6 @@ def _public_intended_use(intended_use: dict) -> dict:
 def predict(checkpoint, paths, device: str = "auto", batch_size: int = 32, engine: str = "auto",
             prevalence=None, adapt_batch: bool = False) -> list[Prediction]:
     """Library form of ``pneumonia-cnn predict``."""
-    return Predictor(checkpoint, device, engine=engine, prevalence=prevalence,
-                     adapt_batch=adapt_batch).predict_files(paths, batch_size)
+    paths = list(paths)
+    return Predictor(checkpoint, device, engine=engine, prevalence=prevalence, adapt_batch=adapt_batch,
+                     images=len(paths)).predict_files(paths, batch_size)

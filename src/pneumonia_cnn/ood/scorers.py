@@ -68,15 +68,20 @@ class NeighbourScore:
         # rounded as stored (half precision), so that the scores a checkpoint gives are those it was fitted on
         return cls(cls.normalise(features).astype(np.float16), k)
 
-    def score(self, features: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    def score(self, features: np.ndarray, chunk: int | None = None) -> np.ndarray:
         """Euclidean distance from each row to its k-th nearest reference row (after normalising the rows)."""
         queries = self.normalise(np.asarray(features, dtype=np.float64))
+        # rows per block: one (rows x references) float64 matrix of about 128 MB, whatever the reference size
+        chunk = chunk or max(1, 16_000_000 // max(len(self._reference64), 1))
         kth = np.empty(len(queries))
         for start in range(0, len(queries), chunk):
             block = queries[start:start + chunk]
-            squared = (np.einsum("ij,ij->i", block, block)[:, None] + self._reference_norms[None, :]
-                       - 2.0 * block @ self._reference64.T)
-            kth[start:start + chunk] = np.partition(squared, self.k - 1, axis=1)[:, self.k - 1]
+            squared = block @ self._reference64.T
+            squared *= -2.0
+            squared += self._reference_norms[None, :]
+            squared += np.einsum("ij,ij->i", block, block)[:, None]
+            squared.partition(self.k - 1, axis=1)
+            kth[start:start + chunk] = squared[:, self.k - 1]
         return np.sqrt(np.maximum(kth, 0.0))
 
     def state(self) -> dict:

@@ -10,6 +10,15 @@
 - ``finish``: the end of a run: calibration, threshold and OOD detector fitted on the served scores.
 """
 from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what the lazy names below resolve to (for type checkers and tests/test_architecture.py)
+    from .config import KAGGLE_POPULATION, PRESETS, TUTORIAL_AUGMENT, TrainConfig, config_from_dict, make_config
+    from .data import prepare_data
+    from .distributed import Distributed, setup_distributed
+    from .loop import AfterTraining, resume, train, train_step
+    from .optim import learning_rate_factor, make_optimizer, update_ema
+    from .setup import start_run
 
 # where each public name lives; imported on first use, so that reading the presets (the CLI's help) does not load
 # the loop and its metrics (scikit-learn, SciPy: over a second of a one-image predict)
@@ -31,3 +40,7 @@ def __getattr__(name: str):
 __all__ = ["KAGGLE_POPULATION", "PRESETS", "TUTORIAL_AUGMENT", "TrainConfig", "config_from_dict", "make_config",
            "prepare_data", "Distributed", "setup_distributed", "AfterTraining", "resume", "train", "train_step",
            "learning_rate_factor", "make_optimizer", "update_ema", "start_run"]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

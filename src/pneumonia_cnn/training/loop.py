@@ -125,7 +125,8 @@ def end_of_epoch(run: Run) -> dict:
     loss_sum, correct, count = sum_across_ranks(run.dist, [state.sums.loss, state.sums.correct, state.sums.count],
                                                 run.device)
     row = {"epoch": state.epoch + 1, "train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
-           "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - run.epoch_started}
+           "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - run.epoch_started,
+           "size": config.size_at(state.epoch)[0]}  # the training input size (progressive resizing)
     if run.val_set is not None and len(run.val_set):
         row.update(validation_metrics(run.val_set.labels, validation_logits(run)))
     state.history.append(row)

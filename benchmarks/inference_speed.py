@@ -98,6 +98,6 @@ def int8_agreement(checkpoint, data: str) -> tuple[dict, np.ndarray]:
               "same_label": float(np.mean(labels[0] == labels[1])),
               "max_abs_logit_difference": float(np.abs(reference.raw - quantised.raw).max())}
     if float32.ood is not None:
-        flags = [float32.ood.score_features(s.features) > float32.ood.threshold for s in (reference, quantised)]
+        flags = [float32.ood.flagged(float32.ood.score(s.features, s.raw, pixels)) for s in (reference, quantised)]
         result["same_ood_flag"] = float(np.mean(flags[0] == flags[1]))
     return result, pixels

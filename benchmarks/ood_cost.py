@@ -10,6 +10,7 @@ image. The checkpoint must hold a detector fitted by this version (``version`` 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -26,12 +27,13 @@ from ood_study import forward_ms  # noqa: E402
 
 from pneumonia_cnn.checkpoint import build_model, load_checkpoint  # noqa: E402
 from pneumonia_cnn.inference import Predictor  # noqa: E402
+from pneumonia_cnn.inference.bundle import load_bundle  # noqa: E402
 from pneumonia_cnn.ood import OODDetector, extract  # noqa: E402
 
 
 def predict_ms(checkpoint_path, files, repeats=3) -> float:
-    predictor = Predictor(checkpoint_path, "cpu")
-    predictor.ood = None
+    # the same checkpoint without its detector: no taps in the served graph, no scoring
+    predictor = Predictor(dataclasses.replace(load_bundle(checkpoint_path), ood=None), "cpu")
     predictor.predict_files(files[:64])
     times = []
     for _ in range(repeats):
@@ -67,11 +69,12 @@ def main():
     forward, taps_extra = forward_ms(model, detector.taps, size, repeats=25)
     scoring = score_ms(detector, model, pixels)
     predict = predict_ms(args.checkpoint, files)
-    result = {"checkpoint": str(args.checkpoint), "engine": predictor.engine, "torch_threads": torch.get_num_threads(),
+    engine = predictor.scorer.engine.name
+    result = {"checkpoint": str(args.checkpoint), "engine": engine, "torch_threads": torch.get_num_threads(),
               "predict_ms_per_image": predict, "forward_ms_per_image": forward, "taps_extra_ms": taps_extra,
               "scoring_ms": scoring, "detector_ms": taps_extra + scoring,
               "detector_share_of_predict": (taps_extra + scoring) / predict}
-    print(f"predict {predict:.2f} ms/image ({predictor.engine} engine, {torch.get_num_threads()} threads); forward "
+    print(f"predict {predict:.2f} ms/image ({engine} engine, {torch.get_num_threads()} threads); forward "
           f"{forward:.2f}; detector {taps_extra + scoring:.2f} (taps {taps_extra:.2f} + scoring {scoring:.2f}) = "
           f"{result['detector_share_of_predict']:.1%} of predict")
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -14,6 +14,18 @@ SHARED_DATA = SHARED / "data" / "chest_xray_224"
 KERAS_FIXTURES = SHARED / "fixtures" / "keras"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The tool's cache (exported ONNX graphs, int8 models) in a folder of this session, not the user's."""
+    previous = os.environ.get("PNEUMONIA_CNN_CACHE")
+    os.environ["PNEUMONIA_CNN_CACHE"] = str(tmp_path_factory.mktemp("tool-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("PNEUMONIA_CNN_CACHE", None)
+    else:
+        os.environ["PNEUMONIA_CNN_CACHE"] = previous
+
+
 def require_shared():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real X-rays not available: {SHARED_DATA} is absent (../shared is provided beside the project)")

@@ -26,8 +26,7 @@ def test_predict_folder_glob_dicom_and_bad_files(trained_run, tmp_path, capsys):
     good = [r for r in rows if r["error"] is None]
     assert len(good) == 4
     # each row is the library's prediction for that file, and its label is its probability against the threshold
-    paths = [row["path"] for row in good]  # as many images as the CLI scored: the same engine choice
-    library = {r.path: r for r in Predictor(trained_run, "cpu", images=5).predict_files(paths)}
+    library = {r.path: r for r in Predictor(trained_run, "cpu").predict_files([row["path"] for row in good])}
     for row in good:
         assert row["probability"] == pytest.approx(library[row["path"]].probability, abs=1e-6)
         assert row["label"] == ("PNEUMONIA" if row["probability"] >= row["threshold"] else "NORMAL")
@@ -75,15 +74,3 @@ def test_predict_in_bf16_stays_close_to_float32(trained_run, capsys):
     assert 0 < difference.max() < 0.03  # bf16 really ran, and moved no probability by more than 0.03
     assert main(["predict", str(trained_run), str(images[0]), "--engine", "onnx", "--amp", "bf16"]) == 2
     assert "--amp bf16 runs on the torch engine" in capsys.readouterr().err
-
-
-def test_auto_engine_keeps_torch_for_a_few_images_and_onnx_for_many():
-    pytest.importorskip("onnxruntime")
-    import torch
-
-    from pneumonia_cnn.inference.engines import ONNX_MIN_IMAGES, choose_engine
-    cpu = torch.device("cpu")
-    assert choose_engine("auto", cpu, "off", images=1) == "torch"  # the ONNX export would cost more than it saves
-    assert choose_engine("auto", cpu, "off", images=ONNX_MIN_IMAGES) == "onnx"
-    assert choose_engine("auto", cpu, "off") == "onnx"  # a server or a fit: the number is not known
-    assert choose_engine("onnx", cpu, "off", images=1) == "onnx"  # asked for explicitly

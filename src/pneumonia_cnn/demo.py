@@ -32,5 +32,4 @@ def score_examples(device="auto") -> list:
     if not builtin.available() or not builtin.example_paths():
         return []
     from .inference import Predictor
-    paths = builtin.example_paths()
-    return Predictor("builtin", device, images=len(paths)).predict_files(paths)
+    return Predictor("builtin", device).predict_files(builtin.example_paths())

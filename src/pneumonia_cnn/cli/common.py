@@ -43,7 +43,7 @@ def add_cache_dir(parser):
 
 def add_engine(parser):
     parser.add_argument("--engine", choices=("auto", "torch", "onnx", "onnx-int8"), default="auto",
-                        help="auto: ONNX Runtime on CPUs in float32 (torch for fewer than 16 images), else torch; "
+                        help="auto: ONNX Runtime on CPUs in float32, else torch; "
                              "onnx-int8: the int8 graph built by export --format onnx-int8 (its output says int8)")
 
 

@@ -30,7 +30,7 @@ def run_predict(args) -> int:
     from ..predict_io import collect_paths, format_predictions
     paths, missing = collect_paths(args.paths)
     predictor = Predictor(args.checkpoint, args.device, amp=args.amp, engine=args.engine,
-                          prevalence=args.prevalence, adapt_batch=args.adapt_batch, images=len(paths))
+                          prevalence=args.prevalence, adapt_batch=args.adapt_batch)
     predictions = predictor.predict_files(paths, args.batch_size, progress=not args.no_progress and len(paths) > 64)
     predictions += [Prediction(entry, error="no such file or folder", model=predictor.model_id) for entry in missing]
     print(format_predictions(predictions, args.format))
@@ -54,7 +54,7 @@ def run_explain(args) -> int:
     from ..inference import Predictor
     from ..predict_io import collect_paths
     paths, missing = collect_paths(args.paths)
-    results = explain(Predictor(args.checkpoint, args.device, images=len(paths)), paths, args.out, args.layer)
+    results = explain(Predictor(args.checkpoint, args.device), paths, args.out, args.layer)
     for item in results:
         if "error" in item:
             print(f"skipped {item['path']}: {item['error']}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import warnings
 
 import numpy as np
@@ -19,6 +20,8 @@ from ..data.loader import to_model_input
 from ..device import autocast, autocast_dtype
 from ..errors import PneumoniaCNNError
 from ..ood import TappedModel
+
+log = logging.getLogger(__name__)
 
 
 class ServedModel(nn.Module):
@@ -83,7 +86,7 @@ class OnnxEngine:
         self.sessions = []
         for index, model in enumerate(models):
             served = ServedModel(model, tta, taps if index == 0 else ()).eval()
-            self.sessions.append(onnxruntime.InferenceSession(export_onnx_bytes(served, size), options,
+            self.sessions.append(onnxruntime.InferenceSession(cached_onnx_bytes(served, size), options,
                                                               providers=["CPUExecutionProvider"]))
 
     def run(self, pixels_uint8: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -95,6 +98,28 @@ class OnnxEngine:
             if index == 0:
                 features = [np.asarray(f, dtype=np.float64) for f in tapped]
         return np.stack(member_logits).astype(np.float64), features
+
+
+def cached_onnx_bytes(served: ServedModel, size) -> bytes:
+    """The served graph in ONNX, from the cache when these weights and options were exported before: the
+    export (about 0.3 s, and 0.2 s more to import ``onnx``) is most of a one-image ``predict``'s own time.
+    The file is keyed by the weights, the served options and the torch version; unwritable caches are skipped."""
+    from ..data.cache import default_cache_dir
+    from ..fileio import atomic_path
+    from .quantized import served_key
+    key = served_key(served, size, served.tta, served.taps)
+    path = default_cache_dir() / "onnx" / f"{key}-torch{torch.__version__.split('+')[0]}-opset17.onnx"
+    try:
+        return path.read_bytes()
+    except OSError:
+        pass
+    graph = export_onnx_bytes(served, size)
+    try:
+        with atomic_path(path) as temporary:
+            temporary.write_bytes(graph)
+    except OSError as error:
+        log.debug("ONNX graph not cached (%s): %s", path, error)
+    return graph
 
 
 def export_onnx_bytes(served: ServedModel, size, channels: int = 1) -> bytes:
@@ -109,25 +134,16 @@ def export_onnx_bytes(served: ServedModel, size, channels: int = 1) -> bytes:
 
 
 def onnxruntime_available() -> bool:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from importlib.util import find_spec  # found, not imported: importing onnx alone takes 0.2 s
+    return find_spec("onnx") is not None and find_spec("onnxruntime") is not None
 
 
 ENGINES = ("auto", "torch", "onnx", "onnx-int8")
 
 
-# below this many images ``auto`` keeps the torch engine: exporting the graph to ONNX costs about 0.4 s, more
-# than ONNX Runtime saves on a few images (README, "The built-in model": one image from a fresh process)
-ONNX_MIN_IMAGES = 16
-
-
-def choose_engine(name: str, device: torch.device, amp: str, images: int | None = None) -> str:
-    """``auto``: ONNX Runtime on CPUs in float32 (the fastest float32 path there) for ``images`` of at least
-    ``ONNX_MIN_IMAGES`` or an unknown number (a server, a fit), torch otherwise."""
+def choose_engine(name: str, device: torch.device, amp: str) -> str:
+    """``auto``: ONNX Runtime on CPUs in float32 (the fastest float32 path there), torch otherwise. Whatever the
+    number of images: one engine gives the same probabilities everywhere (``predict``, ``serve``, ``pacs``)."""
     if name not in ENGINES:
         raise PneumoniaCNNError(f"--engine {name}: choose {', '.join(ENGINES)}")
     wants_amp = autocast_dtype(device, amp) is not None
@@ -137,14 +153,12 @@ def choose_engine(name: str, device: torch.device, amp: str, images: int | None 
     if name.startswith("onnx") and device.type != "cpu":
         raise PneumoniaCNNError(f"--engine {name} runs on the CPU; use --device cpu, or --engine torch on {device}")
     if name == "auto":
-        few = images is not None and images < ONNX_MIN_IMAGES
-        return "onnx" if device.type == "cpu" and not wants_amp and not few and onnxruntime_available() else "torch"
+        return "onnx" if device.type == "cpu" and not wants_amp and onnxruntime_available() else "torch"
     return name
 
 
-def make_engine(models, size, tta: bool, taps, device: torch.device, engine: str = "auto", amp: str = "off",
-                images: int | None = None):
-    kind = choose_engine(engine, device, amp, images)
+def make_engine(models, size, tta: bool, taps, device: torch.device, engine: str = "auto", amp: str = "off"):
+    kind = choose_engine(engine, device, amp)
     if kind == "onnx":
         return OnnxEngine(models, size, tta, taps)
     if kind == "onnx-int8":  # built beforehand by export --format onnx-int8 (quantize.py)

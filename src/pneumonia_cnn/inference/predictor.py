@@ -56,7 +56,7 @@ class Predictor:
     """One checkpoint, or several (an ensemble), ready to turn pixels into decisions."""
 
     def __init__(self, checkpoints, device: str = "auto", amp: str = "off", engine: str = "auto",
-                 prevalence=None, adapt_batch: bool = False, images: int | None = None):
+                 prevalence=None, adapt_batch: bool = False):
         bundle = checkpoints if isinstance(checkpoints, Bundle) else load_bundle(checkpoints)
         self.prevalence = parse_prevalence(prevalence)
         if isinstance(self.prevalence, float):
@@ -69,7 +69,7 @@ class Predictor:
                                     f"layers to re-estimate (use a model such as seed_bn or resnet18_narrow)")
         self.bundle = bundle
         self.engine_name, self.amp = engine, amp
-        self.scorer = Scorer(bundle, device, engine, amp, images=images)
+        self.scorer = Scorer(bundle, device, engine, amp)
         self.notes = list(bundle.notes)
         self.last_notes: list[str] = []
 
@@ -247,6 +247,5 @@ def _public_intended_use(intended_use: dict) -> dict:
 def predict(checkpoint, paths, device: str = "auto", batch_size: int = 32, engine: str = "auto",
             prevalence=None, adapt_batch: bool = False) -> list[Prediction]:
     """Library form of ``pneumonia-cnn predict``."""
-    paths = list(paths)
-    return Predictor(checkpoint, device, engine=engine, prevalence=prevalence, adapt_batch=adapt_batch,
-                     images=len(paths)).predict_files(paths, batch_size)
+    return Predictor(checkpoint, device, engine=engine, prevalence=prevalence,
+                     adapt_batch=adapt_batch).predict_files(list(paths), batch_size)

@@ -31,10 +31,8 @@ class Scores:
 
 
 class Scorer:
-    def __init__(self, bundle: Bundle, device: str = "auto", engine: str = "auto", amp: str = "off", taps=None,
-                 images: int | None = None):
-        """``taps``: the layers to read for an OOD detector not fitted yet (default: the bundle's detector's);
-        ``images``: how many will be scored, when known (``auto`` keeps torch for a few)."""
+    def __init__(self, bundle: Bundle, device: str = "auto", engine: str = "auto", amp: str = "off", taps=None):
+        """``taps``: the layers to read for an OOD detector not fitted yet (default: the bundle's detector's)."""
         self.bundle = bundle
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         if self.device.type == "cpu":
@@ -42,7 +40,7 @@ class Scorer:
         self.amp = amp
         self.taps = bundle.taps if taps is None else [tuple(t) for t in taps]
         self.engine = make_engine(bundle.models, bundle.preprocessing.size, bundle.tta, self.taps, self.device,
-                                  engine, amp, images)
+                                  engine, amp)
 
     @property
     def description(self) -> dict:

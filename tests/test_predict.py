@@ -74,3 +74,21 @@ def test_predict_in_bf16_stays_close_to_float32(trained_run, capsys):
     assert 0 < difference.max() < 0.03  # bf16 really ran, and moved no probability by more than 0.03
     assert main(["predict", str(trained_run), str(images[0]), "--engine", "onnx", "--amp", "bf16"]) == 2
     assert "--amp bf16 runs on the torch engine" in capsys.readouterr().err
+
+
+def test_the_exported_graph_is_cached_and_a_damaged_one_is_rebuilt(trained_run, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("PNEUMONIA_CNN_CACHE", str(tmp_path / "cache"))
+    image = sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())[0]
+    first = Predictor(trained_run, "cpu", engine="onnx").predict_files([image])[0].probability
+    cached = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
+    assert len(cached) == 1 and cached[0].stat().st_size > 1000
+    from pneumonia_cnn.inference import engines
+    export = engines.export_onnx_bytes
+    with monkeypatch.context() as patched:  # the second predictor reads the cache: no export at all
+        patched.setattr(engines, "export_onnx_bytes", lambda *a, **k: pytest.fail("exported again"))
+        assert Predictor(trained_run, "cpu", engine="onnx").predict_files([image])[0].probability == first
+    assert engines.export_onnx_bytes is export
+    cached[0].write_bytes(b"not an onnx graph")
+    assert Predictor(trained_run, "cpu", engine="onnx").predict_files([image])[0].probability == first
+    assert cached[0].read_bytes() != b"not an onnx graph"  # rebuilt in place

@@ -86,8 +86,13 @@ class OnnxEngine:
         self.sessions = []
         for index, model in enumerate(models):
             served = ServedModel(model, tta, taps if index == 0 else ()).eval()
-            self.sessions.append(onnxruntime.InferenceSession(cached_onnx_bytes(served, size), options,
-                                                              providers=["CPUExecutionProvider"]))
+            try:
+                session = onnxruntime.InferenceSession(cached_onnx_bytes(served, size), options,
+                                                       providers=["CPUExecutionProvider"])
+            except Exception:  # a damaged cached graph (ONNX Runtime raises its own types): export it again
+                session = onnxruntime.InferenceSession(cached_onnx_bytes(served, size, refresh=True), options,
+                                                       providers=["CPUExecutionProvider"])
+            self.sessions.append(session)
 
     def run(self, pixels_uint8: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         x = (np.asarray(pixels_uint8, dtype=np.float32) / np.float32(255.0))[:, None]
@@ -100,7 +105,7 @@ class OnnxEngine:
         return np.stack(member_logits).astype(np.float64), features
 
 
-def cached_onnx_bytes(served: ServedModel, size) -> bytes:
+def cached_onnx_bytes(served: ServedModel, size, refresh: bool = False) -> bytes:
     """The served graph in ONNX, from the cache when these weights and options were exported before: the
     export (about 0.3 s, and 0.2 s more to import ``onnx``) is most of a one-image ``predict``'s own time.
     The file is keyed by the weights, the served options and the torch version; unwritable caches are skipped."""
@@ -109,10 +114,11 @@ def cached_onnx_bytes(served: ServedModel, size) -> bytes:
     from .quantized import served_key
     key = served_key(served, size, served.tta, served.taps)
     path = default_cache_dir() / "onnx" / f"{key}-torch{torch.__version__.split('+')[0]}-opset17.onnx"
-    try:
-        return path.read_bytes()
-    except OSError:
-        pass
+    if not refresh:
+        try:
+            return path.read_bytes()
+        except OSError:
+            pass
     graph = export_onnx_bytes(served, size)
     try:
         with atomic_path(path) as temporary:

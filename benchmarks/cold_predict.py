@@ -19,10 +19,11 @@ IMAGE = PROJECT / "src" / "pneumonia_cnn" / "builtin" / "examples" / "NORMAL_IM-
 
 
 def wall(command: list[str], fresh_cache: bool = False) -> float:
-    env = dict(os.environ, PNEUMONIA_CNN_CACHE=tempfile.mkdtemp()) if fresh_cache else None
-    start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, env=env)
-    return time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as empty:
+        env = dict(os.environ, PNEUMONIA_CNN_CACHE=empty) if fresh_cache else None
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, env=env)
+        return time.perf_counter() - start
 
 
 def main():

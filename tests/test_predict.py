@@ -92,3 +92,17 @@ def test_the_exported_graph_is_cached_and_a_damaged_one_is_rebuilt(trained_run, 
     cached[0].write_bytes(b"not an onnx graph")
     assert Predictor(trained_run, "cpu", engine="onnx").predict_files([image])[0].probability == first
     assert cached[0].read_bytes() != b"not an onnx graph"  # rebuilt in place
+
+
+def test_auto_falls_back_to_torch_when_onnx_runtime_is_unusable(trained_run, monkeypatch, caplog):
+    from pneumonia_cnn.errors import PneumoniaCNNError
+    from pneumonia_cnn.inference import engines
+    monkeypatch.setattr(engines, "onnxruntime_available", lambda: True)  # found on disk...
+
+    def broken(*args, **kwargs):  # ...but cannot be imported
+        raise PneumoniaCNNError("--engine onnx needs onnxruntime")
+    monkeypatch.setattr(engines.OnnxEngine, "__init__", broken)
+    assert Predictor(trained_run, "cpu").scorer.engine.name == "torch"
+    assert "scoring with the torch engine" in caplog.text
+    with pytest.raises(PneumoniaCNNError, match="needs onnxruntime"):
+        Predictor(trained_run, "cpu", engine="onnx")  # asked for by name: no silent substitute

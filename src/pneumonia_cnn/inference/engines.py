@@ -8,9 +8,12 @@ so both compute the same graph.
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import io
 import logging
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,7 +79,7 @@ class OnnxEngine:
     name = "onnx"
     precision = "float32"
 
-    def __init__(self, models, size, tta: bool, taps=()):
+    def __init__(self, models, size, tta: bool, taps=(), cache: bool = True):
         try:
             import onnxruntime
         except ImportError:
@@ -87,10 +90,10 @@ class OnnxEngine:
         for index, model in enumerate(models):
             served = ServedModel(model, tta, taps if index == 0 else ()).eval()
             try:
-                session = onnxruntime.InferenceSession(cached_onnx_bytes(served, size), options,
+                session = onnxruntime.InferenceSession(cached_onnx_bytes(served, size, cache=cache), options,
                                                        providers=["CPUExecutionProvider"])
             except Exception:  # a damaged cached graph (ONNX Runtime raises its own types): export it again
-                session = onnxruntime.InferenceSession(cached_onnx_bytes(served, size, refresh=True), options,
+                session = onnxruntime.InferenceSession(cached_onnx_bytes(served, size, True, cache), options,
                                                        providers=["CPUExecutionProvider"])
             self.sessions.append(session)
 
@@ -105,15 +108,30 @@ class OnnxEngine:
         return np.stack(member_logits).astype(np.float64), features
 
 
-def cached_onnx_bytes(served: ServedModel, size, refresh: bool = False) -> bytes:
+@functools.lru_cache(maxsize=1)
+def graph_code_fingerprint() -> str:
+    """The source that decides what an exported graph computes (models, taps, the served wrapper): a graph
+    cached by another version of it is never reused."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted([*(package / "models").glob("*.py"), *(package / "ood").glob("*.py"), Path(__file__)]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def cached_onnx_bytes(served: ServedModel, size, refresh: bool = False, cache: bool = True) -> bytes:
     """The served graph in ONNX, from the cache when these weights and options were exported before: the
     export (about 0.3 s, and 0.2 s more to import ``onnx``) is most of a one-image ``predict``'s own time.
-    The file is keyed by the weights, the served options and the torch version; unwritable caches are skipped."""
+    Keyed by the weights, the served options, the torch version and the code; an unwritable cache, or none
+    (``cache=False``: weights used once, such as a batch's AdaBN statistics), just means exporting."""
     from ..data.cache import default_cache_dir
     from ..fileio import atomic_path
     from .quantized import served_key
-    key = served_key(served, size, served.tta, served.taps)
-    path = default_cache_dir() / "onnx" / f"{key}-torch{torch.__version__.split('+')[0]}-opset17.onnx"
+    folder = default_cache_dir() / "onnx"
+    if not cache or not folder.is_absolute():  # no home folder: never a cache relative to the working folder
+        return export_onnx_bytes(served, size)
+    key = served_key(served.tapped.model, size, served.tta, served.taps)
+    path = folder / f"{key}-{graph_code_fingerprint()}-opset17.onnx"
     if not refresh:
         try:
             return path.read_bytes()
@@ -163,10 +181,16 @@ def choose_engine(name: str, device: torch.device, amp: str) -> str:
     return name
 
 
-def make_engine(models, size, tta: bool, taps, device: torch.device, engine: str = "auto", amp: str = "off"):
+def make_engine(models, size, tta: bool, taps, device: torch.device, engine: str = "auto", amp: str = "off",
+                cache: bool = True):
     kind = choose_engine(engine, device, amp)
     if kind == "onnx":
-        return OnnxEngine(models, size, tta, taps)
+        try:
+            return OnnxEngine(models, size, tta, taps, cache)
+        except PneumoniaCNNError as error:  # installed but unusable: auto falls back, an explicit choice fails
+            if engine != "auto":
+                raise
+            log.warning("ONNX Runtime unusable (%s): scoring with the torch engine", error)
     if kind == "onnx-int8":  # built beforehand by export --format onnx-int8 (quantize.py)
         from .quantized import Int8Engine
         return Int8Engine(models, size, tta, taps)

@@ -191,7 +191,7 @@ class Predictor:
                 pseudo = scores.probabilities[inside] >= self.bundle.decision.effective_threshold
                 rate = (self.bundle.adapted_decision or self.bundle.decision).calibration.prior
                 adapted = Scorer(adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate), self.device,
-                                 self.scorer.engine.name, self.amp)  # the engine the batch was first scored by
+                                 self.scorer.engine.name, self.amp, cache=False)  # this batch's statistics only
                 scores = adapted.score(pixels, batch_size)
                 notes.append(f"batch-norm statistics re-estimated on this batch ({int(inside.sum())} "
                              f"in-distribution images, AdaBN at the validation images' class mix)")

@@ -31,8 +31,10 @@ class Scores:
 
 
 class Scorer:
-    def __init__(self, bundle: Bundle, device: str = "auto", engine: str = "auto", amp: str = "off", taps=None):
-        """``taps``: the layers to read for an OOD detector not fitted yet (default: the bundle's detector's)."""
+    def __init__(self, bundle: Bundle, device: str = "auto", engine: str = "auto", amp: str = "off", taps=None,
+                 cache: bool = True):
+        """``taps``: the layers to read for an OOD detector not fitted yet (default: the bundle's detector's);
+        ``cache=False`` for weights scored once (keeps their exported graph out of the cache)."""
         self.bundle = bundle
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         if self.device.type == "cpu":
@@ -40,7 +42,7 @@ class Scorer:
         self.amp = amp
         self.taps = bundle.taps if taps is None else [tuple(t) for t in taps]
         self.engine = make_engine(bundle.models, bundle.preprocessing.size, bundle.tta, self.taps, self.device,
-                                  engine, amp)
+                                  engine, amp, cache)
 
     @property
     def description(self) -> dict:

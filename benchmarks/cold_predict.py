@@ -30,6 +30,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--image", default=str(IMAGE))
+    parser.add_argument("--out", default=str(PROJECT / "benchmarks" / "cold_predict.json"))
     args = parser.parse_args()
     script = shutil.which("pneumonia-cnn", path=str(Path(sys.executable).parent)) or shutil.which("pneumonia-cnn")
     results = {}
@@ -41,7 +42,9 @@ def main():
         times = [wall(command, fresh) for _ in range(args.runs)]
         results[label] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
         print(f"{label:<36} median {statistics.median(times):.2f} s  (min {min(times):.2f}, max {max(times):.2f})")
-    print(json.dumps(results))
+    results["load_average_end"] = os.getloadavg()[0]
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written: {args.out}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def prepare_int8(checkpoint, data: str, calibration: np.ndarray | None = None) -
     else:
         from pneumonia_cnn.inference.bundle import load_bundle
         from pneumonia_cnn.inference.quantize import quantize_served
-        from pneumonia_cnn.inference.quantized import served_key, store_path
+        from pneumonia_cnn.inference.quantized import store_path
+        from pneumonia_cnn.inference.sessions import served_key
         bundle = load_bundle(checkpoint)
         model, size = bundle.models[0], bundle.preprocessing.size
         path = store_path(served_key(model, size, bundle.tta, bundle.taps))

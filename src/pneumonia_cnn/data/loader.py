@@ -51,15 +51,18 @@ class BatchLoader:
         batches = count // self.batch_size if self.drop_last else -(-count // self.batch_size)
         return min(batches, self.max_batches) if self.max_batches else batches
 
+    def batch_slices(self, order: np.ndarray):
+        """(start, indices) of each batch of this epoch's ``order``: ``max_batches`` and ``drop_last`` applied."""
+        for number, start in enumerate(range(0, len(order), self.batch_size)):
+            chosen = order[start:start + self.batch_size]
+            if (self.max_batches and number >= self.max_batches) or (self.drop_last and len(chosen) < self.batch_size):
+                return
+            yield start, chosen
+
     def _batches(self):
         order = self.indices()
         rng = np.random.default_rng([self.seed, self.epoch, 7])
-        for number, start in enumerate(range(0, len(order), self.batch_size)):
-            if self.max_batches and number >= self.max_batches:
-                break
-            chosen = order[start:start + self.batch_size]
-            if self.drop_last and len(chosen) < self.batch_size:
-                break
+        for _, chosen in self.batch_slices(order):
             sorted_positions = np.argsort(chosen, kind="stable")
             gathered = np.empty((len(chosen), *self.images.shape[1:]), dtype=np.uint8)
             gathered[sorted_positions] = self.images[chosen[sorted_positions]]  # sorted reads from the memmap
@@ -125,12 +128,7 @@ class DeviceBatchLoader(BatchLoader):
     def __iter__(self):
         order = self.indices()
         on_device = torch.from_numpy(order.astype(np.int64)).to(self.device)
-        for number, start in enumerate(range(0, len(order), self.batch_size)):
-            if self.max_batches and number >= self.max_batches:
-                break
-            chosen = order[start:start + self.batch_size]
-            if self.drop_last and len(chosen) < self.batch_size:
-                break
+        for start, chosen in self.batch_slices(order):
             index = on_device[start:start + self.batch_size]
             yield self.device_images.index_select(0, index), self.device_labels.index_select(0, index), chosen
 

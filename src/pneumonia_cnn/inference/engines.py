@@ -23,6 +23,7 @@ from ..data.loader import to_model_input
 from ..device import autocast, autocast_dtype
 from ..errors import PneumoniaCNNError
 from ..ood import TappedModel
+from .sessions import run_sessions, served_key
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,7 @@ class OnnxEngine:
             self.sessions.append(session)
 
     def run(self, pixels_uint8: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        x = (np.asarray(pixels_uint8, dtype=np.float32) / np.float32(255.0))[:, None]
-        member_logits, features = [], []
-        for index, session in enumerate(self.sessions):
-            logits, *tapped = session.run(None, {"image": x})
-            member_logits.append(logits)
-            if index == 0:
-                features = [np.asarray(f, dtype=np.float64) for f in tapped]
-        return np.stack(member_logits).astype(np.float64), features
+        return run_sessions(self.sessions, pixels_uint8)
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,7 +120,6 @@ def cached_onnx_bytes(served: ServedModel, size, refresh: bool = False, cache: b
     (``cache=False``: weights used once, such as a batch's AdaBN statistics), just means exporting."""
     from ..data.cache import default_cache_dir
     from ..fileio import atomic_path
-    from .quantized import served_key
     folder = default_cache_dir() / "onnx"
     if not cache or not folder.is_absolute():  # no home folder: never a cache relative to the working folder
         return export_onnx_bytes(served, size)

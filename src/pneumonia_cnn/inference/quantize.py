@@ -16,7 +16,8 @@ from ..errors import PneumoniaCNNError
 from ..fileio import atomic_path, display_path
 from .bundle import load_bundle
 from .engines import ServedModel, export_onnx_bytes
-from .quantized import served_key, store_path
+from .quantized import store_path
+from .sessions import served_key
 
 log = logging.getLogger(__name__)
 CALIBRATION_BATCH = 32

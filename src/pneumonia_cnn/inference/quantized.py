@@ -8,15 +8,13 @@ key of the weights and the served graph's options; ``--engine onnx-int8`` finds 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import PneumoniaCNNError
+from .sessions import run_sessions, served_key
 
 log = logging.getLogger(__name__)
 INT8_NOTE = ("int8 engine: scores come from an int8-quantised graph; the decision (calibration, threshold) and "
@@ -24,16 +22,6 @@ INT8_NOTE = ("int8 engine: scores come from an int8-quantised graph; the decisio
 # ONNX Runtime would otherwise move the stem's quantisation above its max-pool, which then runs as a slow
 # uint8 pooling in NCHW order instead of the float NCHWc one
 KEEP_FLOAT_STEM = ["QDQPropagationTransformer"]
-
-
-def served_key(model: torch.nn.Module, size, tta: bool, taps) -> str:
-    """What identifies one quantised graph: the weights, the input size, test-time flips and the taps."""
-    digest = hashlib.sha256(json.dumps({"size": list(size), "tta": bool(tta), "taps": [list(t) for t in taps],
-                                        "kwargs": getattr(model, "model_kwargs", {})}, sort_keys=True).encode())
-    for name, value in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:24]
 
 
 def store_path(key: str, cache_dir=None) -> Path:
@@ -72,11 +60,4 @@ class Int8Engine:
         log.warning(INT8_NOTE)
 
     def run(self, pixels_uint8: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        x = (np.asarray(pixels_uint8, dtype=np.float32) / np.float32(255.0))[:, None]
-        member_logits, features = [], []
-        for index, session in enumerate(self.sessions):
-            logits, *tapped = session.run(None, {"image": x})
-            member_logits.append(logits)
-            if index == 0:
-                features = [np.asarray(f, dtype=np.float64) for f in tapped]
-        return np.stack(member_logits).astype(np.float64), features
+        return run_sessions(self.sessions, pixels_uint8)

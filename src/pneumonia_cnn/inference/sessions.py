@@ -1,0 +1,32 @@
+"""What the ONNX Runtime engines share (float32 in ``engines``, int8 in ``quantized``): the key that names one
+served graph in the cache, and running a member's sessions on a batch."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import torch
+
+
+def served_key(model: torch.nn.Module, size, tta: bool, taps) -> str:
+    """What identifies one served graph (float32 or int8): the weights, the input size, test-time flips and the taps."""
+    digest = hashlib.sha256(json.dumps({"size": list(size), "tta": bool(tta), "taps": [list(t) for t in taps],
+                                        "kwargs": getattr(model, "model_kwargs", {})}, sort_keys=True).encode())
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def run_sessions(sessions, pixels_uint8: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """ONNX Runtime sessions of served graphs (gray (B, 1, H, W) in [0, 1]) on uint8 pixels: the members'
+    logits (members, B) and the first member's tap features."""
+    x = (np.asarray(pixels_uint8, dtype=np.float32) / np.float32(255.0))[:, None]
+    member_logits, features = [], []
+    for index, session in enumerate(sessions):
+        logits, *tapped = session.run(None, {"image": x})
+        member_logits.append(logits)
+        if index == 0:
+            features = [np.asarray(f, dtype=np.float64) for f in tapped]
+    return np.stack(member_logits).astype(np.float64), features

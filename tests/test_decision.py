@@ -186,7 +186,8 @@ def test_an_ensemble_fits_its_own_threshold_and_keeps_the_ood_check(best_like_ru
                                                  abs=1e-5)
 
 
-def test_batch_adaptation_uses_a_decision_fitted_the_same_way(best_like_run, small_root):
+def test_batch_adaptation_uses_a_decision_fitted_the_same_way(best_like_run, small_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("PNEUMONIA_CNN_CACHE", str(tmp_path / "cache"))
     """--adapt-batch's threshold was fitted on val scored after AdaBN on val (resampled to val's class mix by
     pseudo-label): re-doing that by hand gives it."""
     from dataclasses import replace
@@ -207,8 +208,12 @@ def test_batch_adaptation_uses_a_decision_fitted_the_same_way(best_like_run, sma
     assert bundle.adapted_decision.threshold == pytest.approx(expected.threshold, abs=1e-5)
     batch = np.concatenate([pixels, np.stack([predictor.preprocess_path(f)[0]
                                               for f in sorted((small_root / "test").glob("*/*.jpeg"))])])
+    onnx_cache = tmp_path / "cache" / "onnx"
+    cached = sorted(onnx_cache.glob("*.onnx"))  # the plain graph, exported above (ONNX Runtime engine)
+    assert cached or Predictor(bundle, "cpu").scorer.engine.name == "torch"
     entries, notes = Predictor(bundle, "cpu", adapt_batch=True).assess(batch)  # 40 images: enough to adapt
     assert "re-estimated on this batch" in notes[0]
+    assert sorted(onnx_cache.glob("*.onnx")) == cached  # a batch's own statistics are not kept in the cache
     assert entries[0]["threshold"] == pytest.approx(expected.threshold, abs=1e-5)  # not the plain one
     assert expected.threshold != pytest.approx(checkpoint["threshold"], abs=1e-5)
 

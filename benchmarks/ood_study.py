@@ -73,7 +73,7 @@ def study_taps(model) -> list[tuple[str, str]]:
     pooled, gram = study_modules(model)
     taps = [(name, "mean_std") for name in pooled]
     taps += [(name, f"gram{p}") for name in gram for p in (1, 2, 3)]
-    taps += [(ood.INPUT_TAP, "thumbnail8"), (ood.INPUT_TAP, "edge_map24")]
+    taps += [(ood.INPUT_TAP, r) for r in ("thumbnail8", "edge_map24", "thumbnail4", "orientations4")]
     return taps
 
 
@@ -390,6 +390,9 @@ def base_detectors(timed, model) -> tuple[dict, dict, dict]:
     put("Gaussian thumbnail", gaussian(timed, thumbnail, by_class=False), [thumbnail], f"gaussian {thumbnail}")
     put("k-NN thumbnail", neighbours(timed, thumbnail), [thumbnail], f"knn {thumbnail}")
     put("k-NN edge map", neighbours(timed, edges), [edges], f"knn {edges}")
+    coarse, orientations = (ood.INPUT_TAP, "thumbnail4"), (ood.INPUT_TAP, "orientations4")
+    put("k-NN 4x4 thumbnail", neighbours(timed, coarse), [coarse], f"knn {coarse}")
+    put("k-NN orientations", neighbours(timed, orientations), [orientations], f"knn {orientations}")
     put("k-NN penultimate", knn(timed, last, 10), [last], "knn k=10")
     put("energy", energy(timed), [], "energy")
     put("Gram", gram(timed, gram_modules), [(m, f"gram{p}") for m in gram_modules for p in (1, 2, 3)], "gram")
@@ -477,9 +480,17 @@ def study_rows(checkpoint_path, checkpoint, sets, model, perturbation: bool = Tr
              ["k-NN thumbnail", "k-NN edge map"])
     add_pool("model-free: k-NN on thumbnail + edge map (Fisher's method)", ["k-NN thumbnail", "k-NN edge map"],
              combine=fisher_of)
+    add_pool("model-free: k-NN on the 4 x 4 thumbnail", ["k-NN 4x4 thumbnail"])
+    add_pool("model-free: k-NN on the edges' orientations in 4 x 4 blocks (coarse HOG)", ["k-NN orientations"])
+    add_pool("model-free: k-NN on 4 x 4 thumbnail + orientations (Fisher's method)",
+             ["k-NN 4x4 thumbnail", "k-NN orientations"], combine=fisher_of)
     last_layer = f"k-NN {ood.penultimate_layer(model)}"
     add_pool("k-NN on last layer + thumbnail + edge map, mean of standardised scores",
              [last_layer, "k-NN thumbnail", "k-NN edge map"])
+    add_pool("shipped until 2026-11-26: k-NN on last layer + 8 x 8 thumbnail + edge map, Fisher's method",
+             [last_layer, "k-NN thumbnail", "k-NN edge map"], combine=fisher_of)
+    add_pool("k-NN on last layer + 4 x 4 thumbnail + orientations, mean of standardised scores",
+             [last_layer, "k-NN 4x4 thumbnail", "k-NN orientations"])
     # the energy of a one-logit head is a monotone function of the logit: it flags by predicted class and
     # confidence, not by population, so combinations leave it out
     candidates = {name: scores for name, scores in pool.items() if name != "energy"}
@@ -490,7 +501,8 @@ def study_rows(checkpoint_path, checkpoint, sets, model, perturbation: bool = Tr
         chosen_taps, [timers[c] for c in chosen], note="cost: the union of both directions' components")
     scores, detector, seconds = shipped(checkpoint_path, sets, model)
     timed.seconds_per_image["shipped"] = seconds
-    add("shipped: k-NN on last layer + thumbnail + edge map, Fisher's method", measure(scores, detector.threshold),
+    add("shipped: k-NN on last layer + 4 x 4 thumbnail + orientations, Fisher's method",
+        measure(scores, detector.threshold),
         detector.taps, ["shipped"], note=f"OODDetector.fit on all of train, threshold on val: {ood.METHOD}")
     rows[-1]["by_quantile"] = {str(q): measure(scores, ood.conservative_quantile(scores["val"], q))
                                for q in (0.95, 0.96, 0.97, 0.975)}

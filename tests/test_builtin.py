@@ -32,6 +32,23 @@ def test_it_reproduces_its_recorded_figures_on_the_shared_test_folder(tmp_path):
     for name in ("accuracy", "sensitivity", "specificity", "roc_auc", "ece"):
         assert report["metrics"][name]["value"] == pytest.approx(recorded[name]["value"], abs=1e-6), name
     assert report["threshold"] == pytest.approx(recorded["threshold"], abs=1e-9)
+    # issue 17's target on the shared test folder: at most 5% of these children flagged (README: 4.0%)
+    assert report["ood"]["fraction_flagged"] == pytest.approx(recorded["flagged_out_of_distribution"], abs=1e-9)
+    assert report["ood"]["fraction_flagged"] <= 0.05
+
+
+def test_its_detector_flags_at_least_nine_in_ten_adults_of_each_source():
+    """README: 95.2% of covid_collection, 94.4% of actualmed (target >= 90% of each)."""
+    from pneumonia_cnn.inference import Predictor
+    adults = SHARED_DATA.parent / "adult_xray_dev"
+    if not adults.is_dir():
+        pytest.skip(f"adult X-rays not available: {adults} is absent")
+    predictor = Predictor("builtin", "cpu")
+    for source, recorded in builtin.card()["figures"]["adult_xray_dev_flagged"].items():
+        files = sorted((adults / source).glob("*.jpeg"))
+        flagged = np.mean([p.in_distribution is False for p in predictor.predict_files(files)])
+        assert flagged == pytest.approx(recorded["flagged"], abs=1e-9) and len(files) == recorded["images"], source
+        assert flagged >= 0.90, (source, flagged)
 
 
 def test_predict_info_and_examples_need_no_checkpoint(capsys):

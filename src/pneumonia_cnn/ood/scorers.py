@@ -108,13 +108,13 @@ def default_recipe(model: nn.Module) -> list[tuple[str, tuple[str, str], dict]]:
     """``METHOD``'s components: (scorer kind, tap, fit options), chosen on one adult source and checked on the
     other (benchmarks/ood_study.py)."""
     return [("knn", (penultimate_layer(model), "mean_std"), {"k": 10}),
-            ("knn", (INPUT_TAP, "thumbnail8"), {"k": 10}),
-            ("knn", (INPUT_TAP, "edge_map24"), {"k": 10})]
+            ("knn", (INPUT_TAP, "thumbnail4"), {"k": 10}),
+            ("knn", (INPUT_TAP, "orientations4"), {"k": 10})]
 
 
 METHOD = ("k-NN distances (Sun et al., 2022) to the training images in three L2-normalised views (the last "
-          "feature layer's channel means and spreads, the 8 x 8 thumbnail, the 24 x 24 edge map), combined by "
-          "Fisher's method over their p-values among the training images' cross-fitted distances")
+          "feature layer's channel means and spreads, the 4 x 4 thumbnail, the edges' orientations in 4 x 4 "
+          "blocks), combined by Fisher's method over their p-values among the training images' cross-fitted distances")
 
 
 def conservative_quantile(scores: np.ndarray, quantile: float, confidence: float = 0.9) -> float:

@@ -29,25 +29,30 @@ def _training_rows(results) -> list[tuple[str, str]]:
 
 def _inference_rows(results) -> list[tuple[str, str]]:
     rows = []
-    for key in ("torch", "onnx", "torch_bf16", "onnx_int8"):
+    for key in ("torch", "onnx", "torch_bf16", "onnx_int8", "openvino_int8"):
         i = results.get(f"inference_{key}")
         if i and "images_per_s" in i:
             rows.append((f"inference batch {i['batch_size']}, {key} engine",
                          f"{i['images_per_s']:.1f} img/s; one image p50 {i['single_image_ms_p50']:.1f} ms, "
                          f"p95 {i['single_image_ms_p95']:.1f} ms"))
-    onnx, int8 = results.get("inference_onnx", {}), results.get("inference_onnx_int8", {})
-    if "images_per_s" in onnx and "images_per_s" in int8:
-        rows.append(("int8 / float32 ONNX (same run)", f"x{int8['images_per_s'] / onnx['images_per_s']:.2f}"))
+    onnx = results.get("inference_onnx", {})
+    for key in ("onnx_int8", "openvino_int8"):
+        int8 = results.get(f"inference_{key}", {})
+        if "images_per_s" in onnx and "images_per_s" in int8:
+            rows.append((f"{key} / float32 ONNX (same run)", f"x{int8['images_per_s'] / onnx['images_per_s']:.2f}"))
     trained = results.get("int8_trained")
     if trained:
-        engines = trained["engines"]
-        ratio = engines["onnx_int8"]["images_per_s"] / engines["onnx"]["images_per_s"]
-        rows.append(("int8 on the trained checkpoint's test split",
-                     f"ROC AUC {trained['roc_auc_int8']:.4f} vs float32 {trained['roc_auc_float32']:.4f}; same "
-                     f"label {trained['same_label']:.1%}, same OOD flag {trained.get('same_ood_flag', 0):.1%} of "
-                     f"{trained['images']}; x{ratio:.2f} the float32 ONNX img/s, one image p50 "
-                     f"{engines['onnx_int8']['single_image_ms_p50']:.1f} ms vs "
-                     f"{engines['onnx']['single_image_ms_p50']:.1f} ms"))
+        for key, agreement in (("onnx_int8", trained), ("openvino_int8", trained.get("openvino_int8", {}))):
+            engines = trained["engines"]
+            if "same_label" not in agreement or "images_per_s" not in engines.get(key, {}):
+                continue
+            ratio = engines[key]["images_per_s"] / engines["onnx"]["images_per_s"]
+            rows.append((f"{key} on the trained checkpoint's test split",
+                         f"ROC AUC {agreement['roc_auc_int8']:.4f} vs float32 {agreement['roc_auc_float32']:.4f}; "
+                         f"same label {agreement['same_label']:.1%}, same OOD flag "
+                         f"{agreement.get('same_ood_flag', 0):.1%} of {agreement['images']}; x{ratio:.2f} the float32 "
+                         f"ONNX img/s, one image p50 {engines[key]['single_image_ms_p50']:.1f} ms vs "
+                         f"{engines['onnx']['single_image_ms_p50']:.1f} ms"))
     return rows
 
 

@@ -10,7 +10,8 @@ its model FLOP utilisation (MFU) divides the FLOPs that ``FlopCounterMode`` coun
 matrix-product peaks measured in the same run. The Keras peers (``keras_peers.py``, run by ``--keras-python``)
 are the tutorial's ``ImageDataGenerator`` pipeline and the ``tf.data`` + ``.cache()`` + ``mixed_bfloat16`` one;
 the training ratio against the latter is the median of ``--pairs`` interleaved (ours, Keras) pairs. Inference
-compares the engines through ``Predictor`` (torch, ONNX Runtime float32, torch bf16, ONNX Runtime int8).
+compares the engines through ``Predictor`` (torch, ONNX Runtime float32, torch bf16, ONNX Runtime int8,
+OpenVINO int8).
 """
 from __future__ import annotations
 
@@ -158,15 +159,34 @@ def inference_speed_keys(results) -> list[str]:
 
 def bench_inference(args, results, pixels, checkpoint):
     """Engines on the benchmark's (untrained) checkpoint, int8 calibrated on the first cached images; with
-    ``--checkpoint``, the trained one too, its int8 graph built from its own validation split."""
+    ``--checkpoint``, the trained one too, its int8 graph built from its own validation split. Every ONNX
+    Runtime and torch measurement comes before the first OpenVINO one (``inference_speed.bench_engines``)."""
+    cache = os.environ.get("PNEUMONIA_CNN_CACHE")
     results["int8_build"] = inference_speed.prepare_int8(checkpoint, args.data, calibration=pixels[:128])
+    seed_cache = os.environ["PNEUMONIA_CNN_CACHE"]
     for key, value in inference_speed.bench_engines(checkpoint, pixels, args.batch_size, args.latency_runs).items():
         results[f"inference_{key}"] = value
     if args.checkpoint:
         inference_speed.prepare_int8(args.checkpoint, args.data)
         agreement, test_pixels = inference_speed.int8_agreement(args.checkpoint, args.data)
+        trained_pixels = test_pixels[:args.batch_size * 8]
         results["int8_trained"] = {"checkpoint": args.checkpoint, **agreement, "engines": inference_speed.bench_engines(
-            args.checkpoint, test_pixels[:args.batch_size * 8], args.batch_size, args.latency_runs)}
+            args.checkpoint, trained_pixels, args.batch_size, args.latency_runs)}
+        try:
+            results["int8_trained"]["openvino_int8"] = inference_speed.int8_agreement(
+                args.checkpoint, args.data, "openvino-int8")[0]
+            results["int8_trained"]["engines"].update(inference_speed.bench_engines(
+                args.checkpoint, trained_pixels, args.batch_size, args.latency_runs, openvino=True))
+        except Exception as error:  # openvino not installed
+            results["int8_trained"]["openvino_int8"] = {"skipped": str(error)}
+    os.environ["PNEUMONIA_CNN_CACHE"] = seed_cache
+    for key, value in inference_speed.bench_engines(checkpoint, pixels, args.batch_size, args.latency_runs,
+                                                    openvino=True).items():
+        results[f"inference_{key}"] = value
+    if cache is None:  # as it was
+        os.environ.pop("PNEUMONIA_CNN_CACHE", None)
+    else:
+        os.environ["PNEUMONIA_CNN_CACHE"] = cache
 
 
 def make_checkpoint(args, folder) -> Path:

@@ -42,9 +42,10 @@ def add_cache_dir(parser):
 
 
 def add_engine(parser):
-    parser.add_argument("--engine", choices=("auto", "torch", "onnx", "onnx-int8"), default="auto",
+    parser.add_argument("--engine", choices=("auto", "torch", "onnx", "onnx-int8", "openvino-int8"), default="auto",
                         help="auto: ONNX Runtime on CPUs in float32, else torch; "
-                             "onnx-int8: the int8 graph built by export --format onnx-int8 (its output says int8)")
+                             "onnx-int8: the int8 graph built by export --format onnx-int8 (its output says int8); "
+                             "openvino-int8: the same graph run by OpenVINO (pip install 'pneumonia-cnn[openvino]')")
 
 
 def add_site_options(parser):

@@ -155,7 +155,7 @@ def onnxruntime_available() -> bool:
     return find_spec("onnx") is not None and find_spec("onnxruntime") is not None
 
 
-ENGINES = ("auto", "torch", "onnx", "onnx-int8")
+ENGINES = ("auto", "torch", "onnx", "onnx-int8", "openvino-int8")
 
 
 def choose_engine(name: str, device: torch.device, amp: str) -> str:
@@ -164,10 +164,11 @@ def choose_engine(name: str, device: torch.device, amp: str) -> str:
     if name not in ENGINES:
         raise PneumoniaCNNError(f"--engine {name}: choose {', '.join(ENGINES)}")
     wants_amp = autocast_dtype(device, amp) is not None
-    if name.startswith("onnx") and wants_amp:
+    exported = name.startswith(("onnx", "openvino"))
+    if exported and wants_amp:
         raise PneumoniaCNNError(f"--amp {amp} runs on the torch engine (ONNX Runtime runs float32 or int8 here); "
                                 f"use --engine torch or auto")
-    if name.startswith("onnx") and device.type != "cpu":
+    if exported and device.type != "cpu":
         raise PneumoniaCNNError(f"--engine {name} runs on the CPU; use --device cpu, or --engine torch on {device}")
     if name == "auto":
         return "onnx" if device.type == "cpu" and not wants_amp and onnxruntime_available() else "torch"
@@ -187,4 +188,7 @@ def make_engine(models, size, tta: bool, taps, device: torch.device, engine: str
     if kind == "onnx-int8":  # built beforehand by export --format onnx-int8 (quantize.py)
         from .quantized import Int8Engine
         return Int8Engine(models, size, tta, taps)
+    if kind == "openvino-int8":  # the same int8 graph, run by OpenVINO
+        from .quantized import OpenVinoInt8Engine
+        return OpenVinoInt8Engine(models, size, tta, taps)
     return TorchEngine(models, device, tta, taps, amp)

@@ -8,7 +8,9 @@ key of the weights and the served graph's options; ``--engine onnx-int8`` finds 
 """
 from __future__ import annotations
 
+import importlib
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,25 @@ def int8_session(path):
                                         disabled_optimizers=KEEP_FLOAT_STEM)
 
 
+def int8_paths(models, size, tta: bool, taps, engine: str, cache_dir=None) -> list[Path]:
+    """The cached int8 graph of each member (the first keeps the taps), or a one-line error naming the fix."""
+    paths = [store_path(served_key(model, size, tta, taps if index == 0 else ()), cache_dir)
+             for index, model in enumerate(models)]
+    if not all(path.is_file() for path in paths):
+        raise PneumoniaCNNError(f"--engine {engine}: no int8 model for these weights yet; build it once from the "
+                                "checkpoint's validation images: pneumonia-cnn export CHECKPOINT --format onnx-int8 "
+                                "--data ROOT --out model.int8.onnx")
+    return paths
+
+
+def runtime(engine: str, module: str, extra: str):
+    """The engine's runtime module, or a one-line error naming what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise PneumoniaCNNError(f"--engine {engine} needs {module} (pip install 'pneumonia-cnn[{extra}]')") from None
+
+
 class Int8Engine:
     """The quantised served graphs that ``export --format onnx-int8`` built for these weights, run by ONNX
     Runtime on the CPU: gray (B, 1, H, W) input, the same outputs as ``OnnxEngine``."""
@@ -44,20 +65,42 @@ class Int8Engine:
     precision = "int8"
 
     def __init__(self, models, size, tta: bool, taps=(), cache_dir=None):
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            raise PneumoniaCNNError("--engine onnx-int8 needs onnxruntime (pip install 'pneumonia-cnn[export]')") \
-                from None
-        self.sessions = []
-        for index, model in enumerate(models):
-            path = store_path(served_key(model, size, tta, taps if index == 0 else ()), cache_dir)
-            if not path.is_file():
-                raise PneumoniaCNNError("--engine onnx-int8: no int8 model for these weights yet; build it once "
-                                        "from the checkpoint's validation images: pneumonia-cnn export CHECKPOINT "
-                                        "--format onnx-int8 --data ROOT --out model.int8.onnx")
-            self.sessions.append(int8_session(path))
+        runtime(self.name, "onnxruntime", "export")
+        self.sessions = [int8_session(path) for path in int8_paths(models, size, tta, taps, self.name, cache_dir)]
         log.warning(INT8_NOTE)
 
     def run(self, pixels_uint8: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         return run_sessions(self.sessions, pixels_uint8)
+
+
+class OpenVinoInt8Engine:
+    """The same cached int8 graphs, run by OpenVINO's CPU plugin, which executes the QDQ pairs as int8
+    (VNNI/AMX) and, by default on CPUs with bf16 instructions, the layers left in float (the stem, the OOD
+    taps' reductions) in bf16. One inference request per thread: a compiled model is shared, a request is not."""
+    name = "openvino-int8"
+    precision = "int8"
+
+    def __init__(self, models, size, tta: bool, taps=(), cache_dir=None):
+        import torch
+        core = runtime(self.name, "openvino", "openvino").Core()
+        config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+        self.compiled = [core.compile_model(core.read_model(str(path)), "CPU", config)
+                         for path in int8_paths(models, size, tta, taps, self.name, cache_dir)]
+        self._local = threading.local()
+        log.warning(INT8_NOTE)
+
+    def _requests(self):
+        if getattr(self._local, "requests", None) is None:
+            self._local.requests = [compiled.create_infer_request() for compiled in self.compiled]
+        return self._local.requests
+
+    def run(self, pixels_uint8: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        x = (np.asarray(pixels_uint8, dtype=np.float32) / np.float32(255.0))[:, None]
+        member_logits, features = [], []
+        for index, (compiled, request) in enumerate(zip(self.compiled, self._requests())):
+            results = request.infer({0: x})
+            logits, *tapped = [np.array(results[output]) for output in compiled.outputs]
+            member_logits.append(logits.reshape(len(x)))
+            if index == 0:
+                features = [np.asarray(f, dtype=np.float64) for f in tapped]
+        return np.stack(member_logits).astype(np.float64), features

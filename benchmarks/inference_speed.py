@@ -61,9 +61,10 @@ def prepare_int8(checkpoint, data: str, calibration: np.ndarray | None = None) -
 
 def bench_engines(checkpoint, pixels: np.ndarray, batch_size: int, latency_runs: int, repeats: int = 3,
                   openvino: bool = False) -> dict:
-    """The engines' speed (OpenVINO's, or all the others), interleaved and repeated (medians): the ratios
-    compare runs made under the same conditions. Measure OpenVINO last in a process: once it has started its
-    threads, ONNX Runtime's single-image latency in the same process triples (2.1 -> 6.4 ms measured)."""
+    """The engines' speed (OpenVINO's, or all the others), each group interleaved and repeated (medians).
+    OpenVINO's group is measured after the others, not interleaved with them: once it has started its threads,
+    ONNX Runtime's single-image latency in the same process triples (2.1 -> 6.4 ms measured); a ratio across
+    the groups compares runs a minute apart in one process."""
     engines = [e for e in ENGINES if e[0].startswith("openvino") == openvino]
     return _bench_group(checkpoint, engines, pixels, batch_size, latency_runs, repeats)
 

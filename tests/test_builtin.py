@@ -33,7 +33,9 @@ def test_it_reproduces_its_recorded_figures_on_the_shared_test_folder(tmp_path):
         assert report["metrics"][name]["value"] == pytest.approx(recorded[name]["value"], abs=1e-6), name
     assert report["threshold"] == pytest.approx(recorded["threshold"], abs=1e-9)
     # issue 17's target on the shared test folder: at most 5% of these children flagged (README: 4.0%)
-    assert report["ood"]["fraction_flagged"] == pytest.approx(recorded["flagged_out_of_distribution"], abs=1e-9)
+    # within one image: another CPU's rounding may move an image that sits on the threshold
+    one_image = 1.01 / recorded["images"]
+    assert report["ood"]["fraction_flagged"] == pytest.approx(recorded["flagged_out_of_distribution"], abs=one_image)
     assert report["ood"]["fraction_flagged"] <= 0.05
 
 
@@ -47,7 +49,8 @@ def test_its_detector_flags_at_least_nine_in_ten_adults_of_each_source():
     for source, recorded in builtin.card()["figures"]["adult_xray_dev_flagged"].items():
         files = sorted((adults / source).glob("*.jpeg"))
         flagged = np.mean([p.in_distribution is False for p in predictor.predict_files(files)])
-        assert flagged == pytest.approx(recorded["flagged"], abs=1e-9) and len(files) == recorded["images"], source
+        assert len(files) == recorded["images"], source
+        assert flagged == pytest.approx(recorded["flagged"], abs=1.01 / len(files)), source  # within one image
         assert flagged >= 0.90, (source, flagged)
 
 

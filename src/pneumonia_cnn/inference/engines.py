@@ -166,7 +166,7 @@ def choose_engine(name: str, device: torch.device, amp: str) -> str:
     wants_amp = autocast_dtype(device, amp) is not None
     exported = name.startswith(("onnx", "openvino"))
     if exported and wants_amp:
-        raise PneumoniaCNNError(f"--amp {amp} runs on the torch engine (ONNX Runtime runs float32 or int8 here); "
+        raise PneumoniaCNNError(f"--amp {amp} runs on the torch engine (the exported engines run float32 or int8); "
                                 f"use --engine torch or auto")
     if exported and device.type != "cpu":
         raise PneumoniaCNNError(f"--engine {name} runs on the CPU; use --device cpu, or --engine torch on {device}")

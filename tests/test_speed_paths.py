@@ -121,3 +121,4 @@ def test_progressive_resizing_matches_a_fixed_size_run(cache_dir, tmp_path):
     assert checkpoint["preprocessing"]["size"] == [64, 64] and checkpoint["config"]["size_schedule"] == {"48": 4}
     with pytest.raises(Exception, match="cannot take"):
         run(tmp_path / "seed", model="seed", size_schedule={"48": 1})
+    assert not (tmp_path / "seed").exists()  # refused before the data are read or the run folder is written

@@ -74,6 +74,7 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
         torch.backends.cudnn.benchmark = True  # fixed input size: cuDNN's fastest kernels, picked once
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
+    _check_schedule_sizes(config)  # before the data are read and the run folder is written
     train_set, val_set = prepare_data(config, dist_info)
     if dist_info.main:
         _prepare_run_folder(out, config, train_set, val_set)
@@ -83,7 +84,6 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
         start_from(model, config)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    _check_schedule_sizes(model, config, device)
     state = TrainingState(model, make_optimizer(config, model),
                           torch.Generator().manual_seed(config.seed * 1000 + dist_info.rank),
                           copy.deepcopy(model).eval() if config.ema_decay else None)
@@ -103,16 +103,22 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
     return run
 
 
-def _check_schedule_sizes(model, config: TrainConfig, device):
-    """Progressive resizing needs a model whose head does not depend on the input size (not ``seed``)."""
-    for size in sorted(int(k) for k in config.size_schedule):
-        try:
-            with torch.no_grad():
-                model.eval()(torch.zeros(1, config.channels, size, size, device=device))
-        except RuntimeError:
-            raise ConfigError(f"size_schedule: model {config.model} cannot take {size}x{size} input (its head "
-                              f"depends on the input size)") from None
-    model.train()
+def _check_schedule_sizes(config: TrainConfig):
+    """Progressive resizing needs a model whose head does not depend on the input size (not ``seed``): tried
+    on a throwaway copy on the CPU, the random generator's state put back, so the run's initial weights are
+    those it would have had without the check."""
+    if not config.size_schedule:
+        return
+    with torch.random.fork_rng(devices=[]):
+        model = create_model(config.model, in_channels=config.channels, image_size=(config.size, config.size),
+                             **config.model_kwargs).eval()
+        for size in sorted(int(k) for k in config.size_schedule):
+            try:
+                with torch.no_grad():
+                    model(torch.zeros(1, config.channels, size, size))
+            except RuntimeError:
+                raise ConfigError(f"size_schedule: model {config.model} cannot take {size}x{size} input (its "
+                                  f"head depends on the input size)") from None
 
 
 def _graphed_step(run: Run):

@@ -90,11 +90,14 @@ def plot(paths, png):
     for path in paths:
         result = json.loads(Path(path).read_text())
         points = [(r["wall_seconds"], r["val_auc"]) for r in result["epochs"] if r.get("val_auc") is not None]
-        label = f"{result['preset']} ({result['wall_seconds']:.0f} s to a calibrated, OOD-fitted checkpoint)"
+        seconds = result.get("checkpoint_seconds", result["wall_seconds"])
+        overrides = ", ".join(f"{k}={v}" for k, v in result.get("overrides", {}).items())
+        name = f"{result['preset']} ({overrides})" if overrides else result["preset"]
+        label = f"{name}: {seconds:.0f} s to a calibrated, OOD-fitted checkpoint"
         axis.plot(*zip(*points), marker="o", markersize=3, label=label)
-        axis.axvline(result["wall_seconds"], color=axis.lines[-1].get_color(), linestyle=":", linewidth=1)
+        axis.axvline(seconds, color=axis.lines[-1].get_color(), linestyle=":", linewidth=1)
     axis.set_xlabel("wall seconds from raw images (2 CPU cores)"), axis.set_ylabel("validation ROC AUC")
-    axis.set_ylim(0.95, 1.0), axis.grid(alpha=0.3), axis.legend(loc="lower right")
+    axis.set_ylim(0.9, 1.0), axis.grid(alpha=0.3), axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(png, dpi=120)

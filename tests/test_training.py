@@ -62,6 +62,10 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(small_root, cache_
 def test_presets_and_config_file(tmp_path):
     best = make_config("best")
     assert best.model != "seed" and best.monitor == "val_auc" and best.class_balance != "none"
+    fast = make_config("fast")  # README: best in 10 epochs, lr 3e-3, EMA 0.995; everything else as best
+    assert (fast.epochs, fast.lr, fast.ema_decay) == (10, 3e-3, 0.995)
+    differ = {k for k, v in fast.to_dict().items() if best.to_dict()[k] != v}
+    assert differ == {"epochs", "lr", "ema_decay", "preset"}, differ
     tutorial = make_config("tutorial")
     assert (tutorial.model, tutorial.epochs, tutorial.batch_size, tutorial.lr) == ("seed", 10, 32, 1e-3)
     assert tutorial.augment == {"shear": 0.2, "zoom": 0.2, "flip": True}

@@ -14,7 +14,7 @@ def export_arguments(p):
     p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
     p.add_argument("--format", choices=("onnx", "torchscript", "onnx-int8"), default="onnx",
                    help="file format; onnx-int8: the served graph quantised to int8, calibrated on --data's val "
-                        "split (the checkpoint's own), also kept for --engine onnx-int8")
+                        "split (the checkpoint's own), also kept for --engine onnx-int8 and openvino-int8")
     p.add_argument("--out", required=True, help="file to write")
     p.add_argument("--data", help="onnx-int8: ROOT whose val/ holds the checkpoint's validation images")
 
@@ -27,7 +27,7 @@ def run_export(args) -> int:
             raise PneumoniaCNNError("export --format onnx-int8 needs --data ROOT (the run's validation images)")
         summary = export_int8(args.checkpoint, args.data, args.out)
         print(f"written: {summary['out']} (int8, calibrated on {summary['calibration_images']} validation images; "
-              f"kept for --engine onnx-int8 in {summary['cached']})")
+              f"kept for --engine onnx-int8 and openvino-int8 in {summary['cached']})")
         return 0
     from ..interop.export import export_model
     print(f"written: {export_model(args.checkpoint, args.format, args.out)}")

@@ -1,9 +1,13 @@
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from pneumonia_cnn.data.augment import (
     AugmentConfig,
+    _gaussian_blur,
+    affine_grid,
     augment_batch,
     compose_keras_matrix,
     keras_transform_matrices,
@@ -70,3 +74,26 @@ def test_scale_is_isotropic():
     matrices = keras_transform_matrices(500, 32, 32, config, torch.Generator().manual_seed(0))
     assert torch.allclose(matrices[:, 0, 0], matrices[:, 1, 1])
     assert matrices[:, 0, 0].min() >= 0.75 - 1e-6 and matrices[:, 0, 0].max() <= 1.25 + 1e-6
+
+
+@pytest.mark.parametrize("size", [(192, 192), (160, 128), (7, 5)])
+def test_affine_grid_equals_torchs(size):
+    """The broadcast grid computes torch's batched product in the same order (bit-equal on our CPU; the bound
+    leaves room for a matrix library that fuses the multiply-adds)."""
+    theta = torch.randn(16, 2, 3, generator=torch.Generator().manual_seed(0)) * 0.3
+    theta[:, 0, 0] += 1
+    theta[:, 1, 1] += 1
+    expected = F.affine_grid(theta, [16, 1, *size], align_corners=True)
+    assert torch.allclose(affine_grid(theta, size), expected, rtol=0, atol=1e-6)
+
+
+def test_blur_touches_only_the_chosen_images_and_blurs_them_as_the_whole_batch_would():
+    images = torch.rand(16, 1, 40, 40, generator=torch.Generator().manual_seed(1))
+    config = AugmentConfig(blur_sigma=2.0, blur_p=0.5)
+    out = augment_batch(images, config, torch.Generator().manual_seed(2))
+    draws = torch.Generator().manual_seed(2)  # augment_batch's draws for blur, in its order
+    apply = torch.rand(16, generator=draws) < 0.5
+    sigmas = torch.where(apply, 2.0 * torch.rand(16, generator=draws), torch.zeros(16))
+    assert 0 < int(apply.sum()) < 16
+    assert torch.equal(out[~apply], images[~apply])
+    assert torch.equal(out[apply], _gaussian_blur(images, sigmas)[apply])

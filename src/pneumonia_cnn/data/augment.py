@@ -74,14 +74,11 @@ def keras_transform_matrices(batch: int, height: int, width: int, config: Augmen
 def compose_keras_matrix(theta, tx, ty, shear, zx, zy, flip, height, width) -> torch.Tensor:
     batch = theta.shape[0]
 
-    def matrix(a, b, c, d, e, f):
-        m = torch.zeros(batch, 3, 3, dtype=torch.float64)
-        m[:, 0, 0], m[:, 0, 1], m[:, 0, 2] = a, b, c
-        m[:, 1, 0], m[:, 1, 1], m[:, 1, 2] = d, e, f
-        m[:, 2, 2] = 1.0
-        return m
-
     zero, one = torch.zeros_like(theta), torch.ones_like(theta)
+
+    def matrix(a, b, c, d, e, f):  # one stack, not nine index writes: a batch's matrices cost ~1 ms less
+        return torch.stack([a, b, c, d, e, f, zero, zero, one], dim=1).view(batch, 3, 3)
+
     rotation = matrix(torch.cos(theta), -torch.sin(theta), zero, torch.sin(theta), torch.cos(theta), zero)
     shift = matrix(one, zero, tx, zero, one, ty)
     shearing = matrix(one, -torch.sin(shear), zero, zero, torch.cos(shear), zero)
@@ -108,9 +105,21 @@ def warp(images: torch.Tensor, matrices: torch.Tensor, size=None) -> torch.Tenso
     normalised = to_normalised @ matrices @ to_pixels  # (row, col) order
     swap = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)
     theta = to_device((swap @ normalised @ swap)[:, :2, :].to(torch.float32), images.device)
-    out_shape = list(images.shape[:2]) + list(size or images.shape[2:])
-    grid = F.affine_grid(theta, out_shape, align_corners=True)
+    grid = affine_grid(theta, size or images.shape[2:])
     return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def affine_grid(theta: torch.Tensor, size) -> torch.Tensor:
+    """``F.affine_grid(theta, (B, C, *size), align_corners=True)``, the same values computed in the same order,
+    ``(x * a + y * b) + c``: torch's CPU version is a batched product with an inner dimension of 3, which
+    the matrix library runs several times slower than two broadcast sums (README, "Speed")."""
+    height, width = (int(v) for v in size)
+    xs = torch.linspace(-1, 1, width, device=theta.device, dtype=theta.dtype).view(1, 1, width, 1)
+    ys = torch.linspace(-1, 1, height, device=theta.device, dtype=theta.dtype).view(1, height, 1, 1)
+    batch = theta.shape[0]
+    column, row, offset = (theta[:, :, index].reshape(batch, 1, 1, 2) for index in range(3))
+    grid = xs * column + ys * row  # (B, 1, W, 2) + (B, H, 1, 2): one full-size pass
+    return grid.add_(offset)
 
 
 def to_device(values: torch.Tensor, device, dtype=None) -> torch.Tensor:
@@ -185,7 +194,10 @@ def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.
         apply = torch.rand(batch, generator=generator) < config.blur_p
         sigmas = torch.where(apply, config.blur_sigma * torch.rand(batch, generator=generator), torch.zeros(batch))
         if bool(apply.any()):
-            images = _gaussian_blur(images, sigmas)
+            chosen = apply.nonzero().squeeze(1).to(images.device)
+            # only the chosen images: the others would be convolved with a unit impulse, which changes nothing
+            images = images.index_copy(0, chosen, _gaussian_blur(images.index_select(0, chosen),
+                                                                 sigmas[apply]))
     if config.noise:
         std = uniform(0, config.noise).view(view)
         if images.device.type == "cpu":

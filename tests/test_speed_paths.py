@@ -11,6 +11,8 @@
   (identity: bilinear resize); a run with a schedule trains its first epochs at the smaller size (its history
   says which) and ends at full size with a validation ROC AUC within 0.06 of a run without one (8 epochs on
   100 + 100 real training images, 40 + 40 validation images).
+- A 3-channel model trained on the CPU gets the gray batch (its first convolution's summed kernel equals
+  repeating the channel; tests/models) and that layer's output is channels-last, like every later layer's.
 """
 import copy
 
@@ -22,8 +24,9 @@ import torch.nn.functional as F
 from pneumonia_cnn.data.augment import AugmentConfig, augment_batch, warp
 from pneumonia_cnn.data.loader import BatchLoader, DeviceBatchLoader
 from pneumonia_cnn.models import create_model
-from pneumonia_cnn.training import make_config, make_optimizer, train
+from pneumonia_cnn.training import make_config, make_optimizer, start_run, train
 from pneumonia_cnn.training.graphed import GraphedStep
+from pneumonia_cnn.training.loop import train_step
 
 from .conftest import link_subset
 
@@ -122,3 +125,19 @@ def test_progressive_resizing_matches_a_fixed_size_run(cache_dir, tmp_path):
     with pytest.raises(Exception, match="cannot take"):
         run(tmp_path / "seed", model="seed", size_schedule={"48": 1})
     assert not (tmp_path / "seed").exists()  # refused before the data are read or the run folder is written
+
+
+def test_cpu_training_feeds_the_gray_batch_to_a_3_channel_model(cache_dir, tmp_path):
+    root = link_subset(tmp_path / "xray", {"train": 8, "val": 4}, seed=1)
+    config = make_config("tutorial", data=str(root), out=str(tmp_path / "run"), size=48, batch_size=4, device="cpu",
+                         cache_dir=str(cache_dir), progress=False, ood=False, evaluate_test=False, tracker="none",
+                         min_val_images=2)
+    run = start_run(config)
+    seen = []
+    run.state.model.conv1.register_forward_hook(
+        lambda module, args, out: seen.append((args[0].shape[1], out.is_contiguous(memory_format=torch.channels_last))))
+    before = run.state.model.conv1.weight.detach().clone()
+    pixels, labels, _ = next(iter(run.loader))
+    train_step(run, pixels, labels)
+    assert config.channels == 3 and seen == [(1, True)]
+    assert not torch.equal(run.state.model.conv1.weight, before)  # the summed kernel's gradient reached the layer

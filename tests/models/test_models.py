@@ -40,6 +40,21 @@ def test_gray_input_comes_out_of_the_first_convolution_channels_last():
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
 
 
+def test_a_gray_batch_trains_a_3_channel_model_as_the_repeated_batch_does():
+    """CPU training feeds the gray batch to the summed kernel: the same gradients as three repeated channels."""
+    torch.manual_seed(0)
+    model = create_model("seed", 3, (48, 48)).to(memory_format=torch.channels_last)
+    x = torch.rand(4, 1, 48, 48)
+    grads = []
+    for batch in (x, x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)):
+        model.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(batch), torch.tensor([0.0, 1, 1, 0])).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert grads[0]["conv1.weight"].abs().sum() > 0
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7), name
+
+
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         create_model("nope")

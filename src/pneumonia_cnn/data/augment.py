@@ -76,8 +76,8 @@ def compose_keras_matrix(theta, tx, ty, shear, zx, zy, flip, height, width) -> t
 
     zero, one = torch.zeros_like(theta), torch.ones_like(theta)
 
-    def matrix(a, b, c, d, e, f):  # one stack, not nine index writes: a batch's matrices cost ~1 ms less
-        return torch.stack([a, b, c, d, e, f, zero, zero, one], dim=1).view(batch, 3, 3)
+    def matrix(a, b, c, d, e, f):  # one stack, not seven index writes: a batch's matrices cost ~1 ms less
+        return torch.stack([a, b, c, d, e, f, zero, zero, one], dim=1).view(batch, 3, 3).to(torch.float64)
 
     rotation = matrix(torch.cos(theta), -torch.sin(theta), zero, torch.sin(theta), torch.cos(theta), zero)
     shift = matrix(one, zero, tx, zero, one, ty)
@@ -114,12 +114,19 @@ def affine_grid(theta: torch.Tensor, size) -> torch.Tensor:
     ``(x * a + y * b) + c``: torch's CPU version is a batched product with an inner dimension of 3, which
     the matrix library runs several times slower than two broadcast sums (README, "Speed")."""
     height, width = (int(v) for v in size)
-    xs = torch.linspace(-1, 1, width, device=theta.device, dtype=theta.dtype).view(1, 1, width, 1)
-    ys = torch.linspace(-1, 1, height, device=theta.device, dtype=theta.dtype).view(1, height, 1, 1)
+    xs = _base_coordinates(width, theta).view(1, 1, width, 1)
+    ys = _base_coordinates(height, theta).view(1, height, 1, 1)
     batch = theta.shape[0]
     column, row, offset = (theta[:, :, index].reshape(batch, 1, 1, 2) for index in range(3))
     grid = xs * column + ys * row  # (B, 1, W, 2) + (B, H, 1, 2): one full-size pass
     return grid.add_(offset)
+
+
+def _base_coordinates(steps: int, like: torch.Tensor) -> torch.Tensor:
+    """Torch's base grid: -1 to 1 over ``steps`` points, and 0 for a single point."""
+    if steps == 1:
+        return torch.zeros(1, device=like.device, dtype=like.dtype)
+    return torch.linspace(-1, 1, steps, device=like.device, dtype=like.dtype)
 
 
 def to_device(values: torch.Tensor, device, dtype=None) -> torch.Tensor:

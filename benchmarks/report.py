@@ -91,6 +91,16 @@ def _keras_rows(results) -> list[tuple[str, str]]:
     return rows
 
 
+def _time_to_model_rows(results) -> list[tuple[str, str]]:
+    t = results.get("time_to_model")
+    if not t:
+        return []
+    return [(f"--preset {r['preset']}: raw images to a checkpoint",
+             f"{r['checkpoint_seconds']:.1f} s ({'within' if r['within_time'] else 'over'} {t['target_seconds']} s), "
+             f"val AUC {r['best_val_auc']:.4f} ({'within' if r['within_auc'] else 'outside'} {t['tolerance']} of "
+             f"best's {t['reference_val_auc']})") for r in t["runs"]]
+
+
 def print_table(results):
     rows = [("device", f"{results['device']} ({results['threads']} threads, {results['cpu']}); load average "
                        f"{results['load_average_start']:.1f} at start, "
@@ -100,9 +110,11 @@ def print_table(results):
         rows.append(("cache build (decode, all cores)", f"{c['build_seconds']:.1f} s for {c['images']} images "
                                                          f"({c['decode_images_per_s']:.0f} img/s)"))
     if "data_pipeline" in results:
-        ratio = results["data_pipeline"]["images_per_s"] / results.get("training", {}).get("images_per_s", float("nan"))
+        rate = results["data_pipeline"]["images_per_s"]
+        training = results.get("training", {}).get("images_per_s")
         rows.append(("data pipeline alone (cache + augmentation)",
-                     f"{results['data_pipeline']['images_per_s']:.0f} img/s ({ratio:.0f}x training)"))
-    rows += _training_rows(results) + _inference_rows(results) + _other_rows(results) + _keras_rows(results)
+                     f"{rate:.0f} img/s" + (f" ({rate / training:.0f}x training)" if training else "")))
+    rows += (_training_rows(results) + _inference_rows(results) + _other_rows(results) + _keras_rows(results)
+             + _time_to_model_rows(results))
     width = max(len(r[0]) for r in rows) + 2
     print("\n".join(f"{name:<{width}}{value}" for name, value in rows))

@@ -3,6 +3,7 @@
     python benchmarks/run.py --keras-python /tmp/tfenv/bin/python          # everything
     python benchmarks/run.py --checkpoint runs/best/best.pt                 # + int8 agreement on its test split
     python benchmarks/run.py --only training,keras --pairs 3
+    python benchmarks/run.py --only time_to_model --time-to-model best,fast  # raw images to a checkpoint
     python benchmarks/run.py --device cuda --batch-size 256 --lr 0.004      # a GPU (see benchmarks/gpu.sh)
 
 Training is the library's own loop (``training.start_run`` + ``train_one_epoch`` -> ``train_step``), repeated;
@@ -219,7 +220,9 @@ def parse_args():
     parser.add_argument("--checkpoint", help="a trained checkpoint: int8 agreement on --data's test split")
     parser.add_argument("--keras-python", default=sys.executable,
                         help="a Python that can import TensorFlow, for the Keras comparison")
-    parser.add_argument("--only", default="training,inference,server,memory,distributed,keras")
+    parser.add_argument("--only", default="training,inference,server,memory,distributed,keras,time_to_model")
+    parser.add_argument("--time-to-model", default="fast", metavar="PRESETS",
+                        help="presets timed from raw images to a checkpoint (comma-separated; e.g. best,fast)")
     parser.add_argument("--out", default=str(PROJECT / "benchmarks" / "results.json"))
     return parser.parse_args()
 
@@ -258,6 +261,8 @@ def main():
         system_speed.bench_distributed(args, results)
     if "keras" in only and loop is not None:
         bench_keras(args, results, loop)
+    if "time_to_model" in only:
+        system_speed.bench_time_to_model(args, results)
     results["load_average_end"] = os.getloadavg()[0]
     print_table(results)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -228,6 +228,14 @@ def test_a_module_that_runs_twice_cannot_be_tapped():
         TappedModel(model, [("nope", "mean")])
 
 
+@pytest.mark.parametrize("reduction", ["orientations4", "thumbnail4", "gram2"])
+def test_a_map_reduction_on_a_dense_layer_is_a_clear_error(reduction):
+    model = create_model("seed", 3, (64, 64)).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"{reduction}.* needs a \(batch, channels, height, width\) "
+                                                          r"map; 'fc1' outputs \(1, 128\)"):
+        TappedModel(model, [("fc1", reduction)])(torch.rand(1, 1, 64, 64))
+
+
 # ------------------------------------------------------------------ storage: new and older checkpoints
 def real_pixels(split, count, size=(64, 64)):
     files = sorted((SHARED_DATA / split / "NORMAL").iterdir())[:count] + \

@@ -109,6 +109,15 @@ REDUCTIONS = {
     "thumbnail4": _coarse_thumbnail,
     "orientations4": _orientation_histogram,
 }
+# reductions of a feature map's pixels: a (B, F) output (a dense layer's) has none
+MAP_REDUCTIONS = {"gram1", "gram2", "gram3", "thumbnail8", "edge_map24", "thumbnail4", "orientations4"}
+
+
+def reduce_tap(module: str, reduction: str, output: torch.Tensor) -> torch.Tensor:
+    if reduction in MAP_REDUCTIONS and output.dim() != 4:
+        raise ValueError(f"reduction {reduction!r} needs a (batch, channels, height, width) map; {module!r} "
+                         f"outputs {tuple(output.shape)}: tap a convolutional layer")
+    return REDUCTIONS[reduction](output)
 
 
 # ------------------------------------------------------------------ taps: features in the same forward pass
@@ -151,11 +160,11 @@ class TappedModel(nn.Module):
             if name in store:
                 raise RuntimeError(f"module {name!r} runs more than once per forward: tap another module")
             # reduce now: a later in-place operation (ReLU(inplace=True)) may overwrite the activation
-            store[name] = {r: REDUCTIONS[r](output) for m, r in self.taps if m == name}
+            store[name] = {r: reduce_tap(name, r, output) for m, r in self.taps if m == name}
         return capture
 
     def forward(self, x: torch.Tensor):
-        store = {INPUT_TAP: {r: REDUCTIONS[r](x) for m, r in self.taps if m == INPUT_TAP}}
+        store = {INPUT_TAP: {r: reduce_tap(INPUT_TAP, r, x) for m, r in self.taps if m == INPUT_TAP}}
         self._local.store = store
         try:
             logits = self.model(x)

@@ -224,7 +224,12 @@ def parse_args():
     parser.add_argument("--time-to-model", default="fast", metavar="PRESETS",
                         help="presets timed from raw images to a checkpoint (comma-separated; e.g. best,fast)")
     parser.add_argument("--out", default=str(PROJECT / "benchmarks" / "results.json"))
-    return parser.parse_args()
+    args = parser.parse_args()
+    from pneumonia_cnn.training.config import PRESETS
+    unknown = sorted(set(args.time_to_model.split(",")) - set(PRESETS))
+    if unknown:  # refused before any benchmark runs, not after a quarter of an hour of them
+        parser.error(f"--time-to-model: unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+    return args
 
 
 def main():
@@ -275,4 +280,8 @@ def _sync(device):
 
 
 if __name__ == "__main__":
-    main()
+    from pneumonia_cnn.errors import PneumoniaCNNError
+    try:
+        main()
+    except PneumoniaCNNError as error:  # unusable data or options: one line, as the CLI prints it
+        sys.exit(f"error: {error}")

@@ -138,8 +138,11 @@ def bench_time_to_model(args, results):
     rows = []
     for preset in args.time_to_model.split(","):
         out = Path(tempfile.mkdtemp(prefix="pcnn-bench-tta-")) / f"{preset}.json"
-        subprocess.run([sys.executable, str(PROJECT / "benchmarks" / "time_to_accuracy.py"), "--preset", preset,
-                        "--data", args.data, "--out", str(out)], check=True, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, str(PROJECT / "benchmarks" / "time_to_accuracy.py"), "--preset",
+                               preset, "--data", args.data, "--out", str(out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            sys.exit(f"time to model, --preset {preset}: benchmarks/time_to_accuracy.py failed: {last}")
         run = json.loads(out.read_text())
         rows.append({"preset": preset, "checkpoint_seconds": run["checkpoint_seconds"],
                      "best_val_auc": run["best_val_auc"], "test_roc_auc": run["test_metrics"].get("roc_auc"),

@@ -55,6 +55,15 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 2 and "checkpoint not found" in result.stderr
 
 
+@pytest.mark.parametrize("flag, value, reason", [
+    ("--max-in-flight", "0", "must be a whole number of at least 1"),
+    ("--max-batches-in-flight", "-2", "must be a whole number of at least 1"),
+    ("--max-upload-mb", "nan", "must be a positive number"),
+    ("--body-timeout", "-1", "must be a positive number")])
+def test_serve_refuses_limits_that_would_refuse_everything_or_nothing(flag, value, reason):
+    result = run_cli("serve", flag, value)
+    assert (result.returncode, result.stderr.strip()) == (2, f"error: {flag} {value}: {reason}")
+
 def test_training_skips_bad_files_and_goes_on(small_root, tmp_path, cache_dir):
     import shutil
     root = tmp_path / "mixed"

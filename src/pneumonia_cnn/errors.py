@@ -22,3 +22,11 @@ class CheckpointError(PneumoniaCNNError):
 
 class ConfigError(PneumoniaCNNError, ValueError):
     """A configuration value that is not allowed; the message names the field."""
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line: libraries that list several causes (pydicom's decoders: a header
+    line, then one indented line per plugin) keep them all, joined, instead of losing them to the header."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = " ".join(lines) or type(error).__name__
+    return message if len(message) <= limit else message[:limit - 1] + "…"

@@ -35,6 +35,27 @@ def test_dicom_without_pixels_or_corrupt(tmp_path):
         read_image(tmp_path / "cut.dcm")
 
 
+def test_corrupt_compressed_pixel_data_names_each_decoders_reason_without_logging_tracebacks(tmp_path, caplog):
+    """pydicom raises one error whose first line says only that every plugin failed (the reasons follow on
+    indented lines) and logs each plugin's traceback first: the reason must survive, the tracebacks must not."""
+    import logging
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+    path = write_dicom(tmp_path / "j2k.dcm", RAMP)
+    import pydicom
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    dataset.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 200])  # a J2K codestream cut after SIZ
+    dataset["PixelData"].VR = "OB"
+    dataset.save_as(path, enforce_file_format=True)
+    with caplog.at_level(logging.DEBUG), pytest.raises(ImageReadError) as raised:
+        read_image(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: cannot decode DICOM pixel data (") and "\n" not in message
+    assert "pillow: SIZ marker length must be at least 38" in message  # the plugin's own reason
+    assert not [r for r in caplog.records if r.exc_info], "a decoder traceback reached the log"
+
 def test_predict_refuses_a_dicom_bomb_from_its_header(tmp_path):
     """The same guard as the server's, for files: a deflated 953 KB file claiming 10 frames of 7000x7000 is
     refused before pydicom inflates it (it would take about 490 MB)."""

@@ -37,6 +37,26 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path):
     assert gray.max() >= 250 and gray.min() <= 2
 
 
+def test_float_tiff_is_scaled_in_blocks_with_bounded_memory(tmp_path):
+    """A float32 TIFF of 4000x4000 (64 MB of pixels, a few KB on disk) is scaled to 0..255 by its own
+    minimum and maximum, NaN as 0, without the full-size float64 copies (128 MB each, three at once) that a
+    server decoding several such uploads would hold."""
+    import tracemalloc
+
+    from pneumonia_cnn.data.image import scale_to_uint8
+    values = np.zeros((4000, 4000), np.float32)
+    values[::5, ::5], values[1, 1], values[2, 2] = 1.5, -0.5, np.nan
+    Image.fromarray(values).save(tmp_path / "f.tif", compression="tiff_adobe_deflate")
+    decoded = np.asarray(Image.open(tmp_path / "f.tif"))
+    tracemalloc.start()
+    gray = scale_to_uint8(decoded)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 48e6, f"{peak / 1e6:.0f} MB"  # the uint8 result (16 MB), two 8 MB blocks and their masks
+    assert gray.dtype == np.uint8 and gray.shape == (4000, 4000)
+    assert (gray[1, 1], gray[0, 1], gray[5, 5], gray[2, 2]) == (0, 64, 255, 64)  # 0.5/2.0 of 255 = 63.75
+    assert gray.sum() == 255 * 800 * 800 + 64 * (4000 * 4000 - 800 * 800 - 1)  # the grid, the zeros, not -0.5
+
 def test_palette_png_with_alpha(tmp_path):
     image = Image.fromarray(GRADIENT).convert("P")
     image.info["transparency"] = 0

@@ -73,6 +73,47 @@ def test_bad_uploads_get_clear_errors(server):
     assert httpx.get(f"{url}/health").status_code == 200  # still serving
 
 
+def test_malformed_requests_get_one_line_reasons(server):
+    """FastAPI's validation errors (a list of objects, 422) become one line saying what to send (400)."""
+    url, _ = server
+    image = xray_paths(1)[0].read_bytes()
+    send = "send the image(s) as multipart/form-data field"
+    for response, detail in (
+            (httpx.post(f"{url}/predict"), f"no multipart field 'file': {send} 'file'"),
+            (httpx.post(f"{url}/predict", content=image, headers={"Content-Type": "image/jpeg"}),
+             f"no multipart field 'file': {send} 'file'"),
+            (httpx.post(f"{url}/predict", files={"image": ("a.jpeg", image)}), f"no multipart field 'file': {send} 'file'"),
+            (httpx.post(f"{url}/predict/batch"), f"no multipart field 'files': {send} 'files'"),
+            (httpx.post(f"{url}/predict?gradcam=abc", files={"file": ("a.jpeg", image)}),
+             "query parameter 'gradcam': Input should be a valid boolean, unable to interpret input"),
+            (httpx.post(f"{url}/predict", files=[("file", ("a.jpeg", image)), ("file", ("b.jpeg", image))]),
+             "2 'file' fields: /predict scores one image (/predict/batch takes several, as 'files')")):
+        assert (response.status_code, response.json()) == (400, {"detail": detail})
+
+
+def test_a_client_that_leaves_mid_upload_is_counted_as_499(server):
+    """No answer reaches a client that disconnected; /metrics must not count one as a 400 the server gave."""
+    import re
+    import socket
+    import time
+
+    from tests.serving.raw_http import multipart_head, request_head
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+
+    def count(status):
+        text = httpx.get(f"{url}/metrics").text
+        found = re.search(rf'http_requests_total{{endpoint="/predict",status="{status}"}} (\S+)', text)
+        return float(found.group(1)) if found else 0.0
+
+    before_499, before_400 = count(499), count(400)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(request_head(port, chunked=False, length=100_000) + multipart_head() + b"\xff" * 1000)
+            time.sleep(0.2)
+    time.sleep(0.5)
+    assert (count(499) - before_499, count(400) - before_400) == (3, 0)
+
 def test_concurrent_requests_are_batched_and_correct(trained_run):
     """48 concurrent uploads to the app in this process: every answer is the library's, and the micro-batcher
     really put several requests into one forward pass (it calls ``predictor.assess`` once per batch)."""

@@ -58,6 +58,61 @@ def test_keys_are_checked_in_constant_time(monkeypatch, keys):
     assert oct(keys["path"].stat().st_mode & 0o777) == "0o600"
 
 
+def test_a_reload_keeps_the_keys_it_accepted_unless_their_line_changed(keys, tmp_path):
+    from pneumonia_cnn.serving import auth
+    ring = auth.KeyRing.from_file(keys["path"])
+    assert ring.check(keys["ward"]).key_id == "ward3" and ring.remembered(keys["ward"]) is not None
+    assert auth.KeyRing.from_file(keys["path"]).remembered(keys["ward"]) is None  # a fresh ring: scrypt again
+    assert auth.KeyRing.from_file(keys["path"]).keep_passed(ring).remembered(keys["ward"]).key_id == "ward3"
+    revoked = tmp_path / "keys.txt"
+    revoked.write_text(keys["path"].read_text())
+    auth.revoke_key(revoked, "ward3")
+    auth.add_key(revoked, "ward3")  # the same id, a new secret: the old key must not pass
+    assert auth.KeyRing.from_file(revoked).keep_passed(ring).remembered(keys["ward"]) is None
+
+
+def test_new_keys_waiting_for_scrypt_are_bounded():
+    """A flood of wrong keys must not build a queue on the one key-checking thread: beyond
+    MAX_PENDING_KEY_CHECKS waiting, a new key gets 503 at once. A client's first burst with one key (16
+    requests at once, as a ward's clients start) shares one check and is never refused for it."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from starlette.responses import PlainTextResponse
+
+    from pneumonia_cnn.serving import auth
+    release, checked = threading.Event(), []
+
+    class SlowRing:
+        def remembered(self, token):
+            return None
+
+        def check(self, token):
+            checked.append(token)
+            release.wait(10)
+            return None
+
+    async def inner(scope, receive, send):
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    middleware = auth.AccessMiddleware(inner, lambda: SlowRing(), ThreadPoolExecutor(1))
+
+    async def flood():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://t") as client:
+            burst = [bearer("x.same")] * 16 + [bearer(f"x.{i}") for i in range(auth.MAX_PENDING_KEY_CHECKS - 1)]
+            waiting = [asyncio.create_task(client.get("/model", headers=headers)) for headers in burst]
+            await asyncio.sleep(0.3)
+            extra = await client.get("/model", headers=bearer("x.extra"))
+            release.set()
+            return extra, await asyncio.gather(*waiting)
+
+    extra, waited = asyncio.run(flood())
+    assert (extra.status_code, extra.headers["retry-after"]) == (503, "1")
+    assert extra.json() == {"detail": "busy: too many new API keys being checked; retry in a second"}
+    assert [r.status_code for r in waited] == [401] * (16 + auth.MAX_PENDING_KEY_CHECKS - 1)
+    assert sorted(checked) == sorted(["x.same"] + [f"x.{i}" for i in range(auth.MAX_PENDING_KEY_CHECKS - 1)])
+
 def test_keys_never_reach_the_log_or_the_audit_trail(secure_server, keys):
     post_image(secure_server, keys["ward"])
     post_image(secure_server, "ward3.a-wrong-secret-to-log")
@@ -72,9 +127,13 @@ def test_keys_never_reach_the_log_or_the_audit_trail(secure_server, keys):
 def test_wrong_host_is_refused_unless_allowed(secure_server, keys):
     port = secure_server.url.rsplit(":", 1)[1]
     for host, status in (("evil.example", 400), (f"evil.example:{port}", 400), (f"localhost:{port}", 200),
-                         ("xray.hospital.example", 200)):
+                         ("xray.hospital.example", 200), (f"[::1]:{port}", 200), ("[::1]", 200),
+                         (f"XRAY.Hospital.example:{port}", 200)):
         response = httpx.get(f"{secure_server.url}/health", headers={"Host": host})
         assert response.status_code == status, host
+        if status == 400:  # the same one-line JSON as every other refusal, naming the host
+            assert response.json() == {"detail": "Host 'evil.example' is not served here (loopback, the bound "
+                                                 "address and --allowed-hosts are)"}
 
 
 def test_200mb_chunked_upload_is_cut_early_with_memory_and_disk_bounded(secure_server, keys):
@@ -180,6 +239,45 @@ def test_idle_connections_are_closed(secure_server):
         slow_head.sendall(b"GET /health HTTP/1.1\r\nHo")
         assert seconds_until_closed(slow_head, 8) < 4
 
+
+def test_idle_sockets_leave_health_and_predictions_up(secure_server, keys):
+    """uvicorn's limit_concurrency (4 x --max-in-flight + 64 = 80 here) counted idle sockets: 80 of them,
+    opened by anyone without a key, made every request get 503, /health included."""
+    port = int(secure_server.url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(120)]
+    try:
+        time.sleep(0.2)
+        assert httpx.get(f"{secure_server.url}/health", timeout=5).status_code == 200
+        assert post_image(secure_server, keys["ward"]).status_code == 200
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_batch_uploads_in_progress_are_limited_apart(secure_server, keys):
+    """Each batch upload may hold up to --max-batch-upload-mb: at most --max-batches-in-flight (2) at once."""
+    port = int(secure_server.url.rsplit(":", 1)[1])
+    image = xray_paths(1)[0].read_bytes()
+    holders = []
+    try:
+        for _ in range(2):  # two batch uploads that are still arriving
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(request_head(port, "/predict/batch", chunked=False, length=10_000,
+                                      headers=bearer(keys["ward"])))
+            holders.append(sock)
+        time.sleep(0.3)
+        response = httpx.post(f"{secure_server.url}/predict/batch", files=[("files", ("a.jpeg", image))],
+                              headers=bearer(keys["ward"]), timeout=30)
+        assert (response.status_code, response.headers["retry-after"]) == (503, "1")
+        assert response.json() == {"detail": "busy: 2 batch uploads in progress; retry in a second"}
+        assert post_image(secure_server, keys["ward"]).status_code == 200  # 2 of --max-in-flight 4: single goes
+    finally:
+        for sock in holders:
+            sock.close()
+    time.sleep(0.3)
+    response = httpx.post(f"{secure_server.url}/predict/batch", files=[("files", ("a.jpeg", image))],
+                          headers=bearer(keys["ward"]), timeout=30)
+    assert response.status_code == 200, response.text
 
 def test_full_queue_answers_503_with_retry_after(secure_server, keys):
     port = int(secure_server.url.rsplit(":", 1)[1])

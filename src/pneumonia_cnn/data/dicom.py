@@ -2,13 +2,26 @@
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ImageReadError
+from ..errors import ImageReadError, one_line
 from .dicom_guard import dicom_problem
 from .image import MAX_PIXELS, ImageMeta, scale_to_uint8
+
+
+class _DropDecoderTracebacks(logging.Filter):
+    """pydicom logs the full traceback of every decoder plugin that fails before it raises one error listing
+    them all; that error becomes the one-line reason given for the file, so the tracebacks are dropped (a
+    server would otherwise log dozens of lines per corrupt upload)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_DropDecoderTracebacks())
 
 
 def _tag(dataset, name):
@@ -47,8 +60,7 @@ def _read_dicom(path: Path, source=None, strict: bool = False):
     try:
         pixels = dataset.pixel_array
     except Exception as error:  # missing decoders and bad data raise many types
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ImageReadError(path, f"cannot decode DICOM pixel data ({message[:160]})") from None
+        raise ImageReadError(path, f"cannot decode DICOM pixel data ({one_line(error)})") from None
     if pixels.ndim == 3 and getattr(dataset, "SamplesPerPixel", 1) == 1:
         pixels = pixels[0]  # multi-frame: the first frame
     photometric = _tag(dataset, "PhotometricInterpretation") or "MONOCHROME2"

@@ -22,13 +22,36 @@ class ImageMeta:
 
 
 def scale_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Scale any integer or float image to 0..255 without clipping its content."""
+    """Scale any integer or float image to 0..255 without clipping its content (NaN as 0, infinities as the
+    largest finite values, as ``np.nan_to_num``). Done in blocks of rows, in float64: a 49-megapixel float
+    image would otherwise hold several full-size float64 copies (about 400 MB each) at once."""
     if array.dtype == np.uint8:
         return array
-    array = array.astype(np.float64)
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-        array = np.nan_to_num(array)
-    low, high = float(array.min()), float(array.max())
-    if high <= low:
+    if array.size == 0 or array.ndim == 0:
         return np.zeros(array.shape, dtype=np.uint8)
-    return np.round((array - low) * (255.0 / (high - low))).astype(np.uint8)
+    blocks = _float_row_blocks(array)
+    low, high = np.inf, -np.inf
+    for _, block in blocks:
+        low, high = min(low, float(block.min())), max(high, float(block.max()))
+    out = np.zeros(array.shape, dtype=np.uint8)
+    if high <= low:
+        return out
+    scale = 255.0 / (high - low)
+    for rows, block in blocks:
+        block -= low
+        block *= scale
+        out[rows] = np.round(block, out=block)
+    return out
+
+
+class _float_row_blocks:
+    """Iterable, more than once, over (row slice, that block of rows as a fresh finite float64 array)."""
+    VALUES = 1 << 20  # 8 MB of float64 per block
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.step = array, max(1, self.VALUES // max(1, array[0].size))
+
+    def __iter__(self):
+        for start in range(0, len(self.array), self.step):
+            rows = slice(start, start + self.step)
+            yield rows, np.nan_to_num(self.array[rows].astype(np.float64), copy=False)

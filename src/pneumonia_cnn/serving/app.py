@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 
 from ..errors import PneumoniaCNNError
-from .auth import AccessMiddleware
+from .auth import AccessMiddleware, HostCheckMiddleware
 from .limits import LimitsMiddleware, idle_timeout_protocol
 from .metrics import RequestMetricsMiddleware
 from .service import RequestError, ServeOptions, Service
@@ -49,7 +49,6 @@ def allowed_host_names(host: str, extra=()) -> list[str]:
 def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=None):
     from fastapi import FastAPI
     from starlette.formparsers import MultiPartParser
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     options = options or ServeOptions()
     service = Service(checkpoint, options)
@@ -74,21 +73,27 @@ def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=No
     add_error_handlers(app)
     add_routes(app, service, options)
     app.add_middleware(LimitsMiddleware, body_limit=options.body_limit, body_timeout=options.body_timeout,
-                       max_in_flight=options.max_in_flight,
+                       max_in_flight=options.max_in_flight, batch_paths=("/predict/batch",),
+                       max_batches_in_flight=options.max_batches_in_flight,
                        on_reject=lambda path, reason: service.metrics.rejected.labels(reason).inc())
     app.add_middleware(AccessMiddleware, keyring=lambda: service.keyring, executor=service.auth_executor)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts or allowed_host_names("127.0.0.1")))
+    app.add_middleware(HostCheckMiddleware, allowed_hosts=list(allowed_hosts or allowed_host_names("127.0.0.1")))
     app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)  # added last: the outermost
     app.state.service = service
     return app
 
 
 def add_error_handlers(app):
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
     @app.exception_handler(RequestError)
     async def request_error(_request, error: RequestError):
         return JSONResponse({"detail": error.detail}, status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request, error: RequestValidationError):
+        return JSONResponse({"detail": validation_message(error.errors())}, status_code=400)
 
     @app.exception_handler(Exception)
     async def internal_error(request, error: Exception):
@@ -96,6 +101,19 @@ def add_error_handlers(app):
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(error).__name__, error)
         return JSONResponse({"detail": f"internal error ({type(error).__name__}); the server log has the details"},
                             status_code=500)
+
+
+def validation_message(errors) -> str:
+    """FastAPI's list of validation errors as one line: a missing upload says how to send one."""
+    parts = []
+    for error in errors:
+        where, name = (list(error.get("loc", ())) + ["request", "?"])[:2]
+        if where == "body" and error.get("type") == "missing":
+            parts.append(f"no multipart field '{name}': send the image(s) as multipart/form-data field '{name}'")
+        else:
+            kind = "field" if where == "body" else f"{where} parameter"
+            parts.append(f"{kind} '{name}': {' '.join(str(error.get('msg', 'invalid')).split())}")
+    return "; ".join(parts) or "invalid request"
 
 
 def add_routes(app, service: Service, options: ServeOptions):
@@ -121,6 +139,10 @@ def add_routes(app, service: Service, options: ServeOptions):
 
     @app.post("/predict")
     async def predict(request: Request, file: UploadFile = File(...), gradcam: bool = False):
+        sent = len((await request.form()).getlist("file"))  # the form FastAPI parsed, cached: not read twice
+        if sent > 1:
+            raise RequestError(400, f"{sent} 'file' fields: /predict scores one image (/predict/batch takes "
+                                    f"several, as 'files')")
         data = await file.read(options.max_bytes + 1)
         return await service.predict_one(data, file.filename, gradcam, request.state.key_id)
 
@@ -128,7 +150,10 @@ def add_routes(app, service: Service, options: ServeOptions):
     async def predict_batch(request: Request, files: list[UploadFile] = File(...)):
         """Several images of one site's batch, scored together; with ``--adapt-batch`` (and at least 32
         in-distribution images) batch-norm statistics are re-estimated on them, and ``notes`` say so."""
-        uploads = [(await f.read(options.max_bytes + 1), f.filename) for f in files]
+        uploads = []
+        for upload in files:  # each part's in-memory buffer is freed once copied out
+            uploads.append((await upload.read(options.max_bytes + 1), upload.filename))
+            await upload.close()
         return await service.predict_batch(uploads, request.state.key_id)
 
     @app.post("/admin/reload")
@@ -165,7 +190,9 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: S
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             http=idle_timeout_protocol(idle_timeout), timeout_keep_alive=5,
                             timeout_graceful_shutdown=graceful_timeout, ssl_certfile=ssl_certfile,
-                            ssl_keyfile=ssl_keyfile, limit_concurrency=4 * options.max_in_flight + 64)
+                            ssl_keyfile=ssl_keyfile)  # no limit_concurrency: uvicorn counts idle sockets in
+    # it and then answers 503 to everything, /health included; uploads are limited by LimitsMiddleware and idle
+    # connections closed by the head timeout
     scheme = "https" if ssl_certfile else "http"
     service = app.state.service
     log.info("serving %s on %s://%s:%d (docs at /docs; API keys %s; audit log %s)", service.served.model_id, scheme,

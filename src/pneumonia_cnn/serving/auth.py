@@ -4,8 +4,11 @@ A key is ``ID.SECRET``: the id names the holder (it goes into the audit log), th
 The file keeps one line per key, ``ID ROLE scrypt$n$r$p$SALT$HASH``, so a copy of it does not give the keys
 away. Each check derives the hash again and compares with ``hmac.compare_digest`` (constant time); an
 unknown id is checked against a dummy hash, so a wrong id costs the same time as a wrong secret. A key
-that passed once is remembered by its SHA-256 for the process's life (until the file is reloaded), so
-scrypt's cost is paid once per key, not once per request. Keys are never logged.
+that passed once is remembered by its SHA-256 for the process's life (across reloads while its line is
+unchanged), so scrypt's cost is paid once per key, not once per request. At most
+``MAX_PENDING_KEY_CHECKS`` new keys wait for scrypt at once (503 beyond; requests that bring the same new
+key share its check), so a flood of wrong keys cannot build a queue that a real key then waits behind. Keys
+are never logged; refusals are, at most once per ``LOG_REFUSALS_EVERY`` s.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +29,8 @@ log = logging.getLogger(__name__)
 ROLES = ("predict", "admin")
 KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # 16 MB and a few tens of ms per check: RFC 7914's interactive setting
+MAX_PENDING_KEY_CHECKS = 8  # new keys waiting for scrypt (one thread, tens of ms each); more get 503
+LOG_REFUSALS_EVERY = 10.0  # seconds between log lines about refused keys
 PUBLIC_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/favicon.ico"})
 
 
@@ -41,6 +47,11 @@ class KeyRecord:
     def line(self) -> str:
         encode = lambda b: base64.urlsafe_b64encode(b).decode("ascii")  # noqa: E731
         return f"{self.key_id} {self.role} scrypt${self.n}${self.r}${self.p}${encode(self.salt)}${encode(self.digest)}"
+
+
+def token_digest(token: str) -> bytes:
+    """How a key that passed is remembered (never the key itself)."""
+    return hashlib.sha256(token.encode("utf-8", "replace")).digest()
 
 
 def derive(secret: str, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -118,8 +129,16 @@ class KeyRing:
     def from_file(cls, path) -> KeyRing:
         return cls(read_key_file(path))
 
+    def keep_passed(self, previous: KeyRing | None) -> KeyRing:
+        """Remember the keys ``previous`` accepted whose line is unchanged here, so that a reload does not make
+        every client pay scrypt again (behind whatever wrong keys are waiting to be checked)."""
+        if previous is not None:
+            self.passed.update({digest: record for digest, record in previous.passed.items()
+                                if self.records.get(record.key_id) == record})
+        return self
+
     def remembered(self, token: str) -> KeyRecord | None:
-        return self.passed.get(hashlib.sha256(token.encode("utf-8", "replace")).digest())
+        return self.passed.get(token_digest(token))
 
     def check(self, token: str) -> KeyRecord | None:
         """Slow for a key not seen before (scrypt): call it off the event loop."""
@@ -128,7 +147,7 @@ class KeyRing:
         target = record or self.dummy
         derived = derive(secret, target.salt, target.n, target.r, target.p)
         if hmac.compare_digest(derived, target.digest) and record is not None:
-            self.passed[hashlib.sha256(token.encode("utf-8", "replace")).digest()] = record
+            self.passed[token_digest(token)] = record
             return record
         return None
 
@@ -145,8 +164,10 @@ class AccessMiddleware:
     """ASGI: every path but the public ones needs a key; ``/admin/`` needs an admin key. Runs before the
     body is read, so a caller without a key cannot make the server take an upload in."""
 
-    def __init__(self, app, keyring, executor):
+    def __init__(self, app, keyring, executor, max_pending_checks: int = MAX_PENDING_KEY_CHECKS):
         self.app, self.keyring, self.executor = app, keyring, executor  # keyring: () -> KeyRing | None
+        self.max_pending, self.checking = max_pending_checks, {}  # token digest -> its check in progress
+        self.refused, self.logged_at = 0, -LOG_REFUSALS_EVERY
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -162,15 +183,64 @@ class AccessMiddleware:
             return await refuse(scope, receive, send, 401, "missing API key: send 'Authorization: Bearer KEY'")
         record = keyring.remembered(token)
         if record is None:
-            record = await asyncio.get_running_loop().run_in_executor(self.executor, keyring.check, token)
+            check = self._pending_check(keyring, token)
+            if check is None:  # a flood of new keys: do not queue scrypt checks without end
+                return await refuse(scope, receive, send, 503, "busy: too many new API keys being checked; retry "
+                                                               "in a second", {"Retry-After": "1"})
+            record = await asyncio.shield(check)  # a client that leaves must not cancel the others' check
         if record is None:
-            client = (scope.get("client") or ("?",))[0]
-            log.warning("refused a request from %s to %s: API key not accepted", client, scope["path"])
+            self._log_refusal(scope)
             return await refuse(scope, receive, send, 401, "API key not accepted")
         if scope["path"].startswith("/admin/") and record.role != "admin":
             return await refuse(scope, receive, send, 403, f"key {record.key_id} is not an admin key")
         state["key_id"], state["role"] = record.key_id, record.role
         return await self.app(scope, receive, send)
+
+    def _pending_check(self, keyring: KeyRing, token: str):
+        """The scrypt check of ``token`` on the key thread, shared by every request that brings the same new
+        key meanwhile (a client's first burst); None when MAX_PENDING_KEY_CHECKS other keys already wait."""
+        import asyncio
+        digest = token_digest(token)
+        check = self.checking.get(digest)
+        if check is None and len(self.checking) < self.max_pending:
+            check = asyncio.get_running_loop().run_in_executor(self.executor, keyring.check, token)
+            self.checking[digest] = check
+            check.add_done_callback(lambda _: self.checking.pop(digest, None))
+        return check
+
+    def _log_refusal(self, scope) -> None:
+        """At most one line per LOG_REFUSALS_EVERY seconds, with the count: a flood of wrong keys must not
+        flood the log."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.logged_at >= LOG_REFUSALS_EVERY:
+            client = (scope.get("client") or ("?",))[0]
+            log.warning("refused a request from %s to %s: API key not accepted (%d refused since the last such "
+                        "line)", client, scope["path"], self.refused)
+            self.refused, self.logged_at = 0, now
+
+
+def host_name(headers: list[tuple[bytes, bytes]]) -> str:
+    """The Host header's name without its port (``[::1]:8000`` -> ``[::1]``)."""
+    host = next((value.decode("latin-1") for name, value in headers if name == b"host"), "").strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.split(":", 1)[0]
+
+
+class HostCheckMiddleware:
+    """ASGI: answers only requests whose Host header names this server (a DNS-rebinding page's name gets 400),
+    with the same one-line JSON error as every other refusal."""
+
+    def __init__(self, app, allowed_hosts):
+        self.app, self.allowed = app, frozenset(name.lower() for name in allowed_hosts)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or host_name(scope["headers"]) in self.allowed:
+            return await self.app(scope, receive, send)
+        shown = "".join(c if c.isprintable() else "?" for c in host_name(scope["headers"]))[:100]
+        return await refuse(scope, receive, send, 400, f"Host {shown!r} is not served here (loopback, the bound "
+                                                       f"address and --allowed-hosts are)")
 
 
 async def refuse(scope, receive, send, status: int, detail: str, headers: dict | None = None):

@@ -3,8 +3,9 @@
 ``LimitsMiddleware`` wraps the ASGI ``receive`` of every upload: it counts the bytes as they come (chunked
 bodies included, whatever ``Content-Length`` says) and answers 413 the moment the count passes the limit;
 it gives the whole body ``body_timeout`` seconds (a stalled or trickling body gets 408); and it admits at
-most ``max_in_flight`` uploads at once (503 with ``Retry-After`` beyond), which bounds the memory uploads
-can take to about ``max_in_flight`` times the size limit. Errors close the connection, since the rest of
+most ``max_in_flight`` uploads at once, of which at most ``max_batches_in_flight`` batch uploads (503 with
+``Retry-After`` beyond), which bounds the memory uploads can take to about ``max_in_flight`` times the
+size limit plus ``max_batches_in_flight`` times the batch limit. Errors close the connection, since the rest of
 the body is never read.
 
 ``idle_timeout_protocol`` is uvicorn's h11 protocol with one more timer: a connection that has not sent a
@@ -26,10 +27,13 @@ def http_error(status: int, detail: str, headers: dict | None = None):
 
 
 class LimitsMiddleware:
-    def __init__(self, app, body_limit, body_timeout: float, max_in_flight: int, on_reject=None):
-        """``body_limit(path) -> bytes``; ``on_reject(path, reason)`` counts refusals for /metrics."""
+    def __init__(self, app, body_limit, body_timeout: float, max_in_flight: int, on_reject=None,
+                 batch_paths=(), max_batches_in_flight: int = 2):
+        """``body_limit(path) -> bytes``; ``on_reject(path, reason)`` counts refusals for /metrics. Uploads to
+        ``batch_paths`` (many files, a far larger body limit) are also limited to ``max_batches_in_flight``."""
         self.app, self.body_limit, self.body_timeout = app, body_limit, float(body_timeout)
         self.max_in_flight, self.in_flight = int(max_in_flight), 0
+        self.batch_paths, self.max_batches, self.batches = frozenset(batch_paths), int(max_batches_in_flight), 0
         self.on_reject = on_reject or (lambda path, reason: None)
 
     async def __call__(self, scope, receive, send):
@@ -40,15 +44,18 @@ class LimitsMiddleware:
         if declared is not None and declared > limit:
             self.on_reject(path, "too_large")
             return await refuse(scope, receive, send, 413, f"upload too large: {declared:,} bytes, limit {limit:,}")
-        if self.in_flight >= self.max_in_flight:
+        batch = path in self.batch_paths
+        if self.in_flight >= self.max_in_flight or (batch and self.batches >= self.max_batches):
             self.on_reject(path, "busy")
-            return await refuse(scope, receive, send, 503, f"busy: {self.in_flight} uploads in progress; retry "
-                                                           f"in a second", {"Retry-After": "1"})
-        self.in_flight += 1
+            what = f"{self.batches} batch uploads" if batch and self.batches >= self.max_batches else \
+                f"{self.in_flight} uploads"
+            return await refuse(scope, receive, send, 503, f"busy: {what} in progress; retry in a second",
+                                {"Retry-After": "1"})
+        self.in_flight, self.batches = self.in_flight + 1, self.batches + batch
         try:
             await self.app(scope, self._guarded(receive, path, limit), send)
         finally:
-            self.in_flight -= 1
+            self.in_flight, self.batches = self.in_flight - 1, self.batches - batch
 
     def _guarded(self, receive, path: str, limit: int):
         deadline = time.monotonic() + self.body_timeout

@@ -1,8 +1,9 @@
 """``/metrics`` in Prometheus' text format (prometheus-client), one registry per app.
 
 Requests and their latency are counted by an outer ASGI middleware, so refusals (400 host, 401, 413, 408,
-503) are counted too. Paths are reduced to the app's own endpoints ("other" for anything else), so a
-scanner's random paths cannot grow the label set without bound.
+503) are counted too, and a client that disconnects before its answer as status 499. Paths are reduced
+to the app's own endpoints ("other" for anything else), so a scanner's random paths cannot grow the label
+set without bound.
 """
 from __future__ import annotations
 
@@ -82,14 +83,20 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
-        start, status = time.perf_counter(), [500]
+        start, status, started, gone = time.perf_counter(), [500], [False], [False]
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started[0] = message["status"], True
             await send(message)
+
+        async def watching_receive():
+            message = await receive()
+            gone[0] = gone[0] or (message["type"] == "http.disconnect" and not started[0])
+            return message
         try:
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, watching_receive, counting_send)
         finally:
-            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            # a client that left before any answer is nginx's 499, not the 400 the app then sends to no one
+            self.metrics.requests.labels(endpoint, "499" if gone[0] else str(status[0])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)

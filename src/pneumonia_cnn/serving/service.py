@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import uuid
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data.dicom_guard import dicom_problem
-from ..errors import ImageReadError
+from ..errors import ImageReadError, PneumoniaCNNError
 from ..explanation import grad_cam, overlay_png
 from ..monitoring import DriftMonitor
 from .audit import AuditLog, AuditUnavailable, utc_now
@@ -45,6 +46,7 @@ class ServeOptions:
     max_batch_files: int = 256
     max_batch: int = 16
     max_in_flight: int = 64
+    max_batches_in_flight: int = 2
     body_timeout: float = 30
     prevalence: object = None
     adapt_batch: bool = False
@@ -52,6 +54,17 @@ class ServeOptions:
     audit_log: str | None = None
     keep_images: str | None = None
     drift_window: int = 500
+
+    def __post_init__(self):
+        """Refuse limits that would make the server refuse everything or nothing (named as the flags)."""
+        for name in ("max_upload_mb", "max_batch_upload_mb", "body_timeout"):
+            value = float(getattr(self, name))
+            if not math.isfinite(value) or value <= 0:
+                raise PneumoniaCNNError(f"--{name.replace('_', '-')} {value:g}: must be a positive number")
+        for name in ("max_batch_files", "max_batch", "max_in_flight", "max_batches_in_flight", "drift_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PneumoniaCNNError(f"--{name.replace('_', '-')} {value}: must be a whole number of at least 1")
 
     @property
     def max_bytes(self) -> int:
@@ -244,7 +257,7 @@ class Service:
                 self.metrics.reloads.labels("failed").inc()
                 log.error("reload (%s) failed, still serving %s: %s", reason, previous.model_id, message)
                 return {"status": "failed", "reason": message, "model": previous.model_id}
-            self.served, self.keyring = served, keyring
+            self.served, self.keyring = served, keyring.keep_passed(self.keyring) if keyring else None
             self.drift, self.drift_status = DriftMonitor(served.reference, self.options.drift_window), "ok"
             self.metrics.set_model(served.model_id)
             self.metrics.reloads.labels("ok").inc()

@@ -71,7 +71,7 @@ def test_adapt_cli_with_labels_reports_before_after_and_refits(bn_run, tmp_path,
 
 def test_adapt_without_labels_and_without_batch_norm(trained_run, tmp_path, capsys):
     require_shared()
-    unlabelled = write_site(tmp_path / "u", "test", 5, labelled=False)
+    unlabelled = write_site(tmp_path / "u", "test", 16, labelled=False)
     assert main(["adapt", str(trained_run), "--data", str(unlabelled), "--out", str(tmp_path / "a.pt")]) == 0
     assert "no batch-norm layers" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "a.pt")["adaptation"]["adabn_layers"] == 0

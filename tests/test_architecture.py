@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pneumonia_cnn"
 FLOORS = [
     ["errors", "fileio", "device", "builtin"],
-    ["models", "checkpoint", "data", "calibration", "metrics", "plots"],
+    ["models", "data", "calibration", "checkpoint", "metrics", "plots"],
     ["ood", "tracking", "inference", "training", "explanation"],
     ["info", "evaluation", "monitoring", "serving", "interop", "samples", "predict_io"],
     ["experiment", "adaptation", "demo"],

@@ -130,3 +130,8 @@ def test_resume_from_the_cli_continues_and_scores_the_test_split(small_root, cac
     labels = [p["label"] for p in report["predictions"]]
     assert report["metrics"]["roc_auc"]["value"] == pytest.approx(roc_auc_score(labels, probabilities))
     assert "test accuracy" in capsys.readouterr().out
+    before = (run / "best.pt").read_bytes(), (run / "last.pt").read_bytes()
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 2  # nothing left to train
+    assert capsys.readouterr().err.strip() == (f"error: {run}: has trained 2 epochs already; --epochs 2 would "
+                                               f"train none (and rewrite its checkpoints): give more than 2")
+    assert ((run / "best.pt").read_bytes(), (run / "last.pt").read_bytes()) == before

@@ -103,7 +103,7 @@ def test_evaluate_never_writes_the_checkpoint_it_reads(best_like_run, small_root
     assert saved["threshold"] == 0.9 and json.loads((tmp_path / "n.json").read_text())["threshold"] == 0.9
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(small_root), "--threshold", "0.8",
                  "--save-as", str(checkpoint), "--no-figures", "--bootstrap", "5"]) == 2
-    assert "would overwrite the checkpoint it reads" in capsys.readouterr().err
+    assert f"--save-as would overwrite {checkpoint}, which this command reads" in capsys.readouterr().err
     assert sha256(checkpoint) == before
 
 
@@ -143,7 +143,7 @@ def test_prevalence_given_and_estimated(best_like_run, small_root, capsys, caplo
         assert logit(b["probability"]) == pytest.approx(logit(a["probability"]) + shift, abs=1e-6)
         assert a["label"] == b["label"]  # sensitivity:0.95 is a place on the ROC curve: the threshold moves along
     assert shifted[0]["threshold"] == pytest.approx(float(1 / (1 + np.exp(-(logit(checkpoint["threshold"]) + shift)))))
-    estimated = predict_json(capsys, best_like_run, *files, "--prevalence", "estimate")
+    estimated = predict_json(capsys, best_like_run, *files, *val_files(small_root), "--prevalence", "estimate")
     assert re.search(r"rate of 0\.\d+, estimated from this batch \(\d+ in-distribution images", caplog.text)
     assert estimated[0]["probability"] != plain[0]["probability"]
     assert main(["predict", str(best_like_run), str(files[0]), "--prevalence", "1.5"]) == 2

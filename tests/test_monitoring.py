@@ -73,3 +73,15 @@ def test_drift_command_on_children_and_on_adults(trained_run):
     assert table.stdout.startswith("drift: drift") and "OOD scores: PSI" in table.stdout
     missing = drift_cli(trained_run / "best.pt", "--data", "/nonexistent/folder")
     assert missing.returncode == 2 and "no images found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_drift_judges_only_enough_images_and_needs_one_readable(trained_run, tmp_path):
+    few = sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[:3]
+    one = drift_cli(trained_run / "best.pt", "--data", *few, "--format", "json")
+    assert one.returncode == 0 and json.loads(one.stdout)["status"] == "collecting"  # not "drift" from 3 images
+    assert json.loads(one.stdout)["reason"] == "3 of 30 images needed"
+    (tmp_path / "a.jpeg").write_text("not an image")
+    unreadable = drift_cli(trained_run / "best.pt", "--data", tmp_path / "a.jpeg")
+    assert (unreadable.returncode, unreadable.stderr.strip()) == (
+        2, f"error: none of the 1 image(s) could be read (first: {tmp_path / 'a.jpeg'}: not a readable image "
+           f"(content does not match any image format))")

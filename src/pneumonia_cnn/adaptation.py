@@ -39,9 +39,16 @@ from .fileio import display_path
 from .inference import Bundle, Scorer, load_bundle
 from .inference.adabn import reestimate_batch_norm
 from .inference.engines import TorchEngine
+from .inference.predictor import MIN_ADAPT_BATCH
 
 log = logging.getLogger(__name__)
 FINE_TUNE_AUGMENT = AugmentConfig(zoom=0.1, flip=True, rotation=5, contrast=0.15, brightness=0.05)
+# The fewest site images (--data) adapt accepts. AdaBN: batch-norm statistics from fewer than --adapt-batch's
+# 32 are too noisy to trust. The detector refit: it fits on half the images and cross-fits its k-NN scores
+# (k = 10) in 5 folds, so each fold's scorer needs 10 references: 25 images at least; with 1 image it cannot
+# be fitted at all, and a detector fitted on a handful would decide what "outside the training population"
+# means from a handful. 32 covers both.
+MIN_SITE_IMAGES = MIN_ADAPT_BATCH
 
 
 def adabn(model, images: np.ndarray, device, batch_size: int = 32, tta: bool = False) -> int:
@@ -124,8 +131,10 @@ def adapt(checkpoint, data, out, labelled=None, device: str = "auto", recalibrat
     bundle, device = load_bundle(source), resolve_device(device)
     pre = bundle.preprocessing
     unlabelled = build_or_load(scan_unlabelled(data), pre.size, pre.interpolation, pre.intensity, cache_dir=cache_dir)
-    if len(unlabelled) == 0:
-        raise PneumoniaCNNError(f"{display_path(data)}: no readable images to adapt on")
+    if len(unlabelled) < MIN_SITE_IMAGES:
+        raise PneumoniaCNNError(f"{display_path(data)}: {len(unlabelled)} readable image(s); adapt needs at least "
+                                f"{MIN_SITE_IMAGES} of the site's images (batch-norm statistics and the "
+                                f"out-of-distribution refit from fewer are too noisy to trust)")
     model = copy.deepcopy(bundle.models[0]).to(device)
     reset = adabn(model, np.asarray(unlabelled.images), device, tta=bundle.tta)
     result = {"checkpoint": str(source["path"]), "out": str(out), "unlabelled_images": len(unlabelled),

@@ -6,12 +6,17 @@ object (a crafted file cannot run code on load).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
 
 import torch
 
 from . import builtin
-from .errors import CheckpointError
+from .calibration import CALIBRATION_METHODS
+from .data.intensity import INTENSITY_METHODS
+from .data.readers import RESAMPLING
+from .errors import CheckpointError, ConfigError
 from .fileio import atomic_path, display_path, load_torch_file
 
 FORMAT = "pneumonia-cnn/1"
@@ -44,20 +49,158 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     payload = load_torch_file(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{display_path(path)}: not a pneumonia-cnn checkpoint (no '{FORMAT}' format tag)")
+    try:
+        check_checkpoint(payload)
+    except _Invalid as invalid:
+        raise CheckpointError(f"{display_path(path)}: not a usable checkpoint: {invalid}") from None
     payload["path"] = str(path)
     return payload
 
 
+class _Invalid(Exception):
+    """One field of a checkpoint that inference cannot use: its dotted name and why."""
+
+
+def check_checkpoint(payload: dict) -> None:
+    """Every field that inference and ``info`` read, checked once, where the file is loaded: required ones
+    present, each of the type and in the range the code assumes (optional ones only when present)."""
+    _check_model(_field(payload, "model", dict))
+    state = _field(payload, "state_dict", dict)
+    bad = next((key for key, value in state.items() if not isinstance(key, str) or not torch.is_tensor(value)), None)
+    if bad is not None:
+        raise _Invalid(f"state_dict: entry {_shown(bad)} is not a tensor")
+    _check_preprocessing(_field(payload, "preprocessing", dict))
+    names = _field(payload, "class_names", (list, tuple), required=False)
+    if names is not None and (len(names) != 2 or not all(isinstance(n, str) and n for n in names)):
+        raise _Invalid(f"class_names must be a list of two names, not {_shown(names)}")
+    _check_decision(payload, "")
+    if payload.get("decision_adapted"):
+        _check_decision(_field(payload, "decision_adapted", dict), "decision_adapted.")
+    for name in ("intended_use", "config"):
+        _field(payload, name, dict, required=False)
+    _field(payload, "run_id", str, required=False)
+    _field(payload, "parameters", numbers.Integral, required=False, nullable=True)
+    if payload.get("reference"):
+        _check_reference(_field(payload, "reference", dict))
+    if payload.get("ood"):  # rebuilt (and so checked) by inference.bundle.ood_detector_of: a floor above
+        _field(payload, "ood", dict)
+
+
+def _field(container: dict, name: str, types, required: bool = True, prefix: str = "", nullable: bool = False):
+    """``container[name]`` if it is of ``types``; None for an optional one that is absent, or for a
+    ``nullable`` one (a field that the code reads as "not recorded" when None) that is None."""
+    if name not in container:
+        if required:
+            raise _Invalid(f"{prefix}{name} is missing")
+        return None
+    value = container[name]
+    if value is None and nullable:
+        return None
+    if not isinstance(value, types) or isinstance(value, bool) and bool not in _as_tuple(types):
+        wanted = " or ".join(dict.fromkeys(_TYPE_NAMES.get(t, t.__name__) for t in _as_tuple(types)))
+        found = "None" if value is None else f"{type(value).__name__} {_shown(value)}"
+        raise _Invalid(f"{prefix}{name} must be {wanted}, not {found}")
+    return value
+
+
+def _check_model(model: dict) -> None:
+    from .models.registry import check_model_kwargs
+    name = _field(model, "name", str, prefix="model.")
+    kwargs = _field(model, "kwargs", dict, required=False, prefix="model.") or {}
+    try:
+        check_model_kwargs(name, kwargs)
+    except ConfigError as error:
+        field = "model.kwargs" if "keyword" in str(error) else "model.name"
+        raise _Invalid(f"{field}: {error}") from None
+
+
+def _check_preprocessing(pre: dict) -> None:
+    size = _field(pre, "size", (list, tuple), prefix="preprocessing.")
+    if len(size) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+                                 for v in size):
+        raise _Invalid(f"preprocessing.size must be two positive whole numbers (height, width), not {_shown(size)}")
+    channels = _field(pre, "channels", numbers.Integral, required=False, prefix="preprocessing.")
+    if channels is not None and channels not in (1, 3):
+        raise _Invalid(f"preprocessing.channels must be 1 or 3, not {_shown(channels)}")
+    for name, allowed in (("interpolation", RESAMPLING), ("intensity", INTENSITY_METHODS)):
+        value = _field(pre, name, str, required=False, prefix="preprocessing.")
+        if value is not None and value not in allowed:
+            raise _Invalid(f"preprocessing.{name} {_shown(value)} is not one of {', '.join(allowed)}")
+
+
+def _check_decision(decision: dict, prefix: str) -> None:
+    """Threshold, policy, calibration (or the temperature of earlier versions) as ``decision_of`` reads them."""
+    threshold = _field(decision, "threshold", numbers.Real, required=False, prefix=prefix)
+    # an operating point is an observed probability (0 or 1 included), or the float just above 1
+    if threshold is not None and not 0.0 <= threshold <= math.nextafter(1.0, math.inf):
+        raise _Invalid(f"{prefix}threshold must be a probability between 0 and 1, not {_shown(threshold)}")
+    _field(decision, "threshold_policy", str, required=False, prefix=prefix)
+    temperature = _field(decision, "temperature", numbers.Real, required=False, prefix=prefix)
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise _Invalid(f"{prefix}temperature must be a positive number, not {_shown(temperature)}")
+    if decision.get("calibration"):
+        _check_calibration(_field(decision, "calibration", dict, prefix=prefix), f"{prefix}calibration.")
+
+
+def _check_calibration(calibration: dict, prefix: str) -> None:
+    unknown = sorted(str(key) for key in set(calibration) - {"method", "scale", "bias", "prior"})
+    if unknown:
+        raise _Invalid(f"{prefix[:-1]} has unknown field(s) {', '.join(unknown)}")
+    method = _field(calibration, "method", str, required=False, prefix=prefix)
+    if method is not None and method not in CALIBRATION_METHODS:
+        raise _Invalid(f"{prefix}method {_shown(method)} is not one of {', '.join(CALIBRATION_METHODS)}")
+    for name in ("scale", "bias"):
+        value = _field(calibration, name, numbers.Real, required=False, prefix=prefix)
+        if value is not None and not math.isfinite(value):
+            raise _Invalid(f"{prefix}{name} must be a finite number, not {_shown(value)}")
+    prior = _field(calibration, "prior", numbers.Real, required=False, prefix=prefix, nullable=True)
+    if prior is not None and not 0.0 <= prior <= 1.0:
+        raise _Invalid(f"{prefix}prior must be a rate between 0 and 1, not {_shown(prior)}")
+
+
+def _check_reference(reference: dict) -> None:
+    """The validation scores an ensemble refits its decision on, and drift compares against."""
+    val = _field(reference, "val", dict, required=False, prefix="reference.", nullable=True) or {}
+    scores = _field(val, "raw_scores", (list, tuple), required=False, prefix="reference.val.", nullable=True)
+    if scores and not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in scores):
+        raise _Invalid("reference.val.raw_scores must be a list of numbers")
+    labels = _field(val, "labels", (list, tuple), required=False, prefix="reference.val.", nullable=True)
+    if labels and not all(v in (0, 1) and not isinstance(v, bool) for v in labels):
+        raise _Invalid("reference.val.labels must be a list of 0 (first class) and 1 (second class)")
+    for name in ("labels", "fingerprints", "adapted_raw_scores"):
+        values = _field(val, name, (list, tuple), required=False, prefix="reference.val.", nullable=True)
+        if values and scores is not None and len(values) != len(scores):
+            raise _Invalid(f"reference.val.{name} holds {len(values)} values for {len(scores)} raw_scores")
+    _field(val, "ood_scores", (list, tuple), required=False, prefix="reference.val.", nullable=True)
+
+
+_TYPE_NAMES = {dict: "a dict", list: "a list", tuple: "a list", str: "a string", numbers.Real: "a number",
+               numbers.Integral: "a whole number"}
+
+
+def _as_tuple(types) -> tuple:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
 def build_model(checkpoint: dict) -> torch.nn.Module:
     from .models import create_model
+    from .models.registry import state_dict_misfit
+    where = display_path(checkpoint.get("path", "?"))
     spec = checkpoint["model"]
-    kwargs = dict(spec.get("kwargs", {}))
-    model = create_model(spec["name"], **kwargs)
+    try:
+        model = create_model(spec["name"], **dict(spec.get("kwargs") or {}))
+    except ConfigError as error:
+        raise CheckpointError(f"{where}: {error}") from None
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
-        raise CheckpointError(f"{display_path(checkpoint.get('path', '?'))}: weights do not fit model "
-                              f"{spec['name']} ({str(error).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{where}: weights do not fit model {spec['name']} ({state_dict_misfit(error)})"
+                              ) from None
     model.eval()
     return model
 

@@ -113,13 +113,30 @@ def overlay_png(gray: np.ndarray, cam: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def output_stems(paths) -> list[str]:
+    """One distinct output name per image: its stem, or where stems repeat (``a/x.jpeg`` and ``b/x.jpeg``,
+    ``x.jpeg`` and ``x.png``) its folder and full name (``a_x.jpeg``), numbered if even those repeat."""
+    stems = [Path(p).stem for p in paths]
+    repeated = {s for s in stems if stems.count(s) > 1}
+    names, taken = [], set()
+    for path, stem in zip(paths, stems):
+        name = f"{Path(path).parent.name}_{Path(path).name}" if stem in repeated else stem
+        unique, number = name, 2
+        while unique in taken:
+            unique, number = f"{name}-{number}", number + 1
+        taken.add(unique)
+        names.append(unique)
+    return names
+
+
 def explain(predictor, paths, out_dir, layer: str | None = None) -> list[dict]:
-    """Write ``<name>_gradcam.png`` (overlay) and ``<name>_gradcam.npy`` (raw map) per image."""
+    """Write ``<name>_gradcam.png`` (overlay) and ``<name>_gradcam.npy`` (raw map) per image; ``<name>`` is
+    the image's stem, made distinct where two images share one (``output_stems``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = predictor.bundle.explain_model().to(predictor.device)
     results = []
-    for path in paths:
+    for path, stem in zip(paths, output_stems(paths)):
         try:
             gray, _ = predictor.preprocess_path(path)
         except ImageReadError as error:
@@ -127,7 +144,6 @@ def explain(predictor, paths, out_dir, layer: str | None = None) -> list[dict]:
             continue
         cam = grad_cam(model, gray, predictor.device, layer)
         probability = float(predictor.probabilities_from_pixels(gray[None])[0])
-        stem = Path(path).stem
         with atomic_path(out_dir / f"{stem}_gradcam.png") as temporary:
             temporary.write_bytes(overlay_png(gray, cam))
         with atomic_path(out_dir / f"{stem}_gradcam.npy") as temporary:

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, one_line
 
 
 @contextmanager
@@ -27,6 +28,7 @@ def atomic_path(path):
         yield Path(temporary)
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
+        os.chmod(temporary, _mode_for(path))  # mkstemp's 0600, else: every output private whatever the umask
         os.replace(temporary, path)
     except BaseException:
         try:
@@ -34,6 +36,27 @@ def atomic_path(path):
         except FileNotFoundError:
             pass
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The mode a plain write would give: an existing file's own, a new file's from the process umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # read, not set: os.umask() sets it, and a thread creating a file meanwhile would get the wrong mode
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def write_text_atomic(path, text: str) -> None:
@@ -69,11 +92,43 @@ def load_torch_file(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         if not zipfile.is_zipfile(path):
-            raise CheckpointError(f"{display_path(path)}: not a readable checkpoint (not a PyTorch file)") from None
+            raise CheckpointError(f"{display_path(path)}: not a readable checkpoint ({_unreadable_reason(path, error)})"
+                                  ) from None
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
         what = f"it references {found.group(1)}" if found else "it holds pickled objects"
         raise CheckpointError(f"{display_path(path)}: refused to load: {what}; a checkpoint may hold only weights "
                               f"and plain data (loading it could run code)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{display_path(path)}: not a readable checkpoint ({first[:160]})") from None
+    except Exception as error:  # garbage makes the unpickler fail in many ways (KeyError, IndexError, ...)
+        raise CheckpointError(f"{display_path(path)}: not a readable checkpoint ({_unreadable_reason(path, error)})"
+                              ) from None
+
+
+def _unreadable_reason(path: Path, error: Exception) -> str:
+    """Why ``torch.load`` could not read ``path``, on one line: what the file is rather than which opcode
+    the unpickler tripped on, where that can be told."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as cause:
+        return cause.strerror or type(cause).__name__
+    if not head:
+        return "empty file"
+    legacy = head.startswith(b"\x80")  # a pickle: torch's format before zip archives
+    if not zipfile.is_zipfile(path):
+        if head.startswith(b"PK"):
+            return "truncated or damaged: its zip archive has no central directory"
+        if not legacy:
+            return "not a PyTorch file"
+        if isinstance(error, EOFError):
+            return "truncated: the file ends inside its pickled data"
+        if "Invalid magic number" in str(error):
+            return "not a PyTorch file: a pickle without torch's magic number"
+    reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", one_line(error, limit=1000))
+    reason = reason.split(" This is an internal miniz error")[0]  # then advice that the file may be corrupt
+    if not isinstance(error, RuntimeError):  # the unpickler tripped on damaged pickled data
+        kind = type(error).__name__ if type(error).__module__ == "builtins" else \
+            f"{type(error).__module__}.{type(error).__name__}"
+        reason = f"damaged pickled data: {kind}" + (f" {reason}" if str(error).strip() else "")
+    return reason if len(reason) <= 160 else reason[:159] + "…"

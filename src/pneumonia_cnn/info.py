@@ -5,7 +5,8 @@ import json
 
 from . import builtin
 from .checkpoint import load_checkpoint
-from .ood import OODDetector, flag_message
+from .inference.bundle import ood_detector_of
+from .ood import flag_message
 
 
 def checkpoint_card(checkpoint) -> dict:
@@ -14,8 +15,8 @@ def checkpoint_card(checkpoint) -> dict:
     ood = ckpt.get("ood")
     return {
         "run_id": ckpt.get("run_id"), "model": ckpt["model"]["name"], "parameters": ckpt.get("parameters"),
-        "input": ckpt["preprocessing"], "class_names": ckpt.get("class_names"),
-        "threshold": ckpt.get("threshold"), "threshold_policy": ckpt.get("threshold_policy", "0.5"),
+        "input": {"channels": 3, **ckpt["preprocessing"]}, "class_names": ckpt.get("class_names"),
+        "threshold": ckpt.get("threshold", 0.5), "threshold_policy": ckpt.get("threshold_policy", "0.5"),
         "calibration": ckpt.get("calibration") or {"method": "temperature", "scale": 1 / ckpt.get("temperature", 1.0),
                                                    "bias": 0.0, "prior": None},
         "decision_fitted_on": ckpt.get("decision_fit"), "epoch": ckpt.get("epoch"),
@@ -23,7 +24,7 @@ def checkpoint_card(checkpoint) -> dict:
                                                     "schedule", "augment", "class_balance", "seed")},
         "intended_use": ckpt.get("intended_use", {}),
         "adapted": ckpt.get("adaptation"),
-        "ood_flag": (f"fitted: {OODDetector.from_state(ood).describe()} as {flag_message(ckpt.get('intended_use'))}"
+        "ood_flag": (f"fitted: {ood_detector_of(ckpt).describe()} as {flag_message(ckpt.get('intended_use'))}"
                      f"; its probability is still given" if ood else "not fitted for this checkpoint"),
     }
 

@@ -18,11 +18,14 @@ from collections import deque
 
 import numpy as np
 
+from .errors import PneumoniaCNNError
+
 PSI_WARNING = 0.10
 PSI_DRIFT = 0.25
 KS_P_DRIFT = 0.001
 SCORES = ("raw_scores", "ood_scores")
 SMALL_REFERENCE = 100
+OFFLINE_MINIMUM = 30  # new images before an offline check judges: the PSI of a handful is noise (one image: 8)
 EPSILON = 1e-4  # an empty bin counts as this share, so the index stays finite
 
 
@@ -126,15 +129,20 @@ class DriftMonitor:
         return report
 
 
-def drift_of_files(checkpoint, paths, device: str = "cpu", batch_size: int = 32) -> dict:
-    """``pneumonia-cnn drift``: the same comparison for a folder of new images, offline."""
+def drift_of_files(checkpoint, paths, device: str = "cpu", batch_size: int = 32,
+                   minimum: int = OFFLINE_MINIMUM) -> dict:
+    """``pneumonia-cnn drift``: the same comparison for a folder of new images, offline (judged from
+    ``minimum`` readable images on; a PneumoniaCNNError when none is readable)."""
     from .inference import Predictor
     from .inference.bundle import load_bundle
     bundle = load_bundle(checkpoint)
     predictions = Predictor(bundle, device).predict_files(paths, batch_size)
     scored = [p for p in predictions if p.error is None]
+    if not scored:
+        raise PneumoniaCNNError(f"none of the {len(predictions)} image(s) could be read (first: "
+                                f"{predictions[0].path}: {predictions[0].error})")
     current = {"raw_scores": [p.raw_score for p in scored], "ood_scores": [p.ood_score for p in scored]}
-    report = compare(reference_of(bundle.checkpoints[0]), current)
+    report = compare(reference_of(bundle.checkpoints[0]), current, minimum)
     report["skipped"] = [{"path": p.path, "error": p.error} for p in predictions if p.error]
     report["model"] = bundle.model_id
     return report

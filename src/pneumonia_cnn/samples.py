@@ -7,7 +7,8 @@ import numpy as np
 
 from .data.dataset import load_split
 from .data.readers import read_image
-from .errors import ImageReadError
+from .errors import DatasetError, ImageReadError
+from .fileio import display_path
 from .plots import sample_grid
 
 
@@ -28,5 +29,7 @@ def show_samples(data, split: str = "train", out="samples.png", per_class: int =
                 break
         grid[name] = chosen
         titles.append(row_titles)
+    if not any(grid.values()):
+        raise DatasetError(f"{display_path(images.source)}: none of its {len(images.paths)} image(s) could be read")
     sample_grid(grid, out, titles)
     return Path(out)

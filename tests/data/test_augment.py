@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -98,3 +100,20 @@ def test_blur_touches_only_the_chosen_images_and_blurs_them_as_the_whole_batch_w
     assert 0 < int(apply.sum()) < 16
     assert torch.equal(out[~apply], images[~apply])
     assert torch.equal(out[apply], _gaussian_blur(images, sigmas)[apply])
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"zoom": -5}, "zoom: expected a number from 0 to 1, got -5"),
+    ({"flip": "maybe"}, "flip: expected true or false, got 'maybe'"),
+    ({"blur_p": 1.5}, "blur_p: expected a number from 0 to 1, got 1.5"),
+    ({"rotation": "7"}, "rotation: expected a number from 0 to 180, got '7'"),
+    ({"jpeg_quality": 30.5}, "jpeg_quality: expected a whole number, got 30.5"),
+    ({"noise": True}, "noise: expected a number from 0 to 1, got True")])
+def test_augmentation_options_out_of_their_range_are_refused(values, message):
+    from pneumonia_cnn.data.augment import AugmentConfig
+    from pneumonia_cnn.errors import ConfigError
+    from pneumonia_cnn.training import make_config
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        AugmentConfig.from_dict(values)
+    with pytest.raises(ConfigError, match=f"^augment: {re.escape(message)}$"):  # what train --augment reports
+        make_config("tutorial", data="d", out="o", augment=values)

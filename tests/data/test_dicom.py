@@ -29,6 +29,12 @@ def test_voi_window_is_applied(tmp_path):
 def test_dicom_without_pixels_or_corrupt(tmp_path):
     with pytest.raises(ImageReadError, match="no pixel data"):
         read_image(write_dicom(tmp_path / "e.dcm", RAMP, pixel_data=False))
+    (tmp_path / "text.dcm").write_text("This is a text file, not a DICOM.\n")
+    with pytest.raises(ImageReadError, match=r"text.dcm: not a DICOM file \(no DICM header and no image "
+                                             r"description\)$"):
+        read_image(tmp_path / "text.dcm")
+    with pytest.raises(ImageReadError, match=r"one.dcm: DICOM is only 1x1 pixels$"):  # as a 1x1 PNG is refused
+        read_image(write_dicom(tmp_path / "one.dcm", np.array([[4095]], np.uint16)))
     good = write_dicom(tmp_path / "c.dcm", RAMP).read_bytes()
     (tmp_path / "cut.dcm").write_bytes(good[:400])
     with pytest.raises(ImageReadError, match="cut.dcm"):

@@ -4,8 +4,12 @@ from tests.serving.test_page import make_browser
 def test_report_has_every_section_and_renders_in_chromium(trained_run, small_root, cache_dir, tmp_path):
     from pneumonia_cnn.cli import main
     out = tmp_path / "report.html"
+    run_files = {p.name: p.read_bytes() for p in trained_run.iterdir() if p.is_file()}
     assert main(["report", str(trained_run), "--data", str(small_root), "--out", str(out), "--bootstrap", "50",
                  "--cache-dir", str(cache_dir)]) == 0
+    # its metrics and figures go beside the report: a report written elsewhere changes nothing in the run
+    assert {p.name: p.read_bytes() for p in trained_run.iterdir() if p.is_file()} == run_files
+    assert (tmp_path / "report_test_metrics.json").is_file() and (tmp_path / "test_figures").is_dir()
     text = out.read_text()
     for section in ("Configuration", "Data", "Training curves", "Metrics on test", "Per patient", "Pictures",
                     "Robustness to image shifts", "Out-of-distribution flags", "Model card", "Not a medical device",
@@ -24,3 +28,16 @@ def test_report_has_every_section_and_renders_in_chromium(trained_run, small_roo
         assert (tmp_path / "report.png").stat().st_size > 20_000
     finally:
         browser.quit()
+
+
+def test_report_takes_the_builtin_model_and_a_run_with_only_last_pt(trained_run, small_root, cache_dir, tmp_path):
+    import shutil
+
+    from pneumonia_cnn.cli import main
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(trained_run / "last.pt", unfinished / "last.pt")
+    for source, out in (("builtin", tmp_path / "builtin.html"), (str(unfinished), unfinished / "report.html")):
+        assert main(["report", source, "--data", str(small_root), "--out", str(out), "--bootstrap", "20",
+                     "--no-stress", "--cache-dir", str(cache_dir)]) == 0, source
+        assert "Metrics on test" in out.read_text()

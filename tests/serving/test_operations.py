@@ -188,7 +188,7 @@ def test_prevalence_is_passed_to_the_predictor(trained_run, tmp_path):
 
 def test_estimated_prevalence_applies_to_site_batches_only(trained_run, tmp_path):
     running = Server(trained_run / "best.pt", "--prevalence", "estimate", workdir=tmp_path)
-    paths = site_batch(12)
+    paths = site_batch(40)
     try:
         batch = httpx.post(f"{running.url}/predict/batch", timeout=120,
                            files=[("files", (p.name, p.read_bytes())) for p in paths]).json()

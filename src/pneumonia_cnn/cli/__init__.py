@@ -43,6 +43,16 @@ def looks_like_checkpoint(item: str) -> bool:
             or (path.is_dir() and ((path / "best.pt").is_file() or (path / "last.pt").is_file())))
 
 
+def refuse_missing_checkpoint(item: str) -> None:
+    """A first argument meant as a checkpoint but not one must not fall back to the built-in model quietly:
+    a ``.pt`` path that is not a file, or a run folder (it has config.json) without best.pt or last.pt."""
+    path = Path(item)
+    if path.suffix in (".pt", ".pth") and not path.is_file():
+        raise PneumoniaCNNError(f"{item}: checkpoint not found")
+    if path.is_dir() and (path / "config.json").is_file():
+        raise PneumoniaCNNError(f"{item}: run folder has no best.pt or last.pt (training has not written one yet)")
+
+
 def _split_checkpoint_and_images(args):
     """``predict [CKPT] PATH...`` and ``explain [CKPT] IMAGE...``: a leading checkpoint, else the built-in
     model; ``--`` separates several checkpoints (an ensemble) from the paths."""
@@ -54,6 +64,7 @@ def _split_checkpoint_and_images(args):
     elif looks_like_checkpoint(items[0]):
         checkpoints, paths = [items[0]], items[1:]
     else:
+        refuse_missing_checkpoint(items[0])
         checkpoints, paths = ["builtin"], items
     if not paths:
         raise PneumoniaCNNError(f"{args.command} needs at least one file, folder or glob after the checkpoint")

@@ -4,9 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import PneumoniaCNNError
 
 
 @dataclass(frozen=True)
@@ -56,3 +61,72 @@ def add_site_options(parser):
     parser.add_argument("--adapt-batch", action="store_true",
                         help="re-estimate batch-norm statistics on the in-distribution images scored together "
                              "(AdaBN; needs one site's batch of at least 32 images)")
+
+
+def whole_number(minimum: int = 1, maximum: int | None = None):
+    """An argparse type: an integer in [minimum, maximum], refused at parse time with the flag named."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            span = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give a whole number {span}")
+        return value
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number above 0 (seconds, megabytes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give a number above 0")
+    return value
+
+
+PORT = whole_number(1, 65535)
+
+
+def inputs_read_from(item) -> tuple[list[Path], list[Path]]:
+    """(files, folders) that a command reads for one argument: ``builtin`` is the packaged checkpoint; a run
+    folder's checkpoints are files; any other folder is read whole."""
+    from .. import builtin
+    if item is None:
+        return [], []
+    if builtin.is_builtin(item):
+        return [Path(builtin.checkpoint_path())], []
+    path = Path(item)
+    if path.is_dir() and (path / "config.json").is_file():  # a run folder: its checkpoints
+        return [p for p in path.iterdir() if p.suffix in (".pt", ".pth")], []
+    return ([], [path]) if path.is_dir() else ([path], [])
+
+
+def check_output(out, *inputs, flag: str = "--out") -> None:
+    """Before any work: ``out`` must not be one of the files the command reads (nor an image file inside a
+    folder it reads), must not be a folder, and its folder must be creatable: a wrong path fails in a second, not
+    after the scoring, and never destroys an input."""
+    from ..data.readers import SUPPORTED_SUFFIXES
+    if not out:
+        return
+    target = Path(out)
+    place = target.parent.resolve() / target.name  # where the file goes: a linked image is replaced, not followed
+    for item in [i for group in inputs for i in (group if isinstance(group, (list, tuple)) else [group])]:
+        files, folders = inputs_read_from(item)
+        hit = (target.exists() and any(f.exists() and os.path.samefile(f, target) for f in files)) or any(
+            target.suffix.lower() in SUPPORTED_SUFFIXES and place.is_relative_to(d.resolve())
+            for d in folders)  # a new image inside a data folder would join the data
+        if hit:
+            raise PneumoniaCNNError(f"{out}: {flag} would overwrite {item}, which this command reads; "
+                                    f"choose another path")
+    if target.is_dir():
+        raise PneumoniaCNNError(f"{out}: {flag} is a folder; give a file path")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PneumoniaCNNError(f"{out}: cannot create its folder ({error.strerror or error})") from None
+    if not os.access(target.parent, os.W_OK):
+        raise PneumoniaCNNError(f"{out}: its folder {target.parent} is not writable")

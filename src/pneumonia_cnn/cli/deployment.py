@@ -5,7 +5,18 @@ import argparse
 import logging
 
 from ..errors import PneumoniaCNNError
-from .common import Command, add_device, add_engine, add_format, add_site_options, print_json
+from .common import (
+    PORT,
+    Command,
+    add_device,
+    add_engine,
+    add_format,
+    add_site_options,
+    check_output,
+    positive_number,
+    print_json,
+    whole_number,
+)
 
 log = logging.getLogger("pneumonia_cnn")
 
@@ -17,7 +28,7 @@ def predict_arguments(p):
     p.add_argument("--paths", nargs="*", default=None, help=argparse.SUPPRESS)
     add_format(p, ("table", "json", "csv", "fhir"))
     add_site_options(p)
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--batch-size", type=whole_number(1), default=32, help="images per forward pass")
     add_device(p), add_engine(p)
     p.add_argument("--amp", choices=("off", "bf16", "fp16", "auto"), default="off",
                    help="reduced precision on the torch engine (faster on CPUs with bf16 instructions); the "
@@ -29,6 +40,8 @@ def run_predict(args) -> int:
     from ..inference import Prediction, Predictor
     from ..predict_io import collect_paths, format_predictions
     paths, missing = collect_paths(args.paths)
+    if not paths and not missing:
+        raise PneumoniaCNNError(f"{' '.join(args.paths)}: no image or DICOM files found")
     predictor = Predictor(args.checkpoint, args.device, amp=args.amp, engine=args.engine,
                           prevalence=args.prevalence, adapt_batch=args.adapt_batch)
     predictions = predictor.predict_files(paths, args.batch_size, progress=not args.no_progress and len(paths) > 64)
@@ -54,6 +67,9 @@ def run_explain(args) -> int:
     from ..inference import Predictor
     from ..predict_io import collect_paths
     paths, missing = collect_paths(args.paths)
+    if not paths:
+        reason = "no such file or folder" if missing else "no image or DICOM files found"
+        raise PneumoniaCNNError(f"{' '.join(args.paths)}: {reason}")
     results = explain(Predictor(args.checkpoint, args.device), paths, args.out, args.layer)
     for item in results:
         if "error" in item:
@@ -70,7 +86,7 @@ def serve_arguments(p):
     p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default; any other address "
                                                          "needs --api-keys and --audit-log)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--port", type=PORT, default=8000, help="TCP port")
     p.add_argument("--api-keys", metavar="FILE", help="hashed API keys (pneumonia-cnn api-key); requests then need "
                                                       "'Authorization: Bearer KEY'")
     p.add_argument("--audit-log", metavar="FILE", help="SQLite file that every prediction is appended to")
@@ -86,7 +102,7 @@ def serve_arguments(p):
                    help="/predict/batch uploads in progress at once (each up to --max-batch-upload-mb); more get "
                         "503 with Retry-After")
     p.add_argument("--body-timeout", type=float, default=30, help="seconds a request body may take to arrive")
-    p.add_argument("--idle-timeout", type=float, default=15,
+    p.add_argument("--idle-timeout", type=positive_number, default=15,
                    help="seconds a connection may stay without sending a whole request head")
     p.add_argument("--max-batch", type=int, default=16, help="largest micro-batch of concurrent requests")
     p.add_argument("--drift-window", type=int, default=500, help="recent images compared with the reference")
@@ -187,6 +203,7 @@ def adapt_arguments(p):
 
 def run_adapt(args) -> int:
     from ..adaptation import adapt, format_adaptation
+    check_output(args.out, args.checkpoint, args.data, args.labelled)
     result = adapt(args.checkpoint, args.data, args.out, labelled=args.labelled, device=args.device,
                    recalibrate=args.recalibrate, seed=args.seed)
     print(format_adaptation(result))

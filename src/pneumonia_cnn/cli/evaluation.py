@@ -4,7 +4,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import Command, add_cache_dir, add_device, add_engine, add_format, add_site_options, print_json
+from .common import (
+    Command,
+    add_cache_dir,
+    add_device,
+    add_engine,
+    add_format,
+    add_site_options,
+    check_output,
+    print_json,
+    whole_number,
+)
 
 
 def evaluate_arguments(p):
@@ -19,7 +29,7 @@ def evaluate_arguments(p):
     p.add_argument("--val-split", default="val", help="split the threshold/calibration are refitted on")
     p.add_argument("--save-as", help="write the refitted checkpoint here (the checkpoint read is never changed)")
     add_site_options(p)
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--bootstrap", type=whole_number(1), default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     add_format(p)
     p.add_argument("--out", help="JSON path (default: beside the checkpoint)")
@@ -40,6 +50,8 @@ def run_evaluate(args) -> int:
     first = Path(args.checkpoint[0])
     beside = Path(".") if args.checkpoint[0] == "builtin" else first if first.is_dir() else first.parent
     out = args.out or str(beside / f"{'builtin_' if args.checkpoint[0] == 'builtin' else ''}{args.split}_metrics.json")
+    check_output(out, args.checkpoint, args.data)
+    check_output(args.save_as, args.checkpoint, args.data, flag="--save-as")
     report = evaluate(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0], args.data, args.split,
                       device=args.device, threshold=args.threshold, calibration=args.calibration,
                       save_as=args.save_as, val_split=args.val_split, prevalence=args.prevalence,
@@ -59,7 +71,7 @@ def report_arguments(p):
     p.add_argument("--data", help="data root (default: the run's)")
     p.add_argument("--split", default="test", help="split to report on")
     p.add_argument("--out", help="HTML path (default: RUN_DIR/report.html)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--bootstrap", type=whole_number(1), default=1000, help="bootstrap resamples")
     add_device(p), add_cache_dir(p)
     p.add_argument("--no-stress", action="store_true", help="skip the robustness table")
     add_by(p)
@@ -67,6 +79,7 @@ def report_arguments(p):
 
 def run_report(args) -> int:
     from ..evaluation.report import write_report
+    check_output(args.out, args.run_dir, args.data)
     path = write_report(args.run_dir, data=args.data, split=args.split, out=args.out, device=args.device,
                         bootstrap=args.bootstrap, cache_dir=args.cache_dir, stress=not args.no_stress, by=args.by)
     print(f"written: {path}")
@@ -77,7 +90,7 @@ def compare_arguments(p):
     p.add_argument("runs", nargs="+", help="run folders or checkpoints")
     p.add_argument("--data", required=True, help="data root"), p.add_argument("--split", default="test", help="split")
     add_format(p), add_device(p), add_cache_dir(p)
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--bootstrap", type=whole_number(1), default=1000, help="bootstrap resamples")
 
 
 def run_compare(args) -> int:
@@ -97,6 +110,7 @@ def stress_arguments(p):
 
 def run_stress(args) -> int:
     from ..evaluation.stress import format_stress, stress_test
+    check_output(args.out, args.checkpoint, args.data)
     result = stress_test(args.checkpoint, args.data, args.split, device=args.device, cache_dir=args.cache_dir,
                          out=args.out)
     print(json.dumps(result, indent=2) if args.format == "json" else format_stress(result))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 
-from .common import Command, add_device
+from ..errors import PneumoniaCNNError
+from .common import PORT, Command, add_device, check_output, positive_number, whole_number
 
 log = logging.getLogger("pneumonia_cnn")
 
@@ -20,6 +22,7 @@ def export_arguments(p):
 
 
 def run_export(args) -> int:
+    check_output(args.out, args.checkpoint, args.data)
     if args.format == "onnx-int8":
         from ..errors import PneumoniaCNNError
         from ..inference.quantize import export_int8
@@ -42,8 +45,11 @@ def import_keras_arguments(p):
 
 def run_import_keras(args) -> int:
     from ..interop.keras_import import import_keras
+    check_output(args.out, args.model)
     size = None
     if args.size:
+        if not re.fullmatch(r"[1-9]\d{0,4}(x[1-9]\d{0,4})?", args.size.lower()):
+            raise PneumoniaCNNError(f"--size {args.size}: give one size (224) or HEIGHTxWIDTH (96x80)")
         parts = [int(p) for p in args.size.lower().split("x")]
         size = (parts[0], parts[-1])
     _, payload = import_keras(args.model, args.out, size)
@@ -56,8 +62,9 @@ def run_import_keras(args) -> int:
 def add_network_options(p):
     p.add_argument("--overlay", action="store_true", help="also store the Grad-CAM overlay as a Secondary Capture "
                                                           "image in the same study")
-    p.add_argument("--retries", type=int, default=3, help="retries of a failed network call (exponential back-off)")
-    p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry (then doubled)")
+    p.add_argument("--retries", type=whole_number(0), default=3,
+                   help="retries of a failed network call (exponential back-off)")
+    p.add_argument("--backoff", type=positive_number, default=1.0, help="seconds before the first retry (then doubled)")
     add_device(p)
 
 
@@ -67,13 +74,13 @@ def pacs_arguments(p):
     p.add_argument("--state", default="pacs_state.sqlite", help="SQLite file remembering what was scored")
     p.add_argument("--modality", nargs="+", default=["CR", "DX"], help="modalities to look for")
     p.add_argument("--study-date", metavar="RANGE", help="YYYYMMDD or YYYYMMDD-YYYYMMDD (either side may be open)")
-    p.add_argument("--batch-size", type=int, default=16, help="instances scored together")
-    p.add_argument("--timeout", type=float, default=60, help="seconds before one HTTP request is given up")
+    p.add_argument("--batch-size", type=whole_number(1), default=16, help="instances scored together")
+    p.add_argument("--timeout", type=positive_number, default=60, help="seconds before one HTTP request is given up")
     p.add_argument("--user", help="HTTP user (password in PNEUMONIA_CNN_DICOMWEB_PASSWORD; or a bearer token in "
                                   "PNEUMONIA_CNN_DICOMWEB_TOKEN)")
     p.add_argument("--watch", action="store_true", help="keep polling for new instances")
-    p.add_argument("--interval", type=float, default=30, help="seconds between polls with --watch")
-    p.add_argument("--polls", type=int, help=argparse.SUPPRESS)  # tests: stop after N polls
+    p.add_argument("--interval", type=positive_number, default=30, help="seconds between polls with --watch")
+    p.add_argument("--polls", type=whole_number(1), help=argparse.SUPPRESS)  # tests: stop after N polls
     add_network_options(p)
 
 
@@ -107,13 +114,14 @@ def print_pacs_summary(summary: dict):
 def listen_arguments(p):
     p.add_argument("checkpoint", help="best.pt or run folder")
     p.add_argument("--send-to", required=True, metavar="HOST:PORT:AET", help="where the reports go (C-STORE)")
-    p.add_argument("--port", type=int, default=11112, help="DICOM port to listen on")
+    p.add_argument("--port", type=PORT, default=11112, help="DICOM port to listen on")
     p.add_argument("--ae-title", default="PNEUMONIA", help="this node's AE title")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise; "
                                                        "0.0.0.0 for the hospital network)")
     p.add_argument("--spool", help="folder for received instances until their report is delivered "
                                    "(default: ~/.cache/pneumonia-cnn/listen-spool)")
-    p.add_argument("--retry-after", type=float, default=60, help="seconds before an undelivered report is retried")
+    p.add_argument("--retry-after", type=positive_number, default=60,
+                   help="seconds before an undelivered report is retried")
     add_network_options(p)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 from ..errors import PneumoniaCNNError
-from .common import Command, add_device
+from .common import Command, add_device, check_output, whole_number
 
 
 def _json_object(text: str) -> dict:
@@ -69,6 +70,14 @@ def train_arguments(p):
     add_config_flags(p)
 
 
+def refuse_finished_run(out) -> None:
+    """A run folder that already holds a checkpoint is continued with --resume, never trained over."""
+    held = [name for name in ("best.pt", "last.pt") if out and (Path(out) / name).is_file()]
+    if held:
+        raise PneumoniaCNNError(f"{out}: already holds a run ({held[0]}); continue it with --resume {out}, or "
+                                f"give another --out")
+
+
 def run_train(args) -> int:
     from ..experiment import resume_and_evaluate, train_and_evaluate
     from ..training.config import TrainConfig, make_config
@@ -82,9 +91,11 @@ def run_train(args) -> int:
                                     f"and --no-progress may change (got {', '.join(ignored)})")
         summary = resume_and_evaluate(args.resume, **overrides)
     else:
-        if not overrides.get("data"):
+        config = make_config(args.preset, args.config, **overrides)
+        if not config.data:  # --data, or data: in --config
             raise PneumoniaCNNError("train needs --data ROOT (a folder in the Kaggle layout) or --resume RUN_DIR")
-        summary = train_and_evaluate(make_config(args.preset, args.config, **overrides))
+        refuse_finished_run(config.out)
+        summary = train_and_evaluate(config)
     if summary.get("interrupted"):
         return 130
     if not summary.get("main_process", True):
@@ -100,8 +111,9 @@ def run_train(args) -> int:
 def demo_arguments(p):
     p.add_argument("--out", default="runs/demo", help="folder for the synthetic data, cache and run")
     p.add_argument("--data", help="a Kaggle-layout ROOT to use instead of synthetic X-rays")
-    p.add_argument("--epochs", type=int, help="epochs (default 10)")
-    p.add_argument("--size", type=int, help="input size (default 96 on synthetic data, 224 on --data)")
+    p.add_argument("--epochs", type=whole_number(1), help="epochs (default 10)")
+    p.add_argument("--size", type=whole_number(32, 1024),
+                   help="input size (default 96 on synthetic data, 224 on --data)")
     add_device(p)
 
 
@@ -121,7 +133,7 @@ def run_demo(args) -> int:
 
 def summary_arguments(p):
     p.add_argument("--model", default="seed", help="registered model name")
-    p.add_argument("--size", type=int, default=224, help="input height and width")
+    p.add_argument("--size", type=whole_number(32, 2048), default=224, help="input height and width")
     p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="input channels")
 
 
@@ -145,12 +157,13 @@ def samples_arguments(p):
     p.add_argument("--data", required=True, help="Kaggle-layout ROOT or a split folder")
     p.add_argument("--split", default="train", help="which split to draw from")
     p.add_argument("--out", default="samples.png", help="PNG to write")
-    p.add_argument("--per-class", type=int, default=6, help="images per class")
+    p.add_argument("--per-class", type=whole_number(1, 100), default=6, help="images per class")
     p.add_argument("--seed", type=int, default=0, help="which images are drawn")
 
 
 def run_show_samples(args) -> int:
     from ..samples import show_samples
+    check_output(args.out, args.data)
     print(f"written: {show_samples(args.data, args.split, args.out, args.per_class, args.seed)}")
     return 0
 

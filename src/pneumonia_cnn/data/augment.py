@@ -41,6 +41,8 @@ class AugmentConfig:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown augmentation option(s): {', '.join(sorted(unknown))}")
+        for name, value in values.items():
+            _check_option(name, value)
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -49,6 +51,24 @@ class AugmentConfig:
     @property
     def geometric(self) -> bool:
         return bool(self.shear or self.zoom or self.scale or self.flip or self.rotation or self.translate)
+
+
+AUGMENT_RANGES = {  # (low, high) of each number: outside them an option means nothing, or breaks the image
+    "shear": (0, 90), "zoom": (0, 1), "scale": (0, 1), "rotation": (0, 180), "translate": (0, 1),
+    "brightness": (0, 1), "contrast": (0, 1), "gamma": (0, 5), "blur_sigma": (0, 50), "blur_p": (0, 1),
+    "noise": (0, 1), "jpeg_quality": (0, 95), "jpeg_p": (0, 1)}
+
+
+def _check_option(name: str, value) -> None:
+    if name == "flip":
+        if not isinstance(value, bool):
+            raise ValueError(f"flip: expected true or false, got {value!r}")
+        return
+    low, high = AUGMENT_RANGES[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name}: expected a number from {low} to {high}, got {value!r}")
+    if name == "jpeg_quality" and value != int(value):
+        raise ValueError(f"jpeg_quality: expected a whole number, got {value!r}")
 
 
 def keras_transform_matrices(batch: int, height: int, width: int, config: AugmentConfig,

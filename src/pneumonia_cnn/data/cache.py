@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ImageReadError
+from ..errors import DatasetError, ImageReadError
 from ..fileio import atomic_path, display_path, write_json_atomic
 from .dataset import ImageList
 from .intensity import standardise_intensity
@@ -185,6 +185,10 @@ def build_or_load(images: ImageList, size, interpolation: str = "bilinear", inte
         else:
             decoded[index] = array
     keep = sorted([*reuse, *decoded])
+    if images.paths and not keep:  # every caller needs at least one image; say why there is none
+        first, reason = skipped[0]
+        raise DatasetError(f"{display_path(images.source or first)}: none of its {len(images.paths)} image(s) "
+                           f"could be read (first: {display_path(first)}: {reason})")
     unchanged = not to_decode and previous.array is not None and len(keep) == len(previous.rows) and \
         keep == list(range(len(keep))) and [reuse[i] for i in keep] == keep
     if unchanged:

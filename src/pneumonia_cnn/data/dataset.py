@@ -147,6 +147,13 @@ def read_csv_list(csv_path, class_names=DEFAULT_CLASS_NAMES) -> ImageList:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DatasetError(f"{display_path(csv_path)}: CSV file not found")
+    try:
+        return _read_csv_rows(csv_path, class_names)
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{display_path(csv_path)}: not a text CSV (not UTF-8 at byte {error.start})") from None
+
+
+def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
     paths, labels, patients = [], [], []
     patient_column = 2
     with open(csv_path, newline="", encoding="utf-8") as handle:
@@ -191,9 +198,11 @@ def load_split(data, split: str | None, class_names=None, require_both_classes=F
         raise DatasetError(f"{display_path(data)}: folder not found")
     if split and (data / split).is_dir():
         return scan_folder(data / split, class_names, require_both_classes)
-    if split and not (data / split).exists() and split in ("train", "val", "test"):
-        if any((data / name).is_dir() for name in ("train", "val", "test")):
-            raise DatasetError(f"{display_path(data / split)}: folder not found")
+    if split and not (data / split).exists():
+        splits = [name for name in ("train", "val", "test") if (data / name).is_dir()]
+        if splits:  # a Kaggle-layout root without this split: say so, not that its splits are odd classes
+            raise DatasetError(f"{display_path(data / split)}: folder not found (the splits there: "
+                               f"{', '.join(splits)})")
     return scan_folder(data, class_names, require_both_classes)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import ImageReadError, one_line
 from .dicom_guard import dicom_problem
-from .image import MAX_PIXELS, ImageMeta, scale_to_uint8
+from .image import MAX_PIXELS, MIN_SIDE, ImageMeta, scale_to_uint8
 
 
 class _DropDecoderTracebacks(logging.Filter):
@@ -52,11 +52,15 @@ def _read_dicom(path: Path, source=None, strict: bool = False):
     if problem:
         raise ImageReadError(path, problem)
     dataset = pydicom.dcmread(io.BytesIO(data), force=not strict)
+    if data[128:132] != b"DICM" and "Rows" not in dataset:  # force=True reads any bytes as some element
+        raise ImageReadError(path, "not a DICOM file (no DICM header and no image description)")
     if "PixelData" not in dataset:
         raise ImageReadError(path, "DICOM has no pixel data")
     rows, cols = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
     if rows * cols > MAX_PIXELS:
         raise ImageReadError(path, f"DICOM is {cols}x{rows} pixels, above the {MAX_PIXELS:,}-pixel limit")
+    if rows < MIN_SIDE or cols < MIN_SIDE:  # as for other images: nothing to see, yet it would be scored
+        raise ImageReadError(path, f"DICOM is only {cols}x{rows} pixels")
     try:
         pixels = dataset.pixel_array
     except Exception as error:  # missing decoders and bad data raise many types

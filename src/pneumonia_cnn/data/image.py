@@ -10,6 +10,7 @@ import numpy as np
 
 # Refuse decompression bombs ourselves (PIL only warns below 2x its limit); 50 MP is far above any X-ray.
 MAX_PIXELS = 50_000_000
+MIN_SIDE = 2  # a 1-pixel-wide image holds no X-ray; refused rather than scored
 
 
 @dataclass

@@ -15,7 +15,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import ImageReadError
 from .dicom import read_dicom
-from .image import MAX_PIXELS, ImageMeta, scale_to_uint8
+from .image import MAX_PIXELS, MIN_SIDE, ImageMeta, scale_to_uint8
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
@@ -71,7 +71,7 @@ def _read_pil(path: Path, source=None) -> tuple[np.ndarray, ImageMeta]:
                 if width * height > MAX_PIXELS:
                     raise ImageReadError(path, f"image is {width}x{height} pixels, above the "
                                                f"{MAX_PIXELS:,}-pixel limit (decompression-bomb guard)")
-                if width < 2 or height < 2:
+                if width < MIN_SIDE or height < MIN_SIDE:
                     raise ImageReadError(path, f"image is only {width}x{height} pixels")
                 if getattr(image, "n_frames", 1) > 1:
                     image.seek(0)  # animated GIF/TIFF: the first frame is the image

@@ -6,6 +6,7 @@ import html
 import json
 from pathlib import Path
 
+from ..builtin import is_builtin
 from ..checkpoint import load_checkpoint
 from ..data.dataset import load_split
 from ..errors import DatasetError, PneumoniaCNNError
@@ -96,17 +97,21 @@ def _decision_section(card: dict, run_dir: Path) -> str:
 
 def write_report(run_dir, data=None, split="test", out=None, device="auto", bootstrap=1000, cache_dir=None,
                  stress: bool = True, by=None) -> Path:
-    run_dir = Path(run_dir)
-    checkpoint_path = run_dir / "best.pt" if run_dir.is_dir() else run_dir
-    run_dir = checkpoint_path.parent
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(run_dir)  # a checkpoint, a run folder (best.pt, else last.pt) or builtin
+    checkpoint_path = Path(checkpoint["path"])
+    packaged = is_builtin(run_dir)
+    run_dir = Path(".") if packaged else checkpoint_path.parent  # never write into the installed package
     config = checkpoint.get("config", {})
     data = data or config.get("data")
     if not data or not Path(data).exists():
         raise PneumoniaCNNError(f"{display_path(data or '?')}: data folder not found; pass --data ROOT")
-    out = Path(out or run_dir / "report.html")
+    prefix = "builtin_" if packaged else ""
+    # the metrics JSON and its figures go where the report goes: a report --out elsewhere leaves the run alone
+    metrics = (Path(out).parent / f"{Path(out).stem}_{split}_metrics.json" if out
+               else run_dir / f"{prefix}{split}_metrics.json")
+    out = Path(out or run_dir / f"{prefix}report.html")
     report = evaluate(checkpoint_path, data, split, device=device, bootstrap=bootstrap, cache_dir=cache_dir,
-                      out=run_dir / f"{split}_metrics.json", figures=True, by=by)
+                      out=metrics, figures=True, by=by)
     card = checkpoint_card(checkpoint)
     sections = [f"<h1>pneumonia-cnn report: {html.escape(str(card['run_id']))}</h1>"
                 "<p class='warn'><b>Not a medical device.</b> Research and teaching software; never the sole "

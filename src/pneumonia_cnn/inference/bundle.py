@@ -19,7 +19,7 @@ from ..calibration import Calibration, Decision, fit_decision, logit
 from ..checkpoint import build_model, load_checkpoint
 from ..data.intensity import standardise_intensity
 from ..data.readers import read_image, read_image_bytes, resize_gray
-from ..errors import PneumoniaCNNError
+from ..errors import CheckpointError, PneumoniaCNNError, one_line
 from ..fileio import display_path
 
 log = logging.getLogger(__name__)
@@ -132,17 +132,26 @@ def load_bundle(checkpoints) -> Bundle:
 
 
 def _ood_detector(checkpoint: dict):
-    if not checkpoint.get("ood"):
-        return None
+    return ood_detector_of(checkpoint) if checkpoint.get("ood") else None
+
+
+def ood_detector_of(checkpoint: dict):
+    """The checkpoint's OOD detector, or a CheckpointError naming the file when its state cannot be read."""
     from ..ood import OODDetector
-    return OODDetector.from_state(checkpoint["ood"])
+    try:
+        return OODDetector.from_state(checkpoint["ood"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        reason = f"no {error}" if isinstance(error, KeyError) else one_line(error, limit=120)
+        raise CheckpointError(f"{display_path(checkpoint.get('path', '?'))}: not a usable checkpoint: ood: not a "
+                              f"detector this version can read ({reason})") from None
 
 
 def _ensemble_bundle(loaded, models, preprocessing, tta, ood) -> Bundle:
     """Fit the ensemble's own decision on its members' stored validation scores when they share the
     same validation images; otherwise fall back to averaging (and say so)."""
-    references = [(c.get("reference") or {}).get("val") for c in loaded]
-    if all(references) and all(r["fingerprints"] == references[0]["fingerprints"] for r in references):
+    references = [(c.get("reference") or {}).get("val") or {} for c in loaded]
+    if all(r.get("fingerprints") and r.get("raw_scores") and r.get("labels") for r in references) and all(
+            r["fingerprints"] == references[0]["fingerprints"] for r in references):
         members = np.stack([np.asarray(r["raw_scores"], dtype=np.float64) for r in references])
         labels = np.asarray(references[0]["labels"])
         first = decision_of(loaded[0])

@@ -20,6 +20,9 @@ from .scorer import Scorer, Scores
 
 log = logging.getLogger(__name__)
 MIN_ADAPT_BATCH = 32  # fewer images give batch-norm statistics too noisy to trust (README, "Decision")
+# EM (Saerens et al.) on a few images is noise: on one image it always ends at a rate of 0 or 1 (the likelihood
+# is linear in the rate). So the same floor as AdaBN's, one site's batch (measured: README, "From score to decision")
+MIN_ESTIMATE_BATCH = 32
 
 
 @dataclass
@@ -187,31 +190,44 @@ class Predictor:
         inside = np.array([c["in_distribution"] is not False for c in checks])
         decision, notes = self.bundle.decision, []
         if self.adapt_batch:
-            if inside.sum() >= MIN_ADAPT_BATCH:
-                pseudo = scores.probabilities[inside] >= self.bundle.decision.effective_threshold
-                rate = (self.bundle.adapted_decision or self.bundle.decision).calibration.prior
-                adapted = Scorer(adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate), self.device,
-                                 self.scorer.engine.name, self.amp, cache=False)  # this batch's statistics only
-                scores = adapted.score(pixels, batch_size)
-                notes.append(f"batch-norm statistics re-estimated on this batch ({int(inside.sum())} "
-                             f"in-distribution images, AdaBN at the validation images' class mix)")
-                if self.bundle.adapted_decision is not None:
-                    decision = self.bundle.adapted_decision  # fitted the same way: on val, adapted to val
-                else:
-                    notes.append("the threshold and calibration were fitted without batch adaptation (a "
-                                 "checkpoint of an earlier version)")
-            else:
-                notes.append(f"not adapted: {int(inside.sum())} in-distribution images, fewer than "
-                             f"{MIN_ADAPT_BATCH}")
+            scores, decision = self._adapt_step(pixels, scores, inside, batch_size, notes)
         if self.prevalence == "estimate":
-            base = decision.calibration.probabilities(scores.raw[inside]) if inside.any() else np.array([0.5])
-            rate = estimate_prior(base, decision.calibration.prior or float(np.mean(base)))
-            decision = decision.with_prior(rate, f"estimated from {int(inside.sum())} images (EM)")
-            notes.append(f"probabilities stated for a pneumonia rate of {rate:.3f}, estimated from this batch "
-                         f"({int(inside.sum())} in-distribution images, EM of Saerens et al. 2002)")
+            decision = self._estimate_step(scores, decision, inside, notes)
         if decision is not self.bundle.decision or self.adapt_batch:
             scores = Scores(scores.raw, decision.probabilities(scores.raw), scores.members, scores.features)
         return scores, decision, notes
+
+    def _adapt_step(self, pixels, scores: Scores, inside, batch_size, notes):
+        """AdaBN on the batch's in-distribution images when there are enough; (scores, decision)."""
+        if inside.sum() < MIN_ADAPT_BATCH:
+            notes.append(f"not adapted: {int(inside.sum())} in-distribution images, fewer than {MIN_ADAPT_BATCH}")
+            return scores, self.bundle.decision
+        pseudo = scores.probabilities[inside] >= self.bundle.decision.effective_threshold
+        rate = (self.bundle.adapted_decision or self.bundle.decision).calibration.prior
+        adapted = Scorer(adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate), self.device,
+                         self.scorer.engine.name, self.amp, cache=False)  # this batch's statistics only
+        notes.append(f"batch-norm statistics re-estimated on this batch ({int(inside.sum())} "
+                     f"in-distribution images, AdaBN at the validation images' class mix)")
+        if self.bundle.adapted_decision is not None:
+            return adapted.score(pixels, batch_size), self.bundle.adapted_decision  # fitted on val, adapted to val
+        notes.append("the threshold and calibration were fitted without batch adaptation (a "
+                     "checkpoint of an earlier version)")
+        return adapted.score(pixels, batch_size), self.bundle.decision
+
+    @staticmethod
+    def _estimate_step(scores: Scores, decision, inside, notes):
+        """The batch's pneumonia rate by EM when it has enough in-distribution images, else ``decision`` as is."""
+        count, prior = int(inside.sum()), decision.calibration.prior
+        if count < MIN_ESTIMATE_BATCH:
+            stated = f"the checkpoint's rate of {prior:.3f}" if prior is not None else "the checkpoint's rate"
+            notes.append(f"prevalence not estimated: {count} in-distribution images, fewer than "
+                         f"{MIN_ESTIMATE_BATCH}; probabilities stated for {stated}")
+            return decision
+        base = decision.calibration.probabilities(scores.raw[inside])
+        rate = estimate_prior(base, prior or float(np.mean(base)))
+        notes.append(f"probabilities stated for a pneumonia rate of {rate:.3f}, estimated from this batch "
+                     f"({count} in-distribution images, EM of Saerens et al. 2002)")
+        return decision.with_prior(rate, f"estimated from {count} images (EM)")
 
     def predict_files(self, paths, batch_size: int = 32, progress: bool = False) -> list[Prediction]:
         """Read, preprocess and predict files; unreadable files get ``error`` and the rest go on. Notes on

@@ -1,13 +1,15 @@
 """Model registry in the manner of timm: ``create_model(name, in_channels, image_size, **kwargs)``."""
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, one_line
 from ..fileio import display_path, load_torch_file
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -28,17 +30,64 @@ def list_models() -> dict[str, str]:
 
 def create_model(name: str, in_channels: int = 3, image_size=(224, 224), weights: str | None = None,
                  **kwargs) -> nn.Module:
-    """Build a registered model; ``weights`` is an optional local state-dict file (nothing is downloaded)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(sorted(_REGISTRY))}")
+    """Build a registered model; ``weights`` is an optional local state-dict file (nothing is downloaded).
+    An unknown name, keyword or value is a ``ConfigError`` naming the model and the reason."""
+    check_model_kwargs(name, kwargs)
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
-    model = _REGISTRY[name](in_channels=in_channels, image_size=tuple(image_size), **kwargs)
+    try:
+        model = _REGISTRY[name](in_channels=in_channels, image_size=tuple(image_size), **kwargs)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as error:
+        arguments = dict(in_channels=in_channels, image_size=image_size, **kwargs)
+        raise ConfigError(f"model {name} cannot be built with {arguments} ({one_line(error)})") from None
     model.model_name = name
     model.model_kwargs = dict(in_channels=in_channels, image_size=list(image_size), **kwargs)
     if weights:
-        model.load_state_dict(read_weights_file(weights), strict=True)
+        try:
+            model.load_state_dict(read_weights_file(weights), strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(f"{display_path(weights)}: weights do not fit model {name} "
+                                  f"({state_dict_misfit(error)})") from None
     return model
+
+
+def check_model_kwargs(name: str, kwargs: dict, reserved=()) -> None:
+    """A ``ConfigError`` naming the model and the keyword(s) it does not take, and those it does (less the
+    ``reserved`` ones, which the caller sets itself)."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; choose from {', '.join(sorted(_REGISTRY))}")
+    parameters = inspect.signature(_REGISTRY[name]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [n for n, p in parameters.items() if n not in reserved
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    unknown = [str(key) for key in kwargs if key not in accepted]
+    if unknown:
+        raise ConfigError(f"model {name}: unknown keyword argument(s) {', '.join(sorted(unknown))}; "
+                          f"it accepts {', '.join(accepted) or 'none'}")
+
+
+def state_dict_misfit(error: BaseException) -> str:
+    """``load_state_dict``'s error on one line: how many keys are missing or unexpected (the first few
+    named) and the first size mismatch, instead of thousands of characters or only its header line."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [one_line(error)]
+    parts, mismatches = [], []
+    for line in lines:
+        found = re.match(r"(Missing|Unexpected) key\(s\) in state_dict: (.*)", line)
+        shapes = re.match(r"size mismatch for (\S+): copying a param with shape torch\.Size\((.*?)\) from "
+                          r"checkpoint, the shape in current model is torch\.Size\((.*?)\)", line)
+        if found:
+            keys = re.findall(r'"([^"]+)"', found.group(2))
+            more = f", … ({len(keys)} in all)" if len(keys) > 3 else ""
+            parts.append(f"{found.group(1).lower()} key(s) {', '.join(keys[:3])}{more}")
+        elif shapes:
+            mismatches.append(f"{shapes.group(1)} is {shapes.group(2)} in the file, {shapes.group(3)} in the model")
+        else:
+            parts.append(line)
+    if mismatches:
+        more = f" ({len(mismatches)} size mismatches in all)" if len(mismatches) > 1 else ""
+        parts.append(f"size mismatch: {mismatches[0]}{more}")
+    return one_line(RuntimeError("; ".join(parts)), limit=400)
 
 
 class InputConv2d(nn.Conv2d):

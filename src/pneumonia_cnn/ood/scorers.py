@@ -53,6 +53,8 @@ class NeighbourScore:
     def __init__(self, reference, k: int):
         self.reference = np.asarray(reference.float() if isinstance(reference, torch.Tensor) else reference,
                                     dtype=np.float32)
+        if not len(self.reference):  # a cross-fitting fold of a one-image fit has nothing to measure against
+            raise ValueError("a k-NN scorer needs at least one reference image")
         self.k = max(1, min(int(k), len(self.reference)))  # a tiny reference set (a few site images) has fewer
         # brute force, one matrix product per chunk: faster than trees in these dimensions (tens to hundreds),
         # and scikit-learn's index would cost more to import (over a second) than a one-image predict to run

@@ -177,12 +177,27 @@ def check_exposure(host: str, options: ServeOptions, ssl_certfile) -> None:
                     "proxy stands in front (--ssl-certfile/--ssl-keyfile)", host)
 
 
+def check_tls_files(certfile, keyfile) -> None:
+    """Before the model loads: a certificate and key that TLS cannot use, named, instead of '[SSL] PEM lib'."""
+    import ssl
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as error:  # PEM_LIB: not PEM; KEY_VALUES_MISMATCH: a key of another certificate
+        raise PneumoniaCNNError(f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: not a PEM certificate and "
+                                f"its private key (OpenSSL: {error.reason or 'unreadable'})") from None
+    except OSError as error:
+        raise PneumoniaCNNError(f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: "
+                                f"{error.strerror or error}") from None
+
+
 def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions | None = None,
                allowed_hosts=(), ssl_certfile=None, ssl_keyfile=None, idle_timeout: float = 15,
                graceful_timeout: float = 30):
     import uvicorn
     options = options or ServeOptions()
     check_exposure(host, options, ssl_certfile)
+    if ssl_certfile:
+        check_tls_files(ssl_certfile, ssl_keyfile)
     # The scorer asks glibc to keep freed memory for the next batch; a server also decodes the odd 50-megapixel
     # upload, whose memory must go back to the system rather than stay with the process for good.
     os.environ.setdefault("PNEUMONIA_CNN_MALLOC", "default")

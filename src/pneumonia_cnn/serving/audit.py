@@ -21,6 +21,7 @@ import sqlite3
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 from ..errors import PneumoniaCNNError
 
@@ -41,19 +42,39 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def connect(path, read_only: bool = False) -> sqlite3.Connection:
+def connect(path, read_only: bool = False, immutable: bool = False) -> sqlite3.Connection:
+    """The log for writing (created in WAL mode when new), or opened read-only: ``immutable`` when no journal
+    lies beside it, so that SQLite creates no -wal/-shm files and changes nothing (see ``read_audit``)."""
     path = Path(path)
     if read_only:
         if not path.is_file():
             raise PneumoniaCNNError(f"{path}: no such audit log")
-        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=FULL")
-    connection.execute("PRAGMA busy_timeout=10000")  # several server processes may share one log
-    connection.executescript(SCHEMA)
-    return connection
+        mode = "immutable=1" if immutable else "mode=ro"
+        return sqlite3.connect(f"file:{quote(str(path.resolve()))}?{mode}", uri=True, isolation_level=None)
+    connection = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        _check_is_audit_log(connection, path)  # before anything is written into someone else's database
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("PRAGMA busy_timeout=10000")  # several server processes may share one log
+        connection.executescript(SCHEMA)
+        return connection
+    except (sqlite3.DatabaseError, OSError, PneumoniaCNNError) as error:  # not SQLite, a folder, no permission
+        if connection is not None:
+            connection.close()
+        if isinstance(error, PneumoniaCNNError):
+            raise
+        raise PneumoniaCNNError(f"--audit-log {path}: cannot be used as an SQLite audit log ({error})") from None
+
+
+def _check_is_audit_log(connection: sqlite3.Connection, path: Path) -> None:
+    """A new or empty file, or a log with the predictions table; not another application's database."""
+    tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables and "predictions" not in tables:
+        raise PneumoniaCNNError(f"--audit-log {path}: an SQLite database of something else (tables: "
+                                f"{', '.join(sorted(tables)[:5])}), not an audit log")
 
 
 class AuditLog:
@@ -135,47 +156,82 @@ class AuditUnavailable(Exception):
     pass
 
 
-def parse_since(text: str | None, now: datetime | None = None) -> str | None:
+def parse_since(text: str | None, now: datetime | None = None, flag: str = "--since/--until") -> str | None:
     """'2026-05-01', '2026-05-01T08:00', an ISO time with a zone, or a span back from now ('90m', '24h', '7d')
     -> the UTC ISO text the log stores (the comparison is textual, so both sides must share the form)."""
     if not text:
         return None
     now = now or datetime.now(timezone.utc)
     span = re.fullmatch(r"(\d+)([mhd])", text.strip())
-    if span:
-        unit = {"m": "minutes", "h": "hours", "d": "days"}[span.group(2)]
-        moment = now - timedelta(**{unit: int(span.group(1))})
-    else:
-        try:
+    try:
+        if span:
+            unit = {"m": "minutes", "h": "hours", "d": "days"}[span.group(2)]
+            moment = now - timedelta(**{unit: int(span.group(1))})
+        else:
             moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-        except ValueError:
-            raise PneumoniaCNNError(f"--since/--until {text}: give a date (2026-05-01), a time "
-                                    f"(2026-05-01T08:00, UTC unless a zone is given) or a span (24h, 7d)") from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.astimezone(timezone.utc)
+    except (OverflowError, ValueError) as error:
+        if span or isinstance(error, OverflowError):  # 99999999d reaches back before year 1
+            raise PneumoniaCNNError(f"{flag} {text}: outside the dates a log can hold (years 1 to 9999 UTC)") from None
+        raise PneumoniaCNNError(f"{flag} {text}: give a date (2026-05-01), a time "
+                                f"(2026-05-01T08:00, UTC unless a zone is given) or a span (24h, 7d)") from None
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def read_audit(path, since: str | None = None, until: str | None = None) -> list[dict]:
-    connection = connect(path, read_only=True)
+    """The rows from ``since`` until before ``until``, without changing the log or creating files beside it:
+    with no -wal (or -journal) file beside it, no server has it open and every row is in the file itself, so
+    it is opened immutable (a read-only connection to a WAL log would create -wal and -shm files and leave
+    them); otherwise read-only, through the server's own -wal and -shm files."""
+    path = Path(path)
+    bounds = [(" AND time >= ?", parse_since(since, flag="--since")) if since else None,
+              (" AND time < ?", parse_since(until, flag="--until")) if until else None]
+    bounds = [bound for bound in bounds if bound]
+    quiet = not _journal_beside(path)
+    rows = _select(path, bounds, immutable=quiet)
+    if quiet and _journal_beside(path):  # a server opened it while we read: read again, through its journal
+        rows = _select(path, bounds, immutable=False)
+    out, unreadable = [], 0
+    for row in rows:
+        entry = dict(zip(COLUMNS, row))
+        entry["in_distribution"] = None if entry["in_distribution"] is None else bool(entry["in_distribution"])
+        entry["warnings"], readable = _warnings(entry["warnings"])
+        unreadable += not readable
+        out.append(entry)
+    if unreadable:
+        log.warning("%s: %d row(s) whose warnings are not a JSON list; exported as their raw text", path, unreadable)
+    return out
+
+
+def _journal_beside(path: Path) -> bool:
+    return any(Path(f"{path}{suffix}").exists() for suffix in ("-wal", "-journal"))
+
+
+def _select(path: Path, bounds, immutable: bool) -> list[tuple]:
+    connection = connect(path, read_only=True, immutable=immutable)
+    query = f"SELECT {', '.join(COLUMNS)} FROM predictions WHERE 1=1" + "".join(clause for clause, _ in bounds)
     try:
-        query, arguments = f"SELECT {', '.join(COLUMNS)} FROM predictions WHERE 1=1", []
-        if since:
-            query, arguments = query + " AND time >= ?", arguments + [parse_since(since)]
-        if until:
-            query, arguments = query + " AND time < ?", arguments + [parse_since(until)]
-        rows = connection.execute(query + " ORDER BY time, request_id, item", arguments).fetchall()
+        return connection.execute(query + " ORDER BY time, request_id, item", [v for _, v in bounds]).fetchall()
     except sqlite3.DatabaseError as error:
         raise PneumoniaCNNError(f"{path}: not a readable audit log ({error})") from None
     finally:
         connection.close()
-    out = []
-    for row in rows:
-        entry = dict(zip(COLUMNS, row))
-        entry["in_distribution"] = None if entry["in_distribution"] is None else bool(entry["in_distribution"])
-        entry["warnings"] = json.loads(entry["warnings"]) if entry["warnings"] else []
-        out.append(entry)
-    return out
+
+
+def _warnings(text) -> tuple[list[str], bool]:
+    """A row's warnings (stored as a JSON list) and whether they were one; anything else is kept as its raw
+    text, so that one damaged row does not stop the export of the others."""
+    if not text:
+        return [], True
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return [str(text)], False
+    if not isinstance(value, list):
+        return [str(text)], False
+    return [item if isinstance(item, str) else json.dumps(item) for item in value], True
 
 
 def format_audit(rows: list[dict], fmt: str) -> str:

@@ -71,18 +71,20 @@ def parse_line(line: str, where: str) -> KeyRecord:
                                 f"written by 'pneumonia-cnn api-key')") from None
 
 
-def read_key_file(path) -> dict[str, KeyRecord]:
+def read_key_file(path, allow_empty: bool = False) -> dict[str, KeyRecord]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise PneumoniaCNNError(f"--api-keys {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise PneumoniaCNNError(f"--api-keys {path}: not a key file (not UTF-8 text)") from None
     records = {}
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip() and not line.lstrip().startswith("#"):
             record = parse_line(line.strip(), f"{path}:{number}")
             records[record.key_id] = record
-    if not records:
+    if not records and not allow_empty:
         raise PneumoniaCNNError(f"--api-keys {path}: no keys in the file (add one with 'pneumonia-cnn api-key')")
     return records
 
@@ -94,15 +96,16 @@ def add_key(path, key_id: str, role: str = "predict") -> str:
     if role not in ROLES:
         raise PneumoniaCNNError(f"--role {role}: choose {', '.join(ROLES)}")
     path = Path(path)
-    existing = read_key_file(path) if path.exists() and path.stat().st_size else {}
+    existing = read_key_file(path, allow_empty=True) if path.exists() else {}
     if key_id in existing:
         raise PneumoniaCNNError(f"{path}: key id {key_id} exists; revoke it first (--revoke)")
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_bytes(16)
     record = KeyRecord(key_id, role, SCRYPT["n"], SCRYPT["r"], SCRYPT["p"], salt, derive(secret, salt, **SCRYPT))
+    unterminated = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(descriptor, "a", encoding="utf-8") as handle:
-        handle.write(record.line() + "\n")
+    with os.fdopen(descriptor, "a", encoding="utf-8") as handle:  # a last line without its newline stays whole
+        handle.write(("\n" if unterminated else "") + record.line() + "\n")
     return f"{key_id}.{secret}"
 
 
@@ -112,7 +115,8 @@ def revoke_key(path, key_id: str) -> None:
     records = read_key_file(path)
     if key_id not in records:
         raise PneumoniaCNNError(f"{path}: no key with id {key_id}")
-    kept = [r.line() for k, r in records.items() if k != key_id]
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()  # comments and blank lines stay
+            if line.split()[:1] != [key_id] or line.lstrip().startswith("#")]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
     os.chmod(path, 0o600)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +62,7 @@ class TrainConfig:
     # optimisation
     epochs: int = option(10, "passes over the training images", minimum=1)
     batch_size: int = option(32, "images per step", minimum=1)
-    lr: float = option(1e-3, "peak learning rate", minimum=0.0)
+    lr: float = option(1e-3, "peak learning rate", minimum=1e-12)
     optimizer: str = option("adam", "adam (Keras' defaults), adamw or sgd (Nesterov momentum 0.9)",
                             choices=("adam", "adamw", "sgd"))
     weight_decay: float = option(0.0, "weight decay (AdamW: decoupled, not on biases or norms)", minimum=0.0)
@@ -89,7 +90,7 @@ class TrainConfig:
     ood_quantile: float = option(0.95, "in-distribution quantile of val OOD scores used as the flag threshold",
                                  minimum=0.5, maximum=0.9999)
     # run
-    seed: int = option(0, "random seed")
+    seed: int = option(0, "random seed", minimum=0)
     deterministic: bool = option(False, "bit-reproducible kernels (slower)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     amp: str = option("auto", "reduced precision: auto (bf16 on CUDA and on CPUs with bf16 instructions), "
@@ -126,6 +127,20 @@ class TrainConfig:
         from ..models import list_models
         if self.model not in list_models():
             raise ConfigError(f"model: unknown model {self.model!r}; choose from {', '.join(list_models())}")
+        self._check_model_kwargs()
+
+    def _check_model_kwargs(self):
+        """Before any data are read: keywords the model does not take, or that other fields already set."""
+        from ..models.registry import check_model_kwargs
+        taken = {"in_channels": "channels", "image_size": "size", "weights": "weights"}
+        clash = sorted(set(self.model_kwargs) & set(taken))
+        if clash:
+            raise ConfigError(f"model_kwargs: {', '.join(clash)} come(s) from the field(s) "
+                              f"{', '.join(taken[k] for k in clash)}; set those instead")
+        try:
+            check_model_kwargs(self.model, self.model_kwargs, reserved=tuple(taken))
+        except ConfigError as error:
+            raise ConfigError(f"model_kwargs: {error}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -161,6 +176,8 @@ def _check_field(spec: dataclasses.Field, value):
     expected = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}.get(str(spec.type))
     if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
         raise ConfigError(f"{name}: expected {spec.type}, got {value!r}")
+    if expected == (int, float) and not math.isfinite(value):  # nan passes every comparison below
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
     if meta.get("minimum") is not None and value < meta["minimum"]:
@@ -282,7 +299,10 @@ def read_config_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{display_path(path)}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{display_path(path)}: not a text config file (not UTF-8 at byte {error.start})") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml

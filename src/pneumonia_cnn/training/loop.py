@@ -223,7 +223,13 @@ def resume(run_dir, after_training: AfterTraining | None = None, **overrides) ->
     run_dir = Path(run_dir)
     if not (run_dir / "last.pt").exists():
         raise PneumoniaCNNError(f"{display_path(run_dir)}: nothing to resume (no last.pt)")
-    values = dict(load_checkpoint(run_dir / "last.pt")["config"])
+    last = load_checkpoint(run_dir / "last.pt")
+    values = dict(last["config"])
+    done = int((last.get("training_state") or {}).get("epoch", 0))
+    if overrides.get("epochs") is not None and overrides["epochs"] <= done:
+        raise PneumoniaCNNError(f"{display_path(run_dir)}: has trained {done} epochs already; --epochs "
+                                f"{overrides['epochs']} would train none (and rewrite its checkpoints): give more "
+                                f"than {done}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["out"] = str(run_dir)
     return train(config_from_dict(values), resume_from_last=True, after_training=after_training)

@@ -1,0 +1,236 @@
+"""The command line refuses, in one line and before any work, what would destroy an input, quietly use
+another model, or silently do nothing; and it keeps what was done (key files, run folders, overlays)."""
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumonia_cnn import builtin
+from pneumonia_cnn.cli import main
+from tests.conftest import KERAS_FIXTURES, write_image
+
+EXAMPLES = Path(builtin.checkpoint_path()).parent / "examples"
+
+
+def digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    """``main`` in this process (argparse's own refusals exit 2): the exit status and stderr, stripped."""
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as stop:
+        status = stop.code
+    return status, capsys.readouterr().err.strip()
+
+
+@pytest.fixture()
+def model_copy(tmp_path) -> Path:
+    return Path(shutil.copy(builtin.checkpoint_path(), tmp_path / "ck.pt"))
+
+
+def test_an_output_that_is_an_input_is_refused_before_anything_is_written(capsys, tmp_path, model_copy,
+                                                                           small_root):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{p},1\n" for p in sorted(EXAMPLES.glob("PNEUMONIA*"))))
+    keras = Path(shutil.copy(KERAS_FIXTURES / "seed_cnn_64x64.h5", tmp_path / "k.h5"))
+    image = sorted((small_root / "test" / "NORMAL").iterdir())[0]
+    cases = [  # (argv, the input it would destroy, the argument that names that input)
+        (("evaluate", "--checkpoint", model_copy, "--data", labels, "--out", model_copy), model_copy, model_copy),
+        (("evaluate", "--data", labels, "--out", labels), labels, labels),
+        (("evaluate", "--checkpoint", model_copy, "--data", labels, "--save-as", model_copy), model_copy, model_copy),
+        (("stress", model_copy, "--data", small_root, "--out", model_copy), model_copy, model_copy),
+        (("report", model_copy, "--data", small_root, "--out", model_copy), model_copy, model_copy),
+        (("export", model_copy, "--out", model_copy), model_copy, model_copy),
+        (("export", model_copy, "--format", "onnx-int8", "--data", small_root, "--out", model_copy), model_copy,
+         model_copy),
+        (("adapt", model_copy, "--data", small_root / "test", "--out", model_copy), model_copy, model_copy),
+        (("import-keras", keras, "--out", keras), keras, keras),
+        (("show-samples", "--data", small_root, "--split", "test", "--out", image), image, small_root),
+    ]
+    for argv, victim, named in cases:
+        before = digest(victim)
+        status, error = run(capsys, *argv)
+        flag = "--save-as" if "--save-as" in argv else "--out"
+        assert (status, error) == (2, f"error: {victim}: {flag} would overwrite {named}, which this command reads; "
+                                      f"choose another path"), argv
+        assert digest(victim) == before, argv
+    # a new image inside a data folder would join the data set: refused as well, nothing written
+    new_image = small_root / "train" / "NORMAL" / "s.png"
+    status, error = run(capsys, "show-samples", "--data", small_root, "--out", new_image)
+    assert status == 2 and "would overwrite" in error and not new_image.exists()
+
+
+def test_the_output_path_is_checked_before_the_scoring(capsys, tmp_path):
+    (tmp_path / "folder").mkdir()
+    status, error = run(capsys, "stress", "builtin", "--data", tmp_path, "--out", tmp_path / "folder")
+    assert (status, error) == (2, f"error: {tmp_path / 'folder'}: --out is a folder; give a file path")
+    status, error = run(capsys, "evaluate", "--data", tmp_path, "--out", "/proc/nope/e.json")
+    assert status == 2 and error.startswith("error: /proc/nope/e.json: cannot create its folder (")
+
+
+def test_a_checkpoint_that_is_not_there_is_an_error_not_the_builtin_model(capsys, tmp_path):
+    image = EXAMPLES / "NORMAL_IM-0128-0001.jpeg"
+    for command in ("predict", "explain"):
+        extra = ("--out", tmp_path / "maps") if command == "explain" else ()
+        status, error = run(capsys, command, tmp_path / "runs" / "typo" / "best.pt", image, *extra)
+        assert (status, error) == (2, f"error: {tmp_path / 'runs' / 'typo' / 'best.pt'}: checkpoint not found")
+    run_folder = tmp_path / "unfinished"
+    run_folder.mkdir()
+    (run_folder / "config.json").write_text("{}")
+    status, error = run(capsys, "predict", run_folder, image)
+    assert (status, error) == (2, f"error: {run_folder}: run folder has no best.pt or last.pt (training has not "
+                                  f"written one yet)")
+    assert not (tmp_path / "maps").exists()
+
+
+def test_nothing_to_score_is_an_error(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    status, error = run(capsys, "predict", tmp_path / "empty")
+    assert (status, error) == (2, f"error: {tmp_path / 'empty'}: no image or DICOM files found")
+    status, error = run(capsys, "explain", tmp_path / "empty", "--out", tmp_path / "maps")
+    assert (status, error) == (2, f"error: {tmp_path / 'empty'}: no image or DICOM files found")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("predict", "x.jpeg", "--batch-size", "-1"), "argument --batch-size: -1 is out of range: give a whole number "
+                                                  "of at least 1"),
+    (("predict", "x.jpeg", "--batch-size", "0"), "argument --batch-size: 0 is out of range"),
+    (("evaluate", "--data", "d", "--bootstrap", "0"), "argument --bootstrap: 0 is out of range"),
+    (("show-samples", "--data", "d", "--per-class", "-3"), "argument --per-class: -3 is out of range: give a "
+                                                           "whole number from 1 to 100"),
+    (("demo", "--epochs", "0"), "argument --epochs: 0 is out of range"),
+    (("summary", "--size", "100000"), "argument --size: 100000 is out of range: give a whole number from 32 to "
+                                      "2048"),
+    (("serve", "--port", "70000"), "argument --port: 70000 is out of range: give a whole number from 1 to 65535"),
+    (("listen", "builtin", "--send-to", "h:1:A", "--retry-after", "-5"), "argument --retry-after: -5 is out of "
+                                                                        "range: give a number above 0"),
+    (("pacs", "builtin", "--dicomweb", "u", "--interval", "-1"), "argument --interval: -1 is out of range"),
+    (("pacs", "builtin", "--dicomweb", "u", "--batch-size", "abc"), "argument --batch-size: 'abc' is not a whole "
+                                                                    "number"),
+])
+def test_out_of_range_values_are_refused_when_parsed(capsys, argv, message):
+    status, error = run(capsys, *argv)
+    assert status == 2 and message in error.splitlines()[-1]
+
+
+def test_import_keras_size_must_be_a_size(capsys, tmp_path):
+    for size in ("abc", "64x64x3", "0"):
+        status, error = run(capsys, "import-keras", KERAS_FIXTURES / "seed_cnn_64x64.h5", "--out",
+                            tmp_path / "k.pt", "--size", size)
+        assert (status, error) == (2, f"error: --size {size}: give one size (224) or HEIGHTxWIDTH (96x80)")
+    assert not (tmp_path / "k.pt").exists()
+
+
+def test_a_run_folder_with_a_checkpoint_is_not_trained_over(capsys, tmp_path, small_root):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "best.pt").write_bytes(b"an earlier run's model")
+    status, error = run(capsys, "train", "--data", small_root, "--out", out)
+    assert (status, error) == (2, f"error: {out}: already holds a run (best.pt); continue it with --resume {out}, "
+                                  f"or give another --out")
+    assert (out / "best.pt").read_bytes() == b"an earlier run's model"
+
+
+def test_train_takes_data_from_its_config_file(capsys, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {tmp_path / 'nowhere'}\n")
+    status, error = run(capsys, "train", "--config", config, "--out", tmp_path / "r")
+    assert (status, error) == (2, f"error: {tmp_path / 'nowhere'}: folder not found")  # read, not "needs --data"
+
+
+def test_key_file_edits_keep_every_other_line(tmp_path):
+    from pneumonia_cnn.serving.auth import KeyRing, add_key, revoke_key
+    path = tmp_path / "keys.txt"
+    path.write_text("# ward keys\n")
+    first = add_key(path, "a")  # a file of comments only takes a first key
+    path.write_text(path.read_text().rstrip("\n"))  # an editor that saves without the last newline
+    second = add_key(path, "b")
+    ring = KeyRing.from_file(path)
+    assert ring.check(first).key_id == "a" and ring.check(second).key_id == "b"
+    revoke_key(path, "a")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "# ward keys" and [line.split()[0] for line in lines[1:]] == ["b"]
+
+
+def test_explain_gives_images_of_the_same_name_their_own_overlays(capsys, tmp_path):
+    from pneumonia_cnn.explanation import output_stems
+    assert output_stems(["a/x.jpeg", "b/x.jpeg", "c/y.png", "x.png", "a/x.jpeg"]) == [
+        "a_x.jpeg", "b_x.jpeg", "y", "_x.png", "a_x.jpeg-2"]
+    normal, pneumonia = EXAMPLES / "NORMAL_IM-0128-0001.jpeg", sorted(EXAMPLES.glob("PNEUMONIA*"))[0]
+    for folder, source in (("a", normal), ("b", pneumonia)):
+        write_image(tmp_path / folder / "x.jpeg", np.asarray(__import__("PIL.Image").Image.open(source)))
+    status, _ = run(capsys, "explain", tmp_path / "a" / "x.jpeg", tmp_path / "b" / "x.jpeg", "--out", tmp_path / "m")
+    assert status == 0
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "a_x.jpeg_gradcam.npy", "a_x.jpeg_gradcam.png", "b_x.jpeg_gradcam.npy", "b_x.jpeg_gradcam.png"]
+    assert not np.array_equal(np.load(tmp_path / "m" / "a_x.jpeg_gradcam.npy"),
+                              np.load(tmp_path / "m" / "b_x.jpeg_gradcam.npy"))
+
+
+def test_written_files_get_the_usual_mode_not_mkstemps_private_one(tmp_path):
+    import os
+
+    from pneumonia_cnn.fileio import write_text_atomic
+    previous = os.umask(0o027)
+    try:
+        write_text_atomic(tmp_path / "new.json", "{}")
+        assert oct((tmp_path / "new.json").stat().st_mode & 0o777) == oct(0o640)  # 0666 less the umask
+        existing = tmp_path / "shared.json"
+        existing.write_text("old")
+        existing.chmod(0o664)
+        write_text_atomic(existing, "new")
+        assert oct(existing.stat().st_mode & 0o777) == oct(0o664) and existing.read_text() == "new"
+    finally:
+        os.umask(previous)
+
+
+def test_binary_files_given_as_text_name_the_file(capsys, tmp_path):
+    binary = b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01" * 8
+    (tmp_path / "labels.csv").write_bytes(binary)
+    (tmp_path / "c.yaml").write_bytes(binary)
+    status, error = run(capsys, "evaluate", "--data", tmp_path / "labels.csv", "--out", tmp_path / "m.json")
+    assert (status, error) == (2, f"error: {tmp_path / 'labels.csv'}: not a text CSV (not UTF-8 at byte 0)")
+    status, error = run(capsys, "train", "--config", tmp_path / "c.yaml", "--out", tmp_path / "r")
+    assert (status, error) == (2, f"error: {tmp_path / 'c.yaml'}: not a text config file (not UTF-8 at byte 0)")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "nan", "lr: expected a finite number, got nan"),
+    ("--lr", "inf", "lr: expected a finite number, got inf"),
+    ("--seed", "-1", "seed: -1 is below the minimum 0")])
+def test_training_numbers_that_mean_nothing_are_refused_before_reading_data(capsys, tmp_path, flag, value, message):
+    status, error = run(capsys, "train", "--data", tmp_path / "nowhere", "--out", tmp_path / "r", flag, value)
+    assert (status, error) == (2, f"error: {message}") and not (tmp_path / "r").exists()
+
+
+def test_a_split_that_is_not_there_is_named(capsys, small_root):
+    for argv in (("evaluate", "--data", small_root, "--split", "nosuch", "--no-figures"),
+                 ("stress", "builtin", "--data", small_root, "--split", "nosuch"),
+                 ("show-samples", "--data", small_root, "--split", "nosuch", "--out", small_root.parent / "s.png")):
+        status, error = run(capsys, *argv)
+        assert (status, error) == (2, f"error: {small_root / 'nosuch'}: folder not found (the splits there: train, "
+                                      f"val, test)"), argv
+
+
+def test_a_split_with_no_readable_image_is_one_line(capsys, tmp_path):
+    for name in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "d" / "test" / name).mkdir(parents=True)
+        (tmp_path / "d" / "test" / name / "a.jpeg").write_text("not an image")
+    for argv in (("stress", "builtin", "--data", tmp_path / "d", "--cache-dir", tmp_path / "c"),
+                 ("show-samples", "--data", tmp_path / "d", "--split", "test", "--out", tmp_path / "s.png")):
+        status, error = run(capsys, *argv)
+        assert status == 2 and "\n" not in error and ": none of its 2 image(s) could be read" in error, argv
+
+
+def test_tls_files_that_are_not_pem_are_named_before_the_model_loads(capsys, tmp_path):
+    image = EXAMPLES / "NORMAL_IM-0128-0001.jpeg"
+    status, error = run(capsys, "serve", "--ssl-certfile", image, "--ssl-keyfile", image, "--port", "1")
+    assert (status, error) == (2, f"error: --ssl-certfile {image} / --ssl-keyfile {image}: not a PEM certificate "
+                                  f"and its private key (OpenSSL: unreadable)")
+    status, error = run(capsys, "serve", "--ssl-certfile", tmp_path / "no.pem", "--ssl-keyfile", image)
+    assert (status, error) == (2, f"error: --ssl-certfile {tmp_path / 'no.pem'} / --ssl-keyfile {image}: No such "
+                                  f"file or directory")

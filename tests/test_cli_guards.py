@@ -49,7 +49,6 @@ def test_an_output_that_is_an_input_is_refused_before_anything_is_written(capsys
          model_copy),
         (("adapt", model_copy, "--data", small_root / "test", "--out", model_copy), model_copy, model_copy),
         (("import-keras", keras, "--out", keras), keras, keras),
-        (("show-samples", "--data", small_root, "--split", "test", "--out", image), image, small_root),
     ]
     for argv, victim, named in cases:
         before = digest(victim)
@@ -58,10 +57,17 @@ def test_an_output_that_is_an_input_is_refused_before_anything_is_written(capsys
         assert (status, error) == (2, f"error: {victim}: {flag} would overwrite {named}, which this command reads; "
                                       f"choose another path"), argv
         assert digest(victim) == before, argv
-    # a new image inside a data folder would join the data set: refused as well, nothing written
-    new_image = small_root / "train" / "NORMAL" / "s.png"
-    status, error = run(capsys, "show-samples", "--data", small_root, "--out", new_image)
-    assert status == 2 and "would overwrite" in error and not new_image.exists()
+    # an image written into a data folder's subfolders (an existing one, or a new one) would join the data
+    for target in (image, small_root / "train" / "NORMAL" / "s.png"):
+        before = target.exists() and digest(target)
+        status, error = run(capsys, "show-samples", "--data", small_root, "--split", "test", "--out", target)
+        assert (status, error) == (2, f"error: {target}: --out would join the data in {small_root}, which this "
+                                      f"command reads; choose a path outside its subfolders")
+        assert (target.exists() and digest(target)) == before
+    # beside the data, at its top, is where a picture of it may go
+    assert run(capsys, "show-samples", "--data", small_root, "--split", "test", "--per-class", "1",
+               "--out", small_root / "samples.png")[0] == 0 and (small_root / "samples.png").is_file()
+    (small_root / "samples.png").unlink()
 
 
 def test_the_output_path_is_checked_before_the_scoring(capsys, tmp_path):
@@ -78,6 +84,8 @@ def test_a_checkpoint_that_is_not_there_is_an_error_not_the_builtin_model(capsys
         extra = ("--out", tmp_path / "maps") if command == "explain" else ()
         status, error = run(capsys, command, tmp_path / "runs" / "typo" / "best.pt", image, *extra)
         assert (status, error) == (2, f"error: {tmp_path / 'runs' / 'typo' / 'best.pt'}: checkpoint not found")
+        status, error = run(capsys, command, tmp_path / "runs" / "typo", image, *extra)  # a mistyped run folder
+        assert (status, error) == (2, f"error: {tmp_path / 'runs' / 'typo'}: no such checkpoint, file or folder")
     run_folder = tmp_path / "unfinished"
     run_folder.mkdir()
     (run_folder / "config.json").write_text("{}")
@@ -234,3 +242,19 @@ def test_tls_files_that_are_not_pem_are_named_before_the_model_loads(capsys, tmp
     status, error = run(capsys, "serve", "--ssl-certfile", tmp_path / "no.pem", "--ssl-keyfile", image)
     assert (status, error) == (2, f"error: --ssl-certfile {tmp_path / 'no.pem'} / --ssl-keyfile {image}: No such "
                                   f"file or directory")
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("20261345", "20261345 is not a calendar date"), ("20250230-", "20250230 is not a calendar date"),
+    ("20260501-20260401", "the range ends before it starts"),
+    ("2026-05-01", "give YYYYMMDD or a range YYYYMMDD-YYYYMMDD (either side may be left open)")])
+def test_pacs_study_dates_must_be_dates(capsys, tmp_path, value, reason):
+    status, error = run(capsys, "pacs", "builtin", "--dicomweb", "http://127.0.0.1:9/dicom-web", "--study-date", value,
+                        "--state", tmp_path / "state.sqlite")
+    assert (status, error) == (2, f"error: --study-date {value}: {reason}")
+
+
+def test_pacs_study_date_ranges_that_are_dates_pass():
+    from pneumonia_cnn.interop.dicomweb import check_date_range
+    for value in ("20260501", "20260501-", "-20260531", "20260501-20260531", "20240229"):
+        assert check_date_range(value) == value

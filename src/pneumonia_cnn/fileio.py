@@ -18,8 +18,9 @@ from .errors import CheckpointError, one_line
 
 
 @contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
+def atomic_path(path, mode: int | None = None):
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``, with
+    ``mode`` (0o600 for patients' images), else the mode a plain write would give."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -28,7 +29,7 @@ def atomic_path(path):
         yield Path(temporary)
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
-        os.chmod(temporary, _mode_for(path))  # mkstemp's 0600, else: every output private whatever the umask
+        os.chmod(temporary, _mode_for(path) if mode is None else mode)  # not mkstemp's 0600 for every output
         os.replace(temporary, path)
     except BaseException:
         try:

@@ -39,7 +39,8 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path):
 
 def test_float_tiff_is_scaled_in_blocks_with_bounded_memory(tmp_path):
     """A float32 TIFF of 4000x4000 (64 MB of pixels, a few KB on disk) is scaled to 0..255 by its own
-    minimum and maximum, NaN as 0, without the full-size float64 copies (128 MB each, three at once) that a
+    finite minimum and maximum (NaN and -inf as the minimum, +inf as the maximum), without the full-size
+    float64 copies (128 MB each, three at once) that a
     server decoding several such uploads would hold."""
     import tracemalloc
 
@@ -54,8 +55,11 @@ def test_float_tiff_is_scaled_in_blocks_with_bounded_memory(tmp_path):
     tracemalloc.stop()
     assert peak < 48e6, f"{peak / 1e6:.0f} MB"  # the uint8 result (16 MB), two 8 MB blocks and their masks
     assert gray.dtype == np.uint8 and gray.shape == (4000, 4000)
-    assert (gray[1, 1], gray[0, 1], gray[5, 5], gray[2, 2]) == (0, 64, 255, 64)  # 0.5/2.0 of 255 = 63.75
-    assert gray.sum() == 255 * 800 * 800 + 64 * (4000 * 4000 - 800 * 800 - 1)  # the grid, the zeros, not -0.5
+    assert (gray[1, 1], gray[0, 1], gray[5, 5], gray[2, 2]) == (0, 64, 255, 0)  # 0.5/2.0 of 255 = 63.75; NaN: min
+    assert gray.sum() == 255 * 800 * 800 + 64 * (4000 * 4000 - 800 * 800 - 2)  # the grid, the zeros
+    values[3, 3], values[4, 4] = np.inf, -np.inf  # one infinite pixel each way: the rest keeps its contrast
+    gray = scale_to_uint8(values)
+    assert (gray[3, 3], gray[4, 4], gray[0, 1], gray[5, 5], gray[1, 1]) == (255, 0, 64, 255, 0)
 
 def test_palette_png_with_alpha(tmp_path):
     image = Image.fromarray(GRADIENT).convert("P")

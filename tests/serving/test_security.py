@@ -85,18 +85,22 @@ def test_new_keys_waiting_for_scrypt_are_bounded():
     release, checked = threading.Event(), []
 
     class SlowRing:
+        def __init__(self, name="old file"):
+            self.name = name
+
         def remembered(self, token):
             return None
 
         def check(self, token):
-            checked.append(token)
+            checked.append(token if self.name == "old file" else (self.name, token))
             release.wait(10)
             return None
 
     async def inner(scope, receive, send):
         await PlainTextResponse("ok")(scope, receive, send)
 
-    middleware = auth.AccessMiddleware(inner, lambda: SlowRing(), ThreadPoolExecutor(1))
+    current = [SlowRing()]
+    middleware = auth.AccessMiddleware(inner, lambda: current[0], ThreadPoolExecutor(1))
 
     async def flood():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://t") as client:
@@ -105,13 +109,33 @@ def test_new_keys_waiting_for_scrypt_are_bounded():
             await asyncio.sleep(0.3)
             extra = await client.get("/model", headers=bearer("x.extra"))
             release.set()
-            return extra, await asyncio.gather(*waiting)
+            waited = await asyncio.gather(*waiting)
+            after = await client.get("/model", headers=bearer("x.after"))  # the checks ended: room again
+            return extra, waited, after
 
-    extra, waited = asyncio.run(flood())
+    extra, waited, after = asyncio.run(flood())
+    assert after.status_code == 401 and "x.after" in checked
     assert (extra.status_code, extra.headers["retry-after"]) == (503, "1")
     assert extra.json() == {"detail": "busy: too many new API keys being checked; retry in a second"}
     assert [r.status_code for r in waited] == [401] * (16 + auth.MAX_PENDING_KEY_CHECKS - 1)
-    assert sorted(checked) == sorted(["x.same"] + [f"x.{i}" for i in range(auth.MAX_PENDING_KEY_CHECKS - 1)])
+    assert sorted(checked) == sorted(["x.same", "x.after"] + [f"x.{i}" for i in range(auth.MAX_PENDING_KEY_CHECKS - 1)])
+
+    # a reload while a key is being checked: a request after it is checked against the new file, not given
+    # the answer of the check begun against the old one (a key revoked meanwhile must not pass)
+    release.clear()
+
+    async def reload_midway():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://t") as client:
+            before = asyncio.create_task(client.get("/model", headers=bearer("x.key")))
+            await asyncio.sleep(0.2)
+            current[0] = SlowRing("new file")
+            later = asyncio.create_task(client.get("/model", headers=bearer("x.key")))
+            await asyncio.sleep(0.2)
+            release.set()
+            return await asyncio.gather(before, later)
+
+    assert [r.status_code for r in asyncio.run(reload_midway())] == [401, 401]
+    assert checked[-2:] == ["x.key", ("new file", "x.key")]
 
 def test_keys_never_reach_the_log_or_the_audit_trail(secure_server, keys):
     post_image(secure_server, keys["ward"])
@@ -374,3 +398,13 @@ def test_large_images_give_their_memory_back(secure_server, keys):
         assert response.status_code == 200, response.text
     growth = rss_mb(secure_server.pid) - before
     assert growth < 40, f"server kept {growth:.0f} MB after four 49-megapixel images"
+
+
+def test_allowed_host_patterns_as_starlette_reads_them():
+    from pneumonia_cnn.serving.app import allowed_host_names
+    from pneumonia_cnn.serving.auth import HostCheckMiddleware
+    check = HostCheckMiddleware(None, ["localhost", "*.hospital.example"])
+    assert [check.allows(h) for h in ("localhost", "xray.hospital.example", "hospital.example", "evil.example",
+                                      "xray.hospital.example.evil")] == [True, True, False, False, False]
+    assert HostCheckMiddleware(None, ["*"]).allows("anything.example")
+    assert "[fd00::5]" in allowed_host_names("fd00::5")  # an IPv6 address, as a Host header carries it

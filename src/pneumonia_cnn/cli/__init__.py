@@ -46,9 +46,12 @@ def looks_like_checkpoint(item: str) -> bool:
 def refuse_missing_checkpoint(item: str) -> None:
     """A first argument meant as a checkpoint but not one must not fall back to the built-in model quietly:
     a ``.pt`` path that is not a file, or a run folder (it has config.json) without best.pt or last.pt."""
+    from ..data.readers import SUPPORTED_SUFFIXES
     path = Path(item)
     if path.suffix in (".pt", ".pth") and not path.is_file():
         raise PneumoniaCNNError(f"{item}: checkpoint not found")
+    if not path.exists() and path.suffix.lower() not in SUPPORTED_SUFFIXES and not any(c in item for c in "*?["):
+        raise PneumoniaCNNError(f"{item}: no such checkpoint, file or folder")  # runs/typo: not quietly builtin
     if path.is_dir() and (path / "config.json").is_file():
         raise PneumoniaCNNError(f"{item}: run folder has no best.pt or last.pt (training has not written one yet)")
 

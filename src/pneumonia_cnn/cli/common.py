@@ -106,9 +106,9 @@ def inputs_read_from(item) -> tuple[list[Path], list[Path]]:
 
 
 def check_output(out, *inputs, flag: str = "--out") -> None:
-    """Before any work: ``out`` must not be one of the files the command reads (nor an image file inside a
-    folder it reads), must not be a folder, and its folder must be creatable: a wrong path fails in a second, not
-    after the scoring, and never destroys an input."""
+    """Before any work: ``out`` must not be one of the files the command reads (nor an image file inside the
+    subfolders of a data folder it reads), must not be a folder, and its folder must be creatable: a wrong
+    path fails in a second, not after the scoring, and never destroys an input."""
     from ..data.readers import SUPPORTED_SUFFIXES
     if not out:
         return
@@ -116,12 +116,14 @@ def check_output(out, *inputs, flag: str = "--out") -> None:
     place = target.parent.resolve() / target.name  # where the file goes: a linked image is replaced, not followed
     for item in [i for group in inputs for i in (group if isinstance(group, (list, tuple)) else [group])]:
         files, folders = inputs_read_from(item)
-        hit = (target.exists() and any(f.exists() and os.path.samefile(f, target) for f in files)) or any(
-            target.suffix.lower() in SUPPORTED_SUFFIXES and place.is_relative_to(d.resolve())
-            for d in folders)  # a new image inside a data folder would join the data
-        if hit:
+        if target.exists() and any(f.exists() and os.path.samefile(f, target) for f in files):
             raise PneumoniaCNNError(f"{out}: {flag} would overwrite {item}, which this command reads; "
                                     f"choose another path")
+        # images are read from a data folder's subfolders (classes, splits): an image written there joins the data
+        if target.suffix.lower() in SUPPORTED_SUFFIXES and any(
+                place.parent != d.resolve() and place.is_relative_to(d.resolve()) for d in folders):
+            raise PneumoniaCNNError(f"{out}: {flag} would join the data in {item}, which this command reads; "
+                                    f"choose a path outside its subfolders")
     if target.is_dir():
         raise PneumoniaCNNError(f"{out}: {flag} is a folder; give a file path")
     try:

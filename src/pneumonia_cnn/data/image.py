@@ -23,9 +23,10 @@ class ImageMeta:
 
 
 def scale_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Scale any integer or float image to 0..255 without clipping its content (NaN as 0, infinities as the
-    largest finite values, as ``np.nan_to_num``). Done in blocks of rows, in float64: a 49-megapixel float
-    image would otherwise hold several full-size float64 copies (about 400 MB each) at once."""
+    """Scale any integer or float image to 0..255 by its finite minimum and maximum, without clipping its
+    content; NaN and -inf become the minimum, +inf the maximum (one infinite pixel must not blank the image).
+    Done in blocks of rows, in float64: a 49-megapixel float image would otherwise hold several full-size
+    float64 copies (about 400 MB each) at once."""
     if array.dtype == np.uint8:
         return array
     if array.size == 0 or array.ndim == 0:
@@ -33,12 +34,15 @@ def scale_to_uint8(array: np.ndarray) -> np.ndarray:
     blocks = _float_row_blocks(array)
     low, high = np.inf, -np.inf
     for _, block in blocks:
-        low, high = min(low, float(block.min())), max(high, float(block.max()))
+        finite = block[np.isfinite(block)]
+        if finite.size:
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
     out = np.zeros(array.shape, dtype=np.uint8)
-    if high <= low:
+    if not high > low:
         return out
     scale = 255.0 / (high - low)
     for rows, block in blocks:
+        np.nan_to_num(block, copy=False, nan=low, posinf=high, neginf=low)
         block -= low
         block *= scale
         out[rows] = np.round(block, out=block)
@@ -46,7 +50,7 @@ def scale_to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 class _float_row_blocks:
-    """Iterable, more than once, over (row slice, that block of rows as a fresh finite float64 array)."""
+    """Iterable, more than once, over (row slice, that block of rows as a fresh float64 array)."""
     VALUES = 1 << 20  # 8 MB of float64 per block
 
     def __init__(self, array: np.ndarray):
@@ -55,4 +59,4 @@ class _float_row_blocks:
     def __iter__(self):
         for start in range(0, len(self.array), self.step):
             rows = slice(start, start + self.step)
-            yield rows, np.nan_to_num(self.array[rows].astype(np.float64), copy=False)
+            yield rows, self.array[rows].astype(np.float64)

@@ -80,7 +80,7 @@ def _data_summary(data) -> str:
             + "".join(rows) + "</table>")
 
 
-def _decision_section(card: dict, run_dir: Path) -> str:
+def _decision_section(card: dict, run_dir: Path | None) -> str:
     """How the threshold and the calibration were chosen, with each method's cross-validated figures."""
     fit = card.get("decision_fitted_on") or {}
     rows = "".join(f"<tr><td>{html.escape(method)}</td><td>{v['log_loss']:.4f}</td><td>{v['ece']:.4f}</td></tr>"
@@ -89,7 +89,7 @@ def _decision_section(card: dict, run_dir: Path) -> str:
              "Each method fitted on four fifths of the validation images and scored on the fifth left out "
              "(5-fold).</p>") if rows else ""
     picture = (f"<div class='figs'>{_image(run_dir / 'calibration.png')}</div>"
-               if (run_dir / "calibration.png").exists() else "")
+               if run_dir is not None and (run_dir / "calibration.png").exists() else "")
     return (f"<h2>Decision</h2><p>Threshold {card['threshold']:.3f} ({html.escape(card['threshold_policy'])}); "
             f"{html.escape(_calibration_text(card['calibration']))}; fitted on "
             f"{html.escape(_fit_text(fit))}.</p>{table}{picture}")
@@ -116,9 +116,9 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
     sections = [f"<h1>pneumonia-cnn report: {html.escape(str(card['run_id']))}</h1>"
                 "<p class='warn'><b>Not a medical device.</b> Research and teaching software; never the sole "
                 "basis of a clinical decision.</p>",
-                _configuration_section(card, config), _decision_section(card, run_dir),
+                _configuration_section(card, config), _decision_section(card, None if packaged else run_dir),
                 f"<h2>Data</h2><p>{html.escape(str(data))}</p>{_data_summary(data)}"]
-    if (run_dir / "curves.png").exists():
+    if not packaged and (run_dir / "curves.png").exists():  # the built-in model has no run folder here
         sections.append(f"<h2>Training curves</h2><div class='figs'>{_image(run_dir / 'curves.png', wide=True)}</div>")
     sections += [_metrics_section(report, split), *[subgroup_section(r) for r in report.get("subgroups", [])],
                  _pictures_section(report.get("figures", {}))]

@@ -8,6 +8,7 @@ and report UIDs derived from the source instance make a repeated store replace r
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import time
@@ -192,4 +193,11 @@ def check_date_range(value: str | None) -> str | None:
     if len(parts) > 2 or not all(p == "" or (len(p) == 8 and p.isdigit()) for p in parts) or not any(parts):
         raise PneumoniaCNNError(f"--study-date {value}: give YYYYMMDD or a range YYYYMMDD-YYYYMMDD "
                                 f"(either side may be left open)")
+    for part in filter(None, parts):
+        try:
+            datetime.datetime.strptime(part, "%Y%m%d")
+        except ValueError:
+            raise PneumoniaCNNError(f"--study-date {value}: {part} is not a calendar date") from None
+    if len(parts) == 2 and all(parts) and parts[0] > parts[1]:
+        raise PneumoniaCNNError(f"--study-date {value}: the range ends before it starts")
     return value

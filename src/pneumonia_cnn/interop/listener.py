@@ -109,7 +109,7 @@ class Listener:
         uid = str(event.request.AffectedSOPInstanceUID or "")
         name = re.sub(r"[^0-9.]", "_", uid)[:64] or uuid.uuid4().hex
         try:
-            with atomic_path(self.incoming / f"{name}.dcm") as temporary:
+            with atomic_path(self.incoming / f"{name}.dcm", mode=0o600) as temporary:  # a patient's image
                 temporary.write_bytes(event.encoded_dataset())
         except OSError as error:
             log.warning("instance %s from %s: cannot spool (%s)", uid, event.assoc.requestor.ae_title, error)

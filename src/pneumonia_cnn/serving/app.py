@@ -40,7 +40,8 @@ def is_loopback(host: str) -> bool:
 def allowed_host_names(host: str, extra=()) -> list[str]:
     """Host headers the server answers: loopback names, the bound address, the machine's names when bound to
     every address, and ``--allowed-hosts``. Anything else (a DNS-rebinding page's name) gets 400."""
-    names = list(LOOPBACK_NAMES) + [host] + [name for name in extra if name]
+    bound = f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 address as Host sends it
+    names = list(LOOPBACK_NAMES) + [host, bound] + [name for name in extra if name]
     if host in ("0.0.0.0", "::"):
         names += [socket.gethostname(), socket.getfqdn()]
     return sorted(set(names))

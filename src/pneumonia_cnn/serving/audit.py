@@ -138,7 +138,7 @@ class AuditLog:
         from ..fileio import atomic_path
         target = self.keep_images / sha256[:2] / f"{sha256}{suffix}"
         if not target.exists():
-            with atomic_path(target) as temporary:
+            with atomic_path(target, mode=0o600) as temporary:  # a patient's image: its owner alone reads it
                 temporary.write_bytes(data)
         return str(target)
 

@@ -170,7 +170,7 @@ class AccessMiddleware:
 
     def __init__(self, app, keyring, executor, max_pending_checks: int = MAX_PENDING_KEY_CHECKS):
         self.app, self.keyring, self.executor = app, keyring, executor  # keyring: () -> KeyRing | None
-        self.max_pending, self.checking = max_pending_checks, {}  # token digest -> its check in progress
+        self.max_pending, self.checking = max_pending_checks, {}  # (key file, token digest) -> its check
         self.refused, self.logged_at = 0, -LOG_REFUSALS_EVERY
 
     async def __call__(self, scope, receive, send):
@@ -202,14 +202,15 @@ class AccessMiddleware:
 
     def _pending_check(self, keyring: KeyRing, token: str):
         """The scrypt check of ``token`` on the key thread, shared by every request that brings the same new
-        key meanwhile (a client's first burst); None when MAX_PENDING_KEY_CHECKS other keys already wait."""
+        key meanwhile (a client's first burst) against the same key file (a check begun before a reload does not
+        answer for the file read since); None when MAX_PENDING_KEY_CHECKS other keys already wait."""
         import asyncio
-        digest = token_digest(token)
-        check = self.checking.get(digest)
+        slot = (id(keyring), token_digest(token))
+        check = self.checking.get(slot)
         if check is None and len(self.checking) < self.max_pending:
             check = asyncio.get_running_loop().run_in_executor(self.executor, keyring.check, token)
-            self.checking[digest] = check
-            check.add_done_callback(lambda _: self.checking.pop(digest, None))
+            self.checking[slot] = check
+            check.add_done_callback(lambda _: self.checking.pop(slot, None))
         return check
 
     def _log_refusal(self, scope) -> None:
@@ -237,10 +238,15 @@ class HostCheckMiddleware:
     with the same one-line JSON error as every other refusal."""
 
     def __init__(self, app, allowed_hosts):
+        """``allowed_hosts``: names, ``*`` (any) or ``*.example.org`` (its subdomains), as Starlette's."""
         self.app, self.allowed = app, frozenset(name.lower() for name in allowed_hosts)
 
+    def allows(self, host: str) -> bool:
+        return "*" in self.allowed or host in self.allowed or any(
+            pattern.startswith("*.") and host.endswith(pattern[1:]) for pattern in self.allowed)
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or host_name(scope["headers"]) in self.allowed:
+        if scope["type"] != "http" or self.allows(host_name(scope["headers"])):
             return await self.app(scope, receive, send)
         shown = "".join(c if c.isprintable() else "?" for c in host_name(scope["headers"]))[:100]
         return await refuse(scope, receive, send, 400, f"Host {shown!r} is not served here (loopback, the bound "

@@ -407,4 +407,8 @@ def test_allowed_host_patterns_as_starlette_reads_them():
     assert [check.allows(h) for h in ("localhost", "xray.hospital.example", "hospital.example", "evil.example",
                                       "xray.hospital.example.evil")] == [True, True, False, False, False]
     assert HostCheckMiddleware(None, ["*"]).allows("anything.example")
+    assert check.allows("")  # HTTP/1.0 without Host: a load balancer's probe, not a browser
+    from pneumonia_cnn.serving.auth import host_name
+    assert [host_name([(b"host", value)]) for value in (b"X.Hospital.Example.:8443", b"[::1]:80", b"a.b")] == [
+        "x.hospital.example", "[::1]", "a.b"]
     assert "[fd00::5]" in allowed_host_names("fd00::5")  # an IPv6 address, as a Host header carries it

@@ -189,11 +189,12 @@ class AccessMiddleware:
         if record is None:
             check = self._pending_check(keyring, token)
             if check is None:  # a flood of new keys: do not queue scrypt checks without end
+                self._log_refusal(scope, "too many new API keys being checked")
                 return await refuse(scope, receive, send, 503, "busy: too many new API keys being checked; retry "
                                                                "in a second", {"Retry-After": "1"})
             record = await asyncio.shield(check)  # a client that leaves must not cancel the others' check
         if record is None:
-            self._log_refusal(scope)
+            self._log_refusal(scope, "API key not accepted")
             return await refuse(scope, receive, send, 401, "API key not accepted")
         if scope["path"].startswith("/admin/") and record.role != "admin":
             return await refuse(scope, receive, send, 403, f"key {record.key_id} is not an admin key")
@@ -213,15 +214,15 @@ class AccessMiddleware:
             check.add_done_callback(lambda _: self.checking.pop(slot, None))
         return check
 
-    def _log_refusal(self, scope) -> None:
-        """At most one line per LOG_REFUSALS_EVERY seconds, with the count: a flood of wrong keys must not
-        flood the log."""
+    def _log_refusal(self, scope, reason: str) -> None:
+        """At most one line per LOG_REFUSALS_EVERY seconds, with the count since the last line (401s and the
+        503s of a key flood alike): a flood of wrong keys must not flood the log."""
         self.refused += 1
         now = time.monotonic()
         if now - self.logged_at >= LOG_REFUSALS_EVERY:
             client = (scope.get("client") or ("?",))[0]
-            log.warning("refused a request from %s to %s: API key not accepted (%d refused since the last such "
-                        "line)", client, scope["path"], self.refused)
+            log.warning("refused a request from %s to %s: %s (%d refused since the last such line)", client,
+                        scope["path"], reason, self.refused)
             self.refused, self.logged_at = 0, now
 
 
@@ -230,7 +231,7 @@ def host_name(headers: list[tuple[bytes, bytes]]) -> str:
     host = next((value.decode("latin-1") for name, value in headers if name == b"host"), "").strip().lower()
     if host.startswith("["):
         return host.split("]", 1)[0] + "]"
-    return host.split(":", 1)[0]
+    return host.split(":", 1)[0].rstrip(".")  # "x.example." is the same name as "x.example"
 
 
 class HostCheckMiddleware:
@@ -242,7 +243,8 @@ class HostCheckMiddleware:
         self.app, self.allowed = app, frozenset(name.lower() for name in allowed_hosts)
 
     def allows(self, host: str) -> bool:
-        return "*" in self.allowed or host in self.allowed or any(
+        """No Host at all (HTTP/1.0 health checks) is no browser, so no DNS rebinding: allowed."""
+        return not host or "*" in self.allowed or host in self.allowed or any(
             pattern.startswith("*.") and host.endswith(pattern[1:]) for pattern in self.allowed)
 
     async def __call__(self, scope, receive, send):

@@ -135,3 +135,7 @@ def test_resume_from_the_cli_continues_and_scores_the_test_split(small_root, cac
     assert capsys.readouterr().err.strip() == (f"error: {run}: has trained 2 epochs already; --epochs 2 would "
                                                f"train none (and rewrite its checkpoints): give more than 2")
     assert ((run / "best.pt").read_bytes(), (run / "last.pt").read_bytes()) == before
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2  # finished: its 2 epochs and its end steps
+    assert capsys.readouterr().err.strip() == (f"error: {run}: finished after 2 epochs; nothing to resume (give "
+                                               f"--epochs more than 2 to train further)")
+    assert ((run / "best.pt").read_bytes(), (run / "last.pt").read_bytes()) == before

@@ -225,14 +225,27 @@ def resume(run_dir, after_training: AfterTraining | None = None, **overrides) ->
         raise PneumoniaCNNError(f"{display_path(run_dir)}: nothing to resume (no last.pt)")
     last = load_checkpoint(run_dir / "last.pt")
     values = dict(last["config"])
-    done = int((last.get("training_state") or {}).get("epoch", 0))
-    if overrides.get("epochs") is not None and overrides["epochs"] <= done:
-        raise PneumoniaCNNError(f"{display_path(run_dir)}: has trained {done} epochs already; --epochs "
-                                f"{overrides['epochs']} would train none (and rewrite its checkpoints): give more "
-                                f"than {done}")
+    _refuse_nothing_to_resume(run_dir, last, values, overrides.get("epochs"))
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["out"] = str(run_dir)
     return train(config_from_dict(values), resume_from_last=True, after_training=after_training)
+
+
+def _refuse_nothing_to_resume(run_dir: Path, last: dict, values: dict, epochs: int | None) -> None:
+    """Resuming a run with no epoch left to train would only fit its end-of-run steps again and rewrite its
+    checkpoints: refused, unless the run stopped before those steps were done (best.pt has no fitted decision)."""
+    state = last.get("training_state") or {}
+    done = int(state.get("epoch", 0))
+    if epochs is not None and epochs <= done:
+        raise PneumoniaCNNError(f"{display_path(run_dir)}: has trained {done} epochs already; --epochs {epochs} "
+                                f"would train none (and rewrite its checkpoints): give more than {done}")
+    patience = values.get("early_stopping") or 0
+    stopped = done >= int(values.get("epochs", 0)) or (patience and state.get("epochs_without_improvement", 0)
+                                                       >= patience)
+    best = run_dir / "best.pt"
+    if epochs is None and stopped and best.is_file() and "decision_fit" in load_checkpoint(best):
+        raise PneumoniaCNNError(f"{display_path(run_dir)}: finished after {done} epochs; nothing to resume (give "
+                                f"--epochs more than {done} to train further)")
 
 
 def write_history(history: list[dict], out: Path):

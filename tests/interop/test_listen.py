@@ -96,7 +96,7 @@ def test_orthanc_sends_images_and_the_reports_arrive(node, trained_run, xray_sou
         assert report["study_instance_uid"] == header.StudyInstanceUID and report["model_version"] == figures["model"]
     assert any("patient age 35 years" in w for w in reports[headers[1].SOPInstanceUID]["warnings"])
     deadline = time.monotonic() + 30
-    while not (node["spool"] / "unreadable" / f"{headers[2].SOPInstanceUID}.dcm").exists():
+    while not list((node["spool"] / "unreadable").glob(f"{headers[2].SOPInstanceUID}.*.dcm")):
         assert time.monotonic() < deadline, "the unreadable instance was not set aside"
         time.sleep(0.2)
     assert f"instance {headers[2].SOPInstanceUID}: unreadable: DICOM has no pixel data" in node["log"].read_text()
@@ -132,7 +132,8 @@ def test_destination_down_loses_nothing(trained_run, xray_sources, tmp_path, cap
             time.sleep(0.1)
     finally:
         down.stop()
-    assert [p.name for p in (spool / "incoming").iterdir()] == [f"{pydicom.dcmread(path).SOPInstanceUID}.dcm"]
+    (kept,) = (spool / "incoming").iterdir()  # one file per receipt: UID.RECEIPT.dcm
+    assert kept.name.startswith(f"{pydicom.dcmread(path).SOPInstanceUID}.") and kept.suffix == ".dcm"
     orthanc = Orthanc(tmp_path / "orthanc").start()
     try:  # restarted with a destination that answers: the spooled image is scored and delivered
         up = Listener(predictor, Destination("127.0.0.1", orthanc.dicom_port, "ORTHANC"), port=port, spool=spool,
@@ -151,3 +152,30 @@ def test_bad_send_to_is_one_line(trained_run, capsys):
     from pneumonia_cnn.cli import main
     assert main(["listen", str(trained_run), "--send-to", "pacs:notaport:AET"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --send-to pacs:notaport:AET: expected HOST:PORT:AE_TITLE")
+
+
+def test_each_receipt_is_spooled_apart_and_other_modalities_are_not_scored(trained_run, xray_sources, tmp_path,
+                                                                           caplog):
+    """A copy re-sent while the first is being reported gets its own spool file (it used to overwrite the
+    first and be deleted with it, unscored); a CT routed to the node is acknowledged and not scored."""
+    import logging
+    from types import SimpleNamespace
+
+    from pneumonia_cnn.inference import Predictor
+    caplog.set_level(logging.INFO)
+    listener = Listener(Predictor(trained_run, "cpu"), Destination("127.0.0.1", free_port(), "NOBODY"),
+                        spool=tmp_path / "spool", attempts=1)
+    path = xray_dicom(xray_sources["NORMAL"][0], tmp_path / "ct.dcm", "DX", patient_id="L9")
+    routed = pydicom.dcmread(path)  # a CT slice that a router sends to every node
+    routed.Modality = "CT"
+    routed.SOPClassUID = routed.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    routed.save_as(path)
+    uid = str(routed.SOPInstanceUID)
+    event = SimpleNamespace(request=SimpleNamespace(AffectedSOPInstanceUID=uid), encoded_dataset=path.read_bytes,
+                            assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="MODALITY")))
+    assert (listener._receive(event), listener._receive(event)) == (0x0000, 0x0000)
+    spooled = sorted((tmp_path / "spool" / "incoming").glob("*.dcm"))
+    assert len(spooled) == 2 and all(f.name.startswith(f"{uid}.") for f in spooled)
+    listener._process(spooled)
+    assert f"instance {uid}: not scored (modality CT is not one of CR, DX (--modality))" in caplog.text
+    assert not list((tmp_path / "spool" / "incoming").glob("*.dcm")) and listener.sent == []

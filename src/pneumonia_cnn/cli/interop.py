@@ -120,6 +120,8 @@ def listen_arguments(p):
                                                        "0.0.0.0 for the hospital network)")
     p.add_argument("--spool", help="folder for received instances until their report is delivered "
                                    "(default: ~/.cache/pneumonia-cnn/listen-spool)")
+    p.add_argument("--modality", nargs="+", default=["CR", "DX"],
+                   help="modalities scored; instances of others are acknowledged and not scored")
     p.add_argument("--retry-after", type=positive_number, default=60,
                    help="seconds before an undelivered report is retried")
     add_network_options(p)
@@ -130,7 +132,8 @@ def run_listen(args) -> int:
     from ..interop.listener import Destination, Listener
     destination = Destination.parse(args.send_to)
     listener = Listener(Predictor(args.checkpoint, args.device), destination, args.ae_title, args.port, args.host,
-                        args.spool, args.overlay, args.retries + 1, args.backoff, args.retry_after)
+                        args.spool, args.overlay, args.retries + 1, args.backoff, args.retry_after,
+                        modalities=args.modality)
     listener.start(block=True)
     return 0
 

@@ -56,10 +56,11 @@ def default_spool() -> Path:
 class Listener:
     def __init__(self, predictor, destination: Destination, ae_title: str = "PNEUMONIA", port: int = 11112,
                  host: str = "127.0.0.1", spool=None, overlay: bool = False, attempts: int = 4,
-                 backoff: float = 1.0, retry_after: float = 60.0, batch_size: int = 8):
+                 backoff: float = 1.0, retry_after: float = 60.0, batch_size: int = 8, modalities=("CR", "DX")):
         if not 0 < len(ae_title) <= 16:
             raise PneumoniaCNNError(f"--ae-title {ae_title}: an AE title has 1 to 16 characters")
         self.scorer = DicomScorer(predictor, overlay=overlay)
+        self.modalities = tuple(m.upper() for m in modalities)  # as pacs --modality: a routed CT is not scored
         self.destination, self.ae_title, self.address = destination, ae_title, (host, port)
         self.spool = Path(spool or default_spool())
         self.attempts, self.backoff, self.retry_after, self.batch_size = attempts, backoff, retry_after, batch_size
@@ -75,7 +76,7 @@ class Listener:
     def start(self, block: bool = True):
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # its failed associations: our one line says it
         ae = AE(ae_title=self.ae_title)
         for context in AllStoragePresentationContexts:  # accept what comes; the reader says what it cannot read
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -107,7 +108,9 @@ class Listener:
     def _receive(self, event) -> int:
         """C-STORE: spool the instance as received (not decoded), acknowledge, let the worker score it."""
         uid = str(event.request.AffectedSOPInstanceUID or "")
-        name = re.sub(r"[^0-9.]", "_", uid)[:64] or uuid.uuid4().hex
+        # one file per receipt: a copy re-sent while the first is being reported must not be overwritten and
+        # then deleted with it, unscored (an identical copy gives the identical report again)
+        name = f"{re.sub(r'[^0-9.]', '_', uid)[:64] or 'instance'}.{uuid.uuid4().hex[:12]}"
         try:
             with atomic_path(self.incoming / f"{name}.dcm", mode=0o600) as temporary:  # a patient's image
                 temporary.write_bytes(event.encoded_dataset())
@@ -156,12 +159,12 @@ class Listener:
         for path in paths:
             try:
                 dataset = pydicom.dcmread(path, force=True)
-                reason = not_an_xray(dataset)
+                reason = not_an_xray(dataset) or self._outside_modalities(dataset)
             except Exception as error:  # noqa: BLE001 - any decoding failure is a bad instance, named below
                 self._set_aside(path, f"not readable as DICOM ({type(error).__name__})")
                 continue
             if reason:
-                log.info("instance %s: not scored (%s)", getattr(dataset, "SOPInstanceUID", path.stem), reason)
+                log.info("instance %s: not scored (%s)", getattr(dataset, "SOPInstanceUID", uid_of(path)), reason)
                 path.unlink(missing_ok=True)
                 continue
             datasets.append(dataset), files.append(path)
@@ -170,6 +173,12 @@ class Listener:
                 self._set_aside(path, result.error)
             else:
                 self._deliver(path, result)
+
+    def _outside_modalities(self, dataset) -> str | None:
+        modality = str(getattr(dataset, "Modality", "") or "").upper()
+        if modality not in self.modalities:
+            return f"modality {modality or 'missing'} is not one of {', '.join(self.modalities)} (--modality)"
+        return None
 
     def _deliver(self, path: Path, result):
         try:
@@ -188,11 +197,16 @@ class Listener:
         self.sent.append({"sop_instance_uid": result.sop_instance_uid, "report_uid": result.report_uid, **entry})
 
     def _set_aside(self, path: Path, reason: str):
-        log.warning("instance %s: unreadable: %s (kept in %s)", path.stem, reason, display_path(self.unreadable))
+        log.warning("instance %s: unreadable: %s (kept in %s)", uid_of(path), reason, display_path(self.unreadable))
         shutil.move(str(path), self.unreadable / path.name)
 
     def _retry_later(self, paths):
         self.later.extend((time.monotonic() + self.retry_after, p) for p in paths)
+
+
+def uid_of(path: Path) -> str:
+    """The SOP Instance UID a spooled file was received under (its name less the receipt's suffix)."""
+    return path.stem.rsplit(".", 1)[0]
 
 
 def send_c_store(ae_title: str, destination: Destination, datasets) -> None:

@@ -127,8 +127,8 @@ def test_flag_message_names_the_population():
 # ------------------------------------------------------------------ DICOM age
 def child_xray_dicom(path, **tags):
     xray = np.asarray(Image.open(sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[0]).convert("L"))
-    return write_dicom(path, xray.astype(np.uint16) * 16, Modality="DX", BodyPartExamined="CHEST",
-                       ViewPosition="AP", **tags)
+    return write_dicom(path, xray.astype(np.uint16) * 16, **{"Modality": "DX", "BodyPartExamined": "CHEST",
+                                                             "ViewPosition": "AP", **tags})
 
 
 @pytest.mark.parametrize("tags, words", [
@@ -152,6 +152,48 @@ def test_dicom_age_inside_the_range_or_unknown_does_not_flag(tmp_path, tags):
     gray, meta = read_image(child_xray_dicom(tmp_path / "c.dcm", **tags), (64, 64))
     assert flag_reasons(gray, meta, KAGGLE_USE) == []
     assert "blank" in flag_reasons(np.full((64, 64), 9, np.uint8), meta, KAGGLE_USE)[0]  # not an X-ray: flagged
+
+
+@pytest.mark.parametrize("tags, words", [
+    ({"Modality": "CT"}, "DICOM modality CT (CR/DX expected)"),
+    ({"BodyPartExamined": "KNEE"}, "DICOM body part KNEE"),
+    ({"BodyPartExamined": "ABDOMEN"}, "DICOM body part ABDOMEN"),
+    ({"ViewPosition": "LL"}, "DICOM view LL (PA/AP expected)"),
+    ({"ViewPosition": "LATERAL"}, "DICOM view LATERAL (PA/AP expected)"),
+])
+def test_dicom_that_is_not_a_frontal_chest_radiograph_forces_the_flag(tmp_path, tags, words):
+    require_shared()
+    gray, meta = read_image(child_xray_dicom(tmp_path / "n.dcm", PatientAge="003Y", **tags), (64, 64))
+    assert flag_reasons(gray, meta, KAGGLE_USE) == [f"not a frontal chest radiograph: {words}"]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # lower case, as some sites write it
+@pytest.mark.parametrize("tags", [{"BodyPartExamined": "PORT CHEST"}, {"BodyPartExamined": "THORAX"},
+                                  {"BodyPartExamined": "chest"}, {"ViewPosition": "AP SUPINE"},
+                                  {"ViewPosition": "pa"}, {"Modality": "CR"}, {"Modality": "RG"},
+                                  {"BodyPartExamined": "", "ViewPosition": ""}])
+def test_frontal_chest_radiographs_written_loosely_are_not_flagged(tmp_path, tags):
+    require_shared()
+    gray, meta = read_image(child_xray_dicom(tmp_path / "f.dcm", PatientAge="003Y", **tags), (64, 64))
+    assert input_warnings(gray, meta, KAGGLE_USE) == [] and flag_reasons(gray, meta, KAGGLE_USE) == []
+
+
+def test_secondary_capture_is_warned_about_but_not_flagged(tmp_path):
+    require_shared()
+    gray, meta = read_image(child_xray_dicom(tmp_path / "s.dcm", PatientAge="003Y", Modality="SC"), (64, 64))
+    assert input_warnings(gray, meta, KAGGLE_USE) == [
+        "DICOM modality SC (secondary capture or other): check that the image is a frontal chest radiograph"]
+    assert flag_reasons(gray, meta, KAGGLE_USE) == []
+
+
+def test_predict_flags_a_lateral_view_whatever_its_score(ood_run, tmp_path):
+    frontal = child_xray_dicom(tmp_path / "frontal.dcm", PatientAge="003Y")
+    lateral = child_xray_dicom(tmp_path / "lateral.dcm", PatientAge="003Y", ViewPosition="LL")
+    first, second = Predictor(ood_run / "best.pt", "cpu").predict_files([frontal, lateral])
+    assert first.in_distribution is True and first.warnings == []  # the same pixels: only the header differs
+    assert second.in_distribution is False and second.probability == pytest.approx(first.probability, abs=1e-9)
+    assert second.warnings[0] == "not a frontal chest radiograph: DICOM view LL (PA/AP expected)"
+    assert second.warnings[-1].startswith("outside the training population")
 
 
 def test_predict_flags_an_adult_dicom(ood_run, tmp_path):

@@ -1,5 +1,6 @@
-"""An HTTP proxy in front of Orthanc that cuts chosen transfers in the middle: it sends the headers and half
-of the body, then closes the connection, as a network failure mid-transfer does."""
+"""An HTTP proxy in front of Orthanc that cuts chosen transfers in the middle (it sends the headers and half
+of the body, then closes the connection, as a network failure mid-transfer does) or refuses chosen requests
+with an HTTP status, as a PACS that lists an instance it can no longer send does."""
 from __future__ import annotations
 
 import threading
@@ -12,10 +13,13 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
 
 class FlakyProxy:
     """``cuts`` maps a substring of the request line ("GET /dicom-web/studies/...") to how many matching
-    requests to cut (``float('inf')``: all of them). ``cut_log`` lists the request lines that were cut."""
+    requests to cut (``float('inf')``: all of them). ``cut_log`` lists the request lines that were cut.
+    ``refusals`` maps a substring of the request line to the HTTP status that answers it instead of Orthanc;
+    ``seen`` lists every request line."""
 
     def __init__(self, target: str):
         self.target, self.cuts, self.cut_log = target.rstrip("/"), {}, []
+        self.refusals, self.seen = {}, []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -24,6 +28,13 @@ class FlakyProxy:
 
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.seen.append(f"{self.command} {self.path}")
+                refusal = next((code for part, code in proxy.refusals.items() if part in proxy.seen[-1]), None)
+                if refusal:
+                    self.send_response(refusal)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}}
                 answer = requests.request(self.command, proxy.target + self.path, data=body, headers=headers,
                                           timeout=60)

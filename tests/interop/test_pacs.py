@@ -136,6 +136,38 @@ def test_transfers_cut_mid_way_are_retried_and_none_is_lost(orthanc, studies, tr
         proxy.close()
 
 
+def test_an_instance_refused_run_after_run_is_given_up_and_a_transient_failure_never_is(
+        orthanc, studies, trained_run, tmp_path, capsys, caplog):
+    proxy = FlakyProxy(orthanc.url)
+    try:
+        adult, dx = studies["adult"][1], studies["dx"][1]
+        refused = f"GET /dicom-web/studies/{adult.StudyInstanceUID}/series"
+        proxy.refusals = {refused: 404}  # listed by QIDO-RS, never sent: an index without its file
+        proxy.cuts = {f"GET /dicom-web/studies/{dx.StudyInstanceUID}/series": float("inf")}  # the network, always
+        state, url = tmp_path / "state.sqlite", proxy.url + "/dicom-web"
+        assert run_pacs(trained_run, url, state, *BASE, "--give-up-after", "2") == 1
+        assert "5 new instance(s), 0 already scored: 2 scored and reported, 1 unreadable, 0 not X-rays, 2 failed " \
+               "(tried again next run)\n" in capsys.readouterr().out
+        assert run_pacs(trained_run, url, state, *BASE, "--give-up-after", "2") == 1
+        assert "2 new instance(s), 3 already scored: 0 scored and reported, 0 unreadable, 0 not X-rays, 1 failed " \
+               "(tried again next run), 1 given up (refused run after run)\n" in capsys.readouterr().out
+        lines = [r.message for r in caplog.records if f"instance {adult.SOPInstanceUID}: WADO-RS" in r.message]
+        assert "HTTP 404" in lines[0] and "refused 1 of 2 times before giving up" in lines[0]
+        assert lines[1].endswith("(refused in 2 runs in a row: given up; --retry-given-up tries it again)")
+        assert sum(refused in line for line in proxy.seen) == 2  # a refusal is not retried within a run
+        assert run_pacs(trained_run, url, state, *BASE, "--give-up-after", "2") == 1  # dx: still a network failure
+        assert "1 new instance(s), 3 already scored: 0 scored and reported, 0 unreadable, 0 not X-rays, 1 failed " \
+               "(tried again next run); 1 given up earlier (--retry-given-up)" in capsys.readouterr().out
+        assert sum(refused in line for line in proxy.seen) == 2  # not fetched again
+        proxy.refusals, proxy.cuts = {}, {}
+        assert run_pacs(trained_run, url, state, *BASE, "--retry-given-up") == 0
+        assert "2 new instance(s), 3 already scored: 2 scored and reported" in capsys.readouterr().out
+        reports = reports_in(orthanc)
+        assert adult.SOPInstanceUID in reports and dx.SOPInstanceUID in reports
+    finally:
+        proxy.close()
+
+
 def test_watch_polls_and_survives_an_outage(orthanc, studies, trained_run, xray_sources, tmp_path):
     from pneumonia_cnn.inference import Predictor
     from pneumonia_cnn.interop.dicomweb import PacsJob, PacsOptions

@@ -2,7 +2,9 @@
 report (and the optional Grad-CAM overlay) back into each image's study with STOW-RS (dicomweb-client).
 
 Every network call is retried with exponential back-off; an instance whose transfer still fails is named on
-one line, recorded as ``failed`` and tried again on the next run, while the others go on. The SQLite state
+one line, recorded as ``failed`` and tried again on the next run, while the others go on; one that the PACS
+refuses (an answer that will not change, such as HTTP 404) in ``give_up_after`` runs in a row is given up on,
+so that it does not fail every run. The SQLite state
 file remembers what each model has scored, so a rerun (or ``--watch``'s next poll) scores only new instances,
 and report UIDs derived from the source instance make a repeated store replace rather than duplicate.
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from ..errors import PneumoniaCNNError
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, ScoredInstance, not_an_xray
-from .state import ScoredState
+from .state import GIVEN_UP, ScoredState
 
 log = logging.getLogger("pneumonia_cnn")
 NOT_SCORED_CLASSES = {"1.2.840.10008.5.1.4.1.1.7"}  # secondary capture: overlays, screenshots
@@ -37,6 +39,8 @@ class PacsOptions:
     page_size: int = 200
     timeout: float = 60.0
     user: str | None = None
+    give_up_after: int = 3  # runs in a row in which the PACS refused an instance
+    retry_given_up: bool = False
 
 
 def connect(url: str, timeout: float = 60.0, user: str | None = None):
@@ -66,15 +70,18 @@ class PacsJob:
         self.model = self.scorer.model.key  # the model id and its decision
         self.client = client or connect(options.url, options.timeout, options.user)
         self.state = ScoredState(options.state)
+        if options.retry_given_up:
+            log.info("%d instance(s) given up on earlier: tried again", self.state.retry_given_up(self.model))
 
     def _retry(self, action, what: str):
         return with_retries(action, what, self.options.attempts, self.options.backoff)
 
-    def find_new(self) -> tuple[list[dict], int]:
+    def find_new(self) -> tuple[list[dict], int, int]:
         """QIDO-RS, one query per modality, page by page: (instances not yet scored by this model, how many
-        were already scored)."""
+        were already scored, how many were given up on)."""
         finished, produced = self.state.finished(self.model), self.state.produced()
-        found, seen, known = [], set(), 0
+        given_up = self.state.finished(self.model, (GIVEN_UP,))
+        found, seen, known, abandoned = [], set(), 0, 0
         for modality in self.options.modalities:
             filters = {"Modality": modality}
             if self.options.study_date:
@@ -86,9 +93,11 @@ class PacsJob:
                 seen.add(uid)
                 if uid in finished:
                     known += 1
+                elif uid in given_up:
+                    abandoned += 1
                 else:
                     found.append(record)
-        return found, known
+        return found, known, abandoned
 
     def _search(self, filters: dict):
         offset = 0
@@ -103,9 +112,9 @@ class PacsJob:
 
     def run_once(self) -> dict:
         """One pass: every new instance fetched, scored and reported; returns the counts of this pass."""
-        new, known = self.find_new()
+        new, known, given_up = self.find_new()
         summary = {"found": len(new), "already_scored": known, "scored": 0, "unreadable": 0, "failed": 0,
-                   "skipped": 0, "results": []}
+                   "skipped": 0, "given_up": 0, "given_up_before": given_up, "results": []}
         size = max(1, self.options.batch_size)
         for start in range(0, len(new), size):
             self._process(new[start:start + size], summary)
@@ -119,7 +128,7 @@ class PacsJob:
                 dataset = self._retry(lambda uids=(study, series, sop): self.client.retrieve_instance(*uids),
                                       f"instance {sop}: WADO-RS retrieve")
             except TransferError as error:
-                self._failed(summary, sop, study, series, str(error))
+                self._failed(summary, sop, study, series, error)
                 continue
             reason = not_an_xray(dataset)
             if reason:
@@ -144,16 +153,27 @@ class PacsJob:
                             f"instance {result.sop_instance_uid}: STOW-RS of {output.Modality} {output.SOPInstanceUID}")
         except TransferError as error:
             self._failed(summary, result.sop_instance_uid, result.study_instance_uid, result.series_instance_uid,
-                         str(error))
+                         error)
             return
         self.state.record(result.sop_instance_uid, self.model, "done", result.study_instance_uid,
                           result.series_instance_uid, result.entry, result.report_uid, result.overlay_uid)
         summary["scored"] += 1
         summary["results"].append(result)
 
-    def _failed(self, summary, sop, study, series, message):
-        log.warning("%s (will be tried again on the next run)", message)
-        self.state.record(sop, self.model, "failed", study, series, error=message)
+    def _failed(self, summary, sop, study, series, error: TransferError):
+        """A transfer that failed after its retries: tried again next run, unless the PACS has now refused it
+        (an answer that will not change) in ``give_up_after`` runs in a row. A transient failure (the PACS
+        down or overloaded) never gives up."""
+        refusals = 0 if getattr(error, "transient", True) else self.state.refusals(sop, self.model) + 1
+        if refusals >= self.options.give_up_after:
+            log.warning("%s (refused in %d runs in a row: given up; --retry-given-up tries it again)", error,
+                        refusals)
+            self.state.record(sop, self.model, GIVEN_UP, study, series, error=str(error), refusals=refusals)
+            summary["given_up"] += 1
+            return
+        again = f"refused {refusals} of {self.options.give_up_after} times before giving up; " if refusals else ""
+        log.warning("%s (%swill be tried again on the next run)", error, again)
+        self.state.record(sop, self.model, "failed", study, series, error=str(error), refusals=refusals)
         summary["failed"] += 1
 
     def watch(self, interval: float, polls: int | None = None, report=lambda summary: None):

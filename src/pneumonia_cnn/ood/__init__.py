@@ -1,5 +1,5 @@
 """Knowing when not to answer: an out-of-distribution (OOD) score fitted on the training images, and input checks
-that need no model (not an X-ray, wrong DICOM modality/body part/view, age outside the range).
+that need no model (not an X-ray; a DICOM of another modality, body part or view; age outside the range).
 
 Features come from *taps*: ``(module_name, reduction_name)`` pairs. A tap reduces the output of one named
 module of the network (or, for the module name ``"input"``, the network's input image) with a pure torch
@@ -19,6 +19,7 @@ from .checks import (
                      AGE_OUTSIDE,
                      DEFAULT_POPULATION,
                      FLAG_MEANING,
+                     NOT_FRONTAL_CHEST,
                      NOT_XRAY,
                      flag_message,
                      flag_reasons,
@@ -40,7 +41,8 @@ from .scorers import (
 )
 from .taps import INPUT_TAP, REDUCTIONS, TappedModel, extract, penultimate_layer
 
-__all__ = ["AGE_OUTSIDE", "DEFAULT_POPULATION", "FLAG_MEANING", "NOT_XRAY", "flag_message", "flag_reasons",
+__all__ = ["AGE_OUTSIDE", "DEFAULT_POPULATION", "FLAG_MEANING", "NOT_FRONTAL_CHEST", "NOT_XRAY", "flag_message",
+           "flag_reasons",
            "image_statistics", "input_warnings", "patient_age_years", "training_population", "OODDetector", "FOLDS",
            "METHOD", "SCORERS", "GaussianScore", "NeighbourScore", "conservative_quantile", "default_recipe",
            "INPUT_TAP", "REDUCTIONS", "TappedModel", "default_taps", "extract", "penultimate_layer"]

@@ -2,10 +2,19 @@
 means in words."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 NOT_XRAY = "not an X-ray"
 AGE_OUTSIDE = "patient age"
+NOT_FRONTAL_CHEST = "not a frontal chest radiograph"  # what the model was trained on: DICOM modality, body part, view
+RADIOGRAPH_MODALITIES = ("CR", "DX", "DR", "RG")
+# secondary captures and "other" often hold a scanned or exported radiograph: the header cannot tell, so these
+# are only warned about
+UNKNOWN_KIND_MODALITIES = ("SC", "OT")
+CHEST_WORDS = ("CHEST", "THORAX", "TORAX", "LUNG")
+FRONTAL_VIEWS = ("PA", "AP")
 FLAG_MEANING = "outside the training population ({population}): the probability is not reliable"
 DEFAULT_POPULATION = "children 1–5 years, one hospital"
 
@@ -63,15 +72,7 @@ def input_warnings(gray: np.ndarray, meta=None, intended_use: dict | None = None
     if meta is not None and getattr(meta, "saturation", 0) > 0.15:
         warnings.append(f"{NOT_XRAY}: the image is in colour (X-rays are grayscale)")
     tags = getattr(meta, "tags", {}) or {}
-    modality = tags.get("Modality")
-    if modality and modality.upper() not in ("CR", "DX", "DR"):
-        warnings.append(f"DICOM modality {modality} is not a radiograph (CR/DX)")
-    body = tags.get("BodyPartExamined")
-    if body and "CHEST" not in body.upper() and "THORAX" not in body.upper():
-        warnings.append(f"DICOM body part {body} is not the chest")
-    view = tags.get("ViewPosition")
-    if view and view.upper() not in ("PA", "AP"):
-        warnings.append(f"DICOM view {view} is not a frontal (PA/AP) view")
+    warnings += dicom_kind_warnings(tags)
     age = patient_age_years(tags)
     age_range = (intended_use or {}).get("age_range_years")
     if age is not None and age_range and not (age_range[0] <= age <= age_range[1]):
@@ -80,10 +81,32 @@ def input_warnings(gray: np.ndarray, meta=None, intended_use: dict | None = None
     return warnings
 
 
+def dicom_kind_warnings(tags: dict) -> list[str]:
+    """What the DICOM header says the image is, when that is not a frontal chest radiograph. Values are
+    matched loosely ("PORT CHEST", "AP SUPINE"), since sites write them freely; an empty tag says nothing."""
+    found = []
+    modality = str(tags.get("Modality") or "").strip().upper()
+    if modality in UNKNOWN_KIND_MODALITIES:
+        found.append(f"DICOM modality {modality} (secondary capture or other): check that the image is a "
+                     f"frontal chest radiograph")
+    elif modality and modality not in RADIOGRAPH_MODALITIES:
+        found.append(f"{NOT_FRONTAL_CHEST}: DICOM modality {modality} (CR/DX expected)")
+    body = str(tags.get("BodyPartExamined") or "").strip().upper()
+    if body and not any(word in body for word in CHEST_WORDS):
+        found.append(f"{NOT_FRONTAL_CHEST}: DICOM body part {body}")
+    view = str(tags.get("ViewPosition") or "").strip().upper()
+    if view and re.split(r"[^A-Z]+", view)[0] not in FRONTAL_VIEWS:
+        found.append(f"{NOT_FRONTAL_CHEST}: DICOM view {view} (PA/AP expected)")
+    return found
+
+
 def flag_reasons(gray: np.ndarray, meta=None, intended_use: dict | None = None) -> list[str]:
     """The input warnings that set the out-of-distribution flag whatever the score: the image is not an
-    X-ray, or its DICOM puts the patient's age outside the training population's range."""
-    return [w for w in input_warnings(gray, meta, intended_use) if w.startswith((NOT_XRAY, AGE_OUTSIDE))]
+    X-ray; its DICOM says it is not a frontal chest radiograph (another modality, body part or view: the model
+    has never seen one, so its probability means nothing there); or it puts the patient's age outside the
+    training population's range. A secondary capture is only warned about (its header cannot tell)."""
+    return [w for w in input_warnings(gray, meta, intended_use)
+            if w.startswith((NOT_XRAY, AGE_OUTSIDE, NOT_FRONTAL_CHEST))]
 
 
 def training_population(intended_use: dict | None = None) -> str:
@@ -95,7 +118,6 @@ def training_population(intended_use: dict | None = None) -> str:
         return DEFAULT_POPULATION if not use else stated if stated and not stated.startswith("not stated") \
             else "the training images' population, not stated"
     who = "children" if float(ages[1]) < 18 else "patients"
-    import re
     sites = re.findall(r"\b(centers?|centres?|hospitals?)\b", str(use.get("population", "")).lower())
     one_site = len(sites) == 1 and not sites[0].endswith("s")
     return f"{who} {float(ages[0]):g}–{float(ages[1]):g} years" + (", one hospital" if one_site else "")

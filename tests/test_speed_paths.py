@@ -13,6 +13,8 @@
   100 + 100 real training images, 40 + 40 validation images).
 - A 3-channel model trained on the CPU gets the gray batch (its first convolution's summed kernel equals
   repeating the channel; tests/models) and that layer's output is channels-last, like every later layer's.
+- With test-time flips, the served model's input taps read only the unflipped images (whose features are the
+  ones kept), and every feature equals the one served without flips (to float rounding).
 """
 import copy
 
@@ -141,3 +143,24 @@ def test_cpu_training_feeds_the_gray_batch_to_a_3_channel_model(cache_dir, tmp_p
     train_step(run, pixels, labels)
     assert config.channels == 3 and seen == [(1, True)]
     assert not torch.equal(run.state.model.conv1.weight, before)  # the summed kernel's gradient reached the layer
+
+
+def test_served_flips_leave_the_input_taps_to_the_unflipped_images(monkeypatch):
+    from pneumonia_cnn.inference.engines import ServedModel
+    from pneumonia_cnn.ood import default_taps
+    from pneumonia_cnn.ood import taps as taps_module
+    torch.manual_seed(0)
+    model = create_model("resnet18_narrow", 1, (64, 64)).eval()
+    taps = default_taps(model)
+    assert any(module == "input" for module, _ in taps) and any(module != "input" for module, _ in taps)
+    seen, reduce = [], taps_module.reduce_tap
+    monkeypatch.setattr(taps_module, "reduce_tap", lambda m, r, x: seen.append((m, x.shape[0])) or reduce(m, r, x))
+    x = torch.rand(5, 1, 64, 64)
+    with torch.no_grad():
+        flipped, plain = ServedModel(model, True, taps).eval()(x), ServedModel(model, False, taps).eval()(x)
+    assert {rows for module, rows in seen if module == "input"} == {5}
+    assert {rows for module, rows in seen[:len(taps)] if module != "input"} == {10}  # the network sees both
+    assert not torch.allclose(flipped[0], plain[0])  # the logits average in the mirror images
+    for with_flips, without in zip(flipped[1:], plain[1:]):
+        assert with_flips.shape == without.shape
+        torch.testing.assert_close(with_flips, without, rtol=1e-5, atol=1e-5)

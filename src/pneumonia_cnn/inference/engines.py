@@ -46,7 +46,8 @@ class ServedModel(nn.Module):
             logits, features = self.tapped(x)
             return (logits.float(), *features)
         batch = x.shape[0]
-        both, features = self.tapped(torch.cat([x, torch.flip(x, dims=[3])]))
+        # the input taps read the unflipped images only: their features of the mirror images were discarded
+        both, features = self.tapped(torch.cat([x, torch.flip(x, dims=[3])]), tap_input=x)
         logits = (both[:batch].float() + both[batch:].float()) / 2
         return (logits, *[f[:batch] for f in features])
 

@@ -163,8 +163,11 @@ class TappedModel(nn.Module):
             store[name] = {r: reduce_tap(name, r, output) for m, r in self.taps if m == name}
         return capture
 
-    def forward(self, x: torch.Tensor):
-        store = {INPUT_TAP: {r: reduce_tap(INPUT_TAP, r, x) for m, r in self.taps if m == INPUT_TAP}}
+    def forward(self, x: torch.Tensor, tap_input: torch.Tensor | None = None):
+        """``tap_input``: what the input taps read instead of ``x`` (the served model's unflipped images, the
+        only ones whose features are kept, while ``x`` also holds their mirror images)."""
+        image = x if tap_input is None else tap_input
+        store = {INPUT_TAP: {r: reduce_tap(INPUT_TAP, r, image) for m, r in self.taps if m == INPUT_TAP}}
         self._local.store = store
         try:
             logits = self.model(x)

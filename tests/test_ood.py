@@ -155,11 +155,14 @@ def test_dicom_age_inside_the_range_or_unknown_does_not_flag(tmp_path, tags):
 
 
 @pytest.mark.parametrize("tags, words", [
-    ({"Modality": "CT"}, "DICOM modality CT (CR/DX expected)"),
+    ({"Modality": "CT"}, "DICOM modality CT (CR/DX/DR/RG expected)"),
+    ({"Modality": "mr"}, "DICOM modality MR (CR/DX/DR/RG expected)"),
     ({"BodyPartExamined": "KNEE"}, "DICOM body part KNEE"),
     ({"BodyPartExamined": "ABDOMEN"}, "DICOM body part ABDOMEN"),
     ({"ViewPosition": "LL"}, "DICOM view LL (PA/AP expected)"),
     ({"ViewPosition": "LATERAL"}, "DICOM view LATERAL (PA/AP expected)"),
+    ({"ViewPosition": "PAL"}, "DICOM view PAL (PA/AP expected)"),  # a word that starts like PA is not PA
+    ({"ViewPosition": "PORTABLE AP"}, "DICOM view PORTABLE AP (PA/AP expected)"),  # the first word decides
 ])
 def test_dicom_that_is_not_a_frontal_chest_radiograph_forces_the_flag(tmp_path, tags, words):
     require_shared()
@@ -171,6 +174,9 @@ def test_dicom_that_is_not_a_frontal_chest_radiograph_forces_the_flag(tmp_path, 
 @pytest.mark.parametrize("tags", [{"BodyPartExamined": "PORT CHEST"}, {"BodyPartExamined": "THORAX"},
                                   {"BodyPartExamined": "chest"}, {"ViewPosition": "AP SUPINE"},
                                   {"ViewPosition": "pa"}, {"Modality": "CR"}, {"Modality": "RG"},
+                                  {"Modality": "DR"}, {"Modality": "dx"}, {"BodyPartExamined": "LUNG"},
+                                  {"BodyPartExamined": "TORAX"}, {"BodyPartExamined": "TORACE"},
+                                  {"ViewPosition": ["AP", "PORTABLE"]}, {"ViewPosition": "(PA)"},
                                   {"BodyPartExamined": "", "ViewPosition": ""}])
 def test_frontal_chest_radiographs_written_loosely_are_not_flagged(tmp_path, tags):
     require_shared()
@@ -178,12 +184,27 @@ def test_frontal_chest_radiographs_written_loosely_are_not_flagged(tmp_path, tag
     assert input_warnings(gray, meta, KAGGLE_USE) == [] and flag_reasons(gray, meta, KAGGLE_USE) == []
 
 
-def test_secondary_capture_is_warned_about_but_not_flagged(tmp_path):
+@pytest.mark.parametrize("modality", ["SC", "OT"])
+def test_secondary_capture_is_warned_about_but_not_flagged(tmp_path, modality):
     require_shared()
-    gray, meta = read_image(child_xray_dicom(tmp_path / "s.dcm", PatientAge="003Y", Modality="SC"), (64, 64))
+    gray, meta = read_image(child_xray_dicom(tmp_path / "s.dcm", PatientAge="003Y", Modality=modality), (64, 64))
     assert input_warnings(gray, meta, KAGGLE_USE) == [
-        "DICOM modality SC (secondary capture or other): check that the image is a frontal chest radiograph"]
+        f"DICOM modality {modality} (secondary capture or other): check that the image is a frontal chest radiograph"]
     assert flag_reasons(gray, meta, KAGGLE_USE) == []
+
+
+def test_accented_chest_names_are_the_chest():
+    from pneumonia_cnn.ood.checks import dicom_kind_warnings
+    assert dicom_kind_warnings({"BodyPartExamined": "TÓRAX"}) == []
+    assert dicom_kind_warnings({"BodyPartExamined": "tórax"}) == []
+    assert dicom_kind_warnings({"BodyPartExamined": "HÜFTE"}) == [
+        "not a frontal chest radiograph: DICOM body part HÜFTE"]
+
+
+def test_a_multi_valued_tag_reads_as_dicom_writes_it(tmp_path):
+    require_shared()
+    _, meta = read_image(child_xray_dicom(tmp_path / "m.dcm", ViewPosition=["AP", "PORTABLE"]), (64, 64))
+    assert meta.tags["ViewPosition"] == "AP\\PORTABLE"
 
 
 def test_predict_flags_a_lateral_view_whatever_its_score(ood_run, tmp_path):

@@ -14,8 +14,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
 class FlakyProxy:
     """``cuts`` maps a substring of the request line ("GET /dicom-web/studies/...") to how many matching
     requests to cut (``float('inf')``: all of them). ``cut_log`` lists the request lines that were cut.
-    ``refusals`` maps a substring of the request line to the HTTP status that answers it instead of Orthanc;
-    ``seen`` lists every request line."""
+    ``refusals`` maps a substring of the request line to what answers it instead of Orthanc: an HTTP status,
+    or (status, body, content type); ``seen`` lists every request line."""
 
     def __init__(self, target: str):
         self.target, self.cuts, self.cut_log = target.rstrip("/"), {}, []
@@ -31,9 +31,12 @@ class FlakyProxy:
                 proxy.seen.append(f"{self.command} {self.path}")
                 refusal = next((code for part, code in proxy.refusals.items() if part in proxy.seen[-1]), None)
                 if refusal:
-                    self.send_response(refusal)
-                    self.send_header("Content-Length", "0")
+                    status, answer, kind = refusal if isinstance(refusal, tuple) else (refusal, b"", "text/plain")
+                    self.send_response(status)
+                    self.send_header("Content-Type", kind)
+                    self.send_header("Content-Length", str(len(answer)))
                     self.end_headers()
+                    self.wfile.write(answer)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}}
                 answer = requests.request(self.command, proxy.target + self.path, data=body, headers=headers,

@@ -7,6 +7,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from pneumonia_cnn.errors import PneumoniaCNNError
 from pneumonia_cnn.interop.dicom_sr import ModelIdentity, build_overlay, build_sr, read_sr
 from pneumonia_cnn.interop.network import TransferError, with_retries
 from pneumonia_cnn.interop.state import SCHEMA, ScoredState
@@ -93,20 +94,37 @@ def test_state_remembers_per_model(tmp_path):
 def test_state_counts_refusals_and_opens_a_file_written_before_them(tmp_path):
     import sqlite3
     path = tmp_path / "old.sqlite"
-    old_schema = SCHEMA.replace("    refusals INTEGER NOT NULL DEFAULT 0,\n", "")
-    assert "refusals" not in old_schema
+    old_schema = SCHEMA.replace("    refusals INTEGER NOT NULL DEFAULT 0,\n", "").replace("    refused_at REAL,\n", "")
+    assert "refus" not in old_schema
     with sqlite3.connect(path) as db:
         db.execute(old_schema)
         db.execute("INSERT INTO instances (sop_instance_uid, model, status, attempts, updated) "
                    "VALUES ('1.1', 'm1', 'failed', 3, '2026-01-01T00:00:00+00:00')")
     state = ScoredState(path)
-    assert state.refusals("1.1", "m1") == 0 and state.refusals("9.9", "m1") == 0
-    state.record("1.1", "m1", "given_up", error="HTTP 404", refusals=3)
-    state.record("1.2", "m1", "failed", error="HTTP 404", refusals=1)
-    assert state.refusals("1.1", "m1") == 3 and state.finished("m1") == set()
+    assert state.refusals("1.1", "m1") == (0, None) and state.refusals("9.9", "m1") == (0, None)
+    state.record("1.1", "m1", "given_up", error="HTTP 404", refusals=(3, 1700000000.5))
+    state.record("1.2", "m1", "failed", error="HTTP 404", refusals=(1, 1700000001.0))
+    assert state.refusals("1.1", "m1") == (3, 1700000000.5) and state.finished("m1") == set()
     assert state.finished("m1", ("given_up",)) == {"1.1"}
     assert state.retry_given_up("m2") == 0 and state.retry_given_up("m1") == 1
-    assert state.finished("m1", ("given_up",)) == set() and state.refusals("1.1", "m1") == 0
+    assert state.finished("m1", ("given_up",)) == set() and state.refusals("1.1", "m1") == (0, None)
     row = next(r for r in state.rows("m1") if r["sop_instance_uid"] == "1.1")
     assert row["status"] == "failed" and row["attempts"] == 4
+    state.record("1.2", "m1", "done", report_uid="5.7")  # a success ends the count
+    assert state.refusals("1.2", "m1") == (0, None)
+    state.close()
+    ScoredState(path).close()  # opened again: nothing left to add
+
+
+def test_a_state_file_that_cannot_be_written_is_one_line(tmp_path):
+    import sqlite3
+    ScoredState(tmp_path / "s.sqlite").close()
+    state = ScoredState(tmp_path / "s.sqlite")
+    state.db.close()
+    state.db = sqlite3.connect(f"file:{tmp_path / 's.sqlite'}?mode=ro", uri=True)  # root ignores chmod
+    with pytest.raises(PneumoniaCNNError, match=r"s\.sqlite: cannot write the state file \(attempt to write a "
+                                                 r"readonly database\)$"):
+        state.retry_given_up("m1")
+    with pytest.raises(PneumoniaCNNError, match="cannot write the state file"):
+        state.record("1.1", "m1", "done")
     state.close()

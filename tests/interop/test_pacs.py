@@ -3,6 +3,8 @@ back from Orthanc and checked against ``predict``'s figures for the same files; 
 a PACS that is down and transfers cut in the middle."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pydicom
 import pytest
@@ -136,34 +138,60 @@ def test_transfers_cut_mid_way_are_retried_and_none_is_lost(orthanc, studies, tr
         proxy.close()
 
 
+def stow_failure(reason: int) -> tuple:
+    """A STOW-RS answer that stores nothing: its FailedSOPSequence gives the failure reason."""
+    item = {"00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.22"]},
+            "00081155": {"vr": "UI", "Value": ["1.2.3.4"]}, "00081197": {"vr": "US", "Value": [reason]}}
+    return 200, json.dumps({"00081198": {"vr": "SQ", "Value": [item]}}).encode(), "application/dicom+json"
+
+
 def test_an_instance_refused_run_after_run_is_given_up_and_a_transient_failure_never_is(
         orthanc, studies, trained_run, tmp_path, capsys, caplog):
+    from pneumonia_cnn.interop.state import ScoredState
     proxy = FlakyProxy(orthanc.url)
+    adult, dx, cr = studies["adult"][1], studies["dx"][1], studies["cr_mono1"][1]
+    retrieve = f"GET /dicom-web/studies/{adult.StudyInstanceUID}/series"
+    refusals = {retrieve: 404,  # listed by QIDO-RS, never sent: an index without its file
+                f"POST /dicom-web/studies/{cr.StudyInstanceUID}": stow_failure(0xC000)}  # its report refused
+    state, url = tmp_path / "state.sqlite", proxy.url + "/dicom-web"
+
+    def pacs(*extra):
+        code = run_pacs(trained_run, url, state, *BASE, "--give-up-after", "2", "--refusal-spacing", "0", *extra)
+        return code, capsys.readouterr().out
+
     try:
-        adult, dx = studies["adult"][1], studies["dx"][1]
-        refused = f"GET /dicom-web/studies/{adult.StudyInstanceUID}/series"
-        proxy.refusals = {refused: 404}  # listed by QIDO-RS, never sent: an index without its file
-        proxy.cuts = {f"GET /dicom-web/studies/{dx.StudyInstanceUID}/series": float("inf")}  # the network, always
-        state, url = tmp_path / "state.sqlite", proxy.url + "/dicom-web"
-        assert run_pacs(trained_run, url, state, *BASE, "--give-up-after", "2") == 1
-        assert "5 new instance(s), 0 already scored: 2 scored and reported, 1 unreadable, 0 not X-rays, 2 failed " \
-               "(tried again next run)\n" in capsys.readouterr().out
-        assert run_pacs(trained_run, url, state, *BASE, "--give-up-after", "2") == 1
-        assert "2 new instance(s), 3 already scored: 0 scored and reported, 0 unreadable, 0 not X-rays, 1 failed " \
-               "(tried again next run), 1 given up (refused run after run)\n" in capsys.readouterr().out
+        proxy.refusals = refusals
+        dx_cut = {f"GET /dicom-web/studies/{dx.StudyInstanceUID}/series": float("inf")}  # the network, always
+        proxy.cuts = dict(dx_cut)
+        assert pacs("--refusal-spacing", "3600")[0] == 1
+        proxy.refusals, proxy.cuts = {k: v for k, v in refusals.items() if k != retrieve}, {**dx_cut, retrieve: 9}
+        code, out = pacs("--refusal-spacing", "3600")  # the adult: a network failure keeps its count of 1;
+        assert code == 1 and ": 0 scored and reported, 0 unreadable, 0 not X-rays, 3 failed (tried again next run)\n" \
+               in out  # the report's second refusal came within the spacing: not counted
+        proxy.refusals, proxy.cuts = refusals, dict(dx_cut)
+        code, out = pacs()
+        assert code == 1 and "3 new instance(s), 2 already scored: 0 scored and reported, 0 unreadable, 0 not " \
+               "X-rays, 1 failed (tried again next run), 2 given up (refused by the PACS run after run)\n" in out
+        rows = {row["sop_instance_uid"]: row for row in ScoredState(state).rows()}
+        assert rows[dx.SOPInstanceUID]["refusals"] == 0 and rows[dx.SOPInstanceUID]["status"] == "failed"
         lines = [r.message for r in caplog.records if f"instance {adult.SOPInstanceUID}: WADO-RS" in r.message]
-        assert "HTTP 404" in lines[0] and "refused 1 of 2 times before giving up" in lines[0]
-        assert lines[1].endswith("(refused in 2 runs in a row: given up; --retry-given-up tries it again)")
-        assert sum(refused in line for line in proxy.seen) == 2  # a refusal is not retried within a run
-        assert run_pacs(trained_run, url, state, *BASE, "--give-up-after", "2") == 1  # dx: still a network failure
-        assert "1 new instance(s), 3 already scored: 0 scored and reported, 0 unreadable, 0 not X-rays, 1 failed " \
-               "(tried again next run); 1 given up earlier (--retry-given-up)" in capsys.readouterr().out
-        assert sum(refused in line for line in proxy.seen) == 2  # not fetched again
-        proxy.refusals, proxy.cuts = {}, {}
-        assert run_pacs(trained_run, url, state, *BASE, "--retry-given-up") == 0
-        assert "2 new instance(s), 3 already scored: 2 scored and reported" in capsys.readouterr().out
+        assert "HTTP 404" in lines[0] and "(refused in 1 run(s), given up at 2; will be tried again" in lines[0]
+        assert lines[-1].endswith("(refused in 2 runs: given up; --retry-given-up fetches it again)")
+        assert any("failure reason 49152" in r.message and "given up" in r.message for r in caplog.records)
+        assert sum(retrieve in line for line in proxy.seen) == 1 + 3 + 1  # a refusal is not retried within a run
+        proxy.cuts = {}
+        code, out = pacs()
+        assert code == 0 and "1 new instance(s), 2 already scored: 1 scored and reported, 0 unreadable, 0 not " \
+               "X-rays, 0 failed (tried again next run); 2 given up earlier (--retry-given-up)\n" in out
+        assert sum(retrieve in line for line in proxy.seen) == 5  # not fetched again
+        code, out = pacs("--retry-given-up", "--give-up-after", "1")  # still refused: given up again, exit 1
+        assert code == 1 and ": 0 scored and reported, 0 unreadable, 0 not X-rays, 0 failed (tried again next " \
+               "run), 2 given up" in out and sum(retrieve in line for line in proxy.seen) == 6
+        proxy.refusals = {}
+        code, out = pacs("--retry-given-up")
+        assert code == 0 and "2 new instance(s), 3 already scored: 2 scored and reported" in out
         reports = reports_in(orthanc)
-        assert adult.SOPInstanceUID in reports and dx.SOPInstanceUID in reports
+        assert {adult.SOPInstanceUID, dx.SOPInstanceUID, cr.SOPInstanceUID} <= set(reports)
     finally:
         proxy.close()
 

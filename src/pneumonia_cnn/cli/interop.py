@@ -79,8 +79,11 @@ def pacs_arguments(p):
     p.add_argument("--user", help="HTTP user (password in PNEUMONIA_CNN_DICOMWEB_PASSWORD; or a bearer token in "
                                   "PNEUMONIA_CNN_DICOMWEB_TOKEN)")
     p.add_argument("--give-up-after", type=whole_number(1), default=3, metavar="RUNS",
-                   help="stop fetching an instance the PACS refused (e.g. HTTP 404) in this many runs in a row")
-    p.add_argument("--retry-given-up", action="store_true", help="fetch the instances given up on again")
+                   help="stop fetching an instance the PACS itself refused (HTTP 404/410, a STOW-RS failure reason) "
+                        "in this many runs, at least 10 minutes apart")
+    p.add_argument("--retry-given-up", action="store_true",
+                   help="fetch the instances given up on again (once, at the start)")
+    p.add_argument("--refusal-spacing", type=float, default=600.0, help=argparse.SUPPRESS)  # tests: 0
     p.add_argument("--watch", action="store_true", help="keep polling for new instances")
     p.add_argument("--interval", type=positive_number, default=30, help="seconds between polls with --watch")
     p.add_argument("--polls", type=whole_number(1), help=argparse.SUPPRESS)  # tests: stop after N polls
@@ -93,7 +96,7 @@ def run_pacs(args) -> int:
     options = PacsOptions(args.dicomweb, args.state, tuple(m.upper() for m in args.modality),
                           check_date_range(args.study_date), args.overlay, args.batch_size, args.retries + 1,
                           args.backoff, timeout=args.timeout, user=args.user, give_up_after=args.give_up_after,
-                          retry_given_up=args.retry_given_up)
+                          refusal_spacing=args.refusal_spacing, retry_given_up=args.retry_given_up)
     job = PacsJob(Predictor(args.checkpoint, args.device), options)
     if args.watch:
         job.watch(args.interval, args.polls, print_pacs_summary)
@@ -113,7 +116,8 @@ def print_pacs_summary(summary: dict):
     print(f"{summary['found']} new instance(s), {summary['already_scored']} already scored: {summary['scored']} "
           f"scored and reported, {summary['unreadable']} unreadable, {summary['skipped']} not X-rays, "
           f"{summary['failed']} failed (tried again next run)"
-          + (f", {summary['given_up']} given up (refused run after run)" if summary["given_up"] else "")
+          + (f", {summary['given_up']} given up (refused by the PACS run after run)" if summary["given_up"]
+             else "")
           + (f"; {summary['given_up_before']} given up earlier (--retry-given-up)" if summary["given_up_before"]
              else ""))
 

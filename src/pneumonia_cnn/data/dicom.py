@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,12 @@ logging.getLogger("pydicom.pixels.decoders.base").addFilter(_DropDecoderTracebac
 
 
 def _tag(dataset, name):
+    """The element's value as text; a multi-valued one as DICOM writes it, values joined by a backslash."""
     value = getattr(dataset, name, None)
     if value is None:
         return None
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # pydicom's MultiValue
+        value = "\\".join(str(v).strip() for v in value)
     return str(value).strip() or None
 
 

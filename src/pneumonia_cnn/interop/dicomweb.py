@@ -3,8 +3,9 @@ report (and the optional Grad-CAM overlay) back into each image's study with STO
 
 Every network call is retried with exponential back-off; an instance whose transfer still fails is named on
 one line, recorded as ``failed`` and tried again on the next run, while the others go on; one that the PACS
-refuses (an answer that will not change, such as HTTP 404) in ``give_up_after`` runs in a row is given up on,
-so that it does not fail every run. The SQLite state
+refuses itself (HTTP 404/410 for an instance it still lists, a STOW-RS failure reason for its report) in
+``give_up_after`` runs, counted at most once per ``refusal_spacing`` seconds, is given up on, so that it does
+not fail every run. The SQLite state
 file remembers what each model has scored, so a rerun (or ``--watch``'s next poll) scores only new instances,
 and report UIDs derived from the source instance make a repeated store replace rather than duplicate.
 """
@@ -39,7 +40,8 @@ class PacsOptions:
     page_size: int = 200
     timeout: float = 60.0
     user: str | None = None
-    give_up_after: int = 3  # runs in a row in which the PACS refused an instance
+    give_up_after: int = 3  # runs in which the PACS refused the instance itself
+    refusal_spacing: float = 600.0  # refusals closer together count once: --watch polls must not give up in a minute
     retry_given_up: bool = False
 
 
@@ -70,8 +72,10 @@ class PacsJob:
         self.model = self.scorer.model.key  # the model id and its decision
         self.client = client or connect(options.url, options.timeout, options.user)
         self.state = ScoredState(options.state)
-        if options.retry_given_up:
-            log.info("%d instance(s) given up on earlier: tried again", self.state.retry_given_up(self.model))
+        if options.retry_given_up:  # once, at the start: a --watch job keeps what it gives up on later
+            retried = self.state.retry_given_up(self.model)
+            if retried:
+                log.info("%d instance(s) given up on earlier: tried again", retried)
 
     def _retry(self, action, what: str):
         return with_retries(action, what, self.options.attempts, self.options.backoff)
@@ -127,8 +131,8 @@ class PacsJob:
             try:
                 dataset = self._retry(lambda uids=(study, series, sop): self.client.retrieve_instance(*uids),
                                       f"instance {sop}: WADO-RS retrieve")
-            except TransferError as error:
-                self._failed(summary, sop, study, series, error)
+            except TransferError as error:  # 404/410: listed by QIDO-RS but not there
+                self._failed(summary, sop, study, series, error, refused=error.status in (404, 410))
                 continue
             reason = not_an_xray(dataset)
             if reason:
@@ -153,27 +157,31 @@ class PacsJob:
                             f"instance {result.sop_instance_uid}: STOW-RS of {output.Modality} {output.SOPInstanceUID}")
         except TransferError as error:
             self._failed(summary, result.sop_instance_uid, result.study_instance_uid, result.series_instance_uid,
-                         error)
+                         error, refused=error.refusal)
             return
         self.state.record(result.sop_instance_uid, self.model, "done", result.study_instance_uid,
                           result.series_instance_uid, result.entry, result.report_uid, result.overlay_uid)
         summary["scored"] += 1
         summary["results"].append(result)
 
-    def _failed(self, summary, sop, study, series, error: TransferError):
-        """A transfer that failed after its retries: tried again next run, unless the PACS has now refused it
-        (an answer that will not change) in ``give_up_after`` runs in a row. A transient failure (the PACS
-        down or overloaded) never gives up."""
-        refusals = 0 if getattr(error, "transient", True) else self.state.refusals(sop, self.model) + 1
-        if refusals >= self.options.give_up_after:
-            log.warning("%s (refused in %d runs in a row: given up; --retry-given-up tries it again)", error,
-                        refusals)
-            self.state.record(sop, self.model, GIVEN_UP, study, series, error=str(error), refusals=refusals)
+    def _failed(self, summary, sop, study, series, error: TransferError, refused: bool):
+        """A transfer that failed after its retries: tried again next run, unless the PACS has now refused this
+        very instance in ``give_up_after`` runs (``refused``; at most one per ``refusal_spacing`` seconds). Any
+        other failure (the PACS down, overloaded or refusing everything: HTTP 401/403/5xx) never gives up and
+        leaves the count as it was."""
+        count, counted_at = self.state.refusals(sop, self.model)
+        now = time.time()
+        if refused and (counted_at is None or now - counted_at >= self.options.refusal_spacing):
+            count, counted_at = count + 1, now
+        if refused and count >= self.options.give_up_after:
+            log.warning("%s (refused in %d runs: given up; --retry-given-up fetches it again)", error, count)
+            self.state.record(sop, self.model, GIVEN_UP, study, series, error=str(error),
+                              refusals=(count, counted_at))
             summary["given_up"] += 1
             return
-        again = f"refused {refusals} of {self.options.give_up_after} times before giving up; " if refusals else ""
-        log.warning("%s (%swill be tried again on the next run)", error, again)
-        self.state.record(sop, self.model, "failed", study, series, error=str(error), refusals=refusals)
+        so_far = f"refused in {count} run(s), given up at {self.options.give_up_after}; " if count else ""
+        log.warning("%s (%swill be tried again on the next run)", error, so_far)
+        self.state.record(sop, self.model, "failed", study, series, error=str(error), refusals=(count, counted_at))
         summary["failed"] += 1
 
     def watch(self, interval: float, polls: int | None = None, report=lambda summary: None):
@@ -194,9 +202,11 @@ def _stow(client, dataset, study_uid: str):
     response = client.store_instances([dataset], study_instance_uid=study_uid)
     failed = getattr(response, "FailedSOPSequence", None)
     if failed:
-        reason = getattr(failed[0], "FailureReason", "?")
-        error = TransferError(f"the PACS refused the instance (failure reason {reason})")
-        error.transient = False
+        reason = getattr(failed[0], "FailureReason", None)
+        error = TransferError(f"the PACS refused the instance (failure reason {reason if reason is not None else '?'})")
+        # A7xx: out of resources, worth retrying; any other reason is about this instance
+        error.transient = isinstance(reason, int) and reason >> 8 == 0xA7
+        error.refusal = not error.transient
         raise error
 
 

@@ -50,6 +50,8 @@ def with_retries(action, what: str, attempts: int = 4, backoff: float = 1.0, sle
                 tries = f" (after {attempt} attempts)" if attempt > 1 else ""
                 failure = TransferError(f"{what}: {one_line(error)}{tries}")
                 failure.transient = transient
+                failure.status = getattr(getattr(error, "response", None), "status_code", None)
+                failure.refusal = getattr(error, "refusal", False)  # the peer refused this very item
                 raise failure from None
             delay = backoff * 2 ** (attempt - 1)
             log.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", what, one_line(error), delay, attempt + 1,

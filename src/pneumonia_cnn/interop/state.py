@@ -4,13 +4,15 @@ transfer is tried again on the next run, never forgotten.
 
 Statuses: ``done`` (report stored in the PACS), ``unreadable`` (the image could not be decoded; not retried),
 ``skipped`` (not an X-ray to score, e.g. a report), ``failed`` (a network step failed after its retries; tried
-again next run), ``given_up`` (the PACS refused it, e.g. HTTP 404 for an instance it still lists, in several
-runs in a row; not fetched again until ``--retry-given-up``). ``refusals`` counts those runs in a row. Each
-change is one committed transaction, so a killed job leaves the file consistent.
+again next run), ``given_up`` (the PACS refused this very instance, e.g. HTTP 404 for one it still lists, in
+several runs; not fetched again until ``--retry-given-up``). ``refusals`` counts those runs since the last
+success, ``refused_at`` is when the last of them was counted. Each change is one committed transaction, so a
+killed job leaves the file consistent.
 """
 from __future__ import annotations
 
 import sqlite3
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,10 +35,12 @@ CREATE TABLE IF NOT EXISTS instances (
     attempts INTEGER NOT NULL DEFAULT 0,
     updated TEXT NOT NULL,
     refusals INTEGER NOT NULL DEFAULT 0,
+    refused_at REAL,
     PRIMARY KEY (sop_instance_uid, model)
 )"""
 FINAL = ("done", "unreadable", "skipped")
 GIVEN_UP = "given_up"
+ADDED_COLUMNS = {"refusals": "INTEGER NOT NULL DEFAULT 0", "refused_at": "REAL"}  # absent from older state files
 
 
 class ScoredState:
@@ -47,11 +51,28 @@ class ScoredState:
             self.db = sqlite3.connect(self.path, timeout=30)
             with self.db:
                 self.db.execute(SCHEMA)
-                columns = {row[1] for row in self.db.execute("PRAGMA table_info(instances)")}
-                if "refusals" not in columns:  # a state file written before give-ups were counted
-                    self.db.execute("ALTER TABLE instances ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0")
+                self._add_columns()
         except sqlite3.Error as error:
             raise PneumoniaCNNError(f"{display_path(self.path)}: cannot open the state file ({error})") from None
+
+    def _add_columns(self):
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(instances)")}
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in columns:
+                try:
+                    self.db.execute(f"ALTER TABLE instances ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as error:  # another job added it a moment ago
+                    if "duplicate column" not in str(error):
+                        raise
+
+    @contextmanager
+    def _writing(self):
+        """One committed transaction; a file that cannot be written is a one-line error."""
+        try:
+            with self.db:
+                yield self.db
+        except sqlite3.Error as error:
+            raise PneumoniaCNNError(f"{display_path(self.path)}: cannot write the state file ({error})") from None
 
     def close(self):
         self.db.close()
@@ -64,17 +85,18 @@ class ScoredState:
                                (model, *statuses))
         return {row[0] for row in rows}
 
-    def refusals(self, sop_instance_uid: str, model: str) -> int:
-        """In how many runs in a row the PACS has refused this instance (0 when never, or not the last time)."""
-        row = self.db.execute("SELECT refusals FROM instances WHERE sop_instance_uid = ? AND model = ?",
+    def refusals(self, sop_instance_uid: str, model: str) -> tuple[int, float | None]:
+        """How many runs have counted a refusal of this instance, and when the last one was counted (Unix
+        time; None when never)."""
+        row = self.db.execute("SELECT refusals, refused_at FROM instances WHERE sop_instance_uid = ? AND model = ?",
                               (sop_instance_uid, model)).fetchone()
-        return row[0] if row else 0
+        return (row[0], row[1]) if row else (0, None)
 
     def retry_given_up(self, model: str) -> int:
         """Make the instances given up on by this model ``failed`` again (fetched on this run); how many."""
-        with self.db:
-            cursor = self.db.execute("UPDATE instances SET status = 'failed', refusals = 0 WHERE model = ? AND "
-                                     "status = ?", (model, GIVEN_UP))
+        with self._writing() as db:
+            cursor = db.execute("UPDATE instances SET status = 'failed', refusals = 0, refused_at = NULL "
+                                "WHERE model = ? AND status = ?", (model, GIVEN_UP))
         return cursor.rowcount
 
     def produced(self) -> set[str]:
@@ -84,21 +106,23 @@ class ScoredState:
 
     def record(self, sop_instance_uid: str, model: str, status: str, study: str | None = None,
                series: str | None = None, entry: dict | None = None, report_uid: str | None = None,
-               overlay_uid: str | None = None, error: str | None = None, refusals: int = 0):
+               overlay_uid: str | None = None, error: str | None = None,
+               refusals: tuple[int, float | None] = (0, None)):
         entry = entry or {}
         inside = entry.get("in_distribution")
-        with self.db:
-            self.db.execute(
+        with self._writing() as db:
+            db.execute(
                 "INSERT INTO instances (sop_instance_uid, model, study_instance_uid, series_instance_uid, status, "
-                "probability, label, in_distribution, report_uid, overlay_uid, error, attempts, updated, refusals) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (sop_instance_uid, model) DO UPDATE "
+                "probability, label, in_distribution, report_uid, overlay_uid, error, attempts, updated, refusals, "
+                "refused_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?) "
+                "ON CONFLICT (sop_instance_uid, model) DO UPDATE "
                 "SET status = excluded.status, probability = excluded.probability, label = excluded.label, "
                 "in_distribution = excluded.in_distribution, report_uid = excluded.report_uid, "
                 "overlay_uid = excluded.overlay_uid, error = excluded.error, attempts = attempts + 1, "
-                "updated = excluded.updated, refusals = excluded.refusals",
+                "updated = excluded.updated, refusals = excluded.refusals, refused_at = excluded.refused_at",
                 (sop_instance_uid, model, study, series, status, entry.get("probability"), entry.get("label"),
                  None if inside is None else int(inside), report_uid, overlay_uid, error,
-                 datetime.now(timezone.utc).isoformat(timespec="seconds"), refusals))
+                 datetime.now(timezone.utc).isoformat(timespec="seconds"), *refusals))
 
     def rows(self, model: str | None = None) -> list[dict]:
         where = " WHERE model = ?" if model else ""

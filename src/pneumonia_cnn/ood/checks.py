@@ -3,6 +3,7 @@ means in words."""
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import numpy as np
 
@@ -13,7 +14,7 @@ RADIOGRAPH_MODALITIES = ("CR", "DX", "DR", "RG")
 # secondary captures and "other" often hold a scanned or exported radiograph: the header cannot tell, so these
 # are only warned about
 UNKNOWN_KIND_MODALITIES = ("SC", "OT")
-CHEST_WORDS = ("CHEST", "THORAX", "TORAX", "LUNG")
+CHEST_WORDS = ("CHEST", "THORAX", "TORAX", "TORAC", "LUNG")  # TORAC: Italian TORACE, Spanish TORÁCICO
 FRONTAL_VIEWS = ("PA", "AP")
 FLAG_MEANING = "outside the training population ({population}): the probability is not reliable"
 DEFAULT_POPULATION = "children 1–5 years, one hospital"
@@ -82,20 +83,22 @@ def input_warnings(gray: np.ndarray, meta=None, intended_use: dict | None = None
 
 
 def dicom_kind_warnings(tags: dict) -> list[str]:
-    """What the DICOM header says the image is, when that is not a frontal chest radiograph. Values are
-    matched loosely ("PORT CHEST", "AP SUPINE"), since sites write them freely; an empty tag says nothing."""
+    """What the DICOM header says the image is, when that is not a frontal chest radiograph. Sites write these
+    freely, so the body part is matched as a word anywhere ("PORT CHEST"; accents removed: "TÓRAX") and the
+    view by its first word ("AP SUPINE", "AP\\PORTABLE"); an empty tag says nothing."""
     found = []
     modality = str(tags.get("Modality") or "").strip().upper()
     if modality in UNKNOWN_KIND_MODALITIES:
         found.append(f"DICOM modality {modality} (secondary capture or other): check that the image is a "
                      f"frontal chest radiograph")
     elif modality and modality not in RADIOGRAPH_MODALITIES:
-        found.append(f"{NOT_FRONTAL_CHEST}: DICOM modality {modality} (CR/DX expected)")
+        found.append(f"{NOT_FRONTAL_CHEST}: DICOM modality {modality} (CR/DX/DR/RG expected)")
     body = str(tags.get("BodyPartExamined") or "").strip().upper()
-    if body and not any(word in body for word in CHEST_WORDS):
+    plain = unicodedata.normalize("NFKD", body).encode("ascii", "ignore").decode()
+    if body and not any(word in plain for word in CHEST_WORDS):
         found.append(f"{NOT_FRONTAL_CHEST}: DICOM body part {body}")
     view = str(tags.get("ViewPosition") or "").strip().upper()
-    if view and re.split(r"[^A-Z]+", view)[0] not in FRONTAL_VIEWS:
+    if view and (re.findall(r"[A-Z]+", view) or [""])[0] not in FRONTAL_VIEWS:
         found.append(f"{NOT_FRONTAL_CHEST}: DICOM view {view} (PA/AP expected)")
     return found
 

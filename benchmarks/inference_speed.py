@@ -3,8 +3,12 @@ against the float32 ONNX engine: throughput, single-image latency and, for a tra
 agreement on the shared ``test`` split (ROC AUC, labels at the checkpoint's threshold, OOD flags)."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -111,3 +115,48 @@ def int8_agreement(checkpoint, data: str, engine: str = "onnx-int8") -> tuple[di
         flags = [float32.ood.flagged(float32.ood.score(s.features, s.raw, pixels)) for s in (reference, quantised)]
         result["same_ood_flag"] = float(np.mean(flags[0] == flags[1]))
     return result, pixels
+
+
+def alternating_processes(checkpoint, pixels: np.ndarray, batch_size: int, pairs: int = 3,
+                          engines=("onnx", "openvino-int8")) -> dict:
+    """Throughput of two engines, each in a process of its own, alternating (A B A B ...): a slow minute on a
+    shared machine then lowers one pair, not one engine's every run; and OpenVINO's threads never share a
+    process with ONNX Runtime. The ratio is the median of the pairs' ratios."""
+    folder = Path(tempfile.mkdtemp(prefix="pcnn-bench-pairs-"))
+    np.save(folder / "pixels.npy", np.asarray(pixels))
+    runs = {engine: [] for engine in engines}
+    for _ in range(pairs):
+        for engine in engines:
+            command = [sys.executable, __file__, str(checkpoint), str(folder / "pixels.npy"), engine, str(batch_size)]
+            answer = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+            if answer.returncode != 0:  # openvino not installed, or no int8 graph: said, not raised
+                return {"skipped": (answer.stderr.strip().splitlines() or ["?"])[-1]}
+            runs[engine].append(json.loads(answer.stdout.strip().splitlines()[-1])["images_per_s"])
+    first, second = engines
+    ratios = [b / a for a, b in zip(runs[first], runs[second])]
+    return {"engines": list(engines), "images_per_s": runs, "pair_ratios": ratios,
+            "median_ratio": statistics.median(ratios)}
+
+
+def _one_engine(argv=None):
+    """``python inference_speed.py CHECKPOINT PIXELS.npy ENGINE BATCH``: the best of three timed passes over the
+    pixels (after a warm-up batch), printed as JSON."""
+    parser = argparse.ArgumentParser()
+    for name in ("checkpoint", "pixels", "engine"):
+        parser.add_argument(name)
+    parser.add_argument("batch_size", type=int)
+    args = parser.parse_args(argv)
+    from pneumonia_cnn.inference import Predictor
+    pixels = np.load(args.pixels)
+    predictor = Predictor(args.checkpoint, "cpu", engine=args.engine)
+    predictor.predict_arrays(pixels[:args.batch_size], args.batch_size)
+    passes = []
+    for _ in range(3):
+        start = time.perf_counter()
+        predictor.predict_arrays(pixels, args.batch_size)
+        passes.append(len(pixels) / (time.perf_counter() - start))
+    print(json.dumps({"engine": args.engine, "images_per_s": max(passes), "passes": passes}))
+
+
+if __name__ == "__main__":
+    _one_engine()

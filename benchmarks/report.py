@@ -40,6 +40,8 @@ def _inference_rows(results) -> list[tuple[str, str]]:
         int8 = results.get(f"inference_{key}", {})
         if "images_per_s" in onnx and "images_per_s" in int8:
             rows.append((f"{key} / float32 ONNX (same run)", f"x{int8['images_per_s'] / onnx['images_per_s']:.2f}"))
+    rows += _alternating_rows("seed model", results.get("inference_alternating", {}))
+    rows += _alternating_rows("trained checkpoint", (results.get("int8_trained") or {}).get("alternating", {}))
     trained = results.get("int8_trained")
     if trained:
         for key, agreement in (("onnx_int8", trained), ("openvino_int8", trained.get("openvino_int8", {}))):
@@ -53,6 +55,21 @@ def _inference_rows(results) -> list[tuple[str, str]]:
                          f"{agreement.get('same_ood_flag', 0):.1%} of {agreement['images']}; x{ratio:.2f} the float32 "
                          f"ONNX img/s, one image p50 {engines[key]['single_image_ms_p50']:.1f} ms vs "
                          f"{engines['onnx']['single_image_ms_p50']:.1f} ms"))
+    return rows
+
+
+def _alternating_rows(model: str, measured: dict) -> list[tuple[str, str]]:
+    rows = []
+    for engine, pairs in measured.items():
+        if "median_ratio" not in pairs:
+            rows.append((f"{engine} / float32 ONNX, {model}, alternating processes", pairs.get("skipped", "?")))
+            continue
+        ratios = ", ".join(f"x{r:.2f}" for r in pairs["pair_ratios"])
+        speeds = pairs["images_per_s"]
+        rows.append((f"{engine} / float32 ONNX, {model}, alternating processes",
+                     f"x{pairs['median_ratio']:.2f} (median of pairs {ratios}; "
+                     f"{min(speeds[engine]):.0f}-{max(speeds[engine]):.0f} vs "
+                     f"{min(speeds['onnx']):.0f}-{max(speeds['onnx']):.0f} img/s)"))
     return rows
 
 

@@ -180,10 +180,15 @@ def bench_inference(args, results, pixels, checkpoint):
                 args.checkpoint, trained_pixels, args.batch_size, args.latency_runs, openvino=True))
         except Exception as error:  # openvino not installed
             results["int8_trained"]["openvino_int8"] = {"skipped": str(error)}
+        results["int8_trained"]["alternating"] = {engine: inference_speed.alternating_processes(
+            args.checkpoint, trained_pixels, args.batch_size, engines=("onnx", engine))
+            for engine in ("onnx-int8", "openvino-int8")}
     os.environ["PNEUMONIA_CNN_CACHE"] = seed_cache
     for key, value in inference_speed.bench_engines(checkpoint, pixels, args.batch_size, args.latency_runs,
                                                     openvino=True).items():
         results[f"inference_{key}"] = value
+    results["inference_alternating"] = {engine: inference_speed.alternating_processes(
+        checkpoint, pixels, args.batch_size, engines=("onnx", engine)) for engine in ("onnx-int8", "openvino-int8")}
     if cache is None:  # as it was
         os.environ.pop("PNEUMONIA_CNN_CACHE", None)
     else:

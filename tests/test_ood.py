@@ -223,6 +223,32 @@ def test_predict_flags_an_adult_dicom(ood_run, tmp_path):
     assert prediction.in_distribution is False and any("patient age 45 years" in w for w in prediction.warnings)
 
 
+def test_evaluate_flags_what_predict_flags_from_the_file_itself(ood_run, tmp_path):
+    """Colour and DICOM headers are read when the cache is built and kept in its manifest (the age, never the
+    birth date or the ID), so evaluate's flags equal predict's, on a fresh cache and on a reused one."""
+    import json
+
+    from pneumonia_cnn.evaluation.evaluate import evaluate
+    root = link_subset(tmp_path / "data", {"test": 3})
+    normal = root / "test" / "NORMAL"
+    lateral = child_xray_dicom(normal / "lateral.dcm", PatientAge="003Y", ViewPosition="LL")
+    adult = child_xray_dicom(normal / "adult.dcm", PatientBirthDate="19800101", StudyDate="20250101",
+                             PatientID="SECRET-ID-42")
+    colour = normal / "photo.jpg"
+    Image.fromarray(skimage_data.astronaut()).resize((224, 224)).save(colour)
+    frontal = child_xray_dicom(normal / "frontal.dcm", PatientAge="003Y")
+    expected = {str(p.path): p.in_distribution is False
+                for p in Predictor(ood_run / "best.pt", "cpu").predict_files(sorted((root / "test").rglob("*.*")))}
+    assert [expected[str(p)] for p in (lateral, adult, colour, frontal)] == [True, True, True, False]
+    cache = tmp_path / "cache"
+    for build in ("fresh", "reused"):
+        report = evaluate(ood_run / "best.pt", root, "test", cache_dir=cache, bootstrap=10, figures=False)
+        assert {p["path"]: p["flagged"] for p in report["predictions"]} == expected, build
+    manifest = next(cache.rglob("manifest.json")).read_text()
+    assert "SECRET-ID-42" not in manifest and "19800101" not in manifest and '"ViewPosition": "LL"' in manifest
+    assert json.loads(manifest)["version"] == 2
+
+
 # ------------------------------------------------------------------ taps: one forward pass, ONNX, threads
 def every_reduction_taps(model):
     last_conv = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)][-1]

@@ -2,7 +2,8 @@
 
 Layout of a cache folder (one per source, size and preprocessing)::
 
-    manifest.json          entries (path, bytes, mtime, label, patient), skipped files, the data file's name
+    manifest.json          entries (path, bytes, mtime, label, patient, and what the file says about itself
+                           for the intended-use checks: colour, DICOM tags), skipped files, the data file's name
     images-<token>.u8      N x H x W uint8, row i = entry i
 
 The data file is written first under a fresh name and the manifest last, each atomically, so a killed
@@ -17,19 +18,21 @@ import logging
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DatasetError, ImageReadError
 from ..fileio import atomic_path, display_path, write_json_atomic
+from .age import patient_age_years
 from .dataset import ImageList
+from .image import ImageMeta
 from .intensity import standardise_intensity
 from .readers import read_image
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries keep the file's colour and DICOM tags (the intended-use checks)
 
 
 def default_cache_dir() -> Path:
@@ -49,15 +52,39 @@ class CachedImages:
     skipped: list[tuple[str, str]]
     source: str = ""
     decoded: int = 0  # how many files this call had to decode (0 = fully reused)
+    checked: list = field(default_factory=list)  # per image: what the intended-use checks read, or None
 
     def __len__(self):
         return len(self.paths)
 
+    def metas(self) -> list[ImageMeta | None]:
+        """Per image, what ``predict`` would know about its file (colour, DICOM tags): the same flags."""
+        return [None if c is None else ImageMeta(c["format"], tuple(c["size"]), c.get("tags", {}),
+                                                 c.get("saturation", 0.0)) for c in self.checked] \
+            if self.checked else [None] * len(self.paths)
+
 
 def preprocess_file(path, size, interpolation="bilinear", intensity="none") -> np.ndarray:
     """The one definition of file -> model-ready uint8 gray; the cache and inference both call it."""
-    gray, _ = read_image(path, size, interpolation)
-    return standardise_intensity(gray, intensity)
+    return preprocess_file_and_meta(path, size, interpolation, intensity)[0]
+
+
+def preprocess_file_and_meta(path, size, interpolation="bilinear", intensity="none") -> tuple[np.ndarray, ImageMeta]:
+    gray, meta = read_image(path, size, interpolation)
+    return standardise_intensity(gray, intensity), meta
+
+
+def checked_fields(meta: ImageMeta) -> dict | None:
+    """What the intended-use checks read from a file (its colour; its DICOM modality, body part, view and the
+    patient's age, never the birth date or ID), for the manifest; None when the file says nothing they read."""
+    tags = {key: meta.tags[key] for key in ("Modality", "BodyPartExamined", "ViewPosition") if meta.tags.get(key)}
+    age = patient_age_years(meta.tags)
+    if age is not None:
+        tags["PatientAge"] = f"{age:.6f}Y"
+    if not tags and not meta.saturation:
+        return None
+    return {"format": meta.source_format, "size": list(meta.original_size), "tags": tags,
+            "saturation": float(meta.saturation)}
 
 
 def _file_signature(path: str):
@@ -77,19 +104,22 @@ def cache_key(source: str, size, preprocessing: dict) -> str:
 def _decode_one(args):
     path, size, interpolation, intensity = args
     try:
-        return preprocess_file(path, size, interpolation, intensity), None
+        gray, meta = preprocess_file_and_meta(path, size, interpolation, intensity)
+        return gray, None, checked_fields(meta)
     except ImageReadError as error:
-        return None, error.reason
+        return None, error.reason, None
     except Exception as error:  # a reader bug must not kill a whole build; report it as a reason
-        return None, f"unexpected {type(error).__name__}: {error}"
+        return None, f"unexpected {type(error).__name__}: {error}", None
 
 
 @dataclass
 class _PreviousBuild:
-    """What an earlier build left: row and signature per path, skipped files with their reasons, the rows."""
+    """What an earlier build left: row and signature per path, skipped files with their reasons, the rows,
+    the checked fields per path."""
     rows: dict
     skipped: dict
     array: np.ndarray | None = None
+    checked: dict = field(default_factory=dict)
 
 
 def _read_previous_build(folder: Path, size) -> _PreviousBuild:
@@ -106,6 +136,7 @@ def _read_previous_build(folder: Path, size) -> _PreviousBuild:
         if count and data_path.stat().st_size == count * size[0] * size[1]:
             previous.array = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(count, *size))
             previous.rows = {e["path"]: (i, e["signature"]) for i, e in enumerate(manifest["entries"])}
+            previous.checked = {e["path"]: e.get("checked") for e in manifest["entries"]}
         return previous
     except (OSError, ValueError, KeyError, TypeError):
         log.warning("%s: cache manifest unreadable, rebuilding", display_path(manifest_path))
@@ -140,7 +171,8 @@ def _decode_many(paths, size, interpolation, intensity, workers, progress, descr
     return results
 
 
-def _write_build(folder: Path, size, rows, images: ImageList, signatures, keep, skipped, preprocessing) -> np.ndarray:
+def _write_build(folder: Path, size, rows, images: ImageList, signatures, keep, skipped, preprocessing,
+                 checked: dict) -> np.ndarray:
     """The data file (``rows`` yields each kept image) under a fresh name, then the manifest; stale data
     files go. Returns the new data file, mapped read-only."""
     data_name = f"images-{uuid.uuid4().hex[:12]}.u8"
@@ -152,7 +184,7 @@ def _write_build(folder: Path, size, rows, images: ImageList, signatures, keep, 
         array_out.flush()
         del array_out
     entries = [{"path": images.paths[i], "signature": signatures[i], "label": int(images.labels[i]),
-                "patient": images.patients[i]} for i in keep]
+                "patient": images.patients[i], **({"checked": checked[i]} if checked.get(i) else {})} for i in keep]
     skipped_entries = [{"path": p, "signature": _file_signature(p), "reason": r} for p, r in skipped]
     write_json_atomic(folder / "manifest.json", {
         "version": CACHE_VERSION, "size": list(size), "source": images.source, "preprocessing": preprocessing,
@@ -177,13 +209,14 @@ def build_or_load(images: ImageList, size, interpolation: str = "bilinear", inte
     signatures = [_file_signature(p) for p in images.paths]
     reuse, skipped, to_decode = _plan_reuse(images.paths, signatures, previous)
     decoded: dict[int, np.ndarray] = {}
+    checked = {index: previous.checked.get(images.paths[index]) for index in reuse}
     results = _decode_many([images.paths[i] for i in to_decode], size, interpolation, intensity, workers,
                            progress, Path(images.source).name or "images")
-    for index, (array, reason) in zip(to_decode, results):
+    for index, (array, reason, fields) in zip(to_decode, results):
         if array is None:
             skipped.append((images.paths[index], reason))
         else:
-            decoded[index] = array
+            decoded[index], checked[index] = array, fields
     keep = sorted([*reuse, *decoded])
     if images.paths and not keep:  # every caller needs at least one image; say why there is none
         first, reason = skipped[0]
@@ -195,7 +228,7 @@ def build_or_load(images: ImageList, size, interpolation: str = "bilinear", inte
         array = previous.array  # nothing changed: use the existing file as it is
     else:
         rows = (decoded[i] if i in decoded else previous.array[reuse[i]] for i in keep)
-        array = _write_build(folder, size, rows, images, signatures, keep, skipped, preprocessing)
+        array = _write_build(folder, size, rows, images, signatures, keep, skipped, preprocessing, checked)
     for path, reason in skipped:
         log.warning("skipped %s: %s", display_path(path), reason)
     if skipped:
@@ -203,4 +236,4 @@ def build_or_load(images: ImageList, size, interpolation: str = "bilinear", inte
                     len(images.paths))
     return CachedImages(array[:len(keep)], images.labels[keep].copy(), [images.paths[i] for i in keep],
                         [images.patients[i] for i in keep], images.class_names, skipped, images.source,
-                        decoded=len(to_decode))
+                        decoded=len(to_decode), checked=[checked.get(i) for i in keep])

@@ -115,7 +115,7 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
             refuse_overlap(cached, stored.get("fingerprints", []), evaluated_fingerprints,
                            what=f"{display_path(member.get('path', 'the checkpoint'))}'s threshold and calibration")
     predictor = Predictor(bundle, device, prevalence=prevalence, adapt_batch=adapt_batch, engine=engine)
-    entries, notes = predictor.assess(cached.images, batch_size=batch_size, progress=progress)
+    entries, notes = predictor.assess(cached.images, cached.metas(), batch_size=batch_size, progress=progress)
     report = build_report(predictor, cached, entries, notes, data, split, bootstrap, seed)
     if by:
         from .subgroups import subgroup_results

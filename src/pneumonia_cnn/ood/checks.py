@@ -7,6 +7,8 @@ import unicodedata
 
 import numpy as np
 
+from ..data.age import patient_age_years
+
 NOT_XRAY = "not an X-ray"
 AGE_OUTSIDE = "patient age"
 NOT_FRONTAL_CHEST = "not a frontal chest radiograph"  # what the model was trained on: DICOM modality, body part, view
@@ -27,39 +29,6 @@ def image_statistics(gray: np.ndarray) -> dict:
     smooth = (values[1:-1, 1:-1] * 4 - values[:-2, 1:-1] - values[2:, 1:-1] - values[1:-1, :-2] - values[1:-1, 2:])
     roughness = float(np.abs(smooth).mean() / (std + 1e-6))
     return {"std": std, "roughness": roughness}
-
-
-def _age_years(text: str | None):
-    """DICOM Age String (``nnnD``, ``nnnW``, ``nnnM``, ``nnnY``) in years; None when absent or unreadable."""
-    if not text:
-        return None
-    text = text.strip().upper()
-    try:
-        if text[-1] in "DWMY":
-            return float(text[:-1]) / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[text[-1]]
-        return float(text)
-    except (ValueError, IndexError):
-        return None
-
-
-def _date(text: str | None):
-    from datetime import datetime
-    try:
-        return datetime.strptime((text or "").strip()[:8], "%Y%m%d").date()
-    except ValueError:
-        return None
-
-
-def patient_age_years(tags: dict):
-    """PatientAge, else the years from PatientBirthDate to StudyDate (or AcquisitionDate); None if unknown."""
-    age = _age_years(tags.get("PatientAge"))
-    if age is not None:
-        return age
-    born = _date(tags.get("PatientBirthDate"))
-    taken = _date(tags.get("StudyDate")) or _date(tags.get("AcquisitionDate"))
-    if born is None or taken is None or taken < born:
-        return None
-    return (taken - born).days / 365.25
 
 
 def input_warnings(gray: np.ndarray, meta=None, intended_use: dict | None = None) -> list[str]:

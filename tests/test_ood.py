@@ -154,6 +154,7 @@ def test_dicom_age_inside_the_range_or_unknown_does_not_flag(tmp_path, tags):
     assert "blank" in flag_reasons(np.full((64, 64), 9, np.uint8), meta, KAGGLE_USE)[0]  # not an X-ray: flagged
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # lower case, as some sites write it
 @pytest.mark.parametrize("tags, words", [
     ({"Modality": "CT"}, "DICOM modality CT (CR/DX/DR/RG expected)"),
     ({"Modality": "mr"}, "DICOM modality MR (CR/DX/DR/RG expected)"),
@@ -227,6 +228,7 @@ def test_evaluate_flags_what_predict_flags_from_the_file_itself(ood_run, tmp_pat
     """Colour and DICOM headers are read when the cache is built and kept in its manifest (the age, never the
     birth date or the ID), so evaluate's flags equal predict's, on a fresh cache and on a reused one."""
     import json
+    from pathlib import Path
 
     from pneumonia_cnn.evaluation.evaluate import evaluate
     root = link_subset(tmp_path / "data", {"test": 3})
@@ -241,12 +243,26 @@ def test_evaluate_flags_what_predict_flags_from_the_file_itself(ood_run, tmp_pat
                 for p in Predictor(ood_run / "best.pt", "cpu").predict_files(sorted((root / "test").rglob("*.*")))}
     assert [expected[str(p)] for p in (lateral, adult, colour, frontal)] == [True, True, True, False]
     cache = tmp_path / "cache"
-    for build in ("fresh", "reused"):
+
+    def flags_agree(build):
+        predicted = Predictor(ood_run / "best.pt", "cpu").predict_files(sorted((root / "test").rglob("*.*")))
         report = evaluate(ood_run / "best.pt", root, "test", cache_dir=cache, bootstrap=10, figures=False)
-        assert {p["path"]: p["flagged"] for p in report["predictions"]} == expected, build
-    manifest = next(cache.rglob("manifest.json")).read_text()
-    assert "SECRET-ID-42" not in manifest and "19800101" not in manifest and '"ViewPosition": "LL"' in manifest
-    assert json.loads(manifest)["version"] == 2
+        assert {p["path"]: p["flagged"] for p in report["predictions"]} == \
+               {str(p.path): p.in_distribution is False for p in predicted}, build
+
+    flags_agree("fresh")
+    flags_agree("reused")
+    manifest = json.loads(next(cache.rglob("manifest.json")).read_text())
+    assert manifest["version"] == 2 and "SECRET-ID-42" not in str(manifest) and "19800101" not in str(manifest)
+    checked = {Path(e["path"]).name: e.get("checked") for e in manifest["entries"]}
+    assert checked["photo.jpg"]["saturation"] > 0.15 and checked["lateral.dcm"]["tags"]["ViewPosition"] == "LL"
+    assert float(checked["adult.dcm"]["tags"]["PatientAge"][:-1]) == pytest.approx(45.0, abs=0.01)
+    assert sum(c is None for c in checked.values()) == 6  # the shared PNG X-rays say nothing the checks read
+    # partly changed: a new flagged DICOM sorting first, one rewritten to frontal, one removed, the rest reused
+    child_xray_dicom(normal / "a_first.dcm", PatientAge="040Y")
+    child_xray_dicom(lateral, PatientAge="003Y")
+    colour.unlink()
+    flags_agree("partly changed")
 
 
 # ------------------------------------------------------------------ taps: one forward pass, ONNX, threads

@@ -68,3 +68,25 @@ def test_killed_build_leaves_previous_cache_valid(tmp_path, monkeypatch):
     reloaded = build_or_load(scan_folder(root), (32, 32), cache_dir=cache)
     assert reloaded.decoded == 0 and np.array_equal(np.asarray(reloaded.images), np.asarray(good.images))
     assert not list(cache.rglob("*.tmp"))
+
+
+def test_a_damaged_or_older_manifest_is_rebuilt_not_trusted(tmp_path, caplog):
+    import json
+    root = make_set(tmp_path / "set")
+    write_image(root / "NORMAL" / "colour.png", np.dstack([np.full((40, 40), 250, np.uint8),
+                                                           np.zeros((40, 40), np.uint8), np.zeros((40, 40), np.uint8)]))
+    cache = tmp_path / "cache"
+    first = build_or_load(scan_folder(root), (32, 32), cache_dir=cache)
+    assert [m.saturation > 0.9 if m else None for m in first.metas()].count(True) == 1
+    manifest_path = next(cache.rglob("manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    entry = next(e for e in manifest["entries"] if "checked" in e)
+    entry["checked"] = {"format": "PNG"}  # a hand edit: no size
+    manifest_path.write_text(json.dumps(manifest))
+    rebuilt = build_or_load(scan_folder(root), (32, 32), cache_dir=cache)
+    assert rebuilt.decoded == 9 and "cache manifest unreadable, rebuilding" in caplog.text
+    assert [m.saturation > 0.9 if m else None for m in rebuilt.metas()].count(True) == 1
+    manifest = json.loads(manifest_path.read_text())
+    manifest["version"] = 1  # written by a version whose entries kept no checks
+    manifest_path.write_text(json.dumps(manifest))
+    assert build_or_load(scan_folder(root), (32, 32), cache_dir=cache).decoded == 9

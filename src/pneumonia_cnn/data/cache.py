@@ -77,10 +77,12 @@ def preprocess_file_and_meta(path, size, interpolation="bilinear", intensity="no
 def checked_fields(meta: ImageMeta) -> dict | None:
     """What the intended-use checks read from a file (its colour; its DICOM modality, body part, view and the
     patient's age, never the birth date or ID), for the manifest; None when the file says nothing they read."""
-    tags = {key: meta.tags[key] for key in ("Modality", "BodyPartExamined", "ViewPosition") if meta.tags.get(key)}
+    # 64 characters: more than any real value, and a malformed file cannot bloat the manifest
+    tags = {key: str(meta.tags[key])[:64] for key in ("Modality", "BodyPartExamined", "ViewPosition")
+            if meta.tags.get(key)}
     age = patient_age_years(meta.tags)
     if age is not None:
-        tags["PatientAge"] = f"{age:.6f}Y"
+        tags["PatientAge"] = f"{age!r}Y"  # the float's repr reads back exactly: the same decision at a range's edge
     if not tags and not meta.saturation:
         return None
     return {"format": meta.source_format, "size": list(meta.original_size), "tags": tags,
@@ -137,6 +139,8 @@ def _read_previous_build(folder: Path, size) -> _PreviousBuild:
             previous.array = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(count, *size))
             previous.rows = {e["path"]: (i, e["signature"]) for i, e in enumerate(manifest["entries"])}
             previous.checked = {e["path"]: e.get("checked") for e in manifest["entries"]}
+            if any(c is not None and not {"format", "size"} <= set(c) for c in previous.checked.values()):
+                raise KeyError("checked")
         return previous
     except (OSError, ValueError, KeyError, TypeError):
         log.warning("%s: cache manifest unreadable, rebuilding", display_path(manifest_path))

@@ -75,3 +75,23 @@ def test_adapt_without_labels_and_without_batch_norm(trained_run, tmp_path, caps
     assert main(["adapt", str(trained_run), "--data", str(unlabelled), "--out", str(tmp_path / "a.pt")]) == 0
     assert "no batch-norm layers" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "a.pt")["adaptation"]["adabn_layers"] == 0
+
+
+def test_adapt_leaves_out_what_the_input_checks_flag(bn_run, tmp_path, caplog, capsys):
+    require_shared()
+    from tests.data.dicom_factory import write_dicom
+    unlabelled = write_site(tmp_path / "site", "test", 16, labelled=False)
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(unlabelled / "0_blank.png")
+    Image.fromarray(np.full((64, 64), 200, np.uint8)).save(unlabelled / "1_blank.png")
+    xray = np.asarray(Image.open(sorted((SHARED_DATA / "val" / "NORMAL").iterdir())[0]).convert("L"))
+    write_dicom(unlabelled / "2_lateral.dcm", xray.astype(np.uint16) * 16, ViewPosition="LL", PatientAge="003Y")
+    assert main(["adapt", str(bn_run / "best.pt"), "--data", str(unlabelled), "--out", str(tmp_path / "a.pt"),
+                 "--device", "cpu"]) == 0
+    adaptation = load_checkpoint(tmp_path / "a.pt")["adaptation"]
+    assert adaptation["site_images"] == 32 and adaptation["left_out_by_input_checks"] == 3
+    assert "adapt leaves out 3 of the site's 35 image(s) that the input checks flag (first: " in caplog.text
+    (unlabelled / sorted(p.name for p in unlabelled.iterdir() if p.name.startswith("N_"))[0]).unlink()
+    assert main(["adapt", str(bn_run / "best.pt"), "--data", str(unlabelled), "--out", str(tmp_path / "b.pt"),
+                 "--device", "cpu"]) == 2  # 31 left: refused, naming the flagged ones
+    assert "31 readable image(s) the input checks do not flag (3 flagged); adapt needs at least 32" in \
+           capsys.readouterr().err

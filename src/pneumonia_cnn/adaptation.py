@@ -130,15 +130,17 @@ def adapt(checkpoint, data, out, labelled=None, device: str = "auto", recalibrat
     source = load_checkpoint(checkpoint)
     bundle, device = load_bundle(source), resolve_device(device)
     pre = bundle.preprocessing
-    unlabelled = build_or_load(scan_unlabelled(data), pre.size, pre.interpolation, pre.intensity, cache_dir=cache_dir)
+    cached = build_or_load(scan_unlabelled(data), pre.size, pre.interpolation, pre.intensity, cache_dir=cache_dir)
+    unlabelled, left_out = in_population(bundle, cached)
     if len(unlabelled) < MIN_SITE_IMAGES:
-        raise PneumoniaCNNError(f"{display_path(data)}: {len(unlabelled)} readable image(s); adapt needs at least "
-                                f"{MIN_SITE_IMAGES} of the site's images (batch-norm statistics and the "
-                                f"out-of-distribution refit from fewer are too noisy to trust)")
+        raise PneumoniaCNNError(f"{display_path(data)}: {len(unlabelled)} readable image(s) the input checks do not "
+                                f"flag ({left_out} flagged); adapt needs at least {MIN_SITE_IMAGES} of the site's "
+                                f"images (batch-norm statistics and the out-of-distribution refit from fewer are too "
+                                f"noisy to trust)")
     model = copy.deepcopy(bundle.models[0]).to(device)
-    reset = adabn(model, np.asarray(unlabelled.images), device, tta=bundle.tta)
+    reset = adabn(model, unlabelled, device, tta=bundle.tta)
     result = {"checkpoint": str(source["path"]), "out": str(out), "unlabelled_images": len(unlabelled),
-              "adabn_layers": reset, "fine_tune_epochs": 0}
+              "left_out_by_input_checks": left_out, "adabn_layers": reset, "fine_tune_epochs": 0}
     if not reset:
         log.warning("%s has no batch-norm layers: AdaBN does not apply (use a model such as seed_bn or resnet18)",
                     source["model"]["name"])
@@ -147,9 +149,23 @@ def adapt(checkpoint, data, out, labelled=None, device: str = "auto", recalibrat
         model, decision, site_images = _adapt_with_labels(bundle, model, labelled, device, recalibrate, seed,
                                                           max_epochs, folds, held_out, cache_dir, result)
     adapted = replace(bundle, models=[model.cpu().eval()], decision=decision, ood=None)
-    detector = _refit_ood(adapted, np.concatenate([np.asarray(unlabelled.images), site_images]), device, source, seed)
+    detector = _refit_ood(adapted, np.concatenate([unlabelled, site_images]), device, source, seed)
     _save_adapted(source, adapted, detector, out, data, labelled, result)
     return result
+
+
+def in_population(bundle: Bundle, cached) -> tuple[np.ndarray, int]:
+    """The site's images that the model-free input checks do not flag (blank, noise, colour; a DICOM of another
+    modality, body part, view or age), as predict's batch adaptation uses them, and how many were left out:
+    their batch-norm statistics and OOD features would describe something other than the site's X-rays."""
+    from .ood import flag_reasons
+    images = np.asarray(cached.images)
+    reasons = [flag_reasons(gray, meta, bundle.intended_use) for gray, meta in zip(images, cached.metas())]
+    flagged = [(path, found[0]) for path, found in zip(cached.paths, reasons) if found]
+    if flagged:
+        log.warning("adapt leaves out %d of the site's %d image(s) that the input checks flag (first: %s: %s)",
+                    len(flagged), len(images), display_path(flagged[0][0]), flagged[0][1])
+    return images[[not found for found in reasons]], len(flagged)
 
 
 def _adapt_with_labels(bundle: Bundle, model, labelled, device, recalibrate, seed, max_epochs, folds, held_out,
@@ -226,6 +242,8 @@ def _save_adapted(source: dict, adapted: Bundle, detector, out, data, labelled, 
     if "_reference" in result:  # the labelled images the threshold was refitted on: evaluate refuses them
         payload["reference"] = result.pop("_reference")
     payload["adaptation"] = {"site_data": str(data), "labelled": str(labelled) if labelled else None,
+                             "site_images": result["unlabelled_images"],
+                             "left_out_by_input_checks": result["left_out_by_input_checks"],
                              "adabn_layers": result["adabn_layers"], "fine_tune_epochs": result["fine_tune_epochs"],
                              "threshold_refitted_on_site": bool(labelled),
                              "improved": result.get("improved"), "verdict": result.get("verdict")}

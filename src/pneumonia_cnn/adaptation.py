@@ -133,10 +133,10 @@ def adapt(checkpoint, data, out, labelled=None, device: str = "auto", recalibrat
     cached = build_or_load(scan_unlabelled(data), pre.size, pre.interpolation, pre.intensity, cache_dir=cache_dir)
     unlabelled, left_out = in_population(bundle, cached)
     if len(unlabelled) < MIN_SITE_IMAGES:
-        raise PneumoniaCNNError(f"{display_path(data)}: {len(unlabelled)} readable image(s) the input checks do not "
-                                f"flag ({left_out} flagged); adapt needs at least {MIN_SITE_IMAGES} of the site's "
-                                f"images (batch-norm statistics and the out-of-distribution refit from fewer are too "
-                                f"noisy to trust)")
+        counted = f" the input checks do not flag ({left_out} flagged)" if left_out else ""
+        raise PneumoniaCNNError(f"{display_path(data)}: {len(unlabelled)} readable image(s){counted}; adapt needs at "
+                                f"least {MIN_SITE_IMAGES} of the site's images (batch-norm statistics and the "
+                                f"out-of-distribution refit from fewer are too noisy to trust)")
     model = copy.deepcopy(bundle.models[0]).to(device)
     reset = adabn(model, unlabelled, device, tta=bundle.tta)
     result = {"checkpoint": str(source["path"]), "out": str(out), "unlabelled_images": len(unlabelled),

@@ -9,7 +9,7 @@ import pytest
 
 from pneumonia_cnn import builtin
 from pneumonia_cnn.cli import main
-from tests.conftest import KERAS_FIXTURES, write_image
+from tests.conftest import KERAS_FIXTURES, SHARED_DATA, write_image
 
 EXAMPLES = Path(builtin.checkpoint_path()).parent / "examples"
 
@@ -64,6 +64,16 @@ def test_an_output_that_is_an_input_is_refused_before_anything_is_written(capsys
         assert (status, error) == (2, f"error: {target}: --out would join the data in {small_root}, which this "
                                       f"command reads; choose a path outside its subfolders")
         assert (target.exists() and digest(target)) == before
+    # a flat folder of images (adapt --data, predict DIR): an image at its top is data too
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for index, source in enumerate(sorted((small_root / "test" / "NORMAL").iterdir())[:2]):
+        (flat / f"x{index}.jpeg").write_bytes(source.read_bytes())
+    before = digest(flat / "x0.jpeg")
+    status, error = run(capsys, "adapt", "builtin", "--data", flat, "--out", flat / "x0.jpeg")
+    assert (status, error) == (2, f"error: {flat / 'x0.jpeg'}: --out would overwrite an image in {flat}, which "
+                                  f"this command reads; choose another path")
+    assert digest(flat / "x0.jpeg") == before
     # beside the data, at its top, is where a picture of it may go
     assert run(capsys, "show-samples", "--data", small_root, "--split", "test", "--per-class", "1",
                "--out", small_root / "samples.png")[0] == 0 and (small_root / "samples.png").is_file()
@@ -101,6 +111,9 @@ def test_nothing_to_score_is_an_error(capsys, tmp_path):
     assert (status, error) == (2, f"error: {tmp_path / 'empty'}: no image or DICOM files found")
     status, error = run(capsys, "explain", tmp_path / "empty", "--out", tmp_path / "maps")
     assert (status, error) == (2, f"error: {tmp_path / 'empty'}: no image or DICOM files found")
+    image = next((SHARED_DATA / "test" / "NORMAL").iterdir())
+    status, error = run(capsys, "explain", image, "--out", image)  # was a raw "[Errno 17] File exists"
+    assert (status, error) == (2, f"error: {image}: --out is a file; give a folder for the overlays")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -209,7 +222,8 @@ def test_binary_files_given_as_text_name_the_file(capsys, tmp_path):
 @pytest.mark.parametrize("flag, value, message", [
     ("--lr", "nan", "lr: expected a finite number, got nan"),
     ("--lr", "inf", "lr: expected a finite number, got inf"),
-    ("--seed", "-1", "seed: -1 is below the minimum 0")])
+    ("--seed", "-1", "seed: -1 is below the minimum 0"),
+    ("--size", "100000", "size: 100000 is above the maximum 4096")])  # was accepted, then killed for memory
 def test_training_numbers_that_mean_nothing_are_refused_before_reading_data(capsys, tmp_path, flag, value, message):
     status, error = run(capsys, "train", "--data", tmp_path / "nowhere", "--out", tmp_path / "r", flag, value)
     assert (status, error) == (2, f"error: {message}") and not (tmp_path / "r").exists()

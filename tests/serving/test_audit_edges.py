@@ -119,3 +119,17 @@ def test_another_applications_database_is_refused_untouched(tmp_path):
                                                 r"patients\), not an audit log"):
         AuditLog(other)
     assert snapshot(tmp_path) == before  # not switched to WAL, no predictions table added
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_upload_mb": 1e30}, "--max-upload-mb 1e+30: must be a positive number of at most 4,096"),
+    ({"max_batch_upload_mb": 1e6}, "--max-batch-upload-mb 1e+06: must be a positive number of at most 65,536"),
+    ({"max_in_flight": 10 ** 20}, "--max-in-flight 100000000000000000000: must be a whole number from 1 to 1,000,000"),
+])
+def test_serve_limits_have_ceilings(options, message):
+    """A limit past the ceiling was accepted, and then every upload failed with an index overflow (HTTP 500)."""
+    from pneumonia_cnn.serving.service import ServeOptions
+    with pytest.raises(PneumoniaCNNError) as raised:
+        ServeOptions(**options)
+    assert str(raised.value) == message
+    assert ServeOptions(max_upload_mb=4096, max_in_flight=1_000_000).max_bytes == 4096 * 1024 * 1024

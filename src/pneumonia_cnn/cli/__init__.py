@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
             epilog = "examples:\n" + "\n".join(f"  {e}" for e in command.examples) if command.examples else None
             if command.name == "train":
                 epilog = (epilog or "") + "\n\n" + training.presets_epilog()
-            escaped = command.help.replace("%", "%%")  # argparse expands % in help text
-            p = sub.add_parser(command.name, help=escaped, description=escaped, epilog=epilog,
+            escaped = command.help.replace("%", "%%")  # argparse expands % in help text, not in a description
+            p = sub.add_parser(command.name, help=escaped, description=command.help, epilog=epilog,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
             command.arguments(p)
             p.set_defaults(func=command.run)

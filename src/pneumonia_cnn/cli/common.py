@@ -119,11 +119,15 @@ def check_output(out, *inputs, flag: str = "--out") -> None:
         if target.exists() and any(f.exists() and os.path.samefile(f, target) for f in files):
             raise PneumoniaCNNError(f"{out}: {flag} would overwrite {item}, which this command reads; "
                                     f"choose another path")
+        inside = [d for d in folders if place.is_relative_to(d.resolve())]
         # images are read from a data folder's subfolders (classes, splits): an image written there joins the data
-        if target.suffix.lower() in SUPPORTED_SUFFIXES and any(
-                place.parent != d.resolve() and place.is_relative_to(d.resolve()) for d in folders):
+        if target.suffix.lower() in SUPPORTED_SUFFIXES and any(place.parent != d.resolve() for d in inside):
             raise PneumoniaCNNError(f"{out}: {flag} would join the data in {item}, which this command reads; "
                                     f"choose a path outside its subfolders")
+        # an image already at the top of a folder the command reads is data too (adapt --data, predict DIR)
+        if target.suffix.lower() in SUPPORTED_SUFFIXES and target.is_file() and inside:
+            raise PneumoniaCNNError(f"{out}: {flag} would overwrite an image in {item}, which this command reads; "
+                                    f"choose another path")
     if target.is_dir():
         raise PneumoniaCNNError(f"{out}: {flag} is a folder; give a file path")
     try:

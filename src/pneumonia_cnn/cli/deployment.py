@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 from .common import (
@@ -70,6 +71,8 @@ def run_explain(args) -> int:
     if not paths:
         reason = "no such file or folder" if missing else "no image or DICOM files found"
         raise PneumoniaCNNError(f"{' '.join(args.paths)}: {reason}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise PneumoniaCNNError(f"{args.out}: --out is a file; give a folder for the overlays")
     results = explain(Predictor(args.checkpoint, args.device), paths, args.out, args.layer)
     for item in results:
         if "error" in item:

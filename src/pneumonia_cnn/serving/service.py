@@ -37,6 +37,10 @@ DECODE_THREADS = min(4, os.cpu_count() or 1)  # large decodes hold their full-si
 LARGE_IMAGE_PIXELS = 4_000_000  # decodes this large leave tens of MB in glibc's arenas: trim after them
 
 
+LIMIT_CEILING = {"max_upload_mb": 4096, "max_batch_upload_mb": 65536, "body_timeout": 86400}  # MB, MB, seconds
+COUNT_CEILING = 1_000_000
+
+
 @dataclass
 class ServeOptions:
     device: str = "auto"
@@ -56,15 +60,18 @@ class ServeOptions:
     drift_window: int = 500
 
     def __post_init__(self):
-        """Refuse limits that would make the server refuse everything or nothing (named as the flags)."""
+        """Refuse limits that would make the server refuse everything or nothing (named as the flags); the
+        ceilings are far above any real use and keep a typo from becoming an index overflow on every upload."""
         for name in ("max_upload_mb", "max_batch_upload_mb", "body_timeout"):
             value = float(getattr(self, name))
-            if not math.isfinite(value) or value <= 0:
-                raise PneumoniaCNNError(f"--{name.replace('_', '-')} {value:g}: must be a positive number")
+            if not math.isfinite(value) or not 0 < value <= LIMIT_CEILING[name]:
+                raise PneumoniaCNNError(f"--{name.replace('_', '-')} {value:g}: must be a positive number of at most "
+                                        f"{LIMIT_CEILING[name]:,}")
         for name in ("max_batch_files", "max_batch", "max_in_flight", "max_batches_in_flight", "drift_window"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PneumoniaCNNError(f"--{name.replace('_', '-')} {value}: must be a whole number of at least 1")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= COUNT_CEILING:
+                raise PneumoniaCNNError(f"--{name.replace('_', '-')} {value}: must be a whole number from 1 to "
+                                        f"{COUNT_CEILING:,}")
 
     @property
     def max_bytes(self) -> int:

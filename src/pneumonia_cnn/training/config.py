@@ -52,7 +52,7 @@ class TrainConfig:
     init: str = option("", "start from a trained checkpoint's weights: 'builtin', a .pt file or a run folder; "
                            "the model, input size, channels, interpolation and intensity come from it")
     freeze_stem: bool = option(False, "keep the first convolution block's weights fixed (fine-tuning)")
-    size: int = option(224, "input height and width in pixels", minimum=16)
+    size: int = option(224, "input height and width in pixels", minimum=16, maximum=4096)
     channels: int = option(3, "input channels: 3 (gray repeated, as the tutorial) or 1", choices=(1, 3))
     interpolation: str = option("bilinear", "resize filter (Keras' default is nearest)", choices=INTERPOLATIONS)
     intensity: str = option("none", "per-image intensity standardisation", choices=INTENSITIES)

@@ -56,10 +56,11 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value, reason", [
-    ("--max-in-flight", "0", "must be a whole number of at least 1"),
-    ("--max-batches-in-flight", "-2", "must be a whole number of at least 1"),
-    ("--max-upload-mb", "nan", "must be a positive number"),
-    ("--body-timeout", "-1", "must be a positive number")])
+    ("--max-in-flight", "0", "must be a whole number from 1 to 1,000,000"),
+    ("--max-batches-in-flight", "-2", "must be a whole number from 1 to 1,000,000"),
+    ("--max-upload-mb", "nan", "must be a positive number of at most 4,096"),
+    ("--max-upload-mb", "5000", "must be a positive number of at most 4,096"),
+    ("--body-timeout", "-1", "must be a positive number of at most 86,400")])
 def test_serve_refuses_limits_that_would_refuse_everything_or_nothing(flag, value, reason):
     result = run_cli("serve", flag, value)
     assert (result.returncode, result.stderr.strip()) == (2, f"error: {flag} {value}: {reason}")

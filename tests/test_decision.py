@@ -2,6 +2,7 @@
 side effects."""
 import csv
 import hashlib
+import io
 import json
 import logging
 import re
@@ -143,9 +144,21 @@ def test_prevalence_given_and_estimated(best_like_run, small_root, capsys, caplo
         assert logit(b["probability"]) == pytest.approx(logit(a["probability"]) + shift, abs=1e-6)
         assert a["label"] == b["label"]  # sensitivity:0.95 is a place on the ROC curve: the threshold moves along
     assert shifted[0]["threshold"] == pytest.approx(float(1 / (1 + np.exp(-(logit(checkpoint["threshold"]) + shift)))))
+    # every output names the rate its probabilities are for (the log line alone is lost in a redirect)
+    assert all(row["prevalence"] == pytest.approx(0.5) for row in plain)
+    assert {row["prevalence"] for row in shifted} == {0.2}
+    assert main(["predict", str(best_like_run), str(files[0]), "--prevalence", "0.2", "--format", "csv"]) == 0
+    (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert float(row["prevalence"]) == 0.2
+    assert main(["predict", str(best_like_run), str(files[0]), "--prevalence", "0.2", "--format", "fhir"]) == 0
+    (observation,) = json.loads(capsys.readouterr().out)["contained"]
+    stated = [c for c in observation["component"] if c["code"]["coding"][0]["code"] == "prevalence"]
+    assert [c["valueQuantity"]["value"] for c in stated] == [0.2]
     estimated = predict_json(capsys, best_like_run, *files, *val_files(small_root), "--prevalence", "estimate")
     assert re.search(r"rate of 0\.\d+, estimated from this batch \(\d+ in-distribution images", caplog.text)
     assert estimated[0]["probability"] != plain[0]["probability"]
+    rate = float(re.search(r"rate of (0\.\d+), estimated", caplog.text).group(1))
+    assert estimated[0]["prevalence"] == pytest.approx(rate, abs=5e-4)
     assert main(["predict", str(best_like_run), str(files[0]), "--prevalence", "1.5"]) == 2
 
 

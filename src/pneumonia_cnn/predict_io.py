@@ -44,8 +44,8 @@ def format_predictions(predictions, fmt: str = "table") -> str:
         return format_fhir(rows)
     if fmt == "csv":
         buffer = io.StringIO()
-        fields = ["path", "probability", "label", "threshold", "in_distribution", "ood_score", "warnings", "error",
-                  "model"]
+        fields = ["path", "probability", "label", "threshold", "prevalence", "in_distribution", "ood_score",
+                  "warnings", "error", "model"]
         writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:

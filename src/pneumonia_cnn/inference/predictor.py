@@ -37,6 +37,7 @@ class Prediction:
     error: str | None = None
     model: str = ""
     raw_score: float | None = None
+    prevalence: float | None = None  # the pneumonia rate the probability is stated for
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,8 +160,11 @@ class Predictor:
         if self.adapt_batch or self.prevalence == "estimate":
             scores, decision, notes = self._batch_steps(pixels, scores, checks, batch_size)
         threshold = decision.effective_threshold
+        # the pneumonia rate the probability is stated for, beside it in every output (None: not recorded)
+        rate = decision.prior if decision.prior is not None else decision.calibration.prior
         entries = [{"probability": float(p), "raw_score": float(r), "label": self.label_for(p, threshold),
-                    "threshold": threshold, **check} for p, r, check in zip(scores.probabilities, scores.raw, checks)]
+                    "threshold": threshold, "prevalence": None if rate is None else float(rate), **check}
+                   for p, r, check in zip(scores.probabilities, scores.raw, checks)]
         return entries, self.batch_notes() + notes
 
     def flags(self, pixels, scores: Scores, metas=None) -> list[dict]:

@@ -34,6 +34,9 @@ def _components(row: dict) -> list[dict]:
     components = [{"code": _concept("label", "Label at the operating threshold"),
                    "valueCodeableConcept": {"text": row["label"]}},
                   {"code": _concept("threshold", "Operating threshold"), "valueQuantity": _number(row["threshold"])}]
+    if row.get("prevalence") is not None:
+        components.append({"code": _concept("prevalence", "Pneumonia rate the probability is stated for"),
+                           "valueQuantity": _number(row["prevalence"])})
     inside = {"code": _concept("in-distribution", "Within the training population")}
     if row["in_distribution"] is None:
         inside["dataAbsentReason"] = _concept("unknown", "Unknown", ABSENT_REASON)

@@ -273,7 +273,7 @@ class Service:
 
 
 def public_entry(entry: dict) -> dict:
-    keys = ("probability", "label", "threshold", "in_distribution", "ood_score", "warnings")
+    keys = ("probability", "label", "threshold", "prevalence", "in_distribution", "ood_score", "warnings")
     return {key: entry.get(key) for key in keys}
 
 

@@ -140,3 +140,18 @@ def test_resume_from_the_cli_continues_and_scores_the_test_split(small_root, cac
     assert capsys.readouterr().err.strip() == (f"error: {run}: finished after 2 epochs; nothing to resume (give "
                                                f"--epochs more than 2 to train further)")
     assert ((run / "best.pt").read_bytes(), (run / "last.pt").read_bytes()) == before
+
+
+def test_output_cut_short_by_its_reader_is_not_an_error():
+    """`pneumonia-cnn predict ... --format fhir | head`: the reader leaves after a few lines, the rest of the
+    output has nowhere to go; that used to print 'error: [Errno 32] Broken pipe' and exit 2."""
+    from tests.conftest import SHARED_DATA, require_shared
+    require_shared()
+    images = sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[:150]  # about 2 KB of FHIR each: past a pipe
+    process = subprocess.Popen([sys.executable, "-m", "pneumonia_cnn", "predict", "builtin", *map(str, images),
+                                "--format", "fhir", "--engine", "torch"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.read(100).startswith(b"{")
+    process.stdout.close()
+    stderr = process.communicate(timeout=600)[1].decode()
+    assert process.returncode == 141 and "error" not in stderr and "Traceback" not in stderr, stderr

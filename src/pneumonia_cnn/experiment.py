@@ -22,7 +22,8 @@ def score_test_split(run_dir: Path, config: TrainConfig, device) -> dict:
     report = evaluate(Path(run_dir) / "best.pt", config.data, split="test", device=str(device), bootstrap=200,
                       cache_dir=config.cache_dir or None, out=Path(run_dir) / "test_metrics.json", figures=False)
     metrics = {k: v["value"] if isinstance(v, dict) and "value" in v else v for k, v in report["metrics"].items()}
-    log.info("test: accuracy %.4f  sensitivity %.4f  specificity %.4f  ROC AUC %.4f", metrics["accuracy"],
+    # debug: the CLI prints the same line on stdout; a library caller has it in the returned summary
+    log.debug("test: accuracy %.4f  sensitivity %.4f  specificity %.4f  ROC AUC %.4f", metrics["accuracy"],
              metrics["sensitivity"], metrics["specificity"], metrics.get("roc_auc", float("nan")))
     return {"test_metrics": metrics}
 

@@ -39,8 +39,9 @@ def refuse_overlap(evaluated, fitted_fingerprints, evaluated_fingerprints, fitte
     by_content = [p for p, f in zip(evaluated.paths, evaluated_fingerprints) if f in fitted]
     overlap = sorted(set(by_path) | set(by_content))
     if overlap:
+        verb = "is" if len(overlap) == 1 else "are"
         raise PneumoniaCNNError(f"{display_path(overlap[0])}: {len(overlap)} of the {len(evaluated)} evaluated images "
-                                f"are among the images {what} was fitted on; metrics there would flatter the model "
+                                f"{verb} among the images {what} was fitted on; metrics there would flatter the model "
                                 f"(evaluate another split)")
 
 

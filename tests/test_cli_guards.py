@@ -143,7 +143,16 @@ def test_import_keras_size_must_be_a_size(capsys, tmp_path):
         status, error = run(capsys, "import-keras", KERAS_FIXTURES / "seed_cnn_64x64.h5", "--out",
                             tmp_path / "k.pt", "--size", size)
         assert (status, error) == (2, f"error: --size {size}: give one size (224) or HEIGHTxWIDTH (96x80)")
+    for size in ("99999999", "64x8", "8"):  # a size, but not one a model takes
+        status, error = run(capsys, "import-keras", KERAS_FIXTURES / "seed_cnn_64x64.h5", "--out",
+                            tmp_path / "k.pt", "--size", size)
+        assert (status, error) == (2, f"error: --size {size}: each side must be from 16 to 4096 pixels")
     assert not (tmp_path / "k.pt").exists()
+    (tmp_path / "blocker").write_text("a file where the output's folder would go")
+    status, error = run(capsys, "import-keras", KERAS_FIXTURES / "seed_cnn_64x64.h5", "--out",
+                        tmp_path / "blocker" / "x.pt")  # was "cannot create its folder (File exists)"
+    assert (status, error) == (2, f"error: {tmp_path / 'blocker' / 'x.pt'}: cannot create its folder "
+                                  f"({tmp_path / 'blocker'} is a file)")
 
 
 def test_a_run_folder_with_a_checkpoint_is_not_trained_over(capsys, tmp_path, small_root):

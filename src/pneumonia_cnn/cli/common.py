@@ -130,6 +130,9 @@ def check_output(out, *inputs, flag: str = "--out") -> None:
                                     f"choose another path")
     if target.is_dir():
         raise PneumoniaCNNError(f"{out}: {flag} is a folder; give a file path")
+    blocking = next((a for a in target.parents if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise PneumoniaCNNError(f"{out}: cannot create its folder ({blocking} is a file)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:

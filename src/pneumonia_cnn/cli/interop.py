@@ -48,9 +48,11 @@ def run_import_keras(args) -> int:
     check_output(args.out, args.model)
     size = None
     if args.size:
-        if not re.fullmatch(r"[1-9]\d{0,4}(x[1-9]\d{0,4})?", args.size.lower()):
+        if not re.fullmatch(r"[1-9]\d*(x[1-9]\d*)?", args.size.lower()):
             raise PneumoniaCNNError(f"--size {args.size}: give one size (224) or HEIGHTxWIDTH (96x80)")
         parts = [int(p) for p in args.size.lower().split("x")]
+        if not all(16 <= part <= 4096 for part in parts):  # train's input-size range
+            raise PneumoniaCNNError(f"--size {args.size}: each side must be from 16 to 4096 pixels")
         size = (parts[0], parts[-1])
     _, payload = import_keras(args.model, args.out, size)
     height, width = payload["preprocessing"]["size"]

@@ -94,7 +94,8 @@ def test_evaluate_never_writes_the_checkpoint_it_reads(best_like_run, small_root
     before = sha256(checkpoint)
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(small_root), "--threshold", "youden",
                  "--bootstrap", "20", "--out", str(tmp_path / "m.json"), "--no-figures"]) == 0
-    assert "decision refitted on val" in capsys.readouterr().out
+    assert "decision refitted on val (20 images) for this evaluation: the threshold (youden) and the platt " \
+           "calibration; from fewer than 100 images both are noisy" in capsys.readouterr().out
     assert sha256(checkpoint) == before
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(small_root), "--threshold", "0.9",
                  "--save-as", str(tmp_path / "high.pt"), "--bootstrap", "20", "--out", str(tmp_path / "n.json"),

@@ -162,6 +162,9 @@ def build_report(predictor: Predictor, cached, entries, notes, data, split, boot
     return report
 
 
+FEW_REFIT_IMAGES = 100  # train's own floor for a validation split (--min-val-images)
+
+
 def format_table(report: dict) -> str:
     metrics = report["metrics"]
     lines = [f"{report['split']}: {report['n_images']} images "
@@ -187,7 +190,11 @@ def format_table(report: dict) -> str:
     lines += [f"note: {note}" for note in report.get("notes", [])]
     if report.get("decision_refit"):
         fit = report["decision_refit"]
-        lines.append(f"decision refitted on {fit['split']} ({fit['images']} images) for this evaluation")
+        few = (f"; from fewer than {FEW_REFIT_IMAGES} images both are noisy (the run's own decision was fitted "
+               f"on its whole validation split)") if fit["images"] < FEW_REFIT_IMAGES else ""
+        lines.append(f"decision refitted on {fit['split']} ({fit['images']} images) for this evaluation: the "
+                     f"threshold ({report['threshold_policy']}) and the {report['calibration']['method']} "
+                     f"calibration{few}")
     if report["skipped"]:
         lines.append(f"skipped {len(report['skipped'])} unreadable file(s)")
     if report.get("subgroups"):

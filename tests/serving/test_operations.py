@@ -104,7 +104,10 @@ def test_reload_under_load_drops_nothing(trained_run, keys, tmp_path):
         assert reloaded.json() == {"status": "reloaded", "model": "model-b", "previous": "model-a"}
         assert not failures, failures[:3]
         models = [a["model"] for a in answers]
-        assert models[0] == "model-a" and set(models[answered_at_reload + 16:]) == {"model-b"}
+        # answered after the reload by the old model: only requests admitted before it, at most one per client
+        # (not "the first 16 after it": one client's old request can finish after 16 of the others' new ones)
+        after = models[answered_at_reload:]
+        assert models[0] == "model-a" and len(after) >= 40 and after.count("model-a") <= 16  # >= 24 from model-b
         for answer in answers:  # each answer is whole: its label follows its own model's threshold
             assert answer["threshold"] == {"model-a": 0.5, "model-b": 0.3}[answer["model"]]
             assert answer["label"] == ("PNEUMONIA" if answer["probability"] >= answer["threshold"] else "NORMAL")

@@ -15,7 +15,11 @@ RETRIABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 class TransferError(PneumoniaCNNError):
-    """A network call that failed, after its retries when it was worth retrying."""
+    """A network call that failed, after its retries when it was worth retrying: ``transient`` (trying again may
+    succeed), ``status`` (the HTTP status, if any) and ``refusal`` (the peer refused this very item)."""
+    transient: bool = True
+    status: int | None = None
+    refusal: bool = False
 
 
 def one_line(error: BaseException) -> str:
@@ -30,7 +34,7 @@ def is_transient(error: BaseException) -> bool:
     """Whether trying again may succeed."""
     import requests
     if isinstance(error, TransferError):
-        return getattr(error, "transient", True)
+        return error.transient
     if isinstance(error, requests.HTTPError):
         status = getattr(error.response, "status_code", None)
         return status is None or status in RETRIABLE_STATUS

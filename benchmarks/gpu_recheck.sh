@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/gpu-out}
 DATA=${DATA:-$PWD/.gpu_data/chest_xray_224}
 mkdir -p "$OUT" /tmp/shared/data
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PNEUMONIA_CNN_SHARED=/tmp/shared
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PNEUMONIA_CNN_SHARED=/tmp/shared PNEUMONIA_CNN_TEST_CUDA=1
 ln -sfn "$DATA" /tmp/shared/data/chest_xray_224
 nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"
 echo "== 1. equivalence tests on the GPU"

@@ -15,6 +15,7 @@ from pneumonia_cnn.calibration import fit_decision, logit
 from pneumonia_cnn.checkpoint import load_checkpoint
 from pneumonia_cnn.cli import main
 from pneumonia_cnn.inference import Predictor
+from pneumonia_cnn.inference.bundle import decision_of
 
 
 def sha256(path):
@@ -187,7 +188,8 @@ def test_an_ensemble_fits_its_own_threshold_and_keeps_the_ood_check(best_like_ru
     ensemble = Predictor([best_like_run, second], "cpu")
     references = [m["reference"]["val"] for m in members]
     mean_raw = (np.array(references[0]["raw_scores"]) + np.array(references[1]["raw_scores"])) / 2
-    expected = fit_decision(references[0]["labels"], mean_raw, "sensitivity:0.95", "platt")
+    method = decision_of(members[0]).calibration.method  # the members' method ("platt" here; "none" if it won)
+    expected = fit_decision(references[0]["labels"], mean_raw, "sensitivity:0.95", method)
     assert ensemble.threshold == pytest.approx(expected.threshold)
     assert ensemble.threshold != pytest.approx(np.mean([m["threshold"] for m in members]))
     assert ensemble.ood is not None and "fitted on the ensemble's own validation scores" in ensemble.notes[0]

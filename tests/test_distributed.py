@@ -5,7 +5,10 @@ import socket
 import subprocess
 import sys
 
+import torch
+
 from pneumonia_cnn.checkpoint import load_checkpoint
+from pneumonia_cnn.cli import main
 
 
 def free_port():
@@ -43,7 +46,8 @@ def common_args(root, cache, epochs=2):
     # fp32: the comparison is of the data-parallel arithmetic, which bf16 rounding (the CPU default where
     # the CPU has bf16 instructions) would blur beyond the stated tolerances
     return ["--data", str(root), "--epochs", str(epochs), "--size", "48", "--augment", "{}", "--no-ood",
-            "--no-progress", "--cache-dir", str(cache), "--seed", "7", "--lr", "0.0005", "--amp", "off"]
+            "--no-progress", "--cache-dir", str(cache), "--seed", "7", "--lr", "0.0005", "--amp", "off",
+            "--device", "cpu"]  # Gloo on CPUs, also on a machine with a GPU
 
 
 def test_two_processes_match_one_with_the_same_global_batch(small_root, tmp_path):
@@ -92,3 +96,20 @@ def test_a_dead_rank_ends_the_job_with_an_error(small_root, tmp_path):
     start = time.time()
     process.wait(timeout=180)
     assert process.returncode != 0 and time.time() - start < 180
+
+
+def test_more_processes_than_gpus_is_one_line_before_anything_is_written(small_root, tmp_path, monkeypatch, capsys):
+    """torchrun --nproc-per-node 2 on a one-GPU machine: rank 1 would die in torch.cuda.set_device(1) with CUDA's
+    'invalid device ordinal' traceback (seen on a lent H100); it now says what to change, before the run folder."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    args = ["train", "--data", str(small_root), "--out", str(tmp_path / "r"), "--epochs", "1", "--size", "48",
+            "--no-ood", "--no-progress", "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 2  # the usage error code, as for any option the machine cannot honour
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --device auto: torchrun started 2 processes on this machine but only 1 CUDA device(s) "
+                   "are visible; start at most 1 (--nproc-per-node 1) or use --device cpu"]
+    assert not (tmp_path / "r").exists()
+    assert main([*args, "--device", "cuda"]) == 2 and "--device cuda: torchrun started 2" in capsys.readouterr().err

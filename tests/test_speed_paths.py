@@ -70,8 +70,8 @@ def graphed_steps(model, optimizer, batches, lr_values, device):
     return losses
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU and PNEUMONIA_CNN_TEST_CUDA=1")])])
 @pytest.mark.parametrize("optimizer_name", ["adam", "adamw"])
 def test_graphed_step_takes_the_eager_steps(device, optimizer_name, monkeypatch):
     torch.manual_seed(0)

@@ -8,6 +8,8 @@ from datetime import timedelta
 import numpy as np
 import torch
 
+from ..errors import PneumoniaCNNError
+
 
 @dataclass
 class Distributed:
@@ -32,11 +34,22 @@ def setup_distributed(device_name: str) -> Distributed:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if use_cuda:
+        _check_one_gpu_per_process(local_rank, device_name)
         torch.cuda.set_device(local_rank)
     timeout = timedelta(seconds=float(os.environ.get("PNEUMONIA_CNN_DIST_TIMEOUT", "300")))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     return Distributed(rank, world_size, local_rank)
+
+
+def _check_one_gpu_per_process(local_rank: int, device_name: str):
+    """NCCL needs a GPU of its own for each process; without one, rank N fails deep inside CUDA."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    visible = torch.cuda.device_count()
+    if max(processes, local_rank + 1) > visible:
+        raise PneumoniaCNNError(
+            f"--device {device_name}: torchrun started {processes} processes on this machine but only {visible} "
+            f"CUDA device(s) are visible; start at most {visible} (--nproc-per-node {visible}) or use --device cpu")
 
 
 def barrier(dist_info: Distributed):

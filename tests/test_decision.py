@@ -95,9 +95,10 @@ def test_evaluate_never_writes_the_checkpoint_it_reads(best_like_run, small_root
     before = sha256(checkpoint)
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(small_root), "--threshold", "youden",
                  "--bootstrap", "20", "--out", str(tmp_path / "m.json"), "--no-figures"]) == 0
-    assert "decision refitted on val (20 images) for this evaluation: the threshold (youden) and the platt " \
-           "calibration; from fewer than 100 images both are noisy" in capsys.readouterr().out
+    assert "decision refitted on val (20 images) for this evaluation: the threshold (youden), on the stored platt " \
+           "calibration; from fewer than 100 images it is noisy" in capsys.readouterr().out
     assert sha256(checkpoint) == before
+
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(small_root), "--threshold", "0.9",
                  "--save-as", str(tmp_path / "high.pt"), "--bootstrap", "20", "--out", str(tmp_path / "n.json"),
                  "--no-figures"]) == 0
@@ -108,6 +109,36 @@ def test_evaluate_never_writes_the_checkpoint_it_reads(best_like_run, small_root
                  "--save-as", str(checkpoint), "--no-figures", "--bootstrap", "5"]) == 2
     assert f"--save-as would overwrite {checkpoint}, which this command reads" in capsys.readouterr().err
     assert sha256(checkpoint) == before
+
+
+def test_a_threshold_alone_keeps_the_stored_calibration(best_like_run, small_root, tmp_path, capsys):
+    """--threshold refits the threshold only: a probability keeps the meaning the checkpoint gave it. Refitted on
+    another split (train here, so that a refitted calibration would differ from the stored one)."""
+    from pneumonia_cnn.calibration import Calibration, choose_threshold
+    stored = load_checkpoint(best_like_run / "best.pt")
+    common = ["evaluate", "--checkpoint", str(best_like_run), "--data", str(small_root), "--val-split", "train",
+              "--bootstrap", "20", "--no-figures"]
+    assert main([*common, "--threshold", "0.5", "--out", str(tmp_path / "fixed.json")]) == 0
+    fixed = json.loads((tmp_path / "fixed.json").read_text())
+    assert fixed["calibration"] == stored["calibration"] and fixed["threshold"] == 0.5
+    assert fixed["decision_refit"]["refitted"] == ["threshold"]
+    assert "the threshold (0.5), on the stored platt calibration" in capsys.readouterr().out
+    assert main([*common, "--threshold", "youden", "--out", str(tmp_path / "youden.json")]) == 0
+    youden = json.loads((tmp_path / "youden.json").read_text())
+    train = sorted((small_root / "train").glob("*/*.jpeg"))
+    raw = [p.raw_score for p in Predictor(best_like_run, "cpu").predict_files(train)]
+    probabilities = Calibration.from_dict(stored["calibration"]).probabilities(raw)
+    expected = choose_threshold([int("PNEUMONIA" in str(p)) for p in train], probabilities, "youden")
+    assert youden["calibration"] == stored["calibration"]
+    assert youden["threshold"] == pytest.approx(expected, abs=1e-6)
+    capsys.readouterr()
+    # naming a calibration refits both (here none: the stored Platt scale is replaced by 1)
+    assert main([*common, "--threshold", "youden", "--calibration", "none", "--out", str(tmp_path / "both.json")]) == 0
+    both = json.loads((tmp_path / "both.json").read_text())
+    assert both["decision_refit"]["refitted"] == ["threshold", "calibration"]
+    assert both["calibration"]["scale"] == 1.0 and abs(stored["calibration"]["scale"] - 1.0) > 1e-3
+    assert "the threshold (youden) and the none calibration" in capsys.readouterr().out
+
 
 
 def test_evaluate_refuses_the_images_a_decision_was_fitted_on(best_like_run, small_root, tmp_path, capsys):

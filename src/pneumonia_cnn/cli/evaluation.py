@@ -22,10 +22,11 @@ def evaluate_arguments(p):
                    help="best.pt or run folder; several = ensemble (default: the built-in model)")
     p.add_argument("--data", required=True, help="Kaggle-layout ROOT, a split folder, or a CSV of path,label")
     p.add_argument("--split", default="test", help="split folder under ROOT to evaluate")
-    p.add_argument("--threshold", help="saved (default), or a policy refitted on --val-split for this evaluation: "
-                                       "a probability, youden, sensitivity:X, specificity:X")
+    p.add_argument("--threshold", help="saved (default), or a policy refitted on --val-split for this evaluation, "
+                                       "on the stored calibration: a probability, youden, sensitivity:X, "
+                                       "specificity:X")
     p.add_argument("--calibration", choices=("platt", "temperature", "none"),
-                   help="refit the calibration on --val-split for this evaluation")
+                   help="refit the calibration (and then the threshold) on --val-split for this evaluation")
     p.add_argument("--val-split", default="val", help="split the threshold/calibration are refitted on")
     p.add_argument("--save-as", help="write the refitted checkpoint here (the checkpoint read is never changed)")
     add_site_options(p)

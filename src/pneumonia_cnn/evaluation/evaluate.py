@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..calibration import fit_decision
+from ..calibration import Decision, choose_threshold, fit_decision
 from ..checkpoint import save_checkpoint
 from ..data.cache import build_or_load
 from ..data.dataset import has_patient_ids, load_split
@@ -56,9 +56,14 @@ def refit_decision(bundle, data, val_split: str, policy: str | None, method: str
         raise PneumoniaCNNError(f"{display_path(data)}: split {val_split} needs both classes to fit a decision")
     scorer = Scorer(bundle, device, engine)
     raw = scorer.score(val.images).raw
-    decision = fit_decision(val.labels, raw, policy or bundle.decision.policy,
-                            method or bundle.decision.calibration.method)
+    if method is None:  # a threshold alone: the stored calibration stays, so a probability means what it meant
+        calibration = bundle.decision.calibration
+        decision = Decision(calibration, choose_threshold(val.labels, calibration.probabilities(raw), policy),
+                            str(policy))
+    else:
+        decision = fit_decision(val.labels, raw, policy or bundle.decision.policy, method)
     fit = dict(scorer.description, split=val_split, images=len(val), data=str(data),
+               refitted=["threshold"] if method is None else ["threshold", "calibration"],
                fingerprints=file_fingerprints(val.paths), labels=[int(v) for v in val.labels],
                raw_scores=[float(v) for v in raw])
     return bundle.with_decision(decision), val, fit
@@ -122,7 +127,7 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
         from .subgroups import subgroup_results
         report["subgroups"] = subgroup_results([by] if isinstance(by, str) else list(by), report, cached, data)
     if fit is not None:
-        report["decision_refit"] = {k: fit[k] for k in ("split", "images", "engine", "precision", "tta")}
+        report["decision_refit"] = {k: fit[k] for k in ("split", "images", "engine", "precision", "tta", "refitted")}
     if out:
         out = Path(out)
         write_json_atomic(out, report)
@@ -190,11 +195,13 @@ def format_table(report: dict) -> str:
     lines += [f"note: {note}" for note in report.get("notes", [])]
     if report.get("decision_refit"):
         fit = report["decision_refit"]
-        few = (f"; from fewer than {FEW_REFIT_IMAGES} images both are noisy (the run's own decision was fitted "
-               f"on its whole validation split)") if fit["images"] < FEW_REFIT_IMAGES else ""
-        lines.append(f"decision refitted on {fit['split']} ({fit['images']} images) for this evaluation: the "
-                     f"threshold ({report['threshold_policy']}) and the {report['calibration']['method']} "
-                     f"calibration{few}")
+        both = "calibration" in fit["refitted"]
+        few = (f"; from fewer than {FEW_REFIT_IMAGES} images {'both are' if both else 'it is'} noisy (the run's own "
+               f"decision was fitted on its whole validation split)") if fit["images"] < FEW_REFIT_IMAGES else ""
+        method = report["calibration"]["method"]
+        what = (f"the threshold ({report['threshold_policy']}) and the {method} calibration" if both else
+                f"the threshold ({report['threshold_policy']}), on the stored {method} calibration")
+        lines.append(f"decision refitted on {fit['split']} ({fit['images']} images) for this evaluation: {what}{few}")
     if report["skipped"]:
         lines.append(f"skipped {len(report['skipped'])} unreadable file(s)")
     if report.get("subgroups"):

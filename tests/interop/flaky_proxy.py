@@ -15,7 +15,8 @@ class FlakyProxy:
     """``cuts`` maps a substring of the request line ("GET /dicom-web/studies/...") to how many matching
     requests to cut (``float('inf')``: all of them). ``cut_log`` lists the request lines that were cut.
     ``refusals`` maps a substring of the request line to what answers it instead of Orthanc: an HTTP status,
-    or (status, body, content type); ``seen`` lists every request line."""
+    or (status, body, content type); a key may also be (request-line substring, bytes the request body holds),
+    to refuse one of several STOW-RS posts to the same study. ``seen`` lists every request line."""
 
     def __init__(self, target: str):
         self.target, self.cuts, self.cut_log = target.rstrip("/"), {}, []
@@ -29,7 +30,8 @@ class FlakyProxy:
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.seen.append(f"{self.command} {self.path}")
-                refusal = next((code for part, code in proxy.refusals.items() if part in proxy.seen[-1]), None)
+                refusal = next((code for key, code in proxy.refusals.items()
+                                if _matches(key, proxy.seen[-1], body)), None)
                 if refusal:
                     status, answer, kind = refusal if isinstance(refusal, tuple) else (refusal, b"", "text/plain")
                     self.send_response(status)
@@ -73,3 +75,9 @@ class FlakyProxy:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+def _matches(key, request_line: str, body: bytes) -> bool:
+    if isinstance(key, tuple):
+        return key[0] in request_line and key[1] in body
+    return key in request_line

@@ -196,6 +196,44 @@ def test_an_instance_refused_run_after_run_is_given_up_and_a_transient_failure_n
         proxy.close()
 
 
+def test_a_refused_overlay_leaves_the_stored_report_done(orthanc, trained_run, xray_sources, tmp_path, capsys):
+    """The PACS stores the SR but refuses the optional overlay (a STOW-RS failure reason of its own): the instance
+    is done, said so, and nothing is sent again; an out-of-resources answer (A7xx) is tried again next run."""
+    from pneumonia_cnn.interop.state import ScoredState
+    path = xray_dicom(xray_sources["PNEUMONIA"][1], tmp_path / "o.dcm", "DX", patient_id="P9", study_date="20240402")
+    orthanc.upload(path)
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    overlay_post = (f"POST /dicom-web/studies/{header.StudyInstanceUID}", b"1.2.840.10008.5.1.4.1.1.7\x00")
+    proxy, state = FlakyProxy(orthanc.url), tmp_path / "state.sqlite"
+
+    def pacs(state_file):
+        code = run_pacs(trained_run, proxy.url + "/dicom-web", state_file, "--overlay", "--study-date", "20240402")
+        return code, capsys.readouterr().out
+
+    try:
+        proxy.refusals = {overlay_post: stow_failure(0xA700)}  # out of resources: the whole instance next run
+        code, out = pacs(tmp_path / "transient.sqlite")
+        assert code == 1 and ": 0 scored and reported, 0 unreadable, 0 not X-rays, 1 failed" in out
+        proxy.refusals = {overlay_post: stow_failure(0xC000)}
+        code, out = pacs(state)
+        assert code == 0 and "1 new instance(s), 0 already scored: 1 scored and reported, 0 unreadable, 0 not " \
+            "X-rays, 0 failed (tried again next run); 1 overlay(s) refused by the PACS (their reports are stored)" \
+            in out
+        assert " (overlay refused by the PACS)\n" in out
+        assert header.SOPInstanceUID in reports_in(orthanc)  # the SR is there (once: reports_in checks)
+        assert not [i for i in orthanc.instances_of_modality("OT")
+                    if orthanc.tags(i)["StudyInstanceUID"] == header.StudyInstanceUID]
+        row = next(r for r in ScoredState(state).rows() if r["sop_instance_uid"] == header.SOPInstanceUID)
+        assert row["status"] == "done" and row["overlay_uid"] is None and row["report_uid"]
+        assert row["error"].startswith("overlay refused: ") and "failure reason 49152" in row["error"]
+        posts = sum(line.startswith("POST") for line in proxy.seen)
+        assert pacs(state) == (0, "0 new instance(s), 1 already scored: 0 scored and reported, 0 unreadable, 0 not "
+                                  "X-rays, 0 failed (tried again next run)\n")
+        assert sum(line.startswith("POST") for line in proxy.seen) == posts  # nothing sent again
+    finally:
+        proxy.close()
+
+
 def test_watch_polls_and_survives_an_outage(orthanc, studies, trained_run, xray_sources, tmp_path):
     from pneumonia_cnn.inference import Predictor
     from pneumonia_cnn.interop.dicomweb import PacsJob, PacsOptions

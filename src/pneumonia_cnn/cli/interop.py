@@ -114,6 +114,7 @@ def print_pacs_summary(summary: dict):
         flag = {True: "in distribution", False: "OUTSIDE the training population", None: "?"}[entry["in_distribution"]]
         print(f"{result.sop_instance_uid}  p={entry['probability']:.4f}  {entry['label']}  {flag}  "
               f"-> SR {result.report_uid}" + (f" + overlay {result.overlay_uid}" if result.overlay_uid else "")
+              + (" (overlay refused by the PACS)" if result.overlay_refused else "")
               + "".join(f"\n    warning: {w}" for w in entry["warnings"]))
     print(f"{summary['found']} new instance(s), {summary['already_scored']} already scored: {summary['scored']} "
           f"scored and reported, {summary['unreadable']} unreadable, {summary['skipped']} not X-rays, "
@@ -121,7 +122,9 @@ def print_pacs_summary(summary: dict):
           + (f", {summary['given_up']} given up (refused by the PACS run after run)" if summary["given_up"]
              else "")
           + (f"; {summary['given_up_before']} given up earlier (--retry-given-up)" if summary["given_up_before"]
-             else ""))
+             else "")
+          + (f"; {summary['overlays_refused']} overlay(s) refused by the PACS (their reports are stored)"
+             if summary.get("overlays_refused") else ""))
 
 
 def listen_arguments(p):

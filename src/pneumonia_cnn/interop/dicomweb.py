@@ -118,7 +118,7 @@ class PacsJob:
         """One pass: every new instance fetched, scored and reported; returns the counts of this pass."""
         new, known, given_up = self.find_new()
         summary = {"found": len(new), "already_scored": known, "scored": 0, "unreadable": 0, "failed": 0,
-                   "skipped": 0, "given_up": 0, "given_up_before": given_up, "results": []}
+                   "skipped": 0, "given_up": 0, "given_up_before": given_up, "overlays_refused": 0, "results": []}
         size = max(1, self.options.batch_size)
         for start in range(0, len(new), size):
             self._process(new[start:start + size], summary)
@@ -151,16 +151,22 @@ class PacsJob:
                 self._store(result, summary)
 
     def _store(self, result: ScoredInstance, summary: dict):
-        try:
-            for output in result.outputs:
+        for index, output in enumerate(result.outputs):
+            try:
                 self._retry(lambda instance=output: _stow(self.client, instance, result.study_instance_uid),
                             f"instance {result.sop_instance_uid}: STOW-RS of {output.Modality} {output.SOPInstanceUID}")
-        except TransferError as error:
-            self._failed(summary, result.sop_instance_uid, result.study_instance_uid, result.series_instance_uid,
-                         error, refused=error.refusal)
-            return
+            except TransferError as error:
+                if index == 0 or not error.refusal:  # the report, or a failure worth another run: all again
+                    self._failed(summary, result.sop_instance_uid, result.study_instance_uid,
+                                 result.series_instance_uid, error, refused=error.refusal)
+                    return
+                # the report is in the PACS, which refuses the optional overlay itself: done, and said so
+                log.warning("%s (the report is stored; the overlay is not sent again)", error)
+                result.overlay_refused = f"overlay refused: {error}"
+                summary["overlays_refused"] += 1
         self.state.record(result.sop_instance_uid, self.model, "done", result.study_instance_uid,
-                          result.series_instance_uid, result.entry, result.report_uid, result.overlay_uid)
+                          result.series_instance_uid, result.entry, result.report_uid, result.overlay_uid,
+                          error=result.overlay_refused)
         summary["scored"] += 1
         summary["results"].append(result)
 

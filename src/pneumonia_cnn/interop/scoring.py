@@ -31,6 +31,7 @@ class ScoredInstance:
     entry: dict | None = None  # probability, label, threshold, in_distribution, ood_score, warnings
     error: str | None = None
     outputs: list = field(default_factory=list)  # the SR, then the overlay when asked
+    overlay_refused: str | None = None  # why the PACS refused the overlay (the report was stored)
 
     @property
     def report_uid(self) -> str | None:
@@ -38,7 +39,8 @@ class ScoredInstance:
 
     @property
     def overlay_uid(self) -> str | None:
-        return str(self.outputs[1].SOPInstanceUID) if len(self.outputs) > 1 else None
+        """The overlay stored with the report: None when none was asked for or the PACS refused it."""
+        return str(self.outputs[1].SOPInstanceUID) if len(self.outputs) > 1 and not self.overlay_refused else None
 
 
 def uids_of(dataset: Dataset) -> tuple[str, str, str]:

@@ -47,11 +47,12 @@ def test_map_points_at_the_patch(patch_run):
     assert predictor.probabilities_from_pixels(patch_image(rng, patch=(20, 20))[None])[0] > 0.5
 
 
-def test_explain_cli_writes_overlay_and_map(patch_run, tmp_path):
+def test_explain_cli_writes_overlay_and_map(patch_run, tmp_path, capsys):
     image = write_image(tmp_path / "x.png", patch_image(np.random.default_rng(3), patch=(30, 30)))
     (tmp_path / "bad.png").write_bytes(b"")
-    assert main(["explain", str(patch_run / "run"), str(image), str(tmp_path / "bad.png"), "--out",
+    assert main(["explain", str(patch_run / "run"), str(image), str(tmp_path / "bad.png"), str(image), "--out",
                  str(tmp_path / "maps")]) == 0
+    assert capsys.readouterr().out.count("x.png: p=") == 1  # named twice, explained once
     cam = np.load(tmp_path / "maps" / "x_gradcam.npy")
     # the saved map is Grad-CAM of the checkpoint's model on the image as preprocessed, scaled to span [0, 1]
     predictor = Predictor(patch_run / "run" / "best.pt", "cpu")

@@ -106,3 +106,22 @@ def test_auto_falls_back_to_torch_when_onnx_runtime_is_unusable(trained_run, mon
     assert "scoring with the torch engine" in caplog.text
     with pytest.raises(PneumoniaCNNError, match="needs onnxruntime"):
         Predictor(trained_run, "cpu", engine="onnx")  # asked for by name: no silent substitute
+
+
+def test_a_file_named_twice_is_read_once_and_wide_names_keep_the_table_aligned(trained_run, tmp_path, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    sources = sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[:2]
+    (folder / "a.jpeg").symlink_to(sources[0])
+    (folder / "肺炎の画像.jpeg").symlink_to(sources[1])  # five wide characters: ten terminal columns
+    a = str(folder / "a.jpeg")
+    assert main(["predict", str(trained_run), a, a, str(folder), str(folder / "*.jpeg"), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted(Path(row["path"]).name for row in rows) == ["a.jpeg", "肺炎の画像.jpeg"]  # 6 names, 2 files
+    assert Path(rows[0]["path"]).name == "a.jpeg"  # in the order first named
+    assert main(["predict", str(trained_run), a, str(folder / "肺炎の画像.jpeg")]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    from pneumonia_cnn.predict_io import columns
+    # the probability column ends at the same terminal column on every line (the header's "probability")
+    ends = [columns(line[:line.index(f"{row['probability']:.4f}")]) + 6 for line, row in zip(lines, rows)]
+    assert ends == [columns(header[:header.index("probability")]) + 11] * 2

@@ -6,6 +6,8 @@ import glob
 import io
 import json
 import logging
+import os
+import unicodedata
 from pathlib import Path
 
 from .data.dataset import _walk_images
@@ -15,7 +17,16 @@ log = logging.getLogger("pneumonia_cnn")
 
 
 def collect_paths(items) -> tuple[list[str], list[str]]:
-    """Files as given, folders recursively (image and DICOM files), globs expanded; missing ones listed."""
+    """Files as given, folders recursively (image and DICOM files), globs expanded; missing ones listed. A file
+    named twice (``a.jpeg a.jpeg``, a glob and a folder holding it) is kept once, where first named."""
+    paths, missing = _expand(items)
+    unique = list({os.path.abspath(p): p for p in reversed(paths)}.values())[::-1]
+    if len(unique) < len(paths):
+        log.info("%d file(s) named more than once: each is read once", len(paths) - len(unique))
+    return unique, missing
+
+
+def _expand(items) -> tuple[list[str], list[str]]:
     paths, missing = [], []
     for item in items:
         path = Path(item)
@@ -51,17 +62,33 @@ def format_predictions(predictions, fmt: str = "table") -> str:
         for row in rows:
             writer.writerow(dict(row, warnings="; ".join(row["warnings"])))
         return buffer.getvalue().rstrip("\n")
-    width = min(max([len(r["path"]) for r in rows] + [4]), 70)
+    width = min(max([columns(r["path"]) for r in rows] + [4]), 70)
     lines = [f"{'path':<{width}}  {'probability':>11}  {'label':<10} {'in-dist':<8} note"]
     for row in rows:
-        path = row["path"] if len(row["path"]) <= width else "…" + row["path"][-(width - 1):]
+        path = _fit(row["path"], width)
         if row["error"]:
-            lines.append(f"{path:<{width}}  {'-':>11}  {'-':<10} {'-':<8} unreadable: {row['error']}")
+            lines.append(f"{path}  {'-':>11}  {'-':<10} {'-':<8} unreadable: {row['error']}")
             continue
         flag = {True: "yes", False: "NO", None: "?"}[row["in_distribution"]]
-        lines.append(f"{path:<{width}}  {row['probability']:>11.4f}  {row['label']:<10} {flag:<8} "
+        lines.append(f"{path}  {row['probability']:>11.4f}  {row['label']:<10} {flag:<8} "
                      + "; ".join(row["warnings"]))
     return "\n".join(lines)
+
+
+def columns(text: str) -> int:
+    """Terminal columns: wide (CJK) characters take two, combining marks none."""
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
+def _fit(text: str, width: int) -> str:
+    """``text`` padded to ``width`` columns, or its end after "…" when longer."""
+    if columns(text) > width:
+        start = 0
+        while columns(text[start:]) > width - 1:
+            start += 1
+        text = "…" + text[start:]
+    return text + " " * (width - columns(text))
 
 
 def format_fhir(rows: list[dict]) -> str:

@@ -69,7 +69,9 @@ def test_bad_uploads_get_clear_errors(server):
     assert response.status_code == 400 and "empty" in response.json()["detail"]
     big = b"\xff" * (3 * 1024 * 1024)
     response = httpx.post(f"{url}/predict", files={"file": ("big.jpeg", big)})
+    # the limit as the operator set it (--max-upload-mb 2), not the byte count with the multipart allowance
     assert response.status_code == 413
+    assert response.json()["detail"].endswith("; the limit is 2 MB per image (--max-upload-mb)")
     assert httpx.get(f"{url}/health").status_code == 200  # still serving
 
 

@@ -75,7 +75,7 @@ def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=No
     add_routes(app, service, options)
     app.add_middleware(LimitsMiddleware, body_limit=options.body_limit, body_timeout=options.body_timeout,
                        max_in_flight=options.max_in_flight, batch_paths=("/predict/batch",),
-                       max_batches_in_flight=options.max_batches_in_flight,
+                       max_batches_in_flight=options.max_batches_in_flight, describe_limit=options.describe_limit,
                        on_reject=lambda path, reason: service.metrics.rejected.labels(reason).inc())
     app.add_middleware(AccessMiddleware, keyring=lambda: service.keyring, executor=service.auth_executor)
     app.add_middleware(HostCheckMiddleware, allowed_hosts=list(allowed_hosts or allowed_host_names("127.0.0.1")))

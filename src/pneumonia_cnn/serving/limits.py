@@ -28,10 +28,12 @@ def http_error(status: int, detail: str, headers: dict | None = None):
 
 class LimitsMiddleware:
     def __init__(self, app, body_limit, body_timeout: float, max_in_flight: int, on_reject=None,
-                 batch_paths=(), max_batches_in_flight: int = 2):
-        """``body_limit(path) -> bytes``; ``on_reject(path, reason)`` counts refusals for /metrics. Uploads to
-        ``batch_paths`` (many files, a far larger body limit) are also limited to ``max_batches_in_flight``."""
+                 batch_paths=(), max_batches_in_flight: int = 2, describe_limit=None):
+        """``body_limit(path) -> bytes``; ``describe_limit(path) -> str`` says it in the operator's terms;
+        ``on_reject(path, reason)`` counts refusals for /metrics. Uploads to ``batch_paths`` (many files, a far
+        larger body limit) are also limited to ``max_batches_in_flight``."""
         self.app, self.body_limit, self.body_timeout = app, body_limit, float(body_timeout)
+        self.describe_limit = describe_limit or (lambda path: f"the limit is {body_limit(path):,} bytes")
         self.max_in_flight, self.in_flight = int(max_in_flight), 0
         self.batch_paths, self.max_batches, self.batches = frozenset(batch_paths), int(max_batches_in_flight), 0
         self.on_reject = on_reject or (lambda path, reason: None)
@@ -43,7 +45,8 @@ class LimitsMiddleware:
         declared = content_length(scope["headers"])
         if declared is not None and declared > limit:
             self.on_reject(path, "too_large")
-            return await refuse(scope, receive, send, 413, f"upload too large: {declared:,} bytes, limit {limit:,}")
+            return await refuse(scope, receive, send, 413, f"upload too large: {declared:,} bytes declared; "
+                                                           f"{self.describe_limit(path)}")
         batch = path in self.batch_paths
         if self.in_flight >= self.max_in_flight or (batch and self.batches >= self.max_batches):
             self.on_reject(path, "busy")
@@ -75,7 +78,7 @@ class LimitsMiddleware:
                 finished = not message.get("more_body", False)
                 if received > limit:
                     self.on_reject(path, "too_large")
-                    raise http_error(413, f"upload too large: more than {limit:,} bytes")
+                    raise http_error(413, f"upload too large; {self.describe_limit(path)}")
             return message
         return guarded_receive
 

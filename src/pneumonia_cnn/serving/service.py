@@ -83,6 +83,12 @@ class ServeOptions:
             return int(self.max_batch_upload_mb * 1024 * 1024)
         return self.max_bytes + 64 * 1024
 
+    def describe_limit(self, path: str) -> str:
+        """The limit as the operator set it (the framing allowance above is ours, not theirs to know)."""
+        if path == "/predict/batch":
+            return f"the limit is {self.max_batch_upload_mb:g} MB per batch upload (--max-batch-upload-mb)"
+        return f"the limit is {self.max_upload_mb:g} MB per image (--max-upload-mb)"
+
 
 class RequestError(Exception):
     def __init__(self, status: int, detail: str):
@@ -203,7 +209,7 @@ class Service:
         return {"request_id": request_id, "model": served.model_id, "notes": notes, "results": out}
 
     def _too_large(self) -> str:
-        return f"upload too large, limit {self.options.max_bytes:,} bytes"
+        return f"upload too large; {self.options.describe_limit('/predict')}"
 
     async def _read_or_error(self, served, data, filename) -> dict:
         if len(data) > self.options.max_bytes:

@@ -5,17 +5,17 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.cache import none_readable
 from .data.dataset import load_split
 from .data.readers import read_image
-from .errors import DatasetError, ImageReadError
-from .fileio import display_path
+from .errors import ImageReadError
 from .plots import sample_grid
 
 
 def show_samples(data, split: str = "train", out="samples.png", per_class: int = 6, seed: int = 0) -> Path:
     images = load_split(data, split)
     rng = np.random.default_rng(seed)
-    grid, titles = {}, []
+    grid, titles, failures = {}, [], []
     for index, name in enumerate(images.class_names):
         candidates = [path for path, label in zip(images.paths, images.labels) if label == index]
         chosen, row_titles = [], []
@@ -23,13 +23,14 @@ def show_samples(data, split: str = "train", out="samples.png", per_class: int =
             try:
                 chosen.append(read_image(path)[0])
                 row_titles.append(f"{name}\n{Path(path).name[:24]}")
-            except ImageReadError:
+            except ImageReadError as error:
+                failures.append((path, error.reason))
                 continue
             if len(chosen) == per_class:
                 break
         grid[name] = chosen
         titles.append(row_titles)
     if not any(grid.values()):
-        raise DatasetError(f"{display_path(images.source)}: none of its {len(images.paths)} image(s) could be read")
+        raise none_readable(images.source, len(images.paths), *failures[0])
     sample_grid(grid, out, titles)
     return Path(out)

@@ -223,9 +223,7 @@ def build_or_load(images: ImageList, size, interpolation: str = "bilinear", inte
             decoded[index], checked[index] = array, fields
     keep = sorted([*reuse, *decoded])
     if images.paths and not keep:  # every caller needs at least one image; say why there is none
-        first, reason = skipped[0]
-        raise DatasetError(f"{display_path(images.source or first)}: none of its {len(images.paths)} image(s) "
-                           f"could be read (first: {display_path(first)}: {reason})")
+        raise none_readable(images.source, len(images.paths), *skipped[0])
     unchanged = not to_decode and previous.array is not None and len(keep) == len(previous.rows) and \
         keep == list(range(len(keep))) and [reuse[i] for i in keep] == keep
     if unchanged:
@@ -241,3 +239,9 @@ def build_or_load(images: ImageList, size, interpolation: str = "bilinear", inte
     return CachedImages(array[:len(keep)], images.labels[keep].copy(), [images.paths[i] for i in keep],
                         [images.patients[i] for i in keep], images.class_names, skipped, images.source,
                         decoded=len(to_decode), checked=[checked.get(i) for i in keep])
+
+
+def none_readable(source, count: int, first, reason: str) -> DatasetError:
+    """The one error for a set of images none of which could be read, naming the first and why."""
+    return DatasetError(f"{display_path(source or first)}: none of its {count} image(s) could be read "
+                        f"(first: {display_path(first)}: {reason})")

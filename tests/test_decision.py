@@ -141,6 +141,38 @@ def test_a_threshold_alone_keeps_the_stored_calibration(best_like_run, small_roo
 
 
 
+
+def test_a_threshold_refitted_alone_still_refuses_the_calibrations_images(best_like_run, small_root, tmp_path,
+                                                                            capsys):
+    """The kept calibration was fitted on the run's val: evaluating val stays refused after a threshold-only refit
+    on train, also from a checkpoint saved with it, which keeps val as its calibration's reference and adds the
+    threshold's train images; naming a calibration alone refits it with the stored threshold policy."""
+    stored = load_checkpoint(best_like_run / "best.pt")
+    refit = ["--val-split", "train", "--threshold", "youden", "--bootstrap", "5", "--no-figures"]
+    assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(small_root), "--split", "val",
+                 *refit]) == 2
+    assert "'s calibration was fitted on; metrics there would flatter" in capsys.readouterr().err
+    saved = tmp_path / "t.pt"
+    assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(small_root), *refit,
+                 "--save-as", str(saved), "--out", str(tmp_path / "m.json")]) == 0
+    checkpoint = load_checkpoint(saved)
+    assert checkpoint["calibration"] == stored["calibration"] and checkpoint["threshold"] != stored["threshold"]
+    assert checkpoint["reference"]["val"] == stored["reference"]["val"]  # drift and ensembles read it
+    assert len(checkpoint["reference"]["threshold_fit"]["fingerprints"]) == 48  # the 48 train images
+    assert checkpoint["decision_fit"]["threshold_refit"]["split"] == "train"
+    assert checkpoint["decision_fit"]["split"] == stored["decision_fit"]["split"] == "val"
+    for split, what in (("val", "threshold and calibration"), ("train", "threshold and calibration")):
+        assert main(["evaluate", "--checkpoint", str(saved), "--data", str(small_root), "--split", split,
+                     "--bootstrap", "5", "--no-figures"]) == 2, split
+        assert f"'s {what} was fitted on" in capsys.readouterr().err
+    assert main(["info", str(saved)]) == 0
+    assert "; the threshold refitted since on 48 train images" in capsys.readouterr().out
+    assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(small_root), "--calibration", "none",
+                 "--bootstrap", "5", "--no-figures", "--out", str(tmp_path / "c.json")]) == 0
+    alone = json.loads((tmp_path / "c.json").read_text())
+    assert alone["threshold_policy"] == stored["threshold_policy"] and alone["calibration"]["method"] == "none"
+    assert alone["decision_refit"]["refitted"] == ["threshold", "calibration"]
+
 def test_evaluate_refuses_the_images_a_decision_was_fitted_on(best_like_run, small_root, tmp_path, capsys):
     # the run's own validation folder
     assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(small_root), "--split", "val",

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pneumonia_cnn.checkpoint import load_checkpoint
@@ -113,3 +114,18 @@ def test_more_processes_than_gpus_is_one_line_before_anything_is_written(small_r
                    "are visible; start at most 1 (--nproc-per-node 1) or use --device cpu"]
     assert not (tmp_path / "r").exists()
     assert main([*args, "--device", "cuda"]) == 2 and "--device cuda: torchrun started 2" in capsys.readouterr().err
+
+
+def test_one_process_per_gpu_passes_and_a_gpu_index_is_refused(monkeypatch):
+    from pneumonia_cnn.errors import PneumoniaCNNError
+    from pneumonia_cnn.training.distributed import _check_one_gpu_per_process, setup_distributed
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    _check_one_gpu_per_process(1, "cuda")  # two processes, two GPUs: allowed
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(PneumoniaCNNError, match="started 3 processes on this machine but only 2"):
+        _check_one_gpu_per_process(0, "auto")  # rank 0 already knows that rank 2 will have no GPU
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(PneumoniaCNNError, match=r"--device cuda:0: under torchrun each process uses the GPU of its "):
+        setup_distributed("cuda:0")

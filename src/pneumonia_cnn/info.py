@@ -81,5 +81,8 @@ def _calibration_text(calibration: dict) -> str:
 def _fit_text(fit) -> str:
     if not fit:
         return "not recorded (a checkpoint of an earlier version)"
-    return (f"{fit.get('images', '?')} {fit.get('split', 'validation')} images, scored by the {fit.get('engine')} "
+    text = (f"{fit.get('images', '?')} {fit.get('split', 'validation')} images, scored by the {fit.get('engine')} "
             f"engine in {fit.get('precision')}{' with test-time flips' if fit.get('tta') else ''}")
+    if fit.get("threshold_refit"):  # evaluate --threshold --save-as: the calibration kept, the threshold refitted
+        text += f"; the threshold refitted since on {_fit_text(fit['threshold_refit'])}"
+    return text

@@ -230,6 +230,12 @@ def test_a_refused_overlay_leaves_the_stored_report_done(orthanc, trained_run, x
         assert pacs(state) == (0, "0 new instance(s), 1 already scored: 0 scored and reported, 0 unreadable, 0 not "
                                   "X-rays, 0 failed (tried again next run)\n")
         assert sum(line.startswith("POST") for line in proxy.seen) == posts  # nothing sent again
+        # the standard's answer when nothing of a STOW-RS was stored: HTTP 409 with the failure reason
+        proxy.refusals = {overlay_post: (409, *stow_failure(0xC000)[1:])}
+        code, out = pacs(tmp_path / "conflict.sqlite")
+        assert code == 0 and "1 scored and reported" in out and "1 overlay(s) refused by the PACS" in out
+        row = next(r for r in ScoredState(tmp_path / "conflict.sqlite").rows())
+        assert row["status"] == "done" and "HTTP 409, failure reason 49152" in row["error"]
     finally:
         proxy.close()
 

@@ -45,6 +45,19 @@ def refuse_overlap(evaluated, fitted_fingerprints, evaluated_fingerprints, fitte
                                 f"(evaluate another split)")
 
 
+def refuse_stored_overlap(bundle, evaluated, evaluated_fingerprints, calibration_only: bool = False):
+    """The images each checkpoint's stored decision was fitted on: its calibration's (``reference.val``) and,
+    unless only the calibration is kept, a threshold refitted later on other images (``reference.threshold_fit``)."""
+    for member in bundle.checkpoints:
+        reference = member.get("reference") or {}
+        fingerprints = list((reference.get("val") or {}).get("fingerprints") or [])
+        if not calibration_only:
+            fingerprints += (reference.get("threshold_fit") or {}).get("fingerprints") or []
+        what = "calibration" if calibration_only else "threshold and calibration"
+        refuse_overlap(evaluated, fingerprints, evaluated_fingerprints,
+                       what=f"{display_path(member.get('path', 'the checkpoint'))}'s {what}")
+
+
 def refit_decision(bundle, data, val_split: str, policy: str | None, method: str | None, device="auto",
                    cache_dir=None, engine: str = "auto"):
     """Calibration and threshold fitted on ``val_split``'s served scores; returns (bundle, val cache, fit)."""
@@ -81,13 +94,19 @@ def save_refitted(bundle, fit: dict, save_as, sources) -> Path:
                                 f"choose a new path")
     payload = {k: v for k, v in bundle.checkpoints[0].items() if k not in ("path", "training_state", "temperature")}
     decision = bundle.decision
+    fitted_on = {k: fit[k] for k in ("engine", "precision", "tta", "device", "split", "images", "data")}
     payload.update(calibration=decision.calibration.to_dict(), threshold=decision.threshold,
-                   threshold_policy=decision.policy,
-                   decision_fit={k: fit[k] for k in ("engine", "precision", "tta", "device", "split", "images",
-                                                     "data")})
-    payload["reference"] = dict(payload.get("reference") or {}, val={
-        "fingerprints": fit["fingerprints"], "labels": fit["labels"], "raw_scores": fit["raw_scores"],
-        "ood_scores": None})
+                   threshold_policy=decision.policy)
+    reference = dict(payload.get("reference") or {})
+    reference.pop("threshold_fit", None)
+    if "calibration" in fit["refitted"]:
+        payload["decision_fit"] = fitted_on
+        reference["val"] = {"fingerprints": fit["fingerprints"], "labels": fit["labels"],
+                            "raw_scores": fit["raw_scores"], "ood_scores": None}
+    else:  # the calibration and its images (which drift and ensembles also read) stay; the threshold's are added
+        payload["decision_fit"] = dict(payload.get("decision_fit") or {}, threshold_refit=fitted_on)
+        reference["threshold_fit"] = {"split": fit["split"], "fingerprints": fit["fingerprints"]}
+    payload["reference"] = reference
     return save_checkpoint(payload, save_as)
 
 
@@ -113,13 +132,12 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
                                           calibration, device, cache_dir, engine)
         refuse_overlap(cached, fit["fingerprints"], evaluated_fingerprints, val.paths, f"the refitted decision "
                        f"(split {val_split})")
+        if "calibration" not in fit["refitted"]:  # the stored calibration is kept: its images are not unseen
+            refuse_stored_overlap(bundle, cached, evaluated_fingerprints, calibration_only=True)
         if save_as:
             log.info("refitted decision written to %s", display_path(save_refitted(bundle, fit, save_as, sources)))
     else:
-        for member in bundle.checkpoints:
-            stored = (member.get("reference") or {}).get("val") or {}
-            refuse_overlap(cached, stored.get("fingerprints", []), evaluated_fingerprints,
-                           what=f"{display_path(member.get('path', 'the checkpoint'))}'s threshold and calibration")
+        refuse_stored_overlap(bundle, cached, evaluated_fingerprints)
     predictor = Predictor(bundle, device, prevalence=prevalence, adapt_batch=adapt_batch, engine=engine)
     entries, notes = predictor.assess(cached.images, cached.metas(), batch_size=batch_size, progress=progress)
     report = build_report(predictor, cached, entries, notes, data, split, bootstrap, seed)

@@ -204,16 +204,41 @@ class PacsJob:
                 time.sleep(interval)
 
 
+STOW_NOTHING_STORED = {400, 409}  # the standard's answers when the PACS stored none of the instances sent
+
+
 def _stow(client, dataset, study_uid: str):
-    response = client.store_instances([dataset], study_instance_uid=study_uid)
-    failed = getattr(response, "FailedSOPSequence", None)
-    if failed:
-        reason = getattr(failed[0], "FailureReason", None)
-        error = TransferError(f"the PACS refused the instance (failure reason {reason if reason is not None else '?'})")
-        # A7xx: out of resources, worth retrying; any other reason is about this instance
-        error.transient = isinstance(reason, int) and reason >> 8 == 0xA7
-        error.refusal = not error.transient
-        raise error
+    import requests
+    try:
+        response = client.store_instances([dataset], study_instance_uid=study_uid)
+    except requests.HTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        if status not in STOW_NOTHING_STORED:
+            raise
+        _refused(_stow_answer(error.response), f"HTTP {status}, ")
+    if getattr(response, "FailedSOPSequence", None):
+        _refused(response)
+
+
+def _refused(answer, status: str = ""):
+    failed = getattr(answer, "FailedSOPSequence", None)
+    reason = getattr(failed[0], "FailureReason", None) if failed else None
+    error = TransferError(f"the PACS refused the instance ({status}failure reason "
+                          f"{reason if reason is not None else '?'})")
+    # A7xx: out of resources, worth retrying; any other reason is about this instance
+    error.transient = isinstance(reason, int) and reason >> 8 == 0xA7
+    error.refusal = not error.transient
+    raise error
+
+
+def _stow_answer(response):
+    """The STOW-RS answer's dataset (its FailedSOPSequence says why), or None when it holds none."""
+    import pydicom
+    try:
+        return pydicom.Dataset.from_json(response.content) if "json" in response.headers.get("Content-Type", "") \
+            else None
+    except Exception:  # noqa: BLE001 - a refusal with an unreadable body is still a refusal
+        return None
 
 
 def _value(record: dict, tag: str) -> str | None:

@@ -32,6 +32,9 @@ def setup_distributed(device_name: str) -> Distributed:
         return Distributed()
     import torch.distributed as dist
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name.startswith("cuda:"):
+        raise PneumoniaCNNError(f"--device {device_name}: under torchrun each process uses the GPU of its local "
+                                f"rank; use --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs")
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if use_cuda:
         _check_one_gpu_per_process(local_rank, device_name)

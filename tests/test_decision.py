@@ -240,6 +240,24 @@ def test_adapt_batch_reestimates_on_a_large_enough_batch(best_like_run, small_ro
     assert "not adapted: 10 in-distribution images, fewer than 32" in caplog.text
 
 
+
+def test_a_refit_with_adapt_batch_refits_the_adapted_decision_too(best_like_run, small_root, tmp_path, capsys):
+    """--adapt-batch classifies with the decision fitted after AdaBN; a refit replaces that one too (it used to
+    keep the training's adapted threshold while the table said the threshold was refitted), and --save-as
+    stores it."""
+    stored = load_checkpoint(best_like_run / "best.pt")
+    assert stored["decision_adapted"]["threshold"] != pytest.approx(0.9, abs=0.05)  # or the test proves nothing
+    saved = tmp_path / "t.pt"
+    assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(small_root), "--split", "train",
+                 "--threshold", "0.9", "--adapt-batch", "--bootstrap", "5", "--no-figures", "--save-as", str(saved),
+                 "--out", str(tmp_path / "m.json")]) == 0
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert any("re-estimated on this batch" in note for note in report["notes"])  # 48 images: adapted
+    assert report["threshold"] == 0.9 and report["calibration"] == stored["decision_adapted"]["calibration"]
+    assert report["decision_refit"]["adapted_refitted"] is True
+    assert "--adapt-batch's own decision refitted the same way" in capsys.readouterr().out
+    assert load_checkpoint(saved)["decision_adapted"]["threshold"] == 0.9
+
 def test_an_ensemble_fits_its_own_threshold_and_keeps_the_ood_check(best_like_run, small_root, cache_dir, tmp_path,
                                                                      capsys):
     from pneumonia_cnn.training import make_config, train

@@ -59,8 +59,9 @@ def refuse_stored_overlap(bundle, evaluated, evaluated_fingerprints, calibration
 
 
 def refit_decision(bundle, data, val_split: str, policy: str | None, method: str | None, device="auto",
-                   cache_dir=None, engine: str = "auto"):
-    """Calibration and threshold fitted on ``val_split``'s served scores; returns (bundle, val cache, fit)."""
+                   cache_dir=None, engine: str = "auto", adapted: bool = False):
+    """Calibration and threshold fitted on ``val_split``'s served scores; returns (bundle, val cache, fit).
+    ``adapted``: ``--adapt-batch``'s own decision is refitted the same way (when the checkpoint has one)."""
     try:
         val = cached_split(bundle, data, val_split, cache_dir)
     except DatasetError as error:
@@ -69,17 +70,33 @@ def refit_decision(bundle, data, val_split: str, policy: str | None, method: str
         raise PneumoniaCNNError(f"{display_path(data)}: split {val_split} needs both classes to fit a decision")
     scorer = Scorer(bundle, device, engine)
     raw = scorer.score(val.images).raw
-    if method is None:  # a threshold alone: the stored calibration stays, so a probability means what it meant
-        calibration = bundle.decision.calibration
-        decision = Decision(calibration, choose_threshold(val.labels, calibration.probabilities(raw), policy),
-                            str(policy))
-    else:
-        decision = fit_decision(val.labels, raw, policy or bundle.decision.policy, method)
+    decision = _refitted(bundle.decision, val.labels, raw, policy, method)
     fit = dict(scorer.description, split=val_split, images=len(val), data=str(data),
                refitted=["threshold"] if method is None else ["threshold", "calibration"],
                fingerprints=file_fingerprints(val.paths), labels=[int(v) for v in val.labels],
                raw_scores=[float(v) for v in raw])
-    return bundle.with_decision(decision), val, fit
+    adapted_decision = None
+    if adapted and bundle.adapted_decision is not None:
+        adapted_decision = _refit_adapted(bundle, decision, val, raw, policy, method, device, engine)
+        fit["adapted_refitted"] = True
+    return bundle.with_decision(decision, adapted_decision), val, fit
+
+
+def _refitted(stored: Decision, labels, raw, policy: str | None, method: str | None) -> Decision:
+    if method is None:  # a threshold alone: the stored calibration stays, so a probability means what it meant
+        calibration = stored.calibration
+        return Decision(calibration, choose_threshold(labels, calibration.probabilities(raw), policy), str(policy))
+    return fit_decision(labels, raw, policy or stored.policy, method)
+
+
+def _refit_adapted(bundle, decision: Decision, val, raw, policy, method, device, engine) -> Decision:
+    """As training fits it: batch-norm statistics re-estimated on the split as one batch (at its class mix, by
+    the refitted decision's pseudo-labels), then the same refit on the scores that gives."""
+    from ..inference.adabn import adapt_batch_norm
+    pseudo = decision.probabilities(raw) >= decision.threshold
+    images = np.asarray(val.images)
+    adapted = Scorer(adapt_batch_norm(bundle, images, pseudo, float(np.mean(val.labels))), device, engine)
+    return _refitted(bundle.adapted_decision, val.labels, adapted.score(images).raw, policy, method)
 
 
 def save_refitted(bundle, fit: dict, save_as, sources) -> Path:
@@ -107,6 +124,10 @@ def save_refitted(bundle, fit: dict, save_as, sources) -> Path:
         payload["decision_fit"] = dict(payload.get("decision_fit") or {}, threshold_refit=fitted_on)
         reference["threshold_fit"] = {"split": fit["split"], "fingerprints": fit["fingerprints"]}
     payload["reference"] = reference
+    if fit.get("adapted_refitted"):
+        adapted = bundle.adapted_decision
+        payload["decision_adapted"] = {"calibration": adapted.calibration.to_dict(), "threshold": adapted.threshold,
+                                       "threshold_policy": adapted.policy}
     return save_checkpoint(payload, save_as)
 
 
@@ -129,7 +150,7 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
     fit = None
     if (threshold is not None and str(threshold) != "saved") or calibration is not None:
         bundle, val, fit = refit_decision(bundle, data, val_split, None if threshold == "saved" else threshold,
-                                          calibration, device, cache_dir, engine)
+                                          calibration, device, cache_dir, engine, adapted=adapt_batch or bool(save_as))
         refuse_overlap(cached, fit["fingerprints"], evaluated_fingerprints, val.paths, f"the refitted decision "
                        f"(split {val_split})")
         if "calibration" not in fit["refitted"]:  # the stored calibration is kept: its images are not unseen
@@ -146,6 +167,7 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
         report["subgroups"] = subgroup_results([by] if isinstance(by, str) else list(by), report, cached, data)
     if fit is not None:
         report["decision_refit"] = {k: fit[k] for k in ("split", "images", "engine", "precision", "tta", "refitted")}
+        report["decision_refit"]["adapted_refitted"] = bool(fit.get("adapted_refitted"))
     if out:
         out = Path(out)
         write_json_atomic(out, report)
@@ -161,7 +183,7 @@ def build_report(predictor: Predictor, cached, entries, notes, data, split, boot
     probabilities = np.array([e["probability"] for e in entries])
     threshold = entries[0]["threshold"]
     groups = cached.patients if has_patient_ids(cached.paths) else None
-    decision = predictor.bundle.decision
+    decision = predictor.last_decision  # the one these entries were decided by
     report = {"checkpoint": [str(c.get("path")) for c in predictor.checkpoints], "model_id": predictor.model_id,
               "data": str(data), "split": split, "n_images": int(len(labels)),
               "counts": {name: int((labels == i).sum()) for i, name in enumerate(predictor.class_names)},
@@ -219,7 +241,9 @@ def format_table(report: dict) -> str:
         method = report["calibration"]["method"]
         what = (f"the threshold ({report['threshold_policy']}) and the {method} calibration" if both else
                 f"the threshold ({report['threshold_policy']}), on the stored {method} calibration")
-        lines.append(f"decision refitted on {fit['split']} ({fit['images']} images) for this evaluation: {what}{few}")
+        adapted = "; --adapt-batch's own decision refitted the same way" if fit.get("adapted_refitted") else ""
+        lines.append(f"decision refitted on {fit['split']} ({fit['images']} images) for this evaluation: "
+                     f"{what}{adapted}{few}")
     if report["skipped"]:
         lines.append(f"skipped {len(report['skipped'])} unreadable file(s)")
     if report.get("subgroups"):

@@ -76,6 +76,7 @@ class Predictor:
         self.scorer = Scorer(bundle, device, engine, amp)
         self.notes = list(bundle.notes)
         self.last_notes: list[str] = []
+        self.last_decision = bundle.decision
 
     # ---------- what the model expects and promises
     @property
@@ -159,6 +160,7 @@ class Predictor:
         notes = []
         if self.adapt_batch or self.prevalence == "estimate":
             scores, decision, notes = self._batch_steps(pixels, scores, checks, batch_size)
+        self.last_decision = decision  # what evaluate's report states (the batch-adapted one with --adapt-batch)
         threshold = decision.effective_threshold
         # the pneumonia rate the probability is stated for, beside it in every output (None: not recorded)
         rate = decision.prior if decision.prior is not None else decision.calibration.prior

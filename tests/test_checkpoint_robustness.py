@@ -144,6 +144,15 @@ MALFORMED = [
      "reference.val.labels holds 3 values for 559 raw_scores"),
     ("reference_labels", _set("reference.val.labels", ["NORMAL"] * 559),
      "reference.val.labels must be a list of 0 (first class) and 1 (second class)"),
+    ("threshold_fit_text", _set("reference.threshold_fit", "oops"),
+     "reference.threshold_fit must be a dict, not str 'oops'"),
+    ("threshold_fit_prints", _set("reference.threshold_fit", {"fingerprints": "abc"}),
+     "reference.threshold_fit.fingerprints must be a list, not str 'abc'"),
+    ("threshold_fit_numbers", _set("reference.threshold_fit", {"fingerprints": [5]}),
+     "reference.threshold_fit.fingerprints must be a list of SHA-256 strings"),
+    ("decision_fit_list", _set("decision_fit", ["a"]), "decision_fit must be a dict, not list ['a']"),
+    ("threshold_refit", _set("decision_fit.threshold_refit", 5),
+     "decision_fit.threshold_refit must be a dict, not int 5"),
 ]
 
 

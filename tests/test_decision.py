@@ -159,6 +159,7 @@ def test_a_threshold_refitted_alone_still_refuses_the_calibrations_images(best_l
     assert checkpoint["calibration"] == stored["calibration"] and checkpoint["threshold"] != stored["threshold"]
     assert checkpoint["reference"]["val"] == stored["reference"]["val"]  # drift and ensembles read it
     assert len(checkpoint["reference"]["threshold_fit"]["fingerprints"]) == 48  # the 48 train images
+    assert checkpoint["reference"]["threshold_fit"]["split"] == "train"
     assert checkpoint["decision_fit"]["threshold_refit"]["split"] == "train"
     assert checkpoint["decision_fit"]["split"] == stored["decision_fit"]["split"] == "val"
     for split, what in (("val", "threshold and calibration"), ("train", "threshold and calibration")):
@@ -167,6 +168,21 @@ def test_a_threshold_refitted_alone_still_refuses_the_calibrations_images(best_l
         assert f"'s {what} was fitted on" in capsys.readouterr().err
     assert main(["info", str(saved)]) == 0
     assert "; the threshold refitted since on 48 train images" in capsys.readouterr().out
+    again = tmp_path / "t2.pt"  # its threshold refitted once more, on test: train's images are no longer its
+    assert main(["evaluate", "--checkpoint", str(saved), "--data", str(small_root), "--split", "train",
+                 "--val-split", "test", "--threshold", "youden", "--bootstrap", "5", "--no-figures",
+                 "--save-as", str(again), "--out", str(tmp_path / "again.json")]) == 0
+    second = load_checkpoint(again)
+    assert second["reference"]["threshold_fit"]["split"] == "test"
+    assert len(second["reference"]["threshold_fit"]["fingerprints"]) == 20
+    assert second["reference"]["val"] == stored["reference"]["val"]
+    recalibrated = tmp_path / "t3.pt"  # a calibration refit replaces the reference and drops the threshold's
+    assert main(["evaluate", "--checkpoint", str(saved), "--data", str(small_root), "--split", "train",
+                 "--calibration", "platt", "--bootstrap", "5", "--no-figures", "--save-as", str(recalibrated)]) == 0
+    third = load_checkpoint(recalibrated)
+    assert "threshold_fit" not in third["reference"] and "threshold_refit" not in third["decision_fit"]
+    assert len(third["reference"]["val"]["fingerprints"]) == 20 and third["decision_fit"]["split"] == "val"
+    capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(small_root), "--calibration", "none",
                  "--bootstrap", "5", "--no-figures", "--out", str(tmp_path / "c.json")]) == 0
     alone = json.loads((tmp_path / "c.json").read_text())
@@ -257,6 +273,60 @@ def test_a_refit_with_adapt_batch_refits_the_adapted_decision_too(best_like_run,
     assert report["decision_refit"]["adapted_refitted"] is True
     assert "--adapt-batch's own decision refitted the same way" in capsys.readouterr().out
     assert load_checkpoint(saved)["decision_adapted"]["threshold"] == 0.9
+    only_saved = tmp_path / "s.pt"  # --save-as alone (no --adapt-batch) stores the refitted adapted decision too
+    assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(small_root), "--split", "train",
+                 "--threshold", "0.9", "--bootstrap", "5", "--no-figures", "--save-as", str(only_saved)]) == 0
+    assert load_checkpoint(only_saved)["decision_adapted"] == {
+        "calibration": stored["decision_adapted"]["calibration"], "threshold": 0.9, "threshold_policy": "0.9"}
+
+
+@pytest.mark.parametrize("calibration", [None, "platt"])
+def test_the_refitted_adapted_decision_is_fitted_as_adapt_batch_serves(best_like_run, small_root, tmp_path,
+                                                                        calibration):
+    """Re-done by hand: AdaBN on val (pseudo-labels of the refitted decision; the class mix the adapted calibration
+    states: the stored one for a threshold alone, val's own when the calibration is refitted), then the refit."""
+    from dataclasses import replace
+
+    from pneumonia_cnn.calibration import Calibration, choose_threshold
+    from pneumonia_cnn.inference import load_bundle
+    from pneumonia_cnn.inference.adabn import adapt_batch_norm
+    root = tmp_path / "skewed"  # val at another class mix (10 NORMAL, 4 PNEUMONIA) than the stored one's
+    (root / "val").mkdir(parents=True)
+    (root / "train").symlink_to(small_root / "train")
+    for name, count in (("NORMAL", 10), ("PNEUMONIA", 4)):
+        (root / "val" / name).mkdir()
+        for path in sorted((small_root / "val" / name).iterdir())[:count]:
+            (root / "val" / name / path.name).symlink_to(path)
+    checkpoint = load_checkpoint(best_like_run / "best.pt")
+    bundle = load_bundle(checkpoint)
+    predictor = Predictor(bundle, "cpu")
+    pixels = np.stack([predictor.preprocess_path(f)[0] for f in val_files(root)])
+    labels = np.array([int("PNEUMONIA" in str(f)) for f in val_files(root)])
+    raw = predictor.score(pixels).raw
+    stored_adapted = Calibration.from_dict(checkpoint["decision_adapted"]["calibration"])
+    if calibration is None:
+        cal = Calibration.from_dict(checkpoint["calibration"])
+        threshold = choose_threshold(labels, cal.probabilities(raw), "youden")
+        pseudo, rate = cal.probabilities(raw) >= threshold, stored_adapted.prior
+    else:
+        main_fit = fit_decision(labels, raw, "youden", calibration)
+        pseudo, rate = main_fit.probabilities(raw) >= main_fit.threshold, labels.mean()
+    assert stored_adapted.prior != pytest.approx(labels.mean())  # the two rates differ here: the test can tell
+    adapted_raw = Predictor(replace(adapt_batch_norm(bundle, pixels, pseudo, rate), ood=None), "cpu").score(pixels).raw
+    if calibration is None:
+        expected = (stored_adapted.to_dict(), choose_threshold(labels, stored_adapted.probabilities(adapted_raw),
+                                                               "youden"))
+    else:
+        fitted = fit_decision(labels, adapted_raw, "youden", calibration)
+        expected = (fitted.calibration.to_dict(), fitted.threshold)
+    options = ["--calibration", calibration] if calibration else []
+    assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(root), "--split", "train",
+                 "--threshold", "youden", *options, "--adapt-batch", "--bootstrap", "5", "--no-figures",
+                 "--out", str(tmp_path / "m.json")]) == 0
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["threshold"] == pytest.approx(expected[1], abs=1e-5)
+    assert report["calibration"] == pytest.approx(expected[0], abs=1e-4) if calibration else \
+        report["calibration"] == expected[0]
 
 def test_an_ensemble_fits_its_own_threshold_and_keeps_the_ood_check(best_like_run, small_root, cache_dir, tmp_path,
                                                                      capsys):

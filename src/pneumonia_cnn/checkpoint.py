@@ -76,8 +76,9 @@ def check_checkpoint(payload: dict) -> None:
     _check_decision(payload, "")
     if payload.get("decision_adapted"):
         _check_decision(_field(payload, "decision_adapted", dict), "decision_adapted.")
-    for name in ("intended_use", "config"):
+    for name in ("intended_use", "config", "decision_fit"):
         _field(payload, name, dict, required=False)
+    _field(payload.get("decision_fit") or {}, "threshold_refit", dict, required=False, prefix="decision_fit.")
     _field(payload, "run_id", str, required=False)
     _field(payload, "parameters", numbers.Integral, required=False, nullable=True)
     if payload.get("reference"):
@@ -172,6 +173,11 @@ def _check_reference(reference: dict) -> None:
         if values and scores is not None and len(values) != len(scores):
             raise _Invalid(f"reference.val.{name} holds {len(values)} values for {len(scores)} raw_scores")
     _field(val, "ood_scores", (list, tuple), required=False, prefix="reference.val.", nullable=True)
+    threshold_fit = _field(reference, "threshold_fit", dict, required=False, prefix="reference.") or {}
+    _field(threshold_fit, "split", str, required=False, prefix="reference.threshold_fit.")
+    prints = _field(threshold_fit, "fingerprints", (list, tuple), required=False, prefix="reference.threshold_fit.")
+    if prints and not all(isinstance(v, str) for v in prints):
+        raise _Invalid("reference.threshold_fit.fingerprints must be a list of SHA-256 strings")
 
 
 _TYPE_NAMES = {dict: "a dict", list: "a list", tuple: "a list", str: "a string", numbers.Real: "a number",

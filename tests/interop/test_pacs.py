@@ -236,6 +236,14 @@ def test_a_refused_overlay_leaves_the_stored_report_done(orthanc, trained_run, x
         assert code == 0 and "1 scored and reported" in out and "1 overlay(s) refused by the PACS" in out
         row = next(r for r in ScoredState(tmp_path / "conflict.sqlite").rows())
         assert row["status"] == "done" and "HTTP 409, failure reason 49152" in row["error"]
+        proxy.refusals = {overlay_post: (400, *stow_failure(0xC122)[1:])}  # 400 with the sequence: refused too
+        code, out = pacs(tmp_path / "bad.sqlite")
+        assert code == 0 and "1 overlay(s) refused by the PACS" in out
+        proxy.refusals = {overlay_post: (400, b"<html>Bad Request</html>", "text/html")}  # a proxy's: no reason
+        code, out = pacs(tmp_path / "proxy.sqlite")
+        assert code == 1 and "0 scored and reported, 0 unreadable, 0 not X-rays, 1 failed" in out
+        row = next(r for r in ScoredState(tmp_path / "proxy.sqlite").rows())
+        assert row["status"] == "failed" and row["refusals"] == 0
     finally:
         proxy.close()
 

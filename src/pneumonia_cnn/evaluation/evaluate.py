@@ -77,8 +77,8 @@ def refit_decision(bundle, data, val_split: str, policy: str | None, method: str
                raw_scores=[float(v) for v in raw])
     adapted_decision = None
     if adapted and bundle.adapted_decision is not None:
-        adapted_decision = _refit_adapted(bundle, decision, val, raw, policy, method, device, engine)
-        fit["adapted_refitted"] = True
+        adapted_decision, adapted_raw = _refit_adapted(bundle, decision, val, raw, policy, method, device, engine)
+        fit.update(adapted_refitted=True, adapted_raw_scores=[float(v) for v in adapted_raw])
     return bundle.with_decision(decision, adapted_decision), val, fit
 
 
@@ -89,18 +89,23 @@ def _refitted(stored: Decision, labels, raw, policy: str | None, method: str | N
     return fit_decision(labels, raw, policy or stored.policy, method)
 
 
-def _refit_adapted(bundle, decision: Decision, val, raw, policy, method, device, engine) -> Decision:
-    """As training fits it: batch-norm statistics re-estimated on the split as one batch (at its class mix, by
-    the refitted decision's pseudo-labels), then the same refit on the scores that gives."""
+def _refit_adapted(bundle, decision: Decision, val, raw, policy, method, device, engine):
+    """As ``--adapt-batch`` will serve it: batch-norm statistics re-estimated on the split as one batch (by the
+    refitted decision's pseudo-labels, at the class mix the adapted calibration states: the split's own when it
+    is refitted, else the stored one's), then the same refit on those scores. Returns (decision, raw scores)."""
     from ..inference.adabn import adapt_batch_norm
+    stored = bundle.adapted_decision
+    rate = float(np.mean(val.labels)) if method is not None or stored.calibration.prior is None \
+        else stored.calibration.prior
     pseudo = decision.probabilities(raw) >= decision.threshold
     images = np.asarray(val.images)
-    adapted = Scorer(adapt_batch_norm(bundle, images, pseudo, float(np.mean(val.labels))), device, engine)
-    return _refitted(bundle.adapted_decision, val.labels, adapted.score(images).raw, policy, method)
+    adapted = Scorer(adapt_batch_norm(bundle, images, pseudo, rate), device, engine, cache=False)
+    adapted_raw = adapted.score(images).raw
+    return _refitted(stored, val.labels, adapted_raw, policy, method), adapted_raw
 
 
-def save_refitted(bundle, fit: dict, save_as, sources) -> Path:
-    """The refitted checkpoint, as a new file (never one of the checkpoints read)."""
+def check_save_as(bundle, save_as, sources):
+    """Before any refit: --save-as writes one new checkpoint, never one of those read."""
     if len(bundle.checkpoints) > 1:
         raise PneumoniaCNNError("--save-as writes one checkpoint; an ensemble's decision is fitted on its members' "
                                 "stored validation scores whenever it is loaded")
@@ -109,6 +114,10 @@ def save_refitted(bundle, fit: dict, save_as, sources) -> Path:
                                            and target.name in ("best.pt", "last.pt")) for s in sources):
         raise PneumoniaCNNError(f"{display_path(save_as)}: --save-as would overwrite the checkpoint it reads; "
                                 f"choose a new path")
+
+
+def save_refitted(bundle, fit: dict, save_as) -> Path:
+    """The refitted checkpoint, as a new file (``check_save_as`` first)."""
     payload = {k: v for k, v in bundle.checkpoints[0].items() if k not in ("path", "training_state", "temperature")}
     decision = bundle.decision
     fitted_on = {k: fit[k] for k in ("engine", "precision", "tta", "device", "split", "images", "data")}
@@ -119,7 +128,8 @@ def save_refitted(bundle, fit: dict, save_as, sources) -> Path:
     if "calibration" in fit["refitted"]:
         payload["decision_fit"] = fitted_on
         reference["val"] = {"fingerprints": fit["fingerprints"], "labels": fit["labels"],
-                            "raw_scores": fit["raw_scores"], "ood_scores": None}
+                            "raw_scores": fit["raw_scores"], "ood_scores": None,
+                            "adapted_raw_scores": fit.get("adapted_raw_scores")}
     else:  # the calibration and its images (which drift and ensembles also read) stay; the threshold's are added
         payload["decision_fit"] = dict(payload.get("decision_fit") or {}, threshold_refit=fitted_on)
         reference["threshold_fit"] = {"split": fit["split"], "fingerprints": fit["fingerprints"]}
@@ -149,6 +159,8 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
     evaluated_fingerprints = file_fingerprints(cached.paths)
     fit = None
     if (threshold is not None and str(threshold) != "saved") or calibration is not None:
+        if save_as:
+            check_save_as(bundle, save_as, sources)
         bundle, val, fit = refit_decision(bundle, data, val_split, None if threshold == "saved" else threshold,
                                           calibration, device, cache_dir, engine, adapted=adapt_batch or bool(save_as))
         refuse_overlap(cached, fit["fingerprints"], evaluated_fingerprints, val.paths, f"the refitted decision "
@@ -156,7 +168,7 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
         if "calibration" not in fit["refitted"]:  # the stored calibration is kept: its images are not unseen
             refuse_stored_overlap(bundle, cached, evaluated_fingerprints, calibration_only=True)
         if save_as:
-            log.info("refitted decision written to %s", display_path(save_refitted(bundle, fit, save_as, sources)))
+            log.info("refitted decision written to %s", display_path(save_refitted(bundle, fit, save_as)))
     else:
         refuse_stored_overlap(bundle, cached, evaluated_fingerprints)
     predictor = Predictor(bundle, device, prevalence=prevalence, adapt_batch=adapt_batch, engine=engine)

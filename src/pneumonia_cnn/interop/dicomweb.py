@@ -213,9 +213,10 @@ def _stow(client, dataset, study_uid: str):
         response = client.store_instances([dataset], study_instance_uid=study_uid)
     except requests.HTTPError as error:
         status = getattr(error.response, "status_code", None)
-        if status not in STOW_NOTHING_STORED:
-            raise
-        _refused(_stow_answer(error.response), f"HTTP {status}, ")
+        answer = _stow_answer(error.response) if status in STOW_NOTHING_STORED else None
+        if not getattr(answer, "FailedSOPSequence", None):
+            raise  # no reason given (a proxy's 400, say): a failure, tried again next run, never a refusal
+        _refused(answer, f"HTTP {status}, ")
     if getattr(response, "FailedSOPSequence", None):
         _refused(response)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -179,3 +180,86 @@ def test_each_receipt_is_spooled_apart_and_other_modalities_are_not_scored(train
     listener._process(spooled)
     assert f"instance {uid}: not scored (modality CT is not one of CR, DX (--modality))" in caplog.text
     assert not list((tmp_path / "spool" / "incoming").glob("*.dcm")) and listener.sent == []
+
+
+def receipt(path, uid=None):
+    """What pynetdicom hands the node for one C-STORE of the file at ``path``."""
+    from types import SimpleNamespace
+    uid = uid if uid is not None else str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    return SimpleNamespace(request=SimpleNamespace(AffectedSOPInstanceUID=uid), encoded_dataset=path.read_bytes,
+                           assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="MODALITY")))
+
+
+def test_a_deflate_bomb_is_set_aside_from_its_header(trained_run, tmp_path, caplog):
+    """612 KB that inflates to 600 MB took a node to 2.9 GB (it read the whole data set before any check); the
+    header guard that serve uses now refuses it first. Here 48 MB of zeros behind a 64 x 64 header."""
+    import logging
+    import tracemalloc
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from pneumonia_cnn.inference import Predictor
+    caplog.set_level(logging.INFO)
+    bomb = pydicom.dcmread(xray_dicom(np.zeros((64, 64), np.uint8), tmp_path / "b.dcm", "DX", patient_id="L7"))
+    bomb.PixelData = bytes(48 * 1024 * 1024)
+    bomb.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    bomb.save_as(tmp_path / "bomb.dcm", enforce_file_format=True)
+    assert (tmp_path / "bomb.dcm").stat().st_size < 1024 * 1024
+    listener = Listener(Predictor(trained_run, "cpu"), Destination("127.0.0.1", free_port(), "NOBODY"),
+                        spool=tmp_path / "spool", attempts=1)
+    assert listener._receive(receipt(tmp_path / "bomb.dcm")) == 0x0000
+    tracemalloc.start()
+    listener._process(sorted((tmp_path / "spool" / "incoming").glob("*.dcm")))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024, f"{peak:,} bytes"  # before: the 48 MB data set and its re-encoding
+    assert "(decompression bomb) (kept in" in caplog.text
+    assert len(list((tmp_path / "spool" / "unreadable").iterdir())) == 1
+
+
+def test_what_a_sender_chose_cannot_forge_log_lines_or_put_patient_names_in_the_log(trained_run, xray_sources,
+                                                                                   tmp_path):
+    """A UID with a newline wrote a second, forged log line; highdicom's warning about a one-part patient name
+    wrote the name into the log over two lines. The node's log keeps one line per record and no name."""
+    import io
+    import logging
+
+    from pneumonia_cnn.cli.common import OneLineFormatter
+    from pneumonia_cnn.inference import Predictor
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(OneLineFormatter("%(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        listener = Listener(Predictor(trained_run, "cpu"), Destination("127.0.0.1", free_port(), "NOBODY"),
+                            spool=tmp_path / "spool", attempts=1, retry_after=3600)
+        path = xray_dicom(xray_sources["NORMAL"][0], tmp_path / "n.dcm", "DX", patient_id="L8",
+                          PatientName="SMITHERSON")
+        forged = "1.2\nFORGED instance 7.7: p=0.0100 NORMAL -> report 1 sent"
+        with warnings_to(stream):
+            assert listener._receive(receipt(path, forged)) == 0x0000
+            listener._process(sorted((tmp_path / "spool" / "incoming").glob("*.dcm")))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "received instance 1.2\\nFORGED instance 7.7: p=0.0100 NORMAL -> report 1 sent from MODALITY"
+    assert not any(line.startswith("FORGED") for line in lines)
+    assert "SMITHERSON" not in stream.getvalue() and "C-STORE of its report" in lines[-1]  # scored, then sent
+
+
+class warnings_to:
+    """Python warnings written to ``stream`` (as the default handler writes them to stderr) while inside."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __enter__(self):
+        import warnings
+        self.previous = warnings.showwarning
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: self.stream.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
+
+    def __exit__(self, *exc):
+        import warnings
+        warnings.showwarning = self.previous

@@ -24,8 +24,21 @@ class Command:
     examples: tuple[str, ...] = ()
 
 
+# C0 controls and DEL shown escaped: a value a sender chose (a UID, a file name) cannot start a forged log line
+_CONTROL = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each record on one line, whatever its arguments hold."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).translate(_CONTROL)
+
+
 def setup_logging(verbose: bool):
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("matplotlib", "PIL", "urllib3", "httpx", "h5py", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

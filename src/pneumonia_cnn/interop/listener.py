@@ -10,6 +10,7 @@ non-images are not scored, so a PACS that forwards everything cannot loop our re
 """
 from __future__ import annotations
 
+import io
 import logging
 import queue
 import re
@@ -20,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.dicom_guard import dicom_problem
 from ..errors import PneumoniaCNNError
 from ..fileio import atomic_path, display_path
 from .network import TransferError, with_retries
@@ -158,7 +160,12 @@ class Listener:
         datasets, files = [], []
         for path in paths:
             try:
-                dataset = pydicom.dcmread(path, force=True)
+                data = path.read_bytes()
+                problem = dicom_problem(data)  # from the header, before pydicom inflates or decodes anything
+                if problem:
+                    self._set_aside(path, problem)
+                    continue
+                dataset = pydicom.dcmread(io.BytesIO(data), force=True)
                 reason = not_an_xray(dataset) or self._outside_modalities(dataset)
             except Exception as error:  # noqa: BLE001 - any decoding failure is a bad instance, named below
                 self._set_aside(path, f"not readable as DICOM ({type(error).__name__})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +75,10 @@ class DicomScorer:
     def __init__(self, predictor, overlay: bool = False):
         self.predictor, self.overlay = predictor, overlay
         logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every attribute copy at INFO
+        # Their warnings about a header quote its values (a patient's name) into the log, over several lines;
+        # what matters to the node is whether the instance could be read, which its own line says.
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(highdicom|pydicom)(\.|$)")
         self.model = ModelIdentity.of(predictor)
         self._explain_model = None
 

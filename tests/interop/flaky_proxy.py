@@ -16,7 +16,8 @@ class FlakyProxy:
     requests to cut (``float('inf')``: all of them). ``cut_log`` lists the request lines that were cut.
     ``refusals`` maps a substring of the request line to what answers it instead of Orthanc: an HTTP status,
     or (status, body, content type); a key may also be (request-line substring, bytes the request body holds),
-    to refuse one of several STOW-RS posts to the same study. ``seen`` lists every request line."""
+    to refuse one of several STOW-RS posts to the same study; a value may be a function of the request line
+    that returns one of these. ``seen`` lists every request line."""
 
     def __init__(self, target: str):
         self.target, self.cuts, self.cut_log = target.rstrip("/"), {}, []
@@ -32,6 +33,8 @@ class FlakyProxy:
                 proxy.seen.append(f"{self.command} {self.path}")
                 refusal = next((code for key, code in proxy.refusals.items()
                                 if _matches(key, proxy.seen[-1], body)), None)
+                if callable(refusal):  # an answer made for this request (a fake server's)
+                    refusal = refusal(proxy.seen[-1])
                 if refusal:
                     status, answer, kind = refusal if isinstance(refusal, tuple) else (refusal, b"", "text/plain")
                     self.send_response(status)

@@ -248,6 +248,43 @@ def test_a_refused_overlay_leaves_the_stored_report_done(orthanc, trained_run, x
         proxy.close()
 
 
+def test_odd_qido_answers_end_in_one_line_and_never_loop(trained_run, tmp_path, capsys, caplog):
+    """A server that ignores QIDO-RS paging used to be asked forever (3,131 requests in 25 s in a probe); items
+    that are not objects gave a traceback; records without their study UID failed on every run."""
+    from pneumonia_cnn.interop.state import ScoredState
+    asked = []
+
+    def same_page(request_line):  # 200 records whatever the offset, and none after the 10th request
+        asked.append(request_line)
+        records = [] if len(asked) > 10 else [
+            {"00080018": {"vr": "UI", "Value": [f"1.2.3.{i}"]}, "00080060": {"vr": "CS", "Value": ["DX"]}}
+            for i in range(200)]
+        return 200, json.dumps(records).encode(), "application/dicom+json"
+
+    proxy, state = FlakyProxy(f"http://127.0.0.1:{free_port()}"), tmp_path / "state.sqlite"
+    url = proxy.url + "/dicom-web"
+    try:
+        proxy.refusals = {"GET /dicom-web/instances": same_page}
+        assert run_pacs(trained_run, url, state, "--modality", "DX") == 0
+        assert len(asked) == 2  # the first page, then the same page again: stopped there
+        assert "ignores paging); stopped after 200" in caplog.text
+        assert "200 new instance(s), 0 already scored: 0 scored and reported, 200 unreadable" in capsys.readouterr().out
+        rows = ScoredState(state).rows()
+        assert len(rows) == 200 and rows[0]["error"] == "QIDO-RS listed it without its study instance UID"
+        assert run_pacs(trained_run, url, state, "--modality", "DX") == 0
+        assert "0 new instance(s), 200 already scored" in capsys.readouterr().out
+        proxy.refusals = {"GET /dicom-web/instances": (200, b'[1, "x", null]', "application/dicom+json")}
+        assert run_pacs(trained_run, url, tmp_path / "b.sqlite", "--modality", "DX") == 0
+        assert "3 item(s) of the answer are not instances; left out" in caplog.text
+        assert "0 new instance(s)" in capsys.readouterr().out
+        proxy.refusals = {"GET /dicom-web/instances": (200, b'{"a": 1}', "application/dicom+json")}
+        assert run_pacs(trained_run, url, tmp_path / "c.sqlite", "--modality", "DX") == 0  # an object: its key
+        assert "1 item(s) of the answer are not instances; left out" in caplog.text
+        assert "Traceback" not in capsys.readouterr().err
+    finally:
+        proxy.close()
+
+
 def test_watch_polls_and_survives_an_outage(orthanc, studies, trained_run, xray_sources, tmp_path):
     from pneumonia_cnn.inference import Predictor
     from pneumonia_cnn.interop.dicomweb import PacsJob, PacsOptions

@@ -104,12 +104,24 @@ class PacsJob:
         return found, known, abandoned
 
     def _search(self, filters: dict):
-        offset = 0
+        offset, seen = 0, set()
+        what = f"{self.options.url}: QIDO-RS search {filters}"
         while True:
             page = self._retry(lambda skip=offset: self.client.search_for_instances(
                 search_filters=filters, limit=self.options.page_size, offset=skip,
-                fields=["StudyDate", "Modality", "SOPClassUID"]), f"{self.options.url}: QIDO-RS search {filters}")
-            yield from page
+                fields=["StudyDate", "Modality", "SOPClassUID"]), what)
+            if not isinstance(page, list):
+                raise TransferError(f"{what}: the answer is not a list of instances ({type(page).__name__})")
+            records = [r for r in page if isinstance(r, dict) and _value(r, SOP)]
+            if len(records) < len(page):
+                log.warning("%s: %d item(s) of the answer are not instances; left out", what, len(page) - len(records))
+            new = [r for r in records if _value(r, SOP) not in seen]
+            if records and not new:  # the same page again: the server ignores the offset
+                log.warning("%s: the PACS answered offset %d with instances it had already listed (it ignores "
+                            "paging); stopped after %d", what, offset, len(seen))
+                return
+            seen.update(_value(r, SOP) for r in new)
+            yield from new
             if len(page) < self.options.page_size:
                 return
             offset += len(page)
@@ -128,6 +140,12 @@ class PacsJob:
         datasets = []
         for record in records:
             study, series, sop = _value(record, STUDY), _value(record, SERIES), _value(record, SOP)
+            if not (study and series):  # nothing to fetch it by, in this run or any other
+                reason = f"QIDO-RS listed it without its {'study' if not study else 'series'} instance UID"
+                log.warning("instance %s: unreadable: %s", sop, reason)
+                self.state.record(sop, self.model, "unreadable", study, series, error=reason)
+                summary["unreadable"] += 1
+                continue
             try:
                 dataset = self._retry(lambda uids=(study, series, sop): self.client.retrieve_instance(*uids),
                                       f"instance {sop}: WADO-RS retrieve")
@@ -243,8 +261,12 @@ def _stow_answer(response):
 
 
 def _value(record: dict, tag: str) -> str | None:
-    values = (record.get(tag) or {}).get("Value") or []
-    return str(values[0]) if values else None
+    """A DICOM JSON element's first value; a lone value not wrapped in a list is taken as it is."""
+    element = record.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    if isinstance(values, (str, int, float)):
+        return str(values)
+    return str(values[0]) if isinstance(values, list) and values and values[0] is not None else None
 
 
 def check_date_range(value: str | None) -> str | None:

@@ -83,6 +83,9 @@ def software_version() -> str:
         return "unknown"
 
 
+DATE_VRS = ("DA", "DT", "TM")
+
+
 def result_uid(source_sop_uid: str, model_key: str, kind: str) -> str:
     """The same UID every time one model scores one instance: a repeat replaces, never duplicates."""
     return generate_uid(entropy_srcs=[source_sop_uid, model_key, kind])
@@ -127,13 +130,27 @@ def _header_of(source: Dataset) -> Dataset:
     carry (type 2: present, possibly empty) added empty where the modality left them out."""
     header = Dataset()
     for element in source:
-        if element.keyword != "PixelData":
+        if element.keyword == "PixelData":
+            continue
+        if element.VR in DATE_VRS and not _readable_date(element):  # "2024" as a StudyDate: highdicom refuses
+            header.add_new(element.tag, element.VR, "")  # it, and the report with it; empty is allowed (type 2)
+        else:
             header.add(element)
     for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                     "StudyDate", "StudyTime", "ReferringPhysicianName"):
         if keyword not in header:
             setattr(header, keyword, "")
     return header
+
+
+def _readable_date(element) -> bool:
+    from pydicom.valuerep import DA, DT, TM
+    kind = {"DA": DA, "DT": DT, "TM": TM}[element.VR]
+    values = element.value if isinstance(element.value, (list, tuple)) or element.VM > 1 else [element.value]
+    try:
+        return all(value in (None, "") or kind(str(value)) is not None for value in values)
+    except (ValueError, TypeError):
+        return False
 
 
 def _measurements(entry: dict) -> list:

@@ -263,3 +263,43 @@ class warnings_to:
     def __exit__(self, *exc):
         import warnings
         warnings.showwarning = self.previous
+
+
+def test_a_report_the_destination_refuses_is_set_aside_and_does_not_hold_up_the_others(trained_run, xray_sources,
+                                                                                       tmp_path, caplog):
+    """A destination answering 0xC000 for one patient's report: that report used to be retried forever (four
+    attempts with back-off every --retry-after), taking the worker's time from every other report. Now it is not
+    retried within a pass, and after --give-up-after refusals it is moved to SPOOL/refused; the others go."""
+    import logging
+
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    from pneumonia_cnn.inference import Predictor
+    caplog.set_level(logging.INFO)
+    answered = []
+
+    def store(event):
+        answered.append(str(event.dataset.PatientID))
+        return 0xC000 if event.dataset.PatientID == "BAD" else 0x0000
+
+    destination = AE(ae_title="DEST")
+    destination.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = destination.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        listener = Listener(Predictor(trained_run, "cpu"), Destination("127.0.0.1", port, "DEST"),
+                            spool=tmp_path / "spool", attempts=4, backoff=0.05, give_up_after=2)
+        for name, patient in (("bad", "BAD"), ("good", "GOOD")):
+            path = xray_dicom(xray_sources["NORMAL"][0], tmp_path / f"{name}.dcm", "DX", patient_id=patient)
+            assert listener._receive(receipt(path)) == 0x0000
+        incoming = tmp_path / "spool" / "incoming"
+        listener._process(sorted(incoming.glob("*.dcm")))
+        assert sorted(answered) == ["BAD", "GOOD"]  # one attempt each: a refusal is not retried within a pass
+        assert [s["report_uid"] is not None for s in listener.sent] == [True] and len(list(incoming.iterdir())) == 1
+        listener._process(sorted(incoming.glob("*.dcm")))  # the pass after --retry-after: refused again
+        assert answered.count("BAD") == 2 and not list(incoming.iterdir())
+        assert len(list((tmp_path / "spool" / "refused").iterdir())) == 1
+        assert "with status 0xC000 (after" not in caplog.text  # never retried with back-off
+        assert "refused 2 times: set aside in" in caplog.text
+    finally:
+        server.shutdown()

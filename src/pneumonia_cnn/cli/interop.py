@@ -140,6 +140,9 @@ def listen_arguments(p):
                    help="modalities scored; instances of others are acknowledged and not scored")
     p.add_argument("--retry-after", type=positive_number, default=60,
                    help="seconds before an undelivered report is retried")
+    p.add_argument("--give-up-after", type=whole_number(1), default=3, metavar="TIMES",
+                   help="a report the destination refuses (a C-STORE failure status) this many times is set aside "
+                        "in SPOOL/refused")
     add_network_options(p)
 
 
@@ -149,7 +152,7 @@ def run_listen(args) -> int:
     destination = Destination.parse(args.send_to)
     listener = Listener(Predictor(args.checkpoint, args.device), destination, args.ae_title, args.port, args.host,
                         args.spool, args.overlay, args.retries + 1, args.backoff, args.retry_after,
-                        modalities=args.modality)
+                        modalities=args.modality, give_up_after=args.give_up_after)
     listener.start(block=True)
     return 0
 

@@ -58,7 +58,8 @@ def default_spool() -> Path:
 class Listener:
     def __init__(self, predictor, destination: Destination, ae_title: str = "PNEUMONIA", port: int = 11112,
                  host: str = "127.0.0.1", spool=None, overlay: bool = False, attempts: int = 4,
-                 backoff: float = 1.0, retry_after: float = 60.0, batch_size: int = 8, modalities=("CR", "DX")):
+                 backoff: float = 1.0, retry_after: float = 60.0, batch_size: int = 8, modalities=("CR", "DX"),
+                 give_up_after: int = 3):
         if not 0 < len(ae_title) <= 16:
             raise PneumoniaCNNError(f"--ae-title {ae_title}: an AE title has 1 to 16 characters")
         self.scorer = DicomScorer(predictor, overlay=overlay)
@@ -67,7 +68,8 @@ class Listener:
         self.spool = Path(spool or default_spool())
         self.attempts, self.backoff, self.retry_after, self.batch_size = attempts, backoff, retry_after, batch_size
         self.incoming, self.unreadable = self.spool / "incoming", self.spool / "unreadable"
-        for folder in (self.incoming, self.unreadable):
+        self.refused, self.give_up_after, self.refusals = self.spool / "refused", give_up_after, {}
+        for folder in (self.incoming, self.unreadable, self.refused):
             folder.mkdir(parents=True, exist_ok=True)
         self.queue: queue.Queue = queue.Queue()
         self.later: list[tuple[float, Path]] = []
@@ -193,9 +195,9 @@ class Listener:
                          f"instance {result.sop_instance_uid}: C-STORE of its report to {self.destination}",
                          self.attempts, self.backoff)
         except TransferError as error:
-            log.warning("%s; kept in the spool, tried again in %.0f s", error, self.retry_after)
-            self._retry_later([path])
+            self._undelivered(path, error)
             return
+        self.refusals.pop(path.name, None)
         path.unlink(missing_ok=True)
         entry = result.entry
         log.info("instance %s: p=%.4f %s -> report %s sent to %s%s", result.sop_instance_uid, entry["probability"],
@@ -203,12 +205,33 @@ class Listener:
                  "".join(f"; warning: {w}" for w in entry["warnings"]))
         self.sent.append({"sop_instance_uid": result.sop_instance_uid, "report_uid": result.report_uid, **entry})
 
+    def _undelivered(self, path: Path, error: TransferError):
+        """Kept and tried again later; set aside in SPOOL/refused once the destination has refused this very
+        report ``give_up_after`` times (a failure status for its C-STORE), so that it stops taking the worker's
+        time from the others. A destination that is down or busy never sets anything aside."""
+        count = self.refusals.get(path.name, 0) + bool(error.refusal)
+        if error.refusal and count >= self.give_up_after:
+            self.refusals.pop(path.name, None)
+            log.warning("%s; refused %d times: set aside in %s (move it back to %s to send it again)", error, count,
+                        display_path(self.refused), display_path(self.incoming))
+            shutil.move(str(path), self.refused / path.name)
+            return
+        if error.refusal:
+            self.refusals[path.name] = count
+        log.warning("%s; kept in the spool, tried again in %.0f s", error, self.retry_after)
+        self._retry_later([path])
+
     def _set_aside(self, path: Path, reason: str):
         log.warning("instance %s: unreadable: %s (kept in %s)", uid_of(path), reason, display_path(self.unreadable))
         shutil.move(str(path), self.unreadable / path.name)
 
     def _retry_later(self, paths):
         self.later.extend((time.monotonic() + self.retry_after, p) for p in paths)
+
+
+class ReportRefused(Exception):
+    """The destination answered this report's C-STORE with a failure status: about this report, not the link."""
+    refusal = True
 
 
 def uid_of(path: Path) -> str:
@@ -231,8 +254,11 @@ def send_c_store(ae_title: str, destination: Destination, datasets) -> None:
         for dataset in datasets:
             status = association.send_c_store(dataset)
             code = getattr(status, "Status", None)
-            if code not in ACCEPTED:
+            if code is None or code >> 8 == OUT_OF_RESOURCES >> 8:  # no answer, or busy: worth trying again
                 raise ConnectionError(f"{destination} answered C-STORE with status "
                                       f"{'none (timeout or abort)' if code is None else f'0x{code:04X}'}")
+            if code not in ACCEPTED:
+                raise ReportRefused(f"{destination} refused the C-STORE of {dataset.Modality} "
+                                    f"{dataset.SOPInstanceUID} with status 0x{code:04X}")
     finally:
         association.release()

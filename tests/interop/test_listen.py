@@ -179,7 +179,7 @@ def test_each_receipt_is_spooled_apart_and_other_modalities_are_not_scored(train
     assert len(spooled) == 2 and all(f.name.startswith(f"{uid}.") for f in spooled)
     listener._process(spooled)
     assert f"instance {uid}: not scored (modality CT is not one of CR, DX (--modality))" in caplog.text
-    assert not list((tmp_path / "spool" / "incoming").glob("*.dcm")) and listener.sent == []
+    assert not list((tmp_path / "spool" / "incoming").glob("*.dcm")) and not listener.sent
 
 
 def receipt(path, uid=None):

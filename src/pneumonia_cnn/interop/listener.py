@@ -10,6 +10,7 @@ non-images are not scored, so a PACS that forwards everything cannot loop our re
 """
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import queue
@@ -73,7 +74,8 @@ class Listener:
             folder.mkdir(parents=True, exist_ok=True)
         self.queue: queue.Queue = queue.Queue()
         self.later: list[tuple[float, Path]] = []
-        self.sent: list[dict] = []  # what was reported, for the caller (and the tests)
+        # the latest reports, for the caller (and the tests); bounded, as a node runs for months
+        self.sent: collections.deque[dict] = collections.deque(maxlen=1000)
         self.server = self.worker = None
 
     # ---------- the network side
@@ -222,8 +224,8 @@ class Listener:
         self._retry_later([path])
 
     def _set_aside(self, path: Path, reason: str):
+        shutil.move(str(path), self.unreadable / path.name)  # first: the line below says where it is
         log.warning("instance %s: unreadable: %s (kept in %s)", uid_of(path), reason, display_path(self.unreadable))
-        shutil.move(str(path), self.unreadable / path.name)
 
     def _retry_later(self, paths):
         self.later.extend((time.monotonic() + self.retry_after, p) for p in paths)

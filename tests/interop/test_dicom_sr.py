@@ -56,9 +56,14 @@ def test_a_malformed_date_is_left_empty_and_the_report_still_written(tmp_path):
     """StudyDate "2024" or a birth date "notadate" made highdicom refuse the SR, so a readable X-ray got no
     report and was filed as unreadable (a probe of listen); the report now carries them empty, the rest kept."""
     source = pydicom.dcmread(xray_dicom(np.full((32, 32), 100, np.uint8), tmp_path / "s.dcm", "CR",
-                                        study_date="2024", PatientBirthDate="notadate", SeriesDate="20240315"))
+                                        study_date="2024", PatientBirthDate="notadate", SeriesDate="20240315",
+                                        sex="U"))
     report = build_sr(source, FLAGGED, MODEL)
     assert report.StudyDate == "" and report.PatientBirthDate == "" and report.StudyTime == "101500"
+    assert report.PatientSex == ""
+    source.PatientBirthDate, source.StudyTime, source.PatientSex = ["20240101", "20240102"], "25:00", "F"
+    again = build_sr(source, FLAGGED, MODEL)  # two birth dates, an hour 25: empty too; a valid sex kept
+    assert again.PatientBirthDate == "" and again.StudyTime == "" and again.PatientSex == "F"
     report.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     assert read_sr(pydicom.dcmread(tmp_path / "sr.dcm"))["probability"] == 0.8125
     assert source.StudyDate == "2024"  # the image's own header is left as it was

@@ -236,14 +236,15 @@ def test_what_a_sender_chose_cannot_forge_log_lines_or_put_patient_names_in_the_
                             spool=tmp_path / "spool", attempts=1, retry_after=3600)
         path = xray_dicom(xray_sources["NORMAL"][0], tmp_path / "n.dcm", "DX", patient_id="L8",
                           PatientName="SMITHERSON")
-        forged = "1.2\nFORGED instance 7.7: p=0.0100 NORMAL -> report 1 sent"
+        forged = "1.2\nFORGED instance 7.7: p=0.0100 NORMAL -> report 1 sent\x85\u2028x"
         with warnings_to(stream):
             assert listener._receive(receipt(path, forged)) == 0x0000
             listener._process(sorted((tmp_path / "spool" / "incoming").glob("*.dcm")))
     finally:
         logging.getLogger().removeHandler(handler)
     lines = stream.getvalue().splitlines()
-    assert lines[0] == "received instance 1.2\\nFORGED instance 7.7: p=0.0100 NORMAL -> report 1 sent from MODALITY"
+    assert lines[0] == "received instance 1.2\\nFORGED instance 7.7: p=0.0100 NORMAL -> report 1 sent\\x85\\u2028x " \
+                       "from MODALITY"
     assert not any(line.startswith("FORGED") for line in lines)
     assert "SMITHERSON" not in stream.getvalue() and "C-STORE of its report" in lines[-1]  # scored, then sent
 
@@ -301,5 +302,44 @@ def test_a_report_the_destination_refuses_is_set_aside_and_does_not_hold_up_the_
         assert len(list((tmp_path / "spool" / "refused").iterdir())) == 1
         assert "with status 0xC000 (after" not in caplog.text  # never retried with back-off
         assert "refused 2 times: set aside in" in caplog.text
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("destination_kind", ["refuses the overlay", "has no Secondary Capture context"])
+def test_a_refused_overlay_leaves_the_report_delivered(trained_run, xray_sources, tmp_path, caplog, destination_kind):
+    """With --overlay the report and overlay went in one association: a destination refusing the overlay had
+    the report resent every pass (and, with a failure status, moved to SPOOL/refused although it had it)."""
+    import logging
+
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pynetdicom.sop_class import ComprehensiveSRStorage
+
+    from pneumonia_cnn.inference import Predictor
+    caplog.set_level(logging.INFO)
+    answered = []
+
+    def store(event):
+        answered.append(str(event.dataset.Modality))
+        return 0xC000 if event.dataset.Modality == "OT" else 0x0000
+
+    destination = AE(ae_title="DEST")
+    if destination_kind == "refuses the overlay":
+        destination.supported_contexts = AllStoragePresentationContexts
+    else:
+        destination.add_supported_context(ComprehensiveSRStorage)
+    port = free_port()
+    server = destination.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        listener = Listener(Predictor(trained_run, "cpu"), Destination("127.0.0.1", port, "DEST"),
+                            spool=tmp_path / "spool", overlay=True, attempts=2, backoff=0.05)
+        path = xray_dicom(xray_sources["NORMAL"][0], tmp_path / "x.dcm", "DX", patient_id="OV1")
+        assert listener._receive(receipt(path)) == 0x0000
+        listener._process(sorted((tmp_path / "spool" / "incoming").glob("*.dcm")))
+        assert answered[0] == "SR" and answered.count("SR") == 1 and len(listener.sent) == 1
+        spool = tmp_path / "spool"
+        assert not list((spool / "incoming").iterdir()) and not list((spool / "refused").iterdir())
+        assert "(the report was stored; the overlay is not sent again)" in caplog.text
+        assert "(overlay refused)" in caplog.text
     finally:
         server.shutdown()

@@ -265,14 +265,23 @@ def test_odd_qido_answers_end_in_one_line_and_never_loop(trained_run, tmp_path, 
     url = proxy.url + "/dicom-web"
     try:
         proxy.refusals = {"GET /dicom-web/instances": same_page}
-        assert run_pacs(trained_run, url, state, "--modality", "DX") == 0
+        assert run_pacs(trained_run, url, state, "--modality", "DX") == 1  # given up on: the run says so
         assert len(asked) == 2  # the first page, then the same page again: stopped there
-        assert "ignores paging); stopped after 200" in caplog.text
-        assert "200 new instance(s), 0 already scored: 0 scored and reported, 200 unreadable" in capsys.readouterr().out
+        assert "ignores paging, or a page's worth arrived meanwhile); stopped after 200, the rest on" in caplog.text
+        assert "200 new instance(s), 0 already scored: 0 scored and reported, 0 unreadable, 0 not X-rays, 0 failed " \
+               "(tried again next run), 200 given up" in capsys.readouterr().out
         rows = ScoredState(state).rows()
         assert len(rows) == 200 and rows[0]["error"] == "QIDO-RS listed it without its study instance UID"
+        assert rows[0]["status"] == "given_up"  # so that --retry-given-up fetches them once the PACS lists them whole
         assert run_pacs(trained_run, url, state, "--modality", "DX") == 0
-        assert "0 new instance(s), 200 already scored" in capsys.readouterr().out
+        assert "0 new instance(s), 0 already scored: 0 scored and reported, 0 unreadable, 0 not X-rays, 0 failed " \
+               "(tried again next run); 200 given up earlier (--retry-given-up)" in capsys.readouterr().out
+        asked.clear()
+        proxy.refusals = {"GET /dicom-web/instances": lambda line: (  # full pages holding no instance at all
+            200, json.dumps([{"0020000D": {"vr": "UI", "Value": ["1.2"]}}, 1, None] * 67 if len(asked) < 20
+                            else []).encode(), "application/dicom+json") if not asked.append(line) else None}
+        assert run_pacs(trained_run, url, tmp_path / "a.sqlite", "--modality", "DX") == 0
+        assert len(asked) == 1  # a full page with no instance in it: not asked again (it was, without end)
         proxy.refusals = {"GET /dicom-web/instances": (200, b'[1, "x", null]', "application/dicom+json")}
         assert run_pacs(trained_run, url, tmp_path / "b.sqlite", "--modality", "DX") == 0
         assert "3 item(s) of the answer are not instances; left out" in caplog.text

@@ -24,15 +24,17 @@ class Command:
     examples: tuple[str, ...] = ()
 
 
-# C0 controls and DEL shown escaped: a value a sender chose (a UID, a file name) cannot start a forged log line
-_CONTROL = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+# Controls (C0, DEL, C1) and the Unicode line separators shown escaped: a value a sender chose (a UID, a file
+# name) cannot start a forged log line
+_CONTROL = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]} | {
+    0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 class OneLineFormatter(logging.Formatter):
-    """Each record on one line, whatever its arguments hold."""
+    """Each record's message on one line, whatever its arguments hold (a traceback, our own, stays readable)."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).translate(_CONTROL)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_CONTROL)
 
 
 def setup_logging(verbose: bool):

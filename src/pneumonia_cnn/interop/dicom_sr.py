@@ -84,6 +84,7 @@ def software_version() -> str:
 
 
 DATE_VRS = ("DA", "DT", "TM")
+SEXES = ("M", "F", "O", "")  # what highdicom accepts in PatientSex
 
 
 def result_uid(source_sop_uid: str, model_key: str, kind: str) -> str:
@@ -132,8 +133,11 @@ def _header_of(source: Dataset) -> Dataset:
     for element in source:
         if element.keyword == "PixelData":
             continue
-        if element.VR in DATE_VRS and not _readable_date(element):  # "2024" as a StudyDate: highdicom refuses
-            header.add_new(element.tag, element.VR, "")  # it, and the report with it; empty is allowed (type 2)
+        if element.VR in DATE_VRS and not _readable_date(element) or \
+                element.keyword == "PatientSex" and str(element.value or "") not in SEXES:
+            # "2024" as a StudyDate, two birth dates, sex "U": highdicom refuses them, and the report with them;
+            # empty is allowed (type 2)
+            header.add_new(element.tag, element.VR, "")
         else:
             header.add(element)
     for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
@@ -144,11 +148,13 @@ def _header_of(source: Dataset) -> Dataset:
 
 
 def _readable_date(element) -> bool:
+    """One valid value (or none): the patient and study attributes a report copies hold one each."""
     from pydicom.valuerep import DA, DT, TM
-    kind = {"DA": DA, "DT": DT, "TM": TM}[element.VR]
-    values = element.value if isinstance(element.value, (list, tuple)) or element.VM > 1 else [element.value]
+    if element.VM > 1:
+        return False
+    value = element.value
     try:
-        return all(value in (None, "") or kind(str(value)) is not None for value in values)
+        return value in (None, "") or {"DA": DA, "DT": DT, "TM": TM}[element.VR](str(value)) is not None
     except (ValueError, TypeError):
         return False
 

@@ -116,9 +116,11 @@ class PacsJob:
             if len(records) < len(page):
                 log.warning("%s: %d item(s) of the answer are not instances; left out", what, len(page) - len(records))
             new = [r for r in records if _value(r, SOP) not in seen]
-            if records and not new:  # the same page again: the server ignores the offset
-                log.warning("%s: the PACS answered offset %d with instances it had already listed (it ignores "
-                            "paging); stopped after %d", what, offset, len(seen))
+            if page and not new:  # nothing it had not listed already: it ignores the offset (or, rarely, as
+                # many instances arrived meanwhile as a page holds): stop; the next run lists what is left
+                log.warning("%s: the PACS answered offset %d with no instance it had not already listed (it "
+                            "ignores paging, or a page's worth arrived meanwhile); stopped after %d, the rest on the "
+                            "next run", what, offset, len(seen))
                 return
             seen.update(_value(r, SOP) for r in new)
             yield from new
@@ -140,11 +142,12 @@ class PacsJob:
         datasets = []
         for record in records:
             study, series, sop = _value(record, STUDY), _value(record, SERIES), _value(record, SOP)
-            if not (study and series):  # nothing to fetch it by, in this run or any other
+            if not (study and series):  # nothing to fetch it by until the PACS lists it whole: given up, which
+                # --retry-given-up undoes, rather than failing on every run
                 reason = f"QIDO-RS listed it without its {'study' if not study else 'series'} instance UID"
-                log.warning("instance %s: unreadable: %s", sop, reason)
-                self.state.record(sop, self.model, "unreadable", study, series, error=reason)
-                summary["unreadable"] += 1
+                log.warning("instance %s: %s (given up; --retry-given-up fetches it again)", sop, reason)
+                self.state.record(sop, self.model, GIVEN_UP, study, series, error=reason)
+                summary["given_up"] += 1
                 continue
             try:
                 dataset = self._retry(lambda uids=(study, series, sop): self.client.retrieve_instance(*uids),
@@ -264,9 +267,10 @@ def _value(record: dict, tag: str) -> str | None:
     """A DICOM JSON element's first value; a lone value not wrapped in a list is taken as it is."""
     element = record.get(tag)
     values = element.get("Value") if isinstance(element, dict) else None
-    if isinstance(values, (str, int, float)):
-        return str(values)
-    return str(values[0]) if isinstance(values, list) and values and values[0] is not None else None
+    first = values[0] if isinstance(values, list) and values else values
+    if isinstance(first, bool) or not isinstance(first, (str, int)):
+        return None  # a person name's object, a nested list, a flag: no UID or code
+    return str(first).strip() or None
 
 
 def check_date_range(value: str | None) -> str | None:

@@ -11,7 +11,6 @@ non-images are not scored, so a PACS that forwards everything cannot loop our re
 from __future__ import annotations
 
 import collections
-import io
 import logging
 import queue
 import re
@@ -164,12 +163,11 @@ class Listener:
         datasets, files = [], []
         for path in paths:
             try:
-                data = path.read_bytes()
-                problem = dicom_problem(data)  # from the header, before pydicom inflates or decodes anything
+                problem = dicom_problem(path.read_bytes())  # from the header, before pydicom inflates anything
                 if problem:
                     self._set_aside(path, problem)
                     continue
-                dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+                dataset = pydicom.dcmread(path, force=True)  # from the file: a dataset read from bytes keeps them
                 reason = not_an_xray(dataset) or self._outside_modalities(dataset)
             except Exception as error:  # noqa: BLE001 - any decoding failure is a bad instance, named below
                 self._set_aside(path, f"not readable as DICOM ({type(error).__name__})")
@@ -192,20 +190,38 @@ class Listener:
         return None
 
     def _deliver(self, path: Path, result):
-        try:
-            with_retries(lambda: send_c_store(self.ae_title, self.destination, result.outputs),
-                         f"instance {result.sop_instance_uid}: C-STORE of its report to {self.destination}",
+        what = f"instance {result.sop_instance_uid}: C-STORE of its report to {self.destination}"
+        try:  # the report first, on its own: an overlay the destination will not take never holds it back
+            with_retries(lambda: send_c_store(self.ae_title, self.destination, result.outputs[:1]), what,
                          self.attempts, self.backoff)
+            overlay = self._send_overlay(result)
         except TransferError as error:
             self._undelivered(path, error)
             return
         self.refusals.pop(path.name, None)
         path.unlink(missing_ok=True)
         entry = result.entry
-        log.info("instance %s: p=%.4f %s -> report %s sent to %s%s", result.sop_instance_uid, entry["probability"],
-                 entry["label"], result.report_uid, self.destination,
+        log.info("instance %s: p=%.4f %s -> report %s sent to %s%s%s", result.sop_instance_uid, entry["probability"],
+                 entry["label"], result.report_uid, self.destination, overlay,
                  "".join(f"; warning: {w}" for w in entry["warnings"]))
         self.sent.append({"sop_instance_uid": result.sop_instance_uid, "report_uid": result.report_uid, **entry})
+
+    def _send_overlay(self, result) -> str:
+        """The overlay after its report: a destination that refuses it (a failure status, or no presentation
+        context for Secondary Capture) leaves the instance delivered, and says so; a busy or unreachable one
+        sends the instance again later (the report again under the same UID: replaced, not added)."""
+        if len(result.outputs) < 2:
+            return ""
+        try:
+            with_retries(lambda: send_c_store(self.ae_title, self.destination, result.outputs[1:]),
+                         f"instance {result.sop_instance_uid}: C-STORE of its overlay to {self.destination}",
+                         self.attempts, self.backoff)
+        except TransferError as error:
+            if error.transient:
+                raise
+            log.warning("%s (the report was stored; the overlay is not sent again)", error)
+            return " (overlay refused)"
+        return f" + overlay {result.overlay_uid}"
 
     def _undelivered(self, path: Path, error: TransferError):
         """Kept and tried again later; set aside in SPOOL/refused once the destination has refused this very
@@ -214,9 +230,9 @@ class Listener:
         count = self.refusals.get(path.name, 0) + bool(error.refusal)
         if error.refusal and count >= self.give_up_after:
             self.refusals.pop(path.name, None)
-            log.warning("%s; refused %d times: set aside in %s (move it back to %s to send it again)", error, count,
-                        display_path(self.refused), display_path(self.incoming))
-            shutil.move(str(path), self.refused / path.name)
+            shutil.move(str(path), self.refused / path.name)  # first: the line below says where it is
+            log.warning("%s; refused %d times: set aside in %s (move it back to %s and restart the node to send it "
+                        "again)", error, count, display_path(self.refused), display_path(self.incoming))
             return
         if error.refusal:
             self.refusals[path.name] = count
@@ -250,6 +266,9 @@ def send_c_store(ae_title: str, destination: Destination, datasets) -> None:
     for sop_class in dict.fromkeys(str(d.SOPClassUID) for d in datasets):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not association.is_established and association.rejected_contexts and not association.accepted_contexts:
+        classes = ", ".join(sorted({str(c.abstract_syntax) for c in association.rejected_contexts}))
+        raise ReportRefused(f"{destination} accepts no presentation context for SOP class {classes}")
     if not association.is_established:
         raise ConnectionError(f"association with {destination} was rejected, aborted or never connected")
     try:

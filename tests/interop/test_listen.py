@@ -273,20 +273,11 @@ def test_a_report_the_destination_refuses_is_set_aside_and_does_not_hold_up_the_
     retried within a pass, and after --give-up-after refusals it is moved to SPOOL/refused; the others go."""
     import logging
 
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
-
     from pneumonia_cnn.inference import Predictor
     caplog.set_level(logging.INFO)
     answered = []
-
-    def store(event):
-        answered.append(str(event.dataset.PatientID))
-        return 0xC000 if event.dataset.PatientID == "BAD" else 0x0000
-
-    destination = AE(ae_title="DEST")
-    destination.supported_contexts = AllStoragePresentationContexts
-    port = free_port()
-    server = destination.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    port, server = storage_scp(lambda dataset: answered.append(str(dataset.PatientID)) or (
+        0xC000 if dataset.PatientID == "BAD" else 0x0000))
     try:
         listener = Listener(Predictor(trained_run, "cpu"), Destination("127.0.0.1", port, "DEST"),
                             spool=tmp_path / "spool", attempts=4, backoff=0.05, give_up_after=2)
@@ -312,24 +303,14 @@ def test_a_refused_overlay_leaves_the_report_delivered(trained_run, xray_sources
     the report resent every pass (and, with a failure status, moved to SPOOL/refused although it had it)."""
     import logging
 
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
     from pynetdicom.sop_class import ComprehensiveSRStorage
 
     from pneumonia_cnn.inference import Predictor
     caplog.set_level(logging.INFO)
     answered = []
-
-    def store(event):
-        answered.append(str(event.dataset.Modality))
-        return 0xC000 if event.dataset.Modality == "OT" else 0x0000
-
-    destination = AE(ae_title="DEST")
-    if destination_kind == "refuses the overlay":
-        destination.supported_contexts = AllStoragePresentationContexts
-    else:
-        destination.add_supported_context(ComprehensiveSRStorage)
-    port = free_port()
-    server = destination.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    port, server = storage_scp(lambda dataset: answered.append(str(dataset.Modality)) or (
+        0xC000 if dataset.Modality == "OT" else 0x0000),
+        None if destination_kind == "refuses the overlay" else [ComprehensiveSRStorage])
     try:
         listener = Listener(Predictor(trained_run, "cpu"), Destination("127.0.0.1", port, "DEST"),
                             spool=tmp_path / "spool", overlay=True, attempts=2, backoff=0.05)
@@ -343,3 +324,17 @@ def test_a_refused_overlay_leaves_the_report_delivered(trained_run, xray_sources
         assert "(overlay refused)" in caplog.text
     finally:
         server.shutdown()
+
+
+def storage_scp(answer, sop_classes=None):
+    """A DICOM destination on loopback: ``answer(dataset) -> status`` for each C-STORE; it takes every storage
+    class, or only ``sop_classes``. Returns (port, server); ``server.shutdown()`` ends it."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    destination = AE(ae_title="DEST")
+    if sop_classes is None:
+        destination.supported_contexts = AllStoragePresentationContexts
+    for sop_class in sop_classes or []:
+        destination.add_supported_context(sop_class)
+    port = free_port()
+    return port, destination.start_server(("127.0.0.1", port), block=False,
+                                          evt_handlers=[(evt.EVT_C_STORE, lambda event: answer(event.dataset))])

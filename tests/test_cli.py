@@ -155,3 +155,15 @@ def test_output_cut_short_by_its_reader_is_not_an_error():
     process.stdout.close()
     stderr = process.communicate(timeout=600)[1].decode()
     assert process.returncode == 141 and "error" not in stderr and "Traceback" not in stderr, stderr
+
+
+def test_the_cli_logs_one_line_per_message(monkeypatch, capsys):
+    """setup_logging (what every command runs first) writes each message on one line, whatever it quotes."""
+    import logging
+
+    from pneumonia_cnn.cli.common import setup_logging
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a fresh process (pytest's own handlers set aside)
+    monkeypatch.setattr(logging.root, "level", logging.root.level)
+    setup_logging(False)
+    logging.getLogger("pneumonia_cnn").warning("instance %s: unreadable", "1.2\nFORGED line\x85")
+    assert capsys.readouterr().err == "instance 1.2\\nFORGED line\\x85: unreadable\n"

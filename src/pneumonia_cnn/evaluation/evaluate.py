@@ -161,12 +161,12 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
     if (threshold is not None and str(threshold) != "saved") or calibration is not None:
         if save_as:
             check_save_as(bundle, save_as, sources)
+        if calibration is None:  # the stored calibration is kept: its images are not unseen (checked before scoring)
+            refuse_stored_overlap(bundle, cached, evaluated_fingerprints, calibration_only=True)
         bundle, val, fit = refit_decision(bundle, data, val_split, None if threshold == "saved" else threshold,
                                           calibration, device, cache_dir, engine, adapted=adapt_batch or bool(save_as))
         refuse_overlap(cached, fit["fingerprints"], evaluated_fingerprints, val.paths, f"the refitted decision "
                        f"(split {val_split})")
-        if "calibration" not in fit["refitted"]:  # the stored calibration is kept: its images are not unseen
-            refuse_stored_overlap(bundle, cached, evaluated_fingerprints, calibration_only=True)
         if save_as:
             log.info("refitted decision written to %s", display_path(save_refitted(bundle, fit, save_as)))
     else:

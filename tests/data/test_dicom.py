@@ -81,3 +81,43 @@ def test_predict_refuses_a_dicom_bomb_from_its_header(tmp_path):
     fine = tmp_path / "fine.dcm"
     fine.write_bytes(dicom_file(64, 64, 3, deflate=True, fill=90))
     assert read_image(fine, (32, 32))[0].shape == (32, 32)
+
+
+class CountingFile:
+    """A file opened for reading that counts the bytes read from it."""
+
+    def __init__(self, path):
+        self.file, self.count = open(path, "rb"), 0  # noqa: SIM115 - closed by the test
+
+    def read(self, size=-1):
+        data = self.file.read(size)
+        self.count += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def test_the_header_guard_reads_a_file_only_as_far_as_it_needs(tmp_path):
+    """``listen`` hands the guard its spooled file (it used to read the whole file into memory first): the
+    guard gives the same answer as for the bytes, reading a plain file's header only and a deflated one a chunk
+    at a time."""
+    from pneumonia_cnn.data.dicom_guard import dicom_problem
+    from tests.serving.dicoms import dicom_file
+    cases = {"plain": dicom_file(4000, 4000), "bomb": dicom_file(64, 64, pixel_bytes=48 << 20, deflate=True),
+             "too large": dicom_file(7000, 7000, 10, deflate=True), "fine": dicom_file(2000, 2000, deflate=True,
+                                                                                         fill=90)}
+    expected = {"plain": None, "bomb": "(decompression bomb)", "too large": "10 frame(s) of 7000x7000",
+                "fine": None}
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.dcm"
+        path.write_bytes(data)
+        stream = CountingFile(path)
+        try:
+            from_file = dicom_problem(stream)
+        finally:
+            stream.file.close()
+        assert from_file == dicom_problem(data), name
+        assert (from_file is None) if expected[name] is None else expected[name] in from_file, (name, from_file)
+        if name == "plain":  # 16 MB of pixels behind a header of a few hundred bytes
+            assert stream.count < 2 << 20, stream.count

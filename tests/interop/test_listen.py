@@ -160,7 +160,6 @@ def test_each_receipt_is_spooled_apart_and_other_modalities_are_not_scored(train
     """A copy re-sent while the first is being reported gets its own spool file (it used to overwrite the
     first and be deleted with it, unscored); a CT routed to the node is acknowledged and not scored."""
     import logging
-    from types import SimpleNamespace
 
     from pneumonia_cnn.inference import Predictor
     caplog.set_level(logging.INFO)
@@ -172,9 +171,7 @@ def test_each_receipt_is_spooled_apart_and_other_modalities_are_not_scored(train
     routed.SOPClassUID = routed.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     routed.save_as(path)
     uid = str(routed.SOPInstanceUID)
-    event = SimpleNamespace(request=SimpleNamespace(AffectedSOPInstanceUID=uid), encoded_dataset=path.read_bytes,
-                            assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="MODALITY")))
-    assert (listener._receive(event), listener._receive(event)) == (0x0000, 0x0000)
+    assert (listener._receive(receipt(path, uid)), listener._receive(receipt(path, uid))) == (0x0000, 0x0000)
     spooled = sorted((tmp_path / "spool" / "incoming").glob("*.dcm"))
     assert len(spooled) == 2 and all(f.name.startswith(f"{uid}.") for f in spooled)
     listener._process(spooled)
@@ -183,10 +180,15 @@ def test_each_receipt_is_spooled_apart_and_other_modalities_are_not_scored(train
 
 
 def receipt(path, uid=None):
-    """What pynetdicom hands the node for one C-STORE of the file at ``path``."""
+    """What pynetdicom hands the node for one C-STORE of the file at ``path``: the request, and the instance as
+    it arrived, written to a temporary file (a copy: the node moves it into its spool)."""
+    import shutil
+    import uuid
     from types import SimpleNamespace
     uid = uid if uid is not None else str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-    return SimpleNamespace(request=SimpleNamespace(AffectedSOPInstanceUID=uid), encoded_dataset=path.read_bytes,
+    arrived = path.parent / f"arrived-{uuid.uuid4().hex}.dcm"
+    shutil.copyfile(path, arrived)
+    return SimpleNamespace(request=SimpleNamespace(AffectedSOPInstanceUID=uid), dataset_path=arrived,
                            assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="MODALITY")))
 
 

@@ -143,6 +143,8 @@ def listen_arguments(p):
     p.add_argument("--give-up-after", type=whole_number(1), default=3, metavar="TIMES",
                    help="a report the destination refuses (a C-STORE failure status) this many times is set aside "
                         "in SPOOL/refused")
+    p.add_argument("--max-instance-mb", type=positive_number, default=256, metavar="MB",
+                   help="largest instance accepted; a larger one is answered 'out of resources' (A700) and not kept")
     add_network_options(p)
 
 
@@ -152,7 +154,8 @@ def run_listen(args) -> int:
     destination = Destination.parse(args.send_to)
     listener = Listener(Predictor(args.checkpoint, args.device), destination, args.ae_title, args.port, args.host,
                         args.spool, args.overlay, args.retries + 1, args.backoff, args.retry_after,
-                        modalities=args.modality, give_up_after=args.give_up_after)
+                        modalities=args.modality, give_up_after=args.give_up_after,
+                        max_instance_mb=args.max_instance_mb)
     listener.start(block=True)
     return 0
 

@@ -24,20 +24,24 @@ def looks_like_dicom(data: bytes) -> bool:
     return data[128:132] == b"DICM" or data[:2] in (b"\x02\x00", b"\x08\x00")
 
 
-def dicom_problem(data: bytes, max_pixels: int = MAX_PIXELS) -> str | None:
-    """A one-line reason to refuse ``data`` before decoding it, or None (also for non-DICOM data, and for
-    headers too broken to read, which the reader then reports in its own words)."""
-    if not looks_like_dicom(data):
+def dicom_problem(source, max_pixels: int = MAX_PIXELS) -> str | None:
+    """A one-line reason to refuse ``source`` (bytes, or a binary file open at its start) before decoding it, or
+    None (also for non-DICOM data, and for headers too broken to read, which the reader then reports in its own
+    words). A file is read only as far as its header, and a deflated one inflated in chunks, never kept whole."""
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    start = stream.tell()
+    if not looks_like_dicom(stream.read(132)):
         return None
     try:
         from pydicom.filereader import read_dataset, read_preamble
-        stream = io.BytesIO(data)
+        stream.seek(start)
         read_preamble(stream, True)
         meta = read_dataset(stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2)
         if str(meta.get("TransferSyntaxUID", "")) == DEFLATED:
-            return _deflated_problem(data[stream.tell():], max_pixels)
+            return _deflated_problem(stream, max_pixels)
         import pydicom
-        header = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True,
+        stream.seek(start)
+        header = pydicom.dcmread(stream, force=True, stop_before_pixels=True, defer_size=CHUNK,
                                  specific_tags=["NumberOfFrames", "Rows", "Columns", "SamplesPerPixel",
                                                 "BitsAllocated"])
     except Exception:  # broken headers: the reader explains them
@@ -61,11 +65,11 @@ def _size_problem(header, max_pixels: int) -> tuple[str | None, int]:
     return None, pixels * max((bits + 7) // 8, 1)
 
 
-def _deflated_problem(deflated: bytes, max_pixels: int) -> str | None:
+def _deflated_problem(stream, max_pixels: int) -> str | None:
     from pydicom.filereader import read_dataset
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        head = inflater.decompress(deflated, HEAD_BYTES)
+        head = _inflate(stream, inflater, HEAD_BYTES)
     except zlib.error as error:
         return f"corrupt deflated DICOM ({error})"
     header = read_dataset(io.BytesIO(head), False, True, stop_when=lambda tag, vr, length: tag > 0x0028FFFF)
@@ -76,16 +80,26 @@ def _deflated_problem(deflated: bytes, max_pixels: int) -> str | None:
     if reason:
         return reason
     budget, total = pixel_bytes + 2 * HEAD_BYTES, len(head)
-    pending = inflater.unconsumed_tail
     while not inflater.eof and total <= budget:  # count, never keep: what it inflates to is bounded first
         try:
-            total += len(inflater.decompress(pending, CHUNK))
+            inflated = len(_inflate(stream, inflater, CHUNK))
         except zlib.error as error:
             return f"corrupt deflated DICOM ({error})"
-        pending = inflater.unconsumed_tail
-        if not pending and not inflater.eof:
+        if not inflated and not inflater.eof:
             break  # truncated stream: the reader reports it
+        total += inflated
     if total > budget:
         return (f"deflated DICOM inflates to more than {budget:,} bytes, more than its header declares "
                 f"(decompression bomb)")
     return None
+
+
+def _inflate(stream, inflater, size: int) -> bytes:
+    """Up to ``size`` inflated bytes, reading the compressed stream a chunk at a time as the inflater needs it."""
+    out = bytearray()
+    while len(out) < size and not inflater.eof:
+        compressed = inflater.unconsumed_tail or stream.read(CHUNK)
+        if not compressed:
+            break
+        out += inflater.decompress(compressed, size - len(out))
+    return bytes(out)

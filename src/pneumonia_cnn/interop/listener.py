@@ -11,7 +11,9 @@ non-images are not scored, so a PACS that forwards everything cannot loop our re
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
 import queue
 import re
 import shutil
@@ -59,7 +61,7 @@ class Listener:
     def __init__(self, predictor, destination: Destination, ae_title: str = "PNEUMONIA", port: int = 11112,
                  host: str = "127.0.0.1", spool=None, overlay: bool = False, attempts: int = 4,
                  backoff: float = 1.0, retry_after: float = 60.0, batch_size: int = 8, modalities=("CR", "DX"),
-                 give_up_after: int = 3):
+                 give_up_after: int = 3, max_instance_mb: float = 256):
         if not 0 < len(ae_title) <= 16:
             raise PneumoniaCNNError(f"--ae-title {ae_title}: an AE title has 1 to 16 characters")
         self.scorer = DicomScorer(predictor, overlay=overlay)
@@ -69,6 +71,9 @@ class Listener:
         self.attempts, self.backoff, self.retry_after, self.batch_size = attempts, backoff, retry_after, batch_size
         self.incoming, self.unreadable = self.spool / "incoming", self.spool / "unreadable"
         self.refused, self.give_up_after, self.refusals = self.spool / "refused", give_up_after, {}
+        if not 0 < max_instance_mb <= 65536:
+            raise PneumoniaCNNError(f"--max-instance-mb {max_instance_mb:g}: expected more than 0 and at most 65536")
+        self.max_instance_mb = max_instance_mb
         for folder in (self.incoming, self.unreadable, self.refused):
             folder.mkdir(parents=True, exist_ok=True)
         self.queue: queue.Queue = queue.Queue()
@@ -79,9 +84,11 @@ class Listener:
 
     # ---------- the network side
     def start(self, block: bool = True):
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
         from pynetdicom.sop_class import Verification
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # its failed associations: our one line says it
+        # each instance written to a file as it arrives, not gathered in memory (then copied twice to encode it)
+        _config.STORE_RECV_CHUNKED_DATASET = True
         ae = AE(ae_title=self.ae_title)
         for context in AllStoragePresentationContexts:  # accept what comes; the reader says what it cannot read
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -94,7 +101,9 @@ class Listener:
                  self.destination, display_path(self.spool))
         try:
             self.server = ae.start_server(self.address, block=block,
-                                          evt_handlers=[(evt.EVT_C_STORE, self._receive)])
+                                          evt_handlers=[(evt.EVT_C_STORE, self._receive),
+                                                        (evt.EVT_ABORTED, self._aborted),
+                                                        (evt.EVT_CONN_CLOSE, self._closed)])
         except OSError as error:
             raise PneumoniaCNNError(f"cannot listen on {self.address[0]}:{self.address[1]}: {error.strerror}") from None
         finally:
@@ -111,20 +120,44 @@ class Listener:
             self.worker.join(timeout)
 
     def _receive(self, event) -> int:
-        """C-STORE: spool the instance as received (not decoded), acknowledge, let the worker score it."""
-        uid = str(event.request.AffectedSOPInstanceUID or "")
+        """C-STORE: move the instance as received (not decoded) into the spool, acknowledge, let the worker score
+        it. pynetdicom wrote it to a temporary file as it arrived, and deletes that file if it is still there."""
+        uid, sender = str(event.request.AffectedSOPInstanceUID or ""), event.assoc.requestor.ae_title
+        received = Path(event.dataset_path)
+        size_mb = received.stat().st_size / 2**20
+        if size_mb > self.max_instance_mb:
+            log.warning("instance %s from %s: refused: %.1f MB, above the %g MB limit (--max-instance-mb)", uid,
+                        sender, size_mb, self.max_instance_mb)
+            return OUT_OF_RESOURCES
         # one file per receipt: a copy re-sent while the first is being reported must not be overwritten and
         # then deleted with it, unscored (an identical copy gives the identical report again)
         name = f"{re.sub(r'[^0-9.]', '_', uid)[:64] or 'instance'}.{uuid.uuid4().hex[:12]}"
         try:
             with atomic_path(self.incoming / f"{name}.dcm", mode=0o600) as temporary:  # a patient's image
-                temporary.write_bytes(event.encoded_dataset())
+                _move(received, temporary)
         except OSError as error:
-            log.warning("instance %s from %s: cannot spool (%s)", uid, event.assoc.requestor.ae_title, error)
+            log.warning("instance %s from %s: cannot spool (%s)", uid, sender, error)
             return OUT_OF_RESOURCES
-        log.info("received instance %s from %s", uid, event.assoc.requestor.ae_title)
+        log.info("received instance %s from %s", uid, sender)
         self.queue.put(self.incoming / f"{name}.dcm")
         return 0x0000
+
+    def _aborted(self, event):
+        log.warning("association with %s aborted", _peer(event.assoc))
+
+    def _closed(self, event):
+        """A connection that ends inside an instance leaves pynetdicom's temporary file of it behind: delete it."""
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        partial = getattr(message, "_data_set_path", None)
+        if partial is None:
+            return
+        with contextlib.suppress(OSError):
+            message._data_set_file.close()
+        with contextlib.suppress(OSError):
+            size = Path(partial).stat().st_size
+            Path(partial).unlink()
+            log.warning("connection with %s ended inside an instance (%.1f MB received): discarded, not "
+                        "acknowledged", _peer(event.assoc), size / 2**20)
 
     # ---------- the worker
     def _work(self):
@@ -163,7 +196,8 @@ class Listener:
         datasets, files = [], []
         for path in paths:
             try:
-                problem = dicom_problem(path.read_bytes())  # from the header, before pydicom inflates anything
+                with open(path, "rb") as header:  # the header only, before pydicom inflates anything
+                    problem = dicom_problem(header)
                 if problem:
                     self._set_aside(path, problem)
                     continue
@@ -250,6 +284,18 @@ class Listener:
 class ReportRefused(Exception):
     """The destination answered this report's C-STORE with a failure status: about this report, not the link."""
     refusal = True
+
+
+def _move(source: Path, target: Path):
+    try:
+        os.replace(source, target)
+    except OSError:  # another file system (the system's temporary folder): copied
+        shutil.copyfile(source, target)
+
+
+def _peer(association) -> str:
+    requestor = association.requestor
+    return f"{requestor.ae_title} ({requestor.address}:{requestor.port})"
 
 
 def uid_of(path: Path) -> str:

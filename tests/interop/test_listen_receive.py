@@ -1,0 +1,112 @@
+"""``listen`` writes each instance to a file as it arrives (pynetdicom's chunked receiving) instead of gathering
+it in memory; refuses one above ``--max-instance-mb``; and a sender that dies inside an instance leaves no
+file behind and a line in the log. The sender is a process of its own (tests/interop/storescu.py)."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from pneumonia_cnn.interop.listener import Destination, Listener
+
+from .orthanc import free_port
+from .studies import xray_dicom
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+@pytest.fixture
+def node(trained_run, tmp_path, monkeypatch, caplog):
+    """A node whose worker only records what it is given (receiving alone is measured), pynetdicom's temporary
+    files in a folder of the test's own."""
+    from pneumonia_cnn.inference import Predictor
+    caplog.set_level(logging.INFO)
+    arriving = tmp_path / "arriving"
+    arriving.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(arriving))
+    listener = Listener(Predictor(trained_run, "cpu"), Destination("127.0.0.1", free_port(), "NOBODY"),
+                        port=free_port(), spool=tmp_path / "spool", max_instance_mb=40)
+    listener.given = []
+    listener._process = listener.given.extend
+    listener.start(block=False)
+    yield listener, arriving
+    listener.stop()
+
+
+def large_xray(source, target, side: int, height: int | None = None):
+    """A real X-ray resampled to side x height 12-bit pixels: 2 bytes each (4096 x 4096: 32 MB)."""
+    gray = np.asarray(Image.open(source).convert("L").resize((side, height or side)))
+    return xray_dicom(gray, target, "DX", patient_id="BIG")
+
+
+def send(path, port: int, *options) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tests.interop.storescu", str(path), str(port), *options],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def eventually(condition, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_an_instance_is_received_into_a_file_not_into_memory(node, xray_sources, tmp_path, caplog):
+    """32 MB of pixels arrive while the node's Python allocations stay under 8 MB (received in memory, the
+    data set was gathered whole and then copied to encode it: 64 MB and more); the spooled file holds the very
+    pixels sent; an aborted association gets its line."""
+    listener, arriving = node
+    path = large_xray(xray_sources["PNEUMONIA"][0], tmp_path / "big.dcm", 4096)
+    tracemalloc.start()
+    try:
+        answer = send(path, listener.address[1], "--abort")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert answer.stdout.strip() == "0x0000", answer.stderr
+    assert peak < 8 * 2**20, f"{peak:,} bytes"
+    spooled = list((listener.spool / "incoming").glob("*.dcm"))
+    assert len(spooled) == 1 and eventually(lambda: listener.given == spooled)
+    sent, kept = pydicom.dcmread(path), pydicom.dcmread(spooled[0])
+    assert kept.SOPInstanceUID == sent.SOPInstanceUID and kept.PixelData == sent.PixelData
+    assert oct(spooled[0].stat().st_mode & 0o777) == "0o600"  # a patient's image
+    assert eventually(lambda: "association with TESTSCU (127.0.0.1:" in caplog.text and " aborted" in caplog.text)
+    assert not list(arriving.iterdir())
+
+
+def test_an_instance_above_the_limit_is_refused_and_not_kept(node, xray_sources, tmp_path, caplog):
+    listener, arriving = node
+    path = large_xray(xray_sources["NORMAL"][0], tmp_path / "huge.dcm", 4096, 6144)  # 48 MB
+    answer = send(path, listener.address[1])
+    assert answer.stdout.strip() == "0xA700", answer.stderr  # refused: out of resources
+    refused = re.search(r"from TESTSCU: refused: ([0-9.]+) MB, above the 40 MB limit \(--max-instance-mb\)$",
+                        caplog.text, re.M)
+    assert refused and 47.9 < float(refused.group(1)) < 48.1, caplog.text
+    assert not list((listener.spool / "incoming").iterdir()) and not listener.given
+    assert eventually(lambda: not list(arriving.iterdir()))
+
+
+def test_a_sender_that_dies_inside_an_instance_leaves_nothing_behind(node, xray_sources, tmp_path, caplog):
+    listener, arriving = node
+    path = large_xray(xray_sources["NORMAL"][1], tmp_path / "cut.dcm", 4096)
+    answer = send(path, listener.address[1], "--die-after", str(4 * 2**20))
+    assert answer.returncode == 3 and not answer.stdout
+    assert eventually(lambda: "connection with TESTSCU (127.0.0.1:" in caplog.text)
+    cut = re.search(r"ended inside an instance \(([0-9.]+) MB received\): discarded, not acknowledged$",
+                    caplog.text, re.M)
+    assert cut and 1 <= float(cut.group(1)) < 32, caplog.text  # it died after 4 MB of the 32
+    assert not list(arriving.iterdir()) and not list((listener.spool / "incoming").iterdir())
+    assert not listener.given
+

@@ -121,3 +121,33 @@ def test_the_header_guard_reads_a_file_only_as_far_as_it_needs(tmp_path):
         assert (from_file is None) if expected[name] is None else expected[name] in from_file, (name, from_file)
         if name == "plain":  # 16 MB of pixels behind a header of a few hundred bytes
             assert stream.count < 2 << 20, stream.count
+
+
+def test_palette_color_goes_through_its_palette_or_is_refused(tmp_path):
+    """The stored values of a PALETTE COLOR image are indices: read as gray they were scored as an X-ray. Here a
+    palette that inverts: index 0 is white."""
+    import pydicom
+    indices = np.tile(np.arange(0, 256, 4, dtype=np.uint16), (64, 1))
+    path = write_dicom(tmp_path / "palette.dcm", indices, photometric="PALETTE COLOR", bits_stored=8)
+    dataset = pydicom.dcmread(path)
+    for offset in range(3):  # red, green, blue: the same 16-bit table
+        dataset.add_new(0x00281101 + offset, "US", [256, 0, 16])
+        dataset.add_new(0x00281201 + offset, "OW", (65535 - np.arange(256) * 257).astype(np.uint16).tobytes())
+    dataset.save_as(path, enforce_file_format=True)
+    gray, _ = read_image(path)
+    assert gray[0, 0] == 255 and gray[0, -1] == 0 and (np.diff(gray[0].astype(int)) <= 0).all()
+    with pytest.raises(ImageReadError, match=r"bare.dcm: PALETTE COLOR DICOM without its palette \(no Red Palette "
+                                             r"Color Lookup Table Descriptor\): its values are indices"):
+        read_image(write_dicom(tmp_path / "bare.dcm", indices, photometric="PALETTE COLOR", bits_stored=8))
+
+
+def test_float_pixel_data_is_read(tmp_path):
+    """Float Pixel Data (7FE0,0008) was refused as "no pixel data"."""
+    import pydicom
+    dataset = pydicom.dcmread(write_dicom(tmp_path / "f.dcm", RAMP))
+    del dataset.PixelData, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation
+    dataset.BitsAllocated = 32
+    dataset.FloatPixelData = np.tile(np.linspace(-1000, 3000, 64, dtype=np.float32), (64, 1)).tobytes()
+    dataset.save_as(tmp_path / "f.dcm", enforce_file_format=True)
+    gray, _ = read_image(tmp_path / "f.dcm")
+    assert gray[0, 0] == 0 and gray[0, -1] == 255 and (np.diff(gray[0].astype(int)) >= 0).all()

@@ -21,6 +21,7 @@ from pneumonia_cnn.interop.listener import Destination, Listener
 
 from .orthanc import free_port
 from .studies import xray_dicom
+from .test_listen import receipt
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
@@ -110,3 +111,31 @@ def test_a_sender_that_dies_inside_an_instance_leaves_nothing_behind(node, xray_
     assert not list(arriving.iterdir()) and not list((listener.spool / "incoming").iterdir())
     assert not listener.given
 
+
+
+def test_an_instance_whose_sop_class_is_not_an_image_is_not_scored_whatever_its_modality(trained_run, xray_sources,
+                                                                                        tmp_path, caplog):
+    """A report or a document carrying pixel data and Modality DX was scored as an X-ray; its SOP class says
+    what it is. An image class pydicom does not know (a vendor's private one) is left to the reader."""
+    from pneumonia_cnn.inference import Predictor
+    from pneumonia_cnn.interop.scoring import not_an_xray
+    caplog.set_level(logging.INFO)
+    listener = Listener(Predictor(trained_run, "cpu"), Destination("127.0.0.1", free_port(), "NOBODY"),
+                        spool=tmp_path / "spool", attempts=1, retry_after=3600)
+    classes = {"1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR Storage",
+               "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF Storage"}
+    for number, sop_class in enumerate(classes):
+        path = xray_dicom(xray_sources["NORMAL"][0], tmp_path / f"{number}.dcm", "DX", patient_id=f"S{number}")
+        dataset = pydicom.dcmread(path)
+        dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = sop_class
+        dataset.save_as(path, enforce_file_format=True)
+        assert listener._receive(receipt(path)) == 0x0000
+    listener._process(sorted((tmp_path / "spool" / "incoming").glob("*.dcm")))
+    for name in classes.values():
+        assert f"not scored (SOP class {name} is not an image)" in caplog.text
+    assert not listener.sent and not list((tmp_path / "spool" / "incoming").iterdir())
+    private = pydicom.dcmread(xray_dicom(xray_sources["NORMAL"][0], tmp_path / "p.dcm", "DX"))
+    private.SOPClassUID = "1.3.6.1.4.1.9999.1.1"
+    assert not_an_xray(private) is None
+    private.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
+    assert not_an_xray(private) is None

@@ -58,7 +58,7 @@ def _read_dicom(path: Path, source=None, strict: bool = False):
     dataset = pydicom.dcmread(io.BytesIO(data), force=not strict)
     if data[128:132] != b"DICM" and "Rows" not in dataset:  # force=True reads any bytes as some element
         raise ImageReadError(path, "not a DICOM file (no DICM header and no image description)")
-    if "PixelData" not in dataset:
+    if not any(name in dataset for name in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ImageReadError(path, "DICOM has no pixel data")
     rows, cols = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
     if rows * cols > MAX_PIXELS:
@@ -72,6 +72,8 @@ def _read_dicom(path: Path, source=None, strict: bool = False):
     if pixels.ndim == 3 and getattr(dataset, "SamplesPerPixel", 1) == 1:
         pixels = pixels[0]  # multi-frame: the first frame
     photometric = _tag(dataset, "PhotometricInterpretation") or "MONOCHROME2"
+    if photometric == "PALETTE COLOR":  # the stored values are indices into the palette, not intensities
+        pixels = _through_palette(path, dataset, pixels)
     if pixels.ndim == 3:
         pixels = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
         photometric = "MONOCHROME2"
@@ -87,3 +89,14 @@ def _read_dicom(path: Path, source=None, strict: bool = False):
             ("Modality", "BodyPartExamined", "ViewPosition", "PatientAge", "PatientSex", "PatientID",
              "PatientBirthDate", "StudyDate", "AcquisitionDate")}  # the dates give the age when PatientAge is absent
     return gray, ImageMeta(source_format="DICOM", original_size=gray.shape, tags={k: v for k, v in tags.items() if v})
+
+
+def _through_palette(path, dataset, indices):
+    from pydicom.pixels import apply_color_lut
+    if "RedPaletteColorLookupTableDescriptor" not in dataset:
+        raise ImageReadError(path, "PALETTE COLOR DICOM without its palette (no Red Palette Color Lookup Table "
+                                   "Descriptor): its values are indices, not intensities")
+    try:
+        return apply_color_lut(indices, dataset)
+    except Exception as error:  # a palette that does not fit the data: refused, never read as gray
+        raise ImageReadError(path, f"PALETTE COLOR DICOM with an unusable palette ({one_line(error)})") from None

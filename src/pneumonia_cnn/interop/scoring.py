@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from ..errors import ImageReadError
 from .dicom_sr import ModelIdentity, build_overlay, build_sr
@@ -56,8 +56,12 @@ def not_an_xray(dataset: Dataset) -> str | None:
         return f"modality {dataset.Modality} is not an image"
     if str(getattr(dataset, "Manufacturer", "")) == "pneumonia-cnn":
         return "written by pneumonia-cnn itself"
-    if str(getattr(dataset, "SOPClassUID", "")) == SECONDARY_CAPTURE:
+    sop_class = str(getattr(dataset, "SOPClassUID", "") or "")
+    if sop_class == SECONDARY_CAPTURE:
         return "a secondary capture, not an acquired X-ray"
+    name = UID(sop_class).name if sop_class else ""
+    if name != sop_class and UID(sop_class).type == "SOP Class" and "Image" not in name:
+        return f"SOP class {name} is not an image"  # a report or document, whatever its Modality claims
     return None
 
 

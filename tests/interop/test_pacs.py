@@ -145,6 +145,16 @@ def stow_failure(reason: int) -> tuple:
     return 200, json.dumps({"00081198": {"vr": "SQ", "Value": [item]}}).encode(), "application/dicom+json"
 
 
+def stow_failure_xml(reason: int) -> tuple:
+    """HTTP 409 with the failure reason in the Native DICOM Model (PS3.19), as a PACS answering in XML sends it."""
+    body = ('<?xml version="1.0" encoding="UTF-8"?>\n<NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/'
+            'NativeDICOM" xml:space="preserve"><DicomAttribute tag="00081198" vr="SQ" keyword="FailedSOPSequence">'
+            '<Item number="1"><DicomAttribute tag="00081155" vr="UI" keyword="ReferencedSOPInstanceUID"><Value '
+            f'number="1">1.2.3.4</Value></DicomAttribute><DicomAttribute tag="00081197" vr="US" keyword="Failure'
+            f'Reason"><Value number="1">{reason}</Value></DicomAttribute></Item></DicomAttribute></NativeDicomModel>')
+    return 409, body.encode(), "application/dicom+xml; charset=utf-8"
+
+
 def test_an_instance_refused_run_after_run_is_given_up_and_a_transient_failure_never_is(
         orthanc, studies, trained_run, tmp_path, capsys, caplog):
     from pneumonia_cnn.interop.state import ScoredState
@@ -239,6 +249,10 @@ def test_a_refused_overlay_leaves_the_stored_report_done(orthanc, trained_run, x
         proxy.refusals = {overlay_post: (400, *stow_failure(0xC122)[1:])}  # 400 with the sequence: refused too
         code, out = pacs(tmp_path / "bad.sqlite")
         assert code == 0 and "1 overlay(s) refused by the PACS" in out
+        proxy.refusals = {overlay_post: stow_failure_xml(0xC000)}  # the same in the Native DICOM Model's XML
+        code, out = pacs(tmp_path / "xml.sqlite")
+        assert code == 0 and "1 overlay(s) refused by the PACS" in out
+        assert "HTTP 409, failure reason 49152" in next(r for r in ScoredState(tmp_path / "xml.sqlite").rows())["error"]
         proxy.refusals = {overlay_post: (400, b"<html>Bad Request</html>", "text/html")}  # a proxy's: no reason
         code, out = pacs(tmp_path / "proxy.sqlite")
         assert code == 1 and "0 scored and reported, 0 unreadable, 0 not X-rays, 1 failed" in out

@@ -254,13 +254,37 @@ def _refused(answer, status: str = ""):
 
 
 def _stow_answer(response):
-    """The STOW-RS answer's dataset (its FailedSOPSequence says why), or None when it holds none."""
+    """The STOW-RS answer's dataset (its FailedSOPSequence says why), or None when it holds none. DICOM JSON, or
+    the Native DICOM Model's XML (PS3.19), which a PACS may answer in."""
     import pydicom
+    kind = response.headers.get("Content-Type", "")
     try:
-        return pydicom.Dataset.from_json(response.content) if "json" in response.headers.get("Content-Type", "") \
-            else None
+        if "json" in kind:
+            return pydicom.Dataset.from_json(response.content)
+        return _failure_from_xml(response.content) if "xml" in kind else None
     except Exception:  # noqa: BLE001 - a refusal with an unreadable body is still a refusal
         return None
+
+
+def _failure_from_xml(content: bytes):
+    """The FailedSOPSequence's failure reasons from a Native DICOM Model answer (only what a refusal needs; the
+    standard's elements carry no keyword that must be trusted). Python's expat refuses entity expansion bombs."""
+    from xml.etree import ElementTree
+
+    import pydicom
+    root = ElementTree.fromstring(content)
+    failed = root.find("{*}DicomAttribute[@tag='00081198']")
+    answer = pydicom.Dataset()
+    if failed is None:
+        return answer
+    items = []
+    for item in failed.findall("{*}Item"):
+        entry, value = pydicom.Dataset(), item.find("{*}DicomAttribute[@tag='00081197']/{*}Value")
+        if value is not None and (value.text or "").strip().isdigit():
+            entry.FailureReason = int(value.text.strip())
+        items.append(entry)
+    answer.FailedSOPSequence = items
+    return answer
 
 
 def _value(record: dict, tag: str) -> str | None:

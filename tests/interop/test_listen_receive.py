@@ -139,3 +139,38 @@ def test_an_instance_whose_sop_class_is_not_an_image_is_not_scored_whatever_its_
     assert not_an_xray(private) is None
     private.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
     assert not_an_xray(private) is None
+
+
+def test_a_report_moved_back_from_refused_is_sent_without_a_restart(trained_run, xray_sources, tmp_path, caplog):
+    """The docs said: move it back and restart the node. The worker now looks at the spool every --retry-after
+    seconds and queues what it does not know of, once: here a report set aside after refusals, moved back once
+    the destination was fixed, and a receipt already waiting for its retry, which is not queued twice."""
+    from pneumonia_cnn.inference import Predictor
+
+    from .test_listen import storage_scp
+    caplog.set_level(logging.INFO)
+    answered, fixed = [], []
+    port, server = storage_scp(lambda dataset: answered.append(str(dataset.PatientID)) or (
+        0x0000 if fixed else 0xC000))
+    listener = Listener(Predictor(trained_run, "cpu"), Destination("127.0.0.1", port, "DEST"), port=free_port(),
+                        spool=tmp_path / "spool", attempts=1, give_up_after=1, retry_after=0.5)
+    try:
+        path = xray_dicom(xray_sources["NORMAL"][0], tmp_path / "x.dcm", "DX", patient_id="BACK")
+        assert listener._receive(receipt(path)) == 0x0000
+        listener.start(block=False)
+        refused = tmp_path / "spool" / "refused"
+        assert eventually(lambda: len(list(refused.iterdir())) == 1) and answered == ["BACK"]
+        fixed.append(True)
+        moved = next(refused.iterdir())
+        moved.rename(listener.incoming / moved.name)
+        assert eventually(lambda: len(listener.sent) == 1)
+        assert answered == ["BACK", "BACK"] and not list(listener.incoming.iterdir())
+        assert f"instance {moved.name.rsplit('.', 2)[0]}: found in " in caplog.text
+        waiting = listener.incoming / "1.2.3.waiting.dcm"
+        waiting.write_bytes(b"")
+        listener.later.append((time.monotonic() + 3600, waiting))
+        time.sleep(1.2)  # two rescans
+        assert listener.queue.empty() and "instance 1.2.3: found in" not in caplog.text
+    finally:
+        listener.stop()
+        server.shutdown()

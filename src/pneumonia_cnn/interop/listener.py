@@ -78,6 +78,7 @@ class Listener:
             folder.mkdir(parents=True, exist_ok=True)
         self.queue: queue.Queue = queue.Queue()
         self.later: list[tuple[float, Path]] = []
+        self.next_rescan = 0.0  # the first pass picks up what an earlier run left
         # the latest reports, for the caller (and the tests); bounded, as a node runs for months
         self.sent: collections.deque[dict] = collections.deque(maxlen=1000)
         self.server = self.worker = None
@@ -93,8 +94,6 @@ class Listener:
         for context in AllStoragePresentationContexts:  # accept what comes; the reader says what it cannot read
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        for pending in sorted(self.incoming.glob("*.dcm")):  # left by an earlier run
-            self.queue.put(pending)
         self.worker = threading.Thread(target=self._work, name="pneumonia-listen-worker", daemon=True)
         self.worker.start()
         log.info("listening as %s on %s:%d; reports go to %s; spool %s", self.ae_title, *self.address,
@@ -177,6 +176,9 @@ class Listener:
         for due, path in [item for item in self.later if item[0] <= now]:
             self.later.remove((due, path))
             self.queue.put(path)
+        if now >= self.next_rescan:
+            self.next_rescan = now + self.retry_after
+            self._pick_up_moved_back()
         try:
             first = self.queue.get(timeout=0.5)
         except queue.Empty:
@@ -189,7 +191,18 @@ class Listener:
                 break
         if None in batch:
             return None
-        return list(dict.fromkeys(p for p in batch if p.exists()))  # the same instance sent twice: once
+        waiting = {path for _, path in self.later}  # queued twice (a receipt the rescan also saw): kept once
+        return list(dict.fromkeys(p for p in batch if p.exists() and p not in waiting))
+
+    def _pick_up_moved_back(self):
+        """Spooled files the worker does not know of: moved back from SPOOL/refused or SPOOL/unreadable by hand
+        (or left by an earlier run), sent again without a restart."""
+        known = {path for _, path in self.later} | set(list(self.queue.queue))
+        for path in sorted(self.incoming.glob("*.dcm")):
+            if path not in known:
+                log.info("instance %s: found in %s (moved back, or left by an earlier run): queued", uid_of(path),
+                         display_path(self.incoming))
+                self.queue.put(path)
 
     def _process(self, paths: list[Path]):
         import pydicom
@@ -265,7 +278,7 @@ class Listener:
         if error.refusal and count >= self.give_up_after:
             self.refusals.pop(path.name, None)
             shutil.move(str(path), self.refused / path.name)  # first: the line below says where it is
-            log.warning("%s; refused %d times: set aside in %s (move it back to %s and restart the node to send it "
+            log.warning("%s; refused %d times: set aside in %s (move it back to %s to send it "
                         "again)", error, count, display_path(self.refused), display_path(self.incoming))
             return
         if error.refusal:

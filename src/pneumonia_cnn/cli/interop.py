@@ -145,17 +145,26 @@ def listen_arguments(p):
                         "in SPOOL/refused")
     p.add_argument("--max-instance-mb", type=positive_number, default=256, metavar="MB",
                    help="largest instance accepted; a larger one is answered 'out of resources' (A700) and not kept")
+    p.add_argument("--accept-from", nargs="+", default=[], metavar="AET",
+                   help="calling AE titles accepted (the PACS, the modalities); others are rejected (default: any)")
+    p.add_argument("--tls-cert", metavar="PEM", help="DICOM TLS: this node's certificate (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="DICOM TLS: the key of --tls-cert")
+    p.add_argument("--tls-ca", metavar="PEM", help="accept only senders whose TLS certificate this CA signed")
+    p.add_argument("--send-tls-ca", metavar="PEM", help="send reports over TLS, verifying the destination's "
+                                                        "certificate against this CA (--tls-cert is offered as ours)")
     add_network_options(p)
 
 
 def run_listen(args) -> int:
     from ..inference import Predictor
+    from ..interop.dicom_access import NodeAccess
     from ..interop.listener import Destination, Listener
     destination = Destination.parse(args.send_to)
+    access = NodeAccess(tuple(args.accept_from), args.tls_cert, args.tls_key, args.tls_ca, args.send_tls_ca)
     listener = Listener(Predictor(args.checkpoint, args.device), destination, args.ae_title, args.port, args.host,
                         args.spool, args.overlay, args.retries + 1, args.backoff, args.retry_after,
                         modalities=args.modality, give_up_after=args.give_up_after,
-                        max_instance_mb=args.max_instance_mb)
+                        max_instance_mb=args.max_instance_mb, access=access)
     listener.start(block=True)
     return 0
 

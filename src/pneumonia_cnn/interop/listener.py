@@ -26,6 +26,7 @@ from pathlib import Path
 from ..data.dicom_guard import dicom_problem
 from ..errors import PneumoniaCNNError
 from ..fileio import atomic_path, display_path
+from .dicom_access import NodeAccess, rejection_reason
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, not_an_xray
 
@@ -61,7 +62,7 @@ class Listener:
     def __init__(self, predictor, destination: Destination, ae_title: str = "PNEUMONIA", port: int = 11112,
                  host: str = "127.0.0.1", spool=None, overlay: bool = False, attempts: int = 4,
                  backoff: float = 1.0, retry_after: float = 60.0, batch_size: int = 8, modalities=("CR", "DX"),
-                 give_up_after: int = 3, max_instance_mb: float = 256):
+                 give_up_after: int = 3, max_instance_mb: float = 256, access: NodeAccess | None = None):
         if not 0 < len(ae_title) <= 16:
             raise PneumoniaCNNError(f"--ae-title {ae_title}: an AE title has 1 to 16 characters")
         self.scorer = DicomScorer(predictor, overlay=overlay)
@@ -73,7 +74,8 @@ class Listener:
         self.refused, self.give_up_after, self.refusals = self.spool / "refused", give_up_after, {}
         if not 0 < max_instance_mb <= 65536:
             raise PneumoniaCNNError(f"--max-instance-mb {max_instance_mb:g}: expected more than 0 and at most 65536")
-        self.max_instance_mb = max_instance_mb
+        self.max_instance_mb, self.access = max_instance_mb, access or NodeAccess()
+        self.tls = self.access.client_context()  # for the reports; None: plain DICOM
         for folder in (self.incoming, self.unreadable, self.refused):
             folder.mkdir(parents=True, exist_ok=True)
         self.queue: queue.Queue = queue.Queue()
@@ -91,18 +93,23 @@ class Listener:
         # each instance written to a file as it arrives, not gathered in memory (then copied twice to encode it)
         _config.STORE_RECV_CHUNKED_DATASET = True
         ae = AE(ae_title=self.ae_title)
+        self.access.apply(ae)
         for context in AllStoragePresentationContexts:  # accept what comes; the reader says what it cannot read
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         self.worker = threading.Thread(target=self._work, name="pneumonia-listen-worker", daemon=True)
         self.worker.start()
-        log.info("listening as %s on %s:%d; reports go to %s; spool %s", self.ae_title, *self.address,
-                 self.destination, display_path(self.spool))
+        log.info("listening as %s on %s:%d%s; reports go to %s%s; spool %s", self.ae_title, *self.address,
+                 " (TLS)" if self.access.tls_cert else "", self.destination,
+                 " (TLS)" if self.access.send_tls_ca else "", display_path(self.spool))
+        if self.access.exposure_warning(self.address[0]):
+            log.warning("%s", self.access.exposure_warning(self.address[0]))
         try:
-            self.server = ae.start_server(self.address, block=block,
+            self.server = ae.start_server(self.address, block=block, ssl_context=self.access.server_context(),
                                           evt_handlers=[(evt.EVT_C_STORE, self._receive),
                                                         (evt.EVT_ABORTED, self._aborted),
-                                                        (evt.EVT_CONN_CLOSE, self._closed)])
+                                                        (evt.EVT_CONN_CLOSE, self._closed),
+                                                        (evt.EVT_REJECTED, self._rejected)])
         except OSError as error:
             raise PneumoniaCNNError(f"cannot listen on {self.address[0]}:{self.address[1]}: {error.strerror}") from None
         finally:
@@ -140,6 +147,10 @@ class Listener:
         log.info("received instance %s from %s", uid, sender)
         self.queue.put(self.incoming / f"{name}.dcm")
         return 0x0000
+
+    def _rejected(self, event):
+        log.warning("association from %s rejected: %s", _peer(event.assoc),
+                    rejection_reason(event.assoc, self.access.accept_from))
 
     def _aborted(self, event):
         log.warning("association with %s aborted", _peer(event.assoc))
@@ -239,7 +250,7 @@ class Listener:
     def _deliver(self, path: Path, result):
         what = f"instance {result.sop_instance_uid}: C-STORE of its report to {self.destination}"
         try:  # the report first, on its own: an overlay the destination will not take never holds it back
-            with_retries(lambda: send_c_store(self.ae_title, self.destination, result.outputs[:1]), what,
+            with_retries(lambda: send_c_store(self.ae_title, self.destination, result.outputs[:1], self.tls), what,
                          self.attempts, self.backoff)
             overlay = self._send_overlay(result)
         except TransferError as error:
@@ -260,7 +271,7 @@ class Listener:
         if len(result.outputs) < 2:
             return ""
         try:
-            with_retries(lambda: send_c_store(self.ae_title, self.destination, result.outputs[1:]),
+            with_retries(lambda: send_c_store(self.ae_title, self.destination, result.outputs[1:], self.tls),
                          f"instance {result.sop_instance_uid}: C-STORE of its overlay to {self.destination}",
                          self.attempts, self.backoff)
         except TransferError as error:
@@ -316,15 +327,16 @@ def uid_of(path: Path) -> str:
     return path.stem.rsplit(".", 1)[0]
 
 
-def send_c_store(ae_title: str, destination: Destination, datasets) -> None:
-    """One association to ``destination``, one C-STORE per dataset; any refusal raises ConnectionError (which
-    ``with_retries`` retries)."""
+def send_c_store(ae_title: str, destination: Destination, datasets, tls=None) -> None:
+    """One association to ``destination`` (over TLS with ``tls``, an SSL context), one C-STORE per dataset; a
+    refusal raises ReportRefused, a failure worth another try ConnectionError (which ``with_retries`` retries)."""
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE
     ae = AE(ae_title=ae_title)
     for sop_class in dict.fromkeys(str(d.SOPClassUID) for d in datasets):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                               tls_args=(tls, destination.host) if tls else None)
     if not association.is_established and association.rejected_contexts and not association.accepted_contexts:
         classes = ", ".join(sorted({str(c.abstract_syntax) for c in association.rejected_contexts}))
         raise ReportRefused(f"{destination} accepts no presentation context for SOP class {classes}")

@@ -167,3 +167,10 @@ def test_the_cli_logs_one_line_per_message(monkeypatch, capsys):
     setup_logging(False)
     logging.getLogger("pneumonia_cnn").warning("instance %s: unreadable", "1.2\nFORGED line\x85")
     assert capsys.readouterr().err == "instance 1.2\\nFORGED line\\x85: unreadable\n"
+    import subprocess
+    import sys
+    script = ("from pneumonia_cnn.cli.common import setup_logging; import warnings; setup_logging(False); "
+              "warnings.warn('overflow encountered in multiply\\nsecond line', RuntimeWarning)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    # one line of the log, not Python's two lines naming the file and quoting its source
+    assert done.stderr == "warning: RuntimeWarning: overflow encountered in multiply\\nsecond line\n"

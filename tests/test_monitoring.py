@@ -84,4 +84,4 @@ def test_drift_judges_only_enough_images_and_needs_one_readable(trained_run, tmp
     unreadable = drift_cli(trained_run / "best.pt", "--data", tmp_path / "a.jpeg")
     assert (unreadable.returncode, unreadable.stderr.strip()) == (
         2, f"error: none of the 1 image(s) could be read (first: {tmp_path / 'a.jpeg'}: not a readable image "
-           f"(content does not match any image format))")
+           f"(content is not JPEG, PNG, BMP, TIFF, GIF or DICOM))")

@@ -1,4 +1,9 @@
 """Errors that carry a one-line, user-facing message naming the file and the reason."""
+import re
+
+# a decoder's reason may name its in-memory stream ("cannot identify image file <_io.BytesIO object at 0x7f..>"):
+# the address means nothing to a reader and tells a client about the server's memory
+OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 class PneumoniaCNNError(Exception):
@@ -8,8 +13,8 @@ class PneumoniaCNNError(Exception):
 class ImageReadError(PneumoniaCNNError):
     def __init__(self, path, reason: str):
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        self.reason = OBJECT_REPR.sub("<stream>", reason)
+        super().__init__(f"{self.path}: {self.reason}")
 
 
 class DatasetError(PneumoniaCNNError):

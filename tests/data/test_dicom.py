@@ -151,3 +151,22 @@ def test_float_pixel_data_is_read(tmp_path):
     dataset.save_as(tmp_path / "f.dcm", enforce_file_format=True)
     gray, _ = read_image(tmp_path / "f.dcm")
     assert gray[0, 0] == 0 and gray[0, -1] == 255 and (np.diff(gray[0].astype(int)) >= 0).all()
+
+
+def test_a_decoders_reason_does_not_show_its_memory_address(tmp_path):
+    """pydicom's Pillow plugin names the stream it read: "<_io.BytesIO object at 0x7f5a393fc400>" reached the
+    server's answers."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+    path = write_dicom(tmp_path / "jpeg.dcm", RAMP)
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 8, 8, 7
+    dataset.PixelData = encapsulate([b"\xff\xd8" + bytes(100)])  # a JPEG start, then nothing
+    dataset["PixelData"].VR = "OB"
+    dataset.save_as(path, enforce_file_format=True)
+    with pytest.raises(ImageReadError) as raised:
+        read_image(path)
+    assert str(raised.value).endswith("pillow: cannot identify image file <stream>)"), str(raised.value)
+    assert " at 0x" not in str(raised.value)

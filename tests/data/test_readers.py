@@ -95,3 +95,56 @@ def test_unreadable_permissions(tmp_path):
     path.chmod(0)
     with pytest.raises(ImageReadError, match="permission denied"):
         read_image(path)
+
+
+def test_16_bit_values_are_rounded_as_before(tmp_path):
+    """Every 16-bit value maps to round(x / 257), computed now in integers by strips of rows."""
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(values).save(tmp_path / "all.png")
+    gray, _ = read_image(tmp_path / "all.png")
+    assert (gray == np.round(values / 257.0).astype(np.uint8)).all()
+
+
+def peak_memory_mb(path) -> float:
+    """The growth of a fresh process's peak memory (VmHWM) while it reads ``path`` at 224 x 224."""
+    import subprocess
+    import sys
+    script = ("import resource, sys; from pneumonia_cnn.data.readers import read_image; "
+              "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; read_image(sys.argv[1], (224, 224)); "
+              "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
+    return float(done.stdout)
+
+
+def test_large_16_bit_and_transparent_images_are_converted_in_strips(tmp_path):
+    """Legal 7000 x 7000 images (49 megapixels, a few hundred KB on disk): the 16-bit one took 936 MB to convert
+    whole (float64 copies), the transparent one 889 MB (full-size RGBA copies); by strips of rows they take
+    what Pillow's decoded image and the gray result hold (98 + 49 MB and 196 + 49 MB) and little more."""
+    deep = np.zeros((7000, 7000), np.uint16)
+    deep[:, 3500:] = 40000
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    clear = np.zeros((7000, 7000, 4), np.uint8)
+    clear[..., 3], clear[:, 3500:, :3] = 255, 200
+    Image.fromarray(clear, "RGBA").save(tmp_path / "clear.png")
+    assert peak_memory_mb(tmp_path / "deep.png") < 300
+    assert peak_memory_mb(tmp_path / "clear.png") < 400
+    gray, _ = read_image(tmp_path / "clear.png", (64, 64))
+    assert gray[:, :30].max() == 0 and gray[:, 34:].min() == 200  # 200 gray, opaque, on black
+
+
+def test_postscript_never_reaches_ghostscript(tmp_path, monkeypatch):
+    """Pillow opens EPS by running Ghostscript on a temporary file of it; an upload called .png got there.
+    Only JPEG, PNG, BMP, TIFF, GIF (and DICOM) are read, by content: here a Ghostscript that would leave a mark."""
+    import os
+
+    from tests.bad_inputs import EPS
+    marker, ghostscript = tmp_path / "ghostscript-ran", tmp_path / "bin" / "gs"
+    ghostscript.parent.mkdir()
+    ghostscript.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    ghostscript.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{ghostscript.parent}{os.pathsep}{os.environ['PATH']}")
+    (tmp_path / "xray.png").write_bytes(EPS)
+    with pytest.raises(ImageReadError, match=r"xray.png: not a readable image \(content is not JPEG, PNG, BMP, "
+                                             r"TIFF, GIF or DICOM\)$"):
+        read_image(tmp_path / "xray.png")
+    assert not marker.exists()

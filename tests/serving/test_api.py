@@ -19,6 +19,9 @@ def xray_paths(count=3):
 def test_health_model_docs(server):
     url, _ = server
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    for path in ("/health", "/"):  # a load balancer's HEAD probe got 405
+        head = httpx.head(f"{url}{path}")
+        assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
     meta = httpx.get(f"{url}/model").json()
     assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["preprocessing"]["size"] == [64, 64]
     assert httpx.get(f"{url}/docs").status_code == 200

@@ -10,7 +10,7 @@ import pytest
 
 from pneumonia_cnn.data.readers import read_image
 from pneumonia_cnn.errors import ImageReadError
-from tests.bad_inputs import write_corpus
+from tests.bad_inputs import XRAY_LIKE, write_corpus
 
 GOOD = {"ok"}
 
@@ -44,7 +44,7 @@ def corpus_dataset(root, small_root):
     import shutil
     shutil.copytree(small_root, root, symlinks=True)
     cases = write_corpus(root / "train" / "NORMAL")
-    write_corpus(root / "test" / "PNEUMONIA")
+    write_corpus(root / "test" / "PNEUMONIA", 255 - XRAY_LIKE)  # other images: none of test is in train or val
     return cases
 
 

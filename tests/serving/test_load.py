@@ -71,3 +71,39 @@ def test_gradcam_mixed_into_32_clients_gives_identical_answers_and_flat_memory(e
         if gradcam and name in with_map:
             assert body["gradcam_png_base64"] == with_map[name]["gradcam_png_base64"]  # the same map under load
     assert growth < 50, f"server memory grew by {growth:.0f} MB"
+
+
+def test_a_batch_being_decoded_does_not_hold_up_a_single_upload(server):
+    """A batch's files went into the decode threads single uploads use (two on a 2-core machine): one X-ray
+    waited 24 s behind a batch of 24 large 16-bit PNGs. A batch now decodes on a thread of its own. Here 8
+    legal 7000 x 7000 16-bit PNGs (about a second each to decode), then one X-ray while they decode."""
+    import io
+    import threading
+    import time
+
+    import numpy as np
+    from PIL import Image
+    url = server[0]
+    pixels = np.zeros((7000, 7000), np.uint16)
+    pixels[:, 3500:] = 40000
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    batch = {}
+
+    def send_batch():
+        start = time.monotonic()
+        batch["response"] = httpx.post(f"{url}/predict/batch", timeout=300,
+                                       files=[("files", (f"large{i}.png", buffer.getvalue())) for i in range(8)])
+        batch["seconds"] = time.monotonic() - start
+
+    sender = threading.Thread(target=send_batch)
+    sender.start()
+    time.sleep(1.0)  # the batch is uploaded and decoding
+    xray = load_paths()[0]
+    start = time.monotonic()
+    single = httpx.post(f"{url}/predict", files={"file": (xray.name, xray.read_bytes())}, timeout=300)
+    single_seconds = time.monotonic() - start
+    sender.join()
+    assert single.status_code == 200 and batch["response"].status_code == 200
+    assert all("probability" in r for r in batch["response"].json()["results"])
+    assert single_seconds < batch["seconds"] / 3, (single_seconds, batch["seconds"])

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,14 @@ def setup_logging(verbose: bool):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("matplotlib", "PIL", "urllib3", "httpx", "h5py", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # the parser of uploads logs each malformed body (the client gets its 400); a library's warning is a line of
+    # the log, not two lines of stderr naming a file under site-packages and quoting its source
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
+    warnings.showwarning = warning_line
+
+
+def warning_line(message, category, filename, lineno, file=None, line=None):
+    logging.getLogger("pneumonia_cnn").warning("warning: %s: %s", category.__name__, message)
 
 
 def print_json(payload):

@@ -20,6 +20,9 @@ from .image import MAX_PIXELS, MIN_SIDE, ImageMeta, scale_to_uint8
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
+# Pillow opens some forty formats; only these are read. Others reach code no X-ray needs (EPS runs Ghostscript on
+# a temporary file of the upload) and are refused by content, whatever the file is called.
+PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "GIF")
 RESAMPLING = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC,
               "area": Image.BOX, "lanczos": Image.LANCZOS}
 
@@ -46,27 +49,43 @@ def _looks_like_dicom(path: Path) -> bool:
 
 
 def _pil_to_gray(image: Image.Image, path: Path) -> np.ndarray:
+    """Gray uint8, converted a strip of rows at a time where the conversion needs more than a byte per pixel: a
+    49-megapixel 16-bit or transparent image converted whole held a gigabyte of full-size copies."""
     mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image)
-        if mode.startswith("I;16"):
-            return np.round(array.astype(np.float64) / 257.0).astype(np.uint8)
-        return scale_to_uint8(array)
+    if mode in ("I", "F"):
+        return scale_to_uint8(np.asarray(image))
+    if mode.startswith("I;16"):  # x / 257 rounded, in integers (x / 257 is never exactly half-way)
+        return _by_strips(image, lambda strip: ((np.asarray(strip).astype(np.uint32) * 2 + 257) // 514))
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         # Composite transparency onto black, as an X-ray viewer's background would show it.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, rgba)
+        return _by_strips(image, _on_black)
     if mode == "CMYK":
-        image = image.convert("RGB")
+        return _by_strips(image, lambda strip: np.asarray(strip.convert("RGB").convert("L")))
     return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+STRIP_ROWS = 256
+
+
+def _by_strips(image: Image.Image, convert) -> np.ndarray:
+    width, height = image.size
+    out = np.empty((height, width), dtype=np.uint8)
+    for top in range(0, height, STRIP_ROWS):
+        bottom = min(top + STRIP_ROWS, height)
+        out[top:bottom] = convert(image.crop((0, top, width, bottom)))
+    return out
+
+
+def _on_black(strip: Image.Image) -> np.ndarray:
+    rgba = strip.convert("RGBA")
+    return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L"))
 
 
 def _read_pil(path: Path, source=None) -> tuple[np.ndarray, ImageMeta]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source if source is not None else path) as image:
+            with Image.open(source if source is not None else path, formats=PIL_FORMATS) as image:
                 width, height = image.size
                 if width * height > MAX_PIXELS:
                     raise ImageReadError(path, f"image is {width}x{height} pixels, above the "
@@ -82,7 +101,7 @@ def _read_pil(path: Path, source=None) -> tuple[np.ndarray, ImageMeta]:
     except ImageReadError:
         raise
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not a readable image (content does not match any image format)") from None
+        raise ImageReadError(path, "not a readable image (content is not JPEG, PNG, BMP, TIFF, GIF or DICOM)") from None
     except Exception as error:  # untrusted bytes: Pillow's plugins raise many types on corrupt data
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if not isinstance(error, (OSError, SyntaxError, ValueError, EOFError)):
@@ -96,7 +115,9 @@ def _read_pil(path: Path, source=None) -> tuple[np.ndarray, ImageMeta]:
 def _saturation(image: Image.Image) -> float:
     if image.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
         return 0.0
-    small = image.convert("RGB").resize((64, 64))
+    # reduced, then converted: a full-size RGB copy of a 49-megapixel image is 147 MB; an RGBA image by nearest
+    # neighbour (a smoother filter first makes a full-size premultiplied copy), as a palette image always is
+    small = image.resize((64, 64), Image.NEAREST if image.mode == "RGBA" else Image.BICUBIC).convert("RGB")
     hsv = np.asarray(small.convert("HSV"), dtype=np.float32)
     return float(hsv[..., 1].mean() / 255.0)
 

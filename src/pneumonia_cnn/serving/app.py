@@ -121,7 +121,7 @@ def add_routes(app, service: Service, options: ServeOptions):
     from fastapi import File, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD too
     async def health():
         return service.health()
 
@@ -134,7 +134,7 @@ def add_routes(app, service: Service, options: ServeOptions):
         service.drift_report()
         return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page():
         return resources.files("pneumonia_cnn.serving").joinpath("static/index.html").read_text(encoding="utf-8")
 

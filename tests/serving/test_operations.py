@@ -205,3 +205,19 @@ def test_estimated_prevalence_applies_to_site_batches_only(trained_run, tmp_path
         assert abs(result["probability"] - prediction.probability) < 1e-9
     plain = Predictor(trained_run / "best.pt", "cpu").predict_files([str(paths[0])])[0]
     assert abs(single["probability"] - plain.probability) < 1e-9 and single["notes"] == []
+
+
+def test_a_port_in_use_is_one_line_and_no_serving_line(trained_run):
+    """uvicorn logged "serving ... on http://127.0.0.1:PORT" and then its own bind error; the socket is now bound
+    before that line, and a port in use is the one-line error every command gives."""
+    import subprocess
+    import sys
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "pneumonia_cnn", "serve", str(trained_run / "best.pt"), "--port",
+                               str(port), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert "serving" not in done.stderr

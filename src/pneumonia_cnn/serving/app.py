@@ -211,6 +211,21 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: S
     # connections closed by the head timeout
     scheme = "https" if ssl_certfile else "http"
     service = app.state.service
+    listening = bound_socket(host, port)  # before the line below says it serves there
     log.info("serving %s on %s://%s:%d (docs at /docs; API keys %s; audit log %s)", service.served.model_id, scheme,
              host, port, "required" if service.keyring else "off", options.audit_log or "off")
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[listening])
+
+
+def bound_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a port in use is one line (uvicorn logged the "serving" line,
+    then its own error)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port at once
+    try:
+        listening.bind((host.strip("[]"), port))
+    except OSError as error:
+        listening.close()
+        raise PneumoniaCNNError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return listening

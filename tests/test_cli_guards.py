@@ -284,3 +284,35 @@ def test_pacs_study_date_ranges_that_are_dates_pass():
     from pneumonia_cnn.interop.dicomweb import check_date_range
     for value in ("20260501", "20260501-", "-20260531", "20260501-20260531", "20240229"):
         assert check_date_range(value) == value
+
+
+def test_outputs_that_would_replace_an_input_or_join_the_data_are_refused(capsys, tmp_path, small_root):
+    """Found by a review: explain wrote x_gradcam.png over an input of that name; evaluate --save-as P --out P left
+    the report where the refitted model was said to be; train --out inside the data put curves.png among the
+    X-rays; adapt --out SITE/new.jpeg wrote a checkpoint among the images it reads."""
+    image = sorted((small_root / "test" / "NORMAL").iterdir())[0]
+    folder = tmp_path / "b"
+    folder.mkdir()
+    shutil.copyfile(image, folder / "x.jpeg")
+    shutil.copyfile(image, folder / "x_gradcam.png")  # an input that explain's overlay for x.jpeg would replace
+    before = digest(folder / "x_gradcam.png")
+    status, error = run(capsys, "explain", "builtin", folder, "--out", folder)
+    assert (status, error) == (2, f"error: {folder / 'x_gradcam.png'}: the overlay would overwrite "
+                                  f"{folder / 'x_gradcam.png'}, which explain reads; choose another --out")
+    assert digest(folder / "x_gradcam.png") == before and not (folder / "x_gradcam.npy").exists()
+    same = tmp_path / "same.x"
+    status, error = run(capsys, "evaluate", "--data", small_root, "--threshold", "youden", "--save-as", same,
+                        "--out", same)
+    assert (status, error) == (2, f"error: {same}: --save-as and --out name the same file; give each its own")
+    inside = small_root / "train" / "NORMAL" / "run"
+    status, error = run(capsys, "train", "--data", small_root, "--out", inside, "--epochs", "1")
+    assert (status, error) == (2, f"error: {inside}: --out is inside the data folder {small_root}, which training "
+                                  f"reads (its plots would join the images); choose a folder outside it")
+    assert not inside.exists()
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copyfile(image, site / "a.jpeg")
+    status, error = run(capsys, "adapt", "builtin", "--data", site, "--out", site / "adapted.jpeg")
+    assert (status, error) == (2, f"error: {site / 'adapted.jpeg'}: --out would join the images in {site}, which "
+                                  f"this command reads; choose a path outside it")
+    assert sorted(p.name for p in site.iterdir()) == ["a.jpeg"]

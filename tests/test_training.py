@@ -91,3 +91,16 @@ def test_ema_update_is_the_exponential_average_and_copies_counters():
             torch.testing.assert_close(ema.state_dict()[key], 0.9 * before[key] + 0.1 * value)
         else:
             assert torch.equal(ema.state_dict()[key], value)
+
+
+def test_a_diverging_run_stops_at_once_and_saves_nothing_of_it(small_root, cache_dir, tmp_path):
+    """--lr 1e6: the loss went NaN and training went on, saved NaN weights as best.pt, then failed in the
+    calibration with "Input X contains infinity" (no file, no cause); predict then labelled everything NORMAL."""
+    from pneumonia_cnn.errors import PneumoniaCNNError
+    out = tmp_path / "run"
+    config = make_config("tutorial", data=str(small_root), out=str(out), epochs=2, size=32, batch_size=16,
+                         cache_dir=str(cache_dir), lr=1e6, progress=False)
+    with pytest.raises(PneumoniaCNNError, match=r"^training diverged in epoch 1: the training loss is (nan|inf); "
+                                                r"nothing of this epoch was saved in .*run \(try a lower --lr\)$"):
+        train(config)
+    assert not (out / "best.pt").exists() and not (out / "last.pt").exists()

@@ -69,14 +69,20 @@ def check_checkpoint(payload: dict) -> None:
     bad = next((key for key, value in state.items() if not isinstance(key, str) or not torch.is_tensor(value)), None)
     if bad is not None:
         raise _Invalid(f"state_dict: entry {_shown(bad)} is not a tensor")
+    # NaN weights score every image NaN, which no threshold exceeds: all NORMAL, silently
+    bad = next((key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()),
+               None)
+    if bad is not None:
+        raise _Invalid(f"state_dict: entry {_shown(bad)} holds NaN or infinite values (a diverged or damaged model)")
     _check_preprocessing(_field(payload, "preprocessing", dict))
+    _check_intended_use(_field(payload, "intended_use", dict, required=False) or {})
     names = _field(payload, "class_names", (list, tuple), required=False)
     if names is not None and (len(names) != 2 or not all(isinstance(n, str) and n for n in names)):
         raise _Invalid(f"class_names must be a list of two names, not {_shown(names)}")
     _check_decision(payload, "")
     if payload.get("decision_adapted"):
         _check_decision(_field(payload, "decision_adapted", dict), "decision_adapted.")
-    for name in ("intended_use", "config", "decision_fit"):
+    for name in ("config", "decision_fit"):
         _field(payload, name, dict, required=False)
     _field(payload.get("decision_fit") or {}, "threshold_refit", dict, required=False, prefix="decision_fit.")
     _field(payload, "run_id", str, required=False)
@@ -117,9 +123,10 @@ def _check_model(model: dict) -> None:
 
 def _check_preprocessing(pre: dict) -> None:
     size = _field(pre, "size", (list, tuple), prefix="preprocessing.")
-    if len(size) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
-                                 for v in size):
-        raise _Invalid(f"preprocessing.size must be two positive whole numbers (height, width), not {_shown(size)}")
+    if len(size) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 16 <= v <= 4096
+                                 for v in size):  # the sizes train accepts
+        raise _Invalid(f"preprocessing.size must be two whole numbers from 16 to 4096 (height, width), "
+                       f"not {_shown(size)}")
     channels = _field(pre, "channels", numbers.Integral, required=False, prefix="preprocessing.")
     if channels is not None and channels not in (1, 3):
         raise _Invalid(f"preprocessing.channels must be 1 or 3, not {_shown(channels)}")
@@ -127,6 +134,13 @@ def _check_preprocessing(pre: dict) -> None:
         value = _field(pre, name, str, required=False, prefix="preprocessing.")
         if value is not None and value not in allowed:
             raise _Invalid(f"preprocessing.{name} {_shown(value)} is not one of {', '.join(allowed)}")
+
+
+def _check_intended_use(use: dict) -> None:
+    ages = _field(use, "age_range_years", (list, tuple), required=False, prefix="intended_use.", nullable=True)
+    numeric = all(isinstance(a, numbers.Real) and not isinstance(a, bool) and math.isfinite(a) for a in ages or ())
+    if ages is not None and not (len(ages) == 2 and numeric and 0 <= ages[0] <= ages[1]):
+        raise _Invalid(f"intended_use.age_range_years must be [min, max] with 0 <= min <= max, not {_shown(ages)}")
 
 
 def _check_decision(decision: dict, prefix: str) -> None:

@@ -129,14 +129,28 @@ def output_stems(paths) -> list[str]:
     return names
 
 
+def refuse_overwriting_inputs(paths, outputs) -> None:
+    """Before any work: an overlay whose name is one of the images read (``explain DIR --out DIR`` run again, an
+    image called ``x_gradcam.png`` beside ``x.jpeg``) would replace that image."""
+    import os
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    for output in outputs:
+        clash = next((p for p in existing if output.exists() and os.path.samefile(p, output)), None)
+        if clash is not None:
+            raise PneumoniaCNNError(f"{output}: the overlay would overwrite {clash}, which explain reads; "
+                                    f"choose another --out")
+
+
 def explain(predictor, paths, out_dir, layer: str | None = None) -> list[dict]:
     """Write ``<name>_gradcam.png`` (overlay) and ``<name>_gradcam.npy`` (raw map) per image; ``<name>`` is
     the image's stem, made distinct where two images share one (``output_stems``)."""
     out_dir = Path(out_dir)
+    stems = output_stems(paths)
+    refuse_overwriting_inputs(paths, [out_dir / f"{stem}_gradcam.{kind}" for stem in stems for kind in ("png", "npy")])
     out_dir.mkdir(parents=True, exist_ok=True)
     model = predictor.bundle.explain_model().to(predictor.device)
     results = []
-    for path, stem in zip(paths, output_stems(paths)):
+    for path, stem in zip(paths, stems):
         try:
             gray, _ = predictor.preprocess_path(path)
         except ImageReadError as error:

@@ -129,6 +129,11 @@ def inputs_read_from(item) -> tuple[list[Path], list[Path]]:
     return ([], [path]) if path.is_dir() else ([path], [])
 
 
+def _holds_images(folder: Path) -> bool:
+    from ..data.readers import is_candidate_file
+    return any(is_candidate_file(entry) for entry in folder.iterdir() if entry.is_file())
+
+
 def check_output(out, *inputs, flag: str = "--out") -> None:
     """Before any work: ``out`` must not be one of the files the command reads (nor an image file inside the
     subfolders of a data folder it reads), must not be a folder, and its folder must be creatable: a wrong
@@ -152,6 +157,10 @@ def check_output(out, *inputs, flag: str = "--out") -> None:
         if target.suffix.lower() in SUPPORTED_SUFFIXES and target.is_file() and inside:
             raise PneumoniaCNNError(f"{out}: {flag} would overwrite an image in {item}, which this command reads; "
                                     f"choose another path")
+        # and so is a new one beside the images at the top of a flat folder of them (adapt --data SITE)
+        if target.suffix.lower() in SUPPORTED_SUFFIXES and inside and _holds_images(place.parent):
+            raise PneumoniaCNNError(f"{out}: {flag} would join the images in {item}, which this command reads; "
+                                    f"choose a path outside it")
     if target.is_dir():
         raise PneumoniaCNNError(f"{out}: {flag} is a folder; give a file path")
     blocking = next((a for a in target.parents if a.exists() and not a.is_dir()), None)

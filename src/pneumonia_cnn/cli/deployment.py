@@ -75,13 +75,13 @@ def run_explain(args) -> int:
         raise PneumoniaCNNError(f"{args.out}: --out is a file; give a folder for the overlays")
     results = explain(Predictor(args.checkpoint, args.device), paths, args.out, args.layer)
     for item in results:
-        if "error" in item:
-            print(f"skipped {item['path']}: {item['error']}")
+        if "error" in item:  # on stderr, one line whatever the file is called, as predict's
+            logging.getLogger("pneumonia_cnn").warning("skipped %s: %s", item["path"], item["error"])
         else:
             print(f"{item['path']}: p={item['probability']:.4f} {item['label']} -> {item['overlay']} "
                   f"(layer {item['layer']})")
     for item in missing:
-        print(f"skipped {item}: no such file or folder")
+        logging.getLogger("pneumonia_cnn").warning("skipped %s: no such file or folder", item)
     return 0 if any("error" not in r for r in results) else 1
 
 

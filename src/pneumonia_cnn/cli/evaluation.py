@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import PneumoniaCNNError
 from .common import (
     Command,
     add_cache_dir,
@@ -53,6 +54,8 @@ def run_evaluate(args) -> int:
     out = args.out or str(beside / f"{'builtin_' if args.checkpoint[0] == 'builtin' else ''}{args.split}_metrics.json")
     check_output(out, args.checkpoint, args.data)
     check_output(args.save_as, args.checkpoint, args.data, flag="--save-as")
+    if args.save_as and Path(args.save_as).resolve() == Path(out).resolve():  # the report would replace the model
+        raise PneumoniaCNNError(f"{args.save_as}: --save-as and --out name the same file; give each its own")
     report = evaluate(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0], args.data, args.split,
                       device=args.device, threshold=args.threshold, calibration=args.calibration,
                       save_as=args.save_as, val_split=args.val_split, prevalence=args.prevalence,

@@ -95,6 +95,7 @@ def run_train(args) -> int:
         if not config.data:  # --data, or data: in --config
             raise PneumoniaCNNError("train needs --data ROOT (a folder in the Kaggle layout) or --resume RUN_DIR")
         refuse_finished_run(config.out)
+        refuse_run_in_data(config.out, config.data)
         summary = train_and_evaluate(config)
     if summary.get("interrupted"):
         return 130
@@ -106,6 +107,14 @@ def run_train(args) -> int:
               f"specificity {test['specificity']:.4f}  ROC AUC {test['roc_auc']:.4f}")
     print(f"run folder: {summary['run_dir']}")
     return 0
+
+
+def refuse_run_in_data(out, data) -> None:
+    """A run folder in (or as) the data folder puts its plots among the images: curves.png in train/NORMAL was
+    read as an X-ray by the next evaluate."""
+    if out and data and Path(data).is_dir() and Path(out).resolve().is_relative_to(Path(data).resolve()):
+        raise PneumoniaCNNError(f"{out}: --out is inside the data folder {data}, which training reads (its plots "
+                                f"would join the images); choose a folder outside it")
 
 
 def demo_arguments(p):

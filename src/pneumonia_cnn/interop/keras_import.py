@@ -78,7 +78,7 @@ def read_keras_file(path) -> tuple[list[np.ndarray], tuple[int, int, int] | None
             return [a for _, a in arrays], shape
     except PneumoniaCNNError:
         raise
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, IndexError, zipfile.BadZipFile) as error:
         raise PneumoniaCNNError(f"{display_path(path)}: not a readable Keras model "
                                 f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
 
@@ -92,11 +92,19 @@ def _pair_layers(arrays: list[np.ndarray], path):
     if len(convs) != 3 or len(denses) != 2:
         raise PneumoniaCNNError(f"{display_path(path)}: expected the tutorial's 3 Conv2D and 2 Dense layers, found "
                                 f"{len(convs)} Conv2D and {len(denses)} Dense kernels")
-    ordered_convs = [next(c for c in convs if c.shape[3] == 32)]
+    def the(found, what):
+        if found is None:
+            raise PneumoniaCNNError(f"{display_path(path)}: not the tutorial's layers: no {what}")
+        return found
+    ordered_convs = [the(next((c for c in convs if c.shape[3] == 32), None), "Conv2D with 32 filters")]
     for _ in range(2):
         previous = ordered_convs[-1]
-        ordered_convs.append(next(c for c in convs if c.shape[2] == previous.shape[3] and c is not previous))
-    dense1 = next(d for d in denses if d.shape[1] == 128)
+        ordered_convs.append(the(next((c for c in convs if c.shape[2] == previous.shape[3] and c is not previous),
+                                      None), f"Conv2D taking the {previous.shape[3]} channels of the one before"))
+    if any(c.shape[:2] != (3, 3) for c in ordered_convs):
+        raise PneumoniaCNNError(f"{display_path(path)}: not the tutorial's layers: its Conv2D kernels are "
+                                f"{', '.join('x'.join(map(str, c.shape[:2])) for c in ordered_convs)}, not 3x3")
+    dense1 = the(next((d for d in denses if d.shape[1] == 128), None), "Dense layer of 128 units")
     dense2 = next(d for d in denses if d is not dense1)
 
     def bias_for(length, used):
@@ -132,6 +140,9 @@ def import_keras(path, out=None, size=None) -> tuple[torch.nn.Module, dict]:
     ``size`` is (height, width) or an int; required for weights-only files, checked against the others.
     """
     arrays, shape = read_keras_file(path)
+    if not all(np.isfinite(a).all() for a in arrays):  # a NaN model labels every image NORMAL
+        raise PneumoniaCNNError(f"{display_path(path)}: its weights hold NaN or infinite values (a model that "
+                                f"diverged in training, or a damaged file)")
     layers = _pair_layers(arrays, path)
     channels = layers[0][0].shape[2]
     if size is not None:

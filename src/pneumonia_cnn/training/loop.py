@@ -9,6 +9,7 @@ save last.pt (with the position inside the epoch) and return; ``resume`` continu
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -129,6 +130,9 @@ def end_of_epoch(run: Run) -> dict:
     row = {"epoch": state.epoch + 1, "train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
            "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - run.epoch_started,
            "size": config.size_at(state.epoch)[0]}  # the training input size (progressive resizing)
+    if not math.isfinite(row["train_loss"]):  # its weights would be saved, then calibrated, fitted and served
+        raise PneumoniaCNNError(f"training diverged in epoch {row['epoch']}: the training loss is {row['train_loss']}; "
+                                f"nothing of this epoch was saved in {display_path(run.out)} (try a lower --lr)")
     if run.val_set is not None and len(run.val_set):
         row.update(validation_metrics(run.val_set.labels, validation_logits(run)))
     state.history.append(row)

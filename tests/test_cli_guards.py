@@ -316,3 +316,20 @@ def test_outputs_that_would_replace_an_input_or_join_the_data_are_refused(capsys
     assert (status, error) == (2, f"error: {site / 'adapted.jpeg'}: --out would join the images in {site}, which "
                                   f"this command reads; choose a path outside it")
     assert sorted(p.name for p in site.iterdir()) == ["a.jpeg"]
+
+
+def test_a_file_where_a_folder_belongs_is_named_with_its_option(capsys, tmp_path, small_root):
+    """Raw "[Errno 20] Not a directory" / "[Errno 17] File exists", and "folder not found" for a file that is
+    there, before."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    image = sorted((small_root / "test" / "NORMAL").iterdir())[0]
+    status, error = run(capsys, "evaluate", "--data", image)
+    assert (status, error) == (2, f"error: {image}: a file, not a folder of class folders (predict takes images; "
+                                  f"--data takes a folder or a CSV list)")
+    status, error = run(capsys, "evaluate", "--data", small_root, "--cache-dir", a_file)
+    assert (status, error) == (2, f"error: {a_file}: cannot use it as --cache-dir (Not a directory)")
+    status, error = run(capsys, "train", "--data", small_root, "--out", a_file, "--epochs", "1")
+    assert (status, error) == (2, f"error: {a_file}: --out is a file; give a folder for the run")
+    status, error = run(capsys, "evaluate", "--data", small_root, "--seed", "-1")
+    assert status == 2 and error.endswith("argument --seed: -1 is out of range: give a whole number of at least 0")

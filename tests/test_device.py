@@ -52,6 +52,10 @@ def test_device_and_precision_choices():
         autocast_dtype(torch.device("cpu"), "fast")
     with pytest.raises(PneumoniaCNNError, match="not a device"):
         resolve_device("tpu:x")
+    for other in ("mps", "xla", "meta"):  # torch parses them; they failed later with a RuntimeError traceback
+        with pytest.raises(PneumoniaCNNError, match=f"^--device {other}: pneumonia-cnn runs on auto, cpu, cuda or "
+                                                    f"cuda:N$"):
+            resolve_device(other)
     if not torch.cuda.is_available():
         with pytest.raises(PneumoniaCNNError, match="CUDA is not available"):
             resolve_device("cuda")

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -104,3 +105,23 @@ def test_a_diverging_run_stops_at_once_and_saves_nothing_of_it(small_root, cache
                                                 r"nothing of this epoch was saved in .*run \(try a lower --lr\)$"):
         train(config)
     assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
+
+
+def test_resuming_from_a_last_pt_that_training_did_not_write_is_one_line(small_root, cache_dir, tmp_path):
+    """A best.pt copied over last.pt raised KeyError: 'training_state'; a damaged state AttributeError or an int()
+    error naming no file."""
+    from pneumonia_cnn.errors import PneumoniaCNNError
+    out = tmp_path / "run"
+    config = make_config("tutorial", data=str(small_root), out=str(out), epochs=1, size=32, batch_size=16,
+                         cache_dir=str(cache_dir), progress=False, ood=False)
+    train(config)
+    good = torch.load(out / "last.pt", weights_only=False)
+    for edit, reason in ((lambda p: p.pop("training_state"), "it holds no training state: is it a best.pt?"),
+                         (lambda p: p.__setitem__("training_state", "x"), "training_state is str, not a dict"),
+                         (lambda p: p["training_state"].__setitem__("epoch", "abc"),
+                          "training_state.epoch is 'abc', not a whole number")):
+        damaged = {**good, "training_state": dict(good["training_state"])}
+        edit(damaged)
+        torch.save(damaged, out / "last.pt")
+        with pytest.raises(PneumoniaCNNError, match=rf"^.*run/last.pt: cannot resume from it \({re.escape(reason)}\)$"):
+            resume(out, epochs=2)

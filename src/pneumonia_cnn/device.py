@@ -25,9 +25,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PneumoniaCNNError(f"--device {name}: CUDA is not available on this machine (use --device auto or cpu)")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise PneumoniaCNNError(f"--device {name}: not a device (use auto, cpu or cuda)") from None
+    if device.type not in ("cpu", "cuda"):  # mps, xla, meta...: torch parses them, then fails deep inside
+        raise PneumoniaCNNError(f"--device {name}: pneumonia-cnn runs on auto, cpu, cuda or cuda:N")
+    return device
 
 
 def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:

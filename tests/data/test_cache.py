@@ -90,3 +90,13 @@ def test_a_damaged_or_older_manifest_is_rebuilt_not_trusted(tmp_path, caplog):
     manifest["version"] = 1  # written by a version whose entries kept no checks
     manifest_path.write_text(json.dumps(manifest))
     assert build_or_load(scan_folder(root), (32, 32), cache_dir=cache).decoded == 9
+
+
+def test_a_manifest_that_is_json_but_not_an_object_is_rebuilt(tmp_path, caplog):
+    """'[]' as manifest.json raised AttributeError in evaluate, stress and train."""
+    root = make_set(tmp_path / "set")
+    cache = tmp_path / "cache"
+    build_or_load(scan_folder(root), (32, 32), cache_dir=cache)
+    next(cache.rglob("manifest.json")).write_text("[]")
+    assert build_or_load(scan_folder(root), (32, 32), cache_dir=cache).decoded == 8  # all again
+    assert "cache manifest unreadable, rebuilding" in caplog.text

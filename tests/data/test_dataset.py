@@ -70,3 +70,10 @@ def test_csv_patient_id_comes_from_its_named_column(tmp_path):
     assert read_csv_list(tmp_path / "b.csv").patients == ["person1"]  # no patient_id column: not the sex
     (tmp_path / "c.csv").write_text("x/person1_bacteria_1.jpeg,1,P9\n")
     assert read_csv_list(tmp_path / "c.csv").patients == ["P9"]  # no header: the third column
+
+
+def test_a_csv_saved_by_excel_with_a_byte_order_mark_is_read(tmp_path):
+    """Excel's "CSV UTF-8" starts with U+FEFF: the header was read as a row whose label is 'label'."""
+    write_image(tmp_path / "imgs" / "a.png", IMAGE)
+    (tmp_path / "excel.csv").write_bytes("path,label\nimgs/a.png,PNEUMONIA\n".encode("utf-8-sig"))
+    assert read_csv_list(tmp_path / "excel.csv").labels.tolist() == [1]

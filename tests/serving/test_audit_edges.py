@@ -133,3 +133,16 @@ def test_serve_limits_have_ceilings(options, message):
         ServeOptions(**options)
     assert str(raised.value) == message
     assert ServeOptions(max_upload_mb=4096, max_in_flight=1_000_000).max_bytes == 4096 * 1024 * 1024
+
+
+def test_a_blob_cell_is_exported_as_hex_not_a_traceback(tmp_path):
+    """A cell another program filled with bytes made --format json raise TypeError from json.dumps."""
+    import sqlite3
+    log = AuditLog(tmp_path / "audit.sqlite")
+    write_rows(log, [row("r1", "[]")])
+    log.close()
+    with sqlite3.connect(tmp_path / "audit.sqlite") as connection:
+        connection.execute("UPDATE predictions SET model_id = ? WHERE request_id = 'r1'", (b"\x01\xff",))
+    exported = audit_cli(tmp_path / "audit.sqlite", "--format", "json")
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)[0]["model_id"] == "01ff"

@@ -201,7 +201,7 @@ def adapt_arguments(p):
     p.add_argument("--out", required=True, help="the adapted checkpoint to write")
     add_device(p)
     p.add_argument("--recalibrate", action="store_true", help="refit the calibration on the labelled images")
-    p.add_argument("--seed", type=int, default=0, help="seed of the kept-out split and fine-tuning")
+    p.add_argument("--seed", type=whole_number(0), default=0, help="seed of the kept-out split and fine-tuning")
 
 
 def run_adapt(args) -> int:

@@ -32,7 +32,7 @@ def evaluate_arguments(p):
     p.add_argument("--save-as", help="write the refitted checkpoint here (the checkpoint read is never changed)")
     add_site_options(p)
     p.add_argument("--bootstrap", type=whole_number(1), default=1000, help="bootstrap resamples for the 95%% intervals")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--seed", type=whole_number(0), default=0, help="bootstrap seed")
     add_format(p)
     p.add_argument("--out", help="JSON path (default: beside the checkpoint)")
     add_device(p), add_engine(p), add_cache_dir(p)

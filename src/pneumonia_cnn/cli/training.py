@@ -112,6 +112,8 @@ def run_train(args) -> int:
 def refuse_run_in_data(out, data) -> None:
     """A run folder in (or as) the data folder puts its plots among the images: curves.png in train/NORMAL was
     read as an X-ray by the next evaluate."""
+    if out and Path(out).exists() and not Path(out).is_dir():  # before the data is read, not after
+        raise PneumoniaCNNError(f"{out}: --out is a file; give a folder for the run")
     if out and data and Path(data).is_dir() and Path(out).resolve().is_relative_to(Path(data).resolve()):
         raise PneumoniaCNNError(f"{out}: --out is inside the data folder {data}, which training reads (its plots "
                                 f"would join the images); choose a folder outside it")
@@ -167,7 +169,7 @@ def samples_arguments(p):
     p.add_argument("--split", default="train", help="which split to draw from")
     p.add_argument("--out", default="samples.png", help="PNG to write")
     p.add_argument("--per-class", type=whole_number(1, 100), default=6, help="images per class")
-    p.add_argument("--seed", type=int, default=0, help="which images are drawn")
+    p.add_argument("--seed", type=whole_number(0), default=0, help="which images are drawn")
 
 
 def run_show_samples(args) -> int:

@@ -142,7 +142,7 @@ def _read_previous_build(folder: Path, size) -> _PreviousBuild:
             if any(c is not None and not {"format", "size"} <= set(c) for c in previous.checked.values()):
                 raise KeyError("checked")
         return previous
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # AttributeError: JSON, not an object
         log.warning("%s: cache manifest unreadable, rebuilding", display_path(manifest_path))
         return _PreviousBuild({}, {})
 
@@ -208,7 +208,11 @@ def build_or_load(images: ImageList, size, interpolation: str = "bilinear", inte
     preprocessing = {"interpolation": interpolation, "intensity": intensity}
     folder = Path(cache_dir or default_cache_dir()) / cache_key(images.source or "|".join(images.paths[:1]),
                                                                 size, preprocessing)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file where the cache folder should be, no permission: said with the option
+        raise DatasetError(f"{display_path(folder.parent)}: cannot use it as --cache-dir "
+                           f"({error.strerror or error})") from None
     previous = _read_previous_build(folder, size)
     signatures = [_file_signature(p) for p in images.paths]
     reuse, skipped, to_decode = _plan_reuse(images.paths, signatures, previous)

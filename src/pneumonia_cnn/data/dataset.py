@@ -86,7 +86,9 @@ def scan_folder(split_dir, class_names=None, require_both_classes: bool = False)
     """Scan ``split_dir/<class>/...``; classes are sorted folder names unless ``class_names`` is given."""
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
-        raise DatasetError(f"{display_path(split_dir)}: folder not found")
+        raise DatasetError(f"{display_path(split_dir)}: " + ("a file, not a folder of class folders (predict takes "
+                                                            "images; --data takes a folder or a CSV list)"
+                                                            if split_dir.is_file() else "folder not found"))
     folders = class_folders(split_dir)
     if class_names is None:
         class_names = tuple(folders)
@@ -156,7 +158,7 @@ def read_csv_list(csv_path, class_names=DEFAULT_CLASS_NAMES) -> ImageList:
 def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
     paths, labels, patients = [], [], []
     patient_column = 2
-    with open(csv_path, newline="", encoding="utf-8") as handle:
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8" starts with a BOM
         for line_number, row in enumerate(csv.reader(handle), start=1):
             if not row or not row[0].strip() or row[0].strip().startswith("#"):
                 continue

@@ -236,7 +236,8 @@ def _warnings(text) -> tuple[list[str], bool]:
 
 def format_audit(rows: list[dict], fmt: str) -> str:
     if fmt == "json":
-        return json.dumps(rows, indent=2)
+        # a cell another program filled with a BLOB: shown as hex, not a TypeError
+        return json.dumps(rows, indent=2, default=lambda value: value.hex() if isinstance(value, bytes) else str(value))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()

@@ -33,7 +33,7 @@ from .distributed import any_rank, finish_distributed, gather_by_index, sum_acro
 from .finish import finish_run
 from .optim import ema_decay_at, learning_rate_factor, update_ema
 from .setup import Run, StopRequested, intended_use, start_run
-from .state import RunningSums, cpu_state
+from .state import RunningSums, check_resumable, cpu_state
 
 log = logging.getLogger(__name__)
 AfterTraining = Callable[[Path, TrainConfig, torch.device], dict]
@@ -228,6 +228,7 @@ def resume(run_dir, after_training: AfterTraining | None = None, **overrides) ->
     if not (run_dir / "last.pt").exists():
         raise PneumoniaCNNError(f"{display_path(run_dir)}: nothing to resume (no last.pt)")
     last = load_checkpoint(run_dir / "last.pt")
+    check_resumable(last, display_path(run_dir / "last.pt"))
     values = dict(last["config"])
     _refuse_nothing_to_resume(run_dir, last, values, overrides.get("epochs"))
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import PneumoniaCNNError, one_line
+
 
 @dataclass
 class RunningSums:
@@ -48,8 +50,17 @@ class TrainingState:
                 "ema_state_dict": cpu_state(self.ema_model) if self.ema_model is not None else None,
                 "epoch_sums": vars(self.sums).copy()}
 
-    def restore(self, checkpoint: dict):
-        """Continue exactly where ``checkpoint`` (a last.pt) stopped."""
+    def restore(self, checkpoint: dict, path=None):
+        """Continue exactly where ``checkpoint`` (a last.pt) stopped; a last.pt without its training state, or with
+        one of the wrong shape (a copied best.pt, a damaged file), is one line naming the file."""
+        try:
+            self._restore(checkpoint)
+        except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, IndexError) as error:
+            reason = f"no {error}" if isinstance(error, KeyError) else one_line(error)
+            raise PneumoniaCNNError(f"{path or 'last.pt'}: cannot resume from it ({reason}); it is not a last.pt "
+                                    f"that training wrote") from None
+
+    def _restore(self, checkpoint: dict):
         saved = checkpoint["training_state"]
         self.model.load_state_dict(checkpoint["state_dict"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -62,6 +73,22 @@ class TrainingState:
         self.epochs_without_improvement = saved.get("epochs_without_improvement", 0)
         self.sums = RunningSums.from_saved(saved.get("epoch_sums")) if self.step_in_epoch else RunningSums()
         self.history = list(checkpoint.get("history", []))
+
+
+def check_resumable(checkpoint: dict, path) -> None:
+    """A last.pt whose training state is missing (a best.pt copied over it) or of the wrong shape: one line."""
+    saved, problem = checkpoint.get("training_state"), None
+    if not isinstance(saved, dict):
+        problem = "it holds no training state: is it a best.pt?" if saved is None else \
+            f"training_state is {type(saved).__name__}, not a dict"
+    elif not isinstance(saved.get("optimizer"), dict):
+        problem = "training_state.optimizer is missing"
+    else:
+        wrong = [n for n in ("epoch", "step_in_epoch") if not isinstance(saved.get(n, 0), int)
+                 or isinstance(saved.get(n, 0), bool) or saved.get(n, 0) < 0]
+        problem = f"training_state.{wrong[0]} is {saved[wrong[0]]!r}, not a whole number" if wrong else None
+    if problem:
+        raise PneumoniaCNNError(f"{path}: cannot resume from it ({problem})")
 
 
 def cpu_state(model: torch.nn.Module) -> dict:

@@ -1,6 +1,7 @@
 """The command line refuses, in one line and before any work, what would destroy an input, quietly use
 another model, or silently do nothing; and it keeps what was done (key files, run folders, overlays)."""
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -333,3 +334,23 @@ def test_a_file_where_a_folder_belongs_is_named_with_its_option(capsys, tmp_path
     assert (status, error) == (2, f"error: {a_file}: --out is a file; give a folder for the run")
     status, error = run(capsys, "evaluate", "--data", small_root, "--seed", "-1")
     assert status == 2 and error.endswith("argument --seed: -1 is out of range: give a whole number of at least 0")
+
+
+def test_evaluate_never_replaces_the_metrics_of_another_data_set_by_default(capsys, tmp_path, small_root):
+    """evaluate --checkpoint RUN without --out writes RUN/test_metrics.json: training's own test figures were
+    replaced by metrics of whatever --data was given. The same data and split again still rewrite it."""
+    run_folder = tmp_path / "run"
+    run_folder.mkdir()
+    shutil.copyfile(builtin.checkpoint_path(), run_folder / "best.pt")
+    (run_folder / "config.json").write_text("{}")
+    metrics = run_folder / "test_metrics.json"
+    metrics.write_text(json.dumps({"data": str(tmp_path / "kaggle"), "split": "test", "metrics": {"accuracy": 0.9}}))
+    before = digest(metrics)
+    status, error = run(capsys, "evaluate", "--checkpoint", run_folder, "--data", small_root, "--no-figures")
+    assert (status, error) == (2, f"error: {metrics}: holds the metrics of {tmp_path / 'kaggle'} (test split); these "
+                                  f"of {small_root} (test) would replace them: give --out")
+    assert digest(metrics) == before
+    metrics.write_text(json.dumps({"data": str(small_root), "split": "test"}))
+    assert run(capsys, "evaluate", "--checkpoint", run_folder, "--data", small_root, "--no-figures",
+               "--bootstrap", "20")[0] == 0
+    assert json.loads(metrics.read_text())["n_images"] > 0

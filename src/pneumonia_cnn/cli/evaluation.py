@@ -47,12 +47,27 @@ def add_by(p):
                         "InstitutionName...), AgeBand (from PatientAge or a CSV age column), or a CSV column")
 
 
+def keep_other_metrics(out: Path, data, split: str) -> None:
+    """The default --out (RUN/test_metrics.json) may hold what training measured on its own test split: metrics
+    of another data set or split never replace it unasked."""
+    try:
+        previous = json.loads(out.read_text(encoding="utf-8"))
+        earlier = (Path(previous["data"]).resolve(), previous["split"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # none there, or not a report: written as before
+    if earlier != (Path(data).resolve(), split):
+        raise PneumoniaCNNError(f"{out}: holds the metrics of {previous['data']} ({previous['split']} split); these "
+                                f"of {data} ({split}) would replace them: give --out")
+
+
 def run_evaluate(args) -> int:
     from ..evaluation.evaluate import evaluate, format_table
     first = Path(args.checkpoint[0])
     beside = Path(".") if args.checkpoint[0] == "builtin" else first if first.is_dir() else first.parent
     out = args.out or str(beside / f"{'builtin_' if args.checkpoint[0] == 'builtin' else ''}{args.split}_metrics.json")
     check_output(out, args.checkpoint, args.data)
+    if not args.out:
+        keep_other_metrics(Path(out), args.data, args.split)
     check_output(args.save_as, args.checkpoint, args.data, flag="--save-as")
     if args.save_as and Path(args.save_as).resolve() == Path(out).resolve():  # the report would replace the model
         raise PneumoniaCNNError(f"{args.save_as}: --save-as and --out name the same file; give each its own")

@@ -113,6 +113,18 @@ def test_demo_accepts_a_real_data_set(small_root, tmp_path, capsys):
     assert (tmp_path / "d" / "run" / "best.pt").is_file() and (tmp_path / "d" / "run" / "curves.png").is_file()
 
 
+def test_demo_never_writes_among_files_it_did_not_make(tmp_path, capsys):
+    """demo --out DIR wrote its synthetic images over a file of the same name in DIR and trained on both."""
+    mine = tmp_path / "mine"
+    foreign = mine / "data" / "train" / "NORMAL" / "IM-0001-0001.jpeg"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"my x-ray")
+    assert main(["demo", "--out", str(mine), "--epochs", "1"]) == 2
+    assert capsys.readouterr().err.strip().endswith("mine: --out holds files demo did not write (it would write its "
+                                                    "images, run and cache among them); give a new or empty folder")
+    assert foreign.read_bytes() == b"my x-ray" and sorted(p.name for p in mine.iterdir()) == ["data"]
+
+
 def test_resume_from_the_cli_continues_and_scores_the_test_split(small_root, cache_dir, tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--size", "40", "--batch-size", "16", "--cache-dir", str(cache_dir), "--no-ood", "--no-progress"]

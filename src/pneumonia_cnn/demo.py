@@ -2,16 +2,28 @@
 the built-in model on the real example X-rays that ship with the package."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from .data.synthetic import make_synthetic_dataset
+from .errors import PneumoniaCNNError
 from .experiment import train_and_evaluate
+from .fileio import display_path
 from .training import make_config
+
+MARK = ".pneumonia-cnn-demo"  # a folder demo made: a rerun may replace what it holds
 
 
 def run_demo(out="runs/demo", data=None, epochs=None, size=None, device="auto") -> dict:
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not made_by_demo(out):
+        raise PneumoniaCNNError(f"{display_path(out)}: --out holds files demo did not write (it would write its "
+                                f"images, run and cache among them); give a new or empty folder")
+    if out.exists() and not out.is_dir():
+        raise PneumoniaCNNError(f"{display_path(out)}: --out is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARK).touch()
     start = time.perf_counter()
     if data is None:
         data = make_synthetic_dataset(out / "data", {"train": 300, "val": 60, "test": 60}, size=128)
@@ -24,6 +36,16 @@ def run_demo(out="runs/demo", data=None, epochs=None, size=None, device="auto") 
     summary["examples"] = score_examples(device)
     summary["seconds"] = time.perf_counter() - start
     return summary
+
+
+def made_by_demo(out: Path) -> bool:
+    """Marked by demo, or (written before the mark) a run trained on the synthetic images beside it."""
+    if (out / MARK).exists():
+        return True
+    try:
+        return Path(json.loads((out / "run" / "config.json").read_text())["data"]).resolve() == (out / "data").resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def score_examples(device="auto") -> list:

@@ -125,6 +125,26 @@ def test_demo_never_writes_among_files_it_did_not_make(tmp_path, capsys):
     assert foreign.read_bytes() == b"my x-ray" and sorted(p.name for p in mine.iterdir()) == ["data"]
 
 
+def test_a_run_stopped_while_scoring_its_test_split_resumes_to_that_scoring_alone(small_root, cache_dir, tmp_path,
+                                                                                  capsys):
+    """Ctrl-C during train's final test evaluation left best.pt and last.pt but no test_metrics.json, and
+    --resume said "finished after 1 epochs; nothing to resume"."""
+    run = tmp_path / "run"
+    common = ["--size", "40", "--batch-size", "16", "--cache-dir", str(cache_dir), "--no-ood", "--no-progress"]
+    assert main(["train", "--data", str(small_root), "--out", str(run), "--epochs", "1", *common]) == 0
+    written = json.loads((run / "test_metrics.json").read_text())
+    (run / "test_metrics.json").unlink()
+    checkpoints = {name: (run / name).read_bytes() for name in ("best.pt", "last.pt")}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    again = json.loads((run / "test_metrics.json").read_text())
+    assert again["metrics"]["roc_auc"] == written["metrics"]["roc_auc"] and again["n_images"] == written["n_images"]
+    assert {name: (run / name).read_bytes() for name in checkpoints} == checkpoints  # nothing trained or refitted
+    assert main(["train", "--resume", str(run)]) == 2  # now finished and scored: nothing to resume, as before
+    assert "nothing to resume" in capsys.readouterr().err
+
+
 def test_resume_from_the_cli_continues_and_scores_the_test_split(small_root, cache_dir, tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--size", "40", "--batch-size", "16", "--cache-dir", str(cache_dir), "--no-ood", "--no-progress"]

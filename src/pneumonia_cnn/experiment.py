@@ -34,5 +34,29 @@ def train_and_evaluate(config: TrainConfig) -> dict:
 
 
 def resume_and_evaluate(run_dir, **overrides) -> dict:
-    """``resume(run_dir)``, then the test split scored as in ``train_and_evaluate``."""
+    """``resume(run_dir)``, then the test split scored as in ``train_and_evaluate``. A run that finished training
+    but was stopped while scoring its test split (no test_metrics.json) gets that scoring alone."""
+    config = _unscored_finished_run(Path(run_dir)) if overrides.get("epochs") is None else None
+    if config is not None:
+        log.info("%s: finished training; scoring its test split, which was not written", run_dir)
+        return {"run_dir": str(run_dir), **score_test_split(Path(run_dir), config, overrides.get("device") or "auto")}
     return resume(run_dir, after_training=score_test_split, **overrides)
+
+
+def _unscored_finished_run(run_dir: Path) -> TrainConfig | None:
+    """The run's config when all its epochs are trained, its decision fitted, and its test split (which it has)
+    not yet scored; otherwise None."""
+    from .checkpoint import load_checkpoint
+    from .training import config_from_dict
+    if (run_dir / "test_metrics.json").exists() or not (run_dir / "last.pt").is_file() \
+            or not (run_dir / "best.pt").is_file():
+        return None
+    last = load_checkpoint(run_dir / "last.pt")
+    state, config = last.get("training_state"), config_from_dict(dict(last["config"]))
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        return None  # resume() names what is wrong with it
+    patience = config.early_stopping or 0
+    stopped = state["epoch"] >= config.epochs or (patience and state.get("epochs_without_improvement", 0) >= patience)
+    if not stopped or "decision_fit" not in load_checkpoint(run_dir / "best.pt"):
+        return None
+    return config if config.evaluate_test and (Path(config.data) / "test").is_dir() else None

@@ -206,3 +206,18 @@ def test_the_cli_logs_one_line_per_message(monkeypatch, capsys):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     # one line of the log, not Python's two lines naming the file and quoting its source
     assert done.stderr == "warning: RuntimeWarning: overflow encountered in multiply\\nsecond line\n"
+
+
+def test_ctrl_c_while_the_command_is_still_importing_is_quiet():
+    """Ctrl-C in the first second (torch loading, before main's handler) printed a KeyboardInterrupt traceback
+    through torch's import machinery; now exit 130 and no traceback, as later."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    process = subprocess.Popen([sys.executable, "-m", "pneumonia_cnn", "info", "builtin"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(0.25)  # torch takes over a second to import here
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr

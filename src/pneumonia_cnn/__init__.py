@@ -4,9 +4,12 @@ Notebook API::
 
     from pneumonia_cnn import create_model, load_model, train, evaluate
 """
-from . import device  # noqa: F401  # first: its OpenMP wait setting must precede torch's loading
-from .checkpoint import load_model
-from .models import create_model, list_models
+from ._interrupt import quiet_interrupt_while_importing
+
+with quiet_interrupt_while_importing():  # the command line's Ctrl-C during torch's loading: exit 130, no traceback
+    from . import device  # noqa: F401  # first: its OpenMP wait setting must precede torch's loading
+    from .checkpoint import load_model
+    from .models import create_model, list_models
 
 __version__ = "0.1.0"
 

@@ -221,3 +221,24 @@ def test_ctrl_c_while_the_command_is_still_importing_is_quiet():
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
+
+
+def test_double_dash_separates_the_paths_even_those_that_start_with_a_dash(tmp_path, capsys, monkeypatch):
+    """`predict -- scans.jpeg` said the arguments were missing; `predict builtin -- -dash.jpeg` took the file
+    for an unknown option."""
+    import shutil
+
+    from pneumonia_cnn import builtin
+    example = sorted(builtin.example_paths())[0]
+    monkeypatch.chdir(tmp_path)
+    shutil.copyfile(example, tmp_path / "-dash.jpeg")
+    shutil.copyfile(example, tmp_path / "plain.jpeg")
+    assert main(["predict", "--format", "json", "--", "plain.jpeg"]) == 0  # the built-in model
+    first = json.loads(capsys.readouterr().out)
+    assert main(["predict", "builtin", "--format", "json", "--", "-dash.jpeg"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in first + second] == ["plain.jpeg", "-dash.jpeg"]
+    assert first[0]["probability"] == second[0]["probability"]
+    assert main(["predict"]) == 2
+    assert capsys.readouterr().err.strip() == "error: predict needs a file, folder or glob (after an optional " \
+                                              "checkpoint)"

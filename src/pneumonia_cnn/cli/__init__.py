@@ -62,8 +62,10 @@ def _split_checkpoint_and_images(args):
     if args.command not in ("predict", "explain"):
         return args
     items = args.items
-    if args.paths:
-        checkpoints, paths = items, args.paths
+    if args.paths is not None:  # after --: the items before it are checkpoints (none: the built-in model)
+        checkpoints, paths = items or ["builtin"], args.paths
+    elif not items:
+        raise PneumoniaCNNError(f"{args.command} needs a file, folder or glob (after an optional checkpoint)")
     elif looks_like_checkpoint(items[0]):
         checkpoints, paths = [items[0]], items[1:]
     else:
@@ -78,9 +80,11 @@ def _split_checkpoint_and_images(args):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "predict" and "--" in argv:  # predict A.pt B.pt -- PATHS
+    if argv and argv[0] in ("predict", "explain") and "--" in argv:  # predict A.pt B.pt -- PATHS [--format json]
         cut = argv.index("--")
-        argv = argv[:cut] + ["--paths"] + argv[cut + 1:]
+        # a file named "-x.jpeg" would be read as an option: "./-x.jpeg" is the same file
+        argv = argv[:cut] + ["--paths"] + [f"./{a}" if a.startswith("-") and not a.startswith("--") else a
+                                           for a in argv[cut + 1:]]
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:

@@ -23,7 +23,7 @@ log = logging.getLogger("pneumonia_cnn")
 
 
 def predict_arguments(p):
-    p.add_argument("items", nargs="+", metavar="[CHECKPOINT] PATH",
+    p.add_argument("items", nargs="*", metavar="[CHECKPOINT] PATH",
                    help="a checkpoint (best.pt, a run folder or 'builtin'; the built-in model when left out), then "
                         "files, folders or globs (use -- before the paths when giving several checkpoints)")
     p.add_argument("--paths", nargs="*", default=None, help=argparse.SUPPRESS)
@@ -55,7 +55,7 @@ def run_predict(args) -> int:
 
 
 def explain_arguments(p):
-    p.add_argument("items", nargs="+", metavar="[CHECKPOINT] IMAGE",
+    p.add_argument("items", nargs="*", metavar="[CHECKPOINT] IMAGE",
                    help="a checkpoint (the built-in model when left out), then image files, folders or globs")
     p.add_argument("--paths", nargs="*", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", required=True, help="folder for the overlays and maps")

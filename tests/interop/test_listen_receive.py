@@ -174,3 +174,36 @@ def test_a_report_moved_back_from_refused_is_sent_without_a_restart(trained_run,
     finally:
         listener.stop()
         server.shutdown()
+
+
+def test_refusal_counts_survive_a_restart(trained_run, xray_sources, tmp_path, caplog):
+    """The counts lived in memory: a node restarted every night never reached --give-up-after and tried a
+    refused report forever. They are kept in SPOOL/refusals.json, for the files still spooled."""
+    import json
+
+    from pneumonia_cnn.inference import Predictor
+
+    from .test_listen import storage_scp
+    caplog.set_level(logging.INFO)
+    port, server = storage_scp(lambda dataset: 0xC000)  # refuses every report
+    predictor = Predictor(trained_run, "cpu")
+    try:
+        def node():
+            return Listener(predictor, Destination("127.0.0.1", port, "DEST"), spool=tmp_path / "spool", attempts=1,
+                            give_up_after=2)
+        first = node()
+        path = xray_dicom(xray_sources["NORMAL"][0], tmp_path / "x.dcm", "DX", patient_id="NIGHTLY")
+        assert first._receive(receipt(path)) == 0x0000
+        spooled = sorted(first.incoming.glob("*.dcm"))
+        first._process(spooled)
+        kept = json.loads((tmp_path / "spool" / "refusals.json").read_text())
+        assert kept == {spooled[0].name: 1}
+        second = node()  # the restart
+        assert second.refusals == {spooled[0].name: 1}
+        second._process(spooled)
+        assert [p.name for p in second.refused.iterdir()] == [spooled[0].name]  # refused twice: set aside
+        assert json.loads((tmp_path / "spool" / "refusals.json").read_text()) == {}
+        (tmp_path / "spool" / "refusals.json").write_text("[1, 2]")  # damaged: counting starts again
+        assert node().refusals == {}
+    finally:
+        server.shutdown()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from ..data.dicom_guard import dicom_problem
 from ..errors import PneumoniaCNNError
-from ..fileio import atomic_path, display_path
+from ..fileio import atomic_path, display_path, write_json_atomic
 from .dicom_access import NodeAccess, rejection_reason
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, not_an_xray
@@ -71,13 +72,14 @@ class Listener:
         self.spool = Path(spool or default_spool())
         self.attempts, self.backoff, self.retry_after, self.batch_size = attempts, backoff, retry_after, batch_size
         self.incoming, self.unreadable = self.spool / "incoming", self.spool / "unreadable"
-        self.refused, self.give_up_after, self.refusals = self.spool / "refused", give_up_after, {}
+        self.refused, self.give_up_after = self.spool / "refused", give_up_after
         if not 0 < max_instance_mb <= 65536:
             raise PneumoniaCNNError(f"--max-instance-mb {max_instance_mb:g}: expected more than 0 and at most 65536")
         self.max_instance_mb, self.access = max_instance_mb, access or NodeAccess()
         self.tls = self.access.client_context()  # for the reports; None: plain DICOM
         for folder in (self.incoming, self.unreadable, self.refused):
             folder.mkdir(parents=True, exist_ok=True)
+        self.refusals = self._refusals_kept()  # a restart goes on counting where the node stopped
         self.queue: queue.Queue = queue.Queue()
         self.later: list[tuple[float, Path]] = []
         self.next_rescan = 0.0  # the first pass picks up what an earlier run left
@@ -256,7 +258,7 @@ class Listener:
         except TransferError as error:
             self._undelivered(path, error)
             return
-        self.refusals.pop(path.name, None)
+        self._count_refusal(path.name, None)
         path.unlink(missing_ok=True)
         entry = result.entry
         log.info("instance %s: p=%.4f %s -> report %s sent to %s%s%s", result.sop_instance_uid, entry["probability"],
@@ -287,15 +289,36 @@ class Listener:
         time from the others. A destination that is down or busy never sets anything aside."""
         count = self.refusals.get(path.name, 0) + bool(error.refusal)
         if error.refusal and count >= self.give_up_after:
-            self.refusals.pop(path.name, None)
+            self._count_refusal(path.name, None)
             shutil.move(str(path), self.refused / path.name)  # first: the line below says where it is
             log.warning("%s; refused %d times: set aside in %s (move it back to %s to send it "
                         "again)", error, count, display_path(self.refused), display_path(self.incoming))
             return
         if error.refusal:
-            self.refusals[path.name] = count
+            self._count_refusal(path.name, count)
         log.warning("%s; kept in the spool, tried again in %.0f s", error, self.retry_after)
         self._retry_later([path])
+
+    def _refusals_kept(self) -> dict:
+        """SPOOL/refusals.json: how often the destination refused each spooled report, for the files still there."""
+        try:
+            kept = json.loads((self.spool / "refusals.json").read_text(encoding="utf-8"))
+            return {name: int(count) for name, count in kept.items() if (self.incoming / name).exists()
+                    and isinstance(count, int) and count > 0}
+        except (OSError, ValueError, AttributeError, TypeError):  # none yet, or damaged: counting starts again
+            return {}
+
+    def _count_refusal(self, name: str, count: int | None):
+        if count is None and name not in self.refusals:
+            return
+        if count is None:
+            self.refusals.pop(name)
+        else:
+            self.refusals[name] = count
+        try:
+            write_json_atomic(self.spool / "refusals.json", self.refusals)
+        except OSError as error:  # the counts still hold in memory
+            log.warning("cannot record refusal counts in %s (%s)", display_path(self.spool), error)
 
     def _set_aside(self, path: Path, reason: str):
         shutil.move(str(path), self.unreadable / path.name)  # first: the line below says where it is

@@ -108,7 +108,10 @@ MALFORMED = [
      "image_size, width, dropout"),
     ("kwargs_list", _set("model.kwargs", [1]), "model.kwargs must be a dict, not list [1]"),
     ("state_entry_not_tensor", lambda p: p["state_dict"].update({"stem.0.weight": 3}),
-     "state_dict: entry 'stem.0.weight' is not a tensor"),
+     "state_dict: entry 'stem.0.weight' is not a dense tensor"),
+    ("state_entry_sparse", lambda p: p["state_dict"].update({"stem.0.weight": p["state_dict"]["stem.0.weight"]
+                                                              .flatten().to_sparse()}),
+     "state_dict: entry 'stem.0.weight' is not a dense tensor"),
     ("state_entry_nan", lambda p: p["state_dict"]["stem.0.weight"].view(-1).__setitem__(0, math.nan),
      "state_dict: entry 'stem.0.weight' holds NaN or infinite values (a diverged or damaged model)"),
     ("size_zero", _set("preprocessing.size", [0, 0]),

@@ -217,7 +217,7 @@ def test_ctrl_c_while_the_command_is_still_importing_is_quiet():
     import time
     process = subprocess.Popen([sys.executable, "-m", "pneumonia_cnn", "info", "builtin"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    time.sleep(0.25)  # torch takes over a second to import here
+    time.sleep(0.6)  # the handler is set within about 0.1 s; torch takes over a second to import here
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
@@ -239,6 +239,10 @@ def test_double_dash_separates_the_paths_even_those_that_start_with_a_dash(tmp_p
     second = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in first + second] == ["plain.jpeg", "-dash.jpeg"]
     assert first[0]["probability"] == second[0]["probability"]
+    shutil.copyfile(example, tmp_path / "--dd.jpeg")  # after a global option, and a name like an option's
+    assert main(["-v", "predict", "builtin", "builtin", "--", "--dd.jpeg", "--format", "json"]) == 0
+    third = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in third] == ["--dd.jpeg"] and "+" in third[0]["model"]  # both checkpoints
     assert main(["predict"]) == 2
     assert capsys.readouterr().err.strip() == "error: predict needs a file, folder or glob (after an optional " \
                                               "checkpoint)"

@@ -310,6 +310,8 @@ def test_outputs_that_would_replace_an_input_or_join_the_data_are_refused(capsys
     assert (status, error) == (2, f"error: {inside}: --out is inside the data folder {small_root}, which training "
                                   f"reads (its plots would join the images); choose a folder outside it")
     assert not inside.exists()
+    from pneumonia_cnn.cli.training import refuse_run_in_data
+    refuse_run_in_data(small_root / "runs" / "r", small_root)  # beside the splits (cd DATA; train --data .): allowed
     site = tmp_path / "site"
     site.mkdir()
     shutil.copyfile(image, site / "a.jpeg")

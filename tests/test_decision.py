@@ -199,7 +199,8 @@ def test_evaluate_refuses_the_images_a_decision_was_fitted_on(best_like_run, sma
     copy_root = tmp_path / "copy"
     shutil.copytree(small_root / "test", copy_root / "test", symlinks=True)
     shutil.copy(val_files(small_root)[0], copy_root / "test" / "NORMAL" / "renamed.jpeg")
-    assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(copy_root), "--no-figures"]) == 2
+    assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(copy_root), "--no-figures",
+                 "--out", str(tmp_path / "copy_metrics.json")]) == 2  # not the run's own test_metrics.json
     assert "1 of the 21 evaluated images" in capsys.readouterr().err
     # a CSV with no split: refitting "on val" would fit on the evaluated images themselves
     listing = tmp_path / "images.csv"
@@ -208,7 +209,7 @@ def test_evaluate_refuses_the_images_a_decision_was_fitted_on(best_like_run, sma
         for path in sorted((small_root / "test").glob("*/*.jpeg")):
             writer.writerow([str(path), path.parent.name])
     assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(listing), "--threshold", "youden",
-                 "--no-figures"]) == 2
+                 "--no-figures", "--out", str(tmp_path / "listing_metrics.json")]) == 2
     assert "refitted decision" in capsys.readouterr().err
 
 

@@ -20,5 +20,6 @@ def quiet_interrupt_while_importing():
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        if program in ("pneumonia-cnn", "-m") and signal.getsignal(signal.SIGINT) is not previous:
+            with contextlib.suppress(ValueError, TypeError):  # a handler set from C reads as None: Python's default
+                signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)

@@ -66,9 +66,10 @@ def check_checkpoint(payload: dict) -> None:
     present, each of the type and in the range the code assumes (optional ones only when present)."""
     _check_model(_field(payload, "model", dict))
     state = _field(payload, "state_dict", dict)
-    bad = next((key for key, value in state.items() if not isinstance(key, str) or not torch.is_tensor(value)), None)
+    bad = next((key for key, value in state.items() if not isinstance(key, str) or not torch.is_tensor(value)
+                or value.layout != torch.strided or value.is_meta), None)
     if bad is not None:
-        raise _Invalid(f"state_dict: entry {_shown(bad)} is not a tensor")
+        raise _Invalid(f"state_dict: entry {_shown(bad)} is not a dense tensor")
     # NaN weights score every image NaN, which no threshold exceeds: all NORMAL, silently
     bad = next((key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()),
                None)

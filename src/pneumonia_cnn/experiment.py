@@ -7,6 +7,7 @@ CLI, ``demo``, the Python API and the test fixtures all run experiments through 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from .evaluation.evaluate import evaluate
@@ -38,6 +39,8 @@ def resume_and_evaluate(run_dir, **overrides) -> dict:
     but was stopped while scoring its test split (no test_metrics.json) gets that scoring alone."""
     config = _unscored_finished_run(Path(run_dir)) if overrides.get("epochs") is None else None
     if config is not None:
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, as after training: the first process scores
+            return {"main_process": False}
         log.info("%s: finished training; scoring its test split, which was not written", run_dir)
         return {"run_dir": str(run_dir), **score_test_split(Path(run_dir), config, overrides.get("device") or "auto")}
     return resume(run_dir, after_training=score_test_split, **overrides)

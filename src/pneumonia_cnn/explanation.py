@@ -132,10 +132,19 @@ def output_stems(paths) -> list[str]:
 def refuse_overwriting_inputs(paths, outputs) -> None:
     """Before any work: an overlay whose name is one of the images read (``explain DIR --out DIR`` run again, an
     image called ``x_gradcam.png`` beside ``x.jpeg``) would replace that image."""
-    import os
-    existing = [Path(p) for p in paths if Path(p).exists()]
+    inputs = {}
+    for path in map(Path, paths):  # each file once, by identity: a link or another spelling is the same file
+        try:
+            found = path.stat()
+        except OSError:
+            continue
+        inputs.setdefault((found.st_dev, found.st_ino), path)
     for output in outputs:
-        clash = next((p for p in existing if output.exists() and os.path.samefile(p, output)), None)
+        try:
+            found = output.stat()
+        except OSError:
+            continue
+        clash = inputs.get((found.st_dev, found.st_ino))
         if clash is not None:
             raise PneumoniaCNNError(f"{output}: the overlay would overwrite {clash}, which explain reads; "
                                     f"choose another --out")

@@ -123,3 +123,7 @@ def test_tls_options_are_checked_before_the_node_starts(certificates, tmp_path):
         NodeAccess(send_tls_ca=str(tmp_path / "not.pem"))
     with pytest.raises(PneumoniaCNNError, match=r"^--tls-cert/--tls-key .*: cannot load \(No such file"):
         NodeAccess(tls_cert=node, tls_key=str(tmp_path / "missing.key"))
+    with pytest.raises(PneumoniaCNNError, match=r"^--accept-from 'A\\\\B': an AE title has 1 to 16 printable ASCII"):
+        NodeAccess(accept_from=("A\\B",))  # pynetdicom raised ValueError after the model had loaded
+    # the reports' TLS trusts the given CA alone, not every authority the system knows
+    assert NodeAccess(send_tls_ca=str(certificates["ca"])).client_context().cert_store_stats()["x509_ca"] == 1

@@ -167,8 +167,8 @@ def test_a_report_moved_back_from_refused_is_sent_without_a_restart(trained_run,
         assert answered == ["BACK", "BACK"] and not list(listener.incoming.iterdir())
         assert f"instance {moved.name.rsplit('.', 2)[0]}: found in " in caplog.text
         waiting = listener.incoming / "1.2.3.waiting.dcm"
+        listener.later.append((time.monotonic() + 3600, waiting))  # first: a rescan in between would queue it
         waiting.write_bytes(b"")
-        listener.later.append((time.monotonic() + 3600, waiting))
         time.sleep(1.2)  # two rescans
         assert listener.queue.empty() and "instance 1.2.3: found in" not in caplog.text
     finally:

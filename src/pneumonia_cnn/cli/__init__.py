@@ -78,14 +78,23 @@ def _split_checkpoint_and_images(args):
     return args
 
 
+def subcommand_options(parser, command: str) -> set[str]:
+    """The option strings of one sub-command (--format, -h...): after ``--`` they stay options, as before."""
+    choices = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return set(choices[command]._option_string_actions)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("predict", "explain") and "--" in argv:  # predict A.pt B.pt -- PATHS [--format json]
+    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)  # after global options such as -v
+    if command in ("predict", "explain") and "--" in argv:  # predict A.pt B.pt -- PATHS [--format json]
         cut = argv.index("--")
+        options = subcommand_options(parser, command)
         # a file named "-x.jpeg" would be read as an option: "./-x.jpeg" is the same file
-        argv = argv[:cut] + ["--paths"] + [f"./{a}" if a.startswith("-") and not a.startswith("--") else a
+        argv = argv[:cut] + ["--paths"] + [f"./{a}" if a.startswith("-") and a.split("=")[0] not in options else a
                                            for a in argv[cut + 1:]]
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
         return int(args.func(_split_checkpoint_and_images(args)) or 0)

@@ -114,7 +114,10 @@ def refuse_run_in_data(out, data) -> None:
     read as an X-ray by the next evaluate."""
     if out and Path(out).exists() and not Path(out).is_dir():  # before the data is read, not after
         raise PneumoniaCNNError(f"{out}: --out is a file; give a folder for the run")
-    if out and data and Path(data).is_dir() and Path(out).resolve().is_relative_to(Path(data).resolve()):
+    if not (out and data and Path(data).is_dir()):
+        return
+    read = [Path(data) / split for split in ("train", "val", "test") if (Path(data) / split).is_dir()]
+    if any(Path(out).resolve().is_relative_to(folder.resolve()) for folder in read or [Path(data)]):
         raise PneumoniaCNNError(f"{out}: --out is inside the data folder {data}, which training reads (its plots "
                                 f"would join the images); choose a folder outside it")
 

@@ -25,8 +25,9 @@ class NodeAccess:
 
     def __post_init__(self):
         for title in self.accept_from:
-            if not 0 < len(title.strip()) <= 16:
-                raise PneumoniaCNNError(f"--accept-from {title!r}: an AE title has 1 to 16 characters")
+            if not 0 < len(title.strip()) <= 16 or not all(" " <= c <= "~" and c != "\\" for c in title):
+                raise PneumoniaCNNError(f"--accept-from {title!r}: an AE title has 1 to 16 printable ASCII characters "
+                                        f"other than backslash")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise PneumoniaCNNError("--tls-cert and --tls-key go together (the node's certificate and its key)")
         if self.tls_ca and not self.tls_cert:
@@ -46,7 +47,7 @@ class NodeAccess:
     def client_context(self) -> ssl.SSLContext | None:
         if not self.send_tls_ca:
             return None
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the host; trusts this CA only, not the system's
         _load(context.load_verify_locations, "--send-tls-ca", self.send_tls_ca)
         if self.tls_cert:  # the destination may ask for ours
             _load(context.load_cert_chain, "--tls-cert/--tls-key", self.tls_cert, self.tls_key)

@@ -138,9 +138,9 @@ class Service:
         self.batch_executor = ThreadPoolExecutor(1, thread_name_prefix="site-batch")
         self.auth_executor = ThreadPoolExecutor(1, thread_name_prefix="api-keys")
         self.decode_executor = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
-        # a batch's files (up to --max-batch-files of them) decode on a thread of their own: in the shared pool they
+        # a batch's files (up to --max-batch-files of them) decode on threads of their own: in the shared pool they
         # queued ahead of every single upload arriving after them (24 s for one X-ray behind one batch)
-        self.batch_decode_executor = ThreadPoolExecutor(1, thread_name_prefix="batch-decode")
+        self.batch_decode_executor = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="batch-decode")
         self.reload_lock: asyncio.Lock | None = None
         self.metrics.set_model(self.served.model_id)
 

@@ -246,3 +246,15 @@ def test_double_dash_separates_the_paths_even_those_that_start_with_a_dash(tmp_p
     assert main(["predict"]) == 2
     assert capsys.readouterr().err.strip() == "error: predict needs a file, folder or glob (after an optional " \
                                               "checkpoint)"
+
+
+def test_paths_may_follow_options(tmp_path, capsys):
+    """`predict CKPT --format csv a.jpeg b.jpeg` said "unrecognized arguments: a.jpeg b.jpeg" (argparse takes
+    one run of positionals); an unknown option is still argparse's one-line error."""
+    from pneumonia_cnn import builtin
+    images = [str(p) for p in sorted(builtin.example_paths())[:2]]
+    assert main(["predict", "builtin", "--format", "json", *images]) == 0
+    assert [r["path"] for r in json.loads(capsys.readouterr().out)] == images
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", images[0], "--bogus"])
+    assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

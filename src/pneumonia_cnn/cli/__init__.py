@@ -94,7 +94,11 @@ def main(argv=None) -> int:
         # a file named "-x.jpeg" would be read as an option: "./-x.jpeg" is the same file
         argv = argv[:cut] + ["--paths"] + [f"./{a}" if a.startswith("-") and a.split("=")[0] not in options else a
                                            for a in argv[cut + 1:]]
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # predict CKPT --adapt-batch scans/: argparse leaves a path after an option unrecognized
+        if getattr(args, "command", None) not in ("predict", "explain") or any(e.startswith("-") for e in extras):
+            parser.parse_args(argv)  # argparse's own one-line error, exit 2
+        (args.paths if args.paths is not None else args.items).extend(extras)
     setup_logging(args.verbose)
     try:
         return int(args.func(_split_checkpoint_and_images(args)) or 0)

@@ -51,15 +51,15 @@ def _unscored_finished_run(run_dir: Path) -> TrainConfig | None:
     not yet scored; otherwise None."""
     from .checkpoint import load_checkpoint
     from .training import config_from_dict
+    from .training.loop import training_finished
     if (run_dir / "test_metrics.json").exists() or not (run_dir / "last.pt").is_file() \
             or not (run_dir / "best.pt").is_file():
         return None
     last = load_checkpoint(run_dir / "last.pt")
-    state, config = last.get("training_state"), config_from_dict(dict(last["config"]))
+    state = last.get("training_state")
     if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
         return None  # resume() names what is wrong with it
-    patience = config.early_stopping or 0
-    stopped = state["epoch"] >= config.epochs or (patience and state.get("epochs_without_improvement", 0) >= patience)
-    if not stopped or "decision_fit" not in load_checkpoint(run_dir / "best.pt"):
+    if not training_finished(state, last["config"]) or "decision_fit" not in load_checkpoint(run_dir / "best.pt"):
         return None
+    config = config_from_dict(dict(last["config"]))
     return config if config.evaluate_test and (Path(config.data) / "test").is_dir() else None

@@ -244,13 +244,18 @@ def _refuse_nothing_to_resume(run_dir: Path, last: dict, values: dict, epochs: i
     if epochs is not None and epochs <= done:
         raise PneumoniaCNNError(f"{display_path(run_dir)}: has trained {done} epochs already; --epochs {epochs} "
                                 f"would train none (and rewrite its checkpoints): give more than {done}")
-    patience = values.get("early_stopping") or 0
-    stopped = done >= int(values.get("epochs", 0)) or (patience and state.get("epochs_without_improvement", 0)
-                                                       >= patience)
+    stopped = training_finished(state, values)
     best = run_dir / "best.pt"
     if epochs is None and stopped and best.is_file() and "decision_fit" in load_checkpoint(best):
         raise PneumoniaCNNError(f"{display_path(run_dir)}: finished after {done} epochs; nothing to resume (give "
                                 f"--epochs more than {done} to train further)")
+
+
+def training_finished(state: dict, values: dict) -> bool:
+    """Whether a last.pt's training state has no epoch left: all trained, or stopped early by --early-stopping."""
+    patience = values.get("early_stopping") or 0
+    return int(state.get("epoch", 0)) >= int(values.get("epochs", 0)) or bool(
+        patience and state.get("epochs_without_improvement", 0) >= patience)
 
 
 def write_history(history: list[dict], out: Path):

@@ -87,8 +87,27 @@ def test_an_instance_is_received_into_a_file_not_into_memory(node, xray_sources,
     assert not list(arriving.iterdir())
 
 
-def test_an_instance_above_the_limit_is_refused_and_not_kept(node, xray_sources, tmp_path, caplog):
+def test_an_instance_above_the_limit_is_aborted_as_it_arrives_and_not_kept(node, xray_sources, tmp_path, caplog):
+    """48 MB under a 40 MB limit: the association is aborted once 40 MB of the data set have arrived, so the
+    disk never held the other 8; nothing is kept."""
     listener, arriving = node
+    path = large_xray(xray_sources["NORMAL"][0], tmp_path / "huge.dcm", 4096, 6144)  # 48 MB
+    answer = send(path, listener.address[1])
+    assert answer.stdout.strip() == "none", answer.stderr  # no status: the association was aborted
+    assert re.search(r"instance from TESTSCU \(127\.0\.0\.1:\d+\): aborted as it arrived: more than 40 MB "
+                     r"\(--max-instance-mb\)$", caplog.text, re.M), caplog.text
+    assert eventually(lambda: "ended inside an instance" in caplog.text)
+    held = re.search(r"ended inside an instance \(([0-9.]+) MB received\)", caplog.text)
+    assert 20 < float(held.group(1)) <= 40.1, caplog.text  # at most the limit written, never the 48
+    assert not list((listener.spool / "incoming").iterdir()) and not listener.given
+    assert eventually(lambda: not list(arriving.iterdir()))
+
+
+def test_a_complete_instance_above_the_limit_is_refused_with_a700(node, xray_sources, tmp_path, caplog):
+    """The guard behind the abort (an instance whose last fragment or file meta information passes the limit):
+    the arrival count set beyond it, the received file is measured and refused with a status."""
+    listener, arriving = node
+    listener.arrival.limit = 2**40
     path = large_xray(xray_sources["NORMAL"][0], tmp_path / "huge.dcm", 4096, 6144)  # 48 MB
     answer = send(path, listener.address[1])
     assert answer.stdout.strip() == "0xA700", answer.stderr  # refused: out of resources
@@ -97,6 +116,18 @@ def test_an_instance_above_the_limit_is_refused_and_not_kept(node, xray_sources,
     assert refused and 47.9 < float(refused.group(1)) < 48.1, caplog.text
     assert not list((listener.spool / "incoming").iterdir()) and not listener.given
     assert eventually(lambda: not list(arriving.iterdir()))
+
+
+def test_data_set_bytes_are_counted_from_p_data_pdus_only():
+    from pneumonia_cnn.interop.arrival import data_set_fragments
+    data_last = (6).to_bytes(4, "big") + bytes([1, 0x02]) + b"abcd"  # a data set's last fragment, 4 bytes
+    command = (4).to_bytes(4, "big") + bytes([1, 0x03]) + b"xy"  # a command's last fragment
+    data_more = (7).to_bytes(4, "big") + bytes([3, 0x00]) + b"12345"
+    items = data_last + command + data_more
+    pdu = bytes([0x04, 0]) + len(items).to_bytes(4, "big") + items
+    assert data_set_fragments(pdu) == [(4, True), (5, False)]
+    assert data_set_fragments(bytes([0x02, 0]) + pdu[2:]) == []  # an A-ASSOCIATE-AC is no data
+    assert data_set_fragments(pdu[:6] + (1).to_bytes(4, "big") + b"\0\0") == []  # a lying item length
 
 
 def test_a_sender_that_dies_inside_an_instance_leaves_nothing_behind(node, xray_sources, tmp_path, caplog):

@@ -144,7 +144,8 @@ def listen_arguments(p):
                    help="a report the destination refuses (a C-STORE failure status) this many times is set aside "
                         "in SPOOL/refused")
     p.add_argument("--max-instance-mb", type=positive_number, default=256, metavar="MB",
-                   help="largest instance accepted; a larger one is answered 'out of resources' (A700) and not kept")
+                   help="largest instance accepted; the association sending a larger one is aborted once this much "
+                        "of it has arrived, and nothing is kept")
     p.add_argument("--accept-from", nargs="+", default=[], metavar="AET",
                    help="calling AE titles accepted (the PACS, the modalities); others are rejected (default: any)")
     p.add_argument("--tls-cert", metavar="PEM", help="DICOM TLS: this node's certificate (with --tls-key)")

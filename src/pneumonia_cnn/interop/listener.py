@@ -11,7 +11,6 @@ non-images are not scored, so a PACS that forwards everything cannot loop our re
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from ..data.dicom_guard import dicom_problem
 from ..errors import PneumoniaCNNError
 from ..fileio import atomic_path, display_path, write_json_atomic
+from .arrival import ArrivalLimit, peer
 from .dicom_access import NodeAccess, rejection_reason
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, not_an_xray
@@ -76,6 +76,7 @@ class Listener:
         if not 0 < max_instance_mb <= 65536:
             raise PneumoniaCNNError(f"--max-instance-mb {max_instance_mb:g}: expected more than 0 and at most 65536")
         self.max_instance_mb, self.access = max_instance_mb, access or NodeAccess()
+        self.arrival = ArrivalLimit(max_instance_mb)
         self.tls = self.access.client_context()  # for the reports; None: plain DICOM
         for folder in (self.incoming, self.unreadable, self.refused):
             folder.mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,8 @@ class Listener:
             self.server = ae.start_server(self.address, block=block, ssl_context=self.access.server_context(),
                                           evt_handlers=[(evt.EVT_C_STORE, self._receive),
                                                         (evt.EVT_ABORTED, self._aborted),
-                                                        (evt.EVT_CONN_CLOSE, self._closed),
+                                                        (evt.EVT_DATA_RECV, self.arrival.on_data),
+                                                        (evt.EVT_CONN_CLOSE, self.arrival.on_close),
                                                         (evt.EVT_REJECTED, self._rejected)])
         except OSError as error:
             raise PneumoniaCNNError(f"cannot listen on {self.address[0]}:{self.address[1]}: {error.strerror}") from None
@@ -151,25 +153,11 @@ class Listener:
         return 0x0000
 
     def _rejected(self, event):
-        log.warning("association from %s rejected: %s", _peer(event.assoc),
+        log.warning("association from %s rejected: %s", peer(event.assoc),
                     rejection_reason(event.assoc, self.access.accept_from))
 
     def _aborted(self, event):
-        log.warning("association with %s aborted", _peer(event.assoc))
-
-    def _closed(self, event):
-        """A connection that ends inside an instance leaves pynetdicom's temporary file of it behind: delete it."""
-        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
-        partial = getattr(message, "_data_set_path", None)
-        if partial is None:
-            return
-        with contextlib.suppress(OSError):
-            message._data_set_file.close()
-        with contextlib.suppress(OSError):
-            size = Path(partial).stat().st_size
-            Path(partial).unlink()
-            log.warning("connection with %s ended inside an instance (%.1f MB received): discarded, not "
-                        "acknowledged", _peer(event.assoc), size / 2**20)
+        log.warning("association with %s aborted", peer(event.assoc))
 
     # ---------- the worker
     def _work(self):
@@ -338,11 +326,6 @@ def _move(source: Path, target: Path):
         os.replace(source, target)
     except OSError:  # another file system (the system's temporary folder): copied
         shutil.copyfile(source, target)
-
-
-def _peer(association) -> str:
-    requestor = association.requestor
-    return f"{requestor.ae_title} ({requestor.address}:{requestor.port})"
 
 
 def uid_of(path: Path) -> str:

@@ -1,0 +1,79 @@
+"""What ``listen`` does while an instance arrives. Its size limit is enforced as the data comes in, not once it
+has: the bytes of each association's data set are counted from the P-DATA-TF PDUs (PS3.8 section 9.3.5), and
+an association whose instance passes ``--max-instance-mb`` is aborted there, so a larger instance never fills
+the disk that pynetdicom writes it to. A connection that ends inside an instance leaves no partial file.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import struct
+import threading
+from pathlib import Path
+
+log = logging.getLogger("pneumonia_cnn")
+P_DATA_TF = 0x04
+PDU_HEADER, ITEM_HEADER = 6, 6  # type, reserved, length; item length, context id, message control header
+COMMAND, LAST_FRAGMENT = 0x01, 0x02  # bits of the message control header
+
+
+def data_set_fragments(pdu: bytes) -> list[tuple[int, bool]]:
+    """(bytes, last) for each data set fragment of one PDU; none for another PDU type or a command fragment.
+    A PDU that lies about its lengths ends the walk (the DUL refuses it anyway)."""
+    if len(pdu) < PDU_HEADER or pdu[0] != P_DATA_TF:
+        return []
+    fragments, offset = [], PDU_HEADER
+    while offset + ITEM_HEADER <= len(pdu):
+        length, control = struct.unpack_from(">I", pdu, offset)[0], pdu[offset + 5]
+        if length < 2:
+            break
+        if not control & COMMAND:
+            fragments.append((length - 2, bool(control & LAST_FRAGMENT)))
+        offset += 4 + length
+    return fragments
+
+
+class ArrivalLimit:
+    """Counts the data set bytes of the instance each association is sending; ``on_data`` is pynetdicom's
+    EVT_DATA_RECV handler (called on the association's own thread for every PDU received)."""
+
+    def __init__(self, max_instance_mb: float):
+        self.max_instance_mb, self.limit = max_instance_mb, int(max_instance_mb * 2**20)
+        self.arriving: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def on_data(self, event):
+        assoc = event.assoc
+        if assoc.is_aborted:
+            return
+        for size, last in data_set_fragments(event.data):
+            with self.lock:
+                total = self.arriving.get(id(assoc), 0) + size
+                self.arriving[id(assoc)] = 0 if last else total
+            if total > self.limit:
+                log.warning("instance from %s: aborted as it arrived: more than %g MB (--max-instance-mb)",
+                            peer(assoc), self.max_instance_mb)
+                assoc.abort(block=False)  # from inside an event handler: queued for the DUL, which sends it
+                return
+
+    def on_close(self, event):
+        """pynetdicom's EVT_CONN_CLOSE handler: a connection that ends inside an instance leaves pynetdicom's
+        temporary file of it behind; delete it."""
+        with self.lock:
+            self.arriving.pop(id(event.assoc), None)
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        partial = getattr(message, "_data_set_path", None)
+        if partial is None:
+            return
+        with contextlib.suppress(OSError):
+            message._data_set_file.close()
+        with contextlib.suppress(OSError):
+            size = Path(partial).stat().st_size
+            Path(partial).unlink()
+            log.warning("connection with %s ended inside an instance (%.1f MB received): discarded, not "
+                        "acknowledged", peer(event.assoc), size / 2**20)
+
+
+def peer(association) -> str:
+    requestor = association.requestor
+    return f"{requestor.ae_title} ({requestor.address}:{requestor.port})"

@@ -3,6 +3,7 @@ it in memory; refuses one above ``--max-instance-mb``; and a sender that dies in
 file behind and a line in the log. The sender is a process of its own (tests/interop/storescu.py)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -116,6 +117,28 @@ def test_a_complete_instance_above_the_limit_is_refused_with_a700(node, xray_sou
     assert refused and 47.9 < float(refused.group(1)) < 48.1, caplog.text
     assert not list((listener.spool / "incoming").iterdir()) and not listener.given
     assert eventually(lambda: not list(arriving.iterdir()))
+
+
+def test_a_pdu_announced_larger_than_the_node_reads_is_refused_unread(node, xray_sources, tmp_path, caplog):
+    """An association request announced as 300 MB, 24 MB of it streamed: the node closes the connection
+    without gathering it (pynetdicom alone held all that arrived, 2x: 48 MB and more) and goes on receiving."""
+    import socket
+    import struct
+    listener, _ = node
+    tracemalloc.start()
+    try:
+        with socket.create_connection(listener.address) as peer:
+            peer.sendall(struct.pack(">BBL", 0x01, 0, 300 * 2**20))
+            with contextlib.suppress(OSError):  # the node closes its end: the rest finds a broken pipe
+                for _ in range(24):
+                    peer.sendall(bytes(2**20))
+        assert eventually(lambda: "a PDU of 314572800 bytes announced, above the 4 MB read here: closed" in caplog.text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak:,} bytes"
+    path = large_xray(xray_sources["NORMAL"][0], tmp_path / "small.dcm", 256)
+    assert send(path, listener.address[1]).stdout.strip() == "0x0000"
 
 
 def test_data_set_bytes_are_counted_from_p_data_pdus_only():

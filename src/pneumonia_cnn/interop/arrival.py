@@ -1,7 +1,10 @@
 """What ``listen`` does while an instance arrives. Its size limit is enforced as the data comes in, not once it
 has: the bytes of each association's data set are counted from the P-DATA-TF PDUs (PS3.8 section 9.3.5), and
 an association whose instance passes ``--max-instance-mb`` is aborted there, so a larger instance never fills
-the disk that pynetdicom writes it to. A connection that ends inside an instance leaves no partial file.
+the disk that pynetdicom writes it to. A connection that ends inside an instance leaves no partial file. And
+no PDU longer than ``MAX_PDU_BYTES`` is read: pynetdicom gathers a whole PDU in memory before anything looks at
+it, so one announced as 4 GB (an association request, before any AE title is checked) would fill the memory
+as fast as a peer sends it.
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ log = logging.getLogger("pneumonia_cnn")
 P_DATA_TF = 0x04
 PDU_HEADER, ITEM_HEADER = 6, 6  # type, reserved, length; item length, context id, message control header
 COMMAND, LAST_FRAGMENT = 0x01, 0x02  # bits of the message control header
+# the node asks for P-DATA PDUs of at most 16,382 bytes (pynetdicom's default), and an association request
+# with a hundred presentation contexts takes tens of KB: 4 MB leaves every conforming peer far below it
+MAX_PDU_BYTES = 4 * 2**20
 
 
 def data_set_fragments(pdu: bytes) -> list[tuple[int, bool]]:
@@ -55,6 +61,21 @@ class ArrivalLimit:
                             peer(assoc), self.max_instance_mb)
                 assoc.abort(block=False)  # from inside an event handler: queued for the DUL, which sends it
                 return
+
+    @staticmethod
+    def on_open(event):
+        """pynetdicom's EVT_CONN_OPEN handler: the connection's socket refuses to read a PDU longer than
+        MAX_PDU_BYTES (reading nothing, as from a closed connection, ends the association)."""
+        sock, address = event.assoc.dul.socket, event.address
+        read = sock.recv
+
+        def bounded_read(count: int):
+            if count > MAX_PDU_BYTES:
+                log.warning("connection from %s:%s: a PDU of %d bytes announced, above the %d MB read here: "
+                            "closed", address[0], address[1], count, MAX_PDU_BYTES // 2**20)
+                return bytearray()
+            return read(count)
+        sock.recv = bounded_read
 
     def on_close(self, event):
         """pynetdicom's EVT_CONN_CLOSE handler: a connection that ends inside an instance leaves pynetdicom's

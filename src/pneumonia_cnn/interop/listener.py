@@ -111,6 +111,7 @@ class Listener:
             self.server = ae.start_server(self.address, block=block, ssl_context=self.access.server_context(),
                                           evt_handlers=[(evt.EVT_C_STORE, self._receive),
                                                         (evt.EVT_ABORTED, self._aborted),
+                                                        (evt.EVT_CONN_OPEN, self.arrival.on_open),
                                                         (evt.EVT_DATA_RECV, self.arrival.on_data),
                                                         (evt.EVT_CONN_CLOSE, self.arrival.on_close),
                                                         (evt.EVT_REJECTED, self._rejected)])

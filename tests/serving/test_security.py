@@ -1,5 +1,6 @@
 """Hostile and careless clients against a real server on loopback, deployed with keys and tight limits."""
 import io
+import json
 import os
 import socket
 import ssl
@@ -263,6 +264,22 @@ def test_idle_connections_are_closed(secure_server):
     with socket.create_connection(("127.0.0.1", port)) as slow_head:
         slow_head.sendall(b"GET /health HTTP/1.1\r\nHo")
         assert seconds_until_closed(slow_head, 8) < 4
+
+
+@pytest.mark.parametrize("request_bytes", [b"GARBLED\r\n\r\n",
+                                           b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                                           b"POST /predict HTTP/1.1\r\nHost: a\r\nContent-Length: ten\r\n\r\n"])
+def test_a_request_malformed_at_the_http_level_gets_the_apis_json_400(secure_server, request_bytes):
+    """uvicorn answered these with a plain-text "Invalid HTTP request received."; a client reads one JSON
+    ``detail`` from every refusal."""
+    port = int(secure_server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request_bytes)
+        response = read_response(sock, 5)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert status_of(response) == 400 and b"content-type: application/json" in head.lower(), response
+    assert json.loads(body) == {"detail": "invalid HTTP request: a malformed request line, header or length"}
+    assert httpx.get(f"{secure_server.url}/health", timeout=5).status_code == 200
 
 
 def test_idle_sockets_leave_health_and_predictions_up(secure_server, keys):

@@ -94,7 +94,11 @@ def content_length(headers) -> int | None:
 
 
 def idle_timeout_protocol(seconds: float):
-    """uvicorn's h11 protocol, closing connections that send no complete request head for ``seconds``."""
+    """uvicorn's h11 protocol, closing connections that send no complete request head for ``seconds``, and
+    refusing a request malformed at the HTTP level with the API's one-line JSON instead of plain text."""
+    import json
+
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class IdleTimeoutH11Protocol(H11Protocol):
@@ -113,6 +117,15 @@ def idle_timeout_protocol(seconds: float):
             if self._head_timer is not None:
                 self._head_timer.cancel()
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str):
+            body = json.dumps({"detail": "invalid HTTP request: a malformed request line, header or length"}).encode()
+            head = h11.Response(status_code=400, reason=b"Bad Request", headers=[
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close")])
+            for event in (head, h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def _arm_head_timer(self):
             if self._head_timer is not None:

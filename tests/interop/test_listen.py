@@ -104,6 +104,45 @@ def test_orthanc_sends_images_and_the_reports_arrive(node, trained_run, xray_sou
     assert headers[2].SOPInstanceUID not in reports and not list((node["spool"] / "incoming").glob("*.dcm"))
 
 
+def test_a_jpeg_lossless_instance_is_read_and_reported(node, trained_run, xray_sources, tmp_path, capsys):
+    """JPEG Lossless (process 14, SV1), the usual archive syntax of CR/DX, transcoded by Orthanc: acknowledged
+    and then set aside as "cannot decode" before GDCM was a dependency; now its report holds the probability of
+    the uncompressed file's pixels."""
+    orthanc = node["orthanc"]
+    path = xray_dicom(xray_sources["PNEUMONIA"][1], tmp_path / "plain.dcm", "DX", patient_id="L9")
+    plain_id = orthanc.upload(path)["ID"]
+    answer = orthanc.http.post(f"{orthanc.url}/instances/{plain_id}/modify", timeout=30, json={
+        "Transcode": "1.2.840.10008.1.2.4.70", "Force": True, "Keep": ["SOPInstanceUID"]})
+    answer.raise_for_status()
+    orthanc.http.delete(f"{orthanc.url}/instances/{plain_id}", timeout=10)
+    compressed = tmp_path / "lossless.dcm"
+    compressed.write_bytes(answer.content)
+    assert pydicom.dcmread(compressed).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    orthanc.send("pneumonia", [orthanc.upload(compressed)["ID"]])
+    uid = pydicom.dcmread(path).SOPInstanceUID
+    report = wait_for_reports(orthanc, [uid])[uid]
+    assert report["probability"] == pytest.approx(predict_json(trained_run, [path], capsys)[str(path)]["probability"],
+                                                  abs=1e-9)
+
+
+def test_a_transfer_syntax_the_node_cannot_decode_is_not_accepted(node):
+    """Offered MPEG-2 alone for an X-ray, the node accepts no presentation context (so a sender converts the
+    image to a syntax it offers, instead of having it acknowledged and never read); native syntaxes, JPEG
+    Lossless and JPEG-LS are accepted."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation as DX
+    ae = AE(ae_title="TESTSCU")
+    for syntax in ("1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
+                   "1.2.840.10008.1.2.1"):
+        ae.add_requested_context(DX, syntax)
+    association = ae.associate("127.0.0.1", node["port"], ae_title="PNEUMONIA")
+    try:
+        accepted = sorted(context.transfer_syntax[0] for context in association.accepted_contexts)
+    finally:
+        association.release()
+    assert accepted == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80"]
+
+
 def test_reports_sent_to_the_node_are_not_scored(node, xray_sources, tmp_path):
     orthanc = node["orthanc"]
     path = xray_dicom(xray_sources["PNEUMONIA"][1], tmp_path / "d.dcm", "DX", patient_id="L4")

@@ -90,15 +90,16 @@ class Listener:
 
     # ---------- the network side
     def start(self, block: bool = True):
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+        from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
         from pynetdicom.sop_class import Verification
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # its failed associations: our one line says it
         # each instance written to a file as it arrives, not gathered in memory (then copied twice to encode it)
         _config.STORE_RECV_CHUNKED_DATASET = True
         ae = AE(ae_title=self.ae_title)
         self.access.apply(ae)
-        for context in AllStoragePresentationContexts:  # accept what comes; the reader says what it cannot read
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        syntaxes = decodable_transfer_syntaxes()
+        for context in AllStoragePresentationContexts:  # any class; the reader says what is not an X-ray
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
         self.worker = threading.Thread(target=self._work, name="pneumonia-listen-worker", daemon=True)
         self.worker.start()
@@ -320,6 +321,30 @@ class Listener:
 class ReportRefused(Exception):
     """The destination answered this report's C-STORE with a failure status: about this report, not the link."""
     refusal = True
+
+
+JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+
+
+def decodable_transfer_syntaxes() -> list[str]:
+    """The transfer syntaxes whose pixel data this installation decodes: the native ones, and the compressed
+    ones for which pydicom has a working decoder (GDCM, Pillow, CharLS...). The node offers these alone, so a
+    sender converts anything else before sending instead of having it acknowledged and never read."""
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import UID
+    from pynetdicom import ALL_TRANSFER_SYNTAXES
+    decodable = []
+    for uid in map(UID, ALL_TRANSFER_SYNTAXES):
+        try:
+            decoder = get_decoder(uid) if uid.is_compressed else None
+        except NotImplementedError:  # video, JPEG XL, JPIP...: pydicom has no decoder for them at all
+            continue
+        # GDCM and Pillow decode JPEG Extended's 8-bit form only, and an X-ray archive's is 12-bit: only
+        # pylibjpeg-libjpeg (GPL, not a dependency) decodes that
+        twelve_bit = uid != JPEG_EXTENDED or "pylibjpeg" in getattr(decoder, "available_plugins", ())
+        if decoder is None or decoder.is_available and twelve_bit:
+            decodable.append(str(uid))
+    return decodable
 
 
 def _move(source: Path, target: Path):

@@ -69,6 +69,30 @@ def test_a_malformed_date_is_left_empty_and_the_report_still_written(tmp_path):
     assert source.StudyDate == "2024"  # the image's own header is left as it was
 
 
+@pytest.mark.parametrize("character_set", ["ISO_IR100", "ISO-8859-1", "ISO 2022 IR 100", ["ISO_IR 100", "ISO_IR 192"],
+                                           "ISO_IR 100"])
+def test_a_source_in_any_latin_1_spelling_gets_its_report_in_utf8(tmp_path, character_set):
+    """A misspelt or mixed Specific Character Set (pydicom reads all of these as Latin-1) made highdicom refuse
+    the report, so the scored X-ray was filed as unreadable (a probe of listen); the name keeps its letters."""
+    source = pydicom.dcmread(xray_dicom(np.full((32, 32), 100, np.uint8), tmp_path / "s.dcm", "CR"))
+    source.SpecificCharacterSet = character_set
+    source.add_new(0x00100010, "PN", "Müller^Jürgen".encode("latin-1"))
+    source.save_as(tmp_path / "latin.dcm")
+    report = build_sr(pydicom.dcmread(tmp_path / "latin.dcm"), FLAGGED, MODEL)
+    report.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    back = pydicom.dcmread(tmp_path / "sr.dcm")
+    assert back.SpecificCharacterSet == "ISO_IR 192" and str(back.PatientName) == "Müller^Jürgen"
+    assert read_sr(back)["probability"] == 0.8125
+
+
+def test_values_longer_than_dicom_allows_are_cut_in_the_report(tmp_path):
+    source = pydicom.dcmread(xray_dicom(np.full((32, 32), 100, np.uint8), tmp_path / "s.dcm", "CR"))
+    source.PatientName, source.PatientID = "A" * 20_000 + "^B", "7" * 300
+    report = build_sr(source, FLAGGED, MODEL)
+    assert str(report.PatientName) == "A" * 64 and report.PatientID == "7" * 64
+    assert source.PatientID == "7" * 300  # the source is not changed
+
+
 def test_overlay_is_a_secondary_capture_in_the_study(tmp_path):
     source = pydicom.dcmread(xray_dicom(np.full((32, 32), 100, np.uint8), tmp_path / "s.dcm", "DX"))
     rgb = np.zeros((16, 16, 3), np.uint8)

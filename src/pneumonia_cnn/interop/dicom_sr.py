@@ -130,21 +130,37 @@ def _header_of(source: Dataset) -> Dataset:
     """The source's attributes without its pixels, with the patient and study attributes that a report must
     carry (type 2: present, possibly empty) added empty where the modality left them out."""
     header = Dataset()
-    for element in source:
-        if element.keyword == "PixelData":
+    for element in source:  # text values are decoded with the source's character set as they are read
+        if element.keyword in ("PixelData", "SpecificCharacterSet"):
             continue
         if element.VR in DATE_VRS and not _readable_date(element) or \
                 element.keyword == "PatientSex" and str(element.value or "") not in SEXES:
             # "2024" as a StudyDate, two birth dates, sex "U": highdicom refuses them, and the report with them;
             # empty is allowed (type 2)
             header.add_new(element.tag, element.VR, "")
+        elif element.VR in ("LO", "SH", "PN") and element.VM == 1 and len(str(element.value)) > TEXT_LIMIT[element.VR]:
+            header.add_new(element.tag, element.VR, _shortened(str(element.value), element.VR))
         else:
             header.add(element)
     for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                     "StudyDate", "StudyTime", "ReferringPhysicianName"):
         if keyword not in header:
             setattr(header, keyword, "")
+    # and written in UTF-8, as the report is: a source's "ISO_IR100" (a common misspelling pydicom reads as
+    # Latin-1), a code extension given alone or a multi-valued set mixing UTF-8 in were refused by highdicom
+    header.SpecificCharacterSet = "ISO_IR 192"
     return header
+
+
+TEXT_LIMIT = {"LO": 64, "SH": 16, "PN": 64}  # characters (a name: per component group)
+
+
+def _shortened(value: str, vr: str) -> str:
+    """A patient name or a text value longer than DICOM allows, cut to its limit (the report copies it; a
+    validating PACS would refuse a report with a 20,000-character name, and the node set it aside)."""
+    if vr == "PN":
+        return "=".join(group[:TEXT_LIMIT["PN"]] for group in value.split("="))
+    return value[:TEXT_LIMIT[vr]]
 
 
 def _readable_date(element) -> bool:

@@ -10,6 +10,7 @@ import pydicom
 import pytest
 
 from pneumonia_cnn.cli import main
+from pneumonia_cnn.errors import PneumoniaCNNError
 
 from .flaky_proxy import FlakyProxy
 from .orthanc import Orthanc, free_port, require_orthanc
@@ -294,18 +295,48 @@ def test_odd_qido_answers_end_in_one_line_and_never_loop(trained_run, tmp_path, 
         proxy.refusals = {"GET /dicom-web/instances": lambda line: (  # full pages holding no instance at all
             200, json.dumps([{"0020000D": {"vr": "UI", "Value": ["1.2"]}}, 1, None] * 67 if len(asked) < 20
                             else []).encode(), "application/dicom+json") if not asked.append(line) else None}
-        assert run_pacs(trained_run, url, tmp_path / "a.sqlite", "--modality", "DX") == 0
+        assert run_pacs(trained_run, url, tmp_path / "a.sqlite", "--modality", "DX") == 2
         assert len(asked) == 1  # a full page with no instance in it: not asked again (it was, without end)
-        proxy.refusals = {"GET /dicom-web/instances": (200, b'[1, "x", null]', "application/dicom+json")}
-        assert run_pacs(trained_run, url, tmp_path / "b.sqlite", "--modality", "DX") == 0
-        assert "3 item(s) of the answer are not instances; left out" in caplog.text
-        assert "0 new instance(s)" in capsys.readouterr().out
-        proxy.refusals = {"GET /dicom-web/instances": (200, b'{"a": 1}', "application/dicom+json")}
-        assert run_pacs(trained_run, url, tmp_path / "c.sqlite", "--modality", "DX") == 0  # an object: its key
-        assert "1 item(s) of the answer are not instances; left out" in caplog.text
-        assert "Traceback" not in capsys.readouterr().err
+        assert "the answer lists no instance (201 item(s), none with a SOP Instance UID): is --dicomweb the " \
+               "PACS's DICOMweb root?" in capsys.readouterr().err
+        # junk, or a login proxy's JSON object: an error (exit 2), not "0 new instance(s)" with exit 0
+        for junk, items in ((b'[1, "x", null]', 3), (b'{"a": 1}', 1)):
+            proxy.refusals = {"GET /dicom-web/instances": (200, junk, "application/dicom+json")}
+            assert run_pacs(trained_run, url, tmp_path / "b.sqlite", "--modality", "DX") == 2
+            err = capsys.readouterr().err
+            assert f"the answer lists no instance ({items} item(s)" in err and "Traceback" not in err
     finally:
         proxy.close()
+
+
+def test_credentials_are_checked_before_any_request_and_never_shown(monkeypatch):
+    """A token file read with its line ending made requests refuse the header and quote it, token included, in
+    the error line; a password without --user was sent to nobody (the PACS's 401 said nothing of why)."""
+    from pneumonia_cnn.interop.dicomweb import connect
+    monkeypatch.setenv("PNEUMONIA_CNN_DICOMWEB_TOKEN", "eyJhbGciOiJSUzI1NiJ9.PAYLOAD.sig\r\n")
+    client = connect("http://127.0.0.1:9/dicom-web")
+    assert client._session.headers["Authorization"] == "Bearer eyJhbGciOiJSUzI1NiJ9.PAYLOAD.sig"
+    monkeypatch.setenv("PNEUMONIA_CNN_DICOMWEB_TOKEN", "eyJ.SECRET sig")
+    with pytest.raises(PneumoniaCNNError) as refused:
+        connect("http://127.0.0.1:9/dicom-web")
+    assert "not a bearer token (14 characters" in str(refused.value) and "SECRET" not in str(refused.value)
+    monkeypatch.delenv("PNEUMONIA_CNN_DICOMWEB_TOKEN")
+    monkeypatch.setenv("PNEUMONIA_CNN_DICOMWEB_PASSWORD", "s3cret")
+    with pytest.raises(PneumoniaCNNError, match="PNEUMONIA_CNN_DICOMWEB_PASSWORD is set but --user is not"):
+        connect("http://127.0.0.1:9/dicom-web")
+
+
+def test_a_refused_connection_says_so_in_its_line():
+    """requests puts the reason last, past the 200 characters kept: "refused", "cannot resolve" and "timed out"
+    all read "Max retries exceeded with url: /dicom-web/instances?Modality=CR&... (" before."""
+    import requests
+
+    from pneumonia_cnn.interop.network import one_line
+    with pytest.raises(requests.ConnectionError) as failed:
+        requests.get(f"http://127.0.0.1:{free_port()}/dicom-web/instances?Modality=CR&StudyDate=20240101-20241231"
+                     "&limit=200&offset=0&includefield=00080020&includefield=00080060", timeout=5)
+    line = one_line(failed.value)
+    assert line.startswith("ConnectionError: ") and line.endswith("[Errno 111] Connection refused"), line
 
 
 def test_watch_polls_and_survives_an_outage(orthanc, studies, trained_run, xray_sources, tmp_path):

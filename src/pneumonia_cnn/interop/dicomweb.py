@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -53,16 +54,29 @@ def connect(url: str, timeout: float = 60.0, user: str | None = None):
     from requests import Session
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # it logs every request at INFO
     session = Session()
+    password, token = os.environ.get("PNEUMONIA_CNN_DICOMWEB_PASSWORD"), os.environ.get("PNEUMONIA_CNN_DICOMWEB_TOKEN")
     if user:
-        password = os.environ.get("PNEUMONIA_CNN_DICOMWEB_PASSWORD")
         if password is None:
             raise PneumoniaCNNError(f"--user {user}: set the password in PNEUMONIA_CNN_DICOMWEB_PASSWORD")
         session.auth = (user, password)
-    if os.environ.get("PNEUMONIA_CNN_DICOMWEB_TOKEN"):
-        session.headers["Authorization"] = f"Bearer {os.environ['PNEUMONIA_CNN_DICOMWEB_TOKEN']}"
+    elif password is not None:  # it would be sent to nobody, and the PACS's 401 would not say why
+        raise PneumoniaCNNError("PNEUMONIA_CNN_DICOMWEB_PASSWORD is set but --user is not: name the user")
+    if token and token.strip():
+        session.headers["Authorization"] = f"Bearer {bearer_token(token)}"
     client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=timeout)
     client.set_http_retry_params(retry=False)  # its own retries would multiply ours and hide each failure
     return client
+
+
+def bearer_token(token: str) -> str:
+    """The token without the line ending a file read into the variable leaves; refused, without being shown,
+    when it holds characters a bearer token cannot (RFC 6750: letters, digits and -._~+/ then =): requests
+    would otherwise quote the whole header, token included, in its error."""
+    token = token.strip()
+    if not re.fullmatch(r"[A-Za-z0-9\-._~+/]+=*", token):
+        raise PneumoniaCNNError(f"PNEUMONIA_CNN_DICOMWEB_TOKEN: not a bearer token ({len(token)} characters, "
+                                "some of them spaces, control characters or others a token cannot hold)")
+    return token
 
 
 class PacsJob:
@@ -113,6 +127,11 @@ class PacsJob:
             if not isinstance(page, list):
                 raise TransferError(f"{what}: the answer is not a list of instances ({type(page).__name__})")
             records = [r for r in page if isinstance(r, dict) and _value(r, SOP)]
+            if page and not records:  # a login page's JSON, another API: not "nothing new", which cron never sees
+                error = TransferError(f"{what}: the answer lists no instance ({len(page)} item(s), none with a SOP "
+                                      "Instance UID): is --dicomweb the PACS's DICOMweb root?")
+                error.transient = False
+                raise error
             if len(records) < len(page):
                 log.warning("%s: %d item(s) of the answer are not instances; left out", what, len(page) - len(records))
             new = [r for r in records if _value(r, SOP) not in seen]

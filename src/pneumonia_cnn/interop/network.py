@@ -6,6 +6,7 @@ error); a refusal that will not change (HTTP 4xx other than 408/429, a malformed
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from ..errors import PneumoniaCNNError
@@ -23,10 +24,15 @@ class TransferError(PneumoniaCNNError):
 
 
 def one_line(error: BaseException) -> str:
-    """The error as one short line: its type, the HTTP status when there is one, and its first line."""
+    """The error as one short line: its type, the HTTP status when there is one, and its first line; for a
+    connection that failed, the reason at the bottom of it (refused, no such host, timed out), which requests
+    puts last in a message longer than the line."""
     response = getattr(error, "response", None)
     status = f"HTTP {response.status_code} " if getattr(response, "status_code", None) else ""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    reason = getattr(error.args[0], "reason", None) if error.args else None  # urllib3's MaxRetryError
+    if isinstance(reason, BaseException):
+        text = re.sub(r"^<[^>]*>: ", "", str(reason))  # "<HTTPConnection object at 0x7f..>: Failed to ..."
     return f"{status}{type(error).__name__}" + (f": {text[:200]}" if text else "")
 
 

@@ -98,3 +98,27 @@ class ArrivalLimit:
 def peer(association) -> str:
     requestor = association.requestor
     return f"{requestor.ae_title} ({requestor.address}:{requestor.port})"
+
+
+JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+
+
+def decodable_transfer_syntaxes() -> list[str]:
+    """The transfer syntaxes whose pixel data this installation decodes: the native ones, and the compressed
+    ones for which pydicom has a working decoder (GDCM, Pillow, CharLS...). The node offers these alone, so a
+    sender converts anything else before sending instead of having it acknowledged and never read."""
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import UID
+    from pynetdicom import ALL_TRANSFER_SYNTAXES
+    decodable = []
+    for uid in map(UID, ALL_TRANSFER_SYNTAXES):
+        try:
+            decoder = get_decoder(uid) if uid.is_compressed else None
+        except NotImplementedError:  # video, JPEG XL, JPIP...: pydicom has no decoder for them at all
+            continue
+        # GDCM and Pillow decode JPEG Extended's 8-bit form only, and an X-ray archive's is 12-bit: only
+        # pylibjpeg-libjpeg (GPL, not a dependency) decodes that
+        twelve_bit = uid != JPEG_EXTENDED or "pylibjpeg" in getattr(decoder, "available_plugins", ())
+        if decoder is None or decoder.is_available and twelve_bit:
+            decodable.append(str(uid))
+    return decodable

@@ -25,9 +25,7 @@ class NodeAccess:
 
     def __post_init__(self):
         for title in self.accept_from:
-            if not 0 < len(title.strip()) <= 16 or not all(" " <= c <= "~" and c != "\\" for c in title):
-                raise PneumoniaCNNError(f"--accept-from {title!r}: an AE title has 1 to 16 printable ASCII characters "
-                                        f"other than backslash")
+            check_ae_title(title, "--accept-from")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise PneumoniaCNNError("--tls-cert and --tls-key go together (the node's certificate and its key)")
         if self.tls_ca and not self.tls_cert:
@@ -62,6 +60,15 @@ class NodeAccess:
             return None
         return (f"listening on {host} for any sender: give --accept-from with the AE titles of the PACS and "
                 f"modalities that send here, or --tls-ca to accept only senders with a certificate")
+
+
+def check_ae_title(title: str, option: str) -> str:
+    """An AE title as DICOM allows it (1 to 16 printable ASCII characters other than backslash, not all
+    spaces), or a one-line error naming the option: pynetdicom would refuse it only when it is first used."""
+    if not 0 < len(title.strip()) <= 16 or not all(" " <= c <= "~" and c != "\\" for c in title):
+        raise PneumoniaCNNError(f"{option} {title!r}: an AE title has 1 to 16 printable ASCII characters other "
+                                f"than backslash, not all spaces")
+    return title
 
 
 def rejection_reason(association, accept_from) -> str:

@@ -11,48 +11,30 @@ non-images are not scored, so a PACS that forwards everything cannot loop our re
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
 import queue
 import re
 import shutil
+import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.dicom_guard import dicom_problem
 from ..errors import PneumoniaCNNError
 from ..fileio import atomic_path, display_path, write_json_atomic
-from .arrival import ArrivalLimit, peer
-from .dicom_access import NodeAccess, rejection_reason
+from .arrival import ArrivalLimit, decodable_transfer_syntaxes, peer
+from .dicom_access import NodeAccess, check_ae_title, rejection_reason
+from .dicom_send import OUT_OF_RESOURCES, Destination, send_c_store
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, not_an_xray
+from .spool import SpoolLock, open_spool
 
 log = logging.getLogger("pneumonia_cnn")
-ACCEPTED = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and the warnings that still mean "stored"
-OUT_OF_RESOURCES = 0xA700
-
-
-@dataclass(frozen=True)
-class Destination:
-    host: str
-    port: int
-    ae_title: str
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        parts = str(text).rsplit(":", 2)
-        if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not 0 < int(parts[1]) < 65536 \
-                or not 0 < len(parts[2]) <= 16:
-            raise PneumoniaCNNError(f"--send-to {text}: expected HOST:PORT:AE_TITLE (e.g. pacs.local:104:PACS; "
-                                    f"an AE title has at most 16 characters)")
-        return cls(parts[0].strip("[]"), int(parts[1]), parts[2])
-
-    def __str__(self):
-        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 def default_spool() -> Path:
@@ -64,12 +46,11 @@ class Listener:
                  host: str = "127.0.0.1", spool=None, overlay: bool = False, attempts: int = 4,
                  backoff: float = 1.0, retry_after: float = 60.0, batch_size: int = 8, modalities=("CR", "DX"),
                  give_up_after: int = 3, max_instance_mb: float = 256, access: NodeAccess | None = None):
-        if not 0 < len(ae_title) <= 16:
-            raise PneumoniaCNNError(f"--ae-title {ae_title}: an AE title has 1 to 16 characters")
+        check_ae_title(ae_title, "--ae-title")
         self.scorer = DicomScorer(predictor, overlay=overlay)
         self.modalities = tuple(m.upper() for m in modalities)  # as pacs --modality: a routed CT is not scored
         self.destination, self.ae_title, self.address = destination, ae_title, (host, port)
-        self.spool = Path(spool or default_spool())
+        self.spool = open_spool(Path(spool or default_spool()))
         self.attempts, self.backoff, self.retry_after, self.batch_size = attempts, backoff, retry_after, batch_size
         self.incoming, self.unreadable = self.spool / "incoming", self.spool / "unreadable"
         self.refused, self.give_up_after = self.spool / "refused", give_up_after
@@ -78,8 +59,6 @@ class Listener:
         self.max_instance_mb, self.access = max_instance_mb, access or NodeAccess()
         self.arrival = ArrivalLimit(max_instance_mb)
         self.tls = self.access.client_context()  # for the reports; None: plain DICOM
-        for folder in (self.incoming, self.unreadable, self.refused):
-            folder.mkdir(parents=True, exist_ok=True)
         self.refusals = self._refusals_kept()  # a restart goes on counting where the node stopped
         self.queue: queue.Queue = queue.Queue()
         self.later: list[tuple[float, Path]] = []
@@ -90,7 +69,35 @@ class Listener:
 
     # ---------- the network side
     def start(self, block: bool = True):
-        from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+        """Bind the port (a port in use: one line, and nothing in the spool touched), then start the worker;
+        ``block``: serve until SIGTERM (then stop, exit 0) or Ctrl-C (stop, then KeyboardInterrupt)."""
+        from pynetdicom import evt
+        self.lock = SpoolLock(self.spool).acquire()
+        try:
+            self.server = self._application_entity().start_server(
+                self.address, block=False, ssl_context=self.access.server_context(),
+                evt_handlers=[(evt.EVT_C_STORE, self._receive), (evt.EVT_ABORTED, self._aborted),
+                              (evt.EVT_CONN_OPEN, self.arrival.on_open), (evt.EVT_DATA_RECV, self.arrival.on_data),
+                              (evt.EVT_CONN_CLOSE, self.arrival.on_close), (evt.EVT_REJECTED, self._rejected)])
+        except OSError as error:
+            self.lock.release()
+            raise PneumoniaCNNError(f"cannot listen on {self.address[0]}:{self.address[1]}: {error.strerror}") from None
+        self.worker = threading.Thread(target=self._work, name="pneumonia-listen-worker", daemon=True)
+        self.worker.start()
+        log.info("listening as %s on %s:%d%s; reports go to %s%s; spool %s", self.ae_title, *self.address,
+                 " (TLS)" if self.access.tls_cert else "", self.destination,
+                 " (TLS)" if self.access.send_tls_ca else "", display_path(self.spool))
+        if self.access.exposure_warning(self.address[0]):
+            log.warning("%s", self.access.exposure_warning(self.address[0]))
+        if block:
+            try:
+                self._serve_until_terminated()
+            finally:
+                self.stop()
+        return self
+
+    def _application_entity(self):
+        from pynetdicom import AE, AllStoragePresentationContexts, _config
         from pynetdicom.sop_class import Verification
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # its failed associations: our one line says it
         # each instance written to a file as it arrives, not gathered in memory (then copied twice to encode it)
@@ -101,35 +108,38 @@ class Listener:
         for context in AllStoragePresentationContexts:  # any class; the reader says what is not an X-ray
             ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
-        self.worker = threading.Thread(target=self._work, name="pneumonia-listen-worker", daemon=True)
-        self.worker.start()
-        log.info("listening as %s on %s:%d%s; reports go to %s%s; spool %s", self.ae_title, *self.address,
-                 " (TLS)" if self.access.tls_cert else "", self.destination,
-                 " (TLS)" if self.access.send_tls_ca else "", display_path(self.spool))
-        if self.access.exposure_warning(self.address[0]):
-            log.warning("%s", self.access.exposure_warning(self.address[0]))
-        try:
-            self.server = ae.start_server(self.address, block=block, ssl_context=self.access.server_context(),
-                                          evt_handlers=[(evt.EVT_C_STORE, self._receive),
-                                                        (evt.EVT_ABORTED, self._aborted),
-                                                        (evt.EVT_CONN_OPEN, self.arrival.on_open),
-                                                        (evt.EVT_DATA_RECV, self.arrival.on_data),
-                                                        (evt.EVT_CONN_CLOSE, self.arrival.on_close),
-                                                        (evt.EVT_REJECTED, self._rejected)])
-        except OSError as error:
-            raise PneumoniaCNNError(f"cannot listen on {self.address[0]}:{self.address[1]}: {error.strerror}") from None
-        finally:
-            if block:
-                self.stop()
-        return self
+        return ae
 
-    def stop(self, timeout: float = 30.0):
+    def _serve_until_terminated(self):
+        terminated = threading.Event()
+        with contextlib.suppress(ValueError):  # not the main thread: the caller stops the node
+            signal.signal(signal.SIGTERM, lambda *_: terminated.set())
+        while not terminated.wait(0.5):
+            pass
+        log.info("SIGTERM: stopping")
+
+    def stop(self, timeout: float = 30.0, grace: float = 10.0):
+        """No new associations; those in progress get ``grace`` seconds to finish (an instance received is
+        acknowledged and kept), then are aborted (the sender has no acknowledgement: it sends again); the
+        worker finishes the batch it is scoring. What is left in SPOOL/incoming goes out at the next start."""
         if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+            server, self.server = self.server, None
+            active = list(server.active_associations)
+            server.shutdown()
+            deadline = time.monotonic() + grace
+            for association in active:
+                association.join(max(0.0, deadline - time.monotonic()))
+                if association.is_alive():
+                    association.abort()
         if self.worker is not None and self.worker.is_alive():
             self.queue.put(None)
             self.worker.join(timeout)
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            waiting = len(list(self.incoming.glob("*.dcm")))
+            log.info("stopped%s", f"; {waiting} instance(s) in {display_path(self.incoming)} go out at the next "
+                                  "start" if waiting else "")
+            self.lock = None
 
     def _receive(self, event) -> int:
         """C-STORE: move the instance as received (not decoded) into the spool, acknowledge, let the worker score
@@ -202,7 +212,9 @@ class Listener:
         (or left by an earlier run), sent again without a restart."""
         known = {path for _, path in self.later} | set(list(self.queue.queue))
         for path in sorted(self.incoming.glob("*.dcm")):
-            if path not in known:
+            if path.is_symlink() or not path.is_file():  # a link (dangling, or to a file anywhere) is not read
+                self._set_aside(path, "not a regular file (a link, a folder or a device): not read")
+            elif path not in known:
                 log.info("instance %s: found in %s (moved back, or left by an earlier run): queued", uid_of(path),
                          display_path(self.incoming))
                 self.queue.put(path)
@@ -218,6 +230,9 @@ class Listener:
                     self._set_aside(path, problem)
                     continue
                 dataset = pydicom.dcmread(path, force=True)  # from the file: a dataset read from bytes keeps them
+                if "SOPInstanceUID" not in dataset:  # an empty or text file put in the spool: not an instance
+                    self._set_aside(path, "not a DICOM instance (no SOP Instance UID)")
+                    continue
                 reason = not_an_xray(dataset) or self._outside_modalities(dataset)
             except Exception as error:  # noqa: BLE001 - any decoding failure is a bad instance, named below
                 self._set_aside(path, f"not readable as DICOM ({type(error).__name__})")
@@ -318,35 +333,6 @@ class Listener:
         self.later.extend((time.monotonic() + self.retry_after, p) for p in paths)
 
 
-class ReportRefused(Exception):
-    """The destination answered this report's C-STORE with a failure status: about this report, not the link."""
-    refusal = True
-
-
-JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
-
-
-def decodable_transfer_syntaxes() -> list[str]:
-    """The transfer syntaxes whose pixel data this installation decodes: the native ones, and the compressed
-    ones for which pydicom has a working decoder (GDCM, Pillow, CharLS...). The node offers these alone, so a
-    sender converts anything else before sending instead of having it acknowledged and never read."""
-    from pydicom.pixels.decoders.base import get_decoder
-    from pydicom.uid import UID
-    from pynetdicom import ALL_TRANSFER_SYNTAXES
-    decodable = []
-    for uid in map(UID, ALL_TRANSFER_SYNTAXES):
-        try:
-            decoder = get_decoder(uid) if uid.is_compressed else None
-        except NotImplementedError:  # video, JPEG XL, JPIP...: pydicom has no decoder for them at all
-            continue
-        # GDCM and Pillow decode JPEG Extended's 8-bit form only, and an X-ray archive's is 12-bit: only
-        # pylibjpeg-libjpeg (GPL, not a dependency) decodes that
-        twelve_bit = uid != JPEG_EXTENDED or "pylibjpeg" in getattr(decoder, "available_plugins", ())
-        if decoder is None or decoder.is_available and twelve_bit:
-            decodable.append(str(uid))
-    return decodable
-
-
 def _move(source: Path, target: Path):
     try:
         os.replace(source, target)
@@ -357,32 +343,3 @@ def _move(source: Path, target: Path):
 def uid_of(path: Path) -> str:
     """The SOP Instance UID a spooled file was received under (its name less the receipt's suffix)."""
     return path.stem.rsplit(".", 1)[0]
-
-
-def send_c_store(ae_title: str, destination: Destination, datasets, tls=None) -> None:
-    """One association to ``destination`` (over TLS with ``tls``, an SSL context), one C-STORE per dataset; a
-    refusal raises ReportRefused, a failure worth another try ConnectionError (which ``with_retries`` retries)."""
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-    from pynetdicom import AE
-    ae = AE(ae_title=ae_title)
-    for sop_class in dict.fromkeys(str(d.SOPClassUID) for d in datasets):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                               tls_args=(tls, destination.host) if tls else None)
-    if not association.is_established and association.rejected_contexts and not association.accepted_contexts:
-        classes = ", ".join(sorted({str(c.abstract_syntax) for c in association.rejected_contexts}))
-        raise ReportRefused(f"{destination} accepts no presentation context for SOP class {classes}")
-    if not association.is_established:
-        raise ConnectionError(f"association with {destination} was rejected, aborted or never connected")
-    try:
-        for dataset in datasets:
-            status = association.send_c_store(dataset)
-            code = getattr(status, "Status", None)
-            if code is None or code >> 8 == OUT_OF_RESOURCES >> 8:  # no answer, or busy: worth trying again
-                raise ConnectionError(f"{destination} answered C-STORE with status "
-                                      f"{'none (timeout or abort)' if code is None else f'0x{code:04X}'}")
-            if code not in ACCEPTED:
-                raise ReportRefused(f"{destination} refused the C-STORE of {dataset.Modality} "
-                                    f"{dataset.SOPInstanceUID} with status 0x{code:04X}")
-    finally:
-        association.release()

@@ -1,0 +1,67 @@
+"""Sending reports from ``listen`` to its destination: where (``--send-to HOST:PORT:AE_TITLE``) and how (one
+association per batch, one C-STORE per report), with a refusal of a report told apart from a failure of the link.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import PneumoniaCNNError
+from .dicom_access import check_ae_title
+
+ACCEPTED = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and the warnings that still mean "stored"
+OUT_OF_RESOURCES = 0xA700
+
+
+@dataclass(frozen=True)
+class Destination:
+    host: str
+    port: int
+    ae_title: str
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        parts = str(text).rsplit(":", 2)
+        if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not 0 < int(parts[1]) < 65536:
+            raise PneumoniaCNNError(f"--send-to {text}: expected HOST:PORT:AE_TITLE (e.g. pacs.local:104:PACS)")
+        return cls(parts[0].strip("[]"), int(parts[1]), check_ae_title(parts[2], "--send-to"))
+
+    def __str__(self):
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class ReportRefused(Exception):
+    """The destination answered this report's C-STORE with a failure status: about this report, not the link."""
+    refusal = True
+
+
+def send_c_store(ae_title: str, destination: Destination, datasets, tls=None) -> None:
+    """One association to ``destination`` (over TLS with ``tls``, an SSL context), one C-STORE per dataset; a
+    refusal raises ReportRefused, a failure worth another try ConnectionError (which ``with_retries`` retries)."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
+    ae = AE(ae_title=ae_title)
+    for sop_class in dict.fromkeys(str(d.SOPClassUID) for d in datasets):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                               tls_args=(tls, destination.host) if tls else None)
+    if not association.is_established and association.rejected_contexts and not association.accepted_contexts:
+        classes = ", ".join(sorted({str(c.abstract_syntax) for c in association.rejected_contexts}))
+        raise ReportRefused(f"{destination} accepts no presentation context for SOP class {classes}")
+    if association.is_rejected:  # "calling AE title not recognised": the node is not registered there
+        answer = association.acceptor.primitive
+        raise ConnectionError(f"{destination} rejected the association ({answer.result_str}: {answer.reason_str}; "
+                              f"from the {answer.source_str})")
+    if not association.is_established:
+        raise ConnectionError(f"association with {destination} was aborted or never connected")
+    try:
+        for dataset in datasets:
+            status = association.send_c_store(dataset)
+            code = getattr(status, "Status", None)
+            if code is None or code >> 8 == OUT_OF_RESOURCES >> 8:  # no answer, or busy: worth trying again
+                raise ConnectionError(f"{destination} answered C-STORE with status "
+                                      f"{'none (timeout or abort)' if code is None else f'0x{code:04X}'}")
+            if code not in ACCEPTED:
+                raise ReportRefused(f"{destination} refused the C-STORE of {dataset.Modality} "
+                                    f"{dataset.SOPInstanceUID} with status 0x{code:04X}")
+    finally:
+        association.release()

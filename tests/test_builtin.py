@@ -116,3 +116,12 @@ def test_one_image_predict_does_not_load_scikit_learn():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("argv", [["serve"], ["info"], ["export", "--out", "m.onnx"], ["drift", "--data", "d"],
+                                  ["stress", "--data", "d"], ["adapt", "--data", "d", "--out", "a.pt"],
+                                  ["pacs", "--dicomweb", "http://pacs/dicom-web"], ["listen", "--send-to", "p:104:P"]])
+def test_every_command_that_scores_uses_the_builtin_model_when_none_is_given(argv):
+    """As the README says; drift, stress, adapt, pacs and listen required the model argument."""
+    from pneumonia_cnn.cli import build_parser
+    assert build_parser().parse_args(argv).checkpoint == "builtin"

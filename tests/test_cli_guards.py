@@ -352,6 +352,8 @@ def test_evaluate_never_replaces_the_metrics_of_another_data_set_by_default(caps
     assert (status, error) == (2, f"error: {metrics}: holds the metrics of {tmp_path / 'kaggle'} (test split); these "
                                   f"of {small_root} (test) would replace them: give --out")
     assert digest(metrics) == before
+    status, error = run(capsys, "evaluate", "--checkpoint", run_folder, "--data", tmp_path / "nonexist")
+    assert (status, error) == (2, f"error: {tmp_path / 'nonexist'}: folder not found")  # named, not the metrics file
     metrics.write_text(json.dumps({"data": str(small_root), "split": "test"}))
     assert run(capsys, "evaluate", "--checkpoint", run_folder, "--data", small_root, "--no-figures",
                "--bootstrap", "20")[0] == 0

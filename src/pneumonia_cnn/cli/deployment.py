@@ -165,7 +165,7 @@ def run_audit(args) -> int:
 
 
 def drift_arguments(p):
-    p.add_argument("checkpoint", help="best.pt or run folder")
+    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
     p.add_argument("--data", nargs="+", required=True, help="new images: files, folders or globs")
     add_format(p, ("table", "json"))
     add_device(p, "cpu")
@@ -195,7 +195,7 @@ def run_info(args) -> int:
 
 
 def adapt_arguments(p):
-    p.add_argument("checkpoint", help="best.pt or run folder")
+    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
     p.add_argument("--data", required=True, help="unlabelled images of the new site")
     p.add_argument("--labelled", help="LABELLED_DIR/{NORMAL,PNEUMONIA} from the new site")
     p.add_argument("--out", required=True, help="the adapted checkpoint to write")

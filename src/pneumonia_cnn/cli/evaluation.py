@@ -62,6 +62,8 @@ def keep_other_metrics(out: Path, data, split: str) -> None:
 
 def run_evaluate(args) -> int:
     from ..evaluation.evaluate import evaluate, format_table
+    if not Path(args.data).exists():  # said before any check of where the metrics would go
+        raise PneumoniaCNNError(f"{args.data}: folder not found")
     first = Path(args.checkpoint[0])
     beside = Path(".") if args.checkpoint[0] == "builtin" else first if first.is_dir() else first.parent
     out = args.out or str(beside / f"{'builtin_' if args.checkpoint[0] == 'builtin' else ''}{args.split}_metrics.json")
@@ -121,7 +123,7 @@ def run_compare(args) -> int:
 
 
 def stress_arguments(p):
-    p.add_argument("checkpoint", help="best.pt or run folder")
+    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
     p.add_argument("--data", required=True, help="data root"), p.add_argument("--split", default="test", help="split")
     add_format(p), add_device(p), add_cache_dir(p)
     p.add_argument("--out", help="JSON path")

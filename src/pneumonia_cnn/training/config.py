@@ -43,7 +43,7 @@ class TrainConfig:
     min_val_images: int = option(100, "below this many val/ images (Kaggle's has 16) val is carved from train",
                                  minimum=0)
     limit_images: int = option(0, "use only the first N images per split (quick runs; 0 = all)", minimum=0)
-    cache_dir: str = option("", "where decoded arrays are cached (default: beside the data)")
+    cache_dir: str = option("", "where decoded arrays are cached (default: ~/.cache/pneumonia-cnn)")
     workers: int = option(0, "decoding processes for the cache (0 = one per core)", minimum=0)
     # model and input
     model: str = option("seed", "registered model name (pneumonia-cnn models)")

@@ -4,6 +4,7 @@ a PACS that is down and transfers cut in the middle."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pydicom
@@ -305,6 +306,66 @@ def test_odd_qido_answers_end_in_one_line_and_never_loop(trained_run, tmp_path, 
             assert run_pacs(trained_run, url, tmp_path / "b.sqlite", "--modality", "DX") == 2
             err = capsys.readouterr().err
             assert f"the answer lists no instance ({items} item(s)" in err and "Traceback" not in err
+    finally:
+        proxy.close()
+
+
+def test_an_instance_listed_with_a_uid_that_is_not_one_is_given_up_not_retried_forever(trained_run, tmp_path,
+                                                                                       capsys, caplog):
+    """A 300-character SOP Instance UID failed in dicomweb-client on every run (exit 1 forever), and its log
+    line printed all of it."""
+    long_uid = "1.2." + "3" * 296
+    record = {"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "0020000E": {"vr": "UI", "Value": ["1.2.3.4"]},
+              "00080018": {"vr": "UI", "Value": [long_uid]}, "00080060": {"vr": "CS", "Value": ["DX"]}}
+    proxy, state = FlakyProxy(f"http://127.0.0.1:{free_port()}"), tmp_path / "state.sqlite"
+    try:
+        proxy.refusals = {"GET /dicom-web/instances": (200, json.dumps([record]).encode(), "application/dicom+json")}
+        assert run_pacs(trained_run, proxy.url + "/dicom-web", state, "--modality", "DX") == 1
+        assert f"with a SOP instance UID that is not a UID ({long_uid[:64]}… (300 characters))" in caplog.text
+        assert long_uid not in caplog.text and "1 given up" in capsys.readouterr().out
+        assert run_pacs(trained_run, proxy.url + "/dicom-web", state, "--modality", "DX") == 0  # not fetched again
+    finally:
+        proxy.close()
+
+
+def test_an_instance_above_the_size_limit_is_not_read_and_not_fetched_again(trained_run, xray_sources, tmp_path,
+                                                                             capsys, caplog):
+    """pacs had no limit: a 98 MB instance took the process to 976 MB, five answers of 200 MB to 4.6 GB. An
+    answer above --max-instance-mb is refused by its length (or as it arrives), the instance counted unreadable
+    with that reason, the small one beside it scored."""
+    from PIL import Image
+    require_orthanc()
+    server = Orthanc(tmp_path / "orthanc").start()
+    try:
+        gray = np.asarray(Image.open(xray_sources["NORMAL"][0]).convert("L").resize((2048, 2048)))
+        big = xray_dicom(gray, tmp_path / "big.dcm", "DX", patient_id="P10")  # 8 MB of 12-bit pixels
+        server.upload(big)
+        server.upload(xray_dicom(xray_sources["NORMAL"][1], tmp_path / "small.dcm", "DX", patient_id="P11"))
+        state = tmp_path / "state.sqlite"
+        assert run_pacs(trained_run, server.dicomweb, state, "--max-instance-mb", "5") == 0
+        out = capsys.readouterr().out
+        assert "2 new instance(s), 0 already scored: 1 scored and reported, 1 unreadable" in out
+        uid = pydicom.dcmread(big).SOPInstanceUID
+        assert re.search(rf"instance {uid}: unreadable: (8\.\d MB, above|more than) (the )?5 MB (limit )?"
+                         r"\(--max-instance-mb\)", caplog.text), caplog.text
+        assert run_pacs(trained_run, server.dicomweb, state, "--max-instance-mb", "5") == 0
+        assert "0 new instance(s), 2 already scored" in capsys.readouterr().out  # (and the report not listed)
+    finally:
+        server.stop()
+
+
+def test_an_answer_whose_length_is_above_the_limit_is_not_read(trained_run, tmp_path, capsys, caplog):
+    record = {"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "0020000E": {"vr": "UI", "Value": ["1.2.3.4"]},
+              "00080018": {"vr": "UI", "Value": ["1.2.3.4.5"]}, "00080060": {"vr": "CS", "Value": ["DX"]}}
+    proxy, state = FlakyProxy(f"http://127.0.0.1:{free_port()}"), tmp_path / "state.sqlite"
+    try:
+        proxy.refusals = {"GET /dicom-web/instances": (200, json.dumps([record]).encode(), "application/dicom+json"),
+                          "GET /dicom-web/studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5": (
+                              200, bytes(6 * 2**20), "multipart/related; type=\"application/dicom\"")}
+        assert run_pacs(trained_run, proxy.url + "/dicom-web", state, "--modality", "DX",
+                        "--max-instance-mb", "5") == 0
+        assert "instance 1.2.3.4.5: unreadable: 6.0 MB, above the 5 MB limit (--max-instance-mb)" in caplog.text
+        assert "1 unreadable" in capsys.readouterr().out
     finally:
         proxy.close()
 

@@ -83,6 +83,8 @@ def pacs_arguments(p):
     p.add_argument("--give-up-after", type=whole_number(1), default=3, metavar="RUNS",
                    help="stop fetching an instance the PACS itself refused (HTTP 404/410, a STOW-RS failure reason) "
                         "in this many runs, at least 10 minutes apart")
+    p.add_argument("--max-instance-mb", type=positive_number, default=256, metavar="MB",
+                   help="largest instance fetched; a larger one is not read, and counted unreadable")
     p.add_argument("--retry-given-up", action="store_true",
                    help="fetch the instances given up on again (once, at the start)")
     p.add_argument("--refusal-spacing", type=float, default=600.0, help=argparse.SUPPRESS)  # tests: 0
@@ -98,7 +100,8 @@ def run_pacs(args) -> int:
     options = PacsOptions(args.dicomweb, args.state, tuple(m.upper() for m in args.modality),
                           check_date_range(args.study_date), args.overlay, args.batch_size, args.retries + 1,
                           args.backoff, timeout=args.timeout, user=args.user, give_up_after=args.give_up_after,
-                          refusal_spacing=args.refusal_spacing, retry_given_up=args.retry_given_up)
+                          refusal_spacing=args.refusal_spacing, retry_given_up=args.retry_given_up,
+                          max_instance_mb=args.max_instance_mb)
     job = PacsJob(Predictor(args.checkpoint, args.device), options)
     if args.watch:
         job.watch(args.interval, args.polls, print_pacs_summary)

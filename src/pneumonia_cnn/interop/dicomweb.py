@@ -44,9 +44,10 @@ class PacsOptions:
     give_up_after: int = 3  # runs in which the PACS refused the instance itself
     refusal_spacing: float = 600.0  # refusals closer together count once: --watch polls must not give up in a minute
     retry_given_up: bool = False
+    max_instance_mb: float = 256.0  # an answer above it is not read: the instance is unreadable, not fetched again
 
 
-def connect(url: str, timeout: float = 60.0, user: str | None = None):
+def connect(url: str, timeout: float = 60.0, user: str | None = None, max_instance_mb: float = 256.0):
     """A DICOMweb client. Credentials never come from the command line (process lists show it): with ``user``
     the password is read from PNEUMONIA_CNN_DICOMWEB_PASSWORD; a bearer token from PNEUMONIA_CNN_DICOMWEB_TOKEN.
     HTTPS certificates are checked (a hospital CA: REQUESTS_CA_BUNDLE)."""
@@ -63,9 +64,37 @@ def connect(url: str, timeout: float = 60.0, user: str | None = None):
         raise PneumoniaCNNError("PNEUMONIA_CNN_DICOMWEB_PASSWORD is set but --user is not: name the user")
     if token and token.strip():
         session.headers["Authorization"] = f"Bearer {bearer_token(token)}"
+    session.hooks["response"].append(body_limit(int(max_instance_mb * 2**20)))
     client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=timeout)
     client.set_http_retry_params(retry=False)  # its own retries would multiply ours and hide each failure
     return client
+
+
+class AnswerTooLarge(PneumoniaCNNError):
+    """An HTTP answer longer than --max-instance-mb: not read further (dicomweb-client holds a whole answer in
+    memory, and decoding it took 10 times its size: a 98 MB instance, 976 MB of the process)."""
+
+
+def body_limit(limit: int):
+    """A requests response hook refusing an answer above ``limit`` bytes: by its Content-Length before any of
+    it is read, or, sent in chunks, once that many bytes have arrived."""
+    def check(response, *args, **kwargs):
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > limit:
+            raise AnswerTooLarge(f"{int(length) / 2**20:.1f} MB, above the {limit / 2**20:g} MB limit "
+                                 "(--max-instance-mb)")
+        stream = response.raw.stream
+
+        def bounded(*args, **kwargs):
+            received = 0
+            for chunk in stream(*args, **kwargs):
+                received += len(chunk)
+                if received > limit:
+                    raise AnswerTooLarge(f"more than {limit / 2**20:g} MB (--max-instance-mb)")
+                yield chunk
+        response.raw.stream = bounded
+        return response
+    return check
 
 
 def bearer_token(token: str) -> str:
@@ -84,7 +113,7 @@ class PacsJob:
         self.options = options
         self.scorer = DicomScorer(predictor, overlay=options.overlay)
         self.model = self.scorer.model.key  # the model id and its decision
-        self.client = client or connect(options.url, options.timeout, options.user)
+        self.client = client or connect(options.url, options.timeout, options.user, options.max_instance_mb)
         self.state = ScoredState(options.state)
         if options.retry_given_up:  # once, at the start: a --watch job keeps what it gives up on later
             retried = self.state.retry_given_up(self.model)
@@ -161,10 +190,10 @@ class PacsJob:
         datasets = []
         for record in records:
             study, series, sop = _value(record, STUDY), _value(record, SERIES), _value(record, SOP)
-            if not (study and series):  # nothing to fetch it by until the PACS lists it whole: given up, which
+            reason = listing_problem(study, series, sop)
+            if reason:  # nothing to fetch it by until the PACS lists it whole and valid: given up, which
                 # --retry-given-up undoes, rather than failing on every run
-                reason = f"QIDO-RS listed it without its {'study' if not study else 'series'} instance UID"
-                log.warning("instance %s: %s (given up; --retry-given-up fetches it again)", sop, reason)
+                log.warning("instance %s: %s (given up; --retry-given-up fetches it again)", shown_uid(sop), reason)
                 self.state.record(sop, self.model, GIVEN_UP, study, series, error=reason)
                 summary["given_up"] += 1
                 continue
@@ -172,7 +201,12 @@ class PacsJob:
                 dataset = self._retry(lambda uids=(study, series, sop): self.client.retrieve_instance(*uids),
                                       f"instance {sop}: WADO-RS retrieve")
             except TransferError as error:  # 404/410: listed by QIDO-RS but not there
-                self._failed(summary, sop, study, series, error, refused=error.status in (404, 410))
+                if isinstance(error.cause, AnswerTooLarge):  # the instance will not shrink: not fetched again
+                    log.warning("instance %s: unreadable: %s", sop, error.cause)
+                    self.state.record(sop, self.model, "unreadable", study, series, error=str(error.cause))
+                    summary["unreadable"] += 1
+                else:
+                    self._failed(summary, sop, study, series, error, refused=error.status in (404, 410))
                 continue
             reason = not_an_xray(dataset)
             if reason:
@@ -304,6 +338,26 @@ def _failure_from_xml(content: bytes):
         items.append(entry)
     answer.FailedSOPSequence = items
     return answer
+
+
+UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def listing_problem(study: str | None, series: str | None, sop: str) -> str | None:
+    """Why an instance QIDO-RS listed cannot be fetched: a UID missing, or one that is not a UID (the WADO-RS
+    URL cannot be built: a 300-character "UID" failed on every run, forever)."""
+    for name, uid in (("study", study), ("series", series), ("SOP", sop)):
+        if not uid:
+            return f"QIDO-RS listed it without its {name} instance UID"
+        if len(uid) > 64 or not UID_PATTERN.fullmatch(uid):
+            return f"QIDO-RS listed it with a {name} instance UID that is not a UID ({shown_uid(uid)})"
+    return None
+
+
+def shown_uid(uid: str | None) -> str:
+    """A UID for a log line: at most 64 characters of it (a UID has no more), the rest counted."""
+    uid = str(uid)
+    return uid if len(uid) <= 64 else f"{uid[:64]}… ({len(uid)} characters)"
 
 
 def _value(record: dict, tag: str) -> str | None:

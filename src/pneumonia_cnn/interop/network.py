@@ -21,6 +21,7 @@ class TransferError(PneumoniaCNNError):
     transient: bool = True
     status: int | None = None
     refusal: bool = False
+    cause: BaseException | None = None  # the error of the last try
 
 
 def one_line(error: BaseException) -> str:
@@ -62,6 +63,7 @@ def with_retries(action, what: str, attempts: int = 4, backoff: float = 1.0, sle
                 failure.transient = transient
                 failure.status = getattr(getattr(error, "response", None), "status_code", None)
                 failure.refusal = getattr(error, "refusal", False)  # the peer refused this very item
+                failure.cause = error
                 raise failure from None
             delay = backoff * 2 ** (attempt - 1)
             log.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", what, one_line(error), delay, attempt + 1,

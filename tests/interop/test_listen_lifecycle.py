@@ -149,3 +149,38 @@ def test_junk_put_in_the_spool_is_set_aside_not_deleted(predictor, tmp_path, cap
     assert (unreadable / "gone.dcm").is_symlink()  # the link itself moved, nothing it points to read
     assert "instance gone: unreadable: not a regular file (a link, a folder or a device): not read" in caplog.text
     assert "instance notes: unreadable: not a DICOM instance (no SOP Instance UID)" in caplog.text
+
+
+def test_a_file_moved_away_while_the_worker_lists_the_spool_is_passed_over(predictor, tmp_path, monkeypatch):
+    """It was set aside with a move that failed, and the exception ended the worker: the node went on
+    acknowledging images it never scored."""
+    from pathlib import Path
+    node = Listener(predictor, nowhere(), port=free_port(), spool=tmp_path / "spool")
+    (node.incoming / "1.2.3.abc.dcm").write_bytes(b"x")
+    listed = Path.glob
+
+    def listed_then_moved_away(self, pattern):
+        found = list(listed(self, pattern))
+        for path in found:
+            path.unlink()  # the operator moved it between the listing and the look at it
+        return iter(found)
+    monkeypatch.setattr(Path, "glob", listed_then_moved_away)
+    node._pick_up_moved_back()
+    assert node.queue.empty() and not list(node.unreadable.iterdir())
+
+
+def test_stop_from_another_thread_ends_a_blocking_start_and_sigterm_is_handed_back(predictor, tmp_path):
+    """start(block=True) waited for a SIGTERM only, and left its own handler in place once it returned."""
+    import threading
+    before = signal.getsignal(signal.SIGTERM)
+    node = Listener(predictor, nowhere(), port=free_port(), spool=tmp_path / "spool")
+    threading.Timer(1.0, node.stop).start()
+    fallback = threading.Timer(15.0, os.kill, (os.getpid(), signal.SIGTERM))  # ends the wait if stop() cannot
+    fallback.start()
+    started = time.monotonic()
+    try:
+        node.start(block=True)
+    finally:
+        fallback.cancel()
+    assert time.monotonic() - started < 10 and node.lock is None and node.server is None
+    assert signal.getsignal(signal.SIGTERM) is before

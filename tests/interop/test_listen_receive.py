@@ -105,8 +105,8 @@ def test_an_instance_above_the_limit_is_aborted_as_it_arrives_and_not_kept(node,
 
 
 def test_a_complete_instance_above_the_limit_is_refused_with_a700(node, xray_sources, tmp_path, caplog):
-    """The guard behind the abort (an instance whose last fragment or file meta information passes the limit):
-    the arrival count set beyond it, the received file is measured and refused with a status."""
+    """The guard behind the abort (an instance whose file passes the limit only with the file meta information
+    written before it): the arrival count set beyond it, the received file is measured and refused with a status."""
     listener, arriving = node
     listener.arrival.limit = 2**40
     path = large_xray(xray_sources["NORMAL"][0], tmp_path / "huge.dcm", 4096, 6144)  # 48 MB
@@ -141,16 +141,42 @@ def test_a_pdu_announced_larger_than_the_node_reads_is_refused_unread(node, xray
     assert send(path, listener.address[1]).stdout.strip() == "0x0000"
 
 
-def test_data_set_bytes_are_counted_from_p_data_pdus_only():
-    from pneumonia_cnn.interop.arrival import data_set_fragments
+def test_fragments_are_read_from_p_data_pdus_only():
+    from pneumonia_cnn.interop.arrival import fragments
     data_last = (6).to_bytes(4, "big") + bytes([1, 0x02]) + b"abcd"  # a data set's last fragment, 4 bytes
     command = (4).to_bytes(4, "big") + bytes([1, 0x03]) + b"xy"  # a command's last fragment
     data_more = (7).to_bytes(4, "big") + bytes([3, 0x00]) + b"12345"
     items = data_last + command + data_more
     pdu = bytes([0x04, 0]) + len(items).to_bytes(4, "big") + items
-    assert data_set_fragments(pdu) == [(4, True), (5, False)]
-    assert data_set_fragments(bytes([0x02, 0]) + pdu[2:]) == []  # an A-ASSOCIATE-AC is no data
-    assert data_set_fragments(pdu[:6] + (1).to_bytes(4, "big") + b"\0\0") == []  # a lying item length
+    assert fragments(pdu) == [(False, 4, True), (True, 2, True), (False, 5, False)]
+    assert fragments(bytes([0x02, 0]) + pdu[2:]) == []  # an A-ASSOCIATE-AC is no data
+    assert fragments(pdu[:6] + (1).to_bytes(4, "big") + b"\0\0") == []  # a lying item length
+
+
+def test_a_command_set_that_never_ends_is_aborted(node, caplog):
+    """pynetdicom gathers command fragments in memory and they were not counted: 64 MB of them left 65.7 MB
+    on the node. A command set passing 64 KB now ends the association."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation as DX
+    listener, _ = node
+    sender = AE(ae_title="TESTSCU")
+    sender.add_requested_context(DX)
+    association = sender.associate("127.0.0.1", listener.address[1], ae_title="PNEUMONIA")
+    assert association.is_established
+    context = association.accepted_contexts[0].context_id
+    item = (16_002).to_bytes(4, "big") + bytes([context, 0x01]) + bytes(16_000)  # a command fragment, never last
+    pdu = bytes([0x04, 0]) + len(item).to_bytes(4, "big") + item
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(OSError):
+            for _ in range(1000):  # 16 MB of command set
+                association.dul.socket.send(pdu)
+        assert eventually(lambda: "aborted as it arrived: a command set of more than 64 KB" in caplog.text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        association.abort()
+    assert peak < 8 * 2**20, f"{peak:,} bytes"
 
 
 def test_a_sender_that_dies_inside_an_instance_leaves_nothing_behind(node, xray_sources, tmp_path, caplog):

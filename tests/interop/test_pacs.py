@@ -342,14 +342,17 @@ def test_an_instance_above_the_size_limit_is_not_read_and_not_fetched_again(trai
         server.upload(big)
         server.upload(xray_dicom(xray_sources["NORMAL"][1], tmp_path / "small.dcm", "DX", patient_id="P11"))
         state = tmp_path / "state.sqlite"
-        assert run_pacs(trained_run, server.dicomweb, state, "--max-instance-mb", "5") == 0
+        assert run_pacs(trained_run, server.dicomweb, state, "--max-instance-mb", "5") == 1  # cron notices
         out = capsys.readouterr().out
-        assert "2 new instance(s), 0 already scored: 1 scored and reported, 1 unreadable" in out
+        assert "2 new instance(s), 0 already scored: 1 scored and reported, 0 unreadable" in out and "1 given up" in out
         uid = pydicom.dcmread(big).SOPInstanceUID
-        assert re.search(rf"instance {uid}: unreadable: (8\.\d MB, above|more than) (the )?5 MB (limit )?"
-                         r"\(--max-instance-mb\)", caplog.text), caplog.text
+        assert re.search(rf"instance {uid}: (8\.\d MB, above|more than) (the )?5 MB (limit )?\(--max-instance-mb\) "
+                         r"\(given up; a larger --max-instance-mb with --retry-given-up fetches it again\)",
+                         caplog.text), caplog.text
         assert run_pacs(trained_run, server.dicomweb, state, "--max-instance-mb", "5") == 0
-        assert "0 new instance(s), 2 already scored" in capsys.readouterr().out  # (and the report not listed)
+        assert "0 new instance(s), 1 already scored" in capsys.readouterr().out  # not fetched again
+        assert run_pacs(trained_run, server.dicomweb, state, "--retry-given-up") == 0  # the default 256 MB
+        assert "1 new instance(s), 1 already scored: 1 scored and reported" in capsys.readouterr().out
     finally:
         server.stop()
 
@@ -363,11 +366,43 @@ def test_an_answer_whose_length_is_above_the_limit_is_not_read(trained_run, tmp_
                           "GET /dicom-web/studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5": (
                               200, bytes(6 * 2**20), "multipart/related; type=\"application/dicom\"")}
         assert run_pacs(trained_run, proxy.url + "/dicom-web", state, "--modality", "DX",
-                        "--max-instance-mb", "5") == 0
-        assert "instance 1.2.3.4.5: unreadable: 6.0 MB, above the 5 MB limit (--max-instance-mb)" in caplog.text
-        assert "1 unreadable" in capsys.readouterr().out
+                        "--max-instance-mb", "5") == 1
+        assert "instance 1.2.3.4.5: 6.0 MB, above the 5 MB limit (--max-instance-mb) (given up" in caplog.text
+        assert "1 given up" in capsys.readouterr().out
     finally:
         proxy.close()
+
+
+def test_an_instance_sent_in_chunks_is_cut_off_at_the_limit_and_searches_are_not_limited():
+    """The branch for answers without a length (Orthanc's chunked WADO-RS): reading stops once the limit has
+    arrived; a QIDO-RS page is not an instance and is left alone."""
+    import requests
+
+    from pneumonia_cnn.interop.dicomweb import AnswerTooLarge, body_limit
+
+    class Chunks:
+        def __init__(self):
+            self.read = 0
+
+        def close(self):
+            self.closed = True
+
+        def stream(self, *args, **kwargs):
+            for _ in range(100):
+                self.read += 2**20
+                yield bytes(2**20)
+
+    def answer(url):
+        response = requests.Response()
+        response.url, response.raw, response.status_code = url, Chunks(), 200
+        return body_limit(5 * 2**20)(response)
+
+    cut = answer("http://pacs/dicom-web/studies/1/series/2/instances/3")
+    with pytest.raises(AnswerTooLarge, match=r"more than 5 MB \(--max-instance-mb\)"):
+        cut.content  # noqa: B018 - reading the body is the act under test
+    assert cut.raw.read == 6 * 2**20 and cut.raw.closed  # the sixth MB passed the limit; the other 94 never read
+    search = answer("http://pacs/dicom-web/instances?Modality=DX")
+    assert len(search.content) == 100 * 2**20
 
 
 def test_credentials_are_checked_before_any_request_and_never_shown(monkeypatch):
@@ -381,6 +416,9 @@ def test_credentials_are_checked_before_any_request_and_never_shown(monkeypatch)
     with pytest.raises(PneumoniaCNNError) as refused:
         connect("http://127.0.0.1:9/dicom-web")
     assert "not a bearer token (14 characters" in str(refused.value) and "SECRET" not in str(refused.value)
+    monkeypatch.setenv("PNEUMONIA_CNN_DICOMWEB_TOKEN", " \n")  # blank: an error too, not quietly no token
+    with pytest.raises(PneumoniaCNNError, match="not a bearer token"):
+        connect("http://127.0.0.1:9/dicom-web")
     monkeypatch.delenv("PNEUMONIA_CNN_DICOMWEB_TOKEN")
     monkeypatch.setenv("PNEUMONIA_CNN_DICOMWEB_PASSWORD", "s3cret")
     with pytest.raises(PneumoniaCNNError, match="PNEUMONIA_CNN_DICOMWEB_PASSWORD is set but --user is not"):

@@ -165,7 +165,8 @@ def run_audit(args) -> int:
 
 
 def drift_arguments(p):
-    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
+    p.add_argument("checkpoint", help="best.pt or run folder (or builtin: named, since the option lists "
+                                        "after it would otherwise take a model's name as one of theirs)")
     p.add_argument("--data", nargs="+", required=True, help="new images: files, folders or globs")
     add_format(p, ("table", "json"))
     add_device(p, "cpu")

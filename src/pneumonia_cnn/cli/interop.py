@@ -71,7 +71,8 @@ def add_network_options(p):
 
 
 def pacs_arguments(p):
-    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
+    p.add_argument("checkpoint", help="best.pt or run folder (or builtin: named, since the option lists "
+                                        "after it would otherwise take a model's name as one of theirs)")
     p.add_argument("--dicomweb", required=True, metavar="URL", help="DICOMweb root, e.g. http://pacs:8042/dicom-web")
     p.add_argument("--state", default="pacs_state.sqlite", help="SQLite file remembering what was scored")
     p.add_argument("--modality", nargs="+", default=["CR", "DX"], help="modalities to look for")
@@ -131,7 +132,8 @@ def print_pacs_summary(summary: dict):
 
 
 def listen_arguments(p):
-    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
+    p.add_argument("checkpoint", help="best.pt or run folder (or builtin: named, since the option lists "
+                                        "after it would otherwise take a model's name as one of theirs)")
     p.add_argument("--send-to", required=True, metavar="HOST:PORT:AET", help="where the reports go (C-STORE)")
     p.add_argument("--port", type=PORT, default=11112, help="DICOM port to listen on")
     p.add_argument("--ae-title", default="PNEUMONIA", help="this node's AE title")

@@ -21,44 +21,47 @@ COMMAND, LAST_FRAGMENT = 0x01, 0x02  # bits of the message control header
 # the node asks for P-DATA PDUs of at most 16,382 bytes (pynetdicom's default), and an association request
 # with a hundred presentation contexts takes tens of KB: 4 MB leaves every conforming peer far below it
 MAX_PDU_BYTES = 4 * 2**20
+MAX_COMMAND_BYTES = 64 * 2**10
 
 
-def data_set_fragments(pdu: bytes) -> list[tuple[int, bool]]:
-    """(bytes, last) for each data set fragment of one PDU; none for another PDU type or a command fragment.
-    A PDU that lies about its lengths ends the walk (the DUL refuses it anyway)."""
+def fragments(pdu: bytes) -> list[tuple[bool, int, bool]]:
+    """(command, bytes, last) for each fragment of one P-DATA-TF PDU; none for another PDU type. A PDU that
+    lies about its lengths ends the walk (the DUL refuses it anyway)."""
     if len(pdu) < PDU_HEADER or pdu[0] != P_DATA_TF:
         return []
-    fragments, offset = [], PDU_HEADER
+    found, offset = [], PDU_HEADER
     while offset + ITEM_HEADER <= len(pdu):
         length, control = struct.unpack_from(">I", pdu, offset)[0], pdu[offset + 5]
         if length < 2:
             break
-        if not control & COMMAND:
-            fragments.append((length - 2, bool(control & LAST_FRAGMENT)))
+        found.append((bool(control & COMMAND), length - 2, bool(control & LAST_FRAGMENT)))
         offset += 4 + length
-    return fragments
+    return found
 
 
 class ArrivalLimit:
-    """Counts the data set bytes of the instance each association is sending; ``on_data`` is pynetdicom's
-    EVT_DATA_RECV handler (called on the association's own thread for every PDU received)."""
+    """Counts the bytes of the message each association is sending, its data set and its command set apart;
+    ``on_data`` is pynetdicom's EVT_DATA_RECV handler (called on the connection's reader thread for every PDU
+    received)."""
 
     def __init__(self, max_instance_mb: float):
         self.max_instance_mb, self.limit = max_instance_mb, int(max_instance_mb * 2**20)
-        self.arriving: dict[int, int] = {}
+        self.arriving: dict[tuple[int, bool], int] = {}
         self.lock = threading.Lock()
 
     def on_data(self, event):
         assoc = event.assoc
         if assoc.is_aborted:
             return
-        for size, last in data_set_fragments(event.data):
+        for command, size, last in fragments(event.data):
             with self.lock:
-                total = self.arriving.get(id(assoc), 0) + size
-                self.arriving[id(assoc)] = 0 if last else total
-            if total > self.limit:
-                log.warning("instance from %s: aborted as it arrived: more than %g MB (--max-instance-mb)",
-                            peer(assoc), self.max_instance_mb)
+                total = self.arriving.get((id(assoc), command), 0) + size
+                self.arriving[(id(assoc), command)] = 0 if last else total
+            # pynetdicom gathers a command set in memory; a real one takes a few hundred bytes
+            if total > (MAX_COMMAND_BYTES if command else self.limit):
+                log.warning("instance from %s: aborted as it arrived: %s", peer(assoc),
+                            "a command set of more than 64 KB" if command
+                            else f"more than {self.max_instance_mb:g} MB (--max-instance-mb)")
                 assoc.abort(block=False)  # from inside an event handler: queued for the DUL, which sends it
                 return
 
@@ -81,7 +84,8 @@ class ArrivalLimit:
         """pynetdicom's EVT_CONN_CLOSE handler: a connection that ends inside an instance leaves pynetdicom's
         temporary file of it behind; delete it."""
         with self.lock:
-            self.arriving.pop(id(event.assoc), None)
+            for command in (False, True):
+                self.arriving.pop((id(event.assoc), command), None)
         message = getattr(getattr(event.assoc, "dimse", None), "message", None)
         partial = getattr(message, "_data_set_path", None)
         if partial is None:

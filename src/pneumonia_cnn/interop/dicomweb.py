@@ -17,6 +17,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from ..errors import PneumoniaCNNError
 from .network import TransferError, with_retries
@@ -62,7 +63,7 @@ def connect(url: str, timeout: float = 60.0, user: str | None = None, max_instan
         session.auth = (user, password)
     elif password is not None:  # it would be sent to nobody, and the PACS's 401 would not say why
         raise PneumoniaCNNError("PNEUMONIA_CNN_DICOMWEB_PASSWORD is set but --user is not: name the user")
-    if token and token.strip():
+    if token:  # blank is refused by bearer_token, not quietly left out
         session.headers["Authorization"] = f"Bearer {bearer_token(token)}"
     session.hooks["response"].append(body_limit(int(max_instance_mb * 2**20)))
     client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=timeout)
@@ -76,20 +77,27 @@ class AnswerTooLarge(PneumoniaCNNError):
 
 
 def body_limit(limit: int):
-    """A requests response hook refusing an answer above ``limit`` bytes: by its Content-Length before any of
-    it is read, or, sent in chunks, once that many bytes have arrived."""
+    """A requests response hook refusing a WADO-RS instance above ``limit`` bytes: by its Content-Length before
+    any of it is read, or, sent in chunks, once that many bytes have arrived (searches and STOW-RS answers are
+    not instances, and stay unbounded)."""
     def check(response, *args, **kwargs):
+        if "/instances/" not in urlsplit(response.url or "").path:
+            return response
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > limit:
+            response.close()
             raise AnswerTooLarge(f"{int(length) / 2**20:.1f} MB, above the {limit / 2**20:g} MB limit "
                                  "(--max-instance-mb)")
-        stream = response.raw.stream
+        stream = getattr(response.raw, "stream", None)
+        if stream is None:  # not urllib3's response (another transport adapter): its Content-Length alone
+            return response
 
         def bounded(*args, **kwargs):
             received = 0
             for chunk in stream(*args, **kwargs):
                 received += len(chunk)
                 if received > limit:
+                    response.close()
                     raise AnswerTooLarge(f"more than {limit / 2**20:g} MB (--max-instance-mb)")
                 yield chunk
         response.raw.stream = bounded
@@ -201,10 +209,12 @@ class PacsJob:
                 dataset = self._retry(lambda uids=(study, series, sop): self.client.retrieve_instance(*uids),
                                       f"instance {sop}: WADO-RS retrieve")
             except TransferError as error:  # 404/410: listed by QIDO-RS but not there
-                if isinstance(error.cause, AnswerTooLarge):  # the instance will not shrink: not fetched again
-                    log.warning("instance %s: unreadable: %s", sop, error.cause)
-                    self.state.record(sop, self.model, "unreadable", study, series, error=str(error.cause))
-                    summary["unreadable"] += 1
+                if isinstance(error.cause, AnswerTooLarge):  # it will not shrink: given up until the limit is
+                    # raised and --retry-given-up fetches it again
+                    log.warning("instance %s: %s (given up; a larger --max-instance-mb with --retry-given-up "
+                                "fetches it again)", sop, error.cause)
+                    self.state.record(sop, self.model, GIVEN_UP, study, series, error=str(error.cause))
+                    summary["given_up"] += 1
                 else:
                     self._failed(summary, sop, study, series, error, refused=error.status in (404, 410))
                 continue

@@ -65,7 +65,8 @@ class Listener:
         self.next_rescan = 0.0  # the first pass picks up what an earlier run left
         # the latest reports, for the caller (and the tests); bounded, as a node runs for months
         self.sent: collections.deque[dict] = collections.deque(maxlen=1000)
-        self.server = self.worker = None
+        self.server = self.worker = self.lock = None
+        self.stopping = threading.Event()
 
     # ---------- the network side
     def start(self, block: bool = True):
@@ -73,7 +74,8 @@ class Listener:
         ``block``: serve until SIGTERM (then stop, exit 0) or Ctrl-C (stop, then KeyboardInterrupt)."""
         from pynetdicom import evt
         self.lock = SpoolLock(self.spool).acquire()
-        try:
+        self.stopping.clear()
+        try:  # whatever fails before the node runs, the spool's lock is released
             self.server = self._application_entity().start_server(
                 self.address, block=False, ssl_context=self.access.server_context(),
                 evt_handlers=[(evt.EVT_C_STORE, self._receive), (evt.EVT_ABORTED, self._aborted),
@@ -82,6 +84,9 @@ class Listener:
         except OSError as error:
             self.lock.release()
             raise PneumoniaCNNError(f"cannot listen on {self.address[0]}:{self.address[1]}: {error.strerror}") from None
+        except BaseException:
+            self.lock.release()
+            raise
         self.worker = threading.Thread(target=self._work, name="pneumonia-listen-worker", daemon=True)
         self.worker.start()
         log.info("listening as %s on %s:%d%s; reports go to %s%s; spool %s", self.ae_title, *self.address,
@@ -111,21 +116,28 @@ class Listener:
         return ae
 
     def _serve_until_terminated(self):
-        terminated = threading.Event()
-        with contextlib.suppress(ValueError):  # not the main thread: the caller stops the node
-            signal.signal(signal.SIGTERM, lambda *_: terminated.set())
-        while not terminated.wait(0.5):
-            pass
-        log.info("SIGTERM: stopping")
+        """Until SIGTERM, or ``stop()`` from another thread; the previous SIGTERM handler is restored."""
+        previous, sigterm = None, threading.Event()
+        with contextlib.suppress(ValueError):  # not the main thread: only stop() ends the wait
+            previous = signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
+        try:
+            while not (sigterm.wait(0.5) or self.stopping.is_set()):
+                pass
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        if sigterm.is_set():
+            log.info("SIGTERM: stopping")
 
     def stop(self, timeout: float = 30.0, grace: float = 10.0):
         """No new associations; those in progress get ``grace`` seconds to finish (an instance received is
         acknowledged and kept), then are aborted (the sender has no acknowledgement: it sends again); the
         worker finishes the batch it is scoring. What is left in SPOOL/incoming goes out at the next start."""
+        self.stopping.set()
         if self.server is not None:
             server, self.server = self.server, None
+            server.shutdown()  # first: an association accepted meanwhile is in the list below
             active = list(server.active_associations)
-            server.shutdown()
             deadline = time.monotonic() + grace
             for association in active:
                 association.join(max(0.0, deadline - time.monotonic()))
@@ -134,7 +146,7 @@ class Listener:
         if self.worker is not None and self.worker.is_alive():
             self.queue.put(None)
             self.worker.join(timeout)
-        if getattr(self, "lock", None) is not None:
+        if self.lock is not None:
             self.lock.release()
             waiting = len(list(self.incoming.glob("*.dcm")))
             log.info("stopped%s", f"; {waiting} instance(s) in {display_path(self.incoming)} go out at the next "
@@ -174,7 +186,12 @@ class Listener:
     # ---------- the worker
     def _work(self):
         while True:
-            batch = self._next_batch()
+            try:
+                batch = self._next_batch()
+            except Exception as error:  # noqa: BLE001 - a spool changed by hand must not end the worker
+                log.warning("reading the spool failed (%s); trying again", error)
+                time.sleep(1.0)
+                continue
             if batch is None:
                 return
             if batch:
@@ -212,6 +229,8 @@ class Listener:
         (or left by an earlier run), sent again without a restart."""
         known = {path for _, path in self.later} | set(list(self.queue.queue))
         for path in sorted(self.incoming.glob("*.dcm")):
+            if not os.path.lexists(path):  # moved away by hand since the listing
+                continue
             if path.is_symlink() or not path.is_file():  # a link (dangling, or to a file anywhere) is not read
                 self._set_aside(path, "not a regular file (a link, a folder or a device): not read")
             elif path not in known:

@@ -184,3 +184,18 @@ def test_stop_from_another_thread_ends_a_blocking_start_and_sigterm_is_handed_ba
         fallback.cancel()
     assert time.monotonic() - started < 10 and node.lock is None and node.server is None
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_an_instance_whose_uid_is_not_one_is_set_aside_not_reported(predictor, xray_sources, tmp_path, caplog):
+    """"not-a-uid\\n../../evil" was reported as "not-a-uid../../evil": a report referencing nothing, which a
+    validating PACS refuses (and the node then set it aside after three passes)."""
+    import pydicom
+    caplog.set_level(logging.INFO)
+    node = Listener(predictor, nowhere(), port=free_port(), spool=tmp_path / "spool")
+    source = pydicom.dcmread(xray_dicom(xray_sources["NORMAL"][0], tmp_path / "x.dcm", "DX"))
+    source.SOPInstanceUID = "not-a-uid"
+    source.save_as(node.incoming / "odd.dcm")
+    node._process([node.incoming / "odd.dcm"])
+    assert (node.unreadable / "odd.dcm").exists() and not node.sent
+    assert "unreadable: its SOPInstanceUID is not a valid UID (not-a-uid): a report could not reference it" \
+        in caplog.text

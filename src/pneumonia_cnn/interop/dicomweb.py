@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from ..errors import PneumoniaCNNError
 from .network import TransferError, with_retries
-from .scoring import DicomScorer, ScoredInstance, not_an_xray
+from .scoring import DicomScorer, ScoredInstance, is_uid, not_an_xray, shown_uid
 from .state import GIVEN_UP, ScoredState
 
 log = logging.getLogger("pneumonia_cnn")
@@ -350,24 +350,15 @@ def _failure_from_xml(content: bytes):
     return answer
 
 
-UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
-
-
 def listing_problem(study: str | None, series: str | None, sop: str) -> str | None:
     """Why an instance QIDO-RS listed cannot be fetched: a UID missing, or one that is not a UID (the WADO-RS
     URL cannot be built: a 300-character "UID" failed on every run, forever)."""
     for name, uid in (("study", study), ("series", series), ("SOP", sop)):
         if not uid:
             return f"QIDO-RS listed it without its {name} instance UID"
-        if len(uid) > 64 or not UID_PATTERN.fullmatch(uid):
+        if not is_uid(uid):
             return f"QIDO-RS listed it with a {name} instance UID that is not a UID ({shown_uid(uid)})"
     return None
-
-
-def shown_uid(uid: str | None) -> str:
-    """A UID for a log line: at most 64 characters of it (a UID has no more), the rest counted."""
-    uid = str(uid)
-    return uid if len(uid) <= 64 else f"{uid[:64]}… ({len(uid)} characters)"
 
 
 def _value(record: dict, tag: str) -> str | None:

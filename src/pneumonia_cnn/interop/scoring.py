@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -47,6 +48,29 @@ class ScoredInstance:
 def uids_of(dataset: Dataset) -> tuple[str, str, str]:
     return (str(getattr(dataset, "SOPInstanceUID", "?")), str(getattr(dataset, "StudyInstanceUID", "?")),
             str(getattr(dataset, "SeriesInstanceUID", "?")))
+
+
+UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def is_uid(value) -> bool:
+    return value is not None and len(str(value)) <= 64 and UID_PATTERN.fullmatch(str(value)) is not None
+
+
+def shown_uid(uid) -> str:
+    """A UID for a log line: at most 64 characters of it (a UID has no more), the rest counted."""
+    uid = str(uid)
+    return uid if len(uid) <= 64 else f"{uid[:64]}… ({len(uid)} characters)"
+
+
+def uid_problem(dataset: Dataset) -> str | None:
+    """Why a report could not reference this instance: a UID missing or not a UID ("not-a-uid\\n../x" was
+    reported as "not-a-uid../x", a reference to nothing)."""
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not is_uid(getattr(dataset, keyword, None)):
+            return f"its {keyword} is not a valid UID ({shown_uid(getattr(dataset, keyword, None))}): a report " \
+                   "could not reference it"
+    return None
 
 
 def not_an_xray(dataset: Dataset) -> str | None:
@@ -91,6 +115,9 @@ class DicomScorer:
         for dataset in datasets:
             result = ScoredInstance(*uids_of(dataset))
             results.append(result)
+            result.error = uid_problem(dataset)
+            if result.error:
+                continue
             try:
                 gray, meta = self.predictor.preprocess_bytes(dataset_bytes(dataset),
                                                              f"instance {result.sop_instance_uid}")

@@ -373,12 +373,32 @@ def test_an_answer_whose_length_is_above_the_limit_is_not_read(trained_run, tmp_
         proxy.close()
 
 
+def test_a_12_bit_jpeg_instance_is_asked_for_again_decoded(trained_run, xray_sources, tmp_path, capsys, caplog):
+    """12-bit JPEG Extended, which neither GDCM nor Pillow decodes, was counted unreadable; asked for again in
+    Explicit VR Little Endian, Orthanc converts it and the X-ray is scored."""
+    require_orthanc()
+    server = Orthanc(tmp_path / "orthanc").start()
+    try:
+        plain = server.upload(xray_dicom(xray_sources["PNEUMONIA"][0], tmp_path / "p.dcm", "DX", patient_id="P12"))
+        answer = server.http.post(f"{server.url}/instances/{plain['ID']}/modify", timeout=30, json={
+            "Transcode": "1.2.840.10008.1.2.4.51", "Force": True, "Keep": ["SOPInstanceUID"]})
+        answer.raise_for_status()
+        server.http.delete(f"{server.url}/instances/{plain['ID']}", timeout=10)
+        (tmp_path / "jpeg12.dcm").write_bytes(answer.content)
+        assert pydicom.dcmread(tmp_path / "jpeg12.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.51"
+        server.upload(tmp_path / "jpeg12.dcm")
+        assert run_pacs(trained_run, server.dicomweb, tmp_path / "state.sqlite") == 0
+        assert "1 new instance(s), 0 already scored: 1 scored and reported, 0 unreadable" in capsys.readouterr().out
+    finally:
+        server.stop()
+
+
 def test_an_instance_sent_in_chunks_is_cut_off_at_the_limit_and_searches_are_not_limited():
     """The branch for answers without a length (Orthanc's chunked WADO-RS): reading stops once the limit has
     arrived; a QIDO-RS page is not an instance and is left alone."""
     import requests
 
-    from pneumonia_cnn.interop.dicomweb import AnswerTooLarge, body_limit
+    from pneumonia_cnn.interop.dicomweb_session import AnswerTooLarge, body_limit
 
     class Chunks:
         def __init__(self):
@@ -408,7 +428,7 @@ def test_an_instance_sent_in_chunks_is_cut_off_at_the_limit_and_searches_are_not
 def test_credentials_are_checked_before_any_request_and_never_shown(monkeypatch):
     """A token file read with its line ending made requests refuse the header and quote it, token included, in
     the error line; a password without --user was sent to nobody (the PACS's 401 said nothing of why)."""
-    from pneumonia_cnn.interop.dicomweb import connect
+    from pneumonia_cnn.interop.dicomweb_session import connect
     monkeypatch.setenv("PNEUMONIA_CNN_DICOMWEB_TOKEN", "eyJhbGciOiJSUzI1NiJ9.PAYLOAD.sig\r\n")
     client = connect("http://127.0.0.1:9/dicom-web")
     assert client._session.headers["Authorization"] == "Bearer eyJhbGciOiJSUzI1NiJ9.PAYLOAD.sig"

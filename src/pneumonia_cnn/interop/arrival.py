@@ -9,6 +9,7 @@ as fast as a peer sends it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import struct
 import threading
@@ -107,7 +108,8 @@ def peer(association) -> str:
 JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
 
 
-def decodable_transfer_syntaxes() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def decodable_transfer_syntaxes() -> tuple[str, ...]:
     """The transfer syntaxes whose pixel data this installation decodes: the native ones, and the compressed
     ones for which pydicom has a working decoder (GDCM, Pillow, CharLS...). The node offers these alone, so a
     sender converts anything else before sending instead of having it acknowledged and never read."""
@@ -125,4 +127,4 @@ def decodable_transfer_syntaxes() -> list[str]:
         twelve_bit = uid != JPEG_EXTENDED or "pylibjpeg" in getattr(decoder, "available_plugins", ())
         if decoder is None or decoder.is_available and twelve_bit:
             decodable.append(str(uid))
-    return decodable
+    return tuple(decodable)

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-import re
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from ..errors import PneumoniaCNNError
+from .arrival import decodable_transfer_syntaxes
+from .dicomweb_session import AnswerTooLarge, connect
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, ScoredInstance, is_uid, not_an_xray, shown_uid
 from .state import GIVEN_UP, ScoredState
@@ -46,74 +45,6 @@ class PacsOptions:
     refusal_spacing: float = 600.0  # refusals closer together count once: --watch polls must not give up in a minute
     retry_given_up: bool = False
     max_instance_mb: float = 256.0  # an answer above it is not read: the instance is unreadable, not fetched again
-
-
-def connect(url: str, timeout: float = 60.0, user: str | None = None, max_instance_mb: float = 256.0):
-    """A DICOMweb client. Credentials never come from the command line (process lists show it): with ``user``
-    the password is read from PNEUMONIA_CNN_DICOMWEB_PASSWORD; a bearer token from PNEUMONIA_CNN_DICOMWEB_TOKEN.
-    HTTPS certificates are checked (a hospital CA: REQUESTS_CA_BUNDLE)."""
-    from dicomweb_client.api import DICOMwebClient
-    from requests import Session
-    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # it logs every request at INFO
-    session = Session()
-    password, token = os.environ.get("PNEUMONIA_CNN_DICOMWEB_PASSWORD"), os.environ.get("PNEUMONIA_CNN_DICOMWEB_TOKEN")
-    if user:
-        if password is None:
-            raise PneumoniaCNNError(f"--user {user}: set the password in PNEUMONIA_CNN_DICOMWEB_PASSWORD")
-        session.auth = (user, password)
-    elif password is not None:  # it would be sent to nobody, and the PACS's 401 would not say why
-        raise PneumoniaCNNError("PNEUMONIA_CNN_DICOMWEB_PASSWORD is set but --user is not: name the user")
-    if token:  # blank is refused by bearer_token, not quietly left out
-        session.headers["Authorization"] = f"Bearer {bearer_token(token)}"
-    session.hooks["response"].append(body_limit(int(max_instance_mb * 2**20)))
-    client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=timeout)
-    client.set_http_retry_params(retry=False)  # its own retries would multiply ours and hide each failure
-    return client
-
-
-class AnswerTooLarge(PneumoniaCNNError):
-    """An HTTP answer longer than --max-instance-mb: not read further (dicomweb-client holds a whole answer in
-    memory, and decoding it took 10 times its size: a 98 MB instance, 976 MB of the process)."""
-
-
-def body_limit(limit: int):
-    """A requests response hook refusing a WADO-RS instance above ``limit`` bytes: by its Content-Length before
-    any of it is read, or, sent in chunks, once that many bytes have arrived (searches and STOW-RS answers are
-    not instances, and stay unbounded)."""
-    def check(response, *args, **kwargs):
-        if "/instances/" not in urlsplit(response.url or "").path:
-            return response
-        length = response.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > limit:
-            response.close()
-            raise AnswerTooLarge(f"{int(length) / 2**20:.1f} MB, above the {limit / 2**20:g} MB limit "
-                                 "(--max-instance-mb)")
-        stream = getattr(response.raw, "stream", None)
-        if stream is None:  # not urllib3's response (another transport adapter): its Content-Length alone
-            return response
-
-        def bounded(*args, **kwargs):
-            received = 0
-            for chunk in stream(*args, **kwargs):
-                received += len(chunk)
-                if received > limit:
-                    response.close()
-                    raise AnswerTooLarge(f"more than {limit / 2**20:g} MB (--max-instance-mb)")
-                yield chunk
-        response.raw.stream = bounded
-        return response
-    return check
-
-
-def bearer_token(token: str) -> str:
-    """The token without the line ending a file read into the variable leaves; refused, without being shown,
-    when it holds characters a bearer token cannot (RFC 6750: letters, digits and -._~+/ then =): requests
-    would otherwise quote the whole header, token included, in its error."""
-    token = token.strip()
-    if not re.fullmatch(r"[A-Za-z0-9\-._~+/]+=*", token):
-        raise PneumoniaCNNError(f"PNEUMONIA_CNN_DICOMWEB_TOKEN: not a bearer token ({len(token)} characters, "
-                                "some of them spaces, control characters or others a token cannot hold)")
-    return token
 
 
 class PacsJob:
@@ -206,8 +137,7 @@ class PacsJob:
                 summary["given_up"] += 1
                 continue
             try:
-                dataset = self._retry(lambda uids=(study, series, sop): self.client.retrieve_instance(*uids),
-                                      f"instance {sop}: WADO-RS retrieve")
+                dataset = self._fetch(study, series, sop)
             except TransferError as error:  # 404/410: listed by QIDO-RS but not there
                 if isinstance(error.cause, AnswerTooLarge):  # it will not shrink: given up until the limit is
                     # raised and --retry-given-up fetches it again
@@ -233,6 +163,24 @@ class PacsJob:
                 summary["unreadable"] += 1
             else:
                 self._store(result, summary)
+
+    def _fetch(self, study: str, series: str, sop: str):
+        """WADO-RS, as the PACS stores the instance; one in a transfer syntax this installation cannot decode
+        (12-bit JPEG Extended) is asked for again in Explicit VR Little Endian, which a PACS that converts
+        (Orthanc does) sends decoded; one that does not keeps the first, and the reader says why."""
+        from pydicom.uid import ExplicitVRLittleEndian
+        dataset = self._retry(lambda: self.client.retrieve_instance(study, series, sop), f"instance {sop}: WADO-RS "
+                              "retrieve")
+        syntax = str(getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", "") or "")
+        if not syntax or syntax in decodable_transfer_syntaxes():
+            return dataset
+        try:
+            return self._retry(lambda: self.client.retrieve_instance(
+                study, series, sop, media_types=(("application/dicom", ExplicitVRLittleEndian),)),
+                f"instance {sop}: WADO-RS retrieve in Explicit VR Little Endian")
+        except TransferError as error:
+            log.info("instance %s: the PACS does not convert it (%s)", sop, error)
+            return dataset
 
     def _store(self, result: ScoredInstance, summary: dict):
         for index, output in enumerate(result.outputs):

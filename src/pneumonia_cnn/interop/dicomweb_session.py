@@ -1,0 +1,78 @@
+"""The HTTP side of ``pacs``: a DICOMweb client whose credentials never come from the command line and are
+never shown, and whose WADO-RS answers are bounded by ``--max-instance-mb``."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from urllib.parse import urlsplit
+
+from ..errors import PneumoniaCNNError
+
+
+def connect(url: str, timeout: float = 60.0, user: str | None = None, max_instance_mb: float = 256.0):
+    """A DICOMweb client. Credentials never come from the command line (process lists show it): with ``user``
+    the password is read from PNEUMONIA_CNN_DICOMWEB_PASSWORD; a bearer token from PNEUMONIA_CNN_DICOMWEB_TOKEN.
+    HTTPS certificates are checked (a hospital CA: REQUESTS_CA_BUNDLE)."""
+    from dicomweb_client.api import DICOMwebClient
+    from requests import Session
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # it logs every request at INFO
+    session = Session()
+    password, token = os.environ.get("PNEUMONIA_CNN_DICOMWEB_PASSWORD"), os.environ.get("PNEUMONIA_CNN_DICOMWEB_TOKEN")
+    if user:
+        if password is None:
+            raise PneumoniaCNNError(f"--user {user}: set the password in PNEUMONIA_CNN_DICOMWEB_PASSWORD")
+        session.auth = (user, password)
+    elif password is not None:  # it would be sent to nobody, and the PACS's 401 would not say why
+        raise PneumoniaCNNError("PNEUMONIA_CNN_DICOMWEB_PASSWORD is set but --user is not: name the user")
+    if token:  # blank is refused by bearer_token, not quietly left out
+        session.headers["Authorization"] = f"Bearer {bearer_token(token)}"
+    session.hooks["response"].append(body_limit(int(max_instance_mb * 2**20)))
+    client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=timeout)
+    client.set_http_retry_params(retry=False)  # its own retries would multiply ours and hide each failure
+    return client
+
+
+class AnswerTooLarge(PneumoniaCNNError):
+    """An HTTP answer longer than --max-instance-mb: not read further (dicomweb-client holds a whole answer in
+    memory, and decoding it took 10 times its size: a 98 MB instance, 976 MB of the process)."""
+
+
+def body_limit(limit: int):
+    """A requests response hook refusing a WADO-RS instance above ``limit`` bytes: by its Content-Length before
+    any of it is read, or, sent in chunks, once that many bytes have arrived (searches and STOW-RS answers are
+    not instances, and stay unbounded)."""
+    def check(response, *args, **kwargs):
+        if "/instances/" not in urlsplit(response.url or "").path:
+            return response
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > limit:
+            response.close()
+            raise AnswerTooLarge(f"{int(length) / 2**20:.1f} MB, above the {limit / 2**20:g} MB limit "
+                                 "(--max-instance-mb)")
+        stream = getattr(response.raw, "stream", None)
+        if stream is None:  # not urllib3's response (another transport adapter): its Content-Length alone
+            return response
+
+        def bounded(*args, **kwargs):
+            received = 0
+            for chunk in stream(*args, **kwargs):
+                received += len(chunk)
+                if received > limit:
+                    response.close()
+                    raise AnswerTooLarge(f"more than {limit / 2**20:g} MB (--max-instance-mb)")
+                yield chunk
+        response.raw.stream = bounded
+        return response
+    return check
+
+
+def bearer_token(token: str) -> str:
+    """The token without the line ending a file read into the variable leaves; refused, without being shown,
+    when it holds characters a bearer token cannot (RFC 6750: letters, digits and -._~+/ then =): requests
+    would otherwise quote the whole header, token included, in its error."""
+    token = token.strip()
+    if not re.fullmatch(r"[A-Za-z0-9\-._~+/]+=*", token):
+        raise PneumoniaCNNError(f"PNEUMONIA_CNN_DICOMWEB_TOKEN: not a bearer token ({len(token)} characters, "
+                                "some of them spaces, control characters or others a token cannot hold)")
+    return token

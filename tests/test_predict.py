@@ -125,3 +125,24 @@ def test_a_file_named_twice_is_read_once_and_wide_names_keep_the_table_aligned(t
     # the probability column ends at the same terminal column on every line (the header's "probability")
     ends = [columns(line[:line.index(f"{row['probability']:.4f}")]) + 6 for line, row in zip(lines, rows)]
     assert ends == [columns(header[:header.index("probability")]) + 11] * 2
+
+
+def test_ctrl_c_while_onnx_runtime_initialises_stays_an_interrupt(monkeypatch):
+    """SIGINT inside the extension's initialisation reaches Python as ImportError("initialization failed")
+    caused by KeyboardInterrupt: read as "not installed", auto scored with torch and the command went on."""
+    import importlib
+
+    from pneumonia_cnn.errors import PneumoniaCNNError
+    from pneumonia_cnn.inference.sessions import runtime
+
+    def interrupted(name):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise ImportError("initialization failed") from interrupt
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runtime("onnx", "onnxruntime", "export")
+    monkeypatch.setattr(importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError(name)))
+    with pytest.raises(PneumoniaCNNError, match=r"--engine onnx needs onnxruntime \(pip install"):
+        runtime("onnx", "onnxruntime", "export")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 
 import pydicom
 import pytest
@@ -110,6 +111,37 @@ def test_images_in_and_reports_out_over_tls_with_certificates(trained_run, xray_
         server.shutdown()
     assert f"listening as PNEUMONIA on 127.0.0.1:{port} (TLS); reports go to DEST@127.0.0.1:{destination_port} " \
            f"(TLS)" in caplog.text
+
+
+def test_a_peer_that_connects_and_says_nothing_holds_no_other_tls_sender(trained_run, xray_sources, tmp_path,
+                                                                          caplog, certificates, monkeypatch):
+    """pynetdicom made the TLS handshake in its accept loop with no time limit: one silent TCP connection held
+    every sender (and a stop) for as long as it stayed. The handshake now runs on the connection's own thread,
+    within a time limit, and a failed one is a line."""
+    import socket
+
+    from pneumonia_cnn.inference import Predictor
+    from pneumonia_cnn.interop import dicom_access
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(dicom_access, "HANDSHAKE_SECONDS", 2.0)
+    node, key = map(str, certificates["node"])
+    listener = Listener(Predictor(trained_run, "cpu"), Destination("127.0.0.1", free_port(), "NOBODY"),
+                        port=free_port(), spool=tmp_path / "spool", attempts=1, retry_after=3600,
+                        access=NodeAccess(tls_cert=node, tls_key=key, tls_ca=str(certificates["ca"])))
+    listener.start(block=False)
+    path = xray_dicom(xray_sources["NORMAL"][0], tmp_path / "x.dcm", "DX", patient_id="TLS2")
+    try:
+        with socket.create_connection(listener.address) as silent:
+            started = time.monotonic()
+            assert store(path, listener.address[1], tls=client_tls(certificates["ca"], certificates["sender"])) == 0
+            assert time.monotonic() - started < 10
+            timed_out = "TLS handshake failed (The handshake operation timed out): closed"
+            assert eventually(lambda: timed_out in caplog.text, timeout=10)
+            assert silent.recv(1) == b""  # closed by the node
+        store(path, listener.address[1])  # plain DICOM to the TLS port
+        assert eventually(lambda: caplog.text.count("TLS handshake failed") == 2, timeout=10), caplog.text
+    finally:
+        listener.stop()
 
 
 def test_tls_options_are_checked_before_the_node_starts(certificates, tmp_path):

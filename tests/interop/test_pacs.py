@@ -373,20 +373,43 @@ def test_an_answer_whose_length_is_above_the_limit_is_not_read(trained_run, tmp_
         proxy.close()
 
 
-def test_a_12_bit_jpeg_instance_is_asked_for_again_decoded(trained_run, xray_sources, tmp_path, capsys, caplog):
-    """12-bit JPEG Extended, which neither GDCM nor Pillow decodes, was counted unreadable; asked for again in
-    Explicit VR Little Endian, Orthanc converts it and the X-ray is scored."""
+def jpeg12_in(server, source, tmp_path):
+    """An X-ray stored in Orthanc as 12-bit JPEG Extended (which neither GDCM nor Pillow decodes)."""
+    plain = server.upload(xray_dicom(source, tmp_path / "p.dcm", "DX", patient_id="P12"))
+    answer = server.http.post(f"{server.url}/instances/{plain['ID']}/modify", timeout=30, json={
+        "Transcode": "1.2.840.10008.1.2.4.51", "Force": True, "Keep": ["SOPInstanceUID"]})
+    answer.raise_for_status()
+    server.http.delete(f"{server.url}/instances/{plain['ID']}", timeout=10)
+    (tmp_path / "jpeg12.dcm").write_bytes(answer.content)
+    assert pydicom.dcmread(tmp_path / "jpeg12.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.51"
+    server.upload(tmp_path / "jpeg12.dcm")
+
+
+def test_a_12_bit_jpeg_instance_is_asked_for_again_decoded(trained_run, xray_sources, tmp_path, capsys):
+    """It was counted unreadable; asked for again in Explicit VR Little Endian, Orthanc converts it and the
+    X-ray is scored. A 503 to that second request is a failure tried again next run, not "unreadable"."""
+    import requests
+
+    from pneumonia_cnn.inference import Predictor
+    from pneumonia_cnn.interop.dicomweb import PacsJob, PacsOptions
+    from pneumonia_cnn.interop.dicomweb_session import connect
     require_orthanc()
     server = Orthanc(tmp_path / "orthanc").start()
     try:
-        plain = server.upload(xray_dicom(xray_sources["PNEUMONIA"][0], tmp_path / "p.dcm", "DX", patient_id="P12"))
-        answer = server.http.post(f"{server.url}/instances/{plain['ID']}/modify", timeout=30, json={
-            "Transcode": "1.2.840.10008.1.2.4.51", "Force": True, "Keep": ["SOPInstanceUID"]})
-        answer.raise_for_status()
-        server.http.delete(f"{server.url}/instances/{plain['ID']}", timeout=10)
-        (tmp_path / "jpeg12.dcm").write_bytes(answer.content)
-        assert pydicom.dcmread(tmp_path / "jpeg12.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.51"
-        server.upload(tmp_path / "jpeg12.dcm")
+        jpeg12_in(server, xray_sources["PNEUMONIA"][0], tmp_path)
+        client = connect(server.dicomweb)
+        first = client.retrieve_instance
+
+        def busy_when_converting(*uids, media_types=None):
+            if media_types:
+                answer = requests.Response()
+                answer.status_code = 503
+                raise requests.HTTPError("503 Service Unavailable", response=answer)
+            return first(*uids)
+        client.retrieve_instance = busy_when_converting
+        options = PacsOptions(server.dicomweb, str(tmp_path / "state.sqlite"), attempts=1)
+        summary = PacsJob(Predictor(trained_run, "cpu"), options, client=client).run_once()
+        assert (summary["failed"], summary["unreadable"], summary["scored"]) == (1, 0, 0)
         assert run_pacs(trained_run, server.dicomweb, tmp_path / "state.sqlite") == 0
         assert "1 new instance(s), 0 already scored: 1 scored and reported, 0 unreadable" in capsys.readouterr().out
     finally:

@@ -23,7 +23,7 @@ from ..data.loader import to_model_input
 from ..device import autocast, autocast_dtype
 from ..errors import PneumoniaCNNError
 from ..ood import TappedModel
-from .sessions import run_sessions, served_key
+from .sessions import run_sessions, runtime, served_key
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,7 @@ class OnnxEngine:
     precision = "float32"
 
     def __init__(self, models, size, tta: bool, taps=(), cache: bool = True):
-        try:
-            import onnxruntime
-        except ImportError:
-            raise PneumoniaCNNError("--engine onnx needs onnxruntime (pip install 'pneumonia-cnn[export]')") from None
+        onnxruntime = runtime("onnx", "onnxruntime", "export")
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
         self.sessions = []

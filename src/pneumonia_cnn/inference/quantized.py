@@ -8,7 +8,6 @@ key of the weights and the served graph's options; ``--engine onnx-int8`` finds 
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PneumoniaCNNError
-from .sessions import run_sessions, served_key
+from .sessions import run_sessions, runtime, served_key
 
 log = logging.getLogger(__name__)
 INT8_NOTE = ("int8 engine: scores come from an int8-quantised graph; the decision (calibration, threshold) and "
@@ -48,14 +47,6 @@ def int8_paths(models, size, tta: bool, taps, engine: str, cache_dir=None) -> li
                                 "checkpoint's validation images: pneumonia-cnn export CHECKPOINT --format onnx-int8 "
                                 "--data ROOT --out model.int8.onnx")
     return paths
-
-
-def runtime(engine: str, module: str, extra: str):
-    """The engine's runtime module, or a one-line error naming what to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise PneumoniaCNNError(f"--engine {engine} needs {module} (pip install 'pneumonia-cnn[{extra}]')") from None
 
 
 class Int8Engine:

@@ -3,10 +3,13 @@ served graph in the cache, and running a member's sessions on a batch."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 
 import numpy as np
 import torch
+
+from ..errors import PneumoniaCNNError
 
 
 def served_key(model: torch.nn.Module, size, tta: bool, taps) -> str:
@@ -17,6 +20,18 @@ def served_key(model: torch.nn.Module, size, tta: bool, taps) -> str:
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:24]
+
+
+def runtime(engine: str, module: str, extra: str):
+    """The engine's runtime module, or a one-line error naming what to install. Ctrl-C while a C extension
+    initialises reaches Python as ImportError("initialization failed") caused by it: it stays an interrupt,
+    not "not installed" (auto then scored with torch, and the interrupted command went on)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        if isinstance(error.__cause__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise PneumoniaCNNError(f"--engine {engine} needs {module} (pip install 'pneumonia-cnn[{extra}]')") from None
 
 
 def run_sessions(sessions, pixels_uint8: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:

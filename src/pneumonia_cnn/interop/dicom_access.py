@@ -6,11 +6,15 @@ from having its images scored and reported; TLS with client certificates (``tls_
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import ssl
 from dataclasses import dataclass
 
 from ..errors import PneumoniaCNNError
+
+log = logging.getLogger("pneumonia_cnn")
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
@@ -69,6 +73,32 @@ def check_ae_title(title: str, option: str) -> str:
         raise PneumoniaCNNError(f"{option} {title!r}: an AE title has 1 to 16 printable ASCII characters other "
                                 f"than backslash, not all spaces")
     return title
+
+
+HANDSHAKE_SECONDS = 10.0
+
+
+def tls_handshake(context: ssl.SSLContext, event) -> None:
+    """pynetdicom's EVT_CONN_OPEN handler, on the connection's own thread: the TLS handshake, within
+    HANDSHAKE_SECONDS. Given the context, pynetdicom made it in its accept loop with no time limit, so one peer
+    that connected and sent nothing held every other sender, and a stop, for as long as it stayed."""
+    connection, raw = event.assoc.dul.socket, event.assoc.dul.socket.socket
+    tls = None
+    try:
+        tls = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        tls.settimeout(HANDSHAKE_SECONDS)
+        tls.do_handshake()
+        tls.settimeout(None)
+        connection.socket = tls
+    except (OSError, ValueError) as error:  # ssl.SSLError and timeouts are OSErrors
+        reason = str(getattr(error, "reason", None) or error or "timed out")
+        reason = re.sub(r"^_ssl\.c:\d+: | \(_ssl\.c:\d+\)$", "", reason)
+        log.warning("connection from %s:%s: TLS handshake failed (%s): closed", event.address[0], event.address[1],
+                    reason)
+        if tls is not None:  # it took the raw socket's descriptor over
+            with contextlib.suppress(OSError):
+                tls.close()
+        connection.close()  # the association ends as on any closed connection
 
 
 def rejection_reason(association, accept_from) -> str:

@@ -167,7 +167,8 @@ class PacsJob:
     def _fetch(self, study: str, series: str, sop: str):
         """WADO-RS, as the PACS stores the instance; one in a transfer syntax this installation cannot decode
         (12-bit JPEG Extended) is asked for again in Explicit VR Little Endian, which a PACS that converts
-        (Orthanc does) sends decoded; one that does not keeps the first, and the reader says why."""
+        (Orthanc does) sends decoded; from one that refuses to (a 4xx), the first is kept and the reader says
+        why."""
         from pydicom.uid import ExplicitVRLittleEndian
         dataset = self._retry(lambda: self.client.retrieve_instance(study, series, sop), f"instance {sop}: WADO-RS "
                               "retrieve")
@@ -179,6 +180,8 @@ class PacsJob:
                 study, series, sop, media_types=(("application/dicom", ExplicitVRLittleEndian),)),
                 f"instance {sop}: WADO-RS retrieve in Explicit VR Little Endian")
         except TransferError as error:
+            if error.transient or isinstance(error.cause, AnswerTooLarge):  # a 503, or too large decoded: not
+                raise  # "does not convert" (that made the instance unreadable for good): failed, or given up
             log.info("instance %s: the PACS does not convert it (%s)", sop, error)
             return dataset
 

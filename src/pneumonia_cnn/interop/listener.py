@@ -28,7 +28,7 @@ from ..data.dicom_guard import dicom_problem
 from ..errors import PneumoniaCNNError
 from ..fileio import atomic_path, display_path, write_json_atomic
 from .arrival import ArrivalLimit, decodable_transfer_syntaxes, peer
-from .dicom_access import NodeAccess, check_ae_title, rejection_reason
+from .dicom_access import NodeAccess, check_ae_title, rejection_reason, tls_handshake
 from .dicom_send import OUT_OF_RESOURCES, Destination, send_c_store
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, not_an_xray
@@ -59,6 +59,7 @@ class Listener:
         self.max_instance_mb, self.access = max_instance_mb, access or NodeAccess()
         self.arrival = ArrivalLimit(max_instance_mb)
         self.tls = self.access.client_context()  # for the reports; None: plain DICOM
+        self.server_tls = self.access.server_context()  # for the images received
         self.refusals = self._refusals_kept()  # a restart goes on counting where the node stopped
         self.queue: queue.Queue = queue.Queue()
         self.later: list[tuple[float, Path]] = []
@@ -77,9 +78,9 @@ class Listener:
         self.stopping.clear()
         try:  # whatever fails before the node runs, the spool's lock is released
             self.server = self._application_entity().start_server(
-                self.address, block=False, ssl_context=self.access.server_context(),
+                self.address, block=False,  # TLS: the handshake happens in _opened, not in the accept loop
                 evt_handlers=[(evt.EVT_C_STORE, self._receive), (evt.EVT_ABORTED, self._aborted),
-                              (evt.EVT_CONN_OPEN, self.arrival.on_open), (evt.EVT_DATA_RECV, self.arrival.on_data),
+                              (evt.EVT_CONN_OPEN, self._opened), (evt.EVT_DATA_RECV, self.arrival.on_data),
                               (evt.EVT_CONN_CLOSE, self.arrival.on_close), (evt.EVT_REJECTED, self._rejected)])
         except OSError as error:
             self.lock.release()
@@ -100,6 +101,11 @@ class Listener:
             finally:
                 self.stop()
         return self
+
+    def _opened(self, event):
+        if self.server_tls is not None:
+            tls_handshake(self.server_tls, event)
+        self.arrival.on_open(event)
 
     def _application_entity(self):
         from pynetdicom import AE, AllStoragePresentationContexts, _config
@@ -157,6 +163,8 @@ class Listener:
         """C-STORE: move the instance as received (not decoded) into the spool, acknowledge, let the worker score
         it. pynetdicom wrote it to a temporary file as it arrived, and deletes that file if it is still there."""
         uid, sender = str(event.request.AffectedSOPInstanceUID or ""), event.assoc.requestor.ae_title
+        if getattr(event.assoc, "is_aborted", False):  # its last fragment passed the limit: the abort said so
+            return OUT_OF_RESOURCES
         received = Path(event.dataset_path)
         size_mb = received.stat().st_size / 2**20
         if size_mb > self.max_instance_mb:
@@ -181,6 +189,8 @@ class Listener:
                     rejection_reason(event.assoc, self.access.accept_from))
 
     def _aborted(self, event):
+        if not event.assoc.requestor.ae_title:  # a bare connection (a port check, a failed TLS handshake)
+            return
         log.warning("association with %s aborted", peer(event.assoc))
 
     # ---------- the worker

@@ -101,3 +101,12 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a pneumonia-cnn checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_a_size_just_over_a_limit_is_not_shown_at_or_under_it():
+    """"2.0 MB, above the 2 MB limit" (a file 300 bytes over) and "0.0 MB, above the 0.04 MB limit" read as
+    nonsense: where one decimal hides the excess, the bytes are given."""
+    from pneumonia_cnn.fileio import over_limit
+    assert over_limit(48 * 2**20, 40) == "48.0 MB, above the 40 MB limit"
+    assert over_limit(2 * 2**20 + 300, 2) == "2,097,452 bytes, above the 2 MB limit (2,097,152 bytes)"
+    assert over_limit(19_456, 0.04) == "19,456 bytes, above the 0.04 MB limit (41,943 bytes)"

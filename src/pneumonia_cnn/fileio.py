@@ -80,6 +80,15 @@ def _json_default(value):
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
+def over_limit(size_bytes: int, limit_mb: float) -> str:
+    """"SIZE, above the LIMIT MB limit", in MB to one decimal, or in bytes where that rounding would show the
+    size at or under the limit ("2.0 MB, above the 2 MB limit" for a file 300 bytes over)."""
+    size = f"{size_bytes / 2**20:.1f} MB"
+    if float(size.split()[0]) <= limit_mb:
+        return f"{size_bytes:,} bytes, above the {limit_mb:g} MB limit ({int(limit_mb * 2**20):,} bytes)"
+    return f"{size}, above the {limit_mb:g} MB limit"
+
+
 def display_path(path) -> str:
     """A printable form of any path, also one whose name is not valid UTF-8."""
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")

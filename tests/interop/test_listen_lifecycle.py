@@ -72,13 +72,17 @@ def test_a_port_in_use_leaves_the_spool_untouched(predictor, xray_sources, tmp_p
         first.stop()
 
 
-def test_one_node_per_spool(predictor, tmp_path):
+def test_one_node_per_spool(predictor, tmp_path, capsys):
     first = Listener(predictor, nowhere(), port=free_port(), spool=tmp_path / "spool").start(block=False)
     try:
         second = Listener(predictor, nowhere(), port=free_port(), spool=tmp_path / "spool")
         with pytest.raises(PneumoniaCNNError, match="another listen node is using this spool"):
             second.start(block=False)
         assert second.worker is None
+        # the command says so before it loads a model (this one does not even exist)
+        assert main(["listen", str(tmp_path / "missing.pt"), "--send-to", "127.0.0.1:4242:PACS",
+                     "--spool", str(tmp_path / "spool")]) == 2
+        assert "another listen node is using this spool" in capsys.readouterr().err
     finally:
         first.stop()
 

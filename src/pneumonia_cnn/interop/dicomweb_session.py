@@ -8,6 +8,7 @@ import re
 from urllib.parse import urlsplit
 
 from ..errors import PneumoniaCNNError
+from ..fileio import over_limit
 
 
 def connect(url: str, timeout: float = 60.0, user: str | None = None, max_instance_mb: float = 256.0):
@@ -48,7 +49,7 @@ def body_limit(limit: int):
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > limit:
             response.close()
-            raise AnswerTooLarge(f"{int(length) / 2**20:.1f} MB, above the {limit / 2**20:g} MB limit "
+            raise AnswerTooLarge(f"{over_limit(int(length), limit / 2**20)} "
                                  "(--max-instance-mb)")
         stream = getattr(response.raw, "stream", None)
         if stream is None:  # not urllib3's response (another transport adapter): its Content-Length alone

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..data.dicom_guard import dicom_problem
 from ..errors import PneumoniaCNNError
-from ..fileio import atomic_path, display_path, write_json_atomic
+from ..fileio import atomic_path, display_path, over_limit, write_json_atomic
 from .arrival import ArrivalLimit, decodable_transfer_syntaxes, peer
 from .dicom_access import NodeAccess, check_ae_title, rejection_reason, tls_handshake
 from .dicom_send import OUT_OF_RESOURCES, Destination, send_c_store
@@ -166,10 +166,10 @@ class Listener:
         if getattr(event.assoc, "is_aborted", False):  # its last fragment passed the limit: the abort said so
             return OUT_OF_RESOURCES
         received = Path(event.dataset_path)
-        size_mb = received.stat().st_size / 2**20
-        if size_mb > self.max_instance_mb:
-            log.warning("instance %s from %s: refused: %.1f MB, above the %g MB limit (--max-instance-mb)", uid,
-                        sender, size_mb, self.max_instance_mb)
+        size = received.stat().st_size
+        if size > self.max_instance_mb * 2**20:
+            log.warning("instance %s from %s: refused: %s (--max-instance-mb)", uid, sender,
+                        over_limit(size, self.max_instance_mb))
             return OUT_OF_RESOURCES
         # one file per receipt: a copy re-sent while the first is being reported must not be overwritten and
         # then deleted with it, unscored (an identical copy gives the identical report again)

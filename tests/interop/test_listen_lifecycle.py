@@ -36,9 +36,10 @@ def nowhere() -> Destination:
     (["--send-to", "127.0.0.1:4242:    "], "error: --send-to '    ': an AE title has 1 to 16 printable ASCII"),
     (["--send-to", "127.0.0.1:4242:PACS", "--ae-title", "A\\B"], "error: --ae-title 'A\\\\B': an AE title has"),
 ])
-def test_an_ae_title_dicom_cannot_carry_is_refused_at_start(trained_run, capsys, options, message):
-    """A backslash in --send-to's AE title started the node; every delivery then failed in pynetdicom, forever."""
-    assert main(["listen", str(trained_run), *options]) == 2
+def test_an_ae_title_dicom_cannot_carry_is_refused_at_start(tmp_path, capsys, options, message):
+    """A backslash in --send-to's AE title started the node; every delivery then failed in pynetdicom, forever.
+    Said before the model loads (this one does not exist)."""
+    assert main(["listen", str(tmp_path / "missing.pt"), "--spool", str(tmp_path / "spool"), *options]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and len(err.splitlines()) == 1, err
 

@@ -1,10 +1,10 @@
 """What ``listen`` does while an instance arrives. Its size limit is enforced as the data comes in, not once it
-has: the bytes of each association's data set are counted from the P-DATA-TF PDUs (PS3.8 section 9.3.5), and
-an association whose instance passes ``--max-instance-mb`` is aborted there, so a larger instance never fills
-the disk that pynetdicom writes it to. A connection that ends inside an instance leaves no partial file. And
-no PDU longer than ``MAX_PDU_BYTES`` is read: pynetdicom gathers a whole PDU in memory before anything looks at
-it, so one announced as 4 GB (an association request, before any AE title is checked) would fill the memory
-as fast as a peer sends it.
+has: the bytes of each association's data set are counted from the P-DATA-TF PDUs (PS3.8 section 9.3.5), and an
+association whose instance passes ``--max-instance-mb`` is aborted there, so a larger instance never fills the
+disk that pynetdicom writes it to (a command set, which pynetdicom keeps in memory, past 64 KB likewise). A
+connection that ends inside an instance leaves no partial file. And no PDU longer than ``MAX_PDU_BYTES`` is
+read: pynetdicom gathers a whole PDU in memory before anything looks at it, so one announced as 4 GB (an
+association request, before any AE title is checked) would fill the memory as fast as a peer sends it.
 """
 from __future__ import annotations
 

@@ -82,11 +82,11 @@ class Listener:
                 evt_handlers=[(evt.EVT_C_STORE, self._receive), (evt.EVT_ABORTED, self._aborted),
                               (evt.EVT_CONN_OPEN, self._opened), (evt.EVT_DATA_RECV, self.arrival.on_data),
                               (evt.EVT_CONN_CLOSE, self.arrival.on_close), (evt.EVT_REJECTED, self._rejected)])
-        except OSError as error:
+        except BaseException as error:
             self.lock.release()
-            raise PneumoniaCNNError(f"cannot listen on {self.address[0]}:{self.address[1]}: {error.strerror}") from None
-        except BaseException:
-            self.lock.release()
+            if isinstance(error, OSError):
+                raise PneumoniaCNNError(f"cannot listen on {self.address[0]}:{self.address[1]}: "
+                                        f"{error.strerror}") from None
             raise
         self.worker = threading.Thread(target=self._work, name="pneumonia-listen-worker", daemon=True)
         self.worker.start()

@@ -5,6 +5,7 @@ same label on at least 95% of the images, OOD features within 5% (relative norm)
 least 90%; the README reports the figures on the shared test split.
 """
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -65,3 +66,66 @@ def test_int8_needs_the_checkpoints_own_validation_images(best_like_run, small_r
                  "--out", str(tmp_path / "x.onnx")]) == 2
     assert "not the validation images this checkpoint's decision was fitted on" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_relu_before_max_pool_is_the_same_function(tmp_path):
+    """The rewrite moves a ReLU that is a max-pool's only reader in front of the pool, and leaves a pool whose
+    output something else also reads (another node, or the caller: a graph output) as it is."""
+    import onnxruntime
+    import torch
+
+    from pneumonia_cnn.inference.quantize import relu_before_max_pool
+
+    class PoolThenRelu(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.conv3 = (torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 4, 3),
+                                                  torch.nn.Conv2d(4, 4, 3))
+
+        def forward(self, x):
+            x = torch.relu(torch.max_pool2d(self.conv1(x), 2))
+            pooled, kept = torch.max_pool2d(self.conv2(x), 2), torch.max_pool2d(self.conv3(x), 2)
+            return torch.relu(pooled), pooled * 2, torch.relu(kept), kept
+
+    torch.manual_seed(0)
+    path = tmp_path / "pool.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation, as in the library's export
+        torch.onnx.export(PoolThenRelu().eval(), (torch.rand(2, 1, 20, 20),), str(path), dynamo=False,
+                          input_names=["image"])
+    images = np.random.default_rng(0).random((2, 1, 20, 20), dtype=np.float32)
+    before = onnxruntime.InferenceSession(str(path)).run(None, {"image": images})
+    assert relu_before_max_pool(path) == 1
+    import onnx
+    operators = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert operators == ["Conv", "Relu", "MaxPool", "Conv", "MaxPool", "Conv", "MaxPool", "Relu", "Constant", "Mul",
+                         "Relu"]
+    after = onnxruntime.InferenceSession(str(path)).run(None, {"image": images})
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert (before[1] < 0).any() and (before[3] < 0).any()  # the pools' own outputs kept their negative values
+
+
+def test_seed_model_int8_pools_uint8_values(trained_run, small_root, int8_cache, tmp_path):
+    """The seed model (a ReLU after each max-pool) quantised: ONNX Runtime pools its uint8 values in NHWC
+    between the int8 convolutions, with no dequantisation before the dense layers, and its decisions are the
+    float32 engine's within the tolerance stated above."""
+    import onnx
+    import onnxruntime
+
+    from pneumonia_cnn.inference.quantized import KEEP_FLOAT_STEM
+    assert main(["export", str(trained_run), "--format", "onnx-int8", "--data", str(small_root),
+                 "--out", str(tmp_path / "seed.int8.onnx")]) == 0
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    onnxruntime.InferenceSession(str(tmp_path / "seed.int8.onnx"), options, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=KEEP_FLOAT_STEM)
+    operators = [node.op_type for node in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+    assert operators.count("NhwcMaxPool") == 2 and "QGemm" in operators
+    assert operators.index("DequantizeLinear") > operators.index("QGemm")
+    float32, int8 = Predictor(trained_run, "cpu", engine="onnx"), Predictor(trained_run, "cpu", engine="onnx-int8")
+    pixels = np.asarray(build_or_load(load_split(small_root, "test"), float32.size).images)
+    reference, quantised = float32.score(pixels), int8.score(pixels)
+    assert np.abs(reference.raw - quantised.raw).max() <= 0.25
+    labels = [s.probabilities >= float32.threshold for s in (reference, quantised)]
+    assert np.mean(labels[0] == labels[1]) >= 0.95

@@ -65,6 +65,7 @@ def quantize_served(model: torch.nn.Module, size, tta: bool, taps, calibration_p
     try:
         (folder / "float.onnx").write_bytes(export_onnx_bytes(served, size))
         quant_pre_process(str(folder / "float.onnx"), str(folder / "prepared.onnx"), skip_symbolic_shape=True)
+        relu_before_max_pool(folder / "prepared.onnx")
         quantize_static(str(folder / "prepared.onnx"), str(folder / "int8.onnx"), CalibrationImages(calibration_pixels),
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
@@ -72,6 +73,45 @@ def quantize_served(model: torch.nn.Module, size, tta: bool, taps, calibration_p
         return (folder / "int8.onnx").read_bytes()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def relu_before_max_pool(path) -> int:
+    """Rewrite each max-pool followed by a ReLU (its only reader) as the ReLU followed by the pool, in the ONNX
+    file at ``path``; returns how many. The same function (ReLU is monotone, so it commutes with a maximum), but
+    in this order ONNX Runtime fuses the ReLU into the int8 convolution and pools the uint8 values in NHWC; in
+    the other, the quantiser gives the pool's input and output different scales, so every pool is dequantised,
+    pooled in float and quantised again, with layout conversions around it (the seed model's order, faster in
+    training)."""
+    import onnx
+    graph_model = onnx.load(str(path))
+    graph = graph_model.graph
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {output.name for output in graph.output}
+    order, moved, swapped = [], set(), set()
+    for node in graph.node:
+        if id(node) in moved:
+            continue
+        after = readers.get(node.output[0], []) if node.op_type == "MaxPool" and len(node.output) == 1 else []
+        if len(after) == 1 and after[0].op_type == "Relu" and node.output[0] not in outputs:
+            relu, pooled = after[0], node.output[0]
+            relu.input[0], relu.output[0], node.input[0], node.output[0] = node.input[0], pooled, pooled, relu.output[0]
+            order += [relu, node]
+            moved.add(id(relu))
+            swapped.add(pooled)
+        else:
+            order.append(node)
+    if swapped:
+        kept = [info for info in graph.value_info if info.name not in swapped]  # their shapes are now the ReLU's
+        nodes = [onnx.NodeProto() for _ in order]
+        for copy, node in zip(nodes, order):
+            copy.CopyFrom(node)
+        del graph.node[:], graph.value_info[:]
+        graph.node.extend(nodes), graph.value_info.extend(kept)
+        onnx.save(graph_model, str(path))
+    return len(swapped)
 
 
 def validation_pixels(checkpoint: dict, data_root) -> np.ndarray:

@@ -62,6 +62,25 @@ def test_corrupt_compressed_pixel_data_names_each_decoders_reason_without_loggin
     assert "pillow: SIZ marker length must be at least 38" in message  # the plugin's own reason
     assert not [r for r in caplog.records if r.exc_info], "a decoder traceback reached the log"
 
+def test_a_corrupt_jpeg_dicom_names_gdcms_failure_not_its_plugins_bug(tmp_path):
+    """GDCM leaves the buffer of a failed decode empty and pydicom's plugin then reports "'NoneType' object has
+    no attribute 'encode'": the reason given is that GDCM could not decode the data."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+    pytest.importorskip("gdcm")
+    path = write_dicom(tmp_path / "jpeg.dcm", RAMP)
+    import pydicom
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    dataset.PixelData = encapsulate([b"\xff\xd8garbage" * 10])
+    dataset["PixelData"].VR = "OB"
+    dataset.save_as(path, enforce_file_format=True)
+    with pytest.raises(ImageReadError) as raised:
+        read_image(path)
+    assert "gdcm: cannot decode the compressed data" in str(raised.value)
+    assert "NoneType" not in str(raised.value)
+
+
 def test_predict_refuses_a_dicom_bomb_from_its_header(tmp_path):
     """The same guard as the server's, for files: a deflated 953 KB file claiming 10 frames of 7000x7000 is
     refused before pydicom inflates it (it would take about 490 MB)."""

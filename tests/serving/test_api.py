@@ -28,6 +28,15 @@ def test_health_model_docs(server):
     assert "/predict" in httpx.get(f"{url}/openapi.json").json()["paths"]
 
 
+def test_the_schema_names_each_operation_once(secure_server):
+    """GET and HEAD on one route shared an operation ID: client generators choke, and every load of /docs
+    logged FastAPI's warning."""
+    schema = httpx.get(f"{secure_server.url}/openapi.json").json()
+    operation_ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+    assert len(operation_ids) == len(set(operation_ids)) and len(operation_ids) >= 6
+    assert "Duplicate Operation ID" not in secure_server.log()
+
+
 def test_predict_matches_the_library_and_returns_gradcam(server, trained_run):
     url, _ = server
     predictor = Predictor(trained_run / "best.pt", "cpu")
@@ -91,6 +100,9 @@ def test_malformed_requests_get_one_line_reasons(server):
             (httpx.post(f"{url}/predict/batch"), f"no multipart field 'files': {send} 'files'"),
             (httpx.post(f"{url}/predict?gradcam=abc", files={"file": ("a.jpeg", image)}),
              "query parameter 'gradcam': Input should be a valid boolean, unable to interpret input"),
+            (httpx.post(f"{url}/predict", data={"file": "hello"}),
+             "field 'file' is text, not a file: send the image as a file in multipart/form-data field 'file' "
+             "(curl -F file=@chest.jpeg)"),
             (httpx.post(f"{url}/predict", files=[("file", ("a.jpeg", image)), ("file", ("b.jpeg", image))]),
              "2 'file' fields: /predict scores one image (/predict/batch takes several, as 'files')")):
         assert (response.status_code, response.json()) == (400, {"detail": detail})
@@ -149,3 +161,43 @@ def test_concurrent_requests_are_batched_and_correct(trained_run):
     for name, probability in asyncio.run(run()):
         assert abs(probability - expected[name]) < 1e-6
     assert sum(batch_sizes) == 48 and max(batch_sizes) > 1, batch_sizes
+
+
+def test_requests_abandoned_in_the_grad_cam_queue_are_dropped_not_answered(trained_run, tmp_path):
+    """30 Grad-CAM requests whose clients give up after 0.2 s: the one Grad-CAM thread skips those already
+    gone when their turn comes, /metrics counts them as 499 (not 200), and the audit log holds only answered
+    ones."""
+    import asyncio
+    import re
+    import sqlite3
+
+    from tests.serving.conftest import Server
+    running = Server(trained_run / "best.pt", "--audit-log", tmp_path / "audit.sqlite", workdir=tmp_path)
+    image = xray_paths(1)[0].read_bytes()
+
+    async def abandon():
+        async with httpx.AsyncClient(timeout=0.2) as client:
+            async def one():
+                try:
+                    await client.post(f"{running.url}/predict?gradcam=true", files={"file": ("a.jpeg", image)})
+                except httpx.TimeoutException:
+                    pass
+            await asyncio.gather(*[one() for _ in range(30)])
+
+    try:
+        asyncio.run(abandon())
+        assert httpx.post(f"{running.url}/predict?gradcam=true", files={"file": ("a.jpeg", image)},
+                          timeout=60).status_code == 200
+        text = httpx.get(f"{running.url}/metrics").text
+    finally:
+        running.stop()
+
+    def metric(pattern):
+        found = re.search(pattern + r" (\S+)", text)
+        return float(found.group(1)) if found else 0.0
+    answered = metric(r'http_requests_total\{endpoint="/predict",status="200"\}')
+    gone = metric(r'http_requests_total\{endpoint="/predict",status="499"\}')
+    assert answered + gone == 31 and gone >= 15
+    assert metric(r"gradcam_seconds_count") <= answered + 2  # at most the maps being made as clients left
+    rows = sqlite3.connect(tmp_path / "audit.sqlite").execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+    assert rows == answered

@@ -146,3 +146,29 @@ def test_a_blob_cell_is_exported_as_hex_not_a_traceback(tmp_path):
     exported = audit_cli(tmp_path / "audit.sqlite", "--format", "json")
     assert exported.returncode == 0, exported.stderr
     assert json.loads(exported.stdout)[0]["model_id"] == "01ff"
+
+
+def test_health_says_503_while_the_audit_log_cannot_be_written(trained_run, tmp_path):
+    """Every prediction is refused while the log is locked by another process: /health must take the node out
+    of a load balancer's rotation then, and put it back once the lock is gone."""
+    import httpx
+
+    from tests.serving.conftest import Server, xray_paths
+    running = Server(trained_run / "best.pt", "--audit-log", tmp_path / "audit.sqlite", workdir=tmp_path)
+    image = {"file": ("a.jpeg", xray_paths(1)[0].read_bytes())}
+    try:
+        assert httpx.get(f"{running.url}/health").json()["status"] == "ok"
+        holder = sqlite3.connect(tmp_path / "audit.sqlite", isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        refused = httpx.post(f"{running.url}/predict", files=image, timeout=60)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+        assert refused.json()["detail"] == "audit log unavailable (database is locked); prediction withheld"
+        health = httpx.get(f"{running.url}/health", timeout=30)
+        assert health.status_code == 503
+        assert health.json()["status"] == "audit log unavailable (database is locked): predictions refused"
+        holder.execute("ROLLBACK")
+        holder.close()
+        assert httpx.get(f"{running.url}/health").json()["status"] == "ok"
+        assert httpx.post(f"{running.url}/predict", files=image, timeout=60).status_code == 200
+    finally:
+        running.stop()

@@ -220,6 +220,27 @@ def test_declared_length_over_the_limit_is_refused_before_reading(secure_server,
     assert b"52,428,800 bytes declared; the limit is 2 MB per image (--max-upload-mb)" in response
 
 
+def test_refusals_before_the_body_reach_clients_that_send_it_whole(secure_server, keys):
+    """httpx's async client (like aiohttp) sends the whole body before it reads the answer: a refusal made
+    before the body is read (no key: 401; a declared length over the limit: 413) must reach it, not a reset."""
+    import asyncio
+
+    async def post_five(headers, size):
+        async with httpx.AsyncClient(timeout=20) as client:
+            answers = []
+            for _ in range(5):
+                try:
+                    answer = await client.post(f"{secure_server.url}/predict", headers=headers,
+                                               files={"file": ("a.dcm", b"\0" * size)})
+                    answers.append((answer.status_code, answer.json()["detail"][:20]))
+                except httpx.HTTPError as error:
+                    answers.append(repr(error))
+            return answers
+
+    assert asyncio.run(post_five({}, 1_500_000)) == [(401, "missing API key: sen")] * 5
+    assert asyncio.run(post_five(bearer(keys["ward"]), 3_000_000)) == [(413, "upload too large: 3,")] * 5
+
+
 def test_stalled_body_times_out_and_the_connection_closes(secure_server, keys):
     port = int(secure_server.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -393,7 +414,7 @@ def test_tls(trained_run, keys, tmp_path):
                     str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext",
                     "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
     running = Server(trained_run / "best.pt", "--api-keys", keys["path"], "--ssl-certfile", cert, "--ssl-keyfile",
-                     key, workdir=tmp_path, scheme="https")
+                     key, "--idle-timeout", "2", workdir=tmp_path, scheme="https")
     try:
         path = xray_paths(1)[0]
         response = httpx.post(f"{running.url}/predict", files={"file": (path.name, path.read_bytes())},
@@ -401,6 +422,12 @@ def test_tls(trained_run, keys, tmp_path):
         assert response.status_code == 200
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{running.port}/health", timeout=5)
+        # a client that connects and never starts (or finishes) its TLS handshake is closed at --idle-timeout
+        # (2 s here), not after asyncio's 60 s
+        with socket.create_connection(("127.0.0.1", running.port)) as silent, \
+                socket.create_connection(("127.0.0.1", running.port)) as half:
+            half.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # the start of a ClientHello
+            assert 1.5 < seconds_until_closed(silent, 10) < 5 and seconds_until_closed(half, 10) < 5
     finally:
         running.stop()
 

@@ -23,6 +23,8 @@ class _DropDecoderTracebacks(logging.Filter):
 
 
 logging.getLogger("pydicom.pixels.decoders.base").addFilter(_DropDecoderTracebacks())
+# pydicom's GDCM plugin reads the buffer of a failed decode, which GDCM leaves empty, and reports that instead
+GDCM_FAILURE = ("gdcm: 'NoneType' object has no attribute 'encode'", "gdcm: cannot decode the compressed data")
 
 
 def _tag(dataset, name):
@@ -68,7 +70,8 @@ def _read_dicom(path: Path, source=None, strict: bool = False):
     try:
         pixels = dataset.pixel_array
     except Exception as error:  # missing decoders and bad data raise many types
-        raise ImageReadError(path, f"cannot decode DICOM pixel data ({one_line(error)})") from None
+        reason = one_line(error).replace(*GDCM_FAILURE)
+        raise ImageReadError(path, f"cannot decode DICOM pixel data ({reason})") from None
     if pixels.ndim == 3 and getattr(dataset, "SamplesPerPixel", 1) == 1:
         pixels = pixels[0]  # multi-frame: the first frame
     photometric = _tag(dataset, "PhotometricInterpretation") or "MONOCHROME2"

@@ -15,12 +15,13 @@ import logging
 import os
 import signal
 import socket
+import threading
 from contextlib import asynccontextmanager
 from importlib import resources
 
 from ..errors import PneumoniaCNNError
 from .auth import AccessMiddleware, HostCheckMiddleware
-from .limits import LimitsMiddleware, idle_timeout_protocol
+from .limits import LimitsMiddleware, handshake_limited_server, idle_timeout_protocol
 from .metrics import RequestMetricsMiddleware
 from .service import RequestError, ServeOptions, Service
 
@@ -90,7 +91,7 @@ def add_error_handlers(app):
 
     @app.exception_handler(RequestError)
     async def request_error(_request, error: RequestError):
-        return JSONResponse({"detail": error.detail}, status_code=error.status)
+        return JSONResponse({"detail": error.detail}, status_code=error.status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request, error: RequestValidationError):
@@ -111,19 +112,33 @@ def validation_message(errors) -> str:
         where, name = (list(error.get("loc", ())) + ["request", "?"])[:2]
         if where == "body" and error.get("type") == "missing":
             parts.append(f"no multipart field '{name}': send the image(s) as multipart/form-data field '{name}'")
+        elif where == "body" and "Expected UploadFile" in str(error.get("msg")):
+            parts.append(f"field '{name}' is text, not a file: send the image as a file in multipart/form-data "
+                         f"field '{name}' (curl -F {name}=@chest.jpeg)")
         else:
             kind = "field" if where == "body" else f"{where} parameter"
             parts.append(f"{kind} '{name}': {' '.join(str(error.get('msg', 'invalid')).split())}")
     return "; ".join(parts) or "invalid request"
 
 
+async def set_when_disconnected(request, gone) -> None:
+    """Set ``gone`` when the client closes the connection: once the body is read, the next ASGI message is
+    the disconnect (or the end of the response, when this waiter is cancelled)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+
+
 def add_routes(app, service: Service, options: ServeOptions):
     from fastapi import File, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD too
     async def health():
-        return service.health()
+        status, body = await service.health()
+        return JSONResponse(body, status_code=status)
+    # load balancers probe with HEAD too; a route of its own (one route for both gave them one operation ID)
+    app.get("/health")(health)
+    app.head("/health", include_in_schema=False)(health)
 
     @app.get("/model")
     async def model_metadata():
@@ -134,9 +149,10 @@ def add_routes(app, service: Service, options: ServeOptions):
         service.drift_report()
         return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page():
         return resources.files("pneumonia_cnn.serving").joinpath("static/index.html").read_text(encoding="utf-8")
+    app.get("/", response_class=HTMLResponse)(page)
+    app.head("/", response_class=HTMLResponse, include_in_schema=False)(page)
 
     @app.post("/predict")
     async def predict(request: Request, file: UploadFile = File(...), gradcam: bool = False):
@@ -145,7 +161,12 @@ def add_routes(app, service: Service, options: ServeOptions):
             raise RequestError(400, f"{sent} 'file' fields: /predict scores one image (/predict/batch takes "
                                     f"several, as 'files')")
         data = await file.read(options.max_bytes + 1)
-        return await service.predict_one(data, file.filename, gradcam, request.state.key_id)
+        gone = threading.Event()
+        watcher = asyncio.create_task(set_when_disconnected(request, gone))
+        try:
+            return await service.predict_one(data, file.filename, gradcam, request.state.key_id, gone)
+        finally:
+            watcher.cancel()
 
     @app.post("/predict/batch")
     async def predict_batch(request: Request, files: list[UploadFile] = File(...)):
@@ -203,7 +224,7 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: S
     # upload, whose memory must go back to the system rather than stay with the process for good.
     os.environ.setdefault("PNEUMONIA_CNN_MALLOC", "default")
     app = create_app(checkpoint, options, allowed_host_names(host, allowed_hosts))
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, loop="asyncio",
                             http=idle_timeout_protocol(idle_timeout), timeout_keep_alive=5,
                             timeout_graceful_shutdown=graceful_timeout, ssl_certfile=ssl_certfile,
                             ssl_keyfile=ssl_keyfile)  # no limit_concurrency: uvicorn counts idle sockets in
@@ -214,7 +235,7 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: S
     listening = bound_socket(host, port)  # before the line below says it serves there
     log.info("serving %s on %s://%s:%d (docs at /docs; API keys %s; audit log %s)", service.served.model_id, scheme,
              host, port, "required" if service.keyring else "off", options.audit_log or "off")
-    uvicorn.Server(config).run(sockets=[listening])
+    handshake_limited_server(config, idle_timeout).run(sockets=[listening])
 
 
 def bound_socket(host: str, port: int) -> socket.socket:

@@ -19,6 +19,7 @@ import queue
 import re
 import sqlite3
 import threading
+from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import quote
@@ -82,6 +83,7 @@ class AuditLog:
         self.path, self.keep_images = Path(path), Path(keep_images) if keep_images else None
         self.connection = connect(self.path)
         self.pending: queue.SimpleQueue = queue.SimpleQueue()
+        self.last_error: str | None = None  # the last write's failure, until a write or a probe succeeds
         self.thread = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
         self.thread.start()
 
@@ -127,12 +129,31 @@ class AuditLog:
             self.connection.executemany(f"INSERT INTO predictions ({', '.join(COLUMNS)}) VALUES "
                                         f"({', '.join('?' * len(COLUMNS))})", rows)
             self.connection.execute("COMMIT")
+            self.last_error = None
             return None
         except Exception as error:  # disk full, read-only file system: the requests waiting fail with 503
             if self.connection.in_transaction:
                 self.connection.execute("ROLLBACK")
             log.error("audit log %s: cannot write (%s)", self.path, error)
+            self.last_error = str(error)
             return error
+
+    def problem(self) -> str | None:
+        """Why the log cannot be written now, or ``None``. After a failed write, a probe takes the write lock
+        for a moment (within 1 s): a lock released or a file made writable again clears it; a full disk shows
+        again at the next prediction."""
+        if self.last_error is None:
+            return None
+        try:
+            with closing(sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=rw", uri=True, timeout=1,
+                                         isolation_level=None)) as probe:  # mode=rw: never creates a file
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+        except sqlite3.Error as error:
+            self.last_error = str(error)
+            return self.last_error
+        self.last_error = None
+        return None
 
     def _keep(self, sha256: str, data: bytes, suffix: str) -> str:
         from ..fileio import atomic_path

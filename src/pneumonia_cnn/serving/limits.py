@@ -10,7 +10,11 @@ the body is never read.
 
 ``idle_timeout_protocol`` is uvicorn's h11 protocol with one more timer: a connection that has not sent a
 whole request head within ``seconds`` (after it opened, or after its last response) is closed, so neither
-an idle nor a slowly written request head can hold a connection.
+an idle nor a slowly written request head can hold a connection. And it closes a connection whose client is
+still sending a refused body the way web servers do ("lingering close"): the answer is sent, the server's
+side shut, and what still arrives is read and dropped for up to ``LINGER_SECONDS`` before the socket closes.
+Closed at once, a socket with unread bytes resets the connection, and the reset destroys the answer before a
+client that sends its whole body first (httpx, aiohttp) has read it: it saw a reset, not the 401, 413 or 503.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import asyncio
 import time
 
 from .auth import refuse
+
+LINGER_SECONDS = 10.0
 
 
 def http_error(status: int, detail: str, headers: dict | None = None):
@@ -105,17 +111,37 @@ def idle_timeout_protocol(seconds: float):
         head_timeout = float(seconds)
         _head_timer = None
 
+        lingering, _linger_timer = False, None
+
         def connection_made(self, transport):
-            super().connection_made(transport)
+            super().connection_made(LingeringTransport(transport, self))
             self._arm_head_timer()
+
+        def data_received(self, data):
+            if not self.lingering:  # while lingering, what arrives is the refused body: dropped
+                super().data_received(data)
+
+        def close_gently(self, transport):
+            """Close ``transport``, or, while the client is still sending a request body, answer it first:
+            shut the sending side and drop what arrives until the client closes or ``LINGER_SECONDS`` pass."""
+            if self.lingering or transport.is_closing():
+                return
+            if self.conn.their_state is not h11.SEND_BODY:
+                return transport.close()
+            self.lingering = True
+            if transport.can_write_eof():  # TLS cannot half-close: its answer is simply left to be read
+                transport.write_eof()
+            transport.resume_reading()
+            self._linger_timer = self.loop.call_later(LINGER_SECONDS, transport.close)
 
         def on_response_complete(self):
             super().on_response_complete()
             self._arm_head_timer()
 
         def connection_lost(self, exc):
-            if self._head_timer is not None:
-                self._head_timer.cancel()
+            for timer in (self._head_timer, self._linger_timer):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
 
         def send_400_response(self, msg: str):
@@ -139,3 +165,41 @@ def idle_timeout_protocol(seconds: float):
                 self.transport.close()  # bodies in progress are the middleware's to time out
 
     return IdleTimeoutH11Protocol
+
+
+def handshake_limited_server(config, seconds: float):
+    """uvicorn's server, its TLS handshakes limited to ``seconds`` (asyncio's default is 60 s, and the head
+    timer above starts only once the handshake is done: a client that connected and said nothing held a
+    connection for a minute)."""
+    import functools
+
+    import uvicorn
+
+    class HandshakeLimitedServer(uvicorn.Server):
+        async def startup(self, sockets=None):
+            if self.config.ssl is None:  # asyncio refuses a handshake time-out without TLS
+                return await super().startup(sockets)
+            loop = asyncio.get_running_loop()
+            loop.create_server = functools.partial(type(loop).create_server, loop, ssl_handshake_timeout=seconds)
+            try:
+                await super().startup(sockets)
+            finally:
+                del loop.create_server  # the loop's own method again
+    return HandshakeLimitedServer(config)
+
+
+class LingeringTransport:
+    """The connection's transport as uvicorn sees it: ``close()`` goes through the protocol's lingering close,
+    and a lingering connection reads as closing, so nothing more is written to it."""
+
+    def __init__(self, transport, protocol):
+        self._transport, self._protocol = transport, protocol
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def close(self):
+        self._protocol.close_gently(self._transport)
+
+    def is_closing(self):
+        return self._protocol.lingering or self._transport.is_closing()

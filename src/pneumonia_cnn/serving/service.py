@@ -91,9 +91,22 @@ class ServeOptions:
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, detail: str):
+    def __init__(self, status: int, detail: str, headers: dict | None = None):
         super().__init__(detail)
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.headers = status, detail, headers
+
+
+class ClientGone(RequestError):
+    """The client closed the connection before its answer: the work left for it is not done (nginx's 499)."""
+
+    def __init__(self):
+        super().__init__(499, "the client closed the request")
+
+
+def check_client(gone) -> None:
+    """``gone``: a ``threading.Event`` set when the client has left (``None``: never checked)."""
+    if gone is not None and gone.is_set():
+        raise ClientGone()
 
 
 def display_name(filename: str | None) -> str:
@@ -171,21 +184,27 @@ class Service:
             raise RequestError(400, f"{name}: {error.reason}") from None
         return name, pixels, meta, sha
 
-    async def predict_one(self, data: bytes, filename: str | None, gradcam: bool, key_id: str | None) -> dict:
+    async def predict_one(self, data: bytes, filename: str | None, gradcam: bool, key_id: str | None,
+                          gone=None) -> dict:
+        """One image's answer; ``gone`` (see ``check_client``) stops the work once its client has left, so a
+        queue of abandoned Grad-CAM requests neither delays the next ones nor is recorded as answered."""
         served, request_id = self.served, uuid.uuid4().hex
         if len(data) > self.options.max_bytes:
             raise RequestError(413, f"{display_name(filename)}: {self._too_large()}")
         name, pixels, meta, sha = await self._read(served, data, filename)
+        check_client(gone)
         entry = await self.batcher.submit(served, pixels, meta)
         response = {"request_id": request_id, "filename": name, **public_entry(entry), "model": served.model_id,
                     "notes": served.predictor.batch_notes()}
         if gradcam:
-            response["gradcam_png_base64"] = await self._gradcam(served, pixels)
+            response["gradcam_png_base64"] = await self._gradcam(served, pixels, gone)
+        check_client(gone)
         await self._account(served, request_id, "predict", key_id, [(entry, sha, data, meta)])
         return response
 
-    async def _gradcam(self, served, pixels) -> str:
+    async def _gradcam(self, served, pixels, gone=None) -> str:
         def heat():
+            check_client(gone)  # checked when its turn on the one Grad-CAM thread comes, not when queued
             with self.metrics.gradcam_seconds.time():
                 cam = grad_cam(served.gradcam_model, pixels, served.predictor.device)
                 return base64.b64encode(overlay_png(pixels, cam)).decode("ascii")
@@ -234,7 +253,8 @@ class Service:
             try:
                 await self.audit.record(rows, images if self.audit.keep_images else None)
             except AuditUnavailable as error:
-                raise RequestError(503, f"audit log unavailable ({error}); prediction withheld") from None
+                raise RequestError(503, f"audit log unavailable ({error}); prediction withheld",
+                                   {"Retry-After": "5"}) from None
         for entry, _, _, _ in scored:
             self.metrics.observe_prediction(entry)
             self.drift.add(entry["raw_score"], entry.get("ood_score"))
@@ -256,10 +276,17 @@ class Service:
             self.drift_status = status
         return report
 
-    def health(self) -> dict:
+    async def health(self) -> tuple[int, dict]:
+        """(HTTP status, body): 503 while the audit log cannot be written, since every prediction is then
+        refused and a load balancer should send them elsewhere."""
         served = self.served
-        return {"status": "ok", "model": served.model_id, "loaded_at": served.loaded_at,
-                "drift": self.drift_report(), "audit": self.audit is not None, "api_keys": self.keyring is not None}
+        problem = None
+        if self.audit is not None:
+            problem = await asyncio.get_running_loop().run_in_executor(None, self.audit.problem)
+        body = {"status": "ok" if problem is None else f"audit log unavailable ({problem}): predictions refused",
+                "model": served.model_id, "loaded_at": served.loaded_at, "drift": self.drift_report(),
+                "audit": self.audit is not None, "api_keys": self.keyring is not None}
+        return (200 if problem is None else 503), body
 
     async def reload(self, reason: str) -> dict:
         async with self.reload_lock:

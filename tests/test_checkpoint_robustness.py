@@ -140,7 +140,7 @@ MALFORMED = [
     ("threshold_nan", _set("threshold", math.nan), "threshold must be a probability between 0 and 1, not nan"),
     ("threshold_above", _set("threshold", 1.5), "threshold must be a probability between 0 and 1, not 1.5"),
     ("threshold_below", _set("threshold", -0.1), "threshold must be a probability between 0 and 1, not -0.1"),
-    ("one_class", _set("class_names", ["A"]), "class_names must be a list of two names, not ['A']"),
+    ("one_class", _set("class_names", ["A"]), "class_names must be a list of two different names, not ['A']"),
     ("class_names_none", _set("class_names", None), "class_names must be a list, not None"),
     ("channels_none", _set("preprocessing.channels", None), "preprocessing.channels must be a whole number, not None"),
     ("config_none", _set("config", None), "config must be a dict, not None"),

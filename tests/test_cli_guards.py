@@ -288,7 +288,8 @@ def test_pacs_study_date_ranges_that_are_dates_pass():
 
 
 def test_outputs_that_would_replace_an_input_or_join_the_data_are_refused(capsys, tmp_path, small_root):
-    """Found by a review: explain wrote x_gradcam.png over an input of that name; evaluate --save-as P --out P left
+    """Found by a review: explain wrote x_gradcam.png over an input of that name (now: no overlay among the
+    images at all); evaluate --save-as P --out P left
     the report where the refitted model was said to be; train --out inside the data put curves.png among the
     X-rays; adapt --out SITE/new.jpeg wrote a checkpoint among the images it reads."""
     image = sorted((small_root / "test" / "NORMAL").iterdir())[0]
@@ -298,8 +299,8 @@ def test_outputs_that_would_replace_an_input_or_join_the_data_are_refused(capsys
     shutil.copyfile(image, folder / "x_gradcam.png")  # an input that explain's overlay for x.jpeg would replace
     before = digest(folder / "x_gradcam.png")
     status, error = run(capsys, "explain", "builtin", folder, "--out", folder)
-    assert (status, error) == (2, f"error: {folder / 'x_gradcam.png'}: the overlay would overwrite "
-                                  f"{folder / 'x_gradcam.png'}, which explain reads; choose another --out")
+    assert (status, error) == (2, f"error: {folder}: --out is among the images explain reads ({folder}); give a "
+                                  f"folder outside it")
     assert digest(folder / "x_gradcam.png") == before and not (folder / "x_gradcam.npy").exists()
     same = tmp_path / "same.x"
     status, error = run(capsys, "evaluate", "--data", small_root, "--threshold", "youden", "--save-as", same,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import builtin
-from .calibration import CALIBRATION_METHODS
+from .calibration import CALIBRATION_METHODS, parse_threshold_policy
 from .data.intensity import INTENSITY_METHODS
 from .data.readers import RESAMPLING
 from .errors import CheckpointError, ConfigError
@@ -78,8 +78,10 @@ def check_checkpoint(payload: dict) -> None:
     _check_preprocessing(_field(payload, "preprocessing", dict))
     _check_intended_use(_field(payload, "intended_use", dict, required=False) or {})
     names = _field(payload, "class_names", (list, tuple), required=False)
-    if names is not None and (len(names) != 2 or not all(isinstance(n, str) and n for n in names)):
-        raise _Invalid(f"class_names must be a list of two names, not {_shown(names)}")
+    if names is not None and (len(names) != 2 or not all(isinstance(n, str) and n for n in names)
+                              or names[0] == names[1]):
+        raise _Invalid(f"class_names must be a list of two different names, not {_shown(names)}")
+    _field(payload, "tta", bool, required=False)  # the string "no" would have turned test-time flips on
     _check_decision(payload, "")
     if payload.get("decision_adapted"):
         _check_decision(_field(payload, "decision_adapted", dict), "decision_adapted.")
@@ -150,7 +152,13 @@ def _check_decision(decision: dict, prefix: str) -> None:
     # an operating point is an observed probability (0 or 1 included), or the float just above 1
     if threshold is not None and not 0.0 <= threshold <= math.nextafter(1.0, math.inf):
         raise _Invalid(f"{prefix}threshold must be a probability between 0 and 1, not {_shown(threshold)}")
-    _field(decision, "threshold_policy", str, required=False, prefix=prefix)
+    policy = _field(decision, "threshold_policy", str, required=False, prefix=prefix)
+    if policy is not None:
+        try:  # as decision_of reads it: an annotation after " (" is a note
+            parse_threshold_policy(policy.split(" (")[0].strip() or "0.5")
+        except ConfigError:
+            raise _Invalid(f"{prefix}threshold_policy {_shown(policy)} is not a threshold policy (a probability, "
+                           f"youden, sensitivity:X or specificity:X)") from None
     temperature = _field(decision, "temperature", numbers.Real, required=False, prefix=prefix)
     if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
         raise _Invalid(f"{prefix}temperature must be a positive number, not {_shown(temperature)}")
@@ -195,8 +203,8 @@ def _check_reference(reference: dict) -> None:
         raise _Invalid("reference.threshold_fit.fingerprints must be a list of SHA-256 strings")
 
 
-_TYPE_NAMES = {dict: "a dict", list: "a list", tuple: "a list", str: "a string", numbers.Real: "a number",
-               numbers.Integral: "a whole number"}
+_TYPE_NAMES = {dict: "a dict", list: "a list", tuple: "a list", str: "a string", bool: "true or false",
+               numbers.Real: "a number", numbers.Integral: "a whole number"}
 
 
 def _as_tuple(types) -> tuple:

@@ -3,6 +3,7 @@ safe reads of PyTorch files (no pickled code runs)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, one_line
+from .errors import CheckpointError, PneumoniaCNNError, one_line
 
 
 @contextmanager
@@ -66,15 +67,29 @@ def write_text_atomic(path, text: str) -> None:
 
 
 def write_json_atomic(path, payload) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
+    write_text_atomic(path, json_text(payload) + "\n")
+
+
+def json_text(payload, indent: int = 2) -> str:
+    """Strict JSON: an undefined number (NaN, an AUC of one class) is null, which every parser reads; Python
+    writes a bare NaN that JavaScript's, jq's and most others refuse."""
+    return json.dumps(_finite(payload), indent=indent, default=_json_default, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _json_default(value):
     import numpy as np
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
+    if isinstance(value, (np.generic, np.ndarray)):
+        return _finite(value.item() if isinstance(value, np.generic) else value.tolist())
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
@@ -142,3 +157,43 @@ def _unreadable_reason(path: Path, error: Exception) -> str:
             f"{type(error).__module__}.{type(error).__name__}"
         reason = f"damaged pickled data: {kind}" + (f" {reason}" if str(error).strip() else "")
     return reason if len(reason) <= 160 else reason[:159] + "…"
+
+
+class FolderLock:
+    """An exclusive lock on FOLDER/.lock while one process writes into FOLDER (the system releases it if the
+    process dies). ``busy`` is the one-line error when another process holds it. Where ``fcntl`` is missing
+    (Windows) there is no lock: one writer per folder is then the user's to keep."""
+
+    def __init__(self, folder, busy: str):
+        self.path, self.busy, self.handle = Path(folder) / ".lock", busy, None
+
+    def acquire(self):
+        import errno
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        try:
+            self.handle = open(self.path, "a+")  # noqa: SIM115 - held open while the folder is written
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            self.release()
+            held = error.errno in (errno.EAGAIN, errno.EACCES)
+            raise PneumoniaCNNError(self.busy if held else f"cannot lock {display_path(self.path)} "
+                                                           f"({error.strerror})") from None
+        return self
+
+    def release(self):
+        if self.handle is not None:
+            try:
+                self.handle.close()
+            except OSError:
+                pass
+            self.handle = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+

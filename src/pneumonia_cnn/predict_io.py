@@ -30,6 +30,11 @@ def _expand(items) -> tuple[list[str], list[str]]:
     paths, missing = [], []
     for item in items:
         path = Path(item)
+        try:
+            path.exists()
+        except OSError:  # a name too long for the system: left to the reader, whose row says why
+            paths.append(str(path))
+            continue
         if path.is_dir():
             found, _ = _walk_images(path)
             paths += [str(p) for p in found]
@@ -62,6 +67,8 @@ def format_predictions(predictions, fmt: str = "table") -> str:
         for row in rows:
             writer.writerow(dict(row, warnings="; ".join(row["warnings"])))
         return buffer.getvalue().rstrip("\n")
+    for row in rows:  # on a terminal, an escape sequence or a newline in a file name would redraw or split rows
+        row["path"] = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in row["path"])
     width = min(max([columns(r["path"]) for r in rows] + [4]), 70)
     lines = [f"{'path':<{width}}  {'probability':>11}  {'label':<10} {'in-dist':<8} note"]
     for row in rows:

@@ -52,7 +52,8 @@ def test_patient_split_never_shares_a_patient():
 
 def test_csv_list(tmp_path):
     write_image(tmp_path / "imgs" / "a.png", IMAGE)
-    (tmp_path / "set.csv").write_text("path,label\nimgs/a.png,PNEUMONIA\nimgs/a.png,0\n")
+    write_image(tmp_path / "imgs" / "b.png", IMAGE)
+    (tmp_path / "set.csv").write_text("path,label\nimgs/a.png,PNEUMONIA\nimgs/b.png,0\n")
     images = read_csv_list(tmp_path / "set.csv")
     assert images.labels.tolist() == [1, 0] and images.paths[0] == str(tmp_path / "imgs" / "a.png")
     (tmp_path / "bad.csv").write_text("imgs/a.png,maybe\n")

@@ -9,7 +9,7 @@ def test_report_has_every_section_and_renders_in_chromium(trained_run, small_roo
                  "--cache-dir", str(cache_dir)]) == 0
     # its metrics and figures go beside the report: a report written elsewhere changes nothing in the run
     assert {p.name: p.read_bytes() for p in trained_run.iterdir() if p.is_file()} == run_files
-    assert (tmp_path / "report_test_metrics.json").is_file() and (tmp_path / "test_figures").is_dir()
+    assert (tmp_path / "report_test_metrics.json").is_file() and (tmp_path / "report_test_figures").is_dir()
     text = out.read_text()
     for section in ("Configuration", "Data", "Training curves", "Metrics on test", "Per patient", "Pictures",
                     "Robustness to image shifts", "Out-of-distribution flags", "Model card", "Not a medical device",

@@ -39,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 def looks_like_checkpoint(item: str) -> bool:
     """``builtin``, a .pt file, or a run folder: what may come before the images."""
     path = Path(item)
-    return (item == "builtin" or (path.is_file() and path.suffix in (".pt", ".pth"))
-            or (path.is_dir() and ((path / "best.pt").is_file() or (path / "last.pt").is_file())))
+    try:
+        return (item == "builtin" or (path.is_file() and path.suffix in (".pt", ".pth"))
+                or (path.is_dir() and ((path / "best.pt").is_file() or (path / "last.pt").is_file())))
+    except OSError:  # a name too long for the system: an image path, whose row will say so
+        return False
 
 
 def refuse_missing_checkpoint(item: str) -> None:
@@ -48,6 +51,10 @@ def refuse_missing_checkpoint(item: str) -> None:
     a ``.pt`` path that is not a file, or a run folder (it has config.json) without best.pt or last.pt."""
     from ..data.readers import SUPPORTED_SUFFIXES
     path = Path(item)
+    try:
+        path.exists()
+    except OSError:  # not a path this system can look up: the reader says why, in that file's row
+        return
     if path.suffix in (".pt", ".pth") and not path.is_file():
         raise PneumoniaCNNError(f"{item}: checkpoint not found")
     if not path.exists() and path.suffix.lower() not in SUPPORTED_SUFFIXES and not any(c in item for c in "*?["):

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +55,19 @@ def warning_line(message, category, filename, lineno, file=None, line=None):
 
 
 def print_json(payload):
-    print(json.dumps(payload, indent=2, default=str))
+    from ..fileio import json_text
+    print(json_text(_as_text_where_unknown(payload)))
+
+
+def _as_text_where_unknown(value):
+    """What JSON cannot hold (a Path, a datetime) as its text, as ``default=str`` gave, NaN left to json_text."""
+    if isinstance(value, dict):
+        return {key: _as_text_where_unknown(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_text_where_unknown(item) for item in value]
+    if value is None or isinstance(value, (str, int, float, bool)) or type(value).__module__ == "numpy":
+        return value
+    return str(value)
 
 
 def add_device(parser, default: str = "auto"):
@@ -124,9 +136,22 @@ def inputs_read_from(item) -> tuple[list[Path], list[Path]]:
     if builtin.is_builtin(item):
         return [Path(builtin.checkpoint_path())], []
     path = Path(item)
-    if path.is_dir() and (path / "config.json").is_file():  # a run folder: its checkpoints
-        return [p for p in path.iterdir() if p.suffix in (".pt", ".pth")], []
+    run = path if path.is_dir() else path.parent
+    if (run / "config.json").is_file():  # a run folder, or a checkpoint in one: the run's own record (its
+        return [p for p in run.iterdir() if p.is_file() and is_run_record(p)], []  # other checkpoint too)
+    if path.suffix.lower() == ".csv" and path.is_file():  # a label list: the images it names are read too
+        from ..data.dataset import read_csv_list
+        try:
+            return [path, *map(Path, read_csv_list(path).paths)], []
+        except Exception:  # an unreadable list is the reader's to report, after this check
+            return [path], []
     return ([], [path]) if path.is_dir() else ([path], [])
+
+
+def is_run_record(path: Path) -> bool:
+    """What training wrote into a run folder and commands read (checkpoints, configuration, history, the curves a
+    report embeds); metrics files are outputs that evaluate and report write there again."""
+    return path.suffix in (".pt", ".pth", ".png") or path.name == "config.json" or path.stem == "history"
 
 
 def _holds_images(folder: Path) -> bool:
@@ -163,6 +188,8 @@ def check_output(out, *inputs, flag: str = "--out") -> None:
                                     f"choose a path outside it")
     if target.is_dir():
         raise PneumoniaCNNError(f"{out}: {flag} is a folder; give a file path")
+    if target.exists() and not target.is_file():  # written atomically, a device or pipe would be replaced by a file
+        raise PneumoniaCNNError(f"{out}: {flag} is not a regular file (a device, pipe or socket); give a file path")
     blocking = next((a for a in target.parents if a.exists() and not a.is_dir()), None)
     if blocking is not None:
         raise PneumoniaCNNError(f"{out}: cannot create its folder ({blocking} is a file)")
@@ -170,5 +197,10 @@ def check_output(out, *inputs, flag: str = "--out") -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PneumoniaCNNError(f"{out}: cannot create its folder ({error.strerror or error})") from None
-    if not os.access(target.parent, os.W_OK):
-        raise PneumoniaCNNError(f"{out}: its folder {target.parent} is not writable")
+    try:  # a real write, where the atomic write will make its temporary file (/proc passes os.access as root)
+        handle, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".check", dir=target.parent)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise PneumoniaCNNError(f"{out}: cannot write in its folder {target.parent} "
+                                f"({error.strerror or error})") from None

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
+from ..fileio import display_path
 from .common import (
     PORT,
     Command,
@@ -73,6 +74,7 @@ def run_explain(args) -> int:
         raise PneumoniaCNNError(f"{' '.join(args.paths)}: {reason}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise PneumoniaCNNError(f"{args.out}: --out is a file; give a folder for the overlays")
+    refuse_overlays_among_images(args.out, args.paths, paths)
     results = explain(Predictor(args.checkpoint, args.device), paths, args.out, args.layer)
     for item in results:
         if "error" in item:  # on stderr, one line whatever the file is called, as predict's
@@ -83,6 +85,19 @@ def run_explain(args) -> int:
     for item in missing:
         logging.getLogger("pneumonia_cnn").warning("skipped %s: no such file or folder", item)
     return 0 if any("error" not in r for r in results) else 1
+
+
+def refuse_overlays_among_images(out, arguments, paths) -> None:
+    """Overlays written into a folder given to explain, or beside the images it reads, would be read as X-rays
+    by the next predict or explain of that folder."""
+    place = Path(out).resolve()
+    given = sorted(Path(a).resolve() for a in arguments if Path(a).is_dir())  # read whole, subfolders included
+    among = next((f for f in given if place.is_relative_to(f)), None)
+    if among is None and any(Path(p).resolve().parent == place for p in paths):  # beside an image it reads
+        among = place
+    if among is not None:
+        raise PneumoniaCNNError(f"{out}: --out is among the images explain reads ({display_path(among)}); give a "
+                                f"folder outside it")
 
 
 def serve_arguments(p):

@@ -71,6 +71,8 @@ def run_evaluate(args) -> int:
     if not args.out:
         keep_other_metrics(Path(out), args.data, args.split)
     check_output(args.save_as, args.checkpoint, args.data, flag="--save-as")
+    if args.save_as and not (args.threshold or args.calibration):  # there is no refitted decision to write
+        raise PneumoniaCNNError("--save-as writes the decision refitted by --threshold or --calibration: give one")
     if args.save_as and Path(args.save_as).resolve() == Path(out).resolve():  # the report would replace the model
         raise PneumoniaCNNError(f"{args.save_as}: --save-as and --out name the same file; give each its own")
     report = evaluate(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0], args.data, args.split,

@@ -3,11 +3,14 @@ generated from ``TrainConfig``'s fields, so each is defined, validated and used 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
+from ..fileio import FolderLock, display_path
 from .common import Command, add_device, check_output, whole_number
 
 
@@ -78,6 +81,28 @@ def refuse_finished_run(out) -> None:
                                 f"give another --out")
 
 
+@contextlib.contextmanager
+def run_folder_lock(out):
+    """RUN/.lock while a training writes its run folder: a second training (or --resume) into the same folder
+    is refused instead of mixing its files with the first's. Under torchrun only the first process writes and
+    locks. A folder made here and left with nothing but the lock (a run that failed at once) is removed."""
+    if not out or Path(out).is_file() or int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    folder = Path(out)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(folder, f"{out}: another training is writing this run folder (it holds "
+                              f"{display_path(folder / '.lock')}); wait for it, or give another --out")
+    try:
+        with lock:
+            yield
+    finally:
+        if made and [p.name for p in folder.iterdir()] == [".lock"]:
+            (folder / ".lock").unlink()
+            folder.rmdir()
+
+
 def run_train(args) -> int:
     from ..experiment import resume_and_evaluate, train_and_evaluate
     from ..training.config import TrainConfig, make_config
@@ -89,14 +114,17 @@ def run_train(args) -> int:
         if ignored:
             raise PneumoniaCNNError(f"--resume continues a run with its own configuration; only --epochs, --device "
                                     f"and --no-progress may change (got {', '.join(ignored)})")
-        summary = resume_and_evaluate(args.resume, **overrides)
+        with run_folder_lock(args.resume):
+            summary = resume_and_evaluate(args.resume, **overrides)
     else:
         config = make_config(args.preset, args.config, **overrides)
         if not config.data:  # --data, or data: in --config
             raise PneumoniaCNNError("train needs --data ROOT (a folder in the Kaggle layout) or --resume RUN_DIR")
         refuse_finished_run(config.out)
         refuse_run_in_data(config.out, config.data)
-        summary = train_and_evaluate(config)
+        with run_folder_lock(config.out):
+            refuse_finished_run(config.out)  # again, now that no other training can be writing it
+            summary = train_and_evaluate(config)
     if summary.get("interrupted"):
         return 130
     if not summary.get("main_process", True):
@@ -133,6 +161,7 @@ def demo_arguments(p):
 
 def run_demo(args) -> int:
     from ..demo import run_demo as demo
+    refuse_run_in_data(args.out, args.data)  # before the demo marks its folder there
     summary = demo(args.out, data=args.data, epochs=args.epochs, size=args.size, device=args.device)
     test = summary.get("test_metrics", {})
     print(f"demo finished in {summary['seconds']:.0f}s: test accuracy {test.get('accuracy', float('nan')):.3f}, "

@@ -2,13 +2,13 @@
 
 Layout of a cache folder (one per source, size and preprocessing)::
 
-    manifest.json          entries (path, bytes, mtime, label, patient, and what the file says about itself
+    manifest.json          entries (path, bytes, mtime, ctime, label, patient, and what the file says about itself
                            for the intended-use checks: colour, DICOM tags), skipped files, the data file's name
     images-<token>.u8      N x H x W uint8, row i = entry i
 
 The data file is written first under a fresh name and the manifest last, each atomically, so a killed
-build leaves the previous valid cache (or none). On reuse, a file whose size and mtime are unchanged keeps
-its row; changed and added files are decoded; removed files are dropped.
+build leaves the previous valid cache (or none). On reuse, a file whose size, mtime and inode change time are
+unchanged keeps its row; changed and added files are decoded; removed files are dropped.
 """
 from __future__ import annotations
 
@@ -90,9 +90,11 @@ def checked_fields(meta: ImageMeta) -> dict | None:
 
 
 def _file_signature(path: str):
+    """Size, modification time and inode change time: ``cp -p``, ``rsync -a`` or ``touch -d`` put new content
+    under an old size and mtime (a cache kept the old pixels), but the change time only the system sets."""
     try:
         stat = os.stat(path)
-        return [stat.st_size, stat.st_mtime_ns]
+        return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
     except OSError:
         return None
 

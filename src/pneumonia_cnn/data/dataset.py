@@ -156,7 +156,7 @@ def read_csv_list(csv_path, class_names=DEFAULT_CLASS_NAMES) -> ImageList:
 
 
 def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
-    paths, labels, patients = [], [], []
+    paths, labels, patients, seen = [], [], [], {}
     patient_column = 2
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8" starts with a BOM
         for line_number, row in enumerate(csv.reader(handle), start=1):
@@ -167,6 +167,10 @@ def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
                 patient_column = header.index("patient_id") if "patient_id" in header else None
                 continue
             path, label = _csv_row(csv_path, line_number, row, class_names)
+            first = seen.setdefault(os.path.normpath(path), (line_number, label))
+            if first[1] != label:  # one image counted once as each class: no metric means anything then
+                raise DatasetError(f"{display_path(csv_path)}:{line_number}: {display_path(path)} is labelled "
+                                   f"{label}, but {first[1]} at line {first[0]}")
             paths.append(str(path))
             labels.append(label)
             given = row[patient_column].strip() if patient_column is not None and len(row) > patient_column else ""

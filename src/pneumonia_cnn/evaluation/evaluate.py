@@ -185,9 +185,16 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
         write_json_atomic(out, report)
         if figures:
             from .figures import evaluation_figures
-            report["figures"] = evaluation_figures(report, cached, out.parent / f"{split}_figures")
+            report["figures"] = evaluation_figures(report, cached, figures_folder(out))
             write_json_atomic(out, report)
     return report
+
+
+def figures_folder(out: Path) -> Path:
+    """Beside the JSON and named after it (``test_metrics.json``: ``test_figures/``), so that another evaluation
+    written to the same folder under another name keeps its own pictures."""
+    stem = out.stem[:-len("_metrics")] if out.stem.endswith("_metrics") else out.stem
+    return out.parent / f"{stem}_figures"
 
 
 def build_report(predictor: Predictor, cached, entries, notes, data, split, bootstrap, seed) -> dict:

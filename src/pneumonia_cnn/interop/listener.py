@@ -32,7 +32,7 @@ from .dicom_access import NodeAccess, check_ae_title, rejection_reason, tls_hand
 from .dicom_send import OUT_OF_RESOURCES, Destination, send_c_store
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, not_an_xray
-from .spool import SpoolLock, open_spool
+from .spool import open_spool, spool_lock
 
 log = logging.getLogger("pneumonia_cnn")
 
@@ -74,7 +74,7 @@ class Listener:
         """Bind the port (a port in use: one line, and nothing in the spool touched), then start the worker;
         ``block``: serve until SIGTERM (then stop, exit 0) or Ctrl-C (stop, then KeyboardInterrupt)."""
         from pynetdicom import evt
-        self.lock = SpoolLock(self.spool).acquire()
+        self.lock = spool_lock(self.spool).acquire()
         self.stopping.clear()
         try:  # whatever fails before the node runs, the spool's lock is released
             self.server = self._application_entity().start_server(

@@ -3,13 +3,11 @@ loads, and a lock held while a node runs, so that a second node started on the s
 to start instead of racing the first for the same files."""
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
-from ..fileio import display_path
+from ..fileio import FolderLock, display_path
 
 FOLDERS = ("incoming", "unreadable", "refused")
 
@@ -30,32 +28,8 @@ def open_spool(spool: Path) -> Path:
     return spool
 
 
-class SpoolLock:
-    """An exclusive lock on SPOOL/.lock for as long as the node runs (released by the system if it dies). On a
-    system without ``fcntl`` (Windows) there is none: one node per spool is then the operator's to keep."""
-
-    def __init__(self, spool: Path):
-        self.path, self.handle = Path(spool) / ".lock", None
-
-    def acquire(self):
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            return self
-        try:
-            self.handle = open(self.path, "a+")  # noqa: SIM115 - held open while the node runs
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            self.release()
-            held = error.errno in (errno.EAGAIN, errno.EACCES)
-            raise PneumoniaCNNError(f"--spool {display_path(self.path.parent)}: " + (
-                f"another listen node is using this spool (it holds {display_path(self.path)}); give each node a "
-                "spool of its own" if held else f"cannot lock {display_path(self.path)} ({error.strerror})")) \
-                from None
-        return self
-
-    def release(self):
-        if self.handle is not None:
-            with contextlib.suppress(OSError):
-                self.handle.close()
-            self.handle = None
+def spool_lock(spool: Path) -> FolderLock:
+    """SPOOL/.lock, held for as long as the node runs."""
+    lock = Path(spool) / ".lock"
+    return FolderLock(spool, f"--spool {display_path(spool)}: another listen node is using this spool (it holds "
+                             f"{display_path(lock)}); give each node a spool of its own")

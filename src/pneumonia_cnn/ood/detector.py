@@ -135,6 +135,8 @@ class OODDetector:
     def from_state(cls, state: dict) -> OODDetector:
         if "version" not in state:
             return cls._from_legacy_state(state)
+        if state["version"] != 2:  # a later version's detector may compute something else from the same fields
+            raise ValueError(f"version {state['version']!r}; this version reads version 2")
         components = []
         for stored in state["components"]:
             component = {"kind": stored["kind"], "tap": int(stored["tap"]),

@@ -107,41 +107,21 @@ def idle_timeout_protocol(seconds: float):
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class IdleTimeoutH11Protocol(H11Protocol):
+    class IdleTimeoutH11Protocol(LingeringClose, H11Protocol):
         head_timeout = float(seconds)
         _head_timer = None
-
-        lingering, _linger_timer = False, None
 
         def connection_made(self, transport):
             super().connection_made(LingeringTransport(transport, self))
             self._arm_head_timer()
-
-        def data_received(self, data):
-            if not self.lingering:  # while lingering, what arrives is the refused body: dropped
-                super().data_received(data)
-
-        def close_gently(self, transport):
-            """Close ``transport``, or, while the client is still sending a request body, answer it first:
-            shut the sending side and drop what arrives until the client closes or ``LINGER_SECONDS`` pass."""
-            if self.lingering or transport.is_closing():
-                return
-            if self.conn.their_state is not h11.SEND_BODY:
-                return transport.close()
-            self.lingering = True
-            if transport.can_write_eof():  # TLS cannot half-close: its answer is simply left to be read
-                transport.write_eof()
-            transport.resume_reading()
-            self._linger_timer = self.loop.call_later(LINGER_SECONDS, transport.close)
 
         def on_response_complete(self):
             super().on_response_complete()
             self._arm_head_timer()
 
         def connection_lost(self, exc):
-            for timer in (self._head_timer, self._linger_timer):
-                if timer is not None:
-                    timer.cancel()
+            if self._head_timer is not None:
+                self._head_timer.cancel()
             super().connection_lost(exc)
 
         def send_400_response(self, msg: str):
@@ -186,6 +166,35 @@ def handshake_limited_server(config, seconds: float):
             finally:
                 del loop.create_server  # the loop's own method again
     return HandshakeLimitedServer(config)
+
+
+class LingeringClose:
+    """For uvicorn's h11 protocol: close a connection whose client is still sending a request body only after
+    answering it (see the module's docstring)."""
+    lingering, _linger_timer = False, None
+
+    def data_received(self, data):
+        if not self.lingering:  # while lingering, what arrives is the refused body: dropped
+            super().data_received(data)
+
+    def close_gently(self, transport):
+        """Close ``transport``, or, while the client is still sending a request body, answer it first: shut
+        the sending side and drop what arrives until the client closes or ``LINGER_SECONDS`` pass."""
+        import h11
+        if self.lingering or transport.is_closing():
+            return
+        if self.conn.their_state is not h11.SEND_BODY:
+            return transport.close()
+        self.lingering = True
+        if transport.can_write_eof():  # TLS cannot half-close: its answer is simply left to be read
+            transport.write_eof()
+        transport.resume_reading()
+        self._linger_timer = self.loop.call_later(LINGER_SECONDS, transport.close)
+
+    def connection_lost(self, exc):
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        super().connection_lost(exc)
 
 
 class LingeringTransport:

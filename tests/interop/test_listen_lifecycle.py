@@ -156,6 +156,21 @@ def test_junk_put_in_the_spool_is_set_aside_not_deleted(predictor, tmp_path, cap
     assert "instance notes: unreadable: not a DICOM instance (no SOP Instance UID)" in caplog.text
 
 
+def test_a_file_above_the_instance_limit_put_in_the_spool_is_set_aside_unread(predictor, tmp_path, caplog):
+    """Files put into SPOOL/incoming by hand pass no arrival limit: a sparse 3 GB file held the worker while
+    pydicom read it."""
+    incoming = tmp_path / "spool" / "incoming"
+    incoming.mkdir(parents=True)
+    with open(incoming / "huge.dcm", "wb") as sparse:
+        sparse.truncate(3 * 2**30)
+    node = Listener(predictor, nowhere(), port=free_port(), spool=tmp_path / "spool", max_instance_mb=256)
+    start = time.monotonic()
+    node._process([incoming / "huge.dcm"])
+    assert time.monotonic() - start < 2
+    assert [p.name for p in (tmp_path / "spool" / "unreadable").iterdir()] == ["huge.dcm"]
+    assert "instance huge: unreadable: 3072.0 MB, above the 256 MB limit (--max-instance-mb)" in caplog.text
+
+
 def test_a_file_moved_away_while_the_worker_lists_the_spool_is_passed_over(predictor, tmp_path, monkeypatch):
     """It was set aside with a move that failed, and the exception ended the worker: the node went on
     acknowledging images it never scored."""

@@ -253,6 +253,10 @@ class Listener:
         datasets, files = [], []
         for path in paths:
             try:
+                size = path.stat().st_size  # a file put into the spool by hand came through no arrival limit
+                if size > self.max_instance_mb * 2**20:
+                    self._set_aside(path, f"{over_limit(size, self.max_instance_mb)} (--max-instance-mb)")
+                    continue
                 with open(path, "rb") as header:  # the header only, before pydicom inflates anything
                     problem = dicom_problem(header)
                 if problem:

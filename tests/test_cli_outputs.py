@@ -32,9 +32,30 @@ def test_a_second_training_into_a_run_folder_being_written_is_refused(capsys, tm
 def test_a_training_that_fails_at_once_leaves_no_folder(capsys, tmp_path):
     empty = tmp_path / "data"
     (empty / "train").mkdir(parents=True)
-    out = tmp_path / "new_run"
-    status, _ = run(capsys, "train", "--data", empty, "--out", out, "--epochs", "1")
-    assert status == 2 and not out.exists()
+    status, _ = run(capsys, "train", "--data", empty, "--out", tmp_path / "new" / "sub" / "run", "--epochs", "1")
+    assert status == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_the_training_that_loses_the_race_for_a_new_folder_leaves_the_winners_lock(tmp_path, monkeypatch):
+    """Two trainings start together on a folder neither sees yet: the one refused must not remove the folder
+    and lock that the other has just made and holds."""
+    from pneumonia_cnn.cli import training
+    from pneumonia_cnn.errors import PneumoniaCNNError
+    out, winner = tmp_path / "new_run", []
+    original = FolderLock.acquire
+
+    def lose_the_race(lock):
+        winner.append(original(FolderLock(out, "the winner")))  # it locks between our mkdir and our lock
+        return original(lock)
+    monkeypatch.setattr(FolderLock, "acquire", lose_the_race)
+    with pytest.raises(PneumoniaCNNError, match="another training is writing this run folder"):
+        with training.run_folder_lock(out):
+            pass
+    assert (out / ".lock").is_file()
+    monkeypatch.setattr(FolderLock, "acquire", original)
+    with pytest.raises(PneumoniaCNNError, match="another training is writing"):  # still held by the winner
+        FolderLock(out, "another training is writing").acquire()
+    winner[0].release()
 
 
 def test_outputs_that_are_what_a_command_reads_are_refused(capsys, tmp_path, trained_run, small_root):
@@ -45,18 +66,26 @@ def test_outputs_that_are_what_a_command_reads_are_refused(capsys, tmp_path, tra
     labels.write_text("path,label\nimgs/x.jpeg,0\n")
     before = digest(listed)
     status, error = run(capsys, "evaluate", "--data", labels, "--out", listed, "--no-figures")
-    assert (status, error) == (2, f"error: {listed}: --out would overwrite {labels}, which this command reads; "
-                                  f"choose another path")
+    assert (status, error) == (2, f"error: {listed}: --out would overwrite {listed} (read with {labels}), which "
+                                  f"this command reads; choose another path")
     assert digest(listed) == before
+    (tmp_path / "config.json").write_text("{}")  # beside the CSV (an unzipped .keras holds one): still an input
+    status, error = run(capsys, "evaluate", "--data", labels, "--out", labels, "--no-figures")
+    assert (status, error) == (2, f"error: {labels}: --out would overwrite {labels}, which this command reads; "
+                                  f"choose another path")
     run_copy = Path(shutil.copytree(trained_run, tmp_path / "run"))
     checkpoint = run_copy / "best.pt"
-    for argv, target in ((["evaluate", "--checkpoint", checkpoint, "--data", small_root], run_copy / "last.pt"),
-                         (["report", run_copy, "--no-stress"], run_copy / "curves.png"),
-                         (["adapt", checkpoint, "--data", small_root / "test"], run_copy / "config.json")):
+    for argv, target, item in (
+            (["evaluate", "--checkpoint", checkpoint, "--data", small_root], run_copy / "last.pt", checkpoint),
+            (["report", run_copy, "--no-stress"], run_copy / "curves.png", run_copy),
+            (["adapt", checkpoint, "--data", small_root / "test"], run_copy / "config.json", checkpoint)):
         kept = digest(target)
         status, error = run(capsys, *argv, "--out", target)
-        assert status == 2 and error.startswith(f"error: {target}: --out would overwrite ") and "reads" in error
+        assert (status, error) == (2, f"error: {target}: --out would overwrite {target} (read with {item}), which "
+                                      f"this command reads; choose another path")
         assert digest(target) == kept
+    for _ in range(2):  # a command's own earlier output in the run folder is not an input: written again
+        assert run(capsys, "export", run_copy, "--format", "torchscript", "--out", run_copy / "model.pt")[0] == 0
 
 
 def test_an_output_that_is_a_pipe_or_device_is_refused(capsys, tmp_path):
@@ -164,10 +193,11 @@ def test_a_label_list_naming_one_image_as_both_classes_is_refused(capsys, tmp_pa
 
 
 def test_save_as_without_a_refit_is_an_error_not_silence(capsys, tmp_path, small_root):
-    status, error = run(capsys, "evaluate", "--data", small_root, "--save-as", tmp_path / "a.pt", "--out",
-                        tmp_path / "m.json")
-    assert (status, error) == (2, "error: --save-as writes the decision refitted by --threshold or --calibration: "
-                                  "give one")
+    for refit in ([], ["--threshold", "saved"]):  # "saved" keeps the stored threshold: nothing to write either
+        status, error = run(capsys, "evaluate", "--data", small_root, "--save-as", tmp_path / "a.pt", "--out",
+                            tmp_path / "m.json", *refit)
+        assert (status, error) == (2, "error: --save-as writes the decision refitted by --threshold or "
+                                      "--calibration: give one")
 
 
 def test_evaluations_written_to_one_folder_keep_their_own_figures(capsys, tmp_path, small_root):

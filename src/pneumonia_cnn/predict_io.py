@@ -4,14 +4,13 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import json
 import logging
 import os
 import unicodedata
 from pathlib import Path
 
 from .data.dataset import _walk_images
-from .fileio import display_path
+from .fileio import display_path, json_text
 
 log = logging.getLogger("pneumonia_cnn")
 
@@ -55,7 +54,7 @@ def format_predictions(predictions, fmt: str = "table") -> str:
     for row in rows:
         row["path"] = display_path(row["path"])
     if fmt == "json":
-        return json.dumps(rows, indent=2)
+        return json_text(rows)
     if fmt == "fhir":
         return format_fhir(rows)
     if fmt == "csv":
@@ -104,4 +103,4 @@ def format_fhir(rows: list[dict]) -> str:
     document = diagnostic_report(rows)
     if not validate(document):
         log.info("FHIR output not validated: fhir.resources is not installed (pip install 'pneumonia-cnn[pacs]')")
-    return json.dumps(document, indent=2)
+    return json_text(document)

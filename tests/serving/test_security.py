@@ -253,6 +253,21 @@ def test_stalled_body_times_out_and_the_connection_closes(secure_server, keys):
         assert seconds_until_closed(sock, 5) is not None
 
 
+def test_a_stalled_client_answered_408_is_not_held_open_after_it(secure_server, keys):
+    """The lingering close drops what a refused client still sends; one that sends nothing (its body stalled:
+    408) is closed after a second of silence, not held for the whole linger time."""
+    port = int(secure_server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request_head(port, chunked=False, length=100_000, headers=bearer(keys["ward"])))
+        sock.sendall(multipart_head())
+        assert status_of(read_response(sock, timeout=10)) == 408
+        time.sleep(2.5)  # --body-timeout 2 has passed; the server side should be gone a second after its answer
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for _ in range(20):
+                sock.sendall(b"x" * 65536)
+                time.sleep(0.05)
+
+
 def test_trickling_body_times_out(secure_server, keys):
     """One byte every half second never stalls long, but the body as a whole must arrive in time."""
     port = int(secure_server.url.rsplit(":", 1)[1])

@@ -129,29 +129,32 @@ PORT = whole_number(1, 65535)
 
 def inputs_read_from(item) -> tuple[list[Path], list[Path]]:
     """(files, folders) that a command reads for one argument: ``builtin`` is the packaged checkpoint; a run
-    folder's checkpoints are files; any other folder is read whole."""
+    folder, or a checkpoint in one, stands for the run's own record too (``RUN_RECORDS``: its other
+    checkpoint, configuration, history and the curves a report embeds); a label CSV for the images it lists;
+    any other folder is read whole."""
     from .. import builtin
     if item is None:
         return [], []
     if builtin.is_builtin(item):
         return [Path(builtin.checkpoint_path())], []
     path = Path(item)
-    run = path if path.is_dir() else path.parent
-    if (run / "config.json").is_file():  # a run folder, or a checkpoint in one: the run's own record (its
-        return [p for p in run.iterdir() if p.is_file() and is_run_record(p)], []  # other checkpoint too)
+    files = [] if path.is_dir() else [path]
+    run = path if path.is_dir() else path.parent if path.suffix in (".pt", ".pth") else None
+    if run is not None and (run / "config.json").is_file():
+        files += [run / name for name in RUN_RECORDS if (run / name).is_file()]
+    elif path.is_dir():
+        return [], [path]
     if path.suffix.lower() == ".csv" and path.is_file():  # a label list: the images it names are read too
         from ..data.dataset import read_csv_list
         try:
-            return [path, *map(Path, read_csv_list(path).paths)], []
+            files += map(Path, read_csv_list(path).paths)
         except Exception:  # an unreadable list is the reader's to report, after this check
-            return [path], []
-    return ([], [path]) if path.is_dir() else ([path], [])
+            pass
+    return files, []
 
 
-def is_run_record(path: Path) -> bool:
-    """What training wrote into a run folder and commands read (checkpoints, configuration, history, the curves a
-    report embeds); metrics files are outputs that evaluate and report write there again."""
-    return path.suffix in (".pt", ".pth", ".png") or path.name == "config.json" or path.stem == "history"
+# what training writes into a run folder and later commands read (metrics files are outputs written again)
+RUN_RECORDS = ("best.pt", "last.pt", "config.json", "history.csv", "history.json", "curves.png", "calibration.png")
 
 
 def _holds_images(folder: Path) -> bool:
@@ -170,8 +173,10 @@ def check_output(out, *inputs, flag: str = "--out") -> None:
     place = target.parent.resolve() / target.name  # where the file goes: a linked image is replaced, not followed
     for item in [i for group in inputs for i in (group if isinstance(group, (list, tuple)) else [group])]:
         files, folders = inputs_read_from(item)
-        if target.exists() and any(f.exists() and os.path.samefile(f, target) for f in files):
-            raise PneumoniaCNNError(f"{out}: {flag} would overwrite {item}, which this command reads; "
+        read = next((f for f in files if target.exists() and f.exists() and os.path.samefile(f, target)), None)
+        if read is not None:
+            what = "" if Path(item) == read else f" (read with {item})"
+            raise PneumoniaCNNError(f"{out}: {flag} would overwrite {read}{what}, which this command reads; "
                                     f"choose another path")
         inside = [d for d in folders if place.is_relative_to(d.resolve())]
         # images are read from a data folder's subfolders (classes, splits): an image written there joins the data

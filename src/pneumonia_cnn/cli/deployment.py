@@ -91,13 +91,20 @@ def refuse_overlays_among_images(out, arguments, paths) -> None:
     """Overlays written into a folder given to explain, or beside the images it reads, would be read as X-rays
     by the next predict or explain of that folder."""
     place = Path(out).resolve()
-    given = sorted(Path(a).resolve() for a in arguments if Path(a).is_dir())  # read whole, subfolders included
+    given = sorted(Path(a).resolve() for a in arguments if _is_folder(a))  # read whole, subfolders included
     among = next((f for f in given if place.is_relative_to(f)), None)
-    if among is None and any(Path(p).resolve().parent == place for p in paths):  # beside an image it reads
+    if among is None and any(Path(p).parent.resolve() == place for p in paths):  # beside an image it reads
         among = place
     if among is not None:
         raise PneumoniaCNNError(f"{out}: --out is among the images explain reads ({display_path(among)}); give a "
                                 f"folder outside it")
+
+
+def _is_folder(path) -> bool:
+    try:
+        return Path(path).is_dir()
+    except OSError:  # a name too long for the system: a file, whose line will say so
+        return False
 
 
 def serve_arguments(p):

@@ -71,7 +71,8 @@ def run_evaluate(args) -> int:
     if not args.out:
         keep_other_metrics(Path(out), args.data, args.split)
     check_output(args.save_as, args.checkpoint, args.data, flag="--save-as")
-    if args.save_as and not (args.threshold or args.calibration):  # there is no refitted decision to write
+    refit = (args.threshold is not None and str(args.threshold) != "saved") or args.calibration is not None
+    if args.save_as and not refit:  # there is no refitted decision to write (--threshold saved keeps the stored one)
         raise PneumoniaCNNError("--save-as writes the decision refitted by --threshold or --calibration: give one")
     if args.save_as and Path(args.save_as).resolve() == Path(out).resolve():  # the report would replace the model
         raise PneumoniaCNNError(f"{args.save_as}: --save-as and --out name the same file; give each its own")
@@ -120,7 +121,10 @@ def run_compare(args) -> int:
     from ..evaluation.compare import compare_runs, format_comparison
     result = compare_runs(args.runs, data=args.data, split=args.split, device=args.device, cache_dir=args.cache_dir,
                           bootstrap=args.bootstrap)
-    print(json.dumps(result, indent=2, default=str) if args.format == "json" else format_comparison(result))
+    if args.format == "json":
+        print_json(result)
+    else:
+        print(format_comparison(result))
     return 0
 
 
@@ -136,7 +140,10 @@ def run_stress(args) -> int:
     check_output(args.out, args.checkpoint, args.data)
     result = stress_test(args.checkpoint, args.data, args.split, device=args.device, cache_dir=args.cache_dir,
                          out=args.out)
-    print(json.dumps(result, indent=2) if args.format == "json" else format_stress(result))
+    if args.format == "json":
+        print_json(result)
+    else:
+        print(format_stress(result))
     return 0
 
 

@@ -85,22 +85,32 @@ def refuse_finished_run(out) -> None:
 def run_folder_lock(out):
     """RUN/.lock while a training writes its run folder: a second training (or --resume) into the same folder
     is refused instead of mixing its files with the first's. Under torchrun only the first process writes and
-    locks. A folder made here and left with nothing but the lock (a run that failed at once) is removed."""
+    locks. Folders made here for a run that then failed at once (nothing in them but the lock) are removed;
+    a refused training removes nothing: the folder and lock are the other training's."""
     if not out or Path(out).is_file() or int(os.environ.get("RANK", "0")) != 0:
         yield
         return
     folder = Path(out)
-    made = not folder.exists()
+    made = [folder, *folder.parents]
+    made = made[:next(i for i, f in enumerate(made) if f.exists())] if not folder.exists() else []
     folder.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(folder, f"{out}: another training is writing this run folder (it holds "
                               f"{display_path(folder / '.lock')}); wait for it, or give another --out")
     try:
-        with lock:
-            yield
+        lock.acquire()
+    except PneumoniaCNNError:
+        for empty in made if not any(folder.iterdir()) else []:  # the other training made none of them yet
+            empty.rmdir()
+        raise
+    try:
+        yield
     finally:
+        lock.release()
         if made and [p.name for p in folder.iterdir()] == [".lock"]:
             (folder / ".lock").unlink()
-            folder.rmdir()
+            for empty in made:
+                with contextlib.suppress(OSError):  # a parent something else has written into stays
+                    empty.rmdir()
 
 
 def run_train(args) -> int:

@@ -12,7 +12,8 @@ the body is never read.
 whole request head within ``seconds`` (after it opened, or after its last response) is closed, so neither
 an idle nor a slowly written request head can hold a connection. And it closes a connection whose client is
 still sending a refused body the way web servers do ("lingering close"): the answer is sent, the server's
-side shut, and what still arrives is read and dropped for up to ``LINGER_SECONDS`` before the socket closes.
+side shut, and what still arrives is read and dropped for up to ``LINGER_SECONDS`` (ended by a second of
+silence) before the socket closes.
 Closed at once, a socket with unread bytes resets the connection, and the reset destroys the answer before a
 client that sends its whole body first (httpx, aiohttp) has read it: it saw a reset, not the 401, 413 or 503.
 """
@@ -23,7 +24,7 @@ import time
 
 from .auth import refuse
 
-LINGER_SECONDS = 10.0
+LINGER_SECONDS, LINGER_SILENCE = 10.0, 1.0
 
 
 def http_error(status: int, detail: str, headers: dict | None = None):
@@ -170,12 +171,20 @@ def handshake_limited_server(config, seconds: float):
 
 class LingeringClose:
     """For uvicorn's h11 protocol: close a connection whose client is still sending a request body only after
-    answering it (see the module's docstring)."""
-    lingering, _linger_timer = False, None
+    answering it (see the module's docstring). As nginx's lingering close: at most ``LINGER_SECONDS`` in all,
+    and ``LINGER_SILENCE`` seconds without a byte end it (a stalled body's client, answered 408, sends none)."""
+    lingering, _linger_timer, _linger_deadline = False, None, 0.0
 
     def data_received(self, data):
-        if not self.lingering:  # while lingering, what arrives is the refused body: dropped
-            super().data_received(data)
+        if not self.lingering:
+            return super().data_received(data)
+        self._arm_linger_timer()  # what arrives is the refused body: dropped
+
+    def _arm_linger_timer(self):
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        wait = min(LINGER_SILENCE, self._linger_deadline - self.loop.time())
+        self._linger_timer = self.loop.call_later(max(wait, 0), self._lingering_transport.close)
 
     def close_gently(self, transport):
         """Close ``transport``, or, while the client is still sending a request body, answer it first: shut
@@ -185,11 +194,12 @@ class LingeringClose:
             return
         if self.conn.their_state is not h11.SEND_BODY:
             return transport.close()
-        self.lingering = True
+        self.lingering, self._lingering_transport = True, transport
         if transport.can_write_eof():  # TLS cannot half-close: its answer is simply left to be read
             transport.write_eof()
         transport.resume_reading()
-        self._linger_timer = self.loop.call_later(LINGER_SECONDS, transport.close)
+        self._linger_deadline = self.loop.time() + LINGER_SECONDS
+        self._arm_linger_timer()
 
     def connection_lost(self, exc):
         if self._linger_timer is not None:

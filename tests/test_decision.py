@@ -393,3 +393,23 @@ def test_balanced_sample_draws_the_reference_class_mix():
     assert len(drawn) == 20 and pseudo[drawn].sum() == 15  # 75% of 2n, from the 3 positives
     assert set(drawn[pseudo[drawn]]) <= {0, 1, 2} and set(drawn[~pseudo[drawn]]) <= set(range(3, 10))
     assert list(balanced_sample(np.array([True, True]), 0.75)) == [0, 1]  # one class only: as it is
+
+
+def test_adapt_batch_answers_do_not_depend_on_the_order_or_on_repeated_files():
+    """AdaBN's statistics depend on which images share a forward pass: the same 40 X-rays in another order
+    moved probabilities by up to 0.57 and flipped labels, and six files sent six times were adapted on as 36
+    images (a hostile audit, 2026-11-27). The set is now taken distinct, in the order of its content."""
+    from tests.conftest import SHARED_DATA, require_shared
+    require_shared()
+    predictor = Predictor("builtin", "cpu", adapt_batch=True)
+    files = [p for name in ("NORMAL", "PNEUMONIA") for p in sorted((SHARED_DATA / "test" / name).iterdir())[:20]]
+    pixels = np.stack([predictor.preprocess_path(f)[0] for f in files])
+    first, notes = predictor.assess(pixels)
+    assert any("re-estimated on this batch (" in note for note in notes)
+    order = np.random.default_rng(0).permutation(len(pixels))
+    again, _ = predictor.assess(pixels[order])
+    shuffled_back = np.empty(len(pixels))
+    shuffled_back[order] = [entry["probability"] for entry in again]
+    np.testing.assert_allclose(shuffled_back, [entry["probability"] for entry in first], atol=1e-6)
+    _, notes = predictor.assess(np.concatenate([pixels[:6]] * 6))
+    assert "not adapted: 6 in-distribution images, fewer than 32" in notes

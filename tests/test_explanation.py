@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -62,3 +64,19 @@ def test_explain_cli_writes_overlay_and_map(patch_run, tmp_path, capsys):
     assert (tmp_path / "maps" / "x_gradcam.png").stat().st_size > 1000
     assert main(["explain", str(patch_run / "run"), str(image), "--out", str(tmp_path / "m2"), "--layer",
                  "conv2"]) == 0
+
+
+def test_explain_gives_predicts_answer_with_its_out_of_distribution_warning(tmp_path, capsys):
+    """explain printed a probability and label with no flag, for an adult X-ray predict flags (a hostile audit,
+    2026-11-27): it now states predict's answer for the image, warning included."""
+    from tests.conftest import SHARED, require_shared
+    require_shared()
+    adult = sorted((SHARED / "data" / "adult_xray_dev" / "actualmed").iterdir())[0]
+    from pneumonia_cnn.cli import main
+    assert main(["predict", str(adult), "--format", "json"]) == 0
+    expected = json.loads(capsys.readouterr().out)[0]
+    assert expected["in_distribution"] is False
+    assert main(["explain", str(adult), "--out", str(tmp_path / "maps")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{adult}: p={expected['probability']:.4f} {expected['label']} -> ")
+    assert lines[1:] == [f"  warning: {w}" for w in expected["warnings"]]

@@ -161,18 +161,19 @@ def explain(predictor, paths, out_dir, layer: str | None = None) -> list[dict]:
     results = []
     for path, stem in zip(paths, stems):
         try:
-            gray, _ = predictor.preprocess_path(path)
+            gray, meta = predictor.preprocess_path(path)
         except ImageReadError as error:
             results.append({"path": str(path), "error": error.reason})
             continue
         cam = grad_cam(model, gray, predictor.device, layer)
-        probability = float(predictor.probabilities_from_pixels(gray[None])[0])
+        entry = predictor.assess(gray[None], [meta])[0][0]  # predict's answer: probability, label, OOD flag
         with atomic_path(out_dir / f"{stem}_gradcam.png") as temporary:
             temporary.write_bytes(overlay_png(gray, cam))
         with atomic_path(out_dir / f"{stem}_gradcam.npy") as temporary:
             with open(temporary, "wb") as handle:
                 np.save(handle, cam)
-        results.append({"path": str(path), "probability": probability, "label": predictor.label_for(probability),
+        results.append({"path": str(path), "probability": entry["probability"], "label": entry["label"],
+                        "in_distribution": entry["in_distribution"], "warnings": entry["warnings"],
                         "overlay": str(out_dir / f"{stem}_gradcam.png"), "map": str(out_dir / f"{stem}_gradcam.npy"),
                         "layer": layer or last_conv_layer_name(model)})
     return results

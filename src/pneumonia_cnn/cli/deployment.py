@@ -81,7 +81,7 @@ def run_explain(args) -> int:
             logging.getLogger("pneumonia_cnn").warning("skipped %s: %s", item["path"], item["error"])
         else:
             print(f"{item['path']}: p={item['probability']:.4f} {item['label']} -> {item['overlay']} "
-                  f"(layer {item['layer']})")
+                  f"(layer {item['layer']})" + "".join(f"\n  warning: {w}" for w in item["warnings"]))
     for item in missing:
         logging.getLogger("pneumonia_cnn").warning("skipped %s: no such file or folder", item)
     return 0 if any("error" not in r for r in results) else 1

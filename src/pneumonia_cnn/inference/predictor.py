@@ -13,7 +13,7 @@ import numpy as np
 
 from ..calibration import estimate_prior
 from ..errors import PneumoniaCNNError
-from .adabn import adapt_batch_norm, has_batch_norm
+from .adabn import adapt_batch_norm, distinct_in_canonical_order, has_batch_norm
 from .bundle import Bundle, load_bundle
 from .files import decode_files
 from .scorer import Scorer, Scores
@@ -204,15 +204,16 @@ class Predictor:
         return scores, decision, notes
 
     def _adapt_step(self, pixels, scores: Scores, inside, batch_size, notes):
-        """AdaBN on the batch's in-distribution images when there are enough; (scores, decision)."""
-        if inside.sum() < MIN_ADAPT_BATCH:
-            notes.append(f"not adapted: {int(inside.sum())} in-distribution images, fewer than {MIN_ADAPT_BATCH}")
+        """AdaBN on the batch's distinct in-distribution images when there are enough; (scores, decision)."""
+        count = len(distinct_in_canonical_order(pixels[inside]))  # a file sent twice counts once
+        if count < MIN_ADAPT_BATCH:
+            notes.append(f"not adapted: {count} in-distribution images, fewer than {MIN_ADAPT_BATCH}")
             return scores, self.bundle.decision
         pseudo = scores.probabilities[inside] >= self.bundle.decision.effective_threshold
         rate = (self.bundle.adapted_decision or self.bundle.decision).calibration.prior
         adapted = Scorer(adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate), self.device,
                          self.scorer.engine.name, self.amp, cache=False)  # this batch's statistics only
-        notes.append(f"batch-norm statistics re-estimated on this batch ({int(inside.sum())} "
+        notes.append(f"batch-norm statistics re-estimated on this batch ({count} "
                      f"in-distribution images, AdaBN at the validation images' class mix)")
         if self.bundle.adapted_decision is not None:
             return adapted.score(pixels, batch_size), self.bundle.adapted_decision  # fitted on val, adapted to val

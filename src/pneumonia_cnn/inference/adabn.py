@@ -72,10 +72,14 @@ def adapt_batch_norm(bundle, pixels_uint8, pseudo_positive=None, rate: float | N
     order of their content (resampled to the class mix ``rate`` by ``pseudo_positive`` labels when both are
     given); the original is untouched."""
     order = distinct_in_canonical_order(pixels_uint8)
-    pixels_uint8 = np.asarray(pixels_uint8)[order]
     if pseudo_positive is not None and rate is not None:
-        pseudo_positive = np.asarray(pseudo_positive, bool)[order]
-        pixels_uint8 = pixels_uint8[balanced_sample(pseudo_positive, rate)]
+        # pseudo-negatives first, as validation images (in their class folders' order) were when the adapted
+        # decision was fitted: which images share a forward pass moves the statistics
+        pseudo_positive = np.asarray(pseudo_positive, bool)
+        order = order[np.argsort(pseudo_positive[order], kind="stable")]
+        pixels_uint8 = np.asarray(pixels_uint8)[order][balanced_sample(pseudo_positive[order], rate)]
+    else:
+        pixels_uint8 = np.asarray(pixels_uint8)[order]
     models = []
     for model in bundle.models:
         adapted = copy.deepcopy(model)

@@ -281,7 +281,7 @@ class Service:
         refused and a load balancer should send them elsewhere."""
         served = self.served
         problem = None
-        if self.audit is not None:
+        if self.audit is not None and self.audit.last_error is not None:  # a probe only after a failed write
             problem = await asyncio.get_running_loop().run_in_executor(None, self.audit.problem)
         body = {"status": "ok" if problem is None else f"audit log unavailable ({problem}): predictions refused",
                 "model": served.model_id, "loaded_at": served.loaded_at, "drift": self.drift_report(),

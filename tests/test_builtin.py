@@ -54,6 +54,23 @@ def test_its_detector_flags_at_least_nine_in_ten_adults_of_each_source():
         assert flagged >= 0.90, (source, flagged)
 
 
+def test_a_prevalence_keeps_the_label_of_the_validation_image_its_threshold_was_chosen_at(capsys):
+    """README (From score to decision): an operating point's labels stay whatever the rate; this image's calibrated
+    probability is the threshold itself, and at 0.75 and 0.3 it was labelled NORMAL (1 ulp below)."""
+    require_shared()
+    image = SHARED_DATA / "val" / "PNEUMONIA" / "person412_bacteria_1827.jpeg"
+    labels = []
+    for rate in (None, "0.75", "0.3", "0.05"):
+        assert main(["predict", str(image), "--format", "json", *(["--prevalence", rate] if rate else [])]) == 0
+        row = json.loads(capsys.readouterr().out)[0]
+        assert row["probability"] == pytest.approx(row["threshold"], abs=1e-12)
+        labels.append(row["label"])
+    assert labels == ["PNEUMONIA"] * 4
+    assert main(["predict", str(image), "--format", "fhir", "--prevalence", "0.75"]) == 0
+    (observation,) = json.loads(capsys.readouterr().out)["contained"]
+    assert observation["interpretation"][0]["coding"][0]["code"] == "POS"  # it said NEG beside the label
+
+
 def test_predict_info_and_examples_need_no_checkpoint(capsys):
     examples = builtin.example_paths()
     assert len(examples) >= 4 and {p.name.split("_")[0] for p in examples} == {"NORMAL", "PNEUMONIA"}

@@ -124,3 +124,19 @@ def test_fit_decision_chooses_the_threshold_on_calibrated_probabilities():
     assert (probabilities[labels == 1] >= np.nextafter(decision.threshold, 1)).mean() < 0.9
     assert logit(decision.threshold) == pytest.approx(decision.calibration.logits(
         raw[labels == 1][np.argsort(-raw[labels == 1])][int(np.ceil(0.9 * (labels == 1).sum())) - 1]))
+
+
+def test_a_prevalence_never_flips_the_label_of_the_image_that_defines_the_threshold():
+    # the built-in model's Platt calibration and the raw score of the validation image its threshold was chosen
+    # at: at a rate of 0.75 the moved probability came out 1 ulp below the moved threshold (NORMAL)
+    calibration = Calibration("platt", 1.2883733030203146, 2.500981875924573, prior=0.7513416815742398)
+    raw = np.array([0.080724])
+    decision = Decision(calibration, float(calibration.probabilities(raw)[0]), "sensitivity:0.95")
+    rates = np.round(np.arange(0.01, 1.0, 0.01), 2)
+    moved = [decision.with_prior(float(rate), "given") for rate in rates]
+    assert all(d.positive(raw)[0] for d in moved)
+    assert not any(d.positive(raw - 1e-9)[0] for d in moved)  # just below it stays NORMAL
+    # what the labels were decided by before: the moved probability against the moved threshold
+    assert sum(d.probabilities(raw)[0] < d.effective_threshold for d in moved) > 10
+    fixed = Decision(calibration, 0.5, "0.5").with_prior(0.05, "given")  # a fixed threshold: decisions change
+    assert not fixed.positive(raw)[0] and Decision(calibration, 0.5, "0.5").positive(raw)[0]

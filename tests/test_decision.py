@@ -73,6 +73,18 @@ def test_evaluate_predict_serve_and_onnx_export_agree(best_like_run, small_root,
     assert set(evaluated) == set(predicted) == {str(f) for f in files}
     for path in files:
         assert evaluated[str(path)] == pytest.approx(predicted[str(path)], abs=1e-6)
+    # each row holds the true label (0/1) and the label predict gives; the report states the rate
+    labels = {row["path"]: row["label"] for row in predict_json(capsys, best_like_run, *files)}
+    assert {row["path"]: row["predicted"] for row in report["predictions"]} == labels
+    rows = report["predictions"]
+    assert [row["label"] for row in rows] == [int("PNEUMONIA" in row["path"]) for row in rows]
+    assert report["prevalence"] == pytest.approx(0.5) and report["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(small_root), "--bootstrap", "20",
+                 "--out", str(tmp_path / "m02.json"), "--no-figures", "--prevalence", "0.2"]) == 0
+    assert "probabilities for a pneumonia rate of 0.200" in capsys.readouterr().out
+    shifted = json.loads((tmp_path / "m02.json").read_text())
+    assert shifted["prevalence"] == 0.2  # an operating point: the same decisions at another rate
+    assert shifted["metrics"]["confusion_matrix"] == report["metrics"]["confusion_matrix"]
     assert main(["export", str(best_like_run / "best.pt"), "--out", str(tmp_path / "m.onnx")]) == 0
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     predictor = Predictor(best_like_run, "cpu")

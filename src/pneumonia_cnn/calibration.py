@@ -50,8 +50,12 @@ def parse_threshold_policy(policy, name: str = "threshold") -> tuple[str, float 
 
 
 def is_operating_point(policy) -> bool:
-    """True for policies defined by the ROC curve (a place on it), False for a fixed probability."""
-    return parse_threshold_policy(policy)[0] != "fixed"
+    """True for policies defined by the ROC curve (a place on it), False for a fixed probability, which a
+    threshold that is no policy (an ensemble of earlier checkpoints: "mean of members") also is."""
+    try:
+        return parse_threshold_policy(policy)[0] != "fixed"
+    except ConfigError:
+        return False
 
 
 def choose_threshold(labels, probabilities, policy="0.5") -> float:
@@ -200,6 +204,15 @@ class Decision:
 
     def probabilities(self, raw_logits) -> np.ndarray:
         return sigmoid(self.logits(raw_logits))
+
+    def positive(self, raw_logits) -> np.ndarray:
+        """The decision per score: probability >= threshold. An operating point is decided on the calibrated
+        probability before any prevalence shift: the shift moves the probabilities and the threshold alike, but
+        along float paths that differ in the last bit, which flipped the label of the image that defines the
+        threshold under some rates."""
+        if is_operating_point(self.policy):
+            return self.calibration.probabilities(raw_logits) >= self.threshold
+        return self.probabilities(raw_logits) >= self.threshold
 
     @property
     def effective_threshold(self) -> float:

@@ -19,10 +19,12 @@ from sklearn.metrics import (
 from .calibration import expected_calibration_error
 
 
-def point_metrics(labels, probabilities, threshold: float = 0.5) -> dict:
+def point_metrics(labels, probabilities, threshold: float = 0.5, predicted=None) -> dict:
+    """``predicted`` (0/1 per image), when given, is the decision as made (``Decision.positive``) instead of
+    ``probabilities >= threshold``."""
     labels = np.asarray(labels).astype(int)
     probabilities = np.asarray(probabilities, dtype=float)
-    predicted = (probabilities >= threshold).astype(int)
+    predicted = (probabilities >= threshold if predicted is None else np.asarray(predicted)).astype(int)
     both = len(set(labels.tolist())) == 2
     tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
     metrics = {

@@ -93,6 +93,37 @@ def test_values_longer_than_dicom_allows_are_cut_in_the_report(tmp_path):
     assert source.PatientID == "7" * 300  # the source is not changed
 
 
+def test_a_negative_instance_number_or_a_name_given_twice_still_gets_its_report(tmp_path):
+    """A probe of listen and pacs: InstanceNumber -3 (a valid IS) and a PatientName or ReferringPhysicianName with
+    two values made highdicom refuse the report and the overlay, so a readable X-ray was filed as unreadable."""
+    source = pydicom.dcmread(xray_dicom(np.full((32, 32), 100, np.uint8), tmp_path / "s.dcm", "DX"))
+    source.InstanceNumber, source.PatientName = "-3", ["Doe^Jane", "Roe^Ann"]
+    source.add_new(0x00080090, "PN", ["Smith^A", "Jones^B"])
+    source.save_as(tmp_path / "odd.dcm")
+    source = pydicom.dcmread(tmp_path / "odd.dcm")
+    report, overlay = build_sr(source, FLAGGED, MODEL), build_overlay(source, np.zeros((16, 16, 3), np.uint8), MODEL)
+    assert report.InstanceNumber == overlay.InstanceNumber == 1
+    assert str(report.PatientName) == str(overlay.PatientName) == "Doe^Jane"
+    assert str(report.ReferringPhysicianName) == "Smith^A"
+    source.InstanceNumber = "7"
+    assert build_sr(source, FLAGGED, MODEL).InstanceNumber == 7
+
+
+@pytest.mark.parametrize("orientation, stated", [(["R", "H"], ["R", "H"]), (["A", "FL"], ["A", "FL"]),
+                                                 (None, []), (["X", "F"], []), (["L"], [])])
+def test_the_overlay_states_the_sources_orientation_or_none(tmp_path, orientation, stated):
+    """It always said L\\F: a viewer's markers on the heat map could show the patient's sides the wrong way round."""
+    source = pydicom.dcmread(xray_dicom(np.full((32, 32), 100, np.uint8), tmp_path / "s.dcm", "DX"))
+    if orientation is None:
+        source.pop(0x00200020, None)
+    else:
+        source.PatientOrientation = orientation
+    overlay = build_overlay(source, np.zeros((16, 16, 3), np.uint8), MODEL)
+    overlay.save_as(tmp_path / "sc.dcm", enforce_file_format=True)
+    back = pydicom.dcmread(tmp_path / "sc.dcm")
+    assert "PatientOrientation" in back and list(back.PatientOrientation or []) == stated
+
+
 def test_overlay_is_a_secondary_capture_in_the_study(tmp_path):
     source = pydicom.dcmread(xray_dicom(np.full((32, 32), 100, np.uint8), tmp_path / "s.dcm", "DX"))
     rgb = np.zeros((16, 16, 3), np.uint8)
@@ -169,3 +200,24 @@ def test_a_state_file_that_cannot_be_written_is_one_line(tmp_path):
     with pytest.raises(PneumoniaCNNError, match="cannot write the state file"):
         state.record("1.1", "m1", "done")
     state.close()
+
+
+def test_an_overlay_that_cannot_be_made_never_costs_the_report(trained_run, tmp_path, monkeypatch):
+    """With --overlay, a header that only the Secondary Capture refused sent the instance to unreadable/ with no
+    report (one try covered both): the report now goes alone, and says why it has no overlay."""
+    from pneumonia_cnn.inference import Predictor
+    from pneumonia_cnn.interop import scoring
+
+    def refuses(*args, **kwargs):
+        raise TypeError("Invalid type for a person name.")
+
+    source = pydicom.dcmread(xray_dicom(np.full((64, 64), 90, np.uint8), tmp_path / "s.dcm", "DX"))
+    scorer = scoring.DicomScorer(Predictor(trained_run, "cpu"), overlay=True)
+    (made,) = scorer.score([source])
+    assert made.error is None and len(made.outputs) == 2 and made.overlay_error is None
+    monkeypatch.setattr(scoring, "build_overlay", refuses)
+    (result,) = scorer.score([source])
+    assert result.error is None and [o.Modality for o in result.outputs] == ["SR"]
+    assert result.overlay_error == "overlay not made (TypeError: Invalid type for a person name.)"
+    assert read_sr(result.outputs[0])["probability"] == pytest.approx(made.entry["probability"])
+    assert result.overlay_uid is None and result.report_uid == made.report_uid

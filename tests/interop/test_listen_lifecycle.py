@@ -88,6 +88,28 @@ def test_one_node_per_spool(predictor, tmp_path, capsys):
         first.stop()
 
 
+def test_a_partial_instance_left_by_a_killed_node_is_removed_when_the_next_one_starts(predictor, tmp_path, caplog):
+    """A node killed while moving a received instance into the spool (TMPDIR on another file system: a copy)
+    left SPOOL/incoming/.UID.dcm.RANDOM.tmp, part of a patient's image, for good; its sender was never
+    acknowledged and sends it again. A second node refused on the same spool removes nothing."""
+    caplog.set_level(logging.INFO)
+    incoming = tmp_path / "spool" / "incoming"
+    incoming.mkdir(parents=True)
+    partial = incoming / ".1.2.3.4.0123456789ab.dcm.kecrzia4.tmp"
+    partial.write_bytes(b"DICM" + bytes(1000))
+    (incoming / "notes.txt.tmp").write_text("not ours\n")  # only the node's own temporary names
+    node = Listener(predictor, nowhere(), port=free_port(), spool=tmp_path / "spool").start(block=False)
+    try:
+        assert not partial.exists() and (incoming / "notes.txt.tmp").exists()
+        assert "1 partial instance(s) left in" in caplog.text
+        partial.write_bytes(b"DICM")  # one being received right now by the running node
+        with pytest.raises(PneumoniaCNNError, match="another listen node"):
+            Listener(predictor, nowhere(), port=free_port(), spool=tmp_path / "spool").start(block=False)
+        assert partial.exists()
+    finally:
+        node.stop()
+
+
 def test_a_destination_that_rejects_the_node_is_named_with_its_reason(predictor, xray_sources, tmp_path, caplog):
     """"Not registered in the PACS" read like a network outage: "was rejected, aborted or never connected"."""
     from pynetdicom import AE, AllStoragePresentationContexts

@@ -448,6 +448,40 @@ def test_an_instance_sent_in_chunks_is_cut_off_at_the_limit_and_searches_are_not
     assert len(search.content) == 100 * 2**20
 
 
+def test_an_answer_trickling_in_is_given_up_at_the_timeout():
+    """requests' timeout bounds each wait between bytes only: a PACS sending one byte every 2 s held a job with
+    --timeout 5 (and a --watch job) for as long as it went on; a whole answer now has --timeout seconds."""
+    import time
+
+    import requests
+
+    from pneumonia_cnn.interop.dicomweb_session import body_limit
+
+    class Trickle:
+        def __init__(self, count=100):
+            self.count = count
+
+        def close(self):
+            self.closed = True
+
+        def stream(self, *args, **kwargs):
+            for _ in range(self.count):
+                time.sleep(0.1)
+                yield b"x"
+
+    for url in ("http://pacs/dicom-web/studies/1/series/2/instances/3", "http://pacs/dicom-web/instances?x=1"):
+        response = requests.Response()
+        response.url, response.raw, response.status_code = url, Trickle(), 200
+        start = time.monotonic()
+        with pytest.raises(requests.Timeout, match=r"not complete 0\.5 s after the request \([0-9] bytes by then; "
+                                                   r"--timeout\)"):
+            body_limit(2**20, timeout=0.5)(response).content  # noqa: B018 - reading the body is the act under test
+        assert 0.5 <= time.monotonic() - start < 1.5 and response.raw.closed
+    fast = requests.Response()
+    fast.url, fast.raw, fast.status_code = "http://pacs/dicom-web/instances?x=1", Trickle(8), 200
+    assert len(body_limit(2**20, timeout=2)(fast).content) == 8  # within its time: read whole
+
+
 def test_credentials_are_checked_before_any_request_and_never_shown(monkeypatch):
     """A token file read with its line ending made requests refuse the header and quote it, token included, in
     the error line; a password without --user was sent to nobody (the PACS's 401 said nothing of why)."""
@@ -518,3 +552,112 @@ def test_a_pacs_that_asks_for_a_password(trained_run, xray_sources, tmp_path, ca
         assert "1 new instance(s), 0 already scored: 1 scored" in capsys.readouterr().out
     finally:
         secured.stop()
+
+
+def test_a_stow_answer_that_does_not_name_the_report_is_not_taken_as_stored(orthanc, trained_run, xray_sources,
+                                                                          tmp_path, capsys):
+    """A 200 with an empty body or a login page (a proxy, a redirect that turned the POST into a GET) was recorded
+    as done: the PACS held no report, and a rerun said "already scored", so it never got one."""
+    from pneumonia_cnn.interop.state import ScoredState
+    path = xray_dicom(xray_sources["NORMAL"][0], tmp_path / "s.dcm", "DX", patient_id="P11", study_date="20240403")
+    orthanc.upload(path)
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    sr_post = (f"POST /dicom-web/studies/{header.StudyInstanceUID}", b"1.2.840.10008.5.1.4.1.1.88.33\x00")
+    proxy, state = FlakyProxy(orthanc.url), tmp_path / "state.sqlite"
+    try:
+        for answer in [(200, b"", "application/dicom+json"), (200, b"<html>Sign in</html>", "text/html"),
+                       (200, b"{}", "application/dicom+json")]:
+            proxy.refusals = {sr_post: answer}
+            assert run_pacs(trained_run, proxy.url + "/dicom-web", state, "--study-date", "20240403") == 1
+            out = capsys.readouterr().out
+            assert "0 scored and reported, 0 unreadable, 0 not X-rays, 1 failed" in out, answer
+            (row,) = ScoredState(state).rows()
+            assert row["status"] == "failed" and "does not name" in row["error"] and row["refusals"] == 0
+            assert header.SOPInstanceUID not in reports_in(orthanc)
+        proxy.refusals = {}
+        assert run_pacs(trained_run, proxy.url + "/dicom-web", state, "--study-date", "20240403") == 0
+        assert "1 new instance(s), 0 already scored: 1 scored and reported" in capsys.readouterr().out
+        assert header.SOPInstanceUID in reports_in(orthanc)
+    finally:
+        proxy.close()
+
+
+def test_pages_shorter_than_asked_for_are_not_taken_for_the_last(orthanc, studies, trained_run, tmp_path, capsys):
+    """A PACS may answer fewer results than the limit (PS3.18; Orthanc's LimitFindInstances): the job stopped at
+    the first short page, and the instances past it were never scored, run after run."""
+    import requests
+
+    from pneumonia_cnn.interop.state import ScoredState
+
+    def at_most_two(line: str):  # QIDO-RS through a PACS that caps every page at two results
+        capped = re.sub(r"limit=\d+", "limit=2", line.split(" ", 1)[1])
+        answer = requests.get(orthanc.url + capped, headers={"Accept": "application/dicom+json"}, timeout=30)
+        return answer.status_code, answer.content, "application/dicom+json"
+
+    proxy = FlakyProxy(orthanc.url)
+    proxy.refusals = {"GET /dicom-web/instances?": at_most_two}
+    try:
+        run_pacs(trained_run, proxy.url + "/dicom-web", tmp_path / "capped.sqlite", *BASE)
+        capped = {r["sop_instance_uid"] for r in ScoredState(tmp_path / "capped.sqlite").rows()}
+        run_pacs(trained_run, orthanc.dicomweb, tmp_path / "plain.sqlite", *BASE)
+        capsys.readouterr()
+        plain = {r["sop_instance_uid"] for r in ScoredState(tmp_path / "plain.sqlite").rows()}
+        assert len(plain) >= 4 and capped == plain
+        assert sum("limit=" in line for line in proxy.seen) >= 3  # several pages were asked for
+    finally:
+        proxy.close()
+
+
+def test_an_answer_that_is_not_the_instance_is_recorded_under_the_uid_it_was_listed_by(
+        orthanc, trained_run, xray_sources, tmp_path, capsys, caplog):
+    """A WADO-RS answer holding junk was logged as "instance ?" and recorded under "?", so the listed instance
+    was fetched again on every run."""
+    from pneumonia_cnn.interop.state import ScoredState
+    path = xray_dicom(xray_sources["NORMAL"][1], tmp_path / "j.dcm", "DX", patient_id="P12", study_date="20240404")
+    orthanc.upload(path)
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    junk = (b"--X\r\nContent-Type: application/dicom\r\n\r\n" + bytes(128) + b"DICM" + bytes(range(200))
+            + b"\r\n--X--")
+    proxy = FlakyProxy(orthanc.url)
+    proxy.refusals = {f"GET /dicom-web/studies/{header.StudyInstanceUID}/series/":
+                      (200, junk, 'multipart/related; type="application/dicom"; boundary=X')}
+    state = tmp_path / "state.sqlite"
+    try:
+        run_pacs(trained_run, proxy.url + "/dicom-web", state, "--study-date", "20240404")
+        assert "1 unreadable" in capsys.readouterr().out
+        assert f"instance {header.SOPInstanceUID}: unreadable: " in caplog.text and "instance ?" not in caplog.text
+        (row,) = ScoredState(state).rows()
+        assert row["sop_instance_uid"] == header.SOPInstanceUID and row["status"] == "unreadable"
+        assert run_pacs(trained_run, proxy.url + "/dicom-web", state, "--study-date", "20240404") == 0
+        assert "0 new instance(s), 1 already scored" in capsys.readouterr().out  # not fetched again
+    finally:
+        proxy.close()
+
+
+def test_watch_survives_a_state_file_locked_by_another_process(orthanc, studies, trained_run, tmp_path, monkeypatch,
+                                                                caplog):
+    """Another process holding the state file past the wait ended a --watch job with sqlite's traceback."""
+    import sqlite3
+
+    from pneumonia_cnn.inference import Predictor
+    from pneumonia_cnn.interop import dicomweb
+    options = dicomweb.PacsOptions(orthanc.dicomweb, str(tmp_path / "state.sqlite"), study_date="20240315",
+                                   attempts=1)
+    job = dicomweb.PacsJob(Predictor(trained_run, "cpu"), options)
+    job.state.db.execute("PRAGMA busy_timeout = 100")  # not the 30 s a job waits
+    other, summaries, pauses = sqlite3.connect(options.state), [], []
+
+    def between_polls(summary):
+        summaries.append(summary)
+        if len(summaries) == 1:
+            other.execute("BEGIN EXCLUSIVE")  # a backup tool, an operator's sqlite3 shell
+
+    def pause(seconds):
+        pauses.append(seconds)
+        if len(pauses) == 2:  # after the poll that found the file locked
+            other.rollback()
+
+    monkeypatch.setattr(dicomweb.time, "sleep", pause)
+    job.watch(0.05, 3, between_polls)
+    assert len(summaries) == 2 and summaries[0]["scored"] >= 3 and summaries[1]["found"] == 0
+    assert "state.sqlite: cannot read the state file (database is locked); polling again" in caplog.text

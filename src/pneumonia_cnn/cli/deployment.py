@@ -48,7 +48,7 @@ def run_predict(args) -> int:
                           prevalence=args.prevalence, adapt_batch=args.adapt_batch)
     predictions = predictor.predict_files(paths, args.batch_size, progress=not args.no_progress and len(paths) > 64)
     predictions += [Prediction(entry, error="no such file or folder", model=predictor.model_id) for entry in missing]
-    print(format_predictions(predictions, args.format))
+    print(format_predictions(predictions, args.format, predictor.class_names[1]))
     failed = [p for p in predictions if p.error]
     for p in failed:
         log.warning("skipped %s: %s", p.path, p.error)

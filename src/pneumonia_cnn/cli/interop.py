@@ -119,6 +119,7 @@ def print_pacs_summary(summary: dict):
         print(f"{result.sop_instance_uid}  p={entry['probability']:.4f}  {entry['label']}  {flag}  "
               f"-> SR {result.report_uid}" + (f" + overlay {result.overlay_uid}" if result.overlay_uid else "")
               + (" (overlay refused by the PACS)" if result.overlay_refused else "")
+              + (f" ({result.overlay_error})" if result.overlay_error else "")
               + "".join(f"\n    warning: {w}" for w in entry["warnings"]))
     print(f"{summary['found']} new instance(s), {summary['already_scored']} already scored: {summary['scored']} "
           f"scored and reported, {summary['unreadable']} unreadable, {summary['skipped']} not X-rays, "

@@ -97,7 +97,7 @@ def _refit_adapted(bundle, decision: Decision, val, raw, policy, method, device,
     stored = bundle.adapted_decision
     rate = float(np.mean(val.labels)) if method is not None or stored.calibration.prior is None \
         else stored.calibration.prior
-    pseudo = decision.probabilities(raw) >= decision.threshold
+    pseudo = decision.positive(raw)
     images = np.asarray(val.images)
     adapted = Scorer(adapt_batch_norm(bundle, images, pseudo, rate), device, engine, cache=False)
     adapted_raw = adapted.score(images).raw
@@ -201,27 +201,30 @@ def build_report(predictor: Predictor, cached, entries, notes, data, split, boot
     labels = cached.labels
     probabilities = np.array([e["probability"] for e in entries])
     threshold = entries[0]["threshold"]
+    predicted = np.array([e["label"] == predictor.class_names[1] for e in entries])  # as decided (Decision.positive)
     groups = cached.patients if has_patient_ids(cached.paths) else None
     decision = predictor.last_decision  # the one these entries were decided by
     report = {"checkpoint": [str(c.get("path")) for c in predictor.checkpoints], "model_id": predictor.model_id,
               "data": str(data), "split": split, "n_images": int(len(labels)),
+              "class_names": list(predictor.class_names),
               "counts": {name: int((labels == i).sum()) for i, name in enumerate(predictor.class_names)},
-              "n_patients": len(set(cached.patients)), "threshold": threshold,
+              "n_patients": len(set(cached.patients)), "threshold": threshold, "prevalence": entries[0]["prevalence"],
               "threshold_policy": decision.policy, "calibration": decision.calibration.to_dict(),
               "scoring": predictor.scorer.description, "notes": notes,
               "bootstrap": {"resamples": bootstrap, "seed": seed, "unit": "patient" if groups else "image"},
               "metrics": bootstrap_metrics(labels, probabilities, threshold, groups=groups, resamples=bootstrap,
-                                           seed=seed),
+                                           seed=seed, predicted=predicted),
               "skipped": [{"path": p, "reason": r} for p, r in cached.skipped]}
     if groups is not None:
         patient_labels, patient_scores, _ = per_patient(labels, probabilities, cached.patients)
+        patient_predicted = per_patient(labels, predicted, cached.patients)[1]  # positive if any image is
         report["patient_metrics"] = bootstrap_metrics(patient_labels, patient_scores, threshold,
-                                                      resamples=bootstrap, seed=seed)
+                                                      resamples=bootstrap, seed=seed, predicted=patient_predicted)
     flagged = [e["in_distribution"] is False for e in entries]
     report["ood"] = {"available": predictor.ood is not None, "flagged": int(sum(flagged)),
                      "fraction_flagged": float(np.mean(flagged)) if flagged else 0.0}
-    report["predictions"] = [{"path": p, "label": int(y), "probability": e["probability"], "raw_score": e["raw_score"],
-                              "flagged": f, "ood_score": e["ood_score"]}
+    report["predictions"] = [{"path": p, "label": int(y), "predicted": e["label"], "probability": e["probability"],
+                              "raw_score": e["raw_score"], "flagged": f, "ood_score": e["ood_score"]}
                              for p, y, e, f in zip(cached.paths, labels, entries, flagged)]
     return report
 
@@ -234,7 +237,9 @@ def format_table(report: dict) -> str:
     lines = [f"{report['split']}: {report['n_images']} images "
              + ", ".join(f"{k} {v}" for k, v in report["counts"].items())
              + f"; {report['n_patients']} patients; threshold {report['threshold']:.3f} "
-             f"({report['threshold_policy']}, {report['calibration']['method']} calibration)",
+             f"({report['threshold_policy']}, {report['calibration']['method']} calibration"
+             + (f", probabilities for a pneumonia rate of {report['prevalence']:.3f})"
+                if report.get("prevalence") is not None else ")"),
              f"{'metric':<20}{'value':>9}   95% CI ({report['bootstrap']['unit']} bootstrap)"]
     for name in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc",
                  "pr_auc", "brier", "log_loss", "ece"):

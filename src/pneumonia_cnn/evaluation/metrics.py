@@ -29,11 +29,13 @@ def _wilson_for(name: str, cm: dict):
 
 
 def bootstrap_metrics(labels, probabilities, threshold: float = 0.5, groups=None, resamples: int = 1000,
-                      seed: int = 0) -> dict:
-    """Every metric as ``{"value": v, "ci95": [lo, hi]}`` (plus ``wilson95`` for proportions)."""
+                      seed: int = 0, predicted=None) -> dict:
+    """Every metric as ``{"value": v, "ci95": [lo, hi]}`` (plus ``wilson95`` for proportions); ``predicted``:
+    the decisions as made, when given (see ``point_metrics``)."""
     labels = np.asarray(labels).astype(int)
     probabilities = np.asarray(probabilities, dtype=float)
-    point = point_metrics(labels, probabilities, threshold)
+    predicted = None if predicted is None else np.asarray(predicted).astype(int)
+    point = point_metrics(labels, probabilities, threshold, predicted)
     rng = np.random.default_rng(seed)
     names = [k for k in point if k != "confusion_matrix"]
     samples = {k: [] for k in names}
@@ -49,7 +51,8 @@ def bootstrap_metrics(labels, probabilities, threshold: float = 0.5, groups=None
         chosen = np.concatenate([members[g] for g in chosen_groups])
         if len(set(labels[chosen].tolist())) < 2:
             continue
-        sample = point_metrics(labels[chosen], probabilities[chosen], threshold)
+        sample = point_metrics(labels[chosen], probabilities[chosen], threshold,
+                               None if predicted is None else predicted[chosen])
         for k in names:
             samples[k].append(sample[k])
     result = {}

@@ -103,9 +103,11 @@ def field_values(paths, field: str, data) -> list[str]:
 
 
 def subgroup_metrics(field: str, labels, probabilities, threshold: float, values, patients=None,
-                     resamples: int = 1000, seed: int = 0) -> dict:
-    """Every metric with its interval per group of ``values``, and the largest gap between groups."""
+                     resamples: int = 1000, seed: int = 0, predicted=None) -> dict:
+    """Every metric with its interval per group of ``values``, and the largest gap between groups
+    (``predicted``: the decisions as made, when given)."""
     labels, probabilities, values = np.asarray(labels).astype(int), np.asarray(probabilities, float), np.asarray(values)
+    predicted = None if predicted is None else np.asarray(predicted)
     groups = []
     for value in sorted(set(values.tolist()), key=lambda v: (v == MISSING, v)):
         chosen = np.where(values == value)[0]
@@ -113,7 +115,8 @@ def subgroup_metrics(field: str, labels, probabilities, threshold: float, values
         groups.append({"value": value, "n_images": len(chosen), "n_positive": int(labels[chosen].sum()),
                        "n_negative": int((labels[chosen] == 0).sum()),
                        "metrics": bootstrap_metrics(labels[chosen], probabilities[chosen], threshold, groups=units,
-                                                    resamples=resamples, seed=seed)})
+                                                    resamples=resamples, seed=seed,
+                                                    predicted=None if predicted is None else predicted[chosen])})
     return {"field": field, "groups": groups, "largest_gap": largest_gaps(groups)}
 
 
@@ -134,10 +137,11 @@ def largest_gaps(groups: list[dict]) -> dict:
 def subgroup_results(fields, report: dict, cached, data) -> list[dict]:
     """``evaluate --by``: the subgroup tables for the images of an evaluation report."""
     probabilities = [p["probability"] for p in report["predictions"]]
+    predicted = [p["predicted"] == report["class_names"][1] for p in report["predictions"]]
     patients = cached.patients if has_patient_ids(cached.paths) else None
     return [subgroup_metrics(field, cached.labels, probabilities, report["threshold"],
                              field_values(cached.paths, field, data), patients, report["bootstrap"]["resamples"],
-                             report["bootstrap"]["seed"]) for field in fields]
+                             report["bootstrap"]["seed"], predicted) for field in fields]
 
 
 def _cell(entry: dict) -> str:

@@ -135,10 +135,6 @@ class Predictor:
         return self.bundle.preprocessing.read_bytes(data, name)
 
     # ---------- pixels -> decisions
-    def label_for(self, probability: float, threshold: float | None = None) -> str:
-        threshold = self.threshold if threshold is None else threshold
-        return self.class_names[1] if probability >= threshold else self.class_names[0]
-
     def score(self, pixels_uint8, batch_size: int = 64, progress: bool = False) -> Scores:
         return self.scorer.score(pixels_uint8, batch_size, progress)
 
@@ -164,9 +160,11 @@ class Predictor:
         threshold = decision.effective_threshold
         # the pneumonia rate the probability is stated for, beside it in every output (None: not recorded)
         rate = decision.prior if decision.prior is not None else decision.calibration.prior
-        entries = [{"probability": float(p), "raw_score": float(r), "label": self.label_for(p, threshold),
+        names = self.class_names
+        entries = [{"probability": float(p), "raw_score": float(r), "label": names[1] if positive else names[0],
                     "threshold": threshold, "prevalence": None if rate is None else float(rate), **check}
-                   for p, r, check in zip(scores.probabilities, scores.raw, checks)]
+                   for p, r, positive, check in zip(scores.probabilities, scores.raw, decision.positive(scores.raw),
+                                                    checks)]
         return entries, self.batch_notes() + notes
 
     def flags(self, pixels, scores: Scores, metas=None) -> list[dict]:
@@ -209,7 +207,7 @@ class Predictor:
         if count < MIN_ADAPT_BATCH:
             notes.append(f"not adapted: {count} in-distribution images, fewer than {MIN_ADAPT_BATCH}")
             return scores, self.bundle.decision
-        pseudo = scores.probabilities[inside] >= self.bundle.decision.effective_threshold
+        pseudo = self.bundle.decision.positive(scores.raw[inside])
         rate = (self.bundle.adapted_decision or self.bundle.decision).calibration.prior
         adapted = Scorer(adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate), self.device,
                          self.scorer.engine.name, self.amp, cache=False)  # this batch's statistics only

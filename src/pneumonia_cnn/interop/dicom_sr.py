@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
@@ -118,7 +119,7 @@ def build_sr(source: Dataset, entry: dict, model: ModelIdentity) -> hd.sr.Compre
         evidence=[source], content=measurement_report[0], series_instance_uid=result_uid(source.SeriesInstanceUID,
                                                                              model.key, "sr-series"),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sr"),
-        instance_number=int(getattr(source, "InstanceNumber", 1) or 1), manufacturer="pneumonia-cnn",
+        instance_number=_instance_number(source), manufacturer="pneumonia-cnn",
         is_complete=True, is_final=False, is_verified=False, series_description=DISCLAIMER[:64],
         coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(SCHEME, name="pneumonia-cnn result codes",
                                                              responsible_organization="pneumonia-cnn")])
@@ -140,6 +141,9 @@ def _header_of(source: Dataset) -> Dataset:
             header.add_new(element.tag, element.VR, "")
         elif element.VR in ("LO", "SH", "PN") and element.VM == 1 and len(str(element.value)) > TEXT_LIMIT[element.VR]:
             header.add_new(element.tag, element.VR, _shortened(str(element.value), element.VR))
+        elif element.VR == "PN" and element.VM > 1:  # a name given twice ("A^B\\C^D"): highdicom refused the
+            # report; the first, as a viewer shows it
+            header.add_new(element.tag, "PN", _shortened(str(element.value[0]), "PN"))
         else:
             header.add(element)
     for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
@@ -191,13 +195,33 @@ def _evaluations(entry: dict, model: ModelIdentity) -> list:
 def build_overlay(source: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity) -> hd.sc.SCImage:
     """The Grad-CAM overlay (RGB uint8, H x W x 3) as a Secondary Capture image in the source's study."""
     source = _header_of(source)
-    return hd.sc.SCImage.from_ref_dataset(
+    overlay = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=np.ascontiguousarray(overlay_rgb, dtype=np.uint8),
         photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
         series_instance_uid=result_uid(source.SeriesInstanceUID, model.key, "sc-series"),
         series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sc"),
-        instance_number=int(getattr(source, "InstanceNumber", 1) or 1), manufacturer="pneumonia-cnn",
+        instance_number=_instance_number(source), manufacturer="pneumonia-cnn",
         patient_orientation=("L", "F"), series_description="pneumonia-cnn Grad-CAM, not for diagnosis")
+    # highdicom needs an orientation to build the image; the overlay's rows and columns are the source's, so it
+    # states the source's, or none (type 2: empty) when the source's is missing or unusable: never a guess
+    overlay.PatientOrientation = _orientation(source)
+    return overlay
+
+
+def _orientation(source: Dataset) -> list[str]:
+    value = getattr(source, "PatientOrientation", None)
+    values = [str(v) for v in value] if isinstance(value, (list, tuple, MultiValue)) else [str(value or "")]
+    return values if len(values) == 2 and all(v and set(v) <= set("APRLHF") for v in values) else []
+
+
+def _instance_number(source: Dataset) -> int:
+    """The source's InstanceNumber when it is a positive integer (highdicom refuses others; "-3" is a valid
+    IS), else 1."""
+    try:
+        number = int(getattr(source, "InstanceNumber", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
+    return number if number >= 1 else 1
 
 
 def read_sr(dataset: Dataset) -> dict:

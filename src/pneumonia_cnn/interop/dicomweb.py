@@ -21,7 +21,7 @@ from .arrival import decodable_transfer_syntaxes
 from .dicomweb_session import AnswerTooLarge, connect
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, ScoredInstance, is_uid, not_an_xray, shown_uid
-from .state import GIVEN_UP, ScoredState
+from .state import GIVEN_UP, ScoredState, StateFileError
 
 log = logging.getLogger("pneumonia_cnn")
 NOT_SCORED_CLASSES = {"1.2.840.10008.5.1.4.1.1.7"}  # secondary capture: overlays, screenshots
@@ -86,7 +86,9 @@ class PacsJob:
         return found, known, abandoned
 
     def _search(self, filters: dict):
-        offset, seen = 0, set()
+        """Page by page until an empty page: a PACS may answer fewer than the limit asked for (PS3.18; Orthanc's
+        LimitFindInstances), so a short page is not the last (stopping there left the rest unscored for good)."""
+        offset, seen, full = 0, set(), False
         what = f"{self.options.url}: QIDO-RS search {filters}"
         while True:
             page = self._retry(lambda skip=offset: self.client.search_for_instances(
@@ -103,16 +105,18 @@ class PacsJob:
             if len(records) < len(page):
                 log.warning("%s: %d item(s) of the answer are not instances; left out", what, len(page) - len(records))
             new = [r for r in records if _value(r, SOP) not in seen]
-            if page and not new:  # nothing it had not listed already: it ignores the offset (or, rarely, as
-                # many instances arrived meanwhile as a page holds): stop; the next run lists what is left
-                log.warning("%s: the PACS answered offset %d with no instance it had not already listed (it "
-                            "ignores paging, or a page's worth arrived meanwhile); stopped after %d, the rest on the "
-                            "next run", what, offset, len(seen))
+            if not page:
+                return
+            if not new:  # nothing it had not listed already: it ignores the offset (or, rarely, as many instances
+                # arrived meanwhile as a page holds): stop; the next run lists the rest
+                if full:  # after a short page, a PACS that ignores the offset has listed everything already
+                    log.warning("%s: the PACS answered offset %d with no instance it had not already listed (it "
+                                "ignores paging, or a page's worth arrived meanwhile); stopped after %d, the rest on "
+                                "the next run", what, offset, len(seen))
                 return
             seen.update(_value(r, SOP) for r in new)
             yield from new
-            if len(page) < self.options.page_size:
-                return
+            full = len(page) >= self.options.page_size
             offset += len(page)
 
     def run_once(self) -> dict:
@@ -126,7 +130,9 @@ class PacsJob:
         return summary
 
     def _process(self, records: list[dict], summary: dict):
-        datasets = []
+        """Each result is named and recorded by the UIDs QIDO-RS listed it under, which the next run's search
+        compares with (a corrupt answer was recorded as instance "?" and fetched again on every run)."""
+        datasets, listed = [], []
         for record in records:
             study, series, sop = _value(record, STUDY), _value(record, SERIES), _value(record, SOP)
             reason = listing_problem(study, series, sop)
@@ -154,14 +160,14 @@ class PacsJob:
                 self.state.record(sop, self.model, "skipped", study, series, error=reason)
                 summary["skipped"] += 1
                 continue
-            datasets.append(dataset)
-        for result in self.scorer.score(datasets) if datasets else []:
+            datasets.append(dataset), listed.append((sop, study, series))
+        for result, (sop, study, series) in zip(self.scorer.score(datasets) if datasets else [], listed):
             if result.error:
-                log.warning("instance %s: unreadable: %s", result.sop_instance_uid, result.error)
-                self.state.record(result.sop_instance_uid, self.model, "unreadable", result.study_instance_uid,
-                                  result.series_instance_uid, error=result.error)
+                log.warning("instance %s: unreadable: %s", sop, result.error)
+                self.state.record(sop, self.model, "unreadable", study, series, error=result.error)
                 summary["unreadable"] += 1
             else:
+                result.sop_instance_uid = sop  # its report is already built, from the instance's own UIDs
                 self._store(result, summary)
 
     def _fetch(self, study: str, series: str, sop: str):
@@ -201,7 +207,7 @@ class PacsJob:
                 summary["overlays_refused"] += 1
         self.state.record(result.sop_instance_uid, self.model, "done", result.study_instance_uid,
                           result.series_instance_uid, result.entry, result.report_uid, result.overlay_uid,
-                          error=result.overlay_refused)
+                          error=result.overlay_refused or result.overlay_error)
         summary["scored"] += 1
         summary["results"].append(result)
 
@@ -232,7 +238,7 @@ class PacsJob:
         while polls is None or done < polls:
             try:
                 report(self.run_once())
-            except TransferError as error:
+            except (TransferError, StateFileError) as error:  # the PACS down, the state file locked
                 log.warning("%s; polling again in %.0f s", error, interval)
             done += 1
             if polls is None or done < polls:
@@ -254,6 +260,13 @@ def _stow(client, dataset, study_uid: str):
         _refused(answer, f"HTTP {status}, ")
     if getattr(response, "FailedSOPSequence", None):
         _refused(response)
+    uid = str(dataset.SOPInstanceUID)
+    if not any(str(getattr(item, "ReferencedSOPInstanceUID", "")) == uid
+               for item in getattr(response, "ReferencedSOPSequence", None) or []):
+        # an empty or non-DICOM 200 (a proxy, a login page, a redirect that turned the POST into a GET) was
+        # taken as stored, and the instance never reported; tried again, as any failure
+        raise TransferError(f"the PACS's answer does not name {uid} among the instances it stored (no "
+                            "ReferencedSOPSequence entry for it): not counted as stored")
 
 
 def _refused(answer, status: str = ""):

@@ -49,7 +49,7 @@ def _components(row: dict) -> list[dict]:
     return components
 
 
-def observation(row: dict, index: int) -> dict:
+def observation(row: dict, index: int, positive_class: str = "PNEUMONIA") -> dict:
     """One image's result (``row``: a prediction's fields) as an Observation."""
     resource = {"resourceType": "Observation", "id": f"image-{index}",
                 "identifier": [{"system": "urn:pneumonia-cnn:image", "value": row["path"]}],
@@ -62,7 +62,9 @@ def observation(row: dict, index: int) -> dict:
         resource.update(status="cancelled", dataAbsentReason=_concept("error", "Error", ABSENT_REASON),
                         note=[{"text": f"unreadable: {row['error']}"}])
         return resource
-    positive = row["probability"] >= row["threshold"]  # the label's rule, whatever the class names
+    # the label as decided: under a --prevalence rate the stated probability can sit 1 ulp below the stated
+    # threshold of a positive label (Decision.positive), and the interpretation said NEG beside it
+    positive = row["label"] == positive_class
     resource.update(status="preliminary", valueQuantity=_number(row["probability"]),
                     interpretation=[_concept("POS" if positive else "NEG", "Positive" if positive else "Negative",
                                              INTERPRETATION)],
@@ -72,9 +74,9 @@ def observation(row: dict, index: int) -> dict:
     return resource
 
 
-def diagnostic_report(rows: list[dict], issued: datetime | None = None) -> dict:
+def diagnostic_report(rows: list[dict], issued: datetime | None = None, positive_class: str = "PNEUMONIA") -> dict:
     """All images of one ``predict`` run as one DiagnosticReport (status preliminary: not verified)."""
-    observations = [observation(row, index) for index, row in enumerate(rows, start=1)]
+    observations = [observation(row, index, positive_class) for index, row in enumerate(rows, start=1)]
     scored = [row for row in rows if not row.get("error")]
     labels = sorted({row["label"] for row in scored})
     counts = ", ".join(f"{sum(r['label'] == label for r in scored)} {label}" for label in labels)

@@ -32,7 +32,7 @@ from .dicom_access import NodeAccess, check_ae_title, rejection_reason, tls_hand
 from .dicom_send import OUT_OF_RESOURCES, Destination, send_c_store
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, not_an_xray
-from .spool import open_spool, spool_lock
+from .spool import open_spool, remove_partial_receipts, spool_lock
 
 log = logging.getLogger("pneumonia_cnn")
 
@@ -76,6 +76,10 @@ class Listener:
         from pynetdicom import evt
         self.lock = spool_lock(self.spool).acquire()
         self.stopping.clear()
+        partial = remove_partial_receipts(self.spool)
+        if partial:
+            log.warning("%d partial instance(s) left in %s by a node stopped while receiving them: removed (their "
+                        "senders were not acknowledged and send them again)", partial, display_path(self.incoming))
         try:  # whatever fails before the node runs, the spool's lock is released
             self.server = self._application_entity().start_server(
                 self.address, block=False,  # TLS: the handshake happens in _opened, not in the accept loop
@@ -309,7 +313,7 @@ class Listener:
         context for Secondary Capture) leaves the instance delivered, and says so; a busy or unreachable one
         sends the instance again later (the report again under the same UID: replaced, not added)."""
         if len(result.outputs) < 2:
-            return ""
+            return f" ({result.overlay_error})" if result.overlay_error else ""
         try:
             with_retries(lambda: send_c_store(self.ae_title, self.destination, result.outputs[1:], self.tls),
                          f"instance {result.sop_instance_uid}: C-STORE of its overlay to {self.destination}",

@@ -34,6 +34,7 @@ class ScoredInstance:
     error: str | None = None
     outputs: list = field(default_factory=list)  # the SR, then the overlay when asked
     overlay_refused: str | None = None  # why the PACS refused the overlay (the report was stored)
+    overlay_error: str | None = None  # why no overlay could be made (the report goes without it)
 
     @property
     def report_uid(self) -> str | None:
@@ -132,17 +133,24 @@ class DicomScorer:
             entries, _ = self.predictor.assess(np.stack(pixels), metas)
             for (result, dataset), entry, gray in zip(readable, entries, pixels):
                 try:
-                    result.outputs = self._outputs(dataset, entry, gray)
+                    result.outputs = [build_sr(dataset, entry, self.model)]
                     result.entry = entry
                 except Exception as error:  # noqa: BLE001 - a header highdicom refuses spoils this report only
                     result.error = f"cannot write its report ({type(error).__name__}: {str(error)[:160]})"
+                    continue
+                if self.overlay:
+                    self._add_overlay(result, dataset, gray)
         return results
 
-    def _outputs(self, dataset: Dataset, entry: dict, gray: np.ndarray) -> list:
-        outputs = [build_sr(dataset, entry, self.model)]
-        if self.overlay:
-            outputs.append(build_overlay(dataset, self._overlay_pixels(gray), self.model))
-        return outputs
+    def _add_overlay(self, result: ScoredInstance, dataset: Dataset, gray: np.ndarray):
+        """The optional overlay: one that cannot be made never costs the report (it did, for a header only the
+        Secondary Capture refused)."""
+        try:
+            result.outputs.append(build_overlay(dataset, self._overlay_pixels(gray), self.model))
+        except Exception as error:  # noqa: BLE001 - whatever the cause, the report goes on without it
+            result.overlay_error = f"overlay not made ({type(error).__name__}: {str(error)[:160]})"
+            logging.getLogger("pneumonia_cnn").warning("instance %s: %s; the report is sent without it",
+                                                       result.sop_instance_uid, result.overlay_error)
 
     def _overlay_pixels(self, gray: np.ndarray) -> np.ndarray:
         from ..explanation import grad_cam, overlay

@@ -33,3 +33,17 @@ def spool_lock(spool: Path) -> FolderLock:
     lock = Path(spool) / ".lock"
     return FolderLock(spool, f"--spool {display_path(spool)}: another listen node is using this spool (it holds "
                              f"{display_path(lock)}); give each node a spool of its own")
+
+
+def remove_partial_receipts(spool: Path) -> int:
+    """Delete SPOOL/incoming/.NAME.dcm.*.tmp: an instance being moved into the spool when the node was killed.
+    Its sender got no acknowledgement (it comes after the rename) and sends it again; left there, a partial
+    patient image stayed for good. Only while this node holds the spool's lock: no other node is writing."""
+    removed = 0
+    for partial in Path(spool, "incoming").glob(".*.dcm.*.tmp"):
+        try:
+            partial.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed

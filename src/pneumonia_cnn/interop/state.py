@@ -43,6 +43,11 @@ GIVEN_UP = "given_up"
 ADDED_COLUMNS = {"refusals": "INTEGER NOT NULL DEFAULT 0", "refused_at": "REAL"}  # absent from older state files
 
 
+class StateFileError(PneumoniaCNNError):
+    """The state file could not be read or written (locked by another process for longer than the wait, the
+    disk full, the file damaged): one line, and ``--watch`` polls again."""
+
+
 class ScoredState:
     def __init__(self, path):
         self.path = Path(path)
@@ -53,7 +58,7 @@ class ScoredState:
                 self.db.execute(SCHEMA)
                 self._add_columns()
         except sqlite3.Error as error:
-            raise PneumoniaCNNError(f"{display_path(self.path)}: cannot open the state file ({error})") from None
+            raise StateFileError(f"{display_path(self.path)}: cannot open the state file ({error})") from None
 
     def _add_columns(self):
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(instances)")}
@@ -72,7 +77,13 @@ class ScoredState:
             with self.db:
                 yield self.db
         except sqlite3.Error as error:
-            raise PneumoniaCNNError(f"{display_path(self.path)}: cannot write the state file ({error})") from None
+            raise StateFileError(f"{display_path(self.path)}: cannot write the state file ({error})") from None
+
+    def _read(self, sql: str, parameters=()) -> list[tuple]:
+        try:
+            return self.db.execute(sql, parameters).fetchall()
+        except sqlite3.Error as error:  # a lock held past the wait ended a --watch job with a traceback
+            raise StateFileError(f"{display_path(self.path)}: cannot read the state file ({error})") from None
 
     def close(self):
         self.db.close()
@@ -81,16 +92,16 @@ class ScoredState:
         """SOP Instance UIDs that this model has scored (or found unreadable, or skipped): not to be fetched
         again; ``statuses=(GIVEN_UP,)``: those it has given up on."""
         marks = ", ".join("?" * len(statuses))
-        rows = self.db.execute(f"SELECT sop_instance_uid FROM instances WHERE model = ? AND status IN ({marks})",
-                               (model, *statuses))
+        rows = self._read(f"SELECT sop_instance_uid FROM instances WHERE model = ? AND status IN ({marks})",
+                          (model, *statuses))
         return {row[0] for row in rows}
 
     def refusals(self, sop_instance_uid: str, model: str) -> tuple[int, float | None]:
         """How many runs have counted a refusal of this instance, and when the last one was counted (Unix
         time; None when never)."""
-        row = self.db.execute("SELECT refusals, refused_at FROM instances WHERE sop_instance_uid = ? AND model = ?",
-                              (sop_instance_uid, model)).fetchone()
-        return (row[0], row[1]) if row else (0, None)
+        rows = self._read("SELECT refusals, refused_at FROM instances WHERE sop_instance_uid = ? AND model = ?",
+                          (sop_instance_uid, model))
+        return (rows[0][0], rows[0][1]) if rows else (0, None)
 
     def retry_given_up(self, model: str) -> int:
         """Make the instances given up on by this model ``failed`` again (fetched on this run); how many."""
@@ -101,7 +112,7 @@ class ScoredState:
 
     def produced(self) -> set[str]:
         """UIDs of the reports and overlays this job stored: its own output is never scored."""
-        rows = self.db.execute("SELECT report_uid, overlay_uid FROM instances WHERE status = 'done'")
+        rows = self._read("SELECT report_uid, overlay_uid FROM instances WHERE status = 'done'")
         return {uid for row in rows for uid in row if uid}
 
     def record(self, sop_instance_uid: str, model: str, status: str, study: str | None = None,
@@ -131,5 +142,4 @@ class ScoredState:
         return [dict(zip(names, row)) for row in cursor]
 
     def counts(self, model: str) -> dict[str, int]:
-        rows = self.db.execute("SELECT status, COUNT(*) FROM instances WHERE model = ? GROUP BY status", (model,))
-        return dict(rows.fetchall())
+        return dict(self._read("SELECT status, COUNT(*) FROM instances WHERE model = ? GROUP BY status", (model,)))

@@ -71,7 +71,7 @@ def _fit_adapted_decision(best: dict, bundle, decision: Decision, val_set, val_r
     """The decision ``--adapt-batch`` uses, fitted as it is served: batch-norm statistics re-estimated on the
     validation images as one batch (at their class mix, by pseudo-labels), then calibration and threshold on
     their scores."""
-    pseudo = decision.probabilities(val_raw) >= decision.threshold
+    pseudo = decision.positive(val_raw)
     prior = float(np.mean(val_set.labels))
     adapted = Scorer(adapt_batch_norm(bundle, np.asarray(val_set.images), pseudo, prior), device, engine="auto",
                      amp="off")

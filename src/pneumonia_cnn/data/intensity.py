@@ -8,6 +8,16 @@ from __future__ import annotations
 import numpy as np
 
 INTENSITY_METHODS = ("none", "equalize", "clahe", "window")
+# what each method computes, exactly enough to reproduce it elsewhere (an exported model's metadata says it):
+# Pillow's ImageOps.equalize, for one, moves the built-in model's probabilities by up to 0.04
+INTENSITY_RECIPES = {
+    "none": "the uint8 gray image as it is",
+    "equalize": "scikit-image exposure.equalize_hist(gray_uint8, nbins=256), then round(x * 255) clipped to uint8",
+    "clahe": "scikit-image exposure.equalize_adapthist(gray_uint8, clip_limit=0.01, nbins=256), then round(x * 255) "
+             "clipped to uint8",
+    "window": "numpy percentiles 1 and 99 (low, high); round((gray - low) * 255 / (high - low)) clipped to uint8 "
+              "(unchanged when high <= low)",
+}
 
 
 def standardise_intensity(gray: np.ndarray, method: str = "none") -> np.ndarray:

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..calibration import Calibration
 from ..checkpoint import build_model, load_checkpoint
+from ..data.intensity import INTENSITY_RECIPES
 from ..errors import PneumoniaCNNError
 from ..fileio import atomic_path
 from ..inference.bundle import decision_of
@@ -43,10 +44,24 @@ def export_metadata(checkpoint: dict) -> dict:
             "input_size": pre["size"], "channels": pre.get("channels", 3),
             "normalisation": "pixels / 255 (0..1) after intensity standardisation; gray repeated to RGB if 3 channels",
             "intensity": pre.get("intensity", "none"), "interpolation": pre.get("interpolation", "bilinear"),
+            "preprocessing_steps": preprocessing_steps(pre),
             "threshold": float(checkpoint.get("threshold", 0.5)), "threshold_policy": decision_of(checkpoint).policy,
             "calibration": decision_of(checkpoint).calibration.to_dict(),
             "class_names": checkpoint.get("class_names", ["NORMAL", "PNEUMONIA"]),
             "output": "probability of class_names[1] (PNEUMONIA)"}
+
+
+def preprocessing_steps(pre: dict) -> str:
+    """The input path in the order it runs, with each step's implementation: what another runtime must do to
+    give the exported graph the pixels it was fitted on."""
+    height, width = pre["size"]
+    intensity = pre.get("intensity", "none")
+    return (f"1. decode to 8-bit gray (images: Pillow convert('L'), RGBA over black; DICOM: pydicom "
+            f"apply_modality_lut then apply_voi_lut (first window), min-max to 0..255 unless already uint8, "
+            f"MONOCHROME1 inverted); 2. resize to {width}x{height} (width x height) with "
+            f"Pillow Image.resize({pre.get('interpolation', 'bilinear')}); 3. intensity '{intensity}': "
+            f"{INTENSITY_RECIPES.get(intensity, intensity)}; 4. float32 = uint8 / 255, shape (batch, "
+            f"{pre.get('channels', 3)}, {height}, {width})")
 
 
 def export_model(checkpoint_path, fmt: str, out) -> Path:

@@ -113,3 +113,15 @@ def test_temperature_scaling_improves_overconfident_logits():
 
 def test_ece_hand_checked():
     assert expected_calibration_error([1, 0], [0.95, 0.05], bins=10) == pytest.approx(0.05)
+
+
+def test_decisions_as_made_override_the_threshold_comparison():
+    """evaluate passes the labels predict gave (Decision.positive): under a --prevalence rate the image at the
+    threshold sits 1 ulp below the stated threshold and is still PNEUMONIA; the counts follow the labels."""
+    labels, probabilities = np.array([1, 1, 0, 0]), np.array([0.9, 0.4999999999999999, 0.2, 0.1])
+    plain = bootstrap_metrics(labels, probabilities, 0.5, resamples=20)
+    decided = bootstrap_metrics(labels, probabilities, 0.5, resamples=20, predicted=[1, 1, 0, 0])
+    assert plain["confusion_matrix"] == {"tn": 2, "fp": 0, "fn": 1, "tp": 1} and plain["sensitivity"]["value"] == 0.5
+    assert decided["confusion_matrix"] == {"tn": 2, "fp": 0, "fn": 0, "tp": 2}
+    assert decided["sensitivity"]["value"] == 1.0 and decided["sensitivity"]["ci95"] == [1.0, 1.0]
+    assert decided["roc_auc"]["value"] == plain["roc_auc"]["value"] == 1.0  # rankings use the probabilities

@@ -98,6 +98,7 @@ def test_a_partial_instance_left_by_a_killed_node_is_removed_when_the_next_one_s
     partial = incoming / ".1.2.3.4.0123456789ab.dcm.kecrzia4.tmp"
     partial.write_bytes(b"DICM" + bytes(1000))
     (incoming / "notes.txt.tmp").write_text("not ours\n")  # only the node's own temporary names
+    (incoming / ".x.dcm.abc.tmp").mkdir()  # a folder of that name is left, and does not stop the node
     node = Listener(predictor, nowhere(), port=free_port(), spool=tmp_path / "spool").start(block=False)
     try:
         assert not partial.exists() and (incoming / "notes.txt.tmp").exists()

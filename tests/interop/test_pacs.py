@@ -448,40 +448,6 @@ def test_an_instance_sent_in_chunks_is_cut_off_at_the_limit_and_searches_are_not
     assert len(search.content) == 100 * 2**20
 
 
-def test_an_answer_trickling_in_is_given_up_at_the_timeout():
-    """requests' timeout bounds each wait between bytes only: a PACS sending one byte every 2 s held a job with
-    --timeout 5 (and a --watch job) for as long as it went on; a whole answer now has --timeout seconds."""
-    import time
-
-    import requests
-
-    from pneumonia_cnn.interop.dicomweb_session import body_limit
-
-    class Trickle:
-        def __init__(self, count=100):
-            self.count = count
-
-        def close(self):
-            self.closed = True
-
-        def stream(self, *args, **kwargs):
-            for _ in range(self.count):
-                time.sleep(0.1)
-                yield b"x"
-
-    for url in ("http://pacs/dicom-web/studies/1/series/2/instances/3", "http://pacs/dicom-web/instances?x=1"):
-        response = requests.Response()
-        response.url, response.raw, response.status_code = url, Trickle(), 200
-        start = time.monotonic()
-        with pytest.raises(requests.Timeout, match=r"not complete 0\.5 s after the request \([0-9] bytes by then; "
-                                                   r"--timeout\)"):
-            body_limit(2**20, timeout=0.5)(response).content  # noqa: B018 - reading the body is the act under test
-        assert 0.5 <= time.monotonic() - start < 1.5 and response.raw.closed
-    fast = requests.Response()
-    fast.url, fast.raw, fast.status_code = "http://pacs/dicom-web/instances?x=1", Trickle(8), 200
-    assert len(body_limit(2**20, timeout=2)(fast).content) == 8  # within its time: read whole
-
-
 def test_credentials_are_checked_before_any_request_and_never_shown(monkeypatch):
     """A token file read with its line ending made requests refuse the header and quote it, token included, in
     the error line; a password without --user was sent to nobody (the PACS's 401 said nothing of why)."""
@@ -661,3 +627,69 @@ def test_watch_survives_a_state_file_locked_by_another_process(orthanc, studies,
     job.watch(0.05, 3, between_polls)
     assert len(summaries) == 2 and summaries[0]["scored"] >= 3 and summaries[1]["found"] == 0
     assert "state.sqlite: cannot read the state file (database is locked); polling again" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["application/dicom+json; charset=utf-8", "application/json;charset=UTF-8",
+                                  "application/dicom+xml; charset=utf-8"])
+def test_a_stow_answer_with_media_type_parameters_is_read(kind):
+    """dicomweb-client reads a STOW-RS answer only when its Content-Type is bare, and returned an empty dataset
+    for "application/dicom+json; charset=utf-8" (which servers send): the answer as sent is read instead, so
+    a stored report is not failed forever, and a refusal in it is still a refusal."""
+    import requests
+
+    from pneumonia_cnn.interop.dicomweb import _stow
+    from pneumonia_cnn.interop.network import TransferError
+
+    def answer(element: str, item: dict) -> bytes:
+        if "json" in kind:
+            return json.dumps({element: {"vr": "SQ", "Value": [item]}}).encode()
+        values = "".join(f'<DicomAttribute tag="{tag}" vr="{v["vr"]}"><Value number="1">{v["Value"][0]}</Value>'
+                         f'</DicomAttribute>' for tag, v in item.items())
+        return (f'<?xml version="1.0"?><NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">'
+                f'<DicomAttribute tag="{element}" vr="SQ"><Item number="1">{values}</Item></DicomAttribute>'
+                f'</NativeDicomModel>').encode()
+
+    class Client:
+        def __init__(self, body):
+            response = requests.Response()
+            response.status_code, response._content, response.headers["Content-Type"] = 200, body, kind
+            self.last_post = {"response": response}
+
+        def store_instances(self, datasets, study_instance_uid=None):
+            return pydicom.Dataset()  # what dicomweb-client gives for such a Content-Type
+
+    report = pydicom.Dataset()
+    report.SOPInstanceUID = "1.2.3.4.5"
+    stored = answer("00081199", {"00081155": {"vr": "UI", "Value": ["1.2.3.4.5"]}})
+    _stow(Client(stored), report, "1.2.3")  # no error: stored
+    other = answer("00081199", {"00081155": {"vr": "UI", "Value": ["9.9.9"]}})
+    with pytest.raises(TransferError, match="does not name 1.2.3.4.5"):
+        _stow(Client(other), report, "1.2.3")
+    refused = answer("00081198", {"00081155": {"vr": "UI", "Value": ["1.2.3.4.5"]},
+                                  "00081197": {"vr": "US", "Value": [0xC000]}})
+    with pytest.raises(TransferError, match="failure reason 49152") as caught:
+        _stow(Client(refused), report, "1.2.3")
+    assert caught.value.refusal
+
+
+def test_an_answer_holding_another_instance_is_not_taken_for_the_listed_one(orthanc, trained_run, xray_sources,
+                                                                             tmp_path, capsys, caplog):
+    """A WADO-RS answer holding another instance would have marked the listed one done with that one's report."""
+    from pneumonia_cnn.interop.state import ScoredState
+    listed = xray_dicom(xray_sources["PNEUMONIA"][0], tmp_path / "a.dcm", "DX", patient_id="P13", study_date="20240405")
+    other = xray_dicom(xray_sources["PNEUMONIA"][1], tmp_path / "b.dcm", "DX", patient_id="P14", study_date="20240405")
+    orthanc.upload(listed)
+    header = pydicom.dcmread(listed, stop_before_pixels=True)
+    body = b"--X\r\nContent-Type: application/dicom\r\n\r\n" + other.read_bytes() + b"\r\n--X--"
+    proxy = FlakyProxy(orthanc.url)
+    proxy.refusals = {f"GET /dicom-web/studies/{header.StudyInstanceUID}/series/":
+                      (200, body, 'multipart/related; type="application/dicom"; boundary=X')}
+    try:
+        assert run_pacs(trained_run, proxy.url + "/dicom-web", tmp_path / "s.sqlite", "--study-date", "20240405") == 1
+        assert "0 scored and reported, 0 unreadable, 0 not X-rays, 1 failed" in capsys.readouterr().out
+        assert "WADO-RS answered with another instance" in caplog.text
+        (row,) = ScoredState(tmp_path / "s.sqlite").rows()
+        assert row["sop_instance_uid"] == header.SOPInstanceUID and row["status"] == "failed" and row["refusals"] == 1
+        assert header.SOPInstanceUID not in reports_in(orthanc)
+    finally:
+        proxy.close()

@@ -94,7 +94,8 @@ def _histogram(report, labels, scores, _cached):
 
 def _mistakes(report, labels, scores, cached):
     """The six most confident false negatives, then the six most confident false positives."""
-    predicted = scores >= report["threshold"]
+    positive = report.get("class_names", ["NORMAL", "PNEUMONIA"])[1]
+    predicted = np.array([p["predicted"] == positive for p in report["predictions"]], dtype=bool)  # as decided
     false_negatives = np.where((labels == 1) & ~predicted)[0]
     false_positives = np.where((labels == 0) & predicted)[0]
     false_negatives = false_negatives[np.argsort(scores[false_negatives])][:6]

@@ -154,6 +154,11 @@ class PacsJob:
                 else:
                     self._failed(summary, sop, study, series, error, refused=error.status in (404, 410))
                 continue
+            fetched = str(getattr(dataset, "SOPInstanceUID", "") or "")
+            if is_uid(fetched) and fetched != sop:  # it would be marked done with another instance's report
+                self._failed(summary, sop, study, series, TransferError(
+                    f"instance {sop}: WADO-RS answered with another instance ({shown_uid(fetched)})"), refused=True)
+                continue
             reason = not_an_xray(dataset)
             if reason:
                 log.info("instance %s: skipped (%s)", sop, reason)
@@ -258,15 +263,22 @@ def _stow(client, dataset, study_uid: str):
         if not getattr(answer, "FailedSOPSequence", None):
             raise  # no reason given (a proxy's 400, say): a failure, tried again next run, never a refusal
         _refused(answer, f"HTTP {status}, ")
+    uid = str(dataset.SOPInstanceUID)
+    if not _names(response, uid) and not getattr(response, "FailedSOPSequence", None):
+        kept = getattr(client, "last_post", {}).get("response")  # the answer as sent, read by its media type
+        response = (_stow_answer(kept) if kept is not None else None) or response
     if getattr(response, "FailedSOPSequence", None):
         _refused(response)
-    uid = str(dataset.SOPInstanceUID)
-    if not any(str(getattr(item, "ReferencedSOPInstanceUID", "")) == uid
-               for item in getattr(response, "ReferencedSOPSequence", None) or []):
+    if not _names(response, uid):
         # an empty or non-DICOM 200 (a proxy, a login page, a redirect that turned the POST into a GET) was
         # taken as stored, and the instance never reported; tried again, as any failure
         raise TransferError(f"the PACS's answer does not name {uid} among the instances it stored (no "
                             "ReferencedSOPSequence entry for it): not counted as stored")
+
+
+def _names(answer, uid: str) -> bool:
+    return any(str(getattr(item, "ReferencedSOPInstanceUID", "")) == uid
+               for item in getattr(answer, "ReferencedSOPSequence", None) or [])
 
 
 def _refused(answer, status: str = ""):
@@ -300,18 +312,27 @@ def _failure_from_xml(content: bytes):
 
     import pydicom
     root = ElementTree.fromstring(content)
-    failed = root.find("{*}DicomAttribute[@tag='00081198']")
     answer = pydicom.Dataset()
-    if failed is None:
-        return answer
-    items = []
-    for item in failed.findall("{*}Item"):
-        entry, value = pydicom.Dataset(), item.find("{*}DicomAttribute[@tag='00081197']/{*}Value")
-        if value is not None and (value.text or "").strip().isdigit():
-            entry.FailureReason = int(value.text.strip())
-        items.append(entry)
-    answer.FailedSOPSequence = items
+    failed = root.find("{*}DicomAttribute[@tag='00081198']")
+    if failed is not None:
+        items = []
+        for item in failed.findall("{*}Item"):
+            entry, value = pydicom.Dataset(), item.find("{*}DicomAttribute[@tag='00081197']/{*}Value")
+            if value is not None and (value.text or "").strip().isdigit():
+                entry.FailureReason = int(value.text.strip())
+            items.append(entry)
+        answer.FailedSOPSequence = items
+    stored = root.find("{*}DicomAttribute[@tag='00081199']")  # ReferencedSOPSequence: what was stored
+    if stored is not None:
+        answer.ReferencedSOPSequence = [_referenced(item) for item in stored.findall("{*}Item")]
     return answer
+
+
+def _referenced(item):
+    import pydicom
+    entry, value = pydicom.Dataset(), item.find("{*}DicomAttribute[@tag='00081155']/{*}Value")
+    entry.ReferencedSOPInstanceUID = (value.text or "").strip() if value is not None else ""
+    return entry
 
 
 def listing_problem(study: str | None, series: str | None, sop: str) -> str | None:

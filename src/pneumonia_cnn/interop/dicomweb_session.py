@@ -5,10 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from urllib.parse import urlsplit
-
-import requests
 
 from ..errors import PneumoniaCNNError
 from ..fileio import over_limit
@@ -31,8 +28,16 @@ def connect(url: str, timeout: float = 60.0, user: str | None = None, max_instan
         raise PneumoniaCNNError("PNEUMONIA_CNN_DICOMWEB_PASSWORD is set but --user is not: name the user")
     if token:  # blank is refused by bearer_token, not quietly left out
         session.headers["Authorization"] = f"Bearer {bearer_token(token)}"
-    session.hooks["response"].append(body_limit(int(max_instance_mb * 2**20), timeout))
+    session.hooks["response"].append(body_limit(int(max_instance_mb * 2**20)))
+    last_post: dict = {}
+
+    def keep_post(response, *args, **kwargs):  # dicomweb-client reads a STOW-RS answer only when its
+        if response.request.method == "POST":  # Content-Type is bare ("...; charset=utf-8" came back empty)
+            last_post["response"] = response
+        return response
+    session.hooks["response"].append(keep_post)
     client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=timeout)
+    client.last_post = last_post
     client.set_http_retry_params(retry=False)  # its own retries would multiply ours and hide each failure
     return client
 
@@ -42,37 +47,29 @@ class AnswerTooLarge(PneumoniaCNNError):
     memory, and decoding it took 10 times its size: a 98 MB instance, 976 MB of the process)."""
 
 
-def body_limit(limit: int, timeout: float | None = None):
+def body_limit(limit: int):
     """A requests response hook refusing a WADO-RS instance above ``limit`` bytes: by its Content-Length before
     any of it is read, or, sent in chunks, once that many bytes have arrived (searches and STOW-RS answers are
-    not instances, and stay unbounded); and giving up any answer not read whole ``timeout`` seconds after its
-    request (requests' own timeout bounds each wait between bytes only: a PACS sending a byte every 2 s held a
-    job with --timeout 5 for good)."""
+    not instances, and stay unbounded)."""
     def check(response, *args, **kwargs):
-        instance = "/instances/" in urlsplit(response.url or "").path
+        if "/instances/" not in urlsplit(response.url or "").path:
+            return response
         length = response.headers.get("Content-Length", "")
-        if instance and length.isdigit() and int(length) > limit:
+        if length.isdigit() and int(length) > limit:
             response.close()
             raise AnswerTooLarge(f"{over_limit(int(length), limit / 2**20)} "
                                  "(--max-instance-mb)")
         stream = getattr(response.raw, "stream", None)
         if stream is None:  # not urllib3's response (another transport adapter): its Content-Length alone
             return response
-        elapsed = getattr(response, "elapsed", None)
-        deadline = None if timeout is None else \
-            time.monotonic() + timeout - (elapsed.total_seconds() if elapsed is not None else 0.0)
 
         def bounded(*args, **kwargs):
             received = 0
             for chunk in stream(*args, **kwargs):
                 received += len(chunk)
-                if instance and received > limit:
+                if received > limit:
                     response.close()
                     raise AnswerTooLarge(f"more than {limit / 2**20:g} MB (--max-instance-mb)")
-                if deadline is not None and time.monotonic() > deadline:
-                    response.close()
-                    raise requests.Timeout(f"the answer was not complete {timeout:g} s after the request "
-                                           f"({received:,} bytes by then; --timeout)")
                 yield chunk
         response.raw.stream = bounded
         return response

@@ -76,10 +76,6 @@ class Listener:
         from pynetdicom import evt
         self.lock = spool_lock(self.spool).acquire()
         self.stopping.clear()
-        partial = remove_partial_receipts(self.spool)
-        if partial:
-            log.warning("%d partial instance(s) left in %s by a node stopped while receiving them: removed (their "
-                        "senders were not acknowledged and send them again)", partial, display_path(self.incoming))
         try:  # whatever fails before the node runs, the spool's lock is released
             self.server = self._application_entity().start_server(
                 self.address, block=False,  # TLS: the handshake happens in _opened, not in the accept loop
@@ -92,6 +88,10 @@ class Listener:
                 raise PneumoniaCNNError(f"cannot listen on {self.address[0]}:{self.address[1]}: "
                                         f"{error.strerror}") from None
             raise
+        partial = remove_partial_receipts(self.spool)  # once the port is bound: a refused start touches nothing
+        if partial:
+            log.warning("%d partial instance(s) left in %s by a node stopped while receiving them: removed (their "
+                        "senders were not acknowledged and send them again)", partial, display_path(self.incoming))
         self.worker = threading.Thread(target=self._work, name="pneumonia-listen-worker", daemon=True)
         self.worker.start()
         log.info("listening as %s on %s:%d%s; reports go to %s%s; spool %s", self.ae_title, *self.address,

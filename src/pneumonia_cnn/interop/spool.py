@@ -44,6 +44,6 @@ def remove_partial_receipts(spool: Path) -> int:
         try:
             partial.unlink()
             removed += 1
-        except FileNotFoundError:
+        except OSError:  # gone meanwhile, or not a file (a folder of that name): left as it is
             pass
     return removed

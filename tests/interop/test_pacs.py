@@ -448,6 +448,59 @@ def test_an_instance_sent_in_chunks_is_cut_off_at_the_limit_and_searches_are_not
     assert len(search.content) == 100 * 2**20
 
 
+def trickling_server(kind: str, pause: float) -> str:
+    """One HTTP answer of 40 bytes, one byte every ``pause`` seconds, framed by a Content-Length, chunks, or the
+    connection's close."""
+    import socket
+    import threading
+    import time
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer():
+        connection, _ = server.accept()
+        connection.recv(65536)
+        framing = {"length": b"Content-Length: 40\r\n", "chunked": b"Transfer-Encoding: chunked\r\n",
+                   "close": b"Connection: close\r\n"}[kind]
+        try:
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n" + framing + b"\r\n")
+            for _ in range(40):
+                time.sleep(pause)
+                connection.sendall(b"1\r\nx\r\n" if kind == "chunked" else b"x")
+            connection.sendall(b"0\r\n\r\n" if kind == "chunked" else b"")
+        except OSError:  # the client gave up
+            pass
+        connection.close()
+        server.close()
+    threading.Thread(target=answer, daemon=True).start()
+    return f"http://127.0.0.1:{server.getsockname()[1]}/dicom-web/studies/1/series/2/instances/3"
+
+
+@pytest.mark.parametrize("kind", ["length", "chunked", "close"])
+def test_an_answer_trickling_in_is_given_up_at_the_answer_timeout(kind):
+    """requests' timeout bounds each wait between bytes: a PACS sending a byte every 2 s held a job for good. A
+    check between reads alone waited for a whole 10 KiB block when the answer had a Content-Length (10 s for a
+    1 s limit); the deadline now ends a read blocked on the socket, and an answer cut short is never taken
+    as complete."""
+    import time
+
+    import requests
+
+    from pneumonia_cnn.interop.dicomweb_session import answer_deadline
+    session = requests.Session()
+    session.hooks["response"].append(answer_deadline(1.0))
+    start = time.monotonic()
+    with pytest.raises(requests.Timeout, match=r"not complete 1 s after it began \(--answer-timeout\)"):
+        session.get(trickling_server(kind, 0.1), timeout=5)  # 4 s in all, each wait 0.1 s
+    assert 0.9 <= time.monotonic() - start < 2.0
+    assert len(session.get(trickling_server(kind, 0.005), timeout=5).content) == 40  # within its time: whole
+    from pneumonia_cnn.interop.dicomweb_session import connect
+    client = connect(trickling_server(kind, 0.1).split("/studies/")[0], timeout=5, answer_timeout=1.0)
+    start = time.monotonic()
+    with pytest.raises(requests.Timeout, match="--answer-timeout"):  # what pacs builds: the hook is on it
+        client.retrieve_instance("1", "2", "3")
+    assert time.monotonic() - start < 2.0
+
+
 def test_credentials_are_checked_before_any_request_and_never_shown(monkeypatch):
     """A token file read with its line ending made requests refuse the header and quote it, token included, in
     the error line; a password without --user was sent to nobody (the PACS's 401 said nothing of why)."""

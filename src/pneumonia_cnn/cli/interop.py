@@ -78,7 +78,10 @@ def pacs_arguments(p):
     p.add_argument("--modality", nargs="+", default=["CR", "DX"], help="modalities to look for")
     p.add_argument("--study-date", metavar="RANGE", help="YYYYMMDD or YYYYMMDD-YYYYMMDD (either side may be open)")
     p.add_argument("--batch-size", type=whole_number(1), default=16, help="instances scored together")
-    p.add_argument("--timeout", type=positive_number, default=60, help="seconds before one HTTP request is given up")
+    p.add_argument("--timeout", type=positive_number, default=60,
+                   help="seconds to wait for the PACS: to connect, and between bytes of an answer")
+    p.add_argument("--answer-timeout", type=positive_number, default=600,
+                   help="seconds a whole answer may take once it has begun (a PACS trickling it is given up)")
     p.add_argument("--user", help="HTTP user (password in PNEUMONIA_CNN_DICOMWEB_PASSWORD; or a bearer token in "
                                   "PNEUMONIA_CNN_DICOMWEB_TOKEN)")
     p.add_argument("--give-up-after", type=whole_number(1), default=3, metavar="RUNS",
@@ -100,7 +103,8 @@ def run_pacs(args) -> int:
     from ..interop.dicomweb import PacsJob, PacsOptions, check_date_range
     options = PacsOptions(args.dicomweb, args.state, tuple(m.upper() for m in args.modality),
                           check_date_range(args.study_date), args.overlay, args.batch_size, args.retries + 1,
-                          args.backoff, timeout=args.timeout, user=args.user, give_up_after=args.give_up_after,
+                          args.backoff, timeout=args.timeout, answer_timeout=args.answer_timeout, user=args.user,
+                          give_up_after=args.give_up_after,
                           refusal_spacing=args.refusal_spacing, retry_given_up=args.retry_given_up,
                           max_instance_mb=args.max_instance_mb)
     job = PacsJob(Predictor(args.checkpoint, args.device), options)

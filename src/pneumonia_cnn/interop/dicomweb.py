@@ -39,7 +39,8 @@ class PacsOptions:
     attempts: int = 4
     backoff: float = 1.0
     page_size: int = 200
-    timeout: float = 60.0
+    timeout: float = 60.0  # each wait (connecting, between bytes)
+    answer_timeout: float = 600.0  # a whole answer, once it has begun
     user: str | None = None
     give_up_after: int = 3  # runs in which the PACS refused the instance itself
     refusal_spacing: float = 600.0  # refusals closer together count once: --watch polls must not give up in a minute
@@ -52,7 +53,8 @@ class PacsJob:
         self.options = options
         self.scorer = DicomScorer(predictor, overlay=options.overlay)
         self.model = self.scorer.model.key  # the model id and its decision
-        self.client = client or connect(options.url, options.timeout, options.user, options.max_instance_mb)
+        self.client = client or connect(options.url, options.timeout, options.user, options.max_instance_mb,
+                                        options.answer_timeout)
         self.state = ScoredState(options.state)
         if options.retry_given_up:  # once, at the start: a --watch job keeps what it gives up on later
             retried = self.state.retry_given_up(self.model)

@@ -5,13 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import threading
+import time
 from urllib.parse import urlsplit
+
+import requests
 
 from ..errors import PneumoniaCNNError
 from ..fileio import over_limit
 
 
-def connect(url: str, timeout: float = 60.0, user: str | None = None, max_instance_mb: float = 256.0):
+def connect(url: str, timeout: float = 60.0, user: str | None = None, max_instance_mb: float = 256.0,
+            answer_timeout: float = 600.0):
     """A DICOMweb client. Credentials never come from the command line (process lists show it): with ``user``
     the password is read from PNEUMONIA_CNN_DICOMWEB_PASSWORD; a bearer token from PNEUMONIA_CNN_DICOMWEB_TOKEN.
     HTTPS certificates are checked (a hospital CA: REQUESTS_CA_BUNDLE)."""
@@ -29,6 +35,7 @@ def connect(url: str, timeout: float = 60.0, user: str | None = None, max_instan
     if token:  # blank is refused by bearer_token, not quietly left out
         session.headers["Authorization"] = f"Bearer {bearer_token(token)}"
     session.hooks["response"].append(body_limit(int(max_instance_mb * 2**20)))
+    session.hooks["response"].append(answer_deadline(answer_timeout))
     last_post: dict = {}
 
     def keep_post(response, *args, **kwargs):  # dicomweb-client reads a STOW-RS answer only when its
@@ -74,6 +81,57 @@ def body_limit(limit: int):
         response.raw.stream = bounded
         return response
     return check
+
+
+def answer_deadline(seconds: float):
+    """A requests response hook giving up an answer not read whole ``seconds`` after its headers arrived
+    (``--answer-timeout``): requests' own timeout bounds each wait between bytes only, so a PACS sending a byte
+    every 2 s held a job for good. While the body is read, a timer shuts the connection's socket down at the
+    deadline, which ends a read blocked on it (a check between reads alone waited for a whole 10 KiB block:
+    10 s for a 1 s limit); the read's error, or its early end, becomes requests.Timeout."""
+    def check(response, *args, **kwargs):
+        stream, sock = getattr(response.raw, "stream", None), _socket_of(response)
+        if stream is None or sock is None:  # another transport adapter
+            return response
+        deadline = time.monotonic() + seconds
+
+        def bounded(*args, **kwargs):
+            expired = threading.Event()
+
+            def expire():
+                expired.set()
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # closed meanwhile
+                    pass
+            # only while the body is read: a connection back in the pool is never shut down
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), expire)
+            timer.daemon = True
+            timer.start()
+            try:
+                yield from stream(*args, **kwargs)
+            except Exception:
+                if not expired.is_set():
+                    raise
+            finally:
+                timer.cancel()
+            if expired.is_set():  # raised above, or ended early as if complete (an answer without a length)
+                response.close()
+                raise requests.Timeout(f"the answer was not complete {seconds:g} s after it began "
+                                       "(--answer-timeout)")
+        response.raw.stream = bounded
+        return response
+    return check
+
+
+def _socket_of(response):
+    """The socket an answer is read from: urllib3's connection's, or, for an answer that ends when the
+    connection closes (http.client has let go of the connection then), its file's."""
+    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    if sock is None:
+        fp = getattr(getattr(response.raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    return sock
 
 
 def bearer_token(token: str) -> str:

@@ -51,12 +51,15 @@ def _expand(items) -> tuple[list[str], list[str]]:
 
 def format_predictions(predictions, fmt: str = "table", positive_class: str = "PNEUMONIA") -> str:
     rows = [p.to_dict() for p in predictions]
+    if fmt == "fhir":  # the DICOM identifiers, read from the files themselves (their names may not be printable)
+        from .interop.fhir import dicom_links
+        links = [dicom_links(p.path) if not p.error else {} for p in predictions]
     for row in rows:
         row["path"] = display_path(row["path"])
     if fmt == "json":
         return json_text(rows)
     if fmt == "fhir":
-        return format_fhir(rows, positive_class)
+        return format_fhir(rows, positive_class, links)
     if fmt == "csv":
         buffer = io.StringIO()
         fields = ["path", "probability", "label", "threshold", "prevalence", "in_distribution", "ood_score",
@@ -97,10 +100,10 @@ def _fit(text: str, width: int) -> str:
     return text + " " * (width - columns(text))
 
 
-def format_fhir(rows: list[dict], positive_class: str = "PNEUMONIA") -> str:
+def format_fhir(rows: list[dict], positive_class: str = "PNEUMONIA", links: list[dict] | None = None) -> str:
     """A FHIR R4 DiagnosticReport with an Observation per image, checked against the FHIR models."""
     from .interop.fhir import diagnostic_report, validate
-    document = diagnostic_report(rows, positive_class=positive_class)
+    document = diagnostic_report(rows, positive_class=positive_class, links=links)
     if not validate(document):
         log.info("FHIR output not validated: fhir.resources is not installed (pip install 'pneumonia-cnn[pacs]')")
     return json_text(document)

@@ -56,3 +56,37 @@ def test_fhir_report_validates_and_matches_json(trained_run, xray_sources, tmp_p
 def test_a_document_that_breaks_the_rules_is_refused():
     with pytest.raises(PneumoniaCNNError, match="does not validate: code: Field required"):
         validate({"resourceType": "DiagnosticReport", "status": "preliminary"})
+
+
+def test_a_dicom_result_names_its_patient_study_and_instance(trained_run, xray_sources, tmp_path, capsys):
+    """The DiagnosticReport for DICOM input had no subject and no study: it could not be filed against a
+    patient's record, and its only identifier was a local path."""
+    import pydicom
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+
+    from .studies import xray_dicom
+    first = xray_dicom(xray_sources["NORMAL"][0], tmp_path / "a.dcm", patient_id="MRN-17", IssuerOfPatientID="H1")
+    second = xray_dicom(xray_sources["PNEUMONIA"][0], tmp_path / "b.dcm", patient_id="MRN-17",
+                        IssuerOfPatientID="H1", study_uid=pydicom.dcmread(first).StudyInstanceUID)
+    other = xray_dicom(xray_sources["PNEUMONIA"][1], tmp_path / "c.dcm", patient_id="MRN-99")
+    jpeg = str(xray_sources["NORMAL"][1])
+    headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in (first, second, other)}
+    document = json.loads(run(["predict", str(trained_run), str(first), str(second), "--device", "cpu",
+                               "--format", "fhir"], capsys))
+    DiagnosticReport.model_validate(document)
+    study = headers[first].StudyInstanceUID
+    assert document["subject"] == {"type": "Patient", "identifier": {"value": "MRN-17", "assigner": {"display": "H1"}}}
+    assert [s["identifier"] for s in document["imagingStudy"]] == [{"system": "urn:dicom:uid",
+                                                                    "value": f"urn:oid:{study}"}]
+    for observation, path in zip(document["contained"], (first, second)):
+        assert observation["subject"] == document["subject"]
+        assert observation["derivedFrom"][0]["identifier"]["value"] == f"urn:oid:{study}"
+        assert {"system": "urn:dicom:uid", "value": f"urn:oid:{headers[path].SOPInstanceUID}"} in \
+            observation["identifier"]
+    mixed = json.loads(run(["predict", str(trained_run), str(first), str(other), jpeg, "--device", "cpu",
+                            "--format", "fhir"], capsys))
+    DiagnosticReport.model_validate(mixed)
+    assert "subject" not in mixed and len(mixed["imagingStudy"]) == 2  # two patients: each Observation names its own
+    assert [o.get("subject", {}).get("identifier", {}).get("value") for o in mixed["contained"]] == \
+        ["MRN-17", "MRN-99", None]
+    assert "derivedFrom" not in mixed["contained"][2]  # a JPEG names no study

@@ -37,7 +37,7 @@ def is_candidate_file(path: Path) -> bool:
     return path.suffix.lower() in SUPPORTED_SUFFIXES
 
 
-def _looks_like_dicom(path: Path) -> bool:
+def looks_like_dicom(path: Path) -> bool:
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     try:
@@ -139,7 +139,7 @@ def read_image(path, size: tuple[int, int] | None = None, interpolation: str = "
         raise ImageReadError(path, "empty file (0 bytes)")
     if not os.access(path, os.R_OK):
         raise ImageReadError(path, "permission denied")
-    if _looks_like_dicom(path):
+    if looks_like_dicom(path):
         gray, meta = read_dicom(path)
     else:
         gray, meta = _read_pil(path)

@@ -10,16 +10,51 @@ Observation are unchanged from R4 4.0.1 in R4B 4.3.0).
 """
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
+from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 
 CODE_SYSTEM = "urn:pneumonia-cnn:result"
+UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 UCUM = "http://unitsofmeasure.org"
 SNOMED, LOINC = "http://snomed.info/sct", "http://loinc.org"
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 ABSENT_REASON = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 DISCLAIMER = "Research and teaching software, not a medical device: never the sole basis of a clinical decision."
+DICOM_UID = "urn:dicom:uid"  # FHIR's system for DICOM UIDs, written urn:oid:UID (as ImagingStudy.identifier)
+LINK_TAGS = ("PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SOPInstanceUID")
+
+
+def dicom_links(path) -> dict:
+    """The identifiers a DICOM file gives its result (patient, study, instance), read from its header alone;
+    {} for other images or a header that cannot be read."""
+    from ..data.readers import looks_like_dicom
+    if not looks_like_dicom(Path(path)):
+        return {}
+    try:
+        import pydicom
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(LINK_TAGS))
+    except Exception:  # noqa: BLE001 - the row already says whether the file could be read
+        return {}
+    values = {tag: str(getattr(header, tag, "") or "").strip() for tag in LINK_TAGS}
+    for tag in ("StudyInstanceUID", "SOPInstanceUID"):
+        if not UID_PATTERN.fullmatch(values[tag]) or len(values[tag]) > 64:
+            values[tag] = ""
+    return {tag: value for tag, value in values.items() if value}
+
+
+def _patient(links: dict) -> dict:
+    identifier = {"value": links["PatientID"]}
+    if links.get("IssuerOfPatientID"):
+        identifier["assigner"] = {"display": links["IssuerOfPatientID"]}
+    return {"type": "Patient", "identifier": identifier}
+
+
+def _study(uid: str) -> dict:
+    return {"type": "ImagingStudy", "identifier": {"system": DICOM_UID, "value": f"urn:oid:{uid}"},
+            "display": f"DICOM study {uid}"}
 
 
 def _concept(code: str, display: str, system: str = CODE_SYSTEM) -> dict:
@@ -49,15 +84,24 @@ def _components(row: dict) -> list[dict]:
     return components
 
 
-def observation(row: dict, index: int, positive_class: str = "PNEUMONIA") -> dict:
-    """One image's result (``row``: a prediction's fields) as an Observation."""
+def observation(row: dict, index: int, positive_class: str = "PNEUMONIA", links: dict | None = None) -> dict:
+    """One image's result (``row``: a prediction's fields) as an Observation; ``links``: its DICOM
+    identifiers (``dicom_links``), which name the patient (``subject``), the study (``derivedFrom``) and the
+    instance."""
+    links = links or {}
     resource = {"resourceType": "Observation", "id": f"image-{index}",
-                "identifier": [{"system": "urn:pneumonia-cnn:image", "value": row["path"]}],
+                "identifier": [{"system": "urn:pneumonia-cnn:image", "value": row["path"]}]
+                + ([{"system": DICOM_UID, "value": f"urn:oid:{links['SOPInstanceUID']}"}]
+                   if links.get("SOPInstanceUID") else []),
                 "category": [_concept("imaging", "Imaging",
                                       "http://terminology.hl7.org/CodeSystem/observation-category")],
                 "code": _concept("pneumonia-probability", "Probability of pneumonia"),
                 "bodySite": _concept("51185008", "Thoracic structure", SNOMED),
                 "device": {"display": f"pneumonia-cnn model {row.get('model') or '?'}"}}
+    if links.get("PatientID"):
+        resource["subject"] = _patient(links)
+    if links.get("StudyInstanceUID"):
+        resource["derivedFrom"] = [_study(links["StudyInstanceUID"])]
     if row.get("error"):
         resource.update(status="cancelled", dataAbsentReason=_concept("error", "Error", ABSENT_REASON),
                         note=[{"text": f"unreadable: {row['error']}"}])
@@ -74,9 +118,13 @@ def observation(row: dict, index: int, positive_class: str = "PNEUMONIA") -> dic
     return resource
 
 
-def diagnostic_report(rows: list[dict], issued: datetime | None = None, positive_class: str = "PNEUMONIA") -> dict:
-    """All images of one ``predict`` run as one DiagnosticReport (status preliminary: not verified)."""
-    observations = [observation(row, index, positive_class) for index, row in enumerate(rows, start=1)]
+def diagnostic_report(rows: list[dict], issued: datetime | None = None, positive_class: str = "PNEUMONIA",
+                      links: list[dict] | None = None) -> dict:
+    """All images of one ``predict`` run as one DiagnosticReport (status preliminary: not verified); its
+    ``subject`` when every image names the same patient, its ``imagingStudy`` the studies they name."""
+    links = links or [{} for _ in rows]
+    observations = [observation(row, index, positive_class, link)
+                    for index, (row, link) in enumerate(zip(rows, links), start=1)]
     scored = [row for row in rows if not row.get("error")]
     labels = sorted({row["label"] for row in scored})
     counts = ", ".join(f"{sum(r['label'] == label for r in scored)} {label}" for label in labels)
@@ -85,12 +133,19 @@ def diagnostic_report(rows: list[dict], issued: datetime | None = None, positive
                   + (f"; {len(rows) - len(scored)} unreadable" if len(scored) < len(rows) else "")
                   + (f"; {outside} outside the training population (probability not reliable)" if outside else "")
                   + f". {DISCLAIMER}")
-    return {"resourceType": "DiagnosticReport", "status": "preliminary",
-            "category": [_concept("RAD", "Radiology", "http://terminology.hl7.org/CodeSystem/v2-0074")],
-            "code": _concept("18748-4", "Diagnostic imaging study", LOINC),
-            "issued": (issued or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
-            "contained": observations, "result": [{"reference": f"#{o['id']}"} for o in observations],
-            "conclusion": conclusion}
+    report = {"resourceType": "DiagnosticReport", "status": "preliminary",
+              "category": [_concept("RAD", "Radiology", "http://terminology.hl7.org/CodeSystem/v2-0074")],
+              "code": _concept("18748-4", "Diagnostic imaging study", LOINC),
+              "issued": (issued or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
+              "contained": observations, "result": [{"reference": f"#{o['id']}"} for o in observations],
+              "conclusion": conclusion}
+    patients = {(link.get("PatientID"), link.get("IssuerOfPatientID")) for link in links}
+    if len(patients) == 1 and links[0].get("PatientID"):  # one patient, named by every image
+        report["subject"] = _patient(links[0])
+    studies = sorted({link["StudyInstanceUID"] for link in links if link.get("StudyInstanceUID")})
+    if studies:
+        report["imagingStudy"] = [_study(uid) for uid in studies]
+    return report
 
 
 def validate(document: dict) -> bool:

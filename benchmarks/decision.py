@@ -68,7 +68,8 @@ def calibration_table(checkpoint, test_raw, test_labels) -> dict:
 def decide(predictor, pixels, labels) -> dict:
     entries, notes = predictor.assess(pixels)
     probabilities = np.array([e["probability"] for e in entries])
-    metrics = point_metrics(labels, probabilities, entries[0]["threshold"])
+    predicted = [e["label"] == predictor.class_names[1] for e in entries]  # the labels as decided
+    metrics = point_metrics(labels, probabilities, entries[0]["threshold"], predicted)
     return {k: metrics[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc", "ece")} | {"notes": notes}
 
 

@@ -127,7 +127,8 @@ def test_a_name_too_long_for_the_system_is_one_row_not_the_end_of_predict(capsys
     long_name = str(tmp_path / ("b" * 300 + ".jpeg"))
     assert main(["predict", long_name, str(EXAMPLE), "--format", "csv"]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert rows[1].endswith("File name too long,builtin-20261126-172652-0108e2") or "File name too long" in rows[1]
+    from pneumonia_cnn import builtin
+    assert "File name too long" in rows[1] and rows[1].endswith(builtin.card()["run_id"])
     assert rows[2].startswith(f"{EXAMPLE},0.03") and len(rows) == 3
 
 

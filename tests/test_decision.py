@@ -296,9 +296,12 @@ def test_a_refit_with_adapt_batch_refits_the_adapted_decision_too(best_like_run,
 @pytest.mark.parametrize("calibration", [None, "platt"])
 def test_the_refitted_adapted_decision_is_fitted_as_adapt_batch_serves(best_like_run, small_root, tmp_path,
                                                                         calibration):
-    """Re-done by hand: AdaBN on val (pseudo-labels of the refitted decision; the class mix the adapted calibration
-    states: the stored one for a threshold alone, val's own when the calibration is refitted), then the refit."""
+    """Re-done by hand: AdaBN on val's images the detector does not flag (pseudo-labels of the refitted decision;
+    the class mix the adapted calibration states: the stored one for a threshold alone, val's own when the
+    calibration is refitted), then the refit on every image's scores."""
     from dataclasses import replace
+
+    from PIL import Image
 
     from pneumonia_cnn.calibration import Calibration, choose_threshold
     from pneumonia_cnn.inference import load_bundle
@@ -310,12 +313,16 @@ def test_the_refitted_adapted_decision_is_fitted_as_adapt_batch_serves(best_like
         (root / "val" / name).mkdir()
         for path in sorted((small_root / "val" / name).iterdir())[:count]:
             (root / "val" / name / path.name).symlink_to(path)
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(root / "val" / "NORMAL" / "blank.jpeg")  # flagged
     checkpoint = load_checkpoint(best_like_run / "best.pt")
     bundle = load_bundle(checkpoint)
     predictor = Predictor(bundle, "cpu")
     pixels = np.stack([predictor.preprocess_path(f)[0] for f in val_files(root)])
     labels = np.array([int("PNEUMONIA" in str(f)) for f in val_files(root)])
-    raw = predictor.score(pixels).raw
+    scores = predictor.score(pixels)
+    raw = scores.raw
+    inside = np.array([c["in_distribution"] is not False for c in predictor.flags(pixels, scores)])
+    assert inside.sum() == len(inside) - 1  # the blank one is left out of the statistics
     stored_adapted = Calibration.from_dict(checkpoint["decision_adapted"]["calibration"])
     if calibration is None:
         cal = Calibration.from_dict(checkpoint["calibration"])
@@ -325,7 +332,8 @@ def test_the_refitted_adapted_decision_is_fitted_as_adapt_batch_serves(best_like
         main_fit = fit_decision(labels, raw, "youden", calibration)
         pseudo, rate = main_fit.probabilities(raw) >= main_fit.threshold, labels.mean()
     assert stored_adapted.prior != pytest.approx(labels.mean())  # the two rates differ here: the test can tell
-    adapted_raw = Predictor(replace(adapt_batch_norm(bundle, pixels, pseudo, rate), ood=None), "cpu").score(pixels).raw
+    adapted = adapt_batch_norm(bundle, pixels[inside], pseudo[inside], rate)
+    adapted_raw = Predictor(replace(adapted, ood=None), "cpu").score(pixels).raw
     if calibration is None:
         expected = (stored_adapted.to_dict(), choose_threshold(labels, stored_adapted.probabilities(adapted_raw),
                                                                "youden"))
@@ -438,3 +446,47 @@ def test_adaptation_passes_pseudo_negatives_first_as_the_decision_was_fitted(mon
     adabn.adapt_batch_norm(load_bundle("builtin"), pixels[::-1], pixels[::-1, 0, 0] % 2 == 1, 0.5)
     values = passed[0][:, 0, 0]
     assert len(values) == 20 and all(values[:10] % 2 == 0) and all(values[10:] % 2 == 1)
+
+
+def test_the_adapted_decision_is_fitted_on_the_images_adapt_batch_adapts_on(small_root, cache_dir, tmp_path):
+    """--adapt-batch re-estimates batch-norm statistics on the images the detector does not flag; the end of
+    training adapted on every validation image (20 of the built-in model's 559 differ). A blank image in val
+    (always flagged) must be left out of the statistics, and its scores still count in the fit."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from pneumonia_cnn.experiment import train_and_evaluate
+    from pneumonia_cnn.inference import load_bundle
+    from pneumonia_cnn.inference.adabn import adapt_batch_norm
+    from pneumonia_cnn.training import make_config
+    root = tmp_path / "site"
+    for split in ("train", "test"):
+        (root / split).parent.mkdir(parents=True, exist_ok=True)
+        (root / split).symlink_to(small_root / split)
+    shutil.copytree(small_root / "val", root / "val")
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(root / "val" / "NORMAL" / "blank.png")
+    config = make_config("best", data=str(root), out=str(tmp_path / "run"), epochs=2, size=64, batch_size=16,
+                         cache_dir=str(cache_dir), progress=False, min_val_images=10, early_stopping=0,
+                         warmup_epochs=0.5)
+    train_and_evaluate(config)
+    checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
+    bundle = load_bundle(checkpoint)
+    predictor = Predictor(bundle, "cpu")
+    files = sorted((root / "val").glob("*/*"))
+    pixels = np.stack([predictor.preprocess_path(f)[0] for f in files])
+    labels = np.array([int("PNEUMONIA" in str(f)) for f in files])
+    plain = predictor.score(pixels)
+    inside = np.array([c["in_distribution"] is not False for c in predictor.flags(pixels, plain)])
+    assert not inside[[f.name == "blank.png" for f in files]].any() and inside.sum() == len(files) - 1
+    pseudo = bundle.decision.positive(plain.raw)
+
+    def fitted(chosen):
+        adapted = adapt_batch_norm(bundle, pixels[chosen], pseudo[chosen], float(labels.mean()))
+        raw = Predictor(replace(adapted, ood=None), "cpu").score(pixels).raw  # every image scored
+        return fit_decision(labels, raw, "sensitivity:0.95", checkpoint["config"]["calibration"])
+
+    expected, on_all = fitted(inside), fitted(np.ones_like(inside))
+    assert checkpoint["decision_adapted"]["threshold"] == pytest.approx(expected.threshold, abs=1e-5)
+    assert checkpoint["decision_adapted"]["calibration"] == pytest.approx(expected.calibration.to_dict(), abs=1e-5)
+    assert abs(on_all.calibration.bias - expected.calibration.bias) > 1e-4  # the test can tell the two apart

@@ -69,7 +69,8 @@ def refit_decision(bundle, data, val_split: str, policy: str | None, method: str
     if len(set(val.labels.tolist())) < 2:
         raise PneumoniaCNNError(f"{display_path(data)}: split {val_split} needs both classes to fit a decision")
     scorer = Scorer(bundle, device, engine)
-    raw = scorer.score(val.images).raw
+    scores = scorer.score(val.images)
+    raw = scores.raw
     decision = _refitted(bundle.decision, val.labels, raw, policy, method)
     fit = dict(scorer.description, split=val_split, images=len(val), data=str(data),
                refitted=["threshold"] if method is None else ["threshold", "calibration"],
@@ -77,7 +78,7 @@ def refit_decision(bundle, data, val_split: str, policy: str | None, method: str
                raw_scores=[float(v) for v in raw])
     adapted_decision = None
     if adapted and bundle.adapted_decision is not None:
-        adapted_decision, adapted_raw = _refit_adapted(bundle, decision, val, raw, policy, method, device, engine)
+        adapted_decision, adapted_raw = _refit_adapted(bundle, decision, val, scores, policy, method, device, engine)
         fit.update(adapted_refitted=True, adapted_raw_scores=[float(v) for v in adapted_raw])
     return bundle.with_decision(decision, adapted_decision), val, fit
 
@@ -89,17 +90,21 @@ def _refitted(stored: Decision, labels, raw, policy: str | None, method: str | N
     return fit_decision(labels, raw, policy or stored.policy, method)
 
 
-def _refit_adapted(bundle, decision: Decision, val, raw, policy, method, device, engine):
-    """As ``--adapt-batch`` will serve it: batch-norm statistics re-estimated on the split as one batch (by the
-    refitted decision's pseudo-labels, at the class mix the adapted calibration states: the split's own when it
-    is refitted, else the stored one's), then the same refit on those scores. Returns (decision, raw scores)."""
+def _refit_adapted(bundle, decision: Decision, val, scores, policy, method, device, engine):
+    """As ``--adapt-batch`` will serve it: batch-norm statistics re-estimated on the split's images the detector
+    does not flag, as one batch (by the refitted decision's pseudo-labels, at the class mix the adapted
+    calibration states: the split's own when it is refitted, else the stored one's), then the same refit on every
+    image's scores. Returns (decision, raw scores)."""
     from ..inference.adabn import adapt_batch_norm
+    from ..inference.predictor import in_distribution
     stored = bundle.adapted_decision
     rate = float(np.mean(val.labels)) if method is not None or stored.calibration.prior is None \
         else stored.calibration.prior
-    pseudo = decision.positive(raw)
+    pseudo = decision.positive(scores.raw)
     images = np.asarray(val.images)
-    adapted = Scorer(adapt_batch_norm(bundle, images, pseudo, rate), device, engine, cache=False)
+    inside = in_distribution(bundle, images, scores)
+    inside = inside if inside.any() else np.ones_like(inside)
+    adapted = Scorer(adapt_batch_norm(bundle, images[inside], pseudo[inside], rate), device, engine, cache=False)
     adapted_raw = adapted.score(images).raw
     return _refitted(stored, val.labels, adapted_raw, policy, method), adapted_raw
 

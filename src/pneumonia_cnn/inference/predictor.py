@@ -168,22 +168,7 @@ class Predictor:
         return entries, self.batch_notes() + notes
 
     def flags(self, pixels, scores: Scores, metas=None) -> list[dict]:
-        """The out-of-distribution score and flag, and the model-free input checks, per image."""
-        from ..ood import flag_message, flag_reasons, input_warnings
-        metas = metas if metas is not None else [None] * len(pixels)
-        ood_scores = self.ood.score(scores.features, scores.raw, pixels) if self.ood is not None else None
-        out = []
-        for index, gray in enumerate(pixels):
-            warnings = input_warnings(gray, metas[index], self.bundle.intended_use)
-            forcing = flag_reasons(gray, metas[index], self.bundle.intended_use)
-            entry = {"warnings": warnings, "ood_score": None, "in_distribution": None if not forcing else False}
-            if ood_scores is not None:
-                entry["ood_score"] = float(ood_scores[index])
-                entry["in_distribution"] = bool(ood_scores[index] <= self.ood.threshold) and not forcing
-            if entry["in_distribution"] is False:
-                entry["warnings"] = warnings + [flag_message(self.bundle.intended_use)]
-            out.append(entry)
-        return out
+        return batch_checks(self.bundle, pixels, scores, metas)
 
     def check_inputs(self, pixels_uint8, metas=None) -> list[dict]:
         pixels = np.asarray(pixels_uint8)
@@ -255,6 +240,31 @@ class Predictor:
         if isinstance(self.prevalence, float):
             notes.append(f"probabilities stated for a pneumonia rate of {self.prevalence:.3f} (given)")
         return notes
+
+
+def batch_checks(bundle, pixels, scores: Scores, metas=None) -> list[dict]:
+    """The out-of-distribution score and flag, and the model-free input checks, per image: what ``--adapt-batch``
+    leaves out, and what the end of training leaves out the same way when it fits the adapted decision."""
+    from ..ood import flag_message, flag_reasons, input_warnings
+    metas = metas if metas is not None else [None] * len(pixels)
+    ood_scores = bundle.ood.score(scores.features, scores.raw, pixels) if bundle.ood is not None else None
+    out = []
+    for index, gray in enumerate(pixels):
+        warnings = input_warnings(gray, metas[index], bundle.intended_use)
+        forcing = flag_reasons(gray, metas[index], bundle.intended_use)
+        entry = {"warnings": warnings, "ood_score": None, "in_distribution": None if not forcing else False}
+        if ood_scores is not None:
+            entry["ood_score"] = float(ood_scores[index])
+            entry["in_distribution"] = bool(ood_scores[index] <= bundle.ood.threshold) and not forcing
+        if entry["in_distribution"] is False:
+            entry["warnings"] = warnings + [flag_message(bundle.intended_use)]
+        out.append(entry)
+    return out
+
+
+def in_distribution(bundle, pixels, scores: Scores) -> np.ndarray:
+    """Which images ``--adapt-batch`` re-estimates batch-norm statistics on: those not flagged."""
+    return np.array([c["in_distribution"] is not False for c in batch_checks(bundle, pixels, scores)], dtype=bool)
 
 
 def _public_intended_use(intended_use: dict) -> dict:

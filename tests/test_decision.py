@@ -372,6 +372,13 @@ def test_an_ensemble_fits_its_own_threshold_and_keeps_the_ood_check(best_like_ru
     for index, row in enumerate(rows):  # the ensemble's raw score is the mean of its members' raw scores
         assert row["raw_score"] == pytest.approx((single[0][index].raw_score + single[1][index].raw_score) / 2,
                                                  abs=1e-5)
+    # a member whose threshold evaluate refitted on other images: the ensemble cannot keep that fit, and says so
+    assert main(["evaluate", "--checkpoint", str(second), "--data", str(small_root), "--threshold", "youden",
+                 "--val-split", "test", "--split", "train", "--save-as", str(tmp_path / "refit.pt"), "--bootstrap", "5",
+                 "--no-figures", "--out", str(tmp_path / "m.json")]) == 0
+    refitted = Predictor([best_like_run, tmp_path / "refit.pt"], "cpu")
+    assert "member 2's threshold was refitted on test images (20)" in refitted.notes[1]
+    assert refitted.threshold == pytest.approx(ensemble.threshold) and len(ensemble.notes) == 1
 
 
 def test_batch_adaptation_uses_a_decision_fitted_the_same_way(best_like_run, small_root, tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
-from .calibration import Decision, choose_threshold, fit_calibration
+from .calibration import MEAN_OF_MEMBERS, Decision, choose_threshold, fit_calibration
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.augment import AugmentConfig, augment_batch
 from .data.cache import build_or_load
@@ -189,7 +189,7 @@ def _adapt_with_labels(bundle: Bundle, model, labelled, device, recalibrate, see
     calibration = fit_calibration(tune_y, oof_logits, old.calibration.method if old.calibration.method != "none"
                                   else "platt") if recalibrate else old.calibration
     threshold = choose_threshold(tune_y, calibration.probabilities(oof_logits), old.policy) \
-        if old.policy != "mean of members" else old.threshold
+        if old.policy != MEAN_OF_MEMBERS else old.threshold
     decision = Decision(calibration, threshold, old.policy)
     tuned_paths = [p for p, h in zip(site.paths, held) if not h]
     result["_reference"] = {"val": {"fingerprints": file_fingerprints(tuned_paths), "labels": [int(v) for v in tune_y],

@@ -49,13 +49,13 @@ def parse_threshold_policy(policy, name: str = "threshold") -> tuple[str, float 
     return kind, value
 
 
+MEAN_OF_MEMBERS = "mean of members"  # an ensemble of earlier checkpoints: the mean of its members' thresholds
+
+
 def is_operating_point(policy) -> bool:
-    """True for policies defined by the ROC curve (a place on it), False for a fixed probability, which a
-    threshold that is no policy (an ensemble of earlier checkpoints: "mean of members") also is."""
-    try:
-        return parse_threshold_policy(policy)[0] != "fixed"
-    except ConfigError:
-        return False
+    """True for policies defined by the ROC curve (a place on it), False for a fixed probability, which the
+    mean of an ensemble's members' thresholds also is."""
+    return policy != MEAN_OF_MEMBERS and parse_threshold_policy(policy)[0] != "fixed"
 
 
 def choose_threshold(labels, probabilities, policy="0.5") -> float:

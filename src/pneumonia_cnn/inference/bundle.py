@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch.nn as nn
 
-from ..calibration import Calibration, Decision, fit_decision, logit
+from ..calibration import MEAN_OF_MEMBERS, Calibration, Decision, fit_decision, logit
 from ..checkpoint import build_model, load_checkpoint
 from ..data.intensity import standardise_intensity
 from ..data.readers import read_image, read_image_bytes, resize_gray
@@ -146,6 +146,21 @@ def ood_detector_of(checkpoint: dict):
                               f"detector this version can read ({reason})") from None
 
 
+def _refitted_members(loaded) -> list[str]:
+    """Notes naming the members whose threshold ``evaluate --save-as`` refitted on other images: the ensemble
+    fits its own on the validation scores its members share, and a refit's images are not stored with scores."""
+    notes = []
+    for index, checkpoint in enumerate(loaded, start=1):
+        reference = checkpoint.get("reference") or {}
+        fit = reference.get("threshold_fit")
+        if fit and set(fit.get("fingerprints") or []) != set((reference.get("val") or {}).get("fingerprints") or []):
+            notes.append(f"member {index}'s threshold was refitted on {fit.get('split', 'other')} images "
+                         f"({len(fit.get('fingerprints') or [])}); the ensemble's is fitted on the validation "
+                         "images its members share, not on those")
+            log.warning("%s", notes[-1])
+    return notes
+
+
 def _ensemble_bundle(loaded, models, preprocessing, tta, ood) -> Bundle:
     """Fit the ensemble's own decision on its members' stored validation scores when they share the
     same validation images; otherwise fall back to averaging (and say so)."""
@@ -162,12 +177,13 @@ def _ensemble_bundle(loaded, models, preprocessing, tta, ood) -> Bundle:
             adapted = fit_decision(labels, adapted_members, first.policy, first.calibration.method)
         note = (f"ensemble of {len(loaded)}: calibration and threshold fitted on the ensemble's own "
                 f"validation scores ({len(labels)} images)")
-        return Bundle(loaded, models, preprocessing, decision, tta, ood, notes=[note], adapted_decision=adapted)
+        return Bundle(loaded, models, preprocessing, decision, tta, ood, notes=[note, *_refitted_members(loaded)],
+                      adapted_decision=adapted)
     member_decisions = [decision_of(c) for c in loaded]
     threshold = float(np.mean([d.threshold for d in member_decisions]))
     note = (f"ensemble of {len(loaded)}: members do not share stored validation scores (checkpoints of an "
             f"earlier version, or different validation images); probabilities averaged, threshold "
             f"{threshold:.3f} is the mean of the members' and was not fitted on the ensemble")
     log.warning(note)
-    return Bundle(loaded, models, preprocessing, Decision(Calibration(), threshold, "mean of members"), tta, ood,
+    return Bundle(loaded, models, preprocessing, Decision(Calibration(), threshold, MEAN_OF_MEMBERS), tta, ood,
                   member_decisions, [note])

@@ -130,6 +130,9 @@ MALFORMED = [
      "intended_use.age_range_years must be [min, max] with 0 <= min <= max, not [5, 1]"),
     ("size_number", _set("preprocessing.size", 192), "preprocessing.size must be a list, not int 192"),
     ("channels_two", _set("preprocessing.channels", 2), "preprocessing.channels must be 1 or 3, not 2"),
+    ("rescale_other", _set("preprocessing.rescale", 1.0),  # it was never read: [0, 255] pixels fed as [0, 1]
+     "preprocessing.rescale 1.0 is not supported (pixels are scaled by 1/255)"),
+    ("rescale_text", _set("preprocessing.rescale", "1/255"), "preprocessing.rescale must be a number, not str '1/255'"),
     ("intensity", _set("preprocessing.intensity", "bogus"),
      "preprocessing.intensity 'bogus' is not one of none, equalize, clahe, window"),
     ("interpolation", _set("preprocessing.interpolation", "cubic"),

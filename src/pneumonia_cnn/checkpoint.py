@@ -137,6 +137,10 @@ def _check_preprocessing(pre: dict) -> None:
         value = _field(pre, name, str, required=False, prefix="preprocessing.")
         if value is not None and value not in allowed:
             raise _Invalid(f"preprocessing.{name} {_shown(value)} is not one of {', '.join(allowed)}")
+    rescale = _field(pre, "rescale", numbers.Real, required=False, prefix="preprocessing.")
+    if rescale is not None and not math.isclose(rescale, 1 / 255, rel_tol=1e-6):  # every path divides by 255:
+        # a model that expects another scale would be fed wrong pixels without a word
+        raise _Invalid(f"preprocessing.rescale {_shown(rescale)} is not supported (pixels are scaled by 1/255)")
 
 
 def _check_intended_use(use: dict) -> None:

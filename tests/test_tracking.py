@@ -31,3 +31,19 @@ def test_tensorboard_events_read_back(small_root, cache_dir, tmp_path):
     accumulator.Reload()
     assert [e.step for e in accumulator.Scalars("train_loss")] == [1, 2]
     assert "curves" in accumulator.Tags()["images"]
+
+
+def test_a_tracking_store_that_cannot_be_opened_is_one_line_and_leaves_no_run_folder(small_root, cache_dir, tmp_path,
+                                                                                      capsys):
+    """`--tracking-uri /proc/x` ended in MLflow's raw FileNotFoundError, and the run folder it left (config.json
+    and the lock) made the rerun meet "a folder that holds a run"."""
+    from pneumonia_cnn.cli import main
+    out = tmp_path / "new" / "run"
+    argv = ["train", "--data", str(small_root), "--out", str(out), "--preset", "tutorial", "--epochs", "1",
+            "--size", "40", "--cache-dir", str(cache_dir), "--min-val-images", "10", "--no-progress"]
+    assert main([*argv, "--tracker", "mlflow", "--tracking-uri", "/proc/x"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "error: --tracking-uri /proc/x: cannot start the mlflow run (FileNotFoundError: [Errno 2] No such file or " \
+        "directory: '/proc/x')"
+    assert not (tmp_path / "new").exists()
+    assert main([*argv, "--no-ood"]) == 0 and (out / "best.pt").exists()  # the same --out, at once

@@ -89,4 +89,8 @@ def make_tracker(kind: str, uri: str, run_name: str):
             return TensorBoardTracker(uri, run_name)
     except ImportError as error:
         raise PneumoniaCNNError(f"--tracker {kind} needs {error.name} (pip install 'pneumonia-cnn[track]')") from None
+    except Exception as error:  # noqa: BLE001 - a store that cannot be opened (MLflow's and the OS's many types)
+        text = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise PneumoniaCNNError(f"--tracking-uri {uri}: cannot start the {kind} run ({type(error).__name__}"
+                                f"{': ' + text if text else ''})") from None
     raise PneumoniaCNNError(f"unknown tracker {kind!r}: none, mlflow or tensorboard")

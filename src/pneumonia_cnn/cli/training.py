@@ -85,7 +85,8 @@ def refuse_finished_run(out) -> None:
 def run_folder_lock(out):
     """RUN/.lock while a training writes its run folder: a second training (or --resume) into the same folder
     is refused instead of mixing its files with the first's. Under torchrun only the first process writes and
-    locks. Folders made here for a run that then failed at once (nothing in them but the lock) are removed;
+    locks. Folders made here for a run that then failed at once (nothing in them but the lock and the config it
+    wrote) are removed;
     a refused training removes nothing: the folder and lock are the other training's."""
     if not out or Path(out).is_file() or int(os.environ.get("RANK", "0")) != 0:
         yield
@@ -106,8 +107,11 @@ def run_folder_lock(out):
         yield
     finally:
         lock.release()
-        if made and [p.name for p in folder.iterdir()] == [".lock"]:
-            (folder / ".lock").unlink()
+        if made and {p.name for p in folder.iterdir()} <= {".lock", "config.json"}:  # failed before its first
+            # epoch (a tracker that could not start): nothing of a run to keep, and a rerun must not meet it
+            for name in (".lock", "config.json"):
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
             for empty in made:
                 with contextlib.suppress(OSError):  # a parent something else has written into stays
                     empty.rmdir()

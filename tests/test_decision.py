@@ -314,15 +314,18 @@ def test_the_refitted_adapted_decision_is_fitted_as_adapt_batch_serves(best_like
         for path in sorted((small_root / "val" / name).iterdir())[:count]:
             (root / "val" / name / path.name).symlink_to(path)
     Image.fromarray(np.full((64, 64), 128, np.uint8)).save(root / "val" / "NORMAL" / "blank.jpeg")  # flagged
+    xray = np.asarray(Image.open(val_files(small_root)[0]).convert("L"), np.uint8)  # flagged by its colour
+    Image.fromarray(np.stack([xray, xray // 2, xray // 4], axis=-1)).save(root / "val" / "NORMAL" / "tinted.jpeg")
     checkpoint = load_checkpoint(best_like_run / "best.pt")
     bundle = load_bundle(checkpoint)
     predictor = Predictor(bundle, "cpu")
     pixels = np.stack([predictor.preprocess_path(f)[0] for f in val_files(root)])
+    metas = [predictor.preprocess_path(f)[1] for f in val_files(root)]
     labels = np.array([int("PNEUMONIA" in str(f)) for f in val_files(root)])
     scores = predictor.score(pixels)
     raw = scores.raw
-    inside = np.array([c["in_distribution"] is not False for c in predictor.flags(pixels, scores)])
-    assert inside.sum() == len(inside) - 1  # the blank one is left out of the statistics
+    inside = np.array([c["in_distribution"] is not False for c in predictor.flags(pixels, scores, metas)])
+    assert inside.sum() == len(inside) - 2  # the blank and the tinted one are left out of the statistics
     stored_adapted = Calibration.from_dict(checkpoint["decision_adapted"]["calibration"])
     if calibration is None:
         cal = Calibration.from_dict(checkpoint["calibration"])
@@ -473,6 +476,10 @@ def test_the_adapted_decision_is_fitted_on_the_images_adapt_batch_adapts_on(smal
         (root / split).symlink_to(small_root / split)
     shutil.copytree(small_root / "val", root / "val")
     Image.fromarray(np.full((64, 64), 128, np.uint8)).save(root / "val" / "NORMAL" / "blank.png")
+    # a colour photograph of a chest X-ray: flagged only by what its file says of itself (predict's metas)
+    xray = np.asarray(Image.open(sorted((small_root / "val" / "NORMAL").glob("*.jpeg"))[0]).convert("L"), np.uint8)
+    tinted = np.stack([xray, (xray * 0.4).astype(np.uint8), (xray * 0.2).astype(np.uint8)], axis=-1)
+    Image.fromarray(tinted).save(root / "val" / "NORMAL" / "tinted.png")
     config = make_config("best", data=str(root), out=str(tmp_path / "run"), epochs=2, size=64, batch_size=16,
                          cache_dir=str(cache_dir), progress=False, min_val_images=10, early_stopping=0,
                          warmup_epochs=0.5)
@@ -482,10 +489,14 @@ def test_the_adapted_decision_is_fitted_on_the_images_adapt_batch_adapts_on(smal
     predictor = Predictor(bundle, "cpu")
     files = sorted((root / "val").glob("*/*"))
     pixels = np.stack([predictor.preprocess_path(f)[0] for f in files])
+    metas = [predictor.preprocess_path(f)[1] for f in files]
     labels = np.array([int("PNEUMONIA" in str(f)) for f in files])
     plain = predictor.score(pixels)
-    inside = np.array([c["in_distribution"] is not False for c in predictor.flags(pixels, plain)])
-    assert not inside[[f.name == "blank.png" for f in files]].any() and inside.sum() == len(files) - 1
+    inside = np.array([c["in_distribution"] is not False for c in predictor.flags(pixels, plain, metas)])
+    odd = [f.name in ("blank.png", "tinted.png") for f in files]
+    assert not inside[odd].any() and inside.sum() == len(files) - 2
+    by_pixels_alone = np.array([c["in_distribution"] is not False for c in predictor.flags(pixels, plain)])
+    assert by_pixels_alone.sum() == len(files) - 1  # the tinted one is flagged by its file's colour only
     pseudo = bundle.decision.positive(plain.raw)
 
     def fitted(chosen):
@@ -493,7 +504,8 @@ def test_the_adapted_decision_is_fitted_on_the_images_adapt_batch_adapts_on(smal
         raw = Predictor(replace(adapted, ood=None), "cpu").score(pixels).raw  # every image scored
         return fit_decision(labels, raw, "sensitivity:0.95", checkpoint["config"]["calibration"])
 
-    expected, on_all = fitted(inside), fitted(np.ones_like(inside))
+    expected, on_all, on_pixels = fitted(inside), fitted(np.ones_like(inside)), fitted(by_pixels_alone)
     assert checkpoint["decision_adapted"]["threshold"] == pytest.approx(expected.threshold, abs=1e-5)
     assert checkpoint["decision_adapted"]["calibration"] == pytest.approx(expected.calibration.to_dict(), abs=1e-5)
-    assert abs(on_all.calibration.bias - expected.calibration.bias) > 1e-4  # the test can tell the two apart
+    for other in (on_all, on_pixels):  # the test can tell them apart
+        assert abs(other.calibration.bias - expected.calibration.bias) > 1e-4

@@ -80,9 +80,20 @@ def test_a_dicom_result_names_its_patient_study_and_instance(trained_run, xray_s
                                                                     "value": f"urn:oid:{study}"}]
     for observation, path in zip(document["contained"], (first, second)):
         assert observation["subject"] == document["subject"]
-        assert observation["derivedFrom"][0]["identifier"]["value"] == f"urn:oid:{study}"
-        assert {"system": "urn:dicom:uid", "value": f"urn:oid:{headers[path].SOPInstanceUID}"} in \
-            observation["identifier"]
+        study_ref, instance_ref = observation["derivedFrom"]
+        assert study_ref["type"] == "ImagingStudy" and study_ref["identifier"]["value"] == f"urn:oid:{study}"
+        assert instance_ref["type"] == "Media" and instance_ref["identifier"] == {
+            "system": "urn:dicom:uid", "value": f"urn:oid:{headers[path].SOPInstanceUID}"}
+        assert [i["system"] for i in observation["identifier"]] == ["urn:pneumonia-cnn:image"]  # it is not the image
+    # a DICOM without its 128-byte preamble, which predict reads, and a PatientID given twice
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(first.read_bytes()[128 + 4:])
+    twice = pydicom.dcmread(other)
+    twice.PatientID = ["MRN-5", "MRN-6"]
+    twice.save_as(tmp_path / "twice.dcm")
+    rows = json.loads(run(["predict", str(trained_run), str(bare), str(tmp_path / "twice.dcm"), "--device", "cpu",
+                           "--format", "fhir"], capsys))["contained"]
+    assert [o["subject"]["identifier"]["value"] for o in rows] == ["MRN-17", "MRN-5"]
     mixed = json.loads(run(["predict", str(trained_run), str(first), str(other), jpeg, "--device", "cpu",
                             "--format", "fhir"], capsys))
     DiagnosticReport.model_validate(mixed)

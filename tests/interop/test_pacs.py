@@ -501,6 +501,47 @@ def test_an_answer_trickling_in_is_given_up_at_the_answer_timeout(kind):
     assert time.monotonic() - start < 2.0
 
 
+def test_the_answer_timeout_never_cuts_a_later_request_on_the_same_connection():
+    """A consumer that stopped at the last chunk of a whole answer left the timer armed while urllib3 had handed the
+    connection back to the pool: at the deadline it cut the next request's answer on that connection."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import requests
+
+    from pneumonia_cnn.interop.dicomweb_session import answer_deadline
+
+    class Answer(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: the second request reuses the first's connection
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            for _ in range(10):
+                if self.path == "/slow":
+                    time.sleep(0.1)
+                self.wfile.write(b"x" * 10000)
+                self.wfile.flush()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        session = requests.Session()
+        first = session.get(url + "/fast", stream=True, hooks={"response": [answer_deadline(0.3)]})
+        chunks = first.iter_content(100000)
+        assert len(next(chunks)) == 100000  # whole; the generator is kept, not run to its end
+        later = session.get(url + "/slow", hooks={"response": [answer_deadline(10)]})  # 1 s, past the 0.3 s
+        assert len(later.content) == 100000
+    finally:
+        server.shutdown()
+
+
 def test_credentials_are_checked_before_any_request_and_never_shown(monkeypatch):
     """A token file read with its line ending made requests refuse the header and quote it, token included, in
     the error line; a password without --user was sent to nobody (the PACS's 401 said nothing of why)."""
@@ -723,6 +764,35 @@ def test_a_stow_answer_with_media_type_parameters_is_read(kind):
     with pytest.raises(TransferError, match="failure reason 49152") as caught:
         _stow(Client(refused), report, "1.2.3")
     assert caught.value.refusal
+    # through the client pacs builds (connect keeps the answer as sent) and a server that answers so
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from pneumonia_cnn.interop.dicomweb_session import connect
+
+    class Pacs(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(stored)))
+            self.end_headers()
+            self.wfile.write(stored)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Pacs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    report.file_meta = FileMetaDataset()
+    report.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    try:
+        _stow(connect(f"http://127.0.0.1:{server.server_address[1]}/dicom-web"), report, "1.2.3")  # stored
+    finally:
+        server.shutdown()
 
 
 def test_an_answer_holding_another_instance_is_not_taken_for_the_listed_one(orthanc, trained_run, xray_sources,

@@ -102,7 +102,7 @@ def _refit_adapted(bundle, decision: Decision, val, scores, policy, method, devi
         else stored.calibration.prior
     pseudo = decision.positive(scores.raw)
     images = np.asarray(val.images)
-    inside = in_distribution(bundle, images, scores)
+    inside = in_distribution(bundle, images, scores, val.metas())
     inside = inside if inside.any() else np.ones_like(inside)
     adapted = Scorer(adapt_batch_norm(bundle, images[inside], pseudo[inside], rate), device, engine, cache=False)
     adapted_raw = adapted.score(images).raw

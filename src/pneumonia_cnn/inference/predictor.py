@@ -262,9 +262,12 @@ def batch_checks(bundle, pixels, scores: Scores, metas=None) -> list[dict]:
     return out
 
 
-def in_distribution(bundle, pixels, scores: Scores) -> np.ndarray:
-    """Which images ``--adapt-batch`` re-estimates batch-norm statistics on: those not flagged."""
-    return np.array([c["in_distribution"] is not False for c in batch_checks(bundle, pixels, scores)], dtype=bool)
+def in_distribution(bundle, pixels, scores: Scores, metas=None) -> np.ndarray:
+    """Which images ``--adapt-batch`` re-estimates batch-norm statistics on: those not flagged (``metas``: what
+    each file says of itself, colour and DICOM tags, as ``predict`` reads it: lateral views, other modalities and
+    ages outside the intended use are flagged by them)."""
+    checks = batch_checks(bundle, pixels, scores, metas)
+    return np.array([c["in_distribution"] is not False for c in checks], dtype=bool)
 
 
 def _public_intended_use(intended_use: dict) -> dict:

@@ -93,18 +93,20 @@ def answer_deadline(seconds: float):
         stream, sock = getattr(response.raw, "stream", None), _socket_of(response)
         if stream is None or sock is None:  # another transport adapter
             return response
-        deadline = time.monotonic() + seconds
+        deadline, pooled = time.monotonic() + seconds, getattr(response.raw, "connection", None) is not None
 
         def bounded(*args, **kwargs):
             expired = threading.Event()
 
             def expire():
+                if pooled and getattr(response.raw, "connection", None) is None:
+                    return  # read whole and handed back to the pool (a consumer that stopped at the last chunk)
                 expired.set()
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:  # closed meanwhile
                     pass
-            # only while the body is read: a connection back in the pool is never shut down
+            # only while the body is read, and never once urllib3 has handed the connection back to the pool
             timer = threading.Timer(max(0.0, deadline - time.monotonic()), expire)
             timer.daemon = True
             timer.start()

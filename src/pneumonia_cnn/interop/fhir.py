@@ -35,14 +35,23 @@ def dicom_links(path) -> dict:
         return {}
     try:
         import pydicom
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(LINK_TAGS))
+        # force: as predict reads it (a file without the 128-byte preamble is still DICOM)
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(LINK_TAGS), force=True)
     except Exception:  # noqa: BLE001 - the row already says whether the file could be read
         return {}
-    values = {tag: str(getattr(header, tag, "") or "").strip() for tag in LINK_TAGS}
+    values = {tag: _first(getattr(header, tag, "")) for tag in LINK_TAGS}
     for tag in ("StudyInstanceUID", "SOPInstanceUID"):
         if not UID_PATTERN.fullmatch(values[tag]) or len(values[tag]) > 64:
             values[tag] = ""
     return {tag: value for tag, value in values.items() if value}
+
+
+def _first(value) -> str:
+    """One value: a PatientID given twice ("A\\B", against its VM of 1) is its first, as a viewer shows it."""
+    from pydicom.multival import MultiValue
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = value[0] if len(value) else ""
+    return str(value or "").strip()
 
 
 def _patient(links: dict) -> dict:
@@ -90,9 +99,7 @@ def observation(row: dict, index: int, positive_class: str = "PNEUMONIA", links:
     instance."""
     links = links or {}
     resource = {"resourceType": "Observation", "id": f"image-{index}",
-                "identifier": [{"system": "urn:pneumonia-cnn:image", "value": row["path"]}]
-                + ([{"system": DICOM_UID, "value": f"urn:oid:{links['SOPInstanceUID']}"}]
-                   if links.get("SOPInstanceUID") else []),
+                "identifier": [{"system": "urn:pneumonia-cnn:image", "value": row["path"]}],
                 "category": [_concept("imaging", "Imaging",
                                       "http://terminology.hl7.org/CodeSystem/observation-category")],
                 "code": _concept("pneumonia-probability", "Probability of pneumonia"),
@@ -100,8 +107,14 @@ def observation(row: dict, index: int, positive_class: str = "PNEUMONIA", links:
                 "device": {"display": f"pneumonia-cnn model {row.get('model') or '?'}"}}
     if links.get("PatientID"):
         resource["subject"] = _patient(links)
-    if links.get("StudyInstanceUID"):
-        resource["derivedFrom"] = [_study(links["StudyInstanceUID"])]
+    # what it was derived from, not what it is (an Observation's identifier would say it is the image)
+    derived = [_study(links["StudyInstanceUID"])] if links.get("StudyInstanceUID") else []
+    if links.get("SOPInstanceUID"):
+        derived.append({"type": "Media", "identifier": {"system": DICOM_UID,
+                                                        "value": f"urn:oid:{links['SOPInstanceUID']}"},
+                        "display": f"DICOM instance {links['SOPInstanceUID']}"})
+    if derived:
+        resource["derivedFrom"] = derived
     if row.get("error"):
         resource.update(status="cancelled", dataAbsentReason=_concept("error", "Error", ABSENT_REASON),
                         note=[{"text": f"unreadable: {row['error']}"}])

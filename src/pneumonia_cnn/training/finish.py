@@ -71,11 +71,11 @@ def _fit_adapted_decision(best: dict, decision: Decision, val_set, val_scores, d
                           config: TrainConfig) -> np.ndarray:
     """The decision ``--adapt-batch`` uses, fitted as it is served: batch-norm statistics re-estimated on the
     validation images the detector does not flag, as one batch (at their class mix, by pseudo-labels), then
-    calibration and threshold on every validation image's scores (it adapted on all of them: 20 of the built-in
-    model's 559 are flagged, and the threshold moved by 0.0014)."""
+    calibration and threshold on every validation image's scores (it adapted on all of them; 20 of the built-in
+    model's 559 are flagged)."""
     bundle = load_bundle(best)  # with the detector just fitted, as --adapt-batch will load it
     images = np.asarray(val_set.images)
-    inside = in_distribution(bundle, images, val_scores)
+    inside = in_distribution(bundle, images, val_scores, val_set.metas())
     inside = inside if inside.any() else np.ones_like(inside)  # a detector that flags all: adapt on them all
     pseudo = decision.positive(val_scores.raw)
     prior = float(np.mean(val_set.labels))

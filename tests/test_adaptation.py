@@ -60,6 +60,12 @@ def test_adapt_cli_with_labels_reports_before_after_and_refits(bn_run, tmp_path,
     adapted = load_checkpoint(out)
     original = load_checkpoint(bn_run / "best.pt")
     assert adapted["adaptation"]["labelled"] and adapted["ood"]["threshold"] != original["ood"]["threshold"]
+    # recalibrated on the labelled images it kept in: those are what evaluate refuses, with no scores of the
+    # cross-validation models stored as if they were the adapted model's
+    assert "raw_scores" not in adapted["reference"]["val"] and "threshold_fit" not in adapted["reference"]
+    assert main(["evaluate", "--checkpoint", str(out), "--data", str(labelled), "--split", "", "--bootstrap", "5",
+                 "--no-figures", "--out", str(tmp_path / "m.json")]) == 2
+    assert "threshold and calibration" in capsys.readouterr().err
     # the refitted OOD model treats the new site as in distribution
     from pneumonia_cnn.inference import Predictor
     site_files = sorted(unlabelled.iterdir())
@@ -69,12 +75,19 @@ def test_adapt_cli_with_labels_reports_before_after_and_refits(bn_run, tmp_path,
     assert np.mean(adapted_flags) <= 0.2
 
 
-def test_adapt_without_labels_and_without_batch_norm(trained_run, tmp_path, capsys):
+def test_adapt_without_labels_and_without_batch_norm(trained_run, small_root, tmp_path, capsys):
     require_shared()
     unlabelled = write_site(tmp_path / "u", "test", 16, labelled=False)
     assert main(["adapt", str(trained_run), "--data", str(unlabelled), "--out", str(tmp_path / "a.pt")]) == 0
     assert "no batch-norm layers" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "a.pt")["adaptation"]["adabn_layers"] == 0
+    # it keeps the source's calibration and threshold, so evaluate still refuses the images they were fitted on
+    # (the adapted checkpoint had dropped them, and reported on the source's validation images)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "a.pt"), "--data", str(small_root), "--split", "val",
+                 "--bootstrap", "5", "--no-figures", "--out", str(tmp_path / "m.json")]) == 2
+    assert "are among the images" in capsys.readouterr().err and not (tmp_path / "m.json").exists()
+    assert main(["drift", str(tmp_path / "a.pt"), "--data", str(small_root / "test")]) in (0, 1, 2)
+    assert "no validation scores in this checkpoint" in capsys.readouterr().out  # not another model's scores
 
 
 def test_adapt_leaves_out_what_the_input_checks_flag(bn_run, tmp_path, caplog, capsys):

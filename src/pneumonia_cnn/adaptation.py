@@ -192,8 +192,8 @@ def _adapt_with_labels(bundle: Bundle, model, labelled, device, recalibrate, see
         if old.policy != MEAN_OF_MEMBERS else old.threshold
     decision = Decision(calibration, threshold, old.policy)
     tuned_paths = [p for p, h in zip(site.paths, held) if not h]
-    result["_reference"] = {"val": {"fingerprints": file_fingerprints(tuned_paths), "labels": [int(v) for v in tune_y],
-                                    "raw_scores": [float(v) for v in oof_logits], "ood_scores": None}}
+    result["_tuned"] = {"fingerprints": file_fingerprints(tuned_paths), "labels": [int(v) for v in tune_y],
+                        "recalibrated": bool(recalibrate)}
     before = old.probabilities(served_logits(bundle.models[0], images[held], "cpu", bundle.tta))
     after = decision.probabilities(served_logits(model, images[held], device, bundle.tta))
     _verdict(labels[held], groups[held], before, old.threshold, after, decision.threshold, seed, result)
@@ -232,6 +232,22 @@ def _refit_ood(adapted: Bundle, images: np.ndarray, device, source: dict, seed: 
     return OODDetector.fit(adapted.models[0], part(fit), part(held), quantile=quantile, seed=seed)
 
 
+def adapted_reference(source: dict, tuned: dict | None) -> dict:
+    """What the adapted checkpoint's decision was fitted on, for evaluate's refusal: the source's validation
+    images for a calibration (and threshold) kept, the labelled site images for what was refitted on them. No
+    validation scores: they were the source model's (or cross-validation models'), not the adapted one's, so
+    drift and ensembles say they have none rather than compare against another model's (a reference of 28
+    out-of-fold logits had drift alarm on the site's own images; without it, the refusal was lost)."""
+    source_val = ((source.get("reference") or {}).get("val") or {})
+    kept = {"fingerprints": list(source_val.get("fingerprints") or []), "labels": list(source_val.get("labels") or [])}
+    if tuned is None:
+        return {"val": kept}
+    site = {"fingerprints": tuned["fingerprints"], "labels": tuned["labels"]}
+    if tuned["recalibrated"]:
+        return {"val": site}
+    return {"val": kept, "threshold_fit": {"split": "labelled site images", "fingerprints": site["fingerprints"]}}
+
+
 def _save_adapted(source: dict, adapted: Bundle, detector, out, data, labelled, result):
     payload = {k: v for k, v in source.items() if k not in ("path", "training_state", "temperature", "reference")}
     decision = adapted.decision
@@ -239,8 +255,7 @@ def _save_adapted(source: dict, adapted: Bundle, detector, out, data, labelled, 
                    calibration=decision.calibration.to_dict(), threshold=decision.threshold,
                    threshold_policy=f"{decision.policy}" if labelled else source.get("threshold_policy", "0.5"),
                    ood=detector.state(), run_id=f"{source.get('run_id', 'model')}-adapted")
-    if "_reference" in result:  # the labelled images the threshold was refitted on: evaluate refuses them
-        payload["reference"] = result.pop("_reference")
+    payload["reference"] = adapted_reference(source, result.pop("_tuned", None))
     payload["adaptation"] = {"site_data": str(data), "labelled": str(labelled) if labelled else None,
                              "site_images": result["unlabelled_images"],
                              "left_out_by_input_checks": result["left_out_by_input_checks"],

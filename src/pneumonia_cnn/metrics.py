@@ -36,7 +36,7 @@ def point_metrics(labels, probabilities, threshold: float = 0.5, predicted=None)
         "npv": precision_score(labels, predicted, pos_label=0, zero_division=np.nan),
         "f1": f1_score(labels, predicted, pos_label=1, zero_division=np.nan),
         "roc_auc": roc_auc_score(labels, probabilities) if both else float("nan"),
-        "pr_auc": average_precision_score(labels, probabilities) if both else float("nan"),
+        "pr_auc": min(1.0, average_precision_score(labels, probabilities)) if both else float("nan"),  # rounding
         "brier": brier_score_loss(labels, probabilities, pos_label=1),
         "log_loss": log_loss(labels, np.clip(probabilities, 1e-7, 1 - 1e-7), labels=[0, 1]),
         "ece": expected_calibration_error(labels, probabilities),

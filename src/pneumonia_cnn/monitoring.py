@@ -81,7 +81,8 @@ def compare(reference: dict | None, current: dict, minimum: int = 1) -> dict:
     report = {"images": count, "levels": {"psi_warning": PSI_WARNING, "psi_drift": PSI_DRIFT,
                                           "ks_pvalue_drift": KS_P_DRIFT}}
     if reference is None:
-        return {**report, "status": "unavailable", "reason": "no reference in this checkpoint"}
+        return {**report, "status": "unavailable", "reason": "no validation scores in this checkpoint (one of an "
+                "earlier version, or adapted to a site: its model is not the one the scores came from)"}
     report["reference_images"] = len(reference["raw_scores"])
     if len(reference["raw_scores"]) < SMALL_REFERENCE:
         report["note"] = (f"the reference holds only {len(reference['raw_scores'])} validation images: the PSI "

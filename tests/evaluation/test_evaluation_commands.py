@@ -76,3 +76,21 @@ def test_stress_and_compare_commands(trained_run, small_root, cache_dir, capsys,
                  "--cache-dir", str(cache_dir), "--bootstrap", "20"]) == 0
     table = capsys.readouterr().out
     assert "DeLong" in table and "roc_auc" in table and "p =" in table
+    # two run folders of one name: each column is its own model (both read as the second one's)
+    import shutil
+    for name in ("a", "b"):
+        (tmp_path / name / "run").mkdir(parents=True)
+    shutil.copy(trained_run / "best.pt", tmp_path / "a" / "run" / "best.pt")
+    shutil.copy(trained_run / "last.pt", tmp_path / "b" / "run" / "best.pt")
+    assert main(["compare", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), "--data", str(small_root),
+                 "--cache-dir", str(cache_dir), "--bootstrap", "20", "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["runs"] == ["a/run", "b/run"]
+    aucs = [result["metrics"][name]["roc_auc"]["value"] for name in result["runs"]]
+    assert aucs == pytest.approx([result["delong"][0]["auc_a"], result["delong"][0]["auc_b"]])
+    one_class = tmp_path / "one"
+    (one_class / "test").mkdir(parents=True)
+    (one_class / "test" / "NORMAL").symlink_to(small_root / "test" / "NORMAL")
+    assert main(["compare", str(trained_run / "best.pt"), str(trained_run / "last.pt"), "--data", str(one_class),
+                 "--cache-dir", str(cache_dir), "--bootstrap", "20"]) == 2
+    assert "holds one class only: ROC AUC and DeLong's test need both" in capsys.readouterr().err

@@ -125,3 +125,17 @@ def test_decisions_as_made_override_the_threshold_comparison():
     assert decided["confusion_matrix"] == {"tn": 2, "fp": 0, "fn": 0, "tp": 2}
     assert decided["sensitivity"]["value"] == 1.0 and decided["sensitivity"]["ci95"] == [1.0, 1.0]
     assert decided["roc_auc"]["value"] == plain["roc_auc"]["value"] == 1.0  # rankings use the probabilities
+
+
+def test_intervals_stay_within_zero_and_one():
+    """A perfect ranking's PR AUC summed to 1.0000000000000002 and a Wilson bound at all-correct read
+    0.9999999999999999: intervals of proportions and areas are clipped to [0, 1], exact at none and all."""
+    rng = np.random.default_rng(4)
+    labels = np.array([0] * 30 + [1] * 70)
+    probabilities = np.where(labels == 1, rng.uniform(0.6, 1, 100), rng.uniform(0, 0.4, 100))
+    result = bootstrap_metrics(labels, probabilities, 0.5, resamples=200)
+    for name, entry in result.items():
+        if isinstance(entry, dict) and "ci95" in entry and name != "log_loss":
+            assert 0.0 <= entry["value"] <= 1.0 and all(0.0 <= v <= 1.0 for v in entry["ci95"]), name
+    assert result["ppv"]["wilson95"][1] == 1.0 and wilson_interval(0, 12)[0] == 0.0
+    assert wilson_interval(7, 7)[1] == 1.0 and wilson_interval(3, 7) == pytest.approx([0.158, 0.750], abs=1e-3)

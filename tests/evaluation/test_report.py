@@ -41,3 +41,19 @@ def test_report_takes_the_builtin_model_and_a_run_with_only_last_pt(trained_run,
         assert main(["report", source, "--data", str(small_root), "--out", str(out), "--bootstrap", "20",
                      "--no-stress", "--cache-dir", str(cache_dir)]) == 0, source
         assert "Metrics on test" in out.read_text()
+
+
+def test_a_report_in_its_run_folder_leaves_the_runs_own_metrics_alone(trained_run, small_root, cache_dir, tmp_path):
+    """Without --out it wrote RUN/test_metrics.json over training's own (other data, 20 resamples instead of
+    1,000): a command that reads a run rewrote one of its outputs."""
+    import shutil
+
+    from pneumonia_cnn.cli import main
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = (run / "test_metrics.json").read_bytes()
+    assert main(["report", str(run), "--data", str(small_root), "--bootstrap", "20", "--no-stress",
+                 "--cache-dir", str(cache_dir)]) == 0
+    assert (run / "test_metrics.json").read_bytes() == before
+    assert (run / "report.html").is_file() and (run / "report_test_metrics.json").is_file()
+    assert (run / "report_test_figures").is_dir()

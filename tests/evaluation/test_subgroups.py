@@ -64,6 +64,15 @@ def test_evaluate_by_a_csv_column(trained_run, small_root, cache_dir, tmp_path):
     with pytest.raises(Exception, match="--by colour: not a column of .*site.csv nor a DICOM attribute"):
         evaluate(trained_run, tmp_path / "site.csv", "site", cache_dir=cache_dir, bootstrap=5, figures=False,
                  by=["colour"])
+    # Excel's "CSV UTF-8" (a byte-order mark), a blank first line and a comment: read as the images are (--by sex
+    # said "not a column", or ended in IndexError), and a row given twice counted once (it inflated the counts)
+    odd = tmp_path / "odd.csv"
+    odd.write_bytes(b"\xef\xbb\xbf\n# exported\n" + ("\n".join(rows + rows[1:3]) + "\n").encode())
+    again = evaluate(trained_run, odd, "site", cache_dir=cache_dir, bootstrap=30, figures=False, by=["sex"])
+    assert again["n_images"] == 12 and [g["n_images"] for g in again["subgroups"][0]["groups"]] == [6, 4, 2]
+    for metric in ("accuracy", "sensitivity", "specificity", "roc_auc", "brier"):
+        assert again["subgroups"][0]["groups"][0]["metrics"][metric]["value"] == \
+            pytest.approx(table["groups"][0]["metrics"][metric]["value"], nan_ok=True)
 
 
 def test_evaluate_by_dicom_tags_from_the_cli(trained_run, small_root, cache_dir, tmp_path, capsys):

@@ -155,26 +155,41 @@ def read_csv_list(csv_path, class_names=DEFAULT_CLASS_NAMES) -> ImageList:
         raise DatasetError(f"{display_path(csv_path)}: not a text CSV (not UTF-8 at byte {error.start})") from None
 
 
-def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
-    paths, labels, patients, seen = [], [], [], {}
-    patient_column = 2
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8" starts with a BOM
+CSV_PATH_HEADERS = ("path", "file", "filename", "image")
+
+
+def csv_rows(csv_path: Path):
+    """(line number, cells) of a CSV's rows that hold something: blank lines and ``#`` comments are skipped,
+    and Excel's "CSV UTF-8" byte-order mark is read as one; the first row may be a header."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         for line_number, row in enumerate(csv.reader(handle), start=1):
-            if not row or not row[0].strip() or row[0].strip().startswith("#"):
-                continue
-            if line_number == 1 and row[0].strip().lower() in ("path", "file", "filename", "image"):
-                header = [cell.strip().lower() for cell in row]
-                patient_column = header.index("patient_id") if "patient_id" in header else None
-                continue
-            path, label = _csv_row(csv_path, line_number, row, class_names)
-            first = seen.setdefault(os.path.normpath(path), (line_number, label))
-            if first[1] != label:  # one image counted once as each class: no metric means anything then
-                raise DatasetError(f"{display_path(csv_path)}:{line_number}: {display_path(path)} is labelled "
-                                   f"{label}, but {first[1]} at line {first[0]}")
-            paths.append(str(path))
-            labels.append(label)
-            given = row[patient_column].strip() if patient_column is not None and len(row) > patient_column else ""
-            patients.append(given or patient_id(path))
+            if row and row[0].strip() and not row[0].strip().startswith("#"):
+                yield line_number, row
+
+
+def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
+    paths, labels, patients, seen, repeated = [], [], [], {}, 0
+    patient_column = 2
+    for index, (line_number, row) in enumerate(csv_rows(csv_path)):
+        if index == 0 and row[0].strip().lower() in CSV_PATH_HEADERS:
+            header = [cell.strip().lower() for cell in row]
+            patient_column = header.index("patient_id") if "patient_id" in header else None
+            continue
+        path, label = _csv_row(csv_path, line_number, row, class_names)
+        first = seen.setdefault(os.path.normpath(path), (line_number, label))
+        if first[1] != label:  # one image counted once as each class: no metric means anything then
+            raise DatasetError(f"{display_path(csv_path)}:{line_number}: {display_path(path)} is labelled "
+                               f"{label}, but {first[1]} at line {first[0]}")
+        if first[0] != line_number:  # listed twice: counted twice it inflated every count and narrowed intervals
+            repeated += 1
+            continue
+        paths.append(str(path))
+        labels.append(label)
+        given = row[patient_column].strip() if patient_column is not None and len(row) > patient_column else ""
+        patients.append(given or patient_id(path))
+    if repeated:
+        log.warning("%s: %d row(s) name an image listed before: each image is counted once",
+                    display_path(csv_path), repeated)
     if not paths:
         raise DatasetError(f"{display_path(csv_path)}: CSV lists no images")
     return ImageList(paths, np.asarray(labels, dtype=np.int64), patients, tuple(class_names), str(csv_path))

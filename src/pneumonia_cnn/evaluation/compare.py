@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import PneumoniaCNNError
 from .evaluate import evaluate
 from .metrics import delong_test
 
@@ -13,12 +14,15 @@ ROWS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "n
 def compare_runs(runs, data, split="test", device="auto", cache_dir=None, bootstrap=1000) -> dict:
     reports = [evaluate(run, data, split, device=device, cache_dir=cache_dir, bootstrap=bootstrap, figures=False)
                for run in runs]
-    names = [Path(run).name if Path(run).is_dir() else f"{Path(run).parent.name}/{Path(run).name}" for run in runs]
+    names = run_names(runs)
     reference_paths = [p["path"] for p in reports[0]["predictions"]]
     for report, name in zip(reports[1:], names[1:]):
         if [p["path"] for p in report["predictions"]] != reference_paths:
-            raise ValueError(f"{name} was evaluated on other images (different preprocessing skipped different files)")
+            raise PneumoniaCNNError(f"{name} was evaluated on other images (different preprocessing skipped different "
+                                    "files)")
     labels = [p["label"] for p in reports[0]["predictions"]]
+    if len(set(labels)) < 2:  # DeLong's test and the AUC need both classes (it printed "p = nan (not significant)")
+        raise PneumoniaCNNError(f"split {split} holds one class only: ROC AUC and DeLong's test need both")
     tests = []
     for index in range(1, len(reports)):
         scores_a = [p["probability"] for p in reports[0]["predictions"]]
@@ -28,6 +32,22 @@ def compare_runs(runs, data, split="test", device="auto", cache_dir=None, bootst
             "metrics": {name: {k: report["metrics"][k] for k in ROWS} for name, report in zip(names, reports)},
             "thresholds": {name: report["threshold"] for name, report in zip(names, reports)},
             "delong": tests}
+
+
+def run_names(runs) -> list[str]:
+    """A distinct label per run: its folder's (or file's parent's) name, widened to more of its path where two
+    would read alike (two runs named "best" showed one model's metrics under both names)."""
+    def label(run, depth: int) -> str:
+        path = Path(run)
+        if str(run) == "builtin" or not path.parts:
+            return str(run)
+        parts = path.parts if path.is_dir() else path.parts[:-1] + (path.name,)
+        return "/".join(parts[-depth:]) if depth < len(parts) else str(run)
+    for depth in range(1, 64):
+        names = [label(run, depth if Path(run).is_dir() else depth + 1) for run in runs]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{index}:{run}" for index, run in enumerate(runs, start=1)]  # the same run given twice
 
 
 def format_comparison(result: dict) -> str:

@@ -18,7 +18,9 @@ def wilson_interval(successes: int, total: int, z: float = 1.959964) -> list[flo
     denominator = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denominator
     half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return [float(centre - half), float(centre + half)]
+    # the bounds are exactly 0 and 1 at none and all (rounding gave 0.9999999999999999)
+    return [0.0 if successes == 0 else max(0.0, float(centre - half)),
+            1.0 if successes == total else min(1.0, float(centre + half))]
 
 
 def _wilson_for(name: str, cm: dict):
@@ -61,6 +63,8 @@ def bootstrap_metrics(labels, probabilities, threshold: float = 0.5, groups=None
         values = values[np.isfinite(values)]
         ci = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else \
             [float("nan"), float("nan")]
+        if k != "log_loss":  # proportions and areas: a sum's rounding gave 1.0000000000000002
+            ci = [min(max(v, 0.0), 1.0) if np.isfinite(v) else v for v in ci]
         result[k] = {"value": point[k], "ci95": ci}
         wilson = _wilson_for(k, point["confusion_matrix"])
         if wilson:

@@ -106,9 +106,10 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
     if not data or not Path(data).exists():
         raise PneumoniaCNNError(f"{display_path(data or '?')}: data folder not found; pass --data ROOT")
     prefix = "builtin_" if packaged else ""
-    # the metrics JSON and its figures go where the report goes: a report --out elsewhere leaves the run alone
+    # the metrics JSON and its figures go where the report goes, under the report's own name: a run's
+    # test_metrics.json (training's, 1,000 resamples on its own data) is never rewritten by reading it
     metrics = (Path(out).parent / f"{Path(out).stem}_{split}_metrics.json" if out
-               else run_dir / f"{prefix}{split}_metrics.json")
+               else run_dir / f"{prefix}report_{split}_metrics.json")
     out = Path(out or run_dir / f"{prefix}report.html")
     report = evaluate(checkpoint_path, data, split, device=device, bootstrap=bootstrap, cache_dir=cache_dir,
                       out=metrics, figures=True, by=by)

@@ -10,13 +10,12 @@ with one class only has no ROC AUC, sensitivity or specificity to report (NaN) a
 """
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 import numpy as np
 
-from ..data.dataset import has_patient_ids
+from ..data.dataset import CSV_PATH_HEADERS, csv_rows, has_patient_ids
 from ..errors import PneumoniaCNNError
 from ..fileio import display_path
 from .metrics import bootstrap_metrics
@@ -53,15 +52,12 @@ def csv_columns(data) -> dict[str, dict[str, str]] | None:
     data = Path(data)
     if data.suffix.lower() != ".csv" or not data.is_file():
         return None
-    with open(data, newline="", encoding="utf-8") as handle:
-        rows = list(csv.reader(handle))
-    if not rows or rows[0][0].strip().lower() not in ("path", "file", "filename", "image"):
+    rows = [row for _, row in csv_rows(data)]  # as the images were read: blank lines, comments, a BOM
+    if not rows or rows[0][0].strip().lower() not in CSV_PATH_HEADERS:
         return {}
     header = [name.strip().lower() for name in rows[0]]
     columns = {name: {} for name in header}
     for row in rows[1:]:
-        if not row or not row[0].strip() or row[0].strip().startswith("#"):
-            continue
         path = Path(row[0].strip())
         key = str((path if path.is_absolute() else data.parent / path).resolve())
         for name, value in zip(header, row):

@@ -63,6 +63,16 @@ def test_adapt_cli_with_labels_reports_before_after_and_refits(bn_run, tmp_path,
     # recalibrated on the labelled images it kept in: those are what evaluate refuses, with no scores of the
     # cross-validation models stored as if they were the adapted model's
     assert "raw_scores" not in adapted["reference"]["val"] and "threshold_fit" not in adapted["reference"]
+    # its weights were fine-tuned on them: refused even when only the threshold is refitted later
+    from pneumonia_cnn.data.dataset import load_split
+    from pneumonia_cnn.data.fingerprint import file_fingerprints
+    from pneumonia_cnn.errors import PneumoniaCNNError
+    from pneumonia_cnn.evaluation.evaluate import refuse_stored_overlap
+    from pneumonia_cnn.inference import load_bundle
+    site_images = load_split(labelled, None)
+    with pytest.raises(PneumoniaCNNError, match="are among the images"):
+        refuse_stored_overlap(load_bundle(out), site_images, file_fingerprints(site_images.paths),
+                              calibration_only=True)
     assert main(["evaluate", "--checkpoint", str(out), "--data", str(labelled), "--split", "", "--bootstrap", "5",
                  "--no-figures", "--out", str(tmp_path / "m.json")]) == 2
     assert "threshold and calibration" in capsys.readouterr().err
@@ -108,3 +118,21 @@ def test_adapt_leaves_out_what_the_input_checks_flag(bn_run, tmp_path, caplog, c
                  "--device", "cpu"]) == 2  # 31 left: refused, naming the flagged ones
     assert "31 readable image(s) the input checks do not flag (3 flagged); adapt needs at least 32" in \
            capsys.readouterr().err
+
+
+def test_what_an_adapted_checkpoint_records_for_the_refusal():
+    """Hand-checked: the source's validation images and a threshold refit it keeps; the labelled site images the
+    weights were fine-tuned on whatever was refitted (recorded only as the threshold's images, they escaped a
+    later calibration-only refusal); nothing when the source recorded nothing (int8 export then compared an
+    empty list and refused)."""
+    from pneumonia_cnn.adaptation import adapted_reference
+    source = {"reference": {"val": {"fingerprints": ["a1", "a2"], "labels": [0, 1], "raw_scores": [0.1, 0.9]},
+                            "threshold_fit": {"split": "site", "fingerprints": ["s1"]}}}
+    assert adapted_reference(source, None) == {"val": {"fingerprints": ["a1", "a2"], "labels": [0, 1]},
+                                               "threshold_fit": {"split": "site", "fingerprints": ["s1"]}}
+    for recalibrated in (False, True):
+        tuned = {"fingerprints": ["t1"], "labels": [1], "recalibrated": recalibrated}
+        assert adapted_reference(source, tuned) == {"val": {"fingerprints": ["a1", "a2", "t1"], "labels": [0, 1, 1]}}
+    assert adapted_reference({}, None) == {}
+    assert adapted_reference({}, {"fingerprints": ["t1"], "labels": [0], "recalibrated": False}) == \
+        {"val": {"fingerprints": ["t1"], "labels": [0]}}

@@ -233,19 +233,24 @@ def _refit_ood(adapted: Bundle, images: np.ndarray, device, source: dict, seed: 
 
 
 def adapted_reference(source: dict, tuned: dict | None) -> dict:
-    """What the adapted checkpoint's decision was fitted on, for evaluate's refusal: the source's validation
-    images for a calibration (and threshold) kept, the labelled site images for what was refitted on them. No
+    """What the adapted checkpoint's decision and weights were fitted on, for evaluate's refusal: the source's
+    validation images (and the images its threshold was refitted on, when it was), and the labelled site images
+    it was fine-tuned and refitted on, refused whatever is refitted later (its weights learnt from them). No
     validation scores: they were the source model's (or cross-validation models'), not the adapted one's, so
     drift and ensembles say they have none rather than compare against another model's (a reference of 28
-    out-of-fold logits had drift alarm on the site's own images; without it, the refusal was lost)."""
-    source_val = ((source.get("reference") or {}).get("val") or {})
-    kept = {"fingerprints": list(source_val.get("fingerprints") or []), "labels": list(source_val.get("labels") or [])}
-    if tuned is None:
-        return {"val": kept}
-    site = {"fingerprints": tuned["fingerprints"], "labels": tuned["labels"]}
-    if tuned["recalibrated"]:
-        return {"val": site}
-    return {"val": kept, "threshold_fit": {"split": "labelled site images", "fingerprints": site["fingerprints"]}}
+    out-of-fold logits had drift alarm on the site's own images; without any, the refusal was lost)."""
+    source_reference = source.get("reference") or {}
+    source_val = source_reference.get("val") or {}
+    prints, labels = list(source_val.get("fingerprints") or []), list(source_val.get("labels") or [])
+    labels = labels if len(labels) == len(prints) else None
+    if tuned is not None:
+        prints += tuned["fingerprints"]
+        labels = None if labels is None else labels + tuned["labels"]
+    reference = {"val": {"fingerprints": prints, **({"labels": labels} if labels is not None else {})}} \
+        if prints else {}
+    if source_reference.get("threshold_fit") and tuned is None:  # the source's threshold, kept
+        reference["threshold_fit"] = source_reference["threshold_fit"]
+    return reference
 
 
 def _save_adapted(source: dict, adapted: Bundle, detector, out, data, labelled, result):
@@ -255,7 +260,9 @@ def _save_adapted(source: dict, adapted: Bundle, detector, out, data, labelled, 
                    calibration=decision.calibration.to_dict(), threshold=decision.threshold,
                    threshold_policy=f"{decision.policy}" if labelled else source.get("threshold_policy", "0.5"),
                    ood=detector.state(), run_id=f"{source.get('run_id', 'model')}-adapted")
-    payload["reference"] = adapted_reference(source, result.pop("_tuned", None))
+    reference = adapted_reference(source, result.pop("_tuned", None))
+    if reference:
+        payload["reference"] = reference
     payload["adaptation"] = {"site_data": str(data), "labelled": str(labelled) if labelled else None,
                              "site_images": result["unlabelled_images"],
                              "left_out_by_input_checks": result["left_out_by_input_checks"],

@@ -138,4 +138,6 @@ def test_intervals_stay_within_zero_and_one():
         if isinstance(entry, dict) and "ci95" in entry and name != "log_loss":
             assert 0.0 <= entry["value"] <= 1.0 and all(0.0 <= v <= 1.0 for v in entry["ci95"]), name
     assert result["ppv"]["wilson95"][1] == 1.0 and wilson_interval(0, 12)[0] == 0.0
+    perfect = bootstrap_metrics([0] * 5 + [1] * 9, np.linspace(0.05, 0.95, 14), 0.5, resamples=200)
+    assert perfect["pr_auc"]["value"] == 1.0 and perfect["pr_auc"]["ci95"] == [1.0, 1.0]  # it summed to 1 + 2e-16
     assert wilson_interval(7, 7)[1] == 1.0 and wilson_interval(3, 7) == pytest.approx([0.158, 0.750], abs=1e-3)

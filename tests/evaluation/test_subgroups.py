@@ -67,7 +67,9 @@ def test_evaluate_by_a_csv_column(trained_run, small_root, cache_dir, tmp_path):
     # Excel's "CSV UTF-8" (a byte-order mark), a blank first line and a comment: read as the images are (--by sex
     # said "not a column", or ended in IndexError), and a row given twice counted once (it inflated the counts)
     odd = tmp_path / "odd.csv"
-    odd.write_bytes(b"\xef\xbb\xbf\n# exported\n" + ("\n".join(rows + rows[1:3]) + "\n").encode())
+    (tmp_path / "linked").symlink_to(images[0].parent)  # the same file through a link, and as "M"
+    respelled = f"linked/{images[0].name},{images[0].parent.name},,M"
+    odd.write_bytes(b"\xef\xbb\xbf\n# exported\n" + ("\n".join(rows + rows[1:3] + [respelled]) + "\n").encode())
     again = evaluate(trained_run, odd, "site", cache_dir=cache_dir, bootstrap=30, figures=False, by=["sex"])
     assert again["n_images"] == 12 and [g["n_images"] for g in again["subgroups"][0]["groups"]] == [6, 4, 2]
     for metric in ("accuracy", "sensitivity", "specificity", "roc_auc", "brier"):

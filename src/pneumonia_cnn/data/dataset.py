@@ -167,6 +167,24 @@ def csv_rows(csv_path: Path):
                 yield line_number, row
 
 
+def _same_file_key(path: Path) -> str:
+    """One key per file however a row spells it (relative, absolute, through a link)."""
+    try:
+        return str(Path(path).resolve())
+    except OSError:  # a name too long to look up: its row will say so when it is read
+        return os.path.normpath(os.path.abspath(path))
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str):
+    """A CSV is read by the output checks before the run reads it: its warning is said once."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
+
+
 def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
     paths, labels, patients, seen, repeated = [], [], [], {}, 0
     patient_column = 2
@@ -176,7 +194,7 @@ def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
             patient_column = header.index("patient_id") if "patient_id" in header else None
             continue
         path, label = _csv_row(csv_path, line_number, row, class_names)
-        first = seen.setdefault(os.path.normpath(path), (line_number, label))
+        first = seen.setdefault(_same_file_key(path), (line_number, label))
         if first[1] != label:  # one image counted once as each class: no metric means anything then
             raise DatasetError(f"{display_path(csv_path)}:{line_number}: {display_path(path)} is labelled "
                                f"{label}, but {first[1]} at line {first[0]}")
@@ -188,8 +206,8 @@ def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
         given = row[patient_column].strip() if patient_column is not None and len(row) > patient_column else ""
         patients.append(given or patient_id(path))
     if repeated:
-        log.warning("%s: %d row(s) name an image listed before: each image is counted once",
-                    display_path(csv_path), repeated)
+        _warn_once(f"{display_path(csv_path)}: {repeated} row(s) name an image listed before: each image is "
+                   "counted once")
     if not paths:
         raise DatasetError(f"{display_path(csv_path)}: CSV lists no images")
     return ImageList(paths, np.asarray(labels, dtype=np.int64), patients, tuple(class_names), str(csv_path))

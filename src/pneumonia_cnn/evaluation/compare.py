@@ -38,11 +38,10 @@ def run_names(runs) -> list[str]:
     """A distinct label per run: its folder's (or file's parent's) name, widened to more of its path where two
     would read alike (two runs named "best" showed one model's metrics under both names)."""
     def label(run, depth: int) -> str:
-        path = Path(run)
-        if str(run) == "builtin" or not path.parts:
+        if str(run) == "builtin":
             return str(run)
-        parts = path.parts if path.is_dir() else path.parts[:-1] + (path.name,)
-        return "/".join(parts[-depth:]) if depth < len(parts) else str(run)
+        parts = Path(run).resolve().parts  # "a/run", "a/run/" and "/x/a/run" are one run; "." has a name
+        return "/".join(parts[-depth:]) if depth < len(parts) else "/".join(parts)
     for depth in range(1, 64):
         names = [label(run, depth if Path(run).is_dir() else depth + 1) for run in runs]
         if len(set(names)) == len(names):

@@ -61,7 +61,7 @@ def csv_columns(data) -> dict[str, dict[str, str]] | None:
         path = Path(row[0].strip())
         key = str((path if path.is_absolute() else data.parent / path).resolve())
         for name, value in zip(header, row):
-            columns[name][key] = value.strip()
+            columns[name].setdefault(key, value.strip())  # the first row of an image listed twice, as it is read
     return columns
 
 

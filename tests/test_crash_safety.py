@@ -69,7 +69,10 @@ def test_sigterm_saves_the_position_inside_the_epoch_and_resumes_to_the_same_wei
     assert process.returncode == 130 and "finishing the current step" in stderr and "Traceback" not in stderr
     state = load_checkpoint(out / "last.pt")["training_state"]
     assert state["epoch"] in (1, 2) and state["step_in_epoch"] >= 1  # saved inside an epoch, not at its start
-    assert state["epoch_sums"]["count"] == 4 * state["step_in_epoch"]  # the sums of the steps it did
+    # the sums of the steps it did: batches of 4, the epoch's last one holding what is left (the signal can land
+    # on it on a fast machine: 42 images, 11 steps, 42 counted)
+    images = len(list((small_root / "train").glob("*/*")))
+    assert state["epoch_sums"]["count"] == min(4 * state["step_in_epoch"], images)
     resume_run(out)
     reference = tmp_path / "reference"
     uninterrupted = start_training(small_root, reference, tmp_path / "cache", epochs=3)

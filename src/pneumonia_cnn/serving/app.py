@@ -164,9 +164,11 @@ def add_routes(app, service: Service, options: ServeOptions):
         gone = threading.Event()
         watcher = asyncio.create_task(set_when_disconnected(request, gone))
         try:
-            return await service.predict_one(data, file.filename, gradcam, request.state.key_id, gone)
+            answer = await service.predict_one(data, file.filename, gradcam, request.state.key_id, gone)
         finally:
             watcher.cancel()
+        request.state.answered = True  # audited: a client leaving now is not a 499 (the row says it was answered)
+        return answer
 
     @app.post("/predict/batch")
     async def predict_batch(request: Request, files: list[UploadFile] = File(...)):
@@ -176,7 +178,9 @@ def add_routes(app, service: Service, options: ServeOptions):
         for upload in files:  # each part's in-memory buffer is freed once copied out
             uploads.append((await upload.read(options.max_bytes + 1), upload.filename))
             await upload.close()
-        return await service.predict_batch(uploads, request.state.key_id)
+        answer = await service.predict_batch(uploads, request.state.key_id)
+        request.state.answered = True
+        return answer
 
     @app.post("/admin/reload")
     async def reload():

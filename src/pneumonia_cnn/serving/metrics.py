@@ -97,6 +97,8 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, watching_receive, counting_send)
         finally:
-            # a client that left before any answer is nginx's 499, not the 400 the app then sends to no one
-            self.metrics.requests.labels(endpoint, "499" if gone[0] else str(status[0])).inc()
+            # a client that left before any answer is nginx's 499, not the 400 the app then sends to no one; one
+            # that left after its answer was audited (the app marks it) counts as answered, as the audit log does
+            left = gone[0] and not (scope.get("state") or {}).get("answered")
+            self.metrics.requests.labels(endpoint, "499" if left else str(status[0])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)

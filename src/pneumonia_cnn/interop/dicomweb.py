@@ -20,8 +20,9 @@ from ..errors import PneumoniaCNNError
 from .arrival import decodable_transfer_syntaxes
 from .dicomweb_session import AnswerTooLarge, connect
 from .network import TransferError, with_retries
-from .scoring import DicomScorer, ScoredInstance, is_uid, not_an_xray, shown_uid
+from .scoring import DicomScorer, ScoredInstance, not_an_xray, shown_uid
 from .state import GIVEN_UP, ScoredState, StateFileError
+from .uids import is_uid
 
 log = logging.getLogger("pneumonia_cnn")
 NOT_SCORED_CLASSES = {"1.2.840.10008.5.1.4.1.1.7"}  # secondary capture: overlays, screenshots

@@ -10,14 +10,13 @@ Observation are unchanged from R4 4.0.1 in R4B 4.3.0).
 """
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
+from .uids import is_uid
 
 CODE_SYSTEM = "urn:pneumonia-cnn:result"
-UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 UCUM = "http://unitsofmeasure.org"
 SNOMED, LOINC = "http://snomed.info/sct", "http://loinc.org"
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
@@ -41,7 +40,7 @@ def dicom_links(path) -> dict:
         return {}
     values = {tag: _first(getattr(header, tag, "")) for tag in LINK_TAGS}
     for tag in ("StudyInstanceUID", "SOPInstanceUID"):
-        if not UID_PATTERN.fullmatch(values[tag]) or len(values[tag]) > 64:
+        if not is_uid(values[tag]):
             values[tag] = ""
     return {tag: value for tag, value in values.items() if value}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from ..errors import ImageReadError
 from .dicom_sr import ModelIdentity, build_overlay, build_sr
+from .uids import is_uid
 
 IMAGE_MODALITIES_NEVER_SCORED = {"SR", "KO", "PR", "SEG", "RTSTRUCT"}
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -51,11 +51,6 @@ def uids_of(dataset: Dataset) -> tuple[str, str, str]:
             str(getattr(dataset, "SeriesInstanceUID", "?")))
 
 
-UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
-
-
-def is_uid(value) -> bool:
-    return value is not None and len(str(value)) <= 64 and UID_PATTERN.fullmatch(str(value)) is not None
 
 
 def shown_uid(uid) -> str:

@@ -14,7 +14,7 @@ with quiet_interrupt_while_importing():  # the command line's Ctrl-C during torc
 __version__ = "0.1.0"
 
 
-def train(data: str, out: str, preset: str = "tutorial", config_file: str | None = None, **overrides) -> dict:
+def train(data: str, out: str, preset: str | None = None, config_file: str | None = None, **overrides) -> dict:
     """Train on a Kaggle-layout folder, then score its ``test`` split (when present); ``overrides`` are any
     ``TrainConfig`` field (epochs=2, size=128...)."""
     from .experiment import train_and_evaluate

@@ -6,6 +6,7 @@ object (a crafted file cannot run code on load).
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from pathlib import Path
@@ -20,6 +21,7 @@ from .errors import CheckpointError, ConfigError
 from .fileio import atomic_path, display_path, load_torch_file
 
 FORMAT = "pneumonia-cnn/1"
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(payload: dict, path) -> Path:
@@ -29,8 +31,9 @@ def save_checkpoint(payload: dict, path) -> Path:
     return Path(path)
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """A checkpoint file, a run folder (its best.pt, else last.pt), or ``builtin`` (the packaged model)."""
+def load_checkpoint(path, map_location="cpu", unfinished_run: bool = False) -> dict:
+    """A checkpoint file, a run folder (its best.pt once finished; with ``unfinished_run``, as ``report``
+    describes runs in progress, its best.pt, else last.pt, with a warning), or ``builtin`` (the packaged model)."""
     if builtin.is_builtin(path):
         if not builtin.available():
             raise CheckpointError("builtin: the packaged model is missing from this installation (reinstall "
@@ -38,12 +41,13 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         path = builtin.checkpoint_path()
     path = Path(path)
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise CheckpointError(f"{display_path(path)}: run folder has no best.pt or last.pt")
+        try:
+            path = finished_run_checkpoint(path)
+        except CheckpointError as unfinished:
+            if not unfinished_run or not any((path / name).is_file() for name in ("best.pt", "last.pt")):
+                raise
+            log.warning("%s", str(unfinished).split("; finish it")[0])
+            path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
     if not path.is_file():
         raise CheckpointError(f"{display_path(path)}: checkpoint not found")
     payload = load_torch_file(path, map_location)
@@ -55,6 +59,45 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{display_path(path)}: not a usable checkpoint: {invalid}") from None
     payload["path"] = str(path)
     return payload
+
+
+def finished_run_checkpoint(folder: Path) -> Path:
+    """A run folder's best.pt once its training has finished. One still training, stopped (SIGINT, a crash) or
+    short of its end-of-run steps (calibration, threshold, OOD detector) is refused: its weights were served
+    with a threshold of 0.5 and no out-of-distribution flag, as if finished. Naming the file itself uses it."""
+    best, last = folder / "best.pt", folder / "last.pt"
+    if not best.is_file() and not last.is_file():
+        raise CheckpointError(f"{display_path(folder)}: run folder has no best.pt or last.pt")
+    state = _training_state(last) if last.is_file() else {}
+    if not best.is_file():
+        why = "it has no best.pt yet"
+    elif state and not training_finished(state, state.get("config", {})):
+        why = f"it stopped after epoch {state.get('epoch')} of {state.get('config', {}).get('epochs')}"
+    elif state.get("train_digest") and "decision_fit" not in load_torch_file(best):
+        why = "its end-of-run steps (calibration, threshold, out-of-distribution detector) were not done"
+    else:
+        return best
+    raise CheckpointError(f"{display_path(folder)}: the run has not finished ({why}); finish it with pneumonia-cnn "
+                          f"train --resume {display_path(folder)}, or name its best.pt or last.pt to use those "
+                          f"weights as they are")
+
+
+def _training_state(last: Path) -> dict:
+    """last.pt's training state and config, read without its tensors (memory-mapped); {} when unreadable."""
+    try:
+        payload = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+        state = dict(payload["training_state"])
+        state["config"] = dict(payload["config"])
+        return {k: v for k, v in state.items() if k not in ("optimizer", "ema_state_dict")}
+    except Exception:  # a damaged last.pt: best.pt is what the folder is used for, and is checked on its own
+        return {}
+
+
+def training_finished(state: dict, values: dict) -> bool:
+    """Whether a last.pt's training state has no epoch left: all trained, or stopped early by --early-stopping."""
+    patience = values.get("early_stopping") or 0
+    return int(state.get("epoch", 0)) >= int(values.get("epochs", 0)) or bool(
+        patience and state.get("epochs_without_improvement", 0) >= patience)
 
 
 class _Invalid(Exception):

@@ -49,9 +49,8 @@ def resume_and_evaluate(run_dir, **overrides) -> dict:
 def _unscored_finished_run(run_dir: Path) -> TrainConfig | None:
     """The run's config when all its epochs are trained, its decision fitted, and its test split (which it has)
     not yet scored; otherwise None."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, training_finished
     from .training import config_from_dict
-    from .training.loop import training_finished
     if (run_dir / "test_metrics.json").exists() or not (run_dir / "last.pt").is_file() \
             or not (run_dir / "best.pt").is_file():
         return None

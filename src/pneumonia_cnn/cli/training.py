@@ -66,8 +66,9 @@ def presets_epilog() -> str:
 
 
 def train_arguments(p):
-    p.add_argument("--preset", default="tutorial", help="tutorial (the Keras tutorial exactly), best, fast (best in "
-                   "10 epochs: about 3 minutes on 2 CPU cores) or finetune (best from the built-in weights)")
+    p.add_argument("--preset", help="tutorial (the Keras tutorial exactly; the default unless --config names "
+                   "another), best, fast (best in 10 epochs: about 3 minutes on 2 CPU cores) or finetune (best from "
+                   "the built-in weights)")
     p.add_argument("--config", help="YAML/TOML/JSON file of config fields (overrides the preset)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     add_config_flags(p)
@@ -94,7 +95,10 @@ def run_folder_lock(out):
     folder = Path(out)
     made = [folder, *folder.parents]
     made = made[:next(i for i, f in enumerate(made) if f.exists())] if not folder.exists() else []
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PneumoniaCNNError(f"{out}: --out cannot be made a run folder ({error.strerror})") from None
     lock = FolderLock(folder, f"{out}: another training is writing this run folder (it holds "
                               f"{display_path(folder / '.lock')}); wait for it, or give another --out")
     try:
@@ -124,7 +128,8 @@ def run_train(args) -> int:
     overrides = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     if args.resume:
         allowed = {"epochs", "device", "progress"}
-        ignored = sorted(set(overrides) - allowed)
+        ignored = sorted(set(overrides) - allowed) + [f"--{name}" for name in ("preset", "config")
+                                                      if getattr(args, name)]
         if ignored:
             raise PneumoniaCNNError(f"--resume continues a run with its own configuration; only --epochs, --device "
                                     f"and --no-progress may change (got {', '.join(ignored)})")
@@ -136,6 +141,7 @@ def run_train(args) -> int:
             raise PneumoniaCNNError("train needs --data ROOT (a folder in the Kaggle layout) or --resume RUN_DIR")
         refuse_finished_run(config.out)
         refuse_run_in_data(config.out, config.data)
+        refuse_overwriting(config.out, {"--config": args.config, "--data": config.data})
         with run_folder_lock(config.out):
             refuse_finished_run(config.out)  # again, now that no other training can be writing it
             summary = train_and_evaluate(config)
@@ -149,6 +155,25 @@ def run_train(args) -> int:
               f"specificity {test['specificity']:.4f}  ROC AUC {test['roc_auc']:.4f}")
     print(f"run folder: {summary['run_dir']}")
     return 0
+
+
+def refuse_overwriting(out, inputs: dict) -> None:
+    """Files in --out that a run writes (``RUN_FILES``) but that no run wrote there (refuse_finished_run has
+    refused a folder holding one): an input given by ``inputs`` (flag: path), a user's own config.json or
+    history.csv, an X-ray named curves.png a label CSV lists. The run would overwrite them."""
+    from ..training.setup import RUN_FILES, is_run_config
+    folder = Path(out)
+    written = {(folder / name).resolve(): name for name in RUN_FILES}
+    for flag, path in inputs.items():
+        if path and Path(path).is_file() and Path(path).resolve() in written:
+            raise PneumoniaCNNError(f"{path}: {flag} names the {written[Path(path).resolve()]} that the run writes in "
+                                    f"--out {out}; give another --out")
+    held = [name for name in RUN_FILES if (folder / name).exists()]
+    if held == ["config.json"] and is_run_config(folder / "config.json"):
+        return  # a run stopped in its first epoch: trained again from the start
+    if held:
+        raise PneumoniaCNNError(f"{display_path(folder / held[0])}: --out holds a file a run writes, but no run (no "
+                                f"best.pt or last.pt); training would overwrite it: give another --out")
 
 
 def refuse_run_in_data(out, data) -> None:

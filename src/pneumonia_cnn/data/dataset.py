@@ -79,7 +79,11 @@ def _walk_images(folder: Path) -> tuple[list[Path], int]:
 
 
 def class_folders(split_dir: Path) -> list[str]:
-    return sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    """Class folder names, the positive class last: a name containing "pneumonia" (any case) after the other,
+    then alphabetically without regard to case (a plain sort put ``PNEUMONIA`` before ``normal``, making the
+    healthy class the positive one)."""
+    names = [entry.name for entry in split_dir.iterdir() if entry.is_dir() and not entry.name.startswith(".")]
+    return sorted(names, key=lambda name: ("pneumonia" in name.casefold(), name.casefold(), name))
 
 
 def scan_folder(split_dir, class_names=None, require_both_classes: bool = False) -> ImageList:

@@ -97,7 +97,7 @@ def _decision_section(card: dict, run_dir: Path | None) -> str:
 
 def write_report(run_dir, data=None, split="test", out=None, device="auto", bootstrap=1000, cache_dir=None,
                  stress: bool = True, by=None) -> Path:
-    checkpoint = load_checkpoint(run_dir)  # a checkpoint, a run folder (best.pt, else last.pt) or builtin
+    checkpoint = load_checkpoint(run_dir, unfinished_run=True)  # a checkpoint, a run folder, or builtin
     checkpoint_path = Path(checkpoint["path"])
     packaged = is_builtin(run_dir)
     run_dir = Path(".") if packaged else checkpoint_path.parent  # never write into the installed package

@@ -24,10 +24,11 @@ INTENSITIES = ("none", "equalize", "clahe", "window")
 
 
 def option(default, help: str, choices=None, minimum=None, maximum=None, flag: str | None = None,
-           metavar: str | None = None, cli: bool = True):
-    """A config field: default, help text, allowed values; ``flag``/``metavar`` name its CLI option."""
+           metavar: str | None = None, cli: bool = True, number_as_text: bool = False):
+    """A config field: default, help text, allowed values; ``flag``/``metavar`` name its CLI option;
+    ``number_as_text``: a text field that a config file may give as a number (YAML's ``threshold: 0.5``)."""
     meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "flag": flag,
-            "metavar": metavar, "cli": cli}
+            "metavar": metavar, "cli": cli, "number_as_text": number_as_text}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -42,7 +43,8 @@ class TrainConfig:
                                    minimum=0.0, maximum=0.9)
     min_val_images: int = option(100, "below this many val/ images (Kaggle's has 16) val is carved from train",
                                  minimum=0)
-    limit_images: int = option(0, "use only the first N images per split (quick runs; 0 = all)", minimum=0)
+    limit_images: int = option(0, "use only N images per split, drawn at random with --seed (quick runs; 0 = all)",
+                               minimum=0)
     cache_dir: str = option("", "where decoded arrays are cached (default: ~/.cache/pneumonia-cnn)")
     workers: int = option(0, "decoding processes for the cache (0 = one per core)", minimum=0)
     # model and input
@@ -83,7 +85,7 @@ class TrainConfig:
     early_stopping: int = option(0, "epochs without improvement before stopping (0 = off)", minimum=0)
     tta: bool = option(False, "average the prediction of the image and its mirror image")
     threshold: str = option("0.5", "operating threshold: a probability, youden, sensitivity:X or "
-                                    "specificity:X (chosen on val, never on test)")
+                                    "specificity:X (chosen on val, never on test)", number_as_text=True)
     calibration: str = option("none", "probability calibration fitted on val: platt (scale and bias), "
                                       "temperature, or none", choices=CALIBRATION_METHODS)
     ood: bool = option(True, "fit the out-of-distribution detector at the end of training")
@@ -114,7 +116,11 @@ class TrainConfig:
         for spec in dataclasses.fields(self):
             setattr(self, spec.name, _coerce(spec, getattr(self, spec.name)))
             _check_field(spec, getattr(self, spec.name))
-        self.threshold = str(self.threshold)
+        if not self.out.strip():  # "" would train into the working directory, past the guards of an --out
+            raise ConfigError("out: empty; give the run folder")
+        if self.freeze_stem and not self.init:
+            raise ConfigError("freeze_stem: needs init (the trained weights whose stem stays fixed); without it the "
+                              "stem's random weights would be frozen")
         parse_threshold_policy(self.threshold, name="threshold")
         try:
             AugmentConfig.from_dict(self.augment)
@@ -158,6 +164,8 @@ class TrainConfig:
 def _coerce(spec: dataclasses.Field, value):
     """Numbers written as text (YAML reads 1e-3 as a string) or floats with integer values (JSON's 10.0)."""
     kind = str(spec.type)
+    if spec.metadata.get("number_as_text") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
     try:
         if kind == "float" and isinstance(value, str):
             return float(value)
@@ -174,7 +182,7 @@ def _check_field(spec: dataclasses.Field, value):
     """Type, allowed values and bounds of one field, from its declaration."""
     name, meta = spec.name, spec.metadata
     expected = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}.get(str(spec.type))
-    if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+    if expected is not None and (not isinstance(value, expected) or (expected is not bool and isinstance(value, bool))):
         raise ConfigError(f"{name}: expected {spec.type}, got {value!r}")
     if expected == (int, float) and not math.isfinite(value):  # nan passes every comparison below
         raise ConfigError(f"{name}: expected a finite number, got {value!r}")
@@ -204,8 +212,8 @@ def _age_range(value) -> tuple[float, float]:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
         raise ConfigError(f"age_range_years: expected two numbers [min, max], got {value!r}") from None
-    if not 0 <= low <= high:
-        raise ConfigError(f"age_range_years: need 0 <= min <= max, got {value!r}")
+    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):  # a checkpoint refuses inf at load
+        raise ConfigError(f"age_range_years: need finite 0 <= min <= max, got {value!r}")
     return low, high
 
 
@@ -255,22 +263,37 @@ def upgrade_legacy_fields(values: dict) -> dict:
     return values
 
 
-def make_config(preset: str = "tutorial", config_file: str | None = None, **overrides) -> TrainConfig:
-    """Preset, then a YAML/TOML/JSON config file, then explicit overrides (the CLI's flags); validated."""
+def make_config(preset: str | None = None, config_file: str | None = None, **overrides) -> TrainConfig:
+    """Preset (``--preset``, else the config file's ``preset:``, else tutorial), then a YAML/TOML/JSON config
+    file, then explicit overrides (the CLI's flags); validated."""
+    explicit = upgrade_legacy_fields({k: v for k, v in overrides.items() if v is not None})
+    from_file = _config_file_fields(config_file) if config_file else {}
+    named = from_file.pop("preset", None)
+    if preset is not None and named is not None and named != preset:
+        raise ConfigError(f"{display_path(config_file)}: preset: {named!r} differs from --preset {preset}; give one")
+    preset = preset or named or "tutorial"
     if preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     values = TrainConfig().to_dict()
     values.update(copy.deepcopy(PRESETS[preset]))
     values["preset"] = preset
-    if config_file:
-        values.update(upgrade_legacy_fields(read_config_file(config_file)))
-    values.update(upgrade_legacy_fields({k: v for k, v in overrides.items() if v is not None}))
+    values.update(from_file)
+    values.update(explicit)
     unknown = set(values) - {spec.name for spec in dataclasses.fields(TrainConfig)}
     if unknown:
         raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-    if values.get("init"):
-        values.update(_fields_of_init(values["init"], {k: v for k, v in overrides.items() if v is not None}))
+    if values.get("init"):  # what the file or the flags say of the model must agree with the checkpoint
+        values.update(_fields_of_init(values["init"], {**from_file, **explicit}))
     return TrainConfig(**values)
+
+
+def _config_file_fields(config_file) -> dict:
+    """A config file's fields; one it names that no config has is an error naming the file."""
+    values = upgrade_legacy_fields(read_config_file(config_file))
+    unknown = set(values) - {spec.name for spec in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ConfigError(f"{display_path(config_file)}: unknown config field(s): {', '.join(sorted(unknown))}")
+    return values
 
 
 def _fields_of_init(init: str, explicit: dict) -> dict:
@@ -282,8 +305,9 @@ def _fields_of_init(init: str, explicit: dict) -> dict:
     fields = {"model": checkpoint["model"]["name"], "model_kwargs": kwargs, "size": int(pre["size"][0]),
               "channels": int(pre.get("channels", 3)), "interpolation": pre.get("interpolation", "bilinear"),
               "intensity": pre.get("intensity", "none")}
+    specs = {spec.name: spec for spec in dataclasses.fields(TrainConfig)}
     for name in INIT_FIELDS:
-        if name in explicit and explicit[name] != fields[name]:
+        if name in explicit and _coerce(specs[name], explicit[name]) != fields[name]:
             raise ConfigError(f"{name}: {explicit[name]!r} differs from the --init checkpoint's {fields[name]!r}")
     return fields
 

@@ -8,6 +8,8 @@ import numpy as np
 
 from ..data.cache import build_or_load
 from ..data.dataset import ImageList, load_split, patient_split
+from ..data.fingerprint import file_fingerprints
+from ..data.readers import SUPPORTED_SUFFIXES
 from ..errors import DatasetError
 from ..fileio import display_path
 from .config import TrainConfig
@@ -22,21 +24,67 @@ def split_lists(config: TrainConfig) -> tuple[ImageList, ImageList | None]:
     if not root.exists():
         raise DatasetError(f"{display_path(root)}: folder not found")
     train_list = load_split(root, "train", require_both_classes=True)
-    val_list = None
+    val_list, carved = None, bool(config.val_from_train)
     if config.val_from_train:
         train_list, val_list = patient_split(train_list, config.val_from_train, config.seed)
     elif (root / "val").is_dir() and root.suffix.lower() != ".csv":
-        val_list = load_split(root, "val", class_names=train_list.class_names)
+        val_list = _val_folder(root, train_list)
         if len(val_list) < config.min_val_images:
             log.warning("%s: only %d validation images; carving 10%% of train's patients instead "
                         "(--val-from-train 0.1)", display_path(root / "val"), len(val_list))
             train_list, val_list = patient_split(train_list, 0.1, config.seed)
+            carved = True
+    if val_list is None:
+        log.warning("%s: no validation images: best.pt is chosen by the training loss, with no calibration and "
+                    "the threshold %s (give a val/ folder or --val-from-train 0.1)", display_path(root),
+                    config.threshold if _fixed_threshold(config.threshold) else "0.5, not " + config.threshold)
+    refuse_leakage(config, train_list, None if carved else val_list)
     if config.limit_images:
         rng = np.random.default_rng(config.seed)
         train_list = train_list.subset(np.sort(rng.permutation(len(train_list))[:config.limit_images]))
         if val_list is not None:
             val_list = val_list.subset(np.sort(rng.permutation(len(val_list))[:config.limit_images]))
     return train_list, val_list
+
+
+def _val_folder(root: Path, train_list: ImageList) -> ImageList:
+    """val/ as a list; one holding no image is an empty list (carved from train below, as a small one is)."""
+    try:
+        return load_split(root, "val", class_names=train_list.class_names)
+    except DatasetError:
+        if any(path.suffix.lower() in SUPPORTED_SUFFIXES for path in (root / "val").rglob("*") if path.is_file()):
+            raise
+        return ImageList([], np.zeros(0, dtype=np.int64), [], train_list.class_names, str(root / "val"))
+
+
+def _fixed_threshold(policy: str) -> bool:
+    from ..calibration import parse_threshold_policy
+    return parse_threshold_policy(policy)[0] == "fixed"
+
+
+def refuse_leakage(config: TrainConfig, train_list: ImageList, val_list: ImageList | None):
+    """Before any training, by content (the same X-ray under another name is the same X-ray): one under both
+    classes of a split, or a validation or test image that is also a training image (or a test image that is a
+    validation one). Validation would pick best.pt and fit the decision on images it was trained on; the test
+    figures would flatter the model. A val carved from train is split by patient and not checked."""
+    root = Path(config.data)
+    test_list = None
+    if config.evaluate_test and root.suffix.lower() != ".csv" and (root / "test").is_dir():
+        test_list = load_split(root, "test", class_names=train_list.class_names)
+    splits = {"train": train_list, "val": val_list, "test": test_list}
+    seen: dict[str, tuple[str, str, int]] = {}  # fingerprint -> (split, path, label)
+    for split, images in splits.items():
+        if images is None:
+            continue
+        for path, label, fingerprint in zip(images.paths, images.labels, file_fingerprints(images.paths)):
+            first = seen.setdefault(fingerprint, (split, path, int(label)))
+            if first[0] == split and first[2] != int(label):
+                raise DatasetError(f"{display_path(path)}: the same image as {display_path(first[1])} under the "
+                                   f"other class; a training image has one label")
+            if first[0] != split:
+                raise DatasetError(f"{display_path(path)}: the same image as the {first[0]} image "
+                                   f"{display_path(first[1])}; a {split} image must not be one the model "
+                                   f"{'trained' if first[0] == 'train' else 'was selected'} on")
 
 
 def prepare_data(config: TrainConfig, dist_info: Distributed):
@@ -54,7 +102,8 @@ def prepare_data(config: TrainConfig, dist_info: Distributed):
     if len(train) == 0:
         raise DatasetError(f"{display_path(train_list.source)}: no readable training images")
     if len(set(train.labels.tolist())) < 2:
-        raise DatasetError(f"{display_path(train_list.source)}: only one class is readable; training needs both")
+        drawn = f" among the {config.limit_images} images --limit-images drew" if config.limit_images else ""
+        raise DatasetError(f"{display_path(train_list.source)}: only one class is readable{drawn}; training needs both")
     return train, val
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..calibration import sigmoid
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint, training_finished
 from ..data.augment import augment_batch
 from ..data.loader import to_model_input
 from ..device import autocast
@@ -44,6 +44,7 @@ def train(config: TrainConfig, resume_from_last: bool = False, after_training: A
     (run folder, config, device) -> dict runs on the main process once best.pt is final
     (``experiment.train_and_evaluate`` scores the test split with it)."""
     run = start_run(config, resume_from_last)
+    restore_best_of_last_epoch(run)
     interrupted = False
     with StopRequested() as stop:
         while run.state.epoch < config.epochs:
@@ -52,6 +53,9 @@ def train(config: TrainConfig, resume_from_last: bool = False, after_training: A
                 interrupted = True
                 break
             end_of_epoch(run)
+            if stop.requested:  # asked during validation or saving: the epoch is kept, the end-of-run steps wait
+                interrupted = True
+                break
             if config.early_stopping and run.state.epochs_without_improvement >= config.early_stopping:
                 if run.dist.main:
                     log.info("early stopping: no improvement in %s for %d epochs", config.monitor,
@@ -130,11 +134,10 @@ def end_of_epoch(run: Run) -> dict:
     row = {"epoch": state.epoch + 1, "train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
            "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - run.epoch_started,
            "size": config.size_at(state.epoch)[0]}  # the training input size (progressive resizing)
-    if not math.isfinite(row["train_loss"]):  # its weights would be saved, then calibrated, fitted and served
-        raise PneumoniaCNNError(f"training diverged in epoch {row['epoch']}: the training loss is {row['train_loss']}; "
-                                f"nothing of this epoch was saved in {display_path(run.out)} (try a lower --lr)")
-    if run.val_set is not None and len(run.val_set):
-        row.update(validation_metrics(run.val_set.labels, validation_logits(run)))
+    logits = validation_logits(run) if run.val_set is not None and len(run.val_set) else None
+    refuse_diverged(run, row, logits)
+    if logits is not None:
+        row.update(validation_metrics(run.val_set.labels, logits))
     state.history.append(row)
     score = monitor_score(config.monitor, row)
     improved = state.best_score is None or (score is not None and score < state.best_score)
@@ -142,9 +145,9 @@ def end_of_epoch(run: Run) -> dict:
     state.epochs_without_improvement = 0 if improved else state.epochs_without_improvement + 1
     state.epoch, state.step_in_epoch, state.sums = state.epoch + 1, 0, RunningSums()
     if run.dist.main:
+        save_last(run)  # first: a run killed before best.pt is written has it written again when resumed
         if improved:
             save_checkpoint(checkpoint_payload(run, state.eval_model), run.out / "best.pt")
-        save_last(run)
         write_history(state.history, run.out)
         from ..plots import training_curves
         training_curves(state.history, run.out / "curves.png")
@@ -152,6 +155,37 @@ def end_of_epoch(run: Run) -> dict:
             run.tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))}, state.epoch)
         log.info("epoch %d/%d  %s", state.epoch, config.epochs, format_row(row))
     return row
+
+
+def refuse_diverged(run: Run, row: dict, logits: np.ndarray | None):
+    """A non-finite training loss, weight or validation score: its weights would be saved, then calibrated,
+    fitted and served (a finite loss can hide NaN weights, as bf16 at a tiny input size gave)."""
+    weights = [value for value in run.state.eval_model.state_dict().values() if value.dtype.is_floating_point]
+    if not math.isfinite(row["train_loss"]):
+        what = f"the training loss is {row['train_loss']}"
+    elif not all(bool(torch.isfinite(value).all()) for value in weights):
+        what = "its weights hold NaN or infinite values"
+    elif logits is not None and not np.isfinite(logits).all():
+        what = "its validation scores hold NaN or infinite values"
+    else:
+        return
+    raise PneumoniaCNNError(f"training diverged in epoch {row['epoch']}: {what}; nothing of this epoch was saved in "
+                            f"{display_path(run.out)} (try a lower --lr, or --amp off)")
+
+
+def restore_best_of_last_epoch(run: Run):
+    """last.pt is written before best.pt: when a run was killed between the two, the epoch it saved improved
+    the monitored score and best.pt is older or missing, best.pt is written again from last.pt's weights
+    (the same weights the killed run would have written)."""
+    state = run.state
+    if not run.dist.main or state.epoch == 0 or state.step_in_epoch or state.epochs_without_improvement:
+        return
+    best = run.out / "best.pt"
+    if best.is_file() and load_checkpoint(best).get("epoch") == state.epoch:
+        return
+    log.info("%s: writing best.pt of epoch %d again (the run stopped before it was written)",
+             display_path(run.out), state.epoch)
+    save_checkpoint(checkpoint_payload(run, state.eval_model), best)
 
 
 def validation_logits(run: Run) -> np.ndarray:
@@ -249,13 +283,6 @@ def _refuse_nothing_to_resume(run_dir: Path, last: dict, values: dict, epochs: i
     if epochs is None and stopped and best.is_file() and "decision_fit" in load_checkpoint(best):
         raise PneumoniaCNNError(f"{display_path(run_dir)}: finished after {done} epochs; nothing to resume (give "
                                 f"--epochs more than {done} to train further)")
-
-
-def training_finished(state: dict, values: dict) -> bool:
-    """Whether a last.pt's training state has no epoch left: all trained, or stopped early by --early-stopping."""
-    patience = values.get("early_stopping") or 0
-    return int(state.get("epoch", 0)) >= int(values.get("epochs", 0)) or bool(
-        patience and state.get("epochs_without_improvement", 0) >= patience)
 
 
 def write_history(history: list[dict], out: Path):

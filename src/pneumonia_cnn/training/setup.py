@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import random
@@ -9,6 +12,7 @@ import signal
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +33,10 @@ from .optim import make_optimizer
 from .state import TrainingState
 
 log = logging.getLogger(__name__)
+
+# what a run writes into its folder (``train``, its end-of-run steps and its test scoring)
+RUN_FILES = ("config.json", "best.pt", "last.pt", "history.csv", "history.json", "curves.png", "calibration.png",
+             "test_metrics.json")
 
 
 @dataclass
@@ -65,6 +73,8 @@ class Run:
 
 
 def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
+    if not resume_from_last:
+        config = with_absolute_paths(config)
     out, dist_info = Path(config.out), setup_distributed(config.device)
     device = resolve_device(config.device)
     if device.type == "cuda" and dist_info.enabled:
@@ -74,7 +84,7 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
         torch.backends.cudnn.benchmark = True  # fixed input size: cuDNN's fastest kernels, picked once
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
-    _check_schedule_sizes(config)  # before the data are read and the run folder is written
+    _check_model_takes_input(config)
     train_set, val_set = prepare_data(config, dist_info)
     if dist_info.main:
         _prepare_run_folder(out, config, train_set, val_set)
@@ -88,8 +98,10 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
                           torch.Generator().manual_seed(config.seed * 1000 + dist_info.rank),
                           copy.deepcopy(model).eval() if config.ema_decay else None)
     run_id = f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    state.train_digest = train_images_digest(train_set, config.data)
     if resume_from_last and (out / "last.pt").exists():
         saved = load_checkpoint(out / "last.pt")
+        refuse_other_training_images(saved, state.train_digest, out)
         state.restore(saved)
         run_id = saved.get("run_id", run_id)
         if dist_info.main:
@@ -103,22 +115,53 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
     return run
 
 
-def _check_schedule_sizes(config: TrainConfig):
-    """Progressive resizing needs a model whose head does not depend on the input size (not ``seed``): tried
-    on a throwaway copy on the CPU, the random generator's state put back, so the run's initial weights are
-    those it would have had without the check."""
-    if not config.size_schedule:
-        return
-    with torch.random.fork_rng(devices=[]):
-        model = create_model(config.model, in_channels=config.channels, image_size=(config.size, config.size),
-                             **config.model_kwargs).eval()
-        for size in sorted(int(k) for k in config.size_schedule):
-            try:
-                with torch.no_grad():
-                    model(torch.zeros(1, config.channels, size, size))
-            except RuntimeError:
-                raise ConfigError(f"size_schedule: model {config.model} cannot take {size}x{size} input (its "
-                                  f"head depends on the input size)") from None
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """The files a run reads, as absolute paths in its config.json and checkpoints: a resume from another
+    working directory found no data ("mid: folder not found"), and the --init weights are read again then."""
+    paths = {name: str(Path(getattr(config, name)).absolute()) for name in ("data", "weights", "init", "cache_dir")
+             if getattr(config, name) and Path(getattr(config, name)).exists()}
+    return dataclasses.replace(config, **paths) if paths else config
+
+
+def train_images_digest(train_set, data) -> str:
+    """The training images (their paths under the data folder, or beside the CSV) and labels, as 16 hex digits."""
+    root = Path(data) if Path(data).is_dir() else Path(data).parent
+    digest = hashlib.sha256()
+    for path, label in zip(train_set.paths, train_set.labels):
+        digest.update(f"{os.path.relpath(path, root)}\t{int(label)}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:16]
+
+
+def refuse_other_training_images(last: dict, digest: str, out: Path):
+    """A resume whose training images or labels differ from those the run started on (files added, moved to
+    the other class, removed) would continue a run nobody started, and replay another order mid-epoch."""
+    saved = (last.get("training_state") or {}).get("train_digest") if isinstance(last.get("training_state"), dict) \
+        else None
+    if saved and saved != digest:  # runs saved by earlier versions have none
+        raise ConfigError(f"{display_path(out)}: the training images or their labels changed since this run started "
+                          f"(files added, moved or removed); resuming would continue on other images: start a new run")
+
+
+def _check_model_takes_input(config: TrainConfig):
+    """Before the data are read and the run folder is written: the model built with its keywords takes the
+    input size (and each of ``size_schedule``'s: progressive resizing needs a head that does not depend on it),
+    tried on the meta device (shapes only: no memory, no arithmetic, no random numbers drawn)."""
+    model_of = f"model {config.model}" + (f" with {json.dumps(config.model_kwargs)}" if config.model_kwargs else "")
+    for size in sorted({config.size, *(int(k) for k in config.size_schedule)}):
+        field_name = "size" if size == config.size else "size_schedule"
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
+                model = create_model(config.model, in_channels=config.channels,
+                                     image_size=(config.size, config.size), **config.model_kwargs)
+                model(torch.zeros(2, config.channels, size, size))
+        except ConfigError as error:
+            raise ConfigError(f"{field_name}: {error}") from None
+        except (RuntimeError, ValueError, IndexError, TypeError, ZeroDivisionError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if size != config.size:
+                reason = "its head depends on the input size"
+            raise ConfigError(f"{field_name}: {model_of} cannot take {size}x{size} input ({reason})") from None
 
 
 def _graphed_step(run: Run):
@@ -141,6 +184,15 @@ def start_from(model: torch.nn.Module, config: TrainConfig):
         for parameter in stem.parameters():
             parameter.requires_grad_(False)
     log.info("starting from the weights of %s%s", config.init, " (stem frozen)" if config.freeze_stem else "")
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a config.json that a run wrote: it holds every field of a config."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and set(values) >= {spec.name for spec in dataclasses.fields(TrainConfig)}
 
 
 def _prepare_run_folder(out: Path, config: TrainConfig, train_set, val_set):

@@ -36,6 +36,7 @@ class TrainingState:
     epochs_without_improvement: int = 0
     sums: RunningSums = field(default_factory=RunningSums)
     history: list = field(default_factory=list)
+    train_digest: str = ""  # the training images and labels (setup.train_images_digest)
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -48,7 +49,7 @@ class TrainingState:
                 "torch_rng": torch.get_rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "best_score": self.best_score, "epochs_without_improvement": self.epochs_without_improvement,
                 "ema_state_dict": cpu_state(self.ema_model) if self.ema_model is not None else None,
-                "epoch_sums": vars(self.sums).copy()}
+                "epoch_sums": vars(self.sums).copy(), "train_digest": self.train_digest}
 
     def restore(self, checkpoint: dict, path=None):
         """Continue exactly where ``checkpoint`` (a last.pt) stopped; a last.pt without its training state, or with

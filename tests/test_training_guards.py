@@ -1,0 +1,220 @@
+"""What `train` refuses before any work, and what it keeps when a run is stopped at an awkward moment (found by a
+hostile probe of train/resume/data folders: each test here failed before its fix)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pneumonia_cnn.checkpoint import load_checkpoint
+from pneumonia_cnn.cli import main
+from pneumonia_cnn.errors import CheckpointError, ConfigError, DatasetError, PneumoniaCNNError
+from pneumonia_cnn.training import make_config, resume, train
+
+from .conftest import link_subset
+
+TINY = dict(epochs=1, size=32, batch_size=16, progress=False, min_val_images=10)
+
+
+def copy_tree(root: Path, target: Path) -> Path:
+    """Real files (not links) so that a test can add, move and duplicate them."""
+    shutil.copytree(root, target, symlinks=False)
+    return target
+
+
+def test_config_values_are_checked_when_built():
+    with pytest.raises(ConfigError, match=r"^out: empty"):
+        make_config(out="")
+    with pytest.raises(ConfigError, match=r"^freeze_stem: needs init"):
+        make_config(freeze_stem=True)
+    with pytest.raises(ConfigError, match=r"^lr: expected float, got True"):  # YAML's `lr: true` trained at 1.0
+        make_config(lr=True)
+    with pytest.raises(ConfigError, match=r"^age_range_years: need finite"):  # refused only by the checkpoint
+        make_config(age_range_years=[1, float("inf")])
+    assert make_config(threshold=0.3).threshold == "0.3"  # YAML/TOML numbers are thresholds too
+
+
+def test_a_config_file_names_its_preset_and_its_unknown_fields(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("preset: best\nepochs: 3\n")
+    made = make_config(None, str(config))
+    assert (made.preset, made.model, made.epochs) == ("best", "resnet18_narrow", 3)  # was: the tutorial's seed
+    with pytest.raises(ConfigError, match=r"c\.yaml: preset: 'best' differs from --preset fast"):
+        make_config("fast", str(config))
+    config.write_text("bogus: 1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config field\(s\): bogus$"):
+        make_config(None, str(config))
+
+
+def test_a_config_file_that_contradicts_init_is_refused(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"init": "builtin", "model": "seed", "size": 64}))
+    with pytest.raises(ConfigError, match=r"^model: 'seed' differs from the --init checkpoint's 'resnet18_narrow'"):
+        make_config(None, str(config))
+    config.write_text(json.dumps({"init": "builtin", "size": "192"}))  # the same size written as text agrees
+    assert make_config(None, str(config)).size == 192
+
+
+def test_a_model_that_cannot_take_the_input_is_refused_before_the_data_are_read(small_root, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    config = make_config(data=str(small_root), out=str(out), cache_dir=str(cache_dir), model="seed_bn",
+                         model_kwargs={"width": 0}, **TINY)
+    with pytest.raises(ConfigError, match=r'^size: model seed_bn with \{"width": 0\} cannot take 32x32 input'):
+        train(config)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"^size: model seed cannot be built"):
+        train(make_config(data=str(small_root), out=str(out), model="seed", **dict(TINY, size=16)))
+
+
+def test_weights_that_went_nan_with_a_finite_loss_stop_the_run(tmp_path):
+    """bf16 at 16x16 left NaN weights behind a finite loss: best.pt was written, then refused at load."""
+    from pneumonia_cnn.training.loop import refuse_diverged
+    model = torch.nn.Linear(2, 1)
+    run = SimpleNamespace(state=SimpleNamespace(eval_model=model), out=tmp_path)
+    refuse_diverged(run, {"epoch": 1, "train_loss": 0.5}, None)  # finite: nothing to say
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(PneumoniaCNNError, match=r"^training diverged in epoch 1: its weights hold NaN"):
+        refuse_diverged(run, {"epoch": 1, "train_loss": 0.5}, None)
+    model.weight.data.zero_()
+    with pytest.raises(PneumoniaCNNError, match=r"its validation scores hold NaN or infinite values"):
+        refuse_diverged(run, {"epoch": 1, "train_loss": 0.5}, torch.tensor([1.0, float("inf")]).numpy())
+
+
+def test_class_folders_put_pneumonia_last_whatever_their_case(tmp_path):
+    from pneumonia_cnn.data.dataset import class_folders
+    for names, expected in ((("normal", "PNEUMONIA"), ["normal", "PNEUMONIA"]),
+                            (("Pneumonia", "Normal"), ["Normal", "Pneumonia"]),
+                            (("sick", "Healthy"), ["Healthy", "sick"])):
+        folder = tmp_path / "-".join(names)
+        for name in names:
+            (folder / name).mkdir(parents=True)
+        assert class_folders(folder) == expected
+
+
+def test_leaked_images_are_refused_before_training(small_root, cache_dir, tmp_path):
+    root = copy_tree(small_root, tmp_path / "data")
+    train_image = next((root / "train" / "NORMAL").iterdir())
+    shutil.copy(train_image, root / "val" / "NORMAL" / "copy.jpeg")
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError, match=r"val/NORMAL/copy\.jpeg: the same image as the train image .*a val image "
+                                           r"must not be one the model trained on"):
+        train(make_config(data=str(root), out=str(out), cache_dir=str(cache_dir), **TINY))
+    assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
+    (root / "val" / "NORMAL" / "copy.jpeg").unlink()
+    val_image = next((root / "val" / "PNEUMONIA").iterdir())
+    shutil.copy(val_image, root / "test" / "NORMAL" / "v.jpeg")  # evaluate refused it, after the whole training
+    with pytest.raises(DatasetError, match=r"test/NORMAL/v\.jpeg: the same image as the val image .*selected on"):
+        train(make_config(data=str(root), out=str(out), cache_dir=str(cache_dir), **TINY))
+    (root / "test" / "NORMAL" / "v.jpeg").unlink()
+    shutil.copy(train_image, root / "train" / "PNEUMONIA" / "both.jpeg")
+    with pytest.raises(DatasetError, match=r"train/PNEUMONIA/both\.jpeg: the same image as .* under the other class"):
+        train(make_config(data=str(root), out=str(out), cache_dir=str(cache_dir), **TINY))
+
+
+def test_an_empty_val_folder_is_carved_from_train_as_a_small_one_is(small_root, cache_dir, tmp_path, caplog):
+    root = tmp_path / "data"
+    link_subset(root, {"train": 24, "test": 10})
+    for name in ("NORMAL", "PNEUMONIA"):
+        (root / "val" / name).mkdir(parents=True)
+    summary = train(make_config(data=str(root), out=str(tmp_path / "run"), cache_dir=str(cache_dir), **TINY))
+    assert "carving 10% of train's patients" in caplog.text and "val_auc" in summary["history"][0]
+
+
+def test_train_never_overwrites_its_inputs_or_files_no_run_wrote(small_root, tmp_path, capsys):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "config.json").write_text('{"epochs": 1}')
+    before = (exp / "config.json").read_text()
+    assert main(["train", "--data", str(small_root), "--config", str(exp / "config.json"), "--out", str(exp)]) == 2
+    assert "--config names the config.json that the run writes" in capsys.readouterr().err
+    assert (exp / "config.json").read_text() == before
+    (exp / "config.json").unlink()
+    (exp / "history.csv").write_text("path,label\n")  # a user's label CSV
+    assert main(["train", "--data", str(small_root), "--out", str(exp)]) == 2
+    assert "history.csv: --out holds a file a run writes, but no run" in capsys.readouterr().err
+    assert (exp / "history.csv").read_text() == "path,label\n"
+
+
+def test_a_folder_a_run_left_in_its_first_epoch_is_trained_again(small_root, cache_dir, tmp_path):
+    from pneumonia_cnn.cli.training import refuse_overwriting
+    out = tmp_path / "run"
+    out.mkdir()
+    config = make_config(data=str(small_root), out=str(out), cache_dir=str(cache_dir), **TINY)
+    (out / "config.json").write_text(json.dumps(config.to_dict()))  # all a run killed in its first epoch leaves
+    refuse_overwriting(out, {})
+
+
+def test_resume_refuses_a_preset_or_config_it_would_ignore(trained_run, capsys):
+    assert main(["train", "--resume", str(trained_run), "--preset", "best", "--epochs", "9"]) == 2
+    assert "(got --preset)" in capsys.readouterr().err
+
+
+def test_a_run_killed_between_last_pt_and_best_pt_resumes_and_writes_best_pt(small_root, cache_dir, tmp_path):
+    """best.pt was written first: a kill between the two left best.pt alone, which neither --resume (no last.pt)
+    nor a new train (a run is there) would take. last.pt now comes first, and a resume writes best.pt again."""
+    out = tmp_path / "run"
+    train(make_config(data=str(small_root), out=str(out), cache_dir=str(cache_dir), **dict(TINY, epochs=2)))
+    finished = load_checkpoint(out / "best.pt")
+    assert finished["epoch"] == 2
+    (out / "best.pt").unlink()  # the kill: last.pt of epoch 2 written, its best.pt not
+    resume(out)
+    rewritten = load_checkpoint(out / "best.pt")
+    assert rewritten["epoch"] == 2 and "decision_fit" in rewritten
+    assert all(torch.equal(rewritten["state_dict"][k], finished["state_dict"][k]) for k in finished["state_dict"])
+
+
+def test_a_stop_asked_while_an_epoch_ends_is_obeyed(small_root, cache_dir, tmp_path, monkeypatch):
+    """Ctrl-C during the last epoch's validation was acknowledged, then calibration, the OOD fit and the test
+    scoring ran and the command exited 0."""
+    from pneumonia_cnn.training import loop
+    original = loop.end_of_epoch
+
+    def end_of_epoch_then_sigint(run):
+        row = original(run)
+        os.kill(os.getpid(), signal.SIGINT)  # StopRequested's handler only sets its flag
+        return row
+
+    monkeypatch.setattr(loop, "end_of_epoch", end_of_epoch_then_sigint)
+    out = tmp_path / "run"
+    summary = train(make_config(data=str(small_root), out=str(out), cache_dir=str(cache_dir), **TINY))
+    assert summary["interrupted"] and "decision_fit" not in load_checkpoint(out / "best.pt")
+
+
+def test_an_unfinished_run_folder_is_not_used_as_a_model(trained_run, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    assert load_checkpoint(run)["path"].endswith("best.pt")
+    last = torch.load(run / "last.pt", weights_only=True)
+    last["config"]["epochs"] = 5  # as if stopped after 2 of 5 epochs
+    torch.save(last, run / "last.pt")
+    with pytest.raises(CheckpointError, match=r"the run has not finished \(it stopped after epoch 2 of 5\); finish "
+                                              r"it with pneumonia-cnn train --resume"):
+        load_checkpoint(run)
+    assert "decision_fit" in load_checkpoint(run / "best.pt")  # named, the file itself is used
+    (run / "best.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"it has no best\.pt yet"):
+        load_checkpoint(run)
+
+
+def test_resume_refuses_other_training_images_and_works_from_another_directory(small_root, cache_dir, tmp_path,
+                                                                             monkeypatch):
+    root = copy_tree(small_root, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    train(make_config(data="data", out="run", cache_dir=str(cache_dir), **TINY))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(root)  # absolute
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # resumed from another folder: "data: folder not found" before
+    image = next((root / "train" / "NORMAL").iterdir())
+    image.rename(root / "train" / "PNEUMONIA" / image.name)  # relabelled since the run started
+    with pytest.raises(ConfigError, match=r"run: the training images or their labels changed since this run "
+                                          r"started"):
+        resume(tmp_path / "run", epochs=2)
+    (root / "train" / "PNEUMONIA" / image.name).rename(image)
+    assert len(resume(tmp_path / "run", epochs=2)["history"]) == 2

@@ -50,9 +50,9 @@ def test_map_points_at_the_patch(patch_run):
 
 
 def test_explain_cli_writes_overlay_and_map(patch_run, tmp_path, capsys):
-    image = write_image(tmp_path / "x.png", patch_image(np.random.default_rng(3), patch=(30, 30)))
-    (tmp_path / "bad.png").write_bytes(b"")
-    assert main(["explain", str(patch_run / "run"), str(image), str(tmp_path / "bad.png"), str(image), "--out",
+    image = write_image(tmp_path / "in" / "x.png", patch_image(np.random.default_rng(3), patch=(30, 30)))
+    (tmp_path / "in" / "bad.png").write_bytes(b"")  # --out outside the images' folder: predict would read it
+    assert main(["explain", str(patch_run / "run"), str(image), str(tmp_path / "in" / "bad.png"), str(image), "--out",
                  str(tmp_path / "maps")]) == 0
     assert capsys.readouterr().out.count("x.png: p=") == 1  # named twice, explained once
     cam = np.load(tmp_path / "maps" / "x_gradcam.npy")

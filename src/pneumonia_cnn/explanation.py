@@ -5,6 +5,8 @@ by the spatial mean of the score's gradient, upsampled to the input size and sca
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 
 from .data.loader import to_model_input
 from .errors import ImageReadError, PneumoniaCNNError
-from .fileio import atomic_path
+from .fileio import atomic_path, display_path
 from .models import last_conv_layer_name
 
 
@@ -104,13 +106,33 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarra
     return (np.clip((1 - alpha) * base + alpha * heat, 0, 1) * 255).astype(np.uint8)
 
 
-def overlay_png(gray: np.ndarray, cam: np.ndarray) -> bytes:
+# the PNG text chunk that names the image an overlay was made of: a later explain into the same folder replaces
+# an overlay of the same image, never one of another image of the same name
+SOURCE_KEY = "pneumonia-cnn source"
+
+
+def overlay_png(gray: np.ndarray, cam: np.ndarray, source=None) -> bytes:
+    """The overlay as PNG bytes; ``source``: the image's path, recorded in the file (``overlay_source``)."""
     import io
 
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    if source is not None:  # the name's bytes, one Latin-1 character each: any name, non-UTF-8 too, reads back exact
+        info.add_text(SOURCE_KEY, os.fsencode(source))
     buffer = io.BytesIO()
-    Image.fromarray(overlay(gray, cam)).save(buffer, format="PNG")
+    Image.fromarray(overlay(gray, cam)).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def overlay_source(png) -> bytes | None:
+    """The real path (bytes) of the image an overlay explain wrote was made of; None: no such record."""
+    from PIL import Image
+    try:
+        with Image.open(png) as image:
+            text = image.info.get(SOURCE_KEY)
+    except Exception:  # not a picture, or a damaged one: not an overlay explain wrote
+        return None
+    return text.encode("latin-1") if isinstance(text, str) else None
 
 
 def output_stems(paths) -> list[str]:
@@ -146,34 +168,77 @@ def refuse_overwriting_inputs(paths, outputs) -> None:
             continue
         clash = inputs.get((found.st_dev, found.st_ino))
         if clash is not None:
-            raise PneumoniaCNNError(f"{output}: the overlay would overwrite {clash}, which explain reads; "
-                                    f"choose another --out")
+            raise PneumoniaCNNError(f"{display_path(output)}: the overlay would overwrite {display_path(clash)}, "
+                                    f"which explain reads; choose another --out")
 
 
-def explain(predictor, paths, out_dir, layer: str | None = None) -> list[dict]:
-    """Write ``<name>_gradcam.png`` (overlay) and ``<name>_gradcam.npy`` (raw map) per image; ``<name>`` is
-    the image's stem, made distinct where two images share one (``output_stems``)."""
-    out_dir = Path(out_dir)
-    stems = output_stems(paths)
-    refuse_overwriting_inputs(paths, [out_dir / f"{stem}_gradcam.{kind}" for stem in stems for kind in ("png", "npy")])
-    out_dir.mkdir(parents=True, exist_ok=True)
+def refuse_replacing_another(path, png: Path) -> None:
+    """Before any work: an overlay (or map) already in ``--out`` is replaced only when it was made of this same
+    image (its recorded source): ``x.jpeg`` of another folder explained into the same ``--out`` on another day
+    had silently replaced the first one's maps. A file with no record (made otherwise, or by an earlier version)
+    is kept too: nothing done is lost."""
+    npy = png.with_suffix(".npy")
+    if not (os.path.lexists(png) or os.path.lexists(npy)):
+        return
+    source = overlay_source(png)
+    if source is not None and source == os.fsencode(os.path.realpath(path)):
+        return
+    held = f"the overlay of {display_path(os.fsdecode(source))}" if source else "a file explain did not make of it"
+    raise PneumoniaCNNError(f"{display_path(png if os.path.lexists(png) else npy)}: holds {held}; the overlay of "
+                            f"{display_path(path)} would replace it; give another --out, or remove it")
+
+
+def planned_overlays(paths, out_dir) -> list[Path]:
+    """Each image's overlay ``<name>_gradcam.png`` (its raw map the ``.npy`` beside it), ``<name>`` the image's
+    stem made distinct where two share one (``output_stems``); refused, before any work, where one would replace
+    an image read or another image's overlay."""
+    overlays = [Path(out_dir) / f"{stem}_gradcam.png" for stem in output_stems(paths)]
+    refuse_overwriting_inputs(paths, [file for png in overlays for file in (png, png.with_suffix(".npy"))])
+    for path, png in zip(paths, overlays):
+        refuse_replacing_another(path, png)
+    return overlays
+
+
+def write_overlay(png: Path, gray: np.ndarray, cam: np.ndarray, source) -> None:
+    """The overlay and its raw map, each written atomically; the map is renamed into place only once the
+    overlay is (the inner write ends first), so a failure leaves the previous pair, or none, never half."""
+    with atomic_path(png.with_suffix(".npy")) as raw, atomic_path(png) as picture:
+        with open(raw, "wb") as handle:
+            np.save(handle, cam)
+        picture.write_bytes(overlay_png(gray, cam, os.path.realpath(source)))
+
+
+def explain_each(predictor, paths, out_dir, layer: str | None = None) -> Iterator[dict]:
+    """Grad-CAM of each image written to ``out_dir`` (``planned_overlays``, checked now, before any work), with
+    predict's answer for it: one result per image as it is done, so a caller shows each at once (Ctrl-C keeps
+    what was shown). An image that cannot be read, or whose overlay cannot be written, is its own result with
+    ``error``; the others go on."""
+    overlays = planned_overlays(paths, out_dir)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return _explained(predictor, paths, overlays, layer)
+
+
+def _explained(predictor, paths, overlays, layer):
     model = predictor.bundle.explain_model().to(predictor.device)
-    results = []
-    for path, stem in zip(paths, stems):
+    for path, png in zip(paths, overlays):
         try:
             gray, meta = predictor.preprocess_path(path)
         except ImageReadError as error:
-            results.append({"path": str(path), "error": error.reason})
+            yield {"path": str(path), "error": error.reason}
             continue
         cam = grad_cam(model, gray, predictor.device, layer)
         entry = predictor.assess(gray[None], [meta])[0][0]  # predict's answer: probability, label, OOD flag
-        with atomic_path(out_dir / f"{stem}_gradcam.png") as temporary:
-            temporary.write_bytes(overlay_png(gray, cam))
-        with atomic_path(out_dir / f"{stem}_gradcam.npy") as temporary:
-            with open(temporary, "wb") as handle:
-                np.save(handle, cam)
-        results.append({"path": str(path), "probability": entry["probability"], "label": entry["label"],
-                        "in_distribution": entry["in_distribution"], "warnings": entry["warnings"],
-                        "overlay": str(out_dir / f"{stem}_gradcam.png"), "map": str(out_dir / f"{stem}_gradcam.npy"),
-                        "layer": layer or last_conv_layer_name(model)})
-    return results
+        try:
+            write_overlay(png, gray, cam, path)
+        except OSError as error:  # this image's only (a name too long for the system): the others go on
+            yield {"path": str(path), "error": f"overlay not written: {display_path(png)} "
+                                               f"({error.strerror or error})"}
+            continue
+        yield {"path": str(path), "probability": entry["probability"], "label": entry["label"],
+               "in_distribution": entry["in_distribution"], "warnings": entry["warnings"], "overlay": str(png),
+               "map": str(png.with_suffix(".npy")), "layer": layer or last_conv_layer_name(model)}
+
+
+def explain(predictor, paths, out_dir, layer: str | None = None) -> list[dict]:
+    """``explain_each``'s results as a list."""
+    return list(explain_each(predictor, paths, out_dir, layer))

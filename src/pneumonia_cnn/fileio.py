@@ -17,6 +17,15 @@ import torch
 
 from .errors import CheckpointError, PneumoniaCNNError, one_line
 
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+
+
+def temporary_prefix(name: str) -> str:
+    """"." + name + ".", then mkstemp's 8 random characters and a suffix of up to 6 (".tmp", ".check"): a
+    legal name of over 239 bytes made an illegal temporary one, so the name is cut to fit the 255 bytes a file
+    name may have."""
+    return "." + os.fsdecode(os.fsencode(name)[:NAME_MAX - 16]) + "."
+
 
 @contextmanager
 def atomic_path(path, mode: int | None = None):
@@ -24,7 +33,7 @@ def atomic_path(path, mode: int | None = None):
     ``mode`` (0o600 for patients' images), else the mode a plain write would give."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         yield Path(temporary)
@@ -107,6 +116,13 @@ def over_limit(size_bytes: int, limit_mb: float) -> str:
 def display_path(path) -> str:
     """A printable form of any path, also one whose name is not valid UTF-8."""
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def printable(path) -> str:
+    """A file name (or a message naming one) as one line a terminal shows as it is: bytes that are not UTF-8 as
+    ``\\xff`` (a strict UTF-8 stream could not print them), controls and other unprintable characters escaped
+    (``\\x1b``, ``\\n``): an escape sequence would redraw the screen, a newline forge a result line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in display_path(path))
 
 
 def load_torch_file(path, map_location="cpu"):

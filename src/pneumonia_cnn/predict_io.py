@@ -10,7 +10,7 @@ import unicodedata
 from pathlib import Path
 
 from .data.dataset import _walk_images
-from .fileio import display_path, json_text
+from .fileio import display_path, json_text, printable
 
 log = logging.getLogger("pneumonia_cnn")
 
@@ -69,8 +69,8 @@ def format_predictions(predictions, fmt: str = "table", positive_class: str = "P
         for row in rows:
             writer.writerow(dict(row, warnings="; ".join(row["warnings"])))
         return buffer.getvalue().rstrip("\n")
-    for row in rows:  # on a terminal, an escape sequence or a newline in a file name would redraw or split rows
-        row["path"] = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in row["path"])
+    for row in rows:
+        row["path"] = printable(row["path"])
     width = min(max([columns(r["path"]) for r in rows] + [4]), 70)
     lines = [f"{'path':<{width}}  {'probability':>11}  {'label':<10} {'in-dist':<8} note"]
     for row in rows:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
+from ..fileio import printable
 from . import deployment, evaluation, interop, training
 from .common import setup_logging
 
@@ -109,8 +110,8 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     try:
         return int(args.func(_split_checkpoint_and_images(args)) or 0)
-    except PneumoniaCNNError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except PneumoniaCNNError as error:  # escaped: a file name in it may hold a newline or an escape sequence
+        print(f"error: {printable(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as error:
         if args.verbose:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(str(error))}", file=sys.stderr)
         return 2
 
 

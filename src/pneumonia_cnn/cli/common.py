@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
+from ..fileio import temporary_prefix
 
 
 @dataclass(frozen=True)
@@ -195,17 +196,29 @@ def check_output(out, *inputs, flag: str = "--out") -> None:
         raise PneumoniaCNNError(f"{out}: {flag} is a folder; give a file path")
     if target.exists() and not target.is_file():  # written atomically, a device or pipe would be replaced by a file
         raise PneumoniaCNNError(f"{out}: {flag} is not a regular file (a device, pipe or socket); give a file path")
-    blocking = next((a for a in target.parents if a.exists() and not a.is_dir()), None)
+    _check_writable(out, target.parent, ("its folder", f"its folder {target.parent}"), temporary_prefix(target.name))
+
+
+def check_output_folder(out, flag: str = "--out") -> None:
+    """Before any work: the folder a command writes its files into must be a folder (or creatable) and take a
+    file, so a wrong path (``explain --out /proc/self``) fails in a second, not after the scoring."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise PneumoniaCNNError(f"{out}: {flag} is a file; give a folder")
+    _check_writable(out, Path(out), ("it", "this folder"), ".")
+
+
+def _check_writable(out, folder: Path, names: tuple[str, str], prefix: str) -> None:
+    """``folder`` created if need be, and a real test write in it; ``names``: how the messages name it."""
+    blocking = next((a for a in [folder, *folder.parents] if a.exists() and not a.is_dir()), None)
     if blocking is not None:
-        raise PneumoniaCNNError(f"{out}: cannot create its folder ({blocking} is a file)")
+        raise PneumoniaCNNError(f"{out}: cannot create {names[0]} ({blocking} is a file)")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise PneumoniaCNNError(f"{out}: cannot create its folder ({error.strerror or error})") from None
+        raise PneumoniaCNNError(f"{out}: cannot create {names[0]} ({error.strerror or error})") from None
     try:  # a real write, where the atomic write will make its temporary file (/proc passes os.access as root)
-        handle, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".check", dir=target.parent)
+        handle, probe = tempfile.mkstemp(prefix=prefix, suffix=".check", dir=folder)
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        raise PneumoniaCNNError(f"{out}: cannot write in its folder {target.parent} "
-                                f"({error.strerror or error})") from None
+        raise PneumoniaCNNError(f"{out}: cannot write in {names[1]} ({error.strerror or error})") from None

@@ -15,6 +15,7 @@ from .common import (
     add_format,
     add_site_options,
     check_output,
+    check_output_folder,
     positive_number,
     print_json,
     whole_number,
@@ -65,7 +66,8 @@ def explain_arguments(p):
 
 
 def run_explain(args) -> int:
-    from ..explanation import explain
+    from ..explanation import explain_each, planned_overlays
+    from ..fileio import printable
     from ..inference import Predictor
     from ..predict_io import collect_paths
     paths, missing = collect_paths(args.paths)
@@ -75,29 +77,39 @@ def run_explain(args) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise PneumoniaCNNError(f"{args.out}: --out is a file; give a folder for the overlays")
     refuse_overlays_among_images(args.out, args.paths, paths)
-    results = explain(Predictor(args.checkpoint, args.device), paths, args.out, args.layer)
-    for item in results:
+    planned_overlays(paths, args.out)  # refused in a second, before the model loads (explain_each checks again)
+    check_output_folder(args.out)
+    explained = 0
+    for item in explain_each(Predictor(args.checkpoint, args.device), paths, args.out, args.layer):
         if "error" in item:  # on stderr, one line whatever the file is called, as predict's
-            logging.getLogger("pneumonia_cnn").warning("skipped %s: %s", item["path"], item["error"])
-        else:
-            print(f"{item['path']}: p={item['probability']:.4f} {item['label']} -> {item['overlay']} "
-                  f"(layer {item['layer']})" + "".join(f"\n  warning: {w}" for w in item["warnings"]))
+            log.warning("skipped %s: %s", printable(item["path"]), item["error"])
+            continue
+        explained += 1
+        # printed as each image is done (Ctrl-C keeps what was shown), names escaped as in predict's table
+        print(f"{printable(item['path'])}: p={item['probability']:.4f} {item['label']} -> "
+              f"{printable(item['overlay'])} (layer {item['layer']})"
+              + "".join(f"\n  warning: {printable(w)}" for w in item["warnings"]), flush=True)
     for item in missing:
-        logging.getLogger("pneumonia_cnn").warning("skipped %s: no such file or folder", item)
-    return 0 if any("error" not in r for r in results) else 1
+        log.warning("skipped %s: no such file or folder", printable(item))
+    return 0 if explained else 1
 
 
 def refuse_overlays_among_images(out, arguments, paths) -> None:
-    """Overlays written into a folder given to explain, or beside the images it reads, would be read as X-rays
-    by the next predict or explain of that folder."""
+    """Overlays written into a folder given to explain, or into the folder of an image it reads (at any depth
+    below it), would be read as X-rays by the next predict or explain of that folder."""
     place = Path(out).resolve()
-    given = sorted(Path(a).resolve() for a in arguments if _is_folder(a))  # read whole, subfolders included
-    among = next((f for f in given if place.is_relative_to(f)), None)
-    if among is None and any(Path(p).parent.resolve() == place for p in paths):  # beside an image it reads
-        among = place
+    given = [Path(a).resolve() for a in arguments if _is_folder(a)]  # read whole, subfolders included
+    among = next((f for f in sorted({*given, *map(_folder_of, paths)} - {None}) if place.is_relative_to(f)), None)
     if among is not None:
         raise PneumoniaCNNError(f"{out}: --out is among the images explain reads ({display_path(among)}); give a "
                                 f"folder outside it")
+
+
+def _folder_of(path) -> Path | None:
+    try:
+        return Path(path).parent.resolve()
+    except (OSError, RuntimeError):  # a link loop: the file's own line will say so
+        return None
 
 
 def _is_folder(path) -> bool:
@@ -242,7 +254,7 @@ COMMANDS = [
         "pneumonia-cnn predict runs/best scans/ --prevalence estimate --adapt-batch",
         "pneumonia-cnn predict runs/a runs/b -- scans/")),
     Command("explain", "Grad-CAM heat maps over X-rays", explain_arguments, run_explain,
-            ("pneumonia-cnn explain runs/best/best.pt xray.jpeg --out maps/",)),
+            ("pneumonia-cnn explain runs/best/best.pt scans/xray.jpeg --out maps/",)),
     Command("serve", "HTTP API and web page (FastAPI + uvicorn)", serve_arguments, run_serve, (
         "pneumonia-cnn serve runs/best --port 8000",
         "pneumonia-cnn serve runs/best/best.pt --host 0.0.0.0 --api-keys keys.txt --audit-log audit.sqlite "

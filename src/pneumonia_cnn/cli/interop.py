@@ -22,19 +22,62 @@ def export_arguments(p):
 
 
 def run_export(args) -> int:
+    if args.data and args.format != "onnx-int8":
+        raise PneumoniaCNNError(f"--data {args.data}: used only by --format onnx-int8 (its calibration images); "
+                                f"--format {args.format} takes none")
     check_output(args.out, args.checkpoint, args.data)
+    check_export_out(args.out, args.format)
     if args.format == "onnx-int8":
-        from ..errors import PneumoniaCNNError
         from ..inference.quantize import export_int8
         if not args.data:
             raise PneumoniaCNNError("export --format onnx-int8 needs --data ROOT (the run's validation images)")
         summary = export_int8(args.checkpoint, args.data, args.out)
+        kept = (f"kept for --engine onnx-int8 and openvino-int8 in {summary['cached']}" if summary["cache_replaced"]
+                else f"not cached: {summary['cached']} keeps its graph calibrated on more images")
         print(f"written: {summary['out']} (int8, calibrated on {summary['calibration_images']} validation images; "
-              f"kept for --engine onnx-int8 and openvino-int8 in {summary['cached']})")
+              f"{kept})")
         return 0
     from ..interop.export import export_model
     print(f"written: {export_model(args.checkpoint, args.format, args.out)}")
     return 0
+
+
+# what each format's --out ends in: a name of another kind (victim.jpeg, a TorchScript zip as model.onnx) is
+# refused, as is an existing file that does not hold the format (another run's checkpoint as model.pt)
+EXPORT_SUFFIXES = {"onnx": (".onnx",), "onnx-int8": (".onnx",), "torchscript": (".pt", ".pth")}
+
+
+def check_export_out(out, fmt: str) -> None:
+    """Before any work: ``out`` named for ``fmt``, and, when it exists, a file of that format (replaced by the
+    export, never something else)."""
+    import os
+    from pathlib import Path
+    suffixes = EXPORT_SUFFIXES[fmt]
+    if Path(out).suffix.lower() not in suffixes:
+        raise PneumoniaCNNError(f"{out}: --format {fmt} writes a file ending in {' or '.join(suffixes)}; give "
+                                f"--out such a name")
+    if os.path.isfile(out) and not _holds_format(out, fmt):
+        kind = "an ONNX model" if fmt.startswith("onnx") else "a TorchScript model"
+        raise PneumoniaCNNError(f"{out}: exists and is not {kind} (the export would replace it); choose another "
+                                f"--out, or remove it")
+
+
+def _holds_format(path, fmt: str) -> bool:
+    """ONNX: a model with a graph (protobuf parses much garbage); TorchScript: a zip holding code (a checkpoint
+    saved by torch.save is a zip too, without it)."""
+    import zipfile
+    if fmt == "torchscript":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return any("/code/" in name for name in archive.namelist())
+        except (OSError, zipfile.BadZipFile):
+            return False
+    import onnx
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError, or an unreadable file
+        return False
+    return proto.ir_version > 0 and len(proto.graph.node) > 0
 
 
 def import_keras_arguments(p):

@@ -181,7 +181,7 @@ class Predictor:
         if self.adapt_batch:
             scores, decision = self._adapt_step(pixels, scores, inside, batch_size, notes)
         if self.prevalence == "estimate":
-            decision = self._estimate_step(scores, decision, inside, notes)
+            decision = self._estimate_step(pixels, scores, decision, inside, notes)
         if decision is not self.bundle.decision or self.adapt_batch:
             scores = Scores(scores.raw, decision.probabilities(scores.raw), scores.members, scores.features)
         return scores, decision, notes
@@ -205,15 +205,18 @@ class Predictor:
         return adapted.score(pixels, batch_size), self.bundle.decision
 
     @staticmethod
-    def _estimate_step(scores: Scores, decision, inside, notes):
-        """The batch's pneumonia rate by EM when it has enough in-distribution images, else ``decision`` as is."""
-        count, prior = int(inside.sum()), decision.calibration.prior
+    def _estimate_step(pixels, scores: Scores, decision, inside, notes):
+        """The batch's pneumonia rate by EM on its distinct in-distribution images when there are enough, else
+        ``decision`` as is: a file sent twice counts once, as in AdaBN (32 copies of one NORMAL image were
+        "32 images", and its probability fell from 0.034 to 0.000)."""
+        kept = np.flatnonzero(inside)[distinct_in_canonical_order(pixels[inside])]
+        count, prior = len(kept), decision.calibration.prior
         if count < MIN_ESTIMATE_BATCH:
             stated = f"the checkpoint's rate of {prior:.3f}" if prior is not None else "the checkpoint's rate"
             notes.append(f"prevalence not estimated: {count} in-distribution images, fewer than "
                          f"{MIN_ESTIMATE_BATCH}; probabilities stated for {stated}")
             return decision
-        base = decision.calibration.probabilities(scores.raw[inside])
+        base = decision.calibration.probabilities(scores.raw[kept])
         rate = estimate_prior(base, prior or float(np.mean(base)))
         notes.append(f"probabilities stated for a pneumonia rate of {rate:.3f}, estimated from this batch "
                      f"({count} in-distribution images, EM of Saerens et al. 2002)")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PneumoniaCNNError
+from ..fileio import display_path
 from .sessions import run_sessions, runtime, served_key
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,26 @@ def int8_session(path):
                                         disabled_optimizers=KEEP_FLOAT_STEM)
 
 
+BUILD = ("pneumonia-cnn export CHECKPOINT --format onnx-int8 --data ROOT --out model.int8.onnx (ROOT/val: the "
+         "checkpoint's validation images)")
+
+
+def load_cached(path: Path, engine: str, load):
+    """``load(path)``, or one line naming the damaged cached graph (cut short by a full disk, a copy, a crash)
+    and how to build it again; never rebuilt here: that needs the checkpoint's validation images."""
+    try:
+        return load(path)
+    except Exception:  # ONNX Runtime's InvalidProtobuf, OpenVINO's RuntimeError: several lines of C++ context
+        raise PneumoniaCNNError(f"--engine {engine}: the cached int8 model {display_path(path)} is damaged (it "
+                                f"cannot be read); build it again: {BUILD}") from None
+
+
 def int8_paths(models, size, tta: bool, taps, engine: str, cache_dir=None) -> list[Path]:
     """The cached int8 graph of each member (the first keeps the taps), or a one-line error naming the fix."""
     paths = [store_path(served_key(model, size, tta, taps if index == 0 else ()), cache_dir)
              for index, model in enumerate(models)]
     if not all(path.is_file() for path in paths):
-        raise PneumoniaCNNError(f"--engine {engine}: no int8 model for these weights yet; build it once from the "
-                                "checkpoint's validation images: pneumonia-cnn export CHECKPOINT --format onnx-int8 "
-                                "--data ROOT --out model.int8.onnx")
+        raise PneumoniaCNNError(f"--engine {engine}: no int8 model for these weights yet; build it once: {BUILD}")
     return paths
 
 
@@ -57,7 +70,8 @@ class Int8Engine:
 
     def __init__(self, models, size, tta: bool, taps=(), cache_dir=None):
         runtime(self.name, "onnxruntime", "export")
-        self.sessions = [int8_session(path) for path in int8_paths(models, size, tta, taps, self.name, cache_dir)]
+        self.sessions = [load_cached(path, self.name, int8_session)
+                         for path in int8_paths(models, size, tta, taps, self.name, cache_dir)]
         log.warning(INT8_NOTE)
 
     def run(self, pixels_uint8: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -76,7 +90,10 @@ class OpenVinoInt8Engine:
         import torch
         core = runtime(self.name, "openvino", "openvino").Core()
         config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
-        self.compiled = [core.compile_model(core.read_model(str(path)), "CPU", config)
+
+        def compiled(path):
+            return core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.compiled = [load_cached(path, self.name, compiled)
                          for path in int8_paths(models, size, tta, taps, self.name, cache_dir)]
         self._local = threading.local()
         log.warning(INT8_NOTE)

@@ -51,14 +51,23 @@ def export_metadata(checkpoint: dict) -> dict:
             "output": "probability of class_names[1] (PNEUMONIA)"}
 
 
+# how each file becomes 8-bit gray (data/readers.py, data/image.py, data/dicom.py), by Pillow mode: it said
+# "convert('L')" for every image, which clips a 16-bit PNG to white and a float TIFF to nearly black
+DECODING = ("images: the first frame, by Pillow mode: 16-bit modes ('I;16', 'I;16B', ...): (2 * x + 257) // 514 in "
+            "integers (x / 257 rounded); 'I' (32-bit integer) and 'F' (float): min-max (below); 'RGBA', 'LA', 'PA', "
+            "and 'P' with transparency: Image.alpha_composite over opaque black, then convert('L'); 'CMYK': "
+            "convert('RGB') then convert('L'); any other mode: convert('L'); DICOM: pydicom apply_modality_lut then "
+            "apply_voi_lut (first window), then min-max unless already uint8, MONOCHROME1 inverted (255 - x); "
+            "min-max: over the finite values, round((x - min) * (255 / (max - min))) in float64 with numpy's round "
+            "(half to even), NaN and -inf taken as min, +inf as max, all 0 when max == min")
+
+
 def preprocessing_steps(pre: dict) -> str:
     """The input path in the order it runs, with each step's implementation: what another runtime must do to
     give the exported graph the pixels it was fitted on."""
     height, width = pre["size"]
     intensity = pre.get("intensity", "none")
-    return (f"1. decode to 8-bit gray (images: Pillow convert('L'), RGBA over black; DICOM: pydicom "
-            f"apply_modality_lut then apply_voi_lut (first window), min-max to 0..255 unless already uint8, "
-            f"MONOCHROME1 inverted); 2. resize to {width}x{height} (width x height) with "
+    return (f"1. decode to 8-bit gray ({DECODING}); 2. resize to {width}x{height} (width x height) with "
             f"Pillow Image.resize({pre.get('interpolation', 'bilinear')}); 3. intensity '{intensity}': "
             f"{INTENSITY_RECIPES.get(intensity, intensity)}; 4. float32 = uint8 / 255, shape (batch, "
             f"{pre.get('channels', 3)}, {height}, {width})")

@@ -129,3 +129,37 @@ def test_one_process_per_gpu_passes_and_a_gpu_index_is_refused(monkeypatch):
         monkeypatch.setenv(name, value)
     with pytest.raises(PneumoniaCNNError, match=r"--device cuda:0: under torchrun each process uses the GPU of its "):
         setup_distributed("cuda:0")
+
+
+STOP_AT_EPOCH_END = """
+import os, signal, sys
+from pneumonia_cnn.training import loop
+original = loop.end_of_epoch
+def signalled_while_rank_0_writes(run):  # the other rank has gone on into the next epoch's first step
+    row = original(run)
+    if run.dist.main and row["epoch"] == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    return row
+loop.end_of_epoch = signalled_while_rank_0_writes
+from pneumonia_cnn.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_while_rank_0_writes_an_epoch_end_stops_every_rank_cleanly(small_root, tmp_path):
+    """Rank 0 stopped after the epoch's end alone and left; rank 1 died in its all-reduce ("Connection closed
+    by peer"; NCCL would hang). All ranks now agree on the stop there."""
+    (tmp_path / "stop.py").write_text(STOP_AT_EPOCH_END)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PNEUMONIA_CNN_DIST_TIMEOUT="60")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(tmp_path / "stop.py"),
+                             "train", "--out", str(tmp_path / "r"), "--batch-size", "4",
+                             *common_args(small_root, tmp_path / "c", epochs=3)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    # each rank exits 130 (interrupted), or is ended by torchrun once the first has: none fails on its own
+    exits = [line.split(":")[1].split()[0] for line in result.stderr.splitlines()
+             if line.strip().startswith("exitcode")]
+    assert "130" in exits and set(exits) <= {"130", "-15"}, result.stderr[-3000:]
+    assert "RuntimeError" not in result.stderr and "Connection closed" not in result.stderr
+    state = load_checkpoint(tmp_path / "r" / "last.pt")["training_state"]
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)  # stopped at the end of epoch 1, epoch kept

@@ -3,6 +3,7 @@ hostile probe of train/resume/data folders: each test here failed before its fix
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -136,7 +137,9 @@ def test_train_never_overwrites_its_inputs_or_files_no_run_wrote(small_root, tmp
     assert "--config names the config.json that the run writes" in capsys.readouterr().err
     assert (exp / "config.json").read_text() == before
     (exp / "config.json").unlink()
-    (exp / "history.csv").write_text("path,label\n")  # a user's label CSV
+    (exp / "history.csv").write_text("path,label\n")  # a user's label CSV, given as the data
+    assert main(["train", "--data", str(exp / "history.csv"), "--out", str(exp)]) == 2
+    assert "--data names the history.csv that the run writes" in capsys.readouterr().err
     assert main(["train", "--data", str(small_root), "--out", str(exp)]) == 2
     assert "history.csv: --out holds a file a run writes, but no run" in capsys.readouterr().err
     assert (exp / "history.csv").read_text() == "path,label\n"
@@ -151,23 +154,41 @@ def test_a_folder_a_run_left_in_its_first_epoch_is_trained_again(small_root, cac
     refuse_overwriting(out, {})
 
 
-def test_resume_refuses_a_preset_or_config_it_would_ignore(trained_run, capsys):
+def test_resume_refuses_a_preset_or_config_it_would_ignore(trained_run, tmp_path, capsys):
     assert main(["train", "--resume", str(trained_run), "--preset", "best", "--epochs", "9"]) == 2
     assert "(got --preset)" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("epochs: 9\n")
+    assert main(["train", "--resume", str(trained_run), "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "(got --config)" in capsys.readouterr().err
 
 
-def test_a_run_killed_between_last_pt_and_best_pt_resumes_and_writes_best_pt(small_root, cache_dir, tmp_path):
+def test_a_run_killed_between_last_pt_and_best_pt_resumes_and_writes_best_pt(small_root, cache_dir, tmp_path,
+                                                                            monkeypatch):
     """best.pt was written first: a kill between the two left best.pt alone, which neither --resume (no last.pt)
-    nor a new train (a run is there) would take. last.pt now comes first, and a resume writes best.pt again."""
+    nor a new train (a run is there) would take. last.pt now comes first, and a resume writes best.pt, the
+    history and the curves again."""
+    from pneumonia_cnn.training import loop
     out = tmp_path / "run"
-    train(make_config(data=str(small_root), out=str(out), cache_dir=str(cache_dir), **dict(TINY, epochs=2)))
-    finished = load_checkpoint(out / "best.pt")
-    assert finished["epoch"] == 2
-    (out / "best.pt").unlink()  # the kill: last.pt of epoch 2 written, its best.pt not
+    config = make_config(data=str(small_root), out=str(out), cache_dir=str(cache_dir), **dict(TINY, epochs=2))
+    original = loop.save_checkpoint
+
+    def killed_at_the_second_best_pt(payload, path):
+        if Path(path).name == "best.pt" and payload["epoch"] == 2:
+            raise KeyboardInterrupt  # the process ends here
+        return original(payload, path)
+
+    monkeypatch.setattr(loop, "save_checkpoint", killed_at_the_second_best_pt)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(loop, "save_checkpoint", original)
+    assert load_checkpoint(out / "last.pt")["training_state"]["epoch"] == 2  # the completed epoch is kept
+    assert load_checkpoint(out / "best.pt")["epoch"] == 1 and len(json.loads((out / "history.json").read_text())) == 1
     resume(out)
     rewritten = load_checkpoint(out / "best.pt")
     assert rewritten["epoch"] == 2 and "decision_fit" in rewritten
-    assert all(torch.equal(rewritten["state_dict"][k], finished["state_dict"][k]) for k in finished["state_dict"])
+    last = load_checkpoint(out / "last.pt")
+    assert all(torch.equal(rewritten["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])  # no EMA
+    assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
 
 
 def test_a_stop_asked_while_an_epoch_ends_is_obeyed(small_root, cache_dir, tmp_path, monkeypatch):
@@ -185,6 +206,8 @@ def test_a_stop_asked_while_an_epoch_ends_is_obeyed(small_root, cache_dir, tmp_p
     out = tmp_path / "run"
     summary = train(make_config(data=str(small_root), out=str(out), cache_dir=str(cache_dir), **TINY))
     assert summary["interrupted"] and "decision_fit" not in load_checkpoint(out / "best.pt")
+    with pytest.raises(CheckpointError, match=r"the run has not finished \(its end-of-run steps"):
+        load_checkpoint(out)  # not a model yet
 
 
 def test_an_unfinished_run_folder_is_not_used_as_a_model(trained_run, tmp_path):
@@ -218,3 +241,84 @@ def test_resume_refuses_other_training_images_and_works_from_another_directory(s
         resume(tmp_path / "run", epochs=2)
     (root / "train" / "PNEUMONIA" / image.name).rename(image)
     assert len(resume(tmp_path / "run", epochs=2)["history"]) == 2
+
+
+def test_validation_scores_that_are_not_finite_stop_the_run(small_root, cache_dir, tmp_path, monkeypatch):
+    """--lr 1e6 gave infinite validation scores behind a finite loss; the calibration then failed in
+    scikit-learn's "Input X contains infinity", naming no cause."""
+    import numpy as np
+
+    from pneumonia_cnn.training import loop
+    monkeypatch.setattr(loop, "validation_logits", lambda run: np.full(len(run.val_set), np.inf))
+    out = tmp_path / "run"
+    with pytest.raises(PneumoniaCNNError, match=r"^training diverged in epoch 1: its validation scores hold NaN"):
+        train(make_config(data=str(small_root), out=str(out), cache_dir=str(cache_dir), **TINY))
+    assert not (out / "best.pt").exists()
+
+
+def test_no_validation_images_is_said_before_training(small_root, cache_dir, tmp_path, caplog):
+    rows = [f"{p},{p.parent.name}" for p in sorted((small_root / "train").glob("*/*"))]
+    (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    caplog.set_level(logging.INFO)
+    train(make_config(data=str(tmp_path / "list.csv"), out=str(tmp_path / "run"), cache_dir=str(cache_dir), **TINY))
+    messages = [record.getMessage() for record in caplog.records]
+    said = next(i for i, m in enumerate(messages) if "no validation images: best.pt is chosen by the training loss"
+                in m)
+    assert said < next(i for i, m in enumerate(messages) if m.startswith("epoch 1/1"))
+    assert "val/ folder" not in messages[said]  # a CSV has none
+
+
+def test_identical_junk_files_are_not_taken_for_leaked_x_rays(small_root, cache_dir, tmp_path):
+    root = copy_tree(small_root, tmp_path / "data")
+    (root / "train" / "NORMAL" / "broken1.jpeg").write_bytes(b"<html>not found</html>")
+    (root / "test" / "PNEUMONIA" / "broken2.jpeg").write_bytes(b"<html>not found</html>")
+    (root / "val" / "NORMAL" / "empty.jpeg").write_bytes(b"")
+    (root / "train" / "PNEUMONIA" / "empty.jpeg").write_bytes(b"")
+    assert train(make_config(data=str(root), out=str(tmp_path / "run"), cache_dir=str(cache_dir), **TINY))["history"]
+
+
+def test_a_damaged_last_pt_does_not_pass_an_unfinished_run_for_a_finished_one(trained_run, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])
+    assert load_checkpoint(run)["path"].endswith("best.pt")  # best.pt has its fitted decision: finished
+    best = torch.load(run / "best.pt", weights_only=True)
+    del best["decision_fit"]
+    torch.save(best, run / "best.pt")
+    with pytest.raises(CheckpointError, match=r"its last\.pt is unreadable and its best\.pt has no fitted decision"):
+        load_checkpoint(run)
+    last = torch.load(trained_run / "last.pt", weights_only=True)
+    last["training_state"]["epoch"] = None  # was: TypeError from int()
+    torch.save(last, run / "last.pt")
+    with pytest.raises(CheckpointError, match=r"its last\.pt is unreadable"):
+        load_checkpoint(run)
+
+
+def test_paths_recorded_for_a_resume(trained_run, tmp_path, monkeypatch):
+    from pneumonia_cnn.training.setup import with_absolute_paths
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "builtin").mkdir()  # a folder of that name beside the run: --init builtin is still the model
+    config = with_absolute_paths(make_config(data="d", out="o", init="builtin", cache_dir="new-cache"))
+    assert config.init == "builtin" and config.cache_dir == str(tmp_path / "new-cache")  # absent yet, absolute
+    config = with_absolute_paths(make_config(data="d", out="o", init=str(trained_run)))
+    assert config.init == str(trained_run / "best.pt")  # the file, not a folder a later run may change
+
+
+def test_a_model_that_builds_cpu_tensors_itself_is_not_refused(monkeypatch):
+    """The meta-device check refused a model whose buffer comes from numpy: it is tried on the CPU too."""
+    import numpy as np
+
+    from pneumonia_cnn.models import registry
+    from pneumonia_cnn.training.setup import _check_model_takes_input
+
+    class NumpyBuffer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.from_numpy(np.ones(1, dtype=np.float32)))
+            self.linear = torch.nn.Linear(1, 1)
+
+        def forward(self, x):
+            return self.linear(x.mean(dim=(1, 2, 3))[:, None] * self.scale).squeeze(1)
+
+    monkeypatch.setitem(registry._REGISTRY, "numpy_buffer", lambda in_channels=3, image_size=(224, 224): NumpyBuffer())
+    monkeypatch.setitem(registry._DESCRIPTIONS, "numpy_buffer", "a model with a buffer from numpy")
+    _check_model_takes_input(make_config(model="numpy_buffer", size=32))

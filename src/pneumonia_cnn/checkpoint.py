@@ -68,12 +68,14 @@ def finished_run_checkpoint(folder: Path) -> Path:
     best, last = folder / "best.pt", folder / "last.pt"
     if not best.is_file() and not last.is_file():
         raise CheckpointError(f"{display_path(folder)}: run folder has no best.pt or last.pt")
-    state = _training_state(last) if last.is_file() else {}
+    state = _training_state(last) if last.exists() else {}
     if not best.is_file():
         why = "it has no best.pt yet"
-    elif state and not training_finished(state, state.get("config", {})):
-        why = f"it stopped after epoch {state.get('epoch')} of {state.get('config', {}).get('epochs')}"
-    elif state.get("train_digest") and "decision_fit" not in load_torch_file(best):
+    elif state is None and "decision_fit" not in load_torch_file(best):
+        why = "its last.pt is unreadable and its best.pt has no fitted decision"
+    elif state and not training_finished(state, state["config"]):
+        why = f"it stopped after epoch {state['epoch']} of {state['config']['epochs']}"
+    elif state and state.get("train_digest") and "decision_fit" not in load_torch_file(best):
         why = "its end-of-run steps (calibration, threshold, out-of-distribution detector) were not done"
     else:
         return best
@@ -82,15 +84,18 @@ def finished_run_checkpoint(folder: Path) -> Path:
                           f"weights as they are")
 
 
-def _training_state(last: Path) -> dict:
-    """last.pt's training state and config, read without its tensors (memory-mapped); {} when unreadable."""
+def _training_state(last: Path) -> dict | None:
+    """last.pt's training state and config, read without its tensors (memory-mapped); None when it cannot be
+    read or its epoch counts are not whole numbers (a damaged or foreign file)."""
     try:
         payload = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-        state = dict(payload["training_state"])
+        state = {k: v for k, v in dict(payload["training_state"]).items() if k not in ("optimizer", "ema_state_dict")}
         state["config"] = dict(payload["config"])
-        return {k: v for k, v in state.items() if k not in ("optimizer", "ema_state_dict")}
-    except Exception:  # a damaged last.pt: best.pt is what the folder is used for, and is checked on its own
-        return {}
+    except Exception:  # any damage (truncated, empty, a folder, not a dict): the caller decides from best.pt
+        return None
+    counts = (state.get("epoch", 0), state.get("epochs_without_improvement", 0), state["config"].get("epochs", 0),
+              state["config"].get("early_stopping") or 0)
+    return state if all(isinstance(n, int) and not isinstance(n, bool) for n in counts) else None
 
 
 def training_finished(state: dict, values: dict) -> bool:

@@ -3,14 +3,24 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import re
+import sys
+import tempfile
+import threading
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ImageReadError, one_line
-from .dicom_guard import dicom_problem
+from .dicom_guard import dicom_problem, pydicom_notes
 from .image import MAX_PIXELS, MIN_SIDE, ImageMeta, scale_to_uint8
+
+log = logging.getLogger(__name__)
+NOT_DICOM = "not a DICOM file (no DICM header and no image description)"
+_STDERR = threading.Lock()  # file descriptor 2 is the process's: one redirection at a time
 
 
 class _DropDecoderTracebacks(logging.Filter):
@@ -37,49 +47,65 @@ def _tag(dataset, name):
     return str(value).strip() or None
 
 
-def read_dicom(path: Path, source=None, strict: bool = False):
-    try:
-        return _read_dicom(path, source, strict)
-    except ImageReadError:
-        raise
-    except Exception as error:  # pydicom parses lazily: a corrupt element can raise almost anything, later
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ImageReadError(path, f"corrupt DICOM ({type(error).__name__}: {message[:160]})") from None
+def read_dicom(path: Path, data: bytes | None = None):
+    """``data``: an upload's bytes (None: the file at ``path`` is read). What pydicom and the decoders say while
+    reading is reported once, naming the file, when it is read; a refused file's reason says enough."""
+    with pydicom_notes() as notes:
+        try:
+            result = _read_dicom(path, data, notes)
+        except ImageReadError:
+            raise
+        except Exception as error:  # pydicom parses lazily: a corrupt element can raise almost anything, later
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ImageReadError(path, f"corrupt DICOM ({type(error).__name__}: {message[:160]})") from None
+    if notes:
+        log.warning("warning: %s: %s", path, "; ".join(note.strip() for note in notes))
+    return result
 
 
-def _read_dicom(path: Path, source=None, strict: bool = False):
+def _read_dicom(path: Path, data: bytes | None, notes: list):
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
     except ImportError:  # pragma: no cover - pydicom is a dependency
         raise ImageReadError(path, "DICOM support needs pydicom (pip install pydicom)") from None
-    data = source.getvalue() if hasattr(source, "getvalue") else Path(path).read_bytes()
-    problem = dicom_problem(data)  # frames x rows x columns from the header, before anything is inflated
-    if problem:
-        raise ImageReadError(path, problem)
-    dataset = pydicom.dcmread(io.BytesIO(data), force=not strict)
-    if data[128:132] != b"DICM" and "Rows" not in dataset:  # force=True reads any bytes as some element
-        raise ImageReadError(path, "not a DICOM file (no DICM header and no image description)")
+    # a file is read by pydicom from its handle, after its header: never read whole first (nor held twice)
+    try:
+        source = io.BytesIO(data) if data is not None else open(path, "rb")
+    except OSError as error:
+        raise ImageReadError(path, error.strerror or str(error)) from None
+    with source:
+        problem = dicom_problem(source)  # frames x rows x columns from the header, before anything is inflated
+        if problem:
+            raise ImageReadError(path, problem)
+        source.seek(0)
+        dataset = pydicom.dcmread(source, force=True)
+    if dataset.preamble is None and "Rows" not in dataset:  # force=True reads any bytes as some element
+        raise ImageReadError(path, NOT_DICOM)
     if not any(name in dataset for name in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ImageReadError(path, "DICOM has no pixel data")
+    if "TransferSyntaxUID" not in dataset.file_meta:  # a bare data set: the encoding pydicom found is its syntax
+        implicit, little = dataset.original_encoding
+        dataset.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                               ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     rows, cols = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
     if rows * cols > MAX_PIXELS:
         raise ImageReadError(path, f"DICOM is {cols}x{rows} pixels, above the {MAX_PIXELS:,}-pixel limit")
     if rows < MIN_SIDE or cols < MIN_SIDE:  # as for other images: nothing to see, yet it would be scored
         raise ImageReadError(path, f"DICOM is only {cols}x{rows} pixels")
-    try:
-        pixels = dataset.pixel_array
-    except Exception as error:  # missing decoders and bad data raise many types
-        reason = one_line(error).replace(*GDCM_FAILURE)
-        raise ImageReadError(path, f"cannot decode DICOM pixel data ({reason})") from None
-    if pixels.ndim == 3 and getattr(dataset, "SamplesPerPixel", 1) == 1:
-        pixels = pixels[0]  # multi-frame: the first frame
+    return _to_gray(path, dataset, _first_frame(path, dataset, notes))
+
+
+def _to_gray(path: Path, dataset, pixels: np.ndarray):
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
     photometric = _tag(dataset, "PhotometricInterpretation") or "MONOCHROME2"
     if photometric == "PALETTE COLOR":  # the stored values are indices into the palette, not intensities
         pixels = _through_palette(path, dataset, pixels)
-    if pixels.ndim == 3:
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
         pixels = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
         photometric = "MONOCHROME2"
+    if pixels.ndim != 2:
+        raise ImageReadError(path, f"DICOM pixel data decoded to an array of shape {pixels.shape}, not one image")
     try:
         values = apply_modality_lut(pixels, dataset)
         values = apply_voi_lut(values, dataset, index=0)
@@ -92,6 +118,88 @@ def _read_dicom(path: Path, source=None, strict: bool = False):
             ("Modality", "BodyPartExamined", "ViewPosition", "PatientAge", "PatientSex", "PatientID",
              "PatientBirthDate", "StudyDate", "AcquisitionDate")}  # the dates give the age when PatientAge is absent
     return gray, ImageMeta(source_format="DICOM", original_size=gray.shape, tags={k: v for k, v in tags.items() if v})
+
+
+def _first_frame(path: Path, dataset, notes: list) -> np.ndarray:
+    """The first frame's pixels, the only one decoded (gray or colour alike: a colour multi-frame file gave a
+    4-D array that ended the whole run). The decoders that keep quiet go first; GDCM, whose libjpeg prints its
+    warnings on the process's stderr, last."""
+    plugins = _plugins(dataset)
+    if not plugins:  # native (uncompressed) data, or a syntax nothing here decodes: pydicom's own path and words
+        dataset.pixel_array_options(index=0)
+        try:
+            return dataset.pixel_array
+        except Exception as error:  # missing decoders and bad data raise many types
+            raise ImageReadError(path, f"cannot decode DICOM pixel data ({one_line(error, 400)})") from None
+    reasons = {}
+    for plugin in sorted(plugins, key=lambda name: name == "gdcm"):
+        dataset.pixel_array_options(index=0, decoding_plugin=plugin)
+        try:
+            if plugin == "gdcm" and len(plugins) > 1:  # only after the others refused the data: likely corrupt
+                with _c_stderr_kept(notes):
+                    return dataset.pixel_array
+            return dataset.pixel_array
+        except Exception as error:
+            reasons[plugin] = _plugin_reason(plugin, error)
+    said = "; ".join(reasons[name] for name in plugins if name in reasons).replace(*GDCM_FAILURE)
+    if all("does not support" in reason for reason in reasons.values()):  # pydicom names what would read it
+        said += _install_hint(dataset)
+    raise ImageReadError(path, f"cannot decode DICOM pixel data ({said})")
+
+
+def _plugins(dataset) -> list[str]:
+    """The decoder plugins pydicom has for the data's transfer syntax, in its order; [] for native data."""
+    from pydicom.pixels import get_decoder
+    try:
+        decoder = get_decoder(dataset.file_meta.TransferSyntaxUID)
+        return [] if decoder.is_native else list(decoder.available_plugins)
+    except Exception:  # no or an unknown transfer syntax: pydicom's own path says so
+        return []
+
+
+def _plugin_reason(plugin: str, error: Exception) -> str:
+    """pydicom's "Unable to decode as exceptions were raised by all available plugins:" then "  NAME: REASON"."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    reason = " ".join(lines) if lines else f"{plugin}: {one_line(error)}"
+    return reason if len(reason) <= 200 else reason[:199] + "…"
+
+
+def _install_hint(dataset) -> str:
+    """pydicom's names for the decoders it lacks ("pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1")
+    as the command that installs them."""
+    from pydicom.pixels import get_decoder
+    packages = []
+    for missing in get_decoder(dataset.file_meta.TransferSyntaxUID).missing_dependencies:
+        needs = missing.partition(" - requires ")[2]
+        packages += [re.split(r"[<>=!~ ]", name.strip())[0] for name in re.split(r",|\band\b", needs)]
+    packages = [name for name in dict.fromkeys(packages) if name and name != "numpy"]
+    return f"; to read it: pip install {' '.join(packages)}" if packages else ""
+
+
+@contextmanager
+def _c_stderr_kept(notes: list):
+    """GDCM's libjpeg writes its warnings ("Corrupt JPEG data: ...") to file descriptor 2 itself, past Python.
+    For the length of that call (one at a time: the descriptor is the process's) it points at a temporary
+    file, and what was written becomes this file's notes. Only GDCM's fallback runs here, so decodes of
+    valid files never wait on each other."""
+    with _STDERR, tempfile.TemporaryFile() as sink:
+        try:
+            if sys.stderr is not None:
+                sys.stderr.flush()  # Python's own pending output goes where it was meant to
+            saved = os.dup(2)
+        except OSError:  # no stderr to keep clean
+            saved = None
+        if saved is not None:
+            os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+            sink.seek(0)
+            notes += [f"gdcm: {line.strip()}" for line in sink.read().decode(errors="replace").splitlines()
+                      if line.strip()]
 
 
 def _through_palette(path, dataset, indices):

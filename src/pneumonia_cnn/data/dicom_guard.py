@@ -9,7 +9,12 @@ or when a deflated data set inflates to more than its header declares.
 from __future__ import annotations
 
 import io
+import logging
+import struct
+import threading
+import warnings
 import zlib
+from contextlib import contextmanager
 
 from .image import MAX_PIXELS
 
@@ -18,10 +23,78 @@ CHUNK = 1 << 20
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
+_reading = threading.local()  # the notes pydicom gives while this thread reads one file
+
+
+class _KeepNotes(logging.Filter):
+    """pydicom sends each warning to its logger and to ``warnings`` alike: the command line showed it three
+    times, naming no file. While a thread reads a file the message is kept for that file instead, once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kept = getattr(_reading, "notes", None)
+        if kept is None:
+            return True
+        message = record.getMessage()
+        if message not in kept:
+            kept.append(message)
+        return False
+
+
+for _name in ("pydicom", "pydicom.pixels.utils", "pydicom.pixels.decoders.base"):  # logger filters do not inherit
+    logging.getLogger(_name).addFilter(_KeepNotes())
+# The same messages as warnings: pydicom logs each before it warns, so they are on its logger above, where they
+# can be told apart by thread (warnings.catch_warnings is process-wide, and files are read on many threads).
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
+@contextmanager
+def pydicom_notes():
+    """The list of what pydicom says while this thread reads one file, each message once (the outer list when
+    called inside another read)."""
+    kept = getattr(_reading, "notes", None)
+    if kept is not None:
+        yield kept
+        return
+    _reading.notes = kept = []
+    try:
+        yield kept
+    finally:
+        _reading.notes = None
+
+
 def looks_like_dicom(data: bytes) -> bool:
-    """The 'DICM' magic, or a data set without the preamble starting at group 0002 or 0008 (no image format
-    the readers know starts with these bytes)."""
-    return data[128:132] == b"DICM" or data[:2] in (b"\x02\x00", b"\x08\x00")
+    """From a file's first 132 bytes: the 'DICM' magic, or a data set without the preamble, whose first elements
+    lie in group 0002 or 0008 (no image format the readers know starts with these bytes) in ascending order."""
+    if data[128:132] == b"DICM":
+        return True
+    return data[:2] in (b"\x02\x00", b"\x08\x00") and _elements_ascend(data)
+
+
+def _elements_ascend(data: bytes) -> bool:
+    """Whether the elements that start in ``data`` (little endian, explicit or implicit VR) have ascending tags,
+    as DICOM requires: 20 MB of zeros after 08 00 read as a million empty elements, in 10 s, before pydicom
+    found no image in them; here they are (0008,0000) then (0000,0000), refused from their first 16 bytes."""
+    from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
+    offset, previous = 0, -1
+    while offset + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, offset)
+        tag = group << 16 | element
+        if tag <= previous:
+            return False
+        code = data[offset + 4:offset + 6].decode("latin-1")
+        if code in VR.__members__ and "_" not in code:
+            if code in EXPLICIT_VR_LENGTH_32:
+                if offset + 12 > len(data):
+                    break
+                header, length = 12, struct.unpack_from("<I", data, offset + 8)[0]
+            else:
+                header, length = 8, struct.unpack_from("<H", data, offset + 6)[0]
+        else:  # implicit VR: a 4-byte length
+            header, length = 8, struct.unpack_from("<I", data, offset + 4)[0]
+        if length == 0xFFFFFFFF:  # a sequence of undefined length: its items follow, not the next element
+            break
+        previous, offset = tag, offset + header + length
+    return True
 
 
 def dicom_problem(source, max_pixels: int = MAX_PIXELS) -> str | None:
@@ -32,6 +105,11 @@ def dicom_problem(source, max_pixels: int = MAX_PIXELS) -> str | None:
     start = stream.tell()
     if not looks_like_dicom(stream.read(132)):
         return None
+    with pydicom_notes():  # what the header says is reported by the reader of the whole file, if it is read
+        return _header_problem(stream, start, max_pixels)
+
+
+def _header_problem(stream, start: int, max_pixels: int) -> str | None:
     try:
         from pydicom.filereader import read_dataset, read_preamble
         stream.seek(start)

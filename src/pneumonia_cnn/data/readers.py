@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import ImageReadError
-from .dicom import read_dicom
+from .dicom import NOT_DICOM, read_dicom
+from .dicom_guard import looks_like_dicom as starts_like_dicom
 from .image import MAX_PIXELS, MIN_SIDE, ImageMeta, scale_to_uint8
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif"}
@@ -38,14 +39,13 @@ def is_candidate_file(path: Path) -> bool:
 
 
 def looks_like_dicom(path: Path) -> bool:
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
+    """Whether the file's content is DICOM (the 'DICM' magic, or a data set without the preamble), as the readers
+    decide it; its name plays no part."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(132)
+            return starts_like_dicom(handle.read(132))
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def _pil_to_gray(image: Image.Image, path: Path) -> np.ndarray:
@@ -139,35 +139,52 @@ def read_image(path, size: tuple[int, int] | None = None, interpolation: str = "
         raise ImageReadError(path, "empty file (0 bytes)")
     if not os.access(path, os.R_OK):
         raise ImageReadError(path, "permission denied")
-    if looks_like_dicom(path):
-        gray, meta = read_dicom(path)
-    else:
-        gray, meta = _read_pil(path)
-    if size is not None and gray.shape != tuple(size):
-        gray = resize_gray(gray, size, interpolation)
-    return gray, meta
+    return _decoded(path, None, size, interpolation)
 
 
 def read_image_bytes(data: bytes, name: str = "upload", size: tuple[int, int] | None = None,
                      interpolation: str = "bilinear") -> tuple[np.ndarray, ImageMeta]:
-    """Decode an in-memory upload (image or DICOM) by its content, never by its name."""
+    """Decode an in-memory upload (image or DICOM) as ``read_image`` decodes a file of that name."""
     if not data:
         raise ImageReadError(name, "empty file (0 bytes)")
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        gray, meta = read_dicom(Path(name), io.BytesIO(data))
+    return _decoded(Path(name), bytes(data), size, interpolation)
+
+
+def _decoded(path: Path, data: bytes | None, size, interpolation: str) -> tuple[np.ndarray, ImageMeta]:
+    """The one reading path of files (``data`` None) and uploads (their bytes): by content, DICOM or one of the
+    image formats; the name only words the refusal of a file that is neither (a PNG called .dcm is read as the
+    PNG it is, by predict as by the server, which had answered differently)."""
+    if data is None:
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(132)
+        except OSError as error:
+            raise ImageReadError(path, error.strerror or str(error)) from None
+    else:
+        head = data[:132]
+    if starts_like_dicom(head):  # the first bytes decide: a 100 MB file of zeros called .dcm is refused at once
+        gray, meta = read_dicom(path, data)
     else:
         try:
-            gray, meta = _read_pil(Path(name), io.BytesIO(data))
+            gray, meta = _read_pil(path, io.BytesIO(data) if data is not None else None)
         except ImageReadError as error:
-            if "not a readable image" not in error.reason:
-                raise
-            try:  # DICOM without the 128-byte preamble
-                gray, meta = read_dicom(Path(name), io.BytesIO(data), strict=True)
-            except ImageReadError:
-                raise error from None
+            if path.suffix.lower() in DICOM_SUFFIXES and error.reason.startswith("not a readable image"):
+                raise ImageReadError(path, NOT_DICOM) from None
+            raise
+    gray = _one_gray_image(path, gray)
     if size is not None and gray.shape != tuple(size):
         gray = resize_gray(gray, size, interpolation)
     return gray, meta
+
+
+def _one_gray_image(path: Path, gray) -> np.ndarray:
+    """Whatever a reader returns, what goes on is one 2-D uint8 image, or the file's one-line refusal: an array
+    of another shape (a colour multi-frame DICOM's four axes) ended the whole run in the resize."""
+    if not isinstance(gray, np.ndarray) or gray.ndim != 2 or gray.dtype != np.uint8:
+        shape = getattr(gray, "shape", None)
+        raise ImageReadError(path, f"decoded to an array of shape {shape} ({getattr(gray, 'dtype', type(gray))}), "
+                                   f"not one gray image")
+    return gray
 
 
 def resize_gray(gray: np.ndarray, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:

@@ -25,12 +25,18 @@ def decode_files(paths, preprocessing: Preprocessing, chunk: int = 32, workers: 
     """Chunks of decoded files in the given order; an unreadable file carries its one-line reason."""
     paths = [str(p) for p in paths]
 
+    size = tuple(preprocessing.size)
+
     def read(path: str) -> DecodedFile:
         try:
             pixels, meta = preprocessing.read_path(path)
-            return DecodedFile(path, pixels, meta)
         except ImageReadError as error:
             return DecodedFile(path, error=error.reason)
+        if getattr(pixels, "shape", None) != size or getattr(pixels, "dtype", None) != np.uint8:
+            # one image of the model's size, or this file's reason: stacked with the others, it would end the run
+            return DecodedFile(path, error=f"decoded to an array of shape {getattr(pixels, 'shape', None)}, not "
+                                           f"one {size[1]}x{size[0]} gray image")
+        return DecodedFile(path, pixels, meta)
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         for start in range(0, len(paths), chunk):

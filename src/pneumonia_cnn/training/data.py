@@ -8,9 +8,9 @@ import numpy as np
 
 from ..data.cache import build_or_load
 from ..data.dataset import ImageList, load_split, patient_split
-from ..data.fingerprint import file_fingerprints
-from ..data.readers import SUPPORTED_SUFFIXES
-from ..errors import DatasetError
+from ..data.fingerprint import file_fingerprint
+from ..data.readers import SUPPORTED_SUFFIXES, read_image
+from ..errors import DatasetError, ImageReadError
 from ..fileio import display_path
 from .config import TrainConfig
 from .distributed import Distributed, barrier
@@ -34,10 +34,13 @@ def split_lists(config: TrainConfig) -> tuple[ImageList, ImageList | None]:
                         "(--val-from-train 0.1)", display_path(root / "val"), len(val_list))
             train_list, val_list = patient_split(train_list, 0.1, config.seed)
             carved = True
+    if val_list is not None and not len(val_list):
+        val_list = None  # an empty val/ with --min-val-images 0
     if val_list is None:
         log.warning("%s: no validation images: best.pt is chosen by the training loss, with no calibration and "
-                    "the threshold %s (give a val/ folder or --val-from-train 0.1)", display_path(root),
-                    config.threshold if _fixed_threshold(config.threshold) else "0.5, not " + config.threshold)
+                    "the threshold %s (%s--val-from-train 0.1)", display_path(root),
+                    config.threshold if _fixed_threshold(config.threshold) else "0.5, not " + config.threshold,
+                    "" if root.suffix.lower() == ".csv" else "give a val/ folder or ")
     refuse_leakage(config, train_list, None if carved else val_list)
     if config.limit_images:
         rng = np.random.default_rng(config.seed)
@@ -66,25 +69,46 @@ def refuse_leakage(config: TrainConfig, train_list: ImageList, val_list: ImageLi
     """Before any training, by content (the same X-ray under another name is the same X-ray): one under both
     classes of a split, or a validation or test image that is also a training image (or a test image that is a
     validation one). Validation would pick best.pt and fit the decision on images it was trained on; the test
-    figures would flatter the model. A val carved from train is split by patient and not checked."""
+    figures would flatter the model. A val carved from train is split by patient and not checked; files that
+    are not readable images (identical empty or junk files) are skipped here as the reading skips them."""
     root = Path(config.data)
     test_list = None
     if config.evaluate_test and root.suffix.lower() != ".csv" and (root / "test").is_dir():
         test_list = load_split(root, "test", class_names=train_list.class_names)
-    splits = {"train": train_list, "val": val_list, "test": test_list}
     seen: dict[str, tuple[str, str, int]] = {}  # fingerprint -> (split, path, label)
-    for split, images in splits.items():
-        if images is None:
-            continue
-        for path, label, fingerprint in zip(images.paths, images.labels, file_fingerprints(images.paths)):
-            first = seen.setdefault(fingerprint, (split, path, int(label)))
-            if first[0] == split and first[2] != int(label):
+    for split, images in {"train": train_list, "val": val_list, "test": test_list}.items():
+        for path, label in zip(images.paths, images.labels) if images is not None else ():
+            fingerprint = _image_fingerprint(path)
+            first = seen.setdefault(fingerprint, (split, path, int(label))) if fingerprint else None
+            if first is None or first[1] == path or (first[0] == split and first[2] == int(label)):
+                continue
+            if not (_readable(path) and _readable(first[1])):
+                continue
+            if first[0] == split:
                 raise DatasetError(f"{display_path(path)}: the same image as {display_path(first[1])} under the "
-                                   f"other class; a training image has one label")
-            if first[0] != split:
-                raise DatasetError(f"{display_path(path)}: the same image as the {first[0]} image "
-                                   f"{display_path(first[1])}; a {split} image must not be one the model "
-                                   f"{'trained' if first[0] == 'train' else 'was selected'} on")
+                                   f"other class; an image has one label")
+            remedy = "--no-evaluate-test trains without scoring test" if split == "test" else \
+                "--val-from-train 0.1 carves val from train instead"
+            raise DatasetError(f"{display_path(path)}: the same image as the {first[0]} image "
+                               f"{display_path(first[1])}; a {split} image must not be one the model "
+                               f"{'trained' if first[0] == 'train' else 'was selected'} on (remove one, or "
+                               f"{remedy})")
+
+
+def _image_fingerprint(path) -> str | None:
+    """The content fingerprint of a regular, non-empty file; None for anything else (a FIFO would block)."""
+    try:
+        return file_fingerprint(path) if Path(path).is_file() and Path(path).stat().st_size else None
+    except OSError:
+        return None
+
+
+def _readable(path) -> bool:
+    try:
+        read_image(path, (8, 8))
+        return True
+    except ImageReadError:
+        return False
 
 
 def prepare_data(config: TrainConfig, dist_info: Distributed):

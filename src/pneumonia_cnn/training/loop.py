@@ -53,6 +53,7 @@ def train(config: TrainConfig, resume_from_last: bool = False, after_training: A
                 interrupted = True
                 break
             end_of_epoch(run)
+            stop.requested = any_rank(run.dist, stop.requested, run.device)  # every rank stops here, or none
             if stop.requested:  # asked during validation or saving: the epoch is kept, the end-of-run steps wait
                 interrupted = True
                 break
@@ -174,18 +175,21 @@ def refuse_diverged(run: Run, row: dict, logits: np.ndarray | None):
 
 
 def restore_best_of_last_epoch(run: Run):
-    """last.pt is written before best.pt: when a run was killed between the two, the epoch it saved improved
-    the monitored score and best.pt is older or missing, best.pt is written again from last.pt's weights
-    (the same weights the killed run would have written)."""
+    """last.pt is written before best.pt, the history and the curves: when a run was killed between them, the
+    epoch it saved improved the monitored score and best.pt is older or missing, they are written again from
+    last.pt (the weights and rows the killed run would have written)."""
     state = run.state
     if not run.dist.main or state.epoch == 0 or state.step_in_epoch or state.epochs_without_improvement:
         return
     best = run.out / "best.pt"
     if best.is_file() and load_checkpoint(best).get("epoch") == state.epoch:
         return
-    log.info("%s: writing best.pt of epoch %d again (the run stopped before it was written)",
-             display_path(run.out), state.epoch)
+    log.info("%s: writing best.pt, history and curves of epoch %d again (the run stopped before they were "
+             "written)", display_path(run.out), state.epoch)
     save_checkpoint(checkpoint_payload(run, state.eval_model), best)
+    write_history(state.history, run.out)
+    from ..plots import training_curves
+    training_curves(state.history, run.out / "curves.png")
 
 
 def validation_logits(run: Run) -> np.ndarray:

@@ -90,7 +90,7 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
         _prepare_run_folder(out, config, train_set, val_set)
     model = create_model(config.model, in_channels=config.channels, image_size=(config.size, config.size),
                          weights=config.weights or None, **config.model_kwargs).to(device)
-    if config.init:
+    if config.init and not (resume_from_last and (out / "last.pt").exists()):  # else last.pt has the weights
         start_from(model, config)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -116,11 +116,25 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
 
 
 def with_absolute_paths(config: TrainConfig) -> TrainConfig:
-    """The files a run reads, as absolute paths in its config.json and checkpoints: a resume from another
-    working directory found no data ("mid: folder not found"), and the --init weights are read again then."""
+    """The files a run reads, as absolute paths in its config.json and checkpoints (a resume from another
+    working directory found no data: "mid: folder not found"); ``--init`` as the checkpoint file it started from,
+    not a run folder whose best.pt a later run may change."""
+    from .. import builtin
     paths = {name: str(Path(getattr(config, name)).absolute()) for name in ("data", "weights", "init", "cache_dir")
-             if getattr(config, name) and Path(getattr(config, name)).exists()}
+             if getattr(config, name) and not (name == "init" and builtin.is_builtin(config.init))
+             and (Path(getattr(config, name)).exists() or name == "cache_dir")}
+    if paths.get("init") and Path(paths["init"]).is_dir():  # the file, not the folder a later run may change
+        from ..checkpoint import finished_run_checkpoint
+        paths["init"] = str(finished_run_checkpoint(Path(paths["init"])))
     return dataclasses.replace(config, **paths) if paths else config
+
+
+def _forward_once(config: TrainConfig, size: int, device: torch.device):
+    with device, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
+        model = create_model(config.model, in_channels=config.channels, image_size=(config.size, config.size),
+                             **config.model_kwargs).eval()
+        model(torch.zeros(2, config.channels, size, size))
 
 
 def train_images_digest(train_set, data) -> str:
@@ -150,11 +164,13 @@ def _check_model_takes_input(config: TrainConfig):
     for size in sorted({config.size, *(int(k) for k in config.size_schedule)}):
         field_name = "size" if size == config.size else "size_schedule"
         try:
-            with torch.device("meta"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
-                model = create_model(config.model, in_channels=config.channels,
-                                     image_size=(config.size, config.size), **config.model_kwargs)
-                model(torch.zeros(2, config.channels, size, size))
+            try:
+                _forward_once(config, size, torch.device("meta"))
+            except (RuntimeError, ValueError, IndexError, TypeError, ZeroDivisionError):
+                # a model that makes tensors on the CPU itself (a buffer from numpy) fails on the meta device
+                # only: tried on the CPU before it is refused, its random draws put back
+                with torch.random.fork_rng(devices=[]):
+                    _forward_once(config, size, torch.device("cpu"))
         except ConfigError as error:
             raise ConfigError(f"{field_name}: {error}") from None
         except (RuntimeError, ValueError, IndexError, TypeError, ZeroDivisionError) as error:
@@ -187,12 +203,14 @@ def start_from(model: torch.nn.Module, config: TrainConfig):
 
 
 def is_run_config(path: Path) -> bool:
-    """Whether ``path`` is a config.json that a run wrote: it holds every field of a config."""
+    """Whether ``path`` is a config.json that a run wrote (this version's or an earlier one's): a user's own
+    config file names a few fields, a run's all of them."""
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(values, dict) and set(values) >= {spec.name for spec in dataclasses.fields(TrainConfig)}
+    return isinstance(values, dict) and set(values) >= {"data", "out", "model", "size", "epochs", "lr", "seed",
+                                                         "optimizer", "augment"}
 
 
 def _prepare_run_folder(out: Path, config: TrainConfig, train_set, val_set):

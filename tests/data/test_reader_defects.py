@@ -1,0 +1,247 @@
+"""Defects a hostile probe of the readers found (2026-11-27), each on real X-rays written to disk: a colour
+multi-frame DICOM that ended the whole run, predict and the server deciding a file's format differently, library
+messages on stderr that named no file, and a large non-DICOM file called .dcm read whole before its refusal."""
+import io
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+
+from pneumonia_cnn.data.readers import read_image, read_image_bytes
+from pneumonia_cnn.errors import ImageReadError
+from tests.conftest import SHARED_DATA, require_shared
+
+
+@pytest.fixture(scope="module")
+def xray():
+    """(path, gray pixels) of a real X-ray of the shared test split."""
+    require_shared()
+    path = sorted((SHARED_DATA / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
+    return path, np.asarray(Image.open(path).convert("L"))
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", frames=None, syntax=ExplicitVRLittleEndian, preamble=True,
+                **tags):
+    """``pixels``: (rows, columns), (rows, columns, 3), or with ``frames`` a first axis of frames."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition, ds.PatientAge = "DX", "CHEST", "PA", "003Y"
+    colour = pixels.shape[-1] == 3
+    if frames:
+        ds.NumberOfFrames = frames
+    ds.Rows, ds.Columns = pixels.shape[1:3] if frames else pixels.shape[:2]
+    ds.SamplesPerPixel = 3 if colour else 1
+    if colour:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.PixelData = pixels.tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    if preamble:
+        ds.save_as(path, enforce_file_format=True)
+    else:  # the data set alone, as some modalities write it: no preamble, no 'DICM', no file meta
+        del ds.file_meta
+        ds.preamble = None
+        ds.save_as(path, implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=True)
+    return path
+
+
+def run_cli(*arguments):
+    """A real ``pneumonia-cnn`` process (its own logging and warnings set-up): (exit code, stdout, stderr)."""
+    done = subprocess.run([sys.executable, "-m", "pneumonia_cnn", *map(str, arguments)], capture_output=True,
+                          text=True, timeout=300)
+    return done.returncode, done.stdout, done.stderr
+
+
+# ---------- 1. a colour multi-frame DICOM
+
+
+def test_a_colour_multi_frame_dicom_is_read_as_its_first_frame(xray, tmp_path):
+    """2 frames of RGB: pydicom gives (frames, rows, columns, 3), and only gray multi-frame files had their
+    first frame taken; the 4-D array reached the resize ("Cannot handle this data type: (1, 1, 224, 3)")."""
+    _, gray = xray
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    frames = write_dicom(tmp_path / "frames.dcm", np.stack([rgb, 255 - rgb]), "RGB", frames=2)
+    single = write_dicom(tmp_path / "single.dcm", rgb, "RGB")
+    first, meta = read_image(frames, (224, 224))
+    assert first.shape == (224, 224) and meta.source_format == "DICOM"
+    assert (first == read_image(single, (224, 224))[0]).all()
+    upload, _ = read_image_bytes(frames.read_bytes(), "frames.dcm", (224, 224))  # the server's way in
+    assert (upload == first).all()
+
+
+def test_predict_scores_a_colour_multi_frame_dicom_and_the_other_files(xray, tmp_path):
+    """The traceback had cost the whole run: no row for the good JPEG beside it either."""
+    path, gray = xray
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    frames = write_dicom(tmp_path / "frames.dcm", np.stack([rgb, rgb]), "RGB", frames=2)
+    code, out, err = run_cli("predict", "builtin", frames, path, "--format", "csv", "--engine", "torch")
+    assert code == 0 and "Traceback" not in err, err
+    rows = out.strip().splitlines()[1:]
+    assert len(rows) == 2 and all(",PNEUMONIA," in row or ",NORMAL," in row for row in rows), out
+
+
+def test_an_array_of_another_shape_from_a_reader_is_that_files_refusal(xray, tmp_path, monkeypatch):
+    """Defence in depth: whatever a reader returns, only one 2-D uint8 image goes on; anything else is the file's
+    one-line reason, and the files beside it are still decoded."""
+    from pneumonia_cnn.data import readers
+    from pneumonia_cnn.inference.bundle import Preprocessing
+    from pneumonia_cnn.inference.files import decode_files
+    path, gray = xray
+    odd = write_dicom(tmp_path / "odd.dcm", gray)
+    monkeypatch.setattr(readers, "read_dicom", lambda *_: (np.zeros((1, 1, 224, 3), np.uint8), None))
+    with pytest.raises(ImageReadError, match=r"odd.dcm: decoded to an array of shape \(1, 1, 224, 3\) \(uint8\), "
+                                             r"not one gray image$"):
+        read_image(odd, (224, 224))
+    decoded = [item for chunk in decode_files([odd, path], Preprocessing((224, 224), 1)) for item in chunk]
+    assert decoded[0].pixels is None and "not one gray image" in decoded[0].error
+    assert decoded[1].error is None and decoded[1].pixels.shape == (224, 224)
+
+
+def test_decoding_keeps_only_images_of_the_models_size(xray, tmp_path, monkeypatch):
+    """The last line of defence before the chunk is stacked: a preprocessing step that returned another shape is
+    that file's row, not the end of predict."""
+    from pneumonia_cnn.inference.bundle import Preprocessing
+    from pneumonia_cnn.inference.files import decode_files
+    path, _ = xray
+    odd = tmp_path / "odd.jpeg"
+    odd.write_bytes(path.read_bytes())
+    read_path = Preprocessing.read_path
+
+    def read_oddly(self, name):
+        pixels, meta = read_path(self, name)
+        return (pixels[None, None, :, :, None] if name == str(odd) else pixels), meta
+    monkeypatch.setattr(Preprocessing, "read_path", read_oddly)
+    decoded = [item for chunk in decode_files([odd, path], Preprocessing((224, 224), 1)) for item in chunk]
+    assert decoded[0].pixels is None
+    assert decoded[0].error == "decoded to an array of shape (1, 1, 224, 224, 1), not one 224x224 gray image"
+    assert decoded[1].error is None and decoded[1].pixels.shape == (224, 224)
+
+
+# ---------- 3. one reading path for files and uploads
+
+
+def test_a_file_and_its_upload_are_decoded_alike(xray, tmp_path):
+    """By content, whatever the name: a PNG called .dcm was refused by predict ("not a DICOM file") and scored by
+    the server; a DICOM without its preamble called .jpeg is DICOM to both; the name words only a refusal."""
+    path, gray = xray
+    Image.fromarray(gray).save(tmp_path / "png_as.dcm", format="PNG")
+    write_dicom(tmp_path / "bare.jpeg", (gray.astype(np.uint16) * 16), preamble=False)
+    (tmp_path / "text.dcm").write_text("This is a text file, not a DICOM.\n")
+    (tmp_path / "good.jpeg").write_bytes(path.read_bytes())
+    outcomes = {}
+    for file in sorted(tmp_path.iterdir()):
+        as_file = outcome(read_image, file, (224, 224))
+        assert as_file == outcome(read_image_bytes, file.read_bytes(), file.name, (224, 224)), file.name
+        outcomes[file.name] = as_file
+    assert outcomes["png_as.dcm"][1] == "PNG" and outcomes["bare.jpeg"][1] == "DICOM"
+    assert outcomes["png_as.dcm"][0] == outcomes["good.jpeg"][0]  # the same X-ray, read as the PNG it is
+    assert outcomes["text.dcm"] == "not a DICOM file (no DICM header and no image description)"
+
+
+def outcome(read, *arguments):
+    """(pixels, format) of a read, or its reason for refusing."""
+    try:
+        pixels, meta = read(*arguments)
+        return pixels.tobytes(), meta.source_format
+    except ImageReadError as error:
+        return error.reason
+
+
+# ---------- 4. what reaches stderr names the file
+
+
+def test_a_pydicom_warning_is_one_line_naming_the_file(xray, tmp_path):
+    """NumberOfFrames 0: pydicom's warning was printed three times (its log line, the warning, the log line
+    again), none naming the file."""
+    _, gray = xray
+    path = write_dicom(tmp_path / "frames0.dcm", gray.astype(np.uint16) * 16, NumberOfFrames="0")
+    code, out, err = run_cli("predict", "builtin", path, "--engine", "torch")
+    about = [line for line in err.splitlines() if "Number of Frames" in line]
+    assert code == 0 and len(about) == 1 and str(path) in about[0], err
+    assert "frames0.dcm" in out and "unreadable" not in out
+
+
+def test_the_jpeg_library_of_gdcm_does_not_print_on_stderr(xray, tmp_path):
+    """A DICOM that claims JPEG baseline and holds garbage: GDCM's libjpeg printed "Corrupt JPEG data: 7
+    extraneous bytes before marker 0xd9" and "JPEG datastream contains no image" itself; the file's one line
+    says why it was skipped, and the good file beside it is scored."""
+    pytest.importorskip("gdcm")
+    path, gray = xray
+    bad = write_dicom(tmp_path / "fake_jpeg.dcm", gray)
+    dataset = pydicom.dcmread(bad)
+    dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    dataset.PixelData = encapsulate([b"\xff\xd8garbage\xff\xd9"])
+    dataset["PixelData"].VR = "OB"
+    dataset.save_as(bad, enforce_file_format=True)
+    code, out, err = run_cli("predict", "builtin", bad, path, "--engine", "torch")
+    assert code == 0 and "JPEG" not in err.replace(str(bad), ""), err
+    assert err.strip().splitlines() == [f"skipped {bad}: cannot decode DICOM pixel data (gdcm: cannot decode the "
+                                        f"compressed data; pillow: cannot identify image file <stream>)"], err
+
+
+def test_a_12_bit_jpeg_dicom_names_the_decoder_to_install(xray, tmp_path):
+    """JPEG Extended 12-bit: no installed decoder reads it; the reason was cut with "…" before the end and did not
+    say what would read it, as the README does."""
+    pytest.importorskip("gdcm")
+    if any(plugin == "pylibjpeg" for plugin in _plugins_for_12_bit()):
+        pytest.skip("pylibjpeg is installed here: the file is read")
+    _, gray = xray
+    path = write_dicom(tmp_path / "jpeg12.dcm", gray.astype(np.uint16) * 16, BitsStored=12, HighBit=11)
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.51"  # JPEG Extended (Process 2 and 4)
+    dataset.PixelData = encapsulate([b"\xff\xd8\xff\xc1" + bytes(100) + b"\xff\xd9"])
+    dataset["PixelData"].VR = "OB"
+    dataset.save_as(path, enforce_file_format=True)
+    with pytest.raises(ImageReadError) as raised:
+        read_image(path)
+    reason = raised.value.reason
+    assert reason.endswith("; to read it: pip install pylibjpeg pylibjpeg-libjpeg)") and "…" not in reason, reason
+    assert "12-bit precision" in reason
+
+
+def _plugins_for_12_bit():
+    from pydicom.pixels import get_decoder
+    return get_decoder("1.2.840.10008.1.2.4.51").available_plugins
+
+
+# ---------- 5. a large file that is no DICOM
+
+
+@pytest.mark.parametrize("start", [b"", b"\x08\x00"], ids=["zeros", "zeros-after-08-00"])
+def test_a_large_file_called_dcm_that_is_no_dicom_is_refused_from_its_first_bytes(tmp_path, start):
+    """100 MB of zeros called z.dcm took 19 s and 420 MB: read whole, then parsed by pydicom as millions of empty
+    elements. Zeros after 08 00 (a data set's first group) are (0008,0000) then (0000,0000): no DICOM orders its
+    tags so. Both are refused from their first bytes (sparse files: the test writes nothing)."""
+    path = tmp_path / "z.dcm"
+    with open(path, "wb") as handle:
+        handle.write(start)
+        handle.truncate(60_000_000)
+    began = time.perf_counter()
+    with pytest.raises(ImageReadError, match=r"z.dcm: not a DICOM file \(no DICM header and no image description\)$"):
+        read_image(path, (224, 224))
+    assert time.perf_counter() - began < 1.0
+
+
+def test_a_dicom_data_set_without_its_preamble_is_still_read(xray, tmp_path):
+    """What the first bytes must show: a data set written without preamble and file meta, implicit VR, starting
+    at group 0008, is read as before (by content, under any name)."""
+    _, gray = xray
+    path = write_dicom(tmp_path / "bare.img", gray.astype(np.uint16) * 16, syntax=ImplicitVRLittleEndian,
+                       preamble=False)
+    assert path.read_bytes()[:2] == b"\x08\x00"
+    pixels, meta = read_image(path, (224, 224))
+    assert meta.source_format == "DICOM" and pixels.std() > 10
+    assert (read_image_bytes(io.BytesIO(path.read_bytes()).getvalue(), "x", (224, 224))[0] == pixels).all()

@@ -28,3 +28,19 @@ def test_an_error_naming_a_hostile_file_is_one_escaped_line(tmp_path, capsys):
 def test_an_output_of_255_bytes_passes_the_early_write_check(tmp_path):
     from pneumonia_cnn.cli.common import check_output
     check_output(tmp_path / ("L" * 250 + ".json"))  # the probe file beside it was named after it: too long
+
+
+def test_printable_escapes_what_acts_on_a_terminal_and_keeps_every_other_character():
+    assert printable("胸部\u3000X線.jpeg") == "胸部\u3000X線.jpeg"  # an ideographic space: a name to copy back
+    assert printable("می\u200cخواهم.jpeg") == "می\u200cخواهم.jpeg"  # a zero-width non-joiner in Persian
+    assert printable("a\u00a0b.pt") == "a\u00a0b.pt"
+    assert printable("evil\u202egnp.exe") == "evil\\u202egnp.exe"  # a right-to-left override reorders the line
+    assert printable("x\ud800") == "x\\ud800"  # a lone surrogate: os.fsencode raised
+
+
+def test_an_error_naming_a_lone_surrogate_is_still_one_line(tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text('{"x\\ud800": 1}')
+    assert main(["train", "--config", str(config), "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unknown config field(s): x\\ud800" in err and "Traceback" not in err

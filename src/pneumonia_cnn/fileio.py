@@ -9,6 +9,7 @@ import pickle
 import re
 import stat
 import tempfile
+import unicodedata
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,11 +119,29 @@ def display_path(path) -> str:
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
+# what a terminal would act on rather than show: controls (a newline forges a line, ESC redraws the screen), the
+# line and paragraph separators, and the bidirectional overrides and isolates that reorder what follows
+_HIDDEN_EFFECT = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029)}
+
+
 def printable(path) -> str:
     """A file name (or a message naming one) as one line a terminal shows as it is: bytes that are not UTF-8 as
-    ``\\xff`` (a strict UTF-8 stream could not print them), controls and other unprintable characters escaped
-    (``\\x1b``, ``\\n``): an escape sequence would redraw the screen, a newline forge a result line."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in display_path(path))
+    ``\\xff`` (a strict UTF-8 stream could not print them) and the characters in ``_HIDDEN_EFFECT`` or of
+    category Cc escaped (``\\x1b``, ``\\n``). Every other character stays, so a name with an ideographic
+    space or a zero-width joiner can be copied back into a command."""
+    text = os.fsencode(str(path)).decode("utf-8", "backslashreplace") if _encodable(str(path)) else \
+        str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) == "Cc" or c in _HIDDEN_EFFECT
+                   else c for c in text)
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``os.fsencode`` takes it: lone surrogates other than the U+DC80-DCFF of undecodable bytes fail."""
+    try:
+        os.fsencode(text)
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def load_torch_file(path, map_location="cpu"):

@@ -51,8 +51,8 @@ def test_int8_calibration_takes_the_whole_validation_split(capsys, tmp_path, bui
     status, error = run(capsys, "export", "--format", "onnx-int8", "--data", part_of_validation(tmp_path / "sub"),
                         "--out", tmp_path / "x.int8.onnx")
     assert (status, error) == (2, f"error: {tmp_path / 'sub' / 'val'}: holds 2 of the 553 validation images this "
-                                  f"checkpoint's decision was fitted on; calibrate on all of them (the run's own "
-                                  f"validation split, whole)")
+                                  f"checkpoint's decision was fitted on; calibrate on the run's own validation "
+                                  f"split (at least 100 of its images, all when it has fewer)")
     assert digest(built) == before and not (tmp_path / "x.int8.onnx").exists()
 
 
@@ -68,8 +68,25 @@ def test_the_cache_keeps_a_graph_calibrated_on_more_images(capsys, caplog, tmp_p
                     part_of_validation(tmp_path / "sub"), "--out", out)
     assert status == 0 and digest(built) == before
     from pneumonia_cnn.inference.quantize import calibration_count
-    assert calibration_count(built) == 559 and calibration_count(out) == 2
-    assert f"{built}: the cached int8 model, calibrated on 559 images, is kept (these are 2)" in caplog.text
+    assert calibration_count(built) == 553 and calibration_count(out) == 2  # distinct images: 559 files
+    assert f"{built}: the cached int8 model, calibrated on 553 images, is kept (these are 2, unchecked)" in caplog.text
+
+
+def test_an_adapted_checkpoint_calibrates_on_its_source_split_and_checked_beats_unchecked(capsys, tmp_path, built):
+    """adapt --labelled records the site images it was tuned on beside the source's validation fingerprints:
+    the source's split was refused as "553 of the 573". And a graph calibrated on an unchecked split, however
+    large, must not keep a checked one out of the cache."""
+    from pneumonia_cnn.inference.quantize import calibration_record, keeps_cached
+    checkpoint = torch.load(builtin.checkpoint_path(), weights_only=True)
+    # what adaptation.adapted_reference keeps: the fingerprints (source's, then 20 site images'), no scores
+    checkpoint["reference"] = {"val": {"fingerprints": checkpoint["reference"]["val"]["fingerprints"]
+                                       + [f"{i:016x}" for i in range(20)]}}
+    torch.save(checkpoint, tmp_path / "adapted_like.pt")
+    status, _ = run(capsys, "export", tmp_path / "adapted_like.pt", "--format", "onnx-int8", "--data", SHARED_DATA,
+                    "--out", tmp_path / "a.int8.onnx")
+    assert status == 0 and calibration_record(tmp_path / "a.int8.onnx") == (553, True)
+    assert not keeps_cached((4000, False), 553, True) and keeps_cached((553, True), 4000, False)
+    assert keeps_cached((553, True), 2, True) and not keeps_cached((100, True), 553, True)
 
 
 @pytest.mark.parametrize("engine", ["onnx-int8", "openvino-int8"])

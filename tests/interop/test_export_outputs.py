@@ -21,7 +21,7 @@ def test_export_refuses_an_out_of_another_kind_and_data_it_would_not_use(capsys,
                                   f"name")
     status, error = run(capsys, "export", "--format", "torchscript", "--out", tmp_path / "m.onnx")
     assert (status, error) == (2, f"error: {tmp_path / 'm.onnx'}: --format torchscript writes a file ending in .pt or "
-                                  f".pth; give --out such a name")
+                                  f".pth or .ts or .torchscript; give --out such a name")
     assert digest(victim) == kept and not (tmp_path / "m.onnx").exists()
     disguised = Path(shutil.copyfile(victim, tmp_path / "disguised.onnx"))  # an X-ray under an ONNX name
     other_run = Path(shutil.copyfile(builtin.checkpoint_path(), tmp_path / "best.pt"))  # another run's checkpoint
@@ -31,6 +31,8 @@ def test_export_refuses_an_out_of_another_kind_and_data_it_would_not_use(capsys,
         assert (status, error) == (2, f"error: {out}: exists and is not {kind} (the export would replace it); choose "
                                       f"another --out, or remove it")
         assert digest(out) == before
-    for fmt, out in (("onnx", tmp_path / "m.onnx"), ("torchscript", tmp_path / "m.pt")):
+    (tmp_path / "empty.onnx").write_bytes(b"")  # mktemp's empty file: nothing to lose
+    for fmt, out in (("onnx", tmp_path / "m.onnx"), ("torchscript", tmp_path / "m.pt"),
+                     ("onnx", tmp_path / "empty.onnx"), ("torchscript", tmp_path / "m.ts")):
         for _ in range(2):  # its own format is written again
             assert run(capsys, "export", "--format", fmt, "--out", out)[0] == 0

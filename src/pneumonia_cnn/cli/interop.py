@@ -44,7 +44,7 @@ def run_export(args) -> int:
 
 # what each format's --out ends in: a name of another kind (victim.jpeg, a TorchScript zip as model.onnx) is
 # refused, as is an existing file that does not hold the format (another run's checkpoint as model.pt)
-EXPORT_SUFFIXES = {"onnx": (".onnx",), "onnx-int8": (".onnx",), "torchscript": (".pt", ".pth")}
+EXPORT_SUFFIXES = {"onnx": (".onnx",), "onnx-int8": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript")}
 
 
 def check_export_out(out, fmt: str) -> None:
@@ -56,7 +56,7 @@ def check_export_out(out, fmt: str) -> None:
     if Path(out).suffix.lower() not in suffixes:
         raise PneumoniaCNNError(f"{out}: --format {fmt} writes a file ending in {' or '.join(suffixes)}; give "
                                 f"--out such a name")
-    if os.path.isfile(out) and not _holds_format(out, fmt):
+    if os.path.isfile(out) and os.path.getsize(out) and not _holds_format(out, fmt):  # empty: mktemp's, say
         kind = "an ONNX model" if fmt.startswith("onnx") else "a TorchScript model"
         raise PneumoniaCNNError(f"{out}: exists and is not {kind} (the export would replace it); choose another "
                                 f"--out, or remove it")

@@ -114,11 +114,17 @@ def relu_before_max_pool(path) -> int:
     return len(swapped)
 
 
-def validation_pixels(checkpoint: dict, data_root) -> np.ndarray:
-    """The checkpoint's validation images read from ``data_root`` with its preprocessing; refused unless they are
-    all the images its decision was fitted on (the stored fingerprints): the activation ranges come from them,
-    and a few images (one per class) gave an int8 graph twice as far from float32 (largest probability shift on
-    the shared test split 0.083, against 0.031 calibrated on all 559)."""
+MIN_CALIBRATION_IMAGES = 100  # a validation split of fewer is taken whole
+
+
+def validation_pixels(checkpoint: dict, data_root) -> tuple[np.ndarray, int, bool]:
+    """The checkpoint's validation images read from ``data_root`` with its preprocessing, how many distinct
+    images they are, and whether they were checked against the stored fingerprints. Refused when any is not
+    among the images its decision was fitted on, or when they are fewer than ``MIN_CALIBRATION_IMAGES`` (all of
+    them when it has fewer): the activation ranges come from them, and a few images (one per class) gave an int8
+    graph twice as far from float32 (largest probability shift on the shared test split 0.083, against 0.031
+    calibrated on all 559). An adapted checkpoint also records the site images it was tuned on, which its
+    source's validation split does not hold: that split is enough."""
     from ..data.cache import build_or_load
     from ..data.dataset import load_split
     from ..data.fingerprint import file_fingerprints
@@ -126,39 +132,52 @@ def validation_pixels(checkpoint: dict, data_root) -> np.ndarray:
     folder = display_path(Path(data_root) / "val")
     stored = set(((checkpoint.get("reference") or {}).get("val") or {}).get("fingerprints") or [])
     given = set(file_fingerprints(images.paths)) if stored else set()
-    if given - stored:  # an adapted checkpoint also records the site images it was refitted on: all are asked for
+    if given - stored:
         raise PneumoniaCNNError(f"{folder}: not the validation images this checkpoint's decision was fitted on (its "
                                 f"stored fingerprints differ); calibrate on the run's own validation split")
-    if len(given) < len(stored):
+    if len(given) < min(len(stored), MIN_CALIBRATION_IMAGES):
         raise PneumoniaCNNError(f"{folder}: holds {len(given)} of the {len(stored)} validation images this "
-                                f"checkpoint's decision was fitted on; calibrate on all of them (the run's own "
-                                f"validation split, whole)")
+                                f"checkpoint's decision was fitted on; calibrate on the run's own validation "
+                                f"split (at least {MIN_CALIBRATION_IMAGES} of its images, all when it has fewer)")
     if not stored:
         log.warning("the checkpoint stores no validation fingerprints: cannot check that %s is its validation "
                     "split", folder)
     pre = checkpoint["preprocessing"]
     cached = build_or_load(images, tuple(pre["size"]), pre.get("interpolation", "bilinear"),
                            pre.get("intensity", "none"))
-    return np.asarray(cached.images)
+    return np.asarray(cached.images), len(given) if stored else len(cached), bool(stored)
 
 
-def calibration_count(path) -> int | None:
-    """How many images the int8 graph at ``path`` was calibrated on (its ``calibration_images`` metadata);
-    None: no such graph, a damaged one, or one written before the count was recorded."""
+def calibration_record(path) -> tuple[int, bool] | None:
+    """How many distinct images the int8 graph at ``path`` was calibrated on and whether they were checked
+    against its checkpoint's fingerprints (its metadata); None: no such graph, a damaged one, or one written
+    before the count was recorded."""
     import onnx
     try:
         props = {entry.key: entry.value for entry in onnx.load(str(path), load_external_data=False).metadata_props}
-        return int(props["calibration_images"])
+        return int(props["calibration_images"]), props.get("calibration_checked", "1") == "1"
     except Exception:  # absent, cut short, not ONNX, no count: nothing worth keeping over a new graph
         return None
 
 
-def with_count(payload: bytes, count: int) -> bytes:
+def calibration_count(path) -> int | None:
+    record = calibration_record(path)
+    return None if record is None else record[0]
+
+
+def with_count(payload: bytes, count: int, checked: bool = True) -> bytes:
     import onnx
     graph = onnx.load_from_string(payload)
-    entry = graph.metadata_props.add()
-    entry.key, entry.value = "calibration_images", str(count)
+    for key, value in (("calibration_images", str(count)), ("calibration_checked", "1" if checked else "0")):
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
     return graph.SerializeToString()
+
+
+def keeps_cached(before: tuple[int, bool] | None, count: int, checked: bool) -> bool:
+    """Whether the cached graph stays: one calibrated on a checked split beats an unchecked one, then more
+    distinct images beat fewer."""
+    return before is not None and (before[1], before[0]) > (checked, count)
 
 
 def export_int8(checkpoint_path, data_root, out, cache_dir=None) -> dict:
@@ -169,17 +188,18 @@ def export_int8(checkpoint_path, data_root, out, cache_dir=None) -> dict:
     bundle = load_bundle(checkpoint_path)
     if len(bundle.models) != 1:
         raise PneumoniaCNNError("export --format onnx-int8 takes one checkpoint")
-    pixels = validation_pixels(bundle.checkpoints[0], data_root)
+    pixels, count, checked = validation_pixels(bundle.checkpoints[0], data_root)
     size, model = bundle.preprocessing.size, bundle.models[0]
-    payload = with_count(quantize_served(model, size, bundle.tta, bundle.taps, pixels), len(pixels))
+    payload = with_count(quantize_served(model, size, bundle.tta, bundle.taps, pixels), count, checked)
     stored = store_path(served_key(model, size, bundle.tta, bundle.taps), cache_dir)
-    before = calibration_count(stored)
-    keep = before is not None and before > len(pixels)
+    before = calibration_record(stored)
+    keep = keeps_cached(before, count, checked)
     if keep:
-        log.warning("%s: the cached int8 model, calibrated on %d images, is kept (these are %d); --engine onnx-int8 "
-                    "and openvino-int8 go on using it", display_path(stored), before, len(pixels))
+        log.warning("%s: the cached int8 model, calibrated on %d images%s, is kept (these are %d%s); --engine "
+                    "onnx-int8 and openvino-int8 go on using it", display_path(stored), before[0],
+                    "" if before[1] else " unchecked", count, "" if checked else ", unchecked")
     for target in (Path(out),) if keep else (Path(out), stored):
         with atomic_path(target) as temporary:
             Path(temporary).write_bytes(payload)
-    return {"out": str(out), "cached": str(stored), "cache_replaced": not keep, "calibration_images": len(pixels),
+    return {"out": str(out), "cached": str(stored), "cache_replaced": not keep, "calibration_images": count,
             "tta": bundle.tta, "taps": len(bundle.taps)}

@@ -106,33 +106,35 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarra
     return (np.clip((1 - alpha) * base + alpha * heat, 0, 1) * 255).astype(np.uint8)
 
 
-# the PNG text chunk that names the image an overlay was made of: a later explain into the same folder replaces
-# an overlay of the same image, never one of another image of the same name
+# the PNG text chunk that identifies the image an overlay was made of, by its content fingerprint (not its path,
+# which may name the patient, and which a moved folder changes): a later explain into the same folder replaces an
+# overlay of the same image, never one of another image of the same name
 SOURCE_KEY = "pneumonia-cnn source"
 
 
 def overlay_png(gray: np.ndarray, cam: np.ndarray, source=None) -> bytes:
-    """The overlay as PNG bytes; ``source``: the image's path, recorded in the file (``overlay_source``)."""
+    """The overlay as PNG bytes; ``source``: the image's content fingerprint, recorded in the file
+    (``overlay_source``)."""
     import io
 
     from PIL import Image, PngImagePlugin
     info = PngImagePlugin.PngInfo()
-    if source is not None:  # the name's bytes, one Latin-1 character each: any name, non-UTF-8 too, reads back exact
-        info.add_text(SOURCE_KEY, os.fsencode(source))
+    if source is not None:
+        info.add_text(SOURCE_KEY, source)
     buffer = io.BytesIO()
     Image.fromarray(overlay(gray, cam)).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
 
 
-def overlay_source(png) -> bytes | None:
-    """The real path (bytes) of the image an overlay explain wrote was made of; None: no such record."""
+def overlay_source(png) -> str | None:
+    """The content fingerprint of the image an overlay explain wrote was made of; None: no such record."""
     from PIL import Image
     try:
         with Image.open(png) as image:
             text = image.info.get(SOURCE_KEY)
     except Exception:  # not a picture, or a damaged one: not an overlay explain wrote
         return None
-    return text.encode("latin-1") if isinstance(text, str) else None
+    return text if isinstance(text, str) else None
 
 
 def output_stems(paths) -> list[str]:
@@ -181,9 +183,10 @@ def refuse_replacing_another(path, png: Path) -> None:
     if not (os.path.lexists(png) or os.path.lexists(npy)):
         return
     source = overlay_source(png)
-    if source is not None and source == os.fsencode(os.path.realpath(path)):
+    if source is not None and source == _fingerprint(path):
         return
-    held = f"the overlay of {display_path(os.fsdecode(source))}" if source else "a file explain did not make of it"
+    held = "the overlay of another image" if source else \
+        "a file this version of explain did not write (an earlier version's overlay, or another program's)"
     raise PneumoniaCNNError(f"{display_path(png if os.path.lexists(png) else npy)}: holds {held}; the overlay of "
                             f"{display_path(path)} would replace it; give another --out, or remove it")
 
@@ -205,7 +208,15 @@ def write_overlay(png: Path, gray: np.ndarray, cam: np.ndarray, source) -> None:
     with atomic_path(png.with_suffix(".npy")) as raw, atomic_path(png) as picture:
         with open(raw, "wb") as handle:
             np.save(handle, cam)
-        picture.write_bytes(overlay_png(gray, cam, os.path.realpath(source)))
+        picture.write_bytes(overlay_png(gray, cam, _fingerprint(source)))
+
+
+def _fingerprint(path) -> str | None:
+    from .data.fingerprint import file_fingerprint
+    try:
+        return file_fingerprint(path)
+    except OSError:  # unreadable now: it was read to be explained, so this is a race; nothing to match
+        return None
 
 
 def explain_each(predictor, paths, out_dir, layer: str | None = None) -> Iterator[dict]:

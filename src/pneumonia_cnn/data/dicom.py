@@ -3,13 +3,8 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
-import sys
-import tempfile
-import threading
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +15,6 @@ from .image import MAX_PIXELS, MIN_SIDE, ImageMeta, scale_to_uint8
 
 log = logging.getLogger(__name__)
 NOT_DICOM = "not a DICOM file (no DICM header and no image description)"
-_STDERR = threading.Lock()  # file descriptor 2 is the process's: one redirection at a time
 
 
 class _DropDecoderTracebacks(logging.Filter):
@@ -123,7 +117,9 @@ def _to_gray(path: Path, dataset, pixels: np.ndarray):
 def _first_frame(path: Path, dataset, notes: list) -> np.ndarray:
     """The first frame's pixels, the only one decoded (gray or colour alike: a colour multi-frame file gave a
     4-D array that ended the whole run). The decoders that keep quiet go first; GDCM, whose libjpeg prints its
-    warnings on the process's stderr, last."""
+    warnings on the process's stderr from C, last. Its C output is left there: pointing file descriptor 2
+    elsewhere for the call took what other threads logged meanwhile (a server's log lines), and a temporary
+    file for it made every fallback fail where TMPDIR is not writable."""
     plugins = _plugins(dataset)
     if not plugins:  # native (uncompressed) data, or a syntax nothing here decodes: pydicom's own path and words
         dataset.pixel_array_options(index=0)
@@ -135,16 +131,27 @@ def _first_frame(path: Path, dataset, notes: list) -> np.ndarray:
     for plugin in sorted(plugins, key=lambda name: name == "gdcm"):
         dataset.pixel_array_options(index=0, decoding_plugin=plugin)
         try:
-            if plugin == "gdcm" and len(plugins) > 1:  # only after the others refused the data: likely corrupt
-                with _c_stderr_kept(notes):
-                    return dataset.pixel_array
-            return dataset.pixel_array
+            pixels = dataset.pixel_array
         except Exception as error:
             reasons[plugin] = _plugin_reason(plugin, error)
+            continue
+        notes += _refusals_before(plugin, reasons)
+        return pixels
     said = "; ".join(reasons[name] for name in plugins if name in reasons).replace(*GDCM_FAILURE)
     if all("does not support" in reason for reason in reasons.values()):  # pydicom names what would read it
         said += _install_hint(dataset)
     raise ImageReadError(path, f"cannot decode DICOM pixel data ({said})")
+
+
+def _refusals_before(plugin: str, reasons: dict) -> list[str]:
+    """The note of a file read by ``plugin`` after decoders that support its syntax refused its data (likely
+    damaged: GDCM reads a JPEG without its end marker); [] when none did. pydicom's log of each failure is not
+    the file's note: the file was read."""
+    refused = {name: reason.removeprefix(f"{name}: ") for name, reason in reasons.items()
+               if "does not support" not in reason}
+    if not refused:
+        return []
+    return [f"read by {plugin} after {' and '.join(refused)} refused it ({'; '.join(refused.values())})"]
 
 
 def _plugins(dataset) -> list[str]:
@@ -174,32 +181,6 @@ def _install_hint(dataset) -> str:
         packages += [re.split(r"[<>=!~ ]", name.strip())[0] for name in re.split(r",|\band\b", needs)]
     packages = [name for name in dict.fromkeys(packages) if name and name != "numpy"]
     return f"; to read it: pip install {' '.join(packages)}" if packages else ""
-
-
-@contextmanager
-def _c_stderr_kept(notes: list):
-    """GDCM's libjpeg writes its warnings ("Corrupt JPEG data: ...") to file descriptor 2 itself, past Python.
-    For the length of that call (one at a time: the descriptor is the process's) it points at a temporary
-    file, and what was written becomes this file's notes. Only GDCM's fallback runs here, so decodes of
-    valid files never wait on each other."""
-    with _STDERR, tempfile.TemporaryFile() as sink:
-        try:
-            if sys.stderr is not None:
-                sys.stderr.flush()  # Python's own pending output goes where it was meant to
-            saved = os.dup(2)
-        except OSError:  # no stderr to keep clean
-            saved = None
-        if saved is not None:
-            os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            if saved is not None:
-                os.dup2(saved, 2)
-                os.close(saved)
-            sink.seek(0)
-            notes += [f"gdcm: {line.strip()}" for line in sink.read().decode(errors="replace").splitlines()
-                      if line.strip()]
 
 
 def _through_palette(path, dataset, indices):

@@ -23,16 +23,19 @@ CHUNK = 1 << 20
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
+FIRST_GROUPS = frozenset(range(0x02, 0x29, 2))  # the even groups a data set with Rows (0028,0010) can start in
 _reading = threading.local()  # the notes pydicom gives while this thread reads one file
 
 
 class _KeepNotes(logging.Filter):
     """pydicom sends each warning to its logger and to ``warnings`` alike: the command line showed it three
-    times, naming no file. While a thread reads a file the message is kept for that file instead, once."""
+    times, naming no file. While a thread reads a file the message is kept for that file instead, once. A record
+    with a traceback is a decoder plugin's failure, which the reader words itself (the refusal, or the note of
+    a file a later plugin read): left to the reader's filter, which drops it, never this file's note."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         kept = getattr(_reading, "notes", None)
-        if kept is None:
+        if kept is None or record.exc_info is not None:
             return True
         message = record.getMessage()
         if message not in kept:
@@ -63,11 +66,13 @@ def pydicom_notes():
 
 
 def looks_like_dicom(data: bytes) -> bool:
-    """From a file's first 132 bytes: the 'DICM' magic, or a data set without the preamble, whose first elements
-    lie in group 0002 or 0008 (no image format the readers know starts with these bytes) in ascending order."""
+    """From a file's first 132 bytes: the 'DICM' magic, or a data set without the preamble (little endian), whose
+    elements ascend from an even group between 0002 and 0028: the file meta, group 0008, or, where a writer left
+    group 0008 out, the patient (0010), acquisition (0018), study (0020) or image (0028) groups. An image's data
+    set holds Rows (0028,0010), so it starts by then; no image format the readers know starts with these bytes."""
     if data[128:132] == b"DICM":
         return True
-    return data[:2] in (b"\x02\x00", b"\x08\x00") and _elements_ascend(data)
+    return len(data) >= 2 and data[0] in FIRST_GROUPS and data[1] == 0 and _elements_ascend(data)
 
 
 def _elements_ascend(data: bytes) -> bool:

@@ -224,7 +224,8 @@ def _plugins_for_12_bit():
 # ---------- 5. a large file that is no DICOM
 
 
-@pytest.mark.parametrize("start", [b"", b"\x08\x00"], ids=["zeros", "zeros-after-08-00"])
+@pytest.mark.parametrize("start", [b"", b"\x08\x00", b"\x10\x00", b"\x28\x00", b"\x28\x00\x10\x00"],
+                         ids=["zeros", "zeros-after-08-00", "0010", "0028", "rows"])
 def test_a_large_file_called_dcm_that_is_no_dicom_is_refused_from_its_first_bytes(tmp_path, start):
     """100 MB of zeros called z.dcm took 19 s and 420 MB: read whole, then parsed by pydicom as millions of empty
     elements. Zeros after 08 00 (a data set's first group) are (0008,0000) then (0000,0000): no DICOM orders its

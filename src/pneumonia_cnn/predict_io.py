@@ -40,7 +40,7 @@ def _expand(items) -> tuple[list[str], list[str]]:
         elif path.exists() or path.is_symlink():
             paths.append(str(path))
         elif any(ch in item for ch in "*?["):
-            matches = sorted(glob.glob(item, recursive=True))
+            matches = expand_glob(item)
             if not matches:
                 missing.append(item)
             paths += [m for m in matches if Path(m).is_file()]
@@ -49,7 +49,38 @@ def _expand(items) -> tuple[list[str], list[str]]:
     return paths, missing
 
 
+def expand_glob(pattern: str) -> list[str]:
+    """``sorted(glob.glob(pattern, recursive=True))``, except that ``**`` enters no folder through a symbolic
+    link, as a folder's walk does not: Python 3.11's ``**`` follows them, so a link to a parent folder made
+    ``loop/**/*.jpeg`` list one file 41 times, and two such links ran for ten minutes at 6 GB. Hidden folders
+    are skipped and a trailing ``**`` also matches files, as glob's ``**``."""
+    parts = pattern.split(os.sep)
+    if "**" not in parts:
+        return sorted(glob.glob(pattern))
+    at = parts.index("**")
+    head, rest = os.sep.join(parts[:at]) or (os.sep if at else ""), parts[at + 1:]
+    found = set()
+    for base in glob.glob(head) if head else [os.curdir]:
+        for folder, subfolders, files in os.walk(base):  # followlinks=False: a link to a folder is not entered
+            subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+            folder = folder if head else os.path.relpath(folder)  # "sub/x.jpeg", as glob gives, not "./sub/..."
+            if rest:  # the rest of the pattern (another ** included) below each folder
+                below = os.path.join(glob.escape(folder), *rest) if folder != os.curdir else os.path.join(*rest)
+                found.update(expand_glob(below))
+            else:
+                found.update([folder] + [os.path.join(folder, f) for f in files if not f.startswith(".")])
+    return sorted(found)
+
+
+CSV_FIELDS = ["path", "probability", "label", "threshold", "prevalence", "in_distribution", "ood_score", "warnings",
+              "error", "model"]
+
+
 def format_predictions(predictions, fmt: str = "table", positive_class: str = "PNEUMONIA") -> str:
+    predictions = list(predictions)
+    if fmt not in ("json", "fhir"):  # the head, then the rows: what predict prints chunk by chunk, joined
+        width = table_width(p.path for p in predictions)
+        return "\n".join(text for text in (format_head(fmt, width), format_rows(predictions, fmt, width)) if text)
     rows = [p.to_dict() for p in predictions]
     if fmt == "fhir":  # the DICOM identifiers, read from the files themselves (their names may not be printable)
         from .interop.fhir import dicom_links
@@ -58,23 +89,31 @@ def format_predictions(predictions, fmt: str = "table", positive_class: str = "P
         row["path"] = display_path(row["path"])
     if fmt == "json":
         return json_text(rows)
-    if fmt == "fhir":
-        return format_fhir(rows, positive_class, links)
+    return format_fhir(rows, positive_class, links)
+
+
+def table_width(paths) -> int:
+    """The table's path column: it depends on the names alone, so rows can be printed as they are scored."""
+    return min(max([columns(printable(display_path(path))) for path in paths] + [4]), 70)
+
+
+def format_head(fmt: str, width: int) -> str:
+    """The first line of a CSV or table (``width``: ``table_width`` of every path the table will hold)."""
     if fmt == "csv":
-        buffer = io.StringIO()
-        fields = ["path", "probability", "label", "threshold", "prevalence", "in_distribution", "ood_score",
-                  "warnings", "error", "model"]
-        writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(dict(row, warnings="; ".join(row["warnings"])))
-        return buffer.getvalue().rstrip("\n")
+        return _csv_text([], head=True)
+    return f"{'path':<{width}}  {'probability':>11}  {'label':<10} {'in-dist':<8} note"
+
+
+def format_rows(predictions, fmt: str, width: int) -> str:
+    """CSV or table lines of ``predictions``, without the head ("" for none)."""
+    rows = [p.to_dict() for p in predictions]
     for row in rows:
-        row["path"] = printable(row["path"])
-    width = min(max([columns(r["path"]) for r in rows] + [4]), 70)
-    lines = [f"{'path':<{width}}  {'probability':>11}  {'label':<10} {'in-dist':<8} note"]
+        row["path"] = display_path(row["path"])
+    if fmt == "csv":
+        return _csv_text(rows)
+    lines = []
     for row in rows:
-        path = _fit(row["path"], width)
+        path = _fit(printable(row["path"]), width)
         if row["error"]:
             lines.append(f"{path}  {'-':>11}  {'-':<10} {'-':<8} unreadable: {row['error']}")
             continue
@@ -82,6 +121,17 @@ def format_predictions(predictions, fmt: str = "table", positive_class: str = "P
         lines.append(f"{path}  {row['probability']:>11.4f}  {row['label']:<10} {flag:<8} "
                      + "; ".join(row["warnings"]))
     return "\n".join(lines)
+
+
+def _csv_text(rows: list[dict], head: bool = False) -> str:
+    """``rows`` as CSV lines, each ended by the csv module's CRLF, less the last LF (print adds it back)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    if head:
+        writer.writeheader()
+    for row in rows:
+        writer.writerow(dict(row, warnings="; ".join(row["warnings"])))
+    return buffer.getvalue().rstrip("\n")
 
 
 def columns(text: str) -> int:

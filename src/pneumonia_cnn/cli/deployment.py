@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
+import sys
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
@@ -47,13 +49,43 @@ def run_predict(args) -> int:
         raise PneumoniaCNNError(f"{' '.join(args.paths)}: no image or DICOM files found")
     predictor = Predictor(args.checkpoint, args.device, amp=args.amp, engine=args.engine,
                           prevalence=args.prevalence, adapt_batch=args.adapt_batch)
-    predictions = predictor.predict_files(paths, args.batch_size, progress=not args.no_progress and len(paths) > 64)
-    predictions += [Prediction(entry, error="no such file or folder", model=predictor.model_id) for entry in missing]
-    print(format_predictions(predictions, args.format, predictor.class_names[1]))
-    failed = [p for p in predictions if p.error]
+    progress = not args.no_progress and len(paths) > 64
+    chunks = predictor.iter_predictions(paths, args.batch_size, progress=progress)
+    absent = [Prediction(entry, error="no such file or folder", model=predictor.model_id) for entry in missing]
+    if args.format in ("csv", "table"):  # printed as scored: Ctrl-C keeps what was shown, and memory stays flat
+        count, failed = stream_rows(itertools.chain(chunks, [absent]), paths + missing, args.format, progress)
+    else:  # one JSON document
+        predictions = [p for chunk in chunks for p in chunk] + absent
+        print(format_predictions(predictions, args.format, predictor.class_names[1]))
+        count, failed = len(predictions), [p for p in predictions if p.error]
     for p in failed:
         log.warning("skipped %s: %s", p.path, p.error)
-    return 1 if predictions and len(failed) == len(predictions) else 0
+    return 1 if count and len(failed) == count else 0
+
+
+def stream_rows(chunks, names, fmt: str, progress: bool) -> tuple[int, list]:
+    """Print the head, then each chunk's rows as it comes: together, what ``format_predictions`` gives for them
+    all (the table's width depends on the ``names`` alone). The number of rows, and the unreadable ones."""
+    from ..predict_io import format_head, format_rows, table_width
+    width = table_width(names)
+    show(format_head(fmt, width), progress)
+    count, failed = 0, []
+    for chunk in chunks:
+        if chunk:
+            show(format_rows(chunk, fmt, width), progress)
+        count += len(chunk)
+        failed += [p for p in chunk if p.error]
+    return count, failed
+
+
+def show(text: str, progress: bool) -> None:
+    """Print and flush, clearing the progress bar (on the same terminal) while writing."""
+    if progress:
+        from tqdm import tqdm
+        with tqdm.external_write_mode(file=sys.stdout):
+            print(text, flush=True)
+    else:
+        print(text, flush=True)
 
 
 def explain_arguments(p):

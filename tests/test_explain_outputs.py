@@ -67,15 +67,26 @@ def test_an_out_folder_that_takes_no_file_is_refused_before_the_scoring(capsys, 
     assert status == 2 and error.startswith("error: /proc/self: cannot write in this folder (")
 
 
-def test_no_overlay_goes_inside_the_folder_of_an_image_read(capsys, tmp_path, xrays):
+def test_no_overlay_goes_beside_an_image_read_or_into_a_folder_given(capsys, tmp_path, xrays):
+    """Beside an image, or anywhere in a folder given (read whole), the overlays would be read as X-rays by the
+    next predict of that folder. A subfolder of an image's own folder is allowed (the README's `explain
+    chest.jpeg --out maps/`): refusing it made an image in /tmp rule out every --out under /tmp."""
     tree = tmp_path / "in" / "tree"
     tree.mkdir(parents=True)
     shutil.copyfile(xrays[0], tmp_path / "in" / "good.jpeg")
     shutil.copyfile(xrays[1], tree / "a.jpeg")
-    status, error = run(capsys, "explain", tmp_path / "in" / "good.jpeg", tree / "a.jpeg", "--out", tree / "sub")
+    status, error = run(capsys, "explain", tmp_path / "in" / "good.jpeg", tree / "a.jpeg", "--out", tree)
+    assert (status, error) == (2, f"error: {tree}: --out is among the images explain reads ({tree}); give a folder "
+                                  f"outside it")
+    status, error = run(capsys, "explain", tmp_path / "in", "--out", tree / "sub")
     assert (status, error) == (2, f"error: {tree / 'sub'}: --out is among the images explain reads "
                                   f"({tmp_path / 'in'}); give a folder outside it")
     assert not (tree / "sub").exists()
+    assert run(capsys, "explain", tmp_path / "in" / "good.jpeg", "--out", tmp_path / "in" / "maps")[0] == 0
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    status, error = run(capsys, "explain", tmp_path / "bad.pt", tree / "a.jpeg", "--out", tmp_path / "made")
+    assert status == 2 and "not a readable checkpoint" in error
+    assert not (tmp_path / "made").exists()  # a model that does not load leaves no folder behind
 
 
 def test_another_images_overlay_of_the_same_name_is_kept(capsys, tmp_path, xrays):

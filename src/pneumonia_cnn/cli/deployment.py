@@ -110,9 +110,10 @@ def run_explain(args) -> int:
         raise PneumoniaCNNError(f"{args.out}: --out is a file; give a folder for the overlays")
     refuse_overlays_among_images(args.out, args.paths, paths)
     planned_overlays(paths, args.out)  # refused in a second, before the model loads (explain_each checks again)
+    predictor = Predictor(args.checkpoint, args.device)  # a model that does not load leaves no --out folder made
     check_output_folder(args.out)
     explained = 0
-    for item in explain_each(Predictor(args.checkpoint, args.device), paths, args.out, args.layer):
+    for item in explain_each(predictor, paths, args.out, args.layer):
         if "error" in item:  # on stderr, one line whatever the file is called, as predict's
             log.warning("skipped %s: %s", printable(item["path"]), item["error"])
             continue
@@ -127,11 +128,14 @@ def run_explain(args) -> int:
 
 
 def refuse_overlays_among_images(out, arguments, paths) -> None:
-    """Overlays written into a folder given to explain, or into the folder of an image it reads (at any depth
-    below it), would be read as X-rays by the next predict or explain of that folder."""
+    """Overlays written into a folder given to explain (at any depth below it: it is read whole), or beside an
+    image it reads, would be read as X-rays by the next predict or explain of that folder. A subfolder of an
+    image's folder is allowed: ``explain chest.jpeg --out maps/`` (refusing every folder below an image's made
+    an image in /tmp or $HOME rule out every --out there)."""
     place = Path(out).resolve()
     given = [Path(a).resolve() for a in arguments if _is_folder(a)]  # read whole, subfolders included
-    among = next((f for f in sorted({*given, *map(_folder_of, paths)} - {None}) if place.is_relative_to(f)), None)
+    among = next((f for f in sorted(given) if place.is_relative_to(f)), None) or next(
+        (f for f in sorted({*map(_folder_of, paths)} - {None}) if place == f), None)
     if among is not None:
         raise PneumoniaCNNError(f"{out}: --out is among the images explain reads ({display_path(among)}); give a "
                                 f"folder outside it")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import sys
@@ -79,13 +80,36 @@ def stream_rows(chunks, names, fmt: str, progress: bool) -> tuple[int, list]:
 
 
 def show(text: str, progress: bool) -> None:
-    """Print and flush, clearing the progress bar (on the same terminal) while writing."""
-    if progress:
-        from tqdm import tqdm
-        with tqdm.external_write_mode(file=sys.stdout):
+    """Print and flush, clearing the progress bar (on the same terminal) while writing; Ctrl-C waits until the
+    text is written (a SIGINT inside the write had cut the last row short: "...166b31\r")."""
+    with whole_write():
+        if progress:
+            from tqdm import tqdm
+            with tqdm.external_write_mode(file=sys.stdout):
+                print(text, flush=True)
+        else:
             print(text, flush=True)
-    else:
-        print(text, flush=True)
+
+
+@contextlib.contextmanager
+def whole_write():
+    """SIGINT and SIGTERM that arrive while the block runs (or arrived just before, their Python handler not yet
+    run) are held and acted on right after it, as the handlers they would have reached."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    previous = {sig: signal.signal(sig, lambda number, _frame: arrived.append(number))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for number in arrived[:1]:
+            signal.raise_signal(number)
 
 
 def explain_arguments(p):

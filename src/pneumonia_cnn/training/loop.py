@@ -53,11 +53,16 @@ def train(config: TrainConfig, resume_from_last: bool = False, after_training: A
                 interrupted = True
                 break
             end_of_epoch(run)
-            stop.requested = any_rank(run.dist, stop.requested, run.device)  # every rank stops here, or none
-            if stop.requested:  # asked during validation or saving: the epoch is kept, the end-of-run steps wait
+            stopping = bool(config.early_stopping and run.state.epochs_without_improvement >= config.early_stopping)
+            last = stopping or run.state.epoch >= config.epochs
+            # asked during validation or saving: the epoch is kept, the end-of-run steps wait. With several ranks,
+            # only after the last epoch (no collective follows); otherwise the next step's agreement stops them
+            # all (a rank leaving alone left the others in an all-reduce; agreeing here with one more all-reduce
+            # made a rank that went on to its exit at once abort, "terminate called without an active exception")
+            if stop.requested and (last or not run.dist.enabled):
                 interrupted = True
                 break
-            if config.early_stopping and run.state.epochs_without_improvement >= config.early_stopping:
+            if stopping:
                 if run.dist.main:
                     log.info("early stopping: no improvement in %s for %d epochs", config.monitor,
                              config.early_stopping)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,12 @@ from PIL import Image
 # visible for the GPU checks (`-m cuda`, and benchmarks/gpu_recheck.sh). Set before anything initialises CUDA.
 if os.environ.get("PNEUMONIA_CNN_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+# A background job of a non-interactive shell (`bash .ci/run &`) starts with SIGINT ignored, every process it
+# starts inherits that, and Python then never raises KeyboardInterrupt: the Ctrl-C tests saw exit 0 (as a
+# command started that way should). Their subject is a terminal's Ctrl-C, so the suite's children get the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PNEUMONIA_CNN_SHARED", PROJECT.parent / "shared"))

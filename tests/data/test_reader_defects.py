@@ -174,6 +174,35 @@ def test_a_pydicom_warning_is_one_line_naming_the_file(xray, tmp_path):
     assert "frames0.dcm" in out and "unreadable" not in out
 
 
+def _tiff_with_an_overlong_tag(gray: np.ndarray, path) -> None:
+    """A TIFF whose RowsPerStrip (278) claims 1,000 values: Pillow warns "Metadata Warning, tag 278 had too many
+    entries" and reads the image."""
+    buffer = io.BytesIO()
+    Image.fromarray(gray).save(buffer, format="TIFF")
+    data = bytearray(buffer.getvalue())
+    first_entry = int.from_bytes(data[4:8], "little") + 2
+    count = int.from_bytes(data[first_entry - 2:first_entry], "little")
+    entries = [first_entry + 12 * index for index in range(count)]
+    rows_per_strip = next(at for at in entries if int.from_bytes(data[at:at + 2], "little") == 278)
+    data[rows_per_strip + 4:rows_per_strip + 8] = (1000).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def test_a_pillow_warning_names_the_file_it_came_from(xray, tmp_path):
+    """Pillow's warnings about a file's metadata came as "warning: UserWarning: Metadata Warning, tag 278 ...",
+    naming no file; of two such files in one run, each now has its own line."""
+    _, gray = xray
+    first, second = tmp_path / "first.tif", tmp_path / "second.tif"
+    _tiff_with_an_overlong_tag(gray, first)
+    _tiff_with_an_overlong_tag(gray, second)
+    code, out, err = run_cli("predict", "builtin", first, second, "--engine", "torch")
+    about = sorted(line for line in err.splitlines() if "tag 278" in line)
+    assert code == 0 and about == [f"warning: {first}: UserWarning: Metadata Warning, tag 278 had too many "
+                                   f"entries: 1000, expected 1", f"warning: {second}: UserWarning: Metadata "
+                                   f"Warning, tag 278 had too many entries: 1000, expected 1"], err
+    assert "first.tif" in out and "second.tif" in out and "unreadable" not in out
+
+
 def test_a_corrupt_jpeg_dicom_has_its_own_line_and_gdcms_lines_are_left_on_stderr(xray, tmp_path):
     """A DICOM that claims JPEG baseline and holds garbage: the file's one line says why it was skipped, and the
     good file beside it is scored. GDCM's libjpeg prints "Corrupt JPEG data: 7 extraneous bytes before marker

@@ -49,10 +49,20 @@ def setup_logging(verbose: bool):
     # the log, not two lines of stderr naming a file under site-packages and quoting its source
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
     warnings.showwarning = warning_line
+    # Pillow's warnings are about one file each (its metadata); Python's once-per-place rule dropped all but one
+    # file's, and which one it kept depended on the reading threads
+    warnings.filterwarnings("always", category=UserWarning, module=r"PIL(\.|$)")
 
 
 def warning_line(message, category, filename, lineno, file=None, line=None):
-    logging.getLogger("pneumonia_cnn").warning("warning: %s: %s", category.__name__, message)
+    """A library's warning as one line, naming the file this thread was reading when it came (if any)."""
+    readers = sys.modules.get("pneumonia_cnn.data.readers")
+    path = readers.file_being_read() if readers is not None else None
+    if path is None:
+        logging.getLogger("pneumonia_cnn").warning("warning: %s: %s", category.__name__, message)
+    else:
+        from ..fileio import printable
+        logging.getLogger("pneumonia_cnn").warning("warning: %s: %s: %s", printable(path), category.__name__, message)
 
 
 def print_json(payload):

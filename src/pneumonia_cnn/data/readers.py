@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +152,31 @@ def read_image_bytes(data: bytes, name: str = "upload", size: tuple[int, int] | 
     return _decoded(Path(name), bytes(data), size, interpolation)
 
 
+_reading = threading.local()
+
+
+def file_being_read():
+    """The file (or upload name) this thread is decoding, or None: a decoder's warning (Pillow's "Corrupt EXIF
+    data") names no file, and files are read on many threads."""
+    return getattr(_reading, "path", None)
+
+
+@contextmanager
+def _reading_file(path: Path):
+    outer = getattr(_reading, "path", None)
+    _reading.path = path
+    try:
+        yield
+    finally:
+        _reading.path = outer
+
+
 def _decoded(path: Path, data: bytes | None, size, interpolation: str) -> tuple[np.ndarray, ImageMeta]:
+    with _reading_file(path):
+        return _decoded_here(path, data, size, interpolation)
+
+
+def _decoded_here(path: Path, data: bytes | None, size, interpolation: str) -> tuple[np.ndarray, ImageMeta]:
     """The one reading path of files (``data`` None) and uploads (their bytes): by content, DICOM or one of the
     image formats; the name only words the refusal of a file that is neither (a PNG called .dcm is read as the
     PNG it is, by predict as by the server, which had answered differently)."""

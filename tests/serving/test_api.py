@@ -24,7 +24,7 @@ def test_health_model_docs(server):
         assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
     meta = httpx.get(f"{url}/model").json()
     assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["preprocessing"]["size"] == [64, 64]
-    assert httpx.get(f"{url}/docs").status_code == 200
+    assert httpx.get(f"{url}/docs").status_code == 404  # Swagger's page loaded its script from a CDN
     assert "/predict" in httpx.get(f"{url}/openapi.json").json()["paths"]
 
 

@@ -1,9 +1,11 @@
 """FastAPI app: ``POST /predict``, ``POST /predict/batch``, ``GET /health``, ``GET /model``, ``GET /metrics``,
-``POST /admin/reload``, the web page at ``/`` and docs at ``/docs``.
+``POST /admin/reload``, the web page at ``/`` (with ``/page.js`` and ``/page.css``) and the API's description at
+``/openapi.json``. No ``/docs``: FastAPI's Swagger page loads its script from a CDN, blank on a network without the
+internet, and a third party's script on the page's origin, where the page keeps the API key.
 
 No ``from __future__ import annotations`` here: FastAPI must resolve the endpoint parameter types.
 
-Around the routes, outermost first: request metrics, the Host check (400), API keys (401/403), then the
+Around the routes, outermost first: the security headers of every answer, request metrics, the Host check (400), API keys (401/403), then the
 limits on uploads (413 while bytes arrive, 408 for a stalled body, 503 when too many are in progress).
 Uploads stay in memory (bounded by those limits), are decoded by content and never saved under the
 client's name. The rest is in ``service.py``.
@@ -20,7 +22,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 
 from ..errors import PneumoniaCNNError
-from .auth import AccessMiddleware, HostCheckMiddleware
+from .auth import ANY_IP_ADDRESS, AccessMiddleware, HostCheckMiddleware
 from .limits import LimitsMiddleware, handshake_limited_server, idle_timeout_protocol
 from .metrics import RequestMetricsMiddleware
 from .service import RequestError, ServeOptions, Service
@@ -38,14 +40,48 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+WILDCARD_ADDRESSES = ("0.0.0.0", "::", "[::]")
+
+
 def allowed_host_names(host: str, extra=()) -> list[str]:
-    """Host headers the server answers: loopback names, the bound address, the machine's names when bound to
-    every address, and ``--allowed-hosts``. Anything else (a DNS-rebinding page's name) gets 400."""
+    """Host headers the server answers: loopback names, the bound address, the machine's names and any IP
+    address when bound to every address, and ``--allowed-hosts``. Anything else (a DNS-rebinding page's name)
+    gets 400. A rebinding page is reached by a name its attacker controls, never by an address, so addresses
+    are safe to answer: a load balancer's or Kubernetes' probe sends the node's address as Host, which a
+    wildcard bind cannot list (it got 400 on /health, and the node never counted as healthy)."""
     bound = f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 address as Host sends it
     names = list(LOOPBACK_NAMES) + [host, bound] + [name for name in extra if name]
-    if host in ("0.0.0.0", "::"):
-        names += [socket.gethostname(), socket.getfqdn()]
+    if host in WILDCARD_ADDRESSES:
+        names += [socket.gethostname(), socket.getfqdn(), ANY_IP_ADDRESS]
     return sorted(set(names))
+
+
+SECURITY_HEADERS = [(name.encode(), value.encode()) for name, value in (
+    # the page runs only its own script and style (no inline code, nothing from elsewhere) and is never framed
+    ("content-security-policy", "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+                                "script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+    ("x-content-type-options", "nosniff"), ("x-frame-options", "DENY"), ("referrer-policy", "no-referrer"),
+    ("cache-control", "no-store"),  # a patient's result is kept by no browser or proxy cache
+)]
+
+
+class SecurityHeadersMiddleware:
+    """ASGI: ``SECURITY_HEADERS`` on every answer, refusals included, unless the answer sets one itself."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                message = {**message, "headers": headers + [h for h in SECURITY_HEADERS if h[0] not in present]}
+            await send(message)
+        return await self.app(scope, receive, send_with_headers)
 
 
 def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=None):
@@ -69,7 +105,7 @@ def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=No
         yield
         await service.stop()
 
-    app = FastAPI(title="pneumonia-cnn", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="pneumonia-cnn", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Pneumonia probability for a chest X-ray (image or DICOM). Research use only: "
                               "not a medical device.")
     add_error_handlers(app)
@@ -80,7 +116,8 @@ def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=No
                        on_reject=lambda path, reason: service.metrics.rejected.labels(reason).inc())
     app.add_middleware(AccessMiddleware, keyring=lambda: service.keyring, executor=service.auth_executor)
     app.add_middleware(HostCheckMiddleware, allowed_hosts=list(allowed_hosts or allowed_host_names("127.0.0.1")))
-    app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)  # added last: the outermost
+    app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
+    app.add_middleware(SecurityHeadersMiddleware)  # added last: the outermost
     app.state.service = service
     return app
 
@@ -129,6 +166,40 @@ async def set_when_disconnected(request, gone) -> None:
     gone.set()
 
 
+def static_file(name: str, media_type: str):
+    async def serve_file():
+        from fastapi.responses import Response
+        text = resources.files("pneumonia_cnn.serving").joinpath(f"static/{name}").read_text(encoding="utf-8")
+        return Response(text, media_type=media_type)
+    return serve_file
+
+
+def check_form_fields(form, expected: str) -> None:
+    """Only ``expected`` file fields: another field was ignored in silence (``gradcam=true`` sent in the form
+    gave no heat map; a ``files`` field sent to /predict was dropped)."""
+    names = [name for name, _ in form.multi_items()]
+    others = sorted({name for name in names if name != expected})
+    if others:
+        shown = ", ".join(repr("".join(c if c.isprintable() else "?" for c in name)[:40]) for name in others[:5])
+        hint = "; options such as gradcam go in the query (?gradcam=true)" if expected == "file" else ""
+        raise RequestError(400, f"unexpected form field(s) {shown}: send the image(s) as '{expected}'{hint}")
+    if expected == "file" and names.count("file") > 1:
+        raise RequestError(400, f"{names.count('file')} 'file' fields: /predict scores one image (/predict/batch "
+                                f"takes several, as 'files')")
+
+
+async def answer_unless_gone(request, scoring, gone):
+    """The answer of ``scoring`` (a coroutine given ``gone``), which stops once the client has left; marked
+    answered, since it is audited: a client leaving after this is not a 499 (the rows say it was answered)."""
+    watcher = asyncio.create_task(set_when_disconnected(request, gone))
+    try:
+        answer = await scoring
+    finally:
+        watcher.cancel()
+    request.state.answered = True
+    return answer
+
+
 def add_routes(app, service: Service, options: ServeOptions):
     from fastapi import File, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -153,34 +224,28 @@ def add_routes(app, service: Service, options: ServeOptions):
         return resources.files("pneumonia_cnn.serving").joinpath("static/index.html").read_text(encoding="utf-8")
     app.get("/", response_class=HTMLResponse)(page)
     app.head("/", response_class=HTMLResponse, include_in_schema=False)(page)
+    for name, media_type in (("page.js", "text/javascript; charset=utf-8"), ("page.css", "text/css; charset=utf-8")):
+        app.get(f"/{name}", include_in_schema=False)(static_file(name, media_type))
 
     @app.post("/predict")
     async def predict(request: Request, file: UploadFile = File(...), gradcam: bool = False):
-        sent = len((await request.form()).getlist("file"))  # the form FastAPI parsed, cached: not read twice
-        if sent > 1:
-            raise RequestError(400, f"{sent} 'file' fields: /predict scores one image (/predict/batch takes "
-                                    f"several, as 'files')")
+        check_form_fields(await request.form(), "file")  # the form FastAPI parsed, cached: not read twice
         data = await file.read(options.max_bytes + 1)
-        gone = threading.Event()
-        watcher = asyncio.create_task(set_when_disconnected(request, gone))
-        try:
-            answer = await service.predict_one(data, file.filename, gradcam, request.state.key_id, gone)
-        finally:
-            watcher.cancel()
-        request.state.answered = True  # audited: a client leaving now is not a 499 (the row says it was answered)
-        return answer
+        return await answer_unless_gone(request, service.predict_one(data, file.filename, gradcam,
+                                                                     request.state.key_id, gone := threading.Event()),
+                                        gone)
 
     @app.post("/predict/batch")
     async def predict_batch(request: Request, files: list[UploadFile] = File(...)):
         """Several images of one site's batch, scored together; with ``--adapt-batch`` (and at least 32
         in-distribution images) batch-norm statistics are re-estimated on them, and ``notes`` say so."""
+        check_form_fields(await request.form(), "files")
         uploads = []
         for upload in files:  # each part's in-memory buffer is freed once copied out
             uploads.append((await upload.read(options.max_bytes + 1), upload.filename))
             await upload.close()
-        answer = await service.predict_batch(uploads, request.state.key_id)
-        request.state.answered = True
-        return answer
+        return await answer_unless_gone(request, service.predict_batch(uploads, request.state.key_id,
+                                                                       gone := threading.Event()), gone)
 
     @app.post("/admin/reload")
     async def reload():
@@ -237,7 +302,7 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: S
     scheme = "https" if ssl_certfile else "http"
     service = app.state.service
     listening = bound_socket(host, port)  # before the line below says it serves there
-    log.info("serving %s on %s://%s:%d (docs at /docs; API keys %s; audit log %s)", service.served.model_id, scheme,
+    log.info("serving %s on %s://%s:%d (API description at /openapi.json; API keys %s; audit log %s)", service.served.model_id, scheme,
              host, port, "required" if service.keyring else "off", options.audit_log or "off")
     handshake_limited_server(config, idle_timeout).run(sockets=[listening])
 

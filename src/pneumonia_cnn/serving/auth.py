@@ -31,7 +31,7 @@ KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # 16 MB and a few tens of ms per check: RFC 7914's interactive setting
 MAX_PENDING_KEY_CHECKS = 8  # new keys waiting for scrypt (one thread, tens of ms each); more get 503
 LOG_REFUSALS_EVERY = 10.0  # seconds between log lines about refused keys
-PUBLIC_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/favicon.ico"})
+PUBLIC_PATHS = frozenset({"/", "/page.js", "/page.css", "/health", "/openapi.json", "/favicon.ico"})
 
 
 @dataclass(frozen=True)
@@ -226,6 +226,18 @@ class AccessMiddleware:
             self.refused, self.logged_at = 0, now
 
 
+ANY_IP_ADDRESS = "<any ip address>"  # lower case, as HostCheckMiddleware keeps its names
+
+
+def is_ip_address(host: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+    except ValueError:
+        return False
+    return True
+
+
 def host_name(headers: list[tuple[bytes, bytes]]) -> str:
     """The Host header's name without its port (``[::1]:8000`` -> ``[::1]``)."""
     host = next((value.decode("latin-1") for name, value in headers if name == b"host"), "").strip().lower()
@@ -243,9 +255,11 @@ class HostCheckMiddleware:
         self.app, self.allowed = app, frozenset(name.lower() for name in allowed_hosts)
 
     def allows(self, host: str) -> bool:
-        """No Host at all (HTTP/1.0 health checks) is no browser, so no DNS rebinding: allowed."""
+        """No Host at all (HTTP/1.0 health checks) is no browser, so no DNS rebinding: allowed. So is any IP
+        address where the allowed hosts hold ``ANY_IP_ADDRESS`` (``app.allowed_host_names``)."""
         return not host or "*" in self.allowed or host in self.allowed or any(
-            pattern.startswith("*.") and host.endswith(pattern[1:]) for pattern in self.allowed)
+            pattern.startswith("*.") and host.endswith(pattern[1:]) for pattern in self.allowed) or (
+            ANY_IP_ADDRESS in self.allowed and is_ip_address(host))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or self.allows(host_name(scope["headers"])):

@@ -2,8 +2,11 @@
 
 ``LimitsMiddleware`` wraps the ASGI ``receive`` of every upload: it counts the bytes as they come (chunked
 bodies included, whatever ``Content-Length`` says) and answers 413 the moment the count passes the limit;
-it gives the whole body ``body_timeout`` seconds (a stalled or trickling body gets 408); and it admits at
-most ``max_in_flight`` uploads at once, of which at most ``max_batches_in_flight`` batch uploads (503 with
+it gives the whole body ``body_timeout`` seconds (a stalled or trickling body gets 408), and after the first
+``BODY_RATE_GRACE`` seconds the body must have come at ``MIN_BODY_RATE`` on average (408 too: 64 uploads trickling
+a byte a second held every admission slot for the whole time-out, and every other upload got 503); it refuses a
+compressed body (415: ``Content-Encoding`` is not decoded, so a gzip body was parsed as if it were plain); and it
+admits at most ``max_in_flight`` uploads at once, of which at most ``max_batches_in_flight`` batch uploads (503 with
 ``Retry-After`` beyond), which bounds the memory uploads can take to about ``max_in_flight`` times the
 size limit plus ``max_batches_in_flight`` times the batch limit. Errors close the connection, since the rest of
 the body is never read.
@@ -25,6 +28,7 @@ import time
 from .auth import refuse
 
 LINGER_SECONDS, LINGER_SILENCE = 10.0, 1.0
+BODY_RATE_GRACE, MIN_BODY_RATE = 5.0, 1024  # seconds, then bytes per second on average (Apache's mod_reqtimeout)
 
 
 def http_error(status: int, detail: str, headers: dict | None = None):
@@ -49,6 +53,11 @@ class LimitsMiddleware:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         path, limit = scope["path"], self.body_limit(scope["path"])
+        encoding = header(scope["headers"], b"content-encoding")
+        if encoding not in (None, b"", b"identity"):
+            self.on_reject(path, "encoded")
+            return await refuse(scope, receive, send, 415, f"Content-Encoding {encoding.decode('latin-1')[:40]!r} "
+                                                           f"is not accepted: send the upload uncompressed")
         declared = content_length(scope["headers"])
         if declared is not None and declared > limit:
             self.on_reject(path, "too_large")
@@ -68,17 +77,23 @@ class LimitsMiddleware:
             self.in_flight, self.batches = self.in_flight - 1, self.batches - batch
 
     def _guarded(self, receive, path: str, limit: int):
-        deadline = time.monotonic() + self.body_timeout
+        start = time.monotonic()
+        deadline = start + self.body_timeout
         received, finished = 0, False
 
         async def guarded_receive():
             nonlocal received, finished
             if finished:  # after the body only a disconnect can come; waiting for it is not a stall
                 return await receive()
+            by_rate = start + BODY_RATE_GRACE + received / MIN_BODY_RATE  # each byte that comes buys time
             try:
-                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+                message = await asyncio.wait_for(receive(), max(min(deadline, by_rate) - time.monotonic(), 0.001))
             except asyncio.TimeoutError:
                 self.on_reject(path, "timeout")
+                if by_rate < deadline:
+                    raise http_error(408, f"request body arriving too slowly ({received:,} bytes in "
+                                          f"{time.monotonic() - start:.0f} s; at least {MIN_BODY_RATE:,} bytes/s "
+                                          f"after the first {BODY_RATE_GRACE:g} s)") from None
                 raise http_error(408, f"request body not received within {self.body_timeout:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -90,14 +105,16 @@ class LimitsMiddleware:
         return guarded_receive
 
 
+def header(headers, wanted: bytes) -> bytes | None:
+    return next((value.strip().lower() for name, value in headers if name == wanted), None)
+
+
 def content_length(headers) -> int | None:
-    for name, value in headers:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+    value = header(headers, b"content-length")
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
 
 
 def idle_timeout_protocol(seconds: float):

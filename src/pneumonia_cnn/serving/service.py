@@ -219,7 +219,8 @@ class Service:
                 return base64.b64encode(overlay_png(pixels, cam)).decode("ascii")
         return await asyncio.get_running_loop().run_in_executor(self.gradcam_executor, heat)
 
-    async def predict_batch(self, uploads: list[tuple[bytes, str | None]], key_id: str | None) -> dict:
+    async def predict_batch(self, uploads: list[tuple[bytes, str | None]], key_id: str | None, gone=None) -> dict:
+        """``gone`` as ``predict_one``'s: a batch whose client has left is neither scored nor audited."""
         served, request_id = self.served, uuid.uuid4().hex
         if not uploads:
             raise RequestError(400, "no files: send one or more 'files' fields")
@@ -229,11 +230,13 @@ class Service:
         good = [r for r in results if "error" not in r]
         notes = list(served.batch_predictor.batch_notes())
         if good:
-            entries, notes = await asyncio.get_running_loop().run_in_executor(
-                self.batch_executor, served.batch_predictor.assess, np.stack([r["pixels"] for r in good]),
-                [r["meta"] for r in good])
+            def assess():
+                check_client(gone)  # checked when the batch thread takes it up, not when queued
+                return served.batch_predictor.assess(np.stack([r["pixels"] for r in good]), [r["meta"] for r in good])
+            entries, notes = await asyncio.get_running_loop().run_in_executor(self.batch_executor, assess)
             for result, entry in zip(good, entries):
                 result["entry"] = entry
+            check_client(gone)
             await self._account(served, request_id, "predict/batch", key_id,
                                 [(r["entry"], r["sha"], r["data"], r["meta"]) for r in good])
         out = [{"filename": r["name"], "error": r["error"]} if "error" in r else

@@ -279,3 +279,58 @@ def test_a_dicom_data_set_without_its_preamble_is_still_read(xray, tmp_path):
     pixels, meta = read_image(path, (224, 224))
     assert meta.source_format == "DICOM" and pixels.std() > 10
     assert (read_image_bytes(io.BytesIO(path.read_bytes()).getvalue(), "x", (224, 224))[0] == pixels).all()
+
+
+# ---------- 5. a compressed frame larger than its header says
+
+
+def _jpeg_dicom(path, gray, frame: np.ndarray, syntax=JPEGBaseline8Bit, codec="JPEG"):
+    """A DICOM whose header describes ``gray`` and whose one compressed frame is ``frame``."""
+    write_dicom(path, gray)
+    dataset = pydicom.dcmread(path)
+    encoded = io.BytesIO()
+    Image.fromarray(frame).save(encoded, codec, **({"quality": 90} if codec == "JPEG" else {"no_jp2": True}))
+    dataset.file_meta.TransferSyntaxUID = syntax
+    dataset.PixelData = encapsulate([encoded.getvalue()])
+    dataset["PixelData"].VR = "OB"
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("syntax, codec", [(JPEGBaseline8Bit, "JPEG"), ("1.2.840.10008.1.2.4.90", "JPEG2000")])
+def test_a_frame_larger_than_the_header_is_refused_before_decoding(xray, tmp_path, syntax, codec):
+    """An 18 MB file whose header said 224x224 over a 40000x40000 JPEG took 5 GB in predict, listen and pacs:
+    decoders follow the codestream, and the shapes were compared only after. The codestream's own size is
+    checked first now; a frame that matches its header is read as before, to the same pixels."""
+    path, gray = xray
+    large = np.asarray(Image.fromarray(gray).resize((3000, 2000)))
+    bomb = _jpeg_dicom(tmp_path / "bomb.dcm", gray, large, syntax, codec)
+    with pytest.raises(ImageReadError) as raised:
+        read_image(bomb)
+    assert raised.value.reason == ("compressed frame is 3000x2000 pixels, but the DICOM header says 224x224 "
+                                   "(not decoded)")
+    honest = _jpeg_dicom(tmp_path / "honest.dcm", gray, gray, syntax, codec)
+    pixels, meta = read_image(honest)
+    assert meta.source_format == "DICOM" and pixels.shape == (224, 224)
+    assert np.abs(pixels.astype(int) - gray.astype(int)).mean() < 4  # the X-ray, through a lossy codec
+
+
+def test_codestream_sizes_are_read_from_every_kind_of_header():
+    """JPEG with other segments before its frame header, JPEG-LS (SOF55), hierarchical JPEG (DHP), JPEG 2000 with
+    an image offset, a JP2 file; and no size where none is stated."""
+    from pneumonia_cnn.data.dicom_guard import codestream_shape
+    app0 = b"\xff\xe0\x00\x10" + b"JFIF\0" + bytes(9)
+    size = (480).to_bytes(2, "big") + (640).to_bytes(2, "big")
+
+    def frame(marker: int) -> bytes:
+        return b"\xff" + bytes([marker]) + b"\x00\x0b\x08" + size
+    assert codestream_shape(b"\xff\xd8" + app0 + frame(0xC0)) == (480, 640)
+    assert codestream_shape(b"\xff\xd8\xff\xff" + frame(0xF7)) == (480, 640)  # a fill byte, then JPEG-LS
+    assert codestream_shape(b"\xff\xd8" + frame(0xDE)) == (480, 640)
+    assert codestream_shape(b"\xff\xd8" + b"\xff\xc4\x00\x04\x00\x00" + frame(0xC2)) == (480, 640)  # DHT first
+    siz = b"\xff\x4f\xff\x51\x00\x29\x00\x00" + b"".join(v.to_bytes(4, "big") for v in (700, 500, 100, 20)) + bytes(20)
+    assert codestream_shape(siz) == (480, 600)
+    jp2 = bytes(4) + b"jP  " + bytes(20) + b"ihdr" + (480).to_bytes(4, "big") + (640).to_bytes(4, "big")
+    assert codestream_shape(jp2) == (480, 640)
+    assert codestream_shape(b"\xff\xd8" + b"\xff\xc0\x00\x0b\x08\x00\x00\x02\x80") is None  # height from DNL
+    assert codestream_shape(b"RLE data") is None and codestream_shape(b"") is None

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageReadError, one_line
-from .dicom_guard import dicom_problem, pydicom_notes
+from .dicom_guard import compressed_frame_problem, dicom_problem, pydicom_notes
 from .image import MAX_PIXELS, MIN_SIDE, ImageMeta, scale_to_uint8
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,9 @@ def _first_frame(path: Path, dataset, notes: list) -> np.ndarray:
             return dataset.pixel_array
         except Exception as error:  # missing decoders and bad data raise many types
             raise ImageReadError(path, f"cannot decode DICOM pixel data ({one_line(error, 400)})") from None
+    problem = compressed_frame_problem(dataset.PixelData, int(dataset.Rows), int(dataset.Columns))
+    if problem:
+        raise ImageReadError(path, problem)
     reasons = {}
     for plugin in sorted(plugins, key=lambda name: name == "gdcm"):
         dataset.pixel_array_options(index=0, decoding_plugin=plugin)

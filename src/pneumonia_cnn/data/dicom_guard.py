@@ -186,3 +186,63 @@ def _inflate(stream, inflater, size: int) -> bytes:
             break
         out += inflater.decompress(compressed, size - len(out))
     return bytes(out)
+
+
+ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian: each fragment of encapsulated pixel data
+# JPEG markers whose segment starts with precision, height, width: the start-of-frame markers (not DHT C4, JPG C8,
+# DAC CC), JPEG-LS's SOF55 (F7) and hierarchical JPEG's DHP (DE)
+FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7, 0xDE}
+
+
+def compressed_frame_problem(pixel_data: bytes, rows: int, columns: int) -> str | None:
+    """Why the first compressed frame cannot be this image: its codestream (JPEG, JPEG-LS, JPEG 2000) states a
+    size other than the header's Rows x Columns. Decoders follow the codestream, so an 18 MB file whose header
+    said 224x224 over a 40000x40000 JPEG took 5 GB before the shapes were compared; None when they agree or the
+    codestream states no size (RLE, or a JPEG whose height comes later)."""
+    shape = codestream_shape(_first_fragment_head(pixel_data))
+    if shape is None or shape == (rows, columns):
+        return None
+    return (f"compressed frame is {shape[1]}x{shape[0]} pixels, but the DICOM header says {columns}x{rows} "
+            f"(not decoded)")
+
+
+def _first_fragment_head(pixel_data: bytes, size: int = 1 << 16) -> bytes:
+    """The start of the first fragment after the basic offset table, b"" when the data are not encapsulated."""
+    if len(pixel_data) < 8 or pixel_data[:4] != ITEM_TAG:
+        return b""
+    start = 8 + struct.unpack_from("<I", pixel_data, 4)[0]  # past the offset table
+    if pixel_data[start:start + 4] != ITEM_TAG:
+        return b""
+    return bytes(pixel_data[start + 8:start + 8 + size])
+
+
+def codestream_shape(head: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from the start of a JPEG, JPEG-LS or JPEG 2000 codestream (or JP2 file), or None."""
+    if head[:2] == b"\xff\x4f":  # JPEG 2000 codestream: SOC, then SIZ with the reference grid and its offset
+        at = head.find(b"\xff\x51", 2, 256)
+        if at < 0 or len(head) < at + 22 or struct.unpack_from(">H", head, at + 2)[0] < 38:
+            return None  # a damaged SIZ: the decoders word it
+        width, height, x_offset, y_offset = struct.unpack_from(">IIII", head, at + 6)
+        return (height - y_offset, width - x_offset) if height > y_offset and width > x_offset else None
+    if head[4:8] == b"jP  ":  # JP2 file: the image header box
+        at = head.find(b"ihdr")
+        return struct.unpack_from(">II", head, at + 4) if 0 <= at and len(head) >= at + 12 else None
+    return _jpeg_shape(head) if head[:2] == b"\xff\xd8" else None
+
+
+def _jpeg_shape(head: bytes) -> tuple[int, int] | None:
+    offset = 2
+    while offset + 9 <= len(head):
+        if head[offset] != 0xFF:
+            return None
+        marker = head[offset + 1]
+        if marker == 0xFF:  # fill byte
+            offset += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a segment
+            offset += 2
+        elif marker in FRAME_MARKERS:
+            height, width = struct.unpack_from(">HH", head, offset + 5)
+            return (height, width) if height and width else None  # height 0: defined later by a DNL marker
+        else:
+            offset += 2 + struct.unpack_from(">H", head, offset + 2)[0]
+    return None

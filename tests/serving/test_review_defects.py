@@ -24,6 +24,8 @@ def test_a_wildcard_bind_answers_any_ip_address_as_host_but_no_other_name():
                                                          b"xray.hospital.example", b"evil.example", b"10.1.2.3.evil",
                                                          b"[not-an-address]")]
     assert [everywhere.allows(host) for host in hosts] == [True, True, True, True, False, False, False]
+    assert [HostCheckMiddleware(None, allowed_host_names("::")).allows(host) for host in hosts] == [
+        True, True, True, False, False, False, False]
     loopback = HostCheckMiddleware(None, allowed_host_names("127.0.0.1"))
     assert [loopback.allows(host) for host in hosts[:2]] == [False, False] and loopback.allows("127.0.0.1")
 
@@ -32,11 +34,13 @@ def test_every_answer_carries_the_security_headers_and_docs_need_no_internet(sec
     """The page, an API answer and a refusal all forbid framing, sniffing, caching and foreign scripts; /docs
     (Swagger from a CDN: blank offline, a third party's script beside the API key) is gone, the schema stays."""
     answers = [httpx.get(f"{secure_server.url}/"), httpx.get(f"{secure_server.url}/health"),
-               httpx.post(f"{secure_server.url}/predict", files={"file": ("a.jpeg", b"x")})]  # 401: no key
-    assert [answer.status_code for answer in answers] == [200, 200, 401]
+               httpx.post(f"{secure_server.url}/predict", files={"file": ("a.jpeg", b"x")}),  # 401: no key
+               httpx.get(f"{secure_server.url}/health", headers={"Host": "evil.example"})]  # the Host check's 400
+    assert [answer.status_code for answer in answers] == [200, 200, 401, 400]
     for answer in answers:
         assert answer.headers["x-frame-options"] == "DENY" and answer.headers["cache-control"] == "no-store"
         assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["referrer-policy"] == "no-referrer"
         assert "script-src 'self'" in answer.headers["content-security-policy"]
         assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
     assert not re.search(r"<script>|<style>|\son\w+=", answers[0].text)  # nothing inline that the policy forbids
@@ -45,6 +49,25 @@ def test_every_answer_carries_the_security_headers_and_docs_need_no_internet(sec
     for asset, kind in (("page.js", "text/javascript"), ("page.css", "text/css")):  # public, as the page is
         answer = httpx.get(f"{secure_server.url}/{asset}")
         assert answer.status_code == 200 and answer.headers["content-type"].startswith(kind) and answer.text
+        assert httpx.head(f"{secure_server.url}/{asset}").status_code == 200  # load balancers probe with HEAD
+
+
+def test_an_internal_error_carries_the_security_headers_too(trained_run, monkeypatch):
+    """Starlette answers an unexpected exception outside every middleware: its 500 had no security headers."""
+    from fastapi.testclient import TestClient
+
+    from pneumonia_cnn.serving.app import create_app
+    from pneumonia_cnn.serving.service import ServeOptions, Service
+
+    async def broken(*_arguments, **_keywords):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(Service, "predict_one", broken)
+    app = create_app(trained_run / "best.pt", ServeOptions(device="cpu"), allowed_hosts=["testserver"])
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.post("/predict", files={"file": ("a.jpeg", xray_paths(1)[0].read_bytes())})
+    assert answer.status_code == 500 and answer.json()["detail"].startswith("internal error (RuntimeError)")
+    assert answer.headers["cache-control"] == "no-store" and "script-src 'self'" in answer.headers[
+        "content-security-policy"]
 
 
 def test_fields_the_endpoint_does_not_read_and_compressed_bodies_are_refused(secure_server, keys):
@@ -58,10 +81,13 @@ def test_fields_the_endpoint_does_not_read_and_compressed_bodies_are_refused(sec
     mixed = httpx.post(f"{url}/predict/batch", files=[("files", ("a.jpeg", image)), ("file", ("b.jpeg", image))],
                        headers=key)
     assert mixed.status_code == 400 and "unexpected form field(s) 'file'" in mixed.json()["detail"]
+    codings = [[("Content-Encoding", "gzip")], [("Content-Encoding", "Identity")],
+               [("Content-Encoding", "identity, identity")],
+               [("Content-Encoding", "identity"), ("Content-Encoding", "gzip")]]  # a second header, as a proxy adds
     encoded = [httpx.post(f"{url}/predict", files={"file": ("a.jpeg", image)},
-                          headers={**key, "Content-Encoding": name}) for name in ("gzip", "identity")]
-    assert encoded[0].status_code == 415 and "Content-Encoding 'gzip'" in encoded[0].json()["detail"]
-    assert encoded[1].status_code == 200, encoded[1].text
+                          headers=list(key.items()) + headers) for headers in codings]
+    assert [answer.status_code for answer in encoded] == [415, 200, 200, 415], [a.text for a in encoded]
+    assert "Content-Encoding 'gzip'" in encoded[0].json()["detail"] and "'gzip'" in encoded[3].json()["detail"]
 
 
 def test_a_body_slower_than_the_minimum_rate_is_cut_after_the_grace(trained_run, tmp_path):
@@ -87,10 +113,43 @@ def test_a_body_slower_than_the_minimum_rate_is_cut_after_the_grace(trained_run,
             seconds = time.monotonic() - start
         assert status_of(answer) == 408 and 4.5 < seconds < 8, (seconds, answer[:300])
         assert b"arriving too slowly" in answer and b"1,024 bytes/s" in answer
-        image = xray_paths(1)[0].read_bytes()
-        assert httpx.post(f"{running.url}/predict", files={"file": ("a.jpeg", image)}).status_code == 200
+        assert status_of(_trickled_upload(port, xray_paths(1)[0].read_bytes(), 1500, 0.5)) == 200  # 3 KB/s
     finally:
         running.stop()
+
+
+def _trickled_upload(port: int, image: bytes, chunk: int, pause: float) -> bytes:
+    """A whole /predict upload sent ``chunk`` bytes every ``pause`` seconds; the server's answer."""
+    body = multipart_head("slow.jpeg") + image + f"\r\n--{BOUNDARY}--\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request_head(port, chunked=False, length=len(body)))
+        for start in range(0, len(body), chunk):
+            sock.sendall(body[start:start + chunk])
+            time.sleep(pause)
+        return read_response(sock, 60)
+
+
+def test_one_key_holds_at_most_half_of_the_upload_slots(secure_server, keys):
+    """--max-in-flight 4: a key's two slow uploads fill its half, its third gets 503 naming the key, and another
+    key's upload is still taken (64 slow uploads of one key had shut every other out)."""
+    port, image = secure_server.port, xray_paths(1)[0].read_bytes()
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    try:
+        for sock in slow:  # heads and the start of a body, then nothing: each holds a slot until --body-timeout
+            sock.sendall(request_head(port, chunked=False, length=100_000, headers=bearer(keys["ward"]))
+                         + multipart_head())
+        time.sleep(0.4)
+        third = httpx.post(f"{secure_server.url}/predict", files={"file": ("a.jpeg", image)},
+                           headers=bearer(keys["ward"]))
+        other = httpx.post(f"{secure_server.url}/predict", files={"file": ("a.jpeg", image)},
+                           headers=bearer(keys["admin"]))
+    finally:
+        for sock in slow:
+            sock.close()
+    assert third.status_code == 503 and third.headers["retry-after"] == "1"
+    assert third.json()["detail"] == ("busy: key ward3 has 2 uploads in progress, half of --max-in-flight; retry "
+                                      "in a second")
+    assert other.status_code == 200, other.text
 
 
 def _batch_request(port: int, images: list[bytes]) -> bytes:

@@ -1,12 +1,13 @@
 """FastAPI app: ``POST /predict``, ``POST /predict/batch``, ``GET /health``, ``GET /model``, ``GET /metrics``,
-``POST /admin/reload``, the web page at ``/`` (with ``/page.js`` and ``/page.css``) and the API's description at
-``/openapi.json``. No ``/docs``: FastAPI's Swagger page loads its script from a CDN, blank on a network without the
-internet, and a third party's script on the page's origin, where the page keeps the API key.
+``POST /admin/reload``, the web page at ``/`` (with ``/page.js`` and ``/page.css``) and the API's description
+at ``/openapi.json``. No ``/docs``: FastAPI's Swagger page loads its script from a CDN, blank on a network
+without the internet, and a third party's script on the page's origin, where the page keeps the API key.
 
 No ``from __future__ import annotations`` here: FastAPI must resolve the endpoint parameter types.
 
-Around the routes, outermost first: the security headers of every answer, request metrics, the Host check (400), API keys (401/403), then the
-limits on uploads (413 while bytes arrive, 408 for a stalled body, 503 when too many are in progress).
+Around the routes, outermost first: the security headers of every answer, request metrics, the Host check
+(400), API keys (401/403), then the limits on uploads (413 while bytes arrive, 408 for a stalled or too slow
+body, 415 for a compressed one, 503 when too many are in progress, or when one key holds half of them).
 Uploads stay in memory (bounded by those limits), are decoded by content and never saved under the
 client's name. The rest is in ``service.py``.
 """
@@ -22,7 +23,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 
 from ..errors import PneumoniaCNNError
-from .auth import ANY_IP_ADDRESS, AccessMiddleware, HostCheckMiddleware
+from .auth import ANY_IP_ADDRESS, SECURITY_HEADERS, AccessMiddleware, HostCheckMiddleware
 from .limits import LimitsMiddleware, handshake_limited_server, idle_timeout_protocol
 from .metrics import RequestMetricsMiddleware
 from .service import RequestError, ServeOptions, Service
@@ -54,15 +55,6 @@ def allowed_host_names(host: str, extra=()) -> list[str]:
     if host in WILDCARD_ADDRESSES:
         names += [socket.gethostname(), socket.getfqdn(), ANY_IP_ADDRESS]
     return sorted(set(names))
-
-
-SECURITY_HEADERS = [(name.encode(), value.encode()) for name, value in (
-    # the page runs only its own script and style (no inline code, nothing from elsewhere) and is never framed
-    ("content-security-policy", "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
-                                "script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
-    ("x-content-type-options", "nosniff"), ("x-frame-options", "DENY"), ("referrer-policy", "no-referrer"),
-    ("cache-control", "no-store"),  # a patient's result is kept by no browser or proxy cache
-)]
 
 
 class SecurityHeadersMiddleware:
@@ -136,10 +128,11 @@ def add_error_handlers(app):
 
     @app.exception_handler(Exception)
     async def internal_error(request, error: Exception):
-        """One line for the client; the traceback goes to the server's log (uvicorn logs what is re-raised)."""
+        """One line for the client; the traceback goes to the server's log (uvicorn logs what is re-raised).
+        Starlette answers this outside every middleware, so the security headers are set here too."""
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(error).__name__, error)
         return JSONResponse({"detail": f"internal error ({type(error).__name__}); the server log has the details"},
-                            status_code=500)
+                            status_code=500, headers={key.decode(): value.decode() for key, value in SECURITY_HEADERS})
 
 
 def validation_message(errors) -> str:
@@ -220,20 +213,19 @@ def add_routes(app, service: Service, options: ServeOptions):
         service.drift_report()
         return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def page():
-        return resources.files("pneumonia_cnn.serving").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = static_file("index.html", "text/html; charset=utf-8")
     app.get("/", response_class=HTMLResponse)(page)
     app.head("/", response_class=HTMLResponse, include_in_schema=False)(page)
     for name, media_type in (("page.js", "text/javascript; charset=utf-8"), ("page.css", "text/css; charset=utf-8")):
         app.get(f"/{name}", include_in_schema=False)(static_file(name, media_type))
+        app.head(f"/{name}", include_in_schema=False)(static_file(name, media_type))  # probes use HEAD too
 
     @app.post("/predict")
     async def predict(request: Request, file: UploadFile = File(...), gradcam: bool = False):
         check_form_fields(await request.form(), "file")  # the form FastAPI parsed, cached: not read twice
-        data = await file.read(options.max_bytes + 1)
+        data, gone = await file.read(options.max_bytes + 1), threading.Event()
         return await answer_unless_gone(request, service.predict_one(data, file.filename, gradcam,
-                                                                     request.state.key_id, gone := threading.Event()),
-                                        gone)
+                                                                     request.state.key_id, gone), gone)
 
     @app.post("/predict/batch")
     async def predict_batch(request: Request, files: list[UploadFile] = File(...)):
@@ -244,8 +236,8 @@ def add_routes(app, service: Service, options: ServeOptions):
         for upload in files:  # each part's in-memory buffer is freed once copied out
             uploads.append((await upload.read(options.max_bytes + 1), upload.filename))
             await upload.close()
-        return await answer_unless_gone(request, service.predict_batch(uploads, request.state.key_id,
-                                                                       gone := threading.Event()), gone)
+        gone = threading.Event()
+        return await answer_unless_gone(request, service.predict_batch(uploads, request.state.key_id, gone), gone)
 
     @app.post("/admin/reload")
     async def reload():
@@ -302,8 +294,9 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: S
     scheme = "https" if ssl_certfile else "http"
     service = app.state.service
     listening = bound_socket(host, port)  # before the line below says it serves there
-    log.info("serving %s on %s://%s:%d (API description at /openapi.json; API keys %s; audit log %s)", service.served.model_id, scheme,
-             host, port, "required" if service.keyring else "off", options.audit_log or "off")
+    log.info("serving %s on %s://%s:%d (API description at /openapi.json; API keys %s; audit log %s)",
+             service.served.model_id, scheme, host, port, "required" if service.keyring else "off",
+             options.audit_log or "off")
     handshake_limited_server(config, idle_timeout).run(sockets=[listening])
 
 

@@ -226,6 +226,13 @@ class AccessMiddleware:
             self.refused, self.logged_at = 0, now
 
 
+SECURITY_HEADERS = [(name.encode(), value.encode()) for name, value in (
+    # the page runs only its own script and style (no inline code, nothing from elsewhere) and is never framed
+    ("content-security-policy", "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+                                "script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+    ("x-content-type-options", "nosniff"), ("x-frame-options", "DENY"), ("referrer-policy", "no-referrer"),
+    ("cache-control", "no-store"),  # a patient's result is kept by no browser or proxy cache
+)]
 ANY_IP_ADDRESS = "<any ip address>"  # lower case, as HostCheckMiddleware keeps its names
 
 
@@ -265,8 +272,9 @@ class HostCheckMiddleware:
         if scope["type"] != "http" or self.allows(host_name(scope["headers"])):
             return await self.app(scope, receive, send)
         shown = "".join(c if c.isprintable() else "?" for c in host_name(scope["headers"]))[:100]
-        return await refuse(scope, receive, send, 400, f"Host {shown!r} is not served here (loopback, the bound "
-                                                       f"address and --allowed-hosts are)")
+        served = "loopback, the bound address" + (", this machine's names, any IP address" if ANY_IP_ADDRESS in
+                                                  self.allowed else "") + " and --allowed-hosts are"
+        return await refuse(scope, receive, send, 400, f"Host {shown!r} is not served here ({served})")
 
 
 async def refuse(scope, receive, send, status: int, detail: str, headers: dict | None = None):

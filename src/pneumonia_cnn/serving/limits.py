@@ -6,10 +6,10 @@ it gives the whole body ``body_timeout`` seconds (a stalled or trickling body ge
 ``BODY_RATE_GRACE`` seconds the body must have come at ``MIN_BODY_RATE`` on average (408 too: 64 uploads trickling
 a byte a second held every admission slot for the whole time-out, and every other upload got 503); it refuses a
 compressed body (415: ``Content-Encoding`` is not decoded, so a gzip body was parsed as if it were plain); and it
-admits at most ``max_in_flight`` uploads at once, of which at most ``max_batches_in_flight`` batch uploads (503 with
-``Retry-After`` beyond), which bounds the memory uploads can take to about ``max_in_flight`` times the
-size limit plus ``max_batches_in_flight`` times the batch limit. Errors close the connection, since the rest of
-the body is never read.
+admits at most ``max_in_flight`` uploads at once, of which at most ``max_batches_in_flight`` batch uploads and at most
+half from one API key (503 with ``Retry-After`` beyond), which bounds the memory uploads can take to about
+``max_in_flight`` times the size limit plus ``max_batches_in_flight`` times the batch limit. Errors close the
+connection, since the rest of the body is never read.
 
 ``idle_timeout_protocol`` is uvicorn's h11 protocol with one more timer: a connection that has not sent a
 whole request head within ``seconds`` (after it opened, or after its last response) is closed, so neither
@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from .auth import refuse
+from .auth import SECURITY_HEADERS, refuse
 
 LINGER_SECONDS, LINGER_SILENCE = 10.0, 1.0
 BODY_RATE_GRACE, MIN_BODY_RATE = 5.0, 1024  # seconds, then bytes per second on average (Apache's mod_reqtimeout)
@@ -47,17 +47,19 @@ class LimitsMiddleware:
         self.describe_limit = describe_limit or (lambda path: f"the limit is {body_limit(path):,} bytes")
         self.max_in_flight, self.in_flight = int(max_in_flight), 0
         self.batch_paths, self.max_batches, self.batches = frozenset(batch_paths), int(max_batches_in_flight), 0
+        # no one API key holds more than half of the slots: a key's slow uploads cannot shut the others out
+        self.max_per_key, self.per_key = max(1, self.max_in_flight // 2), {}
         self.on_reject = on_reject or (lambda path, reason: None)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         path, limit = scope["path"], self.body_limit(scope["path"])
-        encoding = header(scope["headers"], b"content-encoding")
-        if encoding not in (None, b"", b"identity"):
+        encoding = encoded_as(scope["headers"])
+        if encoding:
             self.on_reject(path, "encoded")
-            return await refuse(scope, receive, send, 415, f"Content-Encoding {encoding.decode('latin-1')[:40]!r} "
-                                                           f"is not accepted: send the upload uncompressed")
+            return await refuse(scope, receive, send, 415, f"Content-Encoding {encoding[:40]!r} is not accepted: "
+                                                           f"send the upload uncompressed")
         declared = content_length(scope["headers"])
         if declared is not None and declared > limit:
             self.on_reject(path, "too_large")
@@ -70,11 +72,21 @@ class LimitsMiddleware:
                 f"{self.in_flight} uploads"
             return await refuse(scope, receive, send, 503, f"busy: {what} in progress; retry in a second",
                                 {"Retry-After": "1"})
+        key = (scope.get("state") or {}).get("key_id")  # set by AccessMiddleware; None without keys
+        if key is not None and self.per_key.get(key, 0) >= self.max_per_key:
+            self.on_reject(path, "busy")
+            return await refuse(scope, receive, send, 503, f"busy: key {key} has {self.per_key[key]} uploads in "
+                                                           f"progress, half of --max-in-flight; retry in a second",
+                                {"Retry-After": "1"})
         self.in_flight, self.batches = self.in_flight + 1, self.batches + batch
+        self.per_key[key] = self.per_key.get(key, 0) + 1
         try:
             await self.app(scope, self._guarded(receive, path, limit), send)
         finally:
             self.in_flight, self.batches = self.in_flight - 1, self.batches - batch
+            self.per_key[key] -= 1
+            if not self.per_key[key]:
+                del self.per_key[key]
 
     def _guarded(self, receive, path: str, limit: int):
         start = time.monotonic()
@@ -105,12 +117,15 @@ class LimitsMiddleware:
         return guarded_receive
 
 
-def header(headers, wanted: bytes) -> bytes | None:
-    return next((value.strip().lower() for name, value in headers if name == wanted), None)
+def encoded_as(headers) -> str:
+    """The codings of every Content-Encoding header but ``identity`` (a proxy may add ``identity``), "" if none."""
+    codings = [token.strip().lower() for name, value in headers if name == b"content-encoding"
+               for token in value.decode("latin-1").split(",")]
+    return ", ".join(coding for coding in codings if coding not in ("", "identity"))
 
 
 def content_length(headers) -> int | None:
-    value = header(headers, b"content-length")
+    value = next((value for name, value in headers if name == b"content-length"), None)
     try:
         return None if value is None else int(value)
     except ValueError:
@@ -146,7 +161,7 @@ def idle_timeout_protocol(seconds: float):
             body = json.dumps({"detail": "invalid HTTP request: a malformed request line, header or length"}).encode()
             head = h11.Response(status_code=400, reason=b"Bad Request", headers=[
                 (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close")])
+                (b"connection", b"close"), *SECURITY_HEADERS])
             for event in (head, h11.Data(data=body), h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event))
             self.transport.close()

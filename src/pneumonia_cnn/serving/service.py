@@ -226,6 +226,7 @@ class Service:
             raise RequestError(400, "no files: send one or more 'files' fields")
         if len(uploads) > self.options.max_batch_files:
             raise RequestError(413, f"{len(uploads)} files, limit {self.options.max_batch_files}")
+        check_client(gone)
         results = await asyncio.gather(*[self._read_or_error(served, data, name) for data, name in uploads])
         good = [r for r in results if "error" not in r]
         notes = list(served.batch_predictor.batch_notes())

@@ -126,14 +126,14 @@
                                    { method: "POST", body: form, headers: headers(), signal: controller.signal });
       reply = await readReply(response);
     } catch (e) {
+      if (inFlight === controller) { inFlight = null; }  // never a newer request's controller
       if (mine !== latest) { return; }  // aborted or overtaken by a newer file: not this request's page any more
-      inFlight = null;
       showError(file.name + " was not analysed: the server could not be reached (" +
                 (e && e.message ? e.message : "network error") + ").");
       return;
     }
+    if (inFlight === controller) { inFlight = null; }
     if (mine !== latest) { return; }  // an answer to a file that is no longer the one chosen: never shown
-    inFlight = null;
     if (reply.status === 401) { askForKey("Key not accepted."); }
     if (!reply.ok) { showError(file.name + " was not analysed: " + describe(reply)); return; }
     const body = reply.body;

@@ -84,7 +84,7 @@ def format_predictions(predictions, fmt: str = "table", positive_class: str = "P
     rows = [p.to_dict() for p in predictions]
     if fmt == "fhir":  # the DICOM identifiers, read from the files themselves (their names may not be printable)
         from .interop.fhir import dicom_links
-        links = [dicom_links(p.path) if not p.error else {} for p in predictions]
+        links = [dicom_links(p.path) for p in predictions]  # an unreadable file too, when its header reads
     for row in rows:
         row["path"] = display_path(row["path"])
     if fmt == "json":

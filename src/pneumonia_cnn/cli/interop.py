@@ -118,7 +118,8 @@ def pacs_arguments(p):
                                         "after it would otherwise take a model's name as one of theirs)")
     p.add_argument("--dicomweb", required=True, metavar="URL", help="DICOMweb root, e.g. http://pacs:8042/dicom-web")
     p.add_argument("--state", default="pacs_state.sqlite", help="SQLite file remembering what was scored")
-    p.add_argument("--modality", nargs="+", default=["CR", "DX"], help="modalities to look for")
+    p.add_argument("--modality", nargs="+", default=["CR", "DX"], help="modalities to look for (DICOM codes: CR, "
+                                                                       "DX...)")
     p.add_argument("--study-date", metavar="RANGE", help="YYYYMMDD or YYYYMMDD-YYYYMMDD (either side may be open)")
     p.add_argument("--batch-size", type=whole_number(1), default=16, help="instances scored together")
     p.add_argument("--timeout", type=positive_number, default=60,
@@ -141,19 +142,37 @@ def pacs_arguments(p):
     add_network_options(p)
 
 
+def modality_codes(values) -> tuple[str, ...]:
+    """--modality's values as DICOM Modality codes (CS: 1 to 16 capitals, digits, underscores or spaces), given in
+    any case, or a one-line error before any work. "D\\X" (two values), "*" or "CR,DX" went into the QIDO-RS
+    query as they were and matched nothing: "0 new instance(s)", exit 0, on every run. Checked here rather than
+    by an argparse type, which would take a model named after the list ("--modality CR runs/b") for a bad code
+    instead of saying the model is missing."""
+    codes = []
+    for text in values:
+        code = text.strip(" ").upper()  # CS pads with spaces; a newline is no padding
+        if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", code):
+            raise PneumoniaCNNError(f"--modality '{text}': not a DICOM modality code (1 to 16 letters, digits, "
+                                    "underscores or spaces, such as CR or DX; several: --modality CR DX)")
+        codes.append(code)
+    return tuple(codes)
+
+
 def run_pacs(args) -> int:
     from ..inference import Predictor
     from ..interop.dicomweb import PacsJob, PacsOptions, check_date_range
-    options = PacsOptions(args.dicomweb, args.state, tuple(m.upper() for m in args.modality),
+    from ..interop.dicomweb_session import check_url
+    modalities = modality_codes(args.modality)  # both before the model loads: refused at once
+    check_url(args.dicomweb)
+    options = PacsOptions(args.dicomweb, args.state, modalities,
                           check_date_range(args.study_date), args.overlay, args.batch_size, args.retries + 1,
                           args.backoff, timeout=args.timeout, answer_timeout=args.answer_timeout, user=args.user,
                           give_up_after=args.give_up_after,
                           refusal_spacing=args.refusal_spacing, retry_given_up=args.retry_given_up,
                           max_instance_mb=args.max_instance_mb)
     job = PacsJob(Predictor(args.checkpoint, args.device), options)
-    if args.watch:
-        job.watch(args.interval, args.polls, print_pacs_summary)
-        return 0
+    if args.watch:  # SIGTERM (systemd's stop): exit 0; Ctrl-C: 130, as listen
+        return 130 if job.watch(args.interval, args.polls, print_pacs_summary) == "SIGINT" else 0
     summary = job.run_once()
     print_pacs_summary(summary)
     return 1 if summary["failed"] or summary["given_up"] else 0

@@ -11,6 +11,7 @@ and report UIDs derived from the source instance make a repeated store replace r
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import time
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 
 from ..errors import PneumoniaCNNError
 from .arrival import decodable_transfer_syntaxes
-from .dicomweb_session import AnswerTooLarge, connect
-from .network import TransferError, with_retries
+from .dicomweb_session import AnswerTooLarge, connect, stow_answer
+from .network import Stopped, StopSignals, TransferError, with_retries
 from .scoring import DicomScorer, ScoredInstance, not_an_xray, shown_uid
 from .state import GIVEN_UP, ScoredState, StateFileError
 from .uids import is_uid
@@ -57,13 +58,14 @@ class PacsJob:
         self.client = client or connect(options.url, options.timeout, options.user, options.max_instance_mb,
                                         options.answer_timeout)
         self.state = ScoredState(options.state)
+        self.stop = StopSignals()  # entered by watch(): a stop signal ends it after the instance in hand
         if options.retry_given_up:  # once, at the start: a --watch job keeps what it gives up on later
             retried = self.state.retry_given_up(self.model)
             if retried:
                 log.info("%d instance(s) given up on earlier: tried again", retried)
 
     def _retry(self, action, what: str):
-        return with_retries(action, what, self.options.attempts, self.options.backoff)
+        return with_retries(action, what, self.options.attempts, self.options.backoff, self.stop.pause)
 
     def find_new(self) -> tuple[list[dict], int, int]:
         """QIDO-RS, one query per modality, page by page: (instances not yet scored by this model, how many
@@ -126,7 +128,8 @@ class PacsJob:
         """One pass: every new instance fetched, scored and reported; returns the counts of this pass."""
         new, known, given_up = self.find_new()
         summary = {"found": len(new), "already_scored": known, "scored": 0, "unreadable": 0, "failed": 0,
-                   "skipped": 0, "given_up": 0, "given_up_before": given_up, "overlays_refused": 0, "results": []}
+                   "skipped": 0, "given_up": 0, "given_up_before": given_up, "overlays_refused": 0, "results": [],
+                   "left": 0}  # not fetched: a stop signal came first
         size = max(1, self.options.batch_size)
         for start in range(0, len(new), size):
             self._process(new[start:start + size], summary)
@@ -137,6 +140,9 @@ class PacsJob:
         compares with (a corrupt answer was recorded as instance "?" and fetched again on every run)."""
         datasets, listed = [], []
         for record in records:
+            if self.stop:  # those fetched are scored and stored; the rest are new to the next run
+                summary["left"] += 1
+                continue
             study, series, sop = _value(record, STUDY), _value(record, SERIES), _value(record, SOP)
             reason = listing_problem(study, series, sop)
             if reason:  # nothing to fetch it by until the PACS lists it whole and valid: given up, which
@@ -239,18 +245,41 @@ class PacsJob:
         self.state.record(sop, self.model, "failed", study, series, error=str(error), refusals=(count, counted_at))
         summary["failed"] += 1
 
-    def watch(self, interval: float, polls: int | None = None, report=lambda summary: None):
-        """Poll every ``interval`` seconds (``polls`` times, or until interrupted). A PACS that is down is
-        reported on one line and polled again; nothing found in the meantime is lost."""
-        done = 0
-        while polls is None or done < polls:
-            try:
-                report(self.run_once())
-            except (TransferError, StateFileError) as error:  # the PACS down, the state file locked
-                log.warning("%s; polling again in %.0f s", error, interval)
-            done += 1
-            if polls is None or done < polls:
-                time.sleep(interval)
+    def watch(self, interval: float, polls: int | None = None, report=lambda summary: None) -> str | None:
+        """Poll every ``interval`` seconds (``polls`` times, or until SIGTERM or SIGINT). A PACS that is down is
+        reported on one line and polled again; nothing found in the meantime is lost. A stop signal ends it
+        between polls, or after the instances in hand are stored, with one line saying what is left; returns
+        the signal's name (None when ``polls`` ran out). Before, SIGTERM killed it mid-poll with no word."""
+        done, left = 0, 0
+        with self.stop:
+            while (polls is None or done < polls) and not self.stop:
+                left = 0
+                try:
+                    summary = self.run_once()
+                    report(summary)
+                    left = summary["left"]
+                except (TransferError, StateFileError) as error:  # the PACS down, the state file locked
+                    log.warning("%s; polling again in %.0f s", error, interval)
+                except Stopped:  # during a retry's back-off: what was not stored is tried again next run
+                    left = None
+                done += 1
+                if not self.stop and (polls is None or done < polls):
+                    with contextlib.suppress(Stopped):
+                        self.stop.pause(interval)
+        if self.stop:
+            log.info("%s: %s", self.stop.signal, _stopped(left))
+        stopped, self.stop = self.stop.signal, StopSignals()  # a later run_once() is not stopped before it starts
+        return stopped
+
+
+def _stopped(left: int | None) -> str:
+    """What a stop signal left, in words: ``left`` instances listed and not fetched, None for a poll stopped
+    while it waited to retry a transfer."""
+    if left is None:
+        return "stopped while waiting to try again; what this poll had not stored is tried again by the next run"
+    if left:
+        return f"stopped after the instances in hand; {left} new instance(s) left for the next run"
+    return "stopped between polls; the next run scores what arrives meanwhile"
 
 
 STOW_NOTHING_STORED = {400, 409}  # the standard's answers when the PACS stored none of the instances sent
@@ -262,14 +291,14 @@ def _stow(client, dataset, study_uid: str):
         response = client.store_instances([dataset], study_instance_uid=study_uid)
     except requests.HTTPError as error:
         status = getattr(error.response, "status_code", None)
-        answer = _stow_answer(error.response) if status in STOW_NOTHING_STORED else None
+        answer = stow_answer(error.response) if status in STOW_NOTHING_STORED else None
         if not getattr(answer, "FailedSOPSequence", None):
             raise  # no reason given (a proxy's 400, say): a failure, tried again next run, never a refusal
         _refused(answer, f"HTTP {status}, ")
     uid = str(dataset.SOPInstanceUID)
     if not _names(response, uid) and not getattr(response, "FailedSOPSequence", None):
         kept = getattr(client, "last_post", {}).get("response")  # the answer as sent, read by its media type
-        response = (_stow_answer(kept) if kept is not None else None) or response
+        response = (stow_answer(kept) if kept is not None else None) or response
     if getattr(response, "FailedSOPSequence", None):
         _refused(response)
     if not _names(response, uid):
@@ -293,49 +322,6 @@ def _refused(answer, status: str = ""):
     error.transient = isinstance(reason, int) and reason >> 8 == 0xA7
     error.refusal = not error.transient
     raise error
-
-
-def _stow_answer(response):
-    """The STOW-RS answer's dataset (its FailedSOPSequence says why), or None when it holds none. DICOM JSON, or
-    the Native DICOM Model's XML (PS3.19), which a PACS may answer in."""
-    import pydicom
-    kind = response.headers.get("Content-Type", "")
-    try:
-        if "json" in kind:
-            return pydicom.Dataset.from_json(response.content)
-        return _failure_from_xml(response.content) if "xml" in kind else None
-    except Exception:  # noqa: BLE001 - a refusal with an unreadable body is still a refusal
-        return None
-
-
-def _failure_from_xml(content: bytes):
-    """The FailedSOPSequence's failure reasons from a Native DICOM Model answer (only what a refusal needs; the
-    standard's elements carry no keyword that must be trusted). Python's expat refuses entity expansion bombs."""
-    from xml.etree import ElementTree
-
-    import pydicom
-    root = ElementTree.fromstring(content)
-    answer = pydicom.Dataset()
-    failed = root.find("{*}DicomAttribute[@tag='00081198']")
-    if failed is not None:
-        items = []
-        for item in failed.findall("{*}Item"):
-            entry, value = pydicom.Dataset(), item.find("{*}DicomAttribute[@tag='00081197']/{*}Value")
-            if value is not None and (value.text or "").strip().isdigit():
-                entry.FailureReason = int(value.text.strip())
-            items.append(entry)
-        answer.FailedSOPSequence = items
-    stored = root.find("{*}DicomAttribute[@tag='00081199']")  # ReferencedSOPSequence: what was stored
-    if stored is not None:
-        answer.ReferencedSOPSequence = [_referenced(item) for item in stored.findall("{*}Item")]
-    return answer
-
-
-def _referenced(item):
-    import pydicom
-    entry, value = pydicom.Dataset(), item.find("{*}DicomAttribute[@tag='00081155']/{*}Value")
-    entry.ReferencedSOPInstanceUID = (value.text or "").strip() if value is not None else ""
-    return entry
 
 
 def listing_problem(study: str | None, series: str | None, sop: str) -> str | None:

@@ -1,5 +1,5 @@
 """The HTTP side of ``pacs``: a DICOMweb client whose credentials never come from the command line and are
-never shown, and whose WADO-RS answers are bounded by ``--max-instance-mb``."""
+never shown, whose WADO-RS answers are bounded by ``--max-instance-mb``, and the reading of STOW-RS answers."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,7 @@ import re
 import socket
 import threading
 import time
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
@@ -23,6 +23,7 @@ def connect(url: str, timeout: float = 60.0, user: str | None = None, max_instan
     HTTPS certificates are checked (a hospital CA: REQUESTS_CA_BUNDLE)."""
     from dicomweb_client.api import DICOMwebClient
     from requests import Session
+    check_url(url)
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # it logs every request at INFO
     session = Session()
     password, token = os.environ.get("PNEUMONIA_CNN_DICOMWEB_PASSWORD"), os.environ.get("PNEUMONIA_CNN_DICOMWEB_TOKEN")
@@ -47,6 +48,26 @@ def connect(url: str, timeout: float = 60.0, user: str | None = None, max_instan
     client.last_post = last_post
     client.set_http_retry_params(retry=False)  # its own retries would multiply ours and hide each failure
     return client
+
+
+def check_url(url: str) -> str:
+    """``url`` (--dicomweb), refused with one line when it holds credentials (``http://user:password@pacs/...``):
+    requests sent them, and the URL, password included, was then printed in every error line and every
+    ``--watch`` poll's warning. Refused rather than redacted, as a hospital engineer expects: a password on the
+    command line is also in the process list, the shell's history and the cron line or unit file that runs the
+    job, and redacting our own lines hides none of those. --user with PNEUMONIA_CNN_DICOMWEB_PASSWORD (or a
+    token in PNEUMONIA_CNN_DICOMWEB_TOKEN) keeps it in the environment; the refusal shows neither user nor
+    password."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as error:  # "Invalid IPv6 URL": the URL itself is not repeated (it may hold a password)
+        raise PneumoniaCNNError(f"--dicomweb: not a URL ({error})") from None
+    if "@" in parts.netloc:
+        shown = urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+        raise PneumoniaCNNError(f"--dicomweb {shown}: credentials in the URL are refused (process lists and logs "
+                                "show them): give the user with --user and the password in "
+                                "PNEUMONIA_CNN_DICOMWEB_PASSWORD, or a bearer token in PNEUMONIA_CNN_DICOMWEB_TOKEN")
+    return url
 
 
 class AnswerTooLarge(PneumoniaCNNError):
@@ -145,3 +166,46 @@ def bearer_token(token: str) -> str:
         raise PneumoniaCNNError(f"PNEUMONIA_CNN_DICOMWEB_TOKEN: not a bearer token ({len(token)} characters, "
                                 "some of them spaces, control characters or others a token cannot hold)")
     return token
+
+
+def stow_answer(response):
+    """The STOW-RS answer's dataset (its FailedSOPSequence says why), or None when it holds none. DICOM JSON, or
+    the Native DICOM Model's XML (PS3.19), which a PACS may answer in."""
+    import pydicom
+    kind = response.headers.get("Content-Type", "")
+    try:
+        if "json" in kind:
+            return pydicom.Dataset.from_json(response.content)
+        return _failure_from_xml(response.content) if "xml" in kind else None
+    except Exception:  # noqa: BLE001 - a refusal with an unreadable body is still a refusal
+        return None
+
+
+def _failure_from_xml(content: bytes):
+    """The FailedSOPSequence's failure reasons from a Native DICOM Model answer (only what a refusal needs; the
+    standard's elements carry no keyword that must be trusted). Python's expat refuses entity expansion bombs."""
+    from xml.etree import ElementTree
+
+    import pydicom
+    root = ElementTree.fromstring(content)
+    answer = pydicom.Dataset()
+    failed = root.find("{*}DicomAttribute[@tag='00081198']")
+    if failed is not None:
+        items = []
+        for item in failed.findall("{*}Item"):
+            entry, value = pydicom.Dataset(), item.find("{*}DicomAttribute[@tag='00081197']/{*}Value")
+            if value is not None and (value.text or "").strip().isdigit():
+                entry.FailureReason = int(value.text.strip())
+            items.append(entry)
+        answer.FailedSOPSequence = items
+    stored = root.find("{*}DicomAttribute[@tag='00081199']")  # ReferencedSOPSequence: what was stored
+    if stored is not None:
+        answer.ReferencedSOPSequence = [_referenced(item) for item in stored.findall("{*}Item")]
+    return answer
+
+
+def _referenced(item):
+    import pydicom
+    entry, value = pydicom.Dataset(), item.find("{*}DicomAttribute[@tag='00081155']/{*}Value")
+    entry.ReferencedSOPInstanceUID = (value.text or "").strip() if value is not None else ""
+    return entry

@@ -10,12 +10,14 @@ Observation are unchanged from R4 4.0.1 in R4B 4.3.0).
 """
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 from .uids import is_uid
 
+log = logging.getLogger("pneumonia_cnn")
 CODE_SYSTEM = "urn:pneumonia-cnn:result"
 UCUM = "http://unitsofmeasure.org"
 SNOMED, LOINC = "http://snomed.info/sct", "http://loinc.org"
@@ -27,22 +29,46 @@ LINK_TAGS = ("PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SOPInstanceU
 
 
 def dicom_links(path) -> dict:
-    """The identifiers a DICOM file gives its result (patient, study, instance), read from its header alone;
-    {} for other images or a header that cannot be read."""
+    """The identifiers a DICOM file gives its result (patient, study, instance), read from its header alone, for
+    an unreadable file too when its header can be read; {} for other images or a header that cannot be read.
+    What pydicom says of the header (a UID that is not one) is one line naming the file, as the readers give it
+    (pydicom's own line named no file)."""
+    from ..data.dicom_guard import pydicom_notes
     from ..data.readers import looks_like_dicom
     if not looks_like_dicom(Path(path)):
         return {}
-    try:
-        import pydicom
-        # force: as predict reads it (a file without the 128-byte preamble is still DICOM)
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(LINK_TAGS), force=True)
-    except Exception:  # noqa: BLE001 - the row already says whether the file could be read
-        return {}
-    values = {tag: _first(getattr(header, tag, "")) for tag in LINK_TAGS}
+    with pydicom_notes() as notes:
+        values = _header_values(path)
+    if notes:
+        log.warning("warning: %s: %s", path, "; ".join(note.strip() for note in notes))
     for tag in ("StudyInstanceUID", "SOPInstanceUID"):
-        if not is_uid(values[tag]):
+        if not is_uid(values.get(tag, "")):
             values[tag] = ""
     return {tag: value for tag, value in values.items() if value}
+
+
+def _header_values(path) -> dict:
+    """LINK_TAGS' values; {} for a header that cannot be read, or a deflated file the guard refuses (pydicom
+    inflates a deflated data set whole on opening it: a bomb among unreadable files is not opened here)."""
+    try:
+        import pydicom
+        from pydicom.filereader import read_file_meta_info
+        from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+        from ..data.dicom_guard import dicom_problem
+        try:  # a file without the preamble has no file meta, and is not read as deflated
+            deflated = read_file_meta_info(path).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        except Exception:  # noqa: BLE001 - no preamble, or a broken meta: not deflated as pydicom reads it
+            deflated = False
+        if deflated:
+            with open(path, "rb") as handle:
+                if dicom_problem(handle):
+                    return {}
+        # force: as predict reads it (a file without the 128-byte preamble is still DICOM)
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(LINK_TAGS), force=True)
+        return {tag: _first(getattr(header, tag, "")) for tag in LINK_TAGS}
+    except Exception:  # noqa: BLE001 - the row already says whether the file could be read
+        return {}
 
 
 def _first(value) -> str:

@@ -11,9 +11,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import struct
+import tempfile
 import threading
+import weakref
 from pathlib import Path
+
+from ..fileio import display_path
 
 log = logging.getLogger("pneumonia_cnn")
 P_DATA_TF = 0x04
@@ -98,6 +103,79 @@ class ArrivalLimit:
             Path(partial).unlink()
             log.warning("connection with %s ended inside an instance (%.1f MB received): discarded, not "
                         "acknowledged", peer(event.assoc), size / 2**20)
+
+
+# the folder each of this process's nodes receives into, by its pynetdicom AE; another AE (a test's destination)
+# gets pynetdicom's own temporary file
+RECEIVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+ABORTED_HERE: weakref.WeakSet = weakref.WeakSet()  # associations a failed write aborted: their line is said
+
+
+def receive_into(ae, folder: Path):
+    """pynetdicom writes each instance arriving at ``ae`` to a temporary file of its own (tempfile's default
+    folder: no setting of its own chooses it); here into ``folder``, the spool's, whose disk the spool's checks
+    watch and whose leftovers a start removes. A file that cannot be written aborts the association (ReceivingFile)."""
+    from pynetdicom import dimse_messages
+    RECEIVING[ae] = Path(folder)
+    dimse_messages.NamedTemporaryFile = receiving_file
+
+
+def receiving_file(*args, **kwargs):
+    """pynetdicom's NamedTemporaryFile for a C-STORE's data set, called on the connection's own thread (the
+    DULServiceProvider, whose ``assoc`` is the association)."""
+    association = getattr(threading.current_thread(), "assoc", None)
+    folder = RECEIVING.get(getattr(association, "ae", None))
+    if folder is None:
+        return tempfile.NamedTemporaryFile(*args, **kwargs)
+    return ReceivingFile(folder, association)
+
+
+class ReceivingFile:
+    """One arriving instance's file in SPOOL/receiving. A write that fails (the disk full, the folder gone)
+    raised on the connection's thread: that thread died with a traceback, the association hung with no status
+    and the partial file stayed. Now the file is deleted, the association aborted (the sender has no
+    acknowledgement and sends the instance again) and one line says why; the rest of the data is dropped."""
+
+    def __init__(self, folder: Path, association):
+        self.folder, self.association, self.failed, self._file = folder, association, False, None
+        self.file = self  # pynetdicom flushes ``file.file``
+        try:
+            self._file = tempfile.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm", dir=folder)
+            self.name = self._file.name
+        except OSError as error:
+            self.name = str(folder / "not-created.dcm")
+            self._fail(error)
+
+    def write(self, data) -> int:
+        if not self.failed:
+            try:
+                return self._file.write(data)
+            except OSError as error:
+                self._fail(error)
+        return len(data)
+
+    def flush(self):
+        if not self.failed:
+            try:
+                self._file.flush()
+            except OSError as error:
+                self._fail(error)
+
+    def close(self):
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+
+    def _fail(self, error: OSError):
+        self.failed = True
+        self.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.name)
+        log.warning("instance from %s: cannot be received: writing it to %s failed (%s): association aborted, "
+                    "not acknowledged (the sender sends it again)", peer(self.association),
+                    display_path(self.folder), error.strerror or error)
+        ABORTED_HERE.add(self.association)
+        self.association.abort(block=False)  # from the connection's thread: queued for the DUL, which sends it
 
 
 def peer(association) -> str:

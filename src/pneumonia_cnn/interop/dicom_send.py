@@ -3,13 +3,15 @@ association per batch, one C-STORE per report), with a refusal of a report told 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ..errors import PneumoniaCNNError
 from .dicom_access import check_ae_title
 
-ACCEPTED = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and the warnings that still mean "stored"
+log = logging.getLogger("pneumonia_cnn")
 OUT_OF_RESOURCES = 0xA700
+DUPLICATE = 0x0111  # "Duplicate SOP Instance": the destination holds an instance of this very UID already
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,29 @@ def send_c_store(ae_title: str, destination: Destination, datasets, tls=None) ->
             if code is None or code >> 8 == OUT_OF_RESOURCES >> 8:  # no answer, or busy: worth trying again
                 raise ConnectionError(f"{destination} answered C-STORE with status "
                                       f"{'none (timeout or abort)' if code is None else f'0x{code:04X}'}")
-            if code not in ACCEPTED:
+            if not stored(code, destination, dataset):
                 raise ReportRefused(f"{destination} refused the C-STORE of {dataset.Modality} "
                                     f"{dataset.SOPInstanceUID} with status 0x{code:04X}")
     finally:
         association.release()
+
+
+def stored(code: int, destination: Destination, dataset) -> bool:
+    """Whether a C-STORE status means the destination holds the instance: Success, or any status pynetdicom
+    classes as a Warning (0001, 0107, 0116, Bxxx: stored, with a remark; each gets its line), or 0111
+    (Duplicate SOP Instance): what we send is our own output, whose SOP Instance UID is derived from its source
+    and model, so the destination holds this very report already (stored before, its answer lost)."""
+    from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+    category = code_to_category(code)
+    what = f"{destination}: {dataset.Modality} {dataset.SOPInstanceUID}"
+    if category == STATUS_WARNING:
+        log.warning("%s stored with warning status 0x%04X (%s)", what, code, status_name(code))
+    elif code == DUPLICATE:
+        log.info("%s with status 0x0111 (Duplicate SOP Instance): it holds it already (an earlier answer lost): "
+                 "taken as delivered", what)
+    return category in (STATUS_SUCCESS, STATUS_WARNING) or code == DUPLICATE
+
+
+def status_name(code: int) -> str:
+    from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
+    return (STORAGE_SERVICE_CLASS_STATUS.get(code) or GENERAL_STATUS.get(code) or ("", "a warning"))[1]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -26,13 +25,13 @@ from pathlib import Path
 
 from ..data.dicom_guard import dicom_problem
 from ..errors import PneumoniaCNNError
-from ..fileio import atomic_path, display_path, over_limit, write_json_atomic
-from .arrival import ArrivalLimit, decodable_transfer_syntaxes, peer
+from ..fileio import atomic_path, display_path, over_limit
+from .arrival import ABORTED_HERE, ArrivalLimit, decodable_transfer_syntaxes, peer, receive_into
 from .dicom_access import NodeAccess, check_ae_title, rejection_reason, tls_handshake
 from .dicom_send import OUT_OF_RESOURCES, Destination, send_c_store
 from .network import TransferError, with_retries
-from .scoring import DicomScorer, not_an_xray
-from .spool import open_spool, remove_partial_receipts, spool_lock
+from .scoring import DicomScorer, not_an_image, other_modality_class
+from .spool import RefusalCounts, open_spool, remove_partial_receipts, spool_lock
 
 log = logging.getLogger("pneumonia_cnn")
 
@@ -60,7 +59,10 @@ class Listener:
         self.arrival = ArrivalLimit(max_instance_mb)
         self.tls = self.access.client_context()  # for the reports; None: plain DICOM
         self.server_tls = self.access.server_context()  # for the images received
-        self.refusals = self._refusals_kept()  # a restart goes on counting where the node stopped
+        self.refusals = RefusalCounts(self.spool)  # a restart goes on counting where the node stopped
+        # spooled files whose report was delivered but which could not be removed (a read-only spool): never
+        # sent again while this node runs; each pass tries removing them again
+        self.delivered: set[str] = set()
         self.queue: queue.Queue = queue.Queue()
         self.later: list[tuple[float, Path]] = []
         self.next_rescan = 0.0  # the first pass picks up what an earlier run left
@@ -91,7 +93,7 @@ class Listener:
         partial = remove_partial_receipts(self.spool)  # once the port is bound: a refused start touches nothing
         if partial:
             log.warning("%d partial instance(s) left in %s by a node stopped while receiving them: removed (their "
-                        "senders were not acknowledged and send them again)", partial, display_path(self.incoming))
+                        "senders were not acknowledged and send them again)", partial, display_path(self.spool))
         self.worker = threading.Thread(target=self._work, name="pneumonia-listen-worker", daemon=True)
         self.worker.start()
         log.info("listening as %s on %s:%d%s; reports go to %s%s; spool %s", self.ae_title, *self.address,
@@ -118,6 +120,7 @@ class Listener:
         # each instance written to a file as it arrives, not gathered in memory (then copied twice to encode it)
         _config.STORE_RECV_CHUNKED_DATASET = True
         ae = AE(ae_title=self.ae_title)
+        receive_into(ae, self.spool / "receiving")  # not the system's temporary folder
         self.access.apply(ae)
         syntaxes = decodable_transfer_syntaxes()
         for context in AllStoragePresentationContexts:  # any class; the reader says what is not an X-ray
@@ -170,7 +173,10 @@ class Listener:
         if getattr(event.assoc, "is_aborted", False):  # its last fragment passed the limit: the abort said so
             return OUT_OF_RESOURCES
         received = Path(event.dataset_path)
-        size = received.stat().st_size
+        try:
+            size = received.stat().st_size
+        except OSError:  # its file could not be written: the association is being aborted, and a line said so
+            return OUT_OF_RESOURCES
         if size > self.max_instance_mb * 2**20:
             log.warning("instance %s from %s: refused: %s (--max-instance-mb)", uid, sender,
                         over_limit(size, self.max_instance_mb))
@@ -193,7 +199,8 @@ class Listener:
                     rejection_reason(event.assoc, self.access.accept_from))
 
     def _aborted(self, event):
-        if not event.assoc.requestor.ae_title:  # a bare connection (a port check, a failed TLS handshake)
+        # a bare connection (a port check, a failed TLS handshake), or aborted by the node, which said why
+        if not event.assoc.requestor.ae_title or event.assoc in ABORTED_HERE:
             return
         log.warning("association with %s aborted", peer(event.assoc))
 
@@ -245,6 +252,9 @@ class Listener:
         for path in sorted(self.incoming.glob("*.dcm")):
             if not os.path.lexists(path):  # moved away by hand since the listing
                 continue
+            if path.name in self.delivered:  # its report went: only the file is left to remove
+                self._remove_delivered(path)
+                continue
             if path.is_symlink() or not path.is_file():  # a link (dangling, or to a file anywhere) is not read
                 self._set_aside(path, "not a regular file (a link, a folder or a device): not read")
             elif path not in known:
@@ -256,6 +266,9 @@ class Listener:
         import pydicom
         datasets, files = [], []
         for path in paths:
+            if path.name in self.delivered:
+                self._remove_delivered(path)
+                continue
             try:
                 size = path.stat().st_size  # a file put into the spool by hand came through no arrival limit
                 if size > self.max_instance_mb * 2**20:
@@ -270,7 +283,7 @@ class Listener:
                 if "SOPInstanceUID" not in dataset:  # an empty or text file put in the spool: not an instance
                     self._set_aside(path, "not a DICOM instance (no SOP Instance UID)")
                     continue
-                reason = not_an_xray(dataset) or self._outside_modalities(dataset)
+                reason = not_an_image(dataset) or self._outside_modalities(dataset)
             except Exception as error:  # noqa: BLE001 - any decoding failure is a bad instance, named below
                 self._set_aside(path, f"not readable as DICOM ({type(error).__name__})")
                 continue
@@ -280,16 +293,18 @@ class Listener:
                 continue
             datasets.append(dataset), files.append(path)
         for path, result in zip(files, self.scorer.score(datasets) if datasets else []):
-            if result.error:
-                self._set_aside(path, result.error)
-            else:
-                self._deliver(path, result)
+            try:  # a spool that fails for one instance does not hold back the batch's other reports
+                self._set_aside(path, result.error) if result.error else self._deliver(path, result)
+            except OSError as error:
+                log.warning("instance %s: %s; kept in the spool, tried again in %.0f s", result.sop_instance_uid,
+                            error, self.retry_after)
+                self._retry_later([path])
 
     def _outside_modalities(self, dataset) -> str | None:
         modality = str(getattr(dataset, "Modality", "") or "").upper()
         if modality not in self.modalities:
             return f"modality {modality or 'missing'} is not one of {', '.join(self.modalities)} (--modality)"
-        return None
+        return other_modality_class(dataset)  # a CT slice that says CR: the SOP class decides too
 
     def _deliver(self, path: Path, result):
         what = f"instance {result.sop_instance_uid}: C-STORE of its report to {self.destination}"
@@ -300,13 +315,31 @@ class Listener:
         except TransferError as error:
             self._undelivered(path, error)
             return
-        self._count_refusal(path.name, None)
-        path.unlink(missing_ok=True)
+        self.refusals.set(path.name, None)
+        self._remove_delivered(path, result.report_uid)
         entry = result.entry
         log.info("instance %s: p=%.4f %s -> report %s sent to %s%s%s", result.sop_instance_uid, entry["probability"],
                  entry["label"], result.report_uid, self.destination, overlay,
                  "".join(f"; warning: {w}" for w in entry["warnings"]))
         self.sent.append({"sop_instance_uid": result.sop_instance_uid, "report_uid": result.report_uid, **entry})
+
+    def _remove_delivered(self, path: Path, report_uid: str | None = None):
+        """A delivered report's spooled instance deleted. One that cannot be (a read-only or failing spool) is
+        remembered, so that its report is not sent again while the node runs, and each pass tries again; its
+        one line says the report was delivered (after a restart it would be sent again under the same UID)."""
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            if path.name not in self.delivered:
+                self.delivered.add(path.name)
+                log.warning("instance %s: its report %s WAS delivered to %s, but %s cannot be removed from the spool "
+                            "(%s): not sent again while this node runs", uid_of(path), report_uid, self.destination,
+                            display_path(path), error.strerror or error)
+            return
+        if path.name in self.delivered:
+            self.delivered.discard(path.name)
+            log.info("instance %s: %s removed from the spool (its report was delivered before)", uid_of(path),
+                     display_path(path))
 
     def _send_overlay(self, result) -> str:
         """The overlay after its report: a destination that refuses it (a failure status, or no presentation
@@ -331,36 +364,15 @@ class Listener:
         time from the others. A destination that is down or busy never sets anything aside."""
         count = self.refusals.get(path.name, 0) + bool(error.refusal)
         if error.refusal and count >= self.give_up_after:
-            self._count_refusal(path.name, None)
+            self.refusals.set(path.name, None)
             shutil.move(str(path), self.refused / path.name)  # first: the line below says where it is
             log.warning("%s; refused %d times: set aside in %s (move it back to %s to send it "
                         "again)", error, count, display_path(self.refused), display_path(self.incoming))
             return
         if error.refusal:
-            self._count_refusal(path.name, count)
+            self.refusals.set(path.name, count)
         log.warning("%s; kept in the spool, tried again in %.0f s", error, self.retry_after)
         self._retry_later([path])
-
-    def _refusals_kept(self) -> dict:
-        """SPOOL/refusals.json: how often the destination refused each spooled report, for the files still there."""
-        try:
-            kept = json.loads((self.spool / "refusals.json").read_text(encoding="utf-8"))
-            return {name: int(count) for name, count in kept.items() if (self.incoming / name).exists()
-                    and isinstance(count, int) and count > 0}
-        except (OSError, ValueError, AttributeError, TypeError):  # none yet, or damaged: counting starts again
-            return {}
-
-    def _count_refusal(self, name: str, count: int | None):
-        if count is None and name not in self.refusals:
-            return
-        if count is None:
-            self.refusals.pop(name)
-        else:
-            self.refusals[name] = count
-        try:
-            write_json_atomic(self.spool / "refusals.json", self.refusals)
-        except OSError as error:  # the counts still hold in memory
-            log.warning("cannot record refusal counts in %s (%s)", display_path(self.spool), error)
 
     def _set_aside(self, path: Path, reason: str):
         shutil.move(str(path), self.unreadable / path.name)  # first: the line below says where it is

@@ -23,6 +23,11 @@ from .uids import is_uid
 
 IMAGE_MODALITIES_NEVER_SCORED = {"SR", "KO", "PR", "SEG", "RTSTRUCT"}
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+# the image classes of a projection radiograph: any other known image class (CT, MR, mammography, ultrasound,
+# nuclear medicine, PET, intra-oral, angiography...) is another modality's image, whatever its Modality says
+XRAY_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+                      "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+                      "1.2.840.10008.5.1.4.1.1.1.1.1"}  # Digital X-Ray Image Storage - For Processing
 
 
 @dataclass
@@ -70,7 +75,12 @@ def uid_problem(dataset: Dataset) -> str | None:
 
 
 def not_an_xray(dataset: Dataset) -> str | None:
-    """Why an instance is not something to score (a report, our own output), or None. A PACS that forwards
+    """Why an instance is not something to score (a report, our own output, another modality's image), or None."""
+    return not_an_image(dataset) or other_modality_class(dataset)
+
+
+def not_an_image(dataset: Dataset) -> str | None:
+    """Why an instance is not an image to score (a report, our own output), or None. A PACS that forwards
     every new instance would otherwise send our reports and overlays back to be scored."""
     if str(getattr(dataset, "Modality", "")).upper() in IMAGE_MODALITIES_NEVER_SCORED:
         return f"modality {dataset.Modality} is not an image"
@@ -79,10 +89,28 @@ def not_an_xray(dataset: Dataset) -> str | None:
     sop_class = str(getattr(dataset, "SOPClassUID", "") or "")
     if sop_class == SECONDARY_CAPTURE:
         return "a secondary capture, not an acquired X-ray"
-    name = UID(sop_class).name if sop_class else ""
-    if name != sop_class and UID(sop_class).type == "SOP Class" and "Image" not in name:
+    name = known_sop_class(sop_class)
+    if name and "Image" not in name:
         return f"SOP class {name} is not an image"  # a report or document, whatever its Modality claims
     return None
+
+
+def other_modality_class(dataset: Dataset) -> str | None:
+    """Why an image's SOP class is another modality's (a CT slice with Modality CR, a mammogram with DX were
+    scored as chest X-rays), whatever its Modality claims; None for CR, DX, Secondary Captures and a class
+    pydicom does not know (a vendor's private one: left to the reader)."""
+    sop_class = str(getattr(dataset, "SOPClassUID", "") or "")
+    name = known_sop_class(sop_class)
+    if not name or "Image" not in name or sop_class in XRAY_IMAGE_CLASSES or "Secondary Capture" in name:
+        return None
+    modality = str(getattr(dataset, "Modality", "") or "missing")
+    return f"SOP class {name} is another modality's image, not an X-ray (its Modality {modality} notwithstanding)"
+
+
+def known_sop_class(sop_class: str) -> str | None:
+    """The name of a SOP class pydicom knows, or None."""
+    name = UID(sop_class).name if sop_class else ""
+    return name if name != sop_class and UID(sop_class).type == "SOP Class" else None
 
 
 def dataset_bytes(dataset: Dataset) -> bytes:

@@ -1,15 +1,19 @@
 """The ``listen`` node's spool: its folders made (or a one-line error naming ``--spool``) before the model
 loads, and a lock held while a node runs, so that a second node started on the same spool by mistake refuses
-to start instead of racing the first for the same files."""
+to start instead of racing the first for the same files. SPOOL/receiving holds each instance while it arrives
+(pynetdicom's temporary file of it, on the spool's own disk: not the system's temporary folder)."""
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
-from ..fileio import FolderLock, display_path
+from ..fileio import FolderLock, display_path, write_json_atomic
 
-FOLDERS = ("incoming", "unreadable", "refused")
+log = logging.getLogger("pneumonia_cnn")
+FOLDERS = ("incoming", "unreadable", "refused", "receiving")
 
 
 def open_spool(spool: Path) -> Path:
@@ -36,14 +40,43 @@ def spool_lock(spool: Path) -> FolderLock:
 
 
 def remove_partial_receipts(spool: Path) -> int:
-    """Delete SPOOL/incoming/.NAME.dcm.*.tmp: an instance being moved into the spool when the node was killed.
-    Its sender got no acknowledgement (it comes after the rename) and sends it again; left there, a partial
-    patient image stayed for good. Only while this node holds the spool's lock: no other node is writing."""
+    """Delete SPOOL/incoming/.NAME.dcm.*.tmp (an instance being moved into the spool when the node was killed)
+    and whatever SPOOL/receiving holds (instances being received then). Their senders got no acknowledgement
+    (it comes after the rename) and send them again; left there, a partial patient image stayed for good. Only
+    while this node holds the spool's lock: no other node is writing."""
     removed = 0
-    for partial in Path(spool, "incoming").glob(".*.dcm.*.tmp"):
+    for partial in [*Path(spool, "incoming").glob(".*.dcm.*.tmp"), *Path(spool, "receiving").iterdir()]:
         try:
             partial.unlink()
             removed += 1
         except OSError:  # gone meanwhile, or not a file (a folder of that name): left as it is
             pass
     return removed
+
+
+class RefusalCounts(dict):
+    """SPOOL/refusals.json: how often the destination refused each spooled report (file name: count), for the
+    files still in SPOOL/incoming, so that a restart goes on counting where the node stopped."""
+
+    def __init__(self, spool: Path):
+        super().__init__()
+        self.path, incoming = Path(spool) / "refusals.json", Path(spool) / "incoming"
+        try:
+            kept = json.loads(self.path.read_text(encoding="utf-8"))
+            self.update({name: int(count) for name, count in kept.items() if (incoming / name).exists()
+                         and isinstance(count, int) and count > 0})
+        except (OSError, ValueError, AttributeError, TypeError):  # none yet, or damaged: counting starts again
+            pass
+
+    def set(self, name: str, count: int | None):
+        """Record ``count`` refusals of ``name``; None: forget it (delivered, or set aside)."""
+        if count is None and name not in self:
+            return
+        if count is None:
+            self.pop(name)
+        else:
+            self[name] = count
+        try:
+            write_json_atomic(self.path, dict(self))
+        except OSError as error:  # the counts still hold in memory
+            log.warning("cannot record refusal counts in %s (%s)", display_path(self.path.parent), error)

@@ -3,7 +3,7 @@ import pytest
 
 from pneumonia_cnn.data.readers import read_image
 from pneumonia_cnn.errors import ImageReadError
-from tests.data.dicom_factory import write_dicom
+from tests.data.dicom_factory import jpeg2000_head, jpeg_head, write_dicom
 
 RAMP = (np.tile(np.linspace(0, 4095, 64), (64, 1))).astype(np.uint16)
 
@@ -52,14 +52,14 @@ def test_corrupt_compressed_pixel_data_names_each_decoders_reason_without_loggin
     import pydicom
     dataset = pydicom.dcmread(path)
     dataset.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    dataset.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 200])  # a J2K codestream cut after SIZ
+    dataset.PixelData = encapsulate([jpeg2000_head(64, 64) + b"\0" * 200])  # a J2K header, then no tile
     dataset["PixelData"].VR = "OB"
     dataset.save_as(path, enforce_file_format=True)
     with caplog.at_level(logging.DEBUG), pytest.raises(ImageReadError) as raised:
         read_image(path)
     message = str(raised.value)
     assert message.startswith(f"{path}: cannot decode DICOM pixel data (") and "\n" not in message
-    assert "pillow: SIZ marker length must be at least 38" in message  # the plugin's own reason
+    assert "pillow: Marker length too small" in message  # the plugin's own reason
     assert not [r for r in caplog.records if r.exc_info], "a decoder traceback reached the log"
 
 def test_a_corrupt_jpeg_dicom_names_gdcms_failure_not_its_plugins_bug(tmp_path):
@@ -72,7 +72,7 @@ def test_a_corrupt_jpeg_dicom_names_gdcms_failure_not_its_plugins_bug(tmp_path):
     import pydicom
     dataset = pydicom.dcmread(path)
     dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-    dataset.PixelData = encapsulate([b"\xff\xd8garbage" * 10])
+    dataset.PixelData = encapsulate([jpeg_head(64, 64) + b"garbage" * 10])
     dataset["PixelData"].VR = "OB"
     dataset.save_as(path, enforce_file_format=True)
     with pytest.raises(ImageReadError) as raised:
@@ -182,10 +182,10 @@ def test_a_decoders_reason_does_not_show_its_memory_address(tmp_path):
     dataset = pydicom.dcmread(path)
     dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 8, 8, 7
-    dataset.PixelData = encapsulate([b"\xff\xd8" + bytes(100)])  # a JPEG start, then nothing
+    dataset.PixelData = encapsulate([jpeg_head(64, 64) + bytes(100)])  # a JPEG's header, then nothing
     dataset["PixelData"].VR = "OB"
     dataset.save_as(path, enforce_file_format=True)
     with pytest.raises(ImageReadError) as raised:
         read_image(path)
-    assert str(raised.value).endswith("pillow: cannot identify image file <stream>)"), str(raised.value)
+    assert str(raised.value).endswith("pillow: cannot load this image)"), str(raised.value)
     assert " at 0x" not in str(raised.value)

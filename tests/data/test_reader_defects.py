@@ -17,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBase
 from pneumonia_cnn.data.readers import read_image, read_image_bytes
 from pneumonia_cnn.errors import ImageReadError
 from tests.conftest import SHARED_DATA, require_shared
+from tests.data.dicom_factory import jpeg_head
 
 
 @pytest.fixture(scope="module")
@@ -213,12 +214,12 @@ def test_a_corrupt_jpeg_dicom_has_its_own_line_and_gdcms_lines_are_left_on_stder
     bad = write_dicom(tmp_path / "fake_jpeg.dcm", gray)
     dataset = pydicom.dcmread(bad)
     dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-    dataset.PixelData = encapsulate([b"\xff\xd8garbage\xff\xd9"])
+    dataset.PixelData = encapsulate([jpeg_head(224, 224) + b"garbage\xff\xd9"])
     dataset["PixelData"].VR = "OB"
     dataset.save_as(bad, enforce_file_format=True)
     code, out, err = run_cli("predict", "builtin", bad, path, "--engine", "torch")
     skipped = (f"skipped {bad}: cannot decode DICOM pixel data (gdcm: cannot decode the compressed data; pillow: "
-               f"cannot identify image file <stream>)")
+               f"cannot load this image)")
     lines = err.strip().splitlines()
     assert code == 0 and skipped in lines and "Traceback" not in err, err
     assert all("JPEG" in line and "fake_jpeg" not in line for line in lines if line != skipped), err
@@ -235,7 +236,7 @@ def test_a_12_bit_jpeg_dicom_names_the_decoder_to_install(xray, tmp_path):
     path = write_dicom(tmp_path / "jpeg12.dcm", gray.astype(np.uint16) * 16, BitsStored=12, HighBit=11)
     dataset = pydicom.dcmread(path)
     dataset.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.51"  # JPEG Extended (Process 2 and 4)
-    dataset.PixelData = encapsulate([b"\xff\xd8\xff\xc1" + bytes(100) + b"\xff\xd9"])
+    dataset.PixelData = encapsulate([jpeg_head(224, 224, 0xC1, precision=12) + bytes(100) + b"\xff\xd9"])
     dataset["PixelData"].VR = "OB"
     dataset.save_as(path, enforce_file_format=True)
     with pytest.raises(ImageReadError) as raised:
@@ -317,20 +318,81 @@ def test_a_frame_larger_than_the_header_is_refused_before_decoding(xray, tmp_pat
 
 def test_codestream_sizes_are_read_from_every_kind_of_header():
     """JPEG with other segments before its frame header, JPEG-LS (SOF55), hierarchical JPEG (DHP), JPEG 2000 with
-    an image offset, a JP2 file; and no size where none is stated."""
-    from pneumonia_cnn.data.dicom_guard import codestream_shape
+    an image offset, a JP2 file (its codestream's size, not its ihdr box's); a reason where no size can be
+    trusted, and "more" where the bytes end before it."""
+    from pneumonia_cnn.data.dicom_guard import NEEDS_MORE, codestream_shape
     app0 = b"\xff\xe0\x00\x10" + b"JFIF\0" + bytes(9)
     size = (480).to_bytes(2, "big") + (640).to_bytes(2, "big")
 
-    def frame(marker: int) -> bytes:
-        return b"\xff" + bytes([marker]) + b"\x00\x0b\x08" + size
+    def frame(marker: int, shape: bytes = size) -> bytes:
+        return b"\xff" + bytes([marker]) + b"\x00\x0b\x08" + shape
     assert codestream_shape(b"\xff\xd8" + app0 + frame(0xC0)) == (480, 640)
     assert codestream_shape(b"\xff\xd8\xff\xff" + frame(0xF7)) == (480, 640)  # a fill byte, then JPEG-LS
     assert codestream_shape(b"\xff\xd8" + frame(0xDE)) == (480, 640)
     assert codestream_shape(b"\xff\xd8" + b"\xff\xc4\x00\x04\x00\x00" + frame(0xC2)) == (480, 640)  # DHT first
     siz = b"\xff\x4f\xff\x51\x00\x29\x00\x00" + b"".join(v.to_bytes(4, "big") for v in (700, 500, 100, 20)) + bytes(20)
     assert codestream_shape(siz) == (480, 600)
-    jp2 = bytes(4) + b"jP  " + bytes(20) + b"ihdr" + (480).to_bytes(4, "big") + (640).to_bytes(4, "big")
-    assert codestream_shape(jp2) == (480, 640)
-    assert codestream_shape(b"\xff\xd8" + b"\xff\xc0\x00\x0b\x08\x00\x00\x02\x80") is None  # height from DNL
-    assert codestream_shape(b"RLE data") is None and codestream_shape(b"") is None
+    jp2 = bytes(4) + b"jP  " + bytes(20) + b"ihdr" + bytes(8) + b"jp2c" + siz  # ihdr says 0x0: the codestream counts
+    assert codestream_shape(jp2) == (480, 600)
+    assert codestream_shape(b"\xff\xd8" + app0[:6]) == NEEDS_MORE  # the rest is in the next fragment
+    assert codestream_shape(b"\xff\xd8" + app0[:6], final=True) == "states no size in its header"
+    assert codestream_shape(b"\xff\xd8" + frame(0xC0, bytes(2) + size[2:])) == "states its size only after its header"
+    assert codestream_shape(b"\xff\xd8\x00" + frame(0xC0)) == "is corrupt: byte 0x00 at 2 where a JPEG marker belongs"
+    assert codestream_shape(b"\xff\xd8\xff\xda\x00\x02" + frame(0xC0)).startswith("states no size before its data")
+    assert codestream_shape(b"RLE data") == "is neither JPEG nor JPEG 2000"
+
+
+def _split_frame_dicom(path, gray, frame: np.ndarray, where: str):
+    """A JPEG-baseline DICOM describing ``gray``, its one frame ``frame`` behind 128 KB of comment segments, split
+    into two fragments 20 bytes in (``where`` "comment") or 3 bytes into the frame header ("frame header")."""
+    encoded = io.BytesIO()
+    Image.fromarray(frame).save(encoded, "JPEG", quality=90)
+    data = encoded.getvalue()
+    comment = b"\xff\xfe" + (65535).to_bytes(2, "big") + bytes(65533)
+    data = data[:2] + comment + comment + data[2:]
+    cut = 20 if where == "comment" else data.index(b"\xff\xc0") + 3
+    write_dicom(path, gray)
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    dataset.PixelData = _two_fragments(data[:cut], data[cut:])
+    dataset["PixelData"].VR = "OB"
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _two_fragments(first: bytes, rest: bytes) -> bytes:
+    """Encapsulated pixel data of one frame in two fragments after an empty offset table (items padded even)."""
+    item = b"\xfe\xff\x00\xe0"
+    first, rest = first + b"\0" * (len(first) % 2), rest + b"\0" * (len(rest) % 2)
+    return (item + bytes(4) + item + len(first).to_bytes(4, "little") + first + item + len(rest).to_bytes(4, "little")
+            + rest + b"\xfe\xff\xdd\xe0" + bytes(4))
+
+
+@pytest.mark.parametrize("where", ["comment", "frame header"])
+def test_a_frame_header_past_its_first_fragment_is_read_and_checked(xray, tmp_path, where):
+    """A bomb whose frame header sat in its second fragment, or past 128 KB of segments, was decoded unchecked
+    (3 GB for 30000x30000); a legitimate file whose fragment boundary fell inside the frame header was refused
+    ("compressed frame is 53271x224"). The fragments are joined now: the bomb is refused, the file read."""
+    _, gray = xray
+    assert read_image(_split_frame_dicom(tmp_path / "honest.dcm", gray, gray, where))[0].shape == (224, 224)
+    bomb = _split_frame_dicom(tmp_path / "bomb.dcm", gray, np.zeros((1500, 2500), np.uint8), where)
+    with pytest.raises(ImageReadError) as raised:
+        read_image(bomb)
+    assert raised.value.reason == ("compressed frame is 2500x1500 pixels, but the DICOM header says 224x224 "
+                                   "(not decoded)")
+
+
+def test_a_stray_byte_after_a_jpeg_start_is_refused_before_gdcm_can_abort_the_process(xray, tmp_path):
+    """One byte that is no marker right after SOI: Pillow refused the frame, then GDCM's C++ threw "invalid logic
+    behavior" and aborted the whole process (SIGABRT), losing every result of the run. Refused first now."""
+    path, gray = xray
+    bad = write_dicom(tmp_path / "stray.dcm", gray)
+    dataset = pydicom.dcmread(bad)
+    dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    dataset.PixelData = encapsulate([b"\xff\xd8\x00" + path.read_bytes()[2:]])
+    dataset["PixelData"].VR = "OB"
+    dataset.save_as(bad, enforce_file_format=True)
+    code, out, err = run_cli("predict", "builtin", bad, path, "--engine", "torch")
+    assert code == 0 and (f"skipped {bad}: compressed frame is corrupt: byte 0x00 at 2 where a JPEG marker belongs "
+                          f"(not decoded)") in err.splitlines(), (code, err)
+    assert path.name in out

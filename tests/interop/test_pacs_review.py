@@ -43,6 +43,11 @@ def test_credentials_in_the_url_are_refused_and_never_shown(trained_run, tmp_pat
         with pytest.raises(PneumoniaCNNError, match="credentials in the URL are refused") as refused:
             connect(given)
         assert "s3cret" not in str(refused.value) and "token@" not in str(refused.value)
+    for malformed in ("http:ai-node:s3cret@127.0.0.1:9/dicom-web", "http:///dicom-web", "ftp://pacs/dicom-web"):
+        # dicomweb-client's "Malformed URL" error had repeated the first, password included
+        with pytest.raises(PneumoniaCNNError, match="not an http:// or https:// URL with a host") as refused:
+            connect(malformed)
+        assert "s3cret" not in str(refused.value)
     assert not (tmp_path / "s.sqlite").exists()  # nothing done before the refusal
 
 
@@ -162,7 +167,7 @@ def test_a_signal_mid_poll_stops_after_the_instance_in_hand(orthanc, trained_run
     assert job.run_once()["scored"] == 2  # the next run scores what was left
 
 
-@pytest.mark.parametrize("value", ["D\\X", "*", "CR,DX", "", "   ", "C?", "ABCDEFGHIJKLMNOPQ", "CR\n"])
+@pytest.mark.parametrize("value", ["D\\X", "*", "CR,DX", "", "   ", "C?", "ABCDEFGHIJKLMNOPQ", "CR\n", "CR DX", "D X"])
 def test_a_modality_that_is_no_dicom_code_is_refused_before_any_work(value, orthanc, trained_run, tmp_path, capsys):
     """--modality 'D\\X' went into the QIDO-RS query as it was: "0 new instance(s)", exit 0, on every run. Refused
     before the PACS is asked, and before the model is loaded (a model that does not exist is not reported)."""
@@ -171,7 +176,7 @@ def test_a_modality_that_is_no_dicom_code_is_refused_before_any_work(value, orth
                      "--modality", "CR", value, *FAST]) == 2
         out, err = capsys.readouterr()
         assert err.count("\n") == 1 and err.startswith("error: --modality '") and not out, err
-        assert "': not a DICOM modality code (" in err and "several: --modality CR DX)" in err
+        assert "': not a DICOM modality code (" in err and "several as separate values: --modality CR DX)" in err
     assert not (tmp_path / "s.sqlite").exists()
 
 

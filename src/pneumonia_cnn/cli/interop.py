@@ -151,9 +151,10 @@ def modality_codes(values) -> tuple[str, ...]:
     codes = []
     for text in values:
         code = text.strip(" ").upper()  # CS pads with spaces; a newline is no padding
-        if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", code):
-            raise PneumoniaCNNError(f"--modality '{text}': not a DICOM modality code (1 to 16 letters, digits, "
-                                    "underscores or spaces, such as CR or DX; several: --modality CR DX)")
+        # no modality code holds a space: "CR DX" in one value (a unit file's quoting) matched nothing, exit 0
+        if not re.fullmatch(r"[A-Z0-9_]{1,16}", code):
+            raise PneumoniaCNNError(f"--modality '{text}': not a DICOM modality code (1 to 16 letters, digits or "
+                                    "underscores, such as CR or DX; several as separate values: --modality CR DX)")
         codes.append(code)
     return tuple(codes)
 

@@ -114,6 +114,12 @@ def _to_gray(path: Path, dataset, pixels: np.ndarray):
     return gray, ImageMeta(source_format="DICOM", original_size=gray.shape, tags={k: v for k, v in tags.items() if v})
 
 
+def _codestream_syntaxes() -> frozenset:
+    from pydicom import uid
+    return frozenset(uid.JPEGTransferSyntaxes + uid.JPEGLSTransferSyntaxes + uid.JPEG2000TransferSyntaxes
+                     + [uid.HTJ2K, uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL])
+
+
 def _first_frame(path: Path, dataset, notes: list) -> np.ndarray:
     """The first frame's pixels, the only one decoded (gray or colour alike: a colour multi-frame file gave a
     4-D array that ended the whole run). The decoders that keep quiet go first; GDCM, whose libjpeg prints its
@@ -127,9 +133,10 @@ def _first_frame(path: Path, dataset, notes: list) -> np.ndarray:
             return dataset.pixel_array
         except Exception as error:  # missing decoders and bad data raise many types
             raise ImageReadError(path, f"cannot decode DICOM pixel data ({one_line(error, 400)})") from None
-    problem = compressed_frame_problem(dataset.PixelData, int(dataset.Rows), int(dataset.Columns))
-    if problem:
-        raise ImageReadError(path, problem)
+    if dataset.file_meta.TransferSyntaxUID in _codestream_syntaxes():  # RLE states no size; its decoder follows ours
+        problem = compressed_frame_problem(dataset.PixelData, int(dataset.Rows), int(dataset.Columns))
+        if problem:
+            raise ImageReadError(path, problem)
     reasons = {}
     for plugin in sorted(plugins, key=lambda name: name == "gdcm"):
         dataset.pixel_array_options(index=0, decoding_plugin=plugin)

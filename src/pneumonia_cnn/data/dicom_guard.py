@@ -192,57 +192,83 @@ ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian: each fragment of e
 # JPEG markers whose segment starts with precision, height, width: the start-of-frame markers (not DHT C4, JPG C8,
 # DAC CC), JPEG-LS's SOF55 (F7) and hierarchical JPEG's DHP (DE)
 FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7, 0xDE}
+HEADER_LIMIT = 16 << 20  # bytes of a frame's codestream read for its size: its header segments, never its data
+NEEDS_MORE = "more"
 
 
 def compressed_frame_problem(pixel_data: bytes, rows: int, columns: int) -> str | None:
-    """Why the first compressed frame cannot be this image: its codestream (JPEG, JPEG-LS, JPEG 2000) states a
-    size other than the header's Rows x Columns. Decoders follow the codestream, so an 18 MB file whose header
-    said 224x224 over a 40000x40000 JPEG took 5 GB before the shapes were compared; None when they agree or the
-    codestream states no size (RLE, or a JPEG whose height comes later)."""
-    shape = codestream_shape(_first_fragment_head(pixel_data))
-    if shape is None or shape == (rows, columns):
+    """Why the first compressed frame (JPEG, JPEG-LS, JPEG 2000) is not decoded: its codestream states a size other
+    than the header's Rows x Columns, or none at all, or its header is corrupt. Decoders follow the codestream, so
+    an 18 MB file whose header said 224x224 over a 40000x40000 JPEG took 5 GB before the shapes were compared; a
+    frame header in a later fragment, past large APP segments, or given by JPEG-LS's LSE had let such bombs through
+    unchecked, and one stray byte after SOI made GDCM abort the whole process. None when the sizes agree."""
+    head = bytearray()
+    for fragment in _fragments(pixel_data):
+        head += fragment
+        shape = codestream_shape(bytes(head))
+        if shape != NEEDS_MORE or len(head) >= HEADER_LIMIT:
+            break
+    else:
+        shape = codestream_shape(bytes(head), final=True)
+    if isinstance(shape, tuple) and shape == (rows, columns):
         return None
-    return (f"compressed frame is {shape[1]}x{shape[0]} pixels, but the DICOM header says {columns}x{rows} "
-            f"(not decoded)")
+    if isinstance(shape, tuple):
+        return (f"compressed frame is {shape[1]}x{shape[0]} pixels, but the DICOM header says {columns}x{rows} "
+                f"(not decoded)")
+    return f"compressed frame {shape if shape != NEEDS_MORE else 'states no size in its header'} (not decoded)"
 
 
-def _first_fragment_head(pixel_data: bytes, size: int = 1 << 16) -> bytes:
-    """The start of the first fragment after the basic offset table, b"" when the data are not encapsulated."""
+def _fragments(pixel_data: bytes):
+    """The fragments of encapsulated pixel data after the basic offset table, in order (pydicom's parsing)."""
+    from pydicom.encaps import generate_fragments
     if len(pixel_data) < 8 or pixel_data[:4] != ITEM_TAG:
-        return b""
-    start = 8 + struct.unpack_from("<I", pixel_data, 4)[0]  # past the offset table
-    if pixel_data[start:start + 4] != ITEM_TAG:
-        return b""
-    return bytes(pixel_data[start + 8:start + 8 + size])
+        return iter(())
+    return generate_fragments(memoryview(pixel_data)[8 + struct.unpack_from("<I", pixel_data, 4)[0]:].tobytes())
 
 
-def codestream_shape(head: bytes) -> tuple[int, int] | None:
-    """(rows, columns) from the start of a JPEG, JPEG-LS or JPEG 2000 codestream (or JP2 file), or None."""
-    if head[:2] == b"\xff\x4f":  # JPEG 2000 codestream: SOC, then SIZ with the reference grid and its offset
-        at = head.find(b"\xff\x51", 2, 256)
-        if at < 0 or len(head) < at + 22 or struct.unpack_from(">H", head, at + 2)[0] < 38:
-            return None  # a damaged SIZ: the decoders word it
-        width, height, x_offset, y_offset = struct.unpack_from(">IIII", head, at + 6)
-        return (height - y_offset, width - x_offset) if height > y_offset and width > x_offset else None
-    if head[4:8] == b"jP  ":  # JP2 file: the image header box
-        at = head.find(b"ihdr")
-        return struct.unpack_from(">II", head, at + 4) if 0 <= at and len(head) >= at + 12 else None
-    return _jpeg_shape(head) if head[:2] == b"\xff\xd8" else None
+def codestream_shape(head: bytes, final: bool = False):
+    """(rows, columns) from the start of a JPEG, JPEG-LS or JPEG 2000 codestream (or JP2 file); ``NEEDS_MORE`` when
+    ``head`` ends before the size (and ``final`` is False); otherwise a reason, such as "is not a JPEG codestream"."""
+    shape = _jpeg2000_shape(head) if head[:2] == b"\xff\x4f" or head[4:8] == b"jP  " else \
+        _jpeg_shape(head) if head[:2] == b"\xff\xd8" else ("is neither JPEG nor JPEG 2000" if len(head) >= 8 else
+                                                       NEEDS_MORE)
+    return "states no size in its header" if shape == NEEDS_MORE and final else shape
 
 
-def _jpeg_shape(head: bytes) -> tuple[int, int] | None:
+def _jpeg2000_shape(head: bytes):
+    if head[:2] == b"\xff\x4f":  # a codestream: SOC, then at once SIZ with the reference grid and its offset
+        if len(head) < 22:
+            return NEEDS_MORE
+        if head[2:4] != b"\xff\x51" or struct.unpack_from(">H", head, 4)[0] < 38:
+            return "has a damaged JPEG 2000 header (no SIZ after SOC)"
+        width, height, x_offset, y_offset = struct.unpack_from(">IIII", head, 8)
+        return (height - y_offset, width - x_offset) if height > y_offset and width > x_offset else \
+            "states an empty JPEG 2000 image"
+    at = head.find(b"jp2c")  # a JP2 file: its codestream box, whose SIZ the decoders follow (not the ihdr box)
+    return _jpeg2000_shape(head[at + 4:]) if at >= 0 and head[at + 4:at + 6] == b"\xff\x4f" else \
+        NEEDS_MORE if at < 0 else "has a JP2 codestream box without a codestream"
+
+
+def _jpeg_shape(head: bytes):
+    """Segments one after another from SOI (fill bytes allowed) up to the frame header; anything else where a
+    marker belongs is corrupt (libjpeg skips it with a warning, GDCM aborted the process)."""
     offset = 2
-    while offset + 9 <= len(head):
+    while offset + 4 <= len(head):
         if head[offset] != 0xFF:
-            return None
+            return f"is corrupt: byte {head[offset]:#04x} at {offset} where a JPEG marker belongs"
         marker = head[offset + 1]
         if marker == 0xFF:  # fill byte
             offset += 1
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a segment
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a segment
             offset += 2
+        elif marker in (0xD8, 0xD9, 0xDA):  # SOI again, EOI or the scan's start, before any frame header
+            return "states no size before its data (not a plain JPEG frame header)"
         elif marker in FRAME_MARKERS:
+            if offset + 9 > len(head):
+                return NEEDS_MORE
             height, width = struct.unpack_from(">HH", head, offset + 5)
-            return (height, width) if height and width else None  # height 0: defined later by a DNL marker
+            # 0: given later (a DNL marker, or JPEG-LS's LSE for sizes over 65535): not checked, so not decoded
+            return (height, width) if height and width else "states its size only after its header"
         else:
             offset += 2 + struct.unpack_from(">H", head, offset + 2)[0]
-    return None
+    return NEEDS_MORE

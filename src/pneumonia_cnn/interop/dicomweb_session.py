@@ -62,6 +62,10 @@ def check_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError as error:  # "Invalid IPv6 URL": the URL itself is not repeated (it may hold a password)
         raise PneumoniaCNNError(f"--dicomweb: not a URL ({error})") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:  # "http:user:password@host" is no URL,
+        # and dicomweb-client's "Malformed URL" error repeated it, password included
+        raise PneumoniaCNNError("--dicomweb: not an http:// or https:// URL with a host (not repeated here: it may "
+                                "hold a password)")
     if "@" in parts.netloc:
         shown = urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
         raise PneumoniaCNNError(f"--dicomweb {shown}: credentials in the URL are refused (process lists and logs "

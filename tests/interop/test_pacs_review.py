@@ -183,3 +183,14 @@ def test_a_modality_that_is_no_dicom_code_is_refused_before_any_work(value, orth
 def test_modality_codes_are_read_in_any_case():
     from pneumonia_cnn.cli.interop import modality_codes
     assert modality_codes(["cr", "dx", "OT", "RG_X", " CR "]) == ("CR", "DX", "OT", "RG_X", "CR")
+
+
+def test_listen_refuses_a_modality_that_is_no_dicom_code_before_it_listens(tmp_path, capsys):
+    """listen --modality "CR DX" (one value, as a unit file may quote it) would have left every X-ray unscored
+    ("modality DX is not one of CR DX"); refused as pacs refuses it, before the model loads or a port is bound."""
+    for value in ("CR DX", "D\\X"):
+        assert main(["listen", str(tmp_path / "none.pt"), "--send-to", "127.0.0.1:11112:PACS", "--spool",
+                     str(tmp_path / "spool"), "--modality", "CR", value]) == 2
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and err.startswith(f"error: --modality '{value}': not a DICOM modality code"), err
+    assert not (tmp_path / "spool").exists()

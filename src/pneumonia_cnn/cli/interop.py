@@ -235,13 +235,14 @@ def run_listen(args) -> int:
     from ..interop.listener import Destination, Listener, default_spool
     from ..interop.spool import open_spool, spool_lock
     destination = Destination.parse(args.send_to)
+    modalities = modality_codes(args.modality)  # as pacs': a typo would leave every instance unscored
     access = NodeAccess(tuple(args.accept_from), args.tls_cert, args.tls_key, args.tls_ca, args.send_tls_ca)
     check_ae_title(args.ae_title, "--ae-title")
     spool = open_spool(args.spool or default_spool())  # before the model loads: a bad --spool is said at once,
     spool_lock(spool).acquire().release()  # and so is a spool another node is using
     listener = Listener(Predictor(args.checkpoint, args.device), destination, args.ae_title, args.port, args.host,
                         args.spool, args.overlay, args.retries + 1, args.backoff, args.retry_after,
-                        modalities=args.modality, give_up_after=args.give_up_after,
+                        modalities=modalities, give_up_after=args.give_up_after,
                         max_instance_mb=args.max_instance_mb, access=access)
     listener.start(block=True)
     return 0

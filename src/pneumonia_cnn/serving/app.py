@@ -7,7 +7,7 @@ No ``from __future__ import annotations`` here: FastAPI must resolve the endpoin
 
 Around the routes, outermost first: the security headers of every answer, request metrics, the Host check
 (400), API keys (401/403), then the limits on uploads (413 while bytes arrive, 408 for a stalled or too slow
-body, 415 for a compressed one, 503 when too many are in progress, or when one key holds half of them).
+body, 415 for a compressed one, 503 when too many are in progress).
 Uploads stay in memory (bounded by those limits), are decoded by content and never saved under the
 client's name. The rest is in ``service.py``.
 """

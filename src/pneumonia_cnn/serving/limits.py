@@ -6,9 +6,9 @@ it gives the whole body ``body_timeout`` seconds (a stalled or trickling body ge
 ``BODY_RATE_GRACE`` seconds the body must have come at ``MIN_BODY_RATE`` on average (408 too: 64 uploads trickling
 a byte a second held every admission slot for the whole time-out, and every other upload got 503); it refuses a
 compressed body (415: ``Content-Encoding`` is not decoded, so a gzip body was parsed as if it were plain); and it
-admits at most ``max_in_flight`` uploads at once, of which at most ``max_batches_in_flight`` batch uploads and at most
-half from one API key (503 with ``Retry-After`` beyond), which bounds the memory uploads can take to about
-``max_in_flight`` times the size limit plus ``max_batches_in_flight`` times the batch limit. Errors close the
+admits at most ``max_in_flight`` uploads at once, of which at most ``max_batches_in_flight`` batch uploads (503
+with ``Retry-After`` beyond), which bounds the memory uploads can take to about ``max_in_flight`` times the size
+limit plus ``max_batches_in_flight`` times the batch limit. Errors close the
 connection, since the rest of the body is never read.
 
 ``idle_timeout_protocol`` is uvicorn's h11 protocol with one more timer: a connection that has not sent a
@@ -47,8 +47,6 @@ class LimitsMiddleware:
         self.describe_limit = describe_limit or (lambda path: f"the limit is {body_limit(path):,} bytes")
         self.max_in_flight, self.in_flight = int(max_in_flight), 0
         self.batch_paths, self.max_batches, self.batches = frozenset(batch_paths), int(max_batches_in_flight), 0
-        # no one API key holds more than half of the slots: a key's slow uploads cannot shut the others out
-        self.max_per_key, self.per_key = max(1, self.max_in_flight // 2), {}
         self.on_reject = on_reject or (lambda path, reason: None)
 
     async def __call__(self, scope, receive, send):
@@ -72,21 +70,11 @@ class LimitsMiddleware:
                 f"{self.in_flight} uploads"
             return await refuse(scope, receive, send, 503, f"busy: {what} in progress; retry in a second",
                                 {"Retry-After": "1"})
-        key = (scope.get("state") or {}).get("key_id")  # set by AccessMiddleware; None without keys
-        if key is not None and self.per_key.get(key, 0) >= self.max_per_key:
-            self.on_reject(path, "busy")
-            return await refuse(scope, receive, send, 503, f"busy: key {key} has {self.per_key[key]} uploads in "
-                                                           f"progress, half of --max-in-flight; retry in a second",
-                                {"Retry-After": "1"})
         self.in_flight, self.batches = self.in_flight + 1, self.batches + batch
-        self.per_key[key] = self.per_key.get(key, 0) + 1
         try:
             await self.app(scope, self._guarded(receive, path, limit), send)
         finally:
             self.in_flight, self.batches = self.in_flight - 1, self.batches - batch
-            self.per_key[key] -= 1
-            if not self.per_key[key]:
-                del self.per_key[key]
 
     def _guarded(self, receive, path: str, limit: int):
         start = time.monotonic()

@@ -29,8 +29,9 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 @pytest.fixture
 def node(trained_run, tmp_path, monkeypatch, caplog):
-    """A node whose worker only records what it is given (receiving alone is measured), pynetdicom's temporary
-    files in a folder of the test's own."""
+    """A node whose worker only records what it is given (receiving alone is measured), and the folder instances
+    arrive in (SPOOL/receiving: the tests assert that nothing is left there; pynetdicom's own temporary folder is
+    one of the test's, so that a file written there instead shows too)."""
     from pneumonia_cnn.inference import Predictor
     caplog.set_level(logging.INFO)
     arriving = tmp_path / "arriving"
@@ -41,8 +42,9 @@ def node(trained_run, tmp_path, monkeypatch, caplog):
     listener.given = []
     listener._process = listener.given.extend
     listener.start(block=False)
-    yield listener, arriving
+    yield listener, listener.spool / "receiving"
     listener.stop()
+    assert not list(arriving.iterdir())  # nothing went to the system's temporary folder
 
 
 def large_xray(source, target, side: int, height: int | None = None):

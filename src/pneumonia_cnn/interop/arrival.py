@@ -140,6 +140,7 @@ class ReceivingFile:
         self.folder, self.association, self.failed, self._file = folder, association, False, None
         self.file = self  # pynetdicom flushes ``file.file``
         try:
+            folder.mkdir(exist_ok=True)  # removed while the node runs: receiving had stopped until a restart
             self._file = tempfile.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm", dir=folder)
             self.name = self._file.name
         except OSError as error:

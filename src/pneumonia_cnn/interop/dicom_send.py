@@ -12,6 +12,8 @@ from .dicom_access import check_ae_title
 log = logging.getLogger("pneumonia_cnn")
 OUT_OF_RESOURCES = 0xA700
 DUPLICATE = 0x0111  # "Duplicate SOP Instance": the destination holds an instance of this very UID already
+# reports (SOP Instance UIDs) whose C-STORE this process sent and got no answer to: the destination may hold them
+ANSWER_LOST: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ def send_c_store(ae_title: str, destination: Destination, datasets, tls=None) ->
         for dataset in datasets:
             status = association.send_c_store(dataset)
             code = getattr(status, "Status", None)
+            if code is None:
+                ANSWER_LOST.add(str(dataset.SOPInstanceUID))
             if code is None or code >> 8 == OUT_OF_RESOURCES >> 8:  # no answer, or busy: worth trying again
                 raise ConnectionError(f"{destination} answered C-STORE with status "
                                       f"{'none (timeout or abort)' if code is None else f'0x{code:04X}'}")
@@ -72,17 +76,25 @@ def send_c_store(ae_title: str, destination: Destination, datasets, tls=None) ->
 def stored(code: int, destination: Destination, dataset) -> bool:
     """Whether a C-STORE status means the destination holds the instance: Success, or any status pynetdicom
     classes as a Warning (0001, 0107, 0116, Bxxx: stored, with a remark; each gets its line), or 0111
-    (Duplicate SOP Instance): what we send is our own output, whose SOP Instance UID is derived from its source
-    and model, so the destination holds this very report already (stored before, its answer lost)."""
+    (Duplicate SOP Instance) for a report this process sent before with no answer: stored then, its answer lost.
+    Any other 0111 is a refusal: a report's UID comes from its source instance and model, not its result, so a
+    changed image re-sent under its old UID gives another report under the same UID, which taking 0111 as
+    delivered would have lost in silence."""
     from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
-    category = code_to_category(code)
-    what = f"{destination}: {dataset.Modality} {dataset.SOPInstanceUID}"
+    category, uid = code_to_category(code), str(dataset.SOPInstanceUID)
+    what = f"{destination}: {dataset.Modality} {uid}"
     if category == STATUS_WARNING:
         log.warning("%s stored with warning status 0x%04X (%s)", what, code, status_name(code))
+    elif code == DUPLICATE and uid in ANSWER_LOST:
+        log.info("%s with status 0x0111 (Duplicate SOP Instance): stored when its answer was lost: taken as "
+                 "delivered", what)
     elif code == DUPLICATE:
-        log.info("%s with status 0x0111 (Duplicate SOP Instance): it holds it already (an earlier answer lost): "
-                 "taken as delivered", what)
-    return category in (STATUS_SUCCESS, STATUS_WARNING) or code == DUPLICATE
+        log.warning("%s with status 0x0111 (Duplicate SOP Instance): the destination holds another report under "
+                    "this UID (an earlier run's, or one of an image re-sent under its old UID): not replaced", what)
+    delivered = category in (STATUS_SUCCESS, STATUS_WARNING) or (code == DUPLICATE and uid in ANSWER_LOST)
+    if delivered:
+        ANSWER_LOST.discard(uid)
+    return delivered
 
 
 def status_name(code: int) -> str:

@@ -286,3 +286,15 @@ def test_a_ct_with_modality_cr_is_acknowledged_and_not_scored(predictor, xray_so
     assert not listener.sent and not list((tmp_path / "spool" / "incoming").iterdir())
     assert f"instance {uids[0]}: not scored (SOP class CT Image Storage" in caplog.text
     assert f"instance {uids[1]}: not scored (SOP class Digital Mammography X-Ray Image Storage" in caplog.text
+
+
+@pytest.mark.parametrize("code", [0xA700, 0xA7FF, 0x0213])
+def test_a_busy_destination_is_tried_again_not_refused(code):
+    """Out of resources (A7xx) and the general "resource limitation" (0213) say the destination is busy, not that
+    the report is wrong: the link's failure, retried with back-off; 0213 had counted as a refusal."""
+    port, server = storage_scp(lambda dataset: code)
+    try:
+        with pytest.raises(ConnectionError, match=f"status 0x{code:04X}"):
+            send_c_store("NODE", Destination("127.0.0.1", port, "DEST"), [a_report()])
+    finally:
+        server.shutdown()

@@ -11,6 +11,7 @@ from .dicom_access import check_ae_title
 
 log = logging.getLogger("pneumonia_cnn")
 OUT_OF_RESOURCES = 0xA700
+RESOURCE_LIMITATION = 0x0213  # a general status of the same meaning: busy now, not a verdict on the report
 DUPLICATE = 0x0111  # "Duplicate SOP Instance": the destination holds an instance of this very UID already
 # reports (SOP Instance UIDs) whose C-STORE this process sent and got no answer to: the destination may hold them
 ANSWER_LOST: set[str] = set()
@@ -63,7 +64,8 @@ def send_c_store(ae_title: str, destination: Destination, datasets, tls=None) ->
             code = getattr(status, "Status", None)
             if code is None:
                 ANSWER_LOST.add(str(dataset.SOPInstanceUID))
-            if code is None or code >> 8 == OUT_OF_RESOURCES >> 8:  # no answer, or busy: worth trying again
+            if code is None or code >> 8 == OUT_OF_RESOURCES >> 8 or code == RESOURCE_LIMITATION:  # no answer,
+                # or busy: worth trying again (0213 had counted as a refusal, towards --give-up-after)
                 raise ConnectionError(f"{destination} answered C-STORE with status "
                                       f"{'none (timeout or abort)' if code is None else f'0x{code:04X}'}")
             if not stored(code, destination, dataset):

@@ -396,3 +396,21 @@ def test_a_stray_byte_after_a_jpeg_start_is_refused_before_gdcm_can_abort_the_pr
     assert code == 0 and (f"skipped {bad}: compressed frame is corrupt: byte 0x00 at 2 where a JPEG marker belongs "
                           f"(not decoded)") in err.splitlines(), (code, err)
     assert path.name in out
+
+
+def test_a_frame_of_many_tiny_fragments_is_parsed_as_its_bytes_double(monkeypatch):
+    """Parsed after every fragment, a frame header sought through 130,000 two-byte fragments (SOI, then 256 KB of
+    comment segments) was parsed 130,000 times over up to 256 KB each; now each time the bytes read double."""
+    from pneumonia_cnn.data import dicom_guard
+    calls, parse = [], dicom_guard.codestream_shape
+
+    def counted(head, **keywords):
+        calls.append(len(head))
+        return parse(head, **keywords)
+    monkeypatch.setattr(dicom_guard, "codestream_shape", counted)
+    stream = b"\xff\xd8" + (b"\xff\xfe\xff\xff" + bytes(65533)) * 4
+    item = b"\xfe\xff\x00\xe0\x02\x00\x00\x00"
+    pixel_data = b"\xfe\xff\x00\xe0" + bytes(4) + b"".join(item + stream[at:at + 2] for at in range(0, len(stream), 2))
+    assert dicom_guard.compressed_frame_problem(pixel_data, 224, 224) == (
+        "compressed frame states no size in its header (not decoded)")
+    assert len(calls) <= 20 and max(calls) == len(stream), calls

@@ -202,14 +202,15 @@ def compressed_frame_problem(pixel_data: bytes, rows: int, columns: int) -> str 
     an 18 MB file whose header said 224x224 over a 40000x40000 JPEG took 5 GB before the shapes were compared; a
     frame header in a later fragment, past large APP segments, or given by JPEG-LS's LSE had let such bombs through
     unchecked, and one stray byte after SOI made GDCM abort the whole process. None when the sizes agree."""
-    head = bytearray()
+    head, shape, next_look = bytearray(), NEEDS_MORE, 4096
     for fragment in _fragments(pixel_data):
         head += fragment
-        shape = codestream_shape(bytes(head))
-        if shape != NEEDS_MORE or len(head) >= HEADER_LIMIT:
-            break
-    else:
-        shape = codestream_shape(bytes(head), final=True)
+        if len(head) >= next_look:  # parsed as the bytes double, not per fragment: 100,000 tiny fragments
+            shape, next_look = codestream_shape(head), 2 * len(head)  # parsed each time were quadratic
+            if shape != NEEDS_MORE or len(head) >= HEADER_LIMIT:
+                break
+    if shape == NEEDS_MORE:
+        shape = codestream_shape(head, final=True)
     if isinstance(shape, tuple) and shape == (rows, columns):
         return None
     if isinstance(shape, tuple):
@@ -226,7 +227,7 @@ def _fragments(pixel_data: bytes):
     return generate_fragments(memoryview(pixel_data)[8 + struct.unpack_from("<I", pixel_data, 4)[0]:].tobytes())
 
 
-def codestream_shape(head: bytes, final: bool = False):
+def codestream_shape(head: bytes | bytearray, final: bool = False):
     """(rows, columns) from the start of a JPEG, JPEG-LS or JPEG 2000 codestream (or JP2 file); ``NEEDS_MORE`` when
     ``head`` ends before the size (and ``final`` is False); otherwise a reason, such as "is not a JPEG codestream"."""
     shape = _jpeg2000_shape(head) if head[:2] == b"\xff\x4f" or head[4:8] == b"jP  " else \

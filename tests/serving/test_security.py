@@ -314,6 +314,7 @@ def test_a_request_malformed_at_the_http_level_gets_the_apis_json_400(secure_ser
         response = read_response(sock, 5)
     head, _, body = response.partition(b"\r\n\r\n")
     assert status_of(response) == 400 and b"content-type: application/json" in head.lower(), response
+    assert b"x-frame-options: deny" in head.lower() and b"cache-control: no-store" in head.lower(), head
     assert json.loads(body) == {"detail": "invalid HTTP request: a malformed request line, header or length"}
     assert httpx.get(f"{secure_server.url}/health", timeout=5).status_code == 200
 

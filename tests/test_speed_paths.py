@@ -120,8 +120,9 @@ def test_progressive_resizing_matches_a_fixed_size_run(cache_dir, tmp_path):
     resized = run(tmp_path / "resized", size_schedule={"48": 4})["history"]
     assert [r["size"] for r in fixed] == [64] * 8 and [r["size"] for r in resized] == [48] * 4 + [64] * 4
     fixed, resized = fixed[-1]["val_auc"], resized[-1]["val_auc"]
-    # 0.06: about two standard errors of an AUC on 40 + 40 validation images (measured: 0.929 vs 0.884)
-    assert fixed >= 0.85 and resized >= 0.85 and abs(fixed - resized) <= 0.06
+    # 0.08: about two standard errors of the difference between two runs' AUCs on the same 40 + 40 validation
+    # images (one AUC's is 0.036 at 0.9); measured 0.929 vs 0.884 on the CPU, 0.934 vs 0.873 on an H100
+    assert fixed >= 0.85 and resized >= 0.85 and abs(fixed - resized) <= 0.08
     checkpoint = torch.load(tmp_path / "resized" / "best.pt", weights_only=False)
     assert checkpoint["preprocessing"]["size"] == [64, 64] and checkpoint["config"]["size_schedule"] == {"48": 4}
     with pytest.raises(Exception, match="cannot take"):

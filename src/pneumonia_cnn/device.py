@@ -5,6 +5,7 @@ import contextlib
 import ctypes
 import os
 import sys
+import threading
 
 # OpenMP threads that wait for work spin for a while (GNU libgomp: 300,000 turns) before they sleep. When
 # another process shares the cores, a spinning thread takes the core its descheduled partner needs to reach
@@ -82,3 +83,32 @@ def keep_freed_memory_for_reuse() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+_full_float32_lock = threading.Lock()
+_full_float32_users = 0
+_tf32_before: tuple[bool, bool] = (True, False)
+
+
+@contextlib.contextmanager
+def full_float32(device: torch.device):
+    """TF32 off for cuDNN convolutions and cuBLAS products while scoring on a GPU: thresholds and calibration
+    are fitted in float32, and TF32 rounding made an image's probability depend on the batch it was scored in
+    (README, "Speed"). The flags are process-wide, so concurrent scoring threads (``serve``) share one switch:
+    the first to enter turns TF32 off, the last to leave restores what it was."""
+    global _full_float32_users, _tf32_before
+    if device.type != "cuda":
+        yield
+        return
+    with _full_float32_lock:
+        if _full_float32_users == 0:
+            _tf32_before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        _full_float32_users += 1
+    try:
+        yield
+    finally:
+        with _full_float32_lock:
+            _full_float32_users -= 1
+            if _full_float32_users == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _tf32_before

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..data.loader import to_model_input
-from ..device import autocast, autocast_dtype
+from ..device import autocast, autocast_dtype, full_float32
 from ..errors import PneumoniaCNNError
 from ..ood import TappedModel
 from .sessions import run_sessions, runtime, served_key
@@ -67,7 +67,7 @@ class TorchEngine:
     def run(self, pixels_uint8: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         x = to_model_input(torch.from_numpy(np.array(pixels_uint8)), self.device)  # a copy: the cache is read-only
         member_logits, features = [], []
-        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
+        with torch.inference_mode(), full_float32(self.device), autocast(self.device, self.amp_dtype):
             for index, served in enumerate(self.served):
                 logits, *tapped = served(x)
                 member_logits.append(logits.float().cpu().numpy())

@@ -200,7 +200,9 @@ class FolderLock:
     (Windows) there is no lock: one writer per folder is then the user's to keep."""
 
     def __init__(self, folder, busy: str):
+        import threading
         self.path, self.busy, self.handle = Path(folder) / ".lock", busy, None
+        self.guard = threading.Lock()  # release() from two threads at once: one of them closes the handle
 
     def acquire(self):
         import errno
@@ -219,12 +221,15 @@ class FolderLock:
         return self
 
     def release(self):
-        if self.handle is not None:
-            try:
-                self.handle.close()
-            except OSError:
-                pass
-            self.handle = None
+        """Idempotent and thread-safe: a lock already released is left as it is; once any call has returned, the
+        lock is released (two threads closing one file at once raised "I/O operation on closed file")."""
+        with self.guard:
+            handle, self.handle = self.handle, None
+            if handle is not None:
+                try:
+                    handle.close()
+                except OSError:
+                    pass
 
     def __enter__(self):
         return self.acquire()

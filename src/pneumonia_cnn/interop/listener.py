@@ -70,37 +70,40 @@ class Listener:
         self.sent: collections.deque[dict] = collections.deque(maxlen=1000)
         self.server = self.worker = self.lock = None
         self.stopping = threading.Event()
+        self.lifecycle = threading.RLock()  # start's set-up and stop() one at a time; reentrant: no hang
 
     # ---------- the network side
     def start(self, block: bool = True):
         """Bind the port (a port in use: one line, and nothing in the spool touched), then start the worker;
         ``block``: serve until SIGTERM (then stop, exit 0) or Ctrl-C (stop, then KeyboardInterrupt)."""
         from pynetdicom import evt
-        self.lock = spool_lock(self.spool).acquire()
-        self.stopping.clear()
-        try:  # whatever fails before the node runs, the spool's lock is released
-            self.server = self._application_entity().start_server(
-                self.address, block=False,  # TLS: the handshake happens in _opened, not in the accept loop
-                evt_handlers=[(evt.EVT_C_STORE, self._receive), (evt.EVT_ABORTED, self._aborted),
-                              (evt.EVT_CONN_OPEN, self._opened), (evt.EVT_DATA_RECV, self.arrival.on_data),
-                              (evt.EVT_CONN_CLOSE, self.arrival.on_close), (evt.EVT_REJECTED, self._rejected)])
-        except BaseException as error:
-            self.lock.release()
-            if isinstance(error, OSError):
-                raise PneumoniaCNNError(f"cannot listen on {self.address[0]}:{self.address[1]}: "
-                                        f"{error.strerror}") from None
-            raise
-        partial = remove_partial_receipts(self.spool)  # once the port is bound: a refused start touches nothing
-        if partial:
-            log.warning("%d partial instance(s) left in %s by a node stopped while receiving them: removed (their "
-                        "senders were not acknowledged and send them again)", partial, display_path(self.spool))
-        self.worker = threading.Thread(target=self._work, name="pneumonia-listen-worker", daemon=True)
-        self.worker.start()
-        log.info("listening as %s on %s:%d%s; reports go to %s%s; spool %s", self.ae_title, *self.address,
-                 " (TLS)" if self.access.tls_cert else "", self.destination,
-                 " (TLS)" if self.access.send_tls_ca else "", display_path(self.spool))
-        if self.access.exposure_warning(self.address[0]):
-            log.warning("%s", self.access.exposure_warning(self.address[0]))
+        with self.lifecycle:  # a stop() from another thread meanwhile waits for the node to be up, then stops it
+            self.lock = spool_lock(self.spool).acquire()
+            self.stopping.clear()
+            try:  # whatever fails before the node runs, the spool's lock is released
+                self.server = self._application_entity().start_server(
+                    self.address, block=False,  # TLS: the handshake happens in _opened, not in the accept loop
+                    evt_handlers=[(evt.EVT_C_STORE, self._receive), (evt.EVT_ABORTED, self._aborted),
+                                  (evt.EVT_CONN_OPEN, self._opened), (evt.EVT_DATA_RECV, self.arrival.on_data),
+                                  (evt.EVT_CONN_CLOSE, self.arrival.on_close), (evt.EVT_REJECTED, self._rejected)])
+            except BaseException as error:
+                lock, self.lock = self.lock, None  # released here: a stop() after a failed start has nothing to do
+                lock.release()
+                if isinstance(error, OSError):
+                    raise PneumoniaCNNError(f"cannot listen on {self.address[0]}:{self.address[1]}: "
+                                            f"{error.strerror}") from None
+                raise
+            partial = remove_partial_receipts(self.spool)  # once the port is bound: a refused start touches nothing
+            if partial:
+                log.warning("%d partial instance(s) left in %s by a node stopped while receiving them: removed (their "
+                            "senders were not acknowledged and send them again)", partial, display_path(self.spool))
+            self.worker = threading.Thread(target=self._work, name="pneumonia-listen-worker", daemon=True)
+            self.worker.start()
+            log.info("listening as %s on %s:%d%s; reports go to %s%s; spool %s", self.ae_title, *self.address,
+                     " (TLS)" if self.access.tls_cert else "", self.destination,
+                     " (TLS)" if self.access.send_tls_ca else "", display_path(self.spool))
+            if self.access.exposure_warning(self.address[0]):
+                log.warning("%s", self.access.exposure_warning(self.address[0]))
         if block:
             try:
                 self._serve_until_terminated()
@@ -145,26 +148,29 @@ class Listener:
     def stop(self, timeout: float = 30.0, grace: float = 10.0):
         """No new associations; those in progress get ``grace`` seconds to finish (an instance received is
         acknowledged and kept), then are aborted (the sender has no acknowledgement: it sends again); the
-        worker finishes the batch it is scoring. What is left in SPOOL/incoming goes out at the next start."""
-        self.stopping.set()
-        if self.server is not None:
-            server, self.server = self.server, None
-            server.shutdown()  # first: an association accepted meanwhile is in the list below
-            active = list(server.active_associations)
-            deadline = time.monotonic() + grace
-            for association in active:
-                association.join(max(0.0, deadline - time.monotonic()))
-                if association.is_alive():
-                    association.abort()
-        if self.worker is not None and self.worker.is_alive():
-            self.queue.put(None)
-            self.worker.join(timeout)
-        if self.lock is not None:
-            self.lock.release()
-            waiting = len(list(self.incoming.glob("*.dcm")))
-            log.info("stopped%s", f"; {waiting} instance(s) in {display_path(self.incoming)} go out at the next "
-                                  "start" if waiting else "")
-            self.lock = None
+        worker finishes the batch it is scoring. What is left in SPOOL/incoming goes out at the next start.
+        Idempotent and thread-safe: a stop() during another (a timer's, start's own) waits for it, then does nothing."""
+        with self.lifecycle:
+            self.stopping.set()  # in here: a start() setting up meanwhile would clear it
+            server, self.server = self.server, None  # each part taken by the one stop() that ends it
+            if server is not None:
+                server.shutdown()  # first: an association accepted meanwhile is in the list below
+                active = list(server.active_associations)
+                deadline = time.monotonic() + grace
+                for association in active:
+                    association.join(max(0.0, deadline - time.monotonic()))
+                    if association.is_alive():
+                        association.abort()
+            worker, self.worker = self.worker, None
+            if worker is not None and worker.is_alive():
+                self.queue.put(None)
+                worker.join(timeout)
+            lock, self.lock = self.lock, None  # released, and "stopped" said, exactly once
+            if lock is not None:
+                lock.release()
+                waiting = len(list(self.incoming.glob("*.dcm")))
+                log.info("stopped%s", f"; {waiting} instance(s) in {display_path(self.incoming)} go out at the "
+                                      "next start" if waiting else "")
 
     def _receive(self, event) -> int:
         """C-STORE: move the instance as received (not decoded) into the spool, acknowledge, let the worker score

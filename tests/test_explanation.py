@@ -80,3 +80,26 @@ def test_explain_gives_predicts_answer_with_its_out_of_distribution_warning(tmp_
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"{adult}: p={expected['probability']:.4f} {expected['label']} -> ")
     assert lines[1:] == [f"  warning: {w}" for w in expected["warnings"]]
+
+
+def test_a_models_cell_centres_are_worked_out_once_and_the_map_is_unchanged(monkeypatch):
+    """The served model's receptive-field centres are cached per model, input shape and layer: the second map
+    of a model costs no probe, a second model gets its own, and maps equal those made with no cache."""
+    import copy
+
+    import torch
+
+    from pneumonia_cnn import explanation
+    from tests.conftest import SHARED_DATA
+    predictor = Predictor("builtin", "cpu")
+    pixels = [predictor.preprocess_path(path)[0] for path in sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[:2]]
+    model, other = predictor.bundle.explain_model(), predictor.bundle.explain_model()
+    uncached = [grad_cam(copy.deepcopy(model), image, torch.device("cpu")) for image in pixels]
+    probes = []
+    real = explanation._cell_centres
+    monkeypatch.setattr(explanation, "_cell_centres", lambda *args: probes.append(1) or real(*args))
+    maps = [grad_cam(model, image, torch.device("cpu")) for image in pixels]
+    assert len(probes) == 1 and all(np.array_equal(a, b) for a, b in zip(maps, uncached))
+    grad_cam(other, pixels[0], torch.device("cpu"))
+    grad_cam(model, pixels[0][:96, :96].copy(), torch.device("cpu"))  # another input size: its own centres
+    assert len(probes) == 3

@@ -6,6 +6,7 @@ by the spatial mean of the score's gradient, upsampled to the input size and sca
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,9 +49,22 @@ def grad_cam(model: torch.nn.Module, pixels_uint8: np.ndarray, device, layer: st
         raise PneumoniaCNNError(f"--layer {layer}: output is not a feature map (shape {tuple(activation.shape)})")
     weights = activation.grad.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activation).sum(dim=1, keepdim=True)).detach()
-    cam = _to_input_grid(cam, _cell_centres(model, modules[layer], x), pixels_uint8.shape)[0, 0].cpu().numpy()
+    cam = _to_input_grid(cam, _known_cell_centres(model, layer, x), pixels_uint8.shape)[0, 0].cpu().numpy()
     cam -= cam.min()
     return (cam / cam.max()).astype(np.float32) if cam.max() > 0 else cam.astype(np.float32)
+
+
+# The centres depend only on the model's weights, the layer and the input's shape, and the models explained are
+# served copies whose weights do not change: worked out once per model, they cost a third of a map on a CPU.
+_centres_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _known_cell_centres(model, layer: str, x) -> tuple[float, float, float, float]:
+    known = _centres_of.setdefault(model, {})
+    key = (layer, tuple(x.shape), x.dtype, str(x.device))
+    if key not in known:
+        known[key] = _cell_centres(model, dict(model.named_modules())[layer], x)
+    return known[key]
 
 
 def _cell_centres(model, module, x) -> tuple[float, float, float, float]:

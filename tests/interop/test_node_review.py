@@ -298,3 +298,13 @@ def test_a_busy_destination_is_tried_again_not_refused(code):
             send_c_store("NODE", Destination("127.0.0.1", port, "DEST"), [a_report()])
     finally:
         server.shutdown()
+
+
+def test_every_secondary_capture_class_is_refused_single_or_multi_frame():
+    """The docs say Secondary Captures are not scored; the multi-frame classes (a one-frame Grayscale Byte SC
+    reads as any X-ray) had been scored while the single-frame class was refused."""
+    for sop_class in ["1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2",
+                      "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.7.4"]:
+        dataset = Dataset()
+        dataset.SOPClassUID, dataset.Modality = sop_class, "DX"
+        assert not_an_xray(dataset) == "a secondary capture, not an acquired X-ray", sop_class

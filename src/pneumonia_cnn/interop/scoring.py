@@ -87,9 +87,9 @@ def not_an_image(dataset: Dataset) -> str | None:
     if str(getattr(dataset, "Manufacturer", "")) == "pneumonia-cnn":
         return "written by pneumonia-cnn itself"
     sop_class = str(getattr(dataset, "SOPClassUID", "") or "")
-    if sop_class == SECONDARY_CAPTURE:
-        return "a secondary capture, not an acquired X-ray"
     name = known_sop_class(sop_class)
+    if sop_class == SECONDARY_CAPTURE or "Secondary Capture" in (name or ""):  # the multi-frame classes too
+        return "a secondary capture, not an acquired X-ray"
     if name and "Image" not in name:
         return f"SOP class {name} is not an image"  # a report or document, whatever its Modality claims
     return None
@@ -97,8 +97,8 @@ def not_an_image(dataset: Dataset) -> str | None:
 
 def other_modality_class(dataset: Dataset) -> str | None:
     """Why an image's SOP class is another modality's (a CT slice with Modality CR, a mammogram with DX were
-    scored as chest X-rays), whatever its Modality claims; None for CR, DX, Secondary Captures and a class
-    pydicom does not know (a vendor's private one: left to the reader)."""
+    scored as chest X-rays), whatever its Modality claims; None for CR, DX, Secondary Captures (refused by
+    ``not_an_image``) and a class pydicom does not know (a vendor's private one: left to the reader)."""
     sop_class = str(getattr(dataset, "SOPClassUID", "") or "")
     name = known_sop_class(sop_class)
     if not name or "Image" not in name or sop_class in XRAY_IMAGE_CLASSES or "Secondary Capture" in name:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .._interrupt import Terminated, end_by_sigterm, sigterm_unwinds
 from ..errors import PneumoniaCNNError
 from ..fileio import printable
 from . import deployment, evaluation, interop, training
@@ -109,7 +110,12 @@ def main(argv=None) -> int:
         (args.paths if args.paths is not None else args.items).extend(extras)
     setup_logging(args.verbose)
     try:
-        return int(args.func(_split_checkpoint_and_images(args)) or 0)
+        with sigterm_unwinds():
+            return int(args.func(_split_checkpoint_and_images(args)) or 0)
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        end_by_sigterm()
+        return 143  # reached only if SIGTERM is blocked in this thread
     except PneumoniaCNNError as error:  # escaped: a file name in it may hold a newline or an escape sequence
         print(f"error: {printable(str(error))}", file=sys.stderr)
         return 2

@@ -99,6 +99,20 @@ def test_scoring_on_a_gpu_turns_tf32_off_until_the_last_scoring_thread_leaves():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
+def test_the_switch_works_after_a_caller_set_torchs_newer_precision_settings():
+    """Once ``fp32_precision`` is set, reading the legacy flags raises ("a mix of the legacy and new APIs"):
+    every scoring on a GPU would then have failed."""
+    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        with full_float32(torch.device("cuda")):
+            assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == (
+                "ieee", "ieee")
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    finally:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and PNEUMONIA_CNN_TEST_CUDA=1")
 def test_an_image_scored_on_the_gpu_gets_the_probability_it_gets_on_the_cpu_whatever_its_batch():

@@ -87,23 +87,40 @@ def keep_freed_memory_for_reuse() -> bool:
 
 _full_float32_lock = threading.Lock()
 _full_float32_users = 0
-_tf32_before: tuple[bool, bool] = (True, False)
+_tf32_before: tuple[str, tuple] = ("legacy", (True, False))
+_TF32_OFF = {"legacy": (False, False), "precision": ("ieee", "ieee")}
+
+
+def _tf32_flags() -> tuple[str, tuple]:
+    """torch's TF32 flags for cuDNN and cuBLAS: the legacy booleans, or, once a caller has set torch's newer
+    ``fp32_precision`` settings (reading the legacy flags then raises), those."""
+    try:
+        return "legacy", (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        return "precision", (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+
+
+def _set_tf32_flags(kind: str, values: tuple) -> None:
+    if kind == "legacy":
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = values
+    else:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = values
 
 
 @contextlib.contextmanager
 def full_float32(device: torch.device):
     """TF32 off for cuDNN convolutions and cuBLAS products while scoring on a GPU: thresholds and calibration
     are fitted in float32, and TF32 rounding made an image's probability depend on the batch it was scored in
-    (README, "Speed"). The flags are process-wide, so concurrent scoring threads (``serve``) share one switch:
-    the first to enter turns TF32 off, the last to leave restores what it was."""
+    (README, "From score to decision"). The flags are process-wide, so concurrent scoring threads (``serve``)
+    share one switch: the first to enter turns TF32 off, the last to leave restores what it was."""
     global _full_float32_users, _tf32_before
     if device.type != "cuda":
         yield
         return
     with _full_float32_lock:
         if _full_float32_users == 0:
-            _tf32_before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            _tf32_before = _tf32_flags()
+            _set_tf32_flags(_tf32_before[0], _TF32_OFF[_tf32_before[0]])
         _full_float32_users += 1
     try:
         yield
@@ -111,4 +128,4 @@ def full_float32(device: torch.device):
         with _full_float32_lock:
             _full_float32_users -= 1
             if _full_float32_users == 0:
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _tf32_before
+                _set_tf32_flags(*_tf32_before)

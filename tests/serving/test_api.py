@@ -215,9 +215,11 @@ def test_requests_abandoned_in_the_grad_cam_queue_are_dropped_not_answered(train
         "\n".join([f"{len(received)} of the 30 clients had an answer within 0.2 s; /metrics:"] +
                   [line for line in text.splitlines() if line.startswith(("pneumonia_cnn_http_requests_total",
                                                                           "pneumonia_cnn_gradcam_seconds_count"))])
-    # every answer a client saw, and the last request's, counted as 200; beyond those at most the two being
-    # made when their clients left (one Grad-CAM thread)
-    assert len(received) + 1 <= answered <= len(received) + 3
-    assert metric(r"gradcam_seconds_count") <= answered + 2  # at most the maps being made as clients left
+    # every answer a client saw, and the last request's, counted as 200. Beyond those, a server that skips the
+    # clients gone makes a few maps and answers as their clients leave (0-3 measured, more when either side
+    # stalls); one that does not skips none of them: the slack is half of those gone, at least 3
+    slack = max(3, gone // 2)
+    assert len(received) + 1 <= answered <= len(received) + 1 + slack
+    assert metric(r"gradcam_seconds_count") <= answered + slack
     rows = sqlite3.connect(tmp_path / "audit.sqlite").execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
     assert rows == answered

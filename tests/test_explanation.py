@@ -100,6 +100,7 @@ def test_a_models_cell_centres_are_worked_out_once_and_the_map_is_unchanged(monk
     monkeypatch.setattr(explanation, "_cell_centres", lambda *args: probes.append(1) or real(*args))
     maps = [grad_cam(model, image, torch.device("cpu")) for image in pixels]
     assert len(probes) == 1 and all(np.array_equal(a, b) for a, b in zip(maps, uncached))
+    assert all(parameter.grad is None for parameter in model.parameters())  # freed after each map
     grad_cam(other, pixels[0], torch.device("cpu"))
     grad_cam(model, pixels[0][:96, :96].copy(), torch.device("cpu"))  # another input size: its own centres
     assert len(probes) == 3

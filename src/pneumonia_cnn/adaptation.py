@@ -7,7 +7,8 @@
    number of epochs is chosen by k-fold cross-validation on the fine-tuning part (0 epochs is allowed:
    then nothing is fine-tuned); the threshold (and with ``recalibrate`` the calibration) is refitted on the
    out-of-fold scores.
-3. The out-of-distribution detector and its threshold are refitted on the site's images.
+3. The out-of-distribution detector and its flag bound are refitted on the site's images (half of them, drawn
+   at random, as its references, the other half set the bound); the record says so (``ood_fitted_on``).
 4. Before/after ROC AUC with 95% intervals on the kept-out part, and a plain verdict: the adapted model is
    never silently worse.
 
@@ -150,6 +151,7 @@ def adapt(checkpoint, data, out, labelled=None, device: str = "auto", recalibrat
                                                           max_epochs, folds, held_out, cache_dir, result)
     adapted = replace(bundle, models=[model.cpu().eval()], decision=decision, ood=None)
     detector = _refit_ood(adapted, np.concatenate([unlabelled, site_images]), device, source, seed)
+    result["ood_fitted_on"] = ood_fit_record(len(unlabelled), len(site_images))
     _save_adapted(source, adapted, detector, out, data, labelled, result)
     return result
 
@@ -183,9 +185,10 @@ def _adapt_with_labels(bundle: Bundle, model, labelled, device, recalibrate, see
                                                 bundle.tta)
     if epochs:
         fine_tune(model, tune_x, tune_y, device, epochs, seed=seed)
-    result.update(fine_tune_epochs=epochs, cv_auc_by_epoch=cv_aucs, labelled_images=int(len(site)),
-                  kept_out_images=int(held.sum()))
     old = bundle.decision
+    result.update(fine_tune_epochs=epochs, cv_auc_by_epoch=cv_aucs, labelled_images=int(len(site)),
+                  kept_out_images=int(held.sum()), threshold_refitted=old.policy != MEAN_OF_MEMBERS,
+                  calibration_refitted=bool(recalibrate))
     calibration = fit_calibration(tune_y, oof_logits, old.calibration.method if old.calibration.method != "none"
                                   else "platt") if recalibrate else old.calibration
     threshold = choose_threshold(tune_y, calibration.probabilities(oof_logits), old.policy) \
@@ -214,6 +217,17 @@ def _verdict(labels, groups, before, threshold_before, after, threshold_after, s
     result["verdict"] = (f"adapted model is better on the kept-out images ({change})" if improved else
                          f"adapted model is NOT better on the kept-out images ({change}): keep using the "
                          f"original model for this site")
+
+
+def ood_fit_record(unlabelled: int, labelled: int) -> dict:
+    """On what images ``_refit_ood`` fitted the detector: the site's, not the source's training and validation
+    images (whose quantile ``info`` would otherwise name); the second half of a seeded permutation are its
+    references, the first half (``bound_images``) set the flag bound."""
+    total = unlabelled + labelled
+    kinds = f"{unlabelled} unlabelled, {labelled} labelled" if labelled else "unlabelled"
+    return {"images": "site", "site_images": int(unlabelled), "labelled_site_images": int(labelled),
+            "reference_images": int(total - total // 2), "bound_images": int(total // 2),
+            "text": f"the new site's {total} image(s) ({kinds}), not the training or validation images"}
 
 
 def _refit_ood(adapted: Bundle, images: np.ndarray, device, source: dict, seed: int):
@@ -267,7 +281,9 @@ def _save_adapted(source: dict, adapted: Bundle, detector, out, data, labelled, 
                              "site_images": result["unlabelled_images"],
                              "left_out_by_input_checks": result["left_out_by_input_checks"],
                              "adabn_layers": result["adabn_layers"], "fine_tune_epochs": result["fine_tune_epochs"],
-                             "threshold_refitted_on_site": bool(labelled),
+                             "threshold_refitted_on_site": bool(result.get("threshold_refitted")),
+                             "calibration_refitted_on_site": bool(result.get("calibration_refitted")),
+                             "ood_fitted_on": result["ood_fitted_on"],
                              "improved": result.get("improved"), "verdict": result.get("verdict")}
     save_checkpoint(payload, out)
 
@@ -287,5 +303,19 @@ def format_adaptation(result: dict) -> str:
                          f"[{m['roc_auc']['ci95'][0]:.3f}, {m['roc_auc']['ci95'][1]:.3f}]  sensitivity "
                          f"{m['sensitivity']['value']:.3f}  specificity {m['specificity']['value']:.3f}")
         lines.append(result["verdict"])
-    lines.append("out-of-distribution detector and threshold refitted on the new site's images")
-    return "\n".join(lines)
+    return "\n".join(lines + refit_lines(result))
+
+
+def refit_lines(result: dict) -> list[str]:
+    """What was refitted, as it was: the detector always (on the site's images), the decision only from labels."""
+    ood = result["ood_fitted_on"]
+    lines = [f"out-of-distribution detector refitted on {ood['text']}: {ood['reference_images']} as its references, "
+             f"{ood['bound_images']} set its flag bound"]
+    if "kept_out" not in result:
+        return lines + ["decision threshold and calibration kept from the source checkpoint (refitting them needs "
+                        "--labelled)"]
+    threshold = "refitted on the labelled images' out-of-fold scores" if result.get("threshold_refitted") else \
+        "kept from the source checkpoint (an ensemble's mean of members)"
+    calibration = "refitted there too" if result.get("calibration_refitted") else \
+        "kept from the source checkpoint (--recalibrate refits it)"
+    return lines + [f"decision threshold {threshold}; calibration {calibration}"]

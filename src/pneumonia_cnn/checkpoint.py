@@ -6,9 +6,12 @@ object (a crafted file cannot run code on load).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import numbers
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -18,17 +21,42 @@ from .calibration import CALIBRATION_METHODS, parse_threshold_policy
 from .data.intensity import INTENSITY_METHODS
 from .data.readers import RESAMPLING
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_path, display_path, load_torch_file
+from .fileio import atomic_path, display_path, load_torch_file, printable
 
 FORMAT = "pneumonia-cnn/1"
 log = logging.getLogger(__name__)
 
 
 def save_checkpoint(payload: dict, path) -> Path:
+    """Written through a Python file: torch's own writer says "unexpected pos" for a failed write (a full disk),
+    Python's file raises the OSError, kept as the context of torch's RuntimeError: one line, the system's reason."""
     payload = dict(payload, format=FORMAT)
-    with atomic_path(path) as temporary:
-        torch.save(payload, temporary)
+    try:
+        with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+            torch.save(payload, handle)
+    except (OSError, RuntimeError) as error:
+        reason = _write_failure(error, Path(path))
+        if reason is None:  # not a write that failed: a bug to show in full
+            raise
+        raise CheckpointError(f"{display_path(path)}: {reason}") from None
     return Path(path)
+
+
+def _write_failure(error: BaseException, path: Path) -> str | None:
+    """The system's reason a checkpoint could not be written (the first OSError among the error and its
+    causes), or, for torch's writer error without one, a full disk when there is no space left."""
+    seen, depth = error, 0
+    while seen is not None and depth < 20:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen) or type(seen).__name__
+        seen, depth = seen.__cause__ or seen.__context__, depth + 1
+    if not isinstance(error, RuntimeError) or "inline_container" not in str(error):
+        return None
+    try:
+        full = os.statvfs(path.parent).f_bavail == 0
+    except (OSError, AttributeError):  # no statvfs on Windows
+        full = False
+    return os.strerror(errno.ENOSPC) if full else "writing it failed (the file could not be written whole)"
 
 
 def load_checkpoint(path, map_location="cpu", unfinished_run: bool = False) -> dict:
@@ -49,8 +77,8 @@ def load_checkpoint(path, map_location="cpu", unfinished_run: bool = False) -> d
             log.warning("%s", str(unfinished).split("; finish it")[0])
             path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
     if not path.is_file():
-        raise CheckpointError(f"{display_path(path)}: checkpoint not found")
-    payload = load_torch_file(path, map_location)
+        raise CheckpointError(f"{display_path(path)}: {not_a_file_reason(path)}")
+    payload = read_torch_file(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{display_path(path)}: not a pneumonia-cnn checkpoint (no '{FORMAT}' format tag)")
     try:
@@ -59,6 +87,44 @@ def load_checkpoint(path, map_location="cpu", unfinished_run: bool = False) -> d
         raise CheckpointError(f"{display_path(path)}: not a usable checkpoint: {invalid}") from None
     payload["path"] = str(path)
     return payload
+
+
+def not_a_file_reason(path) -> str:
+    """Why ``path``, which is not a regular file, is no checkpoint: it is missing, or what it is instead (a
+    named pipe, a device, a symbolic link loop: "checkpoint not found" sent the user looking for a file
+    that is there)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "checkpoint not found" + (" (a symbolic link to a missing file)" if path.is_symlink() else "")
+        if error.errno == errno.ELOOP:
+            return "not a readable checkpoint (a symbolic link loop)"
+        return f"not a readable checkpoint ({error.strerror or type(error).__name__})"
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder"))
+    kind = next((name for test, name in kinds if test(mode)), "not a file")
+    return f"not a readable checkpoint (not a regular file: {kind})"
+
+
+# what a file saved by torch's legacy (pre-zip) format begins with: its magic number, pickled
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def read_torch_file(path, map_location="cpu"):
+    """``load_torch_file``, a plain pickle (a pickle without torch's magic number) refused first, in the same
+    words whatever its protocol: torch warned about protocol 4 ("Detected pickle protocol 4 ...", a second
+    line) and gave its own message cut off mid-word as the reason."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except OSError:
+        head = b""  # load_torch_file names the reason
+    if head.startswith(b"\x80") and _LEGACY_MAGIC not in head:
+        raise CheckpointError(f"{display_path(path)}: not a readable checkpoint (not a PyTorch file: a pickle "
+                              f"without torch's magic number)")
+    return load_torch_file(path, map_location)
 
 
 def finished_run_checkpoint(folder: Path) -> Path:
@@ -71,11 +137,11 @@ def finished_run_checkpoint(folder: Path) -> Path:
     state = _training_state(last) if last.exists() else {}
     if not best.is_file():
         why = "it has no best.pt yet"
-    elif state is None and "decision_fit" not in load_torch_file(best):
+    elif state is None and "decision_fit" not in read_torch_file(best):
         why = "its last.pt is unreadable and its best.pt has no fitted decision"
     elif state and not training_finished(state, state["config"]):
         why = f"it stopped after epoch {state['epoch']} of {state['config']['epochs']}"
-    elif state and state.get("train_digest") and "decision_fit" not in load_torch_file(best):
+    elif state and state.get("train_digest") and "decision_fit" not in read_torch_file(best):
         why = "its end-of-run steps (calibration, threshold, out-of-distribution detector) were not done"
     else:
         return best
@@ -129,6 +195,8 @@ def check_checkpoint(payload: dict) -> None:
     if names is not None and (len(names) != 2 or not all(isinstance(n, str) and n for n in names)
                               or names[0] == names[1]):
         raise _Invalid(f"class_names must be a list of two different names, not {_shown(names)}")
+    if names is not None and any(printable(n) != n for n in names):  # labels in every output, CSV included
+        raise _Invalid(f"class_names must be printable text (no control characters), not {_shown(names)}")
     _field(payload, "tta", bool, required=False)  # the string "no" would have turned test-time flips on
     _check_decision(payload, "")
     if payload.get("decision_adapted"):
@@ -136,11 +204,11 @@ def check_checkpoint(payload: dict) -> None:
     for name in ("config", "decision_fit"):
         _field(payload, name, dict, required=False)
     _field(payload.get("decision_fit") or {}, "threshold_refit", dict, required=False, prefix="decision_fit.")
-    _field(payload, "run_id", str, required=False)
+    _text(payload, "run_id")  # the model column of predict's outputs: an ESC in it redrew the terminal
     _field(payload, "parameters", numbers.Integral, required=False, nullable=True)
     if payload.get("reference"):
         _check_reference(_field(payload, "reference", dict))
-    if payload.get("ood"):  # rebuilt (and so checked) by inference.bundle.ood_detector_of: a floor above
+    if payload.get("ood"):  # rebuilt, and so checked (its numbers too), by inference.bundle.ood_detector_of
         _field(payload, "ood", dict)
 
 
@@ -159,6 +227,30 @@ def _field(container: dict, name: str, types, required: bool = True, prefix: str
         found = "None" if value is None else f"{type(value).__name__} {_shown(value)}"
         raise _Invalid(f"{prefix}{name} must be {wanted}, not {found}")
     return value
+
+
+def _text(container: dict, name: str, prefix: str = "") -> str | None:
+    """An optional string field that outputs print as it is: no control characters, line breaks or
+    bidirectional overrides (what ``fileio.printable`` would escape)."""
+    value = _field(container, name, str, required=False, prefix=prefix)
+    if value is not None and printable(value) != value:
+        raise _Invalid(f"{prefix}{name} must be printable text (no control characters), not {_shown(value)}")
+    return value
+
+
+def _finite_values(value, name: str, none_allowed: bool = False) -> torch.Tensor:
+    """A number, a list of numbers (None entries skipped where ``none_allowed``) or a tensor, as a tensor whose
+    every value is finite: NaN reference scores made drift print "KS nan (p=nan)", NaN OOD values flag all."""
+    if isinstance(value, (list, tuple)) and none_allowed:
+        value = [v for v in value if v is not None]
+    try:
+        tensor = value if torch.is_tensor(value) else torch.as_tensor(value, dtype=torch.float64)
+        finite = not isinstance(value, bool) and (not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()))
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # text, None, ragged lists, meta tensors
+        finite = False
+    if not finite:
+        raise _Invalid(f"{name} must hold finite numbers only, not NaN, infinite or other values")
+    return tensor
 
 
 def _check_model(model: dict) -> None:
@@ -229,9 +321,13 @@ def _check_calibration(calibration: dict, prefix: str) -> None:
         value = _field(calibration, name, numbers.Real, required=False, prefix=prefix)
         if value is not None and not math.isfinite(value):
             raise _Invalid(f"{prefix}{name} must be a finite number, not {_shown(value)}")
+    if calibration.get("scale", 1.0) <= 0:  # the fit never writes one: it would reverse the ranking
+        raise _Invalid(f"{prefix}scale must be positive, not {_shown(calibration['scale'])}")
+    # the pneumonia rate of the images it was fitted on, which had both classes: 0 or 1 made --prevalence's
+    # shift infinite, and outputs stated a prevalence of 0.0 beside a probability of 0.355
     prior = _field(calibration, "prior", numbers.Real, required=False, prefix=prefix, nullable=True)
-    if prior is not None and not 0.0 <= prior <= 1.0:
-        raise _Invalid(f"{prefix}prior must be a rate between 0 and 1, not {_shown(prior)}")
+    if prior is not None and not 0.0 < prior < 1.0:
+        raise _Invalid(f"{prefix}prior must be a rate strictly between 0 and 1, not {_shown(prior)}")
 
 
 def _check_reference(reference: dict) -> None:
@@ -240,6 +336,9 @@ def _check_reference(reference: dict) -> None:
     scores = _field(val, "raw_scores", (list, tuple), required=False, prefix="reference.val.", nullable=True)
     if scores and not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in scores):
         raise _Invalid("reference.val.raw_scores must be a list of numbers")
+    for name in ("raw_scores", "adapted_raw_scores", "ood_scores"):  # an OOD score may be None (not scored)
+        if isinstance(val.get(name), (list, tuple)):
+            _finite_values(val[name], f"reference.val.{name}", none_allowed=name == "ood_scores")
     labels = _field(val, "labels", (list, tuple), required=False, prefix="reference.val.", nullable=True)
     if labels and not all(v in (0, 1) and not isinstance(v, bool) for v in labels):
         raise _Invalid("reference.val.labels must be a list of 0 (first class) and 1 (second class)")

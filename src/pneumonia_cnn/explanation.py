@@ -5,6 +5,8 @@ by the spatial mean of the score's gradient, upsampled to the input size and sca
 """
 from __future__ import annotations
 
+import errno
+import io
 import os
 import weakref
 from collections.abc import Iterator
@@ -15,13 +17,24 @@ import torch
 import torch.nn.functional as F
 
 from .data.loader import to_model_input
+from .device import full_float32
 from .errors import ImageReadError, PneumoniaCNNError
-from .fileio import atomic_path, display_path
+from .fileio import atomic_path, display_path, write_bytes
 from .models import last_conv_layer_name
 
 
 def grad_cam(model: torch.nn.Module, pixels_uint8: np.ndarray, device, layer: str | None = None) -> np.ndarray:
-    """``pixels_uint8`` (H, W) preprocessed -> map (H, W) in [0, 1]."""
+    """``pixels_uint8`` (H, W) preprocessed -> map (H, W) in [0, 1]. In full float32 on a GPU, as scoring is
+    (the same image's map would otherwise depend on whether a scoring batch was running meanwhile); the
+    model's parameter gradients are freed afterwards (kept, they held about 3 MB per served model)."""
+    with full_float32(torch.device(device)):
+        try:
+            return _grad_cam(model, pixels_uint8, device, layer)
+        finally:
+            model.zero_grad(set_to_none=True)
+
+
+def _grad_cam(model: torch.nn.Module, pixels_uint8: np.ndarray, device, layer: str | None) -> np.ndarray:
     layer = layer or last_conv_layer_name(model)
     modules = dict(model.named_modules())
     if layer not in modules:
@@ -218,11 +231,15 @@ def planned_overlays(paths, out_dir) -> list[Path]:
 
 def write_overlay(png: Path, gray: np.ndarray, cam: np.ndarray, source) -> None:
     """The overlay and its raw map, each written atomically; the map is renamed into place only once the
-    overlay is (the inner write ends first), so a failure leaves the previous pair, or none, never half."""
-    with atomic_path(png.with_suffix(".npy")) as raw, atomic_path(png) as picture:
-        with open(raw, "wb") as handle:
-            np.save(handle, cam)
-        picture.write_bytes(overlay_png(gray, cam, _fingerprint(source)))
+    overlay is (the inner write ends first), so a failure leaves the previous pair, or none, never half. A
+    failure is an ``OutputError`` naming the file that failed, with the reason (numpy's own write of the map
+    said "36864 requested and 9184 written" on a full disk)."""
+    buffer = io.BytesIO()
+    np.save(buffer, cam)
+    npy = png.with_suffix(".npy")
+    with atomic_path(npy) as raw, atomic_path(png) as picture:
+        write_bytes(raw, buffer.getvalue(), npy)
+        write_bytes(picture, overlay_png(gray, cam, _fingerprint(source)), png)
 
 
 def _fingerprint(path) -> str | None:
@@ -237,10 +254,14 @@ def explain_each(predictor, paths, out_dir, layer: str | None = None) -> Iterato
     """Grad-CAM of each image written to ``out_dir`` (``planned_overlays``, checked now, before any work), with
     predict's answer for it: one result per image as it is done, so a caller shows each at once (Ctrl-C keeps
     what was shown). An image that cannot be read, or whose overlay cannot be written, is its own result with
-    ``error``; the others go on."""
-    overlays = planned_overlays(paths, out_dir)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    ``error``; the others go on. A full, read-only or failing file system (``DISK_FAILURES``) ends it with the
+    ``OutputError`` naming the file ("maps/x_gradcam.npy: No space left on device")."""
+    overlays = planned_overlays(paths, out_dir)  # the folder is made by the first overlay written: none, none made
     return _explained(predictor, paths, overlays, layer)
+
+
+# a full, read-only or failing file system: not one image's problem, so explain stops there, naming the file
+DISK_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def _explained(predictor, paths, overlays, layer):
@@ -256,6 +277,8 @@ def _explained(predictor, paths, overlays, layer):
         try:
             write_overlay(png, gray, cam, path)
         except OSError as error:  # this image's only (a name too long for the system): the others go on
+            if error.errno in DISK_FAILURES:  # every other overlay would fail too: "PATH: reason", once
+                raise
             yield {"path": str(path), "error": f"overlay not written: {display_path(png)} "
                                                f"({error.strerror or error})"}
             continue

@@ -2,6 +2,7 @@
 safe reads of PyTorch files (no pickled code runs)."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -31,10 +32,19 @@ def temporary_prefix(name: str) -> str:
 @contextmanager
 def atomic_path(path, mode: int | None = None):
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``, with
-    ``mode`` (0o600 for patients' images), else the mode a plain write would give."""
+    ``mode`` (0o600 for patients' images), else the mode a plain write would give. A failure to write it (a full
+    disk) is an ``OutputError`` naming ``path``, not the temporary file or no file at all."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # it names the folder it could not make
+        if error.errno in _WRITE_FAILURES:
+            raise output_error(error, error.filename or path.parent) from None
+        raise
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
+    except OSError as error:  # it names the temporary file, which was never made
+        raise output_error(error, path) from None
     os.close(handle)
     try:
         yield Path(temporary)
@@ -42,12 +52,66 @@ def atomic_path(path, mode: int | None = None):
             os.fsync(written.fileno())
         os.chmod(temporary, _mode_for(path) if mode is None else mode)  # not mkstemp's 0600 for every output
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
+        # named before the temporary file goes: what it took of a full disk is free again after
+        named = output_error(error, path) if isinstance(error, OSError) and _in_writing(error, temporary) else None
         try:
             os.unlink(temporary)
         except FileNotFoundError:
             pass
+        if named is not None:
+            raise named from None
         raise
+
+
+class OutputError(OSError):
+    """An output that could not be written: ``str()`` is "PATH: reason", one line naming the file (an OSError
+    of a write says "[Errno 28] No space left on device" and names none). ``errno`` and ``strerror`` are kept."""
+
+    def __str__(self) -> str:
+        return f"{display_path(self.filename)}: {self.strerror}"
+
+
+# a write that failed for want of room or of a working disk, rather than for something the body read
+_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+def output_error(error: OSError, path) -> OutputError:
+    """``error``, raised while ``path`` was written, as an ``OutputError`` naming ``path``. numpy's short write
+    ("36864 requested and 9184 written") gives no reason: on a full file system it is "No space left on device"."""
+    if isinstance(error, OutputError):
+        return error
+    code, reason = error.errno, error.strerror
+    if code is None and _short_write(error) and _no_room(Path(path).parent):
+        code, reason = errno.ENOSPC, os.strerror(errno.ENOSPC)
+    return OutputError(code, reason or one_line(error), os.fspath(path))
+
+
+def _in_writing(error: OSError, temporary: str) -> bool:
+    """Whether ``error`` is the write's own: about the temporary file, or a full or failing disk."""
+    return error.filename in (temporary, None) and (
+        error.filename == temporary or error.errno in _WRITE_FAILURES or (error.errno is None and _short_write(error)))
+
+
+def _short_write(error: OSError) -> bool:
+    return re.fullmatch(r"\d+ requested and \d+ written", str(error)) is not None
+
+
+def _no_room(folder: Path) -> bool:
+    try:
+        found = os.statvfs(folder)
+    except (OSError, AttributeError):  # no statvfs (Windows): the short write is reported as it is
+        return False
+    return found.f_bavail * found.f_frsize < 1 << 20  # what is left is less than one more block of a write
+
+
+def write_bytes(temporary: Path, data: bytes, path) -> None:
+    """``data`` into ``temporary`` (an ``atomic_path``'s for ``path``); a failure names ``path``: where several
+    files are written together, the one that failed (the innermost ``atomic_path`` would name its own)."""
+    try:
+        temporary.write_bytes(data)
+    except OSError as error:
+        raise output_error(error, path) from None
 
 
 def _mode_for(path: Path) -> int:

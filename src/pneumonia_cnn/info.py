@@ -4,13 +4,19 @@ from __future__ import annotations
 import json
 
 from . import builtin
-from .checkpoint import load_checkpoint
+from .checkpoint import build_model, load_checkpoint
+from .fileio import printable
 from .inference.bundle import ood_detector_of
 from .ood import flag_message
 
 
 def checkpoint_card(checkpoint) -> dict:
+    """The card of a loaded checkpoint, or of one loaded here: then its weights are loaded into its model too,
+    as predict loads them, so that a checkpoint predict refuses (a weight missing or of another shape) is
+    refused here in the same words, not described as if it could be used."""
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    if not isinstance(checkpoint, dict):
+        build_model(ckpt)
     config = ckpt.get("config", {})
     ood = ckpt.get("ood")
     return {
@@ -51,7 +57,8 @@ def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
         lines.append(f"adapted: {card['adapted']}")
     if checkpoint == builtin.NAME:
         lines += builtin_card_lines(builtin.card())
-    return "\n".join(lines)
+    # each line as a terminal shows it: a path in the config (data=...) may hold an escape sequence or a newline
+    return "\n".join(printable(line) for line in lines)
 
 
 def builtin_card_lines(card: dict) -> list[str]:

@@ -41,6 +41,23 @@ def reference_of(checkpoint: dict) -> dict | None:
     return out
 
 
+NO_REFERENCE = ("no validation scores in this checkpoint (one of an earlier version, or adapted to a site: its "
+                "model is not the one the scores came from)")
+
+
+def no_reference_reason(checkpoint: dict) -> str:
+    """Why a checkpoint keeps no validation scores, from what it is: a run's last.pt (its training state, written
+    each epoch to resume training: the end-of-run steps store the scores in best.pt), an adapted model, or one
+    of an earlier version."""
+    if checkpoint.get("training_state") is not None:
+        return ("no validation scores in this checkpoint: it is a training-state file, a run's last.pt kept to "
+                "resume training; the run's best.pt holds them once the run has finished: give that")
+    if checkpoint.get("adaptation"):
+        return ("no validation scores in this checkpoint: it was adapted to a site, and its model is not the one "
+                "the scores came from")
+    return NO_REFERENCE
+
+
 def quantile_edges(reference: np.ndarray, bins: int) -> np.ndarray:
     """Inner bin edges at the reference's quantiles (ties merged), so each bin holds about 1/bins of it."""
     edges = np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1])
@@ -75,14 +92,14 @@ def level_of(psi: float, ks_pvalue: float) -> str:
     return "warning" if psi > PSI_WARNING else "ok"
 
 
-def compare(reference: dict | None, current: dict, minimum: int = 1) -> dict:
-    """``current``: {"raw_scores": [...], "ood_scores": [...]} of new images -> a report per score and overall."""
+def compare(reference: dict | None, current: dict, minimum: int = 1, no_reference: str = NO_REFERENCE) -> dict:
+    """``current``: {"raw_scores": [...], "ood_scores": [...]} of new images -> a report per score and overall;
+    ``no_reference``: the reason given when ``reference`` is None (``no_reference_reason``)."""
     count = len(current.get("raw_scores", []))
     report = {"images": count, "levels": {"psi_warning": PSI_WARNING, "psi_drift": PSI_DRIFT,
                                           "ks_pvalue_drift": KS_P_DRIFT}}
     if reference is None:
-        return {**report, "status": "unavailable", "reason": "no validation scores in this checkpoint (one of an "
-                "earlier version, or adapted to a site: its model is not the one the scores came from)"}
+        return {**report, "status": "unavailable", "reason": no_reference}
     report["reference_images"] = len(reference["raw_scores"])
     if len(reference["raw_scores"]) < SMALL_REFERENCE:
         report["note"] = (f"the reference holds only {len(reference['raw_scores'])} validation images: the PSI "
@@ -106,8 +123,9 @@ def compare(reference: dict | None, current: dict, minimum: int = 1) -> dict:
 class DriftMonitor:
     """The server's rolling window of recent scores, compared with the reference on demand."""
 
-    def __init__(self, reference: dict | None, window: int = 500, minimum: int | None = None):
-        self.reference, self.window = reference, int(window)
+    def __init__(self, reference: dict | None, window: int = 500, minimum: int | None = None,
+                 no_reference: str = NO_REFERENCE):
+        self.reference, self.window, self.no_reference = reference, int(window), no_reference
         self.minimum = int(minimum if minimum is not None else min(100, self.window))
         self.raw, self.ood = deque(maxlen=self.window), deque(maxlen=self.window)
         self.lock = threading.Lock()
@@ -125,7 +143,7 @@ class DriftMonitor:
             seen, current = self.seen, {"raw_scores": list(self.raw), "ood_scores": list(self.ood)}
         if self._cached is not None and self._cached[0] == seen:
             return self._cached[1]
-        report = {**compare(self.reference, current, self.minimum), "window": self.window}
+        report = {**compare(self.reference, current, self.minimum, self.no_reference), "window": self.window}
         self._cached = (seen, report)
         return report
 
@@ -143,7 +161,7 @@ def drift_of_files(checkpoint, paths, device: str = "cpu", batch_size: int = 32,
         raise PneumoniaCNNError(f"none of the {len(predictions)} image(s) could be read (first: "
                                 f"{predictions[0].path}: {predictions[0].error})")
     current = {"raw_scores": [p.raw_score for p in scored], "ood_scores": [p.ood_score for p in scored]}
-    report = compare(reference_of(bundle.checkpoints[0]), current, minimum)
+    report = compare(reference_of(bundle.checkpoints[0]), current, minimum, no_reference_reason(bundle.checkpoints[0]))
     report["skipped"] = [{"path": p.path, "error": p.error} for p in predictions if p.error]
     report["model"] = bundle.model_id
     return report

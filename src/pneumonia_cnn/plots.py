@@ -7,7 +7,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .fileio import atomic_path  # noqa: E402
+from .fileio import atomic_path, printable  # noqa: E402
+
+
+def figure_text(text) -> str:
+    """Text naming a file, as a figure shows it verbatim: each line as ``fileio.printable`` writes it (a byte that
+    is not UTF-8 as ``\\xff``; matplotlib's font code refuses the lone surrogate Python decodes it to) and every
+    ``$`` escaped, so that a name such as ``a$\\foo$.png`` is not parsed as mathtext."""
+    return "\n".join(printable(line) for line in str(text).split("\n")).replace("$", r"\$")
 
 
 def save_figure(figure, path) -> None:
@@ -39,7 +46,7 @@ def sample_grid(images_by_class: dict[str, list[np.ndarray]], path, titles=None)
             axis.axis("off")
             if column < len(images):
                 axis.imshow(images[column], cmap="gray", vmin=0, vmax=255)
-                axis.set_title(titles[row][column] if titles else name, fontsize=8)
+                axis.set_title(figure_text(titles[row][column] if titles else name), fontsize=8)
     save_figure(figure, path)
 
 

@@ -160,3 +160,14 @@ def test_a_batch_whose_client_left_is_neither_scored_nor_audited(trained_run, tm
     status = "499" if abandoned else "200"
     assert f'http_requests_total{{endpoint="/predict/batch",status="{status}"}} 1.0' in text
     assert rows == (0 if abandoned else 200)
+
+
+def test_a_served_last_pt_says_why_drift_has_no_reference(trained_run):
+    """serve of a run's last.pt (its training state) reported drift as unavailable for "an earlier version, or
+    adapted to a site"; it now names the reason drift gives for the same file."""
+    from pneumonia_cnn.monitoring import DriftMonitor
+    from pneumonia_cnn.serving.batcher import load_served_model
+    served = load_served_model(trained_run / "last.pt", device="cpu")
+    assert served.reference is None and "training-state file" in served.no_reference
+    monitor = DriftMonitor(served.reference, 10, no_reference=served.no_reference)
+    assert monitor.report()["reason"] == served.no_reference

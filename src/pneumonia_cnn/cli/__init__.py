@@ -10,7 +10,7 @@ from .._interrupt import Terminated, end_by_sigterm, sigterm_unwinds
 from ..errors import PneumoniaCNNError
 from ..fileio import printable
 from . import deployment, evaluation, interop, training
-from .common import setup_logging
+from .common import PATH, setup_logging
 
 FAMILIES = (("data and training", training), ("evaluation", evaluation), ("deployment", deployment),
             ("interoperability", interop))
@@ -58,7 +58,8 @@ def refuse_missing_checkpoint(item: str) -> None:
     except OSError:  # not a path this system can look up: the reader says why, in that file's row
         return
     if path.suffix in (".pt", ".pth") and not path.is_file():
-        raise PneumoniaCNNError(f"{item}: checkpoint not found")
+        from ..checkpoint import not_a_file_reason  # a FIFO or a link loop is there: say what it is
+        raise PneumoniaCNNError(f"{item}: {not_a_file_reason(path)}")
     if not path.exists() and path.suffix.lower() not in SUPPORTED_SUFFIXES and not any(c in item for c in "*?["):
         raise PneumoniaCNNError(f"{item}: no such checkpoint, file or folder")  # runs/typo: not quietly builtin
     if path.is_dir() and (path / "config.json").is_file():
@@ -99,6 +100,8 @@ def main(argv=None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)  # after global options such as -v
     if command in ("predict", "explain") and "--" in argv:  # predict A.pt B.pt -- PATHS [--format json]
         cut = argv.index("--")
+        if "" in argv[cut + 1:]:  # said as for the paths before "--", not as the hidden option they become
+            parser.error("argument PATH: empty; give a path")
         options = subcommand_options(parser, command)
         # a file named "-x.jpeg" would be read as an option: "./-x.jpeg" is the same file
         argv = argv[:cut] + ["--paths"] + [f"./{a}" if a.startswith("-") and a.split("=")[0] not in options else a
@@ -107,6 +110,10 @@ def main(argv=None) -> int:
     if extras:  # predict CKPT --adapt-batch scans/: argparse leaves a path after an option unrecognized
         if getattr(args, "command", None) not in ("predict", "explain") or any(e.startswith("-") for e in extras):
             parser.parse_args(argv)  # argparse's own one-line error, exit 2
+        try:  # the paths' type, as for those argparse placed itself
+            extras = [PATH(e) for e in extras]
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"argument PATH: {error}")
         (args.paths if args.paths is not None else args.items).extend(extras)
     setup_logging(args.verbose)
     try:

@@ -11,6 +11,8 @@ from pathlib import Path
 from ..errors import PneumoniaCNNError
 from ..fileio import display_path
 from .common import (
+    NAME,
+    PATH,
     PORT,
     Command,
     add_device,
@@ -23,15 +25,16 @@ from .common import (
     print_json,
     whole_number,
 )
+from .outputs import check_replaceable
 
 log = logging.getLogger("pneumonia_cnn")
 
 
 def predict_arguments(p):
-    p.add_argument("items", nargs="*", metavar="[CHECKPOINT] PATH",
+    p.add_argument("items", nargs="*", type=PATH, metavar="[CHECKPOINT] PATH",
                    help="a checkpoint (best.pt, a run folder or 'builtin'; the built-in model when left out), then "
                         "files, folders or globs (use -- before the paths when giving several checkpoints)")
-    p.add_argument("--paths", nargs="*", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--paths", nargs="*", type=PATH, default=None, help=argparse.SUPPRESS)
     add_format(p, ("table", "json", "csv", "fhir"))
     add_site_options(p)
     p.add_argument("--batch-size", type=whole_number(1), default=32, help="images per forward pass")
@@ -113,11 +116,12 @@ def whole_write():
 
 
 def explain_arguments(p):
-    p.add_argument("items", nargs="*", metavar="[CHECKPOINT] IMAGE",
+    p.add_argument("items", nargs="*", type=PATH, metavar="[CHECKPOINT] IMAGE",
                    help="a checkpoint (the built-in model when left out), then image files, folders or globs")
-    p.add_argument("--paths", nargs="*", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--out", required=True, help="folder for the overlays and maps")
-    p.add_argument("--layer", help="layer name (default: the last convolution)")
+    p.add_argument("--paths", nargs="*", type=PATH, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", required=True, type=PATH, help="folder for the overlays and maps (made by the first "
+                                                           "overlay written)")
+    p.add_argument("--layer", type=NAME, help="layer name (default: the last convolution)")
     add_device(p)
 
 
@@ -135,20 +139,36 @@ def run_explain(args) -> int:
     refuse_overlays_among_images(args.out, args.paths, paths)
     planned_overlays(paths, args.out)  # refused in a second, before the model loads (explain_each checks again)
     predictor = Predictor(args.checkpoint, args.device)  # a model that does not load leaves no --out folder made
-    check_output_folder(args.out)
+    check_output_folder(args.out)  # checked, not made: the first overlay makes it
     explained = 0
-    for item in explain_each(predictor, paths, args.out, args.layer):
-        if "error" in item:  # on stderr, one line whatever the file is called, as predict's
-            log.warning("skipped %s: %s", printable(item["path"]), item["error"])
-            continue
-        explained += 1
-        # printed as each image is done (Ctrl-C keeps what was shown), names escaped as in predict's table
-        print(f"{printable(item['path'])}: p={item['probability']:.4f} {item['label']} -> "
-              f"{printable(item['overlay'])} (layer {item['layer']})"
-              + "".join(f"\n  warning: {printable(w)}" for w in item["warnings"]), flush=True)
+    with removed_if_left_empty(args.out):  # no image explained (unreadable ones, a full disk): no folder made
+        for item in explain_each(predictor, paths, args.out, args.layer):
+            if "error" in item:  # on stderr, one line whatever the file is called, as predict's
+                log.warning("skipped %s: %s", printable(item["path"]), item["error"])
+                continue
+            explained += 1
+            # printed as each image is done (Ctrl-C keeps what was shown), names escaped as in predict's table
+            print(f"{printable(item['path'])}: p={item['probability']:.4f} {item['label']} -> "
+                  f"{printable(item['overlay'])} (layer {item['layer']})"
+                  + "".join(f"\n  warning: {printable(w)}" for w in item["warnings"]), flush=True)
     for item in missing:
         log.warning("skipped %s: no such file or folder", printable(item))
     return 0 if explained else 1
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(folder):
+    """The folders that do not exist yet (``folder`` and the parents it needs) are removed at the end if they
+    are still empty: what the command made and then wrote nothing into."""
+    made = [f for f in [Path(folder), *Path(folder).parents] if not f.exists()]
+    try:
+        yield
+    finally:
+        for empty in made:  # innermost first; a folder holding anything stays, and so do its parents
+            try:
+                empty.rmdir()
+            except OSError:
+                break
 
 
 def refuse_overlays_among_images(out, arguments, paths) -> None:
@@ -180,15 +200,18 @@ def _is_folder(path) -> bool:
 
 
 def serve_arguments(p):
-    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default; any other address "
-                                                         "needs --api-keys and --audit-log)")
+    p.add_argument("checkpoint", nargs="?", default="builtin", type=PATH,
+                   help="best.pt or run folder (default: builtin)")
+    p.add_argument("--host", default="127.0.0.1", type=NAME,
+                   help="address to bind (loopback by default; any other address needs --api-keys and --audit-log)")
     p.add_argument("--port", type=PORT, default=8000, help="TCP port")
-    p.add_argument("--api-keys", metavar="FILE", help="hashed API keys (pneumonia-cnn api-key); requests then need "
-                                                      "'Authorization: Bearer KEY'")
-    p.add_argument("--audit-log", metavar="FILE", help="SQLite file that every prediction is appended to")
-    p.add_argument("--keep-images", metavar="DIR", help="also keep each upload's bytes here, named by SHA-256")
-    p.add_argument("--ssl-certfile", help="TLS certificate (PEM)"), p.add_argument("--ssl-keyfile", help="TLS key")
+    p.add_argument("--api-keys", metavar="FILE", type=PATH,
+                   help="hashed API keys (pneumonia-cnn api-key); requests then need 'Authorization: Bearer KEY'")
+    p.add_argument("--audit-log", metavar="FILE", type=PATH, help="SQLite file that every prediction is appended to")
+    p.add_argument("--keep-images", metavar="DIR", type=PATH,
+                   help="also keep each upload's bytes here, named by SHA-256")
+    p.add_argument("--ssl-certfile", type=PATH, help="TLS certificate (PEM)")
+    p.add_argument("--ssl-keyfile", type=PATH, help="TLS key")
     p.add_argument("--allowed-hosts", default="", metavar="NAME,...",
                    help="Host header values to answer besides loopback and the bound address (others get 400)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest image accepted, cut while it arrives")
@@ -227,8 +250,8 @@ def run_serve(args) -> int:
 
 
 def api_key_arguments(p):
-    p.add_argument("file", help="the key file (created mode 0600 when absent)")
-    p.add_argument("--id", required=True, help="who holds the key (it appears in the audit log)")
+    p.add_argument("file", type=PATH, help="the key file (created mode 0600 when absent)")
+    p.add_argument("--id", required=True, type=NAME, help="who holds the key (it appears in the audit log)")
     p.add_argument("--role", choices=("predict", "admin"), default="predict", help="admin keys may also reload")
     p.add_argument("--revoke", action="store_true", help="remove the key with this id")
 
@@ -246,7 +269,7 @@ def run_api_key(args) -> int:
 
 
 def audit_arguments(p):
-    p.add_argument("log", help="the server's --audit-log file")
+    p.add_argument("log", type=PATH, help="the server's --audit-log file")
     p.add_argument("--since", help="from this date/time (UTC; e.g. 2026-05-01, 2026-05-01T08:00) or span (24h, 7d)")
     p.add_argument("--until", help="before this date/time or span")
     add_format(p, ("csv", "json"), "csv")
@@ -259,9 +282,9 @@ def run_audit(args) -> int:
 
 
 def drift_arguments(p):
-    p.add_argument("checkpoint", help="best.pt or run folder (or builtin: named, since the option lists "
-                                        "after it would otherwise take a model's name as one of theirs)")
-    p.add_argument("--data", nargs="+", required=True, help="new images: files, folders or globs")
+    p.add_argument("checkpoint", type=PATH, help="best.pt or run folder (or builtin: named, since the option lists "
+                                                 "after it would otherwise take a model's name as one of theirs)")
+    p.add_argument("--data", nargs="+", required=True, type=PATH, help="new images: files, folders or globs")
     add_format(p, ("table", "json"))
     add_device(p, "cpu")
 
@@ -279,7 +302,8 @@ def run_drift(args) -> int:
 
 
 def info_arguments(p):
-    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
+    p.add_argument("checkpoint", nargs="?", default="builtin", type=PATH,
+                   help="best.pt or run folder (default: builtin)")
     add_format(p, ("text", "json"), "text")
 
 
@@ -290,18 +314,25 @@ def run_info(args) -> int:
 
 
 def adapt_arguments(p):
-    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
-    p.add_argument("--data", required=True, help="unlabelled images of the new site")
-    p.add_argument("--labelled", help="LABELLED_DIR/{NORMAL,PNEUMONIA} from the new site")
-    p.add_argument("--out", required=True, help="the adapted checkpoint to write")
+    p.add_argument("checkpoint", nargs="?", default="builtin", type=PATH,
+                   help="best.pt or run folder (default: builtin)")
+    p.add_argument("--data", required=True, type=PATH, help="unlabelled images of the new site")
+    p.add_argument("--labelled", type=PATH, help="LABELLED_DIR/{NORMAL,PNEUMONIA} from the new site")
+    p.add_argument("--out", required=True, type=PATH,
+                   help="the adapted checkpoint to write (an existing checkpoint of your own there is replaced; a "
+                        "training run's best.pt or last.pt, or any other file, never)")
     add_device(p)
-    p.add_argument("--recalibrate", action="store_true", help="refit the calibration on the labelled images")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="refit the calibration on the labelled images (needs --labelled)")
     p.add_argument("--seed", type=whole_number(0), default=0, help="seed of the kept-out split and fine-tuning")
 
 
 def run_adapt(args) -> int:
     from ..adaptation import adapt, format_adaptation
+    if args.recalibrate and not args.labelled:  # adapt() would refit nothing, unsaid
+        raise PneumoniaCNNError("--recalibrate refits the calibration on the labelled images: give --labelled DIR")
     check_output(args.out, args.checkpoint, args.data, args.labelled)
+    check_replaceable(args.out, "checkpoint")
     result = adapt(args.checkpoint, args.data, args.out, labelled=args.labelled, device=args.device,
                    recalibrate=args.recalibrate, seed=args.seed)
     print(format_adaptation(result))

@@ -6,6 +6,10 @@ from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 from .common import (
+    BOOTSTRAP,
+    BOOTSTRAP_HELP,
+    NAME,
+    PATH,
     Command,
     add_cache_dir,
     add_device,
@@ -16,12 +20,14 @@ from .common import (
     print_json,
     whole_number,
 )
+from .outputs import check_replaceable, refuse_repeated_checkpoints
 
 
 def evaluate_arguments(p):
-    p.add_argument("--checkpoint", nargs="+", default=["builtin"],
+    p.add_argument("--checkpoint", nargs="+", type=PATH, default=["builtin"],
                    help="best.pt or run folder; several = ensemble (default: the built-in model)")
-    p.add_argument("--data", required=True, help="Kaggle-layout ROOT, a split folder, or a CSV of path,label")
+    p.add_argument("--data", required=True, type=PATH, help="Kaggle-layout ROOT, a split folder, or a CSV of "
+                                                            "path,label")
     p.add_argument("--split", default="test", help="split folder under ROOT to evaluate")
     p.add_argument("--threshold", help="saved (default), or a policy refitted on --val-split for this evaluation, "
                                        "on the stored calibration: a probability, youden, sensitivity:X, "
@@ -29,12 +35,16 @@ def evaluate_arguments(p):
     p.add_argument("--calibration", choices=("platt", "temperature", "none"),
                    help="refit the calibration (and then the threshold) on --val-split for this evaluation")
     p.add_argument("--val-split", default="val", help="split the threshold/calibration are refitted on")
-    p.add_argument("--save-as", help="write the refitted checkpoint here (the checkpoint read is never changed)")
+    p.add_argument("--save-as", type=PATH, help="write the refitted checkpoint here (the checkpoint read is never "
+                                                "changed; an existing checkpoint of your own is replaced, a run's "
+                                                "best.pt or last.pt never)")
     add_site_options(p)
-    p.add_argument("--bootstrap", type=whole_number(1), default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--bootstrap", type=BOOTSTRAP, default=1000,
+                   help=f"bootstrap resamples for the 95%% intervals ({BOOTSTRAP_HELP})")
     p.add_argument("--seed", type=whole_number(0), default=0, help="bootstrap seed")
     add_format(p)
-    p.add_argument("--out", help="JSON path (default: beside the checkpoint)")
+    p.add_argument("--out", type=PATH, help="JSON path (default: beside the checkpoint); an existing file there "
+                                            "must be an earlier evaluate's")
     add_device(p), add_engine(p), add_cache_dir(p)
     p.add_argument("--no-figures", action="store_true", help="skip the ROC/PR/reliability pictures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -42,12 +52,12 @@ def evaluate_arguments(p):
 
 
 def add_by(p):
-    p.add_argument("--by", action="append", metavar="FIELD",
+    p.add_argument("--by", action="append", metavar="FIELD", type=NAME,
                    help="metrics per subgroup (repeatable): a DICOM attribute (PatientSex, ViewPosition, Manufacturer, "
                         "InstitutionName...), AgeBand (from PatientAge or a CSV age column), or a CSV column")
 
 
-def keep_other_metrics(out: Path, data, split: str) -> None:
+def keep_other_metrics(out: Path, data, split: str, hint: str = "give --out") -> None:
     """The default --out (RUN/test_metrics.json) may hold what training measured on its own test split: metrics
     of another data set or split never replace it unasked."""
     try:
@@ -57,20 +67,25 @@ def keep_other_metrics(out: Path, data, split: str) -> None:
         return  # none there, or not a report: written as before
     if earlier != (Path(data).resolve(), split):
         raise PneumoniaCNNError(f"{out}: holds the metrics of {previous['data']} ({previous['split']} split); these "
-                                f"of {data} ({split}) would replace them: give --out")
+                                f"of {data} ({split}) would replace them: {hint}")
 
 
 def run_evaluate(args) -> int:
     from ..evaluation.evaluate import evaluate, format_table
     if not Path(args.data).exists():  # said before any check of where the metrics would go
         raise PneumoniaCNNError(f"{args.data}: folder not found")
+    refuse_repeated_checkpoints(args.checkpoint)
     first = Path(args.checkpoint[0])
     beside = Path(".") if args.checkpoint[0] == "builtin" else first if first.is_dir() else first.parent
-    out = args.out or str(beside / f"{'builtin_' if args.checkpoint[0] == 'builtin' else ''}{args.split}_metrics.json")
+    default = beside / f"{'builtin_' if args.checkpoint[0] == 'builtin' else ''}{args.split}_metrics.json"
+    out = args.out or str(default)
     check_output(out, args.checkpoint, args.data)
-    if not args.out:
-        keep_other_metrics(Path(out), args.data, args.split)
+    if not args.out or Path(out).resolve() == default.resolve():  # RUN/test_metrics.json beside its own model
+        keep_other_metrics(Path(out), args.data, args.split, "give --out" if not args.out else "give another --out")
+    else:
+        check_replaceable(out, "metrics")
     check_output(args.save_as, args.checkpoint, args.data, flag="--save-as")
+    check_replaceable(args.save_as, "checkpoint", "--save-as")
     refit = (args.threshold is not None and str(args.threshold) != "saved") or args.calibration is not None
     if args.save_as and not refit:  # there is no refitted decision to write (--threshold saved keeps the stored one)
         raise PneumoniaCNNError("--save-as writes the decision refitted by --threshold or --calibration: give one")
@@ -91,11 +106,12 @@ def run_evaluate(args) -> int:
 
 
 def report_arguments(p):
-    p.add_argument("run_dir", help="run folder (or its best.pt)")
-    p.add_argument("--data", help="data root (default: the run's)")
+    p.add_argument("run_dir", type=PATH, help="run folder (or its best.pt)")
+    p.add_argument("--data", type=PATH, help="data root (default: the run's)")
     p.add_argument("--split", default="test", help="split to report on")
-    p.add_argument("--out", help="HTML path (default: RUN_DIR/report.html)")
-    p.add_argument("--bootstrap", type=whole_number(1), default=1000, help="bootstrap resamples")
+    p.add_argument("--out", type=PATH, help="HTML path (default: RUN_DIR/report.html); an existing file there must "
+                                            "be an earlier report")
+    p.add_argument("--bootstrap", type=BOOTSTRAP, default=1000, help=f"bootstrap resamples ({BOOTSTRAP_HELP})")
     add_device(p), add_cache_dir(p)
     p.add_argument("--no-stress", action="store_true", help="skip the robustness table")
     add_by(p)
@@ -104,6 +120,10 @@ def report_arguments(p):
 def run_report(args) -> int:
     from ..evaluation.report import write_report
     check_output(args.out, args.run_dir, args.data)
+    check_replaceable(args.out, "report")
+    if args.out:  # the metrics JSON written beside it, named as write_report names it
+        out = Path(args.out)
+        check_replaceable(str(out.parent / f"{out.stem}_{args.split}_metrics.json"), "metrics")
     path = write_report(args.run_dir, data=args.data, split=args.split, out=args.out, device=args.device,
                         bootstrap=args.bootstrap, cache_dir=args.cache_dir, stress=not args.no_stress, by=args.by)
     print(f"written: {path}")
@@ -111,14 +131,16 @@ def run_report(args) -> int:
 
 
 def compare_arguments(p):
-    p.add_argument("runs", nargs="+", help="run folders or checkpoints")
-    p.add_argument("--data", required=True, help="data root"), p.add_argument("--split", default="test", help="split")
+    p.add_argument("runs", nargs="+", type=PATH, help="run folders or checkpoints")
+    p.add_argument("--data", required=True, type=PATH, help="data root")
+    p.add_argument("--split", default="test", help="split")
     add_format(p), add_device(p), add_cache_dir(p)
-    p.add_argument("--bootstrap", type=whole_number(1), default=1000, help="bootstrap resamples")
+    p.add_argument("--bootstrap", type=BOOTSTRAP, default=1000, help=f"bootstrap resamples ({BOOTSTRAP_HELP})")
 
 
 def run_compare(args) -> int:
     from ..evaluation.compare import compare_runs, format_comparison
+    refuse_repeated_checkpoints(args.runs, "compare")
     result = compare_runs(args.runs, data=args.data, split=args.split, device=args.device, cache_dir=args.cache_dir,
                           bootstrap=args.bootstrap)
     if args.format == "json":
@@ -129,15 +151,18 @@ def run_compare(args) -> int:
 
 
 def stress_arguments(p):
-    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
-    p.add_argument("--data", required=True, help="data root"), p.add_argument("--split", default="test", help="split")
+    p.add_argument("checkpoint", nargs="?", default="builtin", type=PATH,
+                   help="best.pt or run folder (default: builtin)")
+    p.add_argument("--data", required=True, type=PATH, help="data root")
+    p.add_argument("--split", default="test", help="split")
     add_format(p), add_device(p), add_cache_dir(p)
-    p.add_argument("--out", help="JSON path")
+    p.add_argument("--out", type=PATH, help="JSON path (an existing file there must be an earlier stress's)")
 
 
 def run_stress(args) -> int:
     from ..evaluation.stress import format_stress, stress_test
     check_output(args.out, args.checkpoint, args.data)
+    check_replaceable(args.out, "stress")
     result = stress_test(args.checkpoint, args.data, args.split, device=args.device, cache_dir=args.cache_dir,
                          out=args.out)
     if args.format == "json":

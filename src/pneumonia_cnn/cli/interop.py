@@ -7,18 +7,20 @@ import logging
 import re
 
 from ..errors import PneumoniaCNNError
-from .common import PORT, Command, add_device, check_output, positive_number, whole_number
+from .common import PATH, PORT, Command, add_device, check_output, positive_number, whole_number
+from .outputs import check_replaceable
 
 log = logging.getLogger("pneumonia_cnn")
 
 
 def export_arguments(p):
-    p.add_argument("checkpoint", nargs="?", default="builtin", help="best.pt or run folder (default: builtin)")
+    p.add_argument("checkpoint", nargs="?", default="builtin", type=PATH,
+                   help="best.pt or run folder (default: builtin)")
     p.add_argument("--format", choices=("onnx", "torchscript", "onnx-int8"), default="onnx",
                    help="file format; onnx-int8: the served graph quantised to int8, calibrated on --data's val "
                         "split (the checkpoint's own), also kept for --engine onnx-int8 and openvino-int8")
-    p.add_argument("--out", required=True, help="file to write")
-    p.add_argument("--data", help="onnx-int8: ROOT whose val/ holds the checkpoint's validation images")
+    p.add_argument("--out", required=True, type=PATH, help="file to write")
+    p.add_argument("--data", type=PATH, help="onnx-int8: ROOT whose val/ holds the checkpoint's validation images")
 
 
 def run_export(args) -> int:
@@ -81,14 +83,16 @@ def _holds_format(path, fmt: str) -> bool:
 
 
 def import_keras_arguments(p):
-    p.add_argument("model", help=".h5, .keras or .weights.h5 file of the tutorial's model")
-    p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("model", type=PATH, help=".h5, .keras or .weights.h5 file of the tutorial's model")
+    p.add_argument("--out", required=True, type=PATH, help="checkpoint to write (an existing checkpoint of your own "
+                                                           "there is replaced; a run's best.pt or last.pt never)")
     p.add_argument("--size", help="input size for weights-only files: 224 or HxW (e.g. 96x80)")
 
 
 def run_import_keras(args) -> int:
     from ..interop.keras_import import import_keras
     check_output(args.out, args.model)
+    check_replaceable(args.out, "checkpoint")
     size = None
     if args.size:
         if not re.fullmatch(r"[1-9]\d*(x[1-9]\d*)?", args.size.lower()):
@@ -114,10 +118,10 @@ def add_network_options(p):
 
 
 def pacs_arguments(p):
-    p.add_argument("checkpoint", help="best.pt or run folder (or builtin: named, since the option lists "
-                                        "after it would otherwise take a model's name as one of theirs)")
+    p.add_argument("checkpoint", type=PATH, help="best.pt or run folder (or builtin: named, since the option lists "
+                                                 "after it would otherwise take a model's name as one of theirs)")
     p.add_argument("--dicomweb", required=True, metavar="URL", help="DICOMweb root, e.g. http://pacs:8042/dicom-web")
-    p.add_argument("--state", default="pacs_state.sqlite", help="SQLite file remembering what was scored")
+    p.add_argument("--state", default="pacs_state.sqlite", type=PATH, help="SQLite file remembering what was scored")
     p.add_argument("--modality", nargs="+", default=["CR", "DX"], help="modalities to look for (DICOM codes: CR, "
                                                                        "DX...)")
     p.add_argument("--study-date", metavar="RANGE", help="YYYYMMDD or YYYYMMDD-YYYYMMDD (either side may be open)")
@@ -200,14 +204,14 @@ def print_pacs_summary(summary: dict):
 
 
 def listen_arguments(p):
-    p.add_argument("checkpoint", help="best.pt or run folder (or builtin: named, since the option lists "
-                                        "after it would otherwise take a model's name as one of theirs)")
+    p.add_argument("checkpoint", type=PATH, help="best.pt or run folder (or builtin: named, since the option lists "
+                                                 "after it would otherwise take a model's name as one of theirs)")
     p.add_argument("--send-to", required=True, metavar="HOST:PORT:AET", help="where the reports go (C-STORE)")
     p.add_argument("--port", type=PORT, default=11112, help="DICOM port to listen on")
     p.add_argument("--ae-title", default="PNEUMONIA", help="this node's AE title")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise; "
                                                        "0.0.0.0 for the hospital network)")
-    p.add_argument("--spool", help="folder for received instances until their report is delivered "
+    p.add_argument("--spool", type=PATH, help="folder for received instances until their report is delivered "
                                    "(default: ~/.cache/pneumonia-cnn/listen-spool)")
     p.add_argument("--modality", nargs="+", default=["CR", "DX"],
                    help="modalities scored; instances of others are acknowledged and not scored")
@@ -221,11 +225,13 @@ def listen_arguments(p):
                         "of it has arrived, and nothing is kept")
     p.add_argument("--accept-from", nargs="+", default=[], metavar="AET",
                    help="calling AE titles accepted (the PACS, the modalities); others are rejected (default: any)")
-    p.add_argument("--tls-cert", metavar="PEM", help="DICOM TLS: this node's certificate (with --tls-key)")
-    p.add_argument("--tls-key", metavar="PEM", help="DICOM TLS: the key of --tls-cert")
-    p.add_argument("--tls-ca", metavar="PEM", help="accept only senders whose TLS certificate this CA signed")
-    p.add_argument("--send-tls-ca", metavar="PEM", help="send reports over TLS, verifying the destination's "
-                                                        "certificate against this CA (--tls-cert is offered as ours)")
+    p.add_argument("--tls-cert", metavar="PEM", type=PATH, help="DICOM TLS: this node's certificate (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", type=PATH, help="DICOM TLS: the key of --tls-cert")
+    p.add_argument("--tls-ca", metavar="PEM", type=PATH,
+                   help="accept only senders whose TLS certificate this CA signed")
+    p.add_argument("--send-tls-ca", metavar="PEM", type=PATH,
+                   help="send reports over TLS, verifying the destination's certificate against this CA (--tls-cert is "
+                        "offered as ours)")
     add_network_options(p)
 
 

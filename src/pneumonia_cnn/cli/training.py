@@ -11,7 +11,12 @@ from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 from ..fileio import FolderLock, display_path
-from .common import Command, add_device, check_output, whole_number
+from .common import NAME, PATH, Command, add_device, check_output, whole_number
+
+# the configuration's paths, refused empty when parsed ("" is the current folder: `--out ''` trained into it);
+# cache_dir, weights, init and tracking_uri keep "" as their default ("the usual cache", "none"), which a flag
+# may set to clear a preset's or a config file's value
+PATH_FIELDS = ("data", "out")
 
 
 def _json_object(text: str) -> dict:
@@ -44,6 +49,8 @@ def add_config_flags(parser: argparse.ArgumentParser):
             options["type"] = int if kind == "int" else float
         elif kind == "dict":
             options["type"] = _json_object
+        elif spec.name in PATH_FIELDS:
+            options["type"] = PATH
         elif kind.startswith("list"):
             options.update(type=float, nargs=len(meta["metavar"]))
         if meta.get("choices"):
@@ -69,8 +76,8 @@ def train_arguments(p):
     p.add_argument("--preset", help="tutorial (the Keras tutorial exactly; the default unless --config names "
                    "another), best, fast (best in 10 epochs: about 3 minutes on 2 CPU cores) or finetune (best from "
                    "the built-in weights)")
-    p.add_argument("--config", help="YAML/TOML/JSON file of config fields (overrides the preset)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    p.add_argument("--config", type=PATH, help="YAML/TOML/JSON file of config fields (overrides the preset)")
+    p.add_argument("--resume", metavar="RUN_DIR", type=PATH, help="continue RUN_DIR from its last checkpoint")
     add_config_flags(p)
 
 
@@ -190,8 +197,8 @@ def refuse_run_in_data(out, data) -> None:
 
 
 def demo_arguments(p):
-    p.add_argument("--out", default="runs/demo", help="folder for the synthetic data, cache and run")
-    p.add_argument("--data", help="a Kaggle-layout ROOT to use instead of synthetic X-rays")
+    p.add_argument("--out", default="runs/demo", type=PATH, help="folder for the synthetic data, cache and run")
+    p.add_argument("--data", type=PATH, help="a Kaggle-layout ROOT to use instead of synthetic X-rays")
     p.add_argument("--epochs", type=whole_number(1), help="epochs (default 10)")
     p.add_argument("--size", type=whole_number(32, 1024),
                    help="input size (default 96 on synthetic data, 224 on --data)")
@@ -214,7 +221,7 @@ def run_demo(args) -> int:
 
 
 def summary_arguments(p):
-    p.add_argument("--model", default="seed", help="registered model name")
+    p.add_argument("--model", default="seed", type=NAME, help="registered model name")
     p.add_argument("--size", type=whole_number(32, 2048), default=224, help="input height and width")
     p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="input channels")
 
@@ -236,9 +243,9 @@ def run_models(_args) -> int:
 
 
 def samples_arguments(p):
-    p.add_argument("--data", required=True, help="Kaggle-layout ROOT or a split folder")
+    p.add_argument("--data", required=True, type=PATH, help="Kaggle-layout ROOT or a split folder")
     p.add_argument("--split", default="train", help="which split to draw from")
-    p.add_argument("--out", default="samples.png", help="PNG to write")
+    p.add_argument("--out", default="samples.png", type=PATH, help="PNG to write")
     p.add_argument("--per-class", type=whole_number(1, 100), default=6, help="images per class")
     p.add_argument("--seed", type=whole_number(0), default=0, help="which images are drawn")
 

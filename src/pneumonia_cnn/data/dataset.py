@@ -117,8 +117,7 @@ def scan_folder(split_dir, class_names=None, require_both_classes: bool = False)
         paths += [str(p) for p in files]
         labels += [index] * len(files)
     if not paths:
-        raise DatasetError(f"{display_path(split_dir)}: no images found (looked for "
-                           f"{', '.join(sorted(SUPPORTED_SUFFIXES))})")
+        raise DatasetError(_no_images(split_dir, class_names, folders))
     present = sorted(set(labels))
     if require_both_classes and len(present) < 2:
         only = class_names[present[0]]
@@ -129,6 +128,19 @@ def scan_folder(split_dir, class_names=None, require_both_classes: bool = False)
         log.info("%s: ignored %d hidden or non-image file(s)", display_path(split_dir), ignored)
     return ImageList(paths, np.asarray(labels, dtype=np.int64), [patient_id(p) for p in paths], class_names,
                      str(split_dir), ignored, notes)
+
+
+def _no_images(split_dir: Path, class_names, folders) -> str:
+    """Why a labelled folder gave no images: no class folder at all (images loose in it, as an unlabelled
+    site's are), or class folders without images."""
+    if not any(name in folders for name in class_names):
+        loose = sum(1 for entry in split_dir.iterdir() if entry.is_file() and is_candidate_file(entry))
+        found = f"; it holds {loose} image(s) directly, which carry no label" if loose else ""
+        return (f"{display_path(split_dir)}: no class folders {' and '.join(class_names)} (labelled images go in "
+                f"{'/, '.join(class_names)}/ under it){found}")
+    present = ", ".join(f"{name}/" for name in class_names if name in folders)
+    return (f"{display_path(split_dir)}: no images found in its class folder(s) {present} (looked for "
+            f"{', '.join(sorted(SUPPORTED_SUFFIXES))})")
 
 
 def scan_unlabelled(folder) -> ImageList:
@@ -146,17 +158,29 @@ def scan_unlabelled(folder) -> ImageList:
                      DEFAULT_CLASS_NAMES, str(folder), ignored)
 
 
-def read_csv_list(csv_path, class_names=DEFAULT_CLASS_NAMES) -> ImageList:
+def read_csv_list(csv_path, class_names=DEFAULT_CLASS_NAMES, require_both_classes: bool = False) -> ImageList:
     """``path,label[,patient_id]`` rows; label is 0/1 or a class name; paths relative to the CSV. With a header
     row, the patient id is the column named ``patient_id`` (any other columns are ignored here); without
-    one, it is the third column."""
+    one, it is the third column. Every row has the header's number of columns (without a header, the first
+    row's; empty cells past it are allowed): a ragged row is refused with its line number. A class no row
+    names is warned about, as a missing class folder is (or refused, with ``require_both_classes``)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DatasetError(f"{display_path(csv_path)}: CSV file not found")
     try:
-        return _read_csv_rows(csv_path, class_names)
+        images = _read_csv_rows(csv_path, class_names)
     except UnicodeDecodeError as error:
         raise DatasetError(f"{display_path(csv_path)}: not a text CSV (not UTF-8 at byte {error.start})") from None
+    present = sorted(set(images.labels.tolist()))
+    if require_both_classes and len(present) < 2:
+        raise DatasetError(f"{display_path(csv_path)}: only one class has images ({class_names[present[0]]}); "
+                           f"training needs both")
+    for index, name in enumerate(class_names):
+        if index not in present:
+            images.notes.append(f"{display_path(csv_path)}: class {name} missing (no row labelled {name} or "
+                                f"{index})")
+            _warn_once(images.notes[-1])
+    return images
 
 
 CSV_PATH_HEADERS = ("path", "file", "filename", "image")
@@ -191,12 +215,15 @@ def _warn_once(message: str):
 
 def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
     paths, labels, patients, seen, repeated = [], [], [], {}, 0
-    patient_column = 2
+    patient_column, width = 2, None
     for index, (line_number, row) in enumerate(csv_rows(csv_path)):
         if index == 0 and row[0].strip().lower() in CSV_PATH_HEADERS:
             header = [cell.strip().lower() for cell in row]
             patient_column = header.index("patient_id") if "patient_id" in header else None
+            width = (len(row), "the header has")
             continue
+        width = width or (len(row), f"line {line_number} has")
+        _check_width(csv_path, line_number, row, width)
         path, label = _csv_row(csv_path, line_number, row, class_names)
         first = seen.setdefault(_same_file_key(path), (line_number, label))
         if first[1] != label:  # one image counted once as each class: no metric means anything then
@@ -215,6 +242,14 @@ def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
     if not paths:
         raise DatasetError(f"{display_path(csv_path)}: CSV lists no images")
     return ImageList(paths, np.asarray(labels, dtype=np.int64), patients, tuple(class_names), str(csv_path))
+
+
+def _check_width(csv_path: Path, line_number: int, row: list[str], width: tuple[int, str]) -> None:
+    """A ragged row (a comma too many in an unquoted name, a cell left out) would shift what its cells mean."""
+    expected, where = width
+    if len(row) < expected or any(cell.strip() for cell in row[expected:]):
+        raise DatasetError(f"{display_path(csv_path)}:{line_number}: {len(row)} column(s), but {where} {expected} "
+                           f"(a ragged row; quote a name that holds a comma)")
 
 
 def _csv_row(csv_path: Path, line_number: int, row: list[str], class_names) -> tuple[Path, int]:
@@ -236,7 +271,7 @@ def load_split(data, split: str | None, class_names=None, require_both_classes=F
     """``data`` is a Kaggle-layout root (with ``split``), a split folder itself, or a CSV file."""
     data = Path(data)
     if data.suffix.lower() == ".csv":
-        return read_csv_list(data, class_names or DEFAULT_CLASS_NAMES)
+        return read_csv_list(data, class_names or DEFAULT_CLASS_NAMES, require_both_classes)
     if not data.exists():
         raise DatasetError(f"{display_path(data)}: folder not found")
     if split and (data / split).is_dir():

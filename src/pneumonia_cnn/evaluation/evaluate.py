@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..calibration import Decision, choose_threshold, fit_decision
+from ..calibration import Decision, choose_threshold, fit_decision, parse_threshold_policy
 from ..checkpoint import save_checkpoint
 from ..data.cache import build_or_load
 from ..data.dataset import has_patient_ids, load_split
@@ -83,6 +83,23 @@ def refit_decision(bundle, data, val_split: str, policy: str | None, method: str
     return bundle.with_decision(decision, adapted_decision), val, fit
 
 
+def is_fixed_threshold(threshold, calibration) -> bool:
+    """A probability given as the threshold, the calibration kept: set, not fitted on any images."""
+    return calibration is None and threshold is not None and str(threshold) != "saved" \
+        and parse_threshold_policy(threshold)[0] == "fixed"
+
+
+def fixed_decision(bundle, threshold, adapted: bool = False):
+    """The stored calibration(s) with the given probability as the threshold (with ``adapted``, that of
+    ``--adapt-batch``'s own decision too); no images are read, so none are refused as fitted on.
+    Returns (bundle, fit)."""
+    value, policy = choose_threshold([], [], threshold), str(threshold)
+    adapted = bundle.adapted_decision if adapted else None
+    adapted = None if adapted is None else Decision(adapted.calibration, value, policy)
+    fit = {"split": None, "images": 0, "refitted": ["threshold"], "fixed": value, "adapted_refitted": bool(adapted)}
+    return bundle.with_decision(Decision(bundle.decision.calibration, value, policy), adapted), fit
+
+
 def _refitted(stored: Decision, labels, raw, policy: str | None, method: str | None) -> Decision:
     if method is None:  # a threshold alone: the stored calibration stays, so a probability means what it meant
         calibration = stored.calibration
@@ -125,17 +142,21 @@ def save_refitted(bundle, fit: dict, save_as) -> Path:
     """The refitted checkpoint, as a new file (``check_save_as`` first)."""
     payload = {k: v for k, v in bundle.checkpoints[0].items() if k not in ("path", "training_state", "temperature")}
     decision = bundle.decision
-    fitted_on = {k: fit[k] for k in ("engine", "precision", "tta", "device", "split", "images", "data")}
     payload.update(calibration=decision.calibration.to_dict(), threshold=decision.threshold,
                    threshold_policy=decision.policy)
     reference = dict(payload.get("reference") or {})
     reference.pop("threshold_fit", None)
-    if "calibration" in fit["refitted"]:
+    if fit.get("fixed") is not None:  # set, not fitted: an earlier refit's images no longer stand behind it
+        kept = {k: v for k, v in (payload.get("decision_fit") or {}).items() if k != "threshold_refit"}
+        payload["decision_fit"] = dict(kept, threshold_fixed=fit["fixed"])
+    elif "calibration" in fit["refitted"]:
+        fitted_on = {k: fit[k] for k in ("engine", "precision", "tta", "device", "split", "images", "data")}
         payload["decision_fit"] = fitted_on
         reference["val"] = {"fingerprints": fit["fingerprints"], "labels": fit["labels"],
                             "raw_scores": fit["raw_scores"], "ood_scores": None,
                             "adapted_raw_scores": fit.get("adapted_raw_scores")}
     else:  # the calibration and its images (which drift and ensembles also read) stay; the threshold's are added
+        fitted_on = {k: fit[k] for k in ("engine", "precision", "tta", "device", "split", "images", "data")}
         payload["decision_fit"] = dict(payload.get("decision_fit") or {}, threshold_refit=fitted_on)
         reference["threshold_fit"] = {"split": fit["split"], "fingerprints": fit["fingerprints"]}
     payload["reference"] = reference
@@ -164,16 +185,8 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
     evaluated_fingerprints = file_fingerprints(cached.paths)
     fit = None
     if (threshold is not None and str(threshold) != "saved") or calibration is not None:
-        if save_as:
-            check_save_as(bundle, save_as, sources)
-        if calibration is None:  # the stored calibration is kept: its images are not unseen (checked before scoring)
-            refuse_stored_overlap(bundle, cached, evaluated_fingerprints, calibration_only=True)
-        bundle, val, fit = refit_decision(bundle, data, val_split, None if threshold == "saved" else threshold,
-                                          calibration, device, cache_dir, engine, adapted=adapt_batch or bool(save_as))
-        refuse_overlap(cached, fit["fingerprints"], evaluated_fingerprints, val.paths, f"the refitted decision "
-                       f"(split {val_split})")
-        if save_as:
-            log.info("refitted decision written to %s", display_path(save_refitted(bundle, fit, save_as)))
+        bundle, fit = _decision_for(bundle, sources, cached, evaluated_fingerprints, data, val_split, threshold,
+                                    calibration, device, cache_dir, engine, adapt_batch, save_as)
     else:
         refuse_stored_overlap(bundle, cached, evaluated_fingerprints)
     predictor = Predictor(bundle, device, prevalence=prevalence, adapt_batch=adapt_batch, engine=engine)
@@ -183,7 +196,8 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
         from .subgroups import subgroup_results
         report["subgroups"] = subgroup_results([by] if isinstance(by, str) else list(by), report, cached, data)
     if fit is not None:
-        report["decision_refit"] = {k: fit[k] for k in ("split", "images", "engine", "precision", "tta", "refitted")}
+        report["decision_refit"] = {k: fit.get(k) for k in ("split", "images", "engine", "precision", "tta",
+                                                            "refitted", "fixed")}
         report["decision_refit"]["adapted_refitted"] = bool(fit.get("adapted_refitted"))
     if out:
         out = Path(out)
@@ -193,6 +207,27 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
             report["figures"] = evaluation_figures(report, cached, figures_folder(out))
             write_json_atomic(out, report)
     return report
+
+
+def _decision_for(bundle, sources, cached, evaluated_fingerprints, data, val_split, threshold, calibration, device,
+                  cache_dir, engine, adapt_batch, save_as):
+    """The decision ``--threshold``/``--calibration`` ask for; returns (bundle, fit). Only a decision fitted on
+    images (a policy such as youden, a calibration) refuses to report on those images; a probability given as the
+    threshold is fitted on none. The stored calibration, when kept, still refuses its own."""
+    if save_as:
+        check_save_as(bundle, save_as, sources)
+    if calibration is None:  # the stored calibration is kept: its images are not unseen (checked before scoring)
+        refuse_stored_overlap(bundle, cached, evaluated_fingerprints, calibration_only=True)
+    if is_fixed_threshold(threshold, calibration):
+        bundle, fit = fixed_decision(bundle, threshold, adapted=adapt_batch or bool(save_as))
+    else:
+        bundle, val, fit = refit_decision(bundle, data, val_split, None if threshold == "saved" else threshold,
+                                          calibration, device, cache_dir, engine, adapted=adapt_batch or bool(save_as))
+        refuse_overlap(cached, fit["fingerprints"], evaluated_fingerprints, val.paths, f"the refitted decision "
+                       f"(split {val_split})")
+    if save_as:
+        log.info("refitted decision written to %s", display_path(save_refitted(bundle, fit, save_as)))
+    return bundle, fit
 
 
 def figures_folder(out: Path) -> Path:
@@ -263,19 +298,26 @@ def format_table(report: dict) -> str:
                      f"({ood['fraction_flagged']:.1%})")
     lines += [f"note: {note}" for note in report.get("notes", [])]
     if report.get("decision_refit"):
-        fit = report["decision_refit"]
-        both = "calibration" in fit["refitted"]
-        few = (f"; from fewer than {FEW_REFIT_IMAGES} images {'both are' if both else 'it is'} noisy (the run's own "
-               f"decision was fitted on its whole validation split)") if fit["images"] < FEW_REFIT_IMAGES else ""
-        method = report["calibration"]["method"]
-        what = (f"the threshold ({report['threshold_policy']}) and the {method} calibration" if both else
-                f"the threshold ({report['threshold_policy']}), on the stored {method} calibration")
-        adapted = "; --adapt-batch's own decision refitted the same way" if fit.get("adapted_refitted") else ""
-        lines.append(f"decision refitted on {fit['split']} ({fit['images']} images) for this evaluation: "
-                     f"{what}{adapted}{few}")
+        lines.append(refit_line(report))
     if report["skipped"]:
         lines.append(f"skipped {len(report['skipped'])} unreadable file(s)")
     if report.get("subgroups"):
         from .subgroups import format_subgroups
         lines += [format_subgroups(result) for result in report["subgroups"]]
     return "\n".join(lines)
+
+
+def refit_line(report: dict) -> str:
+    """How ``--threshold``/``--calibration`` changed the decision for this evaluation."""
+    fit = report["decision_refit"]
+    method = report["calibration"]["method"]
+    adapted = "; --adapt-batch's own decision refitted the same way" if fit.get("adapted_refitted") else ""
+    if fit.get("fixed") is not None:
+        return (f"decision set for this evaluation: the threshold ({report['threshold_policy']}), on the stored "
+                f"{method} calibration; a given probability, fitted on no images{adapted}")
+    both = "calibration" in fit["refitted"]
+    few = (f"; from fewer than {FEW_REFIT_IMAGES} images {'both are' if both else 'it is'} noisy (the run's own "
+           f"decision was fitted on its whole validation split)") if fit["images"] < FEW_REFIT_IMAGES else ""
+    what = (f"the threshold ({report['threshold_policy']}) and the {method} calibration" if both else
+            f"the threshold ({report['threshold_policy']}), on the stored {method} calibration")
+    return f"decision refitted on {fit['split']} ({fit['images']} images) for this evaluation: {what}{adapted}{few}"

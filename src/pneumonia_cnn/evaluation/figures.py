@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from ..plots import plt, save_figure
+from ..plots import figure_text, plt, save_figure
 
 
 def evaluation_figures(report: dict, cached, folder) -> dict:
@@ -65,7 +65,7 @@ def _confusion(report, _labels, _scores, _cached):
     axis.imshow(matrix, cmap="Blues")
     for (i, j), value in np.ndenumerate(matrix):
         axis.text(j, i, str(value), ha="center", va="center", color="black" if value < matrix.max() / 2 else "white")
-    names = list(report["counts"])
+    names = [figure_text(name) for name in report["counts"]]
     axis.set_xticks([0, 1], names), axis.set_yticks([0, 1], names)
     axis.set_xlabel("predicted"), axis.set_ylabel("true"), axis.set_title("Confusion matrix")
     return figure
@@ -85,7 +85,7 @@ def _histogram(report, labels, scores, _cached):
     figure, axis = plt.subplots(figsize=(5, 3.6))
     bins = np.linspace(0, 1, 26)
     for index, name in enumerate(report["counts"]):
-        axis.hist(scores[labels == index], bins=bins, alpha=0.6, label=name)
+        axis.hist(scores[labels == index], bins=bins, alpha=0.6, label=figure_text(name))
     axis.axvline(report["threshold"], color="r", ls="--")
     axis.set_xlabel("probability of pneumonia"), axis.set_ylabel("images"), axis.set_title("Scores by class")
     axis.legend()
@@ -109,7 +109,8 @@ def _mistakes(report, labels, scores, cached):
     for axis, index in zip(axes.ravel(), chosen):
         axis.imshow(np.asarray(cached.images[index]), cmap="gray", vmin=0, vmax=255)
         kind = "FN" if labels[index] == 1 else "FP"
-        axis.set_title(f"{kind} p={scores[index]:.2f}\n{Path(cached.paths[index]).name[:22]}", fontsize=7)
+        name = figure_text(Path(cached.paths[index]).name[:22])  # cut before escaping: no half escape
+        axis.set_title(f"{kind} p={scores[index]:.2f}\n{name}", fontsize=7)
     if not chosen:
         axes[0][0].text(0.5, 0.5, "no mistakes", ha="center")
     return figure

@@ -10,7 +10,7 @@ from ..builtin import is_builtin
 from ..checkpoint import load_checkpoint
 from ..data.dataset import load_split
 from ..errors import DatasetError, PneumoniaCNNError
-from ..fileio import display_path, write_text_atomic
+from ..fileio import display_path, printable, write_text_atomic
 from ..info import _calibration_text, _fit_text, checkpoint_card
 from .evaluate import evaluate
 from .stress import stress_test
@@ -31,10 +31,16 @@ code{background:#f1f5f9;padding:0 .2rem}
 """
 
 
+def _escape(value) -> str:
+    """Text for the page: a file name's bytes that are not UTF-8 as ``\\xff`` (as ``predict`` shows them; the
+    page is UTF-8, which has no lone surrogates), controls escaped, then HTML-escaped."""
+    return html.escape(printable(value))
+
+
 def _image(path, wide: bool = False) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     css = ' class="wide"' if wide else ""
-    return f'<img{css} src="data:image/png;base64,{data}" alt="{html.escape(Path(path).stem)}">'
+    return f'<img{css} src="data:image/png;base64,{data}" alt="{_escape(Path(path).stem)}">'
 
 
 def _number(value) -> str:
@@ -51,15 +57,15 @@ def _metrics_table(metrics: dict, unit: str) -> str:
 def subgroup_section(result: dict) -> str:
     """``evaluate --by``: one row per metric, one column per group (value and 95% interval), the largest gap."""
     groups, gaps = result["groups"], result["largest_gap"]
-    head = "".join(f"<th>{html.escape(str(g['value']))}<br>n={g['n_images']} ({g['n_positive']}+/{g['n_negative']}-)"
+    head = "".join(f"<th>{_escape(str(g['value']))}<br>n={g['n_images']} ({g['n_positive']}+/{g['n_negative']}-)"
                    "</th>" for g in groups)
     rows = "".join(
         f"<tr><td>{METRIC_NAMES[k]}</td>" + "".join(
             f"<td>{_number(g['metrics'][k]['value'])} [{_number(g['metrics'][k]['ci95'][0])}, "
             f"{_number(g['metrics'][k]['ci95'][1])}]</td>" for g in groups)
-        + (f"<td>{gaps[k]['gap']:.4f} ({html.escape(str(gaps[k]['best']))} vs {html.escape(str(gaps[k]['worst']))})"
+        + (f"<td>{gaps[k]['gap']:.4f} ({_escape(str(gaps[k]['best']))} vs {_escape(str(gaps[k]['worst']))})"
            "</td>" if k in gaps else "<td>-</td>") + "</tr>" for k in METRIC_NAMES)
-    return (f"<h3>By {html.escape(result['field'])}</h3><table class='subgroups'><tr><th>metric</th>{head}"
+    return (f"<h3>By {_escape(result['field'])}</h3><table class='subgroups'><tr><th>metric</th>{head}"
             f"<th>largest gap (best vs worst)</th></tr>{rows}</table><p class='note'>Value [95% CI] per group; "
             "groups with one class have no sensitivity, specificity or AUC; (missing) is left out of the gaps.</p>")
 
@@ -83,16 +89,16 @@ def _data_summary(data) -> str:
 def _decision_section(card: dict, run_dir: Path | None) -> str:
     """How the threshold and the calibration were chosen, with each method's cross-validated figures."""
     fit = card.get("decision_fitted_on") or {}
-    rows = "".join(f"<tr><td>{html.escape(method)}</td><td>{v['log_loss']:.4f}</td><td>{v['ece']:.4f}</td></tr>"
+    rows = "".join(f"<tr><td>{_escape(method)}</td><td>{v['log_loss']:.4f}</td><td>{v['ece']:.4f}</td></tr>"
                    for method, v in (fit.get("calibration_comparison") or {}).items())
     table = ("<table><tr><th>calibration</th><th>log loss</th><th>ECE</th></tr>" + rows + "</table><p class='note'>"
              "Each method fitted on four fifths of the validation images and scored on the fifth left out "
              "(5-fold).</p>") if rows else ""
     picture = (f"<div class='figs'>{_image(run_dir / 'calibration.png')}</div>"
                if run_dir is not None and (run_dir / "calibration.png").exists() else "")
-    return (f"<h2>Decision</h2><p>Threshold {card['threshold']:.3f} ({html.escape(card['threshold_policy'])}); "
-            f"{html.escape(_calibration_text(card['calibration']))}; fitted on "
-            f"{html.escape(_fit_text(fit))}.</p>{table}{picture}")
+    return (f"<h2>Decision</h2><p>Threshold {card['threshold']:.3f} ({_escape(card['threshold_policy'])}); "
+            f"{_escape(_calibration_text(card['calibration']))}; fitted on "
+            f"{_escape(_fit_text(fit))}.</p>{table}{picture}")
 
 
 def write_report(run_dir, data=None, split="test", out=None, device="auto", bootstrap=1000, cache_dir=None,
@@ -114,11 +120,11 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
     report = evaluate(checkpoint_path, data, split, device=device, bootstrap=bootstrap, cache_dir=cache_dir,
                       out=metrics, figures=True, by=by)
     card = checkpoint_card(checkpoint)
-    sections = [f"<h1>pneumonia-cnn report: {html.escape(str(card['run_id']))}</h1>"
+    sections = [f"<h1>pneumonia-cnn report: {_escape(str(card['run_id']))}</h1>"
                 "<p class='warn'><b>Not a medical device.</b> Research and teaching software; never the sole "
                 "basis of a clinical decision.</p>",
                 _configuration_section(card, config), _decision_section(card, None if packaged else run_dir),
-                f"<h2>Data</h2><p>{html.escape(str(data))}</p>{_data_summary(data)}"]
+                f"<h2>Data</h2><p>{_escape(str(data))}</p>{_data_summary(data)}"]
     if not packaged and (run_dir / "curves.png").exists():  # the built-in model has no run folder here
         sections.append(f"<h2>Training curves</h2><div class='figs'>{_image(run_dir / 'curves.png', wide=True)}</div>")
     sections += [_metrics_section(report, split), *[subgroup_section(r) for r in report.get("subgroups", [])],
@@ -127,28 +133,28 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
         sections.append(_stress_section(stress_test(checkpoint_path, data, split, device=device, cache_dir=cache_dir)))
     sections += [_ood_section(report, card), _model_card_section(card)]
     document = ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pneumonia-cnn report "
-                f"{html.escape(str(card['run_id']))}</title><style>{STYLE}</style></head><body>"
+                f"{_escape(str(card['run_id']))}</title><style>{STYLE}</style></head><body>"
                 + "\n".join(sections) + "</body></html>")
     write_text_atomic(out, document)
     return out
 
 
 def _configuration_section(card: dict, config: dict) -> str:
-    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td style='text-align:left'><code>"
-                   f"{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</code></td></tr>"
+    rows = "".join(f"<tr><td>{_escape(str(k))}</td><td style='text-align:left'><code>"
+                   f"{_escape(json.dumps(v) if not isinstance(v, str) else v)}</code></td></tr>"
                    for k, v in config.items())
     size = card["input"]["size"]
     return (f"<h2>Configuration</h2><p>model <b>{card['model']}</b>, {card['parameters'] or 0:,} parameters, "
             f"input {size[0]}×{size[1]}, {card['input']['channels']} channel(s), "
-            f"threshold {card['threshold']:.3f} (policy: {html.escape(card['threshold_policy'])}), "
-            f"{html.escape(_calibration_text(card['calibration']))}</p>"
+            f"threshold {card['threshold']:.3f} (policy: {_escape(card['threshold_policy'])}), "
+            f"{_escape(_calibration_text(card['calibration']))}</p>"
             f"<details><summary>full config</summary><table>{rows}</table></details>")
 
 
 def _metrics_section(report: dict, split: str) -> str:
     cm = report["metrics"]["confusion_matrix"]
-    counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
-    section = (f"<h2>Metrics on {html.escape(split)}</h2><p>{report['n_images']} images ({counts}), "
+    counts = ", ".join(f"{_escape(k)} {v}" for k, v in report["counts"].items())
+    section = (f"<h2>Metrics on {_escape(split)}</h2><p>{report['n_images']} images ({counts}), "
                f"{report['n_patients']} patients, threshold {report['threshold']:.3f}. Confusion matrix: "
                f"TN {cm['tn']}, FP {cm['fp']}, FN {cm['fn']}, TP {cm['tp']}.</p>"
                + _metrics_table(report["metrics"], report["bootstrap"]["unit"]))
@@ -185,18 +191,18 @@ def _ood_section(report: dict, card: dict) -> str:
     if not ood.get("available"):
         return "<h2>Out-of-distribution flags</h2><p>No out-of-distribution model in this checkpoint.</p>"
     return (f"<h2>Out-of-distribution flags</h2><p>{ood['flagged']} of {report['n_images']} images "
-            f"({ood['fraction_flagged']:.1%}) flagged as outside the intended use. {html.escape(card['ood_flag'])}</p>")
+            f"({ood['fraction_flagged']:.1%}) flagged as outside the intended use. {_escape(card['ood_flag'])}</p>")
 
 
 def _model_card_section(card: dict) -> str:
     use = card["intended_use"] or {}
     return (
         "<h2>Model card</h2>"
-        f"<p><b>Intended use:</b> {html.escape(use.get('task', 'binary pneumonia screening aid'))}; a research and "
+        f"<p><b>Intended use:</b> {_escape(use.get('task', 'binary pneumonia screening aid'))}; a research and "
         "teaching aid that flags possible pneumonia for a qualified reader. <b>Not a medical device</b>; not cleared "
         "or approved for diagnosis.</p>"
-        f"<p><b>Training population:</b> {html.escape(str(use.get('population', 'unknown')))}. "
-        f"Trained on {html.escape(json.dumps(use.get('trained_on', {})))}.</p>"
+        f"<p><b>Training population:</b> {_escape(str(use.get('population', 'unknown')))}. "
+        f"Trained on {_escape(json.dumps(use.get('trained_on', {})))}.</p>"
         "<p><b>Data source and license:</b> Chest X-Ray Images (Pneumonia), Kermany, Zhang, Goldbaum, Mendeley Data v2 "
         "(2018), doi:10.17632/rscbjbr9sj.2, CC BY 4.0 (the Kaggle set by Paul Mooney), unless the config names "
         "another set.</p>"
@@ -206,4 +212,4 @@ def _model_card_section(card: dict) -> str:
         "Labels come from the data set's graders, not from a reference standard such as culture or CT. Run "
         "<code>pneumonia-cnn adapt</code> on a new site's images and check the out-of-distribution flag before "
         "use.</p>"
-        f"<p><b>Out-of-distribution flag:</b> {html.escape(card['ood_flag'])}</p>")
+        f"<p><b>Out-of-distribution flag:</b> {_escape(card['ood_flag'])}</p>")

@@ -127,13 +127,19 @@ def stress_test(checkpoint, data, split="test", device="auto", cache_dir=None, o
     return result
 
 
+VALUE_WIDTH, CHANGE_WIDTH = 13, 9  # "  sensitivity" over "       0.9876", then " (+0.012)" or as many spaces
+
+
 def format_stress(result: dict) -> str:
     def cell(value, delta=None):
         if value is None:
-            return f"{'-':>8}"
-        return f"{value:8.4f}" + (f" ({delta:+.3f})" if delta is not None else "         ")
+            return f"{'-':>{VALUE_WIDTH}}{'':{CHANGE_WIDTH}}"
+        return f"{value:{VALUE_WIDTH}.4f}" + (f"{f' ({delta:+.3f})':<{CHANGE_WIDTH}}" if delta is not None
+                                              else " " * CHANGE_WIDTH)
+    head = "".join(f"{name:>{VALUE_WIDTH}}{' (change)':<{CHANGE_WIDTH}}"
+                   for name in ("ROC AUC", "sensitivity", "specificity"))
     lines = [f"stress test on {result['split']} ({result['n_images']} images), threshold {result['threshold']:.3f}",
-             f"{'shift':<18}{'ROC AUC':>17}{'sensitivity':>19}{'specificity':>19}"]
+             f"{'shift':<18}{head}"]
     base = result["baseline"]
     lines.append(f"{'none':<18}{cell(base['roc_auc'])}{cell(base['sensitivity'])}{cell(base['specificity'])}")
     for row in result["shifts"]:
@@ -145,4 +151,4 @@ def format_stress(result: dict) -> str:
         lines.append(f"worst case: {worst['shift']} (ROC AUC {worst['roc_auc']:.4f}); "
                      f"largest drops: sensitivity {result['largest_sensitivity_drop']:+.3f}, "
                      f"specificity {result['largest_specificity_drop']:+.3f}")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)

@@ -136,10 +136,14 @@ def _ood_detector(checkpoint: dict):
 
 
 def ood_detector_of(checkpoint: dict):
-    """The checkpoint's OOD detector, or a CheckpointError naming the file when its state cannot be read."""
-    from ..ood import OODDetector
+    """The checkpoint's OOD detector, or a CheckpointError naming the file when its state cannot be read, or
+    holds a value scoring cannot use (the field named, as ``checkpoint.check_checkpoint`` names the others)."""
+    from ..ood import InvalidState, OODDetector
     try:
         return OODDetector.from_state(checkpoint["ood"])
+    except InvalidState as invalid:
+        raise CheckpointError(f"{display_path(checkpoint.get('path', '?'))}: not a usable checkpoint: {invalid}"
+                              ) from None
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
         reason = f"no {error}" if isinstance(error, KeyError) else one_line(error, limit=120)
         raise CheckpointError(f"{display_path(checkpoint.get('path', '?'))}: not a usable checkpoint: ood: not a "

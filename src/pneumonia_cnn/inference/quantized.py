@@ -43,14 +43,61 @@ BUILD = ("pneumonia-cnn export CHECKPOINT --format onnx-int8 --data ROOT --out m
          "checkpoint's validation images)")
 
 
-def load_cached(path: Path, engine: str, load):
-    """``load(path)``, or one line naming the damaged cached graph (cut short by a full disk, a copy, a crash)
-    and how to build it again; never rebuilt here: that needs the checkpoint's validation images."""
+def load_cached(path: Path, engine: str, load, signature=None, expected=None):
+    """``load(path)``, or one line naming the damaged cached graph (cut short by a full disk, a copy, a crash;
+    or a readable graph that is not this model's, which failed on the first image with ONNX Runtime's "Got
+    invalid dimensions for input: image") and how to build it again; never rebuilt here: that needs the
+    checkpoint's validation images. ``signature(loaded)`` gives its inputs and outputs as ``graph_signature``
+    does, compared with ``expected`` (``served_signature``)."""
     try:
-        return load(path)
+        loaded = load(path)
     except Exception:  # ONNX Runtime's InvalidProtobuf, OpenVINO's RuntimeError: several lines of C++ context
-        raise PneumoniaCNNError(f"--engine {engine}: the cached int8 model {display_path(path)} is damaged (it "
-                                f"cannot be read); build it again: {BUILD}") from None
+        loaded, why = None, "it cannot be read"
+    else:
+        found = signature(loaded) if signature is not None else expected
+        why = None if found == expected else (f"not this model's graph: it takes {_shown(found[0])} and gives "
+                                              f"{', '.join(found[1]) or 'nothing'}, where the model takes "
+                                              f"{_shown(expected[0])} and gives {', '.join(expected[1])}")
+    if why is not None:
+        raise PneumoniaCNNError(f"--engine {engine}: the cached int8 model {display_path(path)} is damaged "
+                                f"({why}); build it again: {BUILD}") from None
+    return loaded
+
+
+def served_signature(size, taps: int) -> tuple[list, list[str]]:
+    """The inputs ((name, dims, element type); None for a dimension of any size) and output names of a served
+    graph (``engines.export_onnx_bytes``) at ``size`` with ``taps`` taps."""
+    return [("image", (None, 1, *size), "float32")], ["logit", *(f"tap{i}" for i in range(taps))]
+
+
+def _onnxruntime_signature(session) -> tuple[list, list[str]]:
+    types = {"tensor(float)": "float32"}
+    return ([(i.name, tuple(d if isinstance(d, int) else None for d in i.shape), types.get(i.type, i.type))
+             for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+
+
+def _openvino_signature(compiled) -> tuple[list, list[str]]:
+    """As ``_onnxruntime_signature``; a port has several names (the ONNX one among them), the first batch
+    dimension is dynamic, and f32 is float32."""
+    def name(port, wanted):
+        return wanted if wanted in port.get_names() else port.get_any_name()
+    inputs = [(name(p, "image"), tuple(d.get_length() if d.is_static else None for d in p.get_partial_shape()),
+               {"f32": "float32"}.get(p.get_element_type().get_type_name(), p.get_element_type().get_type_name()))
+              for p in compiled.inputs]
+    wanted = ["logit", *(f"tap{i}" for i in range(len(compiled.outputs) - 1))]
+    return inputs, [name(p, w) for p, w in zip(compiled.outputs, wanted)]
+
+
+def _shown(inputs) -> str:
+    return "; ".join(f"{name} [{', '.join('batch' if d is None else str(d) for d in dims)}] {kind}"
+                     for name, dims, kind in inputs) or "no input"
+
+
+def load_members(models, size, tta: bool, taps, engine: str, cache_dir, load, signature) -> list:
+    """Each member's cached int8 graph, loaded and checked against the served graph it stands for."""
+    paths = int8_paths(models, size, tta, taps, engine, cache_dir)
+    return [load_cached(path, engine, load, signature, served_signature(size, len(taps) if index == 0 else 0))
+            for index, path in enumerate(paths)]
 
 
 def int8_paths(models, size, tta: bool, taps, engine: str, cache_dir=None) -> list[Path]:
@@ -70,8 +117,8 @@ class Int8Engine:
 
     def __init__(self, models, size, tta: bool, taps=(), cache_dir=None):
         runtime(self.name, "onnxruntime", "export")
-        self.sessions = [load_cached(path, self.name, int8_session)
-                         for path in int8_paths(models, size, tta, taps, self.name, cache_dir)]
+        self.sessions = load_members(models, size, tta, taps, self.name, cache_dir, int8_session,
+                                     _onnxruntime_signature)
         log.warning(INT8_NOTE)
 
     def run(self, pixels_uint8: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -93,8 +140,7 @@ class OpenVinoInt8Engine:
 
         def compiled(path):
             return core.compile_model(core.read_model(str(path)), "CPU", config)
-        self.compiled = [load_cached(path, self.name, compiled)
-                         for path in int8_paths(models, size, tta, taps, self.name, cache_dir)]
+        self.compiled = load_members(models, size, tta, taps, self.name, cache_dir, compiled, _openvino_signature)
         self._local = threading.local()
         log.warning(INT8_NOTE)
 

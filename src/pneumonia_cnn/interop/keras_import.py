@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint import save_checkpoint
 from ..errors import PneumoniaCNNError
-from ..fileio import display_path
+from ..fileio import display_path, printable
 from ..models import count_parameters, create_model
 
 
@@ -167,7 +167,7 @@ def import_keras(path, out=None, size=None) -> tuple[torch.nn.Module, dict]:
                           "color": "grayscale read, repeated to RGB" if channels == 3 else "grayscale"},
         "class_names": ["NORMAL", "PNEUMONIA"], "threshold": 0.5, "temperature": 1.0, "tta": False,
         "config": {"preset": "tutorial", "imported_from": str(path)}, "history": [],
-        "run_id": f"keras-{Path(path).name}", "epoch": None, "parameters": count_parameters(model)[0],
+        "run_id": f"keras-{printable(Path(path).name)}", "epoch": None, "parameters": count_parameters(model)[0],
         "intended_use": {"task": "binary: NORMAL vs PNEUMONIA on a frontal chest radiograph",
                          "population": "as the Keras model's training data (the tutorial: Kaggle pediatric set)",
                          "not_a_medical_device": True},

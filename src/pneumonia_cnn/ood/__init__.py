@@ -28,7 +28,7 @@ from .checks import (
                      patient_age_years,
                      training_population,
 )
-from .detector import OODDetector
+from .detector import InvalidState, OODDetector
 from .scorers import (
                      FOLDS,
                      METHOD,
@@ -43,6 +43,7 @@ from .taps import INPUT_TAP, REDUCTIONS, TappedModel, extract, penultimate_layer
 
 __all__ = ["AGE_OUTSIDE", "DEFAULT_POPULATION", "FLAG_MEANING", "NOT_FRONTAL_CHEST", "NOT_XRAY", "flag_message",
            "flag_reasons",
-           "image_statistics", "input_warnings", "patient_age_years", "training_population", "OODDetector", "FOLDS",
+           "image_statistics", "input_warnings", "patient_age_years", "training_population", "InvalidState",
+           "OODDetector", "FOLDS",
            "METHOD", "SCORERS", "GaussianScore", "NeighbourScore", "conservative_quantile", "default_recipe",
            "INPUT_TAP", "REDUCTIONS", "TappedModel", "default_taps", "extract", "penultimate_layer"]

@@ -1,6 +1,9 @@
 """The detector: components' evidence combined, and its threshold on validation images."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 import torch.nn as nn
 
@@ -133,6 +136,7 @@ class OODDetector:
 
     @classmethod
     def from_state(cls, state: dict) -> OODDetector:
+        check_state(state)
         if "version" not in state:
             return cls._from_legacy_state(state)
         if state["version"] != 2:  # a later version's detector may compute something else from the same fields
@@ -165,3 +169,51 @@ class OODDetector:
         return (f"{self.method}; taps {', '.join(f'{m}:{r}' for m, r in self.taps)}; an image scoring above "
                 f"{self.threshold:.3f} (a 90%-confidence upper bound of the {self.quantile:.1%} quantile of "
                 f"validation images) is flagged")
+
+
+class InvalidState(ValueError):
+    """A stored detector's field that scoring cannot use: its dotted name (``ood.threshold``) and why."""
+
+
+def check_state(state: dict) -> None:
+    """The stored detector's numbers, which scoring uses unchecked: a NaN threshold flagged every image (and
+    ``info`` said "scoring above nan"), NaN calibration or reference values flagged all or none, a scale of 0
+    divided by zero, a tap index past the taps failed mid-scoring. Missing fields are ``from_state``'s to name."""
+    for name, wanted in (("threshold", "a finite number"), ("quantile", "a rate strictly between 0 and 1")):
+        value = state.get(name, 0.5)
+        if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                and (name == "threshold" or 0 < value < 1)):
+            raise InvalidState(f"ood.{name} must be {wanted}, not {_shown(value)}")
+    if "version" not in state:  # the detector of checkpoints written before taps: one of each per layer
+        parts = [(f"ood.{name}[{i}]", value) for name in ("means", "precisions", "centres", "scales")
+                 for i, value in enumerate(_listed(state.get(name)))]
+    else:
+        components = [c for c in _listed(state.get("components")) if isinstance(c, dict)]
+        taps = len(_listed(state.get("taps")))
+        for i, component in enumerate(components):
+            tap = component.get("tap", 0)
+            if not (isinstance(tap, numbers.Integral) and not isinstance(tap, bool) and 0 <= tap < taps):
+                raise InvalidState(f"ood.components[{i}].tap must be the index of one of its {taps} taps, not "
+                                   f"{_shown(tap)}")
+        parts = [(f"ood.components[{i}].{name}", c[name]) for i, c in enumerate(components)
+                 for name in ("calibration", "reference", "means", "precision", "centre", "scale") if name in c]
+    for name, value in parts:
+        try:
+            values = _as_array(value)
+        except (TypeError, ValueError, RuntimeError):  # text, ragged lists, a tensor numpy cannot hold
+            values = np.array([np.nan])
+        if not np.isfinite(values).all():
+            raise InvalidState(f"{name} must hold finite numbers only, not NaN, infinite or other values")
+        if name.endswith(("calibration", "reference")) and not values.size:
+            raise InvalidState(f"{name} must hold at least one value")
+        if name.split("[")[0].endswith(("scale", "scales")) and not (values > 0).all():
+            raise InvalidState(f"{name} must be positive, not {_shown(value)}")
+
+
+def _listed(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"

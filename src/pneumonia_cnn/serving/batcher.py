@@ -25,6 +25,7 @@ class ServedModel:
     batch_predictor: object  # for /predict/batch: one site's batch, so --adapt-batch and estimated prevalence
     gradcam_model: object  # a private copy: Grad-CAM's hooks and gradients never touch a model the scorer runs
     reference: dict | None
+    no_reference: str = ""  # why there is no reference, from what the checkpoint is (monitoring.no_reference_reason)
     loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -36,14 +37,15 @@ def load_served_model(checkpoint, device: str = "auto", engine: str = "auto", pr
                       adapt_batch: bool = False) -> ServedModel:
     from ..inference import Predictor
     from ..inference.bundle import load_bundle
-    from ..monitoring import reference_of
+    from ..monitoring import no_reference_reason, reference_of
     bundle = load_bundle(checkpoint)
     single = Predictor(bundle, device, engine=engine, prevalence=None if prevalence == "estimate" else prevalence)
     batch = single
     if adapt_batch or prevalence == "estimate":
         batch = Predictor(bundle, device, engine=engine, prevalence=prevalence, adapt_batch=adapt_batch)
     gradcam = bundle.explain_model().to(single.device)  # a deep copy of the first member
-    return ServedModel(str(checkpoint), single, batch, gradcam, reference_of(bundle.checkpoints[0]))
+    first = bundle.checkpoints[0]
+    return ServedModel(str(checkpoint), single, batch, gradcam, reference_of(first), no_reference_reason(first))
 
 
 class MicroBatcher:

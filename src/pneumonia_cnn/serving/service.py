@@ -149,7 +149,7 @@ class Service:
         self.served = self._load()
         self.keyring = KeyRing.from_file(options.api_keys) if options.api_keys else None
         self.audit = AuditLog(options.audit_log, options.keep_images) if options.audit_log else None
-        self.drift = DriftMonitor(self.served.reference, options.drift_window)
+        self.drift = DriftMonitor(self.served.reference, options.drift_window, no_reference=self.served.no_reference)
         self.drift_status = "ok"
         self.batcher = MicroBatcher(options.max_batch, on_batch=self.metrics.batch_size.observe)
         self.gradcam_executor = ThreadPoolExecutor(1, thread_name_prefix="gradcam")
@@ -315,7 +315,8 @@ class Service:
                 log.error("reload (%s) failed, still serving %s: %s", reason, previous.model_id, message)
                 return {"status": "failed", "reason": message, "model": previous.model_id}
             self.served, self.keyring = served, keyring.keep_passed(self.keyring) if keyring else None
-            self.drift, self.drift_status = DriftMonitor(served.reference, self.options.drift_window), "ok"
+            self.drift = DriftMonitor(served.reference, self.options.drift_window, no_reference=served.no_reference)
+            self.drift_status = "ok"
             self.metrics.set_model(served.model_id)
             self.metrics.reloads.labels("ok").inc()
             log.warning("reloaded (%s): now serving %s (was %s)", reason, served.model_id, previous.model_id)

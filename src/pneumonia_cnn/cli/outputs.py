@@ -1,0 +1,127 @@
+"""What a command may replace, checked before any work: an output file that already exists must be the command's
+own kind of output (a checkpoint for ``adapt --out`` and ``evaluate --save-as``, evaluate's metrics JSON, stress's
+JSON, report's HTML), never anything else (an X-ray, another run's configuration) and never a training run's own
+file (best.pt, last.pt, config.json, history, test_metrics.json) nor the built-in model's. A command's own earlier
+output is replaced, so the same command runs again. And a checkpoint is one member of an ensemble once only."""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+from ..errors import PneumoniaCNNError
+
+_JSON_LIMIT = 1 << 30  # a larger "metrics" file is not one a command wrote: not parsed, not replaced
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A file ``torch.save`` wrote of a checkpoint's fields (read without unpickling): a TorchScript model (its
+    code inside), a tensor or a zip of something else is not."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            pickled = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pickled) != 1 or any("/code/" in n for n in names):
+                return False
+            head = archive.open(pickled[0]).read(64 << 20)
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
+        return False
+    return b"state_dict" in head and b"preprocessing" in head
+
+
+def _json_fields(path: Path) -> set:
+    try:
+        if path.stat().st_size > _JSON_LIMIT:
+            return set()
+        with open(path, "rb") as handle:
+            if handle.read(64).lstrip()[:1] != b"{":  # an image or a zip: not read whole
+                return set()
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return set()
+    return set(value) if isinstance(value, dict) else set()
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except OSError:
+        return False
+    return head.lower().startswith(b"<!doctype html>") and b"<title>pneumonia-cnn report" in head
+
+
+# kind: (how a message names it, whether an existing file is one)
+KINDS = {
+    "checkpoint": ("a checkpoint", _is_checkpoint),
+    "metrics": ("evaluate's metrics JSON", lambda p: {"data", "split", "metrics"} <= _json_fields(p)),
+    "stress": ("stress's JSON", lambda p: {"checkpoint", "data", "split", "baseline", "shifts"} <= _json_fields(p)),
+    "report": ("a pneumonia-cnn HTML report", _is_report),
+}
+
+
+def run_folder_of(path: Path) -> bool:
+    """Whether ``path``'s folder is a training run's: its config.json is a run's, or it holds a history."""
+    from ..training.setup import is_run_config
+    folder = path.parent
+    return is_run_config(folder / "config.json") or any((folder / n).is_file() for n in ("history.json",
+                                                                                           "history.csv"))
+
+
+def check_replaceable(out, kind: str, flag: str = "--out") -> None:
+    """Before any work: ``out`` is new, empty (mktemp's), or the command's own ``kind`` of output; never a file
+    of a training run (``RUN_FILES``, even one not yet there: best.pt beside a run's config.json is the run's) or
+    of the built-in model (evaluate's default RUN/test_metrics.json, beside its own model, is not checked here:
+    ``keep_other_metrics`` guards it)."""
+    from .. import builtin
+    from ..training.setup import RUN_FILES
+    if not out:
+        return
+    path = Path(out)
+    try:
+        place = path.parent.resolve() / path.name
+        packaged = place.is_relative_to(Path(builtin.checkpoint_path()).resolve().parent)
+        run_file = path.name in RUN_FILES and run_folder_of(path)
+        present = path.is_file() and path.stat().st_size > 0
+    except (OSError, RuntimeError):  # a name too long, a link loop: the write names the reason
+        return
+    if packaged:
+        raise PneumoniaCNNError(f"{out}: {flag} is inside the built-in model's package folder; choose another path")
+    if run_file:
+        raise PneumoniaCNNError(f"{out}: {flag} would replace the {path.name} of the training run in {path.parent} "
+                                f"(a run's own files are not replaced); choose another path")
+    name, holds = KINDS[kind]
+    if present and not holds(path):
+        raise PneumoniaCNNError(f"{out}: exists and is not {name} ({flag} would replace it); choose another path, "
+                                f"or remove it")
+
+
+def checkpoint_file(item: str) -> Path | None:
+    """The file a checkpoint argument loads: builtin's, a run folder's best.pt (else last.pt), or the file."""
+    from .. import builtin
+    if builtin.is_builtin(item):
+        return Path(builtin.checkpoint_path())
+    path = Path(item)
+    if path.is_dir():
+        path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
+    return path if path.is_file() else None
+
+
+def refuse_repeated_checkpoints(items, flag: str = "--checkpoint") -> None:
+    """Two arguments that load the same file (``run1 run1``, ``run1 run1/best.pt``, a link to it) would be an
+    "ensemble of 2" of one model, reported as two: refused in one line."""
+    seen = {}
+    for item in items:
+        try:
+            found = checkpoint_file(str(item))
+            key = None if found is None else (found.stat().st_dev, found.stat().st_ino)
+        except OSError:  # unreadable: loading it says why
+            continue
+        if key is None:
+            continue
+        if key in seen:
+            twice = "it twice" if os.path.normpath(str(seen[key])) == os.path.normpath(str(item)) else \
+                f"the file {seen[key]} loads ({found}) again"
+            raise PneumoniaCNNError(f"{item}: {flag} names {twice}; give each model once")
+        seen[key] = item

@@ -321,3 +321,22 @@ def test_predict_names_what_a_checkpoint_path_is_when_it_is_no_file(tmp_path, ca
     assert main(["predict", str(fifo), str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {fifo}: not a readable checkpoint "
                                               "(not a regular file: a named pipe (FIFO))")
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_weights_and_init_files_refuse_a_plain_pickle_in_one_line_too(tmp_path, protocol):
+    """``--weights``/``--init`` read through fileio.load_torch_file, which still gave torch's warning line and its
+    message cut mid-word for a protocol-4 pickle."""
+    import pickle
+    import warnings
+
+    from pneumonia_cnn.errors import CheckpointError
+    from pneumonia_cnn.fileio import load_torch_file
+    path = tmp_path / "weights.pt"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=protocol))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError) as refused:
+            load_torch_file(path)
+    assert str(refused.value) == (f"{path}: not a readable checkpoint (not a PyTorch file: a pickle without "
+                                  "torch's magic number)")

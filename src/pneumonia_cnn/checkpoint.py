@@ -78,7 +78,7 @@ def load_checkpoint(path, map_location="cpu", unfinished_run: bool = False) -> d
             path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
     if not path.is_file():
         raise CheckpointError(f"{display_path(path)}: {not_a_file_reason(path)}")
-    payload = read_torch_file(path, map_location)
+    payload = load_torch_file(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{display_path(path)}: not a pneumonia-cnn checkpoint (no '{FORMAT}' format tag)")
     try:
@@ -108,25 +108,6 @@ def not_a_file_reason(path) -> str:
     return f"not a readable checkpoint (not a regular file: {kind})"
 
 
-# what a file saved by torch's legacy (pre-zip) format begins with: its magic number, pickled
-_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-
-
-def read_torch_file(path, map_location="cpu"):
-    """``load_torch_file``, a plain pickle (a pickle without torch's magic number) refused first, in the same
-    words whatever its protocol: torch warned about protocol 4 ("Detected pickle protocol 4 ...", a second
-    line) and gave its own message cut off mid-word as the reason."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(64)
-    except OSError:
-        head = b""  # load_torch_file names the reason
-    if head.startswith(b"\x80") and _LEGACY_MAGIC not in head:
-        raise CheckpointError(f"{display_path(path)}: not a readable checkpoint (not a PyTorch file: a pickle "
-                              f"without torch's magic number)")
-    return load_torch_file(path, map_location)
-
-
 def finished_run_checkpoint(folder: Path) -> Path:
     """A run folder's best.pt once its training has finished. One still training, stopped (SIGINT, a crash) or
     short of its end-of-run steps (calibration, threshold, OOD detector) is refused: its weights were served
@@ -137,11 +118,11 @@ def finished_run_checkpoint(folder: Path) -> Path:
     state = _training_state(last) if last.exists() else {}
     if not best.is_file():
         why = "it has no best.pt yet"
-    elif state is None and "decision_fit" not in read_torch_file(best):
+    elif state is None and "decision_fit" not in load_torch_file(best):
         why = "its last.pt is unreadable and its best.pt has no fitted decision"
     elif state and not training_finished(state, state["config"]):
         why = f"it stopped after epoch {state['epoch']} of {state['config']['epochs']}"
-    elif state and state.get("train_digest") and "decision_fit" not in read_torch_file(best):
+    elif state and state.get("train_digest") and "decision_fit" not in load_torch_file(best):
         why = "its end-of-run steps (calibration, threshold, out-of-distribution detector) were not done"
     else:
         return best

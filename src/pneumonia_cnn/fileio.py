@@ -208,10 +208,24 @@ def _encodable(text: str) -> bool:
         return False
 
 
+# what a file saved by torch's legacy (pre-zip) format begins with: its magic number, pickled
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
 def load_torch_file(path, map_location="cpu"):
     """``torch.load(weights_only=True)`` with one-line errors: a file that holds pickled objects is refused
-    (loading it could run code), an unreadable one is named with the reason."""
+    (loading it could run code), an unreadable one is named with the reason. A plain pickle (one without
+    torch's magic number) is refused first, in the same words whatever its protocol: torch warned about
+    protocol 4 ("Detected pickle protocol 4 ...", a second line) and gave its own message cut mid-word."""
     path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except OSError:
+        head = b""  # torch.load below names the reason
+    if head.startswith(b"\x80") and _LEGACY_MAGIC not in head:
+        raise CheckpointError(f"{display_path(path)}: not a readable checkpoint (not a PyTorch file: a pickle "
+                              f"without torch's magic number)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:

@@ -90,7 +90,7 @@ def add_format(parser, choices=("table", "json"), default: str = "table"):
 
 
 def add_cache_dir(parser):
-    parser.add_argument("--cache-dir", type=PATH,
+    parser.add_argument("--cache-dir",  # untyped: '' means the default, as for train
                         help="where decoded arrays are cached (default: ~/.cache/pneumonia-cnn)")
 
 

@@ -222,7 +222,7 @@ def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
             patient_column = header.index("patient_id") if "patient_id" in header else None
             width = (len(row), "the header has")
             continue
-        width = width or (len(row), f"line {line_number} has")
+        width = width or (3, "path,label[,patient_id] has")  # no header: the documented columns
         _check_width(csv_path, line_number, row, width)
         path, label = _csv_row(csv_path, line_number, row, class_names)
         first = seen.setdefault(_same_file_key(path), (line_number, label))
@@ -245,9 +245,11 @@ def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
 
 
 def _check_width(csv_path: Path, line_number: int, row: list[str], width: tuple[int, str]) -> None:
-    """A ragged row (a comma too many in an unquoted name, a cell left out) would shift what its cells mean."""
+    """A row with more cells than its columns (a comma in an unquoted name) would shift what its cells mean;
+    a short row only leaves its last cells empty (an optional patient_id), and cells past the last may be empty
+    (spreadsheets add them)."""
     expected, where = width
-    if len(row) < expected or any(cell.strip() for cell in row[expected:]):
+    if any(cell.strip() for cell in row[expected:]):
         raise DatasetError(f"{display_path(csv_path)}:{line_number}: {len(row)} column(s), but {where} {expected} "
                            f"(a ragged row; quote a name that holds a comma)")
 

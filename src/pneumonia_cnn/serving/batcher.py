@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from ..monitoring import NO_REFERENCE
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +27,7 @@ class ServedModel:
     batch_predictor: object  # for /predict/batch: one site's batch, so --adapt-batch and estimated prevalence
     gradcam_model: object  # a private copy: Grad-CAM's hooks and gradients never touch a model the scorer runs
     reference: dict | None
-    no_reference: str = ""  # why there is no reference, from what the checkpoint is (monitoring.no_reference_reason)
+    no_reference: str = NO_REFERENCE  # why there is none, from what the checkpoint is (no_reference_reason)
     loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property

@@ -10,14 +10,7 @@
 # starlette, pydantic, pydantic-core, annotated-types, typing-inspection, python-multipart, uvicorn, pydicom,
 # opentelemetry-api).
 # Everything comes back as $OUT/results.tgz (the tool returns at most 8 files).
-set -uo pipefail
-OUT=${OUT:-/tmp/gpu-out}
-DATA=${DATA:-$PWD/.gpu_data/chest_xray_224}
-G=/tmp/gpu-results
-mkdir -p "$OUT" "$G" /tmp/shared/data
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PNEUMONIA_CNN_SHARED=/tmp/shared PNEUMONIA_CNN_TEST_CUDA=1
-ln -sfn "$DATA" /tmp/shared/data/chest_xray_224
+source benchmarks/gpu_setup.sh
 finish() { tar czf "$OUT/results.tgz" -C "$G" .; }
 trap finish EXIT
 { nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; nproc; } | tee "$G/machine.txt"

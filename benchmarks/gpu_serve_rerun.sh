@@ -1,12 +1,7 @@
 #!/usr/bin/env bash
 # The second, shorter call of benchmarks/gpu_serve.sh's checks after TF32 was turned off for scoring: the device
 # tests, predict on the GPU at batch 64 and batch 1, and serve --device cuda under load (32 clients).
-set -uo pipefail
-OUT=${OUT:-/tmp/gpu-out}; DATA=${DATA:-$PWD/.gpu_data/chest_xray_224}; G=/tmp/gpu-results
-mkdir -p "$OUT" "$G" /tmp/shared/data
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PNEUMONIA_CNN_SHARED=/tmp/shared PNEUMONIA_CNN_TEST_CUDA=1
-ln -sfn "$DATA" /tmp/shared/data/chest_xray_224
+source benchmarks/gpu_setup.sh
 trap 'tar czf "$OUT/results.tgz" -C "$G" .' EXIT
 timeout 60 python3 -m pytest -q -p no:cacheprovider -rs tests/test_device.py > "$G/pytest_device.txt" 2>&1
 echo "pytest rc $?"; tail -2 "$G/pytest_device.txt"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -35,6 +36,12 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (on a shared machine the load generator's own share counts)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -65,14 +72,43 @@ def start_server(checkpoint, workdir: Path, extra=(), device: str = "cpu"):
     raise RuntimeError(f"server did not start: {(workdir / 'server.log').read_text()[-2000:]}")
 
 
-async def load(url, key, payloads, expected, count, concurrency, gradcam_share, seed=0, device="cpu"):
-    """Returns (latencies, failures, wrong, answered request ids, largest |probability - expected|, labels that
-    differ from the image's answer alone)."""
-    import httpx
+LISTS = ("latencies", "failures", "wrong", "answered", "plain", "gradcam")  # what each client process collects
+
+
+def load(url, key, payloads, expected, count, concurrency, gradcam_share, seed=0, device="cpu", processes=1):
+    """The requests from ``concurrency`` clients spread over ``processes`` client processes (one process's
+    httpx saturates a core near 64 connections: it, not the server, then set the pace). Returns (latencies,
+    failures, wrong, answered request ids, {largest |probability - expected|, labels that differ from the
+    image's answer alone, latency by kind, the clients' CPU seconds})."""
     rng = random.Random(seed)
     plan = [(i % len(payloads), rng.random() < gradcam_share) for i in range(count)]
-    latencies, failures, wrong, answered = [], [], [], []
-    drift = {"largest": 0.0, "labels_changed": 0}
+    shares = [(url, key, payloads, expected, plan[i::processes], concurrency // processes +
+               (i < concurrency % processes), device) for i in range(processes)]
+    if processes == 1:
+        parts = [run_clients(*shares[0])]
+    else:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            parts = pool.starmap(run_clients, shares)
+    merged = {name: [item for part in parts for item in part[name]] for name in LISTS}
+    drift = {"largest": max(part["drift"]["largest"] for part in parts),
+             "labels_changed": sum(part["drift"]["labels_changed"] for part in parts),
+             "client_cpu_seconds": sum(part["cpu_seconds"] for part in parts)}
+    drift["by_kind"] = {kind: {"count": len(values), "p50_ms": 1000 * percentile(values, 0.50),
+                               "p95_ms": 1000 * percentile(values, 0.95), "p99_ms": 1000 * percentile(values, 0.99)}
+                        for kind, values in (("plain", merged["plain"]), ("gradcam", merged["gradcam"]))}
+    return merged["latencies"], merged["failures"], merged["wrong"], merged["answered"], drift
+
+
+def run_clients(url, key, payloads, expected, plan, concurrency, device) -> dict:
+    cpu = time.process_time()
+    part = asyncio.run(clients(url, key, payloads, expected, plan, concurrency, device))
+    return {**part, "cpu_seconds": time.process_time() - cpu}
+
+
+async def clients(url, key, payloads, expected, plan, concurrency, device) -> dict:
+    import httpx
+    part = {name: [] for name in LISTS}
+    part["drift"] = drift = {"largest": 0.0, "labels_changed": 0}
     # on a CPU an image's answer is bitwise the same in any batch; on a GPU cuDNN's float32 rounding depends on
     # the batch it was scored in (2e-8 measured on an H100)
     same_answer = 1e-9 if device == "cpu" else 1e-6
@@ -90,23 +126,25 @@ async def load(url, key, payloads, expected, count, concurrency, gradcam_share, 
                 response = await http.post(f"{url}/predict" + ("?gradcam=true" if gradcam else ""),
                                            files={"file": (name, data)}, headers=headers)
             except httpx.HTTPError as error:
-                failures.append(repr(error))
+                part["failures"].append(repr(error))
                 continue
-            latencies.append(time.perf_counter() - start)
+            part["latencies"].append(time.perf_counter() - start)
+            # which kind sets the tail: a Grad-CAM answer also waits for the one Grad-CAM thread
+            part["gradcam" if gradcam else "plain"].append(part["latencies"][-1])
             if response.status_code != 200:
-                failures.append(f"{response.status_code} {response.text[:200]}")
+                part["failures"].append(f"{response.status_code} {response.text[:200]}")
                 continue
             body = response.json()
-            answered.append(body["request_id"])
+            part["answered"].append(body["request_id"])
             difference = abs(body["probability"] - expected[name][0])
             drift["largest"] = max(drift["largest"], difference)
             drift["labels_changed"] += body["label"] != expected[name][1]
             if difference > same_answer or (gradcam and "gradcam_png_base64" not in body):
-                wrong.append(name)
+                part["wrong"].append(name)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         await asyncio.gather(*[client(http) for _ in range(concurrency)])
-    return latencies, failures, wrong, answered, drift
+    return part
 
 
 def percentile(values, q):
@@ -123,14 +161,18 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--device", default="cpu", help="the server's --device (cpu, cuda)")
+    parser.add_argument("--client-processes", type=int, help="default: one per 16 clients")
     parser.add_argument("--data", default=str(SHARED_DATA), help="a folder with test/NORMAL and test/PNEUMONIA")
     parser.add_argument("--out", default=str(PROJECT / "benchmarks" / "load_results.json"))
     args = parser.parse_args(argv)
     import httpx
     data = Path(args.data)
+    if not all((data / "test" / label).is_dir() for label in ("NORMAL", "PNEUMONIA")):
+        parser.error(f"--data {data}: no test/NORMAL and test/PNEUMONIA folders there")
     paths = (sorted((data / "test" / "NORMAL").iterdir())[:args.images // 2]
              + sorted((data / "test" / "PNEUMONIA").iterdir())[:args.images - args.images // 2])
     payloads = [(p.name, p.read_bytes()) for p in paths]
+    processes = args.client_processes or max(1, -(-args.concurrency // 16))
     load_at_start = os.getloadavg()[0]  # the machine may be shared: other work slows the figures down
     with tempfile.TemporaryDirectory() as folder:
         process, url, key = start_server(args.checkpoint, Path(folder), device=args.device)
@@ -139,13 +181,15 @@ def main(argv=None) -> int:
             alone = {name: httpx.post(f"{url}/predict", files={"file": (name, data)}, headers=auth,
                                       timeout=60).json() for name, data in payloads}
             expected = {name: (body["probability"], body["label"]) for name, body in alone.items()}
-            asyncio.run(load(url, key, payloads, expected, args.warmup, args.concurrency, args.gradcam_share, seed=1))
+            load(url, key, payloads, expected, args.warmup, args.concurrency, args.gradcam_share, seed=1,
+                 processes=processes)
             rss_after_warmup = rss_mb(process.pid)
             start = time.perf_counter()
-            latencies, failures, wrong, answered, drift = asyncio.run(
-                load(url, key, payloads, expected, args.requests, args.concurrency, args.gradcam_share,
-                     device=args.device))
+            latencies, failures, wrong, answered, drift = load(
+                url, key, payloads, expected, args.requests, args.concurrency, args.gradcam_share,
+                device=args.device, processes=processes)
             elapsed = time.perf_counter() - start
+            server_cpu = cpu_seconds(process.pid)
             rss_end = rss_mb(process.pid)
             model = httpx.get(f"{url}/model", headers=auth).json()
         finally:
@@ -162,8 +206,11 @@ def main(argv=None) -> int:
         "failure_examples": failures[:5],
         "answered_not_in_audit_log": len(set(answered) - logged),
         "p50_ms": 1000 * percentile(latencies, 0.50), "p95_ms": 1000 * percentile(latencies, 0.95),
-        "p99_ms": 1000 * percentile(latencies, 0.99), "throughput_per_s": len(latencies) / elapsed,
-        "seconds": elapsed, "server_rss_mb_after_warmup": rss_after_warmup, "server_rss_mb_end": rss_end,
+        "p99_ms": 1000 * percentile(latencies, 0.99), "latency_by_kind": drift["by_kind"],
+        "throughput_per_s": len(latencies) / elapsed,
+        "seconds": elapsed, "client_processes": processes,
+        "client_cpu_seconds": drift["client_cpu_seconds"], "server_cpu_seconds_whole_run": server_cpu,
+        "server_rss_mb_after_warmup": rss_after_warmup, "server_rss_mb_end": rss_end,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "load_average_at_start": load_at_start},
     }

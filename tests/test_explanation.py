@@ -104,3 +104,41 @@ def test_a_models_cell_centres_are_worked_out_once_and_the_map_is_unchanged(monk
     grad_cam(other, pixels[0], torch.device("cpu"))
     grad_cam(model, pixels[0][:96, :96].copy(), torch.device("cpu"))  # another input size: its own centres
     assert len(probes) == 3
+
+
+def test_the_map_is_textbook_grad_cam_with_no_parameter_gradient_made(monkeypatch):
+    """The backward pass stops at the explained layer (3.0 instead of 9.2 ms a map on 2 cores): the cell map
+    is still the ReLU of the layer's channels weighted by the spatial mean of the score's gradient, as a full
+    backward pass with ``retain_grad`` gives it, and no parameter of the model receives a gradient."""
+    import torch
+
+    from pneumonia_cnn import explanation
+    from pneumonia_cnn.data.loader import to_model_input
+    from pneumonia_cnn.models import last_conv_layer_name
+    from tests.conftest import SHARED_DATA
+    predictor = Predictor("builtin", "cpu")
+    image = predictor.preprocess_path(sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())[0])[0]
+    model = predictor.bundle.explain_model()
+    layer = dict(model.named_modules())[last_conv_layer_name(model)]
+    captured = {}
+
+    def keep(_module, _inputs, output):  # returns None: the output goes on unchanged
+        output.retain_grad()
+        captured["out"] = output
+    handle = layer.register_forward_hook(keep)
+    model.eval()
+    model(to_model_input(torch.from_numpy(image)[None], torch.device("cpu"))).sum().backward()
+    handle.remove()
+    out = captured["out"]
+    expected = torch.relu((out.grad.mean(dim=(2, 3), keepdim=True) * out).sum(dim=1, keepdim=True)).detach()
+    model.zero_grad(set_to_none=True)
+    accumulated = []
+    for parameter in model.parameters():
+        parameter.register_post_accumulate_grad_hook(lambda p: accumulated.append(p))
+    cells = []
+    real = explanation._to_input_grid
+    monkeypatch.setattr(explanation, "_to_input_grid", lambda cam, *rest: cells.append(cam) or real(cam, *rest))
+    grad_cam(model, image, torch.device("cpu"))
+    assert expected.shape[2] > 1 and expected.max() > 0
+    assert torch.allclose(cells[0], expected, rtol=1e-5, atol=1e-7)
+    assert accumulated == [] and all(parameter.grad is None for parameter in model.parameters())

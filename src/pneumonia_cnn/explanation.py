@@ -25,13 +25,11 @@ from .models import last_conv_layer_name
 
 def grad_cam(model: torch.nn.Module, pixels_uint8: np.ndarray, device, layer: str | None = None) -> np.ndarray:
     """``pixels_uint8`` (H, W) preprocessed -> map (H, W) in [0, 1]. In full float32 on a GPU, as scoring is
-    (the same image's map would otherwise depend on whether a scoring batch was running meanwhile); the
-    model's parameter gradients are freed afterwards (kept, they held about 3 MB per served model)."""
+    (the same image's map would otherwise depend on whether a scoring batch was running meanwhile). Only the
+    layer's gradient is computed: no parameter gradients are made or kept (they held about 3 MB per served
+    model)."""
     with full_float32(torch.device(device)):
-        try:
-            return _grad_cam(model, pixels_uint8, device, layer)
-        finally:
-            model.zero_grad(set_to_none=True)
+        return _grad_cam(model, pixels_uint8, device, layer)
 
 
 def _grad_cam(model: torch.nn.Module, pixels_uint8: np.ndarray, device, layer: str | None) -> np.ndarray:
@@ -41,26 +39,24 @@ def _grad_cam(model: torch.nn.Module, pixels_uint8: np.ndarray, device, layer: s
         raise PneumoniaCNNError(f"--layer {layer}: no such layer; convolution layers are "
                                 f"{', '.join(n for n, m in modules.items() if isinstance(m, torch.nn.Conv2d))}")
     captured = {}
-
-    def keep(_module, _inputs, output):
-        output.retain_grad()
-        captured["activation"] = output
-    handle = modules[layer].register_forward_hook(keep)
+    handle = modules[layer].register_forward_hook(lambda _module, _inputs, output: captured.update(activation=output))
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
             x = to_model_input(torch.from_numpy(np.array(pixels_uint8))[None], device)
             score = model(x)
-            model.zero_grad(set_to_none=True)
-            score.sum().backward()
+            activation = captured["activation"]
+            if not isinstance(activation, torch.Tensor) or activation.dim() != 4:
+                raise PneumoniaCNNError(f"--layer {layer}: output is not a feature map "
+                                        f"(shape {tuple(getattr(activation, 'shape', ()))})")
+            # the gradient of the score with respect to the layer's output only: the backward pass stops there
+            # instead of running on to every parameter of the layers before it
+            gradient, = torch.autograd.grad(score.sum(), activation)
     finally:
         handle.remove()
         model.train(was_training)
-    activation = captured["activation"]
-    if activation.dim() != 4:
-        raise PneumoniaCNNError(f"--layer {layer}: output is not a feature map (shape {tuple(activation.shape)})")
-    weights = activation.grad.mean(dim=(2, 3), keepdim=True)
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activation).sum(dim=1, keepdim=True)).detach()
     cam = _to_input_grid(cam, _known_cell_centres(model, layer, x), pixels_uint8.shape)[0, 0].cpu().numpy()
     cam -= cam.min()
@@ -139,9 +135,10 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarra
 SOURCE_KEY = "pneumonia-cnn source"
 
 
-def overlay_png(gray: np.ndarray, cam: np.ndarray, source=None) -> bytes:
+def overlay_png(gray: np.ndarray, cam: np.ndarray, source=None, compress_level: int = 6) -> bytes:
     """The overlay as PNG bytes; ``source``: the image's content fingerprint, recorded in the file
-    (``overlay_source``)."""
+    (``overlay_source``); ``compress_level``: zlib's, 6 (PNG's usual) for files, lower where time counts more
+    than bytes."""
     import io
 
     from PIL import Image, PngImagePlugin
@@ -149,7 +146,7 @@ def overlay_png(gray: np.ndarray, cam: np.ndarray, source=None) -> bytes:
     if source is not None:
         info.add_text(SOURCE_KEY, source)
     buffer = io.BytesIO()
-    Image.fromarray(overlay(gray, cam)).save(buffer, format="PNG", pnginfo=info)
+    Image.fromarray(overlay(gray, cam)).save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
     return buffer.getvalue()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 
 from ..errors import PneumoniaCNNError
@@ -237,6 +238,7 @@ def listen_arguments(p):
 
 def run_listen(args) -> int:
     from ..inference import Predictor
+    from ..inference.sessions import IDLE_THREADS
     from ..interop.dicom_access import NodeAccess, check_ae_title
     from ..interop.listener import Destination, Listener, default_spool
     from ..interop.spool import open_spool, spool_lock
@@ -246,6 +248,7 @@ def run_listen(args) -> int:
     check_ae_title(args.ae_title, "--ae-title")
     spool = open_spool(args.spool or default_spool())  # before the model loads: a bad --spool is said at once,
     spool_lock(spool).acquire().release()  # and so is a spool another node is using
+    os.environ.setdefault(IDLE_THREADS, "sleep")  # as serve's: the network threads share the cores with scoring
     listener = Listener(Predictor(args.checkpoint, args.device), destination, args.ae_title, args.port, args.host,
                         args.spool, args.overlay, args.retries + 1, args.backoff, args.retry_after,
                         modalities=modalities, give_up_after=args.give_up_after,

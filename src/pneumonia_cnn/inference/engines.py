@@ -23,7 +23,7 @@ from ..data.loader import to_model_input
 from ..device import autocast, autocast_dtype, full_float32
 from ..errors import PneumoniaCNNError
 from ..ood import TappedModel
-from .sessions import run_sessions, runtime, served_key
+from .sessions import run_sessions, runtime, served_key, session_options
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,7 @@ class OnnxEngine:
 
     def __init__(self, models, size, tta: bool, taps=(), cache: bool = True):
         onnxruntime = runtime("onnx", "onnxruntime", "export")
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
+        options = session_options(onnxruntime)
         self.sessions = []
         for index, model in enumerate(models):
             served = ServedModel(model, tta, taps if index == 0 else ()).eval()

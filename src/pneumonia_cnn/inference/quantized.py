@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import PneumoniaCNNError
 from ..fileio import display_path
-from .sessions import run_sessions, runtime, served_key
+from .sessions import run_sessions, runtime, served_key, session_options
 
 log = logging.getLogger(__name__)
 INT8_NOTE = ("int8 engine: scores come from an int8-quantised graph; the decision (calibration, threshold) and "
@@ -33,9 +33,7 @@ def store_path(key: str, cache_dir=None) -> Path:
 
 def int8_session(path):
     import onnxruntime
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+    return onnxruntime.InferenceSession(str(path), session_options(onnxruntime), providers=["CPUExecutionProvider"],
                                         disabled_optimizers=KEEP_FLOAT_STEM)
 
 

@@ -1,10 +1,11 @@
 """What the ONNX Runtime engines share (float32 in ``engines``, int8 in ``quantized``): the key that names one
-served graph in the cache, and running a member's sessions on a batch."""
+served graph in the cache, the sessions' options, and running a member's sessions on a batch."""
 from __future__ import annotations
 
 import hashlib
 import importlib
 import json
+import os
 
 import numpy as np
 import torch
@@ -32,6 +33,24 @@ def runtime(engine: str, module: str, extra: str):
         if isinstance(error.__cause__, KeyboardInterrupt):
             raise KeyboardInterrupt from None
         raise PneumoniaCNNError(f"--engine {engine} needs {module} (pip install 'pneumonia-cnn[{extra}]')") from None
+
+
+# ONNX Runtime's idle threads spin (busy-wait) by default: right for a batch job that has the cores to itself, but
+# in a server they take the cores from the Grad-CAM, decoding and event-loop threads (docs/hospital.md, "Sharing
+# the cores")
+IDLE_THREADS = "PNEUMONIA_CNN_IDLE_THREADS"
+
+
+def session_options(onnxruntime):
+    """Options of every ONNX Runtime session: ``PNEUMONIA_CNN_IDLE_THREADS=sleep`` (``serve`` and ``listen`` set
+    it unless given) makes idle threads sleep; ``spin`` (the default) is ONNX Runtime's own behaviour."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    idle = os.environ.get(IDLE_THREADS, "spin").strip().lower()
+    if idle not in ("spin", "sleep"):
+        raise PneumoniaCNNError(f"{IDLE_THREADS}={os.environ[IDLE_THREADS]!r}: use spin or sleep")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if idle == "spin" else "0")
+    return options
 
 
 def run_sessions(sessions, pixels_uint8: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 
 from ..errors import PneumoniaCNNError
+from ..inference.sessions import IDLE_THREADS
 from .auth import ANY_IP_ADDRESS, SECURITY_HEADERS, AccessMiddleware, HostCheckMiddleware
 from .limits import LimitsMiddleware, handshake_limited_server, idle_timeout_protocol
 from .metrics import RequestMetricsMiddleware
@@ -284,6 +285,9 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: S
     # The scorer asks glibc to keep freed memory for the next batch; a server also decodes the odd 50-megapixel
     # upload, whose memory must go back to the system rather than stay with the process for good.
     os.environ.setdefault("PNEUMONIA_CNN_MALLOC", "default")
+    # ONNX Runtime's threads sleep between batches instead of spinning on the cores that Grad-CAM, decoding and the
+    # event loop need
+    os.environ.setdefault(IDLE_THREADS, "sleep")
     app = create_app(checkpoint, options, allowed_host_names(host, allowed_hosts))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, loop="asyncio",
                             http=idle_timeout_protocol(idle_timeout), timeout_keep_alive=5,

@@ -34,6 +34,9 @@ from .metrics import ServiceMetrics
 log = logging.getLogger(__name__)
 DRIFT_CHECK_EVERY = 25  # images between drift checks (a check is cheap, but not free)
 DECODE_THREADS = min(4, os.cpu_count() or 1)  # large decodes hold their full-size pixels: bound how many at once
+# served Grad-CAM overlays trade a few more bytes for time: at zlib's usual level the encoding took longer than the
+# map itself (docs/hospital.md, "Sharing the cores")
+SERVED_OVERLAY_COMPRESSION = 1
 LARGE_IMAGE_PIXELS = 4_000_000  # decodes this large leave tens of MB in glibc's arenas: trim after them
 
 
@@ -216,7 +219,8 @@ class Service:
             check_client(gone)  # checked when its turn on the one Grad-CAM thread comes, not when queued
             with self.metrics.gradcam_seconds.time():
                 cam = grad_cam(served.gradcam_model, pixels, served.predictor.device)
-                return base64.b64encode(overlay_png(pixels, cam)).decode("ascii")
+                png = overlay_png(pixels, cam, compress_level=SERVED_OVERLAY_COMPRESSION)
+                return base64.b64encode(png).decode("ascii")
         return await asyncio.get_running_loop().run_in_executor(self.gradcam_executor, heat)
 
     async def predict_batch(self, uploads: list[tuple[bytes, str | None]], key_id: str | None, gone=None) -> dict:

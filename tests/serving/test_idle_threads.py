@@ -1,0 +1,64 @@
+"""ONNX Runtime's idle threads: they spin by default (a batch job's cores are its own) and sleep in ``serve`` and
+``listen``, whose scoring shares the cores with Grad-CAM, decoding and the network threads (docs/hospital.md)."""
+import pytest
+
+from pneumonia_cnn.errors import PneumoniaCNNError
+from pneumonia_cnn.inference import Predictor
+from pneumonia_cnn.inference.sessions import IDLE_THREADS
+
+SPIN = "session.intra_op.allow_spinning"
+
+
+def spinning(predictor) -> str:
+    return predictor.scorer.engine.sessions[0].get_session_options().get_session_config_entry(SPIN)
+
+
+def test_sessions_spin_unless_told_to_sleep_and_a_bad_value_is_named(monkeypatch):
+    monkeypatch.delenv(IDLE_THREADS, raising=False)
+    assert spinning(Predictor("builtin", "cpu", engine="onnx")) == "1"
+    monkeypatch.setenv(IDLE_THREADS, " Sleep ")
+    assert spinning(Predictor("builtin", "cpu", engine="onnx")) == "0"
+    monkeypatch.setenv(IDLE_THREADS, "nap")
+    with pytest.raises(PneumoniaCNNError, match=r"^PNEUMONIA_CNN_IDLE_THREADS='nap': use spin or sleep$"):
+        Predictor("builtin", "cpu", engine="onnx")
+
+
+class Stop(Exception):
+    """Raised by the stand-ins below once the model is loaded: nothing is served."""
+
+
+def test_serve_and_listen_score_with_sleeping_threads_unless_told(monkeypatch, tmp_path):
+    from pneumonia_cnn.cli import main
+    from pneumonia_cnn.interop import listener
+    from pneumonia_cnn.serving import app
+    seen = []
+
+    class Server:  # in place of uvicorn's: records the served model's sessions instead of serving
+        def __init__(self, config):
+            self.service = config.app.state.service
+
+        def run(self, sockets):
+            seen.append(spinning(self.service.served.predictor))
+            raise Stop
+
+    class Listener:  # in place of the DICOM node: records the predictor it was given
+        def __init__(self, predictor, *args, **kwargs):
+            seen.append(spinning(predictor))
+            raise Stop
+
+    monkeypatch.setattr(app, "handshake_limited_server", lambda config, seconds: Server(config))
+    monkeypatch.setattr(listener, "Listener", Listener)
+    for name in (IDLE_THREADS, "PNEUMONIA_CNN_MALLOC"):  # serve sets both: recorded, each comes back as it was
+        monkeypatch.setenv(name, "spin")
+        monkeypatch.delenv(name)
+    for given, expected in ((None, "0"), ("spin", "1")):  # the operator's own setting wins
+        for start in (lambda: app.run_server("builtin", port=0),
+                      lambda: main(["listen", "builtin", "--port", "11112", "--send-to", "127.0.0.1:104:PACS",
+                                    "--spool", str(tmp_path / "spool")])):
+            if given is None:
+                monkeypatch.delenv(IDLE_THREADS, raising=False)  # each command sets it itself
+            else:
+                monkeypatch.setenv(IDLE_THREADS, given)
+            with pytest.raises(Stop):
+                start()
+            assert seen.pop() == expected

@@ -11,7 +11,6 @@ import logging
 import math
 import numbers
 import os
-import stat
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from .calibration import CALIBRATION_METHODS, parse_threshold_policy
 from .data.intensity import INTENSITY_METHODS
 from .data.readers import RESAMPLING
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_path, display_path, load_torch_file, printable
+from .fileio import atomic_path, display_path, load_torch_file, not_a_file_reason, printable
 
 FORMAT = "pneumonia-cnn/1"
 log = logging.getLogger(__name__)
@@ -87,25 +86,6 @@ def load_checkpoint(path, map_location="cpu", unfinished_run: bool = False) -> d
         raise CheckpointError(f"{display_path(path)}: not a usable checkpoint: {invalid}") from None
     payload["path"] = str(path)
     return payload
-
-
-def not_a_file_reason(path) -> str:
-    """Why ``path``, which is not a regular file, is no checkpoint: it is missing, or what it is instead (a
-    named pipe, a device, a symbolic link loop: "checkpoint not found" sent the user looking for a file
-    that is there)."""
-    path = Path(path)
-    try:
-        mode = path.stat().st_mode
-    except OSError as error:
-        if error.errno in (errno.ENOENT, errno.ENOTDIR):
-            return "checkpoint not found" + (" (a symbolic link to a missing file)" if path.is_symlink() else "")
-        if error.errno == errno.ELOOP:
-            return "not a readable checkpoint (a symbolic link loop)"
-        return f"not a readable checkpoint ({error.strerror or type(error).__name__})"
-    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
-             (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder"))
-    kind = next((name for test, name in kinds if test(mode)), "not a file")
-    return f"not a readable checkpoint (not a regular file: {kind})"
 
 
 def finished_run_checkpoint(folder: Path) -> Path:

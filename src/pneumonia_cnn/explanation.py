@@ -5,7 +5,6 @@ by the spatial mean of the score's gradient, upsampled to the input size and sca
 """
 from __future__ import annotations
 
-import errno
 import io
 import os
 import weakref
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from .data.loader import to_model_input
 from .device import full_float32
 from .errors import ImageReadError, PneumoniaCNNError
-from .fileio import atomic_path, display_path, write_bytes
+from .fileio import WRITE_FAILURES, atomic_path, display_path, write_bytes
 from .models import last_conv_layer_name
 
 
@@ -251,14 +250,10 @@ def explain_each(predictor, paths, out_dir, layer: str | None = None) -> Iterato
     """Grad-CAM of each image written to ``out_dir`` (``planned_overlays``, checked now, before any work), with
     predict's answer for it: one result per image as it is done, so a caller shows each at once (Ctrl-C keeps
     what was shown). An image that cannot be read, or whose overlay cannot be written, is its own result with
-    ``error``; the others go on. A full, read-only or failing file system (``DISK_FAILURES``) ends it with the
+    ``error``; the others go on. A full, read-only or failing file system (``WRITE_FAILURES``) ends it with the
     ``OutputError`` naming the file ("maps/x_gradcam.npy: No space left on device")."""
     overlays = planned_overlays(paths, out_dir)  # the folder is made by the first overlay written: none, none made
     return _explained(predictor, paths, overlays, layer)
-
-
-# a full, read-only or failing file system: not one image's problem, so explain stops there, naming the file
-DISK_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def _explained(predictor, paths, overlays, layer):
@@ -274,7 +269,8 @@ def _explained(predictor, paths, overlays, layer):
         try:
             write_overlay(png, gray, cam, path)
         except OSError as error:  # this image's only (a name too long for the system): the others go on
-            if error.errno in DISK_FAILURES:  # every other overlay would fail too: "PATH: reason", once
+            if error.errno in WRITE_FAILURES:  # a full, read-only or failing file system, or a file size limit:
+                # every other overlay would fail too, so explain stops there: "PATH: reason", once
                 raise
             yield {"path": str(path), "error": f"overlay not written: {display_path(png)} "
                                                f"({error.strerror or error})"}

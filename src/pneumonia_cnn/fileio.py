@@ -38,7 +38,7 @@ def atomic_path(path, mode: int | None = None):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # it names the folder it could not make
-        if error.errno in _WRITE_FAILURES:
+        if error.errno in WRITE_FAILURES:
             raise output_error(error, error.filename or path.parent) from None
         raise
     try:
@@ -73,7 +73,7 @@ class OutputError(OSError):
 
 
 # a write that failed for want of room or of a working disk, rather than for something the body read
-_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 
 
 def output_error(error: OSError, path) -> OutputError:
@@ -90,7 +90,7 @@ def output_error(error: OSError, path) -> OutputError:
 def _in_writing(error: OSError, temporary: str) -> bool:
     """Whether ``error`` is the write's own: about the temporary file, or a full or failing disk."""
     return error.filename in (temporary, None) and (
-        error.filename == temporary or error.errno in _WRITE_FAILURES or (error.errno is None and _short_write(error)))
+        error.filename == temporary or error.errno in WRITE_FAILURES or (error.errno is None and _short_write(error)))
 
 
 def _short_write(error: OSError) -> bool:
@@ -218,6 +218,8 @@ def load_torch_file(path, map_location="cpu"):
     torch's magic number) is refused first, in the same words whatever its protocol: torch warned about
     protocol 4 ("Detected pickle protocol 4 ...", a second line) and gave its own message cut mid-word."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # open() would wait on a named pipe's writer for ever
+        raise CheckpointError(f"{display_path(path)}: {not_a_file_reason(path)}")
     try:
         with open(path, "rb") as handle:
             head = handle.read(64)
@@ -239,6 +241,25 @@ def load_torch_file(path, map_location="cpu"):
     except Exception as error:  # garbage makes the unpickler fail in many ways (KeyError, IndexError, ...)
         raise CheckpointError(f"{display_path(path)}: not a readable checkpoint ({_unreadable_reason(path, error)})"
                               ) from None
+
+
+def not_a_file_reason(path) -> str:
+    """Why ``path``, which is not a regular file, is no checkpoint: it is missing, or what it is instead (a
+    named pipe, a device, a symbolic link loop: "checkpoint not found" sent the user looking for a file
+    that is there)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "checkpoint not found" + (" (a symbolic link to a missing file)" if path.is_symlink() else "")
+        if error.errno == errno.ELOOP:
+            return "not a readable checkpoint (a symbolic link loop)"
+        return f"not a readable checkpoint ({error.strerror or type(error).__name__})"
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder"))
+    kind = next((name for test, name in kinds if test(mode)), "not a file")
+    return f"not a readable checkpoint (not a regular file: {kind})"
 
 
 def _unreadable_reason(path: Path, error: Exception) -> str:

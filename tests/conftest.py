@@ -99,3 +99,17 @@ def best_like_run(small_root, cache_dir, tmp_path_factory) -> Path:
                          warmup_epochs=0.5)
     train_and_evaluate(config)
     return out
+
+
+def full_disk_for_temporary_files(monkeypatch, folder):
+    """Text written to a temporary file (``*.tmp``) in ``folder`` fails as on a full disk (ENOSPC): a simulation
+    for where mounting a small tmpfs needs root."""
+    import errno
+    import os
+    write_text = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.parent == folder and self.suffix == ".tmp":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_text(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", full)

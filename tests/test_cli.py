@@ -240,7 +240,8 @@ def test_double_dash_separates_the_paths_even_those_that_start_with_a_dash(tmp_p
     assert [r["path"] for r in first + second] == ["plain.jpeg", "-dash.jpeg"]
     assert first[0]["probability"] == second[0]["probability"]
     shutil.copyfile(example, tmp_path / "--dd.jpeg")  # after a global option, and a name like an option's
-    assert main(["-v", "predict", "builtin", "builtin", "--", "--dd.jpeg", "--format", "json"]) == 0
+    shutil.copyfile(builtin.checkpoint_path(), tmp_path / "copy.pt")  # a second file: one model twice is refused
+    assert main(["-v", "predict", "builtin", "copy.pt", "--", "--dd.jpeg", "--format", "json"]) == 0
     third = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in third] == ["--dd.jpeg"] and "+" in third[0]["model"]  # both checkpoints
     assert main(["predict"]) == 2

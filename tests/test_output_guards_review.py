@@ -14,6 +14,7 @@ import pytest
 
 from pneumonia_cnn import builtin
 from pneumonia_cnn.fileio import atomic_path
+from tests.conftest import full_disk_for_temporary_files
 from tests.test_cli_guards import digest, run
 
 EXAMPLE = Path(builtin.checkpoint_path()).parent / "examples" / "NORMAL_IM-0128-0001.jpeg"
@@ -123,13 +124,7 @@ def test_a_short_write_on_a_full_disk_is_said_to_be_one(tmp_path, monkeypatch):
 def test_json_writers_on_a_full_disk_name_the_output(capsys, tmp_path, small_root, monkeypatch):
     """Simulated (a tmpfs needs root: ``test_a_full_disk_is_named_by_every_writer``): the write of the output's
     temporary file fails as on a full disk; it said "[Errno 28] No space left on device", naming no file."""
-    write_text = Path.write_text
-
-    def full(self, *args, **kwargs):
-        if self.parent == tmp_path and self.suffix == ".tmp":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return write_text(self, *args, **kwargs)
-    monkeypatch.setattr(Path, "write_text", full)
+    full_disk_for_temporary_files(monkeypatch, tmp_path)
     for argv in (["stress", "--data", small_root], ["evaluate", "--data", small_root, "--no-figures",
                                                     "--bootstrap", "5"]):
         out = tmp_path / f"{argv[0]}.json"

@@ -30,9 +30,35 @@ def checkpoint_card(checkpoint) -> dict:
                                                     "schedule", "augment", "class_balance", "seed")},
         "intended_use": ckpt.get("intended_use", {}),
         "adapted": ckpt.get("adaptation"),
-        "ood_flag": (f"fitted: {ood_detector_of(ckpt).describe()} as {flag_message(ckpt.get('intended_use'))}"
+        "ood_flag": (f"fitted: {ood_detector_of(ckpt).describe(ood_bound_images(ckpt))} as "
+                     f"{flag_message(ckpt.get('intended_use'))}"
                      f"; its probability is still given" if ood else "not fitted for this checkpoint"),
     }
+
+
+def ood_bound_images(ckpt: dict) -> str:
+    """The images whose scores set the detector's flag bound, as ``OODDetector.describe`` names them: the
+    validation images, unless ``adapt`` refitted the detector on a site's (``adaptation.ood_fitted_on``; a
+    checkpoint without that record is described as before)."""
+    adaptation = ckpt.get("adaptation")
+    fit = adaptation.get("ood_fitted_on") if isinstance(adaptation, dict) else None
+    if not isinstance(fit, dict) or fit.get("images") != "site":
+        return "validation images"
+    try:
+        bound = int(fit["bound_images"])
+        total = int(fit["site_images"]) + int(fit.get("labelled_site_images") or 0)
+    except (KeyError, TypeError, ValueError):  # a record edited by hand: what it was fitted on, without counts
+        return "the new site's images, refitted there by adapt, not validation images"
+    return f"{bound} of the new site's {total} images, drawn at random by adapt, not validation images"
+
+
+def threshold_text(card: dict, label: str = "") -> str:
+    """The threshold and how it was chosen: a probability given as ``--threshold``
+    (``decision_fit.threshold_fixed``) was fitted on no images, which its policy alone ("0.4") does not say."""
+    fit = card.get("decision_fitted_on")
+    fixed = fit.get("threshold_fixed") if isinstance(fit, dict) else None
+    how = "fixed by --threshold, not fitted" if fixed is not None else card["threshold_policy"]
+    return f"threshold {card['threshold']:.3f} ({label}{how})"
 
 
 def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
@@ -44,8 +70,8 @@ def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
              f"epoch {card['epoch']}",
              f"input: {card['input']['size'][0]}x{card['input']['size'][1]}, {card['input']['channels']} channel(s), "
              f"intensity {card['input'].get('intensity', 'none')}, pixels / 255",
-             f"classes: {', '.join(card['class_names'] or [])}; threshold {card['threshold']:.3f} "
-             f"({card['threshold_policy']}); {_calibration_text(card['calibration'])}",
+             f"classes: {', '.join(card['class_names'] or [])}; {threshold_text(card)}; "
+             f"{_calibration_text(card['calibration'])}",
              f"threshold and calibration fitted on: {_fit_text(card['decision_fitted_on'])}",
              "trained with: " + ", ".join(f"{k}={v}" for k, v in card["trained_with"].items() if v not in (None, "")),
              f"intended use: {use.get('task', 'binary pneumonia screening aid')}",
@@ -86,8 +112,16 @@ def _calibration_text(calibration: dict) -> str:
 
 
 def _fit_text(fit) -> str:
-    if not fit:
-        return "not recorded (a checkpoint of an earlier version)"
+    fit = dict(fit) if isinstance(fit, dict) else {}
+    fixed = fit.pop("threshold_fixed", None)  # recorded beside the calibration's images, which it leaves as they were
+    text = _fitted_on_text(fit) if fit else "not recorded (a checkpoint of an earlier version)"
+    if fixed is not None:
+        value = f"{fixed:.3f}" if isinstance(fixed, (int, float)) else repr(fixed)
+        text += f"; the threshold fixed since at {value} by --threshold, not fitted"
+    return text
+
+
+def _fitted_on_text(fit: dict) -> str:
     text = (f"{fit.get('images', '?')} {fit.get('split', 'validation')} images, scored by the {fit.get('engine')} "
             f"engine in {fit.get('precision')}{' with test-time flips' if fit.get('tta') else ''}")
     if fit.get("threshold_refit"):  # evaluate --threshold --save-as: the calibration kept, the threshold refitted

@@ -17,10 +17,26 @@ def figure_text(text) -> str:
     return "\n".join(printable(line) for line in str(text).split("\n")).replace("$", r"\$")
 
 
-def save_figure(figure, path) -> None:
+SAMPLES_TITLE = "pneumonia-cnn show-samples"  # stored in show-samples' picture: a later run knows it as its own
+
+
+def save_figure(figure, path, title: str | None = None) -> None:
+    kind = str(path).rsplit(".", 1)[-1]
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, format=str(path).rsplit(".", 1)[-1], dpi=110, bbox_inches="tight")
+        figure.savefig(temporary, format=kind, dpi=110, bbox_inches="tight", **_titled(kind.lower(), title))
     plt.close(figure)
+
+
+def _titled(kind: str, title: str | None) -> dict:
+    """savefig's arguments that store ``title`` in the file, where its format has a place for one (GIF, WebP and
+    PostScript have none: such a file is not known again as the command's own)."""
+    if not title:
+        return {}
+    if kind in ("png", "pdf", "svg"):
+        return {"metadata": {"Title": title}}
+    if kind in ("jpg", "jpeg"):
+        return {"pil_kwargs": {"comment": title.encode("ascii")}}
+    return {"pil_kwargs": {"description": title}} if kind in ("tif", "tiff") else {}
 
 
 def training_curves(history: list[dict], path) -> None:
@@ -47,7 +63,7 @@ def sample_grid(images_by_class: dict[str, list[np.ndarray]], path, titles=None)
             if column < len(images):
                 axis.imshow(images[column], cmap="gray", vmin=0, vmax=255)
                 axis.set_title(figure_text(titles[row][column] if titles else name), fontsize=8)
-    save_figure(figure, path)
+    save_figure(figure, path, SAMPLES_TITLE)
 
 
 def reliability_diagram(curves: dict[str, list[dict]], path, title: str = "Reliability on validation") -> None:

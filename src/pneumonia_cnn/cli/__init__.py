@@ -8,9 +8,10 @@ from pathlib import Path
 
 from .._interrupt import Terminated, end_by_sigterm, sigterm_unwinds
 from ..errors import PneumoniaCNNError
-from ..fileio import printable
+from ..fileio import OutputError, printable
 from . import deployment, evaluation, interop, training
 from .common import PATH, setup_logging
+from .outputs import refuse_repeated_checkpoints
 
 FAMILIES = (("data and training", training), ("evaluation", evaluation), ("deployment", deployment),
             ("interoperability", interop))
@@ -83,6 +84,7 @@ def _split_checkpoint_and_images(args):
         checkpoints, paths = ["builtin"], items
     if not paths:
         raise PneumoniaCNNError(f"{args.command} needs at least one file, folder or glob after the checkpoint")
+    refuse_repeated_checkpoints(checkpoints, args.command)  # one model twice is no ensemble of two, as in evaluate
     args.checkpoint = checkpoints if len(checkpoints) > 1 else checkpoints[0]
     args.paths = paths
     return args
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
         return 141
     except (ValueError, OSError) as error:
-        if args.verbose:
+        if args.verbose and not isinstance(error, OutputError):  # a full disk is the user's to free, not a bug
             raise
         print(f"error: {printable(str(error))}", file=sys.stderr)
         return 2

@@ -118,12 +118,12 @@ def report_arguments(p):
 
 
 def run_report(args) -> int:
-    from ..evaluation.report import write_report
+    from ..evaluation.report import report_paths, write_report
     check_output(args.out, args.run_dir, args.data)
-    check_replaceable(args.out, "report")
-    if args.out:  # the metrics JSON written beside it, named as write_report names it
-        out = Path(args.out)
-        check_replaceable(str(out.parent / f"{out.stem}_{args.split}_metrics.json"), "metrics")
+    out, metrics = report_paths(args.run_dir, args.split, args.out)  # the metrics JSON is written beside the page
+    flag = "--out" if args.out else "the default --out"
+    check_replaceable(str(out), "report", flag)
+    check_replaceable(str(metrics), "metrics", flag)
     path = write_report(args.run_dir, data=args.data, split=args.split, out=args.out, device=args.device,
                         bootstrap=args.bootstrap, cache_dir=args.cache_dir, stress=not args.no_stress, by=args.by)
     print(f"written: {path}")

@@ -1,8 +1,9 @@
 """What a command may replace, checked before any work: an output file that already exists must be the command's
 own kind of output (a checkpoint for ``adapt --out`` and ``evaluate --save-as``, evaluate's metrics JSON, stress's
-JSON, report's HTML), never anything else (an X-ray, another run's configuration) and never a training run's own
-file (best.pt, last.pt, config.json, history, test_metrics.json) nor the built-in model's. A command's own earlier
-output is replaced, so the same command runs again. And a checkpoint is one member of an ensemble once only."""
+JSON, report's HTML, given or by default, show-samples' picture), never anything else (an X-ray, another run's
+configuration) and never a training run's own file (best.pt, last.pt, config.json, history, test_metrics.json) nor
+the built-in model's. A command's own earlier output is replaced, so the same command runs again. And a checkpoint
+is one member of an ensemble once only."""
 from __future__ import annotations
 
 import json
@@ -52,12 +53,27 @@ def _is_report(path: Path) -> bool:
     return head.lower().startswith(b"<!doctype html>") and b"<title>pneumonia-cnn report" in head
 
 
+def _is_samples(path: Path) -> bool:
+    """A picture ``show-samples`` wrote: its title (``plots.SAMPLES_TITLE``) is near the start of a PNG, JPEG,
+    TIFF or SVG and in the trailer of a PDF, so only the first and last 64 KiB are read."""
+    from ..plots import SAMPLES_TITLE
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16)
+            handle.seek(max(handle.seek(0, os.SEEK_END) - (1 << 16), 0))
+            tail = handle.read()
+    except OSError:
+        return False
+    return SAMPLES_TITLE.encode("ascii") in head + tail
+
+
 # kind: (how a message names it, whether an existing file is one)
 KINDS = {
     "checkpoint": ("a checkpoint", _is_checkpoint),
     "metrics": ("evaluate's metrics JSON", lambda p: {"data", "split", "metrics"} <= _json_fields(p)),
     "stress": ("stress's JSON", lambda p: {"checkpoint", "data", "split", "baseline", "shifts"} <= _json_fields(p)),
     "report": ("a pneumonia-cnn HTML report", _is_report),
+    "samples": ("a show-samples picture", _is_samples),
 }
 
 

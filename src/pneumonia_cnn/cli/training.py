@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import PneumoniaCNNError
 from ..fileio import FolderLock, display_path
 from .common import NAME, PATH, Command, add_device, check_output, whole_number
+from .outputs import check_replaceable
 
 # the configuration's paths, refused empty when parsed ("" is the current folder: `--out ''` trained into it);
 # cache_dir, weights, init and tracking_uri keep "" as their default ("the usual cache", "none"), which a flag
@@ -253,6 +254,7 @@ def samples_arguments(p):
 def run_show_samples(args) -> int:
     from ..samples import show_samples
     check_output(args.out, args.data)
+    check_replaceable(args.out, "samples")
     print(f"written: {show_samples(args.data, args.split, args.out, args.per_class, args.seed)}")
     return 0
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError
-from ..fileio import display_path
+from ..fileio import display_path, printable
 from .readers import SUPPORTED_SUFFIXES, is_candidate_file
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,10 @@ def class_folders(split_dir: Path) -> list[str]:
     then alphabetically without regard to case (a plain sort put ``PNEUMONIA`` before ``normal``, making the
     healthy class the positive one)."""
     names = [entry.name for entry in split_dir.iterdir() if entry.is_dir() and not entry.name.startswith(".")]
+    for name in names:  # the checkpoint's rule for class names, which label every output: refused before training
+        if printable(name) != name:
+            raise DatasetError(f"{printable(split_dir / name)}: class folder name is not printable text (a control "
+                               f"character, line break or non-UTF-8 byte); class names label every output: rename it")
     return sorted(names, key=lambda name: ("pneumonia" in name.casefold(), name.casefold(), name))
 
 

@@ -157,7 +157,8 @@ def save_refitted(bundle, fit: dict, save_as) -> Path:
                             "adapted_raw_scores": fit.get("adapted_raw_scores")}
     else:  # the calibration and its images (which drift and ensembles also read) stay; the threshold's are added
         fitted_on = {k: fit[k] for k in ("engine", "precision", "tta", "device", "split", "images", "data")}
-        payload["decision_fit"] = dict(payload.get("decision_fit") or {}, threshold_refit=fitted_on)
+        kept = {k: v for k, v in (payload.get("decision_fit") or {}).items() if k != "threshold_fixed"}
+        payload["decision_fit"] = dict(kept, threshold_refit=fitted_on)
         reference["threshold_fit"] = {"split": fit["split"], "fingerprints": fit["fingerprints"]}
     payload["reference"] = reference
     if fit.get("adapted_refitted"):

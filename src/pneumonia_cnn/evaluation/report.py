@@ -11,7 +11,7 @@ from ..checkpoint import load_checkpoint
 from ..data.dataset import load_split
 from ..errors import DatasetError, PneumoniaCNNError
 from ..fileio import display_path, printable, write_text_atomic
-from ..info import _calibration_text, _fit_text, checkpoint_card
+from ..info import _calibration_text, _fit_text, checkpoint_card, threshold_text
 from .evaluate import evaluate
 from .stress import stress_test
 
@@ -96,9 +96,22 @@ def _decision_section(card: dict, run_dir: Path | None) -> str:
              "(5-fold).</p>") if rows else ""
     picture = (f"<div class='figs'>{_image(run_dir / 'calibration.png')}</div>"
                if run_dir is not None and (run_dir / "calibration.png").exists() else "")
-    return (f"<h2>Decision</h2><p>Threshold {card['threshold']:.3f} ({_escape(card['threshold_policy'])}); "
+    return (f"<h2>Decision</h2><p>T{_escape(threshold_text(card))[1:]}; "
             f"{_escape(_calibration_text(card['calibration']))}; fitted on "
             f"{_escape(_fit_text(fit))}.</p>{table}{picture}")
+
+
+def report_paths(run_dir, split: str, out=None) -> tuple[Path, Path]:
+    """Where ``report`` writes its page and the metrics JSON beside it, which the command checks first: OUT and
+    OUT-STEM_SPLIT_metrics.json; by default RUN_DIR/report.html, or ./builtin_report.html for the built-in model
+    (never into the installed package). The metrics and their figures go under the report's own name: a run's
+    test_metrics.json (training's, 1,000 resamples on its own data) is never rewritten by reading it."""
+    if out:
+        return Path(out), Path(out).parent / f"{Path(out).stem}_{split}_metrics.json"
+    packaged = is_builtin(run_dir)
+    folder = Path(".") if packaged else Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
+    prefix = "builtin_" if packaged else ""
+    return folder / f"{prefix}report.html", folder / f"{prefix}report_{split}_metrics.json"
 
 
 def write_report(run_dir, data=None, split="test", out=None, device="auto", bootstrap=1000, cache_dir=None,
@@ -106,17 +119,12 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
     checkpoint = load_checkpoint(run_dir, unfinished_run=True)  # a checkpoint, a run folder, or builtin
     checkpoint_path = Path(checkpoint["path"])
     packaged = is_builtin(run_dir)
+    out, metrics = report_paths(run_dir, split, out)
     run_dir = Path(".") if packaged else checkpoint_path.parent  # never write into the installed package
     config = checkpoint.get("config", {})
     data = data or config.get("data")
     if not data or not Path(data).exists():
         raise PneumoniaCNNError(f"{display_path(data or '?')}: data folder not found; pass --data ROOT")
-    prefix = "builtin_" if packaged else ""
-    # the metrics JSON and its figures go where the report goes, under the report's own name: a run's
-    # test_metrics.json (training's, 1,000 resamples on its own data) is never rewritten by reading it
-    metrics = (Path(out).parent / f"{Path(out).stem}_{split}_metrics.json" if out
-               else run_dir / f"{prefix}report_{split}_metrics.json")
-    out = Path(out or run_dir / f"{prefix}report.html")
     report = evaluate(checkpoint_path, data, split, device=device, bootstrap=bootstrap, cache_dir=cache_dir,
                       out=metrics, figures=True, by=by)
     card = checkpoint_card(checkpoint)
@@ -146,7 +154,7 @@ def _configuration_section(card: dict, config: dict) -> str:
     size = card["input"]["size"]
     return (f"<h2>Configuration</h2><p>model <b>{card['model']}</b>, {card['parameters'] or 0:,} parameters, "
             f"input {size[0]}×{size[1]}, {card['input']['channels']} channel(s), "
-            f"threshold {card['threshold']:.3f} (policy: {_escape(card['threshold_policy'])}), "
+            f"{_escape(threshold_text(card, 'policy: '))}, "
             f"{_escape(_calibration_text(card['calibration']))}</p>"
             f"<details><summary>full config</summary><table>{rows}</table></details>")
 

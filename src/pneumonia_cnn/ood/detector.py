@@ -164,11 +164,12 @@ class OODDetector:
         return cls([(layer, "mean_std") for layer in state["layers"]], components, state["threshold"],
                    state["quantile"], "multi-layer Mahalanobis (Lee et al., 2018), as fitted before taps", "mean")
 
-    def describe(self) -> str:
-        """One line for the model card."""
+    def describe(self, bound_images: str = "validation images") -> str:
+        """One line for the model card; ``bound_images``: the images whose scores set the threshold, which the
+        detector does not store (``adapt`` refits it on a site's: ``info.ood_bound_images`` reads its record)."""
         return (f"{self.method}; taps {', '.join(f'{m}:{r}' for m, r in self.taps)}; an image scoring above "
                 f"{self.threshold:.3f} (a 90%-confidence upper bound of the {self.quantile:.1%} quantile of "
-                f"validation images) is flagged")
+                f"{bound_images}) is flagged")
 
 
 class InvalidState(ValueError):

@@ -107,3 +107,31 @@ def test_an_adapted_detector_is_described_as_fitted_on_the_site(capsys, tmp_path
     torch.save(older, tmp_path / "older.pt")
     assert "quantile of validation images) is flagged" in describe_checkpoint(str(tmp_path / "older.pt"))
     assert "quantile of validation images) is flagged" in describe_checkpoint("builtin")
+
+
+def test_evaluates_default_metrics_are_replaced_only_by_the_same_checkpoint_and_decision(capsys, tmp_path,
+                                                                                        small_root):
+    """RUN/test_metrics.json, written by evaluate's default --out, had been replaced by any evaluation of the same
+    data and split: of last.pt, of an ensemble, of a refitted decision. Those now need --out; the run's own
+    best.pt with its saved decision still rewrites it."""
+    from tests.test_cli_guards import digest
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in ("best.pt", "last.pt"):
+        shutil.copyfile(builtin.checkpoint_path(), folder / name)
+    metrics = folder / "test_metrics.json"
+    quick = ["--data", small_root, "--no-figures", "--bootstrap", "5"]
+    assert run(capsys, "evaluate", "--checkpoint", folder, *quick)[0] == 0
+    before = digest(metrics)
+    refused = {(folder / "last.pt",): "last.pt", (folder, "--threshold", "youden"): "best.pt with --threshold",
+               (folder, "--prevalence", "0.3"): "best.pt with --prevalence",
+               (folder, builtin.checkpoint_path()): "best.pt, best.pt"}
+    for argv, these in refused.items():
+        checkpoints = [a for a in argv if not str(a).startswith("--") and a not in ("youden", "0.3")]
+        options = [a for a in argv if a not in checkpoints]
+        status, error = run(capsys, "evaluate", "--checkpoint", *checkpoints, *options, *quick)
+        assert (status, error) == (2, f"error: {metrics}: holds the metrics of best.pt with its saved decision; "
+                                      f"these of {these} would replace them: give --out"), argv
+        assert digest(metrics) == before
+    assert run(capsys, "evaluate", "--checkpoint", folder / "best.pt", "--threshold", "saved", *quick)[0] == 0
+    assert run(capsys, "evaluate", "--checkpoint", folder / "last.pt", *quick, "--out", tmp_path / "last.json")[0] == 0

@@ -57,17 +57,40 @@ def add_by(p):
                         "InstitutionName...), AgeBand (from PatientAge or a CSV age column), or a CSV column")
 
 
-def keep_other_metrics(out: Path, data, split: str, hint: str = "give --out") -> None:
+def keep_other_metrics(out: Path, data, split: str, hint: str = "give --out", checkpoints=(), changes=()) -> None:
     """The default --out (RUN/test_metrics.json) may hold what training measured on its own test split: metrics
-    of another data set or split never replace it unasked."""
+    of another data set or split, of other checkpoints (last.pt, an ensemble) or of a decision changed by
+    ``changes`` (--threshold, --calibration, --prevalence, --adapt-batch) never replace it unasked."""
     try:
         previous = json.loads(out.read_text(encoding="utf-8"))
         earlier = (Path(previous["data"]).resolve(), previous["split"])
+        earlier_models = [Path(path).name for path in previous.get("checkpoint") or ()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # none there, or not a report: written as before
     if earlier != (Path(data).resolve(), split):
         raise PneumoniaCNNError(f"{out}: holds the metrics of {previous['data']} ({previous['split']} split); these "
                                 f"of {data} ({split}) would replace them: {hint}")
+    models = [checkpoint_file_name(checkpoint) for checkpoint in checkpoints]
+    if earlier_models and (models != earlier_models or changes):
+        these = ", ".join(models) + (f" with {', '.join(changes)}" if changes else "")
+        raise PneumoniaCNNError(f"{out}: holds the metrics of {', '.join(earlier_models)} with its saved decision; "
+                                f"these of {these} would replace them: {hint}")
+
+
+def checkpoint_file_name(checkpoint: str) -> str:
+    """The file a checkpoint argument names: a run folder's best.pt, the built-in model's own file."""
+    if checkpoint == "builtin":
+        from ..builtin import checkpoint_path
+        return Path(checkpoint_path()).name
+    return "best.pt" if Path(checkpoint).is_dir() else Path(checkpoint).name
+
+
+def decision_changes(args) -> list[str]:
+    """The options that make an evaluation's metrics other than those of the checkpoints' saved decision."""
+    given = (("--threshold", args.threshold is not None and str(args.threshold) != "saved"),
+             ("--calibration", args.calibration is not None), ("--prevalence", args.prevalence is not None),
+             ("--adapt-batch", bool(args.adapt_batch)))
+    return [flag for flag, used in given if used]
 
 
 def run_evaluate(args) -> int:
@@ -80,12 +103,13 @@ def run_evaluate(args) -> int:
     default = beside / f"{'builtin_' if args.checkpoint[0] == 'builtin' else ''}{args.split}_metrics.json"
     out = args.out or str(default)
     check_output(out, args.checkpoint, args.data)
+    check_output(args.save_as, args.checkpoint, args.data, flag="--save-as")  # a model, before any metrics file
+    check_replaceable(args.save_as, "checkpoint", "--save-as")
     if not args.out or Path(out).resolve() == default.resolve():  # RUN/test_metrics.json beside its own model
-        keep_other_metrics(Path(out), args.data, args.split, "give --out" if not args.out else "give another --out")
+        keep_other_metrics(Path(out), args.data, args.split, "give --out" if not args.out else "give another --out",
+                           args.checkpoint, decision_changes(args))
     else:
         check_replaceable(out, "metrics")
-    check_output(args.save_as, args.checkpoint, args.data, flag="--save-as")
-    check_replaceable(args.save_as, "checkpoint", "--save-as")
     refit = (args.threshold is not None and str(args.threshold) != "saved") or args.calibration is not None
     if args.save_as and not refit:  # there is no refitted decision to write (--threshold saved keeps the stored one)
         raise PneumoniaCNNError("--save-as writes the decision refitted by --threshold or --calibration: give one")

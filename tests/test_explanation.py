@@ -107,7 +107,7 @@ def test_a_models_cell_centres_are_worked_out_once_and_the_map_is_unchanged(monk
 
 
 def test_the_map_is_textbook_grad_cam_with_no_parameter_gradient_made(monkeypatch):
-    """The backward pass stops at the explained layer (3.0 instead of 9.2 ms a map on 2 cores): the cell map
+    """The backward pass stops at the explained layer (benchmarks/gradcam_speed.py measures it): the cell map
     is still the ReLU of the layer's channels weighted by the spatial mean of the score's gradient, as a full
     backward pass with ``retain_grad`` gives it, and no parameter of the model receives a gradient."""
     import torch
@@ -115,7 +115,8 @@ def test_the_map_is_textbook_grad_cam_with_no_parameter_gradient_made(monkeypatc
     from pneumonia_cnn import explanation
     from pneumonia_cnn.data.loader import to_model_input
     from pneumonia_cnn.models import last_conv_layer_name
-    from tests.conftest import SHARED_DATA
+    from tests.conftest import SHARED_DATA, require_shared
+    require_shared()
     predictor = Predictor("builtin", "cpu")
     image = predictor.preprocess_path(sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())[0])[0]
     model = predictor.bundle.explain_model()
@@ -142,3 +143,23 @@ def test_the_map_is_textbook_grad_cam_with_no_parameter_gradient_made(monkeypatc
     assert expected.shape[2] > 1 and expected.max() > 0
     assert torch.allclose(cells[0], expected, rtol=1e-5, atol=1e-7)
     assert accumulated == [] and all(parameter.grad is None for parameter in model.parameters())
+
+
+def test_frozen_weights_give_the_same_map_and_a_layer_the_forward_pass_skips_is_named():
+    """A fine-tuned model may hold frozen layers: the map needs no weight gradient (it had raised autograd's
+    RuntimeError). A --layer the forward pass never runs was a KeyError traceback; it is now one line."""
+    import torch
+
+    from pneumonia_cnn.errors import PneumoniaCNNError
+    from tests.conftest import SHARED_DATA, require_shared
+    require_shared()
+    predictor = Predictor("builtin", "cpu")
+    image = predictor.preprocess_path(sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())[1])[0]
+    model = predictor.bundle.explain_model()
+    expected = grad_cam(model, image, torch.device("cpu"))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    assert np.array_equal(grad_cam(model, image, torch.device("cpu")), expected)
+    model.unused = torch.nn.Conv2d(1, 1, 3)
+    with pytest.raises(PneumoniaCNNError, match=r"^--layer unused: the model's forward pass does not run it$"):
+        grad_cam(model, image, torch.device("cpu"), "unused")

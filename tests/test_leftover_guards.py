@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pneumonia_cnn import builtin
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, require_shared
 from tests.test_cli_guards import run
 from tests.test_output_guards_review import _refused, run_folder, victim  # noqa: F401 (fixtures)
 
@@ -91,6 +91,7 @@ def test_a_fixed_threshold_is_described_as_fixed_by_info_and_report(capsys, tmp_
 def test_an_adapted_detector_is_described_as_fitted_on_the_site(capsys, tmp_path, small_root):
     from pneumonia_cnn.evaluation.report import write_report
     from pneumonia_cnn.info import describe_checkpoint
+    require_shared()
     site = tmp_path / "site"
     site.mkdir()
     for path in sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[:40]:

@@ -43,15 +43,20 @@ def _grad_cam(model: torch.nn.Module, pixels_uint8: np.ndarray, device, layer: s
     model.eval()
     try:
         with torch.enable_grad():
-            x = to_model_input(torch.from_numpy(np.array(pixels_uint8))[None], device)
+            # an input that requires a gradient: the layer's output then has one even where its weights are frozen
+            x = to_model_input(torch.from_numpy(np.array(pixels_uint8))[None], device).requires_grad_(True)
             score = model(x)
-            activation = captured["activation"]
+            activation = captured.get("activation")
+            if activation is None:
+                raise PneumoniaCNNError(f"--layer {layer}: the model's forward pass does not run it")
             if not isinstance(activation, torch.Tensor) or activation.dim() != 4:
                 raise PneumoniaCNNError(f"--layer {layer}: output is not a feature map "
                                         f"(shape {tuple(getattr(activation, 'shape', ()))})")
             # the gradient of the score with respect to the layer's output only: the backward pass stops there
             # instead of running on to every parameter of the layers before it
-            gradient, = torch.autograd.grad(score.sum(), activation)
+            gradient, = torch.autograd.grad(score.sum(), activation, allow_unused=True)
+            if gradient is None:
+                raise PneumoniaCNNError(f"--layer {layer}: the score does not depend on its output")
     finally:
         handle.remove()
         model.train(was_training)

@@ -95,7 +95,8 @@ def test_serve_gives_torch_one_thread_beside_a_scorer_that_is_not_torch(monkeypa
         monkeypatch.setenv(name, "1")
         monkeypatch.delenv(name)
     threads = torch_threads_restored
-    assert threads > 1  # this machine has 2 cores or more
+    if threads < 2:
+        pytest.skip("torch has one thread here: nothing to take away")
     for engine, omp, expected in (("auto", None, 1), ("auto", "2", threads), ("torch", None, threads)):
         torch.set_num_threads(threads)
         if omp:
@@ -104,3 +105,17 @@ def test_serve_gives_torch_one_thread_beside_a_scorer_that_is_not_torch(monkeypa
             app.run_server("builtin", port=0, options=ServeOptions(device="cpu", engine=engine))
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         assert seen.pop() == expected
+
+
+def test_serve_and_listen_refuse_a_bad_idle_threads_value_whichever_engine_scores(monkeypatch, capsys, tmp_path):
+    """It was said only when an ONNX Runtime session was made: a torch or GPU server ignored it."""
+    from pneumonia_cnn.cli import main
+    from pneumonia_cnn.serving import app
+    from pneumonia_cnn.serving.service import ServeOptions
+    monkeypatch.setenv(IDLE_THREADS, "nap")
+    monkeypatch.setattr(app, "handshake_limited_server", lambda config, seconds: pytest.fail("served"))
+    with pytest.raises(PneumoniaCNNError, match=r"^PNEUMONIA_CNN_IDLE_THREADS='nap': use spin or sleep$"):
+        app.run_server("builtin", port=0, options=ServeOptions(device="cpu", engine="torch"))
+    assert main(["listen", "builtin", "--port", "11112", "--send-to", "127.0.0.1:104:PACS", "--spool",
+                 str(tmp_path / "spool")]) == 2
+    assert capsys.readouterr().err == "error: PNEUMONIA_CNN_IDLE_THREADS='nap': use spin or sleep\n"

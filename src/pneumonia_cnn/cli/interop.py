@@ -238,7 +238,7 @@ def listen_arguments(p):
 
 def run_listen(args) -> int:
     from ..inference import Predictor
-    from ..inference.sessions import IDLE_THREADS
+    from ..inference.sessions import IDLE_THREADS, idle_threads
     from ..interop.dicom_access import NodeAccess, check_ae_title
     from ..interop.listener import Destination, Listener, default_spool
     from ..interop.spool import open_spool, spool_lock
@@ -249,6 +249,7 @@ def run_listen(args) -> int:
     spool = open_spool(args.spool or default_spool())  # before the model loads: a bad --spool is said at once,
     spool_lock(spool).acquire().release()  # and so is a spool another node is using
     os.environ.setdefault(IDLE_THREADS, "sleep")  # as serve's: the network threads share the cores with scoring
+    idle_threads()
     listener = Listener(Predictor(args.checkpoint, args.device), destination, args.ae_title, args.port, args.host,
                         args.spool, args.overlay, args.retries + 1, args.backoff, args.retry_after,
                         modalities=modalities, give_up_after=args.give_up_after,

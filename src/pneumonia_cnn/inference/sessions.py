@@ -46,11 +46,16 @@ def session_options(onnxruntime):
     it unless given) makes idle threads sleep; ``spin`` (the default) is ONNX Runtime's own behaviour."""
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if idle_threads() == "spin" else "0")
+    return options
+
+
+def idle_threads() -> str:
+    """``PNEUMONIA_CNN_IDLE_THREADS``: spin (the default) or sleep; another value is a one-line error."""
     idle = os.environ.get(IDLE_THREADS, "spin").strip().lower()
     if idle not in ("spin", "sleep"):
         raise PneumoniaCNNError(f"{IDLE_THREADS}={os.environ[IDLE_THREADS]!r}: use spin or sleep")
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if idle == "spin" else "0")
-    return options
+    return idle
 
 
 def run_sessions(sessions, pixels_uint8: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:

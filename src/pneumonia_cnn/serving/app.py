@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 
 from ..errors import PneumoniaCNNError
-from ..inference.sessions import IDLE_THREADS
+from ..inference.sessions import IDLE_THREADS, idle_threads
 from .auth import ANY_IP_ADDRESS, SECURITY_HEADERS, AccessMiddleware, HostCheckMiddleware
 from .limits import LimitsMiddleware, handshake_limited_server, idle_timeout_protocol
 from .metrics import RequestMetricsMiddleware
@@ -288,6 +288,7 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: S
     # ONNX Runtime's threads sleep between batches instead of spinning on the cores that Grad-CAM, decoding and the
     # event loop need
     os.environ.setdefault(IDLE_THREADS, "sleep")
+    idle_threads()  # an operator's bad value is said at start, whichever engine scores
     app = create_app(checkpoint, options, allowed_host_names(host, allowed_hosts))
     one_torch_thread_beside_scoring(app.state.service.served.predictor)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, loop="asyncio",

@@ -309,6 +309,8 @@ def test_an_ensemble_whose_members_lack_validation_fingerprints_averages_them(tr
     for index in range(2):
         payload = torch.load(trained_run / "best.pt", map_location="cpu", weights_only=True)
         del payload["reference"]["val"]["fingerprints"]
+        name = next(iter(payload["state_dict"]))  # two models: one model's weights twice are refused
+        payload["state_dict"][name] = payload["state_dict"][name] * (1 + index / 100)
         paths.append(tmp_path / f"member{index}.pt")
         torch.save(payload, paths[-1])
     bundle = load_bundle(paths)

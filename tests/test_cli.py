@@ -240,7 +240,11 @@ def test_double_dash_separates_the_paths_even_those_that_start_with_a_dash(tmp_p
     assert [r["path"] for r in first + second] == ["plain.jpeg", "-dash.jpeg"]
     assert first[0]["probability"] == second[0]["probability"]
     shutil.copyfile(example, tmp_path / "--dd.jpeg")  # after a global option, and a name like an option's
-    shutil.copyfile(builtin.checkpoint_path(), tmp_path / "copy.pt")  # a second file: one model twice is refused
+    import torch
+    other = torch.load(builtin.checkpoint_path(), weights_only=True)  # a second model: one model twice is refused
+    first_weight = next(iter(other["state_dict"]))
+    other["state_dict"][first_weight] = other["state_dict"][first_weight] * 1.01
+    torch.save(other, tmp_path / "copy.pt")
     assert main(["-v", "predict", "builtin", "copy.pt", "--", "--dd.jpeg", "--format", "json"]) == 0
     third = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in third] == ["--dd.jpeg"] and "+" in third[0]["model"]  # both checkpoints

@@ -61,3 +61,13 @@ def test_an_unexpected_error_still_shows_its_traceback_under_verbose(capsys, mon
     assert run(capsys, "info") == (2, "error: [Errno 5] inner failure")
     with pytest.raises(OSError, match="inner failure"):
         main(["-v", "info"])
+
+
+def test_an_ensemble_of_one_models_weights_under_two_names_is_refused(capsys, tmp_path):
+    """A copy of a checkpoint is another file, so the path check lets it by; it averaged the model with itself
+    and reported "an ensemble of 2"."""
+    shutil.copyfile(builtin.checkpoint_path(), tmp_path / "copy.pt")
+    image = builtin.example_paths()[0]
+    status, error = run(capsys, "predict", "builtin", tmp_path / "copy.pt", "--", image)
+    assert (status, error) == (2, f"error: {tmp_path / 'copy.pt'}: holds the same weights as "
+                                  f"{builtin.checkpoint_path()}; an ensemble needs different models")

@@ -55,10 +55,16 @@ def test_ensemble_averages_probabilities(trained_run, tmp_path, capsys):
     image = write_image(tmp_path / "x.png", (np.random.default_rng(2).random((64, 64)) * 255).astype(np.uint8))
     main(["predict", str(trained_run / "best.pt"), str(image), "--format", "json"])
     single = json.loads(capsys.readouterr().out)[0]["probability"]
-    main(["predict", str(trained_run / "best.pt"), str(trained_run / "last.pt"), "--", str(image), "--format", "json"])
+    import torch
+    other = torch.load(trained_run / "last.pt", weights_only=True)  # another model: the same weights are refused
+    name = next(iter(other["state_dict"]))
+    other["state_dict"][name] = other["state_dict"][name] * 1.05
+    torch.save(other, tmp_path / "other.pt")
+    main(["predict", str(trained_run / "best.pt"), str(tmp_path / "other.pt"), "--", str(image), "--format", "json"])
     both = json.loads(capsys.readouterr().out)[0]
     from pneumonia_cnn.inference import Predictor
-    last = Predictor(trained_run / "last.pt", "cpu").predict_files([image])[0].probability
+    last = Predictor(tmp_path / "other.pt", "cpu").predict_files([image])[0].probability
+    assert last != single
     assert abs(both["probability"] - (single + last) / 2) < 1e-6 and "+" in both["model"]
 
 

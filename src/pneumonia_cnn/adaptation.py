@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
-from .calibration import MEAN_OF_MEMBERS, Decision, choose_threshold, fit_calibration
+from .calibration import MEAN_OF_MEMBERS, Decision, choose_threshold, fit_calibration, parse_threshold_policy
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.augment import AugmentConfig, augment_batch
 from .data.cache import build_or_load
@@ -187,8 +187,11 @@ def _adapt_with_labels(bundle: Bundle, model, labelled, device, recalibrate, see
         fine_tune(model, tune_x, tune_y, device, epochs, seed=seed)
     old = bundle.decision
     result.update(fine_tune_epochs=epochs, cv_auc_by_epoch=cv_aucs, labelled_images=int(len(site)),
-                  kept_out_images=int(held.sum()), threshold_refitted=old.policy != MEAN_OF_MEMBERS,
-                  calibration_refitted=bool(recalibrate))
+                  kept_out_images=int(held.sum()), threshold_refitted=refits_threshold(old.policy),
+                  threshold_policy=old.policy, calibration_refitted=bool(recalibrate))
+    result["_site_fit"] = {"engine": "torch", "precision": "float32", "tta": bool(bundle.tta),
+                           "device": getattr(device, "type", str(device)), "split": "labelled site",
+                           "images": int(len(tune_y)), "data": str(labelled)}
     calibration = fit_calibration(tune_y, oof_logits, old.calibration.method if old.calibration.method != "none"
                                   else "platt") if recalibrate else old.calibration
     threshold = choose_threshold(tune_y, calibration.probabilities(oof_logits), old.policy) \
@@ -201,6 +204,29 @@ def _adapt_with_labels(bundle: Bundle, model, labelled, device, recalibrate, see
     after = decision.probabilities(served_logits(model, images[held], device, bundle.tta))
     _verdict(labels[held], groups[held], before, old.threshold, after, decision.threshold, seed, result)
     return model, decision, images
+
+
+def refits_threshold(policy: str) -> bool:
+    """Whether the policy chooses the threshold from scores: an ensemble's mean of members keeps the members',
+    and a given probability (train's default "0.5", evaluate --threshold 0.4) is that probability whatever the
+    site's scores are."""
+    return policy != MEAN_OF_MEMBERS and parse_threshold_policy(policy)[0] != "fixed"
+
+
+def adapted_decision_fit(source_fit, site_fit: dict | None, threshold_refitted: bool, recalibrated: bool):
+    """``decision_fit`` of the adapted checkpoint, in the shape ``evaluate --save-as`` writes: ``site_fit`` (the
+    labelled site images whose out-of-fold scores refitted the decision) replaces the source's record when the
+    calibration was refitted, or is added as ``threshold_refit`` when the threshold alone was; a
+    ``threshold_fixed`` stays only while the threshold is still that given probability."""
+    source_fit = dict(source_fit) if isinstance(source_fit, dict) else None
+    if site_fit is None or not (threshold_refitted or recalibrated):
+        return source_fit
+    fixed = {} if threshold_refitted or not source_fit or "threshold_fixed" not in source_fit \
+        else {"threshold_fixed": source_fit["threshold_fixed"]}
+    if recalibrated:
+        return dict(site_fit, **fixed)
+    kept = {k: v for k, v in (source_fit or {}).items() if k not in ("threshold_fixed", "threshold_refit")}
+    return dict(kept, threshold_refit=site_fit)
 
 
 def _verdict(labels, groups, before, threshold_before, after, threshold_after, seed, result):
@@ -233,7 +259,7 @@ def ood_fit_record(unlabelled: int, labelled: int) -> dict:
 def _refit_ood(adapted: Bundle, images: np.ndarray, device, source: dict, seed: int):
     """The detector refitted on the site's images (pseudo-labelled by the adapted model); half of them,
     drawn at random, set its threshold."""
-    from .ood import OODDetector, default_taps
+    from .ood import OODDetector, default_taps, site_method
     scores = Scorer(adapted, device, "auto", taps=default_taps(adapted.models[0])).score(images)
     labels = (scores.raw > 0).astype(int)
     order = np.random.default_rng(seed).permutation(len(images))
@@ -243,7 +269,10 @@ def _refit_ood(adapted: Bundle, images: np.ndarray, device, source: dict, seed: 
         return {"features": [f[index] for f in scores.features], "logits": scores.raw[index],
                 "pixels": images[index], "labels": labels[index]}
     quantile = float(source.get("config", {}).get("ood_quantile", 0.95))
-    return OODDetector.fit(adapted.models[0], part(fit), part(held), quantile=quantile, seed=seed)
+    detector = OODDetector.fit(adapted.models[0], part(fit), part(held), quantile=quantile, seed=seed)
+    # its k-NN references are these site images: METHOD would say "to the training images" in info and the report
+    detector.method = site_method(f"{len(fit)} of the new site's {len(images)} images")
+    return detector
 
 
 def adapted_reference(source: dict, tuned: dict | None) -> dict:
@@ -277,6 +306,11 @@ def _save_adapted(source: dict, adapted: Bundle, detector, out, data, labelled, 
     reference = adapted_reference(source, result.pop("_tuned", None))
     if reference:
         payload["reference"] = reference
+    decision_fit = adapted_decision_fit(source.get("decision_fit"), result.pop("_site_fit", None),
+                                        bool(result.get("threshold_refitted")),
+                                        bool(result.get("calibration_refitted")))
+    if decision_fit is not None:
+        payload["decision_fit"] = decision_fit
     payload["adaptation"] = {"site_data": str(data), "labelled": str(labelled) if labelled else None,
                              "site_images": result["unlabelled_images"],
                              "left_out_by_input_checks": result["left_out_by_input_checks"],
@@ -314,8 +348,10 @@ def refit_lines(result: dict) -> list[str]:
     if "kept_out" not in result:
         return lines + ["decision threshold and calibration kept from the source checkpoint (refitting them needs "
                         "--labelled)"]
+    kept_because = "an ensemble's mean of members" if result.get("threshold_policy") in (None, MEAN_OF_MEMBERS) \
+        else f"a given probability, {result['threshold_policy']}, fitted on no images"
     threshold = "refitted on the labelled images' out-of-fold scores" if result.get("threshold_refitted") else \
-        "kept from the source checkpoint (an ensemble's mean of members)"
+        f"kept from the source checkpoint ({kept_because})"
     calibration = "refitted there too" if result.get("calibration_refitted") else \
         "kept from the source checkpoint (--recalibrate refits it)"
     return lines + [f"decision threshold {threshold}; calibration {calibration}"]

@@ -7,7 +7,7 @@ from . import builtin
 from .checkpoint import build_model, load_checkpoint
 from .fileio import printable
 from .inference.bundle import ood_detector_of
-from .ood import flag_message
+from .ood import METHOD, flag_message, site_method
 
 
 def checkpoint_card(checkpoint) -> dict:
@@ -30,26 +30,50 @@ def checkpoint_card(checkpoint) -> dict:
                                                     "schedule", "augment", "class_balance", "seed")},
         "intended_use": ckpt.get("intended_use", {}),
         "adapted": ckpt.get("adaptation"),
-        "ood_flag": (f"fitted: {ood_detector_of(ckpt).describe(ood_bound_images(ckpt))} as "
+        "ood_flag": (f"fitted: {ood_description(ckpt)} as "
                      f"{flag_message(ckpt.get('intended_use'))}"
                      f"; its probability is still given" if ood else "not fitted for this checkpoint"),
     }
+
+
+def ood_description(ckpt: dict) -> str:
+    """The detector's line: its method, naming its references, and the images that set its bound. A detector
+    ``adapt`` refitted before it stored the site's wording still stores ``METHOD`` ("to the training images");
+    its ``adaptation.ood_fitted_on`` record says its references were the site's."""
+    detector = ood_detector_of(ckpt)
+    fit = _site_ood_fit(ckpt)
+    if fit is not None and detector.method == METHOD:
+        try:
+            references = f"{int(fit['reference_images'])} of the new site's {_site_total(fit)} images"
+        except (KeyError, TypeError, ValueError):  # a record edited by hand: whose images, without counts
+            references = "the new site's images"
+        detector.method = site_method(references)
+    return detector.describe(ood_bound_images(ckpt))
 
 
 def ood_bound_images(ckpt: dict) -> str:
     """The images whose scores set the detector's flag bound, as ``OODDetector.describe`` names them: the
     validation images, unless ``adapt`` refitted the detector on a site's (``adaptation.ood_fitted_on``; a
     checkpoint without that record is described as before)."""
-    adaptation = ckpt.get("adaptation")
-    fit = adaptation.get("ood_fitted_on") if isinstance(adaptation, dict) else None
-    if not isinstance(fit, dict) or fit.get("images") != "site":
+    fit = _site_ood_fit(ckpt)
+    if fit is None:
         return "validation images"
     try:
-        bound = int(fit["bound_images"])
-        total = int(fit["site_images"]) + int(fit.get("labelled_site_images") or 0)
+        bound, total = int(fit["bound_images"]), _site_total(fit)
     except (KeyError, TypeError, ValueError):  # a record edited by hand: what it was fitted on, without counts
         return "the new site's images, refitted there by adapt, not validation images"
     return f"{bound} of the new site's {total} images, drawn at random by adapt, not validation images"
+
+
+def _site_ood_fit(ckpt: dict) -> dict | None:
+    """``adaptation.ood_fitted_on`` when ``adapt`` refitted the detector on a site's images, else None."""
+    adaptation = ckpt.get("adaptation")
+    fit = adaptation.get("ood_fitted_on") if isinstance(adaptation, dict) else None
+    return fit if isinstance(fit, dict) and fit.get("images") == "site" else None
+
+
+def _site_total(fit: dict) -> int:
+    return int(fit["site_images"]) + int(fit.get("labelled_site_images") or 0)
 
 
 def threshold_text(card: dict, label: str = "") -> str:

@@ -16,31 +16,42 @@ from ..errors import PneumoniaCNNError
 _JSON_LIMIT = 1 << 30  # a larger "metrics" file is not one a command wrote: not parsed, not replaced
 
 
-def _is_checkpoint(path: Path) -> bool:
-    """A file ``torch.save`` wrote of a checkpoint's fields (read without unpickling): a TorchScript model (its
-    code inside), a tensor or a zip of something else is not."""
+def _checkpoint_pickle(path: Path) -> bytes | None:
+    """The start of the pickle of a file ``torch.save`` wrote (read without unpickling), or None: a TorchScript
+    model (its code inside), a tensor or a zip of something else is not one."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             pickled = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pickled) != 1 or any("/code/" in n for n in names):
-                return False
-            head = archive.open(pickled[0]).read(64 << 20)
+                return None
+            return archive.open(pickled[0]).read(64 << 20)
     except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
-        return False
-    return b"state_dict" in head and b"preprocessing" in head
+        return None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A file ``torch.save`` wrote of a checkpoint's fields."""
+    head = _checkpoint_pickle(path)
+    return head is not None and b"state_dict" in head and b"preprocessing" in head
+
+
+def _json_value(path: Path, opening: bytes):
+    """The JSON in ``path`` when it begins with ``opening`` (``{`` or ``[``), else None: an image or a zip is not
+    read whole, nor a file over ``_JSON_LIMIT``."""
+    try:
+        if path.stat().st_size > _JSON_LIMIT:
+            return None
+        with open(path, "rb") as handle:
+            if handle.read(64).lstrip()[:1] != opening:
+                return None
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
 
 
 def _json_fields(path: Path) -> set:
-    try:
-        if path.stat().st_size > _JSON_LIMIT:
-            return set()
-        with open(path, "rb") as handle:
-            if handle.read(64).lstrip()[:1] != b"{":  # an image or a zip: not read whole
-                return set()
-        value = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return set()
+    value = _json_value(path, b"{")
     return set(value) if isinstance(value, dict) else set()
 
 
@@ -51,6 +62,34 @@ def _is_report(path: Path) -> bool:
     except OSError:
         return False
     return head.lower().startswith(b"<!doctype html>") and b"<title>pneumonia-cnn report" in head
+
+
+def _is_picture(path: Path, head: bytes) -> bool:
+    """Whether ``path`` (beginning with ``head``) is a picture of a format show-samples stores its title in: a
+    PNG, JPEG or TIFF that Pillow knows (it reads the header, not the pixels), a PDF, or an SVG: XML whose root
+    element is <svg>. A text file that merely names the title is none of them."""
+    if head.startswith(b"%PDF-"):
+        return True
+    if head.lstrip()[:1] == b"<":
+        return _root_is_svg(head)
+    from PIL import Image
+    try:
+        with Image.open(path, formats=["PNG", "JPEG", "TIFF"]):
+            return True
+    except Exception:  # a damaged or foreign file raises whatever its format's reader raises
+        return False
+
+
+def _root_is_svg(head: bytes) -> bool:
+    """The first element of the XML in ``head`` (the file's first 64 KiB, where an SVG's root element is)."""
+    import xml.etree.ElementTree as ElementTree
+    parser = ElementTree.XMLPullParser(events=("start",))
+    try:
+        parser.feed(head)
+        first = next((element for _, element in parser.read_events()), None)
+    except ElementTree.ParseError:
+        return False
+    return first is not None and first.tag.rsplit("}", 1)[-1] == "svg"
 
 
 def _is_samples(path: Path) -> bool:
@@ -64,7 +103,7 @@ def _is_samples(path: Path) -> bool:
             tail = handle.read()
     except OSError:
         return False
-    return SAMPLES_TITLE.encode("ascii") in head + tail
+    return SAMPLES_TITLE.encode("ascii") in head + tail and _is_picture(path, head)
 
 
 # kind: (how a message names it, whether an existing file is one)
@@ -77,12 +116,40 @@ KINDS = {
 }
 
 
+# the columns every row of a run's history has begun with since the first version (training/loop.py's
+# write_history): a user's own history.csv (a spreadsheet, another tool's log) has other ones
+_HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy")
+
+
+def _is_run_history_csv(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            header = handle.readline(4096)  # the column names only: a huge CSV is not read
+    except OSError:
+        return False
+    return header.decode("utf-8", "replace").strip().split(",")[:len(_HISTORY_COLUMNS)] == list(_HISTORY_COLUMNS)
+
+
+def _is_run_history_json(path: Path) -> bool:
+    rows = _json_value(path, b"[")
+    return isinstance(rows, list) and bool(rows) and all(isinstance(row, dict) and set(_HISTORY_COLUMNS) <= set(row)
+                                                         for row in rows)
+
+
+def _is_run_last_checkpoint(path: Path) -> bool:
+    """train's last.pt: a checkpoint with the training state to resume from (adapt and evaluate --save-as drop it,
+    so no other command writes one)."""
+    head = _checkpoint_pickle(path)
+    return head is not None and b"state_dict" in head and b"training_state" in head
+
+
 def run_folder_of(path: Path) -> bool:
-    """Whether ``path``'s folder is a training run's: its config.json is a run's, or it holds a history."""
+    """Whether ``path``'s folder is a training run's: it holds a config.json, history or last.pt that train wrote
+    (judged by their content: a file that merely has such a name, like a user's history.csv, makes no run)."""
     from ..training.setup import is_run_config
     folder = path.parent
-    return is_run_config(folder / "config.json") or any((folder / n).is_file() for n in ("history.json",
-                                                                                           "history.csv"))
+    return (is_run_config(folder / "config.json") or _is_run_history_csv(folder / "history.csv")
+            or _is_run_history_json(folder / "history.json") or _is_run_last_checkpoint(folder / "last.pt"))
 
 
 def check_replaceable(out, kind: str, flag: str = "--out") -> None:

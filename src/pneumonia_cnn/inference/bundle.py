@@ -8,6 +8,7 @@ mean of their thresholds, and the output says so.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -123,12 +124,29 @@ def load_bundle(checkpoints) -> Bundle:
                                     f"differ from {display_path(loaded[0].get('path', '?'))}; an ensemble needs "
                                     f"the same input")
     models = [build_model(c) for c in loaded]
+    if len(loaded) > 1:
+        refuse_repeated_weights(loaded, models)
     ood = _ood_detector(loaded[0])
     if len(loaded) == 1:
         adapted = loaded[0].get("decision_adapted")
         return Bundle(loaded, models, preprocessing, decision_of(loaded[0]), tta, ood,
                       adapted_decision=decision_of(adapted) if adapted else None)
     return _ensemble_bundle(loaded, models, preprocessing, tta, ood)
+
+
+def refuse_repeated_weights(loaded, models) -> None:
+    """An ensemble's members must differ: a copy of a checkpoint under another name averaged one model with itself
+    and was reported as an ensemble of two."""
+    seen = {}
+    for checkpoint, model in zip(loaded, models):
+        digest = hashlib.sha256()
+        for name, value in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        first = seen.setdefault(digest.hexdigest(), checkpoint)
+        if first is not checkpoint:
+            raise PneumoniaCNNError(f"{display_path(checkpoint.get('path', '?'))}: holds the same weights as "
+                                    f"{display_path(first.get('path', '?'))}; an ensemble needs different models")
 
 
 def _ood_detector(checkpoint: dict):

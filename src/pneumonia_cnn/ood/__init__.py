@@ -38,6 +38,7 @@ from .scorers import (
                      conservative_quantile,
                      default_recipe,
                      default_taps,
+                     site_method,
 )
 from .taps import INPUT_TAP, REDUCTIONS, TappedModel, extract, penultimate_layer
 
@@ -46,4 +47,5 @@ __all__ = ["AGE_OUTSIDE", "DEFAULT_POPULATION", "FLAG_MEANING", "NOT_FRONTAL_CHE
            "image_statistics", "input_warnings", "patient_age_years", "training_population", "InvalidState",
            "OODDetector", "FOLDS",
            "METHOD", "SCORERS", "GaussianScore", "NeighbourScore", "conservative_quantile", "default_recipe",
+           "site_method",
            "INPUT_TAP", "REDUCTIONS", "TappedModel", "default_taps", "extract", "penultimate_layer"]

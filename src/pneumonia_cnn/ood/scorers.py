@@ -114,9 +114,22 @@ def default_recipe(model: nn.Module) -> list[tuple[str, tuple[str, str], dict]]:
             ("knn", (INPUT_TAP, "orientations4"), {"k": 10})]
 
 
-METHOD = ("k-NN distances (Sun et al., 2022) to the training images in three L2-normalised views (the last "
-          "feature layer's channel means and spreads, the 4 x 4 thumbnail, the edges' orientations in 4 x 4 "
-          "blocks), combined by Fisher's method over their p-values among the training images' cross-fitted distances")
+def knn_method(references: str = "the training images", calibrated_among: str = "the training images'") -> str:
+    """``default_recipe``'s method in words, naming the images its k-NN distances are measured to."""
+    return (f"k-NN distances (Sun et al., 2022) to {references} in three L2-normalised views (the last "
+            "feature layer's channel means and spreads, the 4 x 4 thumbnail, the edges' orientations in 4 x 4 "
+            f"blocks), combined by Fisher's method over their p-values among {calibrated_among} cross-fitted "
+            "distances")
+
+
+# Fitted on training images: what train's detectors store, and what a stored detector without a method means.
+METHOD = knn_method()
+
+
+def site_method(references: str) -> str:
+    """The method of a detector ``adapt`` refitted: its references (``references``, e.g. "20 of the new site's
+    40 images") are the site's images, not the training images that ``METHOD`` names."""
+    return knn_method(f"{references} (adapt's references, not the training images)", "those references'")
 
 
 def conservative_quantile(scores: np.ndarray, quantile: float, confidence: float = 0.9) -> float:

@@ -1,0 +1,101 @@
+"""After ``adapt``, info and the report described the detector's k-NN references as "the training images" though
+adapt refitted them on the site's images, and after ``adapt --labelled`` the ``decision_fit`` record still named
+the source's validation images (and a ``threshold_fixed`` it no longer held)."""
+import pytest
+import torch
+
+from pneumonia_cnn import builtin
+from tests.conftest import SHARED_DATA, require_shared
+
+SITE_REFERENCES = "to 32 of the new site's 64 images (adapt's references, not the training images)"
+
+
+def _site_folders(root):
+    """40 unlabelled test images and 12 labelled val images per class (the labelled join the detector's refit)."""
+    require_shared()
+    unlabelled, labelled = root / "site", root / "labelled"
+    unlabelled.mkdir()
+    for path in sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[:40]:
+        (unlabelled / path.name).symlink_to(path)
+    for name in ("NORMAL", "PNEUMONIA"):
+        (labelled / name).mkdir(parents=True)
+        for path in sorted((SHARED_DATA / "val" / name).iterdir())[:12]:
+            (labelled / name / path.name).symlink_to(path)
+    return unlabelled, labelled
+
+
+def _adapt(source, root, out, recalibrate=False):
+    from pneumonia_cnn.adaptation import adapt
+    unlabelled, labelled = _site_folders(root)
+    result = adapt(source, unlabelled, out, labelled=labelled, device="cpu", recalibrate=recalibrate, max_epochs=1,
+                   folds=2)
+    return result, torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapted")
+    result, saved = _adapt("builtin", root, root / "adapted.pt")
+    return root / "adapted.pt", result, saved
+
+
+def test_an_adapted_detectors_references_are_named_as_the_sites_images(adapted, tmp_path):
+    from pneumonia_cnn.info import describe_checkpoint
+    from pneumonia_cnn.ood import METHOD
+    path, _, saved = adapted
+    assert SITE_REFERENCES in saved["ood"]["method"]
+    card = describe_checkpoint(str(path))
+    assert SITE_REFERENCES in card and "to the training images" not in card
+    assert "among those references' cross-fitted distances" in card
+    # adapted before adapt stored the site's wording: its ood_fitted_on record says whose images they are
+    older = dict(saved, ood=dict(saved["ood"], method=METHOD))
+    torch.save(older, tmp_path / "older.pt")
+    assert SITE_REFERENCES in describe_checkpoint(str(tmp_path / "older.pt"))
+    # never adapted: still the training images, as it was fitted
+    assert "k-NN distances (Sun et al., 2022) to the training images" in describe_checkpoint(builtin.NAME)
+
+
+def test_adapt_with_labels_records_the_site_images_its_threshold_was_refitted_on(adapted):
+    from pneumonia_cnn.info import describe_checkpoint
+    path, result, saved = adapted
+    source = torch.load(builtin.checkpoint_path(), weights_only=False)["decision_fit"]
+    assert result["threshold_refitted"]  # sensitivity:0.95, chosen again on the site's out-of-fold scores
+    refit = saved["decision_fit"]["threshold_refit"]
+    tuned = result["labelled_images"] - result["kept_out_images"]
+    assert (refit["split"], refit["images"], refit["engine"]) == ("labelled site", tuned, "torch")
+    # the calibration was kept, and so is the record of the images it was fitted on
+    assert (saved["decision_fit"]["split"], saved["decision_fit"]["images"]) == (source["split"], source["images"])
+    assert f"the threshold refitted since on {tuned} labelled site images, scored by the torch engine" \
+        in describe_checkpoint(str(path))
+
+
+def test_adapt_recalibrated_from_a_fixed_threshold_describes_the_site_refit(tmp_path):
+    from pneumonia_cnn.adaptation import format_adaptation
+    from pneumonia_cnn.info import describe_checkpoint
+    source = torch.load(builtin.checkpoint_path(), weights_only=False)
+    # as evaluate --threshold 0.4 --save-as writes it
+    source.update(threshold=0.4, threshold_policy="0.4", decision_fit=dict(source["decision_fit"], threshold_fixed=0.4))
+    torch.save(source, tmp_path / "fixed.pt")
+    result, saved = _adapt(tmp_path / "fixed.pt", tmp_path, tmp_path / "adapted.pt", recalibrate=True)
+    tuned = result["labelled_images"] - result["kept_out_images"]
+    fit = saved["decision_fit"]
+    assert (fit["split"], fit["images"], fit["data"]) == ("labelled site", tuned, str(tmp_path / "labelled"))
+    assert "calibration_comparison" not in fit and "threshold_refit" not in fit
+    # a given probability is not refitted by the site's scores: still 0.4, and still said to be fixed
+    assert saved["threshold"] == pytest.approx(0.4) and fit["threshold_fixed"] == pytest.approx(0.4)
+    assert not result["threshold_refitted"] and not saved["adaptation"]["threshold_refitted_on_site"]
+    assert "decision threshold kept from the source checkpoint (a given probability, 0.4, fitted on no images)" \
+        in format_adaptation(result)
+    assert f"fitted on: {tuned} labelled site images, scored by the torch engine in float32" \
+        in describe_checkpoint(str(tmp_path / "adapted.pt"))
+
+
+def test_a_refitted_threshold_drops_threshold_fixed():
+    from pneumonia_cnn.adaptation import adapted_decision_fit
+    source = {"split": "val", "images": 559, "engine": "onnx", "threshold_fixed": 0.4}
+    site = {"split": "labelled site", "images": 16, "engine": "torch"}
+    assert adapted_decision_fit(source, site, threshold_refitted=True, recalibrated=True) == site
+    assert adapted_decision_fit(source, site, threshold_refitted=True, recalibrated=False) == {
+        "split": "val", "images": 559, "engine": "onnx", "threshold_refit": site}
+    assert adapted_decision_fit(source, site, threshold_refitted=False, recalibrated=False) == source
+    assert adapted_decision_fit(source, None, threshold_refitted=False, recalibrated=False) == source

@@ -86,6 +86,21 @@ def test_a_full_disk_is_one_line_naming_the_checkpoint(full_disk, small_root, tm
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
 
 
+def test_torchs_writer_error_without_a_reason_is_judged_while_its_file_takes_the_space(full_disk, monkeypatch):
+    """torch's writer may fail with only "unexpected pos" and no OSError; the free space then says whether the
+    disk was full. It was read after the temporary file had been removed, when the space was free again."""
+    def fills_the_disk_then_fails(payload, handle):
+        while os.statvfs(full_disk).f_bavail:  # the rest of the tmpfs, block by block
+            handle.write(b"\0" * 4096)
+            handle.flush()
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6720 vs 6614")
+    monkeypatch.setattr(torch, "save", fills_the_disk_then_fails)
+    with pytest.raises(CheckpointError) as caught:
+        save_checkpoint(builtin_payload(), full_disk / "model.pt")
+    assert str(caught.value) == f"{full_disk / 'model.pt'}: No space left on device"
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
 def test_checkpoints_written_through_a_file_still_load(tmp_path):
     save_checkpoint(builtin_payload(), tmp_path / "copy.pt")
     assert load_bundle(tmp_path / "copy.pt").models

@@ -31,14 +31,22 @@ def save_checkpoint(payload: dict, path) -> Path:
     Python's file raises the OSError, kept as the context of torch's RuntimeError: one line, the system's reason."""
     payload = dict(payload, format=FORMAT)
     try:
-        with atomic_path(path) as temporary, open(temporary, "wb") as handle:
-            torch.save(payload, handle)
-    except (OSError, RuntimeError) as error:
-        reason = _write_failure(error, Path(path))
-        if reason is None:  # not a write that failed: a bug to show in full
-            raise
-        raise CheckpointError(f"{display_path(path)}: {reason}") from None
+        with atomic_path(path) as temporary:
+            try:
+                with open(temporary, "wb") as handle:
+                    torch.save(payload, handle)
+            except (OSError, RuntimeError) as error:  # judged while the temporary file still takes its space
+                _raise_write_failure(error, Path(path))
+    except (OSError, RuntimeError) as error:  # the rename or the flush to disk
+        _raise_write_failure(error, Path(path))
     return Path(path)
+
+
+def _raise_write_failure(error: BaseException, path: Path):
+    reason = _write_failure(error, path)
+    if reason is None:  # not a write that failed: a bug to show in full
+        raise error
+    raise CheckpointError(f"{display_path(path)}: {reason}") from None
 
 
 def _write_failure(error: BaseException, path: Path) -> str | None:

@@ -22,6 +22,7 @@ from ..data.intensity import standardise_intensity
 from ..data.readers import read_image, read_image_bytes, resize_gray
 from ..errors import CheckpointError, PneumoniaCNNError, one_line
 from ..fileio import display_path
+from .sessions import add_weights
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +140,7 @@ def refuse_repeated_weights(loaded, models) -> None:
     and was reported as an ensemble of two."""
     seen = {}
     for checkpoint, model in zip(loaded, models):
-        digest = hashlib.sha256()
-        for name, value in model.state_dict().items():
-            digest.update(name.encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-        first = seen.setdefault(digest.hexdigest(), checkpoint)
+        first = seen.setdefault(add_weights(hashlib.sha256(), model).hexdigest(), checkpoint)
         if first is not checkpoint:
             raise PneumoniaCNNError(f"{display_path(checkpoint.get('path', '?'))}: holds the same weights as "
                                     f"{display_path(first.get('path', '?'))}; an ensemble needs different models")

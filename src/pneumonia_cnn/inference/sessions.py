@@ -17,10 +17,15 @@ def served_key(model: torch.nn.Module, size, tta: bool, taps) -> str:
     """What identifies one served graph (float32 or int8): the weights, the input size, test-time flips and the taps."""
     digest = hashlib.sha256(json.dumps({"size": list(size), "tta": bool(tta), "taps": [list(t) for t in taps],
                                         "kwargs": getattr(model, "model_kwargs", {})}, sort_keys=True).encode())
+    return add_weights(digest, model).hexdigest()[:24]
+
+
+def add_weights(digest, model: torch.nn.Module):
+    """``digest`` updated with the model's weights, name by name: the same weights give the same digest."""
     for name, value in model.state_dict().items():
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:24]
+    return digest
 
 
 def runtime(engine: str, module: str, extra: str):

@@ -53,6 +53,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=str(PROJECT / "benchmarks" / "gradcam_speed.json"))
     args = parser.parse_args()
+    if not (Path(args.data) / "test" / "PNEUMONIA").is_dir():
+        parser.error(f"--data {args.data}: no test/PNEUMONIA folder there")
     from PIL import Image
 
     from pneumonia_cnn.explanation import grad_cam, overlay

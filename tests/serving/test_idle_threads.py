@@ -5,6 +5,7 @@ import pytest
 from pneumonia_cnn.errors import PneumoniaCNNError
 from pneumonia_cnn.inference import Predictor
 from pneumonia_cnn.inference.sessions import IDLE_THREADS
+from tests.serving.conftest import xray_paths
 
 SPIN = "session.intra_op.allow_spinning"
 
@@ -76,35 +77,49 @@ def test_serve_and_listen_score_with_sleeping_threads_unless_told(monkeypatch, t
 def test_serve_gives_torch_one_thread_beside_a_scorer_that_is_not_torch(monkeypatch, torch_threads_restored):
     """On a CPU scored by ONNX Runtime, torch makes only the heat maps, beside the scorer's threads: one thread
     (1.3x the requests per second under Grad-CAM load on 2 cores), unless OMP_NUM_THREADS is given; a torch
-    scorer keeps every thread."""
+    scorer keeps every thread. Decided for each model loaded: a reload to a torch scorer (an ``auto`` engine that
+    fell back) scores with every thread again, and an engine loaded after the heat maps' one thread (OpenVINO
+    sizes its pool from torch's count) gets every thread too."""
     import torch
+    from fastapi.testclient import TestClient
 
-    from pneumonia_cnn.serving import app
+    import pneumonia_cnn.inference as inference
+    from pneumonia_cnn.serving import batcher, service
+    from pneumonia_cnn.serving.app import create_app
     from pneumonia_cnn.serving.service import ServeOptions
-    seen = []
-
-    class Server:
-        def __init__(self, config):
-            pass
-
-        def run(self, sockets):
-            seen.append(torch.get_num_threads())
-            raise Stop
-    monkeypatch.setattr(app, "handshake_limited_server", lambda config, seconds: Server(config))
-    for name in (IDLE_THREADS, "PNEUMONIA_CNN_MALLOC", "OMP_NUM_THREADS"):
-        monkeypatch.setenv(name, "1")
-        monkeypatch.delenv(name)
     threads = torch_threads_restored
-    if threads < 2:
-        pytest.skip("torch has one thread here: nothing to take away")
-    for engine, omp, expected in (("auto", None, 1), ("auto", "2", threads), ("torch", None, threads)):
-        torch.set_num_threads(threads)
-        if omp:
-            monkeypatch.setenv("OMP_NUM_THREADS", omp)
-        with pytest.raises(Stop):
-            app.run_server("builtin", port=0, options=ServeOptions(device="cpu", engine=engine))
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        assert seen.pop() == expected
+    if threads < 2 or batcher.process_torch_threads() != threads:
+        pytest.skip("torch has one thread here (or another test changed it first): nothing to take away")
+    seen = {"scorer": [], "gradcam": [], "load": []}
+
+    def recorded(kind, function):
+        def wrapper(*arguments, **keywords):  # the count the work ran with: read once it is done
+            result = function(*arguments, **keywords)
+            seen[kind].append(torch.get_num_threads())
+            return result
+        return wrapper
+    monkeypatch.setattr(batcher, "_assess", recorded("scorer", batcher._assess))
+    monkeypatch.setattr(service, "grad_cam", recorded("gradcam", service.grad_cam))
+    monkeypatch.setattr(inference, "Predictor", recorded("load", inference.Predictor))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    image = ("a.jpeg", xray_paths(1)[0].read_bytes())
+    app = create_app("builtin", ServeOptions(device="cpu", engine="onnx"), allowed_hosts=["testserver"])
+    with TestClient(app) as client:
+        def heat_map_threads():
+            assert client.post("/predict?gradcam=true", files={"file": image}).status_code == 200
+            return seen["scorer"].pop(), seen["gradcam"].pop()
+        assert heat_map_threads() == (1, 1)
+        app.state.service.options.engine = "torch"
+        assert client.post("/admin/reload").json()["status"] == "reloaded"
+        assert seen["load"][-1] == threads  # loaded in a thread started after the one-thread heat maps
+        assert heat_map_threads() == (threads, threads)
+        app.state.service.options.engine = "onnx"
+        monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+        assert client.post("/admin/reload").json()["status"] == "reloaded"
+        assert heat_map_threads() == (threads, threads)
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert client.post("/admin/reload").json()["status"] == "reloaded"
+        assert heat_map_threads() == (1, 1)
 
 
 def test_serve_and_listen_refuse_a_bad_idle_threads_value_whichever_engine_scores(monkeypatch, capsys, tmp_path):

@@ -290,7 +290,6 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: S
     os.environ.setdefault(IDLE_THREADS, "sleep")
     idle_threads()  # an operator's bad value is said at start, whichever engine scores
     app = create_app(checkpoint, options, allowed_host_names(host, allowed_hosts))
-    one_torch_thread_beside_scoring(app.state.service.served.predictor)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, loop="asyncio",
                             http=idle_timeout_protocol(idle_timeout), timeout_keep_alive=5,
                             timeout_graceful_shutdown=graceful_timeout, ssl_certfile=ssl_certfile,
@@ -304,17 +303,6 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: S
              service.served.model_id, scheme, host, port, "required" if service.keyring else "off",
              options.audit_log or "off")
     handshake_limited_server(config, idle_timeout).run(sockets=[listening])
-
-
-def one_torch_thread_beside_scoring(predictor) -> None:
-    """Where a CPU's scoring runs in ONNX Runtime or OpenVINO, torch only makes the Grad-CAM maps (and AdaBN's
-    batch statistics) in a thread beside it: it gets one thread, unless the operator's OMP_NUM_THREADS says
-    otherwise. Two full thread teams on the same cores kept waiting for each other (docs/hospital.md, "Sharing
-    the cores")."""
-    import torch
-    if predictor.device.type == "cpu" and predictor.scorer.engine.name != "torch" and \
-            "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
 
 
 def bound_socket(host: str, port: int) -> socket.socket:

@@ -7,7 +7,9 @@ separate passes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +29,7 @@ class ServedModel:
     batch_predictor: object  # for /predict/batch: one site's batch, so --adapt-batch and estimated prevalence
     gradcam_model: object  # a private copy: Grad-CAM's hooks and gradients never touch a model the scorer runs
     reference: dict | None
+    torch_threads: int  # torch's threads in each thread that runs this model's torch work (torch_threads_beside)
     no_reference: str = NO_REFERENCE  # why there is none, from what the checkpoint is (no_reference_reason)
     loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -40,6 +43,7 @@ def load_served_model(checkpoint, device: str = "auto", engine: str = "auto", pr
     from ..inference import Predictor
     from ..inference.bundle import load_bundle
     from ..monitoring import no_reference_reason, reference_of
+    use_torch_threads(process_torch_threads())  # the engines size their own thread pools from it (OpenVINO)
     bundle = load_bundle(checkpoint)
     single = Predictor(bundle, device, engine=engine, prevalence=None if prevalence == "estimate" else prevalence)
     batch = single
@@ -47,7 +51,34 @@ def load_served_model(checkpoint, device: str = "auto", engine: str = "auto", pr
         batch = Predictor(bundle, device, engine=engine, prevalence=prevalence, adapt_batch=adapt_batch)
     gradcam = bundle.explain_model().to(single.device)  # a deep copy of the first member
     first = bundle.checkpoints[0]
-    return ServedModel(str(checkpoint), single, batch, gradcam, reference_of(first), no_reference_reason(first))
+    return ServedModel(str(checkpoint), single, batch, gradcam, reference_of(first), torch_threads_beside(single),
+                       no_reference_reason(first))
+
+
+@functools.cache
+def process_torch_threads() -> int:
+    """torch's thread count before the server changed any (the first model's load, on the main thread)."""
+    import torch
+    return torch.get_num_threads()
+
+
+def torch_threads_beside(predictor) -> int:
+    """Where a CPU's scoring runs in ONNX Runtime or OpenVINO, torch only makes the Grad-CAM maps (and AdaBN's
+    batch statistics) beside it: one thread, unless the operator's OMP_NUM_THREADS says otherwise. Two full
+    thread teams on the same cores kept waiting for each other (docs/hospital.md, "Sharing the cores"). Decided
+    for each model loaded: a reload whose ``auto`` engine fell back to torch scores with every thread."""
+    if predictor.device.type == "cpu" and predictor.scorer.engine.name != "torch" and \
+            "OMP_NUM_THREADS" not in os.environ:
+        return 1
+    return process_torch_threads()
+
+
+def use_torch_threads(count: int) -> None:
+    """Set the calling thread's torch thread count: torch keeps one per thread (a new thread starts with the
+    last count set anywhere), so each job sets its own before it runs torch."""
+    import torch
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
 
 
 class MicroBatcher:
@@ -107,5 +138,6 @@ class MicroBatcher:
 
 
 def _assess(served: ServedModel, group) -> list[dict]:
+    use_torch_threads(served.torch_threads)
     entries, _ = served.predictor.assess(np.stack([item[1] for item in group]), [item[2] for item in group])
     return entries

@@ -28,7 +28,7 @@ from ..explanation import grad_cam, overlay_png
 from ..monitoring import DriftMonitor
 from .audit import AuditLog, AuditUnavailable, utc_now
 from .auth import KeyRing
-from .batcher import MicroBatcher, load_served_model
+from .batcher import MicroBatcher, load_served_model, use_torch_threads
 from .metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -217,6 +217,7 @@ class Service:
     async def _gradcam(self, served, pixels, gone=None) -> str:
         def heat():
             check_client(gone)  # checked when its turn on the one Grad-CAM thread comes, not when queued
+            use_torch_threads(served.torch_threads)
             with self.metrics.gradcam_seconds.time():
                 cam = grad_cam(served.gradcam_model, pixels, served.predictor.device)
                 png = overlay_png(pixels, cam, compress_level=SERVED_OVERLAY_COMPRESSION)
@@ -237,6 +238,7 @@ class Service:
         if good:
             def assess():
                 check_client(gone)  # checked when the batch thread takes it up, not when queued
+                use_torch_threads(served.torch_threads)
                 return served.batch_predictor.assess(np.stack([r["pixels"] for r in good]), [r["meta"] for r in good])
             entries, notes = await asyncio.get_running_loop().run_in_executor(self.batch_executor, assess)
             for result, entry in zip(good, entries):

@@ -61,7 +61,7 @@ def test_stops_at_once_release_the_spool_lock_once_and_say_stopped_once(predicto
     def slow_release():  # widens the window the stops raced in
         released.append(threading.current_thread().name)
         time.sleep(0.3)
-        release()
+        return release()
     node.lock.release = slow_release
     assert at_once(3, node.stop) == []
     assert len(released) == 1 and len(stopped_lines(caplog)) == 1
@@ -107,6 +107,30 @@ def test_a_stop_after_a_start_that_failed_says_nothing(predictor, tmp_path, capl
         assert stopped_lines(caplog) == [] and second.lock is None
     finally:
         first.stop()
+
+
+def test_a_worker_still_scoring_after_the_stop_keeps_the_spool_locked_until_it_ends(predictor, tmp_path, caplog):
+    """stop() waits ``timeout`` seconds for the worker's batch; it had then released the spool's lock under the
+    still-running worker, and a node started on the spool meanwhile sent the same reports again."""
+    caplog.set_level(logging.INFO)
+    node, scoring, finish = node_for(predictor, tmp_path), threading.Event(), threading.Event()
+
+    def slow_batch():  # a batch that outlasts the stop's wait; then the worker ends, as at the stop's mark
+        scoring.set()
+        finish.wait(60)
+    node._next_batch = slow_batch
+    node.start(block=False)
+    worker = node.worker
+    assert scoring.wait(30)
+    node.stop(timeout=0.2)
+    assert "the worker is still scoring after 0.2 s: the spool stays locked until it ends" in caplog.text
+    assert stopped_lines(caplog) == ["stopped"] and worker.is_alive()
+    with pytest.raises(PneumoniaCNNError, match="another listen node is using this spool"):
+        spool_lock(node.spool).acquire()
+    finish.set()
+    worker.join(30)
+    assert not worker.is_alive() and "the worker ended: spool released" in caplog.text
+    spool_lock(node.spool).acquire().release()
 
 
 def test_a_folder_lock_released_from_several_threads_at_once_is_closed_once(tmp_path):

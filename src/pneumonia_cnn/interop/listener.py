@@ -31,7 +31,7 @@ from .dicom_access import NodeAccess, check_ae_title, rejection_reason, tls_hand
 from .dicom_send import OUT_OF_RESOURCES, Destination, send_c_store
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, not_an_image, other_modality_class
-from .spool import RefusalCounts, open_spool, remove_partial_receipts, spool_lock
+from .spool import RefusalCounts, SpoolHold, move_file, open_spool, remove_partial_receipts, spool_lock, uid_of
 
 log = logging.getLogger("pneumonia_cnn")
 
@@ -78,7 +78,7 @@ class Listener:
         ``block``: serve until SIGTERM (then stop, exit 0) or Ctrl-C (stop, then KeyboardInterrupt)."""
         from pynetdicom import evt
         with self.lifecycle:  # a stop() from another thread meanwhile waits for the node to be up, then stops it
-            self.lock = spool_lock(self.spool).acquire()
+            self.lock = SpoolHold(spool_lock(self.spool).acquire())  # released by the last of stop() and worker
             self.stopping.clear()
             try:  # whatever fails before the node runs, the spool's lock is released
                 self.server = self._application_entity().start_server(
@@ -97,7 +97,8 @@ class Listener:
             if partial:
                 log.warning("%d partial instance(s) left in %s by a node stopped while receiving them: removed (their "
                             "senders were not acknowledged and send them again)", partial, display_path(self.spool))
-            self.worker = threading.Thread(target=self._work, name="pneumonia-listen-worker", daemon=True)
+            self.worker = threading.Thread(target=self._work, args=(self.lock.worker_starts(),),
+                                           name="pneumonia-listen-worker", daemon=True)
             self.worker.start()
             log.info("listening as %s on %s:%d%s; reports go to %s%s; spool %s", self.ae_title, *self.address,
                      " (TLS)" if self.access.tls_cert else "", self.destination,
@@ -167,7 +168,10 @@ class Listener:
                 worker.join(timeout)
             lock, self.lock = self.lock, None  # released, and "stopped" said, exactly once
             if lock is not None:
-                lock.release()
+                if not lock.release():
+                    log.warning("the worker is still scoring after %g s: the spool stays locked until it ends (a "
+                                "report it is sending when this process exits goes out again at the next start)",
+                                timeout)
                 waiting = len(list(self.incoming.glob("*.dcm")))
                 log.info("stopped%s", f"; {waiting} instance(s) in {display_path(self.incoming)} go out at the "
                                       "next start" if waiting else "")
@@ -192,7 +196,7 @@ class Listener:
         name = f"{re.sub(r'[^0-9.]', '_', uid)[:64] or 'instance'}.{uuid.uuid4().hex[:12]}"
         try:
             with atomic_path(self.incoming / f"{name}.dcm", mode=0o600) as temporary:  # a patient's image
-                _move(received, temporary)
+                move_file(received, temporary)
         except OSError as error:
             log.warning("instance %s from %s: cannot spool (%s)", uid, sender, error)
             return OUT_OF_RESOURCES
@@ -211,7 +215,13 @@ class Listener:
         log.warning("association with %s aborted", peer(event.assoc))
 
     # ---------- the worker
-    def _work(self):
+    def _work(self, hold):
+        try:
+            self._work_until_stopped()
+        finally:
+            hold.worker_ended()
+
+    def _work_until_stopped(self):
         while True:
             try:
                 batch = self._next_batch()
@@ -387,14 +397,3 @@ class Listener:
     def _retry_later(self, paths):
         self.later.extend((time.monotonic() + self.retry_after, p) for p in paths)
 
-
-def _move(source: Path, target: Path):
-    try:
-        os.replace(source, target)
-    except OSError:  # another file system (the system's temporary folder): copied
-        shutil.copyfile(source, target)
-
-
-def uid_of(path: Path) -> str:
-    """The SOP Instance UID a spooled file was received under (its name less the receipt's suffix)."""
-    return path.stem.rsplit(".", 1)[0]

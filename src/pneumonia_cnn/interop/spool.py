@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import threading
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
@@ -80,3 +82,45 @@ class RefusalCounts(dict):
             write_json_atomic(self.path, dict(self))
         except OSError as error:  # the counts still hold in memory
             log.warning("cannot record refusal counts in %s (%s)", display_path(self.path.parent), error)
+
+
+class SpoolHold:
+    """The spool's lock once the node's worker runs: released by whichever comes last of the node's stop() and
+    its worker's end. A worker still scoring after stop()'s wait had the lock released under it, and a second
+    node started on the spool meanwhile would have sent the same reports again."""
+
+    def __init__(self, lock: FolderLock):
+        self.lock, self.guard = lock, threading.Lock()
+        self.worker_running = self.node_stopped = False
+
+    def worker_starts(self) -> SpoolHold:
+        with self.guard:
+            self.worker_running = True
+        return self
+
+    def release(self) -> bool:
+        """The node stopped; True if the lock is released now, False if it waits for the worker."""
+        with self.guard:
+            self.node_stopped, release = True, not self.worker_running
+        if release:
+            self.lock.release()
+        return release
+
+    def worker_ended(self):
+        with self.guard:
+            self.worker_running, release = False, self.node_stopped
+        if release:
+            self.lock.release()
+            log.info("the worker ended: spool released")
+
+
+def move_file(source: Path, target: Path):
+    try:
+        os.replace(source, target)
+    except OSError:  # another file system (the system's temporary folder): copied
+        shutil.copyfile(source, target)
+
+
+def uid_of(path: Path) -> str:
+    """The SOP Instance UID a spooled file was received under (its name less the receipt's suffix)."""
+    return path.stem.rsplit(".", 1)[0]

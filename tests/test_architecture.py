@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pneumonia_cnn"
 FLOORS = [
-    ["errors", "fileio", "device", "builtin", "_interrupt"],
+    ["errors", "fileio", "device", "builtin", "signals"],
     ["models", "data", "calibration", "checkpoint", "metrics", "plots"],
     ["ood", "tracking", "inference", "training", "explanation"],
     ["info", "evaluation", "monitoring", "serving", "interop", "samples", "predict_io"],

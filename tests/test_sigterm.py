@@ -10,8 +10,8 @@ import time
 import pytest
 from PIL import Image
 
-from pneumonia_cnn._interrupt import Terminated, sigterm_unwinds
 from pneumonia_cnn.fileio import atomic_path
+from pneumonia_cnn.signals import Terminated, sigterm_unwinds
 from tests.conftest import SHARED_DATA
 
 

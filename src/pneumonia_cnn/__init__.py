@@ -4,7 +4,7 @@ Notebook API::
 
     from pneumonia_cnn import create_model, load_model, train, evaluate
 """
-from ._interrupt import quiet_interrupt_while_importing
+from .signals import quiet_interrupt_while_importing
 
 with quiet_interrupt_while_importing():  # the command line's Ctrl-C during torch's loading: exit 130, no traceback
     from . import device  # noqa: F401  # first: its OpenMP wait setting must precede torch's loading

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .._interrupt import Terminated, end_by_sigterm, sigterm_unwinds
 from ..errors import PneumoniaCNNError
 from ..fileio import OutputError, printable
+from ..signals import Terminated, end_by_sigterm, sigterm_unwinds
 from . import deployment, evaluation, interop, training
 from .common import PATH, setup_logging
 from .outputs import refuse_repeated_checkpoints

@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass
 
 from ..errors import PneumoniaCNNError
+from ..signals import Stopped, StopSignals
 from .arrival import decodable_transfer_syntaxes
 from .dicomweb_session import AnswerTooLarge, connect, stow_answer
-from .network import Stopped, StopSignals, TransferError, with_retries
+from .network import TransferError, with_retries
 from .scoring import DicomScorer, ScoredInstance, not_an_xray, shown_uid
 from .state import GIVEN_UP, ScoredState, StateFileError
 from .uids import is_uid

@@ -11,7 +11,6 @@ non-images are not scored, so a PACS that forwards everything cannot loop our re
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import queue
@@ -26,6 +25,7 @@ from pathlib import Path
 from ..data.dicom_guard import dicom_problem
 from ..errors import PneumoniaCNNError
 from ..fileio import atomic_path, display_path, over_limit
+from ..signals import StopSignals
 from .arrival import ABORTED_HERE, ArrivalLimit, decodable_transfer_syntaxes, peer, receive_into
 from .dicom_access import NodeAccess, check_ae_title, rejection_reason, tls_handshake
 from .dicom_send import OUT_OF_RESOURCES, Destination, send_c_store
@@ -133,17 +133,12 @@ class Listener:
         return ae
 
     def _serve_until_terminated(self):
-        """Until SIGTERM, or ``stop()`` from another thread; the previous SIGTERM handler is restored."""
-        previous, sigterm = None, threading.Event()
-        with contextlib.suppress(ValueError):  # not the main thread: only stop() ends the wait
-            previous = signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
-        try:
+        """Until SIGTERM, or ``stop()`` from another thread; the previous SIGTERM handler is restored. Ctrl-C stays
+        a KeyboardInterrupt (exit 130)."""
+        with StopSignals([signal.SIGTERM]) as sigterm:
             while not (sigterm.wait(0.5) or self.stopping.is_set()):
                 pass
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-        if sigterm.is_set():
+        if sigterm:
             log.info("SIGTERM: stopping")
 
     def stop(self, timeout: float = 30.0, grace: float = 10.0):

@@ -5,10 +5,8 @@ error); a refusal that will not change (HTTP 4xx other than 408/429, a malformed
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-import signal
 import time
 
 from ..errors import PneumoniaCNNError
@@ -72,51 +70,3 @@ def with_retries(action, what: str, attempts: int = 4, backoff: float = 1.0, sle
                         attempts)
             sleep(delay)
     raise AssertionError("unreachable")
-
-
-class Stopped(Exception):
-    """A stop signal came while a job waited (a retry's back-off, the pause between polls)."""
-
-
-class StopSignals:
-    """SIGTERM (systemd's stop) and SIGINT (Ctrl-C) noted while a long job runs (``with StopSignals() as stop``),
-    not acted on at once: the job checks ``stop`` where it can end cleanly (after the instance it is working on,
-    between polls), and ``pause`` ends its waits early. Before, SIGTERM killed ``pacs --watch`` mid-transfer
-    with no word (exit -15). A second Ctrl-C interrupts at once. Installed from the main thread only; the
-    previous handlers are restored on exit."""
-
-    def __init__(self):
-        self.signal: str | None = None  # the first stop signal's name
-        self._previous: dict = {}
-
-    def __enter__(self):
-        for number in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread: the job ends on its own
-                self._previous[number] = signal.signal(number, self._note)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for number, previous in self._previous.items():
-            default = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
-            with contextlib.suppress(ValueError, TypeError):  # a handler set from C reads as None: the default
-                signal.signal(number, previous if previous is not None else default)
-        self._previous = {}
-
-    def _note(self, number, frame) -> None:
-        self.signal = self.signal or signal.Signals(number).name
-        if number == signal.SIGINT:  # the next Ctrl-C is not kept waiting
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-    def pause(self, seconds: float) -> None:
-        """Sleep ``seconds`` (at most half a second at a time); raises ``Stopped`` once a stop signal has come."""
-        left = seconds
-        while not self.signal:
-            if left <= 0:
-                return
-            step = min(0.5, left)
-            time.sleep(step)
-            left -= step
-        raise Stopped(self.signal)

@@ -28,11 +28,12 @@ from ..errors import PneumoniaCNNError
 from ..fileio import display_path, write_json_atomic, write_text_atomic
 from ..inference.engines import TorchEngine
 from ..metrics import point_metrics
+from ..signals import StopSignals
 from .config import TrainConfig, config_from_dict
 from .distributed import any_rank, finish_distributed, gather_by_index, sum_across_ranks
 from .finish import finish_run
 from .optim import ema_decay_at, learning_rate_factor, update_ema
-from .setup import Run, StopRequested, intended_use, start_run
+from .setup import Run, intended_use, start_run
 from .state import RunningSums, check_resumable, cpu_state
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def train(config: TrainConfig, resume_from_last: bool = False, after_training: A
     run = start_run(config, resume_from_last)
     restore_best_of_last_epoch(run)
     interrupted = False
-    with StopRequested() as stop:
+    with StopSignals(announce="received %s: finishing the current step, saving, then exiting") as stop:
         while run.state.epoch < config.epochs:
             if not train_one_epoch(run, stop):
                 save_last(run)
@@ -70,7 +71,7 @@ def train(config: TrainConfig, resume_from_last: bool = False, after_training: A
     return finish(run, interrupted, after_training)
 
 
-def train_one_epoch(run: Run, stop: StopRequested) -> bool:
+def train_one_epoch(run: Run, stop: StopSignals) -> bool:
     """Steps from the saved position to the end of the epoch; False when a stop was requested."""
     state = run.state
     run.epoch_started = time.perf_counter()
@@ -91,8 +92,8 @@ def train_one_epoch(run: Run, stop: StopRequested) -> bool:
             bar.update(1)
             if state.step_in_epoch % 10 == 0:
                 bar.set_postfix(loss=f"{(state.sums.loss + float(loss_sum)) / state.sums.count:.4f}")
-        stop.requested = any_rank(run.dist, stop.requested, run.device)
-        if stop.requested:
+        if any_rank(run.dist, stop.requested, run.device):
+            stop.request("another rank's stop signal")
             break
     state.sums.loss += float(loss_sum)
     state.sums.correct += float(correct)

@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import random
-import signal
-import threading
 import time
 import uuid
 import warnings
@@ -278,27 +276,3 @@ def intended_use(train_set, config: TrainConfig) -> dict:
             "trained_on": {"images": int(len(train_set)), "source": str(train_set.source),
                            "input_size": [config.size, config.size]},
             "not_a_medical_device": True}
-
-
-class StopRequested:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves, and exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("received %s: finishing the current step, saving, then exiting", signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)

@@ -1,0 +1,137 @@
+"""Process signals, in one place: Ctrl-C while the command line imports torch; SIGTERM unwinding a command as
+Ctrl-C does; and ``StopSignals``, with which the long-running commands (``train``, ``listen``, ``pacs --watch``)
+note a stop signal and end where they can end cleanly.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+log = logging.getLogger("pneumonia_cnn")
+
+
+@contextlib.contextmanager
+def quiet_interrupt_while_importing():
+    """Ctrl-C while the command line is still importing torch (about a second and a half): before ``main`` and its
+    handler ran, Python printed a KeyboardInterrupt traceback through torch's import machinery. For the
+    ``pneumonia-cnn`` program and ``python -m pneumonia_cnn`` only (whose ``sys.argv[0]`` is "-m" while the
+    package is imported): a library user's interrupt stays a KeyboardInterrupt."""
+    program = os.path.basename(sys.argv[0]) if sys.argv else ""
+    previous = None
+    if program in ("pneumonia-cnn", "-m"):
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            previous = signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    try:
+        yield
+    finally:
+        if program in ("pneumonia-cnn", "-m") and signal.getsignal(signal.SIGINT) is not previous:
+            with contextlib.suppress(ValueError, TypeError):  # a handler set from C reads as None: Python's default
+                signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a command: unwinds as Ctrl-C does (temporary files removed, transactions rolled back,
+    locks released), so that it subclasses KeyboardInterrupt; then the process ends by the signal."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """While a command runs in the main thread, SIGTERM raises ``Terminated`` instead of killing the process
+    where it stands (it left no line, and could leave an output's temporary file behind). A second SIGTERM
+    kills at once. Commands that stop gracefully (``serve``, ``listen``, ``pacs --watch``, ``train``) install
+    their own handlers inside this one."""
+    def unwind(_number, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated
+    try:
+        previous = signal.signal(signal.SIGTERM, unwind)
+    except ValueError:  # not the main thread: signals are the caller's
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError, TypeError):  # a handler set from C reads as None: the default
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def end_by_sigterm() -> None:
+    """After ``Terminated`` has unwound and been reported: end the process by SIGTERM itself, so that its parent
+    (a shell, systemd, torchrun) sees what it saw before, a process ended by the signal (status -15 / 143)."""
+    sys.stderr.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+class Stopped(Exception):
+    """A stop signal came while a job waited (a retry's back-off, the pause between polls)."""
+
+
+class StopSignals:
+    """SIGTERM (systemd's stop) and SIGINT (Ctrl-C) noted while a long job runs (``with StopSignals() as stop``),
+    not acted on at once: the job checks ``stop`` where it can end cleanly (after the step or the instance in
+    hand, between polls), ``pause`` ends its waits early, and ``wait`` blocks until one comes. A second signal
+    interrupts at once: ``Terminated`` for SIGTERM, KeyboardInterrupt for Ctrl-C. ``announce`` (a format string
+    for the signal's name) is logged when the first comes. Installed from the main thread only (elsewhere the
+    job ends on its own); the previous handlers are restored on exit."""
+
+    def __init__(self, numbers=(signal.SIGTERM, signal.SIGINT), announce: str | None = None):
+        self.numbers, self.announce = tuple(numbers), announce
+        self.signal: str | None = None  # the first stop signal's name
+        self.noted = threading.Event()
+        self._previous: dict = {}
+
+    def __enter__(self):
+        for number in self.numbers:
+            with contextlib.suppress(ValueError):  # not the main thread: the job ends on its own
+                self._previous[number] = signal.signal(number, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, previous in self._previous.items():
+            default = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
+            with contextlib.suppress(ValueError, TypeError):  # a handler set from C reads as None: the default
+                signal.signal(number, previous if previous is not None else default)
+        self._previous = {}
+
+    def _note(self, number, _frame) -> None:
+        if self.signal is not None:  # a second signal: at once
+            raise Terminated if number == signal.SIGTERM else KeyboardInterrupt
+        self.signal = signal.Signals(number).name
+        self.noted.set()
+        if self.announce:
+            log.warning(self.announce, self.signal)
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def request(self, name: str) -> None:
+        """A stop that came to another process (a torchrun rank's signal): as if a signal ``name`` had come."""
+        if self.signal is None:
+            self.signal = name
+            self.noted.set()
+
+    def wait(self, seconds: float) -> bool:
+        """Wait at most ``seconds`` for a stop signal; True once one has come."""
+        return self.noted.wait(seconds)
+
+    def pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` (at most half a second at a time); raises ``Stopped`` once a stop signal has come."""
+        left = seconds
+        while not self.signal:
+            if left <= 0:
+                return
+            step = min(0.5, left)
+            time.sleep(step)
+            left -= step
+        raise Stopped(self.signal)

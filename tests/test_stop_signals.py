@@ -1,0 +1,88 @@
+"""``StopSignals``: the one way ``train``, ``listen`` and ``pacs --watch`` note a stop signal (they had three
+classes of their own, which differed on a second signal and on restoring handlers set from C)."""
+import logging
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from pneumonia_cnn.signals import Stopped, StopSignals, Terminated
+
+
+def send(number):
+    os.kill(os.getpid(), number)
+    time.sleep(0.2)  # the handler runs in this (the main) thread at its next instruction
+
+
+def test_the_first_signal_is_noted_and_announced_the_second_interrupts_at_once(caplog):
+    caplog.set_level(logging.WARNING)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopSignals(announce="received %s: finishing") as stop:
+        assert not stop and not stop.requested and not stop.wait(0.01)
+        send(signal.SIGTERM)
+        assert stop.signal == "SIGTERM" and stop and stop.requested and stop.wait(0)
+        assert caplog.messages == ["received SIGTERM: finishing"]
+        with pytest.raises(Stopped, match="SIGTERM"):
+            stop.pause(5)
+        with pytest.raises(Terminated):  # a second SIGTERM: unwinds as the command line's SIGTERM does
+            send(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt) as second_ctrl_c:
+            send(signal.SIGINT)
+        assert type(second_ctrl_c.value) is KeyboardInterrupt
+        assert stop.signal == "SIGTERM"  # the first one's name stays
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_ctrl_c_first_then_only_the_signals_asked_for(caplog):
+    with StopSignals() as stop:
+        send(signal.SIGINT)
+        assert stop.signal == "SIGINT"
+    with StopSignals([signal.SIGTERM]) as stop:  # listen: Ctrl-C stays a KeyboardInterrupt at once
+        with pytest.raises(KeyboardInterrupt):
+            send(signal.SIGINT)
+        assert not stop
+
+
+def test_a_pause_sleeps_its_time_unless_stopped_and_a_request_from_another_rank_counts():
+    with StopSignals() as stop:
+        started = time.monotonic()
+        stop.pause(0.3)
+        assert 0.3 <= time.monotonic() - started < 2
+        stop.request("another rank's stop signal")
+        assert stop.requested and stop.signal == "another rank's stop signal"
+        with pytest.raises(Stopped):
+            stop.pause(5)
+
+
+def test_outside_the_main_thread_no_handler_is_installed():
+    before, entered = signal.getsignal(signal.SIGTERM), []
+
+    def enter():
+        with StopSignals() as stop:
+            entered.append(signal.getsignal(signal.SIGTERM) is before and not stop)
+    thread = threading.Thread(target=enter)
+    thread.start()
+    thread.join(10)
+    assert entered == [True]
+
+
+def test_a_handler_that_was_set_from_c_comes_back_as_the_default(monkeypatch):
+    """signal.signal() returns None for a handler installed from C: putting None back raised TypeError (the
+    training loop's own class did exactly that)."""
+    real = signal.signal
+    calls = []
+
+    def from_c(number, handler):
+        calls.append((number, handler))
+        real(number, handler)
+        return None
+    monkeypatch.setattr(signal, "signal", from_c)
+    previous = real(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with StopSignals():
+            pass
+        assert calls[-2:] == [(signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)]
+    finally:
+        real(signal.SIGTERM, previous)

@@ -99,3 +99,39 @@ def test_a_refitted_threshold_drops_threshold_fixed():
         "split": "val", "images": 559, "engine": "onnx", "threshold_refit": site}
     assert adapted_decision_fit(source, site, threshold_refitted=False, recalibrated=False) == source
     assert adapted_decision_fit(source, None, threshold_refitted=False, recalibrated=False) == source
+
+
+def test_adapt_with_labels_drops_the_sources_adapt_batch_decision_and_says_what_adapt_batch_uses(adapted):
+    """The source's --adapt-batch decision (fitted with AdaBN on its validation images) was copied unchanged
+    onto the fine-tuned, site-refitted checkpoint: --adapt-batch then decided with the source's threshold
+    (0.93) where plain scoring used the site's."""
+    import numpy as np
+
+    from pneumonia_cnn.inference import Predictor
+    from pneumonia_cnn.info import describe_checkpoint
+    path, _, saved = adapted
+    assert "decision_adapted" in torch.load(builtin.checkpoint_path(), weights_only=False)
+    assert "decision_adapted" not in saved
+    assert saved["adaptation"]["adapt_batch_decision"].startswith("the decision refitted on the site's labelled")
+    assert "adapt_batch_decision" in describe_checkpoint(str(path))
+    images = [*sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[:20],
+              *sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())[:20]]  # 32 at least: adapted
+    plain = Predictor(path, "cpu")
+    batch = Predictor(path, "cpu", adapt_batch=True)
+    predictions = batch.predict_files(images)
+    assert {p.threshold for p in predictions} == {plain.bundle.decision.threshold} == {saved["threshold"]}
+    assert np.isclose(saved["threshold"], plain.predict_files(images)[0].threshold)
+    assert "fitted without batch adaptation (refitted on the site's labelled images by adapt)" in " ".join(
+        batch.last_notes)
+
+
+def test_adapt_batch_with_an_int8_engine_is_refused_in_one_line():
+    """The AdaBN-adapted weights have no int8 graph: each batch failed with "no int8 model for these weights
+    yet; build it once", which building could not fix (serve: HTTP 500 on every /predict/batch)."""
+    from pneumonia_cnn.errors import PneumoniaCNNError
+    from pneumonia_cnn.inference import Predictor
+    for engine in ("onnx-int8", "openvino-int8"):
+        with pytest.raises(PneumoniaCNNError, match=rf"^--adapt-batch with --engine {engine}: batch adaptation "
+                                                    r"re-estimates the batch-norm statistics.*use --engine onnx "
+                                                    r"or torch$"):
+            Predictor(builtin.NAME, "cpu", engine=engine, adapt_batch=True)

@@ -297,7 +297,10 @@ def adapted_reference(source: dict, tuned: dict | None) -> dict:
 
 
 def _save_adapted(source: dict, adapted: Bundle, detector, out, data, labelled, result):
-    payload = {k: v for k, v in source.items() if k not in ("path", "training_state", "temperature", "reference")}
+    # labelled: the decision was refitted on the site, and fine-tuning changed the weights; the source's
+    # --adapt-batch decision (fitted on its validation images) describes neither, so --adapt-batch uses the site's
+    dropped = ("path", "training_state", "temperature", "reference") + (("decision_adapted",) if labelled else ())
+    payload = {k: v for k, v in source.items() if k not in dropped}
     decision = adapted.decision
     payload.update(state_dict={k: v.detach().cpu() for k, v in adapted.models[0].state_dict().items()},
                    calibration=decision.calibration.to_dict(), threshold=decision.threshold,
@@ -318,8 +321,19 @@ def _save_adapted(source: dict, adapted: Bundle, detector, out, data, labelled, 
                              "threshold_refitted_on_site": bool(result.get("threshold_refitted")),
                              "calibration_refitted_on_site": bool(result.get("calibration_refitted")),
                              "ood_fitted_on": result["ood_fitted_on"],
+                             "adapt_batch_decision": adapt_batch_decision(source, labelled),
                              "improved": result.get("improved"), "verdict": result.get("verdict")}
     save_checkpoint(payload, out)
+
+
+def adapt_batch_decision(source: dict, labelled) -> str:
+    """What ``--adapt-batch`` decides with on the adapted checkpoint, in words (``info`` shows it)."""
+    if labelled:
+        return "the decision refitted on the site's labelled images (the source's, fitted with AdaBN on its " \
+               "validation images, no longer describes the fine-tuned weights)"
+    if source.get("decision_adapted"):
+        return "the source's, fitted with AdaBN on its validation images (each batch's statistics replace the site's)"
+    return "the plain decision (the source checkpoint has none fitted with AdaBN)"
 
 
 def format_adaptation(result: dict) -> str:

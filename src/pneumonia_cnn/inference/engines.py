@@ -152,7 +152,8 @@ def onnxruntime_available() -> bool:
     return find_spec("onnx") is not None and find_spec("onnxruntime") is not None
 
 
-ENGINES = ("auto", "torch", "onnx", "onnx-int8", "openvino-int8")
+INT8_ENGINES = ("onnx-int8", "openvino-int8")
+ENGINES = ("auto", "torch", "onnx", *INT8_ENGINES)
 
 
 def choose_engine(name: str, device: torch.device, amp: str) -> str:

@@ -16,6 +16,7 @@ from ..calibration import estimate_prior
 from ..errors import PneumoniaCNNError
 from .adabn import adapt_batch_norm, distinct_in_canonical_order, has_batch_norm
 from .bundle import Bundle, load_bundle
+from .engines import INT8_ENGINES
 from .files import decode_files
 from .scorer import Scorer, Scores
 
@@ -76,6 +77,10 @@ class Predictor:
         if self.adapt_batch and not has_batch_norm(bundle.models[0]):
             raise PneumoniaCNNError(f"--adapt-batch: model {bundle.checkpoints[0]['model']['name']} has no batch-norm "
                                     f"layers to re-estimate (use a model such as seed_bn or resnet18_narrow)")
+        if self.adapt_batch and engine in INT8_ENGINES:  # the adapted weights have no int8 graph: it failed per batch
+            raise PneumoniaCNNError(f"--adapt-batch with --engine {engine}: batch adaptation re-estimates the "
+                                    f"batch-norm statistics, which an int8 graph has folded into its quantised "
+                                    f"weights; use --engine onnx or torch")
         self.bundle = bundle
         self.engine_name, self.amp = engine, amp
         self.scorer = Scorer(bundle, device, engine, amp)
@@ -205,8 +210,9 @@ class Predictor:
                      f"in-distribution images, AdaBN at the validation images' class mix)")
         if self.bundle.adapted_decision is not None:
             return adapted.score(pixels, batch_size), self.bundle.adapted_decision  # fitted on val, adapted to val
-        notes.append("the threshold and calibration were fitted without batch adaptation (a "
-                     "checkpoint of an earlier version)")
+        why = "refitted on the site's labelled images by adapt" if (self.checkpoints[0].get("adaptation") or {}).get(
+            "labelled") else "a checkpoint of an earlier version"
+        notes.append(f"the threshold and calibration were fitted without batch adaptation ({why})")
         return adapted.score(pixels, batch_size), self.bundle.decision
 
     @staticmethod

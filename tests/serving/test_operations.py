@@ -248,3 +248,54 @@ def test_accepted_connections_send_without_delay():
             writer.close()
             server.close()
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_a_kept_alive_connection_outlives_the_clients_idle_limit(server):
+    """uvicorn's keep-alive time-out was 5 s, httpx's idle limit too: under load (64 clients) a client reused a
+    connection as the server closed it, and the request failed with ReadError('') unanswered. A kept-alive
+    connection now stays open for --idle-timeout (15 s), so the client closes first."""
+    from tests.serving.raw_http import read_response
+    url, _ = server
+    host, port = url.split("//")[1].split(":")
+    request = f"GET /health HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(7)  # past uvicorn's 5 s and httpx's own limit
+        sock.sendall(request)
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
+
+
+def test_a_client_that_reset_before_its_refusal_is_closed_quietly():
+    """Refusing a body in progress half-closes the connection (write_eof); a client that had reset it meanwhile
+    made that raise "Transport endpoint is not connected", logged as an internal error with a traceback (2 in 500
+    under a load test). The connection is now just closed."""
+    from types import SimpleNamespace
+
+    import h11
+
+    from pneumonia_cnn.serving.limits import LingeringClose
+
+    class ResetTransport:
+        closed = False
+
+        def is_closing(self):
+            return self.closed
+
+        def can_write_eof(self):
+            return True
+
+        def write_eof(self):
+            raise OSError(107, "Transport endpoint is not connected")
+
+        def close(self):
+            self.closed = True
+
+        def resume_reading(self):
+            raise AssertionError("lingering on a connection the client reset")
+
+    class Protocol(LingeringClose):
+        conn = SimpleNamespace(their_state=h11.SEND_BODY)
+    transport, protocol = ResetTransport(), Protocol()
+    protocol.close_gently(transport)
+    assert transport.closed and not protocol.lingering

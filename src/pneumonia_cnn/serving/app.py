@@ -290,8 +290,11 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: S
     os.environ.setdefault(IDLE_THREADS, "sleep")
     idle_threads()  # an operator's bad value is said at start, whichever engine scores
     app = create_app(checkpoint, options, allowed_host_names(host, allowed_hosts))
+    # a kept-alive connection stays open as long as any other that sends no request head (--idle-timeout). uvicorn's
+    # 5 s equalled httpx's own idle limit: under load a client reused a connection just as the server closed it,
+    # and the request failed unanswered (ReadError). The client, or the proxy in front, must close first
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, loop="asyncio",
-                            http=idle_timeout_protocol(idle_timeout), timeout_keep_alive=5,
+                            http=idle_timeout_protocol(idle_timeout), timeout_keep_alive=idle_timeout,
                             timeout_graceful_shutdown=graceful_timeout, ssl_certfile=ssl_certfile,
                             ssl_keyfile=ssl_keyfile)  # no limit_concurrency: uvicorn counts idle sockets in
     # it and then answers 503 to everything, /health included; uploads are limited by LimitsMiddleware and idle

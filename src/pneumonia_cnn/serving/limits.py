@@ -214,9 +214,12 @@ class LingeringClose:
             return
         if self.conn.their_state is not h11.SEND_BODY:
             return transport.close()
-        self.lingering, self._lingering_transport = True, transport
         if transport.can_write_eof():  # TLS cannot half-close: its answer is simply left to be read
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the client reset the connection meanwhile: nothing left to linger for
+                return transport.close()
+        self.lingering, self._lingering_transport = True, transport
         transport.resume_reading()
         self._linger_deadline = self.loop.time() + LINGER_SECONDS
         self._arm_linger_timer()

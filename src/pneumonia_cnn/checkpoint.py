@@ -345,6 +345,9 @@ def build_model(checkpoint: dict) -> torch.nn.Module:
         model = create_model(spec["name"], **dict(spec.get("kwargs") or {}))
     except ConfigError as error:
         raise CheckpointError(f"{where}: {error}") from None
+    problem = weights_problem(checkpoint["state_dict"], model.state_dict())
+    if problem:
+        raise CheckpointError(f"{where}: weights do not fit model {spec['name']} ({problem})")
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
@@ -352,6 +355,19 @@ def build_model(checkpoint: dict) -> torch.nn.Module:
                               ) from None
     model.eval()
     return model
+
+
+def weights_problem(state: dict, expected: dict) -> str | None:
+    """What load_state_dict would let through: integer values where the model holds floats (it cast them
+    silently, and a probability moved from 0.03 to 0.85). Non-finite weights are refused when the checkpoint is
+    validated."""
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or name not in expected:
+            continue  # load_state_dict names what is missing or unexpected
+        if tensor.is_floating_point() != expected[name].is_floating_point():
+            return f"{name} holds {str(tensor.dtype).removeprefix('torch.')} values, the model " \
+                   f"{str(expected[name].dtype).removeprefix('torch.')}"
+    return None
 
 
 def load_model(path) -> torch.nn.Module:

@@ -31,10 +31,10 @@ def run_export(args) -> int:
     check_output(args.out, args.checkpoint, args.data)
     check_export_out(args.out, args.format)
     if args.format == "onnx-int8":
-        from ..inference.quantize import export_int8
+        from ..interop.export import export_int8_model
         if not args.data:
             raise PneumoniaCNNError("export --format onnx-int8 needs --data ROOT (the run's validation images)")
-        summary = export_int8(args.checkpoint, args.data, args.out)
+        summary = export_int8_model(args.checkpoint, args.data, args.out)
         kept = (f"kept for --engine onnx-int8 and openvino-int8 in {summary['cached']}" if summary["cache_replaced"]
                 else f"not cached: {summary['cached']} keeps its graph calibrated on more images")
         print(f"written: {summary['out']} (int8, calibrated on {summary['calibration_images']} validation images; "

@@ -119,33 +119,51 @@ MIN_CALIBRATION_IMAGES = 100  # a validation split of fewer is taken whole
 
 def validation_pixels(checkpoint: dict, data_root) -> tuple[np.ndarray, int, bool]:
     """The checkpoint's validation images read from ``data_root`` with its preprocessing, how many distinct
-    images they are, and whether they were checked against the stored fingerprints. Refused when any is not
-    among the images its decision was fitted on, or when they are fewer than ``MIN_CALIBRATION_IMAGES`` (all of
-    them when it has fewer): the activation ranges come from them, and a few images (one per class) gave an int8
-    graph twice as far from float32 (largest probability shift on the shared test split 0.083, against 0.031
-    calibrated on all 559). An adapted checkpoint also records the site images it was tuned on, which its
-    source's validation split does not hold: that split is enough."""
+    images they are, and whether they were checked against the stored fingerprints. Only the folder's images
+    among those its decision was fitted on are used: a run trained with ``--limit-images`` drew part of the
+    split, and the whole split holds its images and others (said in a warning). Refused when the folder holds
+    none of them, or fewer than ``MIN_CALIBRATION_IMAGES`` (all of them when it has fewer): the activation
+    ranges come from them, and a few images (one per class) gave an int8 graph twice as far from float32
+    (largest probability shift on the shared test split 0.083, against 0.031 calibrated on all 559). An adapted
+    checkpoint also records the site images it was tuned on, which its source's validation split does not hold:
+    that split is enough."""
     from ..data.cache import build_or_load
     from ..data.dataset import load_split
-    from ..data.fingerprint import file_fingerprints
     images = load_split(data_root, "val")
     folder = display_path(Path(data_root) / "val")
     stored = set(((checkpoint.get("reference") or {}).get("val") or {}).get("fingerprints") or [])
-    given = set(file_fingerprints(images.paths)) if stored else set()
-    if given - stored:
-        raise PneumoniaCNNError(f"{folder}: not the validation images this checkpoint's decision was fitted on (its "
-                                f"stored fingerprints differ); calibrate on the run's own validation split")
-    if len(given) < min(len(stored), MIN_CALIBRATION_IMAGES):
-        raise PneumoniaCNNError(f"{folder}: holds {len(given)} of the {len(stored)} validation images this "
-                                f"checkpoint's decision was fitted on; calibrate on the run's own validation "
-                                f"split (at least {MIN_CALIBRATION_IMAGES} of its images, all when it has fewer)")
-    if not stored:
+    if stored:
+        images, count = own_validation_images(images, stored, folder)
+    else:
         log.warning("the checkpoint stores no validation fingerprints: cannot check that %s is its validation "
                     "split", folder)
     pre = checkpoint["preprocessing"]
     cached = build_or_load(images, tuple(pre["size"]), pre.get("interpolation", "bilinear"),
                            pre.get("intensity", "none"))
-    return np.asarray(cached.images), len(given) if stored else len(cached), bool(stored)
+    return np.asarray(cached.images), count if stored else len(cached), bool(stored)
+
+
+def own_validation_images(images, stored: set, folder: str):
+    """The images of ``images`` whose fingerprint is in ``stored`` and how many distinct ones they are, or a
+    one-line refusal saying how many of the checkpoint's validation images the folder holds, and how many others."""
+    from ..data.fingerprint import file_fingerprints
+    fingerprints = file_fingerprints(images.paths)
+    own = [index for index, fingerprint in enumerate(fingerprints) if fingerprint in stored]
+    given, others = {fingerprints[index] for index in own}, len(set(fingerprints) - stored)
+    if not given:
+        raise PneumoniaCNNError(f"{folder}: not the validation images this checkpoint's decision was fitted on "
+                                f"(none of its {others} distinct images is among the {len(stored)} it stores); "
+                                f"calibrate on the run's own validation split")
+    also = f" (and {others} other images, not used)" if others else ""
+    if len(given) < min(len(stored), MIN_CALIBRATION_IMAGES):
+        raise PneumoniaCNNError(f"{folder}: holds {len(given)} of the {len(stored)} validation images this "
+                                f"checkpoint's decision was fitted on{also}; calibrate on the run's own validation "
+                                f"split (at least {MIN_CALIBRATION_IMAGES} of its images, all when it has fewer)")
+    if others:  # the rest of the split (--limit-images), or images of another split: never calibrated on
+        held = "all it stores" if len(given) == len(stored) else f"of the {len(stored)} it stores"
+        log.warning("%s: calibrating on the %d validation images of this checkpoint found there (%s); the %d other "
+                    "images there are not among them and are left out", folder, len(given), held, others)
+    return images.subset(own), len(given)
 
 
 def calibration_record(path) -> tuple[int, bool] | None:
@@ -166,9 +184,14 @@ def calibration_count(path) -> int | None:
 
 
 def with_count(payload: bytes, count: int, checked: bool = True) -> bytes:
+    return with_props(payload, {"calibration_images": str(count), "calibration_checked": "1" if checked else "0"})
+
+
+def with_props(payload: bytes, props: dict[str, str]) -> bytes:
+    """The ONNX model ``payload`` with ``props`` added to its ``metadata_props``."""
     import onnx
     graph = onnx.load_from_string(payload)
-    for key, value in (("calibration_images", str(count)), ("calibration_checked", "1" if checked else "0")):
+    for key, value in props.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value
     return graph.SerializeToString()
@@ -180,11 +203,13 @@ def keeps_cached(before: tuple[int, bool] | None, count: int, checked: bool) -> 
     return before is not None and (before[1], before[0]) > (checked, count)
 
 
-def export_int8(checkpoint_path, data_root, out, cache_dir=None) -> dict:
+def export_int8(checkpoint_path, data_root, out, cache_dir=None, describe=None) -> dict:
     """Build the int8 served graph of one checkpoint, write it to ``out`` and to the cache; returns a summary.
     The cache, which every later ``--engine onnx-int8`` and ``openvino-int8`` run reads, is never replaced by a
     graph calibrated on fewer images than the one it holds (possible only for a checkpoint with no stored
-    fingerprints, whose validation split cannot be checked): then only ``out`` is written (``cache_replaced``)."""
+    fingerprints, whose validation split cannot be checked): then only ``out`` is written (``cache_replaced``).
+    ``describe(checkpoint)``: metadata (key -> text) for ``out`` alone: the cache is keyed by the weights, which
+    checkpoints with another threshold or calibration share, so their decision does not belong in it."""
     bundle = load_bundle(checkpoint_path)
     if len(bundle.models) != 1:
         raise PneumoniaCNNError("export --format onnx-int8 takes one checkpoint")
@@ -198,8 +223,9 @@ def export_int8(checkpoint_path, data_root, out, cache_dir=None) -> dict:
         log.warning("%s: the cached int8 model, calibrated on %d images%s, is kept (these are %d%s); --engine "
                     "onnx-int8 and openvino-int8 go on using it", display_path(stored), before[0],
                     "" if before[1] else " unchecked", count, "" if checked else ", unchecked")
-    for target in (Path(out),) if keep else (Path(out), stored):
+    exported = with_props(payload, describe(bundle.checkpoints[0])) if describe else payload
+    for target, written in ((Path(out), exported),) + (() if keep else ((stored, payload),)):
         with atomic_path(target) as temporary:
-            Path(temporary).write_bytes(payload)
+            Path(temporary).write_bytes(written)
     return {"out": str(out), "cached": str(stored), "cache_replaced": not keep, "calibration_images": count,
             "tta": bundle.tta, "taps": len(bundle.taps)}

@@ -38,8 +38,19 @@ class ProbabilityModel(nn.Module):
         return torch.sigmoid(logits * self.scale + self.bias), logits
 
 
-def export_metadata(checkpoint: dict) -> dict:
-    pre = checkpoint["preprocessing"]
+FLOAT_OUTPUT = "probability of class_names[1] (PNEUMONIA)"
+# the int8 graph is the served one (``ServedModel``, as --engine onnx-int8 runs it), not ``ProbabilityModel``:
+# its outputs are the raw score and the OOD taps, so its metadata says how to turn the score into the decision
+INT8_OUTPUT = ("logit: the raw score of class_names[1] (PNEUMONIA), averaged over the horizontal flip when the "
+               "run uses test-time augmentation, before calibration: probability = sigmoid(logit * "
+               "calibration.scale + calibration.bias), then compared with threshold; tap0, tap1, ...: the "
+               "out-of-distribution detector's features of the unflipped image")
+
+
+def export_metadata(checkpoint: dict, channels: int | None = None, output: str = FLOAT_OUTPUT) -> dict:
+    """What an exported graph carries about its input and decision. ``channels`` and ``output``: those of the
+    graph written when they are not the checkpoint's (the int8 served graph takes one gray channel)."""
+    pre = dict(checkpoint["preprocessing"], **({} if channels is None else {"channels": channels}))
     return {"producer": "pneumonia-cnn", "model": checkpoint["model"]["name"], "run_id": checkpoint.get("run_id", ""),
             "input_size": pre["size"], "channels": pre.get("channels", 3),
             "normalisation": "pixels / 255 (0..1) after intensity standardisation; gray repeated to RGB if 3 channels",
@@ -48,7 +59,23 @@ def export_metadata(checkpoint: dict) -> dict:
             "threshold": float(checkpoint.get("threshold", 0.5)), "threshold_policy": decision_of(checkpoint).policy,
             "calibration": decision_of(checkpoint).calibration.to_dict(),
             "class_names": checkpoint.get("class_names", ["NORMAL", "PNEUMONIA"]),
-            "output": "probability of class_names[1] (PNEUMONIA)"}
+            "output": output}
+
+
+def onnx_metadata_props(metadata: dict) -> dict[str, str]:
+    """``metadata`` as ONNX ``metadata_props`` (text only): text as it is, anything else as JSON."""
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+
+
+def int8_metadata(checkpoint: dict) -> dict[str, str]:
+    """The float export's metadata, for the int8 served graph: one gray channel in, the raw score out."""
+    return onnx_metadata_props(export_metadata(checkpoint, channels=1, output=INT8_OUTPUT))
+
+
+def export_int8_model(checkpoint_path, data_root, out) -> dict:
+    """``export --format onnx-int8``: ``quantize.export_int8``, with the float export's metadata in ``out``."""
+    from ..inference.quantize import export_int8
+    return export_int8(checkpoint_path, data_root, out, describe=int8_metadata)
 
 
 # how each file becomes 8-bit gray (data/readers.py, data/image.py, data/dicom.py), by Pillow mode: it said
@@ -90,9 +117,9 @@ def export_model(checkpoint_path, fmt: str, out) -> Path:
                               dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"},
                                             "logit": {0: "batch"}})
             proto = onnx.load(str(temporary))
-            for key, value in metadata.items():
+            for key, value in onnx_metadata_props(metadata).items():
                 entry = proto.metadata_props.add()
-                entry.key, entry.value = key, json.dumps(value) if not isinstance(value, str) else value
+                entry.key, entry.value = key, value
             onnx.checker.check_model(proto)
             onnx.save(proto, str(temporary))
     elif fmt == "torchscript":

@@ -272,10 +272,24 @@ def not_a_file_reason(path) -> str:
         if error.errno == errno.ELOOP:
             return "not a readable checkpoint (a symbolic link loop)"
         return f"not a readable checkpoint ({error.strerror or type(error).__name__})"
+    return f"not a readable checkpoint (not a regular file: {file_kind(mode)})"
+
+
+def file_kind(mode: int) -> str:
     kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
-             (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder"))
-    kind = next((name for test, name in kinds if test(mode)), "not a file")
-    return f"not a readable checkpoint (not a regular file: {kind})"
+             (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
+def special_file(path) -> str | None:
+    """What ``path`` is when it exists but is no regular file (a named pipe, a device, a folder): reading a pipe
+    waits for a writer for ever, and /dev/zero never ends. None for a regular file, or one that cannot be
+    looked at (its reader names the reason)."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else file_kind(mode)
 
 
 def _unreadable_reason(path: Path, error: Exception) -> str:

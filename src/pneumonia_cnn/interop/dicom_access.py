@@ -113,6 +113,10 @@ def rejection_reason(association, accept_from) -> str:
 
 
 def _load(method, option: str, *files):
+    from ..fileio import special_file
+    special = next((f"{path}: {special_file(path)}" for path in files if path and special_file(path)), None)
+    if special:  # OpenSSL would wait on a named pipe's writer for ever
+        raise PneumoniaCNNError(f"{option} {' / '.join(files)}: not a regular file ({special})")
     try:
         method(*files)
     except (OSError, ssl.SSLError) as error:

@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 
 from ..errors import PneumoniaCNNError
+from ..fileio import special_file
 from ..inference.sessions import IDLE_THREADS, idle_threads
 from .auth import ANY_IP_ADDRESS, SECURITY_HEADERS, AccessMiddleware, HostCheckMiddleware
 from .limits import LimitsMiddleware, handshake_limited_server, idle_timeout_protocol
@@ -264,6 +265,9 @@ def check_exposure(host: str, options: ServeOptions, ssl_certfile) -> None:
 def check_tls_files(certfile, keyfile) -> None:
     """Before the model loads: a certificate and key that TLS cannot use, named, instead of '[SSL] PEM lib'."""
     import ssl
+    for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if path and special_file(path):  # OpenSSL would wait on a named pipe's writer for ever
+            raise PneumoniaCNNError(f"{flag} {path}: not a regular file ({special_file(path)})")
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
     except ssl.SSLError as error:  # PEM_LIB: not PEM; KEY_VALUES_MISMATCH: a key of another certificate

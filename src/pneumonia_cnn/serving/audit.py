@@ -78,9 +78,26 @@ def _check_is_audit_log(connection: sqlite3.Connection, path: Path) -> None:
                                 f"{', '.join(sorted(tables)[:5])}), not an audit log")
 
 
+def check_keep_folder(folder: Path) -> None:
+    """--keep-images checked at start, with a file written and removed there: a file, a device or /proc in its
+    place let the server start, then every prediction was withheld ("audit log unavailable")."""
+    import tempfile
+    if folder.exists() and not folder.is_dir():
+        raise PneumoniaCNNError(f"--keep-images {folder}: not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise PneumoniaCNNError(f"--keep-images {folder}: cannot keep images there ({error.strerror or error})"
+                                ) from None
+
+
 class AuditLog:
     def __init__(self, path, keep_images=None):
         self.path, self.keep_images = Path(path), Path(keep_images) if keep_images else None
+        if self.keep_images is not None:
+            check_keep_folder(self.keep_images)
         self.connection = connect(self.path)
         self.pending: queue.SimpleQueue = queue.SimpleQueue()
         self.last_error: str | None = None  # the last write's failure, until a write or a probe succeeds

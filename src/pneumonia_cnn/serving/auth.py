@@ -71,9 +71,19 @@ def parse_line(line: str, where: str) -> KeyRecord:
                                 f"written by 'pneumonia-cnn api-key')") from None
 
 
+MAX_KEY_FILE_BYTES = 16 * 1024 * 1024  # about 100,000 keys; a larger file is none (a log, an image, a disk)
+
+
 def read_key_file(path, allow_empty: bool = False) -> dict[str, KeyRecord]:
+    from ..fileio import special_file
     path = Path(path)
+    kind = special_file(path)
+    if kind:  # a pipe waited for a writer for ever; /dev/full was read until the memory ran out
+        raise PneumoniaCNNError(f"--api-keys {path}: not a key file (not a regular file: {kind})")
     try:
+        if path.stat().st_size > MAX_KEY_FILE_BYTES:
+            raise PneumoniaCNNError(f"--api-keys {path}: not a key file ({path.stat().st_size / 2**20:.0f} MB; "
+                                    f"a key file holds one short line per key)")
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise PneumoniaCNNError(f"--api-keys {path}: {error.strerror or error}") from None

@@ -49,3 +49,13 @@ def test_a_named_pipe_as_a_torch_file_is_refused_without_waiting_for_a_writer(tm
     reader.start()
     reader.join(10)
     assert outcome == [f"{fifo}: not a readable checkpoint (not a regular file: a named pipe (FIFO))"]
+
+
+def test_a_full_disk_behind_standard_output_is_named(capsys):
+    """`pneumonia-cnn info builtin > /dev/full` said "error: [Errno 28] No space left on device", naming nothing."""
+    import subprocess
+    import sys
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "pneumonia_cnn", "info", "builtin"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (2, "error: standard output: No space left on device\n")

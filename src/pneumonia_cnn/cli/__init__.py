@@ -3,6 +3,7 @@ calls one library function and prints. Errors are one line, never a traceback.""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -119,8 +120,10 @@ def main(argv=None) -> int:
         (args.paths if args.paths is not None else args.items).extend(extras)
     setup_logging(args.verbose)
     try:
-        with sigterm_unwinds():
-            return int(args.func(_split_checkpoint_and_images(args)) or 0)
+        with sigterm_unwinds(), named_standard_output():
+            status = int(args.func(_split_checkpoint_and_images(args)) or 0)
+            sys.stdout.flush()  # `> /dev/full`: said here, naming standard output, not as Python exits
+            return status
     except Terminated:
         print("terminated (SIGTERM)", file=sys.stderr)
         end_by_sigterm()
@@ -140,6 +143,41 @@ def main(argv=None) -> int:
             raise
         print(f"error: {printable(str(error))}", file=sys.stderr)
         return 2
+
+
+class NamedStandardOutput:
+    """sys.stdout while a command runs: a write that fails (a full disk behind `>`) raises OutputError naming
+    standard output (it said '[Errno 28] No space left on device', naming nothing); a reader that went away
+    (`| head`) stays a BrokenPipeError."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _named(self, action, *arguments):
+        try:
+            return action(*arguments)
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise OutputError(error.errno, error.strerror or str(error), "standard output") from None
+
+    def write(self, text):
+        return self._named(self.stream.write, text)
+
+    def flush(self):
+        return self._named(self.stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def named_standard_output():
+    stream, sys.stdout = sys.stdout, NamedStandardOutput(sys.stdout)
+    try:
+        yield
+    finally:
+        sys.stdout = stream
 
 
 def entry() -> int:

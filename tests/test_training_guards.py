@@ -56,7 +56,8 @@ def test_a_config_file_names_its_preset_and_its_unknown_fields(tmp_path):
 def test_a_config_file_that_contradicts_init_is_refused(tmp_path):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"init": "builtin", "model": "seed", "size": 64}))
-    with pytest.raises(ConfigError, match=r"^model: 'seed' differs from the --init checkpoint's 'resnet18_narrow'"):
+    with pytest.raises(ConfigError, match=r"c\.json: model: 'seed' differs from the --init checkpoint's "
+                                          r"'resnet18_narrow'"):
         make_config(None, str(config))
     config.write_text(json.dumps({"init": "builtin", "size": "192"}))  # the same size written as text agrees
     assert make_config(None, str(config)).size == 192

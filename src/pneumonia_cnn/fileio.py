@@ -259,20 +259,20 @@ def damaged_entry(path) -> str | None:
     return damaged and damaged.split("/", 1)[-1]  # less the archive's folder: the file's name when it was saved
 
 
-def not_a_file_reason(path) -> str:
-    """Why ``path``, which is not a regular file, is no checkpoint: it is missing, or what it is instead (a
-    named pipe, a device, a symbolic link loop: "checkpoint not found" sent the user looking for a file
-    that is there)."""
+def not_a_file_reason(path, what: str = "checkpoint") -> str:
+    """Why ``path``, which is not a regular file, is no ``what`` (a checkpoint, a config file): it is missing,
+    or what it is instead (a named pipe, a device, a symbolic link loop: "checkpoint not found" sent the user
+    looking for a file that is there)."""
     path = Path(path)
     try:
         mode = path.stat().st_mode
     except OSError as error:
         if error.errno in (errno.ENOENT, errno.ENOTDIR):
-            return "checkpoint not found" + (" (a symbolic link to a missing file)" if path.is_symlink() else "")
+            return f"{what} not found" + (" (a symbolic link to a missing file)" if path.is_symlink() else "")
         if error.errno == errno.ELOOP:
-            return "not a readable checkpoint (a symbolic link loop)"
-        return f"not a readable checkpoint ({error.strerror or type(error).__name__})"
-    return f"not a readable checkpoint (not a regular file: {file_kind(mode)})"
+            return f"not a readable {what} (a symbolic link loop)"
+        return f"not a readable {what} ({error.strerror or type(error).__name__})"
+    return f"not a readable {what} (not a regular file: {file_kind(mode)})"
 
 
 def file_kind(mode: int) -> str:

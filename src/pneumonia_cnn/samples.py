@@ -8,11 +8,30 @@ import numpy as np
 from .data.cache import none_readable
 from .data.dataset import load_split
 from .data.readers import read_image
-from .errors import ImageReadError
+from .errors import ImageReadError, PneumoniaCNNError
 from .plots import sample_grid
+
+# matplotlib's own formats, less its headerless pixel dumps (raw, rgba), which no viewer opens as a picture
+NOT_PICTURES = ("raw", "rgba")
+
+
+def picture_formats() -> list[str]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    return sorted(kind for kind in FigureCanvasAgg.get_supported_filetypes() if kind not in NOT_PICTURES)
+
+
+def check_picture_path(out) -> None:
+    """Before the images are read: the suffix of ``out`` names the picture's format, and matplotlib's own error
+    for one it cannot write ("Format 'txt' is not supported") came only after the drawing, without the file."""
+    suffix = Path(out).suffix.lower().lstrip(".")
+    formats = picture_formats()
+    if suffix not in formats:
+        reason = f".{suffix} is not a picture format show-samples writes" if suffix else "no suffix to name its format"
+        raise PneumoniaCNNError(f"{out}: {reason}; use one of {', '.join('.' + kind for kind in formats)}")
 
 
 def show_samples(data, split: str = "train", out="samples.png", per_class: int = 6, seed: int = 0) -> Path:
+    check_picture_path(out)
     images = load_split(data, split)
     rng = np.random.default_rng(seed)
     grid, titles, failures = {}, [], []

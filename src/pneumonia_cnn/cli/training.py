@@ -149,6 +149,7 @@ def run_train(args) -> int:
             raise PneumoniaCNNError("train needs --data ROOT (a folder in the Kaggle layout) or --resume RUN_DIR")
         refuse_finished_run(config.out)
         refuse_run_in_data(config.out, config.data)
+        refuse_data_in_run(config.out, config.data)
         refuse_overwriting(config.out, {"--config": args.config, "--data": config.data})
         with run_folder_lock(config.out):
             refuse_finished_run(config.out)  # again, now that no other training can be writing it
@@ -191,10 +192,30 @@ def refuse_run_in_data(out, data) -> None:
         raise PneumoniaCNNError(f"{out}: --out is a file; give a folder for the run")
     if not (out and data and Path(data).is_dir()):
         return
+    if _resolved(out) == _resolved(data):  # best.pt among the splits: `predict DATA` then took DATA for a model
+        raise PneumoniaCNNError(f"{out}: --out is the data folder {data}, which training reads (its checkpoints and "
+                                f"plots would sit among the images); choose a folder outside it")
     read = [Path(data) / split for split in ("train", "val", "test") if (Path(data) / split).is_dir()]
-    if any(Path(out).resolve().is_relative_to(folder.resolve()) for folder in read or [Path(data)]):
+    if any(_resolved(out).is_relative_to(_resolved(folder)) for folder in read or [Path(data)]):
         raise PneumoniaCNNError(f"{out}: --out is inside the data folder {data}, which training reads (its plots "
                                 f"would join the images); choose a folder outside it")
+
+
+def refuse_data_in_run(out, data) -> None:
+    """A data folder inside the run folder: the run's checkpoints and plots sit above the images, and a folder
+    that is both a run and a data set is read as either (``predict``, ``evaluate``). Not for demo, whose folder
+    holds its own synthetic data beside its run."""
+    if out and data and Path(data).is_dir() and _resolved(data).is_relative_to(_resolved(out)):
+        raise PneumoniaCNNError(f"{out}: --out holds the data folder {data}, which training reads (the run's files "
+                                f"would sit above the images); choose a folder outside it")
+
+
+def _resolved(path) -> Path:
+    """``path`` with its links followed, to compare folders however they are spelt."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13): compared as written
+        return Path(os.path.abspath(path))
 
 
 def demo_arguments(p):
@@ -246,15 +267,17 @@ def run_models(_args) -> int:
 def samples_arguments(p):
     p.add_argument("--data", required=True, type=PATH, help="Kaggle-layout ROOT or a split folder")
     p.add_argument("--split", default="train", help="which split to draw from")
-    p.add_argument("--out", default="samples.png", type=PATH, help="PNG to write")
+    p.add_argument("--out", default="samples.png", type=PATH, help="picture to write; its suffix names the format "
+                   "(.png, .pdf, .svg, .jpg...)")
     p.add_argument("--per-class", type=whole_number(1, 100), default=6, help="images per class")
     p.add_argument("--seed", type=whole_number(0), default=0, help="which images are drawn")
 
 
 def run_show_samples(args) -> int:
-    from ..samples import show_samples
+    from ..samples import check_picture_path, show_samples
     check_output(args.out, args.data)
-    check_replaceable(args.out, "samples")
+    check_replaceable(args.out, "samples")  # first: a run's best.pt is refused as that, not as an odd suffix
+    check_picture_path(args.out)
     print(f"written: {show_samples(args.data, args.split, args.out, args.per_class, args.seed)}")
     return 0
 

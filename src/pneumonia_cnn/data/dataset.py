@@ -203,7 +203,8 @@ def _same_file_key(path: Path) -> str:
     """One key per file however a row spells it (relative, absolute, through a link)."""
     try:
         return str(Path(path).resolve())
-    except OSError:  # a name too long to look up: its row will say so when it is read
+    except (OSError, RuntimeError):  # a name too long to look up, a link loop (RuntimeError before Python 3.13):
+        # the row is kept, and skipped with the reader's reason when it is read, as a folder's loop is
         return os.path.normpath(os.path.abspath(path))
 
 

@@ -6,17 +6,19 @@ configs on top of its defaults, and the ``train`` command's flags are generated 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..calibration import CALIBRATION_METHODS, parse_threshold_policy
 from ..data.augment import AugmentConfig
 from ..errors import ConfigError
-from ..fileio import display_path
+from ..fileio import display_path, not_a_file_reason
 
 TUTORIAL_AUGMENT = {"shear": 0.2, "zoom": 0.2, "flip": True}
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area")
@@ -271,20 +273,51 @@ def make_config(preset: str | None = None, config_file: str | None = None, **ove
     named = from_file.pop("preset", None)
     if preset is not None and named is not None and named != preset:
         raise ConfigError(f"{display_path(config_file)}: preset: {named!r} differs from --preset {preset}; give one")
+    given_by_file = set(from_file) - set(explicit) | ({"preset"} if named is not None and preset is None else set())
     preset = preset or named or "tutorial"
-    if preset not in PRESETS:
-        raise ConfigError(f"preset: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    values = TrainConfig().to_dict()
-    values.update(copy.deepcopy(PRESETS[preset]))
-    values["preset"] = preset
-    values.update(from_file)
-    values.update(explicit)
-    unknown = set(values) - {spec.name for spec in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-    if values.get("init"):  # what the file or the flags say of the model must agree with the checkpoint
-        values.update(_fields_of_init(values["init"], {**from_file, **explicit}))
-    return TrainConfig(**values)
+    with _naming_the_file(config_file, given_by_file):
+        if preset not in PRESETS:
+            raise ConfigError(f"preset: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        values = TrainConfig().to_dict()
+        values.update(copy.deepcopy(PRESETS[preset]))
+        values["preset"] = preset
+        values.update(from_file)
+        values.update(explicit)
+        unknown = set(values) - {spec.name for spec in dataclasses.fields(TrainConfig)}
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        if values.get("init"):  # what the file or the flags say of the model must agree with the checkpoint
+            values.update(_fields_of_init(values["init"], {**from_file, **explicit}))
+        config = TrainConfig(**values)
+        if "device" in given_by_file:  # else found only once the data are read, and said as a flag's ("--device")
+            _check_device(config.device)
+    return config
+
+
+def _check_device(name: str) -> None:
+    from ..device import resolve_device
+    from ..errors import PneumoniaCNNError
+    try:
+        resolve_device(name)
+    except PneumoniaCNNError as error:
+        reason = str(error).split(": ", 1)[-1].replace("--device ", "")  # the file's field, not a flag, is wrong
+        raise ConfigError(f"device: {name!r}: {reason}") from None
+
+
+_FIELD_PREFIX = re.compile(r"^(\w+): ")
+
+
+@contextlib.contextmanager
+def _naming_the_file(config_file, from_file: set[str]):
+    """A field's error ("epochs: expected int, got 'ten'") names the config file when the file gave the value
+    (a flag overrides it): the user must know where to look, the flags or the file."""
+    try:
+        yield
+    except ConfigError as error:
+        field_name = _FIELD_PREFIX.match(str(error))
+        if config_file and field_name and field_name.group(1) in from_file:
+            raise ConfigError(f"{display_path(config_file)}: {error}") from None
+        raise
 
 
 def _config_file_fields(config_file) -> dict:
@@ -322,11 +355,13 @@ def config_from_dict(values: dict) -> TrainConfig:
 def read_config_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{display_path(path)}: config file not found")
+        raise ConfigError(f"{display_path(path)}: {not_a_file_reason(path, 'config file')}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError(f"{display_path(path)}: not a text config file (not UTF-8 at byte {error.start})") from None
+    except OSError as error:  # no permission to read it, an I/O error
+        raise ConfigError(f"{display_path(path)}: cannot read config file ({error.strerror or error})") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml

@@ -49,3 +49,13 @@ def test_integer_values_in_a_float_weight_are_refused(tmp_path, capsys, dtype):
     assert refusal(capsys, tmp_path / "changed.pt") == (
         f"error: {tmp_path / 'changed.pt'}: weights do not fit model resnet18_narrow (stem.0.weight holds {kind} "
         f"values, the model float32)")
+
+
+def test_preprocessing_that_promises_another_input_than_the_model_takes_is_refused(tmp_path, capsys):
+    """``preprocessing.channels: 3`` on the gray built-in model made info describe a 3-channel input."""
+    checkpoint = torch.load(builtin.checkpoint_path(), weights_only=False)
+    checkpoint["preprocessing"]["channels"] = 3
+    torch.save(checkpoint, tmp_path / "changed.pt")
+    assert refusal(capsys, tmp_path / "changed.pt") == (
+        f"error: {tmp_path / 'changed.pt'}: not a usable checkpoint: preprocessing.channels 3 differs from the "
+        f"model's in_channels 1")

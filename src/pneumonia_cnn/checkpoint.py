@@ -159,6 +159,7 @@ def check_checkpoint(payload: dict) -> None:
     if bad is not None:
         raise _Invalid(f"state_dict: entry {_shown(bad)} holds NaN or infinite values (a diverged or damaged model)")
     _check_preprocessing(_field(payload, "preprocessing", dict))
+    _check_input_agrees(payload["model"], payload["preprocessing"])
     _check_intended_use(_field(payload, "intended_use", dict, required=False) or {})
     names = _field(payload, "class_names", (list, tuple), required=False)
     if names is not None and (len(names) != 2 or not all(isinstance(n, str) and n for n in names)
@@ -250,6 +251,16 @@ def _check_preprocessing(pre: dict) -> None:
     if rescale is not None and not math.isclose(rescale, 1 / 255, rel_tol=1e-6):  # every path divides by 255:
         # a model that expects another scale would be fed wrong pixels without a word
         raise _Invalid(f"preprocessing.rescale {_shown(rescale)} is not supported (pixels are scaled by 1/255)")
+
+
+def _check_input_agrees(model: dict, pre: dict) -> None:
+    """The input the preprocessing promises is the one the model was built for: ``channels: 3`` on a gray model
+    made ``info`` and the report describe an input the model never takes."""
+    built = (model.get("kwargs") or {}).get("in_channels")
+    channels = pre.get("channels")
+    if built is not None and channels is not None and built != channels:
+        raise _Invalid(f"preprocessing.channels {_shown(channels)} differs from the model's in_channels "
+                       f"{_shown(built)}")
 
 
 def _check_intended_use(use: dict) -> None:

@@ -17,7 +17,7 @@ from pneumonia_cnn.cli import main
 from pneumonia_cnn.fileio import display_path, printable
 from pneumonia_cnn.inference import Prediction, Predictor
 from pneumonia_cnn.inference.files import decode_files
-from pneumonia_cnn.predict_io import collect_paths, columns, expand_glob, format_predictions
+from pneumonia_cnn.predict_io import CSV_FIELDS, collect_paths, columns, expand_glob, format_predictions
 from tests.conftest import SHARED_DATA, require_shared
 
 
@@ -83,7 +83,7 @@ def test_rows_are_printed_as_they_are_scored_and_kept_on_ctrl_c():
     assert text.endswith("\r\n")  # whole lines only
     rows = list(csv.reader(io.StringIO(text, newline="")))[1:]
     paths, _ = collect_paths([str(folder)])
-    assert 1 <= len(rows) < len(paths) and all(len(row) == 10 for row in rows)
+    assert 1 <= len(rows) < len(paths) and all(len(row) == len(CSV_FIELDS) for row in rows)
     # the very lines a whole run gives those files
     assert text == format_predictions(Predictor("builtin").predict_files(paths[:len(rows)]), "csv") + "\n"
 
@@ -120,8 +120,7 @@ def whole_run(items, fmt: str, batch_size: int) -> str:
     rows = [dict(p.to_dict(), path=display_path(p.path)) for p in predictions]
     if fmt == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["path", "probability", "label", "threshold", "prevalence",
-                                                    "in_distribution", "ood_score", "warnings", "error", "model"],
+        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS,
                                 extrasaction="ignore")
         writer.writeheader()
         writer.writerows(dict(row, warnings="; ".join(row["warnings"])) for row in rows)

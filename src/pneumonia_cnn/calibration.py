@@ -50,6 +50,8 @@ def parse_threshold_policy(policy, name: str = "threshold") -> tuple[str, float 
 
 
 MEAN_OF_MEMBERS = "mean of members"  # an ensemble of earlier checkpoints: the mean of its members' thresholds
+# the calibration such an ensemble applies: each member's own, then the mean (its method names the members' methods)
+MEMBERS_CALIBRATION = "mean of the members' calibrated probabilities"
 
 
 def is_operating_point(policy) -> bool:
@@ -249,6 +251,22 @@ def estimate_prior(calibrated_probabilities, old_prior: float, iterations: int =
     prior = float(old_prior)
     for _ in range(iterations):
         updated = float(np.clip(sigmoid(shift_prior(base, old_prior, prior)).mean(), 1e-4, 1 - 1e-4))
+        if abs(updated - prior) < tolerance:
+            return updated
+        prior = updated
+    return prior
+
+
+def estimate_prior_of_members(member_probabilities, member_priors, iterations: int = 1000,
+                              tolerance: float = 1e-8) -> float:
+    """The EM above for an ensemble whose probability is the mean of its members' calibrated probabilities, each
+    calibrated at its own rate (``member_priors``): at a candidate rate each member's probability is moved from its
+    own rate before the mean, as the ensemble states them. One member: ``estimate_prior``."""
+    base = logit(np.clip(np.atleast_2d(np.asarray(member_probabilities, dtype=np.float64)), 1e-9, 1 - 1e-9))
+    own = logit(np.asarray(member_priors, dtype=np.float64))[:, None]
+    prior = float(np.mean(member_priors))
+    for _ in range(iterations):
+        updated = float(np.clip(sigmoid(base - own + logit(prior)).mean(), 1e-4, 1 - 1e-4))
         if abs(updated - prior) < tolerance:
             return updated
         prior = updated

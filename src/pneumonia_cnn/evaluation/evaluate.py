@@ -7,12 +7,14 @@ whatever the split is called.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from ..calibration import Decision, choose_threshold, fit_decision, parse_threshold_policy
+from ..calibration import CALIBRATION_METHODS, Decision, choose_threshold, fit_decision, parse_threshold_policy
 from ..checkpoint import save_checkpoint
 from ..data.cache import build_or_load
 from ..data.dataset import has_patient_ids, load_split
@@ -165,7 +167,19 @@ def save_refitted(bundle, fit: dict, save_as) -> Path:
         adapted = bundle.adapted_decision
         payload["decision_adapted"] = {"calibration": adapted.calibration.to_dict(), "threshold": adapted.threshold,
                                        "threshold_policy": adapted.policy}
+    payload["refit_of"], payload["run_id"] = refit_id(bundle.checkpoints[0], payload)
     return save_checkpoint(payload, save_as)
+
+
+def refit_id(source: dict, payload: dict) -> tuple[str, str]:
+    """(the id of the model refitted, the refitted checkpoint's own id): that id, then a digest of the decision the
+    refit holds. It kept the source's id, so predict's model column and the DICOM SR's Algorithm Version showed two
+    different decisions as one model; the same refit of the same model gives the same id, and a refit of a refit
+    names the model first refitted. The weights are unchanged, and so are the graph caches keyed by them."""
+    refitted = source.get("refit_of") or source.get("run_id") or Path(source.get("path", "model")).stem
+    decided = {key: payload.get(key) for key in ("calibration", "threshold", "threshold_policy", "decision_adapted")}
+    digest = hashlib.sha256(json.dumps(decided, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return refitted, f"{refitted}-refit-{digest}"
 
 
 def evaluate(checkpoint, data, split: str = "test", device: str = "auto", threshold: str | None = None,
@@ -278,7 +292,7 @@ def format_table(report: dict) -> str:
     lines = [f"{report['split']}: {report['n_images']} images "
              + ", ".join(f"{k} {v}" for k, v in report["counts"].items())
              + f"; {report['n_patients']} patients; threshold {report['threshold']:.3f} "
-             f"({report['threshold_policy']}, {report['calibration']['method']} calibration"
+             f"({report['threshold_policy']}, {calibration_words(report['calibration']['method'])}"
              + (f", probabilities for a pneumonia rate of {report['prevalence']:.3f})"
                 if report.get("prevalence") is not None else ")"),
              f"{'metric':<20}{'value':>9}   95% CI ({report['bootstrap']['unit']} bootstrap)"]
@@ -308,17 +322,23 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def calibration_words(method: str) -> str:
+    """"platt calibration"; an averaging ensemble's method says itself what it is ("mean of the members' calibrated
+    probabilities (platt, platt)": it read "none calibration", though each member's calibration was applied)."""
+    return f"{method} calibration" if method in CALIBRATION_METHODS else method
+
+
 def refit_line(report: dict) -> str:
     """How ``--threshold``/``--calibration`` changed the decision for this evaluation."""
     fit = report["decision_refit"]
-    method = report["calibration"]["method"]
+    method = calibration_words(report["calibration"]["method"])
     adapted = "; --adapt-batch's own decision refitted the same way" if fit.get("adapted_refitted") else ""
     if fit.get("fixed") is not None:
         return (f"decision set for this evaluation: the threshold ({report['threshold_policy']}), on the stored "
-                f"{method} calibration; a given probability, fitted on no images{adapted}")
+                f"{method}; a given probability, fitted on no images{adapted}")
     both = "calibration" in fit["refitted"]
     few = (f"; from fewer than {FEW_REFIT_IMAGES} images {'both are' if both else 'it is'} noisy (the run's own "
            f"decision was fitted on its whole validation split)") if fit["images"] < FEW_REFIT_IMAGES else ""
-    what = (f"the threshold ({report['threshold_policy']}) and the {method} calibration" if both else
-            f"the threshold ({report['threshold_policy']}), on the stored {method} calibration")
+    what = (f"the threshold ({report['threshold_policy']}) and the {method}" if both else
+            f"the threshold ({report['threshold_policy']}), on the stored {method}")
     return f"decision refitted on {fit['split']} ({fit['images']} images) for this evaluation: {what}{adapted}{few}"

@@ -2,8 +2,9 @@
 
 One checkpoint, or several (an ensemble). An ensemble's raw score is the mean of its members' raw logits and
 gets one calibration and threshold fitted on the ensemble's own validation scores, which each member
-carries (``reference``); members of earlier versions, which carry none, are averaged in probability with the
-mean of their thresholds, and the output says so.
+carries (``reference``); members that carry none (earlier versions) or were validated on different images are
+averaged in probability, each member's own calibration applied first, with the mean of their thresholds, and the
+output says so. At a site's prevalence each such member's probability is moved from the rate it was calibrated at.
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch.nn as nn
 
-from ..calibration import MEAN_OF_MEMBERS, Calibration, Decision, fit_decision, logit
+from ..calibration import MEAN_OF_MEMBERS, MEMBERS_CALIBRATION, Calibration, Decision, fit_decision, logit
 from ..checkpoint import build_model, load_checkpoint
 from ..data.intensity import standardise_intensity
 from ..data.readers import read_image, read_image_bytes, resize_gray
-from ..errors import CheckpointError, PneumoniaCNNError, one_line
+from ..errors import CheckpointError, ConfigError, PneumoniaCNNError, one_line
 from ..fileio import display_path
 from .sessions import add_weights
 
@@ -108,6 +109,56 @@ class Bundle:
     def with_decision(self, decision: Decision, adapted: Decision | None = None) -> Bundle:
         return replace(self, decision=decision, adapted_decision=adapted or self.adapted_decision,
                        notes=list(self.notes))
+
+    @property
+    def averages_members(self) -> bool:
+        """An ensemble stating the mean of its members' calibrated probabilities, at the mean of their thresholds
+        (not a decision refitted on that mean by ``evaluate``)."""
+        return self.member_decisions is not None and self.decision.policy == MEAN_OF_MEMBERS
+
+    def member_rates(self) -> list[float]:
+        """The pneumonia rate each averaged member was calibrated at; a one-line error naming a member without."""
+        for index, (member, checkpoint) in enumerate(zip(self.member_decisions, self.checkpoints), start=1):
+            if member.calibration.prior is None:
+                raise ConfigError(f"prevalence: member {index} ({display_path(checkpoint.get('path', '?'))}) does not "
+                                  f"record the pneumonia rate its probabilities were calibrated at (retrain or refit "
+                                  f"it with this version)")
+        return [float(member.calibration.prior) for member in self.member_decisions]
+
+    def stated_rate(self) -> str:
+        """The rate the probabilities are stated for when no prevalence moves them, in words."""
+        if self.averages_members:
+            rates = [member.calibration.prior for member in self.member_decisions]
+            return f"each member's own rate ({', '.join('not recorded' if r is None else f'{r:.3f}' for r in rates)})"
+        prior = self.decision.calibration.prior
+        return f"the checkpoint's rate of {prior:.3f}" if prior is not None else "the checkpoint's rate"
+
+    def state_rate(self, decision: Decision, rate: float, note: str) -> Decision:
+        """``decision.with_prior``, or a one-line error that says why this bundle's probabilities cannot be moved."""
+        if self.member_decisions is not None and decision.calibration.prior is None:
+            raise ConfigError("prevalence: this ensemble's threshold was refitted on the mean of its members' "
+                              "calibrated probabilities, each stated for its own member's rate and so the mean for no "
+                              "one rate; refit its calibration too (--calibration platt)")
+        return decision.with_prior(rate, note)
+
+    def with_prevalence(self, rate: float, note: str) -> Bundle:
+        """Probabilities (and thresholds) stated for a site whose pneumonia rate is ``rate``. An ensemble that averages
+        its members moves each member's calibrated probability from the rate that member was calibrated at before
+        the mean (their rates can differ; it had been refused as not recording a rate), and each member's threshold
+        as that member's own decision moves (an operating point with its probabilities, a fixed probability not):
+        the ensemble's threshold is their mean, as without a rate, and a fixed probability of the mean."""
+        if not self.averages_members:
+            adapted = self.adapted_decision
+            return self.with_decision(self.state_rate(self.decision, rate, note),
+                                      self.state_rate(adapted, rate, note) if adapted else None)
+        rates = self.member_rates()
+        members = [member.with_prior(rate, note) for member in self.member_decisions]
+        threshold = float(np.mean([member.effective_threshold for member in members]))
+        decision = Decision(self.decision.calibration, threshold, MEAN_OF_MEMBERS, float(rate), note)
+        moved = (f"ensemble at a pneumonia rate of {rate:.3f}: each member's probability moved from its own rate "
+                 f"({', '.join(f'{own:.3f}' for own in rates)}) before the mean; threshold {threshold:.3f} is the mean "
+                 f"of the members' thresholds, each moved as its member's decision moves")
+        return replace(self, decision=decision, member_decisions=members, notes=[*self.notes, moved])
 
 
 def load_bundle(checkpoints) -> Bundle:
@@ -200,9 +251,15 @@ def _ensemble_bundle(loaded, models, preprocessing, tta, ood) -> Bundle:
                       adapted_decision=adapted)
     member_decisions = [decision_of(c) for c in loaded]
     threshold = float(np.mean([d.threshold for d in member_decisions]))
+    methods = ", ".join(member.calibration.method for member in member_decisions)
+    # the mean is not recalibrated (scale 1, bias 0) and is stated for no one rate (prior None): a site's rate moves
+    # each member from its own (Bundle.with_prevalence), never the mean a second time
+    calibration = Calibration(f"{MEMBERS_CALIBRATION} ({methods})")
     note = (f"ensemble of {len(loaded)}: members do not share stored validation scores (checkpoints of an "
-            f"earlier version, or different validation images); probabilities averaged, threshold "
-            f"{threshold:.3f} is the mean of the members' and was not fitted on the ensemble")
+            f"earlier version, or different validation images); each member's calibration applied ({methods}) and "
+            f"the probabilities averaged, threshold {threshold:.3f} is the mean of the members' and was not fitted "
+            f"on the ensemble")
     log.warning(note)
-    return Bundle(loaded, models, preprocessing, Decision(Calibration(), threshold, MEAN_OF_MEMBERS), tta, ood,
+    return Bundle(loaded, models, preprocessing, Decision(calibration, threshold, MEAN_OF_MEMBERS), tta, ood,
                   member_decisions, [note])
+

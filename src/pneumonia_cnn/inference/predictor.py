@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..calibration import estimate_prior
+from ..calibration import estimate_prior, estimate_prior_of_members
 from ..errors import PneumoniaCNNError
 from .adabn import adapt_batch_norm, distinct_in_canonical_order, has_batch_norm
 from .bundle import Bundle, load_bundle
@@ -44,6 +44,12 @@ class Prediction:
     model: str = ""
     raw_score: float | None = None
     prevalence: float | None = None  # the pneumonia rate the probability is stated for
+    # what decided, in every output (it was on stderr only); after the fields above, whose order consumers rely on
+    prevalence_source: str | None = None  # "calibration images", "given", "estimated from N images (EM)", or why not
+    engine: str | None = None  # the engine and precision that scored it (onnx-int8 / int8 moves probabilities)
+    precision: str | None = None
+    batch_adapted: bool | None = None  # batch-norm statistics re-estimated on this image's batch (--adapt-batch)
+    batch_adaptation: str | None = None  # what --adapt-batch did to this image's batch, or why not ("" unasked)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,9 +76,8 @@ class Predictor:
         bundle = checkpoints if isinstance(checkpoints, Bundle) else load_bundle(checkpoints)
         self.prevalence = parse_prevalence(prevalence)
         if isinstance(self.prevalence, float):
-            adapted = bundle.adapted_decision
-            bundle = bundle.with_decision(bundle.decision.with_prior(self.prevalence, "given"),
-                                          adapted.with_prior(self.prevalence, "given") if adapted else None)
+            bundle = bundle.with_prevalence(self.prevalence, "given")
+        self.batch_prevalence = None  # what a service's batches do, for its single-image predictor (answer_single)
         self.adapt_batch = bool(adapt_batch)
         if self.adapt_batch and not has_batch_norm(bundle.models[0]):
             raise PneumoniaCNNError(f"--adapt-batch: model {bundle.checkpoints[0]['model']['name']} has no batch-norm "
@@ -135,7 +140,29 @@ class Predictor:
                 "preprocessing": {k: v for k, v in self.preprocessing.items()}, "class_names": list(self.class_names),
                 "threshold": self.threshold, "decision": decision.to_dict(), "tta": self.bundle.tta,
                 "scoring": self.scorer.description, "ood": self.ood is not None,
-                "intended_use": _public_intended_use(self.bundle.intended_use), "notes": self.notes}
+                "intended_use": _public_intended_use(self.bundle.intended_use), "notes": self.notes,
+                "prevalence": self.prevalence_mode()}
+
+    def prevalence_mode(self) -> dict:
+        """The rate the probabilities are stated for, as configured: ``decision.prior`` alone showed null under
+        ``--prevalence estimate``, as if none had been asked for."""
+        if "estimate" in (self.prevalence, self.batch_prevalence):
+            return {"mode": "estimate", "rate": None,
+                    "description": f"estimated from each batch scored together, by EM (Saerens et al. 2002) on its "
+                                   f"distinct in-distribution images when there are at least {MIN_ESTIMATE_BATCH}; "
+                                   f"single images and smaller batches: stated for {self.bundle.stated_rate()}"}
+        if isinstance(self.prevalence, float):
+            return {"mode": "given", "rate": self.prevalence,
+                    "description": f"stated for a pneumonia rate of {self.prevalence:.3f} (given)"}
+        return {"mode": "calibration", "rate": self.bundle.decision.calibration.prior,
+                "description": f"stated for {self.bundle.stated_rate()}, that of the images calibrated on"}
+
+    def answer_single(self, batch_prevalence) -> Predictor:
+        """This predictor answers single images for a service whose batches are scored with ``batch_prevalence``:
+        under "estimate" its notes and metadata say that one image cannot estimate a rate (they were empty, and
+        /model showed a null prior), as predict's notes do for a batch too small."""
+        self.batch_prevalence = parse_prevalence(batch_prevalence)
+        return self
 
     # ---------- inputs
     def preprocess_path(self, path):
@@ -162,17 +189,18 @@ class Predictor:
         pixels = np.asarray(pixels_uint8)
         scores = self.scorer.score(pixels, batch_size, progress)
         checks = self.flags(pixels, scores, metas)
-        decision = self.bundle.decision
-        notes = []
+        decision, notes, recorded = self.bundle.decision, [], {"batch_adapted": False, "batch_adaptation": ""}
         if self.adapt_batch or self.prevalence == "estimate":
-            scores, decision, notes = self._batch_steps(pixels, scores, checks, batch_size)
+            scores, decision, notes, recorded = self._batch_steps(pixels, scores, checks, batch_size)
         self.last_decision = decision  # what evaluate's report states (the batch-adapted one with --adapt-batch)
         threshold = decision.effective_threshold
         # the pneumonia rate the probability is stated for, beside it in every output (None: not recorded)
         rate = decision.prior if decision.prior is not None else decision.calibration.prior
+        recorded = {"prevalence_source": decision.prior_note if decision.prior is not None else "calibration images",
+                    "engine": self.scorer.engine.name, "precision": self.scorer.engine.precision, **recorded}
         names = self.class_names
         entries = [{"probability": float(p), "raw_score": float(r), "label": names[1] if positive else names[0],
-                    "threshold": threshold, "prevalence": None if rate is None else float(rate), **check}
+                    "threshold": threshold, "prevalence": None if rate is None else float(rate), **check, **recorded}
                    for p, r, positive, check in zip(scores.probabilities, scores.raw, decision.positive(scores.raw),
                                                     checks)]
         return entries, self.batch_notes() + notes
@@ -185,53 +213,66 @@ class Predictor:
         return self.flags(pixels, self.scorer.score(pixels), metas)
 
     def _batch_steps(self, pixels, scores: Scores, checks, batch_size):
-        """AdaBN on the in-distribution part of the batch, then the batch's prevalence by EM."""
+        """AdaBN on the in-distribution part of the batch, then the batch's prevalence by EM; (scores, decision,
+        notes, what each image's row records of them)."""
         inside = np.array([c["in_distribution"] is not False for c in checks])
-        decision, notes = self.bundle.decision, []
+        decision, adaptation, estimation, adapted = self.bundle.decision, [], [], False
         if self.adapt_batch:
-            scores, decision = self._adapt_step(pixels, scores, inside, batch_size, notes)
+            scores, decision, adapted = self._adapt_step(pixels, scores, inside, batch_size, adaptation)
         if self.prevalence == "estimate":
-            decision = self._estimate_step(pixels, scores, decision, inside, notes)
+            scores, decision = self._estimate_step(pixels, scores, decision, inside, estimation)
         if decision is not self.bundle.decision or self.adapt_batch:
             scores = Scores(scores.raw, decision.probabilities(scores.raw), scores.members, scores.features)
-        return scores, decision, notes
+        recorded = {"batch_adapted": adapted, "batch_adaptation": "; ".join(adaptation)}
+        if estimation and decision.prior is None:  # not estimated, and why
+            recorded["prevalence_source"] = estimation[0]
+        return scores, decision, adaptation + estimation, recorded
 
     def _adapt_step(self, pixels, scores: Scores, inside, batch_size, notes):
-        """AdaBN on the batch's distinct in-distribution images when there are enough; (scores, decision)."""
+        """AdaBN on the batch's distinct in-distribution images when there are enough; (scores, decision,
+        whether it adapted)."""
         count = len(distinct_in_canonical_order(pixels[inside]))  # a file sent twice counts once
         if count < MIN_ADAPT_BATCH:
             notes.append(f"not adapted: {count} in-distribution images, fewer than {MIN_ADAPT_BATCH}")
-            return scores, self.bundle.decision
+            return scores, self.bundle.decision, False
         pseudo = self.bundle.decision.positive(scores.raw[inside])
         rate = (self.bundle.adapted_decision or self.bundle.decision).calibration.prior
         adapted = Scorer(adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate), self.device,
                          self.scorer.engine.name, self.amp, cache=False)  # this batch's statistics only
         notes.append(f"batch-norm statistics re-estimated on this batch ({count} "
                      f"in-distribution images, AdaBN at the validation images' class mix)")
-        if self.bundle.adapted_decision is not None:
-            return adapted.score(pixels, batch_size), self.bundle.adapted_decision  # fitted on val, adapted to val
+        if self.bundle.adapted_decision is not None:  # fitted on val, adapted to val
+            return adapted.score(pixels, batch_size), self.bundle.adapted_decision, True
         why = "refitted on the site's labelled images by adapt" if (self.checkpoints[0].get("adaptation") or {}).get(
             "labelled") else "a checkpoint of an earlier version"
         notes.append(f"the threshold and calibration were fitted without batch adaptation ({why})")
-        return adapted.score(pixels, batch_size), self.bundle.decision
+        return adapted.score(pixels, batch_size), self.bundle.decision, True
 
-    @staticmethod
-    def _estimate_step(pixels, scores: Scores, decision, inside, notes):
+    def _estimate_step(self, pixels, scores: Scores, decision, inside, notes):
         """The batch's pneumonia rate by EM on its distinct in-distribution images when there are enough, else
         ``decision`` as is: a file sent twice counts once, as in AdaBN (32 copies of one NORMAL image were
-        "32 images", and its probability fell from 0.034 to 0.000)."""
+        "32 images", and its probability fell from 0.034 to 0.000). An ensemble averaging its members moves each
+        member from its own rate (``Bundle.with_prevalence``), in the EM too. Returns (scores, decision)."""
         kept = np.flatnonzero(inside)[distinct_in_canonical_order(pixels[inside])]
-        count, prior = len(kept), decision.calibration.prior
+        count, prior, bundle = len(kept), decision.calibration.prior, self.bundle
         if count < MIN_ESTIMATE_BATCH:
-            stated = f"the checkpoint's rate of {prior:.3f}" if prior is not None else "the checkpoint's rate"
             notes.append(f"prevalence not estimated: {count} in-distribution images, fewer than "
-                         f"{MIN_ESTIMATE_BATCH}; probabilities stated for {stated}")
-            return decision
-        base = decision.calibration.probabilities(scores.raw[kept])
-        rate = estimate_prior(base, prior or float(np.mean(base)))
+                         f"{MIN_ESTIMATE_BATCH}; probabilities stated for {bundle.stated_rate()}")
+            return scores, decision
+        how = f"estimated from {count} images (EM)"
+        if bundle.averages_members:
+            rate = estimate_prior_of_members([member.calibration.probabilities(raw[kept]) for member, raw
+                                              in zip(bundle.member_decisions, scores.members)], bundle.member_rates())
+            moved = bundle.with_prevalence(rate, how)
+            scores = Scores(moved.combine(scores.members), scores.probabilities, scores.members, scores.features)
+            decision = moved.decision
+        else:
+            base = decision.calibration.probabilities(scores.raw[kept])
+            rate = estimate_prior(base, prior or float(np.mean(base)))
+            decision = bundle.state_rate(decision, rate, how)
         notes.append(f"probabilities stated for a pneumonia rate of {rate:.3f}, estimated from this batch "
                      f"({count} in-distribution images, EM of Saerens et al. 2002)")
-        return decision.with_prior(rate, f"estimated from {count} images (EM)")
+        return scores, decision
 
     def predict_files(self, paths, batch_size: int = 32, progress: bool = False) -> list[Prediction]:
         """Read, preprocess and predict files; unreadable files get ``error`` and the rest go on. Notes on
@@ -284,6 +325,10 @@ class Predictor:
         notes = list(self.notes)
         if isinstance(self.prevalence, float):
             notes.append(f"probabilities stated for a pneumonia rate of {self.prevalence:.3f} (given)")
+        if self.batch_prevalence == "estimate" and self.prevalence is None:  # a service's single image
+            notes.append(f"prevalence not estimated: a single image cannot estimate a pneumonia rate (a batch scored "
+                         f"together of at least {MIN_ESTIMATE_BATCH} in-distribution images can); probabilities "
+                         f"stated for {self.bundle.stated_rate()}")
         return notes
 
 

@@ -2,11 +2,12 @@
 resources, referenced from ``result``), with the same fields as the JSON and CSV outputs.
 
 Per Observation: ``valueQuantity`` the probability of pneumonia; ``interpretation`` POS/NEG (the label at
-the threshold); components for the label, the threshold, ``in_distribution`` and the out-of-distribution
-score; each warning (the out-of-distribution reason included) as a ``note``; the model id in ``device``; an
-unreadable file as status ``cancelled`` with ``dataAbsentReason`` error and the reason as a note. The
-document is checked against the FHIR schema with ``fhir.resources`` (its R4B models: DiagnosticReport and
-Observation are unchanged from R4 4.0.1 in R4B 4.3.0).
+the threshold); components for the label, the threshold, the rate and where it came from, the scoring engine and
+precision, batch adaptation, ``in_distribution`` and the out-of-distribution score; each warning (the
+out-of-distribution reason included) as a ``note``; the model id in ``device``; an unreadable file as status
+``cancelled`` with ``dataAbsentReason`` error and the reason as a note. The document is checked against the
+FHIR schema with ``fhir.resources`` (its R4B models: DiagnosticReport and Observation are unchanged from R4 4.0.1
+in R4B 4.3.0).
 """
 from __future__ import annotations
 
@@ -115,6 +116,22 @@ def _components(row: dict) -> list[dict]:
     if row.get("ood_score") is not None:
         components.append({"code": _concept("ood-score", "Out-of-distribution score"),
                            "valueQuantity": _number(row["ood_score"])})
+    return components + _how_decided(row)  # after the earlier components, in their order
+
+
+def _how_decided(row: dict) -> list[dict]:
+    """Components for what decided the result beside the model: where the rate came from, the engine and precision
+    that scored it, and whether the image's batch was adapted (a report with --adapt-batch said only the rate)."""
+    texts = [("prevalence-source", "Where the pneumonia rate came from", row.get("prevalence_source")),
+             ("scoring-engine", "Engine that scored the image", row.get("engine")),
+             ("scoring-precision", "Numeric precision of the scoring", row.get("precision"))]
+    components = [{"code": _concept(code, display), "valueString": value} for code, display, value in texts if value]
+    if row.get("batch_adapted") is not None:
+        components.append({"code": _concept("batch-adapted", "Batch-norm statistics re-estimated on the image's batch"),
+                           "valueBoolean": bool(row["batch_adapted"])})
+    if row.get("batch_adaptation"):
+        components.append({"code": _concept("batch-adaptation", "Batch adaptation of the image's batch"),
+                           "valueString": row["batch_adaptation"]})
     return components
 
 

@@ -167,7 +167,11 @@ class Service:
 
     def _load(self):
         o = self.options
-        return load_served_model(self.checkpoint, o.device, o.engine, o.prevalence, o.adapt_batch)
+        served = load_served_model(self.checkpoint, o.device, o.engine, o.prevalence, o.adapt_batch)
+        # its single-image predictor keeps the checkpoint's rate under --prevalence estimate (strangers' images are
+        # not one site's batch): told so, its answers' notes and /model say it (they were empty, and showed no rate)
+        served.predictor.answer_single(o.prevalence)
+        return served
 
     async def start(self):
         self.reload_lock = asyncio.Lock()

@@ -126,9 +126,10 @@ def test_a_name_too_long_for_the_system_is_one_row_not_the_end_of_predict(capsys
     from pneumonia_cnn.cli import main
     long_name = str(tmp_path / ("b" * 300 + ".jpeg"))
     assert main(["predict", long_name, str(EXAMPLE), "--format", "csv"]) == 0
+    import csv
     rows = capsys.readouterr().out.splitlines()
     from pneumonia_cnn import builtin
-    assert "File name too long" in rows[1] and rows[1].split(",")[9] == builtin.card()["run_id"]
+    assert "File name too long" in rows[1] and next(csv.reader([rows[1]]))[9] == builtin.card()["run_id"]
     assert rows[2].startswith(f"{EXAMPLE},0.03") and len(rows) == 3
 
 

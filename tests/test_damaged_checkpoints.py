@@ -59,3 +59,20 @@ def test_preprocessing_that_promises_another_input_than_the_model_takes_is_refus
     assert refusal(capsys, tmp_path / "changed.pt") == (
         f"error: {tmp_path / 'changed.pt'}: not a usable checkpoint: preprocessing.channels 3 differs from the "
         f"model's in_channels 1")
+
+
+def test_a_checkpoint_saved_without_checksums_still_loads(tmp_path, capsys):
+    """torch can save with its CRC-32s off (``torch.utils.serialization.config.save.compute_crc32``): every entry
+    then reads 0, which is no mismatch."""
+    from torch.utils.serialization import config
+    checkpoint = torch.load(builtin.checkpoint_path(), weights_only=False)
+    saved = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        torch.save(checkpoint, tmp_path / "no_crc.pt")
+    finally:
+        config.save.compute_crc32 = saved
+    with zipfile.ZipFile(tmp_path / "no_crc.pt") as archive:
+        assert {entry.CRC for entry in archive.infolist() if entry.file_size} == {0}
+    assert main(["predict", str(tmp_path / "no_crc.pt"), "--", image()]) == 0
+    assert "0.99" in capsys.readouterr().out

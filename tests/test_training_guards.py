@@ -200,7 +200,7 @@ def test_a_stop_asked_while_an_epoch_ends_is_obeyed(small_root, cache_dir, tmp_p
 
     def end_of_epoch_then_sigint(run):
         row = original(run)
-        os.kill(os.getpid(), signal.SIGINT)  # StopRequested's handler only sets its flag
+        os.kill(os.getpid(), signal.SIGINT)  # StopSignals' handler only notes it
         return row
 
     monkeypatch.setattr(loop, "end_of_epoch", end_of_epoch_then_sigint)

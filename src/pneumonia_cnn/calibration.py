@@ -263,6 +263,8 @@ def estimate_prior_of_members(member_probabilities, member_priors, iterations: i
     calibrated at its own rate (``member_priors``): at a candidate rate each member's probability is moved from its
     own rate before the mean, as the ensemble states them. One member: ``estimate_prior``."""
     base = logit(np.clip(np.atleast_2d(np.asarray(member_probabilities, dtype=np.float64)), 1e-9, 1 - 1e-9))
+    if base.shape[0] != len(member_priors):  # one image's members as a 1-D list would broadcast into a grid
+        raise ValueError(f"{base.shape[0]} rows of probabilities for {len(member_priors)} members")
     own = logit(np.asarray(member_priors, dtype=np.float64))[:, None]
     prior = float(np.mean(member_priors))
     for _ in range(iterations):

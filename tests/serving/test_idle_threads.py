@@ -28,9 +28,13 @@ def test_sessions_spin_unless_told_to_sleep_and_a_bad_value_is_named(monkeypatch
 def torch_threads_restored():
     """serve sets torch's thread count for its process: the rest of the test session keeps its own."""
     import torch
+
+    from pneumonia_cnn.serving.batcher import process_torch_threads
     threads = torch.get_num_threads()
+    process_torch_threads.cache_clear()  # read again from this thread's count, as at a server's start
     yield threads
     torch.set_num_threads(threads)
+    process_torch_threads.cache_clear()
 
 
 class Stop(Exception):
@@ -88,8 +92,8 @@ def test_serve_gives_torch_one_thread_beside_a_scorer_that_is_not_torch(monkeypa
     from pneumonia_cnn.serving.app import create_app
     from pneumonia_cnn.serving.service import ServeOptions
     threads = torch_threads_restored
-    if threads < 2 or batcher.process_torch_threads() != threads:
-        pytest.skip("torch has one thread here (or another test changed it first): nothing to take away")
+    if threads < 2:
+        pytest.skip("torch has one thread here: nothing to take away")
     seen = {"scorer": [], "gradcam": [], "load": []}
 
     def recorded(kind, function):

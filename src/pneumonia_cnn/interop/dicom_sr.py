@@ -108,9 +108,10 @@ def build_sr(source: Dataset, entry: dict, model: ModelIdentity) -> hd.sr.Compre
     for warning in entry.get("warnings") or []:
         group[0].ContentSequence.append(hd.sr.TextContentItem(name=COMMENT, value=warning[:1024],
                                                               relationship_type="CONTAINS"))
+    # a serial number (LO) holds 64 characters: the end of the model id keeps a refit's digest
     device = hd.sr.DeviceObserverIdentifyingAttributes(uid=result_uid("device", model.key, "observer"),
                                                        name="pneumonia-cnn", model_name=model.name,
-                                                       serial_number=model.version[:64])
+                                                       serial_number=model.version[-64:])
     measurement_report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.cid270.Device, observer_identifying_attributes=device)),

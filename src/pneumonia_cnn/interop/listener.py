@@ -99,7 +99,11 @@ class Listener:
                             "senders were not acknowledged and send them again)", partial, display_path(self.spool))
             self.worker = threading.Thread(target=self._work, args=(self.lock.worker_starts(),),
                                            name="pneumonia-listen-worker", daemon=True)
-            self.worker.start()
+            try:
+                self.worker.start()
+            except BaseException:  # no worker runs: the hold must not wait for one
+                self.lock.worker_ended()
+                raise
             log.info("listening as %s on %s:%d%s; reports go to %s%s; spool %s", self.ae_title, *self.address,
                      " (TLS)" if self.access.tls_cert else "", self.destination,
                      " (TLS)" if self.access.send_tls_ca else "", display_path(self.spool))

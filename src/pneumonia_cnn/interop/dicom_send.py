@@ -78,10 +78,10 @@ def send_c_store(ae_title: str, destination: Destination, datasets, tls=None) ->
 def stored(code: int, destination: Destination, dataset) -> bool:
     """Whether a C-STORE status means the destination holds the instance: Success, or any status pynetdicom
     classes as a Warning (0001, 0107, 0116, Bxxx: stored, with a remark; each gets its line), or 0111
-    (Duplicate SOP Instance) for a report this process sent before with no answer: stored then, its answer lost.
-    Any other 0111 is a refusal: a report's UID comes from its source instance and model, not its result, so a
-    changed image re-sent under its old UID gives another report under the same UID, which taking 0111 as
-    delivered would have lost in silence."""
+    (Duplicate SOP Instance): a report's UID comes from its source instance, the model and what it states
+    (``dicom_sr.result_uid``), so the destination holds this very report: sent before with its answer lost, or by
+    an earlier run. (Until 2026-11-28 the UID ignored the result, and a changed image re-sent under its old UID
+    got another report under the same UID: 0111 was then refused.)"""
     from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
     category, uid = code_to_category(code), str(dataset.SOPInstanceUID)
     what = f"{destination}: {dataset.Modality} {uid}"
@@ -91,9 +91,9 @@ def stored(code: int, destination: Destination, dataset) -> bool:
         log.info("%s with status 0x0111 (Duplicate SOP Instance): stored when its answer was lost: taken as "
                  "delivered", what)
     elif code == DUPLICATE:
-        log.warning("%s with status 0x0111 (Duplicate SOP Instance): the destination holds another report under "
-                    "this UID (an earlier run's, or one of an image re-sent under its old UID): not replaced", what)
-    delivered = category in (STATUS_SUCCESS, STATUS_WARNING) or (code == DUPLICATE and uid in ANSWER_LOST)
+        log.info("%s with status 0x0111 (Duplicate SOP Instance): the destination holds this very report (an "
+                 "earlier run's: the same image, model and result): taken as delivered", what)
+    delivered = category in (STATUS_SUCCESS, STATUS_WARNING) or code == DUPLICATE
     if delivered:
         ANSWER_LOST.discard(uid)
     return delivered

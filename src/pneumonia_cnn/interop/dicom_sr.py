@@ -88,9 +88,18 @@ DATE_VRS = ("DA", "DT", "TM")
 SEXES = ("M", "F", "O", "")  # what highdicom accepts in PatientSex
 
 
-def result_uid(source_sop_uid: str, model_key: str, kind: str) -> str:
-    """The same UID every time one model scores one instance: a repeat replaces, never duplicates."""
-    return generate_uid(entropy_srcs=[source_sop_uid, model_key, kind])
+def result_uid(source_sop_uid: str, model_key: str, kind: str, states: str = "") -> str:
+    """The same UID every time one model scores one instance and states the same (``stated``): a repeat
+    replaces, never duplicates. An image changed and re-sent under its old UID gets a report of a new UID: under
+    the old one, Orthanc (as most PACS) kept the first report and answered Success, and the new result was lost."""
+    return generate_uid(entropy_srcs=[source_sop_uid, model_key, kind, *([states] if states else [])])
+
+
+def stated(entry: dict) -> str:
+    """What a report states, rounded past float noise (a batch of another size moves the last bits)."""
+    ood = entry.get("ood_score")
+    return "|".join([f"{float(entry['probability']):.6f}", f"{float(entry['threshold']):.6f}", str(entry["label"]),
+                     str(entry.get("in_distribution")), "" if ood is None else f"{float(ood):.4f}"])
 
 
 def build_sr(source: Dataset, entry: dict, model: ModelIdentity) -> hd.sr.ComprehensiveSR:
@@ -100,7 +109,8 @@ def build_sr(source: Dataset, entry: dict, model: ModelIdentity) -> hd.sr.Compre
     algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version,
                                               parameters=list(model.parameters))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(source.SOPInstanceUID, model.key, "group"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(source.SOPInstanceUID, model.key, "group",
+                                                                     stated(entry)),
                                                      identifier="pneumonia-cnn result"),
         finding_type=PNEUMONIA, algorithm_id=algorithm, measurements=_measurements(entry),
         qualitative_evaluations=_evaluations(entry, model),
@@ -119,7 +129,8 @@ def build_sr(source: Dataset, entry: dict, model: ModelIdentity) -> hd.sr.Compre
     report = hd.sr.ComprehensiveSR(
         evidence=[source], content=measurement_report[0], series_instance_uid=result_uid(source.SeriesInstanceUID,
                                                                              model.key, "sr-series"),
-        series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sr"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sr", stated(entry)),
         instance_number=_instance_number(source), manufacturer="pneumonia-cnn",
         is_complete=True, is_final=False, is_verified=False, series_description=DISCLAIMER[:64],
         coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(SCHEME, name="pneumonia-cnn result codes",
@@ -193,14 +204,16 @@ def _evaluations(entry: dict, model: ModelIdentity) -> list:
     return [hd.sr.QualitativeEvaluation(PNEUMONIA, finding), hd.sr.QualitativeEvaluation(IN_DISTRIBUTION, inside)]
 
 
-def build_overlay(source: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity) -> hd.sc.SCImage:
-    """The Grad-CAM overlay (RGB uint8, H x W x 3) as a Secondary Capture image in the source's study."""
+def build_overlay(source: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity, entry: dict) -> hd.sc.SCImage:
+    """The Grad-CAM overlay (RGB uint8, H x W x 3) as a Secondary Capture image in the source's study; ``entry``:
+    the result its report states (its UID changes with it, as the report's does)."""
     source = _header_of(source)
     overlay = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=np.ascontiguousarray(overlay_rgb, dtype=np.uint8),
         photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
         series_instance_uid=result_uid(source.SeriesInstanceUID, model.key, "sc-series"),
-        series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sc"),
+        series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sc",
+                                                                          stated(entry)),
         instance_number=_instance_number(source), manufacturer="pneumonia-cnn",
         patient_orientation=("L", "F"), series_description="pneumonia-cnn Grad-CAM, not for diagnosis")
     # highdicom needs an orientation to build the image; the overlay's rows and columns are the source's, so it

@@ -169,7 +169,7 @@ class DicomScorer:
         """The optional overlay: one that cannot be made never costs the report (it did, for a header only the
         Secondary Capture refused)."""
         try:
-            result.outputs.append(build_overlay(dataset, self._overlay_pixels(gray), self.model))
+            result.outputs.append(build_overlay(dataset, self._overlay_pixels(gray), self.model, result.entry))
         except Exception as error:  # noqa: BLE001 - whatever the cause, the report goes on without it
             result.overlay_error = f"overlay not made ({type(error).__name__}: {str(error)[:160]})"
             logging.getLogger("pneumonia_cnn").warning("instance %s: %s; the report is sent without it",

@@ -300,3 +300,21 @@ def test_a_client_that_reset_before_its_refusal_is_closed_quietly():
     transport, protocol = ResetTransport(), Protocol()
     protocol.close_gently(transport)
     assert transport.closed and not protocol.lingering
+
+
+def test_a_request_too_malformed_for_the_http_parser_is_counted(server):
+    """uvicorn's parser answers it before the app sees it: it was missing from /metrics."""
+    url, _ = server
+    host, port = url.split("//")[1].split(":")
+
+    def counted() -> float:
+        text = httpx.get(f"{url}/metrics").text
+        line = next((line for line in text.splitlines()
+                     if line.startswith('pneumonia_cnn_http_requests_total{endpoint="other",status="400"}')), None)
+        return float(line.split()[-1]) if line else 0.0
+    before = counted()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GARBAGE \x00\x01 NOT-HTTP\r\n\r\n")
+        from tests.serving.raw_http import read_response
+        assert read_response(sock).startswith(b"HTTP/1.1 400")
+    assert counted() == before + 1

@@ -298,7 +298,8 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: S
     # 5 s equalled httpx's own idle limit: under load a client reused a connection just as the server closed it,
     # and the request failed unanswered (ReadError). The client, or the proxy in front, must close first
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, loop="asyncio",
-                            http=idle_timeout_protocol(idle_timeout), timeout_keep_alive=idle_timeout,
+                            http=idle_timeout_protocol(idle_timeout, malformed_counter(app)),
+                            timeout_keep_alive=idle_timeout,
                             timeout_graceful_shutdown=graceful_timeout, ssl_certfile=ssl_certfile,
                             ssl_keyfile=ssl_keyfile)  # no limit_concurrency: uvicorn counts idle sockets in
     # it and then answers 503 to everything, /health included; uploads are limited by LimitsMiddleware and idle
@@ -310,6 +311,12 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, options: S
              service.served.model_id, scheme, host, port, "required" if service.keyring else "off",
              options.audit_log or "off")
     handshake_limited_server(config, idle_timeout).run(sockets=[listening])
+
+
+def malformed_counter(app):
+    """Counts a request too malformed for the HTTP parser as a 400 of endpoint "other" (it went uncounted)."""
+    counter = app.state.service.metrics.requests.labels("other", "400")
+    return counter.inc
 
 
 def bound_socket(host: str, port: int) -> socket.socket:

@@ -120,9 +120,10 @@ def content_length(headers) -> int | None:
         return None
 
 
-def idle_timeout_protocol(seconds: float):
+def idle_timeout_protocol(seconds: float, on_malformed=None):
     """uvicorn's h11 protocol, closing connections that send no complete request head for ``seconds``, and
-    refusing a request malformed at the HTTP level with the API's one-line JSON instead of plain text."""
+    refusing a request malformed at the HTTP level with the API's one-line JSON instead of plain text;
+    ``on_malformed()`` counts each (such a request never reaches the app and its metrics)."""
     import json
 
     import h11
@@ -146,6 +147,8 @@ def idle_timeout_protocol(seconds: float):
             super().connection_lost(exc)
 
         def send_400_response(self, msg: str):
+            if on_malformed is not None:
+                on_malformed()
             body = json.dumps({"detail": "invalid HTTP request: a malformed request line, header or length"}).encode()
             head = h11.Response(status_code=400, reason=b"Bad Request", headers=[
                 (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

@@ -34,7 +34,7 @@ def test_sr_holds_the_result_and_references_the_source(tmp_path):
                        "in_distribution": False, "warnings": FLAGGED["warnings"], "model_version": "seed-run-1",
                        "model_name": "pneumonia-cnn seed", "source_sop_instance_uid": source.SOPInstanceUID}
     again = build_sr(source, {**FLAGGED, "probability": 0.1, "label": "NORMAL"}, MODEL)
-    assert again.SOPInstanceUID != report.SOPInstanceUID  # another result: a report of its own (PACS keep the first)
+    assert again.SOPInstanceUID == report.SOPInstanceUID  # the same pixels scored again: replaces the report
     other = build_sr(source, FLAGGED, ModelIdentity("x", "another-run", (), "PNEUMONIA"))
     refit = build_sr(source, FLAGGED, ModelIdentity(MODEL.name, MODEL.version, (), "PNEUMONIA", key="seed-run-1@t2"))
     assert len({report.SOPInstanceUID, other.SOPInstanceUID, refit.SOPInstanceUID}) == 3  # another model or decision
@@ -102,7 +102,7 @@ def test_a_negative_instance_number_or_a_name_given_twice_still_gets_its_report(
     source.save_as(tmp_path / "odd.dcm")
     source = pydicom.dcmread(tmp_path / "odd.dcm")
     report = build_sr(source, FLAGGED, MODEL)
-    overlay = build_overlay(source, np.zeros((16, 16, 3), np.uint8), MODEL, FLAGGED)
+    overlay = build_overlay(source, np.zeros((16, 16, 3), np.uint8), MODEL)
     assert report.InstanceNumber == overlay.InstanceNumber == 1
     assert str(report.PatientName) == str(overlay.PatientName) == "Doe^Jane"
     assert str(report.ReferringPhysicianName) == "Smith^A"
@@ -119,7 +119,7 @@ def test_the_overlay_states_the_sources_orientation_or_none(tmp_path, orientatio
         source.pop(0x00200020, None)
     else:
         source.PatientOrientation = orientation
-    overlay = build_overlay(source, np.zeros((16, 16, 3), np.uint8), MODEL, FLAGGED)
+    overlay = build_overlay(source, np.zeros((16, 16, 3), np.uint8), MODEL)
     overlay.save_as(tmp_path / "sc.dcm", enforce_file_format=True)
     back = pydicom.dcmread(tmp_path / "sc.dcm")
     assert "PatientOrientation" in back and list(back.PatientOrientation or []) == stated
@@ -129,7 +129,7 @@ def test_overlay_is_a_secondary_capture_in_the_study(tmp_path):
     source = pydicom.dcmread(xray_dicom(np.full((32, 32), 100, np.uint8), tmp_path / "s.dcm", "DX"))
     rgb = np.zeros((16, 16, 3), np.uint8)
     rgb[..., 0] = 200
-    overlay = build_overlay(source, rgb, MODEL, FLAGGED)
+    overlay = build_overlay(source, rgb, MODEL)
     assert overlay.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and overlay.StudyInstanceUID == source.StudyInstanceUID
     assert overlay.Manufacturer == "pneumonia-cnn" and overlay.pixel_array[0, 0].tolist() == [200, 0, 0]
 
@@ -224,18 +224,22 @@ def test_an_overlay_that_cannot_be_made_never_costs_the_report(trained_run, tmp_
     assert result.overlay_uid is None and result.report_uid == made.report_uid
 
 
-def test_a_changed_result_for_the_same_instance_gets_reports_of_new_uids(tmp_path):
+def test_changed_pixels_under_the_same_instance_get_reports_of_new_uids(tmp_path):
     """An image changed and re-sent under its old SOP Instance UID got its report under the old report's UID:
     Orthanc (as most PACS) kept the first and answered Success, so the new result was lost while the node said
-    it was sent. The UIDs now come from what the report states too: the same result, the same UIDs (a repeat
-    replaces); float noise past the stated precision changes nothing."""
+    it was sent. The UIDs now come from the pixels scored too: the same pixels, the same UIDs whatever the result's
+    last bits (an engine or batch size moves them), so a repeat replaces; other pixels, other UIDs."""
+    from pneumonia_cnn.interop.dicom_sr import pixels_digest
     source = pydicom.dcmread(xray_dicom(np.full((32, 32), 100, np.uint8), tmp_path / "s.dcm", "DX"))
-    normal = dict(FLAGGED, probability=0.0332, label="NORMAL")
+    pixels, changed_pixels = np.full((8, 8), 100, np.uint8), np.full((8, 8), 101, np.uint8)
+    scored, changed = pixels_digest(pixels), pixels_digest(changed_pixels)
+    assert scored == pixels_digest(pixels.copy()) != changed
+    first = build_sr(source, FLAGGED, MODEL, scored)
+    noise = build_sr(source, dict(FLAGGED, probability=0.8125 + 4.5e-9, ood_score=3.5 + 6e-6), MODEL, scored)
+    other = build_sr(source, dict(FLAGGED, probability=0.0332, label="NORMAL"), MODEL, changed)
+    assert first.SOPInstanceUID == noise.SOPInstanceUID != other.SOPInstanceUID
+    assert first.SeriesInstanceUID == other.SeriesInstanceUID  # one series of reports per source series
     overlay = np.zeros((16, 16, 3), np.uint8)
-    first, again = build_sr(source, FLAGGED, MODEL), build_sr(source, dict(FLAGGED, probability=0.8125 + 1e-12), MODEL)
-    changed = build_sr(source, normal, MODEL)
-    assert first.SOPInstanceUID == again.SOPInstanceUID != changed.SOPInstanceUID
-    assert first.SeriesInstanceUID == changed.SeriesInstanceUID  # one series of reports per source series
-    assert build_overlay(source, overlay, MODEL, FLAGGED).SOPInstanceUID == \
-        build_overlay(source, overlay, MODEL, dict(FLAGGED)).SOPInstanceUID != \
-        build_overlay(source, overlay, MODEL, normal).SOPInstanceUID
+    assert build_overlay(source, overlay, MODEL, scored).SOPInstanceUID == \
+        build_overlay(source, overlay, MODEL, pixels_digest(pixels.copy())).SOPInstanceUID != \
+        build_overlay(source, overlay, MODEL, changed).SOPInstanceUID

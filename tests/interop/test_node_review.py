@@ -307,3 +307,22 @@ def test_every_secondary_capture_class_is_refused_single_or_multi_frame():
         dataset = Dataset()
         dataset.SOPClassUID, dataset.Modality = sop_class, "DX"
         assert not_an_xray(dataset) == "a secondary capture, not an acquired X-ray", sop_class
+
+
+def test_an_image_re_sent_with_other_pixels_gets_a_report_of_a_new_uid(predictor, xray_sources, tmp_path):
+    """A probe with Orthanc: an image changed and re-sent under its old SOP Instance UID got its report under the
+    old report's UID; Orthanc kept the first report and answered Success, so the new result was lost while the
+    node logged it as sent. The same pixels scored again (alone or in a batch) keep their report's UIDs."""
+    from pneumonia_cnn.interop.scoring import DicomScorer
+    first = pydicom.dcmread(xray_dicom(xray_sources["PNEUMONIA"][0], tmp_path / "a.dcm", "DX"))
+    changed = pydicom.dcmread(xray_dicom(xray_sources["NORMAL"][0], tmp_path / "b.dcm", "DX"))
+    other = pydicom.dcmread(xray_dicom(xray_sources["NORMAL"][1], tmp_path / "c.dcm", "DX"))
+    changed.SOPInstanceUID = first.SOPInstanceUID
+    scorer = DicomScorer(predictor, overlay=True)
+
+    def uids(dataset, *batch):
+        result = scorer.score([dataset, *batch])[0]
+        assert result.error is None and len(result.outputs) == 2
+        return [str(output.SOPInstanceUID) for output in result.outputs]
+    assert uids(first) == uids(first, other)  # its batch changes nothing
+    assert not set(uids(first)) & set(uids(changed))

@@ -88,21 +88,21 @@ DATE_VRS = ("DA", "DT", "TM")
 SEXES = ("M", "F", "O", "")  # what highdicom accepts in PatientSex
 
 
-def result_uid(source_sop_uid: str, model_key: str, kind: str, states: str = "") -> str:
-    """The same UID every time one model scores one instance and states the same (``stated``): a repeat
-    replaces, never duplicates. An image changed and re-sent under its old UID gets a report of a new UID: under
-    the old one, Orthanc (as most PACS) kept the first report and answered Success, and the new result was lost."""
-    return generate_uid(entropy_srcs=[source_sop_uid, model_key, kind, *([states] if states else [])])
+def result_uid(source_sop_uid: str, model_key: str, kind: str, scored: str = "") -> str:
+    """The same UID every time one model scores one instance's pixels (``scored``: ``pixels_digest`` of them): a
+    repeat replaces, never duplicates, whichever engine, device or batch scored it. An image changed and re-sent
+    under its old UID gets a report of a new UID: under the old one, Orthanc (as most PACS) kept the first report
+    and answered Success, and the new result was lost."""
+    return generate_uid(entropy_srcs=[source_sop_uid, model_key, kind, *([scored] if scored else [])])
 
 
-def stated(entry: dict) -> str:
-    """What a report states, rounded past float noise (a batch of another size moves the last bits)."""
-    ood = entry.get("ood_score")
-    return "|".join([f"{float(entry['probability']):.6f}", f"{float(entry['threshold']):.6f}", str(entry["label"]),
-                     str(entry.get("in_distribution")), "" if ood is None else f"{float(ood):.4f}"])
+def pixels_digest(gray: np.ndarray) -> str:
+    """The pixels the model scored (decoded and preprocessed), as a digest: not the floats of the result, which
+    move in their last bits from one engine or batch size to another."""
+    return hashlib.sha256(np.ascontiguousarray(gray).tobytes()).hexdigest()[:32]
 
 
-def build_sr(source: Dataset, entry: dict, model: ModelIdentity) -> hd.sr.ComprehensiveSR:
+def build_sr(source: Dataset, entry: dict, model: ModelIdentity, scored: str = "") -> hd.sr.ComprehensiveSR:
     """The Structured Report for one scored image (``entry``: probability, label, threshold,
     in_distribution, ood_score, warnings), in the source image's study."""
     source = _header_of(source)
@@ -110,7 +110,7 @@ def build_sr(source: Dataset, entry: dict, model: ModelIdentity) -> hd.sr.Compre
                                               parameters=list(model.parameters))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(source.SOPInstanceUID, model.key, "group",
-                                                                     stated(entry)),
+                                                                     scored),
                                                      identifier="pneumonia-cnn result"),
         finding_type=PNEUMONIA, algorithm_id=algorithm, measurements=_measurements(entry),
         qualitative_evaluations=_evaluations(entry, model),
@@ -130,7 +130,7 @@ def build_sr(source: Dataset, entry: dict, model: ModelIdentity) -> hd.sr.Compre
         evidence=[source], content=measurement_report[0], series_instance_uid=result_uid(source.SeriesInstanceUID,
                                                                              model.key, "sr-series"),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sr", stated(entry)),
+        sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sr", scored),
         instance_number=_instance_number(source), manufacturer="pneumonia-cnn",
         is_complete=True, is_final=False, is_verified=False, series_description=DISCLAIMER[:64],
         coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(SCHEME, name="pneumonia-cnn result codes",
@@ -204,16 +204,16 @@ def _evaluations(entry: dict, model: ModelIdentity) -> list:
     return [hd.sr.QualitativeEvaluation(PNEUMONIA, finding), hd.sr.QualitativeEvaluation(IN_DISTRIBUTION, inside)]
 
 
-def build_overlay(source: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity, entry: dict) -> hd.sc.SCImage:
-    """The Grad-CAM overlay (RGB uint8, H x W x 3) as a Secondary Capture image in the source's study; ``entry``:
-    the result its report states (its UID changes with it, as the report's does)."""
+def build_overlay(source: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity, scored: str = "") -> hd.sc.SCImage:
+    """The Grad-CAM overlay (RGB uint8, H x W x 3) as a Secondary Capture image in the source's study; ``scored``
+    as for ``build_sr``."""
     source = _header_of(source)
     overlay = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=np.ascontiguousarray(overlay_rgb, dtype=np.uint8),
         photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
         series_instance_uid=result_uid(source.SeriesInstanceUID, model.key, "sc-series"),
         series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sc",
-                                                                          stated(entry)),
+                                                                          scored),
         instance_number=_instance_number(source), manufacturer="pneumonia-cnn",
         patient_orientation=("L", "F"), series_description="pneumonia-cnn Grad-CAM, not for diagnosis")
     # highdicom needs an orientation to build the image; the overlay's rows and columns are the source's, so it

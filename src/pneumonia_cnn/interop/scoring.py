@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from ..errors import ImageReadError
-from .dicom_sr import ModelIdentity, build_overlay, build_sr
+from .dicom_sr import ModelIdentity, build_overlay, build_sr, pixels_digest
 from .uids import is_uid
 
 IMAGE_MODALITIES_NEVER_SCORED = {"SR", "KO", "PR", "SEG", "RTSTRUCT"}
@@ -156,7 +156,7 @@ class DicomScorer:
             entries, _ = self.predictor.assess(np.stack(pixels), metas)
             for (result, dataset), entry, gray in zip(readable, entries, pixels):
                 try:
-                    result.outputs = [build_sr(dataset, entry, self.model)]
+                    result.outputs = [build_sr(dataset, entry, self.model, pixels_digest(gray))]
                     result.entry = entry
                 except Exception as error:  # noqa: BLE001 - a header highdicom refuses spoils this report only
                     result.error = f"cannot write its report ({type(error).__name__}: {str(error)[:160]})"
@@ -169,7 +169,8 @@ class DicomScorer:
         """The optional overlay: one that cannot be made never costs the report (it did, for a header only the
         Secondary Capture refused)."""
         try:
-            result.outputs.append(build_overlay(dataset, self._overlay_pixels(gray), self.model, result.entry))
+            result.outputs.append(build_overlay(dataset, self._overlay_pixels(gray), self.model,
+                                                pixels_digest(gray)))
         except Exception as error:  # noqa: BLE001 - whatever the cause, the report goes on without it
             result.overlay_error = f"overlay not made ({type(error).__name__}: {str(error)[:160]})"
             logging.getLogger("pneumonia_cnn").warning("instance %s: %s; the report is sent without it",

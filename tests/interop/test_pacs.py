@@ -764,6 +764,10 @@ def test_a_stow_answer_with_media_type_parameters_is_read(kind):
     with pytest.raises(TransferError, match="failure reason 49152") as caught:
         _stow(Client(refused), report, "1.2.3")
     assert caught.value.refusal
+    # 0111 (Duplicate SOP Instance): a report's UID comes from its source, model and pixels: this very report
+    duplicate = answer("00081198", {"00081155": {"vr": "UI", "Value": ["1.2.3.4.5"]},
+                                    "00081197": {"vr": "US", "Value": [0x0111]}})
+    _stow(Client(duplicate), report, "1.2.3")  # no error: held already (it was a refusal)
     # through the client pacs builds (connect keeps the answer as sent) and a server that answers so
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..errors import PneumoniaCNNError
 from ..signals import Stopped, StopSignals
 from .arrival import decodable_transfer_syntaxes
+from .dicom_send import DUPLICATE as DUPLICATE_INSTANCE
 from .dicomweb_session import AnswerTooLarge, connect, stow_answer
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, ScoredInstance, not_an_xray, shown_uid
@@ -295,18 +296,34 @@ def _stow(client, dataset, study_uid: str):
         answer = stow_answer(error.response) if status in STOW_NOTHING_STORED else None
         if not getattr(answer, "FailedSOPSequence", None):
             raise  # no reason given (a proxy's 400, say): a failure, tried again next run, never a refusal
+        if _holds_this_report(answer, str(dataset.SOPInstanceUID)):
+            return
         _refused(answer, f"HTTP {status}, ")
     uid = str(dataset.SOPInstanceUID)
     if not _names(response, uid) and not getattr(response, "FailedSOPSequence", None):
         kept = getattr(client, "last_post", {}).get("response")  # the answer as sent, read by its media type
         response = (stow_answer(kept) if kept is not None else None) or response
-    if getattr(response, "FailedSOPSequence", None):
+    if getattr(response, "FailedSOPSequence", None) and not _holds_this_report(response, uid):
         _refused(response)
+    if getattr(response, "FailedSOPSequence", None):
+        return
     if not _names(response, uid):
         # an empty or non-DICOM 200 (a proxy, a login page, a redirect that turned the POST into a GET) was
         # taken as stored, and the instance never reported; tried again, as any failure
         raise TransferError(f"the PACS's answer does not name {uid} among the instances it stored (no "
                             "ReferencedSOPSequence entry for it): not counted as stored")
+
+
+def _holds_this_report(answer, uid: str) -> bool:
+    """Failure reason 0111 (Duplicate SOP Instance) for the one instance each STOW-RS sends: a report's UID comes
+    from its source instance, the model and the pixels scored (``dicom_sr.result_uid``), so the PACS holds this
+    very report (as a C-STORE's 0111 is taken in ``dicom_send.stored``); it had been a refusal."""
+    failed = getattr(answer, "FailedSOPSequence", None) or []
+    held = bool(failed) and all(getattr(item, "FailureReason", None) == DUPLICATE_INSTANCE for item in failed)
+    if held:
+        log.info("%s: the PACS holds this very report already (failure reason 0x0111, Duplicate SOP Instance): "
+                 "taken as stored", uid)
+    return held
 
 
 def _names(answer, uid: str) -> bool:

@@ -1,5 +1,7 @@
 """ONNX Runtime's idle threads: they spin by default (a batch job's cores are its own) and sleep in ``serve`` and
 ``listen``, whose scoring shares the cores with Grad-CAM, decoding and the network threads (docs/hospital.md)."""
+import threading
+
 import pytest
 
 from pneumonia_cnn.errors import PneumoniaCNNError
@@ -94,7 +96,16 @@ def test_serve_gives_torch_one_thread_beside_a_scorer_that_is_not_torch(monkeypa
     threads = torch_threads_restored
     if threads < 2:
         pytest.skip("torch has one thread here: nothing to take away")
-    seen = {"scorer": [], "gradcam": [], "load": []}
+    seen = {"scorer": [], "gradcam": [], "load": [], "batch": []}
+    from pneumonia_cnn.inference.predictor import Predictor
+
+    def batch_recorded(function):
+        def wrapper(*arguments, **keywords):
+            result = function(*arguments, **keywords)
+            if threading.current_thread().name.startswith("site-batch"):
+                seen["batch"].append(torch.get_num_threads())
+            return result
+        return wrapper
 
     def recorded(kind, function):
         def wrapper(*arguments, **keywords):  # the count the work ran with: read once it is done
@@ -105,12 +116,15 @@ def test_serve_gives_torch_one_thread_beside_a_scorer_that_is_not_torch(monkeypa
     monkeypatch.setattr(batcher, "_assess", recorded("scorer", batcher._assess))
     monkeypatch.setattr(service, "grad_cam", recorded("gradcam", service.grad_cam))
     monkeypatch.setattr(inference, "Predictor", recorded("load", inference.Predictor))
+    monkeypatch.setattr(Predictor, "assess", batch_recorded(Predictor.assess))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     image = ("a.jpeg", xray_paths(1)[0].read_bytes())
     app = create_app("builtin", ServeOptions(device="cpu", engine="onnx"), allowed_hosts=["testserver"])
     with TestClient(app) as client:
         def heat_map_threads():
             assert client.post("/predict?gradcam=true", files={"file": image}).status_code == 200
+            assert client.post("/predict/batch", files=[("files", image)]).status_code == 200
+            assert seen["batch"].pop() == seen["gradcam"][-1]  # the site-batch thread: as the heat maps'
             return seen["scorer"].pop(), seen["gradcam"].pop()
         assert heat_map_threads() == (1, 1)
         app.state.service.options.engine = "torch"

@@ -86,3 +86,33 @@ def test_a_handler_that_was_set_from_c_comes_back_as_the_default(monkeypatch):
         assert calls[-2:] == [(signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)]
     finally:
         real(signal.SIGTERM, previous)
+
+
+LATE_CTRL_C = """
+import atexit, sys, time
+from pneumonia_cnn import cli
+def work_done():
+    print("done", flush=True)
+    return {status}
+cli.main = work_done
+atexit.register(time.sleep, 5)  # the interpreter's exit, as torch's atexit handlers or a thread being joined
+raise SystemExit(cli.entry())
+"""
+
+
+@pytest.mark.parametrize("status", [0, 2])
+def test_ctrl_c_after_the_command_ended_exits_with_its_status_and_no_traceback(status):
+    import subprocess
+    import sys
+    process = subprocess.Popen([sys.executable, "-c", LATE_CTRL_C.format(status=status)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "done\n"
+        time.sleep(0.5)  # in the 5 s of the exit
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == status and time.monotonic() - started < 3  # at once, not after the 5 s
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err

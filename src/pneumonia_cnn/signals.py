@@ -34,6 +34,19 @@ def quiet_interrupt_while_importing():
                 signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
+def exit_quietly_once_done(status: int) -> None:
+    """After ``main`` has returned, its work done and said: Ctrl-C during the interpreter's exit (torch's atexit
+    handlers, joining threads) ends the process at once with ``main``'s status. It raised a KeyboardInterrupt
+    there, outside every handler: a traceback, and the process ended by the signal as if interrupted mid-work."""
+    def end_now(_number, _frame):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed or full stream: nothing more can be said anyway
+                stream.flush()
+        os._exit(status)
+    with contextlib.suppress(ValueError):  # not the main thread: signals are the caller's
+        signal.signal(signal.SIGINT, end_now)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM during a command: unwinds as Ctrl-C does (temporary files removed, transactions rolled back,
     locks released), so that it subclasses KeyboardInterrupt; then the process ends by the signal."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 from ..fileio import OutputError, printable
-from ..signals import Terminated, end_by_sigterm, sigterm_unwinds
+from ..signals import Terminated, end_by_sigterm, exit_quietly_once_done, sigterm_unwinds
 from . import deployment, evaluation, interop, training
 from .common import PATH, setup_logging
 from .outputs import refuse_repeated_checkpoints
@@ -183,8 +183,10 @@ def named_standard_output():
 def entry() -> int:
     """The ``pneumonia-cnn`` program: ``main``, then a quick exit. At interpreter exit the garbage collector
     would walk every object torch's modules made (about 0.3 s of a 2 s one-image predict); frozen, it skips
-    them. Only for a process that ends here: ``main`` itself, called in-process, leaves the collector alone."""
+    them. Only for a process that ends here: ``main`` itself, called in-process, leaves the collector alone (and
+    the signal handlers)."""
     import gc
     status = main()
+    exit_quietly_once_done(status)
     gc.freeze()
     return status

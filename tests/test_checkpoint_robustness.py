@@ -169,6 +169,9 @@ MALFORMED = [
     ("decision_fit_list", _set("decision_fit", ["a"]), "decision_fit must be a dict, not list ['a']"),
     ("threshold_refit", _set("decision_fit.threshold_refit", 5),
      "decision_fit.threshold_refit must be a dict, not int 5"),
+    ("epoch_text", _set("epoch", "x"), "epoch must be a whole number, not str 'x'"),
+    ("history_text", _set("history", "x"), "history must be a list, not str 'x'"),
+    ("history_numbers", _set("history", [1, 2]), "history must be a list of per-epoch records, not [1, 2]"),
 ]
 
 

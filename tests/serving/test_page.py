@@ -323,7 +323,7 @@ def test_the_result_names_its_file(server, tmp_path):
         browser.find_element(By.ID, "file").send_keys(str(good))
         wait_for_result(browser)
         assert abs(shown_percent(browser) - 100 * server_probability(url, good)) <= 0.051
-        assert shown_name(browser) == good.name  # the card's "File:" line, from the answer's filename
+        assert shown_name(browser) == good.name  # the card's "File:" line: the browser's own file.name
     finally:
         browser.quit()
 

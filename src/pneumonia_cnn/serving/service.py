@@ -113,8 +113,21 @@ def check_client(gone) -> None:
 
 
 def display_name(filename: str | None) -> str:
-    """The client's file name as a label only: its last path component, printable, at most 200 characters."""
-    name = re.split(r"[\\/]", filename or "")[-1]
+    """The client's file name as a label only: its last path component, printable, at most 200 characters.
+
+    Browsers percent-encode exactly three characters of a file name in multipart/form-data (the WHATWG HTML
+    standard's rule, which Chrome and Firefox follow): '"' as %22, CR as %0D and LF as %0A; "%" itself is left
+    alone. Those three, upper case as sent, are decoded in one pass, and nothing else is, so a name that holds
+    "%20" or "%41" keeps it (a name that truly holds "%22" cannot be told from one holding '"': the standard's
+    own ambiguity). CR, LF and every other character that is not printable then become "?".
+
+    The name is cut at the last "/" or "\\": browsers send the name alone, but old ones (Internet Explorer,
+    Edge before Chromium) sent the whole Windows path ("C:\\Users\\...\\x.jpeg"), and a path names a folder
+    on the client's machine, which is no label. A name that truly holds a "\\" (possible on Linux and macOS)
+    keeps only what follows it here; the web page labels its results with the browser's own name instead.
+    """
+    decoded = re.sub(r"%(22|0D|0A)", lambda match: chr(int(match.group(1), 16)), filename or "")
+    name = re.split(r"[\\/]", decoded)[-1]
     name = "".join(c if c.isprintable() else "?" for c in name).strip()[:200]
     return name or "upload"
 

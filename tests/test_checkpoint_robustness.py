@@ -171,7 +171,10 @@ MALFORMED = [
      "decision_fit.threshold_refit must be a dict, not int 5"),
     ("epoch_text", _set("epoch", "x"), "epoch must be a whole number, not str 'x'"),
     ("history_text", _set("history", "x"), "history must be a list, not str 'x'"),
-    ("history_numbers", _set("history", [1, 2]), "history must be a list of per-epoch records, not [1, 2]"),
+    ("history_numbers", _set("history", [1, 2]),
+     "history must be a list of per-epoch records (each with its epoch), not [1, 2]"),
+    ("history_no_epoch", _set("history", [{}]), "history must be a list of per-epoch records (each with its epoch), "
+                                                "not [{}]"),
 ]
 
 

@@ -177,9 +177,9 @@ def check_checkpoint(payload: dict) -> None:
     _text(payload, "run_id")  # the model column of predict's outputs: an ESC in it redrew the terminal
     _field(payload, "parameters", numbers.Integral, required=False, nullable=True)
     _field(payload, "epoch", numbers.Integral, required=False, nullable=True)  # info, the report, the SR
-    history = _field(payload, "history", list, required=False) or []  # the report's curves read each epoch's record
-    if not all(isinstance(row, dict) for row in history):
-        raise _Invalid(f"history must be a list of per-epoch records, not {_shown(history)}")
+    history = _field(payload, "history", list, required=False) or []  # a resumed run extends it and draws its curves
+    if not all(isinstance(row, dict) and isinstance(row.get("epoch"), numbers.Integral) for row in history):
+        raise _Invalid(f"history must be a list of per-epoch records (each with its epoch), not {_shown(history)}")
     if payload.get("reference"):
         _check_reference(_field(payload, "reference", dict))
     if payload.get("ood"):  # rebuilt, and so checked (its numbers too), by inference.bundle.ood_detector_of

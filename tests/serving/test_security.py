@@ -474,3 +474,15 @@ def test_allowed_host_patterns_as_starlette_reads_them():
     assert [host_name([(b"host", value)]) for value in (b"X.Hospital.Example.:8443", b"[::1]:80", b"a.b")] == [
         "x.hospital.example", "[::1]", "a.b"]
     assert "[fd00::5]" in allowed_host_names("fd00::5")  # an IPv6 address, as a Host header carries it
+
+
+@pytest.mark.parametrize("key_id", ["ward\n", "ward 3", "", "w" * 41])
+def test_a_key_id_that_is_not_letters_digits_dash_or_underscore_is_refused_and_the_file_kept(tmp_path, key_id):
+    from pneumonia_cnn.errors import PneumoniaCNNError
+    from pneumonia_cnn.serving.auth import add_key, read_key_file
+    keys = tmp_path / "keys.txt"
+    add_key(keys, "ward3")
+    before = keys.read_bytes()
+    with pytest.raises(PneumoniaCNNError, match=r"--id .*: use 1-40 letters, digits, '-' or '_'"):
+        add_key(keys, key_id)  # "ward\n" passed a "$" and wrote a line that made the whole file unreadable
+    assert keys.read_bytes() == before and list(read_key_file(keys)) == ["ward3"]

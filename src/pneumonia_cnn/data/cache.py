@@ -32,7 +32,9 @@ from .intensity import standardise_intensity
 from .readers import read_image
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: entries keep the file's colour and DICOM tags (the intended-use checks)
+# 2: entries keep the file's colour and DICOM tags (the intended-use checks); 3: and the size of a file smaller
+# than the cached image (the size check: a thumbnail)
+CACHE_VERSION = 3
 
 
 def default_cache_dir() -> Path:
@@ -74,16 +76,18 @@ def preprocess_file_and_meta(path, size, interpolation="bilinear", intensity="no
     return standardise_intensity(gray, intensity), meta
 
 
-def checked_fields(meta: ImageMeta) -> dict | None:
+def checked_fields(meta: ImageMeta, size) -> dict | None:
     """What the intended-use checks read from a file (its colour; its DICOM modality, body part, view and the
-    patient's age, never the birth date or ID), for the manifest; None when the file says nothing they read."""
+    patient's age, never the birth date or ID; its size, when smaller than the cached image's ``size``), for the
+    manifest; None when the file says nothing they read."""
     # 64 characters: more than any real value, and a malformed file cannot bloat the manifest
     tags = {key: str(meta.tags[key])[:64] for key in ("Modality", "BodyPartExamined", "ViewPosition")
             if meta.tags.get(key)}
     age = patient_age_years(meta.tags)
     if age is not None:
         tags["PatientAge"] = f"{age!r}Y"  # the float's repr reads back exactly: the same decision at a range's edge
-    if not tags and not meta.saturation:
+    smaller = any(int(have) < int(cached) for have, cached in zip(meta.original_size, size))
+    if not tags and not meta.saturation and not smaller:
         return None
     return {"format": meta.source_format, "size": list(meta.original_size), "tags": tags,
             "saturation": float(meta.saturation)}
@@ -109,7 +113,7 @@ def _decode_one(args):
     path, size, interpolation, intensity = args
     try:
         gray, meta = preprocess_file_and_meta(path, size, interpolation, intensity)
-        return gray, None, checked_fields(meta)
+        return gray, None, checked_fields(meta, size)
     except ImageReadError as error:
         return None, error.reason, None
     except Exception as error:  # a reader bug must not kill a whole build; report it as a reason

@@ -11,8 +11,8 @@ from ..data.age import patient_age_years
 
 NOT_XRAY = "not an X-ray"
 AGE_OUTSIDE = "patient age"
-TOO_NOISY = "too noisy for the model"
 TOO_SMALL = "too small for the model"  # a thumbnail or preview: enlarged to the input, its detail is missing
+SMALLEST_LIMIT = 112  # pixels: the size flag's limit is half the model's input, at most this
 NOT_FRONTAL_CHEST = "not a frontal chest radiograph"  # what the model was trained on: DICOM modality, body part, view
 RADIOGRAPH_MODALITIES = ("CR", "DX", "DR", "RG")
 # secondary captures and "other" often hold a scanned or exported radiograph: the header cannot tell, so these
@@ -41,8 +41,6 @@ def input_warnings(gray: np.ndarray, meta=None, intended_use: dict | None = None
         warnings.append(f"{NOT_XRAY}: the image is blank (almost uniform)")
     elif stats["roughness"] > 1.2:
         warnings.append(f"{NOT_XRAY}: the image looks like noise, not anatomy")
-    elif stats["roughness"] > 0.6:  # twice the noisiest of the 5,394 shared X-rays (0.29)
-        warnings.append(f"{TOO_NOISY}: noise from pixel to pixel twice any seen in chest X-rays covers the anatomy")
     if meta is not None and getattr(meta, "saturation", 0) > 0.15:
         warnings.append(f"{NOT_XRAY}: the image is in colour (X-rays are grayscale)")
     warnings += size_warnings(gray, meta)
@@ -57,19 +55,18 @@ def input_warnings(gray: np.ndarray, meta=None, intended_use: dict | None = None
 
 
 def size_warnings(gray: np.ndarray, meta=None) -> list[str]:
-    """A file smaller than the model's input (``gray``'s side) was enlarged to it. Under half that side the
-    enlargement has lost what the model reads, and normal X-rays drift towards pneumonia without another sign (a
-    thumbnail or a preview sent by mistake): that sets the flag. Between half and the whole side, a warning."""
+    """A file under half the model's input (``gray``'s height or width) was enlarged more than twice: what the
+    model reads is missing, and normal X-rays drift towards pneumonia without another sign (a thumbnail or a
+    preview sent by mistake). Never under 112 pixels, so that a model with a large input is not flagged on the
+    224-pixel images it may well have been trained on."""
     size = getattr(meta, "original_size", None)
     if not size:
         return []
     height, width = int(size[0]), int(size[1])
-    side = min(gray.shape[-2:])
-    said = f"{width}x{height} pixels, "
-    if min(height, width) * 2 < side:
-        return [f"{TOO_SMALL}: {said}under half its {side}x{side} input (the detail it reads is missing)"]
-    if min(height, width) < side:
-        return [f"the image is {said}smaller than the model's {side}x{side} input: it was enlarged"]
+    input_height, input_width = gray.shape[-2:]
+    if height < min(input_height / 2, SMALLEST_LIMIT) or width < min(input_width / 2, SMALLEST_LIMIT):
+        return [f"{TOO_SMALL}: {width}x{height} pixels, under half its {input_width}x{input_height} input (the "
+                f"detail it reads is missing)"]
     return []
 
 
@@ -96,12 +93,12 @@ def dicom_kind_warnings(tags: dict) -> list[str]:
 
 def flag_reasons(gray: np.ndarray, meta=None, intended_use: dict | None = None) -> list[str]:
     """The input warnings that set the out-of-distribution flag whatever the score: the image is not an
-    X-ray; it is under half the model's input side or covered by noise; its DICOM says it is not a frontal
+    X-ray; it is too small for the model (``size_warnings``); its DICOM says it is not a frontal
     chest radiograph (another modality, body part or view: the model has never seen one, so its probability
     means nothing there); or it puts the patient's age outside the training population's range. A secondary
     capture is only warned about (its header cannot tell)."""
     return [w for w in input_warnings(gray, meta, intended_use)
-            if w.startswith((NOT_XRAY, AGE_OUTSIDE, NOT_FRONTAL_CHEST, TOO_SMALL, TOO_NOISY))]
+            if w.startswith((NOT_XRAY, AGE_OUTSIDE, NOT_FRONTAL_CHEST, TOO_SMALL))]
 
 
 def training_population(intended_use: dict | None = None) -> str:

@@ -27,7 +27,7 @@ from ..errors import PneumoniaCNNError
 
 log = logging.getLogger(__name__)
 ROLES = ("predict", "admin")
-KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,40}")  # whole id: fullmatch ("$" let a final newline in)
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # 16 MB and a few tens of ms per check: RFC 7914's interactive setting
 MAX_PENDING_KEY_CHECKS = 8  # new keys waiting for scrypt (one thread, tens of ms each); more get 503
 LOG_REFUSALS_EVERY = 10.0  # seconds between log lines about refused keys
@@ -62,7 +62,7 @@ def parse_line(line: str, where: str) -> KeyRecord:
     try:
         key_id, role, hashed = line.split()
         scheme, n, r, p, salt, digest = hashed.split("$")
-        if scheme != "scrypt" or role not in ROLES or not KEY_ID.match(key_id):
+        if scheme != "scrypt" or role not in ROLES or not KEY_ID.fullmatch(key_id):
             raise ValueError
         return KeyRecord(key_id, role, int(n), int(r), int(p), base64.urlsafe_b64decode(salt),
                          base64.urlsafe_b64decode(digest))
@@ -101,7 +101,7 @@ def read_key_file(path, allow_empty: bool = False) -> dict[str, KeyRecord]:
 
 def add_key(path, key_id: str, role: str = "predict") -> str:
     """Append a new key's hash to ``path`` (created mode 0600) and return the key, which is shown once."""
-    if not KEY_ID.match(key_id):
+    if not KEY_ID.fullmatch(key_id):
         raise PneumoniaCNNError(f"--id {key_id!r}: use 1-40 letters, digits, '-' or '_'")
     if role not in ROLES:
         raise PneumoniaCNNError(f"--role {role}: choose {', '.join(ROLES)}")

@@ -74,7 +74,7 @@ def test_the_result_is_announced_in_the_live_status(server, tmp_path):
     body = answer.json()
     browser = open_page(url, tmp_path)
     try:
-        assert by_id(browser, "result").get_attribute("aria-live") == "polite"
+        assert by_id(browser, "result").get_attribute("aria-live") is None  # live, it read the result twice
         assert by_id(browser, "warning").get_attribute("role") == "alert"
         assert by_id(browser, "status").get_attribute("aria-live") == "polite"
         by_id(browser, "file").send_keys(str(good))
@@ -280,5 +280,24 @@ def test_on_a_phone_the_content_keeps_a_margin_from_the_screens_edges(server, tm
                                          by_id(browser, element))
             assert box["left"] >= 12 and box["right"] <= width - 12, (element, box, width)
         assert browser.execute_script("return document.documentElement.scrollWidth") <= width  # no sideways scroll
+    finally:
+        browser.quit()
+
+
+def test_a_warning_that_does_not_flag_the_image_is_a_note_not_outside_the_intended_use(server, tmp_path):
+    """A DICOM secondary capture is warned about, not flagged (it often holds a scanned radiograph): the page had
+    shown every warning as "Outside the intended use ... Do not rely on this probability"."""
+    from tests.test_ood import child_xray_dicom
+    url, _ = server
+    capture = child_xray_dicom(tmp_path / "capture.dcm", Modality="SC", PatientAge="003Y")
+    body = httpx.post(url + "/predict", files={"file": ("capture.dcm", capture.read_bytes(), "application/dicom")},
+                      timeout=60).json()
+    assert body["in_distribution"] is True and len(body["warnings"]) == 1
+    browser = open_page(url, tmp_path)
+    try:
+        by_id(browser, "file").send_keys(str(capture))
+        wait_for_result(browser, "capture.dcm")
+        assert by_id(browser, "warning").text == f"\u26a0 Note: {body['warnings'][0]}."
+        assert by_id(browser, "status").text.endswith(f"label {body['label']} (see the note).")
     finally:
         browser.quit()

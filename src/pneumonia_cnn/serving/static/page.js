@@ -172,22 +172,23 @@
            (100 * probability).toFixed(digits) === (100 * threshold).toFixed(digits)) { digits += 1; }
     return [probability, threshold].map(x => (100 * x).toFixed(digits) + "%");
   }
-  // The warning above the number; true when there is one. The server's own reasons may already say that the
-  // probability is not reliable: then the page does not say it a second time.
+  // The warning above the number: "outside" for an image flagged out of the intended use, "note" for a warning
+  // that does not flag it (a DICOM secondary capture: check what it holds), "" for none. The server's own reasons
+  // may already say that the probability is not reliable: then the page does not say it a second time.
   function showWarning(body) {
     const warnings = Array.isArray(body.warnings) ? body.warnings.map(String) : [];
-    const outside = body.in_distribution === false || warnings.length > 0;
+    const kind = body.in_distribution === false ? "outside" : warnings.length > 0 ? "note" : "";
     const reasons = warnings.join("; ") || "this image is unlike the X-rays the model was trained on";
     const said = /not reliable|do not rely/i.test(reasons);
-    $("warning").textContent = outside ? "\u26a0 Outside the intended use: " + reasons +
-      (said ? "." : ". Do not rely on this probability.") : "";
-    $("warning").className = outside ? "shown" : "";
-    return outside;
+    $("warning").textContent = kind === "outside" ? "\u26a0 Outside the intended use: " + reasons +
+      (said ? "." : ". Do not rely on this probability.") : kind === "note" ? "\u26a0 Note: " + reasons + "." : "";
+    $("warning").className = kind ? "shown " + kind : "";
+    return kind;
   }
   // ``name``: the browser's own name of the file (the server's echo of it is percent-encoded by the browser's
   // multipart rules, and cut at "\").
   function showResult(body, name) {
-    const outside = showWarning(body);
+    const warned = showWarning(body);
     $("filename").textContent = name;
     const [probability, threshold] = percents(body.probability, body.threshold);
     $("probability").textContent = probability;
@@ -202,7 +203,8 @@
     $("error").textContent = "";
     // the live status says what came of it (emptied, it announced nothing)
     $("status").textContent = name + " analysed: probability of pneumonia " + probability + ", label " +
-      String(body.label) + (outside ? " (outside the intended use: see the warning)." : ".");
+      String(body.label) + (warned === "outside" ? " (outside the intended use: see the warning)." :
+                           warned ? " (see the note)." : ".");
     $("result").className = "shown";
   }
   function isAnswer(body) {

@@ -100,3 +100,10 @@ def test_html_table_shows_every_group_and_the_gap():
     assert "<h3>By InstitutionName</h3>" in page and "S&lt;1&gt;<br>n=2 (1+/1-)" in page
     assert "<td>Sensitivity (recall)</td><td>0.0000 [" in page  # columns in sorted order: S2, then S<1>
     assert "1.0000 (S&lt;1&gt; vs S2)" in page
+
+
+def test_subgroup_intervals_are_printed_with_the_values_decimals():
+    """Probe: "pr_auc 0.999 [1.00, 1.00]" read as a lower bound above the value; 0.9981 to 3 decimals is 0.998."""
+    from pneumonia_cnn.evaluation.subgroups import _cell
+    assert _cell({"value": 0.9991, "ci95": [0.9981, 0.9997]}) == "0.999 [0.998, 1.000]"
+    assert _cell({"value": 0.0193, "ci95": [0.0107, 0.0292]}) == "0.019 [0.011, 0.029]"

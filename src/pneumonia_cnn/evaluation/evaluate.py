@@ -20,9 +20,9 @@ from ..data.cache import build_or_load
 from ..data.dataset import has_patient_ids, load_split
 from ..data.fingerprint import file_fingerprints
 from ..errors import DatasetError, PneumoniaCNNError
-from ..fileio import display_path, write_json_atomic
+from ..fileio import display_path, printable, write_json_atomic
 from ..inference import Predictor, Scorer, load_bundle
-from .metrics import bootstrap_metrics, per_patient
+from .metrics import bootstrap_metrics, interval_notes, per_patient
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
         refuse_stored_overlap(bundle, cached, evaluated_fingerprints)
     predictor = Predictor(bundle, device, prevalence=prevalence, adapt_batch=adapt_batch, engine=engine)
     entries, notes = predictor.assess(cached.images, cached.metas(), batch_size=batch_size, progress=progress)
-    report = build_report(predictor, cached, entries, notes, data, split, bootstrap, seed)
+    report = build_report(predictor, cached, entries, notes, data, split, bootstrap, seed, evaluated_fingerprints)
     if by:
         from .subgroups import subgroup_results
         report["subgroups"] = subgroup_results([by] if isinstance(by, str) else list(by), report, cached, data)
@@ -252,8 +252,10 @@ def figures_folder(out: Path) -> Path:
     return out.parent / f"{stem}_figures"
 
 
-def build_report(predictor: Predictor, cached, entries, notes, data, split, bootstrap, seed) -> dict:
+def build_report(predictor: Predictor, cached, entries, notes, data, split, bootstrap, seed,
+                 fingerprints=None) -> dict:
     labels = cached.labels
+    duplicates = duplicate_groups(cached, fingerprints or file_fingerprints(cached.paths))
     probabilities = np.array([e["probability"] for e in entries])
     threshold = entries[0]["threshold"]
     predicted = np.array([e["label"] == predictor.class_names[1] for e in entries])  # as decided (Decision.positive)
@@ -265,7 +267,9 @@ def build_report(predictor: Predictor, cached, entries, notes, data, split, boot
               "counts": {name: int((labels == i).sum()) for i, name in enumerate(predictor.class_names)},
               "n_patients": len(set(cached.patients)), "threshold": threshold, "prevalence": entries[0]["prevalence"],
               "threshold_policy": decision.policy, "calibration": decision.calibration.to_dict(),
-              "scoring": predictor.scorer.description, "notes": notes,
+              "scoring": predictor.scorer.description, "duplicates": duplicates,
+              "notes": list(notes) + interval_notes(labels, predictor.class_names, groups)
+              + duplicate_notes(duplicates, data),
               "bootstrap": {"resamples": bootstrap, "seed": seed, "unit": "patient" if groups else "image"},
               "metrics": bootstrap_metrics(labels, probabilities, threshold, groups=groups, resamples=bootstrap,
                                            seed=seed, predicted=predicted),
@@ -282,6 +286,42 @@ def build_report(predictor: Predictor, cached, entries, notes, data, split, boot
                               "raw_score": e["raw_score"], "flagged": f, "ood_score": e["ood_score"]}
                              for p, y, e, f in zip(cached.paths, labels, entries, flagged)]
     return report
+
+
+def duplicate_groups(cached, fingerprints) -> list[dict]:
+    """Evaluated images that are one file under different names (the same bytes: SHA-256, as the refusal of a
+    decision's own images compares them), with each copy's label. They stay in the metrics."""
+    by_content: dict[str, list[int]] = {}
+    for index, fingerprint in enumerate(fingerprints):
+        by_content.setdefault(fingerprint, []).append(index)
+    return [{"paths": [cached.paths[i] for i in group],
+             "labels": [cached.class_names[int(cached.labels[i])] for i in group],
+             "conflicting": len({int(cached.labels[i]) for i in group}) > 1}
+            for group in by_content.values() if len(group) > 1]
+
+
+def duplicate_notes(groups: list[dict], data, shown: int = 3) -> list[str]:
+    """At most two lines: the groups of identical images, then those whose copies have different labels."""
+    base = Path(data) if Path(data).is_dir() else Path(data).parent
+
+    def name(path):
+        return printable(Path(path).relative_to(base) if Path(path).is_relative_to(base) else path)
+
+    def listed(chosen, labelled=False):
+        text = "; ".join(" = ".join(name(p) + (f" ({label})" if labelled else "")
+                                    for p, label in zip(g["paths"], g["labels"])) for g in chosen[:shown])
+        return text + (f"; and {len(chosen) - shown} more (all in the JSON's duplicates)" if len(chosen) > shown
+                       else "")
+    if not groups:
+        return []
+    copies = sum(len(g["paths"]) for g in groups)
+    notes = [f"{len(groups)} group{'s' if len(groups) > 1 else ''} of identical images (the same file bytes) under "
+             f"different names, {copies} images in all, each counted in the metrics: {listed(groups)}"]
+    conflicting = [g for g in groups if g["conflicting"]]
+    if conflicting:
+        notes.append(f"conflicting labels, the same image under two classes ({len(conflicting)} group"
+                     f"{'s' if len(conflicting) > 1 else ''}): {listed(conflicting, labelled=True)}")
+    return notes
 
 
 FEW_REFIT_IMAGES = 100  # train's own floor for a validation split (--min-val-images)

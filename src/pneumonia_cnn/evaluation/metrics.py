@@ -30,16 +30,29 @@ def _wilson_for(name: str, cm: dict):
     return wilson_interval(*pairs[name]) if name in pairs else None
 
 
+# With one class only, the metrics an interval is given for: those of that class alone. ROC AUC, PR AUC, balanced
+# accuracy and the other class's recall are undefined (NaN); PPV and NPV are fixed by the missing class (with no
+# NORMAL image no call can be a false positive: PPV 1, NPV 0), and so is F1 with no PNEUMONIA image.
+ONE_CLASS_METRICS = {0: ("accuracy", "specificity", "brier", "log_loss", "ece"),
+                     1: ("accuracy", "sensitivity", "f1", "brier", "log_loss", "ece")}
+FEW_PER_CLASS = 10  # fewer bootstrap units of a class than this: the intervals are unreliable
+
+
 def bootstrap_metrics(labels, probabilities, threshold: float = 0.5, groups=None, resamples: int = 1000,
                       seed: int = 0, predicted=None) -> dict:
     """Every metric as ``{"value": v, "ci95": [lo, hi]}`` (plus ``wilson95`` for proportions); ``predicted``:
-    the decisions as made, when given (see ``point_metrics``)."""
+    the decisions as made, when given (see ``point_metrics``). With both classes, a resample missing one is left
+    out (class stratification makes that rare); with one class only, every resample counts for the metrics of
+    that class (``ONE_CLASS_METRICS``) and the others have no interval."""
     labels = np.asarray(labels).astype(int)
     probabilities = np.asarray(probabilities, dtype=float)
     predicted = None if predicted is None else np.asarray(predicted).astype(int)
     point = point_metrics(labels, probabilities, threshold, predicted)
     rng = np.random.default_rng(seed)
     names = [k for k in point if k != "confusion_matrix"]
+    present = sorted(set(labels.tolist()))
+    both = len(present) != 1
+    sampled = names if both else [k for k in names if k in ONE_CLASS_METRICS.get(present[0], ())]
     samples = {k: [] for k in names}
     if groups is None:
         groups = np.arange(len(labels))
@@ -51,11 +64,11 @@ def bootstrap_metrics(labels, probabilities, threshold: float = 0.5, groups=None
     for _ in range(resamples if resamples else 0):
         chosen_groups = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
         chosen = np.concatenate([members[g] for g in chosen_groups])
-        if len(set(labels[chosen].tolist())) < 2:
+        if both and len(set(labels[chosen].tolist())) < 2:
             continue
         sample = point_metrics(labels[chosen], probabilities[chosen], threshold,
                                None if predicted is None else predicted[chosen])
-        for k in names:
+        for k in sampled:
             samples[k].append(sample[k])
     result = {}
     for k in names:
@@ -67,12 +80,46 @@ def bootstrap_metrics(labels, probabilities, threshold: float = 0.5, groups=None
             ci = [min(max(v, 0.0), 1.0) if np.isfinite(v) else v for v in ci]
         result[k] = {"value": point[k], "ci95": ci}
         wilson = _wilson_for(k, point["confusion_matrix"])
-        if wilson:
+        if wilson and k in sampled:
             result[k]["wilson95"] = wilson
     result["confusion_matrix"] = point["confusion_matrix"]
     result["n_images"] = int(len(labels))
     result["n_units"] = int(len(unique))
     return result
+
+
+def units_per_class(labels, groups=None) -> list[int]:
+    """How many bootstrap units (patients when ``groups`` is given, else images) each class has; a patient is
+    positive if any image is, as the bootstrap stratifies."""
+    labels = np.asarray(labels).astype(int)
+    if groups is None:
+        return [int((labels == c).sum()) for c in (0, 1)]
+    unit_label: dict = {}
+    for label, group in zip(labels.tolist(), groups):
+        unit_label[group] = max(unit_label.get(group, 0), label)
+    return [sum(1 for v in unit_label.values() if v == c) for c in (0, 1)]
+
+
+def interval_notes(labels, class_names, groups=None) -> list[str]:
+    """Why an interval (or a metric) is missing or not to be trusted: one class only, few images."""
+    labels = np.asarray(labels).astype(int)
+    counts = [int((labels == c).sum()) for c in (0, 1)]
+    notes = []
+    if len(labels) and min(counts) == 0:
+        here, other = (1, 0) if counts[1] else (0, 1)
+        fixed = "PPV and NPV" if here == 1 else "PPV, NPV and F1"
+        notes.append(f"ROC AUC and PR AUC need both classes: this split has only {class_names[here]} "
+                     f"({counts[here]} image{'s' if counts[here] != 1 else ''}); balanced accuracy and "
+                     f"{'specificity' if here == 1 else 'sensitivity'} are undefined, and {fixed} have no interval "
+                     f"(with no {class_names[other]} image they are fixed by construction)")
+    units = units_per_class(labels, groups)
+    unit = "image" if groups is None else "patient"
+    if len(labels) and min(u for u, c in zip(units, counts) if c) < FEW_PER_CLASS:
+        which = ", ".join(f"{name} {u}" for name, u, c in zip(class_names, units, counts) if c)
+        notes.append(f"intervals unreliable: only {len(labels)} image{'s' if len(labels) != 1 else ''} ({unit}s "
+                     f"per class: {which}); with fewer than {FEW_PER_CLASS} {unit}s of a class a bootstrap barely "
+                     f"varies, so an interval is too narrow or undefined (nan)")
+    return notes
 
 
 def per_patient(labels, probabilities, patients) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 from pathlib import Path
 
 from ..builtin import is_builtin
@@ -70,20 +71,97 @@ def subgroup_section(result: dict) -> str:
             "groups with one class have no sensitivity, specificity or AUC; (missing) is left out of the gaps.</p>")
 
 
-def _data_summary(data) -> str:
-    rows = []
+def _run_lists(data, config: dict) -> dict | None:
+    """The train and val lists the run used, derived as training derives them (``training.data.split_lists``:
+    ``--val-from-train``, a ``val/`` below ``--min-val-images`` carved from train, ``--limit-images`` drawn with
+    the run's seed); None when ``data`` is not the run's data folder."""
+    if not config.get("data") or not _same_folder(data, str(config["data"])):
+        return None
+    from ..training import config_from_dict
+    from ..training.data import split_lists
+    quiet = logging.getLogger(split_lists.__module__)  # training's warnings were said when it ran
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        train, val = split_lists(config_from_dict(dict(config, data=str(data))))
+    finally:
+        quiet.setLevel(level)
+    return {"train": train, "val": val}
+
+
+def _same_folder(data, configured: str) -> bool:
+    """``data`` is the folder the config names; a relative name (``../shared/data/chest_xray_224``, relative to
+    where the run was trained) is the folder whose path ends with it."""
+    here, named = Path(data).resolve(), Path(configured)
+    if named.is_absolute() or named.resolve() == here:
+        return named.resolve() == here
+    tail = [part for part in named.parts if part not in ("..", ".")]
+    return bool(tail) and list(here.parts[-len(tail):]) == tail
+
+
+def _split_cells(images) -> str:
+    counts = images.counts()
+    return ("".join(f"<td>{counts.get(c, 0)}</td>" for c in ("NORMAL", "PNEUMONIA"))
+            + f"<td>{len(images)}</td><td>{len(set(images.patients))}</td>")
+
+
+def _on_disk(data) -> dict:
+    found = {}
     for split in ("train", "val", "test"):
         try:
-            images = load_split(data, split)
+            found[split] = load_split(data, split)
         except (DatasetError, OSError):
             continue
-        counts = images.counts()
-        cells = "".join(f"<td>{counts.get(c, 0)}</td>" for c in ("NORMAL", "PNEUMONIA"))
-        rows.append(f"<tr><td>{split}</td>{cells}<td>{len(images)}</td><td>{len(set(images.patients))}</td></tr>")
-    if not rows:
-        return "<p class='note'>data folder not available</p>"
-    return ("<table><tr><th>split</th><th>NORMAL</th><th>PNEUMONIA</th><th>images</th><th>patients</th></tr>"
-            + "".join(rows) + "</table>")
+    return found
+
+
+def _data_summary(data, checkpoint: dict | None = None) -> str:
+    """Counts per split, class and patients: the images the run used (``--limit-images``, a val carved from
+    train) beside the folders on disk when ``data`` is the run's own; else the folders, said to be so."""
+    config = (checkpoint or {}).get("config") or {}
+    disk, used, problem = _on_disk(data), None, ""
+    try:
+        used = _run_lists(data, config)
+    except (PneumoniaCNNError, OSError) as error:
+        problem = f" What this run used could not be derived from its config ({error})."
+    if used is None:
+        if not disk:
+            return "<p class='note'>data folder not available</p>"
+        rows = "".join(f"<tr><td>{split}</td>{_split_cells(images)}</tr>" for split, images in disk.items())
+        other = "" if problem or not config.get("data") else \
+            f" This run was trained on {_escape(str(config['data']))}, not this folder."
+        return ("<table><tr><th>split</th><th>NORMAL</th><th>PNEUMONIA</th><th>images</th><th>patients</th></tr>"
+                f"{rows}</table><p class='note'>Folders on disk.{other}{problem}{_recorded(checkpoint)}</p>")
+    carved = used["val"] is not None and "train" in disk and set(used["val"].paths) <= set(disk["train"].paths)
+    rows = []
+    for split in ("train", "val", "test"):
+        run = used.get(split, disk.get(split))
+        if run is None and split not in disk:
+            continue
+        cells = _split_cells(run) if run is not None else "<td>-</td>" * 4
+        where = disk.get(split)
+        shown = "-" if where is None else f"{len(where)} images, {len(set(where.patients))} patients"
+        shown += " (not used: val carved from train)" if split == "val" and carved and where is not None else ""
+        label = f"{split} (carved from train)" if split == "val" and carved else split
+        rows.append(f"<tr><td>{label}</td>{cells}<td>{shown}</td></tr>")
+    limit = config.get("limit_images")
+    drawn = (f" --limit-images {limit} drew at most {limit} images of train and of val at random (seed "
+             f"{config.get('seed', 0)}).") if limit else ""
+    return ("<table><tr><th>split</th><th>NORMAL</th><th>PNEUMONIA</th><th>images</th><th>patients</th>"
+            "<th>folder on disk</th></tr>" + "".join(rows) + "</table><p class='note'>Used by this run: derived "
+            f"from its config as training derives them.{drawn} The test split is evaluated whole."
+            f"{_recorded(checkpoint)}</p>")
+
+
+def _recorded(checkpoint: dict | None) -> str:
+    """What the checkpoint itself records of the images it was trained and decided on (readable ones)."""
+    checkpoint = checkpoint or {}
+    trained = ((checkpoint.get("intended_use") or {}).get("trained_on") or {}).get("images")
+    decided = (checkpoint.get("decision_fit") or {}).get("images")
+    parts = ([f"{trained} training images"] if trained is not None else []) + \
+        ([f"a decision fitted on {decided} {(checkpoint.get('decision_fit') or {}).get('split', 'val')} images"]
+         if decided else [])
+    return f" The checkpoint records {' and '.join(parts)}." if parts else ""
 
 
 def _decision_section(card: dict, run_dir: Path | None) -> str:
@@ -132,7 +210,7 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
                 "<p class='warn'><b>Not a medical device.</b> Research and teaching software; never the sole "
                 "basis of a clinical decision.</p>",
                 _configuration_section(card, config), _decision_section(card, None if packaged else run_dir),
-                f"<h2>Data</h2><p>{_escape(str(data))}</p>{_data_summary(data)}"]
+                f"<h2>Data</h2><p>{_escape(str(data))}</p>{_data_summary(data, checkpoint)}"]
     if not packaged and (run_dir / "curves.png").exists():  # the built-in model has no run folder here
         sections.append(f"<h2>Training curves</h2><div class='figs'>{_image(run_dir / 'curves.png', wide=True)}</div>")
     sections += [_metrics_section(report, split), *[subgroup_section(r) for r in report.get("subgroups", [])],
@@ -165,7 +243,8 @@ def _metrics_section(report: dict, split: str) -> str:
     section = (f"<h2>Metrics on {_escape(split)}</h2><p>{report['n_images']} images ({counts}), "
                f"{report['n_patients']} patients, threshold {report['threshold']:.3f}. Confusion matrix: "
                f"TN {cm['tn']}, FP {cm['fp']}, FN {cm['fn']}, TP {cm['tp']}.</p>"
-               + _metrics_table(report["metrics"], report["bootstrap"]["unit"]))
+               + _metrics_table(report["metrics"], report["bootstrap"]["unit"])
+               + "".join(f"<p class='note'>Note: {_escape(note)}</p>" for note in report.get("notes", [])))
     if "patient_metrics" in report:
         section += ("\n<h3>Per patient</h3><p class='note'>A patient is positive if any image is; the patient's "
                     "score is the highest image probability.</p>"

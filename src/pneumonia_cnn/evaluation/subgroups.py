@@ -144,7 +144,7 @@ def _cell(entry: dict) -> str:
     value, (low, high) = entry["value"], entry["ci95"]
     if math.isnan(value):
         return "-"
-    return f"{value:.3f} (no CI)" if math.isnan(low) else f"{value:.3f} [{low:.2f}, {high:.2f}]"
+    return f"{value:.3f} (no CI)" if math.isnan(low) else f"{value:.3f} [{low:.3f}, {high:.3f}]"  # as the value
 
 
 def format_subgroups(result: dict) -> str:

@@ -76,6 +76,7 @@ def test_stress_and_compare_commands(trained_run, small_root, cache_dir, capsys,
                  "--cache-dir", str(cache_dir), "--bootstrap", "20"]) == 0
     table = capsys.readouterr().out
     assert "DeLong" in table and "roc_auc" in table and "p =" in table
+    assert "  patient bootstrap (20 resamples): difference [" in table  # a patient's images are not independent
     # two run folders of one name: each column is its own model (both read as the second one's)
     import shutil
     for name in ("a", "b"):
@@ -88,6 +89,9 @@ def test_stress_and_compare_commands(trained_run, small_root, cache_dir, capsys,
     assert result["runs"] == ["a/run", "b/run"]
     aucs = [result["metrics"][name]["roc_auc"]["value"] for name in result["runs"]]
     assert aucs == pytest.approx([result["delong"][0]["auc_a"], result["delong"][0]["auc_b"]])
+    paired = result["delong"][0]["bootstrap"]
+    assert paired["unit"] == "patient" and paired["resamples"] == 20 and paired["ci95"][0] <= paired["ci95"][1]
+    assert 0 < paired["p_value"] <= 1
     one_class = tmp_path / "one"
     (one_class / "test").mkdir(parents=True)
     (one_class / "test" / "NORMAL").symlink_to(small_root / "test" / "NORMAL")

@@ -3,7 +3,15 @@ import pytest
 from scipy.stats import norm
 
 from pneumonia_cnn.calibration import choose_threshold, expected_calibration_error, fit_temperature
-from pneumonia_cnn.evaluation.metrics import bootstrap_metrics, delong_test, per_patient, point_metrics, wilson_interval
+from pneumonia_cnn.evaluation.metrics import (
+    bootstrap_metrics,
+    delong_test,
+    paired_auc_bootstrap,
+    per_patient,
+    point_metrics,
+    resampled_indices,
+    wilson_interval,
+)
 
 # 4 positives, 4 negatives; at threshold 0.5: TP 3, FN 1, TN 3, FP 1
 LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 0])
@@ -84,6 +92,26 @@ def test_delong_matches_hand_computation():
     assert result["ci95"] == pytest.approx([1 / 3 - half, 1 / 3 + half])
     same = delong_test(labels, a, a)
     assert same["p_value"] == 1.0
+
+
+def test_paired_bootstrap_resamples_patients_and_brackets_the_difference():
+    # two patients of each class, four images each: a patient's images move together
+    labels = np.repeat([1, 1, 0, 0], 4)
+    patients = np.repeat(["p1", "p2", "n1", "n2"], 4)
+    for chosen in resampled_indices(labels, patients, resamples=50, seed=3):
+        drawn = patients[chosen]
+        assert len(chosen) == 16 and all((drawn == p).sum() in (0, 4, 8) for p in ("p1", "p2", "n1", "n2"))
+        assert labels[chosen].sum() == 8  # stratified: as many positive patients as there are
+    a = np.r_[[0.9] * 8, [0.1] * 8]  # AUC 1 on every resample
+    b = np.r_[[0.9] * 4, [0.2] * 4, [0.5] * 4, [0.1] * 4]  # p2 below n1: AUC 1, 0.5 or 0, by what was drawn
+    result = paired_auc_bootstrap(labels, a, b, patients, resamples=400, seed=0)
+    assert result["unit"] == "patient" and result["resamples"] == 400
+    # b's AUC on a resample: 1 when p2 or n1 is not drawn, else the share of (p1/p2, n1/n2) pairs ordered; the
+    # difference is never below 0, and is 0 in a share (1/4 + 1/4 - 1/16 = 7/16) of resamples: p = 2 x 7/16 > 0.5
+    assert result["ci95"][0] == 0.0 and 0 < result["ci95"][1] <= 1.0
+    assert result["p_value"] == pytest.approx(2 * 7 / 16, abs=0.1)
+    by_image = paired_auc_bootstrap(labels, a, b, None, resamples=400, seed=0)
+    assert by_image["unit"] == "image" and by_image["ci95"][1] < result["ci95"][1]  # images: narrower
 
 
 def test_threshold_policies():

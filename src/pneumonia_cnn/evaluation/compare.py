@@ -1,11 +1,12 @@
-"""``compare``: several runs on the same images, side by side, with DeLong tests of the AUC differences."""
+"""``compare``: several runs on the same images, side by side, with DeLong tests of the AUC differences and a
+paired bootstrap of each difference by patient (DeLong takes a patient's images as independent)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 from .evaluate import evaluate
-from .metrics import delong_test
+from .metrics import delong_test, paired_auc_bootstrap
 
 ROWS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc", "pr_auc",
         "brier", "ece")
@@ -23,11 +24,13 @@ def compare_runs(runs, data, split="test", device="auto", cache_dir=None, bootst
     labels = [p["label"] for p in reports[0]["predictions"]]
     if len(set(labels)) < 2:  # DeLong's test and the AUC need both classes (it printed "p = nan (not significant)")
         raise PneumoniaCNNError(f"split {split} holds one class only: ROC AUC and DeLong's test need both")
+    groups = [p["patient"] for p in reports[0]["predictions"]] if "patient" in reports[0]["predictions"][0] else None
     tests = []
     for index in range(1, len(reports)):
         scores_a = [p["probability"] for p in reports[0]["predictions"]]
         scores_b = [p["probability"] for p in reports[index]["predictions"]]
-        tests.append({"a": names[0], "b": names[index], **delong_test(labels, scores_a, scores_b)})
+        tests.append({"a": names[0], "b": names[index], **delong_test(labels, scores_a, scores_b),
+                      "bootstrap": paired_auc_bootstrap(labels, scores_a, scores_b, groups, resamples=bootstrap)})
     return {"runs": names, "split": split, "n_images": reports[0]["n_images"],
             "metrics": {name: {k: report["metrics"][k] for k in ROWS} for name, report in zip(names, reports)},
             "thresholds": {name: report["threshold"] for name, report in zip(names, reports)},
@@ -62,4 +65,7 @@ def format_comparison(result: dict) -> str:
         lines.append(f"DeLong {test['a']} vs {test['b']}: AUC {test['auc_a']:.4f} vs {test['auc_b']:.4f}, difference "
                      f"{test['difference']:+.4f} [{test['ci95'][0]:+.4f}, {test['ci95'][1]:+.4f}], "
                      f"p = {test['p_value']:.4g} ({verdict} at 0.05)")
+        paired = test["bootstrap"]
+        lines.append(f"  {paired['unit']} bootstrap ({paired['resamples']} resamples): difference "
+                     f"[{paired['ci95'][0]:+.4f}, {paired['ci95'][1]:+.4f}], p = {paired['p_value']:.4g}")
     return "\n".join(lines)

@@ -283,8 +283,9 @@ def build_report(predictor: Predictor, cached, entries, notes, data, split, boot
     report["ood"] = {"available": predictor.ood is not None, "flagged": int(sum(flagged)),
                      "fraction_flagged": float(np.mean(flagged)) if flagged else 0.0}
     report["predictions"] = [{"path": p, "label": int(y), "predicted": e["label"], "probability": e["probability"],
-                              "raw_score": e["raw_score"], "flagged": f, "ood_score": e["ood_score"]}
-                             for p, y, e, f in zip(cached.paths, labels, entries, flagged)]
+                              "raw_score": e["raw_score"], "flagged": f, "ood_score": e["ood_score"],
+                              **({"patient": patient} if groups is not None else {})}
+                             for p, y, e, f, patient in zip(cached.paths, labels, entries, flagged, cached.patients)]
     return report
 
 

@@ -6,6 +6,8 @@ Wilson interval, reported beside the bootstrap one.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..metrics import point_metrics
@@ -48,22 +50,13 @@ def bootstrap_metrics(labels, probabilities, threshold: float = 0.5, groups=None
     probabilities = np.asarray(probabilities, dtype=float)
     predicted = None if predicted is None else np.asarray(predicted).astype(int)
     point = point_metrics(labels, probabilities, threshold, predicted)
-    rng = np.random.default_rng(seed)
     names = [k for k in point if k != "confusion_matrix"]
     present = sorted(set(labels.tolist()))
     both = len(present) != 1
     sampled = names if both else [k for k in names if k in ONE_CLASS_METRICS.get(present[0], ())]
     samples = {k: [] for k in names}
-    if groups is None:
-        groups = np.arange(len(labels))
-    groups = np.asarray(groups)
-    unique, inverse = np.unique(groups, return_inverse=True)
-    members = [np.where(inverse == g)[0] for g in range(len(unique))]
-    group_label = np.array([labels[m].max() for m in members])
-    strata = [np.where(group_label == c)[0] for c in (0, 1) if (group_label == c).any()]
-    for _ in range(resamples if resamples else 0):
-        chosen_groups = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
-        chosen = np.concatenate([members[g] for g in chosen_groups])
+    units = len(np.unique(np.arange(len(labels)) if groups is None else np.asarray(groups)))
+    for chosen in resampled_indices(labels, groups, resamples, seed):
         if both and len(set(labels[chosen].tolist())) < 2:
             continue
         sample = point_metrics(labels[chosen], probabilities[chosen], threshold,
@@ -84,8 +77,24 @@ def bootstrap_metrics(labels, probabilities, threshold: float = 0.5, groups=None
             result[k]["wilson95"] = wilson
     result["confusion_matrix"] = point["confusion_matrix"]
     result["n_images"] = int(len(labels))
-    result["n_units"] = int(len(unique))
+    result["n_units"] = int(units)
     return result
+
+
+def resampled_indices(labels, groups=None, resamples: int = 1000, seed: int = 0):
+    """The images of each bootstrap resample: units (``groups``: patients; else images) drawn with replacement
+    within each class, a unit's class being positive if any of its images is (seeded: the same resamples for the
+    same labels, groups and seed)."""
+    labels = np.asarray(labels).astype(int)
+    rng = np.random.default_rng(seed)
+    unique, inverse = np.unique(np.arange(len(labels)) if groups is None else np.asarray(groups),
+                                return_inverse=True)
+    members = [np.where(inverse == g)[0] for g in range(len(unique))]
+    group_label = np.array([labels[m].max() for m in members])
+    strata = [np.where(group_label == c)[0] for c in (0, 1) if (group_label == c).any()]
+    for _ in range(resamples if resamples else 0):
+        chosen_groups = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
+        yield np.concatenate([members[g] for g in chosen_groups])
 
 
 def units_per_class(labels, groups=None) -> list[int]:
@@ -162,3 +171,22 @@ def delong_test(labels, scores_a, scores_b) -> dict:
     half = 1.959964 * np.sqrt(max(variance, 0))
     return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "difference": float(difference),
             "ci95": [float(difference - half), float(difference + half)], "z": float(z), "p_value": float(p)}
+
+
+def paired_auc_bootstrap(labels, scores_a, scores_b, groups=None, resamples: int = 1000, seed: int = 0) -> dict:
+    """The difference of two ROC AUCs on the same images, resampling ``groups`` (patients) as every other interval
+    does: DeLong's test takes images as independent, and a patient's images are not."""
+    from sklearn.metrics import roc_auc_score
+    labels = np.asarray(labels).astype(int)
+    scores_a, scores_b = np.asarray(scores_a, float), np.asarray(scores_b, float)
+    differences = np.array([roc_auc_score(labels[c], scores_a[c]) - roc_auc_score(labels[c], scores_b[c])
+                            for c in resampled_indices(labels, groups, resamples, seed)
+                            if len(set(labels[c].tolist())) == 2])
+    if not len(differences):
+        return {"unit": "image" if groups is None else "patient", "resamples": 0, "ci95": [math.nan, math.nan],
+                "p_value": math.nan}
+    # two-sided: twice the share of resamples on the far side of zero (at least one resample's worth)
+    p = min(1.0, 2 * max(min((differences <= 0).mean(), (differences >= 0).mean()), 1 / len(differences)))
+    return {"unit": "image" if groups is None else "patient", "resamples": int(len(differences)),
+            "ci95": [float(np.percentile(differences, 2.5)), float(np.percentile(differences, 97.5))],
+            "p_value": float(p)}

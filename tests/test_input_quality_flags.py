@@ -63,7 +63,7 @@ def test_predict_and_evaluate_flag_the_same_thumbnails(thumbnails, tmp_path, cap
     # evaluate reads the files through its image cache, which must keep a small file's size (it had kept none)
     out = tmp_path / "evaluation.json"
     assert main(["evaluate", "--data", str(thumbnails), "--split", "test", "--cache-dir", str(tmp_path / "cache"),
-                 "--out", str(out)]) == 0
+                 "--bootstrap", "20", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["ood"]["flagged"] == 4
     flagged = {os.path.basename(p["path"]) for p in json.loads(out.read_text())["predictions"] if p["flagged"]}
     assert flagged == {os.path.basename(path) for path in small}

@@ -90,14 +90,14 @@ def test_one_class_bootstrap_keeps_the_metrics_of_the_class_present():
     """Two PNEUMONIA images, one right (p 0.9) and one wrong (p 0.1): a resample holds both, twice the right one
     or twice the wrong one (1/4 each), so accuracy and sensitivity run from 0 to 1 and the Brier score from
     0.01 (0.1 squared) to 0.81 (0.9 squared). Every resample was discarded for lacking NORMAL: all [nan, nan]."""
-    result = bootstrap_metrics([1, 1], [0.9, 0.1], 0.5, resamples=1000, seed=0)
+    result = bootstrap_metrics([1, 1], [0.9, 0.1], 0.5, resamples=200, seed=0)
     assert result["accuracy"]["value"] == 0.5 and result["accuracy"]["ci95"] == [0.0, 1.0]
     assert result["sensitivity"]["ci95"] == [0.0, 1.0]
     assert result["brier"]["ci95"] == pytest.approx([0.01, 0.81])
     for name in ("specificity", "balanced_accuracy", "roc_auc", "pr_auc", "ppv", "npv"):
         assert all(math.isnan(v) for v in result[name]["ci95"]), name
     assert result["ppv"]["value"] == 1.0 and "wilson95" not in result["ppv"]  # fixed by the missing class
-    negatives = bootstrap_metrics([0, 0], [0.1, 0.9], 0.5, resamples=1000, seed=0)
+    negatives = bootstrap_metrics([0, 0], [0.1, 0.9], 0.5, resamples=200, seed=0)
     assert negatives["specificity"]["ci95"] == [0.0, 1.0] and negatives["accuracy"]["ci95"] == [0.0, 1.0]
     assert all(math.isnan(v) for v in negatives["f1"]["ci95"] + negatives["sensitivity"]["ci95"])
 

@@ -275,17 +275,17 @@ def test_a_refit_with_adapt_batch_refits_the_adapted_decision_too(best_like_run,
     keep the training's adapted threshold while the table said the threshold was refitted), and --save-as
     stores it."""
     stored = load_checkpoint(best_like_run / "best.pt")
-    assert stored["decision_adapted"]["threshold"] != pytest.approx(0.9, abs=0.05)  # or the test proves nothing
+    assert stored["decision_adapted"]["threshold"] != pytest.approx(0.5, abs=0.05)  # or the test proves nothing
     saved = tmp_path / "t.pt"
     assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(small_root), "--split", "train",
-                 "--threshold", "0.9", "--adapt-batch", "--bootstrap", "5", "--no-figures", "--save-as", str(saved),
+                 "--threshold", "0.5", "--adapt-batch", "--bootstrap", "5", "--no-figures", "--save-as", str(saved),
                  "--out", str(tmp_path / "m.json")]) == 0
     report = json.loads((tmp_path / "m.json").read_text())
     assert any("re-estimated on this batch" in note for note in report["notes"])  # 48 images: adapted
-    assert report["threshold"] == 0.9 and report["calibration"] == stored["decision_adapted"]["calibration"]
+    assert report["threshold"] == 0.5 and report["calibration"] == stored["decision_adapted"]["calibration"]
     assert report["decision_refit"]["adapted_refitted"] is True
     assert "--adapt-batch's own decision refitted the same way" in capsys.readouterr().out
-    assert load_checkpoint(saved)["decision_adapted"]["threshold"] == 0.9
+    assert load_checkpoint(saved)["decision_adapted"]["threshold"] == 0.5
     only_saved = tmp_path / "s.pt"  # --save-as alone (no --adapt-batch) stores the refitted adapted decision too
     assert main(["evaluate", "--checkpoint", str(best_like_run), "--data", str(small_root), "--split", "train",
                  "--threshold", "0.9", "--bootstrap", "5", "--no-figures", "--save-as", str(only_saved)]) == 0

@@ -155,6 +155,7 @@ def test_each_predict_output_records_what_decided_it(best_like_run, tmp_path, ca
     the rate alone."""
     if adapted:
         monkeypatch.setattr(predictor_module, "MIN_ADAPT_BATCH", 4)  # 6 images stand for a site's batch here
+        monkeypatch.setattr(predictor_module, "MIN_ADAPT_PER_CLASS", 1)  # with one of each class
     images = xrays()
     options = ["--adapt-batch", "--prevalence", "0.3", "--engine", "torch"]
     rows = predict_json(capsys, best_like_run, *images, *options)

@@ -25,6 +25,8 @@ MIN_ADAPT_BATCH = 32  # fewer images give batch-norm statistics too noisy to tru
 # EM (Saerens et al.) on a few images is noise: on one image it always ends at a rate of 0 or 1 (the likelihood
 # is linear in the rate). So the same floor as AdaBN's, one site's batch (measured: README, "From score to decision")
 MIN_ESTIMATE_BATCH = 32
+# --adapt-batch redraws the batch at the validation images' class mix: it needs some of each class to draw from
+MIN_ADAPT_PER_CLASS = 8
 # files that predict decodes and scores at a time (at least --batch-size): about 10 MB of pixels, rows every
 # second or so; 32 at a time switched between the decoding threads and ONNX Runtime so often that 2,000 images
 # took 1.6x the CPU time (measured on this 2-core machine; 256: within about 10% of scoring all at once)
@@ -236,6 +238,14 @@ class Predictor:
             notes.append(f"not adapted: {count} in-distribution images, fewer than {MIN_ADAPT_BATCH}")
             return scores, self.bundle.decision, False
         pseudo = self.bundle.decision.positive(scores.raw[inside])
+        distinct = pseudo[distinct_in_canonical_order(pixels[inside])]
+        fewer = min(int(distinct.sum()), int((~distinct).sum()))
+        if fewer < MIN_ADAPT_PER_CLASS:  # re-estimated on one class, every score moves (a NORMAL-only batch: FP)
+            name = self.class_names[1] if distinct.sum() == fewer else self.class_names[0]
+            notes.append(f"not adapted: {fewer} of the {count} in-distribution images scored {name} before "
+                         f"adaptation, fewer than {MIN_ADAPT_PER_CLASS}: the validation images' class mix cannot be "
+                         f"drawn from this batch")
+            return scores, self.bundle.decision, False
         rate = (self.bundle.adapted_decision or self.bundle.decision).calibration.prior
         adapted = Scorer(adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate), self.device,
                          self.scorer.engine.name, self.amp, cache=False)  # this batch's statistics only

@@ -1,0 +1,46 @@
+"""--adapt-batch redraws a batch at the validation images' class mix before re-estimating batch-norm statistics. A
+probe sent 39 normal children's X-rays (no image scored PNEUMONIA before adaptation): the batch was re-estimated as
+it was, all NORMAL, and 30 of the 39 were then labelled PNEUMONIA (specificity 1.00 -> 0.23), while the note said
+"AdaBN at the validation images' class mix"."""
+import json
+import shutil
+
+import pytest
+
+from pneumonia_cnn.cli import main
+from tests.conftest import SHARED_DATA, require_shared
+
+
+def batch(folder, normal: int, pneumonia: int):
+    require_shared()
+    folder.mkdir()
+    for label, count in (("NORMAL", normal), ("PNEUMONIA", pneumonia)):
+        for source in sorted((SHARED_DATA / "test" / label).iterdir())[:count]:
+            shutil.copyfile(source, folder / source.name)
+    return folder
+
+
+def rows(capsys, *arguments):
+    assert main(["predict", *map(str, arguments), "--format", "json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_a_batch_without_pneumonia_is_not_adapted_and_keeps_its_labels(tmp_path, capsys):
+    normal = batch(tmp_path / "normal", 40, 0)
+    plain = rows(capsys, normal)
+    adapted = rows(capsys, normal, "--adapt-batch")
+    assert [r["probability"] for r in adapted] == [r["probability"] for r in plain]
+    assert sum(r["label"] == "PNEUMONIA" for r in adapted) == sum(r["label"] == "PNEUMONIA" for r in plain) == 0
+    inside = sum(r["in_distribution"] is not False for r in plain)
+    assert {(r["batch_adapted"], r["batch_adaptation"]) for r in adapted} == {
+        (False, f"not adapted: 0 of the {inside} in-distribution images scored PNEUMONIA before adaptation, fewer "
+                f"than 8: the validation images' class mix cannot be drawn from this batch")}
+
+
+@pytest.mark.parametrize("pneumonia, adapted", [(7, False), (12, True)])
+def test_a_batch_is_adapted_once_it_holds_eight_of_each_class(tmp_path, capsys, pneumonia, adapted):
+    mixed = batch(tmp_path / "mixed", 40, pneumonia)
+    found = rows(capsys, mixed, "--adapt-batch")
+    assert {r["batch_adapted"] for r in found} == {adapted}
+    positives = sum(r["label"] == "PNEUMONIA" for r in rows(capsys, mixed))
+    assert (positives < 8) is not adapted  # the pre-adaptation labels decide (the ones plain predict gives)

@@ -116,7 +116,7 @@ def test_adapt_leaves_out_what_the_input_checks_flag(bn_run, tmp_path, caplog, c
     (unlabelled / sorted(p.name for p in unlabelled.iterdir() if p.name.startswith("N_"))[0]).unlink()
     assert main(["adapt", str(bn_run / "best.pt"), "--data", str(unlabelled), "--out", str(tmp_path / "b.pt"),
                  "--device", "cpu"]) == 2  # 31 left: refused, naming the flagged ones
-    assert "31 readable image(s) the input checks do not flag (3 flagged); adapt needs at least 32" in \
+    assert "31 distinct readable image(s) the input checks do not flag (3 flagged); adapt needs at least 32" in \
            capsys.readouterr().err
 
 

@@ -2,6 +2,7 @@
 images (the built-in model and real X-rays)."""
 import json
 import logging
+import shutil
 
 import httpx
 import numpy as np
@@ -77,15 +78,22 @@ def adapt_cli(capsys, data, out):
 
 def test_adapt_refuses_fewer_site_images_than_it_needs(in_distribution_files, tmp_path, capsys):
     code, output = adapt_cli(capsys, EXAMPLES[0], tmp_path / "one.pt")
-    assert code == 2 and output.err == (f"error: {EXAMPLES[0]}: 1 readable image(s); adapt needs at least 32 of the "
-                                        f"site's images (batch-norm statistics and the out-of-distribution refit "
-                                        f"from fewer are too noisy to trust)\n")
+    assert code == 2 and output.err == (f"error: {EXAMPLES[0]}: 1 distinct readable image(s); adapt needs at least 32 "
+                                        f"of the site's images (batch-norm statistics and the out-of-distribution "
+                                        f"refit from fewer are too noisy to trust)\n")
+    copies = tmp_path / "copies"  # 40 copies of one X-ray had been adapted to as the site's 40 images
+    copies.mkdir()
+    for index in range(40):
+        shutil.copyfile(in_distribution_files[0], copies / f"copy{index:02d}{in_distribution_files[0].suffix}")
+    code, output = adapt_cli(capsys, copies, tmp_path / "copies.pt")
+    assert code == 2 and f"{copies}: 1 distinct readable image(s) (39 copies of others counted once); adapt needs " \
+                         f"at least 32" in output.err
     site = tmp_path / "site"
     site.mkdir()
     for path in in_distribution_files[:-1]:
         (site / path.name).symlink_to(path)
     code, output = adapt_cli(capsys, site, tmp_path / "31.pt")
-    assert code == 2 and f"{site}: 31 readable image(s); adapt needs at least 32" in output.err
+    assert code == 2 and f"{site}: 31 distinct readable image(s); adapt needs at least 32" in output.err
     assert not (tmp_path / "one.pt").exists() and not (tmp_path / "31.pt").exists()
     (site / in_distribution_files[-1].name).symlink_to(in_distribution_files[-1])
     code, output = adapt_cli(capsys, site, tmp_path / "32.pt")

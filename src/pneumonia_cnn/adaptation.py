@@ -38,7 +38,7 @@ from .errors import PneumoniaCNNError
 from .evaluation.metrics import bootstrap_metrics
 from .fileio import display_path
 from .inference import Bundle, Scorer, load_bundle
-from .inference.adabn import reestimate_batch_norm
+from .inference.adabn import distinct_in_canonical_order, reestimate_batch_norm
 from .inference.engines import TorchEngine
 from .inference.predictor import MIN_ADAPT_BATCH
 
@@ -132,11 +132,12 @@ def adapt(checkpoint, data, out, labelled=None, device: str = "auto", recalibrat
     bundle, device = load_bundle(source), resolve_device(device)
     pre = bundle.preprocessing
     cached = build_or_load(scan_unlabelled(data), pre.size, pre.interpolation, pre.intensity, cache_dir=cache_dir)
-    unlabelled, left_out = in_population(bundle, cached)
+    unlabelled, left_out, copies = in_population(bundle, cached)
     if len(unlabelled) < MIN_SITE_IMAGES:
-        counted = f" the input checks do not flag ({left_out} flagged)" if left_out else ""
-        raise PneumoniaCNNError(f"{display_path(data)}: {len(unlabelled)} readable image(s){counted}; adapt needs at "
-                                f"least {MIN_SITE_IMAGES} of the site's images (batch-norm statistics and the "
+        counted = (f" the input checks do not flag ({left_out} flagged)" if left_out else "") + \
+            (f" ({copies} copies of others counted once)" if copies else "")
+        raise PneumoniaCNNError(f"{display_path(data)}: {len(unlabelled)} distinct readable image(s){counted}; adapt "
+                                f"needs at least {MIN_SITE_IMAGES} of the site's images (batch-norm statistics and the "
                                 f"out-of-distribution refit from fewer are too noisy to trust)")
     model = copy.deepcopy(bundle.models[0]).to(device)
     reset = adabn(model, unlabelled, device, tta=bundle.tta)
@@ -157,9 +158,10 @@ def adapt(checkpoint, data, out, labelled=None, device: str = "auto", recalibrat
 
 
 def in_population(bundle: Bundle, cached) -> tuple[np.ndarray, int]:
-    """The site's images that the model-free input checks do not flag (blank, noise, colour; a DICOM of another
-    modality, body part, view or age), as predict's batch adaptation uses them, and how many were left out:
-    their batch-norm statistics and OOD features would describe something other than the site's X-rays."""
+    """The site's distinct images that the model-free input checks do not flag (blank, noise, colour; a DICOM of
+    another modality, body part, view or age), as predict's batch adaptation uses them; how many were left out
+    (their batch-norm statistics and OOD features would describe something other than the site's X-rays), and
+    how many were copies of others."""
     from .ood import flag_reasons
     images = np.asarray(cached.images)
     reasons = [flag_reasons(gray, meta, bundle.intended_use) for gray, meta in zip(images, cached.metas())]
@@ -167,7 +169,13 @@ def in_population(bundle: Bundle, cached) -> tuple[np.ndarray, int]:
     if flagged:
         log.warning("adapt leaves out %d of the site's %d image(s) that the input checks flag (first: %s: %s)",
                     len(flagged), len(images), display_path(flagged[0][0]), flagged[0][1])
-    return images[[not found for found in reasons]], len(flagged)
+    kept = images[[not found for found in reasons]]
+    # each first copy, in the site's order (40 copies of one X-ray had been "the site's 40 images")
+    distinct = kept[np.sort(distinct_in_canonical_order(kept))]
+    if len(distinct) < len(kept):
+        log.warning("adapt counts each image once, as --adapt-batch does: %d of the site's images are copies of "
+                    "others (the same pixels under another name)", len(kept) - len(distinct))
+    return distinct, len(flagged), len(kept) - len(distinct)
 
 
 def _adapt_with_labels(bundle: Bundle, model, labelled, device, recalibrate, seed, max_epochs, folds, held_out,

@@ -44,3 +44,25 @@ def test_a_batch_is_adapted_once_it_holds_eight_of_each_class(tmp_path, capsys, 
     assert {r["batch_adapted"] for r in found} == {adapted}
     positives = sum(r["label"] == "PNEUMONIA" for r in rows(capsys, mixed))
     assert (positives < 8) is not adapted  # the pre-adaptation labels decide (the ones plain predict gives)
+
+
+def test_a_batch_mostly_out_of_distribution_says_so_once(tmp_path, capsys, caplog):
+    """174 of 208 images flagged (adults among children): the rate estimate and AdaBN went ahead on the 34 others
+    (9 of them adults) with no word about the batch as a whole."""
+    import logging
+
+    from tests.conftest import SHARED
+    caplog.set_level(logging.INFO, logger="pneumonia_cnn")
+    children = batch(tmp_path / "mixed", 20, 20)
+    for source in sorted((SHARED / "data" / "adult_xray_dev" / "covid_collection").glob("*.jpeg"))[:60]:
+        shutil.copyfile(source, children / f"adult_{source.name}")
+    assert main(["predict", str(children), "--format", "json", "--prevalence", "estimate"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    flagged = sum(r["in_distribution"] is False for r in found)
+    assert flagged > 50
+    assert (f"{flagged} of the batch's 100 images are flagged out of distribution: the batch steps use the "
+            f"{100 - flagged} others") in caplog.text
+    caplog.clear()
+    assert main(["predict", str(batch(tmp_path / "children", 20, 20)), "--format", "json", "--prevalence",
+                 "estimate"]) == 0
+    assert "flagged out of distribution: the batch steps" not in caplog.text

@@ -228,7 +228,11 @@ class Predictor:
         recorded = {"batch_adapted": adapted, "batch_adaptation": "; ".join(adaptation)}
         if estimation and decision.prior is None:  # not estimated, and why
             recorded["prevalence_source"] = estimation[0]
-        return scores, decision, adaptation + estimation, recorded
+        flagged = int((~inside).sum())
+        mostly = [f"{flagged} of the batch's {len(inside)} images are flagged out of distribution: the batch steps "
+                  f"use the {len(inside) - flagged} others, which may come from the same other population (each "
+                  f"row's flag is its own)"] if 2 * flagged > len(inside) else []
+        return scores, decision, mostly + adaptation + estimation, recorded
 
     def _adapt_step(self, pixels, scores: Scores, inside, batch_size, notes):
         """AdaBN on the batch's distinct in-distribution images when there are enough; (scores, decision,

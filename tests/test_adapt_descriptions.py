@@ -135,3 +135,20 @@ def test_adapt_batch_with_an_int8_engine_is_refused_in_one_line():
                                                     r"re-estimates the batch-norm statistics.*use --engine onnx "
                                                     r"or torch$"):
             Predictor(builtin.NAME, "cpu", engine=engine, adapt_batch=True)
+
+
+KEPT_BY_ADAPT = ("; with the source checkpoint's weights, before adapt re-estimated their batch-norm statistics on "
+                 "the site's images (kept, not refitted on these weights: refitting needs --labelled)")
+
+
+def test_info_says_an_unlabelled_adapt_kept_the_decision_fitted_on_the_source_weights(adapted, tmp_path):
+    """info had said "threshold and calibration fitted on: 559 val images" for weights adapt had changed."""
+    from pneumonia_cnn.adaptation import adapt
+    from pneumonia_cnn.info import describe_checkpoint
+    unlabelled, _ = _site_folders(tmp_path)
+    adapt("builtin", unlabelled, tmp_path / "unlabelled.pt", device="cpu")
+    line = next(line for line in describe_checkpoint(str(tmp_path / "unlabelled.pt")).splitlines()
+                if line.startswith("threshold and calibration fitted on: "))
+    assert line.startswith("threshold and calibration fitted on: 559 val images") and line.endswith(KEPT_BY_ADAPT)
+    for refitted in (str(adapted[0]), builtin.NAME):  # refitted on the site's labelled images; never adapted
+        assert KEPT_BY_ADAPT not in describe_checkpoint(refitted)

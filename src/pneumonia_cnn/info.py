@@ -96,7 +96,7 @@ def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
              f"intensity {card['input'].get('intensity', 'none')}, pixels / 255",
              f"classes: {', '.join(card['class_names'] or [])}; {threshold_text(card)}; "
              f"{_calibration_text(card['calibration'])}",
-             f"threshold and calibration fitted on: {_fit_text(card['decision_fitted_on'])}",
+             f"threshold and calibration fitted on: {_fit_text(card['decision_fitted_on'])}{_kept_by_adapt(card)}",
              "trained with: " + ", ".join(f"{k}={v}" for k, v in card["trained_with"].items() if v not in (None, "")),
              f"intended use: {use.get('task', 'binary pneumonia screening aid')}",
              f"training population: {use.get('population', 'unknown')}",
@@ -133,6 +133,16 @@ def _calibration_text(calibration: dict) -> str:
     if calibration.get("prior") is not None:
         text += f", probabilities stated for a pneumonia rate of {calibration['prior']:.3f}"
     return text
+
+
+def _kept_by_adapt(card: dict) -> str:
+    """An adapted checkpoint whose decision adapt kept: fitted on the source's weights, not these (it read as
+    though fitted on the adapted model)."""
+    adapted = card.get("adapted") if isinstance(card.get("adapted"), dict) else None
+    if not adapted or adapted.get("threshold_refitted_on_site") or adapted.get("calibration_refitted_on_site"):
+        return ""
+    return ("; with the source checkpoint's weights, before adapt re-estimated their batch-norm statistics on the "
+            "site's images (kept, not refitted on these weights: refitting needs --labelled)")
 
 
 def _fit_text(fit) -> str:

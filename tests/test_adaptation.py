@@ -136,3 +136,24 @@ def test_what_an_adapted_checkpoint_records_for_the_refusal():
     assert adapted_reference({}, None) == {}
     assert adapted_reference({}, {"fingerprints": ["t1"], "labels": [0], "recalibrated": False}) == \
         {"val": {"fingerprints": ["t1"], "labels": [0]}}
+
+
+def test_the_kept_out_comparison_prints_every_metric_with_its_interval():
+    """Only the ROC AUC had its interval: sensitivity and specificity on 14 kept-out images showed none."""
+    from pneumonia_cnn.adaptation import format_adaptation
+
+    def metrics(auc, sensitivity, specificity):
+        return {"roc_auc": {"value": auc, "ci95": [auc - 0.1, 1.0]},
+                "sensitivity": {"value": sensitivity, "ci95": [0.5, 1.0]},
+                "specificity": {"value": specificity, "ci95": [0.25, 0.875]}}
+    result = {"checkpoint": "a.pt", "out": "b.pt", "adabn_layers": 20, "unlabelled_images": 40, "fine_tune_epochs": 1,
+              "labelled_images": 24, "kept_out_images": 14, "cv_auc_by_epoch": [0.9, 0.95],
+              "kept_out": {"before": metrics(0.875, 0.75, 0.625), "after": metrics(0.9, 1.0, 0.5)},
+              "verdict": "adapted model is better", "threshold_refitted": True, "calibration_refitted": False,
+              "threshold_policy": "sensitivity:0.95",
+              "ood_fitted_on": {"text": "the new site's 64 image(s)", "reference_images": 32, "bound_images": 32}}
+    lines = format_adaptation(result).splitlines()
+    assert lines[3] == ("before on 14 kept-out images: ROC AUC 0.875 [0.775, 1.000]  sensitivity 0.750 [0.500, "
+                        "1.000]  specificity 0.625 [0.250, 0.875]")
+    assert lines[4] == (" after on 14 kept-out images: ROC AUC 0.900 [0.800, 1.000]  sensitivity 1.000 [0.500, "
+                        "1.000]  specificity 0.500 [0.250, 0.875]")

@@ -354,10 +354,10 @@ def format_adaptation(result: dict) -> str:
                      f"(CV ROC AUC by epoch: {', '.join(f'{a:.3f}' for a in result['cv_auc_by_epoch'])})")
         for when in ("before", "after"):
             m = result["kept_out"][when]
-            lines.append(f"{when:>6} on {result['kept_out_images']} kept-out images: "
-                         f"ROC AUC {m['roc_auc']['value']:.3f} "
-                         f"[{m['roc_auc']['ci95'][0]:.3f}, {m['roc_auc']['ci95'][1]:.3f}]  sensitivity "
-                         f"{m['sensitivity']['value']:.3f}  specificity {m['specificity']['value']:.3f}")
+            shown = "  ".join(f"{name} {m[key]['value']:.3f} [{m[key]['ci95'][0]:.3f}, {m[key]['ci95'][1]:.3f}]"
+                              for key, name in (("roc_auc", "ROC AUC"), ("sensitivity", "sensitivity"),
+                                                ("specificity", "specificity")))
+            lines.append(f"{when:>6} on {result['kept_out_images']} kept-out images: {shown}")
         lines.append(result["verdict"])
     return "\n".join(lines + refit_lines(result))
 

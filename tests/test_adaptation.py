@@ -157,3 +157,15 @@ def test_the_kept_out_comparison_prints_every_metric_with_its_interval():
                         "1.000]  specificity 0.625 [0.250, 0.875]")
     assert lines[4] == (" after on 14 kept-out images: ROC AUC 0.900 [0.800, 1.000]  sensitivity 1.000 [0.500, "
                         "1.000]  specificity 0.500 [0.250, 0.875]")
+
+
+@pytest.mark.parametrize("epochs, said", [
+    (0, "re-estimated on the site's images (cross-validation chose no fine-tuning)"),
+    (3, "re-estimated on the site's images and fine-tuned for 3 epoch(s)")])
+def test_the_adapt_batch_decision_says_how_the_weights_changed(epochs, said):
+    """With no epoch of fine-tuning chosen it had said the source decision no longer described "the fine-tuned
+    weights"."""
+    from pneumonia_cnn.adaptation import adapt_batch_decision
+    assert adapt_batch_decision({"decision_adapted": {}}, "labelled/", epochs) == (
+        "the decision refitted on the site's labelled images (the source's, fitted with AdaBN on its validation "
+        f"images, does not describe these weights, {said})")

@@ -329,16 +329,19 @@ def _save_adapted(source: dict, adapted: Bundle, detector, out, data, labelled, 
                              "threshold_refitted_on_site": bool(result.get("threshold_refitted")),
                              "calibration_refitted_on_site": bool(result.get("calibration_refitted")),
                              "ood_fitted_on": result["ood_fitted_on"],
-                             "adapt_batch_decision": adapt_batch_decision(source, labelled),
+                             "adapt_batch_decision": adapt_batch_decision(source, labelled,
+                                                                          result.get("fine_tune_epochs", 0)),
                              "improved": result.get("improved"), "verdict": result.get("verdict")}
     save_checkpoint(payload, out)
 
 
-def adapt_batch_decision(source: dict, labelled) -> str:
+def adapt_batch_decision(source: dict, labelled, epochs: int = 0) -> str:
     """What ``--adapt-batch`` decides with on the adapted checkpoint, in words (``info`` shows it)."""
     if labelled:
-        return "the decision refitted on the site's labelled images (the source's, fitted with AdaBN on its " \
-               "validation images, no longer describes the fine-tuned weights)"
+        changed = f"re-estimated on the site's images and fine-tuned for {epochs} epoch(s)" if epochs else \
+            "re-estimated on the site's images (cross-validation chose no fine-tuning)"
+        return f"the decision refitted on the site's labelled images (the source's, fitted with AdaBN on its " \
+               f"validation images, does not describe these weights, {changed})"
     if source.get("decision_adapted"):
         return "the source's, fitted with AdaBN on its validation images (each batch's statistics replace the site's)"
     return "the plain decision (the source checkpoint has none fitted with AdaBN)"

@@ -169,3 +169,12 @@ def test_the_adapt_batch_decision_says_how_the_weights_changed(epochs, said):
     assert adapt_batch_decision({"decision_adapted": {}}, "labelled/", epochs) == (
         "the decision refitted on the site's labelled images (the source's, fitted with AdaBN on its validation "
         f"images, does not describe these weights, {said})")
+
+
+def test_labelled_images_also_among_the_sites_count_once_in_the_detectors_references():
+    from pneumonia_cnn.adaptation import site_references
+    images = np.arange(6 * 4, dtype=np.uint8).reshape(6, 2, 2)  # six different 2 x 2 images
+    unlabelled, labelled = images[:4], np.stack([images[1], images[4], images[4], images[5]])
+    references, added = site_references(unlabelled, labelled)
+    assert added == 2 and references.tolist() == images.tolist()  # 1 was in --data and 4 came twice
+    assert site_references(unlabelled, images[:0])[1] == 0

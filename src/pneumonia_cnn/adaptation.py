@@ -151,8 +151,9 @@ def adapt(checkpoint, data, out, labelled=None, device: str = "auto", recalibrat
         model, decision, site_images = _adapt_with_labels(bundle, model, labelled, device, recalibrate, seed,
                                                           max_epochs, folds, held_out, cache_dir, result)
     adapted = replace(bundle, models=[model.cpu().eval()], decision=decision, ood=None)
-    detector = _refit_ood(adapted, np.concatenate([unlabelled, site_images]), device, source, seed)
-    result["ood_fitted_on"] = ood_fit_record(len(unlabelled), len(site_images))
+    references, labelled_added = site_references(unlabelled, site_images)
+    detector = _refit_ood(adapted, references, device, source, seed)
+    result["ood_fitted_on"] = ood_fit_record(len(unlabelled), labelled_added)
     _save_adapted(source, adapted, detector, out, data, labelled, result)
     return result
 
@@ -251,6 +252,14 @@ def _verdict(labels, groups, before, threshold_before, after, threshold_after, s
     result["verdict"] = (f"adapted model is better on the kept-out images ({change})" if improved else
                          f"adapted model is NOT better on the kept-out images ({change}): keep using the "
                          f"original model for this site")
+
+
+def site_references(unlabelled: np.ndarray, labelled: np.ndarray) -> tuple[np.ndarray, int]:
+    """The site's images the detector is refitted on: the unlabelled ones, then the labelled ones not among them
+    (a labelled image also in --data had counted twice), each once; and how many labelled ones that added."""
+    images = np.concatenate([unlabelled, labelled])
+    kept = np.sort(distinct_in_canonical_order(images))
+    return images[kept], int((kept >= len(unlabelled)).sum())
 
 
 def ood_fit_record(unlabelled: int, labelled: int) -> dict:

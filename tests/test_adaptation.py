@@ -178,3 +178,21 @@ def test_labelled_images_also_among_the_sites_count_once_in_the_detectors_refere
     references, added = site_references(unlabelled, labelled)
     assert added == 2 and references.tolist() == images.tolist()  # 1 was in --data and 4 came twice
     assert site_references(unlabelled, images[:0])[1] == 0
+
+
+def test_a_labelled_adapt_that_kept_a_given_threshold_says_so():
+    """train's default policy is the given probability 0.5: adapt --labelled refits neither it nor (without
+    --recalibrate) the calibration, yet info said refitting "needs --labelled" and --adapt-batch's decision was
+    called "refitted on the site's labelled images"."""
+    from pneumonia_cnn.adaptation import adapt_batch_decision
+    from pneumonia_cnn.info import _kept_by_adapt
+    assert adapt_batch_decision({}, "lab/", 2, refitted=False) == (
+        "the plain decision, kept by adapt (a given probability threshold; --recalibrate refits the calibration) "
+        "(the source's, fitted with AdaBN on its validation images, does not describe these weights, re-estimated "
+        "on the site's images and fine-tuned for 2 epoch(s))")
+    kept = {"labelled": "lab/", "threshold_refitted_on_site": False, "calibration_refitted_on_site": False}
+    assert _kept_by_adapt({"adapted": kept}) == (
+        "; with the source checkpoint's weights, before adapt re-estimated and fine-tuned them on the site's images "
+        "(kept by adapt --labelled: the threshold is a given probability; --recalibrate refits the calibration)")
+    assert _kept_by_adapt({"adapted": dict(kept, threshold_refitted_on_site=True)}) == ""
+    assert "refitting needs --labelled" in _kept_by_adapt({"adapted": dict(kept, labelled=None)})

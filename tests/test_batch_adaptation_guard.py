@@ -60,8 +60,9 @@ def test_a_batch_mostly_out_of_distribution_says_so_once(tmp_path, capsys, caplo
     found = json.loads(capsys.readouterr().out)
     flagged = sum(r["in_distribution"] is False for r in found)
     assert flagged > 50
-    assert (f"{flagged} of the batch's 100 images are flagged out of distribution: the batch steps use the "
-            f"{100 - flagged} others") in caplog.text
+    assert (f"{flagged} of the batch's 100 images are flagged out of distribution: the batch steps use only the "
+            f"{100 - flagged} others (each distinct image once)") in caplog.text
+    assert caplog.text.count("flagged out of distribution: the batch steps") == 1  # once, not per row or step
     caplog.clear()
     assert main(["predict", str(batch(tmp_path / "children", 20, 20)), "--format", "json", "--prevalence",
                  "estimate"]) == 0

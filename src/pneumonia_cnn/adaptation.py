@@ -134,15 +134,16 @@ def adapt(checkpoint, data, out, labelled=None, device: str = "auto", recalibrat
     cached = build_or_load(scan_unlabelled(data), pre.size, pre.interpolation, pre.intensity, cache_dir=cache_dir)
     unlabelled, left_out, copies = in_population(bundle, cached)
     if len(unlabelled) < MIN_SITE_IMAGES:
-        counted = (f" the input checks do not flag ({left_out} flagged)" if left_out else "") + \
-            (f" ({copies} copies of others counted once)" if copies else "")
+        said = [f"{left_out} flagged"] * bool(left_out) + [f"{copies} copies of others counted once"] * bool(copies)
+        counted = (" the input checks do not flag" if left_out else "") + (f" ({'; '.join(said)})" if said else "")
         raise PneumoniaCNNError(f"{display_path(data)}: {len(unlabelled)} distinct readable image(s){counted}; adapt "
                                 f"needs at least {MIN_SITE_IMAGES} of the site's images (batch-norm statistics and the "
                                 f"out-of-distribution refit from fewer are too noisy to trust)")
     model = copy.deepcopy(bundle.models[0]).to(device)
     reset = adabn(model, unlabelled, device, tta=bundle.tta)
     result = {"checkpoint": str(source["path"]), "out": str(out), "unlabelled_images": len(unlabelled),
-              "left_out_by_input_checks": left_out, "adabn_layers": reset, "fine_tune_epochs": 0}
+              "left_out_by_input_checks": left_out, "copies_counted_once": copies, "adabn_layers": reset,
+              "fine_tune_epochs": 0}
     if not reset:
         log.warning("%s has no batch-norm layers: AdaBN does not apply (use a model such as seed_bn or resnet18)",
                     source["model"]["name"])
@@ -158,7 +159,7 @@ def adapt(checkpoint, data, out, labelled=None, device: str = "auto", recalibrat
     return result
 
 
-def in_population(bundle: Bundle, cached) -> tuple[np.ndarray, int]:
+def in_population(bundle: Bundle, cached) -> tuple[np.ndarray, int, int]:
     """The site's distinct images that the model-free input checks do not flag (blank, noise, colour; a DICOM of
     another modality, body part, view or age), as predict's batch adaptation uses them; how many were left out
     (their batch-norm statistics and OOD features would describe something other than the site's X-rays), and
@@ -334,23 +335,27 @@ def _save_adapted(source: dict, adapted: Bundle, detector, out, data, labelled, 
     payload["adaptation"] = {"site_data": str(data), "labelled": str(labelled) if labelled else None,
                              "site_images": result["unlabelled_images"],
                              "left_out_by_input_checks": result["left_out_by_input_checks"],
+                             "copies_counted_once": result["copies_counted_once"],
                              "adabn_layers": result["adabn_layers"], "fine_tune_epochs": result["fine_tune_epochs"],
                              "threshold_refitted_on_site": bool(result.get("threshold_refitted")),
                              "calibration_refitted_on_site": bool(result.get("calibration_refitted")),
                              "ood_fitted_on": result["ood_fitted_on"],
-                             "adapt_batch_decision": adapt_batch_decision(source, labelled,
-                                                                          result.get("fine_tune_epochs", 0)),
+                             "adapt_batch_decision": adapt_batch_decision(
+                                 source, labelled, result.get("fine_tune_epochs", 0),
+                                 bool(result.get("threshold_refitted") or result.get("calibration_refitted"))),
                              "improved": result.get("improved"), "verdict": result.get("verdict")}
     save_checkpoint(payload, out)
 
 
-def adapt_batch_decision(source: dict, labelled, epochs: int = 0) -> str:
+def adapt_batch_decision(source: dict, labelled, epochs: int = 0, refitted: bool = True) -> str:
     """What ``--adapt-batch`` decides with on the adapted checkpoint, in words (``info`` shows it)."""
     if labelled:
         changed = f"re-estimated on the site's images and fine-tuned for {epochs} epoch(s)" if epochs else \
             "re-estimated on the site's images (cross-validation chose no fine-tuning)"
-        return f"the decision refitted on the site's labelled images (the source's, fitted with AdaBN on its " \
-               f"validation images, does not describe these weights, {changed})"
+        what = "the decision refitted on the site's labelled images" if refitted else \
+            "the plain decision, kept by adapt (a given probability threshold; --recalibrate refits the calibration)"
+        return f"{what} (the source's, fitted with AdaBN on its validation images, does not describe these " \
+               f"weights, {changed})"
     if source.get("decision_adapted"):
         return "the source's, fitted with AdaBN on its validation images (each batch's statistics replace the site's)"
     return "the plain decision (the source checkpoint has none fitted with AdaBN)"

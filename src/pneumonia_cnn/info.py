@@ -141,6 +141,10 @@ def _kept_by_adapt(card: dict) -> str:
     adapted = card.get("adapted") if isinstance(card.get("adapted"), dict) else None
     if not adapted or adapted.get("threshold_refitted_on_site") or adapted.get("calibration_refitted_on_site"):
         return ""
+    if adapted.get("labelled"):  # a given probability threshold is kept, and the calibration without --recalibrate
+        return ("; with the source checkpoint's weights, before adapt re-estimated and fine-tuned them on the site's "
+                "images (kept by adapt --labelled: the threshold is a given probability; --recalibrate refits the "
+                "calibration)")
     return ("; with the source checkpoint's weights, before adapt re-estimated their batch-norm statistics on the "
             "site's images (kept, not refitted on these weights: refitting needs --labelled)")
 

@@ -60,7 +60,8 @@ def test_report_data_table_shows_the_images_a_limited_run_used(tmp_path, cache_d
     assert "--limit-images 10 drew at most 10 images of train and of val" in text
     assert "The checkpoint records 10 training images" in text
     # 10 test images, 5 of a class: the metrics say their intervals are unreliable, on the page too
-    assert "Note: intervals unreliable: only 10 images" in text
+    assert re.search(r"Note: intervals unreliable: fewer than 10 (images|patients) of a class \((images|patients) per "
+                     r"class: NORMAL \d, PNEUMONIA \d; 10 images in all\)", text)
 
 
 def test_report_data_table_shows_a_val_carved_from_train_and_says_when_the_folder_is_another(tmp_path, cache_dir):
@@ -130,7 +131,7 @@ def test_evaluate_on_one_image_warns_that_its_intervals_are_unreliable(tmp_path,
     assert main(["evaluate", "--data", str(tmp_path / "single"), "--bootstrap", "50", "--no-figures", "--no-progress",
                  "--device", "cpu", "--cache-dir", str(cache_dir), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    said = "intervals unreliable: only 1 image (patients per class: PNEUMONIA 1)"
+    said = "intervals unreliable: fewer than 10 patients of a class (patients per class: PNEUMONIA 1; 1 image in all)"
     assert f"note: {said}" in printed
     assert any(note.startswith(said) for note in json.loads(out.read_text())["notes"])
 

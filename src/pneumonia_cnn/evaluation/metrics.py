@@ -125,9 +125,9 @@ def interval_notes(labels, class_names, groups=None) -> list[str]:
     unit = "image" if groups is None else "patient"
     if len(labels) and min(u for u, c in zip(units, counts) if c) < FEW_PER_CLASS:
         which = ", ".join(f"{name} {u}" for name, u, c in zip(class_names, units, counts) if c)
-        notes.append(f"intervals unreliable: only {len(labels)} image{'s' if len(labels) != 1 else ''} ({unit}s "
-                     f"per class: {which}); with fewer than {FEW_PER_CLASS} {unit}s of a class a bootstrap barely "
-                     f"varies, so an interval is too narrow or undefined (nan)")
+        notes.append(f"intervals unreliable: fewer than {FEW_PER_CLASS} {unit}s of a class ({unit}s per class: "
+                     f"{which}; {len(labels)} image{'s' if len(labels) != 1 else ''} in all); a bootstrap of so few "
+                     f"barely varies, so an interval is too narrow or undefined (nan)")
     return notes
 
 

@@ -183,7 +183,7 @@ def report_paths(run_dir, split: str, out=None) -> tuple[Path, Path]:
     """Where ``report`` writes its page and the metrics JSON beside it, which the command checks first: OUT and
     OUT-STEM_SPLIT_metrics.json; by default RUN_DIR/report.html, or ./builtin_report.html for the built-in model
     (never into the installed package). The metrics and their figures go under the report's own name: a run's
-    test_metrics.json (training's, 1,000 resamples on its own data) is never rewritten by reading it."""
+    test_metrics.json (training's, 200 resamples on its own data) is never rewritten by reading it."""
     if out:
         return Path(out), Path(out).parent / f"{Path(out).stem}_{split}_metrics.json"
     packaged = is_builtin(run_dir)

@@ -230,8 +230,8 @@ class Predictor:
             recorded["prevalence_source"] = estimation[0]
         flagged = int((~inside).sum())
         mostly = [f"{flagged} of the batch's {len(inside)} images are flagged out of distribution: the batch steps "
-                  f"use the {len(inside) - flagged} others, which may come from the same other population (each "
-                  f"row's flag is its own)"] if 2 * flagged > len(inside) else []
+                  f"use only the {len(inside) - flagged} others (each distinct image once), which may come from the "
+                  f"same other population (each row's flag is its own)"] if 2 * flagged > len(inside) else []
         return scores, decision, mostly + adaptation + estimation, recorded
 
     def _adapt_step(self, pixels, scores: Scores, inside, batch_size, notes):

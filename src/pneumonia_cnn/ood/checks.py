@@ -57,8 +57,8 @@ def input_warnings(gray: np.ndarray, meta=None, intended_use: dict | None = None
 def size_warnings(gray: np.ndarray, meta=None) -> list[str]:
     """A file under half the model's input (``gray``'s height or width) was enlarged more than twice: what the
     model reads is missing, and normal X-rays drift towards pneumonia without another sign (a thumbnail or a
-    preview sent by mistake). Never under 112 pixels, so that a model with a large input is not flagged on the
-    224-pixel images it may well have been trained on."""
+    preview sent by mistake). The limit is never above 112 pixels, so that a model with a large input is not
+    flagged on the 224-pixel images it may well have been trained on."""
     size = getattr(meta, "original_size", None)
     if not size:
         return []

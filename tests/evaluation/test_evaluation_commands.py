@@ -77,6 +77,9 @@ def test_stress_and_compare_commands(trained_run, small_root, cache_dir, capsys,
     table = capsys.readouterr().out
     assert "DeLong" in table and "roc_auc" in table and "p =" in table
     assert "  patient bootstrap (20 resamples): difference [" in table  # a patient's images are not independent
+    rows = table.splitlines()
+    auc = next(i for i, row in enumerate(rows) if row.startswith("roc_auc "))
+    assert rows[auc + 1].startswith("  95% CI ") and rows[auc + 1].count("[") == 2  # one interval per run
     # two run folders of one name: each column is its own model (both read as the second one's)
     import shutil
     for name in ("a", "b"):

@@ -8,6 +8,7 @@ from ..errors import PneumoniaCNNError
 from .evaluate import evaluate
 from .metrics import delong_test, paired_auc_bootstrap
 
+WITH_INTERVALS = ("sensitivity", "specificity", "roc_auc")
 ROWS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc", "pr_auc",
         "brier", "ece")
 
@@ -53,12 +54,16 @@ def run_names(runs) -> list[str]:
 
 
 def format_comparison(result: dict) -> str:
-    width = max(14, *(len(n) + 2 for n in result["runs"]))
+    width = max(16, *(len(n) + 2 for n in result["runs"]))
     lines = [f"{result['split']}: {result['n_images']} images",
              f"{'metric':<20}" + "".join(f"{n:>{width}}" for n in result["runs"])]
     for metric in ROWS:
         values = "".join(f"{result['metrics'][n][metric]['value']:>{width}.4f}" for n in result["runs"])
         lines.append(f"{metric:<20}{values}")
+        if metric in WITH_INTERVALS:  # the JSON has every interval; these three are the ones compared most
+            shown = (f"[{low:.3f}, {high:.3f}]" for low, high in (result["metrics"][n][metric]["ci95"]
+                                                               for n in result["runs"]))
+            lines.append(f"{'  95% CI':<20}" + "".join(f"{text:>{width}}" for text in shown))
     lines.append(f"{'threshold':<20}" + "".join(f"{result['thresholds'][n]:>{width}.3f}" for n in result["runs"]))
     for test in result["delong"]:
         verdict = "significant" if test["p_value"] < 0.05 else "not significant"

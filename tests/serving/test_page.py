@@ -51,15 +51,21 @@ def test_upload_shows_probability_and_heat_map(server, tmp_path):
         browser.quit()
 
 
-def test_page_warns_on_an_image_that_is_not_an_xray(server, tmp_path):
+def noise_png(folder):
+    """A 128 x 128 picture of uniform noise: "not an X-ray", flagged whatever the model."""
     import numpy as np
     from PIL import Image
+    path = folder / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_page_warns_on_an_image_that_is_not_an_xray(server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
     url, _ = server
-    noise = tmp_path / "noise.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128), dtype=np.uint8)).save(noise)
+    noise = noise_png(tmp_path)
     browser = make_browser(tmp_path)
     try:
         browser.get(url + "/")

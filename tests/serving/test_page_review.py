@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from pneumonia_cnn.serving.service import display_name
-from tests.serving.test_page import make_browser, open_page, wait_for_error, wait_for_result, xrays
+from tests.serving.test_page import make_browser, noise_png, open_page, wait_for_error, wait_for_result, xrays
 
 KEY = "pneumonia-cnn-key"
 
@@ -244,11 +244,8 @@ def test_model_information_without_an_answer_ends_after_the_time_out(server, tmp
 # --- 6. percentages, the warning's wording, a phone's width -----------------------------------------------------
 
 def test_probability_and_threshold_are_both_percentages_and_the_warning_says_it_once(server, tmp_path):
-    import numpy as np
-    from PIL import Image
     url, _ = server
-    noise = tmp_path / "noise.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128), dtype=np.uint8)).save(noise)
+    noise = noise_png(tmp_path)
     body = httpx.post(url + "/predict", files={"file": ("noise.png", noise.read_bytes(), "image/png")},
                       timeout=60).json()
     assert any("not reliable" in w for w in body["warnings"]), body["warnings"]  # the server says it already

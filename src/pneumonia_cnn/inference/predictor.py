@@ -237,15 +237,16 @@ class Predictor:
     def _adapt_step(self, pixels, scores: Scores, inside, batch_size, notes):
         """AdaBN on the batch's distinct in-distribution images when there are enough; (scores, decision,
         whether it adapted)."""
-        count = len(distinct_in_canonical_order(pixels[inside]))  # a file sent twice counts once
+        distinct = distinct_in_canonical_order(pixels[inside])  # a file sent twice counts once
+        count = len(distinct)
         if count < MIN_ADAPT_BATCH:
             notes.append(f"not adapted: {count} in-distribution images, fewer than {MIN_ADAPT_BATCH}")
             return scores, self.bundle.decision, False
         pseudo = self.bundle.decision.positive(scores.raw[inside])
-        distinct = pseudo[distinct_in_canonical_order(pixels[inside])]
-        fewer = min(int(distinct.sum()), int((~distinct).sum()))
+        positives = int(pseudo[distinct].sum())
+        fewer = min(positives, count - positives)
         if fewer < MIN_ADAPT_PER_CLASS:  # re-estimated on one class, every score moves (a NORMAL-only batch: FP)
-            name = self.class_names[1] if distinct.sum() == fewer else self.class_names[0]
+            name = self.class_names[1] if positives == fewer else self.class_names[0]
             notes.append(f"not adapted: {fewer} of the {count} in-distribution images scored {name} before "
                          f"adaptation, fewer than {MIN_ADAPT_PER_CLASS}: the validation images' class mix cannot be "
                          f"drawn from this batch")

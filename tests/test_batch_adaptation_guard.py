@@ -67,3 +67,33 @@ def test_a_batch_mostly_out_of_distribution_says_so_once(tmp_path, capsys, caplo
     assert main(["predict", str(batch(tmp_path / "children", 20, 20)), "--format", "json", "--prevalence",
                  "estimate"]) == 0
     assert "flagged out of distribution: the batch steps" not in caplog.text
+
+
+def test_a_fitted_adapted_decision_draws_by_labels_when_pseudo_labels_hold_too_few_of_a_class():
+    """Training's end and evaluate's refit fit --adapt-batch's decision on labelled images: by pseudo-labels, as it
+    is served, while they hold 8 distinct images of each class; by the images' own labels otherwise (a copy of an
+    image counts once, as in serving)."""
+    import numpy as np
+    from PIL import Image
+
+    from pneumonia_cnn.inference.adabn import fit_class_mix
+    require_shared()
+    files = [sorted((SHARED_DATA / "test" / label).iterdir())[:10] for label in ("NORMAL", "PNEUMONIA")]
+    pixels = np.stack([np.asarray(Image.open(f).convert("L").resize((64, 64))) for f in files[0] + files[1]])
+    labels = np.repeat([0, 1], 10)
+    pseudo = labels.astype(bool)
+    drawn, why = fit_class_mix(pixels, pseudo, labels)
+    assert why == "" and drawn.tolist() == pseudo.tolist()
+    pseudo[10:13] = False  # 7 of the 20 scored PNEUMONIA
+    drawn, why = fit_class_mix(pixels, pseudo, labels)
+    assert drawn.tolist() == labels.astype(bool).tolist()
+    assert why == ("the class mix drawn by the images' labels: only 7 of the 20 distinct in-distribution images "
+                   "scored PNEUMONIA before adaptation, fewer than 8")
+    copies = pixels.copy()
+    copies[11:18] = copies[10]  # 10 scored PNEUMONIA, but 8 of them are one image: 3 distinct
+    assert fit_class_mix(copies, labels.astype(bool), labels, ("N", "P"))[1] == (
+        "the class mix drawn by the images' labels: only 3 of the 13 distinct in-distribution images scored P "
+        "before adaptation, fewer than 8")
+    pseudo = ~labels.astype(bool)
+    pseudo[:2] = False  # 8 of each class, the other way round than the labels: kept as served
+    assert fit_class_mix(pixels, pseudo, labels)[0].tolist() == pseudo.tolist()

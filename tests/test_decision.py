@@ -296,9 +296,10 @@ def test_a_refit_with_adapt_batch_refits_the_adapted_decision_too(best_like_run,
 @pytest.mark.parametrize("calibration", [None, "platt"])
 def test_the_refitted_adapted_decision_is_fitted_as_adapt_batch_serves(best_like_run, small_root, tmp_path,
                                                                         calibration):
-    """Re-done by hand: AdaBN on val's images the detector does not flag (pseudo-labels of the refitted decision;
-    the class mix the adapted calibration states: the stored one for a threshold alone, val's own when the
-    calibration is refitted), then the refit on every image's scores."""
+    """Re-done by hand: AdaBN on val's images the detector does not flag (its 4 PNEUMONIA images leave fewer than
+    8 of a class by any labels, so the class mix is drawn by the images' own labels; at the class mix the adapted
+    calibration states: the stored one for a threshold alone, val's own when the calibration is refitted), then
+    the refit on every image's scores."""
     from dataclasses import replace
 
     from PIL import Image
@@ -335,7 +336,8 @@ def test_the_refitted_adapted_decision_is_fitted_as_adapt_batch_serves(best_like
         main_fit = fit_decision(labels, raw, "youden", calibration)
         pseudo, rate = main_fit.probabilities(raw) >= main_fit.threshold, labels.mean()
     assert stored_adapted.prior != pytest.approx(labels.mean())  # the two rates differ here: the test can tell
-    adapted = adapt_batch_norm(bundle, pixels[inside], pseudo[inside], rate)
+    assert (pseudo[inside] != labels[inside].astype(bool)).any()  # and the two ways of drawing the mix
+    adapted = adapt_batch_norm(bundle, pixels[inside], labels[inside].astype(bool), rate)
     adapted_raw = Predictor(replace(adapted, ood=None), "cpu").score(pixels).raw
     if calibration is None:
         expected = (stored_adapted.to_dict(), choose_threshold(labels, stored_adapted.probabilities(adapted_raw),
@@ -351,6 +353,9 @@ def test_the_refitted_adapted_decision_is_fitted_as_adapt_batch_serves(best_like
     assert report["threshold"] == pytest.approx(expected[1], abs=1e-5)
     assert report["calibration"] == pytest.approx(expected[0], abs=1e-4) if calibration else \
         report["calibration"] == expected[0]
+    assert re.fullmatch(r"the class mix drawn by the images' labels: only \d of the 14 distinct in-distribution "
+                        r"images scored (NORMAL|PNEUMONIA) before adaptation, fewer than 8",
+                        report["decision_refit"]["adapted_class_mix"])
 
 def test_an_ensemble_fits_its_own_threshold_and_keeps_the_ood_check(best_like_run, small_root, cache_dir, tmp_path,
                                                                      capsys):
@@ -386,8 +391,8 @@ def test_an_ensemble_fits_its_own_threshold_and_keeps_the_ood_check(best_like_ru
 
 def test_batch_adaptation_uses_a_decision_fitted_the_same_way(best_like_run, small_root, tmp_path, monkeypatch):
     monkeypatch.setenv("PNEUMONIA_CNN_CACHE", str(tmp_path / "cache"))
-    """--adapt-batch's threshold was fitted on val scored after AdaBN on val (resampled to val's class mix by
-    pseudo-label): re-doing that by hand gives it."""
+    """--adapt-batch's threshold was fitted on val scored after AdaBN on val (resampled to val's class mix, here by
+    the images' labels: the pseudo-labels hold fewer than 8 of a class): re-doing that by hand gives it."""
     from dataclasses import replace
 
     from pneumonia_cnn.inference import load_bundle
@@ -398,8 +403,9 @@ def test_batch_adaptation_uses_a_decision_fitted_the_same_way(best_like_run, sma
     pixels = np.stack([predictor.preprocess_path(f)[0] for f in val_files(small_root)])
     labels = [int("PNEUMONIA" in str(f)) for f in val_files(small_root)]
     plain = Predictor(bundle, "cpu").score(pixels)
-    pseudo = plain.probabilities >= checkpoint["threshold"]  # at the validation images' class mix, by pseudo-label
-    adapted = adapt_batch_norm(bundle, pixels, pseudo, float(np.mean(labels)))
+    pseudo = plain.probabilities >= checkpoint["threshold"]
+    assert min(pseudo.sum(), (~pseudo).sum()) < 8  # so the labels draw the class mix
+    adapted = adapt_batch_norm(bundle, pixels, np.array(labels, bool), float(np.mean(labels)))
     raw = Predictor(replace(adapted, ood=None), "cpu").score(pixels).raw
     expected = fit_decision(labels, raw, "sensitivity:0.95", checkpoint["config"]["calibration"])
     assert checkpoint["decision_adapted"]["threshold"] == pytest.approx(expected.threshold, abs=1e-5)
@@ -498,14 +504,18 @@ def test_the_adapted_decision_is_fitted_on_the_images_adapt_batch_adapts_on(smal
     by_pixels_alone = np.array([c["in_distribution"] is not False for c in predictor.flags(pixels, plain)])
     assert by_pixels_alone.sum() == len(files) - 1  # the tinted one is flagged by its file's colour only
     pseudo = bundle.decision.positive(plain.raw)
+    # this 2-epoch model scores fewer than 8 of val's 20 images as one class: --adapt-batch would not adapt on
+    # such a batch, so the fit draws the class mix by the images' labels
+    assert min(pseudo[inside].sum(), (~pseudo[inside]).sum()) < 8
 
-    def fitted(chosen):
-        adapted = adapt_batch_norm(bundle, pixels[chosen], pseudo[chosen], float(labels.mean()))
+    def fitted(chosen, drawn_by=None):
+        drawn_by = labels.astype(bool) if drawn_by is None else drawn_by
+        adapted = adapt_batch_norm(bundle, pixels[chosen], drawn_by[chosen], float(labels.mean()))
         raw = Predictor(replace(adapted, ood=None), "cpu").score(pixels).raw  # every image scored
         return fit_decision(labels, raw, "sensitivity:0.95", checkpoint["config"]["calibration"])
 
     expected, on_all, on_pixels = fitted(inside), fitted(np.ones_like(inside)), fitted(by_pixels_alone)
     assert checkpoint["decision_adapted"]["threshold"] == pytest.approx(expected.threshold, abs=1e-5)
     assert checkpoint["decision_adapted"]["calibration"] == pytest.approx(expected.calibration.to_dict(), abs=1e-5)
-    for other in (on_all, on_pixels):  # the test can tell them apart
+    for other in (on_all, on_pixels, fitted(inside, pseudo)):  # the test can tell them apart
         assert abs(other.calibration.bias - expected.calibration.bias) > 1e-4

@@ -80,8 +80,9 @@ def refit_decision(bundle, data, val_split: str, policy: str | None, method: str
                raw_scores=[float(v) for v in raw])
     adapted_decision = None
     if adapted and bundle.adapted_decision is not None:
-        adapted_decision, adapted_raw = _refit_adapted(bundle, decision, val, scores, policy, method, device, engine)
-        fit.update(adapted_refitted=True, adapted_raw_scores=[float(v) for v in adapted_raw])
+        adapted_decision, adapted_raw, why = _refit_adapted(bundle, decision, val, scores, policy, method, device,
+                                                            engine)
+        fit.update(adapted_refitted=True, adapted_raw_scores=[float(v) for v in adapted_raw], adapted_class_mix=why)
     return bundle.with_decision(decision, adapted_decision), val, fit
 
 
@@ -113,19 +114,20 @@ def _refit_adapted(bundle, decision: Decision, val, scores, policy, method, devi
     """As ``--adapt-batch`` will serve it: batch-norm statistics re-estimated on the split's images the detector
     does not flag, as one batch (by the refitted decision's pseudo-labels, at the class mix the adapted
     calibration states: the split's own when it is refitted, else the stored one's), then the same refit on every
-    image's scores. Returns (decision, raw scores)."""
-    from ..inference.adabn import adapt_batch_norm
+    image's scores. Returns (decision, raw scores, why the labels drew the class mix or "")."""
+    from ..inference.adabn import adapt_batch_norm, fit_class_mix
     from ..inference.predictor import in_distribution
     stored = bundle.adapted_decision
     rate = float(np.mean(val.labels)) if method is not None or stored.calibration.prior is None \
         else stored.calibration.prior
-    pseudo = decision.positive(scores.raw)
     images = np.asarray(val.images)
     inside = in_distribution(bundle, images, scores, val.metas())
     inside = inside if inside.any() else np.ones_like(inside)
-    adapted = Scorer(adapt_batch_norm(bundle, images[inside], pseudo[inside], rate), device, engine, cache=False)
+    drawn_by, why = fit_class_mix(images[inside], decision.positive(scores.raw)[inside], val.labels[inside],
+                                  bundle.class_names)
+    adapted = Scorer(adapt_batch_norm(bundle, images[inside], drawn_by, rate), device, engine, cache=False)
     adapted_raw = adapted.score(images).raw
-    return _refitted(stored, val.labels, adapted_raw, policy, method), adapted_raw
+    return _refitted(stored, val.labels, adapted_raw, policy, method), adapted_raw, why
 
 
 def check_save_as(bundle, save_as, sources):
@@ -214,6 +216,8 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
         report["decision_refit"] = {k: fit.get(k) for k in ("split", "images", "engine", "precision", "tta",
                                                             "refitted", "fixed")}
         report["decision_refit"]["adapted_refitted"] = bool(fit.get("adapted_refitted"))
+        if fit.get("adapted_class_mix"):
+            report["decision_refit"]["adapted_class_mix"] = fit["adapted_class_mix"]
     if out:
         out = Path(out)
         write_json_atomic(out, report)
@@ -374,6 +378,7 @@ def refit_line(report: dict) -> str:
     fit = report["decision_refit"]
     method = calibration_words(report["calibration"]["method"])
     adapted = "; --adapt-batch's own decision refitted the same way" if fit.get("adapted_refitted") else ""
+    adapted += f" ({fit['adapted_class_mix']})" if fit.get("adapted_class_mix") else ""
     if fit.get("fixed") is not None:
         return (f"decision set for this evaluation: the threshold ({report['threshold_policy']}), on the stored "
                 f"{method}; a given probability, fitted on no images{adapted}")

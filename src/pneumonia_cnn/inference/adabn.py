@@ -12,6 +12,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..data.loader import to_model_input
 
+# AdaBN redraws its images at the validation images' class mix: it needs some of each class to draw from
+MIN_ADAPT_PER_CLASS = 8
+
 
 def has_batch_norm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
@@ -51,6 +54,26 @@ def distinct_in_canonical_order(pixels_uint8) -> np.ndarray:
     for index, image in enumerate(pixels_uint8):
         first.setdefault(hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest(), index)
     return np.array([first[key] for key in sorted(first)], dtype=np.int64)
+
+
+def fewest_of_a_class(pseudo_positive, distinct) -> tuple[int, bool]:
+    """(how many distinct images the rarer pseudo-class has, whether that class is the positive one)."""
+    positives = int(np.asarray(pseudo_positive, bool)[distinct].sum())
+    return min(positives, len(distinct) - positives), positives <= len(distinct) - positives
+
+
+def fit_class_mix(pixels_uint8, pseudo_positive, labels, class_names=("NORMAL", "PNEUMONIA")) -> tuple[np.ndarray, str]:
+    """The labels an adapted decision's AdaBN draws its class mix by, fitted on labelled images: the
+    pseudo-labels, as ``--adapt-batch`` serves, unless they leave fewer than ``MIN_ADAPT_PER_CLASS`` distinct
+    images of a class (a batch ``--adapt-batch`` refuses to adapt on); then the images' own labels, since
+    re-estimating on nearly one class moves every score. Returns (labels, why the own labels were used, or "")."""
+    distinct = distinct_in_canonical_order(pixels_uint8)
+    fewer, positive = fewest_of_a_class(pseudo_positive, distinct)
+    if fewer >= MIN_ADAPT_PER_CLASS:
+        return np.asarray(pseudo_positive, bool), ""
+    return np.asarray(labels, bool), (f"the class mix drawn by the images' labels: only {fewer} of the {len(distinct)} "
+                                      f"distinct in-distribution images scored {class_names[int(positive)]}"
+                                      f" before adaptation, fewer than {MIN_ADAPT_PER_CLASS}")
 
 
 def balanced_sample(pseudo_positive: np.ndarray, rate: float, seed: int = 0) -> np.ndarray:

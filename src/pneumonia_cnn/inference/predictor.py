@@ -14,7 +14,7 @@ import numpy as np
 
 from ..calibration import estimate_prior, estimate_prior_of_members
 from ..errors import PneumoniaCNNError
-from .adabn import adapt_batch_norm, distinct_in_canonical_order, has_batch_norm
+from .adabn import MIN_ADAPT_PER_CLASS, adapt_batch_norm, distinct_in_canonical_order, fewest_of_a_class, has_batch_norm
 from .bundle import Bundle, load_bundle
 from .engines import INT8_ENGINES
 from .files import decode_files
@@ -25,8 +25,6 @@ MIN_ADAPT_BATCH = 32  # fewer images give batch-norm statistics too noisy to tru
 # EM (Saerens et al.) on a few images is noise: on one image it always ends at a rate of 0 or 1 (the likelihood
 # is linear in the rate). So the same floor as AdaBN's, one site's batch (measured: README, "From score to decision")
 MIN_ESTIMATE_BATCH = 32
-# --adapt-batch redraws the batch at the validation images' class mix: it needs some of each class to draw from
-MIN_ADAPT_PER_CLASS = 8
 # files that predict decodes and scores at a time (at least --batch-size): about 10 MB of pixels, rows every
 # second or so; 32 at a time switched between the decoding threads and ONNX Runtime so often that 2,000 images
 # took 1.6x the CPU time (measured on this 2-core machine; 256: within about 10% of scoring all at once)
@@ -243,10 +241,9 @@ class Predictor:
             notes.append(f"not adapted: {count} in-distribution images, fewer than {MIN_ADAPT_BATCH}")
             return scores, self.bundle.decision, False
         pseudo = self.bundle.decision.positive(scores.raw[inside])
-        positives = int(pseudo[distinct].sum())
-        fewer = min(positives, count - positives)
+        fewer, positive = fewest_of_a_class(pseudo, distinct)
         if fewer < MIN_ADAPT_PER_CLASS:  # re-estimated on one class, every score moves (a NORMAL-only batch: FP)
-            name = self.class_names[1] if positives == fewer else self.class_names[0]
+            name = self.class_names[1] if positive else self.class_names[0]
             notes.append(f"not adapted: {fewer} of the {count} in-distribution images scored {name} before "
                          f"adaptation, fewer than {MIN_ADAPT_PER_CLASS}: the validation images' class mix cannot be "
                          f"drawn from this batch")

@@ -20,7 +20,7 @@ from ..calibration import (
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.fingerprint import file_fingerprints
 from ..inference import Scorer, load_bundle
-from ..inference.adabn import adapt_batch_norm, has_batch_norm
+from ..inference.adabn import adapt_batch_norm, fit_class_mix, has_batch_norm
 from ..inference.predictor import in_distribution
 from .config import TrainConfig
 
@@ -77,10 +77,12 @@ def _fit_adapted_decision(best: dict, decision: Decision, val_set, val_scores, d
     images = np.asarray(val_set.images)
     inside = in_distribution(bundle, images, val_scores, val_set.metas())
     inside = inside if inside.any() else np.ones_like(inside)  # a detector that flags all: adapt on them all
-    pseudo = decision.positive(val_scores.raw)
+    drawn_by, why = fit_class_mix(images[inside], decision.positive(val_scores.raw)[inside],
+                                  np.asarray(val_set.labels)[inside], bundle.class_names)
+    if why:
+        log.warning("--adapt-batch's decision: %s", why)
     prior = float(np.mean(val_set.labels))
-    adapted = Scorer(adapt_batch_norm(bundle, images[inside], pseudo[inside], prior), device, engine="auto",
-                     amp="off")
+    adapted = Scorer(adapt_batch_norm(bundle, images[inside], drawn_by, prior), device, engine="auto", amp="off")
     raw = adapted.score(val_set.images).raw
     decision = fit_decision(val_set.labels, raw, config.threshold, config.calibration)
     best["decision_adapted"] = {"calibration": decision.calibration.to_dict(), "threshold": decision.threshold,

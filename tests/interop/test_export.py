@@ -68,3 +68,37 @@ def test_the_metadata_names_each_input_step_exactly_enough_to_redo_it(tmp_path):
     gray = Image.open(image).convert("L").resize((192, 192), Image.BILINEAR)
     by_hand = np.clip(np.round(exposure.equalize_hist(np.asarray(gray), nbins=256) * 255), 0, 255).astype(np.uint8)
     assert np.array_equal(by_hand, Predictor("builtin", "cpu").preprocess_path(image)[0])
+
+
+def test_the_validation_image_on_the_threshold_keeps_its_label_in_the_exported_graph(tmp_path, trained_run):
+    """The built-in threshold (sensitivity:0.95) is the probability of one validation image; the graph computes
+    that probability in float32 (0.93118167 against predict's 0.9311816870) and had labelled it NORMAL against the
+    float64 threshold in its metadata. The metadata's threshold sits two float32 steps below the checkpoint's
+    (kept as threshold_exact); a fixed threshold is written as it is."""
+    from pneumonia_cnn.builtin import checkpoint_path
+    from pneumonia_cnn.checkpoint import load_checkpoint
+    from tests.conftest import SHARED_DATA, require_shared
+    require_shared()
+    out = tmp_path / "builtin.onnx"
+    assert main(["export", "--out", str(out)]) == 0
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    exact = load_checkpoint(checkpoint_path())["threshold"]
+    assert float(metadata["threshold_exact"]) == exact
+    two_up = np.float32(metadata["threshold"])
+    for _ in range(2):
+        two_up = np.nextafter(two_up, np.float32(1))
+    assert float(two_up) <= exact < float(np.nextafter(two_up, np.float32(1)))  # the largest float32 <= exact
+    assert 0 < exact - float(metadata["threshold"]) < 2e-7
+    image = SHARED_DATA / "val" / "PNEUMONIA" / "person412_bacteria_1827.jpeg"
+    predictor = Predictor("builtin", "cpu")
+    row = predictor.predict_files([image])[0]
+    assert row.probability == exact and row.label == "PNEUMONIA"  # the image the threshold was set on
+    gray = predictor.preprocess_path(image)[0]
+    graph = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    probability = float(graph.run(["probability"], {"image": (gray.astype(np.float32) / 255)[None, None]})[0][0])
+    assert probability < exact <= probability + 1e-7  # the float32 graph lands just below it
+    assert probability >= float(metadata["threshold"])  # and is PNEUMONIA by the metadata, as predict says
+    fixed = tmp_path / "fixed.onnx"  # the tutorial's 0.5, fitted on no image: as it is
+    assert main(["export", str(trained_run / "best.pt"), "--out", str(fixed)]) == 0
+    props = {p.key: p.value for p in onnx.load(str(fixed)).metadata_props}
+    assert float(props["threshold"]) == 0.5 and "threshold_exact" not in props

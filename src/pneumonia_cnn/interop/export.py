@@ -13,10 +13,11 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from ..calibration import Calibration
+from ..calibration import Calibration, is_operating_point
 from ..checkpoint import build_model, load_checkpoint
 from ..data.intensity import INTENSITY_RECIPES
 from ..errors import PneumoniaCNNError
@@ -47,6 +48,27 @@ INT8_OUTPUT = ("logit: the raw score of class_names[1] (PNEUMONIA), averaged ove
                "out-of-distribution detector's features of the unflipped image")
 
 
+# float32 steps the exported threshold sits below the checkpoint's: the graph's float32 sigmoid (or a consumer's, on
+# the int8 graph's logit) lands within about one step of the float64 probability ``predict`` compares
+THRESHOLD_FLOAT32_STEPS = 2
+
+
+def exported_threshold(checkpoint: dict) -> dict:
+    """The threshold an exported graph's float32 probability is compared with. An operating point is a validation
+    image's probability: the checkpoint's rounded down to float32, then a few float32 steps lower, so that the
+    image on it keeps ``predict``'s label (the graph gave it 0.93118167 against 0.9311816870, and NORMAL); only a
+    probability within ~1e-7 below moves to positive. ``threshold_exact`` keeps the checkpoint's value."""
+    exact = float(checkpoint.get("threshold", 0.5))
+    if not is_operating_point(decision_of(checkpoint).policy):
+        return {"threshold": exact}
+    value = np.float32(exact)
+    if float(value) > exact:
+        value = np.nextafter(value, np.float32(-np.inf))
+    for _ in range(THRESHOLD_FLOAT32_STEPS):
+        value = np.nextafter(value, np.float32(-np.inf))
+    return {"threshold": float(value), "threshold_exact": exact}
+
+
 def export_metadata(checkpoint: dict, channels: int | None = None, output: str = FLOAT_OUTPUT) -> dict:
     """What an exported graph carries about its input and decision. ``channels`` and ``output``: those of the
     graph written when they are not the checkpoint's (the int8 served graph takes one gray channel)."""
@@ -56,7 +78,7 @@ def export_metadata(checkpoint: dict, channels: int | None = None, output: str =
             "normalisation": "pixels / 255 (0..1) after intensity standardisation; gray repeated to RGB if 3 channels",
             "intensity": pre.get("intensity", "none"), "interpolation": pre.get("interpolation", "bilinear"),
             "preprocessing_steps": preprocessing_steps(pre),
-            "threshold": float(checkpoint.get("threshold", 0.5)), "threshold_policy": decision_of(checkpoint).policy,
+            **exported_threshold(checkpoint), "threshold_policy": decision_of(checkpoint).policy,
             "calibration": decision_of(checkpoint).calibration.to_dict(),
             "class_names": checkpoint.get("class_names", ["NORMAL", "PNEUMONIA"]),
             "output": output}

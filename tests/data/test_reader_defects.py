@@ -414,3 +414,20 @@ def test_a_frame_of_many_tiny_fragments_is_parsed_as_its_bytes_double(monkeypatc
     assert dicom_guard.compressed_frame_problem(pixel_data, 224, 224) == (
         "compressed frame states no size in its header (not decoded)")
     assert len(calls) <= 20 and max(calls) == len(stream), calls
+
+
+def test_an_unsigned_32_bit_tiff_is_read_as_unsigned(xray, tmp_path):
+    """Pillow reads an unsigned 32-bit TIFF into its signed mode 'I': an X-ray stored at full range (x * 16843009,
+    up to 2**32 - 1) wrapped from 2**31 to negative values and scored 0.95 against 0.03 as a JPEG (a probe of the
+    server). Read as unsigned, min-max gives back the 8-bit X-ray exactly; a signed TIFF stays signed."""
+    import tifffile
+    _, gray = xray
+    full_range = tmp_path / "u32.tif"
+    tifffile.imwrite(full_range, gray.astype(np.uint32) * 16843009)
+    assert Image.open(full_range).mode == "I" and gray.max() > 127  # values above 2**31 are there
+    low, high = int(gray.min()), int(gray.max())
+    expected = np.round((gray.astype(np.float64) - low) * (255 / (high - low))).astype(np.uint8)
+    assert np.array_equal(read_image(full_range)[0], expected)
+    signed = tmp_path / "i32.tif"
+    tifffile.imwrite(signed, gray.astype(np.int32) * 1000 - 200_000)  # SampleFormat 2: negative values are real
+    assert np.array_equal(read_image(signed)[0], expected)

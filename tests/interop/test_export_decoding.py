@@ -18,7 +18,8 @@ def gray_by_hand(image: Image.Image, steps: str) -> np.ndarray:
     if image.mode.startswith("I;16"):
         assert "16-bit modes ('I;16', 'I;16B', ...): (2 * x + 257) // 514 in integers" in steps
         return ((np.asarray(image).astype(np.int64) * 2 + 257) // 514).astype(np.uint8)
-    assert "'I' (32-bit integer) and 'F' (float): min-max" in steps
+    assert ("'I' (32-bit integer; unsigned when the TIFF's SampleFormat says so, which Pillow reads as signed) and "
+            "'F' (float): min-max") in steps
     assert ("min-max: over the finite values, round((x - min) * (255 / (max - min))) in float64 with numpy's round "
             "(half to even)") in steps
     x = np.asarray(image).astype(np.float64)

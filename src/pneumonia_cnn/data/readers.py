@@ -55,7 +55,7 @@ def _pil_to_gray(image: Image.Image, path: Path) -> np.ndarray:
     49-megapixel 16-bit or transparent image converted whole held a gigabyte of full-size copies."""
     mode = image.mode
     if mode in ("I", "F"):
-        return scale_to_uint8(np.asarray(image))
+        return scale_to_uint8(_unsigned_if_stored_so(image, np.asarray(image)))
     if mode.startswith("I;16"):  # x / 257 rounded, in integers (x / 257 is never exactly half-way)
         return _by_strips(image, lambda strip: ((np.asarray(strip).astype(np.uint32) * 2 + 257) // 514))
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
@@ -64,6 +64,17 @@ def _pil_to_gray(image: Image.Image, path: Path) -> np.ndarray:
     if mode == "CMYK":
         return _by_strips(image, lambda strip: np.asarray(strip.convert("RGB").convert("L")))
     return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def _unsigned_if_stored_so(image: Image.Image, pixels: np.ndarray) -> np.ndarray:
+    """An unsigned 32-bit TIFF as unsigned: Pillow reads it into its signed 32-bit mode 'I', so every value from
+    2**31 wrapped negative (an X-ray stored at full range scored 0.95 against 0.03 as a JPEG)."""
+    tags = getattr(image, "tag_v2", None)
+    if image.mode != "I" or tags is None:
+        return pixels
+    # BitsPerSample and SampleFormat (1: unsigned, the default), one value per channel
+    bits, sample_format = (np.ravel(tags.get(tag, 1))[0] for tag in (258, 339))
+    return pixels.view(np.uint32) if bits == 32 and sample_format == 1 else pixels
 
 
 STRIP_ROWS = 256

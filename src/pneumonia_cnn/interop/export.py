@@ -103,7 +103,8 @@ def export_int8_model(checkpoint_path, data_root, out) -> dict:
 # how each file becomes 8-bit gray (data/readers.py, data/image.py, data/dicom.py), by Pillow mode: it said
 # "convert('L')" for every image, which clips a 16-bit PNG to white and a float TIFF to nearly black
 DECODING = ("images: the first frame, by Pillow mode: 16-bit modes ('I;16', 'I;16B', ...): (2 * x + 257) // 514 in "
-            "integers (x / 257 rounded); 'I' (32-bit integer) and 'F' (float): min-max (below); 'RGBA', 'LA', 'PA', "
+            "integers (x / 257 rounded); 'I' (32-bit integer; unsigned when the TIFF's SampleFormat says so, which "
+            "Pillow reads as signed) and 'F' (float): min-max (below); 'RGBA', 'LA', 'PA', "
             "and 'P' with transparency: Image.alpha_composite over opaque black, then convert('L'); 'CMYK': "
             "convert('RGB') then convert('L'); any other mode: convert('L'); DICOM: pydicom apply_modality_lut then "
             "apply_voi_lut (first window), then min-max unless already uint8, MONOCHROME1 inverted (255 - x); "

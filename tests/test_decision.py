@@ -358,7 +358,7 @@ def test_the_refitted_adapted_decision_is_fitted_as_adapt_batch_serves(best_like
                         report["decision_refit"]["adapted_class_mix"])
 
 def test_an_ensemble_fits_its_own_threshold_and_keeps_the_ood_check(best_like_run, small_root, cache_dir, tmp_path,
-                                                                     capsys):
+                                                                     capsys, monkeypatch):
     from pneumonia_cnn.training import make_config, train
     second = tmp_path / "second"
     train(make_config("best", data=str(small_root), out=str(second), epochs=2, size=64, batch_size=16, seed=7,
@@ -387,6 +387,14 @@ def test_an_ensemble_fits_its_own_threshold_and_keeps_the_ood_check(best_like_ru
     refitted = Predictor([best_like_run, tmp_path / "refit.pt"], "cpu")
     assert "member 2's threshold was refitted on test images (20)" in refitted.notes[1]
     assert refitted.threshold == pytest.approx(ensemble.threshold) and len(ensemble.notes) == 1
+    # --adapt-batch adapts the members together; each stored its adapted scores adapted alone: said, not hidden
+    from pneumonia_cnn.inference import predictor as predictor_module
+    monkeypatch.setattr(predictor_module, "MIN_ADAPT_PER_CLASS", 0)  # these tiny members may score one class
+    batch = np.stack([ensemble.preprocess_path(f)[0] for f in sorted(small_root.glob("*/*/*.jpeg"))[:40]])
+    _, notes = Predictor([best_like_run, second], "cpu", adapt_batch=True).assess(batch)
+    assert predictor_module.ENSEMBLE_ADAPTED_NOTE in notes and any("re-estimated on this batch" in n for n in notes)
+    _, notes = Predictor(best_like_run, "cpu", adapt_batch=True).assess(batch)
+    assert predictor_module.ENSEMBLE_ADAPTED_NOTE not in notes and any("re-estimated" in n for n in notes)
 
 
 def test_batch_adaptation_uses_a_decision_fitted_the_same_way(best_like_run, small_root, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from .common import (
     print_json,
     whole_number,
 )
+from .interop import add_scoring_options, check_scoring_options, scoring_predictor
 from .outputs import check_replaceable
 
 log = logging.getLogger("pneumonia_cnn")
@@ -123,13 +124,14 @@ def explain_arguments(p):
                                                            "overlay written)")
     p.add_argument("--layer", type=NAME, help="layer name (default: the last convolution)")
     add_device(p)
+    add_scoring_options(p, "explain")  # probability and label as predict's; the heat map stays torch's Grad-CAM
 
 
 def run_explain(args) -> int:
     from ..explanation import explain_each, planned_overlays
     from ..fileio import printable
-    from ..inference import Predictor
     from ..predict_io import collect_paths
+    check_scoring_options(args, "explain")
     paths, missing = collect_paths(args.paths)
     if not paths:
         reason = "no such file or folder" if missing else "no image or DICOM files found"
@@ -138,7 +140,7 @@ def run_explain(args) -> int:
         raise PneumoniaCNNError(f"{args.out}: --out is a file; give a folder for the overlays")
     refuse_overlays_among_images(args.out, args.paths, paths)
     planned_overlays(paths, args.out)  # refused in a second, before the model loads (explain_each checks again)
-    predictor = Predictor(args.checkpoint, args.device)  # a model that does not load leaves no --out folder made
+    predictor = scoring_predictor(args, "explain")  # a model that does not load leaves no --out folder made
     check_output_folder(args.out)  # checked, not made: the first overlay makes it
     explained = 0
     with removed_if_left_empty(args.out):  # no image explained (unreadable ones, a full disk): no folder made

@@ -8,7 +8,7 @@ import os
 import re
 
 from ..errors import PneumoniaCNNError
-from .common import PATH, PORT, Command, add_device, check_output, positive_number, whole_number
+from .common import PATH, PORT, Command, add_device, add_engine, check_output, positive_number, whole_number
 from .outputs import check_replaceable
 
 log = logging.getLogger("pneumonia_cnn")
@@ -109,6 +109,54 @@ def run_import_keras(args) -> int:
     return 0
 
 
+# why each command that scores images apart from one another takes no batch step (``--prevalence estimate``,
+# ``--adapt-batch``): what it scores together is not one site's batch chosen together, and the same image would
+# get another probability from one arrival to the next
+SCORED_APART = {
+    "pacs": "scores what is new in the PACS since its last run, --batch-size instances at a time, not one site's "
+            "batch chosen together",
+    "listen": "scores instances as they arrive, a few at a time, not one site's batch chosen together",
+    "explain": "scores each image on its own",
+}
+
+
+def add_scoring_options(p, command: str):
+    """``--prevalence RATE`` and ``--engine``, as ``predict`` and ``serve`` take them: the same image gets the same
+    probability and label from every command under the same options. The batch steps are refused
+    (``check_scoring_options``)."""
+    p.add_argument("--prevalence", metavar="RATE",
+                   help="state probabilities for this pneumonia rate (e.g. 0.3), as predict and serve "
+                        f"--prevalence RATE do; 'estimate' is refused: {command} {SCORED_APART[command]}")
+    p.add_argument("--adapt-batch", action="store_true", help=argparse.SUPPRESS)  # refused, with the reason
+    add_engine(p)
+    if command == "explain":  # the engine scores; the heat map needs a model's gradients
+        engine = p._option_string_actions["--engine"]
+        engine.help += "; the heat map is torch's Grad-CAM whichever engine gives the probability and label"
+
+
+def check_scoring_options(args, command: str) -> None:
+    """Before any work: the rate as predict and serve check it; the batch steps refused in one line."""
+    from ..inference.predictor import parse_prevalence
+    if parse_prevalence(args.prevalence) == "estimate":
+        raise PneumoniaCNNError(f"--prevalence estimate: {command} {SCORED_APART[command]}; estimate the site's rate "
+                                f"with predict --prevalence estimate on a batch of its images, then give it "
+                                f"(--prevalence 0.3)")
+    if args.adapt_batch:
+        raise PneumoniaCNNError(f"--adapt-batch: {command} {SCORED_APART[command]}; adapt the model to the site once "
+                                f"(pneumonia-cnn adapt) and give {command} the adapted checkpoint")
+
+
+def scoring_predictor(args, command: str):
+    """The ``Predictor`` predict and serve build for ``--device``, ``--engine`` and ``--prevalence``; the rate
+    used said on stderr, as predict says it."""
+    from ..inference import Predictor
+    check_scoring_options(args, command)
+    predictor = Predictor(args.checkpoint, args.device, engine=args.engine, prevalence=args.prevalence)
+    if predictor.prevalence is not None:
+        log.info("probabilities %s", predictor.prevalence_mode()["description"])
+    return predictor
+
+
 def add_network_options(p):
     p.add_argument("--overlay", action="store_true", help="also store the Grad-CAM overlay as a Secondary Capture "
                                                           "image in the same study")
@@ -145,6 +193,7 @@ def pacs_arguments(p):
     p.add_argument("--interval", type=positive_number, default=30, help="seconds between polls with --watch")
     p.add_argument("--polls", type=whole_number(1), help=argparse.SUPPRESS)  # tests: stop after N polls
     add_network_options(p)
+    add_scoring_options(p, "pacs")
 
 
 def modality_codes(values) -> tuple[str, ...]:
@@ -165,18 +214,18 @@ def modality_codes(values) -> tuple[str, ...]:
 
 
 def run_pacs(args) -> int:
-    from ..inference import Predictor
     from ..interop.dicomweb import PacsJob, PacsOptions, check_date_range
     from ..interop.dicomweb_session import check_url
-    modalities = modality_codes(args.modality)  # both before the model loads: refused at once
+    modalities = modality_codes(args.modality)  # all before the model loads: refused at once
     check_url(args.dicomweb)
+    check_scoring_options(args, "pacs")
     options = PacsOptions(args.dicomweb, args.state, modalities,
                           check_date_range(args.study_date), args.overlay, args.batch_size, args.retries + 1,
                           args.backoff, timeout=args.timeout, answer_timeout=args.answer_timeout, user=args.user,
                           give_up_after=args.give_up_after,
                           refusal_spacing=args.refusal_spacing, retry_given_up=args.retry_given_up,
                           max_instance_mb=args.max_instance_mb)
-    job = PacsJob(Predictor(args.checkpoint, args.device), options)
+    job = PacsJob(scoring_predictor(args, "pacs"), options)
     if args.watch:  # SIGTERM (systemd's stop): exit 0; Ctrl-C: 130, as listen
         return 130 if job.watch(args.interval, args.polls, print_pacs_summary) == "SIGINT" else 0
     summary = job.run_once()
@@ -234,10 +283,10 @@ def listen_arguments(p):
                    help="send reports over TLS, verifying the destination's certificate against this CA (--tls-cert is "
                         "offered as ours)")
     add_network_options(p)
+    add_scoring_options(p, "listen")
 
 
 def run_listen(args) -> int:
-    from ..inference import Predictor
     from ..inference.sessions import IDLE_THREADS, idle_threads
     from ..interop.dicom_access import NodeAccess, check_ae_title
     from ..interop.listener import Destination, Listener, default_spool
@@ -246,11 +295,12 @@ def run_listen(args) -> int:
     modalities = modality_codes(args.modality)  # as pacs': a typo would leave every instance unscored
     access = NodeAccess(tuple(args.accept_from), args.tls_cert, args.tls_key, args.tls_ca, args.send_tls_ca)
     check_ae_title(args.ae_title, "--ae-title")
+    check_scoring_options(args, "listen")
     spool = open_spool(args.spool or default_spool())  # before the model loads: a bad --spool is said at once,
     spool_lock(spool).acquire().release()  # and so is a spool another node is using
     os.environ.setdefault(IDLE_THREADS, "sleep")  # as serve's: the network threads share the cores with scoring
     idle_threads()
-    listener = Listener(Predictor(args.checkpoint, args.device), destination, args.ae_title, args.port, args.host,
+    listener = Listener(scoring_predictor(args, "listen"), destination, args.ae_title, args.port, args.host,
                         args.spool, args.overlay, args.retries + 1, args.backoff, args.retry_after,
                         modalities=modalities, give_up_after=args.give_up_after,
                         max_instance_mb=args.max_instance_mb, access=access)

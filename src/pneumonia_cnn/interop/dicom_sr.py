@@ -6,10 +6,12 @@ The SR is a Comprehensive SR holding a TID 1500 Measurement Report with one TID 
 - finding type Pneumonia (SCT 233604007); the source image by reference (in the group and the evidence);
 - algorithm identification (TID 4019): name ``pneumonia-cnn <architecture>``, version = the model id (run id),
   parameters = software version, threshold policy, calibration;
-- NUM items: probability of pneumonia, the operating threshold, the out-of-distribution score (unit ``1``);
+- NUM items: probability of pneumonia, the operating threshold, the out-of-distribution score, the pneumonia
+  rate the probability is stated for (unit ``1``);
 - CODE items: the finding (Pneumonia: Present/Absent, i.e. the label at the threshold) and whether the image is
   within the training population (Yes/No/Unknown);
-- TEXT items (Comment, DCM 121106): each warning, out-of-distribution reason included.
+- TEXT items: where the rate came from (``given``, ``calibration images``), then (Comment, DCM 121106) each
+  warning, out-of-distribution reason included.
 
 Numbers, threshold and flag have no standard code, so they use the private scheme ``99PNEUMOCNN`` (declared in
 the Coding Scheme Identification Sequence). UIDs are derived from the source SOP Instance UID and the model
@@ -38,6 +40,9 @@ PROBABILITY = Code("PCNN-1", SCHEME, "Probability of pneumonia")
 THRESHOLD = Code("PCNN-2", SCHEME, "Operating threshold")
 OOD_SCORE = Code("PCNN-3", SCHEME, "Out-of-distribution score")
 IN_DISTRIBUTION = Code("PCNN-4", SCHEME, "Within the training population")
+# the pneumonia rate the probability is stated for, and where it came from (--prevalence), as predict's outputs
+PREVALENCE = Code("PCNN-5", SCHEME, "Pneumonia rate the probability is stated for")
+PREVALENCE_SOURCE = Code("PCNN-6", SCHEME, "Source of the pneumonia rate")
 COMMENT = Code("121106", "DCM", "Comment")
 NO_UNITS = Code("1", "UCUM", "no units")
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
@@ -115,6 +120,10 @@ def build_sr(source: Dataset, entry: dict, model: ModelIdentity, scored: str = "
         finding_type=PNEUMONIA, algorithm_id=algorithm, measurements=_measurements(entry),
         qualitative_evaluations=_evaluations(entry, model),
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
+    if entry.get("prevalence_source"):
+        group[0].ContentSequence.append(hd.sr.TextContentItem(name=PREVALENCE_SOURCE,
+                                                              value=str(entry["prevalence_source"])[:1024],
+                                                              relationship_type="CONTAINS"))
     for warning in entry.get("warnings") or []:
         group[0].ContentSequence.append(hd.sr.TextContentItem(name=COMMENT, value=warning[:1024],
                                                               relationship_type="CONTAINS"))
@@ -195,6 +204,8 @@ def _measurements(entry: dict) -> list:
     values = [(PROBABILITY, entry["probability"]), (THRESHOLD, entry["threshold"])]
     if entry.get("ood_score") is not None:
         values.append((OOD_SCORE, entry["ood_score"]))
+    if entry.get("prevalence") is not None:
+        values.append((PREVALENCE, entry["prevalence"]))
     return [hd.sr.Measurement(name=name, value=float(value), unit=NO_UNITS) for name, value in values]
 
 
@@ -243,7 +254,8 @@ def read_sr(dataset: Dataset) -> dict:
     in_distribution, warnings, model name and version, and the referenced source SOP Instance UID."""
     result = {"warnings": [], "sop_instance_uid": str(dataset.SOPInstanceUID),
               "study_instance_uid": str(dataset.StudyInstanceUID)}
-    numbers = {PROBABILITY.value: "probability", THRESHOLD.value: "threshold", OOD_SCORE.value: "ood_score"}
+    numbers = {PROBABILITY.value: "probability", THRESHOLD.value: "threshold", OOD_SCORE.value: "ood_score",
+               PREVALENCE.value: "prevalence"}
     for item in _walk(dataset):
         concept = item.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in item else None
         code = concept.CodeValue if concept is not None else None
@@ -256,6 +268,8 @@ def read_sr(dataset: Dataset) -> dict:
             result["in_distribution"] = {YES.value: True, NO.value: False}.get(item.ConceptCodeSequence[0].CodeValue)
         elif item.ValueType == "TEXT" and code == COMMENT.value:
             result["warnings"].append(str(item.TextValue))
+        elif item.ValueType == "TEXT" and code == PREVALENCE_SOURCE.value:
+            result["prevalence_source"] = str(item.TextValue)
         elif item.ValueType == "TEXT" and code in ("111001", "111003"):
             result["model_name" if code == "111001" else "model_version"] = str(item.TextValue)
         elif item.ValueType == "IMAGE" and "source_sop_instance_uid" not in result:

@@ -82,6 +82,8 @@ def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=No
     from fastapi import FastAPI
     from starlette.formparsers import MultiPartParser
 
+    from .forms import upload_route
+
     options = options or ServeOptions()
     service = Service(checkpoint, options)
     # Starlette spools parts over 1 MB to a temporary file; keep them in memory, which the size limits and
@@ -103,6 +105,7 @@ def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=No
                   description="Pneumonia probability for a chest X-ray (image or DICOM). Research use only: "
                               "not a medical device.")
     add_error_handlers(app)
+    app.router.route_class = upload_route(options.max_batch_files)  # its query checked, its form read by the server
     add_routes(app, service, options)
     app.add_middleware(LimitsMiddleware, body_limit=options.body_limit, body_timeout=options.body_timeout,
                        max_in_flight=options.max_in_flight, batch_paths=("/predict/batch",),

@@ -75,6 +75,9 @@ class ServeOptions:
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= COUNT_CEILING:
                 raise PneumoniaCNNError(f"--{name.replace('_', '-')} {value}: must be a whole number from 1 to "
                                         f"{COUNT_CEILING:,}")
+        if self.keep_images and not self.audit_log:  # the kept files are found through the log's rows alone
+            raise PneumoniaCNNError(f"--keep-images {self.keep_images} needs --audit-log FILE (the kept images are "
+                                    f"found through its rows): give both, or neither")
 
     @property
     def max_bytes(self) -> int:
@@ -145,6 +148,18 @@ def read_upload(predictor, data: bytes, name: str):
     return pixels, meta, hashlib.sha256(data).hexdigest()
 
 
+def read_unless_gone(gone, predictor, data: bytes, name: str):
+    """``read_upload`` on a decode thread, unless the client left while the file waited for its turn."""
+    check_client(gone)
+    return read_upload(predictor, data, name)
+
+
+def too_many_files(limit: int, count: int | None = None) -> str:
+    """The refusal of a batch over the server's file limit (``count``: None when reading stopped past it)."""
+    sent = f"{count:,} files" if count is not None else f"more than {limit:,} files"
+    return f"{sent}: /predict/batch takes at most {limit:,} files per request; send the rest in another request"
+
+
 def load_dicom_reader() -> None:
     import pydicom.filereader  # noqa: F401
     dicom_problem(b"\x08\x00\x16\x00UI\x02\x00\x31\x00")  # the guard's own first call loads what it uses
@@ -203,11 +218,11 @@ class Service:
             self.audit.close()
 
     # ---------- predictions
-    async def _read(self, served, data: bytes, filename: str | None, executor=None):
+    async def _read(self, served, data: bytes, filename: str | None, executor=None, gone=None):
         name = display_name(filename)
         try:
             pixels, meta, sha = await asyncio.get_running_loop().run_in_executor(
-                executor or self.decode_executor, read_upload, served.predictor, data, name)
+                executor or self.decode_executor, read_unless_gone, gone, served.predictor, data, name)
         except ImageReadError as error:
             self.metrics.errors.inc()
             raise RequestError(400, f"{name}: {error.reason}") from None
@@ -220,7 +235,7 @@ class Service:
         served, request_id = self.served, uuid.uuid4().hex
         if len(data) > self.options.max_bytes:
             raise RequestError(413, f"{display_name(filename)}: {self._too_large()}")
-        name, pixels, meta, sha = await self._read(served, data, filename)
+        name, pixels, meta, sha = await self._read(served, data, filename, gone=gone)
         check_client(gone)
         entry = await self.batcher.submit(served, pixels, meta)
         response = {"request_id": request_id, "filename": name, **public_entry(entry), "model": served.model_id,
@@ -247,9 +262,11 @@ class Service:
         if not uploads:
             raise RequestError(400, "no files: send one or more 'files' fields")
         if len(uploads) > self.options.max_batch_files:
-            raise RequestError(413, f"{len(uploads)} files, limit {self.options.max_batch_files}")
+            raise RequestError(413, too_many_files(self.options.max_batch_files, len(uploads)))
         check_client(gone)
-        results = await asyncio.gather(*[self._read_or_error(served, data, name) for data, name in uploads])
+        # each file checks ``gone`` as its decode begins: a batch left by its client stops decoding at once
+        results = await asyncio.gather(*[self._read_or_error(served, data, name, gone) for data, name in uploads])
+        check_client(gone)
         good = [r for r in results if "error" not in r]
         notes = list(served.batch_predictor.batch_notes())
         if good:
@@ -270,11 +287,13 @@ class Service:
     def _too_large(self) -> str:
         return f"upload too large; {self.options.describe_limit('/predict')}"
 
-    async def _read_or_error(self, served, data, filename) -> dict:
+    async def _read_or_error(self, served, data, filename, gone=None) -> dict:
         if len(data) > self.options.max_bytes:
             return {"name": display_name(filename), "error": self._too_large()}
         try:
-            name, pixels, meta, sha = await self._read(served, data, filename, self.batch_decode_executor)
+            name, pixels, meta, sha = await self._read(served, data, filename, self.batch_decode_executor, gone)
+        except ClientGone:
+            raise
         except RequestError as error:
             return {"name": display_name(filename), "error": error.detail.split(": ", 1)[-1]}
         return {"name": name, "pixels": pixels, "meta": meta, "sha": sha, "data": data}

@@ -1,0 +1,134 @@
+"""What an upload request carries besides its images: its query, and the multipart body's framing.
+
+The routes that take a body are ``upload_route`` routes. Before the body is read, a query parameter the route
+does not take is refused (``/predict?threshold=0.01&prevalence=0.5`` was answered at the saved threshold and rate,
+``/predict/batch?gradcam=true`` without heat maps, both 200). The multipart body is then parsed here, and FastAPI
+finds it parsed (Starlette keeps a request's form): under a file limit that is the server's own (Starlette's
+"Maximum number of files is 1000" named a limit the server does not have: a batch takes 256), and with the reason
+the parser gives for a body it cannot read ("Invalid multipart data." said none).
+
+Imported by ``create_app`` only: FastAPI and Starlette are the ``serve`` extra's.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import aclosing
+
+from fastapi.routing import APIRoute
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from .service import RequestError, too_many_files
+
+MAX_TEXT_FIELDS = 16  # every text field is refused anyway (check_form_fields): a few, to name them
+SET_AT_START = {  # query parameters clients try, and where the server's setting comes from instead
+    "threshold": "the decision threshold is the checkpoint's, fitted on validation (evaluate --threshold POLICY "
+                 "--save-as FILE writes a checkpoint with another one, to serve)",
+    "prevalence": "the server's rate is set when it starts (serve --prevalence RATE|estimate)",
+    "adapt_batch": "batch adaptation is set when the server starts (serve --adapt-batch)",
+    "engine": "the engine is set when the server starts (serve --engine)",
+    "device": "the device is set when the server starts (serve --device)",
+}
+PARSER_REASONS = (  # the parser's words (python-multipart, Starlette) -> what the client can do about them
+    (r"maximum header size", "a part's header is longer than the parser's limit (about 4 KB): shorten the file name"),
+    (r"maximum header count", "a part has too many header lines"),
+    (r"missing boundary", "the Content-Type header has no boundary=...; let the HTTP client set it"),
+    (r'"name" must be provided', "a part has no name in its Content-Disposition header"),
+    (r"part exceeded maximum size", "a text field over 1 MB; images go in file fields"),
+)
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in name)[:40] or "''"
+
+
+def query_problem(path: str, items, taken) -> str | None:
+    """Why the query ``items`` [(name, value)] is refused on ``path``, whose parameters are ``taken``, or None."""
+    counts = {}
+    for name, _ in items:
+        counts[name] = counts.get(name, 0) + 1
+    problems = []
+    for name, count in counts.items():
+        shown, key = safe_name(name), name.strip().lower().replace("-", "_")
+        if name in taken and count > 1:
+            problems.append(f"{shown}: given {count} times; give it once")
+        elif name in taken:
+            continue
+        elif key == "gradcam" and path == "/predict/batch":
+            problems.append(f"{shown}: not taken by /predict/batch; heat maps are made one image at a time "
+                            f"(/predict?gradcam=true)")
+        elif key in SET_AT_START:
+            problems.append(f"{shown}: not a request parameter; {SET_AT_START[key]}")
+        else:
+            offered = ", ".join(f"?{n}=" for n in taken) or "no query parameters"
+            problems.append(f"{shown}: not a parameter of {path} (it takes {offered})")
+    return "; ".join(problems[:3]) or None
+
+
+class UploadFormParser(MultiPartParser):
+    """Starlette's parser, which also says why a part meant as a file is not one."""
+
+    def on_headers_finished(self) -> None:
+        disposition = self._current_part.content_disposition or b""
+        if re.search(rb";\s*filename\*", disposition, re.I) and not re.search(rb";\s*filename\s*=", disposition, re.I):
+            field = re.search(rb';\s*name="?([^";]*)', disposition)
+            raise FileNameOnlyExtended(field.group(1).decode("latin-1") if field else "")
+        super().on_headers_finished()
+
+
+class FileNameOnlyExtended(MultiPartException):
+    def __init__(self, field: str):
+        super().__init__(f"field '{safe_name(field)}': its file name is given only as filename*= (RFC 5987), which "
+                         f"multipart/form-data does not use (RFC 7578, section 4.2): send filename=\"chest.jpeg\"")
+
+
+def multipart_refusal(error: MultiPartException, path: str, max_files: int) -> RequestError:
+    """The parser's refusal as the server's: the server's own file limit, and the reason where one was given."""
+    if isinstance(error, FileNameOnlyExtended):
+        return RequestError(400, error.message)
+    if error.message.startswith("Too many files"):
+        if path == "/predict/batch":
+            return RequestError(413, too_many_files(max_files))
+        return RequestError(400, f"more than {max_files:,} files: /predict scores one image, sent as field 'file' "
+                                 f"(/predict/batch takes several, as 'files')")
+    if error.message.startswith("Too many fields"):
+        return RequestError(400, f"more than {MAX_TEXT_FIELDS} text fields: send the image(s) as file field(s) "
+                                 f"('file' for /predict, 'files' for /predict/batch)")
+    reason = str(error.__cause__ or error.message)
+    for pattern, said in PARSER_REASONS:
+        if re.search(pattern, reason, re.I):
+            return RequestError(400, f"multipart/form-data body not readable: {said}")
+    reason = re.sub(r"\s+(at|\()\s*\d+\)?$", "", " ".join(reason.split())).rstrip(".")  # offsets mean nothing here
+    return RequestError(400, f"multipart/form-data body not readable: {reason[:200] or 'malformed'}")
+
+
+async def read_form(request, path: str, max_files: int) -> None:
+    """Parse a multipart body into the request's form, where FastAPI finds it (another body: left to FastAPI)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "multipart/form-data" or getattr(request, "_form", None) is not None:
+        return
+    try:
+        async with aclosing(request.stream()) as stream:  # as Starlette reads it: the stream closed on a refusal
+            parser = UploadFormParser(request.headers, stream, max_files=max_files, max_fields=MAX_TEXT_FIELDS)
+            request._form = await parser.parse()  # Starlette's cache of the form: request.form() returns it
+    except MultiPartException as error:
+        raise multipart_refusal(error, path, max_files) from None
+
+
+def upload_route(max_files: int):
+    """The route class of an app whose upload routes take at most ``max_files`` files."""
+
+    class UploadRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+            if self.body_field is None:  # no body, no upload: as FastAPI has it
+                return handler
+            path, taken = self.path, tuple(field.alias for field in self.dependant.query_params)
+
+            async def read_then_handle(request):
+                problem = query_problem(path, request.query_params.multi_items(), taken)
+                if problem:
+                    raise RequestError(400, problem)
+                await read_form(request, path, max_files)
+                return await handler(request)
+            return read_then_handle
+    return UploadRoute

@@ -312,7 +312,8 @@ class Service:
                                    {"Retry-After": "5"}) from None
         for entry, _, _, _ in scored:
             self.metrics.observe_prediction(entry)
-            self.drift.add(entry["raw_score"], entry.get("ood_score"))
+            if not entry.get("batch_adapted"):  # scored by its own batch's statistics: not what the reference holds
+                self.drift.add(entry["raw_score"], entry.get("ood_score"))
         if self.drift.seen % DRIFT_CHECK_EVERY < len(scored):
             self.drift_report()
 

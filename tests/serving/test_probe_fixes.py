@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.serving.conftest import free_port, xray_paths
+from tests.serving.conftest import Server, free_port, xray_paths
 from tests.serving.raw_http import BOUNDARY, multipart_head, request_head
 
 
@@ -113,7 +113,8 @@ def test_query_parameters_the_server_does_not_take_are_refused(server):
 
 def test_refusals_of_a_body_name_the_servers_limit_and_the_reason(server):
     url, _ = server
-    many = "more than 256 files: /predict/batch takes at most 256 files per request; send the rest in another request"
+    many = ("more than 256 files: /predict/batch takes at most 256 files per request (serve --max-batch-files); "
+            "send the rest in another request")
     for count in (1001, 257):
         answer = httpx.post(f"{url}/predict/batch", files=[("files", (f"{i}.jpeg", b"x")) for i in range(count)])
         assert (answer.status_code, answer.json()) == (413, {"detail": many}), count
@@ -144,5 +145,18 @@ def test_refusals_of_a_body_name_the_servers_limit_and_the_reason(server):
 
 def test_a_batch_over_the_limit_given_directly_says_what_to_do():
     from pneumonia_cnn.serving.service import too_many_files
-    assert too_many_files(256, 300) == ("300 files: /predict/batch takes at most 256 files per request; send the "
-                                        "rest in another request")
+    assert too_many_files(256, 300) == ("300 files: /predict/batch takes at most 256 files per request (serve "
+                                        "--max-batch-files); send the rest in another request")
+
+
+def test_the_batch_file_limit_is_a_flag(tmp_path):
+    running = Server("builtin", "--max-batch-files", "3", workdir=tmp_path)
+    try:
+        over = httpx.post(f"{running.url}/predict/batch", files=[("files", (f"{i}.jpeg", b"x")) for i in range(4)])
+        at = httpx.post(f"{running.url}/predict/batch", files=[("files", (f"{i}.jpeg", b"x")) for i in range(3)])
+    finally:
+        running.stop()
+    assert (over.status_code, over.json()) == (413, {"detail": "more than 3 files: /predict/batch takes at most 3 "
+                                                               "files per request (serve --max-batch-files); send "
+                                                               "the rest in another request"})
+    assert at.status_code == 200 and len(at.json()["results"]) == 3

@@ -218,6 +218,7 @@ def serve_arguments(p):
                    help="Host header values to answer besides loopback and the bound address (others get 400)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest image accepted, cut while it arrives")
     p.add_argument("--max-batch-upload-mb", type=float, default=256, help="largest /predict/batch body")
+    p.add_argument("--max-batch-files", type=int, default=256, help="most files in one /predict/batch request")
     p.add_argument("--max-in-flight", type=int, default=64,
                    help="uploads in progress at once; more get 503 with Retry-After (bounds memory)")
     p.add_argument("--max-batches-in-flight", type=int, default=2,
@@ -237,7 +238,8 @@ def run_serve(args) -> int:
     from ..serving.app import run_server
     from ..serving.service import ServeOptions
     options = ServeOptions(device=args.device, engine=args.engine, max_upload_mb=args.max_upload_mb,
-                           max_batch_upload_mb=args.max_batch_upload_mb, max_batch=args.max_batch,
+                           max_batch_upload_mb=args.max_batch_upload_mb, max_batch_files=args.max_batch_files,
+                           max_batch=args.max_batch,
                            max_in_flight=args.max_in_flight, max_batches_in_flight=args.max_batches_in_flight,
                            body_timeout=args.body_timeout,
                            prevalence=parse_prevalence(args.prevalence), adapt_batch=args.adapt_batch,

@@ -157,7 +157,8 @@ def read_unless_gone(gone, predictor, data: bytes, name: str):
 def too_many_files(limit: int, count: int | None = None) -> str:
     """The refusal of a batch over the server's file limit (``count``: None when reading stopped past it)."""
     sent = f"{count:,} files" if count is not None else f"more than {limit:,} files"
-    return f"{sent}: /predict/batch takes at most {limit:,} files per request; send the rest in another request"
+    return (f"{sent}: /predict/batch takes at most {limit:,} files per request (serve --max-batch-files); send the "
+            f"rest in another request")
 
 
 def load_dicom_reader() -> None:

@@ -226,6 +226,7 @@ def run_pacs(args) -> int:
                           refusal_spacing=args.refusal_spacing, retry_given_up=args.retry_given_up,
                           max_instance_mb=args.max_instance_mb)
     job = PacsJob(scoring_predictor(args, "pacs"), options)
+    job.on_stored = print_pacs_result  # each as it is stored: a run that ends early has printed what it did
     if args.watch:  # SIGTERM (systemd's stop): exit 0; Ctrl-C: 130, as listen
         return 130 if job.watch(args.interval, args.polls, print_pacs_summary) == "SIGINT" else 0
     summary = job.run_once()
@@ -233,15 +234,19 @@ def run_pacs(args) -> int:
     return 1 if summary["failed"] or summary["given_up"] else 0
 
 
+def print_pacs_result(result):
+    """One stored result's line, flushed: a SIGTERM's exit (or a failure after it) must not lose it."""
+    entry = result.entry
+    flag = {True: "in distribution", False: "OUTSIDE the training population", None: "?"}[entry["in_distribution"]]
+    print(f"{result.sop_instance_uid}  p={entry['probability']:.4f}  {entry['label']}  {flag}  "
+          f"-> SR {result.report_uid}" + (f" + overlay {result.overlay_uid}" if result.overlay_uid else "")
+          + (" (overlay refused by the PACS)" if result.overlay_refused else "")
+          + (f" ({result.overlay_error})" if result.overlay_error else "")
+          + "".join(f"\n    warning: {w}" for w in entry["warnings"]), flush=True)
+
+
 def print_pacs_summary(summary: dict):
-    for result in summary["results"]:
-        entry = result.entry
-        flag = {True: "in distribution", False: "OUTSIDE the training population", None: "?"}[entry["in_distribution"]]
-        print(f"{result.sop_instance_uid}  p={entry['probability']:.4f}  {entry['label']}  {flag}  "
-              f"-> SR {result.report_uid}" + (f" + overlay {result.overlay_uid}" if result.overlay_uid else "")
-              + (" (overlay refused by the PACS)" if result.overlay_refused else "")
-              + (f" ({result.overlay_error})" if result.overlay_error else "")
-              + "".join(f"\n    warning: {w}" for w in entry["warnings"]))
+    """A pass's counts, after its results (each printed as it was stored: ``print_pacs_result``)."""
     print(f"{summary['found']} new instance(s), {summary['already_scored']} already scored: {summary['scored']} "
           f"scored and reported, {summary['unreadable']} unreadable, {summary['skipped']} not X-rays, "
           f"{summary['failed']} failed (tried again next run)"

@@ -61,6 +61,9 @@ class PacsJob:
                                         options.answer_timeout)
         self.state = ScoredState(options.state)
         self.stop = StopSignals()  # entered by watch(): a stop signal ends it after the instance in hand
+        # called with each result once it is stored and recorded done: a run that ends early (SIGTERM, the state
+        # file's disk full) has said each report it stored, which the next run counts as "already scored"
+        self.on_stored = lambda result: None
         if options.retry_given_up:  # once, at the start: a --watch job keeps what it gives up on later
             retried = self.state.retry_given_up(self.model)
             if retried:
@@ -226,6 +229,7 @@ class PacsJob:
                           error=result.overlay_refused or result.overlay_error)
         summary["scored"] += 1
         summary["results"].append(result)
+        self.on_stored(result)
 
     def _failed(self, summary, sop, study, series, error: TransferError, refused: bool):
         """A transfer that failed after its retries: tried again next run, unless the PACS has now refused this

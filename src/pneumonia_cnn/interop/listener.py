@@ -22,7 +22,6 @@ import time
 import uuid
 from pathlib import Path
 
-from ..data.dicom_guard import dicom_problem
 from ..errors import PneumoniaCNNError
 from ..fileio import atomic_path, display_path, over_limit
 from ..signals import StopSignals
@@ -32,6 +31,7 @@ from .dicom_send import OUT_OF_RESOURCES, Destination, send_c_store
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, not_an_image, other_modality_class
 from .spool import RefusalCounts, SpoolHold, move_file, open_spool, remove_partial_receipts, spool_lock, uid_of
+from .spool_intake import kept, read_spooled, remove_unscored
 
 log = logging.getLogger("pneumonia_cnn")
 
@@ -278,42 +278,44 @@ class Listener:
                 self.queue.put(path)
 
     def _process(self, paths: list[Path]):
-        import pydicom
         datasets, files = [], []
         for path in paths:
             if path.name in self.delivered:
                 self._remove_delivered(path)
                 continue
+            dataset, problem = read_spooled(path, self.max_instance_mb)
             try:
-                size = path.stat().st_size  # a file put into the spool by hand came through no arrival limit
-                if size > self.max_instance_mb * 2**20:
-                    self._set_aside(path, f"{over_limit(size, self.max_instance_mb)} (--max-instance-mb)")
-                    continue
-                with open(path, "rb") as header:  # the header only, before pydicom inflates anything
-                    problem = dicom_problem(header)
-                if problem:
-                    self._set_aside(path, problem)
-                    continue
-                dataset = pydicom.dcmread(path, force=True)  # from the file: a dataset read from bytes keeps them
-                if "SOPInstanceUID" not in dataset:  # an empty or text file put in the spool: not an instance
-                    self._set_aside(path, "not a DICOM instance (no SOP Instance UID)")
-                    continue
-                reason = not_an_image(dataset) or self._outside_modalities(dataset)
+                reason = problem or not_an_image(dataset) or self._outside_modalities(dataset)
             except Exception as error:  # noqa: BLE001 - any decoding failure is a bad instance, named below
-                self._set_aside(path, f"not readable as DICOM ({type(error).__name__})")
-                continue
-            if reason:
-                log.info("instance %s: not scored (%s)", getattr(dataset, "SOPInstanceUID", uid_of(path)), reason)
-                path.unlink(missing_ok=True)
-                continue
-            datasets.append(dataset), files.append(path)
+                problem = f"not readable as DICOM ({type(error).__name__})"
+            if problem:
+                self._set_aside_or_keep(path, problem, uid_of(path))
+            elif reason:
+                uid = getattr(dataset, "SOPInstanceUID", uid_of(path))
+                log.info("instance %s: not scored (%s)", uid, reason)
+                if not remove_unscored(path, uid, self.retry_after):  # kept: this instance only, not its batch
+                    self._retry_later([path])
+            else:
+                datasets.append(dataset), files.append(path)
         for path, result in zip(files, self.scorer.score(datasets) if datasets else []):
+            if result.error:  # no pixel data, say
+                self._set_aside_or_keep(path, result.error, result.sop_instance_uid)
+                continue
             try:  # a spool that fails for one instance does not hold back the batch's other reports
-                self._set_aside(path, result.error) if result.error else self._deliver(path, result)
+                self._deliver(path, result)
             except OSError as error:
                 log.warning("instance %s: %s; kept in the spool, tried again in %.0f s", result.sop_instance_uid,
                             error, self.retry_after)
                 self._retry_later([path])
+
+    def _set_aside_or_keep(self, path: Path, reason: str, uid: str):
+        """To SPOOL/unreadable; if it cannot be (read-only, full), kept and said why: its batch is not held back."""
+        try:
+            self._set_aside(path, reason)
+        except OSError as error:
+            log.warning("instance %s: unreadable: %s; %s", uid, reason, kept(path, self.unreadable, error,
+                                                                              self.retry_after))
+            self._retry_later([path])
 
     def _outside_modalities(self, dataset) -> str | None:
         modality = str(getattr(dataset, "Modality", "") or "").upper()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -122,5 +123,7 @@ def move_file(source: Path, target: Path):
 
 
 def uid_of(path: Path) -> str:
-    """The SOP Instance UID a spooled file was received under (its name less the receipt's suffix)."""
-    return path.stem.rsplit(".", 1)[0]
+    """The SOP Instance UID a spooled file was received under: its name less the receipt's suffix (12 hex
+    digits, ``_receive``'s); a file put there by hand (1.2.3.4.dcm) by its whole name, not "1.2.3"."""
+    uid, _, suffix = path.stem.rpartition(".")
+    return uid if uid and re.fullmatch(r"[0-9a-f]{12}", suffix) else path.stem

@@ -134,6 +134,25 @@ def test_overlay_is_a_secondary_capture_in_the_study(tmp_path):
     assert overlay.Manufacturer == "pneumonia-cnn" and overlay.pixel_array[0, 0].tolist() == [200, 0, 0]
 
 
+@pytest.mark.parametrize("shape, expected", [((600, 300), (600, 300)), ((3000, 2000), (1024, 683)),
+                                             ((192, 192), (192, 192))])
+def test_the_overlay_has_the_sources_shape_and_names_its_source(tmp_path, shape, expected):
+    """A probe of pacs --overlay: a 600 x 300 X-ray's overlay was 192 x 192 (the model's input: the chest squashed)
+    and named no source image, so in a study of several images nothing said which one it was of."""
+    source = pydicom.dcmread(xray_dicom(np.full(shape, 100, np.uint8), tmp_path / "s.dcm", "DX"))
+    rgb = np.zeros((192, 192, 3), np.uint8)
+    rgb[:, 96:, 2] = 250  # the right half blue: still the right half at the source's shape
+    overlay = build_overlay(source, rgb, MODEL)
+    overlay.save_as(tmp_path / "sc.dcm", enforce_file_format=True)
+    back = pydicom.dcmread(tmp_path / "sc.dcm")
+    assert (back.Rows, back.Columns) == expected
+    pixels = back.pixel_array
+    assert pixels[:, : expected[1] // 2 - 2, 2].max() == 0 and pixels[:, expected[1] // 2 + 2:, 2].min() == 250
+    (reference,) = back.SourceImageSequence
+    assert (reference.ReferencedSOPInstanceUID, reference.ReferencedSOPClassUID) == (source.SOPInstanceUID,
+                                                                                    source.SOPClassUID)
+
+
 def test_retries_back_off_then_name_the_failure():
     waits, calls = [], []
 

@@ -220,7 +220,7 @@ def build_overlay(source: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity
     as for ``build_sr``."""
     source = _header_of(source)
     overlay = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=np.ascontiguousarray(overlay_rgb, dtype=np.uint8),
+        ref_dataset=source, pixel_array=_at_source_shape(overlay_rgb, source),
         photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
         series_instance_uid=result_uid(source.SeriesInstanceUID, model.key, "sc-series"),
         series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid(source.SOPInstanceUID, model.key, "sc",
@@ -230,7 +230,28 @@ def build_overlay(source: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity
     # highdicom needs an orientation to build the image; the overlay's rows and columns are the source's, so it
     # states the source's, or none (type 2: empty) when the source's is missing or unusable: never a guess
     overlay.PatientOrientation = _orientation(source)
+    # which image of the study the heat map is of (a PA and a lateral in one study looked alike)
+    reference = Dataset()
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
+    overlay.SourceImageSequence = [reference]
+    overlay.DerivationDescription = "Grad-CAM heat map of the model's input, blended on it, at the source's shape"
     return overlay
+
+
+OVERLAY_MAX_SIDE = 1024  # pixels: enough to read a heat map, a tenth of a full-size X-ray's RGB bytes
+
+
+def _at_source_shape(overlay_rgb: np.ndarray, source: Dataset) -> np.ndarray:
+    """The overlay (made at the model's square input) resized to the source's aspect ratio, its longer side the
+    source's up to ``OVERLAY_MAX_SIDE``: a 600 x 300 X-ray's overlay was a square, the chest squashed."""
+    from PIL import Image
+    rows, columns = int(getattr(source, "Rows", 0) or 0), int(getattr(source, "Columns", 0) or 0)
+    rgb = np.ascontiguousarray(overlay_rgb, dtype=np.uint8)
+    if rows < 1 or columns < 1:
+        return rgb
+    scale = min(1.0, OVERLAY_MAX_SIDE / max(rows, columns))
+    size = (max(1, round(columns * scale)), max(1, round(rows * scale)))  # Pillow: (width, height)
+    return rgb if size == rgb.shape[1::-1] else np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
 
 
 def _orientation(source: Dataset) -> list[str]:

@@ -14,7 +14,14 @@ import numpy as np
 
 from ..calibration import estimate_prior, estimate_prior_of_members
 from ..errors import PneumoniaCNNError
-from .adabn import MIN_ADAPT_PER_CLASS, adapt_batch_norm, distinct_in_canonical_order, fewest_of_a_class, has_batch_norm
+from .adabn import (
+    MIN_ADAPT_PER_CLASS,
+    adapt_batch_norm,
+    adapt_each_member,
+    distinct_in_canonical_order,
+    fewest_of_a_class,
+    has_batch_norm,
+)
 from .bundle import Bundle, load_bundle
 from .engines import INT8_ENGINES
 from .files import decode_files
@@ -25,11 +32,6 @@ MIN_ADAPT_BATCH = 32  # fewer images give batch-norm statistics too noisy to tru
 # EM (Saerens et al.) on a few images is noise: on one image it always ends at a rate of 0 or 1 (the likelihood
 # is linear in the rate). So the same floor as AdaBN's, one site's batch (measured: README, "From score to decision")
 MIN_ESTIMATE_BATCH = 32
-# an ensemble's members store validation scores each adapted alone (its own pseudo-labels and detector); a batch
-# adapts them together: a review measured validation sensitivity 0.932 at sensitivity:0.95 on two tiny members
-ENSEMBLE_ADAPTED_NOTE = ("the ensemble's adapted threshold and calibration were fitted on the mean of its members' "
-                         "validation scores, each member adapted alone by its own pseudo-labels; here the members are "
-                         "adapted together by the ensemble's, so its operating point holds only approximately")
 # files that predict decodes and scores at a time (at least --batch-size): about 10 MB of pixels, rows every
 # second or so; 32 at a time switched between the decoding threads and ONNX Runtime so often that 2,000 images
 # took 1.6x the CPU time (measured on this 2-core machine; 256: within about 10% of scoring all at once)
@@ -254,13 +256,14 @@ class Predictor:
                          f"drawn from this batch")
             return scores, self.bundle.decision, False
         rate = (self.bundle.adapted_decision or self.bundle.decision).calibration.prior
-        adapted = Scorer(adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate), self.device,
-                         self.scorer.engine.name, self.amp, cache=False)  # this batch's statistics only
+        if len(self.bundle.models) > 1 and self.bundle.adapted_decision is not None:  # as its decision was fitted
+            bundle = adapt_each_member(self.bundle, pixels[inside], scores.members[:, inside])
+        else:
+            bundle = adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate)
+        adapted = Scorer(bundle, self.device, self.scorer.engine.name, self.amp, cache=False)  # this batch's only
         notes.append(f"batch-norm statistics re-estimated on this batch ({count} "
                      f"in-distribution images, AdaBN at the validation images' class mix)")
         if self.bundle.adapted_decision is not None:  # fitted on val, adapted to val
-            if len(self.checkpoints) > 1:
-                notes.append(ENSEMBLE_ADAPTED_NOTE)
             return adapted.score(pixels, batch_size), self.bundle.adapted_decision, True
         why = "refitted on the site's labelled images by adapt" if (self.checkpoints[0].get("adaptation") or {}).get(
             "labelled") else "a checkpoint of an earlier version"

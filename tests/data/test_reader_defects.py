@@ -431,3 +431,18 @@ def test_an_unsigned_32_bit_tiff_is_read_as_unsigned(xray, tmp_path):
     signed = tmp_path / "i32.tif"
     tifffile.imwrite(signed, gray.astype(np.int32) * 1000 - 200_000)  # SampleFormat 2: negative values are real
     assert np.array_equal(read_image(signed)[0], expected)
+
+
+def test_a_12_bit_png_is_scaled_by_the_bits_its_values_use(xray, tmp_path):
+    """A probe of the OOD flag: 12-bit data in a 16-bit PNG was divided by 257 as if it filled 16 bits: 17 grey
+    levels (0-16), children's probabilities moved by up to 0.40 and 15% flagged. Scaled by 4095, an 8-bit X-ray
+    stored as 12-bit comes back exactly; full-range 16-bit stays x / 257."""
+    _, gray = xray
+    assert gray.max() >= 128  # so its 12-bit values reach 2**11: 12 bits used
+    twelve = tmp_path / "x12.png"
+    Image.fromarray(np.round(gray.astype(np.float64) * 4095 / 255).astype(np.uint16)).save(twelve)
+    assert Image.open(twelve).mode == "I;16"
+    assert np.array_equal(read_image(twelve)[0], gray)
+    sixteen = tmp_path / "x16.png"
+    Image.fromarray(gray.astype(np.uint16) * 257).save(sixteen)
+    assert np.array_equal(read_image(sixteen)[0], gray)

@@ -16,8 +16,11 @@ from tests.conftest import SHARED_DATA, require_shared
 def gray_by_hand(image: Image.Image, steps: str) -> np.ndarray:
     """Step 1 as the metadata states it, for the modes of this test."""
     if image.mode.startswith("I;16"):
-        assert "16-bit modes ('I;16', 'I;16B', ...): (2 * x + 257) // 514 in integers" in steps
-        return ((np.asarray(image).astype(np.int64) * 2 + 257) // 514).astype(np.uint8)
+        assert ("16-bit modes ('I;16', 'I;16B', ...): (510 * x + L) // (2 * L) in integers (x * 255 / L rounded), "
+                "L = 2 ** max(8, bit length of the image's largest value) - 1") in steps
+        x = np.asarray(image).astype(np.int64)
+        levels = 2 ** max(8, int(x.max()).bit_length()) - 1
+        return ((x * 510 + levels) // (2 * levels)).astype(np.uint8)
     assert ("'I' (32-bit integer; unsigned when the TIFF's SampleFormat says so, which Pillow reads as signed) and "
             "'F' (float): min-max") in steps
     assert ("min-max: over the finite values, round((x - min) * (255 / (max - min))) in float64 with numpy's round "
@@ -27,19 +30,19 @@ def gray_by_hand(image: Image.Image, steps: str) -> np.ndarray:
     return np.round((x - low) * (255 / (high - low))).astype(np.uint8)
 
 
-@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+@pytest.mark.parametrize("mode", ["I;16", "12-bit", "I", "F"])
 def test_the_stated_decoding_gives_predicts_pixels_for_16_bit_32_bit_and_float_images(tmp_path, mode):
     require_shared()
     out = tmp_path / "builtin.onnx"
     assert main(["export", "--out", str(out)]) == 0
     steps = {p.key: p.value for p in onnx.load(str(out)).metadata_props}["preprocessing_steps"]
     xray = np.asarray(Image.open(sorted((SHARED_DATA / "test" / "PNEUMONIA").glob("*.jpeg"))[0]).convert("L"))
-    values = {"I;16": xray.astype(np.uint16) * 251 + 3, "I": xray.astype(np.int32) * 1000 - 50000,
-              "F": xray.astype(np.float32) / 255.0 * 3.7 - 1.1}[mode]
-    path = tmp_path / ("x.png" if mode == "I;16" else "x.tiff")
+    values = {"I;16": xray.astype(np.uint16) * 251 + 3, "12-bit": xray.astype(np.uint16) * 16 + 5,
+              "I": xray.astype(np.int32) * 1000 - 50000, "F": xray.astype(np.float32) / 255.0 * 3.7 - 1.1}[mode]
+    path = tmp_path / ("x.png" if mode in ("I;16", "12-bit") else "x.tiff")
     Image.fromarray(values).save(path)
     image = Image.open(path)
-    assert image.mode == mode
+    assert image.mode == ("I;16" if mode == "12-bit" else mode)
     gray = Image.fromarray(gray_by_hand(image, steps)).resize((192, 192), Image.BILINEAR)
     by_hand = np.clip(np.round(exposure.equalize_hist(np.asarray(gray), nbins=256) * 255), 0, 255).astype(np.uint8)
     assert np.array_equal(by_hand, Predictor("builtin", "cpu").preprocess_path(path)[0])

@@ -56,14 +56,22 @@ def _pil_to_gray(image: Image.Image, path: Path) -> np.ndarray:
     mode = image.mode
     if mode in ("I", "F"):
         return scale_to_uint8(_unsigned_if_stored_so(image, np.asarray(image)))
-    if mode.startswith("I;16"):  # x / 257 rounded, in integers (x / 257 is never exactly half-way)
-        return _by_strips(image, lambda strip: ((np.asarray(strip).astype(np.uint32) * 2 + 257) // 514))
+    if mode.startswith("I;16"):  # x * 255 / levels rounded, in integers (x / 257 for 16 bits: never half-way)
+        levels = stored_levels(image)
+        return _by_strips(image, lambda strip: (np.asarray(strip).astype(np.uint32) * 510 + levels) // (2 * levels))
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         # Composite transparency onto black, as an X-ray viewer's background would show it.
         return _by_strips(image, _on_black)
     if mode == "CMYK":
         return _by_strips(image, lambda strip: np.asarray(strip.convert("RGB").convert("L")))
     return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def stored_levels(image: Image.Image) -> int:
+    """The largest value of the bits a 16-bit image's values use (at least 8): 2**12 - 1 for 12-bit data in a
+    16-bit PNG, which divided by 257 as if it filled 16 bits had decoded to 17 grey levels (0-16) and moved
+    children's probabilities by up to 0.40."""
+    return 2 ** max(8, int(image.getextrema()[1]).bit_length()) - 1
 
 
 def _unsigned_if_stored_so(image: Image.Image, pixels: np.ndarray) -> np.ndarray:

@@ -59,7 +59,10 @@ def test_a_config_file_that_contradicts_init_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"c\.json: model: 'seed' differs from the --init checkpoint's "
                                           r"'resnet18_narrow'"):
         make_config(None, str(config))
-    config.write_text(json.dumps({"init": "builtin", "size": "192"}))  # the same size written as text agrees
+    config.write_text(json.dumps({"init": "builtin", "size": "192"}))  # a number in quotes is refused, as text
+    with pytest.raises(ConfigError, match=r"c\.json: size: expected int \(not quoted text\)"):
+        make_config(None, str(config))
+    config.write_text(json.dumps({"init": "builtin", "size": 192}))  # the same size agrees
     assert make_config(None, str(config)).size == 192
 
 

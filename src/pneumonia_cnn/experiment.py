@@ -6,6 +6,7 @@ CLI, ``demo``, the Python API and the test fixtures all run experiments through 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -37,6 +38,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
 def resume_and_evaluate(run_dir, **overrides) -> dict:
     """``resume(run_dir)``, then the test split scored as in ``train_and_evaluate``. A run that finished training
     but was stopped while scoring its test split (no test_metrics.json) gets that scoring alone."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        say_edited_config(Path(run_dir), overrides)
     config = _unscored_finished_run(Path(run_dir)) if overrides.get("epochs") is None else None
     if config is not None:
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, as after training: the first process scores
@@ -62,3 +65,44 @@ def _unscored_finished_run(run_dir: Path) -> TrainConfig | None:
         return None
     config = config_from_dict(dict(last["config"]))
     return config if config.evaluate_test and (Path(config.data) / "test").is_dir() else None
+
+
+RESUME_FLAGS = {"epochs": "--epochs", "device": "--device", "progress": "--no-progress"}
+
+
+def say_edited_config(run_dir: Path, overrides: dict) -> None:
+    """A resume continues with the config saved in last.pt, whatever RUN/config.json says: an edited
+    config.json was ignored and rewritten without a word. Said in one line. The file is still rewritten to the
+    saved config, as the run's record of what it trained with (``info``, a reader of the folder, a later
+    ``--config RUN/config.json`` for a new run), rather than left to describe a run that never happened."""
+    from .checkpoint import load_checkpoint
+    from .fileio import display_path, write_json_atomic
+    from .training.config import upgrade_legacy_fields
+    path = run_dir / "config.json"
+    if not path.is_file() or not (run_dir / "last.pt").is_file():
+        return  # no edit to speak of; resume() says what is missing
+    try:
+        saved = upgrade_legacy_fields(load_checkpoint(run_dir / "last.pt")["config"])
+    except Exception:  # noqa: BLE001 (resume() names what is wrong with last.pt)
+        return
+    changed: list[str] = []
+    try:
+        edited = upgrade_legacy_fields(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        what = f"cannot be read ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    else:
+        given = {name for name, value in overrides.items() if value is not None} | {"out"}
+        changed = sorted(name for name in set(saved) | set(edited)
+                         if name not in given and saved.get(name) != edited.get(name))
+        if not changed:
+            return
+        shown = ", ".join(f"{name} {edited.get(name, '(missing)')} vs {saved.get(name, '(missing)')}"
+                          for name in changed[:3]) + (", ..." if len(changed) > 3 else "")
+        what = f"differs from the run's saved config ({shown})"
+    flags = [RESUME_FLAGS[name] for name in changed if name in RESUME_FLAGS]
+    hint = f"give {', '.join(flags)} to change that" if changed and len(flags) == len(changed) else \
+        "start a new run to change it"
+    log.warning("%s: %s: resuming with the saved one, which config.json is rewritten to; %s", display_path(path),
+                what, hint)
+    write_json_atomic(path, {**saved, "out": str(run_dir)})  # now: a resume that only scores its test split
+    # writes no config.json, and one that fails to start must not leave the file saying what the run never used

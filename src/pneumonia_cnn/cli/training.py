@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -129,7 +130,36 @@ def run_folder_lock(out):
                     empty.rmdir()
 
 
+class StoppedEarly(Exception):
+    """An interruption the training did not catch itself, after which the run resumes from its last.pt."""
+
+
+@contextlib.contextmanager
+def resume_line_when_interrupted(out):
+    """Ctrl-C or SIGTERM that reaches here (during the end-of-run steps after the last epoch, where no epoch's
+    graceful stop is listening, or a second signal during an epoch) says how to resume, as a stop during an
+    epoch does (it said only "interrupted"), when the run has a last.pt to resume from; ``run_train`` then
+    exits 130 as after that stop."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        if int(os.environ.get("RANK", "0")) != 0 or not (Path(out) / "last.pt").is_file():
+            raise
+        from ..signals import Terminated
+        logging.getLogger(__name__).warning(
+            "interrupted by %s: stopped early; resume with: pneumonia-cnn train --resume %s",
+            "SIGTERM" if isinstance(interrupt, Terminated) else "SIGINT", display_path(out))
+        raise StoppedEarly from None
+
+
 def run_train(args) -> int:
+    try:
+        return _run_train(args)
+    except StoppedEarly:
+        return 130
+
+
+def _run_train(args) -> int:
     from ..experiment import resume_and_evaluate, train_and_evaluate
     from ..training.config import TrainConfig, make_config
     names = [spec.name for spec in dataclasses.fields(TrainConfig) if spec.metadata.get("cli", True)]
@@ -141,7 +171,7 @@ def run_train(args) -> int:
         if ignored:
             raise PneumoniaCNNError(f"--resume continues a run with its own configuration; only --epochs, --device "
                                     f"and --no-progress may change (got {', '.join(ignored)})")
-        with run_folder_lock(args.resume):
+        with resume_line_when_interrupted(args.resume), run_folder_lock(args.resume):
             summary = resume_and_evaluate(args.resume, **overrides)
     else:
         config = make_config(args.preset, args.config, **overrides)
@@ -151,7 +181,7 @@ def run_train(args) -> int:
         refuse_run_in_data(config.out, config.data)
         refuse_data_in_run(config.out, config.data)
         refuse_overwriting(config.out, {"--config": args.config, "--data": config.data})
-        with run_folder_lock(config.out):
+        with resume_line_when_interrupted(config.out), run_folder_lock(config.out):
             refuse_finished_run(config.out)  # again, now that no other training can be writing it
             summary = train_and_evaluate(config)
     if summary.get("interrupted"):

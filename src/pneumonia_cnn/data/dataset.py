@@ -285,10 +285,23 @@ def load_split(data, split: str | None, class_names=None, require_both_classes=F
         return scan_folder(data / split, class_names, require_both_classes)
     if split and not (data / split).exists():
         splits = [name for name in ("train", "val", "test") if (data / name).is_dir()]
+        other_case = _split_in_other_case(data, split)
+        if other_case:  # Train/ on a case-sensitive system: it was left out of "the splits there"
+            raise DatasetError(f"{display_path(data / split)}: folder not found; {other_case}/ is there, but split "
+                               f"folders are lower-case (train, val, test): rename it {split}/")
         if splits:  # a Kaggle-layout root without this split: say so, not that its splits are odd classes
             raise DatasetError(f"{display_path(data / split)}: folder not found (the splits there: "
                                f"{', '.join(splits)})")
     return scan_folder(data, class_names, require_both_classes)
+
+
+def _split_in_other_case(data: Path, split: str) -> str | None:
+    """The name of a folder in ``data`` that is ``split`` in other letter case (``Train``), or None."""
+    try:
+        return next((entry.name for entry in sorted(data.iterdir()) if entry.name.lower() == split
+                     and entry.name != split and entry.is_dir()), None)
+    except OSError:
+        return None
 
 
 def patient_split(images: ImageList, fraction: float, seed: int = 0) -> tuple[ImageList, ImageList]:

@@ -118,13 +118,16 @@ def _pair_layers(arrays: list[np.ndarray], path):
     return layers
 
 
-def keras_to_state_dict(arrays, height: int, width: int) -> dict:
+def keras_to_state_dict(arrays, height: int, width: int, source=None) -> dict:
+    """Our ``seed`` model's weights from the Keras layers; ``source``, the file they came from, names it in the
+    error a wrong input size gives."""
     (c1, b1), (c2, b2), (c3, b3), (d1, e1), (d2, e2) = arrays
     final_h, final_w = height, width
     for _ in range(3):
         final_h, final_w = (final_h - 2) // 2, (final_w - 2) // 2
     if d1.shape[0] != 128 * final_h * final_w:
-        raise PneumoniaCNNError(f"input {height}x{width} gives {128 * final_h * final_w} features but the Dense "
+        named = f"{display_path(source)}: " if source is not None else ""
+        raise PneumoniaCNNError(f"{named}input {height}x{width} gives {128 * final_h * final_w} features but the Dense "
                                 f"layer expects {d1.shape[0]}: wrong --size")
     dense = d1.reshape(final_h, final_w, 128, -1).transpose(2, 0, 1, 3).reshape(d1.shape[0], -1)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
@@ -155,7 +158,7 @@ def import_keras(path, out=None, size=None) -> tuple[torch.nn.Module, dict]:
     else:
         raise PneumoniaCNNError(f"{display_path(path)}: a weights-only file does not record the input size; "
                                 f"pass --size (e.g. --size 224 or --size 96x80)")
-    state = keras_to_state_dict(layers, height, width)
+    state = keras_to_state_dict(layers, height, width, source=path)
     model = create_model("seed", in_channels=int(channels), image_size=(height, width))
     model.load_state_dict(state)
     model.eval()

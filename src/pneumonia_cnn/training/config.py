@@ -9,16 +9,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..calibration import CALIBRATION_METHODS, parse_threshold_policy
 from ..data.augment import AugmentConfig
 from ..errors import ConfigError
-from ..fileio import display_path, not_a_file_reason
+from ..fileio import display_path
+from .config_file import read_config_file
 
 TUTORIAL_AUGMENT = {"shear": 0.2, "zoom": 0.2, "flip": True}
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area")
@@ -124,10 +123,7 @@ class TrainConfig:
             raise ConfigError("freeze_stem: needs init (the trained weights whose stem stays fixed); without it the "
                               "stem's random weights would be frozen")
         parse_threshold_policy(self.threshold, name="threshold")
-        try:
-            AugmentConfig.from_dict(self.augment)
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"augment: {error}") from None
+        _augment(self.augment)
         self.size_schedule = _size_schedule(self.size_schedule, self.size, self.epochs)
         if self.age_range_years is not None:
             low, high = _age_range(self.age_range_years)
@@ -326,7 +322,44 @@ def _config_file_fields(config_file) -> dict:
     unknown = set(values) - {spec.name for spec in dataclasses.fields(TrainConfig)}
     if unknown:
         raise ConfigError(f"{display_path(config_file)}: unknown config field(s): {', '.join(sorted(unknown))}")
+    with _naming_the_file(config_file, set(values)):
+        _check_file_values(values)
     return values
+
+
+def _check_file_values(values: dict) -> None:
+    """Each value of a config file on its own, before a flag may override it (``limit_images: -5`` hidden by
+    ``--limit-images 40`` went unreported): type, bounds and allowed values; a number given as quoted text
+    (TOML's ``lr = "0.01"``, YAML's ``epochs: "1"``) is refused, as ``lr: true`` is."""
+    specs = {spec.name: spec for spec in dataclasses.fields(TrainConfig)}
+    single = {"threshold": lambda v: parse_threshold_policy(v, name="threshold"), "age_range_years": _age_range,
+              "augment": _augment}
+    for name, value in values.items():
+        kind = str(specs[name].type)
+        texts = [value] if kind in ("int", "float") else value if kind.startswith("list") and \
+            isinstance(value, list) else []
+        if any(isinstance(item, str) and _number_text(item) for item in texts):  # 'ten': "expected int" below
+            expected = "numbers" if texts is value else kind
+            raise ConfigError(f"{name}: expected {expected} (not quoted text), got {value!r}")
+        value = _coerce(specs[name], value)
+        _check_field(specs[name], value)
+        if name in single and value is not None:
+            single[name](value)
+
+
+def _number_text(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _augment(value) -> None:
+    try:
+        AugmentConfig.from_dict(value)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"augment: {error}") from None
 
 
 def _fields_of_init(init: str, explicit: dict) -> dict:
@@ -350,29 +383,3 @@ def config_from_dict(values: dict) -> TrainConfig:
     values = upgrade_legacy_fields(values)
     known = {spec.name for spec in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in values.items() if k in known})
-
-
-def read_config_file(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{display_path(path)}: {not_a_file_reason(path, 'config file')}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{display_path(path)}: not a text config file (not UTF-8 at byte {error.start})") from None
-    except OSError as error:  # no permission to read it, an I/O error
-        raise ConfigError(f"{display_path(path)}: cannot read config file ({error.strerror or error})") from None
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-            values = yaml.safe_load(text) or {}
-        elif path.suffix.lower() == ".toml":
-            import tomllib
-            values = tomllib.loads(text)
-        else:
-            values = json.loads(text)
-    except Exception as error:
-        raise ConfigError(f"{display_path(path)}: cannot parse config ({str(error).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{display_path(path)}: config must be a mapping of field: value")
-    return values

@@ -9,19 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pneumonia_cnn.cli import main
 from pneumonia_cnn.errors import ConfigError, PneumoniaCNNError
 from pneumonia_cnn.training.config import make_config
 from tests.conftest import KERAS_FIXTURES
-
-
-def run(capsys, *argv) -> tuple[int, str]:
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as stop:
-        status = stop.code
-    return status, capsys.readouterr().err.strip()
-
+from tests.test_cli_guards import run
 
 # --- 5: an interruption after the last epoch says how to resume -------------------------------------------------
 

@@ -117,3 +117,17 @@ def test_split_folders_in_other_case_are_named(tmp_path):
     with pytest.raises(PneumoniaCNNError) as error:
         load_split(tmp_path, "train")
     assert "Train/ is there" in str(error.value) and "lower-case" in str(error.value)
+
+
+@pytest.mark.parametrize("renamed", ["VAL", "Test"])
+def test_train_refuses_a_val_or_test_folder_in_other_case_before_training(tmp_path, capsys, renamed):
+    """train read a VAL/ as absent (it carved val from train instead, saying only that val/ was missing) and a
+    Test/ as no test split (scored nothing after training): refused at start, naming the folder."""
+    from tests.conftest import link_subset, require_shared
+    require_shared()
+    root = link_subset(tmp_path / "data", {"train": 6, "val": 3, "test": 3})
+    (root / renamed.lower()).rename(root / renamed)
+    status, err = run(capsys, "train", "--data", root, "--out", tmp_path / "run", "--epochs", 1, "--size", 64)
+    assert status == 2 and err == (f"error: {root / renamed.lower()}: folder not found; {renamed}/ is there, but "
+                                   f"split folders are lower-case (train, val, test): rename it {renamed.lower()}/")
+    assert not (tmp_path / "run").exists()

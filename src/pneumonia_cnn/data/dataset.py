@@ -285,14 +285,20 @@ def load_split(data, split: str | None, class_names=None, require_both_classes=F
         return scan_folder(data / split, class_names, require_both_classes)
     if split and not (data / split).exists():
         splits = [name for name in ("train", "val", "test") if (data / name).is_dir()]
-        other_case = _split_in_other_case(data, split)
-        if other_case:  # Train/ on a case-sensitive system: it was left out of "the splits there"
-            raise DatasetError(f"{display_path(data / split)}: folder not found; {other_case}/ is there, but split "
-                               f"folders are lower-case (train, val, test): rename it {split}/")
+        refuse_split_in_other_case(data, split)
         if splits:  # a Kaggle-layout root without this split: say so, not that its splits are odd classes
             raise DatasetError(f"{display_path(data / split)}: folder not found (the splits there: "
                                f"{', '.join(splits)})")
     return scan_folder(data, class_names, require_both_classes)
+
+
+def refuse_split_in_other_case(data: Path, split: str) -> None:
+    """A missing ``split`` folder of ``data`` whose name is there in other letter case (``Train/`` on a
+    case-sensitive system) is refused: read as absent, a ``VAL/`` was silently replaced by a carve of train."""
+    other_case = None if (Path(data) / split).exists() else _split_in_other_case(Path(data), split)
+    if other_case:
+        raise DatasetError(f"{display_path(Path(data) / split)}: folder not found; {other_case}/ is there, but split "
+                           f"folders are lower-case (train, val, test): rename it {split}/")
 
 
 def _split_in_other_case(data: Path, split: str) -> str | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.cache import build_or_load
-from ..data.dataset import ImageList, load_split, patient_split
+from ..data.dataset import ImageList, load_split, patient_split, refuse_split_in_other_case
 from ..data.fingerprint import file_fingerprint
 from ..data.readers import SUPPORTED_SUFFIXES, read_image
 from ..errors import DatasetError, ImageReadError
@@ -24,6 +24,9 @@ def split_lists(config: TrainConfig) -> tuple[ImageList, ImageList | None]:
     if not root.exists():
         raise DatasetError(f"{display_path(root)}: folder not found")
     train_list = load_split(root, "train", require_both_classes=True)
+    if root.is_dir():  # VAL/ or TEST/: refused before training, not found missing after it
+        for split in ("val", "test") if config.evaluate_test else ("val",):
+            refuse_split_in_other_case(root, split)
     val_list, carved = None, bool(config.val_from_train)
     if config.val_from_train:
         train_list, val_list = patient_split(train_list, config.val_from_train, config.seed)

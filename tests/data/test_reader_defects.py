@@ -446,3 +446,9 @@ def test_a_12_bit_png_is_scaled_by_the_bits_its_values_use(xray, tmp_path):
     sixteen = tmp_path / "x16.png"
     Image.fromarray(gray.astype(np.uint16) * 257).save(sixteen)
     assert np.array_equal(read_image(sixteen)[0], gray)
+    # a depth, not a stretch: 16-bit data peaking at 32767 or 32768 decode alike (x / 257), as 12-bit data peaking
+    # at 2000 or 4000 do (x / 4095 * 255)
+    for peak, expected in ((32767, 127), (32768, 128), (2000, 125), (4000, 249)):
+        ramp = tmp_path / f"ramp{peak}.png"
+        Image.fromarray(np.linspace(0, peak, 64 * 64).round().astype(np.uint16).reshape(64, 64)).save(ramp)
+        assert read_image(ramp)[0].max() == expected, peak

@@ -17,9 +17,10 @@ def gray_by_hand(image: Image.Image, steps: str) -> np.ndarray:
     """Step 1 as the metadata states it, for the modes of this test."""
     if image.mode.startswith("I;16"):
         assert ("16-bit modes ('I;16', 'I;16B', ...): (510 * x + L) // (2 * L) in integers (x * 255 / L rounded), "
-                "L = 2 ** max(8, bit length of the image's largest value) - 1") in steps
+                "L = 255 when the image's largest value is at most 255, 4095 when at most 4095 (12-bit data), else "
+                "65535 (x / 257)") in steps
         x = np.asarray(image).astype(np.int64)
-        levels = 2 ** max(8, int(x.max()).bit_length()) - 1
+        levels = 255 if x.max() <= 255 else 4095 if x.max() <= 4095 else 65535
         return ((x * 510 + levels) // (2 * levels)).astype(np.uint8)
     assert ("'I' (32-bit integer; unsigned when the TIFF's SampleFormat says so, which Pillow reads as signed) and "
             "'F' (float): min-max") in steps

@@ -68,10 +68,12 @@ def _pil_to_gray(image: Image.Image, path: Path) -> np.ndarray:
 
 
 def stored_levels(image: Image.Image) -> int:
-    """The largest value of the bits a 16-bit image's values use (at least 8): 2**12 - 1 for 12-bit data in a
-    16-bit PNG, which divided by 257 as if it filled 16 bits had decoded to 17 grey levels (0-16) and moved
-    children's probabilities by up to 0.40."""
-    return 2 ** max(8, int(image.getextrema()[1]).bit_length()) - 1
+    """The largest value of the depth a 16-bit image's data has, of those X-rays are stored at: 8 bits when no
+    value exceeds 255, 12 when none exceeds 4095, else 16. 12-bit data divided by 257 as if it filled 16 bits had
+    decoded to 17 grey levels (0-16) and moved children's probabilities by up to 0.40; a depth read from every
+    power of two would have doubled an image's brightness between a peak of 32767 and one of 32768."""
+    peak = int(image.getextrema()[1])
+    return 255 if peak <= 255 else 4095 if peak <= 4095 else 65535
 
 
 def _unsigned_if_stored_so(image: Image.Image, pixels: np.ndarray) -> np.ndarray:

@@ -102,10 +102,10 @@ def export_int8_model(checkpoint_path, data_root, out) -> dict:
 
 # how each file becomes 8-bit gray (data/readers.py, data/image.py, data/dicom.py), by Pillow mode: it said
 # "convert('L')" for every image, which clips a 16-bit PNG to white and a float TIFF to nearly black
-DECODING = ("images: the first frame, by Pillow mode: 16-bit modes ('I;16', 'I;16B', ...): (510 * x + L) // (2 * L) "
-            "in integers (x * 255 / L rounded), L = 2 ** max(8, bit length of the image's largest value) - 1 (65535: "
-            "x / 257; 4095 for 12-bit data); 'I' (32-bit integer; unsigned when the TIFF's SampleFormat says so, which "
-            "Pillow reads as signed) and 'F' (float): min-max (below); 'RGBA', 'LA', 'PA', "
+DECODING = ("images: the first frame, by Pillow mode: 16-bit modes ('I;16', 'I;16B', ...): (510 * x + L) // "
+            "(2 * L) in integers (x * 255 / L rounded), L = 255 when the image's largest value is at most 255, 4095 "
+            "when at most 4095 (12-bit data), else 65535 (x / 257); 'I' (32-bit integer; unsigned when the TIFF's "
+            "SampleFormat says so, which Pillow reads as signed) and 'F' (float): min-max (below); 'RGBA', 'LA', 'PA', "
             "and 'P' with transparency: Image.alpha_composite over opaque black, then convert('L'); 'CMYK': "
             "convert('RGB') then convert('L'); any other mode: convert('L'); DICOM: pydicom apply_modality_lut then "
             "apply_voi_lut (first window), then min-max unless already uint8, MONOCHROME1 inverted (255 - x); "

@@ -401,6 +401,17 @@ def test_an_ensemble_fits_its_own_threshold_and_keeps_the_ood_check(best_like_ru
     alone = [Predictor(run, "cpu", adapt_batch=True).assess(batch)[0] for run in (best_like_run, second)]
     expected = (np.array([e["raw_score"] for e in alone[0]]) + np.array([e["raw_score"] for e in alone[1]])) / 2
     assert np.abs(np.array([e["raw_score"] for e in together]) - expected).max() < 1e-5
+    # a member that would not adapt alone (too few of a class by its own pseudo-labels): the batch is not adapted
+    plain = [e["label"] for e in Predictor([best_like_run, second], "cpu").assess(batch)[0]]
+    assert 1 <= plain.count("PNEUMONIA") < len(plain)  # the ensemble's own pseudo-labels pass a floor of 1
+    monkeypatch.setattr(predictor_module, "MIN_ADAPT_PER_CLASS", 1)
+    own = predictor_module.member_pseudo_labels
+    monkeypatch.setattr(predictor_module, "member_pseudo_labels",  # member 2 scores every image NORMAL
+                        lambda bundle, logits: [own(bundle, logits)[0], np.zeros(len(logits[1]), bool)])
+    entries, notes = Predictor([best_like_run, second], "cpu", adapt_batch=True).assess(batch)
+    assert not any(e["batch_adapted"] for e in entries)
+    assert any(n.startswith(f"not adapted: member 2 alone: 0 of the {len(batch)} in-distribution images scored "
+                            f"PNEUMONIA before adaptation, fewer than 1") for n in notes), notes
 
 
 def test_batch_adaptation_uses_a_decision_fitted_the_same_way(best_like_run, small_root, tmp_path, monkeypatch):

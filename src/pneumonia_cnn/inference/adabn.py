@@ -111,16 +111,20 @@ def adapt_batch_norm(bundle, pixels_uint8, pseudo_positive=None, rate: float | N
     return replace(bundle, models=models)
 
 
-def adapt_each_member(bundle, pixels_uint8, member_logits):
+def member_pseudo_labels(bundle, member_logits) -> list[np.ndarray]:
+    """Each member's own decision on its own scores: what it adapts by alone."""
+    from .bundle import decision_of
+    return [decision_of(checkpoint).positive(logits) for checkpoint, logits in zip(bundle.checkpoints, member_logits)]
+
+
+def adapt_each_member(bundle, pixels_uint8, member_pseudo):
     """A fitted ensemble with each member re-estimated as it was when it stored its adapted validation scores, on
-    which the ensemble's adapted decision is fitted: by its own pseudo-labels, at its own adapted calibration's
-    class mix (re-estimated together, by the ensemble's pseudo-labels, the members' scores moved up to 0.08 from
-    those, and validation sensitivity fell to 0.932 at sensitivity:0.95)."""
+    which the ensemble's adapted decision is fitted: by its own pseudo-labels (``member_pseudo_labels``), at its
+    own adapted calibration's class mix (re-estimated together, by the ensemble's pseudo-labels, the members'
+    scores moved up to 0.08 from those, and validation sensitivity fell to 0.932 at sensitivity:0.95)."""
     from .bundle import decision_of
     models = []
-    for model, checkpoint, logits in zip(bundle.models, bundle.checkpoints, member_logits):
-        own = decision_of(checkpoint)
+    for model, checkpoint, pseudo in zip(bundle.models, bundle.checkpoints, member_pseudo):
         rate = decision_of(checkpoint.get("decision_adapted") or checkpoint).calibration.prior
-        alone = replace(bundle, models=[model])
-        models.append(adapt_batch_norm(alone, pixels_uint8, own.positive(logits), rate).models[0])
+        models.append(adapt_batch_norm(replace(bundle, models=[model]), pixels_uint8, pseudo, rate).models[0])
     return replace(bundle, models=models)

@@ -21,6 +21,7 @@ from .adabn import (
     distinct_in_canonical_order,
     fewest_of_a_class,
     has_batch_norm,
+    member_pseudo_labels,
 )
 from .bundle import Bundle, load_bundle
 from .engines import INT8_ENGINES
@@ -248,16 +249,19 @@ class Predictor:
             notes.append(f"not adapted: {count} in-distribution images, fewer than {MIN_ADAPT_BATCH}")
             return scores, self.bundle.decision, False
         pseudo = self.bundle.decision.positive(scores.raw[inside])
-        fewer, positive = fewest_of_a_class(pseudo, distinct)
-        if fewer < MIN_ADAPT_PER_CLASS:  # re-estimated on one class, every score moves (a NORMAL-only batch: FP)
-            name = self.class_names[1] if positive else self.class_names[0]
-            notes.append(f"not adapted: {fewer} of the {count} in-distribution images scored {name} before "
-                         f"adaptation, fewer than {MIN_ADAPT_PER_CLASS}: the validation images' class mix cannot be "
-                         f"drawn from this batch")
-            return scores, self.bundle.decision, False
+        each_alone = len(self.bundle.models) > 1 and self.bundle.adapted_decision is not None
+        members = member_pseudo_labels(self.bundle, scores.members[:, inside]) if each_alone else []
+        for who, labels in [("", pseudo)] + [(f"member {i} alone: ", m) for i, m in enumerate(members, start=1)]:
+            fewer, positive = fewest_of_a_class(labels, distinct)
+            if fewer < MIN_ADAPT_PER_CLASS:  # re-estimated on one class, every score moves (NORMAL-only: FP)
+                name = self.class_names[1] if positive else self.class_names[0]
+                notes.append(f"not adapted: {who}{fewer} of the {count} in-distribution images scored {name} before "
+                             f"adaptation, fewer than {MIN_ADAPT_PER_CLASS}: the validation images' class mix cannot "
+                             f"be drawn from this batch")
+                return scores, self.bundle.decision, False
         rate = (self.bundle.adapted_decision or self.bundle.decision).calibration.prior
-        if len(self.bundle.models) > 1 and self.bundle.adapted_decision is not None:  # as its decision was fitted
-            bundle = adapt_each_member(self.bundle, pixels[inside], scores.members[:, inside])
+        if each_alone:  # each member as it was when it stored the adapted scores the decision is fitted on
+            bundle = adapt_each_member(self.bundle, pixels[inside], members)
         else:
             bundle = adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate)
         adapted = Scorer(bundle, self.device, self.scorer.engine.name, self.amp, cache=False)  # this batch's only

@@ -311,11 +311,13 @@ class Service:
             except AuditUnavailable as error:
                 raise RequestError(503, f"audit log unavailable ({error}); prediction withheld",
                                    {"Retry-After": "5"}) from None
+        watched = 0
         for entry, _, _, _ in scored:
             self.metrics.observe_prediction(entry)
             if not entry.get("batch_adapted"):  # scored by its own batch's statistics: not what the reference holds
                 self.drift.add(entry["raw_score"], entry.get("ood_score"))
-        if self.drift.seen % DRIFT_CHECK_EVERY < len(scored):
+                watched += 1
+        if watched and self.drift.seen % DRIFT_CHECK_EVERY < watched:
             self.drift_report()
 
     # ---------- health, drift, reload

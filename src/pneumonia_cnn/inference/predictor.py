@@ -260,10 +260,9 @@ class Predictor:
                              f"be drawn from this batch")
                 return scores, self.bundle.decision, False
         rate = (self.bundle.adapted_decision or self.bundle.decision).calibration.prior
-        if each_alone:  # each member as it was when it stored the adapted scores the decision is fitted on
-            bundle = adapt_each_member(self.bundle, pixels[inside], members)
-        else:
-            bundle = adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate)
+        # an ensemble: each member as it was when it stored the adapted scores its decision is fitted on
+        bundle = adapt_each_member(self.bundle, pixels[inside], members) if each_alone else \
+            adapt_batch_norm(self.bundle, pixels[inside], pseudo, rate)
         adapted = Scorer(bundle, self.device, self.scorer.engine.name, self.amp, cache=False)  # this batch's only
         notes.append(f"batch-norm statistics re-estimated on this batch ({count} "
                      f"in-distribution images, AdaBN at the validation images' class mix)")

@@ -26,8 +26,13 @@ class Distributed:
         return self.world_size > 1
 
 
+def launched_world_size() -> int:
+    """How many processes ``torchrun`` started (1 without it), read before the process group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_distributed(device_name: str) -> Distributed:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if world_size <= 1:
         return Distributed()
     import torch.distributed as dist
@@ -73,6 +78,16 @@ def gather_by_index(dist_info: Distributed, indices: np.ndarray, values: np.ndar
     for rank_indices, rank_values in gathered:
         out[rank_indices] = rank_values
     return out
+
+
+def gather_objects(dist_info: Distributed, value) -> list:
+    """Every rank's ``value`` (picklable), in rank order, on every rank: a collective, so all ranks call it."""
+    if not dist_info.enabled:
+        return [value]
+    import torch.distributed as dist
+    gathered = [None] * dist_info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def sum_across_ranks(dist_info: Distributed, values: list[float], device) -> list[float]:

@@ -30,11 +30,18 @@ from ..inference.engines import TorchEngine
 from ..metrics import point_metrics
 from ..signals import StopSignals
 from .config import TrainConfig, config_from_dict
-from .distributed import any_rank, finish_distributed, gather_by_index, sum_across_ranks
+from .distributed import (
+    any_rank,
+    finish_distributed,
+    gather_by_index,
+    gather_objects,
+    launched_world_size,
+    sum_across_ranks,
+)
 from .finish import finish_run
 from .optim import ema_decay_at, learning_rate_factor, update_ema
 from .setup import Run, intended_use, start_run
-from .state import RunningSums, check_resumable, cpu_state
+from .state import RunningSums, check_resumable, check_world_size, cpu_state
 
 log = logging.getLogger(__name__)
 AfterTraining = Callable[[Path, TrainConfig, torch.device], dict]
@@ -79,7 +86,7 @@ def train_one_epoch(run: Run, stop: StopSignals) -> bool:
     state.model.train()
     skip = state.step_in_epoch  # a resumed epoch replays the loader's order up to where it stopped
     loss_sum, correct = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
-    bar = _progress_bar(run, skip)
+    bar, agreed = _progress_bar(run, skip), False
     for index, (pixels, labels, _) in enumerate(run.loader):
         if index < skip:
             continue
@@ -94,12 +101,15 @@ def train_one_epoch(run: Run, stop: StopSignals) -> bool:
                 bar.set_postfix(loss=f"{(state.sums.loss + float(loss_sum)) / state.sums.count:.4f}")
         if any_rank(run.dist, stop.requested, run.device):
             stop.request("another rank's stop signal")
+            agreed = True
             break
     state.sums.loss += float(loss_sum)
     state.sums.correct += float(correct)
     if bar is not None:
         bar.close()
-    return not stop.requested
+    # with several ranks, only a stop they all agreed on: one asked after the last step's agreement would save
+    # last.pt (a collective) alone while the others end the epoch; the next step's agreement stops them all
+    return not (agreed or (stop.requested and not run.dist.enabled))
 
 
 def train_step(run: Run, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,8 +161,10 @@ def end_of_epoch(run: Run) -> dict:
     state.best_score = score if improved else state.best_score
     state.epochs_without_improvement = 0 if improved else state.epochs_without_improvement + 1
     state.epoch, state.step_in_epoch, state.sums = state.epoch + 1, 0, RunningSums()
+    # first: a run killed before best.pt is written has it written again when resumed
+    save_last(run, final=state.epoch >= run.config.epochs or bool(
+        run.config.early_stopping and state.epochs_without_improvement >= run.config.early_stopping))
     if run.dist.main:
-        save_last(run)  # first: a run killed before best.pt is written has it written again when resumed
         if improved:
             save_checkpoint(checkpoint_payload(run, state.eval_model), run.out / "best.pt")
         write_history(state.history, run.out)
@@ -239,10 +251,15 @@ def checkpoint_payload(run: Run, weights_model: torch.nn.Module) -> dict:
             "intended_use": intended_use(run.train_set, config)}
 
 
-def save_last(run: Run):
+def save_last(run: Run, final: bool = False):
+    """last.pt, written by rank 0 with every rank's own random states and partial sums: a collective, every
+    rank calls it at the same point. After the last epoch (``final``) nothing more is trained, so rank 0's
+    alone, and no collective: the other ranks go on to their exit, which a collective just before it can abort
+    ("terminate called without an active exception")."""
+    ranks = None if final else gather_objects(run.dist, run.state.rank_state())
     if run.dist.main:
         payload = checkpoint_payload(run, run.state.model)
-        payload["training_state"] = run.state.saved()
+        payload["training_state"] = run.state.saved(ranks, run.dist.world_size)
         save_checkpoint(payload, run.out / "last.pt")
 
 
@@ -273,6 +290,7 @@ def resume(run_dir, after_training: AfterTraining | None = None, **overrides) ->
         raise PneumoniaCNNError(f"{display_path(run_dir)}: nothing to resume (no last.pt)")
     last = load_checkpoint(run_dir / "last.pt")
     check_resumable(last, display_path(run_dir / "last.pt"))
+    check_world_size(last, launched_world_size(), display_path(run_dir))
     values = dict(last["config"])
     _refuse_nothing_to_resume(run_dir, last, values, overrides.get("epochs"))
     values.update({k: v for k, v in overrides.items() if v is not None})

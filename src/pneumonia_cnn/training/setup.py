@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, weights_problem
 from ..data.augment import AugmentConfig
 from ..data.loader import BatchLoader, DeviceBatchLoader, fits_on_device
 from ..device import autocast_dtype, keep_freed_memory_for_reuse, resolve_device
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..fileio import display_path, write_json_atomic
 from ..models import count_parameters, create_model
+from ..models.registry import state_dict_misfit
 from .config import TrainConfig
 from .data import describe_counts, prepare_data
 from .distributed import Distributed, setup_distributed
@@ -100,7 +101,7 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
     if resume_from_last and (out / "last.pt").exists():
         saved = load_checkpoint(out / "last.pt")
         refuse_other_training_images(saved, state.train_digest, out)
-        state.restore(saved)
+        state.restore(saved, rank=dist_info.rank)
         run_id = saved.get("run_id", run_id)
         if dist_info.main:
             log.info("resuming %s at epoch %d step %d", display_path(out), state.epoch + 1, state.step_in_epoch)
@@ -191,8 +192,21 @@ def _graphed_step(run: Run):
 
 
 def start_from(model: torch.nn.Module, config: TrainConfig):
-    """Load the ``--init`` checkpoint's weights; with ``freeze_stem`` keep the first block fixed."""
-    model.load_state_dict(load_checkpoint(config.init)["state_dict"])
+    """Load the ``--init`` checkpoint's weights; with ``freeze_stem`` keep the first block fixed. Weights of
+    another shape (another input size, model or keyword) are one line naming the file, as ``--weights``'s are."""
+    checkpoint = load_checkpoint(config.init)
+    problem = weights_problem(checkpoint["state_dict"], model.state_dict())
+    if not problem:
+        try:
+            model.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as error:
+            problem = state_dict_misfit(error)
+    if problem:
+        trained = (checkpoint.get("preprocessing") or {}).get("size")
+        trained = f"; it was trained at {trained[0]}x{trained[1]} input" if isinstance(trained, (list, tuple)) \
+            and len(trained) == 2 and list(trained) != [config.size, config.size] else ""
+        raise CheckpointError(f"--init {display_path(config.init)}: weights do not fit model {config.model} at "
+                              f"--size {config.size} ({problem}){trained}")
     if config.freeze_stem:
         stem = getattr(model, "stem", None) or next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
         for parameter in stem.parameters():

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import PneumoniaCNNError, one_line
+from ..errors import ConfigError, PneumoniaCNNError, one_line
 
 
 @dataclass
@@ -43,36 +43,47 @@ class TrainingState:
         """The weights that are validated and saved: the average when there is one."""
         return self.ema_model if self.ema_model is not None else self.model
 
-    def saved(self) -> dict:
-        """The ``training_state`` entry of last.pt."""
-        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+    def rank_state(self) -> dict:
+        """What each rank holds of its own: the augmentation generator (seeded per rank), the torch RNG and the
+        partial sums of the epoch (summed across ranks at its end)."""
+        return {"generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "epoch_sums": vars(self.sums).copy()}
+
+    def saved(self, ranks: list[dict] | None = None, world_size: int = 1) -> dict:
+        """The ``training_state`` entry of last.pt; ``ranks``: every rank's ``rank_state()`` (rank 0's is also
+        kept at the top level, as earlier versions read it; rank 0's alone after the last epoch)."""
+        ranks = ranks or [self.rank_state()]
+        return {"optimizer": self.optimizer.state_dict(), **ranks[0], "ranks": ranks, "world_size": world_size,
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "best_score": self.best_score, "epochs_without_improvement": self.epochs_without_improvement,
                 "ema_state_dict": cpu_state(self.ema_model) if self.ema_model is not None else None,
-                "epoch_sums": vars(self.sums).copy(), "train_digest": self.train_digest}
+                "train_digest": self.train_digest}
 
-    def restore(self, checkpoint: dict, path=None):
-        """Continue exactly where ``checkpoint`` (a last.pt) stopped; a last.pt without its training state, or with
-        one of the wrong shape (a copied best.pt, a damaged file), is one line naming the file."""
+    def restore(self, checkpoint: dict, path=None, rank: int = 0):
+        """Continue exactly where ``checkpoint`` (a last.pt) stopped, with ``rank``'s own random states and sums;
+        a last.pt without its training state, or with one of the wrong shape (a copied best.pt, a damaged file),
+        is one line naming the file."""
         try:
-            self._restore(checkpoint)
+            self._restore(checkpoint, rank)
         except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, IndexError) as error:
             reason = f"no {error}" if isinstance(error, KeyError) else one_line(error)
             raise PneumoniaCNNError(f"{path or 'last.pt'}: cannot resume from it ({reason}); it is not a last.pt "
                                     f"that training wrote") from None
 
-    def _restore(self, checkpoint: dict):
+    def _restore(self, checkpoint: dict, rank: int):
         saved = checkpoint["training_state"]
+        ranks = saved.get("ranks") or [saved]  # earlier versions saved rank 0's only; so does the last epoch,
+        mine = ranks[rank] if rank < len(ranks) else ranks[0]  # after which nothing is trained
         self.model.load_state_dict(checkpoint["state_dict"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.ema_model is not None and saved.get("ema_state_dict") is not None:
             self.ema_model.load_state_dict(saved["ema_state_dict"])
-        self.generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
+        self.generator.set_state(mine["generator"])
+        torch.set_rng_state(mine["torch_rng"])
         self.epoch, self.step_in_epoch = saved["epoch"], saved.get("step_in_epoch", 0)
         self.best_score = saved.get("best_score")
         self.epochs_without_improvement = saved.get("epochs_without_improvement", 0)
-        self.sums = RunningSums.from_saved(saved.get("epoch_sums")) if self.step_in_epoch else RunningSums()
+        self.sums = RunningSums.from_saved(mine.get("epoch_sums")) if self.step_in_epoch else RunningSums()
         self.history = list(checkpoint.get("history", []))
 
 
@@ -90,6 +101,18 @@ def check_resumable(checkpoint: dict, path) -> None:
         problem = f"training_state.{wrong[0]} is {saved[wrong[0]]!r}, not a whole number" if wrong else None
     if problem:
         raise PneumoniaCNNError(f"{path}: cannot resume from it ({problem})")
+
+
+def check_world_size(checkpoint: dict, world_size: int, where) -> None:
+    """A run resumed with another number of processes would change its global batch, and its saved position in
+    the epoch and per-rank random states belong to the other layout: refused (earlier versions saved no size)."""
+    saved = checkpoint.get("training_state")
+    started = saved.get("world_size") if isinstance(saved, dict) else None
+    if isinstance(started, int) and not isinstance(started, bool) and started != world_size:
+        how = f"with {started} processes (torchrun --nproc-per-node {started})" if started > 1 else "without torchrun"
+        raise ConfigError(f"{where}: started with {started} process{'es' if started > 1 else ''}, resumed with "
+                          f"{world_size}; its global batch and saved position in the epoch belong to {started}: "
+                          f"resume it {how}, or start a new run")
 
 
 def cpu_state(model: torch.nn.Module) -> dict:

@@ -266,20 +266,22 @@ def save_last(run: Run, final: bool = False):
 def finish(run: Run, interrupted: bool, after_training: AfterTraining | None) -> dict:
     summary = {"run_dir": str(run.out), "run_id": run.run_id, "history": run.state.history,
                "interrupted": interrupted, "parameters": run.parameters, "main_process": run.dist.main}
-    if interrupted:
-        if run.dist.main:
-            log.warning("stopped early; resume with: pneumonia-cnn train --resume %s", display_path(run.out))
-    elif run.dist.main:
-        summary.update(finish_run(run.out, run.config, run.train_set, run.val_set, run.device))
-        if after_training is not None:
-            summary.update(after_training(run.out, run.config, run.device))
+    try:  # a stop during the end-of-run steps still closes the tracker and leaves the process group
+        if interrupted:
+            if run.dist.main:
+                log.warning("stopped early; resume with: pneumonia-cnn train --resume %s", display_path(run.out))
+        elif run.dist.main:
+            summary.update(finish_run(run.out, run.config, run.train_set, run.val_set, run.device))
+            if after_training is not None:
+                summary.update(after_training(run.out, run.config, run.device))
+            if run.tracker:
+                run.tracker.log_metrics({f"final_{k}": v for k, v in summary.get("test_metrics", {}).items()
+                                         if isinstance(v, (int, float))}, len(run.state.history))
+                run.tracker.log_artifacts(run.out)
+    finally:
         if run.tracker:
-            run.tracker.log_metrics({f"final_{k}": v for k, v in summary.get("test_metrics", {}).items()
-                                     if isinstance(v, (int, float))}, len(run.state.history))
-            run.tracker.log_artifacts(run.out)
-    if run.tracker:
-        run.tracker.close()
-    finish_distributed(run.dist)
+            run.tracker.close()
+        finish_distributed(run.dist)
     return summary
 
 

@@ -140,7 +140,7 @@ def run_explain(args) -> int:
         raise PneumoniaCNNError(f"{args.out}: --out is a file; give a folder for the overlays")
     refuse_overlays_among_images(args.out, args.paths, paths)
     planned_overlays(paths, args.out)  # refused in a second, before the model loads (explain_each checks again)
-    predictor = scoring_predictor(args, "explain")  # a model that does not load leaves no --out folder made
+    predictor = scoring_predictor(args)  # a model that does not load leaves no --out folder made
     check_output_folder(args.out)  # checked, not made: the first overlay makes it
     explained = 0
     with removed_if_left_empty(args.out):  # no image explained (unreadable ones, a full disk): no folder made

@@ -146,11 +146,10 @@ def check_scoring_options(args, command: str) -> None:
                                 f"(pneumonia-cnn adapt) and give {command} the adapted checkpoint")
 
 
-def scoring_predictor(args, command: str):
-    """The ``Predictor`` predict and serve build for ``--device``, ``--engine`` and ``--prevalence``; the rate
-    used said on stderr, as predict says it."""
+def scoring_predictor(args):
+    """The ``Predictor`` predict and serve build for ``--device``, ``--engine`` and ``--prevalence`` (checked
+    before, by ``check_scoring_options``, ahead of any work); the rate used said on stderr, as predict says it."""
     from ..inference import Predictor
-    check_scoring_options(args, command)
     predictor = Predictor(args.checkpoint, args.device, engine=args.engine, prevalence=args.prevalence)
     if predictor.prevalence is not None:
         log.info("probabilities %s", predictor.prevalence_mode()["description"])
@@ -225,7 +224,7 @@ def run_pacs(args) -> int:
                           give_up_after=args.give_up_after,
                           refusal_spacing=args.refusal_spacing, retry_given_up=args.retry_given_up,
                           max_instance_mb=args.max_instance_mb)
-    job = PacsJob(scoring_predictor(args, "pacs"), options)
+    job = PacsJob(scoring_predictor(args), options)
     job.on_stored = print_pacs_result  # each as it is stored: a run that ends early has printed what it did
     if args.watch:  # SIGTERM (systemd's stop): exit 0; Ctrl-C: 130, as listen
         return 130 if job.watch(args.interval, args.polls, print_pacs_summary) == "SIGINT" else 0
@@ -305,7 +304,7 @@ def run_listen(args) -> int:
     spool_lock(spool).acquire().release()  # and so is a spool another node is using
     os.environ.setdefault(IDLE_THREADS, "sleep")  # as serve's: the network threads share the cores with scoring
     idle_threads()
-    listener = Listener(scoring_predictor(args, "listen"), destination, args.ae_title, args.port, args.host,
+    listener = Listener(scoring_predictor(args), destination, args.ae_title, args.port, args.host,
                         args.spool, args.overlay, args.retries + 1, args.backoff, args.retry_after,
                         modalities=modalities, give_up_after=args.give_up_after,
                         max_instance_mb=args.max_instance_mb, access=access)

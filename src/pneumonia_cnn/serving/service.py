@@ -311,13 +311,11 @@ class Service:
             except AuditUnavailable as error:
                 raise RequestError(503, f"audit log unavailable ({error}); prediction withheld",
                                    {"Retry-After": "5"}) from None
-        watched = 0
         for entry, _, _, _ in scored:
             self.metrics.observe_prediction(entry)
             if not entry.get("batch_adapted"):  # scored by its own batch's statistics: not what the reference holds
                 self.drift.add(entry["raw_score"], entry.get("ood_score"))
-                watched += 1
-        if watched and self.drift.seen % DRIFT_CHECK_EVERY < watched:
+        if self.drift.seen % DRIFT_CHECK_EVERY < len(scored):  # a report of an unchanged window is cached
             self.drift_report()
 
     # ---------- health, drift, reload

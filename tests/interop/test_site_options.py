@@ -143,8 +143,8 @@ REFUSED = {  # each command, and what it is told, before the model loads
     (["--prevalence", "estimate"], "--prevalence estimate: {command} "),
     (["--prevalence", "ESTIMATE"], "--prevalence estimate: {command} "),
     (["--adapt-batch"], "--adapt-batch: {command} "),
-    (["--prevalence", "1.5"], "--prevalence 1.5: must be strictly between 0 and 1"),  # predict's own words
-    (["--prevalence", "often"], "--prevalence often: give a rate between 0 and 1, or 'estimate'"),
+    (["--prevalence", "1.5"], "--prevalence 1.5: must be strictly between 0 and 1\n"),  # predict's own words
+    (["--prevalence", "often"], "--prevalence often: give a rate between 0 and 1\n"),  # not 'estimate': refused
 ])
 def test_batch_steps_and_bad_rates_refused_in_one_line(command, option, said, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

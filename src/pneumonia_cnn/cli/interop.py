@@ -137,7 +137,7 @@ def add_scoring_options(p, command: str):
 def check_scoring_options(args, command: str) -> None:
     """Before any work: the rate as predict and serve check it; the batch steps refused in one line."""
     from ..inference.predictor import parse_prevalence
-    if parse_prevalence(args.prevalence) == "estimate":
+    if parse_prevalence(args.prevalence, estimate=False) == "estimate":  # refused below, with why
         raise PneumoniaCNNError(f"--prevalence estimate: {command} {SCORED_APART[command]}; estimate the site's rate "
                                 f"with predict --prevalence estimate on a batch of its images, then give it "
                                 f"(--prevalence 0.3)")

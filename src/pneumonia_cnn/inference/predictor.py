@@ -30,8 +30,7 @@ from .scorer import Scorer, Scores
 
 log = logging.getLogger(__name__)
 MIN_ADAPT_BATCH = 32  # fewer images give batch-norm statistics too noisy to trust (README, "Decision")
-# EM (Saerens et al.) on a few images is noise: on one image it always ends at a rate of 0 or 1 (the likelihood
-# is linear in the rate). So the same floor as AdaBN's, one site's batch (measured: README, "From score to decision")
+# EM (Saerens et al.) on one image always ends at a rate of 0 or 1 (the likelihood is linear in the rate): AdaBN's floor
 MIN_ESTIMATE_BATCH = 32
 # files that predict decodes and scores at a time (at least --batch-size): about 10 MB of pixels, rows every
 # second or so; 32 at a time switched between the decoding threads and ONNX Runtime so often that 2,000 images
@@ -63,14 +62,15 @@ class Prediction:
         return asdict(self)
 
 
-def parse_prevalence(value) -> float | str | None:
-    """None, "estimate", or a pneumonia rate strictly between 0 and 1."""
+def parse_prevalence(value, estimate: bool = True) -> float | str | None:
+    """None, "estimate", or a rate strictly between 0 and 1; ``estimate``: whether the refusal offers it."""
     if value is None or str(value).lower() == "estimate":
         return None if value is None else "estimate"
     try:
         rate = float(value)
     except ValueError:
-        raise PneumoniaCNNError(f"--prevalence {value}: give a rate between 0 and 1, or 'estimate'") from None
+        raise PneumoniaCNNError(f"--prevalence {value}: give a rate between 0 and 1"
+                                f"{', or ' + repr('estimate') if estimate else ''}") from None
     if not 0 < rate < 1:
         raise PneumoniaCNNError(f"--prevalence {value}: must be strictly between 0 and 1")
     return rate

@@ -141,8 +141,8 @@ def signalled_while_rank_0_writes(run):  # the other rank has gone on into the n
         os.kill(os.getpid(), signal.SIGINT)
     return row
 loop.end_of_epoch = signalled_while_rank_0_writes
-from pneumonia_cnn.cli import main
-sys.exit(main(sys.argv[1:]))
+from pneumonia_cnn.cli import entry
+sys.exit(entry())  # as `python -m pneumonia_cnn` ends
 """
 
 

@@ -116,3 +116,33 @@ def test_ctrl_c_after_the_command_ended_exits_with_its_status_and_no_traceback(s
         process.kill()
     assert process.returncode == status and time.monotonic() - started < 3  # at once, not after the 5 s
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+TORCHRUN_PROCESS_ENDS = """
+import atexit, logging, sys
+from pneumonia_cnn import cli
+def work_done():
+    sys.stdout.write("done, unflushed")
+    logging.getLogger("pneumonia_cnn").warning("said last")
+    return 3
+cli.main = work_done
+atexit.register(print, "finalised", file=sys.stderr)  # stands for a Gloo worker taking the GIL at finalisation
+raise SystemExit(cli.entry())
+"""
+
+
+@pytest.mark.parametrize("world_size", ["2", "1", None])
+def test_a_process_torchrun_started_ends_without_finalisation_and_with_what_it_said(world_size):
+    """A Gloo worker thread still releasing the last collective's tensors took the GIL during the interpreter's
+    finalisation: SIGABRT ("terminate called without an active exception"), and torchrun failed the job (10 of 70
+    2-process stops here). A process torchrun started (WORLD_SIZE above 1) now ends at once after ``main``."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "PYTHONUNBUFFERED")}  # stdout buffered
+    if world_size is not None:
+        env["WORLD_SIZE"] = world_size
+    result = subprocess.run([sys.executable, "-c", TORCHRUN_PROCESS_ENDS], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 3 and result.stdout == "done, unflushed"
+    assert "said last" in result.stderr
+    assert ("finalised" in result.stderr) == (world_size != "2")

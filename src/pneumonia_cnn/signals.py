@@ -38,13 +38,18 @@ def exit_quietly_once_done(status: int) -> None:
     """After ``main`` has returned, its work done and said: Ctrl-C during the interpreter's exit (torch's atexit
     handlers, joining threads) ends the process at once with ``main``'s status. It raised a KeyboardInterrupt
     there, outside every handler: a traceback, and the process ended by the signal as if interrupted mid-work."""
-    def end_now(_number, _frame):
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):  # a closed or full stream: nothing more can be said anyway
-                stream.flush()
-        os._exit(status)
     with contextlib.suppress(ValueError):  # not the main thread: signals are the caller's
-        signal.signal(signal.SIGINT, end_now)
+        signal.signal(signal.SIGINT, lambda _number, _frame: end_process_now(status))
+
+
+def end_process_now(status: int) -> None:
+    """Ends the process with ``status`` once what was said is flushed, without the interpreter's finalisation
+    (atexit handlers, the garbage collector's last pass, joining threads)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or full stream: nothing more can be said anyway
+            stream.flush()
+    os._exit(status)
 
 
 class Terminated(KeyboardInterrupt):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 from ..fileio import OutputError, printable
-from ..signals import Terminated, end_by_sigterm, exit_quietly_once_done, sigterm_unwinds
+from ..signals import Terminated, end_by_sigterm, end_process_now, exit_quietly_once_done, sigterm_unwinds
 from . import deployment, evaluation, interop, training
 from .common import PATH, setup_logging
 from .outputs import refuse_repeated_checkpoints
@@ -186,7 +186,13 @@ def entry() -> int:
     them. Only for a process that ends here: ``main`` itself, called in-process, leaves the collector alone (and
     the signal handlers)."""
     import gc
+    import os
     status = main()
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+        # a process torchrun started: a Gloo worker thread can still be releasing the last collective's tensors,
+        # which takes the GIL; during finalisation that aborts the process ("terminate called without an active
+        # exception", SIGABRT) and torchrun then fails the job (pytorch/pytorch#179291). Nothing is left to do.
+        end_process_now(status)
     exit_quietly_once_done(status)
     gc.freeze()
     return status

@@ -70,6 +70,15 @@ def test_resume_says_nothing_of_an_unedited_config_json(trained_run, tmp_path, c
     ("quoted.toml", 'lr = "0.01"\n', "lr: expected float (not quoted text), got '0.01'"),
     ("quoted.yaml", 'epochs: "1"\n', "epochs: expected int (not quoted text), got '1'"),
     ("ages.yaml", 'age_range_years: ["1", 5]\n', "age_range_years: expected numbers (not quoted text)"),
+    ("sched.json", '{"size": 64, "size_schedule": {"48": "2"}}', "size_schedule: expected {size: epochs} with whole"),
+    ("half.yaml", "size: 64\nsize_schedule: {48: 2.5}\n", "size_schedule: expected {size: epochs} with whole"),
+    ("flag.yaml", "size: 64\nsize_schedule: {48: true}\n", "size_schedule: expected {size: epochs} with whole"),
+    ("kw.json", '{"model": "resnet18_narrow", "model_kwargs": {"width": "32"}}',
+     "model_kwargs: model resnet18_narrow: width must be an integer (its default is 16), got '32'"),
+    ("kw.yaml", "model: resnet18_narrow\nmodel_kwargs: {dropout: '0.5'}\n",
+     "dropout must be a number (its default is 0.0), got '0.5'"),
+    ("kw.toml", "model = 'resnet18_narrow'\nmodel_kwargs = {width = true}\n",
+     "width must be an integer (its default is 16), got True"),
 ])
 def test_config_file_refuses_duplicates_and_quoted_numbers(tmp_path, name, text, said):
     path = tmp_path / name
@@ -90,9 +99,11 @@ def test_config_file_value_hidden_by_a_flag_is_still_refused(tmp_path):
 def test_config_file_numbers_still_read(tmp_path):
     """YAML's 1e-3 (text to YAML 1.1) stays a number; a float with an integer value stays an int."""
     path = tmp_path / "ok.yaml"
-    path.write_text("lr: 1e-3\nepochs: 2.0\nthreshold: 0.3\n")
+    path.write_text("lr: 1e-3\nepochs: 5.0\nthreshold: 0.3\nsize: 64\nsize_schedule: {48: 2.0, '32': 1}\n"
+                    "model: resnet18_narrow\nmodel_kwargs: {width: 8, dropout: 0}\n")
     config = make_config(None, str(path))
-    assert (config.lr, config.epochs, config.threshold) == (1e-3, 2, "0.3")
+    assert (config.lr, config.epochs, config.threshold) == (1e-3, 5, "0.3")
+    assert config.size_schedule == {"48": 2, "32": 1} and config.model_kwargs == {"width": 8, "dropout": 0}
 
 
 def test_cli_config_error_is_one_line(tmp_path, capsys):

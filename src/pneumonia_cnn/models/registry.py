@@ -65,6 +65,19 @@ def check_model_kwargs(name: str, kwargs: dict, reserved=()) -> None:
     if unknown:
         raise ConfigError(f"model {name}: unknown keyword argument(s) {', '.join(sorted(unknown))}; "
                           f"it accepts {', '.join(accepted) or 'none'}")
+    for key, value in kwargs.items():
+        _check_like_default(name, key, value, parameters[key].default)
+
+
+def _check_like_default(name: str, key: str, value, default) -> None:
+    """A number where the model's default is one (a quoted "32" failed deep inside the model's construction,
+    blamed on the input size; ``true`` was taken for 1)."""
+    kinds = {bool: ("true or false", (bool,)), int: ("an integer", (int,)), float: ("a number", (int, float))}
+    if type(default) not in kinds:
+        return
+    wanted, types = kinds[type(default)]
+    if not isinstance(value, types) or (isinstance(value, bool) and type(default) is not bool):
+        raise ConfigError(f"model {name}: {key} must be {wanted} (its default is {default!r}), got {value!r}")
 
 
 def state_dict_misfit(error: BaseException) -> str:

@@ -193,9 +193,11 @@ def _check_field(spec: dataclasses.Field, value):
 
 
 def _size_schedule(value: dict, size: int, epochs: int) -> dict:
-    try:
+    try:  # epochs as numbers (a quoted "4" was read, 2.5 cut to 2 and true taken for 1), sizes as JSON's keys
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == int(v) for v in value.values()):
+            raise TypeError("epochs are not whole numbers")
         schedule = {str(int(k)): int(v) for k, v in value.items()}
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError, OverflowError):
         raise ConfigError(f"size_schedule: expected {{size: epochs}} with whole numbers, got {value!r}") from None
     if any(not 16 <= int(k) < size or v < 1 for k, v in schedule.items()):
         raise ConfigError(f"size_schedule: sizes must lie in [16, size={size}) and epochs be >= 1, got {value!r}")

@@ -228,6 +228,9 @@ def load_torch_file(path, map_location="cpu"):
     if head.startswith(b"\x80") and _LEGACY_MAGIC not in head:
         raise CheckpointError(f"{display_path(path)}: not a readable checkpoint (not a PyTorch file: a pickle "
                               f"without torch's magic number)")
+    if _is_torchscript(path):  # torch.load warned in a second line, then told of its own API's history
+        raise CheckpointError(f"{display_path(path)}: a TorchScript export (export --format torchscript), not a "
+                              f"checkpoint; give the checkpoint it was exported from")
     damaged = damaged_entry(path)
     if damaged:
         raise CheckpointError(f"{display_path(path)}: not a readable checkpoint (damaged: the checksum of {damaged} "
@@ -245,6 +248,14 @@ def load_torch_file(path, map_location="cpu"):
     except Exception as error:  # garbage makes the unpickler fail in many ways (KeyError, IndexError, ...)
         raise CheckpointError(f"{display_path(path)}: not a readable checkpoint ({_unreadable_reason(path, error)})"
                               ) from None
+
+
+def _is_torchscript(path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return False
 
 
 def damaged_entry(path) -> str | None:

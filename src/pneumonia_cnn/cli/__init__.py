@@ -50,6 +50,11 @@ def looks_like_checkpoint(item: str) -> bool:
         return False
 
 
+EXPORTED = "an exported model, which pneumonia-cnn does not score; give the checkpoint it was exported from"
+KERAS = "a Keras model; import it first (pneumonia-cnn import-keras FILE --out model.pt) and give model.pt"
+OTHER_MODEL_FILES = {".onnx": EXPORTED, ".ts": EXPORTED, ".torchscript": EXPORTED, ".h5": KERAS, ".keras": KERAS}
+
+
 def refuse_missing_checkpoint(item: str) -> None:
     """A first argument meant as a checkpoint but not one must not fall back to the built-in model quietly:
     a ``.pt`` path that is not a file, or a run folder (it has config.json) without best.pt or last.pt."""
@@ -62,6 +67,9 @@ def refuse_missing_checkpoint(item: str) -> None:
     if path.suffix in (".pt", ".pth") and not path.is_file():
         from ..checkpoint import not_a_file_reason  # a FIFO or a link loop is there: say what it is
         raise PneumoniaCNNError(f"{item}: {not_a_file_reason(path)}")
+    if path.suffix.lower() in OTHER_MODEL_FILES and path.is_file():  # it was read as an image, and the
+        # built-in model scored the rest
+        raise PneumoniaCNNError(f"{item}: {OTHER_MODEL_FILES[path.suffix.lower()]}")
     if not path.exists() and path.suffix.lower() not in SUPPORTED_SUFFIXES and not any(c in item for c in "*?["):
         raise PneumoniaCNNError(f"{item}: no such checkpoint, file or folder")  # runs/typo: not quietly builtin
     if path.is_dir() and (path / "config.json").is_file():

@@ -9,7 +9,7 @@ import re
 
 from ..errors import PneumoniaCNNError
 from .common import PATH, PORT, Command, add_device, add_engine, check_output, positive_number, whole_number
-from .outputs import check_replaceable
+from .outputs import check_replaceable, refuse_builtin_folder
 
 log = logging.getLogger("pneumonia_cnn")
 
@@ -56,6 +56,7 @@ def check_export_out(out, fmt: str) -> None:
     import os
     from pathlib import Path
     suffixes = EXPORT_SUFFIXES[fmt]
+    refuse_builtin_folder(out)
     if Path(out).suffix.lower() not in suffixes:
         raise PneumoniaCNNError(f"{out}: --format {fmt} writes a file ending in {' or '.join(suffixes)}; give "
                                 f"--out such a name")

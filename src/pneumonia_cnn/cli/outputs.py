@@ -152,25 +152,34 @@ def run_folder_of(path: Path) -> bool:
             or _is_run_history_json(folder / "history.json") or _is_run_last_checkpoint(folder / "last.pt"))
 
 
+def refuse_builtin_folder(out, flag: str = "--out") -> None:
+    """Nothing is written among the built-in model's files (an installation's, shared by every user)."""
+    from .. import builtin
+    path = Path(out)
+    try:
+        place = path.parent.resolve() / path.name
+        packaged = place.is_relative_to(Path(builtin.checkpoint_path()).resolve().parent)
+    except (OSError, RuntimeError):  # a name too long, a link loop: the write names the reason
+        return
+    if packaged:
+        raise PneumoniaCNNError(f"{out}: {flag} is inside the built-in model's package folder; choose another path")
+
+
 def check_replaceable(out, kind: str, flag: str = "--out") -> None:
     """Before any work: ``out`` is new, empty (mktemp's), or the command's own ``kind`` of output; never a file
     of a training run (``RUN_FILES``, even one not yet there: best.pt beside a run's config.json is the run's) or
     of the built-in model (evaluate's default RUN/test_metrics.json, beside its own model, is not checked here:
     ``keep_other_metrics`` guards it)."""
-    from .. import builtin
     from ..training.setup import RUN_FILES
     if not out:
         return
     path = Path(out)
+    refuse_builtin_folder(out, flag)
     try:
-        place = path.parent.resolve() / path.name
-        packaged = place.is_relative_to(Path(builtin.checkpoint_path()).resolve().parent)
         run_file = path.name in RUN_FILES and run_folder_of(path)
         present = path.is_file() and path.stat().st_size > 0
     except (OSError, RuntimeError):  # a name too long, a link loop: the write names the reason
         return
-    if packaged:
-        raise PneumoniaCNNError(f"{out}: {flag} is inside the built-in model's package folder; choose another path")
     if run_file:
         raise PneumoniaCNNError(f"{out}: {flag} would replace the {path.name} of the training run in {path.parent} "
                                 f"(a run's own files are not replaced); choose another path")

@@ -217,7 +217,15 @@ def test_ctrl_c_while_the_command_is_still_importing_is_quiet():
     import time
     process = subprocess.Popen([sys.executable, "-m", "pneumonia_cnn", "info", "builtin"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    time.sleep(0.6)  # the handler is set within about 0.1 s; torch takes over a second to import here
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:  # the handler is set just before torch is
+        # imported: once torch's library is mapped, the import is under way (a fixed 0.6 s had left 0.2 s to
+        # spare on a loaded machine, where Python's own start took 0.25 s)
+        with open(f"/proc/{process.pid}/maps") as maps:
+            if "libtorch" in maps.read():
+                break
+        time.sleep(0.01)
+    assert process.poll() is None, "info ended before torch was imported"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr

@@ -61,7 +61,8 @@ class Orthanc:
             try:
                 if requests.get(f"{self.url}/system", timeout=1).status_code in (200, 401):
                     return self
-            except requests.ConnectionError:
+            except requests.RequestException:  # refused while starting, or accepted and not yet answered (a
+                # ReadTimeout is no ConnectionError)
                 time.sleep(0.1)
         raise RuntimeError("Orthanc did not answer within 30 s")
 

@@ -25,13 +25,18 @@ def quiet_interrupt_while_importing():
     previous = None
     if program in ("pneumonia-cnn", "-m"):
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            previous = signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+            previous = signal.signal(signal.SIGINT, _interrupted_while_importing)
     try:
         yield
     finally:
         if program in ("pneumonia-cnn", "-m") and signal.getsignal(signal.SIGINT) is not previous:
             with contextlib.suppress(ValueError, TypeError):  # a handler set from C reads as None: Python's default
                 signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def _interrupted_while_importing(_number, _frame):
+    os.write(2, b"interrupted\n")  # as a Ctrl-C once the command runs says (it ended without a word)
+    os._exit(130)
 
 
 def exit_quietly_once_done(status: int) -> None:

@@ -286,7 +286,8 @@ def test_the_served_graphs_signature_passes_the_check(tmp_path):
     size = bundle.preprocessing.size
     cached = store_path(served_key(bundle.models[0], size, bundle.tta, bundle.taps), tmp_path)
     cached.parent.mkdir(parents=True)
-    cached.write_bytes(export_onnx_bytes(ServedModel(bundle.models[0], bundle.tta, bundle.taps), size))
+    from pneumonia_cnn.inference.graph_cache import store
+    store(cached, export_onnx_bytes(ServedModel(bundle.models[0], bundle.tta, bundle.taps), size))  # with its checksum
     engine = Int8Engine(bundle.models, size, bundle.tta, bundle.taps, cache_dir=tmp_path)
     logits, features = engine.run(torch.zeros(2, *size, dtype=torch.uint8).numpy())
     assert logits.shape == (1, 2) and len(features) == 3

@@ -30,6 +30,7 @@ def checkpoint_card(checkpoint) -> dict:
                                                     "schedule", "augment", "class_balance", "seed")},
         "intended_use": ckpt.get("intended_use", {}),
         "adapted": ckpt.get("adaptation"),
+        "imported": ckpt.get("imported") if isinstance(ckpt.get("imported"), dict) else None,
         "ood_flag": (f"fitted: {ood_description(ckpt)} as "
                      f"{flag_message(ckpt.get('intended_use'))}"
                      f"; its probability is still given" if ood else "not fitted for this checkpoint"),
@@ -85,18 +86,28 @@ def threshold_text(card: dict, label: str = "") -> str:
     return f"threshold {card['threshold']:.3f} ({label}{how})"
 
 
+# an imported Keras model's decision: the tutorial's, fitted on no images here (it read "not recorded (a checkpoint
+# of an earlier version)")
+IMPORTED_FIT = ("no images: the tutorial's threshold 0.5 and no calibration, as imported (pneumonia-cnn evaluate "
+                "--threshold POLICY --calibration platt --save-as fits them on labelled validation images)")
+
+
 def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
     card = checkpoint_card(checkpoint)
     if as_json:
         return json.dumps(card, indent=2, default=str)
     use = card["intended_use"] or {}
-    lines = [f"run {card['run_id']}: model {card['model']} ({card['parameters'] or 0:,} parameters), "
-             f"epoch {card['epoch']}",
+    imported = card.get("imported")
+    origin = (f"imported from Keras file {imported.get('file')} (SHA-256 {imported.get('sha256')}), trained elsewhere"
+              if imported else f"epoch {card['epoch']}")
+    fitted = (IMPORTED_FIT if imported and not card["decision_fitted_on"] else
+              f"{_fit_text(card['decision_fitted_on'])}{_kept_by_adapt(card)}")
+    lines = [f"run {card['run_id']}: model {card['model']} ({card['parameters'] or 0:,} parameters), {origin}",
              f"input: {card['input']['size'][0]}x{card['input']['size'][1]}, {card['input']['channels']} channel(s), "
              f"intensity {card['input'].get('intensity', 'none')}, pixels / 255",
              f"classes: {', '.join(card['class_names'] or [])}; {threshold_text(card)}; "
              f"{_calibration_text(card['calibration'])}",
-             f"threshold and calibration fitted on: {_fit_text(card['decision_fitted_on'])}{_kept_by_adapt(card)}",
+             f"threshold and calibration fitted on: {fitted}",
              "trained with: " + ", ".join(f"{k}={v}" for k, v in card["trained_with"].items() if v not in (None, "")),
              f"intended use: {use.get('task', 'binary pneumonia screening aid')}",
              f"training population: {use.get('population', 'unknown')}",

@@ -78,3 +78,55 @@ def test_a_csv_saved_by_excel_with_a_byte_order_mark_is_read(tmp_path):
     write_image(tmp_path / "imgs" / "a.png", IMAGE)
     (tmp_path / "excel.csv").write_bytes("path,label\nimgs/a.png,PNEUMONIA\n".encode("utf-8-sig"))
     assert read_csv_list(tmp_path / "excel.csv").labels.tolist() == [1]
+
+
+# --- found by a probe of the evaluation commands (2026-11-28) -----------------------------------------------------
+
+def _csv_images(tmp_path, names=("n1", "n2", "p1")):
+    for name in names:
+        write_image(tmp_path / f"{name}.png", IMAGE)
+
+
+def test_a_csv_label_is_read_from_the_column_named_label_wherever_it_is(tmp_path):
+    """Header path,old_ai_call,label: the label had been read from the second column (an earlier model's call,
+    the opposite of the truth here), and evaluate scored accuracy 0.0 against it, exit 0."""
+    _csv_images(tmp_path)
+    (tmp_path / "calls.csv").write_text("path,old_ai_call,label\nn1.png,1,0\nn2.png,1,NORMAL\np1.png,0,1\n")
+    assert read_csv_list(tmp_path / "calls.csv").labels.tolist() == [0, 0, 1]
+    (tmp_path / "swapped.csv").write_text("label,patient_id,file\n1,pA,p1.png\n0,pB,n1.png\n")
+    swapped = read_csv_list(tmp_path / "swapped.csv")
+    assert swapped.labels.tolist() == [1, 0] and swapped.patients == ["pA", "pB"]
+    assert [p.rsplit("/", 1)[1] for p in swapped.paths] == ["p1.png", "n1.png"]
+
+
+def test_a_csv_header_without_a_label_column_is_refused_naming_its_columns(tmp_path):
+    _csv_images(tmp_path)
+    (tmp_path / "meta.csv").write_text("path,source,finding\nn1.png,hospital A,normal\n")
+    with pytest.raises(DatasetError) as error:
+        read_csv_list(tmp_path / "meta.csv")
+    assert str(error.value) == (f"{tmp_path / 'meta.csv'}:1: the header names no label column (it has path, source, "
+                                f"finding); name the column of 0/1 or class names 'label'")
+
+
+def test_a_csv_row_with_an_empty_path_is_refused_not_dropped(tmp_path):
+    _csv_images(tmp_path)
+    (tmp_path / "gap.csv").write_text("path,label\nn1.png,0\n,1\np1.png,1\n,,\n")  # the last: a blank row
+    with pytest.raises(DatasetError, match=r"gap\.csv:3: no path \(its path cell is empty\)$"):
+        read_csv_list(tmp_path / "gap.csv")
+    (tmp_path / "ok.csv").write_text("path,label\nn1.png,0\np1.png,1\n,,\n")
+    assert read_csv_list(tmp_path / "ok.csv").labels.tolist() == [0, 1]
+
+
+def test_class_folders_and_csv_labels_match_the_models_classes_without_regard_to_case(tmp_path):
+    for name in ("normal", "Pneumonia"):
+        write_image(tmp_path / "test" / name / "a.png", IMAGE)
+    images = load_split(tmp_path, "test", class_names=("NORMAL", "PNEUMONIA"))
+    assert images.class_names == ("NORMAL", "PNEUMONIA") and images.labels.tolist() == [0, 1]
+    assert images.paths[0].endswith("normal/a.png")
+    write_image(tmp_path / "test" / "NORMAL" / "b.png", IMAGE)
+    with pytest.raises(DatasetError, match=r"class folders (NORMAL and normal|normal and NORMAL) both name the class "
+                                           r"NORMAL; merge them into one$"):
+        load_split(tmp_path, "test", class_names=("NORMAL", "PNEUMONIA"))
+    _csv_images(tmp_path)
+    (tmp_path / "lower.csv").write_text("n1.png,normal\np1.png,pneumonia\n")
+    assert read_csv_list(tmp_path / "lower.csv").labels.tolist() == [0, 1]

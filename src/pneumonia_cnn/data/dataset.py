@@ -90,6 +90,26 @@ def class_folders(split_dir: Path) -> list[str]:
     return sorted(names, key=lambda name: ("pneumonia" in name.casefold(), name.casefold(), name))
 
 
+def _class_folder_names(split_dir: Path, folders: list[str], class_names: tuple) -> dict[str, str]:
+    """The folder of each class, matched without regard to case as classes are sorted (a model's NORMAL read
+    from `normal/`: it had been refused as not among the model's classes)."""
+    found, unknown = {}, []
+    for folder in folders:
+        name = next((n for n in class_names if n == folder), None) or next(
+            (n for n in class_names if n.casefold() == folder.casefold()), None)
+        if name is None:
+            unknown.append(folder)
+        elif name in found:
+            raise DatasetError(f"{display_path(split_dir)}: class folders {found[name]} and {folder} both name the "
+                               f"class {name}; merge them into one")
+        else:
+            found[name] = folder
+    if unknown:
+        raise DatasetError(f"{display_path(split_dir)}: class folder(s) {', '.join(unknown)} not among the "
+                           f"model's classes {', '.join(class_names)}")
+    return found
+
+
 def scan_folder(split_dir, class_names=None, require_both_classes: bool = False) -> ImageList:
     """Scan ``split_dir/<class>/...``; classes are sorted folder names unless ``class_names`` is given."""
     split_dir = Path(split_dir)
@@ -104,13 +124,10 @@ def scan_folder(split_dir, class_names=None, require_both_classes: bool = False)
             raise DatasetError(f"{display_path(split_dir)}: expected 2 class folders (e.g. NORMAL, PNEUMONIA), "
                                f"found {len(class_names)}: {', '.join(folders) or 'none'}")
     class_names = tuple(class_names)
-    unknown = [f for f in folders if f not in class_names]
-    if unknown:
-        raise DatasetError(f"{display_path(split_dir)}: class folder(s) {', '.join(unknown)} not among the "
-                           f"model's classes {', '.join(class_names)}")
+    found = _class_folder_names(split_dir, folders, class_names)
     paths, labels, ignored, notes = [], [], 0, []
     for index, name in enumerate(class_names):
-        folder = split_dir / name
+        folder = split_dir / found.get(name, name)
         if not folder.is_dir():
             notes.append(f"{display_path(folder)}: class folder missing")
             continue
@@ -191,12 +208,26 @@ CSV_PATH_HEADERS = ("path", "file", "filename", "image")
 
 
 def csv_rows(csv_path: Path):
-    """(line number, cells) of a CSV's rows that hold something: blank lines and ``#`` comments are skipped,
-    and Excel's "CSV UTF-8" byte-order mark is read as one; the first row may be a header."""
+    """(line number, cells) of a CSV's rows that hold something: blank lines (empty cells only) and ``#``
+    comments are skipped, and Excel's "CSV UTF-8" byte-order mark is read as one; the first row may be a
+    header."""
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         for line_number, row in enumerate(csv.reader(handle), start=1):
-            if row and row[0].strip() and not row[0].strip().startswith("#"):
+            if any(cell.strip() for cell in row) and not row[0].strip().startswith("#"):
                 yield line_number, row
+
+
+NO_HEADER_COLUMNS = {"path": 0, "label": 1, "patient_id": 2}
+
+
+def csv_header(row: list[str]) -> dict[str, int] | None:
+    """The columns a header row names, by name ({"path": 0, "label": 2, ...}: the label was read from the
+    second column whatever the header said, an earlier model's call included); None for a row of data."""
+    header = [cell.strip().lower() for cell in row]
+    path = next((index for index, name in enumerate(header) if name in CSV_PATH_HEADERS), None)
+    if path is None:
+        return None
+    return {"path": path, **{name: header.index(name) for name in ("label", "patient_id") if name in header}}
 
 
 def _same_file_key(path: Path) -> str:
@@ -220,16 +251,19 @@ def _warn_once(message: str):
 
 def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
     paths, labels, patients, seen, repeated = [], [], [], {}, 0
-    patient_column, width = 2, None
+    columns, width = NO_HEADER_COLUMNS, None
     for index, (line_number, row) in enumerate(csv_rows(csv_path)):
-        if index == 0 and row[0].strip().lower() in CSV_PATH_HEADERS:
-            header = [cell.strip().lower() for cell in row]
-            patient_column = header.index("patient_id") if "patient_id" in header else None
-            width = (len(row), "the header has")
+        header = csv_header(row) if index == 0 else None
+        if header is not None:
+            if "label" not in header:
+                raise DatasetError(f"{display_path(csv_path)}:{line_number}: the header names no label column "
+                                   f"(it has {', '.join(cell.strip() for cell in row)}); name the column of 0/1 or "
+                                   f"class names 'label'")
+            columns, width = header, (len(row), "the header has")
             continue
         width = width or (3, "path,label[,patient_id] has")  # no header: the documented columns
         _check_width(csv_path, line_number, row, width)
-        path, label = _csv_row(csv_path, line_number, row, class_names)
+        path, label = _csv_row(csv_path, line_number, row, class_names, columns)
         first = seen.setdefault(_same_file_key(path), (line_number, label))
         if first[1] != label:  # one image counted once as each class: no metric means anything then
             raise DatasetError(f"{display_path(csv_path)}:{line_number}: {display_path(path)} is labelled "
@@ -239,6 +273,7 @@ def _read_csv_rows(csv_path: Path, class_names) -> ImageList:
             continue
         paths.append(str(path))
         labels.append(label)
+        patient_column = columns.get("patient_id")
         given = row[patient_column].strip() if patient_column is not None and len(row) > patient_column else ""
         patients.append(given or patient_id(path))
     if repeated:
@@ -259,18 +294,21 @@ def _check_width(csv_path: Path, line_number: int, row: list[str], width: tuple[
                            f"(a ragged row; quote a name that holds a comma)")
 
 
-def _csv_row(csv_path: Path, line_number: int, row: list[str], class_names) -> tuple[Path, int]:
-    if len(row) < 2:
+def _csv_row(csv_path: Path, line_number: int, row: list[str], class_names, columns: dict) -> tuple[Path, int]:
+    if len(row) <= max(columns["path"], columns["label"]):
         raise DatasetError(f"{display_path(csv_path)}:{line_number}: expected path,label[,patient_id]")
-    raw_label = row[1].strip()
-    if raw_label in class_names:
-        label = class_names.index(raw_label)
+    if not row[columns["path"]].strip():  # it was skipped as a blank line, unsaid
+        raise DatasetError(f"{display_path(csv_path)}:{line_number}: no path (its path cell is empty)")
+    raw_label = row[columns["label"]].strip()
+    by_case = [name for name in class_names if name.casefold() == raw_label.casefold()]
+    if raw_label in class_names or len(by_case) == 1:  # `normal` as class folders are matched
+        label = class_names.index(raw_label if raw_label in class_names else by_case[0])
     elif raw_label in ("0", "1"):
         label = int(raw_label)
     else:
         raise DatasetError(f"{display_path(csv_path)}:{line_number}: label {raw_label!r} is not 0, 1 or "
                            f"one of {', '.join(class_names)}")
-    path = Path(row[0].strip())
+    path = Path(row[columns["path"]].strip())
     return (path if path.is_absolute() else csv_path.parent / path), label
 
 

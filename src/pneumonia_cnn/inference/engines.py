@@ -22,7 +22,9 @@ import torch.nn as nn
 from ..data.loader import to_model_input
 from ..device import autocast, autocast_dtype, full_float32
 from ..errors import PneumoniaCNNError
+from ..fileio import display_path
 from ..ood import TappedModel
+from . import graph_cache
 from .sessions import run_sessions, runtime, served_key, session_options
 
 log = logging.getLogger(__name__)
@@ -84,16 +86,8 @@ class OnnxEngine:
     def __init__(self, models, size, tta: bool, taps=(), cache: bool = True):
         onnxruntime = runtime("onnx", "onnxruntime", "export")
         options = session_options(onnxruntime)
-        self.sessions = []
-        for index, model in enumerate(models):
-            served = ServedModel(model, tta, taps if index == 0 else ()).eval()
-            try:
-                session = onnxruntime.InferenceSession(cached_onnx_bytes(served, size, cache=cache), options,
-                                                       providers=["CPUExecutionProvider"])
-            except Exception:  # a damaged cached graph (ONNX Runtime raises its own types): export it again
-                session = onnxruntime.InferenceSession(cached_onnx_bytes(served, size, True, cache), options,
-                                                       providers=["CPUExecutionProvider"])
-            self.sessions.append(session)
+        self.sessions = [served_session(onnxruntime, options, ServedModel(model, tta, taps if i == 0 else ()).eval(),
+                                        size, cache) for i, model in enumerate(models)]
 
     def run(self, pixels_uint8: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         return run_sessions(self.sessions, pixels_uint8)
@@ -110,30 +104,58 @@ def graph_code_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
-def cached_onnx_bytes(served: ServedModel, size, refresh: bool = False, cache: bool = True) -> bytes:
-    """The served graph in ONNX, from the cache when these weights and options were exported before: the
-    export (about 0.3 s, and 0.2 s more to import ``onnx``) is most of a one-image ``predict``'s own time.
-    Keyed by the weights, the served options, the torch version and the code; an unwritable cache, or none
-    (``cache=False``: weights used once, such as a batch's AdaBN statistics), just means exporting."""
+NOT_USED = "%s: the cached ONNX graph is not used (%s); exported again"
+
+
+def served_session(onnxruntime, options, served: ServedModel, size, cache: bool = True):
+    """An ONNX Runtime session of the served graph: the cached one when its checksum matches and ONNX Runtime
+    loads it as this graph (the input and outputs of ``served``), else the graph exported again and re-cached,
+    with a warning naming the cached file and why (a foreign graph with its own checksum had failed on the
+    first image in a traceback)."""
+    from .quantized import _onnxruntime_signature, foreign, served_signature
+    graph, cached = cached_graph(served, size, cache=cache)
+    if cached is not None:
+        try:
+            session = _session(onnxruntime, options, graph)
+            why = foreign(_onnxruntime_signature(session), served_signature(size, len(served.taps)))
+        except Exception:  # ONNX Runtime raises its own types
+            why = "ONNX Runtime cannot load it"
+        if why is None:
+            return session
+        log.warning(NOT_USED, display_path(cached), why)
+        graph, _ = cached_graph(served, size, refresh=True, cache=cache)
+    return _session(onnxruntime, options, graph)
+
+
+def _session(onnxruntime, options, graph: bytes):
+    return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+def cached_graph(served: ServedModel, size, refresh: bool = False, cache: bool = True) -> tuple[bytes, Path | None]:
+    """The served graph in ONNX and the cached file it was read from (None: exported now). From the cache when
+    these weights and options were exported before: the export (about 0.3 s, and 0.2 s more to import ``onnx``)
+    is most of a one-image ``predict``'s own time. Keyed by the weights, the served options, the torch version
+    and the code, and used only when its checksum matches (``graph_cache``): otherwise exported again, with a
+    warning naming the file and why. An unwritable cache, or none (``cache=False``: weights used once, such as
+    a batch's AdaBN statistics), just means exporting."""
     from ..data.cache import default_cache_dir
-    from ..fileio import atomic_path
     folder = default_cache_dir() / "onnx"
     if not cache or not folder.is_absolute():  # no home folder: never a cache relative to the working folder
-        return export_onnx_bytes(served, size)
+        return export_onnx_bytes(served, size), None
     key = served_key(served.tapped.model, size, served.tta, served.taps)
     path = folder / f"{key}-{graph_code_fingerprint()}-opset17.onnx"
     if not refresh:
-        try:
-            return path.read_bytes()
-        except OSError:
-            pass
+        graph, why = graph_cache.read_verified(path)
+        if graph is not None and why is None:
+            return graph, path
+        if why is not None:
+            log.warning(NOT_USED, display_path(path), why)
     graph = export_onnx_bytes(served, size)
     try:
-        with atomic_path(path) as temporary:
-            temporary.write_bytes(graph)
+        graph_cache.store(path, graph)
     except OSError as error:
         log.debug("ONNX graph not cached (%s): %s", path, error)
-    return graph
+    return graph, None
 
 
 def export_onnx_bytes(served: ServedModel, size, channels: int = 1) -> bytes:

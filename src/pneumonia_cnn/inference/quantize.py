@@ -14,6 +14,7 @@ import torch
 
 from ..errors import PneumoniaCNNError
 from ..fileio import atomic_path, display_path
+from . import graph_cache
 from .bundle import load_bundle
 from .engines import ServedModel, export_onnx_bytes
 from .quantized import store_path
@@ -217,15 +218,18 @@ def export_int8(checkpoint_path, data_root, out, cache_dir=None, describe=None) 
     size, model = bundle.preprocessing.size, bundle.models[0]
     payload = with_count(quantize_served(model, size, bundle.tta, bundle.taps, pixels), count, checked)
     stored = store_path(served_key(model, size, bundle.tta, bundle.taps), cache_dir)
-    before = calibration_record(stored)
+    # a cached graph that fails its checksum (or has none: built by an earlier version) is replaced whatever it
+    # says of its calibration: kept, it would go on being refused with the advice to run this very command
+    before = calibration_record(stored) if graph_cache.problem(stored) is None else None
     keep = keeps_cached(before, count, checked)
     if keep:
         log.warning("%s: the cached int8 model, calibrated on %d images%s, is kept (these are %d%s); --engine "
                     "onnx-int8 and openvino-int8 go on using it", display_path(stored), before[0],
                     "" if before[1] else " unchecked", count, "" if checked else ", unchecked")
     exported = with_props(payload, describe(bundle.checkpoints[0])) if describe else payload
-    for target, written in ((Path(out), exported),) + (() if keep else ((stored, payload),)):
-        with atomic_path(target) as temporary:
-            Path(temporary).write_bytes(written)
+    with atomic_path(Path(out)) as temporary:
+        Path(temporary).write_bytes(exported)
+    if not keep:
+        graph_cache.store(stored, payload)  # with its checksum, which --engine onnx-int8 checks
     return {"out": str(out), "cached": str(stored), "cache_replaced": not keep, "calibration_images": count,
             "tta": bundle.tta, "taps": len(bundle.taps)}

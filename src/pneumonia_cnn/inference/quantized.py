@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import PneumoniaCNNError
 from ..fileio import display_path
+from . import graph_cache
 from .sessions import run_sessions, runtime, served_key, session_options
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ BUILD = ("pneumonia-cnn export CHECKPOINT --format onnx-int8 --data ROOT --out m
 def load_cached(path: Path, engine: str, load, signature=None, expected=None):
     """``load(path)``, or one line naming the damaged cached graph (cut short by a full disk, a copy, a crash;
     or a readable graph that is not this model's, which failed on the first image with ONNX Runtime's "Got
-    invalid dimensions for input: image") and how to build it again; never rebuilt here: that needs the
+    invalid dimensions for input: image"; or one whose bytes do not match the checksum written beside it when it
+    was built: ``graph_cache``) and how to build it again; never rebuilt here: that needs the
     checkpoint's validation images. ``signature(loaded)`` gives its inputs and outputs as ``graph_signature``
     does, compared with ``expected`` (``served_signature``)."""
     try:
@@ -52,14 +54,22 @@ def load_cached(path: Path, engine: str, load, signature=None, expected=None):
     except Exception:  # ONNX Runtime's InvalidProtobuf, OpenVINO's RuntimeError: several lines of C++ context
         loaded, why = None, "it cannot be read"
     else:
-        found = signature(loaded) if signature is not None else expected
-        why = None if found == expected else (f"not this model's graph: it takes {_shown(found[0])} and gives "
-                                              f"{', '.join(found[1]) or 'nothing'}, where the model takes "
-                                              f"{_shown(expected[0])} and gives {', '.join(expected[1])}")
+        why = foreign(signature(loaded) if signature is not None else expected, expected)
+        # then its weights: a flipped bit loads as any other (see graph_cache); a graph without its checksum
+        # (built by an earlier version) is refused too, since nothing tells it from a damaged one
+        why = why or graph_cache.problem(path, "built")
     if why is not None:
         raise PneumoniaCNNError(f"--engine {engine}: the cached int8 model {display_path(path)} is damaged "
                                 f"({why}); build it again: {BUILD}") from None
     return loaded
+
+
+def foreign(found, expected) -> str | None:
+    """Why a graph whose inputs and outputs are ``found`` is not the served graph of ``expected`` (both as
+    ``served_signature`` gives them), or None."""
+    return None if found == expected else (f"not this model's graph: it takes {_shown(found[0])} and gives "
+                                           f"{', '.join(found[1]) or 'nothing'}, where the model takes "
+                                           f"{_shown(expected[0])} and gives {', '.join(expected[1])}")
 
 
 def served_signature(size, taps: int) -> tuple[list, list[str]]:

@@ -5,11 +5,15 @@ The exported graph takes ``image``: float32 (batch, channels, height, width) wit
 the run's calibration and averaged over the horizontal flip when the run uses test-time augmentation, and
 ``logit`` (batch,), the raw score before calibration: the served forward (``ServedModel``) that ``Predictor``
 runs, with the calibration folded into the graph. The batch axis is dynamic. Input size, channels, normalisation,
-threshold and class names travel in the metadata (ONNX ``metadata_props``; TorchScript ``metadata.json``).
+threshold and class names travel in the metadata (ONNX ``metadata_props``; TorchScript ``metadata.json``), with the
+checkpoint's intended use and population, and ``out_of_distribution``: the graph computes no out-of-distribution
+flag, which pneumonia-cnn's own commands give with the checkpoint. Exporting a checkpoint whose decision was never
+fitted (a run's last.pt, an imported Keras model: threshold 0.5, no calibration) warns in one line.
 """
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -21,9 +25,12 @@ from ..calibration import Calibration, is_operating_point
 from ..checkpoint import build_model, load_checkpoint
 from ..data.intensity import INTENSITY_RECIPES
 from ..errors import PneumoniaCNNError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, display_path
 from ..inference.bundle import decision_of
 from ..inference.engines import ServedModel
+from ..ood import training_population
+
+log = logging.getLogger("pneumonia_cnn")
 
 
 class ProbabilityModel(nn.Module):
@@ -70,8 +77,8 @@ def exported_threshold(checkpoint: dict) -> dict:
 
 
 def export_metadata(checkpoint: dict, channels: int | None = None, output: str = FLOAT_OUTPUT) -> dict:
-    """What an exported graph carries about its input and decision. ``channels`` and ``output``: those of the
-    graph written when they are not the checkpoint's (the int8 served graph takes one gray channel)."""
+    """What an exported graph carries about its input, decision and intended use. ``channels`` and ``output``:
+    those of the graph written when they are not the checkpoint's (the int8 served graph takes one gray channel)."""
     pre = dict(checkpoint["preprocessing"], **({} if channels is None else {"channels": channels}))
     return {"producer": "pneumonia-cnn", "model": checkpoint["model"]["name"], "run_id": checkpoint.get("run_id", ""),
             "input_size": pre["size"], "channels": pre.get("channels", 3),
@@ -80,8 +87,74 @@ def export_metadata(checkpoint: dict, channels: int | None = None, output: str =
             "preprocessing_steps": preprocessing_steps(pre),
             **exported_threshold(checkpoint), "threshold_policy": decision_of(checkpoint).policy,
             "calibration": decision_of(checkpoint).calibration.to_dict(),
+            "decision_fitted_on": decision_fitted_on(checkpoint),
             "class_names": checkpoint.get("class_names", ["NORMAL", "PNEUMONIA"]),
-            "output": output}
+            "output": output, **intended_use_metadata(checkpoint)}
+
+
+NOT_A_MEDICAL_DEVICE = "not a medical device: for research and education; never the sole basis of a clinical decision"
+
+
+def intended_use_metadata(checkpoint: dict) -> dict:
+    """The checkpoint's intended use (its model card's, without the training machine's paths), whether it is a
+    medical device, and that the graph flags nothing out of distribution: an integrator running it gets a
+    probability for an adult's X-ray, a lateral view or a photograph, with no word that it means nothing there."""
+    use = checkpoint.get("intended_use") if isinstance(checkpoint.get("intended_use"), dict) else {}
+    trained_on = use.get("trained_on") if isinstance(use.get("trained_on"), dict) else None
+    stated = {"task": use.get("task", "not recorded in the checkpoint"),
+              "population": use.get("population", "not recorded in the checkpoint"),
+              "age_range_years": use.get("age_range_years"),
+              "trained_on": None if trained_on is None else {k: v for k, v in trained_on.items() if k != "source"}}
+    checks = ("not an X-ray, too small, a DICOM of another body part, view or modality, an age outside the "
+              "intended range")
+    flagged = (f"its out-of-distribution detector and the input checks ({checks})" if checkpoint.get("ood") else
+               f"the input checks alone ({checks}); this checkpoint has no fitted out-of-distribution detector")
+    metadata = {"intended_use": stated,
+                "out_of_distribution": (
+                    f"not computed: this graph gives a probability for every image and no out-of-distribution flag, "
+                    f"so an image outside the intended population ({training_population(use or None)}), such as an "
+                    f"adult's X-ray, another view or modality, or no X-ray at all, gets a probability without a "
+                    f"warning; pneumonia-cnn's own commands (predict, serve) with the checkpoint it was exported from "
+                    f"(run {checkpoint.get('run_id', '?')}) flag such images, by {flagged}")}
+    if use.get("not_a_medical_device"):
+        metadata["medical_device"] = NOT_A_MEDICAL_DEVICE
+    return metadata
+
+
+def decision_fitted_on(checkpoint: dict) -> str:
+    """The images the threshold and calibration were fitted on, or that they were fitted on none."""
+    fit = checkpoint.get("decision_fit") if isinstance(checkpoint.get("decision_fit"), dict) else None
+    if fit is None:
+        return f"none: {unfitted_decision(checkpoint)}, fitted on no images"
+    fixed = fit.get("threshold_fixed")
+    text = f"{fit['images']} {fit.get('split', 'val')} images" if fit.get("images") else "recorded in the checkpoint"
+    return text + (f"; the threshold fixed since at {fixed} by --threshold, not fitted" if fixed is not None else "")
+
+
+def unfitted_decision(checkpoint: dict) -> str:
+    decision = decision_of(checkpoint)
+    calibration = "no calibration" if decision.calibration.method == "none" else \
+        f"{decision.calibration.method} calibration"
+    return f"threshold {decision.threshold:g}, {calibration}"
+
+
+def warn_without_fitted_decision(checkpoint: dict) -> None:
+    """One line on stderr when the checkpoint's decision was never fitted (no ``decision_fit``: a run's last.pt,
+    a best.pt whose run did not finish, an imported Keras model): the graph carries threshold 0.5 and no
+    calibration, which an integrator would take for the run's fitted decision."""
+    if isinstance(checkpoint.get("decision_fit"), dict):
+        return
+    where = display_path(checkpoint.get("path", "?"))
+    if checkpoint.get("imported") or (checkpoint.get("config") or {}).get("imported_from"):
+        why = "an imported model's, never fitted here"
+        instead = (f"fit one on labelled validation images first (pneumonia-cnn evaluate --checkpoint {where} --data "
+                   f"ROOT --threshold youden --calibration platt --save-as fitted.pt) and export fitted.pt")
+    else:
+        why = "saved before its run's end-of-run steps fitted one"
+        instead = ("export the run's best.pt after its training has finished (pneumonia-cnn train --resume RUN "
+                   "finishes a stopped run)")
+    log.warning("warning: %s: no fitted decision (%s: %s), so the exported graph carries none; %s", where,
+                unfitted_decision(checkpoint), why, instead)
 
 
 def onnx_metadata_props(metadata: dict) -> dict[str, str]:
@@ -97,6 +170,7 @@ def int8_metadata(checkpoint: dict) -> dict[str, str]:
 def export_int8_model(checkpoint_path, data_root, out) -> dict:
     """``export --format onnx-int8``: ``quantize.export_int8``, with the float export's metadata in ``out``."""
     from ..inference.quantize import export_int8
+    warn_without_fitted_decision(load_checkpoint(checkpoint_path))
     return export_int8(checkpoint_path, data_root, out, describe=int8_metadata)
 
 
@@ -127,6 +201,7 @@ def preprocessing_steps(pre: dict) -> str:
 def export_model(checkpoint_path, fmt: str, out) -> Path:
     checkpoint = load_checkpoint(checkpoint_path)
     model = build_model(checkpoint).eval()
+    warn_without_fitted_decision(checkpoint)
     wrapper = ProbabilityModel(model, decision_of(checkpoint).calibration, checkpoint.get("tta", False)).eval()
     metadata = export_metadata(checkpoint)
     height, width = metadata["input_size"]

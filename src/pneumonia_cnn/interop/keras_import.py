@@ -4,10 +4,14 @@ Accepts the legacy full-model HDF5 (``.h5``), the Keras 3 archive (``.keras``, a
 ``config.json`` and ``model.weights.h5``) and weights-only files (``.weights.h5``, which carry no input
 size: pass ``size``). Keras stores Conv2D kernels as (kh, kw, in, out), Dense kernels as (in, out), and
 flattens NHWC feature maps, so the first Dense layer's rows are reordered from (h, w, c) to (c, h, w).
-Nothing in the file is executed: only numeric datasets and the JSON config are read.
+Nothing in the file is executed: only numeric datasets and the JSON config are read. Each layer is checked
+against the tutorial's (filters, units, inputs, float weights) and a misfit is named by its Keras layer in one
+line. The checkpoint records where the model came from (the file's name and SHA-256) and what it lacks: no
+training data, no fitted decision (the tutorial's threshold 0.5, no calibration), no out-of-distribution detector.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import zipfile
@@ -21,14 +25,23 @@ from ..errors import PneumoniaCNNError
 from ..fileio import display_path, printable
 from ..models import count_parameters, create_model
 
+# what ``--out`` may be named: the suffixes by which predict and the other commands take an argument for a model
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
+# the tutorial's layers in order: what each is called in a message, and its filters or units
+TUTORIAL_LAYERS = (("the tutorial's first Conv2D", 32), ("the tutorial's second Conv2D", 64),
+                   ("the tutorial's third Conv2D", 128), ("the tutorial's first Dense layer", 128),
+                   ("the tutorial's final layer", 1))
+
 
 def _datasets(group) -> list[tuple[str, np.ndarray]]:
+    """Every numeric array under ``group`` (its path there, whose first part is the Keras layer's name), with the
+    dtype it is stored in: an integer weight is refused when it is used, not cast on the way in."""
     import h5py
     found = []
 
     def visit(name, item):
-        if isinstance(item, h5py.Dataset) and item.ndim >= 1:
-            found.append((name, np.asarray(item[()], dtype=np.float32)))
+        if isinstance(item, h5py.Dataset) and item.ndim >= 1 and item.dtype.kind in "biufc":
+            found.append((name, np.asarray(item[()])))
     group.visititems(visit)
     return found
 
@@ -46,36 +59,47 @@ def _input_shape_from_config(config: dict):
     return None
 
 
-def read_keras_file(path) -> tuple[list[np.ndarray], tuple[int, int, int] | None]:
-    """All numeric arrays of the model's layers, and the input shape (H, W, C) when the file says it."""
+def _read_archive(path: Path, data: bytes):
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = archive.namelist()
+        if "model.weights.h5" not in names:
+            raise PneumoniaCNNError(f"{display_path(path)}: .keras archive without model.weights.h5")
+        config = json.loads(archive.read("config.json")) if "config.json" in names else {}
+        weights = io.BytesIO(archive.read("model.weights.h5"))
     import h5py
+    with h5py.File(weights, "r") as handle:
+        arrays = _datasets(handle["layers"] if "layers" in handle else handle)
+    return arrays, _input_shape_from_config(config)
+
+
+def _read_hdf5(data: bytes):
+    import h5py
+    with h5py.File(io.BytesIO(data), "r") as handle:
+        shape = None
+        if "model_config" in handle.attrs:
+            raw = handle.attrs["model_config"]
+            shape = _input_shape_from_config(json.loads(raw.decode() if isinstance(raw, bytes) else raw))
+        group = handle["model_weights"] if "model_weights" in handle else handle["layers"] \
+            if "layers" in handle else handle
+        arrays = _datasets(group)
+        if group.name == "/model_weights" and "layer_names" in group.attrs:
+            order = [n.decode() if isinstance(n, bytes) else n for n in group.attrs["layer_names"]]
+            arrays.sort(key=lambda item: order.index(item[0].split("/")[0]) if item[0].split("/")[0] in order
+                        else len(order))
+    return arrays, shape
+
+
+def read_keras_file(path) -> tuple[list[tuple[str, np.ndarray]], tuple[int, int, int] | None, str]:
+    """The numeric arrays of the model's layers, each with its path in the file; the input shape (H, W, C) when
+    the file says it; and the SHA-256 of the bytes read (read once: the digest is that of what was imported)."""
     path = Path(path)
     if not path.is_file():
         raise PneumoniaCNNError(f"{display_path(path)}: file not found")
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-                if "model.weights.h5" not in names:
-                    raise PneumoniaCNNError(f"{display_path(path)}: .keras archive without model.weights.h5")
-                config = json.loads(archive.read("config.json")) if "config.json" in names else {}
-                weights = io.BytesIO(archive.read("model.weights.h5"))
-            with h5py.File(weights, "r") as handle:
-                arrays = _datasets(handle["layers"] if "layers" in handle else handle)
-            return [a for _, a in arrays], _input_shape_from_config(config)
-        with h5py.File(path, "r") as handle:
-            shape = None
-            if "model_config" in handle.attrs:
-                raw = handle.attrs["model_config"]
-                shape = _input_shape_from_config(json.loads(raw.decode() if isinstance(raw, bytes) else raw))
-            group = handle["model_weights"] if "model_weights" in handle else handle["layers"] \
-                if "layers" in handle else handle
-            arrays = _datasets(group)
-            if group.name == "/model_weights" and "layer_names" in group.attrs:
-                order = [n.decode() if isinstance(n, bytes) else n for n in group.attrs["layer_names"]]
-                arrays.sort(key=lambda item: order.index(item[0].split("/")[0]) if item[0].split("/")[0] in order
-                            else len(order))
-            return [a for _, a in arrays], shape
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        arrays, shape = _read_archive(path, data) if zipfile.is_zipfile(io.BytesIO(data)) else _read_hdf5(data)
+        return arrays, shape, digest
     except PneumoniaCNNError:
         raise
     except (OSError, KeyError, ValueError, TypeError, AttributeError, IndexError, zipfile.BadZipFile) as error:
@@ -83,44 +107,94 @@ def read_keras_file(path) -> tuple[list[np.ndarray], tuple[int, int, int] | None
                                 f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
 
 
-def _pair_layers(arrays: list[np.ndarray], path):
-    """Group (kernel, bias) pairs and order them by how their shapes chain."""
-    kernels = [a for a in arrays if a.ndim in (2, 4)]
-    biases = [a for a in arrays if a.ndim == 1]
-    convs = [k for k in kernels if k.ndim == 4]
-    denses = [k for k in kernels if k.ndim == 2]
+def _layer(name: str) -> str:
+    """The Keras layer a dataset belongs to: the first part of its path (``dense_1/vars/1``, ``dense_1/sequential/
+    dense_1/bias``)."""
+    return printable(name.split("/")[0])
+
+
+def _pair_layers(named: list[tuple[str, np.ndarray]], path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The tutorial's five layers as (Keras layer, kernel, bias), ordered by how their shapes chain."""
+    where = display_path(path)
+    kernels = [(name, a) for name, a in named if a.ndim in (2, 4)]
+    convs = [k for k in kernels if k[1].ndim == 4]
+    denses = [k for k in kernels if k[1].ndim == 2]
     if len(convs) != 3 or len(denses) != 2:
-        raise PneumoniaCNNError(f"{display_path(path)}: expected the tutorial's 3 Conv2D and 2 Dense layers, found "
+        raise PneumoniaCNNError(f"{where}: expected the tutorial's 3 Conv2D and 2 Dense layers, found "
                                 f"{len(convs)} Conv2D and {len(denses)} Dense kernels")
+
     def the(found, what):
         if found is None:
-            raise PneumoniaCNNError(f"{display_path(path)}: not the tutorial's layers: no {what}")
+            raise PneumoniaCNNError(f"{where}: not the tutorial's layers: no {what}")
         return found
-    ordered_convs = [the(next((c for c in convs if c.shape[3] == 32), None), "Conv2D with 32 filters")]
+    ordered = [the(next((c for c in convs if c[1].shape[3] == 32), None), "Conv2D with 32 filters")]
     for _ in range(2):
-        previous = ordered_convs[-1]
-        ordered_convs.append(the(next((c for c in convs if c.shape[2] == previous.shape[3] and c is not previous),
-                                      None), f"Conv2D taking the {previous.shape[3]} channels of the one before"))
-    if any(c.shape[:2] != (3, 3) for c in ordered_convs):
-        raise PneumoniaCNNError(f"{display_path(path)}: not the tutorial's layers: its Conv2D kernels are "
-                                f"{', '.join('x'.join(map(str, c.shape[:2])) for c in ordered_convs)}, not 3x3")
-    dense1 = the(next((d for d in denses if d.shape[1] == 128), None), "Dense layer of 128 units")
-    dense2 = next(d for d in denses if d is not dense1)
-
-    def bias_for(length, used):
-        for i, b in enumerate(biases):
-            if len(b) == length and i not in used:
-                used.add(i)
-                return b
-        raise PneumoniaCNNError(f"{display_path(path)}: missing a bias of length {length}")
+        previous = ordered[-1][1]
+        ordered.append(the(next((c for c in convs if c[1].shape[2] == previous.shape[3]
+                                 and not any(c is o for o in ordered)), None),
+                           f"Conv2D taking the {previous.shape[3]} channels of the one before"))
+    if any(c.shape[:2] != (3, 3) for _, c in ordered):
+        raise PneumoniaCNNError(f"{where}: not the tutorial's layers: its Conv2D kernels are "
+                                f"{', '.join('x'.join(map(str, c.shape[:2])) for _, c in ordered)}, not 3x3")
+    # the first Dense layer takes the flattened feature map, the most inputs (a tie: the first in the file)
+    layers = ordered + sorted(denses, key=lambda d: -d[1].shape[0])
+    _check_layer_shapes(layers, where)
     used: set[int] = set()
-    layers = [(k, bias_for(k.shape[-1], used)) for k in ordered_convs + [dense1, dense2]]
-    return layers
+    return [(_layer(name), kernel, _bias_for(name, kernel, named, used, where)) for name, kernel in layers]
+
+
+def _check_layer_shapes(layers: list[tuple[str, np.ndarray]], where: str) -> None:
+    """Each layer's inputs, filters and units as the tutorial's: a misfit named by its Keras layer (it was
+    load_state_dict's traceback, "size mismatch for fc2.weight")."""
+    channels = layers[0][1].shape[2]
+    if channels not in (1, 3):
+        raise PneumoniaCNNError(f"{where}: not the tutorial's layers: {_layer(layers[0][0])} takes {channels} "
+                                f"channels, where the tutorial's first Conv2D takes 3 (RGB) or 1 (gray)")
+    for (name, kernel), (what, wanted) in zip(layers, TUTORIAL_LAYERS):
+        have = kernel.shape[-1]
+        if have != wanted:
+            kind = ("filter" if kernel.ndim == 4 else "unit") + ("s" if have != 1 else "")
+            raise PneumoniaCNNError(f"{where}: not the tutorial's layers: {_layer(name)} has {have} {kind}, where "
+                                    f"{what} has {wanted}")
+    (_, first), (final_name, final) = layers[3], layers[4]
+    if final.shape[0] != first.shape[1]:
+        raise PneumoniaCNNError(f"{where}: not the tutorial's layers: {_layer(final_name)} takes {final.shape[0]} "
+                                f"inputs, where the tutorial's final layer takes the {first.shape[1]} units of the "
+                                f"Dense layer before")
+
+
+def _bias_for(name: str, kernel: np.ndarray, named, used: set[int], where: str) -> np.ndarray:
+    """The kernel's bias: the 1-D array of its length in its own layer; in a file whose biases lie outside the
+    kernels' layers, an unused one of that length there."""
+    length, layer = kernel.shape[-1], name.split("/")[0]
+    kernel_layers = {n.split("/")[0] for n, a in named if a.ndim in (2, 4)}
+    free = [i for i, (n, a) in enumerate(named) if a.ndim == 1 and i not in used]
+    own = [i for i in free if named[i][0].split("/")[0] == layer]
+    fits = [i for i in own if len(named[i][1]) == length] or \
+        [i for i in free if len(named[i][1]) == length and named[i][0].split("/")[0] not in kernel_layers]
+    if not fits and own:
+        outputs = f"{length} output" + ("s" if length != 1 else "")
+        raise PneumoniaCNNError(f"{where}: not the tutorial's layers: {_layer(name)}'s bias has "
+                                f"{len(named[own[0]][1])} values, where its kernel has {outputs}")
+    if not fits:
+        raise PneumoniaCNNError(f"{where}: missing a bias of length {length} for {_layer(name)}")
+    used.add(fits[0])
+    return named[fits[0]][1]
+
+
+def _check_floats(layers, where: str) -> None:
+    """Float weights only, as a checkpoint's are checked: integers were cast silently (an int64 bias of 0 and 1
+    is no trained model's, and cast it moves every probability)."""
+    for layer, kernel, bias in layers:
+        for role, array in (("kernel", kernel), ("bias", bias)):
+            if array.dtype.kind != "f":
+                raise PneumoniaCNNError(f"{where}: weights do not fit model seed ({layer}'s {role} holds "
+                                        f"{array.dtype} values, the model float32)")
 
 
 def keras_to_state_dict(arrays, height: int, width: int, source=None) -> dict:
-    """Our ``seed`` model's weights from the Keras layers; ``source``, the file they came from, names it in the
-    error a wrong input size gives."""
+    """Our ``seed`` model's weights (float32) from the Keras layers' (kernel, bias) pairs; ``source``, the file
+    they came from, names it in the error a wrong input size gives."""
     (c1, b1), (c2, b2), (c3, b3), (d1, e1), (d2, e2) = arrays
     final_h, final_w = height, width
     for _ in range(3):
@@ -130,11 +204,18 @@ def keras_to_state_dict(arrays, height: int, width: int, source=None) -> dict:
         raise PneumoniaCNNError(f"{named}input {height}x{width} gives {128 * final_h * final_w} features but the Dense "
                                 f"layer expects {d1.shape[0]}: wrong --size")
     dense = d1.reshape(final_h, final_w, 128, -1).transpose(2, 0, 1, 3).reshape(d1.shape[0], -1)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
     return {"conv1.weight": t(c1.transpose(3, 2, 0, 1)), "conv1.bias": t(b1),
             "conv2.weight": t(c2.transpose(3, 2, 0, 1)), "conv2.bias": t(b2),
             "conv3.weight": t(c3.transpose(3, 2, 0, 1)), "conv3.bias": t(b3),
             "fc1.weight": t(dense.T), "fc1.bias": t(e1), "fc2.weight": t(d2.T), "fc2.bias": t(e2)}
+
+
+def check_out_name(out) -> None:
+    """``--out`` named as a checkpoint: it was written under any name (a PyTorch checkpoint as ``x.onnx``)."""
+    if Path(out).suffix not in CHECKPOINT_SUFFIXES:
+        raise PneumoniaCNNError(f"{display_path(out)}: import-keras writes a checkpoint, a file ending in "
+                                f"{' or '.join(CHECKPOINT_SUFFIXES)}; give --out such a name")
 
 
 def import_keras(path, out=None, size=None) -> tuple[torch.nn.Module, dict]:
@@ -142,39 +223,63 @@ def import_keras(path, out=None, size=None) -> tuple[torch.nn.Module, dict]:
 
     ``size`` is (height, width) or an int; required for weights-only files, checked against the others.
     """
-    arrays, shape = read_keras_file(path)
-    if not all(np.isfinite(a).all() for a in arrays):  # a NaN model labels every image NORMAL
-        raise PneumoniaCNNError(f"{display_path(path)}: its weights hold NaN or infinite values (a model that "
+    from ..models.registry import state_dict_misfit
+    if out is not None:
+        check_out_name(out)
+    where = display_path(path)
+    named, shape, digest = read_keras_file(path)
+    if not all(np.isfinite(a).all() for _, a in named):  # a NaN model labels every image NORMAL
+        raise PneumoniaCNNError(f"{where}: its weights hold NaN or infinite values (a model that "
                                 f"diverged in training, or a damaged file)")
-    layers = _pair_layers(arrays, path)
-    channels = layers[0][0].shape[2]
+    layers = _pair_layers(named, path)
+    _check_floats(layers, where)
+    channels = layers[0][1].shape[2]
     if size is not None:
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         if shape and (shape[0], shape[1]) != (height, width):
-            raise PneumoniaCNNError(f"{display_path(path)}: the file says input {shape[0]}x{shape[1]}, not "
-                                    f"{height}x{width}")
+            raise PneumoniaCNNError(f"{where}: the file says input {shape[0]}x{shape[1]}, not {height}x{width}")
     elif shape:
         height, width = shape[0], shape[1]
     else:
-        raise PneumoniaCNNError(f"{display_path(path)}: a weights-only file does not record the input size; "
+        raise PneumoniaCNNError(f"{where}: a weights-only file does not record the input size; "
                                 f"pass --size (e.g. --size 224 or --size 96x80)")
-    state = keras_to_state_dict(layers, height, width, source=path)
+    state = keras_to_state_dict([(kernel, bias) for _, kernel, bias in layers], height, width, source=path)
     model = create_model("seed", in_channels=int(channels), image_size=(height, width))
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:  # the checks above name the layer; anything they miss, in one line
+        raise PneumoniaCNNError(f"{where}: weights do not fit model seed ({state_dict_misfit(error)})") from None
     model.eval()
-    payload = {
-        "model": {"name": "seed", "kwargs": model.model_kwargs},
-        "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
-        "preprocessing": {"size": [height, width], "channels": int(channels), "rescale": 1 / 255,
-                          "interpolation": "nearest", "intensity": "none",
-                          "color": "grayscale read, repeated to RGB" if channels == 3 else "grayscale"},
-        "class_names": ["NORMAL", "PNEUMONIA"], "threshold": 0.5, "temperature": 1.0, "tta": False,
-        "config": {"preset": "tutorial", "imported_from": str(path)}, "history": [],
-        "run_id": f"keras-{printable(Path(path).name)}", "epoch": None, "parameters": count_parameters(model)[0],
-        "intended_use": {"task": "binary: NORMAL vs PNEUMONIA on a frontal chest radiograph",
-                         "population": "as the Keras model's training data (the tutorial: Kaggle pediatric set)",
-                         "not_a_medical_device": True},
-    }
+    payload = imported_payload(model, path, digest, (height, width), int(channels))
     if out:
         save_checkpoint(payload, out)
     return model, payload
+
+
+def imported_payload(model, path, digest: str, size: tuple[int, int], channels: int) -> dict:
+    """The checkpoint of an imported model, saying what it is: imported from this Keras file (its SHA-256),
+    trained elsewhere with no training data recorded, the tutorial's threshold 0.5 fitted on no images, no
+    calibration, no out-of-distribution detector (``imported``; ``info`` and the outputs read the rest)."""
+    name = printable(Path(path).name)
+    height, width = size
+    return {
+        "model": {"name": "seed", "kwargs": model.model_kwargs},
+        "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
+        "preprocessing": {"size": [height, width], "channels": channels, "rescale": 1 / 255,
+                          "interpolation": "nearest", "intensity": "none",
+                          "color": "grayscale read, repeated to RGB" if channels == 3 else "grayscale"},
+        "class_names": ["NORMAL", "PNEUMONIA"], "threshold": 0.5, "threshold_policy": "0.5",
+        "calibration": {"method": "none", "scale": 1.0, "bias": 0.0, "prior": None}, "tta": False,
+        "config": {"preset": "tutorial", "imported_from": str(path)}, "history": [],
+        "run_id": f"keras-{name}", "epoch": None, "parameters": count_parameters(model)[0],
+        "imported": {"from": "keras", "file": name, "path": printable(path), "sha256": digest,
+                     "trained": "elsewhere, in Keras: no training data, epochs or history recorded",
+                     "decision": "none fitted: the tutorial's threshold 0.5 on the sigmoid, no calibration",
+                     "ood": "no out-of-distribution detector: only the input checks that need no model flag"},
+        "intended_use": {"task": "binary: NORMAL vs PNEUMONIA on a frontal chest radiograph",
+                         "population": "the Keras model's training data, not recorded; the tutorial trains on the "
+                                       "Kaggle pediatric set, children 1–5 years from one hospital",
+                         "trained_on": {"data": "not recorded: trained elsewhere, in Keras",
+                                        "imported_from": name, "sha256": digest, "input_size": [height, width]},
+                         "not_a_medical_device": True},
+    }

@@ -115,3 +115,18 @@ def test_an_imported_keras_model_exports_with_its_own_words_and_the_way_to_fit_a
     assert metadata["intended_use"]["trained_on"]["data"] == "not recorded: trained elsewhere, in Keras"
     assert metadata["medical_device"] == NOT_A_DEVICE
     assert metadata["decision_fitted_on"] == "none: threshold 0.5, no calibration, fitted on no images"
+
+
+def test_a_fitted_decision_without_its_record_is_not_called_unfitted(tmp_path):
+    """A checkpoint of an earlier version (or an adapted one) has a fitted policy and calibration but no
+    ``decision_fit`` record: it was warned about as never fitted, its metadata said "fitted on no images"."""
+    from pneumonia_cnn.checkpoint import save_checkpoint
+    checkpoint = load_checkpoint("builtin")
+    for key in ("decision_fit", "path"):
+        checkpoint.pop(key, None)
+    save_checkpoint(checkpoint, tmp_path / "old.pt")
+    done = cli("export", tmp_path / "old.pt", "--out", tmp_path / "old.onnx")
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert onnx_metadata(tmp_path / "old.onnx")["decision_fitted_on"] == (
+        f"not recorded: threshold {checkpoint['threshold']:g}, platt calibration by the policy sensitivity:0.95, "
+        f"fitted on images this checkpoint does not name")

@@ -35,7 +35,8 @@ def quiet_interrupt_while_importing():
 
 
 def _interrupted_while_importing(_number, _frame):
-    os.write(2, b"interrupted\n")  # as a Ctrl-C once the command runs says (it ended without a word)
+    with contextlib.suppress(OSError):  # a closed stderr: the status still says it
+        os.write(2, b"interrupted\n")  # as a Ctrl-C once the command runs says (it ended without a word)
     os._exit(130)
 
 

@@ -127,6 +127,10 @@ def test_class_folders_and_csv_labels_match_the_models_classes_without_regard_to
     with pytest.raises(DatasetError, match=r"class folders (NORMAL and normal|normal and NORMAL) both name the class "
                                            r"NORMAL; merge them into one$"):
         load_split(tmp_path, "test", class_names=("NORMAL", "PNEUMONIA"))
+    for name in ("normal", "pneumonia"):
+        (tmp_path / "empty" / name).mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"empty: no images found in its class folder\(s\) normal/, pneumonia/ "):
+        load_split(tmp_path / "empty", None, class_names=("NORMAL", "PNEUMONIA"))
     _csv_images(tmp_path)
     (tmp_path / "lower.csv").write_text("n1.png,normal\np1.png,pneumonia\n")
     assert read_csv_list(tmp_path / "lower.csv").labels.tolist() == [0, 1]

@@ -138,7 +138,7 @@ def scan_folder(split_dir, class_names=None, require_both_classes: bool = False)
         paths += [str(p) for p in files]
         labels += [index] * len(files)
     if not paths:
-        raise DatasetError(_no_images(split_dir, class_names, folders))
+        raise DatasetError(_no_images(split_dir, class_names, [found[n] for n in class_names if n in found]))
     present = sorted(set(labels))
     if require_both_classes and len(present) < 2:
         only = class_names[present[0]]
@@ -153,13 +153,13 @@ def scan_folder(split_dir, class_names=None, require_both_classes: bool = False)
 
 def _no_images(split_dir: Path, class_names, folders) -> str:
     """Why a labelled folder gave no images: no class folder at all (images loose in it, as an unlabelled
-    site's are), or class folders without images."""
-    if not any(name in folders for name in class_names):
+    site's are), or class folders (``folders``, as named on disk) without images."""
+    if not folders:
         loose = sum(1 for entry in split_dir.iterdir() if entry.is_file() and is_candidate_file(entry))
         found = f"; it holds {loose} image(s) directly, which carry no label" if loose else ""
         return (f"{display_path(split_dir)}: no class folders {' and '.join(class_names)} (labelled images go in "
                 f"{'/, '.join(class_names)}/ under it){found}")
-    present = ", ".join(f"{name}/" for name in class_names if name in folders)
+    present = ", ".join(f"{name}/" for name in folders)
     return (f"{display_path(split_dir)}: no images found in its class folder(s) {present} (looked for "
             f"{', '.join(sorted(SUPPORTED_SUFFIXES))})")
 

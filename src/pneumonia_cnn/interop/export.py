@@ -124,11 +124,23 @@ def intended_use_metadata(checkpoint: dict) -> dict:
 def decision_fitted_on(checkpoint: dict) -> str:
     """The images the threshold and calibration were fitted on, or that they were fitted on none."""
     fit = checkpoint.get("decision_fit") if isinstance(checkpoint.get("decision_fit"), dict) else None
-    if fit is None:
+    if fit is None and never_fitted(checkpoint):
         return f"none: {unfitted_decision(checkpoint)}, fitted on no images"
+    if fit is None:  # an earlier version's checkpoint, or an adapted one: fitted, on images it does not name
+        return (f"not recorded: {unfitted_decision(checkpoint)} by the policy {checkpoint.get('threshold_policy')}, "
+                f"fitted on images this checkpoint does not name")
     fixed = fit.get("threshold_fixed")
     text = f"{fit['images']} {fit.get('split', 'val')} images" if fit.get("images") else "recorded in the checkpoint"
     return text + (f"; the threshold fixed since at {fixed} by --threshold, not fitted" if fixed is not None else "")
+
+
+def never_fitted(checkpoint: dict) -> bool:
+    """No record of a fit, and the decision is the unfitted one: threshold 0.5 by policy, no calibration (a
+    checkpoint of an earlier version, or an adapted one, has no record but a fitted policy and calibration)."""
+    if isinstance(checkpoint.get("decision_fit"), dict):
+        return False
+    return (decision_of(checkpoint).calibration.method == "none"
+            and str(checkpoint.get("threshold_policy", "0.5")) == "0.5")
 
 
 def unfitted_decision(checkpoint: dict) -> str:
@@ -142,7 +154,7 @@ def warn_without_fitted_decision(checkpoint: dict) -> None:
     """One line on stderr when the checkpoint's decision was never fitted (no ``decision_fit``: a run's last.pt,
     a best.pt whose run did not finish, an imported Keras model): the graph carries threshold 0.5 and no
     calibration, which an integrator would take for the run's fitted decision."""
-    if isinstance(checkpoint.get("decision_fit"), dict):
+    if not never_fitted(checkpoint):
         return
     where = display_path(checkpoint.get("path", "?"))
     if checkpoint.get("imported") or (checkpoint.get("config") or {}).get("imported_from"):

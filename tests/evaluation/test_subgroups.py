@@ -107,3 +107,21 @@ def test_subgroup_intervals_are_printed_with_the_values_decimals():
     from pneumonia_cnn.evaluation.subgroups import _cell
     assert _cell({"value": 0.9991, "ci95": [0.9981, 0.9997]}) == "0.999 [0.998, 1.000]"
     assert _cell({"value": 0.0193, "ci95": [0.0107, 0.0292]}) == "0.019 [0.011, 0.029]"
+
+
+def test_csv_columns_are_found_by_name_as_the_images_are_read(tmp_path):
+    """`label,path,sex` (the dataset reader takes columns by name): the subgroup columns had been looked for only
+    when the path came first, so --by sex was refused and --by AgeBand gave every image "(missing)"."""
+    from pneumonia_cnn.evaluation.subgroups import field_values
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "site.csv").write_text("label,path,sex,age\n0,a.png,F,007Y\n1,b.png,M,3\n")
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    assert field_values(paths, "sex", tmp_path / "site.csv") == ["F", "M"]
+    assert field_values(paths, "AgeBand", tmp_path / "site.csv") == ["6-17y", "1-5y"]
+
+
+def test_age_bands_are_ordered_by_age_not_as_text():
+    report = subgroup_metrics("AgeBand", [0, 1, 0, 1, 0, 1, 0, 1], [0.2, 0.8] * 4, 0.5,
+                              ["18-39y", "18-39y", "1-5y", "1-5y", "6-17y", "6-17y", MISSING, MISSING], resamples=10)
+    assert [group["value"] for group in report["groups"]] == ["1-5y", "6-17y", "18-39y", MISSING]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 from .evaluate import evaluate
-from .metrics import delong_test, paired_auc_bootstrap
+from .metrics import delong_test, paired_auc_bootstrap, resample_notes
 
 WITH_INTERVALS = ("sensitivity", "specificity", "roc_auc")
 ROWS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc", "pr_auc",
@@ -35,7 +35,7 @@ def compare_runs(runs, data, split="test", device="auto", cache_dir=None, bootst
     return {"runs": names, "split": split, "n_images": reports[0]["n_images"],
             "metrics": {name: {k: report["metrics"][k] for k in ROWS} for name, report in zip(names, reports)},
             "thresholds": {name: report["threshold"] for name, report in zip(names, reports)},
-            "delong": tests}
+            "delong": tests, "notes": resample_notes(bootstrap)}
 
 
 def run_names(runs) -> list[str]:
@@ -73,4 +73,5 @@ def format_comparison(result: dict) -> str:
         paired = test["bootstrap"]
         lines.append(f"  {paired['unit']} bootstrap ({paired['resamples']} resamples): difference "
                      f"[{paired['ci95'][0]:+.4f}, {paired['ci95'][1]:+.4f}], p = {paired['p_value']:.4g}")
+    lines += [f"note: {note}" for note in result.get("notes", [])]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ whatever the split is called.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,9 +21,11 @@ from ..data.cache import build_or_load
 from ..data.dataset import has_patient_ids, load_split
 from ..data.fingerprint import file_fingerprints
 from ..errors import DatasetError, PneumoniaCNNError
-from ..fileio import display_path, printable, write_json_atomic
+from ..fileio import OutputError, display_path, json_text
 from ..inference import Predictor, Scorer, load_bundle
-from .metrics import bootstrap_metrics, interval_notes, per_patient
+from .duplicates import duplicate_groups, duplicate_notes
+from .metrics import bootstrap_metrics, interval_notes, per_patient, resample_notes
+from .staging import FIGURE_NAMES, Staged, check_figures_folder
 
 log = logging.getLogger(__name__)
 
@@ -187,14 +190,18 @@ def refit_id(source: dict, payload: dict) -> tuple[str, str]:
 def evaluate(checkpoint, data, split: str = "test", device: str = "auto", threshold: str | None = None,
              bootstrap: int = 1000, seed: int = 0, cache_dir=None, out=None, figures=True, batch_size: int = 64,
              progress: bool = False, calibration: str | None = None, save_as=None, val_split: str = "val",
-             prevalence=None, adapt_batch: bool = False, engine: str = "auto", by=None) -> dict:
+             prevalence=None, adapt_batch: bool = False, engine: str = "auto", by=None, staged=None) -> dict:
     """Evaluate one checkpoint or an ensemble (a list) on ``data``/``split``; returns the report dict.
 
     ``threshold`` (a policy: ``youden``, ``sensitivity:0.95``, a number) or ``calibration`` refit the decision
     on ``val_split`` for this evaluation (written to ``save_as`` when given); None uses the saved decision.
     ``by`` (field names) adds the metrics per subgroup (``report["subgroups"]``, see ``subgroups.py``).
+    ``out``: the JSON and its figures folder, replaced together at the end (``staging.py``), or, with ``staged``
+    (a ``Staged``), left there for the caller to put in place with its own outputs.
     """
     sources = checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint]
+    refuse_refit_without_val(data, val_split, threshold, calibration)
+    stale_figures = check_figures_folder(figures_folder(Path(out)), figures) if out else False
     bundle = load_bundle(list(sources))
     cached = cached_split(bundle, data, split, cache_dir, progress)
     if len(cached) == 0:
@@ -211,7 +218,7 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
     report = build_report(predictor, cached, entries, notes, data, split, bootstrap, seed, evaluated_fingerprints)
     if by:
         from .subgroups import subgroup_results
-        report["subgroups"] = subgroup_results([by] if isinstance(by, str) else list(by), report, cached, data)
+        report["subgroups"] = subgroup_results(distinct_fields(by), report, cached, data)
     if fit is not None:
         report["decision_refit"] = {k: fit.get(k) for k in ("split", "images", "engine", "precision", "tta",
                                                             "refitted", "fixed")}
@@ -219,13 +226,49 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
         if fit.get("adapted_class_mix"):
             report["decision_refit"]["adapted_class_mix"] = fit["adapted_class_mix"]
     if out:
-        out = Path(out)
-        write_json_atomic(out, report)
-        if figures:
-            from .figures import evaluation_figures
-            report["figures"] = evaluation_figures(report, cached, figures_folder(out))
-            write_json_atomic(out, report)
+        with contextlib.nullcontext(staged) if staged is not None else Staged() as outputs:
+            stage_outputs(report, cached, Path(out), figures, stale_figures, outputs)
     return report
+
+
+def stage_outputs(report: dict, cached, out: Path, figures: bool, stale_figures: bool, staged: Staged) -> None:
+    """The JSON and its pictures (into a temporary folder beside their own), or, with ``--no-figures``, an earlier
+    result's pictures to remove (``check_figures_folder``); put in place together by ``staged.commit``."""
+    folder = figures_folder(out)
+    if figures:  # where they will be: the JSON is written first (a full disk names it, as before)
+        report["figures"] = {name: str(folder / f"{name}.png") for name in FIGURE_NAMES}
+    elif stale_figures:
+        staged.remove_figures(folder)
+    staged.text(out, json_text(report) + "\n")
+    if figures:
+        from .figures import evaluation_figures
+        try:
+            drawn = evaluation_figures(report, cached, staged.folder(folder))
+        except OutputError as error:
+            raise staged.final(error) from None
+        assert list(drawn) == list(FIGURE_NAMES), drawn  # what the JSON says
+
+
+def distinct_fields(by) -> list[str]:
+    """``--by`` fields, each once (matched case-insensitively, as a CSV column is): ``--by sex --by sex`` showed
+    and stored the same table twice."""
+    fields = [by] if isinstance(by, str) else list(by)
+    return list({field.strip().lower(): field for field in reversed(fields)}.values())[::-1]
+
+
+def refuse_refit_without_val(data, val_split: str, threshold, calibration) -> None:
+    """Before any image is read: a decision refitted on ``val_split`` (a policy such as youden, a calibration)
+    needs that split, and a CSV has none (its own images were read as "val", to be refused only once all were
+    scored as those the decision was fitted on)."""
+    refits = calibration is not None or (threshold is not None and str(threshold) != "saved"
+                                         and not is_fixed_threshold(threshold, calibration))
+    if not refits or Path(data).suffix.lower() != ".csv":
+        return
+    given = f"--calibration {calibration}" if calibration is not None else f"--threshold {threshold}"
+    instead = "give a folder" if calibration is not None else "give a probability, or a folder"
+    raise PneumoniaCNNError(f"{display_path(data)}: {given} refits on a {val_split} split, and a CSV has none (its "
+                            f"images would be read as {val_split}: the evaluated images would be among the images "
+                            f"the refitted decision is fitted on): {instead} with {val_split}/")
 
 
 def _decision_for(bundle, sources, cached, evaluated_fingerprints, data, val_split, threshold, calibration, device,
@@ -273,7 +316,7 @@ def build_report(predictor: Predictor, cached, entries, notes, data, split, boot
               "threshold_policy": decision.policy, "calibration": decision.calibration.to_dict(),
               "scoring": predictor.scorer.description, "duplicates": duplicates,
               "notes": list(notes) + interval_notes(labels, predictor.class_names, groups)
-              + duplicate_notes(duplicates, data),
+              + duplicate_notes(duplicates, data) + resample_notes(bootstrap),
               "bootstrap": {"resamples": bootstrap, "seed": seed, "unit": "patient" if groups else "image"},
               "metrics": bootstrap_metrics(labels, probabilities, threshold, groups=groups, resamples=bootstrap,
                                            seed=seed, predicted=predicted),
@@ -291,42 +334,6 @@ def build_report(predictor: Predictor, cached, entries, notes, data, split, boot
                               **({"patient": patient} if groups is not None else {})}
                              for p, y, e, f, patient in zip(cached.paths, labels, entries, flagged, cached.patients)]
     return report
-
-
-def duplicate_groups(cached, fingerprints) -> list[dict]:
-    """Evaluated images that are one file under different names (the same bytes: SHA-256, as the refusal of a
-    decision's own images compares them), with each copy's label. They stay in the metrics."""
-    by_content: dict[str, list[int]] = {}
-    for index, fingerprint in enumerate(fingerprints):
-        by_content.setdefault(fingerprint, []).append(index)
-    return [{"paths": [cached.paths[i] for i in group],
-             "labels": [cached.class_names[int(cached.labels[i])] for i in group],
-             "conflicting": len({int(cached.labels[i]) for i in group}) > 1}
-            for group in by_content.values() if len(group) > 1]
-
-
-def duplicate_notes(groups: list[dict], data, shown: int = 3) -> list[str]:
-    """At most two lines: the groups of identical images, then those whose copies have different labels."""
-    base = Path(data) if Path(data).is_dir() else Path(data).parent
-
-    def name(path):
-        return printable(Path(path).relative_to(base) if Path(path).is_relative_to(base) else path)
-
-    def listed(chosen, labelled=False):
-        text = "; ".join(" = ".join(name(p) + (f" ({label})" if labelled else "")
-                                    for p, label in zip(g["paths"], g["labels"])) for g in chosen[:shown])
-        return text + (f"; and {len(chosen) - shown} more (all in the JSON's duplicates)" if len(chosen) > shown
-                       else "")
-    if not groups:
-        return []
-    copies = sum(len(g["paths"]) for g in groups)
-    notes = [f"{len(groups)} group{'s' if len(groups) > 1 else ''} of identical images (the same file bytes) under "
-             f"different names, {copies} images in all, each counted in the metrics: {listed(groups)}"]
-    conflicting = [g for g in groups if g["conflicting"]]
-    if conflicting:
-        notes.append(f"conflicting labels, the same image under two classes ({len(conflicting)} group"
-                     f"{'s' if len(conflicting) > 1 else ''}): {listed(conflicting, labelled=True)}")
-    return notes
 
 
 FEW_REFIT_IMAGES = 100  # train's own floor for a validation split (--min-val-images)

@@ -109,6 +109,23 @@ def units_per_class(labels, groups=None) -> list[int]:
     return [sum(1 for v in unit_label.values() if v == c) for c in (0, 1)]
 
 
+# A 95% percentile interval's bounds are the 2.5th and 97.5th percentiles of the resampled values, set by the
+# 2.5% most extreme resamples on each side: under 100 resamples, by fewer than three; under 40, they are
+# interpolated between the most extreme resamples themselves, and with one the "interval" is that resample's value,
+# which need not hold the estimate (accuracy 0.9778 [0.9574, 0.9574]). Efron and Tibshirani ask 1000 or more for
+# percentile intervals; 100 is where the bounds stop being single resamples. Below it the intervals are kept (a
+# quick look, the tests' small runs) and said to be rough.
+FEW_RESAMPLES = 100
+
+
+def resample_notes(resamples: int) -> list[str]:
+    if resamples >= FEW_RESAMPLES:
+        return []
+    return [f"intervals rough: {resamples} bootstrap resample{'s' if resamples != 1 else ''}, fewer than "
+            f"{FEW_RESAMPLES}; each bound rests on the few most extreme resamples and may even exclude the estimate "
+            f"(give --bootstrap 1000, the default)"]
+
+
 def interval_notes(labels, class_names, groups=None) -> list[str]:
     """Why an interval (or a metric) is missing or not to be trusted: one class only, few images."""
     labels = np.asarray(labels).astype(int)

@@ -11,9 +11,10 @@ from ..builtin import is_builtin
 from ..checkpoint import load_checkpoint
 from ..data.dataset import load_split
 from ..errors import DatasetError, PneumoniaCNNError
-from ..fileio import display_path, printable, write_text_atomic
+from ..fileio import display_path, printable
 from ..info import _calibration_text, _fit_text, checkpoint_card, threshold_text
 from .evaluate import evaluate
+from .staging import Staged
 from .stress import stress_test
 
 METRIC_NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "sensitivity": "Sensitivity (recall)",
@@ -203,8 +204,16 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
     data = data or config.get("data")
     if not data or not Path(data).exists():
         raise PneumoniaCNNError(f"{display_path(data or '?')}: data folder not found; pass --data ROOT")
-    report = evaluate(checkpoint_path, data, split, device=device, bootstrap=bootstrap, cache_dir=cache_dir,
-                      out=metrics, figures=True, by=by)
+    with Staged() as staged:  # the page, the metrics JSON and its pictures: put in place together, at the end
+        report = evaluate(checkpoint_path, data, split, device=device, bootstrap=bootstrap, cache_dir=cache_dir,
+                          out=metrics, figures=True, by=by, staged=staged)
+        document = _document(checkpoint, report, data, split, device, cache_dir, stress, packaged, run_dir, staged)
+        staged.text(out, document)
+    return out
+
+
+def _document(checkpoint, report, data, split, device, cache_dir, stress, packaged, run_dir, staged) -> str:
+    checkpoint_path, config = Path(checkpoint["path"]), checkpoint.get("config", {})
     card = checkpoint_card(checkpoint)
     sections = [f"<h1>pneumonia-cnn report: {_escape(str(card['run_id']))}</h1>"
                 "<p class='warn'><b>Not a medical device.</b> Research and teaching software; never the sole "
@@ -214,15 +223,13 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
     if not packaged and (run_dir / "curves.png").exists():  # the built-in model has no run folder here
         sections.append(f"<h2>Training curves</h2><div class='figs'>{_image(run_dir / 'curves.png', wide=True)}</div>")
     sections += [_metrics_section(report, split), *[subgroup_section(r) for r in report.get("subgroups", [])],
-                 _pictures_section(report.get("figures", {}))]
+                 _pictures_section(report.get("figures", {}), staged.staged)]
     if stress:
         sections.append(_stress_section(stress_test(checkpoint_path, data, split, device=device, cache_dir=cache_dir)))
     sections += [_ood_section(report, card), _model_card_section(card)]
-    document = ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pneumonia-cnn report "
-                f"{_escape(str(card['run_id']))}</title><style>{STYLE}</style></head><body>"
-                + "\n".join(sections) + "</body></html>")
-    write_text_atomic(out, document)
-    return out
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pneumonia-cnn report "
+            f"{_escape(str(card['run_id']))}</title><style>{STYLE}</style></head><body>"
+            + "\n".join(sections) + "</body></html>")
 
 
 def _configuration_section(card: dict, config: dict) -> str:
@@ -252,13 +259,14 @@ def _metrics_section(report: dict, split: str) -> str:
     return section
 
 
-def _pictures_section(figures: dict) -> str:
-    pictures = "".join(_image(figures[k]) for k in ("roc", "pr", "confusion", "reliability", "histogram")
+def _pictures_section(figures: dict, where=Path) -> str:
+    """``where``: the file that holds a picture's new content until it is put in place (``Staged.staged``)."""
+    pictures = "".join(_image(where(figures[k])) for k in ("roc", "pr", "confusion", "reliability", "histogram")
                        if k in figures)
     section = f"<h2>Pictures</h2><div class='figs'>{pictures}</div>"
     if "mistakes" in figures:
         section += ("<h3>Most confident mistakes (false negatives first)</h3><div class='figs'>"
-                    + _image(figures["mistakes"], wide=True) + "</div>")
+                    + _image(where(figures["mistakes"]), wide=True) + "</div>")
     return section
 
 

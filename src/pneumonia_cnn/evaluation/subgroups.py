@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.dataset import CSV_PATH_HEADERS, csv_rows, has_patient_ids
+from ..data.dataset import csv_header, csv_rows, has_patient_ids
 from ..errors import PneumoniaCNNError
 from ..fileio import display_path
 from .metrics import bootstrap_metrics
@@ -53,12 +53,13 @@ def csv_columns(data) -> dict[str, dict[str, str]] | None:
     if data.suffix.lower() != ".csv" or not data.is_file():
         return None
     rows = [row for _, row in csv_rows(data)]  # as the images were read: blank lines, comments, a BOM
-    if not rows or rows[0][0].strip().lower() not in CSV_PATH_HEADERS:
+    found = csv_header(rows[0]) if rows else None  # columns by name, as the images were read (by position, a
+    if found is None:  # `label,path,sex` header was dropped and a `label,path,age` one gave no ages, unsaid)
         return {}
     header = [name.strip().lower() for name in rows[0]]
     columns = {name: {} for name in header}
     for row in rows[1:]:
-        path = Path(row[0].strip())
+        path = Path(row[found["path"]].strip())
         key = str((path if path.is_absolute() else data.parent / path).resolve())
         for name, value in zip(header, row):
             columns[name].setdefault(key, value.strip())  # the first row of an image listed twice, as it is read
@@ -105,7 +106,8 @@ def subgroup_metrics(field: str, labels, probabilities, threshold: float, values
     labels, probabilities, values = np.asarray(labels).astype(int), np.asarray(probabilities, float), np.asarray(values)
     predicted = None if predicted is None else np.asarray(predicted)
     groups = []
-    for value in sorted(set(values.tolist()), key=lambda v: (v == MISSING, v)):
+    bands = [name for _, name in AGE_BANDS]  # by age, not as text (1-5y, 18-39y, 6-17y)
+    for value in sorted(set(values.tolist()), key=lambda v: (v == MISSING, bands.index(v) if v in bands else -1, v)):
         chosen = np.where(values == value)[0]
         units = None if patients is None else np.asarray(patients)[chosen]
         groups.append({"value": value, "n_images": len(chosen), "n_positive": int(labels[chosen].sum()),

@@ -1,0 +1,198 @@
+"""A command's set of outputs (``evaluate``'s JSON and its figures folder; ``report``'s page, metrics JSON and
+figures) written beside where they go, then put in place together in one short step during which SIGINT and
+SIGTERM wait. An interrupt or a failure before that step leaves the previous set whole (the JSON was written
+first, then the pictures one by one, then the JSON again: Ctrl-C left a new JSON beside the previous run's
+pictures); one during it takes effect once the new set is in place. Only a SIGKILL mid-step can mix them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import stat
+import tempfile
+from pathlib import Path
+
+from ..errors import PneumoniaCNNError
+from ..fileio import OutputError, display_path, output_error, printable, temporary_prefix
+
+FIGURE_NAMES = ("roc", "pr", "confusion", "reliability", "histogram", "mistakes")  # figures.evaluation_figures's
+FIGURE_FILES = frozenset(f"{name}.png" for name in FIGURE_NAMES)
+
+
+@contextlib.contextmanager
+def signals_deferred(numbers=(signal.SIGINT, signal.SIGTERM)):
+    """SIGINT and SIGTERM noted, not acted on, inside the block; once it has ended, the previous handlers are back
+    and each noted signal is raised again (Ctrl-C then interrupts, SIGTERM terminates, as they would have). A
+    Python-level handler, not ``pthread_sigmask``: that masks the calling thread only, and the kernel hands a
+    process's signal to any thread that does not mask it (torch's among them)."""
+    noted, previous = [], {}
+    for number in numbers:
+        with contextlib.suppress(ValueError):  # not the main thread: signals are the caller's
+            previous[number] = signal.signal(number, lambda got, _frame: noted.append(got))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            default = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
+            with contextlib.suppress(ValueError, TypeError):  # a handler set from C reads as None: the default
+                signal.signal(number, handler if handler is not None else default)
+        for number in dict.fromkeys(noted):
+            signal.raise_signal(number)
+
+
+def _is_figure_file(name: str) -> bool:
+    """One of evaluate's pictures, or what a killed write of one left (``.roc.png.XXXXXXXX.tmp``)."""
+    return name in FIGURE_FILES or any(name.startswith(temporary_prefix(figure)) and name.endswith(".tmp")
+                                       for figure in FIGURE_FILES)
+
+
+def check_figures_folder(folder, figures: bool) -> bool:
+    """Before any work, the figures folder an output JSON names (``figures_folder``). With ``figures``, a folder
+    there receives the new pictures (files of other names in it stay); anything else there is refused. Without
+    (``--no-figures``), an earlier result's folder would stay beside a JSON it does not describe: returns True
+    when it is to be removed (it holds evaluate's pictures alone), and refuses when it holds other files."""
+    folder = Path(folder)
+    if not os.path.lexists(folder):
+        return False
+    if folder.is_symlink() or not folder.is_dir():
+        if figures:
+            raise PneumoniaCNNError(f"{display_path(folder)}: exists and is not a figures folder (the pictures go "
+                                    f"there); remove it, give --no-figures, or give another --out")
+        return False
+    try:
+        others = sorted(name for name in os.listdir(folder) if not _is_figure_file(name))
+    except OSError as error:
+        raise PneumoniaCNNError(f"{display_path(folder)}: cannot be read ({error.strerror})") from None
+    if figures or not others:
+        return not figures
+    raise PneumoniaCNNError(f"{display_path(folder)}: the pictures of an earlier evaluation, which --no-figures would "
+                            f"leave beside metrics they do not describe, and it holds other files too "
+                            f"({printable(others[0])}); move it away, or give another --out")
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+class Staged:
+    """Outputs written beside their places (``text``, ``folder``), put there by ``commit``; as a context
+    manager, committed when the block ends without an exception, and the temporary files removed either way."""
+
+    def __init__(self):
+        self.files: dict[Path, Path] = {}  # final path -> temporary file beside it
+        self.folders: dict[Path, Path] = {}  # final folder -> temporary folder beside it
+        self.removed: list[Path] = []  # an earlier result's figures folder (evaluate's pictures alone)
+
+    def text(self, path, text: str) -> None:
+        path = Path(path)
+        if path not in self.files:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle, temporary = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp",
+                                                     dir=path.parent)
+            except OSError as error:
+                raise output_error(error, path) from None
+            os.close(handle)
+            self.files[path] = Path(temporary)
+        try:
+            self.files[path].write_text(text, encoding="utf-8")
+        except OSError as error:  # named by the output's own path, not the temporary file's
+            raise output_error(error, path) from None
+
+    def folder(self, path) -> Path:
+        """A temporary folder beside ``path`` whose files go into ``path`` on commit."""
+        path = Path(path)
+        if path not in self.folders:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.folders[path] = Path(tempfile.mkdtemp(prefix=temporary_prefix(path.name), suffix=".tmp",
+                                                           dir=path.parent))
+            except OSError as error:
+                raise output_error(error, path) from None
+        return self.folders[path]
+
+    def final(self, error: OutputError) -> OutputError:
+        """``error`` naming a file of a temporary folder: the same, naming that file's own place."""
+        for final, temporary in self.folders.items():
+            if error.filename and Path(error.filename).parent == temporary:
+                return OutputError(error.errno, error.strerror, str(final / Path(error.filename).name))
+        return error
+
+    def remove_figures(self, folder) -> None:
+        self.removed.append(Path(folder))
+
+    def staged(self, path) -> Path:
+        """Where ``path``'s new content is until the commit (the report embeds the pictures it has drawn)."""
+        path = Path(path)
+        if path in self.files:
+            return self.files[path]
+        return self.folders[path.parent] / path.name if path.parent in self.folders else path
+
+    def commit(self) -> None:
+        for temporary in self.files.values():  # to disk before any rename: the step itself only renames
+            with open(temporary, "rb") as written:
+                os.fsync(written.fileno())
+        with signals_deferred():
+            for final, temporary in self.folders.items():
+                _place_folder(temporary, final)
+            for folder in self.removed:
+                _remove_figures(folder)
+            for final, temporary in self.files.items():
+                os.chmod(temporary, _mode_for(final))
+                os.replace(temporary, final)
+        self.files, self.folders, self.removed = {}, {}, []
+
+    def discard(self) -> None:
+        for temporary in self.files.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        for temporary in self.folders.values():
+            shutil.rmtree(temporary, ignore_errors=True)
+        self.files, self.folders, self.removed = {}, {}, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        try:
+            if kind is None:
+                self.commit()
+        finally:
+            self.discard()  # nothing left after a commit; the temporary files after a failure or an interrupt
+
+
+def _mode_for(path: Path) -> int:
+    """The mode a plain write would give: an existing file's own, a new file's from the umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _place_folder(temporary: Path, final: Path) -> None:
+    """A new folder is renamed into place; into one already there, each picture is (its other files stay)."""
+    if not os.path.lexists(final):
+        os.chmod(temporary, 0o777 & ~_umask())  # not mkdtemp's 0700
+        os.rename(temporary, final)
+        return
+    for entry in sorted(temporary.iterdir()):
+        os.replace(entry, final / entry.name)
+    temporary.rmdir()
+
+
+def _remove_figures(folder: Path) -> None:
+    """An earlier result's pictures and the folder, when (still) nothing else is there."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    names = os.listdir(folder)
+    if any(not _is_figure_file(name) for name in names):
+        return
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / name)
+    with contextlib.suppress(OSError):
+        folder.rmdir()

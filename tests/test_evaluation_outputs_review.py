@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from pneumonia_cnn.cli import main
 from pneumonia_cnn.evaluation import evaluate as evaluate_module
 from pneumonia_cnn.evaluation import report as report_module
 from pneumonia_cnn.evaluation import staging
 from pneumonia_cnn.evaluation.evaluate import evaluate
 from pneumonia_cnn.evaluation.report import write_report
 from tests.conftest import link_subset, require_shared
+from tests.test_cli_guards import run
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +32,6 @@ def snapshot(folder: Path) -> dict:
     """Every file below ``folder`` (hidden ones too) with its digest."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def run(capsys, *argv) -> tuple[int, str]:
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as stop:
-        status = stop.code
-    return status, capsys.readouterr().err.strip()
 
 
 def interrupt_at_third_picture(monkeypatch):

@@ -125,21 +125,34 @@ def test_no_figures_over_an_earlier_result_removes_its_pictures(tiny, tmp_path, 
     assert "figures" not in json.loads(out.read_text())
 
 
-def test_no_figures_refuses_a_figures_folder_holding_other_files_before_any_work(tiny, tmp_path, capsys,
-                                                                                 monkeypatch):
-    out = tmp_path / "m.json"
-    evaluate("builtin", tiny, "test", bootstrap=5, out=out, cache_dir=tmp_path / "cache")
-    (tmp_path / "m_figures" / "notes.txt").write_text("mine\n")
-    before = snapshot(tmp_path)
+def test_no_figures_removes_only_the_pictures_the_replaced_json_listed(tiny, tmp_path, capsys):
+    """A review found --no-figures deleting another result's pictures (test.json and test_metrics.json share
+    test_figures/) and an empty folder of the user's; only the replaced JSON's own pictures go now."""
+    common = ("evaluate", "--data", tiny, "--bootstrap", "5", "--no-progress", "--cache-dir", tmp_path / "cache")
+    assert run(capsys, *common, "--out", tmp_path / "test_metrics.json")[0] == 0
+    pictures = snapshot(tmp_path / "test_figures")
+    assert len(pictures) == 6
+    assert run(capsys, *common, "--out", tmp_path / "test.json", "--no-figures") == (0, "")
+    assert snapshot(tmp_path / "test_figures") == pictures  # test_metrics.json's, kept
+    (tmp_path / "test_figures" / "notes.txt").write_text("mine\n")
+    assert run(capsys, *common, "--out", tmp_path / "test_metrics.json", "--no-figures") == (0, "")
+    assert sorted(p.name for p in (tmp_path / "test_figures").iterdir()) == ["notes.txt"]  # its own pictures went
 
-    def no_work(*_args, **_kwargs):
-        raise AssertionError("the model was loaded before the refusal")
-    monkeypatch.setattr(evaluate_module, "load_bundle", no_work)
-    status, error = run(capsys, "evaluate", "--data", tiny, "--out", out, "--bootstrap", "5", "--no-figures")
-    assert status == 2 and "\n" not in error and "Traceback" not in error
-    assert error.startswith(f"error: {tmp_path / 'm_figures'}: the pictures of an earlier evaluation") and \
-        "(notes.txt)" in error
-    assert snapshot(tmp_path) == before
+
+def test_a_place_that_cannot_take_its_picture_is_refused_before_anything_moves(tiny, tmp_path, capsys):
+    """A folder where a picture goes had failed midway through the final step: a mix of old and new pictures,
+    the old JSON, and an error naming a temporary file."""
+    out = tmp_path / "m.json"
+    common = ("evaluate", "--data", tiny, "--out", out, "--bootstrap", "5", "--no-progress", "--cache-dir",
+              tmp_path / "cache")
+    assert run(capsys, *common)[0] == 0
+    (tmp_path / "m_figures" / "roc.png").unlink()
+    (tmp_path / "m_figures" / "roc.png").mkdir()
+    before = snapshot(tmp_path)
+    status, error = run(capsys, *common, "--threshold", "0.3")
+    assert (status, error) == (2, f"error: {tmp_path / 'm_figures' / 'roc.png'}: a folder is there, where the file "
+                                  f"goes")
+    assert snapshot(tmp_path) == before and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_pictures_go_into_a_figures_folder_and_leave_its_other_files(tiny, tmp_path):

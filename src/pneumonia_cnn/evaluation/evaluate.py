@@ -25,7 +25,7 @@ from ..fileio import OutputError, display_path, json_text
 from ..inference import Predictor, Scorer, load_bundle
 from .duplicates import duplicate_groups, duplicate_notes
 from .metrics import bootstrap_metrics, interval_notes, per_patient, resample_notes
-from .staging import FIGURE_NAMES, Staged, check_figures_folder
+from .staging import FIGURE_NAMES, Staged, check_figures_folder, pictures_of
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,8 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
     """
     sources = checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint]
     refuse_refit_without_val(data, val_split, threshold, calibration)
-    stale_figures = check_figures_folder(figures_folder(Path(out)), figures) if out else False
+    if out:
+        check_figures_folder(figures_folder(Path(out)), figures)
     bundle = load_bundle(list(sources))
     cached = cached_split(bundle, data, split, cache_dir, progress)
     if len(cached) == 0:
@@ -227,18 +228,18 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
             report["decision_refit"]["adapted_class_mix"] = fit["adapted_class_mix"]
     if out:
         with contextlib.nullcontext(staged) if staged is not None else Staged() as outputs:
-            stage_outputs(report, cached, Path(out), figures, stale_figures, outputs)
+            stage_outputs(report, cached, Path(out), figures, outputs)
     return report
 
 
-def stage_outputs(report: dict, cached, out: Path, figures: bool, stale_figures: bool, staged: Staged) -> None:
-    """The JSON and its pictures (into a temporary folder beside their own), or, with ``--no-figures``, an earlier
-    result's pictures to remove (``check_figures_folder``); put in place together by ``staged.commit``."""
+def stage_outputs(report: dict, cached, out: Path, figures: bool, staged: Staged) -> None:
+    """The JSON and its pictures (into a temporary folder beside their own), or, with ``--no-figures``, the
+    pictures the replaced JSON listed, to remove (``pictures_of``); put in place together by ``staged.commit``."""
     folder = figures_folder(out)
     if figures:  # where they will be: the JSON is written first (a full disk names it, as before)
         report["figures"] = {name: str(folder / f"{name}.png") for name in FIGURE_NAMES}
-    elif stale_figures:
-        staged.remove_figures(folder)
+    else:
+        staged.remove_pictures(pictures_of(out, folder))
     staged.text(out, json_text(report) + "\n")
     if figures:
         from .figures import evaluation_figures

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
-from ..fileio import OutputError, display_path, output_error, printable, temporary_prefix
+from ..fileio import OutputError, display_path, output_error, temporary_prefix
 
 FIGURE_NAMES = ("roc", "pr", "confusion", "reliability", "histogram", "mistakes")  # figures.evaluation_figures's
 FIGURE_FILES = frozenset(f"{name}.png" for name in FIGURE_NAMES)
@@ -42,34 +42,29 @@ def signals_deferred(numbers=(signal.SIGINT, signal.SIGTERM)):
             signal.raise_signal(number)
 
 
-def _is_figure_file(name: str) -> bool:
-    """One of evaluate's pictures, or what a killed write of one left (``.roc.png.XXXXXXXX.tmp``)."""
-    return name in FIGURE_FILES or any(name.startswith(temporary_prefix(figure)) and name.endswith(".tmp")
-                                       for figure in FIGURE_FILES)
-
-
-def check_figures_folder(folder, figures: bool) -> bool:
-    """Before any work, the figures folder an output JSON names (``figures_folder``). With ``figures``, a folder
-    there receives the new pictures (files of other names in it stay); anything else there is refused. Without
-    (``--no-figures``), an earlier result's folder would stay beside a JSON it does not describe: returns True
-    when it is to be removed (it holds evaluate's pictures alone), and refuses when it holds other files."""
+def check_figures_folder(folder, figures: bool) -> None:
+    """Before any work, with ``figures``: the figures folder an output JSON names (``figures_folder``) receives
+    the new pictures (files of other names in it stay), so anything but a folder there is refused."""
     folder = Path(folder)
-    if not os.path.lexists(folder):
-        return False
-    if folder.is_symlink() or not folder.is_dir():
-        if figures:
-            raise PneumoniaCNNError(f"{display_path(folder)}: exists and is not a figures folder (the pictures go "
-                                    f"there); remove it, give --no-figures, or give another --out")
-        return False
+    if figures and os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
+        raise PneumoniaCNNError(f"{display_path(folder)}: exists and is not a figures folder (the pictures go "
+                                f"there); remove it, give --no-figures, or give another --out")
+
+
+def pictures_of(out, folder) -> list[Path]:
+    """The pictures the JSON at ``out`` (the result being replaced) lists in ``folder``: with ``--no-figures``
+    they would stay beside a new JSON they do not describe. Only those: another result sharing the folder's
+    name (``test.json`` and ``test_metrics.json`` both draw into ``test_figures/``) keeps its own, and a folder
+    of the user's files is never touched."""
+    import json
     try:
-        others = sorted(name for name in os.listdir(folder) if not _is_figure_file(name))
-    except OSError as error:
-        raise PneumoniaCNNError(f"{display_path(folder)}: cannot be read ({error.strerror})") from None
-    if figures or not others:
-        return not figures
-    raise PneumoniaCNNError(f"{display_path(folder)}: the pictures of an earlier evaluation, which --no-figures would "
-                            f"leave beside metrics they do not describe, and it holds other files too "
-                            f"({printable(others[0])}); move it away, or give another --out")
+        listed = json.loads(Path(out).read_text(encoding="utf-8")).get("figures") or {}
+        paths = [Path(value) for value in listed.values()]
+    except (OSError, ValueError, AttributeError, TypeError):  # none, or not an earlier evaluate's JSON
+        return []
+    folder = Path(folder)
+    return [path for path in paths if path.name in FIGURE_FILES and path.parent == folder and path.is_file()
+            and not path.is_symlink()]
 
 
 def _umask() -> int:
@@ -85,7 +80,7 @@ class Staged:
     def __init__(self):
         self.files: dict[Path, Path] = {}  # final path -> temporary file beside it
         self.folders: dict[Path, Path] = {}  # final folder -> temporary folder beside it
-        self.removed: list[Path] = []  # an earlier result's figures folder (evaluate's pictures alone)
+        self.removed: list[Path] = []  # an earlier result's pictures (``pictures_of``)
 
     def text(self, path, text: str) -> None:
         path = Path(path)
@@ -122,8 +117,8 @@ class Staged:
                 return OutputError(error.errno, error.strerror, str(final / Path(error.filename).name))
         return error
 
-    def remove_figures(self, folder) -> None:
-        self.removed.append(Path(folder))
+    def remove_pictures(self, paths) -> None:
+        self.removed.extend(Path(path) for path in paths)
 
     def staged(self, path) -> Path:
         """Where ``path``'s new content is until the commit (the report embeds the pictures it has drawn)."""
@@ -133,18 +128,34 @@ class Staged:
         return self.folders[path.parent] / path.name if path.parent in self.folders else path
 
     def commit(self) -> None:
-        for temporary in self.files.values():  # to disk before any rename: the step itself only renames
-            with open(temporary, "rb") as written:
-                os.fsync(written.fileno())
+        for final, temporary in self.files.items():  # to disk before any rename: the step itself only renames
+            try:
+                with open(temporary, "rb") as written:
+                    os.fsync(written.fileno())
+            except OSError as error:
+                raise output_error(error, final) from None
+        self._check_places()
         with signals_deferred():
-            for final, temporary in self.folders.items():
-                _place_folder(temporary, final)
-            for folder in self.removed:
-                _remove_figures(folder)
-            for final, temporary in self.files.items():
-                os.chmod(temporary, _mode_for(final))
-                os.replace(temporary, final)
+            try:
+                for final, temporary in self.folders.items():
+                    _place_folder(temporary, final)
+                for picture in self.removed:
+                    _remove_picture(picture)
+                for final, temporary in self.files.items():
+                    os.chmod(temporary, _mode_for(final))
+                    os.replace(temporary, final)
+            except OSError as error:  # named by the output's own path, not a temporary one
+                raise self.final(output_error(error, Path(error.filename or "?"))) from None
         self.files, self.folders, self.removed = {}, {}, []
+
+    def _check_places(self) -> None:
+        """Before the step: each place can take its output (a folder where a picture or the JSON goes had failed
+        midway, leaving a mix of old and new pictures and an error naming a temporary file)."""
+        places = [*self.files, *(final / entry.name for final, temporary in self.folders.items()
+                                 if os.path.isdir(final) for entry in temporary.iterdir())]
+        for place in places:
+            if os.path.isdir(place) and not os.path.islink(place):
+                raise OutputError(21, "a folder is there, where the file goes", str(place))
 
     def discard(self) -> None:
         for temporary in self.files.values():
@@ -184,15 +195,9 @@ def _place_folder(temporary: Path, final: Path) -> None:
     temporary.rmdir()
 
 
-def _remove_figures(folder: Path) -> None:
-    """An earlier result's pictures and the folder, when (still) nothing else is there."""
-    if not folder.is_dir() or folder.is_symlink():
-        return
-    names = os.listdir(folder)
-    if any(not _is_figure_file(name) for name in names):
-        return
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(folder / name)
-    with contextlib.suppress(OSError):
-        folder.rmdir()
+def _remove_picture(picture: Path) -> None:
+    """An earlier result's picture, and its folder once nothing else is there."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(picture)
+    with contextlib.suppress(OSError):  # not empty: other files stay
+        picture.parent.rmdir()

@@ -166,3 +166,19 @@ def test_evaluate_names_identical_images_and_conflicting_labels_and_keeps_them(t
     assert (f"note: conflicting labels, the same image under two classes (1 group): test/NORMAL/{normal[3].name} "
             f"(NORMAL) = test/PNEUMONIA/misfiled.jpeg (PNEUMONIA)") in printed
     assert sum(note.startswith(("4 groups of identical", "conflicting labels")) for note in report["notes"]) == 2
+
+
+def test_stress_says_no_drop_rather_than_a_worst_case_of_plus_zero():
+    """A probe: when no shift lowered anything, stress named a "worst case" and drops of "+0.000"."""
+    from pneumonia_cnn.evaluation.stress import format_stress
+    base = {"roc_auc": 0.95, "sensitivity": 0.9, "specificity": 0.8}
+    rows = [{"shift": "gamma 0.6", "roc_auc": 0.96, "sensitivity": 0.9, "specificity": 0.85, "delta_roc_auc": 0.01,
+             "delta_sensitivity": 0.0, "delta_specificity": 0.05}]
+    result = {"split": "test", "n_images": 20, "threshold": 0.5, "baseline": base, "shifts": rows,
+              "worst_roc_auc": rows[0], "largest_sensitivity_drop": 0.0, "largest_specificity_drop": 0.05}
+    assert format_stress(result).splitlines()[-1] == ("no shift lowered the ROC AUC; largest drops: sensitivity none, "
+                                                      "specificity none")
+    rows[0].update(roc_auc=0.90, delta_roc_auc=-0.05)
+    result["largest_sensitivity_drop"] = -0.1
+    assert format_stress(result).splitlines()[-1] == ("worst case: gamma 0.6 (ROC AUC 0.9000); largest drops: "
+                                                      "sensitivity -0.100, specificity none")

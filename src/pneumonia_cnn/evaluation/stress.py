@@ -148,7 +148,10 @@ def format_stress(result: dict) -> str:
                      f"{cell(row['specificity'], row.get('delta_specificity'))}")
     if result["worst_roc_auc"]:
         worst = result["worst_roc_auc"]
-        lines.append(f"worst case: {worst['shift']} (ROC AUC {worst['roc_auc']:.4f}); "
-                     f"largest drops: sensitivity {result['largest_sensitivity_drop']:+.3f}, "
-                     f"specificity {result['largest_specificity_drop']:+.3f}")
+        lowered = base["roc_auc"] is None or worst["roc_auc"] < base["roc_auc"]
+        drops = [f"{name} {value:+.3f}" if value < 0 else f"{name} none"  # a rise is no drop ("+0.000" read as one)
+                 for name, value in (("sensitivity", result["largest_sensitivity_drop"]),
+                                     ("specificity", result["largest_specificity_drop"]))]
+        lines.append((f"worst case: {worst['shift']} (ROC AUC {worst['roc_auc']:.4f})" if lowered else
+                      "no shift lowered the ROC AUC") + f"; largest drops: {', '.join(drops)}")
     return "\n".join(line.rstrip() for line in lines)

@@ -147,7 +147,18 @@ def test_ctrl_c_while_onnx_runtime_initialises_stays_an_interrupt(monkeypatch):
         except KeyboardInterrupt as interrupt:
             raise ImportError("initialization failed") from interrupt
     monkeypatch.setattr(importlib, "import_module", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as caught:
+        runtime("onnx", "onnxruntime", "export")
+    assert type(caught.value) is KeyboardInterrupt
+    from pneumonia_cnn.signals import Terminated
+
+    def terminated(name):  # SIGTERM there: a Terminated, so that the command ends by the signal (143)
+        try:
+            raise Terminated
+        except Terminated as stop:
+            raise ImportError("initialization failed") from stop
+    monkeypatch.setattr(importlib, "import_module", terminated)
+    with pytest.raises(Terminated):
         runtime("onnx", "onnxruntime", "export")
     monkeypatch.setattr(importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError(name)))
     with pytest.raises(PneumoniaCNNError, match=r"--engine onnx needs onnxruntime \(pip install"):

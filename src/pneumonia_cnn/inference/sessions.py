@@ -35,8 +35,8 @@ def runtime(engine: str, module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        if isinstance(error.__cause__, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
+        if isinstance(error.__cause__, KeyboardInterrupt):  # SIGTERM's Terminated stays one (it read as Ctrl-C:
+            raise type(error.__cause__)() from None  # "interrupted", exit 130, not 143)
         raise PneumoniaCNNError(f"--engine {engine} needs {module} (pip install 'pneumonia-cnn[{extra}]')") from None
 
 

@@ -182,3 +182,21 @@ def test_stress_says_no_drop_rather_than_a_worst_case_of_plus_zero():
     result["largest_sensitivity_drop"] = -0.1
     assert format_stress(result).splitlines()[-1] == ("worst case: gamma 0.6 (ROC AUC 0.9000); largest drops: "
                                                       "sensitivity -0.100, specificity none")
+
+
+def test_a_csv_or_a_flat_folder_is_named_as_itself_not_as_the_test_split(tmp_path, capsys):
+    """A probe: `evaluate --data site.csv` and a folder without splits printed "test: 16 images", and compare
+    said "split test holds one class only", of sets that have no test split."""
+    from pneumonia_cnn.cli import main
+    from pneumonia_cnn.data.dataset import evaluated_name
+    (tmp_path / "kaggle" / "test").mkdir(parents=True)
+    assert evaluated_name(tmp_path / "kaggle", "test") == "test"
+    assert evaluated_name(tmp_path / "site.csv", "test") == "site.csv"
+    assert evaluated_name(tmp_path / "flat", "test") == "flat"
+    examples = sorted(builtin.example_paths())
+    rows = [f"{path},{0 if 'NORMAL' in path.name else 1}" for path in examples]
+    (tmp_path / "site.csv").write_text("\n".join(rows) + "\n")
+    assert main(["evaluate", "--data", str(tmp_path / "site.csv"), "--out", str(tmp_path / "m.json"),
+                 "--bootstrap", "100", "--no-figures", "--no-progress", "--cache-dir", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "\nsite.csv: 4 images " in f"\n{out}" and "test: 4 images" not in out

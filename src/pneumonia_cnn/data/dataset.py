@@ -312,6 +312,17 @@ def _csv_row(csv_path: Path, line_number: int, row: list[str], class_names, colu
     return (path if path.is_absolute() else csv_path.parent / path), label
 
 
+def evaluated_name(data, split: str | None) -> str:
+    """What was evaluated, in words: the split of a Kaggle-layout root, else the CSV's or the folder's own name
+    (a CSV or a flat folder had been called "test", which it has none of)."""
+    if not data:
+        return split or ""
+    data = Path(data)
+    if data.suffix.lower() != ".csv" and split and (data / split).is_dir():
+        return split
+    return data.name or str(data)
+
+
 def load_split(data, split: str | None, class_names=None, require_both_classes=False) -> ImageList:
     """``data`` is a Kaggle-layout root (with ``split``), a split folder itself, or a CSV file."""
     data = Path(data)

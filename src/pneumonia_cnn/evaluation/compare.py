@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.dataset import evaluated_name
 from ..errors import PneumoniaCNNError
 from .evaluate import evaluate
 from .metrics import delong_test, paired_auc_bootstrap, resample_notes
@@ -24,7 +25,8 @@ def compare_runs(runs, data, split="test", device="auto", cache_dir=None, bootst
                                     "files)")
     labels = [p["label"] for p in reports[0]["predictions"]]
     if len(set(labels)) < 2:  # DeLong's test and the AUC need both classes (it printed "p = nan (not significant)")
-        raise PneumoniaCNNError(f"split {split} holds one class only: ROC AUC and DeLong's test need both")
+        raise PneumoniaCNNError(f"{evaluated_name(data, split)} holds one class only: ROC AUC and DeLong's test "
+                                f"need both")
     groups = [p["patient"] for p in reports[0]["predictions"]] if "patient" in reports[0]["predictions"][0] else None
     tests = []
     for index in range(1, len(reports)):
@@ -32,7 +34,7 @@ def compare_runs(runs, data, split="test", device="auto", cache_dir=None, bootst
         scores_b = [p["probability"] for p in reports[index]["predictions"]]
         tests.append({"a": names[0], "b": names[index], **delong_test(labels, scores_a, scores_b),
                       "bootstrap": paired_auc_bootstrap(labels, scores_a, scores_b, groups, resamples=bootstrap)})
-    return {"runs": names, "split": split, "n_images": reports[0]["n_images"],
+    return {"runs": names, "data": str(data), "split": split, "n_images": reports[0]["n_images"],
             "metrics": {name: {k: report["metrics"][k] for k in ROWS} for name, report in zip(names, reports)},
             "thresholds": {name: report["threshold"] for name, report in zip(names, reports)},
             "delong": tests, "notes": resample_notes(bootstrap)}
@@ -55,7 +57,7 @@ def run_names(runs) -> list[str]:
 
 def format_comparison(result: dict) -> str:
     width = max(16, *(len(n) + 2 for n in result["runs"]))
-    lines = [f"{result['split']}: {result['n_images']} images",
+    lines = [f"{evaluated_name(result.get('data', ''), result['split'])}: {result['n_images']} images",
              f"{'metric':<20}" + "".join(f"{n:>{width}}" for n in result["runs"])]
     for metric in ROWS:
         values = "".join(f"{result['metrics'][n][metric]['value']:>{width}.4f}" for n in result["runs"])

@@ -18,7 +18,7 @@ import numpy as np
 from ..calibration import CALIBRATION_METHODS, Decision, choose_threshold, fit_decision, parse_threshold_policy
 from ..checkpoint import save_checkpoint
 from ..data.cache import build_or_load
-from ..data.dataset import has_patient_ids, load_split
+from ..data.dataset import evaluated_name, has_patient_ids, load_split
 from ..data.fingerprint import file_fingerprints
 from ..errors import DatasetError, PneumoniaCNNError
 from ..fileio import OutputError, display_path, json_text
@@ -342,7 +342,7 @@ FEW_REFIT_IMAGES = 100  # train's own floor for a validation split (--min-val-im
 
 def format_table(report: dict) -> str:
     metrics = report["metrics"]
-    lines = [f"{report['split']}: {report['n_images']} images "
+    lines = [f"{evaluated_name(report['data'], report['split'])}: {report['n_images']} images "
              + ", ".join(f"{k} {v}" for k, v in report["counts"].items())
              + f"; {report['n_patients']} patients; threshold {report['threshold']:.3f} "
              f"({report['threshold_policy']}, {calibration_words(report['calibration']['method'])}"

@@ -13,7 +13,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..data.cache import build_or_load
-from ..data.dataset import load_split
+from ..data.dataset import evaluated_name, load_split
 from ..data.intensity import standardise_intensity
 from ..fileio import write_json_atomic
 from ..inference import Predictor
@@ -138,7 +138,8 @@ def format_stress(result: dict) -> str:
                                               else " " * CHANGE_WIDTH)
     head = "".join(f"{name:>{VALUE_WIDTH}}{' (change)':<{CHANGE_WIDTH}}"
                    for name in ("ROC AUC", "sensitivity", "specificity"))
-    lines = [f"stress test on {result['split']} ({result['n_images']} images), threshold {result['threshold']:.3f}",
+    lines = [f"stress test on {evaluated_name(result.get('data', ''), result['split'])} ({result['n_images']} "
+             f"images), threshold {result['threshold']:.3f}",
              f"{'shift':<18}{head}"]
     base = result["baseline"]
     lines.append(f"{'none':<18}{cell(base['roc_auc'])}{cell(base['sensitivity'])}{cell(base['specificity'])}")

@@ -209,3 +209,18 @@ def test_by_the_same_field_twice_gives_one_table(tiny, tmp_path):
                                                     for i, p in enumerate(images)))
     report = evaluate("builtin", labels, "test", bootstrap=5, by=["sex", "Sex", "sex"], cache_dir=tmp_path / "c")
     assert [result["field"] for result in report["subgroups"]] == ["sex"]
+
+
+def test_a_failure_in_the_final_step_names_the_output_not_its_temporary_file(tmp_path, monkeypatch):
+    from pneumonia_cnn.fileio import OutputError
+
+    def refused(source, _target):
+        raise PermissionError(13, "Permission denied", str(source))
+    staged = staging.Staged()
+    staged.text(tmp_path / "m.json", "{}\n")
+    monkeypatch.setattr(staging.os, "replace", refused)
+    with pytest.raises(OutputError) as caught:
+        staged.commit()
+    assert (caught.value.filename, caught.value.strerror) == (str(tmp_path / "m.json"), "Permission denied")
+    staged.discard()
+    assert list(tmp_path.iterdir()) == []

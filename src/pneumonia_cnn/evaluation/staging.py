@@ -111,7 +111,10 @@ class Staged:
         return self.folders[path]
 
     def final(self, error: OutputError) -> OutputError:
-        """``error`` naming a file of a temporary folder: the same, naming that file's own place."""
+        """``error`` naming a temporary file, or a file of a temporary folder: the same, naming its own place."""
+        for final, temporary in self.files.items():
+            if error.filename and Path(error.filename) == temporary:
+                return OutputError(error.errno, error.strerror, str(final))
         for final, temporary in self.folders.items():
             if error.filename and Path(error.filename).parent == temporary:
                 return OutputError(error.errno, error.strerror, str(final / Path(error.filename).name))

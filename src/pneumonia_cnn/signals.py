@@ -50,8 +50,9 @@ def exit_quietly_once_done(status: int) -> None:
 
 def end_process_now(status: int) -> None:
     """Ends the process with ``status`` once what was said is flushed, without the interpreter's finalisation
-    (atexit handlers, the garbage collector's last pass, joining threads)."""
-    logging.shutdown()
+    (atexit handlers, the garbage collector's last pass, joining threads). No ``logging.shutdown()``: this also
+    runs as a SIGINT handler, where taking a handler's lock that the interrupted code holds would hang; the
+    package logs to streams only, flushed on each record."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed or full stream: nothing more can be said anyway
             stream.flush()

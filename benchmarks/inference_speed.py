@@ -51,6 +51,7 @@ def prepare_int8(checkpoint, data: str, calibration: np.ndarray | None = None) -
         from pneumonia_cnn.inference.quantize import export_int8
         export_int8(checkpoint, data, Path(os.environ["PNEUMONIA_CNN_CACHE"]) / "model.int8.onnx")
     else:
+        from pneumonia_cnn.inference import graph_cache
         from pneumonia_cnn.inference.bundle import load_bundle
         from pneumonia_cnn.inference.quantize import quantize_served
         from pneumonia_cnn.inference.quantized import store_path
@@ -59,7 +60,8 @@ def prepare_int8(checkpoint, data: str, calibration: np.ndarray | None = None) -
         model, size = bundle.models[0], bundle.preprocessing.size
         path = store_path(served_key(model, size, bundle.tta, bundle.taps))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(quantize_served(model, size, bundle.tta, bundle.taps, calibration))
+        # with its checksum, as export writes it: the int8 engines refuse a cached graph without one
+        graph_cache.store(path, quantize_served(model, size, bundle.tta, bundle.taps, calibration))
     return {"build_seconds": time.perf_counter() - start}
 
 

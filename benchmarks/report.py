@@ -95,10 +95,11 @@ def _keras_rows(results) -> list[tuple[str, str]]:
     if "skipped" in k:
         return [("Keras peers", k["skipped"])]
     tutorial = k["tutorial"]
+    onnx = tutorial.get("ratio_inference_onnx_to_keras")  # absent when inference was not measured (--only)
     rows = [("Keras tutorial pipeline (ImageDataGenerator)",
              f"train {tutorial['training_images_per_s']:.1f} img/s, predict {tutorial['predict_images_per_s']:.1f} "
-             f"img/s; ours x{tutorial['ratio_training_ours_to_keras']:.2f} in training, onnx engine "
-             f"x{tutorial.get('ratio_inference_onnx_to_keras', 0):.2f} in inference")]
+             f"img/s; ours x{tutorial['ratio_training_ours_to_keras']:.2f} in training"
+             + (f", onnx engine x{onnx:.2f} in inference" if onnx is not None else ""))]
     peer = k.get("tfdata_bf16")
     if peer:
         rows.append(("Keras tf.data + cache + mixed_bfloat16", f"train {peer['keras_images_per_s_median']:.1f} img/s "

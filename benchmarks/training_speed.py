@@ -16,9 +16,9 @@ import time
 import torch
 
 from pneumonia_cnn.models import create_model
+from pneumonia_cnn.signals import StopSignals
 from pneumonia_cnn.training import make_config, start_run
 from pneumonia_cnn.training.loop import train_one_epoch
-from pneumonia_cnn.training.setup import StopRequested
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 4096, seconds: float = 2.0) -> float:
@@ -63,7 +63,7 @@ class LibraryLoop:
         self.config = make_config("tutorial", data=data, out=out, cache_dir=cache, device=str(device),
                                   progress=False, ood=False, evaluate_test=False, tracker="none", **overrides)
         self.run, self.device, self.chunks = start_run(self.config), device, 0
-        self.stop = StopRequested()
+        self.stop = StopSignals()  # never entered: nothing stops a timed run
         self.rate(3)  # warm-up: oneDNN/cuDNN kernel choice, allocator, the loader thread
 
     def rate(self, steps: int) -> float:

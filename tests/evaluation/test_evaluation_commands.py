@@ -101,3 +101,19 @@ def test_stress_and_compare_commands(trained_run, small_root, cache_dir, capsys,
     assert main(["compare", str(trained_run / "best.pt"), str(trained_run / "last.pt"), "--data", str(one_class),
                  "--cache-dir", str(cache_dir), "--bootstrap", "20"]) == 2
     assert "holds one class only: ROC AUC and DeLong's test need both" in capsys.readouterr().err
+
+
+def test_stress_says_where_its_json_went(trained_run, small_root, cache_dir, capsys, tmp_path):
+    out = tmp_path / "stress.json"
+    assert main(["stress", str(trained_run), "--data", str(small_root), "--cache-dir", str(cache_dir),
+                 "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"written: {out}"  # as evaluate says (it said nothing)
+    assert len(json.loads(out.read_text())["shifts"]) == 11
+
+
+def test_compare_of_one_run_is_refused_before_scoring(trained_run, capsys, tmp_path):
+    """One run has nothing to be compared with: it printed one column and no test, exit 0."""
+    assert main(["compare", str(trained_run), "--data", str(tmp_path / "never-read")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: compare needs two or more runs, one was given ({trained_run}); one model's metrics: "
+        f"pneumonia-cnn evaluate --checkpoint {trained_run} --data ...")

@@ -125,3 +125,24 @@ def test_age_bands_are_ordered_by_age_not_as_text():
     report = subgroup_metrics("AgeBand", [0, 1, 0, 1, 0, 1, 0, 1], [0.2, 0.8] * 4, 0.5,
                               ["18-39y", "18-39y", "1-5y", "1-5y", "6-17y", "6-17y", MISSING, MISSING], resamples=10)
     assert [group["value"] for group in report["groups"]] == ["1-5y", "6-17y", "18-39y", MISSING]
+
+
+def test_groups_with_few_of_a_class_are_said_to_have_unreliable_intervals():
+    """As evaluate notes it of a whole split: a group with fewer than 10 images (patients) of a class it holds.
+    Group A: 12 positives, 3 negatives; B: 10 and 10; C: 9 positives only; (missing): 2 negatives."""
+    from pneumonia_cnn.evaluation.subgroups import format_subgroups
+    labels = [1] * 12 + [0] * 3 + [1] * 10 + [0] * 10 + [1] * 9 + [0] * 2
+    values = ["A"] * 15 + ["B"] * 20 + ["C"] * 9 + [MISSING] * 2
+    scores = np.linspace(0.05, 0.95, len(labels))
+    result = subgroup_metrics("site", labels, scores, 0.5, values, resamples=20, seed=1)
+    assert result["notes"] == [f"intervals unreliable in A (12+/3- images), C (9+/0- images), {MISSING} (0+/2- "
+                               "images): fewer than 10 images of a class; a bootstrap of so few barely varies, so "
+                               "those intervals are too narrow or undefined, and gaps to those groups are uncertain"]
+    assert format_subgroups(result).splitlines()[-1] == f"note: {result['notes'][0]}"
+    assert result["notes"][0] in subgroup_section(result).replace("&lt;", "<").replace("&gt;", ">")
+    # counted by patient when there are patients: B's 20 images are 2 patients of each class
+    patients = [f"a{i}" for i in range(15)] + [f"b{i // 5}" for i in range(20)] + [f"c{i}" for i in range(11)]
+    by_patient = subgroup_metrics("site", labels, scores, 0.5, values, patients=patients, resamples=20, seed=1)
+    assert by_patient["notes"][0].startswith("intervals unreliable in A (12+/3- patients), B (2+/2- patients), C ")
+    enough = subgroup_metrics("site", [1] * 10 + [0] * 10, np.linspace(0, 1, 20), 0.5, ["A"] * 20, resamples=20)
+    assert enough["notes"] == []

@@ -164,6 +164,9 @@ def compare_arguments(p):
 
 def run_compare(args) -> int:
     from ..evaluation.compare import compare_runs, format_comparison
+    if len(args.runs) < 2:  # nothing to compare it with: it printed one column and no test, exit 0
+        raise PneumoniaCNNError(f"compare needs two or more runs, one was given ({args.runs[0]}); one model's "
+                                f"metrics: pneumonia-cnn evaluate --checkpoint {args.runs[0]} --data ...")
     refuse_repeated_checkpoints(args.runs, "compare")
     result = compare_runs(args.runs, data=args.data, split=args.split, device=args.device, cache_dir=args.cache_dir,
                           bootstrap=args.bootstrap)
@@ -193,6 +196,8 @@ def run_stress(args) -> int:
         print_json(result)
     else:
         print(format_stress(result))
+        if args.out:  # as evaluate says where its JSON went
+            print(f"written: {args.out}")
     return 0
 
 

@@ -69,7 +69,8 @@ def subgroup_section(result: dict) -> str:
            "</td>" if k in gaps else "<td>-</td>") + "</tr>" for k in METRIC_NAMES)
     return (f"<h3>By {_escape(result['field'])}</h3><table class='subgroups'><tr><th>metric</th>{head}"
             f"<th>largest gap (best vs worst)</th></tr>{rows}</table><p class='note'>Value [95% CI] per group; "
-            "groups with one class have no sensitivity, specificity or AUC; (missing) is left out of the gaps.</p>")
+            "groups with one class have no sensitivity, specificity or AUC; (missing) is left out of the gaps.</p>"
+            + "".join(f"<p class='note'>{_escape(note)}</p>" for note in result.get("notes", [])))
 
 
 def _run_lists(data, config: dict) -> dict | None:

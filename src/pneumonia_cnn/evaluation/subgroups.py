@@ -18,7 +18,7 @@ import numpy as np
 from ..data.dataset import csv_header, csv_rows, has_patient_ids
 from ..errors import PneumoniaCNNError
 from ..fileio import display_path
-from .metrics import bootstrap_metrics
+from .metrics import FEW_PER_CLASS, bootstrap_metrics, units_per_class
 
 MISSING = "(missing)"
 AGE_FIELDS = {"ageband", "age_band", "agegroup", "age_group"}
@@ -115,7 +115,26 @@ def subgroup_metrics(field: str, labels, probabilities, threshold: float, values
                        "metrics": bootstrap_metrics(labels[chosen], probabilities[chosen], threshold, groups=units,
                                                     resamples=resamples, seed=seed,
                                                     predicted=None if predicted is None else predicted[chosen])})
-    return {"field": field, "groups": groups, "largest_gap": largest_gaps(groups)}
+    return {"field": field, "groups": groups, "largest_gap": largest_gaps(groups),
+            "notes": few_per_class_notes(groups, labels, values, patients)}
+
+
+def few_per_class_notes(groups: list[dict], labels, values, patients) -> list[str]:
+    """The groups whose intervals rest on fewer than FEW_PER_CLASS units (images, or patients) of a class they hold,
+    as ``evaluate`` notes it of the whole split: their bootstrap barely varies, so the intervals are too narrow."""
+    unit = "image" if patients is None else "patient"
+    small = []
+    for group in groups:
+        chosen = np.where(values == group["value"])[0]
+        units = units_per_class(labels[chosen], None if patients is None else np.asarray(patients)[chosen])
+        held = [u for u, n in zip(units, (group["n_negative"], group["n_positive"])) if n]
+        if held and min(held) < FEW_PER_CLASS:
+            small.append(f"{group['value']} ({units[1]}+/{units[0]}- {unit}s)")
+    if not small:
+        return []
+    return [f"intervals unreliable in {', '.join(small)}: fewer than {FEW_PER_CLASS} {unit}s of a class; a "
+            f"bootstrap of so few barely varies, so those intervals are too narrow or undefined, and gaps to those "
+            f"groups are uncertain"]
 
 
 def largest_gaps(groups: list[dict]) -> dict:
@@ -160,4 +179,5 @@ def format_subgroups(result: dict) -> str:
         gap = result["largest_gap"].get(metric)
         lines.append(f"{metric:<18}" + "".join(f"{_cell(g['metrics'][metric]):>{width + 2}}" for g in groups)
                      + (f"  {gap['gap']:.3f} ({gap['best']} vs {gap['worst']})" if gap else "  -"))
+    lines += [f"note: {note}" for note in result.get("notes", [])]
     return "\n".join(lines)

@@ -32,9 +32,9 @@ def store_path(key: str, cache_dir=None) -> Path:
     return Path(cache_dir or default_cache_dir()) / "int8" / f"{key}.onnx"
 
 
-def int8_session(path):
+def int8_session(graph: bytes):
     import onnxruntime
-    return onnxruntime.InferenceSession(str(path), session_options(onnxruntime), providers=["CPUExecutionProvider"],
+    return onnxruntime.InferenceSession(graph, session_options(onnxruntime), providers=["CPUExecutionProvider"],
                                         disabled_optimizers=KEEP_FLOAT_STEM)
 
 
@@ -43,21 +43,26 @@ BUILD = ("pneumonia-cnn export CHECKPOINT --format onnx-int8 --data ROOT --out m
 
 
 def load_cached(path: Path, engine: str, load, signature=None, expected=None):
-    """``load(path)``, or one line naming the damaged cached graph (cut short by a full disk, a copy, a crash;
-    or a readable graph that is not this model's, which failed on the first image with ONNX Runtime's "Got
+    """``load(the graph's bytes)``, or one line naming the damaged cached graph (cut short by a full disk, a copy,
+    a crash; or a readable graph that is not this model's, which failed on the first image with ONNX Runtime's "Got
     invalid dimensions for input: image"; or one whose bytes do not match the checksum written beside it when it
     was built: ``graph_cache``) and how to build it again; never rebuilt here: that needs the
     checkpoint's validation images. ``signature(loaded)`` gives its inputs and outputs as ``graph_signature``
     does, compared with ``expected`` (``served_signature``)."""
-    try:
-        loaded = load(path)
-    except Exception:  # ONNX Runtime's InvalidProtobuf, OpenVINO's RuntimeError: several lines of C++ context
-        loaded, why = None, "it cannot be read"
-    else:
-        why = foreign(signature(loaded) if signature is not None else expected, expected)
-        # then its weights: a flipped bit loads as any other (see graph_cache); a graph without its checksum
-        # (built by an earlier version) is refused too, since nothing tells it from a damaged one
-        why = why or graph_cache.problem(path, "built")
+    # its bytes first, checked against the checksum and then loaded from memory: a flipped bit loads as any other
+    # (see graph_cache), a graph without its checksum (built by an earlier version) is refused since nothing
+    # tells it from a damaged one, and checking one read while loading another let a rebuild between the two
+    # pass for damage
+    payload, why = graph_cache.read_verified(path, "built")
+    if payload is None and why is None:  # gone since int8_paths saw it
+        why = "it cannot be read"
+    if why is None:
+        try:
+            loaded = load(payload)
+        except Exception:  # ONNX Runtime's InvalidProtobuf, OpenVINO's RuntimeError: several lines of C++ context
+            why = "it cannot be read"
+        else:
+            why = foreign(signature(loaded) if signature is not None else expected, expected)
     if why is not None:
         raise PneumoniaCNNError(f"--engine {engine}: the cached int8 model {display_path(path)} is damaged "
                                 f"({why}); build it again: {BUILD}") from None
@@ -146,8 +151,8 @@ class OpenVinoInt8Engine:
         core = runtime(self.name, "openvino", "openvino").Core()
         config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
 
-        def compiled(path):
-            return core.compile_model(core.read_model(str(path)), "CPU", config)
+        def compiled(graph: bytes):
+            return core.compile_model(core.read_model(graph), "CPU", config)
         self.compiled = load_members(models, size, tta, taps, self.name, cache_dir, compiled, _openvino_signature)
         self._local = threading.local()
         log.warning(INT8_NOTE)

@@ -208,9 +208,12 @@ def test_the_cli_logs_one_line_per_message(monkeypatch, capsys):
     assert done.stderr == "warning: RuntimeWarning: overflow encountered in multiply\\nsecond line\n"
 
 
-def test_ctrl_c_while_the_command_is_still_importing_is_quiet():
+@pytest.mark.parametrize("stop, status, said", [("SIGINT", 130, "interrupted\n"),
+                                                ("SIGTERM", -15, "terminated (SIGTERM)\n")])
+def test_a_stop_while_the_command_is_still_importing_says_its_one_line(stop, status, said):
     """Ctrl-C in the first second (torch loading, before main's handler) printed a KeyboardInterrupt traceback
-    through torch's import machinery; now exit 130 and no traceback, as later."""
+    through torch's import machinery; now exit 130 and no traceback, as later. SIGTERM there ended the process
+    without a word; now its line, and still ended by the signal, as later."""
     import signal
     import subprocess
     import sys
@@ -226,9 +229,9 @@ def test_ctrl_c_while_the_command_is_still_importing_is_quiet():
                 break
         time.sleep(0.01)
     assert process.poll() is None, "info ended before torch was imported"
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, stop))
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and stderr == "interrupted\n", stderr
+    assert process.returncode == status and stderr == said, stderr
 
 
 def test_double_dash_separates_the_paths_even_those_that_start_with_a_dash(tmp_path, capsys, monkeypatch):

@@ -6,7 +6,7 @@ Notebook API::
 """
 from .signals import quiet_interrupt_while_importing
 
-with quiet_interrupt_while_importing():  # the command line's Ctrl-C during torch's loading: exit 130, no traceback
+with quiet_interrupt_while_importing():  # the command line's Ctrl-C or SIGTERM during torch's loading: one line
     from . import device  # noqa: F401  # first: its OpenMP wait setting must precede torch's loading
     from .checkpoint import load_model
     from .models import create_model, list_models

@@ -17,27 +17,40 @@ log = logging.getLogger("pneumonia_cnn")
 
 @contextlib.contextmanager
 def quiet_interrupt_while_importing():
-    """Ctrl-C while the command line is still importing torch (about a second and a half): before ``main`` and its
-    handler ran, Python printed a KeyboardInterrupt traceback through torch's import machinery. For the
+    """Ctrl-C or SIGTERM while the command line is still importing torch (about a second and a half, more on a
+    busy machine): before ``main`` and its handlers ran, Ctrl-C printed a KeyboardInterrupt traceback through
+    torch's import machinery, and SIGTERM ended the process without a word. Now each says its one line, as once
+    the command runs ("interrupted", exit 130; "terminated (SIGTERM)", ended by the signal). For the
     ``pneumonia-cnn`` program and ``python -m pneumonia_cnn`` only (whose ``sys.argv[0]`` is "-m" while the
-    package is imported): a library user's interrupt stays a KeyboardInterrupt."""
+    package is imported): a library user's signals stay theirs."""
     program = os.path.basename(sys.argv[0]) if sys.argv else ""
-    previous = None
+    handlers = {signal.SIGINT: _interrupted_while_importing, signal.SIGTERM: _terminated_while_importing}
+    previous = {}
     if program in ("pneumonia-cnn", "-m"):
-        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            previous = signal.signal(signal.SIGINT, _interrupted_while_importing)
+        for number, handler in handlers.items():
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                previous[number] = signal.signal(number, handler)
     try:
         yield
     finally:
-        if program in ("pneumonia-cnn", "-m") and signal.getsignal(signal.SIGINT) is not previous:
-            with contextlib.suppress(ValueError, TypeError):  # a handler set from C reads as None: Python's default
-                signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        for number, before in previous.items():
+            if signal.getsignal(number) is handlers[number]:
+                default = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
+                with contextlib.suppress(ValueError, TypeError):  # a handler set from C reads as None: the default
+                    signal.signal(number, before if before is not None else default)
 
 
 def _interrupted_while_importing(_number, _frame):
     with contextlib.suppress(OSError):  # a closed stderr: the status still says it
         os.write(2, b"interrupted\n")  # as a Ctrl-C once the command runs says (it ended without a word)
     os._exit(130)
+
+
+def _terminated_while_importing(_number, _frame):
+    with contextlib.suppress(OSError):
+        os.write(2, b"terminated (SIGTERM)\n")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # then ended by the signal itself, as its parent expects
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def exit_quietly_once_done(status: int) -> None:

@@ -122,6 +122,7 @@ def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=No
 def add_error_handlers(app):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.requests import ClientDisconnect
 
     @app.exception_handler(RequestError)
     async def request_error(_request, error: RequestError):
@@ -130,6 +131,13 @@ def add_error_handlers(app):
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request, error: RequestValidationError):
         return JSONResponse({"detail": validation_message(error.errors())}, status_code=400)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request, _error):
+        """A client gone while its body was read (wherever it is read) is a 499, not an internal error: no log
+        line above debug, no traceback (read_form makes it ``ClientGone``; this is for any other reader)."""
+        log.debug("%s %s: the client left during its upload (499)", request.method, request.url.path)
+        return JSONResponse({"detail": "the client closed the request"}, status_code=499)
 
     @app.exception_handler(Exception)
     async def internal_error(request, error: Exception):

@@ -5,19 +5,26 @@ does not take is refused (``/predict?threshold=0.01&prevalence=0.5`` was answere
 ``/predict/batch?gradcam=true`` without heat maps, both 200). The multipart body is then parsed here, and FastAPI
 finds it parsed (Starlette keeps a request's form): under a file limit that is the server's own (Starlette's
 "Maximum number of files is 1000" named a limit the server does not have: a batch takes 256), and with the reason
-the parser gives for a body it cannot read ("Invalid multipart data." said none).
+the parser gives for a body it cannot read ("Invalid multipart data." said none). A body that ends before its
+closing boundary is said to be incomplete (its parts were dropped in silence: "no multipart field 'file'", the
+field sent), and a client that leaves during its upload is a 499, as one that leaves during scoring (Starlette's
+ClientDisconnect was an internal error: "failed", uvicorn's ERROR and a 69-line traceback per departed client).
 
 Imported by ``create_app`` only: FastAPI and Starlette are the ``serve`` extra's.
 """
 from __future__ import annotations
 
+import logging
 import re
 from contextlib import aclosing
 
 from fastapi.routing import APIRoute
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
-from .service import RequestError, too_many_files
+from .service import ClientGone, RequestError, too_many_files
+
+log = logging.getLogger(__name__)
 
 MAX_TEXT_FIELDS = 16  # every text field is refused anyway (check_form_fields): a few, to name them
 SET_AT_START = {  # query parameters clients try, and where the server's setting comes from instead
@@ -35,6 +42,9 @@ PARSER_REASONS = (  # the parser's words (python-multipart, Starlette) -> what t
     (r'"name" must be provided', "a part has no name in its Content-Disposition header"),
     (r"part exceeded maximum size", "a text field over 1 MB; images go in file fields"),
 )
+# python-multipart's words for a first line that is not "--" + the declared boundary: "Expected boundary character
+# 45, got 104 at index 2" for a body that is not multipart at all (or was written with another boundary)
+NOT_MULTIPART = r"^(expected boundary character|did not find (cr|lf|-) at end of boundary)"
 
 
 def safe_name(name: str) -> str:
@@ -65,7 +75,18 @@ def query_problem(path: str, items, taken) -> str | None:
 
 
 class UploadFormParser(MultiPartParser):
-    """Starlette's parser, which also says why a part meant as a file is not one."""
+    """Starlette's parser, which also says why a part meant as a file is not one, and notes whether the body
+    reached its closing boundary (python-multipart's ``finalize`` does not check: a part cut short is dropped)."""
+
+    began, ended = False, False
+
+    def on_part_begin(self) -> None:
+        self.began = True
+        super().on_part_begin()
+
+    def on_end(self) -> None:
+        self.ended = True
+        super().on_end()
 
     def on_headers_finished(self) -> None:
         disposition = self._current_part.content_disposition or b""
@@ -94,24 +115,52 @@ def multipart_refusal(error: MultiPartException, path: str, max_files: int) -> R
         return RequestError(400, f"more than {MAX_TEXT_FIELDS} text fields: send the image(s) as file field(s) "
                                  f"('file' for /predict, 'files' for /predict/batch)")
     reason = str(error.__cause__ or error.message)
+    if re.search(NOT_MULTIPART, reason, re.I):
+        return RequestError(400, not_multipart(path))
     for pattern, said in PARSER_REASONS:
         if re.search(pattern, reason, re.I):
             return RequestError(400, f"multipart/form-data body not readable: {said}")
-    reason = re.sub(r"\s+(at|\()\s*\d+\)?$", "", " ".join(reason.split())).rstrip(".")  # offsets mean nothing here
+    # offsets ("at 57", "(57)", "at index 2") mean nothing to the client
+    reason = re.sub(r"\s+(at\s+(index\s+)?\d+|\(\d+\))$", "", " ".join(reason.split())).rstrip(".")
     return RequestError(400, f"multipart/form-data body not readable: {reason[:200] or 'malformed'}")
 
 
+def field_of(path: str) -> str:
+    return "files" if path == "/predict/batch" else "file"
+
+
+def not_multipart(path: str) -> str:
+    field = field_of(path)
+    return (f"body not multipart/form-data, though its Content-Type says so: it does not begin with the boundary "
+            f"the Content-Type declares (--BOUNDARY); send the image(s) as multipart/form-data field '{field}' "
+            f"(curl -F {field}=@chest.jpeg)")
+
+
+def incomplete(path: str) -> str:
+    return (f"multipart/form-data body incomplete: it ends before its closing boundary (--BOUNDARY-- after the last "
+            f"part), so its last part is cut short; send the whole body (field '{field_of(path)}')")
+
+
 async def read_form(request, path: str, max_files: int) -> None:
-    """Parse a multipart body into the request's form, where FastAPI finds it (another body: left to FastAPI)."""
+    """Parse a multipart body into the request's form, where FastAPI finds it (another body: left to FastAPI).
+    A client gone before its body ended is a 499 (``ClientGone``: no error logged, no audit row)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "multipart/form-data" or getattr(request, "_form", None) is not None:
         return
     try:
         async with aclosing(request.stream()) as stream:  # as Starlette reads it: the stream closed on a refusal
             parser = UploadFormParser(request.headers, stream, max_files=max_files, max_fields=MAX_TEXT_FIELDS)
-            request._form = await parser.parse()  # Starlette's cache of the form: request.form() returns it
+            form = await parser.parse()
     except MultiPartException as error:
         raise multipart_refusal(error, path, max_files) from None
+    except ClientDisconnect:
+        log.debug("%s %s: the client left during its upload (499)", request.method, path)
+        raise ClientGone() from None
+    if parser.began and not parser.ended:  # an empty body: FastAPI's "no multipart field", which is what it is
+        for file in parser._files_to_close_on_error:  # the parts read, and the one cut short
+            file.close()
+        raise RequestError(400, incomplete(path))
+    request._form = form  # Starlette's cache of the form: request.form() returns it
 
 
 def upload_route(max_files: int):

@@ -1,4 +1,4 @@
-"""A probe (2026-12) found that a client leaving mid-upload logged "POST /predict failed: ClientDisconnect:",
+"""A probe (2026-11-28) found that a client leaving mid-upload logged "POST /predict failed: ClientDisconnect:",
 uvicorn's "ERROR: Exception in ASGI application" and a 69-line traceback (55 disconnects: 3,948 log lines), and
 that two malformed bodies got a wrong reason: a `file` part without its closing boundary "no multipart field
 'file'" (the field was sent), a body that is not multipart under a multipart Content-Type the parser's "Expected

@@ -5,6 +5,7 @@ by the spatial mean of the score's gradient, upsampled to the input size and sca
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import weakref
@@ -137,18 +138,24 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarra
 # which may name the patient, and which a moved folder changes): a later explain into the same folder replaces an
 # overlay of the same image, never one of another image of the same name
 SOURCE_KEY = "pneumonia-cnn source"
+# and the SHA-256 of the raw map written beside it: the .npy holds no record of its own, and one explain did not
+# write (a user's, of the same name) had been replaced because the overlay beside it was explain's
+MAP_KEY = "pneumonia-cnn map"
 
 
-def overlay_png(gray: np.ndarray, cam: np.ndarray, source=None, compress_level: int = 6) -> bytes:
+def overlay_png(gray: np.ndarray, cam: np.ndarray, source=None, compress_level: int = 6,
+                map_digest: str | None = None) -> bytes:
     """The overlay as PNG bytes; ``source``: the image's content fingerprint, recorded in the file
     (``overlay_source``); ``compress_level``: zlib's, 6 (PNG's usual) for files, lower where time counts more
-    than bytes."""
+    than bytes; ``map_digest``: the SHA-256 of the map written beside it, recorded too."""
     import io
 
     from PIL import Image, PngImagePlugin
     info = PngImagePlugin.PngInfo()
     if source is not None:
         info.add_text(SOURCE_KEY, source)
+    if map_digest is not None:
+        info.add_text(MAP_KEY, map_digest)
     buffer = io.BytesIO()
     Image.fromarray(overlay(gray, cam)).save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
     return buffer.getvalue()
@@ -156,13 +163,35 @@ def overlay_png(gray: np.ndarray, cam: np.ndarray, source=None, compress_level: 
 
 def overlay_source(png) -> str | None:
     """The content fingerprint of the image an overlay explain wrote was made of; None: no such record."""
+    return _overlay_record(png, SOURCE_KEY)
+
+
+def _overlay_record(png, key: str) -> str | None:
+    """The text ``key`` recorded in the overlay ``png``; None: no such record, or no regular file (opening a
+    named pipe would wait for a writer)."""
     from PIL import Image
+    if not os.path.isfile(png):
+        return None
     try:
         with Image.open(png) as image:
-            text = image.info.get(SOURCE_KEY)
+            text = image.info.get(key)
     except Exception:  # not a picture, or a damaged one: not an overlay explain wrote
         return None
     return text if isinstance(text, str) else None
+
+
+def _map_digest(npy) -> str | None:
+    """The SHA-256 of the map ``npy``; None where it is no regular file, or too big for any map explain writes."""
+    try:
+        if not os.path.isfile(npy) or os.path.getsize(npy) > 1 << 30:
+            return None
+        digest = hashlib.sha256()
+        with open(npy, "rb") as handle:  # hashlib.file_digest is Python 3.11's
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    except OSError:
+        return None
 
 
 def output_stems(paths) -> list[str]:
@@ -207,16 +236,32 @@ def refuse_replacing_another(path, png: Path) -> None:
     image (its recorded source): ``x.jpeg`` of another folder explained into the same ``--out`` on another day
     had silently replaced the first one's maps. A file with no record (made otherwise, or by an earlier version)
     is kept too: nothing done is lost."""
+    kept = _kept_output(path, png)
+    if kept is not None:
+        named, held = kept
+        raise PneumoniaCNNError(f"{display_path(named)}: holds {held}; the overlay of {display_path(path)} would "
+                                f"replace it; give another --out, or remove it")
+
+
+_NOT_WRITTEN = "a file this version of explain did not write (an earlier version's overlay, or another program's)"
+
+
+def _kept_output(path, png: Path) -> tuple[Path, str] | None:
+    """The first of ``png`` and its map that explain may not replace, and what it holds; None: neither. The map is
+    replaced only when it is the one written with this image's overlay (the SHA-256 the overlay records): a
+    user's own ``x_gradcam.npy`` had been replaced because the overlay beside it was explain's."""
     npy = png.with_suffix(".npy")
-    if not (os.path.lexists(png) or os.path.lexists(npy)):
-        return
-    source = overlay_source(png)
-    if source is not None and source == _fingerprint(path):
-        return
-    held = "the overlay of another image" if source else \
-        "a file this version of explain did not write (an earlier version's overlay, or another program's)"
-    raise PneumoniaCNNError(f"{display_path(png if os.path.lexists(png) else npy)}: holds {held}; the overlay of "
-                            f"{display_path(path)} would replace it; give another --out, or remove it")
+    if os.path.lexists(png):
+        source = overlay_source(png)
+        if source is None:
+            return png, _NOT_WRITTEN
+        if source != _fingerprint(path):
+            return png, "the overlay of another image"
+    if os.path.lexists(npy):
+        recorded = _overlay_record(png, MAP_KEY) if os.path.lexists(png) else None
+        if recorded is None or recorded != _map_digest(npy):
+            return npy, _NOT_WRITTEN
+    return None
 
 
 def planned_overlays(paths, out_dir) -> list[Path]:
@@ -238,9 +283,10 @@ def write_overlay(png: Path, gray: np.ndarray, cam: np.ndarray, source) -> None:
     buffer = io.BytesIO()
     np.save(buffer, cam)
     npy = png.with_suffix(".npy")
+    digest = hashlib.sha256(buffer.getvalue()).hexdigest()  # recorded in the overlay: the map is explain's
     with atomic_path(npy) as raw, atomic_path(png) as picture:
         write_bytes(raw, buffer.getvalue(), npy)
-        write_bytes(picture, overlay_png(gray, cam, _fingerprint(source)), png)
+        write_bytes(picture, overlay_png(gray, cam, _fingerprint(source), map_digest=digest), png)
 
 
 def _fingerprint(path) -> str | None:

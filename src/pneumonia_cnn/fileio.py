@@ -179,8 +179,14 @@ def over_limit(size_bytes: int, limit_mb: float) -> str:
 
 
 def display_path(path) -> str:
-    """A printable form of any path, also one whose name is not valid UTF-8."""
-    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+    """A printable form of any path, also one whose name is not valid UTF-8, that tells any two paths apart: a byte
+    that is not UTF-8 is shown as ``\\xff`` and a backslash of the name itself doubled (``a\\\\b.jpeg`` for
+    ``a\\b.jpeg``): a file named ``x\\xff.jpeg`` (backslash, x, f, f) had been shown as the one named with the
+    byte 0xff, in every output."""
+    text = str(path)
+    if not _encodable(text):  # lone surrogates other than those of undecodable bytes: not a name on disk
+        return text.replace("\\", "\\\\").encode("utf-8", "backslashreplace").decode("utf-8")
+    return os.fsencode(text).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
 
 
 # what a terminal would act on rather than show: controls (a newline forges a line, ESC redraws the screen), the
@@ -191,12 +197,14 @@ _HIDDEN_EFFECT = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A
 def printable(path) -> str:
     """A file name (or a message naming one) as one line a terminal shows as it is: bytes that are not UTF-8 as
     ``\\xff`` (a strict UTF-8 stream could not print them) and the characters in ``_HIDDEN_EFFECT`` or of
-    category Cc escaped (``\\x1b``, ``\\n``). Every other character stays, so a name with an ideographic
-    space or a zero-width joiner can be copied back into a command."""
+    category Cc escaped (``\\x1b``, ``\\n``; a C1 control as ``\\u0085``, as ``\\x85`` is the byte 0x85 that
+    ``display_path`` shows). Every other character stays, so a name with an ideographic space or a zero-width
+    joiner can be copied back into a command. A backslash stays single (a message quotes text that has its own):
+    a path whose form must tell it from any other goes through ``display_path`` first, as the table's do."""
     text = os.fsencode(str(path)).decode("utf-8", "backslashreplace") if _encodable(str(path)) else \
         str(path).encode("utf-8", "backslashreplace").decode("utf-8")
-    return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) == "Cc" or c in _HIDDEN_EFFECT
-                   else c for c in text)
+    return "".join((f"\\u{ord(c):04x}" if 0x80 <= ord(c) <= 0x9F else c.encode("unicode_escape").decode())
+                   if unicodedata.category(c) == "Cc" or c in _HIDDEN_EFFECT else c for c in text)
 
 
 def _encodable(text: str) -> bool:

@@ -19,7 +19,7 @@ def collect_paths(items) -> tuple[list[str], list[str]]:
     """Files as given, folders recursively (image and DICOM files), globs expanded; missing ones listed. A file
     named twice (``a.jpeg a.jpeg``, a glob and a folder holding it) is kept once, where first named."""
     paths, missing = _expand(items)
-    unique = list({os.path.abspath(p): p for p in reversed(paths)}.values())[::-1]
+    unique = _once(paths)  # where first named: a dict built from the end had kept each where last named
     if len(unique) < len(paths):
         log.info("%d file(s) named more than once: each is read once", len(paths) - len(unique))
     return unique, missing
@@ -43,10 +43,34 @@ def _expand(items) -> tuple[list[str], list[str]]:
             matches = expand_glob(item)
             if not matches:
                 missing.append(item)
-            paths += [m for m in matches if Path(m).is_file()]
+            paths += _glob_files(matches)
         else:
             missing.append(item)
     return paths, missing
+
+
+def _once(paths) -> list[str]:
+    """Each file once (by its absolute path), where first named."""
+    unique, seen = [], set()
+    for path in paths:
+        if os.path.abspath(path) not in seen:
+            seen.add(os.path.abspath(path))
+            unique.append(path)
+    return unique
+
+
+def _glob_files(matches) -> list[str]:
+    """The files a glob's ``matches`` name: a file as it is, a folder walked as a folder given directly (its
+    image and DICOM files, recursively): ``'in/d*'`` had dropped the folders ``in/dcm`` and ``in/dcm2`` it
+    matched, silently. A file two matches name (``a/**`` matches ``a`` and ``a/x.jpeg``) is kept once, where
+    first named."""
+    found = []
+    for match in matches:
+        if os.path.isdir(match):
+            found += [str(p) for p in _walk_images(Path(match))[0]]
+        elif os.path.isfile(match):  # a named pipe, a device or a broken link matched is left out, as before
+            found.append(match)
+    return _once(found)
 
 
 def expand_glob(pattern: str) -> list[str]:

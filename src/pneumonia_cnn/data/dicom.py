@@ -4,13 +4,14 @@ from __future__ import annotations
 import io
 import logging
 import re
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ImageReadError, one_line
-from .dicom_guard import compressed_frame_problem, dicom_problem, pydicom_notes
+from .dicom_guard import FRAME_MARKERS, HEADER_LIMIT, _fragments, compressed_frame_problem, dicom_problem, pydicom_notes
 from .image import MAX_PIXELS, MIN_SIDE, ImageMeta, scale_to_uint8
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,10 @@ def _read_dicom(path: Path, data: bytes | None, notes: list):
         raise ImageReadError(path, f"DICOM is {cols}x{rows} pixels, above the {MAX_PIXELS:,}-pixel limit")
     if rows < MIN_SIDE or cols < MIN_SIDE:  # as for other images: nothing to see, yet it would be scored
         raise ImageReadError(path, f"DICOM is only {cols}x{rows} pixels")
-    return _to_gray(path, dataset, _first_frame(path, dataset, notes))
+    return _to_gray(path, dataset, _first_frame(path, dataset, notes), notes)
 
 
-def _to_gray(path: Path, dataset, pixels: np.ndarray):
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+def _to_gray(path: Path, dataset, pixels: np.ndarray, notes: list):
     photometric = _tag(dataset, "PhotometricInterpretation") or "MONOCHROME2"
     if photometric == "PALETTE COLOR":  # the stored values are indices into the palette, not intensities
         pixels = _through_palette(path, dataset, pixels)
@@ -100,18 +100,53 @@ def _to_gray(path: Path, dataset, pixels: np.ndarray):
         photometric = "MONOCHROME2"
     if pixels.ndim != 2:
         raise ImageReadError(path, f"DICOM pixel data decoded to an array of shape {pixels.shape}, not one image")
-    try:
-        values = apply_modality_lut(pixels, dataset)
-        values = apply_voi_lut(values, dataset, index=0)
-    except Exception:  # a broken LUT: fall back to the stored values rather than refuse the image
-        values = pixels
-    gray = scale_to_uint8(np.asarray(values))
+    gray = scale_to_uint8(np.asarray(_through_luts(dataset, pixels, notes)))
     if photometric == "MONOCHROME1":
         gray = 255 - gray
     tags = {key: _tag(dataset, key) for key in
             ("Modality", "BodyPartExamined", "ViewPosition", "PatientAge", "PatientSex", "PatientID",
              "PatientBirthDate", "StudyDate", "AcquisitionDate")}  # the dates give the age when PatientAge is absent
     return gray, ImageMeta(source_format="DICOM", original_size=gray.shape, tags={k: v for k, v in tags.items() if v})
+
+
+def _through_luts(dataset, pixels: np.ndarray, notes: list) -> np.ndarray:
+    """The modality LUT (rescale), then the first VOI LUT or window. A broken one is not a reason to refuse the
+    image: the stored values are used instead (the window too is skipped, being in the rescaled values' units),
+    or the rescaled values where only the window is broken; either way the file's note says what was skipped and
+    why (it was silent, and the window dropped)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    bad = _not_numbers(dataset, RESCALE)
+    try:
+        if bad:  # pydicom skips, without a word, a rescale it cannot read unless both values are present
+            raise ValueError(bad)
+        values = apply_modality_lut(pixels, dataset)
+    except Exception as error:
+        notes.append(f"modality LUT not applied ({one_line(error, 200)}): stored pixel values used, without the "
+                     f"window")
+        return pixels
+    try:
+        return apply_voi_lut(values, dataset, index=0)
+    except Exception as error:
+        reason = _not_numbers(dataset, WINDOW) or one_line(error, 200)
+        notes.append(f"VOI LUT / window not applied ({reason}): the full range of values used")
+        return values
+
+
+RESCALE, WINDOW = ("RescaleSlope", "RescaleIntercept"), ("WindowCenter", "WindowWidth")
+
+
+def _not_numbers(dataset, names) -> str:
+    """Which of these elements, when present, has a first value that is no finite number ("" when none)."""
+    bad = []
+    for name in names:
+        text = (_tag(dataset, name) or "").split("\\")[0] if name in dataset else "0"
+        try:
+            finite = bool(np.isfinite(float(text)))
+        except ValueError:
+            finite = False
+        if not finite:
+            bad.append(f"{name} {text!r} is not a number")
+    return "; ".join(bad)
 
 
 def _codestream_syntaxes() -> frozenset:
@@ -134,7 +169,8 @@ def _first_frame(path: Path, dataset, notes: list) -> np.ndarray:
         except Exception as error:  # missing decoders and bad data raise many types
             raise ImageReadError(path, f"cannot decode DICOM pixel data ({one_line(error, 400)})") from None
     if dataset.file_meta.TransferSyntaxUID in _codestream_syntaxes():  # RLE states no size; its decoder follows ours
-        problem = compressed_frame_problem(dataset.PixelData, int(dataset.Rows), int(dataset.Columns))
+        problem = compressed_frame_problem(dataset.PixelData, int(dataset.Rows), int(dataset.Columns)) or \
+            _components_problem(dataset)
         if problem:
             raise ImageReadError(path, problem)
     reasons = {}
@@ -202,3 +238,49 @@ def _through_palette(path, dataset, indices):
         return apply_color_lut(indices, dataset)
     except Exception as error:  # a palette that does not fit the data: refused, never read as gray
         raise ImageReadError(path, f"PALETTE COLOR DICOM with an unusable palette ({one_line(error)})") from None
+
+
+def _components_problem(dataset) -> str | None:
+    """Why a compressed frame whose codestream has another number of components than the header's SamplesPerPixel
+    is not decoded: the header and the pixels disagree (a 3-component JPEG under SamplesPerPixel 1 was refused by
+    Pillow, then read by GDCM and scored as some gray image). None when they agree or either is unreadable."""
+    try:
+        samples = int(str(getattr(dataset, "SamplesPerPixel", 1)).strip() or 1)
+    except ValueError:
+        return None
+    components = codestream_components(dataset.PixelData)
+    if components is None or components == samples:
+        return None
+    return (f"compressed frame has {components} colour component(s), but the DICOM header says SamplesPerPixel "
+            f"{samples} (not decoded: the header and the pixels disagree)")
+
+
+def codestream_components(pixel_data: bytes) -> int | None:
+    """The number of components the first compressed frame states (JPEG, JPEG-LS: its frame header; JPEG 2000:
+    SIZ's Csiz), reading its fragments' bytes as they double, up to ``HEADER_LIMIT``; None where none is found."""
+    head, next_look = bytearray(), 4096
+    for fragment in _fragments(pixel_data):
+        head += fragment[:HEADER_LIMIT - len(head)]
+        if len(head) >= next_look or len(head) >= HEADER_LIMIT:
+            found, next_look = _components(head), 2 * len(head)
+            if found is not None or len(head) >= HEADER_LIMIT:
+                return found
+    return _components(head)
+
+
+def _components(head: bytes | bytearray) -> int | None:
+    if head[:2] == b"\xff\x4f":  # JPEG 2000: SOC, SIZ (marker, length, Rsiz, eight 32-bit sizes), then Csiz
+        return struct.unpack_from(">H", head, 40)[0] if len(head) >= 42 and head[2:4] == b"\xff\x51" else None
+    if head[4:8] == b"jP  ":  # a JP2 file: its codestream box
+        at = head.find(b"jp2c")
+        return _components(head[at + 4:]) if at >= 0 else None
+    offset = 2 if head[:2] == b"\xff\xd8" else len(head)
+    while offset + 4 <= len(head) and head[offset] == 0xFF:  # the segments up to the frame header
+        marker = head[offset + 1]
+        if marker in FRAME_MARKERS:
+            return head[offset + 9] if offset + 10 <= len(head) else None
+        if marker in (0xD8, 0xD9, 0xDA):
+            return None
+        standalone = marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD7
+        offset += 1 if marker == 0xFF else 2 if standalone else 2 + struct.unpack_from(">H", head, offset + 2)[0]
+    return None

@@ -56,9 +56,9 @@ def _pil_to_gray(image: Image.Image, path: Path) -> np.ndarray:
     mode = image.mode
     if mode in ("I", "F"):
         return scale_to_uint8(_unsigned_if_stored_so(image, np.asarray(image)))
-    if mode.startswith("I;16"):  # x * 255 / levels rounded, in integers (x / 257 for 16 bits: never half-way)
+    if mode.startswith("I;16"):
         levels = stored_levels(image)
-        return _by_strips(image, lambda strip: (np.asarray(strip).astype(np.uint32) * 510 + levels) // (2 * levels))
+        return _by_strips(image, lambda strip: _to_8_bits(np.asarray(strip), levels))
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         # Composite transparency onto black, as an X-ray viewer's background would show it.
         return _by_strips(image, _on_black)
@@ -72,8 +72,16 @@ def stored_levels(image: Image.Image) -> int:
     value exceeds 255, 12 when none exceeds 4095, else 16. 12-bit data divided by 257 as if it filled 16 bits had
     decoded to 17 grey levels (0-16) and moved children's probabilities by up to 0.40; a depth read from every
     power of two would have doubled an image's brightness between a peak of 32767 and one of 32768."""
-    peak = int(image.getextrema()[1])
+    return levels_of_peak(int(image.getextrema()[1]))
+
+
+def levels_of_peak(peak: int) -> int:
     return 255 if peak <= 255 else 4095 if peak <= 4095 else 65535
+
+
+def _to_8_bits(values: np.ndarray, levels: int) -> np.ndarray:
+    """x * 255 / levels rounded, in integers (x / 257 for 16 bits: never half-way)."""
+    return ((values.astype(np.uint32) * 510 + levels) // (2 * levels)).astype(np.uint8)
 
 
 def _unsigned_if_stored_so(image: Image.Image, pixels: np.ndarray) -> np.ndarray:
@@ -104,6 +112,80 @@ def _on_black(strip: Image.Image) -> np.ndarray:
     return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L"))
 
 
+# Pillow has no 16-bit colour mode: it reads a 16-bit RGB, RGBA or gray+alpha PNG keeping each sample's high byte
+# (12-bit data came out as 16 grey levels, probabilities moved by up to 0.20 against the same pixels as a 16-bit
+# gray PNG). The PNG is decoded a second time with a raw mode of as many bits per pixel (so that the row filters
+# are undone alike, in Pillow's C decoder) that keeps the bytes the first decode dropped: the low byte of each
+# sample for RGB and RGBA (Pillow's little-endian unpacker on PNG's big-endian samples), every byte for gray+alpha
+# (which Pillow opens as RGBA, with 4 bytes a pixel: gray high, gray low, alpha high, alpha low).
+PNG16_COLOUR = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}
+
+
+def _png16_colour(image: Image.Image) -> str | None:
+    """The raw mode of a 16-bit colour or gray+alpha PNG not loaded yet; None for any other image."""
+    tile = image.tile if image.format == "PNG" else []
+    rawmode = tile[0][3] if len(tile) == 1 else None
+    return rawmode if isinstance(rawmode, str) and rawmode in PNG16_COLOUR else None
+
+
+def _png16_colour_to_gray(image: Image.Image, rawmode: str, source) -> np.ndarray:
+    """Gray uint8 of a 16-bit colour PNG from all 16 bits, as a 16-bit gray PNG of the same pixels is read:
+    Pillow's RGB-to-L weights (gray stays gray exactly), transparency over black, then the levels of its depth.
+    ``image``: the PNG loaded as Pillow reads it (high bytes); ``source``: its file or bytes, decoded again."""
+    width, height = image.size
+    deep = np.empty((height, width), dtype=np.uint16)
+    with Image.open(source, formats=("PNG",)) as again:
+        again.tile = [(tile[0], tile[1], tile[2], PNG16_COLOUR[rawmode]) for tile in again.tile]
+        again.load()
+        for top in range(0, height, STRIP_ROWS):
+            box = (0, top, width, min(top + STRIP_ROWS, height))
+            deep[top:box[3]] = _deep_gray(np.asarray(image.crop(box)), np.asarray(again.crop(box)), rawmode)
+    levels = levels_of_peak(int(deep.max()))
+    out = np.empty((height, width), dtype=np.uint8)
+    for top in range(0, height, STRIP_ROWS):
+        out[top:top + STRIP_ROWS] = _to_8_bits(deep[top:top + STRIP_ROWS], levels)
+    return out
+
+
+def _deep_gray(high: np.ndarray, low: np.ndarray, rawmode: str) -> np.ndarray:
+    """16-bit gray of rows decoded twice (``PNG16_COLOUR``), composited over black where there is an alpha."""
+    if rawmode == "LA;16B":
+        samples = low.astype(np.uint32)
+        gray = samples[..., 0] << 8 | samples[..., 1]
+        alpha = samples[..., 2] << 8 | samples[..., 3]
+    else:
+        samples = high.astype(np.uint32) << 8 | low
+        # Pillow's convert("L"): (R * 19595 + G * 38470 + B * 7471 + 2**15) >> 16, below 2**32 for 16-bit samples
+        gray = (samples[..., 0] * 19595 + samples[..., 1] * 38470 + samples[..., 2] * 7471 + 0x8000) >> 16
+        alpha = samples[..., 3] if rawmode == "RGBA;16B" else None
+    if alpha is None:
+        return gray
+    return (gray.astype(np.uint64) * alpha + 32767) // 65535
+
+
+# EXIF Orientation (0x0112) -> the transpose that shows the image as a viewer does (Pillow's ImageOps.exif_transpose)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF Orientation tag (Pillow also takes XMP's), 1 where there is none or it is unusable."""
+    try:
+        value = image.getexif().get(0x0112, 1)
+    except Exception:  # damaged EXIF: the pixels are still read, as before
+        return 1
+    return value if isinstance(value, int) and value in UPRIGHT else 1
+
+
+def _upright(gray: np.ndarray, orientation: int) -> np.ndarray:
+    """``gray`` as a viewer shows a file with this EXIF orientation: a photographed or exported X-ray tagged
+    "rotate 90" was scored lying on its side. Done on the decoded 8-bit gray, not on the file's full image."""
+    if orientation == 1:
+        return gray
+    return np.asarray(Image.fromarray(gray).transpose(UPRIGHT[orientation]), dtype=np.uint8)
+
+
 def _read_pil(path: Path, source=None) -> tuple[np.ndarray, ImageMeta]:
     try:
         with warnings.catch_warnings():
@@ -117,8 +199,14 @@ def _read_pil(path: Path, source=None) -> tuple[np.ndarray, ImageMeta]:
                     raise ImageReadError(path, f"image is only {width}x{height} pixels")
                 if getattr(image, "n_frames", 1) > 1:
                     image.seek(0)  # animated GIF/TIFF: the first frame is the image
+                rawmode = _png16_colour(image)  # before loading: the raw mode is the tile's
                 image.load()
-                gray = _pil_to_gray(image, path)
+                gray = _pil_to_gray(image, path) if rawmode is None else _png16_colour_to_gray(
+                    image, rawmode, path if source is None else io.BytesIO(source.getvalue()))
+                orientation = exif_orientation(image)
+                gray = _upright(gray, orientation)
+                if orientation in (5, 6, 7, 8):  # turned a quarter: the size as shown
+                    width, height = height, width
                 saturation = _saturation(image)
                 fmt = image.format or path.suffix.lstrip(".").upper()
     except ImageReadError:

@@ -59,6 +59,20 @@ def test_metrics_and_drift_in_health_and_metrics(trained_run, keys, tmp_path):
     assert "drift: the last 30 images differ from the validation reference" in running.log()
 
 
+
+def test_the_drift_window_counts_a_resent_file_once(trained_run, tmp_path):
+    """As the offline check does: the same file sent again (a retry, a double click) is not a new image for the
+    window; it had counted each time."""
+    running = Server(trained_run / "best.pt", "--drift-window", "30", workdir=tmp_path)
+    try:
+        for seed in (0, 1, 2, 3, 4, 0, 0, 3):
+            assert httpx.post(f"{running.url}/predict",
+                              files={"file": (f"n{seed}.png", noise_png(seed))}).status_code == 200
+        drift = httpx.get(f"{running.url}/health").json()["drift"]
+    finally:
+        running.stop()
+    assert drift["status"] == "collecting" and drift["images"] == 5 and drift["copies_counted_once"] == 3
+
 def variant_checkpoint(source, target, run_id, threshold):
     checkpoint = torch.load(source, weights_only=True, map_location="cpu")
     checkpoint["run_id"], checkpoint["threshold"] = run_id, threshold

@@ -223,7 +223,7 @@ def add_routes(app, service: Service, options: ServeOptions):
 
     @app.get("/metrics")
     async def metrics():
-        service.drift_report()
+        await asyncio.to_thread(service.drift_report)  # its chance levels may need simulating: off the loop
         return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     page = static_file("index.html", "text/html; charset=utf-8")

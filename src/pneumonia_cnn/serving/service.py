@@ -311,12 +311,13 @@ class Service:
             except AuditUnavailable as error:
                 raise RequestError(503, f"audit log unavailable ({error}); prediction withheld",
                                    {"Retry-After": "5"}) from None
-        for entry, _, _, _ in scored:
+        for entry, sha, _, _ in scored:
             self.metrics.observe_prediction(entry)
             if not entry.get("batch_adapted"):  # scored by its own batch's statistics: not what the reference holds
-                self.drift.add(entry["raw_score"], entry.get("ood_score"))
+                self.drift.add(entry["raw_score"], entry.get("ood_score"), key=sha)  # a resent file counts once
         if self.drift.seen % DRIFT_CHECK_EVERY < len(scored):  # a report of an unchanged window is cached
-            self.drift_report()
+            # off the event loop: the first report at a new window size simulates its chance levels (~0.6 s)
+            await asyncio.to_thread(self.drift_report)
 
     # ---------- health, drift, reload
     def drift_report(self) -> dict:
@@ -340,8 +341,9 @@ class Service:
         problem = None
         if self.audit is not None and self.audit.last_error is not None:  # a probe only after a failed write
             problem = await asyncio.get_running_loop().run_in_executor(None, self.audit.problem)
+        drift = await asyncio.to_thread(self.drift_report)  # its chance levels may need simulating: off the loop
         body = {"status": "ok" if problem is None else f"audit log unavailable ({problem}): predictions refused",
-                "model": served.model_id, "loaded_at": served.loaded_at, "drift": self.drift_report(),
+                "model": served.model_id, "loaded_at": served.loaded_at, "drift": drift,
                 "audit": self.audit is not None, "api_keys": self.keyring is not None}
         return (200 if problem is None else 503), body
 

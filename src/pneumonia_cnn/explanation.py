@@ -21,6 +21,7 @@ from .device import full_float32
 from .errors import ImageReadError, PneumoniaCNNError
 from .fileio import WRITE_FAILURES, atomic_path, display_path, write_bytes
 from .models import last_conv_layer_name
+from .signals import signals_deferred
 
 
 def grad_cam(model: torch.nn.Module, pixels_uint8: np.ndarray, device, layer: str | None = None) -> np.ndarray:
@@ -284,9 +285,12 @@ def write_overlay(png: Path, gray: np.ndarray, cam: np.ndarray, source) -> None:
     np.save(buffer, cam)
     npy = png.with_suffix(".npy")
     digest = hashlib.sha256(buffer.getvalue()).hexdigest()  # recorded in the overlay: the map is explain's
-    with atomic_path(npy) as raw, atomic_path(png) as picture:
+    picture_bytes = overlay_png(gray, cam, _fingerprint(source), map_digest=digest)
+    # Ctrl-C or SIGTERM between the two renames left the new overlay beside the old map, which the overlay's digest
+    # then disowned: every later explain into this folder refused its own map. Held for the two writes (ms).
+    with signals_deferred(), atomic_path(npy) as raw, atomic_path(png) as picture:
         write_bytes(raw, buffer.getvalue(), npy)
-        write_bytes(picture, overlay_png(gray, cam, _fingerprint(source), map_digest=digest), png)
+        write_bytes(picture, picture_bytes, png)
 
 
 def _fingerprint(path) -> str | None:

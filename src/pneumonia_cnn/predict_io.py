@@ -64,13 +64,21 @@ def _glob_files(matches) -> list[str]:
     image and DICOM files, recursively): ``'in/d*'`` had dropped the folders ``in/dcm`` and ``in/dcm2`` it
     matched, silently. A file two matches name (``a/**`` matches ``a`` and ``a/x.jpeg``) is kept once, where
     first named."""
-    found = []
+    found, walked = [], []
     for match in matches:
+        if any(_inside(match, folder) for folder in walked):  # `scans/**` matches scans/ and all below it: the
+            continue  # folder's walk has its images, in its order, and leaves the rest out, as for a folder given
         if os.path.isdir(match):
+            walked.append(match)
             found += [str(p) for p in _walk_images(Path(match))[0]]
         elif os.path.isfile(match):  # a named pipe, a device or a broken link matched is left out, as before
             found.append(match)
     return _once(found)
+
+
+def _inside(path: str, folder: str) -> bool:
+    inner, outer = os.path.abspath(path), os.path.abspath(folder)
+    return inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
 def expand_glob(pattern: str) -> list[str]:

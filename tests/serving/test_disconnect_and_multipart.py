@@ -102,7 +102,7 @@ def test_a_body_without_its_closing_boundary_is_said_to_be_incomplete(audited):
 
 def test_a_body_that_is_not_multipart_is_said_to_be_so(audited):
     url = audited.url
-    for body in (b"hello world", b'{"image": "..."}', f"--{BOUNDARY}X\r\n".encode(), b"--other\r\n\r\n"):
+    for body in (b"hello world", b'{"image": "..."}', b"--other\r\n\r\n"):
         for path, field in (("/predict", "file"), ("/predict/batch", "files")):
             answer = httpx.post(f"{url}{path}", content=body, headers=CONTENT_TYPE)
             assert (answer.status_code, answer.json()) == (400, {"detail": (
@@ -121,3 +121,14 @@ def test_the_parsers_offsets_are_not_shown():
         error.__cause__ = ValueError(said)
         assert multipart_refusal(error, "/predict", 256).detail == ("multipart/form-data body not readable: "
                                                                     "Found 0-length header")
+
+
+def test_a_multipart_body_with_bare_line_feeds_is_told_so_not_called_other(audited):
+    """A review: bodies whose first boundary IS the declared one, with LF line ends or text after the boundary,
+    had been told "it does not begin with the boundary the Content-Type declares"."""
+    lf_only = f"--{BOUNDARY}\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpeg\"\n\nx\n--{BOUNDARY}--\n"
+    for body in (lf_only.encode(), f"--{BOUNDARY}  trailing\r\n".encode()):
+        answer = httpx.post(f"{audited.url}/predict", content=body, headers=CONTENT_TYPE)
+        assert (answer.status_code, answer.json()) == (400, {"detail": (
+            "multipart/form-data body not readable: a boundary line does not end in CR LF (multipart/form-data "
+            "lines end in CR LF, with nothing after the boundary)")}), body

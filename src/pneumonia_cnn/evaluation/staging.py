@@ -9,37 +9,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import stat
 import tempfile
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 from ..fileio import OutputError, display_path, output_error, temporary_prefix
+from ..signals import signals_deferred  # noqa: F401  # staging.signals_deferred, as before
 
 FIGURE_NAMES = ("roc", "pr", "confusion", "reliability", "histogram", "mistakes")  # figures.evaluation_figures's
 FIGURE_FILES = frozenset(f"{name}.png" for name in FIGURE_NAMES)
-
-
-@contextlib.contextmanager
-def signals_deferred(numbers=(signal.SIGINT, signal.SIGTERM)):
-    """SIGINT and SIGTERM noted, not acted on, inside the block; once it has ended, the previous handlers are back
-    and each noted signal is raised again (Ctrl-C then interrupts, SIGTERM terminates, as they would have). A
-    Python-level handler, not ``pthread_sigmask``: that masks the calling thread only, and the kernel hands a
-    process's signal to any thread that does not mask it (torch's among them)."""
-    noted, previous = [], {}
-    for number in numbers:
-        with contextlib.suppress(ValueError):  # not the main thread: signals are the caller's
-            previous[number] = signal.signal(number, lambda got, _frame: noted.append(got))
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            default = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
-            with contextlib.suppress(ValueError, TypeError):  # a handler set from C reads as None: the default
-                signal.signal(number, handler if handler is not None else default)
-        for number in dict.fromkeys(noted):
-            signal.raise_signal(number)
 
 
 def check_figures_folder(folder, figures: bool) -> None:

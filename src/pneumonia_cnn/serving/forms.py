@@ -41,10 +41,13 @@ PARSER_REASONS = (  # the parser's words (python-multipart, Starlette) -> what t
     (r"missing boundary", "the Content-Type header has no boundary=...; let the HTTP client set it"),
     (r'"name" must be provided', "a part has no name in its Content-Disposition header"),
     (r"part exceeded maximum size", "a text field over 1 MB; images go in file fields"),
+    # bare LF line ends, or text after a boundary: the boundary was found, so the body is multipart, if ill-formed
+    (r"did not find (cr|lf) at end of boundary", "a boundary line does not end in CR LF (multipart/form-data lines "
+                                                 "end in CR LF, with nothing after the boundary)"),
 )
 # python-multipart's words for a first line that is not "--" + the declared boundary: "Expected boundary character
 # 45, got 104 at index 2" for a body that is not multipart at all (or was written with another boundary)
-NOT_MULTIPART = r"^(expected boundary character|did not find (cr|lf|-) at end of boundary)"
+NOT_MULTIPART = r"^expected boundary character"
 
 
 def safe_name(name: str) -> str:

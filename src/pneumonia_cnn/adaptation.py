@@ -33,6 +33,7 @@ from .data.cache import build_or_load
 from .data.dataset import load_split, scan_unlabelled
 from .data.fingerprint import file_fingerprints
 from .data.loader import to_model_input
+from .data.site_checks import check_labelled_site, few_images_warning, kept_out_patients
 from .device import resolve_device
 from .errors import PneumoniaCNNError
 from .evaluation.metrics import bootstrap_metrics
@@ -121,7 +122,7 @@ def _held_out_split(labels, groups, fraction, seed):
     for label in (0, 1):
         patients = sorted({g for g, y in zip(groups, labels) if y == label})
         rng.shuffle(patients)
-        chosen = set(patients[:max(2, int(round(len(patients) * fraction)))])
+        chosen = set(patients[:kept_out_patients(len(patients), fraction)])
         held |= np.array([g in chosen and y == label for g, y in zip(groups, labels)])
     return held
 
@@ -131,6 +132,8 @@ def adapt(checkpoint, data, out, labelled=None, device: str = "auto", recalibrat
     source = load_checkpoint(checkpoint)
     bundle, device = load_bundle(source), resolve_device(device)
     pre = bundle.preprocessing
+    if labelled:  # refused before any image is decoded: "min() arg is an empty sequence" after AdaBN had been
+        check_labelled_site(load_split(labelled, None, class_names=bundle.class_names), labelled, held_out)
     cached = build_or_load(scan_unlabelled(data), pre.size, pre.interpolation, pre.intensity, cache_dir=cache_dir)
     unlabelled, left_out, copies = in_population(bundle, cached)
     if len(unlabelled) < MIN_SITE_IMAGES:
@@ -185,9 +188,8 @@ def _adapt_with_labels(bundle: Bundle, model, labelled, device, recalibrate, see
     pre = bundle.preprocessing
     site = build_or_load(load_split(labelled, None, class_names=bundle.class_names), pre.size, pre.interpolation,
                          pre.intensity, cache_dir=cache_dir)
+    check_labelled_site(site, labelled, held_out)  # again: unreadable files may have left fewer
     labels = site.labels.astype(int)
-    if len(site) < 8 or min(np.bincount(labels, minlength=2)) < 4:
-        raise PneumoniaCNNError(f"{display_path(labelled)}: need at least 4 labelled images per class")
     images, groups = np.asarray(site.images), np.array(site.patients)
     held = _held_out_split(labels, groups, held_out, seed)
     tune_x, tune_y, tune_g = images[~held], labels[~held], groups[~held]
@@ -376,7 +378,8 @@ def format_adaptation(result: dict) -> str:
                                                 ("specificity", "specificity")))
             lines.append(f"{when:>6} on {result['kept_out_images']} kept-out images: {shown}")
         lines.append(result["verdict"])
-    return "\n".join(lines + refit_lines(result))
+    warning = few_images_warning(result)
+    return "\n".join(lines + refit_lines(result) + ([warning] if warning else []))
 
 
 def refit_lines(result: dict) -> list[str]:

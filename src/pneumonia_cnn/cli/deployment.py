@@ -263,10 +263,10 @@ def api_key_arguments(p):
 def run_api_key(args) -> int:
     from ..serving.auth import add_key, revoke_key
     if args.revoke:
-        revoke_key(args.file, args.id)
+        revoke_key(args.file, args.id, option=None)  # the file is api-key's own argument, not --api-keys
         print(f"revoked {args.id}; send SIGHUP (or POST /admin/reload) to a running server")
         return 0
-    key = add_key(args.file, args.id, args.role)
+    key = add_key(args.file, args.id, args.role, option=None)
     print(key)
     log.info("key for %s (%s) added to %s; it is shown only this once", args.id, args.role, args.file)
     return 0

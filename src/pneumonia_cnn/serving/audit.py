@@ -48,8 +48,7 @@ def connect(path, read_only: bool = False, immutable: bool = False) -> sqlite3.C
     lies beside it, so that SQLite creates no -wal/-shm files and changes nothing (see ``read_audit``)."""
     path = Path(path)
     if read_only:
-        if not path.is_file():
-            raise PneumoniaCNNError(f"{path}: no such audit log")
+        check_readable_log(path)
         mode = "immutable=1" if immutable else "mode=ro"
         return sqlite3.connect(f"file:{quote(str(path.resolve()))}?{mode}", uri=True, isolation_level=None)
     connection = None
@@ -68,6 +67,16 @@ def connect(path, read_only: bool = False, immutable: bool = False) -> sqlite3.C
         if isinstance(error, PneumoniaCNNError):
             raise
         raise PneumoniaCNNError(f"--audit-log {path}: cannot be used as an SQLite audit log ({error})") from None
+
+
+def check_readable_log(path: Path) -> None:
+    """A regular file: a folder or a named pipe "no such audit log" (it existed; it was no file)."""
+    from ..fileio import special_file
+    kind = special_file(path)
+    if kind:
+        raise PneumoniaCNNError(f"{path}: not an audit log (not a regular file: {kind})")
+    if not path.is_file():
+        raise PneumoniaCNNError(f"{path}: no such audit log")
 
 
 def _check_is_audit_log(connection: sqlite3.Connection, path: Path) -> None:
@@ -222,14 +231,20 @@ def read_audit(path, since: str | None = None, until: str | None = None) -> list
     """The rows from ``since`` until before ``until``, without changing the log or creating files beside it:
     with no -wal (or -journal) file beside it, no server has it open and every row is in the file itself, so
     it is opened immutable (a read-only connection to a WAL log would create -wal and -shm files and leave
-    them); otherwise read-only, through the server's own -wal and -shm files."""
+    them); with a -wal but no -shm (a copy, a backup), from a private copy of both (SQLite reads a -wal only
+    through a -shm, which it would create beside the log; immutable=1 ignores the -wal's rows); otherwise
+    read-only, through the server's own -wal and -shm files."""
     path = Path(path)
     bounds = [(" AND time >= ?", parse_since(since, flag="--since")) if since else None,
               (" AND time < ?", parse_since(until, flag="--until")) if until else None]
     bounds = [bound for bound in bounds if bound]
-    quiet = not _journal_beside(path)
-    rows = _select(path, bounds, immutable=quiet)
-    if quiet and _journal_beside(path):  # a server opened it while we read: read again, through its journal
+    check_readable_log(path)
+    for _ in range(3):  # a server that opens (or closes) the log while it is read: read again, the new way
+        state = _journal_state(path)
+        rows = _select_as(path, bounds, state)
+        if _journal_state(path) == state:
+            break
+    else:
         rows = _select(path, bounds, immutable=False)
     out, unreadable = [], 0
     for row in rows:
@@ -243,8 +258,37 @@ def read_audit(path, since: str | None = None, until: str | None = None) -> list
     return out
 
 
-def _journal_beside(path: Path) -> bool:
-    return any(Path(f"{path}{suffix}").exists() for suffix in ("-wal", "-journal"))
+def _journal_state(path: Path) -> tuple[bool, ...]:
+    """Which of -wal, -journal and -shm lie beside the log (a -wal counts only as a regular file)."""
+    return tuple(Path(f"{path}{suffix}").is_file() if suffix == "-wal" else Path(f"{path}{suffix}").exists()
+                 for suffix in ("-wal", "-journal", "-shm"))
+
+
+def _select_as(path: Path, bounds, state: tuple[bool, ...]) -> list[tuple]:
+    wal, journal, shm = state
+    if not wal and not journal:
+        return _select(path, bounds, immutable=True)
+    if wal and not shm and not journal:
+        return _select_copy(path, bounds)
+    return _select(path, bounds, immutable=False)
+
+
+def _select_copy(path: Path, bounds) -> list[tuple]:
+    """The rows of the log and its -wal, read from copies of both in a private temporary folder (its -shm is
+    made and removed there)."""
+    import shutil
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="pneumonia-cnn-audit-") as folder:
+        copy = Path(folder) / "audit.sqlite"
+        try:
+            shutil.copyfile(path, copy)
+            shutil.copyfile(f"{path}-wal", f"{copy}-wal")
+        except OSError as error:
+            raise PneumoniaCNNError(f"{path}: cannot read the log and its -wal ({error.strerror or error})") from None
+        try:
+            return _select(copy, bounds, immutable=False)
+        except PneumoniaCNNError as error:  # named by the log, not by the copy
+            raise PneumoniaCNNError(str(error).replace(str(copy), str(path), 1)) from None
 
 
 def _select(path: Path, bounds, immutable: bool) -> list[tuple]:

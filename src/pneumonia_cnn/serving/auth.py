@@ -54,81 +54,140 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "replace")).digest()
 
 
+SCRYPT_MAXMEM = 2**26  # what one check may take (64 MB; api-key's settings need 16 MB)
+# the most work (n·r·p) one line may ask for: 16 times api-key's (a second or so). Each new key is checked on the
+# one key thread, so a line asking for 1000 times the work (p=1000 is valid scrypt) held every other new key's
+# first request for a minute.
+MAX_SCRYPT_WORK = 16 * SCRYPT["n"] * SCRYPT["r"] * SCRYPT["p"]
+
+
 def derive(secret: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return hashlib.scrypt(secret.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=2**26, dklen=32)
+    return hashlib.scrypt(secret.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=SCRYPT_MAXMEM, dklen=32)
 
 
-def parse_line(line: str, where: str) -> KeyRecord:
+def scrypt_problem(n: int, r: int, p: int) -> str | None:
+    """Why ``derive`` cannot use these settings (hashlib.scrypt would raise on every check of the key: a 500
+    that told the id exists), or asks too much of the key thread; None when it can. OpenSSL's rules: n a power
+    of 2 above 1 and below 2**(16·r), r and p at least 1, and 128·r·(n + p + 2) bytes within maxmem."""
+    if n < 2 or n & (n - 1):
+        return f"n={n} is not a power of 2 above 1"
+    if r < 1 or p < 1:
+        return f"r={r}, p={p}: each must be 1 or more"
+    if n.bit_length() - 1 >= 16 * r:
+        return f"n={n} is too large for r={r} (scrypt needs n below 2**{16 * r})"
+    if 128 * r * (n + p + 2) > SCRYPT_MAXMEM:
+        return f"n={n}, r={r}, p={p} need {128 * r * (n + p + 2):,} bytes per check, more than the " \
+               f"{SCRYPT_MAXMEM:,} allowed"
+    if n * r * p > MAX_SCRYPT_WORK:
+        return f"n={n}, r={r}, p={p} ask {n * r * p / (MAX_SCRYPT_WORK // 16):.0f} times the work of api-key's " \
+               f"settings, more than the 16 allowed"
+    return None
+
+
+def parse_line(line: str, where: str, file=None) -> KeyRecord:
+    """One key line; ``where`` (FILE:LINE) names it in refusals, ``file`` in the command that revokes it."""
     try:
         key_id, role, hashed = line.split()
         scheme, n, r, p, salt, digest = hashed.split("$")
         if scheme != "scrypt" or role not in ROLES or not KEY_ID.fullmatch(key_id):
             raise ValueError
-        return KeyRecord(key_id, role, int(n), int(r), int(p), base64.urlsafe_b64decode(salt),
-                         base64.urlsafe_b64decode(digest))
+        record = KeyRecord(key_id, role, int(n), int(r), int(p), base64.urlsafe_b64decode(salt),
+                           base64.urlsafe_b64decode(digest))
     except ValueError:
         raise PneumoniaCNNError(f"{where}: not a key line (expected 'ID ROLE scrypt$n$r$p$SALT$HASH', "
                                 f"written by 'pneumonia-cnn api-key')") from None
+    problem = scrypt_problem(record.n, record.r, record.p)
+    if problem:
+        raise PneumoniaCNNError(f"{where}: key {key_id} has unusable scrypt settings ({problem}); revoke it "
+                                f"(pneumonia-cnn api-key {file or 'FILE'} --id {key_id} --revoke) and add a new one")
+    return record
 
 
 MAX_KEY_FILE_BYTES = 16 * 1024 * 1024  # about 100,000 keys; a larger file is none (a log, an image, a disk)
 
 
-def read_key_file(path, allow_empty: bool = False) -> dict[str, KeyRecord]:
-    from ..fileio import special_file
+def read_key_file(path, allow_empty: bool = False, option: str | None = "--api-keys") -> dict[str, KeyRecord]:
+    """The keys in ``path``; ``option``: the flag that named the file, shown before it in refusals (None: the
+    file alone, as api-key's own FILE argument)."""
     path = Path(path)
+    return parse_key_text(_key_file_text(path, option), path, allow_empty, option)
+
+
+def _key_file_text(path: Path, option: str | None) -> str:
+    from ..fileio import special_file
+    named = f"{option} {path}" if option else str(path)
     kind = special_file(path)
     if kind:  # a pipe waited for a writer for ever; /dev/full was read until the memory ran out
-        raise PneumoniaCNNError(f"--api-keys {path}: not a key file (not a regular file: {kind})")
+        raise PneumoniaCNNError(f"{named}: not a key file (not a regular file: {kind})")
     try:
         if path.stat().st_size > MAX_KEY_FILE_BYTES:
-            raise PneumoniaCNNError(f"--api-keys {path}: not a key file ({path.stat().st_size / 2**20:.0f} MB; "
+            raise PneumoniaCNNError(f"{named}: not a key file ({path.stat().st_size / 2**20:.0f} MB; "
                                     f"a key file holds one short line per key)")
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as error:
-        raise PneumoniaCNNError(f"--api-keys {path}: {error.strerror or error}") from None
+        raise PneumoniaCNNError(f"{named}: {error.strerror or error}") from None
     except UnicodeDecodeError:
-        raise PneumoniaCNNError(f"--api-keys {path}: not a key file (not UTF-8 text)") from None
+        raise PneumoniaCNNError(f"{named}: not a key file (not UTF-8 text)") from None
+
+
+def parse_key_text(text: str, path: Path, allow_empty: bool = False, option: str | None = "--api-keys",
+                   skip_id: str | None = None) -> dict[str, KeyRecord]:
+    """Every key line of ``text`` (comments and blank lines aside), checked; lines of ``skip_id`` are not
+    parsed (revoking a key whose line is unusable)."""
     records = {}
     for number, line in enumerate(text.splitlines(), 1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            record = parse_line(line.strip(), f"{path}:{number}")
+        if line.strip() and not line.lstrip().startswith("#") and line.split()[0] != skip_id:
+            record = parse_line(line.strip(), f"{path}:{number}", path)
             records[record.key_id] = record
     if not records and not allow_empty:
-        raise PneumoniaCNNError(f"--api-keys {path}: no keys in the file (add one with 'pneumonia-cnn api-key')")
+        raise PneumoniaCNNError(f"{option + ' ' if option else ''}{path}: no keys in the file (add one with "
+                                f"'pneumonia-cnn api-key')")
     return records
 
 
-def add_key(path, key_id: str, role: str = "predict") -> str:
-    """Append a new key's hash to ``path`` (created mode 0600) and return the key, which is shown once."""
+def add_key(path, key_id: str, role: str = "predict", option: str | None = "--api-keys") -> str:
+    """Append a new key's hash to ``path`` (created mode 0600) and return the key, which is shown once;
+    ``option`` as ``read_key_file``'s."""
     if not KEY_ID.fullmatch(key_id):
         raise PneumoniaCNNError(f"--id {key_id!r}: use 1-40 letters, digits, '-' or '_'")
     if role not in ROLES:
         raise PneumoniaCNNError(f"--role {role}: choose {', '.join(ROLES)}")
     path = Path(path)
-    existing = read_key_file(path, allow_empty=True) if path.exists() else {}
+    existing = read_key_file(path, allow_empty=True, option=option) if path.exists() else {}
     if key_id in existing:
         raise PneumoniaCNNError(f"{path}: key id {key_id} exists; revoke it first (--revoke)")
+    if not path.parent.is_dir():  # "[Errno 2] No such file or directory: 'nodir/k.txt'", raw
+        raise PneumoniaCNNError(f"{path}: cannot write the key file (no folder {path.parent})")
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_bytes(16)
     record = KeyRecord(key_id, role, SCRYPT["n"], SCRYPT["r"], SCRYPT["p"], salt, derive(secret, salt, **SCRYPT))
-    unterminated = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(descriptor, "a", encoding="utf-8") as handle:  # a last line without its newline stays whole
-        handle.write(("\n" if unterminated else "") + record.line() + "\n")
+    try:
+        unterminated = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(descriptor, "a", encoding="utf-8") as handle:  # a last line without its newline stays whole
+            handle.write(("\n" if unterminated else "") + record.line() + "\n")
+    except OSError as error:
+        raise PneumoniaCNNError(f"{path}: cannot write the key file ({error.strerror or error})") from None
     return f"{key_id}.{secret}"
 
 
-def revoke_key(path, key_id: str) -> None:
+def revoke_key(path, key_id: str, option: str | None = "--api-keys") -> None:
+    """Remove ``key_id``'s line(s); the other lines must be usable key lines, this key's need not be (an
+    unusable line is revoked to be replaced)."""
     from ..fileio import write_text_atomic
     path = Path(path)
-    records = read_key_file(path)
-    if key_id not in records:
-        raise PneumoniaCNNError(f"{path}: no key with id {key_id}")
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()  # comments and blank lines stay
+    text = _key_file_text(path, option)
+    parse_key_text(text, path, allow_empty=True, option=option, skip_id=key_id)
+    lines = text.splitlines()
+    kept = [line for line in lines  # comments and blank lines stay
             if line.split()[:1] != [key_id] or line.lstrip().startswith("#")]
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
-    os.chmod(path, 0o600)
+    if len(kept) == len(lines):
+        raise PneumoniaCNNError(f"{path}: no key with id {key_id}")
+    try:
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        os.chmod(path, 0o600)
+    except OSError as error:
+        raise PneumoniaCNNError(f"{path}: cannot write the key file ({error.strerror or error})") from None
 
 
 class KeyRing:

@@ -1,0 +1,66 @@
+"""What ``adapt`` refuses before it starts, and what it warns of after, about a new site's images: labelled ones
+it cannot split by patient, and an out-of-distribution refit that rests on few of them."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import PneumoniaCNNError
+from ..fileio import display_path
+
+# The fewest patients of a class the kept-out part takes (the verdict's ROC AUC and its bootstrap by patient);
+# and the fewest each class must keep for fine-tuning, so that each of cross-validation's (at least 2,
+# patient-grouped) folds has both classes to learn from and to score (with one patient of a class left, each
+# fold had learnt from one class only: the number of epochs and the threshold were chosen on nothing).
+MIN_KEPT_OUT_PATIENTS = 2
+MIN_TUNING_PATIENTS = 2
+# Below this many site images (unlabelled and labelled, each once), the refitted detector's references and flag
+# bound rest on so few X-rays that, with some draws of the site's images, it flags far fewer images from outside
+# the intended population than the source checkpoint's detector did; from it on, no draw measured did. Measured
+# with the built-in model on shared/data/adult_xray_dev's adult X-rays (the figures: README, "adapt").
+FEW_OOD_REFIT_IMAGES = 300
+
+
+def kept_out_patients(patients: int, fraction: float) -> int:
+    """How many of a class's ``patients`` the kept-out part takes (``adaptation._held_out_split``)."""
+    return max(MIN_KEPT_OUT_PATIENTS, int(round(patients * fraction)))
+
+
+def fewest_patients(fraction: float) -> int:
+    """The fewest patients per class that leave MIN_TUNING_PATIENTS to fine-tune on once the kept-out part took
+    its share (4 with the default 0.35)."""
+    patients = MIN_KEPT_OUT_PATIENTS + MIN_TUNING_PATIENTS
+    while patients - kept_out_patients(patients, fraction) < MIN_TUNING_PATIENTS:
+        patients += 1
+    return patients
+
+
+def check_labelled_site(site, labelled, fraction: float) -> None:
+    """Refuse labelled site images (an ``ImageList`` or the decoded ``CachedImages``) that cannot be split into a
+    kept-out part and a part to fine-tune on, by patient; said before any image is decoded, and again after (an
+    unreadable file may have left fewer)."""
+    labels = np.asarray(site.labels).astype(int)
+    counts = np.bincount(labels[labels >= 0], minlength=2)
+    if len(labels) < 8 or min(counts) < 4:
+        raise PneumoniaCNNError(f"{display_path(labelled)}: need at least 4 labelled images per class")
+    names = list(getattr(site, "class_names", None) or ("NORMAL", "PNEUMONIA"))[:2]
+    patients = [len({p for p, y in zip(site.patients, labels) if y == label}) for label in (0, 1)]
+    need = fewest_patients(fraction)
+    if min(patients) < need:
+        found = ", ".join(f"{name} {count}" for name, count in zip(names, patients))
+        raise PneumoniaCNNError(
+            f"{display_path(labelled)}: need at least {need} patients per class ({found}): "
+            f"{kept_out_patients(need, fraction)} are kept out to judge the adapted model, the rest fine-tune it "
+            f"(a patient is read from the file name: person123_..., IM-0115-...; otherwise each image is one)")
+
+
+def few_images_warning(result: dict) -> str | None:
+    """One line when the out-of-distribution detector was refitted on fewer than FEW_OOD_REFIT_IMAGES site images
+    (no measured figures: they are in the README)."""
+    fitted = result.get("ood_fitted_on") or {}
+    images = int(fitted.get("reference_images", 0)) + int(fitted.get("bound_images", 0))
+    if not fitted or images >= FEW_OOD_REFIT_IMAGES:
+        return None
+    return (f"warning: the out-of-distribution detector was refitted on only {images} of the site's images (fewer "
+            f"than {FEW_OOD_REFIT_IMAGES}); refitted on so few it can flag far fewer X-rays from outside the intended "
+            f"population (adults, for one) than the source checkpoint's: adapt on at least {FEW_OOD_REFIT_IMAGES} of "
+            f"the site's images before relying on its flag")

@@ -123,6 +123,19 @@ def test_two_names_one_escaped_one_with_a_backslash_are_told_apart_in_every_form
         assert sorted(paths) == sorted(shown.values()), fmt
 
 
+
+def test_explain_and_predicts_skip_lines_tell_the_two_names_apart(ambiguous, capsys, caplog, monkeypatch, tmp_path):
+    """A review: explain printed both as "amb/x\\xff.jpeg: ... -> ov/x\\xff_gradcam.png", and predict's
+    line for a missing file showed the backslash name as the byte name."""
+    from pneumonia_cnn.cli import main
+    monkeypatch.chdir(ambiguous.parent)
+    assert main(["explain", "amb", "--out", str(tmp_path / "ov")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(line.split(": p=")[0] for line in lines) == ["amb/x\\\\xff.jpeg", "amb/x\\xff.jpeg"]
+    assert len({line.split(" -> ")[1] for line in lines}) == 2  # and their overlays
+    assert main(["predict", f"amb/z{BACKSLASH_NAME[1:]}", "amb", "--format", "csv"]) == 0
+    assert "skipped amb/z\\\\xff.jpeg: no such file or folder" in [r.getMessage() for r in caplog.records]
+
 def test_displayed_paths_keep_every_other_name_as_it_was():
     assert display_path("chest/肺炎 a.jpeg") == "chest/肺炎 a.jpeg"
     assert display_path(os.fsdecode(b"bad\xff.jpeg")) == "bad\\xff.jpeg"

@@ -64,7 +64,7 @@ def run_predict(args) -> int:
         print(format_predictions(predictions, args.format, predictor.class_names[1]))
         count, failed = len(predictions), [p for p in predictions if p.error]
     for p in failed:
-        log.warning("skipped %s: %s", p.path, p.error)
+        log.warning("skipped %s: %s", display_path(p.path), p.error)  # told apart as in the rows
     return 1 if count and len(failed) == count else 0
 
 
@@ -146,15 +146,15 @@ def run_explain(args) -> int:
     with removed_if_left_empty(args.out):  # no image explained (unreadable ones, a full disk): no folder made
         for item in explain_each(predictor, paths, args.out, args.layer):
             if "error" in item:  # on stderr, one line whatever the file is called, as predict's
-                log.warning("skipped %s: %s", printable(item["path"]), item["error"])
+                log.warning("skipped %s: %s", printable(display_path(item["path"])), item["error"])
                 continue
             explained += 1
             # printed as each image is done (Ctrl-C keeps what was shown), names escaped as in predict's table
-            print(f"{printable(item['path'])}: p={item['probability']:.4f} {item['label']} -> "
-                  f"{printable(item['overlay'])} (layer {item['layer']})"
+            print(f"{printable(display_path(item['path']))}: p={item['probability']:.4f} {item['label']} -> "
+                  f"{printable(display_path(item['overlay']))} (layer {item['layer']})"
                   + "".join(f"\n  warning: {printable(w)}" for w in item["warnings"]), flush=True)
     for item in missing:
-        log.warning("skipped %s: no such file or folder", printable(item))
+        log.warning("skipped %s: no such file or folder", printable(display_path(item)))
     return 0 if explained else 1
 
 

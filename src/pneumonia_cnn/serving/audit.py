@@ -206,8 +206,10 @@ class AuditUnavailable(Exception):
 def parse_since(text: str | None, now: datetime | None = None, flag: str = "--since/--until") -> str | None:
     """'2026-05-01', '2026-05-01T08:00', an ISO time with a zone, or a span back from now ('90m', '24h', '7d')
     -> the UTC ISO text the log stores (the comparison is textual, so both sides must share the form)."""
-    if not text:
+    if text is None:
         return None
+    if not text.strip():  # an unset $SINCE in a script: not "no bound", which exported every row
+        raise PneumoniaCNNError(f"{flag}: empty; give a date/time or a span")
     now = now or datetime.now(timezone.utc)
     span = re.fullmatch(r"(\d+)([mhd])", text.strip())
     try:
@@ -235,9 +237,7 @@ def read_audit(path, since: str | None = None, until: str | None = None) -> list
     through a -shm, which it would create beside the log; immutable=1 ignores the -wal's rows); otherwise
     read-only, through the server's own -wal and -shm files."""
     path = Path(path)
-    bounds = [(" AND time >= ?", parse_since(since, flag="--since")) if since else None,
-              (" AND time < ?", parse_since(until, flag="--until")) if until else None]
-    bounds = [bound for bound in bounds if bound]
+    bounds = _bounds(since, until)
     check_readable_log(path)
     for _ in range(3):  # a server that opens (or closes) the log while it is read: read again, the new way
         state = _journal_state(path)
@@ -256,6 +256,19 @@ def read_audit(path, since: str | None = None, until: str | None = None) -> list
     if unreadable:
         log.warning("%s: %d row(s) whose warnings are not a JSON list; exported as their raw text", path, unreadable)
     return out
+
+
+def _bounds(since: str | None, until: str | None) -> list[tuple[str, str]]:
+    """The WHERE clauses of ``read_audit``; a ``since`` after (or at) ``until`` is refused, not an export of
+    the CSV header alone. Both spans count back from the same moment."""
+    now = datetime.now(timezone.utc)
+    start, end = parse_since(since, now, "--since"), parse_since(until, now, "--until")
+    if start is not None and end is not None and start >= end:
+        relation = "after" if start > end else "the same moment as"
+        raise PneumoniaCNNError(f"--since {since} ({start}) is {relation} --until {until} ({end}): no row lies "
+                                f"between them")
+    return [(clause, value) for clause, value in ((" AND time >= ?", start), (" AND time < ?", end))
+            if value is not None]
 
 
 def _journal_state(path: Path) -> tuple[bool, ...]:

@@ -164,6 +164,7 @@ def add_key(path, key_id: str, role: str = "predict", option: str | None = "--ap
     try:
         unterminated = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        _owner_only(descriptor, path)  # before the new hash is written, as revoke leaves the file
         with os.fdopen(descriptor, "a", encoding="utf-8") as handle:  # a last line without its newline stays whole
             handle.write(("\n" if unterminated else "") + record.line() + "\n")
     except OSError as error:
@@ -171,10 +172,29 @@ def add_key(path, key_id: str, role: str = "predict", option: str | None = "--ap
     return f"{key_id}.{secret}"
 
 
+def _owner_only(descriptor: int, path: Path) -> None:
+    """Mode 0600 on the open key file (through a link, its target), as docs/hospital.md says and revoke
+    leaves it: an existing 0644 file kept its mode, and every new key's hash with it. Where it cannot be set
+    (another user's file), one warning naming the file and its mode; the key is still added."""
+    import stat
+    mode = stat.S_IMODE(os.fstat(descriptor).st_mode)
+    if mode == 0o600:
+        return
+    try:
+        os.fchmod(descriptor, 0o600)
+    except OSError as error:
+        log.warning("%s: mode %04o, not 0600 (cannot set it: %s); others may read the key hashes", path, mode,
+                    error.strerror or error)
+        return
+    log.warning("%s: mode %04o set to 0600 (a key file is its owner's alone)", path, mode)
+
+
 def revoke_key(path, key_id: str, option: str | None = "--api-keys") -> None:
     """Remove ``key_id``'s line(s); the other lines must be usable key lines, this key's need not be (an
-    unusable line is revoked to be replaced)."""
-    from ..fileio import write_text_atomic
+    unusable line is revoked to be replaced). A link is kept: its target is rewritten (atomically, beside the
+    target, mode 0600), as adding a key appends to the target; replacing the link left the target, which the
+    server may read, with the revoked key."""
+    from ..fileio import atomic_path
     path = Path(path)
     text = _key_file_text(path, option)
     parse_key_text(text, path, allow_empty=True, option=option, skip_id=key_id)
@@ -184,8 +204,8 @@ def revoke_key(path, key_id: str, option: str | None = "--api-keys") -> None:
     if len(kept) == len(lines):
         raise PneumoniaCNNError(f"{path}: no key with id {key_id}")
     try:
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
-        os.chmod(path, 0o600)
+        with atomic_path(path.resolve(), mode=0o600) as temporary:
+            temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     except OSError as error:
         raise PneumoniaCNNError(f"{path}: cannot write the key file ({error.strerror or error})") from None
 

@@ -33,7 +33,7 @@ from .data.cache import build_or_load
 from .data.dataset import load_split, scan_unlabelled
 from .data.fingerprint import file_fingerprints
 from .data.loader import to_model_input
-from .data.site_checks import check_labelled_site, few_images_warning, kept_out_patients
+from .data.site_checks import check_labelled_site, few_images_warning, kept_out_patients, leave_out_flagged
 from .device import resolve_device
 from .errors import PneumoniaCNNError
 from .evaluation.metrics import bootstrap_metrics
@@ -42,6 +42,7 @@ from .inference import Bundle, Scorer, load_bundle
 from .inference.adabn import distinct_in_canonical_order, reestimate_batch_norm
 from .inference.engines import TorchEngine
 from .inference.predictor import MIN_ADAPT_BATCH
+from .ood import flag_reasons
 
 log = logging.getLogger(__name__)
 FINE_TUNE_AUGMENT = AugmentConfig(zoom=0.1, flip=True, rotation=5, contrast=0.15, brightness=0.05)
@@ -167,7 +168,6 @@ def in_population(bundle: Bundle, cached) -> tuple[np.ndarray, int, int]:
     another modality, body part, view or age), as predict's batch adaptation uses them; how many were left out
     (their batch-norm statistics and OOD features would describe something other than the site's X-rays), and
     how many were copies of others."""
-    from .ood import flag_reasons
     images = np.asarray(cached.images)
     reasons = [flag_reasons(gray, meta, bundle.intended_use) for gray, meta in zip(images, cached.metas())]
     flagged = [(path, found[0]) for path, found in zip(cached.paths, reasons) if found]
@@ -188,7 +188,8 @@ def _adapt_with_labels(bundle: Bundle, model, labelled, device, recalibrate, see
     pre = bundle.preprocessing
     site = build_or_load(load_split(labelled, None, class_names=bundle.class_names), pre.size, pre.interpolation,
                          pre.intensity, cache_dir=cache_dir)
-    check_labelled_site(site, labelled, held_out)  # again: unreadable files may have left fewer
+    site, result["labelled_left_out_by_input_checks"] = leave_out_flagged(site, labelled, flag_reasons, bundle)
+    check_labelled_site(site, labelled, held_out)  # again: unreadable or flagged (as in --data) may leave fewer
     labels = site.labels.astype(int)
     images, groups = np.asarray(site.images), np.array(site.patients)
     held = _held_out_split(labels, groups, held_out, seed)

@@ -1,6 +1,11 @@
 """What ``adapt`` refuses before it starts, and what it warns of after, about a new site's images: labelled ones
-it cannot split by patient, and an out-of-distribution refit that rests on few of them."""
+it cannot split by patient, labelled ones the input checks flag (left out, as from --data), and an
+out-of-distribution refit that rests on few of them."""
 from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 
@@ -18,6 +23,7 @@ MIN_TUNING_PATIENTS = 2
 # the intended population than the source checkpoint's detector did; from it on, no draw measured did. Measured
 # with the built-in model on shared/data/adult_xray_dev's adult X-rays (the figures: README, "adapt").
 FEW_OOD_REFIT_IMAGES = 300
+log = logging.getLogger("pneumonia_cnn.adaptation")
 
 
 def kept_out_patients(patients: int, fraction: float) -> int:
@@ -51,6 +57,27 @@ def check_labelled_site(site, labelled, fraction: float) -> None:
             f"{display_path(labelled)}: need at least {need} patients per class ({found}): "
             f"{kept_out_patients(need, fraction)} are kept out to judge the adapted model, the rest fine-tune it "
             f"(a patient is read from the file name: person123_..., IM-0115-...; otherwise each image is one)")
+
+
+def leave_out_flagged(site, labelled, flag, bundle):
+    """The decoded labelled site images (``CachedImages``) less those the model-free input checks flag (blank,
+    noise, colour; a DICOM of another modality, body part, view or age), as adapt leaves them out of --data,
+    before anything counts them (patients, fine-tuning, the verdict, the detector's references): ``flag(gray,
+    meta, bundle.intended_use)`` gives an image's reasons. Said in one line naming the folder and the reasons;
+    and how many."""
+    reasons = [flag(gray, meta, bundle.intended_use) for gray, meta in zip(site.images, site.metas())]
+    flagged = [(path, found[0]) for path, found in zip(site.paths, reasons) if found]
+    if not flagged:
+        return site, 0
+    tally = Counter(reason for _, reason in flagged).most_common()
+    said = "; ".join(f"{count}: {reason}" for reason, count in tally[:3]) + ("; ..." if len(tally) > 3 else "")
+    log.warning("adapt leaves out %d of the %d labelled image(s) in %s that the input checks flag (%s; first: %s)",
+                len(flagged), len(site.paths), display_path(labelled), said, display_path(flagged[0][0]))
+    keep = [index for index, found in enumerate(reasons) if not found]
+    checked = [site.checked[index] for index in keep] if site.checked else []
+    return replace(site, images=np.asarray(site.images)[keep], labels=np.asarray(site.labels)[keep],
+                   paths=[site.paths[index] for index in keep], patients=[site.patients[index] for index in keep],
+                   checked=checked), len(flagged)
 
 
 def few_images_warning(result: dict) -> str | None:

@@ -93,19 +93,12 @@ def test_an_adapted_checkpoint_calibrates_on_its_source_split_and_checked_beats_
 def test_a_damaged_cached_int8_graph_is_one_line(capsys, built, engine):
     if engine == "openvino-int8":
         pytest.importorskip("openvino")
-    from pneumonia_cnn.inference import graph_cache
-    whole, checksum = built.read_bytes(), graph_cache.checksum_path(built).read_bytes()
-    fix = ("build it again: pneumonia-cnn export CHECKPOINT --format onnx-int8 --data ROOT --out model.int8.onnx "
-           "(ROOT/val: the checkpoint's validation images)")
+    whole = built.read_bytes()
     try:
-        built.write_bytes(whole[:1000])  # cut short (a full disk, an interrupted copy): its checksum tells
+        built.write_bytes(whole[:1000])  # cut short (a full disk, an interrupted copy)
         status, error = run(capsys, "predict", EXAMPLE, "--engine", engine)
-        assert (status, error) == (2, f"error: --engine {engine}: the cached int8 model {built} is damaged (its "
-                                      f"checksum does not match its bytes: changed since it was built); {fix}")
-        graph_cache.store(built, whole[:1000])  # the same bytes with a checksum of their own: the engine tells
-        status, error = run(capsys, "predict", EXAMPLE, "--engine", engine)
-        assert (status, error) == (2, f"error: --engine {engine}: the cached int8 model {built} is damaged (it "
-                                      f"cannot be read); {fix}")
     finally:
         built.write_bytes(whole)
-        graph_cache.checksum_path(built).write_bytes(checksum)
+    assert (status, error) == (2, f"error: --engine {engine}: the cached int8 model {built} is damaged (it cannot "
+                                  f"be read); build it again: pneumonia-cnn export CHECKPOINT --format onnx-int8 "
+                                  f"--data ROOT --out model.int8.onnx (ROOT/val: the checkpoint's validation images)")

@@ -49,20 +49,20 @@ def load_cached(path: Path, engine: str, load, signature=None, expected=None):
     was built: ``graph_cache``) and how to build it again; never rebuilt here: that needs the
     checkpoint's validation images. ``signature(loaded)`` gives its inputs and outputs as ``graph_signature``
     does, compared with ``expected`` (``served_signature``)."""
-    # its bytes first, checked against the checksum and then loaded from memory: a flipped bit loads as any other
+    # one read of its bytes, loaded from memory and checked against the checksum: a flipped bit loads as any other
     # (see graph_cache), a graph without its checksum (built by an earlier version) is refused since nothing
     # tells it from a damaged one, and checking one read while loading another let a rebuild between the two
     # pass for damage
-    payload, why = graph_cache.read_verified(path, "built")
-    if payload is None and why is None:  # gone since int8_paths saw it
-        why = "it cannot be read"
-    if why is None:
+    payload, unverified = graph_cache.read_verified(path, "built")  # why these very bytes fail their checksum
+    if payload is None:  # gone since int8_paths saw it, or no regular file
+        why = unverified or "it cannot be read"
+    else:
         try:
             loaded = load(payload)
         except Exception:  # ONNX Runtime's InvalidProtobuf, OpenVINO's RuntimeError: several lines of C++ context
             why = "it cannot be read"
-        else:
-            why = foreign(signature(loaded) if signature is not None else expected, expected)
+        else:  # what it is first (another model's graph says more than "no checksum"), then its checksum
+            why = foreign(signature(loaded) if signature is not None else expected, expected) or unverified
     if why is not None:
         raise PneumoniaCNNError(f"--engine {engine}: the cached int8 model {display_path(path)} is damaged "
                                 f"({why}); build it again: {BUILD}") from None

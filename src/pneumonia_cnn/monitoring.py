@@ -132,7 +132,7 @@ def _levels(reference_bytes: bytes, count: int) -> tuple[float, float]:
 def psi_levels(reference, count: int) -> tuple[float, float]:
     """(warning, drift) PSI levels for ``count`` new scores against ``reference``: the PSIs that samples of that
     size from the reference's own distribution exceed 1 time in 100 and 1 time in 1,000, never below 0.1 and
-    0.25. For the builtin model's 559 validation scores: about (1.8, 2.4) at 30 images, (1.0, 1.2-1.5) at 50,
+    0.25. For the builtin model's 559 validation scores: about (1.8, 2.3-2.4) at 30 images, (1.0, 1.2-1.5) at 50,
     (0.29, 0.39) at 100, (0.17, 0.25) at 178 and (0.1, 0.25) at 500. Cached: about 0.3 s for a new count."""
     return _levels(np.ascontiguousarray(reference, dtype=np.float64).tobytes(), int(count))
 

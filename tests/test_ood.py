@@ -253,7 +253,7 @@ def test_evaluate_flags_what_predict_flags_from_the_file_itself(ood_run, tmp_pat
     flags_agree("fresh")
     flags_agree("reused")
     manifest = json.loads(next(cache.rglob("manifest.json")).read_text())
-    assert manifest["version"] == 4 and "SECRET-ID-42" not in str(manifest) and "19800101" not in str(manifest)
+    assert manifest["version"] == 5 and "SECRET-ID-42" not in str(manifest) and "19800101" not in str(manifest)
     checked = {Path(e["path"]).name: e.get("checked") for e in manifest["entries"]}
     assert checked["photo.jpg"]["saturation"] > 0.15 and checked["lateral.dcm"]["tags"]["ViewPosition"] == "LL"
     assert float(checked["adult.dcm"]["tags"]["PatientAge"][:-1]) == pytest.approx(45.0, abs=0.01)

@@ -2,7 +2,10 @@
 gray+alpha PNGs read by Pillow as their high bytes (12-bit data as 16 grey levels, probabilities moved by up to
 0.20), a DICOM whose rescale or window could not be applied read silently without them, a JPEG DICOM whose
 codestream has 3 components under SamplesPerPixel 1 scored as some gray image, and the EXIF orientation of a
-JPEG that every viewer shows upright ignored (the X-ray was scored lying on its side)."""
+JPEG that every viewer shows upright ignored (the X-ray was scored lying on its side). Then: 16-bit colour TIFFs
+read as their high bytes too (by up to 0.11), or scrambled (separate planes: by up to 0.995), big-endian 16-bit
+gray TIFFs refused; a DICOM rescale or window that overflows, is NaN, or leaves every pixel alike gave an
+all-black image (scored 0.997), the overflow's numpy warning naming no file."""
 import io
 import logging
 import struct
@@ -128,18 +131,33 @@ def test_16_bit_colour_is_made_gray_as_pillow_does_8_bit_colour(gray, tmp_path):
 # ---------- 2. a DICOM rescale or window that cannot be applied
 
 
+NOT_DS = ("abc", "NaN", "inf")  # texts pydicom will not write as a decimal string (it logs, or refuses)
+
+
 def _dicom_with(path, pixels, **texts):
-    """A 12-bit DICOM whose elements hold these texts; "abc" (pydicom will not write it as a decimal string) is
-    written as 7.5, then those header bytes replaced (the first occurrence: the header comes before the pixels)."""
+    """A 12-bit DICOM whose elements hold these texts; one of ``NOT_DS`` is written as 7.5, then those header bytes
+    replaced (the first occurrence: the header comes before the pixels)."""
+    odd = [text for text in texts.values() if text in NOT_DS]
+    assert len(odd) <= 1
     write_dicom(path, pixels, BitsStored=12, HighBit=11,
-                **{name: "7.5" if text == "abc" else text for name, text in texts.items()})
-    if "abc" in texts.values():
-        path.write_bytes(path.read_bytes().replace(b"7.5", b"abc", 1))
+                **{name: "7.5" if text in NOT_DS else text for name, text in texts.items()})
+    if odd:
+        path.write_bytes(path.read_bytes().replace(b"7.5", odd[0].encode(), 1))
     return path
 
 
 def _warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def _assert_read_unscaled_with_one_warning(path, twelve, caplog, said):
+    """The stored values min-max scaled (what was skipped left out), and one warning line naming the file."""
+    caplog.set_level(logging.WARNING)
+    pixels, meta = read_image(path)
+    low, high = int(twelve.min()), int(twelve.max())
+    stored = np.round((twelve.astype(np.float64) - low) * (255 / (high - low))).astype(np.uint8)
+    assert meta.source_format == "DICOM" and np.array_equal(pixels, stored)
+    assert _warnings(caplog) == [f"warning: {path}: {said}"]
 
 
 @pytest.mark.parametrize("texts, said", [
@@ -156,12 +174,7 @@ def test_a_rescale_or_window_that_cannot_be_applied_is_the_files_warning(gray, t
     twelve = gray.astype(np.uint16) * 16
     path = _dicom_with(tmp_path / "bad_lut.dcm", twelve, **texts)
     assert b"abc" in path.read_bytes()
-    caplog.set_level(logging.WARNING)
-    pixels, meta = read_image(path)
-    low, high = int(twelve.min()), int(twelve.max())
-    stored = np.round((twelve.astype(np.float64) - low) * (255 / (high - low))).astype(np.uint8)
-    assert meta.source_format == "DICOM" and np.array_equal(pixels, stored)
-    assert _warnings(caplog) == [f"warning: {path}: {said}"]
+    _assert_read_unscaled_with_one_warning(path, twelve, caplog, said)
 
 
 def test_a_dicom_whose_luts_apply_has_no_warning(gray, tmp_path, caplog):
@@ -252,3 +265,160 @@ def test_a_jpeg_tagged_rotate_90_reads_as_a_viewer_shows_it(gray, tmp_path):
     assert shown.shape == (224, 180) and meta.original_size == (224, 180)
     assert np.array_equal(pixels, shown)
     assert np.abs(pixels.astype(int) - gray[:, :180].astype(int)).mean() < 3  # the X-ray, upright
+
+
+# ---------- 5. 16-bit colour TIFFs (and big-endian or gray+alpha 16-bit TIFFs)
+
+
+def _twelve_bit(gray: np.ndarray) -> np.ndarray:
+    return np.round(gray.astype(np.float64) * 4095 / 255).astype(np.uint16)
+
+
+# name -> (layout of the samples, tifffile's arguments): as scanners, ImageJ (big-endian) and libtiff write them
+TIFF16 = {"rgb": ("rgb", {}), "rgb_big_endian": ("rgb", {"byteorder": ">"}),
+          "rgb_planes": ("planes", {"planarconfig": "separate"}),
+          "rgb_deflate": ("rgb", {"compression": "zlib", "predictor": True}),
+          "rgb_tiled": ("rgb", {"tile": (64, 64)}), "rgb_strips": ("rgb", {"rowsperstrip": 7}),
+          "rgba": ("rgba", {"extrasamples": ["unassalpha"]}),
+          "gray_big_endian": ("gray", {"byteorder": ">"}), "gray": ("gray", {})}
+
+
+def write_tiff16(path, gray16: np.ndarray, layout: str, **options):
+    import tifffile  # scikit-image's dependency: writes what Pillow cannot (16-bit colour)
+    opaque = np.full_like(gray16, 65535)
+    samples = {"gray": gray16, "rgb": np.stack([gray16] * 3, -1), "planes": np.stack([gray16] * 3),
+               "rgba": np.stack([gray16] * 3 + [opaque], -1)}[layout]
+    tifffile.imwrite(path, samples, photometric="minisblack" if layout == "gray" else "rgb", **options)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(TIFF16))
+def test_12_bit_data_in_16_bit_tiffs_is_read_at_full_depth(gray, tmp_path, name):
+    """Each gives the 8-bit X-ray back exactly, as the 16-bit gray TIFF does, from a file and from an upload: Pillow
+    kept the high byte of 16-bit colour (16 grey levels), read separate 16-bit planes as bytes from the wrong
+    places (scored 0.995 against 0.05), and refused a big-endian 16-bit gray TIFF ("image has wrong mode")."""
+    layout, options = TIFF16[name]
+    path = write_tiff16(tmp_path / f"{name}.tif", _twelve_bit(gray), layout, **options)
+    pixels, meta = read_image(path)
+    assert np.array_equal(pixels, gray), (name, len(np.unique(pixels)))
+    assert meta.source_format == "TIFF" and meta.original_size == gray.shape
+    assert np.array_equal(read_image_bytes(path.read_bytes(), path.name)[0], gray), name
+
+
+def test_12_bit_colour_tiffs_score_as_the_gray_tiff_with_the_built_in_model(gray, tmp_path):
+    from pneumonia_cnn.inference import Predictor
+    paths = [write_tiff16(tmp_path / f"{name}.tif", _twelve_bit(gray), TIFF16[name][0], **TIFF16[name][1])
+             for name in ("gray", "rgb", "rgb_planes", "rgb_deflate")]
+    predictions = Predictor("builtin", "cpu").predict_files([str(p) for p in paths])
+    probabilities = [p.probability for p in predictions]
+    assert all(p.error is None for p in predictions)
+    assert np.allclose(probabilities, probabilities[0], rtol=0, atol=1e-6), probabilities
+
+
+def test_16_bit_colour_tiff_is_made_gray_as_the_16_bit_colour_png(gray, tmp_path):
+    """Distinct 12-bit channels, and alpha: unassociated composited over black, associated (premultiplied: already
+    over black) taken as it is, in one plane or separate planes, read as the same samples in a PNG."""
+    import tifffile
+    colour = _twelve_bit(np.stack([gray, np.roll(gray, 7, axis=1), 255 - gray], -1))
+    alpha = np.zeros(gray.shape, dtype=np.uint16)
+    alpha[:, :112] = 65535  # left half opaque, right half transparent
+    rgba = np.concatenate([colour, alpha[..., None]], -1)
+    expected = read_image(write_png16(tmp_path / "rgba.png", rgba, 6))[0]
+    assert not expected[:, 112:].any() and expected[:, :112].any()
+    assert np.array_equal(read_image(write_png16(tmp_path / "rgb.png", colour, 2))[0][:, :112], expected[:, :112])
+    for name, extra, planar in (("unassociated", "unassalpha", "contig"), ("associated", "assocalpha", "contig"),
+                                ("planes", "unassalpha", "separate")):
+        samples = rgba if planar == "contig" else np.moveaxis(rgba, -1, 0)
+        if extra == "assocalpha":
+            samples = samples * (alpha[..., None] // 65535)  # premultiplied: transparent pixels hold 0
+        path = tmp_path / f"{name}.tif"
+        tifffile.imwrite(path, samples, photometric="rgb", extrasamples=[extra], planarconfig=planar)
+        assert np.array_equal(read_image(path)[0], expected), name
+
+
+def test_16_bit_tiffs_pillow_cannot_decode_are_refused_in_one_line_naming_the_layout(gray, tmp_path):
+    """Compressed separate 16-bit colour planes (Pillow's libtiff reader keeps their high bytes whatever it is
+    asked) and 16-bit gray+alpha (Pillow opens none): refused, never scored at 4 bits, nor said to be no TIFF."""
+    import tifffile
+    twelve = _twelve_bit(gray)
+    planes = write_tiff16(tmp_path / "planes.tif", twelve, "planes", planarconfig="separate", compression="zlib")
+    gray_alpha = tmp_path / "gray_alpha.tif"
+    tifffile.imwrite(gray_alpha, np.stack([twelve, np.full_like(twelve, 65535)], -1), photometric="minisblack",
+                     extrasamples=["unassalpha"])
+    said = {planes: "16-bit colour TIFF of compressed separate colour planes: only the high byte of each sample "
+                    "can be decoded (save it as 16-bit gray TIFF or PNG)",
+            gray_alpha: "TIFF this reader cannot decode (SamplesPerPixel 2, BitsPerSample 16/16, "
+                        "PhotometricInterpretation 1, ExtraSamples 2); save it as gray PNG or TIFF"}
+    for path, reason in said.items():
+        with pytest.raises(ImageReadError) as raised:
+            read_image(path)
+        assert str(raised.value) == f"{path}: {reason}"
+        with pytest.raises(ImageReadError) as raised:
+            read_image_bytes(path.read_bytes(), "upload.tif")
+        assert str(raised.value) == f"upload.tif: {reason}"
+
+
+# ---------- 6. a DICOM rescale or window whose result is no image (overflow, NaN, every pixel alike)
+
+
+RESCALE_SKIPPED = "modality LUT not applied ({}): stored pixel values used, without the window"
+WINDOW_SKIPPED = "VOI LUT / window not applied ({}): the full range of values used"
+
+
+@pytest.mark.parametrize("texts, said", [
+    ({"RescaleSlope": "1e308", "RescaleIntercept": "0"},  # every pixel but 0 and 1 overflows: all black
+     RESCALE_SKIPPED.format("RescaleSlope 1e308, RescaleIntercept 0: the values overflow to inf or NaN")),
+    ({"RescaleSlope": "-1e308", "RescaleIntercept": "0", "WindowCenter": "100", "WindowWidth": "50"},
+     RESCALE_SKIPPED.format("RescaleSlope -1e308, RescaleIntercept 0: the values overflow to inf or NaN")),
+    ({"RescaleSlope": "1e305", "RescaleIntercept": "0"},  # the brighter half overflows: scored 0.96 against 0.03
+     RESCALE_SKIPPED.format("RescaleSlope 1e305, RescaleIntercept 0: the values overflow to inf or NaN")),
+    ({"RescaleSlope": "1e-320", "RescaleIntercept": "0"},  # subnormal: no scale to 0-255 exists (NaN, all black)
+     RESCALE_SKIPPED.format("RescaleSlope 1e-320, RescaleIntercept 0: the values span 4.01596e-317, beyond "
+                            "floating point")),
+    ({"RescaleSlope": "0", "RescaleIntercept": "5"},
+     RESCALE_SKIPPED.format("RescaleSlope 0, RescaleIntercept 5: every pixel becomes 5")),
+    ({"WindowCenter": "NaN", "WindowWidth": "400"}, WINDOW_SKIPPED.format("WindowCenter 'NaN' is not a number")),
+    ({"WindowCenter": "inf", "WindowWidth": "400"}, WINDOW_SKIPPED.format("WindowCenter 'inf' is not a number")),
+    ({"WindowCenter": "2048", "WindowWidth": "inf"}, WINDOW_SKIPPED.format("WindowWidth 'inf' is not a number")),
+    ({"WindowCenter": "2048", "WindowWidth": "1e308"},
+     WINDOW_SKIPPED.format("WindowCenter 2048, WindowWidth 1e308: every pixel becomes 2047.5")),
+    ({"WindowCenter": "1e308", "WindowWidth": "400", "VOILUTFunction": "SIGMOID"},
+     WINDOW_SKIPPED.format("WindowCenter 1e308, WindowWidth 400: every pixel becomes 0")),
+    ({"WindowCenter": "2048", "WindowWidth": "0"}, WINDOW_SKIPPED.format(
+        "The (0028,1051) Window Width must be greater than or equal to 1 for a 'LINEAR' windowing operation")),
+    ({"WindowCenter": "2048", "WindowWidth": "-100", "VOILUTFunction": "SIGMOID"}, WINDOW_SKIPPED.format(
+        "The (0028,1051) Window Width must be greater than 0 for a 'SIGMOID' windowing operation")),
+], ids=["slope_1e308", "slope_-1e308", "slope_1e305", "slope_1e-320", "slope_0", "center_nan", "center_inf",
+        "width_inf", "width_1e308", "sigmoid_center_1e308", "width_0", "sigmoid_width_-100"])
+def test_a_rescale_or_window_giving_no_image_is_skipped_with_the_files_warning(gray, tmp_path, caplog, recwarn,
+                                                                               texts, said):
+    """Read without it (the stored values, min-max), one line naming the file and why, and no numpy warning: an
+    overflowing rescale gave an all-black image (scored 0.997, "not an X-ray") with "RuntimeWarning: overflow
+    encountered in multiply" naming no file; a NaN or infinite window, or one that left every pixel alike, gave
+    an all-black image without a word."""
+    twelve = gray.astype(np.uint16) * 16
+    path = _dicom_with(tmp_path / "overflow.dcm", twelve, **texts)
+    _assert_read_unscaled_with_one_warning(path, twelve, caplog, said)
+    assert [str(w.message) for w in recwarn] == []
+
+
+def test_extreme_but_usable_rescale_and_window_are_applied_without_a_word(gray, tmp_path, caplog, recwarn):
+    """Huge or tiny factors whose result is still an image, and a sigmoid so steep that exp() overflows: used."""
+    twelve = gray.astype(np.uint16) * 16
+    for name, texts in (("huge", {"RescaleSlope": "1e300", "RescaleIntercept": "-1e302"}),
+                        ("tiny", {"RescaleSlope": "1e-300", "RescaleIntercept": "0"}),
+                        ("steep", {"WindowCenter": "2048", "WindowWidth": "1e-300", "VOILUTFunction": "SIGMOID"})):
+        caplog.clear()
+        pixels = read_image(_dicom_with(tmp_path / f"{name}.dcm", twelve, **texts))[0]
+        assert len(np.unique(pixels)) > 1 and _warnings(caplog) == [], name
+    assert [str(w.message) for w in recwarn] == []
+
+
+def test_the_command_line_says_one_line_for_an_overflowing_rescale(gray, tmp_path):
+    from tests.data.test_reader_defects import run_cli
+    path = _dicom_with(tmp_path / "slope.dcm", gray.astype(np.uint16) * 16, RescaleSlope="1e308",
+                       RescaleIntercept="0")
+    code, out, err = run_cli("predict", "builtin", path)
+    assert code == 0 and "not an X-ray" not in out, out
+    assert err.splitlines() == [f"warning: {path}: " + RESCALE_SKIPPED.format(
+        "RescaleSlope 1e308, RescaleIntercept 0: the values overflow to inf or NaN")], err

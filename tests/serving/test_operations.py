@@ -336,3 +336,31 @@ def test_a_request_too_malformed_for_the_http_parser_is_counted(server):
         from tests.serving.raw_http import read_response
         assert read_response(sock).startswith(b"HTTP/1.1 400")
     assert counted() == before + 1
+
+
+def test_the_drift_warning_is_logged_once_per_episode(caplog):
+    """A window hovering at the drift level moves between warning and drift: one warning until it is back at ok
+    (each re-entry into drift from warning was logged again, 14 times in 2 minutes under a load test)."""
+    from pneumonia_cnn.serving.service import Service
+
+    class Window:  # the monitor's reports, in the order a hovering window gives them
+        statuses = iter(["ok", "drift", "warning", "drift", "warning", "drift", "ok", "warning", "drift"])
+
+        def report(self):
+            return {"status": next(self.statuses), "images": 100,
+                    "raw_scores": {"psi": 0.5, "ks_pvalue": 1e-5}}
+
+    class Metrics:
+        def set_drift(self, report):
+            pass
+
+    service = Service.__new__(Service)  # the drift bookkeeping alone: no model loaded
+    service.drift, service.metrics, service.drift_alerted = Window(), Metrics(), False
+    with caplog.at_level("WARNING", logger="pneumonia_cnn.serving.service"):
+        for _ in range(9):
+            service.drift_report()
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" over ")[0].split(" (")[0] for line in lines] == [
+        "drift: the last 100 images differ from the validation reference",
+        "drift: back within the levels",
+        "drift: the last 100 images differ from the validation reference"]

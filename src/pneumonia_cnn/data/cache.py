@@ -34,8 +34,9 @@ from .readers import read_image
 log = logging.getLogger(__name__)
 # 2: entries keep the file's colour and DICOM tags (the intended-use checks); 3: and the size of a file smaller
 # than the cached image (the size check: a thumbnail); 4: 16-bit colour PNGs read at full depth, EXIF orientation
-# applied (an entry's file is reused while its size and times hold, so the reader's changes need a new version)
-CACHE_VERSION = 4
+# applied (an entry's file is reused while its size and times hold, so the reader's changes need a new version);
+# 5: 16-bit colour and big-endian TIFFs at full depth, DICOM rescales that give no image skipped
+CACHE_VERSION = 5
 
 
 def default_cache_dir() -> Path:

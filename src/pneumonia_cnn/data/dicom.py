@@ -113,33 +113,70 @@ def _through_luts(dataset, pixels: np.ndarray, notes: list) -> np.ndarray:
     """The modality LUT (rescale), then the first VOI LUT or window. A broken one is not a reason to refuse the
     image: the stored values are used instead (the window too is skipped, being in the rescaled values' units),
     or the rescaled values where only the window is broken; either way the file's note says what was skipped and
-    why (it was silent, and the window dropped)."""
+    why (it was silent, and the window dropped). Broken: a value that is no finite number, or a result that is
+    (a RescaleSlope of 1e308 overflowed to an all-black image, with numpy's warning naming no file), or that
+    makes every pixel alike (a slope of 0, a window far from the values, a width of 1e308)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    bad = _not_numbers(dataset, RESCALE)
     try:
-        if bad:  # pydicom skips, without a word, a rescale it cannot read unless both values are present
-            raise ValueError(bad)
-        values = apply_modality_lut(pixels, dataset)
+        values = _applied(apply_modality_lut, pixels, dataset, RESCALE, "ModalityLUTSequence")
     except Exception as error:
         notes.append(f"modality LUT not applied ({one_line(error, 200)}): stored pixel values used, without the "
                      f"window")
         return pixels
     try:
-        return apply_voi_lut(values, dataset, index=0)
+        return _applied(lambda data, ds: apply_voi_lut(data, ds, index=0), values, dataset, WINDOW, "VOILUTSequence")
     except Exception as error:
-        reason = _not_numbers(dataset, WINDOW) or one_line(error, 200)
-        notes.append(f"VOI LUT / window not applied ({reason}): the full range of values used")
+        notes.append(f"VOI LUT / window not applied ({one_line(error, 200)}): the full range of values used")
         return values
 
 
 RESCALE, WINDOW = ("RescaleSlope", "RescaleIntercept"), ("WindowCenter", "WindowWidth")
 
 
+def _applied(apply, values: np.ndarray, dataset, names: tuple, table: str) -> np.ndarray:
+    """``apply(values, dataset)``, or ValueError saying why its result is not used. pydicom skips, without a word,
+    a rescale or window it cannot read unless both values are present; a LUT table (``table``) comes first."""
+    bad = "" if table in dataset else _not_numbers(dataset, names)
+    if bad:
+        raise ValueError(bad)
+    with np.errstate(all="ignore"):  # an overflow is found in the result, and said once, naming the file
+        result = np.asarray(apply(values, dataset))
+    lost = _lost(values, result)
+    if lost:
+        given = ", ".join(f"{name} {_first_value(dataset, name)}" for name in names if name in dataset)
+        raise ValueError(f"{table if table in dataset or not given else given}: {lost}")
+    return result
+
+
+def _lost(before: np.ndarray, after: np.ndarray) -> str:
+    """How a LUT's result lost the image ("" when it did not): values beyond floating point, or all contrast. No
+    full-size copy is made where the values are all finite (as integer pixel data always is)."""
+    if after is before or after.shape != before.shape or after.size == 0:
+        return ""
+    with np.errstate(all="ignore"):
+        finite_after = np.count_nonzero(np.isfinite(after))
+        if finite_after < (before.size if before.dtype.kind in "biu" else np.count_nonzero(np.isfinite(before))):
+            return "the values overflow to inf or NaN"
+        if finite_after == 0:
+            return ""
+        finite = after if finite_after == after.size else after[np.isfinite(after)]
+        low, high = float(finite.min()), float(finite.max())
+        if high > low and not np.isfinite([high - low, 255.0 / (high - low)]).all():  # 1e308 wide, or 1e-320
+            return f"the values span {high - low:g}, beyond floating point"
+        if low == high and float(np.nanmin(before)) != float(np.nanmax(before)):
+            return f"every pixel becomes {low:g}"
+    return ""
+
+
+def _first_value(dataset, name: str) -> str:
+    return (_tag(dataset, name) or "").split("\\")[0]
+
+
 def _not_numbers(dataset, names) -> str:
     """Which of these elements, when present, has a first value that is no finite number ("" when none)."""
     bad = []
     for name in names:
-        text = (_tag(dataset, name) or "").split("\\")[0] if name in dataset else "0"
+        text = _first_value(dataset, name) if name in dataset else "0"
         try:
             finite = bool(np.isfinite(float(text)))
         except ValueError:

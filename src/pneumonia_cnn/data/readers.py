@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import sys
 import threading
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +73,14 @@ def stored_levels(image: Image.Image) -> int:
     """The largest value of the depth a 16-bit image's data has, of those X-rays are stored at: 8 bits when no
     value exceeds 255, 12 when none exceeds 4095, else 16. 12-bit data divided by 257 as if it filled 16 bits had
     decoded to 17 grey levels (0-16) and moved children's probabilities by up to 0.40; a depth read from every
-    power of two would have doubled an image's brightness between a peak of 32767 and one of 32768."""
-    return levels_of_peak(int(image.getextrema()[1]))
+    power of two would have doubled an image's brightness between a peak of 32767 and one of 32768. Pillow has no
+    extrema of big-endian 16-bit data (a big-endian 16-bit gray TIFF, as ImageJ writes, was refused "image has wrong
+    mode"): its peak is found a strip at a time."""
+    if image.mode != "I;16B":
+        return levels_of_peak(int(image.getextrema()[1]))
+    width, height = image.size
+    return levels_of_peak(max(int(np.asarray(image.crop((0, top, width, min(top + STRIP_ROWS, height)))).max())
+                              for top in range(0, height, STRIP_ROWS)))
 
 
 def levels_of_peak(peak: int) -> int:
@@ -112,34 +120,61 @@ def _on_black(strip: Image.Image) -> np.ndarray:
     return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L"))
 
 
-# Pillow has no 16-bit colour mode: it reads a 16-bit RGB, RGBA or gray+alpha PNG keeping each sample's high byte
-# (12-bit data came out as 16 grey levels, probabilities moved by up to 0.20 against the same pixels as a 16-bit
-# gray PNG). The PNG is decoded a second time with a raw mode of as many bits per pixel (so that the row filters
-# are undone alike, in Pillow's C decoder) that keeps the bytes the first decode dropped: the low byte of each
-# sample for RGB and RGBA (Pillow's little-endian unpacker on PNG's big-endian samples), every byte for gray+alpha
-# (which Pillow opens as RGBA, with 4 bytes a pixel: gray high, gray low, alpha high, alpha low).
-PNG16_COLOUR = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}
+# Pillow has no 16-bit colour mode: it reads a 16-bit RGB, RGBA or gray+alpha PNG, and a 16-bit RGB or RGBA TIFF,
+# keeping each sample's high byte (12-bit data came out as 16 grey levels, probabilities moved by up to 0.20 for PNG,
+# 0.11 for TIFF, against the same pixels as 16-bit gray), and a TIFF of separate 16-bit colour planes as bytes taken
+# at the wrong places (moved by up to 0.995). The file is decoded a second time, in Pillow's decoders (which undo
+# PNG's row filters and TIFF's compression alike), with raw modes that keep the bytes the first decode dropped: the
+# low byte of each sample (the unpacker of the other byte order), or for gray+alpha PNG, which Pillow opens as RGBA
+# with 4 bytes a pixel (gray high, gray low, alpha high, alpha low), every byte. Kind "rgb": colour alone ("RGBX"'s
+# padding, or the premultiplied colour of an associated alpha, which is that colour over black).
+PNG16_COLOUR = {"RGB;16B": ("rgb", "RGB;16L"), "RGBA;16B": ("rgba", "RGBA;16L"), "LA;16B": ("la", "RGBA")}
+OTHER_BYTE = {"L": "B", "B": "L", "N": "B" if sys.byteorder == "little" else "L"}
 
 
-def _png16_colour(image: Image.Image) -> str | None:
-    """The raw mode of a 16-bit colour or gray+alpha PNG not loaded yet; None for any other image."""
-    tile = image.tile if image.format == "PNG" else []
-    rawmode = tile[0][3] if len(tile) == 1 else None
-    return rawmode if isinstance(rawmode, str) and rawmode in PNG16_COLOUR else None
+def _deep_plan(image: Image.Image, path: Path) -> tuple[str, list, list] | None:
+    """(kind, raw modes of the high bytes, of the low bytes: one per tile) of a 16-bit colour or gray+alpha PNG or
+    a 16-bit RGB(A) TIFF not loaded yet; None for any other image."""
+    modes = [tile[3][0] if isinstance(tile[3], tuple) else tile[3] for tile in image.tile]
+    if image.format == "PNG":
+        found = PNG16_COLOUR.get(modes[0]) if len(modes) == 1 and isinstance(modes[0], str) else None
+        return (found[0], modes, [found[1]]) if found else None
+    tags = getattr(image, "tag_v2", {})
+    if image.format != "TIFF" or image.mode not in ("RGB", "RGBA") or set(np.ravel(tags.get(258, 8))) != {16}:
+        return None
+    if image.tile[0][0] == "libtiff" and tags.get(284, 1) == 2:  # Pillow's libtiff planes ignore the raw mode
+        raise ImageReadError(path, "16-bit colour TIFF of compressed separate colour planes: only the high byte of "
+                                   "each sample can be decoded (save it as 16-bit gray TIFF or PNG)")
+    order = "L" if tags.prefix == b"II" else "B"  # a plane's tile holds one band's letter: 16 bits, the file's order
+    high = [(f"{mode};16{order}" if len(mode) == 1 else mode).replace("a", "A") for mode in modes]
+    if not all(re.fullmatch(r"[RGBAX]+;16[LBN]", mode) for mode in high):
+        return None
+    kind = "rgba" if image.mode == "RGBA" and 1 not in np.ravel(tags.get(338, ())) else "rgb"
+    return kind, high, [mode[:-1] + OTHER_BYTE[mode[-1]] for mode in high]
 
 
-def _png16_colour_to_gray(image: Image.Image, rawmode: str, source) -> np.ndarray:
-    """Gray uint8 of a 16-bit colour PNG from all 16 bits, as a 16-bit gray PNG of the same pixels is read:
+def _with_rawmodes(tiles: list, modes: list) -> list:
+    """The tiles with these raw modes (a TIFF tile's arguments start with it; Pillow's TIFF code reads the tiles'
+    fields by name where it has named tiles)."""
+    out = []
+    for tile, mode in zip(tiles, modes):
+        args = (mode, *tile[3][1:]) if isinstance(tile[3], tuple) else mode
+        out.append(tile._replace(args=args) if hasattr(tile, "_replace") else (*tile[:3], args))
+    return out
+
+
+def _deep_colour_to_gray(image: Image.Image, plan: tuple, source) -> np.ndarray:
+    """Gray uint8 of a 16-bit colour image from all 16 bits, as a 16-bit gray image of the same pixels is read:
     Pillow's RGB-to-L weights (gray stays gray exactly), transparency over black, then the levels of its depth.
-    ``image``: the PNG loaded as Pillow reads it (high bytes); ``source``: its file or bytes, decoded again."""
+    ``image``: loaded with ``plan``'s high bytes; ``source``: its file or bytes, decoded again for the low ones."""
     width, height = image.size
     deep = np.empty((height, width), dtype=np.uint16)
-    with Image.open(source, formats=("PNG",)) as again:
-        again.tile = [(tile[0], tile[1], tile[2], PNG16_COLOUR[rawmode]) for tile in again.tile]
+    with Image.open(source, formats=(image.format,)) as again:
+        again.tile = _with_rawmodes(again.tile, plan[2])
         again.load()
         for top in range(0, height, STRIP_ROWS):
             box = (0, top, width, min(top + STRIP_ROWS, height))
-            deep[top:box[3]] = _deep_gray(np.asarray(image.crop(box)), np.asarray(again.crop(box)), rawmode)
+            deep[top:box[3]] = _deep_gray(np.asarray(image.crop(box)), np.asarray(again.crop(box)), plan[0])
     levels = levels_of_peak(int(deep.max()))
     out = np.empty((height, width), dtype=np.uint8)
     for top in range(0, height, STRIP_ROWS):
@@ -147,9 +182,9 @@ def _png16_colour_to_gray(image: Image.Image, rawmode: str, source) -> np.ndarra
     return out
 
 
-def _deep_gray(high: np.ndarray, low: np.ndarray, rawmode: str) -> np.ndarray:
-    """16-bit gray of rows decoded twice (``PNG16_COLOUR``), composited over black where there is an alpha."""
-    if rawmode == "LA;16B":
+def _deep_gray(high: np.ndarray, low: np.ndarray, kind: str) -> np.ndarray:
+    """16-bit gray of rows decoded twice (``_deep_plan``), composited over black where there is an alpha."""
+    if kind == "la":
         samples = low.astype(np.uint32)
         gray = samples[..., 0] << 8 | samples[..., 1]
         alpha = samples[..., 2] << 8 | samples[..., 3]
@@ -157,7 +192,7 @@ def _deep_gray(high: np.ndarray, low: np.ndarray, rawmode: str) -> np.ndarray:
         samples = high.astype(np.uint32) << 8 | low
         # Pillow's convert("L"): (R * 19595 + G * 38470 + B * 7471 + 2**15) >> 16, below 2**32 for 16-bit samples
         gray = (samples[..., 0] * 19595 + samples[..., 1] * 38470 + samples[..., 2] * 7471 + 0x8000) >> 16
-        alpha = samples[..., 3] if rawmode == "RGBA;16B" else None
+        alpha = samples[..., 3] if kind == "rgba" else None
     if alpha is None:
         return gray
     return (gray.astype(np.uint64) * alpha + 32767) // 65535
@@ -199,10 +234,12 @@ def _read_pil(path: Path, source=None) -> tuple[np.ndarray, ImageMeta]:
                     raise ImageReadError(path, f"image is only {width}x{height} pixels")
                 if getattr(image, "n_frames", 1) > 1:
                     image.seek(0)  # animated GIF/TIFF: the first frame is the image
-                rawmode = _png16_colour(image)  # before loading: the raw mode is the tile's
+                plan = _deep_plan(image, path)  # before loading: the raw modes are the tiles'
+                if plan is not None:
+                    image.tile = _with_rawmodes(image.tile, plan[1])
                 image.load()
-                gray = _pil_to_gray(image, path) if rawmode is None else _png16_colour_to_gray(
-                    image, rawmode, path if source is None else io.BytesIO(source.getvalue()))
+                gray = _pil_to_gray(image, path) if plan is None else _deep_colour_to_gray(
+                    image, plan, path if source is None else io.BytesIO(source.getvalue()))
                 orientation = exif_orientation(image)
                 gray = _upright(gray, orientation)
                 if orientation in (5, 6, 7, 8):  # turned a quarter: the size as shown
@@ -212,7 +249,8 @@ def _read_pil(path: Path, source=None) -> tuple[np.ndarray, ImageMeta]:
     except ImageReadError:
         raise
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not a readable image (content is not JPEG, PNG, BMP, TIFF, GIF or DICOM)") from None
+        raise ImageReadError(path, _unreadable_tiff(path, source) or "not a readable image (content is not JPEG, PNG, "
+                                                                       "BMP, TIFF, GIF or DICOM)") from None
     except Exception as error:  # untrusted bytes: Pillow's plugins raise many types on corrupt data
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if not isinstance(error, (OSError, SyntaxError, ValueError, EOFError)):
@@ -221,6 +259,33 @@ def _read_pil(path: Path, source=None) -> tuple[np.ndarray, ImageMeta]:
             reason = f"truncated or corrupt image data ({reason})"
         raise ImageReadError(path, reason) from None
     return gray, ImageMeta(source_format=fmt, original_size=(height, width), saturation=saturation)
+
+
+def _unreadable_tiff(path: Path, source) -> str | None:
+    """Why a TIFF that Pillow did not open is refused, from its first directory: Pillow decodes some layouts only (a
+    16-bit gray+alpha TIFF was said to be no TIFF at all). None for any other content."""
+    from PIL import TiffImagePlugin
+    try:
+        with open(path, "rb") if source is None else nullcontext(source) as stream:
+            stream.seek(0)
+            head = stream.read(8)
+            if head[:4] not in (b"II*\0", b"MM\0*"):
+                return None
+            directory, size = TiffImagePlugin.ImageFileDirectory_v2(head), stream.seek(0, io.SEEK_END)
+            stream.seek(directory.next)
+            count = int.from_bytes(stream.read(2), "little" if head[:2] == b"II" else "big")
+            if not count or directory.next + 2 + 12 * count > size:  # a damaged directory: Pillow said so
+                return None
+            stream.seek(directory.next)
+            directory.load(stream)
+    except Exception:  # too damaged to say more: the general reason
+        return None
+    if 258 not in directory and 277 not in directory:
+        return None
+    layout = ", ".join(f"{name} {'/'.join(str(v) for v in np.ravel(directory[tag]))}" for tag, name in
+                       ((277, "SamplesPerPixel"), (258, "BitsPerSample"), (262, "PhotometricInterpretation"),
+                        (338, "ExtraSamples"), (339, "SampleFormat")) if tag in directory)
+    return f"TIFF this reader cannot decode ({layout}); save it as gray PNG or TIFF"
 
 
 def _saturation(image: Image.Image) -> float:

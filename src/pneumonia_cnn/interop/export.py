@@ -188,19 +188,20 @@ def export_int8_model(checkpoint_path, data_root, out) -> dict:
 
 # how each file becomes 8-bit gray (data/readers.py, data/image.py, data/dicom.py), by Pillow mode: it said
 # "convert('L')" for every image, which clips a 16-bit PNG to white and a float TIFF to nearly black
-DECODING = ("images: the first frame, by Pillow mode: 16-bit modes ('I;16', 'I;16B', ...): (510 * x + L) // (2 * L) "
-            "in integers (x * 255 / L rounded), L = 255 when the image's largest value is at most 255, 4095 when at "
-            "most 4095 (12-bit data), else 65535 (x / 257); 16-bit colour and gray+alpha PNGs from all 16 bits of "
-            "their samples: gray = (R * 19595 + G * 38470 + B * 7471 + 32768) >> 16, alpha over black as (gray * "
-            "alpha + 32767) // 65535, then the 16-bit rule above; 'I' (32-bit integer; unsigned when the TIFF's "
-            "SampleFormat says so, which Pillow reads as signed) and 'F' (float): min-max (below); 'RGBA', 'LA', "
-            "'PA', and 'P' with transparency: Image.alpha_composite over opaque black, then convert('L'); 'CMYK': "
-            "convert('RGB') then convert('L'); any other mode: convert('L'); DICOM: pydicom apply_modality_lut then "
-            "apply_voi_lut (first window; a LUT that cannot be applied is skipped: a failed rescale skips the window "
-            "too), then min-max unless already uint8, MONOCHROME1 inverted (255 - x); an image's EXIF orientation "
-            "applied to the 8-bit gray result, as Pillow's ImageOps.exif_transpose does; min-max: over the finite "
-            "values, round((x - min) * (255 / (max - min))) in float64 with numpy's round (half to even), NaN and "
-            "-inf taken as min, +inf as max, all 0 when max == min")
+DECODING = ("images: the first frame, by Pillow mode: 16-bit modes ('I;16', 'I;16B', ...): (510 * x + L) // (2 * "
+            "L) in integers (x * 255 / L rounded), L = 255 when the image's largest value is at most 255, 4095 "
+            "when at most 4095 (12-bit data), else 65535 (x / 257); 16-bit colour and gray+alpha PNGs and 16-bit "
+            "colour TIFFs from all 16 bits of their samples: gray = (R * 19595 + G * 38470 + B * 7471 + 32768) >> "
+            "16, alpha over black as (gray * alpha + 32767) // 65535, then the 16-bit rule above; 'I' (32-bit "
+            "integer; unsigned when the TIFF's SampleFormat says so, which Pillow reads as signed) and 'F' "
+            "(float): min-max (below); 'RGBA', 'LA', 'PA', and 'P' with transparency: Image.alpha_composite over "
+            "opaque black, then convert('L'); 'CMYK': convert('RGB') then convert('L'); any other mode: "
+            "convert('L'); DICOM: pydicom apply_modality_lut then apply_voi_lut (first window; a LUT that cannot "
+            "be applied, or whose result is not finite or is one value, is skipped: a failed rescale skips the "
+            "window too), then min-max unless already uint8, MONOCHROME1 inverted (255 - x); an image's EXIF "
+            "orientation applied to the 8-bit gray result, as Pillow's ImageOps.exif_transpose does; min-max: "
+            "over the finite values, round((x - min) * (255 / (max - min))) in float64 with numpy's round (half "
+            "to even), NaN and -inf taken as min, +inf as max, all 0 when max == min")
 
 
 def preprocessing_steps(pre: dict) -> str:

@@ -182,7 +182,7 @@ class Service:
         self.keyring = KeyRing.from_file(options.api_keys) if options.api_keys else None
         self.audit = AuditLog(options.audit_log, options.keep_images) if options.audit_log else None
         self.drift = DriftMonitor(self.served.reference, options.drift_window, no_reference=self.served.no_reference)
-        self.drift_status = "ok"
+        self.drift_alerted = False  # a drift warning logged and no return within the levels since
         self.batcher = MicroBatcher(options.max_batch, on_batch=self.metrics.batch_size.observe)
         self.gradcam_executor = ThreadPoolExecutor(1, thread_name_prefix="gradcam")
         self.batch_executor = ThreadPoolExecutor(1, thread_name_prefix="site-batch")
@@ -324,14 +324,16 @@ class Service:
         report = self.drift.report()
         self.metrics.set_drift(report)
         status = report["status"]
-        if status == "drift" and self.drift_status != "drift":
+        # one warning per episode: a window hovering at the drift level moves between warning and drift
+        # (logged 14 times in 2 minutes under load); only a return to ok ends the episode
+        if status == "drift" and not self.drift_alerted:
             parts = ", ".join(f"{n}: PSI {report[n]['psi']:.2f}, KS p={report[n]['ks_pvalue']:.1g}"
                               for n in ("raw_scores", "ood_scores") if n in report)
             log.warning("drift: the last %d images differ from the validation reference (%s)", report["images"], parts)
-        elif status == "ok" and self.drift_status == "drift":
+            self.drift_alerted = True
+        elif status == "ok" and self.drift_alerted:
             log.warning("drift: back within the levels over the last %d images", report["images"])
-        if status in ("ok", "warning", "drift"):
-            self.drift_status = status
+            self.drift_alerted = False
         return report
 
     async def health(self) -> tuple[int, dict]:
@@ -362,7 +364,7 @@ class Service:
                 return {"status": "failed", "reason": message, "model": previous.model_id}
             self.served, self.keyring = served, keyring.keep_passed(self.keyring) if keyring else None
             self.drift = DriftMonitor(served.reference, self.options.drift_window, no_reference=served.no_reference)
-            self.drift_status = "ok"
+            self.drift_alerted = False
             self.metrics.set_model(served.model_id)
             self.metrics.reloads.labels("ok").inc()
             log.warning("reloaded (%s): now serving %s (was %s)", reason, served.model_id, previous.model_id)

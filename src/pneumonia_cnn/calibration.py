@@ -16,7 +16,7 @@ scores, as an ROC curve does, and an image is called positive when its probabili
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -103,11 +103,15 @@ def sigmoid(logits) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Calibration:
-    """``logit' = scale * logit + bias``; ``prior`` is the pneumonia rate of the images it was fitted on."""
+    """``logit' = scale * logit + bias``; ``prior`` is the pneumonia rate of the images it was fitted on.
+    ``note``: why a requested fit was not applied (Platt's slope <= 0: ``none`` instead), "" otherwise; not part of
+    the stored calibration (a checkpoint's ``calibration`` holds the four fields above, which earlier versions
+    read): training records it in ``decision_fit.calibration_note``."""
     method: str = "none"
     scale: float = 1.0
     bias: float = 0.0
     prior: float | None = None
+    note: str = field(default="", compare=False)
 
     def logits(self, raw_logits) -> np.ndarray:
         return self.scale * np.asarray(raw_logits, dtype=np.float64) + self.bias
@@ -116,7 +120,7 @@ class Calibration:
         return sigmoid(self.logits(raw_logits))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"method": self.method, "scale": self.scale, "bias": self.bias, "prior": self.prior}
 
     @classmethod
     def from_dict(cls, values: dict | None) -> Calibration:
@@ -142,10 +146,17 @@ def fit_calibration(labels, raw_logits, method: str = "platt") -> Calibration:
     if method == "platt":
         from sklearn.linear_model import LogisticRegression
         model = LogisticRegression(C=1e10, solver="lbfgs", max_iter=1000).fit(x[:, None], labels)  # unpenalised
-        if model.coef_[0, 0] <= 0:  # scores that fall with pneumonia: a scale would reverse the ranking
-            return Calibration("none", 1.0, 0.0, prior)
+        slope = float(model.coef_[0, 0])
+        if slope <= 0:  # scores that fall with pneumonia, or do not change with it: a scale would reverse the ranking
+            return Calibration("none", 1.0, 0.0, prior, platt_refusal(slope, len(labels)))
         return Calibration("platt", float(model.coef_[0, 0]), float(model.intercept_[0]), prior)
     raise ConfigError(f"calibration: unknown method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+
+
+def platt_refusal(slope: float, images: int) -> str:
+    """Why Platt scaling was not applied: the note ``fit_calibration`` gives its ``none``."""
+    return (f"platt calibration not applied: fitted slope {slope:.3g} <= 0 on {images} images, the scores do not "
+            f"rank the classes (pneumonia does not score higher); probabilities left uncalibrated")
 
 
 def fit_temperature(labels, raw_logits) -> float:

@@ -170,11 +170,7 @@ def load_bundle(checkpoints) -> Bundle:
         raise PneumoniaCNNError("no checkpoint given")
     preprocessing = Preprocessing.from_checkpoint(loaded[0])
     tta = bool(loaded[0].get("tta", False))
-    for other in loaded[1:]:
-        if Preprocessing.from_checkpoint(other) != preprocessing or bool(other.get("tta", False)) != tta:
-            raise PneumoniaCNNError(f"{display_path(other.get('path', '?'))}: preprocessing or test-time flips "
-                                    f"differ from {display_path(loaded[0].get('path', '?'))}; an ensemble needs "
-                                    f"the same input")
+    refuse_unlike_members(loaded)
     models = [build_model(c) for c in loaded]
     if len(loaded) > 1:
         refuse_repeated_weights(loaded, models)
@@ -184,6 +180,46 @@ def load_bundle(checkpoints) -> Bundle:
         return Bundle(loaded, models, preprocessing, decision_of(loaded[0]), tta, ood,
                       adapted_decision=decision_of(adapted) if adapted else None)
     return _ensemble_bundle(loaded, models, preprocessing, tta, ood)
+
+
+def _classes_of(checkpoint: dict) -> tuple[str, ...]:
+    return tuple(checkpoint.get("class_names", ("NORMAL", "PNEUMONIA")))
+
+
+def _input_differences(member: dict, first: dict) -> list[str]:
+    """What an ensemble member's input differs in from the first member's, each as "field member's vs first's"."""
+    def size(value):
+        return str(value[0]) if len(set(value)) == 1 else "x".join(str(v) for v in value)
+
+    mine, theirs = Preprocessing.from_checkpoint(member), Preprocessing.from_checkpoint(first)
+    differences = [f"{name} {shown(getattr(mine, name))} vs {shown(getattr(theirs, name))}"
+                   for name, shown in (("size", size), ("channels", str), ("interpolation", str), ("intensity", str))
+                   if getattr(mine, name) != getattr(theirs, name)]
+    flips = bool(member.get("tta", False)), bool(first.get("tta", False))
+    if flips[0] != flips[1]:
+        differences.append("test-time flips {} vs {}".format(*("on" if f else "off" for f in flips)))
+    return differences
+
+
+def refuse_unlike_members(loaded) -> None:
+    """An ensemble averages one class's score over models that read the same input: a member with other classes
+    (or another positive class: the second name) or other preprocessing is refused in one line naming it and what
+    differs, with both values. Only the first member's classes are checked against the data, and a member trained
+    on COVID/NORMAL folders had its P(NORMAL) averaged with P(PNEUMONIA)."""
+    first, classes = loaded[0], _classes_of(loaded[0])
+    for member in loaded[1:]:
+        where = f"{display_path(member.get('path', '?'))}: "
+        theirs = f"{display_path(first.get('path', '?'))}'s"
+        # without regard to case, as class folders are matched (a model's NORMAL reads `normal/`)
+        if [c.casefold() for c in _classes_of(member)] != [c.casefold() for c in classes]:
+            raise PneumoniaCNNError(
+                f"{where}classes {', '.join(_classes_of(member))} (positive {_classes_of(member)[-1]}) differ from "
+                f"{theirs} {', '.join(classes)} (positive {classes[-1]}); an ensemble averages one class's score: "
+                f"its members need the same classes")
+        differences = _input_differences(member, first)
+        if differences:
+            raise PneumoniaCNNError(f"{where}its input differs from {theirs} ({', '.join(differences)}); an ensemble "
+                                    f"needs the same input")
 
 
 def refuse_repeated_weights(loaded, models) -> None:
@@ -247,8 +283,12 @@ def _ensemble_bundle(loaded, models, preprocessing, tta, ood) -> Bundle:
             adapted = fit_decision(labels, adapted_members, first.policy, first.calibration.method)
         note = (f"ensemble of {len(loaded)}: calibration and threshold fitted on the ensemble's own "
                 f"validation scores ({len(labels)} images)")
-        return Bundle(loaded, models, preprocessing, decision, tta, ood, notes=[note, *_refitted_members(loaded)],
-                      adapted_decision=adapted)
+        unfitted = [f"ensemble of {len(loaded)}: on its members' validation scores, {decision.calibration.note}"
+                    ] if decision.calibration.note else []
+        for line in unfitted:
+            log.warning("%s", line)
+        return Bundle(loaded, models, preprocessing, decision, tta, ood,
+                      notes=[note, *unfitted, *_refitted_members(loaded)], adapted_decision=adapted)
     member_decisions = [decision_of(c) for c in loaded]
     threshold = float(np.mean([d.threshold for d in member_decisions]))
     methods = ", ".join(member.calibration.method for member in member_decisions)

@@ -42,6 +42,10 @@ def finish_run(out: Path, config: TrainConfig, train_set, val_set, device) -> di
                 threshold_policy=decision.policy, decision_fit=dict(scorer.description, split="val",
                                                                     images=len(val_set) if usable_val else 0))
     best.pop("temperature", None)
+    if decision.calibration.note:  # asked for one, got none: said once, and kept beside the record of the fit
+        log.warning("best.pt: on the validation images, %s", decision.calibration.note)
+        best["decision_fit"].update(calibration_requested=config.calibration,
+                                    calibration_note=decision.calibration.note)
     if usable_val:
         best["decision_fit"]["calibration_comparison"] = compare_calibrations(val_set.labels, val_scores.raw,
                                                                               seed=config.seed)
@@ -61,8 +65,9 @@ def finish_run(out: Path, config: TrainConfig, train_set, val_set, device) -> di
                                      else None}}
     best.pop("path", None)
     save_checkpoint(best, out / "best.pt")
-    log.info("best.pt: epoch %s, %s calibration, threshold %.3f (%s)%s", best.get("epoch"),
-             decision.calibration.method, decision.threshold, decision.policy,
+    log.info("best.pt: epoch %s, %s calibration%s, threshold %.3f (%s)%s", best.get("epoch"),
+             decision.calibration.method, f" ({config.calibration} not applied)" if decision.calibration.note else "",
+             decision.threshold, decision.policy,
              ", OOD detector fitted" if config.ood else "")
     return {"threshold": decision.threshold, "calibration": decision.calibration.to_dict()}
 
@@ -85,6 +90,9 @@ def _fit_adapted_decision(best: dict, decision: Decision, val_set, val_scores, d
     adapted = Scorer(adapt_batch_norm(bundle, images[inside], drawn_by, prior), device, engine="auto", amp="off")
     raw = adapted.score(val_set.images).raw
     decision = fit_decision(val_set.labels, raw, config.threshold, config.calibration)
+    if decision.calibration.note:
+        log.warning("--adapt-batch's decision: on the validation images, %s", decision.calibration.note)
+        best["decision_fit"]["adapted_calibration_note"] = decision.calibration.note
     best["decision_adapted"] = {"calibration": decision.calibration.to_dict(), "threshold": decision.threshold,
                                 "threshold_policy": decision.policy}
     return raw

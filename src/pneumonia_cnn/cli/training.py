@@ -86,9 +86,28 @@ def train_arguments(p):
 def refuse_finished_run(out) -> None:
     """A run folder that already holds a checkpoint is continued with --resume, never trained over."""
     held = [name for name in ("best.pt", "last.pt") if out and (Path(out) / name).is_file()]
+    done = _finished_epochs(Path(out)) if held else None
+    if done is not None:  # --resume alone refuses it: "finished after N epochs; nothing to resume"
+        raise PneumoniaCNNError(f"{out}: already holds a run that finished after {done} epochs; train it further "
+                                f"with --resume {out} --epochs N (N more than {done}), or give another --out")
     if held:
         raise PneumoniaCNNError(f"{out}: already holds a run ({held[0]}); continue it with --resume {out}, or "
                                 f"give another --out")
+
+
+def _finished_epochs(folder: Path) -> int | None:
+    """The epochs of a run whose training and end-of-run steps are done (what --resume without --epochs
+    refuses), or None: one to continue, or whose last.pt cannot be read (--resume says why)."""
+    from ..checkpoint import _training_state, training_finished
+    from ..fileio import load_torch_file
+    state = _training_state(folder / "last.pt") if (folder / "last.pt").is_file() else None
+    if not state or not training_finished(state, state["config"]) or not (folder / "best.pt").is_file():
+        return None
+    try:
+        best = load_torch_file(folder / "best.pt")
+    except PneumoniaCNNError:
+        return None
+    return int(state["epoch"]) if isinstance(best, dict) and "decision_fit" in best else None
 
 
 @contextlib.contextmanager
@@ -164,6 +183,9 @@ def _run_train(args) -> int:
     from ..training.config import TrainConfig, make_config
     names = [spec.name for spec in dataclasses.fields(TrainConfig) if spec.metadata.get("cli", True)]
     overrides = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if args.resume and Path(args.resume).is_file():  # was "runs/x/best.pt: nothing to resume (no last.pt)"
+        raise PneumoniaCNNError(f"--resume {args.resume}: a file; --resume takes the run folder "
+                                f"(--resume {display_path(Path(args.resume).parent)})")
     if args.resume:
         allowed = {"epochs", "device", "progress"}
         ignored = sorted(set(overrides) - allowed) + [f"--{name}" for name in ("preset", "config")

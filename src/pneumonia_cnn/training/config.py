@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..calibration import CALIBRATION_METHODS, parse_threshold_policy
 from ..data.augment import AugmentConfig
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..fileio import display_path
 from .config_file import read_config_file
 
@@ -93,7 +93,7 @@ class TrainConfig:
     ood_quantile: float = option(0.95, "in-distribution quantile of val OOD scores used as the flag threshold",
                                  minimum=0.5, maximum=0.9999)
     # run
-    seed: int = option(0, "random seed", minimum=0)
+    seed: int = option(0, "random seed", minimum=0, maximum=2**32 - 1)  # numpy's: else refused after training
     deterministic: bool = option(False, "bit-reproducible kernels (slower)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     amp: str = option("auto", "reduced precision: auto (bf16 on CUDA and on CPUs with bf16 instructions), "
@@ -287,6 +287,8 @@ def make_config(preset: str | None = None, config_file: str | None = None, **ove
         if values.get("init"):  # what the file or the flags say of the model must agree with the checkpoint
             values.update(_fields_of_init(values["init"], {**from_file, **explicit}))
         config = TrainConfig(**values)
+        if config.weights:  # else a missing file is found once the data are read, as a checkpoint, not --weights
+            _check_weights(config.weights)
         if "device" in given_by_file:  # else found only once the data are read, and said as a flag's ("--device")
             _check_device(config.device)
     return config
@@ -300,6 +302,14 @@ def _check_device(name: str) -> None:
     except PneumoniaCNNError as error:
         reason = str(error).split(": ", 1)[-1].replace("--device ", "")  # the file's field, not a flag, is wrong
         raise ConfigError(f"device: {name!r}: {reason}") from None
+
+
+def _check_weights(path: str) -> None:
+    from ..models.registry import read_weights_file
+    try:
+        read_weights_file(path)
+    except CheckpointError as error:
+        raise ConfigError(f"weights: {error}") from None
 
 
 _FIELD_PREFIX = re.compile(r"^(\w+): ")

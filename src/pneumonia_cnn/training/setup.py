@@ -84,6 +84,8 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
     _check_model_takes_input(config)
+    if dist_info.main:
+        _say_warmup_outlasts_run(config)
     train_set, val_set = prepare_data(config, dist_info)
     if dist_info.main:
         _prepare_run_folder(out, config, train_set, val_set)
@@ -177,6 +179,19 @@ def _check_model_takes_input(config: TrainConfig):
             if size != config.size:
                 reason = "its head depends on the input size"
             raise ConfigError(f"{field_name}: {model_of} cannot take {size}x{size} input ({reason})") from None
+
+
+def _say_warmup_outlasts_run(config: TrainConfig):
+    """A warm-up as long as the run (``--warmup-epochs 5 --epochs 1``) trains it all at a rising learning rate
+    that reaches --lr at best on the last step, and the schedule after the warm-up never starts. Said before the
+    data are read, not refused as a ``size_schedule`` with no epoch left at --size is: that one would save a model
+    never trained at its own size, this one a model trained more gently than asked, and a one-epoch trial of the
+    finetune preset (a warm-up of 1) is such a run."""
+    if config.warmup_epochs and config.warmup_epochs >= config.epochs:
+        after = "" if config.schedule == "constant" else f" and the {config.schedule} schedule never starts"
+        log.warning("--warmup-epochs %g is not shorter than --epochs %d: the whole run is warm-up (the learning "
+                    "rate climbs toward --lr %g%s); give fewer warm-up epochs or more epochs",
+                    config.warmup_epochs, config.epochs, config.lr, after)
 
 
 def _graphed_step(run: Run):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
@@ -20,7 +22,24 @@ from .common import (
     print_json,
     whole_number,
 )
-from .outputs import check_replaceable, refuse_repeated_checkpoints
+from .outputs import check_replaceable, checkpoint_file, refuse_repeated_checkpoints, report_page_of
+
+log = logging.getLogger(__name__)
+
+# measured on 2 CPU cores: evaluate of 80 images took 89 s for 2,000 resamples (about 45 ms each, image and
+# per-patient intervals together); bootstrap_metrics alone takes 36 ms a resample for 80 images and 45 ms for 624:
+# scikit-learn's per-call cost, not the images, sets it. Each --by group adds a bootstrap of its own.
+SECONDS_PER_RESAMPLE = 0.045
+SLOW_BOOTSTRAP_MINUTES = 3
+
+
+def note_slow_bootstrap(resamples: int) -> None:
+    """One line on stderr, before the scoring, when the intervals alone are expected to take minutes."""
+    minutes = resamples * SECONDS_PER_RESAMPLE / 60
+    if minutes >= SLOW_BOOTSTRAP_MINUTES:
+        log.warning("note: --bootstrap %d: the intervals take about %.0f minutes (some %d ms a resample on 2 CPU "
+                    "cores, whatever the number of images; each --by group adds about as much again); the default "
+                    "is 1000", resamples, minutes, round(SECONDS_PER_RESAMPLE * 1000))
 
 
 def evaluate_arguments(p):
@@ -58,23 +77,41 @@ def add_by(p):
 
 
 def keep_other_metrics(out: Path, data, split: str, hint: str = "give --out", checkpoints=(), changes=()) -> None:
-    """The default --out (RUN/test_metrics.json) may hold what training measured on its own test split: metrics
-    of another data set or split, of other checkpoints (last.pt, an ensemble) or of a decision changed by
-    ``changes`` (--threshold, --calibration, --prevalence, --adapt-batch) never replace it unasked."""
+    """The default --out (RUN/test_metrics.json) may hold what training measured on its own test split, and a
+    report's metrics JSON what its page shows: metrics of another data set or split, of other checkpoints
+    (last.pt, an ensemble, another run's best.pt) or of a decision changed by ``changes`` (--threshold,
+    --calibration, --prevalence, --adapt-batch) never replace them unasked."""
     try:
         previous = json.loads(out.read_text(encoding="utf-8"))
         earlier = (Path(previous["data"]).resolve(), previous["split"])
-        earlier_models = [Path(path).name for path in previous.get("checkpoint") or ()]
+        recorded = [str(path) for path in previous.get("checkpoint") or ()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # none there, or not a report: written as before
     if earlier != (Path(data).resolve(), split):
         raise PneumoniaCNNError(f"{out}: holds the metrics of {previous['data']} ({previous['split']} split); these "
                                 f"of {data} ({split}) would replace them: {hint}")
+    earlier_models = [Path(path).name for path in recorded]
     models = [checkpoint_file_name(checkpoint) for checkpoint in checkpoints]
+    if earlier_models and models == earlier_models and other_files(recorded, checkpoints):  # runs/f vs runs/g
+        earlier_models, models = recorded, [str(checkpoint_file(str(c)) or c) for c in checkpoints]
     if earlier_models and (models != earlier_models or changes):
         these = ", ".join(models) + (f" with {', '.join(changes)}" if changes else "")
         raise PneumoniaCNNError(f"{out}: holds the metrics of {', '.join(earlier_models)} with its saved decision; "
                                 f"these of {these} would replace them: {hint}")
+
+
+def other_files(recorded, checkpoints) -> bool:
+    """Whether a checkpoint the metrics record (a path, as it was given) that is here is another file than the
+    checkpoint argument in its place loads (of the same name: runs/f/best.pt and runs/g/best.pt). A recorded
+    path not found from here (given relative to another folder, a run moved since) is judged by its name."""
+    for earlier, checkpoint in zip(recorded, checkpoints):
+        found = checkpoint_file(str(checkpoint))
+        try:
+            if found is not None and Path(earlier).is_file() and not os.path.samefile(earlier, found):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def checkpoint_file_name(checkpoint: str) -> str:
@@ -95,6 +132,7 @@ def decision_changes(args) -> list[str]:
 
 def run_evaluate(args) -> int:
     from ..evaluation.evaluate import evaluate, format_table
+    from ..evaluation.staging import refuse_outputs_in_data
     if not Path(args.data).exists():  # said before any check of where the metrics would go
         raise PneumoniaCNNError(f"{args.data}: folder not found")
     refuse_repeated_checkpoints(args.checkpoint)
@@ -103,18 +141,23 @@ def run_evaluate(args) -> int:
     default = beside / f"{'builtin_' if args.checkpoint[0] == 'builtin' else ''}{args.split}_metrics.json"
     out = args.out or str(default)
     check_output(out, args.checkpoint, args.data)
+    refuse_outputs_in_data(out, args.data, (args.split, args.val_split), flag="--out" if args.out else
+                           "the default --out")
     check_output(args.save_as, args.checkpoint, args.data, flag="--save-as")  # a model, before any metrics file
     check_replaceable(args.save_as, "checkpoint", "--save-as")
-    if not args.out or Path(out).resolve() == default.resolve():  # RUN/test_metrics.json beside its own model
-        keep_other_metrics(Path(out), args.data, args.split, "give --out" if not args.out else "give another --out",
-                           args.checkpoint, decision_changes(args))
-    else:
+    own = not args.out or Path(out).resolve() == default.resolve()  # RUN/test_metrics.json beside its own model
+    page = None if own else report_page_of(out)  # a report's metrics JSON: the page shows them
+    if not own:
         check_replaceable(out, "metrics")
+    if own or page:
+        hint = "give --out" if not args.out else "give another --out" + (f" ({page} shows them)" if page else "")
+        keep_other_metrics(Path(out), args.data, args.split, hint, args.checkpoint, decision_changes(args))
     refit = (args.threshold is not None and str(args.threshold) != "saved") or args.calibration is not None
     if args.save_as and not refit:  # there is no refitted decision to write (--threshold saved keeps the stored one)
         raise PneumoniaCNNError("--save-as writes the decision refitted by --threshold or --calibration: give one")
     if args.save_as and Path(args.save_as).resolve() == Path(out).resolve():  # the report would replace the model
         raise PneumoniaCNNError(f"{args.save_as}: --save-as and --out name the same file; give each its own")
+    note_slow_bootstrap(args.bootstrap)
     report = evaluate(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0], args.data, args.split,
                       device=args.device, threshold=args.threshold, calibration=args.calibration,
                       save_as=args.save_as, val_split=args.val_split, prevalence=args.prevalence,
@@ -148,6 +191,7 @@ def run_report(args) -> int:
     flag = "--out" if args.out else "the default --out"
     check_replaceable(str(out), "report", flag)
     check_replaceable(str(metrics), "metrics", flag)
+    note_slow_bootstrap(args.bootstrap)
     path = write_report(args.run_dir, data=args.data, split=args.split, out=args.out, device=args.device,
                         bootstrap=args.bootstrap, cache_dir=args.cache_dir, stress=not args.no_stress, by=args.by)
     print(f"written: {path}")
@@ -187,8 +231,10 @@ def stress_arguments(p):
 
 
 def run_stress(args) -> int:
+    from ..evaluation.staging import refuse_outputs_in_data
     from ..evaluation.stress import format_stress, stress_test
     check_output(args.out, args.checkpoint, args.data)
+    refuse_outputs_in_data(args.out, args.data, (args.split,), "stress", what="its JSON")
     check_replaceable(args.out, "stress")
     result = stress_test(args.checkpoint, args.data, args.split, device=args.device, cache_dir=args.cache_dir,
                          out=args.out)

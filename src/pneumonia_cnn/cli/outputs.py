@@ -6,6 +6,7 @@ the built-in model's. A command's own earlier output is replaced, so the same co
 is one member of an ensemble once only."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import zipfile
@@ -62,6 +63,26 @@ def _is_report(path: Path) -> bool:
     except OSError:
         return False
     return head.lower().startswith(b"<!doctype html>") and b"<title>pneumonia-cnn report" in head
+
+
+def report_page_of(metrics) -> Path | None:
+    """The report page whose metrics JSON ``metrics`` is, or None: ``report --out R.html`` writes
+    R_SPLIT_metrics.json beside R.html (``report_paths``: R.htm, or R alone, too), so a file named so beside a
+    pneumonia-cnn report is that report's (its split may hold underscores, and so may R)."""
+    path = Path(metrics)
+    stem = path.name.removesuffix("_metrics.json")
+    if stem == path.name:
+        return None
+    for index in [index for index, char in enumerate(stem) if char == "_" and 0 < index < len(stem) - 1]:
+        page = stem[:index]
+        try:
+            found = [path.parent / page, *sorted(path.parent.glob(f"{glob.escape(page)}.*"))]
+            found = next((f for f in found if f.stem == page or f.name == page if f.is_file() and _is_report(f)), None)
+        except OSError:  # an unreadable folder: no report found there
+            return None
+        if found is not None:
+            return found
+    return None
 
 
 def _is_picture(path: Path, head: bytes) -> bool:

@@ -26,6 +26,7 @@ from ..inference import Predictor, Scorer, load_bundle
 from .duplicates import duplicate_groups, duplicate_notes
 from .metrics import bootstrap_metrics, interval_notes, per_patient, resample_notes
 from .staging import FIGURE_NAMES, Staged, check_figures_folder, pictures_of
+from .subgroups import metric_line
 
 log = logging.getLogger(__name__)
 
@@ -351,8 +352,7 @@ def format_table(report: dict) -> str:
              f"{'metric':<20}{'value':>9}   95% CI ({report['bootstrap']['unit']} bootstrap)"]
     for name in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc",
                  "pr_auc", "brier", "log_loss", "ece"):
-        entry = metrics[name]
-        lines.append(f"{name:<20}{entry['value']:>9.4f}   [{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}]")
+        lines.append(metric_line(name, metrics[name], metrics["confusion_matrix"], report["class_names"]))
     cm = metrics["confusion_matrix"]
     lines.append(f"confusion matrix (rows true NORMAL/PNEUMONIA): [[{cm['tn']} {cm['fp']}] [{cm['fn']} {cm['tp']}]]")
     if "patient_metrics" in report:

@@ -14,7 +14,7 @@ from ..errors import DatasetError, PneumoniaCNNError
 from ..fileio import display_path, printable
 from ..info import _calibration_text, _fit_text, checkpoint_card, threshold_text
 from .evaluate import evaluate
-from .staging import Staged
+from .staging import Staged, refuse_outputs_in_data
 from .stress import stress_test
 
 METRIC_NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "sensitivity": "Sensitivity (recall)",
@@ -69,7 +69,8 @@ def subgroup_section(result: dict) -> str:
            "</td>" if k in gaps else "<td>-</td>") + "</tr>" for k in METRIC_NAMES)
     return (f"<h3>By {_escape(result['field'])}</h3><table class='subgroups'><tr><th>metric</th>{head}"
             f"<th>largest gap (best vs worst)</th></tr>{rows}</table><p class='note'>Value [95% CI] per group; "
-            "groups with one class have no sensitivity, specificity or AUC; (missing) is left out of the gaps.</p>"
+            "groups with one class have no sensitivity, specificity or AUC, and their PPV, NPV or F1 is fixed by the "
+            "missing class; those, and (missing), are left out of the gaps.</p>"
             + "".join(f"<p class='note'>{_escape(note)}</p>" for note in result.get("notes", [])))
 
 
@@ -198,13 +199,14 @@ def write_report(run_dir, data=None, split="test", out=None, device="auto", boot
                  stress: bool = True, by=None) -> Path:
     checkpoint = load_checkpoint(run_dir, unfinished_run=True)  # a checkpoint, a run folder, or builtin
     checkpoint_path = Path(checkpoint["path"])
-    packaged = is_builtin(run_dir)
+    packaged, flag = is_builtin(run_dir), "--out" if out else "the default --out"
     out, metrics = report_paths(run_dir, split, out)
     run_dir = Path(".") if packaged else checkpoint_path.parent  # never write into the installed package
     config = checkpoint.get("config", {})
     data = data or config.get("data")
     if not data or not Path(data).exists():
         raise PneumoniaCNNError(f"{display_path(data or '?')}: data folder not found; pass --data ROOT")
+    refuse_outputs_in_data(out, data, (split,), "report", flag, what="the page, its metrics JSON and figures")
     with Staged() as staged:  # the page, the metrics JSON and its pictures: put in place together, at the end
         report = evaluate(checkpoint_path, data, split, device=device, bootstrap=bootstrap, cache_dir=cache_dir,
                           out=metrics, figures=True, by=by, staged=staged)
@@ -272,14 +274,17 @@ def _pictures_section(figures: dict, where=Path) -> str:
 
 
 def _stress_section(result: dict) -> str:
+    """The shifts' scores; a value a split cannot give (one class: no ROC AUC, one recall) is "undefined", and
+    stress's notes say why (a one-class split had failed the whole report on formatting None)."""
     def row(shift, r):
-        return (f"<tr><td>{shift}</td><td>{r['roc_auc']:.4f}</td><td>{r['sensitivity']:.4f}</td>"
-                f"<td>{r['specificity']:.4f}</td></tr>")
-    rows = "".join(row(r["shift"], r) for r in result["shifts"] if r["roc_auc"] is not None)
+        return (f"<tr><td>{shift}</td>" + "".join(f"<td>{'undefined' if r[k] is None else f'{r[k]:.4f}'}</td>"
+                                                  for k in ("roc_auc", "sensitivity", "specificity")) + "</tr>")
+    rows = "".join(row(r["shift"], r) for r in result["shifts"])
     worst = result["worst_roc_auc"]
     return ("<h2>Robustness to image shifts</h2><table><tr><th>shift</th><th>ROC AUC</th>"
             f"<th>sensitivity</th><th>specificity</th></tr>{row('none', result['baseline'])}{rows}</table>"
-            f"<p>Worst case: {worst['shift']} (ROC AUC {worst['roc_auc']:.4f}).</p>")
+            + (f"<p>Worst case: {worst['shift']} (ROC AUC {worst['roc_auc']:.4f}).</p>" if worst else "")
+            + "".join(f"<p class='note'>Note: {_escape(note)}</p>" for note in result.get("notes", [])))
 
 
 def _ood_section(report: dict, card: dict) -> str:

@@ -30,6 +30,41 @@ def check_figures_folder(folder, figures: bool) -> None:
                                 f"there); remove it, give --no-figures, or give another --out")
 
 
+def folders_read(data, splits=()) -> list[tuple[Path, Path]]:
+    """(as named, with links followed) for each folder whose images a command reads below ``data``: when the split
+    read (the first of ``splits``) is a folder there, the split folders of that Kaggle-layout root (train, val,
+    test and ``splits``); else ``data`` itself, a split folder or a flat folder of images (``--split ''`` too);
+    none for a CSV (it lists its images) or a path that is not a folder."""
+    try:
+        root = Path(data)
+        if not root.is_dir():
+            return []
+        if not (splits and splits[0] and (root / splits[0]).is_dir()):  # --data is the split folder itself
+            return [(root, root.resolve())]
+        names = [name for name in dict.fromkeys(("train", "val", "test", *splits)) if name]
+        return [(root / name, (root / name).resolve()) for name in names if (root / name).is_dir()]
+    except (OSError, RuntimeError):  # a link loop, a name too long: reading the data says why
+        return []
+
+
+def refuse_outputs_in_data(out, data, splits=(), command: str = "evaluate", flag: str = "--out",
+                           what: str = "the metrics JSON and its figures") -> None:
+    """Before any scoring: an output written into a folder the command reads joins the data. evaluate's
+    ``m_figures/*.png`` in test/NORMAL were scored as X-rays by the next run (exit 0); in test/ itself they made a
+    class folder the model does not know, and every later evaluate failed. The top of a Kaggle-layout root,
+    beside its splits, is not read (train allows a run folder there too)."""
+    if not out or not data:
+        return
+    try:
+        place = Path(out).parent.resolve()
+    except (OSError, RuntimeError):  # the write names the reason
+        return
+    inside = next((named for named, folder in folders_read(data, splits) if place.is_relative_to(folder)), None)
+    if inside is not None:
+        raise PneumoniaCNNError(f"{out}: {flag} is inside {display_path(inside)}, which {command} reads ({what} "
+                                f"would join the images, read as X-rays next time); choose a path outside it")
+
+
 def pictures_of(out, folder) -> list[Path]:
     """The pictures the JSON at ``out`` (the result being replaced) lists in ``folder``: with ``--no-figures``
     they would stay beside a new JSON they do not describe. Only those: another result sharing the folder's

@@ -18,6 +18,7 @@ from ..data.intensity import standardise_intensity
 from ..fileio import write_json_atomic
 from ..inference import Predictor
 from ..metrics import point_metrics
+from .metrics import FEW_PER_CLASS
 
 
 def _float(gray):
@@ -120,11 +121,37 @@ def stress_test(checkpoint, data, split="test", device="auto", cache_dir=None, o
     result = {"checkpoint": str(predictor.checkpoints[0]["path"]), "data": str(data), "split": split,
               "n_images": int(len(labels)), "threshold": predictor.threshold, "baseline": baseline, "shifts": rows,
               "worst_roc_auc": worst and {"shift": worst["shift"], "roc_auc": worst["roc_auc"]},
-              "largest_sensitivity_drop": min((r.get("delta_sensitivity", 0) for r in rows), default=0),
-              "largest_specificity_drop": min((r.get("delta_specificity", 0) for r in rows), default=0)}
+              "largest_sensitivity_drop": _largest_drop(rows, "sensitivity"),
+              "largest_specificity_drop": _largest_drop(rows, "specificity"),
+              "notes": stress_notes(labels, predictor.class_names)}
     if out:
         write_json_atomic(Path(out), result)
     return result
+
+
+def _largest_drop(rows, metric: str) -> float | None:
+    """The most negative change of ``metric`` over the shifts; None when no shift has one (a split without the
+    class it needs: every row's value is null, and 0 had read as "no drop")."""
+    return min((r[f"delta_{metric}"] for r in rows if f"delta_{metric}" in r), default=None)
+
+
+def stress_notes(labels, class_names) -> list[str]:
+    """As ``evaluate`` notes it: a split of one class has no ROC AUC and one recall undefined; with fewer than
+    FEW_PER_CLASS images of a class, each change moves in steps of 1/n of that class (one image of ten: 0.1)."""
+    labels = np.asarray(labels).astype(int)
+    counts = [int((labels == c).sum()) for c in (0, 1)]
+    notes = []
+    if len(labels) and min(counts) == 0:
+        here, other = (1, 0) if counts[1] else (0, 1)
+        notes.append(f"ROC AUC needs both classes: this split has only {class_names[here]} ({counts[here]} "
+                     f"image{'s' if counts[here] != 1 else ''}); {'specificity' if here == 1 else 'sensitivity'} is "
+                     f"undefined too (no {class_names[other]} image), so neither is measured under any shift")
+    if len(labels) and min(c for c in counts if c) < FEW_PER_CLASS:
+        which = ", ".join(f"{name} {c}" for name, c in zip(class_names, counts) if c)
+        notes.append(f"changes unreliable: fewer than {FEW_PER_CLASS} images of a class (images per class: {which}; "
+                     f"{len(labels)} image{'s' if len(labels) != 1 else ''} in all); one image's call moves a "
+                     f"sensitivity or specificity by 1/n of its class")
+    return notes
 
 
 VALUE_WIDTH, CHANGE_WIDTH = 13, 9  # "  sensitivity" over "       0.9876", then " (+0.012)" or as many spaces
@@ -150,9 +177,11 @@ def format_stress(result: dict) -> str:
     if result["worst_roc_auc"]:
         worst = result["worst_roc_auc"]
         lowered = base["roc_auc"] is None or worst["roc_auc"] < base["roc_auc"]
-        drops = [f"{name} {value:+.3f}" if value < 0 else f"{name} none"  # a rise is no drop ("+0.000" read as one)
+        drops = [f"{name} undefined" if value is None else f"{name} {value:+.3f}" if value < 0 else
+                 f"{name} none"  # a rise is no drop ("+0.000" read as one)
                  for name, value in (("sensitivity", result["largest_sensitivity_drop"]),
                                      ("specificity", result["largest_specificity_drop"]))]
         lines.append((f"worst case: {worst['shift']} (ROC AUC {worst['roc_auc']:.4f})" if lowered else
                       "no shift lowered the ROC AUC") + f"; largest drops: {', '.join(drops)}")
+    lines += [f"note: {note}" for note in result.get("notes", [])]
     return "\n".join(line.rstrip() for line in lines)

@@ -137,12 +137,25 @@ def few_per_class_notes(groups: list[dict], labels, values, patients) -> list[st
             f"groups are uncertain"]
 
 
+# the classes a group must hold for a metric to measure anything there: without them it is undefined (NaN) or
+# fixed by construction (no NORMAL image: PPV 1 and NPV 0 whatever the model does; no PNEUMONIA: PPV and F1 0,
+# NPV 1), and a gap to that value says nothing of the model
+NEEDS = {"sensitivity": ("n_positive",), "specificity": ("n_negative",), "f1": ("n_positive",),
+         **{name: ("n_positive", "n_negative") for name in ("balanced_accuracy", "ppv", "npv", "roc_auc", "pr_auc")}}
+
+
+def measured(group: dict, metric: str) -> bool:
+    """Whether ``metric`` measures the model in ``group``: a value, of a group holding the classes it needs."""
+    return np.isfinite(group["metrics"][metric]["value"]) and all(group[n] for n in NEEDS.get(metric, ()))
+
+
 def largest_gaps(groups: list[dict]) -> dict:
-    """Per metric: the best and worst group (left out: (missing), and groups where it is undefined)."""
+    """Per metric: the best and worst group (left out: (missing), and groups where it is undefined or fixed by a
+    missing class, ``measured``)."""
     gaps = {}
     for metric in METRICS:
         scored = [(g["metrics"][metric]["value"], g["value"]) for g in groups
-                  if g["value"] != MISSING and np.isfinite(g["metrics"][metric]["value"])]
+                  if g["value"] != MISSING and measured(g, metric)]
         if len(scored) < 2:
             continue
         (low, low_group), (high, high_group) = min(scored), max(scored)
@@ -161,10 +174,33 @@ def subgroup_results(fields, report: dict, cached, data) -> list[dict]:
                              report["bootstrap"]["seed"], predicted) for field in fields]
 
 
-def _cell(entry: dict) -> str:
+def undefined_reason(metric: str, confusion: dict, class_names=("NORMAL", "PNEUMONIA")) -> str:
+    """Why ``metric`` has no value, in a few words from the confusion matrix ("nan [nan, nan]" said nothing)."""
+    tn, fp, fn, tp = (confusion[k] for k in ("tn", "fp", "fn", "tp"))
+    negative, positive = class_names[0], class_names[1]
+    reasons = {"sensitivity": (tp + fn == 0, f"no {positive} image"),
+               "specificity": (tn + fp == 0, f"no {negative} image"),
+               "ppv": (tp + fp == 0, f"no image called {positive}"),
+               "npv": (tn + fn == 0, f"no image called {negative}"),
+               "f1": (tp + fp + fn == 0, f"no {positive} image, none called so")}
+    if metric in reasons and reasons[metric][0]:
+        return reasons[metric][1]
+    return "needs both classes" if min(tp + fn, tn + fp) == 0 else "no value"
+
+
+def metric_line(name: str, entry: dict, confusion: dict, class_names) -> str:
+    """``evaluate``'s table row: the value and its 95% interval, or "undefined" and why."""
+    if math.isnan(entry["value"]):
+        return f"{name:<20}{'undefined':>9}   ({undefined_reason(name, confusion, class_names)})"
+    return f"{name:<20}{entry['value']:>9.4f}   [{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}]"
+
+
+def _cell(entry: dict, fixed: bool = False) -> str:
     value, (low, high) = entry["value"], entry["ci95"]
     if math.isnan(value):
         return "-"
+    if fixed:  # set by the class the group lacks, not by the model: left out of the gaps
+        return f"{value:.3f} (fixed)"
     return f"{value:.3f} (no CI)" if math.isnan(low) else f"{value:.3f} [{low:.3f}, {high:.3f}]"  # as the value
 
 
@@ -177,7 +213,12 @@ def format_subgroups(result: dict) -> str:
              + "  largest gap"]
     for metric in METRICS:
         gap = result["largest_gap"].get(metric)
-        lines.append(f"{metric:<18}" + "".join(f"{_cell(g['metrics'][metric]):>{width + 2}}" for g in groups)
+        lines.append(f"{metric:<18}" + "".join(f"{_cell(g['metrics'][metric], not measured(g, metric)):>{width + 2}}"
+                                               for g in groups)
                      + (f"  {gap['gap']:.3f} ({gap['best']} vs {gap['worst']})" if gap else "  -"))
+    if any(not measured(g, metric) for g in groups for metric in METRICS):
+        lines.append("note: - is a metric undefined in a group (no image of the class it needs, or none called "
+                     "PNEUMONIA for PPV, NORMAL for NPV), (fixed) one set by the class a group lacks; both are left "
+                     "out of the largest gap")
     lines += [f"note: {note}" for note in result.get("notes", [])]
     return "\n".join(lines)

@@ -142,6 +142,9 @@ def test_training_warns_and_records_why_platt_was_not_applied(tmp_path, caplog):
     assert best["calibration"]["method"] == "none"
     assert best["decision_fit"]["calibration_requested"] == "platt"
     assert best["decision_fit"]["calibration_note"] == warned[0].split("images, ", 1)[1]
+    # and info (the report's Decision and Configuration use the same text) says why, not "no calibration" alone
+    from pneumonia_cnn.info import describe_checkpoint
+    assert f"no calibration ({warned[0].split('images, ', 1)[1]})" in describe_checkpoint(out / "best.pt")
 
 
 def test_an_ensemble_whose_platt_fit_cannot_rank_says_so():

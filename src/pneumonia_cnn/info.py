@@ -106,7 +106,7 @@ def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
              f"input: {card['input']['size'][0]}x{card['input']['size'][1]}, {card['input']['channels']} channel(s), "
              f"intensity {card['input'].get('intensity', 'none')}, pixels / 255",
              f"classes: {', '.join(card['class_names'] or [])}; {threshold_text(card)}; "
-             f"{_calibration_text(card['calibration'])}",
+             f"{_calibration_text(card['calibration'], card['decision_fitted_on'])}",
              f"threshold and calibration fitted on: {fitted}",
              "trained with: " + ", ".join(f"{k}={v}" for k, v in card["trained_with"].items() if v not in (None, "")),
              f"intended use: {use.get('task', 'binary pneumonia screening aid')}",
@@ -138,9 +138,14 @@ def builtin_card_lines(card: dict) -> list[str]:
             f"file SHA-256 {card['sha256']}; retrain with: {card['reproduce']}"]
 
 
-def _calibration_text(calibration: dict) -> str:
+def _calibration_text(calibration: dict, fit: dict | None = None) -> str:
+    """With why a requested calibration was not applied (a Platt fit that cannot rank): the config said platt and
+    the decision "no calibration" without a reason."""
     text = (f"{calibration['method']} calibration (logit x {calibration['scale']:.3f} {calibration['bias']:+.3f})"
             if calibration["method"] != "none" else "no calibration")
+    note = (fit or {}).get("calibration_note") if isinstance(fit, dict) else None
+    if note:
+        text += f" ({note})"
     if calibration.get("prior") is not None:
         text += f", probabilities stated for a pneumonia rate of {calibration['prior']:.3f}"
     return text

@@ -178,7 +178,7 @@ def _decision_section(card: dict, run_dir: Path | None) -> str:
     picture = (f"<div class='figs'>{_image(run_dir / 'calibration.png')}</div>"
                if run_dir is not None and (run_dir / "calibration.png").exists() else "")
     return (f"<h2>Decision</h2><p>T{_escape(threshold_text(card))[1:]}; "
-            f"{_escape(_calibration_text(card['calibration']))}; fitted on "
+            f"{_escape(_calibration_text(card['calibration'], fit))}; fitted on "
             f"{_escape(_fit_text(fit))}.</p>{table}{picture}")
 
 
@@ -243,7 +243,7 @@ def _configuration_section(card: dict, config: dict) -> str:
     return (f"<h2>Configuration</h2><p>model <b>{card['model']}</b>, {card['parameters'] or 0:,} parameters, "
             f"input {size[0]}×{size[1]}, {card['input']['channels']} channel(s), "
             f"{_escape(threshold_text(card, 'policy: '))}, "
-            f"{_escape(_calibration_text(card['calibration']))}</p>"
+            f"{_escape(_calibration_text(card['calibration'], card.get('decision_fitted_on')))}</p>"
             f"<details><summary>full config</summary><table>{rows}</table></details>")
 
 

@@ -321,19 +321,24 @@ def test_16_bit_colour_tiff_is_made_gray_as_the_16_bit_colour_png(gray, tmp_path
     import tifffile
     colour = _twelve_bit(np.stack([gray, np.roll(gray, 7, axis=1), 255 - gray], -1))
     alpha = np.zeros(gray.shape, dtype=np.uint16)
-    alpha[:, :112] = 65535  # left half opaque, right half transparent
+    alpha[:, :56] = 65535  # opaque, then half transparent (where compositing twice would halve again), transparent
+    alpha[:, 56:112] = 32768
     rgba = np.concatenate([colour, alpha[..., None]], -1)
     expected = read_image(write_png16(tmp_path / "rgba.png", rgba, 6))[0]
-    assert not expected[:, 112:].any() and expected[:, :112].any()
-    assert np.array_equal(read_image(write_png16(tmp_path / "rgb.png", colour, 2))[0][:, :112], expected[:, :112])
+    assert not expected[:, 112:].any() and expected[:, :56].any()
+    assert np.array_equal(read_image(write_png16(tmp_path / "rgb.png", colour, 2))[0][:, :56], expected[:, :56])
     for name, extra, planar in (("unassociated", "unassalpha", "contig"), ("associated", "assocalpha", "contig"),
                                 ("planes", "unassalpha", "separate")):
-        samples = rgba if planar == "contig" else np.moveaxis(rgba, -1, 0)
-        if extra == "assocalpha":
-            samples = samples * (alpha[..., None] // 65535)  # premultiplied: transparent pixels hold 0
+        samples = rgba
+        if extra == "assocalpha":  # premultiplied: each colour sample already times its alpha
+            premultiplied = (colour.astype(np.uint64) * alpha[..., None] + 32767) // 65535
+            samples = np.concatenate([premultiplied.astype(np.uint16), alpha[..., None]], -1)
+        samples = samples if planar == "contig" else np.moveaxis(samples, -1, 0)
         path = tmp_path / f"{name}.tif"
         tifffile.imwrite(path, samples, photometric="rgb", extrasamples=[extra], planarconfig=planar)
-        assert np.array_equal(read_image(path)[0], expected), name
+        read = read_image(path)[0].astype(int)
+        # premultiplying each channel before the gray weights rounds apart from compositing the gray: 1 level
+        assert np.abs(read - expected).max() <= (1 if extra == "assocalpha" else 0), name
 
 
 def test_16_bit_tiffs_pillow_cannot_decode_are_refused_in_one_line_naming_the_layout(gray, tmp_path):

@@ -86,3 +86,22 @@ def test_resume_given_a_checkpoint_file_names_the_run_folder(capsys, trained_run
     status, error = run(capsys, "train", "--resume", trained_run / "best.pt")
     assert (status, error) == (2, f"error: --resume {trained_run / 'best.pt'}: a file; --resume takes the run folder "
                                   f"(--resume {trained_run})")
+
+
+def test_resuming_a_run_whose_stored_seed_no_longer_passes_names_the_run(capsys, trained_run, tmp_path):
+    """A run whose last.pt stored a seed above the bound (written before it was checked) said only "seed: ...
+    is above the maximum", naming neither the run nor where the value came from."""
+    import shutil
+
+    import torch
+
+    from pneumonia_cnn.checkpoint import save_checkpoint
+    copy = tmp_path / "old_run"
+    shutil.copytree(trained_run, copy)
+    last = torch.load(copy / "last.pt", weights_only=False)
+    last["config"]["seed"] = 2**32
+    save_checkpoint(last, copy / "last.pt")
+    done = int(last["training_state"]["epoch"])
+    status, error = run(capsys, "train", "--resume", copy, "--epochs", done + 1)
+    assert (status, error) == (2, f"error: --resume {copy}: seed: 4294967296 is above the maximum 4294967295 (its "
+                                  f"last.pt's configuration with the options given)")

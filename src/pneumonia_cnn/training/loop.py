@@ -24,7 +24,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint, training_finished
 from ..data.augment import augment_batch
 from ..data.loader import to_model_input
 from ..device import autocast
-from ..errors import PneumoniaCNNError
+from ..errors import ConfigError, PneumoniaCNNError
 from ..fileio import display_path, write_json_atomic, write_text_atomic
 from ..inference.engines import TorchEngine
 from ..metrics import point_metrics
@@ -297,7 +297,12 @@ def resume(run_dir, after_training: AfterTraining | None = None, **overrides) ->
     _refuse_nothing_to_resume(run_dir, last, values, overrides.get("epochs"))
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["out"] = str(run_dir)
-    return train(config_from_dict(values), resume_from_last=True, after_training=after_training)
+    try:
+        config = config_from_dict(values)
+    except ConfigError as error:  # a value stored by an earlier version that no longer passes: name the run
+        raise ConfigError(f"--resume {display_path(run_dir)}: {error} (its last.pt's configuration with the options "
+                          f"given)") from None
+    return train(config, resume_from_last=True, after_training=after_training)
 
 
 def _refuse_nothing_to_resume(run_dir: Path, last: dict, values: dict, epochs: int | None) -> None:

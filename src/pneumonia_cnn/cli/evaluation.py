@@ -22,7 +22,13 @@ from .common import (
     print_json,
     whole_number,
 )
-from .outputs import check_replaceable, checkpoint_file, refuse_repeated_checkpoints, report_page_of
+from .outputs import (
+    check_replaceable,
+    checkpoint_file,
+    refuse_missing_checkpoints,
+    refuse_repeated_checkpoints,
+    report_page_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +141,7 @@ def run_evaluate(args) -> int:
     from ..evaluation.staging import refuse_outputs_in_data
     if not Path(args.data).exists():  # said before any check of where the metrics would go
         raise PneumoniaCNNError(f"{args.data}: folder not found")
+    refuse_missing_checkpoints(args.checkpoint)
     refuse_repeated_checkpoints(args.checkpoint)
     first = Path(args.checkpoint[0])
     beside = Path(".") if args.checkpoint[0] == "builtin" else first if first.is_dir() else first.parent
@@ -233,6 +240,7 @@ def stress_arguments(p):
 def run_stress(args) -> int:
     from ..evaluation.staging import refuse_outputs_in_data
     from ..evaluation.stress import format_stress, stress_test
+    refuse_missing_checkpoints([args.checkpoint])
     check_output(args.out, args.checkpoint, args.data)
     refuse_outputs_in_data(args.out, args.data, (args.split,), "stress", what="its JSON")
     check_replaceable(args.out, "stress")

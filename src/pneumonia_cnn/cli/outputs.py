@@ -221,6 +221,16 @@ def checkpoint_file(item: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def refuse_missing_checkpoints(items) -> None:
+    """A checkpoint that is not there is said first: before the checks of where the outputs would go, whose
+    refusal ("the default --out is inside the folder read") would send the user after the wrong problem."""
+    from .. import builtin
+    from ..fileio import not_a_file_reason
+    for item in items:
+        if not builtin.is_builtin(str(item)) and not Path(item).exists():
+            raise PneumoniaCNNError(f"{item}: {not_a_file_reason(item)}")
+
+
 def refuse_repeated_checkpoints(items, flag: str = "--checkpoint") -> None:
     """Two arguments that load the same file (``run1 run1``, ``run1 run1/best.pt``, a link to it) would be an
     "ensemble of 2" of one model, reported as two: refused in one line."""

@@ -274,3 +274,13 @@ def test_paths_may_follow_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["predict", images[0], "--bogus"])
     assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_an_unrecognized_argument_is_told_with_its_commands_usage(tmp_path, capsys):
+    """`evaluate builtin --data D` (evaluate takes --checkpoint builtin) printed the top-level usage,
+    "pneumonia-cnn [-h] [-v] COMMAND ...", which does not show the option it needed."""
+    with pytest.raises(SystemExit) as stop:
+        main(["evaluate", "builtin", "--data", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("usage: pneumonia-cnn evaluate ") and "--checkpoint" in err
+    assert err.strip().splitlines()[-1] == "pneumonia-cnn evaluate: error: unrecognized arguments: builtin"

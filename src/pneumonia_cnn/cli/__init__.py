@@ -101,8 +101,11 @@ def _split_checkpoint_and_images(args):
 
 def subcommand_options(parser, command: str) -> set[str]:
     """The option strings of one sub-command (--format, -h...): after ``--`` they stay options, as before."""
-    choices = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return set(choices[command]._option_string_actions)
+    return set(_subparsers(parser)[command]._option_string_actions)
+
+
+def _subparsers(parser) -> dict:
+    return next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def main(argv=None) -> int:
@@ -120,7 +123,9 @@ def main(argv=None) -> int:
     args, extras = parser.parse_known_args(argv)
     if extras:  # predict CKPT --adapt-batch scans/: argparse leaves a path after an option unrecognized
         if getattr(args, "command", None) not in ("predict", "explain") or any(e.startswith("-") for e in extras):
-            parser.parse_args(argv)  # argparse's own one-line error, exit 2
+            # argparse's one-line error, exit 2, with the sub-command's usage: the top-level parser's (which
+            # parse_args gives) showed "pneumonia-cnn [-h] [-v] COMMAND ..." for `evaluate builtin`
+            _subparsers(parser)[args.command].error(f"unrecognized arguments: {' '.join(extras)}")
         try:  # the paths' type, as for those argparse placed itself
             extras = [PATH(e) for e in extras]
         except argparse.ArgumentTypeError as error:

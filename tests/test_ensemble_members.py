@@ -142,6 +142,10 @@ def test_training_warns_and_records_why_platt_was_not_applied(tmp_path, caplog):
     assert best["calibration"]["method"] == "none"
     assert best["decision_fit"]["calibration_requested"] == "platt"
     assert best["decision_fit"]["calibration_note"] == warned[0].split("images, ", 1)[1]
+    # --adapt-batch's class mix, drawn by the labels here (6 of 12 scored each class, fewer than 8): recorded with
+    # the fit, not a warning on every training run that did not ask for --adapt-batch
+    assert best["decision_fit"]["adapted_class_mix"].startswith("the class mix drawn by the images' labels: only ")
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "class mix" in r.getMessage()]
     # and info (the report's Decision and Configuration use the same text) says why, not "no calibration" alone
     from pneumonia_cnn.info import describe_checkpoint
     assert f"no calibration ({warned[0].split('images, ', 1)[1]})" in describe_checkpoint(out / "best.pt")

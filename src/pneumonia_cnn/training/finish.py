@@ -84,8 +84,9 @@ def _fit_adapted_decision(best: dict, decision: Decision, val_set, val_scores, d
     inside = inside if inside.any() else np.ones_like(inside)  # a detector that flags all: adapt on them all
     drawn_by, why = fit_class_mix(images[inside], decision.positive(val_scores.raw)[inside],
                                   np.asarray(val_set.labels)[inside], bundle.class_names)
-    if why:
-        log.warning("--adapt-batch's decision: %s", why)
+    if why:  # a detail of a decision used only when --adapt-batch is asked for: kept with the fit, said as info
+        log.info("--adapt-batch's decision (used with --adapt-batch only): %s", why)
+        best["decision_fit"]["adapted_class_mix"] = why
     prior = float(np.mean(val_set.labels))
     adapted = Scorer(adapt_batch_norm(bundle, images[inside], drawn_by, prior), device, engine="auto", amp="off")
     raw = adapted.score(val_set.images).raw

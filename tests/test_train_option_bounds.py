@@ -105,3 +105,22 @@ def test_resuming_a_run_whose_stored_seed_no_longer_passes_names_the_run(capsys,
     status, error = run(capsys, "train", "--resume", copy, "--epochs", done + 1)
     assert (status, error) == (2, f"error: --resume {copy}: seed: 4294967296 is above the maximum 4294967295 (its "
                                   f"last.pt's configuration with the options given)")
+
+
+def test_a_resume_does_not_read_the_weights_file_again(capsys, trained_run, tmp_path):
+    """last.pt holds the weights: a --weights file moved or deleted since the run started had stopped its resume
+    ("not a readable checkpoint"), as --init's never did."""
+    import shutil
+
+    import torch
+
+    from pneumonia_cnn.checkpoint import save_checkpoint
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    last = torch.load(copy / "last.pt", weights_only=False)
+    last["config"]["weights"] = str(tmp_path / "moved_away.pt")
+    save_checkpoint(last, copy / "last.pt")
+    done = int(last["training_state"]["epoch"])
+    status, error = run(capsys, "train", "--resume", copy, "--epochs", done + 1, "--no-progress")
+    assert status == 0, error
+    assert int(torch.load(copy / "last.pt", weights_only=False)["training_state"]["epoch"]) == done + 1

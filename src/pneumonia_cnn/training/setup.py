@@ -89,9 +89,11 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
     train_set, val_set = prepare_data(config, dist_info)
     if dist_info.main:
         _prepare_run_folder(out, config, train_set, val_set)
+    resuming = resume_from_last and (out / "last.pt").exists()  # then last.pt has the weights: neither --weights
+    # nor --init is read again (a --weights file moved since had stopped the resume)
     model = create_model(config.model, in_channels=config.channels, image_size=(config.size, config.size),
-                         weights=config.weights or None, **config.model_kwargs).to(device)
-    if config.init and not (resume_from_last and (out / "last.pt").exists()):  # else last.pt has the weights
+                         weights=None if resuming else config.weights or None, **config.model_kwargs).to(device)
+    if config.init and not resuming:
         start_from(model, config)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)

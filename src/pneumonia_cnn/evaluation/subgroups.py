@@ -218,7 +218,7 @@ def format_subgroups(result: dict) -> str:
                      + (f"  {gap['gap']:.3f} ({gap['best']} vs {gap['worst']})" if gap else "  -"))
     if any(not measured(g, metric) for g in groups for metric in METRICS):
         lines.append("note: - is a metric undefined in a group (no image of the class it needs, or none called "
-                     "PNEUMONIA for PPV, NORMAL for NPV), (fixed) one set by the class a group lacks; both are left "
+                     "positive for PPV, negative for NPV), (fixed) one set by the class a group lacks; both are left "
                      "out of the largest gap")
     lines += [f"note: {note}" for note in result.get("notes", [])]
     return "\n".join(lines)

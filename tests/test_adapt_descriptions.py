@@ -42,15 +42,21 @@ def adapted(tmp_path_factory):
 def test_an_adapted_detectors_references_are_named_as_the_sites_images(adapted, tmp_path):
     from pneumonia_cnn.info import describe_checkpoint
     from pneumonia_cnn.ood import METHOD
+    from pneumonia_cnn.ood.scorers import THREE_VIEW_METHOD
     path, _, saved = adapted
     assert SITE_REFERENCES in saved["ood"]["method"]
     card = describe_checkpoint(str(path))
     assert SITE_REFERENCES in card and "to the training images" not in card
     assert "among those references' cross-fitted distances" in card
-    # adapted before adapt stored the site's wording: its ood_fitted_on record says whose images they are
-    older = dict(saved, ood=dict(saved["ood"], method=METHOD))
-    torch.save(older, tmp_path / "older.pt")
-    assert SITE_REFERENCES in describe_checkpoint(str(tmp_path / "older.pt"))
+    # adapted before adapt stored the site's wording: its ood_fitted_on record says whose images they are,
+    # whether the training method it stored names five views or the three of detectors before the content box
+    for stored in (METHOD, THREE_VIEW_METHOD):
+        older = dict(saved, ood=dict(saved["ood"], method=stored))
+        torch.save(older, tmp_path / "older.pt")
+        assert SITE_REFERENCES in describe_checkpoint(str(tmp_path / "older.pt"))
+    # the site's detector has the three whole-frame views (ood.site_recipe), and says so
+    assert [tuple(t)[1] for t in saved["ood"]["taps"]] == ["mean_std", "thumbnail4", "orientations4"]
+    assert "in three L2-normalised views" in card
     # never adapted: still the training images, as it was fitted
     assert "k-NN distances (Sun et al., 2022) to the training images" in describe_checkpoint(builtin.NAME)
 

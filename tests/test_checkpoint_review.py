@@ -149,7 +149,7 @@ UNUSABLE = [
     ("ood_reference_nan", _nan_in(1, "reference"), f"ood.components[1].reference {FINITE}"),
     ("ood_calibration_empty", _component(2, "calibration", torch.zeros(0, dtype=torch.float64)),
      "ood.components[2].calibration must hold at least one value"),
-    ("ood_tap_past_taps", _component(0, "tap", 7), "ood.components[0].tap must be the index of one of its 3 taps, "
+    ("ood_tap_past_taps", _component(0, "tap", 7), "ood.components[0].tap must be the index of one of its 5 taps, "
                                                    "not 7"),
     ("prior_zero", _set("calibration.prior", 0.0),
      "calibration.prior must be a rate strictly between 0 and 1, not 0.0"),
@@ -272,8 +272,9 @@ def test_a_cached_int8_graph_of_another_model_is_one_line(capsys, tmp_path, monk
     assert (status, error) == (2, f"error: --engine {engine}: the cached int8 model {cached} is damaged (not this "
                                   f"model's graph: it takes image [1, 1, 2, 2] float32 and gives out, where the "
                                   f"model takes image [batch, 1, {height}, {width}] float32 and gives logit, tap0, "
-                                  f"tap1, tap2); build it again: pneumonia-cnn export CHECKPOINT --format onnx-int8 "
-                                  f"--data ROOT --out model.int8.onnx (ROOT/val: the checkpoint's validation images)")
+                                  f"tap1, tap2, tap3, tap4); build it again: pneumonia-cnn export CHECKPOINT --format "
+                                  f"onnx-int8 --data ROOT --out model.int8.onnx (ROOT/val: the checkpoint's validation "
+                                  f"images)")
 
 
 def test_the_served_graphs_signature_passes_the_check(tmp_path):
@@ -290,7 +291,7 @@ def test_the_served_graphs_signature_passes_the_check(tmp_path):
     store(cached, export_onnx_bytes(ServedModel(bundle.models[0], bundle.tta, bundle.taps), size))  # with its checksum
     engine = Int8Engine(bundle.models, size, bundle.tta, bundle.taps, cache_dir=tmp_path)
     logits, features = engine.run(torch.zeros(2, *size, dtype=torch.uint8).numpy())
-    assert logits.shape == (1, 2) and len(features) == 3
+    assert logits.shape == (1, 2) and len(features) == len(bundle.taps) == 5
 
 
 # ------------------------------------------------------------------ 5. reasons that named the wrong cause

@@ -116,7 +116,7 @@ def test_a_foreign_graph_at_the_cache_path_is_exported_again(cache, capsys, capl
     size = "image [batch, 1, 192, 192] float32"
     why = f"{CHANGED} cached" if checksum == "stale" else (f"not this model's graph: it takes {size} and gives "
                                                            f"probability, logit, where the model takes {size} and "
-                                                           f"gives logit, tap0, tap1, tap2")
+                                                           f"gives logit, tap0, tap1, tap2, tap3, tap4")
     assert warnings_of(caplog) == [not_used(path, why)]
     assert rows == first and path.read_bytes() == intact and graph_cache.problem(path) is None
     caplog.clear()

@@ -129,3 +129,9 @@ def test_seed_model_int8_pools_uint8_values(trained_run, small_root, int8_cache,
     assert np.abs(reference.raw - quantised.raw).max() <= 0.25
     labels = [s.probabilities >= float32.threshold for s in (reference, quantised)]
     assert np.mean(labels[0] == labels[1]) >= 0.95
+    # the taps on the image stay float32 (quantize.tap_only_nodes): the int8 graph's are the float graph's
+    taps = float32.bundle.taps
+    assert sum(module == "input" for module, _ in taps) == 4
+    for tap, ref, got in zip(taps, reference.features, quantised.features):
+        if tap[0] == "input":
+            np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=str(tap))

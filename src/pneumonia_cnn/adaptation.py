@@ -42,7 +42,7 @@ from .inference import Bundle, Scorer, load_bundle
 from .inference.adabn import distinct_in_canonical_order, reestimate_batch_norm
 from .inference.engines import TorchEngine
 from .inference.predictor import MIN_ADAPT_BATCH
-from .ood import flag_reasons
+from .ood import OODDetector, flag_reasons, site_method, site_recipe, site_taps
 
 log = logging.getLogger(__name__)
 FINE_TUNE_AUGMENT = AugmentConfig(zoom=0.1, flip=True, rotation=5, contrast=0.15, brightness=0.05)
@@ -280,8 +280,7 @@ def ood_fit_record(unlabelled: int, labelled: int) -> dict:
 def _refit_ood(adapted: Bundle, images: np.ndarray, device, source: dict, seed: int):
     """The detector refitted on the site's images (pseudo-labelled by the adapted model); half of them,
     drawn at random, set its threshold."""
-    from .ood import OODDetector, default_taps, site_method
-    scores = Scorer(adapted, device, "auto", taps=default_taps(adapted.models[0])).score(images)
+    scores = Scorer(adapted, device, "auto", taps=site_taps(adapted.models[0])).score(images)
     labels = (scores.raw > 0).astype(int)
     order = np.random.default_rng(seed).permutation(len(images))
     fit, held = np.sort(order[len(order) // 2:]), np.sort(order[:len(order) // 2])
@@ -290,7 +289,8 @@ def _refit_ood(adapted: Bundle, images: np.ndarray, device, source: dict, seed: 
         return {"features": [f[index] for f in scores.features], "logits": scores.raw[index],
                 "pixels": images[index], "labels": labels[index]}
     quantile = float(source.get("config", {}).get("ood_quantile", 0.95))
-    detector = OODDetector.fit(adapted.models[0], part(fit), part(held), quantile=quantile, seed=seed)
+    detector = OODDetector.fit(adapted.models[0], part(fit), part(held), quantile=quantile, seed=seed,
+                               recipe=site_recipe(adapted.models[0]))
     # its k-NN references are these site images: METHOD would say "to the training images" in info and the report
     detector.method = site_method(f"{len(fit)} of the new site's {len(images)} images")
     return detector

@@ -7,7 +7,7 @@ from . import builtin
 from .checkpoint import build_model, load_checkpoint
 from .fileio import printable
 from .inference.bundle import ood_detector_of
-from .ood import METHOD, flag_message, site_method
+from .ood import TRAINING_METHODS, flag_message, site_method
 
 
 def checkpoint_card(checkpoint) -> dict:
@@ -39,11 +39,11 @@ def checkpoint_card(checkpoint) -> dict:
 
 def ood_description(ckpt: dict) -> str:
     """The detector's line: its method, naming its references, and the images that set its bound. A detector
-    ``adapt`` refitted before it stored the site's wording still stores ``METHOD`` ("to the training images");
-    its ``adaptation.ood_fitted_on`` record says its references were the site's."""
+    ``adapt`` refitted before it stored the site's wording still stores a training method (``TRAINING_METHODS``:
+    "to the training images"); its ``adaptation.ood_fitted_on`` record says its references were the site's."""
     detector = ood_detector_of(ckpt)
     fit = _site_ood_fit(ckpt)
-    if fit is not None and detector.method == METHOD:
+    if fit is not None and detector.method in TRAINING_METHODS:
         try:
             references = f"{int(fit['reference_images'])} of the new site's {_site_total(fit)} images"
         except (KeyError, TypeError, ValueError):  # a record edited by hand: whose images, without counts

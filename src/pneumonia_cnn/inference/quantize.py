@@ -54,6 +54,28 @@ def image_stem(path) -> list[str]:
     return stem
 
 
+def tap_only_nodes(path) -> list[str]:
+    """The nodes the logit does not need: the OOD taps' reductions. They stay float32 whatever their operator
+    (``QUANTIZED_OPS`` names an Add the network has, but a tap's Add quantised to uint8 moved the orientations'
+    bins), so the flag from an int8 graph is the float graph's."""
+    import onnx
+    graph = onnx.load(str(path)).graph
+    producer = {output: index for index, node in enumerate(graph.node) for output in node.output}
+    if "logit" not in producer:  # every node would look tap-only, and nothing be quantised
+        raise ValueError(f"{path}: no node gives the output 'logit'")
+    needed, pending = set(), ["logit"]
+    while pending:
+        index = producer.get(pending.pop())
+        if index is not None and index not in needed:
+            needed.add(index)
+            pending.extend(graph.node[index].input)
+    return [node.name for index, node in enumerate(graph.node) if index not in needed]
+
+
+def float_nodes(path) -> list[str]:
+    return image_stem(path) + tap_only_nodes(path)
+
+
 def quantize_served(model: torch.nn.Module, size, tta: bool, taps, calibration_pixels: np.ndarray) -> bytes:
     """The served graph exported to ONNX, optimised (batch norm folded) and statically quantised (QDQ)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -70,7 +92,7 @@ def quantize_served(model: torch.nn.Module, size, tta: bool, taps, calibration_p
         quantize_static(str(folder / "prepared.onnx"), str(folder / "int8.onnx"), CalibrationImages(calibration_pixels),
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                        op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=image_stem(folder / "prepared.onnx"))
+                        op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=float_nodes(folder / "prepared.onnx"))
         return (folder / "int8.onnx").read_bytes()
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -18,6 +18,7 @@ from .scorers import (
     conservative_quantile,
     default_recipe,
     default_taps,
+    training_method,
 )
 from .taps import extract
 
@@ -151,7 +152,7 @@ class OODDetector:
                 component.update(centre=float(stored["centre"]), scale=float(stored["scale"]))
             components.append(component)
         return cls([tuple(t) for t in state["taps"]], components, state["threshold"], state["quantile"],
-                   state.get("method", METHOD), state.get("combine", "fisher"))
+                   state.get("method") or training_method(state["taps"]), state.get("combine", "fisher"))
 
     @classmethod
     def _from_legacy_state(cls, state: dict) -> OODDetector:

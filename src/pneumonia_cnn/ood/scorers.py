@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .taps import INPUT_TAP, penultimate_layer
+from .taps import CONTENT_BOX_VIEWS, INPUT_TAP, penultimate_layer
 
 
 # ------------------------------------------------------------------ scores: each fitted on the training features
@@ -111,25 +111,54 @@ def default_recipe(model: nn.Module) -> list[tuple[str, tuple[str, str], dict]]:
     other (benchmarks/ood_study.py)."""
     return [("knn", (penultimate_layer(model), "mean_std"), {"k": 10}),
             ("knn", (INPUT_TAP, "thumbnail4"), {"k": 10}),
-            ("knn", (INPUT_TAP, "orientations4"), {"k": 10})]
+            ("knn", (INPUT_TAP, "orientations4"), {"k": 10}),
+            ("knn", (INPUT_TAP, "thumbnail4_content"), {"k": 10}),
+            ("knn", (INPUT_TAP, "orientations4_content"), {"k": 10})]
 
 
-def knn_method(references: str = "the training images", calibrated_among: str = "the training images'") -> str:
-    """``default_recipe``'s method in words, naming the images its k-NN distances are measured to."""
-    return (f"k-NN distances (Sun et al., 2022) to {references} in three L2-normalised views (the last "
-            "feature layer's channel means and spreads, the 4 x 4 thumbnail, the edges' orientations in 4 x 4 "
-            f"blocks), combined by Fisher's method over their p-values among {calibrated_among} cross-fitted "
-            "distances")
+FIVE_VIEWS = ("five L2-normalised views (the last feature layer's channel means and spreads; the 4 x 4 thumbnail "
+              "and the edges' orientations in 4 x 4 blocks, each of the whole frame and of the content inside its "
+              "dark margins)")
+THREE_VIEWS = ("three L2-normalised views (the last feature layer's channel means and spreads, the 4 x 4 "
+               "thumbnail, the edges' orientations in 4 x 4 blocks)")
+
+
+def knn_method(references: str = "the training images", calibrated_among: str = "the training images'",
+               views: str = FIVE_VIEWS) -> str:
+    """``default_recipe``'s method in words (``site_recipe``'s with ``THREE_VIEWS``), naming the images its
+    k-NN distances are measured to."""
+    return (f"k-NN distances (Sun et al., 2022) to {references} in {views}, combined by Fisher's method over "
+            f"their p-values among {calibrated_among} cross-fitted distances")
+
+
+def site_recipe(model: nn.Module) -> list[tuple[str, tuple[str, str], dict]]:
+    """``adapt``'s refit on a site's images: ``default_recipe`` without the content-box views. Its references
+    are the site's own images, framing included, and only tens of them, where each further view adds noise
+    to a few dozen distances (docs/site-adaptation.md)."""
+    return [component for component in default_recipe(model) if component[1][1] not in CONTENT_BOX_VIEWS]
+
+
+def site_taps(model: nn.Module) -> list[tuple[str, str]]:
+    return list(dict.fromkeys(tap for _, tap, _ in site_recipe(model)))
 
 
 # Fitted on training images: what train's detectors store, and what a stored detector without a method means.
 METHOD = knn_method()
+# ... and what they stored before the content-box views (2026-11-29)
+THREE_VIEW_METHOD = knn_method(views=THREE_VIEWS)
+TRAINING_METHODS = (METHOD, THREE_VIEW_METHOD)
+
+
+def training_method(taps) -> str:
+    """The method text of a detector fitted on training images with these taps (one stored without its text)."""
+    return METHOD if any(reduction in CONTENT_BOX_VIEWS for _, reduction in taps) else THREE_VIEW_METHOD
 
 
 def site_method(references: str) -> str:
     """The method of a detector ``adapt`` refitted: its references (``references``, e.g. "20 of the new site's
     40 images") are the site's images, not the training images that ``METHOD`` names."""
-    return knn_method(f"{references} (adapt's references, not the training images)", "those references'")
+    return knn_method(f"{references} (adapt's references, not the training images)", "those references'",
+                      THREE_VIEWS)
 
 
 def conservative_quantile(scores: np.ndarray, quantile: float, confidence: float = 0.9) -> float:

@@ -74,7 +74,7 @@ def _coarse_thumbnail(x: torch.Tensor) -> torch.Tensor:
 ORIENTATIONS = 8
 
 
-def _orientation_histogram(x: torch.Tensor) -> torch.Tensor:
+def _orientation_histogram(x: torch.Tensor, halve: bool = True) -> torch.Tensor:
     """How the edges run in each block of a 4 x 4 grid (a coarse histogram of oriented gradients, Dalal and
     Triggs 2005): the slope of the ribs, the clavicles and the thorax's outline change with age. Gradients of
     the image at half resolution (the bones' edges are wide), taken at every other pixel (a block still
@@ -82,9 +82,9 @@ def _orientation_histogram(x: torch.Tensor) -> torch.Tensor:
     count. Orientations are binned by the doubled angle (an edge and its reverse fall together) as the
     nearest of 8 directions by dot product, which exports to ONNX without atan2. The bins' edges are turned
     1/16 of a bin off the axes and diagonals, where many pixels' gradients point exactly, so that rounding
-    (torch's or ONNX Runtime's) never decides their bin."""
+    (torch's or ONNX Runtime's) never decides their bin. ``halve=False``: ``x`` is at half resolution already."""
     x = x.float().mean(dim=1, keepdim=True)
-    if min(x.shape[2:]) >= 16:  # not on a small feature map
+    if halve and min(x.shape[2:]) >= 16:  # not on a small feature map, nor on one already halved
         x = F.avg_pool2d(x, 2)
     x = F.pad(x, (1, 1, 1, 1), mode="replicate")
     dx = x[:, :, 1:-1:2, 2::2] - x[:, :, 1:-1:2, :-2:2]
@@ -99,6 +99,80 @@ def _orientation_histogram(x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(blocks / (blocks.sum(dim=1, keepdim=True) + 1e-6), 1)
 
 
+# A margin row or column (a black band, a shutter, a border): its mean is within this share of the profile's
+# range above the darkest row or column. At most MARGIN_CAP of each side is cut, so that a dark half of an
+# image (a lung whited out on one side reads the other way, but an unusual exposure may not) stays in view.
+MARGIN_DARKNESS, MARGIN_CAP = 0.12, 0.3
+
+
+def _content_span(profile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, end) of each (B, L) profile's content as fractions of L: the dark margins at both ends cut."""
+    length = int(profile.shape[1])
+    low, high = profile.amin(dim=1, keepdim=True), profile.amax(dim=1, keepdim=True)
+    inside = (profile > low + MARGIN_DARKNESS * (high - low)).float()
+    first = torch.argmax(inside, dim=1).float()  # a uniform profile has no inside: the whole length is kept
+    last = (length - 1) - torch.argmax(torch.flip(inside, dims=[1]), dim=1).float()
+    first = torch.clamp(first, max=MARGIN_CAP * length)
+    last = torch.clamp(last, min=(1 - MARGIN_CAP) * length - 1)
+    return first / length, (last + 1) / length
+
+
+def _content_box(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H/2, W/2), or (B, 1, H, W) for maps under 16 pixels: the image inside its dark margins, averaged
+    over 2 x 2 pixels and resampled bilinearly, so that the picture is the same whether the film came with black
+    side bands, a border or a shifted frame, or without (many training children have dark side bands and few
+    adults do: views of the whole frame read bands as youth). The margins are read from the row and column
+    means of the image averaged again over 2 x 2."""
+    x = x.float().mean(dim=1, keepdim=True)
+    if min(x.shape[2:]) >= 16:  # the views read half resolution (the orientations' own), at a quarter the cost
+        x = F.avg_pool2d(x, 2)
+    coarse = F.avg_pool2d(x, 2) if min(x.shape[2:]) >= 16 else x
+    left, right = _content_span(coarse.mean(dim=2)[:, 0])
+    top, bottom = _content_span(coarse.mean(dim=3)[:, 0])
+    return _resample(_resample(x, top, bottom, dim=2), left, right, dim=3)
+
+
+def _resample(x: torch.Tensor, start: torch.Tensor, end: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` (B, 1, H, W) along ``dim`` (2 or 3) at the centres of L equal parts of each image's span [start,
+    end) (fractions of its length L): ``grid_sample(mode="bilinear", padding_mode="border")``'s sampling, built
+    of gathers and products, which ONNX Runtime runs faster than its GridSample and OpenVINO keeps in float32
+    (matrix products of interpolation weights it runs in bf16 on CPUs that have it)."""
+    rows = x[:, 0] if dim == 2 else x[:, 0].transpose(1, 2)  # (B, L, M): the resampled axis second
+    length, across = int(rows.shape[1]), int(rows.shape[2])
+    steps = (torch.arange(length, dtype=torch.float32, device=x.device) + 0.5) / length
+    source = (start[:, None] + (end - start)[:, None] * steps[None]) * length - 0.5  # pixel centres at integers
+    source = torch.clamp(source, 0.0, length - 1.0)
+    below = torch.floor(source)
+    above = torch.clamp(below + 1, max=length - 1.0)
+    # whole rows gathered from the batch's rows in one list (a Gather of B x L indices, not one per pixel)
+    first_row = (torch.cumsum(torch.ones_like(start), dim=0) - 1)[:, None] * length
+    flat = rows.reshape(-1, across)
+
+    def take(index: torch.Tensor) -> torch.Tensor:
+        return flat[(index + first_row).long().reshape(-1)].reshape(-1, length, across)
+    weight = (source - below)[:, :, None]
+    out = take(below) * (1 - weight) + take(above) * weight
+    return (out if dim == 2 else out.transpose(1, 2))[:, None]
+
+
+def _standardised_thumbnail(box: torch.Tensor) -> torch.Tensor:
+    """4 x 4 block means, standardised per image: histogram equalisation gives the content other grey levels
+    when bands take part of the histogram, so only the pattern is compared."""
+    blocks = _block_means(box, 4)
+    centred = blocks - blocks.mean(dim=1, keepdim=True)
+    return centred / (centred.pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-6)
+
+
+# views of the content box (``_content_box``), which the input taps compute once for all of them
+CONTENT_BOX_VIEWS = {"thumbnail4_content": _standardised_thumbnail,
+                     "orientations4_content": lambda box: _orientation_histogram(box, halve=False)}
+
+
+def _of_content_box(view):
+    """A content-box view as a reduction of the image (``reduce_input`` shares one box between them)."""
+    return lambda x: view(_content_box(x))
+
+
 REDUCTIONS = {
     "mean_std": _mean_std,
     "mean": _mean,
@@ -108,9 +182,11 @@ REDUCTIONS = {
     "edge_map24": _edge_map,
     "thumbnail4": _coarse_thumbnail,
     "orientations4": _orientation_histogram,
+    **{name: _of_content_box(view) for name, view in CONTENT_BOX_VIEWS.items()},
 }
 # reductions of a feature map's pixels: a (B, F) output (a dense layer's) has none
-MAP_REDUCTIONS = {"gram1", "gram2", "gram3", "thumbnail8", "edge_map24", "thumbnail4", "orientations4"}
+MAP_REDUCTIONS = {"gram1", "gram2", "gram3", "thumbnail8", "edge_map24", "thumbnail4", "orientations4",
+                  "thumbnail4_content", "orientations4_content"}
 
 
 def reduce_tap(module: str, reduction: str, output: torch.Tensor) -> torch.Tensor:
@@ -118,6 +194,13 @@ def reduce_tap(module: str, reduction: str, output: torch.Tensor) -> torch.Tenso
         raise ValueError(f"reduction {reduction!r} needs a (batch, channels, height, width) map; {module!r} "
                          f"outputs {tuple(output.shape)}: tap a convolutional layer")
     return REDUCTIONS[reduction](output)
+
+
+def reduce_input(reductions: list[str], image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input taps' reductions, the content box computed once for those that read it."""
+    box = _content_box(image) if any(r in CONTENT_BOX_VIEWS for r in reductions) else None
+    return {r: CONTENT_BOX_VIEWS[r](box) if r in CONTENT_BOX_VIEWS else reduce_tap(INPUT_TAP, r, image)
+            for r in reductions}
 
 
 # ------------------------------------------------------------------ taps: features in the same forward pass
@@ -167,7 +250,7 @@ class TappedModel(nn.Module):
         """``tap_input``: what the input taps read instead of ``x`` (the served model's unflipped images, the
         only ones whose features are kept, while ``x`` also holds their mirror images)."""
         image = x if tap_input is None else tap_input
-        store = {INPUT_TAP: {r: reduce_tap(INPUT_TAP, r, image) for m, r in self.taps if m == INPUT_TAP}}
+        store = {INPUT_TAP: reduce_input([r for m, r in self.taps if m == INPUT_TAP], image)}
         self._local.store = store
         try:
             logits = self.model(x)

@@ -54,6 +54,8 @@ def _noisy(gray: np.ndarray, sigma: float, rng) -> np.ndarray:
 
 def _shifted(gray: np.ndarray, share: float) -> np.ndarray:
     cut = int(round(gray.shape[1] * share))
+    if cut == 0:  # an image under 10 pixels wide: nothing to shift by
+        return gray.copy()
     out = np.zeros_like(gray)
     out[:, cut:] = gray[:, :-cut]
     return out

@@ -61,6 +61,25 @@ def test_float_tiff_is_scaled_in_blocks_with_bounded_memory(tmp_path):
     gray = scale_to_uint8(values)
     assert (gray[3, 3], gray[4, 4], gray[0, 1], gray[5, 5], gray[1, 1]) == (255, 0, 64, 255, 0)
 
+@pytest.mark.parametrize("values, expected", [
+    ([0.0, 1e-317, 2e-317], [0, 128, 255]),  # a subnormal range: 255 / range overflowed (NaN, then garbage)
+    ([-1e308, 0.0, 1e308], [0, 128, 255]),  # a range past float64's: high - low overflowed (all black)
+    ([-1.7e308, np.nan, 1.7e308], [0, 0, 255]),
+    ([0.0, 5e-324], [0, 255]),  # one subnormal step: two levels
+    ([0.0, 0.5, 1.0], [0, 128, 255]),  # an ordinary range, unchanged
+])
+def test_float64_pixels_of_any_finite_range_scale_without_overflow(values, expected):
+    """Double-precision pixels (DICOM Double Float Pixel Data) reach ``scale_to_uint8`` as they are: ranges whose
+    width or its reciprocal leaves float64 gave NaN with numpy RuntimeWarnings, or a black image."""
+    import warnings
+
+    from pneumonia_cnn.data.image import scale_to_uint8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gray = scale_to_uint8(np.array([values], dtype=np.float64))
+    assert gray.tolist() == [expected]
+
+
 def test_palette_png_with_alpha(tmp_path):
     image = Image.fromarray(GRADIENT).convert("P")
     image.info["transparency"] = 0

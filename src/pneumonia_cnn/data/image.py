@@ -40,11 +40,32 @@ def scale_to_uint8(array: np.ndarray) -> np.ndarray:
     out = np.zeros(array.shape, dtype=np.uint8)
     if not high > low:
         return out
-    scale = 255.0 / (high - low)
+    with np.errstate(over="ignore"):
+        scale = 255.0 / (high - low)
+    if not 0 < scale < np.inf:  # a range past float64's (1e308 wide) or under it (subnormal, 1e-317)
+        return _scaled_by_halves(blocks, low, high, out)
     for rows, block in blocks:
         np.nan_to_num(block, copy=False, nan=low, posinf=high, neginf=low)
         block -= low
         block *= scale
+        out[rows] = np.round(block, out=block)
+    return out
+
+
+def _scaled_by_halves(blocks, low: float, high: float, out: np.ndarray) -> np.ndarray:
+    """``scale_to_uint8`` for ranges whose width or its reciprocal overflows: values and range halved (a
+    width of 2e308 then fits) and divided by the width (a subnormal width's reciprocal would not fit); a
+    range of one subnormal step, whose halves are equal, gives two levels."""
+    span = high / 2 - low / 2
+    for rows, block in blocks:
+        np.nan_to_num(block, copy=False, nan=low, posinf=high, neginf=low)
+        if not span > 0:
+            out[rows] = np.where(block > low, 255, 0)
+            continue
+        block *= 0.5
+        block -= low / 2
+        block /= span
+        block *= 255.0
         out[rows] = np.round(block, out=block)
     return out
 

@@ -24,6 +24,7 @@ from scipy import ndimage
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "src"))
 
+from pneumonia_cnn.errors import PneumoniaCNNError  # noqa: E402
 from pneumonia_cnn.inference.bundle import load_bundle  # noqa: E402
 from pneumonia_cnn.inference.scorer import Scorer  # noqa: E402
 
@@ -79,8 +80,7 @@ def changes(rng) -> dict:
             "shifted 5% sideways": lambda g: _shifted(g, 0.05)}
 
 
-def flag_rates(checkpoint: str, grays: dict[str, list[np.ndarray]], seed: int) -> dict:
-    bundle = load_bundle(checkpoint)
+def flag_rates(checkpoint: str, bundle, grays: dict[str, list[np.ndarray]], seed: int) -> dict:
     scorer = Scorer(bundle, "cpu")
     rates = {}
     for name, change in changes(np.random.default_rng(seed)).items():
@@ -100,16 +100,27 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    data = Path(args.data)
-    gray = lambda p: np.asarray(Image.open(p).convert("L"))  # noqa: E731
-    children = sorted((data / "chest_xray_224" / "test").glob("*/*.jpeg"))[::2]
-    grays = {source: [gray(p) for p in sorted((data / "adult_xray_dev" / source).glob("*.jpeg"))]
-             for source in ("covid_collection", "actualmed")}
-    grays["children (shared test, every second)"] = [gray(p) for p in children]
+    try:
+        grays = read_sets(Path(args.data))
+        bundles = {c: load_bundle(c) for c in args.checkpoints}  # every checkpoint checked before the long part
+    except (PneumoniaCNNError, OSError) as error:
+        sys.exit(f"error: {error}")
     results = {"images": {g: len(v) for g, v in grays.items()},
-               "checkpoints": {c: flag_rates(c, grays, args.seed) for c in args.checkpoints}}
+               "checkpoints": {c: flag_rates(c, bundle, grays, args.seed) for c, bundle in bundles.items()}}
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def read_sets(data: Path) -> dict[str, list[np.ndarray]]:
+    folders = {source: (data / "adult_xray_dev" / source, "*.jpeg") for source in ("covid_collection", "actualmed")}
+    folders["children (shared test, every second)"] = (data / "chest_xray_224" / "test", "*/*.jpeg")  # class folders
+    paths = {name: sorted(folder.glob(pattern)) for name, (folder, pattern) in folders.items()}
+    for name, found in paths.items():
+        if not found:
+            raise PneumoniaCNNError(f"{folders[name][0]}: no .jpeg X-rays (give --data, the folder holding "
+                                    "chest_xray_224 and adult_xray_dev)")
+    paths["children (shared test, every second)"] = paths["children (shared test, every second)"][::2]
+    return {name: [np.asarray(Image.open(p).convert("L")) for p in found] for name, found in paths.items()}
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ sys.path.insert(0, str(PROJECT / "src"))
 
 from pneumonia_cnn import builtin  # noqa: E402
 from pneumonia_cnn.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from pneumonia_cnn.errors import PneumoniaCNNError  # noqa: E402
 from pneumonia_cnn.training.config import config_from_dict  # noqa: E402
 from pneumonia_cnn.training.data import prepare_data  # noqa: E402
 from pneumonia_cnn.training.distributed import Distributed  # noqa: E402
@@ -38,13 +39,19 @@ def main():
     parser.add_argument("--data", default=str(PROJECT.parent / "shared" / "data" / "chest_xray_224"))
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(builtin.checkpoint_path(), out / "best.pt")
-    stored = load_checkpoint(out / "best.pt")["config"]
-    config = dataclasses.replace(config_from_dict(stored), data=args.data, out=str(out), cache_dir="", workers=0)
-    train_set, val_set = prepare_data(config, Distributed())
-    finish_run(out, config, train_set, val_set, torch.device("cpu"))
-    keep_stored_decision(out / "best.pt", load_checkpoint(builtin.checkpoint_path()))
+    try:
+        if (out / "best.pt").exists():  # a run's own checkpoint would be replaced by the built-in model's
+            raise PneumoniaCNNError(f"{out / 'best.pt'}: already exists; give a new --out folder")
+        stored = load_checkpoint(builtin.checkpoint_path())
+        config = dataclasses.replace(config_from_dict(stored["config"]), data=args.data, out=str(out), cache_dir="",
+                                     workers=0)
+        train_set, val_set = prepare_data(config, Distributed())  # the data checked before anything is written
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(builtin.checkpoint_path(), out / "best.pt")
+        finish_run(out, config, train_set, val_set, torch.device("cpu"))
+        keep_stored_decision(out / "best.pt", stored)
+    except (PneumoniaCNNError, OSError) as error:
+        sys.exit(f"error: {error}")
 
 
 def keep_stored_decision(path: Path, stored: dict):

@@ -222,24 +222,3 @@ def test_evaluates_table_says_why_ppv_is_undefined(tmp_path, root, cache_dir):
                       cache_dir=cache_dir)
     assert report["metrics"]["confusion_matrix"]["tp"] + report["metrics"]["confusion_matrix"]["fp"] == 0
     assert f"{'ppv':<20}undefined   (no image called PNEUMONIA)" in format_table(report).splitlines()
-
-
-# ---------- 5. a bootstrap that takes minutes is said to, before the scoring
-
-def test_a_bootstrap_expected_to_take_minutes_is_noted_before_the_scoring(capsys, caplog, tmp_path, root,
-                                                                          monkeypatch):
-    """About 45 ms a resample on 2 cores (2,000 took 89 s on 80 images): 100,000 ran for over an hour, unsaid."""
-    from pneumonia_cnn.errors import PneumoniaCNNError
-    from pneumonia_cnn.evaluation import evaluate
-
-    def stop(*args, **kwargs):
-        raise PneumoniaCNNError("stopped where the scoring begins")
-    monkeypatch.setattr(evaluate, "evaluate", stop)
-    for resamples, said in ((1000, False), (3000, False), (4000, True), (100_000, True)):
-        caplog.clear()
-        status, error = run(capsys, "evaluate", "--data", root, "--out", tmp_path / "m.json", "--bootstrap",
-                            resamples)
-        assert (status, error) == (2, "error: stopped where the scoring begins")
-        notes = [m for m in caplog.messages if m.startswith("note: --bootstrap")]
-        assert len(notes) == said, (resamples, notes)
-    assert notes[0].startswith("note: --bootstrap 100000: the intervals take about 75 minutes (some 45 ms a resample")

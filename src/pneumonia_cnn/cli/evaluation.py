@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -29,23 +28,6 @@ from .outputs import (
     refuse_repeated_checkpoints,
     report_page_of,
 )
-
-log = logging.getLogger(__name__)
-
-# measured on 2 CPU cores: evaluate of 80 images took 89 s for 2,000 resamples (about 45 ms each, image and
-# per-patient intervals together); bootstrap_metrics alone takes 36 ms a resample for 80 images and 45 ms for 624:
-# scikit-learn's per-call cost, not the images, sets it. Each --by group adds a bootstrap of its own.
-SECONDS_PER_RESAMPLE = 0.045
-SLOW_BOOTSTRAP_MINUTES = 3
-
-
-def note_slow_bootstrap(resamples: int) -> None:
-    """One line on stderr, before the scoring, when the intervals alone are expected to take minutes."""
-    minutes = resamples * SECONDS_PER_RESAMPLE / 60
-    if minutes >= SLOW_BOOTSTRAP_MINUTES:
-        log.warning("note: --bootstrap %d: the intervals take about %.0f minutes (some %d ms a resample on 2 CPU "
-                    "cores, whatever the number of images; each --by group adds about as much again); the default "
-                    "is 1000", resamples, minutes, round(SECONDS_PER_RESAMPLE * 1000))
 
 
 def evaluate_arguments(p):
@@ -164,7 +146,6 @@ def run_evaluate(args) -> int:
         raise PneumoniaCNNError("--save-as writes the decision refitted by --threshold or --calibration: give one")
     if args.save_as and Path(args.save_as).resolve() == Path(out).resolve():  # the report would replace the model
         raise PneumoniaCNNError(f"{args.save_as}: --save-as and --out name the same file; give each its own")
-    note_slow_bootstrap(args.bootstrap)
     report = evaluate(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0], args.data, args.split,
                       device=args.device, threshold=args.threshold, calibration=args.calibration,
                       save_as=args.save_as, val_split=args.val_split, prevalence=args.prevalence,
@@ -198,7 +179,6 @@ def run_report(args) -> int:
     flag = "--out" if args.out else "the default --out"
     check_replaceable(str(out), "report", flag)
     check_replaceable(str(metrics), "metrics", flag)
-    note_slow_bootstrap(args.bootstrap)
     path = write_report(args.run_dir, data=args.data, split=args.split, out=args.out, device=args.device,
                         bootstrap=args.bootstrap, cache_dir=args.cache_dir, stress=not args.no_stress, by=args.by)
     print(f"written: {path}")

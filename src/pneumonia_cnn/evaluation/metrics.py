@@ -1,4 +1,4 @@
-"""Clinical metrics with 95% confidence intervals, computed with scikit-learn's metric functions.
+"""Clinical metrics with 95% confidence intervals (the metrics of ``pneumonia_cnn.metrics``: scikit-learn's).
 
 Intervals come from a seeded bootstrap, stratified by class; when file names carry patient ids the
 resampling unit is the patient (images of one patient are not independent). Proportions also get a
@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ..metrics import point_metrics
+from ..metrics import point_metrics, roc_auc
 
 
 def wilson_interval(successes: int, total: int, z: float = 1.959964) -> list[float]:
@@ -193,10 +193,9 @@ def delong_test(labels, scores_a, scores_b) -> dict:
 def paired_auc_bootstrap(labels, scores_a, scores_b, groups=None, resamples: int = 1000, seed: int = 0) -> dict:
     """The difference of two ROC AUCs on the same images, resampling ``groups`` (patients) as every other interval
     does: DeLong's test takes images as independent, and a patient's images are not."""
-    from sklearn.metrics import roc_auc_score
     labels = np.asarray(labels).astype(int)
     scores_a, scores_b = np.asarray(scores_a, float), np.asarray(scores_b, float)
-    differences = np.array([roc_auc_score(labels[c], scores_a[c]) - roc_auc_score(labels[c], scores_b[c])
+    differences = np.array([roc_auc(labels[c], scores_a[c]) - roc_auc(labels[c], scores_b[c])
                             for c in resampled_indices(labels, groups, resamples, seed)
                             if len(set(labels[c].tolist())) == 2])
     if not len(differences):

@@ -58,6 +58,35 @@ def test_the_input_taps_share_one_content_box_and_give_what_each_reduction_gives
     assert shared["orientations4_content"].shape == (1, 128) and shared["thumbnail4_content"].shape == (1, 16)
 
 
+def test_the_half_resolution_image_is_avg_pool2d_bit_for_bit_and_exports_as_average_pool():
+    """Eager torch sums four strided views (faster than its pooling of one channel); the features the stored
+    detectors were fitted on must not move by a bit. The export keeps AveragePool (ONNX Runtime's fast op)."""
+    import io
+
+    import onnx
+    import onnxruntime
+
+    from pneumonia_cnn.ood.taps import _gray, _halved
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(3, 1, 192, 192), (2, 1, 101, 77), (1, 1, 17, 16)]:
+        image = torch.round(torch.rand(shape, generator=generator) * 255) / 255
+        assert torch.equal(_halved(image), torch.nn.functional.avg_pool2d(image, 2)), shape
+    color = torch.rand(2, 3, 20, 20, generator=generator)
+    one_channel = color[:, :1]
+    assert torch.equal(_gray(color), color.mean(dim=1, keepdim=True)) and _gray(one_channel) is one_channel
+
+    class Halved(torch.nn.Module):
+        def forward(self, x):
+            return _halved(x)
+    buffer = io.BytesIO()
+    torch.onnx.export(Halved(), (image,), buffer, dynamo=False, opset_version=17)
+    graph = onnx.load_from_string(buffer.getvalue()).graph
+    assert [node.op_type for node in graph.node] == ["AveragePool"]
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {graph.input[0].name: image.numpy()})[0]
+    assert np.allclose(exported, _halved(image).numpy(), atol=1e-7)
+
+
 def test_side_bands_leave_the_content_views_where_they_were_and_move_the_whole_frame_views():
     """The built-in detector's own k-NN distances (hand-checked): with the canvas 1.2 times as wide, the
     whole-frame thumbnail of an adult moves a quarter or more towards the children, the content views little

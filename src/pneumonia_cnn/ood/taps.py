@@ -71,6 +71,29 @@ def _coarse_thumbnail(x: torch.Tensor) -> torch.Tensor:
     return _block_means(x, 4)
 
 
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """One channel: the mean of the channels (an image of one channel is itself, with no copy)."""
+    x = x.float()
+    return x if int(x.shape[1]) == 1 else x.mean(dim=1, keepdim=True)
+
+
+def _halved(x: torch.Tensor) -> torch.Tensor:
+    """Means of 2 x 2 pixels, ``avg_pool2d(x, 2)`` bit for bit: eager torch sums the four strided views faster
+    than its pooling of one channel on CPU, while ONNX Runtime runs an exported AveragePool far faster than
+    strided Slices, so the export keeps the pooling."""
+    if torch.onnx.is_in_onnx_export():
+        return F.avg_pool2d(x, 2)
+    x = x[:, :, : int(x.shape[2]) // 2 * 2, : int(x.shape[3]) // 2 * 2]
+    return (x[:, :, 0::2, 0::2] + x[:, :, 0::2, 1::2] + x[:, :, 1::2, 0::2] + x[:, :, 1::2, 1::2]) * 0.25
+
+
+def _half_resolution(x: torch.Tensor) -> torch.Tensor:
+    """The gray image at half resolution, which the orientations and the content box read; a map under 16
+    pixels keeps its own."""
+    x = _gray(x)
+    return _halved(x) if min(x.shape[2:]) >= 16 else x
+
+
 ORIENTATIONS = 8
 
 
@@ -83,18 +106,15 @@ def _orientation_histogram(x: torch.Tensor, halve: bool = True) -> torch.Tensor:
     nearest of 8 directions by dot product, which exports to ONNX without atan2. The bins' edges are turned
     1/16 of a bin off the axes and diagonals, where many pixels' gradients point exactly, so that rounding
     (torch's or ONNX Runtime's) never decides their bin. ``halve=False``: ``x`` is at half resolution already."""
-    x = x.float().mean(dim=1, keepdim=True)
-    if halve and min(x.shape[2:]) >= 16:  # not on a small feature map, nor on one already halved
-        x = F.avg_pool2d(x, 2)
-    x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    x = F.pad(_half_resolution(x) if halve else _gray(x), (1, 1, 1, 1), mode="replicate")
     dx = x[:, :, 1:-1:2, 2::2] - x[:, :, 1:-1:2, :-2:2]
     dy = x[:, :, 2::2, 1:-1:2] - x[:, :, :-2:2, 1:-1:2]
     bins = torch.arange(ORIENTATIONS, dtype=torch.float32, device=x.device)
     angles = (bins + 0.5 + 1 / 16) * (2 * torch.pi / ORIENTATIONS)
     cos, sin = torch.cos(angles).view(1, -1, 1, 1), torch.sin(angles).view(1, -1, 1, 1)
     alignment = (dx * dx - dy * dy) * cos + (2 * dx * dy) * sin  # |g|^2 cos(2 theta - angle) per direction
-    nearest = (alignment >= alignment.amax(dim=1, keepdim=True)).float()
-    blocks = _block_means(nearest * torch.sqrt(dx * dx + dy * dy), 4)
+    magnitude = torch.sqrt(dx * dx + dy * dy)
+    blocks = _block_means(magnitude * (alignment >= alignment.amax(dim=1, keepdim=True)), 4)
     blocks = blocks.reshape(-1, ORIENTATIONS, int(blocks.shape[1]) // ORIENTATIONS)
     return torch.flatten(blocks / (blocks.sum(dim=1, keepdim=True) + 1e-6), 1)
 
@@ -123,10 +143,12 @@ def _content_box(x: torch.Tensor) -> torch.Tensor:
     side bands, a border or a shifted frame, or without (many training children have dark side bands and few
     adults do: views of the whole frame read bands as youth). The margins are read from the row and column
     means of the image averaged again over 2 x 2."""
-    x = x.float().mean(dim=1, keepdim=True)
-    if min(x.shape[2:]) >= 16:  # the views read half resolution (the orientations' own), at a quarter the cost
-        x = F.avg_pool2d(x, 2)
-    coarse = F.avg_pool2d(x, 2) if min(x.shape[2:]) >= 16 else x
+    return _box_of_half(_half_resolution(x))
+
+
+def _box_of_half(x: torch.Tensor) -> torch.Tensor:
+    """``_content_box`` of the image at half resolution already (``_half_resolution``)."""
+    coarse = _halved(x) if min(x.shape[2:]) >= 16 else x
     left, right = _content_span(coarse.mean(dim=2)[:, 0])
     top, bottom = _content_span(coarse.mean(dim=3)[:, 0])
     return _resample(_resample(x, top, bottom, dim=2), left, right, dim=3)
@@ -196,11 +218,23 @@ def reduce_tap(module: str, reduction: str, output: torch.Tensor) -> torch.Tenso
     return REDUCTIONS[reduction](output)
 
 
+# the input's views that read the image at half resolution (``_half_resolution``)
+HALF_RESOLUTION_VIEWS = {"orientations4", *CONTENT_BOX_VIEWS}
+
+
 def reduce_input(reductions: list[str], image: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input taps' reductions, the content box computed once for those that read it."""
-    box = _content_box(image) if any(r in CONTENT_BOX_VIEWS for r in reductions) else None
-    return {r: CONTENT_BOX_VIEWS[r](box) if r in CONTENT_BOX_VIEWS else reduce_tap(INPUT_TAP, r, image)
-            for r in reductions}
+    """The input taps' reductions; the image at half resolution and its content box are computed once for all
+    the views that read them."""
+    half = _half_resolution(image) if any(r in HALF_RESOLUTION_VIEWS for r in reductions) else None
+    box = _box_of_half(half) if any(r in CONTENT_BOX_VIEWS for r in reductions) else None
+
+    def reduce(reduction: str) -> torch.Tensor:
+        if reduction in CONTENT_BOX_VIEWS:
+            return CONTENT_BOX_VIEWS[reduction](box)
+        if reduction == "orientations4":
+            return _orientation_histogram(half, halve=False)
+        return reduce_tap(INPUT_TAP, reduction, image)
+    return {r: reduce(r) for r in reductions}
 
 
 # ------------------------------------------------------------------ taps: features in the same forward pass

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,22 @@ def private_cache(tmp_path_factory):
         os.environ.pop("PNEUMONIA_CNN_CACHE", None)
     else:
         os.environ["PNEUMONIA_CNN_CACHE"] = previous
+
+
+_PORTS_GIVEN: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now, never one this process handed out before: the system may give
+    the same free port to two probes in a row (an Orthanc's HTTP and DICOM ports once came out equal, and it
+    exited). Another process may still take it before the caller binds it."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def require_shared():

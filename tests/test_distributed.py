@@ -1,7 +1,6 @@
 """Data-parallel training for real: 2 CPU processes, Gloo on loopback, launched by torchrun."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,12 +9,7 @@ import torch
 
 from pneumonia_cnn.checkpoint import load_checkpoint
 from pneumonia_cnn.cli import main
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 def worker_pids(launcher_pid):

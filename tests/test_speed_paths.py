@@ -154,13 +154,18 @@ def test_served_flips_leave_the_input_taps_to_the_unflipped_images(monkeypatch):
     model = create_model("resnet18_narrow", 1, (64, 64)).eval()
     taps = default_taps(model)
     assert any(module == "input" for module, _ in taps) and any(module != "input" for module, _ in taps)
-    seen, reduce = [], taps_module.reduce_tap
+    seen, reduce, reduce_input = [], taps_module.reduce_tap, taps_module.reduce_input
     monkeypatch.setattr(taps_module, "reduce_tap", lambda m, r, x: seen.append((m, x.shape[0])) or reduce(m, r, x))
+    monkeypatch.setattr(taps_module, "reduce_input",  # the input taps (some views never reach reduce_tap)
+                        lambda r, x: seen.append(("input", x.shape[0])) or reduce_input(r, x))
     x = torch.rand(5, 1, 64, 64)
     with torch.no_grad():
-        flipped, plain = ServedModel(model, True, taps).eval()(x), ServedModel(model, False, taps).eval()(x)
-    assert {rows for module, rows in seen if module == "input"} == {5}
-    assert {rows for module, rows in seen[:len(taps)] if module != "input"} == {10}  # the network sees both
+        flipped = ServedModel(model, True, taps).eval()(x)
+        seen_with_flips = list(seen)
+        plain = ServedModel(model, False, taps).eval()(x)
+    assert {rows for module, rows in seen_with_flips if module == "input"} == {5}
+    assert {rows for module, rows in seen_with_flips if module != "input"} == {10}  # the network sees both
+    assert ("input", 5) in seen_with_flips and len(seen) > len(seen_with_flips)
     assert not torch.allclose(flipped[0], plain[0])  # the logits average in the mirror images
     for with_flips, without in zip(flipped[1:], plain[1:]):
         assert with_flips.shape == without.shape

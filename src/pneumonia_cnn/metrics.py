@@ -1,7 +1,7 @@
 """The one implementation of the metrics of a decision and a ranking: training's per-epoch validation,
 ``evaluate``, ``stress``, ``compare`` and adaptation all report these. Written in numpy, not as calls to
 scikit-learn's functions, because the bootstrap computes them for every resample and scikit-learn's input
-validation cost about 20-45 ms a call (the metrics themselves a fraction of a millisecond);
+validation cost 20-45 ms a resample (the metrics themselves a fraction of a millisecond);
 ``tests/evaluation/test_metric_definitions.py`` checks every metric against scikit-learn's."""
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ def ranking_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 def roc_auc(labels, scores) -> float:
     """Area under the ROC curve (trapezoids: a tie counts half), NaN unless both classes are present."""
     labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=float)
+    if not len(labels):
+        return float("nan")
     true_positives, false_positives = ranking_curve(labels, scores)
-    if not len(labels) or true_positives[-1] == 0 or false_positives[-1] == 0:
+    if true_positives[-1] == 0 or false_positives[-1] == 0:
         return float("nan")
     return float(np.trapezoid(np.r_[0, true_positives] / true_positives[-1],
                               np.r_[0, false_positives] / false_positives[-1]))
@@ -33,7 +35,7 @@ def roc_auc(labels, scores) -> float:
 def average_precision(labels, scores) -> float:
     """Area under the precision-recall curve as scikit-learn's ``average_precision_score`` takes it: the
     precision at each distinct score weighted by the recall it adds (no interpolation)."""
-    true_positives, false_positives = ranking_curve(labels, scores)
+    true_positives, false_positives = ranking_curve(np.asarray(labels).astype(int), np.asarray(scores, dtype=float))
     precision = true_positives / (true_positives + false_positives)
     # the positives each score adds, divided once at the end: a perfect ranking sums to exactly 1
     return float(np.sum(np.diff(np.r_[0, true_positives]) * precision) / true_positives[-1])
@@ -43,6 +45,18 @@ def _ratio(numerator, denominator) -> float:
     return float(numerator / denominator) if denominator else float("nan")
 
 
+def _check_inputs(labels, probabilities, predicted) -> None:
+    """What scikit-learn's functions refused (they validated every call): no callers pass these, but a metric of
+    them would be a number that means nothing."""
+    if not len(labels) or not len(labels) == len(probabilities) == len(predicted):
+        raise ValueError(f"metrics need as many labels, probabilities and decisions, at least one: got "
+                         f"{len(labels)}, {len(probabilities)}, {len(predicted)}")
+    if (labels & ~1).any() or (predicted & ~1).any():  # any bit but the lowest: not 0 or 1
+        raise ValueError("labels and decisions must be 0 or 1")
+    if not ((probabilities >= 0) & (probabilities <= 1)).all():  # NaN compares false
+        raise ValueError("probabilities must be finite and within [0, 1]")
+
+
 def point_metrics(labels, probabilities, threshold: float = 0.5, predicted=None) -> dict:
     """``predicted`` (0/1 per image), when given, is the decision as made (``Decision.positive``) instead of
     ``probabilities >= threshold``. A ratio with nothing to count (the specificity of images that are all
@@ -50,6 +64,7 @@ def point_metrics(labels, probabilities, threshold: float = 0.5, predicted=None)
     labels = np.asarray(labels).astype(int)
     probabilities = np.asarray(probabilities, dtype=float)
     predicted = (probabilities >= threshold if predicted is None else np.asarray(predicted)).astype(int)
+    _check_inputs(labels, probabilities, predicted)
     both = len(set(labels.tolist())) == 2
     tn, fp, fn, tp = np.bincount(2 * labels + predicted, minlength=4)[:4].tolist()
     sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)

@@ -130,3 +130,21 @@ def test_the_bootstrap_gives_the_intervals_scikit_learns_metrics_give(monkeypatc
     assert ours_paired["resamples"] == theirs_paired["resamples"] == 80
     assert ours_paired["ci95"] == pytest.approx(theirs_paired["ci95"], abs=1e-12)
     assert ours_paired["p_value"] == theirs_paired["p_value"]
+
+
+@pytest.mark.parametrize("labels, probabilities, predicted, said", [
+    ([], [], None, "at least one"),
+    ([0, 1], [0.2], None, "as many"),
+    ([0, 2], [0.2, 0.7], None, "0 or 1"),
+    ([0, -1], [0.2, 0.7], None, "0 or 1"),
+    ([0, 1], [0.2, 0.7], [0, 2], "0 or 1"),
+    ([0, 1], [math.nan, 0.7], None, "within \\[0, 1\\]"),
+    ([0, 1], [0.2, math.inf], None, "within \\[0, 1\\]"),
+    ([0, 1], [-0.1, 0.7], None, "within \\[0, 1\\]"),
+])
+def test_what_scikit_learn_refused_is_refused(labels, probabilities, predicted, said):
+    """scikit-learn validated every call; a metric of a NaN score or of a label 2 would be a number that means
+    nothing."""
+    with pytest.raises(ValueError, match=said):
+        point_metrics(labels, probabilities, 0.5, predicted)
+    assert math.isnan(roc_auc([], []))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import requests
+
+from tests.conftest import free_port
 
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = next((p for p in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
@@ -22,17 +23,20 @@ def require_orthanc():
         pytest.skip("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb; .ci/run does)")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Orthanc:
     """One Orthanc process. ``modalities`` maps a name to (AE title, host, port) for its C-STORE/C-ECHO SCU."""
 
     def __init__(self, folder: Path, modalities: dict | None = None, aet: str = "ORTHANC", users: dict | None = None):
-        self.folder, self.aet = Path(folder), aet
+        self.folder, self.aet, self.modalities, self.users = Path(folder), aet, modalities, users
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._configure()
+        self.process = None
+        self.http = requests.Session()
+        self.http.auth = next(iter(users.items())) if users else None
+
+    def _configure(self):
+        """Fresh ports and the configuration file that names them."""
+        aet, modalities, users = self.aet, self.modalities, self.users
         self.http_port, self.dicom_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.dicomweb = f"{self.url}/dicom-web"
@@ -44,13 +48,22 @@ class Orthanc:
                   "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
                   "DicomModalities": {name: list(m) for name, m in (modalities or {}).items()},
                   "DicomAlwaysAllowStore": True, "StableAge": 1, "ConcurrentJobs": 1}
-        self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "orthanc.json").write_text(json.dumps(config, indent=1))
-        self.process = None
-        self.http = requests.Session()
-        self.http.auth = next(iter(users.items())) if users else None
 
-    def start(self) -> Orthanc:
+    def start(self, attempts: int = 3) -> Orthanc:
+        """Started and answering; started again on fresh ports when another process took one of its ports
+        between the probe and Orthanc's bind."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once()
+            except RuntimeError as error:
+                if "already in use" not in str(error) or attempt == attempts - 1:
+                    raise
+                self.log.close()
+                self._configure()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> Orthanc:
         self.log = open(self.folder / "orthanc.log", "wb")  # noqa: SIM115 - open while Orthanc runs
         self.process = subprocess.Popen([ORTHANC, str(self.folder / "orthanc.json")], stdout=self.log,
                                         stderr=subprocess.STDOUT)

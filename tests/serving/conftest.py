@@ -1,5 +1,4 @@
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -8,13 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import SHARED_DATA
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import SHARED_DATA, free_port
 
 
 class Server:

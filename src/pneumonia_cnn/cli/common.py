@@ -138,11 +138,11 @@ def positive_number(text: str) -> float:
 
 PORT = whole_number(1, 65535)
 # resamples of the 95% intervals: their ends' Monte Carlo error falls as 1/sqrt(resamples), below the tables'
-# 4 decimals long before 100,000, while the time grows with them (about 10 s per 1,000 on 624 images on 2 CPU
-# cores): a larger count only ran on for hours (99,999,999,999 was accepted and never ended)
+# 4 decimals long before 100,000, while the time grows with them (README, "Evaluation a reviewer would trust"):
+# a larger count only ran on (99,999,999,999 was accepted and never ended)
 MAX_BOOTSTRAP = 100_000
 BOOTSTRAP = whole_number(1, MAX_BOOTSTRAP)
-BOOTSTRAP_HELP = f"at most {MAX_BOOTSTRAP:,}: beyond, the intervals gain no digit shown, only hours of run time"
+BOOTSTRAP_HELP = f"at most {MAX_BOOTSTRAP:,}: beyond, the intervals gain no digit shown, only run time"
 
 
 def given(what: str):

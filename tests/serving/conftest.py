@@ -14,15 +14,21 @@ class Server:
     """A real ``pneumonia-cnn serve`` process on loopback; its output goes to ``log_path``."""
 
     def __init__(self, checkpoint, *extra, workdir: Path, host: str = "127.0.0.1", scheme: str = "http", env=None):
-        self.port, self.workdir = free_port(), Path(workdir)
+        self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.workdir / f"server-{self.port}.log"
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "pneumonia_cnn", "serve", str(checkpoint), "--host", host, "--port",
-                   str(self.port), "--device", "cpu", *map(str, extra)]
-        self.process = subprocess.Popen(command, stdout=open(self.log_path, "w"),
-                                        stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        self.wait_ready()
+        for attempt in range(3):  # another process may take the free port before the server binds it
+            self.port = free_port()
+            self.log_path = self.workdir / f"server-{self.port}.log"
+            self.url = f"{scheme}://127.0.0.1:{self.port}"
+            command = [sys.executable, "-m", "pneumonia_cnn", "serve", str(checkpoint), "--host", host, "--port",
+                       str(self.port), "--device", "cpu", *map(str, extra)]
+            self.process = subprocess.Popen(command, stdout=open(self.log_path, "w"),
+                                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            try:
+                return self.wait_ready()
+            except RuntimeError:
+                if attempt == 2 or "Address already in use" not in self.log():
+                    raise
 
     def wait_ready(self):
         for _ in range(600):

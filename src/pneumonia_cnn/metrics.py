@@ -61,10 +61,14 @@ def point_metrics(labels, probabilities, threshold: float = 0.5, predicted=None)
     """``predicted`` (0/1 per image), when given, is the decision as made (``Decision.positive``) instead of
     ``probabilities >= threshold``. A ratio with nothing to count (the specificity of images that are all
     PNEUMONIA) is NaN, and so are the ranking's areas and the balanced accuracy with one class."""
+    given_labels, given_predicted = labels, predicted
     labels = np.asarray(labels).astype(int)
     probabilities = np.asarray(probabilities, dtype=float)
     predicted = (probabilities >= threshold if predicted is None else np.asarray(predicted)).astype(int)
     _check_inputs(labels, probabilities, predicted)
+    for given, whole in ((given_labels, labels), (given_predicted, predicted)):
+        if given is not None and not np.array_equal(np.asarray(given, dtype=float), whole):  # 0.6 became 0
+            raise ValueError("labels and decisions must be 0 or 1")
     both = len(set(labels.tolist())) == 2
     tn, fp, fn, tp = np.bincount(2 * labels + predicted, minlength=4)[:4].tolist()
     sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)

@@ -138,6 +138,8 @@ def test_the_bootstrap_gives_the_intervals_scikit_learns_metrics_give(monkeypatc
     ([0, 2], [0.2, 0.7], None, "0 or 1"),
     ([0, -1], [0.2, 0.7], None, "0 or 1"),
     ([0, 1], [0.2, 0.7], [0, 2], "0 or 1"),
+    ([0.6, 1.9], [0.2, 0.7], None, "0 or 1"),  # not truncated to 0 and 1
+    ([0, 1], [0.2, 0.7], [0.5, 1], "0 or 1"),
     ([0, 1], [math.nan, 0.7], None, "within \\[0, 1\\]"),
     ([0, 1], [0.2, math.inf], None, "within \\[0, 1\\]"),
     ([0, 1], [-0.1, 0.7], None, "within \\[0, 1\\]"),

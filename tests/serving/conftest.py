@@ -22,11 +22,13 @@ class Server:
             self.url = f"{scheme}://127.0.0.1:{self.port}"
             command = [sys.executable, "-m", "pneumonia_cnn", "serve", str(checkpoint), "--host", host, "--port",
                        str(self.port), "--device", "cpu", *map(str, extra)]
-            self.process = subprocess.Popen(command, stdout=open(self.log_path, "w"),
-                                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            self.log_file = open(self.log_path, "w")  # noqa: SIM115 - the server writes it until stop()
+            self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **(env or {})})
             try:
                 return self.wait_ready()
             except RuntimeError:
+                self.log_file.close()
                 if attempt == 2 or "Address already in use" not in self.log():
                     raise
 
@@ -57,6 +59,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.log_file.close()
 
 
 def start_server(checkpoint, *extra):

@@ -45,14 +45,20 @@ def _ratio(numerator, denominator) -> float:
     return float(numerator / denominator) if denominator else float("nan")
 
 
-def _check_inputs(labels, probabilities, predicted) -> None:
-    """What scikit-learn's functions refused (they validated every call): no callers pass these, but a metric of
-    them would be a number that means nothing."""
+# What scikit-learn's functions refused (they validated every call): no caller passes these, but a metric of them
+# would be a number that means nothing.
+def _zero_or_one(values, what: str) -> np.ndarray:
+    given = np.asarray(values)
+    whole = given.astype(int)
+    if (whole & ~1).any() or not np.array_equal(given.astype(float), whole):  # 2, -1, or 0.6 truncated to 0
+        raise ValueError(f"{what} must be 0 or 1")
+    return whole
+
+
+def _check_probabilities(labels, probabilities, predicted) -> None:
     if not len(labels) or not len(labels) == len(probabilities) == len(predicted):
         raise ValueError(f"metrics need as many labels, probabilities and decisions, at least one: got "
                          f"{len(labels)}, {len(probabilities)}, {len(predicted)}")
-    if (labels & ~1).any() or (predicted & ~1).any():  # any bit but the lowest: not 0 or 1
-        raise ValueError("labels and decisions must be 0 or 1")
     if not ((probabilities >= 0) & (probabilities <= 1)).all():  # NaN compares false
         raise ValueError("probabilities must be finite and within [0, 1]")
 
@@ -61,14 +67,10 @@ def point_metrics(labels, probabilities, threshold: float = 0.5, predicted=None)
     """``predicted`` (0/1 per image), when given, is the decision as made (``Decision.positive``) instead of
     ``probabilities >= threshold``. A ratio with nothing to count (the specificity of images that are all
     PNEUMONIA) is NaN, and so are the ranking's areas and the balanced accuracy with one class."""
-    given_labels, given_predicted = labels, predicted
-    labels = np.asarray(labels).astype(int)
+    labels = _zero_or_one(labels, "labels")
     probabilities = np.asarray(probabilities, dtype=float)
-    predicted = (probabilities >= threshold if predicted is None else np.asarray(predicted)).astype(int)
-    _check_inputs(labels, probabilities, predicted)
-    for given, whole in ((given_labels, labels), (given_predicted, predicted)):
-        if given is not None and not np.array_equal(np.asarray(given, dtype=float), whole):  # 0.6 became 0
-            raise ValueError("labels and decisions must be 0 or 1")
+    predicted = _zero_or_one(probabilities >= threshold if predicted is None else predicted, "decisions")
+    _check_probabilities(labels, probabilities, predicted)
     both = len(set(labels.tolist())) == 2
     tn, fp, fn, tp = np.bincount(2 * labels + predicted, minlength=4)[:4].tolist()
     sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)

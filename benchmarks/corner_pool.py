@@ -71,6 +71,8 @@ def main():
     parser.add_argument("--sittings", type=int, default=2, help="timings of both pools, one after the other")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "corner_pool.json")
     args = parser.parse_args()
+    if args.batch < 1 or args.sittings < 1:
+        parser.error("--batch and --sittings must be at least 1")
     torch.manual_seed(0)
     x = torch.randn(args.batch, 32, 222, 222).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     pools = {"torch max_pool2d": lambda t: F.max_pool2d(t, 2), "corner masks": CornerMaxPool.apply}

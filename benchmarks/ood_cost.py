@@ -28,6 +28,7 @@ sys.path.insert(0, str(PROJECT / "benchmarks"))
 from ood_study import forward_ms  # noqa: E402
 
 from pneumonia_cnn.checkpoint import build_model, load_checkpoint  # noqa: E402
+from pneumonia_cnn.errors import PneumoniaCNNError  # noqa: E402
 from pneumonia_cnn.inference import Predictor  # noqa: E402
 from pneumonia_cnn.inference.bundle import load_bundle  # noqa: E402
 from pneumonia_cnn.ood import OODDetector, extract  # noqa: E402
@@ -78,10 +79,22 @@ def main():
     parser.add_argument("--data", type=Path, default=PROJECT.parent / "shared" / "data" / "chest_xray_224")
     parser.add_argument("--out", type=Path, default=PROJECT / "benchmarks" / "ood_cost.json")
     args = parser.parse_args()
+    try:
+        result = measure(args)
+    except (PneumoniaCNNError, OSError) as error:
+        sys.exit(f"error: {error}")
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def measure(args) -> dict:
     checkpoint = load_checkpoint(args.checkpoint)
+    if not checkpoint.get("ood"):
+        raise PneumoniaCNNError(f"{args.checkpoint}: holds no out-of-distribution detector to time")
     detector = OODDetector.from_state(checkpoint["ood"])
     model = build_model(checkpoint).eval()
     files = sorted((args.data / "test").glob("*/*.jpeg"))
+    if not files:
+        raise PneumoniaCNNError(f"{args.data / 'test'}: no CLASS/*.jpeg images to time predict on")
     predictor = Predictor(args.checkpoint, "cpu")
     pixels = np.stack([predictor.preprocess_path(f)[0] for f in files])
     size = tuple(checkpoint["preprocessing"]["size"])
@@ -100,7 +113,7 @@ def main():
           f"{engine_forward:.2f}; detector {taps_extra + scoring:.2f} (taps {taps_extra:.2f} + scoring "
           f"{scoring:.2f}) = {result['detector_share_of_predict']:.1%} of predict; in an eager torch forward the "
           f"taps add {torch_taps_extra:.2f} ({result['torch_detector_share_of_predict']:.1%} with the scoring)")
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 if __name__ == "__main__":

@@ -42,19 +42,39 @@ def private_cache(tmp_path_factory):
 
 
 _PORTS_GIVEN: set[int] = set()
+# Each pytest-xdist worker takes its ports from a block of its own below Linux's ephemeral range (32768-60999),
+# so two workers never get the same port and no outgoing connection's local port lands on one. Probing port 0
+# and closing the probe had left a window in which another worker (or a connection) got the same port.
+PORT_BLOCK, FIRST_PORT, PORT_BLOCKS = 1000, 20000, 12
+# a random start within the block, so that two sessions run at once (by hand beside a full run) rarely meet
+_next_port_offset = np.random.default_rng(os.getpid()).integers(PORT_BLOCK)
+
+
+def _worker_block() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # "gw0", "gw1", ...; unset without -n
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    return FIRST_PORT + index % PORT_BLOCKS * PORT_BLOCK
 
 
 def free_port() -> int:
-    """A loopback port nothing listens on now, never one this process handed out before: the system may give
-    the same free port to two probes in a row (an Orthanc's HTTP and DICOM ports once came out equal, and it
-    exited). Another process may still take it before the caller binds it."""
-    while True:
+    """A loopback port nothing listens on now, from this worker's block, never one this process handed out
+    before (the system had given the same free port to two probes in a row: an Orthanc's HTTP and DICOM ports
+    came out equal, and it exited). A process outside the suite may still take it before the caller binds it."""
+    global _next_port_offset
+    block = _worker_block()
+    for _ in range(PORT_BLOCK):
+        port = block + int(_next_port_offset) % PORT_BLOCK
+        _next_port_offset += 1
+        if port in _PORTS_GIVEN:
+            continue
         with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port not in _PORTS_GIVEN:
-            _PORTS_GIVEN.add(port)
-            return port
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:  # something listens there, or a closed connection still holds it
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port left in {block}-{block + PORT_BLOCK - 1}")
 
 
 def require_shared():

@@ -54,6 +54,13 @@ def reference_of(checkpoint: dict) -> dict | None:
     return out
 
 
+def same_reference(first: dict | None, second: dict | None) -> bool:
+    """Whether two references (``reference_of``) hold the same validation scores."""
+    if first is None or second is None:
+        return first is second
+    return first.keys() == second.keys() and all(np.array_equal(first[name], second[name]) for name in first)
+
+
 NO_REFERENCE = ("no validation scores in this checkpoint (one of an earlier version, or adapted to a site: its "
                 "model is not the one the scores came from)")
 

@@ -364,3 +364,39 @@ def test_the_drift_warning_is_logged_once_per_episode(caplog):
         "drift: the last 100 images differ from the validation reference",
         "drift: back within the levels",
         "drift: the last 100 images differ from the validation reference"]
+
+
+def test_a_reload_of_the_same_model_keeps_the_drift_window_and_its_alert(trained_run, tmp_path):
+    """Rotating an API key is a reload of the same checkpoint: it had emptied the window and cleared a drift alert
+    until 100 new images came. Another model (another run id) starts a window of its own."""
+    served = tmp_path / "served.pt"
+    variant_checkpoint(trained_run / "best.pt", served, "model-a", 0.5)
+    running = Server(served, "--drift-window", "30", workdir=tmp_path)
+    try:
+        for seed in range(30):
+            httpx.post(f"{running.url}/predict", files={"file": (f"n{seed}.png", noise_png(seed))}, timeout=60)
+        assert httpx.get(f"{running.url}/health").json()["drift"]["status"] == "drift"
+        reloaded = httpx.post(f"{running.url}/admin/reload", timeout=120).json()
+        drift = httpx.get(f"{running.url}/health").json()["drift"]
+        for seed in range(30, 35):  # still drifting: no second warning
+            httpx.post(f"{running.url}/predict", files={"file": (f"n{seed}.png", noise_png(seed))}, timeout=60)
+        httpx.get(f"{running.url}/health")
+        variant_checkpoint(trained_run / "best.pt", served, "model-b", 0.5)
+        other = httpx.post(f"{running.url}/admin/reload", timeout=120).json()
+        after_other = httpx.get(f"{running.url}/health").json()["drift"]
+    finally:
+        running.stop()
+    assert reloaded == {"status": "reloaded", "model": "model-a", "previous": "model-a"}
+    assert (drift["status"], drift["images"]) == ("drift", 30)
+    assert running.log().count("differ from the validation reference") == 1
+    assert other["model"] == "model-b" and (after_other["status"], after_other["images"]) == ("collecting", 0)
+
+
+def test_the_window_is_kept_only_for_the_same_validation_scores():
+    from pneumonia_cnn.monitoring import same_reference
+    scores = {"raw_scores": np.array([0.1, 0.9]), "ood_scores": np.array([1.0, 2.0])}
+    assert same_reference(scores, {name: values.copy() for name, values in scores.items()})
+    assert same_reference(None, None)
+    assert not same_reference(scores, None) and not same_reference(None, scores)
+    assert not same_reference(scores, {"raw_scores": np.array([0.1, 0.9])})  # a detector refitted away
+    assert not same_reference(scores, {**scores, "raw_scores": np.array([0.1, 0.8])})  # another model's scores

@@ -6,7 +6,7 @@ without the internet, and a third party's script on the page's origin, where the
 No ``from __future__ import annotations`` here: FastAPI must resolve the endpoint parameter types.
 
 Around the routes, outermost first: the security headers of every answer, request metrics, the Host check
-(400), API keys (401/403), then the limits on uploads (413 while bytes arrive, 408 for a stalled or too slow
+(400), the same-origin check of POSTs from browsers (403), API keys (401/403), then the limits on uploads (413 while bytes arrive, 408 for a stalled or too slow
 body, 415 for a compressed one, 503 when too many are in progress).
 Uploads stay in memory (bounded by those limits), are decoded by content and never saved under the
 client's name. The rest is in ``service.py``.
@@ -28,6 +28,7 @@ from ..inference.sessions import IDLE_THREADS, idle_threads
 from .auth import ANY_IP_ADDRESS, SECURITY_HEADERS, AccessMiddleware, HostCheckMiddleware
 from .limits import LimitsMiddleware, handshake_limited_server, idle_timeout_protocol
 from .metrics import RequestMetricsMiddleware
+from .origin import SameOriginMiddleware
 from .service import RequestError, ServeOptions, Service
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=No
                        max_batches_in_flight=options.max_batches_in_flight, describe_limit=options.describe_limit,
                        on_reject=lambda path, reason: service.metrics.rejected.labels(reason).inc())
     app.add_middleware(AccessMiddleware, keyring=lambda: service.keyring, executor=service.auth_executor)
+    app.add_middleware(SameOriginMiddleware)  # inside the Host check: a foreign page's POST gets 403
     app.add_middleware(HostCheckMiddleware, allowed_hosts=list(allowed_hosts or allowed_host_names("127.0.0.1")))
     app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
     app.add_middleware(SecurityHeadersMiddleware)  # added last: the outermost

@@ -25,7 +25,7 @@ import numpy as np
 from ..data.dicom_guard import dicom_problem
 from ..errors import ImageReadError, PneumoniaCNNError
 from ..explanation import grad_cam, overlay_png
-from ..monitoring import DriftMonitor
+from ..monitoring import DriftMonitor, same_reference
 from .audit import AuditLog, AuditUnavailable, utc_now
 from .auth import KeyRing
 from .batcher import MicroBatcher, load_served_model, use_torch_threads
@@ -363,8 +363,11 @@ class Service:
                 log.error("reload (%s) failed, still serving %s: %s", reason, previous.model_id, message)
                 return {"status": "failed", "reason": message, "model": previous.model_id}
             self.served, self.keyring = served, keyring.keep_passed(self.keyring) if keyring else None
-            self.drift = DriftMonitor(served.reference, self.options.drift_window, no_reference=served.no_reference)
-            self.drift_alerted = False
+            # a reload of the same model (to rotate API keys) had emptied the window and cleared a drift alert
+            if (served.model_id, served.no_reference) != (previous.model_id, previous.no_reference) or \
+                    not same_reference(served.reference, previous.reference):
+                self.drift = DriftMonitor(served.reference, self.options.drift_window, no_reference=served.no_reference)
+                self.drift_alerted = False
             self.metrics.set_model(served.model_id)
             self.metrics.reloads.labels("ok").inc()
             log.warning("reloaded (%s): now serving %s (was %s)", reason, served.model_id, previous.model_id)

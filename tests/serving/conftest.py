@@ -110,6 +110,7 @@ def secure_server(trained_run, keys, tmp_path_factory):
     (workdir / "tmp").mkdir()
     running = Server(trained_run / "best.pt", "--api-keys", keys["path"], "--audit-log", workdir / "audit.sqlite",
                      "--max-upload-mb", "2", "--body-timeout", "2", "--idle-timeout", "2", "--max-in-flight", "4",
+                     "--admission-wait", "0",  # refused at once while the held uploads last (test_admission.py waits)
                      "--drift-window", "40", "--allowed-hosts", "xray.hospital.example", workdir=workdir,
                      env={"TMPDIR": str(workdir / "tmp")})
     running.audit_path = workdir / "audit.sqlite"

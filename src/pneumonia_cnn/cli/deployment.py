@@ -220,10 +220,12 @@ def serve_arguments(p):
     p.add_argument("--max-batch-upload-mb", type=float, default=256, help="largest /predict/batch body")
     p.add_argument("--max-batch-files", type=int, default=256, help="most files in one /predict/batch request")
     p.add_argument("--max-in-flight", type=int, default=64,
-                   help="uploads in progress at once; more get 503 with Retry-After (bounds memory)")
+                   help="requests with an upload taken in or scored at once (bounds memory); more wait "
+                        "--admission-wait, then get 503 with Retry-After")
     p.add_argument("--max-batches-in-flight", type=int, default=2,
-                   help="/predict/batch uploads in progress at once (each up to --max-batch-upload-mb); more get "
-                        "503 with Retry-After")
+                   help="of those, /predict/batch requests (each up to --max-batch-upload-mb)")
+    p.add_argument("--admission-wait", type=float, default=10,
+                   help="seconds a request waits for one of those places before 503 (0: refused at once)")
     p.add_argument("--body-timeout", type=float, default=30, help="seconds a request body may take to arrive")
     p.add_argument("--idle-timeout", type=positive_number, default=15,
                    help="seconds a connection may stay without sending a whole request head")
@@ -241,7 +243,7 @@ def run_serve(args) -> int:
                            max_batch_upload_mb=args.max_batch_upload_mb, max_batch_files=args.max_batch_files,
                            max_batch=args.max_batch,
                            max_in_flight=args.max_in_flight, max_batches_in_flight=args.max_batches_in_flight,
-                           body_timeout=args.body_timeout,
+                           body_timeout=args.body_timeout, admission_wait=args.admission_wait,
                            prevalence=parse_prevalence(args.prevalence), adapt_batch=args.adapt_batch,
                            api_keys=args.api_keys, audit_log=args.audit_log, keep_images=args.keep_images,
                            drift_window=args.drift_window)

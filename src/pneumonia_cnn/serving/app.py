@@ -111,6 +111,7 @@ def create_app(checkpoint, options: ServeOptions | None = None, allowed_hosts=No
     app.add_middleware(LimitsMiddleware, body_limit=options.body_limit, body_timeout=options.body_timeout,
                        max_in_flight=options.max_in_flight, batch_paths=("/predict/batch",),
                        max_batches_in_flight=options.max_batches_in_flight, describe_limit=options.describe_limit,
+                       admission_wait=options.admission_wait,
                        on_reject=lambda path, reason: service.metrics.rejected.labels(reason).inc())
     app.add_middleware(AccessMiddleware, keyring=lambda: service.keyring, executor=service.auth_executor)
     app.add_middleware(SameOriginMiddleware)  # inside the Host check: a foreign page's POST gets 403

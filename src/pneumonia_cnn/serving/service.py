@@ -40,7 +40,8 @@ SERVED_OVERLAY_COMPRESSION = 1
 LARGE_IMAGE_PIXELS = 4_000_000  # decodes this large leave tens of MB in glibc's arenas: trim after them
 
 
-LIMIT_CEILING = {"max_upload_mb": 4096, "max_batch_upload_mb": 65536, "body_timeout": 86400}  # MB, MB, seconds
+LIMIT_CEILING = {"max_upload_mb": 4096, "max_batch_upload_mb": 65536, "body_timeout": 86400,  # MB, MB, s
+                 "admission_wait": 3600}  # seconds
 COUNT_CEILING = 1_000_000
 
 
@@ -54,6 +55,7 @@ class ServeOptions:
     max_batch: int = 16
     max_in_flight: int = 64
     max_batches_in_flight: int = 2
+    admission_wait: float = 10
     body_timeout: float = 30
     prevalence: object = None
     adapt_batch: bool = False
@@ -65,11 +67,12 @@ class ServeOptions:
     def __post_init__(self):
         """Refuse limits that would make the server refuse everything or nothing (named as the flags); the
         ceilings are far above any real use and keep a typo from becoming an index overflow on every upload."""
-        for name in ("max_upload_mb", "max_batch_upload_mb", "body_timeout"):
-            value = float(getattr(self, name))
-            if not math.isfinite(value) or not 0 < value <= LIMIT_CEILING[name]:
-                raise PneumoniaCNNError(f"--{name.replace('_', '-')} {value:g}: must be a positive number of at most "
-                                        f"{LIMIT_CEILING[name]:,}")
+        for name in ("max_upload_mb", "max_batch_upload_mb", "body_timeout", "admission_wait"):
+            value, ceiling, zero_allowed = float(getattr(self, name)), LIMIT_CEILING[name], name == "admission_wait"
+            if not (math.isfinite(value) and (0 <= value if zero_allowed else 0 < value) and value <= ceiling):
+                kind = f"a number from 0 to {ceiling:,}" if zero_allowed else \
+                    f"a positive number of at most {ceiling:,}"
+                raise PneumoniaCNNError(f"--{name.replace('_', '-')} {value:g}: must be {kind}")
         for name in ("max_batch_files", "max_batch", "max_in_flight", "max_batches_in_flight", "drift_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= COUNT_CEILING:

@@ -130,3 +130,15 @@ def test_a_fitted_decision_without_its_record_is_not_called_unfitted(tmp_path):
     assert onnx_metadata(tmp_path / "old.onnx")["decision_fitted_on"] == (
         f"not recorded: threshold {checkpoint['threshold']:g}, platt calibration by the policy sensitivity:0.95, "
         f"fitted on images this checkpoint does not name")
+
+
+@pytest.mark.parametrize("form, suffix", [("onnx", ".onnx"), ("torchscript", ".ts")])
+def test_an_output_name_that_is_not_utf8_is_written_and_named_in_one_line(tmp_path, form, suffix):
+    """torch's and ONNX's writers take only text that encodes as UTF-8: the temporary file beside such a name
+    had carried its byte, and export ended in a 4,000-line traceback."""
+    folder = os.fsencode(tmp_path)
+    out = folder + b"/a\xff" + suffix.encode()
+    done = subprocess.run([sys.executable, "-m", "pneumonia_cnn", "export", "--format", form, "--out", out],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout == f"written: {tmp_path}/a\\xff{suffix}\n", done.stderr[-2000:]
+    assert os.listdir(folder) == [b"a\xff" + suffix.encode()] and os.path.getsize(out) > 1_000_000

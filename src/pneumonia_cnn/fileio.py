@@ -25,8 +25,9 @@ NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file system
 def temporary_prefix(name: str) -> str:
     """"." + name + ".", then mkstemp's 8 random characters and a suffix of up to 6 (".tmp", ".check"): a
     legal name of over 239 bytes made an illegal temporary one, so the name is cut to fit the 255 bytes a file
-    name may have."""
-    return "." + os.fsdecode(os.fsencode(name)[:NAME_MAX - 16]) + "."
+    name may have. Bytes that are not UTF-8 are left out: torch's and ONNX's writers take only text that
+    encodes as UTF-8, and ``export --out`` to a name with such a byte ended in a 4,000-line traceback."""
+    return "." + os.fsencode(name)[:NAME_MAX - 16].decode("utf-8", "ignore") + "."
 
 
 @contextmanager

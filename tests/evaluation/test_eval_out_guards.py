@@ -222,3 +222,39 @@ def test_evaluates_table_says_why_ppv_is_undefined(tmp_path, root, cache_dir):
                       cache_dir=cache_dir)
     assert report["metrics"]["confusion_matrix"]["tp"] + report["metrics"]["confusion_matrix"]["fp"] == 0
     assert f"{'ppv':<20}undefined   (no image called PNEUMONIA)" in format_table(report).splitlines()
+
+
+# ---------- a file of a figure's name that evaluate did not write: kept, refused before any scoring
+
+
+def test_a_file_evaluate_did_not_write_where_a_figure_goes_is_kept_and_refused(capsys, tmp_path, root, cache_dir,
+                                                                                monkeypatch):
+    """An X-ray saved as ``x_figures/roc.png`` had been replaced by the ROC curve without a word."""
+    out, figures = tmp_path / "o" / "x.json", tmp_path / "o" / "x_figures"
+    figures.mkdir(parents=True)
+    xray = next((root / "test" / "NORMAL").iterdir())
+    shutil.copyfile(xray, figures / "roc.png")
+    before = digest(figures / "roc.png")
+    scoring = {}
+    real_evaluate = __import__("pneumonia_cnn.evaluation.evaluate", fromlist=["cached_split"])
+    monkeypatch.setattr(real_evaluate, "cached_split", lambda *a, **k: scoring.setdefault("scored", True) and None)
+    status, error = run(capsys, "evaluate", "--data", root, "--split", "test", "--out", out, "--no-progress")
+    assert (status, error) == (2, f"error: {figures / 'roc.png'}: holds a file evaluate did not write (its roc "
+                                  f"figure goes there); remove it, give --no-figures, or give another --out")
+    assert digest(figures / "roc.png") == before and "scored" not in scoring and not out.exists()
+
+
+def test_evaluate_replaces_its_own_figures_and_an_earlier_versions_untitled_ones_its_json_lists(capsys, tmp_path,
+                                                                                               root, cache_dir):
+    from PIL import Image
+    out, figures = tmp_path / "x.json", tmp_path / "x_figures"
+    common = ["--data", root, "--split", "test", "--cache-dir", cache_dir, "--no-progress", "--out", out]
+    assert run(capsys, "evaluate", *common)[0] == 0
+    assert Image.open(figures / "roc.png").info["Title"] == "pneumonia-cnn evaluate"
+    assert run(capsys, "evaluate", *common)[0] == 0  # its own figures, titled
+    Image.open(figures / "pr.png").save(figures / "pr.png")  # as an earlier version drew it: no title
+    assert run(capsys, "evaluate", *common)[0] == 0  # listed by the JSON at --out: an earlier evaluate's
+    Image.open(figures / "pr.png").save(figures / "pr.png")
+    out.unlink()  # no JSON lists it any more: nothing says evaluate drew it
+    status, error = run(capsys, "evaluate", *common)
+    assert status == 2 and error.startswith(f"error: {figures / 'pr.png'}: holds a file evaluate did not write")

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
+from ..fileio import display_path
 from .common import (
     BOOTSTRAP,
     BOOTSTRAP_HELP,
@@ -156,7 +157,7 @@ def run_evaluate(args) -> int:
         print_json({k: v for k, v in report.items() if k != "predictions"})
     else:
         print(format_table(report))
-        print(f"written: {out}")
+        print(f"written: {display_path(out)}")
     return 0
 
 
@@ -181,7 +182,7 @@ def run_report(args) -> int:
     check_replaceable(str(metrics), "metrics", flag)
     path = write_report(args.run_dir, data=args.data, split=args.split, out=args.out, device=args.device,
                         bootstrap=args.bootstrap, cache_dir=args.cache_dir, stress=not args.no_stress, by=args.by)
-    print(f"written: {path}")
+    print(f"written: {display_path(path)}")
     return 0
 
 
@@ -231,7 +232,7 @@ def run_stress(args) -> int:
     else:
         print(format_stress(result))
         if args.out:  # as evaluate says where its JSON went
-            print(f"written: {args.out}")
+            print(f"written: {display_path(args.out)}")
     return 0
 
 

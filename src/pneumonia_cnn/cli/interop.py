@@ -8,6 +8,7 @@ import os
 import re
 
 from ..errors import PneumoniaCNNError
+from ..fileio import display_path
 from .common import PATH, PORT, Command, add_device, add_engine, check_output, positive_number, whole_number
 from .outputs import check_replaceable, refuse_builtin_folder
 
@@ -37,11 +38,11 @@ def run_export(args) -> int:
         summary = export_int8_model(args.checkpoint, args.data, args.out)
         kept = (f"kept for --engine onnx-int8 and openvino-int8 in {summary['cached']}" if summary["cache_replaced"]
                 else f"not cached: {summary['cached']} keeps its graph calibrated on more images")
-        print(f"written: {summary['out']} (int8, calibrated on {summary['calibration_images']} validation images; "
-              f"{kept})")
+        print(f"written: {display_path(summary['out'])} (int8, calibrated on {summary['calibration_images']} "
+              f"validation images; {kept})")
         return 0
     from ..interop.export import export_model
-    print(f"written: {export_model(args.checkpoint, args.format, args.out)}")
+    print(f"written: {display_path(export_model(args.checkpoint, args.format, args.out))}")
     return 0
 
 

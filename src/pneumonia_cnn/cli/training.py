@@ -330,7 +330,7 @@ def run_show_samples(args) -> int:
     check_output(args.out, args.data)
     check_replaceable(args.out, "samples")  # first: a run's best.pt is refused as that, not as an odd suffix
     check_picture_path(args.out)
-    print(f"written: {show_samples(args.data, args.split, args.out, args.per_class, args.seed)}")
+    print(f"written: {display_path(show_samples(args.data, args.split, args.out, args.per_class, args.seed))}")
     return 0
 
 

@@ -9,6 +9,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from ..plots import figure_text, plt, save_figure
+from .staging import FIGURE_TITLE
 
 
 def evaluation_figures(report: dict, cached, folder) -> dict:
@@ -22,7 +23,7 @@ def evaluation_figures(report: dict, cached, folder) -> dict:
     paths = {}
     for name, draw in drawings.items():
         figure = draw(report, labels, scores, cached)
-        save_figure(figure, folder / f"{name}.png")
+        save_figure(figure, folder / f"{name}.png", FIGURE_TITLE)
         paths[name] = str(folder / f"{name}.png")
     return paths
 

@@ -21,13 +21,37 @@ FIGURE_NAMES = ("roc", "pr", "confusion", "reliability", "histogram", "mistakes"
 FIGURE_FILES = frozenset(f"{name}.png" for name in FIGURE_NAMES)
 
 
-def check_figures_folder(folder, figures: bool) -> None:
+FIGURE_TITLE = "pneumonia-cnn evaluate"  # stored in each figure: a later evaluate knows it as its own
+
+
+def check_figures_folder(folder, figures: bool, out=None) -> None:
     """Before any work, with ``figures``: the figures folder an output JSON names (``figures_folder``) receives
-    the new pictures (files of other names in it stay), so anything but a folder there is refused."""
+    the new pictures (files of other names in it stay), so anything but a folder there is refused, and so is a
+    file of a figure's name that evaluate did not write (an X-ray saved there as ``roc.png`` had been replaced
+    without a word). evaluate's own: a figure carrying ``FIGURE_TITLE``, or one the JSON at ``out`` lists (an
+    earlier version drew them untitled)."""
     folder = Path(folder)
-    if figures and os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
+    if not figures or not os.path.lexists(folder):
+        return
+    if folder.is_symlink() or not folder.is_dir():
         raise PneumoniaCNNError(f"{display_path(folder)}: exists and is not a figures folder (the pictures go "
                                 f"there); remove it, give --no-figures, or give another --out")
+    listed = set(pictures_of(out, folder)) if out else set()
+    for picture in sorted(folder / name for name in FIGURE_FILES):
+        if os.path.lexists(picture) and picture not in listed and not _drawn_by_evaluate(picture):
+            raise PneumoniaCNNError(f"{display_path(picture)}: holds a file evaluate did not write (its "
+                                    f"{picture.stem} figure goes there); remove it, give --no-figures, or give "
+                                    f"another --out")
+
+
+def _drawn_by_evaluate(picture: Path) -> bool:
+    """A PNG whose text chunks, before its pixels, hold ``FIGURE_TITLE``."""
+    try:
+        with open(picture, "rb") as handle:
+            head = handle.read(1 << 16)
+    except OSError:  # a folder, a link loop, unreadable: not evaluate's
+        return False
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and FIGURE_TITLE.encode("ascii") in head
 
 
 def folders_read(data, splits=()) -> list[tuple[Path, Path]]:

@@ -284,3 +284,35 @@ def test_an_unrecognized_argument_is_told_with_its_commands_usage(tmp_path, caps
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("usage: pneumonia-cnn evaluate ") and "--checkpoint" in err
     assert err.strip().splitlines()[-1] == "pneumonia-cnn evaluate: error: unrecognized arguments: builtin"
+
+
+INTERRUPTED_CHILD = """
+import os, signal, sys
+sys.argv = [{program!r}, "info", "builtin"]
+class SigintOnImport:  # Ctrl-C just as the command line imports one of its own modules
+    def find_spec(self, name, path=None, target=None):
+        if name == "pneumonia_cnn.cli.deployment":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+if {on_import}:
+    sys.meta_path.insert(0, SigintOnImport())
+import pneumonia_cnn.cli as cli
+real_build = cli.build_parser
+def build_interrupted():  # Ctrl-C while the parser is built (it imports the presets, and torch's modules)
+    os.kill(os.getpid(), signal.SIGINT)
+    return real_build()
+cli.build_parser = build_interrupted
+raise SystemExit(cli.entry())
+"""
+
+
+@pytest.mark.parametrize("program, on_import", [("pneumonia-cnn", True), ("pneumonia-cnn", False),
+                                                ("/x/pneumonia_cnn/__main__.py", True)])
+def test_a_ctrl_c_while_the_command_line_imports_or_builds_its_parser_says_interrupted(program, on_import):
+    """After the package's own imports, the command line's modules and its parser (about 0.1-0.3 s) still came
+    before main's handler: a Ctrl-C there printed a KeyboardInterrupt traceback."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", INTERRUPTED_CHILD.format(program=program, on_import=on_import)],
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (130, "interrupted\n"), done.stderr[-3000:]

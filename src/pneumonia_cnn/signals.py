@@ -26,7 +26,8 @@ def quiet_interrupt_while_importing():
     program = os.path.basename(sys.argv[0]) if sys.argv else ""
     handlers = {signal.SIGINT: _interrupted_while_importing, signal.SIGTERM: _terminated_while_importing}
     previous = {}
-    if program in ("pneumonia-cnn", "-m"):
+    # the command line's own modules import more while ``__main__`` runs, when argv[0] names it
+    if program in ("pneumonia-cnn", "-m") or sys.argv[0].endswith(os.path.join("pneumonia_cnn", "__main__.py")):
         for number, handler in handlers.items():
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 previous[number] = signal.signal(number, handler)

@@ -9,10 +9,19 @@ from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 from ..fileio import OutputError, printable
-from ..signals import Terminated, end_by_sigterm, end_process_now, exit_quietly_once_done, sigterm_unwinds
-from . import deployment, evaluation, interop, training
-from .common import PATH, setup_logging
-from .outputs import refuse_repeated_checkpoints
+from ..signals import (
+    Terminated,
+    end_by_sigterm,
+    end_process_now,
+    exit_quietly_once_done,
+    quiet_interrupt_while_importing,
+    sigterm_unwinds,
+)
+
+with quiet_interrupt_while_importing():  # as the package's own imports: Ctrl-C here printed a traceback
+    from . import deployment, evaluation, interop, training
+    from .common import PATH, setup_logging
+    from .outputs import refuse_repeated_checkpoints
 
 FAMILIES = (("data and training", training), ("evaluation", evaluation), ("deployment", deployment),
             ("interoperability", interop))
@@ -200,7 +209,11 @@ def entry() -> int:
     the signal handlers)."""
     import gc
     import os
-    status = main()
+    try:
+        status = main()
+    except KeyboardInterrupt:  # before the command ran (building the parser imports more): as during it
+        print("interrupted", file=sys.stderr)
+        status = 130
     if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
         # a process torchrun started: a Gloo worker thread can still be releasing the last collective's tensors,
         # which takes the GIL; during finalisation that aborts the process ("terminate called without an active

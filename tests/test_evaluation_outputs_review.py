@@ -175,8 +175,11 @@ def test_few_bootstrap_resamples_are_said_to_give_rough_intervals(tiny, tmp_path
 def test_compare_says_so_too(tiny, tmp_path):
     from pneumonia_cnn.builtin import checkpoint_path
     from pneumonia_cnn.evaluation.compare import compare_runs, format_comparison
-    second = tmp_path / "copy.pt"
-    second.write_bytes(Path(checkpoint_path()).read_bytes())
+    import torch
+    second = tmp_path / "other.pt"  # another model: a copy of one is refused (the same weights twice)
+    checkpoint = torch.load(checkpoint_path(), weights_only=True, map_location="cpu")
+    checkpoint["state_dict"]["head.bias"] += 0.5
+    torch.save(checkpoint, second)
     result = compare_runs(["builtin", second], tiny, bootstrap=3, cache_dir=tmp_path / "cache")
     assert "note: intervals rough: 3 bootstrap resamples" in format_comparison(result)
 

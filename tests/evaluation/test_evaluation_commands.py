@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from pneumonia_cnn import builtin
 from pneumonia_cnn.cli import main
 from pneumonia_cnn.evaluation import stress
 from pneumonia_cnn.evaluation.evaluate import evaluate
@@ -72,7 +73,8 @@ def test_stress_and_compare_commands(trained_run, small_root, cache_dir, capsys,
                  "--format", "json", "--out", str(tmp_path / "s.json")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result["shifts"]) == 11 and result["worst_roc_auc"]["shift"]
-    assert main(["compare", str(trained_run / "best.pt"), str(trained_run / "last.pt"), "--data", str(small_root),
+    # another model: a run's last.pt may hold its best.pt's weights (refused: the same model twice)
+    assert main(["compare", str(trained_run / "best.pt"), "builtin", "--data", str(small_root),
                  "--cache-dir", str(cache_dir), "--bootstrap", "20"]) == 0
     table = capsys.readouterr().out
     assert "DeLong" in table and "roc_auc" in table and "p =" in table
@@ -85,7 +87,7 @@ def test_stress_and_compare_commands(trained_run, small_root, cache_dir, capsys,
     for name in ("a", "b"):
         (tmp_path / name / "run").mkdir(parents=True)
     shutil.copy(trained_run / "best.pt", tmp_path / "a" / "run" / "best.pt")
-    shutil.copy(trained_run / "last.pt", tmp_path / "b" / "run" / "best.pt")
+    shutil.copy(builtin.checkpoint_path(), tmp_path / "b" / "run" / "best.pt")
     assert main(["compare", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), "--data", str(small_root),
                  "--cache-dir", str(cache_dir), "--bootstrap", "20", "--format", "json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -98,7 +100,7 @@ def test_stress_and_compare_commands(trained_run, small_root, cache_dir, capsys,
     one_class = tmp_path / "one"
     (one_class / "test").mkdir(parents=True)
     (one_class / "test" / "NORMAL").symlink_to(small_root / "test" / "NORMAL")
-    assert main(["compare", str(trained_run / "best.pt"), str(trained_run / "last.pt"), "--data", str(one_class),
+    assert main(["compare", str(trained_run / "best.pt"), "builtin", "--data", str(one_class),
                  "--cache-dir", str(cache_dir), "--bootstrap", "20"]) == 2
     assert "holds one class only: ROC AUC and DeLong's test need both" in capsys.readouterr().err
 
@@ -117,3 +119,16 @@ def test_compare_of_one_run_is_refused_before_scoring(trained_run, capsys, tmp_p
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: compare needs two or more runs, one was given ({trained_run}); one model's metrics: "
         f"pneumonia-cnn evaluate --checkpoint {trained_run} --data ...")
+
+
+def test_compare_of_a_copy_of_a_run_is_refused_before_scoring(trained_run, capsys, tmp_path, monkeypatch):
+    """A byte-identical copy under another name was compared with its original: "difference +0.0000, p = 1"."""
+    import shutil
+
+    from pneumonia_cnn.evaluation import compare
+    shutil.copyfile(trained_run / "best.pt", tmp_path / "copy.pt")
+    monkeypatch.setattr(compare, "evaluate", lambda *a, **k: pytest.fail("scored before the refusal"))
+    assert main(["compare", str(trained_run), str(tmp_path / "copy.pt"), "--data", str(tmp_path / "never-read")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'copy.pt'}: holds the same weights as {trained_run / 'best.pt'}; compare needs different "
+        f"models (the same weights rank every image alike)")

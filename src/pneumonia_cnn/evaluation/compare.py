@@ -15,6 +15,10 @@ ROWS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "n
 
 
 def compare_runs(runs, data, split="test", device="auto", cache_dir=None, bootstrap=1000) -> dict:
+    from ..inference.bundle import load_bundle, refuse_repeated_weights
+    bundles = [load_bundle(run) for run in runs]  # before any scoring: a copy of one run under another name
+    refuse_repeated_weights([b.checkpoints[0] for b in bundles], [b.models[0] for b in bundles],
+                            "compare needs different models (the same weights rank every image alike)")
     reports = [evaluate(run, data, split, device=device, cache_dir=cache_dir, bootstrap=bootstrap, figures=False)
                for run in runs]
     names = run_names(runs)

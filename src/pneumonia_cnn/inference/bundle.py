@@ -222,15 +222,15 @@ def refuse_unlike_members(loaded) -> None:
                                     f"needs the same input")
 
 
-def refuse_repeated_weights(loaded, models) -> None:
+def refuse_repeated_weights(loaded, models, purpose: str = "an ensemble needs different models") -> None:
     """An ensemble's members must differ: a copy of a checkpoint under another name averaged one model with itself
-    and was reported as an ensemble of two."""
+    and was reported as an ensemble of two (``compare`` tested a copy against itself: p = 1)."""
     seen = {}
     for checkpoint, model in zip(loaded, models):
         first = seen.setdefault(add_weights(hashlib.sha256(), model).hexdigest(), checkpoint)
         if first is not checkpoint:
             raise PneumoniaCNNError(f"{display_path(checkpoint.get('path', '?'))}: holds the same weights as "
-                                    f"{display_path(first.get('path', '?'))}; an ensemble needs different models")
+                                    f"{display_path(first.get('path', '?'))}; {purpose}")
 
 
 def _ood_detector(checkpoint: dict):

@@ -173,9 +173,10 @@ def test_few_bootstrap_resamples_are_said_to_give_rough_intervals(tiny, tmp_path
 
 
 def test_compare_says_so_too(tiny, tmp_path):
+    import torch
+
     from pneumonia_cnn.builtin import checkpoint_path
     from pneumonia_cnn.evaluation.compare import compare_runs, format_comparison
-    import torch
     second = tmp_path / "other.pt"  # another model: a copy of one is refused (the same weights twice)
     checkpoint = torch.load(checkpoint_path(), weights_only=True, map_location="cpu")
     checkpoint["state_dict"]["head.bias"] += 0.5

@@ -180,3 +180,31 @@ def test_a_ctrl_c_while_explain_writes_a_pair_waits_until_both_are_in_place(tmp_
     new_map = png.with_suffix(".npy").read_bytes()
     assert new_map != old_map and explanation._overlay_record(png, "pneumonia-cnn map") == \
         explanation._map_digest(png.with_suffix(".npy"))  # the pair is whole: the new overlay owns the new map
+
+
+@pytest.mark.parametrize("command", ["predict", "explain"])
+def test_a_checkpoint_among_the_images_without_the_double_dash_is_refused_with_the_way_to_write_it(
+        command, trained_run, tmp_path, xrays, capsys):
+    """`predict runs/a runs/b scans/` (an ensemble, its `--` forgotten) scored runs/b's pictures as X-rays, exit 0."""
+    second = tmp_path / "b"
+    second.mkdir()
+    shutil.copyfile(trained_run / "best.pt", second / "best.pt")
+    shutil.copyfile(xrays[0], second / "curves.png")  # a run folder's pictures: read as images before
+    out = ["--out", tmp_path / "maps"] if command == "explain" else []
+    status, error = run(capsys, command, trained_run, second, xrays[0], *out)
+    assert (status, error) == (2, f"error: {second}: a checkpoint among the images; for an ensemble, put -- after "
+                                  f"the checkpoints: pneumonia-cnn {command} {trained_run} {second} -- IMAGES")
+    status, error = run(capsys, command, xrays[0], "builtin", *out)  # the built-in model, then its name again
+    assert status == 2 and error.startswith("error: builtin: a checkpoint among the images")
+    assert not (tmp_path / "maps").exists()
+
+
+def test_a_first_name_that_is_a_broken_link_says_so(tmp_path, xrays, capsys):
+    """A link loop given first read "no such checkpoint, file or folder", as though nothing were there."""
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nothing")
+    assert run(capsys, "predict", tmp_path / "loop_a", xrays[0]) == (
+        2, f"error: {tmp_path / 'loop_a'}: no such checkpoint, file or folder (a symbolic link loop)")
+    assert run(capsys, "predict", tmp_path / "dangling", xrays[0]) == (
+        2, f"error: {tmp_path / 'dangling'}: no such checkpoint, file or folder (a symbolic link to a missing file)")

@@ -152,3 +152,18 @@ def test_the_streamed_output_is_byte_for_byte_the_whole_runs(fmt, tmp_path, caps
         rows = json.loads(out)
         assert len(rows) == 17 and rows[-1]["path"].endswith("nowhere.jpeg")
         assert sum(row["error"] is not None for row in rows) == 3
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_a_missing_name_keeps_its_place_among_the_rows(fmt, tmp_path, capsys, monkeypatch):
+    """The rows of missing names had all come last: a join by position against the names given went wrong.
+    Chunks of 2 put missing names at a chunk's start, inside one and after the last file."""
+    import pneumonia_cnn.inference.predictor as predictor_module
+    monkeypatch.setattr(predictor_module, "STREAM_CHUNK", 2)
+    items = [str(tmp_path / "gone.jpeg"), str(xray(0)), str(xray(1)), str(tmp_path / "zz*.png"), str(xray(2)),
+             str(tmp_path / "also gone.png"), str(tmp_path / "last gone.dcm")]
+    assert main(["predict", *items, "--format", fmt]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out) if fmt == "json" else list(csv.DictReader(io.StringIO(out)))
+    assert [row["path"] for row in rows] == items
+    assert [bool(row["error"]) for row in rows] == [True, False, False, True, False, True, True]

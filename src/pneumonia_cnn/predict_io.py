@@ -18,35 +18,46 @@ log = logging.getLogger("pneumonia_cnn")
 def collect_paths(items) -> tuple[list[str], list[str]]:
     """Files as given, folders recursively (image and DICOM files), globs expanded; missing ones listed. A file
     named twice (``a.jpeg a.jpeg``, a glob and a folder holding it) is kept once, where first named."""
-    paths, missing = _expand(items)
-    unique = _once(paths)  # where first named: a dict built from the end had kept each where last named
-    if len(unique) < len(paths):
-        log.info("%d file(s) named more than once: each is read once", len(paths) - len(unique))
-    return unique, missing
+    ordered = collect_in_order(items)
+    return [path for path, absent in ordered if not absent], [path for path, absent in ordered if absent]
 
 
-def _expand(items) -> tuple[list[str], list[str]]:
-    paths, missing = [], []
+def collect_in_order(items) -> list[tuple[str, bool]]:
+    """``collect_paths``'s files and missing names in the order named: (path, missing)."""
+    kept, seen, repeated = [], set(), 0
+    for path, absent in _expand(items):  # each file where first named (a dict built from the end had kept each
+        # where last named)
+        if not absent and os.path.abspath(path) in seen:
+            repeated += 1
+            continue
+        if not absent:
+            seen.add(os.path.abspath(path))
+        kept.append((path, absent))
+    if repeated:
+        log.info("%d file(s) named more than once: each is read once", repeated)
+    return kept
+
+
+def _expand(items) -> list[tuple[str, bool]]:
+    entries = []
     for item in items:
         path = Path(item)
         try:
             path.exists()
         except OSError:  # a name too long for the system: left to the reader, whose row says why
-            paths.append(str(path))
+            entries.append((str(path), False))
             continue
         if path.is_dir():
             found, _ = _walk_images(path)
-            paths += [str(p) for p in found]
+            entries += [(str(p), False) for p in found]
         elif path.exists() or path.is_symlink():
-            paths.append(str(path))
+            entries.append((str(path), False))
         elif any(ch in item for ch in "*?["):
             matches = expand_glob(item)
-            if not matches:
-                missing.append(item)
-            paths += _glob_files(matches)
+            entries += [(p, False) for p in _glob_files(matches)] if matches else [(item, True)]
         else:
-            missing.append(item)
-    return paths, missing
+            entries.append((item, True))
+    return entries
 
 
 def _once(paths) -> list[str]:

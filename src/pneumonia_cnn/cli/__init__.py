@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import sys
 from pathlib import Path
 
@@ -80,9 +81,30 @@ def refuse_missing_checkpoint(item: str) -> None:
         # built-in model scored the rest
         raise PneumoniaCNNError(f"{item}: {OTHER_MODEL_FILES[path.suffix.lower()]}")
     if not path.exists() and path.suffix.lower() not in SUPPORTED_SUFFIXES and not any(c in item for c in "*?["):
-        raise PneumoniaCNNError(f"{item}: no such checkpoint, file or folder")  # runs/typo: not quietly builtin
+        # runs/typo: not quietly builtin; a link is there, but leads nowhere (it read as nothing at all)
+        trouble = "" if not path.is_symlink() else " (a symbolic link loop)" if _link_loop(path) else \
+            " (a symbolic link to a missing file)"
+        raise PneumoniaCNNError(f"{item}: no such checkpoint, file or folder{trouble}")
     if path.is_dir() and (path / "config.json").is_file():
         raise PneumoniaCNNError(f"{item}: run folder has no best.pt or last.pt (training has not written one yet)")
+
+
+def _link_loop(path: Path) -> bool:
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python 3.11's "Symlink loop"
+        return True
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
+
+
+def refuse_checkpoints_among_images(command: str, first: str, paths) -> None:
+    """``predict runs/a runs/b scans/`` without ``--``: runs/b's pictures were scored as X-rays (exit 0)."""
+    for path in paths:
+        if looks_like_checkpoint(path):
+            raise PneumoniaCNNError(f"{path}: a checkpoint among the images; for an ensemble, put -- after the "
+                                    f"checkpoints: pneumonia-cnn {command} {first} {path} -- IMAGES")
 
 
 def _split_checkpoint_and_images(args):
@@ -97,9 +119,11 @@ def _split_checkpoint_and_images(args):
         raise PneumoniaCNNError(f"{args.command} needs a file, folder or glob (after an optional checkpoint)")
     elif looks_like_checkpoint(items[0]):
         checkpoints, paths = [items[0]], items[1:]
+        refuse_checkpoints_among_images(args.command, items[0], paths)
     else:
         refuse_missing_checkpoint(items[0])
         checkpoints, paths = ["builtin"], items
+        refuse_checkpoints_among_images(args.command, "builtin", paths)
     if not paths:
         raise PneumoniaCNNError(f"{args.command} needs at least one file, folder or glob after the checkpoint")
     refuse_repeated_checkpoints(checkpoints, args.command)  # one model twice is no ensemble of two, as in evaluate

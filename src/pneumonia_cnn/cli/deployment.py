@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import logging
 import sys
 from pathlib import Path
@@ -47,25 +46,44 @@ def predict_arguments(p):
 
 
 def run_predict(args) -> int:
-    from ..inference import Prediction, Predictor
-    from ..predict_io import collect_paths, format_predictions
-    paths, missing = collect_paths(args.paths)
-    if not paths and not missing:
+    from ..inference import Predictor
+    from ..predict_io import collect_in_order, format_predictions
+    named = collect_in_order(args.paths)
+    if not named:
         raise PneumoniaCNNError(f"{' '.join(args.paths)}: no image or DICOM files found")
+    paths = [path for path, absent in named if not absent]
     predictor = Predictor(args.checkpoint, args.device, amp=args.amp, engine=args.engine,
                           prevalence=args.prevalence, adapt_batch=args.adapt_batch)
     progress = not args.no_progress and len(paths) > 64
-    chunks = predictor.iter_predictions(paths, args.batch_size, progress=progress)
-    absent = [Prediction(entry, error="no such file or folder", model=predictor.model_id) for entry in missing]
+    chunks = in_named_order(predictor.iter_predictions(paths, args.batch_size, progress=progress), named,
+                            predictor.model_id)
     if args.format in ("csv", "table"):  # printed as scored: Ctrl-C keeps what was shown, and memory stays flat
-        count, failed = stream_rows(itertools.chain(chunks, [absent]), paths + missing, args.format, progress)
+        count, failed = stream_rows(chunks, [path for path, _ in named], args.format, progress)
     else:  # one JSON document
-        predictions = [p for chunk in chunks for p in chunk] + absent
+        predictions = [p for chunk in chunks for p in chunk]
         print(format_predictions(predictions, args.format, predictor.class_names[1]))
         count, failed = len(predictions), [p for p in predictions if p.error]
     for p in failed:
         log.warning("skipped %s: %s", display_path(p.path), p.error)  # told apart as in the rows
     return 1 if count and len(failed) == count else 0
+
+
+def in_named_order(chunks, named, model_id: str):
+    """The scored chunks with a row for each missing name where it was named (they had all come last, so a join
+    by position against the names given went wrong): ``named`` is ``collect_in_order``'s (path, missing)."""
+    from ..inference import Prediction
+    pending = iter(named)
+
+    def missing_before_next() -> list:
+        rows = []
+        for path, absent in pending:
+            if not absent:  # the scored path the next prediction is of
+                break
+            rows.append(Prediction(path, error="no such file or folder", model=model_id))
+        return rows
+    for chunk in chunks:
+        yield [row for prediction in chunk for row in (*missing_before_next(), prediction)]
+    yield missing_before_next()  # those named after the last file
 
 
 def stream_rows(chunks, names, fmt: str, progress: bool) -> tuple[int, list]:

@@ -197,10 +197,23 @@ def test_a_refit_on_a_csv_is_refused_up_front(tiny, tmp_path, capsys, monkeypatc
         raise AssertionError("images were read before the refusal")
     monkeypatch.setattr(evaluate_module, "load_bundle", no_work)
     monkeypatch.setattr(evaluate_module, "cached_split", no_work)
-    status, error = run(capsys, "evaluate", "--data", labels, "--out", tmp_path / "m.json", *option)
-    assert status == 2 and "\n" not in error
-    assert error.startswith(f"error: {labels}: {' '.join(option)} refits on a val split, and a CSV has none (")
-    assert error.endswith(", or a folder with val/" if option[0] == "--threshold" else ": give a folder with val/")
+    for out in (["--out", tmp_path / "m.json"], []):  # without --out too: it said where the metrics would go first
+        status, error = run(capsys, "evaluate", "--data", labels, *out, *option)
+        assert status == 2 and "\n" not in error
+        assert error.startswith(f"error: {labels}: {' '.join(option)} refits on a val split, and a CSV has none (")
+        assert error.endswith(", or a folder with val/" if option[0] == "--threshold" else ": give a folder with val/")
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_a_split_given_for_a_csv_is_refused_up_front(tiny, tmp_path, capsys, monkeypatch):
+    """A CSV has no splits: `--split test` was ignored, and the metrics JSON still said "split": "test"."""
+    labels = tmp_path / "labels.csv"
+    images = sorted((tiny / "test").rglob("*.jpeg"))
+    labels.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in images))
+    monkeypatch.setattr(evaluate_module, "cached_split", lambda *a, **k: pytest.fail("images read before the refusal"))
+    assert run(capsys, "evaluate", "--data", labels, "--split", "val", "--out", tmp_path / "m.json") == (
+        2, f"error: {labels}: --split val names a split folder, and a CSV has none (every row it lists is evaluated); "
+           f"leave --split out")
     assert not (tmp_path / "m.json").exists()
 
 

@@ -36,7 +36,7 @@ def evaluate_arguments(p):
                    help="best.pt or run folder; several = ensemble (default: the built-in model)")
     p.add_argument("--data", required=True, type=PATH, help="Kaggle-layout ROOT, a split folder, or a CSV of "
                                                             "path,label")
-    p.add_argument("--split", default="test", help="split folder under ROOT to evaluate")
+    p.add_argument("--split", help="split folder under ROOT to evaluate (default test; a CSV has none)")
     p.add_argument("--threshold", help="saved (default), or a policy refitted on --val-split for this evaluation, "
                                        "on the stored calibration: a probability, youden, sensitivity:X, "
                                        "specificity:X")
@@ -120,10 +120,15 @@ def decision_changes(args) -> list[str]:
 
 
 def run_evaluate(args) -> int:
-    from ..evaluation.evaluate import evaluate, format_table
+    from ..evaluation.evaluate import evaluate, format_table, refuse_refit_without_val
     from ..evaluation.staging import refuse_outputs_in_data
     if not Path(args.data).exists():  # said before any check of where the metrics would go
         raise PneumoniaCNNError(f"{args.data}: folder not found")
+    if Path(args.data).suffix.lower() == ".csv" and args.split is not None:  # it was ignored, and the JSON said it
+        raise PneumoniaCNNError(f"{display_path(args.data)}: --split {args.split} names a split folder, and a CSV has "
+                                f"none (every row it lists is evaluated); leave --split out")
+    args.split = "test" if args.split is None else args.split
+    refuse_refit_without_val(args.data, args.val_split, args.threshold, args.calibration)  # before where --out goes
     refuse_missing_checkpoints(args.checkpoint)
     refuse_repeated_checkpoints(args.checkpoint)
     first = Path(args.checkpoint[0])

@@ -145,6 +145,10 @@ REFUSED = {  # each command, and what it is told, before the model loads
     (["--adapt-batch"], "--adapt-batch: {command} "),
     (["--prevalence", "1.5"], "--prevalence 1.5: must be strictly between 0 and 1\n"),  # predict's own words
     (["--prevalence", "often"], "--prevalence often: give a rate between 0 and 1\n"),  # not 'estimate': refused
+    # applied as 1e-12 while stated as given: every probability rounded to 0
+    (["--prevalence", "1e-320"], "--prevalence 1e-320: must lie between 1e-06 and 0.999999 (no site's pneumonia "
+                                 "rate is rarer or commoner; at 1e-320 every probability had rounded to 0)\n"),
+    (["--prevalence", "0.9999999"], "--prevalence 0.9999999: must lie between 1e-06 and 0.999999 ("),
 ])
 def test_batch_steps_and_bad_rates_refused_in_one_line(command, option, said, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -147,15 +147,19 @@ def write_json_atomic(path, payload) -> None:
 
 def json_text(payload, indent: int = 2) -> str:
     """Strict JSON: an undefined number (NaN, an AUC of one class) is null, which every parser reads; Python
-    writes a bare NaN that JavaScript's, jq's and most others refuse."""
+    writes a bare NaN that JavaScript's, jq's and most others refuse. Text holding a name's byte that is not
+    UTF-8 is written as ``display_path`` shows it (``d\\xff``, as predict's rows): it had been written as a lone
+    surrogate (``"d\\udcff"``), which jq turns into U+FFFD and Python cannot encode again."""
     return json.dumps(_finite(payload), indent=indent, default=_json_default, allow_nan=False)
 
 
 def _finite(value):
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value if value.isascii() or _utf8(value) else display_path(value)
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {_finite(key): _finite(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_finite(item) for item in value]
     return value
@@ -206,6 +210,14 @@ def printable(path) -> str:
         str(path).encode("utf-8", "backslashreplace").decode("utf-8")
     return "".join((f"\\u{ord(c):04x}" if 0x80 <= ord(c) <= 0x9F else c.encode("unicode_escape").decode())
                    if unicodedata.category(c) == "Cc" or c in _HIDDEN_EFFECT else c for c in text)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a lone surrogate: a name's undecodable byte, or worse
+        return False
 
 
 def _encodable(text: str) -> bool:

@@ -113,6 +113,11 @@ def test_another_images_overlay_of_the_same_name_is_kept(capsys, tmp_path, xrays
     status, error = run(capsys, "explain", tmp_path / "a" / "y.jpeg", "--out", maps)
     assert status == 2 and "y_gradcam.png: holds a file this version of explain did not write (an earlier " in error
     assert (maps / "y_gradcam.png").read_bytes() == b"not ours"
+    (maps / "z_gradcam.png").mkdir()  # a folder there is named a folder (it read "holds a file ... did not write")
+    shutil.copyfile(xrays[1], tmp_path / "a" / "z.jpeg")
+    assert run(capsys, "explain", tmp_path / "a" / "z.jpeg", "--out", maps) == (
+        2, f"error: {maps / 'z_gradcam.png'}: is a folder; the overlay of {tmp_path / 'a' / 'z.jpeg'} would replace "
+           f"it; give another --out, or remove it")
 
 
 def test_each_result_is_printed_as_its_image_is_done(tmp_path):

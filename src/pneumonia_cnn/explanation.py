@@ -240,7 +240,8 @@ def refuse_replacing_another(path, png: Path) -> None:
     kept = _kept_output(path, png)
     if kept is not None:
         named, held = kept
-        raise PneumoniaCNNError(f"{display_path(named)}: holds {held}; the overlay of {display_path(path)} would "
+        verb = "is" if held == "a folder" else "holds"
+        raise PneumoniaCNNError(f"{display_path(named)}: {verb} {held}; the overlay of {display_path(path)} would "
                                 f"replace it; give another --out, or remove it")
 
 
@@ -252,6 +253,9 @@ def _kept_output(path, png: Path) -> tuple[Path, str] | None:
     replaced only when it is the one written with this image's overlay (the SHA-256 the overlay records): a
     user's own ``x_gradcam.npy`` had been replaced because the overlay beside it was explain's."""
     npy = png.with_suffix(".npy")
+    for place in (png, npy):  # "holds a file explain did not write" named a folder there as a file
+        if place.is_dir() and not place.is_symlink():
+            return place, "a folder"
     if os.path.lexists(png):
         source = overlay_source(png)
         if source is None:

@@ -193,6 +193,8 @@ def test_a_csv_or_a_flat_folder_is_named_as_itself_not_as_the_test_split(tmp_pat
     assert evaluated_name(tmp_path / "kaggle", "test") == "test"
     assert evaluated_name(tmp_path / "site.csv", "test") == "site.csv"
     assert evaluated_name(tmp_path / "flat", "test") == "flat"
+    for itself in (".", "./", "test/.."):  # the folder itself (compare said ". holds one class only")
+        assert evaluated_name(tmp_path / "kaggle", itself) == "kaggle"
     examples = sorted(builtin.example_paths())
     rows = [f"{path},{0 if 'NORMAL' in path.name else 1}" for path in examples]
     (tmp_path / "site.csv").write_text("\n".join(rows) + "\n")

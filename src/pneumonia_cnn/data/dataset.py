@@ -318,7 +318,8 @@ def evaluated_name(data, split: str | None) -> str:
     if not data:
         return split or ""
     data = Path(data)
-    if data.suffix.lower() != ".csv" and split and (data / split).is_dir():
+    if data.suffix.lower() != ".csv" and split and (data / split).is_dir() and \
+            os.path.normpath(data / split) != os.path.normpath(data):  # --split . is the folder itself: its name
         return split
     return data.name or str(data)
 

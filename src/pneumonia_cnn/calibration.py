@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, PneumoniaCNNError
 
 CALIBRATION_METHODS = ("platt", "temperature", "none")
 
@@ -250,6 +250,27 @@ class Decision:
 
 
 # ------------------------------------------------------------------ prevalence
+RATE_BOUNDS = (1e-6, 1 - 1e-6)  # the pneumonia rates --prevalence takes
+
+
+def parse_prevalence(value, estimate: bool = True) -> float | str | None:
+    """None, "estimate", or a rate strictly between 0 and 1; ``estimate``: whether the refusal offers it."""
+    if value is None or str(value).lower() == "estimate":
+        return None if value is None else "estimate"
+    try:
+        rate = float(value)
+    except ValueError:
+        raise PneumoniaCNNError(f"--prevalence {value}: give a rate between 0 and 1"
+                                f"{', or ' + repr('estimate') if estimate else ''}") from None
+    if not 0 < rate < 1:
+        raise PneumoniaCNNError(f"--prevalence {value}: must be strictly between 0 and 1")
+    if not RATE_BOUNDS[0] <= rate <= RATE_BOUNDS[1]:  # 1e-320 had been applied as 1e-12 while stated as given
+        raise PneumoniaCNNError(f"--prevalence {value}: must lie between {RATE_BOUNDS[0]:g} and {RATE_BOUNDS[1]:g} "
+                                f"(no site's pneumonia rate is rarer or commoner; at 1e-320 every probability had "
+                                f"rounded to 0)")
+    return rate
+
+
 def shift_prior(calibrated_logits, old_prior: float, new_prior: float) -> np.ndarray:
     """Bayes' rule under label shift: p(y|x) for a population whose pneumonia rate is ``new_prior``."""
     return np.asarray(calibrated_logits, dtype=np.float64) + float(logit(new_prior) - logit(old_prior))

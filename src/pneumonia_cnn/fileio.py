@@ -23,10 +23,9 @@ NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file system
 
 
 def temporary_prefix(name: str) -> str:
-    """"." + name + ".", then mkstemp's 8 random characters and a suffix of up to 6 (".tmp", ".check"): a
-    legal name of over 239 bytes made an illegal temporary one, so the name is cut to fit the 255 bytes a file
-    name may have. Bytes that are not UTF-8 are left out: torch's and ONNX's writers take only text that
-    encodes as UTF-8, and ``export --out`` to a name with such a byte ended in a 4,000-line traceback."""
+    """"." + name + ".", then mkstemp's 8 random characters and a suffix of up to 6 (".tmp", ".check"): the name
+    cut to fit the 255 bytes a file name may have, without bytes that are not UTF-8 (torch's and ONNX's writers
+    take only UTF-8 text: ``export --out`` to such a name ended in a 4,000-line traceback)."""
     return "." + os.fsencode(name)[:NAME_MAX - 16].decode("utf-8", "ignore") + "."
 
 
@@ -146,18 +145,19 @@ def write_json_atomic(path, payload) -> None:
 
 
 def json_text(payload, indent: int = 2) -> str:
-    """Strict JSON: an undefined number (NaN, an AUC of one class) is null, which every parser reads; Python
-    writes a bare NaN that JavaScript's, jq's and most others refuse. Text holding a name's byte that is not
-    UTF-8 is written as ``display_path`` shows it (``d\\xff``, as predict's rows): it had been written as a lone
-    surrogate (``"d\\udcff"``), which jq turns into U+FFFD and Python cannot encode again."""
+    """Strict JSON: NaN (an AUC of one class) is null, not the bare NaN that JavaScript and jq refuse; a name's
+    undecodable byte is as predict's rows show it (``d\\xff``), not a lone surrogate (jq makes it U+FFFD)."""
     return json.dumps(_finite(payload), indent=indent, default=_json_default, allow_nan=False)
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")  # lone: a name's undecodable byte, or worse
 
 
 def _finite(value):
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, str):
-        return value if value.isascii() or _utf8(value) else display_path(value)
+        return value if value.isascii() or not _SURROGATES.search(value) else display_path(value)
     if isinstance(value, dict):
         return {_finite(key): _finite(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
@@ -210,14 +210,6 @@ def printable(path) -> str:
         str(path).encode("utf-8", "backslashreplace").decode("utf-8")
     return "".join((f"\\u{ord(c):04x}" if 0x80 <= ord(c) <= 0x9F else c.encode("unicode_escape").decode())
                    if unicodedata.category(c) == "Cc" or c in _HIDDEN_EFFECT else c for c in text)
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:  # a lone surrogate: a name's undecodable byte, or worse
-        return False
 
 
 def _encodable(text: str) -> bool:

@@ -38,6 +38,8 @@ def check_figures_folder(folder, figures: bool, out=None) -> None:
                                 f"there); remove it, give --no-figures, or give another --out")
     listed = set(pictures_of(out, folder)) if out else set()
     for picture in sorted(folder / name for name in FIGURE_FILES):
+        if picture.is_dir() and not picture.is_symlink():  # as the final step would say, but before any work
+            raise OutputError(21, "a folder is there, where the file goes", str(picture))
         if os.path.lexists(picture) and picture not in listed and not _drawn_by_evaluate(picture):
             raise PneumoniaCNNError(f"{display_path(picture)}: holds a file evaluate did not write (its "
                                     f"{picture.stem} figure goes there); remove it, give --no-figures, or give "

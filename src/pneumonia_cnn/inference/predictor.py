@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..calibration import estimate_prior, estimate_prior_of_members
+from ..calibration import estimate_prior, estimate_prior_of_members, parse_prevalence
 from ..errors import PneumoniaCNNError
 from .adabn import (
     MIN_ADAPT_PER_CLASS,
@@ -60,27 +60,6 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-RATE_BOUNDS = (1e-6, 1 - 1e-6)
-
-
-def parse_prevalence(value, estimate: bool = True) -> float | str | None:
-    """None, "estimate", or a rate strictly between 0 and 1; ``estimate``: whether the refusal offers it."""
-    if value is None or str(value).lower() == "estimate":
-        return None if value is None else "estimate"
-    try:
-        rate = float(value)
-    except ValueError:
-        raise PneumoniaCNNError(f"--prevalence {value}: give a rate between 0 and 1"
-                                f"{', or ' + repr('estimate') if estimate else ''}") from None
-    if not 0 < rate < 1:
-        raise PneumoniaCNNError(f"--prevalence {value}: must be strictly between 0 and 1")
-    if not RATE_BOUNDS[0] <= rate <= RATE_BOUNDS[1]:  # 1e-320 had been applied as 1e-12 while stated as given
-        raise PneumoniaCNNError(f"--prevalence {value}: must lie between {RATE_BOUNDS[0]:g} and {RATE_BOUNDS[1]:g} "
-                                f"(no site's pneumonia rate is rarer or commoner; at 1e-320 every probability had "
-                                f"rounded to 0)")
-    return rate
 
 
 class Predictor:

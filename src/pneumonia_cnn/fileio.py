@@ -145,21 +145,16 @@ def write_json_atomic(path, payload) -> None:
 
 
 def json_text(payload, indent: int = 2) -> str:
-    """Strict JSON: NaN (an AUC of one class) is null, not the bare NaN that JavaScript and jq refuse; a name's
-    undecodable byte is as predict's rows show it (``d\\xff``), not a lone surrogate (jq makes it U+FFFD)."""
+    """Strict JSON: an undefined number (NaN, an AUC of one class) is null, which every parser reads; Python
+    writes a bare NaN that JavaScript's, jq's and most others refuse."""
     return json.dumps(_finite(payload), indent=indent, default=_json_default, allow_nan=False)
-
-
-_SURROGATES = re.compile("[\ud800-\udfff]")  # lone: a name's undecodable byte, or worse
 
 
 def _finite(value):
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    if isinstance(value, str):
-        return value if value.isascii() or not _SURROGATES.search(value) else display_path(value)
     if isinstance(value, dict):
-        return {_finite(key): _finite(item) for key, item in value.items()}
+        return {key: _finite(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_finite(item) for item in value]
     return value

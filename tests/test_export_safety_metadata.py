@@ -142,3 +142,8 @@ def test_an_output_name_that_is_not_utf8_is_written_and_named_in_one_line(tmp_pa
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout == f"written: {tmp_path}/a\\xff{suffix}\n", done.stderr[-2000:]
     assert os.listdir(folder) == [b"a\xff" + suffix.encode()] and os.path.getsize(out) > 1_000_000
+    inside = folder + b"/d\xff/model" + suffix.encode()  # a folder of such a name: the temporary path holds it too
+    done = subprocess.run([sys.executable, "-m", "pneumonia_cnn", "export", "--format", form, "--out", inside],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout == f"written: {tmp_path}/d\\xff/model{suffix}\n", done.stderr[-2000:]
+    assert os.listdir(folder + b"/d\xff") == [b"model" + suffix.encode()]

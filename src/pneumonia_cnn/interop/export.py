@@ -12,6 +12,7 @@ fitted (a run's last.pt, an imported Keras model: threshold 0.5, no calibration)
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import warnings
@@ -226,24 +227,30 @@ def export_model(checkpoint_path, fmt: str, out) -> Path:
     out = Path(out)
     if fmt == "onnx":
         import onnx
-        with atomic_path(out) as temporary, warnings.catch_warnings():
+        # written through memory: torch's writers take only paths that are UTF-8 text, and a folder or name with
+        # another byte ended in a 4,000-line traceback; Python's own writes take any name
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, (example,), str(temporary), dynamo=False, opset_version=17,
+            torch.onnx.export(wrapper, (example,), buffer, dynamo=False, opset_version=17,
                               input_names=["image"], output_names=["probability", "logit"],
                               dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"},
                                             "logit": {0: "batch"}})
-            proto = onnx.load(str(temporary))
-            for key, value in onnx_metadata_props(metadata).items():
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = key, value
-            onnx.checker.check_model(proto)
-            onnx.save(proto, str(temporary))
+        proto = onnx.load_from_string(buffer.getvalue())
+        for key, value in onnx_metadata_props(metadata).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto)
+        with atomic_path(out) as temporary:
+            temporary.write_bytes(proto.SerializeToString())
     elif fmt == "torchscript":
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(wrapper, example)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={"metadata.json": json.dumps(metadata)})
         with atomic_path(out) as temporary:
-            torch.jit.save(traced, str(temporary), _extra_files={"metadata.json": json.dumps(metadata)})
+            temporary.write_bytes(buffer.getvalue())
     else:
         raise PneumoniaCNNError(f"unknown export format {fmt!r}: onnx or torchscript")
     return out

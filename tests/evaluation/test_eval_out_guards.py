@@ -244,17 +244,23 @@ def test_a_file_evaluate_did_not_write_where_a_figure_goes_is_kept_and_refused(c
     assert digest(figures / "roc.png") == before and "scored" not in scoring and not out.exists()
 
 
-def test_evaluate_replaces_its_own_figures_and_an_earlier_versions_untitled_ones_its_json_lists(capsys, tmp_path,
-                                                                                               root, cache_dir):
+def test_evaluate_replaces_its_own_figures_and_an_earlier_versions_untitled_ones(capsys, tmp_path, root, cache_dir):
+    """An earlier version drew the figures untitled, and another result may share the folder (``test.json`` and
+    ``test_metrics.json`` both draw into ``test_figures/``): a picture matplotlib made is evaluate's to replace."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     from PIL import Image
     out, figures = tmp_path / "x.json", tmp_path / "x_figures"
     common = ["--data", root, "--split", "test", "--cache-dir", cache_dir, "--no-progress", "--out", out]
     assert run(capsys, "evaluate", *common)[0] == 0
     assert Image.open(figures / "roc.png").info["Title"] == "pneumonia-cnn evaluate"
     assert run(capsys, "evaluate", *common)[0] == 0  # its own figures, titled
-    Image.open(figures / "pr.png").save(figures / "pr.png")  # as an earlier version drew it: no title
-    assert run(capsys, "evaluate", *common)[0] == 0  # listed by the JSON at --out: an earlier evaluate's
-    Image.open(figures / "pr.png").save(figures / "pr.png")
-    out.unlink()  # no JSON lists it any more: nothing says evaluate drew it
+    out.unlink()  # no JSON lists the pictures any more
+    figure = plt.figure()
+    figure.savefig(figures / "pr.png")  # as an earlier version drew it: matplotlib's, untitled
+    plt.close(figure)
+    assert run(capsys, "evaluate", *common)[0] == 0
+    Image.open(figures / "pr.png").save(figures / "pr.png")  # the same pixels, saved by another program
     status, error = run(capsys, "evaluate", *common)
     assert status == 2 and error.startswith(f"error: {figures / 'pr.png'}: holds a file evaluate did not write")

@@ -203,7 +203,7 @@ def evaluate(checkpoint, data, split: str = "test", device: str = "auto", thresh
     sources = checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint]
     refuse_refit_without_val(data, val_split, threshold, calibration)
     if out:
-        check_figures_folder(figures_folder(Path(out)), figures, out)
+        check_figures_folder(figures_folder(Path(out)), figures)
     bundle = load_bundle(list(sources))
     cached = cached_split(bundle, data, split, cache_dir, progress)
     if len(cached) == 0:

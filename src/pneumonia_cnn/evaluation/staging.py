@@ -24,36 +24,36 @@ FIGURE_FILES = frozenset(f"{name}.png" for name in FIGURE_NAMES)
 FIGURE_TITLE = "pneumonia-cnn evaluate"  # stored in each figure: a later evaluate knows it as its own
 
 
-def check_figures_folder(folder, figures: bool, out=None) -> None:
+def check_figures_folder(folder, figures: bool) -> None:
     """Before any work, with ``figures``: the figures folder an output JSON names (``figures_folder``) receives
     the new pictures (files of other names in it stay), so anything but a folder there is refused, and so is a
-    file of a figure's name that evaluate did not write (an X-ray saved there as ``roc.png`` had been replaced
-    without a word). evaluate's own: a figure carrying ``FIGURE_TITLE``, or one the JSON at ``out`` lists (an
-    earlier version drew them untitled)."""
+    file of a figure's name that is not a picture evaluate drew (an X-ray saved there as ``roc.png`` had been
+    replaced without a word): a PNG carrying ``FIGURE_TITLE``, or made by matplotlib (earlier versions drew
+    them untitled, and ``test.json`` and ``test_metrics.json`` share ``test_figures/``)."""
     folder = Path(folder)
     if not figures or not os.path.lexists(folder):
         return
     if folder.is_symlink() or not folder.is_dir():
         raise PneumoniaCNNError(f"{display_path(folder)}: exists and is not a figures folder (the pictures go "
                                 f"there); remove it, give --no-figures, or give another --out")
-    listed = set(pictures_of(out, folder)) if out else set()
     for picture in sorted(folder / name for name in FIGURE_FILES):
         if picture.is_dir() and not picture.is_symlink():  # as the final step would say, but before any work
             raise OutputError(21, "a folder is there, where the file goes", str(picture))
-        if os.path.lexists(picture) and picture not in listed and not _drawn_by_evaluate(picture):
+        if os.path.lexists(picture) and not _drawn_by_evaluate(picture):
             raise PneumoniaCNNError(f"{display_path(picture)}: holds a file evaluate did not write (its "
                                     f"{picture.stem} figure goes there); remove it, give --no-figures, or give "
                                     f"another --out")
 
 
 def _drawn_by_evaluate(picture: Path) -> bool:
-    """A PNG whose text chunks, before its pixels, hold ``FIGURE_TITLE``."""
+    """A PNG whose text chunks, before its pixels, hold ``FIGURE_TITLE`` or matplotlib's name."""
     try:
         with open(picture, "rb") as handle:
             head = handle.read(1 << 16)
-    except OSError:  # a folder, a link loop, unreadable: not evaluate's
+    except OSError:  # a link loop, unreadable: not evaluate's
         return False
-    return head.startswith(b"\x89PNG\r\n\x1a\n") and FIGURE_TITLE.encode("ascii") in head
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and (FIGURE_TITLE.encode("ascii") in head
+                                                       or b"tEXtSoftware\x00Matplotlib" in head)
 
 
 def folders_read(data, splits=()) -> list[tuple[Path, Path]]:

@@ -131,4 +131,21 @@ def test_compare_of_a_copy_of_a_run_is_refused_before_scoring(trained_run, capsy
     assert main(["compare", str(trained_run), str(tmp_path / "copy.pt"), "--data", str(tmp_path / "never-read")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'copy.pt'}: holds the same weights as {trained_run / 'best.pt'}; compare needs different "
-        f"models (the same weights rank every image alike)")
+        f"models or decisions (these give every metric alike)")
+
+
+def test_compare_of_one_model_with_another_decision_is_compared(trained_run, small_root, cache_dir, capsys, tmp_path):
+    """The same weights with a refitted threshold (evaluate --save-as): sensitivity and specificity differ."""
+    import torch
+    checkpoint = torch.load(trained_run / "best.pt", weights_only=True, map_location="cpu")
+    checkpoint["threshold"], checkpoint["threshold_policy"] = 0.123, "0.123"
+    torch.save(checkpoint, tmp_path / "other_threshold.pt")
+    assert main(["compare", str(trained_run / "best.pt"), str(tmp_path / "other_threshold.pt"), "--data",
+                 str(small_root), "--cache-dir", str(cache_dir), "--bootstrap", "20", "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sorted(result["thresholds"].values()) == pytest.approx(sorted([0.123, checkpoint_threshold(trained_run)]))
+
+
+def checkpoint_threshold(run) -> float:
+    import torch
+    return float(torch.load(run / "best.pt", weights_only=True, map_location="cpu")["threshold"])

@@ -15,10 +15,7 @@ ROWS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "n
 
 
 def compare_runs(runs, data, split="test", device="auto", cache_dir=None, bootstrap=1000) -> dict:
-    from ..inference.bundle import load_bundle, refuse_repeated_weights
-    bundles = [load_bundle(run) for run in runs]  # before any scoring: a copy of one run under another name
-    refuse_repeated_weights([b.checkpoints[0] for b in bundles], [b.models[0] for b in bundles],
-                            "compare needs different models (the same weights rank every image alike)")
+    refuse_copies(runs)
     reports = [evaluate(run, data, split, device=device, cache_dir=cache_dir, bootstrap=bootstrap, figures=False)
                for run in runs]
     names = run_names(runs)
@@ -42,6 +39,21 @@ def compare_runs(runs, data, split="test", device="auto", cache_dir=None, bootst
             "metrics": {name: {k: report["metrics"][k] for k in ROWS} for name, report in zip(names, reports)},
             "thresholds": {name: report["threshold"] for name, report in zip(names, reports)},
             "delong": tests, "notes": resample_notes(bootstrap)}
+
+
+def refuse_copies(runs) -> None:
+    """Before any scoring: a copy of one model under another name, with the same decision, gave every metric twice
+    ("difference +0.0000, p = 1"). The same weights with another decision (``evaluate --save-as`` of a refitted
+    threshold) are compared: their sensitivity, specificity and calibration differ."""
+    import json
+
+    from ..inference.bundle import load_bundle, refuse_repeated_weights
+    by_decision = {}
+    for bundle in (load_bundle(run) for run in runs):
+        by_decision.setdefault(json.dumps(bundle.decision.to_dict(), sort_keys=True, default=str), []).append(bundle)
+    for bundles in by_decision.values():
+        refuse_repeated_weights([b.checkpoints[0] for b in bundles], [b.models[0] for b in bundles],
+                                "compare needs different models or decisions (these give every metric alike)")
 
 
 def run_names(runs) -> list[str]:

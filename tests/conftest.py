@@ -45,15 +45,18 @@ _PORTS_GIVEN: set[int] = set()
 # Each pytest-xdist worker takes its ports from a block of its own below Linux's ephemeral range (32768-60999),
 # so two workers never get the same port and no outgoing connection's local port lands on one. Probing port 0
 # and closing the probe had left a window in which another worker (or a connection) got the same port.
-PORT_BLOCK, FIRST_PORT, PORT_BLOCKS = 1000, 20000, 12
+FIRST_PORT, PORTS_FOR_WORKERS = 20000, 12000  # 20000-31999; blocks of 1,000, smaller beyond 12 workers
 # a random start within the block, so that two sessions run at once (by hand beside a full run) rarely meet
-_next_port_offset = np.random.default_rng(os.getpid()).integers(PORT_BLOCK)
+_next_port_offset = np.random.default_rng(os.getpid()).integers(1 << 30)
 
 
-def _worker_block() -> int:
+def _port_block() -> tuple[int, int]:
+    """(first port, size) of this worker's block."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # "gw0", "gw1", ...; unset without -n
     index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
-    return FIRST_PORT + index % PORT_BLOCKS * PORT_BLOCK
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1), index + 1)
+    size = min(1000, PORTS_FOR_WORKERS // workers)
+    return FIRST_PORT + index * size, size
 
 
 def free_port() -> int:
@@ -61,9 +64,9 @@ def free_port() -> int:
     before (the system had given the same free port to two probes in a row: an Orthanc's HTTP and DICOM ports
     came out equal, and it exited). A process outside the suite may still take it before the caller binds it."""
     global _next_port_offset
-    block = _worker_block()
-    for _ in range(PORT_BLOCK):
-        port = block + int(_next_port_offset) % PORT_BLOCK
+    block, size = _port_block()
+    for _ in range(size):
+        port = block + int(_next_port_offset) % size
         _next_port_offset += 1
         if port in _PORTS_GIVEN:
             continue
@@ -74,7 +77,7 @@ def free_port() -> int:
                 continue
         _PORTS_GIVEN.add(port)
         return port
-    raise RuntimeError(f"no free loopback port left in {block}-{block + PORT_BLOCK - 1}")
+    raise RuntimeError(f"no free loopback port left in {block}-{block + size - 1}")
 
 
 def require_shared():

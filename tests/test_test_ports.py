@@ -31,3 +31,18 @@ def test_a_port_someone_listens_on_is_skipped_and_none_is_handed_out_twice(monke
 def test_without_xdist_the_first_block_is_used(monkeypatch):
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     assert 20000 <= conftest.free_port() < 21000
+
+
+def test_sixteen_workers_get_sixteen_blocks_below_the_ephemeral_range(monkeypatch):
+    """Blocks of 1,000 hold 12 workers; more (-n 16 on a 16-core machine) get smaller blocks, never a shared one."""
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "16")
+    blocks = {}
+    for index in range(16):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{index}")
+        blocks[index] = {conftest.free_port() for _ in range(5)}
+    ranges = [conftest._port_block() for _ in range(1)]  # the last worker's
+    assert ranges == [(20000 + 15 * 750, 750)]
+    assert all(20000 <= port < 32000 for ports in blocks.values() for port in ports)
+    assert all(not (blocks[a] & blocks[b]) for a in blocks for b in blocks if a < b)
+    assert all(20000 + index * 750 <= min(ports) and max(ports) < 20000 + (index + 1) * 750
+               for index, ports in blocks.items())

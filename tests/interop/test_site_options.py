@@ -174,3 +174,9 @@ def test_engines_are_predicts_choices(capsys):
         with pytest.raises(SystemExit) as ended:
             main([*REFUSED[command], "--engine", "tensorrt"])
         assert ended.value.code == 2 and "invalid choice: 'tensorrt'" in capsys.readouterr().err
+
+
+def test_the_rates_at_the_bounds_are_taken():
+    from pneumonia_cnn.calibration import parse_prevalence
+    assert parse_prevalence("1e-6") == 1e-6 and parse_prevalence("0.999999") == 0.999999
+    assert parse_prevalence("estimate") == "estimate" and parse_prevalence(None) is None

@@ -77,3 +77,37 @@ Promise.allSettled([fetch("{url}/predict", {{method: "POST", mode: "no-cors", bo
         assert metric(after, name) == metric(before, name) + 1, endpoint
     assert metric(after, "pneumonia_cnn_model_reloads_total") == metric(before, "pneumonia_cnn_model_reloads_total")
     assert httpx.get(f"{url}/health").json()["drift"]["images"] == images_before
+
+
+@pytest.mark.parametrize("host, origins, served", [
+    ("127.0.0.1", ["http://127.0.0.1"], True),  # no port on either: the scheme's (80)
+    ("example.org", ["https://example.org:443"], True),
+    ("example.org:443", ["https://example.org"], True),
+    ("example.org", ["http://example.org:8080"], False),
+    ("Example.ORG.", ["http://example.org"], True),  # a name's case and trailing dot do not make another host
+    ("[::1]:8000", ["http://[::1]:8000"], True),
+    ("[::1]:8000", ["http://[::2]:8000"], False),
+    ("127.0.0.1:8000", ["http://127.0.0.1:8000", "https://evil.example"], False),  # every Origin must be ours
+    ("127.0.0.1:8000", ["http://127.0.0.1:8000:1"], False),  # no port number at all
+    ("127.0.0.1:8000", [], True),
+])
+def test_which_origin_is_the_servers_own(host, origins, served):
+    import asyncio
+
+    from pneumonia_cnn.serving.origin import SameOriginMiddleware
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+    headers = [(b"host", host.encode())] + [(b"origin", origin.encode()) for origin in origins]
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers, "query_string": b"",
+             "root_path": ""}
+    asyncio.run(SameOriginMiddleware(app)(scope, receive, send))
+    assert bool(reached) == served
+    assert served or next(m["status"] for m in sent if m["type"] == "http.response.start") == 403

@@ -11,7 +11,8 @@ batches, from the first byte of the body to the answer (decoded and scored image
 bounds the memory uploads can take to about ``max_in_flight`` times the size limit plus ``max_batches_in_flight``
 times the batch limit. A request beyond those waits up to ``admission_wait`` seconds for a place, its body not
 yet read, then gets 503 with ``Retry-After``: refused at once, three clients sending batches of two small images
-had 35 of 60 refused while the server was only scoring. Errors close the
+had 35 of 60 refused while the server was only scoring. At most ``max_in_flight`` wait; more get 503 at once.
+Errors close the
 connection, since the rest of the body is never read.
 
 ``idle_timeout_protocol`` is uvicorn's h11 protocol with one more timer: a connection that has not sent a
@@ -52,6 +53,9 @@ class LimitsMiddleware:
         self.batch_paths, self.max_batches, self.batches = frozenset(batch_paths), int(max_batches_in_flight), 0
         self.on_reject = on_reject or (lambda path, reason: None)
         self.admission_wait, self.waiting = float(admission_wait), set()  # futures woken when a place frees
+        # at most as many waiting as may be admitted: each waiting connection may hold what the server reads ahead
+        # of the app (h11: up to 64 KiB), so an unbounded queue would be unbounded memory
+        self.max_waiting = self.max_in_flight
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -92,7 +96,7 @@ class LimitsMiddleware:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.admission_wait
         while self._full(batch):
-            if loop.time() >= deadline:
+            if loop.time() >= deadline or len(self.waiting) >= self.max_waiting:
                 return False
             waiter = loop.create_future()
             self.waiting.add(waiter)

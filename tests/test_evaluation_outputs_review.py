@@ -206,14 +206,17 @@ def test_a_refit_on_a_csv_is_refused_up_front(tiny, tmp_path, capsys, monkeypatc
 
 
 def test_a_split_given_for_a_csv_is_refused_up_front(tiny, tmp_path, capsys, monkeypatch):
-    """A CSV has no splits: `--split test` was ignored, and the metrics JSON still said "split": "test"."""
+    """A CSV has no splits: `--split test` was ignored by evaluate, stress and compare, and the metrics JSON still
+    said "split": "test"."""
     labels = tmp_path / "labels.csv"
     images = sorted((tiny / "test").rglob("*.jpeg"))
     labels.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in images))
     monkeypatch.setattr(evaluate_module, "cached_split", lambda *a, **k: pytest.fail("images read before the refusal"))
-    assert run(capsys, "evaluate", "--data", labels, "--split", "val", "--out", tmp_path / "m.json") == (
-        2, f"error: {labels}: --split val names a split folder, and a CSV has none (every row it lists is evaluated); "
-           f"leave --split out")
+    for command in (["evaluate"], ["stress"], ["compare", "builtin", tmp_path / "never-read.pt"]):
+        out = [] if command[0] == "compare" else ["--out", tmp_path / "m.json"]
+        assert run(capsys, *command, "--data", labels, "--split", "val", *out) == (
+            2, f"error: {labels}: --split val names a split folder, and a CSV has none (every row it lists is "
+               f"evaluated); leave --split out"), command
     assert not (tmp_path / "m.json").exists()
 
 

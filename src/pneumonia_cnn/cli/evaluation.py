@@ -119,15 +119,20 @@ def decision_changes(args) -> list[str]:
     return [flag for flag, used in given if used]
 
 
+def split_read(args, default: str = "test") -> str:
+    """``--split``, or ``default``; refused with a CSV, which has no splits (ignored, while the outputs said it)."""
+    if args.data and Path(args.data).suffix.lower() == ".csv" and args.split is not None:
+        raise PneumoniaCNNError(f"{display_path(args.data)}: --split {args.split} names a split folder, and a CSV has "
+                                f"none (every row it lists is evaluated); leave --split out")
+    return default if args.split is None else args.split
+
+
 def run_evaluate(args) -> int:
     from ..evaluation.evaluate import evaluate, format_table, refuse_refit_without_val
     from ..evaluation.staging import refuse_outputs_in_data
     if not Path(args.data).exists():  # said before any check of where the metrics would go
         raise PneumoniaCNNError(f"{args.data}: folder not found")
-    if Path(args.data).suffix.lower() == ".csv" and args.split is not None:  # it was ignored, and the JSON said it
-        raise PneumoniaCNNError(f"{display_path(args.data)}: --split {args.split} names a split folder, and a CSV has "
-                                f"none (every row it lists is evaluated); leave --split out")
-    args.split = "test" if args.split is None else args.split
+    args.split = split_read(args)
     refuse_refit_without_val(args.data, args.val_split, args.threshold, args.calibration)  # before where --out goes
     refuse_missing_checkpoints(args.checkpoint)
     refuse_repeated_checkpoints(args.checkpoint)
@@ -194,7 +199,7 @@ def run_report(args) -> int:
 def compare_arguments(p):
     p.add_argument("runs", nargs="+", type=PATH, help="run folders or checkpoints")
     p.add_argument("--data", required=True, type=PATH, help="data root")
-    p.add_argument("--split", default="test", help="split")
+    p.add_argument("--split", help="split folder under ROOT (default test; a CSV has none)")
     add_format(p), add_device(p), add_cache_dir(p)
     p.add_argument("--bootstrap", type=BOOTSTRAP, default=1000, help=f"bootstrap resamples ({BOOTSTRAP_HELP})")
 
@@ -205,6 +210,7 @@ def run_compare(args) -> int:
         raise PneumoniaCNNError(f"compare needs two or more runs, one was given ({args.runs[0]}); one model's "
                                 f"metrics: pneumonia-cnn evaluate --checkpoint {args.runs[0]} --data ...")
     refuse_repeated_checkpoints(args.runs, "compare")
+    args.split = split_read(args)
     result = compare_runs(args.runs, data=args.data, split=args.split, device=args.device, cache_dir=args.cache_dir,
                           bootstrap=args.bootstrap)
     if args.format == "json":
@@ -218,7 +224,7 @@ def stress_arguments(p):
     p.add_argument("checkpoint", nargs="?", default="builtin", type=PATH,
                    help="best.pt or run folder (default: builtin)")
     p.add_argument("--data", required=True, type=PATH, help="data root")
-    p.add_argument("--split", default="test", help="split")
+    p.add_argument("--split", help="split folder under ROOT (default test; a CSV has none)")
     add_format(p), add_device(p), add_cache_dir(p)
     p.add_argument("--out", type=PATH, help="JSON path (an existing file there must be an earlier stress's)")
 
@@ -227,6 +233,7 @@ def run_stress(args) -> int:
     from ..evaluation.staging import refuse_outputs_in_data
     from ..evaluation.stress import format_stress, stress_test
     refuse_missing_checkpoints([args.checkpoint])
+    args.split = split_read(args)
     check_output(args.out, args.checkpoint, args.data)
     refuse_outputs_in_data(args.out, args.data, (args.split,), "stress", what="its JSON")
     check_replaceable(args.out, "stress")

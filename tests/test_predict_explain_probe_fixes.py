@@ -194,8 +194,9 @@ def test_a_checkpoint_among_the_images_without_the_double_dash_is_refused_with_t
     status, error = run(capsys, command, trained_run, second, xrays[0], *out)
     assert (status, error) == (2, f"error: {second}: a checkpoint among the images; for an ensemble, put -- after "
                                   f"the checkpoints: pneumonia-cnn {command} {trained_run} {second} -- IMAGES")
-    status, error = run(capsys, command, xrays[0], "builtin", *out)  # the built-in model, then its name again
-    assert status == 2 and error.startswith("error: builtin: a checkpoint among the images")
+    status, error = run(capsys, command, xrays[0], second, *out)  # no checkpoint first: it goes first
+    assert (status, error) == (2, f"error: {second}: a checkpoint among the images; give the checkpoint first: "
+                                  f"pneumonia-cnn {command} {second} IMAGES")
     assert not (tmp_path / "maps").exists()
 
 

@@ -99,12 +99,14 @@ def _link_loop(path: Path) -> bool:
     return False
 
 
-def refuse_checkpoints_among_images(command: str, first: str, paths) -> None:
-    """``predict runs/a runs/b scans/`` without ``--``: runs/b's pictures were scored as X-rays (exit 0)."""
+def refuse_checkpoints_among_images(command: str, first: str | None, paths) -> None:
+    """``predict runs/a runs/b scans/`` without ``--``: runs/b's pictures were scored as X-rays (exit 0). With no
+    checkpoint first (``predict scan.png runs/b``), the way to write it is the checkpoint first."""
     for path in paths:
         if looks_like_checkpoint(path):
-            raise PneumoniaCNNError(f"{path}: a checkpoint among the images; for an ensemble, put -- after the "
-                                    f"checkpoints: pneumonia-cnn {command} {first} {path} -- IMAGES")
+            way = (f"for an ensemble, put -- after the checkpoints: pneumonia-cnn {command} {first} {path} -- IMAGES"
+                   if first else f"give the checkpoint first: pneumonia-cnn {command} {path} IMAGES")
+            raise PneumoniaCNNError(f"{path}: a checkpoint among the images; {way}")
 
 
 def _split_checkpoint_and_images(args):
@@ -123,7 +125,7 @@ def _split_checkpoint_and_images(args):
     else:
         refuse_missing_checkpoint(items[0])
         checkpoints, paths = ["builtin"], items
-        refuse_checkpoints_among_images(args.command, "builtin", paths)
+        refuse_checkpoints_among_images(args.command, None, paths)
     if not paths:
         raise PneumoniaCNNError(f"{args.command} needs at least one file, folder or glob after the checkpoint")
     refuse_repeated_checkpoints(checkpoints, args.command)  # one model twice is no ensemble of two, as in evaluate

@@ -84,7 +84,7 @@ def test_a_request_that_finds_no_place_within_the_wait_gets_503(trained_run, tmp
         holder.close()
         running.stop()
     assert (response.status_code, response.headers["retry-after"]) == (503, "1")
-    assert response.json() == {"detail": "busy: 1 batch requests in progress (waited 1.5 s); retry in a second"}
+    assert response.json() == {"detail": "busy: 1 batch request(s) in progress (waited 1.5 s); retry in a second"}
     assert seconds >= 1.5
     assert single.status_code == 200  # a single image has places of its own
 

@@ -348,7 +348,7 @@ def test_batch_uploads_in_progress_are_limited_apart(secure_server, keys):
                                                    files=[("files", ("a.jpeg", image))], headers=bearer(keys["ward"])),
                                 503)
         assert (response.status_code, response.headers["retry-after"]) == (503, "1")
-        assert response.json() == {"detail": "busy: 2 batch requests in progress (waited 0 s); retry in a second"}
+        assert response.json() == {"detail": "busy: 2 batch request(s) in progress (waited 0 s); retry in a second"}
         # 2 of --max-in-flight 4: a single upload goes, from another key (the ward's key holds its half)
         assert post_image(secure_server, keys["admin"]).status_code == 200
     finally:

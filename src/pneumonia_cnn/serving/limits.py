@@ -12,8 +12,7 @@ bounds the memory uploads can take to about ``max_in_flight`` times the size lim
 times the batch limit. A request beyond those waits up to ``admission_wait`` seconds for a place, its body not
 yet read, then gets 503 with ``Retry-After``: refused at once, three clients sending batches of two small images
 had 35 of 60 refused while the server was only scoring. At most ``max_in_flight`` wait; more get 503 at once.
-Errors close the
-connection, since the rest of the body is never read.
+Errors close the connection, since the rest of the body is never read.
 
 ``idle_timeout_protocol`` is uvicorn's h11 protocol with one more timer: a connection that has not sent a
 whole request head within ``seconds`` (after it opened, or after its last response) is closed, so neither
@@ -74,8 +73,8 @@ class LimitsMiddleware:
         batch = path in self.batch_paths
         if not await self._admitted(batch):
             self.on_reject(path, "busy")
-            what = f"{self.batches} batch requests" if batch and self.batches >= self.max_batches else \
-                f"{self.in_flight} requests with uploads"
+            what = f"{self.batches} batch request(s)" if batch and self.batches >= self.max_batches else \
+                f"{self.in_flight} request(s) with uploads"
             return await refuse(scope, receive, send, 503, f"busy: {what} in progress (waited "
                                                            f"{self.admission_wait:g} s); retry in a second",
                                 {"Retry-After": "1"})

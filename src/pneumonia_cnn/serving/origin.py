@@ -23,22 +23,17 @@ def authority(host: str, port: int | None, scheme: str) -> tuple[str, int | None
     return host.lower().strip("[]").rstrip("."), port if port is not None else DEFAULT_PORTS.get(scheme)
 
 
-def host_authority(host_header: str, scheme: str) -> tuple[str, int | None] | None:
+def same_origin(origin: str, host_header: str) -> bool:
+    """Whether a page of ``origin`` is this server, whose ``Host`` header is ``host_header`` ("null", a
+    sandboxed frame's or a file:// page's, and a port that is no number are not)."""
     try:
-        parts = urlsplit(f"//{host_header.strip()}")
-        return authority(parts.hostname or "", parts.port, scheme)
-    except ValueError:  # a port that is no number: not this server
-        return None
-
-
-def origin_authority(origin: str) -> tuple[str, int | None] | None:
-    try:
-        parts = urlsplit(origin.strip())
-        if parts.scheme not in DEFAULT_PORTS or not parts.hostname:  # "null": a sandboxed frame, a file:// page
-            return None
-        return authority(parts.hostname, parts.port, parts.scheme)
+        page, host = urlsplit(origin.strip()), urlsplit(f"//{host_header.strip()}")
+        if page.scheme not in DEFAULT_PORTS or not page.hostname:
+            return False
+        return authority(page.hostname, page.port, page.scheme) == authority(host.hostname or "", host.port,
+                                                                              page.scheme)
     except ValueError:
-        return None
+        return False
 
 
 class SameOriginMiddleware:
@@ -53,9 +48,7 @@ class SameOriginMiddleware:
         headers = scope["headers"]
         origins = [value.decode("latin-1") for name, value in headers if name == b"origin"]
         host = next((value.decode("latin-1") for name, value in headers if name == b"host"), "")
-        page = [origin_authority(origin) for origin in origins]
-        if all(seen is not None and seen == host_authority(host, urlsplit(origin.strip()).scheme)
-               for seen, origin in zip(page, origins)):
+        if all(same_origin(origin, host) for origin in origins):
             return await self.app(scope, receive, send)
         shown = "".join(c if c.isprintable() else "?" for c in origins[0])[:100]
         return await refuse(scope, receive, send, 403, f"cross-origin request refused: a page of {shown!r} may "

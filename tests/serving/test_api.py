@@ -95,7 +95,9 @@ def test_malformed_requests_get_one_line_reasons(server):
     for response, detail in (
             (httpx.post(f"{url}/predict"), f"no multipart field 'file': {send} 'file'"),
             (httpx.post(f"{url}/predict", content=image, headers={"Content-Type": "image/jpeg"}),
-             f"no multipart field 'file': {send} 'file'"),
+             f"body is image/jpeg, not multipart/form-data: {send} 'file' (curl -F file=@chest.jpeg)"),
+            (httpx.post(f"{url}/predict/batch", content=b"{}", headers={"Content-Type": "Application/JSON; x=1"}),
+             f"body is application/json, not multipart/form-data: {send} 'files' (curl -F files=@chest.jpeg)"),
             (httpx.post(f"{url}/predict", files={"image": ("a.jpeg", image)}), f"no multipart field 'file': {send} 'file'"),
             (httpx.post(f"{url}/predict/batch"), f"no multipart field 'files': {send} 'files'"),
             (httpx.post(f"{url}/predict?gradcam=abc", files={"file": ("a.jpeg", image)}),

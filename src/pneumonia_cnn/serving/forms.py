@@ -48,6 +48,7 @@ PARSER_REASONS = (  # the parser's words (python-multipart, Starlette) -> what t
 # python-multipart's words for a first line that is not "--" + the declared boundary: "Expected boundary character
 # 45, got 104 at index 2" for a body that is not multipart at all (or was written with another boundary)
 NOT_MULTIPART = r"^expected boundary character"
+URLENCODED = "application/x-www-form-urlencoded"  # a form without files: FastAPI names the field sent as text
 
 
 def safe_name(name: str) -> str:
@@ -139,6 +140,12 @@ def not_multipart(path: str) -> str:
             f"(curl -F {field}=@chest.jpeg)")
 
 
+def not_multipart_type(content_type: str, path: str) -> str:
+    field = field_of(path)
+    return (f"body is {safe_name(content_type)}, not multipart/form-data: send the image(s) as multipart/form-data "
+            f"field '{field}' (curl -F {field}=@chest.jpeg)")
+
+
 def incomplete(path: str) -> str:
     return (f"multipart/form-data body incomplete: it ends before its closing boundary (--BOUNDARY-- after the last "
             f"part), so its last part is cut short; send the whole body (field '{field_of(path)}')")
@@ -148,6 +155,8 @@ async def read_form(request, path: str, max_files: int) -> None:
     """Parse a multipart body into the request's form, where FastAPI finds it (another body: left to FastAPI).
     A client gone before its body ended is a 499 (``ClientGone``: no error logged, no audit row)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("", "multipart/form-data", URLENCODED):  # a raw image/png body: say what was sent
+        raise RequestError(400, not_multipart_type(content_type, path))
     if content_type != "multipart/form-data" or getattr(request, "_form", None) is not None:
         return
     try:

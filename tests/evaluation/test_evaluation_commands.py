@@ -68,7 +68,7 @@ def test_each_shift_does_what_it_says():
                                        "border crop 10%", "rotate 5deg"}
 
 
-def test_stress_and_compare_commands(trained_run, small_root, cache_dir, capsys, tmp_path):
+def test_stress_and_compare_commands(trained_run, small_root, cache_dir, capsys, tmp_path, caplog):
     assert main(["stress", str(trained_run), "--data", str(small_root), "--cache-dir", str(cache_dir),
                  "--format", "json", "--out", str(tmp_path / "s.json")]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -103,6 +103,9 @@ def test_stress_and_compare_commands(trained_run, small_root, cache_dir, capsys,
     assert main(["compare", str(trained_run / "best.pt"), "builtin", "--data", str(one_class),
                  "--cache-dir", str(cache_dir), "--bootstrap", "20"]) == 2
     assert "holds one class only: ROC AUC and DeLong's test need both" in capsys.readouterr().err
+    # both runs scan the same folder: its note was printed once per run
+    missing = [r.getMessage() for r in caplog.records if r.getMessage().endswith("class folder missing")]
+    assert missing == [f"{one_class / 'test' / 'PNEUMONIA'}: class folder missing"]
 
 
 def test_stress_says_where_its_json_went(trained_run, small_root, cache_dir, capsys, tmp_path):

@@ -2,6 +2,8 @@
 paired bootstrap of each difference by patient (DeLong takes a patient's images as independent)."""
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..data.dataset import evaluated_name
@@ -16,8 +18,9 @@ ROWS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "n
 
 def compare_runs(runs, data, split="test", device="auto", cache_dir=None, bootstrap=1000) -> dict:
     refuse_copies(runs)
-    reports = [evaluate(run, data, split, device=device, cache_dir=cache_dir, bootstrap=bootstrap, figures=False)
-               for run in runs]
+    with each_warning_once():
+        reports = [evaluate(run, data, split, device=device, cache_dir=cache_dir, bootstrap=bootstrap, figures=False)
+                   for run in runs]
     names = run_names(runs)
     reference_paths = [p["path"] for p in reports[0]["predictions"]]
     for report, name in zip(reports[1:], names[1:]):
@@ -39,6 +42,33 @@ def compare_runs(runs, data, split="test", device="auto", cache_dir=None, bootst
             "metrics": {name: {k: report["metrics"][k] for k in ROWS} for name, report in zip(names, reports)},
             "thresholds": {name: report["threshold"] for name, report in zip(names, reports)},
             "delong": tests, "notes": resample_notes(bootstrap)}
+
+
+@contextmanager
+def each_warning_once():
+    """Each run scans the same images, so a note on them ("class folder missing") was printed once per run."""
+    # a filter of its own for each handler: a record goes through every handler, and must pass each once
+    filters = [(handler, FirstTimeOnly()) for handler in logging.getLogger().handlers]
+    for handler, only in filters:
+        handler.addFilter(only)
+    try:
+        yield
+    finally:
+        for handler, only in filters:
+            handler.removeFilter(only)
+
+
+class FirstTimeOnly(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        if record.levelno >= logging.WARNING and key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
 
 
 def refuse_copies(runs) -> None:

@@ -164,6 +164,13 @@ def test_dicom_age_inside_the_range_or_unknown_does_not_flag(tmp_path, tags):
     ({"ViewPosition": "LATERAL"}, "DICOM view LATERAL (PA/AP expected)"),
     ({"ViewPosition": "PAL"}, "DICOM view PAL (PA/AP expected)"),  # a word that starts like PA is not PA
     ({"ViewPosition": "PORTABLE AP"}, "DICOM view PORTABLE AP (PA/AP expected)"),  # the first word decides
+    # the SOP class, whatever the Modality says (predict and serve scored these as chest X-rays)
+    ({"Modality": "CR", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"},
+     "DICOM SOP class CT Image Storage is another modality's image, not an X-ray (its Modality CR notwithstanding)"),
+    ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.2"}, "DICOM SOP class Digital Mammography X-Ray Image Storage - For "
+                                                     "Presentation is another modality's image, not an X-ray (its "
+                                                     "Modality DX notwithstanding)"),
+    ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.33"}, "DICOM SOP class Comprehensive SR Storage is not an image"),
 ])
 def test_dicom_that_is_not_a_frontal_chest_radiograph_forces_the_flag(tmp_path, tags, words):
     require_shared()
@@ -178,7 +185,11 @@ def test_dicom_that_is_not_a_frontal_chest_radiograph_forces_the_flag(tmp_path, 
                                   {"Modality": "DR"}, {"Modality": "dx"}, {"BodyPartExamined": "LUNG"},
                                   {"BodyPartExamined": "TORAX"}, {"BodyPartExamined": "TORACE"},
                                   {"ViewPosition": ["AP", "PORTABLE"]}, {"ViewPosition": "(PA)"},
-                                  {"BodyPartExamined": "", "ViewPosition": ""}])
+                                  {"BodyPartExamined": "", "ViewPosition": ""},
+                                  {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1"},
+                                  {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1"},
+                                  {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1.1"},
+                                  {"SOPClassUID": "1.2.826.0.1.3680043.9.9999.1"}])  # a vendor's own class
 def test_frontal_chest_radiographs_written_loosely_are_not_flagged(tmp_path, tags):
     require_shared()
     gray, meta = read_image(child_xray_dicom(tmp_path / "f.dcm", PatientAge="003Y", **tags), (64, 64))
@@ -191,6 +202,16 @@ def test_secondary_capture_is_warned_about_but_not_flagged(tmp_path, modality):
     gray, meta = read_image(child_xray_dicom(tmp_path / "s.dcm", PatientAge="003Y", Modality=modality), (64, 64))
     assert input_warnings(gray, meta, KAGGLE_USE) == [
         f"DICOM modality {modality} (secondary capture or other): check that the image is a frontal chest radiograph"]
+    assert flag_reasons(gray, meta, KAGGLE_USE) == []
+
+
+def test_secondary_capture_class_under_a_radiograph_modality_is_warned_about_but_not_flagged(tmp_path):
+    require_shared()
+    gray, meta = read_image(child_xray_dicom(tmp_path / "s.dcm", PatientAge="003Y", Modality="DX",
+                                             SOPClassUID="1.2.840.10008.5.1.4.1.1.7"), (64, 64))
+    assert input_warnings(gray, meta, KAGGLE_USE) == [
+        "DICOM SOP class Secondary Capture Image Storage (a secondary capture): check that the image is a frontal "
+        "chest radiograph"]
     assert flag_reasons(gray, meta, KAGGLE_USE) == []
 
 
@@ -239,9 +260,10 @@ def test_evaluate_flags_what_predict_flags_from_the_file_itself(ood_run, tmp_pat
     colour = normal / "photo.jpg"
     Image.fromarray(skimage_data.astronaut()).resize((224, 224)).save(colour)
     frontal = child_xray_dicom(normal / "frontal.dcm", PatientAge="003Y")
+    ct = child_xray_dicom(normal / "ct.dcm", PatientAge="003Y", Modality="CR", SOPClassUID="1.2.840.10008.5.1.4.1.1.2")
     expected = {str(p.path): p.in_distribution is False
                 for p in Predictor(ood_run / "best.pt", "cpu").predict_files(sorted((root / "test").rglob("*.*")))}
-    assert [expected[str(p)] for p in (lateral, adult, colour, frontal)] == [True, True, True, False]
+    assert [expected[str(p)] for p in (lateral, adult, colour, frontal, ct)] == [True, True, True, False, True]
     cache = tmp_path / "cache"
 
     def flags_agree(build):
@@ -253,10 +275,11 @@ def test_evaluate_flags_what_predict_flags_from_the_file_itself(ood_run, tmp_pat
     flags_agree("fresh")
     flags_agree("reused")
     manifest = json.loads(next(cache.rglob("manifest.json")).read_text())
-    assert manifest["version"] == 5 and "SECRET-ID-42" not in str(manifest) and "19800101" not in str(manifest)
+    assert manifest["version"] == 6 and "SECRET-ID-42" not in str(manifest) and "19800101" not in str(manifest)
     checked = {Path(e["path"]).name: e.get("checked") for e in manifest["entries"]}
     assert checked["photo.jpg"]["saturation"] > 0.15 and checked["lateral.dcm"]["tags"]["ViewPosition"] == "LL"
     assert float(checked["adult.dcm"]["tags"]["PatientAge"][:-1]) == pytest.approx(45.0, abs=0.01)
+    assert checked["ct.dcm"]["tags"]["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.2"
     assert sum(c is None for c in checked.values()) == 6  # the shared PNG X-rays say nothing the checks read
     # partly changed: a new flagged DICOM sorting first, one rewritten to frontal, one removed, the rest reused
     child_xray_dicom(normal / "a_first.dcm", PatientAge="040Y")

@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 # 2: entries keep the file's colour and DICOM tags (the intended-use checks); 3: and the size of a file smaller
 # than the cached image (the size check: a thumbnail); 4: 16-bit colour PNGs read at full depth, EXIF orientation
 # applied (an entry's file is reused while its size and times hold, so the reader's changes need a new version);
-# 5: 16-bit colour and big-endian TIFFs at full depth, DICOM rescales that give no image skipped
-CACHE_VERSION = 5
+# 5: 16-bit colour and big-endian TIFFs at full depth, DICOM rescales that give no image skipped; 6: a DICOM's SOP
+# class (another modality's image under Modality CR)
+CACHE_VERSION = 6
 
 
 def default_cache_dir() -> Path:
@@ -83,7 +84,7 @@ def checked_fields(meta: ImageMeta, size) -> dict | None:
     patient's age, never the birth date or ID; its size, when smaller than the cached image's ``size``), for the
     manifest; None when the file says nothing they read."""
     # 64 characters: more than any real value, and a malformed file cannot bloat the manifest
-    tags = {key: str(meta.tags[key])[:64] for key in ("Modality", "BodyPartExamined", "ViewPosition")
+    tags = {key: str(meta.tags[key])[:64] for key in ("Modality", "SOPClassUID", "BodyPartExamined", "ViewPosition")
             if meta.tags.get(key)}
     age = patient_age_years(meta.tags)
     if age is not None:

@@ -104,7 +104,7 @@ def _to_gray(path: Path, dataset, pixels: np.ndarray, notes: list):
     if photometric == "MONOCHROME1":
         gray = 255 - gray
     tags = {key: _tag(dataset, key) for key in
-            ("Modality", "BodyPartExamined", "ViewPosition", "PatientAge", "PatientSex", "PatientID",
+            ("Modality", "SOPClassUID", "BodyPartExamined", "ViewPosition", "PatientAge", "PatientSex", "PatientID",
              "PatientBirthDate", "StudyDate", "AcquisitionDate")}  # the dates give the age when PatientAge is absent
     return gray, ImageMeta(source_format="DICOM", original_size=gray.shape, tags={k: v for k, v in tags.items() if v})
 

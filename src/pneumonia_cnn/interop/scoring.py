@@ -15,19 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
 
 from ..errors import ImageReadError
+from ..ood.checks import SECONDARY_CAPTURE, XRAY_IMAGE_CLASSES, known_sop_class, other_sop_class
 from .dicom_sr import ModelIdentity, build_overlay, build_sr, pixels_digest
 from .uids import is_uid
 
 IMAGE_MODALITIES_NEVER_SCORED = {"SR", "KO", "PR", "SEG", "RTSTRUCT"}
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-# the image classes of a projection radiograph: any other known image class (CT, MR, mammography, ultrasound,
-# nuclear medicine, PET, intra-oral, angiography...) is another modality's image, whatever its Modality says
-XRAY_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
-                      "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
-                      "1.2.840.10008.5.1.4.1.1.1.1.1"}  # Digital X-Ray Image Storage - For Processing
 
 
 @dataclass
@@ -91,7 +86,7 @@ def not_an_image(dataset: Dataset) -> str | None:
     if sop_class == SECONDARY_CAPTURE or "Secondary Capture" in (name or ""):  # the multi-frame classes too
         return "a secondary capture, not an acquired X-ray"
     if name and "Image" not in name:
-        return f"SOP class {name} is not an image"  # a report or document, whatever its Modality claims
+        return other_sop_class(name, "")  # a report or document, whatever its Modality claims
     return None
 
 
@@ -103,14 +98,7 @@ def other_modality_class(dataset: Dataset) -> str | None:
     name = known_sop_class(sop_class)
     if not name or "Image" not in name or sop_class in XRAY_IMAGE_CLASSES or "Secondary Capture" in name:
         return None
-    modality = str(getattr(dataset, "Modality", "") or "missing")
-    return f"SOP class {name} is another modality's image, not an X-ray (its Modality {modality} notwithstanding)"
-
-
-def known_sop_class(sop_class: str) -> str | None:
-    """The name of a SOP class pydicom knows, or None."""
-    name = UID(sop_class).name if sop_class else ""
-    return name if name != sop_class and UID(sop_class).type == "SOP Class" else None
+    return other_sop_class(name, str(getattr(dataset, "Modality", "") or ""))
 
 
 def dataset_bytes(dataset: Dataset) -> bytes:

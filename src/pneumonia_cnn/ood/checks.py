@@ -6,6 +6,7 @@ import re
 import unicodedata
 
 import numpy as np
+from pydicom.uid import UID
 
 from ..data.age import patient_age_years
 
@@ -20,6 +21,12 @@ RADIOGRAPH_MODALITIES = ("CR", "DX", "DR", "RG")
 UNKNOWN_KIND_MODALITIES = ("SC", "OT")
 CHEST_WORDS = ("CHEST", "THORAX", "TORAX", "TORAC", "LUNG")  # TORAC: Italian TORACE, Spanish TORÁCICO
 FRONTAL_VIEWS = ("PA", "AP")
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+# the image classes of a projection radiograph: any other known image class (CT, MR, mammography, ultrasound,
+# nuclear medicine, PET, intra-oral, angiography...) is another modality's image, whatever its Modality says
+XRAY_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+                      "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+                      "1.2.840.10008.5.1.4.1.1.1.1.1"}  # Digital X-Ray Image Storage - For Processing
 FLAG_MEANING = "outside the training population ({population}): the probability is not reliable"
 DEFAULT_POPULATION = "children 1–5 years, one hospital"
 
@@ -81,6 +88,7 @@ def dicom_kind_warnings(tags: dict) -> list[str]:
                      f"frontal chest radiograph")
     elif modality and modality not in RADIOGRAPH_MODALITIES:
         found.append(f"{NOT_FRONTAL_CHEST}: DICOM modality {modality} (CR/DX/DR/RG expected)")
+    found += sop_class_warnings(str(tags.get("SOPClassUID") or ""), modality)
     body = str(tags.get("BodyPartExamined") or "").strip().upper()
     plain = unicodedata.normalize("NFKD", body).encode("ascii", "ignore").decode()
     if body and not any(word in plain for word in CHEST_WORDS):
@@ -89,6 +97,33 @@ def dicom_kind_warnings(tags: dict) -> list[str]:
     if view and (re.findall(r"[A-Z]+", view) or [""])[0] not in FRONTAL_VIEWS:
         found.append(f"{NOT_FRONTAL_CHEST}: DICOM view {view} (PA/AP expected)")
     return found
+
+
+def sop_class_warnings(sop_class: str, modality: str) -> list[str]:
+    """What the SOP class says, whatever the Modality claims: a CT slice with Modality CR, a mammogram with DX, or
+    a structured report holding pixels were scored as chest X-rays by ``predict`` and ``serve`` (``pacs`` and
+    ``listen`` refuse them, ``other_sop_class``). A class pydicom does not know (a vendor's) says nothing."""
+    name = known_sop_class(sop_class)
+    if not name or sop_class in XRAY_IMAGE_CLASSES:
+        return []
+    if sop_class == SECONDARY_CAPTURE or "Secondary Capture" in name:  # the multi-frame classes too
+        return [] if modality in UNKNOWN_KIND_MODALITIES else [
+            f"DICOM SOP class {name} (a secondary capture): check that the image is a frontal chest radiograph"]
+    return [f"{NOT_FRONTAL_CHEST}: DICOM {other_sop_class(name, modality)}"]
+
+
+def other_sop_class(name: str, modality: str) -> str:
+    """Why the SOP class ``name`` (neither a radiograph's nor a secondary capture's) is not scored, in words."""
+    if "Image" not in name:
+        return f"SOP class {name} is not an image"  # a report or document, whatever its Modality claims
+    return f"SOP class {name} is another modality's image, not an X-ray (its Modality {modality or 'missing'} " \
+           f"notwithstanding)"
+
+
+def known_sop_class(sop_class: str) -> str | None:
+    """The name of a SOP class pydicom knows, or None."""
+    name = UID(sop_class).name if sop_class else ""
+    return name if name != sop_class and UID(sop_class).type == "SOP Class" else None
 
 
 def flag_reasons(gray: np.ndarray, meta=None, intended_use: dict | None = None) -> list[str]:

@@ -335,7 +335,8 @@ def _explained(predictor, paths, overlays, layer):
                                                f"({error.strerror or error})"}
             continue
         yield {"path": str(path), "probability": entry["probability"], "label": entry["label"],
-               "prevalence": entry["prevalence"], "prevalence_source": entry["prevalence_source"],
+               "threshold": entry["threshold"], "prevalence": entry["prevalence"],
+               "prevalence_source": entry["prevalence_source"],
                "engine": entry["engine"], "precision": entry["precision"],
                "in_distribution": entry["in_distribution"], "warnings": entry["warnings"], "overlay": str(png),
                "map": str(png.with_suffix(".npy")), "layer": layer or last_conv_layer_name(model)}

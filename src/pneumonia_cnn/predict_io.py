@@ -163,9 +163,19 @@ def format_rows(predictions, fmt: str, width: int) -> str:
             lines.append(f"{path}  {'-':>11}  {'-':<10} {'-':<8} unreadable: {row['error']}")
             continue
         flag = {True: "yes", False: "NO", None: "?"}[row["in_distribution"]]
-        lines.append(f"{path}  {row['probability']:>11.4f}  {row['label']:<10} {flag:<8} "
-                     + "; ".join(row["warnings"]))
+        shown = shown_probability(row["probability"], row["threshold"])
+        lines.append(f"{path}  {shown:>11}  {row['label']:<10} {flag:<8} " + "; ".join(row["warnings"]))
     return "\n".join(lines)
+
+
+def shown_probability(probability: float, threshold: float | None, digits: int = 4) -> str:
+    """``probability`` to ``digits`` decimals, or as many more as it takes (at most 10) to differ from the threshold
+    shown alike: 0.93116 NORMAL was shown as 0.9312, which is the threshold's own 0.9312 (rounding keeps the order,
+    so a probability shown apart from the threshold is shown on its side)."""
+    if threshold is not None and probability != threshold:
+        while digits < 10 and f"{probability:.{digits}f}" == f"{threshold:.{digits}f}":
+            digits += 1
+    return f"{probability:.{digits}f}"
 
 
 def _csv_text(rows: list[dict], head: bool = False) -> str:

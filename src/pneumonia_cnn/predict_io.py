@@ -117,6 +117,7 @@ def expand_glob(pattern: str) -> list[str]:
 
 # what decided each row (engine, precision, batch adaptation, where the rate came from) is appended after the first
 # ten columns, whose order readers of earlier outputs rely on
+NO_LABEL = "no label"  # printed for an image that is not an X-ray (JSON null, an empty CSV cell)
 CSV_FIELDS = ["path", "probability", "label", "threshold", "prevalence", "in_distribution", "ood_score", "warnings",
               "error", "model", "engine", "precision", "batch_adapted", "batch_adaptation", "prevalence_source"]
 
@@ -164,8 +165,13 @@ def format_rows(predictions, fmt: str, width: int) -> str:
             continue
         flag = {True: "yes", False: "NO", None: "?"}[row["in_distribution"]]
         shown = shown_probability(row["probability"], row["threshold"])
-        lines.append(f"{path}  {shown:>11}  {row['label']:<10} {flag:<8} " + "; ".join(row["warnings"]))
+        lines.append(f"{path}  {shown:>11}  {shown_label(row['label']):<10} {flag:<8} " + "; ".join(row["warnings"]))
     return "\n".join(lines)
+
+
+def shown_label(label: str | None) -> str:
+    """The label, or what an image that is not an X-ray gets instead (``ood.withholds_label``)."""
+    return NO_LABEL if label is None else label
 
 
 def shown_probability(probability: float, threshold: float | None, digits: int = 4) -> str:

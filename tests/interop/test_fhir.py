@@ -42,12 +42,16 @@ def test_fhir_report_validates_and_matches_json(trained_run, xray_sources, tmp_p
             continue
         assert observation["valueQuantity"]["value"] == row["probability"]
         assert component(observation, "threshold")["valueQuantity"]["value"] == row["threshold"]
+        if row["label"] is None:  # the blank image: not an X-ray, no label, neither POS nor NEG
+            assert "interpretation" not in observation and "valueCodeableConcept" not in component(observation, "label")
+            continue
         assert component(observation, "label")["valueCodeableConcept"]["text"] == row["label"]
         assert observation["interpretation"][0]["coding"][0]["code"] == ("POS" if row["label"] == "PNEUMONIA"
                                                                          else "NEG")
         assert component(observation, "in-distribution").get("valueBoolean") == row["in_distribution"]
         assert [n["text"] for n in observation.get("note", [])] == row["warnings"]
     flagged = by_path[str(blank)]
+    assert [row["label"] for row in expected][2] is None
     assert component(flagged, "in-distribution")["valueBoolean"] is False
     assert any("the probability is not reliable" in n["text"] for n in flagged["note"])
     assert "1 unreadable" in document["conclusion"] and "1 outside the training population" in document["conclusion"]

@@ -14,6 +14,7 @@ import time
 import httpx
 
 from tests.serving.conftest import Server, bearer, xray_paths
+from tests.serving.test_operations import noise_png
 
 
 def audit_cli(*args) -> subprocess.CompletedProcess:
@@ -31,6 +32,8 @@ def test_every_prediction_is_logged_without_pixels_and_exported(trained_run, key
             response = httpx.post(f"{running.url}/predict", files={"file": (path.name, path.read_bytes())},
                                   headers=bearer(keys["ward"]))
             answers.append(response.json())
+        noise = httpx.post(f"{running.url}/predict", files={"file": ("noise.png", noise_png(0))},
+                           headers=bearer(keys["ward"])).json()
         batch = httpx.post(f"{running.url}/predict/batch", headers=bearer(keys["admin"]),
                            files=[("files", (p.name, p.read_bytes())) for p in paths[:2]]
                            + [("files", ("bad.png", b"x"))])
@@ -42,7 +45,10 @@ def test_every_prediction_is_logged_without_pixels_and_exported(trained_run, key
     exported = audit_cli(tmp_path / "audit.sqlite", "--format", "json")
     assert exported.returncode == 0, exported.stderr
     rows = json.loads(exported.stdout)
-    assert len(rows) == len(paths) + 2  # the unreadable file of the batch was not predicted: no row
+    assert len(rows) == len(paths) + 3  # the unreadable file of the batch was not predicted: no row
+    # not an X-ray: scored, given no label, and logged so (the column is NOT NULL: stored "", exported null)
+    assert noise["label"] is None and rows[len(paths)]["label"] is None
+    assert rows[len(paths)]["probability"] == noise["probability"]
     for row, path, answer in zip(rows, paths, answers):
         assert row["request_id"] == answer["request_id"] and row["key_id"] == "ward3"
         assert row["image_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -51,6 +57,7 @@ def test_every_prediction_is_logged_without_pixels_and_exported(trained_run, key
         assert row["model_id"] == answer["model"] and row["time"].endswith("Z") and row["kept_image"] is None
     assert [r["key_id"] for r in rows[-2:]] == ["ops", "ops"] and rows[-1]["endpoint"] == "predict/batch"
     table = list(csv.DictReader(io.StringIO(audit_cli(tmp_path / "audit.sqlite", "--since", "1h").stdout)))
+    assert table[len(paths)]["label"] == "" and table[0]["label"] in ("NORMAL", "PNEUMONIA")
     assert len(table) == len(rows) and set(table[0]) >= {"time", "key_id", "image_sha256", "model_id", "probability",
                                                          "label", "threshold", "in_distribution"}
     assert audit_cli(tmp_path / "audit.sqlite", "--since", "2099-01-01").stdout.count("\n") == 1  # the header only

@@ -34,11 +34,12 @@ def test_metrics_and_drift_in_health_and_metrics(trained_run, keys, tmp_path):
     auth = bearer(keys["ward"])
     try:
         assert httpx.get(f"{running.url}/health").json()["drift"]["status"] == "collecting"
-        flagged = 0
+        flagged = unlabelled = 0
         for seed in range(30):
             response = httpx.post(f"{running.url}/predict", files={"file": (f"n{seed}.png", noise_png(seed))},
                                   headers=auth)
             flagged += response.json()["in_distribution"] is False
+            unlabelled += response.json()["label"] is None  # not an X-ray: no label
         httpx.post(f"{running.url}/predict", files={"file": ("bad.png", b"nope")}, headers=auth)
         drift = httpx.get(f"{running.url}/health").json()["drift"]
         text = httpx.get(f"{running.url}/metrics", headers=auth).text
@@ -50,6 +51,7 @@ def test_metrics_and_drift_in_health_and_metrics(trained_run, keys, tmp_path):
     assert metric(text, 'pneumonia_cnn_drift_psi{score="ood_scores"}') == drift["ood_scores"]["psi"]
     assert metric(text, "pneumonia_cnn_ood_flags_total") == flagged
     assert metric(text, "pneumonia_cnn_predictions_total") == 30
+    assert metric(text, 'pneumonia_cnn_predictions_total{label="none"}') == unlabelled == 30
     assert metric(text, "pneumonia_cnn_probability_count") == 30
     assert metric(text, "pneumonia_cnn_image_errors_total") == 1
     assert metric(text, 'pneumonia_cnn_http_requests_total{endpoint="/predict",status="200"}') == 30

@@ -73,6 +73,8 @@ def test_page_warns_on_an_image_that_is_not_an_xray(server, tmp_path):
         WebDriverWait(browser, 30).until(EC.text_to_be_present_in_element((By.ID, "probability"), "%"))
         warning = browser.find_element(By.ID, "warning")
         assert warning.is_displayed() and "Outside the intended use" in warning.text
+        # no label for what is not an X-ray (the page had shown PNEUMONIA beside the warning)
+        assert browser.find_element(By.ID, "label").text == "no label (not an X-ray)"
         browser.save_screenshot(str(tmp_path / "warning.png"))
     finally:
         browser.quit()

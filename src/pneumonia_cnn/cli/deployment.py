@@ -148,7 +148,7 @@ def explain_arguments(p):
 def run_explain(args) -> int:
     from ..explanation import explain_each, planned_overlays
     from ..fileio import printable
-    from ..predict_io import collect_paths, shown_probability
+    from ..predict_io import collect_paths, shown_label, shown_probability
     check_scoring_options(args, "explain")
     paths, missing = collect_paths(args.paths)
     if not paths:
@@ -169,7 +169,7 @@ def run_explain(args) -> int:
             explained += 1
             # printed as each image is done (Ctrl-C keeps what was shown), names escaped as in predict's table
             shown = shown_probability(item["probability"], item["threshold"])
-            print(f"{printable(display_path(item['path']))}: p={shown} {item['label']} -> "
+            print(f"{printable(display_path(item['path']))}: p={shown} {shown_label(item['label'])} -> "
                   f"{printable(display_path(item['overlay']))} (layer {item['layer']})"
                   + "".join(f"\n  warning: {printable(w)}" for w in item["warnings"]), flush=True)
     for item in missing:

@@ -307,9 +307,11 @@ def build_report(predictor: Predictor, cached, entries, notes, data, split, boot
     duplicates = duplicate_groups(cached, fingerprints or file_fingerprints(cached.paths))
     probabilities = np.array([e["probability"] for e in entries])
     threshold = entries[0]["threshold"]
-    predicted = np.array([e["label"] == predictor.class_names[1] for e in entries])  # as decided (Decision.positive)
-    groups = cached.patients if has_patient_ids(cached.paths) else None
     decision = predictor.last_decision  # the one these entries were decided by
+    # as decided (Decision.positive on the raw score), also for an image given no label (not an X-ray): the
+    # metrics are those of the threshold over every image
+    predicted = np.asarray(decision.positive(np.array([e["raw_score"] for e in entries])), dtype=bool)
+    groups = cached.patients if has_patient_ids(cached.paths) else None
     report = {"checkpoint": [str(c.get("path")) for c in predictor.checkpoints], "model_id": predictor.model_id,
               "data": str(data), "split": split, "n_images": int(len(labels)),
               "class_names": list(predictor.class_names),

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..calibration import estimate_prior, estimate_prior_of_members, parse_prevalence
 from ..errors import PneumoniaCNNError
+from ..ood.checks import withholds_label
 from .adabn import (
     MIN_ADAPT_PER_CLASS,
     adapt_batch_norm,
@@ -193,7 +194,8 @@ class Predictor:
         recorded = {"prevalence_source": decision.prior_note if decision.prior is not None else "calibration images",
                     "engine": self.scorer.engine.name, "precision": self.scorer.engine.precision, **recorded}
         names = self.class_names
-        entries = [{"probability": float(p), "raw_score": float(r), "label": names[1] if positive else names[0],
+        entries = [{"probability": float(p), "raw_score": float(r),
+                    "label": None if withholds_label(check["warnings"]) else names[1] if positive else names[0],
                     "threshold": threshold, "prevalence": None if rate is None else float(rate), **check, **recorded}
                    for p, r, positive, check in zip(scores.probabilities, scores.raw, decision.positive(scores.raw),
                                                     checks)]

@@ -8,8 +8,8 @@ The SR is a Comprehensive SR holding a TID 1500 Measurement Report with one TID 
   parameters = software version, threshold policy, calibration;
 - NUM items: probability of pneumonia, the operating threshold, the out-of-distribution score, the pneumonia
   rate the probability is stated for (unit ``1``);
-- CODE items: the finding (Pneumonia: Present/Absent, i.e. the label at the threshold) and whether the image is
-  within the training population (Yes/No/Unknown);
+- CODE items: the finding (Pneumonia: Present/Absent, i.e. the label at the threshold; Unknown for an image that
+  is not an X-ray, which gets no label) and whether the image is within the training population (Yes/No/Unknown);
 - TEXT items: where the rate came from (``given``, ``calibration images``), then (Comment, DCM 121106) each
   warning, out-of-distribution reason included.
 
@@ -210,7 +210,8 @@ def _measurements(entry: dict) -> list:
 
 
 def _evaluations(entry: dict, model: ModelIdentity) -> list:
-    finding = PRESENT if entry["label"] == model.positive_class else ABSENT
+    # an image that is not an X-ray (ood.withholds_label) has no finding to state: Unknown
+    finding = UNKNOWN if entry["label"] is None else PRESENT if entry["label"] == model.positive_class else ABSENT
     inside = {True: YES, False: NO, None: UNKNOWN}[entry.get("in_distribution")]
     return [hd.sr.QualitativeEvaluation(PNEUMONIA, finding), hd.sr.QualitativeEvaluation(IN_DISTRIBUTION, inside)]
 

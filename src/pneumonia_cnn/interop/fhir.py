@@ -101,9 +101,13 @@ def _number(value: float | None) -> dict:
 
 
 def _components(row: dict) -> list[dict]:
-    components = [{"code": _concept("label", "Label at the operating threshold"),
-                   "valueCodeableConcept": {"text": row["label"]}},
-                  {"code": _concept("threshold", "Operating threshold"), "valueQuantity": _number(row["threshold"])}]
+    label = {"code": _concept("label", "Label at the operating threshold")}
+    if row["label"] is None:  # not an X-ray (ood.withholds_label): no label to give
+        label["dataAbsentReason"] = _concept("not-applicable", "Not Applicable", ABSENT_REASON)
+    else:
+        label["valueCodeableConcept"] = {"text": row["label"]}
+    components = [label, {"code": _concept("threshold", "Operating threshold"),
+                          "valueQuantity": _number(row["threshold"])}]
     if row.get("prevalence") is not None:
         components.append({"code": _concept("prevalence", "Pneumonia rate the probability is stated for"),
                            "valueQuantity": _number(row["prevalence"])})
@@ -164,10 +168,10 @@ def observation(row: dict, index: int, positive_class: str = "PNEUMONIA", links:
     # the label as decided: under a --prevalence rate the stated probability can sit 1 ulp below the stated
     # threshold of a positive label (Decision.positive), and the interpretation said NEG beside it
     positive = row["label"] == positive_class
-    resource.update(status="preliminary", valueQuantity=_number(row["probability"]),
-                    interpretation=[_concept("POS" if positive else "NEG", "Positive" if positive else "Negative",
-                                             INTERPRETATION)],
-                    component=_components(row))
+    resource.update(status="preliminary", valueQuantity=_number(row["probability"]), component=_components(row))
+    if row["label"] is not None:  # an image that is not an X-ray is neither positive nor negative
+        resource["interpretation"] = [_concept("POS" if positive else "NEG", "Positive" if positive else "Negative",
+                                               INTERPRETATION)]
     if row.get("warnings"):
         resource["note"] = [{"text": warning} for warning in row["warnings"]]
     return resource
@@ -181,8 +185,9 @@ def diagnostic_report(rows: list[dict], issued: datetime | None = None, positive
     observations = [observation(row, index, positive_class, link)
                     for index, (row, link) in enumerate(zip(rows, links), start=1)]
     scored = [row for row in rows if not row.get("error")]
-    labels = sorted({row["label"] for row in scored})
-    counts = ", ".join(f"{sum(r['label'] == label for r in scored)} {label}" for label in labels)
+    labels = sorted({row["label"] for row in scored}, key=lambda label: (label is None, label or ""))
+    counts = ", ".join(f"{sum(r['label'] == label for r in scored)} "
+                       f"{'without a label (not an X-ray)' if label is None else label}" for label in labels)
     outside = sum(row["in_distribution"] is False for row in scored)
     conclusion = (f"{len(rows)} image(s): {counts or 'none scored'}"
                   + (f"; {len(rows) - len(scored)} unreadable" if len(scored) < len(rows) else "")

@@ -1,6 +1,5 @@
 """``listen``: a DICOM node (pynetdicom) that modalities and PACS send X-rays to with C-STORE; each X-ray is
-scored and its Structured Report (and the optional Grad-CAM overlay) sent on to a destination with C-STORE.
-Verification (C-ECHO) answers.
+scored and its Structured Report (and the optional Grad-CAM overlay) sent on to a destination; C-ECHO answers.
 
 A received instance is first written to a spool folder (atomically) and acknowledged; a worker thread scores
 what the spool holds and deletes each file only once its report has been accepted by the destination. So a
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 from ..fileio import atomic_path, display_path, over_limit
+from ..predict_io import shown_label, shown_probability
 from ..signals import StopSignals
 from .arrival import ABORTED_HERE, ArrivalLimit, decodable_transfer_syntaxes, peer, receive_into
 from .dicom_access import NodeAccess, check_ae_title, rejection_reason, tls_handshake
@@ -335,9 +335,9 @@ class Listener:
         self.refusals.set(path.name, None)
         self._remove_delivered(path, result.report_uid)
         entry = result.entry
-        log.info("instance %s: p=%.4f %s -> report %s sent to %s%s%s", result.sop_instance_uid, entry["probability"],
-                 entry["label"], result.report_uid, self.destination, overlay,
-                 "".join(f"; warning: {w}" for w in entry["warnings"]))
+        log.info("instance %s: p=%s %s -> report %s sent to %s%s%s", result.sop_instance_uid,
+                 shown_probability(entry["probability"], entry["threshold"]), shown_label(entry["label"]),
+                 result.report_uid, self.destination, overlay, "".join(f"; warning: {w}" for w in entry["warnings"]))
         self.sent.append({"sop_instance_uid": result.sop_instance_uid, "report_uid": result.report_uid, **entry})
 
     def _remove_delivered(self, path: Path, report_uid: str | None = None):

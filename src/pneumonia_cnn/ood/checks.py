@@ -126,6 +126,12 @@ def known_sop_class(sop_class: str) -> str | None:
     return name if name != sop_class and UID(sop_class).type == "SOP Class" else None
 
 
+def withholds_label(warnings) -> bool:
+    """The image is not an X-ray (blank, noise, a colour photograph): the model's probability is computed, but
+    no label is given, since an interface that reads only the label recorded pneumonia for a blank image (0.9967)."""
+    return any(str(warning).startswith(NOT_XRAY) for warning in warnings)
+
+
 def flag_reasons(gray: np.ndarray, meta=None, intended_use: dict | None = None) -> list[str]:
     """The input warnings that set the out-of-distribution flag whatever the score: the image is not an
     X-ray; it is too small for the model (``size_warnings``); its DICOM says it is not a frontal

@@ -250,6 +250,7 @@ def read_audit(path, since: str | None = None, until: str | None = None) -> list
     for row in rows:
         entry = dict(zip(COLUMNS, row))
         entry["in_distribution"] = None if entry["in_distribution"] is None else bool(entry["in_distribution"])
+        entry["label"] = entry["label"] or None  # stored "" (the column is NOT NULL): an image given no label
         entry["warnings"], readable = _warnings(entry["warnings"])
         unreadable += not readable
         out.append(entry)

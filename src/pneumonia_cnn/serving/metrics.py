@@ -30,7 +30,8 @@ class ServiceMetrics:
                                 ["reason"], registry=registry)
         self.batch_size = Histogram(prefix + "batch_size", "Images per forward pass of the micro-batcher",
                                     buckets=BATCH_BUCKETS, registry=registry)
-        self.predictions = Counter(prefix + "predictions", "Images scored, by label", ["label"], registry=registry)
+        self.predictions = Counter(prefix + "predictions", "Images scored, by label (none: not an X-ray)", ["label"],
+                                   registry=registry)
         self.ood_flags = Counter(prefix + "ood_flags", "Images flagged as outside the intended use",
                                  registry=registry)
         self.probability = Histogram(prefix + "probability", "Pneumonia probabilities served",
@@ -51,7 +52,7 @@ class ServiceMetrics:
                                 registry=registry)
 
     def observe_prediction(self, entry: dict) -> None:
-        self.predictions.labels(entry["label"]).inc()
+        self.predictions.labels(entry["label"] or "none").inc()  # none: not an X-ray, given no label
         self.probability.observe(entry["probability"])
         if entry.get("in_distribution") is False:
             self.ood_flags.inc()

@@ -386,7 +386,7 @@ def audit_row(request_id, index, time, key_id, endpoint, sha, model_id, entry) -
     inside = entry.get("in_distribution")
     return {"request_id": request_id, "item": index, "time": time, "key_id": key_id, "endpoint": endpoint,
             "image_sha256": sha, "model_id": model_id, "probability": entry["probability"],
-            "raw_score": entry.get("raw_score"), "label": entry["label"], "threshold": entry["threshold"],
+            "raw_score": entry.get("raw_score"), "label": entry["label"] or "", "threshold": entry["threshold"],
             "in_distribution": None if inside is None else int(inside), "ood_score": entry.get("ood_score"),
             "warnings": json.dumps(entry.get("warnings") or [])}
 

@@ -193,7 +193,8 @@
     const [probability, threshold] = percents(body.probability, body.threshold);
     $("probability").textContent = probability;
     const label = $("label");
-    label.textContent = String(body.label);
+    const shownLabel = body.label === null ? "no label (not an X-ray)" : String(body.label);
+    label.textContent = shownLabel;
     label.className = body.label === "PNEUMONIA" || body.label === "NORMAL" ? body.label : "";
     $("threshold").textContent = threshold;
     if (typeof body.gradcam_png_base64 === "string" && body.gradcam_png_base64) {
@@ -203,12 +204,14 @@
     $("error").textContent = "";
     // the live status says what came of it (emptied, it announced nothing)
     $("status").textContent = name + " analysed: probability of pneumonia " + probability + ", label " +
-      String(body.label) + (warned === "outside" ? " (outside the intended use: see the warning)." :
+      shownLabel + (warned === "outside" ? " (outside the intended use: see the warning)." :
                            warned ? " (see the note)." : ".");
     $("result").className = "shown";
   }
   function isAnswer(body) {
-    return Boolean(body && typeof body === "object" && typeof body.probability === "number" && body.label &&
+    // a null label: an image that is not an X-ray, scored but given no label
+    return Boolean(body && typeof body === "object" && typeof body.probability === "number" &&
+                   (body.label === null || (typeof body.label === "string" && body.label)) &&
                    typeof body.filename === "string");
   }
 

@@ -1,0 +1,87 @@
+"""README (Intended use): an image that is not an X-ray (blank, noise, a colour photograph) is scored and flagged,
+but given no label: a blank image had been labelled PNEUMONIA at 0.9967 in every output, a positive FHIR
+interpretation and an SR finding "Present" included, so an interface reading only the label recorded pneumonia."""
+import csv
+import io
+import json
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from pneumonia_cnn.cli import main
+from pneumonia_cnn.interop.dicom_sr import ModelIdentity, build_sr, read_sr
+from tests.conftest import SHARED_DATA, link_subset, require_shared
+from tests.interop.studies import xray_dicom
+
+
+def blank_and_noise(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((300, 300), 128, np.uint8)).save(folder / "blank.png")
+    noise = np.random.default_rng(0).integers(0, 256, (224, 224), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "noise.png")
+    return folder / "blank.png", folder / "noise.png"
+
+
+def test_predict_gives_no_label_to_what_is_not_an_xray_in_every_format(tmp_path, capsys):
+    require_shared()
+    blank, noise = blank_and_noise(tmp_path)
+    xray = SHARED_DATA / "test" / "PNEUMONIA" / sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())[0].name
+    files = [str(blank), str(noise), str(xray)]
+    assert main(["predict", *files, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["label"] for row in rows] == [None, None, "PNEUMONIA"]
+    assert rows[0]["probability"] > 0.99 and rows[0]["in_distribution"] is False  # still scored, and flagged
+    assert rows[0]["warnings"][0] == "not an X-ray: the image is blank (almost uniform)"
+    assert main(["predict", *files, "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [row["label"] for row in table] == ["", "", "PNEUMONIA"]
+    assert main(["predict", *files]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[2:4] for line in lines] == [["no", "label"], ["no", "label"], ["PNEUMONIA", "yes"]]
+    assert main(["predict", *files, "--format", "fhir"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    observations = report["contained"]
+    assert ["interpretation" in o for o in observations] == [False, False, True]
+    assert observations[2]["interpretation"][0]["coding"][0]["code"] == "POS"
+    label = observations[0]["component"][0]
+    assert label["code"]["text"] == "Label at the operating threshold" and "valueCodeableConcept" not in label
+    assert label["dataAbsentReason"]["coding"][0]["code"] == "not-applicable"
+    assert report["conclusion"].startswith("3 image(s): 1 PNEUMONIA, 2 without a label (not an X-ray); "
+                                           "2 outside the training population")
+
+
+def test_explain_says_no_label(tmp_path, capsys):
+    blank, _ = blank_and_noise(tmp_path / "in")
+    assert main(["explain", str(blank), "--out", str(tmp_path / "maps")]) == 0
+    assert capsys.readouterr().out.split(" -> ")[0].endswith(" no label")
+
+
+def test_the_sr_of_an_image_given_no_label_states_the_finding_unknown(tmp_path):
+    source = pydicom.dcmread(xray_dicom(np.full((32, 32), 100, np.uint8), tmp_path / "s.dcm", "CR"))
+    model = ModelIdentity("pneumonia-cnn seed", "seed-run-1", ("software pneumonia-cnn 0.1.0",), "PNEUMONIA")
+    entry = {"probability": 0.9967, "label": None, "threshold": 0.93, "in_distribution": False, "ood_score": 120.0,
+             "warnings": ["not an X-ray: the image is blank (almost uniform)"]}
+    build_sr(source, entry, model).save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    figures = read_sr(pydicom.dcmread(tmp_path / "sr.dcm"))
+    assert figures["finding"] == "Unknown" and figures["probability"] == pytest.approx(0.9967)
+    build_sr(source, {**entry, "label": "PNEUMONIA"}, model).save_as(tmp_path / "sr2.dcm", enforce_file_format=True)
+    assert read_sr(pydicom.dcmread(tmp_path / "sr2.dcm"))["finding"] == "Present"
+
+
+def test_evaluate_keeps_the_threshold_s_decision_in_its_metrics(tmp_path):
+    """evaluate's metrics are those of the threshold over every image: an image given no label is still counted
+    as the threshold decides (it had been counted NORMAL once its label was gone)."""
+    from pneumonia_cnn.evaluation.evaluate import evaluate
+    require_shared()
+    root = link_subset(tmp_path / "data", {"test": 3})
+    blank_and_noise(root / "test" / "NORMAL")
+    report = evaluate("builtin", root, "test", bootstrap=10, figures=False)
+    rows = {row["path"].rsplit("/", 1)[1]: row for row in report["predictions"]}
+    assert rows["blank.png"]["predicted"] is None and rows["blank.png"]["probability"] > report["threshold"]
+    decided = [row["probability"] >= report["threshold"] for row in report["predictions"]]
+    truth = [row["label"] == 1 for row in report["predictions"]]
+    false_positives = sum(d and not t for d, t in zip(decided, truth))
+    assert false_positives >= 2  # blank and noise, both above the threshold in NORMAL
+    assert report["metrics"]["confusion_matrix"]["fp"] == false_positives

@@ -331,3 +331,13 @@ def expected_calibration_error(labels, probabilities, bins: int = 10) -> float:
     total = len(np.asarray(labels))
     return float(sum(row["count"] / total * abs(row["predicted"] - row["observed"])
                      for row in reliability_bins(labels, probabilities, bins))) if total else 0.0
+
+
+def shown_probability(probability: float, threshold: float | None, digits: int = 4) -> str:
+    """``probability`` to ``digits`` decimals, or as many more as it takes (at most 10) to differ from the threshold
+    shown alike: 0.93116 NORMAL was shown as 0.9312, which is the threshold's own 0.9312 (rounding keeps the order,
+    so a probability shown apart from the threshold is shown on its side)."""
+    if threshold is not None and probability != threshold:
+        while digits < 10 and f"{probability:.{digits}f}" == f"{threshold:.{digits}f}":
+            digits += 1
+    return f"{probability:.{digits}f}"

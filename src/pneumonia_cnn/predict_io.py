@@ -9,8 +9,10 @@ import os
 import unicodedata
 from pathlib import Path
 
+from .calibration import shown_probability
 from .data.dataset import _walk_images
 from .fileio import display_path, json_text, printable
+from .ood.checks import shown_label
 
 log = logging.getLogger("pneumonia_cnn")
 
@@ -117,7 +119,6 @@ def expand_glob(pattern: str) -> list[str]:
 
 # what decided each row (engine, precision, batch adaptation, where the rate came from) is appended after the first
 # ten columns, whose order readers of earlier outputs rely on
-NO_LABEL = "no label"  # printed for an image that is not an X-ray (JSON null, an empty CSV cell)
 CSV_FIELDS = ["path", "probability", "label", "threshold", "prevalence", "in_distribution", "ood_score", "warnings",
               "error", "model", "engine", "precision", "batch_adapted", "batch_adaptation", "prevalence_source"]
 
@@ -167,21 +168,6 @@ def format_rows(predictions, fmt: str, width: int) -> str:
         shown = shown_probability(row["probability"], row["threshold"])
         lines.append(f"{path}  {shown:>11}  {shown_label(row['label']):<10} {flag:<8} " + "; ".join(row["warnings"]))
     return "\n".join(lines)
-
-
-def shown_label(label: str | None) -> str:
-    """The label, or what an image that is not an X-ray gets instead (``ood.withholds_label``)."""
-    return NO_LABEL if label is None else label
-
-
-def shown_probability(probability: float, threshold: float | None, digits: int = 4) -> str:
-    """``probability`` to ``digits`` decimals, or as many more as it takes (at most 10) to differ from the threshold
-    shown alike: 0.93116 NORMAL was shown as 0.9312, which is the threshold's own 0.9312 (rounding keeps the order,
-    so a probability shown apart from the threshold is shown on its side)."""
-    if threshold is not None and probability != threshold:
-        while digits < 10 and f"{probability:.{digits}f}" == f"{threshold:.{digits}f}":
-            digits += 1
-    return f"{probability:.{digits}f}"
 
 
 def _csv_text(rows: list[dict], head: bool = False) -> str:

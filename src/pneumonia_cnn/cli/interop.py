@@ -237,11 +237,10 @@ def run_pacs(args) -> int:
 
 def print_pacs_result(result):
     """One stored result's line, flushed: a SIGTERM's exit (or a failure after it) must not lose it."""
-    from ..predict_io import shown_label, shown_probability
+    from ..interop.scoring import shown_result
     entry = result.entry
     flag = {True: "in distribution", False: "OUTSIDE the training population", None: "?"}[entry["in_distribution"]]
-    print(f"{result.sop_instance_uid}  p={shown_probability(entry['probability'], entry['threshold'])}  "
-          f"{shown_label(entry['label'])}  {flag}  "
+    print(f"{result.sop_instance_uid}  {shown_result(entry)}  {flag}  "
           f"-> SR {result.report_uid}" + (f" + overlay {result.overlay_uid}" if result.overlay_uid else "")
           + (" (overlay refused by the PACS)" if result.overlay_refused else "")
           + (f" ({result.overlay_error})" if result.overlay_error else "")

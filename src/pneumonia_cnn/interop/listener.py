@@ -23,13 +23,12 @@ from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 from ..fileio import atomic_path, display_path, over_limit
-from ..predict_io import shown_label, shown_probability
 from ..signals import StopSignals
 from .arrival import ABORTED_HERE, ArrivalLimit, decodable_transfer_syntaxes, peer, receive_into
 from .dicom_access import NodeAccess, check_ae_title, rejection_reason, tls_handshake
 from .dicom_send import OUT_OF_RESOURCES, Destination, send_c_store
 from .network import TransferError, with_retries
-from .scoring import DicomScorer, not_an_image, other_modality_class
+from .scoring import DicomScorer, not_an_image, other_modality_class, shown_result
 from .spool import RefusalCounts, SpoolHold, move_file, open_spool, remove_partial_receipts, spool_lock, uid_of
 from .spool_intake import kept, read_spooled, remove_unscored
 
@@ -335,8 +334,7 @@ class Listener:
         self.refusals.set(path.name, None)
         self._remove_delivered(path, result.report_uid)
         entry = result.entry
-        log.info("instance %s: p=%s %s -> report %s sent to %s%s%s", result.sop_instance_uid,
-                 shown_probability(entry["probability"], entry["threshold"]), shown_label(entry["label"]),
+        log.info("instance %s: %s -> report %s sent to %s%s%s", result.sop_instance_uid, shown_result(entry),
                  result.report_uid, self.destination, overlay, "".join(f"; warning: {w}" for w in entry["warnings"]))
         self.sent.append({"sop_instance_uid": result.sop_instance_uid, "report_uid": result.report_uid, **entry})
 

@@ -17,8 +17,9 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from ..calibration import shown_probability
 from ..errors import ImageReadError
-from ..ood.checks import SECONDARY_CAPTURE, XRAY_IMAGE_CLASSES, known_sop_class, other_sop_class
+from ..ood.checks import SECONDARY_CAPTURE, XRAY_IMAGE_CLASSES, known_sop_class, other_sop_class, shown_label
 from .dicom_sr import ModelIdentity, build_overlay, build_sr, pixels_digest
 from .uids import is_uid
 
@@ -44,6 +45,11 @@ class ScoredInstance:
     def overlay_uid(self) -> str | None:
         """The overlay stored with the report: None when none was asked for or the PACS refused it."""
         return str(self.outputs[1].SOPInstanceUID) if len(self.outputs) > 1 and not self.overlay_refused else None
+
+
+def shown_result(entry: dict) -> str:
+    """"p=0.0336 NORMAL" for a log or a terminal: the probability apart from the threshold, or "no label"."""
+    return f"p={shown_probability(entry['probability'], entry['threshold'])} {shown_label(entry['label'])}"
 
 
 def uids_of(dataset: Dataset) -> tuple[str, str, str]:

@@ -27,6 +27,7 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 XRAY_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
                       "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
                       "1.2.840.10008.5.1.4.1.1.1.1.1"}  # Digital X-Ray Image Storage - For Processing
+NO_LABEL = "no label"  # printed for an image that is not an X-ray (JSON null, an empty CSV cell)
 FLAG_MEANING = "outside the training population ({population}): the probability is not reliable"
 DEFAULT_POPULATION = "children 1–5 years, one hospital"
 
@@ -130,6 +131,11 @@ def withholds_label(warnings) -> bool:
     """The image is not an X-ray (blank, noise, a colour photograph): the model's probability is computed, but
     no label is given, since an interface that reads only the label recorded pneumonia for a blank image (0.9967)."""
     return any(str(warning).startswith(NOT_XRAY) for warning in warnings)
+
+
+def shown_label(label: str | None) -> str:
+    """The label, or what an image that is not an X-ray gets instead (``ood.withholds_label``)."""
+    return NO_LABEL if label is None else label
 
 
 def flag_reasons(gray: np.ndarray, meta=None, intended_use: dict | None = None) -> list[str]:

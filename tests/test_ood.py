@@ -171,6 +171,7 @@ def test_dicom_age_inside_the_range_or_unknown_does_not_flag(tmp_path, tags):
                                                      "Presentation is another modality's image, not an X-ray (its "
                                                      "Modality DX notwithstanding)"),
     ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.33"}, "DICOM SOP class Comprehensive SR Storage is not an image"),
+    ({"Modality": "CT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}, "DICOM modality CT (CR/DX/DR/RG expected)"),
 ])
 def test_dicom_that_is_not_a_frontal_chest_radiograph_forces_the_flag(tmp_path, tags, words):
     require_shared()

@@ -58,7 +58,7 @@ def test_round_trip_reports_match_predict(orthanc, studies, trained_run, tmp_pat
         report, figures = reports[header.SOPInstanceUID], expected[str(path)]
         assert report["probability"] == pytest.approx(figures["probability"], abs=1e-9), name
         assert report["threshold"] == pytest.approx(figures["threshold"], abs=1e-12)
-        assert report["finding"] == ("Present" if figures["label"] == "PNEUMONIA" else "Absent")
+        assert report["finding"] == {"PNEUMONIA": "Present", "NORMAL": "Absent", None: "Unknown"}[figures["label"]]
         assert report["in_distribution"] == figures["in_distribution"]
         assert report.get("ood_score") == (None if figures["ood_score"] is None else
                                            pytest.approx(figures["ood_score"], abs=1e-9))
@@ -68,6 +68,7 @@ def test_round_trip_reports_match_predict(orthanc, studies, trained_run, tmp_pat
     assert any("patient age 45 years is outside" in w for w in reports[studies["adult"][1].SOPInstanceUID]["warnings"])
     blank = reports[studies["blank"][1].SOPInstanceUID]
     assert blank["in_distribution"] is False and any("the probability is not reliable" in w for w in blank["warnings"])
+    assert blank["finding"] == "Unknown"  # not an X-ray: no label (it had been "Present" or "Absent")
     assert no_pixels not in reports
 
 

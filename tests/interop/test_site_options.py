@@ -96,7 +96,7 @@ def test_pacs_reports_predicts_figures_and_the_rate(orthanc, xray_sources, tmp_p
         assert results[uid]["engine"] == "torch"
         report = reports[uid]  # the SR stored in the PACS: predict's figures, and the rate they are stated for
         assert report["probability"] == pytest.approx(row["probability"], abs=1e-6)
-        assert report["finding"] == ("Present" if row["label"] == "PNEUMONIA" else "Absent")
+        assert report["finding"] == {"PNEUMONIA": "Present", "NORMAL": "Absent", None: "Unknown"}[row["label"]]
         assert report["threshold"] == pytest.approx(row["threshold"], abs=1e-9)
         assert report["prevalence"] == pytest.approx(float(RATE)) and report["prevalence_source"] == "given"
 

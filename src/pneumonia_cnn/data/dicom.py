@@ -88,7 +88,29 @@ def _read_dicom(path: Path, data: bytes | None, notes: list):
         raise ImageReadError(path, f"DICOM is {cols}x{rows} pixels, above the {MAX_PIXELS:,}-pixel limit")
     if rows < MIN_SIDE or cols < MIN_SIDE:  # as for other images: nothing to see, yet it would be scored
         raise ImageReadError(path, f"DICOM is only {cols}x{rows} pixels")
+    problem = excess_pixel_data(dataset, rows, cols)
+    if problem:
+        raise ImageReadError(path, problem)
     return _to_gray(path, dataset, _first_frame(path, dataset, notes), notes)
+
+
+def excess_pixel_data(dataset, rows: int, cols: int) -> str | None:
+    """Uncompressed pixel data holding a whole row or more beyond what the header declares: the header does not
+    describe the image. 112 rows declared over 224 rows of data were scored as the top half of the chest, the
+    rest dropped with a pydicom warning that ``listen`` and ``pacs`` did not show. A pad byte is not a row."""
+    bits = int(getattr(dataset, "BitsAllocated", 0) or 0)
+    if "PixelData" not in dataset or dataset.file_meta.TransferSyntaxUID.is_compressed or bits < 8 or bits % 8:
+        return None
+    try:
+        frames = max(int(str(getattr(dataset, "NumberOfFrames", 1) or 1).strip() or 1), 1)
+    except ValueError:
+        return None  # the decoder says what is wrong with it
+    row_bytes = cols * max(int(getattr(dataset, "SamplesPerPixel", 1) or 1), 1) * bits // 8
+    held, declared = len(dataset.PixelData), frames * rows * row_bytes
+    if held - declared < row_bytes:
+        return None
+    return (f"DICOM pixel data holds {held:,} bytes, {(held - declared) // row_bytes:,} row(s) of {cols} pixels more "
+            f"than its header's {frames} frame(s) of {cols}x{rows}: the header does not describe the image")
 
 
 def _to_gray(path: Path, dataset, pixels: np.ndarray, notes: list):

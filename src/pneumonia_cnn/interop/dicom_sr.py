@@ -101,10 +101,21 @@ def result_uid(source_sop_uid: str, model_key: str, kind: str, scored: str = "")
     return generate_uid(entropy_srcs=[source_sop_uid, model_key, kind, *([scored] if scored else [])])
 
 
-def pixels_digest(gray: np.ndarray) -> str:
-    """The pixels the model scored (decoded and preprocessed), as a digest: not the floats of the result, which
-    move in their last bits from one engine or batch size to another."""
-    return hashlib.sha256(np.ascontiguousarray(gray).tobytes()).hexdigest()[:32]
+def pixels_digest(gray: np.ndarray, source: Dataset | None = None) -> str:
+    """The pixels the model scored (decoded and preprocessed), and whose they are (``source``'s patient and study:
+    ``REPORTED_IDENTITY``), as a digest: not the floats of the result, which move in their last bits from one
+    engine or batch size to another. An image re-sent after a correction of its patient or study (the same UID and
+    pixels) gets a report of a new UID: under the old one, the PACS held two reports of one UID under two
+    patients (WADO-RS answered 404 for it), or answered "duplicate" and kept the wrong patient's."""
+    digest = hashlib.sha256(np.ascontiguousarray(gray).tobytes())
+    for keyword in REPORTED_IDENTITY if source is not None else ():
+        digest.update(b"\0" + str(getattr(source, keyword, "") or "").encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:32]
+
+
+# what a report copies that says whose image it is: a correction of any of them is a new report
+REPORTED_IDENTITY = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                     "StudyInstanceUID", "AccessionNumber", "StudyID")
 
 
 def build_sr(source: Dataset, entry: dict, model: ModelIdentity, scored: str = "") -> hd.sr.ComprehensiveSR:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 
 from ..calibration import shown_probability
@@ -72,6 +73,22 @@ def uid_problem(dataset: Dataset) -> str | None:
         if not is_uid(getattr(dataset, keyword, None)):
             return f"its {keyword} is not a valid UID ({shown_uid(getattr(dataset, keyword, None))}): a report " \
                    "could not reference it"
+    return None
+
+
+IDENTIFIER_LIMITS = {"PatientID": 64, "IssuerOfPatientID": 64, "AccessionNumber": 16, "StudyID": 16}  # LO, SH
+
+
+def identifier_problem(dataset: Dataset) -> str | None:
+    """Why a report could not carry this instance's identifiers as they are: one longer than DICOM allows was cut
+    to fit, and the report, under a PatientID or AccessionNumber the RIS and PACS do not know, was filed away from
+    its image (another patient). Names and descriptions are still cut; an identifier never."""
+    for keyword, limit in IDENTIFIER_LIMITS.items():
+        value = getattr(dataset, keyword, None)
+        longest = max((len(str(v or "")) for v in (value if isinstance(value, MultiValue) else [value])), default=0)
+        if longest > limit:
+            return f"its {keyword} is {longest} characters, over DICOM's {limit}: a report could not carry it " \
+                   f"whole, and under a shortened one it would be filed away from the image; correct it at the source"
     return None
 
 
@@ -133,7 +150,7 @@ class DicomScorer:
         for dataset in datasets:
             result = ScoredInstance(*uids_of(dataset))
             results.append(result)
-            result.error = uid_problem(dataset)
+            result.error = uid_problem(dataset) or identifier_problem(dataset)
             if result.error:
                 continue
             try:
@@ -150,7 +167,7 @@ class DicomScorer:
             entries, _ = self.predictor.assess(np.stack(pixels), metas)
             for (result, dataset), entry, gray in zip(readable, entries, pixels):
                 try:
-                    result.outputs = [build_sr(dataset, entry, self.model, pixels_digest(gray))]
+                    result.outputs = [build_sr(dataset, entry, self.model, pixels_digest(gray, dataset))]
                     result.entry = entry
                 except Exception as error:  # noqa: BLE001 - a header highdicom refuses spoils this report only
                     result.error = f"cannot write its report ({type(error).__name__}: {str(error)[:160]})"
@@ -164,7 +181,7 @@ class DicomScorer:
         Secondary Capture refused)."""
         try:
             result.outputs.append(build_overlay(dataset, self._overlay_pixels(gray), self.model,
-                                                pixels_digest(gray)))
+                                                pixels_digest(gray, dataset)))
         except Exception as error:  # noqa: BLE001 - whatever the cause, the report goes on without it
             result.overlay_error = f"overlay not made ({type(error).__name__}: {str(error)[:160]})"
             logging.getLogger("pneumonia_cnn").warning("instance %s: %s; the report is sent without it",

@@ -105,8 +105,9 @@ def sop_class_warnings(sop_class: str, modality: str) -> list[str]:
     a structured report holding pixels were scored as chest X-rays by ``predict`` and ``serve`` (``pacs`` and
     ``listen`` refuse them, ``other_sop_class``). A class pydicom does not know (a vendor's) says nothing."""
     name = known_sop_class(sop_class)
-    if not name or sop_class in XRAY_IMAGE_CLASSES:
-        return []
+    if not name or sop_class in XRAY_IMAGE_CLASSES or modality not in ("", *RADIOGRAPH_MODALITIES,
+                                                                       *UNKNOWN_KIND_MODALITIES):
+        return []  # a Modality CT, MR...: its own warning says it
     if sop_class == SECONDARY_CAPTURE or "Secondary Capture" in name:  # the multi-frame classes too
         return [] if modality in UNKNOWN_KIND_MODALITIES else [
             f"DICOM SOP class {name} (a secondary capture): check that the image is a frontal chest radiograph"]

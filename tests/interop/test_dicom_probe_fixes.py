@@ -81,3 +81,55 @@ def test_pixel_data_beyond_the_header_is_refused_in_predict_and_by_the_nodes(sco
     padded.BitsAllocated, padded.BitsStored, padded.HighBit = 8, 8, 7
     (scored,) = scorer.score([padded])
     assert scored.error is None
+
+
+def test_a_destination_slower_than_pynetdicom_s_default_is_waited_for(tmp_path):
+    """listen --answer-timeout (120 s): pynetdicom's 30 s gave up on a destination taking 45 s per C-STORE, which
+    stored every copy; the node counted none as delivered and sent them again on every pass."""
+    import time
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+    from pneumonia_cnn.interop.dicom_send import Destination, send_c_store
+    from tests.conftest import free_port
+    stored = []
+
+    def slow_store(event):
+        time.sleep(2.5)
+        stored.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(DigitalXRayImageStorageForPresentation)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, slow_store)])
+    try:
+        instance = pydicom.dcmread(xray_dicom(np.full((64, 64), 90, np.uint8), tmp_path / "x.dcm"))
+        with pytest.raises(ConnectionError, match=r"answered C-STORE with status none \(timeout or abort\)"):
+            send_c_store("NODE", Destination("127.0.0.1", port, "DEST", answer_timeout=1), [instance])
+        send_c_store("NODE", Destination("127.0.0.1", port, "DEST", answer_timeout=10), [instance])  # no raise
+        assert Destination.parse("127.0.0.1:104:DEST").answer_timeout == 120  # the default
+        deadline = time.monotonic() + 10
+        while len(stored) < 2 and time.monotonic() < deadline:  # the first copy, stored after its answer's wait
+            time.sleep(0.1)
+        assert stored == [instance.SOPInstanceUID] * 2
+    finally:
+        server.shutdown()
+
+
+def test_listen_passes_its_answer_timeout_to_the_destination(monkeypatch, tmp_path):
+    from pneumonia_cnn.cli import main
+    from pneumonia_cnn.interop import listener
+    made = []
+
+    class Started:
+        def __init__(self, predictor, destination, *args, **kwargs):
+            made.append(destination)
+
+        def start(self, block):
+            pass
+    monkeypatch.setattr(listener, "Listener", Started)
+    assert main(["listen", "builtin", "--send-to", "127.0.0.1:104:DEST", "--spool", str(tmp_path / "spool"),
+                 "--answer-timeout", "45"]) == 0
+    assert main(["listen", "builtin", "--send-to", "127.0.0.1:104:DEST", "--spool", str(tmp_path / "spool")]) == 0
+    assert [d.answer_timeout for d in made] == [45, 120]

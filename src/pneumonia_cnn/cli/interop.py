@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -277,6 +278,9 @@ def listen_arguments(p):
     p.add_argument("--give-up-after", type=whole_number(1), default=3, metavar="TIMES",
                    help="a report the destination refuses (a C-STORE failure status) this many times is set aside "
                         "in SPOOL/refused")
+    p.add_argument("--answer-timeout", type=positive_number, default=120, metavar="SECONDS",
+                   help="seconds to wait for the destination's answer to each report's C-STORE (no answer: sent "
+                        "again later)")
     p.add_argument("--max-instance-mb", type=positive_number, default=256, metavar="MB",
                    help="largest instance accepted; the association sending a larger one is aborted once this much "
                         "of it has arrived, and nothing is kept")
@@ -298,7 +302,7 @@ def run_listen(args) -> int:
     from ..interop.dicom_access import NodeAccess, check_ae_title
     from ..interop.listener import Destination, Listener, default_spool
     from ..interop.spool import open_spool, spool_lock
-    destination = Destination.parse(args.send_to)
+    destination = dataclasses.replace(Destination.parse(args.send_to), answer_timeout=args.answer_timeout)
     modalities = modality_codes(args.modality)  # as pacs': a typo would leave every instance unscored
     access = NodeAccess(tuple(args.accept_from), args.tls_cert, args.tls_key, args.tls_ca, args.send_tls_ca)
     check_ae_title(args.ae_title, "--ae-title")

@@ -22,6 +22,9 @@ class Destination:
     host: str
     port: int
     ae_title: str
+    # seconds to wait for each C-STORE's answer (listen --answer-timeout): pynetdicom's 30 s gave up on a busy
+    # PACS that then stored the report anyway, and the node sent it again every pass, holding every other report
+    answer_timeout: float = 120.0
 
     @classmethod
     def parse(cls, text: str) -> Destination:
@@ -45,6 +48,7 @@ def send_c_store(ae_title: str, destination: Destination, datasets, tls=None) ->
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE
     ae = AE(ae_title=ae_title)
+    ae.dimse_timeout = destination.answer_timeout
     for sop_class in dict.fromkeys(str(d.SOPClassUID) for d in datasets):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,

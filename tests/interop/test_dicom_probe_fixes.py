@@ -133,3 +133,34 @@ def test_listen_passes_its_answer_timeout_to_the_destination(monkeypatch, tmp_pa
                  "--answer-timeout", "45"]) == 0
     assert main(["listen", "builtin", "--send-to", "127.0.0.1:104:DEST", "--spool", str(tmp_path / "spool")]) == 0
     assert [d.answer_timeout for d in made] == [45, 120]
+
+
+def test_a_destination_that_is_down_is_tried_once_per_pass_not_once_per_report(child_xray, tmp_path, caplog):
+    """Each report had taken its retries in turn, every --retry-after, and each image was scored again on each
+    pass: log lines and CPU grew with the backlog. Now the first failure of the link makes the others wait."""
+    import time
+
+    from pneumonia_cnn.interop.listener import Destination, Listener
+    from tests.conftest import free_port
+
+    from .test_listen import c_store
+    port, spool = free_port(), tmp_path / "spool"
+    scored = []
+    node = Listener(Predictor("builtin", "cpu"), Destination("127.0.0.1", free_port(), "NOBODY"), port=port,
+                    spool=spool, attempts=2, backoff=0.05, retry_after=3600)
+    score = node.scorer.score
+    node.scorer.score = lambda datasets: scored.extend(datasets) or score(datasets)
+    node.start(block=False)
+    try:
+        for index in range(3):
+            assert c_store(xray_dicom(child_xray, tmp_path / f"{index}.dcm", patient_id=f"D{index}"), port) == 0
+        deadline = time.monotonic() + 60
+        while len(node.later) < 3:
+            assert time.monotonic() < deadline, "the three reports were not all kept for later"
+            time.sleep(0.1)
+    finally:
+        node.stop()
+    failures = [r.message for r in caplog.records if "kept in the spool" in r.message]
+    assert len(failures) == 1 and failures[0].endswith("with every report waiting (the destination is unreachable)")
+    assert sum("retrying in" in r.message for r in caplog.records) == 1  # one report's retry (attempts=2)
+    assert len(scored) <= 3 and len(list((spool / "incoming").glob("*.dcm"))) == 3  # scored once at most, none lost

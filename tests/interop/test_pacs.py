@@ -141,6 +141,29 @@ def test_transfers_cut_mid_way_are_retried_and_none_is_lost(orthanc, studies, tr
         proxy.close()
 
 
+@pytest.mark.parametrize("how", ["503", "down"])
+def test_a_pacs_gone_mid_run_stops_the_pass_after_one_instance_s_retries(orthanc, studies, trained_run, tmp_path,
+                                                                        capsys, caplog, how):
+    """Each instance left had taken its retries in turn (4 attempts, about 7 s each at the default back-off: two
+    hours for 1,000) with a line per retry; the pass now stops at the first instance that finds the PACS gone."""
+    proxy = FlakyProxy(orthanc.url)
+    try:
+        if how == "503":
+            proxy.refusals = {"/series/": 503}  # every retrieval: a gateway whose PACS is down
+        else:  # the PACS gone after the search: the port closes at the first retrieval
+            proxy.refusals = {"/series/": lambda line: proxy.close() or 503}
+        url = proxy.url + "/dicom-web"
+        assert run_pacs(trained_run, url, tmp_path / "state.sqlite", *BASE) == 1
+        out = capsys.readouterr().out
+        assert "5 new instance(s), 0 already scored: 0 scored and reported, 0 unreadable, 0 not X-rays, 1 failed" in out
+        assert "; the PACS became unreachable: 4 instance(s) left for the next run" in out
+        retrievals = [line for line in proxy.seen if "/series/" in line]
+        assert len(retrievals) == (3 if how == "503" else 1)  # one instance's attempts (--retries 2), no other's
+        assert sum("the PACS is unreachable; this pass stops" in r.message for r in caplog.records) == 1
+    finally:
+        proxy.close()
+
+
 def stow_failure(reason: int) -> tuple:
     """A STOW-RS answer that stores nothing: its FailedSOPSequence gives the failure reason."""
     item = {"00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.22"]},

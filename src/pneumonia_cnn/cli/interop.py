@@ -258,7 +258,9 @@ def print_pacs_summary(summary: dict):
           + (f"; {summary['given_up_before']} given up earlier (--retry-given-up)" if summary["given_up_before"]
              else "")
           + (f"; {summary['overlays_refused']} overlay(s) refused by the PACS (their reports are stored)"
-             if summary.get("overlays_refused") else ""))
+             if summary.get("overlays_refused") else "")
+          + (f"; the PACS became unreachable: {summary['left']} instance(s) left for the next run"
+             if summary.get("unreachable") else ""))
 
 
 def listen_arguments(p):
@@ -300,8 +302,8 @@ def listen_arguments(p):
 def run_listen(args) -> int:
     from ..inference.sessions import IDLE_THREADS, idle_threads
     from ..interop.dicom_access import NodeAccess, check_ae_title
-    from ..interop.listener import Destination, Listener, default_spool
-    from ..interop.spool import open_spool, spool_lock
+    from ..interop.listener import Destination, Listener
+    from ..interop.spool import default_spool, open_spool, spool_lock
     destination = dataclasses.replace(Destination.parse(args.send_to), answer_timeout=args.answer_timeout)
     modalities = modality_codes(args.modality)  # as pacs': a typo would leave every instance unscored
     access = NodeAccess(tuple(args.accept_from), args.tls_cert, args.tls_key, args.tls_ca, args.send_tls_ca)

@@ -134,7 +134,8 @@ class PacsJob:
         new, known, given_up = self.find_new()
         summary = {"found": len(new), "already_scored": known, "scored": 0, "unreadable": 0, "failed": 0,
                    "skipped": 0, "given_up": 0, "given_up_before": given_up, "overlays_refused": 0, "results": [],
-                   "left": 0}  # not fetched: a stop signal came first
+                   "left": 0,  # not fetched, or not stored: a stop signal came first, or the PACS went away
+                   "unreachable": None}  # why the PACS is taken to be down (the rest left for the next run)
         size = max(1, self.options.batch_size)
         for start in range(0, len(new), size):
             self._process(new[start:start + size], summary)
@@ -145,8 +146,8 @@ class PacsJob:
         compares with (a corrupt answer was recorded as instance "?" and fetched again on every run)."""
         datasets, listed = [], []
         for record in records:
-            if self.stop:  # those fetched are scored and stored; the rest are new to the next run
-                summary["left"] += 1
+            if self.stop or summary["unreachable"]:  # those fetched are scored and stored (unless the PACS went
+                summary["left"] += 1  # away); the rest are new to the next run
                 continue
             study, series, sop = _value(record, STUDY), _value(record, SERIES), _value(record, SOP)
             reason = listing_problem(study, series, sop)
@@ -185,6 +186,8 @@ class PacsJob:
                 log.warning("instance %s: unreadable: %s", sop, result.error)
                 self.state.record(sop, self.model, "unreadable", study, series, error=result.error)
                 summary["unreadable"] += 1
+            elif summary["unreachable"]:
+                summary["left"] += 1
             else:
                 result.sop_instance_uid = sop  # its report is already built, from the instance's own UIDs
                 self._store(result, summary)
@@ -236,6 +239,10 @@ class PacsJob:
         very instance in ``give_up_after`` runs (``refused``; at most one per ``refusal_spacing`` seconds). Any
         other failure (the PACS down, overloaded or refusing everything: HTTP 401/403/5xx) never gives up and
         leaves the count as it was."""
+        if not refused and pacs_unreachable(error):  # each instance left would take its retries in turn (about 7 s
+            summary["unreachable"] = str(error)  # each: two hours for 1,000): the pass stops here, said once
+            log.warning("%s: the PACS is unreachable; this pass stops, the instances not yet stored are left for "
+                        "the next run", error)
         count, counted_at = self.state.refusals(sop, self.model)
         now = time.time()
         if refused and (counted_at is None or now - counted_at >= self.options.refusal_spacing):
@@ -276,6 +283,13 @@ class PacsJob:
             log.info("%s: %s", self.stop.signal, _stopped(left))
         stopped, self.stop = self.stop.signal, StopSignals()  # a later run_once() is not stopped before it starts
         return stopped
+
+
+def pacs_unreachable(error: TransferError) -> bool:
+    """A failure after retries that says the PACS is down, not that this instance is bad: no connection, or a
+    gateway's 502/503/504."""
+    import requests
+    return error.status in (502, 503, 504) or isinstance(error.cause, (requests.ConnectionError, ConnectionError))
 
 
 def _stopped(left: int | None) -> str:

@@ -35,10 +35,6 @@ from .spool_intake import kept, read_spooled, remove_unscored
 log = logging.getLogger("pneumonia_cnn")
 
 
-def default_spool() -> Path:
-    return Path.home() / ".cache" / "pneumonia-cnn" / "listen-spool"
-
-
 class Listener:
     def __init__(self, predictor, destination: Destination, ae_title: str = "PNEUMONIA", port: int = 11112,
                  host: str = "127.0.0.1", spool=None, overlay: bool = False, attempts: int = 4,
@@ -48,7 +44,7 @@ class Listener:
         self.scorer = DicomScorer(predictor, overlay=overlay)
         self.modalities = tuple(m.upper() for m in modalities)  # as pacs --modality: a routed CT is not scored
         self.destination, self.ae_title, self.address = destination, ae_title, (host, port)
-        self.spool = open_spool(Path(spool or default_spool()))
+        self.spool = open_spool(spool)  # None: default_spool()
         self.attempts, self.backoff, self.retry_after, self.batch_size = attempts, backoff, retry_after, batch_size
         self.incoming, self.unreadable = self.spool / "incoming", self.spool / "unreadable"
         self.refused, self.give_up_after = self.spool / "refused", give_up_after
@@ -64,7 +60,7 @@ class Listener:
         self.delivered: set[str] = set()
         self.queue: queue.Queue = queue.Queue()
         self.later: list[tuple[float, Path]] = []
-        self.next_rescan = 0.0  # the first pass picks up what an earlier run left
+        self.next_rescan = self.down_until = 0.0  # the first pass picks up what an earlier run left
         # the latest reports, for the caller (and the tests); bounded, as a node runs for months
         self.sent: collections.deque[dict] = collections.deque(maxlen=1000)
         self.server = self.worker = self.lock = None
@@ -92,10 +88,7 @@ class Listener:
                     raise PneumoniaCNNError(f"cannot listen on {self.address[0]}:{self.address[1]}: "
                                             f"{error.strerror}") from None
                 raise
-            partial = remove_partial_receipts(self.spool)  # once the port is bound: a refused start touches nothing
-            if partial:
-                log.warning("%d partial instance(s) left in %s by a node stopped while receiving them: removed (their "
-                            "senders were not acknowledged and send them again)", partial, display_path(self.spool))
+            remove_partial_receipts(self.spool)  # once the port is bound: a refused start touches nothing
             self.worker = threading.Thread(target=self._work, args=(self.lock.worker_starts(),),
                                            name="pneumonia-listen-worker", daemon=True)
             try:
@@ -277,6 +270,8 @@ class Listener:
                 self.queue.put(path)
 
     def _process(self, paths: list[Path]):
+        if time.monotonic() < self.down_until:  # the destination is unreachable: nothing scored again until it may
+            return self._retry_later(paths)  # be back (each report had taken its retries, and was scored, in turn)
         datasets, files = [], []
         for path in paths:
             if path.name in self.delivered:
@@ -323,6 +318,8 @@ class Listener:
         return other_modality_class(dataset)  # a CT slice that says CR: the SOP class decides too
 
     def _deliver(self, path: Path, result):
+        if time.monotonic() < self.down_until:  # found unreachable for another report of this batch
+            return self._retry_later([path])
         what = f"instance {result.sop_instance_uid}: C-STORE of its report to {self.destination}"
         try:  # the report first, on its own: an overlay the destination will not take never holds it back
             with_retries(lambda: send_c_store(self.ae_title, self.destination, result.outputs[:1], self.tls), what,
@@ -386,7 +383,10 @@ class Listener:
             return
         if error.refusal:
             self.refusals.set(path.name, count)
-        log.warning("%s; kept in the spool, tried again in %.0f s", error, self.retry_after)
+        else:  # not this report but the link or the destination (connection refused, association rejected): all wait
+            self.down_until = time.monotonic() + self.retry_after
+        log.warning("%s; kept in the spool, tried again in %.0f s%s", error, self.retry_after,
+                    "" if error.refusal else " with every report waiting (the destination is unreachable)")
         self._retry_later([path])
 
     def _set_aside(self, path: Path, reason: str):

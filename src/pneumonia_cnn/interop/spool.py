@@ -19,8 +19,12 @@ log = logging.getLogger("pneumonia_cnn")
 FOLDERS = ("incoming", "unreadable", "refused", "receiving")
 
 
-def open_spool(spool: Path) -> Path:
-    spool = Path(spool)
+def default_spool() -> Path:
+    return Path.home() / ".cache" / "pneumonia-cnn" / "listen-spool"
+
+
+def open_spool(spool: Path | None) -> Path:
+    spool = Path(spool) if spool else default_spool()
     for name in FOLDERS:
         folder = spool / name
         try:
@@ -54,6 +58,9 @@ def remove_partial_receipts(spool: Path) -> int:
             removed += 1
         except OSError:  # gone meanwhile, or not a file (a folder of that name): left as it is
             pass
+    if removed:
+        log.warning("%d partial instance(s) left in %s by a node stopped while receiving them: removed (their "
+                    "senders were not acknowledged and send them again)", removed, display_path(spool))
     return removed
 
 

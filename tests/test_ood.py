@@ -484,3 +484,13 @@ def test_neighbour_score_is_the_kth_nearest_distance_that_scikit_learn_finds():
     expected, _ = NearestNeighbors(n_neighbors=7).fit(scorer.reference).kneighbors(NeighbourScore.normalise(queries))
     assert np.allclose(scorer.score(queries, chunk=16), expected[:, -1], atol=1e-6)
     assert NeighbourScore.fit(reference[:3], k=7).k == 3  # clamped to a tiny reference set
+
+
+def test_the_flag_rule_is_one_and_flags_an_image_without_a_score():
+    """predict's flag and the benchmarks' share the detector's rule (two copies differed on NaN: the benchmarks
+    counted an image without a score in distribution)."""
+    from types import SimpleNamespace
+
+    from pneumonia_cnn.ood.detector import OODDetector
+    rule = SimpleNamespace(threshold=2.0)
+    assert OODDetector.flagged(rule, np.array([1.0, 2.0, 2.5, np.nan])).tolist() == [False, False, True, True]

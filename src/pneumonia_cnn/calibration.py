@@ -210,7 +210,7 @@ class Decision:
     def prior_shift(self) -> float:
         if self.prior is None or self.calibration.prior is None:
             return 0.0
-        return float(logit(self.prior) - logit(self.calibration.prior))
+        return prior_offset(self.calibration.prior, self.prior)
 
     def logits(self, raw_logits) -> np.ndarray:
         return self.calibration.logits(raw_logits) + self.prior_shift
@@ -271,9 +271,14 @@ def parse_prevalence(value, estimate: bool = True) -> float | str | None:
     return rate
 
 
+def prior_offset(old_prior: float, new_prior: float) -> float:
+    """Bayes' rule under label shift, on the logit: what moves p(y|x) to a population whose rate is ``new_prior``."""
+    return float(logit(new_prior) - logit(old_prior))
+
+
 def shift_prior(calibrated_logits, old_prior: float, new_prior: float) -> np.ndarray:
     """Bayes' rule under label shift: p(y|x) for a population whose pneumonia rate is ``new_prior``."""
-    return np.asarray(calibrated_logits, dtype=np.float64) + float(logit(new_prior) - logit(old_prior))
+    return np.asarray(calibrated_logits, dtype=np.float64) + prior_offset(old_prior, new_prior)
 
 
 def estimate_prior(calibrated_probabilities, old_prior: float, iterations: int = 1000,

@@ -70,7 +70,8 @@ class CachedImages:
 
 
 def preprocess_file(path, size, interpolation="bilinear", intensity="none") -> np.ndarray:
-    """The one definition of file -> model-ready uint8 gray; the cache and inference both call it."""
+    """The one definition of file -> model-ready uint8 gray: the cache builds on it, and inference reads a file
+    through it (``Preprocessing.read_path``; an upload's bytes take the same reader and standardisation)."""
     return preprocess_file_and_meta(path, size, interpolation, intensity)[0]
 
 

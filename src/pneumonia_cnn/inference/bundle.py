@@ -19,8 +19,9 @@ import torch.nn as nn
 
 from ..calibration import MEAN_OF_MEMBERS, MEMBERS_CALIBRATION, Calibration, Decision, fit_decision, logit
 from ..checkpoint import build_model, load_checkpoint
+from ..data.cache import preprocess_file_and_meta
 from ..data.intensity import standardise_intensity
-from ..data.readers import read_image, read_image_bytes, resize_gray
+from ..data.readers import read_image_bytes, resize_gray
 from ..errors import CheckpointError, ConfigError, PneumoniaCNNError, one_line
 from ..fileio import display_path
 from .sessions import add_weights
@@ -43,8 +44,7 @@ class Preprocessing:
                    pre.get("intensity", "none"))
 
     def read_path(self, path):
-        gray, meta = read_image(path, self.size, self.interpolation)
-        return standardise_intensity(gray, self.intensity), meta
+        return preprocess_file_and_meta(path, self.size, self.interpolation, self.intensity)  # as the cache does
 
     def read_bytes(self, data: bytes, name: str = "upload"):
         gray, meta = read_image_bytes(data, name, self.size, self.interpolation)

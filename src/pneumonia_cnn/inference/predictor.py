@@ -351,6 +351,7 @@ def batch_checks(bundle, pixels, scores: Scores, metas=None) -> list[dict]:
     from ..ood import flag_message, flag_reasons, input_warnings
     metas = metas if metas is not None else [None] * len(pixels)
     ood_scores = bundle.ood.score(scores.features, scores.raw, pixels) if bundle.ood is not None else None
+    flagged = bundle.ood.flagged(ood_scores) if ood_scores is not None else None
     out = []
     for index, gray in enumerate(pixels):
         warnings = input_warnings(gray, metas[index], bundle.intended_use)
@@ -358,7 +359,7 @@ def batch_checks(bundle, pixels, scores: Scores, metas=None) -> list[dict]:
         entry = {"warnings": warnings, "ood_score": None, "in_distribution": None if not forcing else False}
         if ood_scores is not None:
             entry["ood_score"] = float(ood_scores[index])
-            entry["in_distribution"] = bool(ood_scores[index] <= bundle.ood.threshold) and not forcing
+            entry["in_distribution"] = not flagged[index] and not forcing
         if entry["in_distribution"] is False:
             entry["warnings"] = warnings + [flag_message(bundle.intended_use)]
         out.append(entry)

@@ -120,7 +120,9 @@ class OODDetector:
         return -2 * log_p
 
     def flagged(self, scores: np.ndarray) -> np.ndarray:
-        return np.asarray(scores) > self.threshold
+        """The one rule of the flag from the score (``predictor.batch_checks`` adds the model-free reasons): above
+        the threshold, or no score at all (NaN: the benchmarks had counted it in distribution)."""
+        return ~(np.asarray(scores) <= self.threshold)
 
     # ---------- storage in the checkpoint (tensors, numbers and strings only)
     def state(self) -> dict:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # than the cached image (the size check: a thumbnail); 4: 16-bit colour PNGs read at full depth, EXIF orientation
 # applied (an entry's file is reused while its size and times hold, so the reader's changes need a new version);
 # 5: 16-bit colour and big-endian TIFFs at full depth, DICOM rescales that give no image skipped; 6: a DICOM's SOP
-# class (another modality's image under Modality CR)
+# class (another modality's image under Modality CR), and a file's frames or pages when more than one
 CACHE_VERSION = 6
 
 
@@ -65,7 +65,7 @@ class CachedImages:
     def metas(self) -> list[ImageMeta | None]:
         """Per image, what ``predict`` would know about its file (colour, DICOM tags): the same flags."""
         return [None if c is None else ImageMeta(c["format"], tuple(c["size"]), c.get("tags", {}),
-                                                 c.get("saturation", 0.0)) for c in self.checked] \
+                                                 c.get("saturation", 0.0), c.get("frames", 1)) for c in self.checked] \
             if self.checked else [None] * len(self.paths)
 
 
@@ -81,9 +81,9 @@ def preprocess_file_and_meta(path, size, interpolation="bilinear", intensity="no
 
 
 def checked_fields(meta: ImageMeta, size) -> dict | None:
-    """What the intended-use checks read from a file (its colour; its DICOM modality, body part, view and the
-    patient's age, never the birth date or ID; its size, when smaller than the cached image's ``size``), for the
-    manifest; None when the file says nothing they read."""
+    """What the intended-use checks read from a file (its colour; its DICOM modality, SOP class, body part, view
+    and the patient's age, never the birth date or ID; its size, when smaller than the cached image's ``size``;
+    its frames or pages, when more than one), for the manifest; None when the file says nothing they read."""
     # 64 characters: more than any real value, and a malformed file cannot bloat the manifest
     tags = {key: str(meta.tags[key])[:64] for key in ("Modality", "SOPClassUID", "BodyPartExamined", "ViewPosition")
             if meta.tags.get(key)}
@@ -91,10 +91,10 @@ def checked_fields(meta: ImageMeta, size) -> dict | None:
     if age is not None:
         tags["PatientAge"] = f"{age!r}Y"  # the float's repr reads back exactly: the same decision at a range's edge
     smaller = any(int(have) < int(cached) for have, cached in zip(meta.original_size, size))
-    if not tags and not meta.saturation and not smaller:
+    if not tags and not meta.saturation and not smaller and meta.frames <= 1:
         return None
     return {"format": meta.source_format, "size": list(meta.original_size), "tags": tags,
-            "saturation": float(meta.saturation)}
+            "saturation": float(meta.saturation), **({"frames": int(meta.frames)} if meta.frames > 1 else {})}
 
 
 def _file_signature(path: str):

@@ -94,6 +94,14 @@ def _read_dicom(path: Path, data: bytes | None, notes: list):
     return _to_gray(path, dataset, _first_frame(path, dataset, notes), notes)
 
 
+def number_of_frames(dataset) -> int:
+    """NumberOfFrames, 1 when absent or unreadable (pydicom warns of a 0, and reads one frame)."""
+    try:
+        return max(int(str(getattr(dataset, "NumberOfFrames", 1) or 1).strip() or 1), 1)
+    except ValueError:
+        return 1
+
+
 def excess_pixel_data(dataset, rows: int, cols: int) -> str | None:
     """Uncompressed pixel data holding a whole row or more beyond what the header declares: the header does not
     describe the image. 112 rows declared over 224 rows of data were scored as the top half of the chest, the
@@ -101,10 +109,7 @@ def excess_pixel_data(dataset, rows: int, cols: int) -> str | None:
     bits = int(getattr(dataset, "BitsAllocated", 0) or 0)
     if "PixelData" not in dataset or dataset.file_meta.TransferSyntaxUID.is_compressed or bits < 8 or bits % 8:
         return None
-    try:
-        frames = max(int(str(getattr(dataset, "NumberOfFrames", 1) or 1).strip() or 1), 1)
-    except ValueError:
-        return None  # the decoder says what is wrong with it
+    frames = number_of_frames(dataset)
     row_bytes = cols * max(int(getattr(dataset, "SamplesPerPixel", 1) or 1), 1) * bits // 8
     held, declared = len(dataset.PixelData), frames * rows * row_bytes
     if held - declared < row_bytes:
@@ -128,7 +133,8 @@ def _to_gray(path: Path, dataset, pixels: np.ndarray, notes: list):
     tags = {key: _tag(dataset, key) for key in
             ("Modality", "SOPClassUID", "BodyPartExamined", "ViewPosition", "PatientAge", "PatientSex", "PatientID",
              "PatientBirthDate", "StudyDate", "AcquisitionDate")}  # the dates give the age when PatientAge is absent
-    return gray, ImageMeta(source_format="DICOM", original_size=gray.shape, tags={k: v for k, v in tags.items() if v})
+    return gray, ImageMeta(source_format="DICOM", original_size=gray.shape, tags={k: v for k, v in tags.items() if v},
+                           frames=number_of_frames(dataset))
 
 
 def _through_luts(dataset, pixels: np.ndarray, notes: list) -> np.ndarray:

@@ -20,6 +20,7 @@ class ImageMeta:
     original_size: tuple[int, int]  # (height, width)
     tags: dict = field(default_factory=dict)
     saturation: float = 0.0  # mean colour saturation (0 for gray X-rays, high for photographs)
+    frames: int = 1  # frames (DICOM) or pages (TIFF, GIF) in the file: only the first is scored
 
 
 def scale_to_uint8(array: np.ndarray) -> np.ndarray:

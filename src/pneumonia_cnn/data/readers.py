@@ -232,8 +232,9 @@ def _read_pil(path: Path, source=None) -> tuple[np.ndarray, ImageMeta]:
                                                f"{MAX_PIXELS:,}-pixel limit (decompression-bomb guard)")
                 if width < MIN_SIDE or height < MIN_SIDE:
                     raise ImageReadError(path, f"image is only {width}x{height} pixels")
-                if getattr(image, "n_frames", 1) > 1:
-                    image.seek(0)  # animated GIF/TIFF: the first frame is the image
+                frames = int(getattr(image, "n_frames", 1) or 1)
+                if frames > 1:
+                    image.seek(0)  # animated GIF/TIFF: the first frame is the image (the warning says so)
                 plan = _deep_plan(image, path)  # before loading: the raw modes are the tiles'
                 if plan is not None:
                     image.tile = _with_rawmodes(image.tile, plan[1])
@@ -258,7 +259,7 @@ def _read_pil(path: Path, source=None) -> tuple[np.ndarray, ImageMeta]:
         if "truncated" in reason.lower() or isinstance(error, EOFError):
             reason = f"truncated or corrupt image data ({reason})"
         raise ImageReadError(path, reason) from None
-    return gray, ImageMeta(source_format=fmt, original_size=(height, width), saturation=saturation)
+    return gray, ImageMeta(source_format=fmt, original_size=(height, width), saturation=saturation, frames=frames)
 
 
 def _unreadable_tiff(path: Path, source) -> str | None:

@@ -52,6 +52,9 @@ def input_warnings(gray: np.ndarray, meta=None, intended_use: dict | None = None
     if meta is not None and getattr(meta, "saturation", 0) > 0.15:
         warnings.append(f"{NOT_XRAY}: the image is in colour (X-rays are grayscale)")
     warnings += size_warnings(gray, meta)
+    frames = int(getattr(meta, "frames", 1) or 1)
+    if frames > 1:  # a second view, a tomosynthesis stack: the model read the first alone
+        warnings.append(f"the file holds {frames} frames or pages: only the first was scored")
     tags = getattr(meta, "tags", {}) or {}
     warnings += dicom_kind_warnings(tags)
     age = patient_age_years(tags)

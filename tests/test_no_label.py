@@ -85,3 +85,26 @@ def test_evaluate_keeps_the_threshold_s_decision_in_its_metrics(tmp_path):
     false_positives = sum(d and not t for d, t in zip(decided, truth))
     assert false_positives >= 2  # blank and noise, both above the threshold in NORMAL
     assert report["metrics"]["confusion_matrix"]["fp"] == false_positives
+    assert rows["blank.png"]["positive"] is True  # the threshold's decision, beside the withheld label
+
+
+def test_evaluate_by_a_field_and_its_figures_count_them_as_the_overall_metrics_do(tmp_path, capsys):
+    """evaluate --by had counted them NORMAL (specificity 1.0 in a subgroup holding every image, 0.6 overall),
+    and the figure of confident mistakes left them out."""
+    import json
+
+    from pneumonia_cnn.evaluation.figures import confident_mistakes
+    require_shared()
+    root = link_subset(tmp_path / "data", {"test": 3})
+    blank_and_noise(root / "test" / "NORMAL")
+    out = tmp_path / "by.json"
+    assert main(["evaluate", "--data", str(root), "--split", "test", "--by", "Modality", "--bootstrap", "10",
+                 "--format", "json", "--out", str(out), "--no-figures"]) == 0
+    report = json.loads(out.read_text())
+    (group,) = report["subgroups"][0]["groups"]  # every image: no DICOM, Modality "(missing)"
+    assert group["n_images"] == report["n_images"] == 8
+    assert group["metrics"]["specificity"]["value"] == report["metrics"]["specificity"]["value"] == 3 / 5
+    labels = np.array([row["label"] for row in report["predictions"]])
+    scores = np.array([row["probability"] for row in report["predictions"]])
+    names = [report["predictions"][i]["path"].rsplit("/", 1)[1] for i in confident_mistakes(report, labels, scores)]
+    assert sorted(names) == ["blank.png", "noise.png"]  # the false positives the metrics count

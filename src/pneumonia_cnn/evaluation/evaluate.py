@@ -308,8 +308,7 @@ def build_report(predictor: Predictor, cached, entries, notes, data, split, boot
     probabilities = np.array([e["probability"] for e in entries])
     threshold = entries[0]["threshold"]
     decision = predictor.last_decision  # the one these entries were decided by
-    # as decided (Decision.positive on the raw score), also for an image given no label (not an X-ray): the
-    # metrics are those of the threshold over every image
+    # as decided (Decision.positive), also for an image given no label (not an X-ray): the threshold's metrics
     predicted = np.asarray(decision.positive(np.array([e["raw_score"] for e in entries])), dtype=bool)
     groups = cached.patients if has_patient_ids(cached.paths) else None
     report = {"checkpoint": [str(c.get("path")) for c in predictor.checkpoints], "model_id": predictor.model_id,
@@ -333,10 +332,11 @@ def build_report(predictor: Predictor, cached, entries, notes, data, split, boot
     flagged = [e["in_distribution"] is False for e in entries]
     report["ood"] = {"available": predictor.ood is not None, "flagged": int(sum(flagged)),
                      "fraction_flagged": float(np.mean(flagged)) if flagged else 0.0}
-    report["predictions"] = [{"path": p, "label": int(y), "predicted": e["label"], "probability": e["probability"],
-                              "raw_score": e["raw_score"], "flagged": f, "ood_score": e["ood_score"],
-                              **({"patient": patient} if groups is not None else {})}
-                             for p, y, e, f, patient in zip(cached.paths, labels, entries, flagged, cached.patients)]
+    report["predictions"] = [{"path": p, "label": int(y), "predicted": e["label"], "positive": bool(d),
+                              "probability": e["probability"], "raw_score": e["raw_score"], "flagged": f,
+                              "ood_score": e["ood_score"], **({"patient": patient} if groups is not None else {})}
+                             for p, y, e, d, f, patient in zip(cached.paths, labels, entries, predicted, flagged,
+                                                               cached.patients)]
     return report
 
 

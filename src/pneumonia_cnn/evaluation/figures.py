@@ -9,6 +9,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from ..plots import figure_text, plt, save_figure
+from .metrics import decided_positive
 from .staging import FIGURE_TITLE
 
 
@@ -93,15 +94,19 @@ def _histogram(report, labels, scores, _cached):
     return figure
 
 
-def _mistakes(report, labels, scores, cached):
-    """The six most confident false negatives, then the six most confident false positives."""
-    positive = report.get("class_names", ["NORMAL", "PNEUMONIA"])[1]
-    predicted = np.array([p["predicted"] == positive for p in report["predictions"]], dtype=bool)  # as decided
+def confident_mistakes(report, labels, scores) -> list[int]:
+    """The six most confident false negatives, then the six most confident false positives, as decided (an image
+    given no label too: the metrics count it)."""
+    predicted = decided_positive(report)
     false_negatives = np.where((labels == 1) & ~predicted)[0]
     false_positives = np.where((labels == 0) & predicted)[0]
     false_negatives = false_negatives[np.argsort(scores[false_negatives])][:6]
     false_positives = false_positives[np.argsort(-scores[false_positives])][:6]
-    chosen = list(false_negatives) + list(false_positives)
+    return [int(i) for i in false_negatives] + [int(i) for i in false_positives]
+
+
+def _mistakes(report, labels, scores, cached):
+    chosen = confident_mistakes(report, labels, scores)
     columns = max(1, min(6, len(chosen)))
     rows = max(1, -(-len(chosen) // columns))
     figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)

@@ -206,3 +206,11 @@ def paired_auc_bootstrap(labels, scores_a, scores_b, groups=None, resamples: int
     return {"unit": "image" if groups is None else "patient", "resamples": int(len(differences)),
             "ci95": [float(np.percentile(differences, 2.5)), float(np.percentile(differences, 97.5))],
             "p_value": float(p)}
+
+
+def decided_positive(report: dict) -> np.ndarray:
+    """Per image of an evaluation report, whether the threshold decided positive: ``positive``, which an image
+    given no label (not an X-ray: ``predicted`` null) has too; reports of earlier versions have only ``predicted``."""
+    positive_class = report.get("class_names", ["NORMAL", "PNEUMONIA"])[1]
+    return np.array([p["positive"] if "positive" in p else p["predicted"] == positive_class
+                     for p in report["predictions"]], dtype=bool)

@@ -18,7 +18,7 @@ import numpy as np
 from ..data.dataset import csv_header, csv_rows, has_patient_ids
 from ..errors import PneumoniaCNNError
 from ..fileio import display_path
-from .metrics import FEW_PER_CLASS, bootstrap_metrics, units_per_class
+from .metrics import FEW_PER_CLASS, bootstrap_metrics, decided_positive, units_per_class
 
 MISSING = "(missing)"
 AGE_FIELDS = {"ageband", "age_band", "agegroup", "age_group"}
@@ -167,7 +167,7 @@ def largest_gaps(groups: list[dict]) -> dict:
 def subgroup_results(fields, report: dict, cached, data) -> list[dict]:
     """``evaluate --by``: the subgroup tables for the images of an evaluation report."""
     probabilities = [p["probability"] for p in report["predictions"]]
-    predicted = [p["predicted"] == report["class_names"][1] for p in report["predictions"]]
+    predicted = decided_positive(report)
     patients = cached.patients if has_patient_ids(cached.paths) else None
     return [subgroup_metrics(field, cached.labels, probabilities, report["threshold"],
                              field_values(cached.paths, field, data), patients, report["bootstrap"]["resamples"],

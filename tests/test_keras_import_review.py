@@ -153,7 +153,7 @@ def test_the_imported_checkpoint_says_what_it_is(capsys, tmp_path):
                                                         "imported_from": "seed_cnn_64x64.keras", "sha256": digest,
                                                         "input_size": [64, 64]}
     lines = main_output(capsys, "info", tmp_path / "k.pt")
-    assert "classes: NORMAL, PNEUMONIA; threshold 0.500 (0.5); no calibration" in lines  # not "temperature"
+    assert "classes: NORMAL, PNEUMONIA; threshold 0.5 (0.5); no calibration" in lines  # not "temperature"
     assert (f"trained on: {{'data': 'not recorded: trained elsewhere, in Keras', 'imported_from': "
             f"'seed_cnn_64x64.keras', 'sha256': '{digest}', 'input_size': [64, 64]}}") in lines  # was "{}"
     assert "out-of-distribution flag: not fitted for this checkpoint" in lines

@@ -14,7 +14,7 @@ from tests.conftest import SHARED_DATA, require_shared
 from tests.test_cli_guards import run
 from tests.test_output_guards_review import _refused, run_folder, victim  # noqa: F401 (fixtures)
 
-FIXED = "threshold 0.400 (fixed by --threshold, not fitted)"
+FIXED = "threshold 0.4 (fixed by --threshold, not fitted)"
 FIXED_SINCE = "the threshold fixed since at 0.400 by --threshold, not fitted"
 
 
@@ -77,7 +77,7 @@ def test_a_fixed_threshold_is_described_as_fixed_by_info_and_report(capsys, tmp_
     assert f"classes: NORMAL, PNEUMONIA; {FIXED};" in card and FIXED_SINCE in card
     page = write_report(fixed, data=small_root, bootstrap=5, stress=False).read_text()
     assert f"<h2>Decision</h2><p>T{FIXED[1:]};" in page and FIXED_SINCE in page
-    assert "threshold 0.400 (policy: fixed by --threshold, not fitted)" in page
+    assert "threshold 0.4 (policy: fixed by --threshold, not fitted)" in page
     # a policy fitted on data since replaces the fixed one: no longer said to be fixed
     refit = tmp_path / "refit.pt"
     assert run(capsys, "evaluate", "--checkpoint", fixed, "--data", small_root, "--threshold", "youden",

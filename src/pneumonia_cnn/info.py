@@ -83,7 +83,7 @@ def threshold_text(card: dict, label: str = "") -> str:
     fit = card.get("decision_fitted_on")
     fixed = fit.get("threshold_fixed") if isinstance(fit, dict) else None
     how = "fixed by --threshold, not fitted" if fixed is not None else card["threshold_policy"]
-    return f"threshold {card['threshold']:.3f} ({label}{how})"
+    return f"threshold {card['threshold']:.5g} ({label}{how})"
 
 
 # an imported Keras model's decision: the tutorial's, fitted on no images here (it read "not recorded (a checkpoint

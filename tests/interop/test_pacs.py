@@ -141,25 +141,56 @@ def test_transfers_cut_mid_way_are_retried_and_none_is_lost(orthanc, studies, tr
         proxy.close()
 
 
-@pytest.mark.parametrize("how", ["503", "down"])
+def gone_after(first: str):
+    """A gateway that answers 503 to everything once a request line holding ``first`` has come (the PACS behind
+    it gone); before that, it forwards."""
+    gone = [False]
+
+    def answer(line: str):
+        gone[0] = gone[0] or first in line
+        return 503 if gone[0] else None
+    return answer
+
+
+@pytest.mark.parametrize("how", ["503", "down", "stow"])
 def test_a_pacs_gone_mid_run_stops_the_pass_after_one_instance_s_retries(orthanc, studies, trained_run, tmp_path,
                                                                         capsys, caplog, how):
     """Each instance left had taken its retries in turn (4 attempts, about 7 s each at the default back-off: two
-    hours for 1,000) with a line per retry; the pass now stops at the first instance that finds the PACS gone."""
+    hours for 1,000) with a line per retry; the pass now stops at the first instance that finds the PACS gone
+    (a search without retries confirms it: one instance's failure is not the PACS's)."""
     proxy = FlakyProxy(orthanc.url)
     try:
         if how == "503":
-            proxy.refusals = {"/series/": 503}  # every retrieval: a gateway whose PACS is down
+            proxy.refusals = {"": gone_after("/series/")}  # from the first retrieval on
+        elif how == "stow":
+            proxy.refusals = {"": gone_after("POST ")}  # from the first report's store on
         else:  # the PACS gone after the search: the port closes at the first retrieval
             proxy.refusals = {"/series/": lambda line: proxy.close() or 503}
         url = proxy.url + "/dicom-web"
         assert run_pacs(trained_run, url, tmp_path / "state.sqlite", *BASE) == 1
         out = capsys.readouterr().out
-        assert "5 new instance(s), 0 already scored: 0 scored and reported, 0 unreadable, 0 not X-rays, 1 failed" in out
-        assert "; the PACS became unreachable: 4 instance(s) left for the next run" in out
-        retrievals = [line for line in proxy.seen if "/series/" in line]
-        assert len(retrievals) == (3 if how == "503" else 1)  # one instance's attempts (--retries 2), no other's
+        # at a store, all five were fetched: the one without pixels is recorded unreadable, not left
+        left = 3 if how == "stow" else 4
+        assert "5 new instance(s), 0 already scored: 0 scored and reported" in out
+        assert f"; the PACS became unreachable: {left} instance(s) left for the next run" in out
+        tried = [line for line in proxy.seen if ("POST " if how == "stow" else "/series/") in line]
+        assert len(tried) == (1 if how == "down" else 3)  # one instance's attempts (--retries 2), no other's
         assert sum("the PACS is unreachable; this pass stops" in r.message for r in caplog.records) == 1
+    finally:
+        proxy.close()
+
+
+def test_one_instance_a_gateway_fails_does_not_stop_the_pass(orthanc, studies, trained_run, tmp_path, capsys):
+    """A proxy's 504 on one instance (a large one, a slow conversion) while the PACS answers: that instance
+    fails, the others are scored (the first version of the rule above stopped every pass at it)."""
+    proxy = FlakyProxy(orthanc.url)
+    dx = studies["dx"][1]
+    try:
+        proxy.refusals = {f"/instances/{dx.SOPInstanceUID}": 504}
+        assert run_pacs(trained_run, proxy.url + "/dicom-web", tmp_path / "state.sqlite", *BASE) == 1
+        out = capsys.readouterr().out
+        assert "3 scored and reported, 1 unreadable, 0 not X-rays, 1 failed (tried again next run)" in out
+        assert "unreachable" not in out
     finally:
         proxy.close()
 
@@ -755,8 +786,8 @@ def test_a_stow_answer_with_media_type_parameters_is_read(kind):
     a stored report is not failed forever, and a refusal in it is still a refusal."""
     import requests
 
-    from pneumonia_cnn.interop.dicomweb import _stow
     from pneumonia_cnn.interop.network import TransferError
+    from pneumonia_cnn.interop.stow import stow as _stow
 
     def answer(element: str, item: dict) -> bytes:
         if "json" in kind:

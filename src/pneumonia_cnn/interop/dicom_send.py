@@ -37,6 +37,11 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+class DestinationUnreachable(ConnectionError):
+    """No association: the destination is down, unreachable or rejects this node, whatever report is sent (a
+    C-STORE without an answer, or answered "busy", is about that report's transfer)."""
+
+
 class ReportRefused(Exception):
     """The destination answered this report's C-STORE with a failure status: about this report, not the link."""
     refusal = True
@@ -58,10 +63,10 @@ def send_c_store(ae_title: str, destination: Destination, datasets, tls=None) ->
         raise ReportRefused(f"{destination} accepts no presentation context for SOP class {classes}")
     if association.is_rejected:  # "calling AE title not recognised": the node is not registered there
         answer = association.acceptor.primitive
-        raise ConnectionError(f"{destination} rejected the association ({answer.result_str}: {answer.reason_str}; "
-                              f"from the {answer.source_str})")
+        raise DestinationUnreachable(f"{destination} rejected the association ({answer.result_str}: "
+                                     f"{answer.reason_str}; from the {answer.source_str})")
     if not association.is_established:
-        raise ConnectionError(f"association with {destination} was aborted or never connected")
+        raise DestinationUnreachable(f"association with {destination} was aborted or never connected")
     try:
         for dataset in datasets:
             status = association.send_c_store(dataset)

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from ..errors import PneumoniaCNNError
 from ..signals import Stopped, StopSignals
 from .arrival import decodable_transfer_syntaxes
-from .dicom_send import DUPLICATE as DUPLICATE_INSTANCE
-from .dicomweb_session import AnswerTooLarge, connect, stow_answer
+from .dicomweb_session import AnswerTooLarge, connect
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, ScoredInstance, not_an_xray, shown_uid
 from .state import GIVEN_UP, ScoredState, StateFileError
+from .stow import stow
 from .uids import is_uid
 
 log = logging.getLogger("pneumonia_cnn")
@@ -216,7 +216,7 @@ class PacsJob:
     def _store(self, result: ScoredInstance, summary: dict):
         for index, output in enumerate(result.outputs):
             try:
-                self._retry(lambda instance=output: _stow(self.client, instance, result.study_instance_uid),
+                self._retry(lambda instance=output: stow(self.client, instance, result.study_instance_uid),
                             f"instance {result.sop_instance_uid}: STOW-RS of {output.Modality} {output.SOPInstanceUID}")
             except TransferError as error:
                 if index == 0 or not error.refusal:  # the report, or a failure worth another run: all again
@@ -239,10 +239,10 @@ class PacsJob:
         very instance in ``give_up_after`` runs (``refused``; at most one per ``refusal_spacing`` seconds). Any
         other failure (the PACS down, overloaded or refusing everything: HTTP 401/403/5xx) never gives up and
         leaves the count as it was."""
-        if not refused and pacs_unreachable(error):  # each instance left would take its retries in turn (about 7 s
-            summary["unreachable"] = str(error)  # each: two hours for 1,000): the pass stops here, said once
+        if not refused and pacs_unreachable(error) and not self._answers():  # each instance left would take its
+            summary["unreachable"] = str(error)  # retries in turn (about 7 s each: two hours for 1,000): the pass
             log.warning("%s: the PACS is unreachable; this pass stops, the instances not yet stored are left for "
-                        "the next run", error)
+                        "the next run", error)  # stops here, said once
         count, counted_at = self.state.refusals(sop, self.model)
         now = time.time()
         if refused and (counted_at is None or now - counted_at >= self.options.refusal_spacing):
@@ -257,6 +257,16 @@ class PacsJob:
         log.warning("%s (%swill be tried again on the next run)", error, so_far)
         self.state.record(sop, self.model, "failed", study, series, error=str(error), refusals=(count, counted_at))
         summary["failed"] += 1
+
+    def _answers(self) -> bool:
+        """Whether the PACS answers a search at all (once, no retries): one instance's failure (a proxy's 504 on
+        one large instance, a slow conversion) is not the PACS down, and had stopped every pass at it."""
+        try:
+            self.client.search_for_instances(search_filters={"Modality": self.options.modalities[0]}, limit=1,
+                                              fields=["SOPInstanceUID"])
+            return True
+        except Exception:  # noqa: BLE001 - whatever failed, the PACS did not answer
+            return False
 
     def watch(self, interval: float, polls: int | None = None, report=lambda summary: None) -> str | None:
         """Poll every ``interval`` seconds (``polls`` times, or until SIGTERM or SIGINT). A PACS that is down is
@@ -286,10 +296,11 @@ class PacsJob:
 
 
 def pacs_unreachable(error: TransferError) -> bool:
-    """A failure after retries that says the PACS is down, not that this instance is bad: no connection, or a
-    gateway's 502/503/504."""
+    """A failure after retries that may say the PACS is down (``PacsJob._answers`` then asks): no connection, no
+    answer in time, or a gateway's 502/503/504."""
     import requests
-    return error.status in (502, 503, 504) or isinstance(error.cause, (requests.ConnectionError, ConnectionError))
+    return error.status in (502, 503, 504) or isinstance(error.cause, (requests.ConnectionError, requests.Timeout,
+                                                                       ConnectionError, TimeoutError))
 
 
 def _stopped(left: int | None) -> str:
@@ -300,64 +311,6 @@ def _stopped(left: int | None) -> str:
     if left:
         return f"stopped after the instances in hand; {left} new instance(s) left for the next run"
     return "stopped between polls; the next run scores what arrives meanwhile"
-
-
-STOW_NOTHING_STORED = {400, 409}  # the standard's answers when the PACS stored none of the instances sent
-
-
-def _stow(client, dataset, study_uid: str):
-    import requests
-    try:
-        response = client.store_instances([dataset], study_instance_uid=study_uid)
-    except requests.HTTPError as error:
-        status = getattr(error.response, "status_code", None)
-        answer = stow_answer(error.response) if status in STOW_NOTHING_STORED else None
-        if not getattr(answer, "FailedSOPSequence", None):
-            raise  # no reason given (a proxy's 400, say): a failure, tried again next run, never a refusal
-        if _holds_this_report(answer, str(dataset.SOPInstanceUID)):
-            return
-        _refused(answer, f"HTTP {status}, ")
-    uid = str(dataset.SOPInstanceUID)
-    if not _names(response, uid) and not getattr(response, "FailedSOPSequence", None):
-        kept = getattr(client, "last_post", {}).get("response")  # the answer as sent, read by its media type
-        response = (stow_answer(kept) if kept is not None else None) or response
-    if getattr(response, "FailedSOPSequence", None) and not _holds_this_report(response, uid):
-        _refused(response)
-    if getattr(response, "FailedSOPSequence", None):
-        return
-    if not _names(response, uid):
-        # an empty or non-DICOM 200 (a proxy, a login page, a redirect that turned the POST into a GET) was
-        # taken as stored, and the instance never reported; tried again, as any failure
-        raise TransferError(f"the PACS's answer does not name {uid} among the instances it stored (no "
-                            "ReferencedSOPSequence entry for it): not counted as stored")
-
-
-def _holds_this_report(answer, uid: str) -> bool:
-    """Failure reason 0111 (Duplicate SOP Instance) for the one instance each STOW-RS sends: a report's UID comes
-    from its source instance, the model and the pixels scored (``dicom_sr.result_uid``), so the PACS holds this
-    very report (as a C-STORE's 0111 is taken in ``dicom_send.stored``); it had been a refusal."""
-    failed = getattr(answer, "FailedSOPSequence", None) or []
-    held = bool(failed) and all(getattr(item, "FailureReason", None) == DUPLICATE_INSTANCE for item in failed)
-    if held:
-        log.info("%s: the PACS holds this very report already (failure reason 0x0111, Duplicate SOP Instance): "
-                 "taken as stored", uid)
-    return held
-
-
-def _names(answer, uid: str) -> bool:
-    return any(str(getattr(item, "ReferencedSOPInstanceUID", "")) == uid
-               for item in getattr(answer, "ReferencedSOPSequence", None) or [])
-
-
-def _refused(answer, status: str = ""):
-    failed = getattr(answer, "FailedSOPSequence", None)
-    reason = getattr(failed[0], "FailureReason", None) if failed else None
-    error = TransferError(f"the PACS refused the instance ({status}failure reason "
-                          f"{reason if reason is not None else '?'})")
-    # A7xx: out of resources, worth retrying; any other reason is about this instance
-    error.transient = isinstance(reason, int) and reason >> 8 == 0xA7
-    error.refusal = not error.transient
-    raise error
 
 
 def listing_problem(study: str | None, series: str | None, sop: str) -> str | None:

@@ -26,7 +26,7 @@ from ..fileio import atomic_path, display_path, over_limit
 from ..signals import StopSignals
 from .arrival import ABORTED_HERE, ArrivalLimit, decodable_transfer_syntaxes, peer, receive_into
 from .dicom_access import NodeAccess, check_ae_title, rejection_reason, tls_handshake
-from .dicom_send import OUT_OF_RESOURCES, Destination, send_c_store
+from .dicom_send import OUT_OF_RESOURCES, Destination, DestinationUnreachable, send_c_store
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, not_an_image, other_modality_class, shown_result
 from .spool import RefusalCounts, SpoolHold, move_file, open_spool, remove_partial_receipts, spool_lock, uid_of
@@ -271,7 +271,7 @@ class Listener:
 
     def _process(self, paths: list[Path]):
         if time.monotonic() < self.down_until:  # the destination is unreachable: nothing scored again until it may
-            return self._retry_later(paths)  # be back (each report had taken its retries, and was scored, in turn)
+            return self._retry_later(paths, self.down_until)  # be back (each had taken its retries, and a scoring)
         datasets, files = [], []
         for path in paths:
             if path.name in self.delivered:
@@ -319,7 +319,7 @@ class Listener:
 
     def _deliver(self, path: Path, result):
         if time.monotonic() < self.down_until:  # found unreachable for another report of this batch
-            return self._retry_later([path])
+            return self._retry_later([path], self.down_until)
         what = f"instance {result.sop_instance_uid}: C-STORE of its report to {self.destination}"
         try:  # the report first, on its own: an overlay the destination will not take never holds it back
             with_retries(lambda: send_c_store(self.ae_title, self.destination, result.outputs[:1], self.tls), what,
@@ -383,16 +383,17 @@ class Listener:
             return
         if error.refusal:
             self.refusals.set(path.name, count)
-        else:  # not this report but the link or the destination (connection refused, association rejected): all wait
+        unreachable = isinstance(error.cause, DestinationUnreachable)  # no association: not this report's fault
+        if unreachable:
             self.down_until = time.monotonic() + self.retry_after
         log.warning("%s; kept in the spool, tried again in %.0f s%s", error, self.retry_after,
-                    "" if error.refusal else " with every report waiting (the destination is unreachable)")
+                    " with every report waiting (the destination is unreachable)" if unreachable else "")
         self._retry_later([path])
 
     def _set_aside(self, path: Path, reason: str):
         shutil.move(str(path), self.unreadable / path.name)  # first: the line below says where it is
         log.warning("instance %s: unreadable: %s (kept in %s)", uid_of(path), reason, display_path(self.unreadable))
 
-    def _retry_later(self, paths):
-        self.later.extend((time.monotonic() + self.retry_after, p) for p in paths)
+    def _retry_later(self, paths, due: float | None = None):
+        self.later.extend((due or time.monotonic() + self.retry_after, p) for p in paths)
 

@@ -33,7 +33,14 @@ from .data.cache import build_or_load
 from .data.dataset import load_split, scan_unlabelled
 from .data.fingerprint import file_fingerprints
 from .data.loader import to_model_input
-from .data.site_checks import check_labelled_site, few_images_warning, kept_out_patients, leave_out_flagged
+from .data.site_checks import (
+    adapt_batch_decision,
+    check_labelled_site,
+    check_site_population,
+    few_images_warning,
+    kept_out_patients,
+    leave_out_flagged,
+)
 from .device import resolve_device
 from .errors import PneumoniaCNNError
 from .evaluation.metrics import bootstrap_metrics
@@ -41,8 +48,8 @@ from .fileio import display_path
 from .inference import Bundle, Scorer, load_bundle
 from .inference.adabn import distinct_in_canonical_order, reestimate_batch_norm
 from .inference.engines import TorchEngine
-from .inference.predictor import MIN_ADAPT_BATCH
-from .ood import OODDetector, flag_reasons, site_method, site_recipe, site_taps
+from .inference.predictor import MIN_ADAPT_BATCH, in_distribution
+from .ood import OODDetector, flag_reasons, site_method, site_recipe, site_taps, training_population
 
 log = logging.getLogger(__name__)
 FINE_TUNE_AUGMENT = AugmentConfig(zoom=0.1, flip=True, rotation=5, contrast=0.15, brightness=0.05)
@@ -129,7 +136,8 @@ def _held_out_split(labels, groups, fraction, seed):
 
 
 def adapt(checkpoint, data, out, labelled=None, device: str = "auto", recalibrate: bool = False, seed: int = 0,
-          max_epochs: int = 12, folds: int = 4, held_out: float = 0.35, cache_dir=None) -> dict:
+          max_epochs: int = 12, folds: int = 4, held_out: float = 0.35, cache_dir=None,
+          accept_outside_population: bool = False) -> dict:
     source = load_checkpoint(checkpoint)
     bundle, device = load_bundle(source), resolve_device(device)
     pre = bundle.preprocessing
@@ -143,11 +151,14 @@ def adapt(checkpoint, data, out, labelled=None, device: str = "auto", recalibrat
         raise PneumoniaCNNError(f"{display_path(data)}: {len(unlabelled)} distinct readable image(s){counted}; adapt "
                                 f"needs at least {MIN_SITE_IMAGES} of the site's images (batch-norm statistics and the "
                                 f"out-of-distribution refit from fewer are too noisy to trust)")
+    inside = in_distribution(bundle, unlabelled, Scorer(bundle, device).score(unlabelled))  # by the source's flag
+    outside = check_site_population(data, int((~inside).sum()), len(inside), training_population(bundle.intended_use),
+                                    accept_outside_population)
     model = copy.deepcopy(bundle.models[0]).to(device)
     reset = adabn(model, unlabelled, device, tta=bundle.tta)
     result = {"checkpoint": str(source["path"]), "out": str(out), "unlabelled_images": len(unlabelled),
               "left_out_by_input_checks": left_out, "copies_counted_once": copies, "adabn_layers": reset,
-              "fine_tune_epochs": 0}
+              "fine_tune_epochs": 0, "outside_source_population": outside}
     if not reset:
         log.warning("%s has no batch-norm layers: AdaBN does not apply (use a model such as seed_bn or resnet18)",
                     source["model"]["name"])
@@ -339,6 +350,7 @@ def _save_adapted(source: dict, adapted: Bundle, detector, out, data, labelled, 
                              "site_images": result["unlabelled_images"],
                              "left_out_by_input_checks": result["left_out_by_input_checks"],
                              "copies_counted_once": result["copies_counted_once"],
+                             "outside_source_population": result["outside_source_population"],
                              "adabn_layers": result["adabn_layers"], "fine_tune_epochs": result["fine_tune_epochs"],
                              "threshold_refitted_on_site": bool(result.get("threshold_refitted")),
                              "calibration_refitted_on_site": bool(result.get("calibration_refitted")),
@@ -348,20 +360,6 @@ def _save_adapted(source: dict, adapted: Bundle, detector, out, data, labelled, 
                                  bool(result.get("threshold_refitted") or result.get("calibration_refitted"))),
                              "improved": result.get("improved"), "verdict": result.get("verdict")}
     save_checkpoint(payload, out)
-
-
-def adapt_batch_decision(source: dict, labelled, epochs: int = 0, refitted: bool = True) -> str:
-    """What ``--adapt-batch`` decides with on the adapted checkpoint, in words (``info`` shows it)."""
-    if labelled:
-        changed = f"re-estimated on the site's images and fine-tuned for {epochs} epoch(s)" if epochs else \
-            "re-estimated on the site's images (cross-validation chose no fine-tuning)"
-        what = "the decision refitted on the site's labelled images" if refitted else \
-            "the plain decision, kept by adapt (a given probability threshold; --recalibrate refits the calibration)"
-        return f"{what} (the source's, fitted with AdaBN on its validation images, does not describe these " \
-               f"weights, {changed})"
-    if source.get("decision_adapted"):
-        return "the source's, fitted with AdaBN on its validation images (each batch's statistics replace the site's)"
-    return "the plain decision (the source checkpoint has none fitted with AdaBN)"
 
 
 def format_adaptation(result: dict) -> str:

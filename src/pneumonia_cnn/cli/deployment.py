@@ -350,6 +350,9 @@ def adapt_arguments(p):
     p.add_argument("--recalibrate", action="store_true",
                    help="refit the calibration on the labelled images (needs --labelled)")
     p.add_argument("--seed", type=whole_number(0), default=0, help="seed of the kept-out split and fine-tuning")
+    p.add_argument("--accept-outside-population", action="store_true",
+                   help="adapt even when the source flags 90%% or more of the site's images as outside its training "
+                        "population (refused by default: the refitted detector would stop flagging them)")
 
 
 def run_adapt(args) -> int:
@@ -359,7 +362,8 @@ def run_adapt(args) -> int:
     check_output(args.out, args.checkpoint, args.data, args.labelled)
     check_replaceable(args.out, "checkpoint")
     result = adapt(args.checkpoint, args.data, args.out, labelled=args.labelled, device=args.device,
-                   recalibrate=args.recalibrate, seed=args.seed)
+                   recalibrate=args.recalibrate, seed=args.seed,
+                   accept_outside_population=args.accept_outside_population)
     print(format_adaptation(result))
     return 0
 

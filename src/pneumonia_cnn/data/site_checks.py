@@ -23,6 +23,10 @@ MIN_TUNING_PATIENTS = 2
 # the intended population than the source checkpoint's detector did; from it on, no draw measured did. Measured
 # with the built-in model on shared/data/adult_xray_dev's adult X-rays (the figures: README, "adapt").
 FEW_OOD_REFIT_IMAGES = 300
+# The share of the site's images the source's detector flags from which adapt refuses (--accept-outside-population
+# overrides): adult X-rays are flagged 93-100% by the built-in model, photographs 100%; the framing shifts of its
+# own children (borders, bands) at most 87% (README, intended use).
+SITE_OUTSIDE_LIMIT = 0.9
 log = logging.getLogger("pneumonia_cnn.adaptation")
 
 
@@ -91,3 +95,35 @@ def few_images_warning(result: dict) -> str | None:
             f"than {FEW_OOD_REFIT_IMAGES}); refitted on so few it can flag far fewer X-rays from outside the intended "
             f"population (adults, for one) than the source checkpoint's: adapt on at least {FEW_OOD_REFIT_IMAGES} of "
             f"the site's images before relying on its flag")
+
+
+def check_site_population(data, outside: int, total: int, population: str, accept: bool) -> float:
+    """The share of the site's images the source flags as outside its training population, refused from
+    ``SITE_OUTSIDE_LIMIT`` on unless ``accept``: adapt refits the detector on the site, which then stops flagging
+    it, while the model card still states ``population`` (adults were flagged 54/54 before adapting to adults,
+    0/54 after; photographs 60/60, then 50 of 60 labelled)."""
+    share = outside / total if total else 0.0
+    if share < SITE_OUTSIDE_LIMIT:
+        return share
+    said = (f"{display_path(data)}: {outside} of the site's {total} image(s) ({share:.0%}) are outside the source's "
+            f"training population ({population}) by its out-of-distribution flag; adapting refits the detector on "
+            f"them, so that it stops flagging them while the model card still states that population")
+    if not accept:
+        raise PneumoniaCNNError(f"{said}: check that --data holds the site's chest X-rays of that population, or give "
+                                f"--accept-outside-population to adapt anyway (the record says so)")
+    log.warning("warning: %s (--accept-outside-population)", said)
+    return share
+
+
+def adapt_batch_decision(source: dict, labelled, epochs: int = 0, refitted: bool = True) -> str:
+    """What ``--adapt-batch`` decides with on the adapted checkpoint, in words (``info`` shows it)."""
+    if labelled:
+        changed = f"re-estimated on the site's images and fine-tuned for {epochs} epoch(s)" if epochs else \
+            "re-estimated on the site's images (cross-validation chose no fine-tuning)"
+        what = "the decision refitted on the site's labelled images" if refitted else \
+            "the plain decision, kept by adapt (a given probability threshold; --recalibrate refits the calibration)"
+        return f"{what} (the source's, fitted with AdaBN on its validation images, does not describe these " \
+               f"weights, {changed})"
+    if source.get("decision_adapted"):
+        return "the source's, fitted with AdaBN on its validation images (each batch's statistics replace the site's)"
+    return "the plain decision (the source checkpoint has none fitted with AdaBN)"

@@ -26,3 +26,30 @@ def test_a_site_the_source_flags_is_refused_unless_accepted_and_then_recorded(tm
     assert "(--accept-outside-population)" in caplog.text
     record = torch.load(out, weights_only=True)["adaptation"]
     assert abs(record["outside_source_population"] - 115 / 124) < 1e-12
+
+
+def test_adapt_refuses_an_out_name_that_is_not_a_checkpoint_s(tmp_path, capsys):
+    """adapt --out site.onnx wrote a PyTorch checkpoint under an ONNX name (import-keras refused it already)."""
+    for name in ("site.onnx", "site"):
+        assert main(["adapt", "builtin", "--data", str(tmp_path / "never-read"), "--out", str(tmp_path / name)]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: {tmp_path / name}: adapt writes a checkpoint, a file "
+                                                   f"ending in .pt or .pth; give --out such a name")
+
+
+def test_adapt_refuses_the_same_labelled_image_under_both_classes(tmp_path, capsys):
+    """As train refuses it: three NORMAL images copied into PNEUMONIA were fine-tuned and judged on both labels."""
+    import shutil
+
+    from tests.conftest import link_subset
+    require_shared()
+    site = link_subset(tmp_path / "site", {"test": 20})
+    labelled = link_subset(tmp_path / "lab", {"val": 16})
+    normal = sorted((labelled / "val" / "NORMAL").iterdir())[0]
+    shutil.copy(normal, labelled / "val" / "PNEUMONIA" / "copy.jpeg")
+    out = tmp_path / "a.pt"
+    assert main(["adapt", "builtin", "--data", str(site / "test"), "--labelled", str(labelled / "val"), "--out",
+                 str(out), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith(" under the other class; an image has one label") and not out.exists()
+    assert error.startswith("error: ") and {"copy.jpeg", normal.name} <= {w.strip(":").rsplit("/", 1)[-1]
+                                                                        for w in error.split()}

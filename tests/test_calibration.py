@@ -140,3 +140,11 @@ def test_a_prevalence_never_flips_the_label_of_the_image_that_defines_the_thresh
     assert sum(d.probabilities(raw)[0] < d.effective_threshold for d in moved) > 10
     fixed = Decision(calibration, 0.5, "0.5").with_prior(0.05, "given")  # a fixed threshold: decisions change
     assert not fixed.positive(raw)[0] and Decision(calibration, 0.5, "0.5").positive(raw)[0]
+
+
+def test_sigmoid_of_extreme_logits_is_quiet_and_exact():
+    """train printed "warning: RuntimeWarning: overflow encountered in exp" from a logit below about -709."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sigmoid(np.array([-1000.0, 0.0, 1000.0])).tolist() == [0.0, 0.5, 1.0]

@@ -98,7 +98,10 @@ def logit(probabilities) -> np.ndarray:
 
 
 def sigmoid(logits) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    """exp overflows to inf below a logit of about -709, which is the right limit (0): numpy's RuntimeWarning there
+    reached train's output as a bare "overflow encountered in exp". The formula stays: thresholds are its values."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 
 @dataclass(frozen=True)

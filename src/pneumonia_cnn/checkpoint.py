@@ -22,6 +22,7 @@ from .data.readers import RESAMPLING
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_path, display_path, load_torch_file, not_a_file_reason, printable
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
 FORMAT = "pneumonia-cnn/1"
 log = logging.getLogger(__name__)
 
@@ -388,3 +389,10 @@ def weights_problem(state: dict, expected: dict) -> str | None:
 def load_model(path) -> torch.nn.Module:
     """The trained ``torch.nn.Module`` from a checkpoint (or run folder), in eval mode, on the CPU."""
     return build_model(load_checkpoint(path))
+
+
+def check_out_name(out, command: str) -> None:
+    """``--out`` named as a checkpoint: it was written under any name (a PyTorch checkpoint as ``x.onnx``)."""
+    if Path(out).suffix not in CHECKPOINT_SUFFIXES:
+        raise ConfigError(f"{display_path(out)}: {command} writes a checkpoint, a file ending in "
+                          f"{' or '.join(CHECKPOINT_SUFFIXES)}; give --out such a name")

@@ -357,10 +357,12 @@ def adapt_arguments(p):
 
 def run_adapt(args) -> int:
     from ..adaptation import adapt, format_adaptation
+    from ..checkpoint import check_out_name
     if args.recalibrate and not args.labelled:  # adapt() would refit nothing, unsaid
         raise PneumoniaCNNError("--recalibrate refits the calibration on the labelled images: give --labelled DIR")
     check_output(args.out, args.checkpoint, args.data, args.labelled)
     check_replaceable(args.out, "checkpoint")
+    check_out_name(args.out, "adapt")  # a checkpoint as site.onnx had been written
     result = adapt(args.checkpoint, args.data, args.out, labelled=args.labelled, device=args.device,
                    recalibrate=args.recalibrate, seed=args.seed,
                    accept_outside_population=args.accept_outside_population)

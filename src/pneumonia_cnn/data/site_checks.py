@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import PneumoniaCNNError
 from ..fileio import display_path
+from .fingerprint import file_fingerprints
 
 # The fewest patients of a class the kept-out part takes (the verdict's ROC AUC and its bootstrap by patient);
 # and the fewest each class must keep for fine-tuning, so that each of cross-validation's (at least 2,
@@ -52,6 +53,8 @@ def check_labelled_site(site, labelled, fraction: float) -> None:
     counts = np.bincount(labels[labels >= 0], minlength=2)
     if len(labels) < 8 or min(counts) < 4:
         raise PneumoniaCNNError(f"{display_path(labelled)}: need at least 4 labelled images per class")
+    if hasattr(site, "images"):  # decoded: only readable images (two empty files are not one image)
+        refuse_conflicting_labels(site.paths, labels)
     names = list(getattr(site, "class_names", None) or ("NORMAL", "PNEUMONIA"))[:2]
     patients = [len({p for p, y in zip(site.patients, labels) if y == label}) for label in (0, 1)]
     need = fewest_patients(fraction)
@@ -61,6 +64,17 @@ def check_labelled_site(site, labelled, fraction: float) -> None:
             f"{display_path(labelled)}: need at least {need} patients per class ({found}): "
             f"{kept_out_patients(need, fraction)} are kept out to judge the adapted model, the rest fine-tune it "
             f"(a patient is read from the file name: person123_..., IM-0115-...; otherwise each image is one)")
+
+
+def refuse_conflicting_labels(paths, labels) -> None:
+    """The same image (by content) under both classes, refused as ``train`` refuses it: fine-tuning and the
+    verdict had learnt and judged on both labels of it without a word."""
+    seen = {}
+    for path, label, fingerprint in zip(paths, labels, file_fingerprints(paths)):
+        first = seen.setdefault(fingerprint, (path, int(label)))
+        if first[1] != int(label):
+            raise PneumoniaCNNError(f"{display_path(path)}: the same image as {display_path(first[0])} under the "
+                                    f"other class; an image has one label")
 
 
 def leave_out_flagged(site, labelled, flag, bundle):

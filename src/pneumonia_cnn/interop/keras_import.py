@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import check_out_name, save_checkpoint
 from ..errors import PneumoniaCNNError
 from ..fileio import display_path, printable
 from ..models import count_parameters, create_model
 
 # what ``--out`` may be named: the suffixes by which predict and the other commands take an argument for a model
-CHECKPOINT_SUFFIXES = (".pt", ".pth")
 # the tutorial's layers in order: what each is called in a message, and its filters or units
 TUTORIAL_LAYERS = (("the tutorial's first Conv2D", 32), ("the tutorial's second Conv2D", 64),
                    ("the tutorial's third Conv2D", 128), ("the tutorial's first Dense layer", 128),
@@ -211,13 +210,6 @@ def keras_to_state_dict(arrays, height: int, width: int, source=None) -> dict:
             "fc1.weight": t(dense.T), "fc1.bias": t(e1), "fc2.weight": t(d2.T), "fc2.bias": t(e2)}
 
 
-def check_out_name(out) -> None:
-    """``--out`` named as a checkpoint: it was written under any name (a PyTorch checkpoint as ``x.onnx``)."""
-    if Path(out).suffix not in CHECKPOINT_SUFFIXES:
-        raise PneumoniaCNNError(f"{display_path(out)}: import-keras writes a checkpoint, a file ending in "
-                                f"{' or '.join(CHECKPOINT_SUFFIXES)}; give --out such a name")
-
-
 def import_keras(path, out=None, size=None) -> tuple[torch.nn.Module, dict]:
     """Build our ``seed`` model from a Keras file; save a checkpoint to ``out`` when given.
 
@@ -225,7 +217,7 @@ def import_keras(path, out=None, size=None) -> tuple[torch.nn.Module, dict]:
     """
     from ..models.registry import state_dict_misfit
     if out is not None:
-        check_out_name(out)
+        check_out_name(out, "import-keras")
     where = display_path(path)
     named, shape, digest = read_keras_file(path)
     if not all(np.isfinite(a).all() for _, a in named):  # a NaN model labels every image NORMAL

@@ -29,7 +29,10 @@ def test_predict_folder_glob_dicom_and_bad_files(trained_run, tmp_path, capsys):
     library = {r.path: r for r in Predictor(trained_run, "cpu").predict_files([row["path"] for row in good])}
     for row in good:
         assert row["probability"] == pytest.approx(library[row["path"]].probability, abs=1e-6)
-        assert row["label"] == ("PNEUMONIA" if row["probability"] >= row["threshold"] else "NORMAL")
+        not_an_xray = any(w.startswith("not an X-ray") for w in row["warnings"])  # x.dcm is noise: no label
+        assert row["label"] == (None if not_an_xray else "PNEUMONIA" if row["probability"] >= row["threshold"]
+                                else "NORMAL")
+    assert [r["label"] is None for r in good] == [r["path"].endswith("x.dcm") for r in good]
     assert all(r["model"] and r["threshold"] == good[0]["threshold"] for r in good)
     assert "in_distribution" in good[0] and "ood_score" in good[0]
     bad = next(r for r in rows if r["path"].endswith("broken.png"))

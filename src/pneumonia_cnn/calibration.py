@@ -349,3 +349,9 @@ def shown_probability(probability: float, threshold: float | None, digits: int =
         while digits < 10 and f"{probability:.{digits}f}" == f"{threshold:.{digits}f}":
             digits += 1
     return f"{probability:.{digits}f}"
+
+
+def decision_not_fitted(checkpoint: dict) -> bool:
+    """Weights saved while training (best.pt before the run's end-of-run steps, last.pt): no decision was fitted,
+    and the threshold 0.5 is a placeholder; not "a checkpoint of an earlier version", which stored a temperature."""
+    return not any(key in checkpoint for key in ("calibration", "temperature", "decision_fit", "imported"))

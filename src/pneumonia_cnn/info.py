@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from . import builtin
+from .calibration import decision_not_fitted
 from .checkpoint import build_model, load_checkpoint
 from .fileio import printable
 from .inference.bundle import ood_detector_of
@@ -26,6 +27,7 @@ def checkpoint_card(checkpoint) -> dict:
         "calibration": ckpt.get("calibration") or {"method": "temperature", "scale": 1 / ckpt.get("temperature", 1.0),
                                                    "bias": 0.0, "prior": None},
         "decision_fitted_on": ckpt.get("decision_fit"), "epoch": ckpt.get("epoch"),
+        "decision_not_fitted": decision_not_fitted(ckpt),  # not "an earlier version" with a temperature of 1
         "trained_with": {k: config.get(k) for k in ("preset", "data", "epochs", "batch_size", "lr", "optimizer",
                                                     "schedule", "augment", "class_balance", "seed")},
         "intended_use": ckpt.get("intended_use", {}),
@@ -88,6 +90,9 @@ def threshold_text(card: dict, label: str = "") -> str:
 
 # an imported Keras model's decision: the tutorial's, fitted on no images here (it read "not recorded (a checkpoint
 # of an earlier version)")
+NOT_FITTED = ("nothing: these weights were saved while training, before its end-of-run steps (calibration, "
+              "threshold, out-of-distribution detector); the threshold 0.5 is a placeholder (finish the run with "
+              "pneumonia-cnn train --resume RUN)")
 IMPORTED_FIT = ("no images: the tutorial's threshold 0.5 and no calibration, as imported (pneumonia-cnn evaluate "
                 "--threshold POLICY --calibration platt --save-as fits them on labelled validation images)")
 
@@ -100,13 +105,13 @@ def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
     imported = card.get("imported")
     origin = (f"imported from Keras file {imported.get('file')} (SHA-256 {imported.get('sha256')}), trained elsewhere"
               if imported else f"epoch {card['epoch']}")
-    fitted = (IMPORTED_FIT if imported and not card["decision_fitted_on"] else
-              f"{_fit_text(card['decision_fitted_on'])}{_kept_by_adapt(card)}")
+    fitted = (IMPORTED_FIT if imported and not card["decision_fitted_on"] else NOT_FITTED
+              if card["decision_not_fitted"] else f"{_fit_text(card['decision_fitted_on'])}{_kept_by_adapt(card)}")
     lines = [f"run {card['run_id']}: model {card['model']} ({card['parameters'] or 0:,} parameters), {origin}",
              f"input: {card['input']['size'][0]}x{card['input']['size'][1]}, {card['input']['channels']} channel(s), "
              f"intensity {card['input'].get('intensity', 'none')}, pixels / 255",
              f"classes: {', '.join(card['class_names'] or [])}; {threshold_text(card)}; "
-             f"{_calibration_text(card['calibration'], card['decision_fitted_on'])}",
+             f"{_calibration_text(card['calibration'], card['decision_fitted_on'], card['decision_not_fitted'])}",
              f"threshold and calibration fitted on: {fitted}",
              "trained with: " + ", ".join(f"{k}={v}" for k, v in card["trained_with"].items() if v not in (None, "")),
              f"intended use: {use.get('task', 'binary pneumonia screening aid')}",
@@ -138,9 +143,11 @@ def builtin_card_lines(card: dict) -> list[str]:
             f"file SHA-256 {card['sha256']}; retrain with: {card['reproduce']}"]
 
 
-def _calibration_text(calibration: dict, fit: dict | None = None) -> str:
+def _calibration_text(calibration: dict, fit: dict | None = None, not_fitted: bool = False) -> str:
     """With why a requested calibration was not applied (a Platt fit that cannot rank): the config said platt and
     the decision "no calibration" without a reason."""
+    if not_fitted:  # weights saved while training: "temperature calibration (logit x 1.000 +0.000)" was made up
+        return "no calibration (not fitted yet)"
     text = (f"{calibration['method']} calibration (logit x {calibration['scale']:.3f} {calibration['bias']:+.3f})"
             if calibration["method"] != "none" else "no calibration")
     note = (fit or {}).get("calibration_note") if isinstance(fit, dict) else None

@@ -12,7 +12,7 @@ from ..checkpoint import load_checkpoint
 from ..data.dataset import load_split
 from ..errors import DatasetError, PneumoniaCNNError
 from ..fileio import display_path, printable
-from ..info import _calibration_text, _fit_text, checkpoint_card, threshold_text
+from ..info import NOT_FITTED, _calibration_text, _fit_text, checkpoint_card, threshold_text
 from .evaluate import evaluate
 from .staging import Staged, refuse_outputs_in_data
 from .stress import stress_test
@@ -178,8 +178,8 @@ def _decision_section(card: dict, run_dir: Path | None) -> str:
     picture = (f"<div class='figs'>{_image(run_dir / 'calibration.png')}</div>"
                if run_dir is not None and (run_dir / "calibration.png").exists() else "")
     return (f"<h2>Decision</h2><p>T{_escape(threshold_text(card))[1:]}; "
-            f"{_escape(_calibration_text(card['calibration'], fit))}; fitted on "
-            f"{_escape(_fit_text(fit))}.</p>{table}{picture}")
+            f"{_escape(_calibration_text(card['calibration'], fit, card.get('decision_not_fitted')))}; fitted on "
+            f"{_escape(NOT_FITTED if card.get('decision_not_fitted') else _fit_text(fit))}.</p>{table}{picture}")
 
 
 def report_paths(run_dir, split: str, out=None) -> tuple[Path, Path]:
@@ -240,10 +240,12 @@ def _configuration_section(card: dict, config: dict) -> str:
                    f"{_escape(json.dumps(v) if not isinstance(v, str) else v)}</code></td></tr>"
                    for k, v in config.items())
     size = card["input"]["size"]
+    calibration = _calibration_text(card["calibration"], card.get("decision_fitted_on"),
+                                    card.get("decision_not_fitted", False))
     return (f"<h2>Configuration</h2><p>model <b>{card['model']}</b>, {card['parameters'] or 0:,} parameters, "
             f"input {size[0]}×{size[1]}, {card['input']['channels']} channel(s), "
             f"{_escape(threshold_text(card, 'policy: '))}, "
-            f"{_escape(_calibration_text(card['calibration'], card.get('decision_fitted_on')))}</p>"
+            f"{_escape(calibration)}</p>"
             f"<details><summary>full config</summary><table>{rows}</table></details>")
 
 

@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch.nn as nn
 
-from ..calibration import MEAN_OF_MEMBERS, MEMBERS_CALIBRATION, Calibration, Decision, fit_decision, logit
+from ..calibration import (
+    MEAN_OF_MEMBERS,
+    MEMBERS_CALIBRATION,
+    Calibration,
+    Decision,
+    decision_not_fitted,
+    fit_decision,
+    logit,
+)
 from ..checkpoint import build_model, load_checkpoint
 from ..data.cache import preprocess_file_and_meta
 from ..data.intensity import standardise_intensity
@@ -175,6 +183,11 @@ def load_bundle(checkpoints) -> Bundle:
     if len(loaded) > 1:
         refuse_repeated_weights(loaded, models)
     ood = _ood_detector(loaded[0])
+    for checkpoint in loaded:  # best.pt named before the end-of-run steps, or last.pt: info says it too
+        if decision_not_fitted(checkpoint):
+            log.warning("%s: weights saved while training, before its end-of-run steps: the threshold 0.5 is a "
+                        "placeholder, with no calibration and no out-of-distribution flag (finish the run with "
+                        "pneumonia-cnn train --resume RUN)", display_path(checkpoint.get("path", "checkpoint")))
     if len(loaded) == 1:
         adapted = loaded[0].get("decision_adapted")
         return Bundle(loaded, models, preprocessing, decision_of(loaded[0]), tta, ood,

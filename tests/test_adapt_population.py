@@ -53,3 +53,22 @@ def test_adapt_refuses_the_same_labelled_image_under_both_classes(tmp_path, caps
     assert error.endswith(" under the other class; an image has one label") and not out.exists()
     assert error.startswith("error: ") and {"copy.jpeg", normal.name} <= {w.strip(":").rsplit("/", 1)[-1]
                                                                         for w in error.split()}
+
+
+def test_a_higher_roc_auc_that_decides_worse_at_its_threshold_is_not_better():
+    """adapt's verdict said "better" from the ROC AUC alone while the deployed decision got worse (a probe:
+    sensitivity 0.667 -> 0.500 on the kept-out images)."""
+    import numpy as np
+
+    from pneumonia_cnn.adaptation import _verdict
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    before = np.array([0.1, 0.2, 0.6, 0.3, 0.7, 0.8, 0.9, 0.5])  # AUC 15/16; at 0.55: sensitivity, specificity 3/4
+    after = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])  # AUC 1; at 0.75: sensitivity 1/4, specificity 1
+    result = {}
+    _verdict(labels, None, before, 0.55, after, 0.75, 0, result)
+    assert result["improved"] is False
+    assert result["verdict"] == ("adapted model is NOT better on the kept-out images (ROC AUC +0.062, balanced "
+                                 "accuracy at the threshold -0.125) (it ranks better but decides worse at its "
+                                 "threshold): keep using the original model for this site")
+    _verdict(labels, None, before, 0.55, after, 0.45, 0, result)  # at 0.45 the adapted model decides perfectly
+    assert result["improved"] is True and result["verdict"].startswith("adapted model is better")

@@ -260,12 +260,14 @@ def _verdict(labels, groups, before, threshold_before, after, threshold_after, s
     result["kept_out"] = {"before": {k: metrics_before[k] for k in keys}, "after": {k: metrics_after[k] for k in keys}}
     gain = metrics_after["roc_auc"]["value"] - metrics_before["roc_auc"]["value"]
     operating_gain = metrics_after["balanced_accuracy"]["value"] - metrics_before["balanced_accuracy"]["value"]
-    # better: a higher ROC AUC, or (AUC equal within 0.005) a better operating point at the saved thresholds
-    improved = gain > 0.005 or (abs(gain) <= 0.005 and operating_gain > 0)
+    # better: a higher ROC AUC with an operating point no worse at the saved thresholds, or (AUC equal within
+    # 0.005) a better operating point; a higher AUC alone had been "better" while sensitivity fell 0.667 -> 0.500
+    improved = (gain > 0.005 and operating_gain >= 0) or (abs(gain) <= 0.005 and operating_gain > 0)
     change = f"ROC AUC {gain:+.3f}, balanced accuracy at the threshold {operating_gain:+.3f}"
     result["improved"] = bool(improved)
+    mixed = " (it ranks better but decides worse at its threshold)" if gain > 0.005 and operating_gain < 0 else ""
     result["verdict"] = (f"adapted model is better on the kept-out images ({change})" if improved else
-                         f"adapted model is NOT better on the kept-out images ({change}): keep using the "
+                         f"adapted model is NOT better on the kept-out images ({change}){mixed}: keep using the "
                          f"original model for this site")
 
 

@@ -15,11 +15,11 @@ def test_a_site_the_source_flags_is_refused_unless_accepted_and_then_recorded(tm
     out = tmp_path / "adults.pt"
     assert main(["adapt", "builtin", "--data", str(ADULTS), "--out", str(out), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: {ADULTS}: 115 of the site's 124 image(s) (93%) are outside the source's training population "
-        f"(children 1–5 years, one hospital) by its out-of-distribution flag; adapting refits the detector on them, "
-        f"so that it stops flagging them while the model card still states that population: check that --data holds "
-        f"the site's chest X-rays of that population, or give --accept-outside-population to adapt anyway (the "
-        f"record says so)")
+        f"error: {ADULTS}: the source flags 115 of the site's 124 image(s) (93%) as outside its training population "
+        f"(children 1–5 years, one hospital); adapting refits its detector on them, which then stops flagging such "
+        f"images while the model card still states that population: if these are chest X-rays of that population "
+        f"from another hospital (framing or exposure alone can be flagged as much), give --accept-outside-population; "
+        f"not if they are adults, other views or not X-rays")
     assert not out.exists()
     assert main(["adapt", "builtin", "--data", str(ADULTS), "--out", str(out), "--device", "cpu",
                  "--accept-outside-population"]) == 0
@@ -72,3 +72,16 @@ def test_a_higher_roc_auc_that_decides_worse_at_its_threshold_is_not_better():
                                  "threshold): keep using the original model for this site")
     _verdict(labels, None, before, 0.55, after, 0.45, 0, result)  # at 0.45 the adapted model decides perfectly
     assert result["improved"] is True and result["verdict"].startswith("adapted model is better")
+
+
+def test_evaluate_save_as_refuses_a_name_that_is_not_a_checkpoint_s(tmp_path, capsys):
+    """As adapt: evaluate --save-as m.onnx wrote a PyTorch checkpoint under an ONNX name (a review found it)."""
+    require_shared()
+    from tests.conftest import link_subset
+    root = link_subset(tmp_path / "data", {"val": 4, "test": 4})
+    out = tmp_path / "m.onnx"
+    assert main(["evaluate", "--data", str(root), "--split", "test", "--threshold", "youden", "--save-as", str(out),
+                 "--no-figures", "--out", str(tmp_path / "m.json")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {out}: --save-as writes a checkpoint, a file ending in .pt or "
+                                               f".pth; give --save-as such a name")
+    assert not out.exists() and not (tmp_path / "m.json").exists()

@@ -15,7 +15,7 @@ from tests.test_cli_guards import run
 from tests.test_output_guards_review import _refused, run_folder, victim  # noqa: F401 (fixtures)
 
 FIXED = "threshold 0.4 (fixed by --threshold, not fitted)"
-FIXED_SINCE = "the threshold fixed since at 0.400 by --threshold, not fitted"
+FIXED_SINCE = "the threshold fixed since at 0.4 by --threshold, not fitted"
 
 
 # ---------- show-samples --out and report's default output: only their own kind is replaced

@@ -391,8 +391,8 @@ def load_model(path) -> torch.nn.Module:
     return build_model(load_checkpoint(path))
 
 
-def check_out_name(out, command: str) -> None:
-    """``--out`` named as a checkpoint: it was written under any name (a PyTorch checkpoint as ``x.onnx``)."""
+def check_out_name(out, command: str, flag: str = "--out") -> None:
+    """``flag`` named as a checkpoint: it was written under any name (a PyTorch checkpoint as ``x.onnx``)."""
     if Path(out).suffix not in CHECKPOINT_SUFFIXES:
         raise ConfigError(f"{display_path(out)}: {command} writes a checkpoint, a file ending in "
-                          f"{' or '.join(CHECKPOINT_SUFFIXES)}; give --out such a name")
+                          f"{' or '.join(CHECKPOINT_SUFFIXES)}; give {flag} such a name")

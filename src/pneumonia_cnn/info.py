@@ -91,8 +91,8 @@ def threshold_text(card: dict, label: str = "") -> str:
 # an imported Keras model's decision: the tutorial's, fitted on no images here (it read "not recorded (a checkpoint
 # of an earlier version)")
 NOT_FITTED = ("nothing: these weights were saved while training, before its end-of-run steps (calibration, "
-              "threshold, out-of-distribution detector); the threshold 0.5 is a placeholder (finish the run with "
-              "pneumonia-cnn train --resume RUN)")
+              "threshold, out-of-distribution detector); the threshold 0.5 is a placeholder (use the run's best.pt "
+              "once the run has finished, or finish it with pneumonia-cnn train --resume RUN)")
 IMPORTED_FIT = ("no images: the tutorial's threshold 0.5 and no calibration, as imported (pneumonia-cnn evaluate "
                 "--threshold POLICY --calibration platt --save-as fits them on labelled validation images)")
 
@@ -177,7 +177,7 @@ def _fit_text(fit) -> str:
     fixed = fit.pop("threshold_fixed", None)  # recorded beside the calibration's images, which it leaves as they were
     text = _fitted_on_text(fit) if fit else "not recorded (a checkpoint of an earlier version)"
     if fixed is not None:
-        value = f"{fixed:.3f}" if isinstance(fixed, (int, float)) else repr(fixed)
+        value = f"{fixed:.5g}" if isinstance(fixed, (int, float)) else repr(fixed)
         text += f"; the threshold fixed since at {value} by --threshold, not fitted"
     return text
 

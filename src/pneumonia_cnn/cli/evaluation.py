@@ -157,6 +157,9 @@ def run_evaluate(args) -> int:
         raise PneumoniaCNNError("--save-as writes the decision refitted by --threshold or --calibration: give one")
     if args.save_as and Path(args.save_as).resolve() == Path(out).resolve():  # the report would replace the model
         raise PneumoniaCNNError(f"{args.save_as}: --save-as and --out name the same file; give each its own")
+    if args.save_as:  # a checkpoint as m.onnx had been written
+        from ..checkpoint import check_out_name
+        check_out_name(args.save_as, "--save-as", "--save-as")
     report = evaluate(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0], args.data, args.split,
                       device=args.device, threshold=args.threshold, calibration=args.calibration,
                       save_as=args.save_as, val_split=args.val_split, prevalence=args.prevalence,

@@ -25,8 +25,8 @@ MIN_TUNING_PATIENTS = 2
 # with the built-in model on shared/data/adult_xray_dev's adult X-rays (the figures: README, "adapt").
 FEW_OOD_REFIT_IMAGES = 300
 # The share of the site's images the source's detector flags from which adapt refuses (--accept-outside-population
-# overrides): adult X-rays are flagged 93-100% by the built-in model, photographs 100%; the framing shifts of its
-# own children (borders, bands) at most 87% (README, intended use).
+# overrides): adult X-rays are flagged 93-100% by the built-in model, photographs 100%, but its own children framed
+# otherwise (a 10% black border) can be flagged as much: the refusal asks, it cannot tell them apart.
 SITE_OUTSIDE_LIMIT = 0.9
 log = logging.getLogger("pneumonia_cnn.adaptation")
 
@@ -119,12 +119,13 @@ def check_site_population(data, outside: int, total: int, population: str, accep
     share = outside / total if total else 0.0
     if share < SITE_OUTSIDE_LIMIT:
         return share
-    said = (f"{display_path(data)}: {outside} of the site's {total} image(s) ({share:.0%}) are outside the source's "
-            f"training population ({population}) by its out-of-distribution flag; adapting refits the detector on "
-            f"them, so that it stops flagging them while the model card still states that population")
+    said = (f"{display_path(data)}: the source flags {outside} of the site's {total} image(s) ({share:.0%}) as outside "
+            f"its training population ({population}); adapting refits its detector on them, which then stops "
+            f"flagging such images while the model card still states that population")
     if not accept:
-        raise PneumoniaCNNError(f"{said}: check that --data holds the site's chest X-rays of that population, or give "
-                                f"--accept-outside-population to adapt anyway (the record says so)")
+        raise PneumoniaCNNError(f"{said}: if these are chest X-rays of that population from another hospital ("
+                                f"framing or exposure alone can be flagged as much), give --accept-outside-population; "
+                                f"not if they are adults, other views or not X-rays")
     log.warning("warning: %s (--accept-outside-population)", said)
     return share
 

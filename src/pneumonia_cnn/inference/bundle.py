@@ -186,8 +186,9 @@ def load_bundle(checkpoints) -> Bundle:
     for checkpoint in loaded:  # best.pt named before the end-of-run steps, or last.pt: info says it too
         if decision_not_fitted(checkpoint):
             log.warning("%s: weights saved while training, before its end-of-run steps: the threshold 0.5 is a "
-                        "placeholder, with no calibration and no out-of-distribution flag (finish the run with "
-                        "pneumonia-cnn train --resume RUN)", display_path(checkpoint.get("path", "checkpoint")))
+                        "placeholder, with no calibration and no out-of-distribution flag (use the run's best.pt "
+                        "once the run has finished, or finish it with pneumonia-cnn train --resume RUN)",
+                        display_path(checkpoint.get("path", "checkpoint")))
     if len(loaded) == 1:
         adapted = loaded[0].get("decision_adapted")
         return Bundle(loaded, models, preprocessing, decision_of(loaded[0]), tta, ood,

@@ -40,3 +40,14 @@ def test_a_checkpoint_of_an_earlier_version_is_still_described_as_one(tmp_path, 
     assert "temperature calibration (logit x 0.500 +0.000)" in lines[2]
     assert lines[3] == "threshold and calibration fitted on: not recorded (a checkpoint of an earlier version)"
     assert "weights saved while training" not in caplog.text
+
+
+def test_training_s_own_end_of_run_load_is_not_warned_about(tmp_path, caplog):
+    """train's end-of-run fit loads best.pt before its decision exists (load_bundle): the warning had appeared in
+    every training run's output; only a user's scoring (Predictor) is warned."""
+    from pneumonia_cnn.inference import Predictor, load_bundle
+    path = unfitted(tmp_path)
+    load_bundle(path)
+    assert "weights saved while training" not in caplog.text
+    Predictor(path, "cpu")
+    assert "weights saved while training" in caplog.text

@@ -183,17 +183,22 @@ def load_bundle(checkpoints) -> Bundle:
     if len(loaded) > 1:
         refuse_repeated_weights(loaded, models)
     ood = _ood_detector(loaded[0])
-    for checkpoint in loaded:  # best.pt named before the end-of-run steps, or last.pt: info says it too
-        if decision_not_fitted(checkpoint):
-            log.warning("%s: weights saved while training, before its end-of-run steps: the threshold 0.5 is a "
-                        "placeholder, with no calibration and no out-of-distribution flag (use the run's best.pt "
-                        "once the run has finished, or finish it with pneumonia-cnn train --resume RUN)",
-                        display_path(checkpoint.get("path", "checkpoint")))
     if len(loaded) == 1:
         adapted = loaded[0].get("decision_adapted")
         return Bundle(loaded, models, preprocessing, decision_of(loaded[0]), tta, ood,
                       adapted_decision=decision_of(adapted) if adapted else None)
     return _ensemble_bundle(loaded, models, preprocessing, tta, ood)
+
+
+def warn_if_not_fitted(bundle: Bundle) -> None:
+    """For a user scoring with it (``Predictor``), not for training's own end-of-run fit, which loads best.pt before
+    its decision exists: best.pt named before the end-of-run steps, or last.pt (``info`` says it too)."""
+    for checkpoint in bundle.checkpoints:
+        if decision_not_fitted(checkpoint):
+            log.warning("%s: weights saved while training, before its end-of-run steps: the threshold 0.5 is a "
+                        "placeholder, with no calibration and no out-of-distribution flag (use the run's best.pt "
+                        "once the run has finished, or finish it with pneumonia-cnn train --resume RUN)",
+                        display_path(checkpoint.get("path", "checkpoint")))
 
 
 def _classes_of(checkpoint: dict) -> tuple[str, ...]:

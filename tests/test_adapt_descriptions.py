@@ -119,7 +119,8 @@ def test_adapt_with_labels_drops_the_sources_adapt_batch_decision_and_says_what_
     assert "decision_adapted" in torch.load(builtin.checkpoint_path(), weights_only=False)
     assert "decision_adapted" not in saved
     assert saved["adaptation"]["adapt_batch_decision"].startswith("the decision refitted on the site's labelled")
-    assert "adapt_batch_decision" in describe_checkpoint(str(path))
+    assert f"  --adapt-batch decision: {saved['adaptation']['adapt_batch_decision']}" in \
+        describe_checkpoint(str(path)).splitlines()
     images = [*sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[:20],
               *sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())[:20]]  # 32 at least: adapted
     plain = Predictor(path, "cpu")
@@ -158,3 +159,45 @@ def test_info_says_an_unlabelled_adapt_kept_the_decision_fitted_on_the_source_we
     assert line.startswith("threshold and calibration fitted on: 559 val images") and line.endswith(KEPT_BY_ADAPT)
     for refitted in (str(adapted[0]), builtin.NAME):  # refitted on the site's labelled images; never adapted
         assert KEPT_BY_ADAPT not in describe_checkpoint(refitted)
+
+
+def test_info_and_the_report_describe_the_adaptation_in_words(adapted, tmp_path):
+    """info printed the adaptation and training records as Python dicts, and the report had no word of the
+    adaptation (nor of the threshold refitted on the site)."""
+    from pneumonia_cnn.evaluation.report import write_report
+    from pneumonia_cnn.info import describe_checkpoint
+    path, result, saved = adapted
+    record = saved["adaptation"]
+    share = f"{record['outside_source_population']:.1%}"
+    tuned = result["labelled_images"] - result["kept_out_images"]
+    site, labelled = tmp_path.parent / "adapted0" / "site", tmp_path.parent / "adapted0" / "labelled"
+    lines = describe_checkpoint(str(path)).splitlines()
+    assert lines[lines.index("trained on: 4137 images from ../shared/data/chest_xray_224/train at 192x192") + 1:][
+        -6:] == [
+        f"adapted to a new site: 40 distinct unlabelled image(s) from {site} (0 left out by the input checks, "
+        f"0 copies counted once); the source checkpoint flagged {share} of them as outside its training population",
+        "  AdaBN: 20 batch-norm layer(s) re-estimated on them",
+        f"  labelled images from {labelled}: {result['fine_tune_epochs']} fine-tuning epoch(s) chosen by "
+        "cross-validation; refitted on them: threshold",
+        "  out-of-distribution detector refitted on the new site's 64 image(s) (40 unlabelled, 24 labelled), not "
+        "the training or validation images",
+        f"  --adapt-batch decision: {record['adapt_batch_decision']}",
+        f"  verdict on the kept-out labelled images: {record['verdict']}"]
+    assert not any("'site_data'" in line or "'images':" in line for line in lines)  # the records' dicts
+    data = tmp_path / "data"
+    for name in ("NORMAL", "PNEUMONIA"):  # test images: neither the labelled site's nor the calibration's val
+        (data / "test" / name).mkdir(parents=True)
+        for image in sorted((SHARED_DATA / "test" / name).iterdir())[-4:]:
+            (data / "test" / name / image.name).symlink_to(image)
+    page = write_report(path, data, "test", out=tmp_path / "r.html", device="cpu", bootstrap=20,
+                        stress=False).read_text()
+    assert (f"<h2>Adaptation to a new site</h2><p>Adapted to a new site: 40 distinct unlabelled image(s) from "
+            f"{site} (0 left out by the input checks") in page
+    assert "<li>AdaBN: 20 batch-norm layer(s) re-estimated on them</li>" in page
+    assert f"<li>verdict on the kept-out labelled images: {record['verdict']}</li>" in page.replace("&#x27;", "'")
+    assert (f"The checkpoint records 4137 training images, a decision fitted on 559 val images and its threshold "
+            f"refitted since on {tuned} labelled site images.") in page
+    assert "Trained on 4137 images from ../shared/data/chest_xray_224/train at 192x192." in page
+    never = write_report("builtin", data, "test", out=tmp_path / "b.html", device="cpu", bootstrap=20,
+                         stress=False).read_text()
+    assert "Adaptation to a new site" not in never

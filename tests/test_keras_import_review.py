@@ -154,8 +154,8 @@ def test_the_imported_checkpoint_says_what_it_is(capsys, tmp_path):
                                                         "input_size": [64, 64]}
     lines = main_output(capsys, "info", tmp_path / "k.pt")
     assert "classes: NORMAL, PNEUMONIA; threshold 0.5 (0.5); no calibration" in lines  # not "temperature"
-    assert (f"trained on: {{'data': 'not recorded: trained elsewhere, in Keras', 'imported_from': "
-            f"'seed_cnn_64x64.keras', 'sha256': '{digest}', 'input_size': [64, 64]}}") in lines  # was "{}"
+    assert (f"trained on: not recorded: trained elsewhere, in Keras at 64x64; imported from seed_cnn_64x64.keras; "
+            f"sha256 {digest}") in lines  # was "{}", then the record's dict
     assert "out-of-distribution flag: not fitted for this checkpoint" in lines
     assert lines[0].endswith(f"imported from Keras file seed_cnn_64x64.keras (SHA-256 {digest}), trained elsewhere")
     assert ("threshold and calibration fitted on: no images: the tutorial's threshold 0.5 and no calibration, as "

@@ -116,15 +116,53 @@ def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
              "trained with: " + ", ".join(f"{k}={v}" for k, v in card["trained_with"].items() if v not in (None, "")),
              f"intended use: {use.get('task', 'binary pneumonia screening aid')}",
              f"training population: {use.get('population', 'unknown')}",
-             f"trained on: {use.get('trained_on', {})}",
+             f"trained on: {trained_on_text(use.get('trained_on'))}",
              "not a medical device: for research and education; never the sole basis of a clinical decision",
              f"out-of-distribution flag: {card['ood_flag']}"]
-    if card["adapted"]:
-        lines.append(f"adapted: {card['adapted']}")
+    if isinstance(card["adapted"], dict):
+        lines += adaptation_lines(card["adapted"])
     if checkpoint == builtin.NAME:
         lines += builtin_card_lines(builtin.card())
     # each line as a terminal shows it: a path in the config (data=...) may hold an escape sequence or a newline
     return "\n".join(printable(line) for line in lines)
+
+
+def trained_on_text(record) -> str:
+    """The training images in words (``info`` printed the record's dict): "4137 images from DATA/train at 192x192"."""
+    if not isinstance(record, dict) or not record:
+        return "not recorded"
+    rest = dict(record)
+    size, images, source = rest.pop("input_size", None), rest.pop("images", None), rest.pop("source", None)
+    text = rest.pop("data", None) or f"{'?' if images is None else images} images" + (f" from {source}" if source
+                                                                                        else "")
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        text += f" at {size[0]}x{size[1]}"
+    return text + "".join(f"; {str(key).replace('_', ' ')} {value}" for key, value in rest.items())
+
+
+def adaptation_lines(adapted: dict) -> list[str]:
+    """What ``adapt`` did, in words (``info`` printed the record's dict): the site's images, what was re-estimated,
+    fine-tuned and refitted, which decision ``--adapt-batch`` uses, and the verdict on the kept-out images."""
+    share, labelled = adapted.get("outside_source_population"), adapted.get("labelled")
+    flagged = (f"; the source checkpoint flagged {share:.1%} of them as outside its training population"
+               if isinstance(share, (int, float)) else "")
+    lines = [f"adapted to a new site: {adapted.get('site_images', '?')} distinct unlabelled image(s) from "
+             f"{adapted.get('site_data')} ({adapted.get('left_out_by_input_checks', 0)} left out by the input checks, "
+             f"{adapted.get('copies_counted_once', 0)} copies counted once){flagged}",
+             f"  AdaBN: {adapted.get('adabn_layers', 0)} batch-norm layer(s) re-estimated on them"]
+    if labelled:
+        refitted = [name for name, key in (("threshold", "threshold_refitted_on_site"),
+                                           ("calibration", "calibration_refitted_on_site")) if adapted.get(key)]
+        lines.append(f"  labelled images from {labelled}: {adapted.get('fine_tune_epochs', 0)} fine-tuning epoch(s) "
+                     f"chosen by cross-validation; refitted on them: {' and '.join(refitted) or 'nothing'}")
+    ood = adapted.get("ood_fitted_on") if isinstance(adapted.get("ood_fitted_on"), dict) else {}
+    if ood.get("text"):
+        lines.append(f"  out-of-distribution detector refitted on {ood['text']}")
+    if adapted.get("adapt_batch_decision"):
+        lines.append(f"  --adapt-batch decision: {adapted['adapt_batch_decision']}")
+    if adapted.get("verdict"):
+        lines.append(f"  verdict on the kept-out labelled images: {adapted['verdict']}")
+    return lines
 
 
 def builtin_card_lines(card: dict) -> list[str]:

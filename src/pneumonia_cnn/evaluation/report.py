@@ -12,7 +12,15 @@ from ..checkpoint import load_checkpoint
 from ..data.dataset import load_split
 from ..errors import DatasetError, PneumoniaCNNError
 from ..fileio import display_path, printable
-from ..info import NOT_FITTED, _calibration_text, _fit_text, checkpoint_card, threshold_text
+from ..info import (
+    NOT_FITTED,
+    _calibration_text,
+    _fit_text,
+    adaptation_lines,
+    checkpoint_card,
+    threshold_text,
+    trained_on_text,
+)
 from .evaluate import evaluate
 from .staging import Staged, refuse_outputs_in_data
 from .stress import stress_test
@@ -160,11 +168,15 @@ def _recorded(checkpoint: dict | None) -> str:
     """What the checkpoint itself records of the images it was trained and decided on (readable ones)."""
     checkpoint = checkpoint or {}
     trained = ((checkpoint.get("intended_use") or {}).get("trained_on") or {}).get("images")
-    decided = (checkpoint.get("decision_fit") or {}).get("images")
+    fit = checkpoint.get("decision_fit") if isinstance(checkpoint.get("decision_fit"), dict) else {}
+    decided = fit.get("images")
+    refit = fit.get("threshold_refit") if isinstance(fit.get("threshold_refit"), dict) else {}
     parts = ([f"{trained} training images"] if trained is not None else []) + \
-        ([f"a decision fitted on {decided} {(checkpoint.get('decision_fit') or {}).get('split', 'val')} images"]
-         if decided else [])
-    return f" The checkpoint records {' and '.join(parts)}." if parts else ""
+        ([f"a decision fitted on {decided} {fit.get('split', 'val')} images"] if decided else []) + \
+        ([f"its threshold refitted since on {refit['images']} {refit.get('split', 'val')} images"]
+         if refit.get("images") else [])  # adapt --labelled, evaluate --threshold --save-as: it named val's alone
+    listed = " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 2 else parts)
+    return f" The checkpoint records {listed}." if parts else ""
 
 
 def _decision_section(card: dict, run_dir: Path | None) -> str:
@@ -180,6 +192,15 @@ def _decision_section(card: dict, run_dir: Path | None) -> str:
     return (f"<h2>Decision</h2><p>T{_escape(threshold_text(card))[1:]}; "
             f"{_escape(_calibration_text(card['calibration'], fit, card.get('decision_not_fitted')))}; fitted on "
             f"{_escape(NOT_FITTED if card.get('decision_not_fitted') else _fit_text(fit))}.</p>{table}{picture}")
+
+
+def _adaptation_section(card: dict) -> str:
+    """What ``adapt`` did to the source checkpoint (the report had no word of it); empty for a model never adapted."""
+    if not isinstance(card.get("adapted"), dict):
+        return ""
+    first, *rest = adaptation_lines(card["adapted"])
+    return (f"<h2>Adaptation to a new site</h2><p>{_escape(first[0].upper() + first[1:])}.</p><ul>"
+            + "".join(f"<li>{_escape(line.strip())}</li>" for line in rest) + "</ul>")
 
 
 def report_paths(run_dir, split: str, out=None) -> tuple[Path, Path]:
@@ -222,6 +243,7 @@ def _document(checkpoint, report, data, split, device, cache_dir, stress, packag
                 "<p class='warn'><b>Not a medical device.</b> Research and teaching software; never the sole "
                 "basis of a clinical decision.</p>",
                 _configuration_section(card, config), _decision_section(card, None if packaged else run_dir),
+                _adaptation_section(card),
                 f"<h2>Data</h2><p>{_escape(str(data))}</p>{_data_summary(data, checkpoint)}"]
     if not packaged and (run_dir / "curves.png").exists():  # the built-in model has no run folder here
         sections.append(f"<h2>Training curves</h2><div class='figs'>{_image(run_dir / 'curves.png', wide=True)}</div>")
@@ -305,7 +327,7 @@ def _model_card_section(card: dict) -> str:
         "teaching aid that flags possible pneumonia for a qualified reader. <b>Not a medical device</b>; not cleared "
         "or approved for diagnosis.</p>"
         f"<p><b>Training population:</b> {_escape(str(use.get('population', 'unknown')))}. "
-        f"Trained on {_escape(json.dumps(use.get('trained_on', {})))}.</p>"
+        f"Trained on {_escape(trained_on_text(use.get('trained_on')))}.</p>"
         "<p><b>Data source and license:</b> Chest X-Ray Images (Pneumonia), Kermany, Zhang, Goldbaum, Mendeley Data v2 "
         "(2018), doi:10.17632/rscbjbr9sj.2, CC BY 4.0 (the Kaggle set by Paul Mooney), unless the config names "
         "another set.</p>"

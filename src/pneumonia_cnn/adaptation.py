@@ -9,8 +9,7 @@
    out-of-fold scores.
 3. The out-of-distribution detector and its flag bound are refitted on the site's images (half of them, drawn
    at random, as its references, the other half set the bound); the record says so (``ood_fitted_on``).
-4. Before/after ROC AUC with 95% intervals on the kept-out part, and a plain verdict: the adapted model is
-   never silently worse.
+4. Before/after ROC AUC with 95% intervals on the kept-out part, and a plain verdict: never silently worse.
 
 Every score here comes from the served forward (``ServedModel``: flips, channels) in float32.
 """
@@ -199,7 +198,8 @@ def _adapt_with_labels(bundle: Bundle, model, labelled, device, recalibrate, see
     pre = bundle.preprocessing
     site = build_or_load(load_split(labelled, None, class_names=bundle.class_names), pre.size, pre.interpolation,
                          pre.intensity, cache_dir=cache_dir)
-    site, result["labelled_left_out_by_input_checks"] = leave_out_flagged(site, labelled, flag_reasons, bundle)
+    site, result["labelled_left_out_by_input_checks"] = leave_out_flagged(site, labelled, flag_reasons,
+                                                                          bundle.intended_use)
     check_labelled_site(site, labelled, held_out)  # again: unreadable or flagged (as in --data) may leave fewer
     labels = site.labels.astype(int)
     images, groups = np.asarray(site.images), np.array(site.patients)

@@ -77,20 +77,23 @@ def refuse_conflicting_labels(paths, labels) -> None:
                                     f"other class; an image has one label")
 
 
-def leave_out_flagged(site, labelled, flag, bundle):
-    """The decoded labelled site images (``CachedImages``) less those the model-free input checks flag (blank,
-    noise, colour; a DICOM of another modality, body part, view or age), as adapt leaves them out of --data,
-    before anything counts them (patients, fine-tuning, the verdict, the detector's references): ``flag(gray,
-    meta, bundle.intended_use)`` gives an image's reasons. Said in one line naming the folder and the reasons;
-    and how many."""
-    reasons = [flag(gray, meta, bundle.intended_use) for gray, meta in zip(site.images, site.metas())]
+def leave_out_flagged(site, folder, flag, intended_use, who: str = "adapt", what: str = "labelled ",
+                      say=log.warning):
+    """The decoded images (``CachedImages``) of ``folder`` less those the model-free input checks flag (blank,
+    noise, colour; a DICOM of another modality, body part, view or age): adapt's labelled site images, as it leaves
+    them out of --data, and train's training and validation images, before anything counts them (patients, the
+    weights, the decision, the detector's references): ``flag(gray, meta, intended_use)`` gives an image's
+    reasons. Said by ``say`` (a logger's ``warning``; None: silent, as on torchrun's other ranks) in one line
+    naming the folder and the reasons; returns the kept images and how many were left out."""
+    reasons = [flag(gray, meta, intended_use) for gray, meta in zip(site.images, site.metas())]
     flagged = [(path, found[0]) for path, found in zip(site.paths, reasons) if found]
     if not flagged:
         return site, 0
     tally = Counter(reason for _, reason in flagged).most_common()
     said = "; ".join(f"{count}: {reason}" for reason, count in tally[:3]) + ("; ..." if len(tally) > 3 else "")
-    log.warning("adapt leaves out %d of the %d labelled image(s) in %s that the input checks flag (%s; first: %s)",
-                len(flagged), len(site.paths), display_path(labelled), said, display_path(flagged[0][0]))
+    if say is not None:
+        say("%s leaves out %d of the %d %simage(s) in %s that the input checks flag (%s; first: %s)", who,
+            len(flagged), len(site.paths), what, display_path(folder), said, display_path(flagged[0][0]))
     keep = [index for index, found in enumerate(reasons) if not found]
     checked = [site.checked[index] for index in keep] if site.checked else []
     return replace(site, images=np.asarray(site.images)[keep], labels=np.asarray(site.labels)[keep],

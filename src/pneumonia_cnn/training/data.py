@@ -10,8 +10,10 @@ from ..data.cache import build_or_load
 from ..data.dataset import ImageList, load_split, patient_split, refuse_split_in_other_case
 from ..data.fingerprint import file_fingerprint
 from ..data.readers import SUPPORTED_SUFFIXES, read_image
+from ..data.site_checks import leave_out_flagged
 from ..errors import DatasetError, ImageReadError
 from ..fileio import display_path
+from ..ood.checks import flag_reasons
 from .config import TrainConfig
 from .distributed import Distributed, barrier
 
@@ -126,12 +128,25 @@ def prepare_data(config: TrainConfig, dist_info: Distributed):
     val = build_or_load(val_list, **cache_options) if val_list is not None else None
     if dist_info.main:
         barrier(dist_info)
+    train, val = (leave_out_not_xrays(cached, listed, config, dist_info.main, what)
+                  for cached, listed, what in ((train, train_list, "training "), (val, val_list, "validation ")))
     if len(train) == 0:
         raise DatasetError(f"{display_path(train_list.source)}: no readable training images")
     if len(set(train.labels.tolist())) < 2:
         drawn = f" among the {config.limit_images} images --limit-images drew" if config.limit_images else ""
         raise DatasetError(f"{display_path(train_list.source)}: only one class is readable{drawn}; training needs both")
     return train, val
+
+
+def leave_out_not_xrays(cached, listed, config: TrainConfig, main: bool, what: str):
+    """The split less the images the model-free input checks flag, as ``predict`` flags them whatever the score
+    (blank, noise, colour; a DICOM of another modality, body part or view; an age outside --age-range): trained
+    on, a grey PNG labelled PNEUMONIA had taught the model without a word. Each rank leaves out the same."""
+    if cached is None:
+        return None
+    use = {"population": config.population, "age_range_years": config.age_range_years}
+    return leave_out_flagged(cached, listed.source, flag_reasons, use, "train", what,
+                             log.warning if main else None)[0]
 
 
 def describe_counts(cached) -> str:

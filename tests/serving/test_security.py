@@ -495,3 +495,30 @@ def test_a_key_id_that_is_not_letters_digits_dash_or_underscore_is_refused_and_t
     with pytest.raises(PneumoniaCNNError, match=r"--id .*: use 1-40 letters, digits, '-' or '_'"):
         add_key(keys, key_id)  # "ward\n" passed a "$" and wrote a line that made the whole file unreadable
     assert keys.read_bytes() == before and list(read_key_file(keys)) == ["ward3"]
+
+
+def _raw_get(server, path: str, fields: list[tuple[str, str]]) -> tuple[int, dict]:
+    host = f"127.0.0.1:{server.port}"
+    head = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields) + "\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        answer = read_response(sock)
+    status = int(answer.split(b" ", 2)[1])
+    return status, json.loads(answer.split(b"\r\n\r\n", 1)[1]) if status != 200 else {}
+
+
+def test_two_authorization_headers_and_an_oversized_request_head_are_refused_in_one_line(secure_server, keys):
+    """Two Authorization headers: the first had been taken and the others ignored (200). A 40 KB header field or
+    150 fields had been answered 200 (h11 takes a head that arrives in one read); nginx refuses both."""
+    both = [("Authorization", f"Bearer {keys['ward']}"), ("Authorization", "Bearer bad.x")]
+    response = httpx.post(f"{secure_server.url}/predict", files={"file": ("x.jpeg", xray_paths(1)[0].read_bytes())},
+                          headers=httpx.Headers(both), timeout=30)
+    assert (response.status_code, response.json()) == (400, {"detail": "2 Authorization headers: send one"})
+    host = len(f"127.0.0.1:{secure_server.port}")
+    status, body = _raw_get(secure_server, "/health", [("X-Big", "a" * 40000)])
+    assert (status, body) == (431, {"detail": f"request head too large: {7 + 4 + host + 5 + 40000} bytes in 2 header "
+                                              "fields and the target (at most 32768 bytes and 100 fields)"})
+    status, body = _raw_get(secure_server, "/health", [(f"X-{i}", "1") for i in range(150)])
+    assert status == 431 and body["detail"].endswith("bytes in 151 header fields and the target (at most 32768 "
+                                                     "bytes and 100 fields)")
+    assert _raw_get(secure_server, "/health", [(f"X-{i}", "b" * 300) for i in range(99)])[0] == 200  # 30 KB, 100

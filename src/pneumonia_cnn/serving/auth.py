@@ -271,6 +271,9 @@ class AccessMiddleware:
         if keyring is None or scope["path"] in PUBLIC_PATHS:
             state["key_id"], state["role"] = None, ("admin" if keyring is None else None)
             return await self.app(scope, receive, send)
+        sent = sum(name == b"authorization" for name, _ in scope["headers"])
+        if sent > 1:  # the first had been taken, the others ignored, whatever the proxies in between made of them
+            return await refuse(scope, receive, send, 400, f"{sent} Authorization headers: send one")
         token = bearer_token(scope["headers"])
         if token is None:
             return await refuse(scope, receive, send, 401, "missing API key: send 'Authorization: Bearer KEY'")
@@ -322,6 +325,7 @@ SECURITY_HEADERS = [(name.encode(), value.encode()) for name, value in (
     ("x-content-type-options", "nosniff"), ("x-frame-options", "DENY"), ("referrer-policy", "no-referrer"),
     ("cache-control", "no-store"),  # a patient's result is kept by no browser or proxy cache
 )]
+MAX_HEAD_BYTES, MAX_HEAD_FIELDS = 32 * 1024, 100  # nginx: 4 buffers of 8 KiB; real clients send some 20 fields
 ANY_IP_ADDRESS = "<any ip address>"  # lower case, as HostCheckMiddleware keeps its names
 
 
@@ -358,12 +362,25 @@ class HostCheckMiddleware:
             ANY_IP_ADDRESS in self.allowed and is_ip_address(host))
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (too_large := head_too_large(scope)):
+            return await refuse(scope, receive, send, 431, too_large)
         if scope["type"] != "http" or self.allows(host_name(scope["headers"])):
             return await self.app(scope, receive, send)
         shown = "".join(c if c.isprintable() else "?" for c in host_name(scope["headers"]))[:100]
         served = "loopback, the bound address" + (", this machine's names, any IP address" if ANY_IP_ADDRESS in
                                                   self.allowed else "") + " and --allowed-hosts are"
         return await refuse(scope, receive, send, 400, f"Host {shown!r} is not served here ({served})")
+
+
+def head_too_large(scope) -> str | None:
+    """Why a request's head (its target and header fields) is refused, as nginx refuses one beyond its header
+    buffers: h11 took 5,000 fields or a 100 KiB header in one read and answered 200; None when it is not."""
+    size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+        len(name) + len(value) for name, value in scope["headers"])
+    if size <= MAX_HEAD_BYTES and len(scope["headers"]) <= MAX_HEAD_FIELDS:
+        return None
+    return (f"request head too large: {size} bytes in {len(scope['headers'])} header fields and the target (at "
+            f"most {MAX_HEAD_BYTES} bytes and {MAX_HEAD_FIELDS} fields)")
 
 
 async def refuse(scope, receive, send, status: int, detail: str, headers: dict | None = None):

@@ -492,7 +492,7 @@ def test_adaptation_passes_pseudo_negatives_first_as_the_decision_was_fitted(mon
 def test_the_adapted_decision_is_fitted_on_the_images_adapt_batch_adapts_on(small_root, cache_dir, tmp_path):
     """--adapt-batch re-estimates batch-norm statistics on the images the detector does not flag; the end of
     training adapted on every validation image (20 of the built-in model's 559 differ). A blank image in val
-    (always flagged) must be left out of the statistics, and its scores still count in the fit."""
+    (always flagged) must be left out of the statistics; train now leaves it out of val altogether."""
     from dataclasses import replace
 
     from PIL import Image
@@ -533,11 +533,13 @@ def test_the_adapted_decision_is_fitted_on_the_images_adapt_batch_adapts_on(smal
     # such a batch, so the fit draws the class mix by the images' labels
     assert min(pseudo[inside].sum(), (~pseudo[inside]).sum()) < 8
 
+    kept = ~np.array(odd)  # train leaves both out of val: the input checks flag them whatever the score
+
     def fitted(chosen, drawn_by=None):
         drawn_by = labels.astype(bool) if drawn_by is None else drawn_by
-        adapted = adapt_batch_norm(bundle, pixels[chosen], drawn_by[chosen], float(labels.mean()))
-        raw = Predictor(replace(adapted, ood=None), "cpu").score(pixels).raw  # every image scored
-        return fit_decision(labels, raw, "sensitivity:0.95", checkpoint["config"]["calibration"])
+        adapted = adapt_batch_norm(bundle, pixels[chosen], drawn_by[chosen], float(labels[kept].mean()))
+        raw = Predictor(replace(adapted, ood=None), "cpu").score(pixels[kept]).raw  # every kept image scored
+        return fit_decision(labels[kept], raw, "sensitivity:0.95", checkpoint["config"]["calibration"])
 
     expected, on_all, on_pixels = fitted(inside), fitted(np.ones_like(inside)), fitted(by_pixels_alone)
     assert checkpoint["decision_adapted"]["threshold"] == pytest.approx(expected.threshold, abs=1e-5)

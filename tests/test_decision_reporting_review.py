@@ -170,8 +170,12 @@ def test_each_predict_output_records_what_decided_it(best_like_run, tmp_path, ca
     table = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     assert table[0] == ["path", "probability", "label", "threshold", "prevalence", "in_distribution", "ood_score",
                         "warnings", "error", "model", "engine", "precision", "batch_adapted", "batch_adaptation",
-                        "prevalence_source"]  # the first ten as before, the new ones after them
-    assert table[1][10:] == ["torch", "float32", str(adapted), note, "given"]
+                        "prevalence_source", "ood_threshold"]  # the first ten as before, the new ones after them
+    assert table[1][10:15] == ["torch", "float32", str(adapted), note, "given"]
+    # the detector's cut-off beside each score: a score alone says nothing of the flag
+    cut_off = torch.load(best_like_run / "best.pt", weights_only=False)["ood"]["threshold"]
+    assert float(table[1][15]) == cut_off and {row["ood_threshold"] for row in rows} == {cut_off}
+    assert all((row["ood_score"] > cut_off) is (row["in_distribution"] is False) for row in rows)
     assert main(["predict", str(best_like_run), *map(str, images), *options, "--format", "fhir"]) == 0
     components = json.loads(capsys.readouterr().out)["contained"][0]["component"]
     values = {c["code"]["coding"][0]["code"]: c.get("valueString", c.get("valueBoolean", c.get("valueQuantity")))
@@ -179,6 +183,8 @@ def test_each_predict_output_records_what_decided_it(best_like_run, tmp_path, ca
     assert values["prevalence"]["value"] == 0.3 and values["prevalence-source"] == "given"
     assert (values["scoring-engine"], values["scoring-precision"]) == ("torch", "float32")
     assert values["batch-adapted"] is adapted and values["batch-adaptation"] == note
+    assert values["ood-threshold"] == {"value": cut_off, "unit": "1", "system": "http://unitsofmeasure.org",
+                                       "code": "1"}
     assert [c["code"]["coding"][0]["code"] for c in components][:3] == ["label", "threshold", "prevalence"]
 
 

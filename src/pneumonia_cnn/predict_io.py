@@ -120,7 +120,8 @@ def expand_glob(pattern: str) -> list[str]:
 # what decided each row (engine, precision, batch adaptation, where the rate came from) is appended after the first
 # ten columns, whose order readers of earlier outputs rely on
 CSV_FIELDS = ["path", "probability", "label", "threshold", "prevalence", "in_distribution", "ood_score", "warnings",
-              "error", "model", "engine", "precision", "batch_adapted", "batch_adaptation", "prevalence_source"]
+              "error", "model", "engine", "precision", "batch_adapted", "batch_adaptation", "prevalence_source",
+              "ood_threshold"]
 
 
 def format_predictions(predictions, fmt: str = "table", positive_class: str = "PNEUMONIA") -> str:

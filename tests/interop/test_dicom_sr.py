@@ -16,7 +16,7 @@ from .studies import xray_dicom
 
 MODEL = ModelIdentity("pneumonia-cnn seed", "seed-run-1", ("software pneumonia-cnn 0.1.0",), "PNEUMONIA")
 FLAGGED = {"probability": 0.8125, "label": "PNEUMONIA", "threshold": 0.43, "in_distribution": False,
-           "ood_score": 3.5,
+           "ood_score": 3.5, "ood_threshold": 2.75,
            "warnings": ["outside the training population (children): the probability is not reliable"]}
 
 
@@ -30,7 +30,8 @@ def test_sr_holds_the_result_and_references_the_source(tmp_path):
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     report.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     figures = read_sr(pydicom.dcmread(tmp_path / "sr.dcm"))
-    assert figures == {**figures, "probability": 0.8125, "threshold": 0.43, "ood_score": 3.5, "finding": "Present",
+    assert figures == {**figures, "probability": 0.8125, "threshold": 0.43, "ood_score": 3.5, "ood_threshold": 2.75,
+                       "finding": "Present",
                        "in_distribution": False, "warnings": FLAGGED["warnings"], "model_version": "seed-run-1",
                        "model_name": "pneumonia-cnn seed", "source_sop_instance_uid": source.SOPInstanceUID}
     again = build_sr(source, {**FLAGGED, "probability": 0.1, "label": "NORMAL"}, MODEL)
@@ -46,9 +47,9 @@ def test_sr_for_a_header_with_only_the_uids():
     source.SOPClassUID, source.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1", "1.2.3.4.5"
     source.StudyInstanceUID, source.SeriesInstanceUID, source.Modality = "1.2.3", "1.2.3.4", "CR"
     source.Rows, source.Columns = 8, 8  # an image: the rest (patient, study dates) may be absent
-    entry = {**FLAGGED, "in_distribution": None, "ood_score": None, "warnings": []}
+    entry = {**FLAGGED, "in_distribution": None, "ood_score": None, "ood_threshold": None, "warnings": []}
     figures = read_sr(build_sr(source, entry, MODEL))
-    assert figures["in_distribution"] is None and "ood_score" not in figures
+    assert figures["in_distribution"] is None and "ood_score" not in figures and "ood_threshold" not in figures
     assert figures["study_instance_uid"] == "1.2.3"
 
 

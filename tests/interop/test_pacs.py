@@ -62,6 +62,7 @@ def test_round_trip_reports_match_predict(orthanc, studies, trained_run, tmp_pat
         assert report["in_distribution"] == figures["in_distribution"]
         assert report.get("ood_score") == (None if figures["ood_score"] is None else
                                            pytest.approx(figures["ood_score"], abs=1e-9))
+        assert report.get("ood_threshold") == figures["ood_threshold"]  # the cut-off the flag was set by
         assert report["warnings"] == figures["warnings"]
         assert report["model_version"] == model_id
         assert report["study_instance_uid"] == header.StudyInstanceUID  # the report sits in the image's study

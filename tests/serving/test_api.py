@@ -48,6 +48,7 @@ def test_predict_matches_the_library_and_returns_gradcam(server, trained_run):
         assert abs(body["probability"] - expected.probability) < 1e-6
         assert body["label"] == expected.label and body["threshold"] == pytest.approx(predictor.threshold)
         assert "in_distribution" in body and "ood_score" in body
+        assert body["ood_threshold"] == predictor.bundle.ood.threshold == expected.ood_threshold is not None
         png = Image.open(io.BytesIO(base64.b64decode(body["gradcam_png_base64"])))
         assert png.size == (64, 64)
 

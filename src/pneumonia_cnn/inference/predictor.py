@@ -58,6 +58,7 @@ class Prediction:
     precision: str | None = None
     batch_adapted: bool | None = None  # batch-norm statistics re-estimated on this image's batch (--adapt-batch)
     batch_adaptation: str | None = None  # what --adapt-batch did to this image's batch, or why not ("" unasked)
+    ood_threshold: float | None = None  # the detector's cut-off: a score above it is flagged (alone, says little)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -359,7 +360,7 @@ def batch_checks(bundle, pixels, scores: Scores, metas=None) -> list[dict]:
         forcing = flag_reasons(gray, metas[index], bundle.intended_use)
         entry = {"warnings": warnings, "ood_score": None, "in_distribution": None if not forcing else False}
         if ood_scores is not None:
-            entry["ood_score"] = float(ood_scores[index])
+            entry["ood_score"], entry["ood_threshold"] = float(ood_scores[index]), float(bundle.ood.threshold)
             entry["in_distribution"] = not flagged[index] and not forcing
         if entry["in_distribution"] is False:
             entry["warnings"] = warnings + [flag_message(bundle.intended_use)]

@@ -6,8 +6,8 @@ The SR is a Comprehensive SR holding a TID 1500 Measurement Report with one TID 
 - finding type Pneumonia (SCT 233604007); the source image by reference (in the group and the evidence);
 - algorithm identification (TID 4019): name ``pneumonia-cnn <architecture>``, version = the model id (run id),
   parameters = software version, threshold policy, calibration;
-- NUM items: probability of pneumonia, the operating threshold, the out-of-distribution score, the pneumonia
-  rate the probability is stated for (unit ``1``);
+- NUM items: probability of pneumonia, the operating threshold, the out-of-distribution score and its cut-off
+  (above it, flagged), the pneumonia rate the probability is stated for (unit ``1``);
 - CODE items: the finding (Pneumonia: Present/Absent, i.e. the label at the threshold; Unknown for an image that
   is not an X-ray, which gets no label) and whether the image is within the training population (Yes/No/Unknown);
 - TEXT items: where the rate came from (``given``, ``calibration images``), then (Comment, DCM 121106) each
@@ -43,6 +43,7 @@ IN_DISTRIBUTION = Code("PCNN-4", SCHEME, "Within the training population")
 # the pneumonia rate the probability is stated for, and where it came from (--prevalence), as predict's outputs
 PREVALENCE = Code("PCNN-5", SCHEME, "Pneumonia rate the probability is stated for")
 PREVALENCE_SOURCE = Code("PCNN-6", SCHEME, "Source of the pneumonia rate")
+OOD_THRESHOLD = Code("PCNN-7", SCHEME, "Out-of-distribution score cut-off")  # a score above it is flagged
 COMMENT = Code("121106", "DCM", "Comment")
 NO_UNITS = Code("1", "UCUM", "no units")
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
@@ -215,6 +216,8 @@ def _measurements(entry: dict) -> list:
     values = [(PROBABILITY, entry["probability"]), (THRESHOLD, entry["threshold"])]
     if entry.get("ood_score") is not None:
         values.append((OOD_SCORE, entry["ood_score"]))
+    if entry.get("ood_threshold") is not None:
+        values.append((OOD_THRESHOLD, entry["ood_threshold"]))
     if entry.get("prevalence") is not None:
         values.append((PREVALENCE, entry["prevalence"]))
     return [hd.sr.Measurement(name=name, value=float(value), unit=NO_UNITS) for name, value in values]
@@ -288,7 +291,7 @@ def read_sr(dataset: Dataset) -> dict:
     result = {"warnings": [], "sop_instance_uid": str(dataset.SOPInstanceUID),
               "study_instance_uid": str(dataset.StudyInstanceUID)}
     numbers = {PROBABILITY.value: "probability", THRESHOLD.value: "threshold", OOD_SCORE.value: "ood_score",
-               PREVALENCE.value: "prevalence"}
+               PREVALENCE.value: "prevalence", OOD_THRESHOLD.value: "ood_threshold"}
     for item in _walk(dataset):
         concept = item.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in item else None
         code = concept.CodeValue if concept is not None else None

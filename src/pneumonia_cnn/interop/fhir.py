@@ -120,6 +120,9 @@ def _components(row: dict) -> list[dict]:
     if row.get("ood_score") is not None:
         components.append({"code": _concept("ood-score", "Out-of-distribution score"),
                            "valueQuantity": _number(row["ood_score"])})
+    if row.get("ood_threshold") is not None:  # a score above it is flagged
+        components.append({"code": _concept("ood-threshold", "Out-of-distribution score cut-off"),
+                           "valueQuantity": _number(row["ood_threshold"])})
     return components + _how_decided(row)  # after the earlier components, in their order
 
 

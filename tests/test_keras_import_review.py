@@ -194,3 +194,68 @@ def test_the_digest_is_of_the_bytes_imported_and_a_keras_archive_with_an_integer
     assert load_checkpoint(tmp_path / "k.pt")["imported"]["sha256"] == hashlib.sha256(
         source.read_bytes()).hexdigest()
     assert torch.load(tmp_path / "k.pt", weights_only=True)["state_dict"]["fc1.bias"].dtype == torch.float32
+
+
+def _with_config(handle, change) -> None:
+    """The .h5's model config, its layers changed in place by ``change(layers)``."""
+    import json
+    config = json.loads(handle.attrs["model_config"])
+    change(config["config"]["layers"])
+    handle.attrs["model_config"] = json.dumps(config)
+
+
+def _keras_archive_with(tmp_path, change):
+    import json
+    with zipfile.ZipFile(fixture("seed_cnn_64x64.keras")) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(members["config.json"])
+    change(config["config"]["layers"])
+    members["config.json"] = json.dumps(config).encode()
+    path = tmp_path / "edited.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def _set(index: int, **settings):
+    return lambda layers: layers[index]["config"].update(settings)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (_set(-1, activation="linear"), "layer dense_1 (Dense) has activation 'linear', not the tutorial's 'sigmoid'"),
+    (_set(1, activation="tanh"), "layer conv2d (Conv2D) has activation 'tanh', not the tutorial's 'relu'"),
+    (_set(1, dilation_rate=[2, 2]), "layer conv2d (Conv2D) has dilation_rate [2, 2], not the tutorial's [1, 1]"),
+    (_set(5, padding="same"), "layer conv2d_2 (Conv2D) has padding 'same', not the tutorial's 'valid'"),
+    (lambda layers: layers[2].update(class_name="AveragePooling2D"),
+     "its layers are Conv2D, AveragePooling2D, Conv2D, MaxPooling2D, Conv2D, MaxPooling2D, Flatten, Dense, Dense, "
+     "not the tutorial's Conv2D, MaxPooling2D, Conv2D, MaxPooling2D, Conv2D, MaxPooling2D, Flatten, Dense, Dense"),
+])
+def test_a_model_whose_config_is_not_the_tutorials_is_refused_in_one_line(capsys, tmp_path, change, reason):
+    """Only shapes and units were checked: a linear output (trained from logits), tanh, average pooling or a
+    dilation imported as the tutorial's model, exit 0, with other probabilities than Keras gives."""
+    h5 = edited_copy(FULL, tmp_path, lambda handle: _with_config(handle, change))
+    assert run(capsys, "import-keras", h5, "--out", tmp_path / "a.pt") == (2, f"error: {h5}: {reason}")
+    archive = _keras_archive_with(tmp_path, change)
+    assert run(capsys, "import-keras", archive, "--out", tmp_path / "b.pt") == (2, f"error: {archive}: {reason}")
+    assert not (tmp_path / "a.pt").exists() and not (tmp_path / "b.pt").exists()
+
+
+def test_dropout_and_keras_defaults_left_unstated_are_the_tutorials(capsys, tmp_path):
+    """A Dropout layer is nothing at inference, and a setting the config leaves out is Keras' default."""
+    def change(layers):
+        layers.insert(-1, {"class_name": "Dropout", "config": {"name": "dropout", "rate": 0.5}})
+        del layers[2]["config"]["strides"]  # MaxPooling2D's default: the pool size
+    h5 = edited_copy(FULL, tmp_path, lambda handle: _with_config(handle, change))
+    status, _ = run(capsys, "import-keras", h5, "--out", tmp_path / "a.pt")
+    assert status == 0 and (tmp_path / "a.pt").is_file()
+
+
+def test_what_is_not_a_keras_file_is_named_for_what_it_is(capsys, tmp_path):
+    (tmp_path / "folder.h5").mkdir()
+    assert run(capsys, "import-keras", tmp_path / "folder.h5", "--out", tmp_path / "a.pt") == (
+        2, f"error: {tmp_path / 'folder.h5'}: not a regular file")  # it said "file not found"
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"weights": torch.zeros(2)}, checkpoint)
+    assert run(capsys, "import-keras", checkpoint, "--out", tmp_path / "a.pt") == (
+        2, f"error: {checkpoint}: not a Keras model (a zip archive without model.weights.h5: a PyTorch checkpoint)")

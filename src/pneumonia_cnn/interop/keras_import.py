@@ -32,6 +32,47 @@ TUTORIAL_LAYERS = (("the tutorial's first Conv2D", 32), ("the tutorial's second 
                    ("the tutorial's final layer", 1))
 
 
+# the tutorial's layers as their config states them, with the settings the import assumes; a file whose config
+# says otherwise (a linear output trained from logits, tanh, average pooling, a dilation) is refused: its weights
+# fit our layers' shapes, and were imported as the tutorial's with other probabilities than Keras gives
+_CONV = {"kernel_size": [3, 3], "strides": [1, 1], "padding": "valid", "activation": "relu", "dilation_rate": [1, 1],
+         "use_bias": True, "groups": 1, "data_format": "channels_last"}
+_POOL = {"pool_size": [2, 2], "strides": [2, 2], "padding": "valid", "data_format": "channels_last"}
+TUTORIAL_CONFIG = (("Conv2D", dict(_CONV, filters=32)), ("MaxPooling2D", _POOL), ("Conv2D", dict(_CONV, filters=64)),
+                   ("MaxPooling2D", _POOL), ("Conv2D", dict(_CONV, filters=128)), ("MaxPooling2D", _POOL),
+                   ("Flatten", {"data_format": "channels_last"}),
+                   ("Dense", {"units": 128, "activation": "relu", "use_bias": True}),
+                   ("Dense", {"units": 1, "activation": "sigmoid", "use_bias": True}))
+PASSED_THROUGH = ("InputLayer", "Dropout")  # nothing at inference
+
+
+def check_tutorial_config(config: dict, where: str) -> None:
+    """Refuse, in one line, a model whose config (when the file has one) is not the tutorial's layer by layer."""
+    layers = config.get("config") if isinstance(config, dict) else None
+    layers = layers.get("layers") if isinstance(layers, dict) else layers
+    if not isinstance(layers, list):
+        return  # a weights-only file: only the arrays' shapes can be checked
+    kept = [layer for layer in layers if isinstance(layer, dict) and layer.get("class_name") not in PASSED_THROUGH]
+    found, expected = [str(layer.get("class_name")) for layer in kept], [name for name, _ in TUTORIAL_CONFIG]
+    if found != expected:
+        raise PneumoniaCNNError(f"{where}: its layers are {', '.join(found) or 'none'}, not the tutorial's "
+                                f"{', '.join(expected)}")
+    for layer, (kind, settings) in zip(kept, TUTORIAL_CONFIG):
+        written = layer.get("config") if isinstance(layer.get("config"), dict) else {}
+        for key, value in settings.items():
+            stated = _setting(written.get(key))
+            if stated is not None and stated != value:  # not stated: Keras' default, the tutorial's
+                raise PneumoniaCNNError(f"{where}: layer {printable(str(written.get('name', kind)))} ({kind}) has "
+                                        f"{key} {stated!r}, not the tutorial's {value!r}")
+
+
+def _setting(value):
+    """A config value as the tutorial's are written: tuples as lists, a serialised activation by its name."""
+    if isinstance(value, dict):  # Keras 3 may serialise a function: {"class_name": "function", "config": "relu"}
+        value = value.get("config") if isinstance(value.get("config"), str) else value.get("class_name")
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _datasets(group) -> list[tuple[str, np.ndarray]]:
     """Every numeric array under ``group`` (its path there, whose first part is the Keras layer's name), with the
     dtype it is stored in: an integer weight is refused when it is used, not cast on the way in."""
@@ -61,9 +102,12 @@ def _input_shape_from_config(config: dict):
 def _read_archive(path: Path, data: bytes):
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         names = archive.namelist()
-        if "model.weights.h5" not in names:
-            raise PneumoniaCNNError(f"{display_path(path)}: .keras archive without model.weights.h5")
+        if "model.weights.h5" not in names:  # a PyTorch checkpoint is a zip archive too
+            torch_file = any(name.endswith("/data.pkl") for name in names)
+            raise PneumoniaCNNError(f"{display_path(path)}: not a Keras model (a zip archive without "
+                                    f"model.weights.h5{': a PyTorch checkpoint' if torch_file else ''})")
         config = json.loads(archive.read("config.json")) if "config.json" in names else {}
+        check_tutorial_config(config, display_path(path))
         weights = io.BytesIO(archive.read("model.weights.h5"))
     import h5py
     with h5py.File(weights, "r") as handle:
@@ -71,13 +115,15 @@ def _read_archive(path: Path, data: bytes):
     return arrays, _input_shape_from_config(config)
 
 
-def _read_hdf5(data: bytes):
+def _read_hdf5(path: Path, data: bytes):
     import h5py
     with h5py.File(io.BytesIO(data), "r") as handle:
         shape = None
         if "model_config" in handle.attrs:
             raw = handle.attrs["model_config"]
-            shape = _input_shape_from_config(json.loads(raw.decode() if isinstance(raw, bytes) else raw))
+            config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+            check_tutorial_config(config, display_path(path))
+            shape = _input_shape_from_config(config)
         group = handle["model_weights"] if "model_weights" in handle else handle["layers"] \
             if "layers" in handle else handle
         arrays = _datasets(group)
@@ -93,11 +139,11 @@ def read_keras_file(path) -> tuple[list[tuple[str, np.ndarray]], tuple[int, int,
     the file says it; and the SHA-256 of the bytes read (read once: the digest is that of what was imported)."""
     path = Path(path)
     if not path.is_file():
-        raise PneumoniaCNNError(f"{display_path(path)}: file not found")
+        raise PneumoniaCNNError(f"{display_path(path)}: {'not a regular file' if path.exists() else 'file not found'}")
     try:
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
-        arrays, shape = _read_archive(path, data) if zipfile.is_zipfile(io.BytesIO(data)) else _read_hdf5(data)
+        arrays, shape = _read_archive(path, data) if zipfile.is_zipfile(io.BytesIO(data)) else _read_hdf5(path, data)
         return arrays, shape, digest
     except PneumoniaCNNError:
         raise

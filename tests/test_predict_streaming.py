@@ -167,3 +167,22 @@ def test_a_missing_name_keeps_its_place_among_the_rows(fmt, tmp_path, capsys, mo
     rows = json.loads(out) if fmt == "json" else list(csv.DictReader(io.StringIO(out)))
     assert [row["path"] for row in rows] == items
     assert [bool(row["error"]) for row in rows] == [True, False, False, True, False, True, True]
+
+
+def test_long_paths_that_differ_early_are_shown_whole_in_the_table(tmp_path, capsys, monkeypatch):
+    """The table cut a path to its last 69 columns: two DICOM exports' files named by the same UIDs under two
+    patients' folders showed on identical rows, one NORMAL and one PNEUMONIA."""
+    require_shared()
+    uids = "1.2.840.113619.2.55.3.604688119.868.1249343483.504/1.2.840.113619.2.55.3.604688119.868.1249343483.505"
+    for patient, source in (("PAT001", xray(0)), ("PAT002", sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())[0])):
+        (tmp_path / patient / uids).mkdir(parents=True)
+        shutil.copyfile(source, tmp_path / patient / uids / "IM-0001.jpeg")
+    shutil.copyfile(xray(1), tmp_path / "short.jpeg")
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "PAT001", "PAT002", "short.jpeg"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in lines[1:3]] == [f"PAT001/{uids}/IM-0001.jpeg",
+                                                           f"PAT002/{uids}/IM-0001.jpeg"]
+    assert lines[3].startswith("short.jpeg" + " " * 60 + "  ")
+    assert lines[0].startswith("path" + " " * 66 + "  probability")  # the column stays 70 wide
+    assert [line.split()[2] for line in lines[1:]] == ["NORMAL", "PNEUMONIA", "NORMAL"]

@@ -189,13 +189,9 @@ def columns(text: str) -> int:
 
 
 def _fit(text: str, width: int) -> str:
-    """``text`` padded to ``width`` columns, or its end after "…" when longer."""
-    if columns(text) > width:
-        start = 0
-        while columns(text[start:]) > width - 1:
-            start += 1
-        text = "…" + text[start:]
-    return text + " " * (width - columns(text))
+    """``text`` padded to ``width`` columns; a longer one whole, its row then wider: cut to its end, two DICOM
+    exports' files (``PAT001/UID/UID/IM-0001.jpeg``, ``PAT002/...``) had shown on identical rows."""
+    return text + " " * max(width - columns(text), 0)
 
 
 def format_fhir(rows: list[dict], positive_class: str = "PNEUMONIA", links: list[dict] | None = None) -> str:

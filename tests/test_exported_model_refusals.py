@@ -7,7 +7,7 @@ import pytest
 
 from pneumonia_cnn import builtin
 from pneumonia_cnn.cli import main
-from tests.conftest import SHARED, require_shared
+from tests.conftest import SHARED, SHARED_DATA, require_shared
 
 EXAMPLE = Path(builtin.checkpoint_path()).parent / "examples" / "NORMAL_IM-0128-0001.jpeg"
 KERAS = SHARED / "fixtures" / "keras" / "seed_cnn_64x64.h5"
@@ -66,3 +66,20 @@ def test_export_never_writes_into_the_builtin_models_package_folder(capsys):
         assert not target.exists()
     finally:
         target.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("command", [["stress", "{model}", "--data", "{data}"],
+                                     ["drift", "{model}", "--data", "{data}"],
+                                     ["evaluate", "--checkpoint", "{model}", "--data", "{data}"],
+                                     ["compare", "builtin", "{model}", "--data", "{data}"], ["info", "{model}"]])
+def test_a_keras_file_given_as_the_checkpoint_of_any_command_is_sent_to_import_keras(command, capsys):
+    """predict said so; stress, drift, evaluate and compare said torch's "not a readable checkpoint (file in archive
+    is not in a subdirectory: metadata.json)" or "(not a PyTorch file)"."""
+    from tests.interop.test_keras_import import fixture
+    for name in ("seed_cnn_64x64.keras", "seed_cnn_64x64.h5"):
+        model = fixture(name)
+        argv = [part.format(model=model, data=SHARED_DATA) for part in command]
+        assert main(argv) != 0
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: {model}: a Keras model; import it first (pneumonia-cnn import-keras FILE --out model.pt) and "
+            "give model.pt")

@@ -19,7 +19,7 @@ from . import builtin
 from .calibration import CALIBRATION_METHODS, parse_threshold_policy
 from .data.intensity import INTENSITY_METHODS
 from .data.readers import RESAMPLING
-from .errors import CheckpointError, ConfigError
+from .errors import OTHER_MODEL_FILES, CheckpointError, ConfigError
 from .fileio import atomic_path, display_path, load_torch_file, not_a_file_reason, printable
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
@@ -86,6 +86,8 @@ def load_checkpoint(path, map_location="cpu", unfinished_run: bool = False) -> d
             path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
     if not path.is_file():
         raise CheckpointError(f"{display_path(path)}: {not_a_file_reason(path)}")
+    if path.suffix.lower() in OTHER_MODEL_FILES:  # evaluate, stress, drift, compare: torch's words on a zip's layout
+        raise CheckpointError(f"{display_path(path)}: {OTHER_MODEL_FILES[path.suffix.lower()]}")
     payload = load_torch_file(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{display_path(path)}: not a pneumonia-cnn checkpoint (no '{FORMAT}' format tag)")

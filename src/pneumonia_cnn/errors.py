@@ -6,6 +6,12 @@ import re
 OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
+# a model file of another kind given where a checkpoint goes: what it is, and what to give instead
+EXPORTED = "an exported model, which pneumonia-cnn does not score; give the checkpoint it was exported from"
+KERAS = "a Keras model; import it first (pneumonia-cnn import-keras FILE --out model.pt) and give model.pt"
+OTHER_MODEL_FILES = {".onnx": EXPORTED, ".ts": EXPORTED, ".torchscript": EXPORTED, ".h5": KERAS, ".keras": KERAS}
+
+
 class PneumoniaCNNError(Exception):
     """Base class: the CLI prints ``str(error)`` on one line and exits non-zero, never a traceback."""
 

@@ -8,7 +8,7 @@ import errno
 import sys
 from pathlib import Path
 
-from ..errors import PneumoniaCNNError
+from ..errors import OTHER_MODEL_FILES, PneumoniaCNNError
 from ..fileio import OutputError, printable
 from ..signals import (
     Terminated,
@@ -60,9 +60,6 @@ def looks_like_checkpoint(item: str) -> bool:
         return False
 
 
-EXPORTED = "an exported model, which pneumonia-cnn does not score; give the checkpoint it was exported from"
-KERAS = "a Keras model; import it first (pneumonia-cnn import-keras FILE --out model.pt) and give model.pt"
-OTHER_MODEL_FILES = {".onnx": EXPORTED, ".ts": EXPORTED, ".torchscript": EXPORTED, ".h5": KERAS, ".keras": KERAS}
 
 
 def refuse_missing_checkpoint(item: str) -> None:

@@ -137,6 +137,24 @@ def test_compare_of_a_copy_of_a_run_is_refused_before_scoring(trained_run, capsy
         f"models or decisions (these give every metric alike)")
 
 
+def test_compare_of_a_last_pt_differing_only_in_its_calibration_images_rate_is_refused(trained_run, capsys, tmp_path,
+                                                                                       monkeypatch):
+    """A run's last.pt with best.pt's weights differs in the calibration's recorded rate alone (None vs the val
+    images'), which moves no figure compare gives: it was compared with best.pt, "difference +0.0000, p = 1"."""
+    import torch
+
+    from pneumonia_cnn.evaluation import compare
+    checkpoint = torch.load(trained_run / "best.pt", weights_only=True, map_location="cpu")
+    checkpoint["calibration"] = dict(checkpoint["calibration"], prior=None)
+    checkpoint["threshold_policy"] = f"{checkpoint['threshold']}"  # another name for the same threshold
+    torch.save(checkpoint, tmp_path / "last.pt")
+    monkeypatch.setattr(compare, "evaluate", lambda *a, **k: pytest.fail("scored before the refusal"))
+    assert main(["compare", str(trained_run / "best.pt"), str(tmp_path / "last.pt"), "--data",
+                 str(tmp_path / "never-read")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"error: {tmp_path / 'last.pt'}: holds the same weights as {trained_run / 'best.pt'}; compare needs")
+
+
 def test_compare_of_one_model_with_another_decision_is_compared(trained_run, small_root, cache_dir, capsys, tmp_path):
     """The same weights with a refitted threshold (evaluate --save-as): sensitivity and specificity differ."""
     import torch

@@ -75,15 +75,22 @@ def refuse_copies(runs) -> None:
     """Before any scoring: a copy of one model under another name, with the same decision, gave every metric twice
     ("difference +0.0000, p = 1"). The same weights with another decision (``evaluate --save-as`` of a refitted
     threshold) are compared: their sensitivity, specificity and calibration differ."""
-    import json
-
     from ..inference.bundle import load_bundle, refuse_repeated_weights
     by_decision = {}
     for bundle in (load_bundle(run) for run in runs):
-        by_decision.setdefault(json.dumps(bundle.decision.to_dict(), sort_keys=True, default=str), []).append(bundle)
+        by_decision.setdefault(deciding(bundle.decision), []).append(bundle)
     for bundles in by_decision.values():
         refuse_repeated_weights([b.checkpoints[0] for b in bundles], [b.models[0] for b in bundles],
                                 "compare needs different models or decisions (these give every metric alike)")
+
+
+def deciding(decision) -> tuple:
+    """What turns a model's scores into compare's figures: the calibration's method, scale and bias, the threshold
+    and a shift to another pneumonia rate. Not the rate the calibration images had, nor the policy's name, which
+    move nothing here: a run's last.pt holding best.pt's weights differed from it in that rate alone, and was
+    compared with itself ("difference +0.0000, p = 1")."""
+    calibration = decision.calibration
+    return calibration.method, calibration.scale, calibration.bias, float(decision.threshold), decision.prior_shift
 
 
 def run_names(runs) -> list[str]:

@@ -186,3 +186,17 @@ def test_long_paths_that_differ_early_are_shown_whole_in_the_table(tmp_path, cap
     assert lines[3].startswith("short.jpeg" + " " * 60 + "  ")
     assert lines[0].startswith("path" + " " * 66 + "  probability")  # the column stays 70 wide
     assert [line.split()[2] for line in lines[1:]] == ["NORMAL", "PNEUMONIA", "NORMAL"]
+
+
+def test_a_csv_cell_a_spreadsheet_would_run_as_a_formula_is_quoted(tmp_path, capsys, monkeypatch):
+    """A file named `=1+2.jpeg` or `+cmd.jpeg` began its CSV row unquoted: Excel and LibreOffice run it."""
+    require_shared()
+    names = ["=1+2.jpeg", "+cmd.jpeg", "@x.jpeg", "-x.jpeg", "'q.jpeg", "plain.jpeg"]
+    for name in names:
+        shutil.copyfile(xray(), tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", *(f"./{name}" for name in names), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [row["path"] for row in rows] == ["'=1+2.jpeg", "'+cmd.jpeg", "'@x.jpeg", "'-x.jpeg", "''q.jpeg",
+                                            "plain.jpeg"]
+    assert len({row["probability"] for row in rows}) == 1  # the same image under each name

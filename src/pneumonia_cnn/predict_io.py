@@ -178,8 +178,18 @@ def _csv_text(rows: list[dict], head: bool = False) -> str:
     if head:
         writer.writeheader()
     for row in rows:
-        writer.writerow(dict(row, warnings="; ".join(row["warnings"])))
+        writer.writerow(dict(row, warnings="; ".join(row["warnings"]), path=spreadsheet_safe(row["path"]),
+                             model=spreadsheet_safe(row["model"])))
     return buffer.getvalue().rstrip("\n")
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def spreadsheet_safe(text):
+    """A cell a spreadsheet would run as a formula (a file named ``=HYPERLINK(...).jpeg``) after a ``'``, as OWASP
+    advises; a cell that starts with ``'`` gets one more, so that no two names read alike."""
+    return f"'{text}" if isinstance(text, str) and text.startswith(FORMULA_STARTS) else text
 
 
 def columns(text: str) -> int:

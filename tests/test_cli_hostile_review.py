@@ -141,3 +141,19 @@ def test_show_samples_refuses_a_suffix_it_cannot_draw_before_drawing(capsys, tmp
     status, error = run(capsys, "show-samples", "--data", SHARED_DATA, "--split", "test", "--out", picture,
                         "--per-class", "1")
     assert status == 0 and picture.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_show_samples_says_which_images_it_skipped_and_when_a_row_is_short(caplog, tmp_path):
+    """Unreadable images were left out of the grid without a word, and 23 asked gave 20 columns."""
+    from pneumonia_cnn.samples import show_samples
+    require_shared()
+    root = link_subset(tmp_path / "data", {"test": 3})
+    (root / "test" / "NORMAL" / "empty.jpeg").write_bytes(b"")
+    (root / "test" / "NORMAL" / "notes.png").write_text("not an image")
+    show_samples(root, "test", tmp_path / "grid.png", per_class=4)
+    said = [record.getMessage() for record in caplog.records]
+    assert f"skipped {root / 'test' / 'NORMAL' / 'empty.jpeg'}: empty file (0 bytes)" in said
+    assert any(line.startswith(f"skipped {root / 'test' / 'NORMAL' / 'notes.png'}: ") for line in said)
+    assert said[-2:] == [f"{root / 'test'}: 3 readable NORMAL image(s), fewer than --per-class 4",
+                         f"{root / 'test'}: 3 readable PNEUMONIA image(s), fewer than --per-class 4"]
+    assert (tmp_path / "grid.png").stat().st_size > 0

@@ -1,6 +1,7 @@
 """``show-samples``: a grid of NORMAL vs PNEUMONIA images from a split."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,10 @@ from .data.cache import none_readable
 from .data.dataset import load_split
 from .data.readers import read_image
 from .errors import ImageReadError, PneumoniaCNNError
+from .fileio import display_path
 from .plots import sample_grid
 
+log = logging.getLogger(__name__)
 # matplotlib's own formats, less its headerless pixel dumps (raw, rgba), which no viewer opens as a picture
 NOT_PICTURES = ("raw", "rgba")
 
@@ -42,13 +45,17 @@ def show_samples(data, split: str = "train", out="samples.png", per_class: int =
             try:
                 chosen.append(read_image(path)[0])
                 row_titles.append(f"{name}\n{Path(path).name[:24]}")
-            except ImageReadError as error:
+            except ImageReadError as error:  # said, as training says it: it had been left out without a word
                 failures.append((path, error.reason))
+                log.warning("skipped %s: %s", display_path(path), error.reason)
                 continue
             if len(chosen) == per_class:
                 break
         grid[name] = chosen
         titles.append(row_titles)
+        if 0 < len(chosen) < per_class:
+            log.warning("%s: %d readable %s image(s), fewer than --per-class %d", display_path(images.source),
+                        len(chosen), name, per_class)
     if not any(grid.values()):
         raise none_readable(images.source, len(images.paths), *failures[0])
     sample_grid(grid, out, titles)

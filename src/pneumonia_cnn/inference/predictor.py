@@ -7,13 +7,14 @@ EM) and, on request, batch-norm statistics re-estimated on the batch being score
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from ..calibration import estimate_prior, estimate_prior_of_members, parse_prevalence
-from ..errors import PneumoniaCNNError
+from ..errors import ConfigError, PneumoniaCNNError
 from ..ood.checks import withholds_label
 from .adabn import (
     MIN_ADAPT_PER_CLASS,
@@ -386,6 +387,10 @@ def _public_intended_use(intended_use: dict) -> dict:
 
 def predict(checkpoint, paths, device: str = "auto", batch_size: int = 32, engine: str = "auto",
             prevalence=None, adapt_batch: bool = False) -> list[Prediction]:
-    """Library form of ``pneumonia-cnn predict``."""
+    """Library form of ``pneumonia-cnn predict``: ``paths`` is a list of files, or one file (a ``str`` had been
+    read as a list of one-letter files, one error each)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size: {batch_size!r} must be a whole number of at least 1")
+    paths = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)
     return Predictor(checkpoint, device, engine=engine, prevalence=prevalence,
-                     adapt_batch=adapt_batch).predict_files(list(paths), batch_size)
+                     adapt_batch=adapt_batch).predict_files(paths, batch_size)

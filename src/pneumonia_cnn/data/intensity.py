@@ -15,8 +15,9 @@ INTENSITY_RECIPES = {
     "equalize": "scikit-image exposure.equalize_hist(gray_uint8, nbins=256), then round(x * 255) clipped to uint8",
     "clahe": "scikit-image exposure.equalize_adapthist(gray_uint8, clip_limit=0.01, nbins=256), then round(x * 255) "
              "clipped to uint8",
-    "window": "numpy percentiles 1 and 99 (low, high); round((gray - low) * 255 / (high - low)) clipped to uint8 "
-              "(unchanged when high <= low)",
+    # the factor computed first, in float64, as the code does: (gray - low) * 255 / (high - low) moved 11,001 pixels
+    "window": "numpy percentiles 1 and 99 (low, high); round((gray - low) * (255 / (high - low))) in float64, "
+              "clipped to uint8 (unchanged when high <= low)",
 }
 
 

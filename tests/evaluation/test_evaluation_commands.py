@@ -170,3 +170,15 @@ def test_compare_of_one_model_with_another_decision_is_compared(trained_run, sma
 def checkpoint_threshold(run) -> float:
     import torch
     return float(torch.load(run / "best.pt", weights_only=True, map_location="cpu")["threshold"])
+
+
+def test_compare_table_says_undefined_where_a_metric_has_no_value():
+    """NPV with no negative call printed nan in compare's table; the JSON had null and evaluate "undefined"."""
+    from pneumonia_cnn.evaluation.compare import ROWS, format_comparison
+    metrics = {metric: {"value": 0.5, "ci95": [0.25, 0.75]} for metric in ROWS}
+    undefined = dict(metrics, npv={"value": float("nan"), "ci95": [None, None]})
+    result = {"runs": ["a", "b"], "metrics": {"a": metrics, "b": undefined}, "thresholds": {"a": 0.5, "b": 0.5},
+              "delong": [], "n_images": 10, "split": "test", "data": "d"}
+    lines = format_comparison(result).splitlines()
+    assert next(line for line in lines if line.startswith("npv ")) == f"{'npv':<20}{'0.5000':>16}{'undefined':>16}"
+    assert "nan" not in "\n".join(lines)

@@ -3,6 +3,7 @@ paired bootstrap of each difference by patient (DeLong takes a patient's images 
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -108,16 +109,22 @@ def run_names(runs) -> list[str]:
     return [f"{index}:{run}" for index, run in enumerate(runs, start=1)]  # the same run given twice
 
 
+def _shown(value, spec: str) -> str:
+    """A figure, or "undefined" where the split cannot give one (NPV with no negative call): it printed nan, where
+    the JSON has null and evaluate says "undefined"."""
+    return "undefined" if value is None or not math.isfinite(value) else format(value, spec)
+
+
 def format_comparison(result: dict) -> str:
     width = max(16, *(len(n) + 2 for n in result["runs"]))
     lines = [f"{evaluated_name(result.get('data', ''), result['split'])}: {result['n_images']} images",
              f"{'metric':<20}" + "".join(f"{n:>{width}}" for n in result["runs"])]
     for metric in ROWS:
-        values = "".join(f"{result['metrics'][n][metric]['value']:>{width}.4f}" for n in result["runs"])
+        values = "".join(f"{_shown(result['metrics'][n][metric]['value'], '.4f'):>{width}}" for n in result["runs"])
         lines.append(f"{metric:<20}{values}")
         if metric in WITH_INTERVALS:  # the JSON has every interval; these three are the ones compared most
-            shown = (f"[{low:.3f}, {high:.3f}]" for low, high in (result["metrics"][n][metric]["ci95"]
-                                                               for n in result["runs"]))
+            shown = (f"[{_shown(low, '.3f')}, {_shown(high, '.3f')}]" for low, high in
+                     (result["metrics"][n][metric]["ci95"] for n in result["runs"]))
             lines.append(f"{'  95% CI':<20}" + "".join(f"{text:>{width}}" for text in shown))
     lines.append(f"{'threshold':<20}" + "".join(f"{result['thresholds'][n]:>{width}.3f}" for n in result["runs"]))
     for test in result["delong"]:

@@ -163,6 +163,22 @@ def test_stress_on_one_image_says_why_and_records_no_specificity_drop(capsys, tm
     assert all(f"note: {note}" in printed for note in said)
 
 
+def test_stress_json_holds_no_drop_and_no_worst_case_where_the_table_says_none():
+    """A rise was stored as the "largest drop" (+0.05) and a shift that lowered nothing as the worst case, where the
+    table said "none" and "no shift lowered the ROC AUC"."""
+    from pneumonia_cnn.evaluation.stress import _largest_drop
+    rows = [{"delta_sensitivity": 0.05, "delta_specificity": -0.1}, {"delta_sensitivity": 0.0}]
+    assert _largest_drop(rows, "sensitivity") == 0.0 and _largest_drop(rows, "specificity") == -0.1
+    assert _largest_drop([{"sensitivity": None}], "sensitivity") is None
+    from pneumonia_cnn.evaluation.stress import format_stress, stress_test
+    require_shared()
+    result = stress_test("builtin", SHARED_DATA, "val", device="cpu", shifts={"unchanged": lambda g, i: g})
+    assert result["shifts"][0]["delta_roc_auc"] == 0.0 and result["worst_roc_auc"] is None
+    assert (result["largest_sensitivity_drop"], result["largest_specificity_drop"]) == (0.0, 0.0)
+    assert format_stress(result).splitlines()[-1] == ("no shift lowered the ROC AUC; largest drops: sensitivity "
+                                                      "none, specificity none")
+
+
 def test_stress_tables_show_an_undefined_value_and_drop_as_such():
     from pneumonia_cnn.evaluation.report import _stress_section
     from pneumonia_cnn.evaluation.stress import format_stress
@@ -172,7 +188,10 @@ def test_stress_tables_show_an_undefined_value_and_drop_as_such():
     result = {"data": "one", "split": "test", "n_images": 2, "threshold": 0.5, "baseline": base, "shifts": rows,
               "worst_roc_auc": None, "largest_sensitivity_drop": -0.5, "largest_specificity_drop": None,
               "notes": ["ROC AUC needs both classes"]}
-    assert format_stress(result).splitlines()[-1] == "note: ROC AUC needs both classes"
+    # the defined drop is printed and the undefined one named, before the notes (no line at all before)
+    assert format_stress(result).splitlines()[-2:] == [
+        "ROC AUC undefined; largest drops: sensitivity -0.500, specificity undefined",
+        "note: ROC AUC needs both classes"]
     result["worst_roc_auc"] = {"shift": "gamma 0.6", "roc_auc": 0.7}  # a line of drops, a specificity of none
     assert "largest drops: sensitivity -0.500, specificity undefined" in format_stress(result)
     result["worst_roc_auc"] = None

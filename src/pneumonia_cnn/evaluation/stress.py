@@ -116,8 +116,8 @@ def stress_test(checkpoint, data, split="test", device="auto", cache_dir=None, o
             if scores[key] is not None and baseline[key] is not None:
                 scores[f"delta_{key}"] = scores[key] - baseline[key]
         rows.append(scores)
-    valid = [r for r in rows if r["roc_auc"] is not None]
-    worst = min(valid, key=lambda r: r["roc_auc"]) if valid else None
+    lowered = [r for r in rows if r.get("delta_roc_auc") is not None and r["delta_roc_auc"] < 0]
+    worst = min(lowered, key=lambda r: r["roc_auc"]) if lowered else None  # null when none lowered it, as the table
     result = {"checkpoint": str(predictor.checkpoints[0]["path"]), "data": str(data), "split": split,
               "n_images": int(len(labels)), "threshold": predictor.threshold, "baseline": baseline, "shifts": rows,
               "worst_roc_auc": worst and {"shift": worst["shift"], "roc_auc": worst["roc_auc"]},
@@ -130,9 +130,10 @@ def stress_test(checkpoint, data, split="test", device="auto", cache_dir=None, o
 
 
 def _largest_drop(rows, metric: str) -> float | None:
-    """The most negative change of ``metric`` over the shifts; None when no shift has one (a split without the
-    class it needs: every row's value is null, and 0 had read as "no drop")."""
-    return min((r[f"delta_{metric}"] for r in rows if f"delta_{metric}" in r), default=None)
+    """The most negative change of ``metric`` over the shifts, 0.0 when none fell (the table's "none": a rise had
+    been stored as the "largest drop"); None when no shift has one (a split without the class it needs)."""
+    changes = [r[f"delta_{metric}"] for r in rows if f"delta_{metric}" in r]
+    return min(min(changes), 0.0) if changes else None
 
 
 def stress_notes(labels, class_names) -> list[str]:
@@ -174,14 +175,15 @@ def format_stress(result: dict) -> str:
         lines.append(f"{row['shift']:<18}{cell(row['roc_auc'], row.get('delta_roc_auc'))}"
                      f"{cell(row['sensitivity'], row.get('delta_sensitivity'))}"
                      f"{cell(row['specificity'], row.get('delta_specificity'))}")
-    if result["worst_roc_auc"]:
-        worst = result["worst_roc_auc"]
-        lowered = base["roc_auc"] is None or worst["roc_auc"] < base["roc_auc"]
+    worst = result["worst_roc_auc"]
+    if result["shifts"]:  # a one-class split too: its defined drop was never printed, its undefined one unnamed
+        lowered = worst is not None and (base["roc_auc"] is None or worst["roc_auc"] < base["roc_auc"])
         drops = [f"{name} undefined" if value is None else f"{name} {value:+.3f}" if value < 0 else
                  f"{name} none"  # a rise is no drop ("+0.000" read as one)
                  for name, value in (("sensitivity", result["largest_sensitivity_drop"]),
                                      ("specificity", result["largest_specificity_drop"]))]
         lines.append((f"worst case: {worst['shift']} (ROC AUC {worst['roc_auc']:.4f})" if lowered else
-                      "no shift lowered the ROC AUC") + f"; largest drops: {', '.join(drops)}")
+                      "no shift lowered the ROC AUC" if base["roc_auc"] is not None else "ROC AUC undefined")
+                     + f"; largest drops: {', '.join(drops)}")
     lines += [f"note: {note}" for note in result.get("notes", [])]
     return "\n".join(line.rstrip() for line in lines)

@@ -259,3 +259,13 @@ def test_what_is_not_a_keras_file_is_named_for_what_it_is(capsys, tmp_path):
     torch.save({"weights": torch.zeros(2)}, checkpoint)
     assert run(capsys, "import-keras", checkpoint, "--out", tmp_path / "a.pt") == (
         2, f"error: {checkpoint}: not a Keras model (a zip archive without model.weights.h5: a PyTorch checkpoint)")
+
+
+def test_drift_of_an_imported_model_says_why_it_has_no_reference(capsys, tmp_path):
+    """It said "one of an earlier version, or adapted to a site", neither of which an imported model is."""
+    from pneumonia_cnn.monitoring import no_reference_reason
+    run(capsys, "import-keras", fixture(FULL), "--out", tmp_path / "k.pt")
+    assert no_reference_reason(load_checkpoint(tmp_path / "k.pt")) == (
+        "no validation scores in this checkpoint: it was imported from Keras, trained elsewhere; pneumonia-cnn "
+        "evaluate --threshold POLICY --calibration platt --save-as fits a decision on validation images and keeps "
+        "their scores")

@@ -75,6 +75,10 @@ def no_reference_reason(checkpoint: dict) -> str:
     if checkpoint.get("adaptation"):
         return ("no validation scores in this checkpoint: it was adapted to a site, and its model is not the one "
                 "the scores came from")
+    if isinstance(checkpoint.get("imported"), dict):  # it said "one of an earlier version, or adapted to a site"
+        return ("no validation scores in this checkpoint: it was imported from Keras, trained elsewhere; pneumonia-cnn "
+                "evaluate --threshold POLICY --calibration platt --save-as fits a decision on validation images and "
+                "keeps their scores")
     return NO_REFERENCE
 
 

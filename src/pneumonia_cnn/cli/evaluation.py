@@ -52,8 +52,8 @@ def evaluate_arguments(p):
     p.add_argument("--seed", type=whole_number(0), default=0, help="bootstrap seed")
     add_format(p)
     p.add_argument("--out", type=PATH, help="JSON path (default: beside the checkpoint; ./builtin_SPLIT_metrics.json "
-                                                                "for the built-in model); an existing file there "
-                                            "must be an earlier evaluate's")
+                                            "for the built-in model); an existing file there must be an earlier "
+                                            "evaluate's")
     add_device(p), add_engine(p), add_cache_dir(p)
     p.add_argument("--no-figures", action="store_true", help="skip the ROC/PR/reliability pictures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

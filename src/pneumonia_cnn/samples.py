@@ -44,7 +44,8 @@ def show_samples(data, split: str = "train", out="samples.png", per_class: int =
         for path in rng.permutation(candidates):
             try:
                 chosen.append(read_image(path)[0])
-                row_titles.append(f"{name}\n{Path(path).name[:24]}")
+                shown = Path(path).name  # cut with a mark: "person62_bacteria_299.jp" read as a whole name
+                row_titles.append(f"{name}\n{shown if len(shown) <= 24 else shown[:23] + '…'}")
             except ImageReadError as error:  # said, as training says it: it had been left out without a word
                 failures.append((path, error.reason))
                 log.warning("skipped %s: %s", display_path(path), error.reason)

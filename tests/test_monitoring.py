@@ -71,8 +71,20 @@ def test_drift_command_on_children_and_on_adults(trained_run):
     assert far["ood_scores"]["psi"] > 3 * near["ood_scores"]["psi"]
     table = drift_cli(trained_run / "best.pt", "--data", adults_dir)
     assert table.stdout.startswith("drift: drift") and "OOD scores: PSI" in table.stdout
+    # --fail-on: a scheduled check can tell a drift by the exit status (it was 0 whatever the status)
+    assert adults.returncode == 0  # by default, as before
+    assert drift_cli(trained_run / "best.pt", "--data", adults_dir, "--fail-on", "drift").returncode == 3
+    assert drift_cli(trained_run / "best.pt", "--data", adults_dir, "--fail-on", "warning").returncode == 3
     missing = drift_cli(trained_run / "best.pt", "--data", "/nonexistent/folder")
     assert missing.returncode == 2 and "no images found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_drift_exit_status_by_level():
+    from pneumonia_cnn.monitoring import drift_exit_status
+    expected = {"ok": (0, 0, 0), "collecting": (0, 0, 0), "warning": (0, 3, 0), "drift": (0, 3, 3),
+                "unavailable": (0, 3, 3)}  # a check that cannot compare must not pass
+    for status, codes in expected.items():
+        assert tuple(drift_exit_status({"status": status}, level) for level in (None, "warning", "drift")) == codes
 
 
 def test_drift_judges_only_enough_images_and_needs_one_readable(trained_run, tmp_path):

@@ -65,6 +65,16 @@ NO_REFERENCE = ("no validation scores in this checkpoint (one of an earlier vers
                 "model is not the one the scores came from)")
 
 
+FAILING = {"warning": ("warning", "drift", "unavailable"), "drift": ("drift", "unavailable")}
+
+
+def drift_exit_status(report: dict, fail_on: str | None) -> int:
+    """``drift --fail-on``: 3 when the status reaches ``fail_on``, or nothing could be compared ("unavailable": a
+    check that cannot see must not pass as "ok"); else 0, "collecting" included (it exited 0 whatever the status,
+    so a scheduled job could not tell a drift from "ok")."""
+    return 3 if fail_on and report["status"] in FAILING[fail_on] else 0
+
+
 def no_reference_reason(checkpoint: dict) -> str:
     """Why a checkpoint keeps no validation scores, from what it is: a run's last.pt (its training state, written
     each epoch to resume training: the end-of-run steps store the scores in best.pt), an adapted model, or one

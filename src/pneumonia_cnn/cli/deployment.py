@@ -312,10 +312,12 @@ def drift_arguments(p):
     p.add_argument("--data", nargs="+", required=True, type=PATH, help="new images: files, folders or globs")
     add_format(p, ("table", "json"))
     add_device(p, "cpu")
+    p.add_argument("--fail-on", choices=("warning", "drift"), help="exit 3 when the status is this or worse, or "
+                   "unavailable (for a scheduled check); by default the exit status is 0 whatever the status")
 
 
 def run_drift(args) -> int:
-    from ..monitoring import drift_of_files, format_drift
+    from ..monitoring import drift_exit_status, drift_of_files, format_drift
     from ..predict_io import collect_paths
     paths, missing = collect_paths(args.data)
     if not paths:
@@ -323,7 +325,7 @@ def run_drift(args) -> int:
     report = drift_of_files(args.checkpoint, paths, args.device)
     report["skipped"] += [{"path": str(m), "error": "no such file or folder"} for m in missing]
     print_json(report) if args.format == "json" else print(format_drift(report))
-    return 0
+    return drift_exit_status(report, args.fail_on)
 
 
 def info_arguments(p):

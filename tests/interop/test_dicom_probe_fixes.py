@@ -206,3 +206,14 @@ def test_a_report_the_destination_does_not_answer_holds_back_only_itself(child_x
         server.shutdown()
     assert {sent["sop_instance_uid"] for sent in node.sent} == {uids["A"], uids["B"]}
     assert not any("the destination is unreachable" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("keyword", ["PatientID", "AccessionNumber"])
+def test_an_identifier_holding_two_values_is_refused(scorer, child_xray, tmp_path, keyword):
+    """A PatientID of two values (a backslash in it) was copied into the report as two: an invalid report (VM 1)."""
+    source = pydicom.dcmread(xray_dicom(child_xray, tmp_path / "x.dcm"))
+    setattr(source, keyword, ["P1", "P2"])
+    (result,) = scorer.score([source])
+    assert result.outputs == [] and result.error == (
+        f"its {keyword} holds 2 values, where DICOM allows one: a report could not name the one it belongs to; "
+        "correct it at the source")

@@ -85,6 +85,9 @@ def identifier_problem(dataset: Dataset) -> str | None:
     its image (another patient). Names and descriptions are still cut; an identifier never."""
     for keyword, limit in IDENTIFIER_LIMITS.items():
         value = getattr(dataset, keyword, None)
+        if isinstance(value, MultiValue) and len(value) > 1:  # VM 1: copied as two values, the report was invalid
+            return f"its {keyword} holds {len(value)} values, where DICOM allows one: a report could not name the " \
+                   f"one it belongs to; correct it at the source"
         longest = max((len(str(v or "")) for v in (value if isinstance(value, MultiValue) else [value])), default=0)
         if longest > limit:
             return f"its {keyword} is {longest} characters, over DICOM's {limit}: a report could not carry it " \

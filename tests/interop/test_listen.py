@@ -255,7 +255,9 @@ def test_a_deflate_bomb_is_set_aside_from_its_header(trained_run, tmp_path, capl
     tracemalloc.stop()
     assert peak < 16 * 1024 * 1024, f"{peak:,} bytes"  # before: the 48 MB data set and its re-encoding
     assert "(decompression bomb) (kept in" in caplog.text
-    assert len(list((tmp_path / "spool" / "unreadable").iterdir())) == 1
+    (aside,) = (tmp_path / "spool" / "unreadable").glob("*.dcm")
+    reason = (tmp_path / "spool" / "unreadable" / ".reasons" / f"{aside.name}.txt").read_text()
+    assert reason.endswith("(decompression bomb)\n")  # beside the file: the log rotates away
 
 
 def test_what_a_sender_chose_cannot_forge_log_lines_or_put_patient_names_in_the_log(trained_run, xray_sources,
@@ -331,7 +333,9 @@ def test_a_report_the_destination_refuses_is_set_aside_and_does_not_hold_up_the_
         assert [s["report_uid"] is not None for s in listener.sent] == [True] and len(list(incoming.iterdir())) == 1
         listener._process(sorted(incoming.glob("*.dcm")))  # the pass after --retry-after: refused again
         assert answered.count("BAD") == 2 and not list(incoming.iterdir())
-        assert len(list((tmp_path / "spool" / "refused").iterdir())) == 1
+        (aside,) = (tmp_path / "spool" / "refused").glob("*.dcm")
+        reason = (tmp_path / "spool" / "refused" / ".reasons" / f"{aside.name}.txt").read_text()
+        assert reason.startswith("refused 2 times: ") and "0xC000" in reason
         assert "with status 0xC000 (after" not in caplog.text  # never retried with back-off
         assert "refused 2 times: set aside in" in caplog.text
     finally:

@@ -173,7 +173,8 @@ def test_junk_put_in_the_spool_is_set_aside_not_deleted(predictor, tmp_path, cap
     node._process([incoming / "empty.dcm", incoming / "notes.dcm"])
     assert not list(incoming.iterdir())
     unreadable = tmp_path / "spool" / "unreadable"
-    assert sorted(p.name for p in unreadable.iterdir()) == ["empty.dcm", "gone.dcm", "notes.dcm"]
+    assert sorted(p.name for p in unreadable.iterdir()) == [".reasons", "empty.dcm", "gone.dcm", "notes.dcm"]
+    assert (unreadable / ".reasons" / "notes.dcm.txt").read_text() == "not a DICOM instance (no SOP Instance UID)\n"
     assert (unreadable / "gone.dcm").is_symlink()  # the link itself moved, nothing it points to read
     assert "instance gone: unreadable: not a regular file (a link, a folder or a device): not read" in caplog.text
     assert "instance notes: unreadable: not a DICOM instance (no SOP Instance UID)" in caplog.text
@@ -190,7 +191,7 @@ def test_a_file_above_the_instance_limit_put_in_the_spool_is_set_aside_unread(pr
     start = time.monotonic()
     node._process([incoming / "huge.dcm"])
     assert time.monotonic() - start < 2
-    assert [p.name for p in (tmp_path / "spool" / "unreadable").iterdir()] == ["huge.dcm"]
+    assert [p.name for p in (tmp_path / "spool" / "unreadable").glob("*.dcm")] == ["huge.dcm"]
     assert "instance huge: unreadable: 3072.0 MB, above the 256 MB limit (--max-instance-mb)" in caplog.text
 
 

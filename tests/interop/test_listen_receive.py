@@ -241,9 +241,9 @@ def test_a_report_moved_back_from_refused_is_sent_without_a_restart(trained_run,
         assert listener._receive(receipt(path)) == 0x0000
         listener.start(block=False)
         refused = tmp_path / "spool" / "refused"
-        assert eventually(lambda: len(list(refused.iterdir())) == 1) and answered == ["BACK"]
+        assert eventually(lambda: len(list(refused.glob("*.dcm"))) == 1) and answered == ["BACK"]
         fixed.append(True)
-        moved = next(refused.iterdir())
+        moved = next(refused.glob("*.dcm"))
         moved.rename(listener.incoming / moved.name)
         assert eventually(lambda: len(listener.sent) == 1)
         assert answered == ["BACK", "BACK"] and not list(listener.incoming.iterdir())
@@ -283,7 +283,7 @@ def test_refusal_counts_survive_a_restart(trained_run, xray_sources, tmp_path, c
         second = node()  # the restart
         assert second.refusals == {spooled[0].name: 1}
         second._process(spooled)
-        assert [p.name for p in second.refused.iterdir()] == [spooled[0].name]  # refused twice: set aside
+        assert [p.name for p in second.refused.glob("*.dcm")] == [spooled[0].name]  # refused twice: set aside
         assert json.loads((tmp_path / "spool" / "refusals.json").read_text()) == {}
         (tmp_path / "spool" / "refusals.json").write_text("[1, 2]")  # damaged: counting starts again
         assert node().refusals == {}

@@ -14,7 +14,6 @@ import logging
 import os
 import queue
 import re
-import shutil
 import signal
 import threading
 import time
@@ -30,7 +29,7 @@ from .dicom_send import OUT_OF_RESOURCES, Destination, DestinationUnreachable, s
 from .network import TransferError, with_retries
 from .scoring import DicomScorer, not_an_image, other_modality_class, shown_result
 from .spool import RefusalCounts, SpoolHold, move_file, open_spool, remove_partial_receipts, spool_lock, uid_of
-from .spool_intake import kept, read_spooled, remove_unscored
+from .spool_intake import kept, read_spooled, remove_unscored, set_aside
 
 log = logging.getLogger("pneumonia_cnn")
 
@@ -377,7 +376,7 @@ class Listener:
         count = self.refusals.get(path.name, 0) + bool(error.refusal)
         if error.refusal and count >= self.give_up_after:
             self.refusals.set(path.name, None)
-            shutil.move(str(path), self.refused / path.name)  # first: the line below says where it is
+            set_aside(path, self.refused, f"refused {count} times: {error}")  # first: the line below says where
             log.warning("%s; refused %d times: set aside in %s (move it back to %s to send it "
                         "again)", error, count, display_path(self.refused), display_path(self.incoming))
             return
@@ -391,7 +390,7 @@ class Listener:
         self._retry_later([path])
 
     def _set_aside(self, path: Path, reason: str):
-        shutil.move(str(path), self.unreadable / path.name)  # first: the line below says where it is
+        set_aside(path, self.unreadable, reason)  # first: the line below says where it is
         log.warning("instance %s: unreadable: %s (kept in %s)", uid_of(path), reason, display_path(self.unreadable))
 
     def _retry_later(self, paths, due: float | None = None):

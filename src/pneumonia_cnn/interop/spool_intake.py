@@ -6,12 +6,14 @@ out of the batch, which was retried whole, forever)."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from ..data.dicom_guard import dicom_problem
-from ..fileio import display_path, over_limit
+from ..fileio import display_path, over_limit, write_text_atomic
 
 log = logging.getLogger("pneumonia_cnn")
+REASONS = ".reasons"  # SPOOL/unreadable/.reasons/NAME.txt: why NAME was set aside
 
 
 def read_spooled(path: Path, max_instance_mb: float):
@@ -48,3 +50,17 @@ def remove_unscored(path: Path, uid: str, retry_after: float) -> bool:
         log.warning("instance %s: not scored, but %s", uid, kept(path, None, error, retry_after))
         return False
     return True
+
+
+def set_aside(path: Path, folder: Path, reason: str) -> None:
+    """``path`` moved into ``folder`` (SPOOL/unreadable, SPOOL/refused), and its reason written in
+    ``folder/.reasons/NAME.txt``: it was in the log alone, which rotates away while the file stays (hidden, so that
+    ``mv refused/* incoming/`` moves the instances alone). A reason that cannot be written is said in the log; the
+    move stands."""
+    shutil.move(str(path), folder / path.name)
+    try:
+        (folder / REASONS).mkdir(exist_ok=True)
+        write_text_atomic(folder / REASONS / f"{path.name}.txt", f"{reason}\n")
+    except OSError as error:
+        log.warning("%s: its reason not written beside it (%s)", display_path(folder / path.name),
+                    error.strerror or error)

@@ -201,3 +201,24 @@ def test_info_and_the_report_describe_the_adaptation_in_words(adapted, tmp_path)
     never = write_report("builtin", data, "test", out=tmp_path / "b.html", device="cpu", bootstrap=20,
                          stress=False).read_text()
     assert "Adaptation to a new site" not in never
+
+
+def test_scoring_with_a_model_adapt_judged_worse_warns(tmp_path, caplog):
+    """adapt saved the checkpoint whatever its verdict and said "keep using the original model" once; predict,
+    serve and pacs then scored with it without a word."""
+    from pneumonia_cnn.inference import Predictor
+    source = torch.load(builtin.checkpoint_path(), weights_only=False)
+    verdict = ("adapted model is NOT better on the kept-out images (ROC AUC +0.000, balanced accuracy at the "
+               "threshold -0.088): keep using the original model for this site")
+    for name, improved in (("worse.pt", False), ("better.pt", True)):
+        torch.save(dict(source, adaptation={"site_data": "site", "improved": improved, "verdict": verdict}),
+                   tmp_path / name)
+    caplog.clear()
+    Predictor(tmp_path / "worse.pt", "cpu")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{tmp_path / 'worse.pt'}: adapt judged this model NOT better than its source on the site's kept-out images "
+        "(ROC AUC +0.000, balanced accuracy at the threshold -0.088); the source checkpoint is the one to use for "
+        "that site"]
+    caplog.clear()
+    Predictor(tmp_path / "better.pt", "cpu"), Predictor("builtin", "cpu")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

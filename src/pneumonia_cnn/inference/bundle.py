@@ -190,15 +190,21 @@ def load_bundle(checkpoints) -> Bundle:
     return _ensemble_bundle(loaded, models, preprocessing, tta, ood)
 
 
-def warn_if_not_fitted(bundle: Bundle) -> None:
+def warn_before_scoring(bundle: Bundle) -> None:
     """For a user scoring with it (``Predictor``), not for training's own end-of-run fit, which loads best.pt before
-    its decision exists: best.pt named before the end-of-run steps, or last.pt (``info`` says it too)."""
+    its decision exists: best.pt named before the end-of-run steps, or last.pt (``info`` says it too); and a model
+    ``adapt`` judged NOT better than its source on the site's kept-out images, which it saved all the same."""
     for checkpoint in bundle.checkpoints:
+        where = display_path(checkpoint.get("path", "checkpoint"))
         if decision_not_fitted(checkpoint):
             log.warning("%s: weights saved while training, before its end-of-run steps: the threshold 0.5 is a "
                         "placeholder, with no calibration and no out-of-distribution flag (use the run's best.pt "
-                        "once the run has finished, or finish it with pneumonia-cnn train --resume RUN)",
-                        display_path(checkpoint.get("path", "checkpoint")))
+                        "once the run has finished, or finish it with pneumonia-cnn train --resume RUN)", where)
+        adaptation = checkpoint.get("adaptation") if isinstance(checkpoint.get("adaptation"), dict) else {}
+        if adaptation.get("improved") is False:  # said once by adapt; predict, serve and pacs said nothing
+            log.warning("%s: adapt judged this model NOT better than its source on the site's kept-out images (%s); "
+                        "the source checkpoint is the one to use for that site", where,
+                        str(adaptation.get("verdict", "")).partition("(")[2].partition(")")[0] or "see info")
 
 
 def _classes_of(checkpoint: dict) -> tuple[str, ...]:

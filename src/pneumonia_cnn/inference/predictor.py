@@ -25,7 +25,7 @@ from .adabn import (
     has_batch_norm,
     member_pseudo_labels,
 )
-from .bundle import Bundle, load_bundle, warn_if_not_fitted
+from .bundle import Bundle, load_bundle, warn_before_scoring
 from .engines import INT8_ENGINES
 from .files import decode_files
 from .scorer import Scorer, Scores
@@ -71,7 +71,7 @@ class Predictor:
     def __init__(self, checkpoints, device: str = "auto", amp: str = "off", engine: str = "auto",
                  prevalence=None, adapt_batch: bool = False):
         bundle = checkpoints if isinstance(checkpoints, Bundle) else load_bundle(checkpoints)
-        warn_if_not_fitted(bundle)
+        warn_before_scoring(bundle)
         self.prevalence = parse_prevalence(prevalence)
         if isinstance(self.prevalence, float):
             bundle = bundle.with_prevalence(self.prevalence, "given")

@@ -157,6 +157,7 @@ def test_the_imported_checkpoint_says_what_it_is(capsys, tmp_path):
     assert (f"trained on: not recorded: trained elsewhere, in Keras at 64x64; imported from seed_cnn_64x64.keras; "
             f"sha256 {digest}") in lines  # was "{}", then the record's dict
     assert "out-of-distribution flag: not fitted for this checkpoint" in lines
+    assert "trained with: the tutorial's recipe, in Keras, elsewhere: not recorded" in lines  # was "preset=tutorial"
     assert lines[0].endswith(f"imported from Keras file seed_cnn_64x64.keras (SHA-256 {digest}), trained elsewhere")
     assert ("threshold and calibration fitted on: no images: the tutorial's threshold 0.5 and no calibration, as "
             "imported (pneumonia-cnn evaluate --threshold POLICY --calibration platt --save-as fits them on labelled "

@@ -113,7 +113,8 @@ def describe_checkpoint(checkpoint, as_json: bool = False) -> str:
              f"classes: {', '.join(card['class_names'] or [])}; {threshold_text(card)}; "
              f"{_calibration_text(card['calibration'], card['decision_fitted_on'], card['decision_not_fitted'])}",
              f"threshold and calibration fitted on: {fitted}",
-             "trained with: " + ", ".join(f"{k}={v}" for k, v in card["trained_with"].items() if v not in (None, "")),
+             "trained with: " + ("the tutorial's recipe, in Keras, elsewhere: not recorded" if imported else
+                                 ", ".join(f"{k}={v}" for k, v in card["trained_with"].items() if v not in (None, ""))),
              f"intended use: {use.get('task', 'binary pneumonia screening aid')}",
              f"training population: {use.get('population', 'unknown')}",
              f"trained on: {trained_on_text(use.get('trained_on'))}",

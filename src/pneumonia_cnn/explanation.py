@@ -64,7 +64,7 @@ def _grad_cam(model: torch.nn.Module, pixels_uint8: np.ndarray, device, layer: s
         model.train(was_training)
     weights = gradient.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activation).sum(dim=1, keepdim=True)).detach()
-    cam = _to_input_grid(cam, _known_cell_centres(model, layer, x), pixels_uint8.shape)[0, 0].cpu().numpy()
+    cam = _on_input(cam, model, layer, x, pixels_uint8.shape)[0, 0].cpu().numpy()
     cam -= cam.min()
     return (cam / cam.max()).astype(np.float32) if cam.max() > 0 else cam.astype(np.float32)
 
@@ -72,6 +72,17 @@ def _grad_cam(model: torch.nn.Module, pixels_uint8: np.ndarray, device, layer: s
 # The centres depend only on the model's weights, the layer and the input's shape, and the models explained are
 # served copies whose weights do not change: worked out once per model, they cost a third of a map on a CPU.
 _centres_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _on_input(cam, model, layer: str, x, size):
+    """The map at the input's size. A map that tiles the input (its side divides the input's: padded
+    convolutions, a ResNet's 6 x 6 on 192) is resized as Grad-CAM's authors and pytorch-grad-cam resize it, each
+    cell over its tile; one that valid convolutions and pooling shrank and shifted is placed at its cells' measured
+    centres. Measured on a ResNet, whose border cuts its corner cells' fields, the centres moved inward and its map
+    was drawn over rows 10-156 of 192 and shifted up and left, leaving a finding at a lung base unmarked."""
+    if size[0] % cam.shape[2] == 0 and size[1] % cam.shape[3] == 0:
+        return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)
+    return _to_input_grid(cam, _known_cell_centres(model, layer, x), size)
 
 
 def _known_cell_centres(model, layer: str, x) -> tuple[float, float, float, float]:

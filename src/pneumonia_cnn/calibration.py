@@ -182,6 +182,8 @@ def compare_calibrations(labels, raw_logits, folds: int = 5, seed: int = 0) -> d
     from sklearn.model_selection import StratifiedKFold
     labels = np.asarray(labels).astype(int)
     x = np.asarray(raw_logits, dtype=np.float64)
+    if np.bincount(labels, minlength=2).min() < 2:  # a fold without the class: no method can be fitted there (it
+        return {}  # ended training with "fitting it needs both classes")
     folds = max(2, min(folds, int(np.bincount(labels, minlength=2).min())))
     out_of_fold = {method: np.zeros(len(labels)) for method in CALIBRATION_METHODS}
     for fit_index, test_index in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, labels):

@@ -228,6 +228,10 @@ def _set(index: int, **settings):
     (_set(1, activation="tanh"), "layer conv2d (Conv2D) has activation 'tanh', not the tutorial's 'relu'"),
     (_set(1, dilation_rate=[2, 2]), "layer conv2d (Conv2D) has dilation_rate [2, 2], not the tutorial's [1, 1]"),
     (_set(5, padding="same"), "layer conv2d_2 (Conv2D) has padding 'same', not the tutorial's 'valid'"),
+    (lambda layers: layers[-1]["config"].pop("activation"),  # unstated: Keras' default, linear
+     "layer dense_1 (Dense) has activation 'linear', not the tutorial's 'sigmoid'"),
+    (_set(-2, activation={"module": "keras.activations", "class_name": "function", "config": "tanh"}),
+     "layer dense (Dense) has activation 'tanh', not the tutorial's 'relu'"),
     (lambda layers: layers[2].update(class_name="AveragePooling2D"),
      "its layers are Conv2D, AveragePooling2D, Conv2D, MaxPooling2D, Conv2D, MaxPooling2D, Flatten, Dense, Dense, "
      "not the tutorial's Conv2D, MaxPooling2D, Conv2D, MaxPooling2D, Conv2D, MaxPooling2D, Flatten, Dense, Dense"),
@@ -270,3 +274,12 @@ def test_drift_of_an_imported_model_says_why_it_has_no_reference(capsys, tmp_pat
         "no validation scores in this checkpoint: it was imported from Keras, trained elsewhere; pneumonia-cnn "
         "evaluate --threshold POLICY --calibration platt --save-as fits a decision on validation images and keeps "
         "their scores")
+
+
+def test_train_weights_given_a_keras_file_sends_it_to_import_keras():
+    """train --weights model.keras gave torch's "file in archive is not in a subdirectory: metadata.json"."""
+    from pneumonia_cnn.errors import CheckpointError
+    from pneumonia_cnn.models.registry import read_weights_file
+    for name in ("seed_cnn_64x64.keras", FULL):
+        with pytest.raises(CheckpointError, match=r"a Keras model; import it first \(pneumonia-cnn import-keras"):
+            read_weights_file(fixture(name))

@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import torch
 
-from tests.conftest import link_subset, require_shared, write_image
+from tests.conftest import SHARED_DATA, link_subset, require_shared, write_image
 
 
 def test_train_leaves_out_the_images_the_input_checks_flag_and_says_so(tmp_path, caplog):
@@ -21,7 +21,7 @@ def test_train_leaves_out_the_images_the_input_checks_flag_and_says_so(tmp_path,
     write_image(root / "val" / "PNEUMONIA" / "colour.png", colour)
     out = tmp_path / "run"
     assert main(["train", "--data", str(root), "--out", str(out), "--epochs", "1", "--size", "32", "--batch-size",
-                 "8", "--min-val-images", "6", "--no-progress"]) == 0
+                 "8", "--min-val-images", "13", "--no-progress"]) == 0
     err = [record.getMessage() for record in caplog.records]
     assert (f"train leaves out 2 of the 26 training image(s) in {root / 'train'} that the input checks flag (1: not "
             "an X-ray: the image looks like noise, not anatomy; 1: not an X-ray: the image is blank (almost "
@@ -31,6 +31,9 @@ def test_train_leaves_out_the_images_the_input_checks_flag_and_says_so(tmp_path,
             f"{root / 'val' / 'PNEUMONIA' / 'colour.png'})") in err
     assert "train: 24 images (NORMAL 12, PNEUMONIA 12; 24 patients); val: 12 images (NORMAL 6, PNEUMONIA 6; " \
            "12 patients)" in err
+    # val had 13, as many as --min-val-images asks: 12 are left, and the decision is fitted on them (said)
+    assert (f"{root / 'val'}: 12 validation image(s) left, fewer than --min-val-images 13: the decision is fitted on "
+            "them (give more, or --val-from-train)") in err
     best = torch.load(out / "best.pt", weights_only=False)
     assert best["intended_use"]["trained_on"]["images"] == 24 and best["decision_fit"]["images"] == 12
     fitted_on = best["reference"]["val"]["fingerprints"]
@@ -51,3 +54,24 @@ def test_real_x_rays_are_not_left_out(tmp_path, caplog):
     kept = leave_out_not_xrays(cached, listed, config, True, "training ")
     assert kept is cached and len(kept) == 80
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+def test_train_does_not_leave_out_patients_of_other_ages(tmp_path, caplog):
+    """The presets carry the Kaggle set's ages (1-5) for the model card: used as a filter, they left out every
+    image of a user's own adult DICOM set ("no readable training images")."""
+    from pneumonia_cnn.cli import main
+    from tests.interop.studies import xray_dicom
+    require_shared()
+    sources = {name: sorted((SHARED_DATA / "train" / name).iterdir())[:9] for name in ("NORMAL", "PNEUMONIA")}
+    for name, paths in sources.items():
+        for index, source in enumerate(paths):
+            split = "val" if index >= 6 else "train"
+            xray_dicom(source, (tmp_path / "data" / split / name).mkdir(parents=True, exist_ok=True) or
+                       tmp_path / "data" / split / name / f"{index}.dcm", patient_id=f"{name}{index}", age="045Y")
+    caplog.set_level(logging.INFO)
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--size", "32", "--batch-size", "4", "--min-val-images", "6", "--no-progress"]) == 0
+    said = [record.getMessage() for record in caplog.records]
+    assert not any("leaves out" in line for line in said)
+    assert "train: 12 images (NORMAL 6, PNEUMONIA 6; 6 patients); val: 6 images (NORMAL 3, PNEUMONIA 3; " \
+           "3 patients)" in said  # patients by file name: 0.dcm in both classes is one

@@ -60,8 +60,8 @@ def check_tutorial_config(config: dict, where: str) -> None:
     for layer, (kind, settings) in zip(kept, TUTORIAL_CONFIG):
         written = layer.get("config") if isinstance(layer.get("config"), dict) else {}
         for key, value in settings.items():
-            stated = _setting(written.get(key))
-            if stated is not None and stated != value:  # not stated: Keras' default, the tutorial's
+            stated = _setting(written.get(key, "linear" if key == "activation" else None))  # Keras' own default
+            if stated is not None and stated != value:  # another setting not stated: Keras' default, the tutorial's
                 raise PneumoniaCNNError(f"{where}: layer {printable(str(written.get('name', kind)))} ({kind}) has "
                                         f"{key} {stated!r}, not the tutorial's {value!r}")
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, ConfigError, one_line
+from ..errors import OTHER_MODEL_FILES, CheckpointError, ConfigError, one_line
 from ..fileio import display_path, load_torch_file
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -130,6 +131,9 @@ def gray_kernel(weight: torch.Tensor) -> torch.Tensor:
 
 def read_weights_file(path) -> dict:
     """Weights for ``create_model(..., weights=path)``: a pneumonia-cnn checkpoint or a bare state dict."""
+    kind = OTHER_MODEL_FILES.get(Path(str(path)).suffix.lower())
+    if kind:  # train --weights: torch's words on a Keras zip's layout had been the reason
+        raise CheckpointError(f"{display_path(path)}: {kind}")
     payload = load_torch_file(path)
     if isinstance(payload, dict) and "state_dict" in payload:
         payload = payload["state_dict"]

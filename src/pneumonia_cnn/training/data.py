@@ -131,7 +131,8 @@ def prepare_data(config: TrainConfig, dist_info: Distributed):
     train, val = (leave_out_not_xrays(cached, listed, config, dist_info.main, what)
                   for cached, listed, what in ((train, train_list, "training "), (val, val_list, "validation ")))
     if len(train) == 0:
-        raise DatasetError(f"{display_path(train_list.source)}: no readable training images")
+        raise DatasetError(f"{display_path(train_list.source)}: no readable training images the input checks do "
+                           "not flag")
     if len(set(train.labels.tolist())) < 2:
         drawn = f" among the {config.limit_images} images --limit-images drew" if config.limit_images else ""
         raise DatasetError(f"{display_path(train_list.source)}: only one class is readable{drawn}; training needs both")
@@ -140,13 +141,20 @@ def prepare_data(config: TrainConfig, dist_info: Distributed):
 
 def leave_out_not_xrays(cached, listed, config: TrainConfig, main: bool, what: str):
     """The split less the images the model-free input checks flag, as ``predict`` flags them whatever the score
-    (blank, noise, colour; a DICOM of another modality, body part or view; an age outside --age-range): trained
-    on, a grey PNG labelled PNEUMONIA had taught the model without a word. Each rank leaves out the same."""
+    (blank, noise, colour; a DICOM of another modality, body part or view): trained on, a grey PNG labelled
+    PNEUMONIA had taught the model without a word. Not by age: the training images are the population, and the
+    presets' age range (the Kaggle set's 1-5) had left out every adult of a user's own data set. Each rank leaves
+    out the same."""
     if cached is None:
         return None
-    use = {"population": config.population, "age_range_years": config.age_range_years}
-    return leave_out_flagged(cached, listed.source, flag_reasons, use, "train", what,
-                             log.warning if main else None)[0]
+    kept, left_out = leave_out_flagged(cached, listed.source, flag_reasons, None, "train", what,  # None: no age
+                                       log.warning if main else None)
+    if left_out and what == "validation " and len(kept) < config.min_val_images and main:
+        log.warning("%s: %d validation image(s) left, fewer than --min-val-images %d: the decision is fitted on "
+                    "them (give more, or --val-from-train)", display_path(listed.source), len(kept),
+                    config.min_val_images)
+    return kept
+
 
 
 def describe_counts(cached) -> str:

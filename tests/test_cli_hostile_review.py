@@ -157,3 +157,15 @@ def test_show_samples_says_which_images_it_skipped_and_when_a_row_is_short(caplo
     assert said[-2:] == [f"{root / 'test'}: 3 readable NORMAL image(s), fewer than --per-class 4",
                          f"{root / 'test'}: 3 readable PNEUMONIA image(s), fewer than --per-class 4"]
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_show_samples_says_so_when_a_class_has_no_readable_image(caplog, tmp_path):
+    from pneumonia_cnn.samples import show_samples
+    require_shared()
+    root = link_subset(tmp_path / "data", {"test": 3})
+    for path in (root / "test" / "NORMAL").iterdir():
+        path.unlink()
+    (root / "test" / "NORMAL" / "empty.jpeg").write_bytes(b"")
+    show_samples(root, "test", tmp_path / "grid.png", per_class=3)
+    assert f"{root / 'test'}: 0 readable NORMAL image(s), fewer than --per-class 3" in [
+        record.getMessage() for record in caplog.records]  # its row was empty without a word

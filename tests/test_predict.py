@@ -117,8 +117,10 @@ def test_auto_falls_back_to_torch_when_onnx_runtime_is_unusable(trained_run, mon
         Predictor(trained_run, "cpu", engine="onnx")  # asked for by name: no silent substitute
 
 
-def test_a_file_named_twice_is_read_once_and_wide_names_keep_the_table_aligned(trained_run, tmp_path, capsys):
-    folder = tmp_path / "scans"
+def test_a_file_named_twice_is_read_once_and_wide_names_keep_the_table_aligned(trained_run, tmp_path, capsys,
+                                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)  # names shorter than the path column (a longer one is shown whole, its row wider)
+    folder = Path("scans")
     folder.mkdir()
     sources = sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[:2]
     (folder / "a.jpeg").symlink_to(sources[0])

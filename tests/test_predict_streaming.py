@@ -200,3 +200,6 @@ def test_a_csv_cell_a_spreadsheet_would_run_as_a_formula_is_quoted(tmp_path, cap
     assert [row["path"] for row in rows] == ["'=1+2.jpeg", "'+cmd.jpeg", "'@x.jpeg", "'-x.jpeg", "''q.jpeg",
                                             "plain.jpeg"]
     assert len({row["probability"] for row in rows}) == 1  # the same image under each name
+    # a class named by its folder is a cell too
+    text = format_predictions([Prediction("x.jpeg", 0.9, "=SUM(A1)", 0.5, True, 1.0, [])], "csv")
+    assert text.splitlines()[1].startswith("x.jpeg,0.9,'=SUM(A1),0.5,")

@@ -14,11 +14,13 @@ def test_predict_takes_one_path_or_a_list_and_refuses_a_batch_size_below_one():
     require_shared()
     image = sorted((SHARED_DATA / "test" / "NORMAL").iterdir())[0]
     listed = pneumonia_cnn.predict("builtin", [str(image)], device="cpu")
-    for one in (str(image), image):
+    for one in (str(image), image, bytes(image)):  # bytes: as os.fsencode gives a path
         predictions = pneumonia_cnn.predict("builtin", one, device="cpu")
         assert [(p.path, p.probability, p.error) for p in predictions] == \
             [(str(image), listed[0].probability, None)]
     assert listed[0].label == "NORMAL" and listed[0].ood_threshold is not None
+    import numpy as np
+    assert pneumonia_cnn.predict("builtin", [image], batch_size=np.int64(4))[0].probability == listed[0].probability
     for size in (0, -1, 2.5, True):
         with pytest.raises(ConfigError, match=rf"^batch_size: {size!r} must be a whole number of at least 1$"):
             pneumonia_cnn.predict("builtin", [Path(image)], batch_size=size)

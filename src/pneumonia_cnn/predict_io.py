@@ -179,7 +179,7 @@ def _csv_text(rows: list[dict], head: bool = False) -> str:
         writer.writeheader()
     for row in rows:
         writer.writerow(dict(row, warnings="; ".join(row["warnings"]), path=spreadsheet_safe(row["path"]),
-                             model=spreadsheet_safe(row["model"])))
+                             model=spreadsheet_safe(row["model"]), label=spreadsheet_safe(row["label"])))
     return buffer.getvalue().rstrip("\n")
 
 

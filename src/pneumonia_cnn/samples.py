@@ -54,7 +54,7 @@ def show_samples(data, split: str = "train", out="samples.png", per_class: int =
                 break
         grid[name] = chosen
         titles.append(row_titles)
-        if 0 < len(chosen) < per_class:
+        if len(chosen) < per_class:  # none at all too: its row was empty without a word
             log.warning("%s: %d readable %s image(s), fewer than --per-class %d", display_path(images.source),
                         len(chosen), name, per_class)
     if not any(grid.values()):

@@ -170,6 +170,7 @@ def test_stress_json_holds_no_drop_and_no_worst_case_where_the_table_says_none()
     rows = [{"delta_sensitivity": 0.05, "delta_specificity": -0.1}, {"delta_sensitivity": 0.0}]
     assert _largest_drop(rows, "sensitivity") == 0.0 and _largest_drop(rows, "specificity") == -0.1
     assert _largest_drop([{"sensitivity": None}], "sensitivity") is None
+    assert _largest_drop([{"delta_sensitivity": 0.05}, {"delta_sensitivity": 0.02}], "sensitivity") == 0.0  # rises
     from pneumonia_cnn.evaluation.stress import format_stress, stress_test
     require_shared()
     result = stress_test("builtin", SHARED_DATA, "val", device="cpu", shifts={"unchanged": lambda g, i: g})

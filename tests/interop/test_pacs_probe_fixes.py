@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from pneumonia_cnn.cli import main
-from pneumonia_cnn.interop import listener as listener_module
+from pneumonia_cnn.interop import spool_intake
 from pneumonia_cnn.interop.listener import Destination, Listener
 from pneumonia_cnn.interop.spool import uid_of
 from pneumonia_cnn.interop.state import ScoredState, StateFileError
@@ -95,13 +95,13 @@ def test_a_run_ended_by_sigterm_has_printed_each_report_it_stored(orthanc, xray_
 def one_file_fails(monkeypatch, name: str, action: str):
     """``action`` ("move", "unlink") raising EROFS for the spooled file whose name starts with ``name`` only."""
     if action == "move":
-        move = listener_module.shutil.move
+        move = spool_intake.shutil.move
 
         def failing_move(source, target, *args, **kwargs):
             if Path(source).name.startswith(name):
                 raise OSError(errno.EROFS, "Read-only file system", str(target))
             return move(source, target, *args, **kwargs)
-        monkeypatch.setattr(listener_module.shutil, "move", failing_move)
+        monkeypatch.setattr(spool_intake.shutil, "move", failing_move)
         return
     unlink = Path.unlink
 

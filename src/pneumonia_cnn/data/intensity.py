@@ -29,7 +29,7 @@ def standardise_intensity(gray: np.ndarray, method: str = "none") -> np.ndarray:
         low, high = np.percentile(gray, (1.0, 99.0))
         if high <= low:
             return gray
-        scaled = (gray.astype(np.float32) - low) * (255.0 / (high - low))
+        scaled = (gray.astype(np.float64) - low) * (255.0 / (high - low))  # float64 under NumPy 1 too
         return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
     from skimage import exposure
     if method == "equalize":

@@ -7,6 +7,7 @@ EM) and, on request, batch-norm statistics re-estimated on the batch being score
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -389,8 +390,8 @@ def predict(checkpoint, paths, device: str = "auto", batch_size: int = 32, engin
             prevalence=None, adapt_batch: bool = False) -> list[Prediction]:
     """Library form of ``pneumonia-cnn predict``: ``paths`` is a list of files, or one file (a ``str`` had been
     read as a list of one-letter files, one error each)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ConfigError(f"batch_size: {batch_size!r} must be a whole number of at least 1")
-    paths = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)
+    paths = [os.fsdecode(paths)] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)
     return Predictor(checkpoint, device, engine=engine, prevalence=prevalence,
                      adapt_batch=adapt_batch).predict_files(paths, batch_size)

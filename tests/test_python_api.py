@@ -24,3 +24,10 @@ def test_predict_takes_one_path_or_a_list_and_refuses_a_batch_size_below_one():
     for size in (0, -1, 2.5, True):
         with pytest.raises(ConfigError, match=rf"^batch_size: {size!r} must be a whole number of at least 1$"):
             pneumonia_cnn.predict("builtin", [Path(image)], batch_size=size)
+
+
+def test_a_given_rate_at_either_end_is_printed_with_its_digits():
+    """--prevalence 1e-6 was said as "a pneumonia rate of 0.000 (given)", and 0.999999 as "1.000"."""
+    from pneumonia_cnn.calibration import shown_rate
+    assert [shown_rate(rate) for rate in (1e-6, 0.0005, 0.001, 0.3, 0.75134, 0.999, 0.999999)] == [
+        "1e-06", "0.0005", "0.001", "0.300", "0.751", "0.999", "0.999999"]

@@ -276,6 +276,12 @@ def parse_prevalence(value, estimate: bool = True) -> float | str | None:
     return rate
 
 
+def shown_rate(rate: float) -> str:
+    """A pneumonia rate as the notes print it: three decimals, or as many digits as it takes at the ends (1e-06
+    and 0.999999 had shown as 0.000 and 1.000)."""
+    return f"{rate:.3f}" if 0.001 <= rate <= 0.999 else f"{rate:.6g}"
+
+
 def prior_offset(old_prior: float, new_prior: float) -> float:
     """Bayes' rule under label shift, on the logit: what moves p(y|x) to a population whose rate is ``new_prior``."""
     return float(logit(new_prior) - logit(old_prior))

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..calibration import estimate_prior, estimate_prior_of_members, parse_prevalence
+from ..calibration import estimate_prior, estimate_prior_of_members, parse_prevalence, shown_rate
 from ..errors import ConfigError, PneumoniaCNNError
 from ..ood.checks import withholds_label
 from .adabn import (
@@ -341,7 +341,7 @@ class Predictor:
     def batch_notes(self) -> list[str]:
         notes = list(self.notes)
         if isinstance(self.prevalence, float):
-            notes.append(f"probabilities stated for a pneumonia rate of {self.prevalence:.3f} (given)")
+            notes.append(f"probabilities stated for a pneumonia rate of {shown_rate(self.prevalence)} (given)")
         if self.batch_prevalence == "estimate" and self.prevalence is None:  # a service's single image
             notes.append(f"prevalence not estimated: a single image cannot estimate a pneumonia rate (a batch scored "
                          f"together of at least {MIN_ESTIMATE_BATCH} in-distribution images can); probabilities "

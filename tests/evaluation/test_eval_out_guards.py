@@ -218,7 +218,7 @@ def test_a_metric_a_group_cannot_measure_is_left_out_of_the_largest_gap():
     assert gaps["sensitivity"]["worst"] == "A"  # B measures sensitivity (2 of 3)
     text = format_subgroups(result)
     npv_row = next(line for line in text.splitlines() if line.startswith("npv"))
-    assert "0.000 (fixed)" in npv_row and npv_row.endswith("0.500 (C vs A)")
+    assert "0.000 (fixed)" in npv_row and npv_row.endswith("0.500 (C vs A) *")
     assert "left out of the largest gap" in text
 
 

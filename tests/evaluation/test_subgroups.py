@@ -146,3 +146,20 @@ def test_groups_with_few_of_a_class_are_said_to_have_unreliable_intervals():
     assert by_patient["notes"][0].startswith("intervals unreliable in A (12+/3- patients), B (2+/2- patients), C ")
     enough = subgroup_metrics("site", [1] * 10 + [0] * 10, np.linspace(0, 1, 20), 0.5, ["A"] * 20, resamples=20)
     assert enough["notes"] == []
+
+
+def test_a_gap_to_a_group_of_few_images_is_marked():
+    """A group of 4 images was named best in every metric, its gaps printed as any other's."""
+    from pneumonia_cnn.evaluation.subgroups import format_subgroups
+    rng = np.random.default_rng(0)
+    labels = np.array([1, 0] * 20 + [1, 1, 1, 0])
+    scores = np.where(labels == 1, rng.uniform(0.3, 1.0, len(labels)), rng.uniform(0.0, 0.7, len(labels)))
+    scores[-4:] = [0.9, 0.95, 0.99, 0.01]  # the tiny group: all right
+    values = np.array(["big"] * 40 + ["tiny"] * 4)
+    result = subgroup_metrics("site", labels, scores, 0.5, values, resamples=50, seed=1)
+    assert result["few_per_class"] == ["tiny"]
+    table = format_subgroups(result).splitlines()
+    accuracy = next(line for line in table if line.startswith("accuracy "))
+    assert accuracy.endswith(f"({'tiny'} vs big) *")
+    assert ("note: * a gap to a group of fewer than 10 of a class: its size alone can make it best or worst (a group "
+            "of 4 images had been best in every metric)") in table

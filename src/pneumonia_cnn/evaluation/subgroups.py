@@ -115,24 +115,31 @@ def subgroup_metrics(field: str, labels, probabilities, threshold: float, values
                        "metrics": bootstrap_metrics(labels[chosen], probabilities[chosen], threshold, groups=units,
                                                     resamples=resamples, seed=seed,
                                                     predicted=None if predicted is None else predicted[chosen])})
-    return {"field": field, "groups": groups, "largest_gap": largest_gaps(groups),
-            "notes": few_per_class_notes(groups, labels, values, patients)}
+    small = few_per_class_groups(groups, labels, values, patients)
+    return {"field": field, "groups": groups, "largest_gap": largest_gaps(groups), "few_per_class": list(small),
+            "notes": few_per_class_notes(small, patients)}
 
 
-def few_per_class_notes(groups: list[dict], labels, values, patients) -> list[str]:
+def few_per_class_groups(groups: list[dict], labels, values, patients) -> dict[str, str]:
     """The groups whose intervals rest on fewer than FEW_PER_CLASS units (images, or patients) of a class they hold,
-    as ``evaluate`` notes it of the whole split: their bootstrap barely varies, so the intervals are too narrow."""
+    each with its counts in words: their bootstrap barely varies, so the intervals are too narrow."""
     unit = "image" if patients is None else "patient"
-    small = []
+    small = {}
     for group in groups:
         chosen = np.where(values == group["value"])[0]
         units = units_per_class(labels[chosen], None if patients is None else np.asarray(patients)[chosen])
         held = [u for u, n in zip(units, (group["n_negative"], group["n_positive"])) if n]
         if held and min(held) < FEW_PER_CLASS:
-            small.append(f"{group['value']} ({units[1]}+/{units[0]}- {unit}s)")
+            small[group["value"]] = f"{group['value']} ({units[1]}+/{units[0]}- {unit}s)"
+    return small
+
+
+def few_per_class_notes(small: dict[str, str], patients) -> list[str]:
+    """As ``evaluate`` notes it of the whole split."""
+    unit = "image" if patients is None else "patient"
     if not small:
         return []
-    return [f"intervals unreliable in {', '.join(small)}: fewer than {FEW_PER_CLASS} {unit}s of a class; a "
+    return [f"intervals unreliable in {', '.join(small.values())}: fewer than {FEW_PER_CLASS} {unit}s of a class; a "
             f"bootstrap of so few barely varies, so those intervals are too narrow or undefined, and gaps to those "
             f"groups are uncertain"]
 
@@ -215,10 +222,19 @@ def format_subgroups(result: dict) -> str:
         gap = result["largest_gap"].get(metric)
         lines.append(f"{metric:<18}" + "".join(f"{_cell(g['metrics'][metric], not measured(g, metric)):>{width + 2}}"
                                                for g in groups)
-                     + (f"  {gap['gap']:.3f} ({gap['best']} vs {gap['worst']})" if gap else "  -"))
+                     + (f"  {gap['gap']:.3f} ({gap['best']} vs {gap['worst']}){_few_mark(result, gap)}" if gap
+                        else "  -"))
     if any(not measured(g, metric) for g in groups for metric in METRICS):
         lines.append("note: - is a metric undefined in a group (no image of the class it needs, or none called "
                      "positive for PPV, negative for NPV), (fixed) one set by the class a group lacks; both are left "
                      "out of the largest gap")
+    if any(_few_mark(result, gap) for gap in result["largest_gap"].values()):
+        lines.append(f"note: * a gap to a group of fewer than {FEW_PER_CLASS} of a class: its size alone can make it "
+                     f"best or worst (a group of 4 images had been best in every metric)")
     lines += [f"note: {note}" for note in result.get("notes", [])]
     return "\n".join(lines)
+
+
+def _few_mark(result: dict, gap: dict) -> str:
+    small = result.get("few_per_class") or []
+    return " *" if gap["best"] in small or gap["worst"] in small else ""

@@ -201,6 +201,8 @@ def test_info_and_the_report_describe_the_adaptation_in_words(adapted, tmp_path)
     never = write_report("builtin", data, "test", out=tmp_path / "b.html", device="cpu", bootstrap=20,
                          stress=False).read_text()
     assert "Adaptation to a new site" not in never
+    # no run folder beside the built-in model: its curves are drawn from the checkpoint's history (no section before)
+    assert "<h2>Training curves</h2><div class='figs'><img" in never and "Drawn from the checkpoint's history" in never
 
 
 def test_scoring_with_a_model_adapt_judged_worse_warns(tmp_path, caplog):

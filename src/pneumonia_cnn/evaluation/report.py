@@ -194,6 +194,24 @@ def _decision_section(card: dict, run_dir: Path | None) -> str:
             f"{_escape(NOT_FITTED if card.get('decision_not_fitted') else _fit_text(fit))}.</p>{table}{picture}")
 
 
+def _curves_section(checkpoint: dict, run_dir: Path | None) -> str:
+    """The run's curves.png, or the same figure drawn from the checkpoint's own history: a checkpoint without its
+    run folder (the built-in model, a best.pt copied alone) had no section and no word of why."""
+    if run_dir is not None and (run_dir / "curves.png").exists():
+        return f"<h2>Training curves</h2><div class='figs'>{_image(run_dir / 'curves.png', wide=True)}</div>"
+    history = checkpoint.get("history")
+    if not isinstance(history, list) or not history:
+        return "<h2>Training curves</h2><p class='note'>None: the checkpoint records no training history.</p>"
+    import tempfile
+
+    from ..plots import training_curves
+    with tempfile.TemporaryDirectory(prefix="pcnn-report-") as folder:
+        training_curves(history, Path(folder) / "curves.png")
+        picture = _image(Path(folder) / "curves.png", wide=True)
+    return (f"<h2>Training curves</h2><div class='figs'>{picture}</div><p class='note'>Drawn from the checkpoint's "
+            "history (no curves.png beside it).</p>")
+
+
 def _adaptation_section(card: dict) -> str:
     """What ``adapt`` did to the source checkpoint (the report had no word of it); empty for a model never adapted."""
     if not isinstance(card.get("adapted"), dict):
@@ -245,8 +263,7 @@ def _document(checkpoint, report, data, split, device, cache_dir, stress, packag
                 _configuration_section(card, config), _decision_section(card, None if packaged else run_dir),
                 _adaptation_section(card),
                 f"<h2>Data</h2><p>{_escape(str(data))}</p>{_data_summary(data, checkpoint)}"]
-    if not packaged and (run_dir / "curves.png").exists():  # the built-in model has no run folder here
-        sections.append(f"<h2>Training curves</h2><div class='figs'>{_image(run_dir / 'curves.png', wide=True)}</div>")
+    sections.append(_curves_section(checkpoint, None if packaged else run_dir))
     sections += [_metrics_section(report, split), *[subgroup_section(r) for r in report.get("subgroups", [])],
                  _pictures_section(report.get("figures", {}), staged.staged)]
     if stress:

@@ -93,6 +93,8 @@ def test_torchscript_metadata_is_json_with_the_calibration_an_object(capsys, tmp
     assert isinstance(calibration, dict) and Calibration.from_dict(calibration).method == "platt"
     assert isinstance(metadata["class_names"], list) and isinstance(metadata["input_size"], list)
     assert isinstance(metadata["threshold"], float) and isinstance(metadata["channels"], int)
+    # the comparison with the threshold, which an integrator had to guess (a probability equal to it is PNEUMONIA)
+    assert metadata["label_rule"] == "PNEUMONIA when probability >= threshold, else the first class"
 
 
 def limited_run_checkpoint(tmp_path: Path, count: int) -> tuple[Path, list[str]]:

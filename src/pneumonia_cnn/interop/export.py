@@ -87,6 +87,9 @@ def export_metadata(checkpoint: dict, channels: int | None = None, output: str =
             "intensity": pre.get("intensity", "none"), "interpolation": pre.get("interpolation", "bilinear"),
             "preprocessing_steps": preprocessing_steps(pre),
             **exported_threshold(checkpoint), "threshold_policy": decision_of(checkpoint).policy,
+            # the comparison, which the threshold alone does not say (a probability equal to it is PNEUMONIA)
+            "label_rule": f"{checkpoint.get('class_names', ['NORMAL', 'PNEUMONIA'])[-1]} when probability >= "
+                          "threshold, else the first class",
             "calibration": decision_of(checkpoint).calibration.to_dict(),
             "decision_fitted_on": decision_fitted_on(checkpoint),
             "class_names": checkpoint.get("class_names", ["NORMAL", "PNEUMONIA"]),

@@ -105,3 +105,16 @@ def test_a_dicom_result_names_its_patient_study_and_instance(trained_run, xray_s
     assert [o.get("subject", {}).get("identifier", {}).get("value") for o in mixed["contained"]] == \
         ["MRN-17", "MRN-99", None]
     assert "derivedFrom" not in mixed["contained"][2]  # a JPEG names no study
+
+
+def test_a_header_note_is_said_once_in_a_fhir_report(xray_sources, tmp_path):
+    """pydicom's note on a PatientID with a stray escape byte was printed twice: when the image was read for
+    scoring, and again when its identifiers were read for the report's links."""
+    import subprocess
+    import sys
+
+    from .studies import xray_dicom
+    path = xray_dicom(xray_sources["NORMAL"][0], tmp_path / "p2.dcm", patient_id="PAT 2\x1b")
+    done = subprocess.run([sys.executable, "-m", "pneumonia_cnn", "predict", "builtin", str(path), "--format", "fhir"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr.count("Found unknown escape sequence") == 1, done.stderr

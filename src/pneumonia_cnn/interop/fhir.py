@@ -32,16 +32,15 @@ LINK_TAGS = ("PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SOPInstanceU
 def dicom_links(path) -> dict:
     """The identifiers a DICOM file gives its result (patient, study, instance), read from its header alone, for
     an unreadable file too when its header can be read; {} for other images or a header that cannot be read.
-    What pydicom says of the header (a UID that is not one) is one line naming the file, as the readers give it
-    (pydicom's own line named no file)."""
+    What pydicom says of the header (a UID that is not one) the reader said when scoring the file."""
     from ..data.dicom_guard import pydicom_notes
     from ..data.readers import looks_like_dicom
     if not looks_like_dicom(Path(path)):
         return {}
     with pydicom_notes() as notes:
         values = _header_values(path)
-    if notes:
-        log.warning("warning: %s: %s", path, "; ".join(note.strip() for note in notes))
+    if notes:  # said already when the image was read for scoring (the same header): a second line said it twice
+        log.debug("%s: %s", path, "; ".join(note.strip() for note in notes))
     for tag in ("StudyInstanceUID", "SOPInstanceUID"):
         if not is_uid(values.get(tag, "")):
             values[tag] = ""

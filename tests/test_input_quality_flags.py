@@ -69,27 +69,36 @@ def test_predict_and_evaluate_flag_the_same_thumbnails(thumbnails, tmp_path, cap
     assert flagged == {os.path.basename(path) for path in small}
 
 
-def test_noise_is_not_an_x_ray_but_a_noisy_blurred_x_ray_is():
-    """At a roughness of 1.2, 19 of the 520 test X-rays blurred, darkened and noised as benchmarks/decision.py's
-    simulated site were called "not an X-ray" and given no label; pixel noise measures 3.6-4.0."""
+def test_noise_and_textures_are_not_x_rays_and_the_shared_x_rays_are():
+    """A bound of 2.75 was tried (19 of 520 X-rays degraded as the simulated site of benchmarks/decision.py read
+    above 1.2 and got no label): it gave PNEUMONIA at 0.99 to salt and pepper, noise made at another size and a
+    textured image. Withholding a label from a badly degraded X-ray is the safe side."""
     import numpy as np
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter
 
     from pneumonia_cnn.data.intensity import standardise_intensity
     from pneumonia_cnn.data.readers import read_image
-    from pneumonia_cnn.evaluation import stress
     from pneumonia_cnn.ood.checks import NOT_XRAY, input_warnings
     from tests.conftest import SHARED_DATA, require_shared
     require_shared()
     rng = np.random.default_rng(0)
-    for noise in (rng.integers(0, 256, (192, 192), dtype=np.uint8),
-                  np.clip(128 + 40 * rng.standard_normal((192, 192)), 0, 255).astype(np.uint8),
-                  (rng.random((192, 192)) > 0.5).astype(np.uint8) * 255):
+
+    def as_read(array):  # the file resized to the model's 192, as predict reads it
+        image = Image.fromarray(array).resize((192, 192), Image.BILINEAR)
+        return standardise_intensity(np.asarray(image), "equalize")
+    salt = lambda n, share: np.where(rng.random((n, n)) < share, 255 * (rng.random((n, n)) < 0.5), 128)  # noqa: E731
+    made = {"noise at 150": np.clip(128 + 40 * rng.standard_normal((150, 150)), 0, 255),
+            "salt and pepper 5%": salt(224, 0.05), "salt and pepper 20%": salt(256, 0.2),
+            "smoothed noise": np.clip(128 + 120 * gaussian_filter(rng.standard_normal((192, 192)), 0.7), 0, 255),
+            "pixel noise": rng.integers(0, 256, (192, 192))}
+    for name, array in made.items():
         assert f"{NOT_XRAY}: the image looks like noise, not anatomy" in input_warnings(
-            standardise_intensity(noise, "equalize"))
-    for index, path in enumerate(sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())):
-        gray = read_image(path, (192, 192), "area")[0]
-        site = stress.noise(stress.gamma(stress.blur(stress.border_crop(gray, 0.12), 1.5), 1.5), 0.03, index)
-        assert not any(w.startswith(NOT_XRAY) for w in input_warnings(standardise_intensity(site, "equalize")))
+            as_read(array.astype(np.uint8))), name
+    for split in ("train", "val", "test"):
+        for path in sorted((SHARED_DATA / split / "PNEUMONIA").iterdir())[:60]:
+            gray = standardise_intensity(read_image(path, (192, 192), "area")[0], "equalize")
+            assert not any(w.startswith(NOT_XRAY) for w in input_warnings(gray)), path
 
 
 def test_calibrations_are_not_compared_on_a_class_of_one_image():

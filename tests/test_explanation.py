@@ -170,3 +170,24 @@ def test_frozen_weights_give_the_same_map_and_a_layer_the_forward_pass_skips_is_
     model.unused = torch.nn.Conv2d(1, 1, 3)
     with pytest.raises(PneumoniaCNNError, match=r"^--layer unused: the model's forward pass does not run it$"):
         grad_cam(model, image, torch.device("cpu"), "unused")
+
+
+def test_the_placement_follows_the_layers_not_a_size_that_happens_to_divide(monkeypatch):
+    """Chosen by whether the map's side divided the input's, the seed model at 80 (16 x 16) was resized as if
+    its cells tiled the input (8 px off), and the built-in ResNet at 200 (7 x 7) got the measured centres that
+    had drawn its maps over rows 10-156."""
+    import torch
+
+    from pneumonia_cnn import explanation
+    from pneumonia_cnn.models import create_model, list_models
+    assert {name for name in list_models() if explanation._shrinks(create_model(name))} == {"seed"}
+    measured = []
+    real = explanation._to_input_grid
+    monkeypatch.setattr(explanation, "_to_input_grid", lambda *args: measured.append(1) or real(*args))
+    rng = np.random.default_rng(0)
+    seed = create_model("seed", in_channels=1, image_size=(80, 80)).eval()
+    grad_cam(seed, rng.integers(0, 256, (80, 80), dtype=np.uint8), torch.device("cpu"))
+    assert measured == [1]  # 16 x 16 on 80: divides, and is still placed at its cells' centres
+    resnet = create_model("resnet18_narrow", in_channels=1).eval()
+    grad_cam(resnet, rng.integers(0, 256, (200, 200), dtype=np.uint8), torch.device("cpu"))
+    assert measured == [1]  # 7 x 7 on 200: resized

@@ -75,14 +75,21 @@ _centres_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _on_input(cam, model, layer: str, x, size):
-    """The map at the input's size. A map that tiles the input (its side divides the input's: padded
-    convolutions, a ResNet's 6 x 6 on 192) is resized as Grad-CAM's authors and pytorch-grad-cam resize it, each
-    cell over its tile; one that valid convolutions and pooling shrank and shifted is placed at its cells' measured
-    centres. Measured on a ResNet, whose border cuts its corner cells' fields, the centres moved inward and its map
-    was drawn over rows 10-156 of 192 and shifted up and left, leaving a finding at a lung base unmarked."""
-    if size[0] % cam.shape[2] == 0 and size[1] % cam.shape[3] == 0:
+    """The map at the input's size. A model of padded convolutions keeps its map on the input's grid (the ResNets,
+    DenseNet, MobileNet, seed_bn): it is resized as Grad-CAM's authors and pytorch-grad-cam resize it; one whose
+    unpadded convolutions shrink and shift the map (the tutorial's seed model) has each cell placed at its
+    measured centre. Measured on a ResNet, whose border cuts its corner cells' fields, the centres moved inward and
+    its map was drawn over rows 10-156 of 192, shifted up and left, leaving a finding at a lung base unmarked.
+    Chosen by the layers, not the sizes (a side that divides the input's can be a coincidence: seed at 80)."""
+    if not _shrinks(model):
         return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)
     return _to_input_grid(cam, _known_cell_centres(model, layer, x), size)
+
+
+def _shrinks(model) -> bool:
+    """Whether a convolution wider than one pixel runs unpadded: its output is smaller than its input."""
+    return any(isinstance(module, torch.nn.Conv2d) and max(module.kernel_size) > 1
+               and module.padding in (0, (0, 0), "valid") for module in model.modules())
 
 
 def _known_cell_centres(model, layer: str, x) -> tuple[float, float, float, float]:

@@ -108,7 +108,8 @@ def test_report_embeds_the_pictures_it_drew(tiny, tmp_path):
     page = write_report("builtin", data=tiny, out=tmp_path / "r.html", bootstrap=5, stress=False,
                         cache_dir=tmp_path / "cache")
     text = page.read_text(encoding="utf-8")
-    assert text.count("data:image/png;base64,") == 6 and (tmp_path / "r_test_figures" / "mistakes.png").is_file()
+    # 6 figures and the training curves, drawn from the built-in model's history
+    assert text.count("data:image/png;base64,") == 7 and (tmp_path / "r_test_figures" / "mistakes.png").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -1,6 +1,7 @@
 """DICOM reading with pydicom: VOI LUT / windowing, MONOCHROME1 inversion, scaling of 12-16-bit data."""
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import re
@@ -55,7 +56,12 @@ def read_dicom(path: Path, data: bytes | None = None):
             raise ImageReadError(path, f"corrupt DICOM ({type(error).__name__}: {message[:160]})") from None
     if notes:
         log.warning("warning: %s: %s", path, "; ".join(note.strip() for note in notes))
+        SAID.extend((str(path), note.strip()) for note in notes)
     return result
+
+
+# (file, note) pairs said when read: a second read of the same header (FHIR's links) says only what is new
+SAID: collections.deque = collections.deque(maxlen=4096)
 
 
 def _read_dicom(path: Path, data: bytes | None, notes: list):

@@ -32,15 +32,18 @@ LINK_TAGS = ("PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SOPInstanceU
 def dicom_links(path) -> dict:
     """The identifiers a DICOM file gives its result (patient, study, instance), read from its header alone, for
     an unreadable file too when its header can be read; {} for other images or a header that cannot be read.
-    What pydicom says of the header (a UID that is not one) the reader said when scoring the file."""
+    What pydicom says of the header (a UID that is not one) is one line naming the file, unless the reader said it
+    when scoring the file (pydicom's own line named no file)."""
     from ..data.dicom_guard import pydicom_notes
     from ..data.readers import looks_like_dicom
     if not looks_like_dicom(Path(path)):
         return {}
     with pydicom_notes() as notes:
         values = _header_values(path)
-    if notes:  # said already when the image was read for scoring (the same header): a second line said it twice
-        log.debug("%s: %s", path, "; ".join(note.strip() for note in notes))
+    from ..data.dicom import SAID
+    new = [note.strip() for note in notes if (str(path), note.strip()) not in SAID]
+    if new:  # what the scoring read said already is not said twice (an escape sequence in a PatientID was)
+        log.warning("warning: %s: %s", path, "; ".join(new))
     for tag in ("StudyInstanceUID", "SOPInstanceUID"):
         if not is_uid(values.get(tag, "")):
             values[tag] = ""

@@ -156,7 +156,6 @@ def leave_out_not_xrays(cached, listed, config: TrainConfig, main: bool, what: s
     return kept
 
 
-
 def describe_counts(cached) -> str:
     counts = {name: int((cached.labels == i).sum()) for i, name in enumerate(cached.class_names)}
     return "(" + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; {len(set(cached.patients))} patients)"

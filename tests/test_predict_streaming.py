@@ -125,8 +125,8 @@ def whole_run(items, fmt: str, batch_size: int) -> str:
         writer.writeheader()
         writer.writerows(dict(row, warnings="; ".join(row["warnings"])) for row in rows)
         return buffer.getvalue().rstrip("\n") + "\n"
-    from pneumonia_cnn.predict_io import _fit
-    width = min(max([columns(printable(row["path"])) for row in rows] + [4]), 70)
+    from pneumonia_cnn.predict_io import TABLE_PATH_COLUMNS, _fit
+    width = min(max([columns(printable(row["path"])) for row in rows] + [4]), TABLE_PATH_COLUMNS)
     lines = [f"{'path':<{width}}  {'probability':>11}  {'label':<10} {'in-dist':<8} note"]
     for row in rows:
         path = _fit(printable(row["path"]), width)
@@ -173,7 +173,8 @@ def test_long_paths_that_differ_early_are_shown_whole_in_the_table(tmp_path, cap
     """The table cut a path to its last 69 columns: two DICOM exports' files named by the same UIDs under two
     patients' folders showed on identical rows, one NORMAL and one PNEUMONIA."""
     require_shared()
-    uids = "1.2.840.113619.2.55.3.604688119.868.1249343483.504/1.2.840.113619.2.55.3.604688119.868.1249343483.505"
+    uids = ("1.2.840.113619.2.55.3.604688119.868.1249343483.504/1.2.840.113619.2.55.3.604688119.868.1249343483.505/"
+            "1.2.840.113619.2.55.3.604688119.868.1249343483.506")
     for patient, source in (("PAT001", xray(0)), ("PAT002", sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())[0])):
         (tmp_path / patient / uids).mkdir(parents=True)
         shutil.copyfile(source, tmp_path / patient / uids / "IM-0001.jpeg")
@@ -183,8 +184,8 @@ def test_long_paths_that_differ_early_are_shown_whole_in_the_table(tmp_path, cap
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("  ")[0] for line in lines[1:3]] == [f"PAT001/{uids}/IM-0001.jpeg",
                                                            f"PAT002/{uids}/IM-0001.jpeg"]
-    assert lines[3].startswith("short.jpeg" + " " * 60 + "  ")
-    assert lines[0].startswith("path" + " " * 66 + "  probability")  # the column stays 70 wide
+    assert lines[3].startswith("short.jpeg" + " " * 110 + "  ")
+    assert lines[0].startswith("path" + " " * 116 + "  probability")  # the column stays 120 wide
     assert [line.split()[2] for line in lines[1:]] == ["NORMAL", "PNEUMONIA", "NORMAL"]
 
 

@@ -140,9 +140,12 @@ def format_predictions(predictions, fmt: str = "table", positive_class: str = "P
     return format_fhir(rows, positive_class, links)
 
 
+TABLE_PATH_COLUMNS = 120  # wide enough for an installed package's paths (the demo's rows had been misaligned at 70)
+
+
 def table_width(paths) -> int:
     """The table's path column: it depends on the names alone, so rows can be printed as they are scored."""
-    return min(max([columns(printable(display_path(path))) for path in paths] + [4]), 70)
+    return min(max([columns(printable(display_path(path))) for path in paths] + [4]), TABLE_PATH_COLUMNS)
 
 
 def format_head(fmt: str, width: int) -> str:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -86,6 +87,40 @@ def test_rows_are_printed_as_they_are_scored_and_kept_on_ctrl_c():
     assert 1 <= len(rows) < len(paths) and all(len(row) == len(CSV_FIELDS) for row in rows)
     # the very lines a whole run gives those files
     assert text == format_predictions(Predictor("builtin").predict_files(paths[:len(rows)]), "csv") + "\n"
+
+
+SHOW_ROUNDS = '''
+import sys
+from pneumonia_cnn.cli.deployment import show
+rows = "".join(f"row {n:03d} " + "x" * 300 + "\\r\\n" for n in range(256))
+for round in range(int(sys.argv[1])):
+    try:
+        show(f"start {round}\\n" + rows + f"end {round}", False)
+    except KeyboardInterrupt:  # acted on once the text is written
+        pass
+'''
+
+
+def test_a_ctrl_c_while_a_full_pipe_blocks_the_rows_loses_none_of_them():
+    """With the pipe full (the reader slower than the scoring), a Ctrl-C interrupted the write of a chunk's rows:
+    CPython's buffered writer dropped the rest of it, then the newline came ('...166b31,\\n', cut at 64 KiB).
+    Each round here blocks an 80 KB text on the full pipe and interrupts it: every row arrives."""
+    rounds = 12
+    child = subprocess.Popen([sys.executable, "-c", SHOW_ROUNDS, str(rounds)], stdout=subprocess.PIPE, bufsize=0)
+    reader = io.BufferedReader(child.stdout)
+    try:
+        for round in range(rounds):
+            assert reader.readline() == f"start {round}\n".encode()
+            time.sleep(0.2)  # the child is now blocked writing into the full pipe
+            child.send_signal(signal.SIGINT)
+            lines = []
+            while not (line := reader.readline()).startswith(b"end") and line:
+                lines.append(line)
+            assert line == f"end {round}\n".encode() and len(lines) == 256, (round, lines[-1:], line)
+            assert all(re.fullmatch(rb"row \d{3} x{300}\r\n", line) for line in lines)
+    finally:
+        child.kill()
+        child.wait()
 
 
 def mixed_folder(tmp_path):

@@ -146,3 +146,33 @@ def test_a_process_torchrun_started_ends_without_finalisation_and_with_what_it_s
     assert result.returncode == 3 and result.stdout == "done, unflushed"
     assert "said last" in result.stderr
     assert ("finalised" in result.stderr) == (world_size != "2")
+
+
+def test_a_ctrl_c_while_a_pool_decodes_is_acted_on_between_chunks_and_the_pool_still_shuts_down():
+    """A Ctrl-C raised inside ``concurrent.futures``' locks could leave one taken: ``predict`` then hung at
+    0 % CPU in the pool's shutdown. Now the chunk in hand is finished first, then the KeyboardInterrupt comes
+    with no lock held: every item of the chunk was done, none of the next, and the pool shuts down."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pneumonia_cnn.signals import map_with_signals_deferred
+    done = []
+
+    def work(item):
+        if item == 0:
+            signal.raise_signal(signal.SIGINT)  # from a worker thread: the main thread's handler runs next
+        time.sleep(0.1)
+        done.append(item)
+        return item * 10
+
+    pool = ThreadPoolExecutor(max_workers=2)
+    results = []
+    with pytest.raises(KeyboardInterrupt):
+        for result in map_with_signals_deferred(pool, work, range(12), chunk=6):
+            results.append(result)
+    assert sorted(done) == [0, 1, 2, 3, 4, 5] and results == []  # raised before the chunk's first result
+    worker = threading.Thread(target=pool.shutdown)
+    worker.start()
+    worker.join(5)
+    assert not worker.is_alive()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert list(map_with_signals_deferred(ThreadPoolExecutor(2), abs, [-3, 2, -1], chunk=2)) == [3, 2, 1]

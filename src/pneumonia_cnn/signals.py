@@ -75,6 +75,19 @@ def signals_deferred(numbers=(signal.SIGINT, signal.SIGTERM)):
             signal.raise_signal(number)
 
 
+def map_with_signals_deferred(pool, function, items, chunk: int = 32):
+    """``pool.map(function, items)``'s results in order, submitted and awaited ``chunk`` at a time with SIGINT
+    and SIGTERM deferred (acted on between chunks, a fraction of a second apart). A Ctrl-C raised inside
+    ``concurrent.futures``' own locks (a future's condition, the pool's idle semaphore) can leave one taken:
+    the workers then wait on it for ever, and so did the pool's shutdown (``predict`` hung after Ctrl-C in 1
+    of 6 runs, at 0 % CPU)."""
+    items = list(items)
+    for start in range(0, len(items), chunk):
+        with signals_deferred():
+            done = list(pool.map(function, items[start:start + chunk]))
+        yield from done
+
+
 def exit_quietly_once_done(status: int) -> None:
     """After ``main`` has returned, its work done and said: Ctrl-C during the interpreter's exit (torch's atexit
     handlers, joining threads) ends the process at once with ``main``'s status. It raised a KeyboardInterrupt

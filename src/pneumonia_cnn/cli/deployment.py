@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import PneumoniaCNNError
 from ..fileio import display_path
+from ..signals import signals_deferred
 from .common import (
     NAME,
     PATH,
@@ -28,6 +29,7 @@ from .interop import add_scoring_options, check_scoring_options, scoring_predict
 from .outputs import check_replaceable
 
 log = logging.getLogger("pneumonia_cnn")
+PIECE_CHARACTERS = 1024  # at most 4 KiB in UTF-8: below the 8 KiB buffer of sys.stdout
 
 
 def predict_arguments(p):
@@ -102,36 +104,18 @@ def stream_rows(chunks, names, fmt: str, progress: bool) -> tuple[int, list]:
 
 
 def show(text: str, progress: bool) -> None:
-    """Print and flush, clearing the progress bar (on the same terminal) while writing; Ctrl-C waits until the
-    text is written (a SIGINT inside the write had cut the last row short: "...166b31\r")."""
-    with whole_write():
+    """Print ``text`` and a newline, then flush, clearing the progress bar (on the same terminal) while writing.
+    Ctrl-C waits until the text is written (a SIGINT inside the write had cut the last row short), and the text
+    goes in pieces smaller than the stream's buffer: CPython's buffered writer lost the rest of a larger write
+    that a signal interrupted while the pipe was full (a row cut at 64 KiB, then the newline)."""
+    with signals_deferred(), contextlib.ExitStack() as stack:
         if progress:
             from tqdm import tqdm
-            with tqdm.external_write_mode(file=sys.stdout):
-                print(text, flush=True)
-        else:
-            print(text, flush=True)
-
-
-@contextlib.contextmanager
-def whole_write():
-    """SIGINT and SIGTERM that arrive while the block runs (or arrived just before, their Python handler not yet
-    run) are held and acted on right after it, as the handlers they would have reached."""
-    import signal
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    arrived = []
-    previous = {sig: signal.signal(sig, lambda number, _frame: arrived.append(number))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for number in arrived[:1]:
-            signal.raise_signal(number)
+            stack.enter_context(tqdm.external_write_mode(file=sys.stdout))
+        text += "\n"
+        for start in range(0, len(text), PIECE_CHARACTERS):
+            sys.stdout.write(text[start:start + PIECE_CHARACTERS])
+        sys.stdout.flush()
 
 
 def explain_arguments(p):

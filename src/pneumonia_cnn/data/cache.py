@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import DatasetError, ImageReadError
 from ..fileio import atomic_path, display_path, write_json_atomic
+from ..signals import map_with_signals_deferred
 from .age import patient_age_years
 from .dataset import ImageList
 from .image import ImageMeta
@@ -176,13 +177,17 @@ def _decode_many(paths, size, interpolation, intensity, workers, progress, descr
     """(array or None, reason or None) per path, in order, decoded in a thread pool."""
     workers = workers or os.cpu_count() or 1
     jobs = [(path, size, interpolation, intensity) for path in paths]
-    results = ThreadPoolExecutor(max_workers=workers).map(_decode_one, jobs, chunksize=16) \
-        if workers > 1 else map(_decode_one, jobs)
+    results = _decode_in_pool(jobs, workers) if workers > 1 else map(_decode_one, jobs)
     if progress:
         from tqdm import tqdm
         results = tqdm(results, total=len(jobs), desc=f"decoding {description}", unit="img", leave=False,
                        disable=None)
     return results
+
+
+def _decode_in_pool(jobs, workers: int):
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield from map_with_signals_deferred(pool, _decode_one, jobs, 64)
 
 
 def _write_build(folder: Path, size, rows, images: ImageList, signatures, keep, skipped, preprocessing,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
+from ..signals import map_with_signals_deferred
+
 
 def file_fingerprint(path) -> str:
     """The first 16 hex digits of the file's SHA-256 (64 bits: collisions are negligible at any data size)."""
@@ -20,4 +22,4 @@ def file_fingerprint(path) -> str:
 
 def file_fingerprints(paths, workers: int = 4) -> list[str]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(file_fingerprint, paths))
+        return list(map_with_signals_deferred(pool, file_fingerprint, paths, 64))

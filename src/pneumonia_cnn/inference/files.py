@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ImageReadError
+from ..signals import map_with_signals_deferred
 from .bundle import Preprocessing
 
 
@@ -40,4 +41,4 @@ def decode_files(paths, preprocessing: Preprocessing, chunk: int = 32, workers: 
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         for start in range(0, len(paths), chunk):
-            yield list(pool.map(read, paths[start:start + chunk]))
+            yield list(map_with_signals_deferred(pool, read, paths[start:start + chunk], chunk))

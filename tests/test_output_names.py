@@ -44,3 +44,22 @@ def test_an_error_naming_a_lone_surrogate_is_still_one_line(tmp_path, capsys):
     assert main(["train", "--config", str(config), "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "unknown config field(s): x\\ud800" in err and "Traceback" not in err
+
+
+def test_an_output_path_that_is_a_link_gets_the_new_file_and_its_target_is_left_as_it_was(tmp_path):
+    """Every output is written beside its path and renamed onto it: a link in the way is replaced, and the file
+    it pointed to (a training run's best.pt, say) is not written through it (README, Reliability)."""
+    from pneumonia_cnn.fileio import write_json_atomic
+    target = tmp_path / "run" / "best.pt"
+    target.parent.mkdir()
+    target.write_bytes(b"the run's weights")
+    for name, write in (("x.onnx", lambda path: path.write_bytes(b"new")), ("x.json", None)):
+        link = tmp_path / name
+        link.symlink_to(target)
+        if write is None:
+            write_json_atomic(link, {"new": 1})
+        else:
+            with atomic_path(link) as temporary:
+                write(temporary)
+        assert not link.is_symlink() and link.read_bytes() in (b"new", b'{\n  "new": 1\n}\n'), name
+        assert target.read_bytes() == b"the run's weights"

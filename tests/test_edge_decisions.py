@@ -41,7 +41,8 @@ def test_estimate_on_a_few_images_keeps_the_checkpoints_probabilities(chosen, ca
     estimated = predict_json(capsys, "builtin", *chosen, "--prevalence", "estimate")
     assert [(r["probability"], r["threshold"], r["label"]) for r in estimated] == \
         [(r["probability"], r["threshold"], r["label"]) for r in plain]
-    assert (f"prevalence not estimated: {len(chosen)} in-distribution images, fewer than {MIN_ESTIMATE_BATCH}; "
+    images = "image" if len(chosen) == 1 else "images"
+    assert (f"prevalence not estimated: {len(chosen)} in-distribution {images}, fewer than {MIN_ESTIMATE_BATCH}; "
             f"probabilities stated for the checkpoint's rate of 0.751") in caplog.text
 
 

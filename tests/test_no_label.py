@@ -48,7 +48,7 @@ def test_predict_gives_no_label_to_what_is_not_an_xray_in_every_format(tmp_path,
     label = observations[0]["component"][0]
     assert label["code"]["text"] == "Label at the operating threshold" and "valueCodeableConcept" not in label
     assert label["dataAbsentReason"]["coding"][0]["code"] == "not-applicable"
-    assert report["conclusion"].startswith("3 image(s): 1 PNEUMONIA, 2 without a label (not an X-ray); "
+    assert report["conclusion"].startswith("3 image(s): 1 PNEUMONIA, 2 without a label (not a chest X-ray); "
                                            "2 outside the training population")
 
 
@@ -108,3 +108,28 @@ def test_evaluate_by_a_field_and_its_figures_count_them_as_the_overall_metrics_d
     scores = np.array([row["probability"] for row in report["predictions"]])
     names = [report["predictions"][i]["path"].rsplit("/", 1)[1] for i in confident_mistakes(report, labels, scores)]
     assert sorted(names) == ["blank.png", "noise.png"]  # the false positives the metrics count
+
+
+def test_a_dicom_whose_header_says_it_is_no_chest_xray_gets_no_label_and_a_lateral_view_keeps_its_own(tmp_path,
+                                                                                                      capsys):
+    """A head CT (DICOM modality CT, body part HEAD) was shown as PNEUMONIA in red at 0.998 on serve's page, beside
+    the warning that it is not a frontal chest radiograph: a label for it means nothing. Another modality, another
+    body part or a SOP class of another modality's image now get no label; a lateral chest view and a secondary
+    capture (its header cannot tell) keep theirs beside their warning."""
+    require_shared()
+    source = sorted((SHARED_DATA / "test" / "PNEUMONIA").iterdir())[0]
+    cases = {"ct_head.dcm": dict(modality="CR", Modality="CT", body_part="HEAD"),
+             "knee.dcm": dict(body_part="KNEE"),
+             "ct_class.dcm": dict(modality="CR", SOPClassUID="1.2.840.10008.5.1.4.1.1.2"),  # CT Image Storage
+             "lateral.dcm": dict(view="LL"),
+             "capture.dcm": dict(modality="CR", Modality="SC"),
+             "frontal.dcm": {}}
+    files = [str(xray_dicom(source, tmp_path / name, **options)) for name, options in cases.items()]
+    assert main(["predict", *files, "--format", "json"]) == 0
+    rows = {row["path"].rsplit("/", 1)[-1]: row for row in json.loads(capsys.readouterr().out)}
+    assert {name: rows[name]["label"] for name in cases} == {
+        "ct_head.dcm": None, "knee.dcm": None, "ct_class.dcm": None, "lateral.dcm": "PNEUMONIA",
+        "capture.dcm": "PNEUMONIA", "frontal.dcm": "PNEUMONIA"}
+    assert rows["ct_head.dcm"]["warnings"][0].startswith("not a frontal chest radiograph: DICOM modality CT")
+    assert rows["lateral.dcm"]["in_distribution"] is False and rows["frontal.dcm"]["in_distribution"] is True
+    assert rows["ct_head.dcm"]["probability"] == pytest.approx(rows["frontal.dcm"]["probability"])  # still scored

@@ -18,7 +18,7 @@ def test_copies_of_one_image_are_one_image_for_the_prevalence_estimate(tmp_path)
     estimating = Predictor("builtin", "cpu", prevalence="estimate")
     answers = estimating.predict_files(copies)
     assert {a.probability for a in answers} == {plain.probability}
-    assert any(note.startswith("prevalence not estimated: 1 in-distribution images, fewer than 32")
+    assert any(note.startswith("prevalence not estimated: 1 in-distribution image, fewer than 32")
                for note in estimating.last_notes)
 
 

@@ -74,7 +74,7 @@ def test_page_warns_on_an_image_that_is_not_an_xray(server, tmp_path):
         warning = browser.find_element(By.ID, "warning")
         assert warning.is_displayed() and "Outside the intended use" in warning.text
         # no label for what is not an X-ray (the page had shown PNEUMONIA beside the warning)
-        assert browser.find_element(By.ID, "label").text == "no label (not an X-ray)"
+        assert browser.find_element(By.ID, "label").text == "no label (not a chest X-ray)"
         browser.save_screenshot(str(tmp_path / "warning.png"))
     finally:
         browser.quit()

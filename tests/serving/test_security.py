@@ -522,3 +522,14 @@ def test_two_authorization_headers_and_an_oversized_request_head_are_refused_in_
     assert status == 431 and body["detail"].endswith("bytes in 151 header fields and the target (at most 32768 "
                                                      "bytes and 100 fields)")
     assert _raw_get(secure_server, "/health", [(f"X-{i}", "b" * 300) for i in range(99)])[0] == 200  # 30 KB, 100
+
+
+def test_a_key_sent_under_another_scheme_is_told_apart_from_no_key(secure_server, keys):
+    """'Authorization: Basic ...' had been answered "missing API key", though a header was sent."""
+    for header, said in ((None, "missing API key: send 'Authorization: Bearer KEY'"),
+                         (f"Basic {keys['ward']}", "Authorization is not a Bearer key (another scheme, or empty): "
+                                                   "send 'Authorization: Bearer KEY'"),
+                         ("Bearer", "Authorization is not a Bearer key (another scheme, or empty): send "
+                                    "'Authorization: Bearer KEY'")):
+        response = httpx.get(f"{secure_server.url}/model", headers={"Authorization": header} if header else {})
+        assert (response.status_code, response.json()["detail"]) == (401, said), header

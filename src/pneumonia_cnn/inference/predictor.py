@@ -238,7 +238,8 @@ class Predictor:
         distinct = distinct_in_canonical_order(pixels[inside])  # a file sent twice counts once
         count = len(distinct)
         if count < MIN_ADAPT_BATCH:
-            notes.append(f"not adapted: {count} in-distribution images, fewer than {MIN_ADAPT_BATCH}")
+            notes.append(f"not adapted: {count} in-distribution image{'s' * (count != 1)}, fewer than "
+                         f"{MIN_ADAPT_BATCH}")
             return scores, self.bundle.decision, False
         pseudo = self.bundle.decision.positive(scores.raw[inside])
         each_alone = len(self.bundle.models) > 1 and self.bundle.adapted_decision is not None
@@ -273,7 +274,7 @@ class Predictor:
         kept = np.flatnonzero(inside)[distinct_in_canonical_order(pixels[inside])]
         count, prior, bundle = len(kept), decision.calibration.prior, self.bundle
         if count < MIN_ESTIMATE_BATCH:
-            notes.append(f"prevalence not estimated: {count} in-distribution images, fewer than "
+            notes.append(f"prevalence not estimated: {count} in-distribution image{'s' * (count != 1)}, fewer than "
                          f"{MIN_ESTIMATE_BATCH}; probabilities stated for {bundle.stated_rate()}")
             return scores, decision
         how = f"estimated from {count} images (EM)"

@@ -224,7 +224,7 @@ def _measurements(entry: dict) -> list:
 
 
 def _evaluations(entry: dict, model: ModelIdentity) -> list:
-    # an image that is not an X-ray (ood.withholds_label) has no finding to state: Unknown
+    # an image that is not a chest X-ray (ood.withholds_label) has no finding to state: Unknown
     finding = UNKNOWN if entry["label"] is None else PRESENT if entry["label"] == model.positive_class else ABSENT
     inside = {True: YES, False: NO, None: UNKNOWN}[entry.get("in_distribution")]
     return [hd.sr.QualitativeEvaluation(PNEUMONIA, finding), hd.sr.QualitativeEvaluation(IN_DISTRIBUTION, inside)]

@@ -104,7 +104,7 @@ def _number(value: float | None) -> dict:
 
 def _components(row: dict) -> list[dict]:
     label = {"code": _concept("label", "Label at the operating threshold")}
-    if row["label"] is None:  # not an X-ray (ood.withholds_label): no label to give
+    if row["label"] is None:  # not a chest X-ray (ood.withholds_label): no label to give
         label["dataAbsentReason"] = _concept("not-applicable", "Not Applicable", ABSENT_REASON)
     else:
         label["valueCodeableConcept"] = {"text": row["label"]}
@@ -192,7 +192,7 @@ def diagnostic_report(rows: list[dict], issued: datetime | None = None, positive
     scored = [row for row in rows if not row.get("error")]
     labels = sorted({row["label"] for row in scored}, key=lambda label: (label is None, label or ""))
     counts = ", ".join(f"{sum(r['label'] == label for r in scored)} "
-                       f"{'without a label (not an X-ray)' if label is None else label}" for label in labels)
+                       f"{'without a label (not a chest X-ray)' if label is None else label}" for label in labels)
     outside = sum(row["in_distribution"] is False for row in scored)
     conclusion = (f"{len(rows)} image(s): {counts or 'none scored'}"
                   + (f"; {len(rows) - len(scored)} unreadable" if len(scored) < len(rows) else "")

@@ -15,6 +15,7 @@ AGE_OUTSIDE = "patient age"
 TOO_SMALL = "too small for the model"  # a thumbnail or preview: enlarged to the input, its detail is missing
 SMALLEST_LIMIT = 112  # pixels: the size flag's limit is half the model's input, at most this
 NOT_FRONTAL_CHEST = "not a frontal chest radiograph"  # what the model was trained on: DICOM modality, body part, view
+OTHER_VIEW = f"{NOT_FRONTAL_CHEST}: DICOM view"  # still a chest X-ray: it keeps its label beside the flag
 RADIOGRAPH_MODALITIES = ("CR", "DX", "DR", "RG")
 # secondary captures and "other" often hold a scanned or exported radiograph: the header cannot tell, so these
 # are only warned about
@@ -27,7 +28,7 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 XRAY_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
                       "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
                       "1.2.840.10008.5.1.4.1.1.1.1.1"}  # Digital X-Ray Image Storage - For Processing
-NO_LABEL = "no label"  # printed for an image that is not an X-ray (JSON null, an empty CSV cell)
+NO_LABEL = "no label"  # printed for an image that is not a chest X-ray (JSON null, an empty CSV cell)
 FLAG_MEANING = "outside the training population ({population}): the probability is not reliable"
 DEFAULT_POPULATION = "children 1–5 years, one hospital"
 
@@ -113,7 +114,7 @@ def dicom_kind_warnings(tags: dict) -> list[str]:
         found.append(f"{NOT_FRONTAL_CHEST}: DICOM body part {body}")
     view = str(tags.get("ViewPosition") or "").strip().upper()
     if view and (re.findall(r"[A-Z]+", view) or [""])[0] not in FRONTAL_VIEWS:
-        found.append(f"{NOT_FRONTAL_CHEST}: DICOM view {view} (PA/AP expected)")
+        found.append(f"{OTHER_VIEW} {view} (PA/AP expected)")
     return found
 
 
@@ -146,9 +147,12 @@ def known_sop_class(sop_class: str) -> str | None:
 
 
 def withholds_label(warnings) -> bool:
-    """The image is not an X-ray (blank, noise, a colour photograph): the model's probability is computed, but
-    no label is given, since an interface that reads only the label recorded pneumonia for a blank image (0.9967)."""
-    return any(str(warning).startswith(NOT_XRAY) for warning in warnings)
+    """The image is not a chest X-ray: not an X-ray at all (blank, noise, a colour photograph), or its DICOM header
+    says another modality's image, no image, or another body part. The model's probability is computed, but no
+    label is given: an interface that reads only the label recorded pneumonia for a blank image (0.9967) and for a
+    head CT. A chest X-ray of another view (lateral) keeps its label beside the flag."""
+    return any(str(warning).startswith(NOT_XRAY) or (str(warning).startswith(NOT_FRONTAL_CHEST) and
+                                                      not str(warning).startswith(OTHER_VIEW)) for warning in warnings)
 
 
 def shown_label(label: str | None) -> str:

@@ -275,8 +275,9 @@ class AccessMiddleware:
         if sent > 1:  # the first had been taken, the others ignored, whatever the proxies in between made of them
             return await refuse(scope, receive, send, 400, f"{sent} Authorization headers: send one")
         token = bearer_token(scope["headers"])
-        if token is None:
-            return await refuse(scope, receive, send, 401, "missing API key: send 'Authorization: Bearer KEY'")
+        if token is None:  # a header of another scheme ("Basic ...") is not a missing one: say which it is
+            what = "missing API key" if not sent else "Authorization is not a Bearer key (another scheme, or empty)"
+            return await refuse(scope, receive, send, 401, f"{what}: send 'Authorization: Bearer KEY'")
         record = keyring.remembered(token)
         if record is None:
             check = self._pending_check(keyring, token)

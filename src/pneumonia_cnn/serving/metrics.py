@@ -30,7 +30,7 @@ class ServiceMetrics:
                                 ["reason"], registry=registry)
         self.batch_size = Histogram(prefix + "batch_size", "Images per forward pass of the micro-batcher",
                                     buckets=BATCH_BUCKETS, registry=registry)
-        self.predictions = Counter(prefix + "predictions", "Images scored, by label (none: not an X-ray)", ["label"],
+        self.predictions = Counter(prefix + "predictions", "Images scored, by label (none: no chest X-ray)", ["label"],
                                    registry=registry)
         self.ood_flags = Counter(prefix + "ood_flags", "Images flagged as outside the intended use",
                                  registry=registry)

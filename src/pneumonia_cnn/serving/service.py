@@ -378,8 +378,8 @@ class Service:
 
 
 def public_entry(entry: dict) -> dict:
-    keys = ("probability", "label", "threshold", "prevalence", "in_distribution", "ood_score", "ood_threshold",
-            "warnings")
+    keys = ("probability", "label", "threshold", "prevalence", "prevalence_source", "in_distribution", "ood_score",
+            "ood_threshold", "warnings")
     return {key: entry.get(key) for key in keys}
 
 

@@ -6,6 +6,11 @@
   const drop = $("drop"), input = $("file"), keyform = $("keyform"), keyinput = $("apikey");
   const KEY = "pneumonia-cnn-key";
   const TIMEOUT_S = 120;  // a request with no answer by then is aborted, and the page says so
+  // Bidirectional controls (right-to-left override, isolates, marks): in a file name they reordered the whole
+  // result line ("\u202egpj.exe.jpeg" showed "gepj.exe.jpg" and the probability "%4.3"). Shown as "?", as the
+  // server shows the control characters of a name.
+  const BIDI_CONTROLS = /[\u061C\u200E\u200F\u202A-\u202E\u2066-\u2069]/g;
+  const nameOf = file => String(file.name).replace(BIDI_CONTROLS, "?");
 
   // --- the API key --------------------------------------------------------------------------------------------
   // What a key can hold: serving/auth.py makes keys "ID.SECRET", the id of letters, digits, "-" and "_" (KEY_ID),
@@ -100,17 +105,22 @@
     return status + ": " + (typeof detail === "string" ? detail : JSON.stringify(detail));
   }
 
-  // ``keyEntered``: called by the key form, which then learns whether the key works.
+  // ``keyEntered``: called by the key form, which then learns whether the key works. Only the latest check's
+  // answer counts: a wrong key's late 401 had asked for a key again after the next key was accepted.
+  let latestModel = 0;
   async function loadModel(keyEntered) {
+    const mine = ++latestModel;
     const auth = headers();
     let reply;
     try {
       reply = await fetchReply("model", { headers: auth }, new AbortController());
     } catch (e) {
+      if (mine !== latestModel) { return; }
       $("modelinfo").textContent = " (model information unavailable: " + unreachable(e) + ")";
       if (keyEntered) { $("keymessage").textContent = "The key could not be checked: " + unreachable(e) + "."; }
       return;
     }
+    if (mine !== latestModel) { return; }
     if (reply.status === 401) { keyRefused("Authorization" in auth, ""); return; }
     if (keyEntered && !reply.ok) { $("keymessage").textContent = "The key could not be checked: " + describe(reply); }
     if (reply.ok || !keyEntered) { keyform.className = ""; }
@@ -144,6 +154,8 @@
     const label = $("label");
     label.textContent = "\u2013"; label.className = "";
     $("threshold").textContent = "";
+    $("rate").textContent = "";
+    $("notes").textContent = "";
     $("heatmap").removeAttribute("src");
     $("heatmapbox").className = "";
   }
@@ -193,20 +205,33 @@
     const [probability, threshold] = percents(body.probability, body.threshold);
     $("probability").textContent = probability;
     const label = $("label");
-    const shownLabel = body.label === null ? "no label (not an X-ray)" : String(body.label);
+    const shownLabel = body.label === null ? "no label (not a chest X-ray)" : String(body.label);
     label.textContent = shownLabel;
     label.className = body.label === "PNEUMONIA" || body.label === "NORMAL" ? body.label : "";
     $("threshold").textContent = threshold;
-    if (typeof body.gradcam_png_base64 === "string" && body.gradcam_png_base64) {
+    showRate(body);
+    // no map for an image given no label: it would point at a finding in what is not a chest X-ray
+    if (body.label !== null && typeof body.gradcam_png_base64 === "string" && body.gradcam_png_base64) {
       $("heatmap").src = "data:image/png;base64," + body.gradcam_png_base64;
       $("heatmapbox").className = "shown";
     }
     $("error").textContent = "";
     // the live status says what came of it (emptied, it announced nothing)
-    $("status").textContent = name + " analysed: probability of pneumonia " + probability + ", label " +
-      shownLabel + (warned === "outside" ? " (outside the intended use: see the warning)." :
-                           warned ? " (see the note)." : ".");
+    $("status").textContent = name + " analysed: probability of pneumonia " + probability + (body.label === null ?
+      ", no label: not a chest X-ray (see the warning)." : ", label " + shownLabel +
+      (warned === "outside" ? " (outside the intended use: see the warning)." : warned ? " (see the note)." : "."));
     $("result").className = "shown";
+  }
+  // The pneumonia rate the probability is stated for, and where it came from (the same X-ray reads 99.8% at the
+  // calibration images' 75% and 95% at a given 10%), then the server's notes on the answer.
+  function showRate(body) {
+    if (typeof body.prevalence === "number") {
+      $("rate").textContent = "Stated for a pneumonia rate of " + (100 * body.prevalence).toFixed(1) + "%" +
+        (typeof body.prevalence_source === "string" && body.prevalence_source ? " (" + body.prevalence_source + ")" : "")
+        + ".";
+    }
+    const notes = Array.isArray(body.notes) ? body.notes.map(String) : [];
+    $("notes").textContent = notes.length ? "Note: " + notes.join("; ") + "." : "";
   }
   function isAnswer(body) {
     // a null label: an image that is not an X-ray, scored but given no label
@@ -219,7 +244,8 @@
     const mine = startOver();
     const controller = new AbortController();
     inFlight = controller;
-    $("status").textContent = "Analysing " + file.name + " ...";
+    const name = nameOf(file);
+    $("status").textContent = "Analysing " + name + " ...";
     const form = new FormData();
     form.append("file", file);
     const auth = headers();
@@ -229,7 +255,7 @@
     } catch (e) {
       if (inFlight === controller) { inFlight = null; }  // never a newer request's controller
       if (mine !== latest) { return; }  // aborted or overtaken by a newer file: not this request's page any more
-      showError(file.name + " was not analysed: " + unreachable(e) + ".");
+      showError(name + " was not analysed: " + unreachable(e) + ".");
       return;
     }
     if (inFlight === controller) { inFlight = null; }
@@ -237,8 +263,8 @@
     if (reply.status === 401) {
       keyRefused("Authorization" in auth, "This service needs an API key: enter it, then choose the file again.");
     }
-    if (!reply.ok || !isAnswer(reply.body)) { showError(file.name + " was not analysed: " + describe(reply)); return; }
-    showResult(reply.body, file.name);
+    if (!reply.ok || !isAnswer(reply.body)) { showError(name + " was not analysed: " + describe(reply)); return; }
+    showResult(reply.body, name);
   }
 
   // --- choosing a file ----------------------------------------------------------------------------------------

@@ -85,3 +85,16 @@ def test_evaluate_save_as_refuses_a_name_that_is_not_a_checkpoint_s(tmp_path, ca
     assert capsys.readouterr().err.strip() == (f"error: {out}: --save-as writes a checkpoint, a file ending in .pt or "
                                                f".pth; give --save-as such a name")
     assert not out.exists() and not (tmp_path / "m.json").exists()
+
+
+def test_adapt_refuses_weights_saved_before_their_runs_end_of_run_steps(trained_run, tmp_path, capsys):
+    """adapt RUN/last.pt had made of its placeholder threshold 0.5 a model that labelled with no warning, and whose
+    info said its decision was fitted on 'not recorded (a checkpoint of an earlier version)'."""
+    require_shared()
+    out = tmp_path / "site.pt"
+    assert main(["adapt", str(trained_run / "last.pt"), "--data", str(ADULTS), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {trained_run / 'last.pt'}: weights saved while training, before its end-of-run steps (no decision "
+        f"fitted: the threshold 0.5 is a placeholder); adapt needs a finished run's best.pt (finish the run with "
+        f"pneumonia-cnn train --resume RUN)")
+    assert not out.exists()

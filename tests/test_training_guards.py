@@ -326,3 +326,45 @@ def test_a_model_that_builds_cpu_tensors_itself_is_not_refused(monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, "numpy_buffer", lambda in_channels=3, image_size=(224, 224): NumpyBuffer())
     monkeypatch.setitem(registry._DESCRIPTIONS, "numpy_buffer", "a model with a buffer from numpy")
     _check_model_takes_input(make_config(model="numpy_buffer", size=32))
+
+
+def test_resume_checks_the_runs_best_pt_before_training_any_epoch(trained_run, tmp_path):
+    """Another run's last.pt had replaced the folder's best.pt and history with its own; a missing or damaged
+    best.pt was found only once the remaining epochs were trained, and then on every later resume."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    before = {name: (run / name).read_bytes() for name in ("best.pt", "last.pt", "history.json")}
+    last = torch.load(run / "last.pt", weights_only=True)
+    own_id = last["run_id"]
+    last["run_id"] = "seed-20260101-000000-abcdef"  # another run's last.pt copied in
+    torch.save(last, run / "last.pt")
+    with pytest.raises(PneumoniaCNNError, match=r"last\.pt: of run seed-20260101-000000-abcdef, not of this "
+                                                rf"folder's {own_id} \(its best\.pt\): resuming would replace"):
+        resume(run, epochs=3)
+    last["run_id"] = own_id
+    last["training_state"]["epochs_without_improvement"] = 1  # its last epoch did not improve: best.pt is older
+    torch.save(last, run / "last.pt")
+    (run / "best.pt").unlink()
+    with pytest.raises(PneumoniaCNNError, match=r"best\.pt: missing, though 2 epochs are trained: the run's best "
+                                                r"weights so far are lost"):
+        resume(run, epochs=3)
+    (run / "best.pt").write_bytes(before["best.pt"][:1000])
+    with pytest.raises(PneumoniaCNNError, match=r"best\.pt: .*: the run resumes with its own best\.pt \(restore"):
+        resume(run, epochs=3)
+    assert (run / "history.json").read_bytes() == before["history.json"]  # no epoch was trained
+
+
+def test_a_one_class_validation_split_says_val_auc_is_undefined_and_names_val_loss(small_root, cache_dir, tmp_path,
+                                                                                    caplog):
+    """With --monitor val_auc (the best and fast presets') and a val/ of one class, early stopping had cited
+    "no improvement in val_auc", a score never computed (best.pt was chosen by val_loss)."""
+    caplog.set_level(logging.INFO)
+    root = copy_tree(small_root, tmp_path / "data")
+    shutil.rmtree(root / "val" / "PNEUMONIA")
+    config = make_config(data=str(root), out=str(tmp_path / "run"), cache_dir=str(cache_dir),
+                         **dict(TINY, epochs=6, monitor="val_auc", early_stopping=1, lr=0.05))
+    summary = train(config)
+    assert "val_auc is undefined (the validation images are of one class): best.pt and early stopping use " \
+           "val_loss" in caplog.messages
+    assert all(row.get("val_auc") is None for row in summary["history"])
+    stopped = [m for m in caplog.messages if m.startswith("early stopping")]
+    assert stopped == ["early stopping: no improvement in val_loss for 1 epochs"], summary["history"]

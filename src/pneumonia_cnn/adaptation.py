@@ -10,7 +10,6 @@
 3. The out-of-distribution detector and its flag bound are refitted on the site's images (half of them, drawn
    at random, as its references, the other half set the bound); the record says so (``ood_fitted_on``).
 4. Before/after ROC AUC with 95% intervals on the kept-out part, and a plain verdict: never silently worse.
-
 Every score here comes from the served forward (``ServedModel``: flips, channels) in float32.
 """
 from __future__ import annotations
@@ -44,7 +43,7 @@ from .device import resolve_device
 from .errors import PneumoniaCNNError
 from .evaluation.metrics import bootstrap_metrics
 from .fileio import display_path
-from .inference import Bundle, Scorer, load_bundle
+from .inference import Bundle, Scorer, load_bundle, refuse_unfitted
 from .inference.adabn import distinct_in_canonical_order, reestimate_batch_norm
 from .inference.engines import TorchEngine
 from .inference.predictor import MIN_ADAPT_BATCH, in_distribution
@@ -138,6 +137,7 @@ def adapt(checkpoint, data, out, labelled=None, device: str = "auto", recalibrat
           max_epochs: int = 12, folds: int = 4, held_out: float = 0.35, cache_dir=None,
           accept_outside_population: bool = False) -> dict:
     source = load_checkpoint(checkpoint)
+    refuse_unfitted(source, "adapt")
     bundle, device = load_bundle(source), resolve_device(device)
     pre = bundle.preprocessing
     if labelled:  # refused before any image is decoded: "min() arg is an empty sequence" after AdaBN had been

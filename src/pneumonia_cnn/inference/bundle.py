@@ -207,6 +207,16 @@ def warn_before_scoring(bundle: Bundle) -> None:
                         str(adaptation.get("verdict", "")).partition("(")[2].partition(")")[0] or "see info")
 
 
+def refuse_unfitted(checkpoint: dict, command: str) -> None:
+    """``command`` builds on the checkpoint's decision: weights saved before their run's end-of-run steps have
+    none (``adapt`` had made of a last.pt's placeholder 0.5 a model that labelled with no warning at all)."""
+    if decision_not_fitted(checkpoint):
+        raise PneumoniaCNNError(f"{display_path(checkpoint.get('path', 'checkpoint'))}: weights saved while training, "
+                                f"before its end-of-run steps (no decision fitted: the threshold 0.5 is a "
+                                f"placeholder); {command} needs a finished run's best.pt (finish the run with "
+                                f"pneumonia-cnn train --resume RUN)")
+
+
 def _classes_of(checkpoint: dict) -> tuple[str, ...]:
     return tuple(checkpoint.get("class_names", ("NORMAL", "PNEUMONIA")))
 

@@ -41,7 +41,7 @@ from .distributed import (
 from .finish import finish_run
 from .optim import ema_decay_at, learning_rate_factor, update_ema
 from .setup import Run, intended_use, start_run
-from .state import RunningSums, check_resumable, check_world_size, cpu_state
+from .state import RunningSums, check_own_best, check_resumable, check_world_size, cpu_state
 
 log = logging.getLogger(__name__)
 AfterTraining = Callable[[Path, TrainConfig, torch.device], dict]
@@ -72,8 +72,8 @@ def train(config: TrainConfig, resume_from_last: bool = False, after_training: A
                 break
             if stopping:
                 if run.dist.main:
-                    log.info("early stopping: no improvement in %s for %d epochs", config.monitor,
-                             config.early_stopping)
+                    log.info("early stopping: no improvement in %s for %d epochs",
+                             monitored(config.monitor, run.state.history[-1]), config.early_stopping)
                 break
     return finish(run, interrupted, after_training)
 
@@ -157,6 +157,10 @@ def end_of_epoch(run: Run) -> dict:
         row.update(validation_metrics(run.val_set.labels, logits))
     state.history.append(row)
     score = monitor_score(config.monitor, row)
+    if row["epoch"] == 1 and config.monitor == "val_auc" and monitored(config.monitor, row) == "val_loss" and \
+            run.dist.main:  # early stopping had then cited a val_auc never computed
+        log.warning("val_auc is undefined (the validation images are of one class): best.pt and early stopping use "
+                    "val_loss")
     improved = state.best_score is None or (score is not None and score < state.best_score)
     state.best_score = score if improved else state.best_score
     state.epochs_without_improvement = 0 if improved else state.epochs_without_improvement + 1
@@ -233,9 +237,16 @@ def validation_metrics(labels, logits) -> dict:
 
 def monitor_score(monitor: str, row: dict):
     """Lower is better; AUC is negated. Without validation, the training loss."""
+    used = monitored(monitor, row)
+    return -row["val_auc"] if used == "val_auc" else row[used]
+
+
+def monitored(monitor: str, row: dict) -> str:
+    """The score that decides for ``row``: val_auc, else val_loss (a validation split of one class has no ROC AUC),
+    else the training loss (no validation split)."""
     if monitor == "val_auc" and row.get("val_auc") is not None:
-        return -row["val_auc"]
-    return row.get("val_loss", row["train_loss"])
+        return "val_auc"
+    return "val_loss" if row.get("val_loss") is not None else "train_loss"
 
 
 def checkpoint_payload(run: Run, weights_model: torch.nn.Module) -> dict:
@@ -292,6 +303,7 @@ def resume(run_dir, after_training: AfterTraining | None = None, **overrides) ->
         raise PneumoniaCNNError(f"{display_path(run_dir)}: nothing to resume (no last.pt)")
     last = load_checkpoint(run_dir / "last.pt")
     check_resumable(last, display_path(run_dir / "last.pt"))
+    check_own_best(run_dir, last)
     check_world_size(last, launched_world_size(), display_path(run_dir))
     values = dict(last["config"])
     _refuse_nothing_to_resume(run_dir, last, values, overrides.get("epochs"))

@@ -117,3 +117,30 @@ def check_world_size(checkpoint: dict, world_size: int, where) -> None:
 
 def cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def check_own_best(run_dir, last: dict) -> None:
+    """Before any epoch is trained again: the run's best.pt is there (unless last.pt's epoch, an improvement,
+    writes it again), readable, and of the run last.pt belongs to. A missing or damaged best.pt had been found
+    only once the remaining epochs were trained, and then on every later resume; another run's last.pt had
+    replaced the folder's best.pt and history with its own."""
+    from pathlib import Path
+
+    from ..checkpoint import load_checkpoint
+    from ..fileio import display_path
+    saved, best = last.get("training_state") or {}, Path(run_dir) / "best.pt"
+    rewritten = saved.get("step_in_epoch", 0) == 0 and saved.get("epochs_without_improvement", 0) == 0
+    if not best.exists():
+        if saved.get("epoch", 0) > 0 and not rewritten:
+            raise PneumoniaCNNError(f"{display_path(best)}: missing, though {saved['epoch']} epochs are trained: the "
+                                    f"run's best weights so far are lost (restore the file, or start a new run)")
+        return
+    try:
+        own = load_checkpoint(best)
+    except PneumoniaCNNError as error:
+        raise PneumoniaCNNError(f"{error}: the run resumes with its own best.pt (restore the file, or start a new "
+                                f"run)") from None
+    if own.get("run_id") and last.get("run_id") and own["run_id"] != last["run_id"]:
+        raise PneumoniaCNNError(f"{display_path(Path(run_dir) / 'last.pt')}: of run {last['run_id']}, not of this "
+                                f"folder's {own['run_id']} (its best.pt): resuming would replace the folder's best.pt "
+                                f"and history with another run's; put back the run's own last.pt, or start a new run")

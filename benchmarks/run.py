@@ -220,7 +220,7 @@ def parse_args():
     parser.add_argument("--latency-runs", type=int, default=50), parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--keras-steps", type=int, default=20), parser.add_argument("--ddp-size", type=int, default=128)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", default="auto", help="training precision, as train's --amp (auto|off|bf16|fp16)")
+    parser.add_argument("--amp", default="auto", help="training precision, as train's --amp (auto|off|bf16)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (train's --compile)")
     parser.add_argument("--checkpoint", help="a trained checkpoint: int8 agreement on --data's test split")
     parser.add_argument("--keras-python", default=sys.executable,

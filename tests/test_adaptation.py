@@ -196,3 +196,24 @@ def test_a_labelled_adapt_that_kept_a_given_threshold_says_so():
         "(kept by adapt --labelled: the threshold is a given probability; --recalibrate refits the calibration)")
     assert _kept_by_adapt({"adapted": dict(kept, threshold_refitted_on_site=True)}) == ""
     assert "refitting needs --labelled" in _kept_by_adapt({"adapted": dict(kept, labelled=None)})
+
+
+def test_the_verdict_is_not_better_when_the_adapted_model_misses_more_pneumonia():
+    """A review's toy site: AUC 0.500 -> 1.000 at an equal balanced accuracy (0.5), sensitivity 1.000 -> 0.000, had
+    been "better"; that model then called 27 of 30 other pneumonia X-rays NORMAL."""
+    from pneumonia_cnn.data.site_checks import adaptation_verdict
+
+    def metrics(auc, sensitivity, specificity):
+        return {"roc_auc": {"value": auc}, "balanced_accuracy": {"value": (sensitivity + specificity) / 2},
+                "sensitivity": {"value": sensitivity}}
+
+    assert adaptation_verdict(metrics(0.5, 1.0, 0.0), metrics(1.0, 0.0, 1.0)) == (
+        False, "adapted model is NOT better on the kept-out images (ROC AUC +0.500, balanced accuracy at the "
+               "threshold +0.000) (it misses more pneumonia: sensitivity 1.000 -> 0.000): keep using the original "
+               "model for this site")
+    assert adaptation_verdict(metrics(0.80, 0.90, 0.50), metrics(0.90, 0.86, 0.70)) == (
+        True, "adapted model is better on the kept-out images (ROC AUC +0.100, balanced accuracy at the threshold "
+              "+0.080)")  # 0.04 less sensitive, 0.20 more specific: within the 0.05 allowed
+    assert adaptation_verdict(metrics(0.80, 0.90, 0.50), metrics(0.90, 0.84, 0.72))[0] is False  # 0.06 less
+    unknown = [dict(metrics(auc, 0.5, 0.5), sensitivity={"value": float("nan")}) for auc in (0.8, 0.9)]
+    assert adaptation_verdict(*unknown)[0] is True  # no sensitivity to compare: the AUC rule alone

@@ -33,6 +33,7 @@ from .data.fingerprint import file_fingerprints
 from .data.loader import to_model_input
 from .data.site_checks import (
     adapt_batch_decision,
+    adaptation_verdict,
     check_labelled_site,
     check_site_population,
     few_images_warning,
@@ -258,17 +259,7 @@ def _verdict(labels, groups, before, threshold_before, after, threshold_after, s
     metrics_before = bootstrap_metrics(labels, before, threshold_before, groups=groups, resamples=1000, seed=seed)
     metrics_after = bootstrap_metrics(labels, after, threshold_after, groups=groups, resamples=1000, seed=seed)
     result["kept_out"] = {"before": {k: metrics_before[k] for k in keys}, "after": {k: metrics_after[k] for k in keys}}
-    gain = metrics_after["roc_auc"]["value"] - metrics_before["roc_auc"]["value"]
-    operating_gain = metrics_after["balanced_accuracy"]["value"] - metrics_before["balanced_accuracy"]["value"]
-    # better: a higher ROC AUC with an operating point no worse at the saved thresholds, or (AUC equal within
-    # 0.005) a better operating point; a higher AUC alone had been "better" while sensitivity fell 0.667 -> 0.500
-    improved = (gain > 0.005 and operating_gain >= 0) or (abs(gain) <= 0.005 and operating_gain > 0)
-    change = f"ROC AUC {gain:+.3f}, balanced accuracy at the threshold {operating_gain:+.3f}"
-    result["improved"] = bool(improved)
-    mixed = " (it ranks better but decides worse at its threshold)" if gain > 0.005 and operating_gain < 0 else ""
-    result["verdict"] = (f"adapted model is better on the kept-out images ({change})" if improved else
-                         f"adapted model is NOT better on the kept-out images ({change}){mixed}: keep using the "
-                         f"original model for this site")
+    result["improved"], result["verdict"] = adaptation_verdict(metrics_before, metrics_after)
 
 
 def site_references(unlabelled: np.ndarray, labelled: np.ndarray) -> tuple[np.ndarray, int]:

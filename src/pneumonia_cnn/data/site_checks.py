@@ -145,3 +145,27 @@ def adapt_batch_decision(source: dict, labelled, epochs: int = 0, refitted: bool
     if source.get("decision_adapted"):
         return "the source's, fitted with AdaBN on its validation images (each batch's statistics replace the site's)"
     return "the plain decision (the source checkpoint has none fitted with AdaBN)"
+
+
+MAX_SENSITIVITY_DROP = 0.05  # a pneumonia detector that misses more pneumonia is not better for a site
+
+
+def adaptation_verdict(before: dict, after: dict) -> tuple[bool, str]:
+    """``adapt --labelled``'s verdict from the kept-out metrics before and after (``bootstrap_metrics``' dicts).
+    Better: a ROC AUC higher by more than 0.005 with a balanced accuracy at the saved thresholds no lower, or an
+    equal AUC with a higher balanced accuracy; either way with a sensitivity at most 0.05 lower. A higher AUC alone
+    had been "better" while sensitivity fell 0.667 -> 0.500, and an equal balanced accuracy while it fell 1.000 ->
+    0.000 (every kept-out pneumonia missed, and 27 of 30 other pneumonia X-rays called NORMAL)."""
+    gain = after["roc_auc"]["value"] - before["roc_auc"]["value"]
+    operating_gain = after["balanced_accuracy"]["value"] - before["balanced_accuracy"]["value"]
+    sensitivity = before["sensitivity"]["value"], after["sensitivity"]["value"]
+    misses_more = bool(sensitivity[0] - sensitivity[1] > MAX_SENSITIVITY_DROP)  # False when either is NaN
+    improved = ((gain > 0.005 and operating_gain >= 0) or (abs(gain) <= 0.005 and operating_gain > 0)) \
+        and not misses_more
+    change = f"ROC AUC {gain:+.3f}, balanced accuracy at the threshold {operating_gain:+.3f}"
+    if improved:
+        return True, f"adapted model is better on the kept-out images ({change})"
+    why = " (it ranks better but decides worse at its threshold)" if gain > 0.005 and operating_gain < 0 else \
+        f" (it misses more pneumonia: sensitivity {sensitivity[0]:.3f} -> {sensitivity[1]:.3f})" if misses_more else ""
+    return False, (f"adapted model is NOT better on the kept-out images ({change}){why}: keep using the original "
+                   f"model for this site")

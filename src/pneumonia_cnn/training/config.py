@@ -96,8 +96,8 @@ class TrainConfig:
     seed: int = option(0, "random seed", minimum=0, maximum=2**32 - 1)  # numpy's: else refused after training
     deterministic: bool = option(False, "bit-reproducible kernels (slower)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    amp: str = option("auto", "reduced precision: auto (bf16 on CUDA and on CPUs with bf16 instructions), "
-                              "off, bf16 or fp16", choices=("auto", "off", "bf16", "fp16"))
+    amp: str = option("auto", "reduced precision: auto (bf16 on CUDA and on CPUs with bf16 instructions), off or "
+                              "bf16 (no fp16: its gradients need loss scaling)", choices=("auto", "off", "bf16"))
     channels_last: bool = option(True, "channels-last memory layout (faster convolutions)")
     compile: bool = option(False, "torch.compile the model")
     cuda_graph: bool = option(False, "replay the training step (forward, backward, optimiser) as one CUDA graph: "

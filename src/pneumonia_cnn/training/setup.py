@@ -109,7 +109,7 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
         run_id = saved.get("run_id", run_id)
         if dist_info.main:
             log.info("resuming %s at epoch %d step %d", display_path(out), state.epoch + 1, state.step_in_epoch)
-    run = Run(config, out, dist_info, device, autocast_dtype(device, config.amp),
+    run = Run(config, out, dist_info, device, training_autocast(device, config.amp),
               AugmentConfig.from_dict(config.augment), train_set, val_set, state,
               _forward_module(config, model, dist_info, device),
               _make_loader(config, train_set, dist_info, device), _pos_weight(config, train_set, device), run_id,
@@ -279,6 +279,17 @@ def _pos_weight(config: TrainConfig, train_set, device):
         return None
     positives = float(train_set.labels.mean())
     return torch.tensor((1 - positives) / positives, device=device)
+
+
+def training_autocast(device: torch.device, amp: str) -> torch.dtype | None:
+    """The autocast type of a training step: ``auto`` on a GPU without bfloat16 (``autocast_dtype`` gives float16,
+    right for inference) trains in float32, since float16 gradients need loss scaling, which this trainer does
+    not do (``--amp fp16`` is not offered to train)."""
+    dtype = autocast_dtype(device, amp)
+    if dtype is torch.float16:
+        log.info("--amp auto: this GPU has no bfloat16; training in float32 (float16 needs loss scaling)")
+        return None
+    return dtype
 
 
 def _make_tracker(config: TrainConfig, out: Path, run_id: str, dist_info: Distributed):

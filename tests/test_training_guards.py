@@ -366,5 +366,32 @@ def test_a_one_class_validation_split_says_val_auc_is_undefined_and_names_val_lo
     assert "val_auc is undefined (the validation images are of one class): best.pt and early stopping use " \
            "val_loss" in caplog.messages
     assert all(row.get("val_auc") is None for row in summary["history"])
+    card = ("model card: the training population is stated as the Kaggle set's (children 1-5 years, one hospital), "
+            "the preset's: give --population and --age-range when these images are of another")
+    assert card in caplog.messages  # the tutorial preset's population, whatever the data (a review: adults)
+    from pneumonia_cnn.info import describe_checkpoint
+    described = describe_checkpoint(load_checkpoint(tmp_path / "run" / "best.pt"))  # it said "of validation images"
+    assert "quantile of the training images' out-of-fold scores (no validation images of both classes))" in described
     stopped = [m for m in caplog.messages if m.startswith("early stopping")]
     assert stopped == ["early stopping: no improvement in val_loss for 1 epochs"], summary["history"]
+
+
+def test_weights_of_another_model_are_refused_before_the_data_are_read(small_root, tmp_path, caplog, capsys):
+    """--model seed_bn --weights of a seed model was refused only after the data scan, naming neither --weights
+    nor what to change."""
+    from pneumonia_cnn.models import create_model
+    caplog.set_level(logging.INFO)
+    weights = tmp_path / "seed_weights.pt"
+    torch.save(create_model("seed", in_channels=1, image_size=(48, 48)).state_dict(), weights)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(small_root), "--out", str(out), "--model", "seed_bn", "--size", "48",
+                 "--channels", "1", "--weights", str(weights), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: weights: {weights}: weights do not fit model seed_bn (") and \
+        error.endswith("); give the --model they were trained as") and error.count("\n") == 0, error
+    assert not out.exists() and not any("images" in message for message in caplog.messages)
+    caplog.clear()
+    assert main(["train", "--data", str(small_root), "--out", str(out), "--model", "seed", "--size", "48",
+                 "--channels", "1", "--weights", str(weights), "--no-progress", "--epochs", "1", "--no-ood",
+                 "--max-steps-per-epoch", "1", "--population", "adults of two hospitals"]) == 0  # they fit: trained
+    assert not any(message.startswith("model card:") for message in caplog.messages)  # a population was given

@@ -60,6 +60,9 @@ def ood_bound_images(ckpt: dict) -> str:
     checkpoint without that record is described as before)."""
     fit = _site_ood_fit(ckpt)
     if fit is None:
+        decision = ckpt.get("decision_fit") if isinstance(ckpt.get("decision_fit"), dict) else {}
+        if decision.get("split") == "val" and decision.get("images") == 0:  # train's detector without them
+            return "the training images' out-of-fold scores (no validation images of both classes)"
         return "validation images"
     try:
         bound, total = int(fit["bound_images"]), _site_total(fit)

@@ -42,7 +42,8 @@ def add_config_flags(parser: argparse.ArgumentParser):
         if not meta.get("cli", True):
             continue
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
-        help_text = f"{meta['help']} (default: {default})".replace("%", "%%")  # argparse expands %
+        said = "" if default in ("", None) or "(default:" in meta["help"] else f" (default: {default})"
+        help_text = f"{meta['help']}{said}".replace("%", "%%")  # argparse expands %; "(default: )" said nothing
         options = {"dest": spec.name, "default": None, "help": help_text}
         kind = str(spec.type)
         if kind == "bool":

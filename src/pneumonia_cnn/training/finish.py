@@ -65,8 +65,10 @@ def finish_run(out: Path, config: TrainConfig, train_set, val_set, device) -> di
                                      else None}}
     best.pop("path", None)
     save_checkpoint(best, out / "best.pt")
-    log.info("best.pt: epoch %s, %s calibration%s, threshold %.3f (%s)%s", best.get("epoch"),
-             decision.calibration.method, f" ({config.calibration} not applied)" if decision.calibration.note else "",
+    method = decision.calibration.method
+    log.info("best.pt: epoch %s, %s%s, threshold %.3f (%s)%s", best.get("epoch"),
+             "no calibration" if method == "none" else f"{method} calibration",
+             f" ({config.calibration} not applied)" if decision.calibration.note else "",
              decision.threshold, decision.policy,
              ", OOD detector fitted" if config.ood else "")
     return {"threshold": decision.threshold, "calibration": decision.calibration.to_dict()}

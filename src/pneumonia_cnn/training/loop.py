@@ -328,8 +328,8 @@ def _refuse_nothing_to_resume(run_dir: Path, last: dict, values: dict, epochs: i
     stopped = training_finished(state, values)
     best = run_dir / "best.pt"
     if epochs is None and stopped and best.is_file() and "decision_fit" in load_checkpoint(best):
-        raise PneumoniaCNNError(f"{display_path(run_dir)}: finished after {done} epochs; nothing to resume (give "
-                                f"--epochs more than {done} to train further)")
+        raise PneumoniaCNNError(f"{display_path(run_dir)}: finished after {done} epoch{'s' * (done != 1)}; nothing to "
+                                f"resume (give --epochs more than {done} to train further)")
 
 
 def write_history(history: list[dict], out: Path):

@@ -25,7 +25,7 @@ from ..errors import CheckpointError, ConfigError
 from ..fileio import display_path, write_json_atomic
 from ..models import count_parameters, create_model
 from ..models.registry import state_dict_misfit
-from .config import TrainConfig
+from .config import KAGGLE_POPULATION, TrainConfig
 from .data import describe_counts, prepare_data
 from .distributed import Distributed, setup_distributed
 from .optim import make_optimizer
@@ -84,6 +84,8 @@ def start_run(config: TrainConfig, resume_from_last: bool = False) -> Run:
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
     _check_model_takes_input(config)
+    if config.weights and not (resume_from_last and (out / "last.pt").exists()):  # a resume's are in last.pt
+        _check_weights_fit(config)
     if dist_info.main:
         _say_warmup_outlasts_run(config)
     train_set, val_set = prepare_data(config, dist_info)
@@ -183,6 +185,21 @@ def _check_model_takes_input(config: TrainConfig):
             raise ConfigError(f"{field_name}: {model_of} cannot take {size}x{size} input ({reason})") from None
 
 
+def _check_weights_fit(config: TrainConfig):
+    """--weights of another model or input: refused with the other settings, before the data are read (it came
+    after the scan of the data, and named neither --weights nor the option to change)."""
+    from ..models.registry import read_weights_file
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # copying into a meta parameter is a no-op: the shapes are what is checked
+        model = create_model(config.model, in_channels=config.channels, image_size=(config.size, config.size),
+                             **config.model_kwargs)
+        try:
+            model.load_state_dict(read_weights_file(config.weights), strict=True)
+        except RuntimeError as error:
+            raise ConfigError(f"weights: {display_path(config.weights)}: weights do not fit model {config.model} "
+                              f"({state_dict_misfit(error)}); give the --model they were trained as") from None
+
+
 def _say_warmup_outlasts_run(config: TrainConfig):
     """A warm-up as long as the run (``--warmup-epochs 5 --epochs 1``) trains it all at a rising learning rate
     that reaches --lr at best on the last step, and the schedule after the warm-up never starts. Said before the
@@ -249,6 +266,9 @@ def _prepare_run_folder(out: Path, config: TrainConfig, train_set, val_set):
     write_json_atomic(out / "config.json", config.to_dict())
     log.info("train: %d images %s; val: %s", len(train_set), describe_counts(train_set),
              f"{len(val_set)} images {describe_counts(val_set)}" if val_set is not None else "none")
+    if config.population == KAGGLE_POPULATION["population"]:  # the presets' card: said, since it may not hold
+        log.info("model card: the training population is stated as the Kaggle set's (children 1-5 years, one "
+                 "hospital), the preset's: give --population and --age-range when these images are of another")
 
 
 def _forward_module(config: TrainConfig, model, dist_info: Distributed, device):

@@ -173,6 +173,21 @@ def test_train_takes_data_from_its_config_file(capsys, tmp_path):
     assert (status, error) == (2, f"error: {tmp_path / 'nowhere'}: folder not found")  # read, not "needs --data"
 
 
+def test_a_relative_path_in_a_config_file_that_is_not_there_names_the_file_and_where_it_was_read_from(
+        capsys, tmp_path, monkeypatch):
+    """data: ../../d in cfg/sub/rel.yaml was refused as "../../d: folder not found", naming no config file."""
+    config = tmp_path / "cfg" / "sub" / "rel.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("data: ../../d\n")
+    monkeypatch.chdir(tmp_path)
+    status, error = run(capsys, "train", "--config", "cfg/sub/rel.yaml", "--out", tmp_path / "r")
+    assert (status, error) == (2, f"error: cfg/sub/rel.yaml: data: ../../d: not found (a relative path in a config "
+                                  f"file is read from the working directory, {tmp_path}, not from the file's folder)")
+    status, error = run(capsys, "train", "--config", "cfg/sub/rel.yaml", "--data", tmp_path / "x", "--out",
+                        tmp_path / "r")
+    assert (status, error) == (2, f"error: {tmp_path / 'x'}: folder not found")  # a flag's value: not the file's
+
+
 def test_key_file_edits_keep_every_other_line(tmp_path):
     from pneumonia_cnn.serving.auth import KeyRing, add_key, revoke_key
     path = tmp_path / "keys.txt"

@@ -17,7 +17,7 @@ from ..calibration import CALIBRATION_METHODS, parse_threshold_policy
 from ..data.augment import AugmentConfig
 from ..errors import CheckpointError, ConfigError
 from ..fileio import display_path
-from .config_file import read_config_file
+from .config_file import PATH_FIELDS, check_relative_paths, read_config_file
 
 TUTORIAL_AUGMENT = {"shear": 0.2, "zoom": 0.2, "flip": True}
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area")
@@ -291,6 +291,7 @@ def make_config(preset: str | None = None, config_file: str | None = None, **ove
             _check_weights(config.weights)
         if "device" in given_by_file:  # else found only once the data are read, and said as a flag's ("--device")
             _check_device(config.device)
+        check_relative_paths(config_file, {name: values[name] for name in given_by_file & PATH_FIELDS})
     return config
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..fileio import display_path, not_a_file_reason
 
+PATH_FIELDS = {"data", "init", "weights"}  # paths a run reads; out and cache_dir are made when missing
 EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 
 
@@ -76,3 +77,15 @@ def read_config_file(path) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{display_path(path)}: config must be a mapping of field: value")
     return values
+
+
+def check_relative_paths(config_file, given: dict) -> None:
+    """A relative path that a config file gives and that is not there is named with the file and with where it
+    was looked for: it is read from the working directory, not from the file's folder (``data: ../../d`` in
+    cfg/sub/rel.yaml had been refused as "../../d: folder not found", naming no file)."""
+    for name, value in given.items():
+        if isinstance(value, str) and value and value != "builtin" and not Path(value).is_absolute() \
+                and not Path(value).exists():
+            raise ConfigError(f"{display_path(config_file)}: {name}: {value}: not found (a relative path in a config "
+                              f"file is read from the working directory, {display_path(Path.cwd())}, not from the "
+                              f"file's folder)")

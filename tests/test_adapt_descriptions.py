@@ -221,6 +221,17 @@ def test_scoring_with_a_model_adapt_judged_worse_warns(tmp_path, caplog):
         f"{tmp_path / 'worse.pt'}: adapt judged this model NOT better than its source on the site's kept-out images "
         "(ROC AUC +0.000, balanced accuracy at the threshold -0.088); the source checkpoint is the one to use for "
         "that site"]
+    missed = ("adapted model is NOT better on the kept-out images (ROC AUC +0.500, balanced accuracy at the threshold "
+              "+0.000) (it misses more pneumonia: sensitivity 1.000 -> 0.000): keep using the original model for this "
+              "site")
+    torch.save(dict(source, adaptation={"site_data": "site", "improved": False, "verdict": missed}),
+               tmp_path / "missed.pt")
+    caplog.clear()
+    Predictor(tmp_path / "missed.pt", "cpu")  # the reason is said too: the figures alone read as no loss
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{tmp_path / 'missed.pt'}: adapt judged this model NOT better than its source on the site's kept-out images "
+        "(ROC AUC +0.500, balanced accuracy at the threshold +0.000) (it misses more pneumonia: sensitivity 1.000 -> "
+        "0.000); the source checkpoint is the one to use for that site"]
     caplog.clear()
     Predictor(tmp_path / "better.pt", "cpu"), Predictor("builtin", "cpu")
     assert not [r for r in caplog.records if r.levelname == "WARNING"]

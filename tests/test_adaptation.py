@@ -215,5 +215,18 @@ def test_the_verdict_is_not_better_when_the_adapted_model_misses_more_pneumonia(
         True, "adapted model is better on the kept-out images (ROC AUC +0.100, balanced accuracy at the threshold "
               "+0.080)")  # 0.04 less sensitive, 0.20 more specific: within the 0.05 allowed
     assert adaptation_verdict(metrics(0.80, 0.90, 0.50), metrics(0.90, 0.84, 0.72))[0] is False  # 0.06 less
+    assert adaptation_verdict(metrics(0.80, 18 / 20, 0.50), metrics(0.90, 17 / 20, 0.70))[0] is True  # 0.05 exactly
     unknown = [dict(metrics(auc, 0.5, 0.5), sensitivity={"value": float("nan")}) for auc in (0.8, 0.9)]
     assert adaptation_verdict(*unknown)[0] is True  # no sensitivity to compare: the AUC rule alone
+
+
+def test_adapt_judges_with_that_rule():
+    """adapt's own verdict on kept-out scores: every pneumonia called positive before, none after, at an equal
+    balanced accuracy and a higher AUC."""
+    from pneumonia_cnn.adaptation import _verdict
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    before = np.array([0.9, 0.9, 0.9, 0.9, 0.9, 0.9])  # all PNEUMONIA: sensitivity 1, specificity 0, AUC 0.5
+    after = np.array([0.1, 0.1, 0.1, 0.3, 0.3, 0.3])  # all NORMAL at 0.5, though ranked perfectly: AUC 1
+    result = {}
+    _verdict(labels, np.arange(6), before, 0.5, after, 0.5, 0, result)
+    assert result["improved"] is False and "(it misses more pneumonia: sensitivity 1.000 -> 0.000)" in result["verdict"]

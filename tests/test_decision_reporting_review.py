@@ -215,6 +215,7 @@ def test_a_served_single_image_says_its_rate_was_not_estimated(trained_run):
                                f"scored together of at least 32 in-distribution images can); probabilities stated "
                                f"for the checkpoint's rate of {rate:.3f}"]
     assert answer["prevalence"] == pytest.approx(rate)
+    assert answer["prevalence_source"] == answer["notes"][0]  # as /predict/batch says it ("calibration images")
     assert model["prevalence"]["mode"] == "estimate"
     assert "estimated from each batch" in model["prevalence"]["description"]
     answer, model = asyncio.run(ask(None))

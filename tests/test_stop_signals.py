@@ -176,3 +176,28 @@ def test_a_ctrl_c_while_a_pool_decodes_is_acted_on_between_chunks_and_the_pool_s
     assert not worker.is_alive()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert list(map_with_signals_deferred(ThreadPoolExecutor(2), abs, [-3, 2, -1], chunk=2)) == [3, 2, 1]
+
+
+def test_the_decoding_pools_of_predict_the_cache_and_fingerprints_map_with_signals_deferred(monkeypatch, tmp_path):
+    """Each pool in the main thread goes through ``map_with_signals_deferred`` (the hang above came from a plain
+    ``pool.map`` in predict's decoding)."""
+    import numpy as np
+    from PIL import Image
+
+    from pneumonia_cnn import signals
+    from pneumonia_cnn.data import cache, fingerprint
+    from pneumonia_cnn.inference import Predictor, files
+    used = []
+
+    def counting(pool, function, items, chunk=32):
+        used.append(function.__name__)
+        return signals.map_with_signals_deferred(pool, function, items, chunk)
+
+    for module in (files, cache, fingerprint):
+        monkeypatch.setattr(module, "map_with_signals_deferred", counting)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((64, 64), 100, np.uint8)).save(image)
+    Predictor("builtin", "cpu").predict_files([image])
+    fingerprint.file_fingerprints([image])
+    list(cache._decode_in_pool([(str(image), (32, 32), "bilinear", "none")], 2))
+    assert used == ["read", "file_fingerprint", "_decode_one"]

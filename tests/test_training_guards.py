@@ -351,6 +351,21 @@ def test_resume_checks_the_runs_best_pt_before_training_any_epoch(trained_run, t
     with pytest.raises(PneumoniaCNNError, match=r"best\.pt: .*: the run resumes with its own best\.pt \(restore"):
         resume(run, epochs=3)
     assert (run / "history.json").read_bytes() == before["history.json"]  # no epoch was trained
+    last["training_state"]["epochs_without_improvement"] = 0  # its last epoch improved: last.pt writes best.pt
+    torch.save(last, run / "last.pt")
+    (run / "best.pt").unlink()
+    assert len(resume(run, epochs=3)["history"]) == 3 and (run / "best.pt").is_file()
+
+
+def test_a_run_saved_with_amp_fp16_resumes_in_float32(trained_run, tmp_path, caplog):
+    """Training dropped --amp fp16 (no loss scaling): a run saved with it could never be resumed ("amp: 'fp16' is
+    not one of auto, off, bf16"), and --amp may not change on a resume."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    last = torch.load(run / "last.pt", weights_only=True)
+    last["config"]["amp"] = "fp16"
+    torch.save(last, run / "last.pt")
+    assert len(resume(run, epochs=3)["history"]) == 3
+    assert load_checkpoint(run / "last.pt")["config"]["amp"] == "off"
 
 
 def test_a_one_class_validation_split_says_val_auc_is_undefined_and_names_val_loss(small_root, cache_dir, tmp_path,

@@ -117,3 +117,35 @@ def test_a_late_refusal_of_an_earlier_key_does_not_undo_the_key_accepted_after_i
         assert "not accepted" not in by_id(browser, "keymessage").text
     finally:
         browser.quit()
+
+
+# The server's answer with a note added, as a server given --prevalence 0.1 answers.
+WITH_A_NOTE = """
+(() => {
+  const real = window.fetch.bind(window);
+  window.fetch = async function (resource, init) {
+    const url = String(resource && resource.url ? resource.url : resource);
+    const reply = await real(resource, init);
+    if (!url.includes("predict")) { return reply; }
+    const body = await reply.json();
+    body.notes = ["probabilities stated for a pneumonia rate of 0.100 (given)"];
+    body.prevalence = 0.1; body.prevalence_source = "given";
+    const headers = { "Content-Type": "application/json" };
+    return new Response(JSON.stringify(body), { status: reply.status, headers: headers });
+  };
+})();
+"""
+
+
+def test_the_servers_notes_are_shown_beside_the_rate(server, tmp_path):
+    url, _ = server
+    browser = make_browser(tmp_path)
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": WITH_A_NOTE})
+    browser.get(url + "/")
+    try:
+        by_id(browser, "file").send_keys(str(xrays("PNEUMONIA")[0]))
+        wait_for_result(browser)
+        assert by_id(browser, "rate").text == "Stated for a pneumonia rate of 10.0% (given)."
+        assert by_id(browser, "notes").text == "Note: probabilities stated for a pneumonia rate of 0.100 (given)."
+    finally:
+        browser.quit()

@@ -204,7 +204,13 @@ def warn_before_scoring(bundle: Bundle) -> None:
         if adaptation.get("improved") is False:  # said once by adapt; predict, serve and pacs said nothing
             log.warning("%s: adapt judged this model NOT better than its source on the site's kept-out images (%s); "
                         "the source checkpoint is the one to use for that site", where,
-                        str(adaptation.get("verdict", "")).partition("(")[2].partition(")")[0] or "see info")
+                        _verdict_figures(str(adaptation.get("verdict", ""))))
+
+
+def _verdict_figures(verdict: str) -> str:
+    """What adapt's verdict says in brackets, all of it (the sensitivity that fell, after the AUC and balanced
+    accuracy that alone read as no loss), without the brackets that ``warn_before_scoring`` puts back."""
+    return verdict.partition(" images (")[2].rpartition(": keep using")[0].rstrip(")") or "see info"
 
 
 def refuse_unfitted(checkpoint: dict, command: str) -> None:

@@ -242,8 +242,11 @@ class Service:
         name, pixels, meta, sha = await self._read(served, data, filename, gone=gone)
         check_client(gone)
         entry = await self.batcher.submit(served, pixels, meta)
+        notes = served.predictor.batch_notes()  # --prevalence estimate: why one image's rate was not estimated
         response = {"request_id": request_id, "filename": name, **public_entry(entry), "model": served.model_id,
-                    "notes": served.predictor.batch_notes()}
+                    "notes": notes}
+        response["prevalence_source"] = next((n for n in notes if n.startswith("prevalence not estimated")),
+                                             response["prevalence_source"])
         if gradcam:
             response["gradcam_png_base64"] = await self._gradcam(served, pixels, gone)
         check_client(gone)

@@ -96,8 +96,8 @@ class TrainConfig:
     seed: int = option(0, "random seed", minimum=0, maximum=2**32 - 1)  # numpy's: else refused after training
     deterministic: bool = option(False, "bit-reproducible kernels (slower)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    amp: str = option("auto", "reduced precision: auto (bf16 on CUDA and on CPUs with bf16 instructions), off or "
-                              "bf16 (no fp16: its gradients need loss scaling)", choices=("auto", "off", "bf16"))
+    amp: str = option("auto", "reduced precision: auto (bf16 where native, else float32), off or bf16 (no fp16: "
+                              "its gradients need loss scaling)", choices=("auto", "off", "bf16"))
     channels_last: bool = option(True, "channels-last memory layout (faster convolutions)")
     compile: bool = option(False, "torch.compile the model")
     cuda_graph: bool = option(False, "replay the training step (forward, backward, optimiser) as one CUDA graph: "
@@ -394,5 +394,7 @@ def _fields_of_init(init: str, explicit: dict) -> dict:
 def config_from_dict(values: dict) -> TrainConfig:
     """A saved config (a run's config.json or a checkpoint's ``config``), upgraded from earlier versions."""
     values = upgrade_legacy_fields(values)
+    if values.get("amp") == "fp16":  # saved before training dropped float16 (no loss scaling): resumed in float32
+        values["amp"] = "off"
     known = {spec.name for spec in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in values.items() if k in known})

@@ -410,3 +410,12 @@ def test_weights_of_another_model_are_refused_before_the_data_are_read(small_roo
                  "--channels", "1", "--weights", str(weights), "--no-progress", "--epochs", "1", "--no-ood",
                  "--max-steps-per-epoch", "1", "--population", "adults of two hospitals"]) == 0  # they fit: trained
     assert not any(message.startswith("model card:") for message in caplog.messages)  # a population was given
+
+
+def test_the_run_folder_line_escapes_a_newline_in_out(small_root, cache_dir, tmp_path, capsys):
+    out = tmp_path / "new\nline"
+    assert main(["train", "--data", str(small_root), "--out", str(out), "--cache-dir", str(cache_dir), "--epochs",
+                 "1", "--size", "32", "--no-progress", "--no-ood", "--max-steps-per-epoch", "1",
+                 "--min-val-images", "10"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"run folder: {tmp_path}/new\\nline"  # one line, the newline shown as \n

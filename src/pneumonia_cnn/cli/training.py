@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..errors import PneumoniaCNNError
-from ..fileio import FolderLock, display_path
+from ..fileio import FolderLock, display_path, printable
 from .common import NAME, PATH, Command, add_device, check_output, whole_number
 from .outputs import check_replaceable
 
@@ -215,7 +215,7 @@ def _run_train(args) -> int:
     if test:
         print(f"test accuracy {test['accuracy']:.4f}  sensitivity {test['sensitivity']:.4f}  "
               f"specificity {test['specificity']:.4f}  ROC AUC {test['roc_auc']:.4f}")
-    print(f"run folder: {summary['run_dir']}")
+    print(f"run folder: {printable(str(summary['run_dir']))}")  # a newline in --out had split the line
     return 0
 
 

@@ -374,3 +374,12 @@ def test_evaluate_never_replaces_the_metrics_of_another_data_set_by_default(caps
     assert run(capsys, "evaluate", "--checkpoint", run_folder, "--data", small_root, "--no-figures",
                "--bootstrap", "20")[0] == 0
     assert json.loads(metrics.read_text())["n_images"] > 0
+
+
+def test_a_config_file_of_another_format_says_so(capsys, tmp_path):
+    """a.ini was read as JSON: "cannot parse config (Expecting value: line 1 column 1 (char 0))"."""
+    config = tmp_path / "a.ini"
+    config.write_text("[train]\nepochs = 3\n")
+    status, error = run(capsys, "train", "--config", config, "--out", tmp_path / "r")
+    assert (status, error) == (2, f"error: {config}: unknown config format '.ini' (a .yaml, .yml, .toml or .json "
+                                  f"file)")

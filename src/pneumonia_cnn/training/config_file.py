@@ -56,6 +56,9 @@ def read_config_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{display_path(path)}: {not_a_file_reason(path, 'config file')}")
+    if path.suffix.lower() not in ("", ".json", ".yaml", ".yml", ".toml"):  # an INI file had been read as JSON
+        raise ConfigError(f"{display_path(path)}: unknown config format {path.suffix!r} (a .yaml, .yml, .toml or "
+                          f".json file)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:

@@ -129,7 +129,7 @@ WITH_A_NOTE = """
     if (!url.includes("predict")) { return reply; }
     const body = await reply.json();
     body.notes = ["probabilities stated for a pneumonia rate of 0.100 (given)"];
-    body.prevalence = 0.1; body.prevalence_source = "given";
+    body.prevalence = 0.1; body.prevalence_source = window.__source || "given";
     const headers = { "Content-Type": "application/json" };
     return new Response(JSON.stringify(body), { status: reply.status, headers: headers });
   };
@@ -147,5 +147,10 @@ def test_the_servers_notes_are_shown_beside_the_rate(server, tmp_path):
         wait_for_result(browser)
         assert by_id(browser, "rate").text == "Stated for a pneumonia rate of 10.0% (given)."
         assert by_id(browser, "notes").text == "Note: probabilities stated for a pneumonia rate of 0.100 (given)."
+        browser.execute_script("window.__source = 'probabilities stated for a pneumonia rate of 0.100 (given)';")
+        by_id(browser, "file").send_keys(str(xrays("PNEUMONIA")[1]))  # a note that is the rate's source: said once
+        wait_until(browser, lambda b: by_id(b, "rate").text.endswith("(probabilities stated for a pneumonia rate of "
+                                                                     "0.100 (given))."), 30)
+        assert not by_id(browser, "notes").is_displayed()
     finally:
         browser.quit()

@@ -226,11 +226,12 @@
   // calibration images' 75% and 95% at a given 10%), then the server's notes on the answer.
   function showRate(body) {
     if (typeof body.prevalence === "number") {
+      const source = typeof body.prevalence_source === "string" ? body.prevalence_source : "";
       $("rate").textContent = "Stated for a pneumonia rate of " + (100 * body.prevalence).toFixed(1) + "%" +
-        (typeof body.prevalence_source === "string" && body.prevalence_source ? " (" + body.prevalence_source + ")" : "")
-        + ".";
+        (source ? " (" + source + ")" : "") + ".";
     }
-    const notes = Array.isArray(body.notes) ? body.notes.map(String) : [];
+    // a note already said as the rate's source (a single image under --prevalence estimate) is not said twice
+    const notes = (Array.isArray(body.notes) ? body.notes.map(String) : []).filter(n => n !== body.prevalence_source);
     $("notes").textContent = notes.length ? "Note: " + notes.join("; ") + "." : "";
   }
   function isAnswer(body) {

@@ -88,25 +88,34 @@ def test_a_long_name_without_spaces_keeps_the_page_within_a_phones_width(server,
         browser.quit()
 
 
-# /model answers 3 s late for the wrong key: its 401 then comes after the good key's answer.
-LATE_REFUSAL = """
+# window.fetch wrapped before the page's own script runs: BODY sees ``url``, ``init`` and the real ``reply``.
+FETCH_WRAPPER = """
 (() => {
   const real = window.fetch.bind(window);
   window.fetch = async function (resource, init) {
     const url = String(resource && resource.url ? resource.url : resource);
-    const auth = init && init.headers ? String(init.headers["Authorization"] || "") : "";
     const reply = await real(resource, init);
-    if (url.endsWith("model") && auth.includes("not-the-key")) { await new Promise(r => setTimeout(r, 3000)); }
-    return reply;
+    BODY
   };
 })();
 """
 
+# /model answers 3 s late for the wrong key: its 401 then comes after the good key's answer.
+LATE_REFUSAL = FETCH_WRAPPER.replace("BODY", """
+    const auth = init && init.headers ? String(init.headers["Authorization"] || "") : "";
+    if (url.endsWith("model") && auth.includes("not-the-key")) { await new Promise(r => setTimeout(r, 3000)); }
+    return reply;""")
+
+
+def open_wrapped(url, tmp_path, script):
+    browser = make_browser(tmp_path)
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
+    browser.get(url + "/")
+    return browser
+
 
 def test_a_late_refusal_of_an_earlier_key_does_not_undo_the_key_accepted_after_it(secure_server, keys, tmp_path):
-    browser = make_browser(tmp_path)
-    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": LATE_REFUSAL})
-    browser.get(secure_server.url + "/")
+    browser = open_wrapped(secure_server.url, tmp_path, LATE_REFUSAL)
     try:
         wait_until(browser, lambda b: by_id(b, "apikey").is_displayed())
         enter_key(browser, "ward3.not-the-key")
@@ -120,28 +129,18 @@ def test_a_late_refusal_of_an_earlier_key_does_not_undo_the_key_accepted_after_i
 
 
 # The server's answer with a note added, as a server given --prevalence 0.1 answers.
-WITH_A_NOTE = """
-(() => {
-  const real = window.fetch.bind(window);
-  window.fetch = async function (resource, init) {
-    const url = String(resource && resource.url ? resource.url : resource);
-    const reply = await real(resource, init);
+WITH_A_NOTE = FETCH_WRAPPER.replace("BODY", """
     if (!url.includes("predict")) { return reply; }
     const body = await reply.json();
     body.notes = ["probabilities stated for a pneumonia rate of 0.100 (given)"];
     body.prevalence = 0.1; body.prevalence_source = window.__source || "given";
     const headers = { "Content-Type": "application/json" };
-    return new Response(JSON.stringify(body), { status: reply.status, headers: headers });
-  };
-})();
-"""
+    return new Response(JSON.stringify(body), { status: reply.status, headers: headers });""")
 
 
 def test_the_servers_notes_are_shown_beside_the_rate(server, tmp_path):
     url, _ = server
-    browser = make_browser(tmp_path)
-    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": WITH_A_NOTE})
-    browser.get(url + "/")
+    browser = open_wrapped(url, tmp_path, WITH_A_NOTE)
     try:
         by_id(browser, "file").send_keys(str(xrays("PNEUMONIA")[0]))
         wait_for_result(browser)
